@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both create .venv and install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint format bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/mcdrop serve --model-dir models --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+# The exact commands that produced the bundled models (reproducible: seeded, one thread).
+models: $(STAMP)
+	$(BIN)/mcdrop train digits --out models/digits --hidden 256 256 --dropout 0.3 \
+		--weight-decay 1e-4 --epochs 60 --seed 0
+	$(BIN)/mcdrop train diabetes --out models/diabetes --hidden 50 --dropout 0.05 --lr 3e-4 \
+		--weight-decay 1e-3 --epochs 400 --batch-size 32 --seed 0
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

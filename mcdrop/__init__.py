@@ -1,0 +1,45 @@
+"""mcdrop: MC-dropout uncertainty for PyTorch models.
+
+Keep dropout on at inference, run S stochastic passes, and read the model's uncertainty off the
+spread (Gal & Ghahramani 2016). Only dropout is switched on (BatchNorm stays in eval), samples
+are batched, memory-bounded and seeded per row, and the statistics are pure functions.
+
+    >>> samples = mcdrop.sample(model, x, n_samples=100, seed=0)   # (S, N, K)
+    >>> mcdrop.stats.mutual_information(samples)                   # (N,)
+"""
+
+from mcdrop import stats
+from mcdrop.checkpoint import LoadedModel, ModelSpec, load, save
+from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
+from mcdrop.exceptions import (
+    CheckpointError,
+    InvalidArgumentError,
+    InvalidInputError,
+    McDropError,
+    NoDropoutError,
+    UnsupportedModelError,
+)
+from mcdrop.predictor import Predictor
+from mcdrop.sampling import predict, sample, sample_chunks
+
+__all__ = [
+    "CheckpointError",
+    "DropConnectLinear",
+    "InvalidArgumentError",
+    "InvalidInputError",
+    "LoadedModel",
+    "LockedDropout",
+    "McDropError",
+    "ModelSpec",
+    "NoDropoutError",
+    "Predictor",
+    "UnsupportedModelError",
+    "dropout_modules",
+    "load",
+    "predict",
+    "sample",
+    "sample_chunks",
+    "save",
+    "stats",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""One obvious entry point for a loaded model: deterministic prediction and MC uncertainty.
+
+Shape legend: ``S`` samples, ``N`` rows, ``K`` classes or regression targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mcdrop import sampling
+from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.stats import (
+    ClassificationAccumulator,
+    ClassificationSummary,
+    RegressionAccumulator,
+    RegressionSummary,
+)
+
+
+@dataclass(frozen=True)
+class ClassificationPrediction:
+    """Deterministic classifier output: ``probabilities (N, K)`` and ``label (N,)``."""
+
+    probabilities: Tensor
+    label: Tensor
+
+
+@dataclass(frozen=True)
+class RegressionPrediction:
+    """Deterministic regressor output in original units: ``mean (N, K)`` and the noise
+    variance the model assumes, ``noise_variance (N, K)`` (``1/τ``, or predicted)."""
+
+    mean: Tensor
+    noise_variance: Tensor
+
+
+Prediction = ClassificationPrediction | RegressionPrediction
+Summary = ClassificationSummary | RegressionSummary
+
+
+class Predictor:
+    """Serves a :class:`~mcdrop.checkpoint.LoadedModel`.
+
+    Args:
+        model: the loaded model directory.
+        max_rows: the most replicated rows (samples × rows) in one forward pass.
+    """
+
+    def __init__(self, model: LoadedModel, *, max_rows: int = sampling.DEFAULT_MAX_ROWS) -> None:
+        self.model = model
+        self.max_rows = max_rows
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    def check_inputs(self, x: Tensor) -> Tensor:
+        """``x`` as float32 ``(N, *input_shape)``, or an :class:`InvalidInputError` that says
+        what is wrong."""
+        expected = tuple(self.spec.input_shape)
+        if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise InvalidInputError(
+                f"model {self.spec.name!r} expects rows of shape {list(expected)}, got a batch "
+                f"of shape {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise InvalidInputError("inputs must contain at least one row")
+        x = x.to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()
+            raise InvalidInputError(
+                f"inputs contain NaN or infinite values (rows {bad[:10].tolist()}); float32 "
+                "holds magnitudes up to 3.4e38"
+            )
+        return x
+
+    def _noise_variance(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        k = self.spec.n_outputs
+        if self.spec.likelihood == "heteroscedastic":
+            return out[..., :k], out[..., k:].exp()
+        assert self.spec.tau is not None
+        return out, torch.full_like(out, 1.0 / self.spec.tau)
+
+    def predict(self, x: Tensor) -> Prediction:
+        """Deterministic prediction (dropout off): ``x (N, *input_shape)``."""
+        out = sampling.predict(self.model.module, self.check_inputs(x))
+        if self.spec.task == "classification":
+            probs = torch.softmax(out, dim=-1)
+            return ClassificationPrediction(probabilities=probs, label=probs.argmax(-1))
+        mean, noise = self._noise_variance(out)
+        return RegressionPrediction(mean=mean, noise_variance=noise)
+
+    def uncertainty(
+        self,
+        x: Tensor,
+        n_samples: int | None = None,
+        *,
+        seed: int | Tensor | None = None,
+        level: float = 0.95,
+        return_samples: bool = False,
+        targets: Tensor | None = None,
+    ) -> tuple[Summary, Tensor | None]:
+        """MC-dropout summary of every row, computed in streaming fashion.
+
+        Args:
+            x: ``(N, *input_shape)``.
+            n_samples: S; the manifest's default when None.
+            seed: reproducible samples (see :func:`mcdrop.sampling.sample_chunks`).
+            level: central interval level (regression).
+            return_samples: also return the raw samples ``(S, N, K)``: probabilities for a
+                classifier, sampled means for a regressor.
+            targets: ``(N, K)`` regression targets, to compute the test log-likelihood.
+
+        Returns:
+            the summary, and the samples or None.
+        """
+        x = self.check_inputs(x)
+        n_samples = self.spec.default_n_samples if n_samples is None else n_samples
+        n_rows, k = x.shape[0], self.spec.n_outputs
+        acc: ClassificationAccumulator | RegressionAccumulator
+        if self.spec.task == "classification":
+            acc = ClassificationAccumulator(n_rows, k)
+        else:
+            if targets is not None and tuple(targets.shape) != (n_rows, k):
+                raise InvalidArgumentError(f"targets must have shape ({n_rows}, {k})")
+            noise = None if self.spec.likelihood == "heteroscedastic" else 1.0 / self.spec.tau
+            acc = RegressionAccumulator(
+                n_rows, k, noise_variance=noise, targets=targets, level=level
+            )
+        samples = torch.empty(n_samples, n_rows, k) if return_samples else None
+        for chunk in sampling.sample_chunks(
+            self.model.module, x, n_samples, seed=seed, max_rows=self.max_rows
+        ):
+            acc.update(chunk.values, chunk.rows)
+            if samples is not None:
+                if self.spec.task == "classification":
+                    values = torch.softmax(chunk.values, dim=-1)
+                else:
+                    values = chunk.values[..., :k]
+                samples[chunk.samples, chunk.rows] = values
+        return acc.result(), samples

@@ -1,0 +1,352 @@
+"""Uncertainty statistics of MC-dropout samples: pure functions and streaming accumulators.
+
+Shape legend: ``S`` samples, ``N`` rows, ``K`` classes or regression outputs; samples first.
+Entropies are in nats. Classification functions take **logits** (never probabilities: they are
+never guessed), and work through ``log_softmax`` so no probability is ever logged at 0.
+
+Regression follows Gal & Ghahramani (2016): the predictive distribution of a row is the mixture
+``1/S Σ_s N(μ_s, σ²_s)`` where ``μ_s`` is sample ``s``'s output and ``σ²_s`` the noise variance
+(``1/τ`` for a homoscedastic model, or the network's own predicted variance). Its variance
+splits into the epistemic part (spread of the ``μ_s``) and the aleatoric part (mean of ``σ²_s``).
+
+Variances are of the empirical MC distribution (divisor ``S``), matching that mixture.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mcdrop.exceptions import InvalidArgumentError
+
+# -- classification ---------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` over the last dimension: ``(..., K) -> (...)``."""
+    log_p = torch.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def entropy(probabilities: Tensor) -> Tensor:
+    """Entropy of probability vectors over the last dimension, with ``0 log 0 = 0``:
+    ``(..., K) -> (...)``."""
+    return -torch.special.xlogy(probabilities, probabilities).sum(-1)
+
+
+def mean_probabilities(logits: Tensor) -> Tensor:
+    """MC predictive distribution ``1/S Σ_s softmax(logits_s)``: ``(S, N, K) -> (N, K)``."""
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
+def predictive_entropy(logits: Tensor) -> Tensor:
+    """Total uncertainty ``H[1/S Σ_s p_s]``: ``(S, N, K) -> (N,)``."""
+    return entropy(mean_probabilities(logits))
+
+
+def expected_entropy(logits: Tensor) -> Tensor:
+    """Aleatoric uncertainty ``1/S Σ_s H[p_s]``: ``(S, N, K) -> (N,)``."""
+    return entropy_from_logits(logits).mean(0)
+
+
+def mutual_information(logits: Tensor) -> Tensor:
+    """Epistemic uncertainty (BALD, Houlsby et al. 2011): ``H[E p] - E H[p] ≥ 0``.
+
+    ``(S, N, K) -> (N,)``; clamped at 0 against rounding.
+    """
+    return (predictive_entropy(logits) - expected_entropy(logits)).clamp_min(0.0)
+
+
+def variation_ratio(logits: Tensor) -> Tensor:
+    """Fraction of samples that disagree with the modal label: ``(S, N, K) -> (N,)``."""
+    n_classes = logits.shape[-1]
+    votes = torch.nn.functional.one_hot(logits.argmax(-1), n_classes).sum(0)  # (N, K)
+    return 1.0 - votes.max(-1).values.to(logits.dtype) / logits.shape[0]
+
+
+def class_variance(logits: Tensor) -> Tensor:
+    """Per-class variance of the sampled probabilities: ``(S, N, K) -> (N, K)``."""
+    return torch.softmax(logits, dim=-1).var(0, correction=0)
+
+
+# -- regression -----------------------------------------------------------------------------
+
+
+def epistemic_variance(means: Tensor) -> Tensor:
+    """Spread of the sampled means: ``(S, N, K) -> (N, K)``."""
+    return means.var(0, correction=0)
+
+
+def aleatoric_variance(noise_variance: Tensor | float, like: Tensor) -> Tensor:
+    """Mean noise variance: a scalar ``1/τ``, or ``(S, N, K)`` predicted variances -> ``(N, K)``."""
+    if isinstance(noise_variance, Tensor) and noise_variance.dim() > 0:
+        return noise_variance.mean(0)
+    return torch.full_like(like[0], float(noise_variance))
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise InvalidArgumentError(f"interval level must be in (0, 1), got {level}")
+
+
+def gaussian_interval(mean: Tensor, variance: Tensor, level: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Central interval of a Gaussian with the predictive mean and variance.
+
+    The moment-matched Gaussian of the MC mixture; exact mixture quantiles are
+    :func:`mixture_interval`.
+    """
+    _check_level(level)
+    z = math.sqrt(2.0) * torch.special.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+    half = z * variance.clamp_min(0.0).sqrt()
+    return mean - half, mean + half
+
+
+def _noise_std(noise_variance: Tensor | float, means: Tensor) -> Tensor:
+    if isinstance(noise_variance, Tensor):
+        return noise_variance.expand_as(means).sqrt()
+    if noise_variance <= 0:
+        raise InvalidArgumentError(f"noise variance must be positive, got {noise_variance}")
+    return torch.full_like(means, math.sqrt(noise_variance))
+
+
+def mixture_cdf(y: Tensor, means: Tensor, noise_variance: Tensor | float) -> Tensor:
+    """CDF of the MC Gaussian mixture at ``y`` ``(N, K)``: ``(S, N, K) -> (N, K)``."""
+    std = _noise_std(noise_variance, means)
+    return torch.special.ndtr((y - means) / std).mean(0)
+
+
+def mixture_interval(
+    means: Tensor, noise_variance: Tensor | float, level: float = 0.95, *, iterations: int = 60
+) -> tuple[Tensor, Tensor]:
+    """Central interval of the MC Gaussian mixture, by bisection on its CDF.
+
+    Args:
+        means: ``(S, N, K)`` sampled means; noise_variance: ``1/τ`` or ``(S, N, K)``.
+
+    Returns:
+        lower and upper bounds, each ``(N, K)``.
+    """
+    _check_level(level)
+    std = _noise_std(noise_variance, means)
+    lo_all = (means - 10 * std).min(0).values
+    hi_all = (means + 10 * std).max(0).values
+    bounds = []
+    for target in ((1.0 - level) / 2.0, (1.0 + level) / 2.0):
+        lo, hi = lo_all.clone(), hi_all.clone()
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            below = mixture_cdf(mid, means, noise_variance) < target
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        bounds.append((lo + hi) / 2)
+    return bounds[0], bounds[1]
+
+
+def mixture_log_likelihood(y: Tensor, means: Tensor, noise_variance: Tensor | float) -> Tensor:
+    """Test log-likelihood under the MC Gaussian mixture (Gal & Ghahramani 2016, eq. 8).
+
+    ``log 1/S Σ_s N(y; μ_s, σ²_s)`` by ``logsumexp`` over samples.
+
+    Args:
+        y: ``(N, K)`` targets; means: ``(S, N, K)``; noise_variance: ``1/τ`` or ``(S, N, K)``.
+
+    Returns:
+        ``(N, K)`` log-likelihoods (average them for the paper's figure).
+    """
+    var = _noise_std(noise_variance, means).square()
+    log_density = -0.5 * (torch.log(2 * math.pi * var) + (y - means).square() / var)
+    return torch.logsumexp(log_density, dim=0) - math.log(means.shape[0])
+
+
+def mixture_crps(y: Tensor, means: Tensor, noise_variance: Tensor | float) -> Tensor:
+    """Continuous ranked probability score of the MC Gaussian mixture (lower is better).
+
+    Closed form for Gaussian mixtures (Grimit et al. 2006):
+    ``CRPS = Σ w_i A(y-μ_i, σ²_i) - ½ Σ w_i w_j A(μ_i-μ_j, σ²_i+σ²_j)`` with
+    ``A(m, s²) = 2s φ(m/s) + m (2Φ(m/s) - 1)``. ``O(S²)`` per row.
+
+    Shapes: ``y (N, K)``, ``means (S, N, K)`` -> ``(N, K)``.
+    """
+    var = _noise_std(noise_variance, means).square()
+
+    def a(m: Tensor, v: Tensor) -> Tensor:
+        s = v.sqrt()
+        z = m / s
+        pdf = torch.exp(-0.5 * z.square()) / math.sqrt(2 * math.pi)
+        return 2 * s * pdf + m * (2 * torch.special.ndtr(z) - 1)
+
+    first = a(y - means, var).mean(0)
+    pair = a(means[:, None] - means[None, :], var[:, None] + var[None, :]).mean((0, 1))
+    return first - 0.5 * pair
+
+
+# -- streaming summaries ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassificationSummary:
+    """MC summary of a classifier, all per row.
+
+    Attributes:
+        probabilities: ``(N, K)`` mean predictive probabilities (the MC mean).
+        variance: ``(N, K)`` per-class variance of the sampled probabilities.
+        label: ``(N,)`` argmax of ``probabilities``.
+        entropy: ``(N,)`` predictive entropy (total uncertainty).
+        expected_entropy: ``(N,)`` mean entropy of the samples (aleatoric).
+        mutual_information: ``(N,)`` BALD score (epistemic).
+        variation_ratio: ``(N,)`` fraction of samples whose label is not the modal label.
+    """
+
+    probabilities: Tensor
+    variance: Tensor
+    label: Tensor
+    entropy: Tensor
+    expected_entropy: Tensor
+    mutual_information: Tensor
+    variation_ratio: Tensor
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class RegressionSummary:
+    """MC summary of a regressor, all per row, in the units of the model's output.
+
+    Attributes:
+        mean, variance, std, epistemic, aleatoric: ``(N, K)``; ``variance = epistemic +
+            aleatoric``.
+        lower, upper: ``(N, K)`` central interval at ``level`` of the moment-matched Gaussian.
+        log_likelihood: ``(N, K)`` mixture test log-likelihood, when targets were given.
+    """
+
+    mean: Tensor
+    variance: Tensor
+    std: Tensor
+    epistemic: Tensor
+    aleatoric: Tensor
+    lower: Tensor
+    upper: Tensor
+    level: float
+    n_samples: int
+    log_likelihood: Tensor | None = None
+
+
+class ClassificationAccumulator:
+    """Streams logits chunks ``(s, n, K)`` into a :class:`ClassificationSummary` in ``O(N·K)``
+    memory whatever S is. Sums are float64, so E[p²] - E[p]² does not cancel badly."""
+
+    def __init__(self, n_rows: int, n_classes: int) -> None:
+        self.count = torch.zeros(n_rows, dtype=torch.float64)
+        self.sum_p = torch.zeros(n_rows, n_classes, dtype=torch.float64)
+        self.sum_p2 = torch.zeros(n_rows, n_classes, dtype=torch.float64)
+        self.sum_h = torch.zeros(n_rows, dtype=torch.float64)
+        self.votes = torch.zeros(n_rows, n_classes, dtype=torch.float64)
+
+    def update(self, logits: Tensor, rows: slice = slice(None)) -> None:
+        """Add samples ``(s, n, K)`` of the rows ``rows``."""
+        log_p = torch.log_softmax(logits.to(torch.float64), dim=-1)
+        p = log_p.exp()
+        self.count[rows] += logits.shape[0]
+        self.sum_p[rows] += p.sum(0)
+        self.sum_p2[rows] += p.square().sum(0)
+        self.sum_h[rows] -= (p * log_p).sum(-1).sum(0)
+        self.votes[rows] += torch.nn.functional.one_hot(logits.argmax(-1), p.shape[-1]).sum(0)
+
+    def result(self) -> ClassificationSummary:
+        count = self.count[:, None]
+        probs = self.sum_p / count
+        total = entropy(probs)
+        aleatoric = self.sum_h / self.count
+        return ClassificationSummary(
+            probabilities=probs.float(),
+            variance=(self.sum_p2 / count - probs.square()).clamp_min(0.0).float(),
+            label=probs.argmax(-1),
+            entropy=total.float(),
+            expected_entropy=aleatoric.float(),
+            mutual_information=(total - aleatoric).clamp_min(0.0).float(),
+            variation_ratio=(1.0 - self.votes.max(-1).values / self.count).float(),
+            n_samples=int(self.count[0]),
+        )
+
+
+class RegressionAccumulator:
+    """Streams chunks of sampled outputs into a :class:`RegressionSummary` in ``O(N·K)`` memory.
+
+    Args:
+        n_rows: N.
+        n_outputs: K.
+        noise_variance: ``1/τ`` for a homoscedastic model; None when the network predicts its own
+            variance, in which case chunks are ``(s, n, 2K)``: K means then K log-variances.
+        targets: optional ``(N, K)`` targets, to accumulate the mixture log-likelihood.
+        level: level of the central interval.
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        n_outputs: int,
+        *,
+        noise_variance: float | None,
+        targets: Tensor | None = None,
+        level: float = 0.95,
+    ) -> None:
+        _check_level(level)
+        if noise_variance is not None and not noise_variance > 0:
+            raise InvalidArgumentError(f"noise variance must be positive, got {noise_variance}")
+        shape = (n_rows, n_outputs)
+        self.k = n_outputs
+        self.noise_variance = noise_variance
+        self.level = level
+        self.count = torch.zeros(n_rows, 1, dtype=torch.float64)
+        self.mean = torch.zeros(shape, dtype=torch.float64)
+        self.m2 = torch.zeros(shape, dtype=torch.float64)
+        self.sum_noise = torch.zeros(shape, dtype=torch.float64)
+        self.targets = None if targets is None else targets.to(torch.float64)
+        self.lse = torch.full(shape, -math.inf, dtype=torch.float64)
+
+    def split(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Sampled means and noise variances of a chunk, each ``(s, n, K)``."""
+        values = values.to(torch.float64)
+        if self.noise_variance is None:
+            return values[..., : self.k], values[..., self.k :].exp()
+        return values, torch.full_like(values, self.noise_variance)
+
+    def update(self, values: Tensor, rows: slice = slice(None)) -> None:
+        """Add samples ``(s, n, K)`` (or ``(s, n, 2K)``) of the rows ``rows``."""
+        mu, noise = self.split(values)
+        s = float(mu.shape[0])
+        # Chan et al.'s parallel merge of (count, mean, M2): stable for any chunking.
+        chunk_mean = mu.mean(0)
+        chunk_m2 = (mu - chunk_mean).square().sum(0)
+        n_a = self.count[rows]
+        total = n_a + s
+        delta = chunk_mean - self.mean[rows]
+        self.mean[rows] += delta * (s / total)
+        self.m2[rows] += chunk_m2 + delta.square() * (n_a * s / total)
+        self.count[rows] = total
+        self.sum_noise[rows] += noise.sum(0)
+        if self.targets is not None:
+            y = self.targets[rows]
+            log_density = -0.5 * (torch.log(2 * math.pi * noise) + (y - mu).square() / noise)
+            self.lse[rows] = torch.logaddexp(self.lse[rows], torch.logsumexp(log_density, 0))
+
+    def result(self) -> RegressionSummary:
+        epistemic = self.m2 / self.count
+        aleatoric = self.sum_noise / self.count
+        variance = epistemic + aleatoric
+        lower, upper = gaussian_interval(self.mean, variance, self.level)
+        ll = None if self.targets is None else (self.lse - self.count.log()).float()
+        return RegressionSummary(
+            mean=self.mean.float(),
+            variance=variance.float(),
+            std=variance.sqrt().float(),
+            epistemic=epistemic.float(),
+            aleatoric=aleatoric.float(),
+            lower=lower.float(),
+            upper=upper.float(),
+            level=self.level,
+            n_samples=int(self.count[0, 0]),
+            log_likelihood=ll,
+        )

@@ -1,0 +1,217 @@
+"""The ``mcdrop`` command: ``serve``, ``train``, ``predict`` and ``models``.
+
+Heavy imports (torch, FastAPI) happen inside the sub-command that needs them, so
+``mcdrop predict --url ...`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+
+_SETTINGS_FLAGS = {
+    "model_dir": Path,
+    "host": str,
+    "port": int,
+    "default_n_samples": int,
+    "max_n_samples": int,
+    "max_rows": int,
+    "max_row_samples": int,
+    "max_body_bytes": int,
+    "chunk_rows": int,
+    "max_concurrency": int,
+    "torch_threads": int,
+    "log_level": str,
+}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    overrides = {k: getattr(args, k) for k in _SETTINGS_FLAGS if getattr(args, k) is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level,
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mcdrop.train import TrainConfig, train
+
+    config = TrainConfig(
+        dataset=args.dataset,
+        out=args.out,
+        hidden=args.hidden,
+        dropout=args.dropout,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_samples=args.n_samples,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    loaded = train(config, command="mcdrop " + shlex.join(sys.argv[1:]))
+    print(json.dumps({"model": str(args.out), "metrics": loaded.spec.metrics}, indent=2))
+    return 0
+
+
+def _read_inputs(value: str) -> list[Any]:
+    text = (
+        sys.stdin.read()
+        if value == "-"
+        else (Path(value[1:]).read_text() if value.startswith("@") else value)
+    )
+    data = json.loads(text)
+    if isinstance(data, dict) and "inputs" in data:
+        data = data["inputs"]
+    if not isinstance(data, list):
+        raise SystemExit('--inputs must be a JSON list of rows (or {"inputs": [...]})')
+    return data
+
+
+def _predict(args: argparse.Namespace) -> int:
+    inputs = _read_inputs(args.inputs)
+    if args.model_dir is not None:
+        result = _predict_local(args, inputs)
+    else:
+        from service.client import Client
+
+        with Client(args.url) as client:
+            if args.uncertainty:
+                result = client.uncertainty(
+                    args.model,
+                    inputs,
+                    n_samples=args.n_samples,
+                    seed=args.seed,
+                    level=args.level,
+                    return_samples=args.return_samples,
+                )
+            else:
+                result = client.predict(args.model, inputs)
+    print(result.model_dump_json(indent=2, exclude_none=True))
+    return 0
+
+
+def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
+    from mcdrop import checkpoint
+    from mcdrop.masks import fresh_seed
+    from mcdrop.predictor import Predictor
+    from service import convert
+
+    predictor = Predictor(checkpoint.load(Path(args.model_dir) / args.model))
+    x = convert.to_tensor(inputs, predictor)
+    if not args.uncertainty:
+        return convert.predict_response(predictor, predictor.predict(x))
+    seed = fresh_seed() if args.seed is None else args.seed
+    summary, samples = predictor.uncertainty(
+        x, args.n_samples, seed=seed, level=args.level, return_samples=args.return_samples
+    )
+    return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=args.level)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.url) as client:
+        for info in client.models():
+            print(f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mcdrop", description="MC-dropout uncertainty service")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the models of a folder over HTTP",
+        description="Flags override MCDROP_* environment variables.",
+    )
+    for name, kind in _SETTINGS_FLAGS.items():
+        field = Settings.model_fields[name]
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            help=f"{field.description} (default: {field.default})",
+        )
+    serve.set_defaults(func=_serve)
+
+    train = sub.add_parser("train", help="train a model with dropout and write a model directory")
+    train.add_argument("dataset", choices=["digits", "diabetes"])
+    train.add_argument("--out", type=Path, required=True, help="model directory to write")
+    train.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
+    train.add_argument("--dropout", type=float, default=0.1)
+    train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--n-samples",
+        type=int,
+        default=100,
+        help="MC samples for evaluation and the model's default",
+    )
+    train.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    predict = sub.add_parser("predict", help="predict with a running service or a local model")
+    predict.add_argument("model", help="model name")
+    predict.add_argument(
+        "--inputs", required=True, help="JSON list of rows, @file.json, or - for standard input"
+    )
+    where = predict.add_mutually_exclusive_group()
+    where.add_argument("--url", default="http://localhost:8000", help="service URL")
+    where.add_argument("--model-dir", type=Path, help="predict locally from this models folder")
+    predict.add_argument("--uncertainty", action="store_true", help="MC-dropout uncertainty")
+    predict.add_argument("--n-samples", type=int, default=None)
+    predict.add_argument("--seed", type=int, default=None)
+    predict.add_argument("--level", type=float, default=0.95)
+    predict.add_argument("--return-samples", action="store_true")
+    predict.set_defaults(func=_predict)
+
+    models = sub.add_parser("models", help="list the models of a running service")
+    models.add_argument("--url", default="http://localhost:8000")
+    models.set_defaults(func=_models)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as exc:  # one clear line instead of a traceback for expected failures
+        from service.client import ClientError
+
+        expected: tuple[type[BaseException], ...] = (ClientError, OSError, ValueError)
+        try:
+            from mcdrop.exceptions import McDropError
+
+            expected = (*expected, McDropError)
+        except ImportError:  # pragma: no cover
+            pass
+        if isinstance(exc, expected):
+            print(f"mcdrop: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

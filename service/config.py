@@ -1,0 +1,37 @@
+"""Settings: the one place for configuration (environment variables ``MCDROP_*`` or CLI flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
+    ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
+
+    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid", frozen=True)
+
+    model_dir: Path = Field(Path("models"), description="folder of model directories to serve")
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    default_n_samples: int | None = Field(
+        None, ge=1, description="MC samples when a request gives none (default: each model's own)"
+    )
+    max_n_samples: int = Field(10_000, ge=1, description="largest n_samples a request may ask for")
+    max_rows: int = Field(1_000, ge=1, description="most input rows in one request")
+    max_row_samples: int = Field(
+        2_000_000, ge=1, description="most rows × n_samples in one uncertainty request"
+    )
+    max_returned_samples: int = Field(
+        200_000, ge=1, description="most rows × n_samples when raw samples are returned"
+    )
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
+    chunk_rows: int = Field(
+        8192, ge=1, description="most replicated rows (samples × rows) in one forward pass"
+    )
+    max_concurrency: int = Field(2, ge=1, description="model computations running at once")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    log_level: str = Field("info", description="uvicorn log level")

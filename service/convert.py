@@ -1,0 +1,165 @@
+"""Between JSON and tensors: parsing request inputs, and building responses from library results.
+
+Shared by the routes and the CLI's local mode, so both print the same JSON.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field, TypeAdapter, ValidationError
+from torch import Tensor
+
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.exceptions import InvalidInputError
+from mcdrop.predictor import ClassificationPrediction, Prediction, Predictor, Summary
+from mcdrop.stats import ClassificationSummary
+from service import schemas
+from service.errors import validation_details
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+@lru_cache(maxsize=8)
+def _rows_adapter(rank: int) -> TypeAdapter[Any]:
+    """Validator of a batch of rows nested ``rank`` deep: numbers only (no strings, no bools)."""
+    row: Any = FiniteFloat
+    for _ in range(rank):
+        row = list[row]
+    return TypeAdapter(list[row])
+
+
+def to_tensor(inputs: list[Any], predictor: Predictor) -> Tensor:
+    """``inputs`` as a float32 ``(N, *input_shape)`` tensor, or an InvalidInputError that says
+    which entry is wrong."""
+    shape = predictor.spec.input_shape
+    try:
+        rows = _rows_adapter(len(shape)).validate_python(inputs, strict=True)
+    except ValidationError as exc:
+        details = validation_details(exc.errors())
+        where = "; ".join(f"inputs.{d['field']}: {d['message']}" for d in details[:3])
+        raise InvalidInputError(
+            f"inputs must be a list of rows of shape {shape} holding finite numbers: {where}"
+        ) from None
+    try:
+        x = torch.tensor(rows, dtype=torch.float32)
+    except ValueError as exc:  # ragged rows
+        raise InvalidInputError(
+            f"every row must have shape {shape}; rows differ in length ({exc})"
+        ) from None
+    return predictor.check_inputs(x)
+
+
+def _floats(t: Tensor) -> list[Any]:
+    return t.tolist()
+
+
+def predict_response(predictor: Predictor, prediction: Prediction) -> schemas.PredictResponse:
+    spec = predictor.spec
+    rows: list[Any]
+    if isinstance(prediction, ClassificationPrediction):
+        rows = [
+            schemas.ClassificationPrediction(label=spec.labels[i], label_index=i, probabilities=p)
+            for i, p in zip(
+                prediction.label.tolist(), _floats(prediction.probabilities), strict=True
+            )
+        ]
+    else:
+        rows = [
+            schemas.RegressionPrediction(mean=m, noise_variance=v)
+            for m, v in zip(
+                _floats(prediction.mean), _floats(prediction.noise_variance), strict=True
+            )
+        ]
+    return schemas.PredictResponse(model=spec.name, task=spec.task, predictions=rows)
+
+
+def uncertainty_response(
+    predictor: Predictor, summary: Summary, samples: Tensor | None, *, seed: int, level: float
+) -> schemas.UncertaintyResponse:
+    spec = predictor.spec
+    sample_rows: list[Any] = (
+        [None] * summary.variance.shape[0] if samples is None else _floats(samples.transpose(0, 1))
+    )
+    rows: list[Any]
+    if isinstance(summary, ClassificationSummary):
+        rows = [
+            schemas.ClassificationUncertainty(
+                label=spec.labels[label],
+                label_index=label,
+                probabilities=p,
+                mean=p,
+                variance=v,
+                std=[x**0.5 for x in v],
+                entropy=h,
+                expected_entropy=eh,
+                mutual_information=mi,
+                variation_ratio=vr,
+                samples=s,
+            )
+            for label, p, v, h, eh, mi, vr, s in zip(
+                summary.label.tolist(),
+                _floats(summary.probabilities),
+                _floats(summary.variance),
+                summary.entropy.tolist(),
+                summary.expected_entropy.tolist(),
+                summary.mutual_information.tolist(),
+                summary.variation_ratio.tolist(),
+                sample_rows,
+                strict=True,
+            )
+        ]
+    else:
+        rows = [
+            schemas.RegressionUncertainty(
+                mean=m,
+                variance=v,
+                std=sd,
+                epistemic_variance=ep,
+                aleatoric_variance=al,
+                lower=lo,
+                upper=hi,
+                samples=s,
+            )
+            for m, v, sd, ep, al, lo, hi, s in zip(
+                _floats(summary.mean),
+                _floats(summary.variance),
+                _floats(summary.std),
+                _floats(summary.epistemic),
+                _floats(summary.aleatoric),
+                _floats(summary.lower),
+                _floats(summary.upper),
+                sample_rows,
+                strict=True,
+            )
+        ]
+    return schemas.UncertaintyResponse(
+        model=spec.name,
+        task=spec.task,
+        n_samples=summary.n_samples,
+        seed=seed,
+        level=level,
+        results=rows,
+    )
+
+
+def model_info(
+    spec: ModelSpec, *, max_n_samples: int, max_rows: int, default_n_samples: int | None
+) -> schemas.ModelInfo:
+    return schemas.ModelInfo(
+        name=spec.name,
+        version=spec.version,
+        task=spec.task,
+        description=spec.description,
+        input_shape=spec.input_shape,
+        labels=spec.labels,
+        likelihood=spec.likelihood,
+        tau=spec.tau,
+        dropout=spec.dropout,
+        default_n_samples=min(default_n_samples or spec.default_n_samples, max_n_samples),
+        max_n_samples=max_n_samples,
+        max_rows=max_rows,
+        metrics=spec.metrics,
+    )

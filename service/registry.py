@@ -1,0 +1,105 @@
+"""The models being served: discovered under ``model_dir`` at start-up, loaded in the background.
+
+Names are known at once (so an unknown name is a 404 straight away); each model then loads and
+runs one warm-up pass, and ``/ready`` turns 200 when all have.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mcdrop import checkpoint
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.predictor import Predictor
+from service.config import Settings
+from service.errors import ModelNotFoundError, ModelNotReadyError
+
+log = logging.getLogger("mcdrop.service")
+
+
+@dataclass
+class Entry:
+    """One model directory and where its loading stands."""
+
+    name: str
+    path: Path
+    state: str = "loading"  # loading | ready | error
+    error: str | None = None
+    predictor: Predictor | None = None
+
+
+class Registry:
+    """Model name -> :class:`Entry`; :meth:`get` gives a ready predictor or a clear error."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        root = settings.model_dir
+        dirs = (
+            sorted(p.parent for p in root.glob(f"*/{checkpoint.MANIFEST}")) if root.is_dir() else []
+        )
+        self.entries = {d.name: Entry(name=d.name, path=d) for d in dirs}
+        if not self.entries:
+            log.warning("no model directories (*/%s) under %s", checkpoint.MANIFEST, root)
+        # Bounds how many model computations run at once (memory and CPU under load).
+        self.slots = threading.BoundedSemaphore(settings.max_concurrency)
+
+    def load_all(self) -> None:
+        """Load and warm up every model (run in a background thread)."""
+        for entry in self.entries.values():
+            try:
+                loaded = checkpoint.load(entry.path)
+                if loaded.spec.name != entry.name:
+                    raise checkpoint.CheckpointError(
+                        f"{entry.path / checkpoint.MANIFEST}: name {loaded.spec.name!r} does not "
+                        f"match its directory {entry.name!r}"
+                    )
+                predictor = Predictor(loaded, max_rows=self.settings.chunk_rows)
+                self._warm_up(predictor)
+                entry.predictor = predictor
+                entry.state = "ready"
+                log.info("model %s ready", entry.name)
+            except Exception as exc:  # one broken model must not stop the others
+                entry.state, entry.error = "error", str(exc)
+                log.error("model %s failed to load: %s", entry.name, exc)
+
+    @staticmethod
+    def _warm_up(predictor: Predictor) -> None:
+        x = torch.zeros(1, *predictor.spec.input_shape)
+        norm = predictor.spec.input_normalization
+        if norm is not None:
+            x = torch.tensor(norm.mean, dtype=torch.float32).expand_as(x).clone()
+        predictor.predict(x)
+        predictor.uncertainty(x, 8, seed=0)
+
+    def readiness(self) -> tuple[str, dict[str, str]]:
+        states = {
+            n: (e.error if e.state == "error" else e.state) or "" for n, e in self.entries.items()
+        }
+        if any(e.state == "error" for e in self.entries.values()):
+            return "failed", states
+        if all(e.state == "ready" for e in self.entries.values()):
+            return "ready", states
+        return "loading", states
+
+    def get(self, name: str) -> Predictor:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"no model named {name!r}; available: {sorted(self.entries)} (GET /models)"
+            )
+        if entry.predictor is None:
+            reason = (
+                "is still loading, retry shortly"
+                if entry.state == "loading"
+                else (f"failed to load: {entry.error}")
+            )
+            raise ModelNotReadyError(f"model {name!r} {reason}")
+        return entry.predictor
+
+    def ready_specs(self) -> list[ModelSpec]:
+        return [e.predictor.spec for e in self.entries.values() if e.predictor is not None]

@@ -1,0 +1,145 @@
+"""The endpoints. CPU-bound routes are plain ``def``: FastAPI runs them in its thread pool, so
+the event loop (and ``/health``) keeps answering while a large request computes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from mcdrop.masks import fresh_seed
+from mcdrop.predictor import Predictor
+from service import convert, schemas
+from service.config import Settings
+from service.deps import RegistryDep, SettingsDep
+from service.errors import LimitExceededError
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorResponse, "description": text}
+    for code, text in {
+        400: "invalid JSON",
+        404: "unknown model",
+        413: "request body too large",
+        422: "invalid inputs or options, or a limit exceeded",
+        503: "model still loading",
+    }.items()
+}
+
+
+@router.get("/health", response_model=schemas.Health, tags=["status"])
+async def health() -> schemas.Health:
+    """Liveness: the process answers."""
+    return schemas.Health(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=schemas.Readiness,
+    tags=["status"],
+    responses={503: {"model": schemas.Readiness}},
+)
+async def ready(registry: RegistryDep) -> Any:
+    """Readiness: 200 once every model has loaded and run a warm-up pass, else 503."""
+    status, models = registry.readiness()
+    body = schemas.Readiness(status=status, models=models)
+    if status != "ready":
+        return JSONResponse(status_code=503, content=body.model_dump())
+    return body
+
+
+@router.get("/models", response_model=schemas.ModelList, tags=["models"])
+def list_models(registry: RegistryDep, settings: SettingsDep) -> schemas.ModelList:
+    """The models that are loaded."""
+    return schemas.ModelList(models=[_info(s, settings) for s in registry.ready_specs()])
+
+
+@router.get("/models/{name}", response_model=schemas.ModelInfo, tags=["models"], responses=_ERRORS)
+def get_model(name: str, registry: RegistryDep, settings: SettingsDep) -> schemas.ModelInfo:
+    """What a client needs to call a model: task, input shape, labels, sample limits, metrics."""
+    return _info(registry.get(name).spec, settings)
+
+
+def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
+    return convert.model_info(
+        spec,
+        max_n_samples=settings.max_n_samples,
+        max_rows=settings.max_rows,
+        default_n_samples=settings.default_n_samples,
+    )
+
+
+def _check_rows(body: schemas.PredictRequest, settings: Settings) -> None:
+    if len(body.inputs) > settings.max_rows:
+        raise LimitExceededError(
+            f"{len(body.inputs)} rows is more than the limit of {settings.max_rows} per request; "
+            "split the batch"
+        )
+
+
+@router.post(
+    "/models/{name}/predict",
+    response_model=schemas.PredictResponse,
+    tags=["inference"],
+    responses=_ERRORS,
+)
+def predict(
+    name: str, body: schemas.PredictRequest, registry: RegistryDep, settings: SettingsDep
+) -> schemas.PredictResponse:
+    """Deterministic prediction (dropout off): probabilities and label, or the value in original
+    units."""
+    predictor = registry.get(name)
+    _check_rows(body, settings)
+    x = convert.to_tensor(body.inputs, predictor)
+    with registry.slots:
+        prediction = predictor.predict(x)
+    return convert.predict_response(predictor, prediction)
+
+
+def _n_samples(body: schemas.UncertaintyRequest, predictor: Predictor, settings: Settings) -> int:
+    if body.n_samples is None:
+        default = settings.default_n_samples or predictor.spec.default_n_samples
+        return min(default, settings.max_n_samples)
+    if body.n_samples > settings.max_n_samples:
+        raise LimitExceededError(
+            f"n_samples={body.n_samples} is above the limit of {settings.max_n_samples}"
+        )
+    return body.n_samples
+
+
+@router.post(
+    "/models/{name}/uncertainty",
+    response_model=schemas.UncertaintyResponse,
+    response_model_exclude_none=True,
+    tags=["inference"],
+    responses=_ERRORS,
+)
+def uncertainty(
+    name: str, body: schemas.UncertaintyRequest, registry: RegistryDep, settings: SettingsDep
+) -> schemas.UncertaintyResponse:
+    """MC-dropout uncertainty: ``n_samples`` stochastic passes per row, summarised (mean,
+    variance, std; entropy, mutual information, variation ratio for classifiers; interval and
+    epistemic/aleatoric split for regressors)."""
+    predictor = registry.get(name)
+    _check_rows(body, settings)
+    n_samples = _n_samples(body, predictor, settings)
+    total = len(body.inputs) * n_samples
+    if total > settings.max_row_samples:
+        raise LimitExceededError(
+            f"rows × n_samples = {len(body.inputs)} × {n_samples} = {total} is above the limit "
+            f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
+        )
+    if body.return_samples and total > settings.max_returned_samples:
+        raise LimitExceededError(
+            f"return_samples with rows × n_samples = {total} is above the limit of "
+            f"{settings.max_returned_samples}"
+        )
+    x = convert.to_tensor(body.inputs, predictor)
+    seed = fresh_seed() if body.seed is None else body.seed
+    with registry.slots:
+        summary, samples = predictor.uncertainty(
+            x, n_samples, seed=seed, level=body.level, return_samples=body.return_samples
+        )
+    return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=body.level)
