@@ -237,7 +237,10 @@ def load(directory: str | Path) -> LoadedModel:
     directory = Path(directory)
     spec = read_spec(directory)
     source = str(directory / MANIFEST)
-    net = build(spec.architecture)
+    try:
+        net = build(spec.architecture)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file is missing")

@@ -11,24 +11,19 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from service.config import Settings
 
-_SETTINGS_FLAGS = {
-    "model_dir": Path,
-    "host": str,
-    "port": int,
-    "default_n_samples": int,
-    "max_n_samples": int,
-    "max_rows": int,
-    "max_row_samples": int,
-    "max_body_bytes": int,
-    "chunk_rows": int,
-    "max_concurrency": int,
-    "torch_threads": int,
-    "log_level": str,
-}
+
+def _flag_type(annotation: Any) -> Any:
+    """The converter for a settings field: ``int | None`` -> ``int``."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+# Every setting is a `mcdrop serve` flag, derived so the two never drift apart.
+_SETTINGS_FLAGS = {name: _flag_type(f.annotation) for name, f in Settings.model_fields.items()}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.quiet,
     )
-    loaded = train(config, command="mcdrop " + shlex.join(sys.argv[1:]))
+    loaded = train(config, command="mcdrop " + shlex.join(args.argv))
     print(json.dumps({"model": str(args.out), "metrics": loaded.spec.metrics}, indent=2))
     return 0
 
@@ -194,7 +189,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.argv = argv  # recorded in model manifests as the command that made them
     try:
         return int(args.func(args))
     except Exception as exc:  # one clear line instead of a traceback for expected failures

@@ -3,6 +3,7 @@
 Importing it loads neither torch nor FastAPI. Errors::
 
     ClientError                 base
+    ├── InvalidRequestError     refused before sending (e.g. NaN, which JSON cannot carry)
     ├── TransportError          the service could not be reached
     └── APIError                the service answered with an error (status_code, code, message)
         ├── BadRequestError         400 / 422: inputs or options to fix
@@ -47,6 +48,7 @@ __all__ = [
     "BadRequestError",
     "Client",
     "ClientError",
+    "InvalidRequestError",
     "NotFoundError",
     "PayloadTooLargeError",
     "ServerError",
@@ -59,6 +61,10 @@ T = TypeVar("T", bound=BaseModel)
 
 class ClientError(Exception):
     """Base of the client's errors."""
+
+
+class InvalidRequestError(ClientError, ValueError):
+    """The request cannot be sent as JSON (NaN or infinite numbers, non-numbers)."""
 
 
 class TransportError(ClientError):
@@ -176,6 +182,8 @@ class Client:
             return self._http.request(method, path, **kwargs)
         except httpx2.TransportError as exc:
             raise TransportError(f"cannot reach the mcdrop service: {exc}") from exc
+        except (ValueError, TypeError) as exc:  # json encoding of NaN/inf or non-numbers
+            raise InvalidRequestError(f"cannot encode the request as JSON: {exc}") from exc
 
     def health(self) -> Health:
         return _parse(self._request("GET", "/health"), Health)
@@ -240,6 +248,8 @@ class AsyncClient:
             return await self._http.request(method, path, **kwargs)
         except httpx2.TransportError as exc:
             raise TransportError(f"cannot reach the mcdrop service: {exc}") from exc
+        except (ValueError, TypeError) as exc:  # json encoding of NaN/inf or non-numbers
+            raise InvalidRequestError(f"cannot encode the request as JSON: {exc}") from exc
 
     async def health(self) -> Health:
         return _parse(await self._request("GET", "/health"), Health)

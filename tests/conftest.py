@@ -1,0 +1,35 @@
+"""Shared fixtures: small models with known structure, and the repository's paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture
+def mlp() -> nn.Module:
+    """(N, 4) -> (N, 3): linear, BatchNorm, ReLU, dropout 0.5, linear; in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
+    )
+    # Non-trivial running statistics, so a BatchNorm update would show.
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(6, 4, generator=torch.Generator().manual_seed(1))

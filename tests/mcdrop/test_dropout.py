@@ -1,0 +1,259 @@
+"""Every dropout kind is sampled; only dropout is switched on; modes are never left changed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcdrop import DropConnectLinear, LockedDropout, dropout_modules, predict, sample
+from mcdrop.dropout import SamplingContext
+from mcdrop.exceptions import NoDropoutError, UnsupportedModelError
+
+
+class FunctionalDropout(nn.Module):
+    """Dropout written the common way inside a custom forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(self.fc(x), p=0.3, training=self.training)
+
+
+class TorchDropout(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.dropout(x, 0.3, self.training)
+
+
+class Attention(nn.Module):
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mha(x, x, x, need_weights=self.need_weights)[0]
+
+
+class SeqFirstAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, dropout=0.3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, L, E), the module wants (L, N, E)
+        q = x.transpose(0, 1)
+        return self.mha(q, q, q, need_weights=False)[0].transpose(0, 1)
+
+
+def _encoder(layers: int) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "dropout": (lambda: nn.Dropout(0.3), (3, 4, 5)),
+    "dropout1d": (lambda: nn.Dropout1d(0.3), (3, 4, 5)),
+    "dropout2d": (lambda: nn.Dropout2d(0.3), (3, 4, 5, 5)),
+    "dropout3d": (lambda: nn.Dropout3d(0.3), (3, 4, 2, 5, 5)),
+    "alpha": (lambda: nn.AlphaDropout(0.3), (3, 10)),
+    "feature_alpha": (lambda: nn.FeatureAlphaDropout(0.3), (3, 4, 5, 5)),
+    "functional": (FunctionalDropout, (3, 4)),
+    "torch.dropout": (TorchDropout, (3, 4)),
+    "mha": (lambda: Attention(need_weights=False), (3, 5, 8)),
+    "mha_weights": (lambda: Attention(need_weights=True), (3, 5, 8)),
+    "mha_seq_first": (SeqFirstAttention, (3, 5, 8)),
+    "transformer_layer": (
+        lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True),
+        (3, 5, 8),
+    ),
+    "transformer_encoder": (lambda: _encoder(2), (3, 5, 8)),
+    "dropconnect": (lambda: DropConnectLinear(4, 3, p=0.3), (3, 4)),
+    "locked": (lambda: LockedDropout(0.3), (3, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_kind_gives_nonzero_variance(name: str) -> None:
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(*shape)
+    samples = sample(model, x, 32, seed=0)
+    assert samples.shape == (32, *model(x).shape)
+    assert samples.var(0).mean() > 1e-4
+    # ...and the model's own deterministic output is unchanged: dropout is off outside sampling.
+    assert torch.allclose(predict(model, x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mha", "transformer_layer", "transformer_encoder"])
+def test_transformer_variance_under_inference_mode(name: str) -> None:
+    """The fast path of nn.Transformer* under no_grad/inference_mode skips dropout; not here."""
+    factory, shape = CASES[name]
+    model = factory().eval()
+    with torch.inference_mode():
+        samples = sample(model, torch.randn(*shape), 16, seed=1)
+    assert samples.var(0).mean() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("module", "shape", "unit_shape"),
+    [
+        (nn.Dropout2d(0.5), (4, 6, 3, 3), (4, 6, 1, 1)),
+        (nn.Dropout1d(0.5), (4, 6, 7), (4, 6, 1)),
+        (LockedDropout(0.5), (4, 7, 6), (4, 1, 6)),
+    ],
+)
+def test_structured_masks(module: nn.Module, shape: tuple[int, ...], unit_shape: tuple[int, ...]):
+    """Channel dropout drops whole channels; locked dropout reuses one mask over time."""
+    x = torch.ones(shape)
+    out = sample(nn.Sequential(module).eval(), x, 8, seed=3)
+    reduce_dims = [d + 1 for d, n in enumerate(unit_shape) if n == 1]
+    lo = out.amin(dim=reduce_dims, keepdim=True)
+    hi = out.amax(dim=reduce_dims, keepdim=True)
+    assert torch.equal(lo, hi)
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+
+
+def test_inverted_dropout_is_unbiased() -> None:
+    """E[dropout(x)] = x, so the MC mean of a linear model converges to the eval output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 20), nn.Dropout(0.5), nn.Linear(20, 2)).eval()
+    x = torch.randn(3, 5)
+    mc = sample(model, x, 20000, seed=0).mean(0)
+    assert torch.allclose(mc, predict(model, x), atol=0.03)
+
+
+def test_alpha_dropout_keeps_self_normalisation() -> None:
+    x = torch.randn(1, 200_000)
+    out = sample(nn.Sequential(nn.AlphaDropout(0.2)).eval(), x, 4, seed=0)
+    assert out.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert out.var().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_dropconnect_drops_weights_per_row() -> None:
+    layer = DropConnectLinear(30, 1, p=0.5, bias=False).eval()
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    x = torch.ones(2, 30)
+    x[1] = 2.0
+    out = sample(layer, x, 200, seed=0)  # row 0: 2 × (number of kept weights)
+    assert set(out[:, 0].unique().remainder(2).tolist()) == {0.0}
+    assert out[:, 0].mean().item() == pytest.approx(30.0, rel=0.05)
+    assert not torch.equal(2 * out[:, 0], out[:, 1])  # rows get their own weight masks
+    # Identical rows are identical inputs: same seed, same samples.
+    assert torch.equal(sample(layer, torch.ones(2, 30), 20, seed=0)[:, 0], out[:20, 0])
+
+
+def test_dropconnect_and_locked_train_mode() -> None:
+    torch.manual_seed(0)
+    dc = DropConnectLinear(4, 3, p=0.5).train()
+    assert not torch.equal(dc(torch.ones(1, 4)), dc(torch.ones(1, 4)))
+    locked = LockedDropout(0.5).train()
+    out = locked(torch.ones(2, 5, 8))
+    assert torch.equal(out[:, :1].expand_as(out), out)
+
+
+def test_no_dropout_is_an_error() -> None:
+    with pytest.raises(NoDropoutError, match="no stochastic dropout"):
+        sample(nn.Linear(3, 2).eval(), torch.randn(2, 3), 4, seed=0)
+
+
+def test_zero_rate_is_an_error() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.0)).eval()
+    with pytest.raises(NoDropoutError):
+        sample(model, torch.randn(2, 3), 4, seed=0)
+
+
+def test_batchnorm_stays_in_eval_and_is_not_updated(mlp: nn.Module, x: Tensor) -> None:
+    bn = mlp[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    samples = sample(mlp, x, 50, seed=0)
+    assert torch.equal(bn.running_mean, before[0])
+    assert torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+    # Eval BatchNorm is affine per row, so one row alone gives the same samples.
+    assert torch.allclose(sample(mlp, x[:1], 50, seed=0)[:, 0], samples[:, 0], atol=1e-6)
+
+
+def _modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def test_modes_restored_exactly(mlp: nn.Module, x: Tensor) -> None:
+    mlp.train()
+    mlp[1].eval()  # a mixed state must come back as it was
+    before = _modes(mlp)
+    bn_mean = mlp[1].running_mean.clone()
+    sample(mlp, x, 10, seed=0)
+    predict(mlp, x)
+    assert _modes(mlp) == before
+    assert torch.equal(mlp[1].running_mean, bn_mean)
+
+
+def test_train_mode_model_samples_with_eval_batchnorm(mlp: nn.Module, x: Tensor) -> None:
+    eval_samples = sample(mlp, x, 10, seed=0)
+    mlp.train()
+    running = mlp[1].running_mean.clone()
+    assert torch.equal(sample(mlp, x, 10, seed=0), eval_samples)
+    assert torch.equal(mlp[1].running_mean, running)
+
+
+class Exploding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.drop(x)
+        raise RuntimeError("boom")
+
+
+def test_modes_restored_when_forward_raises() -> None:
+    model = Exploding().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(model, torch.randn(2, 3), 4, seed=0)
+    assert all(_modes(model))
+    with pytest.raises(RuntimeError, match="boom"):
+        predict(model, torch.randn(2, 3))
+    assert all(_modes(model))
+    # The thread is not left inside a sampling context either.
+    assert torch.equal(nn.Dropout(0.5).eval()(torch.ones(3)), torch.ones(3))
+
+
+def test_dropout_outside_sampling_is_untouched() -> None:
+    with SamplingContext(torch.arange(2, dtype=torch.int64)):
+        pass
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_dropout_input_without_batch_dimension_is_refused() -> None:
+    class Pooled(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.dropout(x.sum(0), 0.5, self.training)  # mixes the batch away
+
+    with pytest.raises(UnsupportedModelError, match="batch"):
+        sample(Pooled().eval(), torch.randn(3, 5), 4, seed=0, prefix="off")
+
+
+def test_dropout_modules_lists_stochastic_layers() -> None:
+    model = nn.Sequential(
+        nn.Linear(2, 2), nn.Dropout(0.1), nn.Dropout(0.0), Attention(False), LockedDropout(0.2)
+    )
+    names = [name for name, _ in dropout_modules(model)]
+    assert names == ["1", "3.mha", "4"]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_rate_matches_p(p: float) -> None:
+    out = sample(nn.Sequential(nn.Dropout(p)).eval(), torch.ones(4, 5000), 20, seed=0)
+    rate = (out == 0).double().mean().item()
+    assert rate == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / out.numel()) + 1e-4)
+    kept = out[out != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4)

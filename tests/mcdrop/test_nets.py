@@ -1,0 +1,65 @@
+"""Reference networks: shapes, dropout placement, normalisation wrapper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mcdrop import dropout_modules, sample
+from mcdrop.dropout import DropConnectLinear
+from mcdrop.nets import CNN, MLP, RowLSTM, Standardized, build
+
+
+@pytest.mark.parametrize(
+    ("kind", "module_type"),
+    [("standard", nn.Dropout), ("alpha", nn.AlphaDropout), ("dropconnect", DropConnectLinear)],
+)
+def test_mlp_kinds(kind: str, module_type: type) -> None:
+    net = MLP(5, [7, 7], 3, dropout=0.2, input_dropout=0.1, kind=kind).eval()  # type: ignore[arg-type]
+    assert net(torch.randn(2, 5)).shape == (2, 3)
+    assert any(isinstance(m, module_type) for _, m in dropout_modules(net))
+    assert sample(net, torch.randn(2, 5), 8, seed=0).var(0).mean() > 0
+
+
+def test_reference_cnn_shape_and_width() -> None:
+    """The benchmark's reference CNN: 64 channels × 7 × 7 = 3136 into the head."""
+    net = CNN().eval()
+    assert net.head[2].in_features == 3136
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert net(torch.randn(2, 28, 28)).shape == (2, 10)
+
+
+def test_cnn_spatial_dropout() -> None:
+    net = CNN(channels=(4, 4), pool=(True, True), spatial_dropout=0.2, hidden=8).eval()
+    assert sum(isinstance(m, nn.Dropout2d) for m in net.modules()) == 2
+
+
+def test_row_lstm() -> None:
+    net = RowLSTM(28, 16).eval()
+    x = torch.randn(3, 28, 28)
+    assert net(x).shape == (3, 10)
+    assert sample(net, x, 4, seed=0).var(0).mean() > 0
+
+
+def test_standardized_heteroscedastic_units() -> None:
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0]]).expand(x.shape[0], 2)
+
+    wrapped = Standardized(
+        Fixed(),
+        torch.zeros(1),
+        torch.ones(1),
+        torch.tensor([10.0]),
+        torch.tensor([2.0]),
+        heteroscedastic=True,
+    )
+    out = wrapped(torch.zeros(3, 1))
+    assert torch.allclose(out[:, 0], torch.full((3,), 12.0))
+    assert torch.allclose(out[:, 1].exp(), torch.full((3,), 4.0))  # variance scales by std²
+
+
+def test_build_builtin() -> None:
+    net = build({"name": "mlp", "params": {"in_features": 2, "hidden": [3], "out_features": 1}})
+    assert isinstance(net, MLP)

@@ -1,0 +1,60 @@
+"""The Predictor over the bundled models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcdrop import checkpoint
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.predictor import ClassificationPrediction, Predictor, RegressionPrediction
+from mcdrop.stats import ClassificationSummary, RegressionSummary
+from tests.conftest import MODELS
+
+
+@pytest.fixture(scope="module")
+def digits() -> Predictor:
+    return Predictor(checkpoint.load(MODELS / "digits"))
+
+
+@pytest.fixture(scope="module")
+def diabetes() -> Predictor:
+    return Predictor(checkpoint.load(MODELS / "diabetes"))
+
+
+def test_classifier(digits: Predictor) -> None:
+    x = torch.rand(5, 64) * 16
+    det = digits.predict(x)
+    assert isinstance(det, ClassificationPrediction)
+    assert torch.allclose(det.probabilities.sum(-1), torch.ones(5), atol=1e-5)
+    summary, samples = digits.uncertainty(x, 30, seed=0, return_samples=True)
+    assert isinstance(summary, ClassificationSummary)
+    assert samples is not None
+    assert samples.shape == (30, 5, 10)
+    assert torch.allclose(samples.mean(0), summary.probabilities, atol=1e-5)
+    assert bool((summary.variance.sum(-1) > 0).all())
+
+
+def test_regressor_in_original_units(diabetes: Predictor) -> None:
+    x = torch.tensor([[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]])
+    det = diabetes.predict(x)
+    assert isinstance(det, RegressionPrediction)
+    assert 25 < det.mean.item() < 350  # the target's range in the data
+    summary, _ = diabetes.uncertainty(x, 200, seed=0)
+    assert isinstance(summary, RegressionSummary)
+    assert summary.aleatoric.item() == pytest.approx(1 / diabetes.spec.tau, rel=1e-5)
+    assert summary.epistemic.item() > 0
+    assert summary.lower.item() < summary.mean.item() < summary.upper.item()
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(2, 63), torch.zeros(64), torch.zeros(0, 64), torch.full((1, 64), 3e38) * 10]
+)
+def test_bad_inputs_are_explained(digits: Predictor, bad: torch.Tensor) -> None:
+    with pytest.raises(InvalidInputError):
+        digits.predict(bad)
+
+
+def test_targets_shape_checked(diabetes: Predictor) -> None:
+    with pytest.raises(InvalidArgumentError):
+        diabetes.uncertainty(torch.zeros(2, 10), 4, targets=torch.zeros(3, 1))

@@ -1,0 +1,248 @@
+"""Statistics against closed forms, naive loops (float64), and hypothesis invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from mcdrop import stats
+from mcdrop.exceptions import InvalidArgumentError
+
+# -- strategies ---------------------------------------------------------------------------
+
+
+@st.composite
+def logits_tensors(draw: st.DrawFn) -> Tensor:
+    s = draw(st.integers(1, 12))
+    n = draw(st.integers(1, 5))
+    k = draw(st.integers(2, 6))
+    seed = draw(st.integers(0, 2**31))
+    scale = draw(st.sampled_from([0.01, 1.0, 10.0, 80.0]))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(s, n, k, generator=g, dtype=torch.float64) * scale
+
+
+def _chunks(total: int, draw_sizes: list[int]) -> list[slice]:
+    out, start = [], 0
+    for size in draw_sizes:
+        if start >= total:
+            break
+        out.append(slice(start, min(total, start + size)))
+        start += size
+    if start < total:
+        out.append(slice(start, total))
+    return out
+
+
+# -- classification -----------------------------------------------------------------------
+
+
+def test_closed_forms() -> None:
+    k = 5
+    uniform = torch.zeros(1, 1, k, dtype=torch.float64)
+    assert stats.predictive_entropy(uniform).item() == pytest.approx(math.log(k))
+    assert stats.mutual_information(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    confident = torch.tensor([[[50.0, 0.0]], [[0.0, 50.0]]], dtype=torch.float64)
+    # Two samples, each certain but of opposite classes: all uncertainty is epistemic.
+    assert stats.expected_entropy(confident).item() == pytest.approx(0.0, abs=1e-15)
+    assert stats.mutual_information(confident).item() == pytest.approx(math.log(2))
+    assert stats.variation_ratio(confident).item() == pytest.approx(0.5)
+    assert stats.class_variance(confident)[0].tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_entropy_of_zero_probability_is_finite() -> None:
+    assert stats.entropy(torch.tensor([1.0, 0.0])).item() == 0.0
+    huge = torch.tensor([[[1e4, -1e4, 0.0]]])
+    assert torch.isfinite(stats.predictive_entropy(huge)).all()
+    assert torch.isfinite(stats.expected_entropy(huge)).all()
+
+
+def naive_classification(logits: Tensor) -> dict[str, Tensor]:
+    """Loops over samples and rows in float64, no vectorisation."""
+    s_count, n_rows, k = logits.shape
+    out = {name: torch.zeros(n_rows, dtype=torch.float64) for name in ("h", "eh", "vr")}
+    for n in range(n_rows):
+        probs = [torch.softmax(logits[s, n].double(), -1) for s in range(s_count)]
+        mean = sum(probs) / s_count
+        out["h"][n] = -sum(p * math.log(p) for p in mean.tolist() if p > 0)
+        out["eh"][n] = (
+            sum(-sum(p * math.log(p) for p in q.tolist() if p > 0) for q in probs) / s_count
+        )
+        labels = [int(q.argmax()) for q in probs]
+        out["vr"][n] = 1 - max(labels.count(c) for c in range(k)) / s_count
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits_tensors())
+def test_invariants_and_naive_reference(logits: Tensor) -> None:
+    k = logits.shape[-1]
+    h = stats.predictive_entropy(logits)
+    eh = stats.expected_entropy(logits)
+    mi = stats.mutual_information(logits)
+    assert bool((h >= -1e-12).all())
+    assert bool((h <= math.log(k) + 1e-9).all())
+    assert bool((mi >= 0).all())
+    assert torch.allclose(mi, (h - eh).clamp_min(0), atol=1e-12)
+    assert bool((eh <= h + 1e-9).all())  # Jensen: H is concave
+    ref = naive_classification(logits)
+    assert torch.allclose(h, ref["h"], atol=1e-9)
+    assert torch.allclose(eh, ref["eh"], atol=1e-9)
+    vr = stats.variation_ratio(logits)
+    assert torch.allclose(vr, ref["vr"], atol=1e-12)
+    assert bool((vr >= 0).all())
+    assert bool((vr <= 1 - 1 / k + 1e-12).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(logits_tensors(), st.lists(st.integers(1, 5), min_size=1, max_size=6))
+def test_classification_accumulator_equals_batch(logits: Tensor, sizes: list[int]) -> None:
+    s_count, n_rows, k = logits.shape
+    acc = stats.ClassificationAccumulator(n_rows, k)
+    for rows in _chunks(n_rows, sizes[:2]):
+        for samples in _chunks(s_count, sizes):
+            acc.update(logits[samples, rows], rows)
+    got = acc.result()
+    assert got.n_samples == s_count
+    assert torch.allclose(got.probabilities.double(), stats.mean_probabilities(logits), atol=1e-6)
+    assert torch.allclose(got.entropy.double(), stats.predictive_entropy(logits), atol=1e-5)
+    assert torch.allclose(got.expected_entropy.double(), stats.expected_entropy(logits), atol=1e-5)
+    assert torch.allclose(
+        got.mutual_information.double(), stats.mutual_information(logits), atol=1e-5
+    )
+    assert torch.allclose(got.variation_ratio.double(), stats.variation_ratio(logits), atol=1e-6)
+    assert torch.allclose(got.variance.double(), stats.class_variance(logits), atol=1e-6)
+    assert torch.allclose(got.probabilities.sum(-1), torch.ones(n_rows), atol=1e-5)
+
+
+# -- regression ----------------------------------------------------------------------------
+
+
+def test_gaussian_interval_closed_form() -> None:
+    lo, hi = stats.gaussian_interval(torch.tensor([1.0]), torch.tensor([4.0]), 0.95)
+    assert lo.item() == pytest.approx(1 - 1.959964 * 2, abs=1e-5)
+    assert hi.item() == pytest.approx(1 + 1.959964 * 2, abs=1e-5)
+    lo, hi = stats.gaussian_interval(torch.tensor([0.0]), torch.tensor([1.0]), 0.6826894921)
+    assert hi.item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, -0.5, 1.5])
+def test_bad_levels(level: float) -> None:
+    with pytest.raises(InvalidArgumentError):
+        stats.gaussian_interval(torch.zeros(1), torch.ones(1), level)
+
+
+def test_mixture_interval_of_one_gaussian() -> None:
+    means = torch.full((1, 2, 1), 3.0, dtype=torch.float64)
+    lo, hi = stats.mixture_interval(means, 0.25, 0.95)
+    assert lo.flatten().tolist() == pytest.approx([3 - 1.959964 * 0.5] * 2, abs=1e-5)
+    assert hi.flatten().tolist() == pytest.approx([3 + 1.959964 * 0.5] * 2, abs=1e-5)
+
+
+def test_mixture_interval_covers_the_level() -> None:
+    means = torch.randn(200, 3, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lo, hi = stats.mixture_interval(means, 0.1, 0.9)
+    mass = stats.mixture_cdf(hi, means, 0.1) - stats.mixture_cdf(lo, means, 0.1)
+    assert torch.allclose(mass, torch.full_like(mass, 0.9), atol=1e-8)
+
+
+def naive_log_likelihood(y: float, means: list[float], noise_var: float) -> float:
+    densities = [
+        math.exp(-0.5 * (y - m) ** 2 / noise_var) / math.sqrt(2 * math.pi * noise_var)
+        for m in means
+    ]
+    return math.log(sum(densities) / len(means))
+
+
+def test_log_likelihood_matches_paper_formula_and_naive_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(50, 4, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 1, generator=g, dtype=torch.float64)
+    tau = 2.5
+    got = stats.mixture_log_likelihood(y, means, 1 / tau)
+    # Gal & Ghahramani's expression (shared/data/uci/README.md).
+    paper = (
+        torch.logsumexp(-0.5 * tau * (y - means) ** 2, 0)
+        - math.log(50)
+        - 0.5 * math.log(2 * math.pi)
+        + 0.5 * math.log(tau)
+    )
+    assert torch.allclose(got, paper, atol=1e-12)
+    for n in range(4):
+        ref = naive_log_likelihood(float(y[n]), means[:, n, 0].tolist(), 1 / tau)
+        assert got[n, 0].item() == pytest.approx(ref, abs=1e-10)
+
+
+def test_log_likelihood_is_stable_far_from_the_mean() -> None:
+    means = torch.zeros(10, 1, 1, dtype=torch.float64)
+    ll = stats.mixture_log_likelihood(torch.tensor([[1e3]], dtype=torch.float64), means, 1e-4)
+    expected = -0.5 * math.log(2 * math.pi * 1e-4) - 0.5 * 1e6 / 1e-4
+    assert ll.item() == pytest.approx(expected)
+
+
+def test_crps_closed_form_for_one_gaussian() -> None:
+    sigma, mu, y = 2.0, 1.0, 2.5
+    z = (y - mu) / sigma
+    phi = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    big_phi = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    expected = sigma * (z * (2 * big_phi - 1) + 2 * phi - 1 / math.sqrt(math.pi))
+    got = stats.mixture_crps(torch.tensor([[y]]), torch.tensor([[[mu]]]), sigma**2)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_crps_of_a_mixture_matches_monte_carlo() -> None:
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(5, 1, 1, generator=g, dtype=torch.float64)
+    y = torch.tensor([[0.3]], dtype=torch.float64)
+    # CRPS = E|X - y| - ½ E|X - X'| for X, X' drawn from the mixture.
+    draws = means[torch.randint(0, 5, (400_000,), generator=g), 0, 0]
+    draws = draws + 0.5 * torch.randn(400_000, generator=g, dtype=torch.float64)
+    mc = (draws - 0.3).abs().mean() - 0.5 * (draws[::2] - draws[1::2]).abs().mean()
+    assert stats.mixture_crps(y, means, 0.25).item() == pytest.approx(mc.item(), abs=4e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 30),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(0, 2**31),
+    st.lists(st.integers(1, 7), min_size=1, max_size=5),
+    st.booleans(),
+)
+def test_regression_accumulator_equals_batch(
+    s: int, n: int, k: int, seed: int, sizes: list[int], heteroscedastic: bool
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 3 + 100  # offset: cancellation
+    log_var = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 0.3
+    y = torch.randn(n, k, generator=g, dtype=torch.float64) + 100
+    values = torch.cat([means, log_var], -1) if heteroscedastic else means
+    noise: Tensor | float = log_var.exp() if heteroscedastic else 0.3
+    acc = stats.RegressionAccumulator(
+        n, k, noise_variance=None if heteroscedastic else 0.3, targets=y, level=0.9
+    )
+    for samples in _chunks(s, sizes):
+        acc.update(values[samples])
+    got = acc.result()
+    assert torch.allclose(got.mean.double(), means.mean(0), atol=1e-4)
+    assert torch.allclose(got.epistemic.double(), stats.epistemic_variance(means), atol=1e-3)
+    aleatoric = stats.aleatoric_variance(noise, means)
+    assert torch.allclose(got.aleatoric.double(), aleatoric, atol=1e-5)
+    assert torch.allclose(got.variance, got.epistemic + got.aleatoric, atol=1e-4)
+    assert torch.allclose(got.std.square(), got.variance, rtol=1e-4)
+    ll = stats.mixture_log_likelihood(y, means, noise)
+    assert got.log_likelihood is not None
+    assert torch.allclose(got.log_likelihood.double(), ll, atol=1e-4)
+    assert bool((got.lower <= got.mean).all())
+    assert bool((got.upper >= got.mean).all())
+
+
+def test_regression_accumulator_rejects_bad_noise() -> None:
+    with pytest.raises(InvalidArgumentError):
+        stats.RegressionAccumulator(1, 1, noise_variance=0.0)

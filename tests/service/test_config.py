@@ -1,0 +1,33 @@
+"""Settings come from MCDROP_* variables and are validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings
+
+
+def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_MAX_N_SAMPLES", "123")
+    monkeypatch.setenv("MCDROP_MODEL_DIR", "/srv/models")
+    monkeypatch.setenv("MCDROP_PORT", "9000")
+    settings = Settings()
+    assert settings.max_n_samples == 123
+    assert settings.model_dir == Path("/srv/models")
+    assert settings.port == 9000
+
+
+@pytest.mark.parametrize(("name", "value"), [("MCDROP_MAX_ROWS", "0"), ("MCDROP_PORT", "x")])
+def test_invalid_values(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.max_n_samples >= 1000

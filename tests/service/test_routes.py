@@ -1,0 +1,323 @@
+"""Every endpoint through the real app, and every bad input answered with a clear 4xx."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sklearn.datasets import load_digits
+
+from service.app import create_app
+from service.config import Settings
+from tests.service.conftest import wait_ready
+
+DIGITS = load_digits().data[:4].tolist()
+PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
+
+
+def test_health_and_ready(http: TestClient) -> None:
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready").json()
+    assert ready == {"status": "ready", "models": {"diabetes": "ready", "digits": "ready"}}
+
+
+def test_models(http: TestClient) -> None:
+    models = {m["name"]: m for m in http.get("/models").json()["models"]}
+    assert set(models) == {"digits", "diabetes"}
+    digits = http.get("/models/digits").json()
+    assert digits["task"] == "classification"
+    assert digits["input_shape"] == [64]
+    assert digits["labels"] == [str(i) for i in range(10)]
+    assert digits["max_n_samples"] == 2000
+    assert digits["metrics"]["accuracy"] > 0.95
+
+
+def test_openapi_docs(http: TestClient) -> None:
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert "/models/{name}/uncertainty" in paths
+
+
+def test_predict_classifier(http: TestClient) -> None:
+    body = http.post("/models/digits/predict", json={"inputs": DIGITS}).json()
+    labels = [p["label"] for p in body["predictions"]]
+    assert labels == ["0", "1", "2", "3"]  # the first four digits of the data set
+    for p in body["predictions"]:
+        assert math.isclose(sum(p["probabilities"]), 1.0, abs_tol=1e-5)
+
+
+def test_predict_regressor(http: TestClient) -> None:
+    body = http.post("/models/diabetes/predict", json={"inputs": [PATIENT]}).json()
+    (row,) = body["predictions"]
+    assert 25 < row["mean"][0] < 350
+    assert row["noise_variance"][0] > 0
+
+
+def test_uncertainty_classifier(http: TestClient) -> None:
+    request = {"inputs": DIGITS, "n_samples": 100, "seed": 7}
+    first = http.post("/models/digits/uncertainty", json=request).json()
+    assert first["n_samples"] == 100
+    assert first["seed"] == 7
+    for row in first["results"]:
+        assert math.isclose(sum(row["probabilities"]), 1.0, abs_tol=1e-5)
+        assert row["probabilities"] == row["mean"]
+        assert 0 <= row["entropy"] <= math.log(10)
+        assert row["mutual_information"] >= 0
+        assert sum(row["variance"]) > 0
+        assert "samples" not in row
+    assert http.post("/models/digits/uncertainty", json=request).json() == first
+    other = http.post("/models/digits/uncertainty", json={**request, "seed": 8}).json()
+    assert other["results"] != first["results"]
+
+
+def test_unseeded_requests_report_their_seed(http: TestClient) -> None:
+    body = http.post("/models/digits/uncertainty", json={"inputs": DIGITS[:1]}).json()
+    again = http.post(
+        "/models/digits/uncertainty", json={"inputs": DIGITS[:1], "seed": body["seed"]}
+    ).json()
+    assert again["results"] == body["results"]
+    assert body["n_samples"] == 100  # the model's default
+
+
+def test_uncertainty_is_per_row(http: TestClient) -> None:
+    both = http.post(
+        "/models/digits/uncertainty", json={"inputs": DIGITS[:2], "seed": 3, "n_samples": 50}
+    ).json()
+    alone = http.post(
+        "/models/digits/uncertainty", json={"inputs": DIGITS[1:2], "seed": 3, "n_samples": 50}
+    ).json()
+    np.testing.assert_allclose(
+        alone["results"][0]["probabilities"],
+        both["results"][1]["probabilities"],
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_uncertainty_regressor(http: TestClient) -> None:
+    body = http.post(
+        "/models/diabetes/uncertainty", json={"inputs": [PATIENT], "seed": 1, "level": 0.9}
+    ).json()
+    (row,) = body["results"]
+    assert row["epistemic_variance"][0] > 0
+    assert math.isclose(
+        row["variance"][0],
+        row["epistemic_variance"][0] + row["aleatoric_variance"][0],
+        rel_tol=1e-5,
+    )
+    half = 1.6448536 * row["std"][0]
+    assert math.isclose(row["upper"][0] - row["mean"][0], half, rel_tol=1e-4)
+
+
+def test_raw_samples(http: TestClient) -> None:
+    body = http.post(
+        "/models/digits/uncertainty",
+        json={"inputs": DIGITS[:2], "n_samples": 20, "seed": 0, "return_samples": True},
+    ).json()
+    samples = np.array(body["results"][0]["samples"])
+    assert samples.shape == (20, 10)
+    np.testing.assert_allclose(samples.mean(0), body["results"][0]["probabilities"], atol=1e-5)
+
+
+def _row(n: int = 10, value: Any = 1.0) -> list[Any]:
+    return [value] * n
+
+
+BAD: dict[str, tuple[str, Any, int, str]] = {
+    "unknown model": ("/models/nope/predict", {"inputs": [_row()]}, 404, "model_not_found"),
+    "wrong width": ("/models/diabetes/predict", {"inputs": [_row(3)]}, 422, "invalid_input"),
+    "ragged rows": (
+        "/models/diabetes/predict",
+        {"inputs": [_row(), _row(2)]},
+        422,
+        "invalid_input",
+    ),
+    "too deep": ("/models/diabetes/predict", {"inputs": [[_row()]]}, 422, "invalid_input"),
+    "flat row": ("/models/diabetes/predict", {"inputs": _row()}, 422, "invalid_input"),
+    "empty": ("/models/diabetes/predict", {"inputs": []}, 422, "invalid_request"),
+    "string": ("/models/diabetes/predict", {"inputs": [_row(value="1")]}, 422, "invalid_input"),
+    "bool": ("/models/diabetes/predict", {"inputs": [_row(value=True)]}, 422, "invalid_input"),
+    "null": ("/models/diabetes/predict", {"inputs": [_row(value=None)]}, 422, "invalid_input"),
+    "float32 overflow": (
+        "/models/diabetes/predict",
+        {"inputs": [_row(value=1e39)]},
+        422,
+        "invalid_input",
+    ),
+    "missing inputs": ("/models/diabetes/predict", {}, 422, "invalid_request"),
+    "extra field": (
+        "/models/diabetes/predict",
+        {"inputs": [_row()], "x": 1},
+        422,
+        "invalid_request",
+    ),
+    "not an object": ("/models/diabetes/predict", [1, 2], 422, "invalid_request"),
+    "n_samples 0": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": 0},
+        422,
+        "invalid_request",
+    ),
+    "n_samples negative": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": -5},
+        422,
+        "invalid_request",
+    ),
+    "n_samples above max": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": 2001},
+        422,
+        "limit_exceeded",
+    ),
+    "n_samples string": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": "5"},
+        422,
+        "invalid_request",
+    ),
+    "n_samples float": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": 5.5},
+        422,
+        "invalid_request",
+    ),
+    "seed negative": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "seed": -1},
+        422,
+        "invalid_request",
+    ),
+    "seed huge": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "seed": 2**70},
+        422,
+        "invalid_request",
+    ),
+    "level 1": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "level": 1.0},
+        422,
+        "invalid_request",
+    ),
+    "too many rows": ("/models/diabetes/predict", {"inputs": [_row()] * 51}, 422, "limit_exceeded"),
+    "rows x samples": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()] * 20, "n_samples": 1500},
+        422,
+        "limit_exceeded",
+    ),
+    "returned samples": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()] * 10, "n_samples": 1000, "return_samples": True},
+        422,
+        "limit_exceeded",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_a_clear_4xx_and_service_keeps_serving(http: TestClient, case: str) -> None:
+    path, body, status, code = BAD[case]
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert len(error["message"]) > 10
+    assert http.post("/models/diabetes/predict", json={"inputs": [PATIENT]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b'{"inputs": [[NaN, 1, 2, 3, 4, 5, 6, 7, 8, 9]]}', 422),
+        (b'{"inputs": [[Infinity, 1, 2, 3, 4, 5, 6, 7, 8, 9]]}', 422),
+        (b'{"inputs": [[1e400, 1, 2, 3, 4, 5, 6, 7, 8, 9]]}', 422),
+        (b'{"inputs": [[1, 2', 400),
+        (b"\xff\xfe not utf-8", 400),
+        (b"", 422),
+    ],
+)
+def test_non_finite_and_malformed_json(http: TestClient, raw: bytes, status: int) -> None:
+    response = http.post(
+        "/models/diabetes/predict", content=raw, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    assert "error" in response.json()
+
+
+def test_body_too_large(http: TestClient, settings: Settings) -> None:
+    rows = json.dumps({"inputs": [_row()] * 20_000}).encode()
+    assert len(rows) > settings.max_body_bytes
+    response = http.post(
+        "/models/diabetes/predict", content=rows, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+    def chunks():  # no content-length: counted while streaming
+        for _ in range(100):
+            yield b" " * 10_000
+
+    response = http.post(
+        "/models/diabetes/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+def test_unknown_route_and_method(http: TestClient) -> None:
+    assert http.get("/nothing").json()["error"]["code"] == "not_found"
+    assert http.get("/models/digits/predict").status_code == 405
+
+
+def test_broken_model_reports_failure_and_others_serve(tmp_path: Path, root: Path) -> None:
+    import shutil
+
+    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.json").write_text("{nope")
+    with TestClient(create_app(Settings(model_dir=tmp_path))) as client:
+        for _ in range(400):
+            ready = client.get("/ready")
+            if ready.json()["models"]["diabetes"] == "ready":
+                break
+        assert ready.status_code == 503
+        assert ready.json()["status"] == "failed"
+        assert "not valid JSON" in ready.json()["models"]["broken"]
+        response = client.post("/models/broken/predict", json={"inputs": [[1.0]]})
+        assert response.status_code == 503
+        assert "failed to load" in response.json()["error"]["message"]
+        wait_diabetes = client.post("/models/diabetes/predict", json={"inputs": [PATIENT]})
+        assert wait_diabetes.status_code == 200
+
+
+def test_ready_is_503_while_loading(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import threading
+
+    from service.registry import Registry
+
+    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
+    gate = threading.Event()
+    warm_up = Registry._warm_up
+
+    def slow_warm_up(predictor: Any) -> None:
+        gate.wait(30)
+        warm_up(predictor)
+
+    monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
+    with TestClient(create_app(Settings(model_dir=tmp_path))) as client:
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 503
+        loading = client.post("/models/diabetes/predict", json={"inputs": [PATIENT]})
+        assert loading.status_code == 503
+        assert "loading" in loading.json()["error"]["message"]
+        gate.set()
+        wait_ready(client)
