@@ -213,7 +213,9 @@ def save(directory: str | Path, spec: ModelSpec, net: nn.Module) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt", "model": spec.name})
+    # One metadata key: safetensors writes its map in hash order, and files should be
+    # byte-for-byte reproducible.
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=False) + "\n"
     (directory / MANIFEST).write_text(text)
     return directory

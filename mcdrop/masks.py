@@ -40,22 +40,37 @@ _LOW33 = (1 << 33) - 1
 
 #: Resolution of the dropout probability: p is rounded to a multiple of 1/65536.
 P_RESOLUTION = 65536
+_MASK64 = (1 << 64) - 1
 MAX_SEED = (1 << 63) - 1
 
 
 def mix64(z: Tensor) -> Tensor:
     """SplitMix64's finaliser, elementwise on an int64 tensor (returns a new tensor)."""
-    z = z ^ ((z >> 30) & _LOW34)
-    z = z * _MUL1
-    z ^= (z >> 27) & _LOW37
+    return mix64_(z.clone())
+
+
+def mix64_(z: Tensor) -> Tensor:
+    """:func:`mix64` in place: two buffers for any size, so the hash is memory-bound."""
+    t = z >> 30
+    z ^= t.bitwise_and_(_LOW34)
+    z *= _MUL1
+    torch.bitwise_right_shift(z, 27, out=t)
+    z ^= t.bitwise_and_(_LOW37)
     z *= _MUL2
-    z ^= (z >> 31) & _LOW33
+    torch.bitwise_right_shift(z, 31, out=t)
+    z ^= t.bitwise_and_(_LOW33)
     return z
 
 
 def mix_int(value: int) -> int:
-    """SplitMix64's finaliser on one Python int (same result as :func:`mix64`)."""
-    return int(mix64(torch.tensor([_signed(value & ((1 << 64) - 1))], dtype=torch.int64))[0])
+    """SplitMix64's finaliser on one Python int, as an int64 (same bits as :func:`mix64`).
+
+    Pure Python: scalars need no tensor round trip on the hot path.
+    """
+    z = value & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return _signed(z ^ (z >> 31))
 
 
 def fresh_seed() -> int:
@@ -72,27 +87,11 @@ def check_seed(seed: int) -> int:
     return seed
 
 
-def content_keys(x: Tensor) -> Tensor:
-    """A 64-bit hash of each row's contents.
-
-    Args:
-        x: ``(N, ...)`` inputs; floats are hashed by their float32 bit pattern.
-
-    Returns:
-        ``(N,)`` int64 keys; equal rows get equal keys.
-    """
-    flat = x.reshape(x.shape[0], -1)
-    if flat.is_floating_point():
-        # +0.0 and -0.0 compare equal; make them hash equal too.
-        bits = (flat.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    else:
-        bits = flat.to(torch.int64)
-    position = torch.arange(1, flat.shape[1] + 1, dtype=torch.int64) * GOLDEN
-    return mix64(mix64(bits ^ position).sum(dim=1) + flat.shape[1])
-
-
 def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     """Keys of the rows of ``x`` under ``seed``: one per row, independent of the other rows.
+
+    A hash of the row's contents (floats by their float32 bit pattern, with -0.0 as 0.0) and its
+    seed, so equal rows under equal seeds get equal keys.
 
     Args:
         x: ``(N, ...)`` inputs.
@@ -102,8 +101,18 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     Returns:
         ``(N,)`` int64 keys.
     """
-    seeds = torch.as_tensor(seed, dtype=torch.int64)
-    return mix64(content_keys(x) ^ mix64(seeds * GOLDEN + 0x5EED))
+    flat = x.reshape(x.shape[0], -1)
+    if flat.is_floating_point():
+        bits = (flat.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    else:
+        bits = flat.to(torch.int64)
+    position = torch.arange(1, flat.shape[1] + 1, dtype=torch.int64).mul_(GOLDEN)
+    content = mix64_(bits ^ position).sum(dim=1)  # (N,)
+    if isinstance(seed, Tensor):
+        salt = mix64(seed.to(torch.int64) * GOLDEN + 0x5EED)
+    else:
+        salt = torch.tensor(mix_int(seed * GOLDEN + 0x5EED), dtype=torch.int64)
+    return mix64_(content.add_(flat.shape[1]) ^ salt)
 
 
 def sample_keys(keys: Tensor, first_sample: int, n_samples: int) -> Tensor:
@@ -117,7 +126,17 @@ def sample_keys(keys: Tensor, first_sample: int, n_samples: int) -> Tensor:
         batch.
     """
     s = torch.arange(first_sample + 1, first_sample + n_samples + 1, dtype=torch.int64)
-    return mix64(keys[None, :] + (s * _MUL2)[:, None]).reshape(-1)
+    return mix64_((keys[None, :] + s.mul_(_MUL2)[:, None]).reshape(-1))
+
+
+def _words(keys: Tensor, call: int, n_words: int) -> Tensor:
+    """``(B, n_words)`` int64 hashes: word j of row b is ``mix64(base_b + (j + 1)·γ)``, the
+    SplitMix64 stream seeded by the row key and the call."""
+    # Sample keys are already mixed, so a key (xor a per-call constant) can seed the stream
+    # directly; streams of different rows overlap only if two 64-bit keys nearly collide.
+    base = keys ^ mix_int(call * GOLDEN + 0xD809)
+    counter = torch.arange(1, n_words + 1, dtype=torch.int64).mul_(GOLDEN)
+    return mix64_(base[:, None] + counter[None, :])
 
 
 def uniform16(keys: Tensor, call: int, n: int) -> Tensor:
@@ -132,11 +151,8 @@ def uniform16(keys: Tensor, call: int, n: int) -> Tensor:
         ``(B, n)`` int16 tensor; value ``v`` stands for the uniform integer ``v + 32768`` in
         ``[0, 65535]``.
     """
-    words = (n + 3) // 4
-    base = mix64(keys ^ mix_int(call * GOLDEN + 0xD809))
-    counter = torch.arange(1, words + 1, dtype=torch.int64) * GOLDEN
     # Four 16-bit lanes from every 64-bit word: a quarter of the hashing of one draw per element.
-    return mix64(base[:, None] + counter[None, :]).view(torch.int16)[:, :n]
+    return _words(keys, call, (n + 3) // 4).view(torch.int16)[:, :n]
 
 
 def drop_threshold(p: float) -> int:
@@ -144,6 +160,35 @@ def drop_threshold(p: float) -> int:
     return round(p * P_RESOLUTION) - P_RESOLUTION // 2
 
 
+def lane_bits(p: float) -> int:
+    """Fewest bits per element that realise ``round(p·2¹⁶)/2¹⁶`` exactly: 1 for p = 1/2, 2 for
+    1/4 or 3/4, ..., 16 for a rate that is not a multiple of 1/256."""
+    ticks = round(p * P_RESOLUTION)
+    for bits in (1, 2, 4, 8):
+        if ticks % (P_RESOLUTION >> bits) == 0:
+            return bits
+    return 16
+
+
+_BIT_SHIFTS = {bits: torch.arange(0, 8, bits, dtype=torch.uint8) for bits in (1, 2, 4)}
+
+
 def keep_mask(keys: Tensor, call: int, n: int, p: float) -> Tensor:
-    """Boolean keep-mask ``(B, n)``: each entry is dropped with probability ``round(p·2¹⁶)/2¹⁶``."""
-    return uniform16(keys, call, n) >= drop_threshold(p)
+    """Boolean keep-mask ``(B, n)``: each entry is dropped with probability
+    ``round(p·2¹⁶)/2¹⁶`` exactly, independently across rows, calls and elements.
+
+    Each element takes only the bits its rate needs (:func:`lane_bits`): one 64-bit hash covers
+    64 elements at p = 0.5, and 4 at a rate like p = 0.1.
+    """
+    bits = lane_bits(p)
+    if bits == 16:
+        return uniform16(keys, call, n) >= drop_threshold(p)
+    per_word = 64 // bits
+    lanes = _words(keys, call, (n + per_word - 1) // per_word).view(torch.uint8)  # (B, 8W)
+    threshold = round(p * (1 << bits))  # lane values below it are dropped
+    if bits == 8:
+        return lanes[:, :n] >= threshold
+    # Unpack 8 / bits lanes from every byte.
+    shifts = _BIT_SHIFTS[bits]
+    fields = (lanes[:, :, None] >> shifts).bitwise_and_((1 << bits) - 1)
+    return fields.view(lanes.shape[0], -1)[:, :n] >= threshold

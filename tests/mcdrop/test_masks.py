@@ -23,6 +23,7 @@ def splitmix_reference(z: int) -> int:
 def test_mix64_matches_reference(value: int) -> None:
     got = int(masks.mix64(torch.tensor([value], dtype=torch.int64))[0]) & MASK64
     assert got == splitmix_reference(value & MASK64)
+    assert masks.mix_int(value) & MASK64 == got
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5, 0.9])
@@ -66,8 +67,8 @@ def test_per_row_seeds() -> None:
 
 def test_signed_zero_hashes_equal() -> None:
     assert torch.equal(
-        masks.content_keys(torch.tensor([[0.0, 1.0]])),
-        masks.content_keys(torch.tensor([[-0.0, 1.0]])),
+        masks.row_keys(torch.tensor([[0.0, 1.0]]), 3),
+        masks.row_keys(torch.tensor([[-0.0, 1.0]]), 3),
     )
 
 
