@@ -33,5 +33,10 @@ class Settings(BaseSettings):
         8192, ge=1, description="most replicated rows (samples × rows) in one forward pass"
     )
     max_concurrency: int = Field(2, ge=1, description="model computations running at once")
+    batching: bool = Field(True, description="merge concurrent requests into shared passes")
+    batch_max_rows: int = Field(256, ge=1, description="most rows in one merged batch")
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0.0, le=1000.0, description="how long a request waits for others to join"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     log_level: str = Field("info", description="uvicorn log level")

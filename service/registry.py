@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
-from mcdrop.predictor import Predictor
+from mcdrop.predictor import Prediction, Predictor, Summary
+from service.batching import Batcher, Job
 from service.config import Settings
 from service.errors import ModelNotFoundError, ModelNotReadyError
 
@@ -31,6 +33,7 @@ class Entry:
     state: str = "loading"  # loading | ready | error
     error: str | None = None
     predictor: Predictor | None = None
+    batcher: Batcher | None = None
 
 
 class Registry:
@@ -60,6 +63,13 @@ class Registry:
                     )
                 predictor = Predictor(loaded, max_rows=self.settings.chunk_rows)
                 self._warm_up(predictor)
+                if self.settings.batching:
+                    entry.batcher = Batcher(
+                        predictor,
+                        max_rows=self.settings.batch_max_rows,
+                        max_wait_ms=self.settings.batch_max_wait_ms,
+                        slots=self.slots,
+                    )
                 entry.predictor = predictor
                 entry.state = "ready"
                 log.info("model %s ready", entry.name)
@@ -100,6 +110,38 @@ class Registry:
             )
             raise ModelNotReadyError(f"model {name!r} {reason}")
         return entry.predictor
+
+    def predict(self, predictor: Predictor, x: Tensor) -> Prediction:
+        """Deterministic prediction, through the model's batcher when batching is on."""
+        batcher = self.entries[predictor.spec.name].batcher
+        if batcher is not None:
+            return batcher.submit(Job(x, None))
+        with self.slots:
+            return predictor.predict(x)
+
+    def uncertainty(
+        self,
+        predictor: Predictor,
+        x: Tensor,
+        n_samples: int,
+        *,
+        seed: int,
+        level: float,
+        return_samples: bool,
+    ) -> tuple[Summary, Tensor | None]:
+        """MC summary (and samples), through the model's batcher when batching is on."""
+        batcher = self.entries[predictor.spec.name].batcher
+        if batcher is not None:
+            return batcher.submit(Job(x, (n_samples, level, return_samples), seed))
+        with self.slots:
+            return predictor.uncertainty(
+                x, n_samples, seed=seed, level=level, return_samples=return_samples
+            )
+
+    def close(self) -> None:
+        for entry in self.entries.values():
+            if entry.batcher is not None:
+                entry.batcher.close()
 
     def ready_specs(self) -> list[ModelSpec]:
         return [e.predictor.spec for e in self.entries.values() if e.predictor is not None]

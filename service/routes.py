@@ -93,8 +93,7 @@ def predict(
     predictor = registry.get(name)
     _check_rows(body, settings)
     x = convert.to_tensor(body.inputs, predictor)
-    with registry.slots:
-        prediction = predictor.predict(x)
+    prediction = registry.predict(predictor, x)
     return convert.predict_response(predictor, prediction)
 
 
@@ -138,8 +137,7 @@ def uncertainty(
         )
     x = convert.to_tensor(body.inputs, predictor)
     seed = fresh_seed() if body.seed is None else body.seed
-    with registry.slots:
-        summary, samples = predictor.uncertainty(
-            x, n_samples, seed=seed, level=body.level, return_samples=body.return_samples
-        )
+    summary, samples = registry.uncertainty(
+        predictor, x, n_samples, seed=seed, level=body.level, return_samples=body.return_samples
+    )
     return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=body.level)

@@ -10,6 +10,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
+#: The bundled models: every directory of models/ with a manifest.
+BUNDLED = frozenset(p.parent.name for p in MODELS.glob("*/model.json"))
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from service.client import (
     TransportError,
 )
 from service.schemas import ClassificationUncertainty, RegressionUncertainty
+from tests.conftest import BUNDLED
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -26,7 +27,7 @@ def client(http: TestClient) -> Client:
 def test_typed_results(client: Client) -> None:
     assert client.health().status == "ok"
     assert client.ready().status == "ready"
-    assert {m.name for m in client.models()} == {"digits", "diabetes"}
+    assert {m.name for m in client.models()} == BUNDLED
     info = client.model("diabetes")
     assert info.task == "regression"
     assert info.input_shape == [10]
