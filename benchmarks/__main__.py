@@ -1,0 +1,30 @@
+"""``python -m benchmarks [--quick]`` (``make bench``): sampling speed, memory, service load.
+
+Prints markdown tables; every figure is a ratio against a baseline measured in the same run.
+The UCI reproduction (``python -m benchmarks.uci``) and the dropout experiments
+(``python -m benchmarks.experiments``) are separate: they train models for hours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from benchmarks import memory, sampling, service_load
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite)")
+    parser.add_argument("--only", choices=["sampling", "memory", "service"], action="append")
+    args = parser.parse_args(argv)
+    chosen = args.only or ["sampling", "memory", "service"]
+    modules = {"sampling": sampling, "memory": memory, "service": service_load}
+    for name in chosen:
+        print(modules[name].run(args.quick), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Quick modes of the performance benchmarks, so they cannot rot (no timing assertions)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from benchmarks import memory, sampling, service_load
+
+
+def _ratios(text: str, column: str) -> list[float]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    index = header.index(column)
+    return [float(line.strip("|").split("|")[index]) for line in lines[2:]]
+
+
+def test_sampling_quick() -> None:
+    text = sampling.run(quick=True)
+    ratios = _ratios(text, "mcdrop / floor")
+    assert len(ratios) == 10  # 4 models × 2 batches, plus T = 10,000 twice for the UCI MLP
+    assert all(r > 0 for r in ratios)
+
+
+@pytest.mark.parametrize("ref", sampling.references(), ids=lambda r: r.name)
+def test_floor_and_naive_compute_what_mcdrop_computes(ref: sampling.Reference) -> None:
+    x = torch.randn(2, *ref.input_shape)
+    mc = sampling.sample(ref.model, x, 6, seed=0)
+    assert sampling.floor(ref, x, 6).reshape(mc.shape).shape == mc.shape
+    assert sampling.naive_loop(ref.model, x, 6).shape == mc.shape
+    assert not ref.model.training
+
+
+@pytest.mark.slow
+def test_memory_quick() -> None:
+    text = memory.run(quick=True)
+    assert re.search(r"\| streaming \| 1000 \|", text)
+
+
+@pytest.mark.slow
+def test_service_load_quick() -> None:
+    text = service_load.run(quick=True)
+    errors = re.findall(r"\| (\d+)/(\d+) \|", text)
+    assert len(errors) == 8
+    assert all(e == "0" and int(n) > 0 for e, n in errors)
