@@ -252,8 +252,10 @@ def test_dropout_modules_lists_stochastic_layers() -> None:
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
 def test_rate_matches_p(p: float) -> None:
-    out = sample(nn.Sequential(nn.Dropout(p)).eval(), torch.ones(4, 5000), 20, seed=0)
+    x = torch.arange(1.0, 5.0)[:, None].expand(4, 5000)  # distinct rows: independent masks
+    out = sample(nn.Sequential(nn.Dropout(p)).eval(), x, 20, seed=0)
     rate = (out == 0).double().mean().item()
     assert rate == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / out.numel()) + 1e-4)
-    kept = out[out != 0]
+    scaled = out / x
+    kept = scaled[out != 0]
     assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4)
