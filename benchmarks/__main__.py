@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from benchmarks import memory, sampling, service_load
 
 
@@ -18,7 +20,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite)")
     parser.add_argument("--only", choices=["sampling", "memory", "service"], action="append")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: stable ratios on a shared machine)",
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     chosen = args.only or ["sampling", "memory", "service"]
     modules = {"sampling": sampling, "memory": memory, "service": service_load}
     for name in chosen:

@@ -1,6 +1,7 @@
 """Peak memory of T = 10,000 MC samples of 1,000 rows of the UCI MLP.
 
-Each variant runs in a fresh process and reports its peak resident set size:
+Each variant runs in a fresh process and reports the peak resident set size of its sampling
+alone (the high-water mark is reset after the imports):
 
 - **streaming**: mcdrop's chunked sampling into running statistics (what the service does);
 - **materialised**: ``mcdrop.sample`` returning every sample, ``(S, N, 1)``;
@@ -19,18 +20,30 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from benchmarks.timing import machine, table
 
 SCRIPT = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from mcdrop.nets import MLP
 from mcdrop.sampling import sample, sample_chunks
 from mcdrop.stats import RegressionAccumulator
 variant, t, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))
 torch.manual_seed(0)
 model = MLP(13, [50], 1, dropout=0.05).eval()
 x = torch.randn(n, 13)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+# Reset the peak after imports, so the high-water mark is the sampling's own (Linux >= 4.0).
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = rss()
 started = time.perf_counter()
 if variant == "streaming":
     acc = RegressionAccumulator(n, 1, noise_variance=0.1)
@@ -43,15 +56,16 @@ else:
     model.train()
     with torch.no_grad():
         model(x.repeat(t, 1))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"peak_mib": peak / 1024, "extra_mib": (peak - base) / 1024,
                   "seconds": time.perf_counter() - started}))
 """
 
 
 def measure(variant: str, n_samples: int, rows: int) -> dict[str, float]:
+    threads = str(torch.get_num_threads())
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, variant, str(n_samples), str(rows)],
+        [sys.executable, "-c", SCRIPT, variant, str(n_samples), str(rows), threads],
         capture_output=True,
         text=True,
         check=True,

@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent requests for one model share forward passes.
 
-Each model gets a worker thread. A request puts its rows on the model's queue and waits; the
-worker takes the first waiting request, gathers more for up to ``max_wait_ms`` (or until
-``max_rows`` rows), merges requests that ask for the same computation, runs them as one batch,
-and hands every request its own rows back.
+Leader/follower: the first request to arrive while no batch is collecting becomes the leader.
+If another batch of the model is already computing (the service is under concurrent load), the
+leader waits up to ``max_wait_ms`` (or until ``max_rows`` rows) for followers; otherwise it
+starts at once, so a lone client pays no latency. It then runs the merged batch on its own
+thread and hands every follower its rows. No extra thread means no GIL handoff to a worker.
 
 Merging cannot change an answer: MC masks are keyed by each row's contents and its own request's
 seed (passed per row), so a seeded request gets the same result batched or alone.
@@ -11,7 +12,6 @@ seed (passed per row), so a seeded request gets the same result batched or alone
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -54,7 +54,7 @@ class Batcher:
     Args:
         predictor: the model.
         max_rows: most rows merged into one batch.
-        max_wait_ms: how long the first job of a batch waits for company.
+        max_wait_ms: how long a leader under load waits for company.
         slots: bounds concurrent model computations across models.
     """
 
@@ -70,49 +70,48 @@ class Batcher:
         self.max_rows = max_rows
         self.max_wait = max_wait_ms / 1000.0
         self.slots = slots
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.changed = threading.Condition()
+        self.pending: list[Job] = []
+        self.pending_rows = 0
+        self.collecting = False  # a leader is gathering followers
+        self.computing = 0  # batches running now
         self.batches = 0  # merged computations run, for tests and metrics
-        self.thread = threading.Thread(
-            target=self._run, name=f"batcher-{predictor.spec.name}", daemon=True
-        )
-        self.thread.start()
 
     def submit(self, job: Job) -> Any:
-        """Queue ``job`` and wait for its result (raises what the computation raised)."""
-        self.jobs.put(job)
+        """Run ``job`` (merged with concurrent ones) and return its result."""
+        with self.changed:
+            self.pending.append(job)
+            self.pending_rows += job.x.shape[0]
+            if self.collecting:
+                self.changed.notify_all()
+                leader = False
+            else:
+                self.collecting = leader = True
+            if leader:
+                if self.computing:
+                    deadline = time.monotonic() + self.max_wait
+                    while self.pending_rows < self.max_rows:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self.changed.wait(left)
+                batch, self.pending, self.pending_rows = self.pending, [], 0
+                self.collecting = False
+                self.computing += 1
+        if leader:
+            try:
+                groups: dict[Any, list[Job]] = {}
+                for queued in batch:
+                    groups.setdefault(queued.options, []).append(queued)
+                for options, jobs in groups.items():
+                    self._execute(options, jobs)
+            finally:
+                with self.changed:
+                    self.computing -= 1
         return job.future.result()
 
     def close(self) -> None:
-        self.jobs.put(None)
-
-    def _gather(self, first: Job) -> list[Job]:
-        batch, rows = [first], first.x.shape[0]
-        deadline = time.monotonic() + self.max_wait
-        while rows < self.max_rows:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
-            try:
-                job = self.jobs.get(timeout=timeout)
-            except queue.Empty:
-                break
-            if job is None:
-                self.jobs.put(None)  # keep the stop signal for the run loop
-                break
-            batch.append(job)
-            rows += job.x.shape[0]
-        return batch
-
-    def _run(self) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            groups: dict[Any, list[Job]] = {}
-            for job in self._gather(first):
-                groups.setdefault(job.options, []).append(job)
-            for options, jobs in groups.items():
-                self._execute(options, jobs)
+        """Nothing to stop: batches run on the requests' own threads."""
 
     def _execute(self, options: tuple[int, float, bool] | None, jobs: list[Job]) -> None:
         self.batches += 1
@@ -136,7 +135,7 @@ class Batcher:
                     parts = _split(summary, sizes)
                     chunks = [None] * len(jobs) if samples is None else samples.split(sizes, 1)
                     results = list(zip(parts, chunks, strict=True))
-        except Exception as exc:  # every waiting request gets the error, the worker lives on
+        except Exception as exc:  # every merged request gets the error
             for job in jobs:
                 job.future.set_exception(exc)
             return
