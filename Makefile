@@ -43,6 +43,10 @@ models: $(STAMP)
 		--weight-decay 1e-4 --epochs 60 --seed 0
 	$(BIN)/mcdrop train diabetes --out models/diabetes --hidden 50 --dropout 0.05 --lr 3e-4 \
 		--weight-decay 1e-3 --epochs 400 --batch-size 32 --seed 0
+	# Needs Fashion-MNIST: apt-get install dataset-fashion-mnist (Debian).
+	$(BIN)/mcdrop train fashion --out models/fashion --arch cnn --channels 16 32 32 --hidden 128 \
+		--spatial-dropout 0.1 --dropout 0.3 --weight-decay 1e-4 --epochs 8 --batch-size 64 \
+		--n-samples 50 --seed 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -36,8 +36,9 @@ class MLP(nn.Module):
         input_dropout: rate on the inputs (Gal & Ghahramani's UCI nets drop inputs too).
         kind: "standard" (inverted dropout), "alpha" (AlphaDropout with SELU, which keeps
             self-normalisation), or "dropconnect" (hidden weights dropped instead of units).
+        flatten: flatten each input row first, so images ``(N, H, W)`` go in as ``(N, H·W)``.
 
-    Shapes: ``(N, D) -> (N, K)``.
+    Shapes: ``(N, D) -> (N, K)``, or ``(N, D...) -> (N, K)`` with ``flatten``.
     """
 
     def __init__(
@@ -48,10 +49,13 @@ class MLP(nn.Module):
         dropout: float = 0.1,
         input_dropout: float = 0.0,
         kind: DropoutKind = "standard",
+        flatten: bool = False,
     ) -> None:
         super().__init__()
         if kind not in ("standard", "alpha", "dropconnect"):
             raise ValueError(f"unknown dropout kind {kind!r}")
+        # A flag, not an nn.Flatten layer: the state-dict keys of existing models stay the same.
+        self.flatten = flatten
         layers: list[nn.Module] = []
         if input_dropout > 0:
             layers.append(_dropout(kind, input_dropout))
@@ -67,6 +71,8 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.flatten:
+            x = x.flatten(1)  # (N, D...) -> (N, D)
         return self.layers(x)
 
 

@@ -6,8 +6,10 @@ runs on a fixed thread count, so the same command gives the same weights on the 
 
 from __future__ import annotations
 
+import math
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,24 @@ from tqdm.auto import tqdm
 
 from mcdrop import checkpoint, datasets, stats
 from mcdrop.checkpoint import ModelSpec, Normalization
+from mcdrop.evaluate import default_max_rows
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import build
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import sample
 
+ARCHS = ("mlp", "cnn", "row_lstm")
+
 
 @dataclass
 class TrainConfig:
-    """Options of ``mcdrop train``."""
+    """Options of ``mcdrop train``.
+
+    ``hidden`` is the MLP's hidden widths, or ``[width]`` of the CNN's hidden layer and of the
+    RowLSTM's state. ``channels`` and ``spatial_dropout`` are the CNN's; ``kind`` the MLP's
+    dropout kind. ``train_size`` and ``exclude_classes`` are passed to
+    :func:`mcdrop.datasets.load`.
+    """
 
     dataset: str
     out: Path
@@ -40,10 +51,26 @@ class TrainConfig:
     n_samples: int = 100
     threads: int = 1
     progress: bool = True
+    arch: str = "mlp"
+    kind: str = "standard"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    spatial_dropout: float = 0.0
+    train_size: int | None = None
+    exclude_classes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise InvalidArgumentError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.spatial_dropout < 1.0:
+            raise InvalidArgumentError(
+                f"spatial_dropout must be in [0, 1), got {self.spatial_dropout}"
+            )
+        if self.arch not in ARCHS:
+            raise InvalidArgumentError(f"unknown arch {self.arch!r}; choose from {list(ARCHS)}")
+        if self.kind not in ("standard", "alpha", "dropconnect"):
+            raise InvalidArgumentError(f"unknown dropout kind {self.kind!r}")
+        if not self.hidden or not self.channels:
+            raise InvalidArgumentError("hidden and channels need at least one width")
         for name in ("epochs", "batch_size", "n_samples", "threads"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be at least 1")
@@ -64,12 +91,15 @@ def fit(
     seed: int = 0,
     progress: bool = False,
     desc: str = "train",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Minibatch Adam with L2 weight decay; returns the mean loss of each epoch.
 
     Args:
         x: ``(N, D...)`` training inputs (already standardised if the model expects it).
         y: targets as ``loss_fn`` expects them.
+        on_epoch: called as ``on_epoch(epoch, mean_loss)`` after each epoch (epochs count
+            from 1), e.g. to record learning curves.
     """
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
@@ -89,11 +119,18 @@ def fit(
             total += float(loss.detach()) * len(idx)
         history.append(total / x.shape[0])
         bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if on_epoch is not None:
+            on_epoch(len(history), history[-1])
+            net.train()  # the callback may have evaluated the network
     net.eval()
     return history
 
 
 def _standardize(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dim() > 2:
+        # Images: one mean and std for all pixels, stored as [mean] and [std] (shape (1,)
+        # broadcasts to a row), so the model stays translation-equivariant.
+        return x.mean().reshape(1), x.std().reshape(1)
     mean = x.mean(0)
     std = x.std(0)
     # Constant features (digits has always-zero pixels) would divide by zero.
@@ -142,10 +179,59 @@ def _spec(
             "batch_size": config.batch_size,
             "weight_decay": config.weight_decay,
             "threads": config.threads,
-            "split": "seeded permutation 70/15/15 train/validation/test",
+            "split": data.split,
+            # Only the options that differ from the defaults, so the bundled models' manifests
+            # (written before these options existed) are reproduced byte for byte.
+            **({"train_size": config.train_size} if config.train_size is not None else {}),
+            **({"exclude_classes": config.exclude_classes} if config.exclude_classes else {}),
         },
         description=data.description,
     )
+
+
+def architecture(config: TrainConfig, data: datasets.Dataset) -> dict[str, Any]:
+    """The manifest ``architecture`` of ``config.arch`` for ``data`` (see :func:`nets.build`)."""
+    k = len(data.labels)
+    shape = data.input_shape
+    if config.arch == "mlp":
+        params: dict[str, Any] = {
+            "in_features": math.prod(shape),
+            "hidden": list(config.hidden),
+            "out_features": k,
+            "dropout": config.dropout,
+        }
+        if config.kind != "standard":
+            params["kind"] = config.kind
+        if len(shape) > 1:
+            params["flatten"] = True
+        return {"name": "mlp", "params": params}
+    if len(shape) != 2 or data.task != "classification":
+        raise InvalidArgumentError(
+            f"arch {config.arch!r} needs a classifier of 2-D images; {data.name} has inputs of "
+            f"shape {shape}"
+        )
+    if config.arch == "cnn":
+        if shape[0] != shape[1]:
+            raise InvalidArgumentError(f"the CNN takes square images, got {shape}")
+        params = {
+            "in_channels": 1,
+            "image_size": shape[0],
+            "channels": list(config.channels),
+            # Pool after the first two convs: later convs run on 7×7 maps, cheap on a CPU.
+            "pool": [i < 2 for i in range(len(config.channels))],
+            "spatial_dropout": config.spatial_dropout,
+            "hidden": config.hidden[0],
+            "dropout": config.dropout,
+            "n_classes": k,
+        }
+        return {"name": "cnn", "params": params}
+    params = {
+        "in_features": shape[1],
+        "hidden": config.hidden[0],
+        "n_classes": k,
+        "dropout": config.dropout,
+    }
+    return {"name": "row_lstm", "params": params}
 
 
 def _round(values: dict[str, float]) -> dict[str, float]:
@@ -159,7 +245,12 @@ def train(config: TrainConfig, command: str | None = None) -> checkpoint.LoadedM
     (accuracy and NLL, or RMSE and test log-likelihood) are recorded in the manifest.
     """
     command = command or "mcdrop train " + shlex.join([config.dataset, "--out", str(config.out)])
-    data = datasets.load(config.dataset, seed=config.seed)
+    data = datasets.load(
+        config.dataset,
+        seed=config.seed,
+        train_size=config.train_size,
+        exclude_classes=config.exclude_classes or None,
+    )
     threads = torch.get_num_threads()
     started = time.perf_counter()
     try:
@@ -184,16 +275,7 @@ def _train(config: TrainConfig, data: datasets.Dataset, command: str) -> checkpo
     in_norm = Normalization(in_mean.tolist(), in_std.tolist())
     x_train = (data.x_train - in_mean) / in_std
     classification = data.task == "classification"
-    k = len(data.labels)
-    arch = {
-        "name": "mlp",
-        "params": {
-            "in_features": data.input_shape[0],
-            "hidden": list(config.hidden),
-            "out_features": k,
-            "dropout": config.dropout,
-        },
-    }
+    arch = architecture(config, data)
     net = build(arch)
     if classification:
         out_norm = None
@@ -223,7 +305,14 @@ def _train(config: TrainConfig, data: datasets.Dataset, command: str) -> checkpo
         val_means = _sample_means(module, data.x_val, config)
         spec = replace(spec, tau=select_tau(val_means, data.y_val))
     loaded = checkpoint.LoadedModel(spec=spec, module=module, path=config.out)
-    metrics = evaluate(Predictor(loaded), data.x_test, data.y_test, n_samples=config.n_samples)
+    x_test, y_test = data.x_test, data.y_test
+    if config.exclude_classes:
+        # The held-out classes are out-of-distribution inputs, not errors of the classifier.
+        keep = ~torch.isin(y_test, torch.tensor(config.exclude_classes))
+        x_test, y_test = x_test[keep], y_test[keep]
+    max_rows = default_max_rows(module, images=len(data.input_shape) > 1)
+    predictor = Predictor(loaded, max_rows=max_rows)
+    metrics = evaluate(predictor, x_test, y_test, n_samples=config.n_samples)
     spec = replace(spec, metrics=_round(metrics))
     return checkpoint.LoadedModel(spec=spec, module=module, path=config.out)
 

@@ -1,4 +1,4 @@
-"""The ``mcdrop`` command: ``serve``, ``train``, ``predict`` and ``models``.
+"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``predict`` and ``models``.
 
 Heavy imports (torch, FastAPI) happen inside the sub-command that needs them, so
 ``mcdrop predict --url ...`` starts fast.
@@ -59,9 +59,46 @@ def _train(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         threads=args.threads,
         progress=not args.quiet,
+        arch=args.arch,
+        kind=args.kind,
+        channels=args.channels,
+        spatial_dropout=args.spatial_dropout,
+        train_size=args.train_size,
+        exclude_classes=args.exclude_classes,
     )
     loaded = train(config, command="mcdrop " + shlex.join(args.argv))
     print(json.dumps({"model": str(args.out), "metrics": loaded.spec.metrics}, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mcdrop.evaluate import evaluate_model
+
+    threads = torch.get_num_threads()
+    # One thread by default: as fast per core on these small nets, and no spinning OpenMP
+    # workers on a shared machine.
+    torch.set_num_threads(args.threads)
+    try:
+        report = evaluate_model(
+            args.model_dir,
+            args.dataset,
+            out=args.out,
+            n_samples=args.n_samples,
+            seed=args.seed,
+            ood_classes=args.ood_classes,
+            limit=args.limit,
+            plots=not args.no_plots,
+            command="mcdrop " + shlex.join(args.argv),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    summary = {k: report[k] for k in ("model", "dataset", "n_test", "n_samples", "metrics")}
+    if "ood" in report:
+        summary["ood"] = report["ood"]
+    summary["written"] = None if args.out is None else str(args.out)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -148,10 +185,34 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     train = sub.add_parser("train", help="train a model with dropout and write a model directory")
-    train.add_argument("dataset", choices=["digits", "diabetes"])
+    train.add_argument("dataset", choices=["digits", "diabetes", "fashion"])
     train.add_argument("--out", type=Path, required=True, help="model directory to write")
-    train.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
+    train.add_argument("--arch", choices=["mlp", "cnn", "row_lstm"], default="mlp")
+    train.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=[128, 128],
+        help="MLP hidden widths; the first is the CNN's hidden layer and the RowLSTM's state",
+    )
     train.add_argument("--dropout", type=float, default=0.1)
+    train.add_argument(
+        "--kind", choices=["standard", "alpha", "dropconnect"], default="standard", help="MLP only"
+    )
+    train.add_argument("--channels", type=int, nargs="+", default=[16, 32, 32], help="CNN only")
+    train.add_argument(
+        "--spatial-dropout", type=float, default=0.0, help="CNN: Dropout2d rate after each conv"
+    )
+    train.add_argument(
+        "--train-size", type=int, default=None, help="train on the first N training rows only"
+    )
+    train.add_argument(
+        "--exclude-classes",
+        type=int,
+        nargs="+",
+        default=[],
+        help="leave these classes out of training (for out-of-distribution tests)",
+    )
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--epochs", type=int, default=100)
     train.add_argument("--lr", type=float, default=1e-3)
@@ -166,6 +227,35 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a model directory on a dataset: calibration, OOD detection, plots",
+        description="Writes report.json, report.md and PNG plots into --out.",
+    )
+    evaluate.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
+    evaluate.add_argument(
+        "--dataset",
+        choices=["digits", "diabetes", "fashion"],
+        default=None,
+        help="default: the dataset the model was trained on",
+    )
+    evaluate.add_argument("--out", type=Path, default=None, help="folder for the report and plots")
+    evaluate.add_argument(
+        "--n-samples", type=int, default=None, help="default: the model's default_n_samples"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the MC samples and noise")
+    evaluate.add_argument(
+        "--ood-classes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="classes the model never saw (default: the manifest's training.exclude_classes)",
+    )
+    evaluate.add_argument("--limit", type=int, default=None, help="score only N rows per set")
+    evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
+    evaluate.set_defaults(func=_evaluate)
 
     predict = sub.add_parser("predict", help="predict with a running service or a local model")
     predict.add_argument("model", help="model name")

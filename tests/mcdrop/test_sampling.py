@@ -171,7 +171,7 @@ def test_concurrent_predict_and_sample_do_not_interfere(mlp: nn.Module) -> None:
 
 
 MEMORY_SCRIPT = """
-import resource, torch
+import torch
 from torch import nn
 from mcdrop.stats import RegressionAccumulator
 from mcdrop.sampling import sample_chunks
@@ -179,12 +179,15 @@ torch.manual_seed(0)
 torch.set_num_threads(1)  # steady under a loaded machine; memory is what is measured
 model = nn.Sequential(nn.Linear(13, 50), nn.ReLU(), nn.Dropout(0.05), nn.Linear(50, 1)).eval()
 x = torch.randn(1000, 13)
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak after imports (Linux >= 4.0)
+    f.write("5")
 acc = RegressionAccumulator(1000, 1, noise_variance=0.1)
 for chunk in sample_chunks(model, x, 10_000, seed=0, max_rows=65_536):
     acc.update(chunk.values, chunk.rows)
 summary = acc.result()
 assert summary.n_samples == 10_000 and bool((summary.epistemic > 0).all())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+with open("/proc/self/status") as f:
+    print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024)
 """
 
 
@@ -200,4 +203,5 @@ def test_ten_thousand_samples_of_a_thousand_rows_in_bounded_memory() -> None:
         timeout=240,
     )
     peak_mib = int(out.stdout.strip())
-    assert peak_mib < 1000, f"peak RSS {peak_mib} MiB"
+    # The process's own baseline (torch loaded) is ~300 MiB; one pass would add ~6 GB.
+    assert peak_mib < 600, f"peak RSS {peak_mib} MiB"
