@@ -111,8 +111,8 @@ class SamplingContext:
             self.replicate = 1
         return x, dim, group
 
-    def _keep(self, rows: int, per_row: int, p: float) -> Tensor:
-        """``(B, per_row)`` keep-mask for the next stochastic call; ``rows`` must equal B."""
+    def _keep(self, per_row: int, p: float) -> Tensor:
+        """``(B, per_row)`` keep-mask for the next stochastic call."""
         call = self.calls
         self.calls += 1
         return masks.keep_mask(self.keys, call, per_row, p)
@@ -143,10 +143,10 @@ class SamplingContext:
                 raise UnsupportedModelError(
                     f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
                 )
-            keep = self._keep(self.batch, x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+            keep = self._keep(x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
         else:
             moved = x.movedim(dim, 0)
-            keep = self._keep(self.batch, moved[0].numel() * group, p)
+            keep = self._keep(moved[0].numel() * group, p)
             keep = keep.reshape(moved.shape).movedim(0, dim)
         if alpha:
             a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p_eff + 1.0) * (1.0 - p_eff))
@@ -178,7 +178,7 @@ class SamplingContext:
                 f"DropConnectLinear needs a batch-first input, got shape {tuple(x.shape)}"
             )
         out_f, in_f = weight.shape
-        keep = self._keep(self.batch, out_f * in_f, p).view(self.batch, out_f, in_f)
+        keep = self._keep(out_f * in_f, p).view(self.batch, out_f, in_f)
         p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
         w = keep.to(weight.dtype).mul_(weight / (1.0 - p_eff))  # (B, out, in)
         flat = x.reshape(self.batch, -1, in_f)  # (B, L, in)
@@ -205,7 +205,7 @@ class SamplingContext:
                 f"{self.batch} rows, got shape {tuple(x.shape)}"
             )
         p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
-        keep = self._keep(self.batch, x.shape[-1], p).to(x.dtype).mul_(1.0 / (1.0 - p_eff))
+        keep = self._keep(x.shape[-1], p).to(x.dtype).mul_(1.0 / (1.0 - p_eff))
         return x * keep.unsqueeze(1 - batch_dim)
 
     def attention(
