@@ -33,6 +33,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mcdrop import masks
 from mcdrop.exceptions import UnsupportedModelError
 
+#: Most DropConnect weight-mask elements held at once (float32: 64 MiB).
+DROPCONNECT_BUDGET = 1 << 24
+
 # SELU's constants, as torch's alpha_dropout uses them.
 _ALPHA = 1.7580993408473766
 
@@ -178,13 +181,22 @@ class SamplingContext:
                 f"DropConnectLinear needs a batch-first input, got shape {tuple(x.shape)}"
             )
         out_f, in_f = weight.shape
-        keep = self._keep(out_f * in_f, p).view(self.batch, out_f, in_f)
+        call = self.calls
+        self.calls += 1
         p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
-        w = keep.to(weight.dtype).mul_(weight / (1.0 - p_eff))  # (B, out, in)
+        scaled = weight / (1.0 - p_eff)
         flat = x.reshape(self.batch, -1, in_f)  # (B, L, in)
-        y = torch.bmm(flat, w.transpose(1, 2))  # (B, L, out)
+        y = flat.new_empty(self.batch, flat.shape[1], out_f)
+        # Every row has its own (out, in) weight mask: build them a block of rows at a time so
+        # the masks never exceed DROPCONNECT_BUDGET elements, whatever the chunk size.
+        step = max(1, DROPCONNECT_BUDGET // (out_f * in_f))
+        for start in range(0, self.batch, step):
+            rows = slice(start, min(start + step, self.batch))
+            keep = masks.keep_mask(self.keys[rows], call, out_f * in_f, p)
+            w = keep.view(-1, out_f, in_f).to(weight.dtype).mul_(scaled)  # (b, out, in)
+            torch.bmm(flat[rows], w.transpose(1, 2), out=y[rows])  # (b, L, out)
         if bias is not None:
-            y = y + bias
+            y += bias
         return y.reshape(*x.shape[:-1], out_f)
 
     def locked_dropout(self, x: Tensor, p: float, *, batch_first: bool) -> Tensor:
