@@ -14,7 +14,6 @@ Run: ``python -m benchmarks.memory [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks.timing import machine, table
+from benchmarks.timing import machine, run_main, table
 
 SCRIPT = """
 import json, sys, time, torch
@@ -98,11 +97,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(run(args.quick))
-    return 0
+    return run_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

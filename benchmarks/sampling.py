@@ -15,7 +15,6 @@ Run: ``python -m benchmarks.sampling [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from benchmarks.timing import compare, machine, ms, table
+from benchmarks.timing import compare, machine, ms, run_main, table
 from mcdrop import sample
 from mcdrop.nets import CNN, MLP
 
@@ -171,11 +170,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
-    args = parser.parse_args(argv)
-    print(run(args.quick))
-    return 0
+    return run_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

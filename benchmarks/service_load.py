@@ -11,7 +11,6 @@ Run: ``python -m benchmarks.service_load [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import socket
@@ -27,7 +26,7 @@ import httpx2
 import torch
 from sklearn.datasets import load_digits
 
-from benchmarks.timing import machine, table
+from benchmarks.timing import machine, run_main, table
 from mcdrop import checkpoint
 from mcdrop.predictor import Predictor
 
@@ -179,11 +178,7 @@ def run(quick: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    print(run(args.quick))
-    return 0
+    return run_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

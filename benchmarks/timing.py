@@ -6,6 +6,7 @@ same run, with the candidates interleaved round by round (a slow moment hits all
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -62,3 +63,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
+
+
+def run_main(run: Callable[[bool], str], doc: str | None, argv: Sequence[str] | None) -> int:
+    """The command line of a benchmark module: ``[--quick]``, then print ``run``'s tables."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    print(run(parser.parse_args(argv).quick))
+    return 0

@@ -90,7 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loader.start()
         app.state.loader = loader
         yield
-        registry.close()
 
     app = FastAPI(
         title="mcdrop",

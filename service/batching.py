@@ -110,9 +110,6 @@ class Batcher:
                     self.computing -= 1
         return job.future.result()
 
-    def close(self) -> None:
-        """Nothing to stop: batches run on the requests' own threads."""
-
     def _execute(self, options: tuple[int, float, bool] | None, jobs: list[Job]) -> None:
         self.batches += 1
         sizes = [job.x.shape[0] for job in jobs]

@@ -138,10 +138,5 @@ class Registry:
                 x, n_samples, seed=seed, level=level, return_samples=return_samples
             )
 
-    def close(self) -> None:
-        for entry in self.entries.values():
-            if entry.batcher is not None:
-                entry.batcher.close()
-
     def ready_specs(self) -> list[ModelSpec]:
         return [e.predictor.spec for e in self.entries.values() if e.predictor is not None]
