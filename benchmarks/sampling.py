@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from benchmarks.timing import compare, machine, ms, run_main, table
 from mcdrop import sample
+from mcdrop.dropout import replicate
 from mcdrop.nets import CNN, MLP
 
 
@@ -87,7 +88,8 @@ def naive_loop(model: nn.Module, x: Tensor, n_samples: int) -> Tensor:
 def floor(ref: Reference, x: Tensor, n_samples: int) -> Tensor:
     with torch.inference_mode():
         h = ref.prefix(x)
-        return ref.rest(h.repeat(n_samples, *([1] * (h.dim() - 1))))
+        # The fastest replication (expand + one copy), the same helper mcdrop uses.
+        return ref.rest(replicate(h, n_samples))
 
 
 def _others(model: nn.Module, x: Tensor, n_samples: int) -> dict[str, Callable[[], object]]:

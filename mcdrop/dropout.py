@@ -106,19 +106,23 @@ class SamplingContext:
         dimension and entries per row."""
         dim, group = self._locate(x)
         if self.replicate > 1:
-            # Sample-major replication (index s * N + n) matches the keys' layout.
-            reps = [1] * x.dim()
-            reps[dim] = self.replicate
-            x = x.repeat(*reps)
+            x = replicate(x, self.replicate, dim)
             self.batch *= self.replicate
             self.replicate = 1
         return x, dim, group
 
-    def _keep(self, per_row: int, p: float) -> Tensor:
-        """``(B, per_row)`` keep-mask for the next stochastic call."""
+    def _next_call(self) -> int:
         call = self.calls
         self.calls += 1
-        return masks.keep_mask(self.keys, call, per_row, p)
+        return call
+
+    def _keep(self, per_row: int, p: float) -> Tensor:
+        """``(B, per_row)`` boolean keep-mask for the next stochastic call."""
+        return masks.keep_mask(self.keys, self._next_call(), per_row, p)
+
+    def _scale(self, per_row: int, p: float, dtype: torch.dtype) -> Tensor:
+        """``(B, per_row)`` inverted-dropout multipliers (0 or ``1/(1 − p)``) for the next call."""
+        return masks.keep_scale(self.keys, self._next_call(), per_row, p, dtype)
 
     # -- the stochastic layers ---------------------------------------------------------------------
 
@@ -138,8 +142,33 @@ class SamplingContext:
             return x
         x, dim, group = self._rows(x)
         if p == 1.0:
-            self.calls += 1
+            self._next_call()
             return x.mul_(0) if inplace else torch.zeros_like(x)
+        if alpha:
+            return self._alpha_dropout(x, p, dim, group, feature=feature, inplace=inplace)
+        if feature:
+            if dim != 0 or group != 1 or x.dim() < 2:
+                raise UnsupportedModelError(
+                    f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
+                )
+            scale = self._scale(x.shape[1], p, x.dtype).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+            return x.mul_(scale) if inplace else x * scale
+        if inplace:
+            return x.mul_(self._scale_like(x, p, dim, group))
+        # The multipliers are a fresh tensor of x's shape: multiply into it, no new allocation.
+        return self._scale_like(x, p, dim, group).mul_(x)
+
+    def _scale_like(self, x: Tensor, p: float, dim: int, group: int) -> Tensor:
+        """Multipliers shaped like ``x`` (one per element), its batch along ``dim``."""
+        moved_shape = (x.shape[dim], *x.shape[:dim], *x.shape[dim + 1 :])
+        per_row = math.prod(moved_shape[1:]) * group  # entries owned by each of the B rows
+        return self._scale(per_row, p, x.dtype).reshape(moved_shape).movedim(0, dim)
+
+    def _alpha_dropout(
+        self, x: Tensor, p: float, dim: int, group: int, *, feature: bool, inplace: bool
+    ) -> Tensor:
+        """Alpha dropout (SELU networks): dropped units go to SELU's negative saturation value,
+        then an affine map keeps mean and variance."""
         p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
         if feature:
             if dim != 0 or group != 1 or x.dim() < 2:
@@ -151,15 +180,9 @@ class SamplingContext:
             moved = x.movedim(dim, 0)
             keep = self._keep(moved[0].numel() * group, p)
             keep = keep.reshape(moved.shape).movedim(0, dim)
-        if alpha:
-            a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p_eff + 1.0) * (1.0 - p_eff))
-            kept = x * a + _ALPHA * a * p_eff
-            out = torch.where(keep, kept, _ALPHA * a * (p_eff - 1.0))
-        else:
-            scale = keep.to(x.dtype).mul_(1.0 / (1.0 - p_eff))
-            if inplace:
-                return x.mul_(scale)
-            return x * scale
+        a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p_eff + 1.0) * (1.0 - p_eff))
+        kept = x * a + _ALPHA * a * p_eff
+        out = torch.where(keep, kept, _ALPHA * a * (p_eff - 1.0))
         return x.copy_(out) if inplace else out
 
     def dropconnect_linear(
@@ -181,10 +204,7 @@ class SamplingContext:
                 f"DropConnectLinear needs a batch-first input, got shape {tuple(x.shape)}"
             )
         out_f, in_f = weight.shape
-        call = self.calls
-        self.calls += 1
-        p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
-        scaled = weight / (1.0 - p_eff)
+        call = self._next_call()
         flat = x.reshape(self.batch, -1, in_f)  # (B, L, in)
         y = flat.new_empty(self.batch, flat.shape[1], out_f)
         # Every row has its own (out, in) weight mask: build them a block of rows at a time so
@@ -192,8 +212,8 @@ class SamplingContext:
         step = max(1, DROPCONNECT_BUDGET // (out_f * in_f))
         for start in range(0, self.batch, step):
             rows = slice(start, min(start + step, self.batch))
-            keep = masks.keep_mask(self.keys[rows], call, out_f * in_f, p)
-            w = keep.view(-1, out_f, in_f).to(weight.dtype).mul_(scaled)  # (b, out, in)
+            scale = masks.keep_scale(self.keys[rows], call, out_f * in_f, p, weight.dtype)
+            w = scale.view(-1, out_f, in_f).mul_(weight)  # (b, out, in)
             torch.bmm(flat[rows], w.transpose(1, 2), out=y[rows])  # (b, L, out)
         if bias is not None:
             y += bias
@@ -216,9 +236,7 @@ class SamplingContext:
                 f"LockedDropout(batch_first={batch_first}) expects a 3-d sequence batch of "
                 f"{self.batch} rows, got shape {tuple(x.shape)}"
             )
-        p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
-        keep = self._keep(x.shape[-1], p).to(x.dtype).mul_(1.0 / (1.0 - p_eff))
-        return x * keep.unsqueeze(1 - batch_dim)
+        return x * self._scale(x.shape[-1], p, x.dtype).unsqueeze(1 - batch_dim)
 
     def attention(
         self,
@@ -251,6 +269,15 @@ class SamplingContext:
                 scores = scores + attn_mask
         weights = self.dropout(torch.softmax(scores, dim=-1), dropout_p)
         return weights @ v
+
+
+def replicate(x: Tensor, times: int, dim: int = 0) -> Tensor:
+    """``x`` repeated ``times`` times along ``dim``, sample-major (index ``s · size + i``), the
+    layout of the keys; ``x.repeat`` gives the same tensor but is several times slower on the
+    small activations of one request."""
+    shape = list(x.shape)
+    shape[dim] *= times
+    return x.unsqueeze(dim).expand(*x.shape[:dim], times, *x.shape[dim:]).reshape(shape)
 
 
 def _check_p(p: float) -> None:

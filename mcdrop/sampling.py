@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import masks
-from mcdrop.dropout import SamplingContext
+from mcdrop.dropout import SamplingContext, replicate
 from mcdrop.exceptions import (
     InvalidArgumentError,
     InvalidInputError,
@@ -127,7 +127,7 @@ def _forward(model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: 
         inputs = x
         ctx = SamplingContext(keys, replicate=n_samples)
     else:
-        inputs = x.repeat(n_samples, *([1] * (x.dim() - 1)))  # (S * n, D...), sample-major
+        inputs = replicate(x, n_samples)  # (S * n, D...), sample-major
         ctx = SamplingContext(keys)
     with ctx:
         y = model(inputs)

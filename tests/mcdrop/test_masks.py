@@ -35,6 +35,19 @@ def test_keep_rate_matches_p(p: float) -> None:
     assert rate == pytest.approx(p, abs=3e-3)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.75, 0.125, 3 / 256, 0.05, 0.1, 0.3, 1e-4, 0.99999])
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_keep_scale_is_keep_mask_times_inverse_keep_rate(p: float, n: int, dtype) -> None:
+    keys = masks.sample_keys(torch.arange(5, dtype=torch.int64), 0, 3)
+    keep = masks.keep_mask(keys, 2, n, p)
+    got = masks.keep_scale(keys, 2, n, p, dtype)
+    assert got.dtype == dtype
+    p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
+    expected = keep.to(dtype) * (1.0 / (1.0 - p_eff) if p_eff < 1 else 0.0)
+    assert torch.equal(got, expected)
+
+
 def test_p_resolution_is_documented_rounding() -> None:
     assert masks.drop_threshold(0.5) == 0
     assert masks.drop_threshold(0.0) == -32768
