@@ -75,21 +75,41 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class InFlight:
+    """ASGI middleware: counts the HTTP requests being handled (the batchers' load signal)."""
+
+    def __init__(self, app: Any, counter: list[int]) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.counter[0] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counter[0] -= 1
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
+    in_flight = [0]  # requests being handled; one event loop, so a plain cell suffices
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        registry = Registry(settings)
+        registry = Registry(settings, in_flight=lambda: in_flight[0])
         app.state.registry = registry
         # Load in the background: /health answers at once, /ready turns 200 when loaded.
         loader = threading.Thread(target=registry.load_all, name="mcdrop-loader", daemon=True)
         loader.start()
         app.state.loader = loader
         yield
+        registry.close()
 
     app = FastAPI(
         title="mcdrop",
@@ -101,4 +121,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InFlight, counter=in_flight)
     return app

@@ -38,5 +38,11 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="how long a request waits for others to join"
     )
+    inline_max_ms: float = Field(
+        2.0,
+        ge=0.0,
+        le=1000.0,
+        description="model work estimated below this runs on the event loop (no thread handoff)",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     log_level: str = Field("info", description="uvicorn log level")

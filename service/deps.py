@@ -10,11 +10,13 @@ from service.config import Settings
 from service.registry import Registry
 
 
-def get_registry(request: Request) -> Registry:
+# async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread handoff per
+# dependency per request for a single attribute read.
+async def get_registry(request: Request) -> Registry:
     return request.app.state.registry
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 

@@ -7,7 +7,8 @@ runs one warm-up pass, and ``/ready`` turns 200 when all have.
 from __future__ import annotations
 
 import logging
-import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Predictor, Summary
-from service.batching import Batcher, Job
+from service.batching import Batcher, CostModel, Job
 from service.config import Settings
 from service.errors import ModelNotFoundError, ModelNotReadyError
 
@@ -39,8 +40,9 @@ class Entry:
 class Registry:
     """Model name -> :class:`Entry`; :meth:`get` gives a ready predictor or a clear error."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, in_flight: Callable[[], int] = lambda: 0) -> None:
         self.settings = settings
+        self.in_flight = in_flight
         root = settings.model_dir
         dirs = (
             sorted(p.parent for p in root.glob(f"*/{checkpoint.MANIFEST}")) if root.is_dir() else []
@@ -48,8 +50,11 @@ class Registry:
         self.entries = {d.name: Entry(name=d.name, path=d) for d in dirs}
         if not self.entries:
             log.warning("no model directories (*/%s) under %s", checkpoint.MANIFEST, root)
-        # Bounds how many model computations run at once (memory and CPU under load).
-        self.slots = threading.BoundedSemaphore(settings.max_concurrency)
+        # Model work too large for the event loop runs here; its size bounds how many model
+        # computations run at once (memory and CPU under load).
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="mcdrop-model"
+        )
 
     def load_all(self) -> None:
         """Load and warm up every model (run in a background thread)."""
@@ -62,14 +67,17 @@ class Registry:
                         f"match its directory {entry.name!r}"
                     )
                 predictor = Predictor(loaded, max_rows=self.settings.chunk_rows)
-                self._warm_up(predictor)
-                if self.settings.batching:
-                    entry.batcher = Batcher(
-                        predictor,
-                        max_rows=self.settings.batch_max_rows,
-                        max_wait_ms=self.settings.batch_max_wait_ms,
-                        slots=self.slots,
-                    )
+                cost = self._warm_up(predictor)
+                entry.batcher = Batcher(
+                    predictor,
+                    executor=self.executor,
+                    cost=cost,
+                    batching=self.settings.batching,
+                    max_rows=self.settings.batch_max_rows,
+                    max_wait_ms=self.settings.batch_max_wait_ms,
+                    inline_ms=self.settings.inline_max_ms,
+                    in_flight=self.in_flight,
+                )
                 entry.predictor = predictor
                 entry.state = "ready"
                 log.info("model %s ready", entry.name)
@@ -78,13 +86,22 @@ class Registry:
                 log.error("model %s failed to load: %s", entry.name, exc)
 
     @staticmethod
-    def _warm_up(predictor: Predictor) -> None:
+    def _warm_up(predictor: Predictor) -> CostModel:
+        """Run the model each way before it takes requests, timing it for the batcher."""
+        return CostModel.measure(predictor, Registry._warm_up_input(predictor))
+
+    @staticmethod
+    def _warm_up_input(predictor: Predictor) -> torch.Tensor:
+        """One typical row (the training mean where the model records it)."""
         x = torch.zeros(1, *predictor.spec.input_shape)
         norm = predictor.spec.input_normalization
         if norm is not None:
             x = torch.tensor(norm.mean, dtype=torch.float32).expand_as(x).clone()
-        predictor.predict(x)
-        predictor.uncertainty(x, 8, seed=0)
+        return x
+
+    def close(self) -> None:
+        """Stop the worker threads (after the server stops taking requests)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
     def readiness(self) -> tuple[str, dict[str, str]]:
         states = {
@@ -111,15 +128,16 @@ class Registry:
             raise ModelNotReadyError(f"model {name!r} {reason}")
         return entry.predictor
 
-    def predict(self, predictor: Predictor, x: Tensor) -> Prediction:
-        """Deterministic prediction, through the model's batcher when batching is on."""
+    def _batcher(self, predictor: Predictor) -> Batcher:
         batcher = self.entries[predictor.spec.name].batcher
-        if batcher is not None:
-            return batcher.submit(Job(x, None))
-        with self.slots:
-            return predictor.predict(x)
+        assert batcher is not None  # set before the entry's predictor
+        return batcher
 
-    def uncertainty(
+    async def predict(self, predictor: Predictor, x: Tensor) -> Prediction:
+        """Deterministic prediction, through the model's batcher."""
+        return await self._batcher(predictor).submit(Job(x, None))
+
+    async def uncertainty(
         self,
         predictor: Predictor,
         x: Tensor,
@@ -129,14 +147,9 @@ class Registry:
         level: float,
         return_samples: bool,
     ) -> tuple[Summary, Tensor | None]:
-        """MC summary (and samples), through the model's batcher when batching is on."""
-        batcher = self.entries[predictor.spec.name].batcher
-        if batcher is not None:
-            return batcher.submit(Job(x, (n_samples, level, return_samples), seed))
-        with self.slots:
-            return predictor.uncertainty(
-                x, n_samples, seed=seed, level=level, return_samples=return_samples
-            )
+        """MC summary (and samples), through the model's batcher."""
+        job = Job(x, (n_samples, level, return_samples), seed)
+        return await self._batcher(predictor).submit(job)
 
     def ready_specs(self) -> list[ModelSpec]:
         return [e.predictor.spec for e in self.entries.values() if e.predictor is not None]

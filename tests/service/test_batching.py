@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_digits
 
+from mcdrop import checkpoint
+from mcdrop.exceptions import InvalidInputError
+from mcdrop.predictor import Predictor
 from service.app import create_app
+from service.batching import Batcher, CostModel, Job
 from service.config import Settings
 from tests.conftest import MODELS
 from tests.service.conftest import wait_ready
@@ -91,3 +98,106 @@ def test_errors_reach_only_their_request() -> None:
         )
         assert "predictions" in good
         assert bad["error"]["code"] == "invalid_input"
+
+
+# -- the batcher itself, on the real digits model ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> Predictor:
+    return Predictor(checkpoint.load(MODELS / "digits"))
+
+
+def _jobs() -> list[Job]:
+    x = torch.tensor(ROWS, dtype=torch.float32)
+    return [Job(x[i : i + 2], (30, 0.9, False), seed=i) for i in range(0, 8, 2)] + [
+        Job(x[8:11], None),
+        Job(x[11:12], (30, 0.9, True), seed=5),
+    ]
+
+
+def _submit_all(batcher: Batcher, jobs: list[Job]) -> list[Any]:
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(batcher.submit(job) for job in jobs))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("batching", [False, True])
+@pytest.mark.parametrize("inline_ms", [0.0, 1e6], ids=["threaded", "inline"])
+def test_batcher_answers_equal_direct_calls(
+    digits: Predictor, batching: bool, inline_ms: float
+) -> None:
+    jobs = _jobs()
+    with ThreadPoolExecutor(2) as pool:
+        batcher = Batcher(
+            digits, executor=pool, cost=CostModel(), batching=batching, inline_ms=inline_ms
+        )
+        got = _submit_all(batcher, jobs)
+    # Jobs submitted in one event-loop iteration merge: one pass per distinct options.
+    assert batcher.batches == (3 if batching else len(jobs))
+    assert batcher.inline_batches == (batcher.batches if inline_ms else 0)
+    for job, result in zip(jobs, got, strict=True):
+        if job.options is None:
+            want = digits.predict(job.x)
+            assert torch.allclose(result.probabilities, want.probabilities, atol=1e-6)
+            continue
+        n_samples, level, return_samples = job.options
+        summary, samples = digits.uncertainty(
+            job.x, n_samples, seed=job.seed, level=level, return_samples=return_samples
+        )
+        assert torch.allclose(result[0].probabilities, summary.probabilities, atol=1e-6)
+        assert torch.allclose(result[0].mutual_information, summary.mutual_information, atol=1e-5)
+        assert (result[1] is None) == (samples is None)
+        if samples is not None:
+            assert torch.allclose(result[1], samples, atol=1e-6)
+
+
+def test_lone_request_does_not_wait(digits: Predictor) -> None:
+    # max_wait is a minute: a flush that waited would time the test out.
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(digits, executor=pool, cost=CostModel(), max_wait_ms=60_000)
+        job = _jobs()[0]
+        asyncio.run(asyncio.wait_for(batcher.submit(job), timeout=30))
+
+
+def test_flush_waits_for_requests_in_flight_then_goes_when_all_queued(digits: Predictor) -> None:
+    first, second = _jobs()[:2]
+    with ThreadPoolExecutor(1) as pool:
+        # Two requests in flight: the first waits for the second (up to a minute), and the
+        # flush goes the moment the second queues.
+        batcher = Batcher(
+            digits, executor=pool, cost=CostModel(), max_wait_ms=60_000, in_flight=lambda: 2
+        )
+
+        async def main() -> None:
+            waiting = asyncio.ensure_future(batcher.submit(first))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await asyncio.wait_for(asyncio.gather(waiting, batcher.submit(second)), timeout=30)
+
+        asyncio.run(main())
+    assert batcher.batches == 1
+
+
+def test_a_failing_batch_fails_only_its_jobs(digits: Predictor) -> None:
+    good = _jobs()[0]
+    bad = Job(torch.zeros(1, 3), None)  # wrong width: the predictor refuses it
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(digits, executor=pool, cost=CostModel(), inline_ms=0.0)
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(
+                batcher.submit(good), batcher.submit(bad), return_exceptions=True
+            )
+
+        ok, failed = asyncio.run(main())
+    assert ok[0].probabilities.shape == (2, 10)
+    assert isinstance(failed, InvalidInputError)
+
+
+def test_cost_model_scales_with_rows_and_samples(digits: Predictor) -> None:
+    cost = CostModel.measure(digits, torch.tensor(ROWS[:1], dtype=torch.float32))
+    assert cost.fixed > 0
+    assert cost.seconds(64, (100, 0.9, False)) > cost.seconds(1, (100, 0.9, False))
+    assert cost.seconds(1, (1000, 0.9, False)) > cost.seconds(1, (10, 0.9, False))

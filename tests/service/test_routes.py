@@ -309,9 +309,9 @@ def test_ready_is_503_while_loading(
     gate = threading.Event()
     warm_up = Registry._warm_up
 
-    def slow_warm_up(predictor: Any) -> None:
+    def slow_warm_up(predictor: Any) -> Any:
         gate.wait(30)
-        warm_up(predictor)
+        return warm_up(predictor)
 
     monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
     with TestClient(create_app(Settings(model_dir=tmp_path))) as client:
