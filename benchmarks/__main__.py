@@ -26,12 +26,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="torch threads (1: stable ratios on a shared machine)",
     )
+    parser.add_argument(
+        "--generator",
+        choices=service_load.GENERATORS,
+        default="raw",
+        help="the service benchmark's load generator",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     chosen = args.only or ["sampling", "memory", "service"]
     modules = {"sampling": sampling, "memory": memory, "service": service_load}
     for name in chosen:
-        print(modules[name].run(args.quick), flush=True)
+        if name == "service":
+            print(service_load.run(args.quick, args.generator), flush=True)
+        else:
+            print(modules[name].run(args.quick), flush=True)
     return 0
 
 

@@ -1,24 +1,35 @@
 """Service throughput under load, batching on and off, against the library in process.
 
-Starts ``mcdrop serve`` (a real uvicorn process) on the bundled models, drives it with an async
-httpx2 load generator at 1, 8 and 32 concurrent clients against ``/predict`` and
-``/uncertainty`` (one ``digits`` row per request; 100 samples), and reports requests/s, p50,
-p99 and errors. The same requests run through the library in process give the baseline, so the
-HTTP overhead is a measured ratio.
+Starts ``mcdrop serve`` (a real uvicorn process) on the bundled models and drives it at 1, 8 and
+32 concurrent clients against ``/predict`` and ``/uncertainty`` (one row per request; 100
+samples) of the ``digits`` MLP and the ``fashion`` CNN, reporting requests/s, p50, p99, errors
+and the server's CPU time per request. The same requests run through the library in process,
+one at a time, give the baseline, so the HTTP overhead is a measured ratio.
 
-Run: ``python -m benchmarks.service_load [--quick]``.
+Two load generators (``--generator``), both asyncio with one keep-alive connection per client:
+
+- ``raw`` (default): pre-encoded HTTP/1.1 requests over asyncio streams. It costs the shared
+  2-core machine little, so the figures are the server's.
+- ``httpx2``: ``httpx2.AsyncClient``, what a Python caller would use; its own CPU cost competes
+  with the server's on the same cores.
+
+Run: ``python -m benchmarks.service_load [--quick] [--generator raw|httpx2]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +37,28 @@ import httpx2
 import torch
 from sklearn.datasets import load_digits
 
-from benchmarks.timing import machine, run_main, table
+from benchmarks.timing import machine, table
 from mcdrop import checkpoint
+from mcdrop.datasets import DatasetNotFoundError, fashion_mnist_arrays
 from mcdrop.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = load_digits().data[:64].tolist()
-ENDPOINTS = {
-    "predict": lambda i: {"inputs": [ROWS[i % 64]]},
-    "uncertainty": lambda i: {"inputs": [ROWS[i % 64]], "n_samples": 100, "seed": i},
-}
+N_SAMPLES = 100
+GENERATORS = ("raw", "httpx2")
+
+
+def _rows() -> dict[str, list[Any]]:
+    """64 real input rows per benchmarked model (fashion only where its data is installed)."""
+    rows: dict[str, list[Any]] = {"digits": load_digits().data[:64].tolist()}
+    with contextlib.suppress(DatasetNotFoundError):
+        rows["fashion"] = fashion_mnist_arrays()["x_test"][:64].astype(float).tolist()
+    return rows
+
+
+def _body(endpoint: str, row: Any, i: int) -> dict[str, Any]:
+    if endpoint == "predict":
+        return {"inputs": [row]}
+    return {"inputs": [row], "n_samples": N_SAMPLES, "seed": i}
 
 
 def _free_port() -> int:
@@ -45,7 +68,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """``mcdrop serve`` in a subprocess, stopped on exit."""
+    """``mcdrop serve`` (one torch thread) in a subprocess, stopped on exit."""
 
     def __init__(self, batching: bool) -> None:
         self.port = _free_port()
@@ -54,6 +77,7 @@ class Server:
             "MCDROP_BATCHING": str(batching).lower(),
             "MCDROP_MODEL_DIR": str(ROOT / "models"),
             "MCDROP_LOG_LEVEL": "warning",
+            "MCDROP_TORCH_THREADS": "1",
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
@@ -81,81 +105,158 @@ class Server:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-async def _load(url: str, endpoint: str, clients: int, seconds: float) -> dict[str, float]:
+
+# A client sends a request, awaits the answer, and repeats: ``(path, body) -> ok``.
+Call = Callable[[str, bytes], Any]
+
+
+async def _raw_client(port: int) -> tuple[Call, Callable[[], None]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def call(path: str, body: bytes) -> bool:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        status = await reader.readline()
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        return status.split(b" ", 2)[1] == b"200"
+
+    return call, writer.close
+
+
+@dataclass
+class Cell:
+    rps: float
+    p50: float
+    p99: float
+    errors: int
+    requests: int
+    cpu_ms: float
+
+
+async def _load(
+    server: Server, generator: str, path: str, bodies: list[bytes], clients: int, seconds: float
+) -> Cell:
     latencies: list[float] = []
     errors = 0
-    deadline = time.perf_counter() + seconds
     limits = httpx2.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx2.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with httpx2.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
 
-        async def worker(k: int) -> None:
+        async def worker(k: int, deadline: float) -> None:
             nonlocal errors
+            if generator == "raw":
+                call, close = await _raw_client(server.port)
+            else:
+
+                async def call(path: str, body: bytes) -> bool:
+                    headers = {"content-type": "application/json"}
+                    r = await http.post(path, content=body, headers=headers)
+                    return r.status_code == 200
+
+                close = lambda: None  # noqa: E731 (the shared client closes itself)
             i = k
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                try:
-                    r = await client.post(f"/models/digits/{endpoint}", json=ENDPOINTS[endpoint](i))
-                    ok = r.status_code == 200
-                except httpx2.HTTPError:
-                    ok = False
-                latencies.append(time.perf_counter() - started)
-                errors += not ok
-                i += clients
+            try:
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    try:
+                        ok = await call(path, bodies[i % len(bodies)])
+                    except (OSError, asyncio.IncompleteReadError, httpx2.HTTPError):
+                        ok = False
+                    latencies.append(time.perf_counter() - started)
+                    errors += not ok
+                    i += clients
+            finally:
+                close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(clients)))
-        elapsed = time.perf_counter() - started
+        cpu0, started = server.cpu_seconds(), time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(worker(k, deadline) for k in range(clients)))
+        elapsed, cpu = time.perf_counter() - started, server.cpu_seconds() - cpu0
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50": cuts[49] * 1e3,
-        "p99": cuts[98] * 1e3,
-        "errors": errors,
-        "requests": len(latencies),
-    }
+    return Cell(
+        rps=len(latencies) / elapsed,
+        p50=cuts[49] * 1e3,
+        p99=cuts[98] * 1e3,
+        errors=errors,
+        requests=len(latencies),
+        cpu_ms=cpu / max(1, len(latencies)) * 1e3,
+    )
 
 
-def in_process(endpoint: str, seconds: float) -> float:
-    """Requests per second of the same work through the library, one at a time."""
-    predictor = Predictor(checkpoint.load(ROOT / "models" / "digits"))
-    count, deadline = 0, time.perf_counter() + seconds
-    started = time.perf_counter()
-    while time.perf_counter() < deadline:
-        x = torch.tensor(ENDPOINTS[endpoint](count)["inputs"], dtype=torch.float32)
-        if endpoint == "predict":
-            predictor.predict(x)
-        else:
-            predictor.uncertainty(x, 100, seed=count)
-        count += 1
-    return count / (time.perf_counter() - started)
+def in_process(model: str, endpoint: str, rows: list[Any], seconds: float) -> float:
+    """Requests per second of the same work through the library, one at a time (one torch
+    thread, like the server)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predictor = Predictor(checkpoint.load(ROOT / "models" / model))
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            body = _body(endpoint, rows[count % len(rows)], count)
+            x = torch.tensor(body["inputs"], dtype=torch.float32)
+            if endpoint == "predict":
+                predictor.predict(x)
+            else:
+                predictor.uncertainty(x, N_SAMPLES, seed=count)
+            count += 1
+        return count / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def run(quick: bool = False) -> str:
+def run(quick: bool = False, generator: str = "raw") -> str:
     seconds = 0.5 if quick else 5.0
     concurrency = (1, 8) if quick else (1, 8, 32)
-    baseline = {e: in_process(e, seconds) for e in ENDPOINTS}
-    rows: list[list[Any]] = []
-    measured: dict[tuple[str, bool, int], float] = {}
+    data = _rows()
+    if quick:
+        data = {"digits": data["digits"]}
+    cases = [(m, e) for m in data for e in ("predict", "uncertainty")]
+    baseline = {(m, e): in_process(m, e, data[m], seconds) for m, e in cases}
+    bodies = {
+        (m, e): [json.dumps(_body(e, row, i)).encode() for i, row in enumerate(data[m])]
+        for m, e in cases
+    }
+    cells: dict[tuple[str, str, bool, int], Cell] = {}
     for batching in (False, True):
         with Server(batching) as server:
-            for endpoint in ENDPOINTS:
+            for model, endpoint in cases:
+                path = f"/models/{model}/{endpoint}"
                 for clients in concurrency:
-                    r = asyncio.run(_load(server.url, endpoint, clients, seconds))
-                    measured[(endpoint, batching, clients)] = r["rps"]
-                    rows.append(
-                        [
-                            endpoint,
-                            "on" if batching else "off",
-                            clients,
-                            f"{r['rps']:.0f}",
-                            f"{r['p50']:.1f}",
-                            f"{r['p99']:.1f}",
-                            f"{int(r['errors'])}/{int(r['requests'])}",
-                            f"{r['rps'] / baseline[endpoint]:.2f}",
-                        ]
+                    cells[(model, endpoint, batching, clients)] = asyncio.run(
+                        _load(server, generator, path, bodies[(model, endpoint)], clients, seconds)
                     )
+    rows = [
+        [
+            model,
+            endpoint,
+            "on" if batching else "off",
+            clients,
+            f"{c.rps:.0f}",
+            f"{c.p50:.1f}",
+            f"{c.p99:.1f}",
+            f"{c.errors}/{c.requests}",
+            f"{c.cpu_ms:.2f}",
+            f"{c.rps / baseline[(model, endpoint)]:.2f}",
+        ]
+        for (model, endpoint, batching, clients), c in sorted(
+            cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])
+        )
+    ]
     header = [
+        "model",
         "endpoint",
         "batching",
         "clients",
@@ -163,22 +264,31 @@ def run(quick: bool = False) -> str:
         "p50 ms",
         "p99 ms",
         "errors",
+        "server CPU ms/req",
         "÷ in-process",
     ]
     top = concurrency[-1]
     gains = ", ".join(
-        f"{e}: {measured[(e, True, top)] / measured[(e, False, top)]:.2f}×" for e in ENDPOINTS
+        f"{m} {e} {cells[(m, e, True, top)].rps / cells[(m, e, False, top)].rps:.2f}×"
+        for m, e in cases
     )
-    base = ", ".join(f"{e} {v:.0f} req/s" for e, v in baseline.items())
+    base = ", ".join(f"{m} {e} {v:.0f} req/s" for (m, e), v in baseline.items())
+    missing = "" if "fashion" in data or quick else " (fashion skipped: its data is not installed)"
     return (
-        f"### Service load ({machine()})\n\n{table(header, rows)}\n\n"
+        f"### Service load ({machine()}; generator: {generator}){missing}\n\n"
+        f"{table(header, rows)}\n\n"
         f"In-process library, one request at a time: {base}. "
         f"Batching on ÷ off at {top} clients: {gains}.\n"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(run, __doc__, argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--generator", choices=GENERATORS, default="raw")
+    args = parser.parse_args(argv)
+    print(run(args.quick, args.generator))
+    return 0
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ def test_memory_quick() -> None:
 
 
 @pytest.mark.slow
-def test_service_load_quick() -> None:
-    text = service_load.run(quick=True)
+@pytest.mark.parametrize("generator", service_load.GENERATORS)
+def test_service_load_quick(generator: str) -> None:
+    text = service_load.run(quick=True, generator=generator)
     errors = re.findall(r"\| (\d+)/(\d+) \|", text)
-    assert len(errors) == 8
+    assert len(errors) == 8  # 2 endpoints × batching off/on × 1 and 8 clients
     assert all(e == "0" and int(n) > 0 for e, n in errors)
+    assert all(r > 0 for r in _ratios(text, "server CPU ms/req"))
