@@ -197,10 +197,7 @@ class Runner:
         with torch.random.fork_rng():
             torch.manual_seed(setup.seed)
             net = nets.build(spec.architecture)
-            max_rows = evaluate.default_max_rows(net, images=run.arch != "mlp")
-            predictor = Predictor(
-                LoadedModel(spec, wrap(spec, net), Path(spec.name)), max_rows=max_rows
-            )
+            predictor = Predictor(LoadedModel(spec, wrap(spec, net), Path(spec.name)))
             callback = None if on_epoch is None else (lambda epoch, _: on_epoch(epoch, predictor))
             loss: nn.Module = L1Penalized(net, run.l1) if run.l1 > 0 else nn.CrossEntropyLoss()
             started = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,8 @@ class SamplingContext:
         self.replicate = replicate
         self.batch = keys.shape[0] // replicate
         self.calls = 0
+        self.row_bytes = 0  # bytes per replicated row of the largest dropout input seen
+        self.first_call_at: float | None = None  # perf_counter() at the first dropout call
         self._modes: list[Any] = []
         self._token: contextvars.Token[SamplingContext | None] | None = None
 
@@ -105,10 +108,13 @@ class SamplingContext:
         """``x`` (replicated on the first call if the context defers replication), its batch
         dimension and entries per row."""
         dim, group = self._locate(x)
+        if self.first_call_at is None:
+            self.first_call_at = time.perf_counter()
         if self.replicate > 1:
             x = replicate(x, self.replicate, dim)
             self.batch *= self.replicate
             self.replicate = 1
+        self.row_bytes = max(self.row_bytes, x.numel() * x.element_size() // self.batch)
         return x, dim, group
 
     def _next_call(self) -> int:

@@ -22,21 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mcdrop import checkpoint, datasets, sampling
-from mcdrop.dropout import DropConnectLinear
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.predictor import Predictor
 from mcdrop.stats import ClassificationSummary, RegressionSummary, entropy
 
 #: Equal-width confidence bins of the ECE and the reliability diagram.
 DEFAULT_BINS = 15
-#: Rows (samples × inputs) per forward pass for images: small chunks keep conv activations in
-#: cache (about 2x faster on a CPU); flat inputs use sampling's larger default.
-IMAGE_MAX_ROWS = 256
-#: Memory for the per-row DropConnect weight matrices of one forward pass.
-DROPCONNECT_BYTES = 256 * 2**20
 #: Fractions of the most uncertain test inputs rejected in the rejection curve.
 REJECT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(19))  # 0.0 … 0.9
 #: Nominal levels of the regression coverage curve.
@@ -194,20 +188,6 @@ def interval_coverage(
 
 
 # -- evaluation -------------------------------------------------------------------------------
-
-
-def default_max_rows(module: nn.Module, *, images: bool) -> int:
-    """Rows (samples × inputs) per forward pass that suit ``module`` on a CPU.
-
-    DropConnect draws a whole ``(out, in)`` weight matrix for every replicated row, so its rows
-    are bounded by :data:`DROPCONNECT_BYTES` (sampling's default of 8192 rows would take about
-    8 GB for one 784×256 layer); images get :data:`IMAGE_MAX_ROWS`.
-    """
-    weights = [m.weight.numel() for m in module.modules() if isinstance(m, DropConnectLinear)]
-    if weights:
-        per_row = 8 * max(weights)  # the float32 mask and the float32 masked weights
-        return max(1, min(sampling.DEFAULT_MAX_ROWS, DROPCONNECT_BYTES // per_row))
-    return IMAGE_MAX_ROWS if images else sampling.DEFAULT_MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -512,7 +492,8 @@ def evaluate_model(
         seed: seed of the MC samples and of the noise OOD set.
         limit: score only the first ``limit`` rows of each set.
         plots: write PNG plots (needs matplotlib).
-        max_rows: rows per forward pass; by default small for images, large otherwise.
+        max_rows: most replicated rows per forward pass (sampling also cuts passes to its
+            activation budget).
         command: the command line that ran this, recorded in the report.
 
     Returns:
@@ -533,9 +514,7 @@ def evaluate_model(
     if ood_classes is None:
         ood_classes = list(spec.training.get("exclude_classes", []))
     n_samples = spec.default_n_samples if n_samples is None else n_samples
-    if max_rows is None:
-        max_rows = default_max_rows(loaded.module, images=len(spec.input_shape) > 1)
-    predictor = Predictor(loaded, max_rows=max_rows)
+    predictor = Predictor(loaded, max_rows=max_rows or sampling.DEFAULT_MAX_ROWS)
     if spec.task == "classification":
         body, raw = evaluate_classifier(
             predictor, data, n_samples=n_samples, seed=seed, ood_classes=ood_classes, limit=limit

@@ -12,6 +12,7 @@ per model and input signature against full replication.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,14 +34,36 @@ from mcdrop.exceptions import (
 #: Default bound on rows per forward pass (replicated rows: samples × rows).
 DEFAULT_MAX_ROWS = 8192
 
+#: Bound on the bytes of the largest activation a dropout sees in one pass. Passes are also cut
+#: to fit it once a model's per-row activation size is known (after its first sampled pass):
+#: an image model's conv activations at 8192 rows take hundreds of MB, and a pass that large
+#: runs about 2× slower per row than one that stays near the caches (Fashion CNN, 32×100 rows).
+ACTIVATION_BUDGET = 16 << 20
+
 Prefix = Literal["auto", "off"]
 
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
-# model -> {(input trailing shape, dtype): whether the deterministic prefix is valid}
-_prefix_valid: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], bool]] = (
+
+
+@dataclass
+class _Plan:
+    """What the first sampled pass of a model on one input signature taught us."""
+
+    prefix: bool | None = None  # the deterministic prefix is valid (None: not checked yet)
+    row_bytes: int = 0  # bytes per replicated row of the largest activation a dropout saw
+    prefix_share: float = 1.0  # share of a prefix pass's time spent before the first dropout
+    share_rows: int = 0  # replicated rows of the (largest) pass that share was measured on
+
+
+# model -> {(input trailing shape, dtype): plan}
+_plans: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], _Plan]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _plan(model: nn.Module, x: Tensor) -> _Plan:
+    return _plans.setdefault(model, {}).setdefault((tuple(x.shape[1:]), x.dtype), _Plan())
 
 
 @dataclass(frozen=True)
@@ -116,7 +139,9 @@ def _check_args(n_samples: int, max_rows: int) -> None:
             raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
 
 
-def _forward(model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: bool) -> Tensor:
+def _forward(
+    model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: bool, plan: _Plan
+) -> Tensor:
     """One stochastic forward pass of ``n_samples`` samples of the rows ``x`` ``(n, D...)``.
 
     Returns ``(n_samples, n, K...)``.
@@ -129,8 +154,14 @@ def _forward(model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: 
     else:
         inputs = replicate(x, n_samples)  # (S * n, D...), sample-major
         ctx = SamplingContext(keys)
+    started = time.perf_counter()
     with ctx:
         y = model(inputs)
+    if prefix and ctx.first_call_at is not None and replicated >= plan.share_rows:
+        # The largest pass so far is the best guide to the passes sampling will run.
+        took = time.perf_counter() - started
+        plan.prefix_share = (ctx.first_call_at - started) / took if took > 0 else 1.0
+        plan.share_rows = replicated
     if ctx.calls == 0:
         raise NoDropoutError(
             f"{type(model).__name__} made no stochastic dropout call (no dropout layer, or every "
@@ -143,30 +174,41 @@ def _forward(model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: 
             f"expected the model to return a tensor with {replicated} rows (samples × rows), "
             f"got {got}; mcdrop samples models that map a batch of rows to a batch of outputs"
         )
+    plan.row_bytes = max(plan.row_bytes, ctx.row_bytes)
     return y.reshape(n_samples, n, *y.shape[1:])
 
 
-def _forward_auto(model: nn.Module, x: Tensor, keys: Tensor, n_samples: int) -> Tensor:
+def _forward_auto(model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, plan: _Plan) -> Tensor:
     """:func:`_forward` with the deterministic prefix where a one-off check found it valid."""
     if n_samples < 2:
-        return _forward(model, x, keys, n_samples, prefix=False)
-    signature = (tuple(x.shape[1:]), x.dtype)
-    known = _prefix_valid.setdefault(model, {})
-    valid = known.get(signature)
-    if valid:
-        return _forward(model, x, keys, n_samples, prefix=True)
-    full = _forward(model, x, keys, n_samples, prefix=False)
-    if valid is None:
+        return _forward(model, x, keys, n_samples, False, plan)
+    if plan.prefix:
+        return _forward(model, x, keys, n_samples, True, plan)
+    full = _forward(model, x, keys, n_samples, False, plan)
+    if plan.prefix is None:
         try:
-            fast = _forward(model, x, keys, n_samples, prefix=True)
-            known[signature] = fast.shape == full.shape and torch.allclose(
+            fast = _forward(model, x, keys, n_samples, True, plan)
+            plan.prefix = fast.shape == full.shape and torch.allclose(
                 fast, full, rtol=1e-4, atol=1e-5
             )
         except (RuntimeError, UnsupportedModelError, IndexError, ValueError):
             # The model mixes pre-dropout activations with replicated ones (e.g. a residual
             # connection across the first dropout): full replication is the correct path.
-            known[signature] = False
+            plan.prefix = False
     return full
+
+
+#: Above this share of a pass's time in the deterministic prefix, passes are not cut to the
+#: activation budget: each extra pass over the same rows reruns the prefix.
+PREFIX_SHARE_LIMIT = 0.1
+
+
+def _pass_rows(plan: _Plan, max_rows: int) -> int:
+    """Replicated rows per pass: ``max_rows``, cut to :data:`ACTIVATION_BUDGET` once the
+    activation size is known, unless the prefix is a large share of the work."""
+    if plan.row_bytes == 0 or (plan.prefix and plan.prefix_share > PREFIX_SHARE_LIMIT):
+        return max_rows
+    return max(1, min(max_rows, ACTIVATION_BUDGET // plan.row_bytes))
 
 
 def sample_chunks(
@@ -187,7 +229,9 @@ def sample_chunks(
         seed: an int (or ``(N,)`` int64, one per row) for reproducible samples; a row's samples
             depend only on its seed and its contents, never on the other rows of the batch.
             None draws a fresh seed from the OS. The global torch RNG is never used.
-        max_rows: the most replicated rows (samples × rows) in one forward pass.
+        max_rows: the most replicated rows (samples × rows) in one forward pass; after a
+            model's first sampled pass, passes are also cut so the largest activation a dropout
+            sees stays under :data:`ACTIVATION_BUDGET` bytes. Chunking never changes a sample.
         prefix: "auto" runs layers before the first dropout once per row where that is valid;
             "off" always replicates the input.
 
@@ -207,18 +251,25 @@ def sample_chunks(
         masks.check_seed(seed)
     keys = masks.row_keys(x, seed)
     n_total = x.shape[0]
-    rows_per = min(n_total, max_rows)
-    samples_per = max(1, min(n_samples, max_rows // rows_per))
+    plan = _plan(model, x)
     with eval_mode(model), torch.inference_mode():
+        if plan.row_bytes == 0 and prefix == "auto":
+            # First sampling of this model and input signature: a two-row probe (discarded)
+            # checks the prefix and measures the activations before any full-size pass.
+            probe = slice(0, min(2, n_total))
+            _forward_auto(model, x[probe], masks.sample_keys(keys[probe], 0, 2), 2, plan)
+        per_pass = _pass_rows(plan, max_rows)
+        rows_per = min(n_total, per_pass)
+        samples_per = max(1, min(n_samples, per_pass // rows_per))
         for r0 in range(0, n_total, rows_per):
             rows = slice(r0, min(r0 + rows_per, n_total))
             for s0 in range(0, n_samples, samples_per):
                 s = min(samples_per, n_samples - s0)
                 chunk_keys = masks.sample_keys(keys[rows], s0, s)
                 if prefix == "auto":
-                    values = _forward_auto(model, x[rows], chunk_keys, s)
+                    values = _forward_auto(model, x[rows], chunk_keys, s, plan)
                 else:
-                    values = _forward(model, x[rows], chunk_keys, s, prefix=False)
+                    values = _forward(model, x[rows], chunk_keys, s, False, plan)
                 yield Chunk(slice(s0, s0 + s), rows, values)
 
 

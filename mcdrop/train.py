@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from mcdrop import checkpoint, datasets, stats
 from mcdrop.checkpoint import ModelSpec, Normalization
-from mcdrop.evaluate import default_max_rows
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import build
 from mcdrop.predictor import Predictor
@@ -310,8 +309,7 @@ def _train(config: TrainConfig, data: datasets.Dataset, command: str) -> checkpo
         # The held-out classes are out-of-distribution inputs, not errors of the classifier.
         keep = ~torch.isin(y_test, torch.tensor(config.exclude_classes))
         x_test, y_test = x_test[keep], y_test[keep]
-    max_rows = default_max_rows(module, images=len(data.input_shape) > 1)
-    predictor = Predictor(loaded, max_rows=max_rows)
+    predictor = Predictor(loaded)
     metrics = evaluate(predictor, x_test, y_test, n_samples=config.n_samples)
     spec = replace(spec, metrics=_round(metrics))
     return checkpoint.LoadedModel(spec=spec, module=module, path=config.out)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mcdrop import predict, sample, sample_chunks
+from mcdrop import predict, sample, sample_chunks, sampling
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
-from mcdrop.sampling import _prefix_valid
+from mcdrop.sampling import _plans
 
 
 def test_shape_is_samples_first(mlp: nn.Module, x: Tensor) -> None:
@@ -103,7 +103,40 @@ def test_prefix_equals_full_replication(factory, shape, prefix_valid: bool) -> N
     full = sample(model, x, 16, seed=9, prefix="off")
     for _ in range(2):  # first call checks validity, the second uses the verdict
         assert torch.allclose(sample(model, x, 16, seed=9), full, atol=1e-5)
-    assert _prefix_valid[model][(tuple(shape[1:]), torch.float32)] is prefix_valid
+    assert _plans[model][(tuple(shape[1:]), torch.float32)].prefix is prefix_valid
+
+
+def test_passes_are_cut_to_the_activation_budget_without_changing_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A conv net whose first dropout is early: big replicated activations, a cheap prefix.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.Dropout2d(0.2), nn.Flatten(), nn.Linear(8 * 36, 3)
+    ).eval()
+    x = torch.randn(4, 1, 6, 6)
+    whole = sample(model, x, 50, seed=3)  # the first call learns the activation size
+    plan = _plans[model][((1, 6, 6), torch.float32)]
+    assert plan.row_bytes == 8 * 36 * 4
+    passes: list[int] = []
+    original = sampling._forward
+
+    def counting(model, x, keys, n_samples, prefix, plan):  # type: ignore[no-untyped-def]
+        passes.append(x.shape[0] * n_samples)
+        return original(model, x, keys, n_samples, prefix, plan)
+
+    monkeypatch.setattr(sampling, "_forward", counting)
+    monkeypatch.setattr(sampling, "ACTIVATION_BUDGET", 10 * plan.row_bytes)
+    monkeypatch.setattr(plan, "prefix_share", 0.0)
+    cut = sample(model, x, 50, seed=3)
+    assert max(passes) <= 10
+    assert sum(passes) == 4 * 50
+    assert torch.allclose(cut, whole, atol=1e-6)
+    # When the prefix is most of the work, passes are not cut (each would rerun it).
+    passes.clear()
+    monkeypatch.setattr(plan, "prefix_share", 0.9)
+    sample(model, x, 50, seed=3)
+    assert passes == [4 * 50]
 
 
 def test_prefix_works_for_a_single_row() -> None:
