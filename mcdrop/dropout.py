@@ -20,6 +20,7 @@ This module also defines the dropout kinds torch lacks: :class:`DropConnectLinea
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -314,6 +315,11 @@ def _functional(
 def _multi_head_attention(
     ctx: SamplingContext, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
+    if float(_arg(args, kwargs, 10, "dropout_p", 0.0)) == 0.0:
+        return F.multi_head_attention_forward(*args, **kwargs)
+    fast = _self_attention_fast(ctx, args, kwargs)
+    if fast is not None:
+        return fast
     # MultiheadAttention passes training=self.training and zeroes dropout_p in eval. Force
     # training on and intercept the dropout that the function's body then applies at the aten
     # level (the torch-function mode is suspended inside its own handler).
@@ -322,10 +328,78 @@ def _multi_head_attention(
         args = (*args[:training_index], True, *args[training_index + 1 :])
     else:
         kwargs = {**kwargs, "training": True}
-    if float(_arg(args, kwargs, 10, "dropout_p", 0.0)) == 0.0:
-        return F.multi_head_attention_forward(*args, **kwargs)
     with _AttentionDropoutMode(ctx):
         return F.multi_head_attention_forward(*args, **kwargs)
+
+
+_MHA_PARAMS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
+
+
+def _self_attention_fast(
+    ctx: SamplingContext, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Tensor, None] | None:
+    """``multi_head_attention_forward`` for the common case, in plain torch calls: a packed
+    input projection, no extra key/value biases or static keys, no attention weights returned.
+
+    The general path routes every aten op of the function through a Python dispatch mode, which
+    costs several times the attention itself for small sequences. Returns None where the case is
+    not covered (the caller then takes the general path). Shapes: ``query (L, N, E)``, ``key``
+    and ``value (S, N, E)``; returns ``((L, N, E), None)``.
+    """
+    a = dict(zip(_MHA_PARAMS, args, strict=False)) | kwargs
+    if (
+        a.get("use_separate_proj_weight", False)
+        or a.get("bias_k") is not None
+        or a.get("bias_v") is not None
+        or a.get("add_zero_attn", False)
+        or a.get("static_k") is not None
+        or a.get("static_v") is not None
+        or a.get("need_weights", True)
+        or (a.get("is_causal", False) and a.get("attn_mask") is None)
+        or a["query"].dim() != 3
+    ):
+        return None
+    query, key, value = a["query"], a["key"], a["value"]
+    heads = int(a["num_heads"])
+    length, batch, embed = query.shape
+    w, b = a["in_proj_weight"], a["in_proj_bias"]
+    if query is key and key is value:
+        q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+    else:
+        w_q, w_k, w_v = w.chunk(3)
+        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def split_heads(t: Tensor) -> Tensor:  # (T, N, E) -> (N, H, T, E / H)
+        return t.reshape(t.shape[0], batch, heads, embed // heads).permute(1, 2, 0, 3)
+
+    mask = _additive_mask(a.get("attn_mask"), q.dtype)
+    if mask is not None and mask.dim() == 3:  # (N·H, L, S) -> (N, H, L, S)
+        mask = mask.reshape(batch, heads, *mask.shape[1:])
+    padding = _additive_mask(a.get("key_padding_mask"), q.dtype)
+    if padding is not None:  # (N, S) -> (N, 1, 1, S)
+        padding = padding.reshape(batch, 1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    out = ctx.attention(
+        split_heads(q),
+        split_heads(k),
+        split_heads(v),
+        mask,
+        float(a["dropout_p"]),
+        False,
+        None,
+        False,
+    )  # (N, H, L, E / H)
+    out = out.permute(2, 0, 1, 3).reshape(length, batch, embed)
+    return F.linear(out, a["out_proj_weight"], a["out_proj_bias"]), None
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """An attention mask as an additive float mask (bool ``True`` means masked out, as in
+    ``multi_head_attention_forward``)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 _HANDLERS: dict[

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import DropConnectLinear, LockedDropout, dropout_modules, predict, sample
+from mcdrop import DropConnectLinear, LockedDropout, dropout, dropout_modules, predict, sample
 from mcdrop.dropout import SamplingContext
 from mcdrop.exceptions import NoDropoutError, UnsupportedModelError
 
@@ -99,6 +99,51 @@ def test_transformer_variance_under_inference_mode(name: str) -> None:
     with torch.inference_mode():
         samples = sample(model, torch.randn(*shape), 16, seed=1)
     assert samples.var(0).mean() > 1e-4
+
+
+class MaskedAttention(nn.Module):
+    """Self- or cross-attention with attention and key-padding masks, bool or float."""
+
+    def __init__(self, cross: bool, bool_masks: bool) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+        self.cross, self.bool_masks = cross, bool_masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).triu(1)  # True: masked out
+        padding = torch.zeros(x.shape[0], length, dtype=torch.bool)
+        padding[:, -1] = True
+        if not self.bool_masks:
+            causal = torch.zeros(causal.shape).masked_fill(causal, float("-inf"))
+            padding = torch.zeros(padding.shape).masked_fill(padding, float("-inf"))
+        kv = x.flip(1) if self.cross else x
+        out, _ = self.mha(x, kv, kv, attn_mask=causal, key_padding_mask=padding, need_weights=False)
+        return out
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: Attention(need_weights=False),
+        SeqFirstAttention,
+        lambda: MaskedAttention(cross=False, bool_masks=True),
+        lambda: MaskedAttention(cross=True, bool_masks=False),
+        lambda: _encoder(2),
+    ],
+    ids=["self", "seq_first", "masked_bool", "cross_float_masks", "encoder"],
+)
+def test_fast_attention_equals_the_general_path(factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The plain-torch attention must draw the same masks and compute the same outputs as the
+    # general path through torch's own multi_head_attention_forward.
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(3, 5, 8)
+    fast = sample(model, x, 16, seed=4)
+    monkeypatch.setattr(dropout, "_self_attention_fast", lambda ctx, args, kwargs: None)
+    general = sample(model, x, 16, seed=4)
+    assert torch.allclose(fast, general, atol=1e-5)
+    assert fast.var(0).mean() > 1e-4
 
 
 @pytest.mark.parametrize(
