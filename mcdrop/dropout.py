@@ -160,10 +160,14 @@ class SamplingContext:
                 )
             scale = self._scale(x.shape[1], p, x.dtype).view(*x.shape[:2], *([1] * (x.dim() - 2)))
             return x.mul_(scale) if inplace else x * scale
+        scale = self._scale_like(x, p, dim, group)
         if inplace:
-            return x.mul_(self._scale_like(x, p, dim, group))
-        # The multipliers are a fresh tensor of x's shape: multiply into it, no new allocation.
-        return self._scale_like(x, p, dim, group).mul_(x)
+            return x.mul_(scale)
+        if dim == 0 and x.is_contiguous():
+            # The multipliers are a fresh contiguous tensor of x's shape and layout: multiply
+            # into it, saving an allocation the size of the activation.
+            return scale.mul_(x)
+        return x * scale  # the output keeps x's layout (a later .view() may rely on it)
 
     def _scale_like(self, x: Tensor, p: float, dim: int, group: int) -> Tensor:
         """Multipliers shaped like ``x`` (one per element), its batch along ``dim``."""
@@ -280,11 +284,16 @@ class SamplingContext:
 
 def replicate(x: Tensor, times: int, dim: int = 0) -> Tensor:
     """``x`` repeated ``times`` times along ``dim``, sample-major (index ``s · size + i``), the
-    layout of the keys; ``x.repeat`` gives the same tensor but is several times slower on the
-    small activations of one request."""
+    layout of the keys: a new tensor equal to ``x.repeat``'s, which is several times slower on
+    the small activations of one request."""
     shape = list(x.shape)
     shape[dim] *= times
-    return x.unsqueeze(dim).expand(*x.shape[:dim], times, *x.shape[dim:]).reshape(shape)
+    out = x.unsqueeze(dim).expand(*x.shape[:dim], times, *x.shape[dim:]).reshape(shape)
+    if out.data_ptr() == x.data_ptr():
+        # reshape kept a view (one copy, or a single row broadcast): copy, as repeat does, so an
+        # in-place dropout never writes into the caller's tensor or into aliased rows.
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 def _check_p(p: float) -> None:

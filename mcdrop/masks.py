@@ -258,10 +258,11 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     """Inverted-dropout multipliers ``(B, n)``: 0 where :func:`keep_mask` drops, else
     ``1/(1 − p_eff)`` (same hashes, same decisions).
 
-    Built with no boolean tensor on the torch side: mixed bool/float kernels are several times
-    slower than float ones on CPU, and each extra pass over an ``(S·N, H)`` activation costs as
-    much as a good share of the matrix product after it. Rates drawn from 1–8 bits per element
-    look every mask byte up in a 256-entry table; 16-bit lanes are compared and scaled.
+    Returns a new contiguous tensor. Built with no boolean tensor on the torch side: mixed
+    bool/float kernels are several times slower than float ones on CPU, and each extra pass over
+    an ``(S·N, H)`` activation costs a good share of the matrix product after it. Rates drawn
+    from 1–8 bits per element look every mask byte up in a 256-entry table; 16-bit lanes are
+    compared and scaled.
     """
     np_dtype = _NUMPY_FLOATS.get(dtype, np.float32)
     bits = lane_bits(p)
@@ -274,5 +275,5 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
         table = _byte_table(bits, round(p * (1 << bits)), scale, np_dtype)  # (256, 8 / bits)
         out = np.take(table, lanes, axis=0).reshape(lanes.shape[0], -1)  # (B, >= n)
         if out.shape[1] != n:
-            out = out[:, :n]
+            out = np.ascontiguousarray(out[:, :n])
     return torch.from_numpy(out).to(dtype)

@@ -231,7 +231,8 @@ def sample_chunks(
             None draws a fresh seed from the OS. The global torch RNG is never used.
         max_rows: the most replicated rows (samples × rows) in one forward pass; after a
             model's first sampled pass, passes are also cut so the largest activation a dropout
-            sees stays under :data:`ACTIVATION_BUDGET` bytes. Chunking never changes a sample.
+            sees stays under :data:`ACTIVATION_BUDGET` bytes. Chunking changes no mask (results
+            agree to float rounding, which depends on pass sizes).
         prefix: "auto" runs layers before the first dropout once per row where that is valid;
             "off" always replicates the input.
 
@@ -256,7 +257,9 @@ def sample_chunks(
         if plan.row_bytes == 0 and prefix == "auto":
             # First sampling of this model and input signature: a two-row probe (discarded)
             # checks the prefix and measures the activations before any full-size pass.
-            probe = slice(0, min(2, n_total))
+            # Two rows even for a one-row input: with one row, a residual connection across
+            # the first dropout would broadcast silently and pass the prefix check.
+            probe = torch.arange(2) % n_total
             _forward_auto(model, x[probe], masks.sample_keys(keys[probe], 0, 2), 2, plan)
         per_pass = _pass_rows(plan, max_rows)
         rows_per = min(n_total, per_pass)

@@ -165,6 +165,46 @@ def test_structured_masks(module: nn.Module, shape: tuple[int, ...], unit_shape:
     assert set(out.unique().tolist()) == {0.0, 2.0}
 
 
+class ViewAfterDropout(nn.Module):
+    """Dropout, then ``.view`` (which needs the activation's own layout), on a sequence batch."""
+
+    def __init__(self, batch_first: bool, width: int) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, T, F)
+        h = x if self.batch_first else x.transpose(0, 1).contiguous()
+        h = self.drop(h)
+        out = self.fc(h.view(-1, h.shape[-1])).view(*h.shape[:2], 2)
+        return out.mean(1 if self.batch_first else 0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("width", [64, 50])  # 50: not a whole number of mask words
+def test_dropout_output_keeps_the_input_layout(batch_first: bool, width: int) -> None:
+    model = ViewAfterDropout(batch_first, width).eval()
+    x = torch.randn(3, 4, width)
+    for prefix in ("auto", "off"):
+        out = sample(model, x, 5, seed=1, prefix=prefix)
+        assert out.shape == (5, 3, 2)
+
+
+@pytest.mark.parametrize(("rows", "samples"), [(1, 1), (1, 6), (3, 1)])
+def test_inplace_dropout_never_touches_the_callers_input(rows: int, samples: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(5, 2)).eval()
+    x = torch.randn(rows, 5)
+    before = x.clone()
+    out = sample(model, x, samples, seed=2)
+    assert torch.equal(x, before)
+    assert out.shape == (samples, rows, 2)
+    # Each replicated row got its own mask (no aliasing through a broadcast row).
+    if samples > 1:
+        assert out.var(0).sum() > 0
+
+
 def test_inverted_dropout_is_unbiased() -> None:
     """E[dropout(x)] = x, so the MC mean of a linear model converges to the eval output."""
     torch.manual_seed(0)

@@ -139,6 +139,16 @@ def test_passes_are_cut_to_the_activation_budget_without_changing_samples(
     assert passes == [4 * 50]
 
 
+def test_single_row_probe_catches_a_residual_across_dropout() -> None:
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(1, 4)
+    first = sample(model, x, 8, seed=1)  # the first sampling probes with this one row
+    assert _plans[model][((4,), torch.float32)].prefix is False
+    assert torch.allclose(first, sample(model, x, 8, seed=1, prefix="off"), atol=1e-6)
+    assert sample(model, torch.randn(3, 4), 8, seed=1).shape == (8, 3, 4)
+
+
 def test_prefix_works_for_a_single_row() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2)).eval()
     x = torch.randn(1, 4)
