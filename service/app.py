@@ -12,6 +12,7 @@ import torch
 from fastapi import FastAPI
 
 from service import errors
+from service.batching import Arrivals
 from service.config import Settings
 from service.registry import Registry
 from service.routes import router
@@ -75,34 +76,46 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class InFlight:
-    """ASGI middleware: counts the HTTP requests being handled (the batchers' load signal)."""
+class CountArrivals:
+    """ASGI middleware: counts each inference request in with :class:`Arrivals` while it is read
+    and validated (the route counts it out when it queues its job; this, if it never does)."""
 
-    def __init__(self, app: Any, counter: list[int]) -> None:
+    def __init__(self, app: Any, arrivals: Arrivals) -> None:
         self.app = app
-        self.counter = counter
+        self.arrivals = arrivals
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        model = _inference_model(scope) if scope["type"] == "http" else None
+        if model is None:
             await self.app(scope, receive, send)
             return
-        self.counter[0] += 1
+        self.arrivals.enter(scope, model)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.counter[0] -= 1
+            self.arrivals.settle(scope)
+
+
+def _inference_model(scope: Scope) -> str | None:
+    """``name`` for ``POST /models/{name}/predict`` or ``/uncertainty``, else None."""
+    if scope.get("method") != "POST":
+        return None
+    parts = scope.get("path", "").split("/")
+    if len(parts) == 4 and parts[1] == "models" and parts[3] in ("predict", "uncertainty"):
+        return parts[2]
+    return None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
-    in_flight = [0]  # requests being handled; one event loop, so a plain cell suffices
+    arrivals = Arrivals()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        registry = Registry(settings, in_flight=lambda: in_flight[0])
+        registry = Registry(settings, arrivals)
         app.state.registry = registry
         # Load in the background: /health answers at once, /ready turns 200 when loaded.
         loader = threading.Thread(target=registry.load_all, name="mcdrop-loader", daemon=True)
@@ -121,5 +134,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(InFlight, counter=in_flight)
+    app.add_middleware(CountArrivals, arrivals=arrivals)
     return app

@@ -5,14 +5,17 @@ result; the batcher decides where and with whom it runs:
 
 - **Merging** (``batching`` on): jobs queue, and a flush on the next event-loop iteration takes
   everything queued (up to ``max_rows`` rows), so requests that arrive together share one
-  forward pass. While a merged batch of the model computes in a worker thread, new jobs queue and
-  go together as soon as it finishes. When other HTTP requests are in flight (being read and
-  validated, not yet queued) a flush waits up to ``max_wait_ms`` for them, and goes as soon as
-  they have all queued; a lone client pays no wait.
+  forward pass. A model runs at most ``max_parallel`` batches in worker threads at once; jobs
+  that arrive while they compute queue and go together when one finishes. While requests for the
+  same model are still being read and validated (:class:`Arrivals`), a flush waits up to
+  ``max_wait_ms`` for them and goes as soon as they have queued or failed; a lone client pays no
+  wait.
 - **Inline or threaded.** Work whose estimated cost (from timings taken at warm-up, see
-  :class:`CostModel`) is below ``inline_ms`` runs on the event loop itself: for a one-row request
-  a thread handoff costs more than the model. Anything larger runs in a bounded pool of worker
-  threads (``max_concurrency``), so the loop keeps serving (``/health`` included) meanwhile.
+  :class:`CostModel`) fits in ``inline_ms`` per flush runs on the event loop itself: for a
+  one-row request a thread handoff costs more than the model. Anything larger, or outside the
+  sizes the warm-up measured, runs in a bounded pool of worker threads (``max_concurrency``), so
+  the loop keeps serving (``/health`` included) meanwhile, and a small request never waits
+  behind a large one of the same model.
 
 Merging cannot change an answer: MC masks are keyed by each row's contents and its own request's
 seed (passed per row), so a seeded request gets the same result batched or alone.
@@ -50,10 +53,41 @@ class Job:
         return self.x.shape[0]
 
 
+class Arrivals:
+    """How many requests per model are being read and validated, not yet queued: the batchers'
+    sign that company is on its way. The app's middleware counts a request in when it starts
+    and :meth:`settle` counts it out when it queues its job or ends without one; each change
+    re-checks that model's batcher (all on the event loop)."""
+
+    SCOPE_KEY = "mcdrop.arriving"
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.listeners: dict[str, Callable[[], None]] = {}
+
+    def __call__(self, model: str) -> int:
+        return self.counts.get(model, 0)
+
+    def enter(self, scope: dict[str, Any], model: str) -> None:
+        self.counts[model] = self(model) + 1
+        scope[self.SCOPE_KEY] = model
+
+    def settle(self, scope: dict[str, Any]) -> None:
+        """Count the request of ``scope`` out (once; later calls do nothing)."""
+        model = scope.pop(self.SCOPE_KEY, None)
+        if model is None:
+            return
+        self.counts[model] -= 1
+        listener = self.listeners.get(model)
+        if listener is not None:
+            listener()
+
+
 @dataclass
 class CostModel:
     """Seconds a model takes: ``fixed + per_row · rows`` for a prediction and ``fixed +
-    per_sample_row · rows · n_samples`` for MC sampling (the replicated rows)."""
+    per_sample_row · rows · n_samples`` for MC sampling (the replicated rows). Trusted only up to
+    the sizes it was measured on (:meth:`measured`): timings on a busy machine are noisy."""
 
     fixed: float = 0.0
     per_row: float = 0.0
@@ -79,6 +113,16 @@ class CostModel:
         per_row = max(0.0, (t_many - t_one) / 31)
         return cls(fixed=t_one, per_row=per_row, per_sample_row=max(0.0, t_mc - t_one) / 512)
 
+    #: The largest work :meth:`measure` times: 32 rows, and 32 rows × 16 samples.
+    MEASURED_ROWS = 32
+    MEASURED_SAMPLE_ROWS = 512
+
+    def measured(self, rows: int, options: Options) -> bool:
+        """Whether the work is within (twice) the sizes the timings came from."""
+        if options is None:
+            return rows <= 2 * self.MEASURED_ROWS
+        return rows * options[0] <= 2 * self.MEASURED_SAMPLE_ROWS
+
     def seconds(self, rows: int, options: Options) -> float:
         if options is None:
             return self.fixed + self.per_row * rows
@@ -103,15 +147,15 @@ class Batcher:
 
     Args:
         predictor: the model.
-        executor: worker threads for work above ``inline_ms`` (shared by all models: it bounds
-            concurrent model computations).
+        executor: worker threads for work that does not run inline (shared by all models: it
+            bounds concurrent model computations).
         cost: the model's timings.
         batching: merge concurrent jobs.
         max_rows: most rows merged into one batch.
-        max_wait_ms: how long a flush under load waits for company.
-        inline_ms: work estimated below this runs on the event loop (0: never).
-        in_flight: how many HTTP requests the service is handling now (all models), the signal
-            that company is on its way.
+        max_wait_ms: longest wait for requests still arriving.
+        inline_ms: estimated model work per flush that may run on the event loop (0: none).
+        max_parallel: most batches of this model computing in worker threads at once.
+        arriving: requests for this model being read and validated (see :class:`Arrivals`).
     """
 
     def __init__(
@@ -124,7 +168,8 @@ class Batcher:
         max_rows: int = 256,
         max_wait_ms: float = 2.0,
         inline_ms: float = 2.0,
-        in_flight: Callable[[], int] = lambda: 0,
+        max_parallel: int = 1,
+        arriving: Callable[[], int] = lambda: 0,
     ) -> None:
         self.predictor = predictor
         self.executor = executor
@@ -133,11 +178,12 @@ class Batcher:
         self.max_rows = max_rows
         self.max_wait = max_wait_ms / 1000.0
         self.inline = inline_ms / 1000.0
-        self.in_flight = in_flight
+        self.max_parallel = max(1, max_parallel)
+        self.arriving = arriving
         self.pending: list[Job] = []
         self.scheduled = False  # a flush is due
         self.timer: asyncio.TimerHandle | None = None  # a delayed flush waiting for company
-        self.running = 0  # jobs in the merged batch computing in a worker thread
+        self.running = 0  # batches computing in worker threads
         self.batches = 0  # computations run (merged or not), for tests and metrics
         self.inline_batches = 0
 
@@ -151,25 +197,34 @@ class Batcher:
         self._schedule(loop)
         return await job.future
 
+    def recheck(self) -> None:
+        """Re-decide a waiting flush (a request for this model queued or went away)."""
+        self._schedule(asyncio.get_running_loop())
+
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, job: Job) -> Any:
         self.batches += 1
-        if self._fits_inline(job.rows, job.options):
+        if self._fits_inline(job.rows, job.options, self.inline):
             self.inline_batches += 1
             return self._compute(job.options, [job])[0]
         results = await loop.run_in_executor(self.executor, self._compute, job.options, [job])
         return results[0]
 
-    def _fits_inline(self, rows: int, options: Options) -> bool:
-        return self.inline > 0 and self.cost.seconds(rows, options) <= self.inline
+    def _fits_inline(self, rows: int, options: Options, budget: float) -> bool:
+        return (
+            self.inline > 0
+            and self.cost.measured(rows, options)
+            and self.cost.seconds(rows, options) <= budget
+        )
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.running or not self.pending:
-            return  # the end of the running batch will take the queue
+        if not self.pending:
+            return
+        if self.running >= self.max_parallel and not any(
+            self._fits_inline(job.rows, job.options, self.inline) for job in self.pending
+        ):
+            return  # nothing can run until a batch finishes, which re-schedules
         rows = sum(job.rows for job in self.pending)
-        # Requests in flight beyond those queued or computing here are still being read and
-        # validated: worth a short wait, since they may be for this model.
-        coming = self.in_flight() - len(self.pending) - self.running
-        wait = coming > 0 and rows < self.max_rows and self.max_wait > 0
+        wait = self.arriving() > 0 and rows < self.max_rows and self.max_wait > 0
         if self.timer is not None:
             if wait:
                 return  # keep waiting, up to the deadline already set
@@ -183,39 +238,71 @@ class Batcher:
         else:
             loop.call_soon(self._flush, loop)
 
-    def _take(self) -> list[Job]:
-        """The queued jobs that fit in one batch (always at least one)."""
-        taken, rows = [], 0
-        while self.pending and (not taken or rows + self.pending[0].rows <= self.max_rows):
-            job = self.pending.pop(0)
+    def _take(self, inline_only: bool) -> list[Job]:
+        """Queued jobs for one flush, in arrival order: up to ``max_rows`` rows (at least one job
+        unless all were cancelled). With ``inline_only`` (no worker free for this model), only
+        jobs that together fit the inline budget, so the flush can run all of them."""
+        taken: list[Job] = []
+        keep: list[Job] = []
+        rows = 0
+        group_rows: dict[Options, int] = {}
+        spent: dict[Options, float] = {}
+        for job in self.pending:
             if job.future is not None and job.future.cancelled():
                 continue  # its client went away
-            taken.append(job)
-            rows += job.rows
+            fits = not taken or rows + job.rows <= self.max_rows
+            if fits and inline_only:
+                grown = group_rows.get(job.options, 0) + job.rows
+                cost = self.cost.seconds(grown, job.options)
+                others = sum(v for k, v in spent.items() if k != job.options)
+                fits = (
+                    self.inline > 0
+                    and self.cost.measured(grown, job.options)
+                    and others + cost <= self.inline
+                )
+                if fits:
+                    spent[job.options] = cost
+            if fits:
+                taken.append(job)
+                rows += job.rows
+                group_rows[job.options] = group_rows.get(job.options, 0) + job.rows
+            else:
+                keep.append(job)
+        self.pending = keep
         return taken
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self.scheduled = False
         self.timer = None
-        jobs = self._take()
+        can_thread = self.running < self.max_parallel
         groups: dict[Options, list[Job]] = {}
-        for job in jobs:
+        for job in self._take(inline_only=not can_thread):
             groups.setdefault(job.options, []).append(job)
-        threaded = []
+        budget = self.inline  # inline work per flush, over all its groups
+        threaded: list[tuple[Options, list[Job]]] = []
         for options, group in groups.items():
-            self.batches += 1
             rows = sum(job.rows for job in group)
-            if self._fits_inline(rows, options):
+            if not can_thread or self._fits_inline(rows, options, budget):
+                budget -= self.cost.seconds(rows, options)
+                self.batches += 1
                 self.inline_batches += 1
                 self._deliver(group, self._outcome(options, group))
             else:
                 threaded.append((options, group))
         if threaded:
-            self.running = sum(len(group) for _, group in threaded)
-            work = loop.run_in_executor(self.executor, self._compute_groups, threaded)
-            work.add_done_callback(lambda done: self._finish(loop, threaded, done))
-        else:
-            self._schedule(loop)
+            self._dispatch(loop, threaded)
+        self._schedule(loop)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop, groups: list[tuple[Options, list[Job]]]):
+        try:
+            work = loop.run_in_executor(self.executor, self._compute_groups, groups)
+        except RuntimeError as exc:  # the executor is shut down: the service is stopping
+            for _, jobs in groups:
+                self._deliver(jobs, exc)
+            return
+        self.running += 1
+        self.batches += len(groups)
+        work.add_done_callback(lambda done: self._finish(loop, groups, done))
 
     def _compute_groups(self, groups: list[tuple[Options, list[Job]]]) -> list[Any]:
         return [self._outcome(options, jobs) for options, jobs in groups]
@@ -226,8 +313,12 @@ class Batcher:
         groups: list[tuple[Options, list[Job]]],
         done: asyncio.Future[list[Any]],
     ) -> None:
-        self.running = 0
-        outcomes = done.result() if done.exception() is None else [done.exception()] * len(groups)
+        self.running -= 1
+        if done.cancelled():
+            failure: BaseException | None = RuntimeError("model work cancelled: shutting down")
+        else:
+            failure = done.exception()
+        outcomes = [failure] * len(groups) if failure is not None else done.result()
         for (_, jobs), outcome in zip(groups, outcomes, strict=True):
             self._deliver(jobs, outcome)
         self._schedule(loop)

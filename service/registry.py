@@ -7,7 +7,6 @@ runs one warm-up pass, and ``/ready`` turns 200 when all have.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import Tensor
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Predictor, Summary
-from service.batching import Batcher, CostModel, Job
+from service.batching import Arrivals, Batcher, CostModel, Job
 from service.config import Settings
 from service.errors import ModelNotFoundError, ModelNotReadyError
 
@@ -40,9 +39,9 @@ class Entry:
 class Registry:
     """Model name -> :class:`Entry`; :meth:`get` gives a ready predictor or a clear error."""
 
-    def __init__(self, settings: Settings, in_flight: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, settings: Settings, arrivals: Arrivals | None = None) -> None:
         self.settings = settings
-        self.in_flight = in_flight
+        self.arrivals = arrivals or Arrivals()
         root = settings.model_dir
         dirs = (
             sorted(p.parent for p in root.glob(f"*/{checkpoint.MANIFEST}")) if root.is_dir() else []
@@ -76,8 +75,10 @@ class Registry:
                     max_rows=self.settings.batch_max_rows,
                     max_wait_ms=self.settings.batch_max_wait_ms,
                     inline_ms=self.settings.inline_max_ms,
-                    in_flight=self.in_flight,
+                    max_parallel=self.settings.max_concurrency,
+                    arriving=lambda name=entry.name: self.arrivals(name),
                 )
+                self.arrivals.listeners[entry.name] = entry.batcher.recheck
                 entry.predictor = predictor
                 entry.state = "ready"
                 log.info("model %s ready", entry.name)

@@ -1,13 +1,19 @@
 """The endpoints. All are ``async``: model work goes through the model's batcher, which runs
-small work on the event loop and larger work in worker threads, so the loop (and ``/health``)
-keeps answering while a large request computes. (A plain ``def`` route would cost two thread
-handoffs per request, the route and its response validation, more than a one-row model pass.)"""
+small work on the event loop and larger work in worker threads, and large inputs and responses
+are converted in worker threads too, so the loop (and ``/health``) keeps answering while a large
+request computes. (A plain ``def`` route would cost two thread handoffs per request, the route
+and its response validation, more than a one-row model pass.) FastAPI still parses the JSON body
+and validates the response model on the loop; the body limit bounds that work."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mcdrop.masks import fresh_seed
@@ -73,6 +79,26 @@ def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
     )
 
 
+#: Past these sizes, turning a request into a tensor or a result into a response model runs in a
+#: worker thread (tens of milliseconds), not on the event loop that also answers ``/health``.
+LARGE_INPUT_VALUES = 20_000
+LARGE_RESPONSE_ROWS = 256
+LARGE_RESPONSE_SAMPLES = 20_000
+
+T = TypeVar("T")
+
+
+def _large_inputs(body: schemas.PredictRequest, predictor: Predictor) -> bool:
+    return len(body.inputs) * math.prod(predictor.spec.input_shape) > LARGE_INPUT_VALUES
+
+
+async def _off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``: in a worker thread when ``large``, else right here."""
+    if not large:
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
+
+
 def _check_rows(body: schemas.PredictRequest, settings: Settings) -> None:
     if len(body.inputs) > settings.max_rows:
         raise LimitExceededError(
@@ -88,15 +114,21 @@ def _check_rows(body: schemas.PredictRequest, settings: Settings) -> None:
     responses=_ERRORS,
 )
 async def predict(
-    name: str, body: schemas.PredictRequest, registry: RegistryDep, settings: SettingsDep
+    name: str,
+    body: schemas.PredictRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> schemas.PredictResponse:
     """Deterministic prediction (dropout off): probabilities and label, or the value in original
     units."""
     predictor = registry.get(name)
     _check_rows(body, settings)
-    x = convert.to_tensor(body.inputs, predictor)
+    x = await _off_loop(_large_inputs(body, predictor), convert.to_tensor, body.inputs, predictor)
+    registry.arrivals.settle(request.scope)  # read and valid: its job queues now
     prediction = await registry.predict(predictor, x)
-    return convert.predict_response(predictor, prediction)
+    big = len(body.inputs) > LARGE_RESPONSE_ROWS
+    return await _off_loop(big, convert.predict_response, predictor, prediction)
 
 
 def _n_samples(body: schemas.UncertaintyRequest, predictor: Predictor, settings: Settings) -> int:
@@ -118,7 +150,11 @@ def _n_samples(body: schemas.UncertaintyRequest, predictor: Predictor, settings:
     responses=_ERRORS,
 )
 async def uncertainty(
-    name: str, body: schemas.UncertaintyRequest, registry: RegistryDep, settings: SettingsDep
+    name: str,
+    body: schemas.UncertaintyRequest,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> schemas.UncertaintyResponse:
     """MC-dropout uncertainty: ``n_samples`` stochastic passes per row, summarised (mean,
     variance, std; entropy, mutual information, variation ratio for classifiers; interval and
@@ -137,9 +173,21 @@ async def uncertainty(
             f"return_samples with rows × n_samples = {total} is above the limit of "
             f"{settings.max_returned_samples}"
         )
-    x = convert.to_tensor(body.inputs, predictor)
+    x = await _off_loop(_large_inputs(body, predictor), convert.to_tensor, body.inputs, predictor)
     seed = fresh_seed() if body.seed is None else body.seed
+    registry.arrivals.settle(request.scope)  # read and valid: its job queues now
     summary, samples = await registry.uncertainty(
         predictor, x, n_samples, seed=seed, level=body.level, return_samples=body.return_samples
     )
-    return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=body.level)
+    big = len(body.inputs) > LARGE_RESPONSE_ROWS or (
+        body.return_samples and total > LARGE_RESPONSE_SAMPLES
+    )
+    return await _off_loop(
+        big,
+        convert.uncertainty_response,
+        predictor,
+        summary,
+        samples,
+        seed=seed,
+        level=body.level,
+    )

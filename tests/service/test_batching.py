@@ -16,7 +16,7 @@ from mcdrop import checkpoint
 from mcdrop.exceptions import InvalidInputError
 from mcdrop.predictor import Predictor
 from service.app import create_app
-from service.batching import Batcher, CostModel, Job
+from service.batching import Arrivals, Batcher, CostModel, Job
 from service.config import Settings
 from tests.conftest import MODELS
 from tests.service.conftest import wait_ready
@@ -161,23 +161,123 @@ def test_lone_request_does_not_wait(digits: Predictor) -> None:
         asyncio.run(asyncio.wait_for(batcher.submit(job), timeout=30))
 
 
-def test_flush_waits_for_requests_in_flight_then_goes_when_all_queued(digits: Predictor) -> None:
+def test_flush_waits_for_arriving_requests_then_goes_when_they_queue(digits: Predictor) -> None:
     first, second = _jobs()[:2]
+    arrivals = Arrivals()
     with ThreadPoolExecutor(1) as pool:
-        # Two requests in flight: the first waits for the second (up to a minute), and the
-        # flush goes the moment the second queues.
         batcher = Batcher(
-            digits, executor=pool, cost=CostModel(), max_wait_ms=60_000, in_flight=lambda: 2
+            digits,
+            executor=pool,
+            cost=CostModel(),
+            max_wait_ms=60_000,
+            arriving=lambda: arrivals("digits"),
         )
+        arrivals.listeners["digits"] = batcher.recheck
+
+        async def arrive_and_submit(scope: dict[str, Any], job: Job) -> Any:
+            arrivals.settle(scope)  # as the route does, right before it queues its job
+            return await batcher.submit(job)
 
         async def main() -> None:
-            waiting = asyncio.ensure_future(batcher.submit(first))
+            a: dict[str, Any] = {}
+            b: dict[str, Any] = {}
+            arrivals.enter(a, "digits")
+            arrivals.enter(b, "digits")
+            arrivals.enter({}, "fashion")  # another model's request: not company for digits
+            # The first job waits for the second request (up to a minute)...
+            waiting = asyncio.ensure_future(arrive_and_submit(a, first))
             await asyncio.sleep(0.05)
             assert not waiting.done()
-            await asyncio.wait_for(asyncio.gather(waiting, batcher.submit(second)), timeout=30)
+            # ...and the flush goes the moment the second queues.
+            both = asyncio.gather(waiting, arrive_and_submit(b, second))
+            await asyncio.wait_for(both, timeout=30)
 
         asyncio.run(main())
     assert batcher.batches == 1
+
+
+def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) -> None:
+    arrivals = Arrivals()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(
+            digits,
+            executor=pool,
+            cost=CostModel(),
+            max_wait_ms=60_000,
+            arriving=lambda: arrivals("digits"),
+        )
+        arrivals.listeners["digits"] = batcher.recheck
+
+        async def main() -> None:
+            doomed: dict[str, Any] = {}
+            arrivals.enter(doomed, "digits")
+            waiting = asyncio.ensure_future(batcher.submit(_jobs()[0]))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            arrivals.settle(doomed)  # the middleware, when that request ends without a job
+            await asyncio.wait_for(waiting, timeout=30)
+
+        asyncio.run(main())
+
+
+def test_a_small_job_does_not_wait_behind_a_large_one(digits: Predictor) -> None:
+    x = torch.tensor(ROWS, dtype=torch.float32)
+    cost = CostModel.measure(digits, x[:1])
+    large = Job(x.repeat(20, 1), (2000, 0.9, False), seed=1)  # 240 rows × 2000: a worker thread
+    small = Job(x[:1], None)  # one-row prediction: inline
+    with ThreadPoolExecutor(2) as pool:
+        batcher = Batcher(digits, executor=pool, cost=cost, inline_ms=50, max_parallel=1)
+
+        async def main() -> None:
+            slow = asyncio.ensure_future(batcher.submit(large))
+            await asyncio.sleep(0.01)
+            await asyncio.wait_for(batcher.submit(small), timeout=30)
+            assert not slow.done()
+            await slow
+
+        asyncio.run(main())
+
+
+def test_inline_budget_counts_every_group_of_a_flush(digits: Predictor) -> None:
+    x = torch.tensor(ROWS[:1], dtype=torch.float32)
+    jobs = [Job(x, (10, level, False), seed=0) for level in (0.5, 0.6, 0.7, 0.8, 0.9)]
+    with ThreadPoolExecutor(1) as pool:
+        # Each group costs 1 ms by this model; 2.5 ms of inline work per flush fits two.
+        batcher = Batcher(digits, executor=pool, cost=CostModel(fixed=1e-3), inline_ms=2.5)
+        _submit_all(batcher, jobs)
+    assert batcher.batches == 5
+    assert batcher.inline_batches == 2
+
+
+def test_cancelled_and_refused_work_never_hangs(digits: Predictor) -> None:
+    arrivals = Arrivals()
+    pool = ThreadPoolExecutor(1)
+    batcher = Batcher(
+        digits,
+        executor=pool,
+        cost=CostModel(),
+        inline_ms=0.0,
+        max_wait_ms=60_000,
+        arriving=lambda: arrivals("digits"),
+    )
+    arrivals.listeners["digits"] = batcher.recheck
+
+    async def main() -> None:
+        # A client that goes away while its job waits: the job is dropped, nothing breaks.
+        scope: dict[str, Any] = {}
+        arrivals.enter(scope, "digits")
+        gone = asyncio.ensure_future(batcher.submit(_jobs()[0]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        arrivals.settle(scope)
+        await asyncio.sleep(0.01)
+        assert batcher.batches == 0
+        # After shutdown the worker pool refuses work: the request gets an error, not a hang.
+        pool.shutdown()
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(batcher.submit(_jobs()[1]), timeout=30)
+
+    asyncio.run(main())
 
 
 def test_a_failing_batch_fails_only_its_jobs(digits: Predictor) -> None:
