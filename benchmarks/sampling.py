@@ -99,7 +99,14 @@ def _others(model: nn.Module, x: Tensor, n_samples: int) -> dict[str, Callable[[
         from baal.bayesian.dropout import MCDropoutModule  # type: ignore[import-not-found]
         from baal.modelwrapper import ModelWrapper  # type: ignore[import-not-found]
 
-        wrapper = ModelWrapper(MCDropoutModule(copy.deepcopy(model)), criterion=None)
+        mc_module = MCDropoutModule(copy.deepcopy(model))
+        try:  # baal >= 2: options in TrainingArgs; replicate_in_memory = one batched pass
+            from baal.modelwrapper import TrainingArgs  # type: ignore[import-not-found]
+
+            args = TrainingArgs(criterion=None, use_cuda=False, replicate_in_memory=True)
+            wrapper = ModelWrapper(mc_module, args)
+        except ImportError:  # baal 1.x
+            wrapper = ModelWrapper(mc_module, criterion=None)
         found["baal"] = lambda: wrapper.predict_on_batch(x, iterations=n_samples)
     except ImportError:
         pass
@@ -116,6 +123,14 @@ def _others(model: nn.Module, x: Tensor, n_samples: int) -> dict[str, Callable[[
     except ImportError:
         pass
     return found
+
+
+def _varies(samples: object) -> bool:
+    """Whether another library's samples differ at all (baal: ``(N, K, T)``; others: samples
+    first). A wrapper that misses a model's dropout returns T equal passes, fast and wrong."""
+    if not isinstance(samples, Tensor):
+        return True  # an output we cannot read: make no claim
+    return bool(samples.float().var(dim=-1 if samples.dim() > 2 else 0).max() > 0)
 
 
 def run(quick: bool = False) -> str:
@@ -137,7 +152,12 @@ def run(quick: bool = False) -> str:
             others_seen |= set(others)
             candidates.update(others)
             got = compare(candidates, rounds=2 if quick else 15, budget_s=1 if quick else 20)
-            other_cells = [ms(got[k]) if k in got else "—" for k in ("baal", "torch-uncertainty")]
+            other_cells = [
+                (ms(got[k]) + ("" if _varies(others[k]()) else " (zero variance)"))
+                if k in got
+                else "—"
+                for k in ("baal", "torch-uncertainty")
+            ]
             rows.append(
                 [
                     ref.name,
