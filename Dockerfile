@@ -27,5 +27,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"
 
-# One uvicorn worker: models are loaded once, and requests run in its thread pool.
+# One uvicorn worker: models are loaded once; small model work runs on its event loop, larger
+# work in a pool of MCDROP_MAX_CONCURRENCY worker threads, with concurrent requests batched.
 CMD ["mcdrop", "serve"]
