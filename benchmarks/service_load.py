@@ -70,7 +70,7 @@ def _free_port() -> int:
 class Server:
     """``mcdrop serve`` (one torch thread) in a subprocess, stopped on exit."""
 
-    def __init__(self, batching: bool) -> None:
+    def __init__(self, *, batching: bool) -> None:
         self.port = _free_port()
         env = {
             **os.environ,
@@ -230,11 +230,14 @@ def run(quick: bool = False, generator: str = "raw") -> str:
         for m, e in cases
     }
     cells: dict[tuple[str, str, bool, int], Cell] = {}
-    for batching in (False, True):
-        with Server(batching) as server:
-            for model, endpoint in cases:
-                path = f"/models/{model}/{endpoint}"
-                for clients in concurrency:
+    # Both servers run for the whole benchmark, and each cell is measured with batching off and
+    # then on, back to back: the shared machine drifts over minutes, and a cell's on/off ratio
+    # should not absorb that drift.
+    with Server(batching=False) as off, Server(batching=True) as on:
+        for model, endpoint in cases:
+            path = f"/models/{model}/{endpoint}"
+            for clients in concurrency:
+                for batching, server in ((False, off), (True, on)):
                     cells[(model, endpoint, batching, clients)] = asyncio.run(
                         _load(server, generator, path, bodies[(model, endpoint)], clients, seconds)
                     )

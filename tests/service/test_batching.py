@@ -249,6 +249,18 @@ def test_inline_budget_counts_every_group_of_a_flush(digits: Predictor) -> None:
     assert batcher.inline_batches == 2
 
 
+def test_merged_batches_stop_at_their_estimated_cost(digits: Predictor) -> None:
+    x = torch.tensor(ROWS[:1], dtype=torch.float32)
+    jobs = [Job(x, None) for _ in range(6)]
+    with ThreadPoolExecutor(1) as pool:
+        # 10 ms per row by this model, batches up to 25 ms: two jobs per batch.
+        batcher = Batcher(
+            digits, executor=pool, cost=CostModel(per_row=10e-3), inline_ms=0.0, max_batch_ms=25
+        )
+        _submit_all(batcher, jobs)
+    assert batcher.batches == 3
+
+
 def test_cancelled_and_refused_work_never_hangs(digits: Predictor) -> None:
     arrivals = Arrivals()
     pool = ThreadPoolExecutor(1)
