@@ -161,18 +161,27 @@ def test_lone_request_does_not_wait(digits: Predictor) -> None:
         asyncio.run(asyncio.wait_for(batcher.submit(job), timeout=30))
 
 
+def _waiting_batcher(
+    digits: Predictor, pool: ThreadPoolExecutor, arrivals: Arrivals, **options: Any
+) -> Batcher:
+    """A digits batcher that waits up to a minute for requests ``arrivals`` counts as arriving."""
+    batcher = Batcher(
+        digits,
+        executor=pool,
+        cost=CostModel(),
+        max_wait_ms=60_000,
+        arriving=lambda: arrivals("digits"),
+        **options,
+    )
+    arrivals.listeners["digits"] = batcher.recheck
+    return batcher
+
+
 def test_flush_waits_for_arriving_requests_then_goes_when_they_queue(digits: Predictor) -> None:
     first, second = _jobs()[:2]
     arrivals = Arrivals()
     with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(
-            digits,
-            executor=pool,
-            cost=CostModel(),
-            max_wait_ms=60_000,
-            arriving=lambda: arrivals("digits"),
-        )
-        arrivals.listeners["digits"] = batcher.recheck
+        batcher = _waiting_batcher(digits, pool, arrivals)
 
         async def arrive_and_submit(scope: dict[str, Any], job: Job) -> Any:
             arrivals.settle(scope)  # as the route does, right before it queues its job
@@ -199,14 +208,7 @@ def test_flush_waits_for_arriving_requests_then_goes_when_they_queue(digits: Pre
 def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) -> None:
     arrivals = Arrivals()
     with ThreadPoolExecutor(1) as pool:
-        batcher = Batcher(
-            digits,
-            executor=pool,
-            cost=CostModel(),
-            max_wait_ms=60_000,
-            arriving=lambda: arrivals("digits"),
-        )
-        arrivals.listeners["digits"] = batcher.recheck
+        batcher = _waiting_batcher(digits, pool, arrivals)
 
         async def main() -> None:
             doomed: dict[str, Any] = {}
@@ -264,15 +266,7 @@ def test_merged_batches_stop_at_their_estimated_cost(digits: Predictor) -> None:
 def test_cancelled_and_refused_work_never_hangs(digits: Predictor) -> None:
     arrivals = Arrivals()
     pool = ThreadPoolExecutor(1)
-    batcher = Batcher(
-        digits,
-        executor=pool,
-        cost=CostModel(),
-        inline_ms=0.0,
-        max_wait_ms=60_000,
-        arriving=lambda: arrivals("digits"),
-    )
-    arrivals.listeners["digits"] = batcher.recheck
+    batcher = _waiting_batcher(digits, pool, arrivals, inline_ms=0.0)
 
     async def main() -> None:
         # A client that goes away while its job waits: the job is dropped, nothing breaks.
