@@ -426,6 +426,17 @@ def _ood_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _score_all(
+    runner: Runner,
+    runs: Sequence[tuple[str, Run]],
+    cells: Callable[[str, dict[str, Any]], list[str]],
+) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    """Score each run in order; one table row per run, ``cells(label, result)``."""
+    results = [runner.score(run) for _, run in runs]
+    rows = [cells(label, r) for (label, _), r in zip(runs, results, strict=True)]
+    return rows, results
+
+
 def kinds(runner: Runner) -> Table:
     """Dropout kinds: standard, alpha, DropConnect on the MLP; head vs spatial on the CNN."""
     runs = [
@@ -437,20 +448,18 @@ def kinds(runner: Runner) -> Table:
         ("CNN spatial 0.1 + head 0.3", Run("cnn", dropout=0.3, spatial=0.1)),
     ]
     header = ["kind", "test acc MC", "NLL MC", "ECE det", "ECE MC", *_OOD_HEADER]
-    rows, results = [], []
-    for label, run in runs:
-        r = runner.score(run)
-        results.append(r)
-        rows.append(
-            [
-                label,
-                _f(_mc(r, "accuracy")),
-                _f(_mc(r, "nll")),
-                _f(r["det"]["ece"]),
-                _f(_mc(r, "ece")),
-                *_ood_cells(r),
-            ]
-        )
+    rows, results = _score_all(
+        runner,
+        runs,
+        lambda label, r: [
+            label,
+            _f(_mc(r, "accuracy")),
+            _f(_mc(r, "nll")),
+            _f(r["det"]["ece"]),
+            _f(_mc(r, "ece")),
+            *_ood_cells(r),
+        ],
+    )
     notes = [
         "AUROC of telling out-of-distribution inputs from the test set by MC mutual information "
         "(MI) or MC predictive entropy (H); digits = scikit-learn digits upscaled to 28×28, noise "
@@ -487,24 +496,21 @@ def regularisers(runner: Runner) -> Table:
         "AUROC digits (det H)",
         "AUROC digits (MC MI)",
     ]
-    rows, results = [], []
-    for label, run in runs:
-        r = runner.score(run)
-        results.append(r)
-        acc = r["det"]["accuracy"]
-        rows.append(
-            [
-                label,
-                _f(r["train_accuracy"]),
-                _f(acc),
-                _f(r["train_accuracy"] - acc),
-                _f(r["det"]["nll"]),
-                _f(_mc(r, "nll")),
-                _f(r["det"]["ece"]),
-                _f(_auroc(r, "digits 28x28", "deterministic_entropy")),
-                _f(_auroc(r, "digits 28x28", "mutual_information")),
-            ]
-        )
+    rows, results = _score_all(
+        runner,
+        runs,
+        lambda label, r: [
+            label,
+            _f(r["train_accuracy"]),
+            _f(r["det"]["accuracy"]),
+            _f(r["train_accuracy"] - r["det"]["accuracy"]),
+            _f(r["det"]["nll"]),
+            _f(_mc(r, "nll")),
+            _f(r["det"]["ece"]),
+            _f(_auroc(r, "digits 28x28", "deterministic_entropy")),
+            _f(_auroc(r, "digits 28x28", "mutual_information")),
+        ],
+    )
     notes = [
         "MLP 784-256-256-10. L2 is Adam's coupled weight decay; L1 adds λ Σ|w| over the weight "
         "matrices to the mean cross-entropy. Only dropout models have MC columns.",
@@ -521,22 +527,20 @@ def architectures(runner: Runner) -> Table:
     ]
     header = ["net", "train acc", "test acc MC", "NLL det", "NLL MC", "ECE MC", "train s"]
     header += _OOD_HEADER
-    rows, results = [], []
-    for label, run in runs:
-        r = runner.score(run)
-        results.append(r)
-        rows.append(
-            [
-                label,
-                _f(r["train_accuracy"]),
-                _f(_mc(r, "accuracy")),
-                _f(r["det"]["nll"]),
-                _f(_mc(r, "nll")),
-                _f(_mc(r, "ece")),
-                f"{r['seconds']:.0f}",
-                *_ood_cells(r),
-            ]
-        )
+    rows, results = _score_all(
+        runner,
+        runs,
+        lambda label, r: [
+            label,
+            _f(r["train_accuracy"]),
+            _f(_mc(r, "accuracy")),
+            _f(r["det"]["nll"]),
+            _f(_mc(r, "nll")),
+            _f(_mc(r, "ece")),
+            f"{r['seconds']:.0f}",
+            *_ood_cells(r),
+        ],
+    )
     notes = [
         "RowLSTM reads the image row by row (28 steps of 28 pixels); its dropout masks are "
         "locked across time steps (Gal & Ghahramani 2016b).",
@@ -549,19 +553,21 @@ def holdout(runner: Runner) -> Table:
     labels = datasets.FASHION_MNIST_LABELS
     groups = [(5, 7, 9), (6,)]
     header = ["held out", "test acc MC (seen classes)", "AUROC MI", "AUROC MC H", "AUROC det H"]
-    rows, results = [], []
-    for group in groups:
-        r = runner.score(Run("cnn", dropout=0.3, spatial=0.1, exclude=group))
-        results.append(r)
-        rows.append(
-            [
-                ", ".join(labels[c] for c in group),
-                _f(_mc(r, "accuracy")),
-                _f(_auroc(r, "held-out classes", "mutual_information")),
-                _f(_auroc(r, "held-out classes", "entropy")),
-                _f(_auroc(r, "held-out classes", "deterministic_entropy")),
-            ]
-        )
+    runs = [
+        (", ".join(labels[c] for c in group), Run("cnn", dropout=0.3, spatial=0.1, exclude=group))
+        for group in groups
+    ]
+    rows, results = _score_all(
+        runner,
+        runs,
+        lambda label, r: [
+            label,
+            _f(_mc(r, "accuracy")),
+            _f(_auroc(r, "held-out classes", "mutual_information")),
+            _f(_auroc(r, "held-out classes", "entropy")),
+            _f(_auroc(r, "held-out classes", "deterministic_entropy")),
+        ],
+    )
     notes = [
         "CNN 16/32/32 with spatial dropout 0.1 and head dropout 0.3, trained on the other "
         "classes; in = test images of the seen classes, out = test images of the held-out ones.",
