@@ -720,6 +720,20 @@ def plot_reliability(
     return fig
 
 
+def _label_single(
+    fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, *, grid: bool = True
+) -> Any:
+    """Axis labels, title, legend (and grid) of a one-panel figure; returns the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_rejection(plt: Any, rejection: dict[str, list[float]], title: str) -> Any:
     """Accuracy on the kept inputs against the fraction of most uncertain inputs rejected."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
@@ -732,13 +746,13 @@ def plot_rejection(plt: Any, rejection: dict[str, list[float]], title: str) -> A
     for key, (label, ls) in styles.items():
         ax.plot(fractions, rejection[key], ls, marker="o", ms=3, label=label)
     ax.axhline(rejection["entropy"][0], color="grey", lw=0.8, label="no rejection (MC)")
-    ax.set_xlabel("fraction of most uncertain test inputs rejected")
-    ax.set_ylabel("accuracy on the rest")
-    ax.set_title(f"Rejection: {title}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _label_single(
+        fig,
+        ax,
+        "fraction of most uncertain test inputs rejected",
+        "accuracy on the rest",
+        f"Rejection: {title}",
+    )
 
 
 def plot_mutual_information(plt: Any, mi_in: Tensor, mi_out: dict[str, Tensor], title: str) -> Any:
@@ -750,12 +764,14 @@ def plot_mutual_information(plt: Any, mi_in: Tensor, mi_out: dict[str, Tensor], 
     for name, values in mi_out.items():
         ax.hist(values.numpy(), bins=edges, density=True, histtype="step", lw=1.8, label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("mutual information (nats)")
-    ax.set_ylabel("density (log scale)")
-    ax.set_title(f"Epistemic uncertainty in vs out: {title}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _label_single(
+        fig,
+        ax,
+        "mutual information (nats)",
+        "density (log scale)",
+        f"Epistemic uncertainty in vs out: {title}",
+        grid=False,
+    )
 
 
 def plot_coverage(plt: Any, coverage: dict[str, Any], title: str) -> Any:
@@ -765,13 +781,9 @@ def plot_coverage(plt: Any, coverage: dict[str, Any], title: str) -> Any:
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
     ax.plot(levels, coverage["mc"], "o-", label="MC dropout (epistemic + noise)")
     ax.plot(levels, coverage["deterministic"], "s:", label="deterministic (noise 1/τ only)")
-    ax.set_xlabel("nominal level")
-    ax.set_ylabel("fraction of test targets inside")
-    ax.set_title(f"Coverage: {title}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _label_single(
+        fig, ax, "nominal level", "fraction of test targets inside", f"Coverage: {title}"
+    )
 
 
 def plot_error_vs_std(plt: Any, error: Tensor, std: Tensor, epistemic: Tensor, title: str) -> Any:
