@@ -17,6 +17,7 @@ from mcdrop.exceptions import (
     InvalidInputError,
     McDropError,
     NoDropoutError,
+    SamplingStoppedError,
     UnsupportedModelError,
 )
 from mcdrop.predictor import Predictor
@@ -33,6 +34,7 @@ __all__ = [
     "ModelSpec",
     "NoDropoutError",
     "Predictor",
+    "SamplingStoppedError",
     "UnsupportedModelError",
     "dropout_modules",
     "load",

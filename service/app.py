@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ import torch
 from fastapi import FastAPI
 
 from service import errors
-from service.batching import Arrivals
+from service.arrivals import Arrivals, CountArrivals
 from service.config import Settings
 from service.registry import Registry
 from service.routes import router
@@ -23,15 +24,17 @@ Scope = dict[str, Any]
 
 
 class BodyLimit:
-    """ASGI middleware: reads at most ``max_bytes`` of a request body, else answers 413.
+    """ASGI middleware: reads at most ``max_bytes`` of a request body within ``timeout_s``,
+    else answers 413 (too large) or 408 (too slow, and closes the connection).
 
-    The body is buffered (bounded by the limit) before the app sees it, so an oversized or
-    endlessly chunked upload is cut off without being parsed.
+    The body is buffered (bounded by the limit) before the app sees it, so an oversized,
+    endlessly chunked or trickled upload is cut off without being parsed.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -43,18 +46,29 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        await self._reject(scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            response = errors.error_response(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)",
+                headers={"Connection": "close"},  # the rest of the body may still come
+            )
+            await response(scope, receive, send)
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -74,36 +88,6 @@ class BodyLimit:
             f"request body is larger than the limit of {self.max_bytes} bytes; send fewer rows",
         )
         await response(scope, receive, send)
-
-
-class CountArrivals:
-    """ASGI middleware: counts each inference request in with :class:`Arrivals` while it is read
-    and validated (the route counts it out when it queues its job; this, if it never does)."""
-
-    def __init__(self, app: Any, arrivals: Arrivals) -> None:
-        self.app = app
-        self.arrivals = arrivals
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        model = _inference_model(scope) if scope["type"] == "http" else None
-        if model is None:
-            await self.app(scope, receive, send)
-            return
-        self.arrivals.enter(scope, model)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.arrivals.settle(scope)
-
-
-def _inference_model(scope: Scope) -> str | None:
-    """``name`` for ``POST /models/{name}/predict`` or ``/uncertainty``, else None."""
-    if scope.get("method") != "POST":
-        return None
-    parts = scope.get("path", "").split("/")
-    if len(parts) == 4 and parts[1] == "models" and parts[3] in ("predict", "uncertainty"):
-        return parts[2]
-    return None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -133,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(CountArrivals, arrivals=arrivals)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(CountArrivals, arrivals=arrivals, routes=app.router.routes)
     return app

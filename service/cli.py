@@ -27,19 +27,10 @@ _SETTINGS_FLAGS = {name: _flag_type(f.annotation) for name, f in Settings.model_
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import create_app
+    from service import server
 
     overrides = {k: getattr(args, k) for k in _SETTINGS_FLAGS if getattr(args, k) is not None}
-    settings = Settings(**overrides)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level,
-    )
+    server.run(Settings(**overrides))
     return 0
 
 

@@ -22,8 +22,10 @@ class Settings(BaseSettings):
     )
     max_n_samples: int = Field(10_000, ge=1, description="largest n_samples a request may ask for")
     max_rows: int = Field(1_000, ge=1, description="most input rows in one request")
+    # Sized so that the largest request finishes within request_timeout_s on the slowest
+    # bundled model (Fashion CNN: about 60 µs per row × sample on one core of a quiet machine).
     max_row_samples: int = Field(
-        2_000_000, ge=1, description="most rows × n_samples in one uncertainty request"
+        500_000, ge=1, description="most rows × n_samples in one uncertainty request"
     )
     max_returned_samples: int = Field(
         200_000, ge=1, description="most rows × n_samples when raw samples are returned"
@@ -43,6 +45,35 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1000.0,
         description="model work estimated below this runs on the event loop (no thread handoff)",
+    )
+    short_work_ms: float = Field(
+        200.0,
+        ge=0.0,
+        description="model work estimated below this runs in the short lane, which large work "
+        "never occupies (0: no short lane)",
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="most requests waiting per model; past it 503 with Retry-After"
+    )
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="deadline for a request's model work, queueing included (504 past it; the "
+        "work stops at its next forward pass)",
+    )
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest response body (422 beyond it)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, description="time a client has to send a request's headers (then closed)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="time a client has to send a request's body (then 408)"
+    )
+    shutdown_timeout_s: float = Field(
+        20.0,
+        ge=0.0,
+        description="on SIGTERM, how long requests in flight may finish before the server exits",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     log_level: str = Field("info", description="uvicorn log level")

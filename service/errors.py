@@ -5,11 +5,17 @@ Every error response is JSON: ``{"error": {"code": ..., "message": ..., "details
     ServiceError                 status
     ├── ModelNotFoundError       404  unknown model name
     ├── ModelNotReadyError       503  the model is still loading, or failed to load
-    ├── LimitExceededError       422  too many rows, samples, or returned samples
-    └── BodyTooLargeError        413  request body above the size limit
+    ├── OverloadedError          503  the model's queue is full (with Retry-After)
+    ├── LimitExceededError       422  too many rows, samples, returned samples or response bytes,
+    │                                 or more work than fits in the request deadline
+    ├── BodyTooLargeError        413  request body above the size limit
+    ├── RequestTimeoutError      408  the request body did not arrive in time
+    ├── DeadlineExceededError    504  the answer was not ready within request_timeout_s
+    └── ClientDisconnectedError  499  the client went away (nobody reads this answer)
 
     mcdrop.InvalidInputError     422  inputs of the wrong shape, non-numeric, NaN/inf
     mcdrop.InvalidArgumentError  422
+    mcdrop.SamplingStoppedError  503  sampling stopped: the service is shutting down
     mcdrop.McDropError (other)   500  the model itself cannot be sampled
     RequestValidationError       400  invalid JSON; 422 for fields of the wrong type or range
 """
@@ -25,7 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, McDropError
+from mcdrop.exceptions import (
+    InvalidArgumentError,
+    InvalidInputError,
+    McDropError,
+    SamplingStoppedError,
+)
 
 log = logging.getLogger("mcdrop.service")
 
@@ -36,10 +47,16 @@ class ServiceError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = details or []
+        self.headers = headers
 
 
 class ModelNotFoundError(ServiceError):
@@ -62,12 +79,40 @@ class BodyTooLargeError(ServiceError):
     code = "body_too_large"
 
 
+class OverloadedError(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class RequestTimeoutError(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
+class DeadlineExceededError(ServiceError):
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class ClientDisconnectedError(ServiceError):
+    status_code = 499  # nginx's "client closed request": logged, never read by anyone
+    code = "client_closed_request"
+
+
 def error_response(
-    status_code: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+    status_code: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         status_code=status_code,
         content={"error": {"code": code, "message": message, "details": details or []}},
+        headers=headers,
     )
 
 
@@ -106,7 +151,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.details)
+        return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(SamplingStoppedError)
+    async def _interrupted(_: Request, exc: SamplingStoppedError) -> JSONResponse:
+        return error_response(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
 
     @app.exception_handler(InvalidInputError)
     async def _input(_: Request, exc: InvalidInputError) -> JSONResponse:

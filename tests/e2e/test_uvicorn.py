@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,60 +17,15 @@ from service.client import (
     InvalidRequestError,
     NotFoundError,
 )
-from tests.conftest import MODELS, ROOT
+from tests.e2e.conftest import serve
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = log_path.open("wb")
-    env = {**os.environ, "MCDROP_MAX_ROW_SAMPLES": "5000000", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--model-dir",
-            str(MODELS),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with Client(base, timeout=5) as client:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                try:
-                    if client.ready().status == "ready":
-                        break
-                except Exception:
-                    if proc.poll() is not None:
-                        raise AssertionError(log_path.read_text()) from None
-                time.sleep(0.2)
-            else:
-                raise AssertionError("service did not become ready")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+    with serve(tmp_path_factory.mktemp("serve"), MCDROP_MAX_ROW_SAMPLES="5000000") as server:
+        yield server.url
 
 
 def test_uncertainty_over_http(url: str) -> None:
