@@ -18,6 +18,7 @@ from mcdrop.exceptions import (
     McDropError,
     NoDropoutError,
     UnsupportedModelError,
+    UntrustedCodeError,
 )
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import predict, sample, sample_chunks
@@ -34,6 +35,7 @@ __all__ = [
     "NoDropoutError",
     "Predictor",
     "UnsupportedModelError",
+    "UntrustedCodeError",
     "dropout_modules",
     "load",
     "predict",

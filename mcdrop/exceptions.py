@@ -8,6 +8,7 @@ Every error carries a message that names the bad value and says what to do about
     ├── InvalidInputError       inputs of the wrong shape, dtype or with non-finite values
     ├── InvalidArgumentError    a bad n_samples, seed, level, chunk size, ...
     └── CheckpointError         a model directory that is missing, corrupt or inconsistent
+        └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ class InvalidArgumentError(McDropError, ValueError):
 
 class CheckpointError(McDropError):
     """A model directory that cannot be loaded; the message names the file and what is wrong."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A manifest's ``architecture.factory`` would import code that the caller has not trusted
+    (``trust_model_code`` / ``allowed_factories``); nothing was imported."""
