@@ -1,7 +1,9 @@
-"""The models being served: discovered under ``model_dir`` at start-up, loaded in the background.
+"""The models being served: discovered under ``model_dir`` at start-up, then loaded.
 
 Names are known at once (so an unknown name is a 404 straight away); each model then loads and
-runs one warm-up pass, and ``/ready`` turns 200 when all have.
+runs one warm-up pass. With ``exit_on_error`` (the default) the app loads them all before it
+serves and refuses to start if one fails; without, they load in the background, a failed model
+answers 503 with its reason, and the others serve.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Predictor, Summary
 from service.batching import Arrivals, Batcher, CostModel, Job
 from service.config import Settings
-from service.errors import ModelNotFoundError, ModelNotReadyError
+from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
 
 log = logging.getLogger("mcdrop.service")
 
@@ -31,7 +33,7 @@ class Entry:
     name: str
     path: Path
     state: str = "loading"  # loading | ready | error
-    error: str | None = None
+    error: str | None = None  # public: paths relative to model_dir
     predictor: Predictor | None = None
     batcher: Batcher | None = None
 
@@ -56,10 +58,14 @@ class Registry:
         )
 
     def load_all(self) -> None:
-        """Load and warm up every model (run in a background thread)."""
+        """Load and warm up every model (in a thread: before serving, or in the background)."""
         for entry in self.entries.values():
             try:
-                loaded = checkpoint.load(entry.path)
+                loaded = checkpoint.load(
+                    entry.path,
+                    trust_model_code=self.settings.trust_model_code,
+                    allowed_factories=self.settings.allowed_factories,
+                )
                 if loaded.spec.name != entry.name:
                     raise checkpoint.CheckpointError(
                         f"{entry.path / checkpoint.MANIFEST}: name {loaded.spec.name!r} does not "
@@ -83,7 +89,9 @@ class Registry:
                 entry.state = "ready"
                 log.info("model %s ready", entry.name)
             except Exception as exc:  # one broken model must not stop the others
-                entry.state, entry.error = "error", str(exc)
+                # The reason first: a reader that sees "error" must find it.
+                entry.error = public_message(str(exc), self.settings.model_dir)
+                entry.state = "error"
                 log.error("model %s failed to load: %s", entry.name, exc)
 
     @staticmethod
@@ -104,22 +112,41 @@ class Registry:
         """Stop the worker threads (after the server stops taking requests)."""
         self.executor.shutdown(wait=True, cancel_futures=True)
 
+    def failures(self) -> dict[str, str]:
+        """Model name -> why it failed to load, for the models that did."""
+        return {n: e.error or "" for n, e in self.entries.items() if e.state == "error"}
+
     def readiness(self) -> tuple[str, dict[str, str]]:
+        """The server's state and each model's (``loading``, ``ready`` or why it failed).
+
+        ``loading`` while a model is; then ``ready`` if all loaded, ``degraded`` if some failed
+        and the others serve, ``failed`` if none loaded.
+        """
         states = {
             n: (e.error if e.state == "error" else e.state) or "" for n, e in self.entries.items()
         }
-        if any(e.state == "error" for e in self.entries.values()):
-            return "failed", states
-        if all(e.state == "ready" for e in self.entries.values()):
+        kinds = {e.state for e in self.entries.values()}
+        if "loading" in kinds:
+            return "loading", states
+        if "error" not in kinds:
             return "ready", states
-        return "loading", states
+        return ("degraded" if "ready" in kinds else "failed"), states
 
-    def get(self, name: str) -> Predictor:
+    def model_readiness(self, name: str) -> tuple[str, str | None]:
+        """One model's state (``loading``, ``ready`` or ``failed``) and why it failed."""
+        entry = self._entry(name)
+        return ("failed" if entry.state == "error" else entry.state), entry.error
+
+    def _entry(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFoundError(
                 f"no model named {name!r}; available: {sorted(self.entries)} (GET /models)"
             )
+        return entry
+
+    def get(self, name: str) -> Predictor:
+        entry = self._entry(name)
         if entry.predictor is None:
             reason = (
                 "is still loading, retry shortly"
