@@ -19,6 +19,7 @@ from mcdrop.exceptions import (
     NoDropoutError,
     SamplingStoppedError,
     UnsupportedModelError,
+    UntrustedCodeError,
 )
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import predict, sample, sample_chunks
@@ -36,6 +37,7 @@ __all__ = [
     "Predictor",
     "SamplingStoppedError",
     "UnsupportedModelError",
+    "UntrustedCodeError",
     "dropout_modules",
     "load",
     "predict",

@@ -8,6 +8,7 @@ Every error carries a message that names the bad value and says what to do about
     ├── InvalidInputError       inputs of the wrong shape, dtype or with non-finite values
     ├── InvalidArgumentError    a bad n_samples, seed, level, chunk size, ...
     ├── CheckpointError         a model directory that is missing, corrupt or inconsistent
+    │   └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
     └── SamplingStoppedError    sampling stopped early: its caller asked it to (``stop``)
 """
 
@@ -41,3 +42,8 @@ class CheckpointError(McDropError):
 class SamplingStoppedError(McDropError):
     """Sampling stopped between forward passes because the caller's ``stop()`` said so (e.g.
     nobody waits for the answer any more)."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A manifest's ``architecture.factory`` would import code that the caller has not trusted
+    (``trust_model_code`` / ``allowed_factories``); nothing was imported."""

@@ -23,6 +23,17 @@ log = logging.getLogger("mcdrop.service")
 Scope = dict[str, Any]
 
 
+class StartupError(RuntimeError):
+    """Models failed to load and ``exit_on_error`` is on: the server does not start."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        lines = "".join(f"\n  model {name!r}: {reason}" for name, reason in failures.items())
+        super().__init__(
+            f"{len(failures)} model(s) failed to load, so the server does not start "
+            f"(MCDROP_EXIT_ON_ERROR=false or --no-exit-on-error serves the others):{lines}"
+        )
+
+
 class BodyLimit:
     """ASGI middleware: reads at most ``max_bytes`` of a request body within ``timeout_s``,
     else answers 413 (too large) or 408 (too slow, and closes the connection).
@@ -101,10 +112,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         registry = Registry(settings, arrivals)
         app.state.registry = registry
-        # Load in the background: /health answers at once, /ready turns 200 when loaded.
-        loader = threading.Thread(target=registry.load_all, name="mcdrop-loader", daemon=True)
-        loader.start()
-        app.state.loader = loader
+        if settings.exit_on_error:
+            # As Triton's --exit-on-error: load everything before serving, and refuse to start
+            # if a model fails, so a broken deployment fails at once and says why. Raising here
+            # makes uvicorn exit with status 3.
+            await asyncio.to_thread(registry.load_all)
+            failures = registry.failures()
+            if failures:
+                registry.close()
+                raise StartupError(failures)
+        else:
+            # Load in the background: /health answers at once, /ready turns 200 when loaded.
+            loader = threading.Thread(target=registry.load_all, name="mcdrop-loader", daemon=True)
+            loader.start()
+            app.state.loader = loader
         yield
         registry.close()
 

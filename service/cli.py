@@ -11,19 +11,49 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
-from service.config import Settings
+from service.config import Settings, TrustSettings
 
 
 def _flag_type(annotation: Any) -> Any:
-    """The converter for a settings field: ``int | None`` -> ``int``."""
+    """The converter for a settings field: ``int | None`` -> ``int``; a tuple of strings stays a
+    string, which the setting splits at commas."""
+    if get_origin(annotation) in (tuple, list):
+        return str
     args = [a for a in get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
 
 
 # Every setting is a `mcdrop serve` flag, derived so the two never drift apart.
 _SETTINGS_FLAGS = {name: _flag_type(f.annotation) for name, f in Settings.model_fields.items()}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, settings: type[TrustSettings]) -> None:
+    """One flag per field of ``settings``; a bool gets ``--name`` and ``--no-name``."""
+    for name, field in settings.model_fields.items():
+        kind = _flag_type(field.annotation)
+        default = field.default
+        shown = "none" if default == () else str(default).lower() if kind is bool else default
+        options: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        )
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=None,
+            help=f"{field.description} (default: {shown})",
+            **options,
+        )
+
+
+def _trust(args: argparse.Namespace) -> dict[str, Any]:
+    """``load``'s keyword arguments from the trust flags, else ``MCDROP_*``, else closed."""
+    overrides = {k: getattr(args, k) for k in TrustSettings.model_fields}
+    trust = TrustSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return {
+        "trust_model_code": trust.trust_model_code,
+        "allowed_factories": trust.allowed_factories,
+    }
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -82,6 +112,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             limit=args.limit,
             plots=not args.no_plots,
             command="mcdrop " + shlex.join(args.argv),
+            **_trust(args),
         )
     finally:
         torch.set_num_threads(threads)
@@ -136,7 +167,7 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     from mcdrop.predictor import Predictor
     from service import convert
 
-    predictor = Predictor(checkpoint.load(Path(args.model_dir) / args.model))
+    predictor = Predictor(checkpoint.load(Path(args.model_dir) / args.model, **_trust(args)))
     x = convert.to_tensor(inputs, predictor)
     if not args.uncertainty:
         return convert.predict_response(predictor, predictor.predict(x))
@@ -165,14 +196,7 @@ def parser() -> argparse.ArgumentParser:
         help="serve the models of a folder over HTTP",
         description="Flags override MCDROP_* environment variables.",
     )
-    for name, kind in _SETTINGS_FLAGS.items():
-        field = Settings.model_fields[name]
-        serve.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"{field.description} (default: {field.default})",
-        )
+    _add_setting_flags(serve, Settings)
     serve.set_defaults(func=_serve)
 
     train = sub.add_parser("train", help="train a model with dropout and write a model directory")
@@ -246,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="score only N rows per set")
     evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
+    _add_setting_flags(evaluate, TrustSettings)
     evaluate.set_defaults(func=_evaluate)
 
     predict = sub.add_parser("predict", help="predict with a running service or a local model")
@@ -261,6 +286,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")
+    _add_setting_flags(predict.add_argument_group("with --model-dir"), TrustSettings)
     predict.set_defaults(func=_predict)
 
     models = sub.add_parser("models", help="list the models of a running service")

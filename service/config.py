@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: An entry of ``allowed_factories``: a dotted module name, optionally with a trailing dot.
+_MODULE_PREFIX = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\.?")
 
 
-class Settings(BaseSettings):
+class TrustSettings(BaseSettings):
+    """Which code loading a model directory may run: none unless the operator opts in. Shared
+    by ``mcdrop serve`` and the commands that load a model directory locally."""
+
+    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid", frozen=True)
+
+    trust_model_code: bool = Field(
+        False, description="let any model.json architecture.factory import and run its code"
+    )
+    # NoDecode: the environment gives "mypkg.,otherpkg.nets", not a JSON list.
+    allowed_factories: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="comma-separated modules whose factories a model.json may name (mypkg admits "
+        "mypkg and mypkg.nets, never mypkg_evil)",
+    )
+
+    @field_validator("allowed_factories", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple):
+            value = [v for v in value if v != ""]
+            bad = [v for v in value if not (isinstance(v, str) and _MODULE_PREFIX.fullmatch(v))]
+            if bad:
+                raise ValueError(f"{bad} are not module names; give e.g. 'mypkg.,otherpkg.nets'")
+        return value
+
+
+class Settings(TrustSettings):
     """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
     ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
 
@@ -77,3 +111,8 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     log_level: str = Field("info", description="uvicorn log level")
+    exit_on_error: bool = Field(
+        True,
+        description="load every model before serving and exit non-zero if one fails; off: serve "
+        "the models that loaded",
+    )

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -114,6 +116,22 @@ def error_response(
         content={"error": {"code": code, "message": message, "details": details or []}},
         headers=headers,
     )
+
+
+#: An absolute path of two or more components (``/srv/models/x/model.json``); group 1 is its
+#: last component.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])(?:/[^\s'\"/:,;()\[\]{}<>]+)+/([^\s'\"/:,;()\[\]{}<>]+)")
+
+
+def public_message(message: str, model_dir: Path) -> str:
+    """``message`` fit for a response: paths under ``model_dir`` relative to it
+    (``diabetes/model.json``), and any other absolute path cut to its last component, so that no
+    response reveals the server's file layout."""
+    roots = {str(model_dir), str(model_dir.absolute()), str(model_dir.resolve())}
+    for root in sorted(roots, key=len, reverse=True):  # the longest first: it contains the others
+        prefix = re.escape(root.rstrip("/") + "/")
+        message = re.sub(rf"(?<![\w.~/-]){prefix}", "", message)
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 def _location(loc: tuple[Any, ...]) -> str:

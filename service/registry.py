@@ -1,7 +1,9 @@
-"""The models being served: discovered under ``model_dir`` at start-up, loaded in the background.
+"""The models being served: discovered under ``model_dir`` at start-up, then loaded.
 
 Names are known at once (so an unknown name is a 404 straight away); each model then loads and
-runs one warm-up pass, and ``/ready`` turns 200 when all have. :meth:`Registry.get` hands out one
+runs one warm-up pass. With ``exit_on_error`` (the default) the app loads them all before it
+serves and refuses to start if one fails; without, they load in the background, a failed model
+answers 503 with its reason, and the others serve. :meth:`Registry.get` hands out one
 :class:`ModelHandle` per ready model: everything a route needs to run it.
 """
 
@@ -24,7 +26,7 @@ from mcdrop.predictor import Prediction, Predictor, Summary
 from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
-from service.errors import ModelNotFoundError, ModelNotReadyError
+from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
 
 #: Completes when the client has gone away (see :func:`service.routes.disconnected`).
 Gone = Callable[[], Awaitable[Any]]
@@ -66,7 +68,7 @@ class Entry:
     name: str
     path: Path
     state: str = "loading"  # loading | ready | error
-    error: str | None = None
+    error: str | None = None  # public: paths relative to model_dir
     handle: ModelHandle | None = None
 
 
@@ -96,10 +98,14 @@ class Registry:
         )
 
     def load_all(self) -> None:
-        """Load and warm up every model (run in a background thread)."""
+        """Load and warm up every model (in a thread: before serving, or in the background)."""
         for entry in self.entries.values():
             try:
-                loaded = checkpoint.load(entry.path)
+                loaded = checkpoint.load(
+                    entry.path,
+                    trust_model_code=self.settings.trust_model_code,
+                    allowed_factories=self.settings.allowed_factories,
+                )
                 if loaded.spec.name != entry.name:
                     raise checkpoint.CheckpointError(
                         f"{entry.path / checkpoint.MANIFEST}: name {loaded.spec.name!r} does not "
@@ -126,7 +132,9 @@ class Registry:
                 entry.state = "ready"
                 log.info("model %s ready", entry.name)
             except Exception as exc:  # one broken model must not stop the others
-                entry.state, entry.error = "error", str(exc)
+                # The reason first: a reader that sees "error" must find it.
+                entry.error = public_message(str(exc), self.settings.model_dir)
+                entry.state = "error"
                 log.error("model %s failed to load: %s", entry.name, exc)
 
     @staticmethod
@@ -153,22 +161,41 @@ class Registry:
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
 
+    def failures(self) -> dict[str, str]:
+        """Model name -> why it failed to load, for the models that did."""
+        return {n: e.error or "" for n, e in self.entries.items() if e.state == "error"}
+
     def readiness(self) -> tuple[str, dict[str, str]]:
+        """The server's state and each model's (``loading``, ``ready`` or why it failed).
+
+        ``loading`` while a model is; then ``ready`` if all loaded, ``degraded`` if some failed
+        and the others serve, ``failed`` if none loaded.
+        """
         states = {
             n: (e.error if e.state == "error" else e.state) or "" for n, e in self.entries.items()
         }
-        if any(e.state == "error" for e in self.entries.values()):
-            return "failed", states
-        if all(e.state == "ready" for e in self.entries.values()):
+        kinds = {e.state for e in self.entries.values()}
+        if "loading" in kinds:
+            return "loading", states
+        if "error" not in kinds:
             return "ready", states
-        return "loading", states
+        return ("degraded" if "ready" in kinds else "failed"), states
 
-    def get(self, name: str) -> ModelHandle:
+    def model_readiness(self, name: str) -> tuple[str, str | None]:
+        """One model's state (``loading``, ``ready`` or ``failed``) and why it failed."""
+        entry = self._entry(name)
+        return ("failed" if entry.state == "error" else entry.state), entry.error
+
+    def _entry(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFoundError(
                 f"no model named {name!r}; available: {sorted(self.entries)} (GET /models)"
             )
+        return entry
+
+    def get(self, name: str) -> ModelHandle:
+        entry = self._entry(name)
         if entry.handle is None:
             reason = (
                 "is still loading, retry shortly"

@@ -42,7 +42,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "request body too large",
         422: "invalid inputs or options, or a limit exceeded",
         408: "the request body did not arrive in time",
-        503: "model still loading, or its queue is full (see Retry-After)",
+        503: "model still loading or failed to load, or its queue is full (see Retry-After)",
         504: "the answer was not ready within the request deadline",
     }.items()
 }
@@ -61,11 +61,33 @@ async def health() -> schemas.Health:
     responses={503: {"model": schemas.Readiness}},
 )
 async def ready(registry: RegistryDep) -> Any:
-    """Readiness: 200 once every model has loaded and run a warm-up pass, else 503."""
+    """Readiness: 200 once every model has loaded and run a warm-up pass (``ready``), or every
+    model but those that failed to load, at least one (``degraded``: only with exit_on_error
+    off); 503 while a model loads, or when none loaded. ``models`` gives each model's state."""
     status, models = registry.readiness()
     body = schemas.Readiness(status=status, models=models)
-    if status != "ready":
+    if status not in ("ready", "degraded"):
         return JSONResponse(status_code=503, content=body.model_dump())
+    return body
+
+
+@router.get(
+    "/models/{name}/ready",
+    response_model=schemas.ModelReadiness,
+    response_model_exclude_none=True,
+    tags=["status"],
+    responses={
+        404: _ERRORS[404],
+        503: {"model": schemas.ModelReadiness, "description": "loading, or failed to load"},
+    },
+)
+async def model_ready(name: str, registry: RegistryDep) -> Any:
+    """One model's readiness: 200 once it has loaded and run a warm-up pass; 503 while it loads
+    or if it failed to load, with the reason."""
+    status, reason = registry.model_readiness(name)
+    body = schemas.ModelReadiness(name=name, status=status, reason=reason)
+    if status != "ready":
+        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     return body
 
 

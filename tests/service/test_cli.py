@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mcdrop import checkpoint
 from service.cli import main, parser
+from service.config import Settings
 from tests.conftest import MODELS
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -96,3 +98,82 @@ def test_serve_flags_cover_every_setting() -> None:
     serve = parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     flags = {a.dest for a in serve._actions if a.dest != "help"}
     assert flags == set(Settings.model_fields)
+
+
+def test_serve_flags_parse_into_settings() -> None:
+    argv = ["serve", "--no-exit-on-error", "--allowed-factories", "mypkg.,otherpkg.nets"]
+    args = parser().parse_args([*argv, "--trust-model-code", "--no-batching"])
+    overrides = {k: v for k in Settings.model_fields if (v := getattr(args, k)) is not None}
+    assert overrides == {
+        "exit_on_error": False,
+        "allowed_factories": "mypkg.,otherpkg.nets",
+        "trust_model_code": True,
+        "batching": False,
+    }
+    settings = Settings(**overrides)
+    assert settings.allowed_factories == ("mypkg.", "otherpkg.nets")
+    assert parser().parse_args(["serve", "--batching"]).batching is True
+
+
+@pytest.fixture
+def custom_folder(tmp_path: Path) -> Path:
+    """A models folder whose ``custom`` model is built by ``tests.factories:build``."""
+    from tests.factories import build
+
+    spec = checkpoint.ModelSpec(
+        name="custom",
+        task="regression",
+        input_shape=[3],
+        labels=["y"],
+        architecture={"factory": "tests.factories:build", "params": {"width": 4}},
+        tau=1.0,
+    )
+    checkpoint.save(tmp_path / "custom", spec, build(width=4))
+    return tmp_path
+
+
+ROW = json.dumps([[1.0, 2.0, 3.0]])
+
+
+def test_local_predict_refuses_an_untrusted_factory(
+    custom_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", "custom", "--model-dir", str(custom_folder), "--inputs", ROW]
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (1, "")
+    assert "--allowed-factories tests.factories" in err
+    assert "--trust-model-code" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        (["--trust-model-code"], {}),
+        (["--allowed-factories", "tests."], {}),
+        ([], {"MCDROP_ALLOWED_FACTORIES": "tests.factories"}),
+        ([], {"MCDROP_TRUST_MODEL_CODE": "true"}),
+    ],
+)
+def test_local_predict_with_opt_in(
+    custom_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    env: dict[str, str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["predict", "custom", "--model-dir", str(custom_folder), "--inputs", ROW, *flags]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    assert len(json.loads(out)["predictions"]) == 1
+
+
+def test_evaluate_refuses_an_untrusted_factory(
+    custom_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(capsys, "evaluate", str(custom_folder / "custom"), "--no-plots")
+    assert code == 1
+    assert "--allowed-factories tests.factories" in err
+    args = parser().parse_args(["evaluate", "m", "--trust-model-code", "--allowed-factories", "a"])
+    assert (args.trust_model_code, args.allowed_factories) == (True, "a")

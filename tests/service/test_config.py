@@ -31,3 +31,28 @@ def test_defaults() -> None:
     settings = Settings()
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.max_n_samples >= 1000
+
+
+def test_trust_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_ALLOWED_FACTORIES", "mypkg., otherpkg.nets,")
+    monkeypatch.setenv("MCDROP_TRUST_MODEL_CODE", "1")
+    monkeypatch.setenv("MCDROP_EXIT_ON_ERROR", "false")
+    settings = Settings()
+    assert settings.allowed_factories == ("mypkg.", "otherpkg.nets")
+    assert settings.trust_model_code is True
+    assert settings.exit_on_error is False
+
+
+def test_closed_and_strict_by_default() -> None:
+    settings = Settings()
+    assert (settings.trust_model_code, settings.allowed_factories) == (False, ())
+    assert settings.exit_on_error is True
+
+
+@pytest.mark.parametrize("value", ["my pkg", "mypkg:make", "*", '["mypkg"]', "a..b"])
+def test_allowed_factories_must_be_module_names(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("MCDROP_ALLOWED_FACTORIES", value)
+    with pytest.raises(ValidationError, match="not module names"):
+        Settings()
