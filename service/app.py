@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
-from service import errors
+from service import auth, errors
 from service.batching import Arrivals
 from service.config import Settings
 from service.registry import Registry
@@ -135,4 +135,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(CountArrivals, arrivals=arrivals)
+    auth.install(app, settings.api_key)  # last added runs first: no key, no body read
     return app

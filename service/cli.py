@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from service.config import Settings
+from service.config import Settings, env_only
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -23,8 +23,13 @@ def _flag_type(annotation: Any) -> Any:
     return args[0] if args else annotation
 
 
-# Every setting is a `mcdrop serve` flag, derived so the two never drift apart.
-_SETTINGS_FLAGS = {name: _flag_type(f.annotation) for name, f in Settings.model_fields.items()}
+# Every setting is a `mcdrop serve` flag, derived so the two never drift apart; except secrets
+# (the API key), which a command line would show to every user of the machine in `ps`.
+_SETTINGS_FLAGS = {
+    name: _flag_type(f.annotation)
+    for name, f in Settings.model_fields.items()
+    if not env_only(name)
+}
 
 #: The environment variable ``mcdrop predict`` and ``mcdrop models`` read the service URL from.
 URL_ENV = "MCDROP_URL"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -12,7 +13,10 @@ class Settings(BaseSettings):
     """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
     ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
 
-    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid", frozen=True)
+    # Errors never echo a value: one of them may be the API key.
+    model_config = SettingsConfigDict(
+        env_prefix="MCDROP_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     model_dir: Path = Field(Path("models"), description="folder of model directories to serve")
     host: str = Field("127.0.0.1", description="interface to bind")
@@ -46,3 +50,26 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     log_level: str = Field("info", description="uvicorn log level")
+    # Environment only, never a flag: a key on the command line is visible to every user in `ps`.
+    api_key: SecretStr | None = Field(
+        None,
+        description="every route but /health and /ready needs 'Authorization: Bearer <key>'",
+        json_schema_extra={"env_only": True},
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # The key must survive an HTTP header unchanged; an empty key would protect nothing.
+        if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key.get_secret_value()):
+            raise ValueError(
+                "MCDROP_API_KEY must be non-empty printable ASCII without spaces "
+                "(unset it to serve without a key)"
+            )
+        return key
+
+
+def env_only(name: str) -> bool:
+    """Whether setting ``name`` is read from the environment only (not a ``mcdrop serve`` flag)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("env_only"))
