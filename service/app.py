@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
-from service import errors
+from service import auth, errors
 from service.arrivals import Arrivals, CountArrivals
 from service.config import Settings
 from service.registry import Registry
@@ -142,4 +142,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
     app.add_middleware(CountArrivals, arrivals=arrivals, routes=app.router.routes)
+    auth.install(app, settings.api_key)  # last added runs first: no key, no body read
     return app

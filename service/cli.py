@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from service.config import Settings, TrustSettings
+from service.config import Settings, TrustSettings, env_only
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -25,13 +26,28 @@ def _flag_type(annotation: Any) -> Any:
     return args[0] if args else annotation
 
 
-# Every setting is a `mcdrop serve` flag, derived so the two never drift apart.
-_SETTINGS_FLAGS = {name: _flag_type(f.annotation) for name, f in Settings.model_fields.items()}
+# Every setting is a `mcdrop serve` flag, derived so the two never drift apart; except secrets
+# (the API key), which a command line would show to every user of the machine in `ps`.
+_SETTINGS_FLAGS = {
+    name: _flag_type(f.annotation)
+    for name, f in Settings.model_fields.items()
+    if not env_only(name)
+}
+
+#: The environment variable ``mcdrop predict`` and ``mcdrop models`` read the service URL from.
+URL_ENV = "MCDROP_URL"
+DEFAULT_URL = "http://localhost:8000"
+
+
+class UsageError(Exception):
+    """A command line to fix (exit status 2, like argparse's own usage errors)."""
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, settings: type[TrustSettings]) -> None:
     """One flag per field of ``settings``; a bool gets ``--name`` and ``--no-name``."""
     for name, field in settings.model_fields.items():
+        if env_only(name):
+            continue
         kind = _flag_type(field.annotation)
         default = field.default
         shown = "none" if default == () else str(default).lower() if kind is bool else default
@@ -57,10 +73,18 @@ def _trust(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from service import server
 
     overrides = {k: getattr(args, k) for k in _SETTINGS_FLAGS if getattr(args, k) is not None}
-    server.run(Settings(**overrides))
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # one line per setting, not pydantic's report
+        raise UsageError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
+    server.run(settings)
     return 0
 
 
@@ -130,11 +154,14 @@ def _read_inputs(value: str) -> list[Any]:
         if value == "-"
         else (Path(value[1:]).read_text() if value.startswith("@") else value)
     )
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--inputs is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "inputs" in data:
         data = data["inputs"]
     if not isinstance(data, list):
-        raise SystemExit('--inputs must be a JSON list of rows (or {"inputs": [...]})')
+        raise UsageError('--inputs must be a JSON list of rows (or {"inputs": [...]})')
     return data
 
 
@@ -145,7 +172,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         from service.client import Client
 
-        with Client(args.url) as client:
+        with Client(_url(args)) as client:
             if args.uncertainty:
                 result = client.uncertainty(
                     args.model,
@@ -178,10 +205,20 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=args.level)
 
 
+def _url(args: argparse.Namespace) -> str:
+    return args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+_URL_HELP = (
+    f"service URL (default: ${URL_ENV}, else {DEFAULT_URL}); an API key is read from "
+    "$MCDROP_API_KEY"
+)
+
+
 def _models(args: argparse.Namespace) -> int:
     from service.client import Client
 
-    with Client(args.url) as client:
+    with Client(_url(args)) as client:
         for info in client.models():
             print(f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}")
     return 0
@@ -279,7 +316,7 @@ def parser() -> argparse.ArgumentParser:
         "--inputs", required=True, help="JSON list of rows, @file.json, or - for standard input"
     )
     where = predict.add_mutually_exclusive_group()
-    where.add_argument("--url", default="http://localhost:8000", help="service URL")
+    where.add_argument("--url", default=None, help=_URL_HELP)
     where.add_argument("--model-dir", type=Path, help="predict locally from this models folder")
     predict.add_argument("--uncertainty", action="store_true", help="MC-dropout uncertainty")
     predict.add_argument("--n-samples", type=int, default=None)
@@ -290,20 +327,27 @@ def parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     models = sub.add_parser("models", help="list the models of a running service")
-    models.add_argument("--url", default="http://localhost:8000")
+    models.add_argument("--url", default=None, help=_URL_HELP)
     models.set_defaults(func=_models)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; errors are one line on standard error, never a traceback: exit status 2
+    for a command line to fix, 1 for a failure of the service or the model."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
     except Exception as exc:  # one clear line instead of a traceback for expected failures
-        from service.client import ClientError
+        from service.client import ClientError, InvalidRequestError, InvalidURLError
 
+        if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
+            print(f"mcdrop {args.command}: error: {exc}", file=sys.stderr)
+            return 2
         expected: tuple[type[BaseException], ...] = (ClientError, OSError, ValueError)
         try:
             from mcdrop.exceptions import McDropError

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: An entry of ``allowed_factories``: a dotted module name, optionally with a trailing dot.
@@ -46,7 +46,10 @@ class Settings(TrustSettings):
     """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
     ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
 
-    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid", frozen=True)
+    # Errors never echo a value: one of them may be the API key.
+    model_config = SettingsConfigDict(
+        env_prefix="MCDROP_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     model_dir: Path = Field(Path("models"), description="folder of model directories to serve")
     host: str = Field("127.0.0.1", description="interface to bind")
@@ -116,3 +119,26 @@ class Settings(TrustSettings):
         description="load every model before serving and exit non-zero if one fails; off: serve "
         "the models that loaded",
     )
+    # Environment only, never a flag: a key on the command line is visible to every user in `ps`.
+    api_key: SecretStr | None = Field(
+        None,
+        description="every route but /health and /ready needs 'Authorization: Bearer <key>'",
+        json_schema_extra={"env_only": True},
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # The key must survive an HTTP header unchanged; an empty key would protect nothing.
+        if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key.get_secret_value()):
+            raise ValueError(
+                "MCDROP_API_KEY must be non-empty printable ASCII without spaces "
+                "(unset it to serve without a key)"
+            )
+        return key
+
+
+def env_only(name: str) -> bool:
+    """Whether setting ``name`` is read from the environment only (not a ``mcdrop serve`` flag)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("env_only"))

@@ -56,3 +56,22 @@ def test_allowed_factories_must_be_module_names(
     monkeypatch.setenv("MCDROP_ALLOWED_FACTORIES", value)
     with pytest.raises(ValidationError, match="not module names"):
         Settings()
+
+
+def test_the_api_key_never_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_API_KEY", "s3cret-key")
+    settings = Settings()
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == "s3cret-key"
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize("key", ["", "two words", "tab\tkey", "ключ"])
+def test_an_unusable_api_key_is_refused_without_echo(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("MCDROP_API_KEY", key)
+    with pytest.raises(ValidationError, match="MCDROP_API_KEY must be") as info:
+        Settings()
+    assert not key or key not in str(info.value)
