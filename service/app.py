@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
-from service import auth, errors
-from service.arrivals import Arrivals, CountArrivals
+from service import auth, errors, logs
+from service.arrivals import Arrivals, CountArrivals, InferenceRoutes
 from service.config import Settings
+from service.metrics import Metrics, RecordRequests
 from service.registry import Registry
 from service.routes import router
 
@@ -105,12 +106,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
     arrivals = Arrivals()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        registry = Registry(settings, arrivals)
+        registry = Registry(settings, arrivals, metrics)
         app.state.registry = registry
         if settings.exit_on_error:
             # As Triton's --exit-on-error: load everything before serving, and refuse to start
@@ -136,11 +138,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     errors.install(app)
-    app.include_router(router)
+    routers = [router]
+    for api in routers:
+        app.include_router(api)
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
-    app.add_middleware(CountArrivals, arrivals=arrivals, routes=app.router.routes)
-    auth.install(app, settings.api_key)  # last added runs first: no key, no body read
+    # From the routers themselves: the app's own list holds them as opaque included routers.
+    inference = InferenceRoutes([r for api in routers for r in api.routes])
+    app.state.inference = inference
+    app.add_middleware(CountArrivals, arrivals=arrivals, routes=inference)
+    app.add_middleware(RecordRequests, metrics=metrics, routes=inference)
+    auth.install(app, settings.api_key)  # before the body is read: no key, no body read
+    app.add_middleware(logs.RequestIds)  # outermost: every answer, a 401 too, has its ID
     return app

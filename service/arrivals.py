@@ -44,29 +44,41 @@ class Arrivals:
         if model is None:
             return
         self.counts[model] -= 1
+        if not self.counts[model]:
+            del self.counts[model]  # no key kept per name: any name may arrive, known or not
         listener = self.listeners.get(model)
         if listener is not None:
             listener()
 
 
-class CountArrivals:
-    """ASGI middleware: counts each request to an inference route in while it is read and
-    validated (the route counts it out when it queues its job; this, if it never does)."""
+class InferenceRoutes:
+    """The app's inference routes: which model, if any, a request's path names."""
 
-    def __init__(self, app: Any, arrivals: Arrivals, routes: Sequence[BaseRoute]) -> None:
-        self.app = app
-        self.arrivals = arrivals
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
         self.routes = [r for r in routes if isinstance(r, APIRoute) and INFERENCE_TAG in r.tags]
 
-    def _model(self, scope: Scope) -> str | None:
+    def model(self, scope: Scope) -> str | None:
+        """The ``name`` path parameter of the inference route ``scope`` matches, else None."""
+        if scope["type"] != "http":
+            return None
         for route in self.routes:
             match, child = route.matches(scope)
             if match is Match.FULL:
                 return child.get("path_params", {}).get("name")
         return None
 
+
+class CountArrivals:
+    """ASGI middleware: counts each request to an inference route in while it is read and
+    validated (the route counts it out when it queues its job; this, if it never does)."""
+
+    def __init__(self, app: Any, arrivals: Arrivals, routes: InferenceRoutes) -> None:
+        self.app = app
+        self.arrivals = arrivals
+        self.routes = routes
+
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        model = self._model(scope) if scope["type"] == "http" else None
+        model = self.routes.model(scope)
         if model is None:
             await self.app(scope, receive, send)
             return

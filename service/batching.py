@@ -42,6 +42,7 @@ from torch import Tensor
 from mcdrop.exceptions import SamplingStoppedError
 from mcdrop.predictor import Predictor
 from service.errors import ClientDisconnectedError, DeadlineExceededError, OverloadedError
+from service.metrics import ModelMetrics
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Job:
     options: Options
     seed: int = 0
     deadline: float = math.inf
+    queued_at: float = 0.0  # time.monotonic() when submitted
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
     #: Nobody waits for the answer any more (client gone, deadline passed, shutting down).
     #: Written on the event loop, read by worker threads between forward passes.
@@ -172,6 +174,7 @@ class Batcher:
         short_executor: worker threads of the short lane (None: no short lane).
         short_ms: estimated work up to which a batch runs in the short lane.
         max_queue: most jobs waiting for this model (None: unbounded).
+        metrics: the model's Prometheus metrics (None: none recorded).
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class Batcher:
         short_executor: Executor | None = None,
         short_ms: float = 200.0,
         max_queue: int | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         self.predictor = predictor
         self.cost = cost
@@ -203,6 +207,7 @@ class Batcher:
         self.short = None if short_executor is None else Lane(short_executor, 1)
         self.short_s = short_ms / 1000.0
         self.max_queue = max_queue
+        self.metrics = metrics
         self.pending: list[Job] = []
         self.scheduled = False  # a flush is due
         self.timer: asyncio.TimerHandle | None = None  # a delayed flush waiting for company
@@ -230,8 +235,12 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
+        job.queued_at = time.monotonic()
+        if self.metrics is not None and job.options is not None:
+            self.metrics.row_samples.observe(job.rows * job.options.n_samples)
         self.pending.append(job)
         self._schedule(loop)
+        self._count_pending()
         if job.future.done():  # ran inline (no batching wait): no watcher needed
             return job.future.result()
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
@@ -263,6 +272,18 @@ class Batcher:
             job.future.cancel()
         if job in self.pending:
             self.pending.remove(job)
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        if self.metrics is not None:
+            self.metrics.pending.set(len(self.pending))
+
+    def _started(self, jobs: list[Job]) -> None:
+        """The jobs' wait is over: their model execution starts now."""
+        if self.metrics is not None:
+            now = time.monotonic()
+            for job in jobs:
+                self.metrics.queue_seconds.observe(now - job.queued_at)
 
     def _queued_seconds(self) -> int:
         """A guess at when the queue will have room: its estimated work over the long lane."""
@@ -358,6 +379,7 @@ class Batcher:
                 self.pending.extend(group)  # waits for a worker of its lane to finish
         for lane, groups in lanes.values():
             self._dispatch(loop, lane, groups)
+        self._count_pending()
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop, lane: Lane, groups: list[Group]) -> None:
         try:
@@ -412,6 +434,14 @@ class Batcher:
         """The per-job results of one forward computation over the jobs' rows."""
         if self.closing or all(job.abandoned for job in jobs):
             raise SamplingStoppedError("nobody waits for this work any more")
+        self._started(jobs)
+        started = time.perf_counter()
+        results = self._run(options, jobs)
+        if self.metrics is not None:
+            self.metrics.executed(sum(job.rows for job in jobs), time.perf_counter() - started)
+        return results
+
+    def _run(self, options: Options, jobs: list[Job]) -> list[Any]:
         sizes = [job.rows for job in jobs]
         x = torch.cat([job.x for job in jobs]) if len(jobs) > 1 else jobs[0].x
         if options is None:

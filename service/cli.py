@@ -12,15 +12,15 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from service.config import Settings, TrustSettings, env_only
 
 
 def _flag_type(annotation: Any) -> Any:
     """The converter for a settings field: ``int | None`` -> ``int``; a tuple of strings stays a
-    string, which the setting splits at commas."""
-    if get_origin(annotation) in (tuple, list):
+    string, which the setting splits at commas; a choice of strings is a string."""
+    if get_origin(annotation) in (tuple, list, Literal):
         return str
     args = [a for a in get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
@@ -54,6 +54,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser, settings: type[TrustSett
         options: dict[str, Any] = (
             {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
         )
+        if get_origin(field.annotation) is Literal:
+            options["choices"] = get_args(field.annotation)
         parser.add_argument(
             "--" + name.replace("_", "-"),
             default=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -113,7 +113,10 @@ class Settings(TrustSettings):
         description="on SIGTERM, how long requests in flight may finish before the server exits",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    log_level: str = Field("info", description="uvicorn log level")
+    log_level: str = Field("info", description="log level (uvicorn's names: info, debug, ...)")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or as JSON objects (one per line)"
+    )
     exit_on_error: bool = Field(
         True,
         description="load every model before serving and exit non-zero if one fails; off: serve "

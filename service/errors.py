@@ -1,6 +1,7 @@
 """The one place where errors become HTTP responses.
 
-Every error response is JSON: ``{"error": {"code": ..., "message": ..., "details": [...]}}``.
+Every error response is JSON: ``{"error": {"code": ..., "message": ..., "details": [...],
+"request_id": ...}}`` (the ID also travels in the ``X-Request-ID`` header).
 
     ServiceError                 status
     ├── ModelNotFoundError       404  unknown model name
@@ -39,6 +40,7 @@ from mcdrop.exceptions import (
     McDropError,
     SamplingStoppedError,
 )
+from service.logs import current_request_id
 
 log = logging.getLogger("mcdrop.service")
 
@@ -113,7 +115,14 @@ def error_response(
 ) -> JSONResponse:
     return JSONResponse(
         status_code=status_code,
-        content={"error": {"code": code, "message": message, "details": details or []}},
+        content={
+            "error": {
+                "code": code,
+                "message": message,
+                "details": details or [],
+                "request_id": current_request_id(),
+            }
+        },
         headers=headers,
     )
 

@@ -27,6 +27,7 @@ from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
 from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
+from service.metrics import Metrics
 
 #: Completes when the client has gone away (see :func:`service.routes.disconnected`).
 Gone = Callable[[], Awaitable[Any]]
@@ -75,9 +76,12 @@ class Entry:
 class Registry:
     """Model name -> :class:`Entry`; :meth:`get` gives a ready model's handle or a clear error."""
 
-    def __init__(self, settings: Settings, arrivals: Arrivals | None = None) -> None:
+    def __init__(
+        self, settings: Settings, arrivals: Arrivals | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.arrivals = arrivals or Arrivals()
+        self.metrics = metrics
         root = settings.model_dir
         dirs = (
             sorted(p.parent for p in root.glob(f"*/{checkpoint.MANIFEST}")) if root.is_dir() else []
@@ -126,6 +130,7 @@ class Registry:
                     short_executor=self.short_executor,
                     short_ms=self.settings.short_work_ms,
                     max_queue=self.settings.max_queued_requests,
+                    metrics=None if self.metrics is None else self.metrics.model(entry.name),
                 )
                 self.arrivals.listeners[entry.name] = batcher.recheck
                 entry.handle = ModelHandle(predictor, batcher, self.settings.request_timeout_s)

@@ -91,6 +91,18 @@ async def model_ready(name: str, registry: RegistryDep) -> Any:
     return body
 
 
+@router.get(
+    "/metrics",
+    tags=["status"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: per model requests, rows, executions, queue and compute time."""
+    body, content_type = request.app.state.metrics.scrape()
+    return Response(body, media_type=content_type)
+
+
 @router.get("/models", response_model=schemas.ModelList, tags=["models"])
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> schemas.ModelList:
     """The models that are loaded."""

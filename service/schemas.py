@@ -49,6 +49,9 @@ class ErrorBody(BaseModel):
     code: str = Field(..., description="machine-readable kind, e.g. invalid_input")
     message: str = Field(..., description="what is wrong and how to fix it")
     details: list[dict[str, Any]] = Field(default_factory=list)
+    request_id: str | None = Field(
+        None, description="the request's ID (also the X-Request-ID header): quote it in reports"
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service import logs
 from service.app import create_app
 from service.config import Settings
 
@@ -72,6 +73,7 @@ def config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         "port": settings.port,
         "workers": 1,
         "log_level": settings.log_level,
+        "log_config": logs.config(settings.log_level, settings.log_format),
         "http": partial(TimedHttpProtocol, header_timeout_s=settings.header_timeout_s),
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         **overrides,

@@ -48,11 +48,12 @@ def serve(
 ) -> Iterator[Server]:
     """`mcdrop serve` on the models of ``model_dir``, with ``MCDROP_*`` settings ``env``."""
     port = free_port()
+    quiet = ["--log-level", "warning"]
     command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(model_dir)]
     log_path = tmp / f"serve-{port}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*command, "--port", str(port), "--log-level", "warning"],
+            [*command, "--port", str(port), *([] if "MCDROP_LOG_LEVEL" in env else quiet)],
             cwd=ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=log,

@@ -65,7 +65,16 @@ def unbatched() -> list[Any]:
 
 
 def test_batched_answers_equal_unbatched(unbatched: list[Any]) -> None:
-    settings = Settings(model_dir=MODELS, batching=True, batch_max_wait_ms=200)
+    # Work off the event loop and one worker: requests that arrive while a batch computes must
+    # queue and merge, whatever the warm-up timings on a busy machine say.
+    settings = Settings(
+        model_dir=MODELS,
+        batching=True,
+        batch_max_wait_ms=200,
+        inline_max_ms=0.0,
+        max_concurrency=1,
+        short_work_ms=0.0,
+    )
     with TestClient(create_app(settings)) as http:
         wait_ready(http)
         batched = _concurrently(http, REQUESTS)
