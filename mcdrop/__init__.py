@@ -17,6 +17,7 @@ from mcdrop.exceptions import (
     InvalidInputError,
     McDropError,
     NoDropoutError,
+    NonFiniteOutputError,
     UnsupportedModelError,
 )
 from mcdrop.predictor import Predictor
@@ -32,6 +33,7 @@ __all__ = [
     "McDropError",
     "ModelSpec",
     "NoDropoutError",
+    "NonFiniteOutputError",
     "Predictor",
     "UnsupportedModelError",
     "dropout_modules",
