@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format bench models clean
+.PHONY: install serve test lint format bench fuzz models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# schemathesis, every check, against a real server: the test suite's run, longer and with a fresh
+# seed (FUZZ_SEED=1 repeats the suite's; the seed of a failing run is in its output).
+FUZZ_EXAMPLES ?= 300
+FUZZ_SEED ?= random
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/pytest tests/e2e/test_schemathesis.py -s --timeout 0
 
 # The exact commands that produced the bundled models (reproducible: seeded, one thread).
 models: $(STAMP)

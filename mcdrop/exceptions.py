@@ -6,6 +6,7 @@ Every error carries a message that names the bad value and says what to do about
     ├── NoDropoutError          the model has no stochastic layer: MC variance would be silently 0
     ├── UnsupportedModelError   the model does something sampling cannot handle (e.g. batch mixing)
     ├── InvalidInputError       inputs of the wrong shape, dtype or with non-finite values
+    │   └── NonFiniteOutputError  finite inputs so far out that the model's outputs overflow
     ├── InvalidArgumentError    a bad n_samples, seed, level, chunk size, ...
     ├── CheckpointError         a model directory that is missing, corrupt or inconsistent
     │   └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
@@ -29,6 +30,20 @@ class UnsupportedModelError(McDropError):
 
 class InvalidInputError(McDropError, ValueError):
     """Inputs that do not fit the model: wrong shape, dtype, or NaN/inf values."""
+
+
+class NonFiniteOutputError(InvalidInputError):
+    """Finite inputs whose outputs are NaN or ±inf (beyond float32): far outside the data the
+    model was trained on. ``rows`` are the offending row indices of the batch."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+        shown = f"{rows[:10]}" if len(rows) <= 10 else f"{rows[:10]} and {len(rows) - 10} more"
+        super().__init__(
+            f"the model's outputs for rows {shown} are not finite (NaN or beyond float32's "
+            "range): those inputs are far outside what the model was trained on; send values on "
+            "the scale of its training data"
+        )
 
 
 class InvalidArgumentError(McDropError, ValueError):

@@ -13,7 +13,12 @@ from torch import Tensor
 
 from mcdrop import sampling
 from mcdrop.checkpoint import LoadedModel, ModelSpec
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, SamplingStoppedError
+from mcdrop.exceptions import (
+    InvalidArgumentError,
+    InvalidInputError,
+    NonFiniteOutputError,
+    SamplingStoppedError,
+)
 from mcdrop.stats import (
     ClassificationAccumulator,
     ClassificationSummary,
@@ -41,6 +46,34 @@ class RegressionPrediction:
 
 Prediction = ClassificationPrediction | RegressionPrediction
 Summary = ClassificationSummary | RegressionSummary
+
+
+def non_finite_rows(result: Prediction | Summary, samples: Tensor | None = None) -> list[int]:
+    """Indices of the rows where any output is NaN or ±inf: any ``(N, ...)`` tensor of
+    ``result``, or ``samples (S, N, K)``."""
+    bad: Tensor | None = None
+    for value in vars(result).values():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.is_floating_point():
+            rows = ~torch.isfinite(value).reshape(value.shape[0], -1).all(1)
+            bad = rows if bad is None else bad | rows
+    if samples is not None:
+        rows = ~torch.isfinite(samples).all(0).reshape(samples.shape[1], -1).all(1)
+        bad = rows if bad is None else bad | rows
+    return [] if bad is None else bad.nonzero().flatten().tolist()
+
+
+def check_finite(result: Prediction | Summary, samples: Tensor | None = None) -> None:
+    """Raise :class:`NonFiniteOutputError` naming the rows of ``result`` (and of ``samples
+    (S, N, K)``) with a NaN or ±inf output.
+
+    Finite inputs can still overflow: a ReLU network is linear far from its data, so inputs of
+    1e20 give outputs of ~1e21 whose variance (~1e42) is beyond float32, and inputs near 3e38
+    overflow the first layer into inf logits, whose softmax is NaN. Such a summary means nothing,
+    so it is refused rather than returned with NaN in it.
+    """
+    rows = non_finite_rows(result, samples)
+    if rows:
+        raise NonFiniteOutputError(rows)
 
 
 class Predictor:
@@ -86,14 +119,24 @@ class Predictor:
         assert self.spec.tau is not None
         return out, torch.full_like(out, 1.0 / self.spec.tau)
 
-    def predict(self, x: Tensor) -> Prediction:
-        """Deterministic prediction (dropout off): ``x (N, *input_shape)``."""
+    def predict(self, x: Tensor, *, check_outputs: bool = True) -> Prediction:
+        """Deterministic prediction (dropout off): ``x (N, *input_shape)``.
+
+        Raises :class:`NonFiniteOutputError` when an output is NaN or ±inf, unless
+        ``check_outputs`` is False (a caller that batches several requests checks each
+        request's rows itself with :func:`check_finite`).
+        """
         out = sampling.predict(self.model.module, self.check_inputs(x))
+        prediction: Prediction
         if self.spec.task == "classification":
             probs = torch.softmax(out, dim=-1)
-            return ClassificationPrediction(probabilities=probs, label=probs.argmax(-1))
-        mean, noise = self._noise_variance(out)
-        return RegressionPrediction(mean=mean, noise_variance=noise)
+            prediction = ClassificationPrediction(probabilities=probs, label=probs.argmax(-1))
+        else:
+            mean, noise = self._noise_variance(out)
+            prediction = RegressionPrediction(mean=mean, noise_variance=noise)
+        if check_outputs:
+            check_finite(prediction)
+        return prediction
 
     def uncertainty(
         self,
@@ -105,6 +148,7 @@ class Predictor:
         return_samples: bool = False,
         targets: Tensor | None = None,
         stop: Callable[[], bool] | None = None,
+        check_outputs: bool = True,
     ) -> tuple[Summary, Tensor | None]:
         """MC-dropout summary of every row, computed in streaming fashion.
 
@@ -118,6 +162,8 @@ class Predictor:
             targets: ``(N, K)`` regression targets, to compute the test log-likelihood.
             stop: checked before every forward pass; when it returns True, sampling ends with
                 :class:`~mcdrop.exceptions.SamplingStoppedError` (a server's client went away).
+            check_outputs: raise :class:`NonFiniteOutputError` when a statistic or a returned
+                sample is NaN or ±inf (see :func:`check_finite`).
 
         Returns:
             the summary, and the samples or None.
@@ -148,4 +194,7 @@ class Predictor:
                 else:
                     values = chunk.values[..., :k]
                 samples[chunk.samples, chunk.rows] = values
-        return acc.result(), samples
+        summary = acc.result()
+        if check_outputs:
+            check_finite(summary, samples)
+        return summary, samples

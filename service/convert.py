@@ -19,13 +19,17 @@ from mcdrop.stats import ClassificationSummary
 from service import schemas
 from service.errors import validation_details
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+#: An input number: finite and within float32 (exactly the schema's minimum and maximum, so a
+#: number just above float32's largest is refused here rather than rounded to it or to inf).
+InputFloat = Annotated[
+    float, Field(allow_inf_nan=False, ge=-schemas.FLOAT32_MAX, le=schemas.FLOAT32_MAX)
+]
 
 
 @lru_cache(maxsize=8)
 def _rows_adapter(rank: int) -> TypeAdapter[Any]:
     """Validator of a batch of rows nested ``rank`` deep: numbers only (no strings, no bools)."""
-    row: Any = FiniteFloat
+    row: Any = InputFloat
     for _ in range(rank):
         row = list[row]
     return TypeAdapter(list[row])

@@ -2,29 +2,41 @@
 
 Every error response is JSON: ``{"error": {"code": ..., "message": ..., "details": [...],
 "request_id": ...}}`` (the ID also travels in the ``X-Request-ID`` header).
+The codes, each with its status and what raises it, are all of :class:`ErrorCode` (a test holds
+this table and the enum to each other, and every error response to the enum)::
 
-    ServiceError                 status
-    ├── ModelNotFoundError       404  unknown model name
-    ├── ModelNotReadyError       503  the model is still loading, or failed to load
-    ├── OverloadedError          503  the model's queue is full (with Retry-After)
-    ├── LimitExceededError       422  too many rows, samples, returned samples or response bytes,
-    │                                 or more work than fits in the request deadline
-    ├── BodyTooLargeError        413  request body above the size limit
-    ├── RequestTimeoutError      408  the request body did not arrive in time
-    ├── DeadlineExceededError    504  the answer was not ready within request_timeout_s
-    └── ClientDisconnectedError  499  the client went away (nobody reads this answer)
+    code                    status  raised by
+    invalid_json            400     a body that is not JSON (or not UTF-8, or unparseable)
+    model_not_found         404     ModelNotFoundError: unknown model name
+    not_found               404     a path no route serves
+    method_not_allowed      405     a method the path does not serve (``Allow`` lists those it does)
+    body_too_large          413     BodyTooLargeError: request body above the size limit
+    unsupported_media_type  415     UnsupportedMediaTypeError: a body that is not application/json
+    invalid_request         422     RequestValidationError: fields of the wrong type or range
+    invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
+    non_finite_output       422     mcdrop.NonFiniteOutputError: outputs overflow (rows named)
+    invalid_argument        422     mcdrop.InvalidArgumentError
+    limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
+                                    or response bytes
+    unauthorized            401     an API key is set and the request lacks it (service.auth)
+    request_timeout         408     RequestTimeoutError: the body did not arrive in time
+    client_closed_request   499     ClientDisconnectedError: the client left (nobody reads it)
+    overloaded              503     OverloadedError: the model's queue is full (``Retry-After``)
+    shutting_down           503     mcdrop.SamplingStoppedError: the server is stopping
+    deadline_exceeded       504     DeadlineExceededError: no answer within request_timeout_s
+    model_not_ready         503     ModelNotReadyError: the model is still loading, or failed to
+    model_error             500     any other mcdrop.McDropError: the model cannot be sampled
+    internal_error          500     anything unexpected (logged with its traceback)
+    http_error              4xx     another status raised by Starlette itself
 
-    mcdrop.InvalidInputError     422  inputs of the wrong shape, non-numeric, NaN/inf
-    mcdrop.InvalidArgumentError  422
-    mcdrop.SamplingStoppedError  503  sampling stopped: the service is shutting down
-    mcdrop.McDropError (other)   500  the model itself cannot be sampled
-    RequestValidationError       400  invalid JSON; 422 for fields of the wrong type or range
+Error bodies echo the offending value only as far as JSON can carry it: a NaN or ±inf becomes
+its string, and long values are cut (see :func:`jsonable`); rendering an error never raises.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -33,23 +45,48 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mcdrop.exceptions import (
     InvalidArgumentError,
     InvalidInputError,
     McDropError,
+    NonFiniteOutputError,
     SamplingStoppedError,
 )
 from service.logs import current_request_id
+from service.schemas import ErrorCode
 
 log = logging.getLogger("mcdrop.service")
+
+__all__ = [
+    "BodyTooLargeError",
+    "ClientDisconnectedError",
+    "DeadlineExceededError",
+    "ErrorCode",
+    "LimitExceededError",
+    "ModelNotFoundError",
+    "ModelNotReadyError",
+    "OverloadedError",
+    "RequestTimeoutError",
+    "ServiceError",
+    "UnsupportedMediaTypeError",
+    "error_response",
+    "install",
+    "jsonable",
+    "public_message",
+    "validation_details",
+]
+
+#: Longest echo of a value in an error body (characters of its text).
+MAX_ECHO_CHARS = 100
 
 
 class ServiceError(Exception):
     """An error of the service layer with its HTTP status and error code."""
 
     status_code = 500
-    code = "internal_error"
+    code = ErrorCode.INTERNAL_ERROR
 
     def __init__(
         self,
@@ -65,27 +102,32 @@ class ServiceError(Exception):
 
 class ModelNotFoundError(ServiceError):
     status_code = 404
-    code = "model_not_found"
+    code = ErrorCode.MODEL_NOT_FOUND
 
 
 class ModelNotReadyError(ServiceError):
     status_code = 503
-    code = "model_not_ready"
+    code = ErrorCode.MODEL_NOT_READY
 
 
 class LimitExceededError(ServiceError):
     status_code = 422
-    code = "limit_exceeded"
+    code = ErrorCode.LIMIT_EXCEEDED
 
 
 class BodyTooLargeError(ServiceError):
     status_code = 413
-    code = "body_too_large"
+    code = ErrorCode.BODY_TOO_LARGE
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status_code = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class OverloadedError(ServiceError):
     status_code = 503
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
@@ -93,38 +135,17 @@ class OverloadedError(ServiceError):
 
 class RequestTimeoutError(ServiceError):
     status_code = 408
-    code = "request_timeout"
+    code = ErrorCode.REQUEST_TIMEOUT
 
 
 class DeadlineExceededError(ServiceError):
     status_code = 504
-    code = "deadline_exceeded"
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class ClientDisconnectedError(ServiceError):
     status_code = 499  # nginx's "client closed request": logged, never read by anyone
-    code = "client_closed_request"
-
-
-def error_response(
-    status_code: int,
-    code: str,
-    message: str,
-    details: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        status_code=status_code,
-        content={
-            "error": {
-                "code": code,
-                "message": message,
-                "details": details or [],
-                "request_id": current_request_id(),
-            }
-        },
-        headers=headers,
-    )
+    code = ErrorCode.CLIENT_CLOSED_REQUEST
 
 
 #: An absolute path of two or more components (``/srv/models/x/model.json``); group 1 is its
@@ -143,34 +164,102 @@ def public_message(message: str, model_dir: Path) -> str:
     return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
+def _cut(text: str) -> str:
+    if len(text) <= MAX_ECHO_CHARS:
+        return text
+    return f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as something JSON can always render: non-finite floats as their string
+    (``"nan"``, ``"inf"``), ints of more than :data:`MAX_ECHO_CHARS` digits and long strings cut,
+    containers element by element, anything else as its cut ``repr``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, int):
+        # Above 4300 digits str(int) itself raises; far below that the echo is useless.
+        if value.bit_length() > 3 * MAX_ECHO_CHARS:
+            return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
+        text = str(value)
+        return value if len(text) <= MAX_ECHO_CHARS else _cut(text)
+    if isinstance(value, str):
+        return _cut(value)
+    if isinstance(value, dict):
+        return {_cut(str(k)): jsonable(v) for k, v in list(value.items())[:20]}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value[:20]]
+    try:
+        return _cut(repr(value))
+    except Exception:  # a repr that raises: name its type instead
+        return type(value).__name__
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) if parts else "body"
 
 
-def _jsonable(value: Any) -> Any:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
-
-
 def validation_details(errors: Any) -> list[dict[str, Any]]:
-    """pydantic errors as ``{"field", "message", "type"}`` entries."""
+    """pydantic errors as ``{"field", "message", "type"[, "input"]}`` entries; the input is
+    echoed only when it is a scalar (see :func:`jsonable`)."""
     return [
         {
             "field": _location(tuple(e.get("loc", ()))),
-            "message": e.get("msg", ""),
-            "type": e.get("type", ""),
+            "message": _cut(str(e.get("msg", ""))),
+            "type": str(e.get("type", "")),
             **(
-                {"input": _jsonable(e["input"])}
+                {"input": jsonable(e["input"])}
                 if "input" in e and not isinstance(e["input"], dict | list)
                 else {}
             ),
         }
         for e in errors
     ]
+
+
+def error_response(
+    status_code: int,
+    code: ErrorCode,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The JSON error response; never raises (details JSON cannot carry are dropped)."""
+    content = {
+        "error": {
+            "code": str(code),
+            "message": message,
+            "details": details or [],
+            "request_id": current_request_id(),
+        }
+    }
+    try:
+        return JSONResponse(status_code=status_code, content=content, headers=headers)
+    except (TypeError, ValueError):  # a detail JSON cannot carry: the message still goes out
+        log.warning("error details not serialisable: %r", details)
+        content["error"]["details"] = []
+        return JSONResponse(status_code=status_code, content=content, headers=headers)
+
+
+#: The methods a 405's ``Allow`` may list, in the order it lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods some route serves at the request's path, for a 405's ``Allow``. (Starlette's
+    own lists only the first matching route's, and a GET route's HEAD twin is a route of its
+    own.) Probed through each route's public ``matches``, so nested routers count too."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
+        )
+    ]
+    return ", ".join(allowed)
 
 
 def install(app: FastAPI) -> None:
@@ -181,21 +270,28 @@ def install(app: FastAPI) -> None:
         return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(SamplingStoppedError)
-    async def _interrupted(_: Request, exc: SamplingStoppedError) -> JSONResponse:
-        return error_response(503, "shutting_down", str(exc), headers={"Retry-After": "1"})
+    async def _stopped(_: Request, exc: SamplingStoppedError) -> JSONResponse:
+        headers = {"Retry-After": "1"}
+        return error_response(503, ErrorCode.SHUTTING_DOWN, str(exc), headers=headers)
+
+    @app.exception_handler(NonFiniteOutputError)
+    async def _non_finite(_: Request, exc: NonFiniteOutputError) -> JSONResponse:
+        return error_response(
+            422, ErrorCode.NON_FINITE_OUTPUT, str(exc), [{"field": "inputs", "rows": exc.rows}]
+        )
 
     @app.exception_handler(InvalidInputError)
     async def _input(_: Request, exc: InvalidInputError) -> JSONResponse:
-        return error_response(422, "invalid_input", str(exc))
+        return error_response(422, ErrorCode.INVALID_INPUT, str(exc))
 
     @app.exception_handler(InvalidArgumentError)
     async def _argument(_: Request, exc: InvalidArgumentError) -> JSONResponse:
-        return error_response(422, "invalid_argument", str(exc))
+        return error_response(422, ErrorCode.INVALID_ARGUMENT, str(exc))
 
     @app.exception_handler(McDropError)
     async def _model(_: Request, exc: McDropError) -> JSONResponse:
         log.error("model error: %s", exc)
-        return error_response(500, "model_error", str(exc))
+        return error_response(500, ErrorCode.MODEL_ERROR, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -203,21 +299,36 @@ def install(app: FastAPI) -> None:
         if any(d["type"] == "json_invalid" for d in details):
             return error_response(
                 400,
-                "invalid_json",
+                ErrorCode.INVALID_JSON,
                 "the request body is not valid JSON: " + details[0]["message"],
                 details,
             )
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
-        return error_response(422, "invalid_request", f"invalid request: {summary}", details)
+        return error_response(
+            422, ErrorCode.INVALID_REQUEST, f"invalid request: {summary}", details
+        )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(
-            exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
-        )
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            code, message = ErrorCode.NOT_FOUND, f"no route serves {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = _allowed_methods(request) or headers.get("Allow", "")
+            headers["Allow"] = allowed
+            code = ErrorCode.METHOD_NOT_ALLOWED
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        elif exc.status_code == 400:
+            # FastAPI's "error parsing the body": e.g. an integer of more than 4300 digits.
+            code = ErrorCode.INVALID_JSON
+            message = f"the request body could not be parsed as JSON: {exc.detail}"
+        else:
+            code, message = ErrorCode.HTTP_ERROR, str(exc.detail)
+        return error_response(exc.status_code, code, _cut(message), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal server error; see the server log")
+        return error_response(
+            500, ErrorCode.INTERNAL_ERROR, "internal server error; see the server log"
+        )

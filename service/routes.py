@@ -13,52 +13,126 @@ tensor → batcher (with the request's deadline, and a watch for the client goin
 from __future__ import annotations
 
 import asyncio
+import email.message
 import math
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import lru_cache, partial
 from typing import Any, TypeVar
 
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from mcdrop.masks import fresh_seed
+from mcdrop.predictor import check_finite
 from service import convert, schemas
 from service.arrivals import INFERENCE_TAG
 from service.batching import MCOptions
 from service.config import Settings
 from service.deps import RegistryDep, SettingsDep
-from service.errors import LimitExceededError
+from service.errors import LimitExceededError, UnsupportedMediaTypeError
 from service.registry import ModelHandle, Registry
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse, "description": text}
-    for code, text in {
-        400: "invalid JSON",
-        404: "unknown model",
-        413: "request body too large",
-        422: "invalid inputs or options, or a limit exceeded",
-        408: "the request body did not arrive in time",
-        503: "model still loading or failed to load, or its queue is full (see Retry-After)",
-        504: "the answer was not ready within the request deadline",
-    }.items()
+# The statuses each route can answer besides 200, and nothing else (a route that cannot 422 must
+# not list it). Once an API key can be required, every route but /health and /ready adds 401.
+_STATUS_TEXT = {
+    400: "the body is not valid JSON",
+    404: "unknown model",
+    413: "request body too large",
+    415: "the body is not application/json",
+    408: "the request body did not arrive in time",
+    422: "invalid inputs or options, a limit exceeded, or outputs that are not finite",
+    500: "the model failed while computing (see the server log)",
+    503: "the model is still loading or failed to load, its queue is full (see Retry-After), or "
+    "the server is stopping",
+    504: "the answer was not ready within the request deadline",
 }
 
 
-@router.get("/health", response_model=schemas.Health, tags=["status"])
+#: The ``name`` path parameter, for routes that read it from the path rather than declare it.
+NAME_PARAMETER = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": schemas.ErrorResponse, "description": _STATUS_TEXT[s]} for s in statuses}
+
+
+class _HeadRoute(APIRoute):
+    """HEAD of a GET route: the GET's status and headers (its Content-Length included), no
+    body (RFC 9110 §9.3.2)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        get = super().get_route_handler()
+
+        async def head(request: Request) -> Response:
+            response = await get(request)
+            return Response(status_code=response.status_code, headers=dict(response.headers))
+
+        return head
+
+
+def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``router.get(path, **kwargs)`` that also answers HEAD. The HEAD twin is a route of its
+    own, kept out of the OpenAPI schema (one route with both methods would document HEAD too,
+    under the same operation id as GET)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["HEAD"],
+            include_in_schema=False,
+            route_class_override=_HeadRoute,
+            **kwargs,
+        )
+        return router.get(path, **kwargs)(endpoint)
+
+    return register
+
+
+@lru_cache(maxsize=64)
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type header names JSON: ``application/json`` or ``application/*+json``,
+    with any parameters (e.g. ``; charset=utf-8``); the same test FastAPI applies before it
+    parses a body. (Cached: parsing the header costs more than a dict lookup, and clients send
+    the same few values.)"""
+    if not content_type:
+        return False
+    header = email.message.Message()
+    header["content-type"] = content_type
+    subtype = header.get_content_subtype()
+    return header.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+async def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON. A missing Content-Type is refused too: FastAPI would
+    not parse such a body, and ``curl -d`` sends form encoding unless told otherwise."""
+    content_type = request.headers.get("content-type")
+    if not is_json(content_type):
+        got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        raise UnsupportedMediaTypeError(
+            f"the body must be JSON sent as Content-Type: application/json, got {got[:100]} "
+            "(with curl: -H 'content-type: application/json')"
+        )
+
+
+@_get("/health", response_model=schemas.Health, tags=["status"])
 async def health() -> schemas.Health:
     """Liveness: the process answers."""
     return schemas.Health(status="ok")
 
 
-@router.get(
+@_get(
     "/ready",
     response_model=schemas.Readiness,
     tags=["status"],
-    responses={503: {"model": schemas.Readiness}},
+    responses={503: {"model": schemas.Readiness, "description": "not every model is ready"}},
 )
 async def ready(registry: RegistryDep) -> Any:
     """Readiness: 200 once every model has loaded and run a warm-up pass (``ready``), or every
@@ -71,19 +145,21 @@ async def ready(registry: RegistryDep) -> Any:
     return body
 
 
-@router.get(
+@_get(
     "/models/{name}/ready",
     response_model=schemas.ModelReadiness,
     response_model_exclude_none=True,
     tags=["status"],
     responses={
-        404: _ERRORS[404],
+        **_errors(404),
         503: {"model": schemas.ModelReadiness, "description": "loading, or failed to load"},
     },
+    openapi_extra={"parameters": [NAME_PARAMETER]},  # no 422: see get_model
 )
-async def model_ready(name: str, registry: RegistryDep) -> Any:
+async def model_ready(request: Request, registry: RegistryDep) -> Any:
     """One model's readiness: 200 once it has loaded and run a warm-up pass; 503 while it loads
     or if it failed to load, with the reason."""
+    name = request.path_params["name"]
     status, reason = registry.model_readiness(name)
     body = schemas.ModelReadiness(name=name, status=status, reason=reason)
     if status != "ready":
@@ -91,7 +167,7 @@ async def model_ready(name: str, registry: RegistryDep) -> Any:
     return body
 
 
-@router.get(
+@_get(
     "/metrics",
     tags=["status"],
     response_class=Response,
@@ -103,16 +179,26 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/models", response_model=schemas.ModelList, tags=["models"])
+@_get("/models", response_model=schemas.ModelList, tags=["models"])
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> schemas.ModelList:
     """The models that are loaded."""
     return schemas.ModelList(models=[_info(s, settings) for s in registry.ready_specs()])
 
 
-@router.get("/models/{name}", response_model=schemas.ModelInfo, tags=["models"], responses=_ERRORS)
-async def get_model(name: str, registry: RegistryDep, settings: SettingsDep) -> schemas.ModelInfo:
+@_get(
+    "/models/{name}",
+    response_model=schemas.ModelInfo,
+    tags=["models"],
+    responses=_errors(404, 503),
+    # ``name`` is read from the path rather than declared: FastAPI documents a 422 for every
+    # route with a declared parameter, and no name can fail validation here.
+    openapi_extra={"parameters": [NAME_PARAMETER]},
+)
+async def get_model(
+    request: Request, registry: RegistryDep, settings: SettingsDep
+) -> schemas.ModelInfo:
     """What a client needs to call a model: task, input shape, labels, sample limits, metrics."""
-    return _info(registry.get(name).spec, settings)
+    return _info(registry.get(request.path_params["name"]).spec, settings)
 
 
 def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
@@ -193,11 +279,15 @@ async def _tensor(
     return x
 
 
+_INFERENCE_ERRORS = _errors(400, 404, 408, 413, 415, 422, 500, 503, 504)
+
+
 @router.post(
     "/models/{name}/predict",
     response_model=schemas.PredictResponse,
     tags=[INFERENCE_TAG],
-    responses=_ERRORS,
+    responses=_INFERENCE_ERRORS,
+    dependencies=[Depends(require_json)],
 )
 async def predict(
     name: str,
@@ -214,6 +304,7 @@ async def predict(
     _check_response_size(rows, 2 * k, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     prediction = await handle.predict(x, gone=_disconnected(request))
+    check_finite(prediction)  # this request's rows only: a merged batch is not checked whole
     response = await _off_loop(
         rows * k > LARGE_RESPONSE_VALUES, convert.predict_response, handle.predictor, prediction
     )
@@ -238,7 +329,8 @@ def _n_samples(body: schemas.UncertaintyRequest, handle: ModelHandle, settings: 
     response_model=schemas.UncertaintyResponse,
     response_model_exclude_none=True,
     tags=[INFERENCE_TAG],
-    responses=_ERRORS,
+    responses=_INFERENCE_ERRORS,
+    dependencies=[Depends(require_json)],
 )
 async def uncertainty(
     name: str,
@@ -271,6 +363,7 @@ async def uncertainty(
     x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed
     summary, samples = await handle.uncertainty(x, options, seed=seed, gone=_disconnected(request))
+    check_finite(summary, samples)
     large = rows * values > LARGE_RESPONSE_VALUES
     response = await _off_loop(
         large,

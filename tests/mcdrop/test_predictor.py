@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import pytest
 import torch
 
 from mcdrop import checkpoint
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
-from mcdrop.predictor import ClassificationPrediction, Predictor, RegressionPrediction
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, NonFiniteOutputError
+from mcdrop.predictor import (
+    ClassificationPrediction,
+    Predictor,
+    RegressionPrediction,
+    check_finite,
+    non_finite_rows,
+)
 from mcdrop.stats import ClassificationSummary, RegressionSummary
 from tests.conftest import MODELS
 
@@ -58,3 +67,65 @@ def test_bad_inputs_are_explained(digits: Predictor, bad: torch.Tensor) -> None:
 def test_targets_shape_checked(diabetes: Predictor) -> None:
     with pytest.raises(InvalidArgumentError):
         diabetes.uncertainty(torch.zeros(2, 10), 4, targets=torch.zeros(3, 1))
+
+
+BUNDLED_SHAPES = {"digits": (64,), "diabetes": (10,), "fashion": (28, 28)}
+
+
+@pytest.fixture(scope="module", params=sorted(BUNDLED_SHAPES))
+def bundled(request: pytest.FixtureRequest) -> Predictor:
+    return Predictor(checkpoint.load(MODELS / request.param))
+
+
+@pytest.mark.parametrize("extreme", [1e20, -1e20, 3e38, -3e38])
+def test_outputs_are_finite_or_the_overflowing_rows_are_named(
+    bundled: Predictor, extreme: float
+) -> None:
+    shape = BUNDLED_SHAPES[bundled.spec.name]
+    x = torch.stack([torch.zeros(shape), torch.full(shape, extreme), torch.ones(shape)])
+    det = bundled.predict(x, check_outputs=False)
+    summary, samples = bundled.uncertainty(x, 20, seed=0, return_samples=True, check_outputs=False)
+    for bad, call in [
+        (non_finite_rows(det), lambda: bundled.predict(x)),
+        (non_finite_rows(summary, samples), lambda: bundled.uncertainty(x, 20, seed=0)),
+    ]:
+        assert bad in ([], [1])  # only the extreme row can overflow
+        if bad:
+            with pytest.raises(NonFiniteOutputError, match=r"rows \[1\]") as info:
+                call()
+            assert info.value.rows == [1]
+        else:
+            call()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "endpoint"),
+    [
+        ("digits", 3e38, "predict"),
+        ("digits", 3e38, "uncertainty"),
+        ("diabetes", 1e20, "uncertainty"),
+    ],
+)
+def test_known_overflows_raise(name: str, value: float, endpoint: str) -> None:
+    """digits at 3e38: inf logits, NaN probabilities; diabetes at 1e20: a finite mean of ~1e21
+    whose variance (~1e42) is beyond float32."""
+    predictor = Predictor(checkpoint.load(MODELS / name))
+    x = torch.full((2, *BUNDLED_SHAPES[name]), value)
+    call = predictor.predict if endpoint == "predict" else partial(predictor.uncertainty, seed=0)
+    with pytest.raises(NonFiniteOutputError) as info:
+        call(x)
+    assert info.value.rows == [0, 1]
+    assert isinstance(info.value, InvalidInputError)
+
+
+def test_check_finite_names_rows_of_summaries_and_samples() -> None:
+    pred = RegressionPrediction(
+        mean=torch.tensor([[1.0], [math.inf], [2.0]]), noise_variance=torch.ones(3, 1)
+    )
+    assert non_finite_rows(pred) == [1]
+    samples = torch.zeros(4, 3, 1)
+    samples[2, 2, 0] = math.nan
+    assert non_finite_rows(pred, samples) == [1, 2]
+    with pytest.raises(NonFiniteOutputError, match=r"rows \[1, 2\]"):
+        check_finite(pred, samples)
+    check_finite(RegressionPrediction(mean=torch.ones(2, 1), noise_variance=torch.ones(2, 1)))

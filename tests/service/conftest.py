@@ -5,12 +5,31 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from service.schemas import ErrorCode
 from tests.conftest import MODELS
+
+
+def check_error_body(response: httpx2.Response) -> None:
+    """Every error response is JSON ``{"error": {"code", "message", "details"}}`` with a code of
+    the one vocabulary, :class:`ErrorCode` (a response hook on the test clients). ``/ready``'s
+    503 is its readiness report, not an error."""
+    if (
+        response.status_code < 400
+        or response.request.method == "HEAD"
+        or response.request.url.path == "/ready"
+    ):
+        return
+    response.read()
+    error = response.json()["error"]
+    assert error["code"] in set(ErrorCode), error
+    assert isinstance(error["message"], str)
+    assert isinstance(error["details"], list)
 
 
 def wait_ready(http: TestClient, timeout: float = 60.0) -> None:
@@ -37,5 +56,6 @@ def settings() -> Settings:
 @pytest.fixture(scope="package")
 def http(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
+        client.event_hooks["response"].append(check_error_body)
         wait_ready(client)
         yield client

@@ -322,3 +322,30 @@ def test_cost_model_scales_with_rows_and_samples(digits: Predictor) -> None:
     assert cost.fixed > 0
     assert cost.seconds(64, MCOptions(100)) > cost.seconds(1, MCOptions(100))
     assert cost.seconds(1, MCOptions(1000)) > cost.seconds(1, MCOptions(10))
+
+
+def test_the_short_lane_keeps_small_jobs_apart_from_large_ones(digits: Predictor) -> None:
+    x = torch.tensor(ROWS, dtype=torch.float32)
+    # Timings that call everything free: the large job must still go to the long lane (its size
+    # is far past what the timings were taken on), so the short lane stays free for the small.
+    cost = CostModel()
+    large = [Job(x.repeat(20, 1), MCOptions(2000), seed=s) for s in range(2)]
+    small = Job(x[:1], MCOptions(50), seed=3)
+    with ThreadPoolExecutor(2) as long_pool, ThreadPoolExecutor(1) as short_pool:
+        batcher = Batcher(
+            digits,
+            executor=long_pool,
+            cost=cost,
+            inline_ms=0.0,
+            max_parallel=2,
+            short_executor=short_pool,
+        )
+
+        async def main() -> None:
+            slow = [asyncio.ensure_future(batcher.submit(job)) for job in large]
+            await asyncio.sleep(0.01)
+            await asyncio.wait_for(batcher.submit(small), timeout=30)
+            assert not any(task.done() for task in slow)
+            await asyncio.gather(*slow)
+
+        asyncio.run(main())

@@ -1,14 +1,190 @@
-"""Error messages fit for responses: no absolute server paths."""
+"""Errors as responses: values JSON cannot carry, the one vocabulary of codes, 405's Allow, and
+messages without absolute server paths."""
 
 from __future__ import annotations
 
+import ast
+import json
+import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-from service.errors import public_message
+from service import errors
+from service.errors import ServiceError, error_response, jsonable, public_message
+from service.schemas import ErrorCode
+from tests.conftest import ROOT
 
-ROOT = Path("/srv/app/models")
+ROW = ",".join(["0"] * 10)
+
+# -- values JSON cannot carry -----------------------------------------------------------------
+
+
+class _BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (math.nan, "nan"),
+        (math.inf, "inf"),
+        (-math.inf, "-inf"),
+        (1.5, 1.5),
+        (7, 7),
+        (True, True),
+        (None, None),
+        ("short", "short"),
+        ([math.nan, 1], ["nan", 1]),
+        ({"a": math.inf}, {"a": "inf"}),
+    ],
+)
+def test_jsonable_keeps_what_json_carries_and_names_the_rest(value: Any, expected: Any) -> None:
+    assert jsonable(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**400, -(10**400), 10**5000, "x" * 10_000, b"\xff" * 1000, _BadRepr(), object()],
+    ids=["1e400", "-1e400", "1e5000", "long str", "long bytes", "bad repr", "object"],
+)
+def test_jsonable_renders_huge_and_odd_values_short(value: Any) -> None:
+    text = json.dumps(jsonable(value), allow_nan=False)
+    assert len(text) < 200
+
+
+def test_error_response_never_raises() -> None:
+    response = error_response(422, ErrorCode.INVALID_REQUEST, "bad", [{"x": math.nan}])
+    assert json.loads(response.body) == {
+        "error": {
+            "code": "invalid_request",
+            "message": "bad",
+            "details": [],
+            "request_id": None,  # outside a request
+        }
+    }
+
+
+# Every top-level field, the inputs scalar and a number inside a row, with the JSON tokens
+# Python's json accepts (NaN, Infinity, -Infinity), a number beyond float64 and a huge integer.
+TOKENS = ["NaN", "Infinity", "-Infinity", "1e400", "1" + "0" * 400]
+FIELDS = {  # where VALUE goes
+    "level": '{"inputs": [[ROW]], "level": VALUE}',
+    "n_samples": '{"inputs": [[ROW]], "n_samples": VALUE}',
+    "seed": '{"inputs": [[ROW]], "seed": VALUE}',
+    "return_samples": '{"inputs": [[ROW]], "return_samples": VALUE}',
+    "inputs": '{"inputs": VALUE}',
+    "row": '{"inputs": [VALUE]}',
+    "in a row": '{"inputs": [[0, 0, 0, 0, 0, 0, 0, 0, 0, VALUE]]}',
+}
+
+
+@pytest.mark.parametrize("token", TOKENS)
+@pytest.mark.parametrize("field", sorted(FIELDS))
+def test_non_finite_and_huge_numbers_in_any_field_are_a_4xx(
+    http: TestClient, field: str, token: str
+) -> None:
+    body = FIELDS[field].replace("ROW", ROW).replace("VALUE", token)
+    response = http.post(
+        "/models/diabetes/uncertainty",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] in {"invalid_request", "invalid_input", "limit_exceeded"}
+    assert len(response.content) < 2000  # the echo of a 401-digit number is cut
+
+
+def test_an_integer_too_long_to_parse_is_a_400(http: TestClient) -> None:
+    body = f'{{"inputs": [[{ROW}]], "seed": 1{"0" * 5000}}}'
+    response = http.post(
+        "/models/diabetes/uncertainty", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+# -- one vocabulary ----------------------------------------------------------------------------
+
+
+def test_docstring_table_lists_exactly_the_codes() -> None:
+    assert errors.__doc__ is not None
+    table = set(re.findall(r"^    ([a-z_]+) +(?:\d{3}|4xx) ", errors.__doc__, re.MULTILINE))
+    assert table == {c.value for c in ErrorCode}
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [s for c in cls.__subclasses__() for s in (c, *_subclasses(c))]
+
+
+def test_every_service_error_has_a_code_of_the_vocabulary() -> None:
+    for cls in (ServiceError, *_subclasses(ServiceError)):
+        assert cls.code in set(ErrorCode), cls
+
+
+def _literal_codes(path: Path) -> list[tuple[str, str]]:
+    """String literals used as an error code in ``path``: ``code = "..."`` and the second
+    argument of ``error_response(...)``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "code" for t in node.targets
+        ):
+            value = node.value
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "error_response"
+            and len(node.args) >= 2
+        ):
+            value = node.args[1]
+        else:
+            continue
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            found.append((f"{path.name}:{node.lineno}", value.value))
+    return found
+
+
+def test_no_code_outside_the_vocabulary_in_the_service_source() -> None:
+    literals = [c for p in sorted((ROOT / "service").glob("*.py")) for c in _literal_codes(p)]
+    assert literals, "the scan finds the literal codes (app.py's body_too_large at least)"
+    assert [c for c in literals if c[1] not in set(ErrorCode)] == []
+
+
+# -- 405 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/models/digits/predict", "POST"),
+        ("DELETE", "/models/digits/uncertainty", "POST"),
+        ("POST", "/health", "GET, HEAD"),
+        ("PUT", "/models/digits", "GET, HEAD"),
+        ("OPTIONS", "/ready", "GET, HEAD"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+    ],
+)
+def test_405_carries_allow(http: TestClient, method: str, path: str, allow: str) -> None:
+    response = http.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allow
+    error = response.json()["error"]
+    assert error["code"] == "method_not_allowed"
+    assert allow in error["message"]
+
+
+def test_404_names_the_path(http: TestClient) -> None:
+    response = http.get("/nothing/here")
+    assert response.status_code == 404
+    assert "/nothing/here" in response.json()["error"]["message"]
+
+
+PUBLIC_ROOT = Path("/srv/app/models")
 
 
 @pytest.mark.parametrize(
@@ -29,7 +205,7 @@ ROOT = Path("/srv/app/models")
     ],
 )
 def test_public_message(message: str, public: str) -> None:
-    assert public_message(message, ROOT) == public
+    assert public_message(message, PUBLIC_ROOT) == public
 
 
 def test_a_relative_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -324,3 +324,198 @@ def test_ready_is_503_while_loading(
         assert "loading" in loading.json()["error"]["message"]
         gate.set()
         wait_ready(client)
+
+
+# -- outputs that are not finite ---------------------------------------------------------------
+
+SHAPES = {"digits": [64], "diabetes": [10], "fashion": [28, 28]}
+EXTREMES = {"1e20": 1e20, "-1e20": -1e20, "3e38": 3e38, "-3e38": -3e38}
+
+
+def _full(shape: list[int], value: float) -> Any:
+    return [value] * shape[0] if len(shape) == 1 else [_full(shape[1:], value)] * shape[0]
+
+
+def _all_numbers_finite(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_all_numbers_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_numbers_finite(v) for v in value)
+    return value is not None and (not isinstance(value, float) or math.isfinite(value))
+
+
+@pytest.mark.parametrize("endpoint", ["predict", "uncertainty"])
+@pytest.mark.parametrize("extreme", sorted(EXTREMES))
+@pytest.mark.parametrize("model", sorted(SHAPES))
+def test_extreme_finite_inputs_give_finite_numbers_or_a_422_naming_the_rows(
+    http: TestClient, model: str, extreme: str, endpoint: str
+) -> None:
+    shape = SHAPES[model]
+    rows = [_full(shape, 0.5), _full(shape, EXTREMES[extreme]), _full(shape, 1.0)]
+    body: dict[str, Any] = {"inputs": rows}
+    if endpoint == "uncertainty":
+        body.update(n_samples=20, seed=0, return_samples=True)
+    response = http.post(f"/models/{model}/{endpoint}", json=body)
+    if response.status_code == 200:
+        assert _all_numbers_finite(response.json()), response.text
+        return
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "non_finite_output"
+    assert error["details"] == [{"field": "inputs", "rows": [1]}]  # only the extreme row
+    assert "rows [1]" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("model", "endpoint"),
+    [("digits", "predict"), ("digits", "uncertainty"), ("diabetes", "uncertainty")],
+)
+def test_known_overflows_are_422(http: TestClient, model: str, endpoint: str) -> None:
+    """The cases the issue found: digits at 3e38 (NaN probabilities, yet a label) and diabetes
+    at 1e20 (variance beyond float32)."""
+    value = 3e38 if model == "digits" else 1e20
+    rows = [_full(SHAPES[model], value)] * 2
+    response = http.post(
+        f"/models/{model}/{endpoint}",
+        json={"inputs": rows, "seed": 0} if endpoint == "uncertainty" else {"inputs": rows},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"] == [{"field": "inputs", "rows": [0, 1]}]
+
+
+def test_one_requests_overflow_does_not_fail_a_request_batched_with_it(
+    http: TestClient,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = {"inputs": [_full([64], 3e38)]}
+    good = {"inputs": DIGITS[:1]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda body: http.post("/models/digits/predict", json=body).status_code,
+                [bad, good] * 8,
+            )
+        )
+    assert answers == [422, 200] * 8
+
+
+# -- HTTP semantics ----------------------------------------------------------------------------
+
+
+def _get_paths(http: TestClient) -> list[str]:
+    """Every GET path of the app, model names filled in."""
+    paths = [
+        route.path.replace("{name}", "digits")
+        for route in http.app.routes  # type: ignore[attr-defined]
+        if "GET" in getattr(route, "methods", ())
+    ]
+    schema_paths = [
+        p.replace("{name}", "digits")
+        for p, ops in http.get("/openapi.json").json()["paths"].items()
+        if "get" in ops
+    ]
+    return sorted(set(paths) | set(schema_paths))
+
+
+def test_head_on_every_get_route(http: TestClient) -> None:
+    paths = _get_paths(http)
+    assert {"/health", "/ready", "/models", "/models/digits", "/openapi.json"} <= set(paths)
+    for path in paths:
+        get, head = http.get(path), http.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        if path != "/metrics":  # the scrape changes from one call to the next
+            assert int(head.headers["content-length"]) == len(get.content), path
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "application/jsonp",
+        "text/json",
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["predict", "uncertainty"])
+def test_a_body_not_declared_json_is_415(
+    http: TestClient, endpoint: str, content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = http.post(
+        f"/models/diabetes/{endpoint}",
+        content=json.dumps({"inputs": [PATIENT]}).encode(),
+        headers=headers,
+    )
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "application/json" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/x+json",
+    ],
+)
+def test_json_content_types_are_accepted(http: TestClient, content_type: str) -> None:
+    response = http.post(
+        "/models/diabetes/predict",
+        content=json.dumps({"inputs": [PATIENT]}).encode(),
+        headers={"content-type": content_type},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_openapi_lists_only_the_statuses_a_route_returns(http: TestClient) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    statuses = {
+        (method.upper(), path): sorted(op["responses"])
+        for path, ops in paths.items()
+        for method, op in ops.items()
+    }
+    inference = ["200", "400", "404", "408", "413", "415", "422", "500", "503", "504"]
+    assert statuses == {
+        ("GET", "/health"): ["200"],
+        ("GET", "/ready"): ["200", "503"],
+        ("GET", "/metrics"): ["200"],
+        ("GET", "/models/{name}/ready"): ["200", "404", "503"],
+        ("GET", "/models"): ["200"],
+        ("GET", "/models/{name}"): ["200", "404", "503"],
+        ("POST", "/models/{name}/predict"): inference,
+        ("POST", "/models/{name}/uncertainty"): inference,
+    }
+    params = paths["/models/{name}"]["get"]["parameters"]
+    assert [(p["name"], p["in"], p["required"]) for p in params] == [("name", "path", True)]
+
+
+def test_openapi_types_inputs_as_nested_numbers_and_states_the_seed_range(
+    http: TestClient,
+) -> None:
+    schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    request = schemas["UncertaintyRequest"]["properties"]
+    row = request["inputs"]["items"]["anyOf"]
+    assert row[0] == {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "number",
+            "minimum": -3.4028234663852886e38,
+            "maximum": 3.4028234663852886e38,
+        },
+    }
+    assert row[1]["items"] == row[0]  # a row of rows: (H, W) images
+    seed = request["seed"]["anyOf"][0]
+    assert seed == {"type": "integer", "format": "int64", "minimum": 0}  # int64: up to 2**63 - 1
+    codes = schemas["ErrorCode"]["enum"]
+    assert "non_finite_output" in codes
+    assert "unsupported_media_type" in codes

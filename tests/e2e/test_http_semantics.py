@@ -1,0 +1,91 @@
+"""Malformed requests and HTTP semantics over a real socket: what uvicorn itself sends."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx2
+import pytest
+
+from service.schemas import ErrorCode
+from tests.e2e.conftest import serve
+
+pytestmark = pytest.mark.slow
+
+ROW = ",".join(["0"] * 10)
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve(tmp_path_factory.mktemp("serve")) as server:
+        base = server.url
+        yield base
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f'{{"inputs": [[{ROW}]], "level": NaN}}',
+        f'{{"inputs": [[{ROW}]], "n_samples": Infinity}}',
+        f'{{"inputs": [[{ROW}]], "seed": -Infinity}}',
+        f'{{"inputs": [[{ROW}]], "return_samples": NaN}}',
+        f'{{"inputs": [[{ROW}]], "seed": 1{"0" * 400}}}',
+        '{"inputs": [[0, 0, 0, 0, 0, 0, 0, 0, 0, 1e400]]}',
+        '{"inputs": NaN}',
+    ],
+)
+def test_non_finite_fields_are_a_422_over_the_wire(url: str, body: str) -> None:
+    response = httpx2.post(
+        f"{url}/models/diabetes/uncertainty",
+        content=body,
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] in set(ErrorCode)
+
+
+def test_overflowing_outputs_are_a_422_naming_the_rows(url: str) -> None:
+    rows = [[1.0] * 64, [3e38] * 64, [2.0] * 64, [-3e38] * 64]
+    response = httpx2.post(f"{url}/models/digits/predict", json={"inputs": rows})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "non_finite_output"
+    assert error["details"] == [{"field": "inputs", "rows": [1, 3]}]
+
+
+def _raw(url: str, request: bytes) -> bytes:
+    """``request`` sent as is; everything the server answers until it closes."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/models", "/models/digits"])
+def test_head_sends_headers_only(url: str, path: str) -> None:
+    get = httpx2.get(f"{url}{path}")
+    answer = _raw(url, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert f"content-length: {len(get.content)}".encode() in head.lower()
+    assert body == b""
+
+
+def test_405_allow_and_415_over_the_wire(url: str) -> None:
+    response = httpx2.delete(f"{url}/models/digits/predict")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert httpx2.post(f"{url}/health").headers["allow"] == "GET, HEAD"
+    # What `curl -d` sends when not told the content type.
+    response = httpx2.post(
+        f"{url}/models/diabetes/predict",
+        content=f'{{"inputs": [[{ROW}]]}}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]["message"]
