@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import datasets, evaluate, nets
+from mcdrop import nets
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, wrap
 from mcdrop.exceptions import NoDropoutError
 from mcdrop.predictor import Predictor
+from mcdrop.recipes import datasets, evaluate
+from mcdrop.recipes.train import fit
 from mcdrop.stats import entropy
-from mcdrop.train import fit
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -17,14 +17,14 @@ Protocol (the paper's ``DropoutUncertaintyExps`` code), per split:
   original-unit targets, as in the paper's code).
 
 Every (split, p, τ) network of a group of splits trains at once as one stacked network
-(:mod:`benchmarks.uci_batched`, equivalent to ``mcdrop.train.fit`` per network). Validation
+(:mod:`benchmarks.uci_batched`, equivalent to ``mcdrop.recipes.train.fit`` per network). Validation
 samples come from a stacked sampler that draws mcdrop's own masks; test samples come from
 :func:`mcdrop.sample_chunks` on the plain ``MLP``, streamed into
 :class:`mcdrop.stats.RegressionAccumulator` so T = 10,000 runs in bounded memory.
 
 Methods: ``mc_dropout`` is the paper's protocol; ``mc_dropout_tau_refit`` is the same networks
 with the likelihood's τ re-fitted on the validation predictions of the grid's best network
-(:func:`mcdrop.train.select_tau`, a fine log grid) instead of the 3-point τ grid.
+(:func:`mcdrop.recipes.train.select_tau`, a fine log grid) instead of the 3-point τ grid.
 
 Shape legend: ``S`` samples, ``N`` rows, ``D`` features, ``G`` stacked networks.
 """
@@ -55,9 +55,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.uci_batched import StackedMLP, fit_stacked, sample_stacked
 from mcdrop import predict, sample, sample_chunks, stats
-from mcdrop.datasets import UCISplit, uci_n_splits, uci_split
+from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
-from mcdrop.train import select_tau
+from mcdrop.recipes.train import select_tau
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/uci"
 DATA_ENV = "MCDROP_UCI_DATA"
@@ -110,6 +110,40 @@ PUBLISHED: dict[str, dict[str, tuple[float, float, float, float]]] = {
 def data_root() -> Path:
     """The UCI data folder: ``$MCDROP_UCI_DATA``, else ``../shared/data/uci`` from the repo."""
     return Path(os.environ.get(DATA_ENV, DEFAULT_DATA))
+
+
+@dataclass(frozen=True)
+class UCISplit:
+    """One published train/test split of a UCI dataset: ``x (N, D)``, ``y (N, 1)`` float64."""
+
+    name: str
+    split: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _ints(path: Path) -> np.ndarray:
+    return np.loadtxt(path, dtype=np.int64, ndmin=1)
+
+
+def uci_n_splits(root: str | Path, name: str) -> int:
+    return int(_ints(Path(root) / name / "n_splits.txt")[0])
+
+
+def uci_split(root: str | Path, name: str, split: int) -> UCISplit:
+    """Split ``split`` of UCI dataset ``name`` under ``root`` (e.g. ``../shared/data/uci``)."""
+    folder = Path(root) / name
+    if not (folder / "data.txt").is_file():
+        raise InvalidArgumentError(f"no UCI dataset at {folder} (expected data.txt)")
+    data = np.loadtxt(folder / "data.txt")
+    features = _ints(folder / "index_features.txt")
+    target = int(_ints(folder / "index_target.txt")[0])
+    train = _ints(folder / f"index_train_{split}.txt")
+    test = _ints(folder / f"index_test_{split}.txt")
+    x, y = data[:, features], data[:, [target]]
+    return UCISplit(name, split, x[train], y[train], x[test], y[test])
 
 
 @dataclass(frozen=True)
@@ -777,7 +811,7 @@ NOTES = [
     "  (`--split-batch`, default 20: one stack), so a command reproduces its numbers on the same",
     "  machine and thread count; `--splits 0` alone trains split 0 with other seeds.",
     "- `mc_dropout_tau_refit` (ours): same networks and samples; only the likelihood precision τ",
-    "  is re-fitted by `mcdrop.train.select_tau` (121-point log grid around 1/MSE) on the",
+    "  is re-fitted by `mcdrop.recipes.train.select_tau` (121-point log grid around 1/MSE) on the",
     "  validation predictions of the grid's best network, instead of the 3-value τ grid.",
 ]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import experiments
-from mcdrop import datasets
+from mcdrop.recipes import datasets
 
 
 @pytest.fixture(autouse=True)

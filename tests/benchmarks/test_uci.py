@@ -17,7 +17,7 @@ from benchmarks import uci
 from benchmarks.uci_batched import StackedMLP, fit_stacked, sample_stacked
 from mcdrop import sample
 from mcdrop.nets import MLP
-from mcdrop.train import fit
+from mcdrop.recipes.train import fit
 
 needs_data = pytest.mark.skipif(
     not (uci.data_root() / "yacht" / "data.txt").is_file(),

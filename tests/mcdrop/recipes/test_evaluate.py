@@ -1,4 +1,4 @@
-"""mcdrop.evaluate: metrics against closed forms and naive loops, and the written report."""
+"""mcdrop.recipes.evaluate: metrics against closed forms and naive loops, and the written report."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from mcdrop import checkpoint, evaluate
+from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
+from mcdrop.recipes import evaluate
 from service.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"

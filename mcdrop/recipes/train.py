@@ -18,11 +18,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mcdrop import checkpoint, datasets, stats
+from mcdrop import checkpoint, stats
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import build
 from mcdrop.predictor import Predictor
+from mcdrop.recipes import datasets
 from mcdrop.sampling import sample
 
 ARCHS = ("mlp", "cnn", "row_lstm")
@@ -35,7 +36,7 @@ class TrainConfig:
     ``hidden`` is the MLP's hidden widths, or ``[width]`` of the CNN's hidden layer and of the
     RowLSTM's state. ``channels`` and ``spatial_dropout`` are the CNN's; ``kind`` the MLP's
     dropout kind. ``train_size`` and ``exclude_classes`` are passed to
-    :func:`mcdrop.datasets.load`.
+    :func:`mcdrop.recipes.datasets.load`.
     """
 
     dataset: str

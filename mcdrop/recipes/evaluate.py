@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mcdrop import checkpoint, datasets, sampling
+from mcdrop import checkpoint, sampling
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.predictor import Predictor
+from mcdrop.recipes import datasets
 from mcdrop.stats import ClassificationSummary, RegressionSummary, entropy
 
 #: Equal-width confidence bins of the ECE and the reliability diagram.

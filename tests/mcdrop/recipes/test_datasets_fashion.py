@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from mcdrop import checkpoint, datasets, evaluate
+from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import CNN, build
 from mcdrop.predictor import Predictor
-from mcdrop.train import TrainConfig, architecture
-
-MODELS = Path(__file__).parents[2] / "models"
+from mcdrop.recipes import datasets, evaluate
+from mcdrop.recipes.train import TrainConfig, architecture
+from tests.conftest import MODELS
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_cli_trains_a_fashion_model(
     assert spec.training["exclude_classes"] == [9]
     assert 0.0 <= spec.metrics["accuracy"] <= 1.0
     # The held-out class becomes an OOD set when the model is evaluated.
-    from mcdrop.evaluate import evaluate_model
+    from mcdrop.recipes.evaluate import evaluate_model
 
     report = evaluate_model(out, n_samples=2, limit=50, plots=False)
     assert "held-out classes (Ankle boot)" in report["ood"]
