@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import nets
+from mcdrop import metrics, nets
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, wrap
 from mcdrop.exceptions import NoDropoutError
 from mcdrop.predictor import Predictor
@@ -250,7 +250,7 @@ class Runner:
         result: dict[str, Any] = {
             "run": asdict(run),
             "seconds": round(seconds, 1),
-            "train_accuracy": evaluate.accuracy(train_probs, y_train),
+            "train_accuracy": metrics.accuracy(train_probs, y_train),
             "n_test": len(x_test),
             "n_samples": n_samples,
         }
@@ -258,8 +258,8 @@ class Runner:
             inside = evaluate.score_classifier(
                 predictor, x_test, n_samples=n_samples, seed=setup.seed
             )
-            result["det"] = evaluate.classification_metrics(inside.deterministic, y_test)
-            result["mc"] = evaluate.classification_metrics(inside.mc, y_test)
+            result["det"] = metrics.classification_metrics(inside.deterministic, y_test)
+            result["mc"] = metrics.classification_metrics(inside.mc, y_test)
             result["ood"] = {
                 name: evaluate.ood_aurocs(
                     inside,
@@ -269,12 +269,12 @@ class Runner:
             }
         else:
             probs = predictor.predict(x_test).probabilities.double()  # type: ignore[union-attr]
-            result["det"] = evaluate.classification_metrics(probs, y_test)
+            result["det"] = metrics.classification_metrics(probs, y_test)
             result["mc"] = None
             h_in = entropy(probs)
             result["ood"] = {
                 name: {
-                    "auroc_deterministic_entropy": evaluate.auroc(
+                    "auroc_deterministic_entropy": metrics.auroc(
                         h_in,
                         entropy(
                             predictor.predict(x).probabilities.double()  # type: ignore[union-attr]
@@ -390,9 +390,9 @@ def overfit(runner: Runner) -> Table:
             curve.append(
                 {
                     "epoch": epoch,
-                    "train_accuracy": evaluate.accuracy(train_p, y_train),
-                    "test_accuracy": evaluate.accuracy(test_p, y_test),
-                    "test_nll": evaluate.nll(test_p, y_test),
+                    "train_accuracy": metrics.accuracy(train_p, y_train),
+                    "test_accuracy": metrics.accuracy(test_p, y_test),
+                    "test_nll": metrics.nll(test_p, y_test),
                 }
             )
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from mcdrop import checkpoint
+from mcdrop import checkpoint, metrics
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import CNN, build
 from mcdrop.predictor import Predictor
-from mcdrop.recipes import datasets, evaluate
+from mcdrop.recipes import datasets
 from mcdrop.recipes.train import TrainConfig, architecture
 from tests.conftest import MODELS
 
@@ -151,7 +151,7 @@ def test_bundled_fashion_model(fashion: datasets.Dataset) -> None:
     assert (MODELS / "fashion" / checkpoint.WEIGHTS).stat().st_size < 4_000_000
     predictor = Predictor(loaded)
     probs = predictor.predict(fashion.x_test[:500]).probabilities  # type: ignore[union-attr]
-    assert evaluate.accuracy(probs, fashion.y_test[:500]) > 0.85
+    assert metrics.accuracy(probs, fashion.y_test[:500]) > 0.85
     summary, _ = predictor.uncertainty(fashion.x_test[:5], 8, seed=0)
     assert bool((summary.mutual_information >= 0).all())  # type: ignore[union-attr]
 
