@@ -114,6 +114,13 @@ def expected_calibration_error(
     return float((bins.count[full] * gaps).sum() / bins.count.sum())
 
 
+def average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks of ``values (N,)``, tied values sharing their mean rank: ``(N,)`` float64."""
+    _, inverse, counts = torch.unique(values.double(), return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last member of each group of equal values
+    return (last - (counts.double() - 1) / 2)[inverse]
+
+
 def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
     """Area under the ROC curve of telling ``out_scores`` (positives) from ``in_scores``
     when a higher score means "more likely out": ``P(out > in) + ½ P(out = in)``.
@@ -127,11 +134,7 @@ def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
     scores = torch.cat([in_scores.flatten(), out_scores.flatten()]).double()
     if not bool(torch.isfinite(scores).all()):
         raise InvalidArgumentError("auroc scores must be finite")
-    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()
-    average_rank = last - (counts.double() - 1) / 2  # 1-based mean rank of each tied group
-    ranks = average_rank[inverse]
-    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
+    u = average_ranks(scores)[n_in:].sum() - n_out * (n_out + 1) / 2
     return float(u / (n_in * n_out))
 
 
@@ -181,13 +184,7 @@ def classification_metrics(probabilities: Tensor, labels: Tensor) -> dict[str, f
 
 def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman rank correlation of two ``(N,)`` vectors (ties by average rank)."""
-
-    def ranks(v: Tensor) -> Tensor:
-        _, inverse, counts = torch.unique(v.double(), return_inverse=True, return_counts=True)
-        last = counts.cumsum(0).double()
-        return (last - (counts.double() - 1) / 2)[inverse]
-
-    ra, rb = ranks(a), ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = (ra.square().sum() * rb.square().sum()).sqrt()
     return float((ra * rb).sum() / denom) if denom > 0 else 0.0

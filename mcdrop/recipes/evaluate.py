@@ -39,6 +39,7 @@ from mcdrop.metrics import (
 )
 from mcdrop.predictor import Predictor
 from mcdrop.recipes import datasets
+from mcdrop.recipes.report import rounded
 from mcdrop.stats import ClassificationSummary, RegressionSummary, entropy
 
 #: Rows of uniform noise in the OOD sets.
@@ -145,10 +146,6 @@ def ood_sets(
     return sets, notes
 
 
-def _rounded(values: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 5) for k, v in values.items()}
-
-
 def evaluate_classifier(
     predictor: Predictor,
     data: datasets.Dataset,
@@ -190,31 +187,37 @@ def evaluate_classifier(
         outside = score_classifier(predictor, x_out, n_samples=n_samples, seed=seed)
         ood[name] = {
             "n": len(x_out),
-            **_rounded(ood_aurocs(inside, outside)),
-            "mean_entropy": round(float(outside.entropy.mean()), 5),
-            "mean_mutual_information": round(float(outside.mutual_information.mean()), 5),
+            **rounded(
+                {
+                    **ood_aurocs(inside, outside),
+                    "mean_entropy": float(outside.entropy.mean()),
+                    "mean_mutual_information": float(outside.mutual_information.mean()),
+                }
+            ),
         }
         mi_out[name] = outside.mutual_information
         examples_out[name] = (x_out[:EXAMPLES], outside.mc[:EXAMPLES], mi_out[name][:EXAMPLES])
     rejection = {
-        name: [round(v, 5) for v in rejection_curve(correct_mc, getattr(inside, name)).tolist()]
+        name: rounded(rejection_curve(correct_mc, getattr(inside, name)).tolist())
         for name in ClassifierScores.SCORES
     }
     # The deterministic baseline rejects by its own confidence and is scored on its own labels.
     correct_det = inside.deterministic.argmax(-1) == y
-    rejection["deterministic_entropy"] = [
-        round(v, 5) for v in rejection_curve(correct_det, inside.deterministic_entropy).tolist()
-    ]
+    rejection["deterministic_entropy"] = rounded(
+        rejection_curve(correct_det, inside.deterministic_entropy).tolist()
+    )
     report = {
         "n_test": len(x),
         "metrics": {
-            "deterministic": _rounded(classification_metrics(inside.deterministic, y)),
-            "mc": _rounded(classification_metrics(inside.mc, y)),
+            "deterministic": rounded(classification_metrics(inside.deterministic, y)),
+            "mc": rounded(classification_metrics(inside.mc, y)),
         },
-        "in_distribution": {
-            "mean_entropy": round(float(inside.entropy.mean()), 5),
-            "mean_mutual_information": round(float(inside.mutual_information.mean()), 5),
-        },
+        "in_distribution": rounded(
+            {
+                "mean_entropy": float(inside.entropy.mean()),
+                "mean_mutual_information": float(inside.mutual_information.mean()),
+            }
+        ),
         "ood": ood,
         "rejection": {"fractions": list(REJECT_FRACTIONS), **rejection},
         "reliability": {k: v.to_dict() for k, v in bins.items()},
@@ -268,13 +271,13 @@ def evaluate_regressor(
     report = {
         "n_test": len(x),
         "metrics": {
-            "deterministic": _rounded(
+            "deterministic": rounded(
                 {
                     "rmse": float((y - det_mean).square().mean().sqrt()),
                     "log_likelihood": float(det_ll.mean()),
                 }
             ),
-            "mc": _rounded(
+            "mc": rounded(
                 {
                     "rmse": float(error.square().mean().sqrt()),
                     "log_likelihood": float(summary.log_likelihood.double().mean()),
@@ -287,7 +290,7 @@ def evaluate_regressor(
                 }
             ),
         },
-        "coverage": {k: [round(v, 5) for v in vs] for k, vs in coverage.items()},
+        "coverage": rounded(coverage),
         "notes": [],
     }
     raw = {

@@ -148,3 +148,25 @@ def test_interval_coverage_closed_form() -> None:
     levels = (0.2, 0.5, 0.9, 0.95, 0.99)  # z = 0.25, 0.67, 1.64, 1.96, 2.58
     coverage = metrics.interval_coverage(mean, std, targets, levels)
     assert coverage.tolist() == pytest.approx([0.0, 1 / 3, 2 / 3, 2 / 3, 1.0])
+
+
+def naive_ranks(values: list[float]) -> list[float]:
+    """1 + the values below, + half of the other values equal to it."""
+    return [1 + sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2 for v in values]
+
+
+def test_average_ranks_match_naive_with_ties() -> None:
+    values = [3.0, 1.0, 3.0, 2.0, 3.0, 0.5, 1.0]
+    assert metrics.average_ranks(torch.tensor(values)).tolist() == naive_ranks(values)
+
+
+def test_spearman_matches_pearson_of_naive_ranks() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.randn(50, generator=generator) * 2).round()  # ties
+    b = a + torch.randn(50, generator=generator)
+    ra, rb = (torch.tensor(naive_ranks(v.tolist()), dtype=torch.float64) for v in (a, b))
+    pearson = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+    assert metrics.spearman(a, b) == pytest.approx(pearson, abs=1e-12)
+    assert metrics.spearman(a, a.exp()) == pytest.approx(1.0)  # any increasing map
+    assert metrics.spearman(a, -a) == pytest.approx(-1.0)
+    assert metrics.spearman(a, torch.ones(50)) == 0.0  # no spread: no correlation
