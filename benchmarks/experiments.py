@@ -39,7 +39,8 @@ from mcdrop import metrics, nets
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, wrap
 from mcdrop.exceptions import NoDropoutError
 from mcdrop.predictor import Predictor
-from mcdrop.recipes import datasets, evaluate
+from mcdrop.recipes import datasets, scores
+from mcdrop.recipes.ood import ood_sets
 from mcdrop.recipes.train import fit
 from mcdrop.stats import entropy
 
@@ -155,7 +156,7 @@ class Data:
     @classmethod
     def load(cls, setup: Setup) -> Data:
         fashion = datasets.load("fashion", seed=setup.seed, train_size=setup.train_size)
-        ood, _ = evaluate.ood_sets(fashion, seed=setup.seed, limit=setup.ood_size)
+        ood, _ = ood_sets(fashion, seed=setup.seed, limit=setup.ood_size)
         n = setup.test_size
         return cls(fashion, fashion.x_test[:n], fashion.y_test[:n], ood)
 
@@ -255,15 +256,15 @@ class Runner:
             "n_samples": n_samples,
         }
         if run.stochastic:
-            inside = evaluate.score_classifier(
+            inside = scores.score_classifier(
                 predictor, x_test, n_samples=n_samples, seed=setup.seed
             )
             result["det"] = metrics.classification_metrics(inside.deterministic, y_test)
             result["mc"] = metrics.classification_metrics(inside.mc, y_test)
             result["ood"] = {
-                name: evaluate.ood_aurocs(
+                name: scores.ood_aurocs(
                     inside,
-                    evaluate.score_classifier(predictor, x, n_samples=n_samples, seed=setup.seed),
+                    scores.score_classifier(predictor, x, n_samples=n_samples, seed=setup.seed),
                 )
                 for name, x in ood.items()
             }

@@ -9,6 +9,10 @@ scikit-learn and tqdm); plots also need ``plots`` (matplotlib). ``mcdrop train``
     datasets.py   digits, diabetes (scikit-learn) and Fashion-MNIST (Debian), seeded splits
     train.py      fit a network with dropout and write a model directory
     evaluate.py   score a model directory: calibration, OOD detection, interval coverage
+    scores.py     a classifier's deterministic and MC outputs on one input set
+    ood.py        out-of-distribution input sets (noise, the other image dataset)
+    report.py     rounded numbers and the markdown report
+    plots.py      the report's PNG plots (matplotlib)
 """
 
 from __future__ import annotations
