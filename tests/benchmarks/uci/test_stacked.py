@@ -1,28 +1,18 @@
-"""The UCI benchmark: a quick end-to-end run, and the stacked trainer/sampler against mcdrop's
-plain ``fit`` and ``sample``."""
+"""benchmarks.uci.stacked: the stacked trainer and sampler against mcdrop's plain ``fit`` and
+``sample``."""
 
 from __future__ import annotations
 
 import copy
-import csv
-import dataclasses
-import json
 import math
 
-import pytest
 import torch
 from torch import nn
 
-from benchmarks import uci
-from benchmarks.uci_batched import StackedMLP, fit_stacked, sample_stacked
+from benchmarks.uci.stacked import StackedMLP, fit_stacked, sample_stacked
 from mcdrop import sample
 from mcdrop.nets import MLP
 from mcdrop.recipes.train import fit
-
-needs_data = pytest.mark.skipif(
-    not (uci.data_root() / "yacht" / "data.txt").is_file(),
-    reason=f"UCI data not found at {uci.data_root()} (../shared/data/uci or ${uci.DATA_ENV})",
-)
 
 
 def _regression(n: int = 300, d: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,87 +29,6 @@ def _mlps(n: int, d: int, p: float) -> list[MLP]:
             torch.manual_seed(i)
             nets.append(MLP(d, [20], 1, dropout=p, input_dropout=p))
     return nets
-
-
-@needs_data
-def test_quick_run_writes_finite_results(tmp_path):
-    uci.main(["--quick", "--datasets", "yacht", "--out", str(tmp_path), "--no-progress"])
-
-    with (tmp_path / "uci.csv").open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert reader.fieldnames == uci.COLUMNS
-    assert [(r["dataset"], r["budget"], r["method"]) for r in rows] == [
-        ("yacht", "2016", m) for m in uci.METHODS
-    ]
-    for row in rows:
-        assert row["n_splits"] == "1"
-        for column in uci.COLUMNS[4:]:
-            assert math.isfinite(float(row[column])), column
-        assert 0.0 <= float(row["picp95_mean"]) <= 1.0
-        assert float(row["rmse_mean"]) > 0
-        assert float(row["crps_mean"]) > 0
-    report = (tmp_path / "uci.md").read_text()
-    assert "--quick --datasets yacht" in report
-    assert "1.11 ± 0.09" in report
-
-
-def test_results_merge_replaces_same_dataset_budget_method(tmp_path):
-    opts = uci.Options(out=tmp_path)
-    split = uci.SplitResult(0, 0.05, 0.5, 1.0, 1.1, -1.5, 0.9, 4.0, 0.6, -1.4, 500)
-
-    def result(name: str, rmse: float) -> uci.DatasetResult:
-        row = dataclasses.replace(split, rmse=rmse)
-        return uci.DatasetResult(name, 400, {"mc_dropout": [row]}, seconds=1.0)
-
-    uci.write_results([result("yacht", 1.0), result("energy", 2.0)], opts, "first")
-    uci.write_results([result("yacht", 3.0)], opts, "second")
-
-    with (tmp_path / "uci.csv").open(newline="") as f:
-        rows = {r["dataset"]: r for r in csv.DictReader(f)}
-    assert sorted(rows) == ["energy", "yacht"]
-    assert float(rows["yacht"]["rmse_mean"]) == 3.0
-    assert float(rows["energy"]["rmse_mean"]) == 2.0
-
-
-def test_results_pool_splits_of_runs_under_the_same_protocol(tmp_path):
-    opts = uci.Options(out=tmp_path)
-    base = uci.SplitResult(0, 0.05, 0.5, 1.0, 1.1, -1.5, 0.9, 4.0, 0.6, -1.4, 500)
-
-    def result(rmse_by_split: dict[int, float], epochs: int = 400) -> uci.DatasetResult:
-        rows = [dataclasses.replace(base, split=k, rmse=v) for k, v in rmse_by_split.items()]
-        return uci.DatasetResult("yacht", epochs, {"mc_dropout": rows}, seconds=10.0)
-
-    def rmse_mean() -> tuple[float, int]:
-        with (tmp_path / "uci.csv").open(newline="") as f:
-            (row,) = list(csv.DictReader(f))
-        return float(row["rmse_mean"]), int(row["n_splits"])
-
-    uci.write_results([result({0: 1.0, 1: 2.0})], opts, "first")
-    uci.write_results([result({2: 6.0})], opts, "second")
-    assert rmse_mean() == (3.0, 3)
-    # A split run again replaces its earlier result; the others are kept.
-    uci.write_results([result({1: 5.0})], opts, "third")
-    assert rmse_mean() == (4.0, 3)
-    details = json.loads((tmp_path / "uci.json").read_text())["yacht|2016|mc_dropout"]
-    assert [(r["command"], r["splits"]) for r in details["runs"]] == [
-        ("first", [0]),
-        ("second", [2]),
-        ("third", [1]),
-    ]
-    assert details["seconds"] == 30.0
-    report = (tmp_path / "uci.md").read_text()
-    assert "`first`" in report
-    assert "yacht 10 s for split 2" in report
-    # Another protocol (here: epochs) starts the row afresh.
-    uci.write_results([result({7: 9.0}, epochs=4000)], opts, "other")
-    assert rmse_mean() == (9.0, 1)
-
-
-def test_weight_decay_is_twice_the_papers_l2_coefficient():
-    p, tau, n = 0.05, 0.1, 455
-    lam = 1e-4 * (1 - p) / (2 * n * tau)
-    assert uci.weight_decay(p, tau, n) == pytest.approx(2 * lam)
 
 
 def test_stacked_fit_matches_fit_without_dropout():
