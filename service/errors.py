@@ -5,13 +5,13 @@ Every error response is JSON: ``{"error": {"code": ..., "message": ..., "details
     ServiceError                 status
     ├── ModelNotFoundError       404  unknown model name
     ├── ModelNotReadyError       503  the model is still loading, or failed to load
-    ├── LimitExceededError       422  too many rows, samples, or returned samples
-    └── BodyTooLargeError        413  request body above the size limit
+    └── LimitExceededError       422  too many rows, samples, or returned samples
 
     mcdrop.InvalidInputError     422  inputs of the wrong shape, non-numeric, NaN/inf
     mcdrop.InvalidArgumentError  422
     mcdrop.McDropError (other)   500  the model itself cannot be sampled
     RequestValidationError       400  invalid JSON; 422 for fields of the wrong type or range
+    (a body over the limit)      413  answered by app.BodyLimit before the app reads it
 """
 
 from __future__ import annotations
@@ -55,11 +55,6 @@ class ModelNotReadyError(ServiceError):
 class LimitExceededError(ServiceError):
     status_code = 422
     code = "limit_exceeded"
-
-
-class BodyTooLargeError(ServiceError):
-    status_code = 413
-    code = "body_too_large"
 
 
 def error_response(
