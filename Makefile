@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format bench models clean
+.PHONY: install serve test test-fast lint format bench models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=10
+
+# The edit loop (under 30 s): every test but those marked slow (benchmark smoke runs, training
+# runs, fresh interpreters); `make test` runs them all.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

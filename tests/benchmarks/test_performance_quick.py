@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks import memory, sampling, service_load
 from mcdrop import predict
@@ -18,6 +19,7 @@ def _ratios(text: str, column: str) -> list[float]:
     return [float(line.strip("|").split("|")[index]) for line in lines[2:]]
 
 
+@pytest.mark.slow
 def test_sampling_quick() -> None:
     text = sampling.run(quick=True)
     ratios = _ratios(text, "mcdrop / floor")
@@ -31,7 +33,23 @@ def test_sampling_quick() -> None:
 S, N = 100, 8
 
 
-@pytest.mark.parametrize("ref", sampling.references(), ids=lambda r: r.name)
+def _references() -> list[object]:
+    """The reference models; the conv and attention ones marked slow: their naive loop runs the
+    whole network S times (about a second)."""
+    heavy = (nn.Conv2d, nn.MultiheadAttention)
+    return [
+        pytest.param(
+            ref,
+            id=ref.name,
+            marks=[pytest.mark.slow]
+            if any(isinstance(m, heavy) for m in ref.model.modules())
+            else [],
+        )
+        for ref in sampling.references()
+    ]
+
+
+@pytest.mark.parametrize("ref", _references())
 def test_floor_and_naive_compute_what_mcdrop_computes(ref: sampling.Reference) -> None:
     x = torch.randn(N, *ref.input_shape, generator=torch.Generator().manual_seed(0))
     mc = sampling.sample(ref.model, x, S, seed=0)  # (S, N, K)

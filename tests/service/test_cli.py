@@ -90,6 +90,7 @@ def test_train_writes_a_loadable_model(tmp_path: Path, capsys: pytest.CaptureFix
     assert manifest["training"]["command"].startswith("mcdrop train diabetes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "missing"),
     [("train diabetes --out unused", "sklearn"), ("evaluate unused", "tqdm")],

@@ -15,6 +15,7 @@ needs_data = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_data
 def test_quick_run_writes_finite_results(tmp_path):
     cli.main(["--quick", "--datasets", "yacht", "--out", str(tmp_path), "--no-progress"])

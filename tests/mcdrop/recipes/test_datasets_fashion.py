@@ -156,6 +156,7 @@ def test_bundled_fashion_model(fashion: datasets.Dataset) -> None:
     assert bool((summary.mutual_information >= 0).all())  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_cli_trains_a_fashion_model(
     fashion: datasets.Dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
