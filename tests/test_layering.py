@@ -6,6 +6,7 @@ import json
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,24 @@ def test_public_api_is_sorted_and_real(module) -> None:
     assert module.__all__ == sorted(module.__all__)
     for name in module.__all__:
         assert hasattr(module, name)
+
+
+@pytest.mark.slow
+def test_service_serves_the_bundled_models_without_the_recipe_extras(root: Path) -> None:
+    # What the Dockerfile installs: the package without extras (no scikit-learn, tqdm, matplotlib).
+    code = f"""
+import sys, time
+for name in ("sklearn", "tqdm", "matplotlib"):
+    sys.modules[name] = None
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.config import Settings
+with TestClient(create_app(Settings(model_dir={str(root / "models")!r}))) as http:
+    deadline = time.monotonic() + 60
+    while http.get("/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    response = http.post("/models/digits/uncertainty", json={{"inputs": [[0.0] * 64], "seed": 1}})
+    print(http.get("/ready").status_code, response.status_code)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["200", "200"]
