@@ -17,7 +17,9 @@ from mcdrop.exceptions import (
     InvalidInputError,
     McDropError,
     NoDropoutError,
+    SamplingStoppedError,
     UnsupportedModelError,
+    UntrustedCodeError,
 )
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import predict, sample, sample_chunks
@@ -33,7 +35,9 @@ __all__ = [
     "ModelSpec",
     "NoDropoutError",
     "Predictor",
+    "SamplingStoppedError",
     "UnsupportedModelError",
+    "UntrustedCodeError",
     "dropout_modules",
     "load",
     "metrics",

@@ -3,7 +3,12 @@
 A model directory holds::
 
     model.json            the manifest (:class:`ModelSpec`)
-    weights.safetensors   the network's state dict (tensors only; loading runs no code)
+    weights.safetensors   the network's state dict (tensors only; reading it runs no code)
+
+A model directory is data. Loading one parses JSON, reads safetensors (never pickle) and builds
+a built-in architecture; it imports code only for an ``architecture.factory`` that the caller
+trusts (``trust_model_code``, or ``allowed_factories``; see :func:`mcdrop.nets.resolve_factory`).
+Other files in the directory are never read.
 
 The manifest says everything needed to rebuild and serve the model: its task, input shape,
 output labels, architecture and hyper-parameters, dropout rate, τ for regressors, input/target
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -224,16 +230,36 @@ def read_spec(directory: str | Path) -> ModelSpec:
     return ModelSpec.from_dict(data, source=str(path))
 
 
-def load(directory: str | Path) -> LoadedModel:
+def load(
+    directory: str | Path,
+    *,
+    trust_model_code: bool = False,
+    allowed_factories: Sequence[str] = (),
+) -> LoadedModel:
     """Load a model directory: validate the manifest, build the architecture, load the weights
-    (safetensors, no unpickling) strictly, and return the model in eval mode."""
+    (safetensors, no unpickling) strictly, and return the model in eval mode.
+
+    Args:
+        directory: the model directory.
+        trust_model_code: let ``architecture.factory`` import and call any module's code.
+        allowed_factories: modules (and their submodules) whose factories may be imported, e.g.
+            ``["mypkg", "otherpkg.nets"]``; see :func:`mcdrop.nets.factory_allowed`.
+
+    Raises:
+        UntrustedCodeError: the manifest names a factory neither option admits (nothing ran).
+        CheckpointError: anything else wrong with the directory; the message names the file.
+    """
     directory = Path(directory)
     spec = read_spec(directory)
     source = str(directory / MANIFEST)
     try:
-        net = build(spec.architecture)
+        net = build(
+            spec.architecture,
+            trust_model_code=trust_model_code,
+            allowed_factories=allowed_factories,
+        )
     except CheckpointError as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
+        raise type(exc)(f"{source}: {exc}") from exc
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file is missing")

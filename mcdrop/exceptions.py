@@ -7,7 +7,9 @@ Every error carries a message that names the bad value and says what to do about
     ├── UnsupportedModelError   the model does something sampling cannot handle (e.g. batch mixing)
     ├── InvalidInputError       inputs of the wrong shape, dtype or with non-finite values
     ├── InvalidArgumentError    a bad n_samples, seed, level, chunk size, ...
-    └── CheckpointError         a model directory that is missing, corrupt or inconsistent
+    ├── CheckpointError         a model directory that is missing, corrupt or inconsistent
+    │   └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
+    └── SamplingStoppedError    sampling stopped early: its caller asked it to (``stop``)
 """
 
 from __future__ import annotations
@@ -35,3 +37,13 @@ class InvalidArgumentError(McDropError, ValueError):
 
 class CheckpointError(McDropError):
     """A model directory that cannot be loaded; the message names the file and what is wrong."""
+
+
+class SamplingStoppedError(McDropError):
+    """Sampling stopped between forward passes because the caller's ``stop()`` said so (e.g.
+    nobody waits for the answer any more)."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A manifest's ``architecture.factory`` would import code that the caller has not trusted
+    (``trust_model_code`` / ``allowed_factories``); nothing was imported."""

@@ -7,6 +7,7 @@ tensor to ``(N, K)``.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop.dropout import DropConnectLinear, LockedDropout
-from mcdrop.exceptions import CheckpointError
+from mcdrop.exceptions import CheckpointError, InvalidArgumentError, UntrustedCodeError
 
 DropoutKind = Literal["standard", "alpha", "dropconnect"]
 
@@ -208,11 +209,80 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def resolve_factory(path: str) -> Callable[..., nn.Module]:
-    """Import ``package.module:factory`` (a class or function that returns a module)."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
+#: A module name as a manifest or an allow-list may give it: dotted identifiers.
+_MODULE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+def _check_allowed(allowed_factories: Sequence[str]) -> tuple[str, ...]:
+    """The allow-list as module names without a trailing dot; a bad entry is an error, since a
+    typo would otherwise silently allow nothing (or, as a string, each of its letters)."""
+    if isinstance(allowed_factories, str):
+        raise InvalidArgumentError(
+            f"allowed_factories must be a list of module names, got the string "
+            f"{allowed_factories!r}; e.g. ['mypkg', 'otherpkg.nets']"
+        )
+    entries = []
+    for entry in allowed_factories:
+        name = entry.removesuffix(".") if isinstance(entry, str) else entry
+        if not isinstance(name, str) or not _MODULE.fullmatch(name):
+            raise InvalidArgumentError(
+                f"allowed_factories entry {entry!r} is not a module name like 'mypkg', 'mypkg.' "
+                "or 'otherpkg.nets'"
+            )
+        entries.append(name)
+    return tuple(entries)
+
+
+def factory_allowed(module: str, allowed_factories: Sequence[str]) -> bool:
+    """Whether ``module`` is an entry of ``allowed_factories`` or inside one.
+
+    Entries match whole dotted components: ``mypkg`` (or ``mypkg.``) admits ``mypkg`` and
+    ``mypkg.nets`` but never ``mypkg_evil``; ``otherpkg.nets`` admits that module and the ones
+    below it, not ``otherpkg`` itself.
+    """
+    return any(
+        module == entry or module.startswith(entry + ".")
+        for entry in _check_allowed(allowed_factories)
+    )
+
+
+def _untrusted(factory: str, module: str | None, why: str) -> UntrustedCodeError:
+    """The refusal, saying exactly how to opt in (service and CLI settings, and the library)."""
+    allow = (
+        ""
+        if module is None
+        else f"To allow this module, set MCDROP_ALLOWED_FACTORIES={module} (flag "
+        f"--allowed-factories {module}; in Python allowed_factories=[{module!r}]); to allow "
+    )
+    return UntrustedCodeError(
+        f"factory {factory!r} {why}, and a model directory runs no code unless you trust it. "
+        f"{allow or 'To allow '}any factory, set MCDROP_TRUST_MODEL_CODE=1 (flag "
+        "--trust-model-code; in Python trust_model_code=True)"
+    )
+
+
+def resolve_factory(
+    path: str, *, trust_model_code: bool = False, allowed_factories: Sequence[str] = ()
+) -> Callable[..., nn.Module]:
+    """Import ``package.module:factory`` (a class or function that returns a module), if trusted.
+
+    Importing a module runs its code, so the module must be admitted first: by
+    ``trust_model_code`` (any module), or by ``allowed_factories`` (see
+    :func:`factory_allowed`), in which case the callable must also be defined in an admitted
+    module (an allowed module cannot pass on ``os.system`` by importing it).
+
+    Raises:
+        UntrustedCodeError: the factory is not admitted; nothing was imported.
+        CheckpointError: a malformed path, or a module or callable that is not there.
+    """
+    allowed = _check_allowed(allowed_factories)
+    module_name, sep, attr = path.partition(":") if isinstance(path, str) else ("", "", "")
+    if not (sep and _MODULE.fullmatch(module_name) and attr.isidentifier()):
         raise CheckpointError(f"factory must look like 'package.module:factory', got {path!r}")
+    if attr.startswith("__"):
+        raise CheckpointError(f"factory {path!r} names a dunder attribute, not a factory")
+    if not trust_model_code and not factory_allowed(module_name, allowed):
+        raise _untrusted(path, module_name, f"would import and run module {module_name!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -220,24 +290,55 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CheckpointError(f"{path!r}: {module_name} has no callable {attr!r}")
+    origin = getattr(factory, "__module__", None)
+    if not isinstance(origin, str) or not _MODULE.fullmatch(origin):
+        origin = None
+    if not trust_model_code and not (origin and factory_allowed(origin, allowed)):
+        raise _untrusted(path, origin, f"is defined in module {origin!r}")
     return factory
 
 
-def build(architecture: dict[str, Any]) -> nn.Module:
+def build(
+    architecture: dict[str, Any],
+    *,
+    trust_model_code: bool = False,
+    allowed_factories: Sequence[str] = (),
+) -> nn.Module:
     """A network from a manifest's ``architecture``: ``{"name": "mlp", "params": {...}}`` for a
-    built-in, or ``{"factory": "package.module:factory", "params": {...}}`` for your own."""
+    built-in, or ``{"factory": "package.module:factory", "params": {...}}`` for your own.
+
+    A built-in runs no code but this module's; a factory is imported only when
+    ``trust_model_code`` or ``allowed_factories`` admits it (see :func:`resolve_factory`).
+    """
     params = architecture.get("params", {})
-    if "factory" in architecture:
-        factory = resolve_factory(architecture["factory"])
-    else:
-        name = architecture.get("name")
-        if name not in ARCHITECTURES:
+    name = architecture.get("name")
+    if isinstance(name, str) and name in ARCHITECTURES:
+        if "factory" in architecture:
+            # Never import anything for a manifest that says it is a built-in.
             raise CheckpointError(
-                f"unknown architecture {name!r}; built-ins are {sorted(ARCHITECTURES)}, or give "
-                "'factory': 'package.module:factory'"
+                f"architecture names both the built-in {name!r} and factory "
+                f"{architecture['factory']!r}; give one"
             )
         factory = ARCHITECTURES[name]
+    elif "factory" in architecture:
+        factory = resolve_factory(
+            architecture["factory"],
+            trust_model_code=trust_model_code,
+            allowed_factories=allowed_factories,
+        )
+    else:
+        raise CheckpointError(
+            f"unknown architecture {name!r}; built-ins are {sorted(ARCHITECTURES)}, or give "
+            "'factory': 'package.module:factory'"
+        )
     try:
-        return factory(**params)
+        net = factory(**params)
     except TypeError as exc:
         raise CheckpointError(f"architecture params {params} do not fit: {exc}") from exc
+    except Exception as exc:  # a trusted factory's own failure is still a model that won't load
+        raise CheckpointError(f"the architecture raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(net, nn.Module):
+        raise CheckpointError(
+            f"the architecture returned a {type(net).__name__}, not a torch.nn.Module"
+        )
+    return net

@@ -5,6 +5,7 @@ Shape legend: ``S`` samples, ``N`` rows, ``K`` classes or regression targets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from mcdrop import sampling
 from mcdrop.checkpoint import LoadedModel, ModelSpec
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, SamplingStoppedError
 from mcdrop.stats import (
     ClassificationAccumulator,
     ClassificationSummary,
@@ -103,6 +104,7 @@ class Predictor:
         level: float = 0.95,
         return_samples: bool = False,
         targets: Tensor | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[Summary, Tensor | None]:
         """MC-dropout summary of every row, computed in streaming fashion.
 
@@ -114,6 +116,8 @@ class Predictor:
             return_samples: also return the raw samples ``(S, N, K)``: probabilities for a
                 classifier, sampled means for a regressor.
             targets: ``(N, K)`` regression targets, to compute the test log-likelihood.
+            stop: checked before every forward pass; when it returns True, sampling ends with
+                :class:`~mcdrop.exceptions.SamplingStoppedError` (a server's client went away).
 
         Returns:
             the summary, and the samples or None.
@@ -135,6 +139,8 @@ class Predictor:
         for chunk in sampling.sample_chunks(
             self.model.module, x, n_samples, seed=seed, max_rows=self.max_rows
         ):
+            if stop is not None and stop():
+                raise SamplingStoppedError("sampling stopped: its caller asked to stop")
             acc.update(chunk.values, chunk.rows)
             if samples is not None:
                 if self.spec.task == "classification":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
-from service import errors
-from service.batching import Arrivals
+from service import auth, errors
+from service.arrivals import Arrivals, CountArrivals
 from service.config import Settings
 from service.registry import Registry
 from service.routes import router
@@ -22,16 +23,29 @@ log = logging.getLogger("mcdrop.service")
 Scope = dict[str, Any]
 
 
-class BodyLimit:
-    """ASGI middleware: reads at most ``max_bytes`` of a request body, else answers 413.
+class StartupError(RuntimeError):
+    """Models failed to load and ``exit_on_error`` is on: the server does not start."""
 
-    The body is buffered (bounded by the limit) before the app sees it, so an oversized or
-    endlessly chunked upload is cut off without being parsed.
+    def __init__(self, failures: dict[str, str]) -> None:
+        lines = "".join(f"\n  model {name!r}: {reason}" for name, reason in failures.items())
+        super().__init__(
+            f"{len(failures)} model(s) failed to load, so the server does not start "
+            f"(MCDROP_EXIT_ON_ERROR=false or --no-exit-on-error serves the others):{lines}"
+        )
+
+
+class BodyLimit:
+    """ASGI middleware: reads at most ``max_bytes`` of a request body within ``timeout_s``,
+    else answers 413 (too large) or 408 (too slow, and closes the connection).
+
+    The body is buffered (bounded by the limit) before the app sees it, so an oversized,
+    endlessly chunked or trickled upload is cut off without being parsed.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -43,18 +57,29 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        await self._reject(scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            response = errors.error_response(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)",
+                headers={"Connection": "close"},  # the rest of the body may still come
+            )
+            await response(scope, receive, send)
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -76,36 +101,6 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class CountArrivals:
-    """ASGI middleware: counts each inference request in with :class:`Arrivals` while it is read
-    and validated (the route counts it out when it queues its job; this, if it never does)."""
-
-    def __init__(self, app: Any, arrivals: Arrivals) -> None:
-        self.app = app
-        self.arrivals = arrivals
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        model = _inference_model(scope) if scope["type"] == "http" else None
-        if model is None:
-            await self.app(scope, receive, send)
-            return
-        self.arrivals.enter(scope, model)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.arrivals.settle(scope)
-
-
-def _inference_model(scope: Scope) -> str | None:
-    """``name`` for ``POST /models/{name}/predict`` or ``/uncertainty``, else None."""
-    if scope.get("method") != "POST":
-        return None
-    parts = scope.get("path", "").split("/")
-    if len(parts) == 4 and parts[1] == "models" and parts[3] in ("predict", "uncertainty"):
-        return parts[2]
-    return None
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
@@ -117,10 +112,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         registry = Registry(settings, arrivals)
         app.state.registry = registry
-        # Load in the background: /health answers at once, /ready turns 200 when loaded.
-        loader = threading.Thread(target=registry.load_all, name="mcdrop-loader", daemon=True)
-        loader.start()
-        app.state.loader = loader
+        if settings.exit_on_error:
+            # As Triton's --exit-on-error: load everything before serving, and refuse to start
+            # if a model fails, so a broken deployment fails at once and says why. Raising here
+            # makes uvicorn exit with status 3.
+            await asyncio.to_thread(registry.load_all)
+            failures = registry.failures()
+            if failures:
+                registry.close()
+                raise StartupError(failures)
+        else:
+            # Load in the background: /health answers at once, /ready turns 200 when loaded.
+            loader = threading.Thread(target=registry.load_all, name="mcdrop-loader", daemon=True)
+            loader.start()
+            app.state.loader = loader
         yield
         registry.close()
 
@@ -133,6 +138,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(CountArrivals, arrivals=arrivals)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
+    app.add_middleware(CountArrivals, arrivals=arrivals, routes=app.router.routes)
+    auth.install(app, settings.api_key)  # last added runs first: no key, no body read
     return app

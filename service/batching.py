@@ -1,21 +1,26 @@
-"""Dispatching model work from the event loop, with dynamic batching.
+"""Dispatching model work from the event loop: dynamic batching, size lanes, deadlines.
 
-Each model has a :class:`Batcher`. Route handlers (``async``) submit a :class:`Job` and await its
-result; the batcher decides where and with whom it runs:
+Each model has a :class:`Batcher`. A route submits a :class:`Job` and awaits its result; the
+batcher decides where and with whom it runs:
 
 - **Merging** (``batching`` on): jobs queue, and a flush on the next event-loop iteration takes
-  everything queued (up to ``max_rows`` rows), so requests that arrive together share one
-  forward pass. A model runs at most ``max_parallel`` batches in worker threads at once; jobs
-  that arrive while they compute queue and go together when one finishes. While requests for the
-  same model are still being read and validated (:class:`Arrivals`), a flush waits up to
-  ``max_wait_ms`` for them and goes as soon as they have queued or failed; a lone client pays no
-  wait.
-- **Inline or threaded.** Work whose estimated cost (from timings taken at warm-up, see
+  everything queued, so requests that arrive together share one forward pass (up to
+  ``max_rows`` rows and an estimated ``max_batch_ms`` of work per merged batch). While requests
+  for the same model are still being read and validated (:mod:`service.arrivals`), a flush waits
+  up to ``max_wait_ms`` for them and goes as soon as they have queued or failed; a lone client
+  pays no wait.
+- **Inline, short lane or long lane.** Work whose estimated cost (timings taken at warm-up, see
   :class:`CostModel`) fits in ``inline_ms`` per flush runs on the event loop itself: for a
-  one-row request a thread handoff costs more than the model. Anything larger, or outside the
-  sizes the warm-up measured, runs in a bounded pool of worker threads (``max_concurrency``), so
-  the loop keeps serving (``/health`` included) meanwhile, and a small request never waits
-  behind a large one of the same model.
+  one-row request a thread handoff costs more than the model. Work estimated under ``short_ms``
+  runs in the *short lane*, a worker thread that large work never occupies, so a small request
+  never waits behind large ones; the rest runs in the *long lane* (``max_parallel`` batches of
+  this model at once, in a pool shared by all models). Meanwhile the loop keeps serving
+  (``/health`` included).
+- **Bounded.** At most ``max_queue`` jobs wait per model: past it a request is refused at once
+  (503 with ``Retry-After``) instead of waiting without bound. A job carries a deadline: its
+  request ends with a 504 when it passes. A job whose client went away or whose deadline passed
+  is *abandoned*: it is dropped from the queue, and a computation all of whose jobs are
+  abandoned stops at its next forward pass.
 
 Merging cannot change an answer: MC masks are keyed by each row's contents and its own request's
 seed (passed per row), so a seeded request gets the same result batched or alone.
@@ -24,8 +29,9 @@ seed (passed per row), so a seeded request gets the same result batched or alone
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,61 +39,49 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mcdrop.exceptions import SamplingStoppedError
 from mcdrop.predictor import Predictor
-
-#: ``None`` for a deterministic prediction, else ``(n_samples, level, return_samples)``.
-Options = tuple[int, float, bool] | None
+from service.errors import ClientDisconnectedError, DeadlineExceededError, OverloadedError
 
 
-@dataclass
+@dataclass(frozen=True)
+class MCOptions:
+    """The MC-dropout options of an uncertainty job (jobs with equal options can merge)."""
+
+    n_samples: int
+    level: float = 0.95
+    return_samples: bool = False
+
+
+#: ``None`` for a deterministic prediction.
+Options = MCOptions | None
+
+
+@dataclass(eq=False)
 class Job:
-    """One request's work: ``x (n, *input_shape)`` and its options and seed."""
+    """One request's work: ``x (n, *input_shape)``, its options and seed, and the
+    ``time.monotonic()`` by which its answer is due."""
 
     x: Tensor
     options: Options
     seed: int = 0
+    deadline: float = math.inf
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
+    #: Nobody waits for the answer any more (client gone, deadline passed, shutting down).
+    #: Written on the event loop, read by worker threads between forward passes.
+    abandoned: bool = False
 
     @property
     def rows(self) -> int:
         return self.x.shape[0]
 
 
-class Arrivals:
-    """How many requests per model are being read and validated, not yet queued: the batchers'
-    sign that company is on its way. The app's middleware counts a request in when it starts
-    and :meth:`settle` counts it out when it queues its job or ends without one; each change
-    re-checks that model's batcher (all on the event loop)."""
-
-    SCOPE_KEY = "mcdrop.arriving"
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.listeners: dict[str, Callable[[], None]] = {}
-
-    def __call__(self, model: str) -> int:
-        return self.counts.get(model, 0)
-
-    def enter(self, scope: dict[str, Any], model: str) -> None:
-        self.counts[model] = self(model) + 1
-        scope[self.SCOPE_KEY] = model
-
-    def settle(self, scope: dict[str, Any]) -> None:
-        """Count the request of ``scope`` out (once; later calls do nothing)."""
-        model = scope.pop(self.SCOPE_KEY, None)
-        if model is None:
-            return
-        self.counts[model] -= 1
-        listener = self.listeners.get(model)
-        if listener is not None:
-            listener()
-
-
 @dataclass
 class CostModel:
     """Seconds a model takes: ``fixed + per_row · rows`` for a prediction and ``fixed +
-    per_sample_row · rows · n_samples`` for MC sampling (the replicated rows). Trusted only up to
-    the sizes it was measured on (:meth:`measured`): timings on a busy machine are noisy."""
+    per_sample_row · rows · n_samples`` for MC sampling (the replicated rows). Trusted to run
+    work inline only up to the sizes it was measured on (:meth:`measured`): timings on a busy
+    machine are noisy."""
 
     fixed: float = 0.0
     per_row: float = 0.0
@@ -121,12 +115,26 @@ class CostModel:
         """Whether the work is within (twice) the sizes the timings came from."""
         if options is None:
             return rows <= 2 * self.MEASURED_ROWS
-        return rows * options[0] <= 2 * self.MEASURED_SAMPLE_ROWS
+        return rows * options.n_samples <= 2 * self.MEASURED_SAMPLE_ROWS
 
     def seconds(self, rows: int, options: Options) -> float:
         if options is None:
             return self.fixed + self.per_row * rows
-        return self.fixed + self.per_sample_row * rows * options[0]
+        return self.fixed + self.per_sample_row * rows * options.n_samples
+
+
+@dataclass
+class Lane:
+    """Worker threads for one size class of work, and how many batches of one model may run
+    there at once."""
+
+    executor: Executor
+    limit: int
+    running: int = 0
+
+    @property
+    def free(self) -> bool:
+        return self.running < self.limit
 
 
 def _split(result: Any, sizes: list[int]) -> list[Any]:
@@ -142,22 +150,28 @@ def _split(result: Any, sizes: list[int]) -> list[Any]:
     return [type(result)(**part) for part in parts]
 
 
+Group = tuple[Options, list[Job]]
+
+
 class Batcher:
     """Runs the jobs of one model (see the module docstring).
 
     Args:
         predictor: the model.
-        executor: worker threads for work that does not run inline (shared by all models: it
-            bounds concurrent model computations).
+        executor: worker threads of the long lane (shared by all models: it bounds concurrent
+            large computations).
         cost: the model's timings.
         batching: merge concurrent jobs.
         max_rows: most rows merged into one batch.
         max_wait_ms: longest wait for requests still arriving.
         inline_ms: estimated model work per flush that may run on the event loop (0: none).
-        max_parallel: most batches of this model computing in worker threads at once.
-        arriving: requests for this model being read and validated (see :class:`Arrivals`).
+        max_parallel: most batches of this model computing in the long lane at once.
+        arriving: requests for this model being read and validated (:mod:`service.arrivals`).
         max_batch_ms: estimated work past which a merged batch takes no more jobs (the rest
-            wait for the next free worker).
+            go in another batch).
+        short_executor: worker threads of the short lane (None: no short lane).
+        short_ms: estimated work up to which a batch runs in the short lane.
+        max_queue: most jobs waiting for this model (None: unbounded).
     """
 
     def __init__(
@@ -173,62 +187,109 @@ class Batcher:
         max_parallel: int = 1,
         arriving: Callable[[], int] = lambda: 0,
         max_batch_ms: float = 50.0,
+        short_executor: Executor | None = None,
+        short_ms: float = 200.0,
+        max_queue: int | None = None,
     ) -> None:
         self.predictor = predictor
-        self.executor = executor
         self.cost = cost
         self.batching = batching
         self.max_rows = max_rows
         self.max_wait = max_wait_ms / 1000.0
         self.inline = inline_ms / 1000.0
-        self.max_parallel = max(1, max_parallel)
         self.max_batch = max_batch_ms / 1000.0
         self.arriving = arriving
+        self.long = Lane(executor, max(1, max_parallel))
+        self.short = None if short_executor is None else Lane(short_executor, 1)
+        self.short_s = short_ms / 1000.0
+        self.max_queue = max_queue
         self.pending: list[Job] = []
         self.scheduled = False  # a flush is due
         self.timer: asyncio.TimerHandle | None = None  # a delayed flush waiting for company
-        self.running = 0  # batches computing in worker threads
+        self.closing = False
         self.batches = 0  # computations run (merged or not), for tests and metrics
         self.inline_batches = 0
 
-    async def submit(self, job: Job) -> Any:
-        """Run ``job`` (merged with concurrent ones when batching) and return its result."""
+    # -- submitting ------------------------------------------------------------------------------
+
+    async def submit(self, job: Job, *, gone: Callable[[], Awaitable[Any]] | None = None) -> Any:
+        """Run ``job`` (merged with concurrent ones when batching) and return its result.
+
+        Args:
+            job: the work; its ``deadline`` bounds the wait (then :class:`DeadlineExceededError`).
+            gone: an awaitable factory that completes when the client has gone away (then the
+                job is abandoned and :class:`ClientDisconnectedError` raised).
+        """
+        if self.closing:
+            raise SamplingStoppedError("the service is shutting down")
+        if self.max_queue is not None and len(self.pending) >= self.max_queue:
+            raise OverloadedError(
+                f"model {self.predictor.spec.name!r} has {len(self.pending)} requests queued, "
+                "its limit; retry later",
+                retry_after=self._queued_seconds(),
+            )
         loop = asyncio.get_running_loop()
-        if not self.batching:
-            return await self._run_alone(loop, job)
         job.future = loop.create_future()
         self.pending.append(job)
         self._schedule(loop)
-        return await job.future
+        if job.future.done():  # ran inline (no batching wait): no watcher needed
+            return job.future.result()
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        waits: set[asyncio.Future[Any]] = {job.future} | ({watcher} if watcher else set())
+        timeout = None if math.isinf(job.deadline) else max(0.0, job.deadline - time.monotonic())
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # the request itself was cancelled (server shutdown)
+            self._abandon(job)
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if job.future in done:
+            return job.future.result()
+        self._abandon(job)
+        if watcher is not None and watcher in done:
+            raise ClientDisconnectedError("the client closed the connection")
+        raise DeadlineExceededError(
+            "the request did not finish within its deadline (request_timeout_s); send fewer "
+            "rows or ask for fewer samples"
+        )
+
+    def _abandon(self, job: Job) -> None:
+        job.abandoned = True
+        if job.future is not None and not job.future.done():
+            job.future.cancel()
+        if job in self.pending:
+            self.pending.remove(job)
+
+    def _queued_seconds(self) -> int:
+        """A guess at when the queue will have room: its estimated work over the long lane."""
+        work = sum(self.cost.seconds(job.rows, job.options) for job in self.pending)
+        return max(1, math.ceil(work / self.long.limit))
 
     def recheck(self) -> None:
         """Re-decide a waiting flush (a request for this model queued or went away)."""
         self._schedule(asyncio.get_running_loop())
 
-    async def _run_alone(self, loop: asyncio.AbstractEventLoop, job: Job) -> Any:
-        self.batches += 1
-        if self._fits_inline(job.rows, job.options, self.inline):
-            self.inline_batches += 1
-            return self._compute(job.options, [job])[0]
-        results = await loop.run_in_executor(self.executor, self._compute, job.options, [job])
-        return results[0]
+    def close(self) -> None:
+        """Shutting down: queued jobs are refused, and running computations stop at their next
+        forward pass."""
+        self.closing = True
+        for job in self.pending:
+            job.abandoned = True
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(SamplingStoppedError("the service is shutting down"))
+        self.pending = []
 
-    def _fits_inline(self, rows: int, options: Options, budget: float) -> bool:
-        return (
-            self.inline > 0
-            and self.cost.measured(rows, options)
-            and self.cost.seconds(rows, options) <= budget
-        )
+    # -- scheduling ------------------------------------------------------------------------------
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self.pending:
             return
-        if self.running >= self.max_parallel and not any(
-            self._fits_inline(job.rows, job.options, self.inline) for job in self.pending
-        ):
-            return  # nothing can run until a batch finishes, which re-schedules
         rows = sum(job.rows for job in self.pending)
-        wait = self.arriving() > 0 and rows < self.max_rows and self.max_wait > 0
+        wait = self.batching and self.arriving() > 0 and rows < self.max_rows and self.max_wait > 0
         if self.timer is not None:
             if wait:
                 return  # keep waiting, up to the deadline already set
@@ -239,97 +300,91 @@ class Batcher:
         self.scheduled = True
         if wait:
             self.timer = loop.call_later(self.max_wait, self._flush, loop)
+        elif not self.batching and len(self.pending) == 1:
+            self._flush(loop)  # nothing to merge with: no event-loop turn to wait for
         else:
             loop.call_soon(self._flush, loop)
 
-    def _take(self, inline_only: bool) -> list[Job]:
-        """Queued jobs for one flush, in arrival order: up to ``max_rows`` rows (at least one job
-        unless all were cancelled). With ``inline_only`` (no worker free for this model), only
-        jobs that together fit the inline budget, so the flush can run all of them."""
-        taken: list[Job] = []
-        keep: list[Job] = []
-        rows = 0
-        group_rows: dict[Options, int] = {}
-        spent: dict[Options, float] = {}
-        for job in self.pending:
-            if job.future is not None and job.future.cancelled():
-                continue  # its client went away
-            fits = not taken or rows + job.rows <= self.max_rows
-            if fits and taken and not inline_only:
-                # A batch estimated past max_batch leaves the rest for another worker: merging
-                # saves little once per-row work dominates, and one huge batch would leave the
-                # other workers idle (Fashion CNN, 100 samples: 25 ms per row).
-                grown = group_rows.get(job.options, 0) + job.rows
-                total = sum(
-                    self.cost.seconds(group_rows[k] if k != job.options else grown, k)
-                    for k in {*group_rows, job.options}
-                )
-                fits = total <= self.max_batch
-            if fits and inline_only:
-                grown = group_rows.get(job.options, 0) + job.rows
-                cost = self.cost.seconds(grown, job.options)
-                others = sum(v for k, v in spent.items() if k != job.options)
-                fits = (
-                    self.inline > 0
-                    and self.cost.measured(grown, job.options)
-                    and others + cost <= self.inline
-                )
-                if fits:
-                    spent[job.options] = cost
-            if fits:
-                taken.append(job)
-                rows += job.rows
-                group_rows[job.options] = group_rows.get(job.options, 0) + job.rows
-            else:
-                keep.append(job)
-        self.pending = keep
-        return taken
+    def _batches(self, jobs: list[Job]) -> list[Group]:
+        """``jobs`` (in arrival order) as batches of equal options, each up to ``max_rows``
+        rows and an estimated ``max_batch`` seconds (its first job always fits)."""
+        open_groups: dict[Options, list[Job]] = {}
+        batches: list[Group] = []
+        for job in jobs:
+            group = open_groups.get(job.options)
+            if group is not None and self.batching:
+                # A batch estimated past max_batch leaves the rest for another: merging saves
+                # little once per-row work dominates, and one huge batch would leave the other
+                # workers idle (Fashion CNN, 100 samples: 25 ms per row).
+                rows = sum(j.rows for j in group) + job.rows
+                if rows <= self.max_rows and self.cost.seconds(rows, job.options) <= self.max_batch:
+                    group.append(job)
+                    continue
+            group = open_groups[job.options] = [job]
+            batches.append((job.options, group))
+        return batches
+
+    def _fits_inline(self, rows: int, options: Options, budget: float) -> bool:
+        return (
+            self.inline > 0
+            and self.cost.measured(rows, options)
+            and self.cost.seconds(rows, options) <= budget
+        )
+
+    def _lane(self, rows: int, options: Options) -> Lane:
+        if self.short is not None and self.cost.seconds(rows, options) <= self.short_s:
+            return self.short
+        return self.long
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         self.scheduled = False
         self.timer = None
-        can_thread = self.running < self.max_parallel
-        groups: dict[Options, list[Job]] = {}
-        for job in self._take(inline_only=not can_thread):
-            groups.setdefault(job.options, []).append(job)
-        budget = self.inline  # inline work per flush, over all its groups
-        threaded: list[tuple[Options, list[Job]]] = []
-        for options, group in groups.items():
+        live = [job for job in self.pending if not job.abandoned]
+        self.pending = []
+        budget = self.inline  # inline work per flush, over all its batches
+        lanes: dict[int, tuple[Lane, list[Group]]] = {}
+        for options, group in self._batches(live):
             rows = sum(job.rows for job in group)
-            if not can_thread or self._fits_inline(rows, options, budget):
+            if self._fits_inline(rows, options, budget):
                 budget -= self.cost.seconds(rows, options)
                 self.batches += 1
                 self.inline_batches += 1
                 self._deliver(group, self._outcome(options, group))
+                continue
+            lane = self._lane(rows, options)
+            if lane.free:
+                lanes.setdefault(id(lane), (lane, []))[1].append((options, group))
             else:
-                threaded.append((options, group))
-        if threaded:
-            self._dispatch(loop, threaded)
-        self._schedule(loop)
+                self.pending.extend(group)  # waits for a worker of its lane to finish
+        for lane, groups in lanes.values():
+            self._dispatch(loop, lane, groups)
 
-    def _dispatch(self, loop: asyncio.AbstractEventLoop, groups: list[tuple[Options, list[Job]]]):
+    def _dispatch(self, loop: asyncio.AbstractEventLoop, lane: Lane, groups: list[Group]) -> None:
         try:
-            work = loop.run_in_executor(self.executor, self._compute_groups, groups)
+            work = loop.run_in_executor(lane.executor, self._compute_groups, groups)
         except RuntimeError as exc:  # the executor is shut down: the service is stopping
             for _, jobs in groups:
                 self._deliver(jobs, exc)
             return
-        self.running += 1
+        lane.running += 1
         self.batches += len(groups)
-        work.add_done_callback(lambda done: self._finish(loop, groups, done))
+        work.add_done_callback(lambda done: self._finish(loop, lane, groups, done))
 
-    def _compute_groups(self, groups: list[tuple[Options, list[Job]]]) -> list[Any]:
+    def _compute_groups(self, groups: list[Group]) -> list[Any]:
         return [self._outcome(options, jobs) for options, jobs in groups]
 
     def _finish(
         self,
         loop: asyncio.AbstractEventLoop,
-        groups: list[tuple[Options, list[Job]]],
+        lane: Lane,
+        groups: list[Group],
         done: asyncio.Future[list[Any]],
     ) -> None:
-        self.running -= 1
+        lane.running -= 1
         if done.cancelled():
-            failure: BaseException | None = RuntimeError("model work cancelled: shutting down")
+            failure: BaseException | None = SamplingStoppedError(
+                "model work cancelled: shutting down"
+            )
         else:
             failure = done.exception()
         outcomes = [failure] * len(groups) if failure is not None else done.result()
@@ -355,14 +410,20 @@ class Batcher:
 
     def _compute(self, options: Options, jobs: list[Job]) -> list[Any]:
         """The per-job results of one forward computation over the jobs' rows."""
+        if self.closing or all(job.abandoned for job in jobs):
+            raise SamplingStoppedError("nobody waits for this work any more")
         sizes = [job.rows for job in jobs]
         x = torch.cat([job.x for job in jobs]) if len(jobs) > 1 else jobs[0].x
         if options is None:
             return _split(self.predictor.predict(x), sizes)
-        n_samples, level, return_samples = options
         seeds = torch.cat([torch.full((job.rows,), job.seed, dtype=torch.int64) for job in jobs])
         summary, samples = self.predictor.uncertainty(
-            x, n_samples, seed=seeds, level=level, return_samples=return_samples
+            x,
+            options.n_samples,
+            seed=seeds,
+            level=options.level,
+            return_samples=options.return_samples,
+            stop=lambda: self.closing or all(job.abandoned for job in jobs),
         )
         parts = _split(summary, sizes)
         chunks = [None] * len(jobs) if samples is None else samples.split(sizes, 1)

@@ -8,38 +8,83 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
-from service.config import Settings
+from service.config import Settings, TrustSettings, env_only
 
 
 def _flag_type(annotation: Any) -> Any:
-    """The converter for a settings field: ``int | None`` -> ``int``."""
+    """The converter for a settings field: ``int | None`` -> ``int``; a tuple of strings stays a
+    string, which the setting splits at commas."""
+    if get_origin(annotation) in (tuple, list):
+        return str
     args = [a for a in get_args(annotation) if a is not type(None)]
     return args[0] if args else annotation
 
 
-# Every setting is a `mcdrop serve` flag, derived so the two never drift apart.
-_SETTINGS_FLAGS = {name: _flag_type(f.annotation) for name, f in Settings.model_fields.items()}
+# Every setting is a `mcdrop serve` flag, derived so the two never drift apart; except secrets
+# (the API key), which a command line would show to every user of the machine in `ps`.
+_SETTINGS_FLAGS = {
+    name: _flag_type(f.annotation)
+    for name, f in Settings.model_fields.items()
+    if not env_only(name)
+}
+
+#: The environment variable ``mcdrop predict`` and ``mcdrop models`` read the service URL from.
+URL_ENV = "MCDROP_URL"
+DEFAULT_URL = "http://localhost:8000"
+
+
+class UsageError(Exception):
+    """A command line to fix (exit status 2, like argparse's own usage errors)."""
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser, settings: type[TrustSettings]) -> None:
+    """One flag per field of ``settings``; a bool gets ``--name`` and ``--no-name``."""
+    for name, field in settings.model_fields.items():
+        if env_only(name):
+            continue
+        kind = _flag_type(field.annotation)
+        default = field.default
+        shown = "none" if default == () else str(default).lower() if kind is bool else default
+        options: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        )
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=None,
+            help=f"{field.description} (default: {shown})",
+            **options,
+        )
+
+
+def _trust(args: argparse.Namespace) -> dict[str, Any]:
+    """``load``'s keyword arguments from the trust flags, else ``MCDROP_*``, else closed."""
+    overrides = {k: getattr(args, k) for k in TrustSettings.model_fields}
+    trust = TrustSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return {
+        "trust_model_code": trust.trust_model_code,
+        "allowed_factories": trust.allowed_factories,
+    }
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from pydantic import ValidationError
 
-    from service.app import create_app
+    from service import server
 
     overrides = {k: getattr(args, k) for k in _SETTINGS_FLAGS if getattr(args, k) is not None}
-    settings = Settings(**overrides)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level,
-    )
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # one line per setting, not pydantic's report
+        raise UsageError(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from None
+    server.run(settings)
     return 0
 
 
@@ -97,6 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             limit=args.limit,
             plots=not args.no_plots,
             command="mcdrop " + shlex.join(args.argv),
+            **_trust(args),
         )
     finally:
         torch.set_num_threads(threads)
@@ -114,11 +160,14 @@ def _read_inputs(value: str) -> list[Any]:
         if value == "-"
         else (Path(value[1:]).read_text() if value.startswith("@") else value)
     )
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--inputs is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "inputs" in data:
         data = data["inputs"]
     if not isinstance(data, list):
-        raise SystemExit('--inputs must be a JSON list of rows (or {"inputs": [...]})')
+        raise UsageError('--inputs must be a JSON list of rows (or {"inputs": [...]})')
     return data
 
 
@@ -129,7 +178,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         from service.client import Client
 
-        with Client(args.url) as client:
+        with Client(_url(args)) as client:
             if args.uncertainty:
                 result = client.uncertainty(
                     args.model,
@@ -151,7 +200,7 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     from mcdrop.predictor import Predictor
     from service import convert
 
-    predictor = Predictor(checkpoint.load(Path(args.model_dir) / args.model))
+    predictor = Predictor(checkpoint.load(Path(args.model_dir) / args.model, **_trust(args)))
     x = convert.to_tensor(inputs, predictor)
     if not args.uncertainty:
         return convert.predict_response(predictor, predictor.predict(x))
@@ -162,10 +211,20 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=args.level)
 
 
+def _url(args: argparse.Namespace) -> str:
+    return args.url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+_URL_HELP = (
+    f"service URL (default: ${URL_ENV}, else {DEFAULT_URL}); an API key is read from "
+    "$MCDROP_API_KEY"
+)
+
+
 def _models(args: argparse.Namespace) -> int:
     from service.client import Client
 
-    with Client(args.url) as client:
+    with Client(_url(args)) as client:
         for info in client.models():
             print(f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}")
     return 0
@@ -180,14 +239,7 @@ def parser() -> argparse.ArgumentParser:
         help="serve the models of a folder over HTTP",
         description="Flags override MCDROP_* environment variables.",
     )
-    for name, kind in _SETTINGS_FLAGS.items():
-        field = Settings.model_fields[name]
-        serve.add_argument(
-            "--" + name.replace("_", "-"),
-            type=kind,
-            default=None,
-            help=f"{field.description} (default: {field.default})",
-        )
+    _add_setting_flags(serve, Settings)
     serve.set_defaults(func=_serve)
 
     train = sub.add_parser("train", help="train a model with dropout and write a model directory")
@@ -261,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="score only N rows per set")
     evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
+    _add_setting_flags(evaluate, TrustSettings)
     evaluate.set_defaults(func=_evaluate)
 
     predict = sub.add_parser("predict", help="predict with a running service or a local model")
@@ -269,30 +322,38 @@ def parser() -> argparse.ArgumentParser:
         "--inputs", required=True, help="JSON list of rows, @file.json, or - for standard input"
     )
     where = predict.add_mutually_exclusive_group()
-    where.add_argument("--url", default="http://localhost:8000", help="service URL")
+    where.add_argument("--url", default=None, help=_URL_HELP)
     where.add_argument("--model-dir", type=Path, help="predict locally from this models folder")
     predict.add_argument("--uncertainty", action="store_true", help="MC-dropout uncertainty")
     predict.add_argument("--n-samples", type=int, default=None)
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")
+    _add_setting_flags(predict.add_argument_group("with --model-dir"), TrustSettings)
     predict.set_defaults(func=_predict)
 
     models = sub.add_parser("models", help="list the models of a running service")
-    models.add_argument("--url", default="http://localhost:8000")
+    models.add_argument("--url", default=None, help=_URL_HELP)
     models.set_defaults(func=_models)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; errors are one line on standard error, never a traceback: exit status 2
+    for a command line to fix, 1 for a failure of the service or the model."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
     except Exception as exc:  # one clear line instead of a traceback for expected failures
-        from service.client import ClientError
+        from service.client import ClientError, InvalidRequestError, InvalidURLError
 
+        if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
+            print(f"mcdrop {args.command}: error: {exc}", file=sys.stderr)
+            return 2
         expected: tuple[type[BaseException], ...] = (ClientError, OSError, ValueError)
         try:
             from mcdrop.exceptions import McDropError

@@ -2,17 +2,54 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: An entry of ``allowed_factories``: a dotted module name, optionally with a trailing dot.
+_MODULE_PREFIX = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\.?")
 
 
-class Settings(BaseSettings):
+class TrustSettings(BaseSettings):
+    """Which code loading a model directory may run: none unless the operator opts in. Shared
+    by ``mcdrop serve`` and the commands that load a model directory locally."""
+
+    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid", frozen=True)
+
+    trust_model_code: bool = Field(
+        False, description="let any model.json architecture.factory import and run its code"
+    )
+    # NoDecode: the environment gives "mypkg.,otherpkg.nets", not a JSON list.
+    allowed_factories: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="comma-separated modules whose factories a model.json may name (mypkg admits "
+        "mypkg and mypkg.nets, never mypkg_evil)",
+    )
+
+    @field_validator("allowed_factories", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple):
+            value = [v for v in value if v != ""]
+            bad = [v for v in value if not (isinstance(v, str) and _MODULE_PREFIX.fullmatch(v))]
+            if bad:
+                raise ValueError(f"{bad} are not module names; give e.g. 'mypkg.,otherpkg.nets'")
+        return value
+
+
+class Settings(TrustSettings):
     """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
     ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
 
-    model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid", frozen=True)
+    # Errors never echo a value: one of them may be the API key.
+    model_config = SettingsConfigDict(
+        env_prefix="MCDROP_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     model_dir: Path = Field(Path("models"), description="folder of model directories to serve")
     host: str = Field("127.0.0.1", description="interface to bind")
@@ -22,8 +59,10 @@ class Settings(BaseSettings):
     )
     max_n_samples: int = Field(10_000, ge=1, description="largest n_samples a request may ask for")
     max_rows: int = Field(1_000, ge=1, description="most input rows in one request")
+    # Sized so that the largest request finishes within request_timeout_s on the slowest
+    # bundled model (Fashion CNN: about 60 µs per row × sample on one core of a quiet machine).
     max_row_samples: int = Field(
-        2_000_000, ge=1, description="most rows × n_samples in one uncertainty request"
+        500_000, ge=1, description="most rows × n_samples in one uncertainty request"
     )
     max_returned_samples: int = Field(
         200_000, ge=1, description="most rows × n_samples when raw samples are returned"
@@ -44,5 +83,62 @@ class Settings(BaseSettings):
         le=1000.0,
         description="model work estimated below this runs on the event loop (no thread handoff)",
     )
+    short_work_ms: float = Field(
+        200.0,
+        ge=0.0,
+        description="model work estimated below this runs in the short lane, which large work "
+        "never occupies (0: no short lane)",
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="most requests waiting per model; past it 503 with Retry-After"
+    )
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="deadline for a request's model work, queueing included (504 past it; the "
+        "work stops at its next forward pass)",
+    )
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest response body (422 beyond it)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0.0, description="time a client has to send a request's headers (then closed)"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="time a client has to send a request's body (then 408)"
+    )
+    shutdown_timeout_s: float = Field(
+        20.0,
+        ge=0.0,
+        description="on SIGTERM, how long requests in flight may finish before the server exits",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
     log_level: str = Field("info", description="uvicorn log level")
+    exit_on_error: bool = Field(
+        True,
+        description="load every model before serving and exit non-zero if one fails; off: serve "
+        "the models that loaded",
+    )
+    # Environment only, never a flag: a key on the command line is visible to every user in `ps`.
+    api_key: SecretStr | None = Field(
+        None,
+        description="every route but /health and /ready needs 'Authorization: Bearer <key>'",
+        json_schema_extra={"env_only": True},
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _printable_key(cls, key: SecretStr | None) -> SecretStr | None:
+        # The key must survive an HTTP header unchanged; an empty key would protect nothing.
+        if key is not None and not re.fullmatch(r"[\x21-\x7e]+", key.get_secret_value()):
+            raise ValueError(
+                "MCDROP_API_KEY must be non-empty printable ASCII without spaces "
+                "(unset it to serve without a key)"
+            )
+        return key
+
+
+def env_only(name: str) -> bool:
+    """Whether setting ``name`` is read from the environment only (not a ``mcdrop serve`` flag)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("env_only"))

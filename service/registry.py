@@ -1,15 +1,21 @@
-"""The models being served: discovered under ``model_dir`` at start-up, loaded in the background.
+"""The models being served: discovered under ``model_dir`` at start-up, then loaded.
 
 Names are known at once (so an unknown name is a 404 straight away); each model then loads and
-runs one warm-up pass, and ``/ready`` turns 200 when all have.
+runs one warm-up pass. With ``exit_on_error`` (the default) the app loads them all before it
+serves and refuses to start if one fails; without, they load in the background, a failed model
+answers 503 with its reason, and the others serve. :meth:`Registry.get` hands out one
+:class:`ModelHandle` per ready model: everything a route needs to run it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,9 +23,40 @@ from torch import Tensor
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Predictor, Summary
-from service.batching import Arrivals, Batcher, CostModel, Job
+from service.arrivals import Arrivals
+from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
-from service.errors import ModelNotFoundError, ModelNotReadyError
+from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
+
+#: Completes when the client has gone away (see :func:`service.routes.disconnected`).
+Gone = Callable[[], Awaitable[Any]]
+
+
+@dataclass
+class ModelHandle:
+    """A ready model: its predictor and its batcher, and the deadline its work gets."""
+
+    predictor: Predictor
+    batcher: Batcher
+    timeout_s: float
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.predictor.spec
+
+    def _job(self, x: Tensor, options: MCOptions | None, seed: int) -> Job:
+        return Job(x, options, seed, deadline=time.monotonic() + self.timeout_s)
+
+    async def predict(self, x: Tensor, *, gone: Gone | None = None) -> Prediction:
+        """Deterministic prediction of ``x (N, *input_shape)``, through the batcher."""
+        return await self.batcher.submit(self._job(x, None, 0), gone=gone)
+
+    async def uncertainty(
+        self, x: Tensor, options: MCOptions, *, seed: int, gone: Gone | None = None
+    ) -> tuple[Summary, Tensor | None]:
+        """MC summary (and ``(S, N, K)`` samples if asked) of ``x``, through the batcher."""
+        return await self.batcher.submit(self._job(x, options, seed), gone=gone)
+
 
 log = logging.getLogger("mcdrop.service")
 
@@ -31,13 +68,12 @@ class Entry:
     name: str
     path: Path
     state: str = "loading"  # loading | ready | error
-    error: str | None = None
-    predictor: Predictor | None = None
-    batcher: Batcher | None = None
+    error: str | None = None  # public: paths relative to model_dir
+    handle: ModelHandle | None = None
 
 
 class Registry:
-    """Model name -> :class:`Entry`; :meth:`get` gives a ready predictor or a clear error."""
+    """Model name -> :class:`Entry`; :meth:`get` gives a ready model's handle or a clear error."""
 
     def __init__(self, settings: Settings, arrivals: Arrivals | None = None) -> None:
         self.settings = settings
@@ -54,12 +90,22 @@ class Registry:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="mcdrop-model"
         )
+        # The short lane: one thread that large work never occupies (see service.batching).
+        self.short_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcdrop-short")
+            if settings.short_work_ms > 0
+            else None
+        )
 
     def load_all(self) -> None:
-        """Load and warm up every model (run in a background thread)."""
+        """Load and warm up every model (in a thread: before serving, or in the background)."""
         for entry in self.entries.values():
             try:
-                loaded = checkpoint.load(entry.path)
+                loaded = checkpoint.load(
+                    entry.path,
+                    trust_model_code=self.settings.trust_model_code,
+                    allowed_factories=self.settings.allowed_factories,
+                )
                 if loaded.spec.name != entry.name:
                     raise checkpoint.CheckpointError(
                         f"{entry.path / checkpoint.MANIFEST}: name {loaded.spec.name!r} does not "
@@ -67,7 +113,7 @@ class Registry:
                     )
                 predictor = Predictor(loaded, max_rows=self.settings.chunk_rows)
                 cost = self._warm_up(predictor)
-                entry.batcher = Batcher(
+                batcher = Batcher(
                     predictor,
                     executor=self.executor,
                     cost=cost,
@@ -77,13 +123,18 @@ class Registry:
                     inline_ms=self.settings.inline_max_ms,
                     max_parallel=self.settings.max_concurrency,
                     arriving=lambda name=entry.name: self.arrivals(name),
+                    short_executor=self.short_executor,
+                    short_ms=self.settings.short_work_ms,
+                    max_queue=self.settings.max_queued_requests,
                 )
-                self.arrivals.listeners[entry.name] = entry.batcher.recheck
-                entry.predictor = predictor
+                self.arrivals.listeners[entry.name] = batcher.recheck
+                entry.handle = ModelHandle(predictor, batcher, self.settings.request_timeout_s)
                 entry.state = "ready"
                 log.info("model %s ready", entry.name)
             except Exception as exc:  # one broken model must not stop the others
-                entry.state, entry.error = "error", str(exc)
+                # The reason first: a reader that sees "error" must find it.
+                entry.error = public_message(str(exc), self.settings.model_dir)
+                entry.state = "error"
                 log.error("model %s failed to load: %s", entry.name, exc)
 
     @staticmethod
@@ -101,56 +152,58 @@ class Registry:
         return x
 
     def close(self) -> None:
-        """Stop the worker threads (after the server stops taking requests)."""
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        """Stop: queued work is refused, running work stops at its next forward pass, and the
+        worker threads end (after the server stops taking requests)."""
+        for entry in self.entries.values():
+            if entry.handle is not None:
+                entry.handle.batcher.close()
+        for executor in (self.executor, self.short_executor):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    def failures(self) -> dict[str, str]:
+        """Model name -> why it failed to load, for the models that did."""
+        return {n: e.error or "" for n, e in self.entries.items() if e.state == "error"}
 
     def readiness(self) -> tuple[str, dict[str, str]]:
+        """The server's state and each model's (``loading``, ``ready`` or why it failed).
+
+        ``loading`` while a model is; then ``ready`` if all loaded, ``degraded`` if some failed
+        and the others serve, ``failed`` if none loaded.
+        """
         states = {
             n: (e.error if e.state == "error" else e.state) or "" for n, e in self.entries.items()
         }
-        if any(e.state == "error" for e in self.entries.values()):
-            return "failed", states
-        if all(e.state == "ready" for e in self.entries.values()):
+        kinds = {e.state for e in self.entries.values()}
+        if "loading" in kinds:
+            return "loading", states
+        if "error" not in kinds:
             return "ready", states
-        return "loading", states
+        return ("degraded" if "ready" in kinds else "failed"), states
 
-    def get(self, name: str) -> Predictor:
+    def model_readiness(self, name: str) -> tuple[str, str | None]:
+        """One model's state (``loading``, ``ready`` or ``failed``) and why it failed."""
+        entry = self._entry(name)
+        return ("failed" if entry.state == "error" else entry.state), entry.error
+
+    def _entry(self, name: str) -> Entry:
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFoundError(
                 f"no model named {name!r}; available: {sorted(self.entries)} (GET /models)"
             )
-        if entry.predictor is None:
+        return entry
+
+    def get(self, name: str) -> ModelHandle:
+        entry = self._entry(name)
+        if entry.handle is None:
             reason = (
                 "is still loading, retry shortly"
                 if entry.state == "loading"
                 else (f"failed to load: {entry.error}")
             )
             raise ModelNotReadyError(f"model {name!r} {reason}")
-        return entry.predictor
-
-    def _batcher(self, predictor: Predictor) -> Batcher:
-        batcher = self.entries[predictor.spec.name].batcher
-        assert batcher is not None  # set before the entry's predictor
-        return batcher
-
-    async def predict(self, predictor: Predictor, x: Tensor) -> Prediction:
-        """Deterministic prediction, through the model's batcher."""
-        return await self._batcher(predictor).submit(Job(x, None))
-
-    async def uncertainty(
-        self,
-        predictor: Predictor,
-        x: Tensor,
-        n_samples: int,
-        *,
-        seed: int,
-        level: float,
-        return_samples: bool,
-    ) -> tuple[Summary, Tensor | None]:
-        """MC summary (and samples), through the model's batcher."""
-        job = Job(x, (n_samples, level, return_samples), seed)
-        return await self._batcher(predictor).submit(job)
+        return entry.handle
 
     def ready_specs(self) -> list[ModelSpec]:
-        return [e.predictor.spec for e in self.entries.values() if e.predictor is not None]
+        return [e.handle.spec for e in self.entries.values() if e.handle is not None]

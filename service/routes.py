@@ -3,25 +3,34 @@ small work on the event loop and larger work in worker threads, and large inputs
 are converted in worker threads too, so the loop (and ``/health``) keeps answering while a large
 request computes. (A plain ``def`` route would cost two thread handoffs per request, the route
 and its response validation, more than a one-row model pass.) FastAPI still parses the JSON body
-and validates the response model on the loop; the body limit bounds that work."""
+on the loop; the body limit bounds that work. Inference responses are rendered to JSON bytes
+here (pydantic-core), and their size is bounded.
+
+The path of an inference request, one direction: ``body → registry.get(name) → ModelHandle →
+tensor → batcher (with the request's deadline, and a watch for the client going away) → result
+→ response bytes``."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from mcdrop.masks import fresh_seed
-from mcdrop.predictor import Predictor
 from service import convert, schemas
+from service.arrivals import INFERENCE_TAG
+from service.batching import MCOptions
 from service.config import Settings
 from service.deps import RegistryDep, SettingsDep
 from service.errors import LimitExceededError
+from service.registry import ModelHandle, Registry
 
 router = APIRouter()
 
@@ -32,7 +41,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         404: "unknown model",
         413: "request body too large",
         422: "invalid inputs or options, or a limit exceeded",
-        503: "model still loading",
+        408: "the request body did not arrive in time",
+        503: "model still loading or failed to load, or its queue is full (see Retry-After)",
+        504: "the answer was not ready within the request deadline",
     }.items()
 }
 
@@ -50,11 +61,33 @@ async def health() -> schemas.Health:
     responses={503: {"model": schemas.Readiness}},
 )
 async def ready(registry: RegistryDep) -> Any:
-    """Readiness: 200 once every model has loaded and run a warm-up pass, else 503."""
+    """Readiness: 200 once every model has loaded and run a warm-up pass (``ready``), or every
+    model but those that failed to load, at least one (``degraded``: only with exit_on_error
+    off); 503 while a model loads, or when none loaded. ``models`` gives each model's state."""
     status, models = registry.readiness()
     body = schemas.Readiness(status=status, models=models)
-    if status != "ready":
+    if status not in ("ready", "degraded"):
         return JSONResponse(status_code=503, content=body.model_dump())
+    return body
+
+
+@router.get(
+    "/models/{name}/ready",
+    response_model=schemas.ModelReadiness,
+    response_model_exclude_none=True,
+    tags=["status"],
+    responses={
+        404: _ERRORS[404],
+        503: {"model": schemas.ModelReadiness, "description": "loading, or failed to load"},
+    },
+)
+async def model_ready(name: str, registry: RegistryDep) -> Any:
+    """One model's readiness: 200 once it has loaded and run a warm-up pass; 503 while it loads
+    or if it failed to load, with the reason."""
+    status, reason = registry.model_readiness(name)
+    body = schemas.ModelReadiness(name=name, status=status, reason=reason)
+    if status != "ready":
+        return JSONResponse(status_code=503, content=body.model_dump(exclude_none=True))
     return body
 
 
@@ -79,17 +112,17 @@ def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
     )
 
 
-#: Past these sizes, turning a request into a tensor or a result into a response model runs in a
+#: Past these sizes, turning a request into a tensor or a result into a response runs in a
 #: worker thread (tens of milliseconds), not on the event loop that also answers ``/health``.
 LARGE_INPUT_VALUES = 20_000
-LARGE_RESPONSE_ROWS = 256
-LARGE_RESPONSE_SAMPLES = 20_000
+LARGE_RESPONSE_VALUES = 20_000
+
+#: Upper bound on the JSON bytes of one float as pydantic-core writes it (``-1.2345678e-05``
+#: and the separator), and of a result row's keys and scalars.
+FLOAT_BYTES = 25
+ROW_BYTES = 400
 
 T = TypeVar("T")
-
-
-def _large_inputs(body: schemas.PredictRequest, predictor: Predictor) -> bool:
-    return len(body.inputs) * math.prod(predictor.spec.input_shape) > LARGE_INPUT_VALUES
 
 
 async def _off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -97,6 +130,28 @@ async def _off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any
     if not large:
         return fn(*args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """An awaitable factory that completes when the client goes away (the body is read by
+    then, so the next ASGI message is the disconnect)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+def _render(model: BaseModel, limit: int, *, exclude_none: bool = False) -> Response:
+    """The response as JSON bytes, refused if larger than ``limit``."""
+    body = model.model_dump_json(exclude_none=exclude_none).encode()
+    if len(body) > limit:
+        raise LimitExceededError(
+            f"the response would be {len(body)} bytes, above the limit of {limit} "
+            "(max_response_bytes); send fewer rows or ask for fewer samples"
+        )
+    return Response(body, media_type="application/json")
 
 
 def _check_rows(body: schemas.PredictRequest, settings: Settings) -> None:
@@ -107,10 +162,29 @@ def _check_rows(body: schemas.PredictRequest, settings: Settings) -> None:
         )
 
 
+def _check_response_size(rows: int, values_per_row: int, limit: int) -> None:
+    """Refuse up front a response whose estimated size is above the limit (before computing)."""
+    estimate = rows * (ROW_BYTES + values_per_row * FLOAT_BYTES)
+    if estimate > limit:
+        raise LimitExceededError(
+            f"the response would be about {estimate} bytes, above the limit of {limit} "
+            "(max_response_bytes); send fewer rows, or ask for fewer samples or none returned"
+        )
+
+
+async def _tensor(
+    body: schemas.PredictRequest, handle: ModelHandle, request: Request, registry: Registry
+) -> torch.Tensor:
+    large = len(body.inputs) * math.prod(handle.spec.input_shape) > LARGE_INPUT_VALUES
+    x = await _off_loop(large, convert.to_tensor, body.inputs, handle.predictor)
+    registry.arrivals.settle(request.scope)  # read and valid: its job queues now
+    return x
+
+
 @router.post(
     "/models/{name}/predict",
     response_model=schemas.PredictResponse,
-    tags=["inference"],
+    tags=[INFERENCE_TAG],
     responses=_ERRORS,
 )
 async def predict(
@@ -119,21 +193,26 @@ async def predict(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
-) -> schemas.PredictResponse:
+) -> Response:
     """Deterministic prediction (dropout off): probabilities and label, or the value in original
     units."""
-    predictor = registry.get(name)
+    handle = registry.get(name)
     _check_rows(body, settings)
-    x = await _off_loop(_large_inputs(body, predictor), convert.to_tensor, body.inputs, predictor)
-    registry.arrivals.settle(request.scope)  # read and valid: its job queues now
-    prediction = await registry.predict(predictor, x)
-    big = len(body.inputs) > LARGE_RESPONSE_ROWS
-    return await _off_loop(big, convert.predict_response, predictor, prediction)
+    rows, k = len(body.inputs), handle.spec.n_outputs
+    _check_response_size(rows, 2 * k, settings.max_response_bytes)
+    x = await _tensor(body, handle, request, registry)
+    prediction = await handle.predict(x, gone=_disconnected(request))
+    response = await _off_loop(
+        rows * k > LARGE_RESPONSE_VALUES, convert.predict_response, handle.predictor, prediction
+    )
+    return await _off_loop(
+        rows * k > LARGE_RESPONSE_VALUES, _render, response, settings.max_response_bytes
+    )
 
 
-def _n_samples(body: schemas.UncertaintyRequest, predictor: Predictor, settings: Settings) -> int:
+def _n_samples(body: schemas.UncertaintyRequest, handle: ModelHandle, settings: Settings) -> int:
     if body.n_samples is None:
-        default = settings.default_n_samples or predictor.spec.default_n_samples
+        default = settings.default_n_samples or handle.spec.default_n_samples
         return min(default, settings.max_n_samples)
     if body.n_samples > settings.max_n_samples:
         raise LimitExceededError(
@@ -146,7 +225,7 @@ def _n_samples(body: schemas.UncertaintyRequest, predictor: Predictor, settings:
     "/models/{name}/uncertainty",
     response_model=schemas.UncertaintyResponse,
     response_model_exclude_none=True,
-    tags=["inference"],
+    tags=[INFERENCE_TAG],
     responses=_ERRORS,
 )
 async def uncertainty(
@@ -155,17 +234,18 @@ async def uncertainty(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
-) -> schemas.UncertaintyResponse:
+) -> Response:
     """MC-dropout uncertainty: ``n_samples`` stochastic passes per row, summarised (mean,
     variance, std; entropy, mutual information, variation ratio for classifiers; interval and
     epistemic/aleatoric split for regressors)."""
-    predictor = registry.get(name)
+    handle = registry.get(name)
     _check_rows(body, settings)
-    n_samples = _n_samples(body, predictor, settings)
-    total = len(body.inputs) * n_samples
+    n_samples = _n_samples(body, handle, settings)
+    rows, k = len(body.inputs), handle.spec.n_outputs
+    total = rows * n_samples
     if total > settings.max_row_samples:
         raise LimitExceededError(
-            f"rows × n_samples = {len(body.inputs)} × {n_samples} = {total} is above the limit "
+            f"rows × n_samples = {rows} × {n_samples} = {total} is above the limit "
             f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
         )
     if body.return_samples and total > settings.max_returned_samples:
@@ -173,21 +253,20 @@ async def uncertainty(
             f"return_samples with rows × n_samples = {total} is above the limit of "
             f"{settings.max_returned_samples}"
         )
-    x = await _off_loop(_large_inputs(body, predictor), convert.to_tensor, body.inputs, predictor)
+    values = 7 * k + (n_samples * k if body.return_samples else 0)
+    _check_response_size(rows, values, settings.max_response_bytes)
+    options = MCOptions(n_samples, body.level, body.return_samples)
+    x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed
-    registry.arrivals.settle(request.scope)  # read and valid: its job queues now
-    summary, samples = await registry.uncertainty(
-        predictor, x, n_samples, seed=seed, level=body.level, return_samples=body.return_samples
-    )
-    big = len(body.inputs) > LARGE_RESPONSE_ROWS or (
-        body.return_samples and total > LARGE_RESPONSE_SAMPLES
-    )
-    return await _off_loop(
-        big,
+    summary, samples = await handle.uncertainty(x, options, seed=seed, gone=_disconnected(request))
+    large = rows * values > LARGE_RESPONSE_VALUES
+    response = await _off_loop(
+        large,
         convert.uncertainty_response,
-        predictor,
+        handle.predictor,
         summary,
         samples,
         seed=seed,
         level=body.level,
     )
+    return await _off_loop(large, _render, response, settings.max_response_bytes, exclude_none=True)

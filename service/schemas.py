@@ -60,8 +60,22 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
+    """The server's readiness: ``ready`` (200) when every model is; ``degraded`` (200) when some
+    failed to load (with ``exit_on_error`` off) and every other one is ready; ``loading`` (503)
+    while a model loads; ``failed`` (503) when none loaded."""
+
+    status: Literal["ready", "degraded", "loading", "failed"]
+    models: dict[str, str] = Field(
+        ..., description="model name -> loading | ready | why it failed to load"
+    )
+
+
+class ModelReadiness(BaseModel):
+    """One model's readiness: 200 when ``ready``, else 503."""
+
+    name: str
     status: Literal["ready", "loading", "failed"]
-    models: dict[str, str] = Field(..., description="model name -> loading | ready | error text")
+    reason: str | None = Field(None, description="why the model failed to load")
 
 
 class ModelInfo(BaseModel):

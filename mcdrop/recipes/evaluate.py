@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,8 @@ def evaluate_model(
     plots: bool = True,
     max_rows: int | None = None,
     command: str | None = None,
+    trust_model_code: bool = False,
+    allowed_factories: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate a model directory on a built-in dataset and write its report.
 
@@ -233,11 +236,15 @@ def evaluate_model(
         max_rows: most replicated rows per forward pass (sampling also cuts passes to its
             activation budget).
         command: the command line that ran this, recorded in the report.
+        trust_model_code, allowed_factories: which ``architecture.factory`` code loading may
+            run, as for :func:`mcdrop.checkpoint.load` (none by default).
 
     Returns:
         the report (as written to ``report.json``).
     """
-    loaded = checkpoint.load(model_dir)
+    loaded = checkpoint.load(
+        model_dir, trust_model_code=trust_model_code, allowed_factories=allowed_factories
+    )
     spec = loaded.spec
     name = dataset or spec.training.get("dataset") or spec.name
     split_seed = int(spec.training.get("seed", 0))

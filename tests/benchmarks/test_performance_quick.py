@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import memory, sampling, service_load
+from benchmarks import memory, sampling, service_load, soak
 from mcdrop import predict
 
 
@@ -83,3 +83,12 @@ def test_service_load_quick(generator: str) -> None:
     assert len(errors) == 8  # 2 endpoints × batching off/on × 1 and 8 clients
     assert all(e == "0" and int(n) > 0 for e, n in errors)
     assert all(r > 0 for r in _ratios(text, "server CPU ms/req"))
+
+
+@pytest.mark.slow
+def test_soak_quick() -> None:
+    text = soak.run(quick=True)
+    assert "0 unexpected answers" in text
+    assert re.search(r"p99 \d+ ms", text)
+    for kind, *_ in soak.MIX:  # every kind of request was sent, and answered as expected
+        assert re.search(rf"^\| {re.escape(kind)} \| [1-9]\d* \|", text, re.M), kind

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sklearn.datasets import load_digits
@@ -20,61 +22,19 @@ from service.client import (
     Client,
     InvalidRequestError,
     NotFoundError,
+    ServiceUnavailableError,
+    TransportError,
 )
 from tests.conftest import MODELS, ROOT
+from tests.e2e.conftest import free_port, serve
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = log_path.open("wb")
-    env = {**os.environ, "MCDROP_MAX_ROW_SAMPLES": "5000000", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--model-dir",
-            str(MODELS),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with Client(base, timeout=5) as client:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
-                try:
-                    if client.ready().status == "ready":
-                        break
-                except Exception:
-                    if proc.poll() is not None:
-                        raise AssertionError(log_path.read_text()) from None
-                time.sleep(0.2)
-            else:
-                raise AssertionError("service did not become ready")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
+    with serve(tmp_path_factory.mktemp("serve"), MCDROP_MAX_ROW_SAMPLES="5000000") as server:
+        yield server.url
 
 
 def test_uncertainty_over_http(url: str) -> None:
@@ -148,3 +108,74 @@ def test_async_client_concurrency(url: str) -> None:
         return [r.seed for r in results]
 
     assert asyncio.run(run()) == list(range(8))
+
+
+def _serve(model_dir: Path, *flags: str) -> list[str]:
+    """The command line of ``mcdrop serve`` on a free port."""
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(model_dir)]
+    return [*command, "--port", str(free_port()), "--log-level", "warning", *flags]
+
+
+@pytest.fixture
+def broken_folder(tmp_path: Path) -> Path:
+    """diabetes, a manifest that is not JSON, and a model naming an untrusted factory."""
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.json").write_text("{nope")
+    (tmp_path / "custom").mkdir()
+    manifest = {
+        "name": "custom",
+        "task": "regression",
+        "input_shape": [3],
+        "labels": ["y"],
+        "tau": 1.0,
+        "architecture": {"factory": "tests.factories:build"},
+    }
+    (tmp_path / "custom" / "model.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def test_serve_refuses_to_start_with_a_broken_model(broken_folder: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        _serve(broken_folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr  # uvicorn's start-up failure
+    assert "2 model(s) failed to load, so the server does not start" in done.stderr
+    assert "model 'broken': broken/model.json: not valid JSON" in done.stderr
+    assert "model 'custom': custom/model.json: factory 'tests.factories:build'" in done.stderr
+    assert "--trust-model-code" in done.stderr
+
+
+def test_serve_without_exit_on_error_serves_what_loaded(broken_folder: Path) -> None:
+    proc = subprocess.Popen(
+        _serve(broken_folder, "--no-exit-on-error"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port = proc.args[proc.args.index("--port") + 1]  # type: ignore[union-attr]
+    try:
+        with Client(f"http://127.0.0.1:{port}", timeout=5) as client:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    ready = client.ready()
+                    if ready.status != "loading":
+                        break
+                except TransportError:
+                    pass
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"not settled; exit code {proc.poll()}")
+            assert ready.status == "degraded"
+            assert ready.models["diabetes"] == "ready"
+            assert ready.models["broken"].startswith("broken/model.json: not valid JSON")
+            assert client.predict("diabetes", [[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.86, 87]])
+            with pytest.raises(ServiceUnavailableError, match=r"custom/model\.json: factory"):
+                client.predict("custom", [[1.0, 2.0, 3.0]])
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert str(broken_folder) in stderr  # the operator's log keeps the full path

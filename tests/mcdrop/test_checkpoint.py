@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec, Normalization
-from mcdrop.exceptions import CheckpointError
+from mcdrop.exceptions import CheckpointError, UntrustedCodeError
 from mcdrop.nets import MLP
 from tests.conftest import MODELS
 
@@ -110,7 +112,10 @@ def _edit_manifest(**changes: object):
             "does not match",
         ),
         (_edit_manifest(architecture={"name": "mlp", "params": {"width": 3}}), "do not fit"),
-        (_edit_manifest(architecture={"factory": "nowhere.at.all:make"}), "cannot import"),
+        (
+            _edit_manifest(architecture={"factory": "nowhere.at.all:make"}),
+            "MCDROP_TRUST_MODEL_CODE",
+        ),
         (_edit_manifest(input_normalization={"mean": [1, 2], "std": [1, 2, 3]}), "differ"),
         (_edit_manifest(input_normalization={"mean": [1, 2, 3], "std": [1, 0, 3]}), "positive"),
     ],
@@ -119,6 +124,14 @@ def test_errors_name_file_and_problem(tmp_path: Path, saved, edit, message: str)
     target = _broken(tmp_path, saved, edit)
     with pytest.raises(CheckpointError, match=message) as info:
         checkpoint.load(target)
+    assert str(target) in str(info.value)
+
+
+def test_trusted_factory_that_is_not_there(tmp_path: Path, saved) -> None:
+    edit = _edit_manifest(architecture={"factory": "nowhere.at.all:make"})
+    target = _broken(tmp_path, saved, edit)
+    with pytest.raises(CheckpointError, match="cannot import") as info:
+        checkpoint.load(target, trust_model_code=True)
     assert str(target) in str(info.value)
 
 
@@ -137,7 +150,7 @@ def test_user_factory_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from my_nets import make  # type: ignore[import-not-found]
 
     checkpoint.save(tmp_path / "custom", spec, make(5))
-    loaded = checkpoint.load(tmp_path / "custom")
+    loaded = checkpoint.load(tmp_path / "custom", allowed_factories=["my_nets"])
     assert loaded.module(torch.randn(2, 3)).shape == (2, 1)
     sys.modules.pop("my_nets", None)
 
@@ -145,3 +158,122 @@ def test_user_factory_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_homoscedastic_regressor_needs_tau() -> None:
     with pytest.raises(CheckpointError, match="tau"):
         ModelSpec.from_dict({**_spec().to_dict(), "tau": None})
+
+
+# A model directory is data: loading it runs no code unless the caller trusts it.
+
+
+class _Mkdir:
+    """Unpickling this creates the directory ``marker``: the proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (self.marker,)
+
+
+HUBCONF = """import os
+os.mkdir({marker!r})
+
+def net():
+    return None
+"""
+
+
+@pytest.fixture
+def planted(tmp_path: Path, saved: tuple[Path, MLP]) -> tuple[Path, Path]:
+    """A loadable model directory with code planted next to its manifest: pickles under the
+    usual weight names and a torch.hub ``hubconf.py``, each creating ``marker`` when run."""
+    target, marker = tmp_path / "planted", tmp_path / "marker"
+    shutil.copytree(saved[0], target)
+    torch.save(_Mkdir(marker), target / "weights.pt")
+    for name in ("model.pkl", "pytorch_model.bin"):
+        (target / name).write_bytes(pickle.dumps(_Mkdir(marker)))
+    (target / "hubconf.py").write_text(HUBCONF.format(marker=str(marker)))
+    return target, marker
+
+
+def test_loading_unpickles_nothing(planted: tuple[Path, Path]) -> None:
+    target, marker = planted
+    assert checkpoint.load(target).spec.name == "tiny"
+    assert not marker.exists()
+    # The planted pickle is live: loading it would have run it.
+    torch.load(target / "weights.pt", weights_only=False)
+    assert marker.is_dir()
+
+
+def _code_factories(target: Path, marker: Path) -> dict[str, dict[str, object]]:
+    """Factories that run code, each with the params that would create ``marker``."""
+    return {
+        "os:system": {"command": f"mkdir {marker}"},
+        "subprocess:run": {"args": ["mkdir", str(marker)]},
+        "torch:load": {"f": str(target / "weights.pt"), "weights_only": False},
+        "torch.hub:load": {"repo_or_dir": str(target), "model": "net", "source": "local"},
+        "builtins:eval": {"source": f"__import__('os').mkdir({str(marker)!r})"},
+    }
+
+
+@pytest.mark.parametrize(
+    "factory", ["os:system", "subprocess:run", "torch:load", "torch.hub:load", "builtins:eval"]
+)
+def test_factories_that_run_code_need_opt_in(planted: tuple[Path, Path], factory: str) -> None:
+    target, marker = planted
+    params = _code_factories(target, marker)[factory]
+    _edit_manifest(architecture={"factory": factory, "params": params})(target)
+    module = factory.partition(":")[0]
+    with pytest.raises(UntrustedCodeError) as info:
+        checkpoint.load(target, allowed_factories=["mcdrop", "tests"])
+    message = str(info.value)
+    assert str(target / checkpoint.MANIFEST) in message
+    for how in ("MCDROP_TRUST_MODEL_CODE=1", "--trust-model-code", "trust_model_code=True"):
+        assert how in message
+    assert f"MCDROP_ALLOWED_FACTORIES={module} (flag --allowed-factories {module};" in message
+    assert not marker.exists()
+    if factory != "builtins:eval":  # eval takes no keyword arguments: it never runs
+        # The operator's opt-in does run it (and the load fails: none returns a module).
+        with pytest.raises(CheckpointError, match=r"not a torch\.nn\.Module|raised"):
+            checkpoint.load(target, trust_model_code=True)
+        assert marker.is_dir()
+
+
+def test_a_builtin_never_imports_a_factory(planted: tuple[Path, Path]) -> None:
+    target, marker = planted
+    arch = json.loads((target / checkpoint.MANIFEST).read_text())["architecture"]
+    factory = {"factory": "os:system", "params": {"command": f"mkdir {marker}"}}
+    _edit_manifest(architecture={**arch, **factory, "name": "mlp"})(target)
+    with pytest.raises(CheckpointError, match="give one"):
+        checkpoint.load(target, trust_model_code=True)
+    assert not marker.exists()
+
+
+@pytest.fixture
+def custom(tmp_path: Path) -> Path:
+    """A model directory built by ``tests.factories:build``."""
+    from tests.factories import build
+
+    spec = _spec(architecture={"factory": "tests.factories:build", "params": {"width": 4}})
+    return checkpoint.save(tmp_path / "custom", spec, build(width=4))
+
+
+@pytest.mark.parametrize("allowed", [["tests"], ["tests."], ["tests.factories"], ["x", "tests"]])
+def test_allowed_factories_admit_a_module_and_its_package(custom: Path, allowed) -> None:
+    loaded = checkpoint.load(custom, allowed_factories=allowed)
+    assert loaded.module(torch.randn(2, 3)).shape == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "allowed", [[], ["test"], ["tests_evil"], ["tests.factories_x"], ["tests.factories.build"]]
+)
+def test_allowed_factories_refuse_other_modules(custom: Path, allowed) -> None:
+    with pytest.raises(UntrustedCodeError, match=r"MCDROP_ALLOWED_FACTORIES=tests\.factories "):
+        checkpoint.load(custom, allowed_factories=allowed)
+
+
+def test_an_allowed_module_cannot_pass_on_foreign_code(tmp_path: Path, custom: Path) -> None:
+    marker = tmp_path / "marker"
+    arch = {"factory": "tests.factories:run", "params": {"args": ["mkdir", str(marker)]}}
+    _edit_manifest(architecture=arch)(custom)
+    with pytest.raises(UntrustedCodeError, match="defined in module 'subprocess'"):
+        checkpoint.load(custom, allowed_factories=["tests"])
+    assert not marker.exists()

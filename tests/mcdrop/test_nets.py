@@ -8,7 +8,8 @@ from torch import nn
 
 from mcdrop import dropout_modules, sample
 from mcdrop.dropout import DropConnectLinear
-from mcdrop.nets import CNN, MLP, RowLSTM, Standardized, build
+from mcdrop.exceptions import CheckpointError, InvalidArgumentError
+from mcdrop.nets import CNN, MLP, RowLSTM, Standardized, build, factory_allowed
 
 
 @pytest.mark.parametrize(
@@ -63,3 +64,46 @@ def test_standardized_heteroscedastic_units() -> None:
 def test_build_builtin() -> None:
     net = build({"name": "mlp", "params": {"in_features": 2, "hidden": [3], "out_features": 1}})
     assert isinstance(net, MLP)
+
+
+@pytest.mark.parametrize(
+    ("module", "allowed", "expected"),
+    [
+        ("mypkg", ["mypkg"], True),
+        ("mypkg.nets", ["mypkg"], True),
+        ("mypkg.nets", ["mypkg."], True),
+        ("mypkg", ["mypkg."], True),
+        ("mypkg_evil", ["mypkg"], False),
+        ("mypkg_evil", ["mypkg."], False),
+        ("mypkgnets", ["mypkg"], False),
+        ("otherpkg.nets", ["otherpkg.nets"], True),
+        ("otherpkg.nets.deep", ["otherpkg.nets"], True),
+        ("otherpkg", ["otherpkg.nets"], False),
+        ("otherpkg.netsx", ["otherpkg.nets"], False),
+        ("otherpkg.other", ["mypkg.", "otherpkg.nets"], False),
+        ("os", [], False),
+    ],
+)
+def test_factory_allowed_matches_whole_components(
+    module: str, allowed: list[str], expected: bool
+) -> None:
+    assert factory_allowed(module, allowed) is expected
+
+
+@pytest.mark.parametrize("allowed", ["mypkg", ["my pkg"], [""], ["*"], ["mypkg:make"], [None]])
+def test_a_malformed_allow_list_is_an_error(allowed: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="allowed_factories"):
+        factory_allowed("mypkg", allowed)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "factory", ["os", ":system", "os:", "os:system:x", "../x:y", ".rel:make", "os:__call__"]
+)
+def test_malformed_factory(factory: str) -> None:
+    with pytest.raises(CheckpointError, match="factory"):
+        build({"factory": factory}, trust_model_code=True)
+
+
+def test_a_factory_must_return_a_module() -> None:
+    with pytest.raises(CheckpointError, match=r"not a torch\.nn\.Module"):
+        build({"factory": "builtins:dict", "params": {"a": 1}}, trust_model_code=True)

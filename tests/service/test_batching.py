@@ -16,7 +16,8 @@ from mcdrop import checkpoint
 from mcdrop.exceptions import InvalidInputError
 from mcdrop.predictor import Predictor
 from service.app import create_app
-from service.batching import Arrivals, Batcher, CostModel, Job
+from service.arrivals import Arrivals
+from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
 from tests.conftest import MODELS
 from tests.service.conftest import wait_ready
@@ -68,7 +69,7 @@ def test_batched_answers_equal_unbatched(unbatched: list[Any]) -> None:
     with TestClient(create_app(settings)) as http:
         wait_ready(http)
         batched = _concurrently(http, REQUESTS)
-        batcher = http.app.state.registry.entries["digits"].batcher
+        batcher = http.app.state.registry.get("digits").batcher
         digits_jobs = sum("digits" in path for path, _ in REQUESTS)
         assert batcher.batches < digits_jobs  # requests really were merged
     for got, want in zip(batched, unbatched, strict=True):
@@ -110,9 +111,9 @@ def digits() -> Predictor:
 
 def _jobs() -> list[Job]:
     x = torch.tensor(ROWS, dtype=torch.float32)
-    return [Job(x[i : i + 2], (30, 0.9, False), seed=i) for i in range(0, 8, 2)] + [
+    return [Job(x[i : i + 2], MCOptions(30, 0.9, False), seed=i) for i in range(0, 8, 2)] + [
         Job(x[8:11], None),
-        Job(x[11:12], (30, 0.9, True), seed=5),
+        Job(x[11:12], MCOptions(30, 0.9, True), seed=5),
     ]
 
 
@@ -142,9 +143,12 @@ def test_batcher_answers_equal_direct_calls(
             want = digits.predict(job.x)
             assert torch.allclose(result.probabilities, want.probabilities, atol=1e-6)
             continue
-        n_samples, level, return_samples = job.options
         summary, samples = digits.uncertainty(
-            job.x, n_samples, seed=job.seed, level=level, return_samples=return_samples
+            job.x,
+            job.options.n_samples,
+            seed=job.seed,
+            level=job.options.level,
+            return_samples=job.options.return_samples,
         )
         assert torch.allclose(result[0].probabilities, summary.probabilities, atol=1e-6)
         assert torch.allclose(result[0].mutual_information, summary.mutual_information, atol=1e-5)
@@ -225,7 +229,9 @@ def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) ->
 def test_a_small_job_does_not_wait_behind_a_large_one(digits: Predictor) -> None:
     x = torch.tensor(ROWS, dtype=torch.float32)
     cost = CostModel.measure(digits, x[:1])
-    large = Job(x.repeat(20, 1), (2000, 0.9, False), seed=1)  # 240 rows × 2000: a worker thread
+    large = Job(
+        x.repeat(20, 1), MCOptions(2000, 0.9, False), seed=1
+    )  # 240 rows × 2000: a worker thread
     small = Job(x[:1], None)  # one-row prediction: inline
     with ThreadPoolExecutor(2) as pool:
         batcher = Batcher(digits, executor=pool, cost=cost, inline_ms=50, max_parallel=1)
@@ -242,7 +248,7 @@ def test_a_small_job_does_not_wait_behind_a_large_one(digits: Predictor) -> None
 
 def test_inline_budget_counts_every_group_of_a_flush(digits: Predictor) -> None:
     x = torch.tensor(ROWS[:1], dtype=torch.float32)
-    jobs = [Job(x, (10, level, False), seed=0) for level in (0.5, 0.6, 0.7, 0.8, 0.9)]
+    jobs = [Job(x, MCOptions(10, level, False), seed=0) for level in (0.5, 0.6, 0.7, 0.8, 0.9)]
     with ThreadPoolExecutor(1) as pool:
         # Each group costs 1 ms by this model; 2.5 ms of inline work per flush fits two.
         batcher = Batcher(digits, executor=pool, cost=CostModel(fixed=1e-3), inline_ms=2.5)
@@ -305,5 +311,5 @@ def test_a_failing_batch_fails_only_its_jobs(digits: Predictor) -> None:
 def test_cost_model_scales_with_rows_and_samples(digits: Predictor) -> None:
     cost = CostModel.measure(digits, torch.tensor(ROWS[:1], dtype=torch.float32))
     assert cost.fixed > 0
-    assert cost.seconds(64, (100, 0.9, False)) > cost.seconds(1, (100, 0.9, False))
-    assert cost.seconds(1, (1000, 0.9, False)) > cost.seconds(1, (10, 0.9, False))
+    assert cost.seconds(64, MCOptions(100)) > cost.seconds(1, MCOptions(100))
+    assert cost.seconds(1, MCOptions(1000)) > cost.seconds(1, MCOptions(10))

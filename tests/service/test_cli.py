@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from mcdrop import checkpoint
 from service.cli import main, parser
+from service.config import Settings
 from tests.conftest import MODELS
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -109,10 +115,165 @@ def test_train_and_evaluate_name_the_missing_extra(command: str, missing: str) -
 
 
 def test_serve_flags_cover_every_setting() -> None:
-    from service.config import Settings
+    from service.config import Settings, env_only
 
     help_text = parser().format_help()
     assert "serve" in help_text
     serve = parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     flags = {a.dest for a in serve._actions if a.dest != "help"}
-    assert flags == set(Settings.model_fields)
+    # Every setting but the secrets, which a command line would show to every user in `ps`.
+    assert flags == {name for name in Settings.model_fields if not env_only(name)}
+    assert "api_key" not in flags
+    assert env_only("api_key")
+
+
+def test_serve_flags_parse_into_settings() -> None:
+    argv = ["serve", "--no-exit-on-error", "--allowed-factories", "mypkg.,otherpkg.nets"]
+    args = parser().parse_args([*argv, "--trust-model-code", "--no-batching"])
+    overrides = {k: v for k in Settings.model_fields if (v := getattr(args, k, None)) is not None}
+    assert overrides == {
+        "exit_on_error": False,
+        "allowed_factories": "mypkg.,otherpkg.nets",
+        "trust_model_code": True,
+        "batching": False,
+    }
+    settings = Settings(**overrides)
+    assert settings.allowed_factories == ("mypkg.", "otherpkg.nets")
+    assert parser().parse_args(["serve", "--batching"]).batching is True
+
+
+@pytest.fixture
+def custom_folder(tmp_path: Path) -> Path:
+    """A models folder whose ``custom`` model is built by ``tests.factories:build``."""
+    from tests.factories import build
+
+    spec = checkpoint.ModelSpec(
+        name="custom",
+        task="regression",
+        input_shape=[3],
+        labels=["y"],
+        architecture={"factory": "tests.factories:build", "params": {"width": 4}},
+        tau=1.0,
+    )
+    checkpoint.save(tmp_path / "custom", spec, build(width=4))
+    return tmp_path
+
+
+ROW = json.dumps([[1.0, 2.0, 3.0]])
+
+
+def test_local_predict_refuses_an_untrusted_factory(
+    custom_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", "custom", "--model-dir", str(custom_folder), "--inputs", ROW]
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (1, "")
+    assert "--allowed-factories tests.factories" in err
+    assert "--trust-model-code" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "env"),
+    [
+        (["--trust-model-code"], {}),
+        (["--allowed-factories", "tests."], {}),
+        ([], {"MCDROP_ALLOWED_FACTORIES": "tests.factories"}),
+        ([], {"MCDROP_TRUST_MODEL_CODE": "true"}),
+    ],
+)
+def test_local_predict_with_opt_in(
+    custom_folder: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    env: dict[str, str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = ["predict", "custom", "--model-dir", str(custom_folder), "--inputs", ROW, *flags]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0
+    assert len(json.loads(out)["predictions"]) == 1
+
+
+def test_evaluate_refuses_an_untrusted_factory(
+    custom_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(capsys, "evaluate", str(custom_folder / "custom"), "--no-plots")
+    assert code == 1
+    assert "--allowed-factories tests.factories" in err
+    args = parser().parse_args(["evaluate", "m", "--trust-model-code", "--allowed-factories", "a"])
+    assert (args.trust_model_code, args.allowed_factories) == (True, "a")
+
+
+def test_url_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MCDROP_URL", "http://127.0.0.1:9")
+    code, _, err = _run(capsys, "models")
+    assert code == 1
+    assert "cannot reach" in err
+    assert "127.0.0.1:9" in err
+    # --url wins over the environment.
+    code, _, err = _run(capsys, "models", "--url", "http://127.0.0.1:7")
+    assert "127.0.0.1:7" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["models", "--url", "localhost:8000"], "http://"),
+        (["predict", "digits", "--url", "ftp://x", "--inputs", "[[0]]"], "http://"),
+        (["predict", "digits", "--inputs", "[[0,"], "--inputs is not valid JSON"),
+        (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
+        (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
+        (["predict", "../health", "--inputs", "[[0]]"], "model name"),
+        (["serve", "--port", "-1"], "port"),
+    ],
+)
+def test_command_lines_to_fix_exit_2_in_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert not out
+    assert err.startswith(f"mcdrop {argv[0]}: error:")
+    assert message in err
+    assert err.count("\n") == 1  # one line, no traceback, no pydantic report
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *_: object) -> None:  # the test reads stderr
+        pass
+
+
+@pytest.fixture
+def html_server(tmp_path: Path) -> Iterator[str]:
+    """A real web server that is not mcdrop: it answers /models with an HTML page."""
+    (tmp_path / "models").write_text("<html><body>It works!</body></html>")
+    handler = partial(_QuietFiles, directory=str(tmp_path))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+def test_an_answer_that_is_not_mcdrop_is_one_line(
+    html_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "models", "--url", html_server)
+    assert code == 1
+    assert not out
+    assert err.startswith("mcdrop: error:")
+    assert "not a ModelList (not JSON)" in err
+    assert "It works!" in err
+    assert err.count("\n") == 1
+    assert "validation error" not in err
+    # An error status with a body that is not mcdrop's still names the status.
+    code, _, err = _run(capsys, "predict", "digits", "--url", html_server, "--inputs", "[[0]]")
+    assert code == 1
+    assert "501" in err

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import Iterator
+
 import httpx2
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service import client as client_module
 from service.client import (
+    APIError,
     AsyncClient,
+    AuthenticationError,
     BadRequestError,
     Client,
+    ClientError,
+    DecodingError,
+    InvalidRequestError,
+    InvalidURLError,
     NotFoundError,
+    RequestTimeoutError,
+    ServerError,
+    ServiceUnavailableError,
     TransportError,
 )
+from service.config import Settings
 from service.schemas import ClassificationUncertainty, RegressionUncertainty
 from tests.conftest import BUNDLED
 
@@ -72,6 +88,220 @@ async def _async_round_trip(http: TestClient) -> None:
 
 
 def test_async_client(http: TestClient) -> None:
-    import asyncio
-
     asyncio.run(_async_round_trip(http))
+
+
+# ---- every failure is a typed client error ------------------------------------------------
+
+
+def test_exported_names() -> None:
+    assert set(client_module.__all__) == {
+        "APIError",
+        "AsyncClient",
+        "AuthenticationError",
+        "BadRequestError",
+        "Client",
+        "ClientError",
+        "DecodingError",
+        "InvalidRequestError",
+        "InvalidURLError",
+        "NotFoundError",
+        "PayloadTooLargeError",
+        "RequestTimeoutError",
+        "ServerError",
+        "ServiceUnavailableError",
+        "TransportError",
+    }
+    errors = [getattr(client_module, n) for n in client_module.__all__ if n.endswith("Error")]
+    assert all(issubclass(e, ClientError) for e in errors)
+    # The tree drawn in the module docstring names every error class.
+    assert all(e.__name__ in client_module.__doc__ for e in errors)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "ftp://x",
+        "http://",
+        "localhost:8000",
+        "http://a b",
+        "http://[bad",
+        "http://x:99999",
+        "http://x:port",
+        "http://x/?q=1",
+        "",
+    ],
+)
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+def test_invalid_urls(kind: type, url: str) -> None:
+    with pytest.raises(InvalidURLError, match="service URL") as info:
+        kind(url)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:8000", "https://mcdrop.example.com/prefix", "http://[::1]:80"]
+)
+def test_valid_urls(url: str) -> None:
+    Client(url).close()
+
+
+# Names with "%" are tested over uvicorn (tests/e2e/test_client_over_http.py): Starlette's
+# TestClient decodes a path twice, so "%252e" would reach the app as "." here, never on the wire.
+@pytest.mark.parametrize("name", ["a?b", "a#b", "a b", "é", "digits?x=1", "\\"])
+def test_model_names_are_one_path_segment(client: Client, name: str) -> None:
+    """Whatever the name, the server sees exactly it as the model name (and knows no such
+    model): no character changes the route."""
+    for call in (lambda: client.model(name), lambda: client.predict(name, [PATIENT])):
+        with pytest.raises(NotFoundError) as info:
+            call()
+        assert info.value.code == "model_not_found"
+        assert repr(name) in info.value.message
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../health", "a/b", "digits/predict", "/"])
+def test_names_that_cannot_be_a_segment_are_refused(client: Client, name: str) -> None:
+    with pytest.raises(InvalidRequestError, match="model name"):
+        client.model(name)
+    with pytest.raises(InvalidRequestError, match="model name"):
+        client.uncertainty(name, [PATIENT])
+
+
+def test_arrays_are_rows(client: Client) -> None:
+    rows = np.zeros((2, 64))
+    assert len(client.predict("digits", rows).predictions) == 2
+    assert len(client.predict("digits", list(rows)).predictions) == 2
+
+
+def _serving(status: int, body: bytes, content_type: str = "application/json") -> Client:
+    """A client of a server that answers every request with ``status`` and ``body`` (httpx2's
+    own transport for canned answers: the real service never answers like this)."""
+
+    def answer(_: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(status, content=body, headers={"content-type": content_type})
+
+    transport = httpx2.MockTransport(answer)
+    return Client(http=httpx2.Client(transport=transport, base_url="http://mcdrop.test"))
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"<html><body>Bad gateway</body></html>", "not JSON"),
+        (b"", "not JSON"),
+        (b'{"models": "nope"}', "models"),
+        (b"[]", "body"),
+        (b'{"models": [{"name": 1}]}', "models.0"),
+    ],
+)
+def test_answers_that_are_not_the_protocol(body: bytes, reason: str) -> None:
+    with pytest.raises(DecodingError) as info:
+        _serving(200, body).models()
+    error = info.value
+    assert error.status_code == 200
+    assert error.snippet == body.decode()[: client_module.SNIPPET_CHARS]
+    assert reason in str(error)
+    assert "GET http://mcdrop.test/models" in str(error)
+    assert "validation error" not in str(error)  # pydantic's report stays inside
+    assert "\n" not in str(error)
+
+
+def test_snippets_are_short() -> None:
+    with pytest.raises(DecodingError) as info:
+        _serving(200, b"x" * 10_000, "text/plain").health()
+    assert info.value.snippet == "x" * client_module.SNIPPET_CHARS + "..."
+    assert len(str(info.value)) < 600
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "code"),
+    [
+        (401, b'{"error": {"code": "unauthorized", "message": "key", "details": []}}',
+         AuthenticationError, "unauthorized"),
+        (502, b"<html>Bad gateway</html>", ServerError, "http_error"),
+        (504, b'{"error": {"code": "timeout", "message": "m", "details": []}}',
+         ServerError, "timeout"),
+        (503, b"upstream down", ServiceUnavailableError, "http_error"),
+        (418, b'{"error": {"code": 1, "message": null}}', APIError, "http_error"),
+        (422, b'{"error": "flat"}', BadRequestError, "http_error"),
+    ],
+)  # fmt: skip
+def test_error_statuses_are_typed_whatever_the_body(
+    status: int, body: bytes, kind: type[APIError], code: str
+) -> None:
+    with pytest.raises(kind) as info:
+        _serving(status, body).models()
+    assert type(info.value) is kind
+    assert info.value.status_code == status
+    assert info.value.code == code
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+def test_timeout_says_it_timed_out_and_after_how_long(silent_port: int) -> None:
+    url = f"http://127.0.0.1:{silent_port}"
+    with Client(url, timeout=0.3) as client, pytest.raises(RequestTimeoutError) as info:
+        client.health()
+    assert isinstance(info.value, TransportError)
+    assert info.value.timeout == 0.3
+    message = str(info.value)
+    assert f"no answer to GET {url}/health within 0.3 s" in message
+    assert "timeout=" in message
+
+
+def test_async_timeout(silent_port: int) -> None:
+    async def call() -> None:
+        async with AsyncClient(f"http://127.0.0.1:{silent_port}", timeout=0.3) as client:
+            await client.models()
+
+    with pytest.raises(RequestTimeoutError, match=r"within 0\.3 s"):
+        asyncio.run(call())
+
+
+def test_default_timeout_outlasts_the_server_deadline() -> None:
+    """A request the server gives up on ends with the server's 504 (which says why), not a
+    client timeout: the client waits longer than the server computes."""
+    deadline = Settings.model_fields.get("request_timeout_s")
+    server_deadline = float(deadline.default) if deadline is not None else 60.0
+    with Client() as client:
+        timeout = client._http.timeout
+    assert timeout.read == client_module.DEFAULT_TIMEOUT >= server_deadline + 10
+    assert timeout.connect == client_module.DEFAULT_CONNECT_TIMEOUT
+
+
+def test_connection_refused_is_a_transport_error() -> None:
+    with Client("http://127.0.0.1:9") as client, pytest.raises(TransportError) as info:
+        client.models()
+    assert not isinstance(info.value, RequestTimeoutError)
+    assert "cannot reach" in str(info.value)
+    assert "127.0.0.1:9" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["has space", "", "tab\there", "non-ascii-é", "new\nline"])
+def test_keys_that_cannot_be_sent_are_refused_without_echo(key: str) -> None:
+    with pytest.raises(InvalidRequestError, match="API key") as info:
+        Client(api_key=key)
+    assert not key or key not in str(info.value)
+
+
+def test_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_API_KEY", "from-env")
+    assert Client()._headers == {"Authorization": "Bearer from-env"}
+    assert Client(api_key="given")._headers == {"Authorization": "Bearer given"}
+    monkeypatch.setenv("MCDROP_API_KEY", "")  # set but empty: no key
+    assert Client()._headers == {}
+    monkeypatch.delenv("MCDROP_API_KEY")
+    assert Client()._headers == {}
+
+
+def test_readiness_from_something_else_is_the_status_error() -> None:
+    with pytest.raises(ServiceUnavailableError):
+        _serving(503, b"<html>maintenance</html>", "text/html").ready()

@@ -31,3 +31,47 @@ def test_defaults() -> None:
     settings = Settings()
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.max_n_samples >= 1000
+
+
+def test_trust_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_ALLOWED_FACTORIES", "mypkg., otherpkg.nets,")
+    monkeypatch.setenv("MCDROP_TRUST_MODEL_CODE", "1")
+    monkeypatch.setenv("MCDROP_EXIT_ON_ERROR", "false")
+    settings = Settings()
+    assert settings.allowed_factories == ("mypkg.", "otherpkg.nets")
+    assert settings.trust_model_code is True
+    assert settings.exit_on_error is False
+
+
+def test_closed_and_strict_by_default() -> None:
+    settings = Settings()
+    assert (settings.trust_model_code, settings.allowed_factories) == (False, ())
+    assert settings.exit_on_error is True
+
+
+@pytest.mark.parametrize("value", ["my pkg", "mypkg:make", "*", '["mypkg"]', "a..b"])
+def test_allowed_factories_must_be_module_names(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("MCDROP_ALLOWED_FACTORIES", value)
+    with pytest.raises(ValidationError, match="not module names"):
+        Settings()
+
+
+def test_the_api_key_never_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_API_KEY", "s3cret-key")
+    settings = Settings()
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == "s3cret-key"
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize("key", ["", "two words", "tab\tkey", "ключ"])
+def test_an_unusable_api_key_is_refused_without_echo(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("MCDROP_API_KEY", key)
+    with pytest.raises(ValidationError, match="MCDROP_API_KEY must be") as info:
+        Settings()
+    assert not key or key not in str(info.value)

@@ -1,0 +1,77 @@
+"""Requests on their way: how many per model are being read and validated, not yet queued.
+
+A batcher that has work queued waits (briefly) for these, so requests that arrive together share
+one forward pass. The count follows the routes themselves: every route tagged
+:data:`INFERENCE_TAG` whose path names a model (its ``name`` path parameter) counts its requests
+in when they start and out when they queue their job (the route calls :meth:`Arrivals.settle`)
+or end without one (the middleware). All of it runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute, Match
+
+#: Routes with this tag run model work; their ``name`` path parameter is the model.
+INFERENCE_TAG = "inference"
+
+Scope = dict[str, Any]
+
+
+class Arrivals:
+    """Per model, the requests being read and validated; a change re-checks the model's
+    batcher (its listener)."""
+
+    SCOPE_KEY = "mcdrop.arriving"
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.listeners: dict[str, Callable[[], None]] = {}
+
+    def __call__(self, model: str) -> int:
+        return self.counts.get(model, 0)
+
+    def enter(self, scope: Scope, model: str) -> None:
+        self.counts[model] = self(model) + 1
+        scope[self.SCOPE_KEY] = model
+
+    def settle(self, scope: Scope) -> None:
+        """Count the request of ``scope`` out (once; later calls do nothing)."""
+        model = scope.pop(self.SCOPE_KEY, None)
+        if model is None:
+            return
+        self.counts[model] -= 1
+        listener = self.listeners.get(model)
+        if listener is not None:
+            listener()
+
+
+class CountArrivals:
+    """ASGI middleware: counts each request to an inference route in while it is read and
+    validated (the route counts it out when it queues its job; this, if it never does)."""
+
+    def __init__(self, app: Any, arrivals: Arrivals, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.arrivals = arrivals
+        self.routes = [r for r in routes if isinstance(r, APIRoute) and INFERENCE_TAG in r.tags]
+
+    def _model(self, scope: Scope) -> str | None:
+        for route in self.routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return child.get("path_params", {}).get("name")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        model = self._model(scope) if scope["type"] == "http" else None
+        if model is None:
+            await self.app(scope, receive, send)
+            return
+        self.arrivals.enter(scope, model)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.arrivals.settle(scope)

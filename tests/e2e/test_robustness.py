@@ -1,0 +1,212 @@
+"""Slow, vanished and greedy clients cost the server nothing lasting: through real uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from tests.e2e.conftest import Server, serve
+
+pytestmark = pytest.mark.slow
+
+IMAGE = [[0.5] * 28] * 28  # one fashion row
+#: A request of the largest size the limits below allow, on the slowest bundled model.
+BIG = {"inputs": [IMAGE] * 30, "n_samples": 10_000, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    settings = {
+        "MCDROP_MAX_ROW_SAMPLES": "300000",
+        "MCDROP_HEADER_TIMEOUT_S": "1",
+        "MCDROP_BODY_TIMEOUT_S": "1",
+        "MCDROP_MAX_RESPONSE_BYTES": "200000",
+    }
+    with serve(tmp_path_factory.mktemp("serve"), **settings) as running:
+        yield running
+
+
+def _idle_cpu(server: Server, seconds: float = 2.0) -> float:
+    """Share of a core the server uses over ``seconds`` with no request of ours running."""
+    before = server.cpu_seconds()
+    time.sleep(seconds)
+    return (server.cpu_seconds() - before) / seconds
+
+
+def test_a_vanished_client_stops_its_sampling(server: Server) -> None:
+    # Two clients send the largest request and give up after a second.
+    def give_up() -> None:
+        with (
+            httpx2.Client(base_url=server.url, timeout=1.0) as http,
+            pytest.raises(httpx2.ReadTimeout),
+        ):
+            http.post("/models/fashion/uncertainty", json=BIG)
+
+    threads = [threading.Thread(target=give_up) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each stops at its next forward pass: soon the server is idle (they would take ~20 s).
+    time.sleep(1.0)
+    assert _idle_cpu(server) < 0.3
+    with httpx2.Client(base_url=server.url, timeout=10) as http:
+        started = time.monotonic()
+        one = http.post("/models/fashion/uncertainty", json={"inputs": [IMAGE], "seed": 1})
+        assert one.status_code == 200
+        assert time.monotonic() - started < 5
+
+
+def test_a_small_request_does_not_wait_behind_large_ones(server: Server) -> None:
+    latencies: list[float] = []
+
+    async def main() -> None:
+        async with httpx2.AsyncClient(base_url=server.url, timeout=120) as http:
+            big = [
+                asyncio.ensure_future(http.post("/models/fashion/uncertainty", json=BIG))
+                for _ in range(2)
+            ]
+            await asyncio.sleep(1.0)  # both are computing
+            for i in range(10):
+                started = time.monotonic()
+                one = {"inputs": [IMAGE], "n_samples": 50, "seed": i}
+                response = await http.post("/models/fashion/uncertainty", json=one)
+                assert response.status_code == 200
+                latencies.append(time.monotonic() - started)
+            for task in big:
+                task.cancel()  # and the server stops their sampling
+            await asyncio.gather(*big, return_exceptions=True)
+
+    asyncio.run(main())
+    # Alone it takes ~15 ms; the target on a quiet machine is p99 < 1 s. The bound here is
+    # loose because the test machine is shared; benchmarks/ records the measured figure.
+    assert max(latencies) < 3.0, latencies
+
+
+def test_deadline_ends_with_504_and_stops_the_work(tmp_path: Path) -> None:
+    with (
+        serve(tmp_path, MCDROP_REQUEST_TIMEOUT_S="1") as server,
+        httpx2.Client(base_url=server.url, timeout=60) as http,
+    ):
+        started = time.monotonic()
+        response = http.post("/models/fashion/uncertainty", json=BIG)
+        took = time.monotonic() - started
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "deadline_exceeded"
+        assert took < 10
+        time.sleep(1.0)
+        assert _idle_cpu(server) < 0.3
+        assert http.get("/health").status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    settings = {"MCDROP_MAX_QUEUED_REQUESTS": "1", "MCDROP_MAX_CONCURRENCY": "1"}
+    with serve(tmp_path, **settings) as server:
+
+        async def main() -> list[httpx2.Response]:
+            async with httpx2.AsyncClient(base_url=server.url, timeout=120) as http:
+                body = {"inputs": [IMAGE] * 4, "n_samples": 1000, "seed": 0}
+                tasks = [http.post("/models/fashion/uncertainty", json=body) for _ in range(6)]
+                done = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+                return list(done)
+
+        responses = asyncio.run(main())
+        statuses = [r.status_code for r in responses]
+        refused = [r for r in responses if r.status_code == 503]
+        assert 503 in statuses, statuses
+        assert 200 in statuses, statuses
+        for response in refused:
+            assert response.json()["error"]["code"] == "overloaded"
+            assert int(response.headers["retry-after"]) >= 1
+
+
+def _connect(server: Server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closes ``sock`` within ``seconds``, and what it sent."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+    except TimeoutError:
+        return False, received
+    return True, received
+
+
+def test_trickled_headers_are_cut_off(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        for _ in range(3):  # a byte now and then, never the end of the headers
+            time.sleep(0.4)
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+        closed, _ = _closed_within(sock, 5)
+        assert closed
+        assert time.monotonic() - started < 5
+    with _connect(server) as silent:  # a connection that sends nothing
+        assert _closed_within(silent, 5)[0]
+
+
+def test_a_body_that_never_arrives_gets_408(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(
+            b"POST /models/diabetes/predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"inputs": '
+        )
+        closed, received = _closed_within(sock, 5)
+        assert closed
+        assert received.startswith(b"HTTP/1.1 408")
+        assert b"request_timeout" in received
+
+
+def test_a_response_over_the_byte_limit_is_refused_before_work(server: Server) -> None:
+    with httpx2.Client(base_url=server.url, timeout=30) as http:
+        body = {"inputs": [[0.0] * 64] * 10, "n_samples": 2000, "return_samples": True}
+        response = http.post("/models/digits/uncertainty", json=body)
+        assert response.status_code == 422
+        error = response.json()["error"]
+        assert error["code"] == "limit_exceeded"
+        assert "max_response_bytes" in error["message"]
+        small = {"inputs": [[0.0] * 64], "n_samples": 10, "return_samples": True}
+        assert http.post("/models/digits/uncertainty", json=small).status_code == 200
+
+
+def test_sigterm_lets_requests_finish_then_exits_within_the_limit(tmp_path: Path) -> None:
+    with serve(tmp_path, MCDROP_SHUTDOWN_TIMEOUT_S="2") as server:
+        hold = _connect(server)  # a client that trickles a body and never finishes
+        hold.sendall(
+            b"POST /models/diabetes/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+        )
+        results: list[int] = []
+
+        def in_flight() -> None:
+            with httpx2.Client(base_url=server.url, timeout=60) as http:
+                body = {"inputs": [[0.0] * 64], "n_samples": 100, "seed": 0}
+                results.append(http.post("/models/digits/uncertainty", json=body).status_code)
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=30)
+        thread.join()
+        hold.close()
+        assert time.monotonic() - started < 10
+        # uvicorn re-raises the signal once it has shut down: the exit status says SIGTERM.
+        assert server.proc.returncode in (0, -signal.SIGTERM), server.log()
+        assert results == [200]

@@ -1,0 +1,163 @@
+"""Loading the model folder: what code a model may run, what happens when one fails, and what
+the responses say about it (never the server's absolute paths)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from mcdrop import checkpoint
+from mcdrop.checkpoint import ModelSpec
+from service.app import StartupError, create_app
+from service.config import Settings
+from tests.conftest import MODELS
+from tests.factories import build
+
+PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
+
+
+def _custom(root: Path) -> Path:
+    """``root/custom``: a regressor built by ``tests.factories:build``, 3 features."""
+    spec = ModelSpec(
+        name="custom",
+        task="regression",
+        input_shape=[3],
+        labels=["y"],
+        architecture={"factory": "tests.factories:build", "params": {"width": 4}},
+        tau=1.0,
+    )
+    torch.manual_seed(0)
+    return checkpoint.save(root / "custom", spec, build(width=4))
+
+
+def _settled(client: TestClient, timeout: float = 60.0) -> dict[str, Any]:
+    """``/ready`` once no model is loading any more (status code and body)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get("/ready")
+        if response.json()["status"] != "loading":
+            return {"code": response.status_code, **response.json()}
+        time.sleep(0.05)
+    raise AssertionError(f"still loading: {client.get('/ready').json()}")
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """diabetes (built-in) and custom (a factory) side by side."""
+    root = tmp_path / "models"
+    shutil.copytree(MODELS / "diabetes", root / "diabetes")
+    _custom(root)
+    return root
+
+
+@pytest.fixture
+def serve(folder: Path) -> Iterator[Callable[..., TestClient]]:
+    """``serve(**settings)``: the app over ``folder``, entered; closed after the test."""
+    clients: list[TestClient] = []
+
+    def start(**settings: Any) -> TestClient:
+        client = TestClient(create_app(Settings(model_dir=folder, **settings))).__enter__()
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_untrusted_factory_is_refused_with_how_to_opt_in(serve) -> None:
+    client = serve(exit_on_error=False)
+    ready = _settled(client)
+    assert (ready["code"], ready["status"]) == (200, "degraded")
+    assert ready["models"]["diabetes"] == "ready"
+    reason = ready["models"]["custom"]
+    assert reason.startswith("custom/model.json: factory 'tests.factories:build'")
+    for how in ("MCDROP_ALLOWED_FACTORIES=tests.factories", "MCDROP_TRUST_MODEL_CODE=1"):
+        assert how in reason
+    one = client.get("/models/custom/ready")
+    assert one.status_code == 503
+    assert one.json() == {"name": "custom", "status": "failed", "reason": reason}
+    predict = client.post("/models/custom/predict", json={"inputs": [[1.0, 2.0, 3.0]]})
+    assert predict.status_code == 503
+    assert reason in predict.json()["error"]["message"]
+    assert client.post("/models/diabetes/predict", json={"inputs": [PATIENT]}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "opt_in",
+    [
+        {"trust_model_code": True},
+        {"allowed_factories": ("tests.factories",)},
+        {"allowed_factories": "tests."},  # as MCDROP_ALLOWED_FACTORIES gives it
+    ],
+)
+def test_opted_in_factory_loads(serve, opt_in: dict[str, Any]) -> None:
+    client = serve(**opt_in)  # exit_on_error: start-up would fail if it did not load
+    assert client.get("/ready").json()["status"] == "ready"
+    assert client.get("/models/custom/ready").json() == {"name": "custom", "status": "ready"}
+    response = client.post("/models/custom/predict", json={"inputs": [[1.0, 2.0, 3.0]]})
+    assert response.status_code == 200
+
+
+def test_exit_on_error_refuses_to_start(serve) -> None:
+    with pytest.raises(StartupError, match=r"model 'custom': custom/model\.json: factory"):
+        serve()
+
+
+def test_model_ready_of_an_unknown_model_is_404(serve) -> None:
+    response = serve(allowed_factories="tests").get("/models/nope/ready")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+BREAKAGES: dict[str, Callable[[Path], None]] = {
+    "not valid JSON": lambda p: (p / checkpoint.MANIFEST).write_text("{nope"),
+    "weights file is missing": lambda p: (p / checkpoint.WEIGHTS).unlink(),
+    "not a readable safetensors file": lambda p: (p / checkpoint.WEIGHTS).write_bytes(b"\0" * 9),
+    "does not match its directory": lambda p: (p / checkpoint.MANIFEST).write_text(
+        json.dumps({**json.loads((p / checkpoint.MANIFEST).read_text()), "name": "other"})
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BREAKAGES))
+@pytest.mark.parametrize("absolute", [True, False])
+def test_errors_name_files_relative_to_the_model_dir(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, problem: str, absolute: bool
+) -> None:
+    BREAKAGES[problem](folder / "diabetes")
+    if not absolute:
+        monkeypatch.chdir(folder.parent)
+    model_dir = folder if absolute else Path(folder.name)
+    settings = Settings(model_dir=model_dir, exit_on_error=False, allowed_factories=("tests",))
+    with TestClient(create_app(settings)) as client:
+        ready = _settled(client)
+        texts = [
+            json.dumps(ready),
+            client.get("/models/diabetes/ready").text,
+            client.post("/models/diabetes/predict", json={"inputs": [PATIENT]}).text,
+        ]
+    reason = ready["models"]["diabetes"]
+    assert problem in reason
+    assert reason.startswith("diabetes/")
+    for text in texts:
+        assert reason.replace('"', '\\"') in text
+        assert str(folder) not in text
+        assert str(folder.parent) not in text
+
+
+def test_ready_when_every_model_failed(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / checkpoint.MANIFEST).write_text("[]")
+    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
+        ready = _settled(client)
+    assert (ready["code"], ready["status"]) == (503, "failed")
+    assert ready["models"] == {"broken": "broken/model.json: the manifest must be a JSON object"}
