@@ -35,12 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import datasets, evaluate, nets
+from mcdrop import metrics, nets
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, wrap
 from mcdrop.exceptions import NoDropoutError
 from mcdrop.predictor import Predictor
+from mcdrop.recipes import datasets, scores
+from mcdrop.recipes.ood import ood_sets
+from mcdrop.recipes.train import fit
 from mcdrop.stats import entropy
-from mcdrop.train import fit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -154,7 +156,7 @@ class Data:
     @classmethod
     def load(cls, setup: Setup) -> Data:
         fashion = datasets.load("fashion", seed=setup.seed, train_size=setup.train_size)
-        ood, _ = evaluate.ood_sets(fashion, seed=setup.seed, limit=setup.ood_size)
+        ood, _ = ood_sets(fashion, seed=setup.seed, limit=setup.ood_size)
         n = setup.test_size
         return cls(fashion, fashion.x_test[:n], fashion.y_test[:n], ood)
 
@@ -249,31 +251,31 @@ class Runner:
         result: dict[str, Any] = {
             "run": asdict(run),
             "seconds": round(seconds, 1),
-            "train_accuracy": evaluate.accuracy(train_probs, y_train),
+            "train_accuracy": metrics.accuracy(train_probs, y_train),
             "n_test": len(x_test),
             "n_samples": n_samples,
         }
         if run.stochastic:
-            inside = evaluate.score_classifier(
+            inside = scores.score_classifier(
                 predictor, x_test, n_samples=n_samples, seed=setup.seed
             )
-            result["det"] = evaluate.classification_metrics(inside.deterministic, y_test)
-            result["mc"] = evaluate.classification_metrics(inside.mc, y_test)
+            result["det"] = metrics.classification_metrics(inside.deterministic, y_test)
+            result["mc"] = metrics.classification_metrics(inside.mc, y_test)
             result["ood"] = {
-                name: evaluate.ood_aurocs(
+                name: scores.ood_aurocs(
                     inside,
-                    evaluate.score_classifier(predictor, x, n_samples=n_samples, seed=setup.seed),
+                    scores.score_classifier(predictor, x, n_samples=n_samples, seed=setup.seed),
                 )
                 for name, x in ood.items()
             }
         else:
             probs = predictor.predict(x_test).probabilities.double()  # type: ignore[union-attr]
-            result["det"] = evaluate.classification_metrics(probs, y_test)
+            result["det"] = metrics.classification_metrics(probs, y_test)
             result["mc"] = None
             h_in = entropy(probs)
             result["ood"] = {
                 name: {
-                    "auroc_deterministic_entropy": evaluate.auroc(
+                    "auroc_deterministic_entropy": metrics.auroc(
                         h_in,
                         entropy(
                             predictor.predict(x).probabilities.double()  # type: ignore[union-attr]
@@ -389,9 +391,9 @@ def overfit(runner: Runner) -> Table:
             curve.append(
                 {
                     "epoch": epoch,
-                    "train_accuracy": evaluate.accuracy(train_p, y_train),
-                    "test_accuracy": evaluate.accuracy(test_p, y_test),
-                    "test_nll": evaluate.nll(test_p, y_test),
+                    "train_accuracy": metrics.accuracy(train_p, y_train),
+                    "test_accuracy": metrics.accuracy(test_p, y_test),
+                    "test_nll": metrics.nll(test_p, y_test),
                 }
             )
 

@@ -39,8 +39,8 @@ from sklearn.datasets import load_digits
 
 from benchmarks.timing import machine, table
 from mcdrop import checkpoint
-from mcdrop.datasets import DatasetNotFoundError, fashion_mnist_arrays
 from mcdrop.predictor import Predictor
+from mcdrop.recipes.datasets import DatasetNotFoundError, fashion_mnist_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES = 100

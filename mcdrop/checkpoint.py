@@ -17,7 +17,6 @@ normalisation, default n_samples, and the test metrics recorded at training time
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -204,14 +203,6 @@ def wrap(spec: ModelSpec, net: nn.Module, *, source: str = MANIFEST) -> nn.Modul
         out_std,
         heteroscedastic=spec.likelihood == "heteroscedastic",
     )
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save(directory: str | Path, spec: ModelSpec, net: nn.Module) -> Path:

@@ -76,12 +76,6 @@ def mix64(z: Tensor) -> Tensor:
     return _tensor(_mix_(_u64(z).copy()))
 
 
-def mix64_(z: Tensor) -> Tensor:
-    """:func:`mix64` in place on a CPU int64 tensor."""
-    _mix_(z.numpy().view(np.uint64))
-    return z
-
-
 def mix_int(value: int) -> int:
     """SplitMix64's finaliser on one Python int, as an int64 (same bits as :func:`mix64`).
 
@@ -162,11 +156,6 @@ def _words_np(keys: Tensor, call: int, n_words: int) -> np.ndarray:
     counter = np.arange(1, n_words + 1, dtype=np.uint64)
     counter *= _GOLDEN_U
     return _mix_(np.add.outer(base, counter))
-
-
-def _words(keys: Tensor, call: int, n_words: int) -> Tensor:
-    """:func:`_words_np` as an int64 tensor ``(B, n_words)``."""
-    return _tensor(_words_np(keys, call, n_words))
 
 
 def _uniform16_np(keys: Tensor, call: int, n: int) -> np.ndarray:

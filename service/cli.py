@@ -91,7 +91,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mcdrop.train import TrainConfig, train
+    try:
+        from mcdrop.recipes.train import TrainConfig, train
+    except ImportError as exc:  # the recipes extra is missing: say which install fixes it
+        raise SystemExit(f"mcdrop: error: {exc}") from exc
 
     config = TrainConfig(
         dataset=args.dataset,
@@ -121,7 +124,10 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from mcdrop.evaluate import evaluate_model
+    try:
+        from mcdrop.recipes.evaluate import evaluate_model
+    except ImportError as exc:  # the recipes extra is missing: say which install fixes it
+        raise SystemExit(f"mcdrop: error: {exc}") from exc
 
     threads = torch.get_num_threads()
     # One thread by default: as fast per core on these small nets, and no spinning OpenMP

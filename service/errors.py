@@ -10,7 +10,7 @@ this table and the enum to each other, and every error response to the enum)::
     model_not_found         404     ModelNotFoundError: unknown model name
     not_found               404     a path no route serves
     method_not_allowed      405     a method the path does not serve (``Allow`` lists those it does)
-    body_too_large          413     BodyTooLargeError: request body above the size limit
+    body_too_large          413     app.BodyLimit: request body above the size limit
     unsupported_media_type  415     UnsupportedMediaTypeError: a body that is not application/json
     invalid_request         422     RequestValidationError: fields of the wrong type or range
     invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
@@ -19,7 +19,7 @@ this table and the enum to each other, and every error response to the enum)::
     limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
                                     or response bytes
     unauthorized            401     an API key is set and the request lacks it (service.auth)
-    request_timeout         408     RequestTimeoutError: the body did not arrive in time
+    request_timeout         408     app.BodyLimit: the body did not arrive in time
     client_closed_request   499     ClientDisconnectedError: the client left (nobody reads it)
     overloaded              503     OverloadedError: the model's queue is full (``Retry-After``)
     shutting_down           503     mcdrop.SamplingStoppedError: the server is stopping
@@ -60,7 +60,6 @@ from service.schemas import ErrorCode
 log = logging.getLogger("mcdrop.service")
 
 __all__ = [
-    "BodyTooLargeError",
     "ClientDisconnectedError",
     "DeadlineExceededError",
     "ErrorCode",
@@ -68,7 +67,6 @@ __all__ = [
     "ModelNotFoundError",
     "ModelNotReadyError",
     "OverloadedError",
-    "RequestTimeoutError",
     "ServiceError",
     "UnsupportedMediaTypeError",
     "error_response",
@@ -115,11 +113,6 @@ class LimitExceededError(ServiceError):
     code = ErrorCode.LIMIT_EXCEEDED
 
 
-class BodyTooLargeError(ServiceError):
-    status_code = 413
-    code = ErrorCode.BODY_TOO_LARGE
-
-
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
     code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
@@ -131,11 +124,6 @@ class OverloadedError(ServiceError):
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
-
-
-class RequestTimeoutError(ServiceError):
-    status_code = 408
-    code = ErrorCode.REQUEST_TIMEOUT
 
 
 class DeadlineExceededError(ServiceError):

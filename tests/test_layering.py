@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +20,48 @@ def _loaded_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_library_never_imports_the_service() -> None:
-    loaded = _loaded_after("import mcdrop, mcdrop.train")
-    assert not {"fastapi", "starlette", "uvicorn", "service", "httpx2"} & loaded
+#: Every module of the core: the package minus its recipes (found, so a new module is covered).
+CORE = sorted(
+    f"mcdrop.{m.name}" for m in pkgutil.iter_modules(mcdrop.__path__) if m.name != "recipes"
+)
+#: What the core never needs: the recipes' extras, plotting, and the service's stack.
+HEAVY = ("sklearn", "tqdm", "matplotlib", "fastapi", "starlette", "uvicorn", "httpx2", "service")
+
+
+def _loaded_by_each(*statements: str) -> list[set[str]]:
+    """The top-level packages and the mcdrop modules each statement adds to ``sys.modules``,
+    run one after the other in a fresh interpreter."""
+    step = "out.append(sorted(set(sys.modules) - seen)); seen = set(sys.modules)"
+    code = "import json, sys; seen = set(sys.modules); out = []\n"
+    code += "".join(f"{statement}\n{step}\n" for statement in statements)
+    code += "print(json.dumps(out))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return [
+        {n for n in names if "." not in n or n.startswith("mcdrop.")}
+        for names in json.loads(out.stdout)
+    ]
+
+
+def test_core_loads_no_recipe_plotting_or_service_module() -> None:
+    # torch itself imports tqdm when it is installed (torch.hub): what counts is what the core
+    # adds on top of torch.
+    _, core, recipes = _loaded_by_each(
+        "import torch",
+        "import " + ", ".join(["mcdrop", *CORE]),
+        "import mcdrop.recipes.train, mcdrop.recipes.evaluate",
+    )
+    assert {"mcdrop.predictor", "mcdrop.checkpoint", "mcdrop.stats"} <= set(CORE) <= core
+    assert not core & set(HEAVY)
+    assert not {name for name in core if name.startswith("mcdrop.recipes")}
+    assert "mcdrop.recipes.train" in recipes
+    assert not recipes & {"fastapi", "starlette", "uvicorn", "service", "httpx2"}
+
+
+def test_core_imports_without_the_heavy_packages() -> None:
+    # A module set to None in sys.modules cannot be imported: the core must not need it.
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in HEAVY)
+    code = f"import sys; {blocked}; import " + ", ".join(["mcdrop", *CORE])
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
 @pytest.mark.parametrize("statement", ["import service.client", "import service.schemas"])
@@ -33,3 +75,24 @@ def test_public_api_is_sorted_and_real(module) -> None:
     assert module.__all__ == sorted(module.__all__)
     for name in module.__all__:
         assert hasattr(module, name)
+
+
+@pytest.mark.slow
+def test_service_serves_the_bundled_models_without_the_recipe_extras(root: Path) -> None:
+    # What the Dockerfile installs: the package without extras (no scikit-learn, tqdm, matplotlib).
+    code = f"""
+import sys, time
+for name in ("sklearn", "tqdm", "matplotlib"):
+    sys.modules[name] = None
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.config import Settings
+with TestClient(create_app(Settings(model_dir={str(root / "models")!r}))) as http:
+    deadline = time.monotonic() + 60
+    while http.get("/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    response = http.post("/models/digits/uncertainty", json={{"inputs": [[0.0] * 64], "seed": 1}})
+    print(http.get("/ready").status_code, response.status_code)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["200", "200"]

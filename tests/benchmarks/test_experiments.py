@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import experiments
-from mcdrop import datasets
+from mcdrop.recipes import datasets
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +24,7 @@ def _needs_fashion() -> None:
         )
 
 
+@pytest.mark.slow
 def test_quick_run_writes_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     threads = torch.get_num_threads()
     argv = ["--quick", "--only", "kinds", "holdout", "overfit", "--out", str(tmp_path)]

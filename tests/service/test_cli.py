@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -92,6 +94,24 @@ def test_train_writes_a_loadable_model(tmp_path: Path, capsys: pytest.CaptureFix
     assert "rmse" in json.loads(out)["metrics"]
     manifest = json.loads((tmp_path / "m" / "model.json").read_text())
     assert manifest["training"]["command"].startswith("mcdrop train diabetes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [("train diabetes --out unused", "sklearn"), ("evaluate unused", "tqdm")],
+)
+def test_train_and_evaluate_name_the_missing_extra(command: str, missing: str) -> None:
+    # In a fresh interpreter where the package cannot be imported (as if never installed).
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; from service.cli import main; "
+        f"sys.exit(main({command.split()!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().endswith("pip install 'mcdrop[recipes]'")
+    assert done.stderr.startswith("mcdrop: error: mcdrop.recipes needs")
+    assert "Traceback" not in done.stderr
 
 
 def test_serve_flags_cover_every_setting() -> None:

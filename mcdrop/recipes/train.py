@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mcdrop import checkpoint, datasets, stats
+from mcdrop import checkpoint, metrics, stats
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import build
 from mcdrop.predictor import Predictor
+from mcdrop.recipes import datasets
+from mcdrop.recipes.report import rounded
 from mcdrop.sampling import sample
 
 ARCHS = ("mlp", "cnn", "row_lstm")
@@ -35,7 +37,7 @@ class TrainConfig:
     ``hidden`` is the MLP's hidden widths, or ``[width]`` of the CNN's hidden layer and of the
     RowLSTM's state. ``channels`` and ``spatial_dropout`` are the CNN's; ``kind`` the MLP's
     dropout kind. ``train_size`` and ``exclude_classes`` are passed to
-    :func:`mcdrop.datasets.load`.
+    :func:`mcdrop.recipes.datasets.load`.
     """
 
     dataset: str
@@ -233,10 +235,6 @@ def architecture(config: TrainConfig, data: datasets.Dataset) -> dict[str, Any]:
     return {"name": "row_lstm", "params": params}
 
 
-def _round(values: dict[str, float]) -> dict[str, float]:
-    return {k: round(v, 5) for k, v in values.items()}
-
-
 def train(config: TrainConfig, command: str | None = None) -> checkpoint.LoadedModel:
     """Train on a built-in dataset, evaluate on its held-out test part, write a model directory.
 
@@ -310,8 +308,8 @@ def _train(config: TrainConfig, data: datasets.Dataset, command: str) -> checkpo
         keep = ~torch.isin(y_test, torch.tensor(config.exclude_classes))
         x_test, y_test = x_test[keep], y_test[keep]
     predictor = Predictor(loaded)
-    metrics = evaluate(predictor, x_test, y_test, n_samples=config.n_samples)
-    spec = replace(spec, metrics=_round(metrics))
+    scores = held_out_metrics(predictor, x_test, y_test, n_samples=config.n_samples)
+    spec = replace(spec, metrics=rounded(scores))
     return checkpoint.LoadedModel(spec=spec, module=module, path=config.out)
 
 
@@ -319,7 +317,7 @@ def _sample_means(module: nn.Module, x: Tensor, config: TrainConfig) -> Tensor:
     return sample(module, x, config.n_samples, seed=config.seed)
 
 
-def evaluate(
+def held_out_metrics(
     predictor: Predictor, x: Tensor, y: Tensor, *, n_samples: int, seed: int = 0
 ) -> dict[str, float]:
     """Held-out metrics, deterministic and MC.
@@ -331,14 +329,12 @@ def evaluate(
     det = predictor.predict(x)
     summary, _ = predictor.uncertainty(x, n_samples, seed=seed, targets=None if y.dim() == 1 else y)
     if isinstance(summary, stats.ClassificationSummary):
-        probs = summary.probabilities.double()
-        det_probs = det.probabilities.double()  # type: ignore[union-attr]
-        idx = torch.arange(len(y))
+        det_probs = det.probabilities  # type: ignore[union-attr]
         return {
-            "accuracy": float((probs.argmax(-1) == y).double().mean()),
-            "nll": float(-probs[idx, y].clamp_min(1e-12).log().mean()),
-            "deterministic_accuracy": float((det_probs.argmax(-1) == y).double().mean()),
-            "deterministic_nll": float(-det_probs[idx, y].clamp_min(1e-12).log().mean()),
+            "accuracy": metrics.accuracy(summary.probabilities, y),
+            "nll": metrics.nll(summary.probabilities, y),
+            "deterministic_accuracy": metrics.accuracy(det_probs, y),
+            "deterministic_nll": metrics.nll(det_probs, y),
         }
     assert summary.log_likelihood is not None
     inside = (y >= summary.lower) & (y <= summary.upper)

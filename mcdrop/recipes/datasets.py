@@ -1,5 +1,5 @@
-"""Offline datasets: scikit-learn's bundled digits and diabetes, Fashion-MNIST from Debian's
-``dataset-fashion-mnist`` package, and the UCI regression splits.
+"""Offline datasets: scikit-learn's bundled digits and diabetes, and Fashion-MNIST from Debian's
+``dataset-fashion-mnist`` package.
 
 Nothing here downloads. Splits are seeded permutations, so a training command is reproducible.
 Shapes: ``x (N, *input_shape)`` float32; classification ``y (N,)`` int64; regression
@@ -260,40 +260,3 @@ def load(
             raise InvalidArgumentError(f"train_size must be at least 1, got {train_size}")
         data = replace(data, x_train=data.x_train[:train_size], y_train=data.y_train[:train_size])
     return data
-
-
-# -- UCI regression benchmark (Gal & Ghahramani 2016 splits) -----------------------------------
-
-
-@dataclass(frozen=True)
-class UCISplit:
-    """One published train/test split of a UCI dataset: ``x (N, D)``, ``y (N, 1)`` float64."""
-
-    name: str
-    split: int
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
-def _ints(path: Path) -> np.ndarray:
-    return np.loadtxt(path, dtype=np.int64, ndmin=1)
-
-
-def uci_n_splits(root: str | Path, name: str) -> int:
-    return int(_ints(Path(root) / name / "n_splits.txt")[0])
-
-
-def uci_split(root: str | Path, name: str, split: int) -> UCISplit:
-    """Split ``split`` of UCI dataset ``name`` under ``root`` (e.g. ``../shared/data/uci``)."""
-    folder = Path(root) / name
-    if not (folder / "data.txt").is_file():
-        raise InvalidArgumentError(f"no UCI dataset at {folder} (expected data.txt)")
-    data = np.loadtxt(folder / "data.txt")
-    features = _ints(folder / "index_features.txt")
-    target = int(_ints(folder / "index_target.txt")[0])
-    train = _ints(folder / f"index_train_{split}.txt")
-    test = _ints(folder / f"index_test_{split}.txt")
-    x, y = data[:, features], data[:, [target]]
-    return UCISplit(name, split, x[train], y[train], x[test], y[test])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcdrop.train import TrainConfig, select_tau, train
+from mcdrop.recipes.train import TrainConfig, select_tau, train
 from service.cli import main
 from tests.conftest import MODELS, ROOT
 

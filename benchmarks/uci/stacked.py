@@ -2,8 +2,8 @@
 
 The UCI protocol trains |p grid| × |τ grid| networks per split. Each is tiny, so one at a time
 the cost is all Python and kernel-launch overhead; stacked along a leading ``G`` axis they run as
-a few ``bmm`` calls. Training is equivalent to :func:`mcdrop.train.fit` on each network alone:
-the loss is the *sum* of the per-network mean squared errors, so every network gets its own
+a few ``bmm`` calls. Training is equivalent to :func:`mcdrop.recipes.train.fit` on each network
+alone: the loss is the *sum* of the per-network mean squared errors, so every network gets its own
 gradient, and Adam is elementwise, so one Adam over the stacked parameters is G independent
 Adams. Weight decay is added to the gradient per network (coupled L2, as ``torch.optim.Adam``'s
 ``weight_decay`` does). Each network draws its own minibatch order from its own seeded
@@ -168,7 +168,8 @@ def fit_stacked(
         data_of: ``(G,)`` int64, which training set each network fits.
         weight_decay: ``(G,)`` coupled L2 coefficient per network (gradient ``+ wd · w``, i.e.
             the penalty ``wd/2 · ‖w‖²``; Keras's ``l2(reg)`` is ``wd = 2 · reg``).
-        seeds: one per network, seeding its minibatch order as ``mcdrop.train.fit(seed=)`` does.
+        seeds: one per network, seeding its minibatch order as
+            ``mcdrop.recipes.train.fit(seed=)`` does.
         mask_seed: seeds the dropout masks (one generator for all networks; the global RNG is
             never used).
         decay_biases: decay biases too (``fit``'s Adam does; the paper's Keras code does not).

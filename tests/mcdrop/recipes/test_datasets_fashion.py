@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from mcdrop import checkpoint, datasets, evaluate
+from mcdrop import checkpoint, metrics
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import CNN, build
 from mcdrop.predictor import Predictor
-from mcdrop.train import TrainConfig, architecture
-
-MODELS = Path(__file__).parents[2] / "models"
+from mcdrop.recipes import datasets
+from mcdrop.recipes.train import TrainConfig, architecture
+from tests.conftest import MODELS
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +151,12 @@ def test_bundled_fashion_model(fashion: datasets.Dataset) -> None:
     assert (MODELS / "fashion" / checkpoint.WEIGHTS).stat().st_size < 4_000_000
     predictor = Predictor(loaded)
     probs = predictor.predict(fashion.x_test[:500]).probabilities  # type: ignore[union-attr]
-    assert evaluate.accuracy(probs, fashion.y_test[:500]) > 0.85
+    assert metrics.accuracy(probs, fashion.y_test[:500]) > 0.85
     summary, _ = predictor.uncertainty(fashion.x_test[:5], 8, seed=0)
     assert bool((summary.mutual_information >= 0).all())  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_cli_trains_a_fashion_model(
     fashion: datasets.Dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -175,7 +176,7 @@ def test_cli_trains_a_fashion_model(
     assert spec.training["exclude_classes"] == [9]
     assert 0.0 <= spec.metrics["accuracy"] <= 1.0
     # The held-out class becomes an OOD set when the model is evaluated.
-    from mcdrop.evaluate import evaluate_model
+    from mcdrop.recipes.evaluate import evaluate_model
 
     report = evaluate_model(out, n_samples=2, limit=50, plots=False)
     assert "held-out classes (Ankle boot)" in report["ood"]

@@ -1,0 +1,39 @@
+"""python -m benchmarks.uci: a quick end-to-end run on the real data."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from benchmarks.uci import cli, data, protocol, results
+
+needs_data = pytest.mark.skipif(
+    not (data.data_root() / "yacht" / "data.txt").is_file(),
+    reason=f"UCI data not found at {data.data_root()} (../shared/data/uci or ${data.DATA_ENV})",
+)
+
+
+@pytest.mark.slow
+@needs_data
+def test_quick_run_writes_finite_results(tmp_path):
+    cli.main(["--quick", "--datasets", "yacht", "--out", str(tmp_path), "--no-progress"])
+
+    with (tmp_path / "uci.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == results.COLUMNS
+    assert [(r["dataset"], r["budget"], r["method"]) for r in rows] == [
+        ("yacht", "2016", m) for m in protocol.METHODS
+    ]
+    for row in rows:
+        assert row["n_splits"] == "1"
+        for column in results.COLUMNS[4:]:
+            assert math.isfinite(float(row[column])), column
+        assert 0.0 <= float(row["picp95_mean"]) <= 1.0
+        assert float(row["rmse_mean"]) > 0
+        assert float(row["crps_mean"]) > 0
+    report = (tmp_path / "uci.md").read_text()
+    assert "--quick --datasets yacht" in report
+    assert "1.11 ± 0.09" in report
