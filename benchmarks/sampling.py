@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from benchmarks.timing import compare, machine, ms, run_main, table
 from mcdrop import sample
-from mcdrop.dropout import replicate
 from mcdrop.nets import CNN, MLP
+from mcdrop.sampling_context import replicate
 
 
 class TinyTransformer(nn.Module):

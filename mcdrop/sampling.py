@@ -23,13 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import masks
-from mcdrop.dropout import SamplingContext, replicate
 from mcdrop.exceptions import (
     InvalidArgumentError,
     InvalidInputError,
     NoDropoutError,
     UnsupportedModelError,
 )
+from mcdrop.sampling_context import SamplingContext, replicate
 
 #: Default bound on rows per forward pass (replicated rows: samples × rows).
 DEFAULT_MAX_ROWS = 8192
