@@ -19,8 +19,9 @@ from mcdrop.exceptions import (
     NoDropoutError,
     UnsupportedModelError,
 )
+from mcdrop.planning import SamplingPlan
 from mcdrop.predictor import Predictor
-from mcdrop.sampling import predict, sample, sample_chunks
+from mcdrop.sampling import plan, predict, sample, sample_chunks
 
 __all__ = [
     "CheckpointError",
@@ -33,9 +34,11 @@ __all__ = [
     "ModelSpec",
     "NoDropoutError",
     "Predictor",
+    "SamplingPlan",
     "UnsupportedModelError",
     "dropout_modules",
     "load",
+    "plan",
     "predict",
     "sample",
     "sample_chunks",

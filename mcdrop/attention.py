@@ -149,7 +149,8 @@ def attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    weights = ctx.dropout(torch.softmax(scores, dim=-1), dropout_p)
+    weights = torch.softmax(scores, dim=-1)  # (N, H, L, S)
+    weights = ctx.dropout(weights, dropout_p, kind="attention dropout", batch_dim=0)
     return weights @ v
 
 
@@ -178,7 +179,8 @@ class _AttentionDropoutMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.aten.dropout.default:
             x, p, train = args
-            return self.ctx.dropout(x, float(p)) if train else x
+            # (N·H, L, S) attention weights: the plan knows the heads per row.
+            return self.ctx.dropout(x, float(p), kind="attention dropout") if train else x
         if func is torch.ops.aten.scaled_dot_product_attention.default:
             q, k, v = args[:3]
             mask = arg(args, kwargs, 3, "attn_mask", None)

@@ -88,13 +88,12 @@ def _sampled_dropconnect(
     Returns:
         ``(B, ..., out)``.
     """
-    x, dim, group = ctx.rows(x)
-    if dim != 0 or group != 1:
-        raise UnsupportedModelError(
-            f"DropConnectLinear needs a batch-first input, got shape {tuple(x.shape)}"
-        )
+    check_p(p)
+    found = ctx.rows(x, "DropConnectLinear", batch_dim=0)
+    if found is None:
+        return F.linear(x, weight, bias)
+    x, call = found
     out_f, in_f = weight.shape
-    call = ctx.next_call()
     flat = x.reshape(ctx.batch, -1, in_f)  # (B, L, in)
     y = flat.new_empty(ctx.batch, flat.shape[1], out_f)
     # Every row has its own (out, in) weight mask: build them a block of rows at a time so
@@ -102,7 +101,7 @@ def _sampled_dropconnect(
     step = max(1, DROPCONNECT_BUDGET // (out_f * in_f))
     for start in range(0, ctx.batch, step):
         rows = slice(start, min(start + step, ctx.batch))
-        scale = masks.keep_scale(ctx.keys[rows], call, out_f * in_f, p, weight.dtype)
+        scale = masks.keep_scale(ctx.keys[rows], call.index, out_f * in_f, p, weight.dtype)
         w = scale.view(-1, out_f, in_f).mul_(weight)  # (b, out, in)
         torch.bmm(flat[rows], w.transpose(1, 2), out=y[rows])  # (b, L, out)
     if bias is not None:
@@ -119,16 +118,20 @@ def _sampled_locked_dropout(
     Args:
         x: ``(B, T, F)`` if ``batch_first`` else ``(T, B, F)``.
     """
+    check_p(p)
     if p == 0.0:
         return x
-    x, _, _ = ctx.rows(x)
-    batch_dim = 0 if batch_first else 1
-    if x.dim() != 3 or x.shape[batch_dim] != ctx.batch:
+    kind = f"LockedDropout(batch_first={batch_first})"
+    if x.dim() != 3:
         raise UnsupportedModelError(
-            f"LockedDropout(batch_first={batch_first}) expects a 3-d sequence batch of "
-            f"{ctx.batch} rows, got shape {tuple(x.shape)}"
+            f"{kind} expects a 3-d sequence batch, got shape {tuple(x.shape)}"
         )
-    return x * ctx.scale(x.shape[-1], p, x.dtype).unsqueeze(1 - batch_dim)
+    batch_dim = 0 if batch_first else 1
+    found = ctx.rows(x, kind, batch_dim)
+    if found is None:
+        return x
+    x, call = found
+    return x * ctx.scale(call, x.shape[-1], p, x.dtype).unsqueeze(1 - batch_dim)
 
 
 #: Module types whose forward is stochastic under MC sampling (when their rate is above zero).

@@ -10,17 +10,17 @@ mode. Because the mode lives on the calling thread, a deterministic prediction o
 at the same moment sees a plain eval model. An active torch-function mode also switches off
 PyTorch's transformer fast path, which would otherwise skip dropout entirely.
 
-The context also counts stochastic calls, so a model without dropout is reported instead of
-returning a silent zero variance.
+Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),
+which knows the batch dimension of every call's input: masks are keyed per replicated row
+without guessing which dimension runs over the rows.
 """
 
 from __future__ import annotations
 
 import contextvars
 import math
-import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ from torch.overrides import TorchFunctionMode
 from mcdrop import attention, masks
 from mcdrop.attention import arg
 from mcdrop.exceptions import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from mcdrop.planning import CallLayout
 
 # SELU's constants, as torch's alpha_dropout uses them.
 _ALPHA = 1.7580993408473766
@@ -50,24 +53,31 @@ class SamplingContext:
     Args:
         keys: ``(B,)`` int64 keys, one per row of the replicated batch ``B = S * N``
             (sample-major, see :func:`mcdrop.masks.sample_keys`).
+        calls: where the rows are in the input of every stochastic call, in call order (from
+            the model's :class:`~mcdrop.planning.SamplingPlan`). A call that does not fit its
+            layout is refused, never guessed.
         replicate: when > 1, the forward receives the ``N = B / replicate`` original rows and the
             context replicates the activations ``replicate`` times at the first dropout call, so
             the deterministic layers before it run once per row instead of once per sample.
     """
 
-    def __init__(self, keys: Tensor, *, replicate: int = 1) -> None:
+    #: The torch-function mode that routes this context's dropout calls.
+    mode: ClassVar[type[DropoutMode]]
+
+    def __init__(
+        self, keys: Tensor, calls: Sequence[CallLayout] = (), *, replicate: int = 1
+    ) -> None:
         self.keys = keys
+        self.layouts = calls
         self.replicate = replicate
         self.batch = keys.shape[0] // replicate
         self.calls = 0
-        self.row_bytes = 0  # bytes per replicated row of the largest dropout input seen
-        self.first_call_at: float | None = None  # perf_counter() at the first dropout call
-        self._modes: list[Any] = []
+        self._modes: list[DropoutMode] = []
         self._token: contextvars.Token[SamplingContext | None] | None = None
 
     def __enter__(self) -> SamplingContext:
         self._token = _active.set(self)
-        mode = _DropoutMode(self)
+        mode = self.mode(self)
         mode.__enter__()
         self._modes.append(mode)
         return self
@@ -78,52 +88,52 @@ class SamplingContext:
             _active.reset(self._token)
             self._token = None
 
-    # -- locating rows ---------------------------------------------------------------------------
+    def rows(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout] | None:
+        """The next stochastic call's input and where its rows are.
 
-    def _locate(self, x: Tensor) -> tuple[int, int]:
-        """The dimension of ``x`` that runs over the batch, and how many entries each row owns.
+        Args:
+            x: the call's input; on the first call of a context that defers replication it has
+                ``N`` rows and is returned replicated to ``B``.
+            kind: what the call is (``"dropout"``, ``"LockedDropout"``, ...), for messages.
+            batch_dim: the batch dimension the call's own semantics fix (channel dropout: 0),
+                checked against the plan when it is made.
 
-        The batch is the first dimension of exactly ``B`` entries, else the first whose size is a
-        multiple of ``B`` (row-major blocks, as in attention's ``(B * heads, L, L)``).
+        Returns:
+            ``x`` with ``B`` rows and the call's layout; None while probing a model's layout
+            (:mod:`mcdrop.planning`), when the call leaves ``x`` as it is.
         """
-        for dim, size in enumerate(x.shape):
-            if size == self.batch:
-                return dim, 1
-        for dim, size in enumerate(x.shape):
-            if size > 0 and size % self.batch == 0:
-                return dim, size // self.batch
-        raise UnsupportedModelError(
-            f"a dropout layer received a tensor of shape {tuple(x.shape)} with no dimension "
-            f"matching the batch of {self.batch} rows; mcdrop needs every dropout input to keep "
-            "a batch dimension"
-        )
-
-    def rows(self, x: Tensor) -> tuple[Tensor, int, int]:
-        """``x`` (replicated on the first call if the context defers replication), its batch
-        dimension and entries per row."""
-        dim, group = self._locate(x)
-        if self.first_call_at is None:
-            self.first_call_at = time.perf_counter()
+        index = self.calls
+        where = f"dropout call {index + 1} ({kind})"
+        if index >= len(self.layouts):
+            raise UnsupportedModelError(
+                f"{where} is not in the model's sampling plan, which has {len(self.layouts)} "
+                "calls: the model's dropout calls depend on the contents of its inputs"
+            )
+        layout = self.layouts[index]
+        expected = layout.shape_at(self.batch)
+        if layout.kind != kind or tuple(x.shape) != expected:
+            raise UnsupportedModelError(
+                f"{where} received shape {tuple(x.shape)}, but the model's sampling plan "
+                f"expects call {layout} with shape {expected} for {self.batch} rows: the "
+                "model's dropout inputs depend on the contents of its inputs, so masks cannot "
+                "be keyed per row"
+            )
+        self.calls += 1
         if self.replicate > 1:
-            x = replicate(x, self.replicate, dim)
+            x = replicate(x, self.replicate, layout.dim)
             self.batch *= self.replicate
             self.replicate = 1
-        self.row_bytes = max(self.row_bytes, x.numel() * x.element_size() // self.batch)
-        return x, dim, group
+        return x, layout
 
-    def next_call(self) -> int:
-        """The index of the next stochastic call (masks are keyed by it)."""
-        call = self.calls
-        self.calls += 1
-        return call
+    def keep(self, call: CallLayout, per_row: int, p: float) -> Tensor:
+        """``(B, per_row)`` boolean keep-mask for ``call``."""
+        return masks.keep_mask(self.keys, call.index, per_row, p)
 
-    def keep(self, per_row: int, p: float) -> Tensor:
-        """``(B, per_row)`` boolean keep-mask for the next stochastic call."""
-        return masks.keep_mask(self.keys, self.next_call(), per_row, p)
-
-    def scale(self, per_row: int, p: float, dtype: torch.dtype) -> Tensor:
-        """``(B, per_row)`` inverted-dropout multipliers (0 or ``1/(1 − p)``) for the next call."""
-        return masks.keep_scale(self.keys, self.next_call(), per_row, p, dtype)
+    def scale(self, call: CallLayout, per_row: int, p: float, dtype: torch.dtype) -> Tensor:
+        """``(B, per_row)`` inverted-dropout multipliers (0 or ``1/(1 − p)``) for ``call``."""
+        return masks.keep_scale(self.keys, call.index, per_row, p, dtype)
 
     # -- torch's dropout kinds ---------------------------------------------------------------------
 
@@ -132,59 +142,61 @@ class SamplingContext:
         x: Tensor,
         p: float,
         *,
+        kind: str = "dropout",
+        batch_dim: int | None = None,
         feature: bool = False,
         alpha: bool = False,
         inplace: bool = False,
     ) -> Tensor:
         """Inverted (or alpha) dropout of ``x`` with one mask entry per element, or per channel
-        when ``feature`` (masks broadcast over the dimensions after the channel)."""
+        when ``feature`` (``x (N, C, ...)``: masks broadcast over the dimensions after ``C``).
+        ``kind`` and ``batch_dim`` as for :meth:`rows`."""
         check_p(p)
         if p == 0.0:
             return x
-        x, dim, group = self.rows(x)
+        if feature and x.dim() < 2:
+            raise UnsupportedModelError(
+                f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
+            )
+        found = self.rows(x, kind, 0 if feature else batch_dim)
+        if found is None:
+            return x
+        x, call = found
         if p == 1.0:
-            self.next_call()
             return x.mul_(0) if inplace else torch.zeros_like(x)
         if alpha:
-            return self._alpha_dropout(x, p, dim, group, feature=feature, inplace=inplace)
+            return self._alpha_dropout(x, p, call, feature=feature, inplace=inplace)
         if feature:
-            if dim != 0 or group != 1 or x.dim() < 2:
-                raise UnsupportedModelError(
-                    f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
-                )
-            scale = self.scale(x.shape[1], p, x.dtype).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+            scale = self.scale(call, x.shape[1], p, x.dtype)
+            scale = scale.view(*x.shape[:2], *([1] * (x.dim() - 2)))
             return x.mul_(scale) if inplace else x * scale
-        scale = self._scale_like(x, p, dim, group)
+        scale = self._scale_like(x, p, call)
         if inplace:
             return x.mul_(scale)
-        if dim == 0 and x.is_contiguous():
+        if call.dim == 0 and x.is_contiguous():
             # The multipliers are a fresh contiguous tensor of x's shape and layout: multiply
             # into it, saving an allocation the size of the activation.
             return scale.mul_(x)
         return x * scale  # the output keeps x's layout (a later .view() may rely on it)
 
-    def _scale_like(self, x: Tensor, p: float, dim: int, group: int) -> Tensor:
-        """Multipliers shaped like ``x`` (one per element), its batch along ``dim``."""
-        moved_shape = (x.shape[dim], *x.shape[:dim], *x.shape[dim + 1 :])
-        per_row = math.prod(moved_shape[1:]) * group  # entries owned by each of the B rows
-        return self.scale(per_row, p, x.dtype).reshape(moved_shape).movedim(0, dim)
+    def _scale_like(self, x: Tensor, p: float, call: CallLayout) -> Tensor:
+        """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``."""
+        moved_shape = (x.shape[call.dim], *x.shape[: call.dim], *x.shape[call.dim + 1 :])
+        per_row = math.prod(moved_shape[1:]) * call.group  # entries owned by each of the B rows
+        return self.scale(call, per_row, p, x.dtype).reshape(moved_shape).movedim(0, call.dim)
 
     def _alpha_dropout(
-        self, x: Tensor, p: float, dim: int, group: int, *, feature: bool, inplace: bool
+        self, x: Tensor, p: float, call: CallLayout, *, feature: bool, inplace: bool
     ) -> Tensor:
         """Alpha dropout (SELU networks): dropped units go to SELU's negative saturation value,
         then an affine map keeps mean and variance."""
         p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
         if feature:
-            if dim != 0 or group != 1 or x.dim() < 2:
-                raise UnsupportedModelError(
-                    f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
-                )
-            keep = self.keep(x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+            keep = self.keep(call, x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
         else:
-            moved = x.movedim(dim, 0)
-            keep = self.keep(moved[0].numel() * group, p)
-            keep = keep.reshape(moved.shape).movedim(0, dim)
+            moved = x.movedim(call.dim, 0)
+            keep = self.keep(call, moved[0].numel() * call.group, p)
+            keep = keep.reshape(moved.shape).movedim(0, call.dim)
         a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p_eff + 1.0) * (1.0 - p_eff))
         kept = x * a + _ALPHA * a * p_eff
         out = torch.where(keep, kept, _ALPHA * a * (p_eff - 1.0))
@@ -215,7 +227,7 @@ Handler = Callable[[SamplingContext, tuple[Any, ...], dict[str, Any]], Any]
 
 
 def _functional(
-    *, feature: bool = False, alpha: bool = False, always_inplace: bool = False
+    kind: str, *, feature: bool = False, alpha: bool = False, always_inplace: bool = False
 ) -> Handler:
     """Handler for a dropout function with signature ``(input, p, training[, inplace])``."""
 
@@ -223,31 +235,37 @@ def _functional(
         x = arg(args, kwargs, 0, "input", None)
         p = float(arg(args, kwargs, 1, "p", 0.5))
         inplace = always_inplace or bool(arg(args, kwargs, 3, "inplace", False))
-        return ctx.dropout(x, p, feature=feature, alpha=alpha, inplace=inplace)
+        return ctx.dropout(x, p, kind=kind, feature=feature, alpha=alpha, inplace=inplace)
 
     return handle
 
 
-_HANDLERS: dict[Callable[..., Any], Handler] = {
-    F.dropout: _functional(),
-    F.dropout1d: _functional(feature=True),
-    F.dropout2d: _functional(feature=True),
-    F.dropout3d: _functional(feature=True),
-    F.alpha_dropout: _functional(alpha=True),
-    F.feature_alpha_dropout: _functional(feature=True, alpha=True),
-    torch.dropout: _functional(),
-    torch.dropout_: _functional(always_inplace=True),
-    torch.feature_dropout: _functional(feature=True),
-    torch.feature_dropout_: _functional(feature=True, always_inplace=True),
-    torch.alpha_dropout: _functional(alpha=True),
-    torch.alpha_dropout_: _functional(alpha=True, always_inplace=True),
-    torch.feature_alpha_dropout: _functional(feature=True, alpha=True),
-    torch.feature_alpha_dropout_: _functional(feature=True, alpha=True, always_inplace=True),
-    F.multi_head_attention_forward: attention.multi_head_attention,
+# Every dropout function torch has, and how it drops: per element or per channel (feature),
+# inverted or alpha, in place or not.
+_DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
+    F.dropout: {},
+    F.dropout1d: {"feature": True},
+    F.dropout2d: {"feature": True},
+    F.dropout3d: {"feature": True},
+    F.alpha_dropout: {"alpha": True},
+    F.feature_alpha_dropout: {"feature": True, "alpha": True},
+    torch.dropout: {},
+    torch.dropout_: {"always_inplace": True},
+    torch.feature_dropout: {"feature": True},
+    torch.feature_dropout_: {"feature": True, "always_inplace": True},
+    torch.alpha_dropout: {"alpha": True},
+    torch.alpha_dropout_: {"alpha": True, "always_inplace": True},
+    torch.feature_alpha_dropout: {"feature": True, "alpha": True},
+    torch.feature_alpha_dropout_: {"feature": True, "alpha": True, "always_inplace": True},
 }
 
+_HANDLERS: dict[Callable[..., Any], Handler] = {
+    func: _functional(func.__name__, **options) for func, options in _DROPOUT_FUNCTIONS.items()
+}
+_HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
 
-class _DropoutMode(TorchFunctionMode):
+
+class DropoutMode(TorchFunctionMode):
     """Routes dropout calls of the current thread to a :class:`SamplingContext`."""
 
     def __init__(self, ctx: SamplingContext) -> None:
@@ -265,3 +283,6 @@ class _DropoutMode(TorchFunctionMode):
         if handler is None:
             return func(*args, **(kwargs or {}))
         return handler(self.ctx, args, kwargs or {})
+
+
+SamplingContext.mode = DropoutMode

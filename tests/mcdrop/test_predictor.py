@@ -58,3 +58,18 @@ def test_bad_inputs_are_explained(digits: Predictor, bad: torch.Tensor) -> None:
 def test_targets_shape_checked(diabetes: Predictor) -> None:
     with pytest.raises(InvalidArgumentError):
         diabetes.uncertainty(torch.zeros(2, 10), 4, targets=torch.zeros(3, 1))
+
+
+def test_the_plan_is_made_once_and_kept(diabetes: Predictor) -> None:
+    x = torch.tensor([[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]] * 3)
+    fresh = Predictor(diabetes.model)
+    assert fresh.plan is None
+    made = fresh.warm_up(x[:1])
+    assert fresh.plan is made
+    assert made.prefix
+    summary, _ = fresh.uncertainty(x, 50, seed=3)
+    assert fresh.plan is made  # kept, not remade per request
+    # A predictor that plans on its first request gives the same bits.
+    again, _ = Predictor(diabetes.model).uncertainty(x, 50, seed=3)
+    assert torch.equal(again.mean, summary.mean)
+    assert torch.equal(again.variance, summary.variance)
