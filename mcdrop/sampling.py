@@ -188,7 +188,7 @@ def sample_chunks(
         else:
             plan.check(model, x)
         shared = prefix == "auto" and plan.prefix
-        per_pass = plan.pass_rows(n_total, n_samples, max_rows, prefix=shared)
+        per_pass = plan.pass_rows(n_total, n_samples, max_rows, prefix=shared and n_samples > 1)
         rows_per = min(n_total, per_pass)
         samples_per = max(1, min(n_samples, per_pass // rows_per))
         for r0 in range(0, n_total, rows_per):

@@ -105,19 +105,19 @@ class SamplingContext:
             (:mod:`mcdrop.planning`), when the call leaves ``x`` as it is.
         """
         index = self.calls
-        where = f"dropout call {index + 1} ({kind})"
         if index >= len(self.layouts):
             raise UnsupportedModelError(
-                f"{where} is not in the model's sampling plan, which has {len(self.layouts)} "
-                "calls: the model's dropout calls depend on the contents of its inputs"
+                f"dropout call {index + 1} ({kind}) is not in the model's sampling plan, which "
+                f"has {len(self.layouts)} calls: the model's dropout calls depend on the contents "
+                "of its inputs"
             )
         layout = self.layouts[index]
         expected = layout.shape_at(self.batch)
         if layout.kind != kind or tuple(x.shape) != expected:
             raise UnsupportedModelError(
-                f"{where} received shape {tuple(x.shape)}, but the model's sampling plan "
-                f"expects call {layout} with shape {expected} for {self.batch} rows: the "
-                "model's dropout inputs depend on the contents of its inputs, so masks cannot "
+                f"dropout call {index + 1} ({kind}) received shape {tuple(x.shape)}, but the "
+                f"model's sampling plan expects {expected} for {self.batch} rows (call {layout}): "
+                "the model's dropout inputs depend on the contents of its inputs, so masks cannot "
                 "be keyed per row"
             )
         self.calls += 1

@@ -283,6 +283,22 @@ def test_a_pass_that_does_not_fit_the_plan_is_refused() -> None:
         sample(model, -torch.ones(2, 4), 4, seed=0, plan=kept)
 
 
+class ContentSizedDropout(nn.Module):
+    """Dropout on as many features as the input's largest entry says (a data-dependent shape)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        width = 2 if bool(x.max() > 0) else 1
+        return F.dropout(x[:, :width], 0.5, self.training)
+
+
+def test_a_dropout_input_shape_that_does_not_fit_the_plan_is_refused() -> None:
+    model = ContentSizedDropout().eval()
+    kept = plan(model, torch.ones(2, 4))
+    assert kept.calls[0].shape == (1, 2)
+    with pytest.raises(UnsupportedModelError, match=r"received shape \(2, 1\)"):
+        sample(model, -torch.ones(2, 4), 4, seed=0, plan=kept)
+
+
 class BatchSizeDependent(nn.Module):
     """Dropout over a dimension whose size is the batch size squared: not a number per row."""
 
