@@ -6,7 +6,8 @@ For each model, batch size N and sample count T:
 - **floor**: the least work any MC-dropout implementation must do: the layers before the first
   dropout once on the N rows, then one eval-mode pass of the rest over the S×N replicated rows
   (no masks at all);
-- **mcdrop**: ``mcdrop.sample(model, x, T, seed=0)``;
+- **mcdrop**: ``mcdrop.sample(model, x, T, seed=0, plan=plan)`` with the model's sampling plan
+  made beforehand (``mcdrop.plan(model, x)``), as a ``Predictor`` keeps it;
 - **baal** / **torch-uncertainty**: their MC-dropout wrappers, when installed
   (``pip install -e '.[compare]'``).
 
@@ -23,9 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.timing import compare, machine, ms, run_main, table
-from mcdrop import sample
-from mcdrop.dropout import replicate
+from mcdrop import plan, sample
 from mcdrop.nets import CNN, MLP
+from mcdrop.sampling_context import replicate
 
 
 class TinyTransformer(nn.Module):
@@ -143,10 +144,13 @@ def run(quick: bool = False) -> str:
             if quick:
                 t = min(t, 20)
             x = torch.randn(n, *ref.input_shape, generator=torch.Generator().manual_seed(n))
+            kept = plan(ref.model, x)
             candidates: dict[str, Callable[[], object]] = {
                 "floor": lambda ref=ref, x=x, t=t: floor(ref, x, t),
                 "naive": lambda ref=ref, x=x, t=t: naive_loop(ref.model, x, t),
-                "mcdrop": lambda ref=ref, x=x, t=t: sample(ref.model, x, t, seed=0),
+                "mcdrop": lambda ref=ref, x=x, t=t, kept=kept: sample(
+                    ref.model, x, t, seed=0, plan=kept
+                ),
             }
             others = _others(ref.model, x, t)
             others_seen |= set(others)

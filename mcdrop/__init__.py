@@ -22,8 +22,9 @@ from mcdrop.exceptions import (
     UnsupportedModelError,
     UntrustedCodeError,
 )
+from mcdrop.planning import SamplingPlan
 from mcdrop.predictor import Predictor
-from mcdrop.sampling import predict, sample, sample_chunks
+from mcdrop.sampling import plan, predict, sample, sample_chunks
 
 __all__ = [
     "CheckpointError",
@@ -37,12 +38,14 @@ __all__ = [
     "NoDropoutError",
     "NonFiniteOutputError",
     "Predictor",
+    "SamplingPlan",
     "SamplingStoppedError",
     "UnsupportedModelError",
     "UntrustedCodeError",
     "dropout_modules",
     "load",
     "metrics",
+    "plan",
     "predict",
     "sample",
     "sample_chunks",

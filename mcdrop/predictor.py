@@ -19,6 +19,7 @@ from mcdrop.exceptions import (
     NonFiniteOutputError,
     SamplingStoppedError,
 )
+from mcdrop.planning import SamplingPlan
 from mcdrop.stats import (
     ClassificationAccumulator,
     ClassificationSummary,
@@ -82,11 +83,17 @@ class Predictor:
     Args:
         model: the loaded model directory.
         max_rows: the most replicated rows (samples × rows) in one forward pass.
+
+    Attributes:
+        plan: the model's :class:`~mcdrop.planning.SamplingPlan` (batch dimension of every
+            dropout call, shared prefix, pass sizes), made by :meth:`warm_up` or on the first
+            :meth:`uncertainty`; None before.
     """
 
     def __init__(self, model: LoadedModel, *, max_rows: int = sampling.DEFAULT_MAX_ROWS) -> None:
         self.model = model
         self.max_rows = max_rows
+        self.plan: SamplingPlan | None = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -111,6 +118,15 @@ class Predictor:
                 "holds magnitudes up to 3.4e38"
             )
         return x
+
+    def warm_up(self, example: Tensor) -> SamplingPlan:
+        """Make (or remake) :attr:`plan` from example rows ``(N, *input_shape)``, so the first
+        request does not pay for it: five forward passes of at most four replicated rows."""
+        return self._make_plan(self.check_inputs(example))
+
+    def _make_plan(self, x: Tensor) -> SamplingPlan:
+        self.plan = sampling.plan(self.model.module, x)
+        return self.plan
 
     def _noise_variance(self, out: Tensor) -> tuple[Tensor, Tensor]:
         k = self.spec.n_outputs
@@ -182,8 +198,10 @@ class Predictor:
                 n_rows, k, noise_variance=noise, targets=targets, level=level
             )
         samples = torch.empty(n_samples, n_rows, k) if return_samples else None
+        # Rows always come as float32 (n, *input_shape): one plan serves every request.
+        plan = self.plan if self.plan is not None else self._make_plan(x)
         for chunk in sampling.sample_chunks(
-            self.model.module, x, n_samples, seed=seed, max_rows=self.max_rows
+            self.model.module, x, n_samples, seed=seed, max_rows=self.max_rows, plan=plan
         ):
             if stop is not None and stop():
                 raise SamplingStoppedError("sampling stopped: its caller asked to stop")

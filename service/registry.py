@@ -144,8 +144,11 @@ class Registry:
 
     @staticmethod
     def _warm_up(predictor: Predictor) -> CostModel:
-        """Run the model each way before it takes requests, timing it for the batcher."""
-        return CostModel.measure(predictor, Registry._warm_up_input(predictor))
+        """Plan the model's sampling, then run it each way before it takes requests, timing it
+        for the batcher."""
+        x = Registry._warm_up_input(predictor)
+        predictor.warm_up(x)
+        return CostModel.measure(predictor, x)
 
     @staticmethod
     def _warm_up_input(predictor: Predictor) -> torch.Tensor:

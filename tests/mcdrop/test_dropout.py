@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import DropConnectLinear, LockedDropout, dropout, dropout_modules, predict, sample
-from mcdrop.dropout import SamplingContext
+from mcdrop import DropConnectLinear, LockedDropout, attention, dropout_modules, predict, sample
 from mcdrop.exceptions import NoDropoutError, UnsupportedModelError
+from mcdrop.sampling_context import SamplingContext
 
 
 class FunctionalDropout(nn.Module):
@@ -140,7 +140,7 @@ def test_fast_attention_equals_the_general_path(factory, monkeypatch: pytest.Mon
     model = factory().eval()
     x = torch.randn(3, 5, 8)
     fast = sample(model, x, 16, seed=4)
-    monkeypatch.setattr(dropout, "_self_attention_fast", lambda ctx, args, kwargs: None)
+    monkeypatch.setattr(attention, "self_attention_fast", lambda ctx, args, kwargs: None)
     general = sample(model, x, 16, seed=4)
     assert torch.allclose(fast, general, atol=1e-5)
     assert fast.var(0).mean() > 1e-4

@@ -129,3 +129,18 @@ def test_check_finite_names_rows_of_summaries_and_samples() -> None:
     with pytest.raises(NonFiniteOutputError, match=r"rows \[1, 2\]"):
         check_finite(pred, samples)
     check_finite(RegressionPrediction(mean=torch.ones(2, 1), noise_variance=torch.ones(2, 1)))
+
+
+def test_the_plan_is_made_once_and_kept(diabetes: Predictor) -> None:
+    x = torch.tensor([[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]] * 3)
+    fresh = Predictor(diabetes.model)
+    assert fresh.plan is None
+    made = fresh.warm_up(x[:1])
+    assert fresh.plan is made
+    assert made.prefix
+    summary, _ = fresh.uncertainty(x, 50, seed=3)
+    assert fresh.plan is made  # kept, not remade per request
+    # A predictor that plans on its first request gives the same bits.
+    again, _ = Predictor(diabetes.model).uncertainty(x, 50, seed=3)
+    assert torch.equal(again.mean, summary.mean)
+    assert torch.equal(again.variance, summary.variance)

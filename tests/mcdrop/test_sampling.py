@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mcdrop import predict, sample, sample_chunks, sampling
+from mcdrop import plan, planning, predict, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
-from mcdrop.sampling import _plans
 
 
 def test_shape_is_samples_first(mlp: nn.Module, x: Tensor) -> None:
@@ -101,9 +100,16 @@ def test_prefix_equals_full_replication(factory, shape, prefix_valid: bool) -> N
     model = factory().eval()
     x = torch.randn(*shape)
     full = sample(model, x, 16, seed=9, prefix="off")
-    for _ in range(2):  # first call checks validity, the second uses the verdict
-        assert torch.allclose(sample(model, x, 16, seed=9), full, atol=1e-5)
-    assert _plans[model][(tuple(shape[1:]), torch.float32)].prefix is prefix_valid
+    kept = plan(model, x)
+    for given in (None, kept):  # a plan made for the call, and one kept from before
+        assert torch.allclose(sample(model, x, 16, seed=9, plan=given), full, atol=1e-5)
+    assert kept.prefix is prefix_valid
+
+
+def _passes(model: nn.Module, x: Tensor, n_samples: int) -> list[int]:
+    """Replicated rows of every pass that sampling ``x`` runs."""
+    chunks = sample_chunks(model, x, n_samples, seed=3)
+    return [c.values.shape[0] * c.values.shape[1] for c in chunks]
 
 
 def test_passes_are_cut_to_the_activation_budget_without_changing_samples(
@@ -112,39 +118,35 @@ def test_passes_are_cut_to_the_activation_budget_without_changing_samples(
     # A conv net whose first dropout is early: big replicated activations, a cheap prefix.
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.Dropout2d(0.2), nn.Flatten(), nn.Linear(8 * 36, 3)
+        nn.Conv2d(1, 8, 3, padding=1), nn.Dropout2d(0.2), nn.Flatten(), nn.Linear(8 * 36, 64)
     ).eval()
     x = torch.randn(4, 1, 6, 6)
-    whole = sample(model, x, 50, seed=3)  # the first call learns the activation size
-    plan = _plans[model][((1, 6, 6), torch.float32)]
-    assert plan.row_bytes == 8 * 36 * 4
-    passes: list[int] = []
-    original = sampling._forward
-
-    def counting(model, x, keys, n_samples, prefix, plan):  # type: ignore[no-untyped-def]
-        passes.append(x.shape[0] * n_samples)
-        return original(model, x, keys, n_samples, prefix, plan)
-
-    monkeypatch.setattr(sampling, "_forward", counting)
-    monkeypatch.setattr(sampling, "ACTIVATION_BUDGET", 10 * plan.row_bytes)
-    monkeypatch.setattr(plan, "prefix_share", 0.0)
-    cut = sample(model, x, 50, seed=3)
+    whole = sample(model, x, 50, seed=3)
+    assert plan(model, x).row_bytes == 8 * 36 * 4
+    monkeypatch.setattr(planning, "ACTIVATION_BUDGET", 10 * 8 * 36 * 4)
+    passes = _passes(model, x, 50)
     assert max(passes) <= 10
     assert sum(passes) == 4 * 50
-    assert torch.allclose(cut, whole, atol=1e-6)
+    assert torch.allclose(sample(model, x, 50, seed=3), whole, atol=1e-6)
     # When the prefix is most of the work, passes are not cut (each would rerun it).
-    passes.clear()
-    monkeypatch.setattr(plan, "prefix_share", 0.9)
-    sample(model, x, 50, seed=3)
-    assert passes == [4 * 50]
+    heavy = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        *(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)),
+        nn.Dropout2d(0.2),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 3),
+    ).eval()
+    kept = plan(heavy, x)
+    assert kept.prefix_flops > 10 * kept.rest_flops
+    assert _passes(heavy, x, 50) == [4 * 50]
 
 
 def test_single_row_probe_catches_a_residual_across_dropout() -> None:
     torch.manual_seed(0)
     model = Residual().eval()
     x = torch.randn(1, 4)
-    first = sample(model, x, 8, seed=1)  # the first sampling probes with this one row
-    assert _plans[model][((4,), torch.float32)].prefix is False
+    first = sample(model, x, 8, seed=1)  # the plan probes with this one row
+    assert plan(model, x).prefix is False
     assert torch.allclose(first, sample(model, x, 8, seed=1, prefix="off"), atol=1e-6)
     assert sample(model, torch.randn(3, 4), 8, seed=1).shape == (8, 3, 4)
 

@@ -1,0 +1,449 @@
+"""Sampling plans: where the rows are in every dropout call, and how a model's passes are cut.
+
+Masks are keyed per replicated row, so every stochastic call must know which dimension of its
+input runs over the rows. That is never guessed from sizes (a sequence length or a channel count
+can equal the number of rows): a **probe** runs the model twice with dropout switched off, at
+two batch sizes, and for each stochastic call (in call order) the one dimension whose size grows
+in proportion to the batch is its batch dimension; the proportion is how many entries each row
+owns along it (attention weights ``(B·H, L, S)``: ``H``). Calls whose own semantics fix the batch
+dimension (channel dropout, ``LockedDropout``, ``DropConnectLinear``, attention weights
+``(N, H, L, S)``) are checked against the probe. Every later pass follows the plan and refuses
+with :class:`~mcdrop.exceptions.UnsupportedModelError` a call whose shape does not fit it.
+
+Three seeded passes of two rows then check that a row's samples are the same alone and beside
+another row, and whether the layers before the first dropout may run once per row instead of
+once per sample (the deterministic "prefix"); the plan records why not where they may not.
+
+Pass sizes follow from sizes alone (never from timings), so a seeded result is bit-identical
+from run to run: the bytes per replicated row of the largest dropout input bound a pass to
+:data:`ACTIVATION_BUDGET`, unless the prefix, counted in multiply-adds of matrix products and
+convolutions during the probe, is a large share of the work (each extra pass reruns it).
+
+Shape legend: ``N`` rows, ``S`` samples, ``B = S·N`` replicated rows, ``D...`` input dims.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcdrop import masks
+from mcdrop.attention import arg
+from mcdrop.exceptions import InvalidArgumentError, NoDropoutError, UnsupportedModelError
+from mcdrop.sampling_context import DropoutMode, SamplingContext, replicate
+
+#: Bound on the bytes of the largest activation a dropout sees in one pass: an image model's conv
+#: activations at 8192 rows take hundreds of MB, and a pass that large runs about 2× slower per
+#: row than one that stays near the caches (Fashion CNN, 32×100 rows).
+ACTIVATION_BUDGET = 16 << 20
+
+#: Above this share of a pass's multiply-adds in the deterministic prefix, passes are not cut to
+#: the activation budget: each extra pass over the same rows reruns the prefix.
+PREFIX_SHARE_LIMIT = 0.1
+
+# Replicated rows of the two shape probes: any two sizes tell the batch dimension apart from
+# dimensions that keep their size; small ones keep the probe cheap.
+_PROBE_BATCHES = (2, 3)
+
+# How close a row's samples must be alone and in a batch, or with and without the shared prefix
+# (different pass sizes round differently).
+_RTOL, _ATOL = 1e-4, 1e-5
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    """Where the rows are in the input of one stochastic call.
+
+    ``shape`` is the input's shape for one replicated row: dimension ``dim`` runs over the rows
+    and holds ``group`` entries per row (row-major blocks), so a pass of ``B`` replicated rows
+    gives the call an input of shape :meth:`shape_at` ``(B)``.
+    """
+
+    index: int
+    kind: str
+    shape: tuple[int, ...]
+    dim: int
+    group: int
+
+    def shape_at(self, batch: int) -> tuple[int, ...]:
+        """The input shape for ``batch`` rows."""
+        return (*self.shape[: self.dim], self.group * batch, *self.shape[self.dim + 1 :])
+
+    def __str__(self) -> str:
+        sizes = [str(s) for s in self.shape]
+        sizes[self.dim] = "B" if self.group == 1 else f"B·{self.group}"
+        return f"{self.index + 1}. {self.kind} ({', '.join(sizes)})"
+
+
+@dataclass(frozen=True, repr=False)
+class SamplingPlan:
+    """How one model samples rows of one shape and dtype: made by :func:`mcdrop.plan`.
+
+    Attributes:
+        model: the model's class name.
+        input_shape: ``(D...)``, the shape of one input row; dtype: the inputs' dtype.
+        calls: the layout of every stochastic call, in call order.
+        prefix: whether the layers before the first dropout run once per row (on the ``N``
+            rows, replicated at the first dropout) rather than once per sample.
+        prefix_reason: why the prefix is not shared ("" when it is).
+        row_bytes: bytes per replicated row of the largest dropout input.
+        prefix_flops: multiply-adds ×2 of matrix products and convolutions per row before the
+            first dropout; rest_flops: the same per replicated row from the first dropout on.
+    """
+
+    model: str
+    input_shape: tuple[int, ...]
+    dtype: torch.dtype
+    calls: tuple[CallLayout, ...]
+    prefix: bool
+    prefix_reason: str
+    row_bytes: int
+    prefix_flops: int
+    rest_flops: int
+    _model: weakref.ref[nn.Module] = field(compare=False)
+
+    @property
+    def budget_rows(self) -> int:
+        """The most replicated rows whose largest dropout input fits :data:`ACTIVATION_BUDGET`."""
+        return max(1, ACTIVATION_BUDGET // max(1, self.row_bytes))
+
+    def pass_rows(self, n_rows: int, n_samples: int, max_rows: int, *, prefix: bool) -> int:
+        """Replicated rows per pass for ``n_rows`` rows of ``n_samples`` samples.
+
+        ``max_rows``, cut to :attr:`budget_rows`, unless the passes share the prefix
+        (``prefix``) and it would be more than :data:`PREFIX_SHARE_LIMIT` of a cut pass's work.
+        """
+        cut = min(max_rows, self.budget_rows)
+        if cut == max_rows or not prefix:
+            return cut
+        rows = min(n_rows, cut)
+        samples = max(1, min(n_samples, cut // rows))
+        work = self.prefix_flops + self.rest_flops * samples  # per row of a cut pass
+        return max_rows if work and self.prefix_flops / work > PREFIX_SHARE_LIMIT else cut
+
+    def check(self, model: nn.Module, x: Tensor) -> None:
+        """Raise :class:`InvalidArgumentError` unless the plan was made for ``model`` and rows
+        like those of ``x`` ``(N, D...)``."""
+        if self._model() is not model:
+            raise InvalidArgumentError(
+                f"this sampling plan was made for another model ({self.model}); make one for "
+                "this model with mcdrop.plan(model, x)"
+            )
+        if tuple(x.shape[1:]) != self.input_shape or x.dtype != self.dtype:
+            raise InvalidArgumentError(
+                f"this sampling plan was made for rows of shape {list(self.input_shape)} "
+                f"({self.dtype}), got a batch of shape {list(x.shape)} ({x.dtype}); make a plan "
+                "for these inputs with mcdrop.plan(model, x)"
+            )
+
+    def __repr__(self) -> str:
+        rows = [f"SamplingPlan for {self.model} on rows {self.input_shape} {self.dtype}"]
+        rows.append("  dropout calls (B: replicated rows, samples × rows):")
+        rows += [f"    {call}" for call in self.calls]
+        if self.prefix:
+            rows.append("  prefix: shared (layers before the first dropout run once per row)")
+        else:
+            rows.append(f"  prefix: not shared: {self.prefix_reason}")
+        rows.append(
+            f"  largest dropout input: {self.row_bytes} bytes per replicated row; at most "
+            f"{self.budget_rows} rows per pass fit the {ACTIVATION_BUDGET >> 20} MiB budget"
+        )
+        rows.append(
+            f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
+            f"{self.rest_flops:.3g} per replicated row from it on"
+        )
+        return "\n".join(rows)
+
+
+def run_pass(
+    model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: bool, plan: SamplingPlan
+) -> Tensor:
+    """One stochastic forward pass of ``n_samples`` samples of the rows ``x`` ``(n, D...)``,
+    following ``plan``; with ``prefix``, the layers before the first dropout run on the ``n``
+    rows. The caller holds the model in eval and inference mode.
+
+    Returns ``(n_samples, n, K...)``.
+    """
+    n = x.shape[0]
+    if prefix:
+        inputs = x
+        ctx = SamplingContext(keys, plan.calls, replicate=n_samples)
+    else:
+        inputs = replicate(x, n_samples)  # (S * n, D...), sample-major
+        ctx = SamplingContext(keys, plan.calls)
+    with ctx:
+        y = model(inputs)
+    if ctx.calls != len(plan.calls):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} made {ctx.calls} dropout calls in a pass, but "
+            f"{len(plan.calls)} when its sampling plan was made: its dropout calls depend on the "
+            "contents of its inputs, so masks cannot be keyed per row"
+        )
+    return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
+
+
+def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
+    """The :class:`SamplingPlan` of ``model`` for rows like those of ``x`` ``(N, D...)``.
+
+    Five forward passes of at most four replicated rows, made from the first two rows of ``x``.
+    The caller validates ``x`` and holds the model in eval and inference mode.
+    """
+    # Two rows even for a one-row input: with one row, a residual connection across the first
+    # dropout would broadcast silently and pass the prefix check.
+    rows = x[torch.arange(2) % x.shape[0]]
+    small, large = (_Probe.run(model, replicate(rows[:1], b)) for b in _PROBE_BATCHES)
+    if not small.seen:
+        raise NoDropoutError(
+            f"{type(model).__name__} made no stochastic dropout call (no dropout layer, or every "
+            "rate is 0): MC samples would all be equal. Add dropout to the model, or use "
+            "deterministic prediction."
+        )
+    if [s.kind for s in small.seen] != [s.kind for s in large.seen]:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} made the dropout calls {[s.kind for s in small.seen]} on "
+            f"{_PROBE_BATCHES[0]} rows but {[s.kind for s in large.seen]} on "
+            f"{_PROBE_BATCHES[1]}: its dropout calls depend on the batch size"
+        )
+    calls = tuple(
+        _layout(i, a, b) for i, (a, b) in enumerate(zip(small.seen, large.seen, strict=True))
+    )
+    b_large = _PROBE_BATCHES[1]
+    before = large.flops_before or 0
+    plan = SamplingPlan(
+        model=type(model).__name__,
+        input_shape=tuple(x.shape[1:]),
+        dtype=x.dtype,
+        calls=calls,
+        prefix=False,
+        prefix_reason="not checked yet",
+        row_bytes=max(
+            math.prod(c.shape) * s.item_size for c, s in zip(calls, small.seen, strict=True)
+        ),
+        prefix_flops=before // b_large,
+        rest_flops=(large.flops - before) // b_large,
+        _model=weakref.ref(model),
+    )
+    keys = masks.sample_keys(masks.row_keys(rows, 0), 0, 2)
+    full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)
+    _check_rows_alone(model, rows, full, plan)
+    prefix, reason = _check_prefix(model, rows, keys, full, plan)
+    return replace(plan, prefix=prefix, prefix_reason=reason)
+
+
+def _check_rows_alone(model: nn.Module, rows: Tensor, full: Tensor, plan: SamplingPlan) -> None:
+    """Raise unless row 1's samples beside row 0 are those of row 1 alone (where its
+    deterministic output is: a model that mixes rows makes no such promise)."""
+    alone_keys = masks.sample_keys(masks.row_keys(rows[1:], 0), 0, 2)
+    alone = run_pass(model, rows[1:], alone_keys, 2, False, plan)
+    if _close(full[:, 1], alone[:, 0]) or not _close(model(rows)[1], model(rows[1:])[0]):
+        return
+    raise UnsupportedModelError(
+        f"{type(model).__name__}'s dropout masks would change with the batch a row is in: a "
+        "dropout input mixes the rows within its batch dimension (e.g. a (time × batch) "
+        "flattening, time-major), so masks cannot be keyed per row. Dropout calls:\n"
+        + "\n".join(str(call) for call in plan.calls)
+    )
+
+
+def _check_prefix(
+    model: nn.Module, rows: Tensor, keys: Tensor, full: Tensor, plan: SamplingPlan
+) -> tuple[bool, str]:
+    """Whether running the layers before the first dropout once per row gives the samples of
+    full replication, and why not."""
+    why = "e.g. a residual connection across it, or attention values"
+    try:
+        shared = run_pass(model, rows, keys, 2, True, plan)
+    except (RuntimeError, IndexError, ValueError, UnsupportedModelError) as exc:
+        # Shapes that no longer fit: an activation from before the first dropout (N rows) meets
+        # one after it (S·N rows).
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        return False, (
+            f"the model combines an activation from before the first dropout with one after it "
+            f"({why}): running the layers before it once per row fails with "
+            f"{type(exc).__name__}: {first_line}"
+        )
+    if not _close(shared, full):
+        diff = float((shared - full).abs().max())
+        return False, (
+            f"the model uses an activation from before the first dropout after it ({why}): "
+            f"running the layers before it once per row changes the samples by up to {diff:.3g}"
+        )
+    return True, ""
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=_RTOL, atol=_ATOL)
+
+
+def _check_output(model: nn.Module, y: object, rows: int) -> Tensor:
+    if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != rows:
+        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise UnsupportedModelError(
+            f"expected {type(model).__name__} to return a tensor with {rows} rows (samples × "
+            f"rows), got {got}; mcdrop samples models that map a batch of rows to a batch of "
+            "outputs"
+        )
+    return y
+
+
+# -- the shape probe -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """One stochastic call as a probe saw it."""
+
+    kind: str
+    shape: tuple[int, ...]
+    batch_dim: int | None  # where the call's own semantics put the batch, if they do
+    item_size: int
+
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+FlopCount = Callable[[Args, Kwargs, Tensor], int]
+
+
+def _flop_table() -> dict[Callable[..., Any], FlopCount]:
+    """FLOPs (2 × multiply-adds) of the calls that dominate a forward pass, from shapes."""
+
+    def matmul(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        return 2 * out.numel() * arg(args, kwargs, 0, "input", None).shape[-1]
+
+    def linear(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        return 2 * out.numel() * arg(args, kwargs, 1, "weight", None).shape[-1]
+
+    def conv(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        weight = arg(args, kwargs, 1, "weight", None)  # (out, in / groups, k...)
+        return 2 * out.numel() * weight[0].numel()
+
+    def conv_transpose(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        weight = arg(args, kwargs, 1, "weight", None)  # (in, out / groups, k...)
+        return 2 * arg(args, kwargs, 0, "input", None).numel() * weight[0].numel()
+
+    def addmm(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        return 2 * out.numel() * args[1].shape[-1]  # (input, mat1 (…, n, k), mat2)
+
+    def sdpa(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        query, key = arg(args, kwargs, 0, "query", None), arg(args, kwargs, 1, "key", None)
+        return 4 * query.numel() * key.shape[-2]
+
+    def recurrent(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        # (input, hx, weights, ...): every weight matrix is applied once per time step and row.
+        x, weights = args[0], args[2]
+        steps = x.numel() // x.shape[-1]
+        return 2 * steps * sum(w.numel() for w in weights if w.dim() == 2)
+
+    def attention(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        query, key = arg(args, kwargs, 0, "query", None), arg(args, kwargs, 1, "key", None)
+        embed = query.shape[-1]  # query (L, N, E), key (S, N, E)
+        projections = 2 * (2 * query.numel() + 2 * key.numel()) * embed  # q, out; k, v
+        return projections + 4 * query.numel() * key.shape[0]
+
+    table: dict[Callable[..., Any], FlopCount] = {
+        F.linear: linear,
+        F.scaled_dot_product_attention: sdpa,
+        F.multi_head_attention_forward: attention,
+    }
+    table |= dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), conv)
+    table |= dict.fromkeys(
+        (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), conv_transpose
+    )
+    matmuls = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm)
+    table |= dict.fromkeys((*matmuls, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm), matmul)
+    table |= dict.fromkeys((torch.addmm, torch.Tensor.addmm, torch.baddbmm), addmm)
+    table |= dict.fromkeys((torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu), recurrent)
+    return table
+
+
+_FLOPS = _flop_table()
+
+
+class _CountingMode(DropoutMode):
+    """:class:`DropoutMode` that also counts FLOPs into its :class:`_Probe`."""
+
+    ctx: _Probe
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs)
+        count = _FLOPS.get(func)
+        if count is not None:
+            first = out[0] if isinstance(out, tuple) else out
+            self.ctx.flops += int(count(args, kwargs or {}, first))
+        return out
+
+
+class _Probe(SamplingContext):
+    """A context that leaves every dropout call as it is and records its input, counting the
+    FLOPs of matrix products and convolutions around the calls."""
+
+    mode = _CountingMode
+
+    def __init__(self, batch: int) -> None:
+        super().__init__(torch.zeros(batch, dtype=torch.int64))
+        self.seen: list[_Seen] = []
+        self.flops = 0
+        self.flops_before: int | None = None  # at the first stochastic call
+
+    @classmethod
+    def run(cls, model: nn.Module, inputs: Tensor) -> _Probe:
+        ctx = cls(inputs.shape[0])
+        with ctx:
+            y = model(inputs)
+        _check_output(model, y, inputs.shape[0])
+        return ctx
+
+    def rows(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout] | None:
+        if self.flops_before is None:
+            self.flops_before = self.flops
+        self.seen.append(_Seen(kind, tuple(x.shape), batch_dim, x.element_size()))
+        self.calls += 1
+        return None
+
+
+def _layout(index: int, small: _Seen, large: _Seen) -> CallLayout:
+    """Call ``index``'s layout from its inputs at the two probe batch sizes."""
+    b_small, b_large = _PROBE_BATCHES
+    where = f"dropout call {index + 1} ({small.kind})"
+    grown = [d for d, (a, b) in enumerate(zip(small.shape, large.shape, strict=False)) if a != b]
+    if len(small.shape) != len(large.shape) or len(grown) > 1:
+        raise UnsupportedModelError(
+            f"{where} receives shape {small.shape} for {b_small} rows and {large.shape} for "
+            f"{b_large}: more than one dimension changes with the batch, so masks cannot be "
+            "keyed per row"
+        )
+    if not grown:
+        raise UnsupportedModelError(
+            f"{where} receives a tensor of shape {small.shape} whatever the batch size: no "
+            "dimension runs over the batch (the model mixes its rows before this dropout); "
+            "mcdrop needs every dropout input to keep a batch dimension"
+        )
+    dim = grown[0]
+    group, left = divmod(small.shape[dim], b_small)
+    if left or group == 0 or large.shape[dim] != group * b_large:
+        raise UnsupportedModelError(
+            f"{where}: dimension {dim} of its input has {small.shape[dim]} entries for "
+            f"{b_small} rows and {large.shape[dim]} for {b_large}, not a fixed number per row"
+        )
+    if small.batch_dim is not None and (dim, group) != (small.batch_dim, 1):
+        raise UnsupportedModelError(
+            f"{where} takes dimension {small.batch_dim} of its input as the batch, but its "
+            f"input {large.shape} runs over the batch in dimension {dim}"
+        )
+    shape = (*small.shape[:dim], group, *small.shape[dim + 1 :])
+    return CallLayout(index, small.kind, shape, dim, group)

@@ -1,0 +1,288 @@
+"""Making every dropout call of a forward pass stochastic, for MC sampling only.
+
+Sampling never changes a module's ``training`` flag. Instead, a forward pass runs inside a
+:class:`SamplingContext`, which pushes a thread-local ``TorchFunctionMode``: every dropout call
+of the forward (``nn.Dropout*``, ``AlphaDropout``, ``FeatureAlphaDropout``, ``F.dropout(...,
+training=self.training)`` in a custom ``forward``, and the attention dropout inside
+``nn.MultiheadAttention``, see :mod:`mcdrop.attention`) is intercepted and made stochastic with a
+seeded mask from :mod:`mcdrop.masks`, while everything else (BatchNorm included) runs in eval
+mode. Because the mode lives on the calling thread, a deterministic prediction on another thread
+at the same moment sees a plain eval model. An active torch-function mode also switches off
+PyTorch's transformer fast path, which would otherwise skip dropout entirely.
+
+Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),
+which knows the batch dimension of every call's input: masks are keyed per replicated row
+without guessing which dimension runs over the rows.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from mcdrop import attention, masks
+from mcdrop.attention import arg
+from mcdrop.exceptions import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from mcdrop.planning import CallLayout
+
+# SELU's constants, as torch's alpha_dropout uses them.
+_ALPHA = 1.7580993408473766
+
+_active: contextvars.ContextVar[SamplingContext | None] = contextvars.ContextVar(
+    "mcdrop_sampling_context", default=None
+)
+
+
+def active_context() -> SamplingContext | None:
+    """The sampling context of the current thread, or None outside MC sampling."""
+    return _active.get()
+
+
+class SamplingContext:
+    """Makes every dropout in a forward pass stochastic, with masks keyed per replicated row.
+
+    Args:
+        keys: ``(B,)`` int64 keys, one per row of the replicated batch ``B = S * N``
+            (sample-major, see :func:`mcdrop.masks.sample_keys`).
+        calls: where the rows are in the input of every stochastic call, in call order (from
+            the model's :class:`~mcdrop.planning.SamplingPlan`). A call that does not fit its
+            layout is refused, never guessed.
+        replicate: when > 1, the forward receives the ``N = B / replicate`` original rows and the
+            context replicates the activations ``replicate`` times at the first dropout call, so
+            the deterministic layers before it run once per row instead of once per sample.
+    """
+
+    #: The torch-function mode that routes this context's dropout calls.
+    mode: ClassVar[type[DropoutMode]]
+
+    def __init__(
+        self, keys: Tensor, calls: Sequence[CallLayout] = (), *, replicate: int = 1
+    ) -> None:
+        self.keys = keys
+        self.layouts = calls
+        self.replicate = replicate
+        self.batch = keys.shape[0] // replicate
+        self.calls = 0
+        self._modes: list[DropoutMode] = []
+        self._token: contextvars.Token[SamplingContext | None] | None = None
+
+    def __enter__(self) -> SamplingContext:
+        self._token = _active.set(self)
+        mode = self.mode(self)
+        mode.__enter__()
+        self._modes.append(mode)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._modes.pop().__exit__(*exc)
+        if self._token is not None:
+            _active.reset(self._token)
+            self._token = None
+
+    def rows(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout] | None:
+        """The next stochastic call's input and where its rows are.
+
+        Args:
+            x: the call's input; on the first call of a context that defers replication it has
+                ``N`` rows and is returned replicated to ``B``.
+            kind: what the call is (``"dropout"``, ``"LockedDropout"``, ...), for messages.
+            batch_dim: the batch dimension the call's own semantics fix (channel dropout: 0),
+                checked against the plan when it is made.
+
+        Returns:
+            ``x`` with ``B`` rows and the call's layout; None while probing a model's layout
+            (:mod:`mcdrop.planning`), when the call leaves ``x`` as it is.
+        """
+        index = self.calls
+        if index >= len(self.layouts):
+            raise UnsupportedModelError(
+                f"dropout call {index + 1} ({kind}) is not in the model's sampling plan, which "
+                f"has {len(self.layouts)} calls: the model's dropout calls depend on the contents "
+                "of its inputs"
+            )
+        layout = self.layouts[index]
+        expected = layout.shape_at(self.batch)
+        if layout.kind != kind or tuple(x.shape) != expected:
+            raise UnsupportedModelError(
+                f"dropout call {index + 1} ({kind}) received shape {tuple(x.shape)}, but the "
+                f"model's sampling plan expects {expected} for {self.batch} rows (call {layout}): "
+                "the model's dropout inputs depend on the contents of its inputs, so masks cannot "
+                "be keyed per row"
+            )
+        self.calls += 1
+        if self.replicate > 1:
+            x = replicate(x, self.replicate, layout.dim)
+            self.batch *= self.replicate
+            self.replicate = 1
+        return x, layout
+
+    def keep(self, call: CallLayout, per_row: int, p: float) -> Tensor:
+        """``(B, per_row)`` boolean keep-mask for ``call``."""
+        return masks.keep_mask(self.keys, call.index, per_row, p)
+
+    def scale(self, call: CallLayout, per_row: int, p: float, dtype: torch.dtype) -> Tensor:
+        """``(B, per_row)`` inverted-dropout multipliers (0 or ``1/(1 − p)``) for ``call``."""
+        return masks.keep_scale(self.keys, call.index, per_row, p, dtype)
+
+    # -- torch's dropout kinds ---------------------------------------------------------------------
+
+    def dropout(
+        self,
+        x: Tensor,
+        p: float,
+        *,
+        kind: str = "dropout",
+        batch_dim: int | None = None,
+        feature: bool = False,
+        alpha: bool = False,
+        inplace: bool = False,
+    ) -> Tensor:
+        """Inverted (or alpha) dropout of ``x`` with one mask entry per element, or per channel
+        when ``feature`` (``x (N, C, ...)``: masks broadcast over the dimensions after ``C``).
+        ``kind`` and ``batch_dim`` as for :meth:`rows`."""
+        check_p(p)
+        if p == 0.0:
+            return x
+        if feature and x.dim() < 2:
+            raise UnsupportedModelError(
+                f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
+            )
+        found = self.rows(x, kind, 0 if feature else batch_dim)
+        if found is None:
+            return x
+        x, call = found
+        if p == 1.0:
+            return x.mul_(0) if inplace else torch.zeros_like(x)
+        if alpha:
+            return self._alpha_dropout(x, p, call, feature=feature, inplace=inplace)
+        if feature:
+            scale = self.scale(call, x.shape[1], p, x.dtype)
+            scale = scale.view(*x.shape[:2], *([1] * (x.dim() - 2)))
+            return x.mul_(scale) if inplace else x * scale
+        scale = self._scale_like(x, p, call)
+        if inplace:
+            return x.mul_(scale)
+        if call.dim == 0 and x.is_contiguous():
+            # The multipliers are a fresh contiguous tensor of x's shape and layout: multiply
+            # into it, saving an allocation the size of the activation.
+            return scale.mul_(x)
+        return x * scale  # the output keeps x's layout (a later .view() may rely on it)
+
+    def _scale_like(self, x: Tensor, p: float, call: CallLayout) -> Tensor:
+        """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``."""
+        moved_shape = (x.shape[call.dim], *x.shape[: call.dim], *x.shape[call.dim + 1 :])
+        per_row = math.prod(moved_shape[1:]) * call.group  # entries owned by each of the B rows
+        return self.scale(call, per_row, p, x.dtype).reshape(moved_shape).movedim(0, call.dim)
+
+    def _alpha_dropout(
+        self, x: Tensor, p: float, call: CallLayout, *, feature: bool, inplace: bool
+    ) -> Tensor:
+        """Alpha dropout (SELU networks): dropped units go to SELU's negative saturation value,
+        then an affine map keeps mean and variance."""
+        p_eff = round(p * masks.P_RESOLUTION) / masks.P_RESOLUTION
+        if feature:
+            keep = self.keep(call, x.shape[1], p).view(*x.shape[:2], *([1] * (x.dim() - 2)))
+        else:
+            moved = x.movedim(call.dim, 0)
+            keep = self.keep(call, moved[0].numel() * call.group, p)
+            keep = keep.reshape(moved.shape).movedim(0, call.dim)
+        a = 1.0 / math.sqrt((_ALPHA * _ALPHA * p_eff + 1.0) * (1.0 - p_eff))
+        kept = x * a + _ALPHA * a * p_eff
+        out = torch.where(keep, kept, _ALPHA * a * (p_eff - 1.0))
+        return x.copy_(out) if inplace else out
+
+
+def replicate(x: Tensor, times: int, dim: int = 0) -> Tensor:
+    """``x`` repeated ``times`` times along ``dim``, sample-major (index ``s · size + i``), the
+    layout of the keys: a new tensor equal to ``x.repeat``'s, which is several times slower on
+    the small activations of one request."""
+    shape = list(x.shape)
+    shape[dim] *= times
+    out = x.unsqueeze(dim).expand(*x.shape[:dim], times, *x.shape[dim:]).reshape(shape)
+    if out.data_ptr() == x.data_ptr():
+        # reshape kept a view (one copy, or a single row broadcast): copy, as repeat does, so an
+        # in-place dropout never writes into the caller's tensor or into aliased rows.
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def check_p(p: float) -> None:
+    """A dropout rate in [0, 1], or the ValueError torch raises for one outside."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+Handler = Callable[[SamplingContext, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _functional(
+    kind: str, *, feature: bool = False, alpha: bool = False, always_inplace: bool = False
+) -> Handler:
+    """Handler for a dropout function with signature ``(input, p, training[, inplace])``."""
+
+    def handle(ctx: SamplingContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        x = arg(args, kwargs, 0, "input", None)
+        p = float(arg(args, kwargs, 1, "p", 0.5))
+        inplace = always_inplace or bool(arg(args, kwargs, 3, "inplace", False))
+        return ctx.dropout(x, p, kind=kind, feature=feature, alpha=alpha, inplace=inplace)
+
+    return handle
+
+
+# Every dropout function torch has, and how it drops: per element or per channel (feature),
+# inverted or alpha, in place or not.
+_DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
+    F.dropout: {},
+    F.dropout1d: {"feature": True},
+    F.dropout2d: {"feature": True},
+    F.dropout3d: {"feature": True},
+    F.alpha_dropout: {"alpha": True},
+    F.feature_alpha_dropout: {"feature": True, "alpha": True},
+    torch.dropout: {},
+    torch.dropout_: {"always_inplace": True},
+    torch.feature_dropout: {"feature": True},
+    torch.feature_dropout_: {"feature": True, "always_inplace": True},
+    torch.alpha_dropout: {"alpha": True},
+    torch.alpha_dropout_: {"alpha": True, "always_inplace": True},
+    torch.feature_alpha_dropout: {"feature": True, "alpha": True},
+    torch.feature_alpha_dropout_: {"feature": True, "alpha": True, "always_inplace": True},
+}
+
+_HANDLERS: dict[Callable[..., Any], Handler] = {
+    func: _functional(func.__name__, **options) for func, options in _DROPOUT_FUNCTIONS.items()
+}
+_HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
+
+
+class DropoutMode(TorchFunctionMode):
+    """Routes dropout calls of the current thread to a :class:`SamplingContext`."""
+
+    def __init__(self, ctx: SamplingContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            return func(*args, **(kwargs or {}))
+        return handler(self.ctx, args, kwargs or {})
+
+
+SamplingContext.mode = DropoutMode

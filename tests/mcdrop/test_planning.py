@@ -1,0 +1,320 @@
+"""The batch dimension of every dropout call is known, never guessed from sizes.
+
+A row's seeded samples must not change with the batch it is in, even where another dimension of
+a dropout's input (a sequence length, a channel count, attention's query length) has the same
+size as the replicated batch S·N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcdrop import LockedDropout, SamplingPlan, plan, sample
+from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
+
+#: Sequence length and channel count of the models below: equal to S·N in the cases below.
+LENGTH = 8
+FEATURES = 4
+
+
+class TimeMajorDropout(nn.Module):
+    """``nn.Dropout`` on the time-major view ``(T, N, H)`` of a ``(N, T, F)`` batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, 16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x).transpose(0, 1))  # (T, N, H)
+        return self.head(h.transpose(0, 1)).mean(1)
+
+
+class PermutedFunctionalDropout(nn.Module):
+    """``F.dropout`` in a custom forward, on the ``(T, N, C)`` permutation of a conv output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(FEATURES, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, T, F)
+        h = self.conv(x.transpose(1, 2)).permute(2, 0, 1)  # (N, F, T) -> (N, 6, T) -> (T, N, 6)
+        h = F.dropout(h, 0.5, self.training)
+        return self.head(h).mean(0)
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` over a ``(N, T, F)`` batch, batch first or sequence first."""
+
+    def __init__(self, batch_first: bool, need_weights: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, 8)
+        self.mha = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=batch_first)
+        self.batch_first, self.need_weights = batch_first, need_weights
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)  # (T, N, E)
+        h = self.mha(h, h, h, need_weights=self.need_weights)[0]
+        return self.head(h).mean(1 if self.batch_first else 0)
+
+
+class SequenceFirstEncoder(nn.Module):
+    """A sequence-first ``nn.TransformerEncoderLayer``: every dropout sees ``(T, N, E)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(self.embed(x).transpose(0, 1))).mean(0)
+
+
+class SequenceFirstLocked(nn.Module):
+    """``LockedDropout(batch_first=False)`` on ``(T, N, H)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, 16)
+        self.drop = LockedDropout(0.5, batch_first=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop(self.embed(x).transpose(0, 1))).mean(0)
+
+
+class ChannelDropout(nn.Module):
+    """``Dropout2d`` on ``(N, C, H, W)`` with ``C`` = :data:`LENGTH` channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, LENGTH, 3, padding=1)
+        self.drop = nn.Dropout2d(0.5)
+        self.head = nn.Linear(LENGTH * FEATURES, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (N, T, F), an image of one channel
+        h = self.drop(self.conv(x.unsqueeze(1)))  # (N, C, T, F)
+        return self.head(h.mean(2).flatten(1))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "time_major_dropout": TimeMajorDropout,
+    "permuted_functional": PermutedFunctionalDropout,
+    "mha_seq_first": lambda: Attention(batch_first=False, need_weights=False),
+    "mha_seq_first_weights": lambda: Attention(batch_first=False, need_weights=True),
+    "mha_batch_first": lambda: Attention(batch_first=True, need_weights=False),
+    "mha_batch_first_weights": lambda: Attention(batch_first=True, need_weights=True),
+    "encoder_seq_first": SequenceFirstEncoder,
+    "locked_seq_first": SequenceFirstLocked,
+    "dropout2d_channels": ChannelDropout,
+}
+
+#: (rows in the batch, samples, max_rows): S·N, N or the rows of a pass equal :data:`LENGTH`.
+CASES = [
+    pytest.param(2, 4, 8192, id="S*N==T"),
+    pytest.param(8, 4, 8192, id="N==T"),
+    pytest.param(8, 4, 8, id="pass==T"),
+    pytest.param(3, 8, 8192, id="S==T"),
+]
+
+
+@pytest.mark.parametrize("prefix", ["auto", "off"])
+@pytest.mark.parametrize(("n_rows", "n_samples", "max_rows"), CASES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_row_samples_do_not_depend_on_the_batch(
+    name: str, n_rows: int, n_samples: int, max_rows: int, prefix: str
+) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(n_rows, LENGTH, FEATURES)
+    seeds = torch.arange(100, 100 + n_rows)
+    # No plan: each call makes its own. A kept plan, made on other rows: what a Predictor does.
+    kept = plan(model, torch.randn(5, LENGTH, FEATURES))
+    for given in (None, kept):
+        batched = sample(
+            model, x, n_samples, seed=seeds, max_rows=max_rows, prefix=prefix, plan=given
+        )
+        # Without a plan every call probes: the first and last row keep the test quick.
+        for i in range(n_rows) if given is not None else (0, n_rows - 1):
+            alone = sample(
+                model, x[i : i + 1], n_samples, seed=int(seeds[i]), prefix=prefix, plan=given
+            )
+            assert torch.allclose(batched[:, i], alone[:, 0], rtol=1e-5, atol=1e-5), (given, i)
+
+
+@pytest.mark.parametrize(
+    ("name", "layouts"),
+    [
+        ("time_major_dropout", [(1, 1)]),  # (T, B, H)
+        ("permuted_functional", [(1, 1)]),
+        ("locked_seq_first", [(1, 1)]),
+        ("mha_seq_first", [(0, 1)]),  # attention weights (B, H, L, S)
+        ("mha_seq_first_weights", [(0, 2)]),  # (B·H, L, S): two heads per row
+        ("encoder_seq_first", [(0, 1), (1, 1), (1, 1), (1, 1)]),
+        ("dropout2d_channels", [(0, 1)]),
+    ],
+)
+def test_plan_knows_every_calls_batch_dimension(name: str, layouts: list[tuple[int, int]]) -> None:
+    # T == 2 and T == 3 would each equal one probe's batch: the growth, not the size, decides.
+    for length in (2, 3, LENGTH):
+        x = torch.randn(4, length, FEATURES)
+        got = plan(MODELS[name]().eval(), x)
+        assert [(c.dim, c.group) for c in got.calls] == layouts
+        assert all(c.shape_at(8)[c.dim] == 8 * c.group for c in got.calls)
+
+
+def test_plan_is_readable_and_says_why_the_prefix_is_not_shared() -> None:
+    got = plan(SequenceFirstEncoder().eval(), torch.randn(3, LENGTH, FEATURES))
+    text = repr(got)
+    assert "1. attention dropout (B, 2, 8, 8)" in text
+    assert "3. dropout (8, B, 16)" in text
+    assert not got.prefix
+    assert "residual connection" in got.prefix_reason
+    assert got.prefix_reason in text
+    assert "bytes per replicated row" in text
+
+
+class Residual(nn.Module):
+    """A residual connection across the first dropout: sharing the prefix would be wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return h + self.drop(h)
+
+
+def test_prefix_reason_for_a_residual_across_the_first_dropout() -> None:
+    got = plan(Residual().eval(), torch.randn(3, 4))
+    assert not got.prefix
+    assert "residual connection" in got.prefix_reason
+    assert "RuntimeError" in got.prefix_reason  # N rows meet S·N rows
+
+
+def test_plan_counts_flops_before_and_after_the_first_dropout() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    got = plan(model.eval(), torch.randn(3, 4))
+    assert (got.prefix_flops, got.rest_flops) == (2 * 4 * 8, 2 * 8 * 2)
+    assert got.row_bytes == 8 * 4
+    assert got.prefix
+    assert got.prefix_reason == ""
+
+
+def test_seeded_samples_are_bit_identical_with_a_fresh_plan_each_time() -> None:
+    # Pass sizes come from sizes, never timings: the float rounding cannot depend on load.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(288, 3)
+    ).eval()
+    x = torch.randn(20, 1, 6, 6)
+    plans = [plan(model, x) for _ in range(2)]
+    assert plans[0] == plans[1]
+    runs = [sample(model, x, 300, seed=7, max_rows=1000) for _ in range(3)]
+    runs.append(sample(model, x, 300, seed=7, max_rows=1000, plan=plans[0]))
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+def test_a_plan_for_another_model_or_input_shape_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3)).eval()
+    other = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3)).eval()
+    x = torch.randn(3, 4)
+    kept = plan(model, x)
+    assert isinstance(kept, SamplingPlan)
+    with pytest.raises(InvalidArgumentError, match="another model"):
+        sample(other, x, 4, seed=0, plan=kept)
+    with pytest.raises(InvalidArgumentError, match=r"rows of shape \[4\]"):
+        sample(model, torch.randn(3, 5, 4), 4, seed=0, plan=kept)
+    with pytest.raises(InvalidArgumentError, match="float64"):
+        sample(model, x.double(), 4, seed=0, plan=kept)
+
+
+class TimeMajorFlattened(nn.Module):
+    """Dropout on ``(T·N, H)`` flattened time-major: the rows interleave within the dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x).transpose(0, 1)  # (T, N, H)
+        h = F.dropout(h.reshape(-1, h.shape[-1]), 0.5, self.training).view(h.shape)
+        return self.head(h).mean(0)
+
+
+def test_masks_that_would_change_with_the_batch_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="change with the batch"):
+        plan(TimeMajorFlattened().eval(), torch.randn(3, LENGTH, FEATURES))
+
+
+class DataDependent(nn.Module):
+    """A second dropout only for inputs with a positive sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(self.fc(x), 0.5, self.training)
+        if bool(x.sum() > 0):
+            h = F.dropout(h, 0.5, self.training)
+        return h
+
+
+def test_a_pass_that_does_not_fit_the_plan_is_refused() -> None:
+    model = DataDependent().eval()
+    kept = plan(model, torch.ones(2, 4))
+    assert len(kept.calls) == 2
+    with pytest.raises(UnsupportedModelError, match="made 1 dropout calls"):
+        sample(model, -torch.ones(2, 4), 4, seed=0, plan=kept)
+
+
+class ContentSizedDropout(nn.Module):
+    """Dropout on as many features as the input's largest entry says (a data-dependent shape)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        width = 2 if bool(x.max() > 0) else 1
+        return F.dropout(x[:, :width], 0.5, self.training)
+
+
+def test_a_dropout_input_shape_that_does_not_fit_the_plan_is_refused() -> None:
+    model = ContentSizedDropout().eval()
+    kept = plan(model, torch.ones(2, 4))
+    assert kept.calls[0].shape == (1, 2)
+    with pytest.raises(UnsupportedModelError, match=r"received shape \(2, 1\)"):
+        sample(model, -torch.ones(2, 4), 4, seed=0, plan=kept)
+
+
+class BatchSizeDependent(nn.Module):
+    """Dropout over a dimension whose size is the batch size squared: not a number per row."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        outer = (x[:, None, :] * x[None, :, :]).flatten(0, 1)  # (N², D)
+        return F.dropout(outer, 0.5, self.training).view(x.shape[0], -1)
+
+
+def test_a_dimension_that_does_not_grow_with_the_rows_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="not a fixed number per row"):
+        plan(BatchSizeDependent().eval(), torch.randn(3, 4))
+
+
+def test_attention_across_the_rows_is_refused() -> None:
+    # A sequence-first layer given batch-first rows attends across the batch: the attention
+    # weights (T, H, N, N) grow with the batch in two dimensions.
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2).eval()
+    with pytest.raises(UnsupportedModelError, match="more than one dimension"):
+        plan(model, torch.randn(3, 5, 8))
