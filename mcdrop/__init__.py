@@ -19,12 +19,13 @@ from mcdrop.exceptions import (
     NoDropoutError,
     NonFiniteOutputError,
     SamplingStoppedError,
+    UnsampledDropoutWarning,
     UnsupportedModelError,
     UntrustedCodeError,
 )
 from mcdrop.planning import SamplingPlan
 from mcdrop.predictor import Predictor
-from mcdrop.sampling import plan, predict, sample, sample_chunks
+from mcdrop.sampling import is_sampling, plan, predict, sample, sample_chunks
 
 __all__ = [
     "CheckpointError",
@@ -40,9 +41,11 @@ __all__ = [
     "Predictor",
     "SamplingPlan",
     "SamplingStoppedError",
+    "UnsampledDropoutWarning",
     "UnsupportedModelError",
     "UntrustedCodeError",
     "dropout_modules",
+    "is_sampling",
     "load",
     "metrics",
     "plan",

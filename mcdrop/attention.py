@@ -53,6 +53,29 @@ def multi_head_attention(
         return F.multi_head_attention_forward(*args, **kwargs)
 
 
+def scaled_dot_product_attention(
+    ctx: SamplingContext, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Tensor:
+    """Handler for ``F.scaled_dot_product_attention`` called in a model's own ``forward``
+    under MC sampling: its ``dropout_p`` (torch applies it whatever the mode) becomes seeded
+    per-row dropout on the attention weights. Shapes: ``q (N, ..., L, E)``, ``k``, ``v
+    (N, ..., S, E)``, batch first."""
+    p = float(arg(args, kwargs, 4, "dropout_p", 0.0))
+    if p == 0.0:
+        return F.scaled_dot_product_attention(*args, **kwargs)
+    return attention(
+        ctx,
+        arg(args, kwargs, 0, "query", None),
+        arg(args, kwargs, 1, "key", None),
+        arg(args, kwargs, 2, "value", None),
+        arg(args, kwargs, 3, "attn_mask", None),
+        p,
+        bool(arg(args, kwargs, 5, "is_causal", False)),
+        kwargs.get("scale"),
+        bool(kwargs.get("enable_gqa", False)),
+    )
+
+
 _MHA_PARAMS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 

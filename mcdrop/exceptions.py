@@ -11,6 +11,9 @@ Every error carries a message that names the bad value and says what to do about
     ├── CheckpointError         a model directory that is missing, corrupt or inconsistent
     │   └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
     └── SamplingStoppedError    sampling stopped early: its caller asked it to (``stop``)
+
+and one warning, :class:`UnsampledDropoutWarning`: the model declares dropout that sampling
+cannot reach (it samples, with too little variance).
 """
 
 from __future__ import annotations
@@ -62,3 +65,9 @@ class SamplingStoppedError(McDropError):
 class UntrustedCodeError(CheckpointError):
     """A manifest's ``architecture.factory`` would import code that the caller has not trusted
     (``trust_model_code`` / ``allowed_factories``); nothing was imported."""
+
+
+class UnsampledDropoutWarning(UserWarning):
+    """The model declares a dropout rate that made no stochastic call (e.g. a forward that
+    passes ``dropout_p=self.p if self.training else 0.0``): MC samples vary less than the
+    model's uncertainty. See :mod:`mcdrop.coverage`."""

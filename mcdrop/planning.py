@@ -25,6 +25,7 @@ Shape legend: ``N`` rows, ``S`` samples, ``B = S·N`` replicated rows, ``D...`` 
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -36,7 +37,13 @@ from torch import Tensor, nn
 
 from mcdrop import masks
 from mcdrop.attention import arg
-from mcdrop.exceptions import InvalidArgumentError, NoDropoutError, UnsupportedModelError
+from mcdrop.coverage import CallCounter, RateUse
+from mcdrop.exceptions import (
+    InvalidArgumentError,
+    NoDropoutError,
+    UnsampledDropoutWarning,
+    UnsupportedModelError,
+)
 from mcdrop.sampling_context import DropoutMode, SamplingContext, replicate
 
 #: Bound on the bytes of the largest activation a dropout sees in one pass: an image model's conv
@@ -96,6 +103,9 @@ class SamplingPlan:
         row_bytes: bytes per replicated row of the largest dropout input.
         prefix_flops: multiply-adds ×2 of matrix products and convolutions per row before the
             first dropout; rest_flops: the same per replicated row from the first dropout on.
+        unsampled: the dropout rates the model declares that made no stochastic call (see
+            :mod:`mcdrop.coverage`): sampling cannot reach them, so its variance understates
+            the model's uncertainty.
     """
 
     model: str
@@ -108,6 +118,7 @@ class SamplingPlan:
     prefix_flops: int
     rest_flops: int
     _model: weakref.ref[nn.Module] = field(compare=False)
+    unsampled: tuple[RateUse, ...] = ()
 
     @property
     def budget_rows(self) -> int:
@@ -159,6 +170,9 @@ class SamplingPlan:
             f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
             f"{self.rest_flops:.3g} per replicated row from it on"
         )
+        if self.unsampled:
+            rows.append("  dropout that sampling cannot reach (too little variance):")
+            rows += [f"    {use.why_unsampled()}" for use in self.unsampled]
         return "\n".join(rows)
 
 
@@ -198,12 +212,30 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     # Two rows even for a one-row input: with one row, a residual connection across the first
     # dropout would broadcast silently and pass the prefix check.
     rows = x[torch.arange(2) % x.shape[0]]
-    small, large = (_Probe.run(model, replicate(rows[:1], b)) for b in _PROBE_BATCHES)
+    with CallCounter(model) as counter:
+        small = _Probe.run(model, replicate(rows[:1], _PROBE_BATCHES[0]))
+    large = _Probe.run(model, replicate(rows[:1], _PROBE_BATCHES[1]))
+    unsampled = tuple(counter.unsampled())
     if not small.seen:
+        if unsampled:
+            raise NoDropoutError(
+                f"{type(model).__name__} made no stochastic dropout call, so MC samples would "
+                "all be equal, but it declares dropout that sampling cannot reach: "
+                + "; ".join(use.why_unsampled() for use in unsampled)
+            )
         raise NoDropoutError(
             f"{type(model).__name__} made no stochastic dropout call (no dropout layer, or every "
             "rate is 0): MC samples would all be equal. Add dropout to the model, or use "
             "deterministic prediction."
+        )
+    if unsampled:
+        warnings.warn(
+            UnsampledDropoutWarning(
+                f"{type(model).__name__} declares dropout that MC sampling cannot reach, so its "
+                "samples vary less than the model's uncertainty: "
+                + "; ".join(use.why_unsampled() for use in unsampled)
+            ),
+            stacklevel=2,
         )
     if [s.kind for s in small.seen] != [s.kind for s in large.seen]:
         raise UnsupportedModelError(
@@ -229,6 +261,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         prefix_flops=before // b_large,
         rest_flops=(large.flops - before) // b_large,
         _model=weakref.ref(model),
+        unsampled=unsampled,
     )
     keys = masks.sample_keys(masks.row_keys(rows, 0), 0, 2)
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mcdrop import masks, planning
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.planning import SamplingPlan
+from mcdrop.sampling_context import active_context
 
 #: Default bound on rows per forward pass (replicated rows: samples × rows).
 DEFAULT_MAX_ROWS = 8192
@@ -100,6 +101,18 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
     _check_inputs(x)
     with eval_mode(model), torch.inference_mode():
         return model(x)
+
+
+def is_sampling() -> bool:
+    """Whether the current thread runs an MC-sampling forward pass (or its plan's probe).
+
+    For a custom ``forward`` that gives its dropout a rate only in training, e.g.
+    ``F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)``:
+    in eval mode no dropout call happens and sampling cannot reach it. Writing ``self.p if
+    self.training or mcdrop.is_sampling() else 0.0`` keeps deterministic prediction exact and lets
+    MC sampling drop (with seeded per-row masks).
+    """
+    return active_context() is not None
 
 
 def _check_args(n_samples: int, max_rows: int) -> None:

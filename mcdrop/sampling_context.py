@@ -3,8 +3,10 @@
 Sampling never changes a module's ``training`` flag. Instead, a forward pass runs inside a
 :class:`SamplingContext`, which pushes a thread-local ``TorchFunctionMode``: every dropout call
 of the forward (``nn.Dropout*``, ``AlphaDropout``, ``FeatureAlphaDropout``, ``F.dropout(...,
-training=self.training)`` in a custom ``forward``, and the attention dropout inside
-``nn.MultiheadAttention``, see :mod:`mcdrop.attention`) is intercepted and made stochastic with a
+training=self.training)`` in a custom ``forward``, the attention dropout inside
+``nn.MultiheadAttention`` and of ``F.scaled_dot_product_attention(dropout_p=...)``, see
+:mod:`mcdrop.attention`, and the dropout between the layers of ``nn.LSTM``/``GRU``/``RNN``, see
+:mod:`mcdrop.rnn`) is intercepted and made stochastic with a
 seeded mask from :mod:`mcdrop.masks`, while everything else (BatchNorm included) runs in eval
 mode. Because the mode lives on the calling thread, a deterministic prediction on another thread
 at the same moment sees a plain eval model. An active torch-function mode also switches off
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from mcdrop import attention, masks
+from mcdrop import attention, masks, rnn
 from mcdrop.attention import arg
 from mcdrop.exceptions import UnsupportedModelError
 
@@ -263,6 +265,8 @@ _HANDLERS: dict[Callable[..., Any], Handler] = {
     func: _functional(func.__name__, **options) for func, options in _DROPOUT_FUNCTIONS.items()
 }
 _HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
+_HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
+_HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
 
 
 class DropoutMode(TorchFunctionMode):

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import DropConnectLinear, LockedDropout, attention, dropout_modules, predict, sample
+from mcdrop import (
+    DropConnectLinear,
+    LockedDropout,
+    attention,
+    dropout_modules,
+    is_sampling,
+    predict,
+    sample,
+)
 from mcdrop.exceptions import NoDropoutError, UnsupportedModelError
 from mcdrop.sampling_context import SamplingContext
 
@@ -51,6 +59,34 @@ class SeqFirstAttention(nn.Module):
         return self.mha(q, q, q, need_weights=False)[0].transpose(0, 1)
 
 
+class ScaledDotProduct(nn.Module):
+    """Attention written with ``F.scaled_dot_product_attention``, its rate given in training and
+    under MC sampling (the form :func:`mcdrop.is_sampling` documents)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.p = 0.3
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, L, 8) -> (N, L, 8)
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)  # (N, 2, L, 4) each
+        p = self.p if self.training or is_sampling() else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).flatten(2)
+
+
+class Recurrent(nn.Module):
+    """A recurrent layer's output sequence, batch first whatever the layer's own layout."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, F) -> (N, T, H)
+        if self.rnn.batch_first:
+            return self.rnn(x)[0]
+        return self.rnn(x.transpose(0, 1))[0].transpose(0, 1)
+
+
 def _encoder(layers: int) -> nn.Module:
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -73,6 +109,12 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         (3, 5, 8),
     ),
     "transformer_encoder": (lambda: _encoder(2), (3, 5, 8)),
+    "scaled_dot_product": (ScaledDotProduct, (3, 5, 8)),
+    "lstm_between_layers": (lambda: Recurrent(nn.LSTM(4, 6, 2, dropout=0.3)), (3, 5, 4)),
+    "gru_between_layers": (
+        lambda: Recurrent(nn.GRU(4, 6, 3, dropout=0.3, batch_first=True)),
+        (3, 5, 4),
+    ),
     "dropconnect": (lambda: DropConnectLinear(4, 3, p=0.3), (3, 4)),
     "locked": (lambda: LockedDropout(0.3), (3, 6, 4)),
 }
