@@ -9,7 +9,7 @@ are batched, memory-bounded and seeded per row, and the statistics are pure func
 """
 
 from mcdrop import metrics, stats
-from mcdrop.checkpoint import LoadedModel, ModelSpec, load, save
+from mcdrop.checkpoint import LoadedModel, ModelSpec, load
 from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
 from mcdrop.exceptions import (
     CheckpointError,
@@ -26,6 +26,7 @@ from mcdrop.exceptions import (
 from mcdrop.planning import SamplingPlan
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import is_sampling, plan, predict, sample, sample_chunks
+from mcdrop.saving import save
 
 __all__ = [
     "CheckpointError",

@@ -1,0 +1,254 @@
+"""Saving your own model as a model directory in one call, checked so the folder always loads.
+
+:func:`save` writes what :func:`mcdrop.load` and ``mcdrop serve`` read (``model.json`` and
+``weights.safetensors``, see :mod:`mcdrop.checkpoint`), after checking that the architecture it
+names (your ``factory`` with its ``params``, or a built-in) rebuilds a network that takes the
+model's weights and gives the model's outputs. A mistake shows when you save, not when a server
+loads the folder months later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mcdrop import checkpoint
+from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
+from mcdrop.coverage import declared_rates
+from mcdrop.exceptions import CheckpointError, InvalidArgumentError
+from mcdrop.nets import build
+from mcdrop.sampling import predict
+
+#: Rows of the example batch that checks the rebuilt network against the model.
+_EXAMPLE_ROWS = 2
+_RTOL, _ATOL = 1e-4, 1e-5
+
+
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    task: Task,
+    input_shape: Sequence[int],
+    labels: Sequence[str],
+    factory: str | None = None,
+    architecture: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    name: str | None = None,
+    tau: float | None = None,
+    likelihood: Literal["homoscedastic", "heteroscedastic"] = "homoscedastic",
+    input_normalization: Normalization | Mapping[str, Any] | None = None,
+    target_normalization: Normalization | Mapping[str, Any] | None = None,
+    dropout: float | None = None,
+    default_n_samples: int = 100,
+    metrics: Mapping[str, float] | None = None,
+    training: Mapping[str, Any] | None = None,
+    description: str = "",
+    version: str = "1",
+) -> LoadedModel:
+    """Write ``model`` as the model directory ``directory``, and return it loaded back.
+
+    Args:
+        model: the trained network, mapping ``(N, *input_shape)`` float32 rows to ``(N, K)``
+            logits (classification), means (regression), or K means then K log-variances
+            (``likelihood="heteroscedastic"``), where K is ``len(labels)``.
+        directory: the folder to write (created if needed; its name is the model's default name).
+        task: "classification" or "regression".
+        input_shape: the shape of one input row, e.g. ``[3, 32, 32]``.
+        labels: class names, or target names; K of them.
+        factory: ``"package.module:callable"`` that builds the network from ``params``; the
+            module must be importable where the model is loaded (not ``__main__``).
+        architecture: instead of ``factory``, a built-in: "mlp", "cnn" or "row_lstm".
+        params: the keyword arguments the factory builds ``model`` with (JSON values).
+        name: the model's name (default: the directory's name).
+        tau: a homoscedastic regressor's noise precision (noise variance ``1/tau``).
+        likelihood: "homoscedastic" (noise ``1/tau``) or "heteroscedastic" (predicted).
+        input_normalization, target_normalization: ``{"mean": ..., "std": ...}`` (lists,
+            arrays or tensors) applied around ``model`` when it is loaded, so the loaded model
+            takes and returns original units while ``model`` works on standardised ones.
+        dropout, default_n_samples, metrics, training, description, version: recorded in the
+            manifest (see :class:`~mcdrop.checkpoint.ModelSpec`).
+
+    Returns:
+        the directory loaded back (:class:`~mcdrop.checkpoint.LoadedModel`), as a server would.
+
+    Raises:
+        InvalidArgumentError: the manifest would be invalid, or the architecture does not
+            rebuild ``model`` (other weights, or other outputs); nothing was written.
+    """
+    directory = Path(directory)
+    arch = _architecture(factory, architecture, params)
+    spec = _spec(
+        {
+            "name": directory.name if name is None else name,
+            "version": version,
+            "task": task,
+            "input_shape": [int(d) for d in input_shape],
+            "labels": list(labels),
+            "architecture": arch,
+            "dropout": dropout,
+            "tau": tau,
+            "likelihood": likelihood,
+            "input_normalization": _normalization(input_normalization, "input_normalization"),
+            "target_normalization": _normalization(target_normalization, "target_normalization"),
+            "default_n_samples": default_n_samples,
+            "metrics": dict(metrics or {}),
+            "training": _json(dict(training or {}), "training"),
+            "description": description,
+        }
+    )
+    _check_rebuilds(model, spec)
+    checkpoint.save(directory, spec, model)
+    return checkpoint.load(directory, trust_model_code=True)
+
+
+def _architecture(
+    factory: str | None, architecture: str | None, params: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    if (factory is None) == (architecture is None):
+        raise InvalidArgumentError(
+            "give the architecture as factory='package.module:callable' (your own code) or as "
+            "architecture='mlp' (a built-in), exactly one of them"
+        )
+    if factory is not None:
+        if not isinstance(factory, str) or factory.partition(":")[0] == "__main__":
+            raise InvalidArgumentError(
+                f"factory {factory!r} is not a 'package.module:callable' that a server can import "
+                "(a script run as __main__ cannot be): move the network's builder into a module "
+                "of your package"
+            )
+        key, value = "factory", factory
+    else:
+        key, value = "name", architecture
+    return {key: value, "params": _json(dict(params or {}), "params")}
+
+
+def _json(value: dict[str, Any], what: str) -> dict[str, Any]:
+    """``value`` as the manifest will give it back (tuples become lists), or an error."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"{what} must hold JSON values only (numbers, strings, booleans, lists, objects): {exc}"
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """Lists from tensors and arrays (anything with ``tolist``), as JSON holds them."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _normalization(
+    value: Normalization | Mapping[str, Any] | None, what: str
+) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, Normalization):
+        value = {"mean": value.mean, "std": value.std}
+    if not (isinstance(value, Mapping) and set(value) == {"mean", "std"}):
+        raise InvalidArgumentError(f"{what} must be {{'mean': ..., 'std': ...}}")
+    return {key: _plain(value[key]) for key in ("mean", "std")}
+
+
+def _spec(fields: dict[str, Any]) -> ModelSpec:
+    try:
+        spec = ModelSpec.from_dict(fields, source="the manifest")
+        # Normalisation statistics must make tensors of the right kind.
+        checkpoint.wrap(spec, nn.Identity(), source="the manifest")
+    except CheckpointError as exc:
+        raise InvalidArgumentError(f"cannot save: {exc}") from None
+    return spec
+
+
+def _example(spec: ModelSpec) -> Tensor:
+    """A few rows ``(2, *input_shape)`` on the scale of the inputs, where it is known."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(_EXAMPLE_ROWS, *spec.input_shape, generator=generator)
+    norm = spec.input_normalization
+    if norm is not None:
+        x = x * torch.tensor(norm.std) + torch.tensor(norm.mean)
+    return x
+
+
+def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
+    """Raise unless ``spec.architecture`` rebuilds a network that takes ``model``'s weights and
+    gives its outputs, of the shape ``spec`` says, on example rows."""
+    arch = spec.architecture
+    named = f"{arch.get('factory') or arch.get('name')!r} with params {arch['params']}"
+    try:
+        rebuilt = build(arch, trust_model_code=True)  # the caller's own code, named by them
+    except CheckpointError as exc:
+        raise InvalidArgumentError(f"cannot save: {exc}") from None
+    state = model.state_dict()
+    mine = {k: tuple(v.shape) for k, v in state.items()}
+    theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    problems = []
+    if missing := sorted(theirs.keys() - mine.keys()):
+        problems.append(f"weights the model lacks: {_few(missing)}")
+    if extra := sorted(mine.keys() - theirs.keys()):
+        problems.append(f"weights it lacks: {_few(extra)}")
+    shapes = sorted(
+        f"{k}: {list(mine[k])} in the model, {list(theirs[k])} rebuilt"
+        for k in mine.keys() & theirs.keys()
+        if mine[k] != theirs[k]
+    )
+    if shapes:
+        problems.append(f"other shapes: {_few(shapes)}")
+    if problems:
+        raise InvalidArgumentError(
+            f"cannot save: {named} builds a network whose weights differ from the model's ("
+            + "; ".join(problems)
+            + "): pass the factory and params the model was built with"
+        )
+    rates = {(d.name, d.attribute): d.rate for d in declared_rates(model)}
+    rebuilt_rates = {(d.name, d.attribute): d.rate for d in declared_rates(rebuilt)}
+    if rates != rebuilt_rates:
+        differ = sorted(
+            f"{name}.{attr}: {rates.get((name, attr), 0)} in the model, "
+            f"{rebuilt_rates.get((name, attr), 0)} rebuilt"
+            for name, attr in rates.keys() | rebuilt_rates.keys()
+            if rates.get((name, attr)) != rebuilt_rates.get((name, attr))
+        )
+        raise InvalidArgumentError(
+            f"cannot save: {named} builds a network with other dropout rates ({_few(differ)}): "
+            "MC samples of the saved model would differ from the model's; pass the params the "
+            "model was built with"
+        )
+    rebuilt.load_state_dict(state)
+    x = _example(spec)
+    try:
+        want = predict(checkpoint.wrap(spec, model), x)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"cannot save: the model fails on {_EXAMPLE_ROWS} rows of input_shape "
+            f"{spec.input_shape} ({type(exc).__name__}: {exc}); is input_shape the shape of one "
+            "input row?"
+        ) from None
+    k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
+    if not (isinstance(want, Tensor) and tuple(want.shape) == (_EXAMPLE_ROWS, k)):
+        got = tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__
+        hint = " (K means, then K log-variances)" if k != spec.n_outputs else ""
+        raise InvalidArgumentError(
+            f"cannot save: the model returns {got} for {_EXAMPLE_ROWS} rows, but a "
+            f"{spec.likelihood + ' ' if spec.task == 'regression' else ''}{spec.task} model "
+            f"with {spec.n_outputs} labels returns ({_EXAMPLE_ROWS}, {k}){hint}"
+        )
+    got = predict(checkpoint.wrap(spec, rebuilt), x)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=_RTOL, atol=_ATOL):
+        diff = (got - want).abs().max().item() if got.shape == want.shape else math.inf
+        raise InvalidArgumentError(
+            f"cannot save: {named} rebuilds a network that takes the model's weights but gives "
+            f"other outputs (by up to {diff:.3g}): the params build another network (e.g. "
+            "another activation); pass the params the model was built with"
+        )
+
+
+def _few(items: list[str], shown: int = 5) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
