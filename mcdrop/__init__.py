@@ -9,6 +9,7 @@ are batched, memory-bounded and seeded per row, and the statistics are pure func
 """
 
 from mcdrop import metrics, stats
+from mcdrop.checking import CheckReport, check
 from mcdrop.checkpoint import LoadedModel, ModelSpec, load
 from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
 from mcdrop.exceptions import (
@@ -29,6 +30,7 @@ from mcdrop.sampling import is_sampling, plan, predict, sample, sample_chunks
 from mcdrop.saving import save
 
 __all__ = [
+    "CheckReport",
     "CheckpointError",
     "DropConnectLinear",
     "InvalidArgumentError",
@@ -45,6 +47,7 @@ __all__ = [
     "UnsampledDropoutWarning",
     "UnsupportedModelError",
     "UntrustedCodeError",
+    "check",
     "dropout_modules",
     "is_sampling",
     "load",

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import checkpoint
+from mcdrop.checking import example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
 from mcdrop.coverage import declared_rates
 from mcdrop.exceptions import CheckpointError, InvalidArgumentError
@@ -166,16 +167,6 @@ def _spec(fields: dict[str, Any]) -> ModelSpec:
     return spec
 
 
-def _example(spec: ModelSpec) -> Tensor:
-    """A few rows ``(2, *input_shape)`` on the scale of the inputs, where it is known."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(_EXAMPLE_ROWS, *spec.input_shape, generator=generator)
-    norm = spec.input_normalization
-    if norm is not None:
-        x = x * torch.tensor(norm.std) + torch.tensor(norm.mean)
-    return x
-
-
 def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
     """Raise unless ``spec.architecture`` rebuilds a network that takes ``model``'s weights and
     gives its outputs, of the shape ``spec`` says, on example rows."""
@@ -221,7 +212,7 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
             "model was built with"
         )
     rebuilt.load_state_dict(state)
-    x = _example(spec)
+    x = example_inputs(spec, _EXAMPLE_ROWS)
     try:
         want = predict(checkpoint.wrap(spec, model), x)
     except Exception as exc:

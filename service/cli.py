@@ -1,4 +1,5 @@
-"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``predict`` and ``models``.
+"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``check``, ``predict`` and
+``models``.
 
 Heavy imports (torch, FastAPI) happen inside the sub-command that needs them, so
 ``mcdrop predict --url ...`` starts fast.
@@ -154,6 +155,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     summary["written"] = None if args.out is None else str(args.out)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mcdrop import checkpoint
+    from mcdrop.checking import check, example_inputs
+
+    loaded = checkpoint.load(args.model_dir, **_trust(args))
+    rows = example_inputs(loaded.spec, args.rows, args.seed)
+    report = check(loaded, rows, n_samples=args.n_samples, seed=args.seed)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.ok else 1
 
 
 def _read_inputs(value: str) -> list[Any]:
@@ -317,6 +329,22 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
     _add_setting_flags(evaluate, TrustSettings)
     evaluate.set_defaults(func=_evaluate)
+
+    check = sub.add_parser(
+        "check",
+        help="what MC sampling will do with a model directory, and what is wrong with it",
+        description="Loads a model directory, samples a few example rows and reports the "
+        "dropout found and its calls, whether samples vary, whether the prefix is shared, the "
+        "cost of one sample and the problems. Exit status 1 when a problem makes MC dropout "
+        "meaningless on the model.",
+    )
+    check.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
+    check.add_argument("--json", action="store_true", help="the report as JSON")
+    check.add_argument("--n-samples", type=int, default=16, help="samples of every example row")
+    check.add_argument("--rows", type=int, default=4, help="example rows")
+    check.add_argument("--seed", type=int, default=0, help="seed of the rows and samples")
+    _add_setting_flags(check, TrustSettings)
+    check.set_defaults(func=_check)
 
     predict = sub.add_parser("predict", help="predict with a running service or a local model")
     predict.add_argument("model", help="model name")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import mcdrop
 from mcdrop import checkpoint
+from mcdrop.nets import MLP
 from service.cli import main, parser
 from service.config import Settings
 from tests.conftest import MODELS
@@ -277,3 +279,52 @@ def test_an_answer_that_is_not_mcdrop_is_one_line(
     code, _, err = _run(capsys, "predict", "digits", "--url", html_server, "--inputs", "[[0]]")
     assert code == 1
     assert "501" in err
+
+
+def test_check_reports_what_sampling_does(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "check", str(MODELS / "diabetes"))
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "diabetes: rows [10], 1 output"
+    assert "  net.layers.2  Dropout  p=0.05: 1 call" in lines
+    assert "  1. dropout (B, 50)" in lines
+    assert "samples vary: yes, every output (16 samples of 4 rows)" in lines
+    assert lines[-1] == "result: ok"
+    code, out, _ = _run(capsys, "check", str(MODELS / "diabetes"), "--json", "--rows", "2")
+    report = json.loads(out)
+    assert (code, report["ok"], report["samples"]["n_rows"]) == (0, True, 2)
+    assert report["ms_per_row_sample"] > 0
+
+
+def test_check_exits_1_when_mc_dropout_is_meaningless(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = {"in_features": 3, "hidden": [4], "out_features": 2, "dropout": 0.0}
+    mcdrop.save(
+        MLP(**params),
+        tmp_path / "nodrop",
+        architecture="mlp",
+        params=params,
+        task="classification",
+        input_shape=[3],
+        labels=["a", "b"],
+    )
+    code, out, _ = _run(capsys, "check", str(tmp_path / "nodrop"))
+    assert code == 1
+    assert "error (no_dropout): MLP made no stochastic dropout call" in out
+    assert out.splitlines()[-1] == "result: MC dropout is meaningless on this model (1 error)"
+    code, out, _ = _run(capsys, "check", str(tmp_path / "nodrop"), "--json")
+    assert (code, json.loads(out)["problems"][0]["code"]) == (1, "no_dropout")
+
+
+def test_check_needs_the_opt_in_for_a_factory(
+    custom_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "check", str(custom_folder / "custom"))
+    assert (code, out) == (1, "")
+    assert "--allowed-factories tests.factories" in err
+    code, out, _ = _run(
+        capsys, "check", str(custom_folder / "custom"), "--allowed-factories", "tests."
+    )
+    assert code == 0
+    assert out.startswith("custom: rows [3], 1 output\n")

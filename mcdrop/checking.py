@@ -1,0 +1,403 @@
+"""What MC sampling will do with a model, before anyone relies on its uncertainty.
+
+:func:`check` (and ``mcdrop check models/x``) runs a model on a few example rows and reports the
+dropout it declares and how often each made a stochastic call, the dropout calls of the sampling
+plan, whether the samples vary (per output), whether the layers before the first dropout run
+once per row, what one sample of one row costs, and the problems found: no dropout, dropout
+sampling cannot reach (:mod:`mcdrop.coverage`), layers that mix the rows of a batch, outputs
+that never vary. An *error* makes MC dropout meaningless on the model; a *warning* makes its
+variance too small or its answers suspect.
+
+Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mcdrop import sampling
+from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.coverage import CallCounter, RateUse
+from mcdrop.exceptions import (
+    InvalidArgumentError,
+    McDropError,
+    NoDropoutError,
+    UnsampledDropoutWarning,
+)
+from mcdrop.planning import CallLayout, SamplingPlan
+
+Severity = Literal["error", "warning"]
+
+#: The cost of one sample is timed on passes grown (×4 at a time, up to _TIMED_MAX_ROWS
+#: replicated rows) until one takes _TIMED_MIN_S: small passes are dominated by per-pass
+#: overhead, and a large model must not make the check slow.
+_TIMED_MIN_S = 0.05
+_TIMED_MAX_ROWS = 1024
+_TIMED_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: ``severity`` "error" (MC dropout is meaningless on the model) or
+    "warning", a stable ``code`` and a message that says what to do."""
+
+    severity: Severity
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FoundDropout:
+    """A dropout rate the model declares: its module, type, attribute and rate, the stochastic
+    calls its own code made per forward pass, and whether sampling reaches it (see
+    :mod:`mcdrop.coverage`)."""
+
+    module: str
+    type: str
+    attribute: str
+    rate: float
+    calls: int
+    sampled: bool
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What sampling does with one model (see :func:`check`).
+
+    Attributes:
+        model: the model's name (or class name).
+        input_shape: shape of one input row; outputs: the names of the K outputs.
+        dropouts: every dropout rate the model declares, with its module's runs and stochastic
+            calls per forward pass.
+        calls: the sampling plan's dropout calls, in order (empty when no plan could be made).
+        n_samples, n_rows: the samples drawn of the example rows.
+        constant_outputs: outputs whose samples were equal in every example row.
+        varies: whether any output varied (None: no samples were drawn).
+        prefix: whether the layers before the first dropout run once per row; prefix_reason:
+            why not.
+        ms_per_row_sample: measured cost of one sample of one row, in milliseconds.
+        problems: errors first, then warnings.
+    """
+
+    model: str
+    input_shape: tuple[int, ...]
+    outputs: tuple[str, ...]
+    dropouts: tuple[FoundDropout, ...] = ()
+    calls: tuple[CallLayout, ...] = ()
+    n_samples: int = 0
+    n_rows: int = 0
+    varies: bool | None = None
+    constant_outputs: tuple[str, ...] = ()
+    prefix: bool | None = None
+    prefix_reason: str = ""
+    ms_per_row_sample: float | None = None
+    problems: tuple[Problem, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        """No error: MC dropout means something on this model."""
+        return not any(p.severity == "error" for p in self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON values (``mcdrop check --json``)."""
+        return {
+            "model": self.model,
+            "ok": self.ok,
+            "input_shape": list(self.input_shape),
+            "outputs": list(self.outputs),
+            "dropouts": [asdict(d) for d in self.dropouts],
+            "calls": [
+                {"kind": c.kind, "shape": _shape(c), "batch_dim": c.dim, "per_row": c.group}
+                for c in self.calls
+            ],
+            "samples": {
+                "n_samples": self.n_samples,
+                "n_rows": self.n_rows,
+                "vary": self.varies,
+                "constant_outputs": list(self.constant_outputs),
+            },
+            "prefix": {"shared": self.prefix, "reason": self.prefix_reason},
+            "ms_per_row_sample": self.ms_per_row_sample,
+            "problems": [
+                {"severity": p.severity, "code": p.code, "message": p.message}
+                for p in self.problems
+            ],
+        }
+
+    def __str__(self) -> str:
+        k = len(self.outputs)
+        lines = [f"{self.model}: rows {list(self.input_shape)}, {k} output{'s' * (k != 1)}"]
+        if self.dropouts:
+            lines.append("dropout (module, type, rate: stochastic calls per forward pass):")
+            width = max(len(d.module) for d in self.dropouts)
+            width_type = max(len(d.type) for d in self.dropouts)
+            for d in self.dropouts:
+                reach = "" if d.sampled else ": NOT SAMPLED"
+                if d.sampled and not d.calls:
+                    reach = " (its submodules')"
+                lines.append(
+                    f"  {d.module:{width}}  {d.type:{width_type}}  {d.attribute}={d.rate:g}: "
+                    f"{d.calls} call{'s' * (d.calls != 1)}{reach}"
+                )
+        else:
+            lines.append("dropout: none declared")
+        if self.calls:
+            lines.append("dropout calls of a sampling pass (B: replicated rows):")
+            lines += [f"  {call}" for call in self.calls]
+        if self.varies is not None:
+            if not self.varies:
+                verdict = "no"
+            elif self.constant_outputs:
+                verdict = f"yes, but not {', '.join(self.constant_outputs)}"
+            else:
+                verdict = "yes, every output"
+            lines.append(
+                f"samples vary: {verdict} ({self.n_samples} samples of {self.n_rows} rows)"
+            )
+        if self.prefix is not None:
+            lines.append(
+                "prefix: shared (the layers before the first dropout run once per row)"
+                if self.prefix
+                else f"prefix: not shared: {self.prefix_reason}"
+            )
+        if self.ms_per_row_sample is not None:
+            lines.append(f"cost: {self.ms_per_row_sample:.3g} ms per sample of one row")
+        if self.problems:
+            lines.append("problems:")
+            lines += [f"  {p.severity} ({p.code}): {p.message}" for p in self.problems]
+        errors = sum(p.severity == "error" for p in self.problems)
+        warned = len(self.problems) - errors
+        if errors:
+            lines.append(
+                f"result: MC dropout is meaningless on this model ({_many(errors, 'error')})"
+            )
+        elif warned:
+            lines.append(f"result: ok, with {_many(warned, 'warning')}")
+        else:
+            lines.append("result: ok")
+        return "\n".join(lines)
+
+
+def _many(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+def _shape(call: CallLayout) -> list[str | int]:
+    shape: list[str | int] = list(call.shape)
+    shape[call.dim] = "B" if call.group == 1 else f"B*{call.group}"
+    return shape
+
+
+def example_inputs(spec: ModelSpec, n_rows: int = 4, seed: int = 0) -> Tensor:
+    """``(n_rows, *input_shape)`` float32 rows on the scale of the model's inputs where the
+    manifest knows it (its input normalisation), standard normal otherwise."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, *spec.input_shape, generator=generator)
+    norm = spec.input_normalization
+    if norm is not None:
+        x = x * torch.tensor(norm.std, dtype=torch.float32) + torch.tensor(norm.mean)
+    return x
+
+
+def _output_names(spec: ModelSpec | None, k: int) -> tuple[str, ...]:
+    if spec is None or spec.n_outputs not in (k, k // 2):
+        return tuple(f"output {i}" for i in range(k))
+    if spec.likelihood == "heteroscedastic" and k == 2 * spec.n_outputs:
+        return (*spec.labels, *(f"{label} (log-variance)" for label in spec.labels))
+    return tuple(spec.labels)
+
+
+def check(
+    model: LoadedModel | nn.Module,
+    x: Tensor | None = None,
+    *,
+    n_samples: int = 16,
+    seed: int = 0,
+    timed: bool = True,
+) -> CheckReport:
+    """What MC sampling will do with ``model``, and what is wrong with it.
+
+    Args:
+        model: a loaded model directory, or any module.
+        x: ``(N, *input_shape)`` example rows; for a loaded model, by default four rows from
+            :func:`example_inputs`.
+        n_samples: samples drawn of every row to see whether they vary.
+        seed: the samples' seed.
+        timed: measure the cost of one sample (a few passes of 64 row-samples).
+
+    Returns:
+        the :class:`CheckReport`; ``report.ok`` is False when MC dropout is meaningless.
+    """
+    spec = model.spec if isinstance(model, LoadedModel) else None
+    module = model.module if isinstance(model, LoadedModel) else model
+    if x is None:
+        if spec is None:
+            raise InvalidArgumentError("check(module, x) needs example rows x (N, *input_shape)")
+        x = example_inputs(spec)
+    name = spec.name if spec is not None else type(module).__name__
+    report = _Builder(name, tuple(x.shape[1:]))
+    try:
+        out = sampling.predict(module, x)
+    except Exception as exc:
+        report.error("forward_failed", f"the model fails on {x.shape[0]} example rows: {exc}")
+        return report.done()
+    report.outputs = _output_names(spec, out.shape[-1] if out.dim() == 2 else 0)
+    if spec is not None:
+        k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
+        if tuple(out.shape) != (x.shape[0], k):
+            report.error(
+                "output_shape",
+                f"the model returns {tuple(out.shape)} for {x.shape[0]} rows, but its manifest "
+                f"({spec.task}, {spec.n_outputs} labels, {spec.likelihood}) says "
+                f"({x.shape[0]}, {k})",
+            )
+    if _mixes_rows(module, x, out):
+        report.error(
+            "batch_mixing",
+            "a row's output depends on the other rows of its batch (e.g. BatchNorm in training "
+            "mode, or a normalisation over the batch): the S samples of a row run in one batch, "
+            "so they would mix with each other and with other requests' rows",
+        )
+    with CallCounter(module) as probed:
+        plan = _plan(module, x, report)
+    if plan is None:
+        # Calls per run of each module, over the probe's passes (where it got that far).
+        report.dropouts = _found(probed.uses(), None, lambda use: use.calls > 0)
+        return report.done()
+    report.calls = plan.calls
+    report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
+    with CallCounter(module) as counter:
+        chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
+    unsampled = {use.declared for use in plan.unsampled}
+    report.dropouts = _found(counter.uses(), len(chunks), lambda use: use.declared not in unsampled)
+    for use in plan.unsampled:
+        report.warning("unsampled_dropout", use.why_unsampled())
+    _judge_variance(_gather(chunks), report, n_samples)
+    if timed:
+        report.ms_per_row_sample = _time_one_sample(module, x, plan)
+    return report.done()
+
+
+def _found(
+    uses: list[RateUse], passes: int | None, sampled: Callable[[RateUse], bool]
+) -> tuple[FoundDropout, ...]:
+    """The report's dropout list from counted ``uses`` over ``passes`` forward passes (None:
+    per run of each module)."""
+    return tuple(
+        FoundDropout(
+            module=u.declared.name,
+            type=u.declared.type,
+            attribute=u.declared.attribute,
+            rate=u.declared.rate,
+            calls=u.calls // (passes or max(1, u.runs)),
+            sampled=sampled(u),
+        )
+        for u in uses
+    )
+
+
+def _mixes_rows(module: nn.Module, x: Tensor, out: Tensor) -> bool:
+    """Whether a row's deterministic output changes with the batch it is in."""
+    alone = torch.cat([sampling.predict(module, x[i : i + 1]) for i in range(x.shape[0])])
+    return not torch.allclose(alone, out, rtol=1e-4, atol=1e-5)
+
+
+def _plan(module: nn.Module, x: Tensor, report: _Builder) -> SamplingPlan | None:
+    try:
+        with warnings.catch_warnings():
+            # The plan records what the warning says; the report lists it as a problem.
+            warnings.simplefilter("ignore", UnsampledDropoutWarning)
+            return sampling.plan(module, x)
+    except NoDropoutError as exc:
+        report.error("no_dropout", str(exc))
+    except McDropError as exc:
+        report.error("unsupported", str(exc))
+    return None
+
+
+def _gather(chunks: list[sampling.Chunk]) -> Tensor:
+    n_samples = max(c.samples.stop for c in chunks)
+    n_rows = max(c.rows.stop for c in chunks)
+    first = chunks[0].values
+    out = first.new_empty(n_samples, n_rows, *first.shape[2:])
+    for c in chunks:
+        out[c.samples, c.rows] = c.values
+    return out
+
+
+def _judge_variance(samples: Tensor, report: _Builder, n_samples: int) -> None:
+    """``samples (S, N, K...)``: whether they vary, and which outputs never do."""
+    report.n_samples, report.n_rows = n_samples, samples.shape[1]
+    spread = (samples.amax(0) - samples.amin(0)).reshape(samples.shape[1], -1)  # (N, K)
+    varying = spread > 0
+    report.varies = bool(varying.any())
+    if not report.varies:
+        report.error(
+            "no_variance",
+            f"{n_samples} samples of each of {samples.shape[1]} rows are all equal: the dropout "
+            "calls do not reach the outputs (e.g. dropout before a layer that ignores its input)",
+        )
+        return
+    constant = ~varying.any(0)
+    if bool(constant.any()) and len(report.outputs) == constant.numel():
+        names = tuple(o for o, c in zip(report.outputs, constant.tolist(), strict=True) if c)
+        report.constant_outputs = names
+        report.warning(
+            "constant_outputs",
+            f"the samples of {', '.join(names)} never vary: no dropout comes before "
+            "them, so their uncertainty reads as zero",
+        )
+
+
+def _time_one_sample(module: nn.Module, x: Tensor, plan: SamplingPlan) -> float:
+    """Milliseconds per sample of one row: the best of a few timed runs of ``S`` samples of the
+    rows ``x``, ``S`` grown until a run takes long enough to time."""
+
+    def run(n_samples: int) -> float:
+        start = time.perf_counter()
+        sampling.sample(module, x, n_samples, seed=0, plan=plan)
+        return time.perf_counter() - start
+
+    rows, n_samples = x.shape[0], 1
+    run(n_samples)  # warm-up
+    while run(n_samples) < _TIMED_MIN_S and n_samples * rows * 4 <= _TIMED_MAX_ROWS:
+        n_samples *= 4
+    best = min(run(n_samples) for _ in range(_TIMED_REPEATS))
+    return best * 1000 / (n_samples * rows)
+
+
+class _Builder:
+    """The report's fields while :func:`check` fills them in."""
+
+    def __init__(self, model: str, input_shape: tuple[int, ...]) -> None:
+        self.model = model
+        self.input_shape = input_shape
+        self.outputs: tuple[str, ...] = ()
+        self.dropouts: tuple[FoundDropout, ...] = ()
+        self.calls: tuple[CallLayout, ...] = ()
+        self.n_samples = self.n_rows = 0
+        self.varies: bool | None = None
+        self.constant_outputs: tuple[str, ...] = ()
+        self.prefix: bool | None = None
+        self.prefix_reason = ""
+        self.ms_per_row_sample: float | None = None
+        self.problems: list[Problem] = []
+
+    def error(self, code: str, message: str) -> None:
+        self.problems.append(Problem("error", code, message))
+
+    def warning(self, code: str, message: str) -> None:
+        self.problems.append(Problem("warning", code, message))
+
+    def done(self) -> CheckReport:
+        fields = {k: v for k, v in vars(self).items() if k != "problems"}
+        order = {"error": 0, "warning": 1}
+        problems = tuple(sorted(self.problems, key=lambda p: order[p.severity]))
+        return CheckReport(**fields, problems=problems)

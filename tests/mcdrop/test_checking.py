@@ -1,0 +1,188 @@
+"""``mcdrop.check``: what sampling will do with a model, and the problems that make its
+uncertainty meaningless or too small."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import mcdrop
+from mcdrop.checking import example_inputs
+from mcdrop.checkpoint import LoadedModel, ModelSpec
+from tests.conftest import MODELS
+from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
+
+
+def _codes(report: mcdrop.CheckReport) -> list[tuple[str, str]]:
+    return [(p.severity, p.code) for p in report.problems]
+
+
+def test_a_bundled_model_is_ok() -> None:
+    report = mcdrop.check(mcdrop.load(MODELS / "digits"))
+    assert report.ok
+    assert report.problems == ()
+    assert [(d.module, d.type, d.rate, d.calls, d.sampled) for d in report.dropouts] == [
+        ("net.layers.2", "Dropout", 0.3, 1, True),
+        ("net.layers.5", "Dropout", 0.3, 1, True),
+    ]
+    assert [str(c) for c in report.calls] == ["1. dropout (B, 256)", "2. dropout (B, 256)"]
+    assert report.varies
+    assert report.constant_outputs == ()
+    assert report.prefix
+    assert report.ms_per_row_sample is not None
+    assert report.ms_per_row_sample > 0
+    text = str(report)
+    assert text.startswith("digits: rows [64], 10 outputs\n")
+    assert "samples vary: yes, every output (16 samples of 4 rows)" in text
+    assert text.endswith("result: ok")
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["ok"] is True
+    assert data["calls"][0] == {
+        "kind": "dropout",
+        "shape": ["B", 256],
+        "batch_dim": 0,
+        "per_row": 1,
+    }
+    assert data["samples"] == {
+        "n_samples": 16,
+        "n_rows": 4,
+        "vary": True,
+        "constant_outputs": [],
+    }
+
+
+def test_example_inputs_follow_the_input_normalisation() -> None:
+    spec = mcdrop.load(MODELS / "diabetes").spec
+    x = example_inputs(spec, 200)
+    assert x.shape == (200, 10)
+    assert spec.input_normalization is not None
+    mean = torch.tensor(spec.input_normalization.mean)
+    assert torch.allclose(
+        x.mean(0), mean, atol=0.3 * float(torch.tensor(spec.input_normalization.std).max())
+    )
+
+
+class Ignored(nn.Module):
+    """Dropout whose result is thrown away: every sample is the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.drop(x)
+        return self.fc(x)
+
+
+class PartlyConstant(nn.Module):
+    """Output 1 comes from before the dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return torch.stack([self.drop(h)[:, 0], h[:, 1]], dim=1)
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: a row's output depends on its batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return self.drop(h - h.mean(0))
+
+
+class Pooled(nn.Module):
+    """Dropout on a tensor without a batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + self.drop(x.sum(0))[:2]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "problems"),
+    [
+        (nn.Linear(4, 2), (4, 4), [("error", "no_dropout")]),
+        (OnlyGated(), (4, 4), [("error", "no_dropout")]),
+        (Ignored(), (4, 4), [("error", "no_variance")]),
+        (BatchCentred(), (4, 4), [("error", "batch_mixing")]),
+        (Pooled(), (4, 4), [("error", "batch_mixing"), ("error", "unsupported")]),
+        (nn.Sequential(nn.Dropout(0.2), nn.Linear(4, 2)), (4, 5), [("error", "forward_failed")]),
+        (GatedAttention(fixed=False), (4, 5, 8), [("warning", "unsampled_dropout")]),
+        (PartlyConstant(), (4, 4), [("warning", "constant_outputs")]),
+        (GatedAttention(fixed=True), (4, 5, 8), []),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None,
+)
+def test_problems(model: nn.Module, shape: tuple[int, ...], problems: list) -> None:
+    torch.manual_seed(0)
+    report = mcdrop.check(model.eval(), torch.randn(*shape), timed=False)
+    assert _codes(report) == problems
+    assert report.ok == all(severity == "warning" for severity, _ in problems)
+    text = str(report)
+    for problem in report.problems:
+        assert f"{problem.severity} ({problem.code}): {problem.message}" in text
+    assert text.splitlines()[-1].startswith(
+        "result: ok" if report.ok else "result: MC dropout is meaningless on this model"
+    )
+
+
+def test_unreached_dropout_is_listed_with_the_fix() -> None:
+    report = mcdrop.check(GatedAttention(fixed=False).eval(), torch.randn(4, 5, 8), timed=False)
+    found = {d.module: (d.calls, d.sampled) for d in report.dropouts}
+    assert found == {"(model)": (0, False), "drop": (1, True)}
+    assert "(model)  GatedAttention  p=0.2: 0 calls: NOT SAMPLED" in str(report)
+    assert "mcdrop.is_sampling()" in report.problems[0].message
+    only = mcdrop.check(OnlyGated().eval(), torch.randn(4, 4), timed=False)
+    assert [(d.module, d.sampled) for d in only.dropouts] == [("(model)", False)]
+    assert "OnlyGated, dropout_p=0.3) ran without a dropout call" in only.problems[0].message
+
+
+def test_constant_outputs_are_named() -> None:
+    report = mcdrop.check(PartlyConstant().eval(), torch.randn(4, 4), timed=False)
+    assert report.constant_outputs == ("output 1",)
+    assert "samples vary: yes, but not output 1" in str(report)
+
+
+def _loaded(net: nn.Module, **spec: object) -> LoadedModel:
+    fields = {"name": "m", "input_shape": [4], "architecture": {"name": "mlp"}, **spec}
+    return LoadedModel(ModelSpec(**fields), net.eval(), Path("m"))  # type: ignore[arg-type]
+
+
+def test_a_manifest_that_does_not_fit_the_outputs() -> None:
+    net = nn.Sequential(nn.Dropout(0.2), nn.Linear(4, 3))
+    report = mcdrop.check(_loaded(net, task="classification", labels=["a", "b"]), timed=False)
+    assert _codes(report) == [("error", "output_shape")]
+    assert "returns (4, 3) for 4 rows" in report.problems[0].message
+
+
+def test_heteroscedastic_outputs_are_named() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2))
+    report = mcdrop.check(
+        _loaded(net, task="regression", labels=["y"], likelihood="heteroscedastic"), timed=False
+    )
+    assert report.ok
+    assert report.outputs == ("y", "y (log-variance)")
+
+
+def test_a_plain_module_needs_example_rows() -> None:
+    with pytest.raises(mcdrop.InvalidArgumentError, match="needs example rows"):
+        mcdrop.check(nn.Dropout(0.5))
