@@ -62,6 +62,12 @@ def scaled_dot_product_attention(
     (N, ..., S, E)``, batch first."""
     p = float(arg(args, kwargs, 4, "dropout_p", 0.0))
     if p == 0.0:
+        # A rate of 0 in a module that declares one is the training-only idiom: tell the
+        # counters looking for dropout that sampling cannot reach (imported here: coverage
+        # imports the sampling context, which imports this module).
+        from mcdrop.coverage import note_zero_rate_call
+
+        note_zero_rate_call()
         return F.scaled_dot_product_attention(*args, **kwargs)
     return attention(
         ctx,

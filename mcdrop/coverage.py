@@ -9,7 +9,10 @@ called. Such a model samples with too little variance, silently, unless someone 
 ``nn.MultiheadAttention``, ``nn.LSTM``/``GRU``/``RNN`` with dropout between layers, and any module
 with a float attribute named ``p`` or containing ``drop`` between 0 and 1); :class:`CallCounter`
 counts, during a forward pass under a sampling context, the stochastic calls made inside each of
-them. A module that declares a rate and made none is *unsampled*.
+them, and the calls to ``F.scaled_dot_product_attention`` with ``dropout_p=0`` (the training-only
+idiom, seen from inside). A module that declares a rate and made no stochastic call is
+*unsampled*, unless it made no zero-rate call either and a submodule with its rate made calls (a
+block that keeps ``self.p`` for the ``nn.Dropout(p)`` it builds).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class RateUse:
     declared: DeclaredRate
     runs: int
     calls: int
+    zero_rate_calls: int = 0
 
     def why_unsampled(self) -> str:
         """One line: what was found and the likely reason, for messages."""
@@ -86,9 +90,14 @@ class RateUse:
                 f"{what} never ran in the forward pass: its dropout is applied elsewhere (e.g. "
                 "its weights are used by another module's code) or nowhere"
             )
+        passed = (
+            "called F.scaled_dot_product_attention with dropout_p=0"
+            if self.zero_rate_calls
+            else "ran without a dropout call"
+        )
         return (
-            f"{what} ran without a dropout call: its forward applies dropout in training only "
-            "(e.g. dropout_p=self.p if self.training else 0.0; write `self.training or "
+            f"{what} {passed}: its forward applies dropout in training only (e.g. "
+            "dropout_p=self.p if self.training else 0.0; write `self.training or "
             "mcdrop.is_sampling()` so MC sampling gets the rate too)"
         )
 
@@ -103,8 +112,9 @@ class CallCounter:
         self._declared = declared_rates(model)
         self._runs: dict[str, int] = {}
         self._calls: dict[str, int] = {}
+        self._zero: dict[str, int] = {}
         # One frame per declared module running: [calls when it started, calls of its
-        # declared submodules].
+        # declared submodules, its own zero-rate calls].
         self._frames: list[list[int]] = []
         self._handles: list[Any] = []
         self._token: contextvars.Token[tuple[CallCounter, ...]] | None = None
@@ -134,17 +144,18 @@ class CallCounter:
     def _pre(self, module: nn.Module, args: Any) -> None:
         ctx = active_context()
         if self in _counting.get() and ctx is not None:
-            self._frames.append([ctx.calls, 0])
+            self._frames.append([ctx.calls, 0, 0])
 
     def _post(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             ctx = active_context()
             if self not in _counting.get() or ctx is None or not self._frames:
                 return
-            start, inner = self._frames.pop()
+            start, inner, zero = self._frames.pop()
             total = ctx.calls - start
             self._runs[name] = self._runs.get(name, 0) + 1
             self._calls[name] = self._calls.get(name, 0) + total - inner
+            self._zero[name] = self._zero.get(name, 0) + zero
             if self._frames:
                 self._frames[-1][1] += total
 
@@ -153,26 +164,40 @@ class CallCounter:
     def uses(self) -> list[RateUse]:
         """Every declared rate with its module's runs and own calls so far."""
         return [
-            RateUse(d, self._runs.get(d.name, 0), self._calls.get(d.name, 0))
+            RateUse(
+                d, self._runs.get(d.name, 0), self._calls.get(d.name, 0), self._zero.get(d.name, 0)
+            )
             for d in self._declared
         ]
 
     def unsampled(self) -> list[RateUse]:
         """The declared rates that sampling did not reach: no stochastic call in their module's
-        own code, nor in a submodule with the same rate that made calls (a block that keeps
-        ``self.p`` for its ``nn.Dropout(p)``)."""
+        own code, and either a zero-rate attention call there or no submodule with the same rate
+        that made calls (a block that keeps ``self.p`` for its ``nn.Dropout(p)``)."""
         uses = self.uses()
         return [
             use
             for use in uses
             if use.calls == 0
-            and not any(
-                other.calls > 0
-                and other.declared.rate == use.declared.rate
-                and _inside(other.declared.name, use.declared.name)
-                for other in uses
+            and (
+                use.zero_rate_calls > 0
+                or not any(
+                    other.calls > 0
+                    and other.declared.rate == use.declared.rate
+                    and _inside(other.declared.name, use.declared.name)
+                    for other in uses
+                )
             )
         ]
+
+
+def note_zero_rate_call() -> None:
+    """Record, for the counters of this thread, a call that could drop but was given rate 0
+    (``F.scaled_dot_product_attention(dropout_p=0)`` under sampling): it belongs to the
+    innermost declared module running."""
+    for counter in _counting.get():
+        if counter._frames:
+            counter._frames[-1][2] += 1
 
 
 def _inside(name: str, parent: str) -> bool:

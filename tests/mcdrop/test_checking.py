@@ -150,6 +150,7 @@ def test_unreached_dropout_is_listed_with_the_fix() -> None:
     found = {d.module: (d.calls, d.sampled) for d in report.dropouts}
     assert found == {"(model)": (0, False), "drop": (1, True)}
     assert "(model)  GatedAttention  p=0.2: 0 calls: NOT SAMPLED" in str(report)
+    assert "called F.scaled_dot_product_attention with dropout_p=0" in report.problems[0].message
     assert "mcdrop.is_sampling()" in report.problems[0].message
     only = mcdrop.check(OnlyGated().eval(), torch.randn(4, 4), timed=False)
     assert [(d.module, d.sampled) for d in only.dropouts] == [("(model)", False)]

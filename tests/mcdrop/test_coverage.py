@@ -119,11 +119,17 @@ def test_declared_rates() -> None:
     }
 
 
-def test_a_rate_given_in_training_only_is_named_with_the_fix() -> None:
-    model = GatedAttention(fixed=False).eval()
+@pytest.mark.parametrize("head_p", [0.1, 0.2], ids=["other_rate", "same_rate"])
+def test_a_rate_given_in_training_only_is_named_with_the_fix(head_p: float) -> None:
+    """Named even where a submodule drops at the same rate (one config value for attention and
+    the rest): the zero-rate attention call gives it away."""
+    model = GatedAttention(fixed=False, p=0.2, head_p=head_p).eval()
     x = torch.randn(3, 5, 8)
     (message,) = _plan_warnings(model, x)
-    assert "(model) (GatedAttention, p=0.2) ran without a dropout call" in message
+    assert (
+        "(model) (GatedAttention, p=0.2) called F.scaled_dot_product_attention with dropout_p=0"
+        in message
+    )
     assert "mcdrop.is_sampling()" in message
 
 
