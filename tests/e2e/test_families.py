@@ -31,6 +31,9 @@ from service.client import Client
 from tests import families
 from tests.e2e.conftest import serve
 
+# Trains, saves and serves five models: part of `make test`, not of the edit loop.
+pytestmark = pytest.mark.slow
+
 TRUSTED = "tests.families"
 
 
@@ -291,7 +294,6 @@ def server_url(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield server.url
 
 
-@pytest.mark.slow
 def test_every_family_is_served_over_http(models: Path, server_url: str) -> None:
     """A real ``mcdrop serve`` (uvicorn) of all the families: the answers over HTTP are the
     Predictor's, seed for seed."""
