@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MODELS, ROOT
+from tests.conftest import CHECKOUT_PATH, MODELS, ROOT
 from tests.e2e.server import Server, clean_env, serve
 
 README = ROOT / "README.md"
@@ -207,7 +207,7 @@ def test_readme_example(example: Example, server: Server, workdir: Path) -> None
         else [sys.executable, "-c", code]
     )
     # The working tree's code, even where .venv has another checkout installed.
-    env = clean_env(PYTHONPATH=str(ROOT), MCDROP_URL=server.url)
+    env = clean_env(PYTHONPATH=CHECKOUT_PATH, MCDROP_URL=server.url)
     done = subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
