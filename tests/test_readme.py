@@ -226,7 +226,7 @@ def test_the_readme_shows_each_way_in() -> None:
         if e.expected is not None
         for way, needle in {
             "curl": "curl ",
-            "client": "from service.client import",
+            "client": "from mcdrop_client import",
             "cli": "mcdrop predict",
             "library": "import mcdrop",
         }.items()
