@@ -46,7 +46,7 @@ def test_stacked_fit_matches_fit_without_dropout():
         epochs=15,
         weight_decay=decays,
         seeds=[1, 2, 3],
-        mask_seed=0,
+        mask_seeds=[0, 0, 0],
         decay_biases=True,  # fit's Adam decays every parameter
     )
     for g, net in enumerate(nets):
@@ -76,7 +76,7 @@ def test_stacked_fit_with_dropout_matches_fit_statistically():
         epochs=40,
         weight_decay=torch.full((n_nets,), 1e-4),
         seeds=list(range(n_nets)),
-        mask_seed=0,
+        mask_seeds=list(range(100, 100 + n_nets)),
         decay_biases=True,
     )
     errors = {"stacked": [], "fit": []}
