@@ -271,7 +271,7 @@ def sample_stacked(
             if input_dropout:
                 keep_in = _mcdrop_keep(chunk_keys, 0, d, net.p_in, in_thresholds) * in_scale
             else:
-                keep_in = torch.ones(1, 1, 1, dtype=x.dtype)
+                keep_in = torch.ones(net.n_nets, 1, 1, dtype=x.dtype)
             hidden_call = 1 if input_dropout else 0
             keep_hidden = _mcdrop_keep(chunk_keys, hidden_call, h, net.p, thresholds) * scale
             out = net(x.repeat(s, 1), keep_in, keep_hidden)  # (G, s * N, 1)

@@ -103,3 +103,16 @@ def test_stacked_sampler_reproduces_mcdrop_sample():
     for g in range(len(rates)):
         expected = sample(stacked.to_mlp(g), x, 250, seed=7)[..., 0]  # (S, N)
         torch.testing.assert_close(values[g], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_sampler_without_input_dropout_reproduces_mcdrop_sample():
+    # Without input dropout the MLP's hidden dropout is mcdrop's call 0, not 1.
+    x, _ = _regression(n=30)
+    rates = [0.05, 0.1]
+    stacked = StackedMLP.from_mlps(_mlps(2, x.shape[1], 0.1), rates, p_in=[0.0, 0.0])
+    values = torch.cat([v for _, v in sample_stacked(stacked, x, 40, seed=5)], dim=1)
+    for g in range(len(rates)):
+        net = stacked.to_mlp(g)
+        assert not any(isinstance(m, nn.Dropout) for m in net.layers[:1])
+        expected = sample(net, x, 40, seed=5)[..., 0]
+        torch.testing.assert_close(values[g], expected, rtol=1e-5, atol=1e-5)
