@@ -21,7 +21,16 @@ samples come from a stacked sampler that draws mcdrop's own masks; test samples 
 
 Methods: ``mc_dropout`` is the paper's protocol; ``mc_dropout_tau_refit`` is the same networks
 with the likelihood's τ re-fitted on the validation predictions of the grid's best network
-(:func:`mcdrop.recipes.train.select_tau`, a fine log grid) instead of the 3-point τ grid.
+(:func:`mcdrop.recipes.train.select_tau`, a fine log grid) instead of the 3-point τ grid. The
+baselines (``--method het_mc_dropout`` etc.) are :mod:`benchmarks.uci.baselines`'.
+
+Seeds: every network's seed is :func:`network_seed` of the dataset, split, method (with its
+ablation tags), budget, epochs and its configuration, so a split trained alone equals the same
+split trained in a group (up to float rounding of the batched matmuls).
+
+Ablations (``Options``; each tags its rows): batch size, Glorot-uniform initialisation, no input
+dropout, the prior length-scale (or the ICML code's per-dataset values), and τ by Bayesian
+optimisation with p fixed per dataset (:func:`search_tau_bo`).
 
 Shape legend: ``S`` samples, ``N`` rows, ``D`` features, ``G`` stacked networks.
 """
@@ -303,7 +312,7 @@ def select_config(
     refit: bool = True,
 ) -> tuple[int, float, float]:
     """The grid's best config by validation mixture log-likelihood (original units), and the τ
-    re-fitted to that network's validation samples.
+    re-fitted to that network's validation samples (NaN when ``refit`` is False).
 
     Returns:
         (index of the best config, its validation LL, the re-fitted τ).
