@@ -1,9 +1,10 @@
 """`python -m service.ray_app`: the app on two Ray Serve replicas of a local Ray cluster.
 
-A local Ray cluster takes 20-40 s to start on two cores, so one cluster serves the tests that need a running one; the test with a broken model, first, has its own, which stops
-by itself. Under Ray the models load in each replica's background, and ``check_health`` must hold
-a replica back until they have: the shared cluster runs with ``--no-exit-on-error``, the broken
-model with the default, so both ways of judging a replica's models are exercised.
+A local Ray cluster takes 20-40 s to start on two cores, so one cluster serves the tests that
+need a running one; the test with a broken model, first, has its own, which stops by itself.
+Under Ray the models load in each replica's background, and ``check_health`` must hold a replica
+back until they have: the shared cluster runs with ``--no-exit-on-error``, the broken model with
+the default, so both ways of judging a replica's models are exercised.
 """
 
 from __future__ import annotations
