@@ -125,7 +125,7 @@ class Replica:
             raise RuntimeError(f"mcdrop replica {self.replica} is {status}: {states}")
         if not self.reported:
             self.reported = True
-            log.warning(
+            log.info(
                 "mcdrop replica %s %s in %.1f s: %d model(s), torch threads %d, pid %d",
                 self.replica,
                 status,
@@ -134,17 +134,6 @@ class Replica:
                 torch.get_num_threads(),
                 os.getpid(),
             )
-
-    def info(self) -> dict[str, Any]:
-        """This replica's id, process, torch threads and readiness (through a handle)."""
-        status, states = self.readiness()
-        return {
-            "replica": self.replica,
-            "pid": os.getpid(),
-            "torch_threads": torch.get_num_threads(),
-            "status": status,
-            "models": states,
-        }
 
 
 def application(
