@@ -1,32 +1,55 @@
-# mcdrop service, CPU only. The install steps are the Makefile's (make serve), so the tests
-# exercise them: CPU torch pinned first, then the package.
-FROM python:3.11-slim
+# mcdrop service, CPU only: `mcdrop serve` on the bundled models, as a non-root user.
+#
+#   docker build -t mcdrop .          # or podman build --format docker (OCI drops HEALTHCHECK)
+#   docker run -p 127.0.0.1:8000:8000 mcdrop
+#
+# Both build arguments default to the public images and indexes; `make image` passes local
+# stand-ins where the machine has no registry (see the README, "Containers and clusters").
+ARG BASE_IMAGE=python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# Build stage: a virtual environment with CPU torch and the package, copied whole into the
+# runtime stage, so neither the sources nor pip's leftovers reach the image.
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/mcdrop
+# The CPU wheel of torch first, as `make install` does: an unpinned torch would pull a multi-GB
+# CUDA build. Its C++ headers and C++ test binaries (about 145 MB) only serve extension builds.
+RUN /opt/mcdrop/bin/pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
+    && rm -rf /opt/mcdrop/lib/python3.11/site-packages/torch/include \
+              /opt/mcdrop/lib/python3.11/site-packages/torch/test
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY deploy/client ./deploy/client
+COPY mcdrop ./mcdrop
+COPY service ./service
+# Not editable, no dev extra: the runtime needs only the installed packages. mcdrop depends on
+# mcdrop-client (the client and the HTTP contract), built from deploy/client.
+RUN /opt/mcdrop/bin/pip install ./deploy/client .
+
+FROM ${BASE_IMAGE}
+ENV PATH=/opt/mcdrop/bin:${PATH} \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     MCDROP_HOST=0.0.0.0 \
     MCDROP_PORT=8000 \
     MCDROP_MODEL_DIR=/app/models
-
-RUN useradd --create-home --uid 10001 mcdrop
+# A numeric user, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+RUN useradd --create-home --uid 10001 --user-group mcdrop
+COPY --from=build /opt/mcdrop /opt/mcdrop
 WORKDIR /app
-
-# The CPU wheel of torch: an unpinned torch would pull a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-
-COPY pyproject.toml README.md ./
-COPY mcdrop ./mcdrop
-COPY service ./service
-RUN pip install .
-
 COPY models ./models
-USER mcdrop
+USER 10001:10001
 
 EXPOSE 8000
+# Python, not curl (slim images have none), on whatever port MCDROP_PORT says; 503 (loading or
+# no model loaded) and a refused connection both fail it. /ready is 200 for "degraded" too, so
+# one broken model does not fail the container when MCDROP_EXIT_ON_ERROR=false.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/ready').status != 200)"
+    CMD ["python", "-c", "import os, sys, urllib.request as r; port = os.environ.get('MCDROP_PORT', '8000'); sys.exit(r.urlopen(f'http://127.0.0.1:{port}/ready', timeout=4).status != 200)"]
 
 # One uvicorn worker: models are loaded once; small model work runs on its event loop, larger
 # work in a pool of MCDROP_MAX_CONCURRENCY worker threads, with concurrent requests batched.
+# More cores: more containers (or replicas, see deploy/), not more workers.
 CMD ["mcdrop", "serve"]

@@ -6,14 +6,15 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench fuzz models clean
+.PHONY: install serve test test-fast lint format bench fuzz models clean image image-test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# The client's own distribution (deploy/client) with it: mcdrop depends on mcdrop-client.
+	$(BIN)/pip install --quiet -e ./deploy/client -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -62,6 +63,13 @@ models: $(STAMP)
 	$(BIN)/mcdrop train fashion --out models/fashion --arch cnn --channels 16 32 32 --hidden 128 \
 		--spatial-dropout 0.1 --dropout 0.3 --weight-decay 1e-4 --epochs 8 --batch-size 64 \
 		--n-samples 50 --seed 0
+
+# The service image, with podman or docker (deploy/container says how it picks and prepares).
+image:
+	deploy/container build
+
+image-test:
+	deploy/container test
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODELS, ROOT
+from tests.conftest import CHECKOUT_PATH, MODELS, ROOT
 from tests.doc_examples import Example, examples, markers_misplaced, run
 from tests.e2e.server import Server, clean_env, serve
 
@@ -61,7 +61,7 @@ def test_readme_example(example: Example, server: Server, workdir: Path) -> None
     if re.search(r"\bcurl\b", code) and shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     # The working tree's code, even where .venv has another checkout installed.
-    env = clean_env(PYTHONPATH=str(ROOT), MCDROP_URL=server.url)
+    env = clean_env(PYTHONPATH=CHECKOUT_PATH, MCDROP_URL=server.url)
     run(example, code, cwd=workdir, env=env, where=f"README.md line {example.code.line}")
 
 
@@ -74,7 +74,7 @@ def test_the_readme_shows_each_way_in() -> None:
         if e.expected is not None
         for way, needle in {
             "curl": "curl ",
-            "client": "from service.client import",
+            "client": "from mcdrop_client import",
             "cli": "mcdrop predict",
             "library": "import mcdrop",
         }.items()

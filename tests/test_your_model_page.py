@@ -4,11 +4,11 @@ the package's code) and queried with curl and the client, each block printing wh
 shows.
 
 The blocks run in page order in one empty folder, as a user would type them: ``python`` and
-``mcdrop`` are this interpreter and its ``mcdrop`` (with the working tree's code first on the
-path, after whatever the block puts there, and no other folder: ``mypkg`` is importable only
-where the page makes it so). The ``background`` block (``mcdrop serve``) listens on a free port
-given as ``MCDROP_PORT``, which ``localhost:8000`` in the later blocks becomes; it is stopped at
-the end. Markers and output comparison: :mod:`tests.doc_examples`.
+``mcdrop`` are this interpreter and its ``mcdrop``, with the working tree's code (the client's
+included) on the path after whatever the block puts there, and no other folder: ``mypkg`` is
+importable only where the page makes it so. The ``background`` block (``mcdrop serve``) listens
+on a free port given as ``MCDROP_PORT``, which ``localhost:8000`` in the later blocks becomes; it
+is stopped at the end. Markers and output comparison: :mod:`tests.doc_examples`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import CHECKOUT_PATH, ROOT
 from tests.doc_examples import Example, command, examples, markers_misplaced, run
 from tests.e2e.server import clean_env, free_port
 
@@ -41,7 +41,7 @@ def _shims(folder: Path) -> Path:
     ``mcdrop`` would have it (``-P``: no current folder), the working tree's code after the
     block's own ``PYTHONPATH``."""
     folder.mkdir()
-    path = f'PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}"{shlex.quote(str(ROOT))}'
+    path = f'PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}"{shlex.quote(CHECKOUT_PATH)}'
     python = shlex.quote(sys.executable)
     for name, run_as in {"python": python, "mcdrop": f"{python} -P -m service.cli"}.items():
         shim = folder / name
@@ -131,7 +131,7 @@ def test_the_page_shows_each_step() -> None:
             "check": "mcdrop check models/blobs --allowed-factories mypkg",
             "serve": "mcdrop serve --allowed-factories mypkg",
             "curl": "curl ",
-            "client": "from service.client import Client",
+            "client": "from mcdrop_client import Client",
         }.items()
         if needle in e.code.body
     }

@@ -2,6 +2,14 @@
 
     python -m benchmarks.uci --budget 2016 --datasets bostonHousing,yacht --splits 0,1
     python -m benchmarks.uci --quick --datasets yacht          # seconds: a smoke run
+    python -m benchmarks.uci --method deep_ensembles --budget 2017 --datasets yacht
+    python -m benchmarks.uci --init glorot --datasets yacht    # an ablation: its own rows
+
+Methods (``--method``; the ``method`` column of uci.csv): ``mc_dropout`` (the paper's protocol,
+rows ``mc_dropout`` and ``mc_dropout_tau_refit``), ``het_mc_dropout``, ``concrete_dropout``,
+``deep_ensembles`` (:mod:`benchmarks.uci.baselines`). A setting that differs from the protocol
+(``--batch-size``, ``--init``, ``--no-input-dropout``, ``--lengthscale``, ``--tau-search bo``,
+``--adversarial``) appends ``+tag`` to the method name, so ablations get rows of their own.
 
 The protocol is :mod:`benchmarks.uci.protocol`'s; results go to ``uci.csv``, ``uci.json`` and
 ``uci.md`` under ``--out`` (:mod:`benchmarks.uci.store`).
@@ -19,7 +27,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.uci.data import DATASETS, data_root
-from benchmarks.uci.protocol import BUDGET_MULTIPLIER, DEFAULT_OUT, Options, run_dataset
+from benchmarks.uci.protocol import (
+    BUDGET_MULTIPLIER,
+    DEFAULT_OUT,
+    FIXED_EPOCHS,
+    LENGTHSCALE,
+    TRAINED_METHODS,
+    Options,
+    run_dataset,
+)
 from benchmarks.uci.results import DatasetResult, summarise
 from benchmarks.uci.store import write_results
 
@@ -40,7 +56,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--datasets", type=_csv_list, default=tuple(DATASETS), help="a,b,...")
     parser.add_argument("--splits", type=_csv_list, default=None, help="split indices 0,1,...")
-    parser.add_argument("--budget", choices=sorted(BUDGET_MULTIPLIER), default="2016")
+    parser.add_argument(
+        "--method", choices=TRAINED_METHODS, default="mc_dropout", help="see the list above"
+    )
+    parser.add_argument(
+        "--budget",
+        choices=sorted([*BUDGET_MULTIPLIER, *FIXED_EPOCHS]),
+        default="2016",
+        help="2016: 10 × n_epochs.txt, 2018: 100 ×, 2017: 40 epochs (Deep Ensembles' paper)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
     parser.add_argument("--n-samples", type=int, default=10_000, help="T for the test metrics")
     parser.add_argument("--val-samples", type=int, default=1_000, help="T for the grid search")
@@ -53,6 +77,44 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--quick", action="store_true", help="one split, 5 epochs, T = 100: a smoke run"
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    ablation = parser.add_argument_group("ablations (each names its rows with a +tag)")
+    ablation.add_argument("--batch-size", type=int, default=128)
+    ablation.add_argument(
+        "--init",
+        choices=["torch", "glorot"],
+        default="torch",
+        help="glorot: Keras' default, Glorot-uniform weights and zero biases",
+    )
+    ablation.add_argument(
+        "--no-input-dropout",
+        dest="input_dropout",
+        action="store_false",
+        help="no dropout on the inputs (MC dropout; hidden layer only)",
+    )
+    ablation.add_argument(
+        "--lengthscale",
+        default=str(LENGTHSCALE),
+        help="prior length-scale l of the weight decay, or '2016': the ICML code's per-dataset "
+        "values (1e-1 yacht, 1 naval, else 1e-2)",
+    )
+    ablation.add_argument(
+        "--tau-search",
+        choices=["grid", "bo"],
+        default="grid",
+        help="bo: p fixed per dataset as in the ICML code, τ by GP-EI on each split's validation",
+    )
+    ablation.add_argument("--bo-evals", type=int, default=30, help="evaluations per BO search")
+    baselines = parser.add_argument_group("baselines")
+    baselines.add_argument("--n-networks", type=int, default=5, help="Deep Ensembles' M")
+    baselines.add_argument(
+        "--adversarial", action="store_true", help="Deep Ensembles: FGSM adversarial training"
+    )
+    baselines.add_argument(
+        "--save-models",
+        type=Path,
+        default=None,
+        help="write each split's het_mc_dropout / concrete_dropout network as a model directory",
+    )
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -78,7 +140,21 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         quick=args.quick,
         progress=args.progress,
         report_only=args.report_only,
+        method=args.method,
+        batch_size=args.batch_size,
+        init=args.init,
+        input_dropout=args.input_dropout,
+        lengthscale=None if args.lengthscale == "2016" else float(args.lengthscale),
+        tau_search=args.tau_search,
+        bo_evals=args.bo_evals,
+        n_networks=args.n_networks,
+        adversarial=args.adversarial,
+        save_models=args.save_models,
     )
+    if opts.adversarial and opts.method != "deep_ensembles":
+        parser.error("--adversarial applies to --method deep_ensembles")
+    if opts.tau_search == "bo" and opts.method != "mc_dropout":
+        parser.error("--tau-search bo applies to --method mc_dropout")
     if opts.quick:
         opts = Options(
             **{

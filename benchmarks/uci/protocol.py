@@ -21,7 +21,16 @@ samples come from a stacked sampler that draws mcdrop's own masks; test samples 
 
 Methods: ``mc_dropout`` is the paper's protocol; ``mc_dropout_tau_refit`` is the same networks
 with the likelihood's τ re-fitted on the validation predictions of the grid's best network
-(:func:`mcdrop.recipes.train.select_tau`, a fine log grid) instead of the 3-point τ grid.
+(:func:`mcdrop.recipes.train.select_tau`, a fine log grid) instead of the 3-point τ grid. The
+baselines (``--method het_mc_dropout`` etc.) are :mod:`benchmarks.uci.baselines`'.
+
+Seeds: every network's seed is :func:`network_seed` of the dataset, split, method (with its
+ablation tags), budget, epochs and its configuration, so a split trained alone equals the same
+split trained in a group (up to float rounding of the batched matmuls).
+
+Ablations (``Options``; each tags its rows): batch size, Glorot-uniform initialisation, no input
+dropout, the prior length-scale (or the ICML code's per-dataset values), and τ by Bayesian
+optimisation with p fixed per dataset (:func:`search_tau_bo`).
 
 Shape legend: ``S`` samples, ``N`` rows, ``D`` features, ``G`` stacked networks.
 """
@@ -38,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from benchmarks.uci.data import DATASETS, Grid, UCISplit, data_root, n_splits, read_grid, read_split
@@ -49,8 +58,22 @@ from mcdrop.nets import MLP
 from mcdrop.recipes.train import select_tau
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results"
-METHODS = ["mc_dropout", "mc_dropout_tau_refit"]
+#: Result rows, in report order: ``mc_dropout`` and ``mc_dropout_tau_refit`` come from one run
+#: of ``--method mc_dropout``; the others from ``--method`` of the same name
+#: (:mod:`benchmarks.uci.baselines`).
+METHODS = [
+    "mc_dropout",
+    "mc_dropout_tau_refit",
+    "het_mc_dropout",
+    "concrete_dropout",
+    "deep_ensembles",
+]
+#: ``--method`` choices.
+TRAINED_METHODS = ["mc_dropout", "het_mc_dropout", "concrete_dropout", "deep_ensembles"]
 BUDGET_MULTIPLIER = {"2016": 10, "2018": 100}
+#: Budgets of a fixed epoch count: Deep Ensembles' paper trains 40 epochs on every dataset
+#: (Lakshminarayanan et al. 2017, §3.3).
+FIXED_EPOCHS = {"2017": 40}
 LENGTHSCALE = 1e-2
 
 
@@ -73,6 +96,65 @@ class Options:
     quick: bool = False
     progress: bool = True
     report_only: bool = False
+    method: str = "mc_dropout"
+    # Ablations of the MC-dropout protocol (item 2 of issue 15); defaults are the protocol's.
+    batch_size: int = 128
+    init: str = "torch"
+    input_dropout: bool = True
+    lengthscale: float | None = LENGTHSCALE
+    tau_search: str = "grid"
+    bo_evals: int = 30
+    # Deep Ensembles.
+    n_networks: int = 5
+    adversarial: bool = False
+    #: Write each split's final heteroscedastic network as a model directory under this folder.
+    save_models: Path | None = None
+
+    @property
+    def ablations(self) -> tuple[str, ...]:
+        """Tags of the settings that differ from the protocol's; they name the result rows."""
+        tags = []
+        if self.batch_size != 128:
+            tags.append(f"batch{self.batch_size}")
+        if self.init != "torch":
+            tags.append(self.init)
+        if not self.input_dropout:
+            tags.append("no_input_dropout")
+        if self.lengthscale is None:
+            tags.append("lengthscale2016")
+        elif self.lengthscale != LENGTHSCALE:
+            tags.append(f"lengthscale{self.lengthscale:g}")
+        if self.tau_search != "grid":
+            tags.append(f"{self.tau_search}_tau{self.bo_evals}")
+        if self.adversarial:
+            tags.append("adversarial")
+        return tuple(tags)
+
+    def row_method(self, method: str) -> str:
+        """The ``method`` column of a row: the method, then ``+tag`` for every ablation."""
+        return "+".join([method, *self.ablations])
+
+
+#: The ICML 2016 code's fixed dropout rates and prior length-scales, per dataset
+#: (DropoutUncertaintyExps a6259f1:<dataset>/net/net/net.py), and the τ range its Bayesian
+#: optimisation searched (a6259f1:<dataset>/net/config.pb).
+P_2016 = {
+    "bostonHousing": 0.05,
+    "concrete": 0.01,
+    "energy": 0.05,
+    "kin8nm": 0.05,
+    "naval-propulsion-plant": 0.05,
+    "power-plant": 0.005,
+    "protein-tertiary-structure": 0.005,
+    "wine-quality-red": 0.05,
+    "yacht": 0.01,
+}
+LENGTHSCALE_2016 = {name: 1e-2 for name in P_2016} | {"yacht": 1e-1, "naval-propulsion-plant": 1.0}
+TAU_RANGE_2016 = {name: (0.01, 10.0) for name in P_2016} | {
+    "concrete": (0.001, 10.0),
+    "kin8nm": (10.0, 1000.0),
+    "naval-propulsion-plant": (1e4, 1e5),
+}
 
 
 @dataclass(frozen=True)
@@ -135,42 +217,71 @@ def derived_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:12], 16)
 
 
-def weight_decay(p: float, tau: float, n_rows: int) -> float:
+def budget_epochs(budget: str, grid: Grid) -> int:
+    """Epochs of a budget: a multiple of ``n_epochs.txt``, or a fixed count."""
+    if budget in FIXED_EPOCHS:
+        return FIXED_EPOCHS[budget]
+    return grid.base_epochs * BUDGET_MULTIPLIER[budget]
+
+
+def network_seed(opts: Options, name: str, split: int, method: str, *config: object) -> int:
+    """The seed of one network: a function of the dataset, the split, the method (with its
+    ablations), the epochs and the network's configuration only, so a split's result does not
+    depend on which splits train beside it."""
+    return derived_seed(opts.seed, name, split, opts.row_method(method), opts.budget, *config)
+
+
+def weight_decay(p: float, tau: float, n_rows: int, lengthscale: float = LENGTHSCALE) -> float:
     """Adam's coupled-L2 coefficient for the paper's penalty ``λ‖W‖²``, ``λ = l²(1−p)/(2Nτ)``.
 
     The gradient of ``λ‖W‖²`` is ``2λW``, so Adam's ``weight_decay`` (gradient ``+ wd·W``) is 2λ.
     """
-    return 2 * LENGTHSCALE**2 * (1 - p) / (2 * n_rows * tau)
+    return 2 * lengthscale**2 * (1 - p) / (2 * n_rows * tau)
+
+
+def glorot_(net: nn.Module) -> nn.Module:
+    """Keras' default initialisation: Glorot-uniform weight matrices, zero biases."""
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    return net
 
 
 def train_group(
     parts: Sequence[Part],
     configs: Sequence[Sequence[tuple[float, float]]],
+    seeds: Sequence[Sequence[int]],
     grid: Grid,
     epochs: int,
-    seed_parts: Sequence[object],
+    opts: Options,
+    lengthscale: float,
     bar: tqdm,
     phase: str,
 ) -> StackedMLP:
     """Train every config of every part as one stack; network order is part-major.
 
     Args:
-        parts: P training sets of equal size; configs: for each part, its (p, τ) pairs.
+        parts: P training sets of equal size; configs: for each part, its (p, τ) pairs;
+            seeds: for each part, one seed per config (:func:`network_seed`): a network's
+            initialisation, minibatch order and dropout masks derive from its seed alone.
     """
     d = parts[0].x_train.shape[1]
-    nets, rates, decays, seeds, data_of = [], [], [], [], []
+    nets, rates, decays, orders, masks_, data_of = [], [], [], [], [], []
     for i, (part, part_configs) in enumerate(zip(parts, configs, strict=True)):
         n_rows = part.x_train.shape[0]
-        for c, (p, tau) in enumerate(part_configs):
-            init_seed = derived_seed(*seed_parts, phase, i, c)
+        for (p, tau), seed in zip(part_configs, seeds[i], strict=True):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
-                nets.append(MLP(d, [grid.n_hidden], 1, dropout=p, input_dropout=p))
+                torch.manual_seed(seed)
+                net = MLP(d, [grid.n_hidden], 1, dropout=p, input_dropout=p)
+                nets.append(glorot_(net) if opts.init == "glorot" else net)
             rates.append(p)
-            decays.append(weight_decay(p, tau, n_rows))
-            seeds.append(init_seed + 1)
+            decays.append(weight_decay(p, tau, n_rows, lengthscale))
+            orders.append(seed + 1)
+            masks_.append(seed + 2)
             data_of.append(i)
-    stacked = StackedMLP.from_mlps(nets, rates)
+    p_in = rates if opts.input_dropout else [0.0] * len(rates)
+    stacked = StackedMLP.from_mlps(nets, rates, p_in=p_in)
     every = max(1, epochs // 20)
 
     def report(epoch: int) -> None:
@@ -184,18 +295,24 @@ def train_group(
         torch.tensor(data_of),
         epochs=epochs,
         weight_decay=torch.tensor(decays),
-        seeds=seeds,
-        mask_seed=derived_seed(*seed_parts, phase, "masks"),
+        seeds=orders,
+        mask_seeds=masks_,
+        batch_size=opts.batch_size,
         on_epoch=report,
     )
     return stacked
 
 
 def select_config(
-    nets: StackedMLP, part: Part, configs: Sequence[tuple[float, float]], opts: Options, seed: int
+    nets: StackedMLP,
+    part: Part,
+    configs: Sequence[tuple[float, float]],
+    opts: Options,
+    seed: int,
+    refit: bool = True,
 ) -> tuple[int, float, float]:
     """The grid's best config by validation mixture log-likelihood (original units), and the τ
-    re-fitted to that network's validation samples.
+    re-fitted to that network's validation samples (NaN when ``refit`` is False).
 
     Returns:
         (index of the best config, its validation LL, the re-fitted τ).
@@ -212,6 +329,8 @@ def select_config(
             acc.update(v[..., None])
     lls = [float(acc.result().log_likelihood.mean()) for acc in accs]  # type: ignore[union-attr]
     best = int(np.argmax(lls))
+    if not refit:
+        return best, lls[best], math.nan
     means = sample(nets.to_mlp(best), part.x_eval, min(opts.val_samples, 1000), seed=seed)
     tau_refit = select_tau(means.double() * part.y_std + part.y_mean, part.y_eval)
     return best, lls[best], tau_refit
@@ -286,59 +405,166 @@ def crps(y: Tensor, means: Tensor, noise_variance: float, max_elements: int = 1 
     return total / y.shape[0]
 
 
-def run_dataset(name: str, opts: Options) -> DatasetResult:
-    """The full protocol on the chosen splits of one dataset."""
-    started = time.perf_counter()
-    folder = opts.data / name
-    grid = read_grid(folder)
-    epochs = opts.epochs or grid.base_epochs * BUDGET_MULTIPLIER[opts.budget]
+def chosen_splits(name: str, opts: Options) -> list[int]:
+    """The splits to run: ``--splits`` (all by default; the first only with ``--quick``)."""
     available = n_splits(opts.data, name)
     chosen = list(opts.splits) if opts.splits is not None else list(range(available))
     if opts.quick:
         chosen = chosen[:1]
     if any(not 0 <= s < available for s in chosen):
         raise ValueError(f"{name} has splits 0..{available - 1}, asked for {chosen}")
-    result = DatasetResult(name, epochs, {m: [] for m in METHODS})
-    bar = tqdm(
-        total=len(chosen),
+    return chosen
+
+
+def progress_bar(name: str, total: int, opts: Options) -> tqdm:
+    return tqdm(
+        total=total,
         desc=name,
         unit="split",
         disable=not opts.progress,
         mininterval=5.0,
         file=sys.stderr,
     )
-    with bar:
+
+
+def run_dataset(name: str, opts: Options) -> DatasetResult:
+    """The full protocol of ``opts.method`` on the chosen splits of one dataset."""
+    if opts.method != "mc_dropout":
+        from benchmarks.uci.baselines import run_baseline
+
+        return run_baseline(name, opts)
+    started = time.perf_counter()
+    grid = read_grid(opts.data / name)
+    epochs = opts.epochs or budget_epochs(opts.budget, grid)
+    lengthscale = LENGTHSCALE_2016[name] if opts.lengthscale is None else opts.lengthscale
+    chosen = chosen_splits(name, opts)
+    methods = METHODS[:2]
+    result = DatasetResult(name, epochs, {opts.row_method(m): [] for m in methods})
+    with progress_bar(name, len(chosen), opts) as bar:
         for g0 in range(0, len(chosen), opts.split_batch):
             group = chosen[g0 : g0 + opts.split_batch]
             splits = [read_split(opts.data, name, s) for s in group]
-            seed_parts = (opts.seed, name, opts.budget, epochs, *group)
             val_parts = [validation_part(s) for s in splits]
-            configs = grid.configs
-            grid_nets = train_group(
-                val_parts, [configs] * len(group), grid, epochs, seed_parts, bar, "grid"
-            )
-            chosen_configs, val_lls, refits = [], [], []
-            for i, (split, part) in enumerate(zip(splits, val_parts, strict=True)):
-                bar.set_postfix_str(f"validating split {split.split}")
-                own = grid_nets.subset(range(i * len(configs), (i + 1) * len(configs)))
-                seed = derived_seed(opts.seed, name, split.split, "validation")
-                best, val_ll, tau_refit = select_config(own, part, configs, opts, seed)
-                chosen_configs.append(configs[best])
-                val_lls.append(val_ll)
-                refits.append(tau_refit)
+            if opts.tau_search == "bo":
+                chosen_configs, val_lls, refits = search_tau_bo(
+                    name, splits, val_parts, grid, epochs, opts, lengthscale, bar
+                )
+            else:
+                chosen_configs, val_lls, refits = search_grid(
+                    name, splits, val_parts, grid, epochs, opts, lengthscale, bar
+                )
             test_parts = [test_part(s) for s in splits]
+            final_seeds = [
+                [network_seed(opts, name, s.split, "mc_dropout", epochs, "final", *c)]
+                for s, c in zip(splits, chosen_configs, strict=True)
+            ]
             final = train_group(
-                test_parts, [[c] for c in chosen_configs], grid, epochs, seed_parts, bar, "final"
+                test_parts,
+                [[c] for c in chosen_configs],
+                final_seeds,
+                grid,
+                epochs,
+                opts,
+                lengthscale,
+                bar,
+                "final",
             )
             for i, (split, part) in enumerate(zip(splits, test_parts, strict=True)):
                 bar.set_postfix_str(f"testing split {split.split}")
                 (p, tau), tau_refit = chosen_configs[i], refits[i]
                 seed = derived_seed(opts.seed, name, split.split, "test")
                 metrics = evaluate(final.to_mlp(i), part, [tau, tau_refit], opts, seed)
-                for method, t, m in zip(METHODS, [tau, tau_refit], metrics, strict=True):
-                    result.splits[method].append(
+                for method, t, m in zip(methods, [tau, tau_refit], metrics, strict=True):
+                    result.splits[opts.row_method(method)].append(
                         SplitResult(split.split, p, t, val_ll=val_lls[i], **m)
                     )
                 bar.update(1)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def search_grid(
+    name: str,
+    splits: Sequence[UCISplit],
+    val_parts: Sequence[Part],
+    grid: Grid,
+    epochs: int,
+    opts: Options,
+    lengthscale: float,
+    bar: tqdm,
+) -> tuple[list[tuple[float, float]], list[float], list[float]]:
+    """The paper's (p, τ) grid search on each split's 80/20 validation split.
+
+    Returns:
+        per split: the chosen (p, τ), its validation LL, and the re-fitted τ.
+    """
+    configs = grid.configs
+    seeds = [
+        [network_seed(opts, name, s.split, "mc_dropout", epochs, "grid", *c) for c in configs]
+        for s in splits
+    ]
+    grid_nets = train_group(
+        val_parts, [configs] * len(splits), seeds, grid, epochs, opts, lengthscale, bar, "grid"
+    )
+    chosen, val_lls, refits = [], [], []
+    for i, (split, part) in enumerate(zip(splits, val_parts, strict=True)):
+        bar.set_postfix_str(f"validating split {split.split}")
+        own = grid_nets.subset(range(i * len(configs), (i + 1) * len(configs)))
+        seed = derived_seed(opts.seed, name, split.split, "validation")
+        best, val_ll, tau_refit = select_config(own, part, configs, opts, seed)
+        chosen.append(configs[best])
+        val_lls.append(val_ll)
+        refits.append(tau_refit)
+    return chosen, val_lls, refits
+
+
+def search_tau_bo(
+    name: str,
+    splits: Sequence[UCISplit],
+    val_parts: Sequence[Part],
+    grid: Grid,
+    epochs: int,
+    opts: Options,
+    lengthscale: float,
+    bar: tqdm,
+) -> tuple[list[tuple[float, float]], list[float], list[float]]:
+    """τ by Bayesian optimisation with p fixed per dataset (the ICML 2016 code's ``P_2016``),
+    over the 2016 code's τ range, each split on its own 80/20 validation split.
+
+    The 2016 code ran one search on splits 0–4 and shared its τ across all splits (test rows of
+    later splits among its training rows); here every split searches for itself, so nothing
+    leaks. Each round proposes one τ per split; the round's networks train as one stack.
+    """
+    from benchmarks.uci.bo import ExpectedImprovement
+
+    p = P_2016[name]
+    searches = [ExpectedImprovement(*TAU_RANGE_2016[name]) for _ in splits]
+    nets_best: list[tuple[float, float, StackedMLP | None]] = [(-math.inf, 0.0, None)] * len(splits)
+    for r in range(opts.bo_evals):
+        taus = [search.propose() for search in searches]
+        seeds = [
+            [network_seed(opts, name, s.split, "mc_dropout", epochs, "bo", p, t)]
+            for s, t in zip(splits, taus, strict=True)
+        ]
+        configs = [[(p, t)] for t in taus]
+        nets = train_group(
+            val_parts, configs, seeds, grid, epochs, opts, lengthscale, bar, f"bo {r + 1}"
+        )
+        for i, (split, part) in enumerate(zip(splits, val_parts, strict=True)):
+            seed = derived_seed(opts.seed, name, split.split, "validation")
+            _, val_ll, _ = select_config(
+                nets.subset([i]), part, configs[i], opts, seed, refit=False
+            )
+            searches[i].observe(taus[i], val_ll)
+            if val_ll > nets_best[i][0]:
+                nets_best[i] = (val_ll, taus[i], nets.subset([i]))
+    chosen, val_lls, refits = [], [], []
+    for i, (split, part) in enumerate(zip(splits, val_parts, strict=True)):
+        val_ll, tau, best_net = nets_best[i]
+        assert best_net is not None
+        seed = derived_seed(opts.seed, name, split.split, "validation")
+        _, _, tau_refit = select_config(best_net, part, [(p, tau)], opts, seed)
+        chosen.append((p, tau))
+        val_lls.append(val_ll)
+        refits.append(tau_refit)
+    return chosen, val_lls, refits

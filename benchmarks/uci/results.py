@@ -27,7 +27,8 @@ COLUMNS = [
 @dataclass
 class SplitResult:
     """Test metrics of one split, in original units, for one method (``val_ll``: the grid's
-    best validation log-likelihood; ``crps_samples``: the samples the CRPS used)."""
+    best validation log-likelihood; ``crps_samples``: the samples the CRPS used;
+    ``ll_moment_matched``: LL of the moment-matched Gaussian, Deep Ensembles' score)."""
 
     split: int
     dropout: float
@@ -40,6 +41,7 @@ class SplitResult:
     crps: float
     val_ll: float
     crps_samples: int
+    ll_moment_matched: float = math.nan
 
 
 @dataclass

@@ -34,21 +34,32 @@ class StackedMLP(nn.Module):
         w1: ``(G, D, H)``; b1: ``(G, 1, H)``; w2: ``(G, H, 1)``; b2: ``(G, 1, 1)``.
         p: ``(G,)`` dropout rates in [0, 1) (0 only for training: mcdrop refuses to sample a
             network without dropout).
+        p_in: ``(G,)`` input dropout rates (default ``p``); all zero, or none zero.
     """
 
-    def __init__(self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: Tensor) -> None:
+    def __init__(
+        self, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: Tensor, p_in: Tensor | None = None
+    ) -> None:
         super().__init__()
-        if not bool(((p >= 0) & (p < 1)).all()):
-            raise ValueError(f"dropout rates must be in [0, 1), got {p.tolist()}")
+        p_in = p if p_in is None else p_in
+        for rates in (p, p_in):
+            if not bool(((rates >= 0) & (rates < 1)).all()):
+                raise ValueError(f"dropout rates must be in [0, 1), got {rates.tolist()}")
+        if bool((p_in == 0).any()) and not bool((p_in == 0).all()):
+            raise ValueError("input dropout must be on for every network of a stack or for none")
         self.w1 = nn.Parameter(w1)
         self.b1 = nn.Parameter(b1)
         self.w2 = nn.Parameter(w2)
         self.b2 = nn.Parameter(b2)
         self.register_buffer("p", p.to(w1.dtype))
+        self.register_buffer("p_in", p_in.to(w1.dtype))
 
     @classmethod
-    def from_mlps(cls, nets: Sequence[MLP], p: Sequence[float]) -> StackedMLP:
-        """Stack ``MLP(D, [H], 1, dropout=p, input_dropout=p)`` networks (weights copied)."""
+    def from_mlps(
+        cls, nets: Sequence[MLP], p: Sequence[float], p_in: Sequence[float] | None = None
+    ) -> StackedMLP:
+        """Stack ``MLP(D, [H], 1, dropout=p, input_dropout=p_in)`` networks (weights copied);
+        ``p_in`` defaults to ``p``."""
         first = [_linears(net)[0] for net in nets]
         second = [_linears(net)[1] for net in nets]
         return cls(
@@ -57,6 +68,7 @@ class StackedMLP(nn.Module):
             torch.stack([lin.weight.detach().T for lin in second]).clone(),
             torch.stack([lin.bias.detach()[None] for lin in second]).clone(),
             torch.tensor(list(p)),
+            None if p_in is None else torch.tensor(list(p_in)),
         )
 
     @property
@@ -67,13 +79,13 @@ class StackedMLP(nn.Module):
         """The networks ``index`` as a new stack (weights copied)."""
         idx = torch.as_tensor(list(index), dtype=torch.int64)
         params = (self.w1, self.b1, self.w2, self.b2)
-        return StackedMLP(*(t.detach()[idx].clone() for t in params), self.p[idx].clone())
+        rates = (self.p[idx].clone(), self.p_in[idx].clone())
+        return StackedMLP(*(t.detach()[idx].clone() for t in params), *rates)
 
     def to_mlp(self, g: int) -> MLP:
         """Network ``g`` as a plain mcdrop ``MLP`` (eval mode), for :func:`mcdrop.sample`."""
         d, h = self.w1.shape[1:]
-        p = float(self.p[g])
-        net = MLP(d, [h], 1, dropout=p, input_dropout=p)
+        net = MLP(d, [h], 1, dropout=float(self.p[g]), input_dropout=float(self.p_in[g]))
         first, second = _linears(net)
         with torch.no_grad():
             first.weight.copy_(self.w1[g].T)
@@ -114,18 +126,19 @@ def _lattice(p: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return thresholds[:, None, None], (1.0 / (1.0 - p_eff)).to(dtype)[:, None, None]
 
 
-def _random_keep(
-    rows: int, width: int, thresholds: Tensor, scale: Tensor, generator: torch.Generator
-) -> Tensor:
-    """Training dropout multipliers ``(G, rows / G, width)``: 0, or the keep scale.
+def _random_keep(rows: int, width: int, generators: Sequence[torch.Generator]) -> Tensor:
+    """Training dropout uniforms ``(G, rows, width)`` int16, compared with the thresholds.
 
-    Four 16-bit uniforms per 64-bit draw: ~5× cheaper than ``torch.rand`` per element, which
-    was the largest single cost of a training step.
+    Each network draws from its own generator, so its masks do not depend on which networks
+    share the stack. Four 16-bit uniforms per 64-bit draw: ~5× cheaper than ``torch.rand`` per
+    element, which was the largest single cost of a training step.
     """
     n = rows * width
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    u = bits.view(torch.int16)[:n].view(thresholds.shape[0], -1, width)
-    return (u >= thresholds).to(scale.dtype) * scale
+    words = (n + 3) // 4
+    bits = torch.empty(len(generators), words, dtype=torch.int64)
+    for row, gen in zip(bits, generators, strict=True):
+        row.random_(-(2**63), None, generator=gen)
+    return bits.view(torch.int16)[:, :n].view(len(generators), rows, width)
 
 
 def _mcdrop_keep(keys: Tensor, call: int, n: int, p: Tensor, thresholds: Tensor) -> Tensor:
@@ -155,7 +168,7 @@ def fit_stacked(
     epochs: int,
     weight_decay: Tensor,
     seeds: Sequence[int],
-    mask_seed: int,
+    mask_seeds: Sequence[int],
     lr: float = 1e-3,
     batch_size: int = 128,
     decay_biases: bool = False,
@@ -170,8 +183,9 @@ def fit_stacked(
             the penalty ``wd/2 · ‖w‖²``; Keras's ``l2(reg)`` is ``wd = 2 · reg``).
         seeds: one per network, seeding its minibatch order as
             ``mcdrop.recipes.train.fit(seed=)`` does.
-        mask_seed: seeds the dropout masks (one generator for all networks; the global RNG is
-            never used).
+        mask_seeds: one per network, seeding its dropout masks. A network's training depends
+            only on its own seeds, data and hyper-parameters, not on the rest of the stack (the
+            global RNG is never used).
         decay_biases: decay biases too (``fit``'s Adam does; the paper's Keras code does not).
         on_epoch: called with the epoch index after each epoch (progress reporting).
 
@@ -179,14 +193,14 @@ def fit_stacked(
         ``(epochs, G)`` mean training loss of each network per epoch.
     """
     g_count, n = data_of.shape[0], x.shape[1]
-    if len(seeds) != g_count or weight_decay.shape != (g_count,):
-        raise ValueError("need one seed and one weight decay per network")
+    if len(seeds) != g_count or len(mask_seeds) != g_count or weight_decay.shape != (g_count,):
+        raise ValueError("need one seed, one mask seed and one weight decay per network")
     orders = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    mask_gen = torch.Generator().manual_seed(mask_seed)
+    mask_gens = [torch.Generator().manual_seed(int(s)) for s in mask_seeds]
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     decayed = [net.w1, net.w2] + ([net.b1, net.b2] if decay_biases else [])
     wd = weight_decay.to(x.dtype)[:, None, None]
-    thresholds, scale = _lattice(net.p, x.dtype)
+    thresholds, scale = _lattice(torch.cat([net.p_in, net.p]), x.dtype)  # (2G, 1, 1)
     d, h = net.w1.shape[1:]
     rows = data_of[:, None]  # (G, 1): broadcasts against minibatch indices (G, B)
     history = torch.zeros(epochs, g_count, dtype=torch.float64)
@@ -197,8 +211,10 @@ def fit_stacked(
         for start in range(0, n, batch_size):
             idx = order[:, start : start + batch_size]  # (G, B)
             xb, yb = x[rows, idx], y[rows, idx]  # (G, B, D), (G, B, 1)
-            keep = _random_keep(g_count * idx.shape[1], d + h, thresholds, scale, mask_gen)
-            out = net(xb, keep[..., :d], keep[..., d:])
+            keep = _random_keep(idx.shape[1], d + h, mask_gens)  # (G, B, D + H) int16
+            keep_in = (keep[..., :d] >= thresholds[:g_count]).to(x.dtype) * scale[:g_count]
+            keep_hidden = (keep[..., d:] >= thresholds[g_count:]).to(x.dtype) * scale[g_count:]
+            out = net(xb, keep_in, keep_hidden)
             per_net = (out - yb).square().mean(dim=(1, 2))  # (G,)
             optimiser.zero_grad(set_to_none=True)
             # The sum keeps each network's gradient exactly its own loss's gradient.
@@ -244,13 +260,19 @@ def sample_stacked(
     h = net.w1.shape[2]
     keys = masks.row_keys(x, seed)
     thresholds, scale = _lattice(net.p, x.dtype)
+    in_thresholds, in_scale = _lattice(net.p_in, x.dtype)
+    input_dropout = bool((net.p_in > 0).all())
     per_pass = max(1, max_rows // n)
     with torch.inference_mode():
         for s0 in range(0, n_samples, per_pass):
             s = min(per_pass, n_samples - s0)
             chunk_keys = masks.sample_keys(keys, s0, s)  # (s * N,), sample-major
-            # Call indices 0 and 1: the MLP's input dropout, then its hidden dropout.
-            keep_in = _mcdrop_keep(chunk_keys, 0, d, net.p, thresholds) * scale
-            keep_hidden = _mcdrop_keep(chunk_keys, 1, h, net.p, thresholds) * scale
+            # mcdrop numbers the MLP's dropout calls in order: input dropout (if any), hidden.
+            if input_dropout:
+                keep_in = _mcdrop_keep(chunk_keys, 0, d, net.p_in, in_thresholds) * in_scale
+            else:
+                keep_in = torch.ones(net.n_nets, 1, 1, dtype=x.dtype)
+            hidden_call = 1 if input_dropout else 0
+            keep_hidden = _mcdrop_keep(chunk_keys, hidden_call, h, net.p, thresholds) * scale
             out = net(x.repeat(s, 1), keep_in, keep_hidden)  # (G, s * N, 1)
             yield slice(s0, s0 + s), out.reshape(-1, s, n)

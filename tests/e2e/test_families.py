@@ -26,8 +26,8 @@ from torch import Tensor, nn
 import mcdrop
 from mcdrop import Predictor
 from mcdrop.checking import example_inputs
+from mcdrop_client import Client
 from service.cli import main
-from service.client import Client
 from tests import families
 from tests.e2e.conftest import serve
 
@@ -203,7 +203,7 @@ def test_the_predictor_samples_every_dropout(models: Path, name: str) -> None:
         assert bool((summary.mutual_information > 0).all())
         assert torch.equal(summary.probabilities, again.probabilities)
     else:
-        assert bool((summary.epistemic > 0).all())
+        assert bool((summary.epistemic_variance > 0).all())
         assert torch.equal(summary.mean, again.mean)
     # A row's samples do not depend on the rows beside it.
     _, alone = predictor.uncertainty(x[1:2], 32, seed=3, return_samples=True)
@@ -252,10 +252,10 @@ def test_the_heteroscedastic_regressor_predicts_its_noise(models: Path) -> None:
     assert isinstance(summary, mcdrop.stats.RegressionSummary)
     noise = (0.1 + 0.5 * x.abs()) ** 2
     assert torch.allclose(summary.mean, 2 * x + 1, atol=0.3)
-    ratio = summary.aleatoric / noise
+    ratio = summary.aleatoric_variance / noise
     assert bool(((ratio > 0.5) & (ratio < 2)).all()), ratio
-    assert bool(summary.aleatoric[2] > 4 * summary.aleatoric[1])
-    assert bool((summary.epistemic > 0).all())
+    assert bool(summary.aleatoric_variance[2] > 4 * summary.aleatoric_variance[1])
+    assert bool((summary.epistemic_variance > 0).all())
 
 
 def test_attention_dropout_out_of_reach_is_said(

@@ -25,7 +25,7 @@ def test_quick_run_writes_finite_results(tmp_path):
         rows = list(reader)
     assert reader.fieldnames == results.COLUMNS
     assert [(r["dataset"], r["budget"], r["method"]) for r in rows] == [
-        ("yacht", "2016", m) for m in protocol.METHODS
+        ("yacht", "2016", m) for m in protocol.METHODS[:2]
     ]
     for row in rows:
         assert row["n_splits"] == "1"

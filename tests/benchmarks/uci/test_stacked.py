@@ -46,7 +46,7 @@ def test_stacked_fit_matches_fit_without_dropout():
         epochs=15,
         weight_decay=decays,
         seeds=[1, 2, 3],
-        mask_seed=0,
+        mask_seeds=[0, 0, 0],
         decay_biases=True,  # fit's Adam decays every parameter
     )
     for g, net in enumerate(nets):
@@ -76,7 +76,7 @@ def test_stacked_fit_with_dropout_matches_fit_statistically():
         epochs=40,
         weight_decay=torch.full((n_nets,), 1e-4),
         seeds=list(range(n_nets)),
-        mask_seed=0,
+        mask_seeds=list(range(100, 100 + n_nets)),
         decay_biases=True,
     )
     errors = {"stacked": [], "fit": []}
@@ -102,4 +102,17 @@ def test_stacked_sampler_reproduces_mcdrop_sample():
     values = torch.cat([v for _, v in chunks], dim=1)  # (G, S, N)
     for g in range(len(rates)):
         expected = sample(stacked.to_mlp(g), x, 250, seed=7)[..., 0]  # (S, N)
+        torch.testing.assert_close(values[g], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_sampler_without_input_dropout_reproduces_mcdrop_sample():
+    # Without input dropout the MLP's hidden dropout is mcdrop's call 0, not 1.
+    x, _ = _regression(n=30)
+    rates = [0.05, 0.1]
+    stacked = StackedMLP.from_mlps(_mlps(2, x.shape[1], 0.1), rates, p_in=[0.0, 0.0])
+    values = torch.cat([v for _, v in sample_stacked(stacked, x, 40, seed=5)], dim=1)
+    for g in range(len(rates)):
+        net = stacked.to_mlp(g)
+        assert not any(isinstance(m, nn.Dropout) for m in net.layers[:1])
+        expected = sample(net, x, 40, seed=5)[..., 0]
         torch.testing.assert_close(values[g], expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,41 @@
+"""benchmarks.uci.report: verdicts against published two-decimal numbers, published SEs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.uci.report import published, verdict
+
+
+@pytest.mark.parametrize(
+    ("ours", "ours_se", "pub", "pub_se", "higher", "expected"),
+    [
+        (0.545, 0.014, 0.54, 0.06, False, "="),  # energy 2018 RMSE: worse, tied at 2 decimals
+        (-0.931, 0.013, -0.93, 0.01, True, "="),  # wine 2018 LL
+        (0.0827, 0.0007, 0.08, 0.0, False, "="),  # kin8nm RMSE
+        (0.00176, 0.0001, 0.00, 0.0, False, "="),  # naval RMSE
+        (1.49, 0.06, 1.66, 0.04, False, "✓"),
+        (-2.8177, 0.0085, -2.80, 0.01, True, "≈"),  # power 2016 LL: 1.0 SE after rounding
+        (-0.952, 0.0136, -0.93, 0.01, True, "✗ 1.0 SE"),
+        (2.63, 0.22, 1.11, 0.09, False, "✗ 6.4 SE"),
+        (0.02, 0.0, 0.00, 0.0, False, "✗"),
+    ],
+)
+def test_verdict(ours, ours_se, pub, pub_se, higher, expected):
+    assert verdict(ours, ours_se, pub, pub_se, higher_better=higher) == expected
+
+
+def test_published_ses_use_each_datasets_split_count():
+    # The ICML column printed std/√20 for protein's 5 splits; we divide the authors' std by √5.
+    _, rmse_se, _, ll_se = published("protein-tertiary-structure", "2016")
+    assert rmse_se == pytest.approx(0.043603 / math.sqrt(5))
+    assert ll_se == pytest.approx(0.009653 / math.sqrt(5))
+    assert published("yacht", "2016") == (1.11, 0.09, -1.55, 0.03)
+    assert published("energy", "2018")[1] == 0.06
+    # Deep Ensembles print standard deviations: SE = std/√n_splits, NLL as an LL.
+    rmse, rmse_se, ll, ll_se = published("protein-tertiary-structure", "DE 2017")
+    assert (rmse, ll) == (4.71, -2.83)
+    assert rmse_se == pytest.approx(0.06 / math.sqrt(5))
+    assert published("yacht", "DE 2017")[3] == pytest.approx(0.21 / math.sqrt(20))
