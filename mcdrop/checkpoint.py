@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from mcdrop.exceptions import CheckpointError
 from mcdrop.nets import Standardized, build
@@ -149,7 +149,7 @@ class ModelSpec:
         n = data.get("default_n_samples", 100)
         if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
             raise fail(f"'default_n_samples' must be a positive integer, got {n!r}")
-        norms = {}
+        norms: dict[str, Normalization | None] = {}
         for key in ("input_normalization", "target_normalization"):
             value = data.get(key)
             if value is None:
@@ -172,7 +172,9 @@ class LoadedModel:
     path: Path
 
 
-def _norm_tensors(norm: Normalization | None, what: str, source: str) -> tuple[Any, Any]:
+def _norm_tensors(
+    norm: Normalization | None, what: str, source: str
+) -> tuple[Tensor | None, Tensor | None]:
     if norm is None:
         return None, None
     try:

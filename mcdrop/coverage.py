@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextvars
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -50,10 +50,14 @@ def _rate_attributes(module: nn.Module) -> list[tuple[str, float]]:
         # torch ignores (and warns about) dropout on a one-layer RNN: nothing to sample there.
         rate = float(module.dropout) if module.num_layers > 1 else 0.0
         return [("dropout", rate)] if rate > 0 else []
+    # Both rates are floats that the layers set in __init__ without a declared type, so the
+    # type checker sees nn.Module.__getattr__'s Tensor | Module: hence the casts.
     if isinstance(module, DROPOUT_TYPES):
-        return [("p", float(module.p))] if module.p > 0 else []
+        rate = float(cast(float, module.p))
+        return [("p", rate)] if rate > 0 else []
     if isinstance(module, nn.MultiheadAttention):
-        return [("dropout", float(module.dropout))] if module.dropout > 0 else []
+        rate = float(cast(float, module.dropout))
+        return [("dropout", rate)] if rate > 0 else []
     return [
         (key, float(value))
         for key, value in vars(module).items()

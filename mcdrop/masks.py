@@ -238,7 +238,7 @@ def _byte_table(bits: int, threshold: int, scale: float, dtype: type) -> np.ndar
     ``scale``. Lane ``j`` of a byte holds bits ``j·bits`` to ``(j+1)·bits − 1``, as in
     :func:`keep_mask`."""
     fields = (np.arange(256)[:, None] >> np.arange(0, 8, bits)) & ((1 << bits) - 1)
-    table = np.where(fields >= threshold, scale, 0.0).astype(dtype)
+    table: np.ndarray = np.where(fields >= threshold, scale, 0.0).astype(dtype)
     table.flags.writeable = False
     return table
 

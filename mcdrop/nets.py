@@ -171,6 +171,12 @@ class Standardized(nn.Module):
         heteroscedastic: the net returns K means then K log-variances (standardised units).
     """
 
+    # The buffers (register_buffer keeps them on the module's device), each pair both or None.
+    input_mean: Tensor | None
+    input_std: Tensor | None
+    target_mean: Tensor | None
+    target_std: Tensor | None
+
     def __init__(
         self,
         net: nn.Module,
@@ -181,6 +187,12 @@ class Standardized(nn.Module):
         heteroscedastic: bool = False,
     ) -> None:
         super().__init__()
+        for what, mean, std in (
+            ("input", input_mean, input_std),
+            ("target", target_mean, target_std),
+        ):
+            if (mean is None) != (std is None):
+                raise InvalidArgumentError(f"{what}_mean and {what}_std are given together or not")
         self.net = net
         self.heteroscedastic = heteroscedastic
         self.register_buffer("input_mean", input_mean, persistent=False)
@@ -189,10 +201,11 @@ class Standardized(nn.Module):
         self.register_buffer("target_std", target_std, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_mean is not None:
+        # Both of a pair or neither (__init__); the second test only narrows the type.
+        if self.input_mean is not None and self.input_std is not None:
             x = (x - self.input_mean) / self.input_std
         y = self.net(x)
-        if self.target_mean is None:
+        if self.target_mean is None or self.target_std is None:
             return y
         if self.heteroscedastic:
             k = y.shape[-1] // 2

@@ -132,8 +132,16 @@ class Predictor:
         k = self.spec.n_outputs
         if self.spec.likelihood == "heteroscedastic":
             return out[..., :k], out[..., k:].exp()
-        assert self.spec.tau is not None
-        return out, torch.full_like(out, 1.0 / self.spec.tau)
+        return out, torch.full_like(out, self._homoscedastic_noise())
+
+    def _homoscedastic_noise(self) -> float:
+        """``1/τ``, the noise variance of a homoscedastic regressor."""
+        if self.spec.tau is None:  # ModelSpec.from_dict refuses this; a spec built in code may not
+            raise InvalidArgumentError(
+                f"model {self.spec.name!r} is a homoscedastic regressor without 'tau' (its noise "
+                "variance is 1/tau)"
+            )
+        return 1.0 / self.spec.tau
 
     def predict(self, x: Tensor, *, check_outputs: bool = True) -> Prediction:
         """Deterministic prediction (dropout off): ``x (N, *input_shape)``.
@@ -193,7 +201,9 @@ class Predictor:
         else:
             if targets is not None and tuple(targets.shape) != (n_rows, k):
                 raise InvalidArgumentError(f"targets must have shape ({n_rows}, {k})")
-            noise = None if self.spec.likelihood == "heteroscedastic" else 1.0 / self.spec.tau
+            noise = (
+                None if self.spec.likelihood == "heteroscedastic" else self._homoscedastic_noise()
+            )
             acc = RegressionAccumulator(
                 n_rows, k, noise_variance=noise, targets=targets, level=level
             )

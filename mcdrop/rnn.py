@@ -68,7 +68,7 @@ def layered(
     dirs = 2 if bidirectional else 1
     per = len(params) // (num_layers * dirs)  # weights per layer and direction
     lstm = kernel is torch.lstm
-    states = list(hx) if lstm else [hx]
+    states = [hx] if isinstance(hx, Tensor) else list(hx)  # an LSTM's (h0, c0)
     batch_dim = 0 if batch_first else 1
     finals: list[list[Tensor]] = [[] for _ in states]
     for layer in range(num_layers):

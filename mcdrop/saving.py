@@ -117,6 +117,7 @@ def _architecture(
             "give the architecture as factory='package.module:callable' (your own code) or as "
             "architecture='mlp' (a built-in), exactly one of them"
         )
+    value: str | None
     if factory is not None:
         if not isinstance(factory, str) or factory.partition(":")[0] == "__main__":
             raise InvalidArgumentError(
@@ -223,10 +224,10 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
         ) from None
     k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
     if not (isinstance(want, Tensor) and tuple(want.shape) == (_EXAMPLE_ROWS, k)):
-        got = tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__
+        returned = tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__
         hint = " (K means, then K log-variances)" if k != spec.n_outputs else ""
         raise InvalidArgumentError(
-            f"cannot save: the model returns {got} for {_EXAMPLE_ROWS} rows, but a "
+            f"cannot save: the model returns {returned} for {_EXAMPLE_ROWS} rows, but a "
             f"{spec.likelihood + ' ' if spec.task == 'regression' else ''}{spec.task} model "
             f"with {spec.n_outputs} labels returns ({_EXAMPLE_ROWS}, {k}){hint}"
         )

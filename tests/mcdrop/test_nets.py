@@ -61,6 +61,12 @@ def test_standardized_heteroscedastic_units() -> None:
     assert torch.allclose(out[:, 1].exp(), torch.full((3,), 4.0))  # variance scales by std²
 
 
+@pytest.mark.parametrize("given", ["input_mean", "input_std", "target_mean", "target_std"])
+def test_standardized_takes_a_mean_with_its_std(given: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="_mean and .*_std are given together"):
+        Standardized(nn.Identity(), **{given: torch.ones(1)})
+
+
 def test_build_builtin() -> None:
     net = build({"name": "mlp", "params": {"in_features": 2, "hidden": [3], "out_features": 1}})
     assert isinstance(net, MLP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -54,6 +55,17 @@ def test_regressor_in_original_units(diabetes: Predictor) -> None:
     assert summary.aleatoric_variance.item() == pytest.approx(1 / diabetes.spec.tau, rel=1e-5)
     assert summary.epistemic_variance.item() > 0
     assert summary.lower.item() < summary.mean.item() < summary.upper.item()
+
+
+def test_a_homoscedastic_regressor_without_tau_is_explained(diabetes: Predictor) -> None:
+    """A spec built in code (not read by ModelSpec.from_dict, which refuses it) without tau."""
+    spec = replace(diabetes.spec, tau=None)
+    untuned = Predictor(replace(diabetes.model, spec=spec))
+    x = torch.zeros(2, 10)
+    with pytest.raises(InvalidArgumentError, match="without 'tau'"):
+        untuned.predict(x)
+    with pytest.raises(InvalidArgumentError, match="without 'tau'"):
+        untuned.uncertainty(x, 4, seed=0)
 
 
 @pytest.mark.parametrize(
