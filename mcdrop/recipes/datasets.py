@@ -12,11 +12,13 @@ import functools
 import gzip
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mcdrop.checkpoint import Task
 from mcdrop.exceptions import InvalidArgumentError
 
 
@@ -25,7 +27,7 @@ class Dataset:
     """A task with train / validation / test parts."""
 
     name: str
-    task: str
+    task: Task
     labels: list[str]
     input_shape: list[int]
     x_train: Tensor
@@ -38,17 +40,29 @@ class Dataset:
     split: str = "seeded permutation 70/15/15 train/validation/test"
 
 
+#: x_train, y_train, x_val, y_val, x_test, y_test: the tensor fields of a :class:`Dataset`.
+_Splits = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
 def _split(
     x: np.ndarray, y: np.ndarray, seed: int, fractions: tuple[float, float] = (0.7, 0.15)
-) -> tuple[Tensor, ...]:
+) -> _Splits:
     order = np.random.default_rng(seed).permutation(len(x))
     n_train = round(fractions[0] * len(x))
     n_val = round(fractions[1] * len(x))
-    parts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
-    out: list[Tensor] = []
-    for idx in parts:
-        out += [torch.as_tensor(x[idx]), torch.as_tensor(y[idx])]
-    return tuple(out)
+    train, val, test = (
+        order[:n_train],
+        order[n_train : n_train + n_val],
+        order[n_train + n_val :],
+    )
+    return (
+        torch.as_tensor(x[train]),
+        torch.as_tensor(y[train]),
+        torch.as_tensor(x[val]),
+        torch.as_tensor(y[val]),
+        torch.as_tensor(x[test]),
+        torch.as_tensor(y[test]),
+    )
 
 
 def digits(seed: int = 0) -> Dataset:
@@ -113,7 +127,7 @@ FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 FASHION_MNIST_VALIDATION = 5000
 
 # IDX type codes (LeCun's format): the third magic byte.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

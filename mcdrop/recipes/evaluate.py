@@ -34,7 +34,7 @@ from mcdrop.metrics import (
     rejection_curve,
     spearman,
 )
-from mcdrop.predictor import Predictor
+from mcdrop.predictor import Predictor, RegressionPrediction
 from mcdrop.recipes import datasets
 from mcdrop.recipes.ood import ood_sets
 from mcdrop.recipes.plots import write_plots
@@ -126,7 +126,8 @@ def evaluate_classifier(
     # The least and the most uncertain test inputs (by mutual information), for pictures.
     order = torch.argsort(inside.mutual_information, stable=True)
     picks = {"most certain test inputs": order[:EXAMPLES], "most uncertain": order[-EXAMPLES:]}
-    examples = {
+    # (inputs, probabilities, MI, labels); out-of-distribution rows have no labels.
+    examples: dict[str, tuple[Tensor, Tensor, Tensor, Tensor | None]] = {
         name: (x[idx], inside.mc[idx], inside.mutual_information[idx], y[idx])
         for name, idx in picks.items()
     }
@@ -158,8 +159,9 @@ def evaluate_regressor(
     summary, _ = predictor.uncertainty(x, n_samples, seed=seed, targets=y.float())
     assert isinstance(summary, RegressionSummary)
     assert summary.log_likelihood is not None
-    det_mean = det.mean.double()  # type: ignore[union-attr]
-    det_std = det.noise_variance.double().sqrt()  # type: ignore[union-attr]
+    assert isinstance(det, RegressionPrediction)
+    det_mean = det.mean.double()
+    det_std = det.noise_variance.double().sqrt()
     mc_mean, mc_std = summary.mean.double(), summary.std.double()
     det_ll = -0.5 * (math.log(2 * math.pi) + 2 * det_std.log() + ((y - det_mean) / det_std) ** 2)
     error = (y - mc_mean).abs()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mcdrop.metrics import auroc
-from mcdrop.predictor import Predictor
+from mcdrop.predictor import ClassificationPrediction, Predictor
 from mcdrop.stats import ClassificationSummary, entropy
 
 
@@ -41,9 +41,11 @@ def score_classifier(
     predictor: Predictor, x: Tensor, *, n_samples: int, seed: int = 0
 ) -> ClassifierScores:
     """Run ``predictor`` on ``x (N, *input_shape)`` deterministically and with S MC samples."""
-    det = predictor.predict(x).probabilities  # type: ignore[union-attr]
+    prediction = predictor.predict(x)
     summary, _ = predictor.uncertainty(x, n_samples, seed=seed)
+    assert isinstance(prediction, ClassificationPrediction)
     assert isinstance(summary, ClassificationSummary)
+    det = prediction.probabilities
     return ClassifierScores(
         deterministic=det.double(),
         mc=summary.probabilities.double(),

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from mcdrop import checkpoint, metrics, stats
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
-from mcdrop.nets import build
-from mcdrop.predictor import Predictor
+from mcdrop.nets import Standardized, build
+from mcdrop.predictor import ClassificationPrediction, Predictor, RegressionPrediction
 from mcdrop.recipes import datasets
 from mcdrop.recipes.report import rounded
 from mcdrop.sampling import sample
@@ -162,7 +162,7 @@ def _spec(
     return ModelSpec(
         name=data.name,
         version="1",
-        task=data.task,  # type: ignore[arg-type]
+        task=data.task,
         input_shape=data.input_shape,
         labels=data.labels,
         architecture=arch,
@@ -263,8 +263,10 @@ def train(config: TrainConfig, command: str | None = None) -> checkpoint.LoadedM
 
 
 def _net_of(loaded: checkpoint.LoadedModel) -> nn.Module:
+    """The trained network without the normalisation that :func:`checkpoint.wrap` put around it
+    (the manifest holds the statistics)."""
     module = loaded.module
-    return module.net if hasattr(module, "net") else module
+    return module.net if isinstance(module, Standardized) else module
 
 
 def _train(config: TrainConfig, data: datasets.Dataset, command: str) -> checkpoint.LoadedModel:
@@ -274,6 +276,7 @@ def _train(config: TrainConfig, data: datasets.Dataset, command: str) -> checkpo
     classification = data.task == "classification"
     arch = architecture(config, data)
     net = build(arch)
+    loss_fn: nn.Module
     if classification:
         out_norm = None
         y_train, loss_fn = data.y_train, nn.CrossEntropyLoss()
@@ -329,7 +332,8 @@ def held_out_metrics(
     det = predictor.predict(x)
     summary, _ = predictor.uncertainty(x, n_samples, seed=seed, targets=None if y.dim() == 1 else y)
     if isinstance(summary, stats.ClassificationSummary):
-        det_probs = det.probabilities  # type: ignore[union-attr]
+        assert isinstance(det, ClassificationPrediction)
+        det_probs = det.probabilities
         return {
             "accuracy": metrics.accuracy(summary.probabilities, y),
             "nll": metrics.nll(summary.probabilities, y),
@@ -337,10 +341,11 @@ def held_out_metrics(
             "deterministic_nll": metrics.nll(det_probs, y),
         }
     assert summary.log_likelihood is not None
+    assert isinstance(det, RegressionPrediction)
     inside = (y >= summary.lower) & (y <= summary.upper)
     return {
         "rmse": float((summary.mean - y).square().mean().sqrt()),
         "test_log_likelihood": float(summary.log_likelihood.mean()),
-        "deterministic_rmse": float((det.mean - y).square().mean().sqrt()),  # type: ignore[union-attr]
+        "deterministic_rmse": float((det.mean - y).square().mean().sqrt()),
         "picp95": float(inside.double().mean()),
     }
