@@ -75,7 +75,7 @@ class BodyLimit:
         except TimeoutError:
             response = errors.error_response(
                 408,
-                "request_timeout",
+                errors.ErrorCode.REQUEST_TIMEOUT,
                 f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)",
                 headers={"Connection": "close"},  # the rest of the body may still come
             )
@@ -96,7 +96,7 @@ class BodyLimit:
     async def _reject(self, scope: Scope, receive: Any, send: Any) -> None:
         response = errors.error_response(
             413,
-            "body_too_large",
+            errors.ErrorCode.BODY_TOO_LARGE,
             f"request body is larger than the limit of {self.max_bytes} bytes; send fewer rows",
         )
         await response(scope, receive, send)

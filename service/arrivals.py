@@ -10,15 +10,13 @@ or end without one (the middleware). All of it runs on the event loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 #: Routes with this tag run model work; their ``name`` path parameter is the model.
 INFERENCE_TAG = "inference"
-
-Scope = dict[str, Any]
 
 
 class Arrivals:
@@ -72,12 +70,12 @@ class CountArrivals:
     """ASGI middleware: counts each request to an inference route in while it is read and
     validated (the route counts it out when it queues its job; this, if it never does)."""
 
-    def __init__(self, app: Any, arrivals: Arrivals, routes: InferenceRoutes) -> None:
+    def __init__(self, app: ASGIApp, arrivals: Arrivals, routes: InferenceRoutes) -> None:
         self.app = app
         self.arrivals = arrivals
         self.routes = routes
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         model = self.routes.model(scope)
         if model is None:
             await self.app(scope, receive, send)

@@ -44,8 +44,11 @@ class UsageError(Exception):
     """A command line to fix (exit status 2, like argparse's own usage errors)."""
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser, settings: type[TrustSettings]) -> None:
-    """One flag per field of ``settings``; a bool gets ``--name`` and ``--no-name``."""
+def _add_setting_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, settings: type[TrustSettings]
+) -> None:
+    """One flag per field of ``settings`` on ``parser`` (or one of its argument groups); a bool
+    gets ``--name`` and ``--no-name``."""
     for name, field in settings.model_fields.items():
         if env_only(name):
             continue

@@ -49,6 +49,7 @@ from fastapi import FastAPI
 from service.app import StartupError, create_app
 from service.cli import _SETTINGS_FLAGS, _add_setting_flags
 from service.config import Settings
+from service.registry import ServerState
 
 #: The response header that names the replica which computed the answer.
 REPLICA_HEADER = "x-mcdrop-replica"
@@ -90,6 +91,9 @@ class ReplicaHeader:
 class Replica:
     """One replica: the app for ``settings``, built after the constructor, inside the actor."""
 
+    #: Set by Serve: the app that ``__serve_build_asgi_app__`` returned.
+    app: FastAPI
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -105,9 +109,8 @@ class Replica:
         app.add_middleware(ReplicaHeader, replica=self.replica)
         return app
 
-    def readiness(self) -> tuple[str, dict[str, str]]:
-        """The registry's state (set by the lifespan, which Ray runs before any health check).
-        ``self.app`` is Serve's: the app that ``__serve_build_asgi_app__`` returned."""
+    def readiness(self) -> tuple[ServerState, dict[str, str]]:
+        """The registry's state (set by the lifespan, which Ray runs before any health check)."""
         return self.app.state.registry.readiness()
 
     async def check_health(self) -> None:
@@ -155,13 +158,12 @@ def application(
     )
     ongoing = max_ongoing_requests or settings.max_queued_requests + settings.max_concurrency
     deployment = serve.deployment(
-        Replica,
         name="mcdrop",
         num_replicas=replicas,
         ray_actor_options={"num_cpus": replica_cpus},
         max_ongoing_requests=ongoing,
         health_check_period_s=5.0,
-    )
+    )(Replica)
     return deployment.bind(settings)
 
 

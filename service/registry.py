@@ -9,13 +9,14 @@ answers 503 with its reason, and the others serve. :meth:`Registry.get` hands ou
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -61,6 +62,10 @@ class ModelHandle:
 
 log = logging.getLogger("mcdrop.service")
 
+#: The server's state (``GET /ready``) and a model's (``GET /models/{name}/ready``).
+ServerState = Literal["ready", "degraded", "loading", "failed"]
+ModelState = Literal["ready", "loading", "failed"]
+
 
 @dataclass
 class Entry:
@@ -68,7 +73,7 @@ class Entry:
 
     name: str
     path: Path
-    state: str = "loading"  # loading | ready | error
+    state: Literal["loading", "ready", "error"] = "loading"
     error: str | None = None  # public: paths relative to model_dir
     handle: ModelHandle | None = None
 
@@ -126,7 +131,7 @@ class Registry:
                     max_wait_ms=self.settings.batch_max_wait_ms,
                     inline_ms=self.settings.inline_max_ms,
                     max_parallel=self.settings.max_concurrency,
-                    arriving=lambda name=entry.name: self.arrivals(name),
+                    arriving=functools.partial(self.arrivals, entry.name),
                     short_executor=self.short_executor,
                     short_ms=self.settings.short_work_ms,
                     max_queue=self.settings.max_queued_requests,
@@ -173,7 +178,7 @@ class Registry:
         """Model name -> why it failed to load, for the models that did."""
         return {n: e.error or "" for n, e in self.entries.items() if e.state == "error"}
 
-    def readiness(self) -> tuple[str, dict[str, str]]:
+    def readiness(self) -> tuple[ServerState, dict[str, str]]:
         """The server's state and each model's (``loading``, ``ready`` or why it failed).
 
         ``loading`` while a model is; then ``ready`` if all loaded, ``degraded`` if some failed
@@ -189,7 +194,7 @@ class Registry:
             return "ready", states
         return ("degraded" if "ready" in kinds else "failed"), states
 
-    def model_readiness(self, name: str) -> tuple[str, str | None]:
+    def model_readiness(self, name: str) -> tuple[ModelState, str | None]:
         """One model's state (``loading``, ``ready`` or ``failed``) and why it failed."""
         entry = self._entry(name)
         return ("failed" if entry.state == "error" else entry.state), entry.error

@@ -44,6 +44,8 @@ class TimedHttpProtocol(HttpToolsProtocol):
             self.logger.info("closing a connection whose request headers came too slowly")
             self.transport.close()
 
+    # uvicorn's signature, which narrows asyncio.Protocol's BaseTransport to a Transport (and
+    # ignores the same override error).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()  # a connection that never sends a byte is cut too

@@ -235,8 +235,9 @@ def _encode(body: dict[str, Any]) -> bytes:
 
 def _rows(inputs: Sequence[Any]) -> list[Any]:
     """Rows as plain lists: arrays and tensors (the whole batch or each row) via ``tolist``."""
-    if callable(getattr(inputs, "tolist", None)):
-        return inputs.tolist()  # type: ignore[attr-defined]
+    tolist = getattr(inputs, "tolist", None)
+    if callable(tolist):
+        return tolist()
     return [row.tolist() if callable(getattr(row, "tolist", None)) else row for row in inputs]
 
 
