@@ -22,9 +22,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/mcdrop serve --model-dir models --host $(HOST) --port $(PORT)
 
+# mypy type-checks mcdrop, service and the client's mcdrop_client, not tests/ or benchmarks/
+# ([tool.mypy] in pyproject.toml); its cache in .mypy_cache makes a re-run take seconds.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest --durations=10
 
 # The edit loop (under 30 s): every test but those marked slow (benchmark smoke runs, training
@@ -37,6 +40,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -72,4 +76,4 @@ image-test:
 	deploy/container test
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
