@@ -78,6 +78,7 @@ class BodyLimit:
                 "request_timeout",
                 f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)",
                 headers={"Connection": "close"},  # the rest of the body may still come
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return
@@ -98,6 +99,7 @@ class BodyLimit:
             413,
             "body_too_large",
             f"request body is larger than the limit of {self.max_bytes} bytes; send fewer rows",
+            path=scope["path"],
         )
         await response(scope, receive, send)
 

@@ -1,0 +1,109 @@
+"""What every protocol's inference endpoints share: the limits a request must fit, the MC
+options it resolves to, the watch for its client going away, and moving large conversions off
+the event loop. The native routes (:mod:`service.routes`) and the Open Inference Protocol's
+(:mod:`service.v2.routes`) each do only their own encoding around these, so both run the same
+checks, with the same messages, before the same :class:`~service.registry.ModelHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from service.batching import MCOptions
+from service.config import Settings
+from service.errors import LimitExceededError
+from service.registry import ModelHandle
+
+#: Past these sizes, turning a request into a tensor or a result into a response runs in a
+#: worker thread (tens of milliseconds), not on the event loop that also answers ``/health``.
+LARGE_INPUT_VALUES = 20_000
+LARGE_RESPONSE_VALUES = 20_000
+
+#: Upper bound on the JSON bytes of one float as pydantic-core writes it (``-1.2345678e-05``
+#: and the separator), and of a result row's keys and scalars.
+FLOAT_BYTES = 25
+ROW_BYTES = 400
+
+T = TypeVar("T")
+
+
+async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``: in a worker thread when ``large``, else right here."""
+    if not large:
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
+
+
+def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """An awaitable factory that completes when the client goes away (the body is read by
+    then, so the next ASGI message is the disconnect)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+def check_rows(rows: int, settings: Settings) -> None:
+    if rows > settings.max_rows:
+        raise LimitExceededError(
+            f"{rows} rows is more than the limit of {settings.max_rows} per request; "
+            "split the batch"
+        )
+
+
+def mc_options(
+    rows: int,
+    n_samples: int | None,
+    level: float,
+    return_samples: bool,
+    handle: ModelHandle,
+    settings: Settings,
+) -> MCOptions:
+    """The MC options of an uncertainty request of ``rows`` rows: ``n_samples`` (the default
+    when None), checked against the sample limits."""
+    if n_samples is None:
+        default = settings.default_n_samples or handle.spec.default_n_samples
+        n_samples = min(default, settings.max_n_samples)
+    elif n_samples > settings.max_n_samples:
+        raise LimitExceededError(
+            f"n_samples={n_samples} is above the limit of {settings.max_n_samples}"
+        )
+    total = rows * n_samples
+    if total > settings.max_row_samples:
+        raise LimitExceededError(
+            f"rows × n_samples = {rows} × {n_samples} = {total} is above the limit "
+            f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
+        )
+    if return_samples and total > settings.max_returned_samples:
+        raise LimitExceededError(
+            f"return_samples with rows × n_samples = {total} is above the limit of "
+            f"{settings.max_returned_samples}"
+        )
+    return MCOptions(n_samples, level, return_samples)
+
+
+def check_response_size(
+    rows: int, values_per_row: int, limit: int, *, value_bytes: int = FLOAT_BYTES
+) -> None:
+    """Refuse up front a response whose estimated size is above the limit (before computing)."""
+    estimate = rows * (ROW_BYTES + values_per_row * value_bytes)
+    if estimate > limit:
+        raise LimitExceededError(
+            f"the response would be about {estimate} bytes, above the limit of {limit} "
+            "(max_response_bytes); send fewer rows, or ask for fewer samples or none returned"
+        )
+
+
+def check_response_bytes(size: int, limit: int) -> None:
+    """Refuse a rendered response of ``size`` bytes above ``limit``."""
+    if size > limit:
+        raise LimitExceededError(
+            f"the response would be {size} bytes, above the limit of {limit} "
+            "(max_response_bytes); send fewer rows or ask for fewer samples"
+        )
