@@ -18,6 +18,7 @@ from service.config import Settings
 from service.metrics import Metrics, RecordRequests
 from service.registry import Registry
 from service.routes import router
+from service.v2.routes import router as v2_router
 
 log = logging.getLogger("mcdrop.service")
 
@@ -142,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app)
-    routers = [router]
+    routers = [router, v2_router]
     for api in routers:
         app.include_router(api)
     app.add_middleware(

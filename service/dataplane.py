@@ -89,10 +89,12 @@ def mc_options(
 
 
 def check_response_size(
-    rows: int, values_per_row: int, limit: int, *, value_bytes: int = FLOAT_BYTES
+    rows: int, values_per_row: int, limit: int, *, binary_values_per_row: int = 0
 ) -> None:
-    """Refuse up front a response whose estimated size is above the limit (before computing)."""
-    estimate = rows * (ROW_BYTES + values_per_row * value_bytes)
+    """Refuse up front a response whose estimated size is above the limit (before computing):
+    ``values_per_row`` JSON numbers and ``binary_values_per_row`` binary ones (at most 8
+    bytes each) per row."""
+    estimate = rows * (ROW_BYTES + values_per_row * FLOAT_BYTES + binary_values_per_row * 8)
     if estimate > limit:
         raise LimitExceededError(
             f"the response would be about {estimate} bytes, above the limit of {limit} "

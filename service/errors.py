@@ -15,7 +15,8 @@ this table and the enum to each other, and every error response to the enum)::
     model_not_found         404     ModelNotFoundError: unknown model name
     not_found               404     a path no route serves
     method_not_allowed      405     a method the path does not serve (``Allow`` lists those it does)
-    body_too_large          413     app.BodyLimit: request body above the size limit
+    body_too_large          413     app.BodyLimit: request body above the size limit (or
+                                    BodyTooLargeError: a v2 body above it once inflated)
     unsupported_media_type  415     UnsupportedMediaTypeError: a body that is not application/json
     invalid_request         422     RequestValidationError: fields of the wrong type or range
     invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
@@ -124,6 +125,11 @@ class ModelNotReadyError(ServiceError):
 class LimitExceededError(ServiceError):
     status_code = 422
     code = ErrorCode.LIMIT_EXCEEDED
+
+
+class BodyTooLargeError(ServiceError):
+    status_code = 413
+    code = ErrorCode.BODY_TOO_LARGE
 
 
 class UnsupportedMediaTypeError(ServiceError):
