@@ -557,3 +557,20 @@ def test_not_ready_is_503(tmp_path: Path, root: Path, monkeypatch: pytest.Monkey
         assert client.get("/v2/health/ready").json() == {"ready": True}
         mean = result(infer(client, "diabetes", _json()["inputs"])).as_numpy("mean")
         assert np.isfinite(mean).all()
+
+
+def test_without_the_api_key_a_401_in_the_v2_shape(tmp_path: Path, root: Path) -> None:
+    import shutil
+
+    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
+    with TestClient(create_app(Settings(model_dir=tmp_path, api_key="k3y"))) as client:
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        response = infer(client, "diabetes", _json()["inputs"])
+        assert response.status_code == 401
+        assert "API key" in response.json()["error"]
+        response = client.post(
+            "/v2/models/diabetes/infer",
+            json=_json(),
+            headers={"Authorization": "Bearer k3y"},
+        )
+        assert response.status_code == 200
