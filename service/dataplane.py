@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from service.batching import MCOptions
 from service.config import Settings
@@ -47,6 +48,12 @@ def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
             pass
 
     return wait
+
+
+def error_docs(model: type[BaseModel], texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's documented error answers (OpenAPI ``responses``): status -> what it means,
+    each with the protocol's error body ``model``."""
+    return {code: {"model": model, "description": text} for code, text in texts.items()}
 
 
 def check_rows(rows: int, settings: Settings) -> None:

@@ -34,16 +34,16 @@ EXTENSIONS = ["binary_tensor_data"]
 #: Past this many body bytes, parsing the request runs in a worker thread, not on the loop.
 LARGE_BODY_BYTES = 200_000
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": schemas.ErrorResponse, "description": text}
-    for code, text in {
+_ERRORS = dataplane.error_docs(
+    schemas.ErrorResponse,
+    {
         400: "malformed request or tensor, or a limit exceeded",
         404: "unknown model or version",
         413: "request body too large",
         503: "model still loading or failed to load, its queue is full, or shutting down",
         504: "the answer was not ready within the request deadline",
-    }.items()
-}
+    },
+)
 
 
 @router.get("", response_model=schemas.ServerMetadata)

@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import BUNDLED
-from tests.service.conftest import wait_ready
+from tests.service.conftest import Loading, wait_ready
 
 DIGITS = load_digits().data[:4].tolist()
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -299,31 +299,15 @@ def test_broken_model_reports_failure_and_others_serve(tmp_path: Path, root: Pat
         assert wait_diabetes.status_code == 200
 
 
-def test_ready_is_503_while_loading(
-    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import shutil
-    import threading
-
-    from service.registry import Registry
-
-    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
-    gate = threading.Event()
-    warm_up = Registry._warm_up
-
-    def slow_warm_up(predictor: Any) -> Any:
-        gate.wait(30)
-        return warm_up(predictor)
-
-    monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
-    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
-        assert client.get("/health").status_code == 200
-        assert client.get("/ready").status_code == 503
-        loading = client.post("/models/diabetes/predict", json={"inputs": [PATIENT]})
-        assert loading.status_code == 503
-        assert "loading" in loading.json()["error"]["message"]
-        gate.set()
-        wait_ready(client)
+def test_ready_is_503_while_loading(loading: Loading) -> None:
+    client = loading.client
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").status_code == 503
+    response = client.post("/models/diabetes/predict", json={"inputs": [PATIENT]})
+    assert response.status_code == 503
+    assert "loading" in response.json()["error"]["message"]
+    loading.gate.set()
+    wait_ready(client)
 
 
 # -- outputs that are not finite ---------------------------------------------------------------

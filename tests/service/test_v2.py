@@ -21,7 +21,7 @@ from tritonclient.http import InferResult
 
 from service.app import create_app
 from service.config import Settings
-from tests.service.conftest import wait_ready
+from tests.service.conftest import Loading, wait_ready
 
 DIGITS = load_digits().data[:4].astype(np.float32)
 PATIENT = np.array([[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]], dtype=np.float32)
@@ -526,37 +526,23 @@ def test_infer_routes_count_as_inference(http: TestClient, path: str, model: str
     assert http.app.state.inference.model(scope) == model
 
 
-def test_not_ready_is_503(tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-    import threading
-
-    from service.registry import Registry
-
-    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
-    gate = threading.Event()
-    warm_up = Registry._warm_up
-
-    def slow_warm_up(predictor: Any) -> Any:
-        gate.wait(30)
-        return warm_up(predictor)
-
-    monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
-    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
-        assert client.get("/v2/health/live").status_code == 200
-        response = client.get("/v2/health/ready")
-        assert (response.status_code, response.json()) == (503, {"ready": False})
-        response = client.get("/v2/models/diabetes/ready")
-        assert response.status_code == 503
-        assert response.json()["ready"] is False
-        assert "loading" in response.json()["error"]
-        response = infer(client, "diabetes", _json()["inputs"])
-        assert response.status_code == 503
-        assert "loading" in response.json()["error"]
-        gate.set()
-        wait_ready(client)
-        assert client.get("/v2/health/ready").json() == {"ready": True}
-        mean = result(infer(client, "diabetes", _json()["inputs"])).as_numpy("mean")
-        assert np.isfinite(mean).all()
+def test_not_ready_is_503(loading: Loading) -> None:
+    client = loading.client
+    assert client.get("/v2/health/live").status_code == 200
+    response = client.get("/v2/health/ready")
+    assert (response.status_code, response.json()) == (503, {"ready": False})
+    response = client.get("/v2/models/diabetes/ready")
+    assert response.status_code == 503
+    assert response.json()["ready"] is False
+    assert "loading" in response.json()["error"]
+    response = infer(client, "diabetes", _json()["inputs"])
+    assert response.status_code == 503
+    assert "loading" in response.json()["error"]
+    loading.gate.set()
+    wait_ready(client)
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    mean = result(infer(client, "diabetes", _json()["inputs"])).as_numpy("mean")
+    assert np.isfinite(mean).all()
 
 
 def test_without_the_api_key_a_401_in_the_v2_shape(tmp_path: Path, root: Path) -> None:
