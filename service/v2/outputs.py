@@ -32,8 +32,10 @@ regressor, predict (dropout off): ``mean``, ``noise_variance`` (N, K)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -66,7 +68,7 @@ class OutputInfo:
 
     def values_per_row(self, n_samples: int) -> int:
         """Values per input row (for response size estimates)."""
-        return int(np.prod([n_samples if d == -1 else d for d in self.per_row]))
+        return math.prod(n_samples if d == -1 else d for d in self.per_row)
 
 
 _BOTH = frozenset({PREDICT, UNCERTAINTY})
@@ -76,8 +78,13 @@ _PREDICT = frozenset({PREDICT})
 
 def catalog(spec: ModelSpec) -> dict[str, OutputInfo]:
     """Every output of ``spec``'s model, in the order responses give them."""
-    k = (spec.n_outputs,)
-    if spec.task == "classification":
+    return _catalog(spec.task, spec.n_outputs)
+
+
+@lru_cache(maxsize=64)
+def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
+    k = (n_outputs,)
+    if task == "classification":
         return {
             "probabilities": OutputInfo("FP32", k, _BOTH),
             "label": OutputInfo("BYTES", (), _BOTH),

@@ -46,6 +46,30 @@ _ERRORS = dataplane.error_docs(
 )
 
 
+# The infer routes first: FastAPI tries routes in order, and these take the traffic.
+_INFER: dict[str, Any] = {
+    "tags": [INFERENCE_TAG],
+    "responses": {200: {"model": schemas.InferenceResponse}, **_ERRORS},
+    "response_class": Response,
+}
+
+
+@router.post("/models/{name}/infer", **_INFER)
+async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep) -> Any:
+    """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
+    with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
+    ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs)."""
+    return await _infer(name, None, request, registry, settings)
+
+
+@router.post("/models/{name}/versions/{version}/infer", **_INFER)
+async def infer_version(
+    name: str, version: str, request: Request, registry: RegistryDep, settings: SettingsDep
+) -> Any:
+    """Inference on a model version (see ``/v2/models/{name}/infer``)."""
+    return await _infer(name, version, request, registry, settings)
+
+
 @router.get("", response_model=schemas.ServerMetadata)
 async def server_metadata(request: Request) -> schemas.ServerMetadata:
     """Server metadata: name, version and the protocol extensions supported."""
@@ -140,29 +164,6 @@ async def model_version_metadata(
 ) -> schemas.ModelMetadata:
     """A model version's metadata."""
     return _metadata(_handle(registry, name, version))
-
-
-_INFER: dict[str, Any] = {
-    "tags": [INFERENCE_TAG],
-    "responses": {200: {"model": schemas.InferenceResponse}, **_ERRORS},
-    "response_class": Response,
-}
-
-
-@router.post("/models/{name}/infer", **_INFER)
-async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep) -> Any:
-    """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
-    with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
-    ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs)."""
-    return await _infer(name, None, request, registry, settings)
-
-
-@router.post("/models/{name}/versions/{version}/infer", **_INFER)
-async def infer_version(
-    name: str, version: str, request: Request, registry: RegistryDep, settings: SettingsDep
-) -> Any:
-    """Inference on a model version (see ``/v2/models/{name}/infer``)."""
-    return await _infer(name, version, request, registry, settings)
 
 
 async def _infer(
