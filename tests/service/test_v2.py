@@ -101,6 +101,29 @@ def test_server_metadata_and_health(http: TestClient) -> None:
     assert http.get("/v2/health/ready").json() == {"ready": True}
 
 
+def test_openapi_lists_the_v2_routes(http: TestClient) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v2", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"} <= set(
+        paths
+    )
+
+
+def test_a_large_input_decodes_off_the_loop_to_the_same_answer(http: TestClient) -> None:
+    # 30 rows of 28 × 28 pixels (integers: the JSON fits the test body limit), past the size
+    # that moves decoding to a worker thread.
+    x = np.random.default_rng(0).integers(0, 256, size=(30, 28, 28)).astype(np.float32)
+    parameters = {"mode": "predict"}
+    as_json = infer(http, "fashion", [tensor(x)], parameters=parameters)
+    header = {"inputs": [binary_input(x, "FP32")], "parameters": parameters}
+    body, headers = binary_request(header, x.tobytes())
+    as_binary = http.post("/v2/models/fashion/infer", content=body, headers=headers)
+    native = _native(http, "fashion", x)
+    expected = [row["probabilities"] for row in native]
+    for response in (as_json, as_binary):
+        probabilities = result(response).as_numpy("probabilities")
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("path", ["/v2/models/digits", "/v2/models/digits/versions/1"])
 def test_model_metadata(http: TestClient, path: str) -> None:
     meta = http.get(path).json()
