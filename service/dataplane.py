@@ -2,17 +2,19 @@
 options it resolves to, the watch for its client going away, and moving large conversions off
 the event loop. The native routes (:mod:`service.routes`) and the Open Inference Protocol's
 (:mod:`service.v2.routes`) each do only their own encoding around these, so both run the same
-checks, with the same messages, before the same :class:`~service.registry.ModelHandle`."""
+checks, with the same messages, before the same :class:`~service.registry.ModelHandle`; and
+both answer HEAD on their GET routes the same way (:func:`get_and_head`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, TypeVar
 
-from fastapi import Request
-from pydantic import BaseModel
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
 from service.batching import MCOptions
 from service.config import Settings
@@ -50,10 +52,39 @@ def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
     return wait
 
 
-def error_docs(model: type[BaseModel], texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    """A route's documented error answers (OpenAPI ``responses``): status -> what it means,
-    each with the protocol's error body ``model``."""
-    return {code: {"model": model, "description": text} for code, text in texts.items()}
+class HeadRoute(APIRoute):
+    """HEAD of a GET route: the GET's status and headers (its Content-Length included), no
+    body (RFC 9110 §9.3.2)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        get = super().get_route_handler()
+
+        async def head(request: Request) -> Response:
+            response = await get(request)
+            return Response(status_code=response.status_code, headers=dict(response.headers))
+
+        return head
+
+
+def get_and_head(
+    router: APIRouter, path: str, **kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``router.get(path, **kwargs)`` that also answers HEAD. The HEAD twin is a route of its
+    own, kept out of the OpenAPI schema (one route with both methods would document HEAD too,
+    under the same operation id as GET)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["HEAD"],
+            include_in_schema=False,
+            route_class_override=HeadRoute,
+            **kwargs,
+        )
+        return router.get(path, **kwargs)(endpoint)
+
+    return register
 
 
 def check_rows(rows: int, settings: Settings) -> None:

@@ -18,14 +18,13 @@ import contextlib
 import email.message
 import json
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from mcdrop.masks import fresh_seed
@@ -86,37 +85,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": schemas.ErrorResponse, "description": _STATUS_TEXT[s]} for s in statuses}
 
 
-class _HeadRoute(APIRoute):
-    """HEAD of a GET route: the GET's status and headers (its Content-Length included), no
-    body (RFC 9110 §9.3.2)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        get = super().get_route_handler()
-
-        async def head(request: Request) -> Response:
-            response = await get(request)
-            return Response(status_code=response.status_code, headers=dict(response.headers))
-
-        return head
-
-
 def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``router.get(path, **kwargs)`` that also answers HEAD. The HEAD twin is a route of its
-    own, kept out of the OpenAPI schema (one route with both methods would document HEAD too,
-    under the same operation id as GET)."""
-
-    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-        router.add_api_route(
-            path,
-            endpoint,
-            methods=["HEAD"],
-            include_in_schema=False,
-            route_class_override=_HeadRoute,
-            **kwargs,
-        )
-        return router.get(path, **kwargs)(endpoint)
-
-    return register
+    """``router.get(path, **kwargs)`` that also answers HEAD (:func:`dataplane.get_and_head`)."""
+    return dataplane.get_and_head(router, path, **kwargs)
 
 
 @lru_cache(maxsize=64)

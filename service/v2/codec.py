@@ -152,20 +152,17 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if all(e["loc"][:1] == ("parameters",) for e in errors):
+            # Only the parameters are wrong: say which ones mcdrop reads.
+            wrong = "; ".join(
+                f"{d['field']}: {d['message']}" for d in validation_details(errors)[:5]
+            )
+            raise InvalidArgumentError(
+                f"{wrong} (mcdrop reads the parameters {', '.join(InferParameters.model_fields)})"
+            ) from None
         raise _invalid(exc) from None
-    try:
-        parameters = InferParameters.model_validate(request.parameters)
-    except ValidationError as exc:
-        details = validation_details(exc.errors())
-        wrong = "; ".join(
-            ("parameters" if d["field"] == "body" else f"parameters.{d['field']}")
-            + f": {d['message']}"
-            for d in details[:5]
-        )
-        raise InvalidArgumentError(
-            f"{wrong} (mcdrop reads the parameters {', '.join(InferParameters.model_fields)})"
-        ) from None
-    return Request(request, parameters, binary)
+    return Request(request, request.parameters, binary)
 
 
 def _batch_shape(predictor: Predictor) -> str:

@@ -10,6 +10,7 @@ Each model has one version, its manifest's ``version``; naming another is a 404.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -34,58 +35,115 @@ EXTENSIONS = ["binary_tensor_data"]
 #: Past this many body bytes, parsing the request runs in a worker thread, not on the loop.
 LARGE_BODY_BYTES = 200_000
 
-_ERRORS = dataplane.error_docs(
-    schemas.ErrorResponse,
-    {
-        400: "malformed request or tensor, or a limit exceeded",
-        404: "unknown model or version",
-        413: "request body too large",
-        503: "model still loading or failed to load, its queue is full, or shutting down",
-        504: "the answer was not ready within the request deadline",
-    },
-)
-
-
-# The infer routes first: FastAPI tries routes in order, and these take the traffic.
-_INFER: dict[str, Any] = {
-    "tags": [INFERENCE_TAG],
-    "responses": {200: {"model": schemas.InferenceResponse}, **_ERRORS},
-    "response_class": Response,
+# The statuses each route can answer besides 200, and nothing else (the protocol has no 422).
+_STATUS_TEXT = {
+    400: "a malformed request or tensor, an unknown parameter or output, or a limit exceeded",
+    404: "unknown model or version",
+    408: "the request body did not arrive in time",
+    413: "request body too large",
+    500: "the model failed while computing (see the server log)",
+    503: "the model is still loading or failed to load, its queue is full (see Retry-After), or "
+    "the server is stopping",
+    504: "the answer was not ready within the request deadline",
 }
 
 
-@router.post("/models/{name}/infer", **_INFER)
-async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep) -> Any:
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": schemas.ErrorResponse, "description": _STATUS_TEXT[s]} for s in statuses}
+
+
+def _path_parameters(*names: str) -> dict[str, Any]:
+    """Path parameters read from the path rather than declared: FastAPI documents a 422 for
+    every route with a declared parameter, and no name or version can fail validation here."""
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in names
+    ]
+    return {"parameters": parameters}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` written in place of each ``$ref`` (the request body is read
+    as bytes, so FastAPI does not list its models among the components)."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "an $inference_request; with binary tensor data, the JSON then the "
+        "tensors' bytes, Inference-Header-Content-Length giving the JSON's length",
+        "content": {
+            "application/json": {"schema": _inline(schemas.InferenceRequest.model_json_schema())}
+        },
+    }
+}
+
+
+def _infer_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return router.post(
+        path,
+        tags=[INFERENCE_TAG],
+        response_class=Response,
+        responses={
+            200: {
+                "model": schemas.InferenceResponse,
+                "description": "the output tensors: JSON, or with binary outputs the JSON then "
+                "their bytes (application/octet-stream, Inference-Header-Content-Length)",
+                "content": {"application/octet-stream": {}},
+            },
+            **_errors(400, 404, 408, 413, 500, 503, 504),
+        },
+        openapi_extra={**_path_parameters(*names), **_INFER_BODY},
+    )
+
+
+# The infer routes first: FastAPI tries routes in order, and these take the traffic.
+@_infer_route("/models/{name}/infer", "name")
+async def infer(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
     with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
     ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs)."""
-    return await _infer(name, None, request, registry, settings)
+    return await _infer(request, registry, settings)
 
 
-@router.post("/models/{name}/versions/{version}/infer", **_INFER)
-async def infer_version(
-    name: str, version: str, request: Request, registry: RegistryDep, settings: SettingsDep
-) -> Any:
+@_infer_route("/models/{name}/versions/{version}/infer", "name", "version")
+async def infer_version(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     """Inference on a model version (see ``/v2/models/{name}/infer``)."""
-    return await _infer(name, version, request, registry, settings)
+    return await _infer(request, registry, settings)
 
 
-@router.get("", response_model=schemas.ServerMetadata)
+def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return dataplane.get_and_head(router, path, **kwargs)
+
+
+@_get("", response_model=schemas.ServerMetadata)
 async def server_metadata(request: Request) -> schemas.ServerMetadata:
     """Server metadata: name, version and the protocol extensions supported."""
     return schemas.ServerMetadata(name="mcdrop", version=request.app.version, extensions=EXTENSIONS)
 
 
-@router.get("/health/live", response_model=schemas.ServerLive)
+@_get("/health/live", response_model=schemas.ServerLive)
 async def live() -> schemas.ServerLive:
     """Liveness: the process answers."""
     return schemas.ServerLive(live=True)
 
 
-@router.get(
+@_get(
     "/health/ready",
     response_model=schemas.ServerReady,
-    responses={503: {"model": schemas.ServerReady}},
+    responses={503: {"model": schemas.ServerReady, "description": "not every model is ready"}},
 )
 async def ready(registry: RegistryDep) -> Any:
     """Readiness, as ``GET /ready``: 200 once the models serve (all, or with exit_on_error off
@@ -96,7 +154,9 @@ async def ready(registry: RegistryDep) -> Any:
     return JSONResponse(status_code=503, content={"ready": False})
 
 
-def _handle(registry: Registry, name: str, version: str | None) -> ModelHandle:
+def _handle(registry: Registry, request: Request) -> ModelHandle:
+    """The model the path names, at the version it names (if it does)."""
+    name, version = request.path_params["name"], request.path_params.get("version")
     handle = registry.get(name)
     if version is not None and version != handle.spec.version:
         raise ModelNotFoundError(
@@ -105,34 +165,63 @@ def _handle(registry: Registry, name: str, version: str | None) -> ModelHandle:
     return handle
 
 
-def _model_ready(registry: Registry, name: str, version: str | None) -> Any:
+def _ready_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return _get(
+        path,
+        response_model=schemas.ModelReady,
+        response_model_exclude_none=True,
+        responses={
+            **_errors(404),
+            503: {"model": schemas.ModelReady, "description": "loading, or failed to load"},
+        },
+        openapi_extra=_path_parameters(*names),
+    )
+
+
+@_ready_route("/models/{name}/ready", "name")
+async def model_ready(request: Request, registry: RegistryDep) -> Any:
+    """One model's readiness: 200 once loaded and warmed up; 503 while it loads or if it failed
+    (``error`` says why)."""
+    return _model_ready(registry, request)
+
+
+@_ready_route("/models/{name}/versions/{version}/ready", "name", "version")
+async def model_version_ready(request: Request, registry: RegistryDep) -> Any:
+    """One model version's readiness."""
+    return _model_ready(registry, request)
+
+
+def _model_ready(registry: Registry, request: Request) -> Any:
+    name = request.path_params["name"]
     state, reason = registry.model_readiness(name)
     if state == "ready":
-        _handle(registry, name, version)
+        _handle(registry, request)  # 404 for another version
         return schemas.ModelReady(name=name, ready=True)
-    error = "still loading" if state == "loading" else f"failed to load: {reason}"
+    error = "is still loading" if state == "loading" else f"failed to load: {reason}"
     body = schemas.ModelReady(name=name, ready=False, error=f"model {name!r} {error}")
     return JSONResponse(status_code=503, content=body.model_dump())
 
 
-_READY: dict[str, Any] = {
-    "response_model": schemas.ModelReady,
-    "response_model_exclude_none": True,
-    "responses": {404: _ERRORS[404], 503: {"model": schemas.ModelReady}},
-}
+def _metadata_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return _get(
+        path,
+        response_model=schemas.ModelMetadata,
+        responses=_errors(404, 503),
+        openapi_extra=_path_parameters(*names),
+    )
 
 
-@router.get("/models/{name}/ready", **_READY)
-async def model_ready(name: str, registry: RegistryDep) -> Any:
-    """One model's readiness: 200 once loaded and warmed up; 503 while it loads or if it failed
-    (``error`` says why)."""
-    return _model_ready(registry, name, None)
+@_metadata_route("/models/{name}", "name")
+async def model_metadata(request: Request, registry: RegistryDep) -> schemas.ModelMetadata:
+    """A model's input (one FP32 tensor, any name, shape [-1, *input_shape]) and outputs (every
+    mode's; see the README)."""
+    return _metadata(_handle(registry, request))
 
 
-@router.get("/models/{name}/versions/{version}/ready", **_READY)
-async def model_version_ready(name: str, version: str, registry: RegistryDep) -> Any:
-    """One model version's readiness."""
-    return _model_ready(registry, name, version)
+@_metadata_route("/models/{name}/versions/{version}", "name", "version")
+async def model_version_metadata(request: Request, registry: RegistryDep) -> schemas.ModelMetadata:
+    """A model version's metadata."""
+    return _metadata(_handle(registry, request))
 
 
 def _metadata(handle: ModelHandle) -> schemas.ModelMetadata:
@@ -149,27 +238,8 @@ def _metadata(handle: ModelHandle) -> schemas.ModelMetadata:
     )
 
 
-@router.get("/models/{name}", response_model=schemas.ModelMetadata, responses=_ERRORS)
-async def model_metadata(name: str, registry: RegistryDep) -> schemas.ModelMetadata:
-    """A model's input (one FP32 tensor, any name, shape [-1, *input_shape]) and outputs (every
-    mode's; see the README)."""
-    return _metadata(_handle(registry, name, None))
-
-
-@router.get(
-    "/models/{name}/versions/{version}", response_model=schemas.ModelMetadata, responses=_ERRORS
-)
-async def model_version_metadata(
-    name: str, version: str, registry: RegistryDep
-) -> schemas.ModelMetadata:
-    """A model version's metadata."""
-    return _metadata(_handle(registry, name, version))
-
-
-async def _infer(
-    name: str, version: str | None, request: Request, registry: Registry, settings: Settings
-) -> Response:
-    handle = _handle(registry, name, version)
+async def _infer(request: Request, registry: Registry, settings: Settings) -> Response:
+    handle = _handle(registry, request)
     spec, predictor = handle.spec, handle.predictor
     body = codec.decompress(
         await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes

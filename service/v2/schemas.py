@@ -3,23 +3,32 @@ request parameters mcdrop reads (pydantic only; no torch, no FastAPI)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     model_validator,
 )
 
 from service.schemas import MAX_SEED
 
-#: ``$parameters``: name -> string, number or boolean.
-Parameters = dict[str, StrictBool | StrictInt | StrictFloat | StrictStr]
+
+def _integral(value: Any) -> Any:
+    """``5.0`` as 5: JSON, and its schema's ``integer``, do not tell them apart."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``). The bounds
+# come before the validator, so that the JSON schema states them.
+Integer = Annotated[int, BeforeValidator(_integral)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+Size = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
@@ -27,8 +36,8 @@ class _Strict(BaseModel):
 
 
 class InputParameters(_Strict):
-    binary_data_size: int | None = Field(
-        None, ge=0, description="bytes of this tensor's data after the JSON header"
+    binary_data_size: Size | None = Field(
+        None, description="bytes of this tensor's data after the JSON header"
     )
 
 
@@ -37,7 +46,7 @@ class RequestInput(_Strict):
     ``parameters.binary_data_size``, in the binary part of the body."""
 
     name: str
-    shape: list[int]
+    shape: list[Integer]
     datatype: str
     parameters: InputParameters = Field(default_factory=InputParameters)
     data: list[Any] | None = None
@@ -60,16 +69,16 @@ class InferParameters(_Strict):
     mode: Literal["predict", "uncertainty"] = Field(
         "uncertainty", description="uncertainty: MC dropout; predict: one pass, dropout off"
     )
-    n_samples: int | None = Field(
-        None, ge=1, description="MC-dropout samples (default: the model's default_n_samples)"
+    n_samples: Count | None = Field(
+        None, description="MC-dropout samples (default: the model's default_n_samples)"
     )
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="reproducible samples")
+    seed: Seed | None = Field(None, description="reproducible samples")
     level: float | None = Field(
         None, gt=0.0, lt=1.0, description="level of the central interval (default 0.95)"
     )
     binary_data_output: bool = Field(False, description="every output as binary data")
-    timeout: int | None = Field(
-        None, ge=1, description="microseconds: a deadline shorter than the server's"
+    timeout: Count | None = Field(
+        None, description="microseconds: a deadline shorter than the server's"
     )
 
     @model_validator(mode="after")
@@ -85,7 +94,7 @@ class InferenceRequest(_Strict):
     """``$inference_request``."""
 
     id: str | None = None
-    parameters: Parameters = Field(default_factory=dict)
+    parameters: InferParameters = Field(default_factory=InferParameters)
     inputs: list[RequestInput] = Field(..., min_length=1)
     outputs: list[RequestOutput] | None = None
 

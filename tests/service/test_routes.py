@@ -390,12 +390,12 @@ def test_one_requests_overflow_does_not_fail_a_request_batched_with_it(
 def _get_paths(http: TestClient) -> list[str]:
     """Every GET path of the app, model names filled in."""
     paths = [
-        route.path.replace("{name}", "digits")
+        route.path.replace("{name}", "digits").replace("{version}", "1")
         for route in http.app.routes  # type: ignore[attr-defined]
         if "GET" in getattr(route, "methods", ())
     ]
     schema_paths = [
-        p.replace("{name}", "digits")
+        p.replace("{name}", "digits").replace("{version}", "1")
         for p, ops in http.get("/openapi.json").json()["paths"].items()
         if "get" in ops
     ]
@@ -468,6 +468,7 @@ def test_openapi_lists_only_the_statuses_a_route_returns(http: TestClient) -> No
         for method, op in ops.items()
     }
     inference = ["200", "400", "404", "408", "413", "415", "422", "500", "503", "504"]
+    v2_inference = ["200", "400", "404", "408", "413", "500", "503", "504"]
     assert statuses == {
         ("GET", "/health"): ["200"],
         ("GET", "/ready"): ["200", "503"],
@@ -477,6 +478,16 @@ def test_openapi_lists_only_the_statuses_a_route_returns(http: TestClient) -> No
         ("GET", "/models/{name}"): ["200", "404", "503"],
         ("POST", "/models/{name}/predict"): inference,
         ("POST", "/models/{name}/uncertainty"): inference,
+        # The Open Inference Protocol's (no 415: any Content-Type; no 422: it answers 400).
+        ("GET", "/v2"): ["200"],
+        ("GET", "/v2/health/live"): ["200"],
+        ("GET", "/v2/health/ready"): ["200", "503"],
+        ("GET", "/v2/models/{name}"): ["200", "404", "503"],
+        ("GET", "/v2/models/{name}/versions/{version}"): ["200", "404", "503"],
+        ("GET", "/v2/models/{name}/ready"): ["200", "404", "503"],
+        ("GET", "/v2/models/{name}/versions/{version}/ready"): ["200", "404", "503"],
+        ("POST", "/v2/models/{name}/infer"): v2_inference,
+        ("POST", "/v2/models/{name}/versions/{version}/infer"): v2_inference,
     }
     params = paths["/models/{name}"]["get"]["parameters"]
     assert [(p["name"], p["in"], p["required"]) for p in params] == [("name", "path", True)]

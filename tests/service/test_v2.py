@@ -368,6 +368,8 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "bytes datatype": (_json(_input(datatype="BYTES")), 400, "datatype 'BYTES'"),
     "bf16 in JSON": (_json(_input(datatype="BF16")), 400, "BF16 has no JSON form"),
     "negative shape": (_json(_input(shape=[-1, 10])), 400, "must not be negative"),
+    "shape of strings": (_json(_input(shape=["1", "10"])), 400, "valid integer"),
+    "fractional shape": (_json(_input(shape=[1.5, 10])), 400, "valid integer"),
     "wrong rank": (_json(_input(shape=[10])), 400, "expects input shape [N, 10]"),
     "wrong width": (_json(_input(shape=[2, 5])), 400, "expects input shape [N, 10]"),
     "zero rows": (_json(_input(shape=[0, 10], data=[])), 400, "at least one row"),
@@ -447,6 +449,15 @@ def test_bad_request_is_a_clear_4xx_and_service_keeps_serving(http: TestClient, 
     assert infer(http, "diabetes", _json()["inputs"]).status_code == 200
 
 
+def test_integers_may_be_written_as_floats(http: TestClient) -> None:
+    """JSON (and its schema's "integer") do not tell 5 from 5.0; nor does the v2 API."""
+    inputs = _input(shape=[1.0, 10.0])
+    parameters = {"n_samples": 10.0, "seed": 3.0}
+    as_floats = result(infer(http, "diabetes", inputs, parameters=parameters))
+    as_ints = result(infer(http, "diabetes", _input(), parameters={"n_samples": 10, "seed": 3}))
+    assert as_floats.get_response() == as_ints.get_response()
+
+
 def _binary_case(
     blob: bytes, size: int | None = 40, datatype: str = "FP32", length: str | None = None
 ) -> tuple[bytes, dict[str, str]]:
@@ -521,7 +532,7 @@ def test_limits_in_the_v2_shape(http: TestClient, settings: Settings) -> None:
     )
     assert response.status_code == 413
     assert "inflated" in response.json()["error"]
-    assert http.get("/v2/nothing").json() == {"error": "Not Found"}
+    assert http.get("/v2/nothing").json() == {"error": "no route serves /v2/nothing"}
     assert http.get("/v2/models/digits/infer").status_code == 405
     assert list(http.get("/v2/models/digits/infer").json()) == ["error"]
 
