@@ -21,8 +21,10 @@ from service.config import Settings
 from service.errors import LimitExceededError
 from service.registry import ModelHandle
 
-#: Past these sizes, turning a request into a tensor or a result into a response runs in a
-#: worker thread (tens of milliseconds), not on the event loop that also answers ``/health``.
+#: Past these sizes, parsing a request body, turning a request into a tensor or a result into a
+#: response runs in a worker thread (tens of milliseconds), not on the event loop that also
+#: answers ``/health``.
+LARGE_BODY_BYTES = 256 * 1024
 LARGE_INPUT_VALUES = 20_000
 LARGE_RESPONSE_VALUES = 20_000
 

@@ -18,13 +18,14 @@ import contextlib
 import email.message
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import lru_cache
 from typing import Any
 
 import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from mcdrop.masks import fresh_seed
@@ -48,16 +49,14 @@ class _OffLoopBody(APIRoute):
 
         async def handler(request: Request) -> Response:
             body = await request.body()
-            if len(body) > LARGE_BODY_BYTES and is_json(request.headers.get("content-type")):
+            large = len(body) > dataplane.LARGE_BODY_BYTES
+            if large and is_json(request.headers.get("content-type")):
                 with contextlib.suppress(ValueError):  # not JSON: FastAPI reports it
                     request._json = await asyncio.to_thread(json.loads, body)
             return await handle(request)
 
         return handler
 
-
-#: Bodies above this are parsed off the event loop.
-LARGE_BODY_BYTES = 256 * 1024
 
 router = APIRouter(route_class=_OffLoopBody)
 

@@ -32,8 +32,6 @@ PLATFORM = "pytorch_mcdrop"
 #: The input's name in the metadata (a request's one input may have any name).
 INPUT = "inputs"
 EXTENSIONS = ["binary_tensor_data"]
-#: Past this many body bytes, parsing the request runs in a worker thread, not on the loop.
-LARGE_BODY_BYTES = 200_000
 
 # The statuses each route can answer besides 200, and nothing else (the protocol has no 422).
 _STATUS_TEXT = {
@@ -245,7 +243,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes
     )
     parsed = await dataplane.off_loop(
-        len(body) > LARGE_BODY_BYTES,
+        len(body) > dataplane.LARGE_BODY_BYTES,
         codec.parse_request,
         body,
         request.headers.get(codec.HEADER_LENGTH),
