@@ -30,6 +30,7 @@ from torch import Tensor
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.predictor import Predictor
 from service.errors import BodyTooLargeError, MalformedRequestError, validation_details
+from service.schemas import FiniteFloat
 from service.v2.outputs import Selected
 from service.v2.schemas import InferenceRequest, InferParameters, RequestInput
 
@@ -203,9 +204,6 @@ def the_input(request: InferenceRequest, predictor: Predictor) -> RequestInput:
             f"{[t.name for t in request.inputs]}"
         )
     return request.inputs[0]
-
-
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 @lru_cache(maxsize=64)

@@ -7,28 +7,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     model_validator,
 )
 
-from service.schemas import MAX_SEED
+from service.schemas import AsInt, Seed
 
-
-def _integral(value: Any) -> Any:
-    """``5.0`` as 5: JSON, and its schema's ``integer``, do not tell them apart."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-# Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``). The bounds
-# come before the validator, so that the JSON schema states them.
-Integer = Annotated[int, BeforeValidator(_integral)]
-Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
-Size = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_integral)]
+# Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``), as in the
+# native contract; the bounds come before ``AsInt``, so that the JSON schema states them.
+Integer = Annotated[int, AsInt]
+Count = Annotated[int, Field(ge=1), AsInt]
+Size = Annotated[int, Field(ge=0), AsInt]
 
 
 class _Strict(BaseModel):
