@@ -29,13 +29,14 @@ from service.config import Settings
 from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
 from service.metrics import Metrics
 
-#: Completes when the client has gone away (see :func:`service.routes.disconnected`).
+#: Completes when the client has gone away (see :func:`service.dataplane.disconnected`).
 Gone = Callable[[], Awaitable[Any]]
 
 
 @dataclass
 class ModelHandle:
-    """A ready model: its predictor and its batcher, and the deadline its work gets."""
+    """A ready model: its predictor and its batcher, and the deadline its work gets (a request
+    may ask for a shorter one, ``timeout_s``)."""
 
     predictor: Predictor
     batcher: Batcher
@@ -45,18 +46,28 @@ class ModelHandle:
     def spec(self) -> ModelSpec:
         return self.predictor.spec
 
-    def _job(self, x: Tensor, options: MCOptions | None, seed: int) -> Job:
-        return Job(x, options, seed, deadline=time.monotonic() + self.timeout_s)
+    def _job(self, x: Tensor, options: MCOptions | None, seed: int, timeout_s: float | None) -> Job:
+        # A request may shorten its deadline, never lengthen it past the server's.
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        return Job(x, options, seed, deadline=time.monotonic() + timeout)
 
-    async def predict(self, x: Tensor, *, gone: Gone | None = None) -> Prediction:
+    async def predict(
+        self, x: Tensor, *, gone: Gone | None = None, timeout_s: float | None = None
+    ) -> Prediction:
         """Deterministic prediction of ``x (N, *input_shape)``, through the batcher."""
-        return await self.batcher.submit(self._job(x, None, 0), gone=gone)
+        return await self.batcher.submit(self._job(x, None, 0, timeout_s), gone=gone)
 
     async def uncertainty(
-        self, x: Tensor, options: MCOptions, *, seed: int, gone: Gone | None = None
+        self,
+        x: Tensor,
+        options: MCOptions,
+        *,
+        seed: int,
+        gone: Gone | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[Summary, Tensor | None]:
         """MC summary (and ``(S, N, K)`` samples if asked) of ``x``, through the batcher."""
-        return await self.batcher.submit(self._job(x, options, seed), gone=gone)
+        return await self.batcher.submit(self._job(x, options, seed, timeout_s), gone=gone)
 
 
 log = logging.getLogger("mcdrop.service")

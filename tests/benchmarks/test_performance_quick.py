@@ -86,6 +86,15 @@ def test_service_load_quick(generator: str) -> None:
 
 
 @pytest.mark.slow
+def test_service_protocols_quick() -> None:
+    text = service_load.protocols(quick=True)
+    errors = re.findall(r"\| (\d+)/(\d+) \|", text)
+    assert len(errors) == 6  # 2 endpoints × native, v2 JSON, v2 binary
+    assert all(e == "0" and int(n) > 0 for e, n in errors)
+    assert all(r > 0 for r in _ratios(text, "CPU ÷ native"))
+
+
+@pytest.mark.slow
 def test_soak_quick() -> None:
     text = soak.run(quick=True)
     assert "0 unexpected answers" in text
