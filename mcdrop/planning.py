@@ -197,7 +197,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     """
     # Two rows even for a one-row input: with one row, a residual connection across the first
     # dropout would broadcast silently and pass the prefix check.
-    rows = x[torch.arange(2) % x.shape[0]]
+    rows = x[torch.arange(2, device=x.device) % x.shape[0]]
     small, large = (_Probe.run(model, replicate(rows[:1], b)) for b in _PROBE_BATCHES)
     if not small.seen:
         raise NoDropoutError(
@@ -230,7 +230,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         rest_flops=(large.flops - before) // b_large,
         _model=weakref.ref(model),
     )
-    keys = masks.sample_keys(masks.row_keys(rows, 0), 0, 2)
+    keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)
     _check_rows_alone(model, rows, full, plan)
     prefix, reason = _check_prefix(model, rows, keys, full, plan)
@@ -240,7 +240,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
 def _check_rows_alone(model: nn.Module, rows: Tensor, full: Tensor, plan: SamplingPlan) -> None:
     """Raise unless row 1's samples beside row 0 are those of row 1 alone (where its
     deterministic output is: a model that mixes rows makes no such promise)."""
-    alone_keys = masks.sample_keys(masks.row_keys(rows[1:], 0), 0, 2)
+    alone_keys = masks.sample_keys(masks.row_keys(rows[1:], 0).to(rows.device), 0, 2)
     alone = run_pass(model, rows[1:], alone_keys, 2, False, plan)
     if _close(full[:, 1], alone[:, 0]) or not _close(model(rows)[1], model(rows[1:])[0]):
         return
