@@ -120,7 +120,6 @@ class Predictor:
     statistic accumulates there (in float64).
 
     Attributes:
-        device: the model's device.
         plan: the model's :class:`~mcdrop.planning.SamplingPlan` (batch dimension of every
             dropout call, shared prefix, pass sizes), made by :meth:`warm_up` or on the first
             :meth:`uncertainty`; None before.
@@ -138,9 +137,13 @@ class Predictor:
         self.max_rows = max_rows
         if device is not None:
             model.module.to(resolve_device(device))
-        self.device = model_device(model.module)
         self.results_device = None if results_device is None else resolve_device(results_device)
         self.plan: SamplingPlan | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (where inputs go and statistics accumulate)."""
+        return model_device(self.model.module)
 
     @property
     def spec(self) -> ModelSpec:
