@@ -57,8 +57,11 @@ MAX_SEED = (1 << 63) - 1
 
 Backend = Literal["numpy", "torch"]
 
-#: The implementation used for keys on the CPU (see the module docstring); keys on any other
-#: device always use torch. Both give the same bits (tests/mcdrop/test_masks_torch.py).
+#: The implementation used for keys on the CPU; keys on any other device always use torch. Both
+#: give the same bits (tests/mcdrop/test_masks.py). NumPy, measured against torch on the CPU
+#: (2 cores, one thread): multipliers of 3200 rows × 50 at p = 0.05 in 167 µs vs 364, 3200 ×
+#: 1024 at p = 0.5 in 0.78 ms vs 9.9 (torch's byte-table gather is slow there), sample keys
+#: of 32 rows × 100 in 20 µs vs 103.
 CPU_BACKEND: Backend = "numpy"
 
 
