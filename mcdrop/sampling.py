@@ -159,7 +159,7 @@ def sample_chunks(
             None draws a fresh seed from the OS. The global torch RNG is never used.
         max_rows: the most replicated rows (samples × rows) in one forward pass; passes are
             also cut so the largest activation a dropout sees stays under
-            :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes (see
+            :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes on the CPU (see
             :meth:`~mcdrop.planning.SamplingPlan.pass_rows`). Chunking changes no mask (results
             agree to float rounding, which depends on pass sizes, and are bit-identical from run
             to run).

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import mcdrop
-from mcdrop import masks, sampling
+from mcdrop import masks, planning, sampling
 from mcdrop.devices import model_device, resolve_device, resolve_dtype
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import CNN, MLP, ReducedPrecision, RowLSTM
@@ -375,3 +375,18 @@ def test_a_cuda_predictor_matches_the_cpus_and_syncs_only_at_the_end(name: str, 
     assert moved_samples is not None
     assert expected_samples is not None
     assert moved_samples.shape == expected_samples.shape
+
+
+def test_passes_are_cut_to_the_cpus_caches_only_on_the_cpu() -> None:
+    model, shape = _models()["cnn"]
+    kept = mcdrop.plan(model.eval(), torch.randn(2, *shape))
+    assert kept.budget_bytes == planning.ACTIVATION_BUDGET
+    assert "fit the 16 MiB budget" in repr(kept)
+
+
+@cuda
+def test_passes_on_a_gpu_are_bounded_by_max_rows() -> None:
+    model, shape = _models()["cnn"]
+    kept = mcdrop.plan(model.to("cuda").eval(), torch.randn(2, *shape))
+    assert kept.budget_bytes == planning.DEVICE_ACTIVATION_BUDGET
+    assert kept.pass_rows(32, 100, 8192, prefix=kept.prefix) == 8192
