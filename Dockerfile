@@ -16,9 +16,11 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 COPY pyproject.toml README.md ./
+COPY deploy/client ./deploy/client
 COPY mcdrop ./mcdrop
 COPY service ./service
-RUN pip install .
+# mcdrop depends on mcdrop-client (the client and the HTTP contract), built from deploy/client.
+RUN pip install ./deploy/client .
 
 COPY models ./models
 USER mcdrop

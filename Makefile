@@ -8,12 +8,13 @@ PORT ?= 8000
 
 .PHONY: install serve test test-fast lint format bench fuzz models clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# The client's own distribution (deploy/client) with it: mcdrop depends on mcdrop-client.
+	$(BIN)/pip install --quiet -e ./deploy/client -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -215,8 +215,8 @@ class RegressionSummary:
     """MC summary of a regressor, all per row, in the units of the model's output.
 
     Attributes:
-        mean, variance, std, epistemic, aleatoric: ``(N, K)``; ``variance = epistemic +
-            aleatoric``.
+        mean, variance, std, epistemic_variance, aleatoric_variance: ``(N, K)``; ``variance =
+            epistemic_variance + aleatoric_variance``.
         lower, upper: ``(N, K)`` central interval at ``level`` of the moment-matched Gaussian.
         log_likelihood: ``(N, K)`` mixture test log-likelihood, when targets were given.
     """
@@ -224,8 +224,8 @@ class RegressionSummary:
     mean: Tensor
     variance: Tensor
     std: Tensor
-    epistemic: Tensor
-    aleatoric: Tensor
+    epistemic_variance: Tensor
+    aleatoric_variance: Tensor
     lower: Tensor
     upper: Tensor
     level: float
@@ -366,8 +366,8 @@ class RegressionAccumulator:
             mean=self.mean.float(),
             variance=variance.float(),
             std=variance.sqrt().float(),
-            epistemic=epistemic.float(),
-            aleatoric=aleatoric.float(),
+            epistemic_variance=epistemic.float(),
+            aleatoric_variance=aleatoric.float(),
             lower=lower.float(),
             upper=upper.float(),
             level=self.level,

@@ -13,7 +13,9 @@ tensor → batcher (with the request's deadline, and a watch for the client goin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.message
+import json
 import math
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import lru_cache, partial
@@ -35,7 +37,30 @@ from service.deps import RegistryDep, SettingsDep
 from service.errors import LimitExceededError, UnsupportedMediaTypeError
 from service.registry import ModelHandle, Registry
 
-router = APIRouter()
+
+class _OffLoopBody(APIRoute):
+    """A route that parses a large JSON body in a worker thread: FastAPI's own ``json.loads``
+    runs on the event loop, and a 4 MB body of image rows holds it (and ``/health``) for
+    ~100 ms. The parsed body is left where Starlette's ``Request.json()`` caches it, so
+    FastAPI validates it as usual (and a body that is not JSON fails there, as before)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handler(request: Request) -> Response:
+            body = await request.body()
+            if len(body) > LARGE_BODY_BYTES and is_json(request.headers.get("content-type")):
+                with contextlib.suppress(ValueError):  # not JSON: FastAPI reports it
+                    request._json = await asyncio.to_thread(json.loads, body)
+            return await handle(request)
+
+        return handler
+
+
+#: Bodies above this are parsed off the event loop.
+LARGE_BODY_BYTES = 256 * 1024
+
+router = APIRouter(route_class=_OffLoopBody)
 
 # The statuses each route can answer besides 200, and nothing else (a route that cannot 422 must
 # not list it). Once an API key can be required, every route but /health and /ready adds 401.

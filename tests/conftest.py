@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,17 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
+#: The client's own distribution; its import package, ``mcdrop_client``, is not at the top.
+CLIENT_DIST = ROOT / "deploy" / "client"
+#: Where this checkout's code is found: ``mcdrop`` and ``service`` at the root, ``mcdrop_client``
+#: in ``deploy/client``, for processes the tests start (as ``PYTHONPATH``).
+CHECKOUT_PATH = os.pathsep.join([str(ROOT), str(CLIENT_DIST)])
+# This checkout's client and contract, in process and in every process the tests start, even
+# where the environment has another checkout's mcdrop-client installed, as for mcdrop and service.
+sys.path.insert(0, str(CLIENT_DIST))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [CHECKOUT_PATH, os.environ.get("PYTHONPATH")])
+)
 #: The bundled models: every directory of models/ with a manifest.
 BUNDLED = frozenset(p.parent.name for p in MODELS.glob("*/model.json"))
 

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 import mcdrop
-from service import client
+import mcdrop_client
+from mcdrop_client import client as client_module
+from mcdrop_client import schemas as contract
+from service import client, schemas
 
 
 def _loaded_after(statement: str) -> set[str]:
@@ -64,13 +67,37 @@ def test_core_imports_without_the_heavy_packages() -> None:
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
 
-@pytest.mark.parametrize("statement", ["import service.client", "import service.schemas"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import service.client",
+        "import service.schemas",
+        "import mcdrop_client",
+        "import mcdrop_client.schemas",
+    ],
+)
 def test_client_loads_neither_torch_nor_fastapi(statement: str) -> None:
     loaded = _loaded_after(statement)
-    assert not {"torch", "fastapi", "starlette", "mcdrop"} & loaded
+    assert not {"torch", "fastapi", "starlette", "mcdrop", "numpy"} & loaded
 
 
-@pytest.mark.parametrize("module", [mcdrop, client])
+def test_client_package_stands_alone() -> None:
+    # What an install of mcdrop-client alone lacks: mcdrop_client must import without any of it.
+    absent = ("torch", "numpy", "fastapi", "starlette", "uvicorn", "sklearn", "mcdrop", "service")
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in absent)
+    code = f"import sys; {blocked}; import mcdrop_client, mcdrop_client.schemas"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+
+def test_service_names_are_the_clients_objects() -> None:
+    """``service.client`` and ``service.schemas`` are the same client and contract, not copies."""
+    assert client.__all__ == mcdrop_client.__all__ == client_module.__all__
+    assert all(getattr(client, n) is getattr(mcdrop_client, n) for n in client.__all__)
+    assert schemas.__all__ == contract.__all__
+    assert all(getattr(schemas, n) is getattr(contract, n) for n in contract.__all__)
+
+
+@pytest.mark.parametrize("module", [mcdrop, client, mcdrop_client])
 def test_public_api_is_sorted_and_real(module) -> None:
     assert module.__all__ == sorted(module.__all__)
     for name in module.__all__:

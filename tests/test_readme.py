@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MODELS, ROOT
+from tests.conftest import CHECKOUT_PATH, MODELS, ROOT
 from tests.e2e.server import Server, clean_env, serve
 
 README = ROOT / "README.md"
@@ -207,7 +207,7 @@ def test_readme_example(example: Example, server: Server, workdir: Path) -> None
         else [sys.executable, "-c", code]
     )
     # The working tree's code, even where .venv has another checkout installed.
-    env = clean_env(PYTHONPATH=str(ROOT), MCDROP_URL=server.url)
+    env = clean_env(PYTHONPATH=CHECKOUT_PATH, MCDROP_URL=server.url)
     done = subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
@@ -226,7 +226,7 @@ def test_the_readme_shows_each_way_in() -> None:
         if e.expected is not None
         for way, needle in {
             "curl": "curl ",
-            "client": "from service.client import",
+            "client": "from mcdrop_client import",
             "cli": "mcdrop predict",
             "library": "import mcdrop",
         }.items()

@@ -182,10 +182,10 @@ def evaluate_regressor(
                     "rmse": float(error.square().mean().sqrt()),
                     "log_likelihood": float(summary.log_likelihood.double().mean()),
                     "mean_std": float(mc_std.mean()),
-                    "mean_epistemic_std": float(summary.epistemic.double().sqrt().mean()),
+                    "mean_epistemic_std": float(summary.epistemic_variance.double().sqrt().mean()),
                     "error_std_spearman": spearman(error.flatten(), mc_std.flatten()),
                     "error_epistemic_spearman": spearman(
-                        error.flatten(), summary.epistemic.double().sqrt().flatten()
+                        error.flatten(), summary.epistemic_variance.double().sqrt().flatten()
                     ),
                 }
             ),
@@ -196,7 +196,7 @@ def evaluate_regressor(
     raw = {
         "error": error.flatten(),
         "std": mc_std.flatten(),
-        "epistemic": summary.epistemic.double().sqrt().flatten(),
+        "epistemic": summary.epistemic_variance.double().sqrt().flatten(),
         "coverage": coverage,
     }
     return report, raw

@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 from service.client import AsyncClient, AuthenticationError, Client, NotFoundError
-from tests.conftest import ROOT
+from tests.conftest import CHECKOUT_PATH, ROOT
 from tests.e2e.server import Server, clean_env, serve
 
 pytestmark = pytest.mark.slow
@@ -146,7 +146,7 @@ def test_the_client_without_the_key_raises_authentication_error(
 
 @pytest.mark.parametrize("key", [KEY, None])
 def test_the_cli_reads_url_and_key_from_the_environment(server: Server, key: str | None) -> None:
-    env = clean_env(PYTHONPATH=str(ROOT), MCDROP_URL=server.url)
+    env = clean_env(PYTHONPATH=CHECKOUT_PATH, MCDROP_URL=server.url)
     if key is not None:
         env["MCDROP_API_KEY"] = key
     done = subprocess.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import threading
@@ -210,3 +211,29 @@ def test_sigterm_lets_requests_finish_then_exits_within_the_limit(tmp_path: Path
         # uvicorn re-raises the signal once it has shut down: the exit status says SIGTERM.
         assert server.proc.returncode in (0, -signal.SIGTERM), server.log()
         assert results == [200]
+
+
+def test_health_stays_fast_while_large_bodies_are_parsed(server: Server) -> None:
+    body = json.dumps({"inputs": [IMAGE] * 200}).encode()
+    assert len(body) > 500_000  # parsed off the loop
+    latencies: list[float] = []
+
+    async def main() -> None:
+        async with httpx2.AsyncClient(base_url=server.url, timeout=120) as http:
+            headers = {"content-type": "application/json"}
+            uploads = [
+                asyncio.ensure_future(
+                    http.post("/models/fashion/predict", content=body, headers=headers)
+                )
+                for _ in range(4)
+            ]
+            while not all(task.done() for task in uploads):
+                started = time.monotonic()
+                assert (await http.get("/health")).status_code == 200
+                latencies.append(time.monotonic() - started)
+                await asyncio.sleep(0.01)
+            assert all(task.result().status_code == 200 for task in uploads)
+
+    asyncio.run(main())
+    assert latencies
+    assert max(latencies) < 2.0, latencies  # loose: a shared machine; parsing is off the loop

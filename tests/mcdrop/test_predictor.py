@@ -51,8 +51,8 @@ def test_regressor_in_original_units(diabetes: Predictor) -> None:
     assert 25 < det.mean.item() < 350  # the target's range in the data
     summary, _ = diabetes.uncertainty(x, 200, seed=0)
     assert isinstance(summary, RegressionSummary)
-    assert summary.aleatoric.item() == pytest.approx(1 / diabetes.spec.tau, rel=1e-5)
-    assert summary.epistemic.item() > 0
+    assert summary.aleatoric_variance.item() == pytest.approx(1 / diabetes.spec.tau, rel=1e-5)
+    assert summary.epistemic_variance.item() > 0
     assert summary.lower.item() < summary.mean.item() < summary.upper.item()
 
 

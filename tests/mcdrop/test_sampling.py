@@ -230,7 +230,7 @@ acc = RegressionAccumulator(1000, 1, noise_variance=0.1)
 for chunk in sample_chunks(model, x, 10_000, seed=0, max_rows=65_536):
     acc.update(chunk.values, chunk.rows)
 summary = acc.result()
-assert summary.n_samples == 10_000 and bool((summary.epistemic > 0).all())
+assert summary.n_samples == 10_000 and bool((summary.epistemic_variance > 0).all())
 with open("/proc/self/status") as f:
     print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024)
 """

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service import client as client_module
-from service.client import (
+from mcdrop_client import (
     APIError,
     AsyncClient,
     AuthenticationError,
@@ -28,8 +27,9 @@ from service.client import (
     ServiceUnavailableError,
     TransportError,
 )
+from mcdrop_client import client as client_module
+from mcdrop_client.schemas import ClassificationUncertainty, RegressionUncertainty
 from service.config import Settings
-from service.schemas import ClassificationUncertainty, RegressionUncertainty
 from tests.conftest import BUNDLED
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]

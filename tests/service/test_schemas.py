@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from mcdrop import masks
-from service import schemas
+from mcdrop_client import schemas
 
 
 def test_seed_range_is_the_librarys() -> None:

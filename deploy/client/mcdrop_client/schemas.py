@@ -1,0 +1,269 @@
+"""The HTTP contract: request and response models (pydantic only; no torch, no FastAPI).
+
+The service validates requests and writes responses with these models (``service.schemas``
+re-exports them) and the client parses responses with them, so both sides share one definition;
+it ships in the client's distribution, which the service's depends on, at the same version.
+Field names are the library's: ``inputs``, ``n_samples``, ``seed``, ``mean``, ``variance``,
+``entropy``, ``mutual_information``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+__all__ = [
+    "FLOAT32_MAX",
+    "MAX_ROW_RANK",
+    "MAX_SEED",
+    "ROW_SCHEMA",
+    "AsInt",
+    "ClassificationPrediction",
+    "ClassificationUncertainty",
+    "ErrorBody",
+    "ErrorCode",
+    "ErrorResponse",
+    "FiniteFloat",
+    "Health",
+    "ModelInfo",
+    "ModelList",
+    "ModelReadiness",
+    "PredictRequest",
+    "PredictResponse",
+    "Readiness",
+    "RegressionPrediction",
+    "RegressionUncertainty",
+    "Seed",
+    "UncertaintyRequest",
+    "UncertaintyResponse",
+]
+
+#: The largest seed the library accepts (``mcdrop.masks.MAX_SEED``, which this module cannot
+#: import: it loads torch, and the client imports this module). A test asserts they agree.
+MAX_SEED = (1 << 63) - 1
+#: The largest float32 magnitude: inputs are float32 tensors, so larger numbers would be inf.
+FLOAT32_MAX = 3.4028234663852886e38
+#: Deepest nesting of a row the schema describes: (C, H, W) images and one more.
+MAX_ROW_RANK = 4
+
+
+def _integral(value: Any) -> Any:
+    """An integral float (``5.0``) as an int: JSON Schema's ``integer`` counts it as one, and
+    pydantic's strict int would refuse it. Anything else is left for the int validator."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: The JSON spelling of an integer (``5`` or ``5.0``, never ``"5"`` or ``true``); it goes last in
+#: an ``Annotated`` list, after the int's bounds, so the schema keeps them.
+AsInt = BeforeValidator(_integral)
+
+#: A seed: 0 to 2**63 - 1. The schema states the range as ``format: int64`` with a minimum of 0,
+#: because FastAPI writes numeric bounds as floats and 2**63 - 1 is no float (it would round up
+#: to 2**63 and admit one seed too many).
+Seed = Annotated[
+    int,
+    Field(ge=0, le=MAX_SEED),
+    AsInt,
+    WithJsonSchema({"type": "integer", "format": "int64", "minimum": 0}),
+]
+
+#: A number a response may carry: never NaN or ±inf (JSON has no such numbers).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ErrorCode(StrEnum):
+    """Every ``error.code`` the service sends (statuses in :mod:`service.errors`)."""
+
+    BODY_TOO_LARGE = "body_too_large"
+    CLIENT_CLOSED_REQUEST = "client_closed_request"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    HTTP_ERROR = "http_error"
+    INTERNAL_ERROR = "internal_error"
+    INVALID_ARGUMENT = "invalid_argument"
+    INVALID_INPUT = "invalid_input"
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    MODEL_ERROR = "model_error"
+    MODEL_NOT_FOUND = "model_not_found"
+    MODEL_NOT_READY = "model_not_ready"
+    NON_FINITE_OUTPUT = "non_finite_output"
+    NOT_FOUND = "not_found"
+    OVERLOADED = "overloaded"
+    REQUEST_TIMEOUT = "request_timeout"
+    SHUTTING_DOWN = "shutting_down"
+    UNAUTHORIZED = "unauthorized"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+
+
+def _nested_numbers(rank: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
+    for _ in range(rank):
+        schema = {"type": "array", "items": schema, "minItems": 1}
+    return schema
+
+
+#: JSON schema of one row: numbers nested as deep as the model's input_shape (the exact shape
+#: depends on the model, so convert.to_tensor checks it at runtime).
+ROW_SCHEMA: dict[str, Any] = {
+    "anyOf": [_nested_numbers(rank) for rank in range(1, MAX_ROW_RANK + 1)],
+    "description": "one row: numbers nested to the model's input_shape, e.g. 64 numbers",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PredictRequest(_Strict):
+    """Rows to predict, each of the model's ``input_shape`` (e.g. 64 numbers for ``digits``)."""
+
+    inputs: list[Any] = Field(
+        ...,
+        min_length=1,
+        description=(
+            "a list of rows, each a (nested) list of numbers of the model's input_shape, "
+            f"finite and at most {FLOAT32_MAX:.7g} in magnitude (float32)"
+        ),
+        examples=[[[0.0] * 10]],
+        json_schema_extra={"items": ROW_SCHEMA},
+    )
+
+
+class UncertaintyRequest(PredictRequest):
+    """Rows to sample, with the MC options."""
+
+    n_samples: Annotated[int, Field(ge=1), AsInt] | None = Field(
+        None, description="MC-dropout samples (default: the model's default_n_samples)"
+    )
+    seed: Seed | None = Field(
+        None,
+        description=(
+            "reproducible samples, 0 to 2**63 - 1: a row's result depends only on the seed and "
+            "the row (default: a fresh random seed, reported in the response)"
+        ),
+    )
+    level: float = Field(0.95, gt=0.0, lt=1.0, description="level of the central interval")
+    return_samples: bool = Field(False, description="include every sample of every row")
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode = Field(..., description="machine-readable kind, e.g. invalid_input")
+    message: str = Field(..., description="what is wrong and how to fix it")
+    details: list[dict[str, Any]] = Field(default_factory=list)
+    request_id: str | None = Field(
+        None, description="the request's ID (also the X-Request-ID header): quote it in reports"
+    )
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """The server's readiness: ``ready`` (200) when every model is; ``degraded`` (200) when some
+    failed to load (with ``exit_on_error`` off) and every other one is ready; ``loading`` (503)
+    while a model loads; ``failed`` (503) when none loaded."""
+
+    status: Literal["ready", "degraded", "loading", "failed"]
+    models: dict[str, str] = Field(
+        ..., description="model name -> loading | ready | why it failed to load"
+    )
+
+
+class ModelReadiness(BaseModel):
+    """One model's readiness: 200 when ``ready``, else 503."""
+
+    name: str
+    status: Literal["ready", "loading", "failed"]
+    reason: str | None = Field(None, description="why the model failed to load")
+
+
+class ModelInfo(BaseModel):
+    """What a client needs to call a model."""
+
+    name: str
+    version: str
+    task: Literal["classification", "regression"]
+    description: str
+    input_shape: list[int]
+    labels: list[str]
+    likelihood: Literal["homoscedastic", "heteroscedastic"]
+    tau: float | None
+    dropout: float | None
+    default_n_samples: int
+    max_n_samples: int
+    max_rows: int
+    metrics: dict[str, float]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class ClassificationPrediction(BaseModel):
+    label: str
+    label_index: int
+    probabilities: list[FiniteFloat]
+
+
+class RegressionPrediction(BaseModel):
+    mean: list[FiniteFloat] = Field(..., description="prediction in original units, one per target")
+    noise_variance: list[FiniteFloat] = Field(..., description="the model's noise variance (1/tau)")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    task: Literal["classification", "regression"]
+    predictions: list[ClassificationPrediction] | list[RegressionPrediction]
+
+
+class ClassificationUncertainty(BaseModel):
+    """MC summary of one row of a classifier (entropies in nats)."""
+
+    label: str
+    label_index: int
+    probabilities: list[FiniteFloat] = Field(..., description="MC mean of the class probabilities")
+    mean: list[FiniteFloat] = Field(..., description="same as probabilities")
+    variance: list[FiniteFloat] = Field(..., description="per-class variance of the probabilities")
+    std: list[FiniteFloat]
+    entropy: FiniteFloat = Field(..., description="predictive entropy: total uncertainty")
+    expected_entropy: FiniteFloat = Field(..., description="mean entropy of the samples: aleatoric")
+    mutual_information: FiniteFloat = Field(..., description="BALD: epistemic uncertainty")
+    variation_ratio: FiniteFloat = Field(..., description="share of samples off the modal label")
+    samples: list[list[FiniteFloat]] | None = Field(
+        None, description="(n_samples, K) probabilities"
+    )
+
+
+class RegressionUncertainty(BaseModel):
+    """MC summary of one row of a regressor, in original units, one entry per target."""
+
+    mean: list[FiniteFloat]
+    variance: list[FiniteFloat] = Field(..., description="epistemic + aleatoric")
+    std: list[FiniteFloat]
+    epistemic_variance: list[FiniteFloat] = Field(..., description="spread of the sampled means")
+    aleatoric_variance: list[FiniteFloat] = Field(..., description="noise: 1/tau or predicted")
+    lower: list[FiniteFloat] = Field(..., description="lower bound of the central interval")
+    upper: list[FiniteFloat] = Field(..., description="upper bound of the central interval")
+    samples: list[list[FiniteFloat]] | None = Field(
+        None, description="(n_samples, K) sampled means"
+    )
+
+
+class UncertaintyResponse(BaseModel):
+    model: str
+    task: Literal["classification", "regression"]
+    n_samples: int
+    seed: Seed = Field(..., description="the seed used; send it back to reproduce the result")
+    level: FiniteFloat
+    results: list[ClassificationUncertainty] | list[RegressionUncertainty]
