@@ -120,13 +120,19 @@ class Registry:
                     entry.path,
                     trust_model_code=self.settings.trust_model_code,
                     allowed_factories=self.settings.allowed_factories,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
                 )
                 if loaded.spec.name != entry.name:
                     raise checkpoint.CheckpointError(
                         f"{entry.path / checkpoint.MANIFEST}: name {loaded.spec.name!r} does not "
                         f"match its directory {entry.name!r}"
                     )
-                predictor = Predictor(loaded, max_rows=self.settings.chunk_rows)
+                # Results come back to the host once per request batch, in the worker thread
+                # (never on the event loop, which would wait for the GPU).
+                predictor = Predictor(
+                    loaded, max_rows=self.settings.chunk_rows, results_device="cpu"
+                )
                 cost = self._warm_up(predictor)
                 batcher = Batcher(
                     predictor,
@@ -146,7 +152,7 @@ class Registry:
                 self.arrivals.listeners[entry.name] = batcher.recheck
                 entry.handle = ModelHandle(predictor, batcher, self.settings.request_timeout_s)
                 entry.state = "ready"
-                log.info("model %s ready", entry.name)
+                log.info("model %s ready on %s", entry.name, predictor.device)
             except Exception as exc:  # one broken model must not stop the others
                 # The reason first: a reader that sees "error" must find it.
                 entry.error = public_message(str(exc), self.settings.model_dir)
@@ -156,7 +162,8 @@ class Registry:
     @staticmethod
     def _warm_up(predictor: Predictor) -> CostModel:
         """Plan the model's sampling, then run it each way before it takes requests, timing it
-        for the batcher."""
+        for the batcher (on the model's device, results back on the host: what a request
+        costs)."""
         x = Registry._warm_up_input(predictor)
         predictor.warm_up(x)
         return CostModel.measure(predictor, x)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import memory, sampling, service_load, soak
+from benchmarks import gpu, memory, sampling, service_load, soak
 from mcdrop import predict
 
 
@@ -67,6 +67,39 @@ def test_floor_and_naive_compute_what_mcdrop_computes(ref: sampling.Reference) -
     se = ((naive.var(0) + mc.var(0)) / S).sqrt()  # (N, K)
     assert bool(((naive.mean(0) - mc.mean(0)).abs() <= 5 * se).all())
     assert 0.7 < float(naive.var(0).sum() / mc.var(0).sum()) < 1.4
+
+
+@pytest.mark.parametrize("ref", _references())
+def test_baal_style_samples_like_baal(ref: sampling.Reference) -> None:
+    """One replicated pass with the dropout modules on: samples vary, except through the
+    transformer's fused inference path, which skips its dropout modules (baal's zero variance)."""
+    x = torch.randn(3, *ref.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        samples = sampling.baal_style(ref.model, x, 20)
+    assert samples.shape == sampling.sample(ref.model, x, 20, seed=0).shape
+    assert not any(m.training for m in ref.model.modules())
+    varies = bool(samples.var(0).max() > 0)
+    assert varies == (not ref.name.startswith("transformer"))
+
+
+def test_the_gpu_benchmark_without_a_gpu_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert gpu.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("benchmarks.gpu: no CUDA GPU here")
+    assert "nothing measured" in out
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_quick_on_the_cpu(tmp_path) -> None:
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu.md").read_text()
+    assert "FAILED" not in text
+    assert text.count("bit for bit") == 1
+    assert len(_ratios(text.split("#### Sampling")[1], "mcdrop / floor")) == 10
+    assert text.count("kernel launches per call") == 4
 
 
 @pytest.mark.slow
