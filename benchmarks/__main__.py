@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in chosen:
         if name == "service":
             print(service_load.run(args.quick, args.generator), flush=True)
+            print(service_load.protocols(args.quick, args.generator), flush=True)
         else:
             print(modules[name].run(args.quick), flush=True)
     return 0

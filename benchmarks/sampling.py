@@ -86,6 +86,25 @@ def naive_loop(model: nn.Module, x: Tensor, n_samples: int) -> Tensor:
         model.eval()
 
 
+def baal_style(model: nn.Module, x: Tensor, n_samples: int) -> Tensor:
+    """What baal's ``MCDropoutModule`` with ``replicate_in_memory`` does, without baal: the batch
+    replicated T times and one pass with torch's dropout modules switched on (its masks come from
+    the global RNG, and dropout that is not a module, or that a fused path skips, stays off).
+
+    Returns ``(T, N, K)``.
+    """
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for m in dropouts:
+        m.train()
+    try:
+        with torch.inference_mode():
+            out = model(replicate(x, n_samples))
+    finally:
+        for m in dropouts:
+            m.eval()
+    return out.view(n_samples, x.shape[0], *out.shape[1:])
+
+
 def floor(ref: Reference, x: Tensor, n_samples: int) -> Tensor:
     with torch.inference_mode():
         h = ref.prefix(x)

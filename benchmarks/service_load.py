@@ -13,7 +13,12 @@ Two load generators (``--generator``), both asyncio with one keep-alive connecti
 - ``httpx2``: ``httpx2.AsyncClient``, what a Python caller would use; its own CPU cost competes
   with the server's on the same cores.
 
-Run: ``python -m benchmarks.service_load [--quick] [--generator raw|httpx2]``.
+:func:`protocols` compares, on the same server and in the same run, one-row requests to the
+native endpoints with the same requests over the Open Inference Protocol (``/v2/.../infer``,
+JSON and binary tensor data).
+
+Run: ``python -m benchmarks.service_load [--quick] [--generator raw|httpx2] [--only
+load|protocols]``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
@@ -114,16 +120,15 @@ class Server:
 
 # A client sends a request, awaits the answer, and repeats: ``(path, body) -> ok``.
 Call = Callable[[str, bytes], Any]
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-async def _raw_client(port: int) -> tuple[Call, Callable[[], None]]:
+async def _raw_client(port: int, headers: dict[str, str]) -> tuple[Call, Callable[[], None]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
     async def call(path: str, body: bytes) -> bool:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
+        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
         writer.write(head.encode() + body)
         status = await reader.readline()
         length = 0
@@ -148,7 +153,13 @@ class Cell:
 
 
 async def _load(
-    server: Server, generator: str, path: str, bodies: list[bytes], clients: int, seconds: float
+    server: Server,
+    generator: str,
+    path: str,
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    headers: dict[str, str] = JSON_HEADERS,
 ) -> Cell:
     latencies: list[float] = []
     errors = 0
@@ -158,11 +169,10 @@ async def _load(
         async def worker(k: int, deadline: float) -> None:
             nonlocal errors
             if generator == "raw":
-                call, close = await _raw_client(server.port)
+                call, close = await _raw_client(server.port, headers)
             else:
 
                 async def call(path: str, body: bytes) -> bool:
-                    headers = {"content-type": "application/json"}
                     r = await http.post(path, content=body, headers=headers)
                     return r.status_code == 200
 
@@ -285,12 +295,125 @@ def run(quick: bool = False, generator: str = "raw") -> str:
     )
 
 
+#: How a request is encoded: the native JSON, and the Open Inference Protocol's JSON and binary
+#: tensor data.
+PROTOCOLS = ("native", "v2 json", "v2 binary")
+
+
+def _v2_bodies(endpoint: str, rows: list[Any], binary: bool) -> tuple[list[bytes], dict[str, str]]:
+    """``/v2/models/{m}/infer`` bodies of one row each, and the headers they share (binary JSON
+    headers are padded to one length, so that one Inference-Header-Content-Length fits all)."""
+    heads, blobs = [], []
+    for i, row in enumerate(rows):
+        x = np.asarray(row, dtype=np.float32)[None]
+        parameters: dict[str, Any] = (
+            {"mode": "predict"} if endpoint == "predict" else {"n_samples": N_SAMPLES, "seed": i}
+        )
+        tensor: dict[str, Any] = {"name": "inputs", "shape": list(x.shape), "datatype": "FP32"}
+        if binary:
+            tensor["parameters"] = {"binary_data_size": x.nbytes}
+            blobs.append(x.tobytes())
+        else:
+            tensor["data"] = x.ravel().tolist()
+            blobs.append(b"")
+        heads.append(json.dumps({"inputs": [tensor], "parameters": parameters}).encode())
+    if not binary:
+        return heads, JSON_HEADERS
+    width = max(len(h) for h in heads)
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(width),
+    }
+    return [h.ljust(width) + b for h, b in zip(heads, blobs, strict=True)], headers
+
+
+def protocols(quick: bool = False, generator: str = "raw") -> str:
+    """One-row requests to the native endpoints and to the Open Inference Protocol's ``infer``
+    (JSON and binary inputs), one client, on one server: each round measures the three back to
+    back, and the ratios are the median over rounds of each round's v2 ÷ native."""
+    seconds, rounds = (0.5, 1) if quick else (2.0, 5)
+    data = _rows()
+    if quick:
+        data = {"digits": data["digits"]}
+    cases = [(m, e) for m in data for e in ("predict", "uncertainty")]
+    requests: dict[tuple[str, str, str], tuple[str, list[bytes], dict[str, str]]] = {}
+    for model, endpoint in cases:
+        native = [json.dumps(_body(endpoint, row, i)).encode() for i, row in enumerate(data[model])]
+        requests[(model, endpoint, "native")] = (
+            f"/models/{model}/{endpoint}",
+            native,
+            JSON_HEADERS,
+        )
+        for protocol, binary in (("v2 json", False), ("v2 binary", True)):
+            bodies, headers = _v2_bodies(endpoint, data[model], binary)
+            requests[(model, endpoint, protocol)] = (f"/v2/models/{model}/infer", bodies, headers)
+    cells: dict[tuple[str, str, str], list[Cell]] = {key: [] for key in requests}
+    with Server(batching=True) as server:
+        for model, endpoint in cases:
+            for _ in range(rounds):
+                for protocol in PROTOCOLS:
+                    path, bodies, headers = requests[(model, endpoint, protocol)]
+                    cells[(model, endpoint, protocol)].append(
+                        asyncio.run(_load(server, generator, path, bodies, 1, seconds, headers))
+                    )
+
+    def ratio(model: str, endpoint: str, protocol: str, of: Callable[[Cell], float]) -> float:
+        pairs = zip(
+            cells[(model, endpoint, protocol)], cells[(model, endpoint, "native")], strict=True
+        )
+        return statistics.median(of(c) / of(n) for c, n in pairs)
+
+    rows, worst = [], 0.0
+    for (model, endpoint, protocol), measured in cells.items():
+        cpu = ratio(model, endpoint, protocol, lambda c: c.cpu_ms)
+        if protocol != "native":
+            worst = max(worst, cpu)
+        rows.append(
+            [
+                model,
+                endpoint,
+                protocol,
+                f"{statistics.mean(c.rps for c in measured):.0f}",
+                f"{statistics.median(c.p50 for c in measured):.2f}",
+                f"{sum(c.errors for c in measured)}/{sum(c.requests for c in measured)}",
+                f"{statistics.median(c.cpu_ms for c in measured):.3f}",
+                f"{cpu:.2f}",
+                f"{ratio(model, endpoint, protocol, lambda c: c.p50):.2f}",
+            ]
+        )
+    header = [
+        "model",
+        "endpoint",
+        "protocol",
+        "req/s",
+        "p50 ms",
+        "errors",
+        "server CPU ms/req",
+        "CPU ÷ native",
+        "p50 ÷ native",
+    ]
+    verdict = "met" if worst <= 1.2 else "not met"
+    return (
+        f"### Open Inference Protocol vs native ({machine()}; generator: {generator}; "
+        f"{rounds} round(s) of {seconds:g} s per cell)\n\n{table(header, rows)}\n\n"
+        f"Largest v2 ÷ native server CPU per request: {worst:.2f}× (target ≤ 1.2×: {verdict}).\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--generator", choices=GENERATORS, default="raw")
+    parser.add_argument(
+        "--only",
+        choices=("load", "protocols"),
+        help="only the load table, or only the v2 vs native comparison",
+    )
     args = parser.parse_args(argv)
-    print(run(args.quick, args.generator))
+    if args.only in (None, "load"):
+        print(run(args.quick, args.generator), flush=True)
+    if args.only in (None, "protocols"):
+        print(protocols(args.quick, args.generator), flush=True)
     return 0
 
 

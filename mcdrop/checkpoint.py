@@ -29,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mcdrop.devices import resolve_device, resolve_dtype
 from mcdrop.exceptions import CheckpointError
-from mcdrop.nets import Standardized, build
+from mcdrop.nets import ReducedPrecision, Standardized, build
 
 MANIFEST = "model.json"
 WEIGHTS = "weights.safetensors"
@@ -237,6 +238,8 @@ def load(
     *,
     trust_model_code: bool = False,
     allowed_factories: Sequence[str] = (),
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
 ) -> LoadedModel:
     """Load a model directory: validate the manifest, build the architecture, load the weights
     (safetensors, no unpickling) strictly, and return the model in eval mode.
@@ -246,11 +249,20 @@ def load(
         trust_model_code: let ``architecture.factory`` import and call any module's code.
         allowed_factories: modules (and their submodules) whose factories may be imported, e.g.
             ``["mypkg", "otherpkg.nets"]``; see :func:`mcdrop.nets.factory_allowed`.
+        device: where the model runs: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a
+            ``torch.device`` (see :func:`mcdrop.devices.resolve_device`).
+        dtype: the network's compute dtype, ``float32``, ``bfloat16`` or ``float16``; below
+            float32 the network is wrapped in :class:`~mcdrop.nets.ReducedPrecision` (float32
+            in and out, normalisation in float32).
 
     Raises:
         UntrustedCodeError: the manifest names a factory neither option admits (nothing ran).
         CheckpointError: anything else wrong with the directory; the message names the file.
+        InvalidArgumentError: a device this machine does not have, or an unknown dtype.
     """
+    # Before any file is read: a wrong device is the caller's to fix, whatever the directory.
+    target = resolve_device(device)
+    compute = resolve_dtype(dtype)
     directory = Path(directory)
     spec = read_spec(directory)
     source = str(directory / MANIFEST)
@@ -275,5 +287,7 @@ def load(
         raise CheckpointError(
             f"{weights}: does not match the architecture in {source}: {exc}"
         ) from exc
-    module = wrap(spec, net, source=source).eval()
+    if compute != torch.float32:
+        net = ReducedPrecision(net, compute)
+    module = wrap(spec, net, source=source).eval().to(target)
     return LoadedModel(spec=spec, module=module, path=directory)

@@ -11,10 +11,16 @@ Dropout masks in mcdrop come from a stateless hash (SplitMix64's finaliser) of
 * **Few random draws.** One 64-bit hash yields four 16-bit uniforms, so the dropout probability
   is realised exactly as ``round(p * 65536) / 65536`` (within 1/131072 of the requested p).
 
-The hash runs in NumPy on ``uint64`` (wrap-around multiply, logical shifts): NumPy's elementwise
-calls cost about a fifth of torch's at the sizes of one MC request and its 64-bit kernels are
-faster at every size measured (2.5× at 400k elements), so mask generation stays a small share of a
-sampling pass. Results come back as torch tensors sharing the arrays' memory.
+Two implementations give the same bits, chosen by where the keys are (:func:`backend_for`):
+
+* **NumPy** on ``uint64`` (wrap-around multiply, logical shifts), for keys on the CPU: NumPy's
+  elementwise calls cost about a fifth of torch's at the sizes of one MC request and its 64-bit
+  kernels are faster at every size measured (2.5× at 400k elements), so mask generation stays a
+  small share of a sampling pass. Results come back as torch tensors sharing the arrays' memory.
+* **torch** on ``int64``, for keys on any other device (masks are made where the activations
+  are, with no copy between host and device): torch's multiply wraps like ``uint64``'s, and a
+  logical right shift is an arithmetic one with the sign-extended bits masked off. XOR, addition
+  and the byte views are the same on both.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,11 +47,37 @@ _GOLDEN_U = np.uint64(0x9E3779B97F4A7C15)
 _MUL1_U = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2_U = np.uint64(0x94D049BB133111EB)
 _SHIFTS = (np.uint64(30), np.uint64(27), np.uint64(31))
+_MUL1 = _signed(0xBF58476D1CE4E5B9)
+_MUL2 = _signed(0x94D049BB133111EB)
 
 #: Resolution of the dropout probability: p is rounded to a multiple of 1/65536.
 P_RESOLUTION = 65536
 _MASK64 = (1 << 64) - 1
 MAX_SEED = (1 << 63) - 1
+
+Backend = Literal["numpy", "torch"]
+
+#: The implementation used for keys on the CPU; keys on any other device always use torch. Both
+#: give the same bits (tests/mcdrop/test_masks.py). NumPy, measured against torch on the CPU
+#: (2 cores, one thread): multipliers of 3200 rows × 50 at p = 0.05 in 167 µs vs 364, 3200 ×
+#: 1024 at p = 0.5 in 0.78 ms vs 9.9 (torch's byte-table gather is slow there), sample keys
+#: of 32 rows × 100 in 20 µs vs 103.
+CPU_BACKEND: Backend = "numpy"
+
+
+def backend_for(keys: Tensor, backend: Backend | None = None) -> Backend:
+    """The implementation that makes masks for ``keys``: ``backend`` when given (NumPy only for
+    keys on the CPU), else :data:`CPU_BACKEND` on the CPU and torch elsewhere."""
+    on_cpu = keys.device.type == "cpu"
+    if backend is None:
+        return CPU_BACKEND if on_cpu else "torch"
+    if backend not in ("numpy", "torch"):
+        raise InvalidArgumentError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+    if backend == "numpy" and not on_cpu:
+        raise InvalidArgumentError(
+            f"the NumPy backend makes masks on the CPU only; these keys are on {keys.device}"
+        )
+    return backend
 
 
 def _mix_(z: np.ndarray) -> np.ndarray:
@@ -61,6 +94,20 @@ def _mix_(z: np.ndarray) -> np.ndarray:
     return z
 
 
+def _mix_t_(z: Tensor) -> Tensor:
+    """SplitMix64's finaliser in place on an int64 tensor (same bits as :func:`_mix_`): the
+    multiplies wrap, and each logical right shift is an arithmetic one with the bits shifted in
+    masked off."""
+    t = torch.empty_like(z)
+    for shift, mul in ((30, _MUL1), (27, _MUL2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t &= (1 << (64 - shift)) - 1
+        z ^= t
+        if mul is not None:
+            z *= mul
+    return z
+
+
 def _u64(keys: Tensor) -> np.ndarray:
     """The bits of an int64 tensor as a ``uint64`` array (no copy for a contiguous CPU tensor)."""
     return keys.detach().cpu().numpy().view(np.uint64)
@@ -71,8 +118,11 @@ def _tensor(z: np.ndarray) -> Tensor:
     return torch.from_numpy(z.view(np.int64))
 
 
-def mix64(z: Tensor) -> Tensor:
-    """SplitMix64's finaliser, elementwise on an int64 tensor (returns a new tensor)."""
+def mix64(z: Tensor, *, backend: Backend | None = None) -> Tensor:
+    """SplitMix64's finaliser, elementwise on an int64 tensor (returns a new tensor on ``z``'s
+    device)."""
+    if backend_for(z, backend) == "torch":
+        return _mix_t_(z.clone())
     return _tensor(_mix_(_u64(z).copy()))
 
 
@@ -132,16 +182,25 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     return torch.tensor(keys, dtype=torch.int64)
 
 
-def sample_keys(keys: Tensor, first_sample: int, n_samples: int) -> Tensor:
+def sample_keys(
+    keys: Tensor, first_sample: int, n_samples: int, *, backend: Backend | None = None
+) -> Tensor:
     """Keys of MC samples ``first_sample .. first_sample + n_samples - 1`` of each row.
 
     Args:
         keys: ``(N,)`` row keys.
+        backend: the implementation (default: :func:`backend_for` the keys).
 
     Returns:
         ``(n_samples * N,)`` keys, sample-major (index ``s * N + n``), the layout of a replicated
-        batch.
+        batch, on the keys' device.
     """
+    if backend_for(keys, backend) == "torch":
+        first = torch.arange(
+            first_sample + 1, first_sample + n_samples + 1, dtype=torch.int64, device=keys.device
+        )
+        first *= _MUL2
+        return _mix_t_((first[:, None] + keys[None, :]).reshape(-1))
     s = np.arange(first_sample + 1, first_sample + n_samples + 1, dtype=np.uint64)
     s *= _MUL2_U
     return _tensor(_mix_(np.add.outer(s, _u64(keys)).reshape(-1)))
@@ -158,12 +217,24 @@ def _words_np(keys: Tensor, call: int, n_words: int) -> np.ndarray:
     return _mix_(np.add.outer(base, counter))
 
 
+def _words_t(keys: Tensor, call: int, n_words: int) -> Tensor:
+    """:func:`_words_np` in torch on the keys' device: ``(B, n_words)`` int64."""
+    base = keys ^ mix_int(call * GOLDEN + 0xD809)
+    counter = torch.arange(1, n_words + 1, dtype=torch.int64, device=keys.device)
+    counter *= GOLDEN
+    return _mix_t_(base[:, None] + counter)
+
+
 def _uniform16_np(keys: Tensor, call: int, n: int) -> np.ndarray:
     # Four 16-bit lanes from every 64-bit word: a quarter of the hashing of one draw per element.
     return _words_np(keys, call, (n + 3) // 4).view(np.int16)[:, :n]
 
 
-def uniform16(keys: Tensor, call: int, n: int) -> Tensor:
+def _uniform16_t(keys: Tensor, call: int, n: int) -> Tensor:
+    return _words_t(keys, call, (n + 3) // 4).view(torch.int16)[:, :n]
+
+
+def uniform16(keys: Tensor, call: int, n: int, *, backend: Backend | None = None) -> Tensor:
     """``n`` uniform 16-bit draws for each key, shifted to int16 (``u - 32768``).
 
     Args:
@@ -175,6 +246,8 @@ def uniform16(keys: Tensor, call: int, n: int) -> Tensor:
         ``(B, n)`` int16 tensor; value ``v`` stands for the uniform integer ``v + 32768`` in
         ``[0, 65535]``.
     """
+    if backend_for(keys, backend) == "torch":
+        return _uniform16_t(keys, call, n)
     return torch.from_numpy(_uniform16_np(keys, call, n))
 
 
@@ -202,7 +275,14 @@ def _lanes(keys: Tensor, call: int, n: int, bits: int) -> np.ndarray:
     return _words_np(keys, call, (n + per_word - 1) // per_word).view(np.uint8)
 
 
-def keep_mask(keys: Tensor, call: int, n: int, p: float) -> Tensor:
+def _lanes_t(keys: Tensor, call: int, n: int, bits: int) -> Tensor:
+    per_word = 64 // bits
+    return _words_t(keys, call, (n + per_word - 1) // per_word).view(torch.uint8)
+
+
+def keep_mask(
+    keys: Tensor, call: int, n: int, p: float, *, backend: Backend | None = None
+) -> Tensor:
     """Boolean keep-mask ``(B, n)``: each entry is dropped with probability
     ``round(p·2¹⁶)/2¹⁶`` exactly, independently across rows, calls and elements.
 
@@ -210,6 +290,8 @@ def keep_mask(keys: Tensor, call: int, n: int, p: float) -> Tensor:
     64 elements at p = 0.5, and 4 at a rate like p = 0.1.
     """
     bits = lane_bits(p)
+    if backend_for(keys, backend) == "torch":
+        return _keep_mask_t(keys, call, n, p, bits)
     if bits == 16:
         return torch.from_numpy(_uniform16_np(keys, call, n) >= drop_threshold(p))
     lanes = _lanes(keys, call, n, bits)
@@ -219,6 +301,18 @@ def keep_mask(keys: Tensor, call: int, n: int, p: float) -> Tensor:
     # Unpack 8 / bits lanes from every byte.
     fields = (lanes[:, :, None] >> _BIT_SHIFTS[bits]) & np.uint8((1 << bits) - 1)
     return torch.from_numpy(fields.reshape(lanes.shape[0], -1)[:, :n] >= threshold)
+
+
+def _keep_mask_t(keys: Tensor, call: int, n: int, p: float, bits: int) -> Tensor:
+    if bits == 16:
+        return _uniform16_t(keys, call, n) >= drop_threshold(p)
+    lanes = _lanes_t(keys, call, n, bits)
+    threshold = round(p * (1 << bits))
+    if bits == 8:
+        return lanes[:, :n] >= threshold
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=keys.device)
+    fields = (lanes[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(lanes.shape[0], -1)[:, :n] >= threshold
 
 
 def keep_scale_factor(p: float) -> float:
@@ -243,7 +337,29 @@ def _byte_table(bits: int, threshold: int, scale: float, dtype: type) -> np.ndar
     return table
 
 
-def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def _byte_table_t(
+    bits: int, threshold: int, scale: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """:func:`_byte_table` as a tensor on ``device``, made there (no copy from the host), in
+    ``dtype`` rounded from the same float32 (or float64) values."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    # Cached across calls, some inside inference mode: a normal tensor works in both.
+    with torch.inference_mode(False):
+        lanes = torch.arange(0, 8, bits, device=device)
+        fields = (torch.arange(256, device=device)[:, None] >> lanes) & ((1 << bits) - 1)
+        return ((fields >= threshold).to(compute) * scale).to(dtype)
+
+
+def keep_scale(
+    keys: Tensor,
+    call: int,
+    n: int,
+    p: float,
+    dtype: torch.dtype,
+    *,
+    backend: Backend | None = None,
+) -> Tensor:
     """Inverted-dropout multipliers ``(B, n)``: 0 where :func:`keep_mask` drops, else
     ``1/(1 − p_eff)`` (same hashes, same decisions).
 
@@ -253,6 +369,8 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     from 1–8 bits per element look every mask byte up in a 256-entry table; 16-bit lanes are
     compared and scaled.
     """
+    if backend_for(keys, backend) == "torch":
+        return _keep_scale_t(keys, call, n, p, dtype)
     np_dtype = _NUMPY_FLOATS.get(dtype, np.float32)
     bits = lane_bits(p)
     scale = keep_scale_factor(p)
@@ -266,3 +384,18 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
         if out.shape[1] != n:
             out = np.ascontiguousarray(out[:, :n])
     return torch.from_numpy(out).to(dtype)
+
+
+def _keep_scale_t(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) -> Tensor:
+    """:func:`keep_scale` in torch on the keys' device, rounded as the NumPy path rounds: the
+    multiplier is computed in float32 (float64 for float64) and then cast to ``dtype``."""
+    bits = lane_bits(p)
+    scale = keep_scale_factor(p)
+    if bits == 16:
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        out = (_uniform16_t(keys, call, n) >= drop_threshold(p)).to(compute)
+        return out.mul_(scale).to(dtype)
+    lanes = _lanes_t(keys, call, n, bits)
+    table = _byte_table_t(bits, round(p * (1 << bits)), scale, dtype, keys.device)
+    out = table[lanes.to(torch.int32)].reshape(lanes.shape[0], -1)  # (B, >= n)
+    return out if out.shape[1] == n else out[:, :n].contiguous()

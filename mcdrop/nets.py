@@ -215,6 +215,29 @@ class Standardized(nn.Module):
         return y * self.target_std + self.target_mean
 
 
+class ReducedPrecision(nn.Module):
+    """Runs ``net`` in a reduced precision (``bfloat16`` or ``float16``) with float32 in and out.
+
+    Floating inputs are cast to ``dtype`` on the way in and the outputs back to float32 on the
+    way out, so everything around the network (normalisation, row keys, masks' decisions, the
+    statistics) is what it is at float32: the same seed drops the same units at every dtype.
+
+    Shapes: those of ``net``.
+    """
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.net = net.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.net(x.to(self.dtype) if x.is_floating_point() else x)
+        return y.float()
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}"
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,

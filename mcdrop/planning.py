@@ -16,8 +16,10 @@ once per sample (the deterministic "prefix"); the plan records why not where the
 
 Pass sizes follow from sizes alone (never from timings), so a seeded result is bit-identical
 from run to run: the bytes per replicated row of the largest dropout input bound a pass to
-:data:`ACTIVATION_BUDGET`, unless the prefix, counted in multiply-adds of matrix products and
-convolutions during the probe, is a large share of the work (each extra pass reruns it).
+:data:`ACTIVATION_BUDGET` on the CPU (:data:`DEVICE_ACTIVATION_BUDGET` on other devices: a plan
+is made for the device the model is on), unless the prefix, counted in multiply-adds of matrix
+products and convolutions during the probe, is a large share of the work (each extra pass
+reruns it).
 
 Shape legend: ``N`` rows, ``S`` samples, ``B = S·N`` replicated rows, ``D...`` input dims.
 """
@@ -50,6 +52,11 @@ from mcdrop.sampling_context import DropoutMode, SamplingContext, replicate
 #: activations at 8192 rows take hundreds of MB, and a pass that large runs about 2× slower per
 #: row than one that stays near the caches (Fashion CNN, 32×100 rows).
 ACTIVATION_BUDGET = 16 << 20
+
+#: The same bound on a GPU (any device but the CPU), where there is no cache to stay in and a
+#: pass cut smaller only adds launches and Python per row: passes there are bounded by
+#: ``max_rows`` unless a dropout input would pass 1 GiB.
+DEVICE_ACTIVATION_BUDGET = 1 << 30
 
 #: Above this share of a pass's multiply-adds in the deterministic prefix, passes are not cut to
 #: the activation budget: each extra pass over the same rows reruns the prefix.
@@ -101,6 +108,8 @@ class SamplingPlan:
             rows, replicated at the first dropout) rather than once per sample.
         prefix_reason: why the prefix is not shared ("" when it is).
         row_bytes: bytes per replicated row of the largest dropout input.
+        budget_bytes: the bound on that input's bytes in one pass (:data:`ACTIVATION_BUDGET`
+            on the CPU, :data:`DEVICE_ACTIVATION_BUDGET` elsewhere).
         prefix_flops: multiply-adds ×2 of matrix products and convolutions per row before the
             first dropout; rest_flops: the same per replicated row from the first dropout on.
         unsampled: the dropout rates the model declares that made no stochastic call (see
@@ -117,13 +126,14 @@ class SamplingPlan:
     row_bytes: int
     prefix_flops: int
     rest_flops: int
+    budget_bytes: int
     _model: weakref.ref[nn.Module] = field(compare=False)
     unsampled: tuple[RateUse, ...] = ()
 
     @property
     def budget_rows(self) -> int:
-        """The most replicated rows whose largest dropout input fits :data:`ACTIVATION_BUDGET`."""
-        return max(1, ACTIVATION_BUDGET // max(1, self.row_bytes))
+        """The most replicated rows whose largest dropout input fits :attr:`budget_bytes`."""
+        return max(1, self.budget_bytes // max(1, self.row_bytes))
 
     def pass_rows(self, n_rows: int, n_samples: int, max_rows: int, *, prefix: bool) -> int:
         """Replicated rows per pass for ``n_rows`` rows of ``n_samples`` samples.
@@ -164,7 +174,7 @@ class SamplingPlan:
             rows.append(f"  prefix: not shared: {self.prefix_reason}")
         rows.append(
             f"  largest dropout input: {self.row_bytes} bytes per replicated row; at most "
-            f"{self.budget_rows} rows per pass fit the {ACTIVATION_BUDGET >> 20} MiB budget"
+            f"{self.budget_rows} rows per pass fit the {self.budget_bytes >> 20} MiB budget"
         )
         rows.append(
             f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
@@ -211,7 +221,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     """
     # Two rows even for a one-row input: with one row, a residual connection across the first
     # dropout would broadcast silently and pass the prefix check.
-    rows = x[torch.arange(2) % x.shape[0]]
+    rows = x[torch.arange(2, device=x.device) % x.shape[0]]
     with CallCounter(model) as counter:
         small = _Probe.run(model, replicate(rows[:1], _PROBE_BATCHES[0]))
     large = _Probe.run(model, replicate(rows[:1], _PROBE_BATCHES[1]))
@@ -260,10 +270,11 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         ),
         prefix_flops=before // b_large,
         rest_flops=(large.flops - before) // b_large,
+        budget_bytes=ACTIVATION_BUDGET if x.device.type == "cpu" else DEVICE_ACTIVATION_BUDGET,
         _model=weakref.ref(model),
         unsampled=unsampled,
     )
-    keys = masks.sample_keys(masks.row_keys(rows, 0), 0, 2)
+    keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)
     _check_rows_alone(model, rows, full, plan)
     prefix, reason = _check_prefix(model, rows, keys, full, plan)
@@ -273,7 +284,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
 def _check_rows_alone(model: nn.Module, rows: Tensor, full: Tensor, plan: SamplingPlan) -> None:
     """Raise unless row 1's samples beside row 0 are those of row 1 alone (where its
     deterministic output is: a model that mixes rows makes no such promise)."""
-    alone_keys = masks.sample_keys(masks.row_keys(rows[1:], 0), 0, 2)
+    alone_keys = masks.sample_keys(masks.row_keys(rows[1:], 0).to(rows.device), 0, 2)
     alone = run_pass(model, rows[1:], alone_keys, 2, False, plan)
     if _close(full[:, 1], alone[:, 0]) or not _close(model(rows)[1], model(rows[1:])[0]):
         return

@@ -5,14 +5,17 @@ Shape legend: ``S`` samples, ``N`` rows, ``K`` classes or regression targets.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from mcdrop import sampling
 from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.devices import model_device, resolve_device
 from mcdrop.exceptions import (
     InvalidArgumentError,
     InvalidInputError,
@@ -63,6 +66,31 @@ def non_finite_rows(result: Prediction | Summary, samples: Tensor | None = None)
     return [] if bad is None else bad.nonzero().flatten().tolist()
 
 
+Result = TypeVar("Result", bound=Prediction | Summary)
+
+
+def to_device(
+    result: Result, samples: Tensor | None, device: torch.device
+) -> tuple[Result, Tensor | None]:
+    """``result``'s tensors and ``samples`` on ``device``, in one copy per dtype (the statistics
+    of a GPU computation come back to the host in two copies: floats and labels)."""
+    fields = {k: v for k, v in vars(result).items() if isinstance(v, Tensor)}
+    if samples is not None:
+        fields["samples"] = samples
+    if all(t.device == device for t in fields.values()):
+        return result, samples
+    moved: dict[str, Tensor] = {}
+    for dtype in {t.dtype for t in fields.values()}:
+        names = [k for k, t in fields.items() if t.dtype == dtype]
+        flat = torch.cat([fields[k].reshape(-1) for k in names]).to(device)
+        parts = flat.split([fields[k].numel() for k in names])
+        moved |= {k: part.view(fields[k].shape) for k, part in zip(names, parts, strict=True)}
+    samples = moved.pop("samples", None)
+    # mypy checks replace's keywords against every class that Result's bound allows
+    # (Never: no keyword fits all four); the keys are tensor fields of this result's own class.
+    return dataclasses.replace(result, **moved), samples  # type: ignore[arg-type]
+
+
 def check_finite(result: Prediction | Summary, samples: Tensor | None = None) -> None:
     """Raise :class:`NonFiniteOutputError` naming the rows of ``result`` (and of ``samples
     (S, N, K)``) with a NaN or ±inf output.
@@ -83,6 +111,15 @@ class Predictor:
     Args:
         model: the loaded model directory.
         max_rows: the most replicated rows (samples × rows) in one forward pass.
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a
+            ``torch.device``): ``model.module`` is moved there (``nn.Module.to`` moves it in
+            place). None keeps the model's own device.
+        results_device: where predictions, summaries and samples are returned (one copy per
+            dtype at the end of a call, see :func:`to_device`); None leaves them on the model's
+            device. A server passes ``"cpu"``.
+
+    Inputs may be on any device: they move to the model's device once per call, and every
+    statistic accumulates there (in float64).
 
     Attributes:
         plan: the model's :class:`~mcdrop.planning.SamplingPlan` (batch dimension of every
@@ -90,10 +127,25 @@ class Predictor:
             :meth:`uncertainty`; None before.
     """
 
-    def __init__(self, model: LoadedModel, *, max_rows: int = sampling.DEFAULT_MAX_ROWS) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_rows: int = sampling.DEFAULT_MAX_ROWS,
+        device: str | torch.device | None = None,
+        results_device: str | torch.device | None = None,
+    ) -> None:
         self.model = model
         self.max_rows = max_rows
+        if device is not None:
+            model.module.to(resolve_device(device))
+        self.results_device = None if results_device is None else resolve_device(results_device)
         self.plan: SamplingPlan | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (where inputs go and statistics accumulate)."""
+        return model_device(self.model.module)
 
     @property
     def spec(self) -> ModelSpec:
@@ -150,7 +202,7 @@ class Predictor:
         ``check_outputs`` is False (a caller that batches several requests checks each
         request's rows itself with :func:`check_finite`).
         """
-        out = sampling.predict(self.model.module, self.check_inputs(x))
+        out = sampling.predict(self.model.module, self.check_inputs(x)).float()
         prediction: Prediction
         if self.spec.task == "classification":
             probs = torch.softmax(out, dim=-1)
@@ -158,6 +210,8 @@ class Predictor:
         else:
             mean, noise = self._noise_variance(out)
             prediction = RegressionPrediction(mean=mean, noise_variance=noise)
+        if self.results_device is not None:
+            prediction, _ = to_device(prediction, None, self.results_device)
         if check_outputs:
             check_finite(prediction)
         return prediction
@@ -197,7 +251,7 @@ class Predictor:
         n_rows, k = x.shape[0], self.spec.n_outputs
         acc: ClassificationAccumulator | RegressionAccumulator
         if self.spec.task == "classification":
-            acc = ClassificationAccumulator(n_rows, k)
+            acc = ClassificationAccumulator(n_rows, k, device=self.device)
         else:
             if targets is not None and tuple(targets.shape) != (n_rows, k):
                 raise InvalidArgumentError(f"targets must have shape ({n_rows}, {k})")
@@ -205,9 +259,9 @@ class Predictor:
                 None if self.spec.likelihood == "heteroscedastic" else self._homoscedastic_noise()
             )
             acc = RegressionAccumulator(
-                n_rows, k, noise_variance=noise, targets=targets, level=level
+                n_rows, k, noise_variance=noise, targets=targets, level=level, device=self.device
             )
-        samples = torch.empty(n_samples, n_rows, k) if return_samples else None
+        samples = torch.empty(n_samples, n_rows, k, device=self.device) if return_samples else None
         # Rows always come as float32 (n, *input_shape): one plan serves every request.
         plan = self.plan if self.plan is not None else self._make_plan(x)
         for chunk in sampling.sample_chunks(
@@ -218,11 +272,13 @@ class Predictor:
             acc.update(chunk.values, chunk.rows)
             if samples is not None:
                 if self.spec.task == "classification":
-                    values = torch.softmax(chunk.values, dim=-1)
+                    values = torch.softmax(chunk.values.float(), dim=-1)
                 else:
                     values = chunk.values[..., :k]
                 samples[chunk.samples, chunk.rows] = values
         summary = acc.result()
+        if self.results_device is not None:
+            summary, samples = to_device(summary, samples, self.results_device)
         if check_outputs:
             check_finite(summary, samples)
         return summary, samples

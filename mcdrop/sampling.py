@@ -10,6 +10,11 @@ run once on the ``N`` rows with the activations replicated there ("deterministic
 how large a pass may be. A plan is made by :func:`plan` (five small forward passes) and may be
 kept and passed to :func:`sample` / :func:`sample_chunks`, as :class:`~mcdrop.Predictor` does;
 nothing is cached behind the caller's back.
+
+Sampling runs on the model's device (that of its first parameter). Inputs may be anywhere: row
+keys are hashed from them as given (on the host: hashing is done by ``hashlib``), then inputs and
+keys move to the device once; every mask is made there (:mod:`mcdrop.masks`), and no pass reads a
+value back to the host, so a GPU never waits for Python between passes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import masks, planning
+from mcdrop.devices import model_device
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.planning import SamplingPlan
 from mcdrop.sampling_context import active_context
@@ -93,14 +99,14 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
 
     Args:
         model: any module; its modes are left exactly as they were.
-        x: ``(N, D...)`` inputs.
+        x: ``(N, D...)`` inputs, moved to the model's device.
 
     Returns:
-        ``(N, K...)`` outputs.
+        ``(N, K...)`` outputs, on the model's device.
     """
     _check_inputs(x)
     with eval_mode(model), torch.inference_mode():
-        return model(x)
+        return model(x.to(model_device(model)))
 
 
 def is_sampling() -> bool:
@@ -142,7 +148,7 @@ def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
     """
     _check_inputs(x)
     with eval_mode(model), torch.inference_mode():
-        return planning.probe(model, x)
+        return planning.probe(model, x.to(model_device(model)))
 
 
 def sample_chunks(
@@ -166,7 +172,7 @@ def sample_chunks(
             None draws a fresh seed from the OS. The global torch RNG is never used.
         max_rows: the most replicated rows (samples × rows) in one forward pass; passes are
             also cut so the largest activation a dropout sees stays under
-            :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes (see
+            :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes on the CPU (see
             :meth:`~mcdrop.planning.SamplingPlan.pass_rows`). Chunking changes no mask (results
             agree to float rounding, which depends on pass sizes, and are bit-identical from run
             to run).
@@ -176,7 +182,8 @@ def sample_chunks(
             this call (five small forward passes).
 
     Yields:
-        :class:`Chunk` objects whose ``values`` are ``(s, n, K...)``, covering all ``(S, N)``.
+        :class:`Chunk` objects whose ``values`` are ``(s, n, K...)``, covering all ``(S, N)``,
+        on the model's device.
 
     Raises:
         NoDropoutError: the model made no stochastic dropout call.
@@ -193,7 +200,10 @@ def sample_chunks(
             raise InvalidArgumentError(f"per-row seeds must have shape ({x.shape[0]},)")
     else:
         masks.check_seed(seed)
-    keys = masks.row_keys(x, seed)
+    # Keys from the rows as given (on the host when they are), then one move each to the device.
+    device = model_device(model)
+    keys = masks.row_keys(x, seed).to(device)
+    x = x.to(device)
     n_total = x.shape[0]
     with eval_mode(model), torch.inference_mode():
         if plan is None:
@@ -229,7 +239,7 @@ def sample(
     Arguments as for :func:`sample_chunks`.
 
     Returns:
-        ``(S, N, K...)`` samples, samples first.
+        ``(S, N, K...)`` samples, samples first, on the model's device.
 
     Raises:
         NoDropoutError: the model made no stochastic dropout call.

@@ -233,21 +233,41 @@ class RegressionSummary:
     log_likelihood: Tensor | None = None
 
 
+def _samples_of_first_row(rows: slice, s: int) -> int:
+    """The samples a chunk of ``s`` samples of ``rows`` adds to row 0 (counted in Python, so a
+    result needs no read of a device tensor)."""
+    return s if rows.start in (None, 0) else 0
+
+
 class ClassificationAccumulator:
     """Streams logits chunks ``(s, n, K)`` into a :class:`ClassificationSummary` in ``O(N·K)``
-    memory whatever S is. Sums are float64, so E[p²] - E[p]² does not cancel badly."""
+    memory whatever S is. Sums are float64, so E[p²] - E[p]² does not cancel badly; chunks of
+    any floating dtype (bfloat16 included) are summed in float64.
 
-    def __init__(self, n_rows: int, n_classes: int) -> None:
-        self.count = torch.zeros(n_rows, dtype=torch.float64)
-        self.sum_p = torch.zeros(n_rows, n_classes, dtype=torch.float64)
-        self.sum_p2 = torch.zeros(n_rows, n_classes, dtype=torch.float64)
-        self.sum_h = torch.zeros(n_rows, dtype=torch.float64)
-        self.votes = torch.zeros(n_rows, n_classes, dtype=torch.float64)
+    Args:
+        n_rows: N.
+        n_classes: K.
+        device: where the sums live: the chunks' device (no copy per chunk).
+    """
+
+    def __init__(
+        self, n_rows: int, n_classes: int, *, device: torch.device | str | None = None
+    ) -> None:
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        self.count = zeros(n_rows)
+        self.sum_p = zeros(n_rows, n_classes)
+        self.sum_p2 = zeros(n_rows, n_classes)
+        self.sum_h = zeros(n_rows)
+        self.votes = zeros(n_rows, n_classes)
+        self.n_samples = 0  # of row 0
 
     def update(self, logits: Tensor, rows: slice = slice(None)) -> None:
         """Add samples ``(s, n, K)`` of the rows ``rows``."""
         log_p = torch.log_softmax(logits.to(torch.float64), dim=-1)
         p = log_p.exp()
+        self.n_samples += _samples_of_first_row(rows, logits.shape[0])
         self.count[rows] += logits.shape[0]
         self.sum_p[rows] += p.sum(0)
         self.sum_p2[rows] += p.square().sum(0)
@@ -267,7 +287,7 @@ class ClassificationAccumulator:
             expected_entropy=aleatoric.float(),
             mutual_information=(total - aleatoric).clamp_min(0.0).float(),
             variation_ratio=(1.0 - self.votes.max(-1).values / self.count).float(),
-            n_samples=int(self.count[0]),
+            n_samples=self.n_samples,
         )
 
 
@@ -281,6 +301,7 @@ class RegressionAccumulator:
             variance, in which case chunks are ``(s, n, 2K)``: K means then K log-variances.
         targets: optional ``(N, K)`` targets, to accumulate the mixture log-likelihood.
         level: level of the central interval.
+        device: where the sums live: the chunks' device (no copy per chunk).
     """
 
     def __init__(
@@ -291,6 +312,7 @@ class RegressionAccumulator:
         noise_variance: float | None,
         targets: Tensor | None = None,
         level: float = 0.95,
+        device: torch.device | str | None = None,
     ) -> None:
         _check_level(level)
         if noise_variance is not None and not noise_variance > 0:
@@ -299,12 +321,13 @@ class RegressionAccumulator:
         self.k = n_outputs
         self.noise_variance = noise_variance
         self.level = level
-        self.count = torch.zeros(n_rows, 1, dtype=torch.float64)
-        self.mean = torch.zeros(shape, dtype=torch.float64)
-        self.m2 = torch.zeros(shape, dtype=torch.float64)
-        self.sum_noise = torch.zeros(shape, dtype=torch.float64)
-        self.targets = None if targets is None else targets.to(torch.float64)
-        self.lse = torch.full(shape, -math.inf, dtype=torch.float64)
+        self.count = torch.zeros(n_rows, 1, dtype=torch.float64, device=device)
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.sum_noise = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.targets = None if targets is None else targets.to(device, torch.float64)
+        self.lse = torch.full(shape, -math.inf, dtype=torch.float64, device=device)
+        self.n_samples = 0  # of row 0
 
     def split(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """Sampled means and noise variances of a chunk, each ``(s, n, K)``."""
@@ -320,6 +343,7 @@ class RegressionAccumulator:
         # Chan et al.'s parallel merge of (count, mean, M2): stable for any chunking.
         chunk_mean = mu.mean(0)
         chunk_m2 = (mu - chunk_mean).square().sum(0)
+        self.n_samples += _samples_of_first_row(rows, mu.shape[0])
         n_a = self.count[rows]
         total = n_a + s
         delta = chunk_mean - self.mean[rows]
@@ -347,6 +371,6 @@ class RegressionAccumulator:
             lower=lower.float(),
             upper=upper.float(),
             level=self.level,
-            n_samples=int(self.count[0, 0]),
+            n_samples=self.n_samples,
             log_likelihood=ll,
         )

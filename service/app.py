@@ -18,6 +18,7 @@ from service.config import Settings
 from service.metrics import Metrics, RecordRequests
 from service.registry import Registry
 from service.routes import router
+from service.v2.routes import router as v2_router
 
 log = logging.getLogger("mcdrop.service")
 
@@ -78,6 +79,7 @@ class BodyLimit:
                 errors.ErrorCode.REQUEST_TIMEOUT,
                 f"the request body did not arrive within {self.timeout_s:g} s (body_timeout_s)",
                 headers={"Connection": "close"},  # the rest of the body may still come
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return
@@ -98,6 +100,7 @@ class BodyLimit:
             413,
             errors.ErrorCode.BODY_TOO_LARGE,
             f"request body is larger than the limit of {self.max_bytes} bytes; send fewer rows",
+            path=scope["path"],
         )
         await response(scope, receive, send)
 
@@ -140,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app)
-    routers = [router]
+    routers = [router, v2_router]
     for api in routers:
         app.include_router(api)
     app.add_middleware(

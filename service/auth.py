@@ -64,7 +64,9 @@ class BearerAuth:
         else:
             message = "the API key is not valid: send the key the service was started with"
             challenge = 'Bearer error="invalid_token"'
-        response = errors.error_response(401, errors.ErrorCode.UNAUTHORIZED, message)
+        response = errors.error_response(
+            401, errors.ErrorCode.UNAUTHORIZED, message, path=scope.get("path", "")
+        )
         response.headers["WWW-Authenticate"] = challenge
         await response(scope, receive, send)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from service.config import Settings, TrustSettings, env_only
+from service.config import ModelSettings, Settings, TrustSettings, env_only
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -68,14 +68,22 @@ def _add_setting_flags(
         )
 
 
-def _trust(args: argparse.Namespace) -> dict[str, Any]:
-    """``load``'s keyword arguments from the trust flags, else ``MCDROP_*``, else closed."""
-    overrides = {k: getattr(args, k) for k in TrustSettings.model_fields}
-    trust = TrustSettings(**{k: v for k, v in overrides.items() if v is not None})
-    return {
-        "trust_model_code": trust.trust_model_code,
-        "allowed_factories": trust.allowed_factories,
-    }
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``load``'s keyword arguments from the flags, else ``MCDROP_*``: trust (closed by default),
+    device and dtype."""
+    from pydantic import ValidationError
+
+    overrides = {k: getattr(args, k) for k in ModelSettings.model_fields}
+    try:
+        options = ModelSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # one line per setting, not pydantic's report
+        raise UsageError(_errors(exc)) from None
+    return {name: getattr(options, name) for name in ModelSettings.model_fields}
+
+
+def _errors(exc: Any) -> str:
+    """A pydantic ValidationError as one line: ``field: message; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -87,9 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:  # one line per setting, not pydantic's report
-        raise UsageError(
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        ) from None
+        raise UsageError(_errors(exc)) from None
     server.run(settings)
     return 0
 
@@ -148,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             limit=args.limit,
             plots=not args.no_plots,
             command="mcdrop " + shlex.join(args.argv),
-            **_trust(args),
+            **_load_options(args),
         )
     finally:
         torch.set_num_threads(threads)
@@ -164,7 +170,7 @@ def _check(args: argparse.Namespace) -> int:
     from mcdrop import checkpoint
     from mcdrop.checking import check, example_inputs
 
-    loaded = checkpoint.load(args.model_dir, **_trust(args))
+    loaded = checkpoint.load(args.model_dir, **_load_options(args))
     rows = example_inputs(loaded.spec, args.rows, args.seed)
     report = check(loaded, rows, n_samples=args.n_samples, seed=args.seed)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
@@ -217,7 +223,8 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     from mcdrop.predictor import Predictor
     from service import convert
 
-    predictor = Predictor(checkpoint.load(Path(args.model_dir) / args.model, **_trust(args)))
+    loaded = checkpoint.load(Path(args.model_dir) / args.model, **_load_options(args))
+    predictor = Predictor(loaded, results_device="cpu")
     x = convert.to_tensor(inputs, predictor)
     if not args.uncertainty:
         return convert.predict_response(predictor, predictor.predict(x))
@@ -330,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="score only N rows per set")
     evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
-    _add_setting_flags(evaluate, TrustSettings)
+    _add_setting_flags(evaluate, ModelSettings)
     evaluate.set_defaults(func=_evaluate)
 
     check = sub.add_parser(
@@ -346,7 +353,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--n-samples", type=int, default=16, help="samples of every example row")
     check.add_argument("--rows", type=int, default=4, help="example rows")
     check.add_argument("--seed", type=int, default=0, help="seed of the rows and samples")
-    _add_setting_flags(check, TrustSettings)
+    _add_setting_flags(check, ModelSettings)
     check.set_defaults(func=_check)
 
     predict = sub.add_parser("predict", help="predict with a running service or a local model")
@@ -362,7 +369,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")
-    _add_setting_flags(predict.add_argument_group("with --model-dir"), TrustSettings)
+    _add_setting_flags(predict.add_argument_group("with --model-dir"), ModelSettings)
     predict.set_defaults(func=_predict)
 
     models = sub.add_parser("models", help="list the models of a running service")

@@ -42,7 +42,38 @@ class TrustSettings(BaseSettings):
         return value
 
 
-class Settings(TrustSettings):
+class ModelSettings(TrustSettings):
+    """How model directories load: which code may run (:class:`TrustSettings`), on which device
+    and in which precision. Shared by ``mcdrop serve`` and the commands that load a model
+    directory locally."""
+
+    device: str = Field(
+        "cpu",
+        description="where models run: cpu, cuda, cuda:N, or auto (a GPU where torch finds one, "
+        "else the CPU)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="the networks' compute dtype (bfloat16 or float16 on a GPU); inputs, outputs "
+        "and statistics stay float32",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        # A device this machine lacks fails at start-up, with what it has; torch is imported
+        # only when a device is given (the remote commands never load it).
+        from mcdrop.devices import resolve_device
+        from mcdrop.exceptions import InvalidArgumentError
+
+        try:
+            resolve_device(value)
+        except InvalidArgumentError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip().lower()
+
+
+class Settings(ModelSettings):
     """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
     ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
 

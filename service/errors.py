@@ -1,16 +1,22 @@
 """The one place where errors become HTTP responses.
 
 Every error response is JSON: ``{"error": {"code": ..., "message": ..., "details": [...],
-"request_id": ...}}`` (the ID also travels in the ``X-Request-ID`` header).
+"request_id": ...}}`` (the ID also travels in the ``X-Request-ID`` header) on the native routes,
+and ``{"error": "<message>"}`` on the Open Inference Protocol's (paths under ``/v2``), whose
+statuses differ only as :data:`V2_STATUS` says (it has no 422: a request it cannot run is a
+400), with the same codes behind them.
 The codes, each with its status and what raises it, are all of :class:`ErrorCode` (a test holds
 this table and the enum to each other, and every error response to the enum)::
 
     code                    status  raised by
-    invalid_json            400     a body that is not JSON (or not UTF-8, or unparseable)
+    invalid_json            400     a body that is not JSON (or not UTF-8, or unparseable), or
+                                    MalformedRequestError: a v2 body that cannot be split or
+                                    inflated (binary framing, Content-Encoding)
     model_not_found         404     ModelNotFoundError: unknown model name
     not_found               404     a path no route serves
     method_not_allowed      405     a method the path does not serve (``Allow`` lists those it does)
-    body_too_large          413     app.BodyLimit: request body above the size limit
+    body_too_large          413     app.BodyLimit: request body above the size limit (or
+                                    BodyTooLargeError: a v2 body above it once inflated)
     unsupported_media_type  415     UnsupportedMediaTypeError: a body that is not application/json
     invalid_request         422     RequestValidationError: fields of the wrong type or range
     invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
@@ -60,10 +66,12 @@ from service.schemas import ErrorCode
 log = logging.getLogger("mcdrop.service")
 
 __all__ = [
+    "V2_STATUS",
     "ClientDisconnectedError",
     "DeadlineExceededError",
     "ErrorCode",
     "LimitExceededError",
+    "MalformedRequestError",
     "ModelNotFoundError",
     "ModelNotReadyError",
     "OverloadedError",
@@ -71,6 +79,7 @@ __all__ = [
     "UnsupportedMediaTypeError",
     "error_response",
     "install",
+    "is_v2",
     "jsonable",
     "public_message",
     "validation_details",
@@ -98,6 +107,11 @@ class ServiceError(Exception):
         self.headers = headers
 
 
+class MalformedRequestError(ServiceError):
+    status_code = 400
+    code = ErrorCode.INVALID_JSON
+
+
 class ModelNotFoundError(ServiceError):
     status_code = 404
     code = ErrorCode.MODEL_NOT_FOUND
@@ -111,6 +125,11 @@ class ModelNotReadyError(ServiceError):
 class LimitExceededError(ServiceError):
     status_code = 422
     code = ErrorCode.LIMIT_EXCEEDED
+
+
+class BodyTooLargeError(ServiceError):
+    status_code = 413
+    code = ErrorCode.BODY_TOO_LARGE
 
 
 class UnsupportedMediaTypeError(ServiceError):
@@ -207,14 +226,32 @@ def validation_details(errors: Any) -> list[dict[str, Any]]:
     ]
 
 
+#: Native status -> the Open Inference Protocol's, where they differ.
+V2_STATUS = {422: 400}
+
+
+def is_v2(path: str) -> bool:
+    """Whether ``path`` is a route of the Open Inference Protocol (``/v2``, ``/v2/...``)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def error_response(
     status_code: int,
     code: ErrorCode,
     message: str,
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
-    """The JSON error response; never raises (details JSON cannot carry are dropped)."""
+    """The JSON error answer to a request for ``path``, in the shape of that path's protocol;
+    never raises (details JSON cannot carry are dropped)."""
+    if is_v2(path):
+        return JSONResponse(
+            status_code=V2_STATUS.get(status_code, status_code),
+            content={"error": message},
+            headers=headers,
+        )
     content = {
         "error": {
             "code": str(code),
@@ -250,39 +287,51 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(allowed)
 
 
+def _path(request: Request) -> str:
+    return request.scope.get("path", "")
+
+
 def install(app: FastAPI) -> None:
     """Register every exception handler on ``app``."""
 
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(
+            exc.status_code, exc.code, exc.message, exc.details, exc.headers, path=_path(request)
+        )
 
     @app.exception_handler(SamplingStoppedError)
-    async def _stopped(_: Request, exc: SamplingStoppedError) -> JSONResponse:
+    async def _stopped(request: Request, exc: SamplingStoppedError) -> JSONResponse:
         headers = {"Retry-After": "1"}
-        return error_response(503, ErrorCode.SHUTTING_DOWN, str(exc), headers=headers)
+        return error_response(
+            503, ErrorCode.SHUTTING_DOWN, str(exc), headers=headers, path=_path(request)
+        )
 
     @app.exception_handler(NonFiniteOutputError)
-    async def _non_finite(_: Request, exc: NonFiniteOutputError) -> JSONResponse:
+    async def _non_finite(request: Request, exc: NonFiniteOutputError) -> JSONResponse:
         return error_response(
-            422, ErrorCode.NON_FINITE_OUTPUT, str(exc), [{"field": "inputs", "rows": exc.rows}]
+            422,
+            ErrorCode.NON_FINITE_OUTPUT,
+            str(exc),
+            [{"field": "inputs", "rows": exc.rows}],
+            path=_path(request),
         )
 
     @app.exception_handler(InvalidInputError)
-    async def _input(_: Request, exc: InvalidInputError) -> JSONResponse:
-        return error_response(422, ErrorCode.INVALID_INPUT, str(exc))
+    async def _input(request: Request, exc: InvalidInputError) -> JSONResponse:
+        return error_response(422, ErrorCode.INVALID_INPUT, str(exc), path=_path(request))
 
     @app.exception_handler(InvalidArgumentError)
-    async def _argument(_: Request, exc: InvalidArgumentError) -> JSONResponse:
-        return error_response(422, ErrorCode.INVALID_ARGUMENT, str(exc))
+    async def _argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:
+        return error_response(422, ErrorCode.INVALID_ARGUMENT, str(exc), path=_path(request))
 
     @app.exception_handler(McDropError)
-    async def _model(_: Request, exc: McDropError) -> JSONResponse:
+    async def _model(request: Request, exc: McDropError) -> JSONResponse:
         log.error("model error: %s", exc)
-        return error_response(500, ErrorCode.MODEL_ERROR, str(exc))
+        return error_response(500, ErrorCode.MODEL_ERROR, str(exc), path=_path(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         details = validation_details(exc.errors())
         if any(d["type"] == "json_invalid" for d in details):
             return error_response(
@@ -290,10 +339,15 @@ def install(app: FastAPI) -> None:
                 ErrorCode.INVALID_JSON,
                 "the request body is not valid JSON: " + details[0]["message"],
                 details,
+                path=_path(request),
             )
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
         return error_response(
-            422, ErrorCode.INVALID_REQUEST, f"invalid request: {summary}", details
+            422,
+            ErrorCode.INVALID_REQUEST,
+            f"invalid request: {summary}",
+            details,
+            path=_path(request),
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -312,11 +366,16 @@ def install(app: FastAPI) -> None:
             message = f"the request body could not be parsed as JSON: {exc.detail}"
         else:
             code, message = ErrorCode.HTTP_ERROR, str(exc.detail)
-        return error_response(exc.status_code, code, _cut(message), headers=headers)
+        return error_response(
+            exc.status_code, code, _cut(message), headers=headers, path=_path(request)
+        )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(
-            500, ErrorCode.INTERNAL_ERROR, "internal server error; see the server log"
+            500,
+            ErrorCode.INTERNAL_ERROR,
+            "internal server error; see the server log",
+            path=_path(request),
         )

@@ -30,13 +30,14 @@ from service.config import Settings
 from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
 from service.metrics import Metrics
 
-#: Completes when the client has gone away (see :func:`service.routes.disconnected`).
+#: Completes when the client has gone away (see :func:`service.dataplane.disconnected`).
 Gone = Callable[[], Awaitable[Any]]
 
 
 @dataclass
 class ModelHandle:
-    """A ready model: its predictor and its batcher, and the deadline its work gets."""
+    """A ready model: its predictor and its batcher, and the deadline its work gets (a request
+    may ask for a shorter one, ``timeout_s``)."""
 
     predictor: Predictor
     batcher: Batcher
@@ -46,18 +47,28 @@ class ModelHandle:
     def spec(self) -> ModelSpec:
         return self.predictor.spec
 
-    def _job(self, x: Tensor, options: MCOptions | None, seed: int) -> Job:
-        return Job(x, options, seed, deadline=time.monotonic() + self.timeout_s)
+    def _job(self, x: Tensor, options: MCOptions | None, seed: int, timeout_s: float | None) -> Job:
+        # A request may shorten its deadline, never lengthen it past the server's.
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        return Job(x, options, seed, deadline=time.monotonic() + timeout)
 
-    async def predict(self, x: Tensor, *, gone: Gone | None = None) -> Prediction:
+    async def predict(
+        self, x: Tensor, *, gone: Gone | None = None, timeout_s: float | None = None
+    ) -> Prediction:
         """Deterministic prediction of ``x (N, *input_shape)``, through the batcher."""
-        return await self.batcher.submit(self._job(x, None, 0), gone=gone)
+        return await self.batcher.submit(self._job(x, None, 0, timeout_s), gone=gone)
 
     async def uncertainty(
-        self, x: Tensor, options: MCOptions, *, seed: int, gone: Gone | None = None
+        self,
+        x: Tensor,
+        options: MCOptions,
+        *,
+        seed: int,
+        gone: Gone | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[Summary, Tensor | None]:
         """MC summary (and ``(S, N, K)`` samples if asked) of ``x``, through the batcher."""
-        return await self.batcher.submit(self._job(x, options, seed), gone=gone)
+        return await self.batcher.submit(self._job(x, options, seed, timeout_s), gone=gone)
 
 
 log = logging.getLogger("mcdrop.service")
@@ -114,13 +125,19 @@ class Registry:
                     entry.path,
                     trust_model_code=self.settings.trust_model_code,
                     allowed_factories=self.settings.allowed_factories,
+                    device=self.settings.device,
+                    dtype=self.settings.dtype,
                 )
                 if loaded.spec.name != entry.name:
                     raise checkpoint.CheckpointError(
                         f"{entry.path / checkpoint.MANIFEST}: name {loaded.spec.name!r} does not "
                         f"match its directory {entry.name!r}"
                     )
-                predictor = Predictor(loaded, max_rows=self.settings.chunk_rows)
+                # Results come back to the host once per request batch, in the worker thread
+                # (never on the event loop, which would wait for the GPU).
+                predictor = Predictor(
+                    loaded, max_rows=self.settings.chunk_rows, results_device="cpu"
+                )
                 cost = self._warm_up(predictor)
                 batcher = Batcher(
                     predictor,
@@ -140,7 +157,7 @@ class Registry:
                 self.arrivals.listeners[entry.name] = batcher.recheck
                 entry.handle = ModelHandle(predictor, batcher, self.settings.request_timeout_s)
                 entry.state = "ready"
-                log.info("model %s ready", entry.name)
+                log.info("model %s ready on %s", entry.name, predictor.device)
             except Exception as exc:  # one broken model must not stop the others
                 # The reason first: a reader that sees "error" must find it.
                 entry.error = public_message(str(exc), self.settings.model_dir)
@@ -150,7 +167,8 @@ class Registry:
     @staticmethod
     def _warm_up(predictor: Predictor) -> CostModel:
         """Plan the model's sampling, then run it each way before it takes requests, timing it
-        for the batcher."""
+        for the batcher (on the model's device, results back on the host: what a request
+        costs)."""
         x = Registry._warm_up_input(predictor)
         predictor.warm_up(x)
         return CostModel.measure(predictor, x)

@@ -1,14 +1,15 @@
-"""The endpoints. All are ``async``: model work goes through the model's batcher, which runs
-small work on the event loop and larger work in worker threads, and large inputs and responses
-are converted in worker threads too, so the loop (and ``/health``) keeps answering while a large
-request computes. (A plain ``def`` route would cost two thread handoffs per request, the route
-and its response validation, more than a one-row model pass.) FastAPI still parses the JSON body
-on the loop; the body limit bounds that work. Inference responses are rendered to JSON bytes
-here (pydantic-core), and their size is bounded.
+"""The native endpoints (the Open Inference Protocol's are in :mod:`service.v2.routes`, and the
+checks both share in :mod:`service.dataplane`). All are ``async``: model work goes through the
+model's batcher, which runs small work on the event loop and larger work in worker threads, and
+large inputs and responses are converted in worker threads too, so the loop (and ``/health``)
+keeps answering while a large request computes. (A plain ``def`` route would cost two thread
+handoffs per request, the route and its response validation, more than a one-row model pass.)
+FastAPI still parses the JSON body on the loop; the body limit bounds that work. Inference
+responses are rendered to JSON bytes here (pydantic-core), and their size is bounded.
 
 The path of an inference request, one direction: ``body → registry.get(name) → ModelHandle →
-tensor → batcher (with the request's deadline, and a watch for the client going away) → result
-→ response bytes``."""
+tensor → batcher (with the request's deadline, and a watch for the client going away) → result →
+response bytes``."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import contextlib
 import email.message
 import json
 import math
-from collections.abc import Awaitable, Callable, Coroutine
-from functools import lru_cache, partial
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from functools import lru_cache
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Depends, Request
@@ -29,12 +30,11 @@ from pydantic import BaseModel
 
 from mcdrop.masks import fresh_seed
 from mcdrop.predictor import check_finite
-from service import convert, schemas
+from service import convert, dataplane, schemas
 from service.arrivals import INFERENCE_TAG
-from service.batching import MCOptions
 from service.config import Settings
 from service.deps import RegistryDep, SettingsDep
-from service.errors import LimitExceededError, UnsupportedMediaTypeError
+from service.errors import UnsupportedMediaTypeError
 from service.registry import ModelHandle, Registry
 
 
@@ -49,16 +49,14 @@ class _OffLoopBody(APIRoute):
 
         async def handler(request: Request) -> Response:
             body = await request.body()
-            if len(body) > LARGE_BODY_BYTES and is_json(request.headers.get("content-type")):
+            large = len(body) > dataplane.LARGE_BODY_BYTES
+            if large and is_json(request.headers.get("content-type")):
                 with contextlib.suppress(ValueError):  # not JSON: FastAPI reports it
                     request._json = await asyncio.to_thread(json.loads, body)
             return await handle(request)
 
         return handler
 
-
-#: Bodies above this are parsed off the event loop.
-LARGE_BODY_BYTES = 256 * 1024
 
 router = APIRouter(route_class=_OffLoopBody)
 
@@ -86,37 +84,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": schemas.ErrorResponse, "description": _STATUS_TEXT[s]} for s in statuses}
 
 
-class _HeadRoute(APIRoute):
-    """HEAD of a GET route: the GET's status and headers (its Content-Length included), no
-    body (RFC 9110 §9.3.2)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        get = super().get_route_handler()
-
-        async def head(request: Request) -> Response:
-            response = await get(request)
-            return Response(status_code=response.status_code, headers=dict(response.headers))
-
-        return head
-
-
 def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``router.get(path, **kwargs)`` that also answers HEAD. The HEAD twin is a route of its
-    own, kept out of the OpenAPI schema (one route with both methods would document HEAD too,
-    under the same operation id as GET)."""
-
-    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-        router.add_api_route(
-            path,
-            endpoint,
-            methods=["HEAD"],
-            include_in_schema=False,
-            route_class_override=_HeadRoute,
-            **kwargs,
-        )
-        return router.get(path, **kwargs)(endpoint)
-
-    return register
+    """``router.get(path, **kwargs)`` that also answers HEAD (:func:`dataplane.get_and_head`)."""
+    return dataplane.get_and_head(router, path, **kwargs)
 
 
 @lru_cache(maxsize=64)
@@ -235,71 +205,18 @@ def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
     )
 
 
-#: Past these sizes, turning a request into a tensor or a result into a response runs in a
-#: worker thread (tens of milliseconds), not on the event loop that also answers ``/health``.
-LARGE_INPUT_VALUES = 20_000
-LARGE_RESPONSE_VALUES = 20_000
-
-#: Upper bound on the JSON bytes of one float as pydantic-core writes it (``-1.2345678e-05``
-#: and the separator), and of a result row's keys and scalars.
-FLOAT_BYTES = 25
-ROW_BYTES = 400
-
-T = TypeVar("T")
-
-
-async def _off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)``: in a worker thread when ``large``, else right here."""
-    if not large:
-        return fn(*args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
-
-
-def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
-    """An awaitable factory that completes when the client goes away (the body is read by
-    then, so the next ASGI message is the disconnect)."""
-
-    async def wait() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    return wait
-
-
 def _render(model: BaseModel, limit: int, *, exclude_none: bool = False) -> Response:
     """The response as JSON bytes, refused if larger than ``limit``."""
     body = model.model_dump_json(exclude_none=exclude_none).encode()
-    if len(body) > limit:
-        raise LimitExceededError(
-            f"the response would be {len(body)} bytes, above the limit of {limit} "
-            "(max_response_bytes); send fewer rows or ask for fewer samples"
-        )
+    dataplane.check_response_bytes(len(body), limit)
     return Response(body, media_type="application/json")
-
-
-def _check_rows(body: schemas.PredictRequest, settings: Settings) -> None:
-    if len(body.inputs) > settings.max_rows:
-        raise LimitExceededError(
-            f"{len(body.inputs)} rows is more than the limit of {settings.max_rows} per request; "
-            "split the batch"
-        )
-
-
-def _check_response_size(rows: int, values_per_row: int, limit: int) -> None:
-    """Refuse up front a response whose estimated size is above the limit (before computing)."""
-    estimate = rows * (ROW_BYTES + values_per_row * FLOAT_BYTES)
-    if estimate > limit:
-        raise LimitExceededError(
-            f"the response would be about {estimate} bytes, above the limit of {limit} "
-            "(max_response_bytes); send fewer rows, or ask for fewer samples or none returned"
-        )
 
 
 async def _tensor(
     body: schemas.PredictRequest, handle: ModelHandle, request: Request, registry: Registry
 ) -> torch.Tensor:
-    large = len(body.inputs) * math.prod(handle.spec.input_shape) > LARGE_INPUT_VALUES
-    x = await _off_loop(large, convert.to_tensor, body.inputs, handle.predictor)
+    large = len(body.inputs) * math.prod(handle.spec.input_shape) > dataplane.LARGE_INPUT_VALUES
+    x = await dataplane.off_loop(large, convert.to_tensor, body.inputs, handle.predictor)
     registry.arrivals.settle(request.scope)  # read and valid: its job queues now
     return x
 
@@ -324,29 +241,17 @@ async def predict(
     """Deterministic prediction (dropout off): probabilities and label, or the value in original
     units."""
     handle = registry.get(name)
-    _check_rows(body, settings)
     rows, k = len(body.inputs), handle.spec.n_outputs
-    _check_response_size(rows, 2 * k, settings.max_response_bytes)
+    dataplane.check_rows(rows, settings)
+    dataplane.check_response_size(rows, 2 * k, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
-    prediction = await handle.predict(x, gone=_disconnected(request))
+    prediction = await handle.predict(x, gone=dataplane.disconnected(request))
     check_finite(prediction)  # this request's rows only: a merged batch is not checked whole
-    response = await _off_loop(
-        rows * k > LARGE_RESPONSE_VALUES, convert.predict_response, handle.predictor, prediction
+    large = rows * k > dataplane.LARGE_RESPONSE_VALUES
+    response = await dataplane.off_loop(
+        large, convert.predict_response, handle.predictor, prediction
     )
-    return await _off_loop(
-        rows * k > LARGE_RESPONSE_VALUES, _render, response, settings.max_response_bytes
-    )
-
-
-def _n_samples(body: schemas.UncertaintyRequest, handle: ModelHandle, settings: Settings) -> int:
-    if body.n_samples is None:
-        default = settings.default_n_samples or handle.spec.default_n_samples
-        return min(default, settings.max_n_samples)
-    if body.n_samples > settings.max_n_samples:
-        raise LimitExceededError(
-            f"n_samples={body.n_samples} is above the limit of {settings.max_n_samples}"
-        )
-    return body.n_samples
+    return await dataplane.off_loop(large, _render, response, settings.max_response_bytes)
 
 
 @router.post(
@@ -368,29 +273,21 @@ async def uncertainty(
     variance, std; entropy, mutual information, variation ratio for classifiers; interval and
     epistemic/aleatoric split for regressors)."""
     handle = registry.get(name)
-    _check_rows(body, settings)
-    n_samples = _n_samples(body, handle, settings)
     rows, k = len(body.inputs), handle.spec.n_outputs
-    total = rows * n_samples
-    if total > settings.max_row_samples:
-        raise LimitExceededError(
-            f"rows × n_samples = {rows} × {n_samples} = {total} is above the limit "
-            f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
-        )
-    if body.return_samples and total > settings.max_returned_samples:
-        raise LimitExceededError(
-            f"return_samples with rows × n_samples = {total} is above the limit of "
-            f"{settings.max_returned_samples}"
-        )
-    values = 7 * k + (n_samples * k if body.return_samples else 0)
-    _check_response_size(rows, values, settings.max_response_bytes)
-    options = MCOptions(n_samples, body.level, body.return_samples)
+    dataplane.check_rows(rows, settings)
+    options = dataplane.mc_options(
+        rows, body.n_samples, body.level, body.return_samples, handle, settings
+    )
+    values = 7 * k + (options.n_samples * k if body.return_samples else 0)
+    dataplane.check_response_size(rows, values, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed
-    summary, samples = await handle.uncertainty(x, options, seed=seed, gone=_disconnected(request))
+    summary, samples = await handle.uncertainty(
+        x, options, seed=seed, gone=dataplane.disconnected(request)
+    )
     check_finite(summary, samples)
-    large = rows * values > LARGE_RESPONSE_VALUES
-    response = await _off_loop(
+    large = rows * values > dataplane.LARGE_RESPONSE_VALUES
+    response = await dataplane.off_loop(
         large,
         convert.uncertainty_response,
         handle.predictor,
@@ -399,4 +296,6 @@ async def uncertainty(
         seed=seed,
         level=body.level,
     )
-    return await _off_loop(large, _render, response, settings.max_response_bytes, exclude_none=True)
+    return await dataplane.off_loop(
+        large, _render, response, settings.max_response_bytes, exclude_none=True
+    )

@@ -66,8 +66,8 @@ def test_readme_example(example: Example, server: Server, workdir: Path) -> None
 
 
 def test_the_readme_shows_each_way_in() -> None:
-    """The README keeps runnable examples of curl, the Python client, the CLI and the library,
-    each with the output it prints."""
+    """The README keeps runnable examples of curl, the Python client, the CLI, the library and
+    Triton's client, each with the output it prints."""
     shown = {
         way
         for e in RUN
@@ -77,10 +77,11 @@ def test_the_readme_shows_each_way_in() -> None:
             "client": "from mcdrop_client import",
             "cli": "mcdrop predict",
             "library": "import mcdrop",
+            "tritonclient": "import tritonclient",
         }.items()
         if needle in e.code.body
     }
-    assert shown == {"curl", "client", "cli", "library"}
+    assert shown == {"curl", "client", "cli", "library", "tritonclient"}
 
 
 def test_not_run_markers_sit_on_runnable_blocks() -> None:

@@ -218,6 +218,8 @@ def evaluate_model(
     command: str | None = None,
     trust_model_code: bool = False,
     allowed_factories: Sequence[str] = (),
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Evaluate a model directory on a built-in dataset and write its report.
 
@@ -240,12 +242,18 @@ def evaluate_model(
         command: the command line that ran this, recorded in the report.
         trust_model_code, allowed_factories: which ``architecture.factory`` code loading may
             run, as for :func:`mcdrop.checkpoint.load` (none by default).
+        device, dtype: where the model runs and its compute dtype, as for
+            :func:`mcdrop.checkpoint.load`; the scores are computed on the CPU.
 
     Returns:
         the report (as written to ``report.json``).
     """
     loaded = checkpoint.load(
-        model_dir, trust_model_code=trust_model_code, allowed_factories=allowed_factories
+        model_dir,
+        trust_model_code=trust_model_code,
+        allowed_factories=allowed_factories,
+        device=device,
+        dtype=dtype,
     )
     spec = loaded.spec
     name = dataset or spec.training.get("dataset") or spec.name
@@ -261,7 +269,9 @@ def evaluate_model(
     if ood_classes is None:
         ood_classes = list(spec.training.get("exclude_classes", []))
     n_samples = spec.default_n_samples if n_samples is None else n_samples
-    predictor = Predictor(loaded, max_rows=max_rows or sampling.DEFAULT_MAX_ROWS)
+    predictor = Predictor(
+        loaded, max_rows=max_rows or sampling.DEFAULT_MAX_ROWS, results_device="cpu"
+    )
     if spec.task == "classification":
         body, raw = evaluate_classifier(
             predictor, data, n_samples=n_samples, seed=seed, ood_classes=ood_classes, limit=limit

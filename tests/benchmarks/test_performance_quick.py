@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import memory, sampling, service_load, soak
+from benchmarks import gpu, memory, sampling, service_load, soak
 from mcdrop import predict
 
 
@@ -69,6 +69,39 @@ def test_floor_and_naive_compute_what_mcdrop_computes(ref: sampling.Reference) -
     assert 0.7 < float(naive.var(0).sum() / mc.var(0).sum()) < 1.4
 
 
+@pytest.mark.parametrize("ref", _references())
+def test_baal_style_samples_like_baal(ref: sampling.Reference) -> None:
+    """One replicated pass with the dropout modules on: samples vary, except through the
+    transformer's fused inference path, which skips its dropout modules (baal's zero variance)."""
+    x = torch.randn(3, *ref.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        samples = sampling.baal_style(ref.model, x, 20)
+    assert samples.shape == sampling.sample(ref.model, x, 20, seed=0).shape
+    assert not any(m.training for m in ref.model.modules())
+    varies = bool(samples.var(0).max() > 0)
+    assert varies == (not ref.name.startswith("transformer"))
+
+
+def test_the_gpu_benchmark_without_a_gpu_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert gpu.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("benchmarks.gpu: no CUDA GPU here")
+    assert "nothing measured" in out
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_quick_on_the_cpu(tmp_path) -> None:
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu.md").read_text()
+    assert "FAILED" not in text
+    assert text.count("bit for bit") == 1
+    assert len(_ratios(text.split("#### Sampling")[1], "mcdrop / floor")) == 10
+    assert text.count("kernel launches per call") == 4
+
+
 @pytest.mark.slow
 def test_memory_quick() -> None:
     text = memory.run(quick=True)
@@ -83,6 +116,15 @@ def test_service_load_quick(generator: str) -> None:
     assert len(errors) == 8  # 2 endpoints × batching off/on × 1 and 8 clients
     assert all(e == "0" and int(n) > 0 for e, n in errors)
     assert all(r > 0 for r in _ratios(text, "server CPU ms/req"))
+
+
+@pytest.mark.slow
+def test_service_protocols_quick() -> None:
+    text = service_load.protocols(quick=True)
+    errors = re.findall(r"\| (\d+)/(\d+) \|", text)
+    assert len(errors) == 6  # 2 endpoints × native, v2 JSON, v2 binary
+    assert all(e == "0" and int(n) > 0 for e, n in errors)
+    assert all(r > 0 for r in _ratios(text, "CPU ÷ native"))
 
 
 @pytest.mark.slow

@@ -1,9 +1,14 @@
-"""Counter-based masks: the hash against a pure-Python SplitMix64, rates, and key properties."""
+"""Counter-based masks: the hash against a pure-Python SplitMix64, rates, key properties, and the
+torch implementation bit for bit against the NumPy one (on a GPU too, when there is one)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcdrop import masks
 from mcdrop.exceptions import InvalidArgumentError
@@ -98,3 +103,109 @@ def test_bad_seeds(seed: object) -> None:
 
 def test_fresh_seed_in_range() -> None:
     assert 0 <= masks.fresh_seed() <= masks.MAX_SEED
+
+
+# -- the torch implementation: the same bits as NumPy's, on every device -------------------------
+
+#: Devices whose torch masks are compared with NumPy's on the CPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+    ),
+]
+
+#: Rates at every lane width, and at the edges: 0, 1, and one tick from each.
+EDGE_RATES = [0.0, 1.0, 1 / 65536, 1 - 1 / 65536, 1e-6, 0.999999, 0.5, 0.25, 0.75, 0.125]
+EDGE_RATES += [3 / 256, 255 / 256, 0.05, 0.1, 0.3, 0.9]
+#: Sizes around the 4-, 8-, 16- and 64-lane boundaries of the byte views.
+EDGE_SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65, 127, 129, 1000]
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+int64s = st.integers(-(2**63), 2**63 - 1)
+rates = st.one_of(st.sampled_from(EDGE_RATES), st.floats(0.0, 1.0))
+
+
+def _keys(values: list[int], device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def test_cpu_keys_use_the_cpu_backend_and_others_torch() -> None:
+    assert masks.backend_for(torch.zeros(2, dtype=torch.int64)) == masks.CPU_BACKEND
+    assert masks.backend_for(torch.zeros(2, dtype=torch.int64, device="meta")) == "torch"
+    with pytest.raises(InvalidArgumentError, match="CPU only"):
+        masks.backend_for(torch.zeros(2, dtype=torch.int64, device="meta"), "numpy")
+    with pytest.raises(InvalidArgumentError, match="'numpy' or 'torch'"):
+        masks.backend_for(torch.zeros(2, dtype=torch.int64), "cupy")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value", [0, 1, -1, 2**31, 2**62 + 12345, 2**63 - 1, -(2**63)])
+def test_torch_mix64_matches_reference(device: str, value: int) -> None:
+    got = masks.mix64(_keys([value], device), backend="torch")
+    assert got.device.type == device
+    assert int(got[0]) & MASK64 == splitmix_reference(value & MASK64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=60, deadline=None)
+@given(
+    keys=st.lists(int64s, min_size=1, max_size=9),
+    first=st.integers(0, 2**40),
+    n_samples=st.integers(1, 40),
+)
+def test_torch_sample_keys_equal_numpy(
+    device: str, keys: list[int], first: int, n_samples: int
+) -> None:
+    expected = masks.sample_keys(_keys(keys, "cpu"), first, n_samples, backend="numpy")
+    got = masks.sample_keys(_keys(keys, device), first, n_samples, backend="torch")
+    assert got.device.type == device
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=150, deadline=None)
+@given(
+    keys=st.lists(int64s, min_size=1, max_size=6),
+    call=st.integers(0, 10_000),
+    n=st.one_of(st.sampled_from(EDGE_SIZES), st.integers(1, 600)),
+    p=rates,
+    dtype=st.sampled_from(FLOATS),
+)
+def test_torch_masks_equal_numpy(
+    device: str, keys: list[int], call: int, n: int, p: float, dtype: torch.dtype
+) -> None:
+    cpu, dev = _keys(keys, "cpu"), _keys(keys, device)
+    for name, args in (("uniform16", ()), ("keep_mask", (p,)), ("keep_scale", (p, dtype))):
+        expected = getattr(masks, name)(cpu, call, n, *args, backend="numpy")
+        got = getattr(masks, name)(dev, call, n, *args, backend="torch")
+        assert got.device.type == device
+        assert got.dtype == expected.dtype
+        assert got.shape == expected.shape == (len(keys), n)
+        assert torch.equal(got.cpu(), expected), (name, p, n)
+    assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", EDGE_RATES)
+def test_torch_masks_equal_numpy_at_the_edges(device: str, p: float) -> None:
+    """Every edge rate at every edge size, over several calls and 77 sample keys."""
+    keys = masks.sample_keys(torch.arange(-3, 4, dtype=torch.int64) * 0x9E3779B9, 5, 11)
+    dev = keys.to(device)
+    for n, call in itertools.product(EDGE_SIZES, (0, 1000)):
+        expected = masks.keep_scale(keys, call, n, p, torch.float32, backend="numpy")
+        got = masks.keep_scale(dev, call, n, p, torch.float32, backend="torch")
+        assert torch.equal(got.cpu(), expected)
+        keep = masks.keep_mask(dev, call, n, p, backend="torch")
+        assert torch.equal(keep.cpu(), masks.keep_mask(keys, call, n, p, backend="numpy"))
+
+
+def test_torch_masks_run_on_a_device_without_values() -> None:
+    """On the meta device nothing can be read back: the torch path never leaves the device."""
+    keys = masks.sample_keys(_keys([1, 2, 3], "meta"), 0, 4)
+    assert keys.shape == (12,)
+    assert keys.device.type == "meta"
+    for p in (0.5, 0.25, 3 / 256, 0.1):
+        scale = masks.keep_scale(keys, 3, 37, p, torch.bfloat16)
+        assert (scale.shape, scale.dtype, scale.device.type) == ((12, 37), torch.bfloat16, "meta")
+        assert masks.keep_mask(keys, 3, 37, p).device.type == "meta"

@@ -63,7 +63,7 @@ def test_standardized_heteroscedastic_units() -> None:
 
 @pytest.mark.parametrize("given", ["input_mean", "input_std", "target_mean", "target_std"])
 def test_standardized_takes_a_mean_with_its_std(given: str) -> None:
-    with pytest.raises(InvalidArgumentError, match="_mean and .*_std are given together"):
+    with pytest.raises(InvalidArgumentError, match=r"_mean and \w+_std are given together"):
         Standardized(nn.Identity(), **{given: torch.ones(1)})
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -11,21 +16,29 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import V2_STATUS, is_v2
+from service.registry import Registry
 from service.schemas import ErrorCode
 from tests.conftest import MODELS
 
 
 def check_error_body(response: httpx2.Response) -> None:
     """Every error response is JSON ``{"error": {"code", "message", "details"}}`` with a code of
-    the one vocabulary, :class:`ErrorCode` (a response hook on the test clients). ``/ready``'s
-    503 is its readiness report, not an error."""
+    the one vocabulary, :class:`ErrorCode` (a response hook on the test clients); under ``/v2``,
+    the Open Inference Protocol's ``{"error": "<message>"}``, never a status it does not use.
+    ``/ready``'s 503 is its readiness report, not an error (``/v2/health/ready``'s too)."""
+    path = response.request.url.path
     if (
         response.status_code < 400
         or response.request.method == "HEAD"
-        or response.request.url.path == "/ready"
+        or path in ("/ready", "/v2/health/ready")
     ):
         return
     response.read()
+    if is_v2(path):
+        assert isinstance(response.json()["error"], str), response.text
+        assert response.status_code not in V2_STATUS, response.status_code
+        return
     error = response.json()["error"]
     assert error["code"] in set(ErrorCode), error
     assert isinstance(error["message"], str)
@@ -59,3 +72,29 @@ def http(settings: Settings) -> Iterator[TestClient]:
         client.event_hooks["response"].append(check_error_body)
         wait_ready(client)
         yield client
+
+
+@dataclass
+class Loading:
+    """An app whose one model, ``diabetes``, is still loading until ``gate`` is set."""
+
+    client: TestClient
+    gate: threading.Event
+
+
+@pytest.fixture
+def loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loading]:
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    gate = threading.Event()
+    warm_up = Registry._warm_up
+
+    def slow_warm_up(predictor: Any) -> Any:
+        gate.wait(30)
+        return warm_up(predictor)
+
+    monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
+    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
+        try:
+            yield Loading(client, gate)
+        finally:
+            gate.set()  # the loader thread ends whatever the test did

@@ -12,6 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 import mcdrop
 from mcdrop import checkpoint
@@ -231,6 +232,8 @@ def test_url_from_the_environment(
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
         (["predict", "../health", "--inputs", "[[0]]"], "model name"),
         (["serve", "--port", "-1"], "port"),
+        (["serve", "--device", "tpu"], "device: Value error, unknown device 'tpu'"),
+        (["predict", "digits", "--model-dir", ".", "--device", "gpu", "--inputs", "[[0]]"], "gpu"),
     ],
 )
 def test_command_lines_to_fix_exit_2_in_one_line(
@@ -328,3 +331,30 @@ def test_check_needs_the_opt_in_for_a_factory(
     )
     assert code == 0
     assert out.startswith("custom: rows [3], 1 output\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_local_commands_on_a_missing_gpu_exit_2_in_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.setenv("MCDROP_DEVICE", "cuda")  # the environment, as for mcdrop serve
+    argv = {
+        "predict": ["predict", "digits", "--model-dir", str(MODELS), "--inputs", "[[0]]"],
+        "evaluate": ["evaluate", str(MODELS / "digits"), "--no-plots", "--limit", "5"],
+    }[command]
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert "device: Value error, device 'cuda' needs a CUDA GPU" in err
+    assert err.count("\n") == 1
+
+
+def test_local_uncertainty_in_bfloat16(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    answers = []
+    for dtype in ("float32", "bfloat16"):
+        code, out, _ = _run(capsys, *argv, "--uncertainty", "--seed", "7", "--dtype", dtype)
+        assert code == 0
+        answers.append(json.loads(out)["results"][0])
+    assert answers[1]["mean"][0] == pytest.approx(answers[0]["mean"][0], rel=0.01)
+    assert answers[1]["std"][0] == pytest.approx(answers[0]["std"][0], rel=0.02)

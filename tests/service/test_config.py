@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from service.config import Settings
@@ -75,3 +76,40 @@ def test_an_unusable_api_key_is_refused_without_echo(
     with pytest.raises(ValidationError, match="MCDROP_API_KEY must be") as info:
         Settings()
     assert not key or key not in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("cpu", "cpu"), (" CPU", "cpu"), ("auto", "auto")])
+def test_device_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("MCDROP_DEVICE", value)
+    monkeypatch.setenv("MCDROP_DTYPE", "bfloat16")
+    settings = Settings()
+    assert (settings.device, settings.dtype) == (expected, "bfloat16")
+
+
+def test_cpu_and_float32_by_default() -> None:
+    assert (Settings().device, Settings().dtype) == ("cpu", "float32")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MCDROP_DEVICE", "tpu", "unknown device 'tpu': give one of cpu, cuda, cuda:N, auto"),
+        ("MCDROP_DEVICE", "cuda:99", "cuda:99"),
+        ("MCDROP_DTYPE", "float64", "float32"),
+    ],
+)
+def test_devices_and_dtypes_this_machine_cannot_serve(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MCDROP_DEVICE", "cuda")
+    with pytest.raises(ValidationError, match=r"needs a CUDA GPU, but .* use cpu, or auto"):
+        Settings()

@@ -161,3 +161,37 @@ def test_ready_when_every_model_failed(tmp_path: Path) -> None:
         ready = _settled(client)
     assert (ready["code"], ready["status"]) == (503, "failed")
     assert ready["models"] == {"broken": "broken/model.json: the manifest must be a JSON object"}
+
+
+def test_a_reduced_precision_service_answers_close_to_float32(serve) -> None:
+    """``MCDROP_DTYPE=bfloat16``: the same masks, the statistics float32, the answer close."""
+    body = {"inputs": [PATIENT], "n_samples": 200, "seed": 7}
+    full = serve(allowed_factories="tests").post("/models/diabetes/uncertainty", json=body)
+    half = serve(allowed_factories="tests", dtype="bfloat16")
+    assert half.get("/ready").json()["status"] == "ready"
+    reduced = half.post("/models/diabetes/uncertainty", json=body)
+    assert (full.status_code, reduced.status_code) == (200, 200)
+    a, b = full.json()["results"][0], reduced.json()["results"][0]
+    for field in ("mean", "std", "lower", "upper"):
+        assert b[field][0] == pytest.approx(a[field][0], rel=0.01), field
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_missing_gpu_stops_the_service_before_any_model_loads(folder: Path) -> None:
+    with pytest.raises(ValueError, match="device 'cuda' needs a CUDA GPU"):
+        Settings(model_dir=folder, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_a_cuda_service_answers_as_the_cpu_one(serve) -> None:
+    body = {"inputs": [PATIENT, [v * 1.1 for v in PATIENT]], "n_samples": 300, "seed": 7}
+    cpu = serve(allowed_factories="tests").post("/models/diabetes/uncertainty", json=body)
+    gpu = serve(allowed_factories="tests", device="cuda")
+    assert gpu.get("/ready").json()["status"] == "ready"
+    answer = gpu.post("/models/diabetes/uncertainty", json=body)
+    assert (cpu.status_code, answer.status_code) == (200, 200)
+    for a, b in zip(cpu.json()["results"], answer.json()["results"], strict=True):
+        for field in ("mean", "std", "lower", "upper"):
+            assert b[field][0] == pytest.approx(a[field][0], rel=1e-3), field
+    digits = gpu.post("/models/custom/predict", json={"inputs": [[1.0, 2.0, 3.0]]})
+    assert digits.status_code == 200

@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import BUNDLED
-from tests.service.conftest import wait_ready
+from tests.service.conftest import Loading, wait_ready
 
 DIGITS = load_digits().data[:4].tolist()
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -299,31 +299,15 @@ def test_broken_model_reports_failure_and_others_serve(tmp_path: Path, root: Pat
         assert wait_diabetes.status_code == 200
 
 
-def test_ready_is_503_while_loading(
-    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import shutil
-    import threading
-
-    from service.registry import Registry
-
-    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
-    gate = threading.Event()
-    warm_up = Registry._warm_up
-
-    def slow_warm_up(predictor: Any) -> Any:
-        gate.wait(30)
-        return warm_up(predictor)
-
-    monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
-    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
-        assert client.get("/health").status_code == 200
-        assert client.get("/ready").status_code == 503
-        loading = client.post("/models/diabetes/predict", json={"inputs": [PATIENT]})
-        assert loading.status_code == 503
-        assert "loading" in loading.json()["error"]["message"]
-        gate.set()
-        wait_ready(client)
+def test_ready_is_503_while_loading(loading: Loading) -> None:
+    client = loading.client
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").status_code == 503
+    response = client.post("/models/diabetes/predict", json={"inputs": [PATIENT]})
+    assert response.status_code == 503
+    assert "loading" in response.json()["error"]["message"]
+    loading.gate.set()
+    wait_ready(client)
 
 
 # -- outputs that are not finite ---------------------------------------------------------------
@@ -406,12 +390,12 @@ def test_one_requests_overflow_does_not_fail_a_request_batched_with_it(
 def _get_paths(http: TestClient) -> list[str]:
     """Every GET path of the app, model names filled in."""
     paths = [
-        route.path.replace("{name}", "digits")
+        route.path.replace("{name}", "digits").replace("{version}", "1")
         for route in http.app.routes  # type: ignore[attr-defined]
         if "GET" in getattr(route, "methods", ())
     ]
     schema_paths = [
-        p.replace("{name}", "digits")
+        p.replace("{name}", "digits").replace("{version}", "1")
         for p, ops in http.get("/openapi.json").json()["paths"].items()
         if "get" in ops
     ]
@@ -484,6 +468,7 @@ def test_openapi_lists_only_the_statuses_a_route_returns(http: TestClient) -> No
         for method, op in ops.items()
     }
     inference = ["200", "400", "404", "408", "413", "415", "422", "500", "503", "504"]
+    v2_inference = ["200", "400", "404", "408", "413", "500", "503", "504"]
     assert statuses == {
         ("GET", "/health"): ["200"],
         ("GET", "/ready"): ["200", "503"],
@@ -493,6 +478,16 @@ def test_openapi_lists_only_the_statuses_a_route_returns(http: TestClient) -> No
         ("GET", "/models/{name}"): ["200", "404", "503"],
         ("POST", "/models/{name}/predict"): inference,
         ("POST", "/models/{name}/uncertainty"): inference,
+        # The Open Inference Protocol's (no 415: any Content-Type; no 422: it answers 400).
+        ("GET", "/v2"): ["200"],
+        ("GET", "/v2/health/live"): ["200"],
+        ("GET", "/v2/health/ready"): ["200", "503"],
+        ("GET", "/v2/models/{name}"): ["200", "404", "503"],
+        ("GET", "/v2/models/{name}/versions/{version}"): ["200", "404", "503"],
+        ("GET", "/v2/models/{name}/ready"): ["200", "404", "503"],
+        ("GET", "/v2/models/{name}/versions/{version}/ready"): ["200", "404", "503"],
+        ("POST", "/v2/models/{name}/infer"): v2_inference,
+        ("POST", "/v2/models/{name}/versions/{version}/infer"): v2_inference,
     }
     params = paths["/models/{name}"]["get"]["parameters"]
     assert [(p["name"], p["in"], p["required"]) for p in params] == [("name", "path", True)]

@@ -1,0 +1,94 @@
+"""Where a model runs and in which precision: the names the service, the CLI and the library take.
+
+A device is ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when torch finds a GPU, else the
+CPU), or any ``torch.device``. A name that torch cannot serve here (``cuda`` on a machine without
+a GPU or with a CPU-only torch, ``cuda:3`` with two GPUs) is refused with a message that says
+what is there, before any model loads.
+
+A dtype is ``float32`` (the default), ``bfloat16`` or ``float16``: the network computes in it,
+while inputs, outputs and every statistic stay float32 or wider (see
+:class:`mcdrop.nets.ReducedPrecision`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from mcdrop.exceptions import InvalidArgumentError
+
+#: The device names accepted, for messages and help texts.
+DEVICE_NAMES = ("cpu", "cuda", "cuda:N", "auto")
+
+#: Compute dtypes by name.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+_DEVICE = re.compile(r"cpu|cuda(?::(\d+))?|auto")
+
+
+def _no_cuda_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a build without CUDA"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The ``torch.device`` for a device name (see the module docstring).
+
+    Raises:
+        InvalidArgumentError: an unknown name, or a CUDA device this machine does not have.
+    """
+    if isinstance(device, torch.device):
+        if device.type == "cuda":
+            return resolve_device(str(device))
+        return device
+    name = device.strip().lower() if isinstance(device, str) else device
+    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise InvalidArgumentError(
+            f"unknown device {device!r}: give one of {', '.join(DEVICE_NAMES)}"
+        )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InvalidArgumentError(
+            f"device {name!r} needs a CUDA GPU, but {_no_cuda_reason()}; use cpu, or auto to "
+            "take a GPU only where there is one"
+        )
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise InvalidArgumentError(
+            f"device {name!r} does not exist: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}"
+        )
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The ``torch.dtype`` for a compute dtype name (``float32``, ``bfloat16``, ``float16``).
+
+    Raises:
+        InvalidArgumentError: any other name or dtype.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.strip().lower() in DTYPES:
+        return DTYPES[dtype.strip().lower()]
+    raise InvalidArgumentError(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPES)}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a model with neither."""
+    for tensor in model.parameters():
+        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")

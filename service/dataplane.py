@@ -1,0 +1,151 @@
+"""What every protocol's inference endpoints share: the limits a request must fit, the MC
+options it resolves to, the watch for its client going away, and moving large conversions off
+the event loop. The native routes (:mod:`service.routes`) and the Open Inference Protocol's
+(:mod:`service.v2.routes`) each do only their own encoding around these, so both run the same
+checks, with the same messages, before the same :class:`~service.registry.ModelHandle`; and
+both answer HEAD on their GET routes the same way (:func:`get_and_head`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
+
+from service.batching import MCOptions
+from service.config import Settings
+from service.errors import LimitExceededError
+from service.registry import ModelHandle
+
+#: Past these sizes, parsing a request body, turning a request into a tensor or a result into a
+#: response runs in a worker thread (tens of milliseconds), not on the event loop that also
+#: answers ``/health``.
+LARGE_BODY_BYTES = 256 * 1024
+LARGE_INPUT_VALUES = 20_000
+LARGE_RESPONSE_VALUES = 20_000
+
+#: Upper bound on the JSON bytes of one float as pydantic-core writes it (``-1.2345678e-05``
+#: and the separator), and of a result row's keys and scalars.
+FLOAT_BYTES = 25
+ROW_BYTES = 400
+
+T = TypeVar("T")
+
+
+async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)``: in a worker thread when ``large``, else right here."""
+    if not large:
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
+
+
+def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """An awaitable factory that completes when the client goes away (the body is read by
+    then, so the next ASGI message is the disconnect)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+class HeadRoute(APIRoute):
+    """HEAD of a GET route: the GET's status and headers (its Content-Length included), no
+    body (RFC 9110 §9.3.2)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        get = super().get_route_handler()
+
+        async def head(request: Request) -> Response:
+            response = await get(request)
+            return Response(status_code=response.status_code, headers=dict(response.headers))
+
+        return head
+
+
+def get_and_head(
+    router: APIRouter, path: str, **kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``router.get(path, **kwargs)`` that also answers HEAD. The HEAD twin is a route of its
+    own, kept out of the OpenAPI schema (one route with both methods would document HEAD too,
+    under the same operation id as GET)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["HEAD"],
+            include_in_schema=False,
+            route_class_override=HeadRoute,
+            **kwargs,
+        )
+        return router.get(path, **kwargs)(endpoint)
+
+    return register
+
+
+def check_rows(rows: int, settings: Settings) -> None:
+    if rows > settings.max_rows:
+        raise LimitExceededError(
+            f"{rows} rows is more than the limit of {settings.max_rows} per request; "
+            "split the batch"
+        )
+
+
+def mc_options(
+    rows: int,
+    n_samples: int | None,
+    level: float,
+    return_samples: bool,
+    handle: ModelHandle,
+    settings: Settings,
+) -> MCOptions:
+    """The MC options of an uncertainty request of ``rows`` rows: ``n_samples`` (the default
+    when None), checked against the sample limits."""
+    if n_samples is None:
+        default = settings.default_n_samples or handle.spec.default_n_samples
+        n_samples = min(default, settings.max_n_samples)
+    elif n_samples > settings.max_n_samples:
+        raise LimitExceededError(
+            f"n_samples={n_samples} is above the limit of {settings.max_n_samples}"
+        )
+    total = rows * n_samples
+    if total > settings.max_row_samples:
+        raise LimitExceededError(
+            f"rows × n_samples = {rows} × {n_samples} = {total} is above the limit "
+            f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
+        )
+    if return_samples and total > settings.max_returned_samples:
+        raise LimitExceededError(
+            f"return_samples with rows × n_samples = {total} is above the limit of "
+            f"{settings.max_returned_samples}"
+        )
+    return MCOptions(n_samples, level, return_samples)
+
+
+def check_response_size(
+    rows: int, values_per_row: int, limit: int, *, binary_values_per_row: int = 0
+) -> None:
+    """Refuse up front a response whose estimated size is above the limit (before computing):
+    ``values_per_row`` JSON numbers and ``binary_values_per_row`` binary ones (at most 8
+    bytes each) per row."""
+    estimate = rows * (ROW_BYTES + values_per_row * FLOAT_BYTES + binary_values_per_row * 8)
+    if estimate > limit:
+        raise LimitExceededError(
+            f"the response would be about {estimate} bytes, above the limit of {limit} "
+            "(max_response_bytes); send fewer rows, or ask for fewer samples or none returned"
+        )
+
+
+def check_response_bytes(size: int, limit: int) -> None:
+    """Refuse a rendered response of ``size`` bytes above ``limit``."""
+    if size > limit:
+        raise LimitExceededError(
+            f"the response would be {size} bytes, above the limit of {limit} "
+            "(max_response_bytes); send fewer rows or ask for fewer samples"
+        )

@@ -1,0 +1,350 @@
+"""Open Inference Protocol tensors on the wire, to and from numpy and torch.
+
+A request body is a JSON header (an :class:`~service.v2.schemas.InferenceRequest`), followed,
+with the binary tensor data extension, by the tensors' raw bytes (little-endian, row-major, in
+the order of the inputs that declare ``parameters.binary_data_size``); the
+``Inference-Header-Content-Length`` header then gives the JSON's length. A response is built the
+same way: outputs as JSON ``data`` (flat, row-major) or, when asked, as binary data.
+
+Every malformed tensor is an :class:`~mcdrop.exceptions.InvalidInputError` (or a
+:class:`~service.errors.MalformedRequestError` for a body that cannot be split) that says what
+is wrong: the routes answer 400.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any
+
+import numpy as np
+import pydantic_core
+import torch
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, TypeAdapter, ValidationError
+from torch import Tensor
+
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.predictor import Predictor
+from service.errors import BodyTooLargeError, MalformedRequestError, validation_details
+from service.schemas import FiniteFloat
+from service.v2.outputs import Selected
+from service.v2.schemas import InferenceRequest, InferParameters, RequestInput
+
+HEADER_LENGTH = "inference-header-content-length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class Datatype:
+    """A tensor element type: its little-endian numpy dtype and the JSON values it takes
+    (``float``: numbers; ``int``: integers in ``[lo, hi]``; ``bool``: true/false)."""
+
+    numpy: str
+    kind: str
+    lo: int = 0
+    hi: int = 0
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.numpy).itemsize
+
+    @property
+    def values(self) -> str:
+        """What JSON ``data`` must hold, for messages."""
+        if self.kind == "int":
+            return f"integers in [{self.lo}, {self.hi}]"
+        return {"float": "finite numbers", "bool": "true or false"}.get(self.kind, "")
+
+
+def _int(numpy: str) -> Datatype:
+    info = np.iinfo(numpy)
+    return Datatype(numpy, "int", int(info.min), int(info.max))
+
+
+#: The datatypes an input may have; the model gets float32 whatever was sent. (BYTES, strings,
+#: has no meaning for a model of numbers; BF16 has no JSON form and numpy lacks it: torch reads
+#: its binary form.)
+DATATYPES: dict[str, Datatype] = {
+    "FP32": Datatype("<f4", "float"),
+    "FP64": Datatype("<f8", "float"),
+    "FP16": Datatype("<f2", "float"),
+    "BF16": Datatype("<u2", "bf16"),
+    "INT8": _int("<i1"),
+    "INT16": _int("<i2"),
+    "INT32": _int("<i4"),
+    "INT64": _int("<i8"),
+    "UINT8": _int("<u1"),
+    "UINT16": _int("<u2"),
+    "UINT32": _int("<u4"),
+    "UINT64": _int("<u8"),
+    "BOOL": Datatype("<u1", "bool"),
+}
+
+
+# -- the request body ----------------------------------------------------------------------------
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """``body`` inflated per its ``Content-Encoding`` (gzip or deflate, as Triton's client
+    sends), at most ``limit`` bytes of it."""
+    if encoding is None or encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise MalformedRequestError(
+            f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none"
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise MalformedRequestError(f"the {encoding} body cannot be inflated: {exc}") from None
+    if len(plain) > limit:
+        raise BodyTooLargeError(
+            f"the inflated request body is larger than the limit of {limit} bytes; send fewer rows"
+        )
+    if not inflater.eof:
+        raise MalformedRequestError(f"the {encoding} body is truncated")
+    return plain
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed infer request: its JSON header, its parameters, and its binary part."""
+
+    header: InferenceRequest
+    parameters: InferParameters
+    binary: memoryview
+
+
+def _invalid(exc: ValidationError) -> RequestValidationError:
+    """A pydantic error as FastAPI's, so that the one handler words it (invalid JSON: 400;
+    else "invalid request: field: message", 400 on v2)."""
+    return RequestValidationError(exc.errors(include_url=False))
+
+
+def parse_request(body: bytes, header_length: str | None) -> Request:
+    """Split and parse an infer request body (``header_length``: the
+    Inference-Header-Content-Length header, if sent)."""
+    if header_length is None:
+        header, binary = body, memoryview(b"")
+    else:
+        if not header_length.isdigit():
+            raise MalformedRequestError(
+                f"Inference-Header-Content-Length must be a byte count, got {header_length!r}"
+            )
+        length = int(header_length)
+        if length == 0:
+            raise MalformedRequestError(
+                "raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
+                "send the JSON inference header before the tensor data"
+            )
+        if length > len(body):
+            raise MalformedRequestError(
+                f"Inference-Header-Content-Length is {length}, past the end of the "
+                f"{len(body)}-byte body"
+            )
+        header, binary = body[:length], memoryview(body)[length:]
+    try:
+        request = InferenceRequest.model_validate_json(header)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if all(e["loc"][:1] == ("parameters",) for e in errors):
+            # Only the parameters are wrong: say which ones mcdrop reads.
+            wrong = "; ".join(
+                f"{d['field']}: {d['message']}" for d in validation_details(errors)[:5]
+            )
+            raise InvalidArgumentError(
+                f"{wrong} (mcdrop reads the parameters {', '.join(InferParameters.model_fields)})"
+            ) from None
+        raise _invalid(exc) from None
+    return Request(request, request.parameters, binary)
+
+
+def _batch_shape(predictor: Predictor) -> str:
+    return f"[N, {', '.join(map(str, predictor.spec.input_shape))}]"
+
+
+def rows_of(tensor: RequestInput, predictor: Predictor) -> int:
+    """The rows ``N`` of the one input tensor, once its declared shape is ``(N,
+    *input_shape)`` of non-negative sizes and its datatype one mcdrop reads."""
+    expected = predictor.spec.input_shape
+    shape = tensor.shape
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(
+            f"input {tensor.name!r} has shape {shape}: sizes must not be negative"
+        )
+    if len(shape) != len(expected) + 1 or shape[1:] != expected:
+        raise InvalidInputError(
+            f"model {predictor.spec.name!r} expects input shape {_batch_shape(predictor)} (N "
+            f"rows), got {shape} for input {tensor.name!r}"
+        )
+    if shape[0] == 0:
+        raise InvalidInputError("inputs must contain at least one row (shape[0] is 0)")
+    if tensor.datatype not in DATATYPES:
+        supported = ", ".join(DATATYPES)
+        raise InvalidInputError(
+            f"input {tensor.name!r} has datatype {tensor.datatype!r}; mcdrop models take "
+            f"numbers: {supported}"
+        )
+    return shape[0]
+
+
+def the_input(request: InferenceRequest, predictor: Predictor) -> RequestInput:
+    """The request's one input tensor (any name)."""
+    if len(request.inputs) != 1:
+        raise InvalidInputError(
+            f"model {predictor.spec.name!r} takes one input tensor (e.g. 'inputs', shape "
+            f"{_batch_shape(predictor)}), got {len(request.inputs)}: "
+            f"{[t.name for t in request.inputs]}"
+        )
+    return request.inputs[0]
+
+
+@lru_cache(maxsize=64)
+def _adapter(kind: str, rank: int, lo: int = 0, hi: int = 0) -> TypeAdapter[Any]:
+    """Validator of JSON ``data`` nested ``rank`` deep holding values of ``kind``."""
+    element: Any = {
+        "float": FiniteFloat,
+        "int": Annotated[int, Field(ge=lo, le=hi)],
+        "bool": bool,
+    }[kind]
+    for _ in range(rank):
+        element = list[element]
+    return TypeAdapter(element)
+
+
+def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
+    data = tensor.data
+    assert data is not None
+    shape, count = tensor.shape, math.prod(tensor.shape)
+    if dtype.kind == "bf16":
+        raise InvalidInputError(
+            f"input {tensor.name!r}: BF16 has no JSON form; send it as binary data, or as FP32"
+        )
+    nested = bool(data) and isinstance(data[0], list)
+    rank = len(shape) if nested else 1
+    try:
+        values = _adapter(dtype.kind, rank, dtype.lo, dtype.hi).validate_python(data, strict=True)
+    except ValidationError as exc:
+        details = validation_details(exc.errors())
+        where = "; ".join(f"data.{d['field']}: {d['message']}" for d in details[:3])
+        layout = f"nested {rank} deep as the shape {shape}" if nested else "flat"
+        raise InvalidInputError(
+            f"input {tensor.name!r} ({tensor.datatype}) must hold {dtype.values}, {layout}: {where}"
+        ) from None
+    try:
+        x = torch.tensor(values, dtype=torch.float32)
+    except ValueError:  # ragged rows
+        raise InvalidInputError(
+            f"input {tensor.name!r}: nested data must be rectangular, of shape {shape}"
+        ) from None
+    if nested:
+        if list(x.shape) != shape:
+            raise InvalidInputError(
+                f"input {tensor.name!r}: data is nested as shape {list(x.shape)}, but its shape "
+                f"is {shape}"
+            )
+        return x
+    if x.numel() != count:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: shape {shape} needs {count} values, data has {x.numel()}"
+        )
+    return x.reshape(shape)
+
+
+def _from_binary(tensor: RequestInput, dtype: Datatype, raw: memoryview) -> Tensor:
+    shape, count = tensor.shape, math.prod(tensor.shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInputError(
+            f"input {tensor.name!r}: shape {shape} of {tensor.datatype} needs "
+            f"{count * dtype.itemsize} bytes, binary_data_size is {len(raw)}"
+        )
+    if dtype.kind == "bf16":
+        return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float().reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype.numpy)
+    if dtype.kind == "bool" and bool((array > 1).any()):
+        raise InvalidInputError(f"input {tensor.name!r}: BOOL bytes must be 0 or 1")
+    # astype copies: torch gets a writable array of its own.
+    return torch.from_numpy(array.astype(np.float32)).reshape(shape)
+
+
+def decode_input(request: Request, predictor: Predictor) -> Tensor:
+    """The input tensor as float32 ``(N, *input_shape)``, from its JSON data or its binary
+    bytes, checked by the model (finite values)."""
+    tensor = the_input(request.header, predictor)
+    dtype = DATATYPES[tensor.datatype]
+    size = tensor.parameters.binary_data_size
+    if size is None:
+        if request.binary:
+            raise InvalidInputError(
+                f"the body has {len(request.binary)} bytes after the JSON header, but input "
+                f"{tensor.name!r} declares no parameters.binary_data_size"
+            )
+        if tensor.data is None:
+            raise InvalidInputError(
+                f"input {tensor.name!r} has no data: give 'data', or binary data with "
+                "parameters.binary_data_size"
+            )
+        x = _from_json(tensor, dtype)
+    else:
+        if tensor.data is not None:
+            raise InvalidInputError(
+                f"input {tensor.name!r} has both 'data' and parameters.binary_data_size; give one"
+            )
+        if size != len(request.binary):
+            raise InvalidInputError(
+                f"input {tensor.name!r} declares binary_data_size {size}, but the body has "
+                f"{len(request.binary)} bytes after the JSON header"
+            )
+        x = _from_binary(tensor, dtype, request.binary)
+    return predictor.check_inputs(x)
+
+
+# -- the response body ---------------------------------------------------------------------------
+
+
+def _bytes_tensor(array: np.ndarray) -> bytes:
+    """BYTES elements as binary data: each a little-endian uint32 length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in array.ravel())
+
+
+def _json_data(array: np.ndarray) -> list[Any]:
+    if array.dtype == object:
+        return [b.decode() for b in array.ravel()]
+    return array.ravel().tolist()
+
+
+def encode_response(
+    header: dict[str, Any], outputs: list[tuple[Selected, np.ndarray]]
+) -> tuple[bytes, int | None]:
+    """The response body: ``header`` with its ``outputs``, JSON or binary as each asks, and the
+    JSON header's length when binary data follows it (else None)."""
+    blobs: list[bytes] = []
+    entries: list[dict[str, Any]] = []
+    for selected, array in outputs:
+        entry: dict[str, Any] = {
+            "name": selected.name,
+            "datatype": selected.info.datatype,
+            "shape": list(array.shape),
+        }
+        if selected.binary:
+            blob = (
+                _bytes_tensor(array)
+                if array.dtype == object
+                else array.astype(array.dtype.newbyteorder("<")).tobytes()
+            )
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        entries.append(entry)
+    body = pydantic_core.to_json({**header, "outputs": entries})
+    if not blobs:
+        return body, None
+    return b"".join([body, *blobs]), len(body)

@@ -1,0 +1,202 @@
+"""The named output tensors of a model over the Open Inference Protocol, per task and mode.
+
+Shape legend: ``N`` rows, ``K`` classes or regression targets, ``S`` samples (first, as
+everywhere in mcdrop). A metadata shape gives -1 for ``N`` and ``S``.
+
+=====================  =========  ===========  ==================================================
+output                 datatype   shape        what
+=====================  =========  ===========  ==================================================
+classifier, uncertainty (MC dropout)
+``probabilities``      FP32       (N, K)       MC mean of the class probabilities
+``label``              BYTES      (N,)         the label of the most probable class
+``label_index``        INT64      (N,)         its index
+``variance``           FP32       (N, K)       per-class variance of the sampled probabilities
+``std``                FP32       (N, K)       its square root
+``entropy``            FP32       (N,)         predictive entropy, nats: total uncertainty
+``expected_entropy``   FP32       (N,)         mean entropy of the samples: aleatoric
+``mutual_information`` FP32       (N,)         entropy - expected_entropy: epistemic
+``variation_ratio``    FP32       (N,)         share of samples off the modal label
+``samples``            FP32       (S, N, K)    sampled probabilities (only when asked for)
+classifier, predict (dropout off): ``probabilities``, ``label``, ``label_index``
+regressor, uncertainty, in the targets' units
+``mean``               FP32       (N, K)       MC mean
+``variance``           FP32       (N, K)       epistemic + aleatoric
+``std``                FP32       (N, K)       its square root
+``epistemic_variance`` FP32       (N, K)       spread of the sampled means
+``aleatoric_variance`` FP32       (N, K)       noise: 1/τ or predicted
+``lower``, ``upper``   FP32       (N, K)       central interval at ``level``
+``samples``            FP32       (S, N, K)    sampled means (only when asked for)
+regressor, predict (dropout off): ``mean``, ``noise_variance`` (N, K)
+=====================  =========  ===========  ==================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.exceptions import InvalidArgumentError
+from mcdrop.predictor import ClassificationPrediction, Prediction, Summary
+from mcdrop.stats import ClassificationSummary
+
+PREDICT = "predict"
+UNCERTAINTY = "uncertainty"
+SAMPLES = "samples"
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """One output tensor: its datatype, its dimensions after the batch (``per_row``; ``-1``
+    first for the samples' leading axis), and the modes that give it."""
+
+    datatype: str
+    per_row: tuple[int, ...]
+    modes: frozenset[str]
+
+    @property
+    def shape(self) -> list[int]:
+        """The metadata shape: -1 for the rows (after the samples for ``samples``)."""
+        if self.per_row[:1] == (-1,):
+            return [-1, -1, *self.per_row[1:]]
+        return [-1, *self.per_row]
+
+    def values_per_row(self, n_samples: int) -> int:
+        """Values per input row (for response size estimates)."""
+        return math.prod(n_samples if d == -1 else d for d in self.per_row)
+
+
+_BOTH = frozenset({PREDICT, UNCERTAINTY})
+_MC = frozenset({UNCERTAINTY})
+_PREDICT = frozenset({PREDICT})
+
+
+def catalog(spec: ModelSpec) -> dict[str, OutputInfo]:
+    """Every output of ``spec``'s model, in the order responses give them."""
+    return _catalog(spec.task, spec.n_outputs)
+
+
+@lru_cache(maxsize=64)
+def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
+    k = (n_outputs,)
+    if task == "classification":
+        return {
+            "probabilities": OutputInfo("FP32", k, _BOTH),
+            "label": OutputInfo("BYTES", (), _BOTH),
+            "label_index": OutputInfo("INT64", (), _BOTH),
+            "variance": OutputInfo("FP32", k, _MC),
+            "std": OutputInfo("FP32", k, _MC),
+            "entropy": OutputInfo("FP32", (), _MC),
+            "expected_entropy": OutputInfo("FP32", (), _MC),
+            "mutual_information": OutputInfo("FP32", (), _MC),
+            "variation_ratio": OutputInfo("FP32", (), _MC),
+            SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
+        }
+    return {
+        "mean": OutputInfo("FP32", k, _BOTH),
+        "noise_variance": OutputInfo("FP32", k, _PREDICT),
+        "variance": OutputInfo("FP32", k, _MC),
+        "std": OutputInfo("FP32", k, _MC),
+        "epistemic_variance": OutputInfo("FP32", k, _MC),
+        "aleatoric_variance": OutputInfo("FP32", k, _MC),
+        "lower": OutputInfo("FP32", k, _MC),
+        "upper": OutputInfo("FP32", k, _MC),
+        SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
+    }
+
+
+@dataclass(frozen=True)
+class Selected:
+    """An output to return, and whether as binary data."""
+
+    name: str
+    info: OutputInfo
+    binary: bool
+
+
+def select(
+    spec: ModelSpec,
+    mode: str,
+    requested: list[tuple[str, bool | None]] | None,
+    binary_default: bool,
+) -> list[Selected]:
+    """The outputs to return: those ``requested`` (name, binary or None for the default) in
+    their order, else every output of ``mode`` but ``samples``; an InvalidArgumentError names an
+    unknown, repeated or other-mode output."""
+    outputs = catalog(spec)
+    if requested is None:
+        return [
+            Selected(name, info, binary_default)
+            for name, info in outputs.items()
+            if mode in info.modes and name != SAMPLES
+        ]
+    chosen: list[Selected] = []
+    for name, binary in requested:
+        info = outputs.get(name)
+        if info is None:
+            raise InvalidArgumentError(
+                f"model {spec.name!r} has no output {name!r}; its outputs: {list(outputs)}"
+            )
+        if mode not in info.modes:
+            (other,) = info.modes
+            raise InvalidArgumentError(
+                f"output {name!r} comes only with mode {other!r} (parameters.mode); "
+                f"this request's mode is {mode!r}"
+            )
+        if any(c.name == name for c in chosen):
+            raise InvalidArgumentError(f"output {name!r} is requested twice")
+        chosen.append(Selected(name, info, binary_default if binary is None else binary))
+    return chosen
+
+
+Tensors = dict[str, Callable[[], np.ndarray]]
+
+
+def _f32(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    return lambda: t.to(torch.float32).numpy()
+
+
+def _labels(spec: ModelSpec, label: torch.Tensor) -> Tensors:
+    return {
+        "label": lambda: np.array([spec.labels[i].encode() for i in label.tolist()], dtype=object),
+        "label_index": lambda: label.to(torch.int64).numpy(),
+    }
+
+
+def predict_tensors(spec: ModelSpec, prediction: Prediction) -> Tensors:
+    """The outputs of a deterministic prediction, each built when asked for."""
+    if isinstance(prediction, ClassificationPrediction):
+        return {"probabilities": _f32(prediction.probabilities), **_labels(spec, prediction.label)}
+    return {"mean": _f32(prediction.mean), "noise_variance": _f32(prediction.noise_variance)}
+
+
+def uncertainty_tensors(spec: ModelSpec, summary: Summary, samples: torch.Tensor | None) -> Tensors:
+    """The outputs of an MC summary (and ``(S, N, K)`` samples), each built when asked for."""
+    tensors: Tensors = {} if samples is None else {SAMPLES: _f32(samples)}
+    if isinstance(summary, ClassificationSummary):
+        return {
+            "probabilities": _f32(summary.probabilities),
+            **_labels(spec, summary.label),
+            "variance": _f32(summary.variance),
+            "std": _f32(summary.variance.sqrt()),
+            "entropy": _f32(summary.entropy),
+            "expected_entropy": _f32(summary.expected_entropy),
+            "mutual_information": _f32(summary.mutual_information),
+            "variation_ratio": _f32(summary.variation_ratio),
+            **tensors,
+        }
+    return {
+        "mean": _f32(summary.mean),
+        "variance": _f32(summary.variance),
+        "std": _f32(summary.std),
+        "epistemic_variance": _f32(summary.epistemic_variance),
+        "aleatoric_variance": _f32(summary.aleatoric_variance),
+        "lower": _f32(summary.lower),
+        "upper": _f32(summary.upper),
+        **tensors,
+    }

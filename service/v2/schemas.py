@@ -1,0 +1,159 @@
+"""The Open Inference Protocol's JSON objects (REST), as the specification names them, and the
+request parameters mcdrop reads (pydantic only; no torch, no FastAPI)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from service.schemas import AsInt, Seed
+
+# Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``), as in the
+# native contract; the bounds come before ``AsInt``, so that the JSON schema states them.
+Integer = Annotated[int, AsInt]
+Count = Annotated[int, Field(ge=1), AsInt]
+Size = Annotated[int, Field(ge=0), AsInt]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InputParameters(_Strict):
+    binary_data_size: Size | None = Field(
+        None, description="bytes of this tensor's data after the JSON header"
+    )
+
+
+class RequestInput(_Strict):
+    """``$request_input``: one tensor, its ``data`` in JSON (nested or flat, row-major) or, with
+    ``parameters.binary_data_size``, in the binary part of the body."""
+
+    name: str
+    shape: list[Integer]
+    datatype: str
+    parameters: InputParameters = Field(default_factory=InputParameters)
+    data: list[Any] | None = None
+
+
+class OutputParameters(_Strict):
+    binary_data: bool | None = Field(None, description="return this output as binary data")
+
+
+class RequestOutput(_Strict):
+    """``$request_output``: an output tensor to return."""
+
+    name: str
+    parameters: OutputParameters = Field(default_factory=OutputParameters)
+
+
+class InferParameters(_Strict):
+    """The request ``parameters`` mcdrop reads (any other is refused)."""
+
+    mode: Literal["predict", "uncertainty"] = Field(
+        "uncertainty", description="uncertainty: MC dropout; predict: one pass, dropout off"
+    )
+    n_samples: Count | None = Field(
+        None, description="MC-dropout samples (default: the model's default_n_samples)"
+    )
+    seed: Seed | None = Field(None, description="reproducible samples")
+    level: float | None = Field(
+        None, gt=0.0, lt=1.0, description="level of the central interval (default 0.95)"
+    )
+    binary_data_output: bool = Field(False, description="every output as binary data")
+    timeout: Count | None = Field(
+        None, description="microseconds: a deadline shorter than the server's"
+    )
+
+    @model_validator(mode="after")
+    def _mc_only(self) -> InferParameters:
+        if self.mode == "predict":
+            given = [k for k in ("n_samples", "seed", "level") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for mode 'uncertainty'")
+        return self
+
+
+class InferenceRequest(_Strict):
+    """``$inference_request``."""
+
+    id: str | None = None
+    parameters: InferParameters = Field(default_factory=InferParameters)
+    inputs: list[RequestInput] = Field(..., min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class MetadataTensor(BaseModel):
+    """``$metadata_tensor``: -1 for a dimension of any size (the batch)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """``$metadata_model_response``."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ServerMetadata(BaseModel):
+    """``$metadata_server_response``."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    """``$ready_model_response``; when not ready (503), ``error`` says why."""
+
+    name: str
+    ready: bool
+    error: str | None = None
+
+
+class ResponseOutput(BaseModel):
+    """``$response_output``: ``data`` flat in row-major order, or, with
+    ``parameters.binary_data_size``, in the binary part of the body."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    """``$inference_response``; ``parameters`` gives the mode, and ``n_samples``, ``seed`` and
+    ``level`` used for an uncertainty."""
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any]
+    outputs: list[ResponseOutput]
+
+
+class ErrorResponse(BaseModel):
+    """``$inference_error_response`` (every v2 error)."""
+
+    error: str

@@ -1,0 +1,596 @@
+"""The Open Inference Protocol endpoints through the real app: metadata, health, infer with JSON
+and binary tensors, agreement with the native API, and every malformed tensor a clear 400.
+
+Responses are parsed by Triton's own client code (``tritonclient.http.InferResult``)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from httpx2 import Response
+from sklearn.datasets import load_digits
+from tritonclient.http import InferResult
+
+from service.app import create_app
+from service.config import Settings
+from tests.service.conftest import Loading, wait_ready
+
+DIGITS = load_digits().data[:4].astype(np.float32)
+PATIENT = np.array([[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]], dtype=np.float32)
+CLASSIFIER_OUTPUTS = [
+    "probabilities",
+    "label",
+    "label_index",
+    "variance",
+    "std",
+    "entropy",
+    "expected_entropy",
+    "mutual_information",
+    "variation_ratio",
+]
+REGRESSOR_OUTPUTS = [
+    "mean",
+    "variance",
+    "std",
+    "epistemic_variance",
+    "aleatoric_variance",
+    "lower",
+    "upper",
+]
+
+
+def tensor(
+    array: np.ndarray, datatype: str = "FP32", name: str = "inputs", flat: bool = True
+) -> dict[str, Any]:
+    """A JSON ``$request_input`` of ``array``."""
+    data = array.ravel().tolist() if flat else array.tolist()
+    return {"name": name, "shape": list(array.shape), "datatype": datatype, "data": data}
+
+
+def binary_request(
+    header: dict[str, Any], blob: bytes, **headers: str
+) -> tuple[bytes, dict[str, str]]:
+    """A body of ``header`` then ``blob``, and its Inference-Header-Content-Length."""
+    head = json.dumps(header).encode()
+    return head + blob, {"Inference-Header-Content-Length": str(len(head)), **headers}
+
+
+def binary_input(array: np.ndarray, datatype: str, name: str = "inputs") -> dict[str, Any]:
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": datatype,
+        "parameters": {"binary_data_size": array.nbytes},
+    }
+
+
+def result(response: Response) -> InferResult:
+    """The response as Triton's client reads it."""
+    assert response.status_code == 200, response.text
+    length = response.headers.get("Inference-Header-Content-Length")
+    return InferResult.from_response_body(response.content, header_length=length)
+
+
+def output(out: InferResult, name: str) -> np.ndarray:
+    """An output as numpy, BYTES as str (JSON gives str, binary data gives bytes)."""
+    array = out.as_numpy(name)
+    if array.dtype == object:
+        return np.array([v.decode() if isinstance(v, bytes) else v for v in array.ravel()])
+    return array
+
+
+def infer(http: TestClient, model: str, inputs: list[dict[str, Any]], **body: Any) -> Response:
+    return http.post(f"/v2/models/{model}/infer", json={"inputs": inputs, **body})
+
+
+def test_server_metadata_and_health(http: TestClient) -> None:
+    assert http.get("/v2").json() == {
+        "name": "mcdrop",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data"],
+    }
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_openapi_lists_the_v2_routes(http: TestClient) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v2", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"} <= set(
+        paths
+    )
+
+
+def test_a_large_input_decodes_off_the_loop_to_the_same_answer(http: TestClient) -> None:
+    # 30 rows of 28 × 28 pixels (integers: the JSON fits the test body limit), past the size
+    # that moves decoding to a worker thread.
+    x = np.random.default_rng(0).integers(0, 256, size=(30, 28, 28)).astype(np.float32)
+    parameters = {"mode": "predict"}
+    as_json = infer(http, "fashion", [tensor(x)], parameters=parameters)
+    header = {"inputs": [binary_input(x, "FP32")], "parameters": parameters}
+    body, headers = binary_request(header, x.tobytes())
+    as_binary = http.post("/v2/models/fashion/infer", content=body, headers=headers)
+    native = _native(http, "fashion", x)
+    expected = [row["probabilities"] for row in native]
+    for response in (as_json, as_binary):
+        probabilities = result(response).as_numpy("probabilities")
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", ["/v2/models/digits", "/v2/models/digits/versions/1"])
+def test_model_metadata(http: TestClient, path: str) -> None:
+    meta = http.get(path).json()
+    assert meta["name"] == "digits"
+    assert meta["versions"] == ["1"]
+    assert meta["platform"] == "pytorch_mcdrop"
+    assert meta["inputs"] == [{"name": "inputs", "datatype": "FP32", "shape": [-1, 64]}]
+    outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
+    assert list(outputs) == [*CLASSIFIER_OUTPUTS, "samples"]
+    assert outputs["probabilities"] == ("FP32", [-1, 10])
+    assert outputs["label"] == ("BYTES", [-1])
+    assert outputs["label_index"] == ("INT64", [-1])
+    assert outputs["samples"] == ("FP32", [-1, -1, 10])
+
+
+def test_regressor_metadata(http: TestClient) -> None:
+    meta = http.get("/v2/models/diabetes").json()
+    assert meta["inputs"][0]["shape"] == [-1, 10]
+    names = [o["name"] for o in meta["outputs"]]
+    assert set(names) == {*REGRESSOR_OUTPUTS, "noise_variance", "samples"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/digits/versions/2",
+        "/v2/models/digits/versions/2/ready",
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+    ],
+)
+def test_unknown_model_or_version_is_404(http: TestClient, path: str) -> None:
+    response = http.get(path)
+    assert response.status_code == 404
+    assert set(response.json()) == {"error"}
+    assert "'2'" in response.json()["error"] or "'nope'" in response.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v2/models/digits/ready", "/v2/models/digits/versions/1/ready"])
+def test_model_ready(http: TestClient, path: str) -> None:
+    assert http.get(path).json() == {"name": "digits", "ready": True}
+
+
+def test_infer_classifier(http: TestClient) -> None:
+    response = infer(
+        http, "digits", [tensor(DIGITS)], id="r1", parameters={"n_samples": 50, "seed": 7}
+    )
+    body = result(response).get_response()
+    assert body["model_name"] == "digits"
+    assert body["model_version"] == "1"
+    assert body["id"] == "r1"
+    assert body["parameters"] == {"mode": "uncertainty", "n_samples": 50, "seed": 7, "level": 0.95}
+    assert [o["name"] for o in body["outputs"]] == CLASSIFIER_OUTPUTS
+    out = result(response)
+    probabilities = out.as_numpy("probabilities")
+    assert probabilities.shape == (4, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert output(out, "label").tolist() == ["0", "1", "2", "3"]
+    assert out.as_numpy("label_index").tolist() == [0, 1, 2, 3]
+    assert (out.as_numpy("entropy") >= out.as_numpy("mutual_information") - 1e-6).all()
+    np.testing.assert_allclose(out.as_numpy("std") ** 2, out.as_numpy("variance"), rtol=1e-5)
+    again = infer(http, "digits", [tensor(DIGITS)], parameters={"n_samples": 50, "seed": 7})
+    np.testing.assert_array_equal(result(again).as_numpy("variance"), out.as_numpy("variance"))
+
+
+def test_unseeded_request_reports_its_seed_and_default_n_samples(http: TestClient) -> None:
+    first = result(infer(http, "digits", [tensor(DIGITS[:1])])).get_response()
+    seed = first["parameters"]["seed"]
+    assert first["parameters"]["n_samples"] == 100  # the model's default
+    again = result(infer(http, "digits", [tensor(DIGITS[:1])], parameters={"seed": seed}))
+    assert again.get_response()["outputs"] == first["outputs"]
+
+
+def _native(http: TestClient, model: str, x: np.ndarray, **options: Any) -> list[dict[str, Any]]:
+    endpoint = "uncertainty" if options else "predict"
+    body = http.post(f"/models/{model}/{endpoint}", json={"inputs": x.tolist(), **options}).json()
+    return body["results"] if options else body["predictions"]
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "fields"),
+    [("digits", DIGITS, CLASSIFIER_OUTPUTS), ("diabetes", PATIENT, REGRESSOR_OUTPUTS)],
+)
+def test_uncertainty_agrees_with_the_native_api(
+    http: TestClient, model: str, x: np.ndarray, fields: list[str]
+) -> None:
+    native = _native(http, model, x, n_samples=30, seed=11, level=0.9)
+    parameters = {"n_samples": 30, "seed": 11, "level": 0.9}
+    out = result(infer(http, model, [tensor(x)], parameters=parameters))
+    for field in fields:
+        expected = np.array([row[field] for row in native])
+        actual = output(out, field)
+        if actual.dtype.kind == "U":
+            np.testing.assert_array_equal(actual, expected, err_msg=field)
+        else:
+            np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7, err_msg=field)
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "fields"),
+    [
+        ("digits", DIGITS, ["probabilities", "label", "label_index"]),
+        ("diabetes", PATIENT, ["mean", "noise_variance"]),
+    ],
+)
+def test_predict_mode_agrees_with_the_native_api(
+    http: TestClient, model: str, x: np.ndarray, fields: list[str]
+) -> None:
+    native = _native(http, model, x)
+    out = result(infer(http, model, [tensor(x)], parameters={"mode": "predict"}))
+    assert out.get_response()["parameters"] == {"mode": "predict"}
+    assert [o["name"] for o in out.get_response()["outputs"]] == fields
+    for field in fields:
+        expected = np.array([row[field] for row in native])
+        if expected.dtype.kind == "U":
+            np.testing.assert_array_equal(output(out, field), expected)
+        else:
+            np.testing.assert_allclose(output(out, field), expected, rtol=1e-6)
+
+
+def test_samples_only_when_named(http: TestClient) -> None:
+    parameters = {"n_samples": 20, "seed": 0}
+    outputs = [{"name": "samples"}, {"name": "probabilities"}]
+    out = result(
+        infer(http, "digits", [tensor(DIGITS[:2])], parameters=parameters, outputs=outputs)
+    )
+    assert [o["name"] for o in out.get_response()["outputs"]] == ["samples", "probabilities"]
+    samples = out.as_numpy("samples")
+    assert samples.shape == (20, 2, 10)  # (S, N, K): samples first
+    np.testing.assert_allclose(samples.mean(0), out.as_numpy("probabilities"), atol=1e-5)
+
+
+# Every encoding of the same four digits (integers 0..16, exact in every datatype).
+ENCODINGS = ["FP32", "FP64", "FP16", "INT8", "INT32", "INT64", "UINT8", "UINT16", "UINT64"]
+
+
+def _reference(http: TestClient) -> np.ndarray:
+    parameters = {"n_samples": 10, "seed": 5}
+    return result(infer(http, "digits", [tensor(DIGITS)], parameters=parameters)).as_numpy(
+        "probabilities"
+    )
+
+
+@pytest.mark.parametrize("datatype", ENCODINGS)
+@pytest.mark.parametrize("encoding", ["flat", "nested", "binary"])
+def test_every_input_encoding_gives_the_same_answer(
+    http: TestClient, datatype: str, encoding: str
+) -> None:
+    from tritonclient.utils import triton_to_np_dtype
+
+    x = DIGITS.astype(triton_to_np_dtype(datatype))
+    parameters = {"n_samples": 10, "seed": 5}
+    if encoding == "binary":
+        header = {"inputs": [binary_input(x, datatype, "input__0")], "parameters": parameters}
+        body, headers = binary_request(header, x.tobytes())
+        response = http.post("/v2/models/digits/infer", content=body, headers=headers)
+    else:
+        inputs = [tensor(x, datatype, "input__0", flat=encoding == "flat")]
+        response = infer(http, "digits", inputs, parameters=parameters)
+    np.testing.assert_array_equal(result(response).as_numpy("probabilities"), _reference(http))
+
+
+def test_bf16_and_bool_binary_inputs(http: TestClient) -> None:
+    x = torch.tensor(DIGITS)  # integers up to 16: exact in bfloat16
+    header = {"inputs": [binary_input(DIGITS.astype(np.float16), "BF16")]}
+    header["parameters"] = {"n_samples": 10, "seed": 5}
+    body, headers = binary_request(header, x.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    response = http.post("/v2/models/digits/infer", content=body, headers=headers)
+    np.testing.assert_array_equal(result(response).as_numpy("probabilities"), _reference(http))
+
+    bits = DIGITS > 8
+    as_json = infer(http, "digits", [tensor(bits, "BOOL")], parameters={"mode": "predict"})
+    header = {"inputs": [binary_input(bits, "BOOL")], "parameters": {"mode": "predict"}}
+    body, headers = binary_request(header, bits.tobytes())
+    as_binary = http.post("/v2/models/digits/infer", content=body, headers=headers)
+    floats = infer(
+        http, "digits", [tensor(bits.astype(np.float32))], parameters={"mode": "predict"}
+    )
+    for response in (as_json, as_binary):
+        np.testing.assert_array_equal(
+            result(response).as_numpy("probabilities"), result(floats).as_numpy("probabilities")
+        )
+
+
+def test_binary_and_json_outputs_agree(http: TestClient) -> None:
+    parameters = {"n_samples": 10, "seed": 2}
+    as_json = result(infer(http, "digits", [tensor(DIGITS)], parameters=parameters))
+    all_binary = infer(
+        http, "digits", [tensor(DIGITS)], parameters={**parameters, "binary_data_output": True}
+    )
+    assert all_binary.headers["content-type"] == "application/octet-stream"
+    mixed = infer(
+        http,
+        "digits",
+        [tensor(DIGITS)],
+        parameters=parameters,
+        outputs=[
+            {"name": "label", "parameters": {"binary_data": True}},
+            {"name": "entropy"},
+            {"name": "probabilities", "parameters": {"binary_data": True}},
+        ],
+    )
+    for response, as_data in ((all_binary, set()), (mixed, {"entropy"})):
+        out = result(response)
+        for entry in out.get_response()["outputs"]:
+            name = entry["name"]
+            assert ("data" in entry) == (name in as_data), entry
+            np.testing.assert_array_equal(output(out, name), output(as_json, name))
+
+
+@pytest.mark.parametrize("content_type", [None, "application/octet-stream", "application/json"])
+@pytest.mark.parametrize("encoding", [None, "gzip", "deflate"])
+def test_content_types_and_encodings(
+    http: TestClient, content_type: str | None, encoding: str | None
+) -> None:
+    body = json.dumps({"inputs": [tensor(DIGITS[:1])], "parameters": {"mode": "predict"}}).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    if encoding is not None:
+        headers["content-encoding"] = encoding
+        body = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    response = http.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert output(result(response), "label").tolist() == ["0"]
+
+
+def _row(n: int = 10, value: Any = 1.0) -> list[Any]:
+    return [value] * n
+
+
+def _json(inputs: list[dict[str, Any]] | None = None, **body: Any) -> dict[str, Any]:
+    good = [{"name": "inputs", "shape": [1, 10], "datatype": "FP32", "data": _row()}]
+    return {"inputs": good if inputs is None else inputs, **body}
+
+
+def _input(**fields: Any) -> list[dict[str, Any]]:
+    return [{"name": "inputs", "shape": [1, 10], "datatype": "FP32", "data": _row(), **fields}]
+
+
+# case -> (JSON body, status, words the message must contain)
+BAD: dict[str, tuple[Any, int, str]] = {
+    "shape x data": (_json(_input(data=_row(9))), 400, "needs 10 values, data has 9"),
+    "unknown datatype": (_json(_input(datatype="FP8")), 400, "datatype 'FP8'"),
+    "bytes datatype": (_json(_input(datatype="BYTES")), 400, "datatype 'BYTES'"),
+    "bf16 in JSON": (_json(_input(datatype="BF16")), 400, "BF16 has no JSON form"),
+    "negative shape": (_json(_input(shape=[-1, 10])), 400, "must not be negative"),
+    "shape of strings": (_json(_input(shape=["1", "10"])), 400, "valid integer"),
+    "fractional shape": (_json(_input(shape=[1.5, 10])), 400, "valid integer"),
+    "wrong rank": (_json(_input(shape=[10])), 400, "expects input shape [N, 10]"),
+    "wrong width": (_json(_input(shape=[2, 5])), 400, "expects input shape [N, 10]"),
+    "zero rows": (_json(_input(shape=[0, 10], data=[])), 400, "at least one row"),
+    "no data": (_json([{"name": "x", "shape": [1, 10], "datatype": "FP32"}]), 400, "no data"),
+    "strings": (_json(_input(data=_row(value="1"))), 400, "valid number"),
+    "bools for FP32": (_json(_input(data=_row(value=True))), 400, "valid number"),
+    "nulls": (_json(_input(data=_row(value=None))), 400, "valid number"),
+    "float32 overflow": (_json(_input(data=_row(value=1e39))), 400, "3.4e38"),
+    "float for INT32": (_json(_input(datatype="INT32")), 400, "valid integer"),
+    "INT8 out of range": (_json(_input(datatype="INT8", data=_row(value=200))), 400, "127"),
+    "number for BOOL": (_json(_input(datatype="BOOL", data=_row(value=1))), 400, "valid boolean"),
+    "ragged nested": (_json(_input(shape=[2, 10], data=[_row(), _row(9)])), 400, "rectangular"),
+    "nested other shape": (
+        _json(_input(shape=[2, 10], data=[_row(20)])),
+        400,
+        "nested as shape [1, 20]",
+    ),
+    "nested too deep": (_json(_input(data=[[_row()]])), 400, "valid number"),
+    "two inputs": (_json([*_input(), *_input(name="b")]), 400, "one input tensor"),
+    "no inputs": (_json([]), 400, "at least 1 item"),
+    "missing inputs": ({}, 400, "inputs"),
+    "not an object": ([1, 2], 400, "invalid request"),
+    "extra field": (_json(model="x"), 400, "model"),
+    "input parameter": (
+        _json(_input(parameters={"shared_memory_region": "r"})),
+        400,
+        "shared_memory_region",
+    ),
+    "too many rows": (_json(_input(shape=[51, 10], data=_row(510))), 400, "limit of 50"),
+    "n_samples above max": (_json(parameters={"n_samples": 2001}), 400, "limit of 2000"),
+    "rows x samples": (
+        _json(_input(shape=[20, 10], data=_row(200)), parameters={"n_samples": 1500}),
+        400,
+        "rows × n_samples",
+    ),
+    "returned samples": (
+        _json(
+            _input(shape=[10, 10], data=_row(100)),
+            parameters={"n_samples": 1000},
+            outputs=[{"name": "samples"}],
+        ),
+        400,
+        "return_samples",
+    ),
+    "n_samples 0": (_json(parameters={"n_samples": 0}), 400, "n_samples"),
+    "n_samples string": (_json(parameters={"n_samples": "5"}), 400, "n_samples"),
+    "seed negative": (_json(parameters={"seed": -1}), 400, "seed"),
+    "level 1": (_json(parameters={"level": 1}), 400, "level"),
+    "unknown mode": (_json(parameters={"mode": "sample"}), 400, "'predict' or 'uncertainty'"),
+    "seed with predict": (_json(parameters={"mode": "predict", "seed": 1}), 400, "seed"),
+    "unknown parameter": (_json(parameters={"samples": 5}), 400, "mcdrop reads the parameters"),
+    "object parameter": (_json(parameters={"n_samples": {"a": 1}}), 400, "parameters"),
+    "unknown output": (_json(outputs=[{"name": "probabilities"}]), 400, "no output"),
+    "other mode's output": (
+        _json(parameters={"mode": "predict"}, outputs=[{"name": "lower"}]),
+        400,
+        "only with mode 'uncertainty'",
+    ),
+    "output twice": (_json(outputs=[{"name": "mean"}, {"name": "mean"}]), 400, "twice"),
+    "classification extension": (
+        _json(outputs=[{"name": "mean", "parameters": {"classification": 3}}]),
+        400,
+        "classification",
+    ),
+    "unknown model": (_json(), 404, "no model named 'nope'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_request_is_a_clear_4xx_and_service_keeps_serving(http: TestClient, case: str) -> None:
+    body, status, words = BAD[case]
+    model = "nope" if case == "unknown model" else "diabetes"
+    response = http.post(f"/v2/models/{model}/infer", json=body)
+    assert response.status_code == status, response.text
+    assert list(response.json()) == ["error"]
+    assert words in response.json()["error"]
+    assert infer(http, "diabetes", _json()["inputs"]).status_code == 200
+
+
+def test_integers_may_be_written_as_floats(http: TestClient) -> None:
+    """JSON (and its schema's "integer") do not tell 5 from 5.0; nor does the v2 API."""
+    inputs = _input(shape=[1.0, 10.0])
+    parameters = {"n_samples": 10.0, "seed": 3.0}
+    as_floats = result(infer(http, "diabetes", inputs, parameters=parameters))
+    as_ints = result(infer(http, "diabetes", _input(), parameters={"n_samples": 10, "seed": 3}))
+    assert as_floats.get_response() == as_ints.get_response()
+
+
+def _binary_case(
+    blob: bytes, size: int | None = 40, datatype: str = "FP32", length: str | None = None
+) -> tuple[bytes, dict[str, str]]:
+    parameters = {} if size is None else {"binary_data_size": size}
+    header = {
+        "inputs": [{"name": "x", "shape": [1, 10], "datatype": datatype, "parameters": parameters}]
+    }
+    body, headers = binary_request(header, blob)
+    if length is not None:
+        headers["Inference-Header-Content-Length"] = length
+    return body, headers
+
+
+FLOATS = np.ones(10, dtype=np.float32).tobytes()
+
+# case -> (body, headers, words the 400 message must contain)
+BAD_BINARY: dict[str, tuple[tuple[bytes, dict[str, str]], str]] = {
+    "size too small": (
+        _binary_case(FLOATS[:36], size=36),
+        "needs 40 bytes, binary_data_size is 36",
+    ),
+    "size past the data": (_binary_case(FLOATS, size=44), "binary_data_size 44"),
+    "bytes left over": (_binary_case(FLOATS + b"xx"), "42 bytes after the JSON header"),
+    "undeclared binary": (_binary_case(FLOATS, size=None), "no parameters.binary_data_size"),
+    "header past the body": (_binary_case(FLOATS, length="100000"), "past the end"),
+    "header length not a number": (_binary_case(FLOATS, length="-3"), "byte count"),
+    "raw binary": (_binary_case(FLOATS, length="0"), "raw binary"),
+    "header cut short": (_binary_case(FLOATS, length="20"), "not valid JSON"),
+    "NaN": (_binary_case(np.full(10, np.nan, dtype=np.float32).tobytes()), "NaN"),
+    "BOOL byte 2": (_binary_case(bytes([2] * 10), size=10, datatype="BOOL"), "0 or 1"),
+    "negative size": (_binary_case(FLOATS, size=-1), "binary_data_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BINARY))
+def test_bad_binary_request_is_a_clear_400(http: TestClient, case: str) -> None:
+    (body, headers), words = BAD_BINARY[case]
+    response = http.post("/v2/models/diabetes/infer", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+    assert infer(http, "diabetes", _json()["inputs"]).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "words"),
+    [
+        (b"{nope", {}, "not valid JSON"),
+        (b"\xff\xfe", {}, "not valid JSON"),
+        (b"", {}, "not valid JSON"),
+        (b"{}", {"content-encoding": "br"}, "'br' is not supported"),
+        (b"not gzip", {"content-encoding": "gzip"}, "cannot be inflated"),
+        (gzip.compress(b"{}")[:-12], {"content-encoding": "gzip"}, "truncated"),
+    ],
+)
+def test_malformed_body_is_a_clear_400(
+    http: TestClient, body: bytes, headers: dict[str, str], words: str
+) -> None:
+    response = http.post("/v2/models/diabetes/infer", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+
+
+def test_limits_in_the_v2_shape(http: TestClient, settings: Settings) -> None:
+    large = json.dumps(_json(_input(shape=[20_000, 10], data=_row(200_000)))).encode()
+    assert len(large) > settings.max_body_bytes
+    response = http.post("/v2/models/diabetes/infer", content=large)
+    assert response.status_code == 413
+    assert "larger than the limit" in response.json()["error"]
+    bomb = gzip.compress(b" " * (settings.max_body_bytes + 1))
+    response = http.post(
+        "/v2/models/diabetes/infer", content=bomb, headers={"content-encoding": "gzip"}
+    )
+    assert response.status_code == 413
+    assert "inflated" in response.json()["error"]
+    assert http.get("/v2/nothing").json() == {"error": "no route serves /v2/nothing"}
+    assert http.get("/v2/models/digits/infer").status_code == 405
+    assert list(http.get("/v2/models/digits/infer").json()) == ["error"]
+
+
+def test_a_short_timeout_is_a_504(http: TestClient) -> None:
+    x = np.tile(DIGITS, (12, 1))  # 48 rows × 400 samples: well past 1 µs, and not inline
+    response = infer(http, "digits", [tensor(x)], parameters={"n_samples": 400, "timeout": 1})
+    assert response.status_code == 504
+    assert "deadline" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        ("/models/digits/uncertainty", "digits"),
+        ("/v2/models/digits/infer", "digits"),
+        ("/v2/models/digits/versions/1/infer", "digits"),
+        ("/v2/models/digits", None),
+    ],
+)
+def test_infer_routes_count_as_inference(http: TestClient, path: str, model: str | None) -> None:
+    """Arrival counting (the batcher's wait) and the metrics follow the v2 infer routes as the
+    native ones."""
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": ""}
+    assert http.app.state.inference.model(scope) == model
+
+
+def test_not_ready_is_503(loading: Loading) -> None:
+    client = loading.client
+    assert client.get("/v2/health/live").status_code == 200
+    response = client.get("/v2/health/ready")
+    assert (response.status_code, response.json()) == (503, {"ready": False})
+    response = client.get("/v2/models/diabetes/ready")
+    assert response.status_code == 503
+    assert response.json()["ready"] is False
+    assert "loading" in response.json()["error"]
+    response = infer(client, "diabetes", _json()["inputs"])
+    assert response.status_code == 503
+    assert "loading" in response.json()["error"]
+    loading.gate.set()
+    wait_ready(client)
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    mean = result(infer(client, "diabetes", _json()["inputs"])).as_numpy("mean")
+    assert np.isfinite(mean).all()
+
+
+def test_without_the_api_key_a_401_in_the_v2_shape(tmp_path: Path, root: Path) -> None:
+    import shutil
+
+    shutil.copytree(root / "models" / "diabetes", tmp_path / "diabetes")
+    with TestClient(create_app(Settings(model_dir=tmp_path, api_key="k3y"))) as client:
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        response = infer(client, "diabetes", _json()["inputs"])
+        assert response.status_code == 401
+        assert "API key" in response.json()["error"]
+        response = client.post(
+            "/v2/models/diabetes/infer",
+            json=_json(),
+            headers={"Authorization": "Bearer k3y"},
+        )
+        assert response.status_code == 200
