@@ -85,7 +85,7 @@ def check_sync(ref: Reference, device: torch.device) -> str:
         return "not checked (no CUDA device)"
     x = torch.randn(8, *ref.input_shape, generator=torch.Generator().manual_seed(0))
     kept = plan(ref.model, x)
-    chunks = sample_chunks(ref.model, x, 64, seed=0, max_rows=64, plan=kept)
+    chunks = sample_chunks(ref.model, x, 64, seed=0, max_pass_rows=64, plan=kept)
     next(chunks)  # inputs and keys move here, once
     torch.cuda.set_sync_debug_mode("error")
     try:

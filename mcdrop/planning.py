@@ -55,7 +55,7 @@ ACTIVATION_BUDGET = 16 << 20
 
 #: The same bound on a GPU (any device but the CPU), where there is no cache to stay in and a
 #: pass cut smaller only adds launches and Python per row: passes there are bounded by
-#: ``max_rows`` unless a dropout input would pass 1 GiB.
+#: ``max_pass_rows`` unless a dropout input would pass 1 GiB.
 DEVICE_ACTIVATION_BUDGET = 1 << 30
 
 #: Above this share of a pass's multiply-adds in the deterministic prefix, passes are not cut to
@@ -135,19 +135,19 @@ class SamplingPlan:
         """The most replicated rows whose largest dropout input fits :attr:`budget_bytes`."""
         return max(1, self.budget_bytes // max(1, self.row_bytes))
 
-    def pass_rows(self, n_rows: int, n_samples: int, max_rows: int, *, prefix: bool) -> int:
+    def pass_rows(self, n_rows: int, n_samples: int, max_pass_rows: int, *, prefix: bool) -> int:
         """Replicated rows per pass for ``n_rows`` rows of ``n_samples`` samples.
 
-        ``max_rows``, cut to :attr:`budget_rows`, unless the passes share the prefix
+        ``max_pass_rows``, cut to :attr:`budget_rows`, unless the passes share the prefix
         (``prefix``) and it would be more than :data:`PREFIX_SHARE_LIMIT` of a cut pass's work.
         """
-        cut = min(max_rows, self.budget_rows)
-        if cut == max_rows or not prefix:
+        cut = min(max_pass_rows, self.budget_rows)
+        if cut == max_pass_rows or not prefix:
             return cut
         rows = min(n_rows, cut)
         samples = max(1, min(n_samples, cut // rows))
         work = self.prefix_flops + self.rest_flops * samples  # per row of a cut pass
-        return max_rows if work and self.prefix_flops / work > PREFIX_SHARE_LIMIT else cut
+        return max_pass_rows if work and self.prefix_flops / work > PREFIX_SHARE_LIMIT else cut
 
     def check(self, model: nn.Module, x: Tensor) -> None:
         """Raise :class:`InvalidArgumentError` unless the plan was made for ``model`` and rows

@@ -110,7 +110,7 @@ class Predictor:
 
     Args:
         model: the loaded model directory.
-        max_rows: the most replicated rows (samples × rows) in one forward pass.
+        max_pass_rows: the most replicated rows (samples × rows) in one forward pass.
         device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a
             ``torch.device``): ``model.module`` is moved there (``nn.Module.to`` moves it in
             place). None keeps the model's own device.
@@ -131,12 +131,12 @@ class Predictor:
         self,
         model: LoadedModel,
         *,
-        max_rows: int = sampling.DEFAULT_MAX_ROWS,
+        max_pass_rows: int = sampling.DEFAULT_MAX_PASS_ROWS,
         device: str | torch.device | None = None,
         results_device: str | torch.device | None = None,
     ) -> None:
         self.model = model
-        self.max_rows = max_rows
+        self.max_pass_rows = max_pass_rows
         if device is not None:
             model.module.to(resolve_device(device))
         self.results_device = None if results_device is None else resolve_device(results_device)
@@ -265,7 +265,7 @@ class Predictor:
         # Rows always come as float32 (n, *input_shape): one plan serves every request.
         plan = self.plan if self.plan is not None else self._make_plan(x)
         for chunk in sampling.sample_chunks(
-            self.model.module, x, n_samples, seed=seed, max_rows=self.max_rows, plan=plan
+            self.model.module, x, n_samples, seed=seed, max_pass_rows=self.max_pass_rows, plan=plan
         ):
             if stop is not None and stop():
                 raise SamplingStoppedError("sampling stopped: its caller asked to stop")

@@ -3,13 +3,14 @@
 Shape legend: ``S`` samples, ``N`` rows, ``D...`` input dims, ``K...`` output dims; samples first.
 
 The ``S`` samples of ``N`` rows are drawn by replicating the batch to ``S * N`` rows and running
-one forward pass (split into passes of at most ``max_rows`` replicated rows, so memory is bounded
-whatever ``S`` is). Every pass follows the model's :class:`~mcdrop.planning.SamplingPlan`, which
-knows the batch dimension of every dropout call, whether the layers before the first dropout may
-run once on the ``N`` rows with the activations replicated there ("deterministic prefix"), and
-how large a pass may be. A plan is made by :func:`plan` (five small forward passes) and may be
-kept and passed to :func:`sample` / :func:`sample_chunks`, as :class:`~mcdrop.Predictor` does;
-nothing is cached behind the caller's back.
+one forward pass (split into passes of at most ``max_pass_rows`` replicated rows, so memory is
+bounded whatever ``S`` is). Every pass follows the model's
+:class:`~mcdrop.planning.SamplingPlan`, which knows the batch dimension of every dropout call,
+whether the layers before the first dropout may run once on the ``N`` rows with the activations
+replicated there ("deterministic prefix"), and how large a pass may be. A plan is made by
+:func:`plan` (five small forward passes) and may be kept and passed to :func:`sample` /
+:func:`sample_chunks`, as :class:`~mcdrop.Predictor` does; nothing is cached behind the caller's
+back.
 
 Sampling runs on the model's device (that of its first parameter). Inputs may be anywhere: row
 keys are hashed from them as given (on the host: hashing is done by ``hashlib``), then inputs and
@@ -36,7 +37,7 @@ from mcdrop.planning import SamplingPlan
 from mcdrop.sampling_context import active_context
 
 #: Default bound on rows per forward pass (replicated rows: samples × rows).
-DEFAULT_MAX_ROWS = 8192
+DEFAULT_MAX_PASS_ROWS = 8192
 
 Prefix = Literal["auto", "off"]
 
@@ -121,8 +122,8 @@ def is_sampling() -> bool:
     return active_context() is not None
 
 
-def _check_args(n_samples: int, max_rows: int) -> None:
-    for name, value in (("n_samples", n_samples), ("max_rows", max_rows)):
+def _check_args(n_samples: int, max_pass_rows: int) -> None:
+    for name, value in (("n_samples", n_samples), ("max_pass_rows", max_pass_rows)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__}")
         if value < 1:
@@ -157,7 +158,7 @@ def sample_chunks(
     n_samples: int,
     *,
     seed: int | Tensor | None = None,
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
     prefix: Prefix = "auto",
     plan: SamplingPlan | None = None,
 ) -> Iterator[Chunk]:
@@ -170,7 +171,7 @@ def sample_chunks(
         seed: an int (or ``(N,)`` int64, one per row) for reproducible samples; a row's samples
             depend only on its seed and its contents, never on the other rows of the batch.
             None draws a fresh seed from the OS. The global torch RNG is never used.
-        max_rows: the most replicated rows (samples × rows) in one forward pass; passes are
+        max_pass_rows: the most replicated rows (samples × rows) in one forward pass; passes are
             also cut so the largest activation a dropout sees stays under
             :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes on the CPU (see
             :meth:`~mcdrop.planning.SamplingPlan.pass_rows`). Chunking changes no mask (results
@@ -190,7 +191,7 @@ def sample_chunks(
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
     _check_inputs(x)
-    _check_args(n_samples, max_rows)
+    _check_args(n_samples, max_pass_rows)
     if prefix not in ("auto", "off"):
         raise InvalidArgumentError(f"prefix must be 'auto' or 'off', got {prefix!r}")
     if seed is None:
@@ -211,7 +212,9 @@ def sample_chunks(
         else:
             plan.check(model, x)
         shared = prefix == "auto" and plan.prefix
-        per_pass = plan.pass_rows(n_total, n_samples, max_rows, prefix=shared and n_samples > 1)
+        per_pass = plan.pass_rows(
+            n_total, n_samples, max_pass_rows, prefix=shared and n_samples > 1
+        )
         rows_per = min(n_total, per_pass)
         samples_per = max(1, min(n_samples, per_pass // rows_per))
         for r0 in range(0, n_total, rows_per):
@@ -230,7 +233,7 @@ def sample(
     n_samples: int,
     *,
     seed: int | Tensor | None = None,
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
     prefix: Prefix = "auto",
     plan: SamplingPlan | None = None,
 ) -> Tensor:
@@ -247,7 +250,7 @@ def sample(
     """
     out: Tensor | None = None
     chunks = sample_chunks(
-        model, x, n_samples, seed=seed, max_rows=max_rows, prefix=prefix, plan=plan
+        model, x, n_samples, seed=seed, max_pass_rows=max_pass_rows, prefix=prefix, plan=plan
     )
     for chunk in chunks:
         if out is None:

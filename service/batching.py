@@ -5,10 +5,10 @@ batcher decides where and with whom it runs:
 
 - **Merging** (``batching`` on): jobs queue, and a flush on the next event-loop iteration takes
   everything queued, so requests that arrive together share one forward pass (up to
-  ``max_rows`` rows and an estimated ``max_batch_ms`` of work per merged batch). While requests
-  for the same model are still being read and validated (:mod:`service.arrivals`), a flush waits
-  up to ``max_wait_ms`` for them and goes as soon as they have queued or failed; a lone client
-  pays no wait.
+  ``max_batch_rows`` rows and an estimated ``max_batch_ms`` of work per merged batch). While
+  requests for the same model are still being read and validated (:mod:`service.arrivals`), a
+  flush waits up to ``max_wait_ms`` for them and goes as soon as they have queued or failed; a
+  lone client pays no wait.
 - **Inline, short lane or long lane.** Work whose estimated cost (timings taken at warm-up, see
   :class:`CostModel`) fits in ``inline_ms`` per flush runs on the event loop itself: for a
   one-row request a thread handoff costs more than the model. Work estimated under ``short_ms``
@@ -170,7 +170,7 @@ class Batcher:
             large computations).
         cost: the model's timings.
         batching: merge concurrent jobs.
-        max_rows: most rows merged into one batch.
+        max_batch_rows: most rows merged into one batch.
         max_wait_ms: longest wait for requests still arriving.
         inline_ms: estimated model work per flush that may run on the event loop (0: none).
         max_parallel: most batches of this model computing in the long lane at once.
@@ -190,7 +190,7 @@ class Batcher:
         executor: Executor,
         cost: CostModel,
         batching: bool = True,
-        max_rows: int = 256,
+        max_batch_rows: int = 256,
         max_wait_ms: float = 2.0,
         inline_ms: float = 2.0,
         max_parallel: int = 1,
@@ -204,7 +204,7 @@ class Batcher:
         self.predictor = predictor
         self.cost = cost
         self.batching = batching
-        self.max_rows = max_rows
+        self.max_batch_rows = max_batch_rows
         self.max_wait = max_wait_ms / 1000.0
         self.inline = inline_ms / 1000.0
         self.max_batch = max_batch_ms / 1000.0
@@ -316,7 +316,12 @@ class Batcher:
         if not self.pending:
             return
         rows = sum(job.rows for job in self.pending)
-        wait = self.batching and self.arriving() > 0 and rows < self.max_rows and self.max_wait > 0
+        wait = (
+            self.batching
+            and self.arriving() > 0
+            and rows < self.max_batch_rows
+            and self.max_wait > 0
+        )
         if self.timer is not None:
             if wait:
                 return  # keep waiting, up to the deadline already set
@@ -333,7 +338,7 @@ class Batcher:
             loop.call_soon(self._flush, loop)
 
     def _batches(self, jobs: list[Job]) -> list[Group]:
-        """``jobs`` (in arrival order) as batches of equal options, each up to ``max_rows``
+        """``jobs`` (in arrival order) as batches of equal options, each up to ``max_batch_rows``
         rows and an estimated ``max_batch`` seconds (its first job always fits)."""
         open_groups: dict[Options, list[Job]] = {}
         batches: list[Group] = []
@@ -344,7 +349,10 @@ class Batcher:
                 # little once per-row work dominates, and one huge batch would leave the other
                 # workers idle (Fashion CNN, 100 samples: 25 ms per row).
                 rows = sum(j.rows for j in group) + job.rows
-                if rows <= self.max_rows and self.cost.seconds(rows, job.options) <= self.max_batch:
+                if (
+                    rows <= self.max_batch_rows
+                    and self.cost.seconds(rows, job.options) <= self.max_batch
+                ):
                     group.append(job)
                     continue
             group = open_groups[job.options] = [job]

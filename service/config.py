@@ -89,7 +89,7 @@ class Settings(ModelSettings):
         None, ge=1, description="MC samples when a request gives none (default: each model's own)"
     )
     max_n_samples: int = Field(10_000, ge=1, description="largest n_samples a request may ask for")
-    max_rows: int = Field(1_000, ge=1, description="most input rows in one request")
+    max_request_rows: int = Field(1_000, ge=1, description="most input rows in one request")
     # Sized so that the largest request finishes within request_timeout_s on the slowest
     # bundled model: Fashion CNN, 30 rows × 10,000 samples took 19 s on a quiet 2-core machine
     # (two at once); on a busy one the deadline ends it with a 504 instead.
@@ -100,12 +100,12 @@ class Settings(ModelSettings):
         200_000, ge=1, description="most rows × n_samples when raw samples are returned"
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
-    chunk_rows: int = Field(
+    max_pass_rows: int = Field(
         8192, ge=1, description="most replicated rows (samples × rows) in one forward pass"
     )
     max_concurrency: int = Field(2, ge=1, description="model computations running at once")
     batching: bool = Field(True, description="merge concurrent requests into shared passes")
-    batch_max_rows: int = Field(256, ge=1, description="most rows in one merged batch")
+    max_batch_rows: int = Field(256, ge=1, description="most rows in one merged batch")
     batch_max_wait_ms: float = Field(
         2.0, ge=0.0, le=1000.0, description="how long a request waits for others to join"
     )

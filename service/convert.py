@@ -150,7 +150,7 @@ def uncertainty_response(
 
 
 def model_info(
-    spec: ModelSpec, *, max_n_samples: int, max_rows: int, default_n_samples: int | None
+    spec: ModelSpec, *, max_n_samples: int, max_request_rows: int, default_n_samples: int | None
 ) -> schemas.ModelInfo:
     return schemas.ModelInfo(
         name=spec.name,
@@ -164,6 +164,6 @@ def model_info(
         dropout=spec.dropout,
         default_n_samples=min(default_n_samples or spec.default_n_samples, max_n_samples),
         max_n_samples=max_n_samples,
-        max_rows=max_rows,
+        max_request_rows=max_request_rows,
         metrics=spec.metrics,
     )

@@ -90,9 +90,9 @@ def get_and_head(
 
 
 def check_rows(rows: int, settings: Settings) -> None:
-    if rows > settings.max_rows:
+    if rows > settings.max_request_rows:
         raise LimitExceededError(
-            f"{rows} rows is more than the limit of {settings.max_rows} per request; "
+            f"{rows} rows is more than the limit of {settings.max_request_rows} per request; "
             "split the batch"
         )
 

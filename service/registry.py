@@ -136,7 +136,7 @@ class Registry:
                 # Results come back to the host once per request batch, in the worker thread
                 # (never on the event loop, which would wait for the GPU).
                 predictor = Predictor(
-                    loaded, max_rows=self.settings.chunk_rows, results_device="cpu"
+                    loaded, max_pass_rows=self.settings.max_pass_rows, results_device="cpu"
                 )
                 cost = self._warm_up(predictor)
                 batcher = Batcher(
@@ -144,7 +144,7 @@ class Registry:
                     executor=self.executor,
                     cost=cost,
                     batching=self.settings.batching,
-                    max_rows=self.settings.batch_max_rows,
+                    max_batch_rows=self.settings.max_batch_rows,
                     max_wait_ms=self.settings.batch_max_wait_ms,
                     inline_ms=self.settings.inline_max_ms,
                     max_parallel=self.settings.max_concurrency,

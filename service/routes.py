@@ -200,7 +200,7 @@ def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
     return convert.model_info(
         spec,
         max_n_samples=settings.max_n_samples,
-        max_rows=settings.max_rows,
+        max_request_rows=settings.max_request_rows,
         default_n_samples=settings.default_n_samples,
     )
 

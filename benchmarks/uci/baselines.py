@@ -322,7 +322,7 @@ def mc_metrics(net: MLP, part: Part, opts: Options, seed: int) -> dict[str, floa
     """Test metrics of a heteroscedastic MC-dropout network (T = ``--n-samples``)."""
     chunks = (
         original_units(c.values, part)
-        for c in sample_chunks(net, part.x_eval, opts.n_samples, seed=seed, max_rows=1 << 16)
+        for c in sample_chunks(net, part.x_eval, opts.n_samples, seed=seed, max_pass_rows=1 << 16)
     )
     det = original_units(predict(net, part.x_eval)[None], part)[0, :, :1]
     rmse_det = float((det - part.y_eval).square().mean().sqrt())
@@ -334,7 +334,7 @@ def validation_ll(net: MLP, part: Part, opts: Options, seed: int) -> float:
     acc = stats.RegressionAccumulator(
         part.y_eval.shape[0], 1, noise_variance=None, targets=part.y_eval
     )
-    for c in sample_chunks(net, part.x_eval, opts.val_samples, seed=seed, max_rows=1 << 16):
+    for c in sample_chunks(net, part.x_eval, opts.val_samples, seed=seed, max_pass_rows=1 << 16):
         acc.update(original_units(c.values, part))
     ll = acc.result().log_likelihood
     assert ll is not None

@@ -352,7 +352,7 @@ def evaluate(
     ]
     n_crps = crps_samples(opts, n)
     kept = torch.zeros(n_crps, n, 1)  # (S', N, 1); float32 halves the O(S'²) CRPS cost
-    for chunk in sample_chunks(net, part.x_eval, opts.n_samples, seed=seed, max_rows=1 << 16):
+    for chunk in sample_chunks(net, part.x_eval, opts.n_samples, seed=seed, max_pass_rows=1 << 16):
         values = chunk.values.double() * part.y_std + part.y_mean  # (s, n, 1)
         for acc in accs:
             acc.update(values, chunk.rows)

@@ -237,7 +237,7 @@ def sample_stacked(
     n_samples: int,
     *,
     seed: int,
-    max_rows: int = 1 << 14,
+    max_pass_rows: int = 1 << 14,
 ) -> Iterator[tuple[slice, Tensor]]:
     """MC-dropout samples of all G networks on the same rows, with mcdrop's own masks.
 
@@ -249,7 +249,8 @@ def sample_stacked(
 
     Args:
         x: ``(N, D)`` inputs shared by the networks.
-        max_rows: the most replicated rows (samples × rows) per pass; memory ``G · max_rows · H``.
+        max_pass_rows: the most replicated rows (samples × rows) per pass; memory
+            ``G · max_pass_rows · H``.
 
     Yields:
         ``(samples, values)``: a slice of sample indices and ``(G, s, N)`` outputs.
@@ -262,7 +263,7 @@ def sample_stacked(
     thresholds, scale = _lattice(net.p, x.dtype)
     in_thresholds, in_scale = _lattice(net.p_in, x.dtype)
     input_dropout = bool((net.p_in > 0).all())
-    per_pass = max(1, max_rows // n)
+    per_pass = max(1, max_pass_rows // n)
     with torch.inference_mode():
         for s0 in range(0, n_samples, per_pass):
             s = min(per_pass, n_samples - s0)

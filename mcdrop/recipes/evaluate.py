@@ -214,7 +214,7 @@ def evaluate_model(
     ood_classes: list[int] | None = None,
     limit: int | None = None,
     plots: bool = True,
-    max_rows: int | None = None,
+    max_pass_rows: int | None = None,
     command: str | None = None,
     trust_model_code: bool = False,
     allowed_factories: Sequence[str] = (),
@@ -237,7 +237,7 @@ def evaluate_model(
         seed: seed of the MC samples and of the noise OOD set.
         limit: score only the first ``limit`` rows of each set.
         plots: write PNG plots (needs matplotlib).
-        max_rows: most replicated rows per forward pass (sampling also cuts passes to its
+        max_pass_rows: most replicated rows per forward pass (sampling also cuts passes to its
             activation budget).
         command: the command line that ran this, recorded in the report.
         trust_model_code, allowed_factories: which ``architecture.factory`` code loading may
@@ -270,7 +270,7 @@ def evaluate_model(
         ood_classes = list(spec.training.get("exclude_classes", []))
     n_samples = spec.default_n_samples if n_samples is None else n_samples
     predictor = Predictor(
-        loaded, max_rows=max_rows or sampling.DEFAULT_MAX_ROWS, results_device="cpu"
+        loaded, max_pass_rows=max_pass_rows or sampling.DEFAULT_MAX_PASS_ROWS, results_device="cpu"
     )
     if spec.task == "classification":
         body, raw = evaluate_classifier(

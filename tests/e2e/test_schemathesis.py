@@ -39,7 +39,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 SEED = os.environ.get("FUZZ_SEED", "1")
 #: Small limits: rows × n_samples of any schema-valid request is within both products.
 LIMITS = {
-    "MCDROP_MAX_ROWS": "8",
+    "MCDROP_MAX_REQUEST_ROWS": "8",
     "MCDROP_MAX_N_SAMPLES": "200",
     "MCDROP_MAX_ROW_SAMPLES": "1600",
     "MCDROP_MAX_RETURNED_SAMPLES": "1600",
@@ -59,7 +59,7 @@ def _exact_row(shape: list[int]) -> dict[str, Any]:
 def per_model_schema(base: str) -> dict[str, Any]:
     """The served schema plus ``/models/<name>/predict`` and ``/uncertainty`` for each model of
     at most :data:`MAX_ROW_VALUES` input values: the same operations with the model's exact row
-    shape, ``max_rows`` and ``max_n_samples``."""
+    shape, ``max_request_rows`` and ``max_n_samples``."""
     schema = httpx2.get(f"{base}/openapi.json").json()
     components = schema["components"]["schemas"]
     for model in httpx2.get(f"{base}/models").json()["models"]:
@@ -75,7 +75,7 @@ def per_model_schema(base: str) -> dict[str, Any]:
             request = copy.deepcopy(components[body["$ref"].rsplit("/", 1)[1]])
             inputs = request["properties"]["inputs"]
             inputs["items"] = _exact_row(model["input_shape"])
-            inputs["maxItems"] = model["max_rows"]
+            inputs["maxItems"] = model["max_request_rows"]
             if "n_samples" in request["properties"]:
                 request["properties"]["n_samples"]["anyOf"][0]["maximum"] = model["max_n_samples"]
             components[f"{request['title']}_{name}"] = request
@@ -85,7 +85,7 @@ def per_model_schema(base: str) -> dict[str, Any]:
 
 
 def test_schemathesis_all_checks(tmp_path: Path) -> None:
-    assert int(LIMITS["MCDROP_MAX_ROWS"]) * int(LIMITS["MCDROP_MAX_N_SAMPLES"]) <= min(
+    assert int(LIMITS["MCDROP_MAX_REQUEST_ROWS"]) * int(LIMITS["MCDROP_MAX_N_SAMPLES"]) <= min(
         int(LIMITS["MCDROP_MAX_ROW_SAMPLES"]), int(LIMITS["MCDROP_MAX_RETURNED_SAMPLES"])
     )
     with serve(tmp_path, **LIMITS) as server:

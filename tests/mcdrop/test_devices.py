@@ -164,7 +164,7 @@ def test_sampling_stays_on_the_models_device(name: str) -> None:
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
     kept = mcdrop.plan(model.eval(), x)  # planning reads values: on the CPU
     model.to("meta")
-    chunks = list(sampling.sample_chunks(model, x, 16, seed=3, max_rows=6, plan=kept))
+    chunks = list(sampling.sample_chunks(model, x, 16, seed=3, max_pass_rows=6, plan=kept))
     assert len(chunks) == 8
     assert {chunk.values.device.type for chunk in chunks} == {"meta"}
     assert sampling.sample(model, x, 6, seed=3, plan=kept).device.type == "meta"
@@ -174,7 +174,7 @@ def test_sampling_stays_on_the_models_device(name: str) -> None:
 @pytest.mark.parametrize("name", ["digits", "diabetes", "fashion"])
 def test_a_predictor_accumulates_on_the_models_device(name: str) -> None:
     loaded = mcdrop.load(MODELS / name)
-    predictor = Predictor(loaded, max_rows=64)
+    predictor = Predictor(loaded, max_pass_rows=64)
     x = torch.zeros(7, *loaded.spec.input_shape)
     predictor.warm_up(x)
     predictor.model.module.to("meta")
@@ -198,9 +198,9 @@ def test_the_torch_masks_give_the_numpys_samples_on_the_cpu(
 ) -> None:
     model, shape = _models()["cnn"]
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
-    expected = sampling.sample(model.eval(), x, 12, seed=5, max_rows=8)
+    expected = sampling.sample(model.eval(), x, 12, seed=5, max_pass_rows=8)
     monkeypatch.setattr(masks, "CPU_BACKEND", "torch")
-    assert torch.equal(sampling.sample(model, x, 12, seed=5, max_rows=8), expected)
+    assert torch.equal(sampling.sample(model, x, 12, seed=5, max_pass_rows=8), expected)
 
 
 def test_results_come_back_in_one_copy_per_dtype() -> None:
@@ -303,8 +303,8 @@ def exact_float32() -> Iterator[None]:
 def test_cuda_samples_match_the_cpus(name: str) -> None:
     model, shape = _models()[name]
     x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
-    expected = sampling.sample(model.eval(), x, 16, seed=4, max_rows=32)
-    got = sampling.sample(model.to("cuda"), x, 16, seed=4, max_rows=32)
+    expected = sampling.sample(model.eval(), x, 16, seed=4, max_pass_rows=32)
+    got = sampling.sample(model.to("cuda"), x, 16, seed=4, max_pass_rows=32)
     assert got.device.type == "cuda"
     # Same masks; the kernels round differently.
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-4)
@@ -325,7 +325,7 @@ def test_no_host_device_sync_between_passes_on_cuda(name: str) -> None:
     model.to("cuda").eval()
     x = torch.randn(6, *shape, generator=torch.Generator().manual_seed(0))
     kept = mcdrop.plan(model, x)
-    chunks = sampling.sample_chunks(model, x, 32, seed=0, max_rows=16, plan=kept)
+    chunks = sampling.sample_chunks(model, x, 32, seed=0, max_pass_rows=16, plan=kept)
     next(chunks)  # inputs and keys move to the GPU here, once
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -340,8 +340,8 @@ def test_no_host_device_sync_between_passes_on_cuda(name: str) -> None:
 @pytest.mark.parametrize("name", ["digits", "diabetes", "fashion"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_cuda_predictor_matches_the_cpus_and_syncs_only_at_the_end(name: str, dtype: str) -> None:
-    cpu = Predictor(mcdrop.load(MODELS / name, dtype=dtype), max_rows=64)
-    gpu = Predictor(mcdrop.load(MODELS / name, dtype=dtype), device="cuda", max_rows=64)
+    cpu = Predictor(mcdrop.load(MODELS / name, dtype=dtype), max_pass_rows=64)
+    gpu = Predictor(mcdrop.load(MODELS / name, dtype=dtype), device="cuda", max_pass_rows=64)
     x = torch.zeros(8, *cpu.spec.input_shape)
     gpu.warm_up(x)
     passes = 0

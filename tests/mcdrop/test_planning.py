@@ -120,7 +120,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "dropout2d_channels": ChannelDropout,
 }
 
-#: (rows in the batch, samples, max_rows): S·N, N or the rows of a pass equal :data:`LENGTH`.
+#: (rows in the batch, samples, max_pass_rows): S·N, N or the rows of a pass equal :data:`LENGTH`.
 CASES = [
     pytest.param(2, 4, 8192, id="S*N==T"),
     pytest.param(8, 4, 8192, id="N==T"),
@@ -130,10 +130,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("prefix", ["auto", "off"])
-@pytest.mark.parametrize(("n_rows", "n_samples", "max_rows"), CASES)
+@pytest.mark.parametrize(("n_rows", "n_samples", "max_pass_rows"), CASES)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_row_samples_do_not_depend_on_the_batch(
-    name: str, n_rows: int, n_samples: int, max_rows: int, prefix: str
+    name: str, n_rows: int, n_samples: int, max_pass_rows: int, prefix: str
 ) -> None:
     torch.manual_seed(0)
     model = MODELS[name]().eval()
@@ -143,7 +143,7 @@ def test_row_samples_do_not_depend_on_the_batch(
     kept = plan(model, torch.randn(5, LENGTH, FEATURES))
     for given in (None, kept):
         batched = sample(
-            model, x, n_samples, seed=seeds, max_rows=max_rows, prefix=prefix, plan=given
+            model, x, n_samples, seed=seeds, max_pass_rows=max_pass_rows, prefix=prefix, plan=given
         )
         # Without a plan every call probes: the first and last row keep the test quick.
         for i in range(n_rows) if given is not None else (0, n_rows - 1):
@@ -223,8 +223,8 @@ def test_seeded_samples_are_bit_identical_with_a_fresh_plan_each_time() -> None:
     x = torch.randn(20, 1, 6, 6)
     plans = [plan(model, x) for _ in range(2)]
     assert plans[0] == plans[1]
-    runs = [sample(model, x, 300, seed=7, max_rows=1000) for _ in range(3)]
-    runs.append(sample(model, x, 300, seed=7, max_rows=1000, plan=plans[0]))
+    runs = [sample(model, x, 300, seed=7, max_pass_rows=1000) for _ in range(3)]
+    runs.append(sample(model, x, 300, seed=7, max_pass_rows=1000, plan=plans[0]))
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
 
 

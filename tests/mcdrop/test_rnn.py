@@ -123,7 +123,7 @@ def test_dropout_between_layers_is_sampled(name: str, batch_first: bool) -> None
     alone = sample(model, x[2:3], 16, seed=1)
     assert torch.allclose(alone[:, 0], samples[:, 2], atol=1e-5)
     assert made.prefix
-    cut = sample(model, x, 16, seed=1, max_rows=12, prefix="off")
+    cut = sample(model, x, 16, seed=1, max_pass_rows=12, prefix="off")
     assert torch.allclose(cut, samples, atol=1e-5)
     # Dropout stays off outside sampling, and the fused kernel's eval output is unchanged.
     assert torch.equal(predict(model, x), model(x))

@@ -40,14 +40,16 @@ def test_row_samples_independent_of_batch(mlp: nn.Module, x: Tensor) -> None:
     assert torch.allclose(sample(mlp, x[4:5], 30, seed=5)[:, 0], full[:, 4], atol=1e-6)
 
 
-@pytest.mark.parametrize("max_rows", [1, 5, 7, 64, 10_000])
-def test_chunking_does_not_change_samples(mlp: nn.Module, x: Tensor, max_rows: int) -> None:
-    reference = sample(mlp, x, 25, seed=3, max_rows=10_000, prefix="off")
-    assert torch.allclose(sample(mlp, x, 25, seed=3, max_rows=max_rows), reference, atol=1e-6)
+@pytest.mark.parametrize("max_pass_rows", [1, 5, 7, 64, 10_000])
+def test_chunking_does_not_change_samples(mlp: nn.Module, x: Tensor, max_pass_rows: int) -> None:
+    reference = sample(mlp, x, 25, seed=3, max_pass_rows=10_000, prefix="off")
+    assert torch.allclose(
+        sample(mlp, x, 25, seed=3, max_pass_rows=max_pass_rows), reference, atol=1e-6
+    )
 
 
 def test_chunks_respect_the_row_budget(mlp: nn.Module, x: Tensor) -> None:
-    chunks = list(sample_chunks(mlp, x, 50, seed=0, max_rows=40))
+    chunks = list(sample_chunks(mlp, x, 50, seed=0, max_pass_rows=40))
     assert all(c.values.shape[0] * c.values.shape[1] <= 40 for c in chunks)
     covered = torch.zeros(50, 6, dtype=torch.int64)
     for c in chunks:
@@ -163,7 +165,7 @@ def test_prefix_works_for_a_single_row() -> None:
         ({"n_samples": 0}, InvalidArgumentError),
         ({"n_samples": True}, InvalidArgumentError),
         ({"n_samples": 2.5}, InvalidArgumentError),
-        ({"n_samples": 4, "max_rows": 0}, InvalidArgumentError),
+        ({"n_samples": 4, "max_pass_rows": 0}, InvalidArgumentError),
         ({"n_samples": 4, "seed": -3}, InvalidArgumentError),
         ({"n_samples": 4, "prefix": "sometimes"}, InvalidArgumentError),
         ({"n_samples": 4, "seed": torch.tensor([1, 2])}, InvalidArgumentError),
@@ -227,7 +229,7 @@ x = torch.randn(1000, 13)
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak after imports (Linux >= 4.0)
     f.write("5")
 acc = RegressionAccumulator(1000, 1, noise_variance=0.1)
-for chunk in sample_chunks(model, x, 10_000, seed=0, max_rows=65_536):
+for chunk in sample_chunks(model, x, 10_000, seed=0, max_pass_rows=65_536):
     acc.update(chunk.values, chunk.rows)
 summary = acc.result()
 assert summary.n_samples == 10_000 and bool((summary.epistemic_variance > 0).all())

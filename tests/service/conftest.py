@@ -58,7 +58,7 @@ def wait_ready(http: TestClient, timeout: float = 60.0) -> None:
 def settings() -> Settings:
     return Settings(
         model_dir=MODELS,
-        max_rows=50,
+        max_request_rows=50,
         max_n_samples=2000,
         max_row_samples=20_000,
         max_returned_samples=5_000,

@@ -21,7 +21,9 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.port == 9000
 
 
-@pytest.mark.parametrize(("name", "value"), [("MCDROP_MAX_ROWS", "0"), ("MCDROP_PORT", "x")])
+@pytest.mark.parametrize(
+    ("name", "value"), [("MCDROP_MAX_REQUEST_ROWS", "0"), ("MCDROP_PORT", "x")]
+)
 def test_invalid_values(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):

@@ -202,7 +202,7 @@ class ModelInfo(BaseModel):
     dropout: float | None
     default_n_samples: int
     max_n_samples: int
-    max_rows: int
+    max_request_rows: int
     metrics: dict[str, float]
 
 

@@ -97,7 +97,7 @@ def test_stacked_sampler_reproduces_mcdrop_sample():
     x, _ = _regression(n=40)
     rates = [0.05, 0.1, 0.25, 0.5]  # 1/4 and 1/2: mcdrop draws those from fewer bits
     stacked = StackedMLP.from_mlps(_mlps(len(rates), x.shape[1], 0.1), rates)
-    chunks = list(sample_stacked(stacked, x, 250, seed=7, max_rows=1000))
+    chunks = list(sample_stacked(stacked, x, 250, seed=7, max_pass_rows=1000))
     assert [c[0] for c in chunks] == [slice(s, min(s + 25, 250)) for s in range(0, 250, 25)]
     values = torch.cat([v for _, v in chunks], dim=1)  # (G, S, N)
     for g in range(len(rates)):
