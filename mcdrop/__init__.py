@@ -24,6 +24,7 @@ from mcdrop.exceptions import (
     UnsupportedModelError,
     UntrustedCodeError,
 )
+from mcdrop.masks import MAX_SEED, fresh_seed
 from mcdrop.planning import SamplingPlan
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import is_sampling, plan, predict, sample, sample_chunks
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidInputError",
     "LoadedModel",
     "LockedDropout",
+    "MAX_SEED",
     "McDropError",
     "ModelSpec",
     "NoDropoutError",
@@ -49,6 +51,7 @@ __all__ = [
     "UntrustedCodeError",
     "check",
     "dropout_modules",
+    "fresh_seed",
     "is_sampling",
     "load",
     "metrics",
