@@ -31,6 +31,7 @@ from mcdrop.sampling import is_sampling, plan, predict, sample, sample_chunks
 from mcdrop.saving import save
 
 __all__ = [
+    "MAX_SEED",
     "CheckReport",
     "CheckpointError",
     "DropConnectLinear",
@@ -38,7 +39,6 @@ __all__ = [
     "InvalidInputError",
     "LoadedModel",
     "LockedDropout",
-    "MAX_SEED",
     "McDropError",
     "ModelSpec",
     "NoDropoutError",
