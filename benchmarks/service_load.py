@@ -76,7 +76,7 @@ def _free_port() -> int:
 class Server:
     """``mcdrop serve`` (one torch thread) in a subprocess, stopped on exit."""
 
-    def __init__(self, *, batching: bool) -> None:
+    def __init__(self, *, batching: bool, **settings: str) -> None:
         self.port = _free_port()
         env = {
             **os.environ,
@@ -84,6 +84,7 @@ class Server:
             "MCDROP_MODEL_DIR": str(ROOT / "models"),
             "MCDROP_LOG_LEVEL": "warning",
             "MCDROP_TORCH_THREADS": "1",
+            **settings,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
@@ -295,6 +296,48 @@ def run(quick: bool = False, generator: str = "raw") -> str:
     )
 
 
+def arrival_wait(quick: bool = False, generator: str = "raw") -> str:
+    """Batching on, with the wait for requests still being read (``MCDROP_BATCH_MAX_WAIT_MS``,
+    2 ms by default) against none: does the wait pay for itself? One-row digits requests,
+    the two servers measured back to back in each cell."""
+    seconds = 0.5 if quick else 5.0
+    concurrency = (8,) if quick else (8, 32)
+    rows = _rows()["digits"]
+    cells: dict[tuple[str, int, str], Cell] = {}
+    with Server(batching=True) as waits, Server(batching=True, MCDROP_BATCH_MAX_WAIT_MS="0") as no:
+        for endpoint in ("predict", "uncertainty"):
+            bodies = [json.dumps(_body(endpoint, row, i)).encode() for i, row in enumerate(rows)]
+            path = f"/models/digits/{endpoint}"
+            for clients in concurrency:
+                for name, server in (("2 ms", waits), ("none", no)):
+                    cells[(endpoint, clients, name)] = asyncio.run(
+                        _load(server, generator, path, bodies, clients, seconds)
+                    )
+    header = ["endpoint", "clients", "wait", "req/s", "p50 ms", "p99 ms", "errors", "CPU ms/req"]
+    lines = [
+        [
+            e,
+            k,
+            w,
+            f"{c.rps:.0f}",
+            f"{c.p50:.1f}",
+            f"{c.p99:.1f}",
+            f"{c.errors}/{c.requests}",
+            f"{c.cpu_ms:.2f}",
+        ]
+        for (e, k, w), c in cells.items()
+    ]
+    ratios = ", ".join(
+        f"{e} at {k} clients {cells[(e, k, '2 ms')].rps / cells[(e, k, 'none')].rps:.2f}×"
+        for e in ("predict", "uncertainty")
+        for k in concurrency
+    )
+    return (
+        f"### The arrival wait ({machine()}; generator: {generator})\n\n"
+        f"{table(header, lines)}\n\nThroughput with the wait ÷ without: {ratios}.\n"
+    )
+
+
 #: How a request is encoded: the native JSON, and the Open Inference Protocol's JSON and binary
 #: tensor data.
 PROTOCOLS = ("native", "v2 json", "v2 binary")
@@ -406,14 +449,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generator", choices=GENERATORS, default="raw")
     parser.add_argument(
         "--only",
-        choices=("load", "protocols"),
-        help="only the load table, or only the v2 vs native comparison",
+        choices=("load", "protocols", "arrival"),
+        help="only the load table, the v2 vs native comparison, or the arrival wait's",
     )
     args = parser.parse_args(argv)
     if args.only in (None, "load"):
         print(run(args.quick, args.generator), flush=True)
     if args.only in (None, "protocols"):
         print(protocols(args.quick, args.generator), flush=True)
+    if args.only in (None, "arrival"):
+        print(arrival_wait(args.quick, args.generator), flush=True)
     return 0
 
 

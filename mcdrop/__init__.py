@@ -24,12 +24,14 @@ from mcdrop.exceptions import (
     UnsupportedModelError,
     UntrustedCodeError,
 )
+from mcdrop.masks import MAX_SEED, fresh_seed
 from mcdrop.planning import SamplingPlan
 from mcdrop.predictor import Predictor
 from mcdrop.sampling import is_sampling, plan, predict, sample, sample_chunks
 from mcdrop.saving import save
 
 __all__ = [
+    "MAX_SEED",
     "CheckReport",
     "CheckpointError",
     "DropConnectLinear",
@@ -49,6 +51,7 @@ __all__ = [
     "UntrustedCodeError",
     "check",
     "dropout_modules",
+    "fresh_seed",
     "is_sampling",
     "load",
     "metrics",

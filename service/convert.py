@@ -150,7 +150,7 @@ def uncertainty_response(
 
 
 def model_info(
-    spec: ModelSpec, *, max_n_samples: int, max_request_rows: int, default_n_samples: int | None
+    spec: ModelSpec, *, max_n_samples: int, max_request_rows: int, default_n_samples: int
 ) -> schemas.ModelInfo:
     return schemas.ModelInfo(
         name=spec.name,
@@ -162,7 +162,7 @@ def model_info(
         likelihood=spec.likelihood,
         tau=spec.tau,
         dropout=spec.dropout,
-        default_n_samples=min(default_n_samples or spec.default_n_samples, max_n_samples),
+        default_n_samples=default_n_samples,
         max_n_samples=max_n_samples,
         max_request_rows=max_request_rows,
         metrics=spec.metrics,

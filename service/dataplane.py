@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
+from mcdrop.checkpoint import ModelSpec
 from service.batching import MCOptions
 from service.config import Settings
 from service.errors import LimitExceededError
@@ -97,6 +98,12 @@ def check_rows(rows: int, settings: Settings) -> None:
         )
 
 
+def default_n_samples(spec: ModelSpec, settings: Settings) -> int:
+    """The samples a request that names none gets: the server's default, else the model's, never
+    above the limit (the one place this is decided: requests and model metadata both use it)."""
+    return min(settings.default_n_samples or spec.default_n_samples, settings.max_n_samples)
+
+
 def mc_options(
     rows: int,
     n_samples: int | None,
@@ -108,8 +115,7 @@ def mc_options(
     """The MC options of an uncertainty request of ``rows`` rows: ``n_samples`` (the default
     when None), checked against the sample limits."""
     if n_samples is None:
-        default = settings.default_n_samples or handle.spec.default_n_samples
-        n_samples = min(default, settings.max_n_samples)
+        n_samples = default_n_samples(handle.spec, settings)
     elif n_samples > settings.max_n_samples:
         raise LimitExceededError(
             f"n_samples={n_samples} is above the limit of {settings.max_n_samples}"

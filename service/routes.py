@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from mcdrop.masks import fresh_seed
+from mcdrop import fresh_seed
 from mcdrop.predictor import check_finite
 from service import convert, dataplane, schemas
 from service.arrivals import INFERENCE_TAG
@@ -201,7 +201,7 @@ def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
         spec,
         max_n_samples=settings.max_n_samples,
         max_request_rows=settings.max_request_rows,
-        default_n_samples=settings.default_n_samples,
+        default_n_samples=dataplane.default_n_samples(spec, settings),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from mcdrop.masks import fresh_seed
+from mcdrop import fresh_seed
 from mcdrop.predictor import check_finite
 from service import dataplane
 from service.arrivals import INFERENCE_TAG

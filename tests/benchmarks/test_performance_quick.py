@@ -134,3 +134,11 @@ def test_soak_quick() -> None:
     assert re.search(r"p99 \d+ ms", text)
     for kind, *_ in soak.MIX:  # every kind of request was sent, and answered as expected
         assert re.search(rf"^\| {re.escape(kind)} \| [1-9]\d* \|", text, re.M), kind
+
+
+@pytest.mark.slow
+def test_arrival_wait_quick() -> None:
+    text = service_load.arrival_wait(quick=True)
+    errors = re.findall(r"\| (\d+)/(\d+) \|", text)
+    assert len(errors) == 4  # 2 endpoints × with and without the wait, at 8 clients
+    assert all(e == "0" and int(n) > 0 for e, n in errors)
