@@ -8,7 +8,7 @@ are batched, memory-bounded and seeded per row, and the statistics are pure func
     >>> mcdrop.stats.mutual_information(samples)                   # (N,)
 """
 
-from mcdrop import metrics, stats
+from mcdrop import adaptive, metrics, stats
 from mcdrop.checkpoint import LoadedModel, ModelSpec, load, save
 from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
 from mcdrop.exceptions import (
@@ -42,6 +42,7 @@ __all__ = [
     "SamplingStoppedError",
     "UnsupportedModelError",
     "UntrustedCodeError",
+    "adaptive",
     "dropout_modules",
     "load",
     "metrics",
