@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from mcdrop import adaptive
 from mcdrop.masks import fresh_seed
 from mcdrop.predictor import check_finite
 from service import convert, schemas
@@ -339,6 +340,15 @@ async def predict(
 
 
 def _n_samples(body: schemas.UncertaintyRequest, handle: ModelHandle, settings: Settings) -> int:
+    """The samples per row, or with ``n_samples: "auto"`` the most a row may use."""
+    if body.n_samples == "auto":
+        if body.max_n_samples is None:
+            return min(adaptive.DEFAULT_MAX_N_SAMPLES, settings.max_n_samples)
+        if body.max_n_samples > settings.max_n_samples:
+            raise LimitExceededError(
+                f"max_n_samples={body.max_n_samples} is above the limit of {settings.max_n_samples}"
+            )
+        return body.max_n_samples
     if body.n_samples is None:
         default = settings.default_n_samples or handle.spec.default_n_samples
         return min(default, settings.max_n_samples)
@@ -366,25 +376,33 @@ async def uncertainty(
 ) -> Response:
     """MC-dropout uncertainty: ``n_samples`` stochastic passes per row, summarised (mean,
     variance, std; entropy, mutual information, variation ratio for classifiers; interval and
-    epistemic/aleatoric split for regressors)."""
+    epistemic/aleatoric split for regressors). With ``n_samples: "auto"`` each row samples until
+    its MC standard error is within ``tolerance`` (or it has ``max_n_samples``), and each result
+    says how many samples it used."""
     handle = registry.get(name)
     _check_rows(body, settings)
     n_samples = _n_samples(body, handle, settings)
+    auto = body.n_samples == "auto"
+    # An adaptive request is held to the limits as if every row used max_n_samples.
+    what = "max_n_samples" if auto else "n_samples"
     rows, k = len(body.inputs), handle.spec.n_outputs
     total = rows * n_samples
     if total > settings.max_row_samples:
         raise LimitExceededError(
-            f"rows × n_samples = {rows} × {n_samples} = {total} is above the limit "
+            f"rows × {what} = {rows} × {n_samples} = {total} is above the limit "
             f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
         )
     if body.return_samples and total > settings.max_returned_samples:
         raise LimitExceededError(
-            f"return_samples with rows × n_samples = {total} is above the limit of "
+            f"return_samples with rows × {what} = {total} is above the limit of "
             f"{settings.max_returned_samples}"
         )
     values = 7 * k + (n_samples * k if body.return_samples else 0)
     _check_response_size(rows, values, settings.max_response_bytes)
-    options = MCOptions(n_samples, body.level, body.return_samples)
+    tolerance = None
+    if auto:
+        tolerance = adaptive.DEFAULT_TOLERANCE if body.tolerance is None else body.tolerance
+    options = MCOptions(n_samples, body.level, body.return_samples, tolerance)
     x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed
     summary, samples = await handle.uncertainty(x, options, seed=seed, gone=_disconnected(request))
@@ -398,5 +416,7 @@ async def uncertainty(
         samples,
         seed=seed,
         level=body.level,
+        tolerance=tolerance,
+        max_n_samples=n_samples if auto else None,
     )
     return await _off_loop(large, _render, response, settings.max_response_bytes, exclude_none=True)
