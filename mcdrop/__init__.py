@@ -8,7 +8,7 @@ are batched, memory-bounded and seeded per row, and the statistics are pure func
     >>> mcdrop.stats.mutual_information(samples)                   # (N,)
 """
 
-from mcdrop import metrics, stats
+from mcdrop import adaptive, metrics, stats
 from mcdrop.checking import CheckReport, check
 from mcdrop.checkpoint import LoadedModel, ModelSpec, load
 from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
@@ -49,6 +49,7 @@ __all__ = [
     "UnsampledDropoutWarning",
     "UnsupportedModelError",
     "UntrustedCodeError",
+    "adaptive",
     "check",
     "dropout_modules",
     "fresh_seed",

@@ -6,14 +6,15 @@ Shape legend: ``S`` samples, ``N`` rows, ``K`` classes or regression targets.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
 
-from mcdrop import sampling
+from mcdrop import adaptive, sampling
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from mcdrop.devices import model_device, resolve_device
 from mcdrop.exceptions import (
@@ -54,14 +55,20 @@ Summary = ClassificationSummary | RegressionSummary
 
 def non_finite_rows(result: Prediction | Summary, samples: Tensor | None = None) -> list[int]:
     """Indices of the rows where any output is NaN or ±inf: any ``(N, ...)`` tensor of
-    ``result``, or ``samples (S, N, K)``."""
+    ``result``, or ``samples (S, N, K)`` (of a summary with ``row_n_samples``, only each row's
+    own samples: an adaptive request pads the others with NaN)."""
     bad: Tensor | None = None
     for value in vars(result).values():
         if isinstance(value, Tensor) and value.dim() > 0 and value.is_floating_point():
             rows = ~torch.isfinite(value).reshape(value.shape[0], -1).all(1)
             bad = rows if bad is None else bad | rows
     if samples is not None:
-        rows = ~torch.isfinite(samples).all(0).reshape(samples.shape[1], -1).all(1)
+        used = getattr(result, "row_n_samples", None)
+        finite = torch.isfinite(samples)
+        if used is not None:
+            padding = torch.arange(samples.shape[0])[:, None] >= used[None, :]  # (S, N)
+            finite |= padding.reshape(*padding.shape, *[1] * (samples.dim() - 2))
+        rows = ~finite.all(0).reshape(samples.shape[1], -1).all(1)
         bad = rows if bad is None else bad | rows
     return [] if bad is None else bad.nonzero().flatten().tolist()
 
@@ -219,7 +226,7 @@ class Predictor:
     def uncertainty(
         self,
         x: Tensor,
-        n_samples: int | None = None,
+        n_samples: int | Literal["auto"] | None = None,
         *,
         seed: int | Tensor | None = None,
         level: float = 0.95,
@@ -227,27 +234,53 @@ class Predictor:
         targets: Tensor | None = None,
         stop: Callable[[], bool] | None = None,
         check_outputs: bool = True,
+        tolerance: float | None = None,
+        max_n_samples: int | None = None,
     ) -> tuple[Summary, Tensor | None]:
         """MC-dropout summary of every row, computed in streaming fashion.
 
         Args:
             x: ``(N, *input_shape)``.
-            n_samples: S; the manifest's default when None.
+            n_samples: S; the manifest's default when None; ``"auto"``: each row samples until
+                its MC standard error is within ``tolerance`` or it has ``max_n_samples``
+                (see :mod:`mcdrop.adaptive`); the summary's ``row_n_samples`` says how many
+                each row used.
             seed: reproducible samples (see :func:`mcdrop.sampling.sample_chunks`).
             level: central interval level (regression).
             return_samples: also return the raw samples ``(S, N, K)``: probabilities for a
-                classifier, sampled means for a regressor.
+                classifier, sampled means for a regressor. With ``"auto"``, S is the most
+                samples any row used, and a row's samples past its own count are NaN.
             targets: ``(N, K)`` regression targets, to compute the test log-likelihood.
             stop: checked before every forward pass; when it returns True, sampling ends with
                 :class:`~mcdrop.exceptions.SamplingStoppedError` (a server's client went away).
             check_outputs: raise :class:`NonFiniteOutputError` when a statistic or a returned
                 sample is NaN or ±inf (see :func:`check_finite`).
+            tolerance: with ``"auto"``, the MC standard error at which a row stops (default
+                :data:`mcdrop.adaptive.DEFAULT_TOLERANCE`).
+            max_n_samples: with ``"auto"``, the most samples a row uses (default
+                :data:`mcdrop.adaptive.DEFAULT_MAX_N_SAMPLES`).
 
         Returns:
             the summary, and the samples or None.
         """
         x = self.check_inputs(x)
-        n_samples = self.spec.default_n_samples if n_samples is None else n_samples
+        auto = n_samples == "auto"
+        if not auto and (tolerance is not None or max_n_samples is not None):
+            raise InvalidArgumentError(
+                f"tolerance and max_n_samples apply to n_samples='auto' only, got n_samples="
+                f"{n_samples!r}"
+            )
+        if isinstance(n_samples, str) and not auto:
+            raise InvalidArgumentError(f"n_samples must be an integer or 'auto', got {n_samples!r}")
+        if auto:
+            tolerance = adaptive.check_tolerance(
+                adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
+            )
+            most = adaptive.check_max_n_samples(
+                adaptive.DEFAULT_MAX_N_SAMPLES if max_n_samples is None else max_n_samples
+            )
+        else:
+            most = self.spec.default_n_samples if n_samples is None else n_samples
         n_rows, k = x.shape[0], self.spec.n_outputs
         acc: ClassificationAccumulator | RegressionAccumulator
         if self.spec.task == "classification":
@@ -261,12 +294,34 @@ class Predictor:
             acc = RegressionAccumulator(
                 n_rows, k, noise_variance=noise, targets=targets, level=level, device=self.device
             )
-        samples = torch.empty(n_samples, n_rows, k, device=self.device) if return_samples else None
+        samples: Tensor | None = None
+        if return_samples:
+            # NaN marks an adaptive row's samples past its own count.
+            samples = (
+                torch.full((most, n_rows, k), math.nan, device=self.device)
+                if auto
+                else torch.empty(most, n_rows, k, device=self.device)
+            )
         # Rows always come as float32 (n, *input_shape): one plan serves every request.
         plan = self.plan if self.plan is not None else self._make_plan(x)
-        for chunk in sampling.sample_chunks(
-            self.model.module, x, n_samples, seed=seed, max_pass_rows=self.max_pass_rows, plan=plan
-        ):
+        chunks: Iterator[sampling.Chunk]
+        if auto:
+            assert tolerance is not None
+            chunks = adaptive.sample_chunks_until(
+                self.model.module,
+                x,
+                lambda rows: acc.standard_error()[rows],
+                tolerance=tolerance,
+                max_n_samples=most,
+                seed=seed,
+                max_pass_rows=self.max_pass_rows,
+                plan=plan,
+            )
+        else:
+            chunks = sampling.sample_chunks(
+                self.model.module, x, most, seed=seed, max_pass_rows=self.max_pass_rows, plan=plan
+            )
+        for chunk in chunks:
             if stop is not None and stop():
                 raise SamplingStoppedError("sampling stopped: its caller asked to stop")
             acc.update(chunk.values, chunk.rows)
@@ -277,6 +332,8 @@ class Predictor:
                     values = chunk.values[..., :k]
                 samples[chunk.samples, chunk.rows] = values
         summary = acc.result()
+        if samples is not None and auto:
+            samples = samples[: summary.n_samples]
         if self.results_device is not None:
             summary, samples = to_device(summary, samples, self.results_device)
         if check_outputs:

@@ -51,7 +51,7 @@ class Chunk:
     ``samples`` of rows ``rows``."""
 
     samples: slice
-    rows: slice
+    rows: slice | Tensor  # a slice of the call's rows, or (adaptive sampling) their indices
     values: Tensor
 
 
@@ -161,6 +161,7 @@ def sample_chunks(
     max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
     prefix: Prefix = "auto",
     plan: SamplingPlan | None = None,
+    first_sample: int = 0,
 ) -> Iterator[Chunk]:
     """MC-dropout samples, one forward pass at a time (for streaming statistics).
 
@@ -181,10 +182,14 @@ def sample_chunks(
             that valid; "off" always replicates the input.
         plan: the model's plan for inputs like ``x``, from :func:`plan`; None makes one for
             this call (five small forward passes).
+        first_sample: draw samples ``first_sample .. first_sample + S - 1`` of every row: a
+            call from 16 continues one of 16 samples with exactly the samples a single call of
+            32 would draw (masks are keyed by sample index).
 
     Yields:
         :class:`Chunk` objects whose ``values`` are ``(s, n, K...)``, covering all ``(S, N)``,
-        on the model's device.
+        on the model's device
+        (``samples`` counts from 0 in this call, whatever ``first_sample`` is).
 
     Raises:
         NoDropoutError: the model made no stochastic dropout call.
@@ -192,6 +197,8 @@ def sample_chunks(
     """
     _check_inputs(x)
     _check_args(n_samples, max_pass_rows)
+    if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
+        raise InvalidArgumentError(f"first_sample must be an integer >= 0, got {first_sample!r}")
     if prefix not in ("auto", "off"):
         raise InvalidArgumentError(f"prefix must be 'auto' or 'off', got {prefix!r}")
     if seed is None:
@@ -221,7 +228,7 @@ def sample_chunks(
             rows = slice(r0, min(r0 + rows_per, n_total))
             for s0 in range(0, n_samples, samples_per):
                 s = min(samples_per, n_samples - s0)
-                chunk_keys = masks.sample_keys(keys[rows], s0, s)
+                chunk_keys = masks.sample_keys(keys[rows], first_sample + s0, s)
                 # One sample per pass gains nothing from sharing the prefix.
                 values = planning.run_pass(model, x[rows], chunk_keys, s, shared and s > 1, plan)
                 yield Chunk(slice(s0, s0 + s), rows, values)

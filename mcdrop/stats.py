@@ -198,6 +198,8 @@ class ClassificationSummary:
         expected_entropy: ``(N,)`` mean entropy of the samples (aleatoric).
         mutual_information: ``(N,)`` BALD score (epistemic).
         variation_ratio: ``(N,)`` fraction of samples whose label is not the modal label.
+        n_samples: samples per row (the most any row used, when rows stopped early).
+        row_n_samples: ``(N,)`` int64, the samples each row used.
     """
 
     probabilities: Tensor
@@ -208,6 +210,7 @@ class ClassificationSummary:
     mutual_information: Tensor
     variation_ratio: Tensor
     n_samples: int
+    row_n_samples: Tensor
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,8 @@ class RegressionSummary:
         mean, variance, std, epistemic_variance, aleatoric_variance: ``(N, K)``; ``variance =
             epistemic_variance + aleatoric_variance``.
         lower, upper: ``(N, K)`` central interval at ``level`` of the moment-matched Gaussian.
+        n_samples: samples per row (the most any row used, when rows stopped early).
+        row_n_samples: ``(N,)`` int64, the samples each row used.
         log_likelihood: ``(N, K)`` mixture test log-likelihood, when targets were given.
     """
 
@@ -230,16 +235,34 @@ class RegressionSummary:
     upper: Tensor
     level: float
     n_samples: int
+    row_n_samples: Tensor
     log_likelihood: Tensor | None = None
 
 
-def _samples_of_first_row(rows: slice, s: int) -> int:
+def _samples_of_first_row(rows: slice | Tensor, s: int) -> int:
     """The samples a chunk of ``s`` samples of ``rows`` adds to row 0 (counted in Python, so a
-    result needs no read of a device tensor)."""
-    return s if rows.start in (None, 0) else 0
+    fixed-count result needs no read of a device tensor); 0 for row indices (adaptive
+    sampling, where rows stop apart and the most any row used is read from the counts)."""
+    return s if isinstance(rows, slice) and rows.start in (None, 0) else 0
 
 
-class ClassificationAccumulator:
+class _Counts:
+    """``count`` per row and the Python count of row 0 (see :func:`_samples_of_first_row`)."""
+
+    count: Tensor
+    n_samples: int
+    indexed: bool = False  # some update named rows by index: counts differ between rows
+
+    def _note(self, rows: slice | Tensor, s: int) -> None:
+        self.n_samples += _samples_of_first_row(rows, s)
+        self.indexed = self.indexed or not isinstance(rows, slice)
+
+    def _most_samples(self) -> int:
+        """The most samples any row has: one read of the counts only when rows stopped apart."""
+        return int(self.count.max()) if self.indexed else self.n_samples
+
+
+class ClassificationAccumulator(_Counts):
     """Streams logits chunks ``(s, n, K)`` into a :class:`ClassificationSummary` in ``O(N·K)``
     memory whatever S is. Sums are float64, so E[p²] - E[p]² does not cancel badly; chunks of
     any floating dtype (bfloat16 included) are summed in float64.
@@ -263,16 +286,27 @@ class ClassificationAccumulator:
         self.votes = zeros(n_rows, n_classes)
         self.n_samples = 0  # of row 0
 
-    def update(self, logits: Tensor, rows: slice = slice(None)) -> None:
-        """Add samples ``(s, n, K)`` of the rows ``rows``."""
+    def update(self, logits: Tensor, rows: slice | Tensor = slice(None)) -> None:
+        """Add samples ``(s, n, K)`` of the rows ``rows`` (a slice, or ``(n,)`` distinct row
+        indices)."""
         log_p = torch.log_softmax(logits.to(torch.float64), dim=-1)
         p = log_p.exp()
-        self.n_samples += _samples_of_first_row(rows, logits.shape[0])
+        self._note(rows, logits.shape[0])
         self.count[rows] += logits.shape[0]
         self.sum_p[rows] += p.sum(0)
         self.sum_p2[rows] += p.square().sum(0)
         self.sum_h[rows] -= (p * log_p).sum(-1).sum(0)
         self.votes[rows] += torch.nn.functional.one_hot(logits.argmax(-1), p.shape[-1]).sum(0)
+
+    def standard_error(self) -> Tensor:
+        """``(N,)`` float64: the Monte Carlo standard error of each row's mean probabilities, the
+        largest over classes: ``max_k sqrt(s²_k / n)`` with ``s²_k`` the unbiased sample
+        variance of class k's probability over the row's ``n`` samples (inf below 2 samples)."""
+        count = self.count[:, None]
+        mean = self.sum_p / count
+        spread = (self.sum_p2 / count - mean.square()).clamp_min(0.0)  # divisor n
+        se = (spread / (count - 1)).sqrt().amax(-1)  # s² / n = spread / (n - 1)
+        return torch.where(self.count >= 2, se, math.inf)
 
     def result(self) -> ClassificationSummary:
         count = self.count[:, None]
@@ -287,11 +321,12 @@ class ClassificationAccumulator:
             expected_entropy=aleatoric.float(),
             mutual_information=(total - aleatoric).clamp_min(0.0).float(),
             variation_ratio=(1.0 - self.votes.max(-1).values / self.count).float(),
-            n_samples=self.n_samples,
+            n_samples=self._most_samples(),
+            row_n_samples=self.count.to(torch.int64),
         )
 
 
-class RegressionAccumulator:
+class RegressionAccumulator(_Counts):
     """Streams chunks of sampled outputs into a :class:`RegressionSummary` in ``O(N·K)`` memory.
 
     Args:
@@ -336,14 +371,15 @@ class RegressionAccumulator:
             return values[..., : self.k], values[..., self.k :].exp()
         return values, torch.full_like(values, self.noise_variance)
 
-    def update(self, values: Tensor, rows: slice = slice(None)) -> None:
-        """Add samples ``(s, n, K)`` (or ``(s, n, 2K)``) of the rows ``rows``."""
+    def update(self, values: Tensor, rows: slice | Tensor = slice(None)) -> None:
+        """Add samples ``(s, n, K)`` (or ``(s, n, 2K)``) of the rows ``rows`` (a slice, or
+        ``(n,)`` distinct row indices)."""
         mu, noise = self.split(values)
         s = float(mu.shape[0])
         # Chan et al.'s parallel merge of (count, mean, M2): stable for any chunking.
         chunk_mean = mu.mean(0)
         chunk_m2 = (mu - chunk_mean).square().sum(0)
-        self.n_samples += _samples_of_first_row(rows, mu.shape[0])
+        self._note(rows, mu.shape[0])
         n_a = self.count[rows]
         total = n_a + s
         delta = chunk_mean - self.mean[rows]
@@ -355,6 +391,17 @@ class RegressionAccumulator:
             y = self.targets[rows]
             log_density = -0.5 * (torch.log(2 * math.pi * noise) + (y - mu).square() / noise)
             self.lse[rows] = torch.logaddexp(self.lse[rows], torch.logsumexp(log_density, 0))
+
+    def standard_error(self) -> Tensor:
+        """``(N,)`` float64: the Monte Carlo standard error of each row's predictive mean in units
+        of its predictive standard deviation, the largest over outputs: ``max_k sqrt(s²_k / n) /
+        σ_k`` with ``s²_k`` the unbiased sample variance of output k's sampled means and ``σ²_k``
+        the predictive variance (epistemic + aleatoric; inf below 2 samples). A row whose
+        predictive variance is 0 has error 0."""
+        se = (self.m2 / (self.count * (self.count - 1))).sqrt()
+        std = ((self.m2 + self.sum_noise) / self.count).sqrt()
+        ratio = torch.where(std > 0, se / std, 0.0).amax(-1)
+        return torch.where(self.count[:, 0] >= 2, ratio, math.inf)
 
     def result(self) -> RegressionSummary:
         epistemic = self.m2 / self.count
@@ -371,6 +418,7 @@ class RegressionAccumulator:
             lower=lower.float(),
             upper=upper.float(),
             level=self.level,
-            n_samples=self.n_samples,
+            n_samples=self._most_samples(),
+            row_n_samples=self.count[:, 0].to(torch.int64),
             log_likelihood=ll,
         )

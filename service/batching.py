@@ -47,11 +47,17 @@ from service.metrics import ModelMetrics
 
 @dataclass(frozen=True)
 class MCOptions:
-    """The MC-dropout options of an uncertainty job (jobs with equal options can merge)."""
+    """The MC-dropout options of an uncertainty job (jobs with equal options can merge).
+
+    ``tolerance`` set: an adaptive job (``n_samples: "auto"``) whose rows stop once their MC
+    standard error is within it, and ``n_samples`` is the most a row may use (the cost model
+    counts that: an estimate from above).
+    """
 
     n_samples: int
     level: float = 0.95
     return_samples: bool = False
+    tolerance: float | None = None
 
 
 #: ``None`` for a deterministic prediction.
@@ -470,9 +476,12 @@ class Batcher:
         if options is None:
             return _split(self.predictor.predict(x, check_outputs=False), sizes)
         seeds = torch.cat([torch.full((job.rows,), job.seed, dtype=torch.int64) for job in jobs])
+        auto = options.tolerance is not None
         summary, samples = self.predictor.uncertainty(
             x,
-            options.n_samples,
+            "auto" if auto else options.n_samples,
+            tolerance=options.tolerance,
+            max_n_samples=options.n_samples if auto else None,
             seed=seeds,
             level=options.level,
             return_samples=options.return_samples,

@@ -210,6 +210,8 @@ def _predict(args: argparse.Namespace) -> int:
                     seed=args.seed,
                     level=args.level,
                     return_samples=args.return_samples,
+                    tolerance=args.tolerance,
+                    max_n_samples=args.max_n_samples,
                 )
             else:
                 result = client.predict(args.model, inputs)
@@ -229,10 +231,41 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     if not args.uncertainty:
         return convert.predict_response(predictor, predictor.predict(x))
     seed = fresh_seed() if args.seed is None else args.seed
+    auto = args.n_samples == "auto"
+    tolerance, most = args.tolerance, args.max_n_samples
+    if auto:  # the service's defaults, so both modes print the same
+        from mcdrop import adaptive
+
+        tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
+        most = adaptive.DEFAULT_MAX_N_SAMPLES if most is None else most
     summary, samples = predictor.uncertainty(
-        x, args.n_samples, seed=seed, level=args.level, return_samples=args.return_samples
+        x,
+        args.n_samples,
+        seed=seed,
+        level=args.level,
+        return_samples=args.return_samples,
+        tolerance=tolerance,
+        max_n_samples=most,
     )
-    return convert.uncertainty_response(predictor, summary, samples, seed=seed, level=args.level)
+    return convert.uncertainty_response(
+        predictor,
+        summary,
+        samples,
+        seed=seed,
+        level=args.level,
+        tolerance=tolerance if auto else None,
+        max_n_samples=most if auto else None,
+    )
+
+
+def _n_samples(value: str) -> int | str:
+    """``--n-samples``: an integer, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -365,7 +398,15 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--url", default=None, help=_URL_HELP)
     where.add_argument("--model-dir", type=Path, help="predict locally from this models folder")
     predict.add_argument("--uncertainty", action="store_true", help="MC-dropout uncertainty")
-    predict.add_argument("--n-samples", type=int, default=None)
+    predict.add_argument(
+        "--n-samples",
+        type=_n_samples,
+        default=None,
+        help="samples per row, or auto: each row until its MC standard error is within "
+        "--tolerance (default 0.01) or it has --max-n-samples (default 1000)",
+    )
+    predict.add_argument("--tolerance", type=float, default=None, help="with --n-samples auto")
+    predict.add_argument("--max-n-samples", type=int, default=None, help="with --n-samples auto")
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")

@@ -81,12 +81,27 @@ def predict_response(predictor: Predictor, prediction: Prediction) -> schemas.Pr
 
 
 def uncertainty_response(
-    predictor: Predictor, summary: Summary, samples: Tensor | None, *, seed: int, level: float
+    predictor: Predictor,
+    summary: Summary,
+    samples: Tensor | None,
+    *,
+    seed: int,
+    level: float,
+    tolerance: float | None = None,
+    max_n_samples: int | None = None,
 ) -> schemas.UncertaintyResponse:
+    """The response of an uncertainty request; with a ``tolerance`` (``n_samples: "auto"``), the
+    response's ``n_samples`` is "auto" and each row says how many samples it used, and a row's
+    returned samples are its own (the NaN padding of ``(S, N, K)`` is left out)."""
     spec = predictor.spec
-    sample_rows: list[Any] = (
-        [None] * summary.variance.shape[0] if samples is None else _floats(samples.transpose(0, 1))
-    )
+    auto = tolerance is not None
+    n_rows = summary.variance.shape[0]
+    used: list[Any] = summary.row_n_samples.tolist() if auto else [None] * n_rows
+    sample_rows: list[Any] = [None] * n_rows
+    if samples is not None:
+        sample_rows = _floats(samples.transpose(0, 1))
+        if auto:
+            sample_rows = [row[:n] for row, n in zip(sample_rows, used, strict=True)]
     rows: list[Any]
     if isinstance(summary, ClassificationSummary):
         rows = [
@@ -101,9 +116,10 @@ def uncertainty_response(
                 expected_entropy=eh,
                 mutual_information=mi,
                 variation_ratio=vr,
+                n_samples=n,
                 samples=s,
             )
-            for label, p, v, h, eh, mi, vr, s in zip(
+            for label, p, v, h, eh, mi, vr, n, s in zip(
                 summary.label.tolist(),
                 _floats(summary.probabilities),
                 _floats(summary.variance),
@@ -111,6 +127,7 @@ def uncertainty_response(
                 summary.expected_entropy.tolist(),
                 summary.mutual_information.tolist(),
                 summary.variation_ratio.tolist(),
+                used,
                 sample_rows,
                 strict=True,
             )
@@ -125,9 +142,10 @@ def uncertainty_response(
                 aleatoric_variance=al,
                 lower=lo,
                 upper=hi,
+                n_samples=n,
                 samples=s,
             )
-            for m, v, sd, ep, al, lo, hi, s in zip(
+            for m, v, sd, ep, al, lo, hi, n, s in zip(
                 _floats(summary.mean),
                 _floats(summary.variance),
                 _floats(summary.std),
@@ -135,6 +153,7 @@ def uncertainty_response(
                 _floats(summary.aleatoric_variance),
                 _floats(summary.lower),
                 _floats(summary.upper),
+                used,
                 sample_rows,
                 strict=True,
             )
@@ -142,7 +161,9 @@ def uncertainty_response(
     return schemas.UncertaintyResponse(
         model=spec.name,
         task=spec.task,
-        n_samples=summary.n_samples,
+        n_samples="auto" if auto else summary.n_samples,
+        tolerance=tolerance,
+        max_n_samples=max_n_samples,
         seed=seed,
         level=level,
         results=rows,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
+from mcdrop import adaptive
 from mcdrop.checkpoint import ModelSpec
 from service.batching import MCOptions
 from service.config import Settings
@@ -106,32 +107,44 @@ def default_n_samples(spec: ModelSpec, settings: Settings) -> int:
 
 def mc_options(
     rows: int,
-    n_samples: int | None,
+    n_samples: int | Literal["auto"] | None,
     level: float,
     return_samples: bool,
     handle: ModelHandle,
     settings: Settings,
+    *,
+    tolerance: float | None = None,
+    max_n_samples: int | None = None,
 ) -> MCOptions:
     """The MC options of an uncertainty request of ``rows`` rows: ``n_samples`` (the default
-    when None), checked against the sample limits."""
-    if n_samples is None:
-        n_samples = default_n_samples(handle.spec, settings)
-    elif n_samples > settings.max_n_samples:
-        raise LimitExceededError(
-            f"n_samples={n_samples} is above the limit of {settings.max_n_samples}"
-        )
-    total = rows * n_samples
+    when None), or with ``"auto"`` the most a row may use (``max_n_samples``) and its
+    ``tolerance``, checked against the sample limits (an adaptive request is held to them as if
+    every row used ``max_n_samples``)."""
+    auto = n_samples == "auto"
+    what = "max_n_samples" if auto else "n_samples"
+    if auto:
+        asked = max_n_samples
+        most = min(adaptive.DEFAULT_MAX_N_SAMPLES, settings.max_n_samples)
+        tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
+    else:
+        asked = n_samples if isinstance(n_samples, int) else None
+        most = default_n_samples(handle.spec, settings)
+        tolerance = None
+    if asked is not None and asked > settings.max_n_samples:
+        raise LimitExceededError(f"{what}={asked} is above the limit of {settings.max_n_samples}")
+    count = most if asked is None else asked
+    total = rows * count
     if total > settings.max_row_samples:
         raise LimitExceededError(
-            f"rows × n_samples = {rows} × {n_samples} = {total} is above the limit "
+            f"rows × {what} = {rows} × {count} = {total} is above the limit "
             f"of {settings.max_row_samples}; send fewer rows or ask for fewer samples"
         )
     if return_samples and total > settings.max_returned_samples:
         raise LimitExceededError(
-            f"return_samples with rows × n_samples = {total} is above the limit of "
+            f"return_samples with rows × {what} = {total} is above the limit of "
             f"{settings.max_returned_samples}"
         )
-    return MCOptions(n_samples, level, return_samples)
+    return MCOptions(count, level, return_samples, tolerance)
 
 
 def check_response_size(

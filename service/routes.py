@@ -271,13 +271,23 @@ async def uncertainty(
 ) -> Response:
     """MC-dropout uncertainty: ``n_samples`` stochastic passes per row, summarised (mean,
     variance, std; entropy, mutual information, variation ratio for classifiers; interval and
-    epistemic/aleatoric split for regressors)."""
+    epistemic/aleatoric split for regressors). With ``n_samples: "auto"`` each row samples until
+    its MC standard error is within ``tolerance`` (or it has ``max_n_samples``), and each result
+    says how many samples it used."""
     handle = registry.get(name)
     rows, k = len(body.inputs), handle.spec.n_outputs
     dataplane.check_rows(rows, settings)
     options = dataplane.mc_options(
-        rows, body.n_samples, body.level, body.return_samples, handle, settings
+        rows,
+        body.n_samples,
+        body.level,
+        body.return_samples,
+        handle,
+        settings,
+        tolerance=body.tolerance,
+        max_n_samples=body.max_n_samples,
     )
+    auto = options.tolerance is not None
     values = 7 * k + (options.n_samples * k if body.return_samples else 0)
     dataplane.check_response_size(rows, values, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
@@ -295,6 +305,8 @@ async def uncertainty(
         samples,
         seed=seed,
         level=body.level,
+        tolerance=options.tolerance,
+        max_n_samples=options.n_samples if auto else None,
     )
     return await dataplane.off_loop(
         large, _render, response, settings.max_response_bytes, exclude_none=True

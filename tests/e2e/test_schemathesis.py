@@ -76,8 +76,11 @@ def per_model_schema(base: str) -> dict[str, Any]:
             inputs = request["properties"]["inputs"]
             inputs["items"] = _exact_row(model["input_shape"])
             inputs["maxItems"] = model["max_request_rows"]
-            if "n_samples" in request["properties"]:
-                request["properties"]["n_samples"]["anyOf"][0]["maximum"] = model["max_n_samples"]
+            for field in ("n_samples", "max_n_samples"):  # the int of int | "auto" | null
+                if field in request["properties"]:
+                    number = request["properties"][field]["anyOf"][0]
+                    assert number["type"] == "integer"
+                    number["maximum"] = model["max_n_samples"]
             components[f"{request['title']}_{name}"] = request
             body["$ref"] = f"#/components/schemas/{request['title']}_{name}"
             schema["paths"][f"/models/{name}/{op}"] = path

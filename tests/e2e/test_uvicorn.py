@@ -52,6 +52,23 @@ def test_uncertainty_over_http(url: str) -> None:
         assert row.entropy >= row.mutual_information
 
 
+def test_auto_n_samples_over_http(url: str) -> None:
+    """Adaptive answers over TCP: each row's count, the same answer again, and the same result
+    as a fixed request with that count."""
+    data = load_digits().data
+    rows = [data[0].tolist(), ((data[1] + data[7]) / 2).tolist()]  # a clear 0; half 1, half 7
+    with Client(url) as client:
+        auto = client.uncertainty("digits", rows, n_samples="auto", tolerance=0.01, seed=7)
+        assert client.uncertainty("digits", rows, n_samples="auto", tolerance=0.01, seed=7) == auto
+        used = [row.n_samples for row in auto.results]
+        assert used[0] == 16
+        assert (used[1] or 0) > 16
+        for row, result in zip(rows, auto.results, strict=True):
+            fixed = client.uncertainty("digits", [row], n_samples=result.n_samples, seed=7)
+            got, want = result.probabilities, fixed.results[0].probabilities
+            assert all(abs(a - b) < 1e-6 for a, b in zip(got, want, strict=True))
+
+
 def test_bad_input_then_still_serving(url: str) -> None:
     with Client(url) as client:
         with pytest.raises(InvalidRequestError, match="JSON"):

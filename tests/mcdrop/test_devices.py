@@ -213,6 +213,7 @@ def test_results_come_back_in_one_copy_per_dtype() -> None:
         mutual_information=torch.rand(3),
         variation_ratio=torch.rand(3),
         n_samples=9,
+        row_n_samples=torch.full((3,), 9),
     )
     samples = torch.rand(9, 3, 4)
     same, same_samples = to_device(summary, samples, torch.device("cpu"))

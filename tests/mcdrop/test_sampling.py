@@ -252,3 +252,19 @@ def test_ten_thousand_samples_of_a_thousand_rows_in_bounded_memory() -> None:
     peak_mib = int(out.stdout.strip())
     # The process's own baseline (torch loaded) is ~300 MiB; one pass would add ~6 GB.
     assert peak_mib < 600, f"peak RSS {peak_mib} MiB"
+
+
+@pytest.mark.parametrize("first", [0, 7, 20])
+def test_first_sample_continues_a_call_exactly(mlp: nn.Module, x: Tensor, first: int) -> None:
+    whole = sample(mlp, x, 30, seed=4)
+    rest = list(sample_chunks(mlp, x, 30 - first, seed=4, first_sample=first, max_pass_rows=40))
+    got = torch.full_like(whole[first:], torch.nan)
+    for c in rest:
+        got[c.samples, c.rows] = c.values  # samples count from 0 within the call
+    torch.testing.assert_close(got, whole[first:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first", [-1, 1.5, True])
+def test_bad_first_sample(mlp: nn.Module, x: Tensor, first: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="first_sample"):
+        list(sample_chunks(mlp, x, 3, seed=0, first_sample=first))  # type: ignore[arg-type]

@@ -247,3 +247,86 @@ def test_regression_accumulator_equals_batch(
 def test_regression_accumulator_rejects_bad_noise() -> None:
     with pytest.raises(InvalidArgumentError):
         stats.RegressionAccumulator(1, 1, noise_variance=0.0)
+
+
+# -- per-row counts and Monte Carlo standard errors (adaptive sampling) ----------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(logits_tensors(), st.integers(0, 2**31))
+def test_classification_accumulator_takes_row_indices_and_counts_per_row(
+    logits: Tensor, seed: int
+) -> None:
+    s_count, n_rows, k = logits.shape
+    # Row i gets its first used[i] samples: half of them in a first round of every row, the
+    # rest in rounds of index-tensor updates.
+    half = s_count // 2
+    g = torch.Generator().manual_seed(seed)
+    used = torch.randint(max(half, 1), s_count + 1, (n_rows,), generator=g)
+    acc = stats.ClassificationAccumulator(n_rows, k)
+    acc.update(logits[:half], torch.arange(n_rows))
+    for n in used.unique().tolist():
+        rows = (used == n).nonzero().flatten()
+        acc.update(logits[half:n][:, rows], rows)
+    got = acc.result()
+    assert torch.equal(got.row_n_samples, used)
+    assert got.n_samples == int(used.max())
+    for i, n in enumerate(used.tolist()):
+        row = logits[:n, i : i + 1]
+        assert torch.allclose(got.probabilities[i].double(), stats.mean_probabilities(row)[0])
+        assert torch.allclose(
+            got.mutual_information[i].double(), stats.mutual_information(row)[0], atol=1e-5
+        )
+        # Naive standard error: the unbiased sample std of each class over sqrt(n), largest.
+        p = torch.softmax(row[:, 0], -1)  # (n, K)
+        naive = (p.std(0, correction=1) / math.sqrt(n)).max() if n >= 2 else math.inf
+        assert float(acc.standard_error()[i]) == pytest.approx(float(naive), rel=1e-6, abs=1e-9)
+
+
+def test_classification_standard_error_of_closed_forms() -> None:
+    acc = stats.ClassificationAccumulator(3, 2)
+    certain = torch.tensor([[30.0, -30.0]]).expand(8, 1, 2)  # every sample p = (1, 0)
+    coin = torch.tensor([[30.0, -30.0], [-30.0, 30.0]]).repeat(4, 1)[:, None]  # 0/1 flips
+    acc.update(certain, slice(0, 1))
+    acc.update(coin, slice(1, 2))
+    acc.update(certain[:1], slice(2, 3))
+    se = acc.standard_error()
+    assert float(se[0]) == pytest.approx(0.0, abs=1e-12)
+    # Probabilities 1, 0, 1, 0, ... over 8 samples: s² = 0.25 · 8/7, SE = sqrt(s² / 8).
+    assert float(se[1]) == pytest.approx(math.sqrt(0.25 / 7), rel=1e-9)
+    assert math.isinf(float(se[2]))  # one sample: no variance estimate, never "precise"
+
+
+@pytest.mark.parametrize("heteroscedastic", [False, True])
+def test_regression_standard_error_is_relative_to_the_predictive_std(
+    heteroscedastic: bool,
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    s, n, k = 40, 3, 2
+    means = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 2 + 50
+    log_var = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 0.3
+    values = torch.cat([means, log_var], -1) if heteroscedastic else means
+    acc = stats.RegressionAccumulator(n, k, noise_variance=None if heteroscedastic else 0.5)
+    # Two rounds of index updates, rows in any order; the second leaves row 0 out.
+    rounds = [(slice(0, 10), [2, 0, 1]), (slice(10, s), [1, 2])]
+    streamed: dict[int, list[Tensor]] = {i: [] for i in range(n)}
+    for samples, rows in rounds:
+        acc.update(values[samples, : len(rows)], torch.tensor(rows))
+        for j, row in enumerate(rows):
+            streamed[row].append(values[samples, j])
+    got = acc.result()
+    assert got.row_n_samples.tolist() == [10, s, s]
+    for i, parts in streamed.items():
+        row = torch.cat(parts)  # (m, K) or (m, 2K)
+        mu = row[:, :k]
+        noise = row[:, k:].exp() if heteroscedastic else torch.full_like(mu, 0.5)
+        std = (mu.var(0, correction=0) + noise.mean(0)).sqrt()
+        naive = (mu.std(0, correction=1) / math.sqrt(len(mu)) / std).max()
+        assert float(acc.standard_error()[i]) == pytest.approx(float(naive), rel=1e-9)
+        assert torch.allclose(got.mean[i].double(), mu.mean(0), rtol=1e-6)
+
+
+def test_regression_standard_error_of_a_certain_row_is_zero() -> None:
+    acc = stats.RegressionAccumulator(1, 1, noise_variance=None)
+    acc.update(torch.tensor([[[3.0, -200.0]]]).expand(4, 1, 2))  # noise variance e^-200 ≈ 0
+    assert float(acc.standard_error()[0]) == 0.0

@@ -23,6 +23,7 @@ from tests.conftest import MODELS
 from tests.service.conftest import wait_ready
 
 ROWS = load_digits().data[:12].tolist()
+BLEND = [(a + b) / 2 for a, b in zip(ROWS[1], ROWS[7], strict=True)]  # half 1, half 7
 
 
 def _concurrently(http: TestClient, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
@@ -42,19 +43,42 @@ def _concurrently(http: TestClient, requests: list[tuple[str, dict[str, Any]]]) 
     return results
 
 
-REQUESTS = [
-    ("/models/digits/uncertainty", {"inputs": ROWS[i : i + 2], "n_samples": 40, "seed": i})
-    for i in range(0, 10, 2)
-] + [
-    (
-        "/models/digits/uncertainty",
-        {"inputs": ROWS[:1], "n_samples": 40, "seed": 3, "return_samples": True},
-    ),
-    ("/models/digits/uncertainty", {"inputs": ROWS[5:7], "n_samples": 25, "seed": 3}),
-    ("/models/digits/predict", {"inputs": ROWS[:3]}),
-    ("/models/digits/predict", {"inputs": ROWS[3:4]}),
-    ("/models/diabetes/predict", {"inputs": [[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.86, 87]]}),
-]
+REQUESTS = (
+    [
+        ("/models/digits/uncertainty", {"inputs": ROWS[i : i + 2], "n_samples": 40, "seed": i})
+        for i in range(0, 10, 2)
+    ]
+    + [
+        (
+            "/models/digits/uncertainty",
+            {"inputs": ROWS[:1], "n_samples": 40, "seed": 3, "return_samples": True},
+        ),
+        ("/models/digits/uncertainty", {"inputs": ROWS[5:7], "n_samples": 25, "seed": 3}),
+        ("/models/digits/predict", {"inputs": ROWS[:3]}),
+        ("/models/digits/predict", {"inputs": ROWS[3:4]}),
+        ("/models/diabetes/predict", {"inputs": [[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.86, 87]]}),
+    ]
+    + [
+        # Adaptive: two that merge (equal tolerance), one with samples and a cap of its own.
+        (
+            "/models/digits/uncertainty",
+            {"inputs": [ROWS[i], BLEND], "n_samples": "auto", "tolerance": 0.02, "seed": i},
+        )
+        for i in (0, 1)
+    ]
+    + [
+        (
+            "/models/digits/uncertainty",
+            {
+                "inputs": [BLEND, ROWS[2]],
+                "n_samples": "auto",
+                "max_n_samples": 64,
+                "seed": 4,
+                "return_samples": True,
+            },
+        ),
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +373,38 @@ def test_the_short_lane_keeps_small_jobs_apart_from_large_ones(digits: Predictor
             await asyncio.gather(*slow)
 
         asyncio.run(main())
+
+
+def test_adaptive_jobs_merge_by_tolerance_and_keep_their_counts(digits: Predictor) -> None:
+    x = torch.tensor(ROWS, dtype=torch.float32)
+    hard = (x[:4] + x[4:8]) / 2  # blends of two digits: rows that need more samples
+    auto = MCOptions(200, 0.95, True, tolerance=0.01)
+    jobs = [
+        Job(torch.cat([x[:2], hard[:2]]), auto, seed=1),
+        Job(hard[2:], auto, seed=2),  # merges with the first
+        Job(x[2:4], MCOptions(200, 0.95, True, tolerance=0.05), seed=1),  # another tolerance
+        Job(x[4:6], MCOptions(200, 0.95, True), seed=1),  # fixed: never merged with auto
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        batcher = Batcher(digits, executor=pool, cost=CostModel(), inline_ms=0.0)
+        got = _submit_all(batcher, jobs)
+    assert batcher.batches == 3
+    for job, (summary, samples) in zip(jobs, got, strict=True):
+        assert job.options is not None
+        tolerance = job.options.tolerance
+        want, want_samples = digits.uncertainty(
+            job.x,
+            "auto" if tolerance is not None else job.options.n_samples,
+            seed=job.seed,
+            tolerance=tolerance,
+            max_n_samples=job.options.n_samples if tolerance is not None else None,
+            return_samples=True,
+        )
+        assert want_samples is not None
+        assert torch.equal(summary.row_n_samples, want.row_n_samples)
+        assert torch.allclose(summary.probabilities, want.probabilities, atol=1e-6)
+        # A merged job's samples are padded to the batch's most used samples.
+        own = want_samples.shape[0]
+        assert torch.allclose(samples[:own], want_samples, atol=1e-6, equal_nan=True)
+        assert bool(samples[own:].isnan().all())
+    assert int(got[0][0].row_n_samples.max()) > int(got[0][0].row_n_samples.min())

@@ -61,6 +61,21 @@ def test_local_uncertainty_from_file(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert body["results"][0]["mutual_information"] >= 0
 
 
+def test_local_auto_uncertainty(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    code, out, _ = _run(
+        capsys, *args, "--uncertainty", "--n-samples", "auto", "--tolerance", "0.05", "--seed", "1"
+    )
+    assert code == 0
+    body = json.loads(out)
+    assert (body["n_samples"], body["tolerance"], body["max_n_samples"]) == ("auto", 0.05, 1000)
+    assert body["results"][0]["n_samples"] >= 16
+    with pytest.raises(SystemExit) as usage:  # argparse's exit on a bad command line
+        main([*args, "--uncertainty", "--n-samples", "many"])
+    assert usage.value.code == 2
+    assert "an integer or 'auto'" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(
         capsys, "predict", "diabetes", "--model-dir", str(MODELS), "--inputs", "[[1, 2]]"

@@ -61,6 +61,22 @@ def test_classifier_result(client: Client) -> None:
     assert len(row.samples) == 10
 
 
+def test_auto_n_samples(client: Client) -> None:
+    result = client.uncertainty(
+        "digits", [[0.0] * 64, [8.0] * 64], n_samples="auto", tolerance=0.02, seed=0
+    )
+    assert (result.n_samples, result.tolerance, result.max_n_samples) == ("auto", 0.02, 1000)
+    assert all(row.n_samples is not None and row.n_samples >= 16 for row in result.results)
+    capped = client.uncertainty(
+        "diabetes", [PATIENT], n_samples="auto", max_n_samples=20, seed=0, return_samples=True
+    )
+    row = capped.results[0]
+    assert 16 <= (row.n_samples or 0) <= 20
+    assert len(row.samples or []) == row.n_samples
+    with pytest.raises(BadRequestError, match="auto"):
+        client.uncertainty("digits", [[0.0] * 64], n_samples=10, tolerance=0.01)
+
+
 def test_typed_errors_carry_the_server_message(client: Client) -> None:
     with pytest.raises(NotFoundError) as info:
         client.predict("nope", [PATIENT])

@@ -125,6 +125,72 @@ def test_raw_samples(http: TestClient) -> None:
     np.testing.assert_allclose(samples.mean(0), body["results"][0]["probabilities"], atol=1e-5)
 
 
+# -- n_samples "auto" ---------------------------------------------------------------------------
+
+BLEND = [(a + b) / 2 for a, b in zip(load_digits().data[1], load_digits().data[7], strict=True)]
+
+
+def _fixed_equivalents(
+    http: TestClient, path: str, rows: list[Any], body: dict[str, Any], key: str
+) -> None:
+    """Each row of an adaptive answer equals a fixed request with that row's n_samples."""
+    for row, result in zip(rows, body["results"], strict=True):
+        fixed = http.post(
+            path, json={"inputs": [row], "n_samples": result["n_samples"], "seed": body["seed"]}
+        ).json()
+        np.testing.assert_allclose(result[key], fixed["results"][0][key], rtol=1e-5, atol=1e-7)
+
+
+def test_auto_uncertainty_classifier(http: TestClient) -> None:
+    rows = [*DIGITS, BLEND]
+    request = {"inputs": rows, "n_samples": "auto", "seed": 7}
+    body = http.post("/models/digits/uncertainty", json=request).json()
+    assert (body["n_samples"], body["tolerance"], body["max_n_samples"]) == ("auto", 0.01, 1000)
+    used = [result["n_samples"] for result in body["results"]]
+    assert min(used) == 16  # a clear digit stops at the first check
+    assert used[-1] > 16  # the blend of a 1 and a 7 goes on
+    _fixed_equivalents(http, "/models/digits/uncertainty", rows, body, "probabilities")
+    assert http.post("/models/digits/uncertainty", json=request).json() == body
+    # A tighter tolerance never uses fewer samples.
+    tighter = http.post(
+        "/models/digits/uncertainty", json={**request, "tolerance": 0.002, "max_n_samples": 1500}
+    ).json()
+    assert (tighter["tolerance"], tighter["max_n_samples"]) == (0.002, 1500)
+    assert all(t["n_samples"] >= n for t, n in zip(tighter["results"], used, strict=True))
+
+
+def test_auto_uncertainty_regressor_with_samples(http: TestClient) -> None:
+    rows = [PATIENT, [48, 1, 21.6, 87, 183, 103.2, 70, 3, 3.8918, 69]]
+    request = {"inputs": rows, "n_samples": "auto", "tolerance": 0.05, "max_n_samples": 200}
+    body = http.post(
+        "/models/diabetes/uncertainty", json={**request, "seed": 3, "return_samples": True}
+    ).json()
+    for result in body["results"]:
+        assert 16 <= result["n_samples"] <= 200
+        samples = np.array(result["samples"])  # this row's own samples, no padding
+        assert samples.shape == (result["n_samples"], 1)
+        np.testing.assert_allclose(samples.mean(0), result["mean"], rtol=1e-5)
+    _fixed_equivalents(http, "/models/diabetes/uncertainty", rows, body, "mean")
+
+
+def test_a_fixed_response_keeps_its_shape(http: TestClient) -> None:
+    body = http.post(
+        "/models/digits/uncertainty", json={"inputs": DIGITS[:1], "n_samples": 20, "seed": 1}
+    ).json()
+    assert body["n_samples"] == 20
+    assert "tolerance" not in body
+    assert "max_n_samples" not in body
+    assert "n_samples" not in body["results"][0]
+
+
+def test_auto_options_without_auto_say_what_to_send(http: TestClient) -> None:
+    response = http.post(
+        "/models/digits/uncertainty", json={"inputs": DIGITS[:1], "tolerance": 0.01}
+    )
+    assert response.status_code == 422
+    assert '"n_samples": "auto"' in response.json()["error"]["message"]
+
+
 def _row(n: int = 10, value: Any = 1.0) -> list[Any]:
     return [value] * n
 
@@ -216,6 +282,49 @@ BAD: dict[str, tuple[str, Any, int, str]] = {
     "returned samples": (
         "/models/diabetes/uncertainty",
         {"inputs": [_row()] * 10, "n_samples": 1000, "return_samples": True},
+        422,
+        "limit_exceeded",
+    ),
+    "n_samples Auto": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": "Auto"},
+        422,
+        "invalid_request",
+    ),
+    "tolerance without auto": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": 10, "tolerance": 0.01},
+        422,
+        "invalid_request",
+    ),
+    "max_n_samples without auto": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "max_n_samples": 10},
+        422,
+        "invalid_request",
+    ),
+    "tolerance 0": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": "auto", "tolerance": 0},
+        422,
+        "invalid_request",
+    ),
+    "max_n_samples above max": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()], "n_samples": "auto", "max_n_samples": 2001},
+        422,
+        "limit_exceeded",
+    ),
+    # An adaptive request counts as rows × max_n_samples (default 1000) against the limits.
+    "rows x max_n_samples": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()] * 21, "n_samples": "auto"},
+        422,
+        "limit_exceeded",
+    ),
+    "returned samples of auto": (
+        "/models/diabetes/uncertainty",
+        {"inputs": [_row()] * 6, "n_samples": "auto", "return_samples": True},
         422,
         "limit_exceeded",
     ),

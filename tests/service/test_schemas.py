@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import jsonschema
 import pytest
 from pydantic import ValidationError
 
@@ -46,3 +48,64 @@ def test_a_response_never_carries_a_non_finite_number(bad: float) -> None:
             lower=[0.0],
             upper=[2.0],
         )
+
+
+# -- n_samples "auto" ---------------------------------------------------------------------------
+
+AUTO_BODIES = [
+    ({"n_samples": "auto"}, True),
+    ({"n_samples": "auto", "tolerance": 0.01, "max_n_samples": 500}, True),
+    ({"n_samples": "auto", "tolerance": 1}, True),
+    ({"n_samples": "auto", "max_n_samples": 5.0}, True),
+    ({"n_samples": 20}, True),
+    ({"tolerance": 0.01}, False),  # adaptive options without "auto"
+    ({"max_n_samples": 100}, False),
+    ({"n_samples": 20, "tolerance": 0.01}, False),
+    ({"n_samples": None, "max_n_samples": 100}, False),
+    ({"n_samples": "Auto"}, False),
+    ({"n_samples": "auto "}, False),
+    ({"n_samples": "auto", "tolerance": 0}, False),
+    ({"n_samples": "auto", "tolerance": -0.1}, False),
+    ({"n_samples": "auto", "tolerance": "0.01"}, False),
+    ({"n_samples": "auto", "max_n_samples": 0}, False),
+    ({"n_samples": "auto", "max_n_samples": 2.5}, False),
+]
+
+
+@pytest.mark.parametrize(("options", "valid"), AUTO_BODIES)
+def test_auto_options_and_the_schema_agree(options: dict[str, object], valid: bool) -> None:
+    """The request model and its JSON schema (what a client or a fuzzer reads) accept the same
+    adaptive options: the schema's dependentSchemas state that tolerance and max_n_samples need
+    n_samples "auto"."""
+    body = {"inputs": [[0.0]], **options}
+    try:
+        schemas.UncertaintyRequest.model_validate_json(json.dumps(body))
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == valid
+    schema = schemas.UncertaintyRequest.model_json_schema()
+    assert jsonschema.Draft202012Validator(schema).is_valid(body) == valid
+
+
+def test_a_fixed_response_carries_no_adaptive_fields() -> None:
+    row = schemas.RegressionUncertainty(
+        mean=[1.0],
+        variance=[2.0],
+        std=[1.4],
+        epistemic_variance=[1.0],
+        aleatoric_variance=[1.0],
+        lower=[0.0],
+        upper=[2.0],
+    )
+    fixed = schemas.UncertaintyResponse(
+        model="m", task="regression", n_samples=10, seed=1, level=0.9, results=[row]
+    )
+    assert set(json.loads(fixed.model_dump_json(exclude_none=True))) == {
+        "model",
+        "task",
+        "n_samples",
+        "seed",
+        "level",
+        "results",
+    }

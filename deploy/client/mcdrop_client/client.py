@@ -36,7 +36,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx2
@@ -324,14 +324,20 @@ def _parse(response: httpx2.Response, model: type[T], ok: Sequence[int] = (200,)
 
 def _uncertainty_body(
     inputs: Sequence[Any],
-    n_samples: int | None,
+    n_samples: int | Literal["auto"] | None,
     seed: int | None,
     level: float,
     return_samples: bool,
+    tolerance: float | None = None,
+    max_n_samples: int | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": _rows(inputs), "level": level}
     if n_samples is not None:
         body["n_samples"] = n_samples
+    if tolerance is not None:
+        body["tolerance"] = tolerance
+    if max_n_samples is not None:
+        body["max_n_samples"] = max_n_samples
     if seed is not None:
         body["seed"] = seed
     if return_samples:
@@ -409,14 +415,21 @@ class Client:
         name: str,
         inputs: Sequence[Any],
         *,
-        n_samples: int | None = None,
+        n_samples: int | Literal["auto"] | None = None,
         seed: int | None = None,
         level: float = 0.95,
         return_samples: bool = False,
+        tolerance: float | None = None,
+        max_n_samples: int | None = None,
     ) -> UncertaintyResponse:
-        """MC-dropout uncertainty of rows ``inputs``."""
+        """MC-dropout uncertainty of rows ``inputs``. ``n_samples="auto"``: each row samples
+        until its MC standard error is within ``tolerance`` or it has ``max_n_samples`` (both
+        optional; the server's defaults are 0.01 and 1000), and each result's ``n_samples``
+        says how many it used."""
         path = f"/models/{_segment(name)}/uncertainty"
-        body = _uncertainty_body(inputs, n_samples, seed, level, return_samples)
+        body = _uncertainty_body(
+            inputs, n_samples, seed, level, return_samples, tolerance, max_n_samples
+        )
         return _parse(self._request("POST", path, body), UncertaintyResponse)
 
 
@@ -478,11 +491,15 @@ class AsyncClient:
         name: str,
         inputs: Sequence[Any],
         *,
-        n_samples: int | None = None,
+        n_samples: int | Literal["auto"] | None = None,
         seed: int | None = None,
         level: float = 0.95,
         return_samples: bool = False,
+        tolerance: float | None = None,
+        max_n_samples: int | None = None,
     ) -> UncertaintyResponse:
         path = f"/models/{_segment(name)}/uncertainty"
-        body = _uncertainty_body(inputs, n_samples, seed, level, return_samples)
+        body = _uncertainty_body(
+            inputs, n_samples, seed, level, return_samples, tolerance, max_n_samples
+        )
         return _parse(await self._request("POST", path, body), UncertaintyResponse)

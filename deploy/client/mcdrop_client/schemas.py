@@ -12,7 +12,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 __all__ = [
     "FLOAT32_MAX",
@@ -135,11 +142,44 @@ class PredictRequest(_Strict):
     )
 
 
+#: Options that only an adaptive request (``n_samples: "auto"``) takes.
+AUTO_OPTIONS = ("tolerance", "max_n_samples")
+
+#: The request schema says it too, so a schema-valid request never meets the check below: each
+#: adaptive option requires ``n_samples: "auto"``.
+_AUTO_ONLY = {
+    name: {"required": ["n_samples"], "properties": {"n_samples": {"const": "auto"}}}
+    for name in AUTO_OPTIONS
+}
+
+
 class UncertaintyRequest(PredictRequest):
     """Rows to sample, with the MC options."""
 
-    n_samples: Annotated[int, Field(ge=1), AsInt] | None = Field(
-        None, description="MC-dropout samples (default: the model's default_n_samples)"
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": _AUTO_ONLY})
+
+    n_samples: Annotated[int, Field(ge=1), AsInt] | Literal["auto"] | None = Field(
+        None,
+        description=(
+            'MC-dropout samples per row (default: the model\'s default_n_samples), or "auto": '
+            "each row samples until the Monte Carlo standard error of its estimate is within "
+            "tolerance, or it has max_n_samples (each result says how many it used)"
+        ),
+    )
+    tolerance: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = Field(
+        None,
+        description=(
+            'with n_samples "auto": the standard error at which a row stops (default 0.01): '
+            "of the mean probabilities (largest over classes) for a classifier; of the mean in "
+            "units of the predictive std (largest over outputs) for a regressor"
+        ),
+    )
+    max_n_samples: Annotated[int, Field(ge=1), AsInt] | None = Field(
+        None,
+        description=(
+            'with n_samples "auto": the most samples a row may use (default 1000, or the '
+            "server's max_n_samples if lower)"
+        ),
     )
     seed: Seed | None = Field(
         None,
@@ -150,6 +190,18 @@ class UncertaintyRequest(PredictRequest):
     )
     level: float = Field(0.95, gt=0.0, lt=1.0, description="level of the central interval")
     return_samples: bool = Field(False, description="include every sample of every row")
+
+    @model_validator(mode="after")
+    def _auto_options_need_auto(self) -> UncertaintyRequest:
+        given = [name for name in AUTO_OPTIONS if getattr(self, name) is not None]
+        if given and self.n_samples != "auto":
+            names = " and ".join(given)
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ValueError(
+                f'{names} {verb} only to n_samples "auto"; send "n_samples": "auto" or leave '
+                f"{names} out"
+            )
+        return self
 
 
 class ErrorBody(BaseModel):
@@ -240,6 +292,9 @@ class ClassificationUncertainty(BaseModel):
     expected_entropy: FiniteFloat = Field(..., description="mean entropy of the samples: aleatoric")
     mutual_information: FiniteFloat = Field(..., description="BALD: epistemic uncertainty")
     variation_ratio: FiniteFloat = Field(..., description="share of samples off the modal label")
+    n_samples: int | None = Field(
+        None, description='the samples this row used (requests with n_samples "auto" only)'
+    )
     samples: list[list[FiniteFloat]] | None = Field(
         None, description="(n_samples, K) probabilities"
     )
@@ -255,6 +310,9 @@ class RegressionUncertainty(BaseModel):
     aleatoric_variance: list[FiniteFloat] = Field(..., description="noise: 1/tau or predicted")
     lower: list[FiniteFloat] = Field(..., description="lower bound of the central interval")
     upper: list[FiniteFloat] = Field(..., description="upper bound of the central interval")
+    n_samples: int | None = Field(
+        None, description='the samples this row used (requests with n_samples "auto" only)'
+    )
     samples: list[list[FiniteFloat]] | None = Field(
         None, description="(n_samples, K) sampled means"
     )
@@ -263,7 +321,13 @@ class RegressionUncertainty(BaseModel):
 class UncertaintyResponse(BaseModel):
     model: str
     task: Literal["classification", "regression"]
-    n_samples: int
+    n_samples: int | Literal["auto"] = Field(
+        ..., description='samples per row, or "auto" (then each result has its own n_samples)'
+    )
+    tolerance: FiniteFloat | None = Field(None, description='with "auto": the tolerance used')
+    max_n_samples: int | None = Field(
+        None, description='with "auto": the most samples a row could use'
+    )
     seed: Seed = Field(..., description="the seed used; send it back to reproduce the result")
     level: FiniteFloat
     results: list[ClassificationUncertainty] | list[RegressionUncertainty]

@@ -1,0 +1,147 @@
+"""Adaptive sample counts: sample each row until its MC estimate is precise enough.
+
+``n_samples="auto"`` draws samples in rounds on a fixed schedule (:func:`checkpoints`: 16, 24,
+32, 48, 64, 96, … up to ``max_n_samples``). After each round every row still sampling checks its
+**Monte Carlo standard error** against ``tolerance``; a row within it stops, and leaves the passes
+of the later rounds, so easy rows cost few samples and hard rows get more. The error is
+
+* classifier: the standard error of the mean probabilities, the largest over classes,
+  ``max_k sqrt(s²_k / n)``, with ``s²_k`` the unbiased sample variance of class k's probability
+  over the row's ``n`` samples (tolerance in probability: 0.01 means ±0.01 at one standard error);
+* regressor: the standard error of the predictive mean in units of the predictive standard
+  deviation, ``max_k sqrt(s²_k / n) / σ_k`` (0.01: the mean is known to 1 % of the spread the
+  answer reports anyway).
+
+See :meth:`~mcdrop.stats.ClassificationAccumulator.standard_error` and
+:meth:`~mcdrop.stats.RegressionAccumulator.standard_error`.
+
+**Reproducible, and exactly a fixed-n result.** Masks are keyed by (row contents, seed, sample
+index), a round draws the next sample indices of its rows, and the stopping rule is a function of
+the samples alone: the same seed gives every row the same count, whatever other rows share its
+batch, and a row that stopped at n samples has exactly the samples (and, to float rounding of
+different pass sizes, the statistics) of a fixed ``n_samples=n`` request with the same seed.
+
+**Limits.** The rule trusts the samples it has: a row whose rare outcomes the first 16 samples
+never show looks certain and stops at 16. The error is checked only at the checkpoints, so a row
+uses up to 1.5× the samples it strictly needed (the price of few, large passes); and checking
+several times makes a stop on an error that happens to be estimated low more likely than at one
+fixed n: the rule bounds the estimated error, not the true one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from mcdrop import masks, sampling
+from mcdrop.exceptions import InvalidArgumentError
+from mcdrop.planning import SamplingPlan
+
+#: Samples every row draws before its error is first checked: enough for a usable variance
+#: estimate (its relative error is about 1 / sqrt(2·15) ≈ 18 %).
+FIRST_CHECK = 16
+#: Default tolerance on the MC standard error (see the module docstring).
+DEFAULT_TOLERANCE = 0.01
+#: Default most samples a row may use.
+DEFAULT_MAX_N_SAMPLES = 1000
+
+
+def checkpoints(max_n_samples: int) -> list[int]:
+    """The sample counts after which rows check their error: 16, 24, 32, 48, 64, 96, 128, …
+    (powers of two and 1.5× powers of two, so each is at most 1.5× the one before), those below
+    ``max_n_samples``, then ``max_n_samples`` itself (where every row stops).
+
+    >>> checkpoints(100)
+    [16, 24, 32, 48, 64, 96, 100]
+    """
+    check_max_n_samples(max_n_samples)
+    points: list[int] = []
+    n = FIRST_CHECK
+    while n < max_n_samples:
+        points.append(n)
+        n = n * 3 // 2 if n & (n - 1) == 0 else n * 4 // 3  # 16 -> 24 -> 32 -> 48 -> ...
+    return [*points, max_n_samples]
+
+
+def check_tolerance(tolerance: float) -> float:
+    """Validate a tolerance: a finite number above 0."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+        raise InvalidArgumentError(f"tolerance must be a number, got {type(tolerance).__name__}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise InvalidArgumentError(f"tolerance must be a finite number above 0, got {tolerance}")
+    return float(tolerance)
+
+
+def check_max_n_samples(max_n_samples: int) -> int:
+    """Validate a maximum sample count: an integer of at least 1."""
+    if isinstance(max_n_samples, bool) or not isinstance(max_n_samples, int):
+        raise InvalidArgumentError(
+            f"max_n_samples must be an integer, got {type(max_n_samples).__name__}"
+        )
+    if max_n_samples < 1:
+        raise InvalidArgumentError(f"max_n_samples must be at least 1, got {max_n_samples}")
+    return max_n_samples
+
+
+def sample_chunks_until(
+    model: nn.Module,
+    x: Tensor,
+    error: Callable[[Tensor], Tensor],
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    max_n_samples: int = DEFAULT_MAX_N_SAMPLES,
+    seed: int | Tensor | None = None,
+    max_pass_rows: int = sampling.DEFAULT_MAX_PASS_ROWS,
+    prefix: sampling.Prefix = "auto",
+    plan: SamplingPlan | None = None,
+) -> Iterator[sampling.Chunk]:
+    """MC-dropout samples of every row until its error is within ``tolerance`` at a checkpoint,
+    or it has ``max_n_samples``: :func:`~mcdrop.sampling.sample_chunks`, round by round.
+
+    The caller streams every chunk into its statistics before asking for the next; at each
+    checkpoint the rows still sampling ask ``error`` for their current error.
+
+    Args:
+        model, x, seed, max_pass_rows, prefix, plan: as for :func:`~mcdrop.sampling.sample_chunks`
+            (a seed of None draws one seed for all rounds).
+        error: ``rows (n,) int64 -> (n,)`` the MC error of those rows over the samples streamed
+            so far (e.g. an accumulator's ``standard_error()[rows]``). NaN never stops a row.
+        tolerance: a row stops at the first checkpoint where its error is at most this.
+        max_n_samples: the most samples a row uses.
+
+    Yields:
+        :class:`~mcdrop.sampling.Chunk` objects whose ``samples`` are the rows' sample indices
+        (from 0 at the first round) and ``rows`` the ``(n,)`` indices of their rows in ``x``.
+    """
+    tolerance = check_tolerance(tolerance)
+    schedule = checkpoints(max_n_samples)
+    if seed is None:
+        seed = masks.fresh_seed()  # one seed for every round: rounds continue each other
+    active = torch.arange(x.shape[0])
+    done = 0
+    for point in schedule:
+        rows_seed = seed[active] if isinstance(seed, Tensor) else seed
+        chunks = sampling.sample_chunks(
+            model,
+            x[active],
+            point - done,
+            seed=rows_seed,
+            max_pass_rows=max_pass_rows,
+            prefix=prefix,
+            plan=plan,
+            first_sample=done,
+        )
+        for chunk in chunks:
+            s0 = done + chunk.samples.start
+            yield sampling.Chunk(
+                slice(s0, s0 + chunk.values.shape[0]), active[chunk.rows], chunk.values
+            )
+        done = point
+        if done == max_n_samples:
+            return
+        active = active[~(error(active) <= tolerance)]  # NaN (a non-finite output) keeps going
+        if active.numel() == 0:
+            return

@@ -1,0 +1,43 @@
+"""The adaptive sample-count benchmark's quick mode, so it cannot rot (no accuracy assertions
+beyond what holds by construction)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from benchmarks import adaptive
+
+
+def _tables(text: str) -> dict[str, list[list[str]]]:
+    """Each data set's table rows, as cells."""
+    tables: dict[str, list[list[str]]] = {}
+    name = ""
+    for line in text.splitlines():
+        heading = re.match(r"#### (\w+):", line)
+        if heading:
+            name = heading.group(1)
+            tables[name] = []
+        elif line.startswith("| 0") and name:
+            tables[name].append([cell.strip() for cell in line.strip("|").split("|")])
+    return tables
+
+
+@pytest.mark.slow
+def test_adaptive_quick() -> None:
+    text = adaptive.run(quick=True)
+    tables = _tables(text)
+    assert set(tables) == set(adaptive.DATASETS)
+    for rows in tables.values():
+        assert len(rows) == 2 * len(adaptive.QUICK.tolerances)
+        for auto, fixed in zip(rows[::2], rows[1::2], strict=True):
+            assert (auto[1], fixed[1]) == ("auto", "fixed")
+            mean = float(auto[2])
+            assert 16 <= mean <= adaptive.QUICK.max_n
+            assert int(fixed[2]) == round(mean)  # equal cost: the same samples in all
+            for row in (auto, fixed):
+                errors = [float(x) for cell in row[4:7] for x in cell.split(" / ")]
+                assert all(e >= 0 for e in errors)
+                assert 0.5 <= float(row[7]) <= 1.0  # label agreement with the reference
+    assert "reference, whose own MC standard error" in text
