@@ -279,7 +279,7 @@ def check(
     report.dropouts = _found(counter.uses(), len(chunks), lambda use: use.declared not in unsampled)
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
-    _judge_variance(_gather(chunks), report, n_samples)
+    _judge_variance(_gather(chunks, x.shape[0]), report, n_samples)
     if timed:
         report.ms_per_row_sample = _time_one_sample(module, x, plan)
     return report.done()
@@ -322,9 +322,9 @@ def _plan(module: nn.Module, x: Tensor, report: _Builder) -> SamplingPlan | None
     return None
 
 
-def _gather(chunks: list[sampling.Chunk]) -> Tensor:
+def _gather(chunks: list[sampling.Chunk], n_rows: int) -> Tensor:
+    """The chunks' values as one ``(S, n_rows, K...)`` tensor."""
     n_samples = max(c.samples.stop for c in chunks)
-    n_rows = max(c.rows.stop for c in chunks)
     first = chunks[0].values
     out = first.new_empty(n_samples, n_rows, *first.shape[2:])
     for c in chunks:

@@ -272,7 +272,7 @@ class Predictor:
             )
         if isinstance(n_samples, str) and not auto:
             raise InvalidArgumentError(f"n_samples must be an integer or 'auto', got {n_samples!r}")
-        if auto:
+        if isinstance(n_samples, str):  # "auto": any other string is refused above
             tolerance = adaptive.check_tolerance(
                 adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
             )

@@ -147,7 +147,7 @@ AUTO_OPTIONS = ("tolerance", "max_n_samples")
 
 #: The request schema says it too, so a schema-valid request never meets the check below: each
 #: adaptive option requires ``n_samples: "auto"``.
-_AUTO_ONLY = {
+_AUTO_ONLY: dict[str, Any] = {
     name: {"required": ["n_samples"], "properties": {"n_samples": {"const": "auto"}}}
     for name in AUTO_OPTIONS
 }
