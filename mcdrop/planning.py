@@ -323,7 +323,14 @@ def _check_prefix(
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b, rtol=_RTOL, atol=_ATOL)
+    """Equal to float32 rounding. The absolute tolerance scales with the largest value: a
+    matrix product's rounding error does (it sums terms of that size), so an output near 0 beside
+    outputs of ~300 may differ by a few units of the larger's last place between batch sizes,
+    while the faults these checks look for (masks keyed on the wrong rows) differ by O(1)."""
+    if a.shape != b.shape:
+        return False
+    scale = max(1.0, float(b.detach().abs().max())) if b.numel() else 1.0
+    return torch.allclose(a, b, rtol=_RTOL, atol=_ATOL * scale)
 
 
 def _check_output(model: nn.Module, y: object, rows: int) -> Tensor:
