@@ -4,38 +4,7 @@ The client lives in :mod:`mcdrop_client` (``deploy/client``), its own distributi
 or FastAPI, so that a caller of the service installs only it; these are the same objects.
 """
 
-from mcdrop_client.client import (
-    APIError,
-    AsyncClient,
-    AuthenticationError,
-    BadRequestError,
-    Client,
-    ClientError,
-    DecodingError,
-    InvalidRequestError,
-    InvalidURLError,
-    NotFoundError,
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    ServerError,
-    ServiceUnavailableError,
-    TransportError,
-)
+from mcdrop_client import client as _client
+from mcdrop_client.client import *  # noqa: F403 (the whole client, by its names)
 
-__all__ = [
-    "APIError",
-    "AsyncClient",
-    "AuthenticationError",
-    "BadRequestError",
-    "Client",
-    "ClientError",
-    "DecodingError",
-    "InvalidRequestError",
-    "InvalidURLError",
-    "NotFoundError",
-    "PayloadTooLargeError",
-    "RequestTimeoutError",
-    "ServerError",
-    "ServiceUnavailableError",
-    "TransportError",
-]
+__all__ = _client.__all__

@@ -4,38 +4,7 @@ Its own distribution, ``mcdrop-client``: pydantic and httpx2, no torch, FastAPI 
 whoever only calls a service. ``mcdrop_client.schemas`` holds the request and response models.
 """
 
-from mcdrop_client.client import (
-    APIError,
-    AsyncClient,
-    AuthenticationError,
-    BadRequestError,
-    Client,
-    ClientError,
-    DecodingError,
-    InvalidRequestError,
-    InvalidURLError,
-    NotFoundError,
-    PayloadTooLargeError,
-    RequestTimeoutError,
-    ServerError,
-    ServiceUnavailableError,
-    TransportError,
-)
+from mcdrop_client import client as _client
+from mcdrop_client.client import *  # noqa: F403 (the whole client, by its names)
 
-__all__ = [
-    "APIError",
-    "AsyncClient",
-    "AuthenticationError",
-    "BadRequestError",
-    "Client",
-    "ClientError",
-    "DecodingError",
-    "InvalidRequestError",
-    "InvalidURLError",
-    "NotFoundError",
-    "PayloadTooLargeError",
-    "RequestTimeoutError",
-    "ServerError",
-    "ServiceUnavailableError",
-    "TransportError",
-]
+__all__ = _client.__all__
