@@ -55,15 +55,23 @@ class InferenceRoutes:
     def __init__(self, routes: Sequence[BaseRoute]) -> None:
         self.routes = [r for r in routes if isinstance(r, APIRoute) and INFERENCE_TAG in r.tags]
 
+    SCOPE_KEY = "mcdrop.inference_model"
+
     def model(self, scope: Scope) -> str | None:
-        """The ``name`` path parameter of the inference route ``scope`` matches, else None."""
+        """The ``name`` path parameter of the inference route ``scope`` matches, else None
+        (matched once per request: the metrics and the arrival count both ask)."""
         if scope["type"] != "http":
             return None
+        if self.SCOPE_KEY in scope:
+            return scope[self.SCOPE_KEY]  # set below: a str or None
+        model = None
         for route in self.routes:
             match, child = route.matches(scope)
             if match is Match.FULL:
-                return child.get("path_params", {}).get("name")
-        return None
+                model = child.get("path_params", {}).get("name")
+                break
+        scope[self.SCOPE_KEY] = model
+        return model
 
 
 class CountArrivals:
