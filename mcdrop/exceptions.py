@@ -8,6 +8,7 @@ Every error carries a message that names the bad value and says what to do about
     ├── InvalidInputError       inputs of the wrong shape, dtype or with non-finite values
     │   └── NonFiniteOutputError  finite inputs so far out that the model's outputs overflow
     ├── InvalidArgumentError    a bad n_samples, seed, level, chunk size, ...
+    │   └── NotCalibratedError  a decision that needs a calibration the model does not have
     ├── CheckpointError         a model directory that is missing, corrupt or inconsistent
     │   └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
     └── SamplingStoppedError    sampling stopped early: its caller asked it to (``stop``)
@@ -51,6 +52,11 @@ class NonFiniteOutputError(InvalidInputError):
 
 class InvalidArgumentError(McDropError, ValueError):
     """A bad argument that is not the input tensor: n_samples, seed, level, ..."""
+
+
+class NotCalibratedError(InvalidArgumentError):
+    """A rejection rate or a conformal coverage asked of a model directory without
+    ``calibration.json`` (see :mod:`mcdrop.calibration`)."""
 
 
 class CheckpointError(McDropError):

@@ -1,5 +1,5 @@
-"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``check``, ``predict`` and
-``models``.
+"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``calibrate``, ``check``,
+``predict`` and ``models``.
 
 Heavy imports (torch, FastAPI) happen inside the sub-command that needs them, so
 ``mcdrop predict --url ...`` starts fast.
@@ -162,6 +162,41 @@ def _evaluate(args: argparse.Namespace) -> int:
     if "ood" in report:
         summary["ood"] = report["ood"]
     summary["written"] = None if args.out is None else str(args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    try:
+        from mcdrop.recipes import decisions
+    except ImportError as exc:  # the recipes extra is missing: say which install fixes it
+        raise SystemExit(f"mcdrop: error: {exc}") from exc
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        calibration = decisions.calibrate_dir(
+            args.model_dir,
+            data=args.data,
+            n_samples=args.n_samples,
+            seed=args.seed,
+            command="mcdrop " + shlex.join(args.argv),
+            **_load_options(args),
+        )
+        summary: dict[str, Any] = {
+            "written": str(Path(args.model_dir) / "calibration.json"),
+            "data": calibration.data,
+            "n_rows": calibration.n_rows,
+            "n_samples": calibration.n_samples,
+            "seed": calibration.seed,
+            **calibration.table(),
+        }
+        if args.report:
+            summary["test"] = decisions.report(args.model_dir, **_load_options(args))
+    finally:
+        torch.set_num_threads(threads)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -372,6 +407,35 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
     _add_setting_flags(evaluate, ModelSettings)
     evaluate.set_defaults(func=_evaluate)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="compute a model's rejection thresholds and conformal quantiles on held-out rows",
+        description="Writes MODEL_DIR/calibration.json: the sorted uncertainty scores and "
+        "conformal scores of held-out rows, from which requests get reject flags "
+        '("reject_rate") and conformal sets or intervals ("coverage"). The rows: --data, or '
+        "the validation split of the built-in dataset the model was trained on.",
+    )
+    calibrate.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
+    calibrate.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="held-out rows: an .npz with arrays x (N, *input_shape) and y (class indices (N,) "
+        "or targets (N, K)) the model never trained on",
+    )
+    calibrate.add_argument(
+        "--n-samples", type=int, default=None, help="default: the model's default_n_samples"
+    )
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the MC samples")
+    calibrate.add_argument(
+        "--report",
+        action="store_true",
+        help="also check the decisions on the recorded dataset's test split",
+    )
+    calibrate.add_argument("--threads", type=int, default=1, help="torch threads")
+    _add_setting_flags(calibrate, ModelSettings)
+    calibrate.set_defaults(func=_calibrate)
 
     check = sub.add_parser(
         "check",
