@@ -22,6 +22,8 @@ this table and the enum to each other, and every error response to the enum)::
     invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
     non_finite_output       422     mcdrop.NonFiniteOutputError: outputs overflow (rows named)
     invalid_argument        422     mcdrop.InvalidArgumentError
+    not_calibrated          422     mcdrop.NotCalibratedError: reject_rate or coverage asked of a
+                                    model without calibration.json (``mcdrop calibrate``)
     limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
                                     or response bytes
     unauthorized            401     an API key is set and the request lacks it (service.auth)
@@ -58,6 +60,7 @@ from mcdrop.exceptions import (
     InvalidInputError,
     McDropError,
     NonFiniteOutputError,
+    NotCalibratedError,
     SamplingStoppedError,
 )
 from service.logs import current_request_id
@@ -320,6 +323,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidInputError)
     async def _input(request: Request, exc: InvalidInputError) -> JSONResponse:
         return error_response(422, ErrorCode.INVALID_INPUT, str(exc), path=_path(request))
+
+    @app.exception_handler(NotCalibratedError)
+    async def _not_calibrated(request: Request, exc: NotCalibratedError) -> JSONResponse:
+        return error_response(422, ErrorCode.NOT_CALIBRATED, str(exc), path=_path(request))
 
     @app.exception_handler(InvalidArgumentError)
     async def _argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:

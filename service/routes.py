@@ -177,7 +177,9 @@ async def metrics(request: Request) -> Response:
 @_get("/models", response_model=schemas.ModelList, tags=["models"])
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> schemas.ModelList:
     """The models that are loaded."""
-    return schemas.ModelList(models=[_info(s, settings) for s in registry.ready_specs()])
+    return schemas.ModelList(
+        models=[_info(registry.get(s.name), settings) for s in registry.ready_specs()]
+    )
 
 
 @_get(
@@ -193,15 +195,17 @@ async def get_model(
     request: Request, registry: RegistryDep, settings: SettingsDep
 ) -> schemas.ModelInfo:
     """What a client needs to call a model: task, input shape, labels, sample limits, metrics."""
-    return _info(registry.get(request.path_params["name"]).spec, settings)
+    return _info(registry.get(request.path_params["name"]), settings)
 
 
-def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
+def _info(handle: ModelHandle, settings: Settings) -> schemas.ModelInfo:
+    spec = handle.spec
     return convert.model_info(
         spec,
         max_n_samples=settings.max_n_samples,
         max_request_rows=settings.max_request_rows,
         default_n_samples=dataplane.default_n_samples(spec, settings),
+        calibrated=handle.predictor.model.calibration,
     )
 
 
@@ -287,8 +291,15 @@ async def uncertainty(
         tolerance=body.tolerance,
         max_n_samples=body.max_n_samples,
     )
+    decision = dataplane.decision_request(
+        handle,
+        reject_rate=body.reject_rate,
+        reject_threshold=body.reject_threshold,
+        reject_score=body.reject_score,
+        coverage=body.coverage,
+    )
     auto = options.tolerance is not None
-    values = 7 * k + (options.n_samples * k if body.return_samples else 0)
+    values = 9 * k + (options.n_samples * k if body.return_samples else 0)
     dataplane.check_response_size(rows, values, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed
@@ -307,6 +318,7 @@ async def uncertainty(
         level=body.level,
         tolerance=options.tolerance,
         max_n_samples=options.n_samples if auto else None,
+        decision=decision,
     )
     return await dataplane.off_loop(
         large, _render, response, settings.max_response_bytes, exclude_none=True

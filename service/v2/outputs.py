@@ -17,6 +17,9 @@ classifier, uncertainty (MC dropout)
 ``mutual_information`` FP32       (N,)         entropy - expected_entropy: epistemic
 ``variation_ratio``    FP32       (N,)         share of samples off the modal label
 ``samples``            FP32       (S, N, K)    sampled probabilities (only when asked for)
+``reject``             BOOL       (N,)         score above the threshold (with reject_rate or
+                                               reject_threshold)
+``prediction_set``     BOOL       (N, K)       class k in the conformal set (with coverage)
 classifier, predict (dropout off): ``probabilities``, ``label``, ``label_index``
 regressor, uncertainty, in the targets' units
 ``mean``               FP32       (N, K)       MC mean
@@ -26,6 +29,9 @@ regressor, uncertainty, in the targets' units
 ``aleatoric_variance`` FP32       (N, K)       noise: 1/τ or predicted
 ``lower``, ``upper``   FP32       (N, K)       central interval at ``level``
 ``samples``            FP32       (S, N, K)    sampled means (only when asked for)
+``reject``             BOOL       (N,)         as for a classifier
+``conformal_lower``,   FP32       (N, K)       conformal interval (with coverage)
+``conformal_upper``
 regressor, predict (dropout off): ``mean``, ``noise_variance`` (N, K)
 =====================  =========  ===========  ==================================================
 """
@@ -40,6 +46,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from mcdrop.calibration import DecisionRequest, Decisions, decide
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.predictor import ClassificationPrediction, Prediction, Summary
@@ -48,6 +55,14 @@ from mcdrop.stats import ClassificationSummary
 PREDICT = "predict"
 UNCERTAINTY = "uncertainty"
 SAMPLES = "samples"
+REJECT = "reject"
+#: Decision outputs, and the request parameter each needs: given only when asked for.
+DECISIONS = {
+    REJECT: "reject_rate or reject_threshold",
+    "prediction_set": "coverage",
+    "conformal_lower": "coverage",
+    "conformal_upper": "coverage",
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,8 @@ def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
             "mutual_information": OutputInfo("FP32", (), _MC),
             "variation_ratio": OutputInfo("FP32", (), _MC),
             SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
+            REJECT: OutputInfo("BOOL", (), _MC),
+            "prediction_set": OutputInfo("BOOL", k, _MC),
         }
     return {
         "mean": OutputInfo("FP32", k, _BOTH),
@@ -107,6 +124,9 @@ def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
         "lower": OutputInfo("FP32", k, _MC),
         "upper": OutputInfo("FP32", k, _MC),
         SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
+        REJECT: OutputInfo("BOOL", (), _MC),
+        "conformal_lower": OutputInfo("FP32", k, _MC),
+        "conformal_upper": OutputInfo("FP32", k, _MC),
     }
 
 
@@ -124,17 +144,25 @@ def select(
     mode: str,
     requested: list[tuple[str, bool | None]] | None,
     binary_default: bool,
+    decision: DecisionRequest | None = None,
 ) -> list[Selected]:
     """The outputs to return: those ``requested`` (name, binary or None for the default) in
-    their order, else every output of ``mode`` but ``samples``; an InvalidArgumentError names an
-    unknown, repeated or other-mode output."""
+    their order, else every output of ``mode`` but ``samples`` (and the decision outputs
+    ``decision`` asks for); an InvalidArgumentError names an unknown, repeated or other-mode
+    output, or a decision output without its parameter."""
     outputs = catalog(spec)
+    decided = _decided(decision)
     if requested is None:
         return [
             Selected(name, info, binary_default)
             for name, info in outputs.items()
-            if mode in info.modes and name != SAMPLES
+            if mode in info.modes and name != SAMPLES and (name not in DECISIONS or name in decided)
         ]
+    for name, _ in requested:
+        if name in DECISIONS and name in outputs and name not in decided:
+            raise InvalidArgumentError(
+                f"output {name!r} needs the parameter {DECISIONS[name]} (parameters)"
+            )
     chosen: list[Selected] = []
     for name, binary in requested:
         info = outputs.get(name)
@@ -152,6 +180,16 @@ def select(
             raise InvalidArgumentError(f"output {name!r} is requested twice")
         chosen.append(Selected(name, info, binary_default if binary is None else binary))
     return chosen
+
+
+def _decided(decision: DecisionRequest | None) -> frozenset[str]:
+    """The decision outputs ``decision`` gives."""
+    if decision is None:
+        return frozenset()
+    names = {REJECT} if decision.reject_threshold is not None else set()
+    if decision.coverage is not None:
+        names |= {"prediction_set", "conformal_lower", "conformal_upper"}
+    return frozenset(names)
 
 
 Tensors = dict[str, Callable[[], np.ndarray]]
@@ -200,3 +238,20 @@ def uncertainty_tensors(spec: ModelSpec, summary: Summary, samples: torch.Tensor
         "upper": _f32(summary.upper),
         **tensors,
     }
+
+
+def decision_tensors(decision: DecisionRequest, summary: Summary) -> Tensors:
+    """The decision outputs of an MC summary (those ``decision`` asks for)."""
+    decided = Decisions() if decision.empty else decide(decision, summary)
+    tensors: Tensors = {}
+    for name, value in (
+        (REJECT, decided.reject),
+        ("prediction_set", decided.prediction_set),
+        ("conformal_lower", decided.lower),
+        ("conformal_upper", decided.upper),
+    ):
+        if value is not None:
+            tensors[name] = (
+                (lambda t: lambda: t.numpy())(value) if value.dtype == torch.bool else _f32(value)
+            )
+    return tensors

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from mcdrop import fresh_seed
+from mcdrop.calibration import DecisionRequest
 from mcdrop.predictor import check_finite
 from service import dataplane
 from service.arrivals import INFERENCE_TAG
@@ -112,7 +113,9 @@ def _infer_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Calla
 async def infer(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
     with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
-    ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs)."""
+    ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs);
+    decisions: ``reject_rate`` or ``reject_threshold`` (and ``reject_score``) for a BOOL
+    ``reject`` output, ``coverage`` for ``prediction_set`` or ``conformal_lower``/``_upper``."""
     return await _infer(request, registry, settings)
 
 
@@ -257,7 +260,20 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         if parsed.header.outputs is None
         else [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
     )
-    selected = outputs.select(spec, params.mode, requested, params.binary_data_output)
+    decision = (
+        dataplane.decision_request(
+            handle,
+            reject_rate=params.reject_rate,
+            reject_threshold=params.reject_threshold,
+            reject_score=params.reject_score,
+            coverage=params.coverage,
+        )
+        if params.mode == outputs.UNCERTAINTY
+        else None
+    )
+    selected = outputs.select(
+        spec, params.mode, requested, params.binary_data_output, decision=decision
+    )
     wants_samples = any(s.name == outputs.SAMPLES for s in selected)
     options = None
     if params.mode == outputs.UNCERTAINTY:
@@ -301,6 +317,9 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
             "seed": seed,
             "level": options.level,
         }
+        if decision is not None and not decision.empty:
+            tensors |= outputs.decision_tensors(decision, summary)
+            header["parameters"] |= _decision_parameters(decision)
     content, header_length = await dataplane.off_loop(
         rows * (values + binary) > dataplane.LARGE_RESPONSE_VALUES,
         _encode,
@@ -322,3 +341,14 @@ def _encode(
     header: dict[str, Any], selected: list[outputs.Selected], tensors: outputs.Tensors
 ) -> tuple[bytes, int | None]:
     return codec.encode_response(header, [(s, tensors[s.name]()) for s in selected])
+
+
+def _decision_parameters(decision: DecisionRequest) -> dict[str, Any]:
+    """What a response's ``parameters`` say of its decisions (those asked for)."""
+    given = {
+        "reject_score": decision.reject_score,
+        "reject_threshold": decision.reject_threshold,
+        "reject_rate": decision.reject_rate,
+        "coverage": decision.coverage,
+    }
+    return {k: v for k, v in given.items() if v is not None}

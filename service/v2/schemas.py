@@ -53,6 +53,18 @@ class RequestOutput(_Strict):
     parameters: OutputParameters = Field(default_factory=OutputParameters)
 
 
+#: The parameters only mode ``uncertainty`` takes.
+_MC_PARAMETERS = (
+    "n_samples",
+    "seed",
+    "level",
+    "reject_rate",
+    "reject_threshold",
+    "reject_score",
+    "coverage",
+)
+
+
 class InferParameters(_Strict):
     """The request ``parameters`` mcdrop reads (any other is refused)."""
 
@@ -70,11 +82,29 @@ class InferParameters(_Strict):
     timeout: Count | None = Field(
         None, description="microseconds: a deadline shorter than the server's"
     )
+    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None,
+        description="output reject (BOOL): rows above the threshold that rejects this share of "
+        "the calibration rows (needs a calibrated model)",
+    )
+    reject_threshold: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="output reject (BOOL): rows whose reject_score is above this value"
+    )
+    reject_score: str | None = Field(
+        None,
+        description="entropy (default), mutual_information, least_confidence (classifier); "
+        "std (default), epistemic_std (regressor)",
+    )
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None,
+        description="conformal outputs at this coverage: prediction_set (BOOL, N x K) for a "
+        "classifier, conformal_lower and conformal_upper (FP32, N x K) for a regressor",
+    )
 
     @model_validator(mode="after")
     def _mc_only(self) -> InferParameters:
         if self.mode == "predict":
-            given = [k for k in ("n_samples", "seed", "level") if getattr(self, k) is not None]
+            given = [k for k in _MC_PARAMETERS if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for mode 'uncertainty'")
         return self

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_SEED",
     "ROW_SCHEMA",
     "AsInt",
+    "CalibrationInfo",
     "ClassificationPrediction",
     "ClassificationUncertainty",
     "ErrorBody",
@@ -100,6 +101,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     MODEL_NOT_READY = "model_not_ready"
     NON_FINITE_OUTPUT = "non_finite_output"
+    NOT_CALIBRATED = "not_calibrated"
     NOT_FOUND = "not_found"
     OVERLOADED = "overloaded"
     REQUEST_TIMEOUT = "request_timeout"
@@ -190,6 +192,34 @@ class UncertaintyRequest(PredictRequest):
     )
     level: float = Field(0.95, gt=0.0, lt=1.0, description="level of the central interval")
     return_samples: bool = Field(False, description="include every sample of every row")
+    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None,
+        description=(
+            "flag each row whose reject_score is above the threshold that rejects this share of "
+            "the model's held-out calibration rows (each result's reject; needs a calibrated "
+            "model)"
+        ),
+    )
+    reject_threshold: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None,
+        description="flag each row whose reject_score is above this value (instead of a rate)",
+    )
+    reject_score: str | None = Field(
+        None,
+        description=(
+            "the score a row is rejected on: entropy (default), mutual_information or "
+            "least_confidence (1 - max probability) for a classifier; std (default) or "
+            "epistemic_std for a regressor"
+        ),
+    )
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None,
+        description=(
+            "split-conformal output at this coverage (needs a calibrated model): each result's "
+            "prediction_set (classifier) or conformal_lower/conformal_upper (regressor) holds "
+            "the true answer with this probability"
+        ),
+    )
 
     @model_validator(mode="after")
     def _auto_options_need_auto(self) -> UncertaintyRequest:
@@ -240,6 +270,21 @@ class ModelReadiness(BaseModel):
     reason: str | None = Field(None, description="why the model failed to load")
 
 
+class CalibrationInfo(BaseModel):
+    """The held-out rows a model's decisions were calibrated on (``mcdrop calibrate``)."""
+
+    n_rows: int = Field(..., description="held-out rows")
+    n_samples: int = Field(..., description="MC samples per row the calibration used")
+    seed: int
+    data: str = Field(..., description="where the rows came from")
+    reject_scores: list[str] = Field(..., description="the scores reject_score may name")
+    default_reject_score: str
+    conformal_method: str = Field(
+        ..., description="lac (classifier: 1 - p_y) or normalized_residual (|y - mean| / std)"
+    )
+    max_coverage: float = Field(..., description="the highest coverage it can give: n/(n+1)")
+
+
 class ModelInfo(BaseModel):
     """What a client needs to call a model."""
 
@@ -256,6 +301,9 @@ class ModelInfo(BaseModel):
     max_n_samples: int
     max_request_rows: int
     metrics: dict[str, float]
+    calibration: CalibrationInfo | None = Field(
+        None, description="present when the model can serve reject_rate and coverage"
+    )
 
 
 class ModelList(BaseModel):
@@ -292,6 +340,12 @@ class ClassificationUncertainty(BaseModel):
     expected_entropy: FiniteFloat = Field(..., description="mean entropy of the samples: aleatoric")
     mutual_information: FiniteFloat = Field(..., description="BALD: epistemic uncertainty")
     variation_ratio: FiniteFloat = Field(..., description="share of samples off the modal label")
+    reject: bool | None = Field(
+        None, description="the row's reject_score is above the threshold: do not trust it"
+    )
+    prediction_set: list[str] | None = Field(
+        None, description="the labels of the conformal prediction set at coverage (may be empty)"
+    )
     n_samples: int | None = Field(
         None, description='the samples this row used (requests with n_samples "auto" only)'
     )
@@ -310,6 +364,15 @@ class RegressionUncertainty(BaseModel):
     aleatoric_variance: list[FiniteFloat] = Field(..., description="noise: 1/tau or predicted")
     lower: list[FiniteFloat] = Field(..., description="lower bound of the central interval")
     upper: list[FiniteFloat] = Field(..., description="upper bound of the central interval")
+    reject: bool | None = Field(
+        None, description="the row's reject_score is above the threshold: do not trust it"
+    )
+    conformal_lower: list[FiniteFloat] | None = Field(
+        None, description="lower bound of the conformal interval at coverage"
+    )
+    conformal_upper: list[FiniteFloat] | None = Field(
+        None, description="upper bound of the conformal interval at coverage"
+    )
     n_samples: int | None = Field(
         None, description='the samples this row used (requests with n_samples "auto" only)'
     )
@@ -330,4 +393,10 @@ class UncertaintyResponse(BaseModel):
     )
     seed: Seed = Field(..., description="the seed used; send it back to reproduce the result")
     level: FiniteFloat
+    reject_score: str | None = Field(None, description="the score rows were flagged on")
+    reject_threshold: FiniteFloat | None = Field(
+        None, description="the threshold used (a rate's, from the calibration)"
+    )
+    reject_rate: FiniteFloat | None = Field(None, description="the rejection rate asked for")
+    coverage: FiniteFloat | None = Field(None, description="the conformal coverage asked for")
     results: list[ClassificationUncertainty] | list[RegressionUncertainty]
