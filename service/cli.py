@@ -247,6 +247,10 @@ def _predict(args: argparse.Namespace) -> int:
                     return_samples=args.return_samples,
                     tolerance=args.tolerance,
                     max_n_samples=args.max_n_samples,
+                    reject_rate=args.reject_rate,
+                    reject_threshold=args.reject_threshold,
+                    reject_score=args.reject_score,
+                    coverage=args.coverage,
                 )
             else:
                 result = client.predict(args.model, inputs)
@@ -273,6 +277,17 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
 
         tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
         most = adaptive.DEFAULT_MAX_N_SAMPLES if most is None else most
+    from mcdrop import calibration
+
+    decision = calibration.resolve(
+        loaded.spec.task,
+        loaded.calibration,
+        reject_rate=args.reject_rate,
+        reject_threshold=args.reject_threshold,
+        reject_score=args.reject_score,
+        coverage=args.coverage,
+        model=f"model {loaded.spec.name!r}",
+    )
     summary, samples = predictor.uncertainty(
         x,
         args.n_samples,
@@ -290,6 +305,7 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
         level=args.level,
         tolerance=tolerance if auto else None,
         max_n_samples=most if auto else None,
+        decision=decision,
     )
 
 
@@ -474,6 +490,15 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")
+    decide = predict.add_argument_group("decisions, with --uncertainty (a calibrated model)")
+    decide.add_argument(
+        "--reject-rate", type=float, default=None, help="flag rows as the calibration rejects"
+    )
+    decide.add_argument("--reject-threshold", type=float, default=None, help="or flag above this")
+    decide.add_argument("--reject-score", default=None, help="the score to flag on")
+    decide.add_argument(
+        "--coverage", type=float, default=None, help="conformal sets or intervals at this coverage"
+    )
     _add_setting_flags(predict.add_argument_group("with --model-dir"), ModelSettings)
     predict.set_defaults(func=_predict)
 
