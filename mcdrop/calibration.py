@@ -29,6 +29,8 @@ Shape legend: ``N`` rows, ``K`` classes or regression targets.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -182,6 +184,8 @@ class Calibration:
         conformal: ``(n,)`` float64 nonconformity scores, sorted ascending.
         conformal_method: ``lac`` (classifier) or ``normalized_residual`` (regressor).
         command: what produced it, for people.
+        weights_sha256: SHA-256 of the weights file it was computed with: loading refuses a
+            calibration of other weights (a retrained model with a stale file); empty: unknown.
     """
 
     model: str
@@ -196,6 +200,7 @@ class Calibration:
     split: str = ""
     command: str = ""
     conformal_method: str = field(default="")
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.conformal_method:
@@ -242,6 +247,7 @@ class Calibration:
             "split": self.split,
             "command": self.command,
             "conformal_method": self.conformal_method,
+            "weights_sha256": self.weights_sha256,
             # Derived, for people reading the file; loading ignores it.
             "table": self.table(),
             "scores": {k: _floats(v) for k, v in self.scores.items()},
@@ -273,7 +279,7 @@ class Calibration:
             value = data[key]
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise fail(f"{key!r} must be a non-negative integer, got {value!r}")
-        for key in ("model", "data", "split", "command"):
+        for key in ("model", "data", "split", "command", "weights_sha256"):
             if not isinstance(data.get(key, ""), str):
                 raise fail(f"{key!r} must be a string")
         if data.get("conformal_method", CONFORMAL_METHOD[task]) != CONFORMAL_METHOD[task]:
@@ -296,6 +302,7 @@ class Calibration:
             data=data["data"],
             split=data.get("split", ""),
             command=data.get("command", ""),
+            weights_sha256=data.get("weights_sha256", ""),
             scores=scores,
             conformal=conformal,
         )
@@ -306,14 +313,30 @@ class Calibration:
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
-    def check_fits(self, name: str, task: str, n_outputs: int, *, source: str) -> None:
-        """Raise :class:`CheckpointError` unless this calibration is of that model."""
-        if (self.model, self.task, self.n_outputs) != (name, task, n_outputs):
+    def check_fits(self, task: str, n_outputs: int, weights: Path, *, source: str) -> None:
+        """Raise :class:`CheckpointError` unless this calibration is of a model of this task
+        and K, with these weights (when it records their digest)."""
+        if (self.task, self.n_outputs) != (task, n_outputs):
             raise CheckpointError(
-                f"{source}: calibrates model {self.model!r} ({self.task}, {self.n_outputs} "
-                f"outputs), not {name!r} ({task}, {n_outputs} outputs); run `mcdrop calibrate` "
-                "again"
+                f"{source}: calibrates a {self.task} model of {self.n_outputs} outputs, not a "
+                f"{task} model of {n_outputs}; run `mcdrop calibrate` again"
             )
+        if self.weights_sha256 and self.weights_sha256 != weights_digest(weights):
+            raise CheckpointError(
+                f"{source}: was computed with other weights than {weights.name} (SHA-256 "
+                "differs: the model was retrained or replaced); run `mcdrop calibrate` again"
+            )
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a weights file, hex; empty if there is none."""
+    if not path.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 _REQUIRED = (
@@ -327,7 +350,7 @@ _REQUIRED = (
     "scores",
     "conformal",
 )
-_FIELDS = (*_REQUIRED, "split", "command", "conformal_method")
+_FIELDS = (*_REQUIRED, "split", "command", "conformal_method", "weights_sha256")
 
 
 def _floats(t: Tensor) -> list[float]:
@@ -431,6 +454,9 @@ def calibrate(
     result = from_statistics(
         summary, targets, model=model.spec.name, seed=seed, data=data, split=split, command=command
     )
+    from mcdrop.checkpoint import WEIGHTS
+
+    result = dataclasses.replace(result, weights_sha256=weights_digest(Path(model.path) / WEIGHTS))
     if save:
         result.save(model.path)
         model.calibration = result

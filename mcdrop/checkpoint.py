@@ -296,7 +296,7 @@ def load(
     calibration = calibration_.read(directory) if read_calibration else None
     if calibration is not None:
         calibration.check_fits(
-            spec.name, spec.task, spec.n_outputs, source=str(directory / calibration_.CALIBRATION)
+            spec.task, spec.n_outputs, weights, source=str(directory / calibration_.CALIBRATION)
         )
     if compute != torch.float32:
         net = ReducedPrecision(net, compute)

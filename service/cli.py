@@ -185,19 +185,20 @@ def _calibrate(args: argparse.Namespace) -> int:
             command="mcdrop " + shlex.join(args.argv),
             **_load_options(args),
         )
-        summary: dict[str, Any] = {
-            "written": str(Path(args.model_dir) / "calibration.json"),
-            "data": calibration.data,
-            "n_rows": calibration.n_rows,
-            "n_samples": calibration.n_samples,
-            "seed": calibration.seed,
-            **calibration.table(),
-        }
-        if args.report:
-            summary["test"] = decisions.report(args.model_dir, **_load_options(args))
+        report = decisions.report(args.model_dir, **_load_options(args)) if args.report else None
     finally:
         torch.set_num_threads(threads)
-    print(json.dumps(summary, indent=2))
+    written = Path(args.model_dir) / "calibration.json"
+    if args.json:
+        summary = {**calibration.to_dict(), "written": str(written), "test": report}
+        for bulky in ("scores", "conformal"):
+            summary.pop(bulky)
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(decisions.summary(calibration, written))
+    if report is not None:
+        print()
+        print(decisions.markdown(report), end="")
     return 0
 
 
@@ -449,6 +450,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also check the decisions on the recorded dataset's test split",
     )
+    calibrate.add_argument("--json", action="store_true", help="the summary as JSON")
     calibrate.add_argument("--threads", type=int, default=1, help="torch threads")
     _add_setting_flags(calibrate, ModelSettings)
     calibrate.set_defaults(func=_calibrate)

@@ -78,7 +78,7 @@ def calibrate_dir(
     loaded = checkpoint.load(model_dir, read_calibration=False, **load_options)
     if data is not None:
         x, y = read_npz(data)
-        where, split = f"{Path(data).name}", "all rows of the file"
+        where, split = Path(data).name, "all rows of the file"
     else:
         dataset = recorded_dataset(loaded.spec)
         x, y = dataset.x_val, dataset.y_val
@@ -96,6 +96,26 @@ def calibrate_dir(
         split=split,
         command=command,
         save=True,
+    )
+
+
+def summary(calibration: cal.Calibration, written: Path) -> str:
+    """Three lines for people: what was calibrated, thresholds of the default score at a few
+    rates, and conformal quantiles at a few coverages."""
+    score = cal.DEFAULT_SCORE[calibration.task]
+    rates = ", ".join(
+        f"{rate:.0%} above {calibration.threshold(rate, score):.3g}" for rate in (0.05, 0.1, 0.2)
+    )
+    coverages = ", ".join(
+        f"{c} at q {calibration.quantile(c):.3g}"
+        for c in (0.9, 0.95)
+        if c <= calibration.max_coverage
+    )
+    return (
+        f"calibrated {calibration.model} on {calibration.n_rows} rows of {calibration.data} "
+        f"({calibration.n_samples} samples, seed {calibration.seed}): {written}\n"
+        f"reject on {score} (default): {rates}\n"
+        f"conformal ({calibration.conformal_method}): coverage {coverages or 'none'}"
     )
 
 

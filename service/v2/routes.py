@@ -215,7 +215,8 @@ def _metadata_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Ca
 @_metadata_route("/models/{name}", "name")
 async def model_metadata(request: Request, registry: RegistryDep) -> schemas.ModelMetadata:
     """A model's input (one FP32 tensor, any name, shape [-1, *input_shape]) and outputs (every
-    mode's; see the README)."""
+    mode's; see the README; the decision outputs, ``reject``, ``prediction_set``,
+    ``conformal_lower`` and ``conformal_upper``, come with their request parameters)."""
     return _metadata(_handle(registry, request))
 
 
@@ -232,9 +233,12 @@ def _metadata(handle: ModelHandle) -> schemas.ModelMetadata:
         versions=[spec.version],
         platform=PLATFORM,
         inputs=[schemas.MetadataTensor(name=INPUT, datatype="FP32", shape=[-1, *spec.input_shape])],
+        # The decision outputs come only with their parameters (reject_rate, coverage, ...),
+        # so they are documented there, not listed as outputs every request gets.
         outputs=[
             schemas.MetadataTensor(name=name, datatype=info.datatype, shape=info.shape)
             for name, info in outputs.catalog(spec).items()
+            if name not in outputs.DECISIONS
         ],
     )
 

@@ -279,7 +279,8 @@ def _edit(directory: Path, change: dict[str, object]) -> None:
     ("change", "match"),
     [
         ({"format_version": 2}, "format_version"),
-        ({"model": "fashion"}, "not 'digits'"),
+        ({"weights_sha256": "0" * 64}, "other weights"),
+        ({"n_outputs": 3}, "3 outputs"),
         ({"task": "regression"}, "conformal_method"),
         ({"n_rows": 3}, "n_rows=3"),
         ({"conformal": [1.0, 0.0]}, "conformal"),
