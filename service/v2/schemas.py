@@ -53,16 +53,8 @@ class RequestOutput(_Strict):
     parameters: OutputParameters = Field(default_factory=OutputParameters)
 
 
-#: The parameters only mode ``uncertainty`` takes.
-_MC_PARAMETERS = (
-    "n_samples",
-    "seed",
-    "level",
-    "reject_rate",
-    "reject_threshold",
-    "reject_score",
-    "coverage",
-)
+#: The decision parameters (reject flags, conformal outputs): mode ``uncertainty`` only.
+DECISION_PARAMETERS = ("reject_rate", "reject_threshold", "reject_score", "coverage")
 
 
 class InferParameters(_Strict):
@@ -104,7 +96,8 @@ class InferParameters(_Strict):
     @model_validator(mode="after")
     def _mc_only(self) -> InferParameters:
         if self.mode == "predict":
-            given = [k for k in _MC_PARAMETERS if getattr(self, k) is not None]
+            given = [k for k in ("n_samples", "seed", "level") if getattr(self, k) is not None]
+            given += [k for k in DECISION_PARAMETERS if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for mode 'uncertainty'")
         return self
