@@ -15,6 +15,7 @@ from mcdrop.checkpoint import LoadedModel, ModelSpec, load
 from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
 from mcdrop.exceptions import (
     CheckpointError,
+    DecisionUnavailableError,
     InvalidArgumentError,
     InvalidInputError,
     McDropError,
@@ -37,6 +38,7 @@ __all__ = [
     "Calibration",
     "CheckReport",
     "CheckpointError",
+    "DecisionUnavailableError",
     "DropConnectLinear",
     "InvalidArgumentError",
     "InvalidInputError",

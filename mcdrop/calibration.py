@@ -41,7 +41,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from mcdrop.exceptions import CheckpointError, InvalidArgumentError, NotCalibratedError
+from mcdrop.exceptions import (
+    CheckpointError,
+    DecisionUnavailableError,
+    InvalidArgumentError,
+    NotCalibratedError,
+)
 from mcdrop.stats import ClassificationSummary, RegressionSummary
 
 if TYPE_CHECKING:
@@ -137,7 +142,7 @@ def conformal_quantile(sorted_scores: Tensor, coverage: float) -> float:
     n = sorted_scores.shape[0]
     k = math.ceil((n + 1) * coverage - 1e-9)
     if k > n:
-        raise InvalidArgumentError(
+        raise DecisionUnavailableError(
             f"coverage {coverage} needs at least {k} calibration rows, this calibration has {n} "
             f"(the most it can give is {n / (n + 1):.4f}); ask for a lower coverage"
         )
@@ -161,7 +166,7 @@ def check_score(task: str, score: str | None) -> str:
     if score is None:
         return DEFAULT_SCORE[task]
     if score not in SCORES[task]:
-        raise InvalidArgumentError(
+        raise DecisionUnavailableError(
             f"reject_score {score!r} is not a score of a {task} model; choose from "
             f"{list(SCORES[task])}"
         )
@@ -496,10 +501,11 @@ def resolve(
     """Check a request's decision options and resolve them against ``calibration``.
 
     Raises:
-        InvalidArgumentError: a rate or coverage out of range, both a rate and a threshold, a
-            score the task does not have, or a score without a rate or threshold.
-        NotCalibratedError: a rate or coverage asked of a model without a calibration (an
-            explicit threshold needs none).
+        InvalidArgumentError: a rate or coverage out of range, both a rate and a threshold, or
+            a score without a rate or threshold.
+        DecisionUnavailableError: a score the task does not have, a coverage the calibration
+            cannot give, or (NotCalibratedError) a rate or coverage asked of a model without a
+            calibration (an explicit threshold needs none).
     """
     if reject_rate is not None and reject_threshold is not None:
         raise InvalidArgumentError(

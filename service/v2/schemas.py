@@ -12,7 +12,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.schemas import AsInt, Seed
+from service.schemas import DECISION_RULES, AsInt, RejectScore, Seed, check_decision_options
 
 # Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``), as in the
 # native contract; the bounds come before ``AsInt``, so that the JSON schema states them.
@@ -60,6 +60,8 @@ DECISION_PARAMETERS = ("reject_rate", "reject_threshold", "reject_score", "cover
 class InferParameters(_Strict):
     """The request ``parameters`` mcdrop reads (any other is refused)."""
 
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": DECISION_RULES})
+
     mode: Literal["predict", "uncertainty"] = Field(
         "uncertainty", description="uncertainty: MC dropout; predict: one pass, dropout off"
     )
@@ -82,7 +84,7 @@ class InferParameters(_Strict):
     reject_threshold: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
         None, description="output reject (BOOL): rows whose reject_score is above this value"
     )
-    reject_score: str | None = Field(
+    reject_score: RejectScore | None = Field(
         None,
         description="entropy (default), mutual_information, least_confidence (classifier); "
         "std (default), epistemic_std (regressor)",
@@ -100,6 +102,7 @@ class InferParameters(_Strict):
             given += [k for k in DECISION_PARAMETERS if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for mode 'uncertainty'")
+        check_decision_options(self.reject_rate, self.reject_threshold, self.reject_score)
         return self
 
 

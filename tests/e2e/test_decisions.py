@@ -112,20 +112,21 @@ def test_the_client_and_model_info_expose_decisions(url: str) -> None:
         assert all(r.reject is not None and r.prediction_set is not None for r in result.results)
         with pytest.raises(BadRequestError) as info_error:
             client.uncertainty("plain", DIGITS, reject_rate=0.1)
-        assert info_error.value.code == "not_calibrated"
+        assert info_error.value.code == "decision_unavailable"
 
 
 @pytest.mark.parametrize(
     ("name", "body", "code", "match"),
     [
-        ("plain", {"reject_rate": 0.1}, "not_calibrated", "mcdrop calibrate"),
-        ("plain", {"coverage": 0.9}, "not_calibrated", "no calibration"),
+        ("plain", {"reject_rate": 0.1}, "decision_unavailable", "mcdrop calibrate"),
+        ("plain", {"coverage": 0.9}, "decision_unavailable", "no calibration"),
         ("digits", {"reject_rate": 1.0}, "invalid_request", "reject_rate"),
         ("digits", {"coverage": 1.2}, "invalid_request", "coverage"),
-        ("diabetes", {"coverage": 0.99}, "invalid_argument", "calibration rows"),
-        ("digits", {"reject_rate": 0.1, "reject_score": "std"}, "invalid_argument", "entropy"),
-        ("digits", {"reject_rate": 0.1, "reject_threshold": 0.5}, "invalid_argument", "not both"),
-        ("digits", {"reject_score": "entropy"}, "invalid_argument", "reject_rate or"),
+        ("diabetes", {"coverage": 0.99}, "decision_unavailable", "calibration rows"),
+        ("digits", {"reject_rate": 0.1, "reject_score": "std"}, "decision_unavailable", "entropy"),
+        ("digits", {"reject_rate": 0.1, "reject_score": "max"}, "invalid_request", "reject_score"),
+        ("digits", {"reject_rate": 0.1, "reject_threshold": 0.5}, "invalid_request", "not both"),
+        ("digits", {"reject_score": "entropy"}, "invalid_request", "reject_rate or"),
     ],
 )
 def test_native_errors_say_what_to_fix(

@@ -229,6 +229,13 @@ def test_bad_requests_say_what_to_fix(
         cal.resolve("regression", reg, **options)  # type: ignore[arg-type]
 
 
+def test_the_contract_names_every_score() -> None:
+    from mcdrop_client.schemas import REJECT_SCORES
+
+    assert sorted(REJECT_SCORES) == sorted({s for scores in cal.SCORES.values() for s in scores})
+    assert set(cal.DEFAULT_SCORE) == set(cal.SCORES)
+
+
 @pytest.mark.parametrize("options", [{"reject_rate": 0.1}, {"coverage": 0.9}])
 def test_rates_and_coverages_need_a_calibration(options: dict[str, float]) -> None:
     with pytest.raises(mcdrop.NotCalibratedError, match="mcdrop calibrate"):

@@ -10,7 +10,7 @@ Field names are the library's: ``inputs``, ``n_samples``, ``seed``, ``mean``, ``
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -22,9 +22,11 @@ from pydantic import (
 )
 
 __all__ = [
+    "DECISION_RULES",
     "FLOAT32_MAX",
     "MAX_ROW_RANK",
     "MAX_SEED",
+    "REJECT_SCORES",
     "ROW_SCHEMA",
     "AsInt",
     "CalibrationInfo",
@@ -43,9 +45,11 @@ __all__ = [
     "Readiness",
     "RegressionPrediction",
     "RegressionUncertainty",
+    "RejectScore",
     "Seed",
     "UncertaintyRequest",
     "UncertaintyResponse",
+    "check_decision_options",
 ]
 
 #: The largest seed the library accepts (``mcdrop.masks.MAX_SEED``, which this module cannot
@@ -89,6 +93,7 @@ class ErrorCode(StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     CLIENT_CLOSED_REQUEST = "client_closed_request"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    DECISION_UNAVAILABLE = "decision_unavailable"
     HTTP_ERROR = "http_error"
     INTERNAL_ERROR = "internal_error"
     INVALID_ARGUMENT = "invalid_argument"
@@ -101,7 +106,6 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     MODEL_NOT_READY = "model_not_ready"
     NON_FINITE_OUTPUT = "non_finite_output"
-    NOT_CALIBRATED = "not_calibrated"
     NOT_FOUND = "not_found"
     OVERLOADED = "overloaded"
     REQUEST_TIMEOUT = "request_timeout"
@@ -155,10 +159,41 @@ _AUTO_ONLY: dict[str, Any] = {
 }
 
 
+#: Every reject score of either task (``mcdrop.calibration.SCORES``, which this module cannot
+#: import; a test asserts they agree): which of them a model offers depends on its task.
+RejectScore = Literal["entropy", "epistemic_std", "least_confidence", "mutual_information", "std"]
+REJECT_SCORES: tuple[str, ...] = get_args(RejectScore)
+
+
+def _number(name: str) -> dict[str, Any]:
+    """Schema: ``name`` is given, as a number (not null)."""
+    return {"required": [name], "properties": {name: {"type": "number"}}}
+
+
+#: The decision options, said in the schema too: a reject_score goes with a rate or a
+#: threshold, and a rate excludes a threshold (the check below says the same).
+DECISION_RULES: dict[str, Any] = {
+    "reject_score": {"anyOf": [_number("reject_rate"), _number("reject_threshold")]},
+    "reject_rate": {"not": {"required": ["reject_threshold"]}},
+}
+
+
+def check_decision_options(
+    reject_rate: float | None, reject_threshold: float | None, reject_score: str | None
+) -> None:
+    """Raise ValueError for decision options that do not go together."""
+    if reject_rate is not None and reject_threshold is not None:
+        raise ValueError(
+            "send reject_rate or reject_threshold, not both (a rate is turned into a threshold)"
+        )
+    if reject_score is not None and reject_rate is None and reject_threshold is None:
+        raise ValueError("reject_score applies with reject_rate or reject_threshold")
+
+
 class UncertaintyRequest(PredictRequest):
     """Rows to sample, with the MC options."""
 
-    model_config = ConfigDict(json_schema_extra={"dependentSchemas": _AUTO_ONLY})
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": _AUTO_ONLY | DECISION_RULES})
 
     n_samples: Annotated[int, Field(ge=1), AsInt] | Literal["auto"] | None = Field(
         None,
@@ -204,12 +239,12 @@ class UncertaintyRequest(PredictRequest):
         None,
         description="flag each row whose reject_score is above this value (instead of a rate)",
     )
-    reject_score: str | None = Field(
+    reject_score: RejectScore | None = Field(
         None,
         description=(
             "the score a row is rejected on: entropy (default), mutual_information or "
             "least_confidence (1 - max probability) for a classifier; std (default) or "
-            "epistemic_std for a regressor"
+            "epistemic_std for a regressor (GET /models/{name}: calibration.reject_scores)"
         ),
     )
     coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
@@ -231,6 +266,7 @@ class UncertaintyRequest(PredictRequest):
                 f'{names} {verb} only to n_samples "auto"; send "n_samples": "auto" or leave '
                 f"{names} out"
             )
+        check_decision_options(self.reject_rate, self.reject_threshold, self.reject_score)
         return self
 
 
