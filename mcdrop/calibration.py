@@ -104,7 +104,7 @@ def conformal_scores(summary: ClassificationSummary | RegressionSummary, targets
     std``)."""
     if isinstance(summary, ClassificationSummary):
         p = summary.probabilities.double()
-        y = targets.reshape(-1).long()
+        y = targets.reshape(-1).long().to(p.device)
         if y.shape[0] != p.shape[0] or bool(((y < 0) | (y >= p.shape[1])).any()):
             raise InvalidArgumentError(
                 f"targets must be {p.shape[0]} class indices in [0, {p.shape[1]}), got shape "
@@ -112,7 +112,7 @@ def conformal_scores(summary: ClassificationSummary | RegressionSummary, targets
             )
         return 1.0 - p.gather(1, y[:, None])[:, 0]
     mean, std = summary.mean.double(), summary.std.double()
-    y = targets.double()
+    y = targets.double().to(mean.device)
     if y.dim() == 1 and mean.shape[1] == 1:
         y = y[:, None]
     if tuple(y.shape) != tuple(mean.shape):

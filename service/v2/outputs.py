@@ -251,7 +251,9 @@ def decision_tensors(decision: DecisionRequest, summary: Summary) -> Tensors:
         ("conformal_upper", decided.upper),
     ):
         if value is not None:
-            tensors[name] = (
-                (lambda t: lambda: t.numpy())(value) if value.dtype == torch.bool else _f32(value)
-            )
+            tensors[name] = _bool(value) if value.dtype == torch.bool else _f32(value)
     return tensors
+
+
+def _bool(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    return lambda: t.numpy()
