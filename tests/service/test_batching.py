@@ -262,9 +262,8 @@ def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) ->
 def test_a_small_job_does_not_wait_behind_a_large_one(digits: Predictor) -> None:
     x = torch.tensor(ROWS, dtype=torch.float32)
     cost = CostModel.measure(digits, x[:1])
-    large = Job(
-        x.repeat(20, 1), MCOptions(2000, 0.9, False), seed=1
-    )  # 240 rows × 2000: a worker thread
+    # 60 rows × 2000 samples: a worker thread, some 100× the small job's work.
+    large = Job(x.repeat(5, 1), MCOptions(2000, 0.9, False), seed=1)
     small = Job(x[:1], None)  # one-row prediction: inline
     with ThreadPoolExecutor(2) as pool:
         batcher = Batcher(digits, executor=pool, cost=cost, inline_ms=50, max_parallel=1)
@@ -353,7 +352,8 @@ def test_the_short_lane_keeps_small_jobs_apart_from_large_ones(digits: Predictor
     # Timings that call everything free: the large job must still go to the long lane (its size
     # is far past what the timings were taken on), so the short lane stays free for the small.
     cost = CostModel()
-    large = [Job(x.repeat(20, 1), MCOptions(2000), seed=s) for s in range(2)]
+    # 60 rows × 2000 samples each: 20× past the timed sizes, some 100× the small job's work.
+    large = [Job(x.repeat(5, 1), MCOptions(2000), seed=s) for s in range(2)]
     small = Job(x[:1], MCOptions(50), seed=3)
     with ThreadPoolExecutor(2) as long_pool, ThreadPoolExecutor(1) as short_pool:
         batcher = Batcher(
