@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,17 +84,23 @@ REQUESTS = (
 
 
 @pytest.fixture(scope="module")
-def unbatched() -> list[Any]:
-    with TestClient(create_app(Settings(model_dir=MODELS, batching=False))) as http:
+def used(only: Callable[..., Path]) -> Path:
+    """The models :data:`REQUESTS` use."""
+    return only("digits", "diabetes")
+
+
+@pytest.fixture(scope="module")
+def unbatched(used: Path) -> list[Any]:
+    with TestClient(create_app(Settings(model_dir=used, batching=False))) as http:
         wait_ready(http)
         return [http.post(path, json=body).json() for path, body in REQUESTS]
 
 
-def test_batched_answers_equal_unbatched(unbatched: list[Any]) -> None:
+def test_batched_answers_equal_unbatched(unbatched: list[Any], used: Path) -> None:
     # Work off the event loop and one worker: requests that arrive while a batch computes must
     # queue and merge, whatever the warm-up timings on a busy machine say.
     settings = Settings(
-        model_dir=MODELS,
+        model_dir=used,
         batching=True,
         batch_max_wait_ms=200,
         inline_max_ms=0.0,
@@ -120,8 +128,8 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def test_errors_reach_only_their_request() -> None:
-    with TestClient(create_app(Settings(model_dir=MODELS, batch_max_wait_ms=50))) as http:
+def test_errors_reach_only_their_request(only: Callable[..., Path]) -> None:
+    with TestClient(create_app(Settings(model_dir=only("diabetes"), batch_max_wait_ms=50))) as http:
         wait_ready(http)
         good, bad = _concurrently(
             http,
