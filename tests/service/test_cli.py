@@ -273,7 +273,8 @@ def html_server(tmp_path: Path) -> Iterator[str]:
     (tmp_path / "models").write_text("<html><body>It works!</body></html>")
     handler = partial(_QuietFiles, directory=str(tmp_path))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        thread = threading.Thread(target=server.serve_forever)
+        # A short poll: shutdown() waits up to one poll interval (0.5 s by default).
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
         thread.start()
         try:
             yield f"http://127.0.0.1:{server.server_address[1]}"
