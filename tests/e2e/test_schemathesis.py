@@ -30,7 +30,7 @@ import pytest
 
 from service.schemas import FLOAT32_MAX
 from tests.conftest import ROOT
-from tests.e2e.conftest import serve
+from tests.e2e.server import serve
 
 pytestmark = pytest.mark.slow
 
