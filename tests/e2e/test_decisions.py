@@ -20,7 +20,7 @@ import mcdrop
 from mcdrop import calibration as cal
 from service.client import BadRequestError, Client
 from tests.conftest import MODELS
-from tests.e2e.conftest import serve
+from tests.e2e.server import serve
 
 pytestmark = pytest.mark.slow
 
