@@ -264,8 +264,10 @@ class _Counts:
 
 class ClassificationAccumulator(_Counts):
     """Streams logits chunks ``(s, n, K)`` into a :class:`ClassificationSummary` in ``O(N·K)``
-    memory whatever S is. Sums are float64, so E[p²] - E[p]² does not cancel badly; chunks of
-    any floating dtype (bfloat16 included) are summed in float64.
+    memory whatever S is. The probabilities' mean and spread merge chunk by chunk as
+    :class:`RegressionAccumulator`'s do (Chan et al.), in float64 whatever the chunks' dtype
+    (bfloat16 included): E[p²] - E[p]² would lose the variance of a confident row (1e-12 and
+    below) to cancellation.
 
     Args:
         n_rows: N.
@@ -280,8 +282,8 @@ class ClassificationAccumulator(_Counts):
             return torch.zeros(shape, dtype=torch.float64, device=device)
 
         self.count = zeros(n_rows)
-        self.sum_p = zeros(n_rows, n_classes)
-        self.sum_p2 = zeros(n_rows, n_classes)
+        self.mean_p = zeros(n_rows, n_classes)
+        self.m2_p = zeros(n_rows, n_classes)  # sum of squared deviations from mean_p
         self.sum_h = zeros(n_rows)
         self.votes = zeros(n_rows, n_classes)
         self.n_samples = 0  # of row 0
@@ -289,12 +291,19 @@ class ClassificationAccumulator(_Counts):
     def update(self, logits: Tensor, rows: slice | Tensor = slice(None)) -> None:
         """Add samples ``(s, n, K)`` of the rows ``rows`` (a slice, or ``(n,)`` distinct row
         indices)."""
+        if logits.shape[0] == 0:  # nothing to merge (and 0/0 in the merge below)
+            return
         log_p = torch.log_softmax(logits.to(torch.float64), dim=-1)
         p = log_p.exp()
+        s = float(logits.shape[0])
         self._note(rows, logits.shape[0])
-        self.count[rows] += logits.shape[0]
-        self.sum_p[rows] += p.sum(0)
-        self.sum_p2[rows] += p.square().sum(0)
+        chunk_mean = p.mean(0)
+        n_a = self.count[rows][:, None]
+        total = n_a + s
+        delta = chunk_mean - self.mean_p[rows]
+        self.mean_p[rows] += delta * (s / total)
+        self.m2_p[rows] += (p - chunk_mean).square().sum(0) + delta.square() * (n_a * s / total)
+        self.count[rows] = total[:, 0]
         self.sum_h[rows] -= (p * log_p).sum(-1).sum(0)
         self.votes[rows] += torch.nn.functional.one_hot(logits.argmax(-1), p.shape[-1]).sum(0)
 
@@ -303,19 +312,16 @@ class ClassificationAccumulator(_Counts):
         largest over classes: ``max_k sqrt(s²_k / n)`` with ``s²_k`` the unbiased sample
         variance of class k's probability over the row's ``n`` samples (inf below 2 samples)."""
         count = self.count[:, None]
-        mean = self.sum_p / count
-        spread = (self.sum_p2 / count - mean.square()).clamp_min(0.0)  # divisor n
-        se = (spread / (count - 1)).sqrt().amax(-1)  # s² / n = spread / (n - 1)
+        se = (self.m2_p / (count * (count - 1))).sqrt().amax(-1)  # s² / n
         return torch.where(self.count >= 2, se, math.inf)
 
     def result(self) -> ClassificationSummary:
-        count = self.count[:, None]
-        probs = self.sum_p / count
+        probs = self.mean_p
         total = entropy(probs)
         aleatoric = self.sum_h / self.count
         return ClassificationSummary(
             probabilities=probs.float(),
-            variance=(self.sum_p2 / count - probs.square()).clamp_min(0.0).float(),
+            variance=(self.m2_p / self.count[:, None]).float(),
             label=probs.argmax(-1),
             entropy=total.float(),
             expected_entropy=aleatoric.float(),
@@ -374,6 +380,8 @@ class RegressionAccumulator(_Counts):
     def update(self, values: Tensor, rows: slice | Tensor = slice(None)) -> None:
         """Add samples ``(s, n, K)`` (or ``(s, n, 2K)``) of the rows ``rows`` (a slice, or
         ``(n,)`` distinct row indices)."""
+        if values.shape[0] == 0:  # nothing to merge (and 0/0 in the merge below)
+            return
         mu, noise = self.split(values)
         s = float(mu.shape[0])
         # Chan et al.'s parallel merge of (count, mean, M2): stable for any chunking.

@@ -280,10 +280,9 @@ def test_classification_accumulator_takes_row_indices_and_counts_per_row(
         # Naive standard error: the unbiased sample std of each class over sqrt(n), largest.
         p = torch.softmax(row[:, 0], -1)  # (n, K)
         naive = (p.std(0, correction=1) / math.sqrt(n)).max() if n >= 2 else math.inf
-        # abs: the accumulator's one-pass variance, E[p²] - E[p]² in float64, cancels to
-        # ~4·eps64 when a class's probabilities barely vary; the square root makes that
-        # sqrt(4·eps64 / (n - 1)) <= 3e-8 (the two-pass std above is exact to ~1e-16).
-        assert float(acc.standard_error()[i]) == pytest.approx(float(naive), rel=1e-6, abs=4e-8)
+        # abs 1e-9: the accumulator merges mean and spread per chunk (no E[p²] - E[p]², which
+        # cancelled to ~3e-8 after the square root when a class's probabilities barely vary).
+        assert float(acc.standard_error()[i]) == pytest.approx(float(naive), rel=1e-6, abs=1e-9)
 
 
 def test_classification_standard_error_of_closed_forms() -> None:
@@ -333,3 +332,23 @@ def test_regression_standard_error_of_a_certain_row_is_zero() -> None:
     acc = stats.RegressionAccumulator(1, 1, noise_variance=None)
     acc.update(torch.tensor([[[3.0, -200.0]]]).expand(4, 1, 2))  # noise variance e^-200 ≈ 0
     assert float(acc.standard_error()[0]) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_classification_variance_of_a_confident_row_does_not_cancel(chunk: int) -> None:
+    # p ≈ (1 - 1e-9, 1e-9) varying by ~1e-12 (variance ~1e-24): E[p²] - E[p]² in float64 would
+    # be rounding error of ~1e-16, 8 orders too large; the merged spread keeps it to 1e-3 (p_0
+    # itself is held to ~1e-16 near 1, so both answers carry that quantisation).
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(64, 1, 2, dtype=torch.float64)
+    logits[..., 0] = 20.7 + 1e-3 * torch.randn(64, 1, generator=g, dtype=torch.float64)
+    acc = stats.ClassificationAccumulator(1, 2)
+    for start in range(0, 64, chunk):
+        acc.update(logits[start : start + chunk])
+    p = torch.softmax(logits[:, 0], -1)  # (S, K), two-pass reference below
+    exact = p.var(0, correction=0)
+    assert float(exact[0]) > 0
+    got = acc.result().variance[0].double()
+    assert torch.allclose(got, exact, rtol=1e-3, atol=0)
+    exact_se = (p.std(0, correction=1) / math.sqrt(64)).max()
+    assert float(acc.standard_error()[0]) == pytest.approx(float(exact_se), rel=1e-3)
