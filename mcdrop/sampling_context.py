@@ -90,6 +90,11 @@ class SamplingContext:
             _active.reset(self._token)
             self._token = None
 
+    def active(self) -> _Active:
+        """Make this the thread's context without the torch-function mode, for a caller that
+        hands every dropout call to the context itself (:class:`mcdrop.planning.LayerChain`)."""
+        return _Active(self)
+
     def rows(
         self, x: Tensor, kind: str, batch_dim: int | None = None
     ) -> tuple[Tensor, CallLayout] | None:
@@ -106,6 +111,18 @@ class SamplingContext:
             ``x`` with ``B`` rows and the call's layout; None while probing a model's layout
             (:mod:`mcdrop.planning`), when the call leaves ``x`` as it is.
         """
+        found = self.take(x, kind, batch_dim)
+        if found is None:
+            return None
+        x, layout, times = found
+        return (x if times == 1 else replicate(x, times, layout.dim)), layout
+
+    def take(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout, int] | None:
+        """:meth:`rows` without the replication: ``x`` as given, its layout, and how many times
+        the caller must replicate it along the layout's dimension (1 but on the first call of a
+        context that defers replication)."""
         index = self.calls
         if index >= len(self.layouts):
             raise UnsupportedModelError(
@@ -123,11 +140,11 @@ class SamplingContext:
                 "be keyed per row"
             )
         self.calls += 1
-        if self.replicate > 1:
-            x = replicate(x, self.replicate, layout.dim)
-            self.batch *= self.replicate
+        times = self.replicate
+        if times > 1:
+            self.batch *= times
             self.replicate = 1
-        return x, layout
+        return x, layout, times
 
     def keep(self, call: CallLayout, per_row: int, p: float) -> Tensor:
         """``(B, per_row)`` boolean keep-mask for ``call``."""
@@ -160,7 +177,22 @@ class SamplingContext:
             raise UnsupportedModelError(
                 f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
             )
-        found = self.rows(x, kind, 0 if feature else batch_dim)
+        if not (feature or alpha or p == 1.0) and self.replicate > 1:
+            # The first call of a pass that shares the prefix, the common case: multiply the
+            # multipliers of all B rows by the N rows broadcast, rather than replicate the N rows
+            # and multiply (the same products, one pass over the activation fewer).
+            taken = self.take(x, kind, batch_dim)
+            if taken is not None:
+                x, call, times = taken
+                if call.dim == 0:
+                    scale = self._scale_like(x, p, call, times)  # (times · x.shape[0], ...)
+                    return scale.view(times, *x.shape).mul_(x).view(scale.shape)
+                x = replicate(x, times, call.dim)
+                found: tuple[Tensor, CallLayout] | None = (x, call)
+            else:
+                found = None
+        else:
+            found = self.rows(x, kind, 0 if feature else batch_dim)
         if found is None:
             return x
         x, call = found
@@ -181,11 +213,15 @@ class SamplingContext:
             return scale.mul_(x)
         return x * scale  # the output keeps x's layout (a later .view() may rely on it)
 
-    def _scale_like(self, x: Tensor, p: float, call: CallLayout) -> Tensor:
-        """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``."""
-        moved_shape = (x.shape[call.dim], *x.shape[: call.dim], *x.shape[call.dim + 1 :])
-        per_row = math.prod(moved_shape[1:]) * call.group  # entries owned by each of the B rows
-        return self.scale(call, per_row, p, x.dtype).reshape(moved_shape).movedim(0, call.dim)
+    def _scale_like(self, x: Tensor, p: float, call: CallLayout, times: int = 1) -> Tensor:
+        """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``; with
+        ``times``, like ``x`` replicated ``times`` times along it."""
+        rest = (*x.shape[: call.dim], *x.shape[call.dim + 1 :])
+        per_row = math.prod(rest) * call.group  # entries owned by each of the B rows
+        scale = self.scale(call, per_row, p, x.dtype)  # (B, per_row)
+        if call.dim == 0:
+            return scale.view(times * x.shape[0], *rest)
+        return scale.view(times * x.shape[call.dim], *rest).movedim(0, call.dim)
 
     def _alpha_dropout(
         self, x: Tensor, p: float, call: CallLayout, *, feature: bool, inplace: bool
@@ -203,6 +239,22 @@ class SamplingContext:
         kept = x * a + _ALPHA * a * p_eff
         out = torch.where(keep, kept, _ALPHA * a * (p_eff - 1.0))
         return x.copy_(out) if inplace else out
+
+
+class _Active:
+    """:meth:`SamplingContext.active`'s context manager."""
+
+    def __init__(self, ctx: SamplingContext) -> None:
+        self.ctx = ctx
+        self.token: contextvars.Token[SamplingContext | None] | None = None
+
+    def __enter__(self) -> SamplingContext:
+        self.token = _active.set(self.ctx)
+        return self.ctx
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _active.reset(self.token)
 
 
 def replicate(x: Tensor, times: int, dim: int = 0) -> Tensor:
@@ -261,12 +313,12 @@ _DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
     torch.feature_alpha_dropout_: {"feature": True, "alpha": True, "always_inplace": True},
 }
 
-_HANDLERS: dict[Callable[..., Any], Handler] = {
+HANDLERS: dict[Callable[..., Any], Handler] = {
     func: _functional(func.__name__, **options) for func, options in _DROPOUT_FUNCTIONS.items()
 }
-_HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
-_HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
-_HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
+HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
+HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
+HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
 
 
 class DropoutMode(TorchFunctionMode):
@@ -283,7 +335,7 @@ class DropoutMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        handler = _HANDLERS.get(func)
+        handler = HANDLERS.get(func)
         if handler is None:
             return func(*args, **(kwargs or {}))
         return handler(self.ctx, args, kwargs or {})
