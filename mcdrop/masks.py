@@ -168,7 +168,7 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     """
     rows: np.ndarray
     if x.dtype == torch.float32 and x.device.type == "cpu":  # the common case, in NumPy: faster
-        rows = x.detach().resolve_conj().resolve_neg().numpy().reshape(x.shape[0], -1) + 0.0
+        rows = x.detach().resolve_neg().numpy().reshape(x.shape[0], -1) + 0.0
     else:
         flat = x.detach().reshape(x.shape[0], -1)
         flat = (flat.to(torch.float32) + 0.0) if flat.is_floating_point() else flat.to(torch.int64)
@@ -396,9 +396,8 @@ def keep_scale(
         return _keep_scale_t(keys, call, n, p, dtype)
     np_dtype, bits, threshold, scale, table = _scale_constants(p, dtype)
     if table is None:  # 16-bit lanes
-        out = _uniform16_np(keys, call, n) >= threshold
-        out = out.astype(np_dtype)
-        out *= scale
+        # bool × scale in one ufunc: the same products as a cast and a multiply
+        out = np.multiply(_uniform16_np(keys, call, n) >= threshold, scale, dtype=np_dtype)
     else:
         lanes = _lanes(keys, call, n, bits)
         out = np.take(table, lanes, axis=0).reshape(lanes.shape[0], -1)  # (B, >= n)

@@ -48,7 +48,12 @@ from mcdrop.exceptions import (
     UnsupportedModelError,
 )
 from mcdrop.nets import CNN, MLP
-from mcdrop.sampling_context import HANDLERS, DropoutMode, Handler, SamplingContext, replicate
+from mcdrop.sampling_context import (
+    DROPOUT_FUNCTIONS,
+    DropoutMode,
+    SamplingContext,
+    replicate,
+)
 
 #: Bound on the bytes of the largest activation a dropout sees in one pass: an image model's conv
 #: activations at 8192 rows take hundreds of MB, and a pass that large runs about 2× slower per
@@ -553,7 +558,8 @@ class LayerChain:
     the same order, so its samples are bit-identical to the mode's.
     """
 
-    steps: tuple[tuple[nn.Module, Handler | None, bool], ...]  # (layer, dropout handler, inplace)
+    # (layer, None) or (dropout layer, how it drops: SamplingContext.dropout's options)
+    steps: tuple[tuple[nn.Module, dict[str, Any] | None], ...]
     containers: tuple[nn.Module, ...]  # the modules whose own forward the chain replaces
     children: tuple[tuple[nn.Module | None, ...], ...]  # each container's children, as planned
 
@@ -575,7 +581,7 @@ class LayerChain:
             parts = [model]
         else:
             return None
-        steps: list[tuple[nn.Module, Handler | None, bool]] = [(m, None, False) for m in first]
+        steps: list[tuple[nn.Module, dict[str, Any] | None]] = [(m, None) for m in first]
         containers: list[nn.Module] = [model]
         while parts:
             part = parts.pop(0)
@@ -587,11 +593,12 @@ class LayerChain:
                     containers.append(part)
                 parts[:0] = part.children()
             elif kind in _PLAIN_LAYERS:
-                steps.append((part, None, False))
+                steps.append((part, None))
             elif kind in _DROPOUT_LAYERS:
                 func, inplace = _DROPOUT_LAYERS[kind]
-                containers.append(part)  # its forward is replaced by the handler
-                steps.append((part, HANDLERS[func], inplace))
+                containers.append(part)  # its forward is replaced by the context's dropout
+                options = {"kind": func.__name__, **DROPOUT_FUNCTIONS[func], "inplace": inplace}
+                steps.append((part, options))
             else:
                 return None
         children = tuple(tuple(c._modules.values()) for c in containers)
@@ -619,11 +626,10 @@ class LayerChain:
     def run(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         """The chain's forward of ``x`` with every dropout layer's call handed to ``ctx``."""
         with ctx.active():
-            for layer, handler, inplace in self.steps:
-                if handler is None:
+            for layer, options in self.steps:
+                if options is None:
                     x = layer(x)
-                else:  # as the layer's forward calls its dropout function
-                    p = layer.p
-                    args = (x, p, layer.training, layer.inplace) if inplace else (x, p, False)
-                    x = handler(ctx, args, {})
+                else:  # what the mode does with the call the layer's forward makes
+                    inplace = options["inplace"] and layer.inplace
+                    x = ctx.dropout(x, float(layer.p), **(options | {"inplace": inplace}))
         return x

@@ -296,7 +296,7 @@ def _functional(
 
 # Every dropout function torch has, and how it drops: per element or per channel (feature),
 # inverted or alpha, in place or not.
-_DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
+DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
     F.dropout: {},
     F.dropout1d: {"feature": True},
     F.dropout2d: {"feature": True},
@@ -313,12 +313,12 @@ _DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
     torch.feature_alpha_dropout_: {"feature": True, "alpha": True, "always_inplace": True},
 }
 
-HANDLERS: dict[Callable[..., Any], Handler] = {
-    func: _functional(func.__name__, **options) for func, options in _DROPOUT_FUNCTIONS.items()
+_HANDLERS: dict[Callable[..., Any], Handler] = {
+    func: _functional(func.__name__, **options) for func, options in DROPOUT_FUNCTIONS.items()
 }
-HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
-HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
-HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
+_HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
+_HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
+_HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
 
 
 class DropoutMode(TorchFunctionMode):
@@ -335,7 +335,7 @@ class DropoutMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        handler = HANDLERS.get(func)
+        handler = _HANDLERS.get(func)
         if handler is None:
             return func(*args, **(kwargs or {}))
         return handler(self.ctx, args, kwargs or {})
