@@ -31,7 +31,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -630,6 +630,7 @@ class LayerChain:
                 if options is None:
                     x = layer(x)
                 else:  # what the mode does with the call the layer's forward makes
-                    inplace = options["inplace"] and layer.inplace
-                    x = ctx.dropout(x, float(layer.p), **(options | {"inplace": inplace}))
+                    drop = cast(nn.modules.dropout._DropoutNd, layer)
+                    inplace = options["inplace"] and drop.inplace
+                    x = ctx.dropout(x, float(drop.p), **(options | {"inplace": inplace}))
         return x
