@@ -395,16 +395,49 @@ def keep_scale(
     if backend_for(keys, backend) == "torch":
         return _keep_scale_t(keys, call, n, p, dtype)
     np_dtype, bits, threshold, scale, table = _scale_constants(p, dtype)
-    if table is None:  # 16-bit lanes
-        # bool × scale in one ufunc: the same products as a cast and a multiply
-        out = np.multiply(_uniform16_np(keys, call, n) >= threshold, scale, dtype=np_dtype)
+    per_word = 64 // bits
+    n_words = (n + per_word - 1) // per_word
+    rows = keys.shape[0]
+    block = max(1, BLOCK_WORDS // n_words)  # rows whose hashes stay in the cache
+    if block >= rows:
+        out = _scale_block(keys, call, n, bits, threshold, scale, table, np_dtype)
     else:
-        lanes = _lanes(keys, call, n, bits)
-        out = np.take(table, lanes, axis=0).reshape(lanes.shape[0], -1)  # (B, >= n)
-        if out.shape[1] != n:
-            out = np.ascontiguousarray(out[:, :n])
+        out = np.empty((rows, n), dtype=np_dtype)
+        for r0 in range(0, rows, block):
+            r1 = min(r0 + block, rows)
+            out[r0:r1] = _scale_block(keys[r0:r1], call, n, bits, threshold, scale, table, np_dtype)
     result = torch.from_numpy(out)
     return result if result.dtype == dtype else result.to(dtype)
+
+
+#: Hashes made at once by :func:`keep_scale`: larger masks are made in blocks of rows so that
+#: the ~10 passes of the hash over its 64-bit words stay in the cache (512 KiB of words per
+#: block). One array for the feed-forward dropout of a d=64 encoder with 2,048 hidden units
+#: (1,600 rows × 8,192 words, 100 MiB) made every pass a trip to memory: 200 ms against 92 in
+#: blocks (2 cores, one thread; 1,024 words per row: 9.5 ms against 2.0).
+BLOCK_WORDS = 1 << 16
+
+
+def _scale_block(
+    keys: Tensor,
+    call: int,
+    n: int,
+    bits: int,
+    threshold: Any,
+    scale: Any,
+    table: np.ndarray | None,
+    np_dtype: type,
+) -> np.ndarray:
+    """:func:`keep_scale`'s multipliers ``(b, n)`` for the rows of ``keys`` ``(b,)``."""
+    if table is None:  # 16-bit lanes
+        # bool × scale in one ufunc: the same products as a cast and a multiply
+        out: np.ndarray = np.multiply(
+            _uniform16_np(keys, call, n) >= threshold, scale, dtype=np_dtype
+        )
+        return out
+    lanes = _lanes(keys, call, n, bits)
+    out = np.take(table, lanes, axis=0).reshape(lanes.shape[0], -1)  # (b, >= n)
+    return out if out.shape[1] == n else np.ascontiguousarray(out[:, :n])
 
 
 @functools.lru_cache(maxsize=64)
