@@ -47,7 +47,7 @@ from mcdrop.exceptions import (
     UnsampledDropoutWarning,
     UnsupportedModelError,
 )
-from mcdrop.nets import CNN, MLP
+from mcdrop.nets import CNN, MLP, Standardized
 from mcdrop.sampling_context import (
     DROPOUT_FUNCTIONS,
     DropoutMode,
@@ -549,8 +549,9 @@ _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
 class LayerChain:
     """A model that is a plain chain of torch layers (an ``nn.Sequential`` of the layers in
     :data:`_PLAIN_LAYERS` and torch's dropout layers, or mcdrop's :class:`~mcdrop.nets.MLP` and
-    :class:`~mcdrop.nets.CNN`), run layer by layer with each dropout layer's call handed straight
-    to the sampling context.
+    :class:`~mcdrop.nets.CNN`, each possibly inside :class:`~mcdrop.nets.Standardized`, as a
+    loaded model is), run layer by layer with each dropout layer's call handed straight to the
+    sampling context.
 
     Why: the torch-function mode of the generic path costs ~6 µs for every torch call of a
     forward, several times the arithmetic of a small MLP (2-layer UCI MLP, 100 samples of one
@@ -559,38 +560,51 @@ class LayerChain:
     """
 
     # (layer, None) or (dropout layer, how it drops: SamplingContext.dropout's options)
-    steps: tuple[tuple[nn.Module, dict[str, Any] | None], ...]
+    steps: tuple[tuple[Callable[[Tensor], Tensor], dict[str, Any] | None], ...]
     containers: tuple[nn.Module, ...]  # the modules whose own forward the chain replaces
     children: tuple[tuple[nn.Module | None, ...], ...]  # each container's children, as planned
+    model: weakref.ref[nn.Module]
 
     @classmethod
     def of(cls, model: nn.Module, input_shape: tuple[int, ...]) -> LayerChain | None:
         """The chain of ``model`` for rows of ``input_shape`` ``(D...)``, or None if it is not
         one."""
-        first: list[nn.Module] = []
+        before: list[Callable[[Tensor], Tensor]] = []
+        after: list[Callable[[Tensor], Tensor]] = []
+        containers: list[nn.Module] = []
+        net = model
+        if type(net) is Standardized and "forward" not in vars(net):
+            # Standardized.forward: standardize, the network, destandardize
+            before.append(net.standardize)
+            after.append(net.destandardize)
+            containers.append(net)
+            net = net.net
         parts: list[nn.Module]
-        if type(model) is MLP:
-            if model.flatten:
-                first.append(nn.Flatten(1))  # what MLP.forward does: x.flatten(1)
-            parts = [model.layers]
-        elif type(model) is CNN:
-            if len(input_shape) == 2 and model.in_channels == 1:  # CNN.forward's unsqueeze(1)
-                first.append(nn.Unflatten(1, (1, input_shape[0])))
-            parts = [model.features, model.head]
-        elif type(model) is nn.Sequential:
-            parts = [model]
+        if type(net) is MLP:
+            if net.flatten:
+                before.append(nn.Flatten(1))  # what MLP.forward does: x.flatten(1)
+            parts = [net.layers]
+        elif type(net) is CNN:
+            if len(input_shape) == 2 and net.in_channels == 1:  # CNN.forward's unsqueeze(1)
+                before.append(nn.Unflatten(1, (1, input_shape[0])))
+            parts = [net.features, net.head]
+        elif type(net) is nn.Sequential:
+            parts = [net]
         else:
             return None
-        steps: list[tuple[nn.Module, dict[str, Any] | None]] = [(m, None) for m in first]
-        containers: list[nn.Module] = [model]
+        if "forward" in vars(net):  # patched on the instance
+            return None
+        if net is not parts[0]:
+            containers.append(net)
+        steps: list[tuple[Callable[[Tensor], Tensor], dict[str, Any] | None]] = []
+        steps += [(f, None) for f in before]
         while parts:
             part = parts.pop(0)
             kind = type(part)
-            if "forward" in vars(part) or "forward" in vars(model):  # patched on the instance
+            if "forward" in vars(part):  # patched on the instance
                 return None
             if kind is nn.Sequential:
-                if part is not model:
-                    containers.append(part)
+                containers.append(part)
                 parts[:0] = part.children()
             elif kind in _PLAIN_LAYERS:
                 steps.append((part, None))
@@ -601,14 +615,15 @@ class LayerChain:
                 steps.append((part, options))
             else:
                 return None
+        steps += [(f, None) for f in after]
         children = tuple(tuple(c._modules.values()) for c in containers)
-        return cls(tuple(steps), tuple(containers), children)
+        return cls(tuple(steps), tuple(containers), children, weakref.ref(model))
 
     def runnable(self, model: nn.Module) -> bool:
         """Whether a pass may run the chain: the model's layers are still those planned, there
         is no hook on a module whose call the chain skips (the model, its ``nn.Sequential``
         parts and its dropout layers), and none global (``nn.Module.__call__`` runs those)."""
-        if self.containers[0] is not model or any(
+        if self.model() is not model or any(
             tuple(c._modules.values()) != planned
             for c, planned in zip(self.containers, self.children, strict=True)
         ):
@@ -630,7 +645,7 @@ class LayerChain:
                 if options is None:
                     x = layer(x)
                 else:  # what the mode does with the call the layer's forward makes
-                    drop = cast(nn.modules.dropout._DropoutNd, layer)
+                    drop = cast(nn.modules.dropout._DropoutNd, layer)  # a torch dropout layer
                     inplace = options["inplace"] and drop.inplace
                     x = ctx.dropout(x, float(drop.p), **(options | {"inplace": inplace}))
         return x

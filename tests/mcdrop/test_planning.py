@@ -348,10 +348,18 @@ class Wrapped(nn.Module):
 
 
 def _chains() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
-    from mcdrop.nets import CNN, MLP
+    from mcdrop.nets import CNN, MLP, Standardized
 
     torch.manual_seed(0)
     return {
+        "standardized MLP": (
+            Standardized(
+                MLP(4, [16], 2, dropout=0.2),
+                *(torch.randn(4), torch.rand(4) + 0.5, torch.randn(1), torch.rand(1) + 0.5),
+                heteroscedastic=True,
+            ),
+            (4,),
+        ),
         "sequential": (
             nn.Sequential(
                 nn.Linear(6, 20),
