@@ -186,6 +186,8 @@ class SamplingPlan:
             f"  largest dropout input: {self.row_bytes} bytes per replicated row; at most "
             f"{self.budget_rows} rows per pass fit the {self.budget_bytes >> 20} MiB budget"
         )
+        if self.layers is not None:
+            rows.append("  layers: a plain chain, run without the torch-function mode")
         rows.append(
             f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
             f"{self.rest_flops:.3g} per replicated row from it on"

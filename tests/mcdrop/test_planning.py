@@ -395,6 +395,7 @@ def test_a_plain_chain_samples_as_the_generic_path_bit_for_bit(name: str, n_rows
     x = torch.randn(n_rows, *shape, generator=torch.Generator().manual_seed(n_rows))
     kept = plan(model, x)
     assert kept.layers is not None  # the chain, not the torch-function mode
+    assert "layers: a plain chain" in repr(kept)
     generic = Wrapped(model)
     assert plan(generic, x).layers is None
     for options in ({}, {"prefix": "off"}, {"max_pass_rows": 7}):
