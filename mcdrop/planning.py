@@ -21,6 +21,10 @@ is made for the device the model is on), unless the prefix, counted in multiply-
 products and convolutions during the probe, is a large share of the work (each extra pass
 reruns it).
 
+A model that is a plain chain of torch layers (an ``nn.Sequential``, mcdrop's MLP and CNN) gets a
+:class:`LayerChain` in its plan: its passes run layer by layer without the torch-function mode,
+whose cost per torch call is several times a small model's arithmetic.
+
 Shape legend: ``N`` rows, ``S`` samples, ``B = S·N`` replicated rows, ``D...`` input dims.
 """
 
@@ -563,7 +567,9 @@ class LayerChain:
 
     # (layer, None) or (dropout layer, how it drops: SamplingContext.dropout's options)
     steps: tuple[tuple[Callable[[Tensor], Tensor], dict[str, Any] | None], ...]
-    containers: tuple[nn.Module, ...]  # the modules whose own forward the chain replaces
+    # Every module of the chain: none may have hooks (the chain skips the containers' and the
+    # dropout layers' calls, and a plain layer's hook would run outside the mode).
+    containers: tuple[nn.Module, ...]
     children: tuple[tuple[nn.Module | None, ...], ...]  # each container's children, as planned
     model: weakref.ref[nn.Module]
 
@@ -609,6 +615,7 @@ class LayerChain:
                 containers.append(part)
                 parts[:0] = part.children()
             elif kind in _PLAIN_LAYERS:
+                containers.append(part)
                 steps.append((part, None))
             elif kind in _DROPOUT_LAYERS:
                 func, inplace = _DROPOUT_LAYERS[kind]
@@ -622,9 +629,10 @@ class LayerChain:
         return cls(tuple(steps), tuple(containers), children, weakref.ref(model))
 
     def runnable(self, model: nn.Module) -> bool:
-        """Whether a pass may run the chain: the model's layers are still those planned, there
-        is no hook on a module whose call the chain skips (the model, its ``nn.Sequential``
-        parts and its dropout layers), and none global (``nn.Module.__call__`` runs those)."""
+        """Whether a pass may run the chain: the model's layers are still those planned, and no
+        module of the chain has a hook, nor any module globally (the chain skips the calls of
+        the model, its ``nn.Sequential`` parts and its dropout layers, and a hook of a plain
+        layer would run outside the torch-function mode)."""
         if self.model() is not model or any(
             tuple(c._modules.values()) != planned
             for c, planned in zip(self.containers, self.children, strict=True)

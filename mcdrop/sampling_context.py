@@ -9,7 +9,9 @@ training=self.training)`` in a custom ``forward``, the attention dropout inside
 :mod:`mcdrop.rnn`) is intercepted and made stochastic with a
 seeded mask from :mod:`mcdrop.masks`, while everything else (BatchNorm included) runs in eval
 mode. Because the mode lives on the calling thread, a deterministic prediction on another thread
-at the same moment sees a plain eval model. An active torch-function mode also switches off
+at the same moment sees a plain eval model. (A model that is a plain chain of torch layers runs
+without the mode: :class:`mcdrop.planning.LayerChain` hands its dropout layers' calls to the
+context directly, with the same masks.) An active torch-function mode also switches off
 PyTorch's transformer fast path, which would otherwise skip dropout entirely.
 
 Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),

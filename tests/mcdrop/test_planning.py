@@ -435,6 +435,21 @@ def test_a_hook_on_a_layer_the_chain_skips_is_kept() -> None:
     assert torch.equal(sample(model, x, 5, seed=1, plan=kept), before)
 
 
+def test_a_hook_on_a_plain_layer_runs_under_the_mode() -> None:
+    """A forward hook on a Linear that drops its output with F.dropout(training=False) is
+    sampled, as on any model: the pass falls back to the torch-function mode."""
+    model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 2)).eval()
+    x = torch.randn(4, 6)
+    kept = plan(model, x)
+    handle = model[0].register_forward_hook(lambda module, args, out: F.dropout(out, 0.5, False))
+    try:
+        hooked = sample(model, x, 8, seed=1)  # a fresh plan: one more dropout call
+        assert len(plan(model, x).calls) == len(kept.calls) + 1
+    finally:
+        handle.remove()
+    assert not torch.equal(hooked, sample(model, x, 8, seed=1, plan=kept))
+
+
 def test_a_chain_whose_layers_changed_since_its_plan_is_not_run() -> None:
     model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 2)).eval()
     x = torch.randn(4, 6)
