@@ -6,10 +6,16 @@ For each model, batch size N and sample count T:
 - **floor**: the least work any MC-dropout implementation must do: the layers before the first
   dropout once on the N rows, then one eval-mode pass of the rest over the S×N replicated rows
   (no masks at all);
+- **plain batched**: the batch replicated T times and one pass with the model's dropout layers
+  in train mode (:func:`baal_style`, what baal's ``replicate_in_memory`` does): no seeds, no
+  per-row reproducibility, and no dropout that is not a module or that a fused path skips;
 - **mcdrop**: ``mcdrop.sample(model, x, T, seed=0, plan=plan)`` with the model's sampling plan
   made beforehand (``mcdrop.plan(model, x)``), as a ``Predictor`` keeps it;
 - **baal** / **torch-uncertainty**: their MC-dropout wrappers, when installed
   (``pip install -e '.[compare]'``).
+
+Then ``Predictor.uncertainty`` against the plain batched pass feeding the same statistics, and
+the fixed cost of a call (one sample of one row against the floor).
 
 Run: ``python -m benchmarks.sampling [--quick]``.
 """
@@ -17,24 +23,29 @@ Run: ``python -m benchmarks.sampling [--quick]``.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from benchmarks.timing import compare, machine, ms, run_main, table
-from mcdrop import plan, sample
+from mcdrop import LoadedModel, ModelSpec, Predictor, plan, sample
 from mcdrop.nets import CNN, MLP
+from mcdrop.predictor import Summary
 from mcdrop.sampling_context import replicate
+from mcdrop.stats import ClassificationAccumulator, RegressionAccumulator
 
 
 class TinyTransformer(nn.Module):
-    """A 2-layer transformer encoder classifier: ``(N, 16, 64) -> (N, 10)``."""
+    """A 2-layer transformer encoder classifier: ``(N, 16, 64) -> (N, 10)``, with
+    ``feedforward`` hidden units per layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, feedforward: int = 128) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(64, 4, feedforward, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(64, 10)
 
@@ -49,6 +60,7 @@ class Reference:
     input_shape: tuple[int, ...]
     prefix: nn.Module  # layers before the first dropout (deterministic)
     rest: nn.Module
+    n_samples: int = 100  # T in the sampling table
 
 
 def _split(layers: Sequence[nn.Module]) -> tuple[nn.Module, nn.Module]:
@@ -74,6 +86,24 @@ def references() -> list[Reference]:
         Reference("transformer 2×(d64, 4 heads)", transformer, (16, 64), nn.Identity(), transformer)
     )
     return out
+
+
+def more_references() -> list[Reference]:
+    """Models of issue 14 beside the four references: a small MLP of the kind users write (an
+    ``nn.Sequential`` with dropout layers), and an encoder with torch's default feed-forward
+    width (2,048), sampled 50 times."""
+    torch.manual_seed(1)
+    small = nn.Sequential(
+        nn.Linear(8, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1),
+        nn.Linear(64, 1),
+    ).eval()  # fmt: skip
+    encoder = TinyTransformer(feedforward=2048).eval()
+    return [
+        Reference("MLP 8→64→64→1", small, (8,), *_split(list(small))),
+        Reference(
+            "transformer 2×(d64, 4 heads, ff 2048)", encoder, (16, 64), nn.Identity(), encoder, 50
+        ),
+    ]
 
 
 def naive_loop(model: nn.Module, x: Tensor, n_samples: int) -> Tensor:
@@ -153,20 +183,25 @@ def _varies(samples: object) -> bool:
     return bool(samples.float().var(dim=-1 if samples.dim() > 2 else 0).max() > 0)
 
 
+def _sampling_cases(ref: Reference, quick: bool) -> list[tuple[int, int]]:
+    t = ref.n_samples
+    cases = [(1, t), (32, t)] + ([(1, 10_000), (32, 10_000)] if ref.name.startswith("UCI") else [])
+    return [(n, min(t, 20)) for n, t in cases] if quick else cases
+
+
 def run(quick: bool = False) -> str:
-    cases = [(1, 100), (32, 100)]
+    """The sampling table (``mcdrop.sample``), the same for ``Predictor.uncertainty``, and the
+    fixed cost per call."""
     rows = []
     others_seen: set[str] = set()
-    for ref in references():
-        ref_cases = cases + ([(1, 10_000), (32, 10_000)] if ref.name.startswith("UCI") else [])
-        for n, t in ref_cases:
-            if quick:
-                t = min(t, 20)
+    for ref in references() + more_references():
+        for n, t in _sampling_cases(ref, quick):
             x = torch.randn(n, *ref.input_shape, generator=torch.Generator().manual_seed(n))
             kept = plan(ref.model, x)
             candidates: dict[str, Callable[[], object]] = {
                 "floor": lambda ref=ref, x=x, t=t: floor(ref, x, t),
                 "naive": lambda ref=ref, x=x, t=t: naive_loop(ref.model, x, t),
+                "plain": lambda ref=ref, x=x, t=t: baal_style(ref.model, x, t),
                 "mcdrop": lambda ref=ref, x=x, t=t, kept=kept: sample(
                     ref.model, x, t, seed=0, plan=kept
                 ),
@@ -181,6 +216,9 @@ def run(quick: bool = False) -> str:
                 else "—"
                 for k in ("baal", "torch-uncertainty")
             ]
+            plain_cell = ms(got["plain"])
+            if ref.name.startswith("transformer"):
+                plain_cell += " (zero variance)"  # the fused inference path skips its dropout
             rows.append(
                 [
                     ref.name,
@@ -188,9 +226,11 @@ def run(quick: bool = False) -> str:
                     t,
                     ms(got["floor"]),
                     ms(got["naive"]),
+                    plain_cell,
                     ms(got["mcdrop"]),
                     *other_cells,
                     f"{got['mcdrop'] / got['floor']:.2f}",
+                    f"{got['mcdrop'] / got['plain']:.2f}",
                     f"{got['naive'] / got['mcdrop']:.1f}",
                 ]
             )
@@ -200,10 +240,12 @@ def run(quick: bool = False) -> str:
         "T",
         "floor ms",
         "naive ms",
+        "plain batched ms",
         "mcdrop ms",
         "baal ms",
         "torch-unc. ms",
         "mcdrop / floor",
+        "mcdrop / plain",
         "naive / mcdrop",
     ]
     note = (
@@ -211,7 +253,110 @@ def run(quick: bool = False) -> str:
         if not others_seen
         else f"compared with: {', '.join(sorted(others_seen))}"
     )
-    return f"### Sampling ({machine()})\n\n{table(header, rows)}\n\n{note}\n"
+    return (
+        f"### Sampling ({machine()}, {load()})\n\n{table(header, rows)}\n\n{note}\n\n"
+        f"{predictor_table(quick)}\n\n{fixed_cost_table(quick)}\n"
+    )
+
+
+def load() -> str:
+    """The load average, which the ratios of a shared machine depend on."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min)"
+
+
+def predictor_of(ref: Reference) -> Predictor:
+    """``ref.model`` served as a loaded model: a classifier for 10 outputs, else a regressor."""
+    with torch.inference_mode():
+        k = ref.model(torch.zeros(1, *ref.input_shape)).shape[-1]
+    spec = ModelSpec(
+        name=ref.name,
+        task="classification" if k > 1 else "regression",
+        input_shape=list(ref.input_shape),
+        labels=[str(i) for i in range(k)],
+        architecture={"name": type(ref.model).__name__},
+        tau=None if k > 1 else 1.0,
+    )
+    return Predictor(LoadedModel(spec, ref.model, Path(ref.name)))
+
+
+def plain_summary(predictor: Predictor, x: Tensor, n_samples: int) -> Summary:
+    """What ``Predictor.uncertainty`` returns, from the plain batched pass's samples."""
+    samples = baal_style(predictor.model.module, x, n_samples)  # (T, N, K)
+    n, k = x.shape[0], samples.shape[-1]
+    acc: ClassificationAccumulator | RegressionAccumulator
+    if predictor.spec.task == "classification":
+        acc = ClassificationAccumulator(n, k)
+    else:
+        acc = RegressionAccumulator(n, k, noise_variance=1.0)
+    acc.update(samples)
+    return acc.result()
+
+
+def predictor_table(quick: bool = False) -> str:
+    """``Predictor.uncertainty`` (plan made beforehand, as a server's warm-up does) against the
+    plain batched pass feeding the same streaming statistics."""
+    rows = []
+    for ref in references() + more_references():
+        predictor = predictor_of(ref)
+        for n, t in _sampling_cases(ref, quick)[:2]:
+            x = torch.randn(n, *ref.input_shape, generator=torch.Generator().manual_seed(n))
+            predictor.warm_up(x)
+            got = compare(
+                {
+                    "plain": lambda p=predictor, x=x, t=t: plain_summary(p, x, t),
+                    "predictor": lambda p=predictor, x=x, t=t: p.uncertainty(x, t, seed=0),
+                },
+                rounds=2 if quick else 15,
+                budget_s=1 if quick else 20,
+            )
+            ratio = got["predictor"] / got["plain"]
+            rows.append([ref.name, n, t, ms(got["plain"]), ms(got["predictor"]), f"{ratio:.2f}"])
+    header = ["model", "N", "T", "plain + stats ms", "Predictor ms", "Predictor / plain"]
+    return f"#### Predictor.uncertainty\n\n{table(header, rows)}"
+
+
+def fixed_cost_table(quick: bool = False) -> str:
+    """The cost of a call beyond the model's own work: one sample of one row (T = 1, N = 1),
+    ``mcdrop.sample`` and ``Predictor.uncertainty`` against the floor, in µs."""
+    rows = []
+    for ref in references() + more_references():
+        predictor = predictor_of(ref)
+        x = torch.randn(1, *ref.input_shape, generator=torch.Generator().manual_seed(1))
+        predictor.warm_up(x)
+        kept = predictor.plan
+        got = compare(
+            {
+                "floor": lambda ref=ref, x=x: floor(ref, x, 1),
+                "mcdrop": lambda ref=ref, x=x, kept=kept: sample(
+                    ref.model, x, 1, seed=0, plan=kept
+                ),
+                "predictor": lambda p=predictor, x=x: p.uncertainty(x, 1, seed=0),
+                "plain": lambda ref=ref, x=x: baal_style(ref.model, x, 1),
+            },
+            rounds=3 if quick else 200,
+            budget_s=1 if quick else 10,
+        )
+        us = {k: v * 1e6 for k, v in got.items()}
+        rows.append(
+            [
+                ref.name,
+                f"{us['floor']:.0f}",
+                f"{us['plain']:.0f}",
+                f"{us['mcdrop']:.0f}",
+                f"{us['mcdrop'] - us['floor']:.0f}",
+                f"{us['predictor']:.0f}",
+            ]
+        )
+    header = [
+        "model (N = 1, T = 1)",
+        "floor µs",
+        "plain batched µs",
+        "mcdrop µs",
+        "fixed cost µs (mcdrop − floor)",
+        "Predictor µs",
+    ]
+    return f"#### Fixed cost per call\n\n{table(header, rows)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

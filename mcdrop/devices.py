@@ -87,8 +87,24 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (or buffer); the CPU for a model with neither."""
-    for tensor in model.parameters():
-        return tensor.device
-    for buffer in model.buffers():
-        return buffer.device
+    # A walk of the modules' own dicts, in the order of model.parameters(): that generator
+    # costs ~8 µs a call, as much as a small model's forward pass.
+    for kind in ("_parameters", "_buffers"):
+        found = _first_tensor(model, kind)
+        if found is not None:
+            return found.device
     return torch.device("cpu")
+
+
+def _first_tensor(module: nn.Module, kind: str) -> torch.Tensor | None:
+    """The first parameter (``kind`` ``"_parameters"``) or buffer of ``module`` in
+    ``module.modules()`` order."""
+    for tensor in getattr(module, kind).values():
+        if tensor is not None:
+            return tensor
+    for child in module._modules.values():
+        if child is not None:
+            found = _first_tensor(child, kind)
+            if found is not None:
+                return found
+    return None

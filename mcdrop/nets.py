@@ -201,10 +201,17 @@ class Standardized(nn.Module):
         self.register_buffer("target_std", target_std, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.destandardize(self.net(self.standardize(x)))
+
+    def standardize(self, x: Tensor) -> Tensor:
+        """Inputs in original units -> the units the network was trained in."""
         # Both of a pair or neither (__init__); the second test only narrows the type.
         if self.input_mean is not None and self.input_std is not None:
             x = (x - self.input_mean) / self.input_std
-        y = self.net(x)
+        return x
+
+    def destandardize(self, y: Tensor) -> Tensor:
+        """The network's outputs -> original units."""
         if self.target_mean is None or self.target_std is None:
             return y
         if self.heteroscedastic:

@@ -57,6 +57,17 @@ def non_finite_rows(result: Prediction | Summary, samples: Tensor | None = None)
     """Indices of the rows where any output is NaN or ±inf: any ``(N, ...)`` tensor of
     ``result``, or ``samples (S, N, K)`` (of a summary with ``row_n_samples``, only each row's
     own samples: an adaptive request pads the others with NaN)."""
+    floats = [
+        v
+        for v in vars(result).values()
+        if isinstance(v, Tensor) and v.dim() > 0 and v.is_floating_point()
+    ]
+    if samples is not None:
+        floats.append(samples)
+    # Almost every result is finite: one check over all of it first (a NaN padding an adaptive
+    # request's samples only sends it to the row-by-row check below).
+    if not floats or bool(torch.isfinite(torch.cat([v.reshape(-1) for v in floats])).all()):
+        return []
     bad: Tensor | None = None
     for value in vars(result).values():
         if isinstance(value, Tensor) and value.dim() > 0 and value.is_floating_point():
@@ -170,7 +181,7 @@ class Predictor:
         if x.shape[0] == 0:
             raise InvalidInputError("inputs must contain at least one row")
         x = x.to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        if not sampling.all_finite(x):
             bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()
             raise InvalidInputError(
                 f"inputs contain NaN or infinite values (rows {bad[:10].tolist()}); float32 "

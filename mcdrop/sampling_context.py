@@ -9,7 +9,9 @@ training=self.training)`` in a custom ``forward``, the attention dropout inside
 :mod:`mcdrop.rnn`) is intercepted and made stochastic with a
 seeded mask from :mod:`mcdrop.masks`, while everything else (BatchNorm included) runs in eval
 mode. Because the mode lives on the calling thread, a deterministic prediction on another thread
-at the same moment sees a plain eval model. An active torch-function mode also switches off
+at the same moment sees a plain eval model. (A model that is a plain chain of torch layers runs
+without the mode: :class:`mcdrop.planning.LayerChain` hands its dropout layers' calls to the
+context directly, with the same masks.) An active torch-function mode also switches off
 PyTorch's transformer fast path, which would otherwise skip dropout entirely.
 
 Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),
@@ -90,6 +92,11 @@ class SamplingContext:
             _active.reset(self._token)
             self._token = None
 
+    def active(self) -> _Active:
+        """Make this the thread's context without the torch-function mode, for a caller that
+        hands every dropout call to the context itself (:class:`mcdrop.planning.LayerChain`)."""
+        return _Active(self)
+
     def rows(
         self, x: Tensor, kind: str, batch_dim: int | None = None
     ) -> tuple[Tensor, CallLayout] | None:
@@ -106,6 +113,18 @@ class SamplingContext:
             ``x`` with ``B`` rows and the call's layout; None while probing a model's layout
             (:mod:`mcdrop.planning`), when the call leaves ``x`` as it is.
         """
+        found = self.take(x, kind, batch_dim)
+        if found is None:
+            return None
+        x, layout, times = found
+        return (x if times == 1 else replicate(x, times, layout.dim)), layout
+
+    def take(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout, int] | None:
+        """:meth:`rows` without the replication: ``x`` as given, its layout, and how many times
+        the caller must replicate it along the layout's dimension (1 but on the first call of a
+        context that defers replication)."""
         index = self.calls
         if index >= len(self.layouts):
             raise UnsupportedModelError(
@@ -123,11 +142,11 @@ class SamplingContext:
                 "be keyed per row"
             )
         self.calls += 1
-        if self.replicate > 1:
-            x = replicate(x, self.replicate, layout.dim)
-            self.batch *= self.replicate
+        times = self.replicate
+        if times > 1:
+            self.batch *= times
             self.replicate = 1
-        return x, layout
+        return x, layout, times
 
     def keep(self, call: CallLayout, per_row: int, p: float) -> Tensor:
         """``(B, per_row)`` boolean keep-mask for ``call``."""
@@ -160,7 +179,22 @@ class SamplingContext:
             raise UnsupportedModelError(
                 f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
             )
-        found = self.rows(x, kind, 0 if feature else batch_dim)
+        if not (feature or alpha or p == 1.0) and self.replicate > 1:
+            # The first call of a pass that shares the prefix, the common case: multiply the
+            # multipliers of all B rows by the N rows broadcast, rather than replicate the N rows
+            # and multiply (the same products, one pass over the activation fewer).
+            taken = self.take(x, kind, batch_dim)
+            if taken is not None:
+                x, call, times = taken
+                if call.dim == 0:
+                    scale = self._scale_like(x, p, call, times)  # (times · x.shape[0], ...)
+                    return scale.view(times, *x.shape).mul_(x).view(scale.shape)
+                x = replicate(x, times, call.dim)
+                found: tuple[Tensor, CallLayout] | None = (x, call)
+            else:
+                found = None
+        else:
+            found = self.rows(x, kind, 0 if feature else batch_dim)
         if found is None:
             return x
         x, call = found
@@ -181,11 +215,15 @@ class SamplingContext:
             return scale.mul_(x)
         return x * scale  # the output keeps x's layout (a later .view() may rely on it)
 
-    def _scale_like(self, x: Tensor, p: float, call: CallLayout) -> Tensor:
-        """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``."""
-        moved_shape = (x.shape[call.dim], *x.shape[: call.dim], *x.shape[call.dim + 1 :])
-        per_row = math.prod(moved_shape[1:]) * call.group  # entries owned by each of the B rows
-        return self.scale(call, per_row, p, x.dtype).reshape(moved_shape).movedim(0, call.dim)
+    def _scale_like(self, x: Tensor, p: float, call: CallLayout, times: int = 1) -> Tensor:
+        """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``; with
+        ``times``, like ``x`` replicated ``times`` times along it."""
+        rest = (*x.shape[: call.dim], *x.shape[call.dim + 1 :])
+        per_row = math.prod(rest) * call.group  # entries owned by each of the B rows
+        scale = self.scale(call, per_row, p, x.dtype)  # (B, per_row)
+        if call.dim == 0:
+            return scale.view(times * x.shape[0], *rest)
+        return scale.view(times * x.shape[call.dim], *rest).movedim(0, call.dim)
 
     def _alpha_dropout(
         self, x: Tensor, p: float, call: CallLayout, *, feature: bool, inplace: bool
@@ -205,10 +243,28 @@ class SamplingContext:
         return x.copy_(out) if inplace else out
 
 
+class _Active:
+    """:meth:`SamplingContext.active`'s context manager."""
+
+    def __init__(self, ctx: SamplingContext) -> None:
+        self.ctx = ctx
+        self.token: contextvars.Token[SamplingContext | None] | None = None
+
+    def __enter__(self) -> SamplingContext:
+        self.token = _active.set(self.ctx)
+        return self.ctx
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _active.reset(self.token)
+
+
 def replicate(x: Tensor, times: int, dim: int = 0) -> Tensor:
     """``x`` repeated ``times`` times along ``dim``, sample-major (index ``s · size + i``), the
     layout of the keys: a new tensor equal to ``x.repeat``'s, which is several times slower on
     the small activations of one request."""
+    if times == 1:  # one sample per pass: the copy alone
+        return x.clone(memory_format=torch.contiguous_format)
     shape = list(x.shape)
     shape[dim] *= times
     out = x.unsqueeze(dim).expand(*x.shape[:dim], times, *x.shape[dim:]).reshape(shape)
@@ -244,7 +300,7 @@ def _functional(
 
 # Every dropout function torch has, and how it drops: per element or per channel (feature),
 # inverted or alpha, in place or not.
-_DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
+DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
     F.dropout: {},
     F.dropout1d: {"feature": True},
     F.dropout2d: {"feature": True},
@@ -262,7 +318,7 @@ _DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
 }
 
 _HANDLERS: dict[Callable[..., Any], Handler] = {
-    func: _functional(func.__name__, **options) for func, options in _DROPOUT_FUNCTIONS.items()
+    func: _functional(func.__name__, **options) for func, options in DROPOUT_FUNCTIONS.items()
 }
 _HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
 _HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention

@@ -22,9 +22,14 @@ def _ratios(text: str, column: str) -> list[float]:
 @pytest.mark.slow
 def test_sampling_quick() -> None:
     text = sampling.run(quick=True)
-    ratios = _ratios(text, "mcdrop / floor")
-    assert len(ratios) == 10  # 4 models × 2 batches, plus T = 10,000 twice for the UCI MLP
+    ratios = _ratios(text.split("####")[0], "mcdrop / floor")
+    assert len(ratios) == 14  # 6 models × 2 batches, plus T = 10,000 twice for the UCI MLP
     assert all(r > 0 for r in ratios)
+    assert len(_ratios(text.split("####")[0], "mcdrop / plain")) == 14
+    predictor = text.split("#### Predictor.uncertainty")[1].split("####")[0]
+    assert len(_ratios(predictor, "Predictor / plain")) == 12
+    fixed = text.split("#### Fixed cost per call")[1]
+    assert len(_ratios(fixed, "mcdrop µs")) == 6
 
 
 #: Samples and rows per comparison: over 40 seeds the largest mean gap was 4.0 standard errors
@@ -45,7 +50,7 @@ def _references() -> list[object]:
             if any(isinstance(m, heavy) for m in ref.model.modules())
             else [],
         )
-        for ref in sampling.references()
+        for ref in sampling.references() + sampling.more_references()
     ]
 
 

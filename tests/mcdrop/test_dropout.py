@@ -398,3 +398,42 @@ def test_dropconnect_masks_are_built_in_bounded_blocks(monkeypatch: pytest.Monke
     whole = sample(layer, x, 6, seed=1)
     monkeypatch.setattr(dropout_module, "DROPCONNECT_BUDGET", 12 * 5 * 4)  # 4 rows per block
     assert torch.allclose(sample(layer, x, 6, seed=1), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_samples_match_a_naive_reference(batch_first: bool) -> None:
+    """nn.MultiheadAttention under sampling, by hand in float64 for every replicated row: the
+    softmax weights times that row's multipliers (made from its key as :mod:`mcdrop.masks`
+    documents), then the values and the output projection."""
+    from mcdrop import masks
+
+    torch.manual_seed(2)
+    heads, length, embed, n_rows, n_samples, p = 2, 5, 8, 3, 6, 0.25
+    mha = nn.MultiheadAttention(embed, heads, dropout=p, batch_first=batch_first).eval()
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x: Tensor) -> Tensor:
+            seq = x if batch_first else x.transpose(0, 1)
+            out = self.mha(seq, seq, seq, need_weights=False)[0]
+            return out if batch_first else out.transpose(0, 1)
+
+    x = torch.randn(n_rows, length, embed)
+    samples = sample(SelfAttention(), x, n_samples, seed=5)  # (S, N, L, E)
+    keys = masks.sample_keys(masks.row_keys(x, 5), 0, n_samples)  # (S·N,), sample-major
+    per_row = heads * length * length
+    scale = masks.keep_scale(keys, 0, per_row, p, torch.float64)
+    scale = scale.view(n_samples, n_rows, heads, length, length)
+    w_in, b_in = mha.in_proj_weight.double(), mha.in_proj_bias.double()
+    w_out, b_out = mha.out_proj.weight.double(), mha.out_proj.bias.double()
+    with torch.no_grad():
+        q, k, v = (x.double() @ w_in.T + b_in).chunk(3, dim=-1)  # (N, L, E) each
+        q, k, v = (t.view(n_rows, length, heads, -1).transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / (embed // heads) ** 0.5, dim=-1)
+        out = (weights * scale) @ v  # (S, N, H, L, E / H)
+        out = out.transpose(2, 3).reshape(n_samples, n_rows, length, embed)
+        reference = out @ w_out.T + b_out
+    assert torch.allclose(samples.double(), reference, atol=1e-5)

@@ -209,3 +209,14 @@ def test_torch_masks_run_on_a_device_without_values() -> None:
         scale = masks.keep_scale(keys, 3, 37, p, torch.bfloat16)
         assert (scale.shape, scale.dtype, scale.device.type) == ((12, 37), torch.bfloat16, "meta")
         assert masks.keep_mask(keys, 3, 37, p).device.type == "meta"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.25, 3 / 256])
+@pytest.mark.parametrize("n", [masks.BLOCK_WORDS // 3 + 5, 8 * masks.BLOCK_WORDS + 1])
+def test_masks_made_in_blocks_of_rows_equal_one_array(p: float, n: int) -> None:
+    """NumPy makes large masks a few rows at a time (``masks.BLOCK_WORDS``); torch in one
+    array. Same multipliers, at sizes that take several blocks and a last partial one."""
+    keys = masks.sample_keys(torch.arange(5, dtype=torch.int64), 0, 3)  # 15 rows
+    expected = masks.keep_scale(keys, 2, n, p, torch.float32, backend="torch")
+    assert torch.equal(masks.keep_scale(keys, 2, n, p, torch.float32, backend="numpy"), expected)
+    assert torch.equal(masks.keep_mask(keys, 2, n, p), expected > 0)

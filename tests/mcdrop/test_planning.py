@@ -331,3 +331,128 @@ def test_rounding_near_zero_beside_large_outputs_is_not_batch_mixing() -> None:
     for seed in (158, 595):  # inputs a fixed absolute tolerance refused
         x = torch.rand(2, 64, generator=torch.Generator().manual_seed(seed)) * 16
         assert plan(model, x).calls
+
+
+# -- plain layer chains: run without the torch-function mode, same samples ------------------------
+
+
+class Wrapped(nn.Module):
+    """``inner`` behind a custom ``forward``: the generic path (the torch-function mode)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def _chains() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    from mcdrop.nets import CNN, MLP, Standardized
+
+    torch.manual_seed(0)
+    return {
+        "standardized MLP": (
+            Standardized(
+                MLP(4, [16], 2, dropout=0.2),
+                *(torch.randn(4), torch.rand(4) + 0.5, torch.randn(1), torch.rand(1) + 0.5),
+                heteroscedastic=True,
+            ),
+            (4,),
+        ),
+        "sequential": (
+            nn.Sequential(
+                nn.Linear(6, 20),
+                nn.Tanh(),
+                nn.Dropout(0.3),
+                nn.Sequential(nn.Linear(20, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Dropout(0.5)),
+                nn.Linear(20, 2),
+            ),
+            (6,),
+        ),
+        "in-place dropout": (
+            nn.Sequential(
+                nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.2, inplace=True), nn.Linear(20, 2)
+            ),
+            (6,),
+        ),
+        "alpha dropout": (
+            nn.Sequential(nn.Linear(6, 20), nn.SELU(), nn.AlphaDropout(0.2), nn.Linear(20, 2)),
+            (6,),
+        ),
+        "input dropout first": (nn.Sequential(nn.Dropout(0.1), nn.Linear(6, 3)), (6,)),
+        "MLP": (MLP(8, [64, 64], 1, dropout=0.1, input_dropout=0.2), (8,)),
+        "MLP flatten": (MLP(16, [32], 3, dropout=0.5, flatten=True), (4, 4)),
+        "CNN": (CNN(channels=(4, 8), pool=(True, True), spatial_dropout=0.1, hidden=16), (28, 28)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_chains()))
+@pytest.mark.parametrize("n_rows", [1, 5])
+def test_a_plain_chain_samples_as_the_generic_path_bit_for_bit(name: str, n_rows: int) -> None:
+    model, shape = _chains()[name]
+    model.eval()
+    x = torch.randn(n_rows, *shape, generator=torch.Generator().manual_seed(n_rows))
+    kept = plan(model, x)
+    assert kept.layers is not None  # the chain, not the torch-function mode
+    assert "layers: a plain chain" in repr(kept)
+    generic = Wrapped(model)
+    assert plan(generic, x).layers is None
+    for options in ({}, {"prefix": "off"}, {"max_pass_rows": 7}):
+        got = sample(model, x, 9, seed=3, plan=kept, **options)  # type: ignore[arg-type]
+        assert torch.equal(got, sample(generic, x, 9, seed=3, **options))  # type: ignore[arg-type]
+
+
+def test_a_plain_chain_matches_a_naive_reference() -> None:
+    """Linear → ReLU → Dropout → Linear, by hand in float64: each sample's hidden units times
+    that sample's multipliers, made from the row's key as :mod:`mcdrop.masks` documents."""
+    from mcdrop import masks
+
+    torch.manual_seed(1)
+    first, last = nn.Linear(5, 30), nn.Linear(30, 2)
+    model = nn.Sequential(first, nn.ReLU(), nn.Dropout(0.25), last).eval()
+    x = torch.randn(3, 5)
+    samples = sample(model, x, 40, seed=7)  # (S, N, 2)
+    keys = masks.sample_keys(masks.row_keys(x, 7), 0, 40)  # (S·N,), sample-major
+    scale = masks.keep_scale(keys, 0, 30, 0.25, torch.float64).view(40, 3, 30)
+    with torch.no_grad():
+        hidden = torch.relu(first.double()(x.double()))  # (N, 30)
+        reference = last.double()(hidden * scale)  # (S, N, 2)
+    assert torch.allclose(samples.double(), reference, atol=1e-5)
+
+
+def test_a_hook_on_a_layer_the_chain_skips_is_kept() -> None:
+    model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 2)).eval()
+    x = torch.randn(4, 6)
+    kept = plan(model, x)
+    before = sample(model, x, 5, seed=1, plan=kept)
+    handle = model[2].register_forward_hook(lambda module, args, out: out * 0)
+    try:
+        hooked = sample(model, x, 5, seed=1, plan=kept)
+    finally:
+        handle.remove()
+    assert torch.equal(hooked, model[3].bias.detach().expand_as(hooked))
+    assert torch.equal(sample(model, x, 5, seed=1, plan=kept), before)
+
+
+def test_a_hook_on_a_plain_layer_runs_under_the_mode() -> None:
+    """A forward hook on a Linear that drops its output with F.dropout(training=False) is
+    sampled, as on any model: the pass falls back to the torch-function mode."""
+    model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 2)).eval()
+    x = torch.randn(4, 6)
+    kept = plan(model, x)
+    handle = model[0].register_forward_hook(lambda module, args, out: F.dropout(out, 0.5, False))
+    try:
+        hooked = sample(model, x, 8, seed=1)  # a fresh plan: one more dropout call
+        assert len(plan(model, x).calls) == len(kept.calls) + 1
+    finally:
+        handle.remove()
+    assert not torch.equal(hooked, sample(model, x, 8, seed=1, plan=kept))
+
+
+def test_a_chain_whose_layers_changed_since_its_plan_is_not_run() -> None:
+    model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 2)).eval()
+    x = torch.randn(4, 6)
+    kept = plan(model, x)
+    model[3] = nn.Linear(20, 5)
+    assert sample(model, x, 3, seed=0, plan=kept).shape == (3, 4, 5)
