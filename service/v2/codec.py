@@ -317,7 +317,11 @@ def _bytes_tensor(array: np.ndarray) -> bytes:
 def _json_data(array: np.ndarray) -> list[Any]:
     if array.dtype == object:
         return [b.decode() for b in array.ravel()]
-    return array.ravel().tolist()
+    values = array.ravel()
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        # JSON has no NaN: the samples an adaptive row did not draw are null.
+        return [None if v != v else v for v in values.tolist()]
+    return values.tolist()
 
 
 def encode_response(

@@ -112,7 +112,9 @@ def _infer_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Calla
 async def infer(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
     """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
     with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
-    ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs)."""
+    ``predict``), ``n_samples`` (a count, or ``"auto"`` with ``tolerance`` and
+    ``max_n_samples``: the ``n_samples`` output then says how many each row used), ``seed``,
+    ``level``, ``binary_data_output``, ``timeout`` (µs)."""
     return await _infer(request, registry, settings)
 
 
@@ -257,13 +259,23 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         if parsed.header.outputs is None
         else [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
     )
-    selected = outputs.select(spec, params.mode, requested, params.binary_data_output)
+    auto = params.n_samples == "auto"
+    selected = outputs.select(
+        spec, params.mode, requested, params.binary_data_output, adaptive=auto
+    )
     wants_samples = any(s.name == outputs.SAMPLES for s in selected)
     options = None
     if params.mode == outputs.UNCERTAINTY:
         level = 0.95 if params.level is None else params.level
         options = dataplane.mc_options(
-            rows, params.n_samples, level, wants_samples, handle, settings
+            rows,
+            params.n_samples,
+            level,
+            wants_samples,
+            handle,
+            settings,
+            tolerance=params.tolerance,
+            max_n_samples=params.max_n_samples,
         )
     n_samples = 0 if options is None else options.n_samples
     values = sum(s.info.values_per_row(n_samples) for s in selected if not s.binary)
@@ -295,12 +307,14 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         )
         check_finite(summary, samples)
         tensors = outputs.uncertainty_tensors(spec, summary, samples)
-        header["parameters"] = {
-            "mode": outputs.UNCERTAINTY,
-            "n_samples": options.n_samples,
-            "seed": seed,
-            "level": options.level,
-        }
+        header["parameters"] = {"mode": outputs.UNCERTAINTY, "n_samples": options.n_samples}
+        if auto:  # as the native response: "auto", its tolerance, and the most a row may use
+            header["parameters"] |= {
+                "n_samples": "auto",
+                "tolerance": options.tolerance,
+                "max_n_samples": options.n_samples,
+            }
+        header["parameters"] |= {"seed": seed, "level": options.level}
     content, header_length = await dataplane.off_loop(
         rows * (values + binary) > dataplane.LARGE_RESPONSE_VALUES,
         _encode,
