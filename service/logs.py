@@ -70,21 +70,28 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            access_log.info(
-                "%s %s %d %.1f ms",
-                scope.get("method", ""),
-                scope.get("path", ""),
-                status,
-                (time.perf_counter() - started) * 1e3,
-                extra={
-                    "method": scope.get("method", ""),
-                    "path": scope.get("path", ""),
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
-                    "client": (scope.get("client") or ("", 0))[0],
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):  # else skip building the record's fields
+                self._log(scope, status, started)
             _request_id.reset(token)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        method, path = scope.get("method", ""), scope.get("path", "")
+        access_log.info(
+            "%s %s %d %.1f ms",
+            method,
+            path,
+            status,
+            elapsed_ms,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(elapsed_ms, 3),
+                "client": (scope.get("client") or ("", 0))[0],
+            },
+        )
 
 
 class _StampRequestId(logging.Filter):

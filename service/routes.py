@@ -23,17 +23,16 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from mcdrop import fresh_seed
-from mcdrop.predictor import check_finite
 from service import convert, dataplane, schemas
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
-from service.deps import RegistryDep, SettingsDep
+from service.deps import RegistryDep, SettingsDep, registry_and_settings
 from service.errors import UnsupportedMediaTypeError
 from service.registry import ModelHandle, Registry
 
@@ -42,12 +41,18 @@ class _OffLoopBody(APIRoute):
     """A route that parses a large JSON body in a worker thread: FastAPI's own ``json.loads``
     runs on the event loop, and a 4 MB body of image rows holds it (and ``/health``) for
     ~100 ms. The parsed body is left where Starlette's ``Request.json()`` caches it, so
-    FastAPI validates it as usual (and a body that is not JSON fails there, as before)."""
+    FastAPI validates it as usual (and a body that is not JSON fails there, as before).
+
+    A route that takes a body takes JSON only: anything else is a 415 (:func:`require_json`),
+    checked here rather than as a dependency, which FastAPI would solve on every request."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
+        takes_body = self.body_field is not None
 
         async def handler(request: Request) -> Response:
+            if takes_body:
+                await require_json(request)
             body = await request.body()
             large = len(body) > dataplane.LARGE_BODY_BYTES
             if large and is_json(request.headers.get("content-type")):
@@ -229,24 +234,20 @@ _INFERENCE_ERRORS = _errors(400, 404, 408, 413, 415, 422, 500, 503, 504)
     response_model=schemas.PredictResponse,
     tags=[INFERENCE_TAG],
     responses=_INFERENCE_ERRORS,
-    dependencies=[Depends(require_json)],
 )
-async def predict(
-    name: str,
-    body: schemas.PredictRequest,
-    request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
-) -> Response:
+async def predict(name: str, body: schemas.PredictRequest, request: Request) -> Response:
     """Deterministic prediction (dropout off): probabilities and label, or the value in original
     units."""
+    registry, settings = registry_and_settings(request)
     handle = registry.get(name)
     rows, k = len(body.inputs), handle.spec.n_outputs
     dataplane.check_rows(rows, settings)
     dataplane.check_response_size(rows, 2 * k, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     prediction = await handle.predict(x, gone=dataplane.disconnected(request))
-    check_finite(prediction)  # this request's rows only: a merged batch is not checked whole
+    dataplane.check_finite(
+        prediction
+    )  # this request's rows only: a merged batch is not checked whole
     large = rows * k > dataplane.LARGE_RESPONSE_VALUES
     response = await dataplane.off_loop(
         large, convert.predict_response, handle.predictor, prediction
@@ -260,20 +261,14 @@ async def predict(
     response_model_exclude_none=True,
     tags=[INFERENCE_TAG],
     responses=_INFERENCE_ERRORS,
-    dependencies=[Depends(require_json)],
 )
-async def uncertainty(
-    name: str,
-    body: schemas.UncertaintyRequest,
-    request: Request,
-    registry: RegistryDep,
-    settings: SettingsDep,
-) -> Response:
+async def uncertainty(name: str, body: schemas.UncertaintyRequest, request: Request) -> Response:
     """MC-dropout uncertainty: ``n_samples`` stochastic passes per row, summarised (mean,
     variance, std; entropy, mutual information, variation ratio for classifiers; interval and
     epistemic/aleatoric split for regressors). With ``n_samples: "auto"`` each row samples until
     its MC standard error is within ``tolerance`` (or it has ``max_n_samples``), and each result
     says how many samples it used."""
+    registry, settings = registry_and_settings(request)
     handle = registry.get(name)
     rows, k = len(body.inputs), handle.spec.n_outputs
     dataplane.check_rows(rows, settings)
@@ -295,7 +290,7 @@ async def uncertainty(
     summary, samples = await handle.uncertainty(
         x, options, seed=seed, gone=dataplane.disconnected(request)
     )
-    check_finite(summary, samples)
+    dataplane.check_finite(summary, samples)
     large = rows * values > dataplane.LARGE_RESPONSE_VALUES
     response = await dataplane.off_loop(
         large,

@@ -17,11 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from mcdrop import fresh_seed
-from mcdrop.predictor import check_finite
 from service import dataplane
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
-from service.deps import RegistryDep, SettingsDep
+from service.deps import RegistryDep, registry_and_settings
 from service.errors import ModelNotFoundError
 from service.registry import ModelHandle, Registry
 from service.v2 import codec, outputs, schemas
@@ -109,19 +108,19 @@ def _infer_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Calla
 
 # The infer routes first: FastAPI tries routes in order, and these take the traffic.
 @_infer_route("/models/{name}/infer", "name")
-async def infer(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+async def infer(request: Request) -> Response:
     """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
     with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
     ``predict``), ``n_samples`` (a count, or ``"auto"`` with ``tolerance`` and
     ``max_n_samples``: the ``n_samples`` output then says how many each row used), ``seed``,
     ``level``, ``binary_data_output``, ``timeout`` (µs)."""
-    return await _infer(request, registry, settings)
+    return await _infer(request, *registry_and_settings(request))
 
 
 @_infer_route("/models/{name}/versions/{version}/infer", "name", "version")
-async def infer_version(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+async def infer_version(request: Request) -> Response:
     """Inference on a model version (see ``/v2/models/{name}/infer``)."""
-    return await _infer(request, registry, settings)
+    return await _infer(request, *registry_and_settings(request))
 
 
 def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -297,7 +296,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     gone = dataplane.disconnected(request)
     if options is None:
         prediction = await handle.predict(x, gone=gone, timeout_s=timeout_s)
-        check_finite(prediction)  # this request's rows only, as the native routes
+        dataplane.check_finite(prediction)  # this request's rows only, as the native routes
         tensors = outputs.predict_tensors(spec, prediction)
         header["parameters"] = {"mode": outputs.PREDICT}
     else:
@@ -305,7 +304,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         summary, samples = await handle.uncertainty(
             x, options, seed=seed, gone=gone, timeout_s=timeout_s
         )
-        check_finite(summary, samples)
+        dataplane.check_finite(summary, samples)
         tensors = outputs.uncertainty_tensors(spec, summary, samples)
         header["parameters"] = {"mode": outputs.UNCERTAINTY, "n_samples": options.n_samples}
         if auto:  # as the native response: "auto", its tolerance, and the most a row may use
