@@ -530,6 +530,7 @@ def overhead(quick: bool = False, generator: str = "raw") -> str:
     bodies, and the model's own CPU time in process; the ratio is the median over rounds of
     service ÷ (bare + model). Target (issue 14): at most 1.5."""
     seconds, rounds, calls = (0.5, 1, 50) if quick else (2.0, 5, 400)
+    seconds, rounds = float(os.environ.get("HTTP_S", seconds)), int(os.environ.get("HTTP_R", rounds))
     rows = _rows()["digits"]
     requests: dict[str, tuple[str, list[bytes], dict[str, str]]] = {}
     for case, endpoint, protocol in OVERHEAD_CASES:

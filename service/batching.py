@@ -153,6 +153,8 @@ class Lane:
 
 def _split(result: Any, sizes: list[int]) -> list[Any]:
     """Cut a batched result (dataclass of ``(N, ...)`` tensors) into per-request results."""
+    if len(sizes) == 1:
+        return [result]  # one request's: nothing to cut (and no copy of every field to make)
     parts: list[dict[str, Any]] = [{} for _ in sizes]
     for name, value in vars(result).items():
         if isinstance(value, Tensor) and value.dim() > 0:

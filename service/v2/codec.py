@@ -303,7 +303,12 @@ def decode_input(request: Request, predictor: Predictor) -> Tensor:
                 f"{len(request.binary)} bytes after the JSON header"
             )
         x = _from_binary(tensor, dtype, request.binary)
-    return predictor.check_inputs(x)
+    shape = predictor.spec.input_shape
+    if x.shape[0] > 0 and list(x.shape[1:]) == shape and bool(np.isfinite(x.numpy()).all()):
+        # The predictor's check finds nothing wrong either; numpy's scan for NaN, ±inf and
+        # float32 overflow costs a few µs where torch's per-op dispatch costs ~15.
+        return x
+    return predictor.check_inputs(x)  # says what is wrong
 
 
 # -- the response body ---------------------------------------------------------------------------
