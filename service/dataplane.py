@@ -103,7 +103,8 @@ def check_finite(result: Prediction | Summary, samples: torch.Tensor | None = No
     if samples is not None:
         tensors.append(samples)
     try:
-        if all(np.isfinite(t.numpy()).all() for t in tensors if t.is_floating_point()):
+        finite = np.logical_and.reduce  # over every element: a ufunc, no Python wrapper
+        if all(finite(np.isfinite(t.numpy()), axis=None) for t in tensors if t.is_floating_point()):
             return
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or not on the CPU
         pass
