@@ -89,21 +89,31 @@ _INFER_BODY = {
 
 
 def _infer_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return router.post(
-        path,
-        tags=[INFERENCE_TAG],
-        response_class=Response,
-        responses={
-            200: {
-                "model": schemas.InferenceResponse,
-                "description": "the output tensors: JSON, or with binary outputs the JSON then "
-                "their bytes (application/octet-stream, Inference-Header-Content-Length)",
-                "content": {"application/octet-stream": {}},
+    """``router.post(path)`` for an infer endpoint, which reads its own body: called with the
+    request alone (:class:`~service.dataplane.RequestRoute`)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            route_class_override=dataplane.RequestRoute,
+            tags=[INFERENCE_TAG],
+            response_class=Response,
+            responses={
+                200: {
+                    "model": schemas.InferenceResponse,
+                    "description": "the output tensors: JSON, or with binary outputs the JSON "
+                    "then their bytes (application/octet-stream, Inference-Header-Content-Length)",
+                    "content": {"application/octet-stream": {}},
+                },
+                **_errors(400, 404, 408, 413, 500, 503, 504),
             },
-            **_errors(400, 404, 408, 413, 500, 503, 504),
-        },
-        openapi_extra={**_path_parameters(*names), **_INFER_BODY},
-    )
+            openapi_extra={**_path_parameters(*names), **_INFER_BODY},
+        )
+        return endpoint
+
+    return register
 
 
 # The infer routes first: FastAPI tries routes in order, and these take the traffic.
