@@ -119,6 +119,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError("mcdrop serve exited")
             time.sleep(0.2)
+        self.__exit__()  # no server left behind
         raise RuntimeError("mcdrop serve did not become ready")
 
     def __exit__(self, *exc: object) -> None:
@@ -530,7 +531,6 @@ def overhead(quick: bool = False, generator: str = "raw") -> str:
     bodies, and the model's own CPU time in process; the ratio is the median over rounds of
     service ÷ (bare + model). Target (issue 14): at most 1.5."""
     seconds, rounds, calls = (0.5, 1, 50) if quick else (2.0, 5, 400)
-    seconds, rounds = float(os.environ.get("HTTP_S", seconds)), int(os.environ.get("HTTP_R", rounds))
     rows = _rows()["digits"]
     requests: dict[str, tuple[str, list[bytes], dict[str, str]]] = {}
     for case, endpoint, protocol in OVERHEAD_CASES:

@@ -8,17 +8,20 @@ are batched, memory-bounded and seeded per row, and the statistics are pure func
     >>> mcdrop.stats.mutual_information(samples)                   # (N,)
 """
 
-from mcdrop import adaptive, metrics, stats
+from mcdrop import adaptive, calibration, metrics, stats
+from mcdrop.calibration import Calibration, calibrate
 from mcdrop.checking import CheckReport, check
 from mcdrop.checkpoint import LoadedModel, ModelSpec, load
 from mcdrop.dropout import DropConnectLinear, LockedDropout, dropout_modules
 from mcdrop.exceptions import (
     CheckpointError,
+    DecisionUnavailableError,
     InvalidArgumentError,
     InvalidInputError,
     McDropError,
     NoDropoutError,
     NonFiniteOutputError,
+    NotCalibratedError,
     SamplingStoppedError,
     UnsampledDropoutWarning,
     UnsupportedModelError,
@@ -32,8 +35,10 @@ from mcdrop.saving import save
 
 __all__ = [
     "MAX_SEED",
+    "Calibration",
     "CheckReport",
     "CheckpointError",
+    "DecisionUnavailableError",
     "DropConnectLinear",
     "InvalidArgumentError",
     "InvalidInputError",
@@ -43,6 +48,7 @@ __all__ = [
     "ModelSpec",
     "NoDropoutError",
     "NonFiniteOutputError",
+    "NotCalibratedError",
     "Predictor",
     "SamplingPlan",
     "SamplingStoppedError",
@@ -50,6 +56,8 @@ __all__ = [
     "UnsupportedModelError",
     "UntrustedCodeError",
     "adaptive",
+    "calibrate",
+    "calibration",
     "check",
     "dropout_modules",
     "fresh_seed",

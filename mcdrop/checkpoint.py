@@ -4,11 +4,14 @@ A model directory holds::
 
     model.json            the manifest (:class:`ModelSpec`)
     weights.safetensors   the network's state dict (tensors only; reading it runs no code)
+    calibration.json      optional: held-out scores for decisions (``mcdrop calibrate``)
 
 A model directory is data. Loading one parses JSON, reads safetensors (never pickle) and builds
 a built-in architecture; it imports code only for an ``architecture.factory`` that the caller
 trusts (``trust_model_code``, or ``allowed_factories``; see :func:`mcdrop.nets.resolve_factory`).
-Other files in the directory are never read.
+An optional ``calibration.json`` (held-out statistics for rejection thresholds and conformal
+prediction, :mod:`mcdrop.calibration`) is read and validated with it, as JSON; other files in
+the directory are never read.
 
 The manifest says everything needed to rebuild and serve the model: its task, input shape,
 output labels, architecture and hyper-parameters, dropout rate, τ for regressors, input/target
@@ -29,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mcdrop import calibration as calibration_
 from mcdrop.devices import resolve_device, resolve_dtype
 from mcdrop.exceptions import CheckpointError
 from mcdrop.nets import ReducedPrecision, Standardized, build
@@ -165,12 +169,13 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A model directory in memory: its spec and the ready-to-run module (eval mode, original
-    units in and out)."""
+    """A model directory in memory: its spec, the ready-to-run module (eval mode, original
+    units in and out), and its calibration if the directory has one."""
 
     spec: ModelSpec
     module: nn.Module
     path: Path
+    calibration: calibration_.Calibration | None = None
 
 
 def _norm_tensors(
@@ -240,6 +245,7 @@ def load(
     allowed_factories: Sequence[str] = (),
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    read_calibration: bool = True,
 ) -> LoadedModel:
     """Load a model directory: validate the manifest, build the architecture, load the weights
     (safetensors, no unpickling) strictly, and return the model in eval mode.
@@ -287,7 +293,12 @@ def load(
         raise CheckpointError(
             f"{weights}: does not match the architecture in {source}: {exc}"
         ) from exc
+    calibration = calibration_.read(directory) if read_calibration else None
+    if calibration is not None:
+        calibration.check_fits(
+            spec.task, spec.n_outputs, weights, source=str(directory / calibration_.CALIBRATION)
+        )
     if compute != torch.float32:
         net = ReducedPrecision(net, compute)
     module = wrap(spec, net, source=source).eval().to(target)
-    return LoadedModel(spec=spec, module=module, path=directory)
+    return LoadedModel(spec=spec, module=module, path=directory, calibration=calibration)

@@ -8,6 +8,8 @@ Every error carries a message that names the bad value and says what to do about
     ├── InvalidInputError       inputs of the wrong shape, dtype or with non-finite values
     │   └── NonFiniteOutputError  finite inputs so far out that the model's outputs overflow
     ├── InvalidArgumentError    a bad n_samples, seed, level, chunk size, ...
+    │   └── DecisionUnavailableError  a decision the model cannot make (see mcdrop.calibration)
+    │       └── NotCalibratedError        ... because it has no calibration at all
     ├── CheckpointError         a model directory that is missing, corrupt or inconsistent
     │   └── UntrustedCodeError  its manifest names code (a factory) the caller has not trusted
     └── SamplingStoppedError    sampling stopped early: its caller asked it to (``stop``)
@@ -51,6 +53,17 @@ class NonFiniteOutputError(InvalidInputError):
 
 class InvalidArgumentError(McDropError, ValueError):
     """A bad argument that is not the input tensor: n_samples, seed, level, ..."""
+
+
+class DecisionUnavailableError(InvalidArgumentError):
+    """A decision the model cannot make: a reject score its task does not have, a coverage
+    beyond what its calibration's rows can give, or (:class:`NotCalibratedError`) a rate or
+    coverage without a calibration. What a model offers is its own, not the request's shape."""
+
+
+class NotCalibratedError(DecisionUnavailableError):
+    """A rejection rate or a conformal coverage asked of a model directory without
+    ``calibration.json`` (see :mod:`mcdrop.calibration`)."""
 
 
 class CheckpointError(McDropError):

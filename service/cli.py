@@ -1,5 +1,5 @@
-"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``check``, ``predict`` and
-``models``.
+"""The ``mcdrop`` command: ``serve``, ``train``, ``evaluate``, ``calibrate``, ``check``,
+``predict`` and ``models``.
 
 Heavy imports (torch, FastAPI) happen inside the sub-command that needs them, so
 ``mcdrop predict --url ...`` starts fast.
@@ -166,6 +166,42 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    try:
+        from mcdrop.recipes import decisions
+    except ImportError as exc:  # the recipes extra is missing: say which install fixes it
+        raise SystemExit(f"mcdrop: error: {exc}") from exc
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        calibration = decisions.calibrate_dir(
+            args.model_dir,
+            data=args.data,
+            n_samples=args.n_samples,
+            seed=args.seed,
+            command="mcdrop " + shlex.join(args.argv),
+            **_load_options(args),
+        )
+        report = decisions.report(args.model_dir, **_load_options(args)) if args.report else None
+    finally:
+        torch.set_num_threads(threads)
+    written = Path(args.model_dir) / "calibration.json"
+    if args.json:
+        summary = {**calibration.to_dict(), "written": str(written), "test": report}
+        for bulky in ("scores", "conformal"):
+            summary.pop(bulky)
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(decisions.summary(calibration, written))
+    if report is not None:
+        print()
+        print(decisions.markdown(report), end="")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from mcdrop import checkpoint
     from mcdrop.checking import check, example_inputs
@@ -212,6 +248,10 @@ def _predict(args: argparse.Namespace) -> int:
                     return_samples=args.return_samples,
                     tolerance=args.tolerance,
                     max_n_samples=args.max_n_samples,
+                    reject_rate=args.reject_rate,
+                    reject_threshold=args.reject_threshold,
+                    reject_score=args.reject_score,
+                    coverage=args.coverage,
                 )
             else:
                 result = client.predict(args.model, inputs)
@@ -238,6 +278,17 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
 
         tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
         most = adaptive.DEFAULT_MAX_N_SAMPLES if most is None else most
+    from mcdrop import calibration
+
+    decision = calibration.resolve(
+        loaded.spec.task,
+        loaded.calibration,
+        reject_rate=args.reject_rate,
+        reject_threshold=args.reject_threshold,
+        reject_score=args.reject_score,
+        coverage=args.coverage,
+        model=f"model {loaded.spec.name!r}",
+    )
     summary, samples = predictor.uncertainty(
         x,
         args.n_samples,
@@ -255,6 +306,7 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
         level=args.level,
         tolerance=tolerance if auto else None,
         max_n_samples=most if auto else None,
+        decision=decision,
     )
 
 
@@ -373,6 +425,36 @@ def parser() -> argparse.ArgumentParser:
     _add_setting_flags(evaluate, ModelSettings)
     evaluate.set_defaults(func=_evaluate)
 
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="compute a model's rejection thresholds and conformal quantiles on held-out rows",
+        description="Writes MODEL_DIR/calibration.json: the sorted uncertainty scores and "
+        "conformal scores of held-out rows, from which requests get reject flags "
+        '("reject_rate") and conformal sets or intervals ("coverage"). The rows: --data, or '
+        "the validation split of the built-in dataset the model was trained on.",
+    )
+    calibrate.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
+    calibrate.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="held-out rows: an .npz with arrays x (N, *input_shape) and y (class indices (N,) "
+        "or targets (N, K)) the model never trained on",
+    )
+    calibrate.add_argument(
+        "--n-samples", type=int, default=None, help="default: the model's default_n_samples"
+    )
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the MC samples")
+    calibrate.add_argument(
+        "--report",
+        action="store_true",
+        help="also check the decisions on the recorded dataset's test split",
+    )
+    calibrate.add_argument("--json", action="store_true", help="the summary as JSON")
+    calibrate.add_argument("--threads", type=int, default=1, help="torch threads")
+    _add_setting_flags(calibrate, ModelSettings)
+    calibrate.set_defaults(func=_calibrate)
+
     check = sub.add_parser(
         "check",
         help="what MC sampling will do with a model directory, and what is wrong with it",
@@ -410,6 +492,15 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")
+    decide = predict.add_argument_group("decisions, with --uncertainty (a calibrated model)")
+    decide.add_argument(
+        "--reject-rate", type=float, default=None, help="flag rows as the calibration rejects"
+    )
+    decide.add_argument("--reject-threshold", type=float, default=None, help="or flag above this")
+    decide.add_argument("--reject-score", default=None, help="the score to flag on")
+    decide.add_argument(
+        "--coverage", type=float, default=None, help="conformal sets or intervals at this coverage"
+    )
     _add_setting_flags(predict.add_argument_group("with --model-dir"), ModelSettings)
     predict.set_defaults(func=_predict)
 

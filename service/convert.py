@@ -12,6 +12,7 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import Tensor
 
+from mcdrop import calibration
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import InvalidInputError
 from mcdrop.predictor import ClassificationPrediction, Prediction, Predictor, Summary
@@ -93,10 +94,12 @@ def uncertainty_response(
     level: float,
     tolerance: float | None = None,
     max_n_samples: int | None = None,
+    decision: calibration.DecisionRequest | None = None,
 ) -> schemas.UncertaintyResponse:
     """The response of an uncertainty request; with a ``tolerance`` (``n_samples: "auto"``), the
     response's ``n_samples`` is "auto" and each row says how many samples it used, and a row's
-    returned samples are its own (the NaN padding of ``(S, N, K)`` is left out)."""
+    returned samples are its own (the NaN padding of ``(S, N, K)`` is left out). A
+    ``decision`` adds each row's reject flag and conformal set or interval."""
     spec = predictor.spec
     auto = tolerance is not None
     n_rows = summary.variance.shape[0]
@@ -106,8 +109,20 @@ def uncertainty_response(
         sample_rows = _floats(samples.transpose(0, 1))
         if auto:
             sample_rows = [row[:n] for row, n in zip(sample_rows, used, strict=True)]
+    decided = (
+        calibration.Decisions()
+        if decision is None or decision.empty
+        else calibration.decide(decision, summary)
+    )
+    reject: list[Any] = [None] * n_rows if decided.reject is None else decided.reject.tolist()
     rows: list[Any]
     if isinstance(summary, ClassificationSummary):
+        sets: list[Any] = [None] * n_rows
+        if decided.prediction_set is not None:
+            sets = [
+                [spec.labels[k] for k, inside in enumerate(row) if inside]
+                for row in decided.prediction_set.tolist()
+            ]
         rows = [
             schemas.ClassificationUncertainty(
                 label=spec.labels[label],
@@ -120,10 +135,12 @@ def uncertainty_response(
                 expected_entropy=eh,
                 mutual_information=mi,
                 variation_ratio=vr,
+                reject=r,
+                prediction_set=ps,
                 n_samples=n,
                 samples=s,
             )
-            for label, p, v, h, eh, mi, vr, n, s in zip(
+            for label, p, v, h, eh, mi, vr, r, ps, n, s in zip(
                 summary.label.tolist(),
                 _floats(summary.probabilities),
                 _floats(summary.variance),
@@ -131,12 +148,18 @@ def uncertainty_response(
                 summary.expected_entropy.tolist(),
                 summary.mutual_information.tolist(),
                 summary.variation_ratio.tolist(),
+                reject,
+                sets,
                 used,
                 sample_rows,
                 strict=True,
             )
         ]
     else:
+        lows: list[Any] = [None] * n_rows
+        highs: list[Any] = [None] * n_rows
+        if decided.lower is not None and decided.upper is not None:
+            lows, highs = _floats(decided.lower), _floats(decided.upper)
         rows = [
             schemas.RegressionUncertainty(
                 mean=m,
@@ -146,10 +169,13 @@ def uncertainty_response(
                 aleatoric_variance=al,
                 lower=lo,
                 upper=hi,
+                reject=r,
+                conformal_lower=clo,
+                conformal_upper=chi,
                 n_samples=n,
                 samples=s,
             )
-            for m, v, sd, ep, al, lo, hi, n, s in zip(
+            for m, v, sd, ep, al, lo, hi, r, clo, chi, n, s in zip(
                 _floats(summary.mean),
                 _floats(summary.variance),
                 _floats(summary.std),
@@ -157,6 +183,9 @@ def uncertainty_response(
                 _floats(summary.aleatoric_variance),
                 _floats(summary.lower),
                 _floats(summary.upper),
+                reject,
+                lows,
+                highs,
                 used,
                 sample_rows,
                 strict=True,
@@ -170,12 +199,21 @@ def uncertainty_response(
         max_n_samples=max_n_samples,
         seed=seed,
         level=level,
+        reject_score=None if decision is None else decision.reject_score,
+        reject_threshold=None if decision is None else decision.reject_threshold,
+        reject_rate=None if decision is None else decision.reject_rate,
+        coverage=None if decision is None else decision.coverage,
         results=rows,
     )
 
 
 def model_info(
-    spec: ModelSpec, *, max_n_samples: int, max_request_rows: int, default_n_samples: int
+    spec: ModelSpec,
+    *,
+    max_n_samples: int,
+    max_request_rows: int,
+    default_n_samples: int,
+    calibrated: calibration.Calibration | None = None,
 ) -> schemas.ModelInfo:
     return schemas.ModelInfo(
         name=spec.name,
@@ -191,4 +229,7 @@ def model_info(
         max_n_samples=max_n_samples,
         max_request_rows=max_request_rows,
         metrics=spec.metrics,
+        calibration=None
+        if calibrated is None
+        else schemas.CalibrationInfo(**calibration.describe(calibrated)),
     )

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from mcdrop import adaptive, predictor
+from mcdrop import adaptive, calibration, predictor
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Summary
 from service.batching import MCOptions
@@ -200,3 +200,26 @@ def check_response_bytes(size: int, limit: int) -> None:
             f"the response would be {size} bytes, above the limit of {limit} "
             "(max_response_bytes); send fewer rows or ask for fewer samples"
         )
+
+
+def decision_request(
+    handle: ModelHandle,
+    *,
+    reject_rate: float | None,
+    reject_threshold: float | None,
+    reject_score: str | None,
+    coverage: float | None,
+) -> calibration.DecisionRequest:
+    """A request's decision options (reject flags, conformal output) resolved against the
+    model's calibration, before any sampling: a model without one, a score the task does not
+    have, or a coverage its calibration cannot give is refused here, the same for every
+    protocol."""
+    return calibration.resolve(
+        handle.spec.task,
+        handle.predictor.model.calibration,
+        reject_rate=reject_rate,
+        reject_threshold=reject_threshold,
+        reject_score=reject_score,
+        coverage=coverage,
+        model=f"model {handle.spec.name!r}",
+    )

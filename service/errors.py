@@ -22,6 +22,10 @@ this table and the enum to each other, and every error response to the enum)::
     invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
     non_finite_output       422     mcdrop.NonFiniteOutputError: outputs overflow (rows named)
     invalid_argument        422     mcdrop.InvalidArgumentError
+    decision_unavailable    422     mcdrop.DecisionUnavailableError: a decision the model cannot
+                                    make: reject_rate or coverage without calibration.json
+                                    (``mcdrop calibrate``), a coverage beyond its calibration, a
+                                    reject_score its task does not have
     limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
                                     or response bytes
     unauthorized            401     an API key is set and the request lacks it (service.auth)
@@ -54,6 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from mcdrop.exceptions import (
+    DecisionUnavailableError,
     InvalidArgumentError,
     InvalidInputError,
     McDropError,
@@ -320,6 +325,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(InvalidInputError)
     async def _input(request: Request, exc: InvalidInputError) -> JSONResponse:
         return error_response(422, ErrorCode.INVALID_INPUT, str(exc), path=_path(request))
+
+    @app.exception_handler(DecisionUnavailableError)
+    async def _decision(request: Request, exc: DecisionUnavailableError) -> JSONResponse:
+        return error_response(422, ErrorCode.DECISION_UNAVAILABLE, str(exc), path=_path(request))
 
     @app.exception_handler(InvalidArgumentError)
     async def _argument(request: Request, exc: InvalidArgumentError) -> JSONResponse:

@@ -17,7 +17,6 @@ import re
 import time
 from typing import Any
 
-HEADER = "x-request-id"
 _VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(

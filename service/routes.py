@@ -218,7 +218,9 @@ async def metrics(request: Request) -> Response:
 @_get("/models", response_model=schemas.ModelList, tags=["models"])
 async def list_models(registry: RegistryDep, settings: SettingsDep) -> schemas.ModelList:
     """The models that are loaded."""
-    return schemas.ModelList(models=[_info(s, settings) for s in registry.ready_specs()])
+    return schemas.ModelList(
+        models=[_info(registry.get(s.name), settings) for s in registry.ready_specs()]
+    )
 
 
 @_get(
@@ -234,15 +236,17 @@ async def get_model(
     request: Request, registry: RegistryDep, settings: SettingsDep
 ) -> schemas.ModelInfo:
     """What a client needs to call a model: task, input shape, labels, sample limits, metrics."""
-    return _info(registry.get(request.path_params["name"]).spec, settings)
+    return _info(registry.get(request.path_params["name"]), settings)
 
 
-def _info(spec: Any, settings: Settings) -> schemas.ModelInfo:
+def _info(handle: ModelHandle, settings: Settings) -> schemas.ModelInfo:
+    spec = handle.spec
     return convert.model_info(
         spec,
         max_n_samples=settings.max_n_samples,
         max_request_rows=settings.max_request_rows,
         default_n_samples=dataplane.default_n_samples(spec, settings),
+        calibrated=handle.predictor.model.calibration,
     )
 
 
@@ -281,9 +285,7 @@ async def predict(name: str, body: schemas.PredictRequest, request: Request) -> 
     dataplane.check_response_size(rows, 2 * k, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     prediction = await handle.predict(x, gone=dataplane.disconnected(request))
-    dataplane.check_finite(
-        prediction
-    )  # this request's rows only: a merged batch is not checked whole
+    dataplane.check_finite(prediction)  # this request's rows only (not a merged batch's)
     large = rows * k > dataplane.LARGE_RESPONSE_VALUES
     response = await dataplane.off_loop(
         large, convert.predict_response, handle.predictor, prediction
@@ -318,8 +320,15 @@ async def uncertainty(name: str, body: schemas.UncertaintyRequest, request: Requ
         tolerance=body.tolerance,
         max_n_samples=body.max_n_samples,
     )
+    decision = dataplane.decision_request(
+        handle,
+        reject_rate=body.reject_rate,
+        reject_threshold=body.reject_threshold,
+        reject_score=body.reject_score,
+        coverage=body.coverage,
+    )
     auto = options.tolerance is not None
-    values = 7 * k + (options.n_samples * k if body.return_samples else 0)
+    values = 9 * k + (options.n_samples * k if body.return_samples else 0)
     dataplane.check_response_size(rows, values, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed
@@ -338,6 +347,7 @@ async def uncertainty(name: str, body: schemas.UncertaintyRequest, request: Requ
         level=body.level,
         tolerance=options.tolerance,
         max_n_samples=options.n_samples if auto else None,
+        decision=decision,
     )
     return await dataplane.off_loop(
         large, _render, response, settings.max_response_bytes, exclude_none=True

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import threading
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
 
 from torch import nn
+
+from mcdrop.nets import MLP
+
+#: The gates :func:`gated_mlp` waits on, by name: a test holds a model in "loading" with one.
+GATES: dict[str, threading.Event] = {}
 
 
 def build(in_features: int = 3, width: int = 5) -> nn.Module:
     """``(N, D) -> (N, 1)``: linear, dropout 0.5, linear."""
     return nn.Sequential(nn.Linear(in_features, width), nn.Dropout(0.5), nn.Linear(width, 1))
+
+
+def gated_mlp(gate: str, **params: object) -> nn.Module:
+    """The built-in MLP (``params`` as for ``"name": "mlp"``), built once ``GATES[gate]`` is set
+    (at most 30 s later): a model that is still loading for as long as a test needs."""
+    GATES[gate].wait(30)
+    return MLP(**params)  # type: ignore[arg-type]  # the manifest's params, checked by MLP

@@ -102,7 +102,7 @@ def test_the_client_alone_installs_without_torch_and_answers_as_the_repos(tmp_pa
     assert {"mcdrop-client", "pydantic", "httpx2"} <= installed
     assert not installed & HEAVY
 
-    with serve(tmp_path / "serve.log") as server:
+    with serve(tmp_path) as server:
         # -I: the installed client only, never this checkout's (no PYTHONPATH, no cwd on the path).
         called = subprocess.run(
             [python, "-I", "-c", CALL, server.url],

@@ -45,6 +45,8 @@ def _loaded_by_each(*statements: str) -> list[set[str]]:
     ]
 
 
+# The core's two checks each start an interpreter that imports torch (about 2 s): slow.
+@pytest.mark.slow
 def test_core_loads_no_recipe_plotting_or_service_module() -> None:
     # torch itself imports tqdm when it is installed (torch.hub): what counts is what the core
     # adds on top of torch.
@@ -60,6 +62,7 @@ def test_core_loads_no_recipe_plotting_or_service_module() -> None:
     assert not recipes & {"fastapi", "starlette", "uvicorn", "service", "httpx2"}
 
 
+@pytest.mark.slow
 def test_core_imports_without_the_heavy_packages() -> None:
     # A module set to None in sys.modules cannot be imported: the core must not need it.
     blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in HEAVY)

@@ -33,7 +33,7 @@ RUN = [e for e in EXAMPLES if e.not_run is None]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serve(tmp_path_factory.mktemp("readme") / "serve.log") as running:
+    with serve(tmp_path_factory.mktemp("readme")) as running:
         yield running
 
 

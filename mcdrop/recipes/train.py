@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mcdrop import checkpoint, metrics, stats
+from mcdrop import calibration, checkpoint, metrics, stats
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import Standardized, build
@@ -259,6 +259,19 @@ def train(config: TrainConfig, command: str | None = None) -> checkpoint.LoadedM
         torch.set_num_threads(threads)
     loaded.spec.training["seconds"] = round(time.perf_counter() - started, 1)
     checkpoint.save(config.out, loaded.spec, _net_of(loaded))
+    # Decisions (rejection thresholds, conformal sets) from the validation part, which
+    # training used only to choose tau: rows the weights never fitted.
+    calibration.calibrate(
+        loaded,
+        data.x_val,
+        data.y_val,
+        n_samples=config.n_samples,
+        seed=config.seed,
+        data=f"{data.name} validation split",
+        split=f"{data.split} (seed {config.seed})",
+        command=command,
+        save=True,
+    )
     return loaded
 
 

@@ -18,6 +18,9 @@ classifier, uncertainty (MC dropout)
 ``variation_ratio``    FP32       (N,)         share of samples off the modal label
 ``samples``            FP32       (S, N, K)    sampled probabilities (only when asked for)
 ``n_samples``          INT64      (N,)         samples each row used (by default with "auto")
+``reject``             BOOL       (N,)         score above the threshold (with reject_rate or
+                                               reject_threshold)
+``prediction_set``     BOOL       (N, K)       class k in the conformal set (with coverage)
 classifier, predict (dropout off): ``probabilities``, ``label``, ``label_index``
 regressor, uncertainty, in the targets' units
 ``mean``               FP32       (N, K)       MC mean
@@ -28,6 +31,9 @@ regressor, uncertainty, in the targets' units
 ``lower``, ``upper``   FP32       (N, K)       central interval at ``level``
 ``samples``            FP32       (S, N, K)    sampled means (only when asked for)
 ``n_samples``          INT64      (N,)         samples each row used (by default with "auto")
+``reject``             BOOL       (N,)         as for a classifier
+``conformal_lower``,   FP32       (N, K)       conformal interval (with coverage)
+``conformal_upper``
 regressor, predict (dropout off): ``mean``, ``noise_variance`` (N, K)
 =====================  =========  ===========  ==================================================
 """
@@ -42,6 +48,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from mcdrop.calibration import DecisionRequest, Decisions, decide
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.predictor import ClassificationPrediction, Prediction, Summary
@@ -53,6 +60,14 @@ SAMPLES = "samples"
 #: Samples each row used: a default output of adaptive requests (``n_samples: "auto"``) only,
 #: so fixed-count responses stay as they were; any uncertainty request may name it.
 N_SAMPLES = "n_samples"
+REJECT = "reject"
+#: Decision outputs, and the request parameter each needs: given only when asked for.
+DECISIONS = {
+    REJECT: "reject_rate or reject_threshold",
+    "prediction_set": "coverage",
+    "conformal_lower": "coverage",
+    "conformal_upper": "coverage",
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,8 @@ def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
             "variation_ratio": OutputInfo("FP32", (), _MC),
             SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
             N_SAMPLES: OutputInfo("INT64", (), _MC),
+            REJECT: OutputInfo("BOOL", (), _MC),
+            "prediction_set": OutputInfo("BOOL", k, _MC),
         }
     return {
         "mean": OutputInfo("FP32", k, _BOTH),
@@ -114,6 +131,9 @@ def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
         "upper": OutputInfo("FP32", k, _MC),
         SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
         N_SAMPLES: OutputInfo("INT64", (), _MC),
+        REJECT: OutputInfo("BOOL", (), _MC),
+        "conformal_lower": OutputInfo("FP32", k, _MC),
+        "conformal_upper": OutputInfo("FP32", k, _MC),
     }
 
 
@@ -131,20 +151,30 @@ def select(
     mode: str,
     requested: list[tuple[str, bool | None]] | None,
     binary_default: bool,
+    decision: DecisionRequest | None = None,
     *,
     adaptive: bool = False,
 ) -> list[Selected]:
     """The outputs to return: those ``requested`` (name, binary or None for the default) in
-    their order, else every output of ``mode`` but ``samples`` (and but ``n_samples`` unless
-    ``adaptive``); an InvalidArgumentError names an unknown, repeated or other-mode output."""
+    their order, else every output of ``mode`` but ``samples`` (and the decision outputs
+    ``decision`` asks for; ``n_samples`` only when ``adaptive``); an InvalidArgumentError names
+    an unknown, repeated or other-mode output, or a decision output without its parameter."""
     outputs = catalog(spec)
+    decided = _decided(decision)
     if requested is None:
         left_out = {SAMPLES} if adaptive else {SAMPLES, N_SAMPLES}
         return [
             Selected(name, info, binary_default)
             for name, info in outputs.items()
-            if mode in info.modes and name not in left_out
+            if mode in info.modes
+            and name not in left_out
+            and (name not in DECISIONS or name in decided)
         ]
+    for name, _ in requested:
+        if name in DECISIONS and name in outputs and name not in decided:
+            raise InvalidArgumentError(
+                f"output {name!r} needs the parameter {DECISIONS[name]} (parameters)"
+            )
     chosen: list[Selected] = []
     for name, binary in requested:
         info = outputs.get(name)
@@ -162,6 +192,16 @@ def select(
             raise InvalidArgumentError(f"output {name!r} is requested twice")
         chosen.append(Selected(name, info, binary_default if binary is None else binary))
     return chosen
+
+
+def _decided(decision: DecisionRequest | None) -> frozenset[str]:
+    """The decision outputs ``decision`` gives."""
+    if decision is None:
+        return frozenset()
+    names = {REJECT} if decision.reject_threshold is not None else set()
+    if decision.coverage is not None:
+        names |= {"prediction_set", "conformal_lower", "conformal_upper"}
+    return frozenset(names)
 
 
 Tensors = dict[str, Callable[[], np.ndarray]]
@@ -217,3 +257,22 @@ def uncertainty_tensors(spec: ModelSpec, summary: Summary, samples: torch.Tensor
         "upper": _f32(summary.upper),
         **tensors,
     }
+
+
+def decision_tensors(decision: DecisionRequest, summary: Summary) -> Tensors:
+    """The decision outputs of an MC summary (those ``decision`` asks for)."""
+    decided = Decisions() if decision.empty else decide(decision, summary)
+    tensors: Tensors = {}
+    for name, value in (
+        (REJECT, decided.reject),
+        ("prediction_set", decided.prediction_set),
+        ("conformal_lower", decided.lower),
+        ("conformal_upper", decided.upper),
+    ):
+        if value is not None:
+            tensors[name] = _bool(value) if value.dtype == torch.bool else _f32(value)
+    return tensors
+
+
+def _bool(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    return lambda: t.numpy()

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from mcdrop import fresh_seed
+from mcdrop.calibration import DecisionRequest
 from service import dataplane
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
@@ -123,7 +124,9 @@ async def infer(request: Request) -> Response:
     with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
     ``predict``), ``n_samples`` (a count, or ``"auto"`` with ``tolerance`` and
     ``max_n_samples``: the ``n_samples`` output then says how many each row used), ``seed``,
-    ``level``, ``binary_data_output``, ``timeout`` (µs)."""
+    ``level``, ``binary_data_output``, ``timeout`` (µs); decisions: ``reject_rate`` or
+    ``reject_threshold`` (and ``reject_score``) for a BOOL ``reject`` output, ``coverage`` for
+    ``prediction_set`` or ``conformal_lower``/``_upper``."""
     return await _infer(request, *registry_and_settings(request))
 
 
@@ -223,7 +226,8 @@ def _metadata_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Ca
 @_metadata_route("/models/{name}", "name")
 async def model_metadata(request: Request, registry: RegistryDep) -> schemas.ModelMetadata:
     """A model's input (one FP32 tensor, any name, shape [-1, *input_shape]) and outputs (every
-    mode's; see the README)."""
+    mode's; see the README; the decision outputs, ``reject``, ``prediction_set``,
+    ``conformal_lower`` and ``conformal_upper``, come with their request parameters)."""
     return _metadata(_handle(registry, request))
 
 
@@ -240,9 +244,12 @@ def _metadata(handle: ModelHandle) -> schemas.ModelMetadata:
         versions=[spec.version],
         platform=PLATFORM,
         inputs=[schemas.MetadataTensor(name=INPUT, datatype="FP32", shape=[-1, *spec.input_shape])],
+        # The decision outputs come only with their parameters (reject_rate, coverage, ...),
+        # so they are documented there, not listed as outputs every request gets.
         outputs=[
             schemas.MetadataTensor(name=name, datatype=info.datatype, shape=info.shape)
             for name, info in outputs.catalog(spec).items()
+            if name not in outputs.DECISIONS
         ],
     )
 
@@ -269,8 +276,19 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         else [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
     )
     auto = params.n_samples == "auto"
+    decision = (
+        dataplane.decision_request(
+            handle,
+            reject_rate=params.reject_rate,
+            reject_threshold=params.reject_threshold,
+            reject_score=params.reject_score,
+            coverage=params.coverage,
+        )
+        if params.mode == outputs.UNCERTAINTY
+        else None
+    )
     selected = outputs.select(
-        spec, params.mode, requested, params.binary_data_output, adaptive=auto
+        spec, params.mode, requested, params.binary_data_output, decision=decision, adaptive=auto
     )
     wants_samples = any(s.name == outputs.SAMPLES for s in selected)
     options = None
@@ -324,6 +342,9 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
                 "max_n_samples": options.n_samples,
             }
         header["parameters"] |= {"seed": seed, "level": options.level}
+        if decision is not None and not decision.empty:
+            tensors |= outputs.decision_tensors(decision, summary)
+            header["parameters"] |= _decision_parameters(decision)
     content, header_length = await dataplane.off_loop(
         rows * (values + binary) > dataplane.LARGE_RESPONSE_VALUES,
         _encode,
@@ -345,3 +366,14 @@ def _encode(
     header: dict[str, Any], selected: list[outputs.Selected], tensors: outputs.Tensors
 ) -> tuple[bytes, int | None]:
     return codec.encode_response(header, [(s, tensors[s.name]()) for s in selected])
+
+
+def _decision_parameters(decision: DecisionRequest) -> dict[str, Any]:
+    """What a response's ``parameters`` say of its decisions (those asked for)."""
+    given = {
+        "reject_score": decision.reject_score,
+        "reject_threshold": decision.reject_threshold,
+        "reject_rate": decision.reject_rate,
+        "coverage": decision.coverage,
+    }
+    return {k: v for k, v in given.items() if v is not None}

@@ -12,7 +12,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.schemas import AsInt, Seed
+from service.schemas import DECISION_RULES, AsInt, RejectScore, Seed, check_decision_options
 
 # Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``), as in the
 # native contract; the bounds come before ``AsInt``, so that the JSON schema states them.
@@ -56,8 +56,14 @@ class RequestOutput(_Strict):
     parameters: OutputParameters = Field(default_factory=OutputParameters)
 
 
+#: The decision parameters (reject flags, conformal outputs): mode ``uncertainty`` only.
+DECISION_PARAMETERS = ("reject_rate", "reject_threshold", "reject_score", "coverage")
+
+
 class InferParameters(_Strict):
     """The request ``parameters`` mcdrop reads (any other is refused)."""
+
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": DECISION_RULES})
 
     mode: Literal["predict", "uncertainty"] = Field(
         "uncertainty", description="uncertainty: MC dropout; predict: one pass, dropout off"
@@ -86,12 +92,31 @@ class InferParameters(_Strict):
     timeout: Count | None = Field(
         None, description="microseconds: a deadline shorter than the server's"
     )
+    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None,
+        description="output reject (BOOL): rows above the threshold that rejects this share of "
+        "the calibration rows (needs a calibrated model)",
+    )
+    reject_threshold: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="output reject (BOOL): rows whose reject_score is above this value"
+    )
+    reject_score: RejectScore | None = Field(
+        None,
+        description="entropy (default), mutual_information, least_confidence (classifier); "
+        "std (default), epistemic_std (regressor)",
+    )
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None,
+        description="conformal outputs at this coverage: prediction_set (BOOL, N x K) for a "
+        "classifier, conformal_lower and conformal_upper (FP32, N x K) for a regressor",
+    )
 
     @model_validator(mode="after")
     def _mc_only(self) -> InferParameters:
         if self.mode == "predict":
             mc = ("n_samples", "seed", "level", *AUTO_OPTIONS)
             given = [k for k in mc if getattr(self, k) is not None]
+            given += [k for k in DECISION_PARAMETERS if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for mode 'uncertainty'")
         auto_only = [k for k in AUTO_OPTIONS if getattr(self, k) is not None]
@@ -100,6 +125,7 @@ class InferParameters(_Strict):
                 f'{" and ".join(auto_only)}: only with n_samples "auto"; send '
                 f'"n_samples": "auto" or leave {" and ".join(auto_only)} out'
             )
+        check_decision_options(self.reject_rate, self.reject_threshold, self.reject_score)
         return self
 
 

@@ -6,8 +6,11 @@ import schemathesis
 
 #: The 422 codes a request valid under the served schema can still get: its rows do not have
 #: the model's input_shape (the model is a path parameter, so the schema cannot say which shape),
-#: it passes a limit the settings set (rows × n_samples), or finite inputs overflow the model.
-SCHEMA_CANNOT_SAY = frozenset({"invalid_input", "limit_exceeded", "non_finite_output"})
+#: it passes a limit the settings set (rows × n_samples), finite inputs overflow the model, or
+#: it asks for a decision the model does not offer (its calibration and task are its own).
+SCHEMA_CANNOT_SAY = frozenset(
+    {"invalid_input", "limit_exceeded", "non_finite_output", "decision_unavailable"}
+)
 #: ... and under a model's own path (exact shape, limits within the schema): only the overflow.
 MODEL_PATH_CANNOT_SAY = frozenset({"non_finite_output"})
 #: How a v2 400 begins when the request's structure, not its tensor, was refused: the request

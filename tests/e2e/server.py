@@ -1,13 +1,14 @@
-"""A real ``mcdrop serve`` process on a free port, for tests about the wire."""
+"""A real ``mcdrop serve`` (uvicorn) process on a free port, for tests about the wire."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +16,6 @@ from pathlib import Path
 import httpx2
 
 from tests.conftest import MODELS, ROOT
-
-SERVE = [sys.executable, "-m", "service.cli", "serve"]
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    port: int
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 def free_port() -> int:
@@ -41,49 +30,75 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
+@dataclass
+class Server:
+    """A running `mcdrop serve`: its URL, process and log."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def serve(
-    log: Path,
-    env: Mapping[str, str] | None = None,
-    args: tuple[str, ...] = (),
-    timeout: float = 90.0,
+    tmp: Path, *, model_dir: Path = MODELS, wait_ready: bool = True, **env: str
 ) -> Iterator[Server]:
-    """``mcdrop serve`` of the bundled models until ``/ready`` answers 200; stopped on exit.
+    """`mcdrop serve` on the models of ``model_dir`` until ``/ready`` answers 200 (unless not
+    ``wait_ready``); stopped with SIGTERM on exit.
 
     Args:
-        log: file that receives the server's stdout and stderr.
-        env: the server's environment (default: :func:`clean_env`).
-        args: more ``mcdrop serve`` flags.
-        timeout: seconds to wait for readiness.
+        tmp: folder for the server's log (stdout and stderr), ``serve-<port>.log``.
+        model_dir: the models to serve.
+        wait_ready: whether to wait (at most 90 s) for ``/ready`` to answer 200.
+        env: ``MCDROP_*`` settings, the server's whole configuration: the caller's own
+            ``MCDROP_*`` variables are left out (:func:`clean_env`). Logs at level warning
+            unless ``MCDROP_LOG_LEVEL`` says otherwise.
     """
     port = free_port()
-    with log.open("wb") as sink:
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(model_dir)]
+    log_path = tmp / f"serve-{port}.log"
+    with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*SERVE, "--model-dir", str(MODELS), "--port", str(port), *args],
+            [*command, "--port", str(port)],
             cwd=ROOT,
-            env=dict(env) if env is not None else clean_env(),
-            stdout=sink,
+            env=clean_env(**{"MCDROP_LOG_LEVEL": "warning", **env}),
+            stdout=log,
             stderr=subprocess.STDOUT,
         )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, proc, log, timeout)
-            yield Server(url, port, log)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+    server = Server(f"http://127.0.0.1:{port}", port, proc, log_path)
+    try:
+        if wait_ready:
+            _wait_ready(server)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def _wait_ready(server: Server, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
-    with httpx2.Client(base_url=url, timeout=5) as http:
+    with httpx2.Client(base_url=server.url, timeout=5) as http:
         while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                raise AssertionError(f"the server exited:\n{server.log()}")
             try:
                 if http.get("/ready").status_code == 200:
                     return
             except httpx2.TransportError:
                 pass
-            if proc.poll() is not None:
-                raise AssertionError(f"mcdrop serve exited:\n{log.read_text()}")
             time.sleep(0.2)
-    raise AssertionError(f"mcdrop serve did not become ready in {timeout} s:\n{log.read_text()}")
+    raise AssertionError(f"service did not become ready in {timeout} s:\n{server.log()}")

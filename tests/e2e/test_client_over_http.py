@@ -24,10 +24,9 @@ ROW = [[0.0] * 64]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = clean_env(MCDROP_API_KEY=KEY)
-    log = tmp_path_factory.mktemp("auth") / "serve.log"
     # The most verbose level: the key must not appear even there.
-    with serve(log, env=env, args=("--log-level", "trace")) as running:
+    tmp = tmp_path_factory.mktemp("auth")
+    with serve(tmp, MCDROP_API_KEY=KEY, MCDROP_LOG_LEVEL="trace") as running:
         yield running
 
 
@@ -184,6 +183,6 @@ def test_the_key_never_reaches_the_log(server: Server, raw: httpx2.Client) -> No
     raw.get("/models", headers={"Authorization": f"Bearer {KEY}"})
     raw.get("/models", headers={"Authorization": f"Bearer {KEY}x"})
     raw.get("/models", headers={"Authorization": KEY})
-    log = server.log_text()
+    log = server.log()
     assert "mcdrop.access: GET /models 401" in log  # the requests are logged ...
     assert KEY not in log  # ... the key is not

@@ -29,7 +29,7 @@ from mcdrop.checking import example_inputs
 from mcdrop_client import Client
 from service.cli import main
 from tests import families
-from tests.e2e.conftest import serve
+from tests.e2e.server import serve
 
 # Trains, saves and serves five models: part of `make test`, not of the edit loop.
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import httpx2
 import pytest
 
 from service.schemas import ErrorCode
-from tests.e2e.conftest import serve
+from tests.e2e.server import serve
 
 pytestmark = pytest.mark.slow
 

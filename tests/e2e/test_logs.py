@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.e2e.conftest import serve
+from tests.e2e.server import serve
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.e2e.conftest import Server, serve
+from tests.e2e.server import Server, serve
 
 pytestmark = pytest.mark.slow
 

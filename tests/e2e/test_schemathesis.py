@@ -30,7 +30,7 @@ import pytest
 
 from service.schemas import FLOAT32_MAX
 from tests.conftest import ROOT
-from tests.e2e.conftest import serve
+from tests.e2e.server import serve
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +56,25 @@ def _exact_row(shape: list[int]) -> dict[str, Any]:
     return schema
 
 
+def _decisions_of(properties: dict[str, Any], calibration: dict[str, Any] | None) -> None:
+    """The decision options as the model offers them: its task's reject scores and the most
+    coverage its calibration gives (the options go, but an explicit threshold, without one)."""
+    if calibration is None:
+        for name in ("reject_rate", "reject_score", "coverage"):
+            properties.pop(name)
+        return
+    score = properties["reject_score"]["anyOf"][0]
+    assert score["type"] == "string"
+    score["enum"] = calibration["reject_scores"]
+    coverage = properties["coverage"]["anyOf"][0]
+    assert coverage["type"] == "number"
+    coverage["maximum"] = calibration["max_coverage"]
+
+
 def per_model_schema(base: str) -> dict[str, Any]:
     """The served schema plus ``/models/<name>/predict`` and ``/uncertainty`` for each model of
     at most :data:`MAX_ROW_VALUES` input values: the same operations with the model's exact row
-    shape, ``max_request_rows`` and ``max_n_samples``."""
+    shape, ``max_request_rows`` and ``max_n_samples``, and the decisions it offers."""
     schema = httpx2.get(f"{base}/openapi.json").json()
     components = schema["components"]["schemas"]
     for model in httpx2.get(f"{base}/models").json()["models"]:
@@ -81,6 +96,8 @@ def per_model_schema(base: str) -> dict[str, Any]:
                     number = request["properties"][field]["anyOf"][0]
                     assert number["type"] == "integer"
                     number["maximum"] = model["max_n_samples"]
+            if op == "uncertainty":
+                _decisions_of(request["properties"], model["calibration"])
             components[f"{request['title']}_{name}"] = request
             body["$ref"] = f"#/components/schemas/{request['title']}_{name}"
             schema["paths"][f"/models/{name}/{op}"] = path

@@ -26,7 +26,7 @@ from service.client import (
     TransportError,
 )
 from tests.conftest import MODELS, ROOT
-from tests.e2e.conftest import free_port, serve
+from tests.e2e.server import free_port, serve
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ MC = {"n_samples": 40, "seed": 7}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serve(tmp_path_factory.mktemp("v2") / "serve.log") as running:
+    with serve(tmp_path_factory.mktemp("v2")) as running:
         yield running
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx2
 import pytest
@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.errors import V2_STATUS, is_v2
-from service.registry import Registry
 from service.schemas import ErrorCode
+from tests import factories
 from tests.conftest import MODELS
 
 
@@ -83,17 +83,19 @@ class Loading:
 
 
 @pytest.fixture
-def loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loading]:
+def loading(tmp_path: Path) -> Iterator[Loading]:
+    # The bundled diabetes model built by a factory that waits for the gate (tests.factories).
     shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
-    gate = threading.Event()
-    warm_up = Registry._warm_up
-
-    def slow_warm_up(predictor: Any) -> Any:
-        gate.wait(30)
-        return warm_up(predictor)
-
-    monkeypatch.setattr(Registry, "_warm_up", staticmethod(slow_warm_up))
-    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
+    manifest = tmp_path / "diabetes" / "model.json"
+    spec = json.loads(manifest.read_text())
+    gate = factories.GATES[str(tmp_path)] = threading.Event()
+    params = {"gate": str(tmp_path), **spec["architecture"]["params"]}
+    spec["architecture"] = {"factory": "tests.factories:gated_mlp", "params": params}
+    manifest.write_text(json.dumps(spec))
+    settings = Settings(
+        model_dir=tmp_path, exit_on_error=False, allowed_factories=("tests.factories",)
+    )
+    with TestClient(create_app(settings)) as client:
         try:
             yield Loading(client, gate)
         finally:

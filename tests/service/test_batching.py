@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,17 +84,23 @@ REQUESTS = (
 
 
 @pytest.fixture(scope="module")
-def unbatched() -> list[Any]:
-    with TestClient(create_app(Settings(model_dir=MODELS, batching=False))) as http:
+def used(only: Callable[..., Path]) -> Path:
+    """The models :data:`REQUESTS` use."""
+    return only("digits", "diabetes")
+
+
+@pytest.fixture(scope="module")
+def unbatched(used: Path) -> list[Any]:
+    with TestClient(create_app(Settings(model_dir=used, batching=False))) as http:
         wait_ready(http)
         return [http.post(path, json=body).json() for path, body in REQUESTS]
 
 
-def test_batched_answers_equal_unbatched(unbatched: list[Any]) -> None:
+def test_batched_answers_equal_unbatched(unbatched: list[Any], used: Path) -> None:
     # Work off the event loop and one worker: requests that arrive while a batch computes must
     # queue and merge, whatever the warm-up timings on a busy machine say.
     settings = Settings(
-        model_dir=MODELS,
+        model_dir=used,
         batching=True,
         batch_max_wait_ms=200,
         inline_max_ms=0.0,
@@ -120,8 +128,8 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def test_errors_reach_only_their_request() -> None:
-    with TestClient(create_app(Settings(model_dir=MODELS, batch_max_wait_ms=50))) as http:
+def test_errors_reach_only_their_request(only: Callable[..., Path]) -> None:
+    with TestClient(create_app(Settings(model_dir=only("diabetes"), batch_max_wait_ms=50))) as http:
         wait_ready(http)
         good, bad = _concurrently(
             http,
@@ -262,9 +270,8 @@ def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) ->
 def test_a_small_job_does_not_wait_behind_a_large_one(digits: Predictor) -> None:
     x = torch.tensor(ROWS, dtype=torch.float32)
     cost = CostModel.measure(digits, x[:1])
-    large = Job(
-        x.repeat(20, 1), MCOptions(2000, 0.9, False), seed=1
-    )  # 240 rows × 2000: a worker thread
+    # 60 rows × 2000 samples: a worker thread, some 100× the small job's work.
+    large = Job(x.repeat(5, 1), MCOptions(2000, 0.9, False), seed=1)
     small = Job(x[:1], None)  # one-row prediction: inline
     with ThreadPoolExecutor(2) as pool:
         batcher = Batcher(digits, executor=pool, cost=cost, inline_ms=50, max_parallel=1)
@@ -353,7 +360,8 @@ def test_the_short_lane_keeps_small_jobs_apart_from_large_ones(digits: Predictor
     # Timings that call everything free: the large job must still go to the long lane (its size
     # is far past what the timings were taken on), so the short lane stays free for the small.
     cost = CostModel()
-    large = [Job(x.repeat(20, 1), MCOptions(2000), seed=s) for s in range(2)]
+    # 60 rows × 2000 samples each: 20× past the timed sizes, some 100× the small job's work.
+    large = [Job(x.repeat(5, 1), MCOptions(2000), seed=s) for s in range(2)]
     small = Job(x[:1], MCOptions(50), seed=3)
     with ThreadPoolExecutor(2) as long_pool, ThreadPoolExecutor(1) as short_pool:
         batcher = Batcher(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -137,8 +138,8 @@ def test_serve_flags_cover_every_setting() -> None:
 
     help_text = parser().format_help()
     assert "serve" in help_text
-    serve = parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    flags = {a.dest for a in serve._actions if a.dest != "help"}
+    # What `mcdrop serve` parses, less the subcommand's own entries (its name and handler).
+    flags = set(vars(parser().parse_args(["serve"]))) - {"command", "func"}
     # Every setting but the secrets, which a command line would show to every user in `ps`.
     assert flags == {name for name in Settings.model_fields if not env_only(name)}
     assert "api_key" not in flags
@@ -273,7 +274,8 @@ def html_server(tmp_path: Path) -> Iterator[str]:
     (tmp_path / "models").write_text("<html><body>It works!</body></html>")
     handler = partial(_QuietFiles, directory=str(tmp_path))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        thread = threading.Thread(target=server.serve_forever)
+        # A short poll: shutdown() waits up to one poll interval (0.5 s by default).
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
         thread.start()
         try:
             yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -373,3 +375,33 @@ def test_local_uncertainty_in_bfloat16(capsys: pytest.CaptureFixture[str]) -> No
         answers.append(json.loads(out)["results"][0])
     assert answers[1]["mean"][0] == pytest.approx(answers[0]["mean"][0], rel=0.01)
     assert answers[1]["std"][0] == pytest.approx(answers[0]["std"][0], rel=0.02)
+
+
+def test_calibrate_writes_the_file_and_prints_three_lines(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    directory = tmp_path / "diabetes"
+    shutil.copytree(MODELS / "diabetes", directory)
+    (directory / "calibration.json").unlink()
+    code, out, err = _run(capsys, "calibrate", str(directory), "--n-samples", "20")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("calibrated diabetes on 66 rows of diabetes validation split")
+    assert lines[1].startswith("reject on std (default): 5% above ")
+    assert lines[2].startswith("conformal (normalized_residual): coverage 0.9 at q ")
+    assert mcdrop.load(directory).calibration is not None
+    code, out, _ = _run(capsys, "calibrate", str(directory), "--n-samples", "20", "--json")
+    assert json.loads(out)["n_samples"] == 20
+
+
+def test_local_predict_with_decisions(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    code, out, _ = _run(capsys, *argv, "--uncertainty", "--reject-rate", "0.1", "--coverage", "0.9")
+    assert code == 0
+    body = json.loads(out)
+    assert body["reject_score"] == "std"
+    row = body["results"][0]
+    assert row["conformal_lower"][0] < row["mean"][0] < row["conformal_upper"][0]
+    code, _, err = _run(capsys, *argv, "--uncertainty", "--coverage", "0.999")
+    assert code == 1
+    assert "calibration rows" in err

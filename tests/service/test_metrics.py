@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,7 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import MODELS
 from tests.service.conftest import wait_ready
 
 DIGIT = [0.0] * 64
@@ -28,9 +28,9 @@ def _scrape(http: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[TestClient]:
+def http(only: Callable[..., Path]) -> Iterator[TestClient]:
     # A fresh app: its own registry, so the counts are this test's alone.
-    with TestClient(create_app(Settings(model_dir=MODELS, batching=False))) as client:
+    with TestClient(create_app(Settings(model_dir=only("digits"), batching=False))) as client:
         wait_ready(client)
         yield client
 
@@ -62,8 +62,8 @@ def test_scrape_counts_requests_rows_and_executions(http: TestClient) -> None:
     assert ("nv_inference_request_success_total", (("model", "nope"),)) not in m
 
 
-def test_apps_keep_their_own_counts(http: TestClient) -> None:
-    with TestClient(create_app(Settings(model_dir=MODELS))) as other:
+def test_apps_keep_their_own_counts(http: TestClient, only: Callable[..., Path]) -> None:
+    with TestClient(create_app(Settings(model_dir=only("digits")))) as other:
         wait_ready(other)
         fresh = _scrape(other)
     assert ("nv_inference_request_success_total", (("model", "digits"),)) not in fresh

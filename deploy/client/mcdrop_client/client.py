@@ -330,8 +330,10 @@ def _uncertainty_body(
     return_samples: bool,
     tolerance: float | None = None,
     max_n_samples: int | None = None,
+    decisions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": _rows(inputs), "level": level}
+    body |= {k: v for k, v in (decisions or {}).items() if v is not None}
     if n_samples is not None:
         body["n_samples"] = n_samples
     if tolerance is not None:
@@ -421,14 +423,33 @@ class Client:
         return_samples: bool = False,
         tolerance: float | None = None,
         max_n_samples: int | None = None,
+        reject_rate: float | None = None,
+        reject_threshold: float | None = None,
+        reject_score: str | None = None,
+        coverage: float | None = None,
     ) -> UncertaintyResponse:
         """MC-dropout uncertainty of rows ``inputs``. ``n_samples="auto"``: each row samples
         until its MC standard error is within ``tolerance`` or it has ``max_n_samples`` (both
         optional; the server's defaults are 0.01 and 1000), and each result's ``n_samples``
-        says how many it used."""
+        says how many it used. Decisions (a calibrated model, ``mcdrop calibrate``):
+        ``reject_rate`` (or an explicit ``reject_threshold``) on ``reject_score`` flags each
+        result's ``reject``; ``coverage`` adds its conformal ``prediction_set`` (classifier) or
+        ``conformal_lower``/``conformal_upper`` (regressor)."""
         path = f"/models/{_segment(name)}/uncertainty"
         body = _uncertainty_body(
-            inputs, n_samples, seed, level, return_samples, tolerance, max_n_samples
+            inputs,
+            n_samples,
+            seed,
+            level,
+            return_samples,
+            tolerance,
+            max_n_samples,
+            decisions={
+                "reject_rate": reject_rate,
+                "reject_threshold": reject_threshold,
+                "reject_score": reject_score,
+                "coverage": coverage,
+            },
         )
         return _parse(self._request("POST", path, body), UncertaintyResponse)
 
@@ -497,9 +518,25 @@ class AsyncClient:
         return_samples: bool = False,
         tolerance: float | None = None,
         max_n_samples: int | None = None,
+        reject_rate: float | None = None,
+        reject_threshold: float | None = None,
+        reject_score: str | None = None,
+        coverage: float | None = None,
     ) -> UncertaintyResponse:
         path = f"/models/{_segment(name)}/uncertainty"
         body = _uncertainty_body(
-            inputs, n_samples, seed, level, return_samples, tolerance, max_n_samples
+            inputs,
+            n_samples,
+            seed,
+            level,
+            return_samples,
+            tolerance,
+            max_n_samples,
+            decisions={
+                "reject_rate": reject_rate,
+                "reject_threshold": reject_threshold,
+                "reject_score": reject_score,
+                "coverage": coverage,
+            },
         )
         return _parse(await self._request("POST", path, body), UncertaintyResponse)

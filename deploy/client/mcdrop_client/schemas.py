@@ -10,7 +10,7 @@ Field names are the library's: ``inputs``, ``n_samples``, ``seed``, ``mean``, ``
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -22,11 +22,14 @@ from pydantic import (
 )
 
 __all__ = [
+    "DECISION_RULES",
     "FLOAT32_MAX",
     "MAX_ROW_RANK",
     "MAX_SEED",
+    "REJECT_SCORES",
     "ROW_SCHEMA",
     "AsInt",
+    "CalibrationInfo",
     "ClassificationPrediction",
     "ClassificationUncertainty",
     "ErrorBody",
@@ -42,9 +45,11 @@ __all__ = [
     "Readiness",
     "RegressionPrediction",
     "RegressionUncertainty",
+    "RejectScore",
     "Seed",
     "UncertaintyRequest",
     "UncertaintyResponse",
+    "check_decision_options",
 ]
 
 #: The largest seed the library accepts (``mcdrop.masks.MAX_SEED``, which this module cannot
@@ -88,6 +93,7 @@ class ErrorCode(StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     CLIENT_CLOSED_REQUEST = "client_closed_request"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    DECISION_UNAVAILABLE = "decision_unavailable"
     HTTP_ERROR = "http_error"
     INTERNAL_ERROR = "internal_error"
     INVALID_ARGUMENT = "invalid_argument"
@@ -153,10 +159,41 @@ _AUTO_ONLY: dict[str, Any] = {
 }
 
 
+#: Every reject score of either task (``mcdrop.calibration.SCORES``, which this module cannot
+#: import; a test asserts they agree): which of them a model offers depends on its task.
+RejectScore = Literal["entropy", "epistemic_std", "least_confidence", "mutual_information", "std"]
+REJECT_SCORES: tuple[str, ...] = get_args(RejectScore)
+
+
+def _number(name: str) -> dict[str, Any]:
+    """Schema: ``name`` is given, as a number (not null)."""
+    return {"required": [name], "properties": {name: {"type": "number"}}}
+
+
+#: The decision options, said in the schema too: a reject_score goes with a rate or a
+#: threshold, and a rate excludes a threshold (the check below says the same).
+DECISION_RULES: dict[str, Any] = {
+    "reject_score": {"anyOf": [_number("reject_rate"), _number("reject_threshold")]},
+    "reject_rate": {"not": {"required": ["reject_threshold"]}},
+}
+
+
+def check_decision_options(
+    reject_rate: float | None, reject_threshold: float | None, reject_score: str | None
+) -> None:
+    """Raise ValueError for decision options that do not go together."""
+    if reject_rate is not None and reject_threshold is not None:
+        raise ValueError(
+            "send reject_rate or reject_threshold, not both (a rate is turned into a threshold)"
+        )
+    if reject_score is not None and reject_rate is None and reject_threshold is None:
+        raise ValueError("reject_score applies with reject_rate or reject_threshold")
+
+
 class UncertaintyRequest(PredictRequest):
     """Rows to sample, with the MC options."""
 
-    model_config = ConfigDict(json_schema_extra={"dependentSchemas": _AUTO_ONLY})
+    model_config = ConfigDict(json_schema_extra={"dependentSchemas": _AUTO_ONLY | DECISION_RULES})
 
     n_samples: Annotated[int, Field(ge=1), AsInt] | Literal["auto"] | None = Field(
         None,
@@ -190,6 +227,34 @@ class UncertaintyRequest(PredictRequest):
     )
     level: float = Field(0.95, gt=0.0, lt=1.0, description="level of the central interval")
     return_samples: bool = Field(False, description="include every sample of every row")
+    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None,
+        description=(
+            "flag each row whose reject_score is above the threshold that rejects this share of "
+            "the model's held-out calibration rows (each result's reject; needs a calibrated "
+            "model)"
+        ),
+    )
+    reject_threshold: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None,
+        description="flag each row whose reject_score is above this value (instead of a rate)",
+    )
+    reject_score: RejectScore | None = Field(
+        None,
+        description=(
+            "the score a row is rejected on: entropy (default), mutual_information or "
+            "least_confidence (1 - max probability) for a classifier; std (default) or "
+            "epistemic_std for a regressor (GET /models/{name}: calibration.reject_scores)"
+        ),
+    )
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None,
+        description=(
+            "split-conformal output at this coverage (needs a calibrated model): each result's "
+            "prediction_set (classifier) or conformal_lower/conformal_upper (regressor) holds "
+            "the true answer with this probability"
+        ),
+    )
 
     @model_validator(mode="after")
     def _auto_options_need_auto(self) -> UncertaintyRequest:
@@ -201,6 +266,7 @@ class UncertaintyRequest(PredictRequest):
                 f'{names} {verb} only to n_samples "auto"; send "n_samples": "auto" or leave '
                 f"{names} out"
             )
+        check_decision_options(self.reject_rate, self.reject_threshold, self.reject_score)
         return self
 
 
@@ -240,6 +306,21 @@ class ModelReadiness(BaseModel):
     reason: str | None = Field(None, description="why the model failed to load")
 
 
+class CalibrationInfo(BaseModel):
+    """The held-out rows a model's decisions were calibrated on (``mcdrop calibrate``)."""
+
+    n_rows: int = Field(..., description="held-out rows")
+    n_samples: int = Field(..., description="MC samples per row the calibration used")
+    seed: int
+    data: str = Field(..., description="where the rows came from")
+    reject_scores: list[str] = Field(..., description="the scores reject_score may name")
+    default_reject_score: str
+    conformal_method: str = Field(
+        ..., description="lac (classifier: 1 - p_y) or normalized_residual (|y - mean| / std)"
+    )
+    max_coverage: float = Field(..., description="the highest coverage it can give: n/(n+1)")
+
+
 class ModelInfo(BaseModel):
     """What a client needs to call a model."""
 
@@ -256,6 +337,9 @@ class ModelInfo(BaseModel):
     max_n_samples: int
     max_request_rows: int
     metrics: dict[str, float]
+    calibration: CalibrationInfo | None = Field(
+        None, description="present when the model can serve reject_rate and coverage"
+    )
 
 
 class ModelList(BaseModel):
@@ -292,6 +376,12 @@ class ClassificationUncertainty(BaseModel):
     expected_entropy: FiniteFloat = Field(..., description="mean entropy of the samples: aleatoric")
     mutual_information: FiniteFloat = Field(..., description="BALD: epistemic uncertainty")
     variation_ratio: FiniteFloat = Field(..., description="share of samples off the modal label")
+    reject: bool | None = Field(
+        None, description="the row's reject_score is above the threshold: do not trust it"
+    )
+    prediction_set: list[str] | None = Field(
+        None, description="the labels of the conformal prediction set at coverage (may be empty)"
+    )
     n_samples: int | None = Field(
         None, description='the samples this row used (requests with n_samples "auto" only)'
     )
@@ -310,6 +400,15 @@ class RegressionUncertainty(BaseModel):
     aleatoric_variance: list[FiniteFloat] = Field(..., description="noise: 1/tau or predicted")
     lower: list[FiniteFloat] = Field(..., description="lower bound of the central interval")
     upper: list[FiniteFloat] = Field(..., description="upper bound of the central interval")
+    reject: bool | None = Field(
+        None, description="the row's reject_score is above the threshold: do not trust it"
+    )
+    conformal_lower: list[FiniteFloat] | None = Field(
+        None, description="lower bound of the conformal interval at coverage"
+    )
+    conformal_upper: list[FiniteFloat] | None = Field(
+        None, description="upper bound of the conformal interval at coverage"
+    )
     n_samples: int | None = Field(
         None, description='the samples this row used (requests with n_samples "auto" only)'
     )
@@ -330,4 +429,10 @@ class UncertaintyResponse(BaseModel):
     )
     seed: Seed = Field(..., description="the seed used; send it back to reproduce the result")
     level: FiniteFloat
+    reject_score: str | None = Field(None, description="the score rows were flagged on")
+    reject_threshold: FiniteFloat | None = Field(
+        None, description="the threshold used (a rate's, from the calibration)"
+    )
+    reject_rate: FiniteFloat | None = Field(None, description="the rejection rate asked for")
+    coverage: FiniteFloat | None = Field(None, description="the conformal coverage asked for")
     results: list[ClassificationUncertainty] | list[RegressionUncertainty]

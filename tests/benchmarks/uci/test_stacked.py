@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -60,6 +61,7 @@ def test_stacked_fit_matches_fit_without_dropout():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # a training run: 2 × 6 networks, 40 epochs each
 def test_stacked_fit_with_dropout_matches_fit_statistically():
     # Dropout masks come from different generators, so compare the trained networks' test
     # error over several initialisations rather than exactly.

@@ -58,6 +58,9 @@ def _diabetes_model(directory: Path) -> Path:
     return checkpoint.save(directory, spec, net)
 
 
+# The two plotting tests are slow: matplotlib's import and first figures take over a second (the
+# report without plots runs in the fast loop: test_held_out_classes_..., test_cli_evaluate).
+@pytest.mark.slow
 def test_classifier_report_and_plots_are_written(tmp_path: Path) -> None:
     model = _digits_model(tmp_path / "model")
     report = evaluate.evaluate_model(model, out=tmp_path / "report", limit=40, n_samples=3)
@@ -77,6 +80,7 @@ def test_classifier_report_and_plots_are_written(tmp_path: Path) -> None:
     assert "![reliability.png](reliability.png)" in markdown
 
 
+@pytest.mark.slow
 def test_regressor_report_and_plots_are_written(tmp_path: Path) -> None:
     model = _diabetes_model(tmp_path / "model")
     report = evaluate.evaluate_model(model, out=tmp_path / "report", n_samples=3)

@@ -61,3 +61,16 @@ def test_training_leaves_global_rng_alone(tmp_path: Path) -> None:
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="dropout"):
         TrainConfig(dataset="digits", out=Path("x"), dropout=1.0)
+
+
+def test_training_calibrates_on_the_validation_split(tmp_path: Path) -> None:
+    import mcdrop
+
+    config = TrainConfig(
+        dataset="digits", out=tmp_path / "m", hidden=[8], epochs=1, n_samples=6, progress=False
+    )
+    train(config)
+    calibration = mcdrop.load(tmp_path / "m").calibration  # the weights' digest matches
+    assert calibration is not None
+    assert (calibration.data, calibration.n_rows) == ("digits validation split", 270)
+    assert (calibration.n_samples, calibration.seed) == (6, config.seed)
