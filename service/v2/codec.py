@@ -323,11 +323,11 @@ def _bytes_tensor(array: np.ndarray) -> bytes:
 def _json_data(array: np.ndarray) -> list[Any]:
     if array.dtype == object:
         return [b.decode() for b in array.ravel()]
-    values = array.ravel()
-    if values.dtype.kind == "f" and not np.logical_and.reduce(np.isfinite(values)):
+    values = array.ravel().tolist()
+    if array.dtype.kind == "f" and not math.isfinite(sum(values)):  # a NaN (or a sum overflowed)
         # JSON has no NaN: the samples an adaptive row did not draw are null.
-        return [None if v != v else v for v in values.tolist()]
-    return values.tolist()
+        return [None if v != v else v for v in values]
+    return values
 
 
 def encode_response(
