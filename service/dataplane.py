@@ -107,7 +107,7 @@ def get_and_head(
     return register
 
 
-def _surely_finite(t: torch.Tensor) -> bool:
+def surely_finite(t: torch.Tensor) -> bool:
     """True when every element of ``t`` is finite; False when one may not be (or the sum of a
     small tensor overflowed): then the exact check decides."""
     if not t.is_floating_point():
@@ -130,7 +130,7 @@ def check_finite(result: Prediction | Summary, samples: torch.Tensor | None = No
     if samples is not None:
         tensors.append(samples)
     try:
-        if all(_surely_finite(t) for t in tensors):
+        if all(surely_finite(t) for t in tensors):
             return
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or not on the CPU
         pass
