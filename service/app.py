@@ -105,6 +105,27 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _inference_routes_first(app: FastAPI, inference: InferenceRoutes) -> None:
+    """Match the inference routes first: the router tries routes in order, and every route
+    tried before a one-row prediction's costs it ~2 µs (a dozen probes and status routes
+    precede it). No path is served by two routes, so the order changes no answer; the OpenAPI
+    schema keeps the routes' own order (the documented one)."""
+    routes = app.router.routes
+    documented = list(routes)
+    routes.sort(key=lambda route: route not in inference.routes)  # stable: in order otherwise
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        matched = list(routes)
+        routes[:] = documented
+        try:
+            return generate()
+        finally:
+            routes[:] = matched
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
@@ -155,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     inference = InferenceRoutes([r for api in routers for r in api.routes])
     app.state.inference = inference
+    _inference_routes_first(app, inference)
     app.add_middleware(CountArrivals, arrivals=arrivals, routes=inference)
     app.add_middleware(RecordRequests, metrics=metrics, routes=inference)
     auth.install(app, settings.api_key)  # before the body is read: no key, no body read
