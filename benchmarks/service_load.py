@@ -17,8 +17,13 @@ Two load generators (``--generator``), both asyncio with one keep-alive connecti
 native endpoints with the same requests over the Open Inference Protocol (``/v2/.../infer``,
 JSON and binary tensor data).
 
+:func:`overhead` measures the framework's own floor beside the service: a bare FastAPI route
+(:func:`bare_app`) under ``mcdrop serve``'s uvicorn settings (:func:`service.server.config`), fed
+the same JSON bodies and answering JSON bodies of the same size, plus the model's own CPU time in
+process; the service's CPU per one-row request is reported as a ratio to their sum.
+
 Run: ``python -m benchmarks.service_load [--quick] [--generator raw|httpx2] [--only
-load|protocols]``.
+load|protocols|arrival|overhead]``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -74,9 +80,16 @@ def _free_port() -> int:
 
 
 class Server:
-    """``mcdrop serve`` (one torch thread) in a subprocess, stopped on exit."""
+    """``mcdrop serve`` (one torch thread) in a subprocess, stopped on exit (``command``: another
+    server module's command line, given ``--port``)."""
 
-    def __init__(self, *, batching: bool, **settings: str) -> None:
+    def __init__(
+        self,
+        *,
+        batching: bool,
+        command: Sequence[str] = ("-m", "service.cli", "serve"),
+        **settings: str,
+    ) -> None:
         self.port = _free_port()
         env = {
             **os.environ,
@@ -87,7 +100,7 @@ class Server:
             **settings,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            [sys.executable, *command, "--port", str(self.port)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -106,6 +119,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError("mcdrop serve exited")
             time.sleep(0.2)
+        self.__exit__()  # no server left behind
         raise RuntimeError("mcdrop serve did not become ready")
 
     def __exit__(self, *exc: object) -> None:
@@ -443,22 +457,187 @@ def protocols(quick: bool = False, generator: str = "raw") -> str:
     )
 
 
+def bare_app(responses: dict[str, Any]) -> Any:
+    """The framework's floor: a FastAPI app whose one route, ``POST /bare/{case}``, parses the
+    JSON body as any FastAPI route with a ``dict`` body does and answers ``responses[case]`` (a
+    JSON body the size of the service's answer), with nothing else: no model, middleware,
+    dependencies or response model (``GET /ready`` answers ``{}``)."""
+    from fastapi import Body, FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.post("/bare/{case}")
+    async def bare(case: str, body: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
+        return JSONResponse(responses[case])
+
+    @app.get("/ready")  # for Server's wait (after the measured route: routes match in order)
+    async def ready() -> dict[str, str]:
+        return {}
+
+    return app
+
+
+def serve_bare(responses_file: str, port: int) -> None:
+    """Serve :func:`bare_app` on ``port`` with ``mcdrop serve``'s uvicorn settings (the same
+    protocol class, event loop, logging and timeouts; settings from ``MCDROP_*``)."""
+    import uvicorn
+
+    from service import server
+    from service.config import Settings
+
+    config = server.config(Settings(port=port))
+    config.app = bare_app(json.loads(Path(responses_file).read_text()))
+    uvicorn.Server(config).run()
+
+
+#: One-row digits requests whose overhead :func:`overhead` measures: (case, endpoint, protocol).
+OVERHEAD_CASES = (
+    ("native predict", "predict", "native"),
+    ("native uncertainty", "uncertainty", "native"),
+    ("v2 predict", "predict", "v2 json"),
+    ("v2 uncertainty", "uncertainty", "v2 json"),
+)
+
+
+def _model_cpu_ms(model: str, endpoint: str, rows: list[Any], count: int) -> float:
+    """CPU milliseconds of the model's own work per one-row request, in process (the predictor's
+    ``predict`` or ``uncertainty`` on a ready tensor, one torch thread as the server)."""
+    predictor = _predictors.get(model)
+    if predictor is None:
+        predictor = _predictors[model] = Predictor(checkpoint.load(ROOT / "models" / model))
+    xs = [torch.tensor([row], dtype=torch.float32) for row in rows]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        started = time.process_time()
+        for i in range(count):
+            if endpoint == "predict":
+                predictor.predict(xs[i % len(xs)])
+            else:
+                predictor.uncertainty(xs[i % len(xs)], N_SAMPLES, seed=i)
+        return (time.process_time() - started) / count * 1e3
+    finally:
+        torch.set_num_threads(threads)
+
+
+_predictors: dict[str, Predictor] = {}
+
+
+def overhead(quick: bool = False, generator: str = "raw") -> str:
+    """Server CPU per one-row digits request against the framework's floor, measured in the same
+    run: each round measures, back to back for each case, the service (batching on, as
+    deployed), the bare route of :func:`bare_app` on the same uvicorn settings with the same
+    bodies, and the model's own CPU time in process; the ratio is the median over rounds of
+    service ÷ (bare + model). Target (issue 14): at most 1.5."""
+    seconds, rounds, calls = (0.5, 1, 50) if quick else (2.0, 5, 400)
+    rows = _rows()["digits"]
+    requests: dict[str, tuple[str, list[bytes], dict[str, str]]] = {}
+    for case, endpoint, protocol in OVERHEAD_CASES:
+        if protocol == "native":
+            bodies = [json.dumps(_body(endpoint, row, i)).encode() for i, row in enumerate(rows)]
+            requests[case] = (f"/models/digits/{endpoint}", bodies, JSON_HEADERS)
+        else:
+            bodies, headers = _v2_bodies(endpoint, rows, binary=False)
+            requests[case] = ("/v2/models/digits/infer", bodies, headers)
+    service: dict[str, list[Cell]] = {case: [] for case in requests}
+    bare: dict[str, list[Cell]] = {case: [] for case in requests}
+    model: dict[str, list[float]] = {case: [] for case in requests}
+    with Server(batching=True) as server:
+        # The bare route answers each case with a body of the size of the service's answer.
+        responses = {
+            case.replace(" ", "-"): httpx2.post(
+                server.url + path, content=bodies[0], headers=headers
+            ).json()
+            for case, (path, bodies, headers) in requests.items()
+        }
+        with contextlib.ExitStack() as stack:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            (folder / "responses.json").write_text(json.dumps(responses))
+            command = (
+                "-m",
+                "benchmarks.service_load",
+                "--serve-bare",
+                str(folder / "responses.json"),
+            )
+            floor = stack.enter_context(Server(batching=True, command=command))
+            for _ in range(rounds):
+                for case, endpoint, _protocol in OVERHEAD_CASES:
+                    path, bodies, headers = requests[case]
+                    service[case].append(
+                        asyncio.run(_load(server, generator, path, bodies, 1, seconds, headers))
+                    )
+                    bare_path = "/bare/" + case.replace(" ", "-")
+                    bare[case].append(
+                        asyncio.run(_load(floor, generator, bare_path, bodies, 1, seconds, headers))
+                    )
+                    model[case].append(_model_cpu_ms("digits", endpoint, rows, calls))
+    lines, worst = [], 0.0
+    for case, *_ in OVERHEAD_CASES:
+        ratios = [
+            s.cpu_ms / (b.cpu_ms + m)
+            for s, b, m in zip(service[case], bare[case], model[case], strict=True)
+        ]
+        ratio = statistics.median(ratios)
+        worst = max(worst, ratio)
+        cells = service[case] + bare[case]
+        lines.append(
+            [
+                case,
+                f"{statistics.median(c.cpu_ms for c in service[case]):.3f}",
+                f"{statistics.median(c.cpu_ms for c in bare[case]):.3f}",
+                f"{statistics.median(model[case]):.3f}",
+                f"{ratio:.2f}",
+                "met" if ratio <= 1.5 else "not met",
+                f"{statistics.mean(c.rps for c in service[case]):.0f}",
+                f"{statistics.mean(c.rps for c in bare[case]):.0f}",
+                f"{sum(c.errors for c in cells)}/{sum(c.requests for c in cells)}",
+            ]
+        )
+    header = [
+        "request",
+        "server CPU ms/req",
+        "bare route CPU ms/req",
+        "model CPU ms (in process)",
+        "server ÷ (bare + model)",
+        "target ≤ 1.5",
+        "req/s",
+        "bare req/s",
+        "errors",
+    ]
+    return (
+        f"### HTTP overhead against a bare FastAPI route ({machine()}; generator: {generator}; "
+        f"{rounds} round(s) of {seconds:g} s per cell; one client)\n\n{table(header, lines)}\n\n"
+        f"Largest server ÷ (bare route + model): {worst:.2f}× "
+        f"(target ≤ 1.5×: {'met' if worst <= 1.5 else 'not met'}).\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--generator", choices=GENERATORS, default="raw")
     parser.add_argument(
         "--only",
-        choices=("load", "protocols", "arrival"),
-        help="only the load table, the v2 vs native comparison, or the arrival wait's",
+        choices=("load", "protocols", "arrival", "overhead"),
+        help="only the load table, the v2 vs native comparison, the arrival wait's, or the "
+        "overhead against a bare route",
     )
+    # Internal: the bare route's server process (see overhead()).
+    parser.add_argument("--serve-bare", metavar="RESPONSES", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_bare:
+        serve_bare(args.serve_bare, args.port)
+        return 0
     if args.only in (None, "load"):
         print(run(args.quick, args.generator), flush=True)
     if args.only in (None, "protocols"):
         print(protocols(args.quick, args.generator), flush=True)
     if args.only in (None, "arrival"):
         print(arrival_wait(args.quick, args.generator), flush=True)
+    if args.only in (None, "overhead"):
+        print(overhead(args.quick, args.generator), flush=True)
     return 0
 
 

@@ -53,7 +53,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
@@ -105,6 +105,27 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _inference_routes_first(app: FastAPI, inference: InferenceRoutes) -> None:
+    """Match the inference routes first: the router tries routes in order, and every route
+    tried before a one-row prediction's costs it ~2 µs (a dozen probes and status routes
+    precede it). No path is served by two routes, so the order changes no answer; the OpenAPI
+    schema keeps the routes' own order (the documented one)."""
+    routes = app.router.routes
+    documented = list(routes)
+    routes.sort(key=lambda route: route not in inference.routes)  # stable: in order otherwise
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        matched = list(routes)
+        routes[:] = documented
+        try:
+            return generate()
+        finally:
+            routes[:] = matched
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
@@ -145,13 +166,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     routers = [router, v2_router]
     for api in routers:
-        app.include_router(api)
+        # The routes themselves, not app.include_router: FastAPI matches a request through an
+        # included router twice (to pick the router, then its route), ~40 µs per request. The
+        # routers set no prefix, tags or dependencies at inclusion, so the routes and the
+        # OpenAPI schema are the same.
+        app.router.routes.extend(api.routes)
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
-    # From the routers themselves: the app's own list holds them as opaque included routers.
     inference = InferenceRoutes([r for api in routers for r in api.routes])
     app.state.inference = inference
+    _inference_routes_first(app, inference)
     app.add_middleware(CountArrivals, arrivals=arrivals, routes=inference)
     app.add_middleware(RecordRequests, metrics=metrics, routes=inference)
     auth.install(app, settings.api_key)  # before the body is read: no key, no body read

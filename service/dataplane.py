@@ -8,16 +8,21 @@ both answer HEAD on their GET routes the same way (:func:`get_and_head`)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from mcdrop import adaptive, calibration
+from mcdrop import adaptive, calibration, predictor
 from mcdrop.checkpoint import ModelSpec
+from mcdrop.predictor import Prediction, Summary
 from service.batching import MCOptions
 from service.config import Settings
 from service.errors import LimitExceededError
@@ -56,6 +61,17 @@ def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
     return wait
 
 
+class RequestRoute(APIRoute):
+    """A route whose endpoint takes only the request, called with it directly: without
+    FastAPI's per-request dependency solving and telemetry (~20 µs), for routes that read their
+    own body (the Open Inference Protocol's infer)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint = self.endpoint
+        assert list(inspect.signature(endpoint).parameters) == ["request"]
+        return endpoint
+
+
 class HeadRoute(APIRoute):
     """HEAD of a GET route: the GET's status and headers (its Content-Length included), no
     body (RFC 9110 §9.3.2)."""
@@ -89,6 +105,36 @@ def get_and_head(
         return router.get(path, **kwargs)(endpoint)
 
     return register
+
+
+def surely_finite(t: torch.Tensor) -> bool:
+    """True when every element of ``t`` is finite; False when one may not be (or the sum of a
+    small tensor overflowed): then the exact check decides."""
+    if not t.is_floating_point():
+        return True
+    if t.numel() <= SMALL_TENSOR:  # a sum in Python: no per-op dispatch, no array wrappers
+        return math.isfinite(sum(t.reshape(-1).tolist()))
+    return bool(np.logical_and.reduce(np.isfinite(t.numpy()), axis=None))
+
+
+#: Up to this many elements, a tensor's finiteness is checked through its Python floats.
+SMALL_TENSOR = 256
+
+
+def check_finite(result: Prediction | Summary, samples: torch.Tensor | None = None) -> None:
+    """:func:`mcdrop.predictor.check_finite` (a NonFiniteOutputError naming the rows with a NaN
+    or ±inf output, of this request only: a merged batch is not checked whole), with a fast
+    path for the usual answer, all finite: a few µs for a one-row result, where torch's per-row
+    check costs ~50."""
+    tensors = [v for v in vars(result).values() if isinstance(v, torch.Tensor)]
+    if samples is not None:
+        tensors.append(samples)
+    try:
+        if all(surely_finite(t) for t in tensors):
+            return
+    except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or not on the CPU
+        pass
+    predictor.check_finite(result, samples)
 
 
 def check_rows(rows: int, settings: Settings) -> None:

@@ -22,3 +22,11 @@ async def get_settings(request: Request) -> Settings:
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def registry_and_settings(request: Request) -> tuple[Registry, Settings]:
+    """The registry and settings, read from the app: the inference routes call this rather than
+    declare the dependencies above, which FastAPI solves on every request (with their cache
+    keys, about 50 µs of a one-row request's CPU, as much as a third of its model work)."""
+    state = request.app.state
+    return state.registry, state.settings

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 _VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -52,7 +52,8 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming(scope) or uuid.uuid4().hex
+        # 32 random hex digits, as uuid4().hex but without building a UUID (a few µs).
+        request_id = _incoming(scope) or os.urandom(16).hex()
         token = _request_id.set(request_id)
         status = 500  # unless a response starts
         started = time.perf_counter()
@@ -69,21 +70,28 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            access_log.info(
-                "%s %s %d %.1f ms",
-                scope.get("method", ""),
-                scope.get("path", ""),
-                status,
-                (time.perf_counter() - started) * 1e3,
-                extra={
-                    "method": scope.get("method", ""),
-                    "path": scope.get("path", ""),
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1e3, 3),
-                    "client": (scope.get("client") or ("", 0))[0],
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):  # else skip building the record's fields
+                self._log(scope, status, started)
             _request_id.reset(token)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        method, path = scope.get("method", ""), scope.get("path", "")
+        access_log.info(
+            "%s %s %d %.1f ms",
+            method,
+            path,
+            status,
+            elapsed_ms,
+            extra={
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(elapsed_ms, 3),
+                "client": (scope.get("client") or ("", 0))[0],
+            },
+        )
 
 
 class _StampRequestId(logging.Filter):

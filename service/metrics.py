@@ -149,6 +149,20 @@ class RecordRequests:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        # Per model, the children every request records (``labels()`` takes a lock and builds
+        # a key each call); as many as the registry's models and ``_unknown``.
+        self.children: dict[str, tuple[Any, Any, Any]] = {}
+
+    def _children(self, model: str) -> tuple[Any, Any, Any]:
+        children = self.children.get(model)
+        if children is None:
+            m = self.metrics
+            children = self.children[model] = (
+                m.in_flight.labels(model),
+                m.request_seconds.labels(model),
+                m.success.labels(model),
+            )
+        return children
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         model = self.routes.model(scope)
@@ -159,7 +173,7 @@ class RecordRequests:
         if registry is None or model not in registry.entries:
             model = self.UNKNOWN
         status = 500  # unless a response starts
-        m = self.metrics
+        in_flight, seconds, success = self._children(model)
 
         async def record_status(message: dict[str, Any]) -> None:
             nonlocal status
@@ -168,13 +182,13 @@ class RecordRequests:
             await send(message)
 
         started = time.perf_counter()
-        m.in_flight.labels(model).inc()
+        in_flight.inc()
         try:
             await self.app(scope, receive, record_status)
         finally:
-            m.in_flight.labels(model).dec()
-            m.request_seconds.labels(model).observe(time.perf_counter() - started)
+            in_flight.dec()
+            seconds.observe(time.perf_counter() - started)
             if 200 <= status < 300:
-                m.success.labels(model).inc()
+                success.inc()
             else:
-                m.failure.labels(model, str(status)).inc()
+                self.metrics.failure.labels(model, str(status)).inc()

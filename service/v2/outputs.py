@@ -17,6 +17,7 @@ classifier, uncertainty (MC dropout)
 ``mutual_information`` FP32       (N,)         entropy - expected_entropy: epistemic
 ``variation_ratio``    FP32       (N,)         share of samples off the modal label
 ``samples``            FP32       (S, N, K)    sampled probabilities (only when asked for)
+``n_samples``          INT64      (N,)         samples each row used (by default with "auto")
 ``reject``             BOOL       (N,)         score above the threshold (with reject_rate or
                                                reject_threshold)
 ``prediction_set``     BOOL       (N, K)       class k in the conformal set (with coverage)
@@ -29,6 +30,7 @@ regressor, uncertainty, in the targets' units
 ``aleatoric_variance`` FP32       (N, K)       noise: 1/τ or predicted
 ``lower``, ``upper``   FP32       (N, K)       central interval at ``level``
 ``samples``            FP32       (S, N, K)    sampled means (only when asked for)
+``n_samples``          INT64      (N,)         samples each row used (by default with "auto")
 ``reject``             BOOL       (N,)         as for a classifier
 ``conformal_lower``,   FP32       (N, K)       conformal interval (with coverage)
 ``conformal_upper``
@@ -55,6 +57,9 @@ from mcdrop.stats import ClassificationSummary
 PREDICT = "predict"
 UNCERTAINTY = "uncertainty"
 SAMPLES = "samples"
+#: Samples each row used: a default output of adaptive requests (``n_samples: "auto"``) only,
+#: so fixed-count responses stay as they were; any uncertainty request may name it.
+N_SAMPLES = "n_samples"
 REJECT = "reject"
 #: Decision outputs, and the request parameter each needs: given only when asked for.
 DECISIONS = {
@@ -111,6 +116,7 @@ def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
             "mutual_information": OutputInfo("FP32", (), _MC),
             "variation_ratio": OutputInfo("FP32", (), _MC),
             SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
+            N_SAMPLES: OutputInfo("INT64", (), _MC),
             REJECT: OutputInfo("BOOL", (), _MC),
             "prediction_set": OutputInfo("BOOL", k, _MC),
         }
@@ -124,6 +130,7 @@ def _catalog(task: str, n_outputs: int) -> dict[str, OutputInfo]:
         "lower": OutputInfo("FP32", k, _MC),
         "upper": OutputInfo("FP32", k, _MC),
         SAMPLES: OutputInfo("FP32", (-1, *k), _MC),
+        N_SAMPLES: OutputInfo("INT64", (), _MC),
         REJECT: OutputInfo("BOOL", (), _MC),
         "conformal_lower": OutputInfo("FP32", k, _MC),
         "conformal_upper": OutputInfo("FP32", k, _MC),
@@ -145,18 +152,23 @@ def select(
     requested: list[tuple[str, bool | None]] | None,
     binary_default: bool,
     decision: DecisionRequest | None = None,
+    *,
+    adaptive: bool = False,
 ) -> list[Selected]:
     """The outputs to return: those ``requested`` (name, binary or None for the default) in
     their order, else every output of ``mode`` but ``samples`` (and the decision outputs
-    ``decision`` asks for); an InvalidArgumentError names an unknown, repeated or other-mode
-    output, or a decision output without its parameter."""
+    ``decision`` asks for; ``n_samples`` only when ``adaptive``); an InvalidArgumentError names
+    an unknown, repeated or other-mode output, or a decision output without its parameter."""
     outputs = catalog(spec)
     decided = _decided(decision)
     if requested is None:
+        left_out = {SAMPLES} if adaptive else {SAMPLES, N_SAMPLES}
         return [
             Selected(name, info, binary_default)
             for name, info in outputs.items()
-            if mode in info.modes and name != SAMPLES and (name not in DECISIONS or name in decided)
+            if mode in info.modes
+            and name not in left_out
+            and (name not in DECISIONS or name in decided)
         ]
     for name, _ in requested:
         if name in DECISIONS and name in outputs and name not in decided:
@@ -214,8 +226,15 @@ def predict_tensors(spec: ModelSpec, prediction: Prediction) -> Tensors:
 
 
 def uncertainty_tensors(spec: ModelSpec, summary: Summary, samples: torch.Tensor | None) -> Tensors:
-    """The outputs of an MC summary (and ``(S, N, K)`` samples), each built when asked for."""
-    tensors: Tensors = {} if samples is None else {SAMPLES: _f32(samples)}
+    """The outputs of an MC summary (and ``(S, N, K)`` samples), each built when asked for.
+
+    Rows of an adaptive request use different counts: ``samples`` then has the most any of its
+    rows used (a merged batch may have drawn more for other requests' rows), and NaN where a
+    row drew fewer."""
+    used = summary.row_n_samples
+    tensors: Tensors = {N_SAMPLES: lambda: used.to(torch.int64).numpy()}
+    if samples is not None:
+        tensors[SAMPLES] = _f32(samples[: int(used.max())])
     if isinstance(summary, ClassificationSummary):
         return {
             "probabilities": _f32(summary.probabilities),

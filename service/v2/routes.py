@@ -18,11 +18,10 @@ from fastapi.responses import JSONResponse, Response
 
 from mcdrop import fresh_seed
 from mcdrop.calibration import DecisionRequest
-from mcdrop.predictor import check_finite
 from service import dataplane
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
-from service.deps import RegistryDep, SettingsDep
+from service.deps import RegistryDep, registry_and_settings
 from service.errors import ModelNotFoundError
 from service.registry import ModelHandle, Registry
 from service.v2 import codec, outputs, schemas
@@ -91,38 +90,50 @@ _INFER_BODY = {
 
 
 def _infer_route(path: str, *names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    return router.post(
-        path,
-        tags=[INFERENCE_TAG],
-        response_class=Response,
-        responses={
-            200: {
-                "model": schemas.InferenceResponse,
-                "description": "the output tensors: JSON, or with binary outputs the JSON then "
-                "their bytes (application/octet-stream, Inference-Header-Content-Length)",
-                "content": {"application/octet-stream": {}},
+    """``router.post(path)`` for an infer endpoint, which reads its own body: called with the
+    request alone (:class:`~service.dataplane.RequestRoute`)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            route_class_override=dataplane.RequestRoute,
+            tags=[INFERENCE_TAG],
+            response_class=Response,
+            responses={
+                200: {
+                    "model": schemas.InferenceResponse,
+                    "description": "the output tensors: JSON, or with binary outputs the JSON "
+                    "then their bytes (application/octet-stream, Inference-Header-Content-Length)",
+                    "content": {"application/octet-stream": {}},
+                },
+                **_errors(400, 404, 408, 413, 500, 503, 504),
             },
-            **_errors(400, 404, 408, 413, 500, 503, 504),
-        },
-        openapi_extra={**_path_parameters(*names), **_INFER_BODY},
-    )
+            openapi_extra={**_path_parameters(*names), **_INFER_BODY},
+        )
+        return endpoint
+
+    return register
 
 
 # The infer routes first: FastAPI tries routes in order, and these take the traffic.
 @_infer_route("/models/{name}/infer", "name")
-async def infer(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+async def infer(request: Request) -> Response:
     """Inference: an ``$inference_request`` (JSON, or JSON then binary tensor data), answered
     with the named output tensors. ``parameters``: ``mode`` (``uncertainty``, the default, or
-    ``predict``), ``n_samples``, ``seed``, ``level``, ``binary_data_output``, ``timeout`` (µs);
-    decisions: ``reject_rate`` or ``reject_threshold`` (and ``reject_score``) for a BOOL
-    ``reject`` output, ``coverage`` for ``prediction_set`` or ``conformal_lower``/``_upper``."""
-    return await _infer(request, registry, settings)
+    ``predict``), ``n_samples`` (a count, or ``"auto"`` with ``tolerance`` and
+    ``max_n_samples``: the ``n_samples`` output then says how many each row used), ``seed``,
+    ``level``, ``binary_data_output``, ``timeout`` (µs); decisions: ``reject_rate`` or
+    ``reject_threshold`` (and ``reject_score``) for a BOOL ``reject`` output, ``coverage`` for
+    ``prediction_set`` or ``conformal_lower``/``_upper``."""
+    return await _infer(request, *registry_and_settings(request))
 
 
 @_infer_route("/models/{name}/versions/{version}/infer", "name", "version")
-async def infer_version(request: Request, registry: RegistryDep, settings: SettingsDep) -> Response:
+async def infer_version(request: Request) -> Response:
     """Inference on a model version (see ``/v2/models/{name}/infer``)."""
-    return await _infer(request, registry, settings)
+    return await _infer(request, *registry_and_settings(request))
 
 
 def _get(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -264,6 +275,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         if parsed.header.outputs is None
         else [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
     )
+    auto = params.n_samples == "auto"
     decision = (
         dataplane.decision_request(
             handle,
@@ -276,14 +288,21 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         else None
     )
     selected = outputs.select(
-        spec, params.mode, requested, params.binary_data_output, decision=decision
+        spec, params.mode, requested, params.binary_data_output, decision=decision, adaptive=auto
     )
     wants_samples = any(s.name == outputs.SAMPLES for s in selected)
     options = None
     if params.mode == outputs.UNCERTAINTY:
         level = 0.95 if params.level is None else params.level
         options = dataplane.mc_options(
-            rows, params.n_samples, level, wants_samples, handle, settings
+            rows,
+            params.n_samples,
+            level,
+            wants_samples,
+            handle,
+            settings,
+            tolerance=params.tolerance,
+            max_n_samples=params.max_n_samples,
         )
     n_samples = 0 if options is None else options.n_samples
     values = sum(s.info.values_per_row(n_samples) for s in selected if not s.binary)
@@ -305,7 +324,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     gone = dataplane.disconnected(request)
     if options is None:
         prediction = await handle.predict(x, gone=gone, timeout_s=timeout_s)
-        check_finite(prediction)  # this request's rows only, as the native routes
+        dataplane.check_finite(prediction)  # this request's rows only, as the native routes
         tensors = outputs.predict_tensors(spec, prediction)
         header["parameters"] = {"mode": outputs.PREDICT}
     else:
@@ -313,14 +332,16 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         summary, samples = await handle.uncertainty(
             x, options, seed=seed, gone=gone, timeout_s=timeout_s
         )
-        check_finite(summary, samples)
+        dataplane.check_finite(summary, samples)
         tensors = outputs.uncertainty_tensors(spec, summary, samples)
-        header["parameters"] = {
-            "mode": outputs.UNCERTAINTY,
-            "n_samples": options.n_samples,
-            "seed": seed,
-            "level": options.level,
-        }
+        header["parameters"] = {"mode": outputs.UNCERTAINTY, "n_samples": options.n_samples}
+        if auto:  # as the native response: "auto", its tolerance, and the most a row may use
+            header["parameters"] |= {
+                "n_samples": "auto",
+                "tolerance": options.tolerance,
+                "max_n_samples": options.n_samples,
+            }
+        header["parameters"] |= {"seed": seed, "level": options.level}
         if decision is not None and not decision.empty:
             tensors |= outputs.decision_tensors(decision, summary)
             header["parameters"] |= _decision_parameters(decision)

@@ -20,6 +20,9 @@ Integer = Annotated[int, AsInt]
 Count = Annotated[int, Field(ge=1), AsInt]
 Size = Annotated[int, Field(ge=0), AsInt]
 
+#: Parameters that only an adaptive request (``n_samples: "auto"``) takes, as in the native API.
+AUTO_OPTIONS = ("tolerance", "max_n_samples")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -65,8 +68,21 @@ class InferParameters(_Strict):
     mode: Literal["predict", "uncertainty"] = Field(
         "uncertainty", description="uncertainty: MC dropout; predict: one pass, dropout off"
     )
-    n_samples: Count | None = Field(
-        None, description="MC-dropout samples (default: the model's default_n_samples)"
+    n_samples: Count | Literal["auto"] | None = Field(
+        None,
+        description='MC-dropout samples (default: the model\'s default_n_samples), or "auto": '
+        "each row samples until the Monte Carlo standard error of its estimate is within "
+        "tolerance, or it has max_n_samples (the n_samples output says how many each used)",
+    )
+    tolerance: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = Field(
+        None,
+        description='with n_samples "auto": the standard error at which a row stops (default '
+        "0.01), as the native API's tolerance",
+    )
+    max_n_samples: Count | None = Field(
+        None,
+        description='with n_samples "auto": the most samples a row may use (default 1000, or '
+        "the server's max_n_samples if lower)",
     )
     seed: Seed | None = Field(None, description="reproducible samples")
     level: float | None = Field(
@@ -98,10 +114,17 @@ class InferParameters(_Strict):
     @model_validator(mode="after")
     def _mc_only(self) -> InferParameters:
         if self.mode == "predict":
-            given = [k for k in ("n_samples", "seed", "level") if getattr(self, k) is not None]
+            mc = ("n_samples", "seed", "level", *AUTO_OPTIONS)
+            given = [k for k in mc if getattr(self, k) is not None]
             given += [k for k in DECISION_PARAMETERS if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: only for mode 'uncertainty'")
+        auto_only = [k for k in AUTO_OPTIONS if getattr(self, k) is not None]
+        if auto_only and self.n_samples != "auto":
+            raise ValueError(
+                f'{" and ".join(auto_only)}: only with n_samples "auto"; send '
+                f'"n_samples": "auto" or leave {" and ".join(auto_only)} out'
+            )
         check_decision_options(self.reject_rate, self.reject_threshold, self.reject_score)
         return self
 

@@ -147,3 +147,13 @@ def test_arrival_wait_quick() -> None:
     errors = re.findall(r"\| (\d+)/(\d+) \|", text)
     assert len(errors) == 4  # 2 endpoints × with and without the wait, at 8 clients
     assert all(e == "0" and int(n) > 0 for e, n in errors)
+
+
+@pytest.mark.slow
+def test_service_overhead_quick() -> None:
+    text = service_load.overhead(quick=True)
+    errors = re.findall(r"\| (\d+)/(\d+) \|", text)
+    assert len(errors) == 4  # native predict and uncertainty, v2 predict and uncertainty
+    assert all(e == "0" and int(n) > 0 for e, n in errors)
+    assert all(r > 0 for r in _ratios(text, "bare route CPU ms/req"))
+    assert all(r > 0 for r in _ratios(text, "server ÷ (bare + model)"))

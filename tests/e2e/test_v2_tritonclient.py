@@ -103,7 +103,7 @@ def test_default_outputs_come_as_binary_data(client: triton.InferenceServerClien
     names = [o["name"] for o in response["outputs"]]
     listed = [o["name"] for o in client.get_model_metadata("diabetes")["outputs"]]
     # Every output of the default mode, in the metadata's order, but the raw samples.
-    assert names == [n for n in listed if n not in ("noise_variance", "samples")]
+    assert names == [n for n in listed if n not in ("noise_variance", "samples", "n_samples")]
     assert all("binary_data_size" in o["parameters"] for o in response["outputs"])
     assert (result.as_numpy("lower") < result.as_numpy("upper")).all()
 
@@ -170,3 +170,47 @@ def test_async_client(server: Server, client: triton.InferenceServerClient) -> N
         np.testing.assert_allclose(
             probabilities, sync.as_numpy("probabilities"), rtol=1e-5, atol=1e-7
         )
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_adaptive_sampling(
+    client: triton.InferenceServerClient, server: Server, binary: bool
+) -> None:
+    auto = {"n_samples": "auto", "tolerance": 0.02, "max_n_samples": 300, "seed": 7}
+    names = ["probabilities", "n_samples", "samples"]
+    result = client.infer(
+        "digits",
+        [_input(triton, DIGITS, binary)],
+        outputs=[triton.InferRequestedOutput(name, binary_data=binary) for name in names],
+        parameters=auto,
+    )
+    assert result.get_response()["parameters"] == {"mode": "uncertainty", **auto, "level": 0.95}
+    used = result.as_numpy("n_samples")
+    assert used.dtype == np.int64
+    with Client(server.url) as native:
+        expected = native.uncertainty("digits", DIGITS.tolist(), **auto, return_samples=True)
+    assert used.tolist() == [r.n_samples for r in expected.results]
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"),
+        [r.probabilities for r in expected.results],
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    samples = result.as_numpy("samples")  # (S, N, K), NaN past a row's own count
+    assert samples.shape == (used.max(), 3, 10)
+    for row, r in enumerate(expected.results):
+        np.testing.assert_allclose(samples[: used[row], row], r.samples, rtol=1e-6, atol=1e-7)
+        assert np.isnan(samples[used[row] :, row]).all()
+
+
+def test_adaptive_sampling_errors(client: triton.InferenceServerClient) -> None:
+    x = [_input(triton, DIGITS, True)]
+    with pytest.raises(InferenceServerException, match='only with n_samples "auto"') as fixed:
+        client.infer("digits", x, parameters={"n_samples": 10, "tolerance": 0.1})
+    assert fixed.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="above the limit") as limit:
+        client.infer("digits", x, parameters={"n_samples": "auto", "max_n_samples": 10**6})
+    assert limit.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="tolerance") as zero:
+        client.infer("digits", x, parameters={"n_samples": "auto", "tolerance": 0})
+    assert zero.value.status() == "400"

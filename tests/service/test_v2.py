@@ -132,18 +132,19 @@ def test_model_metadata(http: TestClient, path: str) -> None:
     assert meta["platform"] == "pytorch_mcdrop"
     assert meta["inputs"] == [{"name": "inputs", "datatype": "FP32", "shape": [-1, 64]}]
     outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
-    assert list(outputs) == [*CLASSIFIER_OUTPUTS, "samples"]
+    assert list(outputs) == [*CLASSIFIER_OUTPUTS, "samples", "n_samples"]
     assert outputs["probabilities"] == ("FP32", [-1, 10])
     assert outputs["label"] == ("BYTES", [-1])
     assert outputs["label_index"] == ("INT64", [-1])
     assert outputs["samples"] == ("FP32", [-1, -1, 10])
+    assert outputs["n_samples"] == ("INT64", [-1])
 
 
 def test_regressor_metadata(http: TestClient) -> None:
     meta = http.get("/v2/models/diabetes").json()
     assert meta["inputs"][0]["shape"] == [-1, 10]
     names = [o["name"] for o in meta["outputs"]]
-    assert set(names) == {*REGRESSOR_OUTPUTS, "noise_variance", "samples"}
+    assert set(names) == {*REGRESSOR_OUTPUTS, "noise_variance", "samples", "n_samples"}
 
 
 @pytest.mark.parametrize(
@@ -254,6 +255,73 @@ def test_samples_only_when_named(http: TestClient) -> None:
     samples = out.as_numpy("samples")
     assert samples.shape == (20, 2, 10)  # (S, N, K): samples first
     np.testing.assert_allclose(samples.mean(0), out.as_numpy("probabilities"), atol=1e-5)
+
+
+AUTO = {"n_samples": "auto", "tolerance": 0.02, "max_n_samples": 300, "seed": 3}
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "fields"),
+    [("digits", DIGITS, CLASSIFIER_OUTPUTS), ("diabetes", PATIENT, REGRESSOR_OUTPUTS)],
+)
+def test_adaptive_sampling_agrees_with_the_native_api(
+    http: TestClient, model: str, x: np.ndarray, fields: list[str]
+) -> None:
+    native = _native(http, model, x, **AUTO)
+    out = result(infer(http, model, [tensor(x)], parameters=AUTO))
+    response = out.get_response()
+    assert response["parameters"] == {"mode": "uncertainty", **AUTO, "level": 0.95}
+    # By default every output of the mode, then the samples each row used.
+    assert [o["name"] for o in response["outputs"]] == [*fields, "n_samples"]
+    used = out.as_numpy("n_samples")
+    assert used.dtype == np.int64
+    assert used.tolist() == [row["n_samples"] for row in native]
+    assert ((used >= 16) & (used <= 300)).all()
+    for field in fields:
+        expected = np.array([row[field] for row in native])
+        actual = output(out, field)
+        if actual.dtype.kind == "U":
+            np.testing.assert_array_equal(actual, expected, err_msg=field)
+        else:
+            np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7, err_msg=field)
+
+
+def test_adaptive_defaults_and_rows_that_stop_at_different_counts(http: TestClient) -> None:
+    # Blends of two digits are hard, clear digits easy: the rows stop at different counts.
+    x = np.stack([DIGITS[0], (DIGITS[1] + DIGITS[3]) / 2, DIGITS[2], (DIGITS[1] + DIGITS[2]) / 2])
+    out = result(infer(http, "digits", [tensor(x)], parameters={"n_samples": "auto", "seed": 1}))
+    parameters = out.get_response()["parameters"]
+    assert parameters["tolerance"] == 0.01  # the defaults, as the native API's
+    assert parameters["max_n_samples"] == 1000
+    used = out.as_numpy("n_samples")
+    assert len(set(used.tolist())) > 1, used
+    again = result(infer(http, "digits", [tensor(x)], parameters={"n_samples": "auto", "seed": 1}))
+    np.testing.assert_array_equal(again.as_numpy("n_samples"), used)  # seeded: reproducible
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_adaptive_samples_are_each_rows_own(http: TestClient, binary: bool) -> None:
+    x = np.stack([DIGITS[0], (DIGITS[1] + DIGITS[3]) / 2])
+    names = ["samples", "n_samples", "probabilities"]
+    outputs = [{"name": n, "parameters": {"binary_data": binary}} for n in names]
+    out = result(infer(http, "digits", [tensor(x)], parameters=AUTO, outputs=outputs))
+    used = out.as_numpy("n_samples")
+    samples = out.as_numpy("samples")  # (S, N, K): S the most any row used
+    assert samples.shape == (used.max(), 2, 10)
+    for row, n in enumerate(used):
+        assert np.isfinite(samples[:n, row]).all()
+        assert np.isnan(samples[n:, row]).all()  # never drawn: NaN (null in JSON)
+        np.testing.assert_allclose(
+            samples[:n, row].mean(0), out.as_numpy("probabilities")[row], atol=1e-5
+        )
+
+
+def test_a_fixed_count_request_may_name_the_n_samples_output(http: TestClient) -> None:
+    outputs = [{"name": "n_samples"}]
+    out = result(
+        infer(http, "digits", [tensor(DIGITS)], parameters={"n_samples": 20}, outputs=outputs)
+    )
+    assert out.as_numpy("n_samples").tolist() == [20] * len(DIGITS)
 
 
 # Every encoding of the same four digits (integers 0..16, exact in every datatype).
@@ -435,6 +503,41 @@ BAD: dict[str, tuple[Any, int, str]] = {
         "classification",
     ),
     "unknown model": (_json(), 404, "no model named 'nope'"),
+    "tolerance without auto": (
+        _json(parameters={"n_samples": 10, "tolerance": 0.1}),
+        400,
+        'tolerance: only with n_samples "auto"',
+    ),
+    "max_n_samples without auto": (
+        _json(parameters={"max_n_samples": 10}),
+        400,
+        'max_n_samples: only with n_samples "auto"',
+    ),
+    "tolerance 0": (_json(parameters={"n_samples": "auto", "tolerance": 0}), 400, "tolerance"),
+    "tolerance string": (
+        _json(parameters={"n_samples": "auto", "tolerance": "0.1"}),
+        400,
+        "tolerance",
+    ),
+    "n_samples other word": (_json(parameters={"n_samples": "many"}), 400, "'auto'"),
+    "max_n_samples above max": (
+        _json(parameters={"n_samples": "auto", "max_n_samples": 2001}),
+        400,
+        "max_n_samples=2001 is above the limit of 2000",
+    ),
+    "rows x max_n_samples": (
+        _json(
+            _input(shape=[20, 10], data=_row(200)),
+            parameters={"n_samples": "auto", "max_n_samples": 1500},
+        ),
+        400,
+        "rows × max_n_samples",
+    ),
+    "auto with predict": (
+        _json(parameters={"mode": "predict", "n_samples": "auto", "tolerance": 0.1}),
+        400,
+        "n_samples, tolerance: only for mode 'uncertainty'",
+    ),
 }
 
 
