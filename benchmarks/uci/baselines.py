@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+import mcdrop
 from benchmarks.uci.data import UCISplit, read_grid, read_split
 from benchmarks.uci.protocol import (
     LENGTHSCALE,
@@ -535,38 +536,37 @@ def ensemble_metrics(
 
 
 def save_model(
-    root: Path, name: str, split: int, method: str, net: MLP, part: Part, data: object
+    root: Path, name: str, split: int, method: str, net: MLP, part: Part, data: UCISplit
 ) -> Path:
-    """A served-as-usual model directory for a heteroscedastic network: ``MLP(D, [H], 2)`` with
-    ``likelihood: heteroscedastic`` and the split's standardisation in the manifest."""
-    assert isinstance(data, UCISplit)
+    """A served-as-usual model directory for a heteroscedastic network, written by
+    :func:`mcdrop.save` (which checks that the folder rebuilds the network): built-in ``mlp``
+    ``(D, [H], 2)``, ``likelihood: heteroscedastic`` and the split's standardisation in the
+    manifest, so it takes and returns original units."""
     x_mean, x_std = data.x_train.mean(0), data.x_train.std(0)
     x_std = [float(s) if s > 0 else 1.0 for s in x_std]
     linears = [m for m in net.layers if isinstance(m, nn.Linear)]
     p_in = next((m.p for m in net.layers if isinstance(m, nn.Dropout)), 0.0)
     p_hidden = [m.p for m in net.layers if isinstance(m, nn.Dropout)][-1]
-    spec = checkpoint.ModelSpec(
-        name=f"uci-{name}-{method}-split{split}".replace("+", "-"),
+    model_name = f"uci-{name}-{method}-split{split}".replace("+", "-")
+    mcdrop.save(
+        net,
+        Path(root) / model_name,
         task="regression",
         input_shape=[linears[0].in_features],
         labels=["y"],
-        architecture={
-            "name": "mlp",
-            "params": {
-                "in_features": linears[0].in_features,
-                "hidden": [linears[0].out_features],
-                "out_features": 2,
-                "dropout": p_hidden,
-                "input_dropout": p_in,
-            },
+        architecture="mlp",
+        params={
+            "in_features": linears[0].in_features,
+            "hidden": [linears[0].out_features],
+            "out_features": 2,
+            "dropout": p_hidden,
+            "input_dropout": p_in,
         },
-        dropout=p_hidden,
         likelihood="heteroscedastic",
+        dropout=p_hidden,
         input_normalization=checkpoint.Normalization([float(v) for v in x_mean], x_std),
         target_normalization=checkpoint.Normalization([part.y_mean], [part.y_std]),
         training={"benchmark": "benchmarks.uci", "dataset": name, "split": split},
         description=f"{method} on UCI {name}, split {split} (benchmarks.uci)",
     )
-    directory = Path(root) / spec.name
-    checkpoint.save(directory, spec, net)
-    return directory
+    return Path(root) / model_name

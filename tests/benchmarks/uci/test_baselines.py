@@ -10,13 +10,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from torch.nn import functional as F
 
 from benchmarks.uci import baselines, protocol
 from benchmarks.uci.data import UCISplit, read_split
 from benchmarks.uci.protocol import run_dataset
 from mcdrop import checkpoint, predict, sample, stats
+from service.app import create_app
+from service.config import Settings
 from tests.benchmarks.uci.conftest import needs_data
+from tests.service.conftest import wait_ready
 
 METHODS = ["het_mc_dropout", "concrete_dropout", "deep_ensembles"]
 
@@ -104,6 +108,37 @@ def test_het_model_saves_and_serves_like_any_model_directory(tiny, tmp_path):
     samples = sample(loaded.module, x, 20, seed=3)
     assert samples.shape == (20, x.shape[0], 2)
     assert bool(samples.isfinite().all())
+
+
+@pytest.mark.slow
+@needs_data
+def test_saved_model_is_served_by_the_service(tiny, tmp_path):
+    # The saved split's model directory is served like any other: the service's registry loads
+    # it from model_dir, and /predict and /uncertainty answer in original units.
+    opts = dataclasses.replace(
+        tiny, method="concrete_dropout", splits=(0,), save_models=tmp_path / "models"
+    )
+    run_dataset("yacht", opts)
+    (directory,) = (tmp_path / "models").iterdir()
+    split = read_split(opts.data, "yacht", 0)
+    rows = split.x_test[:4].tolist()
+    expected = predict(checkpoint.load(directory).module, torch.tensor(rows, dtype=torch.float32))
+    with TestClient(create_app(Settings(model_dir=tmp_path / "models"))) as http:
+        wait_ready(http)
+        (model,) = http.get("/models").json()["models"]
+        assert (model["name"], model["likelihood"]) == (directory.name, "heteroscedastic")
+        served = http.post(f"/models/{directory.name}/predict", json={"inputs": rows})
+        assert served.status_code == 200
+        means = [p["mean"][0] for p in served.json()["predictions"]]
+        noise = [p["noise_variance"][0] for p in served.json()["predictions"]]
+        assert means == pytest.approx(expected[:, 0].tolist(), rel=1e-5, abs=1e-4)
+        assert noise == pytest.approx(expected[:, 1].exp().tolist(), rel=1e-4)
+        body = {"inputs": rows, "n_samples": 50, "seed": 1}
+        mc = http.post(f"/models/{directory.name}/uncertainty", json=body)
+        assert mc.status_code == 200
+        for result in mc.json()["results"]:
+            assert result["aleatoric_variance"][0] > 0
+            assert result["lower"][0] < result["mean"][0] < result["upper"][0]
 
 
 def _normal_pdf(y: float, mean: float, var: float) -> float:
