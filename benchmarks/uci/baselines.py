@@ -20,10 +20,15 @@ network per split on all its training rows. Sampled with Bernoulli masks at the 
 so it is an ordinary mcdrop ``MLP``.
 
 ``deep_ensembles`` (Lakshminarayanan, Pritzel & Blundell 2017, §3.1 and §3.3): 5 networks of
-the same shape without dropout, variance ``softplus(s) + 1e-6``, Gaussian NLL, batch 100, Adam
-lr 0.1, 40 epochs (budget ``2017``), Torch's default initialisation (PyTorch's ``nn.Linear``
-default is the same uniform ±1/√fan_in); ``--adversarial`` adds fast-gradient-sign examples with
-ε = 0.01 × each input's training range. The prediction is the uniform mixture of the members.
+the same shape without dropout, variance ``softplus(s) + 1e-6``, Gaussian NLL, batch 100, 40
+epochs (budget ``2017``), Torch's default initialisation (PyTorch's ``nn.Linear`` default is the
+same uniform ±1/√fan_in); ``--adversarial`` adds fast-gradient-sign examples with ε = 0.01 ×
+each input's training range. The prediction is the uniform mixture of the members. Adam's
+learning rate is chosen per split from :data:`DE_LRS` by the ensemble's validation LL on the
+paper's 80/20 split (``--lr`` fixes it): the paper's stated 0.1 ("unless otherwise specified")
+does not converge in 40 epochs of 3 steps on the small datasets (yacht: training NLL ≈ 0
+against ≈ −2.5 at 0.01, test RMSE 5.7 against 0.9 on splits 0–3), so taken literally it is not
+the setting behind their table.
 
 Test metrics as for MC dropout: the mixture log-likelihood ``log 1/S Σ_s N(y; μ_s, σ²_s)`` in
 original units, streamed through :class:`mcdrop.stats.RegressionAccumulator` (S = T MC samples,
@@ -36,6 +41,7 @@ Shape legend: ``G`` networks, ``B`` batch rows, ``N`` rows, ``D`` features, ``H`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -46,7 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmarks.uci.data import read_grid, read_split
+import mcdrop
+from benchmarks.uci.data import UCISplit, read_grid, read_split
 from benchmarks.uci.protocol import (
     LENGTHSCALE,
     Options,
@@ -70,6 +77,8 @@ CONCRETE_TEMPERATURE = 0.1
 CONCRETE_INIT_P = 0.1
 #: Deep Ensembles' paper settings.
 DE_LR = 0.1
+#: Learning rates Deep Ensembles chooses from on validation (the paper's 0.1 and two smaller).
+DE_LRS = (0.1, 0.01, 0.001)
 DE_BATCH = 100
 DE_ADVERSARIAL_EPS = 0.01
 
@@ -428,7 +437,11 @@ def run_baseline(name: str, opts: Options) -> DatasetResult:
             elif recipe.dropout == "concrete":
                 finals = [[CONCRETE_INIT_P] for _ in splits]
             else:
-                finals = [[0.0] * opts.n_networks for _ in splits]
+                bar.set_postfix_str(f"ensembles of {opts.n_networks}")
+                for row in run_ensembles(name, splits, grid.n_hidden, epochs, opts):
+                    result.splits[method].append(row)
+                    bar.update(1)
+                continue
             seeds = [
                 [
                     network_seed(opts, name, s.split, opts.method, epochs, "final", k, p)
@@ -445,21 +458,66 @@ def run_baseline(name: str, opts: Options) -> DatasetResult:
                 members = range(start, start + len(finals[i]))
                 start += len(finals[i])
                 seed = derived_seed(opts.seed, name, split.split, "test")
-                if recipe.dropout == "none":
-                    metrics = ensemble_metrics(stack, members, part, opts, recipe)
-                    p_used = 0.0
-                else:
-                    net = stack.to_mlp(members[0])
-                    metrics = mc_metrics(net, part, opts, seed)
-                    p_used = float(stack.rates[1, members[0]])
-                    if opts.save_models is not None:
-                        save_model(opts.save_models, name, split.split, method, net, part, split)
+                net = stack.to_mlp(members[0])
+                metrics = mc_metrics(net, part, opts, seed)
+                p_used = float(stack.rates[1, members[0]])
+                if opts.save_models is not None:
+                    save_model(opts.save_models, name, split.split, method, net, part, split)
                 result.splits[method].append(
                     SplitResult(split.split, p_used, math.nan, val_ll=val_lls[i], **metrics)
                 )
                 bar.update(1)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def run_ensembles(
+    name: str, splits: Sequence[UCISplit], n_hidden: int, epochs: int, opts: Options
+) -> list[SplitResult]:
+    """Deep Ensembles on a group of splits: the learning rate per split by validation LL
+    (unless ``opts.lr``), then M members retrained on all training rows at that rate."""
+    base = RECIPES["deep_ensembles"]
+    m = opts.n_networks
+    lrs = DE_LRS if opts.lr is None else (opts.lr,)
+
+    def seeds_for(phase: str, lr: float, group: Sequence[UCISplit]) -> list[list[int]]:
+        return [
+            [network_seed(opts, name, s.split, opts.method, epochs, phase, k, lr) for k in range(m)]
+            for s in group
+        ]
+
+    def train(parts: Sequence[Part], lr: float, seeds: list[list[int]]) -> StackedGaussianMLP:
+        recipe = dataclasses.replace(base, lr=lr)
+        return _train(parts, [[0.0] * m] * len(parts), seeds, n_hidden, recipe, epochs, opts, 0.0)
+
+    chosen = [lrs[0]] * len(splits)
+    val_lls = [math.nan] * len(splits)
+    if len(lrs) > 1:
+        val_parts = [validation_part(s) for s in splits]
+        scores = []
+        for lr in lrs:
+            stack = train(val_parts, lr, seeds_for("validation", lr, splits))
+            scores.append(
+                [
+                    ensemble_metrics(stack, range(i * m, (i + 1) * m), part, opts, base)["ll"]
+                    for i, part in enumerate(val_parts)
+                ]
+            )
+        for i in range(len(splits)):
+            finite = [sc[i] if math.isfinite(sc[i]) else -math.inf for sc in scores]
+            best = max(range(len(lrs)), key=lambda j: finite[j])
+            chosen[i], val_lls[i] = lrs[best], finite[best]
+    rows: dict[int, SplitResult] = {}
+    for lr in sorted(set(chosen)):
+        group = [i for i in range(len(splits)) if chosen[i] == lr]
+        parts = [test_part(splits[i]) for i in group]
+        stack = train(parts, lr, seeds_for("final", lr, [splits[i] for i in group]))
+        for j, (i, part) in enumerate(zip(group, parts, strict=True)):
+            metrics = ensemble_metrics(stack, range(j * m, (j + 1) * m), part, opts, base)
+            rows[i] = SplitResult(
+                splits[i].split, 0.0, math.nan, val_ll=val_lls[i], lr=lr, **metrics
+            )
+    return [rows[i] for i in range(len(splits))]
 
 
 def ensemble_metrics(
@@ -478,40 +536,37 @@ def ensemble_metrics(
 
 
 def save_model(
-    root: Path, name: str, split: int, method: str, net: MLP, part: Part, data: object
+    root: Path, name: str, split: int, method: str, net: MLP, part: Part, data: UCISplit
 ) -> Path:
-    """A served-as-usual model directory for a heteroscedastic network: ``MLP(D, [H], 2)`` with
-    ``likelihood: heteroscedastic`` and the split's standardisation in the manifest."""
-    from benchmarks.uci.data import UCISplit
-
-    assert isinstance(data, UCISplit)
+    """A served-as-usual model directory for a heteroscedastic network, written by
+    :func:`mcdrop.save` (which checks that the folder rebuilds the network): built-in ``mlp``
+    ``(D, [H], 2)``, ``likelihood: heteroscedastic`` and the split's standardisation in the
+    manifest, so it takes and returns original units."""
     x_mean, x_std = data.x_train.mean(0), data.x_train.std(0)
     x_std = [float(s) if s > 0 else 1.0 for s in x_std]
     linears = [m for m in net.layers if isinstance(m, nn.Linear)]
     p_in = next((m.p for m in net.layers if isinstance(m, nn.Dropout)), 0.0)
     p_hidden = [m.p for m in net.layers if isinstance(m, nn.Dropout)][-1]
-    spec = checkpoint.ModelSpec(
-        name=f"uci-{name}-{method}-split{split}".replace("+", "-"),
+    model_name = f"uci-{name}-{method}-split{split}".replace("+", "-")
+    mcdrop.save(
+        net,
+        Path(root) / model_name,
         task="regression",
         input_shape=[linears[0].in_features],
         labels=["y"],
-        architecture={
-            "name": "mlp",
-            "params": {
-                "in_features": linears[0].in_features,
-                "hidden": [linears[0].out_features],
-                "out_features": 2,
-                "dropout": p_hidden,
-                "input_dropout": p_in,
-            },
+        architecture="mlp",
+        params={
+            "in_features": linears[0].in_features,
+            "hidden": [linears[0].out_features],
+            "out_features": 2,
+            "dropout": p_hidden,
+            "input_dropout": p_in,
         },
-        dropout=p_hidden,
         likelihood="heteroscedastic",
+        dropout=p_hidden,
         input_normalization=checkpoint.Normalization([float(v) for v in x_mean], x_std),
         target_normalization=checkpoint.Normalization([part.y_mean], [part.y_std]),
         training={"benchmark": "benchmarks.uci", "dataset": name, "split": split},
         description=f"{method} on UCI {name}, split {split} (benchmarks.uci)",
     )
-    directory = Path(root) / spec.name
-    checkpoint.save(directory, spec, net)
-    return directory
+    return Path(root) / model_name

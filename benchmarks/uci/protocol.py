@@ -107,6 +107,8 @@ class Options:
     # Deep Ensembles.
     n_networks: int = 5
     adversarial: bool = False
+    #: Deep Ensembles' Adam learning rate; None: chosen per split on validation (DE_LRS).
+    lr: float | None = None
     #: Write each split's final heteroscedastic network as a model directory under this folder.
     save_models: Path | None = None
 
@@ -128,6 +130,8 @@ class Options:
             tags.append(f"{self.tau_search}_tau{self.bo_evals}")
         if self.adversarial:
             tags.append("adversarial")
+        if self.lr is not None:
+            tags.append(f"lr{self.lr:g}")
         return tuple(tags)
 
     def row_method(self, method: str) -> str:

@@ -28,7 +28,8 @@ COLUMNS = [
 class SplitResult:
     """Test metrics of one split, in original units, for one method (``val_ll``: the grid's
     best validation log-likelihood; ``crps_samples``: the samples the CRPS used;
-    ``ll_moment_matched``: LL of the moment-matched Gaussian, Deep Ensembles' score)."""
+    ``ll_moment_matched``: LL of the moment-matched Gaussian, Deep Ensembles' score; ``lr``:
+    the Adam learning rate Deep Ensembles chose on validation)."""
 
     split: int
     dropout: float
@@ -42,6 +43,7 @@ class SplitResult:
     val_ll: float
     crps_samples: int
     ll_moment_matched: float = math.nan
+    lr: float = math.nan
 
 
 @dataclass

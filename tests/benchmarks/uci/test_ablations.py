@@ -23,6 +23,7 @@ from tests.benchmarks.uci.conftest import needs_data
         ({"lengthscale": None}, "lengthscale2016"),
         ({"tau_search": "bo", "bo_evals": 4}, "bo_tau4"),
         ({"method": "deep_ensembles", "adversarial": True, "budget": "2017"}, "adversarial"),
+        ({"method": "deep_ensembles", "lr": 0.1, "budget": "2017"}, "lr0.1"),
     ],
 )
 def test_ablation_runs_and_names_its_rows(tiny, changes, tag):

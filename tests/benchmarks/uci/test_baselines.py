@@ -7,14 +7,20 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from torch.nn import functional as F
 
 from benchmarks.uci import baselines, protocol
-from benchmarks.uci.data import read_split
+from benchmarks.uci.data import UCISplit, read_split
 from benchmarks.uci.protocol import run_dataset
 from mcdrop import checkpoint, predict, sample, stats
+from service.app import create_app
+from service.config import Settings
 from tests.benchmarks.uci.conftest import needs_data
+from tests.service.conftest import wait_ready
 
 METHODS = ["het_mc_dropout", "concrete_dropout", "deep_ensembles"]
 
@@ -102,3 +108,105 @@ def test_het_model_saves_and_serves_like_any_model_directory(tiny, tmp_path):
     samples = sample(loaded.module, x, 20, seed=3)
     assert samples.shape == (20, x.shape[0], 2)
     assert bool(samples.isfinite().all())
+
+
+@pytest.mark.slow
+@needs_data
+def test_saved_model_is_served_by_the_service(tiny, tmp_path):
+    # The saved split's model directory is served like any other: the service's registry loads
+    # it from model_dir, and /predict and /uncertainty answer in original units.
+    opts = dataclasses.replace(
+        tiny, method="concrete_dropout", splits=(0,), save_models=tmp_path / "models"
+    )
+    run_dataset("yacht", opts)
+    (directory,) = (tmp_path / "models").iterdir()
+    split = read_split(opts.data, "yacht", 0)
+    rows = split.x_test[:4].tolist()
+    expected = predict(checkpoint.load(directory).module, torch.tensor(rows, dtype=torch.float32))
+    with TestClient(create_app(Settings(model_dir=tmp_path / "models"))) as http:
+        wait_ready(http)
+        (model,) = http.get("/models").json()["models"]
+        assert (model["name"], model["likelihood"]) == (directory.name, "heteroscedastic")
+        served = http.post(f"/models/{directory.name}/predict", json={"inputs": rows})
+        assert served.status_code == 200
+        means = [p["mean"][0] for p in served.json()["predictions"]]
+        noise = [p["noise_variance"][0] for p in served.json()["predictions"]]
+        assert means == pytest.approx(expected[:, 0].tolist(), rel=1e-5, abs=1e-4)
+        assert noise == pytest.approx(expected[:, 1].exp().tolist(), rel=1e-4)
+        body = {"inputs": rows, "n_samples": 50, "seed": 1}
+        mc = http.post(f"/models/{directory.name}/uncertainty", json=body)
+        assert mc.status_code == 200
+        for result in mc.json()["results"]:
+            assert result["aleatoric_variance"][0] > 0
+            assert result["lower"][0] < result["mean"][0] < result["upper"][0]
+
+
+def _normal_pdf(y: float, mean: float, var: float) -> float:
+    return math.exp(-0.5 * (y - mean) ** 2 / var) / math.sqrt(2 * math.pi * var)
+
+
+def test_ensemble_ll_is_the_closed_form_mixture_in_original_units(tiny):
+    # Two members with constant outputs (μ_k, s_k) in standardised units: the ensemble's LL must
+    # be log(½ N(y; m_1, v_1) + ½ N(y; m_2, v_2)) with m_k = μ_k·σ_y + ȳ and
+    # v_k = (softplus(s_k) + 1e-6)·σ_y², written out by hand; its moment-matched LL and RMSE too.
+    recipe = baselines.RECIPES["deep_ensembles"]
+    stack = baselines.build_stack(1, 1, [0.0, 0.0], [1, 2], recipe, "torch")
+    heads = [(0.5, -1.0), (-1.5, 2.0)]  # (μ_k, s_k)
+    with torch.no_grad():
+        stack.w1.zero_()
+        stack.b1.fill_(1.0)  # hidden = relu(1) = 1 for every row
+        stack.w2.copy_(torch.tensor([[list(h)] for h in heads]))
+        stack.b2.zero_()
+    y = [9.0, 14.0, 5.5]
+    part = baselines.Part(
+        torch.zeros(4, 1),
+        torch.zeros(4, 1),
+        torch.zeros(3, 1),
+        torch.tensor(y, dtype=torch.float64)[:, None],
+        10.0,
+        2.0,
+    )
+    metrics = baselines.ensemble_metrics(stack, range(2), part, tiny, recipe)
+    means = [mu * 2.0 + 10.0 for mu, _ in heads]
+    variances = [(float(F.softplus(torch.tensor(s))) + 1e-6) * 4.0 for _, s in heads]
+    mixture = [
+        math.log(sum(0.5 * _normal_pdf(t, m, v) for m, v in zip(means, variances, strict=True)))
+        for t in y
+    ]
+    mean = sum(means) / 2
+    var = sum(variances) / 2 + sum(m * m for m in means) / 2 - mean**2
+    matched = [math.log(_normal_pdf(t, mean, var)) for t in y]
+    assert metrics["ll"] == pytest.approx(sum(mixture) / 3, rel=1e-5)
+    assert metrics["ll_moment_matched"] == pytest.approx(sum(matched) / 3, rel=1e-5)
+    rmse = math.sqrt(sum((t - mean) ** 2 for t in y) / 3)
+    assert metrics["rmse"] == pytest.approx(rmse, rel=1e-5)
+
+
+def test_deep_ensembles_reach_the_noise_level_on_a_linear_dataset():
+    # y = x·w + 100 + N(0, 0.5²) with badly scaled inputs: with the normalisation, the variance
+    # head and the original units right, 40 epochs of the ensemble get within 0.15 of the
+    # oracle's LL (the test set's own noise is ±0.05) and near the noise's RMSE.
+    rng = np.random.default_rng(0)
+    sigma = 0.5
+    x = rng.normal(0.0, 1.0, (1000, 3)) * [1.0, 10.0, 100.0] + [0.0, 5.0, -50.0]
+    y = x @ np.array([[3.0], [-0.2], [0.01]]) + 100 + sigma * rng.standard_normal((1000, 1))
+    split = UCISplit("synthetic", 0, x[:800], y[:800], x[800:], y[800:])
+    opts = protocol.Options(method="deep_ensembles", budget="2017", progress=False)
+    (row,) = baselines.run_ensembles("synthetic", [split], 20, 40, opts)
+    oracle = -0.5 * math.log(2 * math.pi * sigma**2) - 0.5
+    assert row.ll > oracle - 0.15
+    assert row.rmse < 1.2 * sigma
+    assert row.lr in baselines.DE_LRS
+
+
+@needs_data
+def test_deep_ensembles_fit_yacht_at_the_papers_budget():
+    # The paper's yacht RMSE is 1.58 (Table 1). Adam at lr 0.1 for 40 epochs of 3 steps left
+    # every member unconverged (split 0: test RMSE 1.9-9.8, 6.8 for a 2-split smoke run); the
+    # rate chosen on validation fits it.
+    split = read_split(protocol.data_root(), "yacht", 0)
+    opts = protocol.Options(method="deep_ensembles", budget="2017", progress=False)
+    (row,) = baselines.run_ensembles("yacht", [split], 50, 40, opts)
+    assert row.rmse < 1.58
+    assert row.ll > -1.6
+    assert math.isfinite(row.val_ll)

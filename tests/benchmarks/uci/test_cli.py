@@ -37,3 +37,23 @@ def test_quick_run_writes_finite_results(tmp_path):
     report = (tmp_path / "uci.md").read_text()
     assert "--quick --datasets yacht" in report
     assert "1.11 ± 0.09" in report
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "0.1"], "--lr applies to --method deep_ensembles"),
+        (["--adversarial"], "--adversarial applies to --method deep_ensembles"),
+    ],
+)
+def test_baseline_switches_refuse_other_methods(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_fixed_learning_rate_names_the_rows():
+    opts = cli.parse_args(["--method", "deep_ensembles", "--budget", "2017", "--lr", "0.1"])
+    assert opts.lr == 0.1
+    assert opts.row_method("deep_ensembles") == "deep_ensembles+lr0.1"
+    assert cli.parse_args(["--method", "deep_ensembles"]).lr is None  # chosen on validation

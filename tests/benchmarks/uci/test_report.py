@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from benchmarks.uci import report
 from benchmarks.uci.report import published, verdict
 
 
@@ -39,3 +40,46 @@ def test_published_ses_use_each_datasets_split_count():
     assert (rmse, ll) == (4.71, -2.83)
     assert rmse_se == pytest.approx(0.06 / math.sqrt(5))
     assert published("yacht", "DE 2017")[3] == pytest.approx(0.21 / math.sqrt(20))
+
+
+def _details(values: dict[int, float]) -> dict:
+    return {"splits": [{"split": i, "rmse": v, "ll": -v} for i, v in values.items()]}
+
+
+def test_ablations_are_paired_by_split():
+    # Split 2 ran only in the ablation: the difference uses the shared splits 0 and 1.
+    details = {
+        "y|2016|m": _details({0: 1.0, 1: 3.0}),
+        "y|2016|m+t": _details({0: 1.5, 1: 3.1, 2: 9}),
+    }
+    mean, se, n = report.paired_difference(details, "y|2016|m+t", "y|2016|m", "rmse")
+    assert n == 2
+    assert mean == pytest.approx(0.3)
+    assert se == pytest.approx(math.sqrt(((0.5 - 0.3) ** 2 + (0.1 - 0.3) ** 2) / 1 / 2))
+    rows = [
+        {"dataset": "y", "budget": "2016", "method": m, "rmse_mean": 2.0, "rmse_se": 1.0,
+         "ll_mean": -2.0, "ll_se": 1.0}
+        for m in ("m", "m+t")
+    ]  # fmt: skip
+    (line,) = [x for x in report.ablation_lines(rows, details) if x.startswith("| y ")]
+    assert "| +t |" in line
+    assert "(+0.30 ± 0.20)" in line  # RMSE
+    assert "(-0.30 ± 0.20)" in line  # LL
+
+
+def test_goal_counts_wins_at_each_tables_budget():
+    def row(dataset: str, budget: str, method: str, ll: float) -> dict[str, object]:
+        n = report.published_splits(dataset)
+        return {"dataset": dataset, "budget": budget, "method": method, "n_splits": n,
+                "ll_mean": ll, "ll_se": 0.01}  # fmt: skip
+
+    rows = [
+        row("yacht", "2016", "mc_dropout", -1.40),  # 2016: -1.55 → win
+        row("yacht", "2018", "het_mc_dropout", -1.30),  # 2018 grid: -1.25 → not a win
+        row("energy", "2016", "deep_ensembles", 0.0),  # not an mcdrop method
+        row("energy", "2016", "mc_dropout+glorot", 0.0),  # an ablation
+    ]
+    text = "\n".join(report.goal_lines(rows))
+    assert "`2016`, our budget 2016: 1 of 9" in text
+    assert "`2018 grid`, our budget 2018: 0 of 9" in text
+    assert "`2016`, any budget: 1 of 9" in text
