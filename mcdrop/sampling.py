@@ -216,6 +216,33 @@ def sample_chunks(
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
     _check_inputs(x)
+    yield from sample_chunks_of_checked_inputs(
+        model,
+        x,
+        n_samples,
+        seed=seed,
+        max_pass_rows=max_pass_rows,
+        prefix=prefix,
+        plan=plan,
+        first_sample=first_sample,
+    )
+
+
+def sample_chunks_of_checked_inputs(
+    model: nn.Module,
+    x: Tensor,
+    n_samples: int,
+    *,
+    seed: int | Tensor | None = None,
+    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
+    prefix: Prefix = "auto",
+    plan: SamplingPlan | None = None,
+    first_sample: int = 0,
+) -> Iterator[Chunk]:
+    """:func:`sample_chunks` for a caller that has checked ``x`` itself (a tensor with a
+    non-empty batch dimension, every value finite: :func:`all_finite`), as
+    :class:`~mcdrop.Predictor` does: the check is a good share of a small call's cost. Every other
+    argument is checked here."""
     _check_args(n_samples, max_pass_rows)
     if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
         raise InvalidArgumentError(f"first_sample must be an integer >= 0, got {first_sample!r}")
