@@ -467,3 +467,65 @@ def _keep_scale_t(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype)
     table = _byte_table_t(bits, round(p * (1 << bits)), scale, dtype, keys.device)
     out = table[lanes.to(torch.int32)].reshape(lanes.shape[0], -1)  # (B, >= n)
     return out if out.shape[1] == n else out[:, :n].contiguous()
+
+
+class PassMultipliers:
+    """The inverted-dropout multipliers of several calls of one pass from one hash over all
+    their words: each call's ``(B, n)`` multipliers equal :func:`keep_scale`'s bit for bit
+    (word j of call c for row b is still ``mix64((key_b ^ C_c) + (j + 1)·γ)``), in NumPy calls
+    per pass rather than per call.
+
+    Why: on a small pass (one request's rows) the hash's ~10 NumPy calls per dropout call, and
+    the Python around them, cost more than the model's own arithmetic. Made once per set of
+    calls, rates and dtype (a :class:`~mcdrop.planning.LayerChain` keeps them), used per pass.
+
+    Args:
+        calls: ``(call index, n, p)`` of every call, in any order.
+        dtype: the multipliers' dtype.
+    """
+
+    def __init__(self, calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> None:
+        self.calls = calls
+        self.dtype = dtype
+        xors: list[np.ndarray] = []
+        counters: list[np.ndarray] = []
+        # per call: first word, words, n, and _scale_constants's threshold, scale, table, dtype
+        self.parts: list[tuple[int, int, int, Any, Any, np.ndarray | None, type]] = []
+        start = 0
+        for call, n, p in calls:
+            np_dtype, bits, threshold, scale, table = _scale_constants(p, dtype)
+            per_word = 64 // bits
+            n_words = (n + per_word - 1) // per_word
+            xors.append(np.full(n_words, _call_constant(call), dtype=np.uint64))
+            counters.append(_counter(n_words))
+            self.parts.append((start, n_words, n, threshold, scale, table, np_dtype))
+            start += n_words
+        self.words = start
+        self.xor = np.concatenate(xors) if xors else np.empty(0, dtype=np.uint64)
+        self.counter = np.concatenate(counters) if counters else np.empty(0, dtype=np.uint64)
+
+    def make(self, keys: Tensor) -> list[Tensor]:
+        """Each call's ``(B, n)`` multipliers for the keys ``(B,)``, in the order of ``calls``:
+        one hash when the keys are on the CPU and the words of all calls fit
+        :data:`BLOCK_WORDS`, else :func:`keep_scale` per call."""
+        rows = keys.shape[0]
+        if keys.device.type != "cpu" or rows * self.words > BLOCK_WORDS:
+            return [keep_scale(keys, call, n, p, self.dtype) for call, n, p in self.calls]
+        words = np.bitwise_xor.outer(_u64(keys), self.xor)  # (B, W)
+        words += self.counter
+        _mix_(words)
+        out: list[Tensor] = []
+        for start, n_words, n, threshold, scale, table, np_dtype in self.parts:
+            own = words[:, start : start + n_words]  # its last axis is contiguous: views work
+            if table is None:  # 16-bit lanes, as _scale_block
+                values: np.ndarray = np.multiply(
+                    own.view(np.int16)[:, :n] >= threshold, scale, dtype=np_dtype
+                )
+            else:
+                lanes = own.view(np.uint8)
+                values = np.take(table, lanes, axis=0).reshape(rows, -1)  # (B, >= n)
+                if values.shape[1] != n:
+                    values = np.ascontiguousarray(values[:, :n])
+            result = torch.from_numpy(values)
+            out.append(result if result.dtype == self.dtype else result.to(self.dtype))
+        return out

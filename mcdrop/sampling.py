@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -65,13 +65,15 @@ def _model_lock(model: nn.Module) -> threading.Lock:
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
     """Run ``model`` with every module in eval mode, restoring each flag exactly afterwards.
 
     A model already in eval mode is not touched at all, so concurrent callers never observe a
-    flag change; a model in training mode is switched under a per-model lock.
+    flag change; a model in training mode is switched under a per-model lock. ``modules``: the
+    modules a pass runs, when they are known (a runnable :class:`~mcdrop.planning.LayerChain`'s),
+    instead of a walk of the model.
     """
-    training = [m for m in _modules(model) if m.training]
+    training = [m for m in (_modules(model) if modules is None else modules) if m.training]
     if not training:
         yield
         return
@@ -260,7 +262,10 @@ def sample_chunks_of_checked_inputs(
     keys = masks.row_keys(x, seed).to(device)
     x = x.to(device)
     n_total = x.shape[0]
-    with eval_mode(model), torch.inference_mode():
+    # Whether the kept plan's layer chain runs this call's passes, checked once for all of them.
+    chain = plan is not None and plan.layers is not None and plan.layers.runnable(model)
+    modules = plan.layers.containers if chain and plan is not None and plan.layers else None
+    with eval_mode(model, modules), torch.inference_mode():
         if plan is None:
             plan = planning.probe(model, x)
         else:
@@ -279,7 +284,9 @@ def sample_chunks_of_checked_inputs(
                 s = min(samples_per, n_samples - s0)
                 chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
                 # One sample per pass gains nothing from sharing the prefix.
-                values = planning.run_pass(model, x_rows, chunk_keys, s, shared and s > 1, plan)
+                values = planning.run_pass(
+                    model, x_rows, chunk_keys, s, shared and s > 1, plan, chain=chain or None
+                )
                 yield Chunk(slice(s0, s0 + s), rows, values)
 
 
