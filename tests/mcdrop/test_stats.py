@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -392,3 +393,26 @@ def test_one_chunk_of_every_row_is_the_merge_into_zeros_bit_for_bit(
     accs[0].update(logits[:1])
     accs[1].update(logits[:1], torch.arange(n))
     assert _summaries_equal(accs[0].result(), accs[1].result())
+
+
+@settings(max_examples=30, deadline=None)
+@given(logits_tensors(), st.booleans(), st.sampled_from([0.5, 0.9, 0.95]))
+def test_regression_summary_on_the_cpu_is_torchs_bit_for_bit(
+    values: Tensor, heteroscedastic: bool, level: float
+) -> None:
+    # On the CPU the summary is worked out in NumPy; with targets (for the log-likelihood) in
+    # torch. The fields both give agree bit for bit (heteroscedastic: K means, K log-variances).
+    s, n, k2 = values.shape
+    k = k2 // 2 if heteroscedastic else k2
+    noise = None if heteroscedastic else 0.7
+    plain = stats.RegressionAccumulator(n, k, noise_variance=noise, level=level)
+    with_targets = stats.RegressionAccumulator(
+        n, k, noise_variance=noise, level=level, targets=torch.zeros(n, k)
+    )
+    values = values[..., : 2 * k] if heteroscedastic else values
+    for acc in (plain, with_targets):
+        acc.update(values[: s // 2 + 1])
+        acc.update(values[s // 2 + 1 :])
+    got, want = plain.result(), with_targets.result()
+    assert want.log_likelihood is not None and got.log_likelihood is None
+    assert _summaries_equal(dataclasses.replace(want, log_likelihood=None), got)
