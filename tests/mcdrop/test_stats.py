@@ -378,7 +378,7 @@ def test_one_chunk_of_every_row_is_the_merge_into_zeros_bit_for_bit(
 ) -> None:
     # A first update of every row (a slice) sets the sums from the chunk; the same update by
     # row indices merges it into zero sums. Both give the same summary, bit for bit.
-    s, n, k = logits.shape
+    _, n, k = logits.shape
     accs: list[stats.ClassificationAccumulator | stats.RegressionAccumulator] = []
     for _ in range(2):
         if regression:
@@ -414,5 +414,6 @@ def test_regression_summary_on_the_cpu_is_torchs_bit_for_bit(
         acc.update(values[: s // 2 + 1])
         acc.update(values[s // 2 + 1 :])
     got, want = plain.result(), with_targets.result()
-    assert want.log_likelihood is not None and got.log_likelihood is None
+    assert want.log_likelihood is not None
+    assert got.log_likelihood is None
     assert _summaries_equal(dataclasses.replace(want, log_likelihood=None), got)
