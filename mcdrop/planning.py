@@ -655,11 +655,14 @@ class LayerChain:
         )
         return cls(tuple(steps), tuple(containers), children, weakref.ref(model), elementwise)
 
-    def multipliers(self, keys: Tensor, plan: SamplingPlan) -> dict[int, tuple[float, Tensor]]:
+    def multipliers(
+        self, keys: Tensor, plan: SamplingPlan
+    ) -> dict[int, tuple[float, Tensor]] | None:
         """The multipliers of the pass's element-wise dropout calls at their layers' current
         rates, for the keys ``(B,)``: call index -> (p, ``(B, per_row)``), for
         :class:`SamplingContext`'s ``premade``. Made in one hash (:class:`masks.PassMultipliers`);
-        a rate of 0 or 1 makes none (those calls make no mask)."""
+        a rate of 0 or 1 makes none (those calls make no mask). None for a pass too large for
+        one hash (:data:`masks.PASS_WORDS`): each call makes its own."""
         rates = tuple(float(cast(Any, layer).p) for _, layer in self.elementwise)
         made = self._made.get((rates, plan.dtype))
         if made is None:
@@ -671,8 +674,8 @@ class LayerChain:
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
                 self._made.clear()
             made = self._made[(rates, plan.dtype)] = masks.PassMultipliers(calls, plan.dtype)
-        if not made.calls:
-            return {}
+        if not made.calls or not made.fits(keys):
+            return None
         values = made.make(keys)
         return {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
 
