@@ -173,15 +173,18 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
         flat = x.detach().reshape(x.shape[0], -1)
         flat = (flat.to(torch.float32) + 0.0) if flat.is_floating_point() else flat.to(torch.int64)
         rows = flat.cpu().contiguous().numpy()
+    # The digests' bytes read as little-endian int64: one array, no Python int per row.
     if isinstance(seed, Tensor):
         seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
+        digests = b"".join(
+            hashlib.blake2b(row.tobytes(), digest_size=8, key=s).digest()
+            for row, s in zip(rows, seeds, strict=True)
+        )
     else:
-        seeds = [seed.to_bytes(8, "little")] * rows.shape[0]
-    # The digests' bytes read as little-endian int64: one array, no Python int per row.
-    digests = b"".join(
-        hashlib.blake2b(row.tobytes(), digest_size=8, key=s).digest()
-        for row, s in zip(rows, seeds, strict=True)
-    )
+        key = seed.to_bytes(8, "little")
+        digests = b"".join(
+            hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest() for row in rows
+        )
     return torch.from_numpy(np.frombuffer(digests, dtype="<i8").astype(np.int64))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,8 +64,9 @@ def _model_lock(model: nn.Module) -> threading.Lock:
         return lock
 
 
-@contextmanager
-def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> Iterator[None]:
+def eval_mode(
+    model: nn.Module, modules: Sequence[nn.Module] | None = None
+) -> AbstractContextManager[None]:
     """Run ``model`` with every module in eval mode, restoring each flag exactly afterwards.
 
     A model already in eval mode is not touched at all, so concurrent callers never observe a
@@ -74,9 +75,13 @@ def eval_mode(model: nn.Module, modules: Sequence[nn.Module] | None = None) -> I
     instead of a walk of the model.
     """
     training = [m for m in (_modules(model) if modules is None else modules) if m.training]
-    if not training:
-        yield
-        return
+    # The common case, a model in eval mode: no generator-based context manager (µs a call).
+    return _switched(model, training) if training else nullcontext()
+
+
+@contextmanager
+def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
+    """``training``'s modules in eval mode, under ``model``'s lock, restored afterwards."""
     with _model_lock(model):
         for m in training:
             m.training = False
@@ -312,7 +317,8 @@ def sample(
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
     out: Tensor | None = None
-    chunks = sample_chunks(
+    _check_inputs(x)
+    chunks = sample_chunks_of_checked_inputs(
         model, x, n_samples, seed=seed, max_pass_rows=max_pass_rows, prefix=prefix, plan=plan
     )
     for chunk in chunks:
