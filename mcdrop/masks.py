@@ -173,15 +173,18 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
         flat = x.detach().reshape(x.shape[0], -1)
         flat = (flat.to(torch.float32) + 0.0) if flat.is_floating_point() else flat.to(torch.int64)
         rows = flat.cpu().contiguous().numpy()
+    # The digests' bytes read as little-endian int64: one array, no Python int per row.
     if isinstance(seed, Tensor):
         seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
+        digests = b"".join(
+            hashlib.blake2b(row.tobytes(), digest_size=8, key=s).digest()
+            for row, s in zip(rows, seeds, strict=True)
+        )
     else:
-        seeds = [seed.to_bytes(8, "little")] * rows.shape[0]
-    # The digests' bytes read as little-endian int64: one array, no Python int per row.
-    digests = b"".join(
-        hashlib.blake2b(row.tobytes(), digest_size=8, key=s).digest()
-        for row, s in zip(rows, seeds, strict=True)
-    )
+        key = seed.to_bytes(8, "little")
+        digests = b"".join(
+            hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest() for row in rows
+        )
     return torch.from_numpy(np.frombuffer(digests, dtype="<i8").astype(np.int64))
 
 
@@ -467,3 +470,83 @@ def _keep_scale_t(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype)
     table = _byte_table_t(bits, round(p * (1 << bits)), scale, dtype, keys.device)
     out = table[lanes.to(torch.int32)].reshape(lanes.shape[0], -1)  # (B, >= n)
     return out if out.shape[1] == n else out[:, :n].contiguous()
+
+
+#: The most hash words (over all calls) of a pass whose multipliers :class:`PassMultipliers`
+#: makes at once (128 KiB). A larger pass makes each call's multipliers right before the call
+#: uses them, while they are in the cache: the small MLP (8→64→64→1, two dropout calls) at 32
+#: rows × 100 samples (3,200 × 32 words) was 10–15 % slower with them made at once.
+PASS_WORDS = 1 << 14
+
+
+class PassMultipliers:
+    """The inverted-dropout multipliers of several calls of one pass from one hash over all
+    their words: each call's ``(B, n)`` multipliers equal :func:`keep_scale`'s bit for bit
+    (word j of call c for row b is still ``mix64((key_b ^ C_c) + (j + 1)·γ)``), in NumPy calls
+    per pass rather than per call.
+
+    Why: on a small pass (one request's rows) the hash's ~10 NumPy calls per dropout call, and
+    the Python around them, cost more than the model's own arithmetic. Made once per set of
+    calls, rates and dtype (a :class:`~mcdrop.planning.LayerChain` keeps them), used per pass.
+
+    Args:
+        calls: ``(call index, n, p)`` of every call, in any order.
+        dtype: the multipliers' dtype.
+    """
+
+    def __init__(self, calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> None:
+        self.calls = calls
+        self.dtype = dtype
+        xors: list[np.ndarray] = []
+        counters: list[np.ndarray] = []
+        # per call: first word, words, n, and _scale_constants's threshold, scale, table, dtype
+        self.parts: list[tuple[int, int, int, Any, Any, np.ndarray | None, type]] = []
+        start = 0
+        for call, n, p in calls:
+            np_dtype, bits, threshold, scale, table = _scale_constants(p, dtype)
+            per_word = 64 // bits
+            n_words = (n + per_word - 1) // per_word
+            xors.append(np.full(n_words, _call_constant(call), dtype=np.uint64))
+            counters.append(_counter(n_words))
+            self.parts.append((start, n_words, n, threshold, scale, table, np_dtype))
+            start += n_words
+        self.words = start
+        self.xor = np.concatenate(xors) if xors else np.empty(0, dtype=np.uint64)
+        self.counter = np.concatenate(counters) if counters else np.empty(0, dtype=np.uint64)
+
+    def fits(self, keys: Tensor) -> bool:
+        """Whether :meth:`make` takes these keys ``(B,)``: on the CPU, and the words of all
+        calls within :data:`PASS_WORDS`."""
+        return keys.device.type == "cpu" and keys.shape[0] * self.words <= PASS_WORDS
+
+    def make(self, keys: Tensor) -> list[Tensor]:
+        """Each call's ``(B, n)`` multipliers for the keys ``(B,)`` (which :meth:`fits`), in the
+        order of ``calls``."""
+        rows = keys.shape[0]
+        u = _u64(keys)
+        if len(self.parts) == 1:  # _words_np's own two passes
+            words = np.add.outer(u ^ self.xor[0], self.counter)
+        else:  # each call's columns written once, (key ^ C_c) + counter, then one hash
+            words = np.empty((rows, self.words), dtype=np.uint64)
+            for start, n_words, *_ in self.parts:
+                np.add.outer(
+                    u ^ self.xor[start],
+                    self.counter[start : start + n_words],
+                    out=words[:, start : start + n_words],
+                )
+        _mix_(words)
+        out: list[Tensor] = []
+        for start, n_words, n, threshold, scale, table, np_dtype in self.parts:
+            own = words[:, start : start + n_words]  # its last axis is contiguous: views work
+            if table is None:  # 16-bit lanes, as _scale_block
+                values: np.ndarray = np.multiply(
+                    own.view(np.int16)[:, :n] >= threshold, scale, dtype=np_dtype
+                )
+            else:
+                lanes = own.view(np.uint8)
+                values = np.take(table, lanes, axis=0).reshape(rows, -1)  # (B, >= n)
+                if values.shape[1] != n:
+                    values = np.ascontiguousarray(values[:, :n])
+            result = torch.from_numpy(values)
+            out.append(result if result.dtype == self.dtype else result.to(self.dtype))
+        return out

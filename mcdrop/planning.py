@@ -203,24 +203,35 @@ class SamplingPlan:
 
 
 def run_pass(
-    model: nn.Module, x: Tensor, keys: Tensor, n_samples: int, prefix: bool, plan: SamplingPlan
+    model: nn.Module,
+    x: Tensor,
+    keys: Tensor,
+    n_samples: int,
+    prefix: bool,
+    plan: SamplingPlan,
+    *,
+    chain: bool | None = None,
 ) -> Tensor:
     """One stochastic forward pass of ``n_samples`` samples of the rows ``x`` ``(n, D...)``,
     following ``plan``; with ``prefix``, the layers before the first dropout run on the ``n``
-    rows. The caller holds the model in eval and inference mode.
+    rows. The caller holds the model in eval and inference mode. ``chain``: whether the plan's
+    :class:`LayerChain` may run (its :meth:`~LayerChain.runnable`, when the caller checked it for
+    the call's passes); None checks here.
 
     Returns ``(n_samples, n, K...)``.
     """
     n = x.shape[0]
-    if prefix:
-        inputs = x
-        ctx = SamplingContext(keys, plan.calls, replicate=n_samples)
+    replicas = n_samples if prefix else 1
+    inputs = x if prefix else replicate(x, n_samples)  # (S * n, D...), sample-major
+    layers = plan.layers
+    if chain is None:
+        chain = layers is not None and layers.runnable(model)
+    if chain and layers is not None:
+        premade = layers.multipliers(keys, plan)
+        ctx = SamplingContext(keys, plan.calls, replicate=replicas, premade=premade)
+        y = layers.run(ctx, inputs)
     else:
-        inputs = replicate(x, n_samples)  # (S * n, D...), sample-major
-        ctx = SamplingContext(keys, plan.calls)
-    if plan.layers is not None and plan.layers.runnable(model):
-        y = plan.layers.run(ctx, inputs)
-    else:
+        ctx = SamplingContext(keys, plan.calls, replicate=replicas)
         with ctx:
             y = model(inputs)
     if ctx.calls != len(plan.calls):
@@ -562,7 +573,10 @@ class LayerChain:
     Why: the torch-function mode of the generic path costs ~6 µs for every torch call of a
     forward, several times the arithmetic of a small MLP (2-layer UCI MLP, 100 samples of one
     row: 59 µs of forward in the mode against 34 µs without). The chain makes the same calls in
-    the same order, so its samples are bit-identical to the mode's.
+    the same order, so its samples are bit-identical to the mode's. Its element-wise dropout
+    layers' multipliers for a pass are made before it, in one hash over all their words
+    (:class:`mcdrop.masks.PassMultipliers`, kept here per rates and dtype): the same bits as one
+    :func:`~mcdrop.masks.keep_scale` per call, with one hash (~10 NumPy calls) per pass.
     """
 
     # (layer, None) or (dropout layer, how it drops: SamplingContext.dropout's options)
@@ -572,6 +586,13 @@ class LayerChain:
     containers: tuple[nn.Module, ...]
     children: tuple[tuple[nn.Module | None, ...], ...]  # each container's children, as planned
     model: weakref.ref[nn.Module]
+    # (call index, layer) of the dropout layers that drop per element (not channel or alpha):
+    # their multipliers are made for the whole pass at once (masks.PassMultipliers)
+    elementwise: tuple[tuple[int, nn.Module], ...] = ()
+    # the PassMultipliers of the rates and dtype seen, made once: what depends on the plan only
+    _made: dict[tuple[tuple[float, ...], torch.dtype], masks.PassMultipliers] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def of(cls, model: nn.Module, input_shape: tuple[int, ...]) -> LayerChain | None:
@@ -626,7 +647,37 @@ class LayerChain:
                 return None
         steps += [(f, None) for f in after]
         children = tuple(tuple(c._modules.values()) for c in containers)
-        return cls(tuple(steps), tuple(containers), children, weakref.ref(model))
+        drops = [(layer, options) for layer, options in steps if options is not None]
+        elementwise = tuple(
+            (i, cast(nn.Module, layer))
+            for i, (layer, options) in enumerate(drops)
+            if not (options.get("feature") or options.get("alpha"))
+        )
+        return cls(tuple(steps), tuple(containers), children, weakref.ref(model), elementwise)
+
+    def multipliers(
+        self, keys: Tensor, plan: SamplingPlan
+    ) -> dict[int, tuple[float, Tensor]] | None:
+        """The multipliers of the pass's element-wise dropout calls at their layers' current
+        rates, for the keys ``(B,)``: call index -> (p, ``(B, per_row)``), for
+        :class:`SamplingContext`'s ``premade``. Made in one hash (:class:`masks.PassMultipliers`);
+        a rate of 0 or 1 makes none (those calls make no mask). None for a pass too large for
+        one hash (:data:`masks.PASS_WORDS`): each call makes its own."""
+        rates = tuple(float(cast(Any, layer).p) for _, layer in self.elementwise)
+        made = self._made.get((rates, plan.dtype))
+        if made is None:
+            calls = tuple(
+                (i, math.prod(plan.calls[i].shape), p)
+                for (i, _), p in zip(self.elementwise, rates, strict=True)
+                if 0.0 < p < 1.0 and i < len(plan.calls)
+            )
+            if len(self._made) >= 8:  # rates changed between calls: keep the latest few
+                self._made.clear()
+            made = self._made[(rates, plan.dtype)] = masks.PassMultipliers(calls, plan.dtype)
+        if not made.calls or not made.fits(keys):
+            return None
+        values = made.make(keys)
+        return {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
 
     def runnable(self, model: nn.Module) -> bool:
         """Whether a pass may run the chain: the model's layers are still those planned, and no

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,6 +51,7 @@ class RegressionPrediction:
 
 
 Prediction = ClassificationPrediction | RegressionPrediction
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 Summary = ClassificationSummary | RegressionSummary
 
 
@@ -65,8 +67,16 @@ def non_finite_rows(result: Prediction | Summary, samples: Tensor | None = None)
     if samples is not None:
         floats.append(samples)
     # Almost every result is finite: one check over all of it first (a NaN padding an adaptive
-    # request's samples only sends it to the row-by-row check below).
-    if not floats or bool(torch.isfinite(torch.cat([v.reshape(-1) for v in floats])).all()):
+    # request's samples only sends it to the row-by-row check below). On the CPU, NumPy's check
+    # of each tensor costs less than a concatenation; elsewhere one read of the device is less.
+    if not floats:
+        return []
+    if all(v.device.type == "cpu" and v.dtype in _NUMPY_FLOATS for v in floats):
+        # NumPy's concatenation and check cost a third of torch's on one request's results
+        arrays = [v.detach().resolve_neg().numpy().reshape(-1) for v in floats]
+        if np.isfinite(np.concatenate(arrays)).all():
+            return []
+    elif bool(torch.isfinite(torch.cat([v.reshape(-1) for v in floats])).all()):
         return []
     bad: Tensor | None = None
     for value in vars(result).values():
@@ -329,7 +339,8 @@ class Predictor:
                 plan=plan,
             )
         else:
-            chunks = sampling.sample_chunks(
+            # x passed check_inputs: the same checks as sample_chunks's, made once
+            chunks = sampling.sample_chunks_of_checked_inputs(
                 self.model.module, x, most, seed=seed, max_pass_rows=self.max_pass_rows, plan=plan
             )
         for chunk in chunks:

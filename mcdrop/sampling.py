@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,17 +64,24 @@ def _model_lock(model: nn.Module) -> threading.Lock:
         return lock
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(
+    model: nn.Module, modules: Sequence[nn.Module] | None = None
+) -> AbstractContextManager[None]:
     """Run ``model`` with every module in eval mode, restoring each flag exactly afterwards.
 
     A model already in eval mode is not touched at all, so concurrent callers never observe a
-    flag change; a model in training mode is switched under a per-model lock.
+    flag change; a model in training mode is switched under a per-model lock. ``modules``: the
+    modules a pass runs, when they are known (a runnable :class:`~mcdrop.planning.LayerChain`'s),
+    instead of a walk of the model.
     """
-    training = [m for m in _modules(model) if m.training]
-    if not training:
-        yield
-        return
+    training = [m for m in (_modules(model) if modules is None else modules) if m.training]
+    # The common case, a model in eval mode: no generator-based context manager (µs a call).
+    return _switched(model, training) if training else nullcontext()
+
+
+@contextmanager
+def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
+    """``training``'s modules in eval mode, under ``model``'s lock, restored afterwards."""
     with _model_lock(model):
         for m in training:
             m.training = False
@@ -216,6 +223,33 @@ def sample_chunks(
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
     _check_inputs(x)
+    yield from sample_chunks_of_checked_inputs(
+        model,
+        x,
+        n_samples,
+        seed=seed,
+        max_pass_rows=max_pass_rows,
+        prefix=prefix,
+        plan=plan,
+        first_sample=first_sample,
+    )
+
+
+def sample_chunks_of_checked_inputs(
+    model: nn.Module,
+    x: Tensor,
+    n_samples: int,
+    *,
+    seed: int | Tensor | None = None,
+    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
+    prefix: Prefix = "auto",
+    plan: SamplingPlan | None = None,
+    first_sample: int = 0,
+) -> Iterator[Chunk]:
+    """:func:`sample_chunks` for a caller that has checked ``x`` itself (a tensor with a
+    non-empty batch dimension, every value finite: :func:`all_finite`), as
+    :class:`~mcdrop.Predictor` does: the check is a good share of a small call's cost. Every other
+    argument is checked here."""
     _check_args(n_samples, max_pass_rows)
     if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
         raise InvalidArgumentError(f"first_sample must be an integer >= 0, got {first_sample!r}")
@@ -233,7 +267,10 @@ def sample_chunks(
     keys = masks.row_keys(x, seed).to(device)
     x = x.to(device)
     n_total = x.shape[0]
-    with eval_mode(model), torch.inference_mode():
+    # Whether the kept plan's layer chain runs this call's passes, checked once for all of them.
+    chain = plan is not None and plan.layers is not None and plan.layers.runnable(model)
+    modules = plan.layers.containers if chain and plan is not None and plan.layers else None
+    with eval_mode(model, modules), torch.inference_mode():
         if plan is None:
             plan = planning.probe(model, x)
         else:
@@ -252,7 +289,9 @@ def sample_chunks(
                 s = min(samples_per, n_samples - s0)
                 chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
                 # One sample per pass gains nothing from sharing the prefix.
-                values = planning.run_pass(model, x_rows, chunk_keys, s, shared and s > 1, plan)
+                values = planning.run_pass(
+                    model, x_rows, chunk_keys, s, shared and s > 1, plan, chain=chain or None
+                )
                 yield Chunk(slice(s0, s0 + s), rows, values)
 
 
@@ -278,7 +317,8 @@ def sample(
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
     out: Tensor | None = None
-    chunks = sample_chunks(
+    _check_inputs(x)
+    chunks = sample_chunks_of_checked_inputs(
         model, x, n_samples, seed=seed, max_pass_rows=max_pass_rows, prefix=prefix, plan=plan
     )
     for chunk in chunks:

@@ -69,9 +69,17 @@ class SamplingContext:
     mode: ClassVar[type[DropoutMode]]
 
     def __init__(
-        self, keys: Tensor, calls: Sequence[CallLayout] = (), *, replicate: int = 1
+        self,
+        keys: Tensor,
+        calls: Sequence[CallLayout] = (),
+        *,
+        replicate: int = 1,
+        premade: dict[int, tuple[float, Tensor]] | None = None,
     ) -> None:
         self.keys = keys
+        # call index -> (p, its (B, per_row) multipliers), made for the whole pass at once
+        # (masks.PassMultipliers); each is used once, and only where rate, dtype and shape agree
+        self.premade = premade
         self.layouts = calls
         self.replicate = replicate
         self.batch = keys.shape[0] // replicate
@@ -154,6 +162,15 @@ class SamplingContext:
 
     def scale(self, call: CallLayout, per_row: int, p: float, dtype: torch.dtype) -> Tensor:
         """``(B, per_row)`` inverted-dropout multipliers (0 or ``1/(1 − p)``) for ``call``."""
+        if self.premade is not None:
+            made = self.premade.pop(call.index, None)
+            if (
+                made is not None
+                and made[0] == p
+                and made[1].dtype == dtype
+                and made[1].shape == (self.keys.shape[0], per_row)
+            ):
+                return made[1]
         return masks.keep_scale(self.keys, call.index, per_row, p, dtype)
 
     # -- torch's dropout kinds ---------------------------------------------------------------------

@@ -220,3 +220,25 @@ def test_masks_made_in_blocks_of_rows_equal_one_array(p: float, n: int) -> None:
     expected = masks.keep_scale(keys, 2, n, p, torch.float32, backend="torch")
     assert torch.equal(masks.keep_scale(keys, 2, n, p, torch.float32, backend="numpy"), expected)
     assert torch.equal(masks.keep_mask(keys, 2, n, p), expected > 0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40, masks.PASS_WORDS // 60])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_multipliers_of_a_pass_in_one_hash_equal_keep_scale_per_call(
+    rows: int, dtype: torch.dtype
+) -> None:
+    """``PassMultipliers`` hashes the words of every call of a pass at once: each call's
+    multipliers are ``keep_scale``'s, bit for bit, whatever the rates (16-bit lanes, byte
+    tables, 1 bit) and the calls' order."""
+    keys = masks.sample_keys(torch.arange(rows, dtype=torch.int64) * 7919, 3, 1)
+    calls = ((2, 50, 0.05), (0, 64, 0.5), (5, 7, 0.25), (1, 129, 0.1), (3, 33, 3 / 256))
+    multipliers = masks.PassMultipliers(calls, dtype)
+    assert multipliers.fits(keys)
+    assert not multipliers.fits(masks.sample_keys(keys, 0, 400))  # 400 × 53 words or more
+    made = multipliers.make(keys)
+    assert len(made) == len(calls)
+    for (call, n, p), got in zip(calls, made, strict=True):
+        expected = masks.keep_scale(keys, call, n, p, dtype)
+        assert (got.shape, got.dtype) == (expected.shape, expected.dtype)
+        assert got.is_contiguous()
+        assert torch.equal(got, expected)

@@ -403,6 +403,22 @@ def test_a_plain_chain_samples_as_the_generic_path_bit_for_bit(name: str, n_rows
         assert torch.equal(got, sample(generic, x, 9, seed=3, **options))  # type: ignore[arg-type]
 
 
+def test_a_plain_chain_follows_its_layers_rates_from_call_to_call() -> None:
+    # A chain keeps the hash layout of its rates (masks.PassMultipliers); a rate changed between
+    # calls (1 included) samples as the generic path does at that rate.
+    model = nn.Sequential(
+        nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.2), nn.Linear(20, 20), nn.Dropout(0.5),
+        nn.Linear(20, 2),
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    kept = plan(model, x)
+    generic = Wrapped(model)
+    for p in (0.2, 0.3, 1.0, 0.05, 0.2):
+        model[2].p = p
+        got = sample(model, x, 5, seed=1, plan=kept)
+        assert torch.equal(got, sample(generic, x, 5, seed=1))
+
+
 def test_a_plain_chain_matches_a_naive_reference() -> None:
     """Linear → ReLU → Dropout → Linear, by hand in float64: each sample's hidden units times
     that sample's multipliers, made from the row's key as :mod:`mcdrop.masks` documents."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -352,3 +353,67 @@ def test_classification_variance_of_a_confident_row_does_not_cancel(chunk: int) 
     assert torch.allclose(got, exact, rtol=1e-3, atol=0)
     exact_se = (p.std(0, correction=1) / math.sqrt(64)).max()
     assert float(acc.standard_error()[0]) == pytest.approx(float(exact_se), rel=1e-3)
+
+
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _summaries_equal(a: object, b: object) -> bool:
+    """Every field equal, float tensors bit for bit (NaN where NaN, the sign of zero too)."""
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, Tensor):
+            bits = _BITS.get(value.dtype, value.dtype)
+            if not torch.equal(value.view(bits), other.view(bits)):
+                return False
+        elif value != other:
+            return False
+    return True
+
+
+@settings(max_examples=30, deadline=None)
+@given(logits_tensors(), st.booleans())
+def test_one_chunk_of_every_row_is_the_merge_into_zeros_bit_for_bit(
+    logits: Tensor, regression: bool
+) -> None:
+    # A first update of every row (a slice) sets the sums from the chunk; the same update by
+    # row indices merges it into zero sums. Both give the same summary, bit for bit.
+    _, n, k = logits.shape
+    accs: list[stats.ClassificationAccumulator | stats.RegressionAccumulator] = []
+    for _ in range(2):
+        if regression:
+            accs.append(stats.RegressionAccumulator(n, k, noise_variance=0.3))
+        else:
+            accs.append(stats.ClassificationAccumulator(n, k))
+    accs[0].update(logits, slice(0, n))
+    accs[1].update(logits, torch.arange(n))
+    assert _summaries_equal(accs[0].result(), accs[1].result())
+    assert torch.equal(accs[0].standard_error(), accs[1].standard_error())
+    # Later chunks merge into the first as ever.
+    accs[0].update(logits[:1])
+    accs[1].update(logits[:1], torch.arange(n))
+    assert _summaries_equal(accs[0].result(), accs[1].result())
+
+
+@settings(max_examples=30, deadline=None)
+@given(logits_tensors(), st.booleans(), st.sampled_from([0.5, 0.9, 0.95]))
+def test_regression_summary_on_the_cpu_is_torchs_bit_for_bit(
+    values: Tensor, heteroscedastic: bool, level: float
+) -> None:
+    # On the CPU the summary is worked out in NumPy; with targets (for the log-likelihood) in
+    # torch. The fields both give agree bit for bit (heteroscedastic: K means, K log-variances).
+    s, n, k2 = values.shape
+    k = k2 // 2 if heteroscedastic else k2
+    noise = None if heteroscedastic else 0.7
+    plain = stats.RegressionAccumulator(n, k, noise_variance=noise, level=level)
+    with_targets = stats.RegressionAccumulator(
+        n, k, noise_variance=noise, level=level, targets=torch.zeros(n, k)
+    )
+    values = values[..., : 2 * k] if heteroscedastic else values
+    for acc in (plain, with_targets):
+        acc.update(values[: s // 2 + 1])
+        acc.update(values[s // 2 + 1 :])
+    got, want = plain.result(), with_targets.result()
+    assert want.log_likelihood is not None
+    assert got.log_likelihood is None
+    assert _summaries_equal(dataclasses.replace(want, log_likelihood=None), got)
