@@ -49,7 +49,13 @@ class Grid:
 # activations per replicated row), so that memory is well above the allocator's noise.
 GRIDS = (
     Grid("UCI MLP 13→50→1", 32, (100, 1_000, 10_000, 100_000), 100, (10, 100, 1_000, 10_000)),
-    Grid("wide MLP 784→1024→1024→10", 4, (10, 100, 1_000, 4_000), 30, (1, 10, 100, 500)),
+    Grid(
+        "wide MLP 784→1024→1024→10",
+        4,
+        (10, 100, 1_000, 4_000, 16_000),
+        30,
+        (1, 10, 100, 500, 2_000, 8_000),
+    ),
 )
 QUICK_GRIDS = (
     Grid("UCI MLP 13→50→1", 2, (2, 8), 4, (1, 4)),
@@ -129,7 +135,7 @@ def plot(points: Sequence[dict[str, object]], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8), layout="constrained")
     models = list(dict.fromkeys(str(p["model"]) for p in points))
     colours = dict(zip(models, ("tab:blue", "tab:orange", "tab:green"), strict=False))
     least = f"; under {LEAST_MIB} MiB drawn at it"
@@ -150,7 +156,9 @@ def plot(points: Sequence[dict[str, object]], out: Path, title: str) -> None:
             ax.set_xlabel(f"{axis} ({'samples' if axis == 'T' else 'rows'}; {fixed} fixed)")
             ax.set_ylabel(unit + (least if what == "MiB" else ""))
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    # One legend under the panels: inside one it hid points.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     fig.suptitle(title, fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
