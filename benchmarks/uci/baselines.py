@@ -79,6 +79,8 @@ CONCRETE_INIT_P = 0.1
 DE_LR = 0.1
 #: Learning rates Deep Ensembles chooses from on validation (the paper's 0.1 and two smaller).
 DE_LRS = (0.1, 0.01, 0.001)
+#: ``--fine-lr``: half-decade steps over the same range (naval's best, 0.003, falls between).
+DE_LRS_FINE = (0.1, 0.03, 0.01, 0.003, 0.001)
 DE_BATCH = 100
 DE_ADVERSARIAL_EPS = 0.01
 
@@ -478,7 +480,7 @@ def run_ensembles(
     (unless ``opts.lr``), then M members retrained on all training rows at that rate."""
     base = RECIPES["deep_ensembles"]
     m = opts.n_networks
-    lrs = DE_LRS if opts.lr is None else (opts.lr,)
+    lrs = (opts.lr,) if opts.lr is not None else DE_LRS_FINE if opts.fine_lr else DE_LRS
 
     def seeds_for(phase: str, lr: float, group: Sequence[UCISplit]) -> list[list[int]]:
         return [
