@@ -211,7 +211,8 @@ def test_fine_lr_chooses_from_the_fine_grid_on_validation():
     assert [r.split for r in rows] == [0, 1]
     for row in rows:
         assert row.lr in baselines.DE_LRS_FINE
-        assert math.isfinite(row.val_ll) and math.isfinite(row.ll)
+        assert math.isfinite(row.val_ll)
+        assert math.isfinite(row.ll)
     assert set(baselines.DE_LRS) < set(baselines.DE_LRS_FINE)
 
 

@@ -66,5 +66,6 @@ def test_fixed_learning_rate_names_the_rows():
 
 def test_fine_learning_rate_grid_names_the_rows():
     opts = cli.parse_args(["--method", "deep_ensembles", "--budget", "2017", "--fine-lr"])
-    assert opts.fine_lr and opts.lr is None
+    assert opts.fine_lr
+    assert opts.lr is None
     assert opts.row_method("deep_ensembles") == "deep_ensembles+fine_lr"
