@@ -25,7 +25,8 @@ epochs (budget ``2017``), Torch's default initialisation (PyTorch's ``nn.Linear`
 same uniform ±1/√fan_in); ``--adversarial`` adds fast-gradient-sign examples with ε = 0.01 ×
 each input's training range. The prediction is the uniform mixture of the members. Adam's
 learning rate is chosen per split from :data:`DE_LRS` by the ensemble's validation LL on the
-paper's 80/20 split (``--lr`` fixes it): the paper's stated 0.1 ("unless otherwise specified")
+paper's 80/20 split (``--lr`` fixes it; ``--fine-lr`` chooses from :data:`DE_LRS_FINE`, which
+naval needs): the paper's stated 0.1 ("unless otherwise specified")
 does not converge in 40 epochs of 3 steps on the small datasets (yacht: training NLL ≈ 0
 against ≈ −2.5 at 0.01, test RMSE 5.7 against 0.9 on splits 0–3), so taken literally it is not
 the setting behind their table.
