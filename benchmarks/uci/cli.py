@@ -123,6 +123,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "from 0.1, 0.01, 0.001; the paper states 0.1)",
     )
     baselines.add_argument(
+        "--fine-lr",
+        action="store_true",
+        help="Deep Ensembles: choose the learning rate on validation from 0.1, 0.03, 0.01, "
+        "0.003, 0.001 (rows +fine_lr)",
+    )
+    baselines.add_argument(
         "--save-models",
         type=Path,
         default=None,
@@ -163,12 +169,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         n_networks=args.n_networks,
         adversarial=args.adversarial,
         lr=args.lr,
+        fine_lr=args.fine_lr,
         save_models=args.save_models,
     )
     if opts.adversarial and opts.method != "deep_ensembles":
         parser.error("--adversarial applies to --method deep_ensembles")
     if opts.lr is not None and opts.method != "deep_ensembles":
         parser.error("--lr applies to --method deep_ensembles")
+    if opts.fine_lr and (opts.method != "deep_ensembles" or opts.lr is not None):
+        parser.error("--fine-lr applies to --method deep_ensembles without --lr")
     if opts.tau_search == "bo" and opts.method != "mc_dropout":
         parser.error("--tau-search bo applies to --method mc_dropout")
     if opts.quick:

@@ -109,6 +109,9 @@ class Options:
     adversarial: bool = False
     #: Deep Ensembles' Adam learning rate; None: chosen per split on validation (DE_LRS).
     lr: float | None = None
+    #: Deep Ensembles: choose the learning rate from the finer grid DE_LRS_FINE (half-decade
+    #: steps) instead of DE_LRS.
+    fine_lr: bool = False
     #: Write each split's final heteroscedastic network as a model directory under this folder.
     save_models: Path | None = None
 
@@ -132,6 +135,8 @@ class Options:
             tags.append("adversarial")
         if self.lr is not None:
             tags.append(f"lr{self.lr:g}")
+        if self.fine_lr:
+            tags.append("fine_lr")
         return tuple(tags)
 
     def row_method(self, method: str) -> str:

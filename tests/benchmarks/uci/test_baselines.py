@@ -199,6 +199,23 @@ def test_deep_ensembles_reach_the_noise_level_on_a_linear_dataset():
     assert row.lr in baselines.DE_LRS
 
 
+def test_fine_lr_chooses_from_the_fine_grid_on_validation():
+    # --fine-lr: each split's rate comes from DE_LRS_FINE (a superset of DE_LRS) by validation
+    # LL; every split gets a finite row.
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 1.0, (300, 2))
+    y = np.sin(3 * x[:, :1]) + 0.1 * rng.standard_normal((300, 1))
+    splits = [UCISplit("synthetic", k, x[:240], y[:240], x[240:], y[240:]) for k in range(2)]
+    opts = protocol.Options(method="deep_ensembles", budget="2017", progress=False, fine_lr=True)
+    rows = baselines.run_ensembles("synthetic", splits, 10, 5, opts)
+    assert [r.split for r in rows] == [0, 1]
+    for row in rows:
+        assert row.lr in baselines.DE_LRS_FINE
+        assert math.isfinite(row.val_ll)
+        assert math.isfinite(row.ll)
+    assert set(baselines.DE_LRS) < set(baselines.DE_LRS_FINE)
+
+
 @needs_data
 def test_deep_ensembles_fit_yacht_at_the_papers_budget():
     # The paper's yacht RMSE is 1.58 (Table 1). Adam at lr 0.1 for 40 epochs of 3 steps left

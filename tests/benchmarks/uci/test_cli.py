@@ -44,6 +44,11 @@ def test_quick_run_writes_finite_results(tmp_path):
     [
         (["--lr", "0.1"], "--lr applies to --method deep_ensembles"),
         (["--adversarial"], "--adversarial applies to --method deep_ensembles"),
+        (["--fine-lr"], "--fine-lr applies to --method deep_ensembles without --lr"),
+        (
+            ["--method", "deep_ensembles", "--fine-lr", "--lr", "0.01"],
+            "--fine-lr applies to --method deep_ensembles without --lr",
+        ),
     ],
 )
 def test_baseline_switches_refuse_other_methods(argv, message, capsys):
@@ -57,3 +62,10 @@ def test_fixed_learning_rate_names_the_rows():
     assert opts.lr == 0.1
     assert opts.row_method("deep_ensembles") == "deep_ensembles+lr0.1"
     assert cli.parse_args(["--method", "deep_ensembles"]).lr is None  # chosen on validation
+
+
+def test_fine_learning_rate_grid_names_the_rows():
+    opts = cli.parse_args(["--method", "deep_ensembles", "--budget", "2017", "--fine-lr"])
+    assert opts.fine_lr
+    assert opts.lr is None
+    assert opts.row_method("deep_ensembles") == "deep_ensembles+fine_lr"

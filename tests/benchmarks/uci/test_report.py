@@ -83,3 +83,29 @@ def test_goal_counts_wins_at_each_tables_budget():
     assert "`2016`, our budget 2016: 1 of 9" in text
     assert "`2018 grid`, our budget 2018: 0 of 9" in text
     assert "`2016`, any budget: 1 of 9" in text
+
+
+def test_deep_ensembles_are_counted_per_variant_on_the_papers_score():
+    # Each Deep Ensembles variant gets its own count; the moment-matched LL (their score) comes
+    # from the per-split details, the mixture LL from the row.
+    def row(method: str, ll: float) -> dict[str, object]:
+        return {"dataset": "yacht", "budget": "2017", "method": method, "n_splits": 2,
+                "rmse_mean": 1.0, "rmse_se": 0.1, "ll_mean": ll, "ll_se": 0.01}  # fmt: skip
+
+    def details(mm: float) -> dict:
+        return {"splits": [{"split": i, "ll_moment_matched": mm, "lr": 0.01} for i in (0, 1)]}
+
+    rows = [row("deep_ensembles", -1.40), row("deep_ensembles+adversarial", -1.13)]
+    text = "\n".join(
+        report.deep_ensemble_lines(
+            rows,
+            {
+                "yacht|2017|deep_ensembles": details(-1.40),
+                "yacht|2017|deep_ensembles+adversarial": details(-1.20),
+            },
+        )
+    )
+    assert "`deep_ensembles` within one SE" in text
+    assert "on 1 datasets run: RMSE 1, LL mixture 0, LL moment-matched 0." in text
+    assert "`deep_ensembles+adversarial` within one SE" in text
+    assert "on 1 datasets run: RMSE 1, LL mixture 1, LL moment-matched 1." in text
