@@ -12,6 +12,8 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -100,6 +102,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch on ``n`` threads for the block, then as before. The recipes default to one: as fast
+    per core on these small nets, and no spinning OpenMP workers on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train(args: argparse.Namespace) -> int:
     try:
         from mcdrop.recipes.train import TrainConfig, train
@@ -132,18 +148,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     try:
         from mcdrop.recipes.evaluate import evaluate_model
     except ImportError as exc:  # the recipes extra is missing: say which install fixes it
         raise SystemExit(f"mcdrop: error: {exc}") from exc
 
-    threads = torch.get_num_threads()
-    # One thread by default: as fast per core on these small nets, and no spinning OpenMP
-    # workers on a shared machine.
-    torch.set_num_threads(args.threads)
-    try:
+    with _torch_threads(args.threads):
         report = evaluate_model(
             args.model_dir,
             args.dataset,
@@ -156,8 +166,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             command="mcdrop " + shlex.join(args.argv),
             **_load_options(args),
         )
-    finally:
-        torch.set_num_threads(threads)
     summary = {k: report[k] for k in ("model", "dataset", "n_test", "n_samples", "metrics")}
     if "ood" in report:
         summary["ood"] = report["ood"]
@@ -167,16 +175,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    import torch
-
     try:
         from mcdrop.recipes import decisions
     except ImportError as exc:  # the recipes extra is missing: say which install fixes it
         raise SystemExit(f"mcdrop: error: {exc}") from exc
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with _torch_threads(args.threads):
         calibration = decisions.calibrate_dir(
             args.model_dir,
             data=args.data,
@@ -186,8 +190,6 @@ def _calibrate(args: argparse.Namespace) -> int:
             **_load_options(args),
         )
         report = decisions.report(args.model_dir, **_load_options(args)) if args.report else None
-    finally:
-        torch.set_num_threads(threads)
     written = Path(args.model_dir) / "calibration.json"
     if args.json:
         summary = {**calibration.to_dict(), "written": str(written), "test": report}
