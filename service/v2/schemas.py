@@ -92,7 +92,7 @@ class InferParameters(_Strict):
     timeout: Count | None = Field(
         None, description="microseconds: a deadline shorter than the server's"
     )
-    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None,
         description="output reject (BOOL): rows above the threshold that rejects this share of "
         "the calibration rows (needs a calibrated model)",
@@ -105,7 +105,7 @@ class InferParameters(_Strict):
         description="entropy (default), mutual_information, least_confidence (classifier); "
         "std (default), epistemic_std (regressor)",
     )
-    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None,
         description="conformal outputs at this coverage: prediction_set (BOOL, N x K) for a "
         "classifier, conformal_lower and conformal_upper (FP32, N x K) for a regressor",

@@ -211,3 +211,27 @@ def test_v2_errors_are_400s(
     response = _infer(http, name, **extra)
     assert response.status_code == 400, response.text
     assert match in response.json()["error"]
+
+
+@pytest.mark.parametrize("field", ["reject_rate", "coverage"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_decision_options_are_named_as_such(
+    http: httpx2.Client, field: str, value: str
+) -> None:
+    # JSON's NaN and Infinity literals: the error says what is wrong with the value, not that
+    # NaN fails a bound.
+    native = f'{{"inputs": {json.dumps(DIGITS)}, "{field}": {value}}}'
+    response = http.post(
+        "/models/digits/uncertainty", content=native, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert "finite number" in json.dumps(response.json()["error"])
+    rows = np.array(DIGITS, dtype=np.float32)
+    tensor = {"name": "x", "shape": list(rows.shape), "datatype": "FP32"}
+    v2 = json.dumps({"inputs": [{**tensor, "data": rows.ravel().tolist()}]})
+    v2 = v2[:-1] + f', "parameters": {{"{field}": {value}}}}}'
+    response = http.post(
+        "/v2/models/digits/infer", content=v2, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    assert "finite number" in response.json()["error"]

@@ -227,7 +227,7 @@ class UncertaintyRequest(PredictRequest):
     )
     level: float = Field(0.95, gt=0.0, lt=1.0, description="level of the central interval")
     return_samples: bool = Field(False, description="include every sample of every row")
-    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+    reject_rate: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None,
         description=(
             "flag each row whose reject_score is above the threshold that rejects this share of "
@@ -247,7 +247,7 @@ class UncertaintyRequest(PredictRequest):
             "epistemic_std for a regressor (GET /models/{name}: calibration.reject_scores)"
         ),
     )
-    coverage: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+    coverage: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None,
         description=(
             "split-conformal output at this coverage (needs a calibrated model): each result's "
