@@ -94,7 +94,7 @@ def sample_chunks_until(
     tolerance: float = DEFAULT_TOLERANCE,
     max_n_samples: int = DEFAULT_MAX_N_SAMPLES,
     seed: int | Tensor | None = None,
-    max_pass_rows: int = sampling.DEFAULT_MAX_PASS_ROWS,
+    max_pass_rows: int | None = None,
     prefix: sampling.Prefix = "auto",
     plan: SamplingPlan | None = None,
 ) -> Iterator[sampling.Chunk]:

@@ -11,7 +11,7 @@ Dropout masks in mcdrop come from a stateless hash (SplitMix64's finaliser) of
 * **Few random draws.** One 64-bit hash yields four 16-bit uniforms, so the dropout probability
   is realised exactly as ``round(p * 65536) / 65536`` (within 1/131072 of the requested p).
 
-Two implementations give the same bits, chosen by where the keys are (:func:`backend_for`):
+Three implementations give the same bits, chosen by where the keys are (:func:`backend_for`):
 
 * **NumPy** on ``uint64`` (wrap-around multiply, logical shifts), for keys on the CPU: NumPy's
   elementwise calls cost about a fifth of torch's at the sizes of one MC request and its 64-bit
@@ -21,6 +21,10 @@ Two implementations give the same bits, chosen by where the keys are (:func:`bac
   are, with no copy between host and device): torch's multiply wraps like ``uint64``'s, and a
   logical right shift is an arithmetic one with the sign-extended bits masked off. XOR, addition
   and the byte views are the same on both.
+* **Triton** (:mod:`mcdrop.triton_masks`), for keys on a CUDA GPU where Triton is installed (it
+  comes with CUDA builds of torch): one fused kernel per dropout call instead of torch's ~17, as
+  a small pass on a GPU is bound by kernel launches. Sample keys and multipliers only; boolean
+  masks and raw draws take the torch path.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
@@ -55,7 +61,7 @@ P_RESOLUTION = 65536
 _MASK64 = (1 << 64) - 1
 MAX_SEED = (1 << 63) - 1
 
-Backend = Literal["numpy", "torch"]
+Backend = Literal["numpy", "torch", "triton"]
 
 #: The implementation used for keys on the CPU; keys on any other device always use torch. Both
 #: give the same bits (tests/mcdrop/test_masks.py). NumPy, measured against torch on the CPU
@@ -63,20 +69,90 @@ Backend = Literal["numpy", "torch"]
 #: 1024 at p = 0.5 in 0.78 ms vs 9.9 (torch's byte-table gather is slow there), sample keys
 #: of 32 rows × 100 in 20 µs vs 103.
 CPU_BACKEND: Backend = "numpy"
+#: The implementation used for keys on a CUDA device: ``"triton"`` where Triton imports (else
+#: torch), or ``"torch"``. Any other device always uses torch.
+CUDA_BACKEND: Backend = "triton"
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """:mod:`mcdrop.triton_masks`, or None where Triton cannot be imported (imported once, on
+    the first CUDA keys: Triton is never imported for the CPU)."""
+    try:
+        from mcdrop import triton_masks
+    except Exception:  # ImportError, or a Triton that cannot start here: the torch path serves
+        return None
+    return triton_masks
+
+
+@functools.cache
+def _triton_works(device: torch.device) -> bool:
+    """Whether the Triton kernels build and run on ``device`` and give the torch path's bits,
+    tried once per device on a few keys. A Triton that imports can still fail at its first
+    launch (no C compiler to build its launcher, a driver too old for its PTX): then masks take
+    the torch path, with a warning rather than a failed request."""
+    kernels = triton_kernels()
+    if kernels is None:
+        return False
+    # The comparison reads back to the host: allowed here even under a sync debug mode.
+    debug_mode = torch.cuda.get_sync_debug_mode()
+    if debug_mode:
+        _set_sync_debug_mode(0)
+    try:
+        keys = torch.tensor([1, -2, 3 << 40], dtype=torch.int64, device=device)
+        made = kernels.sample_keys(keys, 4, 2)
+        works = torch.equal(made, sample_keys(keys, 4, 2, backend="torch")) and torch.equal(
+            kernels.keep_scale(made, 7, 37, 0.1, torch.float32),
+            keep_scale(made, 7, 37, 0.1, torch.float32, backend="torch"),
+        )
+    except Exception as exc:  # whatever Triton raises while compiling or launching
+        warnings.warn(
+            f"mcdrop: Triton's mask kernels failed on {device} ({type(exc).__name__}: {exc}); "
+            "masks are made by the torch path instead (same bits, more kernel launches)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    finally:
+        if debug_mode:
+            _set_sync_debug_mode(debug_mode)
+    if not works:
+        warnings.warn(
+            f"mcdrop: Triton's mask kernels gave other bits than the torch path on {device}; "
+            "masks are made by the torch path instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return works
+
+
+def _set_sync_debug_mode(mode: int) -> None:
+    """``torch.cuda.set_sync_debug_mode`` without its warning that the mode is a prototype
+    (every call warns; a test suite that makes warnings errors would fail on it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def backend_for(keys: Tensor, backend: Backend | None = None) -> Backend:
     """The implementation that makes masks for ``keys``: ``backend`` when given (NumPy only for
-    keys on the CPU), else :data:`CPU_BACKEND` on the CPU and torch elsewhere."""
-    on_cpu = keys.device.type == "cpu"
+    keys on the CPU, Triton only where it imports), else :data:`CPU_BACKEND` on the CPU,
+    :data:`CUDA_BACKEND` on a CUDA device (torch without Triton), and torch elsewhere."""
+    kind = keys.device.type
     if backend is None:
-        return CPU_BACKEND if on_cpu else "torch"
-    if backend not in ("numpy", "torch"):
-        raise InvalidArgumentError(f"backend must be 'numpy' or 'torch', got {backend!r}")
-    if backend == "numpy" and not on_cpu:
+        if kind == "cpu":
+            return CPU_BACKEND
+        if kind == "cuda" and CUDA_BACKEND == "triton" and _triton_works(keys.device):
+            return "triton"
+        return "torch"
+    if backend not in ("numpy", "torch", "triton"):
+        raise InvalidArgumentError(f"backend must be 'numpy', 'torch' or 'triton', got {backend!r}")
+    if backend == "numpy" and kind != "cpu":
         raise InvalidArgumentError(
             f"the NumPy backend makes masks on the CPU only; these keys are on {keys.device}"
         )
+    if backend == "triton" and triton_kernels() is None:
+        raise InvalidArgumentError("the Triton backend needs Triton, which cannot be imported here")
     return backend
 
 
@@ -121,7 +197,7 @@ def _tensor(z: np.ndarray) -> Tensor:
 def mix64(z: Tensor, *, backend: Backend | None = None) -> Tensor:
     """SplitMix64's finaliser, elementwise on an int64 tensor (returns a new tensor on ``z``'s
     device)."""
-    if backend_for(z, backend) == "torch":
+    if backend_for(z, backend) != "numpy":
         return _mix_t_(z.clone())
     return _tensor(_mix_(_u64(z).copy()))
 
@@ -189,24 +265,40 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
 
 
 def sample_keys(
-    keys: Tensor, first_sample: int, n_samples: int, *, backend: Backend | None = None
+    keys: Tensor, first_sample: int | Tensor, n_samples: int, *, backend: Backend | None = None
 ) -> Tensor:
     """Keys of MC samples ``first_sample .. first_sample + n_samples - 1`` of each row.
 
     Args:
         keys: ``(N,)`` row keys.
+        first_sample: an int, or (not on the NumPy backend) a one-element int64 tensor on the
+            keys' device, read there: the input of a CUDA graph that makes sample keys.
         backend: the implementation (default: :func:`backend_for` the keys).
 
     Returns:
         ``(n_samples * N,)`` keys, sample-major (index ``s * N + n``), the layout of a replicated
         batch, on the keys' device.
     """
-    if backend_for(keys, backend) == "torch":
-        first = torch.arange(
-            first_sample + 1, first_sample + n_samples + 1, dtype=torch.int64, device=keys.device
-        )
+    chosen = backend_for(keys, backend)
+    if chosen == "triton":
+        kernels = triton_kernels()
+        assert kernels is not None  # backend_for checked
+        return kernels.sample_keys(keys, first_sample, n_samples)
+    if chosen == "torch":
+        if isinstance(first_sample, Tensor):
+            first = torch.arange(1, n_samples + 1, dtype=torch.int64, device=keys.device)
+            first += first_sample.reshape(())
+        else:
+            first = torch.arange(
+                first_sample + 1,
+                first_sample + n_samples + 1,
+                dtype=torch.int64,
+                device=keys.device,
+            )
         first *= _MUL2
         return _mix_t_((first[:, None] + keys[None, :]).reshape(-1))
+    if isinstance(first_sample, Tensor):
+        raise InvalidArgumentError("the NumPy backend takes first_sample as an int")
     offsets = _sample_offsets(first_sample, n_samples)
     return _tensor(_mix_(np.add.outer(offsets, _u64(keys)).ravel()))
 
@@ -272,7 +364,7 @@ def uniform16(keys: Tensor, call: int, n: int, *, backend: Backend | None = None
         ``(B, n)`` int16 tensor; value ``v`` stands for the uniform integer ``v + 32768`` in
         ``[0, 65535]``.
     """
-    if backend_for(keys, backend) == "torch":
+    if backend_for(keys, backend) != "numpy":
         return _uniform16_t(keys, call, n)
     return torch.from_numpy(_uniform16_np(keys, call, n))
 
@@ -316,7 +408,7 @@ def keep_mask(
     64 elements at p = 0.5, and 4 at a rate like p = 0.1.
     """
     bits = lane_bits(p)
-    if backend_for(keys, backend) == "torch":
+    if backend_for(keys, backend) != "numpy":
         return _keep_mask_t(keys, call, n, p, bits)
     if bits == 16:
         return torch.from_numpy(_uniform16_np(keys, call, n) >= drop_threshold(p))
@@ -395,7 +487,13 @@ def keep_scale(
     from 1–8 bits per element look every mask byte up in a 256-entry table; 16-bit lanes are
     compared and scaled.
     """
-    if backend_for(keys, backend) == "torch":
+    chosen = backend_for(keys, backend)
+    if chosen == "triton":
+        kernels = triton_kernels()
+        assert kernels is not None  # backend_for checked
+        if dtype in kernels.DTYPES:
+            return kernels.keep_scale(keys, call, n, p, dtype)
+    if chosen != "numpy":
         return _keep_scale_t(keys, call, n, p, dtype)
     np_dtype, bits, threshold, scale, table = _scale_constants(p, dtype)
     per_word = 64 // bits

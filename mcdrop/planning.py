@@ -45,6 +45,7 @@ from torch.nn.modules import module as _module_hooks
 from mcdrop import masks
 from mcdrop.attention import arg
 from mcdrop.coverage import CallCounter, RateUse
+from mcdrop.cuda_graphs import PassGraphs
 from mcdrop.exceptions import (
     InvalidArgumentError,
     NoDropoutError,
@@ -128,6 +129,8 @@ class SamplingPlan:
             the model's uncertainty.
         layers: where the model is a plain chain of torch layers (see :class:`LayerChain`),
             the chain, which a pass runs without the torch-function mode; None otherwise.
+        graphs: for a model on a CUDA device, the passes this plan has captured as CUDA graphs
+            (:mod:`mcdrop.cuda_graphs`), which calls that keep the plan replay; None elsewhere.
     """
 
     model: str
@@ -143,6 +146,7 @@ class SamplingPlan:
     _model: weakref.ref[nn.Module] = field(compare=False)
     unsampled: tuple[RateUse, ...] = ()
     layers: LayerChain | None = field(default=None, compare=False)
+    graphs: PassGraphs | None = field(default=None, compare=False)
 
     @property
     def budget_rows(self) -> int:
@@ -304,6 +308,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         _model=weakref.ref(model),
         unsampled=unsampled,
         layers=LayerChain.of(model, tuple(x.shape[1:])),
+        graphs=PassGraphs(x.device) if x.device.type == "cuda" else None,
     )
     keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)

@@ -138,7 +138,9 @@ class Predictor:
 
     Args:
         model: the loaded model directory.
-        max_pass_rows: the most replicated rows (samples × rows) in one forward pass.
+        max_pass_rows: the most replicated rows (samples × rows) in one forward pass (None:
+            :data:`~mcdrop.sampling.DEFAULT_MAX_PASS_ROWS` on the CPU; on a GPU only the
+            activation budget bounds a pass).
         device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a
             ``torch.device``): ``model.module`` is moved there (``nn.Module.to`` moves it in
             place). None keeps the model's own device.
@@ -159,7 +161,7 @@ class Predictor:
         self,
         model: LoadedModel,
         *,
-        max_pass_rows: int = sampling.DEFAULT_MAX_PASS_ROWS,
+        max_pass_rows: int | None = None,
         device: str | torch.device | None = None,
         results_device: str | torch.device | None = None,
     ) -> None:

@@ -37,7 +37,9 @@ from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.planning import SamplingPlan
 from mcdrop.sampling_context import active_context
 
-#: Default bound on rows per forward pass (replicated rows: samples × rows).
+#: Default bound on rows per forward pass (replicated rows: samples × rows) on the CPU. On other
+#: devices passes are bounded by the plan's activation budget alone
+#: (:data:`~mcdrop.planning.DEVICE_ACTIVATION_BUDGET`): a GPU pass cut smaller only adds launches.
 DEFAULT_MAX_PASS_ROWS = 8192
 
 Prefix = Literal["auto", "off"]
@@ -149,8 +151,10 @@ def is_sampling() -> bool:
     return active_context() is not None
 
 
-def _check_args(n_samples: int, max_pass_rows: int) -> None:
+def _check_args(n_samples: int, max_pass_rows: int | None) -> None:
     for name, value in (("n_samples", n_samples), ("max_pass_rows", max_pass_rows)):
+        if name == "max_pass_rows" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__}")
         if value < 1:
@@ -185,7 +189,7 @@ def sample_chunks(
     n_samples: int,
     *,
     seed: int | Tensor | None = None,
-    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
+    max_pass_rows: int | None = None,
     prefix: Prefix = "auto",
     plan: SamplingPlan | None = None,
     first_sample: int = 0,
@@ -199,9 +203,11 @@ def sample_chunks(
         seed: an int (or ``(N,)`` int64, one per row) for reproducible samples; a row's samples
             depend only on its seed and its contents, never on the other rows of the batch.
             None draws a fresh seed from the OS. The global torch RNG is never used.
-        max_pass_rows: the most replicated rows (samples × rows) in one forward pass; passes are
+        max_pass_rows: the most replicated rows (samples × rows) in one forward pass (None:
+            :data:`DEFAULT_MAX_PASS_ROWS` on the CPU, no count on other devices); passes are
             also cut so the largest activation a dropout sees stays under
-            :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes on the CPU (see
+            :data:`~mcdrop.planning.ACTIVATION_BUDGET` bytes on the CPU and
+            :data:`~mcdrop.planning.DEVICE_ACTIVATION_BUDGET` elsewhere (see
             :meth:`~mcdrop.planning.SamplingPlan.pass_rows`). Chunking changes no mask (results
             agree to float rounding, which depends on pass sizes, and are bit-identical from run
             to run).
@@ -241,7 +247,7 @@ def sample_chunks_of_checked_inputs(
     n_samples: int,
     *,
     seed: int | Tensor | None = None,
-    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
+    max_pass_rows: int | None = None,
     prefix: Prefix = "auto",
     plan: SamplingPlan | None = None,
     first_sample: int = 0,
@@ -262,8 +268,14 @@ def sample_chunks_of_checked_inputs(
             raise InvalidArgumentError(f"per-row seeds must have shape ({x.shape[0]},)")
     else:
         masks.check_seed(seed)
-    # Keys from the rows as given (on the host when they are), then one move each to the device.
+    # A plan the caller keeps may keep CUDA graphs of its passes (a plan made here would not
+    # outlive the call: capturing would cost more than it saves).
     device = model_device(model)
+    graphs = plan.graphs if plan is not None else None
+    if graphs is not None and graphs.device != device:  # the model moved since its plan
+        graphs = None
+    # Keys from the rows as given (on the host when they are), then one move each to the device
+    # (where each pass makes its sample keys): no pass waits on a copy from the host.
     keys = masks.row_keys(x, seed).to(device)
     x = x.to(device)
     n_total = x.shape[0]
@@ -276,6 +288,8 @@ def sample_chunks_of_checked_inputs(
         else:
             plan.check(model, x)
         shared = prefix == "auto" and plan.prefix
+        if max_pass_rows is None:
+            max_pass_rows = DEFAULT_MAX_PASS_ROWS if device.type == "cpu" else plan.budget_rows
         per_pass = plan.pass_rows(
             n_total, n_samples, max_pass_rows, prefix=shared and n_samples > 1
         )
@@ -287,11 +301,17 @@ def sample_chunks_of_checked_inputs(
             x_rows, row_keys = (x, keys) if rows_per == n_total else (x[rows], keys[rows])
             for s0 in range(0, n_samples, samples_per):
                 s = min(samples_per, n_samples - s0)
-                chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
                 # One sample per pass gains nothing from sharing the prefix.
-                values = planning.run_pass(
-                    model, x_rows, chunk_keys, s, shared and s > 1, plan, chain=chain or None
-                )
+                share = shared and s > 1
+                if graphs is not None and graphs.takes(plan, s * x_rows.shape[0]):
+                    values = graphs.run(
+                        model, x_rows, row_keys, first_sample + s0, s, share, plan, chain or None
+                    )
+                else:
+                    chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
+                    values = planning.run_pass(
+                        model, x_rows, chunk_keys, s, share, plan, chain=chain or None
+                    )
                 yield Chunk(slice(s0, s0 + s), rows, values)
 
 
@@ -301,7 +321,7 @@ def sample(
     n_samples: int,
     *,
     seed: int | Tensor | None = None,
-    max_pass_rows: int = DEFAULT_MAX_PASS_ROWS,
+    max_pass_rows: int | None = None,
     prefix: Prefix = "auto",
     plan: SamplingPlan | None = None,
 ) -> Tensor:

@@ -100,8 +100,11 @@ class Settings(ModelSettings):
         200_000, ge=1, description="most rows × n_samples when raw samples are returned"
     )
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body")
-    max_pass_rows: int = Field(
-        8192, ge=1, description="most replicated rows (samples × rows) in one forward pass"
+    max_pass_rows: int | None = Field(
+        None,
+        ge=1,
+        description="most replicated rows (samples × rows) in one forward pass (unset: 8192 on "
+        "the CPU; on a GPU only the 1 GiB activation budget bounds a pass)",
     )
     max_concurrency: int = Field(2, ge=1, description="model computations running at once")
     batching: bool = Field(True, description="merge concurrent requests into shared passes")

@@ -23,12 +23,21 @@ def _loaded_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
+#: Core modules that need an optional package, imported only where it is there: Triton's mask
+#: kernels, for keys on a CUDA GPU (mcdrop.masks imports them on the first such keys).
+OPTIONAL = {"triton_masks"}
 #: Every module of the core: the package minus its recipes (found, so a new module is covered).
 CORE = sorted(
-    f"mcdrop.{m.name}" for m in pkgutil.iter_modules(mcdrop.__path__) if m.name != "recipes"
+    f"mcdrop.{m.name}"
+    for m in pkgutil.iter_modules(mcdrop.__path__)
+    if m.name != "recipes" and m.name not in OPTIONAL
 )
-#: What the core never needs: the recipes' extras, plotting, and the service's stack.
-HEAVY = ("sklearn", "tqdm", "matplotlib", "fastapi", "starlette", "uvicorn", "httpx2", "service")
+#: What the core never needs: the recipes' extras, plotting, the service's stack, and Triton
+#: (on the CPU).
+HEAVY = (
+    "sklearn", "tqdm", "matplotlib", "fastapi", "starlette", "uvicorn", "httpx2", "service",
+    "triton",
+)  # fmt: skip
 
 
 def _loaded_by_each(*statements: str) -> list[set[str]]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mcdrop import checkpoint, sampling
+from mcdrop import checkpoint
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.metrics import (
     COVERAGE_LEVELS,
@@ -269,9 +269,7 @@ def evaluate_model(
     if ood_classes is None:
         ood_classes = list(spec.training.get("exclude_classes", []))
     n_samples = spec.default_n_samples if n_samples is None else n_samples
-    predictor = Predictor(
-        loaded, max_pass_rows=max_pass_rows or sampling.DEFAULT_MAX_PASS_ROWS, results_device="cpu"
-    )
+    predictor = Predictor(loaded, max_pass_rows=max_pass_rows, results_device="cpu")
     if spec.task == "classification":
         body, raw = evaluate_classifier(
             predictor, data, n_samples=n_samples, seed=seed, ood_classes=ood_classes, limit=limit

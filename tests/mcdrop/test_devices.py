@@ -10,14 +10,15 @@ and compare CUDA results with the CPU's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import mcdrop
-from mcdrop import masks, planning, sampling
+from mcdrop import cuda_graphs, masks, planning, sampling
 from mcdrop.devices import model_device, resolve_device, resolve_dtype
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import CNN, MLP, ReducedPrecision, RowLSTM
@@ -27,6 +28,8 @@ from tests.conftest import MODELS
 
 CUDA = torch.cuda.is_available()
 cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+#: torch warns, once, that its sync debug mode is a prototype: not this suite's concern.
+sync_debug = pytest.mark.filterwarnings("ignore:Synchronization debug mode:UserWarning")
 
 
 class Encoder(nn.Module):
@@ -320,6 +323,7 @@ def test_cuda_masks_drop_the_same_units_as_the_cpus() -> None:
 
 
 @cuda
+@sync_debug
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_no_host_device_sync_between_passes_on_cuda(name: str) -> None:
     model, shape = _models()[name]
@@ -337,6 +341,7 @@ def test_no_host_device_sync_between_passes_on_cuda(name: str) -> None:
 
 
 @cuda
+@sync_debug
 @pytest.mark.usefixtures("exact_float32")
 @pytest.mark.parametrize("name", ["digits", "diabetes", "fashion"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -391,3 +396,137 @@ def test_passes_on_a_gpu_are_bounded_by_max_rows() -> None:
     kept = mcdrop.plan(model.to("cuda").eval(), torch.randn(2, *shape))
     assert kept.budget_bytes == planning.DEVICE_ACTIVATION_BUDGET
     assert kept.pass_rows(32, 100, 8192, prefix=kept.prefix) == 8192
+
+
+# -- CUDA graphs and pass sizes on a GPU ---------------------------------------------------------
+
+
+def test_plans_keep_graphs_only_on_cuda() -> None:
+    model, shape = _models()["mlp"]
+    assert mcdrop.plan(model.eval(), torch.randn(2, *shape)).graphs is None
+
+
+def test_passes_on_the_cpu_keep_the_default_row_bound() -> None:
+    model = MLP(4, [8], 2, dropout=0.3).eval()
+    x = torch.randn(100, 4)
+    chunks = list(sampling.sample_chunks(model, x, 200, seed=0, prefix="off"))
+    assert (
+        max(c.values.shape[0] * c.values.shape[1] for c in chunks) <= sampling.DEFAULT_MAX_PASS_ROWS
+    )
+
+
+@cuda
+def test_passes_on_a_gpu_are_bounded_by_the_activation_budget_alone() -> None:
+    model = MLP(13, [50], 1, dropout=0.05).to("cuda").eval()
+    x = torch.randn(32, 13)
+    kept = mcdrop.plan(model, x)
+    chunks = list(sampling.sample_chunks(model, x, 10_000, seed=0, plan=kept))
+    assert len(chunks) == 1  # 320,000 rows of 200 bytes: far within the 1 GiB budget
+    bounded = list(sampling.sample_chunks(model, x, 10_000, seed=0, plan=kept, max_pass_rows=8192))
+    assert len(bounded) == 40
+    torch.testing.assert_close(
+        torch.cat([c.values for c in bounded]), chunks[0].values, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.fixture
+def graphs_off(monkeypatch: pytest.MonkeyPatch) -> Callable[[], AbstractContextManager[None]]:
+    """``with graphs_off():`` runs every pass eagerly (``cuda_graphs.ENABLED`` is False)."""
+
+    @contextmanager
+    def off() -> Iterator[None]:
+        with monkeypatch.context() as patch:
+            patch.setattr(cuda_graphs, "ENABLED", False)
+            yield
+
+    return off
+
+
+@cuda
+@pytest.mark.usefixtures("exact_float32")
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_kept_plans_replay_cuda_graphs_with_the_eager_samples(
+    name: str, graphs_off: Callable[[], AbstractContextManager[None]]
+) -> None:
+    model, shape = _models()[name]
+    model.to("cuda").eval()
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
+    kept = mcdrop.plan(model, x)
+    assert kept.graphs is not None
+    with graphs_off():
+        eager = [sampling.sample(model, x, 16, seed=seed, plan=kept) for seed in (1, 2)]
+    assert kept.graphs.captures == 0
+    graphed = [sampling.sample(model, x, 16, seed=seed, plan=kept) for seed in (1, 2, 1)]
+    assert kept.graphs.captures == 1  # one shape, captured once, replayed since
+    for got, expected in zip(graphed, [*eager, eager[0]], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(graphed[0], graphed[1])  # the keys reach the graph
+    assert graphed[0].data_ptr() != graphed[2].data_ptr()  # each call gets its own output
+
+
+@cuda
+def test_graphed_masks_drop_the_same_units_as_the_cpus() -> None:
+    model = nn.Sequential(nn.Dropout(0.3), nn.Dropout2d(0.5)).eval()
+    model.register_buffer("anchor", torch.zeros(()))  # moves with the model: its device
+    x = torch.rand(4, 6, 3, 3) + 1
+    expected = sampling.sample(model, x, 20, seed=9)
+    model.to("cuda")
+    kept = mcdrop.plan(model, x)
+    for _ in range(2):
+        assert torch.equal(sampling.sample(model, x, 20, seed=9, plan=kept).cpu(), expected)
+    assert kept.graphs is not None
+    assert kept.graphs.captures == 1
+
+
+@cuda
+@pytest.mark.usefixtures("exact_float32")
+def test_a_graph_follows_the_models_weights_and_rates(
+    graphs_off: Callable[[], AbstractContextManager[None]],
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    model.to("cuda").eval()
+    x = torch.randn(3, 4)
+    kept = mcdrop.plan(model, x)
+    assert kept.graphs is not None
+
+    def both() -> tuple[Tensor, Tensor]:
+        got = sampling.sample(model, x, 8, seed=0, plan=kept)
+        with graphs_off():
+            return got, sampling.sample(model, x, 8, seed=0, plan=kept)
+
+    first, _ = both()
+    with torch.no_grad():
+        model[3].weight.mul_(2)  # in place, as load_state_dict and optimisers update
+    got, expected = both()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, first)
+    assert kept.graphs.captures == 1
+    model[3].weight = nn.Parameter(model[3].weight.detach() * 3)  # another tensor
+    got, expected = both()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert kept.graphs.captures == 2
+    model[2].p = 0.6  # another rate
+    got, expected = both()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert kept.graphs.captures == 3
+
+
+@cuda
+def test_graphs_are_kept_for_a_few_shapes_and_small_passes_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = MLP(4, [16], 3, dropout=0.3).to("cuda").eval()
+    kept = mcdrop.plan(model, torch.randn(2, 4))
+    assert kept.graphs is not None
+    sampling.sample(model, torch.randn(50, 4), 10, seed=0, plan=kept)
+    assert kept.graphs.captures == 0  # a shape seen once runs eagerly
+    for n in range(1, cuda_graphs.MAX_GRAPHS + 4):
+        for _ in range(cuda_graphs.CAPTURE_ON_PASS):
+            sampling.sample(model, torch.randn(n, 4), 10, seed=0, plan=kept)
+        assert len(kept.graphs) <= cuda_graphs.MAX_GRAPHS
+    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 3
+    monkeypatch.setattr(cuda_graphs, "GRAPH_BYTES", 0)  # every pass is "large"
+    for _ in range(3):
+        sampling.sample(model, torch.randn(60, 4), 10, seed=0, plan=kept)
+    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 3

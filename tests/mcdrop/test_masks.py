@@ -4,6 +4,7 @@ torch implementation bit for bit against the NumPy one (on a GPU too, when there
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -135,7 +136,7 @@ def test_cpu_keys_use_the_cpu_backend_and_others_torch() -> None:
     assert masks.backend_for(torch.zeros(2, dtype=torch.int64, device="meta")) == "torch"
     with pytest.raises(InvalidArgumentError, match="CPU only"):
         masks.backend_for(torch.zeros(2, dtype=torch.int64, device="meta"), "numpy")
-    with pytest.raises(InvalidArgumentError, match="'numpy' or 'torch'"):
+    with pytest.raises(InvalidArgumentError, match="'numpy', 'torch' or 'triton'"):
         masks.backend_for(torch.zeros(2, dtype=torch.int64), "cupy")  # type: ignore[arg-type]
 
 
@@ -242,3 +243,116 @@ def test_the_multipliers_of_a_pass_in_one_hash_equal_keep_scale_per_call(
         assert (got.shape, got.dtype) == (expected.shape, expected.dtype)
         assert got.is_contiguous()
         assert torch.equal(got, expected)
+
+
+# -- the Triton kernels: the same bits again, one kernel per call ----------------------------------
+
+
+def _triton_device() -> str | None:
+    """Where the Triton kernels can run here: a CUDA GPU, else the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``), else nowhere (Triton missing, or neither)."""
+    if masks.triton_kernels() is None:
+        return None
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+TRITON = _triton_device()
+triton_runs = pytest.mark.skipif(
+    TRITON is None, reason="no Triton, or neither a CUDA GPU nor TRITON_INTERPRET=1"
+)
+
+
+@triton_runs
+@settings(max_examples=100, deadline=None)
+@given(
+    keys=st.lists(int64s, min_size=1, max_size=6),
+    call=st.integers(0, 10_000),
+    n=st.one_of(st.sampled_from(EDGE_SIZES), st.integers(1, 600)),
+    p=rates,
+    dtype=st.sampled_from(FLOATS),
+    first=st.integers(0, 2**40),
+    n_samples=st.integers(1, 40),
+)
+def test_triton_kernels_equal_numpy(
+    keys: list[int],
+    call: int,
+    n: int,
+    p: float,
+    dtype: torch.dtype,
+    first: int,
+    n_samples: int,
+) -> None:
+    assert TRITON is not None
+    cpu, dev = _keys(keys, "cpu"), _keys(keys, TRITON)
+    expected = masks.keep_scale(cpu, call, n, p, dtype, backend="numpy")
+    got = masks.keep_scale(dev, call, n, p, dtype, backend="triton")
+    assert (got.shape, got.dtype, got.device.type) == (expected.shape, dtype, TRITON)
+    assert got.is_contiguous()
+    assert torch.equal(got.cpu(), expected), (p, n, dtype)
+    expected_keys = masks.sample_keys(cpu, first, n_samples, backend="numpy")
+    assert torch.equal(
+        masks.sample_keys(dev, first, n_samples, backend="triton").cpu(), expected_keys
+    )
+
+
+@triton_runs
+@pytest.mark.parametrize("p", EDGE_RATES)
+def test_triton_masks_equal_numpy_at_the_edges(p: float) -> None:
+    assert TRITON is not None
+    keys = masks.sample_keys(torch.arange(-3, 4, dtype=torch.int64) * 0x9E3779B9, 5, 11)
+    dev = keys.to(TRITON)
+    for n, call, dtype in itertools.product(EDGE_SIZES, (0, 1000), (torch.float32, torch.bfloat16)):
+        expected = masks.keep_scale(keys, call, n, p, dtype, backend="numpy")
+        assert torch.equal(
+            masks.keep_scale(dev, call, n, p, dtype, backend="triton").cpu(), expected
+        )
+
+
+@triton_runs
+def test_triton_kernels_take_empty_and_strided_keys() -> None:
+    assert TRITON is not None
+    keys = masks.sample_keys(torch.arange(6, dtype=torch.int64), 0, 2)
+    assert masks.keep_scale(
+        keys[:0].to(TRITON), 1, 9, 0.3, torch.float32, backend="triton"
+    ).shape == (0, 9)
+    assert masks.keep_scale(keys.to(TRITON), 1, 0, 0.3, torch.float32, backend="triton").shape == (
+        12,
+        0,
+    )
+    assert masks.sample_keys(keys.to(TRITON), 0, 0, backend="triton").shape == (0,)
+    strided = keys.to(TRITON)[::3]  # rows picked out of a larger batch
+    expected = masks.keep_scale(keys[::3].contiguous(), 4, 33, 0.1, torch.float32, backend="numpy")
+    assert torch.equal(
+        masks.keep_scale(strided, 4, 33, 0.1, torch.float32, backend="triton").cpu(), expected
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_keys_use_triton_where_it_imports() -> None:
+    keys = torch.zeros(2, dtype=torch.int64, device="cuda")
+    expected = "triton" if masks.triton_kernels() is not None else "torch"
+    assert masks.backend_for(keys) == expected
+
+
+def test_the_triton_backend_is_refused_where_triton_cannot_run() -> None:
+    if masks.triton_kernels() is not None:
+        pytest.skip("Triton imports here")
+    with pytest.raises(InvalidArgumentError, match="needs Triton"):
+        masks.backend_for(torch.zeros(2, dtype=torch.int64), "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_runs)])
+@pytest.mark.parametrize("first", [0, 7, 2**40])
+def test_sample_keys_take_the_first_sample_from_a_tensor(backend: str, first: int) -> None:
+    """How a CUDA graph makes sample keys: the first index is an input it reads."""
+    device = TRITON if backend == "triton" else "cpu"
+    assert device is not None
+    keys = _keys([3, -5, 2**62], device)
+    at = torch.tensor([first], dtype=torch.int64, device=device)
+    got = masks.sample_keys(keys, at, 9, backend=backend)  # type: ignore[arg-type]
+    expected = masks.sample_keys(_keys([3, -5, 2**62], "cpu"), first, 9, backend="numpy")
+    assert torch.equal(got.cpu(), expected)
+    with pytest.raises(InvalidArgumentError, match="as an int"):
+        masks.sample_keys(keys.cpu(), at.cpu(), 9, backend="numpy")
