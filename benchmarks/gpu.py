@@ -9,11 +9,13 @@ command). In one run it prints, and writes to ``DIR/gpu.md`` when ``--out`` is g
    (``torch.cuda.set_sync_debug_mode("error")``); the device's samples agree with the CPU's.
 2. **The sampling table** on the reference models of :mod:`benchmarks.sampling`, batches 1 and
    32: ``floor``, ``naive``, ``mcdrop`` (float32, and with the network in bfloat16), and
-   ``baal-style`` (:func:`benchmarks.sampling.baal_style`: baal is not on that machine), with
+   ``baal-style`` (:func:`benchmarks.sampling.baal_style`: baal is not on that machine), and on
+   a GPU ``eager`` (no CUDA graphs) and ``eager, torch masks`` (nor Triton's mask kernels), with
    the ratios; the target is ``mcdrop / floor`` within 1.2 at batch 32. Every candidate starts
    from rows on the host and ends when the device is done (``torch.cuda.synchronize``).
-3. **Where mcdrop's time goes** at batch 32 (``torch.profiler``): kernel launches per call and
-   the ops that take the most device and host time, so what the table shows can be fixed.
+3. **Where mcdrop's time goes** at batch 32: kernel launches per call, the ops that take the
+   most device and host time (``torch.profiler``) and the Python functions that take the most
+   host time (``cProfile``), so what the table shows can be fixed.
 
 Without a CUDA GPU it says why and exits 0 (``--device cpu`` runs the same on the CPU, which is
 how the test suite keeps it from rotting).
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import pstats
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +36,7 @@ import torch
 
 from benchmarks.sampling import Reference, baal_style, floor, naive_loop, references
 from benchmarks.timing import compare, ms, table
-from mcdrop import masks, plan, sample, sample_chunks
+from mcdrop import cuda_graphs, masks, plan, sample, sample_chunks
 from mcdrop.nets import ReducedPrecision
 
 TARGET = 1.2  # mcdrop / floor at batch 32, issue 13
@@ -44,7 +48,11 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         what = f"{props.name}, {props.total_memory >> 30} GiB, {props.multi_processor_count} SMs"
-        return f"{what}; torch {torch.__version__}, CUDA {torch.version.cuda}"
+        made = " and ".join(device_backends(device))
+        return (
+            f"{what}; torch {torch.__version__}, CUDA {torch.version.cuda}; masks by {made} "
+            f"(default {made.split(' and ')[-1]})"
+        )
     return f"{device}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
@@ -61,23 +69,58 @@ def _synced(device: torch.device, fn: Callable[[], object]) -> Callable[[], obje
     return run
 
 
+def device_backends(device: torch.device) -> list[masks.Backend]:
+    """The mask implementations that run on ``device``: torch, and Triton on a CUDA GPU where
+    it builds and runs there (what sampling uses by default)."""
+    found: list[masks.Backend] = ["torch"]
+    keys = torch.zeros(1, dtype=torch.int64, device=device)
+    if device.type == "cuda" and masks.backend_for(keys) == "triton":
+        found.append("triton")
+    return found
+
+
 def check_masks(device: torch.device, quick: bool = False) -> str:
     rows = torch.arange(-20, 20, dtype=torch.int64) * 0x9E3779B97F
     keys = masks.sample_keys(rows, 3, 2 if quick else 25)
     on_device = keys.to(device)
     cases = 0
+    backends = device_backends(device)
+    for backend in backends:
+        got_keys = masks.sample_keys(on_device[:40], 11, 7, backend=backend).cpu()
+        if not torch.equal(got_keys, masks.sample_keys(keys[:40], 11, 7, backend="numpy")):
+            return f"FAILED: {backend} sample_keys differ"
     for p in (0.0, 1.0, 1 / 65536, 0.05, 0.1, 0.25, 0.3, 0.5, 0.75, 3 / 256, 0.999):
         for n in (1, 3, 7, 8, 9, 17, 63, 65, 1000, 3136):
             for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
                 expected = masks.keep_scale(keys, 5, n, p, dtype, backend="numpy")
-                got = masks.keep_scale(on_device, 5, n, p, dtype, backend="torch")
-                if not torch.equal(got.cpu(), expected):
-                    return f"FAILED: keep_scale differs at p={p}, n={n}, {dtype}"
+                for backend in backends:
+                    got = masks.keep_scale(on_device, 5, n, p, dtype, backend=backend)
+                    if not torch.equal(got.cpu(), expected):
+                        return f"FAILED: {backend} keep_scale differs at p={p}, n={n}, {dtype}"
                 cases += 1
             keep = masks.keep_mask(on_device, 9, n, p).cpu()
             if not torch.equal(keep, masks.keep_mask(keys, 9, n, p, backend="numpy")):
                 return f"FAILED: keep_mask differs at p={p}, n={n}"
-    return f"ok: {cases} multiplier cases and their keep masks equal NumPy's bit for bit"
+    return (
+        f"ok: {cases} multiplier cases ({' and '.join(backends)}), their keep masks and sample "
+        "keys equal NumPy's bit for bit"
+    )
+
+
+def _eager(fn: Callable[[], object], backend: masks.Backend | None = None) -> Callable[[], object]:
+    """``fn`` with every pass launched eagerly (no CUDA graphs), and CUDA masks made by
+    ``backend`` when given."""
+
+    def run() -> object:
+        kept = masks.CUDA_BACKEND, cuda_graphs.ENABLED
+        masks.CUDA_BACKEND = backend or kept[0]
+        cuda_graphs.ENABLED = False
+        try:
+            return fn()
+        finally:
+            masks.CUDA_BACKEND, cuda_graphs.ENABLED = kept
+
+    return run
 
 
 def check_sync(ref: Reference, device: torch.device) -> str:
@@ -131,6 +174,11 @@ def _bf16(ref: Reference) -> torch.nn.Module:
 def sampling_table(refs: list[Reference], device: torch.device, quick: bool) -> str:
     rows = []
     verdicts = []
+    # On a GPU, mcdrop as it was before CUDA graphs (eager) and before Triton's masks.
+    torch_masks = "triton" in device_backends(device)
+    extra = []
+    if device.type == "cuda":
+        extra = ["eager", "eager, torch masks"] if torch_masks else ["eager"]
     for ref in refs:
         half = _bf16(ref)
         batch = 2 if quick else 32  # quick: the test suite, on a CPU
@@ -153,6 +201,10 @@ def sampling_table(refs: list[Reference], device: torch.device, quick: bool) -> 
                 ),
                 "baal-style": lambda ref=ref, x=x, t=t: baal_style(ref.model, x.to(device), t),
             }
+            if device.type == "cuda":  # what graphs and Triton's masks each bring
+                candidates["eager"] = _eager(candidates["mcdrop"])
+                if torch_masks:
+                    candidates["eager, torch masks"] = _eager(candidates["mcdrop"], "torch")
             synced = {name: _synced(device, fn) for name, fn in candidates.items()}
             got = compare(synced, rounds=2 if quick else 30, warmup=1 if quick else 3, budget_s=5)
             ratio = got["mcdrop"] / got["floor"]
@@ -166,6 +218,7 @@ def sampling_table(refs: list[Reference], device: torch.device, quick: bool) -> 
                     f"{got['mcdrop bf16'] / got['mcdrop']:.2f}",
                     f"{got['naive'] / got['mcdrop']:.1f}",
                     f"{got['baal-style'] / got['mcdrop']:.2f}",
+                    *(f"{got[k] / got['mcdrop']:.2f}" for k in extra),
                 ]
             )
             if n == 32 and t >= 100:
@@ -185,6 +238,8 @@ def sampling_table(refs: list[Reference], device: torch.device, quick: bool) -> 
         "naive / mcdrop",
         "baal-style / mcdrop",
     ]
+    header[8:8] = [f"{k} ms" for k in extra]
+    header += [f"{k} / mcdrop" for k in extra]
     target = "\n".join(verdicts) or "- (quick run: no batch-32 row at T >= 100)"
     return (
         f"{table(header, rows)}\n\nTarget: mcdrop within {TARGET}× of the floor at batch 32.\n"
@@ -222,9 +277,31 @@ def profile(refs: list[Reference], device: torch.device, quick: bool) -> str:
         parts.append(
             f"#### {ref.name}, N = {n}, T = {t}: {launches / calls:.0f} kernel launches per call, "
             f"{wall * 1e3:.2f} ms per call unprofiled\n\n```text\n"
-            f"{events.table(sort_by=sort, row_limit=12, max_name_column_width=50)}\n```"
+            f"{events.table(sort_by=sort, row_limit=12, max_name_column_width=50)}\n```\n\n"
+            f"Host (Python) time per call over {calls * 4} calls, by function:\n\n```text\n"
+            f"{host_profile(run, calls * 4)}\n```"
         )
     return "\n\n".join(parts)
+
+
+def host_profile(run: Callable[[], object], calls: int, rows: int = 16) -> str:
+    """cProfile's top functions by own time over ``calls`` calls of ``run``, in µs per call: on
+    a GPU a small pass waits on the host, so this is where its time goes."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:rows]
+    lines = [f"{'own µs':>8} {'total µs':>9} {'calls':>6}  function"]
+    for (path, line, name), (_, ncalls, own, total, _) in top:
+        where = f"{Path(path).name}:{line}" if line else "built-in"
+        lines.append(
+            f"{own / calls * 1e6:8.1f} {total / calls * 1e6:9.1f} {ncalls / calls:6.1f}  "
+            f"{name} ({where})"
+        )
+    return "\n".join(lines)
 
 
 def run(device: torch.device, quick: bool = False) -> str:
