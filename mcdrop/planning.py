@@ -66,9 +66,21 @@ from mcdrop.sampling_context import (
 ACTIVATION_BUDGET = 16 << 20
 
 #: The same bound on a GPU (any device but the CPU), where there is no cache to stay in and a
-#: pass cut smaller only adds launches and Python per row: passes there are bounded by
-#: ``max_pass_rows`` unless a dropout input would pass 1 GiB.
+#: pass cut smaller only adds launches and Python per row: 1 GiB, or a 32nd of a CUDA device's
+#: memory if that is less (a pass's other activations, and concurrent passes, need room too).
 DEVICE_ACTIVATION_BUDGET = 1 << 30
+
+
+def activation_budget(device: torch.device) -> int:
+    """The bound on a pass's largest dropout input on ``device`` (bytes): see
+    :data:`ACTIVATION_BUDGET` and :data:`DEVICE_ACTIVATION_BUDGET`."""
+    if device.type == "cpu":
+        return ACTIVATION_BUDGET
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+        return min(DEVICE_ACTIVATION_BUDGET, max(ACTIVATION_BUDGET, memory // 32))
+    return DEVICE_ACTIVATION_BUDGET
+
 
 #: Above this share of a pass's multiply-adds in the deterministic prefix, passes are not cut to
 #: the activation budget: each extra pass over the same rows reruns the prefix.
@@ -304,7 +316,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         ),
         prefix_flops=before // b_large,
         rest_flops=(large.flops - before) // b_large,
-        budget_bytes=ACTIVATION_BUDGET if x.device.type == "cpu" else DEVICE_ACTIVATION_BUDGET,
+        budget_bytes=activation_budget(x.device),
         _model=weakref.ref(model),
         unsampled=unsampled,
         layers=LayerChain.of(model, tuple(x.shape[1:])),

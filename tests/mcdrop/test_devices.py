@@ -526,7 +526,86 @@ def test_graphs_are_kept_for_a_few_shapes_and_small_passes_only(
             sampling.sample(model, torch.randn(n, 4), 10, seed=0, plan=kept)
         assert len(kept.graphs) <= cuda_graphs.MAX_GRAPHS
     assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 3
+    sampling.sample(model, torch.randn(1, 4), 10, seed=0, plan=kept)  # evicted, seen anew
+    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 3
+    sampling.sample(model, torch.randn(1, 4), 10, seed=0, plan=kept)
+    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 4
+    monkeypatch.setattr(cuda_graphs, "MAX_CAPTURES", kept.graphs.captures)  # no more
+    for _ in range(3):
+        sampling.sample(model, torch.randn(40, 4), 10, seed=0, plan=kept)
+    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 4
     monkeypatch.setattr(cuda_graphs, "GRAPH_BYTES", 0)  # every pass is "large"
     for _ in range(3):
         sampling.sample(model, torch.randn(60, 4), 10, seed=0, plan=kept)
-    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 3
+    assert kept.graphs.captures == cuda_graphs.MAX_GRAPHS + 4
+
+
+class ReadsBack(nn.Module):
+    """A model whose pass reads a value back to the host: no graph can hold it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.fc(x))
+        if h.sum() > 1e30:  # a synchronisation, in a capture an error
+            h = h * 0
+        return self.out(h)
+
+
+@cuda
+def test_a_pass_that_cannot_be_captured_runs_eagerly_and_leaves_cuda_working(
+    graphs_off: Callable[[], AbstractContextManager[None]],
+) -> None:
+    torch.manual_seed(0)
+    model = ReadsBack().to("cuda").eval()
+    x = torch.randn(3, 4)
+    kept = mcdrop.plan(model, x)
+    assert kept.graphs is not None
+    with graphs_off():
+        expected = sampling.sample(model, x, 8, seed=1, plan=kept)
+    sampling.sample(model, x, 8, seed=1, plan=kept)  # the first pass of its shape: eager
+    with pytest.warns(RuntimeWarning, match="could not be captured as a CUDA graph"):
+        got = sampling.sample(model, x, 8, seed=1, plan=kept)
+    assert kept.graphs.failed is not None
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for n in (3, 5, 7):  # no more attempts, no more warnings (they are errors here)
+        sampling.sample(model, torch.randn(n, 4), 8, seed=1, plan=kept)
+    assert kept.graphs.captures == 0
+    # torch's own CUDA random numbers still work after the failed capture.
+    assert torch.randn(5, device="cuda").isfinite().all()
+    assert nn.functional.dropout(torch.ones(64, device="cuda"), 0.5, training=True).sum() > 0
+
+
+@cuda
+@pytest.mark.usefixtures("exact_float32")
+def test_a_graph_follows_replaced_submodules_and_steps_aside_for_autocast(
+    graphs_off: Callable[[], AbstractContextManager[None]],
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    model.to("cuda").eval()
+    x = torch.randn(3, 4)
+    kept = mcdrop.plan(model, x)
+    assert kept.graphs is not None
+    for _ in range(3):
+        sampling.sample(model, x, 8, seed=0, plan=kept)
+    assert kept.graphs.captures == 1
+    model[3] = nn.Linear(8, 2).to("cuda")  # another submodule, as a user might swap a head
+    for _ in range(3):  # (the layer chain no longer runs it: a new pass shape, captured anew)
+        got = sampling.sample(model, x, 8, seed=0, plan=kept)
+    with graphs_off():
+        expected = sampling.sample(model, x, 8, seed=0, plan=kept)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert kept.graphs.captures == 2
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # eager: no graph under autocast
+        for _ in range(3):
+            got = sampling.sample(model, x, 8, seed=0, plan=kept)
+        with graphs_off():
+            expected = sampling.sample(model, x, 8, seed=0, plan=kept)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert kept.graphs.captures == 2
