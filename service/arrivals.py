@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from fastapi.routing import APIRoute
-from starlette.routing import BaseRoute, Match
+from starlette._utils import get_route_path
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 #: Routes with this tag run model work; their ``name`` path parameter is the model.
@@ -54,6 +55,11 @@ class InferenceRoutes:
 
     def __init__(self, routes: Sequence[BaseRoute]) -> None:
         self.routes = [r for r in routes if isinstance(r, APIRoute) and INFERENCE_TAG in r.tags]
+        # What Route.matches reads, taken once: a request tried against every inference route
+        # costs a regex match each (~0.5 µs) rather than a full match (~5 µs).
+        self._patterns = [
+            (r.path_regex, r.methods or set(), r.param_convertors.get("name")) for r in self.routes
+        ]
 
     SCOPE_KEY = "mcdrop.inference_model"
 
@@ -65,10 +71,12 @@ class InferenceRoutes:
         if self.SCOPE_KEY in scope:
             return scope[self.SCOPE_KEY]  # set below: a str or None
         model = None
-        for route in self.routes:
-            match, child = route.matches(scope)
-            if match is Match.FULL:
-                model = child.get("path_params", {}).get("name")
+        path, method = get_route_path(scope), scope["method"]
+        for regex, methods, convertor in self._patterns:
+            found = regex.match(path)
+            if found is not None and method in methods:  # Route.matches' Match.FULL
+                name = found.groupdict().get("name")
+                model = name if convertor is None or name is None else convertor.convert(name)
                 break
         scope[self.SCOPE_KEY] = model
         return model

@@ -240,7 +240,10 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
             f"input {tensor.name!r} ({tensor.datatype}) must hold {dtype.values}, {layout}: {where}"
         ) from None
     try:
-        x = torch.tensor(values, dtype=torch.float32)
+        # Through NumPy: a fifth of torch.tensor's time on a list of a few hundred numbers.
+        # A value past float32's range becomes inf, which the finiteness check names.
+        with np.errstate(over="ignore"):
+            x = torch.from_numpy(np.array(values, dtype=np.float32))
     except ValueError:  # ragged rows
         raise InvalidInputError(
             f"input {tensor.name!r}: nested data must be rectangular, of shape {shape}"
