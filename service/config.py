@@ -104,7 +104,8 @@ class Settings(ModelSettings):
         None,
         ge=1,
         description="most replicated rows (samples × rows) in one forward pass (unset: 8192 on "
-        "the CPU; on a GPU only the 1 GiB activation budget bounds a pass)",
+        "the CPU; on a GPU only the activation budget, 1 GiB or a 32nd of its memory, bounds a "
+        "pass)",
     )
     max_concurrency: int = Field(2, ge=1, description="model computations running at once")
     batching: bool = Field(True, description="merge concurrent requests into shared passes")
