@@ -478,16 +478,21 @@ def test_graphed_masks_drop_the_same_units_as_the_cpus() -> None:
     assert kept.graphs.captures == 1
 
 
+def _graphed_mlp() -> tuple[nn.Sequential, Tensor, planning.SamplingPlan]:
+    """``(N, 4) -> (N, 2)`` with one dropout, on the GPU, three rows and its kept plan."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+    model.to("cuda").eval()
+    x = torch.randn(3, 4)
+    return model, x, mcdrop.plan(model, x)
+
+
 @cuda
 @pytest.mark.usefixtures("exact_float32")
 def test_a_graph_follows_the_models_weights_and_rates(
     graphs_off: Callable[[], AbstractContextManager[None]],
 ) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
-    model.to("cuda").eval()
-    x = torch.randn(3, 4)
-    kept = mcdrop.plan(model, x)
+    model, x, kept = _graphed_mlp()
     assert kept.graphs is not None
 
     def both() -> tuple[Tensor, Tensor]:
@@ -585,11 +590,7 @@ def test_a_pass_that_cannot_be_captured_runs_eagerly_and_leaves_cuda_working(
 def test_a_graph_follows_replaced_submodules_and_steps_aside_for_autocast(
     graphs_off: Callable[[], AbstractContextManager[None]],
 ) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
-    model.to("cuda").eval()
-    x = torch.randn(3, 4)
-    kept = mcdrop.plan(model, x)
+    model, x, kept = _graphed_mlp()
     assert kept.graphs is not None
     for _ in range(3):
         sampling.sample(model, x, 8, seed=0, plan=kept)
