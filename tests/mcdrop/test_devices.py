@@ -610,3 +610,12 @@ def test_a_graph_follows_replaced_submodules_and_steps_aside_for_autocast(
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert kept.graphs.captures == 2
+
+
+def test_the_activation_budget_follows_the_device() -> None:
+    assert planning.activation_budget(torch.device("cpu")) == planning.ACTIVATION_BUDGET
+    assert planning.activation_budget(torch.device("meta")) == planning.DEVICE_ACTIVATION_BUDGET
+    if CUDA:  # 1 GiB, or a 32nd of the GPU's memory where that is less
+        budget = planning.activation_budget(torch.device("cuda"))
+        memory = torch.cuda.get_device_properties(0).total_memory
+        assert budget == min(planning.DEVICE_ACTIVATION_BUDGET, max(16 << 20, memory // 32))
