@@ -128,7 +128,8 @@ def _triton_works(device: torch.device) -> bool:
 
 def _set_sync_debug_mode(mode: int) -> None:
     """``torch.cuda.set_sync_debug_mode`` without its warning that the mode is a prototype
-    (every call warns; a test suite that makes warnings errors would fail on it)."""
+    (given once per process, by the first call: a suite that makes warnings errors would fail
+    in whichever test sets the mode first, here when the probe restores it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         torch.cuda.set_sync_debug_mode(mode)
