@@ -363,8 +363,9 @@ def _train(
     epochs: int,
     opts: Options,
     lengthscale: float,
-) -> StackedGaussianMLP:
-    """One stack: for each part, one network per rate (part-major order)."""
+) -> tuple[StackedGaussianMLP, Tensor]:
+    """One stack: for each part, one network per rate (part-major order), and its training
+    history ``(epochs, G)`` (:func:`fit_gaussian_stack`)."""
     flat_rates = [r for rs in rates for r in rs]
     flat_seeds = [s for ss in seeds for s in ss]
     data_of = torch.tensor([i for i, rs in enumerate(rates) for _ in rs])
@@ -374,7 +375,7 @@ def _train(
     n_rows = parts[0].x_train.shape[0]
     # λ = l²(1 − p)/(2N) on ‖W‖²; Adam's coupled weight decay is 2λ (see protocol.weight_decay).
     decay = torch.tensor([lengthscale**2 * (1 - p) / n_rows for p in flat_rates])
-    fit_gaussian_stack(
+    history = fit_gaussian_stack(
         stack,
         torch.stack([p.x_train for p in parts]),
         torch.stack([p.y_train for p in parts]),
@@ -386,7 +387,7 @@ def _train(
         lengthscale=lengthscale,
         adversarial=opts.adversarial,
     )
-    return stack
+    return stack, history
 
 
 def run_baseline(name: str, opts: Options) -> DatasetResult:
@@ -417,7 +418,7 @@ def run_baseline(name: str, opts: Options) -> DatasetResult:
                     for s in splits
                 ]
                 bar.set_postfix_str(f"grid {len(splits) * len(rates)} nets")
-                stack = _train(
+                stack, _ = _train(
                     val_parts,
                     [rates] * len(splits),
                     seeds,
@@ -453,7 +454,7 @@ def run_baseline(name: str, opts: Options) -> DatasetResult:
                 for s, rs in zip(splits, finals, strict=True)
             ]
             bar.set_postfix_str(f"final {sum(map(len, finals))} nets")
-            stack = _train(
+            stack, _ = _train(
                 test_parts, finals, seeds, grid.n_hidden, recipe, epochs, opts, lengthscale
             )
             start = 0
@@ -478,18 +479,19 @@ def run_ensembles(
     name: str, splits: Sequence[UCISplit], n_hidden: int, epochs: int, opts: Options
 ) -> list[SplitResult]:
     """Deep Ensembles on a group of splits: the learning rate per split by validation LL
-    (unless ``opts.lr``), then M members retrained on all training rows at that rate."""
+    (unless ``opts.lr``), then M members retrained on all training rows at that rate; a split
+    whose retrain :func:`diverged` is trained again at the grid's next lower rate."""
     base = RECIPES["deep_ensembles"]
     m = opts.n_networks
     lrs = (opts.lr,) if opts.lr is not None else DE_LRS_FINE if opts.fine_lr else DE_LRS
 
-    def seeds_for(phase: str, lr: float, group: Sequence[UCISplit]) -> list[list[int]]:
-        return [
+    def train(
+        group: Sequence[UCISplit], parts: Sequence[Part], phase: str, lr: float
+    ) -> tuple[StackedGaussianMLP, Tensor]:
+        seeds = [
             [network_seed(opts, name, s.split, opts.method, epochs, phase, k, lr) for k in range(m)]
             for s in group
         ]
-
-    def train(parts: Sequence[Part], lr: float, seeds: list[list[int]]) -> StackedGaussianMLP:
         recipe = dataclasses.replace(base, lr=lr)
         return _train(parts, [[0.0] * m] * len(parts), seeds, n_hidden, recipe, epochs, opts, 0.0)
 
@@ -499,7 +501,7 @@ def run_ensembles(
         val_parts = [validation_part(s) for s in splits]
         scores = []
         for lr in lrs:
-            stack = train(val_parts, lr, seeds_for("validation", lr, splits))
+            stack, _ = train(splits, val_parts, "validation", lr)
             scores.append(
                 [
                     ensemble_metrics(stack, range(i * m, (i + 1) * m), part, opts, base)["ll"]
@@ -510,17 +512,45 @@ def run_ensembles(
             finite = [sc[i] if math.isfinite(sc[i]) else -math.inf for sc in scores]
             best = max(range(len(lrs)), key=lambda j: finite[j])
             chosen[i], val_lls[i] = lrs[best], finite[best]
+    # A split whose retrain on all its rows diverged at its rate steps down the grid.
+    pending = dict(enumerate(chosen))
+    backoffs = [0] * len(splits)
     rows: dict[int, SplitResult] = {}
-    for lr in sorted(set(chosen)):
-        group = [i for i in range(len(splits)) if chosen[i] == lr]
+    while pending:
+        lr = max(pending.values())
+        group = sorted(i for i, rate in pending.items() if rate == lr)
         parts = [test_part(splits[i]) for i in group]
-        stack = train(parts, lr, seeds_for("final", lr, [splits[i] for i in group]))
+        stack, history = train([splits[i] for i in group], parts, "final", lr)
         for j, (i, part) in enumerate(zip(group, parts, strict=True)):
+            del pending[i]
+            slower = [r for r in lrs if r < lr]
+            if slower and diverged(history[:, j * m : (j + 1) * m]):
+                pending[i] = max(slower)
+                backoffs[i] += 1
+                continue
             metrics = ensemble_metrics(stack, range(j * m, (j + 1) * m), part, opts, base)
             rows[i] = SplitResult(
-                splits[i].split, 0.0, math.nan, val_ll=val_lls[i], lr=lr, **metrics
+                splits[i].split,
+                0.0,
+                math.nan,
+                val_ll=val_lls[i],
+                lr=lr,
+                lr_backoffs=backoffs[i],
+                **metrics,
             )
     return [rows[i] for i in range(len(splits))]
+
+
+#: The mean training NLL (standardised units, constant dropped) of the constant predictor: the
+#: training mean with unit variance. A member that ends above it has learnt nothing: diverged.
+CONSTANT_NLL = 0.5
+
+
+def diverged(history: Tensor) -> bool:
+    """Whether any member's last epoch of training ``history`` ``(epochs, M)`` ended worse
+    than :data:`CONSTANT_NLL` (or not finite): its learning rate is too high for it."""
+    last = history[-1]
+    return bool((~torch.isfinite(last) | (last > CONSTANT_NLL)).any())
 
 
 def ensemble_metrics(

@@ -29,7 +29,8 @@ class SplitResult:
     """Test metrics of one split, in original units, for one method (``val_ll``: the grid's
     best validation log-likelihood; ``crps_samples``: the samples the CRPS used;
     ``ll_moment_matched``: LL of the moment-matched Gaussian, Deep Ensembles' score; ``lr``:
-    the Adam learning rate Deep Ensembles chose on validation)."""
+    the Adam learning rate Deep Ensembles' final members trained at; ``lr_backoffs``: how many
+    times their retrain diverged and stepped down from the rate chosen on validation)."""
 
     split: int
     dropout: float
@@ -44,6 +45,7 @@ class SplitResult:
     crps_samples: int
     ll_moment_matched: float = math.nan
     lr: float = math.nan
+    lr_backoffs: int = 0
 
 
 @dataclass

@@ -227,3 +227,47 @@ def test_deep_ensembles_fit_yacht_at_the_papers_budget():
     assert row.rmse < 1.58
     assert row.ll > -1.6
     assert math.isfinite(row.val_ll)
+
+
+@pytest.mark.parametrize(
+    ("last", "diverged"),
+    [
+        (-2.3, False),
+        (0.4, False),  # back up from -2.2, but still better than the constant predictor
+        (0.6, True),  # worse than predicting the training mean with unit variance
+        (math.nan, True),
+        (math.inf, True),
+    ],
+)
+def test_diverged_is_a_member_that_ends_worse_than_the_constant_predictor(last, diverged):
+    # (epochs, M): three members fall steadily; the third one's last epoch varies.
+    history = torch.tensor(
+        [[0.5, 0.4, 0.3], [-0.5, -1.0, -1.8], [-0.9, -1.2, -2.2], [-1.0, -1.3, last]],
+        dtype=torch.float64,
+    )
+    assert baselines.diverged(history) is diverged
+
+
+def test_the_constant_predictor_scores_the_divergence_bar():
+    # On standardised targets, the training mean with unit variance has mean NLL 0.5 (constant
+    # dropped) under the loss the members train on.
+    y = torch.randn(1, 500, 1, dtype=torch.float64)
+    y = (y - y.mean()) / y.std(correction=0)
+    out = torch.zeros(1, 500, 2, dtype=torch.float64)
+    out[..., 1] = 0.0  # log-variance head of the "log" recipe: σ² = 1
+    nll = baselines.gaussian_nll(out, y, "log")
+    assert float(nll) == pytest.approx(baselines.CONSTANT_NLL)
+
+
+@needs_data
+def test_a_diverged_retrain_steps_down_the_learning_rate():
+    # Boston split 14 at 80 epochs chooses lr 0.1 on validation; retrained on all its rows at
+    # that rate, two members end at training NLL 2.2 and 0.9 (the constant predictor: 0.5)
+    # and the ensemble's test RMSE is 5.2. The split is retrained at 0.01, the next rate.
+    split = read_split(protocol.data_root(), "bostonHousing", 14)
+    opts = protocol.Options(method="deep_ensembles", budget="2017x2", progress=False)
+    (row,) = baselines.run_ensembles("bostonHousing", [split], 50, 80, opts)
+    assert row.lr_backoffs == 1
+    assert row.lr == 0.01
+    assert row.rmse < 3.0
+    assert row.ll > -2.5

@@ -85,27 +85,40 @@ def test_goal_counts_wins_at_each_tables_budget():
     assert "`2016`, any budget: 1 of 9" in text
 
 
-def test_deep_ensembles_are_counted_per_variant_on_the_papers_score():
-    # Each Deep Ensembles variant gets its own count; the moment-matched LL (their score) comes
-    # from the per-split details, the mixture LL from the row.
-    def row(method: str, ll: float) -> dict[str, object]:
-        return {"dataset": "yacht", "budget": "2017", "method": method, "n_splits": 2,
+def test_deep_ensembles_are_counted_per_variant_and_budget_on_the_papers_score():
+    # Each Deep Ensembles variant and budget gets its own count; the moment-matched LL (their
+    # score) comes from the per-split details, the mixture LL from the row.
+    def row(method: str, ll: float, budget: str = "2017") -> dict[str, object]:
+        return {"dataset": "yacht", "budget": budget, "method": method, "n_splits": 2,
                 "rmse_mean": 1.0, "rmse_se": 0.1, "ll_mean": ll, "ll_se": 0.01}  # fmt: skip
 
-    def details(mm: float) -> dict:
-        return {"splits": [{"split": i, "ll_moment_matched": mm, "lr": 0.01} for i in (0, 1)]}
+    def details(mm: float, backoffs: int = 0) -> dict:
+        return {
+            "splits": [
+                {"split": i, "ll_moment_matched": mm, "lr": 0.01, "lr_backoffs": backoffs * i}
+                for i in (0, 1)
+            ]
+        }
 
-    rows = [row("deep_ensembles", -1.40), row("deep_ensembles+adversarial", -1.13)]
+    rows = [
+        row("deep_ensembles", -1.40),
+        row("deep_ensembles+adversarial", -1.13),
+        row("deep_ensembles", -1.13, "2017x2"),
+    ]
     text = "\n".join(
         report.deep_ensemble_lines(
             rows,
             {
                 "yacht|2017|deep_ensembles": details(-1.40),
                 "yacht|2017|deep_ensembles+adversarial": details(-1.20),
+                "yacht|2017x2|deep_ensembles": details(-1.15, backoffs=1),
             },
         )
     )
-    assert "`deep_ensembles` within one SE" in text
+    assert "`deep_ensembles` at budget 2017 within one SE" in text
     assert "on 1 datasets run: RMSE 1, LL mixture 0, LL moment-matched 0." in text
-    assert "`deep_ensembles+adversarial` within one SE" in text
-    assert "on 1 datasets run: RMSE 1, LL mixture 1, LL moment-matched 1." in text
+    assert "`deep_ensembles+adversarial` at budget 2017 within one SE" in text
+    assert "`deep_ensembles` at budget 2017x2 within one SE" in text
+    assert text.count("on 1 datasets run: RMSE 1, LL mixture 1, LL moment-matched 1.") == 2
+    assert "| yacht | 2017x2 | deep_ensembles | 2 |" in text
+    assert "0.01 ×2 (1 stepped down)" in text

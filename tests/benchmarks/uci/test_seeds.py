@@ -32,7 +32,7 @@ def test_network_seed_ignores_the_group():
 
 @pytest.mark.slow
 @needs_data
-@pytest.mark.parametrize("method", ["mc_dropout", "het_mc_dropout"])
+@pytest.mark.parametrize("method", ["mc_dropout", "het_mc_dropout", "deep_ensembles"])
 def test_split_alone_equals_split_in_a_group(tiny, method):
     opts = dataclasses.replace(tiny, method=method)
     alone = _split_result(opts, (3,), 20, 3)
