@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +204,7 @@ def fit_gaussian_stack(
     seeds: Sequence[int],
     lengthscale: float = LENGTHSCALE,
     adversarial: bool = False,
+    on_epoch: Callable[[int, StackedGaussianMLP], None] | None = None,
 ) -> Tensor:
     """Minibatch Adam on G networks, each on its own training set and with its own seeds.
 
@@ -211,6 +212,8 @@ def fit_gaussian_stack(
         x: ``(P, N, D)``; y: ``(P, N, 1)``; data_of: ``(G,)`` which set each network fits.
         weight_decay: ``(G,)`` coupled L2 on the weight matrices (Bernoulli dropout only).
         seeds: one per network: its minibatch order (``seed + 1``) and noise (``seed + 2``).
+        on_epoch: called after each epoch with the number of epochs done and ``net`` (to
+            score the networks as they stand).
 
     Returns:
         ``(epochs, G)`` mean training loss per epoch.
@@ -257,6 +260,8 @@ def fit_gaussian_stack(
             optimiser.step()
             total += per_net.detach().double() * b
         history[epoch] = total / n
+        if on_epoch is not None:
+            on_epoch(epoch + 1, net)
     net.eval()
     return history
 
@@ -363,6 +368,7 @@ def _train(
     epochs: int,
     opts: Options,
     lengthscale: float,
+    on_epoch: Callable[[int, StackedGaussianMLP], None] | None = None,
 ) -> tuple[StackedGaussianMLP, Tensor]:
     """One stack: for each part, one network per rate (part-major order), and its training
     history ``(epochs, G)`` (:func:`fit_gaussian_stack`)."""
@@ -386,6 +392,7 @@ def _train(
         seeds=flat_seeds,
         lengthscale=lengthscale,
         adversarial=opts.adversarial,
+        on_epoch=on_epoch,
     )
     return stack, history
 
@@ -478,54 +485,69 @@ def run_baseline(name: str, opts: Options) -> DatasetResult:
 def run_ensembles(
     name: str, splits: Sequence[UCISplit], n_hidden: int, epochs: int, opts: Options
 ) -> list[SplitResult]:
-    """Deep Ensembles on a group of splits: the learning rate per split by validation LL
-    (unless ``opts.lr``), then M members retrained on all training rows at that rate; a split
-    whose retrain :func:`diverged` is trained again at the grid's next lower rate."""
+    """Deep Ensembles on a group of splits: the learning rate (and, with ``opts.val_epochs``,
+    the epochs) per split by the ensemble's validation LL, unless ``opts.lr``; then M members
+    retrained on all training rows with them; a split whose retrain :func:`diverged` is
+    trained again at the grid's next lower rate."""
     base = RECIPES["deep_ensembles"]
     m = opts.n_networks
     lrs = (opts.lr,) if opts.lr is not None else DE_LRS_FINE if opts.fine_lr else DE_LRS
+    epoch_grid = tuple(epochs * k for k in opts.val_epochs) or (epochs,)
 
     def train(
-        group: Sequence[UCISplit], parts: Sequence[Part], phase: str, lr: float
+        group: Sequence[UCISplit],
+        parts: Sequence[Part],
+        phase: str,
+        lr: float,
+        n_epochs: int,
+        on_epoch: Callable[[int, StackedGaussianMLP], None] | None = None,
     ) -> tuple[StackedGaussianMLP, Tensor]:
         seeds = [
-            [network_seed(opts, name, s.split, opts.method, epochs, phase, k, lr) for k in range(m)]
+            [
+                network_seed(opts, name, s.split, opts.method, n_epochs, phase, k, lr)
+                for k in range(m)
+            ]
             for s in group
         ]
         recipe = dataclasses.replace(base, lr=lr)
-        return _train(parts, [[0.0] * m] * len(parts), seeds, n_hidden, recipe, epochs, opts, 0.0)
+        rates = [[0.0] * m] * len(parts)
+        return _train(parts, rates, seeds, n_hidden, recipe, n_epochs, opts, 0.0, on_epoch)
 
-    chosen = [lrs[0]] * len(splits)
+    # Per split: the (rate, epochs) chosen, and its validation LL.
+    chosen = [(lrs[0], epoch_grid[0])] * len(splits)
     val_lls = [math.nan] * len(splits)
-    if len(lrs) > 1:
+    if len(lrs) * len(epoch_grid) > 1:
         val_parts = [validation_part(s) for s in splits]
-        scores = []
+        scores: dict[tuple[float, int], list[float]] = {}
         for lr in lrs:
-            stack, _ = train(splits, val_parts, "validation", lr)
-            scores.append(
-                [
-                    ensemble_metrics(stack, range(i * m, (i + 1) * m), part, opts, base)["ll"]
-                    for i, part in enumerate(val_parts)
-                ]
-            )
+
+            def score(done: int, stack: StackedGaussianMLP, lr: float = lr) -> None:
+                if done in epoch_grid:
+                    scores[(lr, done)] = [
+                        ensemble_metrics(stack, range(i * m, (i + 1) * m), part, opts, base)["ll"]
+                        for i, part in enumerate(val_parts)
+                    ]
+
+            # One run to the largest epochs, scored as it passes each count of the grid.
+            train(splits, val_parts, "validation", lr, max(epoch_grid), score)
         for i in range(len(splits)):
-            finite = [sc[i] if math.isfinite(sc[i]) else -math.inf for sc in scores]
-            best = max(range(len(lrs)), key=lambda j: finite[j])
-            chosen[i], val_lls[i] = lrs[best], finite[best]
+            finite = {c: sc[i] if math.isfinite(sc[i]) else -math.inf for c, sc in scores.items()}
+            best = max(scores, key=lambda c: finite[c])  # the first of equals: grid order
+            chosen[i], val_lls[i] = best, finite[best]
     # A split whose retrain on all its rows diverged at its rate steps down the grid.
     pending = dict(enumerate(chosen))
     backoffs = [0] * len(splits)
     rows: dict[int, SplitResult] = {}
     while pending:
-        lr = max(pending.values())
-        group = sorted(i for i, rate in pending.items() if rate == lr)
+        lr, n_epochs = max(pending.values())
+        group = sorted(i for i, c in pending.items() if c == (lr, n_epochs))
         parts = [test_part(splits[i]) for i in group]
-        stack, history = train([splits[i] for i in group], parts, "final", lr)
+        stack, history = train([splits[i] for i in group], parts, "final", lr, n_epochs)
         for j, (i, part) in enumerate(zip(group, parts, strict=True)):
             del pending[i]
             slower = [r for r in lrs if r < lr]
             if slower and diverged(history[:, j * m : (j + 1) * m]):
-                pending[i] = max(slower)
+                pending[i] = (max(slower), n_epochs)
                 backoffs[i] += 1
                 continue
             metrics = ensemble_metrics(stack, range(j * m, (j + 1) * m), part, opts, base)
@@ -536,6 +558,7 @@ def run_ensembles(
                 val_ll=val_lls[i],
                 lr=lr,
                 lr_backoffs=backoffs[i],
+                n_epochs=n_epochs,
                 **metrics,
             )
     return [rows[i] for i in range(len(splits))]

@@ -9,8 +9,8 @@ Methods (``--method``; the ``method`` column of uci.csv): ``mc_dropout`` (the pa
 rows ``mc_dropout`` and ``mc_dropout_tau_refit``), ``het_mc_dropout``, ``concrete_dropout``,
 ``deep_ensembles`` (:mod:`benchmarks.uci.baselines`). A setting that differs from the protocol
 (``--batch-size``, ``--init``, ``--no-input-dropout``, ``--lengthscale``, ``--tau-search bo``,
-``--adversarial``, ``--lr``) appends ``+tag`` to the method name, so ablations get rows of their
-own.
+``--adversarial``, ``--lr``, ``--fine-lr``, ``--val-epochs``) appends ``+tag`` to the method
+name, so ablations get rows of their own.
 
 The protocol is :mod:`benchmarks.uci.protocol`'s; results go to ``uci.csv``, ``uci.json`` and
 ``uci.md`` under ``--out`` (:mod:`benchmarks.uci.store`).
@@ -129,6 +129,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "0.003, 0.001 (rows +fine_lr)",
     )
     baselines.add_argument(
+        "--val-epochs",
+        type=_csv_list,
+        default=(),
+        help="Deep Ensembles: choose the epochs per split on validation too, from these "
+        "multiples of the budget's, e.g. 1,2,3 (rows +val_epochs1x2x3)",
+    )
+    baselines.add_argument(
         "--save-models",
         type=Path,
         default=None,
@@ -170,6 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         adversarial=args.adversarial,
         lr=args.lr,
         fine_lr=args.fine_lr,
+        val_epochs=tuple(sorted({int(k) for k in args.val_epochs})),
         save_models=args.save_models,
     )
     if opts.adversarial and opts.method != "deep_ensembles":
@@ -178,6 +186,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         parser.error("--lr applies to --method deep_ensembles")
     if opts.fine_lr and (opts.method != "deep_ensembles" or opts.lr is not None):
         parser.error("--fine-lr applies to --method deep_ensembles without --lr")
+    if opts.val_epochs and (opts.method != "deep_ensembles" or min(opts.val_epochs) < 1):
+        parser.error("--val-epochs applies to --method deep_ensembles, as multiples >= 1")
     if opts.tau_search == "bo" and opts.method != "mc_dropout":
         parser.error("--tau-search bo applies to --method mc_dropout")
     if opts.quick:

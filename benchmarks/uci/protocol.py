@@ -113,6 +113,9 @@ class Options:
     #: Deep Ensembles: choose the learning rate from the finer grid DE_LRS_FINE (half-decade
     #: steps) instead of DE_LRS.
     fine_lr: bool = False
+    #: Deep Ensembles: choose the epochs per split on validation too, from these multiples of
+    #: the budget's (one validation run to the largest, scored at each); () keeps the budget's.
+    val_epochs: tuple[int, ...] = ()
     #: Write each split's final heteroscedastic network as a model directory under this folder.
     save_models: Path | None = None
 
@@ -138,6 +141,8 @@ class Options:
             tags.append(f"lr{self.lr:g}")
         if self.fine_lr:
             tags.append("fine_lr")
+        if self.val_epochs:
+            tags.append("val_epochs" + "x".join(str(k) for k in self.val_epochs))
         return tuple(tags)
 
     def row_method(self, method: str) -> str:

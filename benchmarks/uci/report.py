@@ -312,6 +312,9 @@ def deep_ensemble_lines(rows: Sequence[dict[str, object]], details: dict[str, di
             rate = s.get("lr", math.nan)
             rates[f"{rate:g}"] = rates.get(f"{rate:g}", 0) + 1
         backoffs = sum(int(s.get("lr_backoffs", 0)) > 0 for s in splits)
+        epochs: dict[int, int] = {}
+        for s in splits:
+            epochs[int(s.get("n_epochs", 0))] = epochs.get(int(s.get("n_epochs", 0)), 0) + 1
         rm, rs, lm, ls = (float(r[k]) for k in ("rmse_mean", "rmse_se", "ll_mean", "ll_se"))
         marks = (
             verdict(rm, rs, *pub[:2], higher_better=False),
@@ -331,7 +334,12 @@ def deep_ensemble_lines(rows: Sequence[dict[str, object]], details: dict[str, di
             f"{_pm(lm, ls)} vs {_published_cell((lm, ls), pub[2:], True)}",
             f"{_pm(mm, mm_se)} vs {_published_cell((mm, mm_se), pub[2:], True)}",
             ", ".join(f"{k} ×{v}" for k, v in sorted(rates.items()))
-            + (f" ({backoffs} stepped down)" if backoffs else ""),
+            + (f" ({backoffs} stepped down)" if backoffs else "")
+            + (
+                "; epochs " + ", ".join(f"{k} ×{v}" for k, v in sorted(epochs.items()))
+                if len(epochs) > 1
+                else ""
+            ),
         ]
         table.append("| " + " | ".join(cells) + " |")
     if not table:
@@ -345,8 +353,9 @@ def deep_ensemble_lines(rows: Sequence[dict[str, object]], details: dict[str, di
         "LL that every other row reports. `lr`: Adam's learning rate of each split's final",
         "members (how many splits trained at each): the one chosen on validation, or, where the",
         "retrain on all rows diverged (a member ended worse than the constant predictor), the",
-        "grid's next lower one (`stepped down`). Budget `2017` trains the paper's 40 epochs,",
-        "`2017x2` twice that.",
+        "grid's next lower one (`stepped down`); `epochs`, where chosen on validation too",
+        "(`+val_epochs1x2x3`: 1, 2 or 3 times the budget's). Budget `2017` trains the paper's 40",
+        "epochs, `2017x2` twice that.",
         "",
         "| dataset | budget | method | splits | RMSE | LL mixture | LL moment-matched | lr |",
         "|---|---|---|---|---|---|---|---|",

@@ -30,7 +30,8 @@ class SplitResult:
     best validation log-likelihood; ``crps_samples``: the samples the CRPS used;
     ``ll_moment_matched``: LL of the moment-matched Gaussian, Deep Ensembles' score; ``lr``:
     the Adam learning rate Deep Ensembles' final members trained at; ``lr_backoffs``: how many
-    times their retrain diverged and stepped down from the rate chosen on validation)."""
+    times their retrain diverged and stepped down from the rate chosen on validation;
+    ``n_epochs``: the epochs they trained)."""
 
     split: int
     dropout: float
@@ -46,6 +47,7 @@ class SplitResult:
     ll_moment_matched: float = math.nan
     lr: float = math.nan
     lr_backoffs: int = 0
+    n_epochs: int = 0
 
 
 @dataclass

@@ -271,3 +271,26 @@ def test_a_diverged_retrain_steps_down_the_learning_rate():
     assert row.lr == 0.01
     assert row.rmse < 3.0
     assert row.ll > -2.5
+
+
+def test_val_epochs_choose_the_epochs_on_validation_from_the_grid():
+    # --val-epochs 1,2: one validation run to 2 × 5 epochs per rate, scored at 5 and 10; every
+    # split trains its final members for epochs of that grid.
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 1.0, (300, 2))
+    y = np.sin(3 * x[:, :1]) + 0.1 * rng.standard_normal((300, 1))
+    splits = [UCISplit("synthetic", k, x[:240], y[:240], x[240:], y[240:]) for k in range(3)]
+    opts = protocol.Options(
+        method="deep_ensembles", budget="2017", progress=False, val_epochs=(1, 2)
+    )
+    rows = baselines.run_ensembles("synthetic", splits, 10, 5, opts)
+    assert [r.split for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert row.n_epochs in (5, 10)
+        assert row.lr in baselines.DE_LRS
+        assert math.isfinite(row.val_ll)
+    # Without the option, the budget's epochs.
+    plain = baselines.run_ensembles(
+        "synthetic", splits[:1], 10, 5, dataclasses.replace(opts, val_epochs=())
+    )
+    assert plain[0].n_epochs == 5

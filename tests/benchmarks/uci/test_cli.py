@@ -49,6 +49,8 @@ def test_quick_run_writes_finite_results(tmp_path):
             ["--method", "deep_ensembles", "--fine-lr", "--lr", "0.01"],
             "--fine-lr applies to --method deep_ensembles without --lr",
         ),
+        (["--val-epochs", "1,2"], "--val-epochs applies to --method deep_ensembles"),
+        (["--method", "deep_ensembles", "--val-epochs", "0,1"], "as multiples >= 1"),
     ],
 )
 def test_baseline_switches_refuse_other_methods(argv, message, capsys):
@@ -69,3 +71,12 @@ def test_fine_learning_rate_grid_names_the_rows():
     assert opts.fine_lr
     assert opts.lr is None
     assert opts.row_method("deep_ensembles") == "deep_ensembles+fine_lr"
+
+
+def test_epochs_chosen_on_validation_name_the_rows():
+    opts = cli.parse_args(
+        ["--method", "deep_ensembles", "--budget", "2017", "--val-epochs", "3,1,2"]
+    )
+    assert opts.val_epochs == (1, 2, 3)
+    assert opts.row_method("deep_ensembles") == "deep_ensembles+val_epochs1x2x3"
+    assert cli.parse_args(["--method", "deep_ensembles"]).val_epochs == ()
