@@ -64,7 +64,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--budget",
         choices=sorted([*BUDGET_MULTIPLIER, *FIXED_EPOCHS]),
         default="2016",
-        help="2016: 10 × n_epochs.txt, 2018: 100 ×, 2017: 40 epochs (Deep Ensembles' paper)",
+        help="2016: 10 × n_epochs.txt, 2018: 100 ×, 2017: 40 epochs (Deep Ensembles' paper), "
+        "2017x2: 80 epochs",
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the budget's epochs")
     parser.add_argument("--n-samples", type=int, default=10_000, help="T for the test metrics")
