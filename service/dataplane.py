@@ -3,14 +3,17 @@ options it resolves to, the watch for its client going away, and moving large co
 the event loop. The native routes (:mod:`service.routes`) and the Open Inference Protocol's
 (:mod:`service.v2.routes`) each do only their own encoding around these, so both run the same
 checks, with the same messages, before the same :class:`~service.registry.ModelHandle`; and
-both answer HEAD on their GET routes the same way (:func:`get_and_head`)."""
+both answer HEAD on their GET routes the same way (:func:`get_and_head`). A request's own
+deadline (the v2 ``timeout``; the native API has none but the server's) is :class:`Deadline`."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -25,7 +28,10 @@ from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Summary
 from service.batching import MCOptions
 from service.config import Settings
-from service.errors import LimitExceededError
+from service.errors import (
+    DeadlineExceededError,
+    LimitExceededError,
+)
 from service.registry import ModelHandle
 
 #: Past these sizes, parsing a request body, turning a request into a tensor or a result into a
@@ -135,6 +141,52 @@ def check_finite(result: Prediction | Summary, samples: torch.Tensor | None = No
     except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16), or not on the CPU
         pass
     predictor.check_finite(result, samples)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A request's own deadline, ``at`` (``time.monotonic``), from a timeout it sent in µs (the
+    Open Inference Protocol's ``timeout`` parameter; 0 or none: only the server's
+    request_timeout_s applies, as Triton reads 0). It counts from when the server has read the
+    request, and it holds whatever path the work takes: an answer not ready by then is a 504,
+    whether the work waited in the batcher's queue (which stops waiting at the deadline) or ran
+    at once on arrival (which nothing interrupts: checked when it is done, so that a timeout
+    shorter than the work is a 504 however small the work)."""
+
+    at: float | None = None
+    timeout_us: int = 0
+
+    @classmethod
+    def of(cls, timeout_us: int | None, read_at: float) -> Deadline:
+        """The deadline of a request read at ``read_at`` with ``timeout_us`` (None: none)."""
+        if not timeout_us:
+            return cls()
+        return cls(read_at + timeout_us / 1e6, timeout_us)
+
+    def exceeded(self) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"the answer was not ready within the request's deadline, its timeout of "
+            f"{self.timeout_us} µs (parameters.timeout); allow more time, or send fewer rows or "
+            "ask for fewer samples"
+        )
+
+    async def keep(self, work: Callable[[float | None], Awaitable[T]]) -> T:
+        """``await work(timeout_s)`` given the seconds left (None: no deadline of its own), or
+        a 504 when none are left before it starts or after it is done."""
+        if self.at is None:
+            return await work(None)
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.exceeded()
+        try:
+            result = await work(left)
+        except DeadlineExceededError:
+            if time.monotonic() >= self.at:  # this deadline ran out, not the server's
+                raise self.exceeded() from None
+            raise
+        if time.monotonic() > self.at:
+            raise self.exceeded()
+        return result
 
 
 def check_rows(rows: int, settings: Settings) -> None:

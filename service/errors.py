@@ -17,7 +17,8 @@ this table and the enum to each other, and every error response to the enum)::
     method_not_allowed      405     a method the path does not serve (``Allow`` lists those it does)
     body_too_large          413     app.BodyLimit: request body above the size limit (or
                                     BodyTooLargeError: a v2 body above it once inflated)
-    unsupported_media_type  415     UnsupportedMediaTypeError: a body that is not application/json
+    unsupported_media_type  415     UnsupportedMediaTypeError: a body that is not application/json,
+                                    or compressed (Content-Encoding) on a native route
     invalid_request         422     RequestValidationError: fields of the wrong type or range
     invalid_input           422     mcdrop.InvalidInputError: inputs of the wrong shape, NaN/inf
     non_finite_output       422     mcdrop.NonFiniteOutputError: outputs overflow (rows named)
@@ -33,7 +34,8 @@ this table and the enum to each other, and every error response to the enum)::
     client_closed_request   499     ClientDisconnectedError: the client left (nobody reads it)
     overloaded              503     OverloadedError: the model's queue is full (``Retry-After``)
     shutting_down           503     mcdrop.SamplingStoppedError: the server is stopping
-    deadline_exceeded       504     DeadlineExceededError: no answer within request_timeout_s
+    deadline_exceeded       504     DeadlineExceededError: no answer within request_timeout_s (or
+                                    a v2 request's shorter ``timeout``)
     model_not_ready         503     ModelNotReadyError: the model is still loading, or failed to
     model_error             500     any other mcdrop.McDropError: the model cannot be sampled
     internal_error          500     anything unexpected (logged with its traceback)
@@ -41,6 +43,11 @@ this table and the enum to each other, and every error response to the enum)::
 
 Error bodies echo the offending value only as far as JSON can carry it: a NaN or ±inf becomes
 its string, and long values are cut (see :func:`jsonable`); rendering an error never raises.
+Messages echo client data (names, shapes, header values) only through :func:`echo` and
+:func:`echo_list`, cut to :data:`MAX_ECHO_CHARS` characters and :data:`MAX_ECHO_ITEMS` items;
+the server's own words, which say what to fix, are never cut (a message is bounded as a whole
+only past :data:`MAX_MESSAGE_CHARS`, its start and end kept: a safety net for an echo that
+escaped the helpers).
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ from service.schemas import ErrorCode
 log = logging.getLogger("mcdrop.service")
 
 __all__ = [
+    "MAX_ECHO_CHARS",
+    "MAX_ECHO_ITEMS",
+    "MAX_MESSAGE_CHARS",
     "V2_STATUS",
     "ClientDisconnectedError",
     "DeadlineExceededError",
@@ -82,16 +92,27 @@ __all__ = [
     "OverloadedError",
     "ServiceError",
     "UnsupportedMediaTypeError",
+    "bounded",
+    "echo",
+    "echo_list",
     "error_response",
     "install",
     "is_v2",
     "jsonable",
     "public_message",
+    "summary",
     "validation_details",
 ]
 
 #: Longest echo of a value in an error body (characters of its text).
 MAX_ECHO_CHARS = 100
+#: Most items of a list (names, a shape) a message echoes, then "... and N more".
+MAX_ECHO_ITEMS = 10
+#: Past this length a message is cut in its middle: no message of the server's own comes near
+#: it, so only an unbounded echo of client data is (a 15 MB input name stays out of the answer).
+MAX_MESSAGE_CHARS = 2000
+#: Most validation errors an error body details (the message summarises the first few).
+MAX_DETAILS = 20
 
 
 class ServiceError(Exception):
@@ -182,6 +203,44 @@ def _cut(text: str) -> str:
     return f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
 
 
+def echo(value: Any) -> str:
+    """``value``, a piece of client data, as a message quotes it: its ``repr`` (a string in
+    quotes, a list in brackets), cut to :data:`MAX_ECHO_CHARS` characters and
+    :data:`MAX_ECHO_ITEMS` items; never raises."""
+    if isinstance(value, str) and len(value) > MAX_ECHO_CHARS:
+        # repr of the head only: the whole of a 15 MB name is never copied.
+        return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} characters)"
+    if isinstance(value, list | tuple):
+        return echo_list(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        shown = jsonable(value)
+        return shown if isinstance(shown, str) else str(shown)
+    try:
+        return _cut(repr(value))
+    except Exception:  # a repr that raises: name its type instead
+        return type(value).__name__
+
+
+def echo_list(values: Any) -> str:
+    """A list of client data (input names, a shape) as a message quotes it: its first
+    :data:`MAX_ECHO_ITEMS` items, each as :func:`echo` gives it, then "... and N more"."""
+    items = list(values[: MAX_ECHO_ITEMS + 1])
+    shown = ", ".join(echo(v) for v in items[:MAX_ECHO_ITEMS])
+    if len(values) > MAX_ECHO_ITEMS:
+        shown += f", ... and {len(values) - MAX_ECHO_ITEMS} more"
+    return f"[{shown}]"
+
+
+def bounded(message: str) -> str:
+    """``message`` as an error body carries it: whole up to :data:`MAX_MESSAGE_CHARS`, else its
+    start and its end (which says what to fix) around a note of what was left out."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    head, tail = MAX_MESSAGE_CHARS // 2, MAX_MESSAGE_CHARS // 4
+    left_out = len(message) - head - tail
+    return f"{message[:head]} [... {left_out} characters left out ...] {message[-tail:]}"
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as something JSON can always render: non-finite floats as their string
     (``"nan"``, ``"inf"``), ints of more than :data:`MAX_ECHO_CHARS` digits and long strings cut,
@@ -209,17 +268,28 @@ def jsonable(value: Any) -> Any:
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    # A part may be a client's key (an unknown field's name): cut like any echo.
+    parts = [_cut(str(p)) for p in loc if p != "body"]
     return ".".join(parts) if parts else "body"
 
 
+def _message(error: dict[str, Any]) -> str:
+    """pydantic's message, whole (it is the server's: a validator's or pydantic's own words),
+    without the prefix pydantic puts before a validator's ValueError."""
+    message = str(error.get("msg", ""))
+    if error.get("type") == "value_error":
+        message = message.removeprefix("Value error, ")
+    return bounded(message)
+
+
 def validation_details(errors: Any) -> list[dict[str, Any]]:
-    """pydantic errors as ``{"field", "message", "type"[, "input"]}`` entries; the input is
-    echoed only when it is a scalar (see :func:`jsonable`)."""
+    """pydantic errors as ``{"field", "message", "type"[, "input"]}`` entries, the first
+    :data:`MAX_DETAILS` of them; the input is echoed only when it is a scalar (see
+    :func:`jsonable`), and a field named by the client cut as any echo."""
     return [
         {
             "field": _location(tuple(e.get("loc", ()))),
-            "message": _cut(str(e.get("msg", ""))),
+            "message": _message(e),
             "type": str(e.get("type", "")),
             **(
                 {"input": jsonable(e["input"])}
@@ -227,8 +297,15 @@ def validation_details(errors: Any) -> list[dict[str, Any]]:
                 else {}
             ),
         }
-        for e in errors
+        for e in list(errors)[:MAX_DETAILS]
     ]
+
+
+def summary(details: list[dict[str, Any]], total: int, *, prefix: str = "") -> str:
+    """The first few ``details`` as one line, ``field: message; ...``, and how many more of
+    ``total`` errors there are."""
+    shown = "; ".join(f"{prefix}{d['field']}: {d['message']}" for d in details[:5])
+    return shown if total <= 5 else f"{shown}; and {total - 5} more"
 
 
 #: Native status -> the Open Inference Protocol's, where they differ.
@@ -251,6 +328,7 @@ def error_response(
 ) -> JSONResponse:
     """The JSON error answer to a request for ``path``, in the shape of that path's protocol;
     never raises (details JSON cannot carry are dropped)."""
+    message = bounded(message)
     if is_v2(path):
         return JSONResponse(
             status_code=V2_STATUS.get(status_code, status_code),
@@ -341,7 +419,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = validation_details(exc.errors())
+        errors = exc.errors()
+        details = validation_details(errors)
         if any(d["type"] == "json_invalid" for d in details):
             return error_response(
                 400,
@@ -350,11 +429,10 @@ def install(app: FastAPI) -> None:
                 details,
                 path=_path(request),
             )
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
         return error_response(
             422,
             ErrorCode.INVALID_REQUEST,
-            f"invalid request: {summary}",
+            f"invalid request: {summary(details, len(errors))}",
             details,
             path=_path(request),
         )
@@ -362,22 +440,22 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers or {})
+        # The path and method are the client's: cut; the rest is the server's words, whole.
+        path = _cut(request.url.path)
         if exc.status_code == 404:
-            code, message = ErrorCode.NOT_FOUND, f"no route serves {request.url.path}"
+            code, message = ErrorCode.NOT_FOUND, f"no route serves {path}"
         elif exc.status_code == 405:
             allowed = _allowed_methods(request) or headers.get("Allow", "")
             headers["Allow"] = allowed
             code = ErrorCode.METHOD_NOT_ALLOWED
-            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+            message = f"{_cut(request.method)} is not allowed on {path}; use {allowed}"
         elif exc.status_code == 400:
             # FastAPI's "error parsing the body": e.g. an integer of more than 4300 digits.
             code = ErrorCode.INVALID_JSON
-            message = f"the request body could not be parsed as JSON: {exc.detail}"
+            message = f"the request body could not be parsed as JSON: {_cut(str(exc.detail))}"
         else:
-            code, message = ErrorCode.HTTP_ERROR, str(exc.detail)
-        return error_response(
-            exc.status_code, code, _cut(message), headers=headers, path=_path(request)
-        )
+            code, message = ErrorCode.HTTP_ERROR, _cut(str(exc.detail))
+        return error_response(exc.status_code, code, message, headers=headers, path=_path(request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -34,7 +34,7 @@ from service import convert, dataplane, schemas
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
 from service.deps import RegistryDep, SettingsDep, registry_and_settings
-from service.errors import UnsupportedMediaTypeError
+from service.errors import UnsupportedMediaTypeError, echo
 from service.registry import ModelHandle, Registry
 
 
@@ -45,7 +45,8 @@ class _JsonBodyRoute(APIRoute):
     context: ~40 µs, a quarter of a one-row prediction's model work). The route's declaration,
     and so the OpenAPI schema, is FastAPI's as usual.
 
-    - Anything but a JSON body is a 415 (:func:`require_json`), before the body is parsed.
+    - Anything but a JSON body is a 415 (:func:`require_json`), before the body is parsed; so is
+      a compressed one (:func:`require_identity`).
     - A large body is parsed in a worker thread: ``json.loads`` of a 4 MB body of image rows
       holds the event loop (and ``/health``) for ~100 ms.
     - A body that is not JSON is a ``json_invalid`` validation error (400), one that cannot be
@@ -60,6 +61,7 @@ class _JsonBodyRoute(APIRoute):
 
         async def handler(request: Request) -> Response:
             await require_json(request)
+            await require_identity(request)
             raw = await request.body()
             if not raw:
                 missing = {"type": "missing", "loc": ("body",), "msg": "Field required"}
@@ -107,7 +109,7 @@ _STATUS_TEXT = {
     400: "the body is not valid JSON",
     404: "unknown model",
     413: "request body too large",
-    415: "the body is not application/json",
+    415: "the body is not application/json, or is compressed (Content-Encoding)",
     408: "the request body did not arrive in time",
     422: "invalid inputs or options, a limit exceeded, or outputs that are not finite",
     500: "the model failed while computing (see the server log)",
@@ -156,6 +158,20 @@ async def require_json(request: Request) -> None:
             f"the body must be JSON sent as Content-Type: application/json, got {got[:100]} "
             "(with curl: -H 'content-type: application/json')"
         )
+
+
+async def require_identity(request: Request) -> None:
+    """415 for a compressed body (Content-Encoding): the native routes do not inflate (only the
+    Open Inference Protocol's infer takes gzip and deflate, as Triton's client sends them), so
+    gzip bytes are refused as such rather than read as JSON. ``identity`` passes, in any case."""
+    encoding = request.headers.get("content-encoding")
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return
+    raise UnsupportedMediaTypeError(
+        f"Content-Encoding {echo(encoding)} is not supported on this route; send the body "
+        "uncompressed (only the /v2 infer routes take gzip or deflate)",
+        headers={"Accept-Encoding": "identity"},  # RFC 9110 §12.5.3: the codings it does take
+    )
 
 
 @_get("/health", response_model=schemas.Health, tags=["status"])

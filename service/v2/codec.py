@@ -30,7 +30,14 @@ from torch import Tensor
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.predictor import Predictor
 from service.dataplane import surely_finite
-from service.errors import BodyTooLargeError, MalformedRequestError, validation_details
+from service.errors import (
+    BodyTooLargeError,
+    MalformedRequestError,
+    echo,
+    echo_list,
+    summary,
+    validation_details,
+)
 from service.schemas import FiniteFloat
 from service.v2.outputs import Selected
 from service.v2.schemas import InferenceRequest, InferParameters, RequestInput
@@ -129,17 +136,29 @@ def _invalid(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError(exc.errors(include_url=False))
 
 
+#: Most digits of an Inference-Header-Content-Length: a byte count of up to 999 TB.
+MAX_LENGTH_DIGITS = 15
+
+
+def header_length_of(value: str) -> int:
+    """The Inference-Header-Content-Length header as a byte count: ASCII digits only (``"²"`` is a
+    digit to ``str.isdigit`` but no number to ``int``), and few of them (``int`` of 5000 digits
+    raises), else a 400 that says so."""
+    if not (value.isascii() and value.isdigit() and len(value) <= MAX_LENGTH_DIGITS):
+        raise MalformedRequestError(
+            "Inference-Header-Content-Length must be a byte count (the JSON header's length, "
+            f"at most {MAX_LENGTH_DIGITS} ASCII digits), got {echo(value)}"
+        )
+    return int(value)
+
+
 def parse_request(body: bytes, header_length: str | None) -> Request:
     """Split and parse an infer request body (``header_length``: the
     Inference-Header-Content-Length header, if sent)."""
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
-        if not header_length.isdigit():
-            raise MalformedRequestError(
-                f"Inference-Header-Content-Length must be a byte count, got {header_length!r}"
-            )
-        length = int(header_length)
+        length = header_length_of(header_length)
         if length == 0:
             raise MalformedRequestError(
                 "raw binary requests (Inference-Header-Content-Length: 0) are not supported; "
@@ -156,13 +175,12 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if all(e["loc"][:1] == ("parameters",) for e in errors):
-            # Only the parameters are wrong: say which ones mcdrop reads.
-            wrong = "; ".join(
-                f"{d['field']}: {d['message']}" for d in validation_details(errors)[:5]
-            )
-            raise InvalidArgumentError(
-                f"{wrong} (mcdrop reads the parameters {', '.join(InferParameters.model_fields)})"
-            ) from None
+            wrong = summary(validation_details(errors), len(errors))
+            if any(e["type"] == "extra_forbidden" for e in errors):
+                # A parameter mcdrop does not read: say which ones it does.
+                known = ", ".join(InferParameters.model_fields)
+                wrong = f"{wrong} (mcdrop reads the parameters {known})"
+            raise InvalidArgumentError(wrong) from None
         raise _invalid(exc) from None
     return Request(request, request.parameters, binary)
 
@@ -178,19 +196,19 @@ def rows_of(tensor: RequestInput, predictor: Predictor) -> int:
     shape = tensor.shape
     if any(d < 0 for d in shape):
         raise InvalidInputError(
-            f"input {tensor.name!r} has shape {shape}: sizes must not be negative"
+            f"input {echo(tensor.name)} has shape {echo_list(shape)}: sizes must not be negative"
         )
     if len(shape) != len(expected) + 1 or shape[1:] != expected:
         raise InvalidInputError(
             f"model {predictor.spec.name!r} expects input shape {_batch_shape(predictor)} (N "
-            f"rows), got {shape} for input {tensor.name!r}"
+            f"rows), got {echo_list(shape)} for input {echo(tensor.name)}"
         )
     if shape[0] == 0:
         raise InvalidInputError("inputs must contain at least one row (shape[0] is 0)")
     if tensor.datatype not in DATATYPES:
         supported = ", ".join(DATATYPES)
         raise InvalidInputError(
-            f"input {tensor.name!r} has datatype {tensor.datatype!r}; mcdrop models take "
+            f"input {echo(tensor.name)} has datatype {echo(tensor.datatype)}; mcdrop models take "
             f"numbers: {supported}"
         )
     return shape[0]
@@ -202,7 +220,7 @@ def the_input(request: InferenceRequest, predictor: Predictor) -> RequestInput:
         raise InvalidInputError(
             f"model {predictor.spec.name!r} takes one input tensor (e.g. 'inputs', shape "
             f"{_batch_shape(predictor)}), got {len(request.inputs)}: "
-            f"{[t.name for t in request.inputs]}"
+            f"{echo_list([t.name for t in request.inputs])}"
         )
     return request.inputs[0]
 
@@ -226,7 +244,7 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
     shape, count = tensor.shape, math.prod(tensor.shape)
     if dtype.kind == "bf16":
         raise InvalidInputError(
-            f"input {tensor.name!r}: BF16 has no JSON form; send it as binary data, or as FP32"
+            f"input {echo(tensor.name)}: BF16 has no JSON form; send it as binary data, or as FP32"
         )
     nested = bool(data) and isinstance(data[0], list)
     rank = len(shape) if nested else 1
@@ -237,7 +255,8 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
         where = "; ".join(f"data.{d['field']}: {d['message']}" for d in details[:3])
         layout = f"nested {rank} deep as the shape {shape}" if nested else "flat"
         raise InvalidInputError(
-            f"input {tensor.name!r} ({tensor.datatype}) must hold {dtype.values}, {layout}: {where}"
+            f"input {echo(tensor.name)} ({tensor.datatype}) must hold {dtype.values}, {layout}: "
+            f"{where}"
         ) from None
     try:
         # Through NumPy: a fifth of torch.tensor's time on a list of a few hundred numbers.
@@ -246,18 +265,18 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
             x = torch.from_numpy(np.array(values, dtype=np.float32))
     except ValueError:  # ragged rows
         raise InvalidInputError(
-            f"input {tensor.name!r}: nested data must be rectangular, of shape {shape}"
+            f"input {echo(tensor.name)}: nested data must be rectangular, of shape {shape}"
         ) from None
     if nested:
         if list(x.shape) != shape:
             raise InvalidInputError(
-                f"input {tensor.name!r}: data is nested as shape {list(x.shape)}, but its shape "
-                f"is {shape}"
+                f"input {echo(tensor.name)}: data is nested as shape {list(x.shape)}, but its "
+                f"shape is {shape}"
             )
         return x
     if x.numel() != count:
         raise InvalidInputError(
-            f"input {tensor.name!r}: shape {shape} needs {count} values, data has {x.numel()}"
+            f"input {echo(tensor.name)}: shape {shape} needs {count} values, data has {x.numel()}"
         )
     return x.reshape(shape)
 
@@ -266,14 +285,14 @@ def _from_binary(tensor: RequestInput, dtype: Datatype, raw: memoryview) -> Tens
     shape, count = tensor.shape, math.prod(tensor.shape)
     if len(raw) != count * dtype.itemsize:
         raise InvalidInputError(
-            f"input {tensor.name!r}: shape {shape} of {tensor.datatype} needs "
+            f"input {echo(tensor.name)}: shape {shape} of {tensor.datatype} needs "
             f"{count * dtype.itemsize} bytes, binary_data_size is {len(raw)}"
         )
     if dtype.kind == "bf16":
         return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).float().reshape(shape)
     array = np.frombuffer(raw, dtype=dtype.numpy)
     if dtype.kind == "bool" and bool((array > 1).any()):
-        raise InvalidInputError(f"input {tensor.name!r}: BOOL bytes must be 0 or 1")
+        raise InvalidInputError(f"input {echo(tensor.name)}: BOOL bytes must be 0 or 1")
     # astype copies: torch gets a writable array of its own.
     return torch.from_numpy(array.astype(np.float32)).reshape(shape)
 
@@ -288,22 +307,23 @@ def decode_input(request: Request, predictor: Predictor) -> Tensor:
         if request.binary:
             raise InvalidInputError(
                 f"the body has {len(request.binary)} bytes after the JSON header, but input "
-                f"{tensor.name!r} declares no parameters.binary_data_size"
+                f"{echo(tensor.name)} declares no parameters.binary_data_size"
             )
         if tensor.data is None:
             raise InvalidInputError(
-                f"input {tensor.name!r} has no data: give 'data', or binary data with "
+                f"input {echo(tensor.name)} has no data: give 'data', or binary data with "
                 "parameters.binary_data_size"
             )
         x = _from_json(tensor, dtype)
     else:
         if tensor.data is not None:
             raise InvalidInputError(
-                f"input {tensor.name!r} has both 'data' and parameters.binary_data_size; give one"
+                f"input {echo(tensor.name)} has both 'data' and parameters.binary_data_size; "
+                "give one"
             )
         if size != len(request.binary):
             raise InvalidInputError(
-                f"input {tensor.name!r} declares binary_data_size {size}, but the body has "
+                f"input {echo(tensor.name)} declares binary_data_size {size}, but the body has "
                 f"{len(request.binary)} bytes after the JSON header"
             )
         x = _from_binary(tensor, dtype, request.binary)

@@ -53,6 +53,7 @@ from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.predictor import ClassificationPrediction, Prediction, Summary
 from mcdrop.stats import ClassificationSummary
+from service.errors import echo
 
 PREDICT = "predict"
 UNCERTAINTY = "uncertainty"
@@ -180,7 +181,7 @@ def select(
         info = outputs.get(name)
         if info is None:
             raise InvalidArgumentError(
-                f"model {spec.name!r} has no output {name!r}; its outputs: {list(outputs)}"
+                f"model {spec.name!r} has no output {echo(name)}; its outputs: {list(outputs)}"
             )
         if mode not in info.modes:
             (other,) = info.modes

@@ -10,6 +10,7 @@ Each model has one version, its manifest's ``version``; naming another is a 404.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from service import dataplane
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
 from service.deps import RegistryDep, registry_and_settings
-from service.errors import ModelNotFoundError
+from service.errors import ModelNotFoundError, echo
 from service.registry import ModelHandle, Registry
 from service.v2 import codec, outputs, schemas
 
@@ -172,7 +173,7 @@ def _handle(registry: Registry, request: Request) -> ModelHandle:
     handle = registry.get(name)
     if version is not None and version != handle.spec.version:
         raise ModelNotFoundError(
-            f"model {name!r} has no version {version!r}; versions: [{handle.spec.version!r}]"
+            f"model {name!r} has no version {echo(version)}; versions: [{handle.spec.version!r}]"
         )
     return handle
 
@@ -255,6 +256,7 @@ def _metadata(handle: ModelHandle) -> schemas.ModelMetadata:
 
 
 async def _infer(request: Request, registry: Registry, settings: Settings) -> Response:
+    read_at = time.monotonic()  # the body is in: a timeout counts from here
     handle = _handle(registry, request)
     spec, predictor = handle.spec, handle.predictor
     body = codec.decompress(
@@ -317,20 +319,24 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         predictor,
     )
     registry.arrivals.settle(request.scope)  # read and valid: its job queues now
-    timeout_s = None if params.timeout is None else params.timeout / 1e6
+    deadline = dataplane.Deadline.of(params.timeout, read_at)
     header: dict[str, Any] = {"model_name": spec.name, "model_version": spec.version}
     if parsed.header.id is not None:
         header["id"] = parsed.header.id
     gone = dataplane.disconnected(request)
     if options is None:
-        prediction = await handle.predict(x, gone=gone, timeout_s=timeout_s)
+        prediction = await deadline.keep(
+            lambda timeout_s: handle.predict(x, gone=gone, timeout_s=timeout_s)
+        )
         dataplane.check_finite(prediction)  # this request's rows only, as the native routes
         tensors = outputs.predict_tensors(spec, prediction)
         header["parameters"] = {"mode": outputs.PREDICT}
     else:
         seed = fresh_seed() if params.seed is None else params.seed
-        summary, samples = await handle.uncertainty(
-            x, options, seed=seed, gone=gone, timeout_s=timeout_s
+        summary, samples = await deadline.keep(
+            lambda timeout_s: handle.uncertainty(
+                x, options, seed=seed, gone=gone, timeout_s=timeout_s
+            )
         )
         dataplane.check_finite(summary, samples)
         tensors = outputs.uncertainty_tensors(spec, summary, samples)

@@ -9,16 +9,42 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 
-from service.schemas import DECISION_RULES, AsInt, RejectScore, Seed, check_decision_options
+from service.schemas import (
+    DECISION_RULES,
+    AsInt,
+    NSamples,
+    RejectScore,
+    Seed,
+    check_decision_options,
+    explained,
+)
 
 # Integers, written in JSON as ``5`` or ``5.0`` (never ``"5"``, ``true`` or ``5.5``), as in the
 # native contract; the bounds come before ``AsInt``, so that the JSON schema states them.
 Integer = Annotated[int, AsInt]
 Count = Annotated[int, Field(ge=1), AsInt]
 Size = Annotated[int, Field(ge=0), AsInt]
+
+#: The longest ``timeout``: int64's largest, the type the protocol gives it (Triton's
+#: schedule-policy extension); µs, about 292,000 years.
+MAX_TIMEOUT_US = (1 << 63) - 1
+
+#: A request's own deadline in µs, 0 to :data:`MAX_TIMEOUT_US` (0: none of its own, as Triton
+#: reads it). The schema states the range as ``format: int64``, as for the seed: FastAPI writes
+#: numeric bounds as floats, and 2**63 - 1 is no float.
+Timeout = Annotated[
+    int,
+    Field(ge=0, le=MAX_TIMEOUT_US),
+    AsInt,
+    explained(
+        "an integer number of microseconds from 0 (none: the server's deadline) to 2**63 - 1"
+    ),
+    WithJsonSchema({"type": "integer", "format": "int64", "minimum": 0}),
+]
 
 #: Parameters that only an adaptive request (``n_samples: "auto"``) takes, as in the native API.
 AUTO_OPTIONS = ("tolerance", "max_n_samples")
@@ -68,7 +94,7 @@ class InferParameters(_Strict):
     mode: Literal["predict", "uncertainty"] = Field(
         "uncertainty", description="uncertainty: MC dropout; predict: one pass, dropout off"
     )
-    n_samples: Count | Literal["auto"] | None = Field(
+    n_samples: NSamples | None = Field(
         None,
         description='MC-dropout samples (default: the model\'s default_n_samples), or "auto": '
         "each row samples until the Monte Carlo standard error of its estimate is within "
@@ -89,8 +115,12 @@ class InferParameters(_Strict):
         None, gt=0.0, lt=1.0, description="level of the central interval (default 0.95)"
     )
     binary_data_output: bool = Field(False, description="every output as binary data")
-    timeout: Count | None = Field(
-        None, description="microseconds: a deadline shorter than the server's"
+    timeout: Timeout | None = Field(
+        None,
+        description="microseconds, 0 to 2**63 - 1: the request's deadline, counted from when "
+        "the server has read it, if shorter than the server's (request_timeout_s; 0: none of "
+        "its own). An answer not ready by then is a 504, whether the model work waited in a "
+        "queue or ran at once: a timeout shorter than the work itself always is.",
     )
     reject_rate: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None,

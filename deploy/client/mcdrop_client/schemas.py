@@ -9,6 +9,7 @@ Field names are the library's: ``inputs``, ``n_samples``, ``seed``, ``mean``, ``
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
@@ -17,15 +18,20 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
+    WrapValidator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "DECISION_RULES",
     "FLOAT32_MAX",
     "MAX_ROW_RANK",
     "MAX_SEED",
+    "N_SAMPLES_RULE",
     "REJECT_SCORES",
     "ROW_SCHEMA",
     "AsInt",
@@ -40,6 +46,7 @@ __all__ = [
     "ModelInfo",
     "ModelList",
     "ModelReadiness",
+    "NSamples",
     "PredictRequest",
     "PredictResponse",
     "Readiness",
@@ -50,6 +57,7 @@ __all__ = [
     "UncertaintyRequest",
     "UncertaintyResponse",
     "check_decision_options",
+    "explained",
 ]
 
 #: The largest seed the library accepts (``mcdrop.masks.MAX_SEED``, which this module cannot
@@ -85,6 +93,43 @@ Seed = Annotated[
 
 #: A number a response may carry: never NaN or ±inf (JSON has no such numbers).
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _shown(value: Any) -> str:
+    """A refused value as a message quotes it: its JSON, at most 100 characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # e.g. an integer of more than 4300 digits
+        text = f"a value of type {type(value).__name__}"
+    return text if len(text) <= 100 else f"{text[:100]}... ({len(text)} characters)"
+
+
+def explained(rule: str) -> WrapValidator:
+    """A validator that words any error of the value it wraps as one: "must be ``rule``; got
+    <the value>", in place of pydantic's one error per branch of a union (with names of its
+    internals: ``function-before[_integral(), constrained-int]``). Goes last in an
+    ``Annotated`` list; the JSON schema stays the wrapped type's."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "invalid_value", "must be {rule}; got {got}", {"rule": rule, "got": _shown(value)}
+            ) from None
+
+    return WrapValidator(validate)
+
+
+#: What ``n_samples`` takes, in words (the limit is the server's, so it is named, not stated).
+N_SAMPLES_RULE = (
+    "an integer from 1 to the server's max_n_samples (GET /models/<name> gives it), or 'auto'"
+)
+
+#: A request's ``n_samples``: a count of at least 1 (written ``5`` or ``5.0``), or ``"auto"``.
+NSamples = Annotated[
+    Annotated[int, Field(ge=1), AsInt] | Literal["auto"], explained(N_SAMPLES_RULE)
+]
 
 
 class ErrorCode(StrEnum):
@@ -195,7 +240,7 @@ class UncertaintyRequest(PredictRequest):
 
     model_config = ConfigDict(json_schema_extra={"dependentSchemas": _AUTO_ONLY | DECISION_RULES})
 
-    n_samples: Annotated[int, Field(ge=1), AsInt] | Literal["auto"] | None = Field(
+    n_samples: NSamples | None = Field(
         None,
         description=(
             'MC-dropout samples per row (default: the model\'s default_n_samples), or "auto": '
