@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -89,3 +90,55 @@ def test_405_allow_and_415_over_the_wire(url: str) -> None:
     )
     assert response.status_code == 415
     assert "application/json" in response.json()["error"]["message"]
+
+
+V2_BODY = b'{"inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [%s]}]}' % (
+    ROW.encode()
+)
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"\xb2", b"\xb9\xb2", b"1\xb3", b"0" * 5000 + b"5", b"9" * 30],
+    ids=["superscript 2", "superscript 12", "1 and superscript 3", "5000 digits", "30 digits"],
+)
+def test_a_header_length_that_is_no_byte_count_is_a_400(url: str, length: bytes) -> None:
+    """Latin-1 superscripts are digits to str.isdigit but no number to int; 5000 digits are too
+    many for int: both were 500s."""
+    answer = _raw(
+        url,
+        b"POST /v2/models/diabetes/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nInference-Header-Content-Length: %s\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (length, len(V2_BODY), V2_BODY),
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"Inference-Header-Content-Length must be a byte count" in body
+    assert len(body) < 500
+
+
+def test_a_timeout_past_int64_is_a_400_over_the_wire(url: str) -> None:
+    body = V2_BODY[:-1] + b', "parameters": {"timeout": 1%s}}' % (b"0" * 400)
+    response = httpx2.post(f"{url}/v2/models/diabetes/infer", content=body)
+    assert response.status_code == 400, response.text
+    assert "from 0 (none: the server's deadline) to 2**63 - 1" in response.json()["error"]
+
+
+def test_gzip_on_a_native_route_is_a_415_over_the_wire(url: str) -> None:
+    response = httpx2.post(
+        f"{url}/models/diabetes/predict",
+        content=gzip.compress(f'{{"inputs": [[{ROW}]]}}'.encode()),
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert response.status_code == 415
+    assert "Content-Encoding 'gzip' is not supported" in response.json()["error"]["message"]
+
+
+def test_v2_errors_stay_small_whatever_the_client_sent(url: str) -> None:
+    """An error quoting a 4 MB input name, or 100,000 input names, is a few hundred bytes."""
+    tensor = b'{"name": "%s", "shape": [1, 9], "datatype": "FP32", "data": []}'
+    for inputs in (tensor % (b"n" * 4_000_000), b", ".join([tensor % (b"n" * 40)] * 100_000)):
+        body = b'{"inputs": [%s]}' % inputs
+        response = httpx2.post(f"{url}/v2/models/diabetes/infer", content=body, timeout=60)
+        assert response.status_code == 400, response.text[:300]
+        assert len(response.content) < 1000

@@ -218,3 +218,162 @@ def test_a_relative_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     message = f"{tmp_path}/models/a/model.json, models/b/model.json, mymodels/c/model.json"
     expected = "a/model.json, b/model.json, mymodels/c/model.json"
     assert public_message(message, Path("models")) == expected
+
+
+# -- messages: the server's words whole, the client's data cut -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("name", "'name'"),
+        ("x" * 101, f"{'x' * 100!r}... (101 characters)"),
+        ([1, 10], "[1, 10]"),
+        (list(range(12)), "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ... and 2 more]"),
+        (10**400, "an integer of about 400 digits"),
+        (_BadRepr(), "_BadRepr"),
+    ],
+)
+def test_echo_cuts_client_data(value: Any, expected: str) -> None:
+    assert errors.echo(value) == expected
+
+
+def test_bounded_keeps_the_start_and_the_end() -> None:
+    assert errors.bounded("short") == "short"
+    message = "start " + "x" * 10_000 + " what to fix"
+    cut = errors.bounded(message)
+    assert len(cut) < errors.MAX_MESSAGE_CHARS + 100
+    assert cut.startswith("start ")
+    assert cut.endswith(" what to fix")
+    assert "characters left out" in cut
+
+
+#: A value n_samples does not take, on either API.
+BAD_N_SAMPLES = [0, -1, "10", 2.5, "many", True, {"a": 1}]
+
+
+def _n_samples_message(http: TestClient, api: str, value: Any) -> tuple[int, str]:
+    if api == "native":
+        response = http.post(
+            "/models/diabetes/uncertainty", json={"inputs": [[0.0] * 10], "n_samples": value}
+        )
+        return response.status_code, response.json()["error"]["message"]
+    tensor = {"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [0.0] * 10}
+    response = http.post(
+        "/v2/models/diabetes/infer", json={"inputs": [tensor], "parameters": {"n_samples": value}}
+    )
+    return response.status_code, response.json()["error"]
+
+
+@pytest.mark.parametrize("value", BAD_N_SAMPLES, ids=repr)
+@pytest.mark.parametrize("api", ["native", "v2"])
+def test_a_bad_n_samples_is_one_clear_message(http: TestClient, api: str, value: Any) -> None:
+    status, message = _n_samples_message(http, api, value)
+    assert status == (422 if api == "native" else 400)
+    assert "n_samples: must be an integer from 1 to the server's max_n_samples" in message
+    assert message.endswith(f"or 'auto'; got {json.dumps(value)}"), message
+    # pydantic's names for the branches of the union stay inside
+    for internal in ("function-before", "constrained-int", "literal[", "Input should"):
+        assert internal not in message
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        (
+            "/models/diabetes/uncertainty",
+            {"inputs": [[0.0] * 10], "max_n_samples": 10, "tolerance": 0.1},
+            'send "n_samples": "auto" or leave tolerance and max_n_samples out',
+        ),
+        (
+            "/v2/models/diabetes/infer",
+            {
+                "inputs": [{"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [0] * 10}],
+                "parameters": {"max_n_samples": 10, "tolerance": 0.1},
+            },
+            'send "n_samples": "auto" or leave tolerance and max_n_samples out',
+        ),
+    ],
+)
+def test_the_servers_own_explanation_is_never_cut(
+    http: TestClient, path: str, body: dict[str, Any], words: str
+) -> None:
+    response = http.post(path, json=body)
+    error = response.json()["error"]
+    message = error if isinstance(error, str) else error["message"]
+    assert message.endswith(words), message
+    assert "Value error" not in response.text
+    assert "characters)" not in message
+
+
+def _v2_input(**fields: Any) -> dict[str, Any]:
+    return {"name": "x", "shape": [1, 10], "datatype": "FP32", "data": [0.0] * 10, **fields}
+
+
+# case -> (request body, path, a piece of the bounded echo)
+V2_ECHOES: dict[str, tuple[dict[str, Any], str, str]] = {
+    "many inputs": (
+        {"inputs": [_v2_input(name="n" * 40)] * 1000},
+        "/v2/models/diabetes/infer",
+        "... and 990 more]",
+    ),
+    "long input name": (
+        {"inputs": [_v2_input(name="n" * 100_000, shape=[1, 9])]},
+        "/v2/models/diabetes/infer",
+        "... (100000 characters)",
+    ),
+    "long shape": (
+        {"inputs": [_v2_input(shape=[1] * 20_000)]},
+        "/v2/models/diabetes/infer",
+        "... and 19990 more]",
+    ),
+    "long datatype": (
+        {"inputs": [_v2_input(datatype="F" * 5000)]},
+        "/v2/models/diabetes/infer",
+        "... (5000 characters)",
+    ),
+    "long output name": (
+        {"inputs": [_v2_input()], "outputs": [{"name": "o" * 5000}]},
+        "/v2/models/diabetes/infer",
+        "... (5000 characters)",
+    ),
+    "long parameter name": (
+        {"inputs": [_v2_input()], "parameters": {"p" * 5000: 1}},
+        "/v2/models/diabetes/infer",
+        "... (5000 characters)",
+    ),
+    "long version": (
+        {"inputs": [_v2_input()]},
+        "/v2/models/diabetes/versions/" + "9" * 5000 + "/infer",
+        "... (5000 characters)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(V2_ECHOES))
+def test_v2_errors_echo_client_data_cut(http: TestClient, case: str) -> None:
+    body, path, words = V2_ECHOES[case]
+    response = http.post(path, json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert len(response.content) < 1000, response.text[:2000]
+    assert words in response.json()["error"]
+
+
+def test_native_errors_echo_client_data_cut(http: TestClient) -> None:
+    extra = {f"{i}{'k' * 150}": 1 for i in range(1000)}
+    response = http.post("/models/diabetes/uncertainty", json={"inputs": [[0.0] * 10], **extra})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert len(error["details"]) == 20  # of 1000
+    assert error["message"].endswith("; and 995 more")
+    assert all(len(d["field"]) < 150 for d in error["details"])
+    assert len(response.content) < 10_000
+
+
+def test_a_long_unknown_path_is_cut_but_the_advice_kept(http: TestClient) -> None:
+    response = http.delete("/models/diabetes/predict")
+    assert response.json()["error"]["message"].endswith("; use POST")
+    response = http.get("/" + "p" * 5000)
+    message = response.json()["error"]["message"]
+    assert message.startswith("no route serves /ppp")
+    assert message.endswith("(5001 characters)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -549,6 +550,36 @@ def test_a_body_not_declared_json_is_415(
     error = response.json()["error"]
     assert error["code"] == "unsupported_media_type"
     assert "application/json" in error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP"])
+@pytest.mark.parametrize("endpoint", ["predict", "uncertainty"])
+def test_a_compressed_body_is_415_naming_the_encoding(
+    http: TestClient, endpoint: str, encoding: str
+) -> None:
+    """The native routes do not inflate: gzip bytes are refused as such, not read as JSON."""
+    body = gzip.compress(json.dumps({"inputs": [PATIENT]}).encode())
+    response = http.post(
+        f"/models/diabetes/{endpoint}",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": encoding},
+    )
+    assert response.status_code == 415, response.text
+    assert response.headers["accept-encoding"] == "identity"
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert f"Content-Encoding {encoding!r} is not supported" in error["message"]
+    assert "/v2" in error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["identity", "Identity"])
+def test_identity_encoding_is_read(http: TestClient, encoding: str) -> None:
+    response = http.post(
+        "/models/diabetes/predict",
+        json={"inputs": [PATIENT]},
+        headers={"content-encoding": encoding},
+    )
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(

@@ -697,3 +697,42 @@ def test_without_the_api_key_a_401_in_the_v2_shape(tmp_path: Path, root: Path) -
             headers={"Authorization": "Bearer k3y"},
         )
         assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "timeout",
+    [-1, 2**63, 10**30, 10**400, "5", 1.5, True],
+    ids=["-1", "2**63", "1e30", "1e400", "str", "1.5", "bool"],
+)
+def test_a_timeout_out_of_range_is_a_400_that_states_the_range(
+    http: TestClient, timeout: Any
+) -> None:
+    body = json.dumps(_json(parameters={"timeout": 1}))
+    body = body.replace('"timeout": 1', f'"timeout": {json.dumps(timeout)}')
+    response = http.post("/v2/models/diabetes/infer", content=body)
+    assert response.status_code == 400, response.text
+    assert (
+        "parameters.timeout: must be an integer number of microseconds from 0"
+        in (response.json()["error"])
+    )
+    assert "to 2**63 - 1" in response.json()["error"]
+    assert len(response.content) < 500
+
+
+@pytest.mark.parametrize("timeout", [0, 2**63 - 1, 60_000_000])
+def test_a_timeout_of_0_or_past_the_servers_leaves_the_servers_deadline(
+    http: TestClient, timeout: int
+) -> None:
+    """0 is no timeout of the request's own, as Triton reads it."""
+    assert infer(http, "diabetes", _input(), parameters={"timeout": timeout}).status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["predict", "uncertainty"])
+def test_a_timeout_shorter_than_small_inline_work_is_a_504_too(http: TestClient, mode: str) -> None:
+    """The deadline holds whatever path the work takes: one row runs at once, on arrival, with
+    no queue to time out in, and its answer is still not ready within 1 µs."""
+    parameters = {"mode": mode, "timeout": 1}
+    response = infer(http, "diabetes", _input(), parameters=parameters)
+    assert response.status_code == 504
+    assert "timeout of 1 µs (parameters.timeout)" in response.json()["error"]
+    assert infer(http, "diabetes", _input(), parameters={"mode": mode}).status_code == 200
