@@ -28,10 +28,7 @@ from mcdrop.checkpoint import ModelSpec
 from mcdrop.predictor import Prediction, Summary
 from service.batching import MCOptions
 from service.config import Settings
-from service.errors import (
-    DeadlineExceededError,
-    LimitExceededError,
-)
+from service.errors import DeadlineExceededError, LimitExceededError
 from service.registry import ModelHandle
 
 #: Past these sizes, parsing a request body, turning a request into a tensor or a result into a

@@ -301,10 +301,10 @@ def validation_details(errors: Any) -> list[dict[str, Any]]:
     ]
 
 
-def summary(details: list[dict[str, Any]], total: int, *, prefix: str = "") -> str:
+def summary(details: list[dict[str, Any]], total: int) -> str:
     """The first few ``details`` as one line, ``field: message; ...``, and how many more of
     ``total`` errors there are."""
-    shown = "; ".join(f"{prefix}{d['field']}: {d['message']}" for d in details[:5])
+    shown = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
     return shown if total <= 5 else f"{shown}; and {total - 5} more"
 
 
