@@ -55,9 +55,24 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
+        if declared is not None:
+            if not declared.isdigit():  # bytes.isdigit: ASCII digits only
+                response = errors.error_response(
+                    400,
+                    errors.ErrorCode.HTTP_ERROR,
+                    f"Content-Length must be a byte count (digits only), got "
+                    f"{errors.jsonable(declared.decode('latin-1'))!r}",
+                    headers={"Connection": "close"},  # where the body ends is unknown
+                    path=scope["path"],
+                )
+                await response(scope, receive, send)
+                return
+            # Leading zeros are legal (1*DIGIT) and int() refuses over 4300 digits: compare
+            # the significant digits' count before converting.
+            digits = declared.lstrip(b"0") or b"0"
+            if len(digits) > len(str(self.max_bytes)) or int(digits) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
         chunks: list[bytes] = []
         size = 0
         try:

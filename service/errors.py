@@ -37,7 +37,8 @@ this table and the enum to each other, and every error response to the enum)::
     model_not_ready         503     ModelNotReadyError: the model is still loading, or failed to
     model_error             500     any other mcdrop.McDropError: the model cannot be sampled
     internal_error          500     anything unexpected (logged with its traceback)
-    http_error              4xx     another status raised by Starlette itself
+    http_error              4xx     another status raised by Starlette itself, or app.BodyLimit's
+                                    400 for a Content-Length that is not a byte count
 
 Error bodies echo the offending value only as far as JSON can carry it: a NaN or ±inf becomes
 its string, and long values are cut (see :func:`jsonable`); rendering an error never raises.
