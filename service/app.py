@@ -207,5 +207,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CountArrivals, arrivals=arrivals, routes=inference)
     app.add_middleware(RecordRequests, metrics=metrics, routes=inference)
     auth.install(app, settings.api_key)  # before the body is read: no key, no body read
-    app.add_middleware(logs.RequestIds)  # outermost: every answer, a 401 too, has its ID
+    # Outermost: every answer, a 401 or an unexpected error's 500 too, has its ID.
+    app.add_middleware(logs.RequestIds, on_error=errors.unexpected)
     return app

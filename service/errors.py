@@ -36,7 +36,8 @@ this table and the enum to each other, and every error response to the enum)::
     deadline_exceeded       504     DeadlineExceededError: no answer within request_timeout_s
     model_not_ready         503     ModelNotReadyError: the model is still loading, or failed to
     model_error             500     any other mcdrop.McDropError: the model cannot be sampled
-    internal_error          500     anything unexpected (logged with its traceback)
+    internal_error          500     anything unexpected (logged with its traceback; answered
+                                    inside logs.RequestIds, so it carries the request's ID)
     http_error              4xx     another status raised by Starlette itself, or app.BodyLimit's
                                     400 for a Content-Length that is not a byte count
 
@@ -49,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,7 @@ __all__ = [
     "is_v2",
     "jsonable",
     "public_message",
+    "unexpected",
     "validation_details",
 ]
 
@@ -380,12 +383,21 @@ def install(app: FastAPI) -> None:
             exc.status_code, code, _cut(message), headers=headers, path=_path(request)
         )
 
+    # Starlette's last resort, outside every middleware: logs.RequestIds answers the rest
+    # with unexpected() (and the request's ID), so only an error of its own gets here.
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(
-            500,
-            ErrorCode.INTERNAL_ERROR,
-            "internal server error; see the server log",
-            path=_path(request),
-        )
+        return unexpected(request.scope, exc)
+
+
+def unexpected(scope: Mapping[str, Any], exc: Exception) -> JSONResponse:
+    """The 500 ``internal_error`` answer to ``exc``, an exception no handler took, logged with
+    its traceback; the message reveals nothing of it (for :class:`service.logs.RequestIds`, which
+    gives it the request's ID)."""
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(
+        500,
+        ErrorCode.INTERNAL_ERROR,
+        "internal server error; see the server log",
+        path=scope.get("path", ""),
+    )
