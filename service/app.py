@@ -55,9 +55,24 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
-            return
+        if declared is not None:
+            if not declared.isdigit():  # bytes.isdigit: ASCII digits only
+                response = errors.error_response(
+                    400,
+                    errors.ErrorCode.HTTP_ERROR,
+                    f"Content-Length must be a byte count (digits only), got "
+                    f"{errors.jsonable(declared.decode('latin-1'))!r}",
+                    headers={"Connection": "close"},  # where the body ends is unknown
+                    path=scope["path"],
+                )
+                await response(scope, receive, send)
+                return
+            # Leading zeros are legal (1*DIGIT) and int() refuses over 4300 digits: compare
+            # the significant digits' count before converting.
+            digits = declared.lstrip(b"0") or b"0"
+            if len(digits) > len(str(self.max_bytes)) or int(digits) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
         chunks: list[bytes] = []
         size = 0
         try:
@@ -192,5 +207,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CountArrivals, arrivals=arrivals, routes=inference)
     app.add_middleware(RecordRequests, metrics=metrics, routes=inference)
     auth.install(app, settings.api_key)  # before the body is read: no key, no body read
-    app.add_middleware(logs.RequestIds)  # outermost: every answer, a 401 too, has its ID
+    # Outermost: every answer, a 401 or an unexpected error's 500 too, has its ID.
+    app.add_middleware(logs.RequestIds, on_error=errors.unexpected)
     return app

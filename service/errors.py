@@ -38,8 +38,10 @@ this table and the enum to each other, and every error response to the enum)::
                                     a v2 request's shorter ``timeout``)
     model_not_ready         503     ModelNotReadyError: the model is still loading, or failed to
     model_error             500     any other mcdrop.McDropError: the model cannot be sampled
-    internal_error          500     anything unexpected (logged with its traceback)
-    http_error              4xx     another status raised by Starlette itself
+    internal_error          500     anything unexpected (logged with its traceback; answered
+                                    inside logs.RequestIds, so it carries the request's ID)
+    http_error              4xx     another status raised by Starlette itself, or app.BodyLimit's
+                                    400 for a Content-Length that is not a byte count
 
 Error bodies echo the offending value only as far as JSON can carry it: a NaN or ±inf becomes
 its string, and long values are cut (see :func:`jsonable`); rendering an error never raises.
@@ -55,6 +57,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +104,7 @@ __all__ = [
     "jsonable",
     "public_message",
     "summary",
+    "unexpected",
     "validation_details",
 ]
 
@@ -457,12 +461,21 @@ def install(app: FastAPI) -> None:
             code, message = ErrorCode.HTTP_ERROR, _cut(str(exc.detail))
         return error_response(exc.status_code, code, message, headers=headers, path=_path(request))
 
+    # Starlette's last resort, outside every middleware: logs.RequestIds answers the rest
+    # with unexpected() (and the request's ID), so only an error of its own gets here.
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(
-            500,
-            ErrorCode.INTERNAL_ERROR,
-            "internal server error; see the server log",
-            path=_path(request),
-        )
+        return unexpected(request.scope, exc)
+
+
+def unexpected(scope: Mapping[str, Any], exc: Exception) -> JSONResponse:
+    """The 500 ``internal_error`` answer to ``exc``, an exception no handler took, logged with
+    its traceback; the message reveals nothing of it (for :class:`service.logs.RequestIds`, which
+    gives it the request's ID)."""
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(
+        500,
+        ErrorCode.INTERNAL_ERROR,
+        "internal server error; see the server log",
+        path=scope.get("path", ""),
+    )

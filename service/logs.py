@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 _VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -41,12 +42,24 @@ def _incoming(scope: Scope) -> str | None:
     return None
 
 
+#: An ASGI application: what answers a request (``scope, receive, send``).
+Answer = Callable[[Scope, Any, Any], Awaitable[None]]
+
+
 class RequestIds:
     """ASGI middleware: the request's ID (see the module docstring), and one access-log line
-    per request (method, path, status, milliseconds, ID)."""
+    per request (method, path, status, milliseconds, ID).
 
-    def __init__(self, app: Any) -> None:
+    ``on_error(scope, exc)`` answers an exception that escapes the app before its response
+    starts: inside this middleware, so that a 500 carries the ID as every answer does (Starlette's
+    last-resort handler runs outside every middleware, after the ID is gone).
+    """
+
+    def __init__(
+        self, app: Any, on_error: Callable[[Scope, Exception], Answer] | None = None
+    ) -> None:
         self.app = app
+        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,12 +69,13 @@ class RequestIds:
         request_id = _incoming(scope) or os.urandom(16).hex()
         token = _request_id.set(request_id)
         status = 500  # unless a response starts
+        responded = False
         started = time.perf_counter()
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
@@ -69,6 +83,10 @@ class RequestIds:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if responded or self.on_error is None:  # too late to answer: the server cuts it
+                raise
+            await self.on_error(scope, exc)(scope, receive, send_with_id)
         finally:
             if access_log.isEnabledFor(logging.INFO):  # else skip building the record's fields
                 self._log(scope, status, started)

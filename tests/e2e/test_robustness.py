@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from service.config import Settings
+from service.server import config
 from tests.e2e.server import Server, serve
 
 pytestmark = pytest.mark.slow
@@ -160,6 +162,60 @@ def test_trickled_headers_are_cut_off(server: Server) -> None:
         assert time.monotonic() - started < 5
     with _connect(server) as silent:  # a connection that sends nothing
         assert _closed_within(silent, 5)[0]
+
+
+def _health(sock: socket.socket) -> bytes:
+    """GET /health on ``sock``; the whole response (headers, then Content-Length bytes)."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(4096)
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(next(v for k, v in _fields(head) if k == b"content-length"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return received
+
+
+def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head.split(b"\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines)]
+
+
+def _blank_lines_until_closed(sock: socket.socket, seconds: float) -> float | None:
+    """Sends a blank line every 0.5 s until the server closes ``sock`` (then the seconds it
+    took) or ``seconds`` pass (then None)."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            sock.sendall(b"\r\n")
+            closed, _ = _closed_within(sock, 0.5)
+        except OSError:  # reset: the server closed it while we wrote
+            closed = True
+        if closed:
+            return time.monotonic() - started
+    return None
+
+
+def test_blank_lines_after_a_request_do_not_hold_the_connection(server: Server) -> None:
+    # Blank lines begin no request (RFC 9112 section 2.2): they must not reset the keep-alive
+    # deadline, else a client holds a connection, and a file descriptor, forever.
+    keep_alive_s = config(Settings()).timeout_keep_alive
+    with _connect(server) as sock:
+        assert _health(sock).startswith(b"HTTP/1.1 200")
+        took = _blank_lines_until_closed(sock, keep_alive_s + 10)
+        assert took is not None, "still open"
+        assert took < keep_alive_s + 2
+
+
+def test_blank_lines_between_requests_are_ignored(server: Server) -> None:
+    with _connect(server) as sock:
+        for _ in range(2):
+            assert _health(sock).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"\r\n\r\n")  # a request may follow blank lines on a live connection
+        # Past the header timeout (1 s) after the blank lines: the keep-alive deadline rules.
+        time.sleep(1.5)
+        assert _health(sock).startswith(b"HTTP/1.1 200")
 
 
 def test_a_body_that_never_arrives_gets_408(server: Server) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import errors
+from service.app import create_app
+from service.config import Settings
 from service.errors import ServiceError, error_response, jsonable, public_message
 from service.schemas import ErrorCode
-from tests.conftest import ROOT
+from tests.conftest import MODELS, ROOT
 
 ROW = ",".join(["0"] * 10)
 
@@ -187,6 +193,54 @@ def test_404_names_the_path(http: TestClient) -> None:
     response = http.get("/nothing/here")
     assert response.status_code == 404
     assert "/nothing/here" in response.json()["error"]["message"]
+
+
+# -- 500 -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing() -> Iterator[TestClient]:
+    """The real app (one bundled model) plus a native and a v2 route that raise what no
+    handler takes."""
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copytree(MODELS / "diabetes", Path(folder) / "diabetes")
+        app = create_app(Settings(model_dir=Path(folder)))
+
+        @app.get("/boom")
+        @app.get("/v2/boom")
+        def boom() -> None:
+            raise RuntimeError("a secret detail")
+
+        with TestClient(app) as client:  # re-raises an exception that reaches the server
+            yield client
+
+
+@pytest.mark.parametrize("path", ["/boom", "/v2/boom"])
+@pytest.mark.parametrize("sent", ["from-the-client-1", None])
+def test_an_unexpected_error_is_a_500_with_the_request_id(
+    failing: TestClient, caplog: pytest.LogCaptureFixture, path: str, sent: str | None
+) -> None:
+    headers = {"x-request-id": sent} if sent else {}
+    with caplog.at_level(logging.ERROR, logger="mcdrop.service"):
+        response = failing.get(path, headers=headers)
+    assert response.status_code == 500
+    request_id = response.headers["x-request-id"]
+    if sent:
+        assert request_id == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert "secret" not in response.text
+    if path.startswith("/v2"):
+        assert response.json() == {"error": "internal server error; see the server log"}
+    else:
+        error = response.json()["error"]
+        assert error["code"] == "internal_error"
+        assert error["request_id"] == request_id
+    # Logged once, with its traceback, for whoever reads the ID in the log.
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert "a secret detail" in caplog.text
+    assert record.exc_info is not None
+    assert record.exc_info[0] is RuntimeError
 
 
 PUBLIC_ROOT = Path("/srv/app/models")

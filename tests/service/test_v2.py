@@ -6,6 +6,7 @@ Responses are parsed by Triton's own client code (``tritonclient.http.InferResul
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import zlib
 from pathlib import Path
@@ -414,6 +415,65 @@ def test_content_types_and_encodings(
         body = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
     response = http.post("/v2/models/digits/infer", content=body, headers=headers)
     assert output(result(response), "label").tolist() == ["0"]
+
+
+def _predict_body() -> bytes:
+    return json.dumps({"inputs": [tensor(DIGITS[:1])], "parameters": {"mode": "predict"}}).encode()
+
+
+@pytest.mark.parametrize("encoding", ["GZIP", "Gzip", "x-gzip", "X-GZIP", " gzip ", "DEFLATE"])
+def test_content_codings_are_case_insensitive(http: TestClient, encoding: str) -> None:
+    # RFC 9110 section 8.4.1: content-coding names are case-insensitive; x-gzip is gzip's alias.
+    body = _predict_body()
+    body = zlib.compress(body) if "deflate" in encoding.lower() else gzip.compress(body)
+    response = http.post(
+        "/v2/models/digits/infer", content=body, headers={"content-encoding": encoding}
+    )
+    assert output(result(response), "label").tolist() == ["0"]
+
+
+@pytest.mark.parametrize("members", [2, 3, 1024])
+def test_a_gzip_body_of_several_members_is_inflated_whole(http: TestClient, members: int) -> None:
+    # RFC 1952 section 2.2: a gzip file is a series of members, inflated one after another.
+    body = _predict_body()
+    cuts = np.linspace(0, len(body), members + 1).astype(int)
+    parts = [gzip.compress(body[a:b]) for a, b in itertools.pairwise(cuts)]
+    response = http.post(
+        "/v2/models/digits/infer", content=b"".join(parts), headers={"content-encoding": "gzip"}
+    )
+    assert output(result(response), "label").tolist() == ["0"]
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "words"),
+    [
+        (gzip.compress(b"{}") + b"junk", "gzip", "4 bytes after the end of its compressed data"),
+        (gzip.compress(b"{}") + b"\0\0", "gzip", "2 bytes after the end"),
+        (gzip.compress(b"{}") * 2 + b"\x1f", "gzip", "1 bytes after the end"),
+        (zlib.compress(b"{}") + gzip.compress(b"{}"), "deflate", "bytes after the end"),
+        (gzip.compress(b"{}") + gzip.compress(b"{}")[:-4], "gzip", "truncated"),
+        (gzip.compress(b"") * 1025, "gzip", "more than 1024 members"),
+    ],
+    ids=["garbage", "zeros", "part of a magic", "deflate then gzip", "truncated", "1025 members"],
+)
+def test_bytes_after_the_compressed_data_are_a_400(
+    http: TestClient, body: bytes, encoding: str, words: str
+) -> None:
+    response = http.post(
+        "/v2/models/digits/infer", content=body, headers={"content-encoding": encoding}
+    )
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+
+
+def test_the_inflated_limit_counts_every_member(http: TestClient, settings: Settings) -> None:
+    half = gzip.compress(b" " * (settings.max_body_bytes // 2 + 1))
+    assert len(half) * 2 < settings.max_body_bytes  # each member inflates within the limit
+    response = http.post(
+        "/v2/models/diabetes/infer", content=half * 2, headers={"content-encoding": "gzip"}
+    )
+    assert response.status_code == 413
+    assert "inflated" in response.json()["error"]
 
 
 def _row(n: int = 10, value: Any = 1.0) -> list[Any]:
