@@ -86,6 +86,21 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[10]" in err
 
 
+def test_a_model_folder_nested_too_deeply_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    (tmp_path / "diabetes" / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, out, err = _run(
+        capsys, "predict", "diabetes", "--model-dir", str(tmp_path), "--inputs", "[[1]]"
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        f"mcdrop: error: {tmp_path / 'diabetes' / 'model.json'}: not valid JSON: nested too "
+        "deeply (arrays or objects inside one another beyond Python's recursion limit)\n"
+    )
+
+
 def test_unreachable_service(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(
         capsys, "predict", "digits", "--url", "http://127.0.0.1:9", "--inputs", "[[0]]"
@@ -247,6 +262,14 @@ def test_url_from_the_environment(
         (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
         (["predict", "../health", "--inputs", "[[0]]"], "model name"),
+        # Locally too, a model is a folder inside --model-dir, never a path out of it.
+        (
+            ["predict", "../diabetes", "--model-dir", str(MODELS / "digits"), "--inputs", "[[0]]"],
+            "invalid model name '../diabetes': give the name of a folder inside --model-dir",
+        ),
+        (["predict", "..", "--model-dir", str(MODELS / "digits"), "--inputs", "[[0]]"], "'..'"),
+        (["predict", str(MODELS / "digits"), "--model-dir", "/", "--inputs", "[[0]]"], "name"),
+        (["predict", "digits/", "--model-dir", str(MODELS), "--inputs", "[[0]]"], "'digits/'"),
         (["serve", "--port", "-1"], "port"),
         (["serve", "--device", "tpu"], "device: Value error, unknown device 'tpu'"),
         (["predict", "digits", "--model-dir", ".", "--device", "gpu", "--inputs", "[[0]]"], "gpu"),
