@@ -98,6 +98,14 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:  # one line per setting, not pydantic's report
         raise UsageError(_errors(exc)) from None
+    if settings.exit_on_error:  # the lifespan would refuse too, after a traceback
+        from service.registry import discover
+
+        _, problem = discover(settings.model_dir)
+        if problem is not None:
+            raise UsageError(
+                f"{problem}: give --model-dir (or MCDROP_MODEL_DIR) a folder of model directories"
+            )
     server.run(settings)
     return 0
 

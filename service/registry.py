@@ -91,7 +91,7 @@ class Entry:
     handle: ModelHandle | None = None
 
 
-def _discover(root: Path) -> tuple[list[Path], str | None]:
+def discover(root: Path) -> tuple[list[Path], str | None]:
     """The model directories under ``root`` (those with a manifest), and why there are none
     when there are none (a missing or unreadable folder, or an empty one)."""
     try:
@@ -118,7 +118,7 @@ class Registry:
         self.settings = settings
         self.arrivals = arrivals or Arrivals()
         self.metrics = metrics
-        dirs, problem = _discover(settings.model_dir)
+        dirs, problem = discover(settings.model_dir)
         #: Why ``model_dir`` gives no model to serve (missing, unreadable, empty); else None.
         self.problem = problem
         self.entries = {d.name: Entry(name=d.name, path=d) for d in dirs}

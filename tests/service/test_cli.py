@@ -20,7 +20,7 @@ from mcdrop import checkpoint
 from mcdrop.nets import MLP
 from service.cli import main, parser
 from service.config import Settings
-from tests.conftest import MODELS
+from tests.conftest import MODELS, ROOT
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -99,6 +99,31 @@ def test_a_model_folder_nested_too_deeply_is_one_line(
         f"mcdrop: error: {tmp_path / 'diabetes' / 'model.json'}: not valid JSON: nested too "
         "deeply (arrays or objects inside one another beyond Python's recursion limit)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [("missing", "does not exist"), ("file", "is not a directory"), ("empty", "holds no model")],
+)
+def test_serve_without_a_model_folder_stops_in_one_line(
+    tmp_path: Path, kind: str, problem: str
+) -> None:
+    """Before it listens: a server that can never be ready must not start (exit_on_error)."""
+    model_dir = tmp_path / kind
+    if kind == "file":
+        model_dir.write_text("")
+    elif kind == "empty":
+        model_dir.mkdir()
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(model_dir)]
+    # Port 0, any free one: were the check gone, the server would start (and the run time out).
+    command += ["--host", "127.0.0.1", "--port", "0", "--log-level", "warning"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"mcdrop serve: error: model_dir {str(model_dir)!r} {problem}")
+    assert done.stderr.endswith(
+        ": give --model-dir (or MCDROP_MODEL_DIR) a folder of model directories\n"
+    )
+    assert done.stderr.count("\n") == 1
 
 
 def test_unreachable_service(capsys: pytest.CaptureFixture[str]) -> None:
