@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
-from mcdrop.exceptions import NonFiniteOutputError
+from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
 from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
@@ -201,7 +201,9 @@ class Registry:
                 "that are not finite (NaN or beyond float32): check target_normalization and "
                 "the weights"
             ) from None
-        except Exception as exc:  # a torch shape error names no file: name the manifest's fields
+        except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
+            raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
+        except RuntimeError as exc:  # torch's shape errors name no file: name the fields
             raise checkpoint.CheckpointError(
                 f"{manifest}: the warm-up pass on one row of input_shape "
                 f"{list(predictor.spec.input_shape)} failed, so input_shape (or "

@@ -8,11 +8,13 @@ import pickle
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import torch
 
+import mcdrop.nets
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import CheckpointError, UntrustedCodeError
@@ -216,6 +218,45 @@ def test_weights_that_do_not_fit_are_refused_before_the_architecture_is_allocate
     assert message.startswith(f"{target / checkpoint.WEIGHTS}: does not match the architecture")
     assert "'layers.0.weight' is [8, 3] in the file, [200000, 3] in the architecture" in message
     assert "tensors the file lacks: 'layers." in message
+
+
+BUILT_INS: dict[str, tuple[dict[str, Any], str, int]] = {
+    # name: (params, the param to double, input features)
+    "mlp": ({"in_features": 3, "hidden": [8], "out_features": 2}, "out_features", 3),
+    "mlp dropconnect": (
+        {"in_features": 3, "hidden": [8], "out_features": 2, "kind": "dropconnect"},
+        "out_features",
+        3,
+    ),
+    "cnn": ({"image_size": 8, "channels": [4], "pool": [True], "hidden": 6}, "hidden", 64),
+    "row_lstm": ({"in_features": 4, "hidden": 5}, "hidden", 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUILT_INS))
+def test_every_builtin_is_checked_against_the_header_before_it_is_built(
+    tmp_path: Path, case: str
+) -> None:
+    """Each built-in builds on the meta device, so its shapes are compared before allocation
+    (the message is the header check's, not torch's "size mismatch"); the right ones load."""
+    params, grown, features = BUILT_INS[case]
+    arch = {"name": case.split()[0], "params": params}
+    spec = _spec(
+        architecture=arch,
+        task="classification",
+        input_shape=[features] if case != "cnn" else [1, 8, 8],
+        labels=["a", "b"] if case.startswith("mlp") else [str(i) for i in range(10)],
+        input_normalization=None,
+        target_normalization=None,
+        tau=None,
+    )
+    net = mcdrop.nets.build(arch)
+    checkpoint.save(tmp_path / "m", spec, net)
+    assert checkpoint.load(tmp_path / "m").spec == spec
+    bigger = {**arch, "params": {**params, grown: 2 * params[grown]}}
+    _edit_manifest(architecture=bigger)(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"in the file, .* in the architecture"):
+        checkpoint.load(tmp_path / "m")
 
 
 def test_weights_with_a_tensor_the_architecture_lacks(tmp_path: Path, saved) -> None:
