@@ -240,10 +240,10 @@ def _norm_tensors(
         raise CheckpointError(
             f"{source}: {what} needs finite means and positive stds (within float32's range)"
         )
-    try:
-        fitted = torch.broadcast_shapes(mean.shape, fits) == fits
-    except RuntimeError:
-        fitted = False
+    # Broadcasts to ``fits`` (torch.broadcast_shapes would import sympy: a second per process).
+    fitted = mean.dim() <= len(fits) and all(
+        m in (1, f) for m, f in zip(reversed(mean.shape), reversed(fits), strict=False)
+    )
     if not fitted:
         raise CheckpointError(
             f"{source}: {what} has shape {list(mean.shape)}, which does not fit {fits_what} "
