@@ -59,14 +59,14 @@ class ModelSpec:
     """The manifest of a model directory (``model.json``).
 
     Attributes:
-        name, version: identify the model.
+        name, version: identify the model; the version is a string without ``/`` (``"1"``).
         task: "classification" (outputs are logits) or "regression".
         input_shape: shape of one input row, e.g. ``[64]`` or ``[28, 28]``.
         labels: class names (classification) or target names (regression); K of them.
         architecture: ``{"name" or "factory": ..., "params": {...}}``, see
             :func:`mcdrop.nets.build`.
-        dropout: the dropout rate the model was trained with (documentation; the rate that is
-            used lives in ``architecture.params``).
+        dropout: the dropout rate the model was trained with, in [0, 1) (documentation; the
+            rate that is used lives in ``architecture.params``).
         tau: model precision τ of a homoscedastic regressor, in target units⁻²; noise variance
             is ``1/τ``.
         likelihood: "homoscedastic" (noise 1/τ) or "heteroscedastic" (the net predicts a
@@ -74,8 +74,8 @@ class ModelSpec:
         input_normalization, target_normalization: applied inside the loaded model, so it takes
             and returns original units.
         default_n_samples: MC samples when a request does not say.
-        metrics: held-out metrics recorded at training time.
-        training: how the model was trained (command, seed, epochs, ...).
+        metrics: held-out metrics recorded at training time (finite numbers).
+        training: how the model was trained (command, seed, epochs, ...), an object.
         description: one line for people.
     """
 
