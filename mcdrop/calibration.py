@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from mcdrop import _files
 from mcdrop.exceptions import (
     CheckpointError,
     DecisionUnavailableError,
@@ -380,13 +381,9 @@ def read(directory: str | Path) -> Calibration | None:
     """``directory/calibration.json`` parsed and validated (JSON only: nothing runs), or None
     when the directory has none."""
     path = Path(directory) / CALIBRATION
-    if not path.is_file():
+    if not _files.is_present(path, "calibration"):
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
-    return Calibration.from_dict(data, source=str(path))
+    return Calibration.from_dict(_files.read_json(path), source=str(path))
 
 
 def from_statistics(

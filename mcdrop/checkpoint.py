@@ -24,17 +24,19 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mcdrop import _files
 from mcdrop import calibration as calibration_
 from mcdrop.devices import resolve_device, resolve_dtype
-from mcdrop.exceptions import CheckpointError
+from mcdrop.exceptions import CheckpointError, UntrustedCodeError
 from mcdrop.nets import ReducedPrecision, Standardized, build
 
 MANIFEST = "model.json"
@@ -57,14 +59,14 @@ class ModelSpec:
     """The manifest of a model directory (``model.json``).
 
     Attributes:
-        name, version: identify the model.
+        name, version: identify the model; the version is a string without ``/`` (``"1"``).
         task: "classification" (outputs are logits) or "regression".
         input_shape: shape of one input row, e.g. ``[64]`` or ``[28, 28]``.
         labels: class names (classification) or target names (regression); K of them.
         architecture: ``{"name" or "factory": ..., "params": {...}}``, see
             :func:`mcdrop.nets.build`.
-        dropout: the dropout rate the model was trained with (documentation; the rate that is
-            used lives in ``architecture.params``).
+        dropout: the dropout rate the model was trained with, in [0, 1) (documentation; the
+            rate that is used lives in ``architecture.params``).
         tau: model precision τ of a homoscedastic regressor, in target units⁻²; noise variance
             is ``1/τ``.
         likelihood: "homoscedastic" (noise 1/τ) or "heteroscedastic" (the net predicts a
@@ -72,8 +74,8 @@ class ModelSpec:
         input_normalization, target_normalization: applied inside the loaded model, so it takes
             and returns original units.
         default_n_samples: MC samples when a request does not say.
-        metrics: held-out metrics recorded at training time.
-        training: how the model was trained (command, seed, epochs, ...).
+        metrics: held-out metrics recorded at training time (finite numbers).
+        training: how the model was trained (command, seed, epochs, ...), an object.
         description: one line for people.
     """
 
@@ -120,10 +122,22 @@ class ModelSpec:
         )
         if missing:
             raise fail(f"missing field(s) {missing}")
-        if data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            raise fail(f"format_version {data['format_version']} is not {FORMAT_VERSION}")
+        fmt = data.get("format_version", FORMAT_VERSION)
+        if not _is_int(fmt) or fmt != FORMAT_VERSION:
+            raise fail(f"format_version {fmt!r} is not {FORMAT_VERSION}")
         if not isinstance(data["name"], str) or not data["name"]:
             raise fail("'name' must be a non-empty string")
+        version = data.get("version", "1")
+        # A string, as every protocol sends it ("1", never 1: the v2 path compares strings),
+        # and one path segment, so /v2/models/{name}/versions/{version} can name it.
+        if not (isinstance(version, str) and version and "/" not in version):
+            raise fail(
+                f"'version' must be a non-empty string without '/' (write \"1\", not 1), "
+                f"got {version!r}"
+            )
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise fail(f"'description' must be a string, got {description!r}")
         if data["task"] not in ("classification", "regression"):
             raise fail(f"'task' must be 'classification' or 'regression', got {data['task']!r}")
         shape = data["input_shape"]
@@ -142,18 +156,28 @@ class ModelSpec:
         if not isinstance(arch.get("params", {}), dict):
             raise fail("'architecture.params' must be an object")
         tau = data.get("tau")
-        if tau is not None and not (
-            isinstance(tau, int | float) and tau > 0 and math.isfinite(tau)
-        ):
+        if tau is not None and not (_is_number(tau) and tau > 0):
             raise fail(f"'tau' must be a positive number, got {tau!r}")
+        dropout = data.get("dropout")
+        if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+            raise fail(f"'dropout' must be a number in [0, 1) or null, got {dropout!r}")
         likelihood = data.get("likelihood", "homoscedastic")
         if likelihood not in ("homoscedastic", "heteroscedastic"):
             raise fail(f"'likelihood' must be homoscedastic or heteroscedastic, got {likelihood!r}")
         if data["task"] == "regression" and likelihood == "homoscedastic" and tau is None:
             raise fail("a homoscedastic regressor needs 'tau' (its noise variance is 1/tau)")
         n = data.get("default_n_samples", 100)
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        if not (_is_int(n) and n >= 1):
             raise fail(f"'default_n_samples' must be a positive integer, got {n!r}")
+        metrics = data.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise fail(f"'metrics' must be an object of names to numbers, got {metrics!r}")
+        for key, value in metrics.items():
+            if not _is_number(value):
+                raise fail(f"'metrics.{key}' must be a finite number, got {value!r}")
+        training = data.get("training", {})
+        if not isinstance(training, dict):
+            raise fail(f"'training' must be an object, got {training!r}")
         norms: dict[str, Normalization | None] = {}
         for key in ("input_normalization", "target_normalization"):
             value = data.get(key)
@@ -163,8 +187,24 @@ class ModelSpec:
             if not (isinstance(value, dict) and set(value) == {"mean", "std"}):
                 raise fail(f"'{key}' must be an object with exactly 'mean' and 'std'")
             norms[key] = Normalization(mean=value["mean"], std=value["std"])
-        fields = {**data, **norms, "tau": None if tau is None else float(tau)}
+        fields = {
+            **data,
+            **norms,
+            "tau": None if tau is None else float(tau),
+            "dropout": None if dropout is None else float(dropout),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
         return cls(**fields)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (JSON's true is not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number, not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -179,28 +219,61 @@ class LoadedModel:
 
 
 def _norm_tensors(
-    norm: Normalization | None, what: str, source: str
+    norm: Normalization | None, what: str, source: str, fits: tuple[int, ...], fits_what: str
 ) -> tuple[Tensor | None, Tensor | None]:
+    """``norm`` as float32 tensors, checked: same shape, broadcasting to ``fits`` (one input
+    row, or ``(K,)`` targets), finite means, positive finite stds."""
     if norm is None:
         return None, None
     try:
         mean = torch.tensor(norm.mean, dtype=torch.float32)
         std = torch.tensor(norm.std, dtype=torch.float32)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"{source}: {what} must be numeric arrays: {exc}") from exc
     if mean.shape != std.shape:
         raise CheckpointError(
             f"{source}: {what} mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape"
         )
-    if not bool(torch.isfinite(mean).all()) or not bool((std > 0).all()):
-        raise CheckpointError(f"{source}: {what} needs finite means and positive stds")
+    # Values beyond float32's range are inf here.
+    finite = bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all())
+    if not finite or not bool((std > 0).all()):
+        raise CheckpointError(
+            f"{source}: {what} needs finite means and positive stds (within float32's range)"
+        )
+    # Broadcasts to ``fits`` (torch.broadcast_shapes would import sympy: a second per process).
+    fitted = mean.dim() <= len(fits) and all(
+        m in (1, f) for m, f in zip(reversed(mean.shape), reversed(fits), strict=False)
+    )
+    if not fitted:
+        raise CheckpointError(
+            f"{source}: {what} has shape {list(mean.shape)}, which does not fit {fits_what} "
+            f"{list(fits)}"
+        )
     return mean, std
 
 
 def wrap(spec: ModelSpec, net: nn.Module, *, source: str = MANIFEST) -> nn.Module:
     """``net`` wrapped in the spec's normalisation (original units in and out)."""
-    in_mean, in_std = _norm_tensors(spec.input_normalization, "input_normalization", source)
-    out_mean, out_std = _norm_tensors(spec.target_normalization, "target_normalization", source)
+    in_mean, in_std = _norm_tensors(
+        spec.input_normalization,
+        "input_normalization",
+        source,
+        tuple(spec.input_shape),
+        "input_shape",
+    )
+    out_mean, out_std = _norm_tensors(
+        spec.target_normalization,
+        "target_normalization",
+        source,
+        (spec.n_outputs,),
+        "the outputs (one per label)",
+    )
+    if out_std is not None and not bool(torch.isfinite(out_std.square()).all()):
+        # Variances are scaled by std², which must stay a float32 (< 3.4e38).
+        raise CheckpointError(
+            f"{source}: target_normalization std {out_std.max().item():g} is too large: "
+            "variances scale by its square, which overflows float32 (keep it below 1.8e19)"
+        )
     if in_mean is None and out_mean is None:
         return net
     return Standardized(
@@ -229,13 +302,57 @@ def save(directory: str | Path, spec: ModelSpec, net: nn.Module) -> Path:
 def read_spec(directory: str | Path) -> ModelSpec:
     """Parse and validate ``directory/model.json``."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
+    if not _files.is_present(path, "manifest"):
         raise CheckpointError(f"{path}: no manifest (is {Path(directory)} a model directory?)")
+    return ModelSpec.from_dict(_files.read_json(path), source=str(path))
+
+
+def _build(spec: ModelSpec, source: str, device: str | None = None, **trust: Any) -> nn.Module:
+    """The manifest's architecture, built (under ``torch.device(device)`` if given)."""
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc}") from exc
-    return ModelSpec.from_dict(data, source=str(path))
+        if device is None:
+            return build(spec.architecture, **trust)
+        with torch.device(device):
+            return build(spec.architecture, **trust)
+    except CheckpointError as exc:
+        raise type(exc)(f"{source}: {exc}") from exc
+
+
+def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, from its header (no tensor data is read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
+
+
+def _few(items: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(items[:most])
+    return shown if len(items) <= most else f"{shown} and {len(items) - most} more"
+
+
+def _check_shapes(
+    skeleton: nn.Module, found: dict[str, tuple[int, ...]], weights: Path, source: str
+) -> None:
+    """Raise unless the file's tensors are exactly the architecture's, shape for shape."""
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    problems = []
+    if missing := sorted(wanted.keys() - found.keys()):
+        problems.append(f"tensors the file lacks: {_few([repr(k) for k in missing])}")
+    if extra := sorted(found.keys() - wanted.keys()):
+        problems.append(f"tensors the architecture lacks: {_few([repr(k) for k in extra])}")
+    shapes = [
+        f"{k!r} is {list(found[k])} in the file, {list(wanted[k])} in the architecture"
+        for k in sorted(found.keys() & wanted.keys())
+        if found[k] != wanted[k]
+    ]
+    if shapes:
+        problems.append(f"shapes differ: {_few(shapes, 3)}")
+    if problems:
+        raise CheckpointError(
+            f"{weights}: does not match the architecture in {source}: {'; '.join(problems)}"
+        )
 
 
 def load(
@@ -272,17 +389,26 @@ def load(
     directory = Path(directory)
     spec = read_spec(directory)
     source = str(directory / MANIFEST)
+    trust: dict[str, Any] = {
+        "trust_model_code": trust_model_code,
+        "allowed_factories": allowed_factories,
+    }
+    # First without memory ("meta" tensors have shapes, no data), to check the weights file's
+    # shapes before allocating: else a manifest of a few bytes ("hidden": [16000, 16000])
+    # allocates gigabytes before its weights fail to fit.
     try:
-        net = build(
-            spec.architecture,
-            trust_model_code=trust_model_code,
-            allowed_factories=allowed_factories,
-        )
-    except CheckpointError as exc:
-        raise type(exc)(f"{source}: {exc}") from exc
+        skeleton: nn.Module | None = _build(spec, source, "meta", **trust)
+    except UntrustedCodeError:
+        raise
+    except CheckpointError:
+        skeleton = None  # code that cannot run on meta: the real build below decides
+    built = _build(spec, source, **trust) if skeleton is None else None
     weights = directory / WEIGHTS
-    if not weights.is_file():
+    if not _files.is_present(weights, "weights file"):
         raise CheckpointError(f"{weights}: weights file is missing")
+    if skeleton is not None:
+        _check_shapes(skeleton, _weight_shapes(weights), weights, source)
+    net = built if built is not None else _build(spec, source, **trust)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -27,9 +27,16 @@ Scope = dict[str, Any]
 
 
 class StartupError(RuntimeError):
-    """Models failed to load and ``exit_on_error`` is on: the server does not start."""
+    """Models failed to load, or ``model_dir`` has none to load (``problem``), and
+    ``exit_on_error`` is on: the server does not start."""
 
-    def __init__(self, failures: dict[str, str]) -> None:
+    def __init__(self, failures: dict[str, str], problem: str | None = None) -> None:
+        if problem is not None:
+            super().__init__(
+                f"{problem}, so the server does not start (set MCDROP_MODEL_DIR or --model-dir "
+                "to a folder of model directories)"
+            )
+            return
         lines = "".join(f"\n  model {name!r}: {reason}" for name, reason in failures.items())
         super().__init__(
             f"{len(failures)} model(s) failed to load, so the server does not start "
@@ -169,6 +176,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # As Triton's --exit-on-error: load everything before serving, and refuse to start
             # if a model fails, so a broken deployment fails at once and says why. Raising here
             # makes uvicorn exit with status 3.
+            if registry.problem is not None:  # a wrong or empty model_dir: nothing could serve
+                registry.close()
+                raise StartupError({}, registry.problem)
             await asyncio.to_thread(registry.load_all)
             failures = registry.failures()
             if failures:

@@ -98,6 +98,14 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:  # one line per setting, not pydantic's report
         raise UsageError(_errors(exc)) from None
+    if settings.exit_on_error:  # the lifespan would refuse too, after a traceback
+        from service.registry import discover
+
+        _, problem = discover(settings.model_dir)
+        if problem is not None:
+            raise UsageError(
+                f"{problem}: give --model-dir (or MCDROP_MODEL_DIR) a folder of model directories"
+            )
     server.run(settings)
     return 0
 
@@ -261,13 +269,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(model_dir: Path, name: str) -> Path:
+    """``model_dir/name``, for a name that is one folder name: as the service, which names its
+    models by their folders, no name reaches outside ``model_dir`` (``../other``, ``/etc``)."""
+    if name in ("", ".", "..") or Path(name).name != name:  # a separator: more than one part
+        raise UsageError(
+            f"invalid model name {name!r}: give the name of a folder inside --model-dir "
+            f"({model_dir}), without '/', and not '.' or '..'"
+        )
+    return Path(model_dir) / name
+
+
 def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     from mcdrop import checkpoint
     from mcdrop.masks import fresh_seed
     from mcdrop.predictor import Predictor
     from service import convert
 
-    loaded = checkpoint.load(Path(args.model_dir) / args.model, **_load_options(args))
+    loaded = checkpoint.load(_model_path(args.model_dir, args.model), **_load_options(args))
     predictor = Predictor(loaded, results_device="cpu")
     x = convert.to_tensor(inputs, predictor)
     if not args.uncertainty:

@@ -155,8 +155,8 @@ class Settings(ModelSettings):
     )
     exit_on_error: bool = Field(
         True,
-        description="load every model before serving and exit non-zero if one fails; off: serve "
-        "the models that loaded",
+        description="load every model before serving and exit non-zero if one fails (or "
+        "model_dir holds none); off: serve the models that loaded",
     )
     # Environment only, never a flag: a key on the command line is visible to every user in `ps`.
     api_key: SecretStr | None = Field(

@@ -121,7 +121,10 @@ class Replica:
         while status == "loading" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             status, states = self.readiness()
-        failures = self.app.state.registry.failures()
+        registry = self.app.state.registry
+        if registry.problem is not None and self.settings.exit_on_error:
+            raise StartupError({}, registry.problem)
+        failures = registry.failures()
         if failures and self.settings.exit_on_error:
             raise StartupError(failures)
         if status not in ("ready", "degraded"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
+from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
 from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
@@ -89,6 +91,24 @@ class Entry:
     handle: ModelHandle | None = None
 
 
+def discover(root: Path) -> tuple[list[Path], str | None]:
+    """The model directories under ``root`` (those with a manifest), and why there are none
+    when there are none (a missing or unreadable folder, or an empty one)."""
+    try:
+        with os.scandir(root):  # raises what glob would swallow: missing, not a folder, denied
+            pass
+    except FileNotFoundError:
+        return [], f"model_dir {str(root)!r} does not exist"
+    except NotADirectoryError:
+        return [], f"model_dir {str(root)!r} is not a directory"
+    except OSError as exc:
+        return [], f"model_dir {str(root)!r} cannot be read: {exc.strerror or exc}"
+    dirs = sorted(p.parent for p in root.glob(f"*/{checkpoint.MANIFEST}"))
+    if not dirs:
+        return [], f"model_dir {str(root)!r} holds no model directories (*/{checkpoint.MANIFEST})"
+    return dirs, None
+
+
 class Registry:
     """Model name -> :class:`Entry`; :meth:`get` gives a ready model's handle or a clear error."""
 
@@ -98,13 +118,12 @@ class Registry:
         self.settings = settings
         self.arrivals = arrivals or Arrivals()
         self.metrics = metrics
-        root = settings.model_dir
-        dirs = (
-            sorted(p.parent for p in root.glob(f"*/{checkpoint.MANIFEST}")) if root.is_dir() else []
-        )
+        dirs, problem = discover(settings.model_dir)
+        #: Why ``model_dir`` gives no model to serve (missing, unreadable, empty); else None.
+        self.problem = problem
         self.entries = {d.name: Entry(name=d.name, path=d) for d in dirs}
-        if not self.entries:
-            log.warning("no model directories (*/%s) under %s", checkpoint.MANIFEST, root)
+        if self.problem is not None:
+            log.warning("%s", self.problem)
         # Model work too large for the event loop runs here; its size bounds how many model
         # computations run at once (memory and CPU under load).
         self.executor = ThreadPoolExecutor(
@@ -138,7 +157,7 @@ class Registry:
                 predictor = Predictor(
                     loaded, max_pass_rows=self.settings.max_pass_rows, results_device="cpu"
                 )
-                cost = self._warm_up(predictor)
+                cost = self._warm_up(predictor, entry.path / checkpoint.MANIFEST)
                 batcher = Batcher(
                     predictor,
                     executor=self.executor,
@@ -165,13 +184,37 @@ class Registry:
                 log.error("model %s failed to load: %s", entry.name, exc)
 
     @staticmethod
-    def _warm_up(predictor: Predictor) -> CostModel:
+    def _warm_up(predictor: Predictor, manifest: Path) -> CostModel:
         """Plan the model's sampling, then run it each way before it takes requests, timing it
         for the batcher (on the model's device, results back on the host: what a request
-        costs)."""
+        costs).
+
+        The warm-up row is the model's own (its training mean, or zeros), so a failure here is
+        the model directory's to fix, never a request's: the error names the manifest."""
         x = Registry._warm_up_input(predictor)
-        predictor.warm_up(x)
-        return CostModel.measure(predictor, x)
+        try:
+            predictor.warm_up(x)
+            return CostModel.measure(predictor, x)
+        except NonFiniteOutputError:
+            raise checkpoint.CheckpointError(
+                f"{manifest}: the warm-up row ({Registry._warm_up_row(predictor)}) gives outputs "
+                "that are not finite (NaN or beyond float32): check target_normalization and "
+                "the weights"
+            ) from None
+        except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
+            raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
+        except RuntimeError as exc:  # torch's shape errors name no file: name the fields
+            raise checkpoint.CheckpointError(
+                f"{manifest}: the warm-up pass on one row of input_shape "
+                f"{list(predictor.spec.input_shape)} failed, so input_shape (or "
+                f"input_normalization) does not fit the architecture: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _warm_up_row(predictor: Predictor) -> str:
+        if predictor.spec.input_normalization is not None:
+            return "input_normalization's mean"
+        return "zeros"
 
     @staticmethod
     def _warm_up_input(predictor: Predictor) -> torch.Tensor:
@@ -200,7 +243,7 @@ class Registry:
         """The server's state and each model's (``loading``, ``ready`` or why it failed).
 
         ``loading`` while a model is; then ``ready`` if all loaded, ``degraded`` if some failed
-        and the others serve, ``failed`` if none loaded.
+        and the others serve, ``failed`` if none loaded (or ``model_dir`` holds none).
         """
         states = {
             n: (e.error if e.state == "error" else e.state) or "" for n, e in self.entries.items()
@@ -208,9 +251,9 @@ class Registry:
         kinds = {e.state for e in self.entries.values()}
         if "loading" in kinds:
             return "loading", states
-        if "error" not in kinds:
-            return "ready", states
-        return ("degraded" if "ready" in kinds else "failed"), states
+        if "ready" not in kinds:  # every model failed, or there is none to serve
+            return "failed", states
+        return ("degraded" if "error" in kinds else "ready"), states
 
     def model_readiness(self, name: str) -> tuple[ModelState, str | None]:
         """One model's state (``loading``, ``ready`` or ``failed``) and why it failed."""

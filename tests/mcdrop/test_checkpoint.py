@@ -8,10 +8,13 @@ import pickle
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
+import mcdrop.nets
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec, Normalization
 from mcdrop.exceptions import CheckpointError, UntrustedCodeError
@@ -118,6 +121,27 @@ def _edit_manifest(**changes: object):
         ),
         (_edit_manifest(input_normalization={"mean": [1, 2], "std": [1, 2, 3]}), "differ"),
         (_edit_manifest(input_normalization={"mean": [1, 2, 3], "std": [1, 0, 3]}), "positive"),
+        # Every field's type is checked at load, not when a response is built from it.
+        (_edit_manifest(description=5), "'description' must be a string"),
+        (_edit_manifest(version=1), r"'version' must be a non-empty string .* got 1$"),
+        (_edit_manifest(version="a/b"), "'version' must be a non-empty string without '/'"),
+        (_edit_manifest(version=""), "'version'"),
+        (_edit_manifest(dropout="x"), r"'dropout' must be a number in \[0, 1\)"),
+        (_edit_manifest(dropout=1.5), "'dropout'"),
+        (_edit_manifest(tau=True), "'tau' must be a positive number, got True"),
+        (_edit_manifest(metrics={"rmse": "high"}), "'metrics.rmse' must be a finite number"),
+        (_edit_manifest(metrics={"rmse": float("nan")}), "'metrics.rmse' .* got nan"),
+        (_edit_manifest(metrics={"rmse": float("inf")}), "'metrics.rmse' .* got inf"),
+        (_edit_manifest(metrics={"rmse": True}), "'metrics.rmse'"),
+        (_edit_manifest(metrics=[1.0]), "'metrics' must be an object"),
+        (_edit_manifest(training="yes"), "'training' must be an object"),
+        (_edit_manifest(default_n_samples=True), "'default_n_samples'"),
+        (_edit_manifest(format_version=True), "format_version True"),
+        # Normalisation that cannot apply to the model's rows or outputs.
+        (_edit_manifest(input_shape=[4]), r"input_normalization has shape \[3\], .* \[4\]"),
+        (_edit_manifest(target_normalization={"mean": [1, 2], "std": [1, 2]}), "one per label"),
+        (_edit_manifest(target_normalization={"mean": [0], "std": [1e38]}), "too large"),
+        (_edit_manifest(input_normalization={"mean": [1, 2, 3], "std": [1, 1e39, 3]}), "finite"),
     ],
 )
 def test_errors_name_file_and_problem(tmp_path: Path, saved, edit, message: str) -> None:
@@ -125,6 +149,124 @@ def test_errors_name_file_and_problem(tmp_path: Path, saved, edit, message: str)
     with pytest.raises(CheckpointError, match=message) as info:
         checkpoint.load(target)
     assert str(target) in str(info.value)
+
+
+def test_a_number_version_is_refused_not_served_as_another_type(saved) -> None:
+    """A version is a string everywhere (the v2 path compares strings): 1 would load as an int
+    that no request could name ("has no version '1'; versions: [1]")."""
+    data = {**_spec().to_dict(), "version": 1}
+    with pytest.raises(CheckpointError, match='write "1", not 1'):
+        ModelSpec.from_dict(data)
+    assert checkpoint.load(saved[0]).spec.version == "1"
+
+
+@pytest.mark.parametrize(
+    "nested", ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000]
+)
+@pytest.mark.parametrize("name", [checkpoint.MANIFEST, "calibration.json"])
+def test_json_nested_too_deeply_names_the_file(
+    tmp_path: Path, saved, name: str, nested: str
+) -> None:
+    target = _broken(tmp_path, saved, lambda p: (p / name).write_text(nested))
+    with pytest.raises(CheckpointError, match="not valid JSON: nested too deeply") as info:
+        checkpoint.load(target)
+    assert str(target / name) in str(info.value)
+
+
+def _replace_with_link(name: str, to: str):
+    def edit(path: Path) -> None:
+        (path / name).unlink(missing_ok=True)
+        (path / name).symlink_to(to)
+
+    return edit
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+@pytest.mark.parametrize(
+    ("edit", "name"),
+    [
+        (_replace_with_link(checkpoint.WEIGHTS, "/dev/zero"), checkpoint.WEIGHTS),
+        (_replace_with_link(checkpoint.MANIFEST, "/dev/zero"), checkpoint.MANIFEST),
+        (_replace_with_link("calibration.json", "/dev/zero"), "calibration.json"),
+        (lambda p: ((p / checkpoint.WEIGHTS).unlink(), (p / checkpoint.WEIGHTS).mkdir()), "w"),
+    ],
+)
+def test_a_file_that_is_not_a_regular_file_is_named_so(
+    tmp_path: Path, saved, edit, name: str
+) -> None:
+    """Not "missing": it is there, and reading it would never end (/dev/zero) or fail."""
+    target = _broken(tmp_path, saved, edit)
+    with pytest.raises(CheckpointError, match="is not a regular file") as info:
+        checkpoint.load(target)
+    assert str(target) in str(info.value)
+
+
+def test_weights_that_do_not_fit_are_refused_before_the_architecture_is_allocated(
+    tmp_path: Path, saved
+) -> None:
+    """A manifest of a few bytes asking for 160 GB of float32 weights ([200000, 200000]): the
+    file's header shapes are compared with the architecture's before any of it exists (else
+    the allocation itself fails, or takes the machine's memory)."""
+    arch = {
+        "name": "mlp",
+        "params": {"in_features": 3, "hidden": [200_000, 200_000], "out_features": 1},
+    }
+    target = _broken(tmp_path, saved, _edit_manifest(architecture=arch))
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(target)
+    message = str(info.value)
+    assert message.startswith(f"{target / checkpoint.WEIGHTS}: does not match the architecture")
+    assert "'layers.0.weight' is [8, 3] in the file, [200000, 3] in the architecture" in message
+    assert "tensors the file lacks: 'layers." in message
+
+
+BUILT_INS: dict[str, tuple[dict[str, Any], str, int]] = {
+    # name: (params, the param to double, input features)
+    "mlp": ({"in_features": 3, "hidden": [8], "out_features": 2}, "out_features", 3),
+    "mlp dropconnect": (
+        {"in_features": 3, "hidden": [8], "out_features": 2, "kind": "dropconnect"},
+        "out_features",
+        3,
+    ),
+    "cnn": ({"image_size": 8, "channels": [4], "pool": [True], "hidden": 6}, "hidden", 64),
+    "row_lstm": ({"in_features": 4, "hidden": 5}, "hidden", 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUILT_INS))
+def test_every_builtin_is_checked_against_the_header_before_it_is_built(
+    tmp_path: Path, case: str
+) -> None:
+    """Each built-in builds on the meta device, so its shapes are compared before allocation
+    (the message is the header check's, not torch's "size mismatch"); the right ones load."""
+    params, grown, features = BUILT_INS[case]
+    arch = {"name": case.split()[0], "params": params}
+    spec = _spec(
+        architecture=arch,
+        task="classification",
+        input_shape=[features] if case != "cnn" else [1, 8, 8],
+        labels=["a", "b"] if case.startswith("mlp") else [str(i) for i in range(10)],
+        input_normalization=None,
+        target_normalization=None,
+        tau=None,
+    )
+    net = mcdrop.nets.build(arch)
+    checkpoint.save(tmp_path / "m", spec, net)
+    assert checkpoint.load(tmp_path / "m").spec == spec
+    bigger = {**arch, "params": {**params, grown: 2 * params[grown]}}
+    _edit_manifest(architecture=bigger)(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=r"in the file, .* in the architecture"):
+        checkpoint.load(tmp_path / "m")
+
+
+def test_weights_with_a_tensor_the_architecture_lacks(tmp_path: Path, saved) -> None:
+    def extra(path: Path) -> None:
+        state = safetensors.torch.load_file(path / checkpoint.WEIGHTS)
+        state["surplus"] = torch.zeros(2)
+        safetensors.torch.save_file(state, path / checkpoint.WEIGHTS)
+
+    with pytest.raises(CheckpointError, match="tensors the architecture lacks: 'surplus'"):
+        checkpoint.load(_broken(tmp_path, saved, extra))
 
 
 def test_trusted_factory_that_is_not_there(tmp_path: Path, saved) -> None:

@@ -20,7 +20,7 @@ from mcdrop import checkpoint
 from mcdrop.nets import MLP
 from service.cli import main, parser
 from service.config import Settings
-from tests.conftest import MODELS
+from tests.conftest import MODELS, ROOT
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -84,6 +84,46 @@ def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1
     assert err.startswith("mcdrop: error:")
     assert "[10]" in err
+
+
+def test_a_model_folder_nested_too_deeply_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    (tmp_path / "diabetes" / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, out, err = _run(
+        capsys, "predict", "diabetes", "--model-dir", str(tmp_path), "--inputs", "[[1]]"
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        f"mcdrop: error: {tmp_path / 'diabetes' / 'model.json'}: not valid JSON: nested too "
+        "deeply (arrays or objects inside one another beyond Python's recursion limit)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [("missing", "does not exist"), ("file", "is not a directory"), ("empty", "holds no model")],
+)
+def test_serve_without_a_model_folder_stops_in_one_line(
+    tmp_path: Path, kind: str, problem: str
+) -> None:
+    """Before it listens: a server that can never be ready must not start (exit_on_error)."""
+    model_dir = tmp_path / kind
+    if kind == "file":
+        model_dir.write_text("")
+    elif kind == "empty":
+        model_dir.mkdir()
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(model_dir)]
+    # Port 0, any free one: were the check gone, the server would start (and the run time out).
+    command += ["--host", "127.0.0.1", "--port", "0", "--log-level", "warning"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"mcdrop serve: error: model_dir {str(model_dir)!r} {problem}")
+    assert done.stderr.endswith(
+        ": give --model-dir (or MCDROP_MODEL_DIR) a folder of model directories\n"
+    )
+    assert done.stderr.count("\n") == 1
 
 
 def test_unreachable_service(capsys: pytest.CaptureFixture[str]) -> None:
@@ -247,6 +287,14 @@ def test_url_from_the_environment(
         (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
         (["predict", "../health", "--inputs", "[[0]]"], "model name"),
+        # Locally too, a model is a folder inside --model-dir, never a path out of it.
+        (
+            ["predict", "../diabetes", "--model-dir", str(MODELS / "digits"), "--inputs", "[[0]]"],
+            "invalid model name '../diabetes': give the name of a folder inside --model-dir",
+        ),
+        (["predict", "..", "--model-dir", str(MODELS / "digits"), "--inputs", "[[0]]"], "'..'"),
+        (["predict", str(MODELS / "digits"), "--model-dir", "/", "--inputs", "[[0]]"], "name"),
+        (["predict", "digits/", "--model-dir", str(MODELS), "--inputs", "[[0]]"], "'digits/'"),
         (["serve", "--port", "-1"], "port"),
         (["serve", "--device", "tpu"], "device: Value error, unknown device 'tpu'"),
         (["predict", "digits", "--model-dir", ".", "--device", "gpu", "--inputs", "[[0]]"], "gpu"),

@@ -4,6 +4,7 @@ the responses say about it (never the server's absolute paths)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from fastapi.testclient import TestClient
 
@@ -195,3 +197,138 @@ def test_a_cuda_service_answers_as_the_cpu_one(serve) -> None:
             assert b[field][0] == pytest.approx(a[field][0], rel=1e-3), field
     digits = gpu.post("/models/custom/predict", json={"inputs": [[1.0, 2.0, 3.0]]})
     assert digits.status_code == 200
+
+
+# A folder with nothing to serve: a wrong path must not pass for a ready server.
+
+
+def _no_models(tmp_path: Path, kind: str) -> Path:
+    """A model_dir that gives no model: missing, a file, or an empty folder."""
+    path = tmp_path / kind
+    if kind == "file":
+        path.write_text("not a folder")
+    elif kind == "empty":
+        path.mkdir()
+    return path
+
+
+NO_MODELS = {
+    "missing": "does not exist",
+    "file": "is not a directory",
+    "empty": "holds no model directories (*/model.json)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NO_MODELS))
+def test_exit_on_error_refuses_a_model_dir_without_models(tmp_path: Path, kind: str) -> None:
+    model_dir = _no_models(tmp_path, kind)
+    with pytest.raises(StartupError) as info:
+        TestClient(create_app(Settings(model_dir=model_dir))).__enter__()
+    message = str(info.value)
+    assert message.startswith(f"model_dir {str(model_dir)!r} {NO_MODELS[kind]}")
+    assert "so the server does not start" in message
+    assert "\n" not in message  # one line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+def test_exit_on_error_refuses_an_unreadable_model_dir(folder: Path) -> None:
+    folder.chmod(0)
+    try:
+        with pytest.raises(StartupError, match="cannot be read: Permission denied"):
+            TestClient(create_app(Settings(model_dir=folder))).__enter__()
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("kind", sorted(NO_MODELS))
+def test_without_models_the_server_is_not_ready(tmp_path: Path, kind: str) -> None:
+    """README: 503 ``failed`` when no model loaded, none found included (was 200 ``ready``)."""
+    settings = Settings(model_dir=_no_models(tmp_path, kind), exit_on_error=False)
+    with TestClient(create_app(settings)) as client:
+        ready = _settled(client)
+        v2 = client.get("/v2/health/ready")
+    assert ready == {"code": 503, "status": "failed", "models": {}}
+    assert (v2.status_code, v2.json()) == (503, {"ready": False})
+
+
+def _variant(root: Path, name: str, **changes: Any) -> Path:
+    """``root/name``: the bundled diabetes model under another name, its manifest changed
+    (a None value removes the field)."""
+    target = root / name
+    shutil.copytree(MODELS / "diabetes", target)
+    manifest = target / checkpoint.MANIFEST
+    data = {**json.loads(manifest.read_text()), "name": name}
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    manifest.write_text(json.dumps(data))
+    return target
+
+
+WRONG_TYPES: dict[str, tuple[dict[str, Any], str]] = {
+    "description": ({"description": 5}, "'description' must be a string, got 5"),
+    "version": ({"version": 1}, "'version' must be a non-empty string"),
+    "dropout": ({"dropout": "x"}, "'dropout' must be a number in [0, 1) or null, got 'x'"),
+    "metrics": ({"metrics": {"rmse": "high"}}, "'metrics.rmse' must be a finite number"),
+    "metrics NaN": ({"metrics": {"rmse": float("nan")}}, "'metrics.rmse' must be a finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TYPES))
+def test_a_manifest_field_of_the_wrong_type_fails_that_model_only(
+    tmp_path: Path, case: str
+) -> None:
+    """It used to load as ready, then every GET /models answered 500."""
+    changes, problem = WRONG_TYPES[case]
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    _variant(tmp_path, "bad", **changes)
+    with TestClient(create_app(Settings(model_dir=tmp_path, exit_on_error=False))) as client:
+        ready = _settled(client)
+        assert (ready["code"], ready["status"]) == (200, "degraded")
+        assert ready["models"]["bad"].startswith(f"bad/model.json: {problem}")
+        listed = client.get("/models")
+        assert listed.status_code == 200
+        assert [m["name"] for m in listed.json()["models"]] == ["diabetes"]
+        for path in ("/models/bad", "/v2/models/bad", "/v2/models/bad/versions/1/ready"):
+            answer = client.get(path)
+            assert answer.status_code == 503, path
+            assert problem in answer.text, path
+        assert client.get("/models/diabetes").status_code == 200
+        assert client.get("/v2/models/diabetes").status_code == 200
+
+
+WARM_UP_FAILURES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    # The net takes 10 features; the manifest promises rows of 11 (no normalisation to catch it).
+    "input_shape": (
+        lambda root: _variant(root, "bad", input_shape=[11], input_normalization=None),
+        "bad/model.json: the warm-up pass on one row of input_shape [11] failed, so input_shape "
+        "(or input_normalization) does not fit the architecture: ",
+    ),
+    # Weights that overflow float32 on the training mean itself: the model's fault, not a
+    # request's ("send values on the scale of its training data" blamed the inputs).
+    "non-finite": (
+        lambda root: _scaled_weights(_variant(root, "bad"), 1e20),
+        "bad/model.json: the warm-up row (input_normalization's mean) gives outputs that are "
+        "not finite (NaN or beyond float32): check target_normalization and the weights",
+    ),
+}
+
+
+def _scaled_weights(model: Path, factor: float) -> Path:
+    weights = model / checkpoint.WEIGHTS
+    state = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({k: v * factor for k, v in state.items()}, weights)
+    (model / "calibration.json").unlink()  # of the old weights
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(WARM_UP_FAILURES))
+def test_a_failed_warm_up_names_the_manifest(tmp_path: Path, case: str) -> None:
+    make, reason = WARM_UP_FAILURES[case]
+    make(tmp_path)
+    with pytest.raises(StartupError) as info:
+        TestClient(create_app(Settings(model_dir=tmp_path))).__enter__()
+    assert f"model 'bad': {reason}" in str(info.value)
+    assert "send values on the scale" not in str(info.value)
