@@ -29,7 +29,7 @@ from mcdrop.predictor import Prediction, Predictor, Summary
 from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
-from service.errors import ModelNotFoundError, ModelNotReadyError, public_message
+from service.errors import ModelNotFoundError, ModelNotReadyError, echo, public_message
 from service.metrics import Metrics
 
 #: Completes when the client has gone away (see :func:`service.dataplane.disconnected`).
@@ -264,7 +264,7 @@ class Registry:
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFoundError(
-                f"no model named {name!r}; available: {sorted(self.entries)} (GET /models)"
+                f"no model named {echo(name)}; available: {sorted(self.entries)} (GET /models)"
             )
         return entry
 

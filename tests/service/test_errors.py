@@ -431,3 +431,11 @@ def test_a_long_unknown_path_is_cut_but_the_advice_kept(http: TestClient) -> Non
     message = response.json()["error"]["message"]
     assert message.startswith("no route serves /ppp")
     assert message.endswith("(5001 characters)")
+
+
+@pytest.mark.parametrize("path", ["/models/{}/predict", "/v2/models/{}/infer"])
+def test_an_unknown_model_name_is_quoted_cut(http: TestClient, path: str) -> None:
+    response = http.post(path.format("m" * 5000), json={"inputs": [[0.0] * 10]})
+    assert response.status_code == 404, response.text[:300]
+    assert "(5000 characters)" in response.text
+    assert len(response.content) < 1000
