@@ -124,6 +124,7 @@ def test_exported_names() -> None:
         "NotFoundError",
         "PayloadTooLargeError",
         "RequestTimeoutError",
+        "ResponseTooLargeError",
         "ServerError",
         "ServiceUnavailableError",
         "TransportError",

@@ -5,11 +5,15 @@ Importing it loads neither torch nor FastAPI. Every failure is one of these erro
     ClientError                     base: catch this for any failure of the client
     ├── InvalidURLError             the base URL is not an http(s) URL (ValueError)
     ├── InvalidRequestError         refused before sending: NaN or non-numbers in the inputs, a
-    │                               model name that is not one path segment (ValueError)
+    │                               model name that is not one path segment, inputs nested too
+    │                               deeply, a timeout or max_response_bytes out of range
+    │                               (ValueError)
     ├── TransportError              no HTTP answer: connection refused, reset, DNS, ...
     │   └── RequestTimeoutError     no answer within the timeout (says which and how long)
     ├── DecodingError               an answer that is not the mcdrop protocol: not JSON, or JSON
     │                               of the wrong shape (status_code, snippet)
+    ├── ResponseTooLargeError       an answer above max_response_bytes, refused unread or
+    │                               unfinished (status_code, limit)
     └── APIError                    the service answered with an error (status_code, code,
         │                           message, details)
         ├── BadRequestError         400 / 422: inputs or options to fix
@@ -25,6 +29,12 @@ Example::
         result = mc.uncertainty("digits", rows, n_samples=100, seed=7)
         print(result.results[0].mutual_information)
 
+``timeout`` bounds the whole request, as one deadline: connecting, sending the body and
+reading the complete answer (a server that trickles its answer cannot keep a caller waiting
+longer); ``timeout=None`` (or ``math.inf``) waits without limit, as in httpx. ``max_response_bytes``
+bounds the answer's size after decoding (gzip included): an answer above it is refused before it
+is read when its Content-Length says so, else as soon as it passes the limit.
+
 The API key (for a service started with ``MCDROP_API_KEY``) is ``api_key=``, or else read from
 the ``MCDROP_API_KEY`` environment variable. Tests can pass a ``starlette.testclient.TestClient``
 (an ``httpx2.Client``) as ``http=`` to talk to an app in process.
@@ -33,12 +43,18 @@ the ``MCDROP_API_KEY`` environment variable. Tests can pass a ``starlette.testcl
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import time
 from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote, urlsplit
 
+import anyio
+import httpcore2
 import httpx2
 from pydantic import BaseModel, ValidationError
 
@@ -58,6 +74,11 @@ DEFAULT_URL = "http://localhost:8000"
 DEFAULT_TIMEOUT = 75.0
 #: Seconds to wait for a connection: an unreachable host should not take the full read timeout.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Largest answer the client reads, in bytes after decoding: 4 times the server's own default
+#: limit on a response (``MCDROP_MAX_RESPONSE_BYTES``, 16 MiB), so a server configured for larger
+#: answers (e.g. ``return_samples`` on many rows) still fits, while a hostile or broken server
+#: cannot make the caller buffer gigabytes.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 #: The environment variable the client reads the API key from (the server's own setting).
 API_KEY_ENV = "MCDROP_API_KEY"
 #: Characters of an unexpected answer quoted in a :class:`DecodingError`.
@@ -76,6 +97,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "RequestTimeoutError",
+    "ResponseTooLargeError",
     "ServerError",
     "ServiceUnavailableError",
     "TransportError",
@@ -93,8 +115,9 @@ class InvalidURLError(ClientError, ValueError):
 
 
 class InvalidRequestError(ClientError, ValueError):
-    """The request cannot be sent: inputs JSON cannot carry (NaN, infinity, non-numbers), or a
-    model name that cannot be one URL path segment."""
+    """The request cannot be sent: inputs JSON cannot carry (NaN, infinity, non-numbers, nesting
+    too deep), a model name that cannot be one URL path segment, or a client option out of range
+    (``timeout``, ``max_response_bytes``, ``api_key``)."""
 
 
 class TransportError(ClientError):
@@ -121,6 +144,16 @@ class DecodingError(ClientError):
         super().__init__(message)
         self.status_code = status_code
         self.snippet = snippet
+
+
+class ResponseTooLargeError(ClientError):
+    """The answer is larger than the client's ``max_response_bytes`` (``limit``); it was refused
+    unread (its Content-Length said so) or abandoned once past the limit."""
+
+    def __init__(self, message: str, status_code: int, limit: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.limit = limit
 
 
 class APIError(ClientError):
@@ -221,7 +254,37 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _timeout(timeout: float) -> httpx2.Timeout:
+def _check_timeout(timeout: float | None) -> float | None:
+    """``timeout`` in seconds, None for no limit (``None`` or infinity, as httpx reads None)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        # `not timeout > 0` also catches NaN; 0 would make every socket non-blocking.
+        raise InvalidRequestError(
+            f"invalid timeout {timeout!r}: give the seconds a request may take as a number > 0, "
+            "or None for no limit"
+        )
+    return None if math.isinf(timeout) else float(timeout)
+
+
+def _check_max_bytes(max_response_bytes: int | None) -> int | None:
+    if max_response_bytes is None:
+        return None
+    if (
+        isinstance(max_response_bytes, bool)
+        or not isinstance(max_response_bytes, int)
+        or max_response_bytes < 1
+    ):
+        raise InvalidRequestError(
+            f"invalid max_response_bytes {max_response_bytes!r}: give a whole number of bytes "
+            f">= 1 (default {DEFAULT_MAX_RESPONSE_BYTES}), or None for no limit"
+        )
+    return max_response_bytes
+
+
+def _timeout(timeout: float | None) -> httpx2.Timeout:
+    if timeout is None:
+        return httpx2.Timeout(None)
     return httpx2.Timeout(timeout, connect=min(timeout, DEFAULT_CONNECT_TIMEOUT))
 
 
@@ -231,6 +294,11 @@ def _encode(body: dict[str, Any]) -> bytes:
         return json.dumps(body, allow_nan=False).encode()
     except (ValueError, TypeError) as exc:
         raise InvalidRequestError(f"cannot encode the request as JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError(
+            "cannot encode the request as JSON: the inputs are nested too deeply; give rows of "
+            "numbers (or of nested lists as deep as the model's input_shape)"
+        ) from None
 
 
 def _rows(inputs: Sequence[Any]) -> list[Any]:
@@ -239,6 +307,163 @@ def _rows(inputs: Sequence[Any]) -> list[Any]:
     if callable(tolist):
         return tolist()
     return [row.tolist() if callable(getattr(row, "tolist", None)) else row for row in inputs]
+
+
+# The synchronous client's whole-request deadline (time.monotonic()), None: no limit. httpx2
+# bounds each read and write, not a request: a server trickling a byte a second would never
+# time out. The sockets of a Client's pool read it (see _DeadlineBackend), so the same pool
+# serves any number of threads, each with its own deadline. The async client needs none of
+# this: it cancels the whole request with anyio.fail_after.
+_DEADLINE: ContextVar[float | None] = ContextVar("mcdrop_client_deadline", default=None)
+
+
+def _left(timeout: float | None, expired: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left until the deadline; ``expired`` raised once it passed."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise expired("the request's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore2.NetworkStream):
+    """A socket whose every read and write ends by the request's deadline."""
+
+    def __init__(self, stream: httpcore2.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore2.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(timeout, httpcore2.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore2.NetworkStream:
+        left = _left(timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, left))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore2.NetworkBackend):
+    """httpcore2's network backend, with sockets that end by the request's deadline."""
+
+    def __init__(self, backend: httpcore2.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore2.NetworkStream:
+        left = _left(timeout, httpcore2.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore2.NetworkStream:
+        left = _left(timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, left, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _bound_by_deadline(http: httpx2.Client) -> None:
+    """Give the pools of a Client this module made (its transport, and the proxies' read from the
+    environment) sockets that keep the deadline. httpx2 has no public hook for a network
+    backend; tests/service/test_client.py checks that a trickling server is cut off in time."""
+    transports = [getattr(http, "_transport", None), *getattr(http, "_mounts", {}).values()]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if isinstance(backend, httpcore2.NetworkBackend):
+            pool._network_backend = _DeadlineBackend(backend)  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer read in full (within max_response_bytes)."""
+
+    method: str
+    url: str
+    status_code: int
+    reason: str
+    headers: httpx2.Headers
+    content: bytes
+
+    @property
+    def where(self) -> str:
+        return f"{self.method} {self.url}"
+
+
+def _too_large(
+    request: httpx2.Request, response: httpx2.Response, limit: int, what: str
+) -> ClientError:
+    return ResponseTooLargeError(
+        f"the answer to {request.method} {request.url} ({response.status_code}) is larger than "
+        f"max_response_bytes={limit} ({what}); if such an answer is expected (e.g. "
+        "return_samples on many rows), raise max_response_bytes= on the client, or ask for less",
+        response.status_code,
+        limit,
+    )
+
+
+def _check_length(request: httpx2.Request, response: httpx2.Response, limit: int | None) -> None:
+    """Refuse an answer unread when its Content-Length is already above ``limit``."""
+    length = response.headers.get("content-length", "")
+    if limit is not None and length.isdigit() and int(length) > limit:
+        raise _too_large(request, response, limit, f"its Content-Length is {length}")
+
+
+class _Reader:
+    """Collects a response's decoded bytes up to ``limit``, and by ``deadline`` (monotonic)."""
+
+    def __init__(
+        self, request: httpx2.Request, response: httpx2.Response, limit: int | None
+    ) -> None:
+        self._request, self._response, self._limit = request, response, limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._limit is not None and self._size > self._limit:
+            what = f"more than {self._limit} bytes arrived, after decoding"
+            raise _too_large(self._request, self._response, self._limit, what)
+        self._chunks.append(chunk)
+
+    def answer(self) -> _Answer:
+        request, response = self._request, self._response
+        return _Answer(
+            request.method,
+            str(request.url),
+            response.status_code,
+            response.reason_phrase,
+            response.headers,
+            b"".join(self._chunks),
+        )
+
+
+def _deadline_error(where: str, timeout: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"no answer to {where} within {timeout:g} s (timeout= bounds the whole request: "
+        "connecting, sending, and reading the complete answer); raise timeout= (seconds) if the "
+        "service is busy or the request is large",
+        timeout,
+    )
 
 
 # What each timeout means to a caller: the phase (a key of httpx2's timeout settings), and what
@@ -262,8 +487,11 @@ _TIMEOUTS: dict[type[Exception], tuple[str, str]] = {
 }
 
 
-def _transport_error(exc: httpx2.RequestError) -> ClientError:
-    """An httpx2 failure as a client error that says what happened, where, and after how long."""
+def _transport_error(
+    exc: httpx2.RequestError, timeout: float | None = None, deadline: float | None = None
+) -> ClientError:
+    """An httpx2 failure as a client error that says what happened, where, and after how long;
+    past the request's ``deadline`` (monotonic), a timeout names the whole ``timeout``."""
     try:
         request: httpx2.Request | None = exc.request
     except RuntimeError:  # raised by httpx2 when the error carries no request
@@ -273,6 +501,8 @@ def _transport_error(exc: httpx2.RequestError) -> ClientError:
         if isinstance(exc, httpx2.DecodingError):
             return DecodingError(f"cannot decode the answer to {where}: {exc}", None, "")
         return TransportError(f"cannot reach the mcdrop service ({where}): {exc}")
+    if deadline is not None and time.monotonic() >= deadline:
+        return _deadline_error(where, timeout)
     phase, message = _TIMEOUTS.get(type(exc), _READ_TIMEOUT)
     limits = request.extensions.get("timeout", {}) if request is not None else {}
     seconds = limits.get(phase)
@@ -280,46 +510,90 @@ def _transport_error(exc: httpx2.RequestError) -> ClientError:
     return RequestTimeoutError(message.format(where=where, after=after), seconds)
 
 
-def _snippet(response: httpx2.Response) -> str:
-    text = response.content[:SNIPPET_CHARS].decode("utf-8", "replace")
-    return text + ("..." if len(response.content) > SNIPPET_CHARS else "")
+def _snippet(content: bytes) -> str:
+    text = content[:SNIPPET_CHARS].decode("utf-8", "replace")
+    return text + ("..." if len(content) > SNIPPET_CHARS else "")
 
 
-def _error(response: httpx2.Response) -> APIError:
+def _status_message(answer: _Answer) -> str:
+    """What an error status without the service's JSON error came with: a redirect's target, or
+    the body's type and start (e.g. a proxy's page), so the message is never empty."""
+    status = f"{answer.where} answered {answer.status_code} {answer.reason}".rstrip()
+    location = answer.headers.get("location")
+    if 300 <= answer.status_code < 400:
+        target = f" to {_snippet(location.encode())!r}" if location else " without a Location"
+        return (
+            f"{status}: a redirect{target}, which the client does not follow; give the "
+            "service's final address as the base URL"
+        )
+    if not answer.content:
+        return f"{status} with an empty body"
+    kind = answer.headers.get("content-type", "no content type")
+    return (
+        f"{status} with a body ({_snippet(kind.encode())}) that is not the service's JSON error; "
+        f"it starts: {_snippet(answer.content)!r}"
+    )
+
+
+def _error(answer: _Answer) -> APIError:
     """An error status as the matching :class:`APIError`; a body that is not the service's error
-    JSON (e.g. a proxy's page) still gives the status's error, with the body's start as message."""
-    status = response.status_code
+    JSON (e.g. a proxy's page, a redirect) still gives the status's error, with a message that
+    says what came instead."""
+    status = answer.status_code
     try:
-        body = response.json()["error"]
+        body = json.loads(answer.content)["error"]
         code, message, details = body["code"], body["message"], body.get("details", [])
         if not (isinstance(code, str) and isinstance(message, str) and isinstance(details, list)):
             raise TypeError(body)
-    except (ValueError, KeyError, TypeError):
-        code, message, details = "http_error", _snippet(response), []
+    except (ValueError, KeyError, TypeError, RecursionError):
+        # RecursionError: JSON nested deeper than Python can parse is not the service's error.
+        code, message, details = "http_error", _status_message(answer), []
     kind = _BY_STATUS.get(status, ServerError if status >= 500 else APIError)
     return kind(status, code, message, details)
 
 
-def _parse(response: httpx2.Response, model: type[T], ok: Sequence[int] = (200,)) -> T:
-    if response.status_code not in ok:
-        raise _error(response)
+def _parse(answer: _Answer, model: type[T], ok: Sequence[int] = (200,)) -> T:
+    if answer.status_code not in ok:
+        raise _error(answer)
     try:
-        return model.model_validate_json(response.content)
-    except ValidationError as exc:
-        if response.status_code >= 400:  # e.g. a proxy's 503 page where /ready was expected
-            raise _error(response) from None
+        return model.model_validate_json(answer.content)
+    except (ValidationError, RecursionError) as exc:
+        if answer.status_code >= 400:  # e.g. a proxy's 503 page where /ready was expected
+            raise _error(answer) from None
         # One line naming the first problem, not pydantic's multi-line report.
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        reason = "not JSON" if first.get("type") == "json_invalid" else f"{where}: {first['msg']}"
-        snippet = _snippet(response)
+        if isinstance(exc, RecursionError):
+            reason = "nested too deeply"
+        else:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            reason = (
+                "not JSON" if first.get("type") == "json_invalid" else f"{where}: {first['msg']}"
+            )
+        snippet = _snippet(answer.content)
         raise DecodingError(
-            f"{response.request.method} {response.request.url} answered {response.status_code} "
-            f"with a body that is not a {model.__name__} ({reason}); is this an mcdrop service "
-            f"of the same version? The body starts: {snippet!r}",
-            response.status_code,
+            f"{answer.where} answered {answer.status_code} with a body that is not a "
+            f"{model.__name__} ({reason}); is this an mcdrop service of the same version? The "
+            f"body starts: {snippet!r}",
+            answer.status_code,
             snippet,
         ) from None
+
+
+def _build(
+    http: httpx2.Client | httpx2.AsyncClient,
+    headers: dict[str, str],
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+) -> httpx2.Request:
+    content = None if body is None else _encode(body)
+    if body is not None:
+        headers = {**headers, **_JSON}
+    try:
+        return http.build_request(method, path, content=content, headers=headers)
+    except httpx2.InvalidURL as exc:  # e.g. a model name of 100,000 characters
+        what = f"{method} {_snippet(path.encode())!r}"
+        raise InvalidRequestError(f"cannot send {what}: {exc}") from None
 
 
 def _uncertainty_body(
@@ -355,10 +629,19 @@ class Client:
             prefix); else :class:`InvalidURLError`.
         api_key: sent as ``Authorization: Bearer <key>``; default: the ``MCDROP_API_KEY``
             environment variable, if set.
-        timeout: seconds to wait for an answer (connecting: at most 10 s). The default, 75 s,
-            is above the server's own 60 s compute deadline, so a slow request ends with the
-            server's 504 (a :class:`ServerError`) rather than a client-side timeout.
-        http: an existing ``httpx2.Client`` to use instead (e.g. Starlette's TestClient).
+        timeout: seconds one request may take in all: connecting (at most 10 s of it), sending,
+            and reading the complete answer; past it, :class:`RequestTimeoutError`. ``None``
+            (or ``math.inf``): no limit, as in httpx. The default, 75 s, is above the server's
+            own 60 s compute deadline, so a slow request ends with the server's 504 (a
+            :class:`ServerError`) rather than a client-side timeout. Not a number > 0:
+            :class:`InvalidRequestError`.
+        max_response_bytes: the largest answer read, in bytes after decoding (default 64 MiB,
+            4 times the server's own default response limit); a larger one is
+            :class:`ResponseTooLargeError`, refused before reading when its Content-Length says
+            so. ``None``: no limit (only for a server you trust).
+        http: an existing ``httpx2.Client`` to use instead (e.g. Starlette's TestClient); its
+            own timeouts apply to each read, and the whole-request deadline is checked between
+            the chunks of the answer.
     """
 
     def __init__(
@@ -366,13 +649,24 @@ class Client:
         base_url: str = DEFAULT_URL,
         *,
         api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         http: httpx2.Client | None = None,
     ) -> None:
         _check_url(base_url)
         self._headers = _headers(api_key)
+        self._timeout = _check_timeout(timeout)
+        self._max_bytes = _check_max_bytes(max_response_bytes)
         self._owns = http is None
-        self._http = http or httpx2.Client(base_url=base_url, timeout=_timeout(timeout))
+        if http is None:
+            try:
+                http = httpx2.Client(base_url=base_url, timeout=_timeout(self._timeout))
+            except httpx2.InvalidURL as exc:
+                raise InvalidURLError(
+                    f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
+                ) from None
+            _bound_by_deadline(http)
+        self._http = http
 
     def __enter__(self) -> Self:
         return self
@@ -384,15 +678,27 @@ class Client:
         if self._owns:
             self._http.close()
 
-    def _request(
-        self, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> httpx2.Response:
-        content = None if body is None else _encode(body)
-        headers = self._headers if body is None else {**self._headers, **_JSON}
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
+        request = _build(self._http, self._headers, method, path, body)
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        token = _DEADLINE.set(deadline)
         try:
-            return self._http.request(method, path, content=content, headers=headers)
+            response = self._http.send(request, stream=True)
+            try:
+                _check_length(request, response, self._max_bytes)
+                reader = _Reader(request, response, self._max_bytes)
+                for chunk in response.iter_bytes():
+                    reader.add(chunk)
+                    # Also a client given as http=, whose sockets do not keep the deadline.
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise _deadline_error(f"{request.method} {request.url}", self._timeout)
+                return reader.answer()
+            finally:
+                response.close()
         except httpx2.RequestError as exc:
-            raise _transport_error(exc) from exc
+            raise _transport_error(exc, self._timeout, deadline) from exc
+        finally:
+            _DEADLINE.reset(token)
 
     def health(self) -> Health:
         return _parse(self._request("GET", "/health"), Health)
@@ -462,13 +768,24 @@ class AsyncClient:
         base_url: str = DEFAULT_URL,
         *,
         api_key: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_response_bytes: int | None = DEFAULT_MAX_RESPONSE_BYTES,
         http: httpx2.AsyncClient | None = None,
     ) -> None:
         _check_url(base_url)
         self._headers = _headers(api_key)
+        self._timeout = _check_timeout(timeout)
+        self._max_bytes = _check_max_bytes(max_response_bytes)
         self._owns = http is None
-        self._http = http or httpx2.AsyncClient(base_url=base_url, timeout=_timeout(timeout))
+        if http is None:
+            try:
+                http = httpx2.AsyncClient(base_url=base_url, timeout=_timeout(self._timeout))
+            except httpx2.InvalidURL as exc:
+                raise InvalidURLError(
+                    f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
+                ) from None
+
+        self._http = http
 
     async def __aenter__(self) -> Self:
         return self
@@ -480,13 +797,22 @@ class AsyncClient:
         if self._owns:
             await self._http.aclose()
 
-    async def _request(
-        self, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> httpx2.Response:
-        content = None if body is None else _encode(body)
-        headers = self._headers if body is None else {**self._headers, **_JSON}
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
+        request = _build(self._http, self._headers, method, path, body)
         try:
-            return await self._http.request(method, path, content=content, headers=headers)
+            # One deadline for the whole request: cancelled wherever it waits.
+            with anyio.fail_after(self._timeout):
+                response = await self._http.send(request, stream=True)
+                try:
+                    _check_length(request, response, self._max_bytes)
+                    reader = _Reader(request, response, self._max_bytes)
+                    async for chunk in response.aiter_bytes():
+                        reader.add(chunk)
+                    return reader.answer()
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise _deadline_error(f"{request.method} {request.url}", self._timeout) from None
         except httpx2.RequestError as exc:
             raise _transport_error(exc) from exc
 
