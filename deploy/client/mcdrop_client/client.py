@@ -411,7 +411,7 @@ class _Answer:
 
 def _too_large(
     request: httpx2.Request, response: httpx2.Response, limit: int, what: str
-) -> ClientError:
+) -> ResponseTooLargeError:
     return ResponseTooLargeError(
         f"the answer to {request.method} {request.url} ({response.status_code}) is larger than "
         f"max_response_bytes={limit} ({what}); if such an answer is expected (e.g. "
@@ -429,7 +429,7 @@ def _check_length(request: httpx2.Request, response: httpx2.Response, limit: int
 
 
 class _Reader:
-    """Collects a response's decoded bytes up to ``limit``, and by ``deadline`` (monotonic)."""
+    """Collects a response's decoded bytes, refusing them once past ``limit`` (None: no limit)."""
 
     def __init__(
         self, request: httpx2.Request, response: httpx2.Response, limit: int | None
