@@ -263,7 +263,7 @@ def evaluate_model(
     Returns:
         the report (as written to ``report.json``).
     """
-    if limit is not None and (isinstance(limit, bool) or not (isinstance(limit, int) and limit >= 1)):
+    if limit is not None and not (type(limit) is int and limit >= 1):
         raise InvalidArgumentError(f"limit must be a positive number of rows, got {limit!r}")
     loaded = checkpoint.load(
         model_dir,
