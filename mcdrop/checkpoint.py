@@ -76,7 +76,8 @@ class ModelSpec:
             log-variance for every output).
         input_normalization, target_normalization: applied inside the loaded model, so it takes
             and returns original units.
-        default_n_samples: MC samples when a request does not say.
+        default_n_samples: MC samples when a request does not say (1 to
+            :data:`MAX_DEFAULT_N_SAMPLES`; a service caps it at its max_n_samples).
         metrics: held-out metrics recorded at training time (finite numbers).
         training: how the model was trained (command, seed, epochs, ...), an object.
         description: one line for people.
