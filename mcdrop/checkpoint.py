@@ -42,6 +42,9 @@ from mcdrop.nets import ReducedPrecision, Standardized, build
 MANIFEST = "model.json"
 WEIGHTS = "weights.safetensors"
 FORMAT_VERSION = 1
+#: The most samples a manifest may make a model's default: far above any service limit (10_000
+#: by default), so a larger value is a typo (10**30 would otherwise be capped silently).
+MAX_DEFAULT_N_SAMPLES = 1_000_000
 
 Task = Literal["classification", "regression"]
 
@@ -73,7 +76,8 @@ class ModelSpec:
             log-variance for every output).
         input_normalization, target_normalization: applied inside the loaded model, so it takes
             and returns original units.
-        default_n_samples: MC samples when a request does not say.
+        default_n_samples: MC samples when a request does not say (1 to
+            :data:`MAX_DEFAULT_N_SAMPLES`; a service caps it at its max_n_samples).
         metrics: held-out metrics recorded at training time (finite numbers).
         training: how the model was trained (command, seed, epochs, ...), an object.
         description: one line for people.
@@ -167,8 +171,14 @@ class ModelSpec:
         if data["task"] == "regression" and likelihood == "homoscedastic" and tau is None:
             raise fail("a homoscedastic regressor needs 'tau' (its noise variance is 1/tau)")
         n = data.get("default_n_samples", 100)
-        if not (_is_int(n) and n >= 1):
-            raise fail(f"'default_n_samples' must be a positive integer, got {n!r}")
+        if not (_is_int(n) and 1 <= n <= MAX_DEFAULT_N_SAMPLES):
+            # repr of an integer of more than 4300 digits raises; a long value is cut.
+            big = _is_int(n) and abs(n).bit_length() > 128
+            shown = "an integer of more than 38 digits" if big else repr(n)[:60]
+            raise fail(
+                f"'default_n_samples' must be an integer from 1 to {MAX_DEFAULT_N_SAMPLES:_}, "
+                f"got {shown}"
+            )
         metrics = data.get("metrics", {})
         if not isinstance(metrics, dict):
             raise fail(f"'metrics' must be an object of names to numbers, got {metrics!r}")

@@ -20,6 +20,16 @@ from mcdrop.exceptions import CheckpointError, InvalidArgumentError, UntrustedCo
 DropoutKind = Literal["standard", "alpha", "dropconnect"]
 
 
+def _check_sizes(net: str, **sizes: int | Sequence[int]) -> None:
+    """Refuse a layer size that is not a positive integer, naming it: torch builds a layer of
+    width 0 without complaint, and the failure comes later, far from its cause."""
+    for name, value in sizes.items():
+        values = [value] if isinstance(value, int) else list(value)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            what = "a positive integer" if isinstance(value, int) else "positive integers"
+            raise InvalidArgumentError(f"{net} {name} must be {what}, got {value!r}")
+
+
 def _dropout(kind: str, p: float) -> nn.Module:
     if kind == "alpha":
         return nn.AlphaDropout(p)
@@ -55,6 +65,7 @@ class MLP(nn.Module):
         super().__init__()
         if kind not in ("standard", "alpha", "dropconnect"):
             raise ValueError(f"unknown dropout kind {kind!r}")
+        _check_sizes("MLP", in_features=in_features, hidden=hidden, out_features=out_features)
         # A flag, not an nn.Flatten layer: the state-dict keys of existing models stay the same.
         self.flatten = flatten
         layers: list[nn.Module] = []
@@ -110,6 +121,14 @@ class CNN(nn.Module):
         super().__init__()
         if len(pool) != len(channels):
             raise ValueError("pool needs one entry per conv layer")
+        _check_sizes(
+            "CNN",
+            in_channels=in_channels,
+            image_size=image_size,
+            channels=channels,
+            hidden=hidden,
+            n_classes=n_classes,
+        )
         self.in_channels = in_channels
         layers: list[nn.Module] = []
         width, size = in_channels, image_size
@@ -147,6 +166,7 @@ class RowLSTM(nn.Module):
         self, in_features: int = 28, hidden: int = 128, n_classes: int = 10, dropout: float = 0.25
     ) -> None:
         super().__init__()
+        _check_sizes("RowLSTM", in_features=in_features, hidden=hidden, n_classes=n_classes)
         self.input_dropout = LockedDropout(dropout)
         self.lstm = nn.LSTM(in_features, hidden, batch_first=True)
         self.output_dropout = nn.Dropout(dropout)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import IO, Any, Literal, get_args, get_origin
 
 from service.config import ModelSettings, Settings, TrustSettings, env_only
 
@@ -223,14 +223,32 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+#: The most bytes ``--inputs`` reads: the service's request-body limit (``max_body_bytes``), so
+#: that /dev/zero or a huge file is refused rather than read until memory runs out.
+MAX_INPUTS_BYTES: int = Settings.model_fields["max_body_bytes"].default
+
+
 def _read_inputs(value: str) -> list[Any]:
-    text = (
-        sys.stdin.read()
-        if value == "-"
-        else (Path(value[1:]).read_text() if value.startswith("@") else value)
-    )
+    """``--inputs``: rows as JSON, ``@file`` or ``-`` (standard input), read at most
+    :data:`MAX_INPUTS_BYTES`."""
+    if value == "-":
+        text: str | bytes = _read_bounded(sys.stdin, "standard input")
+    elif value.startswith("@"):
+        path = Path(value[1:])
+        size = path.stat().st_size
+        if path.is_file() and size > MAX_INPUTS_BYTES:  # refused without reading it
+            raise UsageError(_too_large(str(path), f"{size:_} bytes"))
+        with path.open("rb") as file:  # not a regular file (a device, a pipe): read it bounded
+            text = _read_bounded(file, str(path))
+    else:
+        text = value
     try:
         data = json.loads(text)
+    except RecursionError:  # json recurses once per level of nesting
+        raise UsageError(
+            "--inputs is not valid JSON: nested too deeply (arrays or objects inside one "
+            "another beyond Python's recursion limit); give a list of rows"
+        ) from None
     except ValueError as exc:
         raise UsageError(f"--inputs is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "inputs" in data:
@@ -238,6 +256,20 @@ def _read_inputs(value: str) -> list[Any]:
     if not isinstance(data, list):
         raise UsageError('--inputs must be a JSON list of rows (or {"inputs": [...]})')
     return data
+
+
+def _read_bounded(file: IO[Any], name: str) -> str | bytes:
+    data = file.read(MAX_INPUTS_BYTES + 1)
+    if len(data) > MAX_INPUTS_BYTES:
+        raise UsageError(_too_large(name, f"more than {MAX_INPUTS_BYTES:_} bytes"))
+    return data
+
+
+def _too_large(name: str, size: str) -> str:
+    return (
+        f"--inputs {name} holds {size}, above the limit of {MAX_INPUTS_BYTES:_} bytes (the "
+        "service's max_body_bytes): send fewer rows at a time"
+    )
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -285,20 +317,30 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     from mcdrop.masks import fresh_seed
     from mcdrop.predictor import Predictor
     from service import convert
+    from service.registry import warm_up
 
-    loaded = checkpoint.load(_model_path(args.model_dir, args.model), **_load_options(args))
+    most_samples = _max_n_samples()
+    model_path = _model_path(args.model_dir, args.model)
+    loaded = checkpoint.load(model_path, **_load_options(args))
     predictor = Predictor(loaded, results_device="cpu")
+    # As the service before its first request: a model whose input_shape does not fit its
+    # network is named as the manifest's fault, not as the user's rows'.
+    warm_up(predictor, model_path / checkpoint.MANIFEST)
     x = convert.to_tensor(inputs, predictor)
     if not args.uncertainty:
         return convert.predict_response(predictor, predictor.predict(x))
     seed = fresh_seed() if args.seed is None else args.seed
     auto = args.n_samples == "auto"
+    # The service's limit on samples, in the service's words: a local run is held to it too.
+    asked, what = (args.max_n_samples, "max_n_samples") if auto else (args.n_samples, "n_samples")
+    if asked is not None and asked > most_samples:
+        raise UsageError(f"{what}={asked} is above the limit of {most_samples}")
     tolerance, most = args.tolerance, args.max_n_samples
     if auto:  # the service's defaults, so both modes print the same
         from mcdrop import adaptive
 
         tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
-        most = adaptive.DEFAULT_MAX_N_SAMPLES if most is None else most
+        most = min(adaptive.DEFAULT_MAX_N_SAMPLES, most_samples) if most is None else most
     from mcdrop import calibration
 
     decision = calibration.resolve(
@@ -310,9 +352,12 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
         coverage=args.coverage,
         model=f"model {loaded.spec.name!r}",
     )
+    n_samples = args.n_samples
+    if n_samples is None:  # the model's default, never above the limit (as the service)
+        n_samples = min(loaded.spec.default_n_samples, most_samples)
     summary, samples = predictor.uncertainty(
         x,
-        args.n_samples,
+        n_samples,
         seed=seed,
         level=args.level,
         return_samples=args.return_samples,
@@ -331,14 +376,49 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     )
 
 
+def _max_n_samples() -> int:
+    """The service's ``max_n_samples`` (``MCDROP_MAX_N_SAMPLES``, else its default)."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings().max_n_samples
+    except ValidationError as exc:  # one line per setting, not pydantic's report
+        raise UsageError(_errors(exc)) from None
+
+
 def _n_samples(value: str) -> int | str:
-    """``--n-samples``: an integer, or ``auto``."""
+    """``--n-samples``: a positive integer, or ``auto``."""
     if value == "auto":
         return value
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return number
+
+
+def _positive(value: str) -> int:
+    """A count or size flag: an integer of at least 1 (argparse's usage error otherwise)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _index(value: str) -> int:
+    """A class index flag: an integer of at least 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a class index (0, 1, ...), got {value!r}")
+    return number
 
 
 def _url(args: argparse.Namespace) -> str:
@@ -378,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--arch", choices=["mlp", "cnn", "row_lstm"], default="mlp")
     train.add_argument(
         "--hidden",
-        type=int,
+        type=_positive,
         nargs="+",
         default=[128, 128],
         help="MLP hidden widths; the first is the CNN's hidden layer and the RowLSTM's state",
@@ -387,32 +467,36 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--kind", choices=["standard", "alpha", "dropconnect"], default="standard", help="MLP only"
     )
-    train.add_argument("--channels", type=int, nargs="+", default=[16, 32, 32], help="CNN only")
+    train.add_argument(
+        "--channels", type=_positive, nargs="+", default=[16, 32, 32], help="CNN only"
+    )
     train.add_argument(
         "--spatial-dropout", type=float, default=0.0, help="CNN: Dropout2d rate after each conv"
     )
     train.add_argument(
-        "--train-size", type=int, default=None, help="train on the first N training rows only"
+        "--train-size", type=_positive, default=None, help="train on the first N training rows only"
     )
     train.add_argument(
         "--exclude-classes",
-        type=int,
+        type=_index,
         nargs="+",
         default=[],
         help="leave these classes out of training (for out-of-distribution tests)",
     )
     train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--epochs", type=_positive, default=100)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--batch-size", type=_positive, default=64)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
         "--n-samples",
-        type=int,
+        type=_positive,
         default=100,
         help="MC samples for evaluation and the model's default",
     )
-    train.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible)")
+    train.add_argument(
+        "--threads", type=_positive, default=1, help="torch threads (1: reproducible)"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
@@ -430,19 +514,19 @@ def parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--out", type=Path, default=None, help="folder for the report and plots")
     evaluate.add_argument(
-        "--n-samples", type=int, default=None, help="default: the model's default_n_samples"
+        "--n-samples", type=_positive, default=None, help="default: the model's default_n_samples"
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the MC samples and noise")
     evaluate.add_argument(
         "--ood-classes",
-        type=int,
+        type=_index,
         nargs="+",
         default=None,
         help="classes the model never saw (default: the manifest's training.exclude_classes)",
     )
-    evaluate.add_argument("--limit", type=int, default=None, help="score only N rows per set")
+    evaluate.add_argument("--limit", type=_positive, default=None, help="score only N rows per set")
     evaluate.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    evaluate.add_argument("--threads", type=int, default=1, help="torch threads")
+    evaluate.add_argument("--threads", type=_positive, default=1, help="torch threads")
     _add_setting_flags(evaluate, ModelSettings)
     evaluate.set_defaults(func=_evaluate)
 
@@ -463,7 +547,7 @@ def parser() -> argparse.ArgumentParser:
         "or targets (N, K)) the model never trained on",
     )
     calibrate.add_argument(
-        "--n-samples", type=int, default=None, help="default: the model's default_n_samples"
+        "--n-samples", type=_positive, default=None, help="default: the model's default_n_samples"
     )
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the MC samples")
     calibrate.add_argument(
@@ -472,7 +556,7 @@ def parser() -> argparse.ArgumentParser:
         help="also check the decisions on the recorded dataset's test split",
     )
     calibrate.add_argument("--json", action="store_true", help="the summary as JSON")
-    calibrate.add_argument("--threads", type=int, default=1, help="torch threads")
+    calibrate.add_argument("--threads", type=_positive, default=1, help="torch threads")
     _add_setting_flags(calibrate, ModelSettings)
     calibrate.set_defaults(func=_calibrate)
 
@@ -486,8 +570,10 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
     check.add_argument("--json", action="store_true", help="the report as JSON")
-    check.add_argument("--n-samples", type=int, default=16, help="samples of every example row")
-    check.add_argument("--rows", type=int, default=4, help="example rows")
+    check.add_argument(
+        "--n-samples", type=_positive, default=16, help="samples of every example row"
+    )
+    check.add_argument("--rows", type=_positive, default=4, help="example rows")
     check.add_argument("--seed", type=int, default=0, help="seed of the rows and samples")
     _add_setting_flags(check, ModelSettings)
     check.set_defaults(func=_check)
@@ -509,7 +595,9 @@ def parser() -> argparse.ArgumentParser:
         "--tolerance (default 0.01) or it has --max-n-samples (default 1000)",
     )
     predict.add_argument("--tolerance", type=float, default=None, help="with --n-samples auto")
-    predict.add_argument("--max-n-samples", type=int, default=None, help="with --n-samples auto")
+    predict.add_argument(
+        "--max-n-samples", type=_positive, default=None, help="with --n-samples auto"
+    )
     predict.add_argument("--seed", type=int, default=None)
     predict.add_argument("--level", type=float, default=0.95)
     predict.add_argument("--return-samples", action="store_true")

@@ -120,6 +120,21 @@ class _StampRequestId(logging.Filter):
         return True
 
 
+class _StartupSummary(logging.Filter):
+    """When start-up fails, Starlette hands uvicorn the lifespan's traceback to log. A
+    ``StartupError`` is already the summary (one line per failed model, each logged before it):
+    keep its message, drop the traceback that only shows where the lifespan raised it."""
+
+    _TRACEBACK = "Traceback (most recent call last):"
+    _MARK = "StartupError: "  # by name: service.app imports this module
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.msg
+        if isinstance(text, str) and text.startswith(self._TRACEBACK) and self._MARK in text:
+            record.msg, record.args = text.rpartition(self._MARK)[2].rstrip(), ()
+        return True
+
+
 #: Attributes every LogRecord has: what is left over came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -153,14 +168,17 @@ def config(level: str, fmt: str) -> dict[str, Any]:
     handler = {
         "class": "logging.StreamHandler",
         "formatter": "default",
-        "filters": ["request_id"],
+        "filters": ["request_id", "startup_summary"],
         "stream": "ext://sys.stderr",
     }
     level = level.upper()
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": _StampRequestId}},
+        "filters": {
+            "request_id": {"()": _StampRequestId},
+            "startup_summary": {"()": _StartupSummary},
+        },
         "formatters": {"default": formatter},
         "handlers": {"default": handler},
         "loggers": {

@@ -13,8 +13,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -187,43 +188,10 @@ class Registry:
     def _warm_up(predictor: Predictor, manifest: Path) -> CostModel:
         """Plan the model's sampling, then run it each way before it takes requests, timing it
         for the batcher (on the model's device, results back on the host: what a request
-        costs).
-
-        The warm-up row is the model's own (its training mean, or zeros), so a failure here is
-        the model directory's to fix, never a request's: the error names the manifest."""
-        x = Registry._warm_up_input(predictor)
-        try:
-            predictor.warm_up(x)
+        costs). A failure is the model directory's to fix (see :func:`warm_up`)."""
+        x = warm_up(predictor, manifest)
+        with _names_the_manifest(predictor, manifest):
             return CostModel.measure(predictor, x)
-        except NonFiniteOutputError:
-            raise checkpoint.CheckpointError(
-                f"{manifest}: the warm-up row ({Registry._warm_up_row(predictor)}) gives outputs "
-                "that are not finite (NaN or beyond float32): check target_normalization and "
-                "the weights"
-            ) from None
-        except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
-            raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
-        except RuntimeError as exc:  # torch's shape errors name no file: name the fields
-            raise checkpoint.CheckpointError(
-                f"{manifest}: the warm-up pass on one row of input_shape "
-                f"{list(predictor.spec.input_shape)} failed, so input_shape (or "
-                f"input_normalization) does not fit the architecture: {exc}"
-            ) from exc
-
-    @staticmethod
-    def _warm_up_row(predictor: Predictor) -> str:
-        if predictor.spec.input_normalization is not None:
-            return "input_normalization's mean"
-        return "zeros"
-
-    @staticmethod
-    def _warm_up_input(predictor: Predictor) -> torch.Tensor:
-        """One typical row (the training mean where the model records it)."""
-        x = torch.zeros(1, *predictor.spec.input_shape)
-        norm = predictor.spec.input_normalization
-        if norm is not None:
-            x = torch.tensor(norm.mean, dtype=torch.float32).expand_as(x).clone()
-        return x
 
     def close(self) -> None:
         """Stop: queued work is refused, running work stops at its next forward pass, and the
@@ -281,3 +249,52 @@ class Registry:
 
     def ready_specs(self) -> list[ModelSpec]:
         return [e.handle.spec for e in self.entries.values() if e.handle is not None]
+
+
+def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
+    """Plan the model's sampling on one row of its own (its training mean, or zeros), as
+    ``mcdrop serve`` does before a model takes requests, and ``mcdrop predict --model-dir``
+    before it reads the user's rows; returns that row ``(1, *input_shape)``.
+
+    The row is the model's own, so a failure here is the model directory's to fix, never a
+    request's: the :class:`~mcdrop.checkpoint.CheckpointError` names the manifest (and, for a
+    shape that does not fit, its fields)."""
+    x = _warm_up_input(predictor)
+    with _names_the_manifest(predictor, manifest):
+        predictor.warm_up(x)
+    return x
+
+
+@contextmanager
+def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
+    try:
+        yield
+    except NonFiniteOutputError:
+        raise checkpoint.CheckpointError(
+            f"{manifest}: the warm-up row ({_warm_up_row(predictor)}) gives outputs "
+            "that are not finite (NaN or beyond float32): check target_normalization and "
+            "the weights"
+        ) from None
+    except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
+        raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
+    except RuntimeError as exc:  # torch's shape errors name no file: name the fields
+        raise checkpoint.CheckpointError(
+            f"{manifest}: the warm-up pass on one row of input_shape "
+            f"{list(predictor.spec.input_shape)} failed, so input_shape (or "
+            f"input_normalization) does not fit the architecture: {exc}"
+        ) from exc
+
+
+def _warm_up_row(predictor: Predictor) -> str:
+    if predictor.spec.input_normalization is not None:
+        return "input_normalization's mean"
+    return "zeros"
+
+
+def _warm_up_input(predictor: Predictor) -> torch.Tensor:
+    """One typical row (the training mean where the model records it)."""
+    x = torch.zeros(1, *predictor.spec.input_shape)
+    norm = predictor.spec.input_normalization
+    if norm is not None:
+        x = torch.tensor(norm.mean, dtype=torch.float32).expand_as(x).clone()
+    return x

@@ -204,6 +204,21 @@ def evaluate_regressor(
     return report, raw
 
 
+def _check_ood_classes(ood_classes: Sequence[int], labels: Sequence[str]) -> None:
+    """Held-out classes must be class indices, and leave at least one class in distribution."""
+    k = len(labels)
+    wrong = [c for c in ood_classes if not (isinstance(c, int) and 0 <= c < k)]
+    if wrong:
+        raise InvalidArgumentError(
+            f"ood_classes {wrong} are not classes of this dataset: give indices from 0 to {k - 1}"
+        )
+    if len(set(ood_classes)) >= k:
+        raise InvalidArgumentError(
+            f"ood_classes {sorted(set(ood_classes))} hold out every class: leave at least one "
+            "in distribution"
+        )
+
+
 def evaluate_model(
     model_dir: str | Path,
     dataset: str | None = None,
@@ -248,6 +263,8 @@ def evaluate_model(
     Returns:
         the report (as written to ``report.json``).
     """
+    if limit is not None and not (type(limit) is int and limit >= 1):
+        raise InvalidArgumentError(f"limit must be a positive number of rows, got {limit!r}")
     loaded = checkpoint.load(
         model_dir,
         trust_model_code=trust_model_code,
@@ -268,6 +285,8 @@ def evaluate_model(
         raise InvalidArgumentError(f"model {spec.name!r} is {spec.task}, dataset {name!r} isn't")
     if ood_classes is None:
         ood_classes = list(spec.training.get("exclude_classes", []))
+    elif ood_classes and spec.task == "classification":
+        _check_ood_classes(ood_classes, data.labels)
     n_samples = spec.default_n_samples if n_samples is None else n_samples
     predictor = Predictor(loaded, max_pass_rows=max_pass_rows, results_device="cpu")
     if spec.task == "classification":

@@ -136,6 +136,13 @@ def _edit_manifest(**changes: object):
         (_edit_manifest(metrics=[1.0]), "'metrics' must be an object"),
         (_edit_manifest(training="yes"), "'training' must be an object"),
         (_edit_manifest(default_n_samples=True), "'default_n_samples'"),
+        # Refused, not capped silently at the service's max_n_samples.
+        (
+            _edit_manifest(default_n_samples=10**30),
+            r"'default_n_samples' must be an integer from 1 to 1_000_000, got 10{30}$",
+        ),
+        (_edit_manifest(default_n_samples=1_000_001), "from 1 to 1_000_000, got 1000001"),
+        (_edit_manifest(default_n_samples=10**60), "got an integer of more than 38 digits"),
         (_edit_manifest(format_version=True), "format_version True"),
         # Normalisation that cannot apply to the model's rows or outputs.
         (_edit_manifest(input_shape=[4]), r"input_normalization has shape \[3\], .* \[4\]"),

@@ -113,3 +113,25 @@ def test_malformed_factory(factory: str) -> None:
 def test_a_factory_must_return_a_module() -> None:
     with pytest.raises(CheckpointError, match=r"not a torch\.nn\.Module"):
         build({"factory": "builtins:dict", "params": {"a": 1}}, trust_model_code=True)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: MLP(10, [0], 1), r"MLP hidden must be positive integers, got \[0\]"),
+        (lambda: MLP(10, [8, -2], 1), r"MLP hidden must be positive integers, got \[8, -2\]"),
+        (lambda: MLP(0, [8], 1), "MLP in_features must be a positive integer, got 0"),
+        (lambda: MLP(10, [8], 0), "MLP out_features must be a positive integer, got 0"),
+        (lambda: CNN(hidden=0), "CNN hidden must be a positive integer, got 0"),
+        (lambda: CNN(channels=(8, 0), pool=(True, True)), r"CNN channels .* got \(8, 0\)"),
+        (lambda: RowLSTM(hidden=0), "RowLSTM hidden must be a positive integer, got 0"),
+    ],
+)
+def test_a_layer_size_below_1_is_refused_where_the_net_is_built(make, message: str) -> None:
+    """torch builds a layer of width 0; the failure came later (an IndexError in the masks)."""
+    with pytest.raises(InvalidArgumentError, match=message):
+        make()
+
+
+def test_an_mlp_without_hidden_layers_is_still_allowed() -> None:
+    assert MLP(10, [], 1)(torch.zeros(2, 10)).shape == (2, 1)

@@ -453,3 +453,173 @@ def test_local_predict_with_decisions(capsys: pytest.CaptureFixture[str]) -> Non
     code, _, err = _run(capsys, *argv, "--uncertainty", "--coverage", "0.999")
     assert code == 1
     assert "calibration rows" in err
+
+
+def test_inputs_nested_too_deeply_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    argv = ["diabetes", "--inputs", f"@{tmp_path / 'deep.json'}"]
+    for where in (["--model-dir", str(MODELS)], ["--url", "http://127.0.0.1:9"]):
+        code, out, err = _run(capsys, "predict", *argv, *where)
+        assert (code, out) == (2, "")
+        assert err == (
+            "mcdrop predict: error: --inputs is not valid JSON: nested too deeply (arrays or "
+            "objects inside one another beyond Python's recursion limit); give a list of rows\n"
+        )
+
+
+def test_inputs_are_read_up_to_the_body_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file above the service's max_body_bytes is refused unread; a device or a pipe that
+    never ends is read up to it, not until memory runs out."""
+    limit = Settings().max_body_bytes
+    big = tmp_path / "big.json"
+    with big.open("wb") as file:  # sparse: no disk used
+        file.truncate(limit + 1)
+    code, out, err = _run(
+        capsys, "predict", "diabetes", "--model-dir", str(MODELS), "--inputs", f"@{big}"
+    )
+    assert (code, out) == (2, "")
+    assert err == (
+        f"mcdrop predict: error: --inputs {big} holds {limit + 1:_} bytes, above the limit of "
+        f"{limit:_} bytes (the service's max_body_bytes): send fewer rows at a time\n"
+    )
+    # A device, and standard input that never ends (remote mode: the rows never reach a server).
+    command = [sys.executable, "-m", "service.cli", "predict", "diabetes"]
+    command += ["--url", "http://127.0.0.1:9", "--inputs"]
+    for inputs, name in (("@/dev/zero", "/dev/zero"), ("-", "standard input")):
+        with Path("/dev/zero").open("rb") as zeros:
+            done = subprocess.run(
+                [*command, inputs], cwd=ROOT, stdin=zeros, capture_output=True, timeout=60
+            )
+        assert (done.returncode, done.stdout) == (2, b"")
+        assert done.stderr.decode() == (
+            f"mcdrop predict: error: --inputs {name} holds more than {limit:_} bytes, above the "
+            f"limit of {limit:_} bytes (the service's max_body_bytes): send fewer rows at a time\n"
+        )
+
+
+def test_local_predict_names_a_manifest_whose_input_shape_misfits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service's warm-up check, before the rows: the manifest is at fault, not the rows."""
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    manifest = tmp_path / "diabetes" / "model.json"
+    data = json.loads(manifest.read_text())
+    data["input_shape"] = [11]
+    data.pop("input_normalization", None)
+    manifest.write_text(json.dumps(data))
+    code, out, err = _run(
+        capsys,
+        "predict",
+        "diabetes",
+        "--model-dir",
+        str(tmp_path),
+        "--inputs",
+        json.dumps([[1] * 11]),
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith(
+        f"mcdrop: error: {manifest}: the warm-up pass on one row of input_shape [11] failed, so "
+        "input_shape (or input_normalization) does not fit the architecture: "
+    )
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--n-samples", "1000000000"], "n_samples=1000000000 is above the limit of 10000"),
+        (["--n-samples", "10001"], "n_samples=10001 is above the limit of 10000"),
+        (
+            ["--n-samples", "auto", "--max-n-samples", "10001"],
+            "max_n_samples=10001 is above the limit of 10000",
+        ),
+    ],
+)
+def test_local_uncertainty_is_held_to_the_service_sample_limit(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """The service's max_n_samples and its message: a local run cannot ask for a billion."""
+    argv = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    code, out, err = _run(capsys, *argv, "--uncertainty", *flags)
+    assert (code, out) == (2, "")
+    assert err == f"mcdrop predict: error: {message}\n"
+
+
+def test_local_sample_limit_is_the_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MCDROP_MAX_N_SAMPLES", "8")
+    argv = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    code, _, err = _run(capsys, *argv, "--uncertainty", "--n-samples", "9")
+    assert (code, err) == (2, "mcdrop predict: error: n_samples=9 is above the limit of 8\n")
+    # The model's default (100) is held to it too, as the service does.
+    code, out, _ = _run(capsys, *argv, "--uncertainty", "--seed", "0")
+    assert (code, json.loads(out)["n_samples"]) == (0, 8)
+    code, out, _ = _run(capsys, *argv, "--uncertainty", "--n-samples", "auto", "--seed", "0")
+    assert (code, json.loads(out)["max_n_samples"]) == (0, 8)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "diabetes", "--out", "x", "--hidden", "0"], "argument --hidden: expected a "),
+        (["train", "diabetes", "--out", "x", "--epochs", "-1"], "argument --epochs"),
+        (["train", "diabetes", "--out", "x", "--exclude-classes", "-1"], "argument --exclude"),
+        (["evaluate", "m", "--limit", "-5"], "argument --limit: expected a positive integer"),
+        (["evaluate", "m", "--ood-classes", "-1"], "argument --ood-classes: expected a class"),
+        (["evaluate", "m", "--n-samples", "0"], "argument --n-samples"),
+        (["check", "m", "--rows", "0"], "argument --rows"),
+        (["predict", "m", "--inputs", "[]", "--n-samples", "0"], "argument --n-samples"),
+    ],
+)
+def test_counts_below_1_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """argparse's exit 2, before any dataset loads or network is built (--hidden 0 was an
+    IndexError deep in the masks)."""
+    with pytest.raises(SystemExit) as usage:
+        main(argv)
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"mcdrop {argv[0]}: error: {message}")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [
+        (["99"], "ood_classes [99] are not classes of this dataset: give indices from 0 to 9"),
+        ([str(c) for c in range(10)], "hold out every class: leave at least one in distribution"),
+    ],
+)
+def test_evaluate_names_ood_classes_the_model_lacks(
+    capsys: pytest.CaptureFixture[str], classes: list[str], message: str
+) -> None:
+    argv = ["evaluate", str(MODELS / "digits"), "--no-plots", "--limit", "5", "--ood-classes"]
+    code, out, err = _run(capsys, *argv, *classes)
+    assert (code, out) == (1, "")
+    assert err.startswith("mcdrop: error: ood_classes ")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_serve_names_a_model_that_fails_to_load_without_a_traceback(tmp_path: Path) -> None:
+    """uvicorn logged the lifespan's traceback before the summary; the summary says it all."""
+    shutil.copytree(MODELS / "diabetes", tmp_path / "diabetes")
+    manifest = tmp_path / "diabetes" / "model.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "tau": -1}))
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(tmp_path)]
+    command += ["--host", "127.0.0.1", "--port", "0"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (3, "")  # uvicorn's start-up failure
+    assert "Traceback" not in done.stderr
+    assert "File " not in done.stderr
+    assert (
+        "uvicorn.error: 1 model(s) failed to load, so the server does not start "
+        "(MCDROP_EXIT_ON_ERROR=false or --no-exit-on-error serves the others):\n"
+        "  model 'diabetes': diabetes/model.json: 'tau' must be a positive number, got -1\n"
+    ) in done.stderr

@@ -118,3 +118,22 @@ def test_cli_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert not (out / "reliability.png").exists()
     written = json.loads((out / "report.json").read_text())
     assert written["command"] == "mcdrop " + " ".join([*argv, "--no-plots"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ood_classes": [99]}, r"ood_classes \[99\] are not classes of this dataset: .* 0 to 9"),
+        ({"ood_classes": [3, -1]}, r"ood_classes \[-1\] are not classes"),
+        ({"ood_classes": list(range(10))}, "hold out every class: leave at least one"),
+        ({"limit": -5}, "limit must be a positive number of rows, got -5"),
+        ({"limit": 0}, "limit must be a positive number of rows, got 0"),
+    ],
+)
+def test_ood_classes_and_limit_are_checked(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    """Before any scoring: not an IndexError, a negative tensor size or an empty test set."""
+    model = _digits_model(tmp_path / "model")
+    with pytest.raises(InvalidArgumentError, match=message):
+        evaluate.evaluate_model(model, n_samples=2, plots=False, **options)  # type: ignore[arg-type]
