@@ -508,6 +508,12 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "float32 overflow": (_json(_input(data=_row(value=1e39))), 400, "3.4e38"),
     "float for INT32": (_json(_input(datatype="INT32")), 400, "valid integer"),
     "INT8 out of range": (_json(_input(datatype="INT8", data=_row(value=200))), 400, "127"),
+    "FP16 above its range": (_json(_input(datatype="FP16", data=_row(value=1e6))), 400, "65504"),
+    "FP16 below its range": (
+        _json(_input(datatype="FP16", data=_row(value=-65505))),
+        400,
+        "[-65504, 65504]",
+    ),
     "number for BOOL": (_json(_input(datatype="BOOL", data=_row(value=1))), 400, "valid boolean"),
     "ragged nested": (_json(_input(shape=[2, 10], data=[_row(), _row(9)])), 400, "rectangular"),
     "nested other shape": (
@@ -796,3 +802,9 @@ def test_a_timeout_shorter_than_small_inline_work_is_a_504_too(http: TestClient,
     assert response.status_code == 504
     assert "timeout of 1 µs (parameters.timeout)" in response.json()["error"]
     assert infer(http, "diabetes", _input(), parameters={"mode": mode}).status_code == 200
+
+
+@pytest.mark.parametrize("value", [65504, -65504])
+def test_fp16_json_data_is_taken_up_to_its_largest_value(http: TestClient, value: int) -> None:
+    response = infer(http, "diabetes", _input(datatype="FP16", data=_row(value=value)))
+    assert response.status_code == 200, response.text
