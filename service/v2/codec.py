@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.predictor import Predictor
-from service.dataplane import surely_finite
+from service.dataplane import check_keys, surely_finite
 from service.errors import (
     BodyTooLargeError,
     MalformedRequestError,
@@ -221,6 +221,7 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
                 f"{len(body)}-byte body"
             )
         header, binary = body[:length], memoryview(body)[length:]
+    check_keys(header)  # before parsing: a million unknown keys cost seconds
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:

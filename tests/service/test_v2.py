@@ -808,3 +808,18 @@ def test_a_timeout_shorter_than_small_inline_work_is_a_504_too(http: TestClient,
 def test_fp16_json_data_is_taken_up_to_its_largest_value(http: TestClient, value: int) -> None:
     response = infer(http, "diabetes", _input(datatype="FP16", data=_row(value=value)))
     assert response.status_code == 200, response.text
+
+
+def test_a_body_of_many_keys_is_refused_before_it_is_parsed(http: TestClient) -> None:
+    parameters = {f"p{i}": [1] for i in range(5000)}
+    response = http.post("/v2/models/diabetes/infer", json=_json(parameters=parameters))
+    assert response.status_code == 400
+    assert "5006 object keys, more than the limit of 1024" in response.json()["error"]
+
+
+def test_colons_in_strings_are_no_keys(http: TestClient) -> None:
+    # Escaped quotes and backslashes do not end a string: its colons stay inside it.
+    request_id = 'a\\"b\\\\' + ":" * 5000 + '"'
+    response = infer(http, "diabetes", _json()["inputs"], id=request_id)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == request_id
