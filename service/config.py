@@ -140,6 +140,16 @@ class Settings(ModelSettings):
     header_timeout_s: float = Field(
         10.0, gt=0.0, description="time a client has to send a request's headers (then closed)"
     )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="largest request line and headers together (431 beyond it, then closed)",
+    )
+    send_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="time a client may read none of a response waiting for it (then dropped)",
+    )
     body_timeout_s: float = Field(
         30.0, gt=0.0, description="time a client has to send a request's body (then 408)"
     )

@@ -45,6 +45,29 @@ ROW_BYTES = 400
 
 T = TypeVar("T")
 
+#: Most object keys (JSON members) a request body may hold. A request has a few dozen; a body of
+#: 16 MB can hold a million, each an error to build when unknown (1M of them held the event loop
+#: for seconds: parsing, then validation errors, ~3 s per request), so a body past this is
+#: refused before it is parsed.
+MAX_BODY_KEYS = 1024
+
+
+def check_keys(body: bytes) -> None:
+    """A 422 (400 on v2) for a JSON ``body`` of more than :data:`MAX_BODY_KEYS` object keys,
+    counted without parsing it (~0.1 s for 16 MB, ~µs for a body of few colons)."""
+    if body.count(b":") <= MAX_BODY_KEYS:  # every key is followed by a colon
+        return
+    # Colons in strings are no keys: drop escaped backslashes and quotes, then count the
+    # colons outside the quotes.
+    text = np.frombuffer(body.replace(b"\\\\", b"").replace(b'\\"', b""), np.uint8)
+    in_string = np.bitwise_xor.accumulate(text == ord('"'))
+    keys = int(np.count_nonzero((text == ord(":")) & ~in_string))
+    if keys > MAX_BODY_KEYS:
+        raise LimitExceededError(
+            f"the request body has {keys} object keys, more than the limit of {MAX_BODY_KEYS}; "
+            "a request has a few dozen (remove the fields the API does not define)"
+        )
+
 
 async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``: in a worker thread when ``large``, else right here."""

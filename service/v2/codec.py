@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.predictor import Predictor
-from service.dataplane import surely_finite
+from service.dataplane import check_keys, surely_finite
 from service.errors import (
     BodyTooLargeError,
     MalformedRequestError,
@@ -50,7 +50,8 @@ BINARY_TYPE = "application/octet-stream"
 @dataclass(frozen=True)
 class Datatype:
     """A tensor element type: its little-endian numpy dtype and the JSON values it takes
-    (``float``: numbers; ``int``: integers in ``[lo, hi]``; ``bool``: true/false)."""
+    (``float``: finite numbers, in ``[lo, hi]`` unless both are 0; ``int``: integers in ``[lo,
+    hi]``; ``bool``: true/false)."""
 
     numpy: str
     kind: str
@@ -66,6 +67,8 @@ class Datatype:
         """What JSON ``data`` must hold, for messages."""
         if self.kind == "int":
             return f"integers in [{self.lo}, {self.hi}]"
+        if self.kind == "float" and self.hi:
+            return f"finite numbers in [{self.lo}, {self.hi}]"
         return {"float": "finite numbers", "bool": "true or false"}.get(self.kind, "")
 
 
@@ -80,7 +83,9 @@ def _int(numpy: str) -> Datatype:
 DATATYPES: dict[str, Datatype] = {
     "FP32": Datatype("<f4", "float"),
     "FP64": Datatype("<f8", "float"),
-    "FP16": Datatype("<f2", "float"),
+    # FP16's largest finite value: a larger one is no half-precision number (as INT8's 200 is no
+    # INT8), where FP32's and FP64's past float32 become inf, which the finiteness check names.
+    "FP16": Datatype("<f2", "float", -65504, 65504),
     "BF16": Datatype("<u2", "bf16"),
     "INT8": _int("<i1"),
     "INT16": _int("<i2"),
@@ -216,6 +221,7 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
                 f"{len(body)}-byte body"
             )
         header, binary = body[:length], memoryview(body)[length:]
+    check_keys(header)  # before parsing: a million unknown keys cost seconds
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:
@@ -275,7 +281,7 @@ def the_input(request: InferenceRequest, predictor: Predictor) -> RequestInput:
 def _adapter(kind: str, rank: int, lo: int = 0, hi: int = 0) -> TypeAdapter[Any]:
     """Validator of JSON ``data`` nested ``rank`` deep holding values of ``kind``."""
     element: Any = {
-        "float": FiniteFloat,
+        "float": Annotated[FiniteFloat, Field(ge=lo, le=hi)] if hi else FiniteFloat,
         "int": Annotated[int, Field(ge=lo, le=hi)],
         "bool": bool,
     }[kind]

@@ -32,6 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "MCDROP_HEADER_TIMEOUT_S": "1",
         "MCDROP_BODY_TIMEOUT_S": "1",
         "MCDROP_MAX_RESPONSE_BYTES": "200000",
+        "MCDROP_MAX_HEADER_BYTES": "16384",
     }
     with serve(tmp_path_factory.mktemp("serve"), **settings) as running:
         yield running
@@ -166,7 +167,13 @@ def test_trickled_headers_are_cut_off(server: Server) -> None:
 
 def _health(sock: socket.socket) -> bytes:
     """GET /health on ``sock``; the whole response (headers, then Content-Length bytes)."""
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    return _response(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", sock)
+
+
+def _response(request: bytes, sock: socket.socket) -> bytes:
+    """The whole response (headers, then Content-Length bytes) to ``request`` sent on
+    ``sock``."""
+    sock.sendall(request)
     received = b""
     while b"\r\n\r\n" not in received:
         received += sock.recv(4096)
@@ -293,3 +300,82 @@ def test_health_stays_fast_while_large_bodies_are_parsed(server: Server) -> None
     asyncio.run(main())
     assert latencies
     assert max(latencies) < 2.0, latencies  # loose: a shared machine; parsing is off the loop
+
+
+def _head(size: int) -> bytes:
+    """A GET /health request line and headers of about ``size`` bytes, not yet ended."""
+    line = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+    return b"GET /health HTTP/1.1\r\nHost: x\r\n" + line * (size // len(line))
+
+
+def test_oversized_headers_get_431_and_the_connection_closes(server: Server) -> None:
+    with _connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(_head(1_000_000) + b"\r\n")  # 1 MB of headers, 16 KiB allowed
+        closed, received = _closed_within(sock, 5)
+        assert closed
+        assert time.monotonic() - started < 5
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ")
+    assert (b"content-type", b"application/json") in _fields(head)
+    error = json.loads(body)["error"]
+    assert error["code"] == "http_error"
+    assert "max_header_bytes" in error["message"]
+
+
+def test_endless_headers_are_cut_off_soon(server: Server) -> None:
+    # Only the header size ends it: the header timeout (1 s) is reset by no byte, but this
+    # client would send 500 MB within it. The server holds 16 KiB of it and closes.
+    chunk = _head(1_000_000)[40:]
+    with _connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        started, sent, cut = time.monotonic(), 0, False
+        while not cut and time.monotonic() - started < 10:
+            try:
+                sock.sendall(chunk)
+                sent += len(chunk)
+            except OSError:
+                cut = True
+        assert cut
+        assert time.monotonic() - started < 5, sent
+
+
+def test_headers_within_the_limit_and_a_body_in_one_write_are_served(server: Server) -> None:
+    with _connect(server) as sock:
+        sock.sendall(_head(12_000) + b"\r\n")
+        assert _response(b"", sock).startswith(b"HTTP/1.1 200")
+        # Headers and a body past the header limit in one write: the body is no header.
+        body = json.dumps({"inputs": [[0.0] * 10]}).encode() + b" " * 200_000
+        sock.sendall(
+            b"POST /models/diabetes/predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert _response(b"", sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_client_that_never_reads_its_response_is_dropped(tmp_path: Path) -> None:
+    # ~5 MB of samples; the client's small receive buffer keeps most of it in the server's.
+    body = {"inputs": [[0.0] * 64] * 10, "n_samples": 2000, "return_samples": True, "seed": 0}
+    request = json.dumps(body).encode()
+    with serve(tmp_path, MCDROP_SEND_TIMEOUT_S="1") as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        with sock:
+            sock.sendall(
+                b"POST /models/digits/uncertainty HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % len(request)
+                + request
+            )
+            time.sleep(4)  # computed by ~1 s, then read by nobody past send_timeout_s
+            try:
+                closed, received = _closed_within(sock, 5)
+            except ConnectionResetError:  # dropped: what it had sent is lost
+                closed, received = True, b""
+            assert closed, "still open"
+            assert len(received) < 4_000_000, "the whole response was kept for the client"
+        with httpx2.Client(base_url=server.url, timeout=60) as http:  # a reading client is served
+            response = http.post("/models/digits/uncertainty", json=body)
+            assert response.status_code == 200
+            assert len(response.content) > 4_000_000

@@ -654,3 +654,13 @@ def test_openapi_types_inputs_as_nested_numbers_and_states_the_seed_range(
     codes = schemas["ErrorCode"]["enum"]
     assert "non_finite_output" in codes
     assert "unsupported_media_type" in codes
+
+
+@pytest.mark.parametrize("route", ["predict", "uncertainty"])
+def test_a_body_of_many_keys_is_refused_before_it_is_parsed(http: TestClient, route: str) -> None:
+    body = {"inputs": [[0.0] * 10], **{f"p{i}": [1] for i in range(2000)}}
+    response = http.post(f"/models/diabetes/{route}", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "limit_exceeded"
+    assert "2001 object keys, more than the limit of 1024" in error["message"]

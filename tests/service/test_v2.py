@@ -508,6 +508,12 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "float32 overflow": (_json(_input(data=_row(value=1e39))), 400, "3.4e38"),
     "float for INT32": (_json(_input(datatype="INT32")), 400, "valid integer"),
     "INT8 out of range": (_json(_input(datatype="INT8", data=_row(value=200))), 400, "127"),
+    "FP16 above its range": (_json(_input(datatype="FP16", data=_row(value=1e6))), 400, "65504"),
+    "FP16 below its range": (
+        _json(_input(datatype="FP16", data=_row(value=-65505))),
+        400,
+        "[-65504, 65504]",
+    ),
     "number for BOOL": (_json(_input(datatype="BOOL", data=_row(value=1))), 400, "valid boolean"),
     "ragged nested": (_json(_input(shape=[2, 10], data=[_row(), _row(9)])), 400, "rectangular"),
     "nested other shape": (
@@ -796,3 +802,24 @@ def test_a_timeout_shorter_than_small_inline_work_is_a_504_too(http: TestClient,
     assert response.status_code == 504
     assert "timeout of 1 µs (parameters.timeout)" in response.json()["error"]
     assert infer(http, "diabetes", _input(), parameters={"mode": mode}).status_code == 200
+
+
+@pytest.mark.parametrize("value", [65504, -65504])
+def test_fp16_json_data_is_taken_up_to_its_largest_value(http: TestClient, value: int) -> None:
+    response = infer(http, "diabetes", _input(datatype="FP16", data=_row(value=value)))
+    assert response.status_code == 200, response.text
+
+
+def test_a_body_of_many_keys_is_refused_before_it_is_parsed(http: TestClient) -> None:
+    parameters = {f"p{i}": [1] for i in range(5000)}
+    response = http.post("/v2/models/diabetes/infer", json=_json(parameters=parameters))
+    assert response.status_code == 400
+    assert "5006 object keys, more than the limit of 1024" in response.json()["error"]
+
+
+def test_colons_in_strings_are_no_keys(http: TestClient) -> None:
+    # Escaped quotes and backslashes do not end a string: its colons stay inside it.
+    request_id = 'a\\"b\\\\' + ":" * 5000 + '"'
+    response = infer(http, "diabetes", _json()["inputs"], id=request_id)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == request_id
