@@ -621,6 +621,19 @@ def _uncertainty_body(
     return body
 
 
+_HTTP = TypeVar("_HTTP", httpx2.Client, httpx2.AsyncClient)
+
+
+def _new_http(kind: type[_HTTP], base_url: str, timeout: float | None) -> _HTTP:
+    """An httpx2 client of ``kind`` for ``base_url``; an invalid URL is the client's own error."""
+    try:
+        return kind(base_url=base_url, timeout=_timeout(timeout))
+    except httpx2.InvalidURL as exc:
+        raise InvalidURLError(
+            f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
+        ) from None
+
+
 class Client:
     """Blocking client.
 
@@ -659,12 +672,7 @@ class Client:
         self._max_bytes = _check_max_bytes(max_response_bytes)
         self._owns = http is None
         if http is None:
-            try:
-                http = httpx2.Client(base_url=base_url, timeout=_timeout(self._timeout))
-            except httpx2.InvalidURL as exc:
-                raise InvalidURLError(
-                    f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
-                ) from None
+            http = _new_http(httpx2.Client, base_url, self._timeout)
             _bound_by_deadline(http)
         self._http = http
 
@@ -777,15 +785,9 @@ class AsyncClient:
         self._timeout = _check_timeout(timeout)
         self._max_bytes = _check_max_bytes(max_response_bytes)
         self._owns = http is None
-        if http is None:
-            try:
-                http = httpx2.AsyncClient(base_url=base_url, timeout=_timeout(self._timeout))
-            except httpx2.InvalidURL as exc:
-                raise InvalidURLError(
-                    f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
-                ) from None
-
-        self._http = http
+        self._http = (
+            _new_http(httpx2.AsyncClient, base_url, self._timeout) if http is None else http
+        )
 
     async def __aenter__(self) -> Self:
         return self
