@@ -220,13 +220,15 @@ def test_masks_made_in_blocks_of_rows_equal_one_array(p: float, n: int) -> None:
     keys = masks.sample_keys(torch.arange(5, dtype=torch.int64), 0, 3)  # 15 rows
     expected = masks.keep_scale(keys, 2, n, p, torch.float32, backend="torch")
     assert torch.equal(masks.keep_scale(keys, 2, n, p, torch.float32, backend="numpy"), expected)
+    assert torch.equal(masks.keep_scale(keys, 2, n, p, torch.float32, backend="numba"), expected)
     assert torch.equal(masks.keep_mask(keys, 2, n, p), expected > 0)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("rows", [1, 3, 40, masks.PASS_WORDS // 60])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_multipliers_of_a_pass_in_one_hash_equal_keep_scale_per_call(
-    rows: int, dtype: torch.dtype
+    backend: masks.Backend, rows: int, dtype: torch.dtype
 ) -> None:
     """``PassMultipliers`` hashes the words of every call of a pass at once: each call's
     multipliers are ``keep_scale``'s, bit for bit, whatever the rates (16-bit lanes, byte
@@ -236,13 +238,78 @@ def test_the_multipliers_of_a_pass_in_one_hash_equal_keep_scale_per_call(
     multipliers = masks.PassMultipliers(calls, dtype)
     assert multipliers.fits(keys)
     assert not multipliers.fits(masks.sample_keys(keys, 0, 400))  # 400 × 53 words or more
-    made = multipliers.make(keys)
+    made = multipliers.make(keys, backend=backend)
     assert len(made) == len(calls)
     for (call, n, p), got in zip(calls, made, strict=True):
-        expected = masks.keep_scale(keys, call, n, p, dtype)
+        expected = masks.keep_scale(keys, call, n, p, dtype, backend="numpy")
         assert (got.shape, got.dtype) == (expected.shape, expected.dtype)
         assert got.is_contiguous()
         assert torch.equal(got, expected)
+
+
+# -- numba's compiled loops: the same bits, one loop per call --------------------------------------
+
+
+def test_numba_makes_the_masks_of_cpu_keys() -> None:
+    assert masks.numba_kernels() is not None  # numba is a dependency: it must work here
+    assert masks.backend_for(torch.zeros(2, dtype=torch.int64)) == "numba"
+    with pytest.raises(InvalidArgumentError, match="numba backend makes masks on the CPU only"):
+        masks.backend_for(torch.zeros(2, dtype=torch.int64, device="meta"), "numba")
+    with pytest.raises(InvalidArgumentError, match="made by NumPy or numba"):
+        masks.PassMultipliers(((0, 3, 0.1),), torch.float32).make(
+            torch.zeros(2, dtype=torch.int64), backend="torch"
+        )
+
+
+@pytest.mark.parametrize("p", EDGE_RATES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_numba_multipliers_equal_numpy(p: float, dtype: torch.dtype) -> None:
+    """Every lane width (1, 2, 4, 8, 16 bits; compares and byte tables), rates 0 and 1, sizes
+    around every lane boundary, and dtypes made directly and rounded from float32."""
+    keys = masks.sample_keys(_keys([0, 1, -1, 2**62 + 12345, -(2**63)], "cpu"), 4, 3)
+    for n, call in itertools.product([0, *EDGE_SIZES], [0, 7]):
+        expected = masks.keep_scale(keys, call, n, p, dtype, backend="numpy")
+        got = masks.keep_scale(keys, call, n, p, dtype, backend="numba")
+        assert (got.shape, got.dtype) == (expected.shape, expected.dtype)
+        assert torch.equal(got, expected), (p, n, call, dtype)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(int64s, min_size=0, max_size=6),
+    first=st.integers(0, 2**40),
+    n_samples=st.integers(0, 9),
+    call=st.integers(0, 1000),
+    n=st.integers(0, 300),
+    ticks=st.integers(0, 65536),
+)
+def test_numba_equals_numpy_on_any_keys(
+    keys: list[int], first: int, n_samples: int, call: int, n: int, ticks: int
+) -> None:
+    row_keys = _keys(keys, "cpu")
+    expected_keys = masks.sample_keys(row_keys, first, n_samples, backend="numpy")
+    got_keys = masks.sample_keys(row_keys, first, n_samples, backend="numba")
+    assert got_keys.dtype == torch.int64
+    assert torch.equal(got_keys, expected_keys)
+    p = ticks / 65536
+    expected = masks.keep_scale(expected_keys, call, n, p, torch.float32, backend="numpy")
+    assert torch.equal(
+        masks.keep_scale(expected_keys, call, n, p, torch.float32, backend="numba"), expected
+    )
+
+
+def test_numba_takes_strided_keys() -> None:
+    keys = masks.sample_keys(torch.arange(30, dtype=torch.int64), 0, 1)
+    strided = keys[::3]
+    assert not strided.is_contiguous()
+    expected = masks.keep_scale(strided.contiguous(), 4, 33, 0.1, torch.float32, backend="numpy")
+    assert torch.equal(
+        masks.keep_scale(strided, 4, 33, 0.1, torch.float32, backend="numba"), expected
+    )
+    assert torch.equal(
+        masks.sample_keys(strided, 2, 3, backend="numba"),
+        masks.sample_keys(strided.contiguous(), 2, 3, backend="numpy"),
+    )
 
 
 # -- the Triton kernels: the same bits again, one kernel per call ----------------------------------
