@@ -243,8 +243,13 @@ def run_pass(
     if chain is None:
         chain = layers is not None and layers.runnable(model)
     if chain and layers is not None:
-        premade = layers.multipliers(keys, plan)
-        ctx = SamplingContext(keys, plan.calls, replicate=replicas, premade=premade)
+        made = layers.multipliers(keys, plan)
+        if made is not None and made[1] is not None:
+            y = layers.run_made(inputs, made[1], replicas)
+            return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
+        ctx = SamplingContext(
+            keys, plan.calls, replicate=replicas, premade=None if made is None else made[0]
+        )
         y = layers.run(ctx, inputs)
     else:
         ctx = SamplingContext(keys, plan.calls, replicate=replicas)
@@ -606,8 +611,10 @@ class LayerChain:
     # (call index, layer) of the dropout layers that drop per element (not channel or alpha):
     # their multipliers are made for the whole pass at once (masks.PassMultipliers)
     elementwise: tuple[tuple[int, nn.Module], ...] = ()
-    # the PassMultipliers of the rates and dtype seen, made once: what depends on the plan only
-    _made: dict[tuple[tuple[float, ...], torch.dtype], masks.PassMultipliers] = field(
+    drops: int = 0  # dropout layers in the chain
+    # the PassMultipliers of the rates and dtype seen, made once (what depends on the plan only),
+    # and whether run_made can run their passes
+    _made: dict[tuple[tuple[float, ...], torch.dtype], tuple[masks.PassMultipliers, bool]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -670,31 +677,74 @@ class LayerChain:
             for i, (layer, options) in enumerate(drops)
             if not (options.get("feature") or options.get("alpha"))
         )
-        return cls(tuple(steps), tuple(containers), children, weakref.ref(model), elementwise)
+        return cls(
+            tuple(steps),
+            tuple(containers),
+            children,
+            weakref.ref(model),
+            elementwise,
+            len(drops),
+        )
 
     def multipliers(
         self, keys: Tensor, plan: SamplingPlan
-    ) -> dict[int, tuple[float, Tensor]] | None:
+    ) -> tuple[dict[int, tuple[float, Tensor]], list[Tensor] | None] | None:
         """The multipliers of the pass's element-wise dropout calls at their layers' current
         rates, for the keys ``(B,)``: call index -> (p, ``(B, per_row)``), for
-        :class:`SamplingContext`'s ``premade``. Made in one hash (:class:`masks.PassMultipliers`);
-        a rate of 0 or 1 makes none (those calls make no mask). None for a pass too large for
-        one hash (:data:`masks.PASS_WORDS`): each call makes its own."""
+        :class:`SamplingContext`'s ``premade``, and the same in call order where they are all
+        the pass needs (:meth:`run_made` can run it), else None. Made in one hash
+        (:class:`masks.PassMultipliers`); a rate of 0 or 1 makes none (those calls make no
+        mask). None for a pass too large for one hash (:data:`masks.PASS_WORDS`): each call
+        makes its own."""
         rates = tuple(float(cast(Any, layer).p) for _, layer in self.elementwise)
-        made = self._made.get((rates, plan.dtype))
-        if made is None:
+        found = self._made.get((rates, plan.dtype))
+        if found is None:
             calls = tuple(
                 (i, math.prod(plan.calls[i].shape), p)
                 for (i, _), p in zip(self.elementwise, rates, strict=True)
                 if 0.0 < p < 1.0 and i < len(plan.calls)
             )
+            # Every dropout call of the chain is element-wise, masked (0 < p < 1) and has its
+            # rows first, one per replicated row: the multipliers are all a pass needs.
+            alone = len(calls) == len(plan.calls) == self.drops and all(
+                c.dim == 0 and c.group == 1 for c in plan.calls
+            )
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
                 self._made.clear()
-            made = self._made[(rates, plan.dtype)] = masks.PassMultipliers(calls, plan.dtype)
+            found = self._made[(rates, plan.dtype)] = (
+                masks.PassMultipliers(calls, plan.dtype),
+                alone,
+            )
+        made, alone = found
         if not made.calls or not made.fits(keys):
             return None
         values = made.make(keys)
-        return {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
+        by_call = {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
+        return by_call, (values if alone else None)
+
+    def run_made(self, x: Tensor, made: list[Tensor], replicas: int) -> Tensor:
+        """:meth:`run` for a pass whose dropout calls' multipliers are all made (``made``, in
+        call order, from :meth:`multipliers`): the same products in the same order, without
+        the sampling context's per-call bookkeeping (~10 µs a call, the cost of a small MLP's
+        layer). ``replicas``: as the context's ``replicate``, the times the first dropout
+        replicates its input."""
+        made_in_order = iter(made)
+        for layer, options in self.steps:
+            if options is None:
+                x = layer.forward(x) if isinstance(layer, nn.Module) else layer(x)
+                continue
+            scale = next(made_in_order)  # (B, per_row), contiguous
+            if replicas > 1:  # as SamplingContext.dropout's first call of a shared prefix
+                shape = x.shape
+                x = scale.view(replicas, *shape).mul_(x).view(replicas * shape[0], *shape[1:])
+                replicas = 1
+            elif options["inplace"] and cast(nn.modules.dropout._DropoutNd, layer).inplace:
+                x = x.mul_(scale.view(x.shape))
+            elif x.is_contiguous():  # into the fresh multipliers: no allocation
+                x = scale.view(x.shape).mul_(x)
+            else:
+                x = x * scale.view(x.shape)
+        return x
 
     def runnable(self, model: nn.Module) -> bool:
         """Whether a pass may run the chain: the model's layers are still those planned, and no
