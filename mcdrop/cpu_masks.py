@@ -123,9 +123,69 @@ def _keep_scale(
         _rows(keys, xor, n, 1, t, scale, table, out)
 
 
+@numba.njit(inline="always")
+def _word_lanes(
+    out: Any, at: int, word: Any, count: int, bits: int, threshold: Any, scale: Any
+) -> None:
+    """:func:`_put` with ``bits`` made a constant per branch, so that each lane loop unrolls."""
+    if bits == 16:
+        _put(out, at, word, count, 16, threshold, scale)
+    elif bits == 8:
+        _put(out, at, word, count, 8, threshold, scale)
+    elif bits == 4:
+        _put(out, at, word, count, 4, threshold, scale)
+    elif bits == 2:
+        _put(out, at, word, count, 2, threshold, scale)
+    else:
+        _put(out, at, word, count, 1, threshold, scale)
+
+
+@_compiled
+def _pass_multipliers(
+    keys: Any, first: int, n_samples: int, params: Any, scales: Any, align: int, out: Any
+) -> None:
+    """The multipliers of every call of a pass, straight from the row keys: sample key
+    ``mix64((first + s + 1)·M₂ + keys[i])`` of replicated row ``b = s·N + i``, then call ``c``'s
+    ``(B, n_c)`` block of ``out`` (the calls' blocks one after another, each from a multiple of
+    ``align`` elements), as ``masks.keep_scale`` makes it from that key. ``params[c]``: the
+    call's XOR constant, ``n_c``, lane bits and threshold; ``scales[c]``: its multiplier."""
+    n = keys.shape[0]
+    rows = n_samples * n
+    for s in range(n_samples):
+        offset = np.uint64(first + s + 1) * np.uint64(0x94D049BB133111EB)
+        for i in range(n):
+            key = _mix(offset + keys[i])
+            b = s * n + i
+            start = 0
+            for c in range(params.shape[0]):
+                base = key ^ np.uint64(params[c, 0])
+                size = params[c, 1]
+                lane_bits = params[c, 2]
+                threshold = np.uint64(params[c, 3])
+                scale = scales[c]
+                at = start + b * size
+                per_word = 64 // lane_bits
+                full = size // per_word
+                for j in range(full):
+                    word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                    _word_lanes(out, at + j * per_word, word, per_word, lane_bits, threshold, scale)
+                if full * per_word < size:
+                    word = _mix(base + np.uint64(full + 1) * np.uint64(0x9E3779B97F4A7C15))
+                    _word_lanes(
+                        out,
+                        at + full * per_word,
+                        word,
+                        size - full * per_word,
+                        lane_bits,
+                        threshold,
+                        scale,
+                    )
+                start = (start + rows * size + align - 1) // align * align
+
+
 def _u64(keys: Tensor) -> np.ndarray:
     """The keys' bits as a contiguous ``uint64`` array (one compiled signature for all)."""
-    u = keys.detach().numpy().view(np.uint64)
+    u = keys.numpy().view(np.uint64)  # int64 keys: never part of an autograd graph
     return u if u.flags.c_contiguous else np.ascontiguousarray(u)
 
 
@@ -162,6 +222,56 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     return result if result.dtype == dtype else result.to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _program(
+    calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """What :func:`_pass_multipliers` reads for ``calls`` ``(call, n, p)``: per call its XOR
+    constant, size, lane bits and threshold ``(C, 4)`` (int64: the constant's bits), the
+    multipliers ``(C,)`` in the output's dtype, and the calls' sizes."""
+    np_dtype = DTYPES.get(dtype, np.float32)
+    table = []
+    for call, n, p in calls:
+        bits = masks.lane_bits(p)
+        xor = int(masks._call_constant(call))
+        table.append((masks._signed(xor), n, bits, round(p * (1 << bits))))
+    params = np.array(table, dtype=np.int64).reshape(len(calls), 4)
+    scales = np.array([masks.keep_scale_factor(p) for _, _, p in calls], dtype=np_dtype)
+    return params, scales, tuple(n for _, n, _ in calls)
+
+
+def pass_multipliers(
+    keys: Tensor,
+    first_sample: int,
+    n_samples: int,
+    calls: tuple[tuple[int, int, float], ...],
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """Each call's ``(n_samples · N, n)`` multipliers, for ``calls`` ``(call index, n, p)``, of
+    samples ``first_sample ..`` of the rows whose keys are ``keys`` ``(N,)``: what
+    :func:`keep_scale` makes from :func:`sample_keys`, bit for bit, in one compiled call and
+    one buffer (views of it, one per call), with no sample keys in between. For the small
+    passes of one request, where each array call costs more than the hashing."""
+    params, scales, sizes = _program(calls, dtype)
+    rows = n_samples * keys.shape[0]
+    # Each call's block starts 64-byte aligned, as a tensor of its own would (torch allocates
+    # so): the matrix product after a dropout rounds differently from an input 4 bytes off,
+    # and the samples must be those of the sampling context's path, bit for bit.
+    align = 64 // scales.itemsize
+    starts = []
+    end = 0
+    for n in sizes:
+        starts.append(end)
+        end = (end + rows * n + align - 1) // align * align
+    made_dtype = torch.float64 if scales.dtype == np.float64 else torch.float32
+    flat = torch.empty(end, dtype=made_dtype)
+    _pass_multipliers(_u64(keys), first_sample, n_samples, params, scales, align, flat.numpy())
+    made = [
+        flat[start : start + rows * n].view(rows, n) for start, n in zip(starts, sizes, strict=True)
+    ]
+    return made if dtype in DTYPES else [m.to(dtype) for m in made]
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every loop for both output dtypes: for an image built
     with its cache, so that no container compiles at start."""
@@ -169,3 +279,4 @@ def warm_up() -> None:
     sample_keys(keys, 0, 2)
     for dtype in DTYPES:
         keep_scale(keys, 0, 5, 0.1, dtype)
+        pass_multipliers(keys, 0, 2, ((0, 5, 0.1), (1, 3, 0.5)), dtype)

@@ -685,6 +685,25 @@ class PassMultipliers:
             and backend_for(keys) in _HOST
         )
 
+    def make_from_rows(
+        self, row_keys: Tensor, first_sample: int, n_samples: int
+    ) -> list[Tensor] | None:
+        """:meth:`make` for the sample keys of samples ``first_sample ..`` of the rows whose keys
+        are ``row_keys`` ``(N,)``, in one compiled call with no sample keys in between
+        (:func:`mcdrop.cpu_masks.pass_multipliers`); None unless numba makes these masks and the
+        pass :meth:`fits`."""
+        rows = n_samples * row_keys.shape[0]
+        if (
+            not self.calls
+            or row_keys.device.type != "cpu"
+            or rows * self.words > PASS_WORDS
+            or backend_for(row_keys) != "numba"
+        ):
+            return None
+        compiled = numba_kernels()
+        assert compiled is not None  # backend_for checked
+        return compiled.pass_multipliers(row_keys, first_sample, n_samples, self.calls, self.dtype)
+
     def make(self, keys: Tensor, *, backend: Backend | None = None) -> list[Tensor]:
         """Each call's ``(B, n)`` multipliers for the keys ``(B,)`` (which :meth:`fits`), in the
         order of ``calls``, made by ``backend`` (default: :func:`backend_for` the keys; NumPy

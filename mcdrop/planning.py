@@ -264,6 +264,35 @@ def run_pass(
     return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
 
 
+def run_chain_pass(
+    model: nn.Module,
+    x: Tensor,
+    row_keys: Tensor,
+    first_sample: int,
+    n_samples: int,
+    prefix: bool,
+    plan: SamplingPlan,
+) -> Tensor | None:
+    """:func:`run_pass` of samples ``first_sample ..`` for a plan whose :class:`LayerChain` is
+    runnable (the caller checked), with every multiplier made straight from the row keys
+    ``(n,)`` in one compiled call (:meth:`LayerChain.multipliers_of_rows`); None where that
+    does not apply: then make the sample keys and call :func:`run_pass`.
+
+    Why: on a one-row request, the sample keys, the context and each call's own multipliers
+    cost more than the model's arithmetic.
+    """
+    layers = plan.layers
+    assert layers is not None  # the caller checked
+    made = layers.multipliers_of_rows(row_keys, first_sample, n_samples, plan)
+    if made is None:
+        return None
+    n = x.shape[0]
+    replicas = n_samples if prefix else 1
+    inputs = x if prefix else replicate(x, n_samples)  # (S * n, D...), sample-major
+    y = layers.run_made(inputs, made, replicas)
+    return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
+
+
 def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     """The :class:`SamplingPlan` of ``model`` for rows like those of ``x`` ``(N, D...)``.
 
@@ -696,6 +725,27 @@ class LayerChain:
         (:class:`masks.PassMultipliers`); a rate of 0 or 1 makes none (those calls make no
         mask). None for a pass too large for one hash (:data:`masks.PASS_WORDS`): each call
         makes its own."""
+        made, alone = self._pass(plan)
+        if not made.calls or not made.fits(keys):
+            return None
+        values = made.make(keys)
+        by_call = {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
+        return by_call, (values if alone else None)
+
+    def multipliers_of_rows(
+        self, row_keys: Tensor, first_sample: int, n_samples: int, plan: SamplingPlan
+    ) -> list[Tensor] | None:
+        """All the multipliers of a pass of samples ``first_sample ..`` of the rows whose keys
+        are ``row_keys`` ``(N,)``, in call order, for :meth:`run_made`, made in one compiled
+        call (:meth:`masks.PassMultipliers.make_from_rows`); None where that does not apply (a
+        call that is not element-wise or has a rate of 0 or 1, masks not made by numba, a
+        large pass)."""
+        made, alone = self._pass(plan)
+        return made.make_from_rows(row_keys, first_sample, n_samples) if alone else None
+
+    def _pass(self, plan: SamplingPlan) -> tuple[masks.PassMultipliers, bool]:
+        """The :class:`masks.PassMultipliers` of the layers' current rates and the plan's dtype
+        (made once per rates), and whether they are all a pass needs (:meth:`run_made`)."""
         rates = tuple(float(cast(Any, layer).p) for _, layer in self.elementwise)
         found = self._made.get((rates, plan.dtype))
         if found is None:
@@ -715,12 +765,7 @@ class LayerChain:
                 masks.PassMultipliers(calls, plan.dtype),
                 alone,
             )
-        made, alone = found
-        if not made.calls or not made.fits(keys):
-            return None
-        values = made.make(keys)
-        by_call = {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
-        return by_call, (values if alone else None)
+        return found
 
     def run_made(self, x: Tensor, made: list[Tensor], replicas: int) -> Tensor:
         """:meth:`run` for a pass whose dropout calls' multipliers are all made (``made``, in

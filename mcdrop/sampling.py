@@ -314,10 +314,15 @@ def sample_chunks_of_checked_inputs(
                         model, x_rows, row_keys, first_sample + s0, s, share, plan, chain or None
                     )
                 else:
-                    chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
-                    values = planning.run_pass(
-                        model, x_rows, chunk_keys, s, share, plan, chain=chain or None
+                    made = chain and planning.run_chain_pass(
+                        model, x_rows, row_keys, first_sample + s0, s, share, plan
                     )
+                    if made is None or made is False:
+                        chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
+                        made = planning.run_pass(
+                            model, x_rows, chunk_keys, s, share, plan, chain=chain or None
+                        )
+                    values = made
                 yield Chunk(slice(s0, s0 + s), rows, values)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import LockedDropout, SamplingPlan, plan, sample
+from mcdrop import LockedDropout, SamplingPlan, plan, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
 
 #: Sequence length and channel count of the models below: equal to S·N in the cases below.
@@ -347,6 +347,14 @@ class Wrapped(nn.Module):
         return self.inner(x)
 
 
+def _every_lane_width() -> nn.Module:
+    return nn.Sequential(
+        nn.Dropout(0.1), nn.Linear(6, 33), nn.ReLU(), nn.Dropout(3 / 256), nn.Linear(33, 65),
+        nn.Dropout(0.125), nn.Linear(65, 7), nn.Dropout(0.25), nn.Linear(7, 9), nn.Dropout(0.5),
+        nn.Linear(9, 2),
+    )  # fmt: skip
+
+
 def _chains() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     from mcdrop.nets import CNN, MLP, Standardized
 
@@ -381,6 +389,8 @@ def _chains() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
             (6,),
         ),
         "input dropout first": (nn.Sequential(nn.Dropout(0.1), nn.Linear(6, 3)), (6,)),
+        # 16-, 8-, 4-, 2- and 1-bit lanes in one pass
+        "every lane width": (_every_lane_width(), (6,)),
         "MLP": (MLP(8, [64, 64], 1, dropout=0.1, input_dropout=0.2), (8,)),
         "MLP flatten": (MLP(16, [32], 3, dropout=0.5, flatten=True), (4, 4)),
         "CNN": (CNN(channels=(4, 8), pool=(True, True), spatial_dropout=0.1, hidden=16), (28, 28)),
@@ -401,6 +411,22 @@ def test_a_plain_chain_samples_as_the_generic_path_bit_for_bit(name: str, n_rows
     for options in ({}, {"prefix": "off"}, {"max_pass_rows": 7}):
         got = sample(model, x, 9, seed=3, plan=kept, **options)  # type: ignore[arg-type]
         assert torch.equal(got, sample(generic, x, 9, seed=3, **options))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["MLP", "every lane width", "in-place dropout"])
+def test_a_plain_chain_continues_from_a_first_sample(name: str) -> None:
+    # A chain's masks are made from the row keys and the sample index in one compiled call:
+    # samples 5..13 are the generic path's, and (to float rounding, which depends on the pass
+    # size) those of a call of 14.
+    model, shape = _chains()[name]
+    model.eval()
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(2))
+    kept = plan(model, x)
+    chunks = list(sample_chunks(model, x, 9, seed=4, plan=kept, first_sample=5))
+    assert len(chunks) == 1
+    generic = list(sample_chunks(Wrapped(model), x, 9, seed=4, first_sample=5))
+    assert torch.equal(chunks[0].values, generic[0].values)
+    assert torch.allclose(chunks[0].values, sample(model, x, 14, seed=4, plan=kept)[5:])
 
 
 def test_a_plain_chain_follows_its_layers_rates_from_call_to_call() -> None:
