@@ -154,7 +154,7 @@ def _pass_multipliers(
     for s in range(n_samples):
         offset = np.uint64(first + s + 1) * np.uint64(0x94D049BB133111EB)
         for i in range(n):
-            key = _mix(offset + keys[i])
+            key = _mix(offset + np.uint64(keys[i]))
             b = s * n + i
             start = 0
             for c in range(params.shape[0]):
@@ -222,54 +222,74 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     return result if result.dtype == dtype else result.to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _program(
-    calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """What :func:`_pass_multipliers` reads for ``calls`` ``(call, n, p)``: per call its XOR
-    constant, size, lane bits and threshold ``(C, 4)`` (int64: the constant's bits), the
-    multipliers ``(C,)`` in the output's dtype, and the calls' sizes."""
-    np_dtype = DTYPES.get(dtype, np.float32)
-    table = []
-    for call, n, p in calls:
-        bits = masks.lane_bits(p)
-        xor = int(masks._call_constant(call))
-        table.append((masks._signed(xor), n, bits, round(p * (1 << bits))))
-    params = np.array(table, dtype=np.int64).reshape(len(calls), 4)
-    scales = np.array([masks.keep_scale_factor(p) for _, _, p in calls], dtype=np_dtype)
-    return params, scales, tuple(n for _, n, _ in calls)
+class FusedPass:
+    """Every multiplier of a pass of several dropout calls, straight from the row keys, in one
+    compiled call (:func:`_pass_multipliers`) and one buffer: what :func:`keep_scale` makes from
+    :func:`sample_keys` for each call, bit for bit, with no sample keys in between. For the
+    small passes of one request, where each array call costs more than the hashing.
 
+    Args:
+        calls: ``(call index, n, p)`` of every call, in call order.
+        dtype: the multipliers' dtype (other than float32 and float64: rounded from float32).
+    """
 
-def pass_multipliers(
-    keys: Tensor,
-    first_sample: int,
-    n_samples: int,
-    calls: tuple[tuple[int, int, float], ...],
-    dtype: torch.dtype,
-) -> list[Tensor]:
-    """Each call's ``(n_samples · N, n)`` multipliers, for ``calls`` ``(call index, n, p)``, of
-    samples ``first_sample ..`` of the rows whose keys are ``keys`` ``(N,)``: what
-    :func:`keep_scale` makes from :func:`sample_keys`, bit for bit, in one compiled call and
-    one buffer (views of it, one per call), with no sample keys in between. For the small
-    passes of one request, where each array call costs more than the hashing."""
-    params, scales, sizes = _program(calls, dtype)
-    rows = n_samples * keys.shape[0]
-    # Each call's block starts 64-byte aligned, as a tensor of its own would (torch allocates
-    # so): the matrix product after a dropout rounds differently from an input 4 bytes off,
-    # and the samples must be those of the sampling context's path, bit for bit.
-    align = 64 // scales.itemsize
-    starts = []
-    end = 0
-    for n in sizes:
-        starts.append(end)
-        end = (end + rows * n + align - 1) // align * align
-    made_dtype = torch.float64 if scales.dtype == np.float64 else torch.float32
-    flat = torch.empty(end, dtype=made_dtype)
-    _pass_multipliers(_u64(keys), first_sample, n_samples, params, scales, align, flat.numpy())
-    made = [
-        flat[start : start + rows * n].view(rows, n) for start, n in zip(starts, sizes, strict=True)
-    ]
-    return made if dtype in DTYPES else [m.to(dtype) for m in made]
+    def __init__(self, calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        np_dtype = DTYPES.get(dtype, np.float32)
+        table = []
+        for call, n, p in calls:
+            bits = masks.lane_bits(p)
+            xor = masks._signed(int(masks._call_constant(call)))
+            table.append((xor, n, bits, round(p * (1 << bits))))
+        # per call: XOR constant (its bits as int64), size, lane bits, threshold
+        self.params = np.array(table, dtype=np.int64).reshape(len(calls), 4)
+        self.scales = np.array([masks.keep_scale_factor(p) for _, _, p in calls], dtype=np_dtype)
+        self.sizes = tuple(n for _, n, _ in calls)
+        # Each call's block starts 16 elements (64 bytes) after a multiple of them: aligned as
+        # an array of its own. The matrix product after a dropout rounds differently from an
+        # input 4 bytes off, and the samples must be those of the context's path, bit for bit.
+        self.align = 64 // self.scales.itemsize
+        self._starts: dict[int, tuple[tuple[int, ...], int]] = {}
+
+    def _layout(self, rows: int) -> tuple[tuple[int, ...], int]:
+        """Where each call's ``(rows, n)`` block starts in the buffer, and the buffer's size."""
+        found = self._starts.get(rows)
+        if found is None:
+            starts = []
+            end = 0
+            for n in self.sizes:
+                starts.append(end)
+                end = (end + rows * n + self.align - 1) // self.align * self.align
+            if len(self._starts) >= 64:  # pass sizes vary: keep the latest few
+                self._starts.clear()
+            found = self._starts[rows] = (tuple(starts), end)
+        return found
+
+    def make(self, keys: Tensor, first_sample: int, n_samples: int) -> list[Tensor]:
+        """Each call's ``(n_samples · N, n)`` multipliers of samples ``first_sample ..`` of the
+        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU)."""
+        rows = n_samples * keys.shape[0]
+        out: np.ndarray
+        if len(self.sizes) == 1:  # one call: an array of its own
+            out = np.empty((rows, self.sizes[0]), dtype=self.scales.dtype)
+            made = [torch.from_numpy(out)]
+        else:
+            starts, end = self._layout(rows)
+            out = np.empty(end, dtype=self.scales.dtype)
+            made = [
+                torch.from_numpy(out[a : a + rows * n].reshape(rows, n))
+                for a, n in zip(starts, self.sizes, strict=True)
+            ]
+        _pass_multipliers(
+            keys.numpy(),
+            first_sample,
+            n_samples,
+            self.params,
+            self.scales,
+            self.align,
+            out.reshape(-1),
+        )
+        return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
 
 
 def warm_up() -> None:
@@ -279,4 +299,4 @@ def warm_up() -> None:
     sample_keys(keys, 0, 2)
     for dtype in DTYPES:
         keep_scale(keys, 0, 5, 0.1, dtype)
-        pass_multipliers(keys, 0, 2, ((0, 5, 0.1), (1, 3, 0.5)), dtype)
+        FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make(keys, 0, 2)

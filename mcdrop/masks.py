@@ -292,25 +292,39 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     Returns:
         ``(N,)`` int64 keys.
     """
-    rows: np.ndarray
+    n = x.shape[0]
+    data: bytes
     if x.dtype == torch.float32 and x.device.type == "cpu":  # the common case, in NumPy: faster
-        rows = x.detach().resolve_neg().numpy().reshape(x.shape[0], -1) + 0.0
+        values = (x.detach() if x.requires_grad else x).resolve_neg().numpy()
+        data = values.tobytes()  # every row's float32s, C order
+        # -0.0 hashes as 0.0. Its bytes (little-endian 00 00 00 80) in no place of the bytes
+        # prove there is none, in one C search: no NumPy ufunc (µs on a request's path).
+        if b"\x00\x00\x00\x80" in data:
+            data = (values + 0.0).tobytes()
     else:
-        flat = x.detach().reshape(x.shape[0], -1)
+        flat = x.detach().reshape(n, -1)
         flat = (flat.to(torch.float32) + 0.0) if flat.is_floating_point() else flat.to(torch.int64)
-        rows = flat.cpu().contiguous().numpy()
+        data = flat.cpu().contiguous().numpy().tobytes()
+    size = len(data) // n if n else 0
+    rows = memoryview(data)
     # The digests' bytes read as little-endian int64: one array, no Python int per row.
     if isinstance(seed, Tensor):
         seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
+        if len(seeds) != n:
+            raise InvalidArgumentError(f"per-row seeds must have shape ({n},)")
         digests = b"".join(
-            hashlib.blake2b(row.tobytes(), digest_size=8, key=s).digest()
-            for row, s in zip(rows, seeds, strict=True)
+            hashlib.blake2b(rows[i * size : (i + 1) * size], digest_size=8, key=s).digest()
+            for i, s in enumerate(seeds)
         )
     else:
         key = seed.to_bytes(8, "little")
-        digests = b"".join(
-            hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest() for row in rows
-        )
+        if n == 1:
+            digests = hashlib.blake2b(data, digest_size=8, key=key).digest()
+        else:
+            digests = b"".join(
+                hashlib.blake2b(rows[i * size : (i + 1) * size], digest_size=8, key=key).digest()
+                for i in range(n)
+            )
     # A writable buffer, which from_numpy shares without a copy (the machine is little-endian,
     # as the byte views of the masks assume).
     return torch.from_numpy(np.frombuffer(bytearray(digests), dtype=np.int64))
@@ -659,6 +673,7 @@ class PassMultipliers:
     def __init__(self, calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> None:
         self.calls = calls
         self.dtype = dtype
+        self._fused: Any = None  # mcdrop.cpu_masks.FusedPass, made at its first use
         xors: list[np.ndarray] = []
         counters: list[np.ndarray] = []
         # per call: first word, words, n, and _scale_constants's threshold, scale, table, dtype
@@ -692,17 +707,22 @@ class PassMultipliers:
         are ``row_keys`` ``(N,)``, in one compiled call with no sample keys in between
         (:func:`mcdrop.cpu_masks.pass_multipliers`); None unless numba makes these masks and the
         pass :meth:`fits`."""
-        rows = n_samples * row_keys.shape[0]
         if (
             not self.calls
             or row_keys.device.type != "cpu"
-            or rows * self.words > PASS_WORDS
-            or backend_for(row_keys) != "numba"
+            or n_samples * row_keys.shape[0] * self.words > PASS_WORDS
+            or CPU_BACKEND != "numba"
         ):
             return None
-        compiled = numba_kernels()
-        assert compiled is not None  # backend_for checked
-        return compiled.pass_multipliers(row_keys, first_sample, n_samples, self.calls, self.dtype)
+        if self._fused is None:
+            compiled = numba_kernels()
+            if compiled is None:
+                return None
+            self._fused = compiled.FusedPass(self.calls, self.dtype)
+        if not row_keys.is_contiguous():
+            row_keys = row_keys.contiguous()
+        made: list[Tensor] = self._fused.make(row_keys, first_sample, n_samples)
+        return made
 
     def make(self, keys: Tensor, *, backend: Backend | None = None) -> list[Tensor]:
         """Each call's ``(B, n)`` multipliers for the keys ``(B,)`` (which :meth:`fits`), in the
