@@ -700,6 +700,18 @@ class PassMultipliers:
             and backend_for(keys) in _HOST
         )
 
+    def takes_rows(self, rows: int) -> bool:
+        """Whether :meth:`make_from_rows` makes the multipliers of a pass of ``rows`` replicated
+        rows on the CPU: numba works, and the pass :meth:`fits`."""
+        if not self.calls or rows * self.words > PASS_WORDS or CPU_BACKEND != "numba":
+            return False
+        if self._fused is None:
+            compiled = numba_kernels()
+            if compiled is None:
+                return False
+            self._fused = compiled.FusedPass(self.calls, self.dtype)
+        return True
+
     def make_from_rows(
         self, row_keys: Tensor, first_sample: int, n_samples: int
     ) -> list[Tensor] | None:
@@ -707,18 +719,8 @@ class PassMultipliers:
         are ``row_keys`` ``(N,)``, in one compiled call with no sample keys in between
         (:func:`mcdrop.cpu_masks.pass_multipliers`); None unless numba makes these masks and the
         pass :meth:`fits`."""
-        if (
-            not self.calls
-            or row_keys.device.type != "cpu"
-            or n_samples * row_keys.shape[0] * self.words > PASS_WORDS
-            or CPU_BACKEND != "numba"
-        ):
+        if row_keys.device.type != "cpu" or not self.takes_rows(n_samples * row_keys.shape[0]):
             return None
-        if self._fused is None:
-            compiled = numba_kernels()
-            if compiled is None:
-                return None
-            self._fused = compiled.FusedPass(self.calls, self.dtype)
         if not row_keys.is_contiguous():
             row_keys = row_keys.contiguous()
         made: list[Tensor] = self._fused.make(row_keys, first_sample, n_samples)

@@ -272,24 +272,24 @@ def run_chain_pass(
     n_samples: int,
     prefix: bool,
     plan: SamplingPlan,
-) -> Tensor | None:
+    made: masks.PassMultipliers,
+) -> Tensor:
     """:func:`run_pass` of samples ``first_sample ..`` for a plan whose :class:`LayerChain` is
     runnable (the caller checked), with every multiplier made straight from the row keys
-    ``(n,)`` in one compiled call (:meth:`LayerChain.multipliers_of_rows`); None where that
-    does not apply: then make the sample keys and call :func:`run_pass`.
+    ``(n,)`` in one compiled call: ``made`` is the chain's :meth:`LayerChain.fused` for the
+    pass. The same samples, bit for bit.
 
     Why: on a one-row request, the sample keys, the context and each call's own multipliers
     cost more than the model's arithmetic.
     """
     layers = plan.layers
     assert layers is not None  # the caller checked
-    made = layers.multipliers_of_rows(row_keys, first_sample, n_samples, plan)
-    if made is None:
-        return None
+    multipliers = made.make_from_rows(row_keys, first_sample, n_samples)
+    assert multipliers is not None  # LayerChain.fused checked
     n = x.shape[0]
     replicas = n_samples if prefix else 1
     inputs = x if prefix else replicate(x, n_samples)  # (S * n, D...), sample-major
-    y = layers.run_made(inputs, made, replicas)
+    y = layers.run_made(inputs, multipliers, replicas)
     return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
 
 
@@ -732,16 +732,14 @@ class LayerChain:
         by_call = {call: (p, v) for (call, _, p), v in zip(made.calls, values, strict=True)}
         return by_call, (values if alone else None)
 
-    def multipliers_of_rows(
-        self, row_keys: Tensor, first_sample: int, n_samples: int, plan: SamplingPlan
-    ) -> list[Tensor] | None:
-        """All the multipliers of a pass of samples ``first_sample ..`` of the rows whose keys
-        are ``row_keys`` ``(N,)``, in call order, for :meth:`run_made`, made in one compiled
-        call (:meth:`masks.PassMultipliers.make_from_rows`); None where that does not apply (a
-        call that is not element-wise or has a rate of 0 or 1, masks not made by numba, a
-        large pass)."""
+    def fused(self, rows: int, plan: SamplingPlan) -> masks.PassMultipliers | None:
+        """The multipliers of a pass of ``rows`` replicated rows (samples × rows) where they are
+        all the pass needs and numba makes them straight from the row keys on the CPU
+        (:meth:`masks.PassMultipliers.make_from_rows`, for :func:`run_chain_pass`); None where
+        that does not apply (a call that is not element-wise or has a rate of 0 or 1, no numba,
+        a large pass)."""
         made, alone = self._pass(plan)
-        return made.make_from_rows(row_keys, first_sample, n_samples) if alone else None
+        return made if alone and made.takes_rows(rows) else None
 
     def _pass(self, plan: SamplingPlan) -> tuple[masks.PassMultipliers, bool]:
         """The :class:`masks.PassMultipliers` of the layers' current rates and the plan's dtype

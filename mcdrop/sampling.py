@@ -167,6 +167,67 @@ def _check_args(n_samples: int, max_pass_rows: int | None) -> None:
             raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
 
 
+def _checked_call(
+    x: Tensor,
+    n_samples: int,
+    seed: int | Tensor | None,
+    max_pass_rows: int | None,
+    prefix: Prefix,
+    first_sample: int,
+) -> int | Tensor:
+    """Check a sampling call's arguments (not ``x``'s values); returns its seed (a fresh one
+    from the OS for None)."""
+    _check_args(n_samples, max_pass_rows)
+    if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
+        raise InvalidArgumentError(f"first_sample must be an integer >= 0, got {first_sample!r}")
+    if prefix not in ("auto", "off"):
+        raise InvalidArgumentError(f"prefix must be 'auto' or 'off', got {prefix!r}")
+    if seed is None:
+        return masks.fresh_seed()
+    if isinstance(seed, Tensor):
+        if seed.shape != (x.shape[0],):
+            raise InvalidArgumentError(f"per-row seeds must have shape ({x.shape[0]},)")
+        return seed
+    return masks.check_seed(seed)
+
+
+def _one_chain_pass(
+    model: nn.Module,
+    x: Tensor,
+    n_samples: int,
+    seed: int | Tensor,
+    max_pass_rows: int | None,
+    prefix: Prefix,
+    plan: SamplingPlan,
+) -> Tensor | None:
+    """:func:`sample`'s ``(S, N, K...)`` samples where the call is one pass of a kept plan's
+    layer chain on the CPU with its multipliers made from the row keys
+    (:func:`planning.run_chain_pass`), the common small request; None otherwise (then the
+    general path runs). The same passes, and so the same samples, as the general path: only
+    its generator, chunks and per-pass bookkeeping are skipped, which cost a good share of a
+    small request."""
+    layers = plan.layers
+    if layers is None or plan.graphs is not None or not layers.runnable(model):
+        return None
+    if model_device(model).type != "cpu" or x.device.type != "cpu":
+        return None
+    n = x.shape[0]
+    if max_pass_rows is None:
+        max_pass_rows = DEFAULT_MAX_PASS_ROWS
+    shared = prefix == "auto" and plan.prefix
+    if n * n_samples > plan.pass_rows(n, n_samples, max_pass_rows, prefix=shared and n_samples > 1):
+        return None  # more than one pass
+    made = layers.fused(n * n_samples, plan)
+    if made is None:
+        return None
+    keys = masks.row_keys(x, seed)
+    with eval_mode(model, layers.containers), torch.inference_mode():
+        plan.check(model, x)
+        # One sample per pass gains nothing from sharing the prefix.
+        share = shared and n_samples > 1
+        return planning.run_chain_pass(model, x, keys, 0, n_samples, share, plan, made)
+
+
 def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
     """The sampling plan of ``model`` for rows like those of ``x``: the batch dimension of every
     dropout call, whether the deterministic prefix is shared, and how large a pass may be.
@@ -262,18 +323,7 @@ def sample_chunks_of_checked_inputs(
     non-empty batch dimension, every value finite: :func:`all_finite`), as
     :class:`~mcdrop.Predictor` does: the check is a good share of a small call's cost. Every other
     argument is checked here."""
-    _check_args(n_samples, max_pass_rows)
-    if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
-        raise InvalidArgumentError(f"first_sample must be an integer >= 0, got {first_sample!r}")
-    if prefix not in ("auto", "off"):
-        raise InvalidArgumentError(f"prefix must be 'auto' or 'off', got {prefix!r}")
-    if seed is None:
-        seed = masks.fresh_seed()
-    elif isinstance(seed, Tensor):
-        if seed.shape != (x.shape[0],):
-            raise InvalidArgumentError(f"per-row seeds must have shape ({x.shape[0]},)")
-    else:
-        masks.check_seed(seed)
+    seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, first_sample)
     # A plan the caller keeps may keep CUDA graphs of its passes (a plan made here would not
     # outlive the call: capturing would cost more than it saves).
     device = model_device(model)
@@ -288,6 +338,8 @@ def sample_chunks_of_checked_inputs(
     # Whether the kept plan's layer chain runs this call's passes, checked once for all of them.
     chain = plan is not None and plan.layers is not None and plan.layers.runnable(model)
     modules = plan.layers.containers if chain and plan is not None and plan.layers else None
+    # A chain on the CPU may make its passes' multipliers from the row keys (LayerChain.fused).
+    layers = plan.layers if chain and plan is not None and device.type == "cpu" else None
     with eval_mode(model, modules), torch.inference_mode():
         if plan is None:
             plan = planning.probe(model, x)
@@ -314,15 +366,16 @@ def sample_chunks_of_checked_inputs(
                         model, x_rows, row_keys, first_sample + s0, s, share, plan, chain or None
                     )
                 else:
-                    made = chain and planning.run_chain_pass(
-                        model, x_rows, row_keys, first_sample + s0, s, share, plan
-                    )
-                    if made is None or made is False:
+                    fused = layers.fused(s * x_rows.shape[0], plan) if layers else None
+                    if fused is not None:
+                        values = planning.run_chain_pass(
+                            model, x_rows, row_keys, first_sample + s0, s, share, plan, fused
+                        )
+                    else:
                         chunk_keys = masks.sample_keys(row_keys, first_sample + s0, s)
-                        made = planning.run_pass(
+                        values = planning.run_pass(
                             model, x_rows, chunk_keys, s, share, plan, chain=chain or None
                         )
-                    values = made
                 yield Chunk(slice(s0, s0 + s), rows, values)
 
 
@@ -349,6 +402,11 @@ def sample(
     """
     out: Tensor | None = None
     _check_inputs(x)
+    if plan is not None:
+        seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, 0)
+        out = _one_chain_pass(model, x, n_samples, seed, max_pass_rows, prefix, plan)
+        if out is not None:
+            return out
     chunks = sample_chunks_of_checked_inputs(
         model, x, n_samples, seed=seed, max_pass_rows=max_pass_rows, prefix=prefix, plan=plan
     )
