@@ -3,9 +3,11 @@ torch implementation bit for bit against the NumPy one (on a GPU too, when there
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -89,6 +91,37 @@ def test_signed_zero_hashes_equal() -> None:
         masks.row_keys(torch.tensor([[0.0, 1.0]]), 3),
         masks.row_keys(torch.tensor([[-0.0, 1.0]]), 3),
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bits=st.lists(
+        st.sampled_from([0, 0x80000000, 0x00008000, 0x80800000, 0x3F800000, 0xBF800000])
+        # any value but NaN (inputs with NaN are refused before they are keyed)
+        | st.integers(0, 2**32 - 1).filter(lambda b: b & 0x7FFFFFFF <= 0x7F800000),
+        min_size=1,
+        max_size=12,
+    ),
+    n_rows=st.integers(1, 3),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_row_keys_are_blake2b_of_each_rows_float32_bytes_with_minus_zero_as_zero(
+    bits: list[int], n_rows: int, seed: int
+) -> None:
+    """The documented key, by hand: -0.0 (bytes 00 00 00 80) anywhere, or those bytes across two
+    values (which are no -0.0), in rows of any bit patterns."""
+    values = np.array(bits * n_rows, dtype=np.uint32).view(np.float32).reshape(n_rows, -1)
+    expected = [
+        int.from_bytes(
+            hashlib.blake2b(
+                (row + np.float32(0.0)).tobytes(), digest_size=8, key=seed.to_bytes(8, "little")
+            ).digest(),
+            "little",
+            signed=True,
+        )
+        for row in values
+    ]
+    assert masks.row_keys(torch.from_numpy(values), seed).tolist() == expected
 
 
 def test_calls_give_independent_masks() -> None:

@@ -268,3 +268,27 @@ def test_first_sample_continues_a_call_exactly(mlp: nn.Module, x: Tensor, first:
 def test_bad_first_sample(mlp: nn.Module, x: Tensor, first: object) -> None:
     with pytest.raises(InvalidArgumentError, match="first_sample"):
         list(sample_chunks(mlp, x, 3, seed=0, first_sample=first))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([1.0, -2.0], True),
+        ([1.7e308, 1.7e308, -1.0], True),  # the sum overflows: each value is still finite
+        ([-1.7e308, -1.7e308], True),
+        ([1.0, float("inf")], False),
+        ([float("-inf"), float("inf")], False),  # a NaN sum
+        ([float("nan"), 1.0], False),
+        ([1e300, float("nan")], False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite(values: list[float], finite: bool, dtype: torch.dtype) -> None:
+    from mcdrop.sampling import all_finite
+
+    x = torch.tensor([values], dtype=torch.float64).to(dtype)  # float32: 1.7e308 is inf
+    expected = bool(torch.isfinite(x).all())  # the reference
+    if dtype == torch.float64:
+        assert expected is finite
+    assert all_finite(x) is expected
+    assert all_finite(-x) is expected  # a view with the negative bit
