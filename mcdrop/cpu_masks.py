@@ -104,40 +104,38 @@ def _rows(
             _put(row, full * per_word, word, n - full * per_word, bits, threshold, scale)
 
 
+# One loop per lane width, each compiled at its first use (~0.3 s; every width in one function
+# took ~5 s to compile, which a container with a read-only file system, where numba cannot
+# cache, would pay at every start). ``bits`` is a constant in each, so its lane loops unroll.
+
+
 @_compiled
-def _keep_scale(
-    keys: Any, xor: Any, n: int, bits: int, threshold: int, scale: Any, table: Any, out: Any
-) -> None:
-    """``masks.keep_scale``'s multipliers into ``out`` ``(B, n)`` for the ``(B,)`` keys: one
-    branch per lane width, so that each one's lane loops unroll."""
-    t = np.uint64(threshold)
-    if bits == 16:
-        _rows(keys, xor, n, 16, t, scale, table, out)
-    elif bits == 8:
-        _rows(keys, xor, n, 8, t, scale, table, out)
-    elif bits == 4:
-        _rows(keys, xor, n, 4, t, scale, table, out)
-    elif bits == 2:
-        _rows(keys, xor, n, 2, t, scale, table, out)
-    else:
-        _rows(keys, xor, n, 1, t, scale, table, out)
+def _scale16(keys: Any, xor: Any, n: int, threshold: int, scale: Any, table: Any, out: Any) -> None:
+    _rows(keys, xor, n, 16, np.uint64(threshold), scale, table, out)
 
 
-@numba.njit(inline="always")
-def _word_lanes(
-    out: Any, at: int, word: Any, count: int, bits: int, threshold: Any, scale: Any
-) -> None:
-    """:func:`_put` with ``bits`` made a constant per branch, so that each lane loop unrolls."""
-    if bits == 16:
-        _put(out, at, word, count, 16, threshold, scale)
-    elif bits == 8:
-        _put(out, at, word, count, 8, threshold, scale)
-    elif bits == 4:
-        _put(out, at, word, count, 4, threshold, scale)
-    elif bits == 2:
-        _put(out, at, word, count, 2, threshold, scale)
-    else:
-        _put(out, at, word, count, 1, threshold, scale)
+@_compiled
+def _scale8(keys: Any, xor: Any, n: int, threshold: int, scale: Any, table: Any, out: Any) -> None:
+    _rows(keys, xor, n, 8, np.uint64(threshold), scale, table, out)
+
+
+@_compiled
+def _scale4(keys: Any, xor: Any, n: int, threshold: int, scale: Any, table: Any, out: Any) -> None:
+    _rows(keys, xor, n, 4, np.uint64(threshold), scale, table, out)
+
+
+@_compiled
+def _scale2(keys: Any, xor: Any, n: int, threshold: int, scale: Any, table: Any, out: Any) -> None:
+    _rows(keys, xor, n, 2, np.uint64(threshold), scale, table, out)
+
+
+@_compiled
+def _scale1(keys: Any, xor: Any, n: int, threshold: int, scale: Any, table: Any, out: Any) -> None:
+    _rows(keys, xor, n, 1, np.uint64(threshold), scale, table, out)
+
+
+#: ``masks.keep_scale``'s multipliers into ``out`` ``(B, n)`` for the ``(B,)`` keys, by lane bits.
+_SCALE = {16: _scale16, 8: _scale8, 4: _scale4, 2: _scale2, 1: _scale1}
 
 
 @_compiled
@@ -165,21 +163,22 @@ def _pass_multipliers(
                 scale = scales[c]
                 at = start + b * size
                 per_word = 64 // lane_bits
-                full = size // per_word
-                for j in range(full):
-                    word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
-                    _word_lanes(out, at + j * per_word, word, per_word, lane_bits, threshold, scale)
-                if full * per_word < size:
-                    word = _mix(base + np.uint64(full + 1) * np.uint64(0x9E3779B97F4A7C15))
-                    _word_lanes(
-                        out,
-                        at + full * per_word,
-                        word,
-                        size - full * per_word,
-                        lane_bits,
-                        threshold,
-                        scale,
-                    )
+                lane = np.uint64((1 << lane_bits) - 1)
+                flip = np.uint64(0x8000) if lane_bits == 16 else np.uint64(0)
+                zero = scale - scale
+                e0 = 0
+                if lane_bits == 16:  # the common rates (not a multiple of 1/256): unrolled
+                    e0 = size - size % 4
+                    for j in range(e0 // 4):
+                        word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                        _put(out, at + 4 * j, word, 4, 16, threshold, scale)
+                # Any other width, and a tail: one loop for every lane width (unrolled loops for
+                # each took seconds to compile, which a read-only container pays at each start).
+                for e in range(e0, size, per_word):
+                    word = _mix(base + np.uint64(e // per_word + 1) * np.uint64(0x9E3779B97F4A7C15))
+                    for q in range(min(per_word, size - e)):
+                        drawn = ((word >> np.uint64(q * lane_bits)) & lane) ^ flip
+                        out[at + e + q] = scale if drawn >= threshold else zero
                 start = (start + rows * size + align - 1) // align * align
 
 
@@ -217,7 +216,7 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     ``dtype`` (rounded from float32 for a dtype other than float32 and float64)."""
     np_dtype, bits, threshold, scale, table = _constants(p, dtype)
     out: np.ndarray = np.empty((keys.shape[0], n), dtype=np_dtype)
-    _keep_scale(_u64(keys), masks._call_constant(call), n, bits, threshold, scale, table, out)
+    _SCALE[bits](_u64(keys), masks._call_constant(call), n, threshold, scale, table, out)
     result = torch.from_numpy(out)
     return result if result.dtype == dtype else result.to(dtype)
 
@@ -298,5 +297,6 @@ def warm_up() -> None:
     keys = torch.arange(3, dtype=torch.int64)
     sample_keys(keys, 0, 2)
     for dtype in DTYPES:
-        keep_scale(keys, 0, 5, 0.1, dtype)
+        for p in (0.1, 1 / 256, 1 / 16, 1 / 4, 1 / 2):  # 16, 8, 4, 2 and 1 bits per lane
+            keep_scale(keys, 0, 5, p, dtype)
         FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make(keys, 0, 2)
