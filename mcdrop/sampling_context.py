@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from mcdrop import attention, masks, rnn
+from mcdrop import attention, encoders, masks, rnn
 from mcdrop.attention import arg
 from mcdrop.exceptions import UnsupportedModelError
 
@@ -340,6 +340,8 @@ _HANDLERS: dict[Callable[..., Any], Handler] = {
 _HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
 _HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
 _HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
+# an nn.TransformerEncoderLayer that a pass runs directly (mcdrop.encoders)
+_HANDLERS[encoders.encoder_layer] = lambda ctx, args, kwargs: encoders.run_layer(ctx, *args)
 
 
 class DropoutMode(TorchFunctionMode):
