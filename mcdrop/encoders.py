@@ -86,6 +86,7 @@ def _direct_call(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
     return (
         type(src) is Tensor
         and src.dim() == 3
+        and src.is_contiguous()  # else the mode's attention works sequence-first
         and src.device.type == "cpu"
         and attn.batch_first
         and attn._qkv_same_embed_dim
@@ -115,7 +116,15 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
     activation = layer.activation
 
     def attention_block(h: Tensor) -> Tensor:
-        out = packed_self_attention(ctx, h, attn.num_heads, weights, float(attn.dropout))
+        p = float(attn.dropout)
+        if p == 0.0:  # no mask to draw: torch's own function, as the mode's handler calls it
+            seq = h.transpose(0, 1)  # (L, B, E), as nn.MultiheadAttention passes it
+            out = F.multi_head_attention_forward(
+                seq, seq, seq, attn.embed_dim, attn.num_heads, *weights[:2], None, None, False,
+                p, *weights[2:], training=attn.training, need_weights=False,
+            )[0].transpose(0, 1)  # fmt: skip
+        else:
+            out = packed_self_attention(ctx, h, attn.num_heads, weights, p)
         return _drop(ctx, out, layer.dropout1)
 
     def feed_forward_block(h: Tensor) -> Tensor:
