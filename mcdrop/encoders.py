@@ -129,15 +129,22 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
 
     def feed_forward_block(h: Tensor) -> Tensor:
         h = layer.linear1.forward(h)
-        h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
+        if activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU:
+            # in place, as torch's fast path does: the same values, without a fresh (B, L, F)
+            # tensor, whose first touch (page faults) cost more than the ReLU itself
+            h = h.relu_()
+        else:
+            h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
         h = _drop(ctx, h, layer.dropout)
         return _drop(ctx, layer.linear2.forward(h), layer.dropout2)
 
+    # The residual sums go into the blocks' outputs, fresh tensors of x's shape (o + x equals
+    # x + o bit for bit): a new (B, L, E) tensor per sum costs more than the sum on small passes.
     if layer.norm_first:
-        x = x + attention_block(layer.norm1.forward(x))
-        return x + feed_forward_block(layer.norm2.forward(x))
-    x = layer.norm1.forward(x + attention_block(x))
-    return layer.norm2.forward(x + feed_forward_block(x))
+        x = attention_block(layer.norm1.forward(x)).add_(x)
+        return feed_forward_block(layer.norm2.forward(x)).add_(x)
+    x = layer.norm1.forward(attention_block(x).add_(x))
+    return layer.norm2.forward(feed_forward_block(x).add_(x))
 
 
 def encoder_layer(layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
