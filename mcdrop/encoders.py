@@ -211,7 +211,12 @@ class EncoderLayers:
                     visit(child, (*path, m))
 
         visit(model, ())
-        if not found or any(isinstance(m, torch.jit.ScriptModule) for m in on_the_way.values()):
+        if not found or any(
+            # a scripted module, or a forward set on the instance (torch.compile's wrapper):
+            # its copy would not call its copied children
+            isinstance(m, torch.jit.ScriptModule) or "forward" in vars(m)
+            for m in on_the_way.values()
+        ):
             return None
         modules = [*on_the_way.values(), *(sub for layer in found for sub in layer.modules())]
         return cls(
