@@ -79,22 +79,28 @@ def _runs_directly(layer: nn.Module) -> bool:
     return not any("forward" in vars(m) for m in layer.modules())
 
 
-def _direct_call(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
-    """Whether this call of ``layer`` on ``src`` may run directly: what can change between
-    calls (attributes a user may set) and what depends on the call."""
+def _direct_layer(layer: nn.TransformerEncoderLayer) -> bool:
+    """Whether ``layer``'s attributes (which a user may set between calls) let a call run
+    directly."""
     attn = layer.self_attn
-    return (
-        type(src) is Tensor
-        and src.dim() == 3
-        and src.is_contiguous()  # else the mode's attention works sequence-first
-        and src.device.type == "cpu"
-        and attn.batch_first
+    return bool(
+        attn.batch_first
         and attn._qkv_same_embed_dim
         and attn.in_proj_bias is not None
         and attn.bias_k is None
         and attn.bias_v is None
         and not attn.add_zero_attn
-        and src.shape[-1] == attn.embed_dim
+    )
+
+
+def _direct_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
+    """Whether ``src`` lets a call of ``layer`` run directly (checked with the mode off: each
+    of these calls costs µs through it)."""
+    return (
+        src.dim() == 3
+        and src.is_contiguous()  # else the mode's attention works sequence-first
+        and src.device.type == "cpu"
+        and src.shape[-1] == layer.self_attn.embed_dim
     )
 
 
@@ -148,14 +154,22 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
 
 
 def encoder_layer(layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
-    """``layer``'s forward of ``src`` ``(B, L, E)``, as the twin calls it: under MC sampling
-    the torch-function mode hands the call to :func:`run_layer` (its handler in
-    :mod:`mcdrop.sampling_context`), which runs with the mode off as every handler does, while
-    any mode a caller entered outside the sampling context still sees its torch calls. Outside
-    MC sampling, the layer's own ``forward``."""
+    """``layer``'s forward of ``src`` ``(B, L, E)`` without masks, as the twin calls it: under
+    MC sampling the torch-function mode hands the call to :func:`handle_layer`, which runs with
+    the mode off as every handler does, while any mode a caller entered outside the sampling
+    context still sees its torch calls. Outside MC sampling, the layer's own ``forward``."""
     if has_torch_function((src,)):
         return handle_torch_function(encoder_layer, (src,), layer, src)
     return layer.forward(src)
+
+
+def handle_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
+    """The sampling mode's handler of :func:`encoder_layer`: :func:`run_layer` where ``src``
+    allows, else the layer's own ``forward`` in a mode of ``ctx`` again."""
+    if _direct_input(layer, src):
+        return run_layer(ctx, layer, src)
+    with ctx.mode(ctx):
+        return layer.forward(src)
 
 
 def _direct_forward(layer: nn.TransformerEncoderLayer) -> Callable[..., Tensor]:
@@ -169,7 +183,7 @@ def _direct_forward(layer: nn.TransformerEncoderLayer) -> Callable[..., Tensor]:
         is_causal: bool = False,
     ) -> Tensor:
         unmasked = src_mask is None and src_key_padding_mask is None and not is_causal
-        if unmasked and _direct_call(layer, src):
+        if unmasked and type(src) is Tensor and _direct_layer(layer):
             return encoder_layer(layer, src)
         return layer.forward(src, src_mask, src_key_padding_mask, is_causal)
 

@@ -11,7 +11,8 @@ seeded mask from :mod:`mcdrop.masks`, while everything else (BatchNorm included)
 mode. Because the mode lives on the calling thread, a deterministic prediction on another thread
 at the same moment sees a plain eval model. (A model that is a plain chain of torch layers runs
 without the mode: :class:`mcdrop.planning.LayerChain` hands its dropout layers' calls to the
-context directly, with the same masks.) An active torch-function mode also switches off
+context directly, with the same masks; so do the ``nn.TransformerEncoderLayer`` modules of any
+model, see :mod:`mcdrop.encoders`.) An active torch-function mode also switches off
 PyTorch's transformer fast path, which would otherwise skip dropout entirely.
 
 Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),
@@ -341,7 +342,7 @@ _HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
 _HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
 _HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
 # an nn.TransformerEncoderLayer that a pass runs directly (mcdrop.encoders)
-_HANDLERS[encoders.encoder_layer] = lambda ctx, args, kwargs: encoders.run_layer(ctx, *args)
+_HANDLERS[encoders.encoder_layer] = lambda ctx, args, kwargs: encoders.handle_layer(ctx, *args)
 
 
 class DropoutMode(TorchFunctionMode):

@@ -53,6 +53,17 @@ class SeqFirst(nn.Module):
         return self.layer(x.transpose(0, 1)).transpose(0, 1)
 
 
+class Strided(nn.Module):
+    """A batch-first layer given a non-contiguous input: run by the mode's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, F)
+        return self.layer(x.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "classifier": Classifier,
     "norm_first": lambda: Classifier(norm_first=True),
@@ -78,6 +89,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     ),
     "padded": Padded,
     "seq_first": SeqFirst,
+    "strided": Strided,
 }
 
 
