@@ -243,8 +243,8 @@ def attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    weights = torch.softmax(scores, dim=-1)  # (N, H, L, S)
-    weights = ctx.dropout(weights, dropout_p, kind="attention dropout", batch_dim=0)
+    weights = torch.softmax(scores, dim=-1)  # (N, H, L, S), a fresh tensor: dropped in place
+    weights = ctx.dropout_into(weights, dropout_p, kind="attention dropout", batch_dim=0)
     return weights @ v
 
 

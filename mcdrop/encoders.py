@@ -7,17 +7,19 @@ module calls. On a small encoder that costs as much as a third of the floor (2-l
 d = 64, 100 samples of one row). A pass through :class:`EncoderLayers` runs the model's own
 ``forward``, in the mode as before, on a *twin* of the model: per pass, shallow copies of the
 modules on the way from the model to its encoder layers (sharing every parameter, buffer and
-other submodule) in which each layer's ``forward`` computes the layer in direct torch calls, the
-mode switched off, every dropout handed to the context in the order and with the shapes the
-mode's path gives it. The model itself is never changed, so another thread's deterministic
-prediction sees it as it is.
+other submodule) in which each layer's ``forward`` is handed to the mode as one call
+(:func:`encoder_layer`), whose handler computes the layer in direct torch calls with the mode
+off, every dropout handed to the context in the order and with the shapes the mode's path gives
+it. The model itself is never changed, so another thread's deterministic prediction sees it as
+it is.
 
 A layer is run directly when it is exactly an ``nn.TransformerEncoderLayer`` with batch-first
 attention, a packed biased input projection, ReLU or GELU (torch's own functions or modules),
 exact torch submodules and no hook, and is called without masks on a plain CPU tensor; any other
-call runs the layer's own ``forward`` in the mode. Samples equal the mode's path bit for bit
-where both compute attention in :func:`mcdrop.attention.packed_self_attention` (batch-first
-self-attention at a rate above 0 on the CPU).
+call runs the layer's own ``forward`` in the mode. The samples equal the mode's path bit for
+bit: the same torch calls on the same values (the attention's in
+:func:`mcdrop.attention.packed_self_attention`), but the residual sums and the ReLU, made in place
+into fresh tensors.
 
 Shape legend: ``B`` replicated rows, ``L`` sequence length, ``E`` embedding size.
 """
@@ -105,8 +107,9 @@ def _direct_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
 
 
 def _drop(ctx: SamplingContext, x: Tensor, layer: nn.Dropout) -> Tensor:
-    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``."""
-    return ctx.dropout(x, float(layer.p), kind="dropout", inplace=bool(layer.inplace))
+    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``, in place:
+    ``x`` is a fresh tensor of the layer's own."""
+    return ctx.dropout_into(x, float(layer.p))
 
 
 def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:

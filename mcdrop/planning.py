@@ -212,6 +212,11 @@ class SamplingPlan:
         )
         if self.layers is not None:
             rows.append("  layers: a plain chain, run without the torch-function mode")
+        if self.encoders is not None:
+            rows.append(
+                f"  encoder layers: {len(self.encoders.layers)} nn.TransformerEncoderLayer, run "
+                "directly (mcdrop.encoders)"
+            )
         rows.append(
             f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
             f"{self.rest_flops:.3g} per replicated row from it on"
@@ -331,7 +336,8 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         unsampled=unsampled,
         layers=LayerChain.of(model, tuple(x.shape[1:])),
         graphs=PassGraphs(x.device) if x.device.type == "cuda" else None,
-        encoders=EncoderLayers.of(model),
+        # on the CPU only: elsewhere the layers' direct run is not measured yet
+        encoders=EncoderLayers.of(model) if x.device.type == "cpu" else None,
     )
     keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)

@@ -127,9 +127,11 @@ def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
 
 def test_encoder_layers_are_found() -> None:
     model = Classifier().eval()
-    found = plan(model, torch.randn(2, 6, 16)).encoders
+    kept = plan(model, torch.randn(2, 6, 16))
+    found = kept.encoders
     assert found is not None
     assert found.runnable(model)
+    assert "encoder layers: 2 nn.TransformerEncoderLayer, run directly" in repr(kept)
     mlp = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1)).eval()
     assert plan(mlp, torch.randn(2, 4)).encoders is None
 
