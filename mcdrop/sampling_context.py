@@ -249,7 +249,7 @@ class SamplingContext:
         is paid for in page faults: ~3,300 a call on that encoder, more than the hash and the
         product together. Blocks of rows stay in the cache and reuse the same memory. A row's
         multipliers depend on its key only, so the products are those of :meth:`dropout`, bit
-        for bit.
+        for bit. On the CPU only: on a device each block would be a kernel launch.
         """
         check_p(p)
         if p == 0.0:
@@ -266,7 +266,7 @@ class SamplingContext:
         flat = x.view(batch, -1)  # (B, per_row): rows first, `group` entries of x per row
         per_row = flat.shape[1]
         block = max(1, DROP_BLOCK_BYTES // max(1, per_row * x.element_size()))
-        if block >= batch:
+        if block >= batch or x.device.type != "cpu":  # a device: one launch, not one a block
             return x.mul_(self.scale(call, per_row, p, x.dtype).view(x.shape))
         for b0 in range(0, batch, block):
             b1 = min(b0 + block, batch)
