@@ -120,12 +120,30 @@ def self_attention_fast(
     if batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))  # (N, T, E)
     w, b = a["in_proj_weight"], a["in_proj_bias"]
-    if a["query"] is a["key"] and a["key"] is a["value"] and batch_first:
+    same = a["query"] is a["key"] and a["key"] is a["value"]
+    mask = _additive_mask(a.get("attn_mask"), query.dtype)
+    if mask is not None and mask.dim() == 3:  # (N·H, L, S) -> (N, H, L, S)
+        mask = mask.reshape(batch, heads, *mask.shape[1:])
+    padding = _additive_mask(a.get("key_padding_mask"), query.dtype)
+    if padding is not None:  # (N, S) -> (N, 1, 1, S)
+        padding = padding.reshape(batch, 1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    if same and batch_first and b is not None and query.device.type == "cpu":
+        out = packed_self_attention(
+            ctx,
+            query,
+            heads,
+            (w, b, a["out_proj_weight"], a["out_proj_bias"]),
+            float(a["dropout_p"]),
+            mask,
+        )
+        return out.transpose(0, 1), None
+    if same and batch_first:
         # One copy puts q, k and v in (N, H, T, E / H) blocks that the products read as they
         # are, instead of one copy of each inside the products.
         qkv = F.linear(query, w, b).view(batch, length, 3, heads, embed // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous()  # 3 × (N, H, L, E / H)
-    elif a["query"] is a["key"] and a["key"] is a["value"]:
+    elif same:
         q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
     else:
         w_q, w_k, w_v = w.chunk(3)
@@ -139,13 +157,6 @@ def self_attention_fast(
             return t.reshape(batch, t.shape[1], heads, embed // heads).transpose(1, 2)
         return t.reshape(t.shape[0], batch, heads, embed // heads).permute(1, 2, 0, 3)
 
-    mask = _additive_mask(a.get("attn_mask"), q.dtype)
-    if mask is not None and mask.dim() == 3:  # (N·H, L, S) -> (N, H, L, S)
-        mask = mask.reshape(batch, heads, *mask.shape[1:])
-    padding = _additive_mask(a.get("key_padding_mask"), q.dtype)
-    if padding is not None:  # (N, S) -> (N, 1, 1, S)
-        padding = padding.reshape(batch, 1, 1, -1)
-        mask = padding if mask is None else mask + padding
     out = attention(
         ctx,
         split_heads(q),
@@ -162,6 +173,39 @@ def self_attention_fast(
         return F.linear(out, a["out_proj_weight"], a["out_proj_bias"]).transpose(0, 1), None
     out = out.permute(2, 0, 1, 3).reshape(length, batch, embed)
     return F.linear(out, a["out_proj_weight"], a["out_proj_bias"]), None
+
+
+def packed_self_attention(
+    ctx: SamplingContext,
+    x: Tensor,
+    heads: int,
+    weights: tuple[Tensor, Tensor, Tensor, Tensor | None],
+    dropout_p: float,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Batch-first self-attention with a packed, biased input projection on the CPU, the
+    attention weights dropped with ``ctx``'s masks: what :func:`self_attention_fast` computes
+    for ``nn.MultiheadAttention(batch_first=True)``, without its transposes.
+
+    As torch's own fast path: the bias, the scaling of the queries by ``1 / sqrt(E / H)`` and
+    the split into ``(N, H, L, E / H)`` blocks that the products read as they are, in one pass
+    over the projection (``torch._transform_bias_rescale_qkv``), instead of a bias pass, a copy
+    and a scaling pass over the ``(N, H, L, L)`` scores.
+
+    Args:
+        x: ``(N, L, E)``.
+        weights: ``in_proj_weight (3E, E)``, ``in_proj_bias (3E,)``, ``out_proj.weight (E,
+            E)``, ``out_proj.bias (E,)`` or None.
+        mask: additive, broadcast to ``(N, H, L, L)``; None for none.
+
+    Returns:
+        ``(N, L, E)``, contiguous.
+    """
+    in_weight, in_bias, out_weight, out_bias = weights
+    batch, length, embed = x.shape
+    q, k, v = torch._transform_bias_rescale_qkv(F.linear(x, in_weight), in_bias, heads)
+    out = attention(ctx, q, k, v, mask, dropout_p, False, 1.0, False)  # (N, H, L, E / H)
+    return F.linear(out.transpose(1, 2).reshape(batch, length, embed), out_weight, out_bias)
 
 
 def attention(
@@ -189,7 +233,8 @@ def attention(
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = q @ k.transpose(-2, -1)
-    scores *= scale  # in place: one pass over the weights fewer
+    if scale != 1.0:  # 1: the queries came scaled (or a scale of 1 was asked for)
+        scores *= scale  # in place: one pass over the weights fewer
     if is_causal:
         causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -198,8 +243,8 @@ def attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    weights = torch.softmax(scores, dim=-1)  # (N, H, L, S)
-    weights = ctx.dropout(weights, dropout_p, kind="attention dropout", batch_dim=0)
+    weights = torch.softmax(scores, dim=-1)  # (N, H, L, S), a fresh tensor: dropped in place
+    weights = ctx.dropout_into(weights, dropout_p, kind="attention dropout", batch_dim=0)
     return weights @ v
 
 

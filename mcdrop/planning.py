@@ -46,6 +46,7 @@ from mcdrop import masks
 from mcdrop.attention import arg
 from mcdrop.coverage import CallCounter, RateUse
 from mcdrop.cuda_graphs import PassGraphs
+from mcdrop.encoders import EncoderLayers
 from mcdrop.exceptions import (
     InvalidArgumentError,
     NoDropoutError,
@@ -139,6 +140,8 @@ class SamplingPlan:
         unsampled: the dropout rates the model declares that made no stochastic call (see
             :mod:`mcdrop.coverage`): sampling cannot reach them, so its variance understates
             the model's uncertainty.
+        encoders: the ``nn.TransformerEncoderLayer`` modules a pass runs without the
+            torch-function mode (:class:`mcdrop.encoders.EncoderLayers`); None where none.
         layers: where the model is a plain chain of torch layers (see :class:`LayerChain`),
             the chain, which a pass runs without the torch-function mode; None otherwise.
         graphs: for a model on a CUDA device, the passes this plan has captured as CUDA graphs
@@ -159,6 +162,7 @@ class SamplingPlan:
     unsampled: tuple[RateUse, ...] = ()
     layers: LayerChain | None = field(default=None, compare=False)
     graphs: PassGraphs | None = field(default=None, compare=False)
+    encoders: EncoderLayers | None = field(default=None, compare=False)
 
     @property
     def budget_rows(self) -> int:
@@ -208,6 +212,11 @@ class SamplingPlan:
         )
         if self.layers is not None:
             rows.append("  layers: a plain chain, run without the torch-function mode")
+        if self.encoders is not None:
+            rows.append(
+                f"  encoder layers: {len(self.encoders.layers)} nn.TransformerEncoderLayer, run "
+                "directly (mcdrop.encoders)"
+            )
         rows.append(
             f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
             f"{self.rest_flops:.3g} per replicated row from it on"
@@ -253,8 +262,9 @@ def run_pass(
         y = layers.run(ctx, inputs)
     else:
         ctx = SamplingContext(keys, plan.calls, replicate=replicas)
+        net = model if plan.encoders is None else plan.encoders.twin(model)
         with ctx:
-            y = model(inputs)
+            y = net(inputs)
     if ctx.calls != len(plan.calls):
         raise UnsupportedModelError(
             f"{type(model).__name__} made {ctx.calls} dropout calls in a pass, but "
@@ -355,6 +365,8 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         unsampled=unsampled,
         layers=LayerChain.of(model, tuple(x.shape[1:])),
         graphs=PassGraphs(x.device) if x.device.type == "cuda" else None,
+        # on the CPU only: elsewhere the layers' direct run is not measured yet
+        encoders=EncoderLayers.of(model) if x.device.type == "cpu" else None,
     )
     keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)

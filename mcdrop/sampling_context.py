@@ -11,7 +11,8 @@ seeded mask from :mod:`mcdrop.masks`, while everything else (BatchNorm included)
 mode. Because the mode lives on the calling thread, a deterministic prediction on another thread
 at the same moment sees a plain eval model. (A model that is a plain chain of torch layers runs
 without the mode: :class:`mcdrop.planning.LayerChain` hands its dropout layers' calls to the
-context directly, with the same masks.) An active torch-function mode also switches off
+context directly, with the same masks; so do the ``nn.TransformerEncoderLayer`` modules of any
+model, see :mod:`mcdrop.encoders`.) An active torch-function mode also switches off
 PyTorch's transformer fast path, which would otherwise skip dropout entirely.
 
 Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from mcdrop import attention, masks, rnn
+from mcdrop import attention, encoders, masks, rnn
 from mcdrop.attention import arg
 from mcdrop.exceptions import UnsupportedModelError
 
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 
 # SELU's constants, as torch's alpha_dropout uses them.
 _ALPHA = 1.7580993408473766
+
+#: The multipliers :meth:`SamplingContext.dropout_into` makes at once: a block of rows that
+#: stays in a core's cache (2 MiB of L2 here) beside the activation's rows it multiplies.
+DROP_BLOCK_BYTES = 1 << 19
 
 _active: contextvars.ContextVar[SamplingContext | None] = contextvars.ContextVar(
     "mcdrop_sampling_context", default=None
@@ -232,6 +237,42 @@ class SamplingContext:
             return scale.mul_(x)
         return x * scale  # the output keeps x's layout (a later .view() may rely on it)
 
+    def dropout_into(
+        self, x: Tensor, p: float, *, kind: str = "dropout", batch_dim: int | None = None
+    ) -> Tensor:
+        """:meth:`dropout` (inverted, per element) of a tensor the caller owns, in place: ``x``
+        times its multipliers, made for :data:`DROP_BLOCK_BYTES` of ``x`` at a time. ``kind``
+        and ``batch_dim`` as for :meth:`rows`.
+
+        Why: the multipliers of a whole large activation are a fresh array as large (6.5 MB for
+        the feed-forward units of a 2,048-wide encoder layer over 50 rows), and fresh memory
+        is paid for in page faults: ~3,300 a call on that encoder, more than the hash and the
+        product together. Blocks of rows stay in the cache and reuse the same memory. A row's
+        multipliers depend on its key only, so the products are those of :meth:`dropout`, bit
+        for bit. On the CPU only: on a device each block would be a kernel launch.
+        """
+        check_p(p)
+        if p == 0.0:
+            return x
+        if p == 1.0 or self.replicate > 1 or self.premade is not None or not x.is_contiguous():
+            return self.dropout(x, p, kind=kind, batch_dim=batch_dim, inplace=True)
+        found = self.rows(x, kind, batch_dim)
+        if found is None:
+            return x
+        x, call = found
+        if call.dim != 0:
+            return x.mul_(self._scale_like(x, p, call))
+        batch = self.keys.shape[0]
+        flat = x.view(batch, -1)  # (B, per_row): rows first, `group` entries of x per row
+        per_row = flat.shape[1]
+        block = max(1, DROP_BLOCK_BYTES // max(1, per_row * x.element_size()))
+        if block >= batch or x.device.type != "cpu":  # a device: one launch, not one a block
+            return x.mul_(self.scale(call, per_row, p, x.dtype).view(x.shape))
+        for b0 in range(0, batch, block):
+            b1 = min(b0 + block, batch)
+            flat[b0:b1].mul_(masks.keep_scale(self.keys[b0:b1], call.index, per_row, p, x.dtype))
+        return x
+
     def _scale_like(self, x: Tensor, p: float, call: CallLayout, times: int = 1) -> Tensor:
         """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``; with
         ``times``, like ``x`` replicated ``times`` times along it."""
@@ -340,6 +381,8 @@ _HANDLERS: dict[Callable[..., Any], Handler] = {
 _HANDLERS[F.multi_head_attention_forward] = attention.multi_head_attention
 _HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attention
 _HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
+# an nn.TransformerEncoderLayer that a pass runs directly (mcdrop.encoders)
+_HANDLERS[encoders.encoder_layer] = lambda ctx, args, kwargs: encoders.handle_layer(ctx, *args)
 
 
 class DropoutMode(TorchFunctionMode):

@@ -1,0 +1,284 @@
+"""Transformer encoder layers under MC sampling without the torch-function mode.
+
+Under the sampling context's torch-function mode (:mod:`mcdrop.sampling_context`) an
+``nn.TransformerEncoderLayer`` runs its Python slow path: ~30 intercepted torch calls, its own
+and its attention's fast-path checks on every call (each walks the layer's modules), eleven
+module calls. On a small encoder that costs as much as a third of the floor (2-layer encoder,
+d = 64, 100 samples of one row). A pass through :class:`EncoderLayers` runs the model's own
+``forward``, in the mode as before, on a *twin* of the model: per pass, shallow copies of the
+modules on the way from the model to its encoder layers (sharing every parameter, buffer and
+other submodule) in which each layer's ``forward`` is handed to the mode as one call
+(:func:`encoder_layer`), whose handler computes the layer in direct torch calls with the mode
+off, every dropout handed to the context in the order and with the shapes the mode's path gives
+it. The model itself is never changed, so another thread's deterministic prediction sees it as
+it is.
+
+A layer is run directly when it is exactly an ``nn.TransformerEncoderLayer`` with batch-first
+attention, a packed biased input projection, ReLU or GELU (torch's own functions or modules),
+exact torch submodules and no hook, and is called without masks on a plain CPU tensor; any other
+call runs the layer's own ``forward`` in the mode. The samples equal the mode's path bit for
+bit: the same torch calls on the same values (the attention's in
+:func:`mcdrop.attention.packed_self_attention`), but the residual sums and the ReLU, made in place
+into fresh tensors.
+
+Shape legend: ``B`` replicated rows, ``L`` sequence length, ``E`` embedding size.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
+from torch.overrides import handle_torch_function, has_torch_function
+
+from mcdrop.attention import packed_self_attention
+
+if TYPE_CHECKING:
+    from mcdrop.sampling_context import SamplingContext
+
+#: The activations a layer may have, as functions or modules (exact types: a subclass may call
+#: dropout, which the direct run would not hand to the context).
+_ACTIVATION_FUNCTIONS: tuple[Callable[..., Any], ...] = (F.relu, torch.relu, F.gelu)
+_ACTIVATION_MODULES: frozenset[type[nn.Module]] = frozenset({nn.ReLU, nn.GELU})
+
+# The submodules of an encoder layer the direct run reads, and the type each must be exactly.
+_SUBMODULES: dict[str, tuple[type[nn.Module], ...]] = {
+    "self_attn": (nn.MultiheadAttention,),
+    "linear1": (nn.Linear,),
+    "linear2": (nn.Linear,),
+    "norm1": (nn.LayerNorm,),
+    "norm2": (nn.LayerNorm,),
+    "dropout": (nn.Dropout,),
+    "dropout1": (nn.Dropout,),
+    "dropout2": (nn.Dropout,),
+}
+
+
+def _runs_directly(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an encoder layer that :func:`run_layer` computes as its own
+    ``forward`` would (checked when a plan is made; what may change between calls is checked
+    on every call)."""
+    if type(layer) is not nn.TransformerEncoderLayer:
+        return False
+    for name, kinds in _SUBMODULES.items():
+        if type(getattr(layer, name, None)) not in kinds:
+            return False
+    attn = layer.self_attn
+    if type(attn.out_proj) not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return False
+    activation = layer.activation
+    if not (
+        type(activation) in _ACTIVATION_MODULES
+        or any(activation is f for f in _ACTIVATION_FUNCTIONS)
+    ):
+        return False
+    return not any("forward" in vars(m) for m in layer.modules())
+
+
+def _direct_layer(layer: nn.TransformerEncoderLayer) -> bool:
+    """Whether ``layer``'s attributes (which a user may set between calls) let a call run
+    directly."""
+    attn = layer.self_attn
+    return bool(
+        attn.batch_first
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.bias_k is None
+        and attn.bias_v is None
+        and not attn.add_zero_attn
+    )
+
+
+def _direct_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
+    """Whether ``src`` lets a call of ``layer`` run directly (checked with the mode off: each
+    of these calls costs µs through it)."""
+    return (
+        src.dim() == 3
+        and src.is_contiguous()  # else the mode's attention works sequence-first
+        and src.device.type == "cpu"
+        and src.shape[-1] == layer.self_attn.embed_dim
+    )
+
+
+def _drop(ctx: SamplingContext, x: Tensor, layer: nn.Dropout) -> Tensor:
+    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``, in place:
+    ``x`` is a fresh tensor of the layer's own."""
+    return ctx.dropout_into(x, float(layer.p))
+
+
+def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
+    """``layer``'s slow-path ``forward`` of ``x`` ``(B, L, E)`` without masks, its attention
+    weights' dropout and its three dropout layers' calls handed to ``ctx``, in the order and
+    with the shapes of the mode's path. Called with the torch-function mode off (its handler
+    for :func:`encoder_layer`).
+
+    Returns ``(B, L, E)``.
+    """
+    attn = layer.self_attn
+    weights = (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias)
+    activation = layer.activation
+
+    def attention_block(h: Tensor) -> Tensor:
+        p = float(attn.dropout)
+        if p == 0.0:  # no mask to draw: torch's own function, as the mode's handler calls it
+            seq = h.transpose(0, 1)  # (L, B, E), as nn.MultiheadAttention passes it
+            out = F.multi_head_attention_forward(
+                seq, seq, seq, attn.embed_dim, attn.num_heads, *weights[:2], None, None, False,
+                p, *weights[2:], training=attn.training, need_weights=False,
+            )[0].transpose(0, 1)  # fmt: skip
+        else:
+            out = packed_self_attention(ctx, h, attn.num_heads, weights, p)
+        return _drop(ctx, out, layer.dropout1)
+
+    def feed_forward_block(h: Tensor) -> Tensor:
+        h = layer.linear1.forward(h)
+        if activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU:
+            # in place, as torch's fast path does: the same values, without a fresh (B, L, F)
+            # tensor, whose first touch (page faults) cost more than the ReLU itself
+            h = h.relu_()
+        else:
+            h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
+        h = _drop(ctx, h, layer.dropout)
+        return _drop(ctx, layer.linear2.forward(h), layer.dropout2)
+
+    # The residual sums go into the blocks' outputs, fresh tensors of x's shape (o + x equals
+    # x + o bit for bit): a new (B, L, E) tensor per sum costs more than the sum on small passes.
+    if layer.norm_first:
+        x = attention_block(layer.norm1.forward(x)).add_(x)
+        return feed_forward_block(layer.norm2.forward(x)).add_(x)
+    x = layer.norm1.forward(attention_block(x).add_(x))
+    return layer.norm2.forward(feed_forward_block(x).add_(x))
+
+
+def encoder_layer(layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
+    """``layer``'s forward of ``src`` ``(B, L, E)`` without masks, as the twin calls it: under
+    MC sampling the torch-function mode hands the call to :func:`handle_layer`, which runs with
+    the mode off as every handler does, while any mode a caller entered outside the sampling
+    context still sees its torch calls. Outside MC sampling, the layer's own ``forward``."""
+    if has_torch_function((src,)):
+        return handle_torch_function(encoder_layer, (src,), layer, src)
+    return layer.forward(src)
+
+
+def handle_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
+    """The sampling mode's handler of :func:`encoder_layer`: :func:`run_layer` where ``src``
+    allows, else the layer's own ``forward`` in a mode of ``ctx`` again."""
+    if _direct_input(layer, src):
+        return run_layer(ctx, layer, src)
+    with ctx.mode(ctx):
+        return layer.forward(src)
+
+
+def _direct_forward(layer: nn.TransformerEncoderLayer) -> Callable[..., Tensor]:
+    """The ``forward`` of ``layer``'s twin: :func:`encoder_layer` where the call allows, else
+    the layer's own ``forward`` (in the mode)."""
+
+    def forward(
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        unmasked = src_mask is None and src_key_padding_mask is None and not is_causal
+        if unmasked and type(src) is Tensor and _direct_layer(layer):
+            return encoder_layer(layer, src)
+        return layer.forward(src, src_mask, src_key_padding_mask, is_causal)
+
+    return forward
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
+@dataclass(frozen=True)
+class EncoderLayers:
+    """The ``nn.TransformerEncoderLayer`` modules of a model that a pass runs directly, and the
+    modules on the way to them: see the module docstring."""
+
+    model: weakref.ref[nn.Module]
+    # every module copied into a twin (the model, the containers on the way to the layers) and
+    # every module of the layers (whose calls the direct run skips), each with its children
+    # as planned: none may have hooks, nor change children
+    checked: tuple[tuple[nn.Module, tuple[nn.Module | None, ...]], ...]
+    layers: frozenset[int]  # id() of the layers run directly
+    copied: frozenset[int]  # id() of the modules a twin copies: the layers, those on the way
+
+    @classmethod
+    def of(cls, model: nn.Module) -> EncoderLayers | None:
+        """The encoder layers of ``model`` that passes can run directly, or None if none."""
+        found: list[nn.Module] = []
+        on_the_way: dict[int, nn.Module] = {}
+
+        def visit(m: nn.Module, path: tuple[nn.Module, ...]) -> None:
+            if _runs_directly(m):
+                found.append(m)
+                on_the_way.update((id(p), p) for p in path)
+                return
+            for child in m._modules.values():
+                if child is not None:
+                    visit(child, (*path, m))
+
+        visit(model, ())
+        if not found or any(
+            # a scripted module, or a forward set on the instance (torch.compile's wrapper):
+            # its copy would not call its copied children
+            isinstance(m, torch.jit.ScriptModule) or "forward" in vars(m)
+            for m in on_the_way.values()
+        ):
+            return None
+        modules = [*on_the_way.values(), *(sub for layer in found for sub in layer.modules())]
+        return cls(
+            weakref.ref(model),
+            tuple((m, tuple(m._modules.values())) for m in modules),
+            frozenset(id(m) for m in found),
+            frozenset(on_the_way) | frozenset(id(m) for m in found),
+        )
+
+    def runnable(self, model: nn.Module) -> bool:
+        """Whether a pass may run the twin: the model's modules are those planned and none of
+        them (nor any module globally) has a hook."""
+        if self.model() is not model or (
+            _module_hooks._global_forward_hooks
+            or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_backward_hooks
+            or _module_hooks._global_backward_pre_hooks
+        ):
+            return False
+        return not any(
+            _has_hooks(m) or tuple(m._modules.values()) != children for m, children in self.checked
+        )
+
+    def twin(self, model: nn.Module) -> nn.Module:
+        """The module a pass calls in place of ``model`` (in the sampling context): its twin,
+        or ``model`` itself where the twin may not run. Made anew for every pass, so that it
+        holds the modules' attributes as they are."""
+        if not self.runnable(model):
+            return model
+        made: dict[int, nn.Module] = {}
+
+        def copy(m: nn.Module) -> nn.Module:
+            if id(m) in made:
+                return made[id(m)]
+            twin = object.__new__(type(m))
+            twin.__dict__.update(m.__dict__)
+            made[id(m)] = twin
+            if id(m) in self.layers:
+                assert isinstance(m, nn.TransformerEncoderLayer)
+                twin.__dict__["forward"] = _direct_forward(m)
+            else:
+                twin.__dict__["_modules"] = {
+                    name: copy(child) if child is not None and id(child) in self.copied else child
+                    for name, child in m._modules.items()
+                }
+            return twin
+
+        return copy(model)

@@ -1,0 +1,182 @@
+"""Encoder layers run directly under MC sampling (mcdrop.encoders): the same samples as the
+torch-function mode's path, bit for bit, and the model left as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from mcdrop import plan, sample
+
+
+class Classifier(nn.Module):
+    """A custom ``forward`` around an ``nn.TransformerEncoder``: ``(N, 6, 16) -> (N, 3)``."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        options = {"dropout": 0.2, **options}
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, **options)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+class Padded(nn.Module):
+    """An encoder called with a key-padding mask (the last position is padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.2, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+        padding[:, -1] = True
+        return self.encoder(x, src_key_padding_mask=padding)[:, 0]
+
+
+class SeqFirst(nn.Module):
+    """A sequence-first layer (its attention is not batch first): run by the mode's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, F)
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
+class Strided(nn.Module):
+    """A batch-first layer given a non-contiguous input: run by the mode's path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, T, F)
+        return self.layer(x.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "classifier": Classifier,
+    "norm_first": lambda: Classifier(norm_first=True),
+    "gelu": lambda: Classifier(activation="gelu"),
+    "gelu_module": lambda: Classifier(activation=nn.GELU(approximate="tanh")),
+    "relu_module": lambda: Classifier(activation=nn.ReLU()),
+    "attention_rate_zero": lambda: _without_attention_dropout(Classifier()),
+    "rates_zero_but_attention": lambda: _without_attention_dropout(
+        Classifier(dropout=0.0), attention=0.3
+    ),
+    "encoder": lambda: nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32, dropout=0.2, batch_first=True),
+        2,
+        norm=nn.LayerNorm(16),
+        enable_nested_tensor=False,
+    ),
+    "layer": lambda: nn.TransformerEncoderLayer(16, 4, 32, dropout=0.2, batch_first=True),
+    "sequential": lambda: nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.3, batch_first=True),
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True),
+        nn.Flatten(1),
+        nn.Linear(6 * 16, 2),
+    ),
+    "padded": Padded,
+    "seq_first": SeqFirst,
+    "strided": Strided,
+}
+
+
+def _without_attention_dropout(model: Classifier, attention: float = 0.0) -> Classifier:
+    for layer in model.encoder.layers:
+        layer.self_attn.dropout = attention
+    return model
+
+
+def _mode_path(model: nn.Module) -> Callable[[], None]:
+    """Make passes take the mode's path (a module with a hook is never run directly); returns
+    the hook's removal."""
+    first = next(m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer))
+    handle = first.linear1.register_forward_hook(lambda module, args, out: None)
+    return handle.remove
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    direct = sample(model, x, 8, seed=3, plan=kept)
+    remove = _mode_path(model)
+    try:
+        through_mode = sample(model, x, 8, seed=3, plan=kept)
+    finally:
+        remove()
+    assert torch.equal(direct, through_mode)
+    assert direct.var(0).mean() > 1e-4
+    # ...and without a kept plan (the probe's own passes run the twin too)
+    assert torch.equal(sample(model, x, 8, seed=3), direct)
+
+
+def test_encoder_layers_are_found() -> None:
+    model = Classifier().eval()
+    kept = plan(model, torch.randn(2, 6, 16))
+    found = kept.encoders
+    assert found is not None
+    assert found.runnable(model)
+    assert "encoder layers: 2 nn.TransformerEncoderLayer, run directly" in repr(kept)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1)).eval()
+    assert plan(mlp, torch.randn(2, 4)).encoders is None
+
+
+def test_the_model_is_left_as_it_was() -> None:
+    model = Classifier().eval()
+    x = torch.randn(2, 6, 16)
+    before = {name: (m, dict(vars(m))) for name, m in model.named_modules()}
+    sample(model, x, 4, seed=0)
+    after = dict(model.named_modules())
+    assert after.keys() == before.keys()
+    for name, (m, attributes) in before.items():
+        assert after[name] is m
+        assert "forward" not in vars(m)
+        assert vars(m).keys() == attributes.keys()
+        assert m._modules == attributes["_modules"]
+
+
+class CountLinear(TorchFunctionMode):
+    """A caller's own torch-function mode, entered outside sampling: counts ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if func is torch.nn.functional.linear:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_callers_own_mode_still_sees_the_layers_calls() -> None:
+    # The direct run steps over the sampling mode only: a mode outside it sees every projection
+    # (4 per layer) and the head, as on the mode's path.
+    model = Classifier().eval()
+    x = torch.randn(2, 6, 16)
+    kept = plan(model, x)
+    with CountLinear() as direct:
+        sample(model, x, 4, seed=0, plan=kept)
+    remove = _mode_path(model)
+    try:
+        with CountLinear() as through_mode:
+            sample(model, x, 4, seed=0, plan=kept)
+    finally:
+        remove()
+    assert direct.calls == through_mode.calls == 2 * 4 + 1
