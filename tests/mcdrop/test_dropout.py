@@ -16,6 +16,7 @@ from mcdrop import (
     attention,
     dropout_modules,
     is_sampling,
+    plan,
     predict,
     sample,
 )
@@ -312,22 +313,28 @@ def _modes(model: nn.Module) -> list[bool]:
     return [m.training for m in model.modules()]
 
 
-def test_modes_restored_exactly(mlp: nn.Module, x: Tensor) -> None:
+@pytest.mark.parametrize("kept", [False, True])  # a kept plan: the layer chain's own path
+def test_modes_restored_exactly(mlp: nn.Module, x: Tensor, kept: bool) -> None:
+    made = plan(mlp, x) if kept else None
     mlp.train()
     mlp[1].eval()  # a mixed state must come back as it was
     before = _modes(mlp)
     bn_mean = mlp[1].running_mean.clone()
-    sample(mlp, x, 10, seed=0)
+    sample(mlp, x, 10, seed=0, plan=made)
     predict(mlp, x)
     assert _modes(mlp) == before
     assert torch.equal(mlp[1].running_mean, bn_mean)
 
 
-def test_train_mode_model_samples_with_eval_batchnorm(mlp: nn.Module, x: Tensor) -> None:
-    eval_samples = sample(mlp, x, 10, seed=0)
+@pytest.mark.parametrize("kept", [False, True])
+def test_train_mode_model_samples_with_eval_batchnorm(
+    mlp: nn.Module, x: Tensor, kept: bool
+) -> None:
+    made = plan(mlp, x) if kept else None
+    eval_samples = sample(mlp, x, 10, seed=0, plan=made)
     mlp.train()
     running = mlp[1].running_mean.clone()
-    assert torch.equal(sample(mlp, x, 10, seed=0), eval_samples)
+    assert torch.equal(sample(mlp, x, 10, seed=0, plan=made), eval_samples)
     assert torch.equal(mlp[1].running_mean, running)
 
 
