@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -18,6 +19,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+import pydantic_core
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -67,6 +69,20 @@ def check_keys(body: bytes) -> None:
             f"the request body has {keys} object keys, more than the limit of {MAX_BODY_KEYS}; "
             "a request has a few dozen (remove the fields the API does not define)"
         )
+
+
+def loads(body: bytes) -> Any:
+    """``json.loads(body)``, the same value and the same errors, in a fifth of its time on a
+    one-row request (a 64-number row: ~12 µs to ~2.5): pydantic-core's parser first, which
+    gives ``json.loads``'s value for every body it accepts (NaN, ±Infinity and 1e400 as
+    ``float``, integers of any size as ``int``, the last of repeated keys); a body it refuses
+    (malformed, not UTF-8 or with a byte-order mark, a lone surrogate, nested past its depth
+    limit) is parsed again by ``json.loads``, whose answer, value or exception, is the one
+    given."""
+    try:
+        return pydantic_core.from_json(body)
+    except ValueError:
+        return json.loads(body)
 
 
 async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -139,6 +155,10 @@ def surely_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point():
         return True
     if t.numel() <= SMALL_TENSOR:  # a sum in Python: no per-op dispatch, no array wrappers
+        if t.dim() == 1:
+            return math.isfinite(sum(t.tolist()))
+        if t.dim() == 2:  # a result's (N, K): no reshape (torch's dispatch, ~1 µs)
+            return math.isfinite(sum(map(sum, t.tolist())))
         return math.isfinite(sum(t.reshape(-1).tolist()))
     return bool(np.logical_and.reduce(np.isfinite(t.numpy()), axis=None))
 
