@@ -22,8 +22,11 @@ JSON and binary tensor data).
 the same JSON bodies and answering JSON bodies of the same size, plus the model's own CPU time in
 process; the service's CPU per one-row request is reported as a ratio to their sum.
 
+:func:`against` compares this tree's server CPU per one-row request with another checkout's,
+both servers running at once.
+
 Run: ``python -m benchmarks.service_load [--quick] [--generator raw|httpx2] [--only
-load|protocols|arrival|overhead]``.
+load|protocols|arrival|overhead] [--against DIR]``.
 """
 
 from __future__ import annotations
@@ -613,6 +616,60 @@ def overhead(quick: bool = False, generator: str = "raw") -> str:
     )
 
 
+def against(root: str, rounds: int = 12, seconds: float = 1.0) -> str:
+    """Server CPU per one-row digits request (the :func:`overhead` cases) of this tree's service
+    against the one in ``root`` (a checkout of another commit, e.g. ``git worktree add``): both
+    servers run at once and each round measures the two back to back, in turn first; the ratio
+    is the median over rounds of this ÷ that, so the machine's drift falls out."""
+
+    def serve_from(folder: str) -> Server:
+        code = (
+            f"import runpy, sys; sys.path.insert(0, {folder!r}); "
+            "sys.argv = ['mcdrop', 'serve', *sys.argv[1:]]; "
+            "runpy.run_module('service.cli', run_name='__main__')"
+        )
+        return Server(batching=True, command=("-c", code))
+
+    rows = _rows()["digits"]
+    requests: dict[str, tuple[str, list[bytes], dict[str, str]]] = {}
+    for case, endpoint, protocol in OVERHEAD_CASES:
+        if protocol == "native":
+            bodies = [json.dumps(_body(endpoint, row, i)).encode() for i, row in enumerate(rows)]
+            requests[case] = (f"/models/digits/{endpoint}", bodies, JSON_HEADERS)
+        else:
+            bodies, headers = _v2_bodies(endpoint, rows, binary=False)
+            requests[case] = ("/v2/models/digits/infer", bodies, headers)
+    cpu: dict[tuple[str, str], list[float]] = {
+        (c, w): [] for c in requests for w in ("this", "that")
+    }
+    errors = 0
+    with serve_from(str(Path(root).resolve())) as that, serve_from(str(ROOT)) as this:
+        for i in range(rounds):
+            for case, (path, bodies, headers) in requests.items():
+                servers = [("this", this), ("that", that)]
+                for who, server in servers if i % 2 == 0 else servers[::-1]:
+                    cell = asyncio.run(_load(server, "raw", path, bodies, 1, seconds, headers))
+                    cpu[(case, who)].append(cell.cpu_ms)
+                    errors += cell.errors
+    lines = []
+    for case in requests:
+        mine, theirs = cpu[(case, "this")], cpu[(case, "that")]
+        ratio = statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+        lines.append(
+            [
+                case,
+                f"{statistics.median(theirs):.3f}",
+                f"{statistics.median(mine):.3f}",
+                f"{ratio:.2f}",
+            ]
+        )
+    header = ["request", f"{root}: server CPU ms/req", "this tree", "this ÷ that"]
+    return (
+        f"### Server CPU per one-row request against {root} ({machine()}; {rounds} rounds of "
+        f"{seconds:g} s per cell, alternating; {errors} errors)\n\n{table(header, lines)}\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
@@ -623,12 +680,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only the load table, the v2 vs native comparison, the arrival wait's, or the "
         "overhead against a bare route",
     )
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="only the server CPU per one-row request against the service in DIR (a checkout "
+        "of another commit), both servers running, cells alternating",
+    )
     # Internal: the bare route's server process (see overhead()).
     parser.add_argument("--serve-bare", metavar="RESPONSES", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
         serve_bare(args.serve_bare, args.port)
+        return 0
+    if args.against:
+        print(against(args.against), flush=True)
         return 0
     if args.only in (None, "load"):
         print(run(args.quick, args.generator), flush=True)

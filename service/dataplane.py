@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -18,10 +19,12 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+import pydantic_core
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcdrop import adaptive, calibration, predictor
 from mcdrop.checkpoint import ModelSpec
@@ -69,6 +72,20 @@ def check_keys(body: bytes) -> None:
         )
 
 
+def loads(body: bytes) -> Any:
+    """``json.loads(body)``, the same value and the same errors, in a fifth of its time on a
+    one-row request (a 64-number row: ~12 µs to ~2.5): pydantic-core's parser first, which
+    gives ``json.loads``'s value for every body it accepts (NaN, ±Infinity and 1e400 as
+    ``float``, integers of any size as ``int``, the last of repeated keys); a body it refuses
+    (malformed, not UTF-8 or with a byte-order mark, a lone surrogate, nested past its depth
+    limit) is parsed again by ``json.loads``, whose answer, value or exception, is the one
+    given."""
+    try:
+        return pydantic_core.from_json(body)
+    except ValueError:
+        return json.loads(body)
+
+
 async def off_loop(large: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``fn(*args, **kwargs)``: in a worker thread when ``large``, else right here."""
     if not large:
@@ -87,10 +104,28 @@ def disconnected(request: Request) -> Callable[[], Awaitable[None]]:
     return wait
 
 
+def respond(handler: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+    """A route's ASGI app: ``handler(request)``, then its response. FastAPI's own wraps each
+    call in two exit stacks, for dependencies with ``yield`` (the inference routes have no
+    dependencies), and in a second round of exception handling, whose handlers are the app's:
+    an exception raised here reaches the app's ExceptionMiddleware, which answers it with the
+    same handlers. Without them: ~5 µs and two send wrappers less per request."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await handler(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+    return app
+
+
 class RequestRoute(APIRoute):
     """A route whose endpoint takes only the request, called with it directly: without
     FastAPI's per-request dependency solving and telemetry (~20 µs), for routes that read their
-    own body (the Open Inference Protocol's infer)."""
+    own body (the Open Inference Protocol's infer); see :func:`respond`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = respond(self.get_route_handler())
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint = self.endpoint
@@ -139,6 +174,10 @@ def surely_finite(t: torch.Tensor) -> bool:
     if not t.is_floating_point():
         return True
     if t.numel() <= SMALL_TENSOR:  # a sum in Python: no per-op dispatch, no array wrappers
+        if t.dim() == 1:
+            return math.isfinite(sum(t.tolist()))
+        if t.dim() == 2:  # a result's (N, K): no reshape (torch's dispatch, ~1 µs)
+            return math.isfinite(sum(map(sum, t.tolist())))
         return math.isfinite(sum(t.reshape(-1).tolist()))
     return bool(np.logical_and.reduce(np.isfinite(t.numpy()), axis=None))
 

@@ -42,8 +42,9 @@ class _JsonBodyRoute(APIRoute):
     """The inference routes' handler: ``endpoint(name, body, request)`` with ``body`` parsed
     and validated as FastAPI's own handler does (the same model field, the same errors), but
     without FastAPI's per-request machinery around it (dependency solving, telemetry, endpoint
-    context: ~40 µs, a quarter of a one-row prediction's model work). The route's declaration,
-    and so the OpenAPI schema, is FastAPI's as usual.
+    context: ~40 µs, a quarter of a one-row prediction's model work; and its per-call wrapping,
+    :func:`dataplane.respond`). The route's declaration, and so the OpenAPI schema, is
+    FastAPI's as usual.
 
     - Anything but a JSON body is a 415 (:func:`require_json`), before the body is parsed; so is
       a compressed one (:func:`require_identity`).
@@ -52,6 +53,10 @@ class _JsonBodyRoute(APIRoute):
     - A body that is not JSON is a ``json_invalid`` validation error (400), one that cannot be
       decoded at all a 400 HTTP error, an empty one a missing body (422), as FastAPI answers.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = dataplane.respond(self.get_route_handler())
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         field, endpoint = self.body_field, self.endpoint
@@ -93,7 +98,7 @@ class _JsonBodyRoute(APIRoute):
 
 def _loads(raw: bytes) -> Any:
     dataplane.check_keys(raw)  # before parsing: a million unknown keys cost seconds
-    return json.loads(raw)
+    return dataplane.loads(raw)
 
 
 def _post_json(path: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

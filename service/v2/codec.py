@@ -314,23 +314,23 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
         # Through NumPy: a fifth of torch.tensor's time on a list of a few hundred numbers.
         # A value past float32's range becomes inf, which the finiteness check names.
         with np.errstate(over="ignore"):
-            x = torch.from_numpy(np.array(values, dtype=np.float32))
+            array = np.array(values, dtype=np.float32)
     except ValueError:  # ragged rows
         raise InvalidInputError(
             f"input {echo(tensor.name)}: nested data must be rectangular, of shape {shape}"
         ) from None
     if nested:
-        if list(x.shape) != shape:
+        if list(array.shape) != shape:
             raise InvalidInputError(
-                f"input {echo(tensor.name)}: data is nested as shape {list(x.shape)}, but its "
-                f"shape is {shape}"
+                f"input {echo(tensor.name)}: data is nested as shape {list(array.shape)}, but "
+                f"its shape is {shape}"
             )
-        return x
-    if x.numel() != count:
+        return torch.from_numpy(array)
+    if array.size != count:
         raise InvalidInputError(
-            f"input {echo(tensor.name)}: shape {shape} needs {count} values, data has {x.numel()}"
+            f"input {echo(tensor.name)}: shape {shape} needs {count} values, data has {array.size}"
         )
-    return x.reshape(shape)
+    return torch.from_numpy(array.reshape(shape))  # NumPy's reshape: a µs less than torch's
 
 
 def _from_binary(tensor: RequestInput, dtype: Datatype, raw: memoryview) -> Tensor:
@@ -394,18 +394,30 @@ def _bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in array.ravel())
 
 
-def _json_data(array: np.ndarray) -> list[Any]:
-    if array.dtype == object:
+def _flat_values(array: Tensor | np.ndarray) -> list[Any]:
+    """The elements of ``array`` as Python numbers, flat in row-major order."""
+    if isinstance(array, np.ndarray):
+        return array.ravel().tolist()
+    if array.dim() == 1:
+        return array.tolist()
+    if array.dim() == 2 and array.shape[0] <= 16:  # a few rows: cheaper than torch's reshape
+        return [v for row in array.tolist() for v in row]
+    return array.reshape(-1).tolist()
+
+
+def _json_data(array: Tensor | np.ndarray) -> list[Any]:
+    if isinstance(array, np.ndarray) and array.dtype == object:
         return [b.decode() for b in array.ravel()]
-    values = array.ravel().tolist()
-    if array.dtype.kind == "f" and not math.isfinite(sum(values)):  # a NaN (or a sum overflowed)
+    values = _flat_values(array)
+    floating = array.is_floating_point() if isinstance(array, Tensor) else array.dtype.kind == "f"
+    if floating and not math.isfinite(sum(values)):  # a NaN (or a sum overflowed)
         # JSON has no NaN: the samples an adaptive row did not draw are null.
         return [None if v != v else v for v in values]
     return values
 
 
 def encode_response(
-    header: dict[str, Any], outputs: list[tuple[Selected, np.ndarray]]
+    header: dict[str, Any], outputs: list[tuple[Selected, Tensor | np.ndarray]]
 ) -> tuple[bytes, int | None]:
     """The response body: ``header`` with its ``outputs``, JSON or binary as each asks, and the
     JSON header's length when binary data follows it (else None)."""
@@ -418,6 +430,8 @@ def encode_response(
             "shape": list(array.shape),
         }
         if selected.binary:
+            if isinstance(array, Tensor):
+                array = array.numpy()
             blob = (
                 _bytes_tensor(array)
                 if array.dtype == object

@@ -86,6 +86,10 @@ class RequestOutput(_Strict):
 DECISION_PARAMETERS = ("reject_rate", "reject_threshold", "reject_score", "coverage")
 
 
+#: The parameters :meth:`InferParameters._mc_only` checks against the others (None by default).
+_CROSS_CHECKED = frozenset({"n_samples", "seed", "level", *AUTO_OPTIONS, *DECISION_PARAMETERS})
+
+
 class InferParameters(_Strict):
     """The request ``parameters`` mcdrop reads (any other is refused)."""
 
@@ -143,6 +147,8 @@ class InferParameters(_Strict):
 
     @model_validator(mode="after")
     def _mc_only(self) -> InferParameters:
+        if self.model_fields_set.isdisjoint(_CROSS_CHECKED):  # all None: nothing to check
+            return self
         if self.mode == "predict":
             mc = ("n_samples", "seed", "level", *AUTO_OPTIONS)
             given = [k for k in mc if getattr(self, k) is not None]

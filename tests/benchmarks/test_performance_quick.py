@@ -157,3 +157,13 @@ def test_service_overhead_quick() -> None:
     assert all(e == "0" and int(n) > 0 for e, n in errors)
     assert all(r > 0 for r in _ratios(text, "bare route CPU ms/req"))
     assert all(r > 0 for r in _ratios(text, "server ÷ (bare + model)"))
+
+
+@pytest.mark.slow
+def test_service_against_another_checkout_quick() -> None:
+    # This tree against itself: the comparison runs, both servers answer every request.
+    text = service_load.against(str(service_load.ROOT), rounds=1, seconds=0.2)
+    assert "0 errors" in text
+    ratios = _ratios(text, "this ÷ that")
+    assert len(ratios) == 4
+    assert all(r > 0 for r in ratios)

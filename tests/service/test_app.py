@@ -1,12 +1,16 @@
-"""The app's own middleware: the declared Content-Length, before any body is read."""
+"""The app's own middleware: the declared Content-Length, before any body is read; the body's
+byte and time limits, however it arrives."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from service.app import BodyLimit
 from service.config import Settings
 
 BODY = json.dumps({"inputs": [[0.0] * 10]}).encode()
@@ -55,3 +59,93 @@ def test_a_content_length_that_is_no_byte_count_is_a_400(http: TestClient, decla
     error = response.json()["error"]
     assert error["code"] == "http_error"
     assert "Content-Length must be a byte count" in error["message"]
+
+
+async def _through_body_limit(
+    messages: list[tuple[float, dict[str, Any]]], max_bytes: int = 100, timeout_s: float = 0.5
+) -> tuple[int | None, bytes]:
+    """What :class:`BodyLimit` (over an app that echoes the body it is given) answers to the
+    ``(delay_s, message)`` a client sends: the status (None: no answer), and the body the app saw
+    (or the error)."""
+
+    async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        if not queue:
+            await asyncio.sleep(3600)  # the client sends nothing more
+        delay, message = queue.pop(0)
+        if delay:  # a message not in yet: the middleware waits for it
+            await asyncio.sleep(delay)
+        return message
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/models/digits/predict", "headers": []}
+    await BodyLimit(echo, max_bytes=max_bytes, timeout_s=timeout_s)(scope, receive, send)
+    if not sent:
+        return None, b""
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def _part(body: bytes, more: bool) -> dict[str, Any]:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [(0, _part(b"abc", False))],
+        [(0, _part(b"a", True)), (0, _part(b"b", True)), (0, _part(b"c", False))],
+        [(0.05, _part(b"abc", False))],
+        [(0, _part(b"a", True)), (0.05, _part(b"bc", False))],
+    ],
+    ids=["in at once", "in at once, in parts", "arrives later", "its rest arrives later"],
+)
+def test_a_body_within_the_limits_is_read_whole(messages: list[Any]) -> None:
+    assert asyncio.run(_through_body_limit(messages)) == (200, b"abc")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [(0, _part(b"x" * 101, False))],
+        [(0, _part(b"x" * 60, True)), (0.05, _part(b"x" * 60, False))],
+    ],
+    ids=["in at once", "in parts"],
+)
+def test_a_body_past_the_byte_limit_is_a_413(messages: list[Any]) -> None:
+    status, body = asyncio.run(_through_body_limit(messages))
+    assert status == 413
+    assert json.loads(body)["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], [(0, _part(b"a", True))], [(0, _part(b"a", True)), (2, _part(b"b", False))]],
+    ids=["nothing", "a first part, then nothing", "the rest too late"],
+)
+def test_a_body_that_does_not_arrive_in_time_is_a_408(messages: list[Any]) -> None:
+    status, body = asyncio.run(_through_body_limit(messages, timeout_s=0.2))
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [(0, {"type": "http.disconnect"})],
+        [(0.05, {"type": "http.disconnect"})],
+        [(0, _part(b"a", True)), (0, {"type": "http.disconnect"})],
+    ],
+    ids=["at once", "later", "after a first part"],
+)
+def test_a_client_gone_before_its_body_is_in_gets_no_answer(messages: list[Any]) -> None:
+    assert asyncio.run(_through_body_limit(messages)) == (None, b"")
