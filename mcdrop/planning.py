@@ -247,7 +247,9 @@ def run_pass(
     """
     n = x.shape[0]
     replicas = n_samples if prefix else 1
-    inputs = x if prefix else replicate(x, n_samples)  # (S * n, D...), sample-major
+    # (S * n, D...), sample-major; with the prefix shared, a copy of the n rows all the same:
+    # a layer before the first dropout may write into its input (an in-place ReLU).
+    inputs = x.clone() if prefix else replicate(x, n_samples)
     layers = plan.layers
     if chain is None:
         chain = layers is not None and layers.runnable(model)
@@ -298,7 +300,13 @@ def run_chain_pass(
     assert multipliers is not None  # LayerChain.fused checked
     n = x.shape[0]
     replicas = n_samples if prefix else 1
-    inputs = x if prefix else replicate(x, n_samples)  # (S * n, D...), sample-major
+    # As run_pass's: (S * n, D...) rows, or with the prefix shared the n rows, copied, but
+    # where the chain's first step writes a new tensor and one pass of them is all it needs
+    # (nothing writes into the caller's rows then).
+    if prefix or n_samples == 1:
+        inputs = x if layers.fresh_first else x.clone()
+    else:
+        inputs = replicate(x, n_samples)
     y = layers.run_made(inputs, multipliers, replicas)
     return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
 
@@ -614,6 +622,9 @@ _PLAIN_LAYERS: frozenset[type[nn.Module]] = frozenset(
     }
 )
 
+#: Layers whose output is always a new tensor, never their input written in place.
+_FRESH_OUTPUT: frozenset[type] = frozenset({nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d})
+
 #: torch's dropout layers: the function each ``forward`` calls, and whether it passes ``inplace``.
 _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
     nn.Dropout: (F.dropout, True),
@@ -653,6 +664,9 @@ class LayerChain:
     # their multipliers are made for the whole pass at once (masks.PassMultipliers)
     elementwise: tuple[tuple[int, nn.Module], ...] = ()
     drops: int = 0  # dropout layers in the chain
+    # whether the first step writes a new tensor and never its input (a linear layer or a
+    # convolution): a one-sample pass may then hand it the caller's rows without a copy
+    fresh_first: bool = False
     # the PassMultipliers of the rates and dtype seen, made once (what depends on the plan only),
     # and whether run_made can run their passes
     _made: dict[tuple[tuple[float, ...], torch.dtype], tuple[masks.PassMultipliers, bool]] = field(
@@ -725,6 +739,7 @@ class LayerChain:
             weakref.ref(model),
             elementwise,
             len(drops),
+            bool(steps) and type(steps[0][0]) in _FRESH_OUTPUT,
         )
 
     def multipliers(

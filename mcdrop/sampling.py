@@ -119,8 +119,12 @@ def _check_inputs(x: Tensor) -> None:
 def all_finite(x: Tensor) -> bool:
     """Whether every value of ``x`` is finite."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        values = (x.detach() if x.requires_grad else x).resolve_neg().numpy()
+        compiled = masks.numba_kernels()  # one compiled loop, where numba works
+        if compiled is not None:
+            return compiled.all_finite(values)
         # NumPy's check costs a third of torch's on the small inputs of one request.
-        return bool(np.isfinite(x.detach().resolve_neg().numpy()).all())
+        return bool(np.isfinite(values).all())
     return bool(torch.isfinite(x).all())
 
 

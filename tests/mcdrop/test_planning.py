@@ -429,6 +429,32 @@ def test_a_plain_chain_continues_from_a_first_sample(name: str) -> None:
     assert torch.allclose(chunks[0].values, sample(model, x, 14, seed=4, plan=kept)[5:])
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(6, 2)),
+        nn.Sequential(nn.Dropout(0.2, inplace=True), nn.Linear(6, 2)),
+        nn.Sequential(nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Dropout(0.2, inplace=True)),
+        nn.Sequential(nn.Flatten(), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(6, 2)),
+    ],
+)
+@pytest.mark.parametrize("n_samples", [1, 3])
+@pytest.mark.parametrize("prefix", ["auto", "off"])
+def test_a_plain_chain_never_writes_into_the_callers_rows(
+    model: nn.Module, n_samples: int, prefix: str
+) -> None:
+    # One sample of a chain whose first layer writes a new tensor reads the rows uncopied; any
+    # other first layer (in place, or a view) gets a copy.
+    model.eval()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    kept = plan(model, x)
+    assert kept.layers is not None
+    got = sample(model, x, n_samples, seed=1, plan=kept, prefix=prefix)  # type: ignore[arg-type]
+    assert torch.equal(x, before)
+    assert torch.equal(got, sample(Wrapped(model), x, n_samples, seed=1, prefix=prefix))  # type: ignore[arg-type]
+
+
 def test_a_plain_chain_follows_its_layers_rates_from_call_to_call() -> None:
     # A chain keeps the hash layout of its rates (masks.PassMultipliers); a rate changed between
     # calls (1 included) samples as the generic path does at that rate.
