@@ -325,9 +325,11 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
                 hashlib.blake2b(rows[i * size : (i + 1) * size], digest_size=8, key=key).digest()
                 for i in range(n)
             )
-    # A writable buffer, which from_numpy shares without a copy (the machine is little-endian,
+    if not digests:  # no rows (torch.frombuffer takes no empty buffer)
+        return torch.empty(0, dtype=torch.int64)
+    # A writable buffer, which the tensor shares without a copy (the machine is little-endian,
     # as the byte views of the masks assume).
-    return torch.from_numpy(np.frombuffer(bytearray(digests), dtype=np.int64))
+    return torch.frombuffer(bytearray(digests), dtype=torch.int64)
 
 
 def sample_keys(
