@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_hooks
 from torch.overrides import handle_torch_function, has_torch_function
 
+from mcdrop._hooks import global_hooks, has_hooks
 from mcdrop.attention import packed_self_attention
 
 if TYPE_CHECKING:
@@ -193,12 +193,6 @@ def _direct_forward(layer: nn.TransformerEncoderLayer) -> Callable[..., Tensor]:
     return forward
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-    )
-
-
 @dataclass(frozen=True)
 class EncoderLayers:
     """The ``nn.TransformerEncoderLayer`` modules of a model that a pass runs directly, and the
@@ -246,15 +240,10 @@ class EncoderLayers:
     def runnable(self, model: nn.Module) -> bool:
         """Whether a pass may run the twin: the model's modules are those planned and none of
         them (nor any module globally) has a hook."""
-        if self.model() is not model or (
-            _module_hooks._global_forward_hooks
-            or _module_hooks._global_forward_pre_hooks
-            or _module_hooks._global_backward_hooks
-            or _module_hooks._global_backward_pre_hooks
-        ):
+        if self.model() is not model or global_hooks():
             return False
         return not any(
-            _has_hooks(m) or tuple(m._modules.values()) != children for m, children in self.checked
+            has_hooks(m) or tuple(m._modules.values()) != children for m, children in self.checked
         )
 
     def twin(self, model: nn.Module) -> nn.Module:

@@ -40,9 +40,9 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_hooks
 
 from mcdrop import masks
+from mcdrop._hooks import global_hooks, has_hooks
 from mcdrop.attention import arg
 from mcdrop.coverage import CallCounter, RateUse
 from mcdrop.cuda_graphs import PassGraphs
@@ -821,23 +821,12 @@ class LayerChain:
         module of the chain has a hook, nor any module globally (the chain skips the calls of
         the model, its ``nn.Sequential`` parts and its dropout layers, and a hook of a plain
         layer would run outside the torch-function mode)."""
-        if self.model() is not model or (
-            _module_hooks._global_forward_hooks
-            or _module_hooks._global_forward_pre_hooks
-            or _module_hooks._global_backward_hooks
-            or _module_hooks._global_backward_pre_hooks
-        ):
+        if self.model() is not model or global_hooks():
             return False
-        for m, planned in zip(self.containers, self.children, strict=True):
-            if (
-                m._forward_hooks
-                or m._forward_pre_hooks
-                or m._backward_hooks
-                or m._backward_pre_hooks
-                or tuple(m._modules.values()) != planned
-            ):
-                return False
-        return True
+        return not any(
+            has_hooks(m) or tuple(m._modules.values()) != planned
+            for m, planned in zip(self.containers, self.children, strict=True)
+        )
 
     def run(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         """The chain's forward of ``x`` with every dropout layer's call handed to ``ctx``."""
