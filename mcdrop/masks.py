@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import warnings
 from types import ModuleType
@@ -82,7 +83,11 @@ CUDA_BACKEND: Backend = "triton"
 @functools.cache
 def numba_kernels() -> ModuleType | None:
     """:mod:`mcdrop.cpu_masks`, or None where numba cannot be imported or its loops fail or give
-    other bits than NumPy's (then with a warning): tried once, on the first keys on the CPU."""
+    other bits than NumPy's (then with a warning): tried once, on the first keys on the CPU.
+    Without numba installed at all (a bare interpreter running the sources), NumPy makes the
+    same bits, without a warning."""
+    if importlib.util.find_spec("numba") is None:
+        return None
     try:
         from mcdrop import cpu_masks
 
