@@ -527,13 +527,8 @@ def _model_cpu_ms(model: str, endpoint: str, rows: list[Any], count: int) -> flo
 _predictors: dict[str, Predictor] = {}
 
 
-def overhead(quick: bool = False, generator: str = "raw") -> str:
-    """Server CPU per one-row digits request against the framework's floor, measured in the same
-    run: each round measures, back to back for each case, the service (batching on, as
-    deployed), the bare route of :func:`bare_app` on the same uvicorn settings with the same
-    bodies, and the model's own CPU time in process; the ratio is the median over rounds of
-    service ÷ (bare + model). Target (issue 14): at most 1.5."""
-    seconds, rounds, calls = (0.5, 1, 50) if quick else (2.0, 5, 400)
+def _overhead_requests() -> dict[str, tuple[str, list[bytes], dict[str, str]]]:
+    """Each :data:`OVERHEAD_CASES` case's path, one-row digits bodies and headers."""
     rows = _rows()["digits"]
     requests: dict[str, tuple[str, list[bytes], dict[str, str]]] = {}
     for case, endpoint, protocol in OVERHEAD_CASES:
@@ -543,6 +538,18 @@ def overhead(quick: bool = False, generator: str = "raw") -> str:
         else:
             bodies, headers = _v2_bodies(endpoint, rows, binary=False)
             requests[case] = ("/v2/models/digits/infer", bodies, headers)
+    return requests
+
+
+def overhead(quick: bool = False, generator: str = "raw") -> str:
+    """Server CPU per one-row digits request against the framework's floor, measured in the same
+    run: each round measures, back to back for each case, the service (batching on, as
+    deployed), the bare route of :func:`bare_app` on the same uvicorn settings with the same
+    bodies, and the model's own CPU time in process; the ratio is the median over rounds of
+    service ÷ (bare + model). Target (issue 14): at most 1.5."""
+    seconds, rounds, calls = (0.5, 1, 50) if quick else (2.0, 5, 400)
+    rows = _rows()["digits"]
+    requests = _overhead_requests()
     service: dict[str, list[Cell]] = {case: [] for case in requests}
     bare: dict[str, list[Cell]] = {case: [] for case in requests}
     model: dict[str, list[float]] = {case: [] for case in requests}
@@ -630,15 +637,7 @@ def against(root: str, rounds: int = 12, seconds: float = 1.0) -> str:
         )
         return Server(batching=True, command=("-c", code))
 
-    rows = _rows()["digits"]
-    requests: dict[str, tuple[str, list[bytes], dict[str, str]]] = {}
-    for case, endpoint, protocol in OVERHEAD_CASES:
-        if protocol == "native":
-            bodies = [json.dumps(_body(endpoint, row, i)).encode() for i, row in enumerate(rows)]
-            requests[case] = (f"/models/digits/{endpoint}", bodies, JSON_HEADERS)
-        else:
-            bodies, headers = _v2_bodies(endpoint, rows, binary=False)
-            requests[case] = ("/v2/models/digits/infer", bodies, headers)
+    requests = _overhead_requests()
     cpu: dict[tuple[str, str], list[float]] = {
         (c, w): [] for c in requests for w in ("this", "that")
     }
