@@ -251,15 +251,16 @@ class FusedPass:
 
     def __init__(self, calls: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> None:
         self.dtype = dtype
-        np_dtype = DTYPES.get(dtype, np.float32)
         table = []
+        scales = []
         for call, n, p in calls:
-            bits = masks.lane_bits(p)
+            _, bits, threshold, scale, _ = _constants(p, dtype)  # as keep_scale's
             xor = masks._signed(int(masks._call_constant(call)))
-            table.append((xor, n, bits, round(p * (1 << bits))))
+            table.append((xor, n, bits, threshold))
+            scales.append(scale)
         # per call: XOR constant (its bits as int64), size, lane bits, threshold
         self.params = np.array(table, dtype=np.int64).reshape(len(calls), 4)
-        self.scales = np.array([masks.keep_scale_factor(p) for _, _, p in calls], dtype=np_dtype)
+        self.scales = np.array(scales, dtype=DTYPES.get(dtype, np.float32))
         self.sizes = tuple(n for _, n, _ in calls)
         # Each call's block starts 16 elements (64 bytes) after a multiple of them: aligned as
         # an array of its own. The matrix product after a dropout rounds differently from an
