@@ -16,9 +16,11 @@ for here. A 16-bit lane is compared as NumPy's ``int16`` view is, i.e. with its 
 
 Compiled by numba at the first use of each output dtype (about 2 s each) and cached on disk
 beside this file, or in ``NUMBA_CACHE_DIR``, so later processes load it in milliseconds. Where
-no cache directory is writable the loops are compiled once per process. numba is imported only
-when this module is: :func:`mcdrop.masks.backend_for` does that for the first keys on the CPU,
-and falls back to NumPy (same bits) where numba cannot be imported or fails.
+``NUMBA_CACHE_DIR`` is read-only, a copy of it in a temporary directory serves
+(:mod:`mcdrop._numba_cache`); where nothing is writable the loops are compiled once per
+process. numba is imported only when this module is: :func:`mcdrop.masks.backend_for` does
+that for the first keys on the CPU, and falls back to NumPy (same bits) where numba cannot be
+imported or fails.
 """
 
 from __future__ import annotations
@@ -33,18 +35,28 @@ import torch
 from torch import Tensor
 
 from mcdrop import masks
+from mcdrop._numba_cache import use_writable_cache
 
 #: Output dtypes the loops write directly; others are rounded from float32, as NumPy's are.
 DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+# Before the first loop is defined: numba picks its cache directory then.
+use_writable_cache()
+
+
+#: Every loop compiled on its own (:func:`warm_up` compiles each; the image caches them all).
+LOOPS: list[Any] = []
 
 
 def _compiled(fn: Callable[..., Any]) -> Any:
     """``numba.njit`` without the GIL (threads that batch requests run their masks at once),
     cached on disk where a cache directory is writable."""
     try:
-        return numba.njit(nogil=True, cache=True)(fn)
+        loop = numba.njit(nogil=True, cache=True)(fn)
     except RuntimeError:  # numba found no writable cache directory: compile in each process
-        return numba.njit(nogil=True)(fn)
+        loop = numba.njit(nogil=True)(fn)
+    LOOPS.append(loop)
+    return loop
 
 
 @numba.njit(inline="always")
