@@ -120,7 +120,8 @@ def all_finite(x: Tensor) -> bool:
     """Whether every value of ``x`` is finite."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         values = (x.detach() if x.requires_grad else x).resolve_neg().numpy()
-        compiled = masks.numba_kernels()  # one compiled loop, where numba works
+        # One compiled loop, where numba makes the masks (so it is loaded anyway) and works.
+        compiled = masks.numba_kernels() if masks.CPU_BACKEND == "numba" else None
         if compiled is not None:
             return compiled.all_finite(values)
         # NumPy's check costs a third of torch's on the small inputs of one request.

@@ -15,6 +15,7 @@ import torch
 from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
+from mcdrop import masks
 from service import auth, errors, logs
 from service.arrivals import Arrivals, CountArrivals, InferenceRoutes
 from service.config import Settings
@@ -210,6 +211,14 @@ def _inference_routes_first(app: FastAPI, inference: InferenceRoutes) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def configure_process(settings: Settings) -> None:
+    """The settings that hold for the whole process, set before any model loads: torch's
+    threads, and what makes the masks on the CPU."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    masks.CPU_BACKEND = settings.cpu_mask_backend
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for ``settings`` (read from ``MCDROP_*`` environment variables if None)."""
     settings = settings or Settings()
@@ -218,8 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        configure_process(settings)
         registry = Registry(settings, arrivals, metrics)
         app.state.registry = registry
         if settings.exit_on_error:

@@ -159,6 +159,12 @@ class Settings(ModelSettings):
         description="on SIGTERM, how long requests in flight may finish before the server exits",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads")
+    cpu_mask_backend: Literal["numba", "numpy", "torch"] = Field(
+        "numba",
+        description="what makes dropout masks for models on the CPU: numba's compiled loops, or "
+        "NumPy or torch (the same masks; slower on small requests, and numba, ~130 MiB, never "
+        "loaded)",
+    )
     log_level: str = Field("info", description="log level (uvicorn's names: info, debug, ...)")
     log_format: Literal["text", "json"] = Field(
         "text", description="log lines as text, or as JSON objects (one per line)"

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 import torch
 from fastapi import FastAPI
 
-from service.app import StartupError, create_app
+from service.app import StartupError, configure_process, create_app
 from service.cli import _SETTINGS_FLAGS, _add_setting_flags
 from service.config import Settings
 from service.registry import ServerState
@@ -99,9 +99,8 @@ class Replica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.started = time.monotonic()
         self.reported = False
-        # Before any model loads; the lifespan sets the same number again.
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        # Before any model loads; the lifespan sets the same again.
+        configure_process(settings)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Background loading: check_health waits for it and applies exit_on_error (see above).

@@ -4,7 +4,13 @@ byte and time limits, however it arrives."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from service.app import BodyLimit
 from service.config import Settings
+from tests.conftest import MODELS
 
 BODY = json.dumps({"inputs": [[0.0] * 10]}).encode()
 JSON = {"content-type": "application/json"}
@@ -149,3 +156,52 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(messages: list[Any]) -> No
 )
 def test_a_client_gone_before_its_body_is_in_gets_no_answer(messages: list[Any]) -> None:
     assert asyncio.run(_through_body_limit(messages)) == (None, b"")
+
+
+#: Serves one seeded uncertainty request with ``MCDROP_CPU_MASK_BACKEND`` from the environment,
+#: then prints the answer and whether numba was ever imported.
+_SERVE_ONE = """
+import json, sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.config import Settings
+with TestClient(create_app(Settings(model_dir=sys.argv[1]))) as http:
+    row = [[0.1 * i for i in range(10)]]
+    answer = http.post(
+        "/models/diabetes/uncertainty", json={"inputs": row, "n_samples": 50, "seed": 3}
+    ).json()
+print(json.dumps({"answer": answer, "numba": "numba" in sys.modules}))
+"""
+
+
+@functools.cache
+def _serve_one(backend: str, models: Path) -> dict[str, Any]:
+    env = {**os.environ, "MCDROP_CPU_MASK_BACKEND": backend}
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVE_ONE, str(models)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.fixture(scope="module")
+def diabetes_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    (models / "diabetes").symlink_to(MODELS / "diabetes")
+    return models
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "numba"])
+def test_the_cpu_mask_backend_gives_the_same_answers(backend: str, diabetes_only: Path) -> None:
+    """``MCDROP_CPU_MASK_BACKEND``: the same masks, so the same seeded answer, from each; numba
+    is loaded only where it makes them."""
+    got, reference = _serve_one(backend, diabetes_only), _serve_one("numba", diabetes_only)
+    assert got["answer"] == reference["answer"]
+    assert got["answer"]["results"][0]["std"][0] > 0
+    numba = importlib.util.find_spec("numba") is not None
+    assert got["numba"] is (numba and backend == "numba")
