@@ -201,13 +201,19 @@ class SamplingContext:
             raise UnsupportedModelError(
                 f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
             )
-        if not (feature or alpha or p == 1.0) and self.replicate > 1:
+        if not (alpha or p == 1.0) and self.replicate > 1:
             # The first call of a pass that shares the prefix, the common case: multiply the
             # multipliers of all B rows by the N rows broadcast, rather than replicate the N rows
             # and multiply (the same products, one pass over the activation fewer).
-            taken = self.take(x, kind, batch_dim)
+            taken = self.take(x, kind, 0 if feature else batch_dim)
             if taken is not None:
                 x, call, times = taken
+                if call.dim == 0 and feature and x.is_contiguous():
+                    # (times · N, C) multipliers broadcast over the channels' elements: the
+                    # products of replicating, then multiplying, in one pass
+                    scale = self.scale(call, x.shape[1], p, x.dtype)
+                    shaped = scale.view(times, *x.shape[:2], *([1] * (x.dim() - 2)))
+                    return torch.mul(shaped, x).view(times * x.shape[0], *x.shape[1:])
                 if call.dim == 0:
                     scale = self._scale_like(x, p, call, times)  # (times · x.shape[0], ...)
                     return scale.view(times, *x.shape).mul_(x).view(scale.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -292,3 +293,26 @@ def test_all_finite(values: list[float], finite: bool, dtype: torch.dtype) -> No
         assert expected is finite
     assert all_finite(x) is expected
     assert all_finite(-x) is expected  # a view with the negative bit
+
+
+@pytest.mark.parametrize(
+    ("drop", "shape"),
+    [(nn.Dropout1d, (4, 3, 5)), (nn.Dropout2d, (4, 3, 5, 6)), (nn.Dropout3d, (4, 3, 2, 5, 6))],
+)
+def test_channel_dropout_of_replicated_rows_is_one_broadcast_product(
+    drop: type[nn.Module], shape: tuple[int, ...]
+) -> None:
+    """Channel dropout on the rows of a shared prefix multiplies the N rows by the multipliers
+    of all samples, broadcast, in one product: the same samples, bit for bit, as replicating the
+    rows and then multiplying (what a non-contiguous input, the same values, still does)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(drop(0.3), nn.Flatten(), nn.Linear(math.prod(shape[1:]), 3)).eval()
+    x = torch.randn(*shape)
+    channels_last = [0, *range(2, x.dim()), 1]
+    strided = x.permute(*channels_last).contiguous().permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    assert torch.equal(strided, x)
+    assert not strided.is_contiguous()
+    assert plan(model, x).prefix  # the first call multiplies the rows of a shared prefix
+    samples = sample(model, x, 20, seed=4)
+    assert torch.equal(samples, sample(model, strided, 20, seed=4))
+    assert samples.var(0).min() > 0
