@@ -185,7 +185,9 @@ def _checked_call(
     if isinstance(seed, Tensor):
         if seed.shape != (x.shape[0],):
             raise InvalidArgumentError(f"per-row seeds must have shape ({x.shape[0]},)")
-        return seed
+        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise InvalidArgumentError(f"per-row seeds must be integers, got {seed.dtype}")
+        return seed  # their range: masks.row_keys
     return masks.check_seed(seed)
 
 

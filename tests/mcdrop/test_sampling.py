@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -174,6 +175,24 @@ def test_prefix_works_for_a_single_row() -> None:
 def test_bad_arguments(mlp: nn.Module, x: Tensor, kwargs: dict, error: type) -> None:
     with pytest.raises(error):
         sample(mlp, x, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "seeds",
+    [
+        lambda n: torch.full((n,), -1),  # an int seed must be in [0, 2**63 - 1]: so must each
+        lambda n: torch.arange(n) - 1,
+        lambda n: torch.ones(n),  # float
+        lambda n: torch.ones(n, dtype=torch.bool),
+    ],
+)
+@pytest.mark.parametrize("kept", [False, True])
+def test_bad_per_row_seeds(
+    mlp: nn.Module, x: Tensor, seeds: Callable[[int], Tensor], kept: bool
+) -> None:
+    kept_plan = plan(mlp, x) if kept else None
+    with pytest.raises(InvalidArgumentError, match="seeds"):
+        sample(mlp, x, 4, seed=seeds(x.shape[0]), plan=kept_plan)
 
 
 @pytest.mark.parametrize("bad", [torch.empty(0, 4), torch.tensor([[float("nan")] * 4])])
