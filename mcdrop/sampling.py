@@ -46,6 +46,13 @@ Prefix = Literal["auto", "off"]
 
 _locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
+# While a call holds a training model's flags switched off, another call on it finds no module
+# in training mode and would run while the first restores them (in training mode, updating
+# BatchNorm's statistics). Calls that switch count themselves here (under _switch_guard): a call
+# that reads the flags while one is active, or one started or ended meanwhile, takes the lock too.
+_switch_guard = threading.Lock()
+_switching = 0  # calls holding flags switched now
+_switches = 0  # switches started or ended so far
 
 
 @dataclass(frozen=True)
@@ -72,19 +79,31 @@ def eval_mode(
     """Run ``model`` with every module in eval mode, restoring each flag exactly afterwards.
 
     A model already in eval mode is not touched at all, so concurrent callers never observe a
-    flag change; a model in training mode is switched under a per-model lock. ``modules``: the
-    modules a pass runs, when they are known (a runnable :class:`~mcdrop.planning.LayerChain`'s),
-    instead of a walk of the model.
+    flag change; a model in training mode is switched under a per-model lock (as is, from then
+    on, every call on a model once switched). ``modules``: the modules a pass runs, when they are
+    known (a runnable :class:`~mcdrop.planning.LayerChain`'s), instead of a walk of the model.
     """
-    training = [m for m in (_modules(model) if modules is None else modules) if m.training]
+    switches, switching = _switches, _switching
+    training = any(m.training for m in (_modules(model) if modules is None else modules))
+    if training or switching or _switches != switches:
+        return _switched(model, modules)
     # The common case, a model in eval mode: no generator-based context manager (µs a call).
-    return _switched(model, training) if training else nullcontext()
+    return nullcontext()
 
 
 @contextmanager
-def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
-    """``training``'s modules in eval mode, under ``model``'s lock, restored afterwards."""
+def _switched(model: nn.Module, modules: Sequence[nn.Module] | None) -> Iterator[None]:
+    """The modules in training mode in eval mode, under ``model``'s lock, restored afterwards."""
+    global _switching, _switches
     with _model_lock(model):
+        # Found under the lock: a call that held it may have restored them meanwhile.
+        training = [m for m in (_modules(model) if modules is None else modules) if m.training]
+        if not training:
+            yield
+            return
+        with _switch_guard:  # counted before the first flag changes
+            _switching += 1
+            _switches += 1
         for m in training:
             m.training = False
         try:
@@ -92,6 +111,9 @@ def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
         finally:
             for m in training:
                 m.training = True
+            with _switch_guard:  # after the last flag is restored
+                _switching -= 1
+                _switches += 1
 
 
 def _modules(module: nn.Module) -> Iterator[nn.Module]:

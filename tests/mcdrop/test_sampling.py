@@ -236,6 +236,56 @@ def test_concurrent_predict_and_sample_do_not_interfere(mlp: nn.Module) -> None:
     assert [m.training for m in mlp.modules()] == modes
 
 
+class DeepBatchNorm(nn.Module):
+    """Thirty linear + BatchNorm layers before a dropout, in a custom ``forward``: ``(N, 8) ->
+    (N, 2)``. Long passes with many flags to switch, so that concurrent calls overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *(m for _ in range(30) for m in (nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()))
+        )
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop(self.body(x)))
+
+
+@pytest.mark.parametrize("chain", [False, True])  # a custom forward, or a plain layer chain
+def test_concurrent_calls_leave_a_train_mode_model_as_it_was(chain: bool) -> None:
+    """Each call switches a training model's modules to eval and back: another call at the same
+    moment must not see them switched (and skip the switch), then run in training mode when the
+    first restores them, updating BatchNorm's running statistics."""
+    torch.manual_seed(0)
+    model = DeepBatchNorm()
+    net = nn.Sequential(*model.body, model.drop, model.head) if chain else model
+    net.train()
+    x = torch.randn(4, 8)
+    kept = plan(net, x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    expected = sample(net, x, 8, seed=1, plan=kept)
+    barrier = threading.Barrier(4)
+    failures: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        for _ in range(25):
+            if not torch.allclose(sample(net, x, 8, seed=1, plan=kept), expected, atol=1e-5):
+                failures.append("samples changed under concurrency")
+            predict(net, x)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert all(m.training for m in net.modules())
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, state[k])]
+    assert changed == []
+
+
 MEMORY_SCRIPT = """
 import torch
 from torch import nn
