@@ -161,8 +161,11 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
         ``(N, K...)`` outputs, on the model's device.
     """
     _check_inputs(x)
+    inputs = x.to(model_device(model))
+    if inputs is x:  # a model may write into its input (an in-place ReLU first): not the caller's
+        inputs = x.clone()
     with eval_mode(model), torch.inference_mode():
-        return model(x.to(model_device(model)))
+        return model(inputs)
 
 
 def is_sampling() -> bool:

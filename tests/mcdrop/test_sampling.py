@@ -236,6 +236,35 @@ def test_concurrent_predict_and_sample_do_not_interfere(mlp: nn.Module) -> None:
     assert [m.training for m in mlp.modules()] == modes
 
 
+class InPlaceFirst(nn.Module):
+    """A custom ``forward`` that writes into its input: ``(N, 4) -> (N, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(x.clamp_(min=0)))
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(4, 2)),
+        InPlaceFirst,
+    ],
+)
+def test_predict_never_writes_into_the_callers_rows(factory: Callable[[], nn.Module]) -> None:
+    # As sampling's passes: the model may write into its input, never into the caller's tensor.
+    model = factory().eval()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    out = predict(model, x)
+    assert torch.equal(x, before)
+    assert torch.equal(out, model(before.clone()))
+
+
 class DeepBatchNorm(nn.Module):
     """Thirty linear + BatchNorm layers before a dropout, in a custom ``forward``: ``(N, 8) ->
     (N, 2)``. Long passes with many flags to switch, so that concurrent calls overlap."""
