@@ -713,7 +713,12 @@ class LayerChain:
                 return None
             if kind is nn.Sequential:
                 containers.append(part)
-                parts[:0] = part.children()
+                # what Sequential.forward runs: every entry, a module at two places twice
+                # (children() would name it once)
+                entries = list(part._modules.values())
+                if any(m is None for m in entries):
+                    return None
+                parts[:0] = cast(list[nn.Module], entries)
             elif kind in _PLAIN_LAYERS:
                 containers.append(part)
                 steps.append((part, None))

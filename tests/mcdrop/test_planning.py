@@ -355,11 +355,25 @@ def _every_lane_width() -> nn.Module:
     )  # fmt: skip
 
 
+def _twice(module: nn.Module) -> nn.Module:
+    """``module`` (6 -> 6) applied twice in one ``nn.Sequential``, as ``forward`` runs it."""
+    return nn.Sequential(
+        nn.Linear(6, 6), nn.Dropout(0.2), module, nn.Tanh(), module, nn.Linear(6, 2)
+    )
+
+
 def _chains() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     from mcdrop.nets import CNN, MLP, Standardized
 
     torch.manual_seed(0)
     return {
+        # one module at two places: the chain runs it at each (children() names it once)
+        "a layer used twice": (_twice(nn.Linear(6, 6)), (6,)),
+        "a dropout used twice": (_twice(nn.Dropout(0.3)), (6,)),
+        "a block used twice": (
+            _twice(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.4, inplace=True))),
+            (6,),
+        ),
         "standardized MLP": (
             Standardized(
                 MLP(4, [16], 2, dropout=0.2),
