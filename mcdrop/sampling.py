@@ -161,11 +161,10 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
         ``(N, K...)`` outputs, on the model's device.
     """
     _check_inputs(x)
-    inputs = x.to(model_device(model))
-    if inputs is x:  # a model may write into its input (an in-place ReLU first): not the caller's
-        inputs = x.clone()
     with eval_mode(model), torch.inference_mode():
-        return model(inputs)
+        inputs = x.to(model_device(model))
+        # a model may write into its input (an in-place ReLU first): never into the caller's
+        return model(x.clone() if inputs is x else inputs)
 
 
 def is_sampling() -> bool:
