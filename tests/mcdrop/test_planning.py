@@ -427,6 +427,20 @@ def test_a_plain_chain_samples_as_the_generic_path_bit_for_bit(name: str, n_rows
         assert torch.equal(got, sample(generic, x, 9, seed=3, **options))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("name", ["MLP", "every lane width", "in-place dropout", "CNN"])
+@pytest.mark.parametrize("n_rows", [1, 5])
+def test_a_plain_chain_under_autocast_samples_as_the_generic_path(name: str, n_rows: int) -> None:
+    # Under autocast a dropout sees bfloat16 activations: its multipliers are made in that dtype,
+    # as on the generic path, not in the plan's (the rows' float32).
+    model, shape = _chains()[name]
+    model.eval()
+    x = torch.randn(n_rows, *shape, generator=torch.Generator().manual_seed(n_rows))
+    kept = plan(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sample(model, x, 9, seed=3, plan=kept)
+        assert torch.equal(got, sample(Wrapped(model), x, 9, seed=3))
+
+
 @pytest.mark.parametrize("name", ["MLP", "every lane width", "in-place dropout"])
 def test_a_plain_chain_continues_from_a_first_sample(name: str) -> None:
     # A chain's masks are made from the row keys and the sample index in one compiled call:
