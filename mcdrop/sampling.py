@@ -44,7 +44,9 @@ DEFAULT_MAX_PASS_ROWS = 8192
 
 Prefix = Literal["auto", "off"]
 
-_locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+# Re-entrant: a call on the model inside a sample_chunks loop, which holds the model switched
+# (and its lock) between chunks, runs in the loop's thread.
+_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 # While a call holds a training model's flags switched off, another call on it finds no module
 # in training mode and would run while the first restores them (in training mode, updating
@@ -65,11 +67,11 @@ class Chunk:
     values: Tensor
 
 
-def _model_lock(model: nn.Module) -> threading.Lock:
+def _model_lock(model: nn.Module) -> threading.RLock:
     with _locks_guard:
         lock = _locks.get(model)
         if lock is None:
-            lock = _locks[model] = threading.Lock()
+            lock = _locks[model] = threading.RLock()
         return lock
 
 

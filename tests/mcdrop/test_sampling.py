@@ -315,6 +315,29 @@ def test_concurrent_calls_leave_a_train_mode_model_as_it_was(chain: bool) -> Non
     assert changed == []
 
 
+def test_calls_inside_a_chunk_loop_on_a_train_mode_model_do_not_wait() -> None:
+    """A ``sample_chunks`` loop holds a training model switched between its chunks: a call on
+    the same model from inside the loop (the same thread) runs, rather than wait for the loop."""
+    torch.manual_seed(0)
+    model = DeepBatchNorm().train()
+    x = torch.randn(3, 8)
+    expected = predict(model, x)
+    seen: list[Tensor] = []
+
+    def loop() -> None:
+        for _ in sample_chunks(model, x, 8, seed=1, max_pass_rows=6):
+            seen.append(predict(model, x))
+            seen.append(sample(model, x, 2, seed=1))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "a call inside the loop waited for the loop"
+    assert len(seen) == 2 * 4
+    assert all(torch.equal(p, expected) for p in seen[::2])
+    assert all(m.training for m in model.modules())
+
+
 MEMORY_SCRIPT = """
 import torch
 from torch import nn
