@@ -248,9 +248,11 @@ class EncoderLayers:
 
     def twin(self, model: nn.Module) -> nn.Module:
         """The module a pass calls in place of ``model`` (in the sampling context): its twin,
-        or ``model`` itself where the twin may not run. Made anew for every pass, so that it
-        holds the modules' attributes as they are."""
-        if not self.runnable(model):
+        or ``model`` itself where the twin may not run (or under autocast, where the layer's
+        own residual sums promote a bfloat16 block output to the float32 of its input, and the
+        direct run's sums in place would round them to bfloat16). Made anew for every pass, so
+        that it holds the modules' attributes as they are."""
+        if not self.runnable(model) or torch.is_autocast_enabled("cpu"):
             return model
         made: dict[int, nn.Module] = {}
 

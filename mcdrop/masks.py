@@ -314,7 +314,12 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     rows = memoryview(data)
     # The digests' bytes read as little-endian int64: one array, no Python int per row.
     if isinstance(seed, Tensor):
-        seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
+        try:
+            seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
+        except OverflowError:  # checked here, where it costs nothing on the common path
+            raise InvalidArgumentError(
+                f"per-row seeds must be between 0 and 2**63 - 1, got {seed.tolist()}"
+            ) from None
         if len(seeds) != n:
             raise InvalidArgumentError(f"per-row seeds must have shape ({n},)")
         digests = b"".join(

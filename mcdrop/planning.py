@@ -636,6 +636,13 @@ _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
 }
 
 
+def _autocast() -> bool:
+    """Whether autocast is on for the CPU: a dropout then sees activations in its dtype
+    (bfloat16), and gets its multipliers in that dtype from the sampling context, not in the
+    plan's (the rows')."""
+    return torch.is_autocast_enabled("cpu")
+
+
 @dataclass(frozen=True)
 class LayerChain:
     """A model that is a plain chain of torch layers (an ``nn.Sequential`` of the layers in
@@ -713,7 +720,12 @@ class LayerChain:
                 return None
             if kind is nn.Sequential:
                 containers.append(part)
-                parts[:0] = part.children()
+                # what Sequential.forward runs: every entry, a module at two places twice
+                # (children() would name it once)
+                entries = list(part._modules.values())
+                if any(m is None for m in entries):
+                    return None
+                parts[:0] = cast(list[nn.Module], entries)
             elif kind in _PLAIN_LAYERS:
                 containers.append(part)
                 steps.append((part, None))
@@ -751,7 +763,9 @@ class LayerChain:
         the pass needs (:meth:`run_made` can run it), else None. Made in one hash
         (:class:`masks.PassMultipliers`); a rate of 0 or 1 makes none (those calls make no
         mask). None for a pass too large for one hash (:data:`masks.PASS_WORDS`): each call
-        makes its own."""
+        makes its own; and under autocast (see :func:`_autocast`)."""
+        if _autocast():
+            return None
         made, alone = self._pass(plan)
         if not made.calls or not made.fits(keys):
             return None
@@ -764,7 +778,9 @@ class LayerChain:
         all the pass needs and numba makes them straight from the row keys on the CPU
         (:meth:`masks.PassMultipliers.make_from_rows`, for :func:`run_chain_pass`); None where
         that does not apply (a call that is not element-wise or has a rate of 0 or 1, no numba,
-        a large pass)."""
+        a large pass, autocast: see :func:`_autocast`)."""
+        if _autocast():
+            return None
         made, alone = self._pass(plan)
         return made if alone and made.takes_rows(rows) else None
 

@@ -44,8 +44,17 @@ DEFAULT_MAX_PASS_ROWS = 8192
 
 Prefix = Literal["auto", "off"]
 
-_locks: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+# Re-entrant: a call on the model inside a sample_chunks loop, which holds the model switched
+# (and its lock) between chunks, runs in the loop's thread.
+_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
+# While a call holds a training model's flags switched off, another call on it finds no module
+# in training mode and would run while the first restores them (in training mode, updating
+# BatchNorm's statistics). Calls that switch count themselves here (under _switch_guard): a call
+# that reads the flags while one is active, or one started or ended meanwhile, takes the lock too.
+_switch_guard = threading.Lock()
+_switching = 0  # calls holding flags switched now
+_switches = 0  # switches started or ended so far
 
 
 @dataclass(frozen=True)
@@ -58,11 +67,11 @@ class Chunk:
     values: Tensor
 
 
-def _model_lock(model: nn.Module) -> threading.Lock:
+def _model_lock(model: nn.Module) -> threading.RLock:
     with _locks_guard:
         lock = _locks.get(model)
         if lock is None:
-            lock = _locks[model] = threading.Lock()
+            lock = _locks[model] = threading.RLock()
         return lock
 
 
@@ -72,19 +81,31 @@ def eval_mode(
     """Run ``model`` with every module in eval mode, restoring each flag exactly afterwards.
 
     A model already in eval mode is not touched at all, so concurrent callers never observe a
-    flag change; a model in training mode is switched under a per-model lock. ``modules``: the
-    modules a pass runs, when they are known (a runnable :class:`~mcdrop.planning.LayerChain`'s),
-    instead of a walk of the model.
+    flag change; a model in training mode is switched under a per-model lock (as is, from then
+    on, every call on a model once switched). ``modules``: the modules a pass runs, when they are
+    known (a runnable :class:`~mcdrop.planning.LayerChain`'s), instead of a walk of the model.
     """
-    training = [m for m in (_modules(model) if modules is None else modules) if m.training]
+    switches, switching = _switches, _switching
+    training = any(m.training for m in (_modules(model) if modules is None else modules))
+    if training or switching or _switches != switches:
+        return _switched(model, modules)
     # The common case, a model in eval mode: no generator-based context manager (µs a call).
-    return _switched(model, training) if training else nullcontext()
+    return nullcontext()
 
 
 @contextmanager
-def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
-    """``training``'s modules in eval mode, under ``model``'s lock, restored afterwards."""
+def _switched(model: nn.Module, modules: Sequence[nn.Module] | None) -> Iterator[None]:
+    """The modules in training mode in eval mode, under ``model``'s lock, restored afterwards."""
+    global _switching, _switches
     with _model_lock(model):
+        # Found under the lock: a call that held it may have restored them meanwhile.
+        training = [m for m in (_modules(model) if modules is None else modules) if m.training]
+        if not training:
+            yield
+            return
+        with _switch_guard:  # counted before the first flag changes
+            _switching += 1
+            _switches += 1
         for m in training:
             m.training = False
         try:
@@ -92,6 +113,9 @@ def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
         finally:
             for m in training:
                 m.training = True
+            with _switch_guard:  # after the last flag is restored
+                _switching -= 1
+                _switches += 1
 
 
 def _modules(module: nn.Module) -> Iterator[nn.Module]:
@@ -141,7 +165,9 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
     """
     _check_inputs(x)
     with eval_mode(model), torch.inference_mode():
-        return model(x.to(model_device(model)))
+        inputs = x.to(model_device(model))
+        # a model may write into its input (an in-place ReLU first): never into the caller's
+        return model(x.clone() if inputs is x else inputs)
 
 
 def is_sampling() -> bool:
@@ -186,7 +212,9 @@ def _checked_call(
     if isinstance(seed, Tensor):
         if seed.shape != (x.shape[0],):
             raise InvalidArgumentError(f"per-row seeds must have shape ({x.shape[0]},)")
-        return seed
+        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise InvalidArgumentError(f"per-row seeds must be integers, got {seed.dtype}")
+        return seed  # their range: masks.row_keys
     return masks.check_seed(seed)
 
 

@@ -190,13 +190,23 @@ class SamplingContext:
         feature: bool = False,
         alpha: bool = False,
         inplace: bool = False,
+        batched_rank: int | None = None,
     ) -> Tensor:
         """Inverted (or alpha) dropout of ``x`` with one mask entry per element, or per channel
         when ``feature`` (``x (N, C, ...)``: masks broadcast over the dimensions after ``C``).
-        ``kind`` and ``batch_dim`` as for :meth:`rows`."""
+        ``kind`` and ``batch_dim`` as for :meth:`rows`. ``batched_rank``: the only rank at which
+        the channel dropout takes ``x`` as batched (``F.dropout1d``: 3, ``F.dropout3d``: 5)."""
         check_p(p)
         if p == 0.0:
             return x
+        if feature and batched_rank is not None and x.dim() != batched_rank:
+            # torch takes x as one unbatched sample whose channels run over dimension 0, here
+            # the rows: one mask entry per row (nn.Dropout1d on (N, F) keeps or drops rows whole)
+            out = self.dropout(
+                x.unsqueeze(1), p, kind=kind, batch_dim=batch_dim, feature=True, alpha=alpha,
+                inplace=inplace,
+            )  # fmt: skip
+            return out.squeeze(1)
         if feature and x.dim() < 2:
             raise UnsupportedModelError(
                 f"channel dropout needs a batched (N, C, ...) input, got shape {tuple(x.shape)}"
@@ -349,7 +359,12 @@ Handler = Callable[[SamplingContext, tuple[Any, ...], dict[str, Any]], Any]
 
 
 def _functional(
-    kind: str, *, feature: bool = False, alpha: bool = False, always_inplace: bool = False
+    kind: str,
+    *,
+    feature: bool = False,
+    alpha: bool = False,
+    always_inplace: bool = False,
+    batched_rank: int | None = None,
 ) -> Handler:
     """Handler for a dropout function with signature ``(input, p, training[, inplace])``."""
 
@@ -357,18 +372,22 @@ def _functional(
         x = arg(args, kwargs, 0, "input", None)
         p = float(arg(args, kwargs, 1, "p", 0.5))
         inplace = always_inplace or bool(arg(args, kwargs, 3, "inplace", False))
-        return ctx.dropout(x, p, kind=kind, feature=feature, alpha=alpha, inplace=inplace)
+        return ctx.dropout(
+            x, p, kind=kind, feature=feature, alpha=alpha, inplace=inplace,
+            batched_rank=batched_rank,
+        )  # fmt: skip
 
     return handle
 
 
 # Every dropout function torch has, and how it drops: per element or per channel (feature),
-# inverted or alpha, in place or not.
-DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, bool]] = {
+# inverted or alpha, in place or not; F.dropout1d and F.dropout3d take an input of any rank but
+# one (batched_rank) as one unbatched sample (F.dropout2d takes every rank as batched).
+DROPOUT_FUNCTIONS: dict[Callable[..., Any], dict[str, Any]] = {
     F.dropout: {},
-    F.dropout1d: {"feature": True},
+    F.dropout1d: {"feature": True, "batched_rank": 3},
     F.dropout2d: {"feature": True},
-    F.dropout3d: {"feature": True},
+    F.dropout3d: {"feature": True, "batched_rank": 5},
     F.alpha_dropout: {"alpha": True},
     F.feature_alpha_dropout: {"feature": True, "alpha": True},
     torch.dropout: {},

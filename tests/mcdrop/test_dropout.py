@@ -208,6 +208,48 @@ def test_structured_masks(module: nn.Module, shape: tuple[int, ...], unit_shape:
     assert set(out.unique().tolist()) == {0.0, 2.0}
 
 
+class ChannelDropout(nn.Module):
+    """``F.dropout1d`` called in a custom ``forward``, on a 2-d ``(N, F)`` activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout1d(self.fc(x), 0.5, self.training)
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape"),
+    [
+        (lambda: nn.Sequential(nn.Linear(6, 6), nn.Dropout1d(0.5)), (4, 6)),
+        (lambda: nn.Sequential(nn.Dropout1d(0.5, inplace=True)), (4, 6)),
+        (lambda: nn.Sequential(nn.Dropout3d(0.5)), (4, 3, 2, 2)),
+        (ChannelDropout, (4, 6)),
+    ],
+)
+def test_channel_dropout_of_an_unbatched_rank_drops_whole_rows(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...]
+) -> None:
+    """``F.dropout1d`` takes a 2-d input, and ``F.dropout3d`` a 4-d one, as one unbatched sample
+    whose channels run over dimension 0 (here the rows): in training torch keeps or drops each
+    row whole, and so must sampling."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.rand(shape) + 1
+    model.train()
+    trained = model(x)
+    model.eval()
+    zero = trained.flatten(1) == 0
+    assert torch.equal(zero.all(1), zero.any(1))
+    out = sample(model, x, 32, seed=3).flatten(2)  # (S, N, F...)
+    dropped = (out == 0).all(2)
+    assert torch.equal(dropped, (out == 0).any(2))  # each row kept or dropped whole
+    assert 0 < dropped.float().mean() < 1
+    kept = ~dropped
+    assert torch.allclose(out[kept], (2 * predict(model, x)).flatten(1).expand_as(out)[kept])
+
+
 class ViewAfterDropout(nn.Module):
     """Dropout, then ``.view`` (which needs the activation's own layout), on a sequence batch."""
 

@@ -125,6 +125,25 @@ def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
     assert torch.equal(sample(model, x, 8, seed=3), direct)
 
 
+@pytest.mark.parametrize("name", ["classifier", "norm_first", "gelu", "attention_rate_zero"])
+def test_under_autocast_direct_layers_give_the_mode_paths_samples(name: str) -> None:
+    # Under autocast the residual sums add a bfloat16 block output to a float32 norm output:
+    # the sum is float32, as the layer's own forward makes it, never rounded to bfloat16.
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = sample(model, x, 8, seed=3, plan=kept)
+        remove = _mode_path(model)
+        try:
+            through_mode = sample(model, x, 8, seed=3, plan=kept)
+        finally:
+            remove()
+    assert direct.dtype == through_mode.dtype
+    assert torch.equal(direct, through_mode)
+
+
 def test_encoder_layers_are_found() -> None:
     model = Classifier().eval()
     kept = plan(model, torch.randn(2, 6, 16))

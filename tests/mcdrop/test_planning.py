@@ -355,11 +355,25 @@ def _every_lane_width() -> nn.Module:
     )  # fmt: skip
 
 
+def _twice(module: nn.Module) -> nn.Module:
+    """``module`` (6 -> 6) applied twice in one ``nn.Sequential``, as ``forward`` runs it."""
+    return nn.Sequential(
+        nn.Linear(6, 6), nn.Dropout(0.2), module, nn.Tanh(), module, nn.Linear(6, 2)
+    )
+
+
 def _chains() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     from mcdrop.nets import CNN, MLP, Standardized
 
     torch.manual_seed(0)
     return {
+        # one module at two places: the chain runs it at each (children() names it once)
+        "a layer used twice": (_twice(nn.Linear(6, 6)), (6,)),
+        "a dropout used twice": (_twice(nn.Dropout(0.3)), (6,)),
+        "a block used twice": (
+            _twice(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Dropout(0.4, inplace=True))),
+            (6,),
+        ),
         "standardized MLP": (
             Standardized(
                 MLP(4, [16], 2, dropout=0.2),
@@ -411,6 +425,20 @@ def test_a_plain_chain_samples_as_the_generic_path_bit_for_bit(name: str, n_rows
     for options in ({}, {"prefix": "off"}, {"max_pass_rows": 7}):
         got = sample(model, x, 9, seed=3, plan=kept, **options)  # type: ignore[arg-type]
         assert torch.equal(got, sample(generic, x, 9, seed=3, **options))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["MLP", "every lane width", "in-place dropout", "CNN"])
+@pytest.mark.parametrize("n_rows", [1, 5])
+def test_a_plain_chain_under_autocast_samples_as_the_generic_path(name: str, n_rows: int) -> None:
+    # Under autocast a dropout sees bfloat16 activations: its multipliers are made in that dtype,
+    # as on the generic path, not in the plan's (the rows' float32).
+    model, shape = _chains()[name]
+    model.eval()
+    x = torch.randn(n_rows, *shape, generator=torch.Generator().manual_seed(n_rows))
+    kept = plan(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sample(model, x, 9, seed=3, plan=kept)
+        assert torch.equal(got, sample(Wrapped(model), x, 9, seed=3))
 
 
 @pytest.mark.parametrize("name", ["MLP", "every lane width", "in-place dropout"])

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -177,6 +178,24 @@ def test_bad_arguments(mlp: nn.Module, x: Tensor, kwargs: dict, error: type) -> 
         sample(mlp, x, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "seeds",
+    [
+        lambda n: torch.full((n,), -1),  # an int seed must be in [0, 2**63 - 1]: so must each
+        lambda n: torch.arange(n) - 1,
+        lambda n: torch.ones(n),  # float
+        lambda n: torch.ones(n, dtype=torch.bool),
+    ],
+)
+@pytest.mark.parametrize("kept", [False, True])
+def test_bad_per_row_seeds(
+    mlp: nn.Module, x: Tensor, seeds: Callable[[int], Tensor], kept: bool
+) -> None:
+    kept_plan = plan(mlp, x) if kept else None
+    with pytest.raises(InvalidArgumentError, match="seeds"):
+        sample(mlp, x, 4, seed=seeds(x.shape[0]), plan=kept_plan)
+
+
 @pytest.mark.parametrize("bad", [torch.empty(0, 4), torch.tensor([[float("nan")] * 4])])
 def test_bad_inputs(mlp: nn.Module, bad: Tensor) -> None:
     with pytest.raises(InvalidInputError):
@@ -216,6 +235,108 @@ def test_concurrent_predict_and_sample_do_not_interfere(mlp: nn.Module) -> None:
         t.join()
     assert failures == []
     assert [m.training for m in mlp.modules()] == modes
+
+
+class InPlaceFirst(nn.Module):
+    """A custom ``forward`` that writes into its input: ``(N, 4) -> (N, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(x.clamp_(min=0)))
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(4, 2)),
+        InPlaceFirst,
+    ],
+)
+def test_predict_never_writes_into_the_callers_rows(factory: Callable[[], nn.Module]) -> None:
+    # As sampling's passes: the model may write into its input, never into the caller's tensor.
+    model = factory().eval()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    out = predict(model, x)
+    assert torch.equal(x, before)
+    assert torch.equal(out, model(before.clone()))
+
+
+class DeepBatchNorm(nn.Module):
+    """Thirty linear + BatchNorm layers before a dropout, in a custom ``forward``: ``(N, 8) ->
+    (N, 2)``. Long passes with many flags to switch, so that concurrent calls overlap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *(m for _ in range(30) for m in (nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()))
+        )
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop(self.body(x)))
+
+
+@pytest.mark.parametrize("chain", [False, True])  # a custom forward, or a plain layer chain
+def test_concurrent_calls_leave_a_train_mode_model_as_it_was(chain: bool) -> None:
+    """Each call switches a training model's modules to eval and back: another call at the same
+    moment must not see them switched (and skip the switch), then run in training mode when the
+    first restores them, updating BatchNorm's running statistics."""
+    torch.manual_seed(0)
+    model = DeepBatchNorm()
+    net = nn.Sequential(*model.body, model.drop, model.head) if chain else model
+    net.train()
+    x = torch.randn(4, 8)
+    kept = plan(net, x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    expected = sample(net, x, 8, seed=1, plan=kept)
+    barrier = threading.Barrier(4)
+    failures: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        for _ in range(25):
+            if not torch.allclose(sample(net, x, 8, seed=1, plan=kept), expected, atol=1e-5):
+                failures.append("samples changed under concurrency")
+            predict(net, x)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert all(m.training for m in net.modules())
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, state[k])]
+    assert changed == []
+
+
+def test_calls_inside_a_chunk_loop_on_a_train_mode_model_do_not_wait() -> None:
+    """A ``sample_chunks`` loop holds a training model switched between its chunks: a call on
+    the same model from inside the loop (the same thread) runs, rather than wait for the loop."""
+    torch.manual_seed(0)
+    model = DeepBatchNorm().train()
+    x = torch.randn(3, 8)
+    expected = predict(model, x)
+    seen: list[Tensor] = []
+
+    def loop() -> None:
+        for _ in sample_chunks(model, x, 8, seed=1, max_pass_rows=6):
+            seen.append(predict(model, x))
+            seen.append(sample(model, x, 2, seed=1))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "a call inside the loop waited for the loop"
+    assert len(seen) == 2 * 4
+    assert all(torch.equal(p, expected) for p in seen[::2])
+    assert all(m.training for m in model.modules())
 
 
 MEMORY_SCRIPT = """
