@@ -262,6 +262,14 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
     x = _warm_up_input(predictor)
     with _names_the_manifest(predictor, manifest):
         predictor.warm_up(x)
+        try:
+            predictor.predict(x)  # finite outputs, or the row is not one to time the model on
+        except NonFiniteOutputError:
+            # A model may take this row for padding (all zeros, say) and give NaN on it: such a
+            # model is not broken, and one row of varied values decides.
+            x = _varied_input(predictor)
+            predictor.warm_up(x)
+            predictor.predict(x)
     return x
 
 
@@ -271,9 +279,9 @@ def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
         yield
     except NonFiniteOutputError:
         raise checkpoint.CheckpointError(
-            f"{manifest}: the warm-up row ({_warm_up_row(predictor)}) gives outputs "
-            "that are not finite (NaN or beyond float32): check target_normalization and "
-            "the weights"
+            f"{manifest}: the warm-up rows ({_warm_up_row(predictor)}, then a row of varied "
+            "values) give outputs that are not finite (NaN or beyond float32): check "
+            "target_normalization and the weights"
         ) from None
     except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
         raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
@@ -289,6 +297,18 @@ def _warm_up_row(predictor: Predictor) -> str:
     if predictor.spec.input_normalization is not None:
         return "input_normalization's mean"
     return "zeros"
+
+
+def _varied_input(predictor: Predictor) -> torch.Tensor:
+    """A row of standard normal values (fixed), on the scale of the training data where the
+    model records it."""
+    z = torch.randn(1, *predictor.spec.input_shape, generator=torch.Generator().manual_seed(0))
+    norm = predictor.spec.input_normalization
+    if norm is not None:
+        mean = torch.tensor(norm.mean, dtype=torch.float32)
+        std = torch.tensor(norm.std, dtype=torch.float32)
+        z = mean + std * z
+    return z
 
 
 def _warm_up_input(predictor: Predictor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
 
-from torch import nn
+from torch import Tensor, nn
 
 from mcdrop.nets import MLP
 
@@ -23,3 +23,16 @@ def gated_mlp(gate: str, **params: object) -> nn.Module:
     (at most 30 s later): a model that is still loading for as long as a test needs."""
     GATES[gate].wait(30)
     return MLP(**params)  # type: ignore[arg-type]  # the manifest's params, checked by MLP
+
+
+class UnitRows(nn.Module):
+    """Each row scaled to unit length: NaN on a row of zeros, as a model that takes all-zero
+    steps for padding and averages over none."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / x.norm(dim=-1, keepdim=True)
+
+
+def unit_rows(in_features: int = 3, width: int = 5) -> nn.Module:
+    """:func:`build` of rows scaled to unit length: finite on any row but zeros."""
+    return nn.Sequential(UnitRows(), build(in_features, width))

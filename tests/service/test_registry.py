@@ -21,7 +21,7 @@ from mcdrop.checkpoint import ModelSpec
 from service.app import StartupError, create_app
 from service.config import Settings
 from tests.conftest import MODELS
-from tests.factories import build
+from tests.factories import build, unit_rows
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -310,8 +310,9 @@ WARM_UP_FAILURES: dict[str, tuple[Callable[[Path], Path], str]] = {
     # request's ("send values on the scale of its training data" blamed the inputs).
     "non-finite": (
         lambda root: _scaled_weights(_variant(root, "bad"), 1e20),
-        "bad/model.json: the warm-up row (input_normalization's mean) gives outputs that are "
-        "not finite (NaN or beyond float32): check target_normalization and the weights",
+        "bad/model.json: the warm-up rows (input_normalization's mean, then a row of varied "
+        "values) give outputs that are not finite (NaN or beyond float32): check "
+        "target_normalization and the weights",
     ),
 }
 
@@ -332,3 +333,26 @@ def test_a_failed_warm_up_names_the_manifest(tmp_path: Path, case: str) -> None:
         TestClient(create_app(Settings(model_dir=tmp_path))).__enter__()
     assert f"model 'bad': {reason}" in str(info.value)
     assert "send values on the scale" not in str(info.value)
+
+
+def test_a_model_that_gives_nan_on_zeros_warms_up_on_varied_values(tmp_path: Path) -> None:
+    """The warm-up row of a model without input_normalization is zeros; a model may take it for
+    padding and give NaN. It is not broken: it loads, and serves rows it takes."""
+    spec = ModelSpec(
+        name="unit",
+        task="regression",
+        input_shape=[3],
+        labels=["y"],
+        architecture={"factory": "tests.factories:unit_rows", "params": {"width": 4}},
+        tau=1.0,
+    )
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "unit", spec, unit_rows(width=4))
+    settings = Settings(model_dir=tmp_path, allowed_factories="tests.factories")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ready").json()["models"] == {"unit": "ready"}
+        answer = client.post("/models/unit/uncertainty", json={"inputs": [[1, 2, 3]], "seed": 1})
+        assert answer.status_code == 200, answer.text
+        zeros = client.post("/models/unit/uncertainty", json={"inputs": [[0, 0, 0]]})
+        # The request's row, not the model, is at fault there.
+        assert (zeros.status_code, zeros.json()["error"]["code"]) == (422, "non_finite_output")
