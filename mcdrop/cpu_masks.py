@@ -7,7 +7,9 @@ multiplies over a ``(B, W)`` array of words, then the byte lookup), each a pass 
 more than the model's arithmetic (13 µs for the 50 multipliers of one sample, against a 20 µs
 pass); on large masks each pass is a trip to memory. Here one compiled loop hashes each 64-bit
 word once, in registers, and writes the lanes it decides straight into the multipliers: ~1 µs
-for a small call, and 2–5× faster than NumPy on the masks of a 2,048-unit layer.
+for a small call, and 2–5× faster than NumPy on the masks of a 2,048-unit layer. Where the
+caller owns the activation, another loop multiplies it in place as it hashes
+(:func:`drop_into`): no multipliers in memory at all, one pass over the activation.
 
 Element ``e`` of row ``b`` is lane ``q = e mod L`` (``L = 64 / bits``) of word ``w = e div L``,
 i.e. bits ``bits·q .. bits·q + bits − 1`` of ``mix64((key_b ^ C_call) + (w + 1)·γ)``: what the
@@ -182,6 +184,78 @@ def _pass_multipliers(
                 start = (start + rows * size + align - 1) // align * align
 
 
+@numba.njit(inline="always")
+def _mul(row: Any, at: int, word: Any, count: int, bits: int, threshold: Any, scale: Any) -> None:
+    """:func:`_put`'s multipliers times ``row[at:at + count]``, in place: each product rounded
+    in the row's dtype, as torch's multiply of the row by the multipliers rounds it."""
+    lane = np.uint64((1 << bits) - 1)
+    flip = np.uint64(0x8000) if bits == 16 else np.uint64(0)
+    zero = scale - scale
+    for q in range(count):
+        drawn = ((word >> np.uint64(q * bits)) & lane) ^ flip
+        row[at + q] = row[at + q] * (scale if drawn >= threshold else zero)
+
+
+@numba.njit(inline="always")
+def _mul_bytes(row: Any, at: int, word: Any, per_byte: int, table: Any) -> None:
+    """``row[at:at + 8 · per_byte]`` times the multipliers of ``word``'s lanes, ``per_byte`` to a
+    byte, from the byte table (``per_byte`` a constant where inlined: a width only known at
+    run time kept the loop from unrolling, 4x slower)."""
+    for k in range(8):
+        byte = (word >> np.uint64(8 * k)) & np.uint64(255)
+        for q in range(per_byte):
+            row[at + k * per_byte + q] = row[at + k * per_byte + q] * table[byte, q]
+
+
+@_compiled
+def _drop_into(
+    keys: Any, xor: Any, bits: int, threshold: int, scale: Any, table: Any, x: Any
+) -> None:
+    """``x`` ``(B, n)`` times :func:`keep_scale`'s multipliers for the ``(B,)`` keys, in place,
+    in one pass over ``x``: each word hashed in registers and its lanes' products written back,
+    no multipliers in memory. ``x * 0`` where a lane drops, not 0: the products of torch's
+    multiply bit for bit (−0.0 for a negative unit, NaN for an infinite one)."""
+    n = x.shape[1]
+    per_word = 64 // bits
+    lane = np.uint64((1 << bits) - 1)
+    flip = np.uint64(0x8000) if bits == 16 else np.uint64(0)
+    limit = np.uint64(threshold)
+    zero = scale - scale
+    for b in range(x.shape[0]):
+        base = keys[b] ^ xor
+        row = x[b]
+        # Whole words: a branch per width, whose lane loop unrolls (the loop below, with the
+        # width unknown to the compiler, ran 2-3x slower at 1 and 2 bits than a multiply by
+        # NumPy's multipliers).
+        e0 = n - n % per_word
+        if bits == 16:
+            for j in range(e0 // 4):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul(row, 4 * j, word, 4, 16, limit, scale)
+        elif bits == 8:
+            for j in range(e0 // 8):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul(row, 8 * j, word, 8, 8, limit, scale)
+        elif bits == 4:  # a byte table, as _rows: compares of 4-bit lanes ran 4x slower here
+            for j in range(e0 // 16):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul_bytes(row, 16 * j, word, 2, table)
+        elif bits == 2:
+            for j in range(e0 // 32):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul_bytes(row, 32 * j, word, 4, table)
+        else:
+            for j in range(e0 // 64):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul(row, 64 * j, word, 64, 1, limit, scale)
+        # The tail: one loop for every lane width (as _pass_multipliers).
+        for e in range(e0, n, per_word):
+            word = _mix(base + np.uint64(e // per_word + 1) * np.uint64(0x9E3779B97F4A7C15))
+            for q in range(min(per_word, n - e)):
+                drawn = ((word >> np.uint64(q * bits)) & lane) ^ flip
+                row[e + q] = row[e + q] * (scale if drawn >= limit else zero)
+
+
 @_compiled
 def _all_finite(values: Any) -> bool:
     """Whether every value of the 1-D array ``values`` is finite (stops at the first that is
@@ -236,6 +310,15 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     _SCALE[bits](_u64(keys), masks._call_constant(call), n, threshold, scale, table, out)
     result = torch.from_numpy(out)
     return result if result.dtype == dtype else result.to(dtype)
+
+
+def drop_into(keys: Tensor, call: int, x: Tensor, p: float) -> None:
+    """``x`` ``(B, n)`` times ``keep_scale(keys, call, n, p, x.dtype)``, in place, in one
+    compiled pass (:func:`_drop_into`): for ``(B,)`` CPU keys and an ``x`` that is a
+    C-contiguous float32 or float64 CPU tensor outside any autograd graph (the caller checks:
+    :func:`mcdrop.masks.keep_scale_into`)."""
+    _, bits, threshold, scale, table = _constants(p, x.dtype)
+    _drop_into(_u64(keys), masks._call_constant(call), bits, threshold, scale, table, x.numpy())
 
 
 class FusedPass:
@@ -309,9 +392,13 @@ class FusedPass:
         return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
 
 
+#: Every compiled loop, which :func:`warm_up` compiles (the container's check counts them).
+LOOPS = (_sample_keys, *_SCALE.values(), _pass_multipliers, _drop_into, _all_finite)
+
+
 def warm_up() -> None:
-    """Compile (or load from the cache) every loop for both output dtypes: for an image built
-    with its cache, so that no container compiles at start."""
+    """Compile (or load from the cache) every loop of :data:`LOOPS` for both output dtypes:
+    for an image built with its cache, so that no container compiles at start."""
     keys = torch.arange(3, dtype=torch.int64)
     sample_keys(keys, 0, 2)
     for np_dtype in DTYPES.values():
@@ -319,4 +406,5 @@ def warm_up() -> None:
     for dtype in DTYPES:
         for p in (0.1, 1 / 256, 1 / 16, 1 / 4, 1 / 2):  # 16, 8, 4, 2 and 1 bits per lane
             keep_scale(keys, 0, 5, p, dtype)
+        drop_into(keys, 0, torch.ones(3, 5, dtype=dtype), 0.1)  # one signature for every width
         FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make(keys, 0, 2)

@@ -595,6 +595,43 @@ def keep_scale(
     return result if result.dtype == dtype else result.to(dtype)
 
 
+def keep_scale_into(
+    x: Tensor, keys: Tensor, call: int, p: float, *, backend: Backend | None = None
+) -> bool:
+    """``x`` ``(B, n)`` times ``keep_scale(keys, call, n, p, x.dtype)``, in place, in one
+    compiled pass over ``x`` with no multipliers in memory (:func:`mcdrop.cpu_masks.drop_into`),
+    where numba makes the masks of the ``(B,)`` keys (``backend``: as for :func:`keep_scale`) and
+    ``x`` is a C-contiguous float32 or float64 CPU tensor that needs no gradient. Returns whether
+    it did; if not, ``x`` is untouched and the caller multiplies it by :func:`keep_scale`'s
+    multipliers.
+
+    The same products bit for bit: each is ``x · multiplier`` rounded once in ``x``'s dtype,
+    as torch's multiply rounds it (a dropped unit is ``x · 0``: −0.0 for a negative one, NaN
+    for an infinite one).
+
+    Why: multipliers made and then multiplied are written once and read twice more; on the
+    small passes of one request the second array call and its Python cost as much again.
+    """
+    if (
+        x.dtype not in _NUMPY_FLOATS
+        or x.device.type != "cpu"
+        or x.requires_grad
+        or not x.is_contiguous()
+        or x.is_neg()  # a lazily negated view: its memory holds the values' negations
+        or keys.device.type != "cpu"
+        or backend_for(keys, backend) != "numba"
+    ):
+        return False
+    if x.dim() != 2 or x.shape[0] != keys.shape[0]:  # the loop reads a key per row, unchecked
+        raise ValueError(
+            f"x must be ({keys.shape[0]}, n) for {keys.shape[0]} keys, got {tuple(x.shape)}"
+        )
+    compiled = numba_kernels()
+    assert compiled is not None  # backend_for checked
+    compiled.drop_into(keys, call, x, p)
+    return True
+
+
 #: Hashes made at once by :func:`keep_scale`: larger masks are made in blocks of rows so that
 #: the ~10 passes of the hash over its 64-bit words stay in the cache (512 KiB of words per
 #: block). One array for the feed-forward dropout of a d=64 encoder with 2,048 hidden units

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from mcdrop import plan, sample
+from mcdrop import masks, plan, sample
 
 
 class Classifier(nn.Module):
@@ -123,6 +123,19 @@ def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
     assert direct.var(0).mean() > 1e-4
     # ...and without a kept plan (the probe's own passes run the twin too)
     assert torch.equal(sample(model, x, 8, seed=3), direct)
+
+
+@pytest.mark.parametrize("name", ["classifier", "norm_first", "sequential"])
+def test_the_numpy_masks_give_the_same_samples(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba multiplies the activations in place (no multipliers); NumPy's multipliers, made a
+    block at a time and multiplied, give the same samples bit for bit."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    expected = sample(model, x, 8, seed=3, plan=kept)
+    monkeypatch.setattr(masks, "CPU_BACKEND", "numpy")
+    assert torch.equal(sample(model, x, 8, seed=3, plan=kept), expected)
 
 
 def test_encoder_layers_are_found() -> None:
