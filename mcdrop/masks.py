@@ -603,7 +603,7 @@ def keep_scale_into(
     where numba makes the masks of the ``(B,)`` keys (``backend``: as for :func:`keep_scale`) and
     ``x`` is a C-contiguous float32 or float64 CPU tensor that needs no gradient. Returns whether
     it did; if not, ``x`` is untouched and the caller multiplies it by :func:`keep_scale`'s
-    multipliers.
+    multipliers. :class:`KeepScaleInto` checks the keys once for several calls.
 
     The same products bit for bit: each is ``x · multiplier`` rounded once in ``x``'s dtype,
     as torch's multiply rounds it (a dropped unit is ``x · 0``: −0.0 for a negative one, NaN
@@ -612,24 +612,46 @@ def keep_scale_into(
     Why: multipliers made and then multiplied are written once and read twice more; on the
     small passes of one request the second array call and its Python cost as much again.
     """
-    if (
-        x.dtype not in _NUMPY_FLOATS
-        or x.device.type != "cpu"
-        or x.requires_grad
-        or not x.is_contiguous()
-        or x.is_neg()  # a lazily negated view: its memory holds the values' negations
-        or keys.device.type != "cpu"
-        or backend_for(keys, backend) != "numba"
-    ):
-        return False
-    if x.dim() != 2 or x.shape[0] != keys.shape[0]:  # the loop reads a key per row, unchecked
-        raise ValueError(
-            f"x must be ({keys.shape[0]}, n) for {keys.shape[0]} keys, got {tuple(x.shape)}"
-        )
-    compiled = numba_kernels()
-    assert compiled is not None  # backend_for checked
-    compiled.drop_into(keys, call, x, p)
-    return True
+    return KeepScaleInto(keys, backend=backend)(x, call, p)
+
+
+class KeepScaleInto:
+    """:func:`keep_scale_into` for the ``(B,)`` keys of a pass, which are checked (and their
+    bits taken as an array) once for all of its calls: a call costs µs of Python beside a
+    compiled loop of µs.
+
+    Args:
+        keys: ``(B,)`` int64 keys.
+        backend: as for :func:`keep_scale`; only numba multiplies in place.
+    """
+
+    def __init__(self, keys: Tensor, *, backend: Backend | None = None) -> None:
+        self.rows = keys.shape[0]
+        self._compiled: ModuleType | None = None
+        self._keys: np.ndarray | None = None
+        if keys.device.type == "cpu" and backend_for(keys, backend) == "numba":
+            self._compiled = numba_kernels()
+            assert self._compiled is not None  # backend_for checked
+            self._keys = self._compiled.keys_u64(keys)
+
+    def __call__(self, x: Tensor, call: int, p: float) -> bool:
+        """``x`` ``(B, n)`` times call ``call``'s multipliers at rate ``p``, in place, where
+        the compiled loop takes it: whether it did (if not, ``x`` is untouched)."""
+        if (
+            self._compiled is None
+            or x.dtype not in _NUMPY_FLOATS
+            or x.device.type != "cpu"
+            or x.requires_grad
+            or not x.is_contiguous()
+            or x.is_neg()  # a lazily negated view: its memory holds the values' negations
+        ):
+            return False
+        if x.dim() != 2 or x.shape[0] != self.rows:  # the loop reads a key per row, unchecked
+            raise ValueError(
+                f"x must be ({self.rows}, n) for {self.rows} keys, got {tuple(x.shape)}"
+            )
+        self._compiled.drop_into(self._keys, call, x, p)
+        return True
 
 
 #: Hashes made at once by :func:`keep_scale`: larger masks are made in blocks of rows so that

@@ -89,6 +89,7 @@ class SamplingContext:
         self.replicate = replicate
         self.batch = keys.shape[0] // replicate
         self.calls = 0
+        self._into: masks.KeepScaleInto | None = None  # made at the first dropout_into
         self._modes: list[DropoutMode] = []
         self._token: contextvars.Token[SamplingContext | None] | None = None
 
@@ -254,20 +255,24 @@ class SamplingContext:
         multipliers depend on its key only, so the products are those of :meth:`dropout`, bit
         for bit. On the CPU only: on a device each block would be a kernel launch.
         """
-        check_p(p)
-        if p == 0.0:
-            return x
-        if p == 1.0 or self.replicate > 1 or self.premade is not None or not x.is_contiguous():
+        if not 0.0 < p < 1.0 or self.replicate > 1 or self.premade is not None:
+            if p == 0.0:
+                return x
             return self.dropout(x, p, kind=kind, batch_dim=batch_dim, inplace=True)
-        found = self.rows(x, kind, batch_dim)
+        if not x.is_contiguous():
+            return self.dropout(x, p, kind=kind, batch_dim=batch_dim, inplace=True)
+        found = self.take(x, kind, batch_dim)  # replicate is 1: x as it is
         if found is None:
             return x
-        x, call = found
+        call = found[1]
         if call.dim != 0:
             return x.mul_(self._scale_like(x, p, call))
         batch = self.keys.shape[0]
         flat = x.view(batch, -1)  # (B, per_row): rows first, `group` entries of x per row
-        if masks.keep_scale_into(flat, self.keys, call.index, p):  # numba: one pass, no blocks
+        into = self._into
+        if into is None:
+            into = self._into = masks.KeepScaleInto(self.keys)
+        if into(flat, call.index, p):  # numba: one pass, no multipliers, no blocks
             return x
         per_row = flat.shape[1]
         block = max(1, DROP_BLOCK_BYTES // max(1, per_row * x.element_size()))
