@@ -393,6 +393,7 @@ _HANDLERS[F.scaled_dot_product_attention] = attention.scaled_dot_product_attenti
 _HANDLERS.update(rnn.HANDLERS)  # dropout between the layers of nn.LSTM, nn.GRU, nn.RNN
 # an nn.TransformerEncoderLayer that a pass runs directly (mcdrop.encoders)
 _HANDLERS[encoders.encoder_layer] = lambda ctx, args, kwargs: encoders.handle_layer(ctx, *args)
+_HANDLERS[encoders.encoder_stack] = lambda ctx, args, kwargs: encoders.handle_stack(ctx, *args)
 
 
 class DropoutMode(TorchFunctionMode):

@@ -149,6 +149,29 @@ def test_encoder_layers_are_found() -> None:
     assert plan(mlp, torch.randn(2, 4)).encoders is None
 
 
+@pytest.mark.parametrize("name", ["classifier", "encoder", "norm_first"])
+def test_an_encoder_runs_its_layers_in_one_call_or_layer_by_layer(name: str) -> None:
+    """An ``nn.TransformerEncoder`` whose layers all run directly runs them in one call; once
+    a layer may not (changed after planning), layer by layer: the mode's samples either way."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    assert kept.encoders is not None
+    assert len(kept.encoders.stacks) == 1
+    for change in (False, True):
+        if change:  # no input bias: the direct run does not take the layer
+            encoder = model if isinstance(model, nn.TransformerEncoder) else model.encoder
+            encoder.layers[1].self_attn.in_proj_bias = None
+        direct = sample(model, x, 8, seed=3, plan=kept)
+        remove = _mode_path(model)
+        try:
+            through_mode = sample(model, x, 8, seed=3, plan=kept)
+        finally:
+            remove()
+        assert torch.equal(direct, through_mode), change
+
+
 def test_the_model_is_left_as_it_was() -> None:
     model = Classifier().eval()
     x = torch.randn(2, 6, 16)
