@@ -88,6 +88,25 @@ def _rows(
     """Multipliers ``out`` ``(B, n)`` at ``bits`` per lane (a constant where inlined)."""
     per_word = 64 // bits
     full = n // per_word
+    if bits >= 8:  # as _drop_into: a row's words into a buffer, its lanes read as its elements
+        words = np.empty((n + per_word - 1) // per_word, dtype=np.uint64)
+        lanes16 = words.view(np.uint16)
+        lanes8 = words.view(np.uint8)
+        limit = np.uint32(threshold)
+        zero = scale - scale
+        for b in range(keys.shape[0]):
+            base = keys[b] ^ xor
+            row = out[b]
+            for j in range(words.shape[0]):
+                words[j] = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+            if bits == 16:
+                for e in range(n):
+                    drawn = np.uint32(lanes16[e]) ^ np.uint32(0x8000)
+                    row[e] = scale if drawn >= limit else zero
+            else:
+                for e in range(n):
+                    row[e] = scale if np.uint32(lanes8[e]) >= limit else zero
+        return
     for b in range(keys.shape[0]):
         base = keys[b] ^ xor
         row = out[b]
