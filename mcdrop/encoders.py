@@ -29,7 +29,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,12 @@ def _drop(ctx: SamplingContext, x: Tensor, layer: nn.Dropout) -> Tensor:
     return ctx.dropout_into(x, float(layer.p))
 
 
+def _norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``norm.forward(x)``: the same ``torch.layer_norm`` call, without two Python frames and
+    ``F.layer_norm``'s check for torch-function overrides (the mode is off here)."""
+    return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
     """``layer``'s slow-path ``forward`` of ``x`` ``(B, L, E)`` without masks, its attention
     weights' dropout and its three dropout layers' calls handed to ``ctx``, in the order and
@@ -120,8 +126,17 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
 
     Returns ``(B, L, E)``.
     """
-    attn = layer.self_attn
-    weights = (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias)
+    # The submodules from the layer's own dict (exact torch types, checked when planned): a
+    # Module.__getattr__ each costs as much as a small tensor op's dispatch.
+    modules = layer._modules
+    attn = cast(nn.MultiheadAttention, modules["self_attn"])
+    out_proj = cast(nn.Linear, attn._modules["out_proj"])
+    weights = (attn.in_proj_weight, attn.in_proj_bias, out_proj.weight, out_proj.bias)
+    linear1 = cast(nn.Linear, modules["linear1"])
+    linear2 = cast(nn.Linear, modules["linear2"])
+    dropout, dropout1, dropout2 = (
+        cast(nn.Dropout, modules[name]) for name in ("dropout", "dropout1", "dropout2")
+    )
     activation = layer.activation
 
     def attention_block(h: Tensor) -> Tensor:
@@ -134,26 +149,28 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
             )[0].transpose(0, 1)  # fmt: skip
         else:
             out = packed_self_attention(ctx, h, attn.num_heads, weights, p)
-        return _drop(ctx, out, layer.dropout1)
+        return _drop(ctx, out, dropout1)
 
     def feed_forward_block(h: Tensor) -> Tensor:
-        h = layer.linear1.forward(h)
+        h = F.linear(h, linear1.weight, linear1.bias)  # Linear.forward's own call
         if activation is F.relu or activation is torch.relu or type(activation) is nn.ReLU:
             # in place, as torch's fast path does: the same values, without a fresh (B, L, F)
             # tensor, whose first touch (page faults) cost more than the ReLU itself
             h = h.relu_()
         else:
             h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
-        h = _drop(ctx, h, layer.dropout)
-        return _drop(ctx, layer.linear2.forward(h), layer.dropout2)
+        h = _drop(ctx, h, dropout)
+        return _drop(ctx, F.linear(h, linear2.weight, linear2.bias), dropout2)
 
     # The residual sums go into the blocks' outputs, fresh tensors of x's shape (o + x equals
     # x + o bit for bit): a new (B, L, E) tensor per sum costs more than the sum on small passes.
+    norm1 = cast(nn.LayerNorm, modules["norm1"])
+    norm2 = cast(nn.LayerNorm, modules["norm2"])
     if layer.norm_first:
-        x = attention_block(layer.norm1.forward(x)).add_(x)
-        return feed_forward_block(layer.norm2.forward(x)).add_(x)
-    x = layer.norm1.forward(attention_block(x).add_(x))
-    return layer.norm2.forward(feed_forward_block(x).add_(x))
+        x = attention_block(_norm(norm1, x)).add_(x)
+        return feed_forward_block(_norm(norm2, x)).add_(x)
+    x = _norm(norm1, attention_block(x).add_(x))
+    return _norm(norm2, feed_forward_block(x).add_(x))
 
 
 def encoder_layer(layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
@@ -214,7 +231,9 @@ def handle_stack(ctx: SamplingContext, encoder: nn.TransformerEncoder, src: Tens
     return src
 
 
-def _stack_forward(encoder: nn.TransformerEncoder, twin: nn.Module) -> Callable[..., Tensor]:
+def _stack_forward(
+    encoder: nn.TransformerEncoder, twin: nn.TransformerEncoder
+) -> Callable[..., Tensor]:
     """The ``forward`` of an ``nn.TransformerEncoder``'s twin whose layers all run directly:
     called without masks, :func:`encoder_stack` and the encoder's norm; else
     ``nn.TransformerEncoder.forward`` of the twin (whose layers' twins run directly where
@@ -333,6 +352,7 @@ class EncoderLayers:
                 }
                 if id(m) in self.stacks:
                     assert isinstance(m, nn.TransformerEncoder)
+                    assert isinstance(twin, nn.TransformerEncoder)
                     twin.__dict__["forward"] = _stack_forward(m, twin)
             return twin
 
