@@ -76,7 +76,7 @@ def eval_mode(
     modules a pass runs, when they are known (a runnable :class:`~mcdrop.planning.LayerChain`'s),
     instead of a walk of the model.
     """
-    training = [m for m in (_modules(model) if modules is None else modules) if m.training]
+    training = _training(model) if modules is None else [m for m in modules if m.training]
     # The common case, a model in eval mode: no generator-based context manager (µs a call).
     return _switched(model, training) if training else nullcontext()
 
@@ -94,15 +94,21 @@ def _switched(model: nn.Module, training: list[nn.Module]) -> Iterator[None]:
                 m.training = True
 
 
-def _modules(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` and its descendants (a shared one more than once, in no set order):
-    ``module.modules()`` without its bookkeeping of names and duplicates, which costs more than
-    a small forward."""
-    stack = [module]
+def _training(model: nn.Module) -> list[nn.Module]:
+    """``model``'s modules in training mode (a shared one more than once, in no set order):
+    ``[m for m in model.modules() if m.training]`` without ``modules()``' bookkeeping of names
+    and duplicates, in one loop (a generator's per module cost 2.5x the time: 10 µs on a
+    2-layer encoder, a fiftieth of a one-row sample)."""
+    found = []
+    stack = [model]
     while stack:
         m = stack.pop()
-        yield m
-        stack.extend(c for c in m._modules.values() if c is not None)
+        if m.training:
+            found.append(m)
+        for child in m._modules.values():
+            if child is not None:
+                stack.append(child)
+    return found
 
 
 def _check_inputs(x: Tensor) -> None:
