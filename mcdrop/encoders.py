@@ -8,10 +8,12 @@ d = 64, 100 samples of one row). A pass through :class:`EncoderLayers` runs the 
 ``forward``, in the mode as before, on a *twin* of the model: per pass, shallow copies of the
 modules on the way from the model to its encoder layers (sharing every parameter, buffer and
 other submodule) in which each layer's ``forward`` is handed to the mode as one call
-(:func:`encoder_layer`), whose handler computes the layer in direct torch calls with the mode
-off, every dropout handed to the context in the order and with the shapes the mode's path gives
-it. The model itself is never changed, so another thread's deterministic prediction sees it as
-it is.
+(:func:`encoder_layer`; an ``nn.TransformerEncoder`` whose layers all run directly hands its
+whole stack over at once, :func:`encoder_stack`), whose handler computes the layer in direct
+torch calls with the mode off, every dropout handed to the context in the order and with the
+shapes the mode's path gives it (and multiplied in place:
+:meth:`mcdrop.sampling_context.SamplingContext.dropout_into`). The model itself is never
+changed, so another thread's deterministic prediction sees it as it is.
 
 A layer is run directly when it is exactly an ``nn.TransformerEncoderLayer`` with batch-first
 attention, a packed biased input projection, ReLU or GELU (torch's own functions or modules),
