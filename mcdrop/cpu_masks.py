@@ -342,13 +342,13 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     return result if result.dtype == dtype else result.to(dtype)
 
 
-def drop_into(keys: np.ndarray, call: int, x: Tensor, p: float) -> None:
-    """``x`` ``(B, n)`` times ``keep_scale(keys, call, n, p, x.dtype)``, in place, in one
-    compiled pass (:func:`_drop_into`): for the ``(B,)`` keys' bits as a contiguous ``uint64``
-    array (:func:`keys_u64`) and an ``x`` that is a C-contiguous float32 or float64 CPU tensor
-    outside any autograd graph (the caller checks: :class:`mcdrop.masks.KeepScaleInto`)."""
-    _, bits, threshold, scale, table = _constants(p, x.dtype)
-    _drop_into(keys, masks._call_constant(call), bits, threshold, scale, table, x.numpy())
+def drop_into(keys: np.ndarray, call: int, x: np.ndarray, p: float, dtype: torch.dtype) -> None:
+    """``x`` ``(B, n)`` times ``keep_scale(keys, call, n, p, dtype)``, in place, in one compiled
+    pass (:func:`_drop_into`): for the ``(B,)`` keys' bits as a contiguous ``uint64`` array
+    (:func:`keys_u64`) and ``x`` a C-contiguous float32 or float64 array, the memory of a
+    tensor of ``dtype`` (the caller checks: :class:`mcdrop.masks.KeepScaleInto`)."""
+    _, bits, threshold, scale, table = _constants(p, dtype)
+    _drop_into(keys, masks._call_constant(call), bits, threshold, scale, table, x)
 
 
 def keys_u64(keys: Tensor) -> np.ndarray:
@@ -441,5 +441,5 @@ def warm_up() -> None:
     for dtype in DTYPES:
         for p in (0.1, 1 / 256, 1 / 16, 1 / 4, 1 / 2):  # 16, 8, 4, 2 and 1 bits per lane
             keep_scale(keys, 0, 5, p, dtype)
-        drop_into(_u64(keys), 0, torch.ones(3, 5, dtype=dtype), 0.1)  # one for every width
+        drop_into(_u64(keys), 0, np.ones((3, 5), DTYPES[dtype]), 0.1, dtype)  # every width
         FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make(keys, 0, 2)

@@ -259,20 +259,23 @@ class SamplingContext:
             if p == 0.0:
                 return x
             return self.dropout(x, p, kind=kind, batch_dim=batch_dim, inplace=True)
-        if not x.is_contiguous():
-            return self.dropout(x, p, kind=kind, batch_dim=batch_dim, inplace=True)
         found = self.take(x, kind, batch_dim)  # replicate is 1: x as it is
         if found is None:
             return x
         call = found[1]
-        if call.dim != 0:
+        if call.dim != 0:  # what dropout(inplace=True) does
             return x.mul_(self._scale_like(x, p, call))
         batch = self.keys.shape[0]
+        if call.group == 1:  # (B, ...): the compiled loop takes x as it is, no view made
+            into = self._into
+            if into is None:
+                into = self._into = masks.KeepScaleInto(self.keys)
+            if into(x, call.index, p):  # numba: one pass, no multipliers, no blocks
+                return x
+        if not x.is_contiguous():
+            return x.mul_(self._scale_like(x, p, call))
         flat = x.view(batch, -1)  # (B, per_row): rows first, `group` entries of x per row
-        into = self._into
-        if into is None:
-            into = self._into = masks.KeepScaleInto(self.keys)
-        if into(flat, call.index, p):  # numba: one pass, no multipliers, no blocks
+        if call.group != 1 and masks.keep_scale_into(flat, self.keys, call.index, p):
             return x
         per_row = flat.shape[1]
         block = max(1, DROP_BLOCK_BYTES // max(1, per_row * x.element_size()))

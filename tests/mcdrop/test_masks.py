@@ -456,10 +456,17 @@ def test_multiplying_in_place_is_left_to_the_caller_where_numba_cannot(case: str
 
 
 @numba_runs
-def test_multiplying_in_place_refuses_a_shape_without_a_key_per_row() -> None:
+def test_multiplying_in_place_takes_rows_first_and_refuses_a_shape_without_a_key_per_row() -> None:
     keys = masks.sample_keys(torch.arange(4, dtype=torch.int64), 0, 1)
-    for shape in [(5, 3), (3, 3), (4,), (4, 2, 2)]:
-        with pytest.raises(ValueError, match=r"must be \(4, n\) for 4 keys"):
+    for shape in [(4,), (4, 3, 5), (4, 2, 2, 7)]:  # each row's entries in C order
+        x = _activations(4, math.prod(shape[1:]), torch.float32).view(shape)
+        expected = x.view(4, -1) * masks.keep_scale(
+            keys, 2, x[0].numel(), 0.1, torch.float32, backend="numpy"
+        )
+        assert masks.keep_scale_into(x, keys, 2, 0.1)
+        assert torch.equal(_bits(x.view(4, -1)), _bits(expected))
+    for shape in [(5, 3), (3, 3), ()]:
+        with pytest.raises(ValueError, match=r"must be \(4, \.\.\.\) for 4 keys"):
             masks.keep_scale_into(torch.ones(shape), keys, 0, 0.1)
 
 
