@@ -195,7 +195,7 @@ def _checked_call(
     return masks.check_seed(seed)
 
 
-def _one_chain_pass(
+def _one_pass(
     model: nn.Module,
     x: Tensor,
     n_samples: int,
@@ -204,16 +204,14 @@ def _one_chain_pass(
     prefix: Prefix,
     plan: SamplingPlan,
 ) -> Tensor | None:
-    """:func:`sample`'s ``(S, N, K...)`` samples where the call is one pass of a kept plan's
-    layer chain on the CPU with its multipliers made from the row keys
-    (:func:`planning.run_chain_pass`), the common small request; None otherwise (then the
-    general path runs). The same passes, and so the same samples, as the general path: only
-    its generator, chunks and per-pass bookkeeping are skipped, which cost a good share of a
-    small request."""
-    layers = plan.layers
-    if layers is None or plan.graphs is not None or not layers.runnable(model):
-        return None
-    if model_device(model).type != "cpu" or x.device.type != "cpu":
+    """:func:`sample`'s ``(S, N, K...)`` samples where the call is one pass of a kept plan on
+    the CPU, the common small request: a layer chain's with its multipliers made from the row
+    keys (:func:`planning.run_chain_pass`), else :func:`planning.run_pass` (an encoder's twin,
+    or the mode's path); None otherwise (then the general path runs). The same pass, and so the
+    same samples, as the general path: only its generator, chunks and per-pass bookkeeping are
+    skipped, which cost a good share of a small request (and more inside a large one, whose
+    arithmetic has pushed the interpreter's data out of the caches)."""
+    if plan.graphs is not None or x.device.type != "cpu" or model_device(model).type != "cpu":
         return None
     n = x.shape[0]
     if max_pass_rows is None:
@@ -221,15 +219,21 @@ def _one_chain_pass(
     shared = prefix == "auto" and plan.prefix
     if n * n_samples > plan.pass_rows(n, n_samples, max_pass_rows, prefix=shared and n_samples > 1):
         return None  # more than one pass
-    made = layers.fused(n * n_samples, plan)
-    if made is None:
-        return None
+    # One sample per pass gains nothing from sharing the prefix.
+    share = shared and n_samples > 1
+    layers = plan.layers
+    chain = layers is not None and layers.runnable(model)
+    modules = layers.containers if chain and layers is not None else None
+    made = layers.fused(n * n_samples, plan) if chain and layers is not None else None
     keys = masks.row_keys(x, seed)
-    with eval_mode(model, layers.containers), torch.inference_mode():
+    with eval_mode(model, modules), torch.inference_mode():
         plan.check(model, x)
-        # One sample per pass gains nothing from sharing the prefix.
-        share = shared and n_samples > 1
-        return planning.run_chain_pass(model, x, keys, 0, n_samples, share, plan, made)
+        if made is not None:
+            return planning.run_chain_pass(model, x, keys, 0, n_samples, share, plan, made)
+        values = planning.run_pass(
+            model, x, masks.sample_keys(keys, 0, n_samples), n_samples, share, plan, chain=chain
+        )
+    return values.contiguous()  # as the general path returns a single pass's
 
 
 def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
@@ -408,7 +412,7 @@ def sample(
     _check_inputs(x)
     if plan is not None:
         seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, 0)
-        out = _one_chain_pass(model, x, n_samples, seed, max_pass_rows, prefix, plan)
+        out = _one_pass(model, x, n_samples, seed, max_pass_rows, prefix, plan)
         if out is not None:
             return out
     chunks = sample_chunks_of_checked_inputs(
