@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import warnings
 from types import ModuleType
@@ -657,7 +658,8 @@ class KeepScaleInto:
                 f"x must be ({self.rows}, ...) for {self.rows} keys, got {values.shape}"
             )
         if values.ndim != 2:
-            values = values.reshape(self.rows, -1)  # a view: contiguous
+            # a view (contiguous); an explicit width: no rows leave no -1 to infer
+            values = values.reshape(self.rows, math.prod(values.shape[1:]))
         self._compiled.drop_into(self._keys, call, values, p, dtype)
         return True
 

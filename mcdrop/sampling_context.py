@@ -243,7 +243,7 @@ class SamplingContext:
     ) -> Tensor:
         """:meth:`dropout` (inverted, per element) of a tensor the caller owns, in place: ``x``
         times its multipliers, hashed and multiplied in one compiled pass with no multipliers in
-        memory where numba makes the masks (:func:`mcdrop.masks.keep_scale_into`: 0.7–0.8× the
+        memory where numba makes the masks (:func:`mcdrop.masks.keep_scale_into`: ~0.5× the
         time of the blocks below on an encoder's activations), else made for
         :data:`DROP_BLOCK_BYTES` of ``x`` at a time. ``kind`` and ``batch_dim`` as for
         :meth:`rows`.

@@ -468,6 +468,8 @@ def test_multiplying_in_place_takes_rows_first_and_refuses_a_shape_without_a_key
     for shape in [(5, 3), (3, 3), ()]:
         with pytest.raises(ValueError, match=r"must be \(4, \.\.\.\) for 4 keys"):
             masks.keep_scale_into(torch.ones(shape), keys, 0, 0.1)
+    for rows, shape in [(0, (0, 5, 2)), (4, (4, 0, 3))]:  # nothing to multiply
+        assert masks.keep_scale_into(torch.ones(shape), keys[:rows], 0, 0.1)
 
 
 @numba_runs
