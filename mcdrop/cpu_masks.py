@@ -7,7 +7,9 @@ multiplies over a ``(B, W)`` array of words, then the byte lookup), each a pass 
 more than the model's arithmetic (13 µs for the 50 multipliers of one sample, against a 20 µs
 pass); on large masks each pass is a trip to memory. Here one compiled loop hashes each 64-bit
 word once, in registers, and writes the lanes it decides straight into the multipliers: ~1 µs
-for a small call, and 2–5× faster than NumPy on the masks of a 2,048-unit layer.
+for a small call, and 2–5× faster than NumPy on the masks of a 2,048-unit layer. Where the
+caller owns the activation, another loop multiplies it in place as it hashes
+(:func:`drop_into`): no multipliers in memory at all, one pass over the activation.
 
 Element ``e`` of row ``b`` is lane ``q = e mod L`` (``L = 64 / bits``) of word ``w = e div L``,
 i.e. bits ``bits·q .. bits·q + bits − 1`` of ``mix64((key_b ^ C_call) + (w + 1)·γ)``: what the
@@ -44,7 +46,8 @@ DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 use_writable_cache()
 
 
-#: Every loop compiled on its own (:func:`warm_up` compiles each; the image caches them all).
+#: Every loop compiled on its own, in the order defined: :func:`warm_up` compiles each (the
+#: image caches them all, and the container's check counts them).
 LOOPS: list[Any] = []
 
 
@@ -98,6 +101,25 @@ def _rows(
     """Multipliers ``out`` ``(B, n)`` at ``bits`` per lane (a constant where inlined)."""
     per_word = 64 // bits
     full = n // per_word
+    if bits >= 8:  # as _drop_into: a row's words into a buffer, its lanes read as its elements
+        words = np.empty((n + per_word - 1) // per_word, dtype=np.uint64)
+        lanes16 = words.view(np.uint16)
+        lanes8 = words.view(np.uint8)
+        limit = np.uint32(threshold)
+        zero = scale - scale
+        for b in range(keys.shape[0]):
+            base = keys[b] ^ xor
+            row = out[b]
+            for j in range(words.shape[0]):
+                words[j] = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+            if bits == 16:
+                for e in range(n):
+                    drawn = np.uint32(lanes16[e]) ^ np.uint32(0x8000)
+                    row[e] = scale if drawn >= limit else zero
+            else:
+                for e in range(n):
+                    row[e] = scale if np.uint32(lanes8[e]) >= limit else zero
+        return
     for b in range(keys.shape[0]):
         base = keys[b] ^ xor
         row = out[b]
@@ -194,6 +216,89 @@ def _pass_multipliers(
                 start = (start + rows * size + align - 1) // align * align
 
 
+@numba.njit(inline="always")
+def _mul(row: Any, at: int, word: Any, count: int, bits: int, threshold: Any, scale: Any) -> None:
+    """:func:`_put`'s multipliers times ``row[at:at + count]``, in place: each product rounded
+    in the row's dtype, as torch's multiply of the row by the multipliers rounds it."""
+    lane = np.uint64((1 << bits) - 1)
+    flip = np.uint64(0x8000) if bits == 16 else np.uint64(0)
+    zero = scale - scale
+    for q in range(count):
+        drawn = ((word >> np.uint64(q * bits)) & lane) ^ flip
+        row[at + q] = row[at + q] * (scale if drawn >= threshold else zero)
+
+
+@numba.njit(inline="always")
+def _mul_bytes(row: Any, at: int, word: Any, per_byte: int, table: Any) -> None:
+    """``row[at:at + 8 · per_byte]`` times the multipliers of ``word``'s lanes, ``per_byte`` to a
+    byte, from the byte table (``per_byte`` a constant where inlined: a width only known at
+    run time kept the loop from unrolling, 4x slower)."""
+    for k in range(8):
+        byte = (word >> np.uint64(8 * k)) & np.uint64(255)
+        for q in range(per_byte):
+            row[at + k * per_byte + q] = row[at + k * per_byte + q] * table[byte, q]
+
+
+@_compiled
+def _drop_into(
+    keys: Any, xor: Any, bits: int, threshold: int, scale: Any, table: Any, x: Any
+) -> None:
+    """``x`` ``(B, n)`` times :func:`keep_scale`'s multipliers for the ``(B,)`` keys, in place,
+    in one pass over ``x``, with no multipliers in memory. ``x * 0`` where a lane drops, not 0:
+    the products of torch's multiply bit for bit (−0.0 for a negative unit, NaN for an infinite
+    one)."""
+    n = x.shape[1]
+    per_word = 64 // bits
+    lane = np.uint64((1 << bits) - 1)
+    limit = np.uint64(threshold)
+    zero = scale - scale
+    # 16- and 8-bit lanes: a row's words hashed into a buffer first, then its lanes read as
+    # the buffer's uint16 or uint8 elements, in the activation's order (a little-endian
+    # machine): two plain loops that the compiler vectorises, the hash's multiplies included
+    # (0.6x the time of one loop that hashes a word and multiplies its lanes, on the rows of
+    # an encoder's activations, 1,024 to 2,048 units).
+    words = np.empty((n + per_word - 1) // per_word if bits >= 8 else 0, dtype=np.uint64)
+    lanes16 = words.view(np.uint16)
+    lanes8 = words.view(np.uint8)
+    limit32 = np.uint32(threshold)
+    for b in range(x.shape[0]):
+        base = keys[b] ^ xor
+        row = x[b]
+        if bits >= 8:
+            for j in range(words.shape[0]):
+                words[j] = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+            if bits == 16:  # compared as NumPy's int16 view is: the top bit flipped
+                for e in range(n):
+                    drawn = np.uint32(lanes16[e]) ^ np.uint32(0x8000)
+                    row[e] = row[e] * (scale if drawn >= limit32 else zero)
+            else:
+                for e in range(n):
+                    row[e] = row[e] * (scale if np.uint32(lanes8[e]) >= limit32 else zero)
+            continue
+        # 4, 2 and 1 bits: whole words, a branch per width, whose lane loop unrolls (with the
+        # width unknown to the compiler, it ran 2-3x slower than a multiply by NumPy's
+        # multipliers)
+        e0 = n - n % per_word
+        if bits == 4:  # a byte table, as _rows: compares of 4-bit lanes ran 4x slower here
+            for j in range(e0 // 16):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul_bytes(row, 16 * j, word, 2, table)
+        elif bits == 2:
+            for j in range(e0 // 32):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul_bytes(row, 32 * j, word, 4, table)
+        else:
+            for j in range(e0 // 64):
+                word = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
+                _mul(row, 64 * j, word, 64, 1, limit, scale)
+        # the tail: one loop for every width (as _pass_multipliers)
+        for e in range(e0, n, per_word):
+            word = _mix(base + np.uint64(e // per_word + 1) * np.uint64(0x9E3779B97F4A7C15))
+            for q in range(min(per_word, n - e)):
+                drawn = (word >> np.uint64(q * bits)) & lane
+                row[e + q] = row[e + q] * (scale if drawn >= limit else zero)
+
+
 @_compiled
 def _all_finite(values: Any) -> bool:
     """Whether every value of the 1-D array ``values`` is finite (stops at the first that is
@@ -248,6 +353,20 @@ def keep_scale(keys: Tensor, call: int, n: int, p: float, dtype: torch.dtype) ->
     _SCALE[bits](_u64(keys), masks._call_constant(call), n, threshold, scale, table, out)
     result = torch.from_numpy(out)
     return result if result.dtype == dtype else result.to(dtype)
+
+
+def drop_into(keys: np.ndarray, call: int, x: np.ndarray, p: float, dtype: torch.dtype) -> None:
+    """``x`` ``(B, n)`` times ``keep_scale(keys, call, n, p, dtype)``, in place, in one compiled
+    pass (:func:`_drop_into`): for the ``(B,)`` keys' bits as a contiguous ``uint64`` array
+    (:func:`keys_u64`) and ``x`` a C-contiguous float32 or float64 array, the memory of a
+    tensor of ``dtype`` (the caller checks: :class:`mcdrop.masks.KeepScaleInto`)."""
+    _, bits, threshold, scale, table = _constants(p, dtype)
+    _drop_into(keys, masks._call_constant(call), bits, threshold, scale, table, x)
+
+
+def keys_u64(keys: Tensor) -> np.ndarray:
+    """CPU keys' bits as the contiguous ``uint64`` array :func:`drop_into` takes."""
+    return _u64(keys)
 
 
 class FusedPass:
@@ -322,8 +441,8 @@ class FusedPass:
 
 
 def warm_up() -> None:
-    """Compile (or load from the cache) every loop for both output dtypes: for an image built
-    with its cache, so that no container compiles at start."""
+    """Compile (or load from the cache) every loop of :data:`LOOPS` for both output dtypes:
+    for an image built with its cache, so that no container compiles at start."""
     keys = torch.arange(3, dtype=torch.int64)
     sample_keys(keys, 0, 2)
     for np_dtype in DTYPES.values():
@@ -331,4 +450,5 @@ def warm_up() -> None:
     for dtype in DTYPES:
         for p in (0.1, 1 / 256, 1 / 16, 1 / 4, 1 / 2):  # 16, 8, 4, 2 and 1 bits per lane
             keep_scale(keys, 0, 5, p, dtype)
+        drop_into(_u64(keys), 0, np.ones((3, 5), DTYPES[dtype]), 0.1, dtype)  # every width
         FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make(keys, 0, 2)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import warnings
 from types import ModuleType
@@ -598,6 +599,74 @@ def keep_scale(
             out[r0:r1] = _scale_block(keys[r0:r1], call, n, bits, threshold, scale, table, np_dtype)
     result = torch.from_numpy(out)
     return result if result.dtype == dtype else result.to(dtype)
+
+
+def keep_scale_into(
+    x: Tensor, keys: Tensor, call: int, p: float, *, backend: Backend | None = None
+) -> bool:
+    """``x`` ``(B, n)`` (or ``(B, ...)``, each row's entries in C order, as ``x.view(B, -1)``)
+    times ``keep_scale(keys, call, n, p, x.dtype)``, in place, in one compiled pass over ``x``
+    with no multipliers in memory (:func:`mcdrop.cpu_masks.drop_into`),
+    where numba makes the masks of the ``(B,)`` keys (``backend``: as for :func:`keep_scale`) and
+    ``x`` is a C-contiguous float32 or float64 CPU tensor that needs no gradient. Returns whether
+    it did; if not, ``x`` is untouched and the caller multiplies it by :func:`keep_scale`'s
+    multipliers. :class:`KeepScaleInto` checks the keys once for several calls.
+
+    The same products bit for bit: each is ``x · multiplier`` rounded once in ``x``'s dtype,
+    as torch's multiply rounds it (a dropped unit is ``x · 0``: −0.0 for a negative one, NaN
+    for an infinite one).
+
+    Why: multipliers made and then multiplied are written once and read twice more; on the
+    small passes of one request the second array call and its Python cost as much again.
+    """
+    return KeepScaleInto(keys, backend=backend)(x, call, p)
+
+
+class KeepScaleInto:
+    """:func:`keep_scale_into` for the ``(B,)`` keys of a pass, which are checked (and their
+    bits taken as an array) once for all of its calls: a call costs µs of Python beside a
+    compiled loop of µs.
+
+    Args:
+        keys: ``(B,)`` int64 keys.
+        backend: as for :func:`keep_scale`; only numba multiplies in place.
+    """
+
+    def __init__(self, keys: Tensor, *, backend: Backend | None = None) -> None:
+        self.rows = keys.shape[0]
+        self._compiled: ModuleType | None = None
+        self._keys: np.ndarray | None = None
+        if keys.device.type == "cpu" and backend_for(keys, backend) == "numba":
+            self._compiled = numba_kernels()
+            assert self._compiled is not None  # backend_for checked
+            self._keys = self._compiled.keys_u64(keys)
+
+    def __call__(self, x: Tensor, call: int, p: float) -> bool:
+        """``x`` ``(B, ...)`` times call ``call``'s multipliers at rate ``p``, in place (each
+        row's entries in C order, as ``x.view(B, -1)``), where the compiled loop takes it:
+        whether it did (if not, ``x`` is untouched).
+
+        Two queries of ``x``: inside a pass every tensor query costs µs, as the pass's
+        arithmetic has pushed the interpreter's data out of the caches (~10 µs a call with the
+        seven checks this makes by NumPy's view instead, on a 2,048-wide encoder)."""
+        dtype = x.dtype
+        if self._compiled is None or dtype not in _NUMPY_FLOATS:
+            return False
+        try:
+            values = x.numpy()
+        except (RuntimeError, TypeError):  # on a device, needs a gradient, or negated lazily
+            return False
+        if not values.flags.c_contiguous:
+            return False
+        if values.ndim == 0 or values.shape[0] != self.rows:  # a key per row, read unchecked
+            raise ValueError(
+                f"x must be ({self.rows}, ...) for {self.rows} keys, got {values.shape}"
+            )
+        if values.ndim != 2:
+            # a view (contiguous); an explicit width: no rows leave no -1 to infer
+            values = values.reshape(self.rows, math.prod(values.shape[1:]))
+        self._compiled.drop_into(self._keys, call, values, p, dtype)
+        return True
 
 
 #: Hashes made at once by :func:`keep_scale`: larger masks are made in blocks of rows so that

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from mcdrop import plan, sample
+from mcdrop import masks, plan, sample
 
 
 class Classifier(nn.Module):
@@ -144,6 +144,19 @@ def test_under_autocast_direct_layers_give_the_mode_paths_samples(name: str) -> 
     assert torch.equal(direct, through_mode)
 
 
+@pytest.mark.parametrize("name", ["classifier", "norm_first", "sequential"])
+def test_the_numpy_masks_give_the_same_samples(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba multiplies the activations in place (no multipliers); NumPy's multipliers, made a
+    block at a time and multiplied, give the same samples bit for bit."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    expected = sample(model, x, 8, seed=3, plan=kept)
+    monkeypatch.setattr(masks, "CPU_BACKEND", "numpy")
+    assert torch.equal(sample(model, x, 8, seed=3, plan=kept), expected)
+
+
 def test_encoder_layers_are_found() -> None:
     model = Classifier().eval()
     kept = plan(model, torch.randn(2, 6, 16))
@@ -153,6 +166,29 @@ def test_encoder_layers_are_found() -> None:
     assert "encoder layers: 2 nn.TransformerEncoderLayer, run directly" in repr(kept)
     mlp = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 1)).eval()
     assert plan(mlp, torch.randn(2, 4)).encoders is None
+
+
+@pytest.mark.parametrize("name", ["classifier", "encoder", "norm_first"])
+def test_an_encoder_runs_its_layers_in_one_call_or_layer_by_layer(name: str) -> None:
+    """An ``nn.TransformerEncoder`` whose layers all run directly runs them in one call; once
+    a layer may not (changed after planning), layer by layer: the mode's samples either way."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    assert kept.encoders is not None
+    assert len(kept.encoders.stacks) == 1
+    for change in (False, True):
+        if change:  # no input bias: the direct run does not take the layer
+            encoder = model if isinstance(model, nn.TransformerEncoder) else model.encoder
+            encoder.layers[1].self_attn.in_proj_bias = None
+        direct = sample(model, x, 8, seed=3, plan=kept)
+        remove = _mode_path(model)
+        try:
+            through_mode = sample(model, x, 8, seed=3, plan=kept)
+        finally:
+            remove()
+        assert torch.equal(direct, through_mode), change
 
 
 def test_the_model_is_left_as_it_was() -> None:

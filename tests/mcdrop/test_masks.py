@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import itertools
+import math
 import os
 
 import numpy as np
@@ -358,6 +359,137 @@ def test_numba_takes_strided_keys() -> None:
         masks.sample_keys(strided, 2, 3, backend="numba"),
         masks.sample_keys(strided.contiguous(), 2, 3, backend="numpy"),
     )
+
+
+# -- numba's in-place multiply: the products of the multipliers, bit for bit, in one pass ----------
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The values' bit patterns (NaN and −0.0 compared exactly)."""
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+def _activations(rows: int, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """``(rows, n)`` values of every kind a product can round or propagate: normal, subnormal,
+    ±0, ±inf, NaN, the largest finite (times a multiplier > 1: inf)."""
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    info = torch.finfo(dtype)
+    special = [0.0, -0.0, math.inf, -math.inf, math.nan, info.max, -info.max, info.tiny / 3]
+    flat = x.view(-1)
+    flat[: min(len(special), flat.numel())] = torch.tensor(special[: flat.numel()])
+    return x.to(dtype)
+
+
+@numba_runs
+@pytest.mark.parametrize("p", EDGE_RATES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_multiplies_in_place_as_by_the_numpy_multipliers(
+    p: float, dtype: torch.dtype
+) -> None:
+    """Every lane width (1, 2, 4, 8, 16 bits: compares and byte tables), rates 0, 1 and one
+    tick from each, sizes around every lane boundary (whole words and tails), both dtypes:
+    ``x`` times NumPy's multipliers, bit for bit."""
+    keys = masks.sample_keys(_keys([0, 1, -1, 2**62 + 12345, -(2**63)], "cpu"), 4, 3)
+    for n, call in itertools.product([0, *EDGE_SIZES], [0, 7]):
+        x = _activations(keys.shape[0], n, dtype, seed=n)
+        expected = x * masks.keep_scale(keys, call, n, p, dtype, backend="numpy")
+        got = x.clone()
+        assert masks.keep_scale_into(got, keys, call, p)
+        assert torch.equal(_bits(got), _bits(expected)), (p, n, call, dtype)
+
+
+@numba_runs
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(int64s, min_size=0, max_size=6),
+    call=st.integers(0, 1000),
+    n=st.integers(0, 300),
+    ticks=st.integers(0, 65536),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_numba_multiplies_in_place_on_any_keys(
+    keys: list[int], call: int, n: int, ticks: int, dtype: torch.dtype
+) -> None:
+    row_keys = _keys(keys, "cpu")
+    p = ticks / 65536
+    x = _activations(len(keys), n, dtype)
+    expected = x * masks.keep_scale(row_keys, call, n, p, dtype, backend="numpy")
+    assert masks.keep_scale_into(x, row_keys, call, p)
+    assert torch.equal(_bits(x), _bits(expected))
+
+
+@numba_runs
+def test_numba_multiplies_in_place_with_strided_keys() -> None:
+    keys = masks.sample_keys(torch.arange(30, dtype=torch.int64), 0, 1)[::3]
+    assert not keys.is_contiguous()
+    x = _activations(10, 33, torch.float32)
+    expected = x * masks.keep_scale(keys.contiguous(), 4, 33, 0.1, torch.float32, backend="numpy")
+    assert masks.keep_scale_into(x, keys, 4, 0.1)
+    assert torch.equal(_bits(x), _bits(expected))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["strided", "bfloat16", "float16", "needs_grad", "negated_view", "numpy_backend", "meta"],
+)
+def test_multiplying_in_place_is_left_to_the_caller_where_numba_cannot(case: str) -> None:
+    """Inputs the compiled loop does not take (or keys it does not make masks for, as without
+    numba): False, and ``x`` untouched, for the caller's multiply."""
+    keys = masks.sample_keys(torch.arange(4, dtype=torch.int64), 0, 1)
+    x = _activations(4, 10, torch.float32)
+    backend = None
+    if case == "strided":
+        x = _activations(4, 20, torch.float32)[:, ::2]
+    elif case in ("bfloat16", "float16"):
+        x = x.to(getattr(torch, case))
+    elif case == "needs_grad":
+        x.requires_grad_(True)
+    elif case == "negated_view":
+        x = torch._neg_view(x)
+    elif case == "numpy_backend":
+        backend = "numpy"
+    else:
+        keys = keys.to("meta")
+    before = x.detach().clone()
+    assert not masks.keep_scale_into(x, keys, 3, 0.1, backend=backend)
+    assert torch.equal(_bits(x.detach().resolve_neg()), _bits(before.resolve_neg()))
+
+
+@numba_runs
+def test_multiplying_in_place_takes_rows_first_and_refuses_a_shape_without_a_key_per_row() -> None:
+    keys = masks.sample_keys(torch.arange(4, dtype=torch.int64), 0, 1)
+    for shape in [(4,), (4, 3, 5), (4, 2, 2, 7)]:  # each row's entries in C order
+        x = _activations(4, math.prod(shape[1:]), torch.float32).view(shape)
+        expected = x.view(4, -1) * masks.keep_scale(
+            keys, 2, x[0].numel(), 0.1, torch.float32, backend="numpy"
+        )
+        assert masks.keep_scale_into(x, keys, 2, 0.1)
+        assert torch.equal(_bits(x.view(4, -1)), _bits(expected))
+    for shape in [(5, 3), (3, 3), ()]:
+        with pytest.raises(ValueError, match=r"must be \(4, \.\.\.\) for 4 keys"):
+            masks.keep_scale_into(torch.ones(shape), keys, 0, 0.1)
+    for rows, shape in [(0, (0, 5, 2)), (4, (4, 0, 3))]:  # nothing to multiply
+        assert masks.keep_scale_into(torch.ones(shape), keys[:rows], 0, 0.1)
+
+
+@numba_runs
+def test_warm_up_compiles_every_loop_for_both_dtypes() -> None:
+    """What the image's cache holds (deploy/container counts the loops of ``LOOPS``): every
+    compiled loop of the module, each with a signature per output dtype where it has one."""
+    from numba.core.registry import CPUDispatcher
+
+    from mcdrop import cpu_masks
+
+    cpu_masks.warm_up()
+    compiled = {
+        name
+        for name, f in vars(cpu_masks).items()
+        if isinstance(f, CPUDispatcher) and f.targetoptions.get("nogil")
+    }
+    assert compiled == {f.__name__ for f in cpu_masks.LOOPS}
+    assert all(f.signatures for f in cpu_masks.LOOPS)
+    for f in (cpu_masks._drop_into, *cpu_masks._SCALE.values(), cpu_masks._pass_multipliers):
+        assert len(f.signatures) == 2, f.__name__  # float32 and float64: no other
 
 
 # -- the Triton kernels: the same bits again, one kernel per call ----------------------------------

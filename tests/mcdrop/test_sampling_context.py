@@ -53,3 +53,21 @@ def test_dropout_into_leaves_a_strided_input_to_dropout() -> None:
     x = torch.randn(9, 6, 5).transpose(1, 2)
     whole, blocks = _contexts((9, 5, 6))
     assert torch.equal(blocks.dropout_into(x.clone(), 0.3), whole.dropout(x.clone(), 0.3))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_into_makes_multipliers_in_blocks_where_numba_does_not(
+    backend: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where numba does not make the masks (not installed, or another backend chosen), the
+    multipliers are made a block of rows at a time: the same products as numba's one pass."""
+    shape = (12, 64, 700)  # 175 KiB a row: a few rows a block
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    whole, blocks = _contexts(shape)
+    fused = blocks.dropout_into(x.clone(), 0.1)  # numba where it works, else the blocks
+    monkeypatch.setattr(masks, "CPU_BACKEND", backend)
+    expected = whole.dropout(x.clone(), 0.1)
+    _, in_blocks = _contexts(shape)
+    assert torch.equal(in_blocks.dropout_into(x.clone(), 0.1), expected)
+    assert torch.equal(fused, expected)
