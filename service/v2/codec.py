@@ -405,22 +405,30 @@ def _flat_values(array: Tensor | np.ndarray) -> list[Any]:
     return array.reshape(-1).tolist()
 
 
-def _json_data(array: Tensor | np.ndarray) -> list[Any]:
+def _json_data(array: Tensor | np.ndarray) -> tuple[list[Any], bool]:
+    """The JSON ``data`` of ``array``, and whether it holds numbers all seen finite (a float
+    array whose sum is finite)."""
     if isinstance(array, np.ndarray) and array.dtype == object:
-        return [b.decode() for b in array.ravel()]
+        return [b.decode() for b in array.ravel()], False
     values = _flat_values(array)
     floating = array.is_floating_point() if isinstance(array, Tensor) else array.dtype.kind == "f"
-    if floating and not math.isfinite(sum(values)):  # a NaN (or a sum overflowed)
-        # JSON has no NaN: the samples an adaptive row did not draw are null.
-        return [None if v != v else v for v in values]
-    return values
+    if not floating:
+        return values, False
+    if math.isfinite(sum(values)):
+        return values, True
+    # A NaN (or a sum that overflowed). JSON has no NaN: the samples an adaptive row did not
+    # draw are null.
+    return [None if v != v else v for v in values], False
 
 
 def encode_response(
     header: dict[str, Any], outputs: list[tuple[Selected, Tensor | np.ndarray]]
-) -> tuple[bytes, int | None]:
-    """The response body: ``header`` with its ``outputs``, JSON or binary as each asks, and the
-    JSON header's length when binary data follows it (else None)."""
+) -> tuple[bytes, int | None, set[str]]:
+    """The response body: ``header`` with its ``outputs``, JSON or binary as each asks, the
+    JSON header's length when binary data follows it (else None), and the names of the float
+    outputs written as JSON whose values were all seen finite (on the way: see
+    :func:`service.dataplane.check_finite`)."""
+    finite: set[str] = set()
     blobs: list[bytes] = []
     entries: list[dict[str, Any]] = []
     for selected, array in outputs:
@@ -440,9 +448,11 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _json_data(array)
+            entry["data"], seen_finite = _json_data(array)
+            if seen_finite:
+                finite.add(selected.name)
         entries.append(entry)
     body = pydantic_core.to_json({**header, "outputs": entries})
     if not blobs:
-        return body, None
-    return b"".join([body, *blobs]), len(body)
+        return body, None, finite
+    return b"".join([body, *blobs]), len(body), finite

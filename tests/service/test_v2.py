@@ -403,6 +403,45 @@ def test_binary_and_json_outputs_agree(http: TestClient) -> None:
             np.testing.assert_array_equal(output(out, name), output(as_json, name))
 
 
+#: Rows whose outputs overflow: digits at 3e38 gives NaN probabilities (yet a label).
+OVERFLOWING = np.stack([DIGITS[0], np.full(64, 3e38, dtype=np.float32), DIGITS[1]])
+
+
+@pytest.mark.parametrize("mode", ["predict", "uncertainty"])
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        None,  # the default outputs: every statistic, as JSON
+        [{"name": "label"}],  # none of the statistics written: checked all the same
+        [{"name": "probabilities", "parameters": {"binary_data": True}}],  # binary
+        [{"name": "label_index"}, {"name": "probabilities"}],
+    ],
+)
+def test_outputs_that_are_not_finite_are_a_400_naming_the_rows(
+    http: TestClient, mode: str, outputs: list[dict[str, Any]] | None
+) -> None:
+    parameters: dict[str, Any] = {"mode": mode}
+    if mode == "uncertainty":
+        parameters |= {"n_samples": 10, "seed": 0}
+    body: dict[str, Any] = {"parameters": parameters}
+    if outputs is not None:
+        body["outputs"] = outputs
+    response = infer(http, "digits", [tensor(OVERFLOWING)], **body)
+    assert response.status_code == 400, response.text
+    assert "rows [1]" in response.json()["error"]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_samples_that_are_not_finite_are_a_400_naming_the_rows(
+    http: TestClient, binary: bool
+) -> None:
+    outputs = [{"name": "samples", "parameters": {"binary_data": binary}}]
+    parameters = {"n_samples": 5, "seed": 0}
+    response = infer(http, "digits", [tensor(OVERFLOWING)], parameters=parameters, outputs=outputs)
+    assert response.status_code == 400, response.text
+    assert "rows [1]" in response.json()["error"]
+
+
 @pytest.mark.parametrize("content_type", [None, "application/octet-stream", "application/json"])
 @pytest.mark.parametrize("encoding", [None, "gzip", "deflate"])
 def test_content_types_and_encodings(
