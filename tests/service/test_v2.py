@@ -545,6 +545,12 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "bools for FP32": (_json(_input(data=_row(value=True))), 400, "valid number"),
     "nulls": (_json(_input(data=_row(value=None))), 400, "valid number"),
     "float32 overflow": (_json(_input(data=_row(value=1e39))), 400, "3.4e38"),
+    "float32 overflow, nested": (_json(_input(data=[_row(value=-1e39)])), 400, "3.4e38"),
+    "float32 overflow, FP64": (
+        _json(_input(data=[*_row(9), 3.5e38], datatype="FP64")),
+        400,
+        "3.4e38",
+    ),
     "float for INT32": (_json(_input(datatype="INT32")), 400, "valid integer"),
     "INT8 out of range": (_json(_input(datatype="INT8", data=_row(value=200))), 400, "127"),
     "FP16 above its range": (_json(_input(datatype="FP16", data=_row(value=1e6))), 400, "65504"),
