@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -89,7 +89,13 @@ class OutputInfo:
 
     def values_per_row(self, n_samples: int) -> int:
         """Values per input row (for response size estimates)."""
-        return math.prod(n_samples if d == -1 else d for d in self.per_row)
+        fixed, per_sample = self._per_row
+        return fixed * n_samples if per_sample else fixed
+
+    @cached_property
+    def _per_row(self) -> tuple[int, bool]:
+        """The product of the fixed dimensions, and whether the samples' axis multiplies it."""
+        return math.prod(d for d in self.per_row if d != -1), -1 in self.per_row
 
 
 _BOTH = frozenset({PREDICT, UNCERTAINTY})
@@ -188,6 +194,18 @@ def select(
             raise InvalidArgumentError(f"output {name!r} is requested twice")
         chosen.append(Selected(name, info, binary_default if binary is None else binary))
     return chosen
+
+
+def values_per_row(selected: list[Selected], n_samples: int) -> tuple[int, int]:
+    """The values per input row of the ``selected`` outputs written as JSON, and of those
+    written as binary data (for response size estimates)."""
+    as_json = as_binary = 0
+    for s in selected:
+        if s.binary:
+            as_binary += s.info.values_per_row(n_samples)
+        else:
+            as_json += s.info.values_per_row(n_samples)
+    return as_json, as_binary
 
 
 @lru_cache(maxsize=256)

@@ -308,8 +308,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
             max_n_samples=params.max_n_samples,
         )
     n_samples = 0 if options is None else options.n_samples
-    values = sum(s.info.values_per_row(n_samples) for s in selected if not s.binary)
-    binary = sum(s.info.values_per_row(n_samples) for s in selected if s.binary)
+    values, binary = outputs.values_per_row(selected, n_samples)
     dataplane.check_response_size(
         rows, values, settings.max_response_bytes, binary_values_per_row=binary
     )
