@@ -417,31 +417,30 @@ def _bytes_tensor(array: np.ndarray) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in elements)
 
 
-def _flat_values(array: Tensor | np.ndarray) -> list[Any]:
-    """The elements of ``array`` as Python numbers, flat in row-major order."""
+def _json_data(array: Tensor | np.ndarray) -> tuple[list[Any], list[int], bool]:
+    """The JSON ``data`` of ``array`` (flat, row-major), its shape, and whether it holds numbers
+    all seen finite (a float array whose sum is finite)."""
+    shape = list(array.shape)
     if isinstance(array, np.ndarray):
-        return array.ravel().tolist()
-    if array.dim() == 1:
-        return array.tolist()
-    if array.dim() == 2 and array.shape[0] <= 16:  # a few rows: cheaper than torch's reshape
-        return [v for row in array.tolist() for v in row]
-    return array.reshape(-1).tolist()
-
-
-def _json_data(array: Tensor | np.ndarray) -> tuple[list[Any], bool]:
-    """The JSON ``data`` of ``array``, and whether it holds numbers all seen finite (a float
-    array whose sum is finite)."""
-    if isinstance(array, np.ndarray) and array.dtype == object:  # BYTES: str (or bytes)
-        return [e.decode() if isinstance(e, bytes) else e for e in array.ravel().tolist()], False
-    values = _flat_values(array)
-    floating = array.is_floating_point() if isinstance(array, Tensor) else array.dtype.kind == "f"
+        values = array.ravel().tolist()
+        if array.dtype == object:  # BYTES: str (or bytes)
+            return [e.decode() if isinstance(e, bytes) else e for e in values], shape, False
+        floating = array.dtype.kind == "f"
+    else:
+        if len(shape) == 1:
+            values = array.tolist()
+        elif len(shape) == 2 and shape[0] <= 16:  # a few rows: cheaper than torch's reshape
+            values = [v for row in array.tolist() for v in row]
+        else:
+            values = array.reshape(-1).tolist()
+        floating = array.is_floating_point()
     if not floating:
-        return values, False
+        return values, shape, False
     if math.isfinite(sum(values)):
-        return values, True
+        return values, shape, True
     # A NaN (or a sum that overflowed). JSON has no NaN: the samples an adaptive row did not
     # draw are null.
-    return [None if v != v else v for v in values], False
+    return [None if v != v else v for v in values], shape, False
 
 
 def encode_response(
@@ -455,25 +454,23 @@ def encode_response(
     blobs: list[bytes] = []
     entries: list[dict[str, Any]] = []
     for selected, array in outputs:
-        entry: dict[str, Any] = {
-            "name": selected.name,
-            "datatype": selected.info.datatype,
-            "shape": list(array.shape),
-        }
-        if selected.binary:
-            if isinstance(array, Tensor):
-                array = array.numpy()
-            blob = (
-                _bytes_tensor(array)
-                if array.dtype == object
-                else array.astype(array.dtype.newbyteorder("<")).tobytes()
-            )
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"], seen_finite = _json_data(array)
+        name, datatype = selected.name, selected.info.datatype
+        if not selected.binary:
+            data, shape, seen_finite = _json_data(array)
+            entries.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
             if seen_finite:
-                finite.add(selected.name)
+                finite.add(name)
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if isinstance(array, Tensor):
+            array = array.numpy()
+        blob = (
+            _bytes_tensor(array)
+            if array.dtype == object
+            else array.astype(array.dtype.newbyteorder("<")).tobytes()
+        )
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        blobs.append(blob)
         entries.append(entry)
     body = pydantic_core.to_json({**header, "outputs": entries})
     if not blobs:
