@@ -431,6 +431,14 @@ def test_outputs_that_are_not_finite_are_a_400_naming_the_rows(
     assert "rows [1]" in response.json()["error"]
 
 
+def test_statistics_beyond_float32_are_a_400_naming_the_rows(http: TestClient) -> None:
+    """diabetes at 1e20: a variance beyond float32 (inf, where the digits case gives NaN)."""
+    x = np.stack([PATIENT[0], np.full(10, 1e20, dtype=np.float32)])
+    response = infer(http, "diabetes", [tensor(x)], parameters={"n_samples": 10, "seed": 0})
+    assert response.status_code == 400, response.text
+    assert "rows [1]" in response.json()["error"]
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_samples_that_are_not_finite_are_a_400_naming_the_rows(
     http: TestClient, binary: bool
