@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import httpx2
 import numpy as np
@@ -483,7 +483,10 @@ def bare_app(responses: dict[str, Any], predictor: Predictor | None = None) -> A
     if predictor is not None:
 
         @app.post("/bare-model/{case}")
-        async def bare_model(case: str, body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
+        async def bare_model(
+            case: str,
+            body: dict[str, Any] = Body(...),  # noqa: B008
+        ) -> JSONResponse:
             inputs = body["inputs"]
             row = inputs[0]["data"] if isinstance(inputs[0], dict) else inputs[0]  # v2 or native
             x = torch.from_numpy(np.array([row], dtype=np.float32))
