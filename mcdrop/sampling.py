@@ -170,6 +170,13 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
         ``(N, K...)`` outputs, on the model's device.
     """
     _check_inputs(x)
+    return predict_of_checked_inputs(model, x)
+
+
+def predict_of_checked_inputs(model: nn.Module, x: Tensor) -> Tensor:
+    """:func:`predict` for a caller that has checked ``x`` itself (a tensor with a non-empty
+    batch dimension, every value finite: :func:`all_finite`), as :class:`~mcdrop.Predictor`
+    does: the check is a good share of a one-row prediction."""
     with eval_mode(model), torch.inference_mode():
         inputs = x.to(model_device(model))
         # a model may write into its input (an in-place ReLU first): never into the caller's

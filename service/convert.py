@@ -5,6 +5,7 @@ Shared by the routes and the CLI's local mode, so both print the same JSON.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Annotated, Any
 
@@ -16,7 +17,13 @@ from torch import Tensor
 from mcdrop import calibration
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import InvalidInputError
-from mcdrop.predictor import ClassificationPrediction, Prediction, Predictor, Summary
+from mcdrop.predictor import (
+    ClassificationPrediction,
+    Prediction,
+    Predictor,
+    Summary,
+    check_finite,
+)
 from mcdrop.stats import ClassificationSummary
 from service import schemas
 from service.errors import validation_details
@@ -70,24 +77,179 @@ def _floats(t: Tensor) -> list[Any]:
     return t.tolist()
 
 
-def predict_response(predictor: Predictor, prediction: Prediction) -> schemas.PredictResponse:
+def _finite(values: list[Any], nested: bool = False) -> bool:
+    """True when every float of ``values`` (a list, or with ``nested`` a list of lists) is
+    finite; False when one may not be (or the sum overflowed): then the exact check decides."""
+    return math.isfinite(sum(map(sum, values)) if nested else sum(values))
+
+
+def _checked(result: Prediction | Summary, samples: Tensor | None, finite: bool) -> None:
+    """When a quick sum says a value may not be finite, the exact check of
+    :func:`mcdrop.predictor.check_finite` (a NonFiniteOutputError naming the rows)."""
+    if not finite:
+        check_finite(result, samples)
+
+
+def predict_body(predictor: Predictor, prediction: Prediction) -> dict[str, Any]:
+    """The JSON of a :class:`~service.schemas.PredictResponse` (its fields, in its order), built
+    from each tensor's ``tolist()`` without a model object per row: :func:`predict_response` is
+    this, validated. A NaN or ±inf output is a NonFiniteOutputError naming its rows."""
     spec = predictor.spec
-    rows: list[Any]
+    rows: list[dict[str, Any]]
     if isinstance(prediction, ClassificationPrediction):
+        probabilities = _floats(prediction.probabilities)
+        _checked(prediction, None, _finite(probabilities, nested=True))
+        labels = spec.labels
         rows = [
-            schemas.ClassificationPrediction(label=spec.labels[i], label_index=i, probabilities=p)
-            for i, p in zip(
-                prediction.label.tolist(), _floats(prediction.probabilities), strict=True
-            )
+            {"label": labels[i], "label_index": i, "probabilities": p}
+            for i, p in zip(prediction.label.tolist(), probabilities, strict=True)
         ]
     else:
+        means, noises = _floats(prediction.mean), _floats(prediction.noise_variance)
+        _checked(prediction, None, _finite(means, nested=True) and _finite(noises, nested=True))
+        rows = [{"mean": m, "noise_variance": v} for m, v in zip(means, noises, strict=True)]
+    return {"model": spec.name, "task": spec.task, "predictions": rows}
+
+
+def predict_response(predictor: Predictor, prediction: Prediction) -> schemas.PredictResponse:
+    return schemas.PredictResponse.model_validate(predict_body(predictor, prediction))
+
+
+#: A regression result's statistics, in the schema's order.
+_REGRESSION_STATISTICS = (
+    "mean",
+    "variance",
+    "std",
+    "epistemic_variance",
+    "aleatoric_variance",
+    "lower",
+    "upper",
+)
+
+
+def uncertainty_body(
+    predictor: Predictor,
+    summary: Summary,
+    samples: Tensor | None,
+    *,
+    seed: int,
+    level: float,
+    tolerance: float | None = None,
+    max_n_samples: int | None = None,
+    decision: calibration.DecisionRequest | None = None,
+) -> dict[str, Any]:
+    """The JSON of an :class:`~service.schemas.UncertaintyResponse` (its fields in its order,
+    those that are None left out), built from each tensor's ``tolist()`` without a model object
+    per row: :func:`uncertainty_response` is this, validated. With a ``tolerance`` (``n_samples:
+    "auto"``), the response's ``n_samples`` is "auto" and each row says how many samples it
+    used, and a row's returned samples are its own (the NaN padding of ``(S, N, K)`` is left
+    out). A ``decision`` adds each row's reject flag and conformal set or interval. A NaN or
+    ±inf statistic or sample is a NonFiniteOutputError naming its rows."""
+    spec = predictor.spec
+    auto = tolerance is not None
+    used: list[Any] | None = summary.row_n_samples.tolist() if auto else None
+    sample_rows: list[Any] | None = None
+    finite = True
+    if samples is not None:
+        sample_rows = _floats(samples.transpose(0, 1))
+        if used is not None:
+            sample_rows = [row[:n] for row, n in zip(sample_rows, used, strict=True)]
+        finite = all(_finite(row, nested=True) for row in sample_rows)
+    decided = (
+        calibration.Decisions()
+        if decision is None or decision.empty
+        else calibration.decide(decision, summary)
+    )
+    # The optional fields, in the schema's order after the statistics: (name, one per row).
+    optional: list[tuple[str, list[Any]]] = []
+    if decided.reject is not None:
+        optional.append(("reject", decided.reject.tolist()))
+    rows: list[dict[str, Any]]
+    if isinstance(summary, ClassificationSummary):
+        probabilities, variances = _floats(summary.probabilities), _floats(summary.variance)
+        scalars = [
+            summary.entropy.tolist(),
+            summary.expected_entropy.tolist(),
+            summary.mutual_information.tolist(),
+            summary.variation_ratio.tolist(),
+        ]
+        finite = (
+            finite
+            and _finite(probabilities, nested=True)
+            and _finite(variances, nested=True)
+            and _finite(scalars, nested=True)
+        )
+        _checked(summary, samples, finite)
+        labels = spec.labels
         rows = [
-            schemas.RegressionPrediction(mean=m, noise_variance=v)
-            for m, v in zip(
-                _floats(prediction.mean), _floats(prediction.noise_variance), strict=True
+            {
+                "label": labels[label],
+                "label_index": label,
+                "probabilities": p,
+                "mean": p,
+                "variance": v,
+                "std": [x**0.5 for x in v],
+                "entropy": h,
+                "expected_entropy": eh,
+                "mutual_information": mi,
+                "variation_ratio": vr,
+            }
+            for label, p, v, h, eh, mi, vr in zip(
+                summary.label.tolist(), probabilities, variances, *scalars, strict=True
             )
         ]
-    return schemas.PredictResponse(model=spec.name, task=spec.task, predictions=rows)
+        if decided.prediction_set is not None:
+            sets = [
+                [labels[k] for k, inside in enumerate(row) if inside]
+                for row in decided.prediction_set.tolist()
+            ]
+            optional.append(("prediction_set", sets))
+    else:
+        stats = [
+            _floats(summary.mean),
+            _floats(summary.variance),
+            _floats(summary.std),
+            _floats(summary.epistemic_variance),
+            _floats(summary.aleatoric_variance),
+            _floats(summary.lower),
+            _floats(summary.upper),
+        ]
+        _checked(summary, samples, finite and all(_finite(s, nested=True) for s in stats))
+        rows = [
+            dict(zip(_REGRESSION_STATISTICS, values, strict=True))
+            for values in zip(*stats, strict=True)
+        ]
+        if decided.lower is not None and decided.upper is not None:
+            optional.append(("conformal_lower", _floats(decided.lower)))
+            optional.append(("conformal_upper", _floats(decided.upper)))
+    if used is not None:
+        optional.append(("n_samples", used))
+    if sample_rows is not None:
+        optional.append(("samples", sample_rows))
+    for name, values in optional:
+        for row, value in zip(rows, values, strict=True):
+            row[name] = value
+    body: dict[str, Any] = {
+        "model": spec.name,
+        "task": spec.task,
+        "n_samples": "auto" if auto else summary.n_samples,
+    }
+    if tolerance is not None:
+        body["tolerance"] = tolerance
+    if max_n_samples is not None:
+        body["max_n_samples"] = max_n_samples
+    body["seed"] = seed
+    body["level"] = level
+    if decision is not None:
+        given = {
+            "reject_score": decision.reject_score,
+            "reject_threshold": decision.reject_threshold,
+            "reject_rate": decision.reject_rate,
+            "coverage": decision.coverage,
+        }
+        body.update((k, v) for k, v in given.items() if v is not None)
+    body["results"] = rows
+    return body
 
 
 def uncertainty_response(
@@ -101,115 +263,18 @@ def uncertainty_response(
     max_n_samples: int | None = None,
     decision: calibration.DecisionRequest | None = None,
 ) -> schemas.UncertaintyResponse:
-    """The response of an uncertainty request; with a ``tolerance`` (``n_samples: "auto"``), the
-    response's ``n_samples`` is "auto" and each row says how many samples it used, and a row's
-    returned samples are its own (the NaN padding of ``(S, N, K)`` is left out). A
-    ``decision`` adds each row's reject flag and conformal set or interval."""
-    spec = predictor.spec
-    auto = tolerance is not None
-    n_rows = summary.variance.shape[0]
-    used: list[Any] = summary.row_n_samples.tolist() if auto else [None] * n_rows
-    sample_rows: list[Any] = [None] * n_rows
-    if samples is not None:
-        sample_rows = _floats(samples.transpose(0, 1))
-        if auto:
-            sample_rows = [row[:n] for row, n in zip(sample_rows, used, strict=True)]
-    decided = (
-        calibration.Decisions()
-        if decision is None or decision.empty
-        else calibration.decide(decision, summary)
-    )
-    reject: list[Any] = [None] * n_rows if decided.reject is None else decided.reject.tolist()
-    rows: list[Any]
-    if isinstance(summary, ClassificationSummary):
-        sets: list[Any] = [None] * n_rows
-        if decided.prediction_set is not None:
-            sets = [
-                [spec.labels[k] for k, inside in enumerate(row) if inside]
-                for row in decided.prediction_set.tolist()
-            ]
-        rows = [
-            schemas.ClassificationUncertainty(
-                label=spec.labels[label],
-                label_index=label,
-                probabilities=p,
-                mean=p,
-                variance=v,
-                std=[x**0.5 for x in v],
-                entropy=h,
-                expected_entropy=eh,
-                mutual_information=mi,
-                variation_ratio=vr,
-                reject=r,
-                prediction_set=ps,
-                n_samples=n,
-                samples=s,
-            )
-            for label, p, v, h, eh, mi, vr, r, ps, n, s in zip(
-                summary.label.tolist(),
-                _floats(summary.probabilities),
-                _floats(summary.variance),
-                summary.entropy.tolist(),
-                summary.expected_entropy.tolist(),
-                summary.mutual_information.tolist(),
-                summary.variation_ratio.tolist(),
-                reject,
-                sets,
-                used,
-                sample_rows,
-                strict=True,
-            )
-        ]
-    else:
-        lows: list[Any] = [None] * n_rows
-        highs: list[Any] = [None] * n_rows
-        if decided.lower is not None and decided.upper is not None:
-            lows, highs = _floats(decided.lower), _floats(decided.upper)
-        rows = [
-            schemas.RegressionUncertainty(
-                mean=m,
-                variance=v,
-                std=sd,
-                epistemic_variance=ep,
-                aleatoric_variance=al,
-                lower=lo,
-                upper=hi,
-                reject=r,
-                conformal_lower=clo,
-                conformal_upper=chi,
-                n_samples=n,
-                samples=s,
-            )
-            for m, v, sd, ep, al, lo, hi, r, clo, chi, n, s in zip(
-                _floats(summary.mean),
-                _floats(summary.variance),
-                _floats(summary.std),
-                _floats(summary.epistemic_variance),
-                _floats(summary.aleatoric_variance),
-                _floats(summary.lower),
-                _floats(summary.upper),
-                reject,
-                lows,
-                highs,
-                used,
-                sample_rows,
-                strict=True,
-            )
-        ]
-    return schemas.UncertaintyResponse(
-        model=spec.name,
-        task=spec.task,
-        n_samples="auto" if auto else summary.n_samples,
-        tolerance=tolerance,
-        max_n_samples=max_n_samples,
+    """:func:`uncertainty_body` as the response model."""
+    body = uncertainty_body(
+        predictor,
+        summary,
+        samples,
         seed=seed,
         level=level,
-        reject_score=None if decision is None else decision.reject_score,
-        reject_threshold=None if decision is None else decision.reject_threshold,
-        reject_rate=None if decision is None else decision.reject_rate,
-        coverage=None if decision is None else decision.coverage,
-        results=rows,
+        tolerance=tolerance,
+        max_n_samples=max_n_samples,
+        decision=decision,
     )
+    return schemas.UncertaintyResponse.model_validate(body)
 
 
 def model_info(

@@ -13,7 +13,7 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -185,14 +185,26 @@ def surely_finite(t: torch.Tensor) -> bool:
 #: Up to this many elements, a tensor's finiteness is checked through its Python floats.
 SMALL_TENSOR = 256
 
+#: The name :func:`check_finite` gives the raw samples (as the v2 output that returns them).
+SAMPLES = "samples"
 
-def check_finite(result: Prediction | Summary, samples: torch.Tensor | None = None) -> None:
+
+def check_finite(
+    result: Prediction | Summary,
+    samples: torch.Tensor | None = None,
+    *,
+    seen_finite: Collection[str] = (),
+) -> None:
     """:func:`mcdrop.predictor.check_finite` (a NonFiniteOutputError naming the rows with a NaN
     or ±inf output, of this request only: a merged batch is not checked whole), with a fast
     path for the usual answer, all finite: a few µs for a one-row result, where torch's per-row
-    check costs ~50."""
-    tensors = [v for v in vars(result).values() if isinstance(v, torch.Tensor)]
-    if samples is not None:
+    check costs ~50. ``seen_finite``: the names of ``result``'s fields (and ``"samples"``) the
+    caller has seen finite already (the v2 encoder, summing the JSON it wrote): only the others
+    are checked here, unless one of them is not finite (then the exact check covers all)."""
+    tensors = [
+        v for k, v in vars(result).items() if isinstance(v, torch.Tensor) and k not in seen_finite
+    ]
+    if samples is not None and SAMPLES not in seen_finite:
         tensors.append(samples)
     try:
         if all(surely_finite(t) for t in tensors):

@@ -22,12 +22,12 @@ from collections.abc import Callable, Coroutine
 from functools import lru_cache
 from typing import Any
 
+import pydantic_core
 import torch
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
 
 from mcdrop import fresh_seed
 from service import convert, dataplane, schemas
@@ -278,11 +278,12 @@ def _info(handle: ModelHandle, settings: Settings) -> schemas.ModelInfo:
     )
 
 
-def _render(model: BaseModel, limit: int, *, exclude_none: bool = False) -> Response:
-    """The response as JSON bytes, refused if larger than ``limit``."""
-    body = model.model_dump_json(exclude_none=exclude_none).encode()
-    dataplane.check_response_bytes(len(body), limit)
-    return Response(body, media_type="application/json")
+def _render(body: dict[str, Any], limit: int) -> Response:
+    """A response body built by :mod:`service.convert` as JSON bytes, refused if larger than
+    ``limit`` (written by pydantic-core, as a response model's ``model_dump_json``)."""
+    content = pydantic_core.to_json(body)
+    dataplane.check_response_bytes(len(content), limit)
+    return Response(content, media_type="application/json")
 
 
 async def _tensor(
@@ -313,11 +314,9 @@ async def predict(name: str, body: schemas.PredictRequest, request: Request) -> 
     dataplane.check_response_size(rows, 2 * k, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     prediction = await handle.predict(x, gone=dataplane.disconnected(request))
-    dataplane.check_finite(prediction)  # this request's rows only (not a merged batch's)
     large = rows * k > dataplane.LARGE_RESPONSE_VALUES
-    response = await dataplane.off_loop(
-        large, convert.predict_response, handle.predictor, prediction
-    )
+    # The body checks this request's outputs finite (its rows only, not a merged batch's).
+    response = await dataplane.off_loop(large, convert.predict_body, handle.predictor, prediction)
     return await dataplane.off_loop(large, _render, response, settings.max_response_bytes)
 
 
@@ -363,11 +362,11 @@ async def uncertainty(name: str, body: schemas.UncertaintyRequest, request: Requ
     summary, samples = await handle.uncertainty(
         x, options, seed=seed, gone=dataplane.disconnected(request)
     )
-    dataplane.check_finite(summary, samples)
     large = rows * values > dataplane.LARGE_RESPONSE_VALUES
+    # The body checks this request's statistics and samples finite.
     response = await dataplane.off_loop(
         large,
-        convert.uncertainty_response,
+        convert.uncertainty_body,
         handle.predictor,
         summary,
         samples,
@@ -377,6 +376,4 @@ async def uncertainty(name: str, body: schemas.UncertaintyRequest, request: Requ
         max_n_samples=options.n_samples if auto else None,
         decision=decision,
     )
-    return await dataplane.off_loop(
-        large, _render, response, settings.max_response_bytes, exclude_none=True
-    )
+    return await dataplane.off_loop(large, _render, response, settings.max_response_bytes)

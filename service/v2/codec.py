@@ -38,7 +38,7 @@ from service.errors import (
     summary,
     validation_details,
 )
-from service.schemas import FiniteFloat
+from service.schemas import FLOAT32_MAX, FiniteFloat
 from service.v2.outputs import Selected
 from service.v2.schemas import InferenceRequest, InferParameters, RequestInput
 
@@ -290,7 +290,20 @@ def _adapter(kind: str, rank: int, lo: int = 0, hi: int = 0) -> TypeAdapter[Any]
     return TypeAdapter(element)
 
 
-def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
+def _within_float32(values: list[Any], rank: int) -> bool:
+    """Whether the numbers of ``values`` (validated finite numbers, nested ``rank`` deep) are
+    within float32's range, so that their float32s are finite too; False when unsure (nesting
+    past 2): the caller converts with care and checks."""
+    if rank == 2:
+        values = [v for row in values for v in row]
+    elif rank != 1:
+        return False
+    return not values or (min(values) >= -FLOAT32_MAX and max(values) <= FLOAT32_MAX)
+
+
+def _from_json(tensor: RequestInput, dtype: Datatype) -> tuple[Tensor, bool]:
+    """The tensor of a JSON input, and whether its values are known finite (numbers validated
+    finite and within float32's range)."""
     data = tensor.data
     assert data is not None
     shape, count = tensor.shape, math.prod(tensor.shape)
@@ -310,11 +323,17 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
             f"input {echo(tensor.name)} ({tensor.datatype}) must hold {dtype.values}, {layout}: "
             f"{where}"
         ) from None
+    # Validated finite; within float32's range too (integers of every datatype are, and FP16's
+    # bounds), their float32s are finite: no overflow to silence, none to scan for.
+    finite = dtype.kind != "float" or bool(dtype.hi) or _within_float32(values, rank)
     try:
         # Through NumPy: a fifth of torch.tensor's time on a list of a few hundred numbers.
         # A value past float32's range becomes inf, which the finiteness check names.
-        with np.errstate(over="ignore"):
+        if finite:
             array = np.array(values, dtype=np.float32)
+        else:
+            with np.errstate(over="ignore"):  # ~2 µs: only when a value may overflow
+                array = np.array(values, dtype=np.float32)
     except ValueError:  # ragged rows
         raise InvalidInputError(
             f"input {echo(tensor.name)}: nested data must be rectangular, of shape {shape}"
@@ -325,12 +344,13 @@ def _from_json(tensor: RequestInput, dtype: Datatype) -> Tensor:
                 f"input {echo(tensor.name)}: data is nested as shape {list(array.shape)}, but "
                 f"its shape is {shape}"
             )
-        return torch.from_numpy(array)
+        return torch.from_numpy(array), finite
     if array.size != count:
         raise InvalidInputError(
             f"input {echo(tensor.name)}: shape {shape} needs {count} values, data has {array.size}"
         )
-    return torch.from_numpy(array.reshape(shape))  # NumPy's reshape: a µs less than torch's
+    # NumPy's reshape: a µs less than torch's.
+    return torch.from_numpy(array.reshape(shape)), finite
 
 
 def _from_binary(tensor: RequestInput, dtype: Datatype, raw: memoryview) -> Tensor:
@@ -366,7 +386,7 @@ def decode_input(request: Request, predictor: Predictor) -> Tensor:
                 f"input {echo(tensor.name)} has no data: give 'data', or binary data with "
                 "parameters.binary_data_size"
             )
-        x = _from_json(tensor, dtype)
+        x, finite = _from_json(tensor, dtype)
     else:
         if tensor.data is not None:
             raise InvalidInputError(
@@ -378,8 +398,9 @@ def decode_input(request: Request, predictor: Predictor) -> Tensor:
                 f"input {echo(tensor.name)} declares binary_data_size {size}, but the body has "
                 f"{len(request.binary)} bytes after the JSON header"
             )
-        x = _from_binary(tensor, dtype, request.binary)
-    if x.shape[0] > 0 and list(x.shape[1:]) == predictor.spec.input_shape and surely_finite(x):
+        x, finite = _from_binary(tensor, dtype, request.binary), False
+    shape_fits = x.shape[0] > 0 and list(x.shape[1:]) == predictor.spec.input_shape
+    if shape_fits and (finite or surely_finite(x)):
         # The predictor's check finds nothing wrong either, and costs more (torch's per-op
         # dispatch, ~15 µs for a row).
         return x
@@ -390,59 +411,68 @@ def decode_input(request: Request, predictor: Predictor) -> Tensor:
 
 
 def _bytes_tensor(array: np.ndarray) -> bytes:
-    """BYTES elements as binary data: each a little-endian uint32 length, then its bytes."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in array.ravel())
+    """BYTES elements (``str``, as UTF-8, or ``bytes``) as binary data: each a little-endian
+    uint32 length, then its bytes."""
+    elements = (e.encode() if isinstance(e, str) else e for e in array.ravel())
+    return b"".join(struct.pack("<I", len(b)) + b for b in elements)
 
 
-def _flat_values(array: Tensor | np.ndarray) -> list[Any]:
-    """The elements of ``array`` as Python numbers, flat in row-major order."""
+def _json_data(array: Tensor | np.ndarray) -> tuple[list[Any], list[int], bool]:
+    """The JSON ``data`` of ``array`` (flat, row-major), its shape, and whether it holds numbers
+    all seen finite (a float array whose sum is finite)."""
+    shape = list(array.shape)
     if isinstance(array, np.ndarray):
-        return array.ravel().tolist()
-    if array.dim() == 1:
-        return array.tolist()
-    if array.dim() == 2 and array.shape[0] <= 16:  # a few rows: cheaper than torch's reshape
-        return [v for row in array.tolist() for v in row]
-    return array.reshape(-1).tolist()
-
-
-def _json_data(array: Tensor | np.ndarray) -> list[Any]:
-    if isinstance(array, np.ndarray) and array.dtype == object:
-        return [b.decode() for b in array.ravel()]
-    values = _flat_values(array)
-    floating = array.is_floating_point() if isinstance(array, Tensor) else array.dtype.kind == "f"
-    if floating and not math.isfinite(sum(values)):  # a NaN (or a sum overflowed)
-        # JSON has no NaN: the samples an adaptive row did not draw are null.
-        return [None if v != v else v for v in values]
-    return values
+        values = array.ravel().tolist()
+        if array.dtype == object:  # BYTES: str (or bytes)
+            return [e.decode() if isinstance(e, bytes) else e for e in values], shape, False
+        floating = array.dtype.kind == "f"
+    else:
+        if len(shape) == 1:
+            values = array.tolist()
+        elif len(shape) == 2 and shape[0] <= 16:  # a few rows: cheaper than torch's reshape
+            values = [v for row in array.tolist() for v in row]
+        else:
+            values = array.reshape(-1).tolist()
+        floating = array.is_floating_point()
+    if not floating:
+        return values, shape, False
+    if math.isfinite(sum(values)):
+        return values, shape, True
+    # A NaN (or a sum that overflowed). JSON has no NaN: the samples an adaptive row did not
+    # draw are null.
+    return [None if v != v else v for v in values], shape, False
 
 
 def encode_response(
     header: dict[str, Any], outputs: list[tuple[Selected, Tensor | np.ndarray]]
-) -> tuple[bytes, int | None]:
-    """The response body: ``header`` with its ``outputs``, JSON or binary as each asks, and the
-    JSON header's length when binary data follows it (else None)."""
+) -> tuple[bytes, int | None, set[str]]:
+    """The response body: ``header`` with its ``outputs``, JSON or binary as each asks, the
+    JSON header's length when binary data follows it (else None), and the names of the float
+    outputs written as JSON whose values were all seen finite (on the way: see
+    :func:`service.dataplane.check_finite`)."""
+    finite: set[str] = set()
     blobs: list[bytes] = []
     entries: list[dict[str, Any]] = []
     for selected, array in outputs:
-        entry: dict[str, Any] = {
-            "name": selected.name,
-            "datatype": selected.info.datatype,
-            "shape": list(array.shape),
-        }
-        if selected.binary:
-            if isinstance(array, Tensor):
-                array = array.numpy()
-            blob = (
-                _bytes_tensor(array)
-                if array.dtype == object
-                else array.astype(array.dtype.newbyteorder("<")).tobytes()
-            )
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = _json_data(array)
+        name, datatype = selected.name, selected.info.datatype
+        if not selected.binary:
+            data, shape, seen_finite = _json_data(array)
+            entries.append({"name": name, "datatype": datatype, "shape": shape, "data": data})
+            if seen_finite:
+                finite.add(name)
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if isinstance(array, Tensor):
+            array = array.numpy()
+        blob = (
+            _bytes_tensor(array)
+            if array.dtype == object
+            else array.astype(array.dtype.newbyteorder("<")).tobytes()
+        )
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        blobs.append(blob)
         entries.append(entry)
     body = pydantic_core.to_json({**header, "outputs": entries})
     if not blobs:
-        return body, None
-    return b"".join([body, *blobs]), len(body)
+        return body, None, finite
+    return b"".join([body, *blobs]), len(body), finite

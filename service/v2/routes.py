@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from mcdrop import fresh_seed
 from mcdrop.calibration import DecisionRequest
+from mcdrop.predictor import Prediction, Summary
 from service import dataplane
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
@@ -307,8 +308,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
             max_n_samples=params.max_n_samples,
         )
     n_samples = 0 if options is None else options.n_samples
-    values = sum(s.info.values_per_row(n_samples) for s in selected if not s.binary)
-    binary = sum(s.info.values_per_row(n_samples) for s in selected if s.binary)
+    values, binary = outputs.values_per_row(selected, n_samples)
     dataplane.check_response_size(
         rows, values, settings.max_response_bytes, binary_values_per_row=binary
     )
@@ -324,11 +324,12 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     if parsed.header.id is not None:
         header["id"] = parsed.header.id
     gone = dataplane.disconnected(request)
+    samples, checked = None, False
     if options is None:
         prediction = await deadline.keep(
             lambda timeout_s: handle.predict(x, gone=gone, timeout_s=timeout_s)
         )
-        dataplane.check_finite(prediction)  # this request's rows only, as the native routes
+        result: Prediction | Summary = prediction
         tensors = outputs.predict_tensors(spec, prediction)
         header["parameters"] = {"mode": outputs.PREDICT}
     else:
@@ -338,7 +339,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
                 x, options, seed=seed, gone=gone, timeout_s=timeout_s
             )
         )
-        dataplane.check_finite(summary, samples)
+        result = summary
         tensors = outputs.uncertainty_tensors(spec, summary, samples)
         header["parameters"] = {"mode": outputs.UNCERTAINTY, "n_samples": options.n_samples}
         if auto:  # as the native response: "auto", its tolerance, and the most a row may use
@@ -349,15 +350,23 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
             }
         header["parameters"] |= {"seed": seed, "level": options.level}
         if decision is not None and not decision.empty:
+            # Decisions are made on a summary checked finite first.
+            dataplane.check_finite(summary, samples)
+            checked = True
             tensors |= outputs.decision_tensors(decision, summary)
             header["parameters"] |= _decision_parameters(decision)
-    content, header_length = await dataplane.off_loop(
+    content, header_length, seen_finite = await dataplane.off_loop(
         rows * (values + binary) > dataplane.LARGE_RESPONSE_VALUES,
         _encode,
         header,
         selected,
         tensors,
     )
+    # This request's rows only (not a merged batch's), as the native routes; the outputs the
+    # encoder wrote as JSON were seen finite on the way (the default outputs are every
+    # statistic), so only the others are checked here.
+    if not checked:
+        dataplane.check_finite(result, samples, seen_finite=seen_finite)
     dataplane.check_response_bytes(len(content), settings.max_response_bytes)
     if header_length is None:
         return Response(content, media_type=codec.JSON_TYPE)
@@ -370,7 +379,7 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
 
 def _encode(
     header: dict[str, Any], selected: list[outputs.Selected], tensors: outputs.Tensors
-) -> tuple[bytes, int | None]:
+) -> tuple[bytes, int | None, set[str]]:
     return codec.encode_response(header, [(s, tensors[s.name]()) for s in selected])
 
 

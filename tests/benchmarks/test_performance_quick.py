@@ -157,6 +157,8 @@ def test_service_overhead_quick() -> None:
     assert all(e == "0" and int(n) > 0 for e, n in errors)
     assert all(r > 0 for r in _ratios(text, "bare route CPU ms/req"))
     assert all(r > 0 for r in _ratios(text, "server ÷ (bare + model)"))
+    assert all(r > 0 for r in _ratios(text, "bare route running the model CPU ms/req"))
+    assert all(r > 0 for r in _ratios(text, "server ÷ that"))
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx2
 import pytest
 from sklearn.datasets import load_digits
 
@@ -125,6 +127,44 @@ def test_async_client_concurrency(url: str) -> None:
         return [r.seed for r in results]
 
     assert asyncio.run(run()) == list(range(8))
+
+
+def _executions(http: httpx2.Client) -> float:
+    """The digits model's executions so far (merged batches count once), from /metrics."""
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith('nv_inference_exec_count_total{model="digits"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_concurrent_requests_merge_and_each_gets_its_own_answer(url: str) -> None:
+    """One-row requests sent at once share passes (fewer executions than requests), whether
+    they share a seed or not, and each answer is the one it gets alone."""
+    rows = load_digits().data[:8].tolist()
+    seeds = [0, 0, 1, 2, 2, 3, 4, 4]  # some requests share a seed, some do not
+    bodies = [
+        {"inputs": [row], "n_samples": 30, "seed": s} for row, s in zip(rows, seeds, strict=True)
+    ]
+    path = "/models/digits/uncertainty"
+    with httpx2.Client(base_url=url, timeout=60) as http:
+        alone = [http.post(path, json=body).json()["results"][0] for body in bodies]
+
+        async def burst() -> list[dict[str, Any]]:
+            async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+                answers = await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+            return [a.json()["results"][0] for a in answers]
+
+        merged = False
+        for _ in range(10):  # bounded: the requests' arrival is up to the OS
+            before = _executions(http)
+            together = asyncio.run(burst())
+            merged = merged or _executions(http) - before < len(bodies)
+            for got, want in zip(together, alone, strict=True):
+                for name in ("probabilities", "variance", "entropy", "mutual_information"):
+                    assert got[name] == pytest.approx(want[name], abs=1e-6), name
+            if merged:
+                break
+    assert merged, "no burst of concurrent requests was merged"
 
 
 def _serve(model_dir: Path, *flags: str) -> list[str]:

@@ -76,6 +76,26 @@ def test_bad_inputs_are_explained(digits: Predictor, bad: torch.Tensor) -> None:
         digits.predict(bad)
 
 
+@pytest.mark.parametrize("bad", [torch.zeros(2, 63), torch.zeros(64), torch.zeros(0, 64)])
+def test_a_caller_that_checked_the_values_still_gets_the_shape_checked(
+    digits: Predictor, bad: torch.Tensor
+) -> None:
+    with pytest.raises(InvalidInputError):
+        digits.predict(bad, check_finite_inputs=False)
+    with pytest.raises(InvalidInputError):
+        digits.uncertainty(bad, 4, seed=0, check_finite_inputs=False)
+
+
+def test_leaving_out_the_finiteness_scan_changes_no_result(digits: Predictor) -> None:
+    x = torch.rand(3, 64) * 16
+    assert torch.equal(
+        digits.predict(x, check_finite_inputs=False).probabilities, digits.predict(x).probabilities
+    )
+    unscanned, _ = digits.uncertainty(x, 20, seed=4, check_finite_inputs=False)
+    scanned, _ = digits.uncertainty(x, 20, seed=4)
+    assert torch.equal(unscanned.variance, scanned.variance)
+
+
 def test_targets_shape_checked(diabetes: Predictor) -> None:
     with pytest.raises(InvalidArgumentError):
         diabetes.uncertainty(torch.zeros(2, 10), 4, targets=torch.zeros(3, 1))

@@ -403,6 +403,53 @@ def test_binary_and_json_outputs_agree(http: TestClient) -> None:
             np.testing.assert_array_equal(output(out, name), output(as_json, name))
 
 
+#: Rows whose outputs overflow: digits at 3e38 gives NaN probabilities (yet a label).
+OVERFLOWING = np.stack([DIGITS[0], np.full(64, 3e38, dtype=np.float32), DIGITS[1]])
+
+
+@pytest.mark.parametrize("mode", ["predict", "uncertainty"])
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        None,  # the default outputs: every statistic, as JSON
+        [{"name": "label"}],  # none of the statistics written: checked all the same
+        [{"name": "probabilities", "parameters": {"binary_data": True}}],  # binary
+        [{"name": "label_index"}, {"name": "probabilities"}],
+    ],
+)
+def test_outputs_that_are_not_finite_are_a_400_naming_the_rows(
+    http: TestClient, mode: str, outputs: list[dict[str, Any]] | None
+) -> None:
+    parameters: dict[str, Any] = {"mode": mode}
+    if mode == "uncertainty":
+        parameters |= {"n_samples": 10, "seed": 0}
+    body: dict[str, Any] = {"parameters": parameters}
+    if outputs is not None:
+        body["outputs"] = outputs
+    response = infer(http, "digits", [tensor(OVERFLOWING)], **body)
+    assert response.status_code == 400, response.text
+    assert "rows [1]" in response.json()["error"]
+
+
+def test_statistics_beyond_float32_are_a_400_naming_the_rows(http: TestClient) -> None:
+    """diabetes at 1e20: a variance beyond float32 (inf, where the digits case gives NaN)."""
+    x = np.stack([PATIENT[0], np.full(10, 1e20, dtype=np.float32)])
+    response = infer(http, "diabetes", [tensor(x)], parameters={"n_samples": 10, "seed": 0})
+    assert response.status_code == 400, response.text
+    assert "rows [1]" in response.json()["error"]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_samples_that_are_not_finite_are_a_400_naming_the_rows(
+    http: TestClient, binary: bool
+) -> None:
+    outputs = [{"name": "samples", "parameters": {"binary_data": binary}}]
+    parameters = {"n_samples": 5, "seed": 0}
+    response = infer(http, "digits", [tensor(OVERFLOWING)], parameters=parameters, outputs=outputs)
+    assert response.status_code == 400, response.text
+    assert "rows [1]" in response.json()["error"]
+
+
 @pytest.mark.parametrize("content_type", [None, "application/octet-stream", "application/json"])
 @pytest.mark.parametrize("encoding", [None, "gzip", "deflate"])
 def test_content_types_and_encodings(
@@ -506,6 +553,12 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "bools for FP32": (_json(_input(data=_row(value=True))), 400, "valid number"),
     "nulls": (_json(_input(data=_row(value=None))), 400, "valid number"),
     "float32 overflow": (_json(_input(data=_row(value=1e39))), 400, "3.4e38"),
+    "float32 overflow, nested": (_json(_input(data=[_row(value=-1e39)])), 400, "3.4e38"),
+    "float32 overflow, FP64": (
+        _json(_input(data=[*_row(9), 3.5e38], datatype="FP64")),
+        400,
+        "3.4e38",
+    ),
     "float for INT32": (_json(_input(datatype="INT32")), 400, "valid integer"),
     "INT8 out of range": (_json(_input(datatype="INT8", data=_row(value=200))), 400, "127"),
     "FP16 above its range": (_json(_input(datatype="FP16", data=_row(value=1e6))), 400, "65504"),
