@@ -282,16 +282,16 @@ class SamplingContext:
         if call.dim != 0:  # what dropout(inplace=True) does
             return x.mul_(self._scale_like(x, p, call))
         batch = self.keys.shape[0]
-        if call.group == 1:  # (B, ...): the compiled loop takes x as it is, no view made
-            into = self._into
-            if into is None:
-                into = self._into = masks.KeepScaleInto(self.keys)
-            if into(x, call.index, p):  # numba: one pass, no multipliers, no blocks
-                return x
+        into = self._into  # the pass's keys checked once, for all its calls
+        if into is None:
+            into = self._into = masks.KeepScaleInto(self.keys)
+        # numba: one pass, no multipliers, no blocks; x (B, ...) as it is, no view made
+        if call.group == 1 and into(x, call.index, p):
+            return x
         if not x.is_contiguous():
             return x.mul_(self._scale_like(x, p, call))
         flat = x.view(batch, -1)  # (B, per_row): rows first, `group` entries of x per row
-        if call.group != 1 and masks.keep_scale_into(flat, self.keys, call.index, p):
+        if call.group != 1 and into(flat, call.index, p):
             return x
         per_row = flat.shape[1]
         block = max(1, DROP_BLOCK_BYTES // max(1, per_row * x.element_size()))
