@@ -107,11 +107,9 @@ def _mode_path(model: nn.Module) -> Callable[[], None]:
     return handle.remove
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
-    torch.manual_seed(0)
-    model = MODELS[name]().eval()
-    x = torch.randn(3, 6, 16)
+def _both_paths(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Samples of ``model`` under one seed and plan: its layers run directly, then through the
+    mode (a hook on a layer sends them there)."""
     kept = plan(model, x)
     direct = sample(model, x, 8, seed=3, plan=kept)
     remove = _mode_path(model)
@@ -119,6 +117,15 @@ def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
         through_mode = sample(model, x, 8, seed=3, plan=kept)
     finally:
         remove()
+    return direct, through_mode
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_direct_layers_give_the_mode_paths_samples(name: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(3, 6, 16)
+    direct, through_mode = _both_paths(model, x)
     assert torch.equal(direct, through_mode)
     assert direct.var(0).mean() > 1e-4
     # ...and without a kept plan (the probe's own passes run the twin too)
@@ -132,14 +139,8 @@ def test_under_autocast_direct_layers_give_the_mode_paths_samples(name: str) -> 
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(3, 6, 16)
-    kept = plan(model, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        direct = sample(model, x, 8, seed=3, plan=kept)
-        remove = _mode_path(model)
-        try:
-            through_mode = sample(model, x, 8, seed=3, plan=kept)
-        finally:
-            remove()
+        direct, through_mode = _both_paths(model, x)
     assert direct.dtype == through_mode.dtype
     assert torch.equal(direct, through_mode)
 

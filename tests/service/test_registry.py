@@ -26,18 +26,18 @@ from tests.factories import build, unit_rows
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
 
-def _custom(root: Path) -> Path:
-    """``root/custom``: a regressor built by ``tests.factories:build``, 3 features."""
+def _custom(root: Path, name: str = "custom", factory: Callable[..., Any] = build) -> Path:
+    """``root/<name>``: a regressor built by ``tests.factories:<factory>``, 3 features."""
     spec = ModelSpec(
-        name="custom",
+        name=name,
         task="regression",
         input_shape=[3],
         labels=["y"],
-        architecture={"factory": "tests.factories:build", "params": {"width": 4}},
+        architecture={"factory": f"tests.factories:{factory.__name__}", "params": {"width": 4}},
         tau=1.0,
     )
     torch.manual_seed(0)
-    return checkpoint.save(root / "custom", spec, build(width=4))
+    return checkpoint.save(root / name, spec, factory(width=4))
 
 
 def _settled(client: TestClient, timeout: float = 60.0) -> dict[str, Any]:
@@ -338,16 +338,7 @@ def test_a_failed_warm_up_names_the_manifest(tmp_path: Path, case: str) -> None:
 def test_a_model_that_gives_nan_on_zeros_warms_up_on_varied_values(tmp_path: Path) -> None:
     """The warm-up row of a model without input_normalization is zeros; a model may take it for
     padding and give NaN. It is not broken: it loads, and serves rows it takes."""
-    spec = ModelSpec(
-        name="unit",
-        task="regression",
-        input_shape=[3],
-        labels=["y"],
-        architecture={"factory": "tests.factories:unit_rows", "params": {"width": 4}},
-        tau=1.0,
-    )
-    torch.manual_seed(0)
-    checkpoint.save(tmp_path / "unit", spec, unit_rows(width=4))
+    _custom(tmp_path, "unit", unit_rows)
     settings = Settings(model_dir=tmp_path, allowed_factories="tests.factories")
     with TestClient(create_app(settings)) as client:
         assert client.get("/ready").json()["models"] == {"unit": "ready"}
