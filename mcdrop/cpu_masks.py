@@ -397,46 +397,36 @@ class FusedPass:
         # an array of its own. The matrix product after a dropout rounds differently from an
         # input 4 bytes off, and the samples must be those of the context's path, bit for bit.
         self.align = 64 // self.scales.itemsize
-        self._starts: dict[int, tuple[tuple[int, ...], int]] = {}
+        self._layouts: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}
 
-    def _layout(self, rows: int) -> tuple[tuple[int, ...], int]:
-        """Where each call's ``(rows, n)`` block starts in the buffer, and the buffer's size."""
-        found = self._starts.get(rows)
+    def _layout(self, rows: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """The buffer's size for a pass of ``rows`` rows, and where each call's ``rows · n``
+        multipliers start and end in it."""
+        found = self._layouts.get(rows)
         if found is None:
-            starts = []
+            bounds = []
             end = 0
             for n in self.sizes:
-                starts.append(end)
+                bounds.append((end, end + rows * n))
                 end = (end + rows * n + self.align - 1) // self.align * self.align
-            if len(self._starts) >= 64:  # pass sizes vary: keep the latest few
-                self._starts.clear()
-            found = self._starts[rows] = (tuple(starts), end)
+            if len(self.sizes) == 1:  # one call: an array of its own, of its size
+                end = rows * self.sizes[0]
+            if len(self._layouts) >= 64:  # pass sizes vary: keep the latest few
+                self._layouts.clear()
+            found = self._layouts[rows] = (end, tuple(bounds))
         return found
 
     def make(self, keys: Tensor, first_sample: int, n_samples: int) -> list[Tensor]:
-        """Each call's ``(n_samples · N, n)`` multipliers of samples ``first_sample ..`` of the
-        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU)."""
-        rows = n_samples * keys.shape[0]
-        out: np.ndarray
-        if len(self.sizes) == 1:  # one call: an array of its own
-            out = np.empty((rows, self.sizes[0]), dtype=self.scales.dtype)
-            made = [torch.from_numpy(out)]
-        else:
-            starts, end = self._layout(rows)
-            out = np.empty(end, dtype=self.scales.dtype)
-            made = [
-                torch.from_numpy(out[a : a + rows * n].reshape(rows, n))
-                for a, n in zip(starts, self.sizes, strict=True)
-            ]
+        """Each call's ``n_samples · N · n`` multipliers of samples ``first_sample ..`` of the
+        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU), flat (a pass
+        views each as its activation's shape)."""
+        end, bounds = self._layout(n_samples * keys.shape[0])
+        out = np.empty(end, dtype=self.scales.dtype)
         _pass_multipliers(
-            keys.numpy(),
-            first_sample,
-            n_samples,
-            self.params,
-            self.scales,
-            self.align,
-            out.reshape(-1),
+            keys.numpy(), first_sample, n_samples, self.params, self.scales, self.align, out
         )
+        # NumPy's flat slices (torch's own slicing or split cost 2x the time of a cold call)
+        made = [torch.from_numpy(out[a:b]) for a, b in bounds]
         return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
 
 

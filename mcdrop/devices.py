@@ -96,15 +96,34 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_device_slot(model: nn.Module) -> tuple[dict[str, torch.Tensor | None], str] | None:
+    """Where :func:`model_device` finds its tensor: the ``_parameters`` or ``_buffers`` dict of
+    its module, and its name there; None for a model with neither. Reading the dict on each
+    call follows the model to any device (``model.to`` may replace the tensor) for as long as
+    its modules stay as they are."""
+    for kind in ("_parameters", "_buffers"):
+        found = _first_slot(model, kind)
+        if found is not None:
+            return found
+    return None
+
+
 def _first_tensor(module: nn.Module, kind: str) -> torch.Tensor | None:
     """The first parameter (``kind`` ``"_parameters"``) or buffer of ``module`` in
     ``module.modules()`` order."""
-    for tensor in getattr(module, kind).values():
+    slot = _first_slot(module, kind)
+    return None if slot is None else slot[0][slot[1]]
+
+
+def _first_slot(module: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor | None], str] | None:
+    """:func:`_first_tensor`'s dict and name."""
+    tensors: dict[str, torch.Tensor | None] = getattr(module, kind)
+    for name, tensor in tensors.items():
         if tensor is not None:
-            return tensor
+            return tensors, name
     for child in module._modules.values():
         if child is not None:
-            found = _first_tensor(child, kind)
+            found = _first_slot(child, kind)
             if found is not None:
                 return found
     return None

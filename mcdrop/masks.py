@@ -301,16 +301,27 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
     n = x.shape[0]
     data: bytes
     if x.dtype == torch.float32 and x.device.type == "cpu":  # the common case, in NumPy: faster
-        values = (x.detach() if x.requires_grad else x).resolve_neg().numpy()
-        data = values.tobytes()  # every row's float32s, C order
-        # -0.0 hashes as 0.0. Its bytes (little-endian 00 00 00 80) in no place of the bytes
-        # prove there is none, in one C search: no NumPy ufunc (µs on a request's path).
-        if b"\x00\x00\x00\x80" in data:
-            data = (values + 0.0).tobytes()
+        data = float32_bytes((x.detach() if x.requires_grad else x).resolve_neg().numpy())
     else:
         flat = x.detach().reshape(n, -1)
         flat = (flat.to(torch.float32) + 0.0) if flat.is_floating_point() else flat.to(torch.int64)
         data = flat.cpu().contiguous().numpy().tobytes()
+    return keys_of_bytes(data, n, seed)
+
+
+def float32_bytes(values: np.ndarray) -> bytes:
+    """The bytes of the float32 array ``values`` in C order, with -0.0 written as 0.0 (the
+    bytes :func:`row_keys` hashes)."""
+    data = values.tobytes()
+    # -0.0's bytes (little-endian 00 00 00 80) in no place of the bytes prove there is none, in
+    # one C search: no NumPy ufunc (µs on a request's path).
+    if b"\x00\x00\x00\x80" in data:
+        data = (values + 0.0).tobytes()
+    return data
+
+
+def keys_of_bytes(data: bytes, n: int, seed: int | Tensor) -> Tensor:
+    """:func:`row_keys` of ``n`` rows whose bytes, one row after another, are ``data``."""
     size = len(data) // n if n else 0
     rows = memoryview(data)
     # The digests' bytes read as little-endian int64: one array, no Python int per row.
@@ -792,6 +803,13 @@ class PassMultipliers:
                 return False
             self._fused = compiled.FusedPass(self.calls, self.dtype)
         return True
+
+    def compiled(self) -> Any:
+        """numba's maker of every multiplier of a pass (:class:`mcdrop.cpu_masks.FusedPass`),
+        once :meth:`takes_rows` said yes."""
+        if self._fused is None:
+            raise InvalidArgumentError("these multipliers have no compiled maker: see takes_rows")
+        return self._fused
 
     def make_from_rows(
         self, row_keys: Tensor, first_sample: int, n_samples: int

@@ -35,7 +35,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,9 @@ from mcdrop.sampling_context import (
     SamplingContext,
     replicate,
 )
+
+if TYPE_CHECKING:
+    from mcdrop.fast_pass import FastPass
 
 #: Bound on the bytes of the largest activation a dropout sees in one pass: an image model's conv
 #: activations at 8192 rows take hundreds of MB, and a pass that large runs about 2× slower per
@@ -163,6 +166,11 @@ class SamplingPlan:
     layers: LayerChain | None = field(default=None, compare=False)
     graphs: PassGraphs | None = field(default=None, compare=False)
     encoders: EncoderLayers | None = field(default=None, compare=False)
+    # The fast passes of the call shapes seen (mcdrop.fast_pass.run), None where one has none.
+    # (Not an argument: a plan made from this one by dataclasses.replace starts with none.)
+    fast_passes: dict[tuple[int, int, int, int, str], FastPass | None] = field(
+        default_factory=dict, compare=False, init=False
+    )
 
     @property
     def budget_rows(self) -> int:
@@ -622,6 +630,9 @@ _PLAIN_LAYERS: frozenset[type[nn.Module]] = frozenset(
     }
 )
 
+# How LayerChain.run_made runs a step (see LayerChain.made_steps).
+_LINEAR, _RELU, _FORWARD, _CALL, _DROP = range(5)
+
 #: Layers whose output is always a new tensor, never their input written in place.
 _FRESH_OUTPUT: frozenset[type] = frozenset({nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d})
 
@@ -674,6 +685,13 @@ class LayerChain:
     # whether the first step writes a new tensor and never its input (a linear layer or a
     # convolution): a one-sample pass may then hand it the caller's rows without a copy
     fresh_first: bool = False
+    # steps as run_made runs them: (what, layer or its parameters, the options' inplace), where
+    # what is _LINEAR or _RELU (torch's own, called straight), _FORWARD (a module), _CALL (a
+    # function) or _DROP (a dropout layer)
+    made_steps: tuple[tuple[int, Any, bool], ...] = ()
+    # the modules called straight, and their classes as planned (see runnable)
+    direct: tuple[nn.Module, ...] = ()
+    direct_types: tuple[type, ...] = ()
     # the PassMultipliers of the rates and dtype seen, made once (what depends on the plan only),
     # and whether run_made can run their passes
     _made: dict[tuple[tuple[float, ...], torch.dtype], tuple[masks.PassMultipliers, bool]] = field(
@@ -744,6 +762,20 @@ class LayerChain:
             for i, (layer, options) in enumerate(drops)
             if not (options.get("feature") or options.get("alpha"))
         )
+        made_steps: list[tuple[int, Any, bool]] = []
+        direct: list[nn.Module] = []
+        for step, step_options in steps:
+            step_type: type = type(step)
+            if step_options is not None:
+                made_steps.append((_DROP, step, bool(step_options["inplace"])))
+            elif step_type is nn.Linear or step_type is nn.ReLU:
+                module = cast(nn.Module, step)
+                direct.append(module)
+                what = _LINEAR if step_type is nn.Linear else _RELU
+                made_steps.append((what, module._parameters if what == _LINEAR else module, False))
+            else:
+                what = _FORWARD if isinstance(step, nn.Module) else _CALL
+                made_steps.append((what, step, False))
         return cls(
             tuple(steps),
             tuple(containers),
@@ -752,6 +784,9 @@ class LayerChain:
             elementwise,
             len(drops),
             bool(steps) and type(steps[0][0]) in _FRESH_OUTPUT,
+            tuple(made_steps),
+            tuple(direct),
+            tuple(type(m) for m in direct),
         )
 
     def multipliers(
@@ -810,39 +845,61 @@ class LayerChain:
 
     def run_made(self, x: Tensor, made: list[Tensor], replicas: int) -> Tensor:
         """:meth:`run` for a pass whose dropout calls' multipliers are all made (``made``, in
-        call order, from :meth:`multipliers`): the same products in the same order, without
-        the sampling context's per-call bookkeeping (~10 µs a call, the cost of a small MLP's
-        layer). ``replicas``: as the context's ``replicate``, the times the first dropout
-        replicates its input."""
+        call order, from :meth:`multipliers`, each of the call's input's size): the same
+        products in the same order, without the sampling context's per-call bookkeeping (~10 µs
+        a call, the cost of a small MLP's layer). ``replicas``: as the context's ``replicate``,
+        the times the first dropout replicates its input.
+
+        A linear layer and a ReLU are called straight (``F.linear`` of its parameters,
+        ``torch.relu``): their ``forward`` and its attribute lookups cost ~8 µs of a cold
+        one-row call of a 3-layer MLP, a quarter of its arithmetic. :meth:`runnable` checked
+        that they are still torch's own, with no ``forward`` of their own."""
         made_in_order = iter(made)
-        for layer, options in self.steps:
-            if options is None:
-                x = layer.forward(x) if isinstance(layer, nn.Module) else layer(x)
-                continue
-            scale = next(made_in_order)  # (B, per_row), contiguous
-            if replicas > 1:  # as SamplingContext.dropout's first call of a shared prefix
-                shape = x.shape
-                x = scale.view(replicas, *shape).mul_(x).view(replicas * shape[0], *shape[1:])
-                replicas = 1
-            elif options["inplace"] and cast(nn.modules.dropout._DropoutNd, layer).inplace:
-                x = x.mul_(scale.view(x.shape))
-            elif x.is_contiguous():  # into the fresh multipliers: no allocation
-                x = scale.view(x.shape).mul_(x)
+        for what, layer, inplace in self.made_steps:
+            if what == _LINEAR:
+                x = F.linear(x, layer["weight"], layer["bias"])
+            elif what == _RELU:
+                x = torch.relu_(x) if layer.inplace else torch.relu(x)
+            elif what == _FORWARD:
+                x = layer.forward(x)
+            elif what == _CALL:
+                x = layer(x)
             else:
-                x = x * scale.view(x.shape)
+                scale = next(made_in_order)  # contiguous
+                if replicas > 1:  # as SamplingContext.dropout's first call of a shared prefix
+                    shape = x.shape
+                    x = scale.view(replicas, *shape).mul_(x).view(replicas * shape[0], *shape[1:])
+                    replicas = 1
+                elif inplace and layer.inplace:
+                    x = x.mul_(scale.view(x.shape))
+                elif x.is_contiguous():  # into the fresh multipliers: no allocation
+                    x = scale.view(x.shape).mul_(x)
+                else:
+                    x = x * scale.view(x.shape)
         return x
 
     def runnable(self, model: nn.Module) -> bool:
         """Whether a pass may run the chain: the model's layers are still those planned, and no
         module of the chain has a hook, nor any module globally (the chain skips the calls of
         the model, its ``nn.Sequential`` parts and its dropout layers, and a hook of a plain
-        layer would run outside the torch-function mode)."""
+        layer would run outside the torch-function mode); the layers :meth:`run_made` calls
+        straight are still of their class (``torch.nn.utils.parametrize`` changes it), with no
+        ``forward`` set on the instance."""
         if self.model() is not model or global_hooks():
             return False
-        return not any(
+        if any(
             has_hooks(m) or tuple(m._modules.values()) != planned
             for m, planned in zip(self.containers, self.children, strict=True)
-        )
+        ):
+            return False
+        return self.direct_unchanged()
+
+    def direct_unchanged(self) -> bool:
+        """Whether the layers :meth:`run_made` calls straight are still of the classes planned,
+        with no ``forward`` set on the instance (see :meth:`runnable`)."""
+        if tuple(map(type, self.direct)) != self.direct_types:
+            return False
+        return all("forward" not in m.__dict__ for m in self.direct)
 
     def run(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         """The chain's forward of ``x`` with every dropout layer's call handed to ``ctx``."""

@@ -20,10 +20,7 @@ value back to the host, so a GPU never waits for Python between passes.
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,9 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mcdrop import masks, planning
+from mcdrop import fast_pass, masks, planning
 from mcdrop.devices import model_device
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.modes import eval_mode
 from mcdrop.planning import SamplingPlan
 from mcdrop.sampling_context import active_context
 
@@ -44,18 +42,6 @@ DEFAULT_MAX_PASS_ROWS = 8192
 
 Prefix = Literal["auto", "off"]
 
-# Re-entrant: a call on the model inside a sample_chunks loop, which holds the model switched
-# (and its lock) between chunks, runs in the loop's thread.
-_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-# While a call holds a training model's flags switched off, another call on it finds no module
-# in training mode and would run while the first restores them (in training mode, updating
-# BatchNorm's statistics). Calls that switch count themselves here (under _switch_guard): a call
-# that reads the flags while one is active, or one started or ended meanwhile, takes the lock too.
-_switch_guard = threading.Lock()
-_switching = 0  # calls holding flags switched now
-_switches = 0  # switches started or ended so far
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -65,74 +51,6 @@ class Chunk:
     samples: slice
     rows: slice | Tensor  # a slice of the call's rows, or (adaptive sampling) their indices
     values: Tensor
-
-
-def _model_lock(model: nn.Module) -> threading.RLock:
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.RLock()
-        return lock
-
-
-def eval_mode(
-    model: nn.Module, modules: Sequence[nn.Module] | None = None
-) -> AbstractContextManager[None]:
-    """Run ``model`` with every module in eval mode, restoring each flag exactly afterwards.
-
-    A model already in eval mode is not touched at all, so concurrent callers never observe a
-    flag change; a model in training mode is switched under a per-model lock (as is, from then
-    on, every call on a model once switched). ``modules``: the modules a pass runs, when they are
-    known (a runnable :class:`~mcdrop.planning.LayerChain`'s), instead of a walk of the model.
-    """
-    switches, switching = _switches, _switching
-    training = _training(model) if modules is None else [m for m in modules if m.training]
-    if training or switching or _switches != switches:
-        return _switched(model, modules)
-    # The common case, a model in eval mode: no generator-based context manager (µs a call).
-    return nullcontext()
-
-
-@contextmanager
-def _switched(model: nn.Module, modules: Sequence[nn.Module] | None) -> Iterator[None]:
-    """The modules in training mode in eval mode, under ``model``'s lock, restored afterwards."""
-    global _switching, _switches
-    with _model_lock(model):
-        # Found under the lock: a call that held it may have restored them meanwhile.
-        training = _training(model) if modules is None else [m for m in modules if m.training]
-        if not training:
-            yield
-            return
-        with _switch_guard:  # counted before the first flag changes
-            _switching += 1
-            _switches += 1
-        for m in training:
-            m.training = False
-        try:
-            yield
-        finally:
-            for m in training:
-                m.training = True
-            with _switch_guard:  # after the last flag is restored
-                _switching -= 1
-                _switches += 1
-
-
-def _training(model: nn.Module) -> list[nn.Module]:
-    """``model``'s modules in training mode (a shared one more than once, in no set order):
-    ``[m for m in model.modules() if m.training]`` without ``modules()``' bookkeeping of names
-    and duplicates, in one loop (a generator's per module cost 2.5x the time: 10 µs on a
-    2-layer encoder, a fiftieth of a one-row sample)."""
-    found = []
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if m.training:
-            found.append(m)
-        for child in m._modules.values():
-            if child is not None:
-                stack.append(child)
-    return found
 
 
 def _check_inputs(x: Tensor) -> None:
@@ -367,6 +285,15 @@ def sample_chunks_of_checked_inputs(
     non-empty batch dimension, every value finite: :func:`all_finite`), as
     :class:`~mcdrop.Predictor` does: the check is a good share of a small call's cost. Every other
     argument is checked here."""
+    if plan is not None and x.device.type == "cpu":
+        mpr = DEFAULT_MAX_PASS_ROWS if max_pass_rows is None else max_pass_rows
+        values = fast_pass.run(plan, model, x, n_samples, seed, mpr, prefix, first_sample)
+        if values is not None:
+            # in inference mode, as the general path yields its chunks (a caller's loop body
+            # runs in it, and may update tensors made from earlier chunks in place)
+            with torch.inference_mode():
+                yield Chunk(slice(0, n_samples), slice(0, x.shape[0]), values)
+            return
     seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, first_sample)
     # A plan the caller keeps may keep CUDA graphs of its passes (a plan made here would not
     # outlive the call: capturing would cost more than it saves).
@@ -445,6 +372,11 @@ def sample(
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
     out: Tensor | None = None
+    if plan is not None:
+        mpr = DEFAULT_MAX_PASS_ROWS if max_pass_rows is None else max_pass_rows
+        out = fast_pass.run(plan, model, x, n_samples, seed, mpr, prefix)
+        if out is not None:
+            return out
     _check_inputs(x)
     if plan is not None:
         seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, 0)

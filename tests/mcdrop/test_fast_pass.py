@@ -1,0 +1,304 @@
+"""The fast pass (mcdrop.fast_pass): the same samples as the general path, bit for bit, and the
+general path wherever anything it depends on changed since the plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from mcdrop import fast_pass, plan, sample, sample_chunks
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.nets import CNN, MLP, Standardized
+from mcdrop.planning import SamplingPlan
+from mcdrop.sampling import DEFAULT_MAX_PASS_ROWS
+
+
+def _sequential() -> nn.Module:
+    net = nn.Sequential(
+        nn.Linear(6, 16),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(16, 16),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3, inplace=True),
+        nn.Linear(16, 3),
+        nn.BatchNorm1d(3),
+    )
+    # Running statistics far from a batch's: a pass in training mode would show.
+    net[7].running_mean.uniform_(-1, 1)
+    net[7].running_var.uniform_(0.5, 2)
+    return net
+
+
+def _inplace_first() -> nn.Module:
+    # The first step writes into its input: the caller's rows must be copied first.
+    return nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(0.25), nn.Linear(6, 4), nn.Tanh())
+
+
+def _dropout_last() -> nn.Module:
+    # The output is the last multipliers' buffer: a fresh one on every call.
+    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Dropout(0.4))
+
+
+def _standardized_mlp() -> nn.Module:
+    net = MLP(6, [12, 12], 2, dropout=0.2, input_dropout=0.1)
+    return Standardized(net, torch.randn(6), torch.rand(6) + 0.5, torch.randn(2), torch.rand(2) + 1)
+
+
+def _cnn() -> nn.Module:
+    return CNN(channels=(4, 8), pool=(True, True), spatial_dropout=0.0, hidden=16, image_size=12)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "sequential": (_sequential, (6,)),
+    "in-place first": (_inplace_first, (6,)),
+    "dropout last": (_dropout_last, (6,)),
+    "standardized MLP": (_standardized_mlp, (6,)),
+    "CNN": (_cnn, (1, 12, 12)),
+}
+
+
+def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    factory, shape = MODELS[name]
+    return factory().eval(), shape
+
+
+def _rows(n: int, shape: tuple[int, ...], seed: int = 1) -> Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _fast(model: nn.Module, x: Tensor, n_samples: int, kept: SamplingPlan, **kw: object) -> Tensor:
+    """The fast pass's samples (asserting it took the call)."""
+    got = fast_pass.run(
+        kept, model, x, n_samples, kw.get("seed", 3), DEFAULT_MAX_PASS_ROWS,
+        kw.get("prefix", "auto"), kw.get("first_sample", 0),  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert got is not None, "the fast pass did not take the call"
+    return got
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (1, 7), (3, 1), (3, 5)])
+@pytest.mark.parametrize("prefix", ["auto", "off"])
+def test_the_same_samples_as_the_general_path(
+    name: str, n: int, n_samples: int, prefix: str
+) -> None:
+    model, shape = _model(name)
+    x = _rows(n, shape)
+    before = x.clone()
+    kept = plan(model, x)
+    general = sample(model, x, n_samples, seed=3, prefix=prefix)  # type: ignore[arg-type]
+    fast = _fast(model, x, n_samples, kept, prefix=prefix)
+    assert torch.equal(fast, general)
+    again = sample(model, x, n_samples, seed=3, plan=kept, prefix=prefix)  # type: ignore[arg-type]
+    assert torch.equal(again, general)
+    assert torch.equal(x, before), "the call wrote into the caller's rows"
+    assert fast.is_contiguous()
+    assert fast.shape[:2] == (n_samples, n)
+
+
+def test_each_call_returns_its_own_tensor() -> None:
+    model, shape = _model("dropout last")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    first = sample(model, x, 3, seed=1, plan=kept)
+    kept_copy = first.clone()
+    second = sample(model, x, 3, seed=2, plan=kept)
+    assert first.data_ptr() != second.data_ptr()
+    assert torch.equal(first, kept_copy)
+
+
+def test_chunks_continue_from_their_first_sample() -> None:
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    whole = sample(model, x, 12, seed=4)
+    tail = _fast(model, x, 5, kept, seed=4, first_sample=7)
+    assert torch.equal(tail, whole[7:])
+    (chunk,) = sample_chunks(model, x, 5, seed=4, plan=kept, first_sample=7)
+    assert torch.equal(chunk.values, whole[7:])
+
+
+def test_a_chunk_loop_runs_in_inference_mode_on_both_paths() -> None:
+    """The general path yields its chunks inside inference mode; the fast pass does the same,
+    so a loop body that updates tensors made from earlier chunks works on either."""
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    for keep in (None, kept):
+        chunks = sample_chunks(model, x, 4, seed=1, plan=keep)
+        seen = [torch.is_inference_mode_enabled() for _ in chunks]
+        assert seen == [True]
+    assert not torch.is_inference_mode_enabled()
+
+
+def _doubled(calls: list[int]) -> Callable[..., Tensor | None]:
+    """A forward hook that counts its calls and doubles a linear layer's output."""
+
+    def hook(module: nn.Module, args: object, output: Tensor) -> Tensor | None:
+        calls.append(1)
+        return 2 * output if isinstance(module, nn.Linear) else None
+
+    return hook
+
+
+def _hooked(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    model[0].register_forward_hook(_doubled(calls))
+    return calls
+
+
+def _global_hook(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    _handles.append(nn.modules.module.register_module_forward_hook(_doubled(calls)))
+    return calls
+
+
+_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_global_hooks_left() -> object:
+    yield
+    while _handles:
+        _handles.pop().remove()
+
+
+class _Double(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return 2 * w
+
+
+CHANGES: dict[str, Callable[[nn.Module], object]] = {
+    "a forward hook": _hooked,
+    "a global forward hook": _global_hook,
+    "training mode": lambda m: m.train(),
+    "a dropout rate": lambda m: setattr(m[2], "p", 0.6),
+    "a replaced layer": lambda m: m.__setitem__(3, nn.Linear(16, 16)),
+    "a parametrized weight": lambda m: parametrize.register_parametrization(
+        m[0], "weight", _Double()
+    ),
+    "a forward set on the instance": lambda m: setattr(m[1], "forward", lambda h: h.clamp(0, 0.5)),
+    "a new weight": lambda m: setattr(m[3], "weight", nn.Parameter(torch.ones(16, 16))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -> None:
+    """Whatever changed since the fast pass was made, the call samples the model as it is now:
+    the same samples as a call with a fresh plan."""
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    sample(model, x, 4, seed=1, plan=kept)  # the fast pass is made and used
+    assert len(kept.fast_passes) == 1
+    calls = CHANGES[change](model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    got = sample(model, x, 4, seed=1, plan=kept)
+    if isinstance(calls, list):  # the hook ran on the kept plan's call
+        assert calls
+    expected = sample(model, x, 4, seed=1)  # a fresh plan: the general path
+    assert torch.equal(got, expected)
+    if change == "training mode":
+        assert all(m.training for m in model.modules())
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_autocast_takes_the_general_path() -> None:
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fast_pass.run(kept, model, x, 4, 1, DEFAULT_MAX_PASS_ROWS, "auto")
+        assert got is None
+        general = sample(model, x, 4, seed=1, plan=kept)
+    assert general.dtype == torch.bfloat16
+
+
+ROWS: dict[str, Callable[[Tensor], Tensor]] = {
+    "requiring grad": lambda x: x.clone().requires_grad_(True),
+    "not contiguous": lambda x: torch.stack([x, x], 2)[..., 0],
+    "with a negative bit": lambda x: (-x).conj_physical().neg().resolve_conj(),
+    "a subclass": lambda x: nn.Parameter(x.clone(), requires_grad=False),
+    "float64": lambda x: x.double(),
+}
+
+
+@pytest.mark.parametrize("kind", ROWS)
+def test_rows_of_any_kind_give_the_general_paths_samples(kind: str) -> None:
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    rows = ROWS[kind](x)
+    if kind == "float64":
+        with pytest.raises(InvalidArgumentError, match="plan was made for rows"):
+            sample(model, rows, 3, seed=1, plan=kept)
+        return
+    assert torch.equal(sample(model, rows, 3, seed=1, plan=kept), sample(model, x, 3, seed=1))
+
+
+def test_negative_zero_rows_sample_as_zero() -> None:
+    model, shape = _model("sequential")
+    x = torch.zeros(1, *shape)
+    kept = plan(model, x)
+    assert torch.equal(_fast(model, -x, 3, kept), _fast(model, x, 3, kept))
+
+
+BAD_CALLS: dict[str, tuple[dict[str, object], type[Exception], str]] = {
+    "NaN rows": ({"x": "nan"}, InvalidInputError, "NaN"),
+    "a bool n_samples": ({"n_samples": True}, InvalidArgumentError, "n_samples"),
+    "a float n_samples": ({"n_samples": 2.0}, InvalidArgumentError, "n_samples"),
+    "no samples": ({"n_samples": 0}, InvalidArgumentError, "n_samples"),
+    "a bool seed": ({"seed": True}, InvalidArgumentError, "seed"),
+    "a seed too large": ({"seed": 2**63}, InvalidArgumentError, "seed"),
+    "a negative seed": ({"seed": -1}, InvalidArgumentError, "seed"),
+    "a bool max_pass_rows": ({"max_pass_rows": True}, InvalidArgumentError, "max_pass_rows"),
+    "an unknown prefix": ({"prefix": "on"}, InvalidArgumentError, "prefix"),
+    "another model": ({"model": "other"}, InvalidArgumentError, "another model"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_a_wrong_call_gets_the_general_paths_error(case: str) -> None:
+    model, shape = _model("sequential")
+    x = _rows(1, shape)
+    kept = plan(model, x)
+    sample(model, x, 1, seed=1, plan=kept)  # the call shape's fast pass is made
+    changes, error, match = BAD_CALLS[case]
+    kw: dict[str, object] = {"seed": 1, "plan": kept}
+    args: dict[str, object] = {"model": model, "x": x, "n_samples": 1}
+    for key, value in changes.items():
+        if key == "x":
+            args["x"] = torch.full_like(x, float("nan"))
+        elif key == "model":
+            args["model"] = _model("sequential")[0]
+        elif key in args:
+            args[key] = value
+        else:
+            kw[key] = value
+    with pytest.raises(error, match=match):
+        sample(args["model"], args["x"], args["n_samples"], **kw)  # type: ignore[arg-type]
+
+
+def test_kept_fast_passes_are_bounded() -> None:
+    model, shape = _model("sequential")
+    kept = plan(model, _rows(1, shape))
+    for n in range(1, fast_pass.MAX_KEPT + 10):
+        sample(model, _rows(n, shape), 1, seed=0, plan=kept)
+    assert 0 < len(kept.fast_passes) <= fast_pass.MAX_KEPT
+
+
+def test_a_call_of_several_passes_has_none() -> None:
+    model, shape = _model("sequential")
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    assert fast_pass.run(kept, model, x, 8, 1, 6, "auto") is None
+    assert list(kept.fast_passes.values()) == [None]
+    assert torch.equal(
+        sample(model, x, 8, seed=1, plan=kept, max_pass_rows=6), sample(model, x, 8, seed=1)
+    )
