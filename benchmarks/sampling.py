@@ -88,21 +88,39 @@ def references() -> list[Reference]:
     return out
 
 
+class OwnForwardMLP(nn.Module):
+    """The small MLP written as users often write a model: layers as attributes, one dropout
+    module called twice, in a ``forward`` of its own. No layer chain: its passes run its own
+    forward, with the dropout module routed to the sampling context (:mod:`mcdrop.routing`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 1)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(torch.relu(self.fc1(x)))
+        return self.fc3(self.drop(torch.relu(self.fc2(h))))
+
+
 def more_references() -> list[Reference]:
     """Models of issue 14 beside the four references: a small MLP of the kind users write (an
-    ``nn.Sequential`` with dropout layers), and an encoder with torch's default feed-forward
-    width (2,048), sampled 50 times."""
+    ``nn.Sequential`` with dropout layers, and the same in a forward of its own), and an encoder
+    with torch's default feed-forward width (2,048), sampled 50 times."""
     torch.manual_seed(1)
     small = nn.Sequential(
         nn.Linear(8, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.1),
         nn.Linear(64, 1),
     ).eval()  # fmt: skip
     encoder = TinyTransformer(feedforward=2048).eval()
+    own = OwnForwardMLP().eval()
     return [
         Reference("MLP 8→64→64→1", small, (8,), *_split(list(small))),
         Reference(
             "transformer 2×(d64, 4 heads, ff 2048)", encoder, (16, 64), nn.Identity(), encoder, 50
         ),
+        # floor: its forward in eval mode on the replicated rows (no prefix run once per row)
+        Reference("MLP 8→64→64→1, own forward", own, (8,), nn.Identity(), own),
     ]
 
 

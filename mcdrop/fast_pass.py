@@ -19,6 +19,7 @@ come from one place. Both paths make the same pass, so the same samples, bit for
 
 from __future__ import annotations
 
+import math
 import operator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
-from mcdrop.sampling_context import replicate
+from mcdrop.routing import DropoutRoutes, routed_forward
+from mcdrop.sampling_context import SamplingContext, replicate
 
 if TYPE_CHECKING:
     from mcdrop.planning import LayerChain, SamplingPlan
@@ -78,13 +80,11 @@ def _make(
     plan: SamplingPlan, model: nn.Module, key: tuple[int, int, int, int, str]
 ) -> FastPass | None:
     """The :class:`FastPass` of a call shape ``key``; None where the call cannot have one
-    (another dtype, no layer chain, CUDA graphs, more than one pass, masks that numba does not
-    make in one call)."""
+    (another dtype, CUDA graphs, more than one pass, neither a layer chain whose masks numba
+    makes in one call nor routed dropout modules)."""
     n_rows, n_samples, first_sample, max_pass_rows, prefix = key
-    layers = plan.layers
     if (
-        layers is None
-        or plan.graphs is not None
+        plan.graphs is not None
         or plan.dtype != torch.float32
         or n_rows < 1
         or n_samples < 1
@@ -98,21 +98,29 @@ def _make(
     rows = n_rows * n_samples
     if rows > plan.pass_rows(n_rows, n_samples, max_pass_rows, prefix=share):
         return None
-    made = layers.fused(rows, plan)  # None unless numba makes the masks (then it is loaded)
-    kernels = None if made is None else masks.numba_kernels()
-    if made is None or kernels is None:
-        return None
-    return FastPass(plan, model, layers, made, kernels, n_rows, n_samples, first_sample, share)
+    if plan.layers is not None:
+        # None unless numba makes the masks (then it is loaded)
+        made = plan.layers.fused(rows, plan)
+        kernels = None if made is None else masks.numba_kernels()
+        if made is None or kernels is None:
+            return None
+        return ChainPass(plan, model, kernels, key, share, plan.layers, made)
+    if plan.routes is not None and masks.CPU_BACKEND == "numba":
+        kernels = masks.numba_kernels()
+        if kernels is None:
+            return None
+        return RoutedPass(plan, model, kernels, key, share, plan.routes)
+    return None
 
 
 class FastPass:
-    """One call shape of a kept plan, run in one function (see the module docstring).
+    """One call shape of a kept plan, run in one function (see the module docstring): the
+    checks of the call and its rows, and the row keys; :class:`ChainPass` and
+    :class:`RoutedPass` run the pass.
 
     Args:
-        plan: the kept plan, of ``model``; layers: its :class:`~mcdrop.planning.LayerChain`.
-        made: the chain's :meth:`~mcdrop.planning.LayerChain.fused` multipliers for the pass, at
-            the layers' current rates; kernels: :mod:`mcdrop.cpu_masks` (numba works).
-        n_rows: N; n_samples: S; first_sample: the index of the first sample drawn.
+        plan: the kept plan, of ``model``; kernels: :mod:`mcdrop.cpu_masks` (numba works).
+        key: the call shape (rows N, samples S, first sample, pass bound, prefix).
         share: whether the layers before the first dropout run once per row.
     """
 
@@ -120,16 +128,12 @@ class FastPass:
         self,
         plan: SamplingPlan,
         model: nn.Module,
-        layers: LayerChain,
-        made: masks.PassMultipliers,
         kernels: ModuleType,
-        n_rows: int,
-        n_samples: int,
-        first_sample: int,
+        key: tuple[int, int, int, int, str],
         share: bool,
     ) -> None:
         self.model = plan._model
-        self.layers = layers
+        n_rows, n_samples, first_sample, _, _ = key
         # (N, D...) float32 rows: another shape is another call shape (or a wrong call)
         self.shape = torch.Size((n_rows, *plan.input_shape))
         self.n_rows, self.n_samples, self.first_sample = n_rows, n_samples, first_sample
@@ -137,28 +141,12 @@ class FastPass:
         self.replicas = n_samples if share else 1
         self.rows = n_rows * n_samples
         self.kernels = kernels
-        self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
-        # What LayerChain.runnable checks, flattened: every hook dict of the chain's modules,
-        # and each container's children as planned.
-        self.hooks = tuple(
-            hooks
-            for m in layers.containers
-            for hooks in (
-                m._forward_hooks,
-                m._forward_pre_hooks,
-                m._backward_hooks,
-                m._backward_pre_hooks,
-            )
-        )
-        self.children = tuple(
-            (m._modules, planned)
-            for m, planned in zip(layers.containers, layers.children, strict=True)
-            if planned
-        )
-        self.modules = layers.containers
         self.device = model_device_slot(model)
-        # the rates the multipliers were made for, as LayerChain._pass reads them
-        self.rates = tuple((layer, float(cast(Any, layer).p)) for _, layer in layers.elementwise)
+        # The modules a pass runs, and each container's children as when the pass was made:
+        # the subclass sets them (see _unchanged).
+        self.modules: tuple[nn.Module, ...] = ()
+        self.children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...]
+        self.children = ()
 
     def run(self, model: nn.Module, x: Tensor, seed: object) -> Tensor | None:
         """The ``(S, N, K...)`` samples of ``x`` ``(N, D...)`` under ``seed`` (None: a fresh one
@@ -179,9 +167,94 @@ class FastPass:
             values = x.numpy()
         except (RuntimeError, TypeError):
             return None
-        if not self.kernels.all_finite(values) or not self._runnable():
+        seen = modes.switches
+        if (
+            not self.kernels.all_finite(values)
+            or modes.switching  # a call holds a training model switched (mcdrop.modes)
+            or not self._runnable(model)
+            or not self._on_the_cpu()
+            or modes.switches != seen
+        ):
             return None
         keys = masks.keys_of_bytes(masks.float32_bytes(values), self.n_rows, seed)
+        y = self._pass(model, x, keys)
+        if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
+            return None  # the general path says what is wrong (planning._check_output)
+        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
+
+    def _unchanged(self) -> bool:
+        """Whether the modules are those of the pass's making, each in eval mode: the
+        containers' children are, and no module is in training mode."""
+        if any(map(_training, self.modules)):
+            return False
+        return all(tuple(found.values()) == planned for found, planned in self.children)
+
+    def _on_the_cpu(self) -> bool:
+        if self.device is None:  # no parameter or buffer at all
+            return True
+        tensor = self.device[0].get(self.device[1])
+        return tensor is not None and tensor.is_cpu
+
+    def _runnable(self, model: nn.Module) -> bool:
+        """Whether nothing that the pass depends on changed since it was made."""
+        raise NotImplementedError
+
+    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
+        """The pass's ``(S · N, K...)`` outputs from the rows and their keys ``(N,)`` (None
+        where it did not apply after all)."""
+        raise NotImplementedError
+
+
+class ChainPass(FastPass):
+    """The fast pass of a :class:`~mcdrop.planning.LayerChain` (``layers``), with every
+    multiplier made in one compiled call: ``made`` is the chain's
+    :meth:`~mcdrop.planning.LayerChain.fused` for the pass, at the layers' current rates."""
+
+    def __init__(
+        self,
+        plan: SamplingPlan,
+        model: nn.Module,
+        kernels: ModuleType,
+        key: tuple[int, int, int, int, str],
+        share: bool,
+        layers: LayerChain,
+        made: masks.PassMultipliers,
+    ) -> None:
+        super().__init__(plan, model, kernels, key, share)
+        self.layers = layers
+        self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
+        # What LayerChain.runnable checks, flattened: every hook dict of the chain's modules,
+        # and each container's children as planned.
+        self.hooks = tuple(
+            hooks
+            for m in layers.containers
+            for hooks in (
+                m._forward_hooks,
+                m._forward_pre_hooks,
+                m._backward_hooks,
+                m._backward_pre_hooks,
+            )
+        )
+        self.children = tuple(
+            (m._modules, planned)
+            for m, planned in zip(layers.containers, layers.children, strict=True)
+            if planned
+        )
+        self.modules = layers.containers
+        # the rates the multipliers were made for, as LayerChain._pass reads them
+        self.rates = tuple((layer, float(cast(Any, layer).p)) for _, layer in layers.elementwise)
+
+    def _runnable(self, model: nn.Module) -> bool:
+        """No hook, the chain's layers as planned, every module in eval mode, the dropout rates
+        the multipliers were made for."""
+        if any(map(len, self.hooks)) or global_hooks() or not self._unchanged():
+            return False
+        for layer, p in self.rates:
+            if layer.p != p:
+                return False
+        return self.layers.direct_unchanged()
+
+    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
         multipliers: list[Tensor] = self.compiled.make(keys, self.first_sample, self.n_samples)
         # As planning.run_chain_pass: the caller's rows themselves only where the chain's first
         # step writes a new tensor and one pass of them is all it needs.
@@ -190,34 +263,95 @@ class FastPass:
         else:
             inputs = replicate(x, self.n_samples)
         with _inference_mode(True):
-            y = self.layers.run_made(inputs, multipliers, self.replicas)
-        if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
-            return None  # the general path says what is wrong (planning._check_output)
-        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
+            return self.layers.run_made(inputs, multipliers, self.replicas)
 
-    def _runnable(self) -> bool:
-        """Whether nothing changed since the plan that the pass depends on: no hook, the
-        chain's layers, every module in eval mode (and no call switching one:
-        :mod:`mcdrop.modes`), the dropout rates, the model on the CPU."""
-        seen = modes.switches
-        if (
-            modes.switching
-            or any(map(len, self.hooks))
-            or global_hooks()
-            or any(map(_training, self.modules))
-        ):
-            return False
-        for found, planned in self.children:
-            if tuple(found.values()) != planned:
-                return False
-        for layer, p in self.rates:
-            if layer.p != p:
-                return False
-        if self.device is not None:
-            tensor = self.device[0].get(self.device[1])
-            if tensor is None or not tensor.is_cpu:
-                return False
-        return modes.switches == seen and self.layers.direct_unchanged()
+
+class RoutedPass(FastPass):
+    """The fast pass of a model whose dropout modules make all its stochastic calls, run by
+    its own forward with those modules routed to the sampling context (``routes``,
+    :mod:`mcdrop.routing`)."""
+
+    def __init__(
+        self,
+        plan: SamplingPlan,
+        model: nn.Module,
+        kernels: ModuleType,
+        key: tuple[int, int, int, int, str],
+        share: bool,
+        routes: DropoutRoutes,
+    ) -> None:
+        super().__init__(plan, model, kernels, key, share)
+        self.routes = routes
+        self.calls = plan.calls
+        self.plan_dtype = plan.dtype
+        # The calls whose multipliers are made for the whole pass at once, before it (where
+        # numba makes them, as a layer chain's): an nn.Dropout's, per element, one row's
+        # entries after another's (each call making its own costs ~10 µs of a cold call).
+        self.elementwise = tuple(
+            (call.index, math.prod(call.shape), module)
+            for call, module in zip(plan.calls, routes.callers, strict=False)
+            if type(module) is nn.Dropout and call.dim == 0 and call.group == 1
+        )
+        self._made: dict[tuple[float, ...], masks.PassMultipliers | None] = {}
+        # every module (its forward may run any of them), each container's children
+        self.modules = tuple(_walk(model))
+        self.children = tuple(
+            (m._modules, tuple(m._modules.values())) for m in self.modules if m._modules
+        )
+
+    def _runnable(self, model: nn.Module) -> bool:
+        """Every module of the model as when the pass was made, in eval mode."""
+        return self._unchanged()
+
+    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
+        # As planning.run_pass: the rows copied (a layer may write into its input) or
+        # replicated, the sample keys, one context for the pass.
+        inputs = x.clone() if self.share else replicate(x, self.n_samples)
+        samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
+        ctx = SamplingContext(
+            samples, self.calls, replicate=self.replicas, premade=self._premade(keys)
+        )
+        with _inference_mode(True):
+            return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
+
+    def _premade(self, keys: Tensor) -> dict[int, tuple[float, Tensor]] | None:
+        """The element-wise calls' multipliers at their modules' rates now, from the row keys
+        ``(N,)`` in one compiled call, for the context's ``premade`` (which takes each only
+        where its rate, dtype and shape agree: else the call makes its own)."""
+        if not self.elementwise:
+            return None
+        rates = tuple(float(cast(Any, module).p) for _, _, module in self.elementwise)
+        made = self._made.get(rates)
+        if made is None and rates not in self._made:
+            calls = tuple(
+                (i, n, p) for (i, n, _), p in zip(self.elementwise, rates, strict=True)
+                if 0.0 < p < 1.0
+            )  # fmt: skip
+            made = masks.PassMultipliers(calls, self.plan_dtype) if calls else None
+            if made is not None and not made.takes_rows(self.rows):
+                made = None
+            if len(self._made) >= 8:  # rates changed between calls: keep the latest few
+                self._made.clear()
+            self._made[rates] = made
+        if made is None:
+            return None
+        values = made.compiled().make(keys, self.first_sample, self.n_samples)
+        return {
+            call: (p, v.view(self.rows, n))
+            for (call, n, p), v in zip(made.calls, values, strict=True)
+        }
+
+
+def _walk(model: nn.Module) -> list[nn.Module]:
+    """Every module of ``model``, a shared one once."""
+    found: dict[int, nn.Module] = {}
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) not in found:
+            found[id(m)] = m
+            stack.extend(c for c in m._modules.values() if c is not None)
+    return list(found.values())
 
 
 _training = operator.attrgetter("training")

@@ -48,7 +48,7 @@ def eval_mode(
     known (a runnable :class:`~mcdrop.planning.LayerChain`'s), instead of a walk of the model.
     """
     seen, busy = switches, switching
-    training = _training(model) if modules is None else [m for m in modules if m.training]
+    training = training_modules(model) if modules is None else [m for m in modules if m.training]
     if training or busy or switches != seen:
         return _switched(model, modules)
     # The common case, a model in eval mode: no generator-based context manager (µs a call).
@@ -61,7 +61,9 @@ def _switched(model: nn.Module, modules: Sequence[nn.Module] | None) -> Iterator
     global switching, switches
     with _model_lock(model):
         # Found under the lock: a call that held it may have restored them meanwhile.
-        training = _training(model) if modules is None else [m for m in modules if m.training]
+        training = (
+            training_modules(model) if modules is None else [m for m in modules if m.training]
+        )
         if not training:
             yield
             return
@@ -80,7 +82,7 @@ def _switched(model: nn.Module, modules: Sequence[nn.Module] | None) -> Iterator
                 switches += 1
 
 
-def _training(model: nn.Module) -> list[nn.Module]:
+def training_modules(model: nn.Module) -> list[nn.Module]:
     """``model``'s modules in training mode (a shared one more than once, in no set order):
     ``[m for m in model.modules() if m.training]`` without ``modules()``' bookkeeping of names
     and duplicates, in one loop (a generator's per module cost 2.5x the time: 10 µs on a

@@ -54,6 +54,7 @@ from mcdrop.exceptions import (
     UnsupportedModelError,
 )
 from mcdrop.nets import CNN, MLP, Standardized
+from mcdrop.routing import DropoutRoutes, routed_forward
 from mcdrop.sampling_context import (
     DROPOUT_FUNCTIONS,
     DropoutMode,
@@ -147,6 +148,9 @@ class SamplingPlan:
             torch-function mode (:class:`mcdrop.encoders.EncoderLayers`); None where none.
         layers: where the model is a plain chain of torch layers (see :class:`LayerChain`),
             the chain, which a pass runs without the torch-function mode; None otherwise.
+        routes: where every stochastic call of a model that is no layer chain comes from a
+            torch dropout module, those modules, whose calls a pass hands to the context
+            without the torch-function mode (:mod:`mcdrop.routing`); None otherwise.
         graphs: for a model on a CUDA device, the passes this plan has captured as CUDA graphs
             (:mod:`mcdrop.cuda_graphs`), which calls that keep the plan replay; None elsewhere.
     """
@@ -166,6 +170,7 @@ class SamplingPlan:
     layers: LayerChain | None = field(default=None, compare=False)
     graphs: PassGraphs | None = field(default=None, compare=False)
     encoders: EncoderLayers | None = field(default=None, compare=False)
+    routes: DropoutRoutes | None = field(default=None, compare=False)
     # The fast passes of the call shapes seen (mcdrop.fast_pass.run), None where one has none.
     # (Not an argument: a plan made from this one by dataclasses.replace starts with none.)
     fast_passes: dict[tuple[int, int, int, int, str], FastPass | None] = field(
@@ -272,9 +277,17 @@ def run_pass(
         y = layers.run(ctx, inputs)
     else:
         ctx = SamplingContext(keys, plan.calls, replicate=replicas)
-        net = model if plan.encoders is None else plan.encoders.twin(model)
-        with ctx:
-            y = net(inputs)
+        found = None
+        if plan.routes is not None:
+            found = routed_forward(model, inputs, ctx, plan.routes, len(plan.calls))
+            if found is None:  # a call routing missed: the pass again, under the mode
+                ctx = SamplingContext(keys, plan.calls, replicate=replicas)
+                inputs = x.clone() if prefix else replicate(x, n_samples)
+        if found is None:
+            net = model if plan.encoders is None else plan.encoders.twin(model)
+            with ctx:
+                found = net(inputs)
+        y = found
     if ctx.calls != len(plan.calls):
         raise UnsupportedModelError(
             f"{type(model).__name__} made {ctx.calls} dropout calls in a pass, but "
@@ -322,7 +335,8 @@ def run_chain_pass(
 def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     """The :class:`SamplingPlan` of ``model`` for rows like those of ``x`` ``(N, D...)``.
 
-    Five forward passes of at most four replicated rows, made from the first two rows of ``x``.
+    Five forward passes of at most four replicated rows, made from the first two rows of ``x``
+    (a sixth, routed, where the model's dropout modules may be: :func:`_routes`).
     The caller validates ``x`` and holds the model in eval and inference mode.
     """
     # Two rows even for a one-row input: with one row, a residual connection across the first
@@ -388,7 +402,30 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     full = run_pass(model, rows, keys, 2, False, plan)  # (2, 2, K...)
     _check_rows_alone(model, rows, full, plan)
     prefix, reason = _check_prefix(model, rows, keys, full, plan)
-    return replace(plan, prefix=prefix, prefix_reason=reason)
+    return replace(
+        plan, prefix=prefix, prefix_reason=reason, routes=_routes(model, rows, full, plan)
+    )
+
+
+def _routes(
+    model: nn.Module, rows: Tensor, full: Tensor, plan: SamplingPlan
+) -> DropoutRoutes | None:
+    """The model's :class:`DropoutRoutes` where a pass routed through them gives ``full``, the
+    samples of the pass under the mode (``(2, 2, K...)`` of ``rows``), bit for bit; None where
+    it does not, or the plan runs its passes without the mode anyway."""
+    if plan.layers is not None or plan.encoders is not None or plan.graphs is not None:
+        return None
+    routes = DropoutRoutes.of(model, _DROPOUT_LAYERS)
+    if routes is None:
+        return None
+    keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
+    ctx = SamplingContext(keys, plan.calls)
+    callers = ctx.callers = []
+    y = routed_forward(model, replicate(rows, 2), ctx, routes, len(plan.calls))
+    if not isinstance(y, Tensor) or y.shape[0] != 4 or not torch.equal(y.reshape(full.shape), full):
+        return None
+    routes.callers = tuple(callers)
+    return routes
 
 
 def _check_rows_alone(model: nn.Module, rows: Tensor, full: Tensor, plan: SamplingPlan) -> None:

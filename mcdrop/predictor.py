@@ -204,7 +204,7 @@ class Predictor:
 
     def warm_up(self, example: Tensor) -> SamplingPlan:
         """Make (or remake) :attr:`plan` from example rows ``(N, *input_shape)``, so the first
-        request does not pay for it: five forward passes of at most four replicated rows."""
+        request does not pay for it: five or six forward passes of at most four replicated rows."""
         return self._make_plan(self.check_inputs(example))
 
     def _make_plan(self, x: Tensor) -> SamplingPlan:

@@ -8,7 +8,7 @@ bounded whatever ``S`` is). Every pass follows the model's
 :class:`~mcdrop.planning.SamplingPlan`, which knows the batch dimension of every dropout call,
 whether the layers before the first dropout may run once on the ``N`` rows with the activations
 replicated there ("deterministic prefix"), and how large a pass may be. A plan is made by
-:func:`plan` (five small forward passes) and may be kept and passed to :func:`sample` /
+:func:`plan` (five or six small forward passes) and may be kept and passed to :func:`sample` /
 :func:`sample_chunks`, as :class:`~mcdrop.Predictor` does; nothing is cached behind the caller's
 back.
 
@@ -194,7 +194,8 @@ def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
     """The sampling plan of ``model`` for rows like those of ``x``: the batch dimension of every
     dropout call, whether the deterministic prefix is shared, and how large a pass may be.
 
-    Costs five forward passes of at most four replicated rows (made from the first two rows of
+    Costs five forward passes (six where a sixth checks that its dropout modules may be routed:
+    :mod:`mcdrop.routing`) of at most four replicated rows (made from the first two rows of
     ``x``), the price :func:`sample` pays on every call that is given no plan. A plan depends on
     the model and the rows' shape and dtype only, so keep it for later calls.
 
@@ -243,7 +244,7 @@ def sample_chunks(
         prefix: "auto" runs layers before the first dropout once per row where the plan found
             that valid; "off" always replicates the input.
         plan: the model's plan for inputs like ``x``, from :func:`plan`; None makes one for
-            this call (five small forward passes).
+            this call (five or six small forward passes).
         first_sample: draw samples ``first_sample .. first_sample + S - 1`` of every row: a
             call from 16 continues one of 16 samples with exactly the samples a single call of
             32 would draw (masks are keyed by sample index).

@@ -72,6 +72,10 @@ class SamplingContext:
 
     #: The torch-function mode that routes this context's dropout calls.
     mode: ClassVar[type[DropoutMode]]
+    #: Whether the pass runs without the mode, its dropout modules routed here
+    #: (:mod:`mcdrop.routing`); callers: where a routed pass notes the module of each call.
+    routed = False
+    callers: list[Any] | None = None
 
     def __init__(
         self,

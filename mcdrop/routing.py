@@ -1,0 +1,128 @@
+"""Dropout modules handed straight to the sampling context, without the torch-function mode.
+
+The mode (:class:`~mcdrop.sampling_context.DropoutMode`) sees every torch call of a forward to
+find its dropout calls. torch's own Python around a mode (a context manager per call) costs
+~10 µs a call of a cold one-row request: on a small model with a ``forward`` of its own that is
+more than its arithmetic (an 8→64→64→1 MLP with two dropout layers: ~100 µs a call beyond its
+38 µs forward). Where every stochastic call of a model comes from a torch dropout module
+(``nn.Dropout`` and its kin), a pass may instead give those modules, for the pass's thread only,
+a forward that hands the call to the sampling context, and run the model's forward with no mode.
+
+While routed passes run, each dropout module of the model has a :class:`_Route` as its
+instance ``forward``, shared by the passes on the module at that moment (counted, under a lock)
+and removed by the last. A call on another thread, or outside a routed pass (a deterministic
+prediction, a pass under the mode), runs torch's own forward. A plan routes its passes only where
+a routed pass gave the mode's samples, bit for bit, when the plan was made
+(:func:`mcdrop.planning.probe`), and each routed pass must make every call of the plan: one that
+routing misses (an ``F.dropout`` in a custom ``forward``, attention's dropout, a rate set to 0
+since) leaves the count short or shifts the calls, and the pass runs again under the mode.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from mcdrop.exceptions import UnsupportedModelError
+from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, active_context
+
+_lock = threading.Lock()
+
+
+class _Route:
+    """A dropout module's forward while routed passes run (see the module docstring)."""
+
+    __slots__ = ("count", "inplace", "module", "options")
+
+    def __init__(self, module: nn.Module, func: Callable[..., Any], inplace: bool) -> None:
+        self.module = module
+        self.options = {"kind": func.__name__, **DROPOUT_FUNCTIONS[func]}
+        self.inplace = inplace  # whether the layer's forward passes its inplace flag
+        self.count = 0  # routed passes on the module now
+
+    def __call__(self, x: Tensor) -> Tensor:
+        ctx = active_context()
+        module: Any = self.module  # a torch dropout layer: p and inplace
+        if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
+            return type(module).forward(module, x)
+        if ctx.callers is not None:  # a pass that notes which module makes each call
+            ctx.callers.append(module)
+        inplace = self.inplace and bool(module.inplace)
+        return ctx.dropout(x, float(module.p), **self.options, inplace=inplace)
+
+
+class DropoutRoutes:
+    """The dropout modules of one model, routed to the sampling context for a pass.
+
+    Args:
+        modules: each module and (the function its forward calls, whether it passes
+            ``inplace``).
+    """
+
+    def __init__(self, modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...]) -> None:
+        self.modules = modules
+        # the module that made each call of the plan, in call order (noted by probe)
+        self.callers: tuple[nn.Module, ...] = ()
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, kinds: Mapping[type[nn.Module], tuple[Callable[..., Any], bool]]
+    ) -> DropoutRoutes | None:
+        """The routes of ``model``'s modules whose class is one of ``kinds`` (torch's dropout
+        layers, and what each calls); None where it has none. (One with a ``forward`` of its
+        own is never routed: :meth:`install`.)"""
+        found = [m for m in model.modules() if type(m) in kinds]
+        if not found:
+            return None
+        return cls(tuple((m, *kinds[type(m)]) for m in found))
+
+    def install(self) -> bool:
+        """Route the modules for a pass on this thread (to :meth:`remove` after it); False,
+        routing none, where a module has a ``forward`` of its own now."""
+        with _lock:
+            for i, (module, func, inplace) in enumerate(self.modules):
+                own = module.__dict__
+                route = own.get("forward")
+                if route is None:
+                    route = own["forward"] = _Route(module, func, inplace)
+                elif type(route) is not _Route:
+                    self._remove(i)
+                    return False
+                route.count += 1
+        return True
+
+    def remove(self) -> None:
+        """End a pass's routing (after a successful :meth:`install`)."""
+        with _lock:
+            self._remove(len(self.modules))
+
+    def _remove(self, installed: int) -> None:
+        for module, _, _ in self.modules[:installed]:
+            own = module.__dict__
+            route = own.get("forward")
+            if type(route) is _Route:
+                route.count -= 1
+                if route.count == 0:
+                    del own["forward"]
+
+
+def routed_forward(
+    model: nn.Module, inputs: Tensor, ctx: SamplingContext, routes: DropoutRoutes, calls: int
+) -> Any:
+    """``model(inputs)`` with its dropout modules' calls handed to ``ctx`` and no mode; None
+    where the pass did not make exactly the ``calls`` calls of its plan (then the caller runs it
+    under the mode, on inputs made afresh: this one may have written into ``inputs``)."""
+    if not routes.install():
+        return None
+    ctx.routed = True
+    try:
+        with ctx.active():
+            y = model(inputs)
+    except UnsupportedModelError:  # a missed call shifted the others: the mode will say
+        return None
+    finally:
+        routes.remove()
+    return y if ctx.calls == calls else None

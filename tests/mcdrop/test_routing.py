@@ -1,0 +1,249 @@
+"""Routed passes (mcdrop.routing): a model's own forward with its dropout modules handed to the
+sampling context and no torch-function mode gives the mode's samples, bit for bit; a model
+whose calls routing cannot reach is never routed; a call that routing missed runs again under
+the mode; the modules are left as they were, and other threads see torch's own dropout."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcdrop import plan, predict, sample, sample_chunks
+from mcdrop.exceptions import UnsampledDropoutWarning, UnsupportedModelError
+from mcdrop.planning import SamplingPlan
+
+
+class TwoLayer(nn.Module):
+    """An MLP with a forward of its own, one dropout module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.fc3(self.drop(torch.tanh(self.fc2(x))))
+
+
+class Residual(nn.Module):
+    """Residual blocks with dropout inside, an in-place dropout, BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Dropout(0.3))
+            for _ in range(2)
+        )
+        self.norm = nn.BatchNorm1d(8)
+        self.last = nn.Dropout(0.1, inplace=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(self.last(self.norm(h)))
+
+
+class Kinds(nn.Module):
+    """Channel, alpha and element-wise dropout modules in a small CNN of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.channels = nn.Dropout2d(0.25)
+        self.alpha = nn.AlphaDropout(0.2)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.channels(F.selu(self.conv(x)))
+        return self.head(self.drop(self.alpha(h.flatten(1))))
+
+
+class Functional(TwoLayer):
+    """Dropout called as a function in its forward: only the mode reaches it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.fc3(F.dropout(torch.tanh(self.fc2(x)), 0.3, self.training))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "two layers": (TwoLayer, (6,)),
+    "residual": (Residual, (6,)),
+    "channel and alpha dropout": (Kinds, (1, 6, 6)),
+}
+
+
+def _model(name: str) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    factory, shape = {**MODELS, "functional": (Functional, (6,))}[name]
+    model = factory().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model, torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+
+
+def _dropout_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def _under_the_mode(kept: SamplingPlan) -> SamplingPlan:
+    """The same plan with routing off: its passes run under the mode."""
+    from dataclasses import replace
+
+    return replace(kept, routes=None)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4), (2, 30)])
+def test_routed_passes_give_the_modes_samples(name: str, n: int, n_samples: int) -> None:
+    model, x = _model(name)
+    kept = plan(model, x[:n])
+    assert kept.routes is not None
+    assert kept.layers is None
+    routed = sample(model, x[:n], n_samples, seed=5, plan=kept)
+    mode = sample(model, x[:n], n_samples, seed=5, plan=_under_the_mode(kept))
+    assert torch.equal(routed, mode)
+    # passes of one sample each (float rounding depends on a pass's size: the same sizes)
+    chunked, chunked_mode = (
+        torch.cat([c.values for c in sample_chunks(model, x[:n], n_samples, seed=5, plan=p,
+                                                   max_pass_rows=n)])
+        for p in (kept, _under_the_mode(kept))
+    )  # fmt: skip
+    assert torch.equal(chunked, chunked_mode)
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
+def test_a_model_with_a_functional_dropout_is_not_routed() -> None:
+    model, x = _model("functional")
+    kept = plan(model, x)
+    assert kept.routes is None
+    assert len(kept.calls) == 2
+    assert sample(model, x, 4, seed=1, plan=kept).var(0).gt(0).any()
+
+
+def test_a_call_that_routing_misses_runs_under_the_mode() -> None:
+    """A functional dropout added to the forward after the plan: the routed pass makes one call
+    fewer than the plan has, and the pass runs under the mode, which sees every call."""
+    model, x = _model("two layers")
+    kept = plan(model, x)
+    before = sample(model, x, 4, seed=1, plan=kept)
+    # (it writes into its input, too: the pass under the mode gets its rows afresh)
+    model.forward = lambda h: Functional.forward(model, h.mul_(2))  # type: ignore[method-assign]
+    got = sample(model, x, 4, seed=1, plan=kept)
+    fresh = plan(model, x)
+    assert fresh.routes is None
+    assert torch.equal(got, sample(model, x, 4, seed=1, plan=fresh))
+    assert torch.equal(x, _model("two layers")[1]), "the call wrote into the caller's rows"
+    assert not torch.equal(got, before)
+    del model.forward
+    assert torch.equal(sample(model, x, 4, seed=1, plan=kept), before)
+
+
+def test_a_rate_set_to_zero_gets_the_modes_answer() -> None:
+    model, x = _model("residual")
+    kept = plan(model, x)
+    model.blocks[0][3].p = 0.0
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, x, 4, seed=1, plan=kept)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, x, 4, seed=1, plan=_under_the_mode(kept))
+    assert str(routed.value) == str(mode.value)
+
+
+def test_modules_are_left_as_they_were_after_an_error() -> None:
+    model, x = _model("two layers")
+    kept = plan(model, x)
+
+    def broken(h: Tensor) -> Tensor:
+        raise RuntimeError("boom")
+
+    model.fc3.forward = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(model, x, 4, seed=1, plan=kept)
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
+def test_other_threads_see_torchs_own_dropout_meanwhile() -> None:
+    """While one thread samples (its dropout modules routed), deterministic predictions on
+    another thread see a plain eval model, and both threads' answers stay the same."""
+    model, x = _model("residual")
+    kept = plan(model, x)
+    expected_samples = sample(model, x, 8, seed=2, plan=kept)
+    expected = predict(model, x)
+    failures: list[str] = []
+    start = threading.Barrier(3)
+
+    def sampler() -> None:
+        start.wait()
+        for _ in range(40):
+            if not torch.equal(sample(model, x, 8, seed=2, plan=kept), expected_samples):
+                failures.append("samples")
+
+    def predictor() -> None:
+        start.wait()
+        for _ in range(40):
+            if not torch.equal(predict(model, x), expected):
+                failures.append("prediction")
+
+    threads = [threading.Thread(target=f) for f in (sampler, sampler, predictor)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == []
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
+def test_a_forward_set_on_a_dropout_module_is_honoured() -> None:
+    model, x = _model("two layers")
+    kept = plan(model, x)
+    model.drop.forward = lambda h: h * 0.5  # type: ignore[method-assign]
+    # no stochastic call at all now: the mode path's error
+    with pytest.raises(UnsupportedModelError):
+        sample(model, x, 4, seed=1, plan=kept)
+    assert model.drop.forward(torch.ones(1)).item() == 0.5
+
+
+class ModeAware(TwoLayer):
+    """A forward that drops differently under a torch-function mode: the same calls, other
+    samples. Routing must find that out when the plan is made."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.fc1(x))
+        if torch._C._is_torch_function_mode_enabled():
+            h = F.dropout(h, 0.4, self.training)
+        else:
+            h = self.drop(h)
+        return self.fc3(h)
+
+
+def test_a_model_that_drops_otherwise_without_the_mode_is_not_routed() -> None:
+    torch.manual_seed(0)
+    model = ModeAware().eval()
+    x = torch.randn(2, 6)
+    with pytest.warns(UnsampledDropoutWarning):  # the mode's pass never calls self.drop
+        kept = plan(model, x)
+    assert kept.routes is None
+    with pytest.warns(UnsampledDropoutWarning):
+        general = sample(model, x, 4, seed=1)  # a fresh plan's, under the mode
+    assert torch.equal(sample(model, x, 4, seed=1, plan=kept), general)
+
+
+def test_a_dropout_module_with_a_forward_of_its_own_is_not_routed() -> None:
+    model, x = _model("two layers")
+    model.drop.forward = lambda h: F.dropout(h, 0.2, model.training)  # type: ignore[method-assign]
+    kept = plan(model, x)
+    assert kept.routes is None
+    assert "forward" in vars(model.drop)
