@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
+from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.routing import DropoutRoutes, routed_forward
 from mcdrop.sampling_context import SamplingContext, replicate
 
@@ -292,7 +293,17 @@ class RoutedPass(FastPass):
             for call, module in zip(plan.calls, routes.callers, strict=False)
             if type(module) is nn.Dropout and call.dim == 0 and call.group == 1
         )
-        self._made: dict[tuple[float, ...], masks.PassMultipliers | None] = {}
+        self._made: dict[
+            tuple[float, ...],
+            tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]],
+        ] = {}
+        self.callers = routes.callers
+        # each call's input shape in a pass of rows·samples rows; the first call's with the
+        # prefix shared, of the N rows (the call replicates it)
+        self.shapes = tuple(
+            torch.Size(call.shape_at(self.n_rows if share and call.index == 0 else self.rows))
+            for call in plan.calls
+        )
         # every module (its forward may run any of them), each container's children
         self.modules = tuple(_walk(model))
         self.children = tuple(
@@ -307,39 +318,78 @@ class RoutedPass(FastPass):
         # As planning.run_pass: the rows copied (a layer may write into its input) or
         # replicated, the sample keys, one context for the pass.
         inputs = x.clone() if self.share else replicate(x, self.n_samples)
-        samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
-        ctx = SamplingContext(
-            samples, self.calls, replicate=self.replicas, premade=self._premade(keys)
-        )
+        made = self._made_now(keys)
+        ctx: SamplingContext
+        if made is not None and None not in made:
+            # every call's multipliers straight to its route: no sample keys, no context's
+            # dropout (a call they do not fit fails the pass, and the general path runs)
+            ctx = MadeContext([None if e is None else e[:4] for e in made], self.replicas)
+        else:
+            samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
+            ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
+            if made is not None:  # for the context's dropout (which replicates at the first)
+                ctx.premade = {e[4]: (e[1], e[3].view(self.rows, -1)) for e in made if e}
         with _inference_mode(True):
             return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
 
-    def _premade(self, keys: Tensor) -> dict[int, tuple[float, Tensor]] | None:
-        """The element-wise calls' multipliers at their modules' rates now, from the row keys
-        ``(N,)`` in one compiled call, for the context's ``premade`` (which takes each only
-        where its rate, dtype and shape agree: else the call makes its own)."""
+    def _made_now(
+        self, keys: Tensor
+    ) -> list[tuple[Any, float, torch.Size, Tensor, int] | None] | None:
+        """Per call of the plan, in call order: an element-wise call's module, its rate now,
+        its input's shape, its multipliers (flat) made from the row keys ``(N,)`` in one
+        compiled call, and its index; None for the other calls. None where no call is
+        element-wise with a rate in (0, 1)."""
         if not self.elementwise:
             return None
-        rates = tuple(float(cast(Any, module).p) for _, _, module in self.elementwise)
-        made = self._made.get(rates)
-        if made is None and rates not in self._made:
-            calls = tuple(
-                (i, n, p) for (i, n, _), p in zip(self.elementwise, rates, strict=True)
-                if 0.0 < p < 1.0
-            )  # fmt: skip
-            made = masks.PassMultipliers(calls, self.plan_dtype) if calls else None
-            if made is not None and not made.takes_rows(self.rows):
-                made = None
+        rates = tuple([float(cast(Any, module).p) for _, _, module in self.elementwise])
+        found = self._made.get(rates)
+        if found is None:
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
                 self._made.clear()
-            self._made[rates] = made
+            found = self._made[rates] = self._maker(rates)
+        made, table = found
         if made is None:
             return None
         values = made.compiled().make(keys, self.first_sample, self.n_samples)
-        return {
-            call: (p, v.view(self.rows, n))
-            for (call, n, p), v in zip(made.calls, values, strict=True)
-        }
+        out: list[tuple[Any, float, torch.Size, Tensor, int] | None] = [None] * len(self.calls)
+        for (call, module, p, shape), v in zip(table, values, strict=True):
+            out[call] = (module, p, shape, v, call)
+        return out
+
+    def _maker(
+        self, rates: tuple[float, ...]
+    ) -> tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]]:
+        """The multipliers' maker for the element-wise calls at ``rates`` (None where numba
+        does not make them in one call), and each made call's index, module, rate and shape."""
+        calls = tuple(
+            (i, n, p) for (i, n, _), p in zip(self.elementwise, rates, strict=True)
+            if 0.0 < p < 1.0
+        )  # fmt: skip
+        made = masks.PassMultipliers(calls, self.plan_dtype) if calls else None
+        if made is None or not made.takes_rows(self.rows):
+            return None, ()
+        return made, tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
+
+
+class MadeContext(SamplingContext):
+    """The context of a routed fast pass whose every call has its multipliers made before it
+    (:attr:`made`, taken by each call's route: :mod:`mcdrop.routing`). A call they do not fit
+    is not sampled here: :meth:`dropout` refuses it, the pass fails, and the general path runs
+    the call."""
+
+    def __init__(
+        self, made: list[tuple[Any, float, tuple[int, ...], Tensor] | None], replicate: int
+    ) -> None:
+        # none of SamplingContext's state: no keys, so nothing but the routes may sample here
+        self.made = made
+        self.calls = 0
+        self.routed = True
+        self.replicate = replicate  # the first call replicates its input this many times
+
+    def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
+        raise UnsupportedModelError(
+            f"dropout call {self.calls + 1} is not the one the fast pass made multipliers for"
+        )
 
 
 def _walk(model: nn.Module) -> list[nn.Module]:

@@ -51,7 +51,27 @@ class _Route:
         if ctx.callers is not None:  # a pass that notes which module makes each call
             ctx.callers.append(module)
         inplace = self.inplace and bool(module.inplace)
-        return ctx.dropout(x, float(module.p), **self.options, inplace=inplace)
+        p = float(module.p)
+        made = ctx.made
+        if made is not None:  # a fast pass's multipliers, in call order
+            index = ctx.calls
+            entry = made[index] if index < len(made) else None
+            # the call of the plan's making: this module, its rate, the plan's shape (rows
+            # first); anything else goes to the context's dropout, which explains
+            if entry is not None and entry[0] is module and entry[1] == p and x.shape == entry[2]:
+                ctx.calls = index + 1
+                # SamplingContext.dropout's products, without its general checks (µs a call)
+                times = ctx.replicate
+                if times > 1:  # the first call of a pass that shares the prefix
+                    ctx.replicate = 1
+                    shape = x.shape
+                    scale = entry[3].view(times, *shape)
+                    return scale.mul_(x).view(times * shape[0], *shape[1:])
+                scale = entry[3].view(x.shape)
+                if inplace:
+                    return x.mul_(scale)
+                return scale.mul_(x) if x.is_contiguous() else x * scale
+        return ctx.dropout(x, p, **self.options, inplace=inplace)
 
 
 class DropoutRoutes:

@@ -76,6 +76,9 @@ class SamplingContext:
     #: (:mod:`mcdrop.routing`); callers: where a routed pass notes the module of each call.
     routed = False
     callers: list[Any] | None = None
+    #: A routed fast pass's multipliers per call, in call order: (module, rate, input shape,
+    #: multipliers) or None (:mod:`mcdrop.routing`); None where it has none.
+    made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None = None
 
     def __init__(
         self,

@@ -247,3 +247,14 @@ def test_a_dropout_module_with_a_forward_of_its_own_is_not_routed() -> None:
     kept = plan(model, x)
     assert kept.routes is None
     assert "forward" in vars(model.drop)
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 6)])
+def test_a_rate_changed_since_the_plan_is_sampled_at_the_new_rate(n: int, n_samples: int) -> None:
+    model, x = _model("two layers")
+    kept = plan(model, x[:n])
+    sample(model, x[:n], n_samples, seed=3, plan=kept)  # the fast pass is made and used
+    model.drop.p = 0.45
+    got = sample(model, x[:n], n_samples, seed=3, plan=kept)
+    assert torch.equal(got, sample(model, x[:n], n_samples, seed=3, plan=_under_the_mode(kept)))
+    assert torch.equal(got, sample(model, x[:n], n_samples, seed=3))  # a fresh plan's
