@@ -284,20 +284,25 @@ class RoutedPass(FastPass):
         super().__init__(plan, model, kernels, key, share)
         self.routes = routes
         self.calls = plan.calls
-        self.plan_dtype = plan.dtype
         # The calls whose multipliers are made for the whole pass at once, before it (where
         # numba makes them, as a layer chain's): an nn.Dropout's, per element, one row's
-        # entries after another's (each call making its own costs ~10 µs of a cold call).
+        # entries after another's, in the dtype of the first call's input (a network of its
+        # own dtype: nets.ReducedPrecision); each call making its own costs ~10 µs of a cold
+        # call.
+        self.made_dtype = routes.callers[0][1] if routes.callers else plan.dtype
         self.elementwise = tuple(
             (call.index, math.prod(call.shape), module)
-            for call, module in zip(plan.calls, routes.callers, strict=False)
-            if type(module) is nn.Dropout and call.dim == 0 and call.group == 1
+            for call, (module, dtype) in zip(plan.calls, routes.callers, strict=False)
+            if type(module) is nn.Dropout
+            and call.dim == 0
+            and call.group == 1
+            and dtype == self.made_dtype
         )
         self._made: dict[
             tuple[float, ...],
             tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]],
         ] = {}
-        self.callers = routes.callers
+        self.callers = tuple(module for module, _ in routes.callers)
         # each call's input shape in a pass of rows·samples rows; the first call's with the
         # prefix shared, of the N rows (the call replicates it)
         self.shapes = tuple(
@@ -365,7 +370,7 @@ class RoutedPass(FastPass):
             (i, n, p) for (i, n, _), p in zip(self.elementwise, rates, strict=True)
             if 0.0 < p < 1.0
         )  # fmt: skip
-        made = masks.PassMultipliers(calls, self.plan_dtype) if calls else None
+        made = masks.PassMultipliers(calls, self.made_dtype) if calls else None
         if made is None or not made.takes_rows(self.rows):
             return None, ()
         return made, tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mcdrop.exceptions import UnsupportedModelError
@@ -49,7 +50,7 @@ class _Route:
         if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
             return type(module).forward(module, x)
         if ctx.callers is not None:  # a pass that notes which module makes each call
-            ctx.callers.append(module)
+            ctx.callers.append((module, x.dtype))
         inplace = self.inplace and bool(module.inplace)
         p = float(module.p)
         made = ctx.made
@@ -58,7 +59,13 @@ class _Route:
             entry = made[index] if index < len(made) else None
             # the call of the plan's making: this module, its rate, the plan's shape (rows
             # first); anything else goes to the context's dropout, which explains
-            if entry is not None and entry[0] is module and entry[1] == p and x.shape == entry[2]:
+            if (
+                entry is not None
+                and entry[0] is module
+                and entry[1] == p
+                and x.shape == entry[2]
+                and x.dtype == entry[3].dtype
+            ):
                 ctx.calls = index + 1
                 # SamplingContext.dropout's products, without its general checks (µs a call)
                 times = ctx.replicate
@@ -84,8 +91,9 @@ class DropoutRoutes:
 
     def __init__(self, modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...]) -> None:
         self.modules = modules
-        # the module that made each call of the plan, in call order (noted by probe)
-        self.callers: tuple[nn.Module, ...] = ()
+        # the module that made each call of the plan, and its input's dtype, in call order
+        # (noted by probe)
+        self.callers: tuple[tuple[nn.Module, torch.dtype], ...] = ()
 
     @classmethod
     def of(

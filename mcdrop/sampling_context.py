@@ -73,7 +73,8 @@ class SamplingContext:
     #: The torch-function mode that routes this context's dropout calls.
     mode: ClassVar[type[DropoutMode]]
     #: Whether the pass runs without the mode, its dropout modules routed here
-    #: (:mod:`mcdrop.routing`); callers: where a routed pass notes the module of each call.
+    #: (:mod:`mcdrop.routing`); callers: where a routed pass notes the module of each call
+    #: and its input's dtype.
     routed = False
     callers: list[Any] | None = None
     #: A routed fast pass's multipliers per call, in call order: (module, rate, input shape,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mcdrop import plan, predict, sample, sample_chunks
 from mcdrop.exceptions import UnsampledDropoutWarning, UnsupportedModelError
+from mcdrop.nets import ReducedPrecision
 from mcdrop.planning import SamplingPlan
 
 
@@ -80,6 +81,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "two layers": (TwoLayer, (6,)),
     "residual": (Residual, (6,)),
     "channel and alpha dropout": (Kinds, (1, 6, 6)),
+    # a network of its own dtype: the multipliers are made in it
+    "bfloat16 network": (lambda: ReducedPrecision(TwoLayer(), torch.bfloat16), (6,)),
 }
 
 
