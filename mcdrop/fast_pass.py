@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
-from mcdrop.sampling_context import replicate
+from mcdrop.sampling_context import fresh_layout, replicate
 
 if TYPE_CHECKING:
     from mcdrop.planning import LayerChain, SamplingPlan
@@ -134,6 +134,7 @@ class FastPass:
         self.shape = torch.Size((n_rows, *plan.input_shape))
         self.n_rows, self.n_samples, self.first_sample = n_rows, n_samples, first_sample
         self.share = share
+        self.fresh_first = layers.fresh_first
         self.replicas = n_samples if share else 1
         self.rows = n_rows * n_samples
         self.kernels = kernels
@@ -184,9 +185,11 @@ class FastPass:
         keys = masks.keys_of_bytes(masks.float32_bytes(values), self.n_rows, seed)
         multipliers: list[Tensor] = self.compiled.make(keys, self.first_sample, self.n_samples)
         # As planning.run_chain_pass: the caller's rows themselves only where the chain's first
-        # step writes a new tensor and one pass of them is all it needs.
+        # step writes a new tensor, one pass of them is all it needs, and they are laid out as
+        # a copy would be (sampling_context.fresh_layout).
         if self.share or self.n_samples == 1:
-            inputs = x if self.layers.fresh_first else x.clone()
+            reuse = self.fresh_first and fresh_layout(x)
+            inputs = x if reuse else x.clone(memory_format=torch.contiguous_format)
         else:
             inputs = replicate(x, self.n_samples)
         with _inference_mode(True):

@@ -58,6 +58,7 @@ from mcdrop.sampling_context import (
     DROPOUT_FUNCTIONS,
     DropoutMode,
     SamplingContext,
+    fresh_layout,
     replicate,
 )
 
@@ -256,8 +257,9 @@ def run_pass(
     n = x.shape[0]
     replicas = n_samples if prefix else 1
     # (S * n, D...), sample-major; with the prefix shared, a copy of the n rows all the same:
-    # a layer before the first dropout may write into its input (an in-place ReLU).
-    inputs = x.clone() if prefix else replicate(x, n_samples)
+    # a layer before the first dropout may write into its input (an in-place ReLU). Contiguous,
+    # as replicate's: the samples of rows in another layout are those of contiguous rows.
+    inputs = x.clone(memory_format=torch.contiguous_format) if prefix else replicate(x, n_samples)
     layers = plan.layers
     if chain is None:
         chain = layers is not None and layers.runnable(model)
@@ -310,9 +312,11 @@ def run_chain_pass(
     replicas = n_samples if prefix else 1
     # As run_pass's: (S * n, D...) rows, or with the prefix shared the n rows, copied, but
     # where the chain's first step writes a new tensor and one pass of them is all it needs
-    # (nothing writes into the caller's rows then).
+    # (nothing writes into the caller's rows then), and they are laid out as the copy would be
+    # (else the first layer rounds differently: fresh_layout).
     if prefix or n_samples == 1:
-        inputs = x if layers.fresh_first else x.clone()
+        reuse = layers.fresh_first and fresh_layout(x)
+        inputs = x if reuse else x.clone(memory_format=torch.contiguous_format)
     else:
         inputs = replicate(x, n_samples)
     y = layers.run_made(inputs, multipliers, replicas)

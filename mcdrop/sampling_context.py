@@ -346,6 +346,14 @@ class _Active:
             _active.reset(self.token)
 
 
+def fresh_layout(x: Tensor) -> bool:
+    """Whether ``x`` is laid out as a copy of it would be: contiguous, its data aligned as torch's
+    CPU allocator aligns it (64 bytes). A matrix product or a convolution rounds differently on
+    other strides and alignments (a row 4 bytes off, a transposed batch), so a pass reads the
+    caller's rows in place only where they are laid out so, and a copy of them otherwise."""
+    return x.is_contiguous() and x.data_ptr() % 64 == 0
+
+
 def replicate(x: Tensor, times: int, dim: int = 0) -> Tensor:
     """``x`` repeated ``times`` times along ``dim``, sample-major (index ``s · size + i``), the
     layout of the keys: a new tensor equal to ``x.repeat``'s, which is several times slower on

@@ -229,6 +229,54 @@ ROWS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+def _rgb_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return CNN(in_channels=3, channels=(4, 8), pool=(True, True), hidden=16, image_size=12).eval()
+
+
+def _off(x: Tensor) -> Tensor:
+    """``x``'s values in a contiguous tensor whose data starts 4 bytes past an aligned address."""
+    return torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
+
+
+LAYOUTS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], Callable[[Tensor], Tensor]]] = {
+    "transposed, sequential": (_sequential, (6,), lambda x: x.t().contiguous().t()),
+    "transposed, in-place first": (_inplace_first, (6,), lambda x: x.t().contiguous().t()),
+    "transposed, dropout last": (_dropout_last, (6,), lambda x: x.t().contiguous().t()),
+    "transposed, standardized MLP": (_standardized_mlp, (6,), lambda x: x.t().contiguous().t()),
+    "4 bytes off, sequential": (_sequential, (6,), lambda x: _off(x)),
+    "4 bytes off, dropout last": (_dropout_last, (6,), lambda x: _off(x)),
+    "4 bytes off, CNN": (_rgb_cnn, (3, 12, 12), lambda x: _off(x)),
+    "channels last, CNN": (
+        _rgb_cnn, (3, 12, 12), lambda x: x.contiguous(memory_format=torch.channels_last)
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("n_samples", [1, 4])
+def test_rows_in_any_memory_layout_give_the_contiguous_rows_samples(
+    layout: str, n: int, n_samples: int
+) -> None:
+    """A row's samples depend on its values, not on the strides or the alignment of the tensor it
+    comes in: a matrix product and a convolution round differently on another layout, so each
+    path copies such rows before the first layer."""
+    factory, shape, arrange = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = _rows(n, shape)
+    rows = arrange(x)
+    before = rows.clone()
+    kept = plan(model, x)
+    expected = sample(model, x, n_samples, seed=3)
+    assert torch.equal(_fast(model, rows, n_samples, kept), expected)
+    assert torch.equal(sample(model, rows, n_samples, seed=3, plan=kept), expected)
+    assert torch.equal(sample(model, rows, n_samples, seed=3), expected)
+    assert torch.equal(rows, before)
+    assert rows.stride() == before.stride()
+
+
 @pytest.mark.parametrize("kind", ROWS)
 def test_rows_of_any_kind_give_the_general_paths_samples(kind: str) -> None:
     model, shape = _model("sequential")
