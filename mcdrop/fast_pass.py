@@ -20,6 +20,7 @@ come from one place. Both paths make the same pass, so the same samples, bit for
 from __future__ import annotations
 
 import operator
+from itertools import repeat
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
-from mcdrop.sampling_context import fresh_layout, replicate
+from mcdrop.sampling_context import replicate
 
 if TYPE_CHECKING:
     from mcdrop.planning import LayerChain, SamplingPlan
@@ -139,24 +140,16 @@ class FastPass:
         self.rows = n_rows * n_samples
         self.kernels = kernels
         self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
-        # What LayerChain.runnable checks, flattened: every hook dict of the chain's modules,
-        # and each container's children as planned.
-        self.hooks = tuple(
-            hooks
-            for m in layers.containers
-            for hooks in (
-                m._forward_hooks,
-                m._forward_pre_hooks,
-                m._backward_hooks,
-                m._backward_pre_hooks,
-            )
-        )
-        self.children = tuple(
-            (m._modules, planned)
-            for m, planned in zip(layers.containers, layers.children, strict=True)
-            if planned
-        )
+        # What LayerChain.runnable checks, flattened, read from each module's own __dict__
+        # (an item of a dict costs less than an attribute of a module): its hook dicts and
+        # _modules, read on every call (a caller may replace one), each container's children
+        # as planned, and no forward set on an instance.
         self.modules = layers.containers
+        self.types = layers.types
+        self.dicts = tuple(vars(m) for m in layers.containers)
+        self.children = tuple(
+            (d, planned) for d, planned in zip(self.dicts, layers.children, strict=True) if planned
+        )
         self.device = model_device_slot(model)
         # the rates the multipliers were made for, as LayerChain._pass reads them
         self.rates = tuple((layer, float(cast(Any, layer).p)) for _, layer in layers.elementwise)
@@ -188,8 +181,10 @@ class FastPass:
         # step writes a new tensor, one pass of them is all it needs, and they are laid out as
         # a copy would be (sampling_context.fresh_layout).
         if self.share or self.n_samples == 1:
-            reuse = self.fresh_first and fresh_layout(x)
-            inputs = x if reuse else x.clone(memory_format=torch.contiguous_format)
+            if self.fresh_first and x.is_contiguous() and x.data_ptr() % 64 == 0:  # fresh_layout
+                inputs = x
+            else:
+                inputs = x.clone(memory_format=torch.contiguous_format)
         else:
             inputs = replicate(x, self.n_samples)
         with _inference_mode(True):
@@ -203,16 +198,20 @@ class FastPass:
         chain's layers, every module in eval mode (and no call switching one:
         :mod:`mcdrop.modes`), the dropout rates, the model on the CPU."""
         seen = modes.switches
-        if (
-            modes.switching
-            or any(map(len, self.hooks))
-            or global_hooks()
-            or any(map(_training, self.modules))
-        ):
-            return False
-        for found, planned in self.children:
-            if tuple(found.values()) != planned:
+        try:
+            if (
+                modes.switching
+                or global_hooks()
+                or any(map(any, map(_hooks_or_training, self.dicts)))
+                or tuple(map(type, self.modules)) != self.types
+                or any(map(operator.contains, self.dicts, repeat("forward")))
+            ):
                 return False
+            for found, planned in self.children:
+                if tuple(found["_modules"].values()) != planned:
+                    return False
+        except KeyError:  # a module without the dicts nn.Module makes: not torch's own
+            return False
         for layer, p in self.rates:
             if layer.p != p:
                 return False
@@ -220,10 +219,14 @@ class FastPass:
             tensor = self.device[0].get(self.device[1])
             if tensor is None or not tensor.is_cpu:
                 return False
-        return modes.switches == seen and self.layers.direct_unchanged()
+        return modes.switches == seen
 
 
-_training = operator.attrgetter("training")
+# A module's hook dicts and training flag, from its __dict__: any() of them is whether it has a
+# hook or trains.
+_hooks_or_training = operator.itemgetter(
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "training"
+)
 
 # torch.inference_mode()'s own guard: the Python context manager around it (built and entered
 # on every use) cost 5–7 µs of a cold one-row call, a fifth of a small MLP's arithmetic.

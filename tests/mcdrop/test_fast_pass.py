@@ -3,6 +3,7 @@ general path wherever anything it depends on changed since the plan."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
@@ -174,6 +175,27 @@ class _Double(nn.Module):
         return 2 * w
 
 
+class _Tripled(nn.Sequential):
+    def forward(self, x: Tensor) -> Tensor:
+        return 3 * super().forward(x)
+
+
+def _hooks_in_a_new_dict(model: nn.Module) -> list[int]:
+    # the idiom that drops every hook of a module: a new dict, which later hooks go into
+    model[0]._forward_hooks = OrderedDict()
+    return _hooked(model)
+
+
+def _weight_not_a_parameter(model: nn.Module, buffer: bool) -> None:
+    # as torch.func.functional_call swaps in a plain tensor: the layer's weight is no parameter
+    weight = 2 * model[3].weight.detach()
+    del model[3].weight
+    if buffer:
+        model[3].register_buffer("weight", weight)
+    else:
+        model[3].weight = weight
+
+
 CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a forward hook": _hooked,
     "a global forward hook": _global_hook,
@@ -185,6 +207,17 @@ CHANGES: dict[str, Callable[[nn.Module], object]] = {
     ),
     "a forward set on the instance": lambda m: setattr(m[1], "forward", lambda h: h.clamp(0, 0.5)),
     "a new weight": lambda m: setattr(m[3], "weight", nn.Parameter(torch.ones(16, 16))),
+    "a weight that is a plain tensor": lambda m: _weight_not_a_parameter(m, buffer=False),
+    "a weight that is a buffer": lambda m: _weight_not_a_parameter(m, buffer=True),
+    "a deleted bias": lambda m: (delattr(m[0], "bias"), setattr(m[0], "bias", None)),
+    "hooks in a new dict": _hooks_in_a_new_dict,
+    "a forward set on the model": lambda m: setattr(
+        m, "forward", lambda h: 3 * nn.Sequential.forward(m, h)
+    ),
+    "a subclass with its own forward": lambda m: setattr(m, "__class__", _Tripled),
+    "a forward set on a dropout layer": lambda m: setattr(
+        m[2], "forward", lambda h: 2 * nn.Dropout.forward(m[2], h)
+    ),
 }  # fmt: skip
 
 
