@@ -191,7 +191,9 @@ class FastPass:
             y = self.layers.run_made(inputs, multipliers, self.replicas)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
-        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
+        # contiguous, as sample returns a single pass's (channels-last weights make a
+        # convolution's output another layout)
+        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:]).contiguous()
 
     def _runnable(self) -> bool:
         """Whether nothing changed since the plan that the pass depends on: no hook, the

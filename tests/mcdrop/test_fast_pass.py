@@ -54,12 +54,21 @@ def _cnn() -> nn.Module:
     return CNN(channels=(4, 8), pool=(True, True), spatial_dropout=0.0, hidden=16, image_size=12)
 
 
+def _channels_last_convolutions() -> nn.Module:
+    # Weights in channels-last order: the last convolution's output is not contiguous.
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Conv2d(4, 2, 3, padding=1)
+    )
+    return net.to(memory_format=torch.channels_last)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "sequential": (_sequential, (6,)),
     "in-place first": (_inplace_first, (6,)),
     "dropout last": (_dropout_last, (6,)),
     "standardized MLP": (_standardized_mlp, (6,)),
     "CNN": (_cnn, (1, 12, 12)),
+    "channels-last convolutions": (_channels_last_convolutions, (3, 6, 6)),
 }
 
 
@@ -100,6 +109,7 @@ def test_the_same_samples_as_the_general_path(
     assert torch.equal(again, general)
     assert torch.equal(x, before), "the call wrote into the caller's rows"
     assert fast.is_contiguous()
+    assert again.is_contiguous()  # as sample returns a single pass's
     assert fast.shape[:2] == (n_samples, n)
 
 
