@@ -712,9 +712,11 @@ class LayerChain:
         containers: list[nn.Module] = []
         net = model
         if type(net) is Standardized and "forward" not in vars(net):
-            # Standardized.forward: standardize, the network, destandardize
-            before.append(net.standardize)
-            after.append(net.destandardize)
+            # Standardized.forward: standardize, the network, destandardize, each looked up on
+            # every call as forward does (a method set on the instance replaces the class's)
+            std = net
+            before.append(lambda x: std.standardize(x))
+            after.append(lambda y: std.destandardize(y))
             containers.append(net)
             net = net.net
         parts: list[nn.Module]

@@ -252,6 +252,19 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["standardize", "destandardize"])
+def test_a_standardized_models_method_set_on_the_instance_is_called(method: str) -> None:
+    """Standardized.forward looks its two methods up on every call: one set on the instance
+    after the plan runs, as it does in the model's own forward."""
+    model, shape = _model("standardized MLP")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    sample(model, x, 4, seed=1, plan=kept)
+    own = getattr(model, method)
+    setattr(model, method, lambda h: own(h) + 1)
+    assert torch.equal(sample(model, x, 4, seed=1, plan=kept), sample(model, x, 4, seed=1))
+
+
 def test_autocast_takes_the_general_path() -> None:
     model, shape = _model("sequential")
     x = _rows(2, shape)
