@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+from itertools import repeat
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,7 +33,7 @@ from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
 from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.routing import DropoutRoutes, routed_forward
-from mcdrop.sampling_context import SamplingContext, replicate
+from mcdrop.sampling_context import SamplingContext, fresh_layout, replicate
 
 if TYPE_CHECKING:
     from mcdrop.planning import LayerChain, SamplingPlan
@@ -143,11 +144,6 @@ class FastPass:
         self.rows = n_rows * n_samples
         self.kernels = kernels
         self.device = model_device_slot(model)
-        # The modules a pass runs, and each container's children as when the pass was made:
-        # the subclass sets them (see _unchanged).
-        self.modules: tuple[nn.Module, ...] = ()
-        self.children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...]
-        self.children = ()
 
     def run(self, model: nn.Module, x: Tensor, seed: object) -> Tensor | None:
         """The ``(S, N, K...)`` samples of ``x`` ``(N, D...)`` under ``seed`` (None: a fresh one
@@ -181,14 +177,9 @@ class FastPass:
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
-        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
-
-    def _unchanged(self) -> bool:
-        """Whether the modules are those of the pass's making, each in eval mode: the
-        containers' children are, and no module is in training mode."""
-        if any(map(_training, self.modules)):
-            return False
-        return all(tuple(found.values()) == planned for found, planned in self.children)
+        # contiguous, as sample returns a single pass's (channels-last weights make a
+        # convolution's output another layout)
+        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:]).contiguous()
 
     def _on_the_cpu(self) -> bool:
         if self.device is None:  # no parameter or buffer at all
@@ -223,44 +214,50 @@ class ChainPass(FastPass):
     ) -> None:
         super().__init__(plan, model, kernels, key, share)
         self.layers = layers
+        self.fresh_first = layers.fresh_first
         self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
-        # What LayerChain.runnable checks, flattened: every hook dict of the chain's modules,
-        # and each container's children as planned.
-        self.hooks = tuple(
-            hooks
-            for m in layers.containers
-            for hooks in (
-                m._forward_hooks,
-                m._forward_pre_hooks,
-                m._backward_hooks,
-                m._backward_pre_hooks,
-            )
-        )
-        self.children = tuple(
-            (m._modules, planned)
-            for m, planned in zip(layers.containers, layers.children, strict=True)
-            if planned
-        )
+        # What LayerChain.runnable checks, flattened, read from each module's own __dict__
+        # (an item of a dict costs less than an attribute of a module): its hook dicts and
+        # _modules, read on every call (a caller may replace one), each container's children
+        # as planned, and no forward set on an instance.
         self.modules = layers.containers
+        self.types = layers.types
+        self.dicts = tuple(vars(m) for m in layers.containers)
+        self.children = tuple(
+            (d, planned) for d, planned in zip(self.dicts, layers.children, strict=True) if planned
+        )
         # the rates the multipliers were made for, as LayerChain._pass reads them
         self.rates = tuple((layer, float(cast(Any, layer).p)) for _, layer in layers.elementwise)
 
     def _runnable(self, model: nn.Module) -> bool:
-        """No hook, the chain's layers as planned, every module in eval mode, the dropout rates
-        the multipliers were made for."""
-        if any(map(len, self.hooks)) or global_hooks() or not self._unchanged():
-            return False
-        for layer, p in self.rates:
-            if layer.p != p:
+        """No hook, the chain's modules and their classes as planned, none with a forward set
+        on the instance, every module in eval mode, the dropout rates the multipliers were made
+        for."""
+        try:
+            if (
+                global_hooks()
+                or any(map(any, map(_hooks_or_training, self.dicts)))
+                or tuple(map(type, self.modules)) != self.types
+                or any(map(operator.contains, self.dicts, repeat("forward")))
+            ):
                 return False
-        return self.layers.direct_unchanged()
+            for found, planned in self.children:
+                if tuple(found["_modules"].values()) != planned:
+                    return False
+        except KeyError:  # a module without the dicts nn.Module makes: not torch's own
+            return False
+        return all(layer.p == p for layer, p in self.rates)
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
         multipliers: list[Tensor] = self.compiled.make(keys, self.first_sample, self.n_samples)
         # As planning.run_chain_pass: the caller's rows themselves only where the chain's first
-        # step writes a new tensor and one pass of them is all it needs.
+        # step writes a new tensor, one pass of them is all it needs, and they are laid out as
+        # a copy would be (sampling_context.fresh_layout).
         if self.share or self.n_samples == 1:
-            inputs = x if self.layers.fresh_first else x.clone()
+            if self.fresh_first and fresh_layout(x):
+                inputs = x
+            else:
+                inputs = x.clone(memory_format=torch.contiguous_format)
         else:
             inputs = replicate(x, self.n_samples)
         with _inference_mode(True):
@@ -316,13 +313,19 @@ class RoutedPass(FastPass):
         )
 
     def _runnable(self, model: nn.Module) -> bool:
-        """Every module of the model as when the pass was made, in eval mode."""
-        return self._unchanged()
+        """Every module of the model as when the pass was made (its containers' children), in
+        eval mode."""
+        if any(map(_training, self.modules)):
+            return False
+        return all(tuple(found.values()) == planned for found, planned in self.children)
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
         # As planning.run_pass: the rows copied (a layer may write into its input) or
         # replicated, the sample keys, one context for the pass.
-        inputs = x.clone() if self.share else replicate(x, self.n_samples)
+        if self.share:
+            inputs = x.clone(memory_format=torch.contiguous_format)
+        else:
+            inputs = replicate(x, self.n_samples)
         made = self._made_now(keys)
         ctx: SamplingContext
         if made is not None and None not in made:
@@ -410,6 +413,12 @@ def _walk(model: nn.Module) -> list[nn.Module]:
 
 
 _training = operator.attrgetter("training")
+
+# A module's hook dicts and training flag, from its __dict__: any() of them is whether it has a
+# hook or trains.
+_hooks_or_training = operator.itemgetter(
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "training"
+)
 
 # torch.inference_mode()'s own guard: the Python context manager around it (built and entered
 # on every use) cost 5–7 µs of a cold one-row call, a fifth of a small MLP's arithmetic.

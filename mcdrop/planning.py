@@ -31,10 +31,12 @@ Shape legend: ``N`` rows, ``S`` samples, ``B = S·N`` replicated rows, ``D...`` 
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -59,6 +61,7 @@ from mcdrop.sampling_context import (
     DROPOUT_FUNCTIONS,
     DropoutMode,
     SamplingContext,
+    fresh_layout,
     replicate,
 )
 
@@ -261,8 +264,9 @@ def run_pass(
     n = x.shape[0]
     replicas = n_samples if prefix else 1
     # (S * n, D...), sample-major; with the prefix shared, a copy of the n rows all the same:
-    # a layer before the first dropout may write into its input (an in-place ReLU).
-    inputs = x.clone() if prefix else replicate(x, n_samples)
+    # a layer before the first dropout may write into its input (an in-place ReLU). Contiguous,
+    # as replicate's: the samples of rows in another layout are those of contiguous rows.
+    inputs = x.clone(memory_format=torch.contiguous_format) if prefix else replicate(x, n_samples)
     layers = plan.layers
     if chain is None:
         chain = layers is not None and layers.runnable(model)
@@ -282,7 +286,11 @@ def run_pass(
             found = routed_forward(model, inputs, ctx, plan.routes, len(plan.calls))
             if found is None:  # a call routing missed: the pass again, under the mode
                 ctx = SamplingContext(keys, plan.calls, replicate=replicas)
-                inputs = x.clone() if prefix else replicate(x, n_samples)
+                inputs = (
+                    x.clone(memory_format=torch.contiguous_format)
+                    if prefix
+                    else replicate(x, n_samples)
+                )
         if found is None:
             net = model if plan.encoders is None else plan.encoders.twin(model)
             with ctx:
@@ -323,9 +331,11 @@ def run_chain_pass(
     replicas = n_samples if prefix else 1
     # As run_pass's: (S * n, D...) rows, or with the prefix shared the n rows, copied, but
     # where the chain's first step writes a new tensor and one pass of them is all it needs
-    # (nothing writes into the caller's rows then).
+    # (nothing writes into the caller's rows then), and they are laid out as the copy would be
+    # (else the first layer rounds differently: fresh_layout).
     if prefix or n_samples == 1:
-        inputs = x if layers.fresh_first else x.clone()
+        reuse = layers.fresh_first and fresh_layout(x)
+        inputs = x if reuse else x.clone(memory_format=torch.contiguous_format)
     else:
         inputs = replicate(x, n_samples)
     y = layers.run_made(inputs, multipliers, replicas)
@@ -722,13 +732,12 @@ class LayerChain:
     # whether the first step writes a new tensor and never its input (a linear layer or a
     # convolution): a one-sample pass may then hand it the caller's rows without a copy
     fresh_first: bool = False
-    # steps as run_made runs them: (what, layer or its parameters, the options' inplace), where
-    # what is _LINEAR or _RELU (torch's own, called straight), _FORWARD (a module), _CALL (a
-    # function) or _DROP (a dropout layer)
-    made_steps: tuple[tuple[int, Any, bool], ...] = ()
-    # the modules called straight, and their classes as planned (see runnable)
-    direct: tuple[nn.Module, ...] = ()
-    direct_types: tuple[type, ...] = ()
+    # steps as run_made runs them: (what, layer, extra), where what is _LINEAR (extra: its
+    # _parameters) or _RELU (torch's own, called straight), _FORWARD (a module), _CALL (a
+    # function) or _DROP (a dropout layer; extra: the options' inplace)
+    made_steps: tuple[tuple[int, Any, Any], ...] = ()
+    # the classes of containers as planned (see unchanged)
+    types: tuple[type, ...] = ()
     # the PassMultipliers of the rates and dtype seen, made once (what depends on the plan only),
     # and whether run_made can run their passes
     _made: dict[tuple[tuple[float, ...], torch.dtype], tuple[masks.PassMultipliers, bool]] = field(
@@ -744,9 +753,11 @@ class LayerChain:
         containers: list[nn.Module] = []
         net = model
         if type(net) is Standardized and "forward" not in vars(net):
-            # Standardized.forward: standardize, the network, destandardize
-            before.append(net.standardize)
-            after.append(net.destandardize)
+            # Standardized.forward: standardize, the network, destandardize, each looked up on
+            # every call as forward does (a method set on the instance replaces the class's)
+            std = net
+            before.append(lambda x: std.standardize(x))
+            after.append(lambda y: std.destandardize(y))
             containers.append(net)
             net = net.net
         parts: list[nn.Module]
@@ -799,17 +810,15 @@ class LayerChain:
             for i, (layer, options) in enumerate(drops)
             if not (options.get("feature") or options.get("alpha"))
         )
-        made_steps: list[tuple[int, Any, bool]] = []
-        direct: list[nn.Module] = []
+        made_steps: list[tuple[int, Any, Any]] = []
         for step, step_options in steps:
             step_type: type = type(step)
             if step_options is not None:
                 made_steps.append((_DROP, step, bool(step_options["inplace"])))
-            elif step_type is nn.Linear or step_type is nn.ReLU:
-                module = cast(nn.Module, step)
-                direct.append(module)
-                what = _LINEAR if step_type is nn.Linear else _RELU
-                made_steps.append((what, module._parameters if what == _LINEAR else module, False))
+            elif step_type is nn.Linear:
+                made_steps.append((_LINEAR, step, cast(nn.Module, step)._parameters))
+            elif step_type is nn.ReLU:
+                made_steps.append((_RELU, step, False))
             else:
                 what = _FORWARD if isinstance(step, nn.Module) else _CALL
                 made_steps.append((what, step, False))
@@ -822,8 +831,7 @@ class LayerChain:
             len(drops),
             bool(steps) and type(steps[0][0]) in _FRESH_OUTPUT,
             tuple(made_steps),
-            tuple(direct),
-            tuple(type(m) for m in direct),
+            tuple(map(type, containers)),
         )
 
     def multipliers(
@@ -890,11 +898,17 @@ class LayerChain:
         A linear layer and a ReLU are called straight (``F.linear`` of its parameters,
         ``torch.relu``): their ``forward`` and its attribute lookups cost ~8 µs of a cold
         one-row call of a 3-layer MLP, a quarter of its arithmetic. :meth:`runnable` checked
-        that they are still torch's own, with no ``forward`` of their own."""
+        that they are still torch's own, with no ``forward`` of their own; a linear layer whose
+        weight or bias is no parameter runs its ``forward``, which finds them."""
         made_in_order = iter(made)
-        for what, layer, inplace in self.made_steps:
+        for what, layer, extra in self.made_steps:
             if what == _LINEAR:
-                x = F.linear(x, layer["weight"], layer["bias"])
+                try:
+                    weight, bias = extra["weight"], extra["bias"]
+                except KeyError:  # not a parameter (a plain tensor swapped in): forward finds it
+                    x = layer.forward(x)
+                else:
+                    x = F.linear(x, weight, bias)
             elif what == _RELU:
                 x = torch.relu_(x) if layer.inplace else torch.relu(x)
             elif what == _FORWARD:
@@ -907,7 +921,7 @@ class LayerChain:
                     shape = x.shape
                     x = scale.view(replicas, *shape).mul_(x).view(replicas * shape[0], *shape[1:])
                     replicas = 1
-                elif inplace and layer.inplace:
+                elif extra and layer.inplace:  # (extra: the options' inplace)
                     x = x.mul_(scale.view(x.shape))
                 elif x.is_contiguous():  # into the fresh multipliers: no allocation
                     x = scale.view(x.shape).mul_(x)
@@ -919,9 +933,8 @@ class LayerChain:
         """Whether a pass may run the chain: the model's layers are still those planned, and no
         module of the chain has a hook, nor any module globally (the chain skips the calls of
         the model, its ``nn.Sequential`` parts and its dropout layers, and a hook of a plain
-        layer would run outside the torch-function mode); the layers :meth:`run_made` calls
-        straight are still of their class (``torch.nn.utils.parametrize`` changes it), with no
-        ``forward`` set on the instance."""
+        layer would run outside the torch-function mode); and the modules are still of their
+        classes, with no ``forward`` set on an instance (:meth:`unchanged`)."""
         if self.model() is not model or global_hooks():
             return False
         if any(
@@ -929,14 +942,16 @@ class LayerChain:
             for m, planned in zip(self.containers, self.children, strict=True)
         ):
             return False
-        return self.direct_unchanged()
+        return self.unchanged()
 
-    def direct_unchanged(self) -> bool:
-        """Whether the layers :meth:`run_made` calls straight are still of the classes planned,
-        with no ``forward`` set on the instance (see :meth:`runnable`)."""
-        if tuple(map(type, self.direct)) != self.direct_types:
+    def unchanged(self) -> bool:
+        """Whether the chain's modules are still of the classes planned, with no ``forward`` set
+        on an instance: the chain skips the calls of the containers and the dropout layers, and
+        calls linear layers and ReLUs straight (``torch.nn.utils.parametrize`` changes a class).
+        (C-level maps: a call's fixed cost.)"""
+        if tuple(map(type, self.containers)) != self.types:
             return False
-        return all("forward" not in m.__dict__ for m in self.direct)
+        return not any(map(operator.contains, map(vars, self.containers), repeat("forward")))
 
     def run(self, ctx: SamplingContext, x: Tensor) -> Tensor:
         """The chain's forward of ``x`` with every dropout layer's call handed to ``ctx``."""

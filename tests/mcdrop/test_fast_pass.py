@@ -3,6 +3,7 @@ general path wherever anything it depends on changed since the plan."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
@@ -53,12 +54,21 @@ def _cnn() -> nn.Module:
     return CNN(channels=(4, 8), pool=(True, True), spatial_dropout=0.0, hidden=16, image_size=12)
 
 
+def _channels_last_convolutions() -> nn.Module:
+    # Weights in channels-last order: the last convolution's output is not contiguous.
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Conv2d(4, 2, 3, padding=1)
+    )
+    return net.to(memory_format=torch.channels_last)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "sequential": (_sequential, (6,)),
     "in-place first": (_inplace_first, (6,)),
     "dropout last": (_dropout_last, (6,)),
     "standardized MLP": (_standardized_mlp, (6,)),
     "CNN": (_cnn, (1, 12, 12)),
+    "channels-last convolutions": (_channels_last_convolutions, (3, 6, 6)),
 }
 
 
@@ -99,6 +109,7 @@ def test_the_same_samples_as_the_general_path(
     assert torch.equal(again, general)
     assert torch.equal(x, before), "the call wrote into the caller's rows"
     assert fast.is_contiguous()
+    assert again.is_contiguous()  # as sample returns a single pass's
     assert fast.shape[:2] == (n_samples, n)
 
 
@@ -174,6 +185,27 @@ class _Double(nn.Module):
         return 2 * w
 
 
+class _Tripled(nn.Sequential):
+    def forward(self, x: Tensor) -> Tensor:
+        return 3 * super().forward(x)
+
+
+def _hooks_in_a_new_dict(model: nn.Module) -> list[int]:
+    # the idiom that drops every hook of a module: a new dict, which later hooks go into
+    model[0]._forward_hooks = OrderedDict()
+    return _hooked(model)
+
+
+def _weight_not_a_parameter(model: nn.Module, buffer: bool) -> None:
+    # as torch.func.functional_call swaps in a plain tensor: the layer's weight is no parameter
+    weight = 2 * model[3].weight.detach()
+    del model[3].weight
+    if buffer:
+        model[3].register_buffer("weight", weight)
+    else:
+        model[3].weight = weight
+
+
 CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a forward hook": _hooked,
     "a global forward hook": _global_hook,
@@ -185,6 +217,17 @@ CHANGES: dict[str, Callable[[nn.Module], object]] = {
     ),
     "a forward set on the instance": lambda m: setattr(m[1], "forward", lambda h: h.clamp(0, 0.5)),
     "a new weight": lambda m: setattr(m[3], "weight", nn.Parameter(torch.ones(16, 16))),
+    "a weight that is a plain tensor": lambda m: _weight_not_a_parameter(m, buffer=False),
+    "a weight that is a buffer": lambda m: _weight_not_a_parameter(m, buffer=True),
+    "a deleted bias": lambda m: (delattr(m[0], "bias"), setattr(m[0], "bias", None)),
+    "hooks in a new dict": _hooks_in_a_new_dict,
+    "a forward set on the model": lambda m: setattr(
+        m, "forward", lambda h: 3 * nn.Sequential.forward(m, h)
+    ),
+    "a subclass with its own forward": lambda m: setattr(m, "__class__", _Tripled),
+    "a forward set on a dropout layer": lambda m: setattr(
+        m[2], "forward", lambda h: 2 * nn.Dropout.forward(m[2], h)
+    ),
 }  # fmt: skip
 
 
@@ -209,6 +252,19 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["standardize", "destandardize"])
+def test_a_standardized_models_method_set_on_the_instance_is_called(method: str) -> None:
+    """Standardized.forward looks its two methods up on every call: one set on the instance
+    after the plan runs, as it does in the model's own forward."""
+    model, shape = _model("standardized MLP")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    sample(model, x, 4, seed=1, plan=kept)
+    own = getattr(model, method)
+    setattr(model, method, lambda h: own(h) + 1)
+    assert torch.equal(sample(model, x, 4, seed=1, plan=kept), sample(model, x, 4, seed=1))
+
+
 def test_autocast_takes_the_general_path() -> None:
     model, shape = _model("sequential")
     x = _rows(2, shape)
@@ -227,6 +283,54 @@ ROWS: dict[str, Callable[[Tensor], Tensor]] = {
     "a subclass": lambda x: nn.Parameter(x.clone(), requires_grad=False),
     "float64": lambda x: x.double(),
 }
+
+
+def _rgb_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return CNN(in_channels=3, channels=(4, 8), pool=(True, True), hidden=16, image_size=12).eval()
+
+
+def _off(x: Tensor) -> Tensor:
+    """``x``'s values in a contiguous tensor whose data starts 4 bytes past an aligned address."""
+    return torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
+
+
+LAYOUTS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], Callable[[Tensor], Tensor]]] = {
+    "transposed, sequential": (_sequential, (6,), lambda x: x.t().contiguous().t()),
+    "transposed, in-place first": (_inplace_first, (6,), lambda x: x.t().contiguous().t()),
+    "transposed, dropout last": (_dropout_last, (6,), lambda x: x.t().contiguous().t()),
+    "transposed, standardized MLP": (_standardized_mlp, (6,), lambda x: x.t().contiguous().t()),
+    "4 bytes off, sequential": (_sequential, (6,), lambda x: _off(x)),
+    "4 bytes off, dropout last": (_dropout_last, (6,), lambda x: _off(x)),
+    "4 bytes off, CNN": (_rgb_cnn, (3, 12, 12), lambda x: _off(x)),
+    "channels last, CNN": (
+        _rgb_cnn, (3, 12, 12), lambda x: x.contiguous(memory_format=torch.channels_last)
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 3, 64])
+@pytest.mark.parametrize("n_samples", [1, 4])
+def test_rows_in_any_memory_layout_give_the_contiguous_rows_samples(
+    layout: str, n: int, n_samples: int
+) -> None:
+    """A row's samples depend on its values, not on the strides or the alignment of the tensor it
+    comes in: a matrix product and a convolution round differently on another layout, so each
+    path copies such rows before the first layer."""
+    factory, shape, arrange = LAYOUTS[layout]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = _rows(n, shape)
+    rows = arrange(x)
+    before = rows.clone()
+    kept = plan(model, x)
+    expected = sample(model, x, n_samples, seed=3)
+    assert torch.equal(_fast(model, rows, n_samples, kept), expected)
+    assert torch.equal(sample(model, rows, n_samples, seed=3, plan=kept), expected)
+    assert torch.equal(sample(model, rows, n_samples, seed=3), expected)
+    assert torch.equal(rows, before)
+    assert rows.stride() == before.stride()
 
 
 @pytest.mark.parametrize("kind", ROWS)
