@@ -44,7 +44,8 @@ class _Route:
         self.inplace = inplace  # whether the layer's forward passes its inplace flag
         self.count = 0  # routed passes on the module now
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, input: Tensor) -> Tensor:
+        x = input  # (torch's forward's name: a model may call drop(input=h))
         ctx = active_context()
         module: Any = self.module  # a torch dropout layer: p and inplace
         if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed

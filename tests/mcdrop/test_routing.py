@@ -261,3 +261,43 @@ def test_a_rate_changed_since_the_plan_is_sampled_at_the_new_rate(n: int, n_samp
     got = sample(model, x[:n], n_samples, seed=3, plan=kept)
     assert torch.equal(got, sample(model, x[:n], n_samples, seed=3, plan=_under_the_mode(kept)))
     assert torch.equal(got, sample(model, x[:n], n_samples, seed=3))  # a fresh plan's
+
+
+class Keyword(TwoLayer):
+    """A dropout module called with its argument by name, as torch's forward allows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(input=F.relu(self.fc1(x)))
+        return self.fc3(self.drop(input=torch.tanh(self.fc2(x))))
+
+
+def test_a_dropout_module_called_by_keyword_is_routed_and_predicts_meanwhile() -> None:
+    torch.manual_seed(0)
+    model = Keyword().eval()
+    x = torch.randn(3, 6)
+    kept = plan(model, x)
+    assert kept.routes is not None
+    got = sample(model, x, 4, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, 4, seed=1, plan=_under_the_mode(kept)))
+    # another thread's deterministic prediction while this one's routes are in place
+    expected = predict(model, x)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def predictor() -> None:
+        while not stop.is_set():
+            try:
+                assert torch.equal(predict(model, x), expected)
+            except BaseException as e:  # reported below
+                failures.append(e)
+                return
+
+    thread = threading.Thread(target=predictor)
+    thread.start()
+    try:
+        for _ in range(200):
+            sample(model, x, 4, seed=1, plan=kept)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert failures == []
