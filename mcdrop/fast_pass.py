@@ -309,11 +309,10 @@ class RoutedPass(FastPass):
             torch.Size(call.shape_at(self.n_rows if share and call.index == 0 else self.rows))
             for call in plan.calls
         )
-        # every module (its forward may run any of them), each container's children
+        # every module (its forward may run any of them); each container's children as when
+        # the plan was made (a dropout module put in since would pass unseen)
         self.modules = tuple(_walk(model))
-        self.children = tuple(
-            (m._modules, tuple(m._modules.values())) for m in self.modules if m._modules
-        )
+        self.children = routes.children
 
     def _runnable(self, model: nn.Module) -> bool:
         """Every module of the model as when the pass was made, in eval mode."""

@@ -278,7 +278,7 @@ def run_pass(
     else:
         ctx = SamplingContext(keys, plan.calls, replicate=replicas)
         found = None
-        if plan.routes is not None:
+        if plan.routes is not None and plan.routes.unchanged():
             found = routed_forward(model, inputs, ctx, plan.routes, len(plan.calls))
             if found is None:  # a call routing missed: the pass again, under the mode
                 ctx = SamplingContext(keys, plan.calls, replicate=replicas)

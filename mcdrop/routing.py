@@ -15,7 +15,9 @@ prediction, a pass under the mode), runs torch's own forward. A plan routes its 
 a routed pass gave the mode's samples, bit for bit, when the plan was made
 (:func:`mcdrop.planning.probe`), and each routed pass must make every call of the plan: one that
 routing misses (an ``F.dropout`` in a custom ``forward``, attention's dropout, a rate set to 0
-since) leaves the count short or shifts the calls, and the pass runs again under the mode.
+since) leaves the count short or shifts the calls, and the pass runs again under the mode. A call
+routing cannot see makes no such trace: a pass is routed only while the model's containers hold
+the children they held when the plan was made (a dropout module put in since is not routed).
 """
 
 from __future__ import annotations
@@ -90,8 +92,15 @@ class DropoutRoutes:
             ``inplace``).
     """
 
-    def __init__(self, modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...]) -> None:
+    def __init__(
+        self,
+        modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...],
+        children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...] = (),
+    ) -> None:
         self.modules = modules
+        # each container of the model and its children when the plan was made: a dropout
+        # module put in since is not routed, and its call would pass unseen (the mode refuses it)
+        self.children = children
         # the module that made each call of the plan, and its input's dtype, in call order
         # (noted by probe)
         self.callers: tuple[tuple[nn.Module, torch.dtype], ...] = ()
@@ -103,10 +112,17 @@ class DropoutRoutes:
         """The routes of ``model``'s modules whose class is one of ``kinds`` (torch's dropout
         layers, and what each calls); None where it has none. (One with a ``forward`` of its
         own is never routed: :meth:`install`.)"""
-        found = [m for m in model.modules() if type(m) in kinds]
+        every = list(model.modules())
+        found = [m for m in every if type(m) in kinds]
         if not found:
             return None
-        return cls(tuple((m, *kinds[type(m)]) for m in found))
+        children = tuple((m._modules, tuple(m._modules.values())) for m in every if m._modules)
+        return cls(tuple((m, *kinds[type(m)]) for m in found), children)
+
+    def unchanged(self) -> bool:
+        """Whether every container of the model has the children it had when the plan was
+        made."""
+        return all(tuple(found.values()) == planned for found, planned in self.children)
 
     def install(self) -> bool:
         """Route the modules for a pass on this thread (to :meth:`remove` after it); False,

@@ -301,3 +301,41 @@ def test_a_dropout_module_called_by_keyword_is_routed_and_predicts_meanwhile() -
         stop.set()
         thread.join(timeout=60)
     assert failures == []
+
+
+class Extra(TwoLayer):
+    """TwoLayer with a slot for a module after its last dropout (an identity when planned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra: nn.Module = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.extra(super().forward(x))
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
+def test_a_dropout_module_added_after_the_plan_is_never_left_unsampled(
+    n: int, n_samples: int
+) -> None:
+    """A dropout module put in the model after its plan makes a call the plan does not have:
+    the mode refuses the pass, and so must a routed one (never samples with it silently
+    deterministic)."""
+    torch.manual_seed(0)
+    model = Extra().eval()
+    x = torch.randn(3, 6)
+    kept = plan(model, x[:n])
+    assert kept.routes is not None
+    sample(model, x[:n], n_samples, seed=1, plan=kept)  # the fast pass is made and used
+    planned = model.extra
+    model.extra = nn.Dropout(0.5)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, x[:n], n_samples, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+    model.extra = planned  # as planned again: routed, the mode's samples
+    assert torch.equal(
+        sample(model, x[:n], n_samples, seed=1, plan=kept),
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept)),
+    )
