@@ -22,6 +22,7 @@ the children they held when the plan was made (a dropout module put in since is 
 
 from __future__ import annotations
 
+import copyreg
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -116,6 +117,8 @@ class DropoutRoutes:
         found = [m for m in every if type(m) in kinds]
         if not found:
             return None
+        for kind in kinds:  # copies made while a pass is routed (another thread's) leave it
+            copyreg.dispatch_table.setdefault(kind, _reduce)
         children = tuple((m._modules, tuple(m._modules.values())) for m in every if m._modules)
         return cls(tuple((m, *kinds[type(m)]) for m in found), children)
 
@@ -152,6 +155,18 @@ class DropoutRoutes:
                 route.count -= 1
                 if route.count == 0:
                     del own["forward"]
+
+
+def _reduce(module: nn.Module) -> str | tuple[Any, ...]:
+    """A dropout module's pickle and copy (``copy.deepcopy``, ``torch.save``): torch's, less a
+    :class:`_Route` that a routed pass (on another thread) has put there for its own length: a
+    copy would keep it for good, a ``forward`` of its own that no pass removes."""
+    reduced = module.__reduce_ex__(4)
+    if isinstance(reduced, tuple) and len(reduced) > 2 and isinstance(reduced[2], dict):
+        state = reduced[2]  # (nn.Module.__getstate__: a copy of the module's __dict__)
+        if type(state.get("forward")) is _Route:
+            del state["forward"]
+    return reduced
 
 
 def routed_forward(

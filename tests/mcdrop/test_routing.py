@@ -5,8 +5,12 @@ the mode; the modules are left as they were, and other threads see torch's own d
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -339,3 +343,44 @@ def test_a_dropout_module_added_after_the_plan_is_never_left_unsampled(
         sample(model, x[:n], n_samples, seed=1, plan=kept),
         sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept)),
     )
+
+
+def _saved_and_loaded(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "copier",
+    [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _saved_and_loaded],
+    ids=["deepcopy", "pickle", "torch.save"],
+)
+def test_a_copy_made_while_a_pass_is_routed_has_no_route(copier: Callable[[Any], Any]) -> None:
+    """A copy of the model taken while a routed pass runs (here from within it, as another
+    thread's copy may be) has torch's own dropout modules: no ``forward`` of their own."""
+    model, x = _model("two layers")
+    kept = plan(model, x)
+    assert kept.routes is not None
+    copies: list[nn.Module] = []
+
+    def copy_within(module: nn.Module, *_: object) -> None:
+        if module is model.fc3:
+            copies.append(copier(model))
+
+    # (a global hook: the model's own would be copied, and a local function is no pickle)
+    handle = nn.modules.module.register_module_forward_hook(copy_within)
+    try:
+        sample(model, x, 4, seed=1, plan=kept)
+    finally:
+        handle.remove()
+    assert copies
+    for twin in copies:
+        assert all("forward" not in vars(m) for m in _dropout_modules(twin))
+    twin = copies[0]
+    assert torch.equal(predict(twin, x), predict(model, x))
+    assert torch.equal(
+        sample(twin, x, 4, seed=1, plan=plan(twin, x)), sample(model, x, 4, seed=1, plan=kept)
+    )
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
