@@ -415,6 +415,8 @@ def _routes(
     it does not, or the plan runs its passes without the mode anyway."""
     if plan.layers is not None or plan.encoders is not None or plan.graphs is not None:
         return None
+    if any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
+        return None  # the probe's rows may not tell: their fast path equals the mode's on some
     routes = DropoutRoutes.of(model, _DROPOUT_LAYERS)
     if routes is None:
         return None
@@ -682,6 +684,12 @@ _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
     nn.AlphaDropout: (F.alpha_dropout, False),
     nn.FeatureAlphaDropout: (F.feature_alpha_dropout, False),
 }
+
+
+#: torch's layers that run other arithmetic where no torch-function mode is on (their fast
+#: path, in eval mode): a routed pass of a model with one is not the mode's, whatever its probe
+#: gave (an nn.MultiheadAttention on rows of zeros gives the mode's samples, on others not).
+_MODE_DEPENDENT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
 def _autocast() -> bool:

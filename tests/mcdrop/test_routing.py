@@ -384,3 +384,32 @@ def test_a_copy_made_while_a_pass_is_routed_has_no_route(copier: Callable[[Any],
         sample(twin, x, 4, seed=1, plan=plan(twin, x)), sample(model, x, 4, seed=1, plan=kept)
     )
     assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
+class Attending(nn.Module):
+    """Dropout modules beside an nn.MultiheadAttention of rate 0 (no dropout call of its own),
+    whose fast path torch takes in eval mode where no torch-function mode runs: other
+    arithmetic than the mode's, though equal on some inputs (rows of zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 4 * 16)
+        self.drop = nn.Dropout(0.2)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x)).view(x.shape[0], 4, 16)
+        return self.out(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_a_model_whose_layers_run_otherwise_under_the_mode_is_not_routed() -> None:
+    """Planned on a row of zeros (as the service warms a model up), the routed probe pass gives
+    the mode's samples bit for bit; other rows' samples differ: such a model is never routed."""
+    torch.manual_seed(0)
+    model = Attending().eval()
+    kept = plan(model, torch.zeros(1, 6))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    got = sample(model, x, 16, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, 16, seed=1, plan=_under_the_mode(kept)))
+    assert kept.routes is None
