@@ -35,7 +35,7 @@ from mcdrop.routing import DropoutRoutes, routed_forward
 from mcdrop.sampling_context import SamplingContext, replicate
 
 if TYPE_CHECKING:
-    from mcdrop.planning import LayerChain, SamplingPlan
+    from mcdrop.planning import CallLayout, LayerChain, SamplingPlan
 
 #: The most call shapes a plan keeps fast passes for (request sizes vary: the latest few).
 MAX_KEPT = 64
@@ -393,6 +393,15 @@ class MadeContext(SamplingContext):
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         raise UnsupportedModelError(
             f"dropout call {self.calls + 1} is not the one the fast pass made multipliers for"
+        )
+
+    def take(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout, int] | None:
+        # a module that hands its call to the context itself (mcdrop's LockedDropout,
+        # DropConnectLinear: SamplingContext.rows), with no call of the plan's making here
+        raise UnsupportedModelError(
+            f"dropout call {self.calls + 1} ({kind}) is not one the fast pass made multipliers for"
         )
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import plan, predict, sample, sample_chunks
+from mcdrop import LockedDropout, plan, predict, sample, sample_chunks
 from mcdrop.exceptions import UnsampledDropoutWarning, UnsupportedModelError
 from mcdrop.nets import ReducedPrecision
 from mcdrop.planning import SamplingPlan
@@ -413,3 +413,46 @@ def test_a_model_whose_layers_run_otherwise_under_the_mode_is_not_routed() -> No
     got = sample(model, x, 16, seed=1, plan=kept)
     assert torch.equal(got, sample(model, x, 16, seed=1, plan=_under_the_mode(kept)))
     assert kept.routes is None
+
+
+class Locked(nn.Module):
+    """A sequence model of its own with an nn.Dropout and mcdrop's LockedDropout, which hands
+    its calls to the sampling context itself (with or without the mode)."""
+
+    def __init__(self, locked: float) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 3 * 8)
+        self.drop = nn.Dropout(0.2)
+        self.locked = LockedDropout(locked)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x)).view(x.shape[0], 3, 8)
+        return self.out(self.locked(h).mean(1))
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
+def test_a_call_of_the_context_itself_in_a_fast_routed_pass_gets_the_modes_answer(
+    n: int, n_samples: int
+) -> None:
+    """A LockedDropout's rate set above 0 after the plan: its call is not in the plan, and
+    the mode's pass refuses it; so does a routed one, fast (no sample keys) or not."""
+    torch.manual_seed(0)
+    model = Locked(0.0).eval()
+    x = torch.randn(3, 6)
+    kept = plan(model, x[:n])
+    assert kept.routes is not None
+    sample(model, x[:n], n_samples, seed=1, plan=kept)  # the fast pass is made and used
+    model.locked.p = 0.3
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, x[:n], n_samples, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+    # a model planned with it: routed, the mode's samples
+    fresh = plan(model, x[:n])
+    assert fresh.routes is not None
+    assert torch.equal(
+        sample(model, x[:n], n_samples, seed=1, plan=fresh),
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(fresh)),
+    )
