@@ -17,7 +17,9 @@ a routed pass gave the mode's samples, bit for bit, when the plan was made
 routing misses (an ``F.dropout`` in a custom ``forward``, attention's dropout, a rate set to 0
 since) leaves the count short or shifts the calls, and the pass runs again under the mode. A call
 routing cannot see makes no such trace: a pass is routed only while the model's containers hold
-the children they held when the plan was made (a dropout module put in since is not routed).
+the children they held when the plan was made (a dropout module put in since is not routed), and
+a pass whose forward asks :func:`mcdrop.is_sampling` runs again under the mode (the answer may
+lead to a functional call, on some inputs only).
 """
 
 from __future__ import annotations
@@ -173,8 +175,9 @@ def routed_forward(
     model: nn.Module, inputs: Tensor, ctx: SamplingContext, routes: DropoutRoutes, calls: int
 ) -> Any:
     """``model(inputs)`` with its dropout modules' calls handed to ``ctx`` and no mode; None
-    where the pass did not make exactly the ``calls`` calls of its plan (then the caller runs it
-    under the mode, on inputs made afresh: this one may have written into ``inputs``)."""
+    where the pass did not make exactly the ``calls`` calls of its plan, or its forward asked
+    :func:`mcdrop.is_sampling` (then the caller runs it under the mode, on inputs made afresh:
+    this one may have written into ``inputs``)."""
     if not routes.install():
         return None
     ctx.routed = True
@@ -185,4 +188,7 @@ def routed_forward(
         return None
     finally:
         routes.remove()
-    return y if ctx.calls == calls else None
+    # a forward that asked mcdrop.is_sampling() may have made a functional call that routing
+    # cannot see (F.dropout(h, p, self.training or is_sampling()) on some inputs only: torch's
+    # own unseeded dropout), which the mode sees
+    return y if ctx.calls == calls and not ctx.asked else None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import LockedDropout, plan, predict, sample, sample_chunks
+from mcdrop import LockedDropout, is_sampling, plan, predict, sample, sample_chunks
 from mcdrop.exceptions import UnsampledDropoutWarning, UnsupportedModelError
 from mcdrop.nets import ReducedPrecision
 from mcdrop.planning import SamplingPlan
@@ -456,3 +456,34 @@ def test_a_call_of_the_context_itself_in_a_fast_routed_pass_gets_the_modes_answe
         sample(model, x[:n], n_samples, seed=1, plan=fresh),
         sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(fresh)),
     )
+
+
+class Gated(TwoLayer):
+    """A functional dropout on some inputs only, with the idiom mcdrop.is_sampling documents."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(F.relu(self.fc1(x)))
+        if x.abs().max() > 5:
+            h = F.dropout(h, 0.5, self.training or is_sampling())
+        return self.fc3(h)
+
+
+def test_a_forward_that_asks_whether_it_samples_gets_the_modes_answer() -> None:
+    """Planned on rows that skip its functional dropout, then given a row that takes it: the
+    mode refuses the call the plan does not have; a routed pass would not see it, and torch's
+    own (unseeded) dropout would run."""
+    torch.manual_seed(0)
+    model = Gated().eval()
+    small = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    kept = plan(model, small)
+    assert kept.routes is not None
+    assert torch.equal(
+        sample(model, small, 8, seed=1, plan=kept),
+        sample(model, small, 8, seed=1, plan=_under_the_mode(kept)),
+    )
+    large = torch.full((1, 6), 9.0)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, large, 8, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, large, 8, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
