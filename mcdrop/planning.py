@@ -416,7 +416,7 @@ def _routes(
     if plan.layers is not None or plan.encoders is not None or plan.graphs is not None:
         return None
     if any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
-        return None  # the probe's rows may not tell: their fast path equals the mode's on some
+        return None  # the probe's rows may not tell (see _MODE_DEPENDENT)
     routes = DropoutRoutes.of(model, _DROPOUT_LAYERS)
     if routes is None:
         return None
