@@ -487,3 +487,37 @@ def test_a_forward_that_asks_whether_it_samples_gets_the_modes_answer() -> None:
     with pytest.raises(UnsupportedModelError) as routed:
         sample(model, large, 8, seed=1, plan=kept)
     assert str(routed.value) == str(mode.value)
+
+
+def test_other_threads_sample_under_the_mode_and_plan_meanwhile() -> None:
+    """While threads sample with their dropout modules routed, another thread's sampling under
+    the mode and another's plan of the same model see torch's own dropout modules."""
+    model, x = _model("residual")
+    kept = plan(model, x)
+    mode = _under_the_mode(kept)
+    expected = {p: sample(model, x, 8, seed=2, plan=p) for p in (kept, mode)}
+    failures: list[str] = []
+    start = threading.Barrier(4)
+
+    def sampler(p: SamplingPlan) -> None:
+        start.wait()
+        for _ in range(30):
+            if not torch.equal(sample(model, x, 8, seed=2, plan=p), expected[p]):
+                failures.append("samples")
+
+    def planner() -> None:
+        start.wait()
+        for _ in range(6):
+            again = plan(model, x)
+            if again.calls != kept.calls or again.routes is None:
+                failures.append("plan")
+
+    threads = [threading.Thread(target=sampler, args=(p,)) for p in (kept, kept, mode)]
+    threads.append(threading.Thread(target=planner))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == []
+    assert torch.equal(expected[kept], expected[mode])
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
