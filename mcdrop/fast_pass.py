@@ -36,7 +36,7 @@ from mcdrop.routing import DropoutRoutes, routed_forward
 from mcdrop.sampling_context import SamplingContext, fresh_layout, replicate
 
 if TYPE_CHECKING:
-    from mcdrop.planning import LayerChain, SamplingPlan
+    from mcdrop.planning import CallLayout, LayerChain, SamplingPlan
 
 #: The most call shapes a plan keeps fast passes for (request sizes vary: the latest few).
 MAX_KEPT = 64
@@ -306,11 +306,10 @@ class RoutedPass(FastPass):
             torch.Size(call.shape_at(self.n_rows if share and call.index == 0 else self.rows))
             for call in plan.calls
         )
-        # every module (its forward may run any of them), each container's children
+        # every module (its forward may run any of them); each container's children as when
+        # the plan was made (a dropout module put in since would pass unseen)
         self.modules = tuple(_walk(model))
-        self.children = tuple(
-            (m._modules, tuple(m._modules.values())) for m in self.modules if m._modules
-        )
+        self.children = routes.children
 
     def _runnable(self, model: nn.Module) -> bool:
         """Every module of the model as when the pass was made (its containers' children), in
@@ -397,6 +396,15 @@ class MadeContext(SamplingContext):
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         raise UnsupportedModelError(
             f"dropout call {self.calls + 1} is not the one the fast pass made multipliers for"
+        )
+
+    def take(
+        self, x: Tensor, kind: str, batch_dim: int | None = None
+    ) -> tuple[Tensor, CallLayout, int] | None:
+        # a module that hands its call to the context itself (mcdrop's LockedDropout,
+        # DropConnectLinear: SamplingContext.rows), with no call of the plan's making here
+        raise UnsupportedModelError(
+            f"dropout call {self.calls + 1} ({kind}) is not one the fast pass made multipliers for"
         )
 
 

@@ -282,7 +282,7 @@ def run_pass(
     else:
         ctx = SamplingContext(keys, plan.calls, replicate=replicas)
         found = None
-        if plan.routes is not None:
+        if plan.routes is not None and plan.routes.unchanged():
             found = routed_forward(model, inputs, ctx, plan.routes, len(plan.calls))
             if found is None:  # a call routing missed: the pass again, under the mode
                 ctx = SamplingContext(keys, plan.calls, replicate=replicas)
@@ -425,6 +425,8 @@ def _routes(
     it does not, or the plan runs its passes without the mode anyway."""
     if plan.layers is not None or plan.encoders is not None or plan.graphs is not None:
         return None
+    if any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
+        return None  # the probe's rows may not tell (see _MODE_DEPENDENT)
     routes = DropoutRoutes.of(model, _DROPOUT_LAYERS)
     if routes is None:
         return None
@@ -692,6 +694,12 @@ _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
     nn.AlphaDropout: (F.alpha_dropout, False),
     nn.FeatureAlphaDropout: (F.feature_alpha_dropout, False),
 }
+
+
+#: torch's layers that run other arithmetic where no torch-function mode is on (their fast
+#: path, in eval mode): a routed pass of a model with one is not the mode's, whatever its probe
+#: gave (an nn.MultiheadAttention on rows of zeros gives the mode's samples, on others not).
+_MODE_DEPENDENT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
 def _autocast() -> bool:

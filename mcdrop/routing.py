@@ -15,11 +15,16 @@ prediction, a pass under the mode), runs torch's own forward. A plan routes its 
 a routed pass gave the mode's samples, bit for bit, when the plan was made
 (:func:`mcdrop.planning.probe`), and each routed pass must make every call of the plan: one that
 routing misses (an ``F.dropout`` in a custom ``forward``, attention's dropout, a rate set to 0
-since) leaves the count short or shifts the calls, and the pass runs again under the mode.
+since) leaves the count short or shifts the calls, and the pass runs again under the mode. A call
+routing cannot see makes no such trace: a pass is routed only while the model's containers hold
+the children they held when the plan was made (a dropout module put in since is not routed), and
+a pass whose forward asks :func:`mcdrop.is_sampling` runs again under the mode (the answer may
+lead to a functional call, on some inputs only).
 """
 
 from __future__ import annotations
 
+import copyreg
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,7 +49,8 @@ class _Route:
         self.inplace = inplace  # whether the layer's forward passes its inplace flag
         self.count = 0  # routed passes on the module now
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, input: Tensor) -> Tensor:
+        x = input  # (torch's forward's name: a model may call drop(input=h))
         ctx = active_context()
         module: Any = self.module  # a torch dropout layer: p and inplace
         if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
@@ -89,8 +95,15 @@ class DropoutRoutes:
             ``inplace``).
     """
 
-    def __init__(self, modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...]) -> None:
+    def __init__(
+        self,
+        modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...],
+        children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...] = (),
+    ) -> None:
         self.modules = modules
+        # each container of the model and its children when the plan was made: a dropout
+        # module put in since is not routed, and its call would pass unseen (the mode refuses it)
+        self.children = children
         # the module that made each call of the plan, and its input's dtype, in call order
         # (noted by probe)
         self.callers: tuple[tuple[nn.Module, torch.dtype], ...] = ()
@@ -102,10 +115,19 @@ class DropoutRoutes:
         """The routes of ``model``'s modules whose class is one of ``kinds`` (torch's dropout
         layers, and what each calls); None where it has none. (One with a ``forward`` of its
         own is never routed: :meth:`install`.)"""
-        found = [m for m in model.modules() if type(m) in kinds]
+        every = list(model.modules())
+        found = [m for m in every if type(m) in kinds]
         if not found:
             return None
-        return cls(tuple((m, *kinds[type(m)]) for m in found))
+        for kind in kinds:  # copies made while a pass is routed (another thread's) leave it
+            copyreg.dispatch_table.setdefault(kind, _reduce)
+        children = tuple((m._modules, tuple(m._modules.values())) for m in every if m._modules)
+        return cls(tuple((m, *kinds[type(m)]) for m in found), children)
+
+    def unchanged(self) -> bool:
+        """Whether every container of the model has the children it had when the plan was
+        made."""
+        return all(tuple(found.values()) == planned for found, planned in self.children)
 
     def install(self) -> bool:
         """Route the modules for a pass on this thread (to :meth:`remove` after it); False,
@@ -137,12 +159,25 @@ class DropoutRoutes:
                     del own["forward"]
 
 
+def _reduce(module: nn.Module) -> str | tuple[Any, ...]:
+    """A dropout module's pickle and copy (``copy.deepcopy``, ``torch.save``): torch's, less a
+    :class:`_Route` that a routed pass (on another thread) has put there for its own length: a
+    copy would keep it for good, a ``forward`` of its own that no pass removes."""
+    reduced = module.__reduce_ex__(4)
+    if isinstance(reduced, tuple) and len(reduced) > 2 and isinstance(reduced[2], dict):
+        state = reduced[2]  # (nn.Module.__getstate__: a copy of the module's __dict__)
+        if type(state.get("forward")) is _Route:
+            del state["forward"]
+    return reduced
+
+
 def routed_forward(
     model: nn.Module, inputs: Tensor, ctx: SamplingContext, routes: DropoutRoutes, calls: int
 ) -> Any:
     """``model(inputs)`` with its dropout modules' calls handed to ``ctx`` and no mode; None
-    where the pass did not make exactly the ``calls`` calls of its plan (then the caller runs it
-    under the mode, on inputs made afresh: this one may have written into ``inputs``)."""
+    where the pass did not make exactly the ``calls`` calls of its plan, or its forward asked
+    :func:`mcdrop.is_sampling` (then the caller runs it under the mode, on inputs made afresh:
+    this one may have written into ``inputs``)."""
     if not routes.install():
         return None
     ctx.routed = True
@@ -153,4 +188,7 @@ def routed_forward(
         return None
     finally:
         routes.remove()
-    return y if ctx.calls == calls else None
+    # a forward that asked mcdrop.is_sampling() may have made a functional call that routing
+    # cannot see (F.dropout(h, p, self.training or is_sampling()) on some inputs only: torch's
+    # own unseeded dropout), which the mode sees
+    return y if ctx.calls == calls and not ctx.asked else None

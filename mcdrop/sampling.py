@@ -110,7 +110,11 @@ def is_sampling() -> bool:
     self.training or mcdrop.is_sampling() else 0.0`` keeps deterministic prediction exact and lets
     MC sampling drop (with seeded per-row masks).
     """
-    return active_context() is not None
+    ctx = active_context()
+    if ctx is None:
+        return False
+    ctx.asked = True  # a routed pass that asks runs under the mode (mcdrop.routing)
+    return True
 
 
 def _check_args(n_samples: int, max_pass_rows: int | None) -> None:

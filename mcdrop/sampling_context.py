@@ -77,6 +77,8 @@ class SamplingContext:
     #: and its input's dtype.
     routed = False
     callers: list[Any] | None = None
+    #: Whether the forward asked :func:`mcdrop.is_sampling` during the pass.
+    asked = False
     #: A routed fast pass's multipliers per call, in call order: (module, rate, input shape,
     #: multipliers) or None (:mod:`mcdrop.routing`); None where it has none.
     made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None = None

@@ -5,15 +5,19 @@ the mode; the modules are left as they were, and other threads see torch's own d
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import plan, predict, sample, sample_chunks
+from mcdrop import LockedDropout, is_sampling, plan, predict, sample, sample_chunks
 from mcdrop.exceptions import UnsampledDropoutWarning, UnsupportedModelError
 from mcdrop.nets import ReducedPrecision
 from mcdrop.planning import SamplingPlan
@@ -261,3 +265,259 @@ def test_a_rate_changed_since_the_plan_is_sampled_at_the_new_rate(n: int, n_samp
     got = sample(model, x[:n], n_samples, seed=3, plan=kept)
     assert torch.equal(got, sample(model, x[:n], n_samples, seed=3, plan=_under_the_mode(kept)))
     assert torch.equal(got, sample(model, x[:n], n_samples, seed=3))  # a fresh plan's
+
+
+class Keyword(TwoLayer):
+    """A dropout module called with its argument by name, as torch's forward allows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(input=F.relu(self.fc1(x)))
+        return self.fc3(self.drop(input=torch.tanh(self.fc2(x))))
+
+
+def test_a_dropout_module_called_by_keyword_is_routed_and_predicts_meanwhile() -> None:
+    torch.manual_seed(0)
+    model = Keyword().eval()
+    x = torch.randn(3, 6)
+    kept = plan(model, x)
+    assert kept.routes is not None
+    got = sample(model, x, 4, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, 4, seed=1, plan=_under_the_mode(kept)))
+    # another thread's deterministic prediction while this one's routes are in place
+    expected = predict(model, x)
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def predictor() -> None:
+        while not stop.is_set():
+            try:
+                assert torch.equal(predict(model, x), expected)
+            except BaseException as e:  # reported below
+                failures.append(e)
+                return
+
+    thread = threading.Thread(target=predictor)
+    thread.start()
+    try:
+        for _ in range(200):
+            sample(model, x, 4, seed=1, plan=kept)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert failures == []
+
+
+class Extra(TwoLayer):
+    """TwoLayer with a slot for a module after its last dropout (an identity when planned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra: nn.Module = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.extra(super().forward(x))
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
+def test_a_dropout_module_added_after_the_plan_is_never_left_unsampled(
+    n: int, n_samples: int
+) -> None:
+    """A dropout module put in the model after its plan makes a call the plan does not have:
+    the mode refuses the pass, and so must a routed one (never samples with it silently
+    deterministic)."""
+    torch.manual_seed(0)
+    model = Extra().eval()
+    x = torch.randn(3, 6)
+    kept = plan(model, x[:n])
+    assert kept.routes is not None
+    sample(model, x[:n], n_samples, seed=1, plan=kept)  # the fast pass is made and used
+    planned = model.extra
+    model.extra = nn.Dropout(0.5)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, x[:n], n_samples, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+    model.extra = planned  # as planned again: routed, the mode's samples
+    assert torch.equal(
+        sample(model, x[:n], n_samples, seed=1, plan=kept),
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept)),
+    )
+
+
+def _saved_and_loaded(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "copier",
+    [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _saved_and_loaded],
+    ids=["deepcopy", "pickle", "torch.save"],
+)
+def test_a_copy_made_while_a_pass_is_routed_has_no_route(copier: Callable[[Any], Any]) -> None:
+    """A copy of the model taken while a routed pass runs (here from within it, as another
+    thread's copy may be) has torch's own dropout modules: no ``forward`` of their own."""
+    model, x = _model("two layers")
+    kept = plan(model, x)
+    assert kept.routes is not None
+    copies: list[nn.Module] = []
+
+    def copy_within(module: nn.Module, *_: object) -> None:
+        if module is model.fc3:
+            copies.append(copier(model))
+
+    # (a global hook: the model's own would be copied, and a local function is no pickle)
+    handle = nn.modules.module.register_module_forward_hook(copy_within)
+    try:
+        sample(model, x, 4, seed=1, plan=kept)
+    finally:
+        handle.remove()
+    assert copies
+    for twin in copies:
+        assert all("forward" not in vars(m) for m in _dropout_modules(twin))
+    twin = copies[0]
+    assert torch.equal(predict(twin, x), predict(model, x))
+    assert torch.equal(
+        sample(twin, x, 4, seed=1, plan=plan(twin, x)), sample(model, x, 4, seed=1, plan=kept)
+    )
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
+class Attending(nn.Module):
+    """Dropout modules beside an nn.MultiheadAttention of rate 0 (no dropout call of its own),
+    whose fast path torch takes in eval mode where no torch-function mode runs: other
+    arithmetic than the mode's, though equal on some inputs (rows of zeros)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 4 * 16)
+        self.drop = nn.Dropout(0.2)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x)).view(x.shape[0], 4, 16)
+        return self.out(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_a_model_whose_layers_run_otherwise_under_the_mode_is_not_routed() -> None:
+    """Planned on a row of zeros (as the service warms a model up), the routed probe pass gives
+    the mode's samples bit for bit; other rows' samples differ: such a model is never routed."""
+    torch.manual_seed(0)
+    model = Attending().eval()
+    kept = plan(model, torch.zeros(1, 6))
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    got = sample(model, x, 16, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, 16, seed=1, plan=_under_the_mode(kept)))
+    assert kept.routes is None
+
+
+class Locked(nn.Module):
+    """A sequence model of its own with an nn.Dropout and mcdrop's LockedDropout, which hands
+    its calls to the sampling context itself (with or without the mode)."""
+
+    def __init__(self, locked: float) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 3 * 8)
+        self.drop = nn.Dropout(0.2)
+        self.locked = LockedDropout(locked)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x)).view(x.shape[0], 3, 8)
+        return self.out(self.locked(h).mean(1))
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
+def test_a_call_of_the_context_itself_in_a_fast_routed_pass_gets_the_modes_answer(
+    n: int, n_samples: int
+) -> None:
+    """A LockedDropout's rate set above 0 after the plan: its call is not in the plan, and
+    the mode's pass refuses it; so does a routed one, fast (no sample keys) or not."""
+    torch.manual_seed(0)
+    model = Locked(0.0).eval()
+    x = torch.randn(3, 6)
+    kept = plan(model, x[:n])
+    assert kept.routes is not None
+    sample(model, x[:n], n_samples, seed=1, plan=kept)  # the fast pass is made and used
+    model.locked.p = 0.3
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, x[:n], n_samples, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+    # a model planned with it: routed, the mode's samples
+    fresh = plan(model, x[:n])
+    assert fresh.routes is not None
+    assert torch.equal(
+        sample(model, x[:n], n_samples, seed=1, plan=fresh),
+        sample(model, x[:n], n_samples, seed=1, plan=_under_the_mode(fresh)),
+    )
+
+
+class Gated(TwoLayer):
+    """A functional dropout on some inputs only, with the idiom mcdrop.is_sampling documents."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(F.relu(self.fc1(x)))
+        if x.abs().max() > 5:
+            h = F.dropout(h, 0.5, self.training or is_sampling())
+        return self.fc3(h)
+
+
+def test_a_forward_that_asks_whether_it_samples_gets_the_modes_answer() -> None:
+    """Planned on rows that skip its functional dropout, then given a row that takes it: the
+    mode refuses the call the plan does not have; a routed pass would not see it, and torch's
+    own (unseeded) dropout would run."""
+    torch.manual_seed(0)
+    model = Gated().eval()
+    small = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    kept = plan(model, small)
+    assert kept.routes is not None
+    assert torch.equal(
+        sample(model, small, 8, seed=1, plan=kept),
+        sample(model, small, 8, seed=1, plan=_under_the_mode(kept)),
+    )
+    large = torch.full((1, 6), 9.0)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, large, 8, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, large, 8, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+
+
+def test_other_threads_sample_under_the_mode_and_plan_meanwhile() -> None:
+    """While threads sample with their dropout modules routed, another thread's sampling under
+    the mode and another's plan of the same model see torch's own dropout modules."""
+    model, x = _model("residual")
+    kept = plan(model, x)
+    mode = _under_the_mode(kept)
+    expected = {p: sample(model, x, 8, seed=2, plan=p) for p in (kept, mode)}
+    failures: list[str] = []
+    start = threading.Barrier(4)
+
+    def sampler(p: SamplingPlan) -> None:
+        start.wait()
+        for _ in range(30):
+            if not torch.equal(sample(model, x, 8, seed=2, plan=p), expected[p]):
+                failures.append("samples")
+
+    def planner() -> None:
+        start.wait()
+        for _ in range(6):
+            again = plan(model, x)
+            if again.calls != kept.calls or again.routes is None:
+                failures.append("plan")
+
+    threads = [threading.Thread(target=sampler, args=(p,)) for p in (kept, kept, mode)]
+    threads.append(threading.Thread(target=planner))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == []
+    assert torch.equal(expected[kept], expected[mode])
+    assert all("forward" not in vars(m) for m in _dropout_modules(model))
