@@ -104,6 +104,8 @@ class DropoutRoutes:
         # each container of the model and its children when the plan was made: a dropout
         # module put in since is not routed, and its call would pass unseen (the mode refuses it)
         self.children = children
+        # whether a routed pass missed a call since the plan: no pass is routed from then on
+        self.missed = False
         # the module that made each call of the plan, and its input's dtype, in call order
         # (noted by probe)
         self.callers: tuple[tuple[nn.Module, torch.dtype], ...] = ()
@@ -178,17 +180,23 @@ def routed_forward(
     where the pass did not make exactly the ``calls`` calls of its plan, or its forward asked
     :func:`mcdrop.is_sampling` (then the caller runs it under the mode, on inputs made afresh:
     this one may have written into ``inputs``)."""
-    if not routes.install():
+    if routes.missed or not routes.install():
         return None
     ctx.routed = True
     try:
         with ctx.active():
             y = model(inputs)
     except UnsupportedModelError:  # a missed call shifted the others: the mode will say
+        routes.missed = True
         return None
     finally:
         routes.remove()
     # a forward that asked mcdrop.is_sampling() may have made a functional call that routing
     # cannot see (F.dropout(h, p, self.training or is_sampling()) on some inputs only: torch's
     # own unseeded dropout), which the mode sees
-    return y if ctx.calls == calls and not ctx.asked else None
+    if ctx.calls != calls or ctx.asked:
+        # The model does what routing cannot follow since its plan: its passes run under the
+        # mode from now on, rather than twice (its forward's side effects, hooks, included).
+        routes.missed = True
+        return None
+    return y

@@ -521,3 +521,20 @@ def test_other_threads_sample_under_the_mode_and_plan_meanwhile() -> None:
     assert failures == []
     assert torch.equal(expected[kept], expected[mode])
     assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
+def test_after_a_missed_call_passes_run_once_under_the_mode() -> None:
+    """A forward that routing cannot follow since the plan (a functional dropout added): the
+    pass that finds out runs again under the mode, and later passes run under it at once,
+    not twice each (a forward's side effects and hooks run once a pass)."""
+    model, x = _model("two layers")
+    kept = plan(model, x)
+    runs: list[int] = []
+    model.fc1.register_forward_hook(lambda *_: runs.append(1))
+    model.forward = lambda h: Functional.forward(model, h)  # type: ignore[method-assign]
+    sample(model, x, 4, seed=1, plan=kept)
+    assert len(runs) == 2  # routed, then under the mode
+    runs.clear()
+    for _ in range(3):
+        sample(model, x, 4, seed=1, plan=kept)
+    assert len(runs) == 3
