@@ -3,7 +3,8 @@ Python's bookkeeping costs more than the model's arithmetic.
 
 The common small request is one pass of a kept plan on the CPU, for a model that is a plain
 chain of torch layers (:class:`~mcdrop.planning.LayerChain`) whose multipliers numba makes in one
-call (:meth:`~mcdrop.masks.PassMultipliers.make_from_rows`). The general path runs it through a
+call (:meth:`~mcdrop.masks.PassMultipliers.make_from_rows`), or one with a ``forward`` of its own
+whose dropout modules are routed (:mod:`mcdrop.routing`). The general path runs it through a
 dozen functions and ~350 lines of Python, each checking what it is handed. A request finds that
 code cold: it cost ~50 µs a call beyond the model's own arithmetic (UCI MLP and an 8→64→64→1
 MLP, one sample of one row, each call timed alone as ``benchmarks`` does), against ~10 µs for
@@ -15,6 +16,9 @@ what can change (the rows, the seed, hooks, the model's layers, modes, rates and
 autocast) is checked on every call in a few flat loops. Where any check fails, :func:`run`
 returns None and the general path runs the call (and raises, where the call is wrong): errors
 come from one place. Both paths make the same pass, so the same samples, bit for bit.
+:class:`ChainPass` runs a layer chain; :class:`RoutedPass` a routed model's own forward, its
+element-wise calls' multipliers made before the pass and handed to each call's route
+(:class:`MadeContext`).
 """
 
 from __future__ import annotations

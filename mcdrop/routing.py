@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop.exceptions import UnsupportedModelError
-from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, active_context
+from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, _active
 
 _lock = threading.Lock()
 
@@ -51,7 +51,7 @@ class _Route:
 
     def __call__(self, input: Tensor) -> Tensor:
         x = input  # (torch's forward's name: a model may call drop(input=h))
-        ctx = active_context()
+        ctx = _active.get()  # active_context(), without a call
         module: Any = self.module  # a torch dropout layer: p and inplace
         if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
             return type(module).forward(module, x)
@@ -183,13 +183,14 @@ def routed_forward(
     if routes.missed or not routes.install():
         return None
     ctx.routed = True
+    token = _active.set(ctx)  # as ctx.active(), without its context manager (µs a pass)
     try:
-        with ctx.active():
-            y = model(inputs)
+        y = model(inputs)
     except UnsupportedModelError:  # a missed call shifted the others: the mode will say
         routes.missed = True
         return None
     finally:
+        _active.reset(token)
         routes.remove()
     # a forward that asked mcdrop.is_sampling() may have made a functional call that routing
     # cannot see (F.dropout(h, p, self.training or is_sampling()) on some inputs only: torch's
