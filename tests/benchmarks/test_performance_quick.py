@@ -23,13 +23,13 @@ def _ratios(text: str, column: str) -> list[float]:
 def test_sampling_quick() -> None:
     text = sampling.run(quick=True)
     ratios = _ratios(text.split("####")[0], "mcdrop / floor")
-    assert len(ratios) == 14  # 6 models × 2 batches, plus T = 10,000 twice for the UCI MLP
+    assert len(ratios) == 16  # 7 models × 2 batches, plus T = 10,000 twice for the UCI MLP
     assert all(r > 0 for r in ratios)
-    assert len(_ratios(text.split("####")[0], "mcdrop / plain")) == 14
+    assert len(_ratios(text.split("####")[0], "mcdrop / plain")) == 16
     predictor = text.split("#### Predictor.uncertainty")[1].split("####")[0]
-    assert len(_ratios(predictor, "Predictor / plain")) == 12
+    assert len(_ratios(predictor, "Predictor / plain")) == 14
     fixed = text.split("#### Fixed cost per call")[1]
-    assert len(_ratios(fixed, "mcdrop µs")) == 6
+    assert len(_ratios(fixed, "mcdrop µs")) == 7
 
 
 #: Samples and rows per comparison: over 40 seeds the largest mean gap was 4.0 standard errors
