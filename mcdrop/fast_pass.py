@@ -59,6 +59,8 @@ def run(
     """The ``(S, N, K...)`` samples of a sampling call (:func:`mcdrop.sampling.sample_chunks`'
     arguments; ``max_pass_rows`` resolved) by its :class:`FastPass`, or None where the call has
     none (then the general path runs it)."""
+    if plan.layers is None and plan.routes is None:  # no fast pass of any call shape
+        return None
     if (
         type(n_samples) is not int  # (a bool is an int that the general path refuses)
         or type(first_sample) is not int
