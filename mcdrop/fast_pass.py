@@ -59,8 +59,6 @@ def run(
     """The ``(S, N, K...)`` samples of a sampling call (:func:`mcdrop.sampling.sample_chunks`'
     arguments; ``max_pass_rows`` resolved) by its :class:`FastPass`, or None where the call has
     none (then the general path runs it)."""
-    if plan.layers is None and plan.routes is None:  # no fast pass of any call shape
-        return None
     if (
         type(n_samples) is not int  # (a bool is an int that the general path refuses)
         or type(first_sample) is not int
@@ -118,6 +116,11 @@ def _make(
         if kernels is None:
             return None
         return RoutedPass(plan, model, kernels, key, share, plan.routes)
+    if plan.layers is None and plan.routes is None and masks.CPU_BACKEND == "numba":
+        kernels = masks.numba_kernels()
+        if kernels is None:
+            return None
+        return ModePass(plan, model, kernels, key, share)
     return None
 
 
@@ -382,6 +385,50 @@ class RoutedPass(FastPass):
         if made is None or not made.takes_rows(self.rows):
             return None, ()
         return made, tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
+
+
+class ModePass(FastPass):
+    """The fast pass of any other model (a forward that calls dropout functions or attention,
+    an encoder's twin): its forward under the torch-function mode, as the general path runs
+    it, without the general path's bookkeeping around the pass."""
+
+    def __init__(
+        self,
+        plan: SamplingPlan,
+        model: nn.Module,
+        kernels: ModuleType,
+        key: tuple[int, int, int, int, str],
+        share: bool,
+    ) -> None:
+        super().__init__(plan, model, kernels, key, share)
+        self.calls = plan.calls
+        self.encoders = plan.encoders
+        # every module (the general path switches any in training mode; this pass refuses
+        # them), and each container's children now (a module put in since is checked too)
+        self.modules = tuple(_walk(model))
+        self.children = tuple(
+            (m._modules, tuple(m._modules.values())) for m in self.modules if m._modules
+        )
+
+    def _runnable(self, model: nn.Module) -> bool:
+        """Every module of the model as when the pass was made, in eval mode."""
+        if any(map(_training, self.modules)):
+            return False
+        return all(tuple(found.values()) == planned for found, planned in self.children)
+
+    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
+        # As planning.run_pass's pass under the mode
+        if self.share:
+            inputs = x.clone(memory_format=torch.contiguous_format)
+        else:
+            inputs = replicate(x, self.n_samples)
+        samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
+        ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
+        net = model if self.encoders is None else self.encoders.twin(model)
+        with _inference_mode(True), ctx:
+            y = net(inputs)
+        # a pass of other calls than the plan's: the general path raises its error
+        return y if ctx.calls == len(self.calls) else None
 
 
 class MadeContext(SamplingContext):

@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from mcdrop import fast_pass, plan, sample, sample_chunks
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, UnsupportedModelError
 from mcdrop.nets import CNN, MLP, Standardized
 from mcdrop.planning import SamplingPlan
 from mcdrop.sampling import DEFAULT_MAX_PASS_ROWS
@@ -62,6 +63,45 @@ def _channels_last_convolutions() -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
+class _Functional(nn.Module):
+    """Dropout called as functions in a forward of its own, BatchNorm beside: under the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+        self.norm.running_mean.uniform_(-1, 1)
+        self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(torch.relu(self.norm(self.fc1(x))), 0.3, self.training)
+        return self.fc2(F.dropout(h, 0.1, self.training, inplace=True))
+
+
+class _Encoder(nn.Module):
+    """A transformer encoder classifier: its layers run by the encoders' twin, under the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+class _Recurrent(nn.Module):
+    """An LSTM with dropout between its layers, then a dropout module: under the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, dropout=0.25, batch_first=True)
+        self.drop, self.head = nn.Dropout(0.1), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop(self.lstm(x)[0][:, -1]))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "sequential": (_sequential, (6,)),
     "in-place first": (_inplace_first, (6,)),
@@ -69,6 +109,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "standardized MLP": (_standardized_mlp, (6,)),
     "CNN": (_cnn, (1, 12, 12)),
     "channels-last convolutions": (_channels_last_convolutions, (3, 6, 6)),
+    # no layer chain and no routes: their forward under the torch-function mode (ModePass)
+    "functional dropout": (_Functional, (6,)),
+    "transformer encoder": (_Encoder, (5, 8)),
+    "LSTM": (_Recurrent, (4, 6)),
 }
 
 
@@ -406,3 +450,46 @@ def test_a_call_of_several_passes_has_none() -> None:
     assert torch.equal(
         sample(model, x, 8, seed=1, plan=kept, max_pass_rows=6), sample(model, x, 8, seed=1)
     )
+
+
+@pytest.mark.parametrize("name", ["functional dropout", "transformer encoder"])
+def test_a_model_under_the_mode_in_training_mode_or_changed_takes_the_general_path(
+    name: str,
+) -> None:
+    """A model run under the mode: a module in training mode, or one put in since the fast
+    pass was made, and the call samples the model as it is now, BatchNorm untouched."""
+    model, shape = _model(name)
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    assert kept.layers is None
+    assert kept.routes is None
+    sample(model, x, 3, seed=1, plan=kept)  # the fast pass is made and used
+    assert isinstance(next(iter(kept.fast_passes.values())), fast_pass.ModePass)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(sample(model, x, 3, seed=1, plan=kept), sample(model, x, 3, seed=1))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model.extra = nn.BatchNorm1d(1).train()  # a module put in since (its forward never calls it)
+    assert fast_pass.run(kept, model, x, 3, 1, DEFAULT_MAX_PASS_ROWS, "auto") is None
+
+
+class _ContentDependent(_Functional):
+    """One dropout call fewer on rows whose first value is positive: the plan cannot key it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(torch.relu(self.norm(self.fc1(x))), 0.3, self.training)
+        if bool(x[0, 0] <= 0):
+            h = F.dropout(h, 0.1, self.training)
+        return self.fc2(h)
+
+
+def test_a_call_the_plan_does_not_have_gets_the_general_paths_error() -> None:
+    torch.manual_seed(0)
+    model = _ContentDependent().eval()
+    negative, positive = -torch.ones(1, 6), torch.ones(1, 6)
+    kept = plan(model, negative)
+    sample(model, negative, 2, seed=1, plan=kept)  # the fast pass is made and used
+    with pytest.raises(UnsupportedModelError, match="dropout call"):
+        sample(model, positive, 2, seed=1, plan=kept)
