@@ -18,7 +18,8 @@ returns None and the general path runs the call (and raises, where the call is w
 come from one place. Both paths make the same pass, so the same samples, bit for bit.
 :class:`ChainPass` runs a layer chain; :class:`RoutedPass` a routed model's own forward, its
 element-wise calls' multipliers made before the pass and handed to each call's route
-(:class:`MadeContext`).
+(:class:`MadeContext`); :class:`ModePass` any other model's forward under the torch-function
+mode, as the general path runs it.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def _make(
     plan: SamplingPlan, model: nn.Module, key: tuple[int, int, int, int, str]
 ) -> FastPass | None:
     """The :class:`FastPass` of a call shape ``key``; None where the call cannot have one
-    (another dtype, CUDA graphs, more than one pass, neither a layer chain whose masks numba
-    makes in one call nor routed dropout modules)."""
+    (another dtype, CUDA graphs, more than one pass, a layer chain whose masks numba does not
+    make in one call, masks not made by numba)."""
     n_rows, n_samples, first_sample, max_pass_rows, prefix = key
     if (
         plan.graphs is not None
