@@ -274,7 +274,41 @@ class ChainPass(FastPass):
             return self.layers.run_made(inputs, multipliers, self.replicas)
 
 
-class RoutedPass(FastPass):
+class ForwardPass(FastPass):
+    """A fast pass that runs the model's own forward (:class:`RoutedPass`, :class:`ModePass`),
+    which may call any of its modules: each must be in eval mode (the general path switches
+    one in training mode; a fast pass leaves that call to it), and the containers must hold the
+    children they held when :attr:`children` was taken (a module put in since is checked)."""
+
+    def __init__(
+        self,
+        plan: SamplingPlan,
+        model: nn.Module,
+        kernels: ModuleType,
+        key: tuple[int, int, int, int, str],
+        share: bool,
+        children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...],
+    ) -> None:
+        super().__init__(plan, model, kernels, key, share)
+        self.calls = plan.calls
+        self.modules = tuple(_walk(model))
+        self.children = children
+
+    def _runnable(self, model: nn.Module) -> bool:
+        """Every module of the model as when the pass was made, in eval mode."""
+        if any(map(_training, self.modules)):
+            return False
+        return all(tuple(found.values()) == planned for found, planned in self.children)
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        """As planning.run_pass: the rows copied (a layer may write into its input) or
+        replicated."""
+        if self.share:
+            return x.clone(memory_format=torch.contiguous_format)
+        return replicate(x, self.n_samples)
+
+
+class RoutedPass(ForwardPass):
     """The fast pass of a model whose dropout modules make all its stochastic calls, run by
     its own forward with those modules routed to the sampling context (``routes``,
     :mod:`mcdrop.routing`)."""
@@ -288,9 +322,10 @@ class RoutedPass(FastPass):
         share: bool,
         routes: DropoutRoutes,
     ) -> None:
-        super().__init__(plan, model, kernels, key, share)
+        # each container's children as when the plan was made: a dropout module put in since
+        # would pass unseen
+        super().__init__(plan, model, kernels, key, share, routes.children)
         self.routes = routes
-        self.calls = plan.calls
         # The calls whose multipliers are made for the whole pass at once, before it (where
         # numba makes them, as a layer chain's): an nn.Dropout's, per element, one row's
         # entries after another's, in the dtype of the first call's input (a network of its
@@ -316,25 +351,9 @@ class RoutedPass(FastPass):
             torch.Size(call.shape_at(self.n_rows if share and call.index == 0 else self.rows))
             for call in plan.calls
         )
-        # every module (its forward may run any of them); each container's children as when
-        # the plan was made (a dropout module put in since would pass unseen)
-        self.modules = tuple(_walk(model))
-        self.children = routes.children
-
-    def _runnable(self, model: nn.Module) -> bool:
-        """Every module of the model as when the pass was made (its containers' children), in
-        eval mode."""
-        if any(map(_training, self.modules)):
-            return False
-        return all(tuple(found.values()) == planned for found, planned in self.children)
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
-        # As planning.run_pass: the rows copied (a layer may write into its input) or
-        # replicated, the sample keys, one context for the pass.
-        if self.share:
-            inputs = x.clone(memory_format=torch.contiguous_format)
-        else:
-            inputs = replicate(x, self.n_samples)
+        inputs = self._inputs(x)
         made = self._made_now(keys)
         ctx: SamplingContext
         if made is not None and None not in made:
@@ -388,7 +407,7 @@ class RoutedPass(FastPass):
         return made, tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
 
 
-class ModePass(FastPass):
+class ModePass(ForwardPass):
     """The fast pass of any other model (a forward that calls dropout functions or attention,
     an encoder's twin): its forward under the torch-function mode, as the general path runs
     it, without the general path's bookkeeping around the pass."""
@@ -401,28 +420,14 @@ class ModePass(FastPass):
         key: tuple[int, int, int, int, str],
         share: bool,
     ) -> None:
-        super().__init__(plan, model, kernels, key, share)
-        self.calls = plan.calls
+        every = _walk(model)
+        children = tuple((m._modules, tuple(m._modules.values())) for m in every if m._modules)
+        super().__init__(plan, model, kernels, key, share, children)
         self.encoders = plan.encoders
-        # every module (the general path switches any in training mode; this pass refuses
-        # them), and each container's children now (a module put in since is checked too)
-        self.modules = tuple(_walk(model))
-        self.children = tuple(
-            (m._modules, tuple(m._modules.values())) for m in self.modules if m._modules
-        )
-
-    def _runnable(self, model: nn.Module) -> bool:
-        """Every module of the model as when the pass was made, in eval mode."""
-        if any(map(_training, self.modules)):
-            return False
-        return all(tuple(found.values()) == planned for found, planned in self.children)
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
         # As planning.run_pass's pass under the mode
-        if self.share:
-            inputs = x.clone(memory_format=torch.contiguous_format)
-        else:
-            inputs = replicate(x, self.n_samples)
+        inputs = self._inputs(x)
         samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
         ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
         net = model if self.encoders is None else self.encoders.twin(model)
