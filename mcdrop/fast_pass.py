@@ -127,8 +127,8 @@ def _make(
 
 class FastPass:
     """One call shape of a kept plan, run in one function (see the module docstring): the
-    checks of the call and its rows, and the row keys; :class:`ChainPass` and
-    :class:`RoutedPass` run the pass.
+    checks of the call and its rows, and the row keys; :class:`ChainPass`, :class:`RoutedPass`
+    and :class:`ModePass` run the pass.
 
     Args:
         plan: the kept plan, of ``model``; kernels: :mod:`mcdrop.cpu_masks` (numba works).
@@ -287,12 +287,18 @@ class ForwardPass(FastPass):
         kernels: ModuleType,
         key: tuple[int, int, int, int, str],
         share: bool,
-        children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...],
+        children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...]
+        | None = None,
     ) -> None:
         super().__init__(plan, model, kernels, key, share)
         self.calls = plan.calls
         self.modules = tuple(_walk(model))
-        self.children = children
+        # None: the containers' children now
+        self.children = (
+            children
+            if children is not None
+            else tuple((m._modules, tuple(m._modules.values())) for m in self.modules if m._modules)
+        )
 
     def _runnable(self, model: nn.Module) -> bool:
         """Every module of the model as when the pass was made, in eval mode."""
@@ -420,9 +426,7 @@ class ModePass(ForwardPass):
         key: tuple[int, int, int, int, str],
         share: bool,
     ) -> None:
-        every = _walk(model)
-        children = tuple((m._modules, tuple(m._modules.values())) for m in every if m._modules)
-        super().__init__(plan, model, kernels, key, share, children)
+        super().__init__(plan, model, kernels, key, share)
         self.encoders = plan.encoders
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:

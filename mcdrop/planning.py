@@ -61,6 +61,7 @@ from mcdrop.sampling_context import (
     DROPOUT_FUNCTIONS,
     DropoutMode,
     SamplingContext,
+    apply_multipliers,
     fresh_layout,
     replicate,
 )
@@ -923,18 +924,10 @@ class LayerChain:
                 x = layer.forward(x)
             elif what == _CALL:
                 x = layer(x)
-            else:
-                scale = next(made_in_order)  # contiguous
-                if replicas > 1:  # as SamplingContext.dropout's first call of a shared prefix
-                    shape = x.shape
-                    x = scale.view(replicas, *shape).mul_(x).view(replicas * shape[0], *shape[1:])
-                    replicas = 1
-                elif extra and layer.inplace:  # (extra: the options' inplace)
-                    x = x.mul_(scale.view(x.shape))
-                elif x.is_contiguous():  # into the fresh multipliers: no allocation
-                    x = scale.view(x.shape).mul_(x)
-                else:
-                    x = x * scale.view(x.shape)
+            else:  # (extra: the options' inplace)
+                inplace = replicas == 1 and extra and layer.inplace
+                x = apply_multipliers(x, next(made_in_order), replicas, inplace)
+                replicas = 1
         return x
 
     def runnable(self, model: nn.Module) -> bool:

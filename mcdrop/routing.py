@@ -33,7 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop.exceptions import UnsupportedModelError
-from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, _active
+from mcdrop.sampling_context import (
+    DROPOUT_FUNCTIONS,
+    SamplingContext,
+    _active,
+    apply_multipliers,
+)
 
 _lock = threading.Lock()
 
@@ -73,17 +78,9 @@ class _Route:
                 and x.dtype == entry[3].dtype
             ):
                 ctx.calls = index + 1
-                # SamplingContext.dropout's products, without its general checks (µs a call)
-                times = ctx.replicate
-                if times > 1:  # the first call of a pass that shares the prefix
-                    ctx.replicate = 1
-                    shape = x.shape
-                    scale = entry[3].view(times, *shape)
-                    return scale.mul_(x).view(times * shape[0], *shape[1:])
-                scale = entry[3].view(x.shape)
-                if inplace:
-                    return x.mul_(scale)
-                return scale.mul_(x) if x.is_contiguous() else x * scale
+                times = ctx.replicate  # > 1: the first call of a pass that shares the prefix
+                ctx.replicate = 1
+                return apply_multipliers(x, entry[3], times, inplace)
         return ctx.dropout(x, p, **self.options, inplace=inplace)
 
 

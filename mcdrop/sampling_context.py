@@ -356,6 +356,22 @@ class _Active:
             _active.reset(self.token)
 
 
+def apply_multipliers(x: Tensor, scale: Tensor, times: int, inplace: bool) -> Tensor:
+    """``x`` times its premade inverted-dropout multipliers ``scale`` (rows first, as many as
+    ``x``'s elements, ``times`` over where the call replicates ``x`` first: the first call of a
+    pass that shares the prefix): :meth:`SamplingContext.dropout`'s products for a per-element
+    call, without its checks, for the callers that made the multipliers before the pass
+    (:meth:`mcdrop.planning.LayerChain.run_made`, :mod:`mcdrop.routing`)."""
+    if times > 1:  # the N rows broadcast against all samples' multipliers: one pass
+        shape = x.shape
+        return scale.view(times, *shape).mul_(x).view(times * shape[0], *shape[1:])
+    scale = scale.view(x.shape)
+    if inplace:
+        return x.mul_(scale)
+    # into the fresh multipliers where x is contiguous: no allocation
+    return scale.mul_(x) if x.is_contiguous() else x * scale
+
+
 def fresh_layout(x: Tensor) -> bool:
     """Whether ``x`` is laid out as a copy of it would be, for a matrix product or a convolution:
     contiguous, its data on a 16-byte boundary. They round differently on other strides and
