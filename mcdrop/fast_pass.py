@@ -37,7 +37,7 @@ from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
 from mcdrop.exceptions import UnsupportedModelError
-from mcdrop.routing import DropoutRoutes, routed_forward
+from mcdrop.routing import DropoutRoutes, FunctionCall, routed_forward
 from mcdrop.sampling_context import SamplingContext, fresh_layout, replicate
 
 if TYPE_CHECKING:
@@ -333,15 +333,15 @@ class RoutedPass(ForwardPass):
         super().__init__(plan, model, kernels, key, share, routes.children)
         self.routes = routes
         # The calls whose multipliers are made for the whole pass at once, before it (where
-        # numba makes them, as a layer chain's): an nn.Dropout's, per element, one row's
-        # entries after another's, in the dtype of the first call's input (a network of its
-        # own dtype: nets.ReducedPrecision); each call making its own costs ~10 µs of a cold
-        # call.
+        # numba makes them, as a layer chain's): an nn.Dropout's or F.dropout's, per element,
+        # one row's entries after another's, in the dtype of the first call's input (a network
+        # of its own dtype: nets.ReducedPrecision); each call making its own costs ~10 µs of a
+        # cold call.
         self.made_dtype = routes.callers[0][1] if routes.callers else plan.dtype
         self.elementwise = tuple(
             (call.index, math.prod(call.shape), module)
             for call, (module, dtype) in zip(plan.calls, routes.callers, strict=False)
-            if type(module) is nn.Dropout
+            if (type(module) is nn.Dropout or (type(module) is FunctionCall and module.elementwise))
             and call.dim == 0
             and call.group == 1
             and dtype == self.made_dtype

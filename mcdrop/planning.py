@@ -428,17 +428,20 @@ def _routes(
         return None
     if any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
         return None  # the probe's rows may not tell (see _MODE_DEPENDENT)
-    routes = DropoutRoutes.of(model, _DROPOUT_LAYERS)
-    if routes is None:
-        return None
     keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
-    ctx = SamplingContext(keys, plan.calls)
-    callers = ctx.callers = []
-    y = routed_forward(model, replicate(rows, 2), ctx, routes, len(plan.calls))
-    if not isinstance(y, Tensor) or y.shape[0] != 4 or not torch.equal(y.reshape(full.shape), full):
-        return None
-    routes.callers = tuple(callers)
-    return routes
+    # the dropout modules alone first; then with torch's dropout functions too (a forward that
+    # calls F.dropout), which routing changes for every thread while a pass runs
+    for functions in (False, True):
+        routes = DropoutRoutes.of(model, _DROPOUT_LAYERS, functions)
+        if routes is None:
+            continue
+        ctx = SamplingContext(keys, plan.calls)
+        callers = ctx.callers = []
+        y = routed_forward(model, replicate(rows, 2), ctx, routes, len(plan.calls))
+        if isinstance(y, Tensor) and y.shape[0] == 4 and torch.equal(y.reshape(full.shape), full):
+            routes.callers = tuple(callers)
+            return routes
+    return None
 
 
 def _check_rows_alone(model: nn.Module, rows: Tensor, full: Tensor, plan: SamplingPlan) -> None:

@@ -1,39 +1,49 @@
-"""Dropout modules handed straight to the sampling context, without the torch-function mode.
+"""Dropout modules and functions handed straight to the sampling context, without the
+torch-function mode.
 
 The mode (:class:`~mcdrop.sampling_context.DropoutMode`) sees every torch call of a forward to
 find its dropout calls. torch's own Python around a mode (a context manager per call) costs
 ~10 µs a call of a cold one-row request: on a small model with a ``forward`` of its own that is
 more than its arithmetic (an 8→64→64→1 MLP with two dropout layers: ~100 µs a call beyond its
 38 µs forward). Where every stochastic call of a model comes from a torch dropout module
-(``nn.Dropout`` and its kin), a pass may instead give those modules, for the pass's thread only,
-a forward that hands the call to the sampling context, and run the model's forward with no mode.
+(``nn.Dropout`` and its kin) or a dropout function of ``torch.nn.functional`` (``F.dropout``
+and its kin, which a forward and torch's modules look up there at every call), a pass may
+instead give those modules and functions, for the pass's thread only, a forward that hands the
+call to the sampling context, and run the model's forward with no mode.
 
 While routed passes run, each dropout module of the model has a :class:`_Route` as its
 instance ``forward``, shared by the passes on the module at that moment (counted, under a lock)
-and removed by the last. A call on another thread, or outside a routed pass (a deterministic
-prediction, a pass under the mode), runs torch's own forward. A plan routes its passes only where
-a routed pass gave the mode's samples, bit for bit, when the plan was made
-(:func:`mcdrop.planning.probe`), and each routed pass must make every call of the plan: one that
-routing misses (an ``F.dropout`` in a custom ``forward``, attention's dropout, a rate set to 0
-since) leaves the count short or shifts the calls, and the pass runs again under the mode. A call
-routing cannot see makes no such trace: a pass is routed only while the model's containers hold
-the children they held when the plan was made (a dropout module put in since is not routed), and
-a pass whose forward asks :func:`mcdrop.is_sampling` runs again under the mode (the answer may
+and removed by the last; where the plan routes functions, ``torch.nn.functional``'s dropout
+functions are :class:`_FunctionRoute` s for the whole process, put there by the first such pass
+and torch's own put back by the last. A call on another thread, or outside a routed pass (a
+deterministic prediction, a pass under the mode), runs torch's own forward and function. A plan
+routes its passes only where a routed pass gave the mode's samples, bit for bit, when the plan
+was made (:func:`mcdrop.planning.probe`; the modules alone first, the functions too only where
+that fails), and each routed pass must make every call of the plan: one that routing misses (a
+``torch.dropout`` in a custom ``forward``, attention's dropout, a rate set to 0 since) leaves
+the count short or shifts the calls, and the pass runs again under the mode. A call routing
+cannot see makes no such trace: a pass is routed only while the model's containers hold the
+children they held when the plan was made (a dropout module put in since is not routed), and a
+pass whose forward asks :func:`mcdrop.is_sampling` runs again under the mode (the answer may
 lead to a functional call, on some inputs only).
 """
 
 from __future__ import annotations
 
 import copyreg
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcdrop.attention import arg
 from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.sampling_context import (
+    _HANDLERS,
     DROPOUT_FUNCTIONS,
     SamplingContext,
     _active,
@@ -41,6 +51,7 @@ from mcdrop.sampling_context import (
 )
 
 _lock = threading.Lock()
+_ELEMENTWISE = F.dropout  # torch's own (mcdrop is imported before any pass routes it)
 
 
 class _Route:
@@ -84,6 +95,121 @@ class _Route:
         return ctx.dropout(x, p, **self.options, inplace=inplace)
 
 
+class FunctionCall:
+    """A dropout function's call as :attr:`DropoutRoutes.callers` notes it: the function
+    (torch's own) and the rate it was given when the plan was made (a routed fast pass makes
+    that call's multipliers before the pass at that rate; the route checks it at the call)."""
+
+    __slots__ = ("elementwise", "func", "p")
+
+    def __init__(self, func: Callable[..., Any], p: float) -> None:
+        self.func = func
+        self.p = p
+        # an F.dropout call: per element and inverted, as nn.Dropout's
+        self.elementwise = func is _ELEMENTWISE
+
+
+class _FunctionRoute:
+    """A ``torch.nn.functional`` dropout function while routed passes that route functions
+    run (see the module docstring): torch's own function on every thread but the routed
+    passes', whose calls it hands to their sampling context, as the mode's handler does."""
+
+    __slots__ = ("func", "handler", "name")
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.handler = _HANDLERS[func]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = _active.get()
+        if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
+            return self.func(*args, **kwargs)
+        x = arg(args, kwargs, 0, "input", None)
+        p = float(arg(args, kwargs, 1, "p", 0.5))
+        if ctx.callers is not None and isinstance(x, Tensor):
+            ctx.callers.append((FunctionCall(self.func, p), x.dtype))
+        made = ctx.made
+        if made is not None and isinstance(x, Tensor):
+            index = ctx.calls
+            entry = made[index] if index < len(made) else None
+            if (
+                entry is not None
+                and type(entry[0]) is FunctionCall
+                and entry[0].func is self.func
+                and entry[1] == p
+                and x.shape == entry[2]
+                and x.dtype == entry[3].dtype
+            ):
+                ctx.calls = index + 1
+                times = ctx.replicate
+                ctx.replicate = 1
+                inplace = bool(arg(args, kwargs, 3, "inplace", False))
+                return apply_multipliers(x, entry[3], times, inplace)
+        return self.handler(ctx, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<mcdrop route of torch.nn.functional.{self.name}>"
+
+
+# torch.nn.functional's dropout functions, routed by a pass that routes functions: a forward's
+# F.dropout(h, p, training) looks its function up in torch.nn.functional at every call (so does
+# nn.Dropout's forward). torch.dropout and its kin (torch's namespace) are not routed: a call of
+# theirs leaves a routed pass's count short, and the pass runs under the mode.
+_FUNCTION_ROUTES = tuple(
+    _FunctionRoute(func)
+    for func in (
+        F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout
+    )
+)  # fmt: skip
+# While a pass routes them, torch's function looks itself up in torch.nn.functional for its
+# torch-function dispatch (F.dropout's handle_torch_function(dropout, ...)): a pass under the
+# mode on another thread is handed the route as the function called, and samples it as torch's.
+_HANDLERS.update((route, route.handler) for route in _FUNCTION_ROUTES)
+_functions_routed = 0  # passes that route functions now (under _lock)
+
+
+def _install_functions() -> bool:
+    """Route torch.nn.functional's dropout functions (under ``_lock``), for one more pass;
+    False where one of them is not torch's own (a user's or another library's wrapper, which a
+    route would skip)."""
+    global _functions_routed
+    if _functions_routed == 0:
+        found = F.__dict__
+        if any(found.get(route.name) is not route.func for route in _FUNCTION_ROUTES):
+            return False
+        for route in _FUNCTION_ROUTES:
+            setattr(F, route.name, route)
+    _functions_routed += 1
+    return True
+
+
+def _forked() -> None:
+    """In a child forked while another thread's pass was routed (a DataLoader's worker): no
+    pass runs in it, so torch's own functions go back, and the lock (which that thread may have
+    held) is made afresh."""
+    global _lock, _functions_routed
+    _lock = threading.Lock()
+    if _functions_routed:
+        _functions_routed = 1
+        _remove_functions()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _remove_functions() -> None:
+    """End one pass's routing of the dropout functions (under ``_lock``); the last puts torch's
+    own back (where no one has put a function of their own there since)."""
+    global _functions_routed
+    _functions_routed -= 1
+    if _functions_routed == 0:
+        found = F.__dict__
+        for route in _FUNCTION_ROUTES:
+            if found.get(route.name) is route:
+                setattr(F, route.name, route.func)
+
+
 class DropoutRoutes:
     """The dropout modules of one model, routed to the sampling context for a pass.
 
@@ -96,32 +222,40 @@ class DropoutRoutes:
         self,
         modules: tuple[tuple[nn.Module, Callable[..., Any], bool], ...],
         children: tuple[tuple[dict[str, nn.Module | None], tuple[nn.Module | None, ...]], ...] = (),
+        functions: bool = False,
     ) -> None:
         self.modules = modules
+        # whether a pass routes torch.nn.functional's dropout functions too (a forward that
+        # calls them): only where the modules alone do not give the mode's samples
+        self.functions = functions
         # each container of the model and its children when the plan was made: a dropout
         # module put in since is not routed, and its call would pass unseen (the mode refuses it)
         self.children = children
         # whether a routed pass missed a call since the plan: no pass is routed from then on
         self.missed = False
-        # the module that made each call of the plan, and its input's dtype, in call order
-        # (noted by probe)
-        self.callers: tuple[tuple[nn.Module, torch.dtype], ...] = ()
+        # the module (or function call) that made each call of the plan, and its input's dtype,
+        # in call order (noted by probe)
+        self.callers: tuple[tuple[nn.Module | FunctionCall, torch.dtype], ...] = ()
 
     @classmethod
     def of(
-        cls, model: nn.Module, kinds: Mapping[type[nn.Module], tuple[Callable[..., Any], bool]]
+        cls,
+        model: nn.Module,
+        kinds: Mapping[type[nn.Module], tuple[Callable[..., Any], bool]],
+        functions: bool = False,
     ) -> DropoutRoutes | None:
         """The routes of ``model``'s modules whose class is one of ``kinds`` (torch's dropout
-        layers, and what each calls); None where it has none. (One with a ``forward`` of its
-        own is never routed: :meth:`install`.)"""
+        layers, and what each calls), and of torch's dropout functions where ``functions``;
+        None where there is nothing to route. (A module with a ``forward`` of its own is never
+        routed: :meth:`install`.)"""
         every = list(model.modules())
         found = [m for m in every if type(m) in kinds]
-        if not found:
+        if not found and not functions:
             return None
         for kind in kinds:  # copies made while a pass is routed (another thread's) leave it
             copyreg.dispatch_table.setdefault(kind, _reduce)
         children = tuple((m._modules, tuple(m._modules.values())) for m in every if m._modules)
-        return cls(tuple((m, *kinds[type(m)]) for m in found), children)
+        return cls(tuple((m, *kinds[type(m)]) for m in found), children, functions)
 
     def unchanged(self) -> bool:
         """Whether every container of the model has the children it had when the plan was
@@ -132,6 +266,8 @@ class DropoutRoutes:
         """Route the modules for a pass on this thread (to :meth:`remove` after it); False,
         routing none, where a module has a ``forward`` of its own now."""
         with _lock:
+            if self.functions and not _install_functions():
+                return False
             for i, (module, func, inplace) in enumerate(self.modules):
                 own = module.__dict__
                 route = own.get("forward")
@@ -149,6 +285,8 @@ class DropoutRoutes:
             self._remove(len(self.modules))
 
     def _remove(self, installed: int) -> None:
+        if self.functions:
+            _remove_functions()
         for module, _, _ in self.modules[:installed]:
             own = module.__dict__
             route = own.get("forward")

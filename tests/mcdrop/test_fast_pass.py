@@ -64,7 +64,8 @@ def _channels_last_convolutions() -> nn.Module:
 
 
 class _Functional(nn.Module):
-    """Dropout called as functions in a forward of its own, BatchNorm beside: under the mode."""
+    """Dropout called as functions in a forward of its own, BatchNorm beside: routed, the
+    functions too (mcdrop.routing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +76,15 @@ class _Functional(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = F.dropout(torch.relu(self.norm(self.fc1(x))), 0.3, self.training)
         return self.fc2(F.dropout(h, 0.1, self.training, inplace=True))
+
+
+class _TorchNamespace(_Functional):
+    """Dropout called as torch's own functions (``torch.dropout``, which routing leaves alone),
+    BatchNorm beside: under the mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.dropout(torch.relu(self.norm(self.fc1(x))), 0.3, self.training)
+        return self.fc2(torch.dropout_(h, 0.1, self.training))
 
 
 class _Encoder(nn.Module):
@@ -109,8 +119,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "standardized MLP": (_standardized_mlp, (6,)),
     "CNN": (_cnn, (1, 12, 12)),
     "channels-last convolutions": (_channels_last_convolutions, (3, 6, 6)),
-    # no layer chain and no routes: their forward under the torch-function mode (ModePass)
+    # routed, F.dropout's calls too (RoutedPass)
     "functional dropout": (_Functional, (6,)),
+    # no layer chain and no routes: their forward under the torch-function mode (ModePass)
+    "torch.dropout": (_TorchNamespace, (6,)),
     "transformer encoder": (_Encoder, (5, 8)),
     "LSTM": (_Recurrent, (4, 6)),
 }
@@ -155,6 +167,26 @@ def test_the_same_samples_as_the_general_path(
     assert fast.is_contiguous()
     assert again.is_contiguous()  # as sample returns a single pass's
     assert fast.shape[:2] == (n_samples, n)
+
+
+_PASS_KINDS = {
+    "functional dropout": fast_pass.RoutedPass,
+    "torch.dropout": fast_pass.ModePass,
+    "transformer encoder": fast_pass.ModePass,
+    "LSTM": fast_pass.ModePass,
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_takes_its_kind_of_fast_pass(name: str) -> None:
+    model, shape = _model(name)
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    _fast(model, x, 3, kept)
+    (made,) = kept.fast_passes.values()
+    assert type(made) is _PASS_KINDS.get(name, fast_pass.ChainPass)
+    if isinstance(made, fast_pass.RoutedPass):  # F.dropout's multipliers made before the pass
+        assert [index for index, _, _ in made.elementwise] == [0, 1]
 
 
 def test_each_call_returns_its_own_tensor() -> None:
@@ -452,7 +484,7 @@ def test_a_call_of_several_passes_has_none() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["functional dropout", "transformer encoder"])
+@pytest.mark.parametrize("name", ["torch.dropout", "transformer encoder"])
 def test_a_model_under_the_mode_in_training_mode_or_changed_takes_the_general_path(
     name: str,
 ) -> None:

@@ -1,13 +1,17 @@
-"""Routed passes (mcdrop.routing): a model's own forward with its dropout modules handed to the
-sampling context and no torch-function mode gives the mode's samples, bit for bit; a model
-whose calls routing cannot reach is never routed; a call that routing missed runs again under
-the mode; the modules are left as they were, and other threads see torch's own dropout."""
+"""Routed passes (mcdrop.routing): a model's own forward with its dropout modules, and where it
+calls them torch.nn.functional's dropout functions, handed to the sampling context and no
+torch-function mode gives the mode's samples, bit for bit; a model whose calls routing cannot
+reach is never routed; a call that routing missed runs again under the mode; the modules and
+functions are left as they were, and other threads see torch's own dropout."""
 
 from __future__ import annotations
 
 import copy
 import io
+import os
 import pickle
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -74,11 +78,39 @@ class Kinds(nn.Module):
 
 
 class Functional(TwoLayer):
-    """Dropout called as a function in its forward: only the mode reaches it."""
+    """A dropout module and a dropout function in its forward: the function is routed too."""
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop(F.relu(self.fc1(x)))
         return self.fc3(F.dropout(torch.tanh(self.fc2(x)), 0.3, self.training))
+
+
+class Functions(nn.Module):
+    """Every dropout function of torch.nn.functional in a CNN of its own, called as MC-dropout
+    code calls them (dropout on whatever the mode: training=True; by keyword; in place, its
+    answer unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout2d(F.selu(self.conv(x)), 0.25, True)
+        h = F.dropout3d(h.unsqueeze(2), 0.1, training=True).squeeze(2)
+        h = F.feature_alpha_dropout(h, 0.1, True)
+        h = F.dropout1d(h.flatten(2), p=0.2, training=True)
+        h = F.alpha_dropout(h.flatten(1), 0.2, True)
+        F.dropout(input=h, p=0.3, training=True, inplace=True)  # (its answer is h itself)
+        return self.head(h)
+
+
+class TorchNamespace(TwoLayer):
+    """Dropout called as torch's own function (``torch.dropout``): routing leaves it alone."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.fc3(torch.dropout(torch.tanh(self.fc2(x)), 0.3, self.training))
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -87,12 +119,27 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "channel and alpha dropout": (Kinds, (1, 6, 6)),
     # a network of its own dtype: the multipliers are made in it
     "bfloat16 network": (lambda: ReducedPrecision(TwoLayer(), torch.bfloat16), (6,)),
+    # dropout functions in the forward: routed too
+    "functional": (Functional, (6,)),
+    "functions of every kind": (Functions, (1, 6, 6)),
 }
+
+# torch's own dropout functions, as this module found them (no pass routed them then)
+TORCH_FUNCTIONS = {
+    name: getattr(F, name)
+    for name in (
+        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"
+    )
+}  # fmt: skip
+
+
+def _torchs_own_functions() -> bool:
+    return all(getattr(F, name) is func for name, func in TORCH_FUNCTIONS.items())
 
 
 def _model(name: str) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(0)
-    factory, shape = {**MODELS, "functional": (Functional, (6,))}[name]
+    factory, shape = {**MODELS, "torch.dropout": (TorchNamespace, (6,))}[name]
     model = factory().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d):
@@ -130,24 +177,27 @@ def test_routed_passes_give_the_modes_samples(name: str, n: int, n_samples: int)
     )  # fmt: skip
     assert torch.equal(chunked, chunked_mode)
     assert all("forward" not in vars(m) for m in _dropout_modules(model))
+    assert _torchs_own_functions()
+    # the functions are routed only where the forward calls them
+    assert kept.routes.functions == name.startswith("function")
 
 
-def test_a_model_with_a_functional_dropout_is_not_routed() -> None:
-    model, x = _model("functional")
+def test_a_model_calling_torchs_namespace_dropout_is_not_routed() -> None:
+    model, x = _model("torch.dropout")
     kept = plan(model, x)
     assert kept.routes is None
     assert len(kept.calls) == 2
-    assert sample(model, x, 4, seed=1, plan=kept).var(0).gt(0).any()
+    assert sample(model, x, 4, seed=1, plan=kept).var(0).gt(0).all()
 
 
 def test_a_call_that_routing_misses_runs_under_the_mode() -> None:
-    """A functional dropout added to the forward after the plan: the routed pass makes one call
+    """A torch.dropout added to the forward after the plan: the routed pass makes one call
     fewer than the plan has, and the pass runs under the mode, which sees every call."""
     model, x = _model("two layers")
     kept = plan(model, x)
     before = sample(model, x, 4, seed=1, plan=kept)
     # (it writes into its input, too: the pass under the mode gets its rows afresh)
-    model.forward = lambda h: Functional.forward(model, h.mul_(2))  # type: ignore[method-assign]
+    model.forward = lambda h: TorchNamespace.forward(model, h.mul_(2))  # type: ignore[method-assign]
     got = sample(model, x, 4, seed=1, plan=kept)
     fresh = plan(model, x)
     assert fresh.routes is None
@@ -489,10 +539,11 @@ def test_a_forward_that_asks_whether_it_samples_gets_the_modes_answer() -> None:
     assert str(routed.value) == str(mode.value)
 
 
-def test_other_threads_sample_under_the_mode_and_plan_meanwhile() -> None:
-    """While threads sample with their dropout modules routed, another thread's sampling under
-    the mode and another's plan of the same model see torch's own dropout modules."""
-    model, x = _model("residual")
+@pytest.mark.parametrize("name", ["residual", "functional"])
+def test_other_threads_sample_under_the_mode_and_plan_meanwhile(name: str) -> None:
+    """While threads sample with their dropout modules (and functions) routed, another thread's
+    sampling under the mode and another's plan of the same model see torch's own dropout."""
+    model, x = _model(name)
     kept = plan(model, x)
     mode = _under_the_mode(kept)
     expected = {p: sample(model, x, 8, seed=2, plan=p) for p in (kept, mode)}
@@ -538,3 +589,162 @@ def test_after_a_missed_call_passes_run_once_under_the_mode() -> None:
     for _ in range(3):
         sample(model, x, 4, seed=1, plan=kept)
     assert len(runs) == 3
+
+
+def test_other_threads_see_torchs_own_dropout_functions_meanwhile() -> None:
+    """While threads sample a model whose dropout functions are routed, another thread's
+    F.dropout is torch's own: seeded by torch's generator in training, the identity out of it,
+    and the functions are torch's own once the passes end."""
+    model, x = _model("functional")
+    kept = plan(model, x)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    expected_samples = sample(model, x, 8, seed=2, plan=kept)
+    ones = torch.ones(4096)
+    torch.manual_seed(7)
+    expected = F.dropout(ones, 0.5, True)
+    failures: list[str] = []
+    start = threading.Barrier(3)
+    seen: set[object] = set()
+
+    def sampler() -> None:
+        start.wait()
+        for _ in range(60):
+            if not torch.equal(sample(model, x, 8, seed=2, plan=kept), expected_samples):
+                failures.append("samples")
+
+    def trainer() -> None:  # the only thread that draws from torch's generator
+        start.wait()
+        for _ in range(300):
+            seen.add(F.dropout)
+            torch.manual_seed(7)
+            if not torch.equal(F.dropout(ones, 0.5, True), expected):
+                failures.append("training")
+            if F.dropout(ones, 0.5, False) is not ones:
+                failures.append("eval")
+
+    threads = [threading.Thread(target=f) for f in (sampler, sampler, trainer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == []
+    assert len(seen) == 2, "the trainer never ran while a pass was routed"
+    assert _torchs_own_functions()
+
+
+def test_a_wrapper_of_a_dropout_function_is_never_skipped_nor_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A function of one's own in place of F.dropout (a library's wrapper): a pass routes no
+    function over it (the mode's answer), and one set during a pass stays after it."""
+    model, x = _model("functional")
+    kept = plan(model, x)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    expected = sample(model, x, 4, seed=1, plan=kept)
+    wrapped: list[int] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        wrapped.append(1)
+        return TORCH_FUNCTIONS["dropout"](*args, **kwargs)
+
+    # (the mode sees the wrapper, which it does not know, as the function called: its call is
+    # torch's own, deterministic in eval, and the pass refuses the count)
+    monkeypatch.setattr(F, "dropout", wrapper)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, x, 4, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, x, 4, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+    assert wrapped
+    monkeypatch.undo()
+
+    def set_within(module: nn.Module, *_: object) -> None:
+        if module is model.fc3:  # after the pass's last dropout call
+            F.dropout = wrapper  # type: ignore[assignment]
+
+    handle = nn.modules.module.register_module_forward_hook(set_within)
+    try:
+        assert torch.equal(sample(model, x, 4, seed=1, plan=kept), expected)
+        assert F.dropout is wrapper
+    finally:
+        handle.remove()
+        F.dropout = TORCH_FUNCTIONS["dropout"]  # type: ignore[assignment]
+    assert _torchs_own_functions()
+
+
+class Rated(nn.Module):
+    """F.dropout at a rate the model holds, which may change after the plan, and in place."""
+
+    rate = 0.2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.dropout(F.relu(self.fc1(x)), self.rate, self.training)
+        h = torch.tanh(self.fc2(x))
+        F.dropout(h, 0.1, self.training, True)  # in place, its answer unused
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 6)])
+def test_a_functions_rate_changed_since_the_plan_is_sampled_at_the_new_rate(
+    n: int, n_samples: int
+) -> None:
+    torch.manual_seed(0)
+    model = Rated().eval()
+    x = torch.randn(n, 6)
+    kept = plan(model, x)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    before = sample(model, x, n_samples, seed=1, plan=kept)  # the fast pass is made and used
+    model.rate = 0.6
+    got = sample(model, x, n_samples, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, n_samples, seed=1, plan=_under_the_mode(kept)))
+    assert torch.equal(got, sample(model, x, n_samples, seed=1, plan=plan(model, x)))
+    assert not torch.equal(got, before)
+
+
+_FORK_WITHIN_A_PASS = """
+import os, sys, torch, torch.nn.functional as F
+from torch import nn
+import mcdrop
+sys.path.insert(0, {tests!r})
+from test_routing import _model, _torchs_own_functions
+model, x = _model("functional")
+kept = mcdrop.plan(model, x)
+expected = mcdrop.sample(model, x, 4, seed=1, plan=kept)
+statuses = []
+def fork_within(module, *_):
+    if module is model.fc3 and not statuses:
+        statuses.append(-1)  # (the child's own passes fork no more)
+        pid = os.fork()
+        if pid == 0:  # the child: exit at once, with what it found
+            ok = False
+            try:
+                ok = _torchs_own_functions() and torch.equal(
+                    mcdrop.sample(model, x, 4, seed=1, plan=kept), expected
+                )
+            finally:
+                os._exit(0 if ok and _torchs_own_functions() else 1)
+        statuses[0] = os.waitpid(pid, 0)[1]
+nn.modules.module.register_module_forward_hook(fork_within)
+mcdrop.sample(model, x, 4, seed=1, plan=kept)
+print(statuses, _torchs_own_functions())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_during_a_routed_pass_has_torchs_own_functions() -> None:
+    """A child forked while a pass routes the functions (a DataLoader's worker, forked by
+    another thread): torch's own functions in it, and it samples. (In a process of its own: a
+    fork beside the test runner's threads may deadlock on their locks.)"""
+    script = _FORK_WITHIN_A_PASS.format(tests=os.path.dirname(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[0]", "True"], done.stdout
