@@ -162,3 +162,21 @@ def heteroscedastic(
         nn.Dropout(dropout),
         nn.Linear(hidden, 2 * targets),
     )
+
+
+class FunctionalMLP(nn.Module):
+    """An MLP whose ``forward`` calls ``F.dropout`` itself, as much research code does:
+    ``(N, D) -> (N, K)``."""
+
+    def __init__(
+        self, features: int = 4, hidden: int = 32, n_classes: int = 3, p: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.p = p
+        self.fc1, self.fc2 = nn.Linear(features, hidden), nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(F.relu(self.fc1(x)), self.p, self.training)
+        h = F.dropout(F.gelu(self.fc2(h)), p=self.p, training=self.training)
+        return self.out(h)

@@ -5,16 +5,17 @@
 The families: a ResNet-style CNN with BatchNorm and a dropout head; a transformer encoder
 classifier (``nn.TransformerEncoder``: attention and feed-forward dropout); a transformer written
 with ``F.scaled_dot_product_attention(dropout_p=...)``; an LSTM forecaster with ``LockedDropout``
-and dropout between its layers; a heteroscedastic regressor (K means, then K log-variances),
-trained on noise that grows with its input.
+and dropout between its layers; an MLP whose ``forward`` calls ``F.dropout``; a heteroscedastic
+regressor (K means, then K log-variances), trained on noise that grows with its input.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ from torch import Tensor, nn
 import mcdrop
 from mcdrop import Predictor
 from mcdrop.checking import example_inputs
+from mcdrop.predictor import ClassificationPrediction
 from mcdrop_client import Client
 from service.cli import main
 from tests import families
 from tests.e2e.server import serve
 
-# Trains, saves and serves five models: part of `make test`, not of the edit loop.
+# Trains, saves and serves six models: part of `make test`, not of the edit loop.
 pytestmark = pytest.mark.slow
 
 TRUSTED = "tests.families"
@@ -79,6 +81,13 @@ FAMILIES = {
         {"features": 3, "hidden": 16, "layers": 2, "dropout": 0.25, "input_dropout": 0.2},
         {"task": "regression", "input_shape": [8, 3], "labels": ["t+1", "t+2"], "tau": 4.0},
         ["LockedDropout(batch_first=True)", "LSTM dropout between layers"],
+        prefix=True,
+    ),
+    "functional_mlp": Family(
+        "FunctionalMLP",
+        {"features": 4, "hidden": 32, "n_classes": 3, "p": 0.2},
+        {"task": "classification", "input_shape": [4], "labels": ["a", "b", "c"]},
+        ["dropout", "dropout"],
         prefix=True,
     ),
     "heteroscedastic": Family(
@@ -311,3 +320,49 @@ def test_every_family_is_served_over_http(models: Path, server_url: str) -> None
                     got, want = row.mean, local.mean[i]
                 assert torch.allclose(torch.tensor(got), want, rtol=1e-4, atol=1e-5), name
             assert len(client.predict(name, x.tolist()).predictions) == 2
+
+
+def test_the_functional_mlp_is_routed_and_served_to_threads_at_once(
+    models: Path, server_url: str
+) -> None:
+    """The MLP calling F.dropout samples without the torch-function mode (its functions routed,
+    mcdrop.routing), bit for bit as under it; over HTTP, requests on several threads at once
+    (the server's passes routed at the same time as its deterministic predictions) answer as
+    the Predictor does."""
+    predictor = Predictor(mcdrop.load(models / "functional_mlp", allowed_factories=[TRUSTED]))
+    x = _rows(predictor.model, 4)
+    plan = predictor.warm_up(x)
+    assert plan.routes is not None
+    assert plan.routes.functions
+    module = predictor.model.module
+    assert torch.equal(
+        mcdrop.sample(module, x, 16, seed=2, plan=plan),
+        mcdrop.sample(module, x, 16, seed=2, plan=replace(plan, routes=None)),
+    )
+    local, _ = predictor.uncertainty(x, 40, seed=7)
+    assert isinstance(local, mcdrop.stats.ClassificationSummary)
+    deterministic = predictor.predict(x)
+    assert isinstance(deterministic, ClassificationPrediction)
+    failures: list[str] = []
+
+    def ask(i: int) -> None:
+        with Client(server_url) as client:
+            for _ in range(15):
+                if i % 2:
+                    got = client.predict("functional_mlp", x.tolist()).predictions
+                    want = deterministic.probabilities
+                else:
+                    got = client.uncertainty(
+                        "functional_mlp", x.tolist(), n_samples=40, seed=7
+                    ).results
+                    want = local.probabilities
+                probabilities = torch.tensor([row.probabilities for row in got])
+                if not torch.allclose(probabilities, want, rtol=1e-4, atol=1e-5):
+                    failures.append(f"thread {i}")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert failures == []
