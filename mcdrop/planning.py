@@ -153,8 +153,9 @@ class SamplingPlan:
         layers: where the model is a plain chain of torch layers (see :class:`LayerChain`),
             the chain, which a pass runs without the torch-function mode; None otherwise.
         routes: where every stochastic call of a model that is no layer chain comes from a
-            torch dropout module, those modules, whose calls a pass hands to the context
-            without the torch-function mode (:mod:`mcdrop.routing`); None otherwise.
+            torch dropout module or a dropout function of ``torch.nn.functional``, those
+            modules (and functions), whose calls a pass hands to the context without the
+            torch-function mode (:mod:`mcdrop.routing`); None otherwise.
         graphs: for a model on a CUDA device, the passes this plan has captured as CUDA graphs
             (:mod:`mcdrop.cuda_graphs`), which calls that keep the plan replay; None elsewhere.
     """
@@ -234,6 +235,14 @@ class SamplingPlan:
                 f"  encoder layers: {len(self.encoders.layers)} nn.TransformerEncoderLayer, run "
                 "directly (mcdrop.encoders)"
             )
+        if self.routes is not None:
+            what = "dropout modules and functions" if self.routes.functions else "dropout modules"
+            rows.append(
+                f"  forward: its own, its {what} routed to the sampler, without the "
+                "torch-function mode (mcdrop.routing)"
+            )
+        elif self.layers is None:
+            rows.append("  forward: its own, under the torch-function mode")
         rows.append(
             f"  FLOPs: {self.prefix_flops:.3g} per row before the first dropout, "
             f"{self.rest_flops:.3g} per replicated row from it on"

@@ -748,3 +748,17 @@ def test_a_process_forked_during_a_routed_pass_has_torchs_own_functions() -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[0]", "True"], done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("two layers", "its dropout modules routed"),
+        ("functional", "its dropout modules and functions routed"),
+        ("torch.dropout", "under the torch-function mode"),
+    ],
+)
+def test_the_plan_says_how_its_forward_runs(name: str, line: str) -> None:
+    model, x = _model(name)
+    (said,) = [row for row in repr(plan(model, x)).splitlines() if "forward:" in row]
+    assert line in said
