@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from itertools import repeat
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -38,7 +39,7 @@ from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
 from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.routing import DropoutRoutes, FunctionCall, routed_forward
-from mcdrop.sampling_context import SamplingContext, fresh_layout, replicate
+from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, fresh_layout, replicate
 
 if TYPE_CHECKING:
     from mcdrop.planning import CallLayout, LayerChain, SamplingPlan
@@ -333,19 +334,18 @@ class RoutedPass(ForwardPass):
         super().__init__(plan, model, kernels, key, share, routes.children)
         self.routes = routes
         # The calls whose multipliers are made for the whole pass at once, before it (where
-        # numba makes them, as a layer chain's): an nn.Dropout's or F.dropout's, per element,
-        # one row's entries after another's, in the dtype of the first call's input (a network
-        # of its own dtype: nets.ReducedPrecision); each call making its own costs ~10 µs of a
-        # cold call.
+        # numba makes them, as a layer chain's): an inverted dropout's, per element or per
+        # channel, one row's entries after another's, in the dtype of the first call's input (a
+        # network of its own dtype: nets.ReducedPrecision); each call making its own costs
+        # ~10 µs of a cold call (~30 a channel dropout's).
         self.made_dtype = routes.callers[0][1] if routes.callers else plan.dtype
-        self.elementwise = tuple(
-            (call.index, math.prod(call.shape), module)
-            for call, (module, dtype) in zip(plan.calls, routes.callers, strict=False)
-            if (type(module) is nn.Dropout or (type(module) is FunctionCall and module.elementwise))
-            and call.dim == 0
-            and call.group == 1
-            and dtype == self.made_dtype
+        funcs = {id(module): func for module, func, _ in routes.modules}
+        sizes = (
+            (call, caller, _made_size(call, caller, funcs) if dtype == self.made_dtype else None)
+            for call, (caller, dtype) in zip(plan.calls, routes.callers, strict=False)
         )
+        # (call index, multipliers per row, the module or function call that makes it)
+        self.made_calls = tuple((call.index, n, caller) for call, caller, n in sizes if n)
         self._made: dict[
             tuple[float, ...],
             tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]],
@@ -381,9 +381,9 @@ class RoutedPass(ForwardPass):
         its input's shape, its multipliers (flat) made from the row keys ``(N,)`` in one
         compiled call, and its index; None for the other calls. None where no call is
         element-wise with a rate in (0, 1)."""
-        if not self.elementwise:
+        if not self.made_calls:
             return None
-        rates = tuple([float(cast(Any, module).p) for _, _, module in self.elementwise])
+        rates = tuple([float(cast(Any, caller).p) for _, _, caller in self.made_calls])
         found = self._made.get(rates)
         if found is None:
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
@@ -404,13 +404,33 @@ class RoutedPass(ForwardPass):
         """The multipliers' maker for the element-wise calls at ``rates`` (None where numba
         does not make them in one call), and each made call's index, module, rate and shape."""
         calls = tuple(
-            (i, n, p) for (i, n, _), p in zip(self.elementwise, rates, strict=True)
+            (i, n, p) for (i, n, _), p in zip(self.made_calls, rates, strict=True)
             if 0.0 < p < 1.0
         )  # fmt: skip
         made = masks.PassMultipliers(calls, self.made_dtype) if calls else None
         if made is None or not made.takes_rows(self.rows):
             return None, ()
         return made, tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
+
+
+def _made_size(
+    call: CallLayout, caller: object, funcs: dict[int, Callable[..., Any]]
+) -> int | None:
+    """The multipliers per row of a call whose multipliers a routed pass makes before it, as
+    :meth:`SamplingContext.dropout` would make them: an inverted dropout's (not alpha), rows
+    along dimension 0, one entry per element, or per channel (``(N, C, ...)``, at the rank the
+    function takes as batched); None for any other call. ``caller``: the routed module or
+    :class:`~mcdrop.routing.FunctionCall` (``funcs``: each routed module's function)."""
+    func = caller.func if type(caller) is FunctionCall else funcs.get(id(caller))
+    options = DROPOUT_FUNCTIONS.get(func) if func is not None else None
+    if options is None or options.get("alpha") or call.dim != 0 or call.group != 1:
+        return None
+    if not options.get("feature"):
+        return math.prod(call.shape)
+    rank = options.get("batched_rank")
+    if len(call.shape) < 2 or (rank is not None and len(call.shape) != rank):
+        return None
+    return call.shape[1]
 
 
 class ModePass(ForwardPass):

@@ -51,17 +51,17 @@ from mcdrop.sampling_context import (
 )
 
 _lock = threading.Lock()
-_ELEMENTWISE = F.dropout  # torch's own (mcdrop is imported before any pass routes it)
 
 
 class _Route:
     """A dropout module's forward while routed passes run (see the module docstring)."""
 
-    __slots__ = ("count", "inplace", "module", "options")
+    __slots__ = ("channels", "count", "inplace", "module", "options")
 
     def __init__(self, module: nn.Module, func: Callable[..., Any], inplace: bool) -> None:
         self.module = module
         self.options = {"kind": func.__name__, **DROPOUT_FUNCTIONS[func]}
+        self.channels = bool(self.options.get("feature"))  # its multipliers: per channel
         self.inplace = inplace  # whether the layer's forward passes its inplace flag
         self.count = 0  # routed passes on the module now
 
@@ -91,7 +91,7 @@ class _Route:
                 ctx.calls = index + 1
                 times = ctx.replicate  # > 1: the first call of a pass that shares the prefix
                 ctx.replicate = 1
-                return apply_multipliers(x, entry[3], times, inplace)
+                return apply_multipliers(x, entry[3], times, inplace, self.channels)
         return ctx.dropout(x, p, **self.options, inplace=inplace)
 
 
@@ -100,13 +100,11 @@ class FunctionCall:
     (torch's own) and the rate it was given when the plan was made (a routed fast pass makes
     that call's multipliers before the pass at that rate; the route checks it at the call)."""
 
-    __slots__ = ("elementwise", "func", "p")
+    __slots__ = ("func", "p")
 
     def __init__(self, func: Callable[..., Any], p: float) -> None:
         self.func = func
         self.p = p
-        # an F.dropout call: per element and inverted, as nn.Dropout's
-        self.elementwise = func is _ELEMENTWISE
 
 
 class _FunctionRoute:
@@ -114,12 +112,13 @@ class _FunctionRoute:
     run (see the module docstring): torch's own function on every thread but the routed
     passes', whose calls it hands to their sampling context, as the mode's handler does."""
 
-    __slots__ = ("func", "handler", "name")
+    __slots__ = ("channels", "func", "handler", "name")
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
         self.name = func.__name__
         self.handler = _HANDLERS[func]
+        self.channels = bool(DROPOUT_FUNCTIONS[func].get("feature"))  # its multipliers: per channel
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = _active.get()
@@ -145,7 +144,7 @@ class _FunctionRoute:
                 times = ctx.replicate
                 ctx.replicate = 1
                 inplace = bool(arg(args, kwargs, 3, "inplace", False))
-                return apply_multipliers(x, entry[3], times, inplace)
+                return apply_multipliers(x, entry[3], times, inplace, self.channels)
         return self.handler(ctx, args, kwargs)
 
     def __repr__(self) -> str:

@@ -356,12 +356,25 @@ class _Active:
             _active.reset(self.token)
 
 
-def apply_multipliers(x: Tensor, scale: Tensor, times: int, inplace: bool) -> Tensor:
+def apply_multipliers(
+    x: Tensor, scale: Tensor, times: int, inplace: bool, channels: bool = False
+) -> Tensor:
     """``x`` times its premade inverted-dropout multipliers ``scale`` (rows first, as many as
     ``x``'s elements, ``times`` over where the call replicates ``x`` first: the first call of a
     pass that shares the prefix): :meth:`SamplingContext.dropout`'s products for a per-element
     call, without its checks, for the callers that made the multipliers before the pass
-    (:meth:`mcdrop.planning.LayerChain.run_made`, :mod:`mcdrop.routing`)."""
+    (:meth:`mcdrop.planning.LayerChain.run_made`, :mod:`mcdrop.routing`). ``channels``: a
+    channel dropout's (``x (N, C, ...)``, one multiplier per row and channel, broadcast over the
+    dimensions after ``C``)."""
+    if channels:  # as SamplingContext.dropout's feature branch
+        rest = [1] * (x.dim() - 2)
+        if times > 1:
+            if x.is_contiguous():
+                shaped = scale.view(times, *x.shape[:2], *rest)
+                return torch.mul(shaped, x).view(times * x.shape[0], *x.shape[1:])
+            x = replicate(x, times)
+        scale = scale.view(*x.shape[:2], *rest)
+        return x.mul_(scale) if inplace else x * scale
     if times > 1:  # the N rows broadcast against all samples' multipliers: one pass
         shape = x.shape
         return scale.view(times, *shape).mul_(x).view(times * shape[0], *shape[1:])

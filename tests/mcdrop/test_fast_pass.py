@@ -87,6 +87,22 @@ class _TorchNamespace(_Functional):
         return self.fc2(torch.dropout_(h, 0.1, self.training))
 
 
+class _Channels(nn.Module):
+    """Channel dropout as a module (in place) and as functions, then element-wise dropout, in a
+    CNN of its own: routed, every call's multipliers made before the pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 4, 3), nn.Conv2d(4, 4, 3, padding=1)
+        self.channels = nn.Dropout2d(0.25, inplace=True)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(self.channels(F.relu(self.conv1(x))))
+        h = F.dropout1d(h.flatten(2), 0.1, self.training)
+        return self.head(F.dropout(h.flatten(1), 0.3, self.training))
+
+
 class _Encoder(nn.Module):
     """A transformer encoder classifier: its layers run by the encoders' twin, under the mode."""
 
@@ -121,6 +137,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "channels-last convolutions": (_channels_last_convolutions, (3, 6, 6)),
     # routed, F.dropout's calls too (RoutedPass)
     "functional dropout": (_Functional, (6,)),
+    "channel dropout": (_Channels, (2, 6, 6)),
     # no layer chain and no routes: their forward under the torch-function mode (ModePass)
     "torch.dropout": (_TorchNamespace, (6,)),
     "transformer encoder": (_Encoder, (5, 8)),
@@ -171,6 +188,7 @@ def test_the_same_samples_as_the_general_path(
 
 _PASS_KINDS = {
     "functional dropout": fast_pass.RoutedPass,
+    "channel dropout": fast_pass.RoutedPass,
     "torch.dropout": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
     "LSTM": fast_pass.ModePass,
@@ -185,8 +203,8 @@ def test_each_model_takes_its_kind_of_fast_pass(name: str) -> None:
     _fast(model, x, 3, kept)
     (made,) = kept.fast_passes.values()
     assert type(made) is _PASS_KINDS.get(name, fast_pass.ChainPass)
-    if isinstance(made, fast_pass.RoutedPass):  # F.dropout's multipliers made before the pass
-        assert [index for index, _, _ in made.elementwise] == [0, 1]
+    if isinstance(made, fast_pass.RoutedPass):  # every call's multipliers made before the pass
+        assert [index for index, _, _ in made.made_calls] == list(range(len(kept.calls)))
 
 
 def test_each_call_returns_its_own_tensor() -> None:

@@ -105,6 +105,45 @@ class Functions(nn.Module):
         return self.head(h)
 
 
+class Channels(nn.Module):
+    """A small CNN of its own with channel dropout (in place) and element-wise dropout, as
+    modules or as functions, its convolutions channels-last or not: every call's multipliers
+    made before a fast pass."""
+
+    def __init__(self, functions: bool = False, channels_last: bool = False) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, padding=1)
+        if not functions:
+            self.channels, self.drop = nn.Dropout2d(0.25, inplace=True), nn.Dropout(0.4)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        self.functions = functions
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv1(x))
+        if self.functions:
+            F.dropout2d(h, 0.25, True, True)  # in place, its answer unused
+            h = F.dropout1d(self.conv2(h).flatten(2), p=0.1, training=self.training)
+            return self.head(F.dropout(h.flatten(1), 0.4, True))
+        h = self.conv2(self.channels(h))
+        return self.head(self.drop(h.flatten(1)))
+
+
+class Sequence(nn.Module):
+    """Channel dropout of a transposed activation (features as channels over time steps): a
+    first call whose input is no contiguous tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8 * 5, 2)
+        self.channels, self.drop = nn.Dropout1d(0.3), nn.Dropout(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, 5, 3)
+        h = self.channels(torch.tanh(self.embed(x)).transpose(1, 2))  # (N, 8, 5), a view
+        return self.head(self.drop(h.flatten(1)))
+
+
 class TorchNamespace(TwoLayer):
     """Dropout called as torch's own function (``torch.dropout``): routing leaves it alone."""
 
@@ -122,6 +161,14 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     # dropout functions in the forward: routed too
     "functional": (Functional, (6,)),
     "functions of every kind": (Functions, (1, 6, 6)),
+    "channel dropout": (Channels, (1, 6, 6)),
+    "channel dropout, channels-last": (lambda: Channels(channels_last=True), (1, 6, 6)),
+    "channel dropout of a transposed activation": (Sequence, (5, 3)),
+    "functions of channel dropout": (lambda: Channels(functions=True), (1, 6, 6)),
+    "functions of channel dropout, channels-last": (
+        lambda: Channels(functions=True, channels_last=True),
+        (1, 6, 6),
+    ),
 }
 
 # torch's own dropout functions, as this module found them (no pass routed them then)
