@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -199,6 +200,15 @@ def _dropout_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
 
 
+def _run_together(*targets: Callable[[], object]) -> None:
+    """Each target on a thread of its own (the targets wait on a barrier to start together)."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+
+
 def _under_the_mode(kept: SamplingPlan) -> SamplingPlan:
     """The same plan with routing off: its passes run under the mode."""
     from dataclasses import replace
@@ -301,11 +311,7 @@ def test_other_threads_see_torchs_own_dropout_meanwhile() -> None:
             if not torch.equal(predict(model, x), expected):
                 failures.append("prediction")
 
-    threads = [threading.Thread(target=f) for f in (sampler, sampler, predictor)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    _run_together(sampler, sampler, predictor)
     assert failures == []
     assert all("forward" not in vars(m) for m in _dropout_modules(model))
 
@@ -610,12 +616,7 @@ def test_other_threads_sample_under_the_mode_and_plan_meanwhile(name: str) -> No
             if again.calls != kept.calls or again.routes is None:
                 failures.append("plan")
 
-    threads = [threading.Thread(target=sampler, args=(p,)) for p in (kept, kept, mode)]
-    threads.append(threading.Thread(target=planner))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    _run_together(*(partial(sampler, p) for p in (kept, kept, mode)), planner)
     assert failures == []
     assert torch.equal(expected[kept], expected[mode])
     assert all("forward" not in vars(m) for m in _dropout_modules(model))
@@ -670,11 +671,7 @@ def test_other_threads_see_torchs_own_dropout_functions_meanwhile() -> None:
             if F.dropout(ones, 0.5, False) is not ones:
                 failures.append("eval")
 
-    threads = [threading.Thread(target=f) for f in (sampler, sampler, trainer)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    _run_together(sampler, sampler, trainer)
     assert failures == []
     assert len(seen) == 2, "the trainer never ran while a pass was routed"
     assert _torchs_own_functions()
