@@ -31,6 +31,7 @@ lead to a functional call, on some inputs only).
 from __future__ import annotations
 
 import copyreg
+import functools
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -110,15 +111,25 @@ class FunctionCall:
 class _FunctionRoute:
     """A ``torch.nn.functional`` dropout function while routed passes that route functions
     run (see the module docstring): torch's own function on every thread but the routed
-    passes', whose calls it hands to their sampling context, as the mode's handler does."""
+    passes', whose calls it hands to their sampling context, as the mode's handler does.
 
-    __slots__ = ("channels", "func", "handler", "name")
+    Other threads' code finds it in torch's place meanwhile, so it passes for torch's function
+    where it can: its name, signature and docstring (``functools.update_wrapper``: torch.fx
+    writes its call as ``torch.nn.functional.dropout``); a pickle of it is torch's function;
+    torch.compile traces torch's function (``__original_fn``, which dynamo inlines instead of
+    this ``__call__``, whose context variable it cannot trace), and TorchScript compiles
+    torch's (a dispatch on ``inplace`` to torch's function either way). A pickle of torch's
+    function itself fails meanwhile (pickle finds another object by its name)."""
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
         self.name = func.__name__
         self.handler = _HANDLERS[func]
         self.channels = bool(DROPOUT_FUNCTIONS[func].get("feature"))  # its multipliers: per channel
+        functools.update_wrapper(self, func)
+        # (set by name: in the class body, Python would mangle them)
+        setattr(self, "__original_fn", func)
+        setattr(self, "__script_if_tracing_wrapper", True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = _active.get()
@@ -147,8 +158,16 @@ class _FunctionRoute:
                 return apply_multipliers(x, entry[3], times, inplace, self.channels)
         return self.handler(ctx, args, kwargs)
 
+    def __reduce__(self) -> tuple[Callable[[str], Callable[..., Any]], tuple[str]]:
+        return _torch_function, (self.name,)
+
     def __repr__(self) -> str:
         return f"<mcdrop route of torch.nn.functional.{self.name}>"
+
+
+def _torch_function(name: str) -> Callable[..., Any]:
+    """torch's own dropout function ``name``: what a pickled route unpickles as."""
+    return _TORCH_FUNCTIONS[name]
 
 
 # torch.nn.functional's dropout functions, routed by a pass that routes functions: a forward's
@@ -165,6 +184,19 @@ _FUNCTION_ROUTES = tuple(
 # torch-function dispatch (F.dropout's handle_torch_function(dropout, ...)): a pass under the
 # mode on another thread is handed the route as the function called, and samples it as torch's.
 _HANDLERS.update((route, route.handler) for route in _FUNCTION_ROUTES)
+_TORCH_FUNCTIONS = {route.name: route.func for route in _FUNCTION_ROUTES}
+
+
+def _script_dispatch(route: _FunctionRoute) -> dict[str, Any]:
+    """How TorchScript resolves a call of ``route`` (another thread's script of a model while a
+    pass routes the functions): torch's function, whichever ``inplace``."""
+    return {"if_true": route.func, "if_false": route.func, "index": 3, "default": False,
+            "arg_name": "inplace"}  # fmt: skip
+
+
+torch._jit_internal.boolean_dispatched.update(
+    (route, _script_dispatch(route)) for route in _FUNCTION_ROUTES
+)
 _functions_routed = 0  # passes that route functions now (under _lock)
 
 

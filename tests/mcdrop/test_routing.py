@@ -7,6 +7,7 @@ functions are left as they were, and other threads see torch's own dropout."""
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import os
 import pickle
@@ -675,6 +676,74 @@ def test_other_threads_see_torchs_own_dropout_functions_meanwhile() -> None:
     assert failures == []
     assert len(seen) == 2, "the trainer never ran while a pass was routed"
     assert _torchs_own_functions()
+
+
+class Held(Functional):
+    """Functional, whose forward waits, while a pass routes the functions, until let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.holds = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        if self.holds and not _torchs_own_functions():
+            self.entered.set()
+            self.go.wait(60)
+        return y
+
+
+class Traced(nn.Module):
+    """Another thread's model: a dropout module and a dropout function, as torch writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop = nn.Linear(6, 6), nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(self.drop(self.fc(x)), 0.2, self.training)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
+    """While a pass routes the functions, another thread's torch.fx trace, TorchScript and
+    torch.compile (whole graph) of a model with dropout work as with torch's own functions, and
+    a pickle of F.dropout taken then is torch's function."""
+    torch.manual_seed(0)
+    held, x = Held().eval(), torch.randn(3, 6)
+    kept = plan(held, x)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    expected = sample(held, x, 4, seed=1, plan=_under_the_mode(kept))
+    got: list[Tensor] = []
+    held.holds = True
+    thread = threading.Thread(target=lambda: got.append(sample(held, x, 4, seed=1, plan=kept)))
+    thread.start()
+    try:
+        assert held.entered.wait(60)
+        assert not _torchs_own_functions()
+        other = Traced().eval()
+        traced = torch.fx.symbolic_trace(other)
+        assert "torch.nn.functional.dropout(" in traced.code
+        scripted = torch.jit.script(other)
+        compiled = torch.compile(other, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), other(x))
+        assert inspect.signature(F.dropout) == inspect.signature(TORCH_FUNCTIONS["dropout"])
+        assert pickle.loads(pickle.dumps(F.dropout)) is TORCH_FUNCTIONS["dropout"]
+    finally:
+        held.go.set()
+        thread.join(timeout=120)
+    assert _torchs_own_functions()
+    assert len(got) == 1
+    assert torch.equal(got[0], expected)
+    for twin in (traced, scripted, compiled):
+        assert torch.equal(twin(x), other(x))
+    compiled.train()  # torch's generator draws the same masks
+    torch.manual_seed(2)
+    drawn = compiled(x)
+    torch.manual_seed(2)
+    assert torch.equal(drawn, other(x))
 
 
 def test_a_wrapper_of_a_dropout_function_is_never_skipped_nor_removed(
