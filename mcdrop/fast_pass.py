@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import repeat
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop.devices import model_device_slot
-from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.routing import DropoutRoutes, FunctionCall, routed_forward
 from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, fresh_layout, replicate
 
@@ -364,8 +363,13 @@ class RoutedPass(ForwardPass):
         ctx: SamplingContext
         if made is not None and None not in made:
             # every call's multipliers straight to its route: no sample keys, no context's
-            # dropout (a call they do not fit fails the pass, and the general path runs)
-            ctx = MadeContext([None if e is None else e[:4] for e in made], self.replicas)
+            # dropout (but for a call they do not fit, whose keys are made then)
+            ctx = MadeContext(
+                [None if e is None else e[:4] for e in made],
+                self.replicas,
+                self.calls,
+                lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
+            )
         else:
             samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
             ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
@@ -464,31 +468,46 @@ class ModePass(ForwardPass):
 class MadeContext(SamplingContext):
     """The context of a routed fast pass whose every call has its multipliers made before it
     (:attr:`made`, taken by each call's route: :mod:`mcdrop.routing`). A call they do not fit
-    is not sampled here: :meth:`dropout` refuses it, the pass fails, and the general path runs
-    the call."""
+    (a function's rate changed since the plan, a module that hands its call to the context
+    itself) is sampled as :class:`SamplingContext` samples it, with the pass's sample keys made
+    then (``sample_keys``): the pass runs once, as the general path would run it."""
 
     def __init__(
-        self, made: list[tuple[Any, float, tuple[int, ...], Tensor] | None], replicate: int
+        self,
+        made: list[tuple[Any, float, tuple[int, ...], Tensor] | None],
+        replicate: int,
+        calls: Sequence[CallLayout],
+        sample_keys: Callable[[], Tensor],
     ) -> None:
-        # none of SamplingContext's state: no keys, so nothing but the routes may sample here
+        # none of SamplingContext's state until a call needs it: no keys made for a pass
+        # whose every call takes its multipliers
         self.made = made
         self.calls = 0
         self.routed = True
         self.replicate = replicate  # the first call replicates its input this many times
+        self.layouts = calls
+        self.premade = None
+        self._sample_keys: Callable[[], Tensor] | None = sample_keys
+        self._into = None
+        self._modes = []
+        self._token = None
 
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
-        raise UnsupportedModelError(
-            f"dropout call {self.calls + 1} is not the one the fast pass made multipliers for"
-        )
+        self._keyed()
+        return super().dropout(x, p, **options)
 
     def take(
         self, x: Tensor, kind: str, batch_dim: int | None = None
     ) -> tuple[Tensor, CallLayout, int] | None:
-        # a module that hands its call to the context itself (mcdrop's LockedDropout,
-        # DropConnectLinear: SamplingContext.rows), with no call of the plan's making here
-        raise UnsupportedModelError(
-            f"dropout call {self.calls + 1} ({kind}) is not one the fast pass made multipliers for"
-        )
+        self._keyed()
+        return super().take(x, kind, batch_dim)
+
+    def _keyed(self) -> None:
+        """The sample keys ``(B,)`` and the rows so far, at the first call not made before."""
+        if self._sample_keys is not None:
+            self.keys = self._sample_keys()
+            self._sample_keys = None
+            self.batch = self.keys.shape[0] // self.replicate
 
 
 def _walk(model: nn.Module) -> list[nn.Module]:

@@ -143,6 +143,10 @@ class _FunctionRoute:
         if made is not None and isinstance(x, Tensor):
             index = ctx.calls
             entry = made[index] if index < len(made) else None
+            if entry is not None and type(entry[0]) is FunctionCall and entry[0].func is self.func:
+                # the rate given now is the one the next passes' multipliers are made at (a
+                # forward's F.dropout(h, self.p) whose p changed since the plan)
+                entry[0].p = p
             if (
                 entry is not None
                 and type(entry[0]) is FunctionCall

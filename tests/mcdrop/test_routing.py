@@ -821,6 +821,28 @@ def test_a_functions_rate_changed_since_the_plan_is_sampled_at_the_new_rate(
     assert not torch.equal(got, before)
 
 
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 6)])
+def test_after_a_functions_rate_changed_passes_stay_routed_and_run_once(
+    n: int, n_samples: int
+) -> None:
+    """A function's rate changed since the plan (its fast pass made the multipliers at the
+    plan's rate): each pass runs the forward once, routed, with the mode's samples."""
+    torch.manual_seed(0)
+    model = Rated().eval()
+    x = torch.randn(n, 6)
+    kept = plan(model, x)
+    assert kept.routes is not None
+    runs: list[int] = []
+    model.fc1.register_forward_hook(lambda *_: runs.append(1))
+    for step in range(5):
+        model.rate = 0.6 if step in (2, 3) else 0.2
+        runs.clear()
+        got = sample(model, x, n_samples, seed=step, plan=kept)
+        assert len(runs) == 1, step
+        assert not kept.routes.missed
+        assert torch.equal(got, sample(model, x, n_samples, seed=step, plan=_under_the_mode(kept)))
+
+
 _FORK_WITHIN_A_PASS = """
 import os, sys, torch, torch.nn.functional as F
 from torch import nn
