@@ -133,7 +133,9 @@ class _FunctionRoute:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = _active.get()
-        if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
+        # another thread's call, or this one's pass routes no functions (its plan has none to
+        # route, or it is under the mode): what it would find with no other pass running
+        if ctx is None or not ctx.routes_functions:
             return self.func(*args, **kwargs)
         x = arg(args, kwargs, 0, "input", None)
         p = float(arg(args, kwargs, 1, "p", 0.5))
@@ -353,6 +355,7 @@ def routed_forward(
     if routes.missed or not routes.install():
         return None
     ctx.routed = True
+    ctx.routes_functions = routes.functions
     token = _active.set(ctx)  # as ctx.active(), without its context manager (µs a pass)
     try:
         y = model(inputs)

@@ -74,8 +74,11 @@ class SamplingContext:
     mode: ClassVar[type[DropoutMode]]
     #: Whether the pass runs without the mode, its dropout modules routed here
     #: (:mod:`mcdrop.routing`); callers: where a routed pass notes the module of each call
-    #: and its input's dtype.
+    #: and its input's dtype; routes_functions: whether torch.nn.functional's dropout functions
+    #: hand its calls here too (where another thread's pass has routed them meanwhile, a pass
+    #: that routes none finds torch's own).
     routed = False
+    routes_functions = False
     callers: list[Any] | None = None
     #: Whether the forward asked :func:`mcdrop.is_sampling` during the pass.
     asked = False

@@ -746,6 +746,35 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
     assert torch.equal(drawn, other(x))
 
 
+def test_a_plan_made_while_another_thread_routes_the_functions_is_the_same() -> None:
+    """Another thread's pass routes the functions while a model that calls F.dropout is
+    planned: the plan routes the functions too (its passes after that one find torch's own
+    function otherwise), and its passes run the forward once each, with the mode's samples."""
+    torch.manual_seed(0)
+    held, x = Held().eval(), torch.randn(3, 6)
+    kept = plan(held, x)
+    model = _model("functional")[0]
+    held.holds = True
+    thread = threading.Thread(target=lambda: sample(held, x, 4, seed=1, plan=kept))
+    thread.start()
+    try:
+        assert held.entered.wait(60)
+        planned = plan(model, x)
+    finally:
+        held.go.set()
+        thread.join(timeout=120)
+    assert _torchs_own_functions()
+    assert planned.routes is not None
+    assert planned.routes.functions
+    runs: list[int] = []
+    model.fc1.register_forward_hook(lambda *_: runs.append(1))
+    for seed in range(3):
+        runs.clear()
+        got = sample(model, x, 4, seed=seed, plan=planned)
+        assert len(runs) == 1
+        assert torch.equal(got, sample(model, x, 4, seed=seed, plan=_under_the_mode(planned)))
+
+
 def test_a_wrapper_of_a_dropout_function_is_never_skipped_nor_removed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
