@@ -224,7 +224,9 @@ def _install_functions() -> bool:
 def _forked() -> None:
     """In a child forked while another thread's pass was routed (a DataLoader's worker): no
     pass runs in it, so torch's own functions go back, and the lock (which that thread may have
-    held) is made afresh."""
+    held) is made afresh. (A pass of the forking thread's own, in flight, goes on in the child
+    with torch's functions: a call it then makes runs again under the mode, and its end counts
+    nothing.)"""
     global _lock, _functions_routed
     _lock = threading.Lock()
     if _functions_routed:
@@ -239,6 +241,8 @@ def _remove_functions() -> None:
     """End one pass's routing of the dropout functions (under ``_lock``); the last puts torch's
     own back (where no one has put a function of their own there since)."""
     global _functions_routed
+    if _functions_routed == 0:  # a pass in flight in a forked child (_forked: none counted)
+        return
     _functions_routed -= 1
     if _functions_routed == 0:
         found = F.__dict__

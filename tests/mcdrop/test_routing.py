@@ -901,6 +901,47 @@ print(statuses, _torchs_own_functions())
 """
 
 
+_FORK_AND_GO_ON = """
+import os, sys, torch
+from torch import nn
+import mcdrop
+sys.path.insert(0, {tests!r})
+from test_routing import _model, _torchs_own_functions, _under_the_mode
+model, x = _model("functional")
+kept = mcdrop.plan(model, x)
+forked = []
+def fork_within(module, *_):
+    if module is model.fc3 and not forked:
+        forked.append(os.fork())  # both processes go on with the pass
+handle = nn.modules.module.register_module_forward_hook(fork_within)
+mcdrop.sample(model, x, 4, seed=1, plan=kept)
+handle.remove()
+runs = []
+model.fc1.register_forward_hook(lambda *_: runs.append(1))
+got = mcdrop.sample(model, x, 4, seed=2, plan=kept)
+ok = (
+    len(runs) == 1 and not kept.routes.missed and _torchs_own_functions()
+    and torch.equal(got, mcdrop.sample(model, x, 4, seed=2, plan=_under_the_mode(kept)))
+)
+if forked[0] == 0:
+    os._exit(0 if ok else 1)
+print(os.waitpid(forked[0], 0)[1], ok)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_by_a_routed_pass_that_goes_on_routes_its_later_passes() -> None:
+    """A forward that forks while its pass routes the functions, both processes going on
+    with the pass: in the child, as in the parent, the later passes are routed, run once and
+    give the mode's samples."""
+    script = _FORK_AND_GO_ON.format(tests=os.path.dirname(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"], done.stdout
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
 def test_a_process_forked_during_a_routed_pass_has_torchs_own_functions() -> None:
     """A child forked while a pass routes the functions (a DataLoader's worker, forked by
