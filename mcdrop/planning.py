@@ -56,7 +56,7 @@ from mcdrop.exceptions import (
     UnsupportedModelError,
 )
 from mcdrop.nets import CNN, MLP, Standardized
-from mcdrop.routing import DropoutRoutes, routed_forward
+from mcdrop.routing import DropoutRoutes, functions_routable, routed_forward
 from mcdrop.sampling_context import (
     DROPOUT_FUNCTIONS,
     DropoutMode,
@@ -440,13 +440,19 @@ def _routes(
     keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     # the dropout modules alone first; then with torch's dropout functions too (a forward that
     # calls F.dropout), which routing changes for every thread while a pass runs
+    watch = functions_routable()
     for functions in (False, True):
         routes = DropoutRoutes.of(model, _DROPOUT_LAYERS, functions)
         if routes is None:
             continue
         ctx = SamplingContext(keys, plan.calls)
         callers = ctx.callers = []
+        if not functions and watch:
+            # the functions routed to refuse a call, for this probe: torch's own would run,
+            # drawing from torch's generator where the forward drops on whatever the mode
+            routes.functions = ctx.refuses_functions = True
         y = routed_forward(model, replicate(rows, 2), ctx, routes, len(plan.calls))
+        routes.functions = functions
         if isinstance(y, Tensor) and y.shape[0] == 4 and torch.equal(y.reshape(full.shape), full):
             routes.callers = tuple(callers)
             return routes

@@ -137,6 +137,10 @@ class _FunctionRoute:
         # route, or it is under the mode): what it would find with no other pass running
         if ctx is None or not ctx.routes_functions:
             return self.func(*args, **kwargs)
+        if ctx.refuses_functions:  # a probe of the modules alone (mcdrop.planning)
+            raise UnsupportedModelError(
+                f"torch.nn.functional.{self.name} called in a pass that routes dropout modules only"
+            )
         x = arg(args, kwargs, 0, "input", None)
         p = float(arg(args, kwargs, 1, "p", 0.5))
         if ctx.callers is not None and isinstance(x, Tensor):
@@ -219,6 +223,13 @@ def _install_functions() -> bool:
             setattr(F, route.name, route)
     _functions_routed += 1
     return True
+
+
+def functions_routable() -> bool:
+    """Whether torch.nn.functional's dropout functions are torch's own (or routes): none is a
+    wrapper of one's own, which a pass never routes."""
+    found = F.__dict__
+    return all(found.get(route.name) in (route.func, route) for route in _FUNCTION_ROUTES)
 
 
 def _forked() -> None:

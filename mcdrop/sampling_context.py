@@ -76,9 +76,11 @@ class SamplingContext:
     #: (:mod:`mcdrop.routing`); callers: where a routed pass notes the module of each call
     #: and its input's dtype; routes_functions: whether torch.nn.functional's dropout functions
     #: hand its calls here too (where another thread's pass has routed them meanwhile, a pass
-    #: that routes none finds torch's own).
+    #: that routes none finds torch's own); refuses_functions: whether a call they hand here
+    #: fails the pass (a plan's probe of the dropout modules alone).
     routed = False
     routes_functions = False
+    refuses_functions = False
     callers: list[Any] | None = None
     #: Whether the forward asked :func:`mcdrop.is_sampling` during the pass.
     asked = False

@@ -678,6 +678,30 @@ def test_other_threads_see_torchs_own_dropout_functions_meanwhile() -> None:
     assert _torchs_own_functions()
 
 
+class AlwaysDropping(TwoLayer):
+    """A dropout module, and F.dropout on whatever the mode (training=True), as MC-dropout code
+    writes it: torch's own would draw from torch's generator."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.fc3(F.dropout(torch.tanh(self.fc2(x)), 0.3, True))
+
+
+def test_planning_a_model_that_drops_on_whatever_the_mode_leaves_torchs_generator() -> None:
+    """Its plan (the modules alone tried first) runs no dropout of torch's own: torch's
+    generator is as it was, and the plan routes the functions, with the mode's samples."""
+    torch.manual_seed(0)
+    model, x = AlwaysDropping().eval(), torch.randn(3, 6)
+    state = torch.get_rng_state()
+    kept = plan(model, x)
+    got = sample(model, x, 4, seed=1, plan=kept)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    assert torch.equal(got, sample(model, x, 4, seed=1, plan=_under_the_mode(kept)))
+    assert _torchs_own_functions()
+
+
 class Held(Functional):
     """Functional, whose forward waits, while a pass routes the functions, until let go."""
 
