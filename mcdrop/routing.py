@@ -121,6 +121,9 @@ class _FunctionRoute:
     torch's (a dispatch on ``inplace`` to torch's function either way). A pickle of torch's
     function itself fails meanwhile (pickle finds another object by its name)."""
 
+    # the attributes a call reads as slots; update_wrapper's in __dict__
+    __slots__ = ("__dict__", "__weakref__", "channels", "func", "handler", "name")
+
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
         self.name = func.__name__
@@ -150,22 +153,15 @@ class _FunctionRoute:
             index = ctx.calls
             entry = made[index] if index < len(made) else None
             if entry is not None and type(entry[0]) is FunctionCall and entry[0].func is self.func:
+                if entry[1] == p and x.shape == entry[2] and x.dtype == entry[3].dtype:
+                    ctx.calls = index + 1
+                    times = ctx.replicate
+                    ctx.replicate = 1
+                    inplace = bool(arg(args, kwargs, 3, "inplace", False))
+                    return apply_multipliers(x, entry[3], times, inplace, self.channels)
                 # the rate given now is the one the next passes' multipliers are made at (a
                 # forward's F.dropout(h, self.p) whose p changed since the plan)
                 entry[0].p = p
-            if (
-                entry is not None
-                and type(entry[0]) is FunctionCall
-                and entry[0].func is self.func
-                and entry[1] == p
-                and x.shape == entry[2]
-                and x.dtype == entry[3].dtype
-            ):
-                ctx.calls = index + 1
-                times = ctx.replicate
-                ctx.replicate = 1
-                inplace = bool(arg(args, kwargs, 3, "inplace", False))
-                return apply_multipliers(x, entry[3], times, inplace, self.channels)
         return self.handler(ctx, args, kwargs)
 
     def __reduce__(self) -> tuple[Callable[[str], Callable[..., Any]], tuple[str]]:
