@@ -25,7 +25,10 @@ the count short or shifts the calls, and the pass runs again under the mode. A c
 cannot see makes no such trace: a pass is routed only while the model's containers hold the
 children they held when the plan was made (a dropout module put in since is not routed), and a
 pass whose forward asks :func:`mcdrop.is_sampling` runs again under the mode (the answer may
-lead to a functional call, on some inputs only).
+lead to a functional call, on some inputs only). Where a plan routes the modules alone, a
+forward's ``F.dropout`` on some inputs only (``if x.abs().max() > 5: h = F.dropout(h, p,
+self.training)``) is torch's own on those inputs: the identity in eval mode, torch's unseeded
+dropout with ``training=True``, where the mode refuses the call the plan does not have.
 """
 
 from __future__ import annotations

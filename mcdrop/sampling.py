@@ -198,8 +198,9 @@ def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
     """The sampling plan of ``model`` for rows like those of ``x``: the batch dimension of every
     dropout call, whether the deterministic prefix is shared, and how large a pass may be.
 
-    Costs five forward passes (six where a sixth checks that its dropout modules may be routed:
-    :mod:`mcdrop.routing`) of at most four replicated rows (made from the first two rows of
+    Costs five forward passes (six where a sixth checks that its dropout modules may be routed,
+    seven where a seventh checks its dropout functions too: :mod:`mcdrop.routing`) of at most
+    four replicated rows (made from the first two rows of
     ``x``), the price :func:`sample` pays on every call that is given no plan. A plan depends on
     the model and the rows' shape and dtype only, so keep it for later calls.
 
