@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.functional import dropout as imported_dropout
 
 from mcdrop import LockedDropout, is_sampling, plan, predict, sample, sample_chunks
 from mcdrop.exceptions import UnsampledDropoutWarning, UnsupportedModelError
@@ -246,6 +247,27 @@ def test_a_model_calling_torchs_namespace_dropout_is_not_routed() -> None:
     assert kept.routes is None
     assert len(kept.calls) == 2
     assert sample(model, x, 4, seed=1, plan=kept).var(0).gt(0).all()
+
+
+class ImportedByName(TwoLayer):
+    """A dropout function imported by name (torch's own, bound when its module was imported):
+    routing cannot reach it, the mode can."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.fc3(imported_dropout(torch.tanh(self.fc2(x)), 0.3, True))
+
+
+def test_a_model_calling_a_dropout_function_imported_by_name_is_not_routed() -> None:
+    torch.manual_seed(0)
+    model, x = ImportedByName().eval(), torch.randn(3, 6)
+    kept = plan(model, x)
+    assert kept.routes is None
+    assert len(kept.calls) == 2
+    got = sample(model, x, 4, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, 4, seed=1, plan=kept))
+    assert got.var(0).gt(0).all()
+    assert _torchs_own_functions()
 
 
 def test_a_call_that_routing_misses_runs_under_the_mode() -> None:
