@@ -55,6 +55,7 @@ from mcdrop.sampling_context import (
 )
 
 _lock = threading.Lock()
+_installed: set[_Route] = set()  # the module routes in place now (under _lock)
 
 
 class _Route:
@@ -233,15 +234,21 @@ def functions_routable() -> bool:
 
 def _forked() -> None:
     """In a child forked while another thread's pass was routed (a DataLoader's worker): no
-    pass runs in it, so torch's own functions go back, and the lock (which that thread may have
-    held) is made afresh. (A pass of the forking thread's own, in flight, goes on in the child
-    with torch's functions: a call it then makes runs again under the mode, and its end counts
-    nothing.)"""
+    pass runs in it, so torch's own functions and modules' forwards go back, and the lock (which
+    that thread may have held) is made afresh. (A pass of the forking thread's own, in flight,
+    goes on in the child with torch's: a call it then makes runs again under the mode, and its
+    end counts nothing.)"""
     global _lock, _functions_routed
     _lock = threading.Lock()
     if _functions_routed:
         _functions_routed = 1
         _remove_functions()
+    for route in _installed:
+        own = route.module.__dict__
+        if own.get("forward") is route:
+            del own["forward"]
+        route.count = 0
+    _installed.clear()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -324,6 +331,7 @@ class DropoutRoutes:
                 route = own.get("forward")
                 if route is None:
                     route = own["forward"] = _Route(module, func, inplace)
+                    _installed.add(route)
                 elif type(route) is not _Route:
                     self._remove(i)
                     return False
@@ -345,6 +353,7 @@ class DropoutRoutes:
                 route.count -= 1
                 if route.count == 0:
                     del own["forward"]
+                    _installed.discard(route)
 
 
 def _reduce(module: nn.Module) -> str | tuple[Any, ...]:

@@ -918,6 +918,57 @@ def test_after_a_functions_rate_changed_passes_stay_routed_and_run_once(
         assert torch.equal(got, sample(model, x, n_samples, seed=step, plan=_under_the_mode(kept)))
 
 
+_FORK_BESIDE_A_PASS = """
+import os, sys, threading, torch
+import mcdrop
+sys.path.insert(0, {tests!r})
+from test_routing import TwoLayer, _dropout_modules, _under_the_mode
+class Waiting(TwoLayer):
+    entered, go, holds = threading.Event(), threading.Event(), False
+    def forward(self, x):
+        y = super().forward(x)
+        if self.holds and "forward" in vars(self.drop):
+            self.entered.set()
+            self.go.wait(60)
+        return y
+torch.manual_seed(0)
+model, x = Waiting().eval(), torch.randn(3, 6)
+kept = mcdrop.plan(model, x)
+expected = mcdrop.sample(model, x, 4, seed=1, plan=_under_the_mode(kept))
+model.holds = True
+thread = threading.Thread(target=mcdrop.sample, args=(model, x, 4), kwargs=dict(seed=1, plan=kept))
+thread.start()
+assert model.entered.wait(60)
+pid = os.fork()
+if pid == 0:  # the child: exit at once, with what it found
+    model.holds, ok = False, False
+    try:
+        ok = all("forward" not in vars(m) for m in _dropout_modules(model))
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        ok = ok and torch.equal(compiled(x), model(x)) and torch.equal(
+            mcdrop.sample(model, x, 4, seed=1, plan=kept), expected
+        )
+    finally:
+        os._exit(0 if ok else 1)
+model.go.set()
+thread.join(60)
+print(os.waitpid(pid, 0)[1], all("forward" not in vars(m) for m in _dropout_modules(model)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_beside_a_routed_pass_has_torchs_own_dropout_modules() -> None:
+    """A child forked while another thread's pass routes the model's dropout modules (a
+    DataLoader's worker): no pass runs in it, so its modules have torch's own forward (a
+    whole-graph torch.compile of the model works there), and it samples."""
+    script = _FORK_BESIDE_A_PASS.format(tests=os.path.dirname(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"], done.stdout
+
+
 _FORK_WITHIN_A_PASS = """
 import os, sys, torch, torch.nn.functional as F
 from torch import nn
