@@ -37,7 +37,7 @@ import copyreg
 import functools
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -204,9 +204,11 @@ def _script_dispatch(route: _FunctionRoute) -> dict[str, Any]:
             "arg_name": "inplace"}  # fmt: skip
 
 
-torch._jit_internal.boolean_dispatched.update(
-    (route, _script_dispatch(route)) for route in _FUNCTION_ROUTES
-)
+# (torch's private table: where a torch version has none, a script of a model on another thread
+# meanwhile fails, and nothing else changes)
+_dispatched = getattr(getattr(torch, "_jit_internal", None), "boolean_dispatched", None)
+if isinstance(_dispatched, MutableMapping):
+    _dispatched.update((route, _script_dispatch(route)) for route in _FUNCTION_ROUTES)
 _functions_routed = 0  # passes that route functions now (under _lock)
 
 
