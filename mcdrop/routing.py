@@ -218,8 +218,7 @@ def _install_functions() -> bool:
     route would skip)."""
     global _functions_routed
     if _functions_routed == 0:
-        found = F.__dict__
-        if any(found.get(route.name) is not route.func for route in _FUNCTION_ROUTES):
+        if not functions_routable():
             return False
         for route in _FUNCTION_ROUTES:
             setattr(F, route.name, route)
