@@ -479,18 +479,12 @@ class MadeContext(SamplingContext):
         calls: Sequence[CallLayout],
         sample_keys: Callable[[], Tensor],
     ) -> None:
-        # none of SamplingContext's state until a call needs it: no keys made for a pass
-        # whose every call takes its multipliers
+        # no sample keys until a call needs them: none made for a pass whose every call
+        # takes its multipliers
+        super().__init__(_NO_KEYS, calls, replicate=replicate)
         self.made = made
-        self.calls = 0
         self.routed = True
-        self.replicate = replicate  # the first call replicates its input this many times
-        self.layouts = calls
-        self.premade = None
         self._sample_keys: Callable[[], Tensor] | None = sample_keys
-        self._into = None
-        self._modes = []
-        self._token = None
 
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         self._keyed()
@@ -508,6 +502,9 @@ class MadeContext(SamplingContext):
             self.keys = self._sample_keys()
             self._sample_keys = None
             self.batch = self.keys.shape[0] // self.replicate
+
+
+_NO_KEYS = torch.zeros(0, dtype=torch.int64)  # a MadeContext's keys until a call needs them
 
 
 def _walk(model: nn.Module) -> list[nn.Module]:
