@@ -240,7 +240,7 @@ class SamplingContext:
                     scale = self.scale(call, x.shape[1], p, x.dtype)
                     shaped = scale.view(times, *x.shape[:2], *([1] * (x.dim() - 2)))
                     return torch.mul(shaped, x).view(times * x.shape[0], *x.shape[1:])
-                if call.dim == 0:
+                if call.dim == 0 and not feature:  # (a channel dropout's: per channel, below)
                     scale = self._scale_like(x, p, call, times)  # (times · x.shape[0], ...)
                     return scale.view(times, *x.shape).mul_(x).view(scale.shape)
                 x = replicate(x, times, call.dim)

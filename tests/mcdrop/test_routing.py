@@ -393,6 +393,55 @@ def test_a_rate_changed_since_the_plan_is_sampled_at_the_new_rate(n: int, n_samp
     assert torch.equal(got, sample(model, x[:n], n_samples, seed=3))  # a fresh plan's
 
 
+class Strided(nn.Module):
+    """Channel dropout first, of an activation that is no contiguous tensor (a transposed
+    sequence, a channels-last convolution's output), as a module or a function at a rate the
+    model holds; its output the dropped activation itself (whole channels zero)."""
+
+    def __init__(self, kind: str, rate: float) -> None:
+        super().__init__()
+        self.kind, self.rate = kind, rate
+        if kind.startswith("transposed"):
+            self.layer: nn.Module = nn.Linear(3, 8)
+        else:
+            self.layer = nn.Conv2d(3, 4, 1).to(memory_format=torch.channels_last)
+        if not kind.endswith("function"):
+            self.channels = nn.Dropout1d(rate) if kind == "transposed" else nn.Dropout2d(rate)
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, 5, 3), or (N, 3, 4, 4)
+        h = torch.tanh(self.layer(x))
+        if self.kind.startswith("transposed"):
+            h = h.transpose(1, 2)  # (N, 8, 5), a view
+        if self.kind.endswith("function"):
+            return F.dropout1d(h, self.rate, self.training).flatten(2)
+        return self.channels(h).flatten(2)
+
+
+@pytest.mark.parametrize("kind", ["transposed", "transposed function", "channels-last"])
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
+def test_channel_dropout_of_a_strided_activation_drops_whole_channels(
+    kind: str, n: int, n_samples: int
+) -> None:
+    """Planned at a rate so small that the plan shares the prefix (no multiplier drops), then
+    sampled at a rate that drops: each channel is kept or dropped whole, on the first call that
+    replicates the rows too, routed or under the mode, the same samples."""
+    torch.manual_seed(0)
+    model = Strided(kind, 1e-6).eval()
+    x = torch.randn(n, *((5, 3) if kind.startswith("transposed") else (3, 4, 4)))
+    kept = plan(model, x)
+    assert kept.routes is not None
+    model.rate = 0.5
+    if not kind.endswith("function"):
+        model.channels.p = 0.5
+    got = sample(model, x, n_samples, seed=2, plan=kept)
+    assert torch.equal(got, sample(model, x, n_samples, seed=2, plan=_under_the_mode(kept)))
+    assert torch.equal(got, sample(model, x, n_samples, seed=2))  # a fresh plan's
+    dropped = got == 0
+    assert torch.equal(dropped.all(-1), dropped.any(-1)), "a channel dropped in part"
+    assert dropped.any()
+    assert not dropped.all()
+
+
 class Keyword(TwoLayer):
     """A dropout module called with its argument by name, as torch's forward allows."""
 
