@@ -147,6 +147,24 @@ class Sequence(nn.Module):
         return self.head(self.drop(h.flatten(1)))
 
 
+class Ranks(nn.Module):
+    """Channel dropout at ranks other than the one torch takes as batched (nn.Dropout1d on
+    (N, C) and nn.Dropout3d on (N, C, H, W): one unbatched sample, kept or dropped per row;
+    nn.Dropout2d on (N, C, L)) beside mcdrop's LockedDropout, which hands its call to the
+    sampling context itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.head = nn.Linear(6, 24), nn.Linear(24, 3)
+        self.rows, self.channels = nn.Dropout1d(0.3), nn.Dropout2d(0.25)
+        self.locked, self.volumes = LockedDropout(0.3), nn.Dropout3d(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.rows(torch.tanh(self.inp(x)))  # (N, 24)
+        h = self.locked(self.channels(h.view(-1, 4, 6)))  # (N, 4, 6)
+        return self.head(self.volumes(h.view(-1, 4, 2, 3)).flatten(1))
+
+
 class TorchNamespace(TwoLayer):
     """Dropout called as torch's own function (``torch.dropout``): routing leaves it alone."""
 
@@ -167,6 +185,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "channel dropout": (Channels, (1, 6, 6)),
     "channel dropout, channels-last": (lambda: Channels(channels_last=True), (1, 6, 6)),
     "channel dropout of a transposed activation": (Sequence, (5, 3)),
+    "channel dropout at other ranks, LockedDropout beside": (Ranks, (6,)),
+    "bfloat16 channel dropout": (lambda: ReducedPrecision(Channels(), torch.bfloat16), (1, 6, 6)),
     "functions of channel dropout": (lambda: Channels(functions=True), (1, 6, 6)),
     "functions of channel dropout, channels-last": (
         lambda: Channels(functions=True, channels_last=True),
