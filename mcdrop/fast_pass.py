@@ -17,9 +17,9 @@ autocast) is checked on every call in a few flat loops. Where any check fails, :
 returns None and the general path runs the call (and raises, where the call is wrong): errors
 come from one place. Both paths make the same pass, so the same samples, bit for bit.
 :class:`ChainPass` runs a layer chain; :class:`RoutedPass` a routed model's own forward, its
-element-wise calls' multipliers made before the pass and handed to each call's route
-(:class:`MadeContext`); :class:`ModePass` any other model's forward under the torch-function
-mode, as the general path runs it.
+inverted dropout calls' multipliers (per element or per channel) made before the pass and
+handed to each call's route (:class:`MadeContext`); :class:`ModePass` any other model's forward
+under the torch-function mode, as the general path runs it.
 """
 
 from __future__ import annotations
@@ -381,10 +381,10 @@ class RoutedPass(ForwardPass):
     def _made_now(
         self, keys: Tensor
     ) -> list[tuple[Any, float, torch.Size, Tensor, int] | None] | None:
-        """Per call of the plan, in call order: an element-wise call's module, its rate now,
-        its input's shape, its multipliers (flat) made from the row keys ``(N,)`` in one
-        compiled call, and its index; None for the other calls. None where no call is
-        element-wise with a rate in (0, 1)."""
+        """Per call of the plan, in call order: a made call's module (or function call), its
+        rate now, its input's shape, its multipliers (flat) made from the row keys ``(N,)`` in
+        one compiled call, and its index; None for the other calls. None where no call is made
+        (:func:`_made_size`) with a rate in (0, 1)."""
         if not self.made_calls:
             return None
         rates = tuple([float(cast(Any, caller).p) for _, _, caller in self.made_calls])
@@ -405,7 +405,7 @@ class RoutedPass(ForwardPass):
     def _maker(
         self, rates: tuple[float, ...]
     ) -> tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]]:
-        """The multipliers' maker for the element-wise calls at ``rates`` (None where numba
+        """The multipliers' maker for the made calls at ``rates`` (None where numba
         does not make them in one call), and each made call's index, module, rate and shape."""
         calls = tuple(
             (i, n, p) for (i, n, _), p in zip(self.made_calls, rates, strict=True)
