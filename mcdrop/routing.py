@@ -80,24 +80,37 @@ class _Route:
             ctx.callers.append((module, x.dtype))
         inplace = self.inplace and bool(module.inplace)
         p = float(module.p)
-        made = ctx.made
-        if made is not None:  # a fast pass's multipliers, in call order
-            index = ctx.calls
-            entry = made[index] if index < len(made) else None
-            # the call of the plan's making: this module, its rate, the plan's shape (rows
-            # first); anything else goes to the context's dropout, which explains
-            if (
-                entry is not None
-                and entry[0] is module
-                and entry[1] == p
-                and x.shape == entry[2]
-                and x.dtype == entry[3].dtype
-            ):
-                ctx.calls = index + 1
-                times = ctx.replicate  # > 1: the first call of a pass that shares the prefix
-                ctx.replicate = 1
-                return apply_multipliers(x, entry[3], times, inplace, self.channels)
+        entry = _made_entry(ctx)
+        # the call of the plan's making: this module, its rate, the plan's shape (rows first);
+        # anything else goes to the context's dropout, which explains
+        if entry is not None and entry[0] is module and entry[1] == p and _fits(x, entry):
+            return _apply_made(ctx, x, entry[3], inplace, self.channels)
         return ctx.dropout(x, p, **self.options, inplace=inplace)
+
+
+def _made_entry(ctx: SamplingContext) -> tuple[Any, float, tuple[int, ...], Tensor] | None:
+    """A routed fast pass's premade entry for its next call (module or function call, rate,
+    input shape, multipliers); None where it has none."""
+    made = ctx.made
+    if made is None or ctx.calls >= len(made):
+        return None
+    return made[ctx.calls]
+
+
+def _fits(x: Tensor, entry: tuple[Any, float, tuple[int, ...], Tensor]) -> bool:
+    """Whether the premade multipliers of ``entry`` are made for ``x``'s shape and dtype."""
+    return x.shape == entry[2] and x.dtype == entry[3].dtype
+
+
+def _apply_made(
+    ctx: SamplingContext, x: Tensor, scale: Tensor, inplace: bool, channels: bool
+) -> Tensor:
+    """``x`` times its premade multipliers: the pass's next call taken, and the replication
+    of its first call (> 1 where the pass shares the prefix) done."""
+    ctx.calls += 1
+    times = ctx.replicate
+    ctx.replicate = 1
+    return apply_multipliers(x, scale, times, inplace, channels)
 
 
 class FunctionCall:
@@ -152,20 +165,14 @@ class _FunctionRoute:
         p = float(arg(args, kwargs, 1, "p", 0.5))
         if ctx.callers is not None and isinstance(x, Tensor):
             ctx.callers.append((FunctionCall(self.func, p), x.dtype))
-        made = ctx.made
-        if made is not None and isinstance(x, Tensor):
-            index = ctx.calls
-            entry = made[index] if index < len(made) else None
-            if entry is not None and type(entry[0]) is FunctionCall and entry[0].func is self.func:
-                if entry[1] == p and x.shape == entry[2] and x.dtype == entry[3].dtype:
-                    ctx.calls = index + 1
-                    times = ctx.replicate
-                    ctx.replicate = 1
-                    inplace = bool(arg(args, kwargs, 3, "inplace", False))
-                    return apply_multipliers(x, entry[3], times, inplace, self.channels)
-                # the rate given now is the one the next passes' multipliers are made at (a
-                # forward's F.dropout(h, self.p) whose p changed since the plan)
-                entry[0].p = p
+        entry = _made_entry(ctx) if isinstance(x, Tensor) else None
+        if entry is not None and type(entry[0]) is FunctionCall and entry[0].func is self.func:
+            if entry[1] == p and _fits(x, entry):
+                inplace = bool(arg(args, kwargs, 3, "inplace", False))
+                return _apply_made(ctx, x, entry[3], inplace, self.channels)
+            # the rate given now is the one the next passes' multipliers are made at (a
+            # forward's F.dropout(h, self.p) whose p changed since the plan)
+            entry[0].p = p
         return self.handler(ctx, args, kwargs)
 
     def __reduce__(self) -> tuple[Callable[[str], Callable[..., Any]], tuple[str]]:
