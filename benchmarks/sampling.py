@@ -336,7 +336,9 @@ def predictor_table(quick: bool = False) -> str:
 
 def fixed_cost_table(quick: bool = False) -> str:
     """The cost of a call beyond the model's own work: one sample of one row (T = 1, N = 1),
-    ``mcdrop.sample`` and ``Predictor.uncertainty`` against the floor, in µs."""
+    ``mcdrop.sample`` (given a kept plan, and given none: the plan it kept) and
+    ``Predictor.uncertainty`` against the floor, and a call that probes the model every time
+    (as a call given no plan did before plans were kept), in µs."""
     rows = []
     for ref in references() + more_references():
         predictor = predictor_of(ref)
@@ -348,6 +350,12 @@ def fixed_cost_table(quick: bool = False) -> str:
                 "floor": lambda ref=ref, x=x: floor(ref, x, 1),
                 "mcdrop": lambda ref=ref, x=x, kept=kept: sample(
                     ref.model, x, 1, seed=0, plan=kept
+                ),
+                # the plan that a call given none kept (mcdrop.plan_cache)
+                "no plan": lambda ref=ref, x=x: sample(ref.model, x, 1, seed=0),
+                # a call given none, as it was before plans were kept: a probe every call
+                "probed": lambda ref=ref, x=x: sample(
+                    ref.model, x, 1, seed=0, plan=plan(ref.model, x)
                 ),
                 "predictor": lambda p=predictor, x=x: p.uncertainty(x, 1, seed=0),
                 "plain": lambda ref=ref, x=x: baal_style(ref.model, x, 1),
@@ -363,6 +371,8 @@ def fixed_cost_table(quick: bool = False) -> str:
                 f"{us['plain']:.0f}",
                 f"{us['mcdrop']:.0f}",
                 f"{us['mcdrop'] - us['floor']:.0f}",
+                f"{us['no plan']:.0f}",
+                f"{us['probed']:.0f}",
                 f"{us['predictor']:.0f}",
             ]
         )
@@ -372,6 +382,8 @@ def fixed_cost_table(quick: bool = False) -> str:
         "plain batched µs",
         "mcdrop µs",
         "fixed cost µs (mcdrop − floor)",
+        "mcdrop, no plan given µs",
+        "probe every call µs",
         "Predictor µs",
     ]
     return f"#### Fixed cost per call\n\n{table(header, rows)}"

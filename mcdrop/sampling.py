@@ -8,9 +8,11 @@ bounded whatever ``S`` is). Every pass follows the model's
 :class:`~mcdrop.planning.SamplingPlan`, which knows the batch dimension of every dropout call,
 whether the layers before the first dropout may run once on the ``N`` rows with the activations
 replicated there ("deterministic prefix"), and how large a pass may be. A plan is made by
-:func:`plan` (five or six small forward passes) and may be kept and passed to :func:`sample` /
-:func:`sample_chunks`, as :class:`~mcdrop.Predictor` does; nothing is cached behind the caller's
-back.
+:func:`plan` (five to seven small forward passes) and may be kept and passed to :func:`sample` /
+:func:`sample_chunks`, as :class:`~mcdrop.Predictor` does. A call given none makes one and keeps
+it on the model for later calls with rows of the same shape and dtype, for as long as the model
+stays as it was planned (:mod:`mcdrop.plan_cache`): ``sample`` in a loop pays for the probe
+once.
 
 Sampling runs on the model's device (that of its first parameter). Inputs may be anywhere: row
 keys are hashed from them as given (on the host: hashing is done by ``hashlib``), then inputs and
@@ -28,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mcdrop import fast_pass, masks, planning
+from mcdrop import fast_pass, masks, plan_cache, planning
 from mcdrop.devices import model_device
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, UnsupportedModelError
 from mcdrop.modes import eval_mode
 from mcdrop.planning import SamplingPlan
 from mcdrop.sampling_context import active_context
@@ -201,8 +203,9 @@ def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
     Costs five forward passes (six where a sixth checks that its dropout modules may be routed,
     seven where a seventh checks its dropout functions too: :mod:`mcdrop.routing`) of at most
     four replicated rows (made from the first two rows of
-    ``x``), the price :func:`sample` pays on every call that is given no plan. A plan depends on
-    the model and the rows' shape and dtype only, so keep it for later calls.
+    ``x``), the price :func:`sample` pays on its first call given no plan (it keeps that plan for
+    later calls: :mod:`mcdrop.plan_cache`). A plan depends on the model and the rows' shape and
+    dtype only; a plan of your own is never replaced behind your back.
 
     Args:
         model: a module with at least one dropout; its modes are left as they were.
@@ -248,8 +251,9 @@ def sample_chunks(
             to run).
         prefix: "auto" runs layers before the first dropout once per row where the plan found
             that valid; "off" always replicates the input.
-        plan: the model's plan for inputs like ``x``, from :func:`plan`; None makes one for
-            this call (five or six small forward passes).
+        plan: the model's plan for inputs like ``x``, from :func:`plan`; None takes the one a
+            call given none kept for the model and rows like ``x``, or makes and keeps one
+            (five to seven small forward passes; :mod:`mcdrop.plan_cache`).
         first_sample: draw samples ``first_sample .. first_sample + S - 1`` of every row: a
             call from 16 continues one of 16 samples with exactly the samples a single call of
             32 would draw (masks are keyed by sample index).
@@ -291,7 +295,47 @@ def sample_chunks_of_checked_inputs(
     non-empty batch dimension, every value finite: :func:`all_finite`), as
     :class:`~mcdrop.Predictor` does: the check is a good share of a small call's cost. Every other
     argument is checked here."""
-    if plan is not None and x.device.type == "cpu":
+    if plan is None:
+        kept = plan_cache.kept(model, x)
+        if kept is not None:
+            started = False
+            try:
+                for chunk in _chunks(
+                    model, x, n_samples, seed, max_pass_rows, prefix, kept, first_sample
+                ):
+                    started = True
+                    yield chunk
+                return
+            except UnsupportedModelError:
+                if started:
+                    raise
+                plan_cache.forget(model)  # a call the kept plan lacks: the call with a fresh one
+        seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, first_sample)
+        plan = _kept_plan(model, x)
+    yield from _chunks(model, x, n_samples, seed, max_pass_rows, prefix, plan, first_sample)
+
+
+def _kept_plan(model: nn.Module, x: Tensor) -> SamplingPlan:
+    """A new plan of ``model`` for rows like those of checked ``x``, kept for later calls given
+    none (:mod:`mcdrop.plan_cache`)."""
+    with eval_mode(model), torch.inference_mode():
+        made = planning.probe(model, x.to(model_device(model)))
+    plan_cache.keep(model, x, made)
+    return made
+
+
+def _chunks(
+    model: nn.Module,
+    x: Tensor,
+    n_samples: int,
+    seed: int | Tensor | None,
+    max_pass_rows: int | None,
+    prefix: Prefix,
+    plan: SamplingPlan,
+    first_sample: int,
+) -> Iterator[Chunk]:
+    """:func:`sample_chunks_of_checked_inputs` with a plan."""
+    if x.device.type == "cpu":
         mpr = DEFAULT_MAX_PASS_ROWS if max_pass_rows is None else max_pass_rows
         values = fast_pass.run(plan, model, x, n_samples, seed, mpr, prefix, first_sample)
         if values is not None:
@@ -301,10 +345,9 @@ def sample_chunks_of_checked_inputs(
                 yield Chunk(slice(0, n_samples), slice(0, x.shape[0]), values)
             return
     seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, first_sample)
-    # A plan the caller keeps may keep CUDA graphs of its passes (a plan made here would not
-    # outlive the call: capturing would cost more than it saves).
+    # A kept plan may keep CUDA graphs of its passes.
     device = model_device(model)
-    graphs = plan.graphs if plan is not None else None
+    graphs = plan.graphs
     if graphs is not None and graphs.device != device:  # the model moved since its plan
         graphs = None
     # Keys from the rows as given (on the host when they are), then one move each to the device
@@ -313,15 +356,12 @@ def sample_chunks_of_checked_inputs(
     x = x.to(device)
     n_total = x.shape[0]
     # Whether the kept plan's layer chain runs this call's passes, checked once for all of them.
-    chain = plan is not None and plan.layers is not None and plan.layers.runnable(model)
-    modules = plan.layers.containers if chain and plan is not None and plan.layers else None
+    chain = plan.layers is not None and plan.layers.runnable(model)
+    modules = plan.layers.containers if chain and plan.layers else None
     # A chain on the CPU may make its passes' multipliers from the row keys (LayerChain.fused).
-    layers = plan.layers if chain and plan is not None and device.type == "cpu" else None
+    layers = plan.layers if chain and device.type == "cpu" else None
     with eval_mode(model, modules), torch.inference_mode():
-        if plan is None:
-            plan = planning.probe(model, x)
-        else:
-            plan.check(model, x)
+        plan.check(model, x)
         shared = prefix == "auto" and plan.prefix
         if max_pass_rows is None:
             max_pass_rows = DEFAULT_MAX_PASS_ROWS if device.type == "cpu" else plan.budget_rows
@@ -377,6 +417,19 @@ def sample(
         NoDropoutError: the model made no stochastic dropout call.
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
+    if plan is None:
+        kept = plan_cache.kept(model, x)
+        if kept is not None:
+            try:
+                return sample(
+                    model, x, n_samples, seed=seed, max_pass_rows=max_pass_rows, prefix=prefix,
+                    plan=kept,
+                )  # fmt: skip
+            except UnsupportedModelError:
+                plan_cache.forget(model)  # a call the kept plan lacks: the call with a fresh one
+        _check_inputs(x)
+        seed = _checked_call(x, n_samples, seed, max_pass_rows, prefix, 0)  # before the probe
+        plan = _kept_plan(model, x)
     out: Tensor | None = None
     if plan is not None:
         mpr = DEFAULT_MAX_PASS_ROWS if max_pass_rows is None else max_pass_rows

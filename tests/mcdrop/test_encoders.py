@@ -202,7 +202,9 @@ def test_the_model_is_left_as_it_was() -> None:
     for name, (m, attributes) in before.items():
         assert after[name] is m
         assert "forward" not in vars(m)
-        assert vars(m).keys() == attributes.keys()
+        # the one entry sampling adds: the model's kept plans (mcdrop.plan_cache)
+        added = {"_mcdrop_plans"} if m is model else set()
+        assert vars(m).keys() == attributes.keys() | added
         assert m._modules == attributes["_modules"]
 
 

@@ -1,0 +1,327 @@
+"""Plans kept for calls given none (mcdrop.plan_cache): a call makes its model's plan once for
+rows of one shape and dtype; later calls give the samples a fresh plan gives, also after the
+model changed; a kept plan neither keeps the model alive nor travels with a copy of it."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import threading
+import weakref
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcdrop import adaptive, plan, sample, sample_chunks
+from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
+from mcdrop.plan_cache import MAX_PLANS
+
+
+class Counting(nn.Module):
+    """A forward of its own that counts its runs; ``extra`` adds an ``F.dropout`` call (an
+    attribute the module tree does not show)."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+        self.drop = nn.Dropout(p)
+        self.extra = False
+        self.runs: list[None] = []  # (an int set anew on every run would make a plan every call)
+
+    @property
+    def forwards(self) -> int:
+        return len(self.runs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.runs.append(None)
+        h = self.drop(torch.relu(self.a(x.flatten(1)[:, :4].float())))
+        if self.extra:
+            h = F.dropout(h, 0.2, self.training)
+        return self.b(h)
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, num_layers=2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _chain() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+
+def _channels() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Dropout2d(0.3), nn.Flatten(), nn.Linear(4 * 25, 2)
+    )
+
+
+# (model, one row's shape): a layer chain, routed modules (and functions), an encoder's direct
+# run, the torch-function mode, channel dropout
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "chain": (_chain, (4,)),
+    "own forward": (Counting, (4,)),
+    "encoder": (Encoder, (5, 8)),
+    "lstm": (Recurrent, (6, 4)),
+    "channels": (_channels, (1, 5, 5)),
+}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_and_shape(request: pytest.FixtureRequest) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    make, shape = MODELS[request.param]
+    return make().eval(), shape
+
+
+def test_a_call_given_no_plan_makes_one_once() -> None:
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    planned = model.forwards
+    assert planned > 1  # the probe's passes and the call's
+    for n_samples in (1, 8, 100):
+        before = model.forwards
+        sample(model, torch.randn(2, 4), n_samples, seed=1)
+        assert model.forwards == before + 1  # one pass, no probe
+    before = model.forwards
+    sample(model, torch.randn(2, 6), 8, seed=1)  # rows of another shape: a plan of their own
+    assert model.forwards == before + planned
+    before = model.forwards
+    sample(model, torch.randn(2, 4).double(), 8, seed=1)  # and of another dtype
+    assert model.forwards == before + planned
+
+
+def test_sample_chunks_and_adaptive_sampling_plan_once() -> None:
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    list(sample_chunks(model, x, 4, seed=0))
+    before = model.forwards
+    assert len(list(sample_chunks(model, x, 4, seed=0))) == 1
+    assert model.forwards == before + 1
+    before = model.forwards
+    rounds = list(
+        adaptive.sample_chunks_until(
+            model,
+            x,
+            lambda rows: torch.full((rows.numel(),), 1.0),
+            tolerance=1e-9,
+            max_n_samples=64,
+            seed=0,
+        )
+    )
+    assert model.forwards == before + len(rounds)  # every round one pass, none a probe
+
+
+def test_kept_plans_give_the_samples_a_fresh_plan_gives(
+    model_and_shape: tuple[nn.Module, tuple[int, ...]],
+) -> None:
+    model, shape = model_and_shape
+    sample(model, torch.randn(3, *shape), 8, seed=0)  # kept from rows of the same shape
+    for n, n_samples in ((1, 1), (2, 16), (5, 40)):
+        x = torch.randn(n, *shape)
+        fresh = sample(model, x, n_samples, seed=4, plan=plan(model, x))
+        assert torch.equal(sample(model, x, n_samples, seed=4), fresh)
+        chunks = list(sample_chunks(model, x, n_samples, seed=4, max_pass_rows=7))
+        kept = torch.cat([c.values for c in chunks]) if chunks[0].rows == slice(0, n) else None
+        if kept is not None:
+            assert torch.allclose(kept, fresh, atol=1e-6)
+
+
+class BatchSized(nn.Module):
+    """A layer whose output depends on the batch's size: before the first dropout, the layers
+    cannot run once per row (the plan's prefix check finds it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x) * x.shape[0]
+
+
+def _changes() -> dict[str, Callable[[nn.Sequential], None]]:
+    def swap(m: nn.Sequential) -> None:
+        m[0] = nn.Linear(4, 16)
+
+    def swap_for_one_the_prefix_cannot_share(m: nn.Sequential) -> None:
+        m[1] = BatchSized()
+
+    def forward_set_on_an_instance(m: nn.Sequential) -> None:
+        relu = m[1]
+        relu.forward = lambda x: torch.relu(x) * x.shape[0]  # type: ignore[method-assign]
+
+    def append(m: nn.Sequential) -> None:
+        m.append(nn.Dropout(0.5))
+
+    def insert_first(m: nn.Sequential) -> None:
+        m.insert(0, nn.Dropout(0.4))
+
+    def rate_from_zero(m: nn.Sequential) -> None:
+        m[2].p = 0.5
+
+    changes = (
+        swap,
+        swap_for_one_the_prefix_cannot_share,
+        forward_set_on_an_instance,
+        append,
+        insert_first,
+        rate_from_zero,
+    )
+    return {f.__name__: f for f in changes}
+
+
+@pytest.mark.parametrize("change", sorted(_changes()))
+def test_a_changed_model_samples_as_with_a_fresh_plan(change: str) -> None:
+    torch.manual_seed(0)
+    model = _chain().eval()
+    if change == "rate_from_zero":
+        model[2].p = 0.0
+        model.append(nn.Dropout(0.1))  # a model with no stochastic call cannot be planned
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    _changes()[change](model)
+    made = plan(model, x)
+    fresh = sample(model, x, 8, seed=2, plan=made)
+    if "prefix" in change or "forward" in change:
+        assert not made.prefix  # so a plan kept from before the change would be wrong
+    assert torch.equal(sample(model, x, 8, seed=2), fresh)
+    assert torch.equal(torch.cat([c.values for c in sample_chunks(model, x, 8, seed=2)]), fresh)
+
+
+def test_a_call_the_kept_plan_lacks_runs_with_a_fresh_plan() -> None:
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(4, 4)
+    sample(model, x, 8, seed=0)
+    model.extra = True  # one dropout call more, which the module tree does not show
+    fresh = sample(model, x, 8, seed=5, plan=plan(model, x))
+    assert torch.equal(sample(model, x, 8, seed=5), fresh)
+    assert torch.equal(next(iter(sample_chunks(model, x, 8, seed=5))).values, fresh)
+    model.extra = False  # and one fewer
+    fresh = sample(model, x, 8, seed=5, plan=plan(model, x))
+    assert torch.equal(sample(model, x, 8, seed=5), fresh)
+
+
+_GLOBAL = {"extra": False}
+
+
+class GlobalFlag(Recurrent):
+    """A forward under the torch-function mode (an LSTM's dropout) with one more dropout call
+    where a global says so: nothing in the model shows it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.rnn(x)[0][:, -1]
+        if _GLOBAL["extra"]:
+            h = F.dropout(h, 0.4, self.training)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("extra", [True, False])
+def test_a_call_that_shows_only_in_the_pass_runs_again_with_a_fresh_plan(extra: bool) -> None:
+    torch.manual_seed(0)
+    model = GlobalFlag().eval()
+    x = torch.randn(3, 6, 4)
+    _GLOBAL["extra"] = not extra
+    try:
+        sample(model, x, 8, seed=0)
+        _GLOBAL["extra"] = extra
+        fresh = sample(model, x, 8, seed=5, plan=plan(model, x))
+        assert torch.equal(sample(model, x, 8, seed=5), fresh)
+        _GLOBAL["extra"] = not extra
+        fresh = sample(model, x, 8, seed=5, plan=plan(model, x))
+        assert torch.equal(next(iter(sample_chunks(model, x, 8, seed=5))).values, fresh)
+        # a plan the caller keeps is the caller's: it says what is wrong
+        kept = plan(model, x)
+        _GLOBAL["extra"] = extra
+        with pytest.raises(UnsupportedModelError, match="sampling plan"):
+            sample(model, x, 8, seed=5, plan=kept)
+    finally:
+        _GLOBAL["extra"] = False
+
+
+def test_bad_arguments_are_refused_before_any_probe() -> None:
+    model = Counting().eval()
+    with pytest.raises(InvalidArgumentError, match="n_samples"):
+        sample(model, torch.randn(2, 4), 0)
+    with pytest.raises(InvalidArgumentError, match="first_sample"):
+        list(sample_chunks(model, torch.randn(2, 4), 3, first_sample=-1))
+    assert model.forwards == 0
+
+
+def test_plans_are_kept_for_the_latest_shapes_only() -> None:
+    model = Counting().eval()
+    widths = range(4, 4 + MAX_PLANS + 1)
+    for width in widths:
+        sample(model, torch.randn(2, width), 2, seed=0)
+    before = model.forwards
+    sample(model, torch.randn(2, widths[-1]), 2, seed=0)
+    assert model.forwards == before + 1  # the latest: kept
+    sample(model, torch.randn(2, widths[0]), 2, seed=0)
+    assert model.forwards > before + 2  # the oldest: made again
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_model_sampled_without_a_plan_is_freed(name: str) -> None:
+    make, shape = MODELS[name]
+    model = make().eval()
+    for n, n_samples in ((1, 1), (2, 8)):
+        sample(model, torch.randn(n, *shape), n_samples, seed=0)
+    gone = weakref.ref(model)
+    del model
+    gc.collect()  # the model and its kept plans are a cycle: the collector frees them
+    assert gone() is None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_kept_plans_do_not_travel_with_the_model() -> None:
+    torch.manual_seed(0)
+    model = _chain().eval()
+    x = torch.randn(3, 4)
+    want = sample(model, x, 8, seed=1)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copies = [loaded, copy.deepcopy(model), copy.copy(model)]
+    for other in copies:
+        assert torch.equal(sample(other, x, 8, seed=1), want)
+        assert torch.equal(sample(other, x, 8, seed=1, plan=plan(other, x)), want)
+    # a shallow copy shares the original's __dict__ entries, but never its plans
+    assert vars(copies[2])["_mcdrop_plans"] is not vars(model)["_mcdrop_plans"]
+    assert torch.equal(sample(model, x, 8, seed=1), want)
+    torch.jit.script(model)  # the entry is no attribute a scripted forward would need
+
+
+def test_threads_sampling_one_model_without_a_plan_agree() -> None:
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    want = sample(model, x, 16, seed=3, plan=plan(model, x))
+    got: list[bool] = []
+
+    def run() -> None:
+        for _ in range(20):
+            got.append(torch.equal(sample(model, x, 16, seed=3), want))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [True] * 80
