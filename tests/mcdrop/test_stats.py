@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -119,6 +120,34 @@ def test_classification_accumulator_equals_batch(logits: Tensor, sizes: list[int
     assert torch.allclose(got.variation_ratio.double(), stats.variation_ratio(logits), atol=1e-6)
     assert torch.allclose(got.variance.double(), stats.class_variance(logits), atol=1e-6)
     assert torch.allclose(got.probabilities.sum(-1), torch.ones(n_rows), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_classification_summary_of_underflowing_and_non_finite_logits(chunk: int) -> None:
+    # Probabilities that underflow to 0 (0 log 0 = 0) give the functions' finite entropies; a
+    # non-finite logit gives NaN, as torch's arithmetic does (the Predictor refuses it), and no
+    # warning.
+    logits = torch.tensor([[[0.0, -1000.0, 5.0]], [[1.0, -2000.0, 2.0]]], dtype=torch.float64)
+    acc = stats.ClassificationAccumulator(1, 3)
+    for start in range(0, 2, chunk):
+        acc.update(logits[start : start + chunk])
+    got = acc.result()
+    assert float(got.probabilities[0, 1]) == 0.0
+    for field, function in (
+        ("entropy", stats.predictive_entropy),
+        ("expected_entropy", stats.expected_entropy),
+        ("mutual_information", stats.mutual_information),
+    ):
+        value = getattr(got, field).double()
+        assert bool(torch.isfinite(value).all())
+        assert torch.allclose(value, function(logits).float().double(), rtol=1e-6, atol=1e-7)
+    bad = logits.clone()
+    bad[0, 0, 0] = math.inf
+    acc = stats.ClassificationAccumulator(1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acc.update(bad)
+        assert bool(torch.isnan(acc.result().entropy).all())
 
 
 # -- regression ----------------------------------------------------------------------------
