@@ -8,8 +8,11 @@ with rows of the same shape and dtype, so ``sample`` in a loop costs what a call
 
 A kept plan serves a call only while the model is as it was planned:
 
-- the same modules in the same places (no layer swapped, added or removed), none with a
-  ``forward`` set on it since, on the same device;
+- the same modules in the same places (no layer swapped, added or removed), each of the class
+  it had (``torch.nn.utils.parametrize`` and ``module.__class__ = ...`` change one), none with a
+  ``forward`` set on it since, the same forward hooks and pre-hooks on each module and on every
+  module (``register_module_forward_hook``: a hook may make the layers before the first dropout
+  depend on the batch, or use their output after it), on the same device;
 - the modules of the user's own classes (not torch's) with the same attributes, a flag their
   ``forward`` reads: compared by identity, so a value set anew (even an equal float) makes a
   new plan, and a ``forward`` that sets an attribute of its own on every call (a counter) makes
@@ -39,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from mcdrop.devices import model_device
 from mcdrop.planning import SamplingPlan
@@ -60,9 +64,23 @@ class _Plans:
         self.plans: dict[_Key, SamplingPlan] = {}
         self.device = model_device(model)
         modules = _modules(model)
-        self.tree = tuple((m._modules, tuple(m._modules.values())) for m in modules)
+        self.modules = tuple(modules)
+        self.types = tuple(map(type, modules))
+        self.children = tuple(m._modules for m in modules)
+        self.tree = _tree(self.children)
         self.dicts = tuple(vars(m) for m in modules)
         self.patched = tuple(map(operator.contains, self.dicts, repeat("forward")))
+        # the forward hooks and pre-hooks registered for every module
+        # (register_module_forward_hook), then each module's; their keys are the handles' ids,
+        # never given twice, so the keys tell any hook added or removed (None: no hook at all,
+        # the common case, checked at a third of the cost)
+        self.hook_dicts: tuple[dict[int, Any], ...] = (
+            _module_hooks._global_forward_pre_hooks,
+            _module_hooks._global_forward_hooks,
+            *(m._forward_pre_hooks for m in modules),
+            *(m._forward_hooks for m in modules),
+        )
+        self.hooks = _hooks(self.hook_dicts) if any(self.hook_dicts) else None
         self.state: tuple[tuple[dict[str, Any], tuple[Any, ...]], ...] = ()
 
     def note_state(self, model: nn.Module) -> None:
@@ -77,13 +95,19 @@ class _Plans:
 
     def fits(self, model: nn.Module) -> bool:
         """Whether the model is as its plans were made for: the same object, each module's
-        children the same, none with a ``forward`` set since, the attributes of its own
-        classes' modules the same objects (compared by identity: a tensor's ``==`` would
-        compute), on the same device."""
+        children the same, each module of its class, none with a ``forward`` set since, the
+        same forward hooks, the attributes of its own classes' modules the same objects
+        (compared by identity: a tensor's ``==`` would compute), on the same device."""
         return (
             self.owner() is model
-            and all(tuple(found.values()) == planned for found, planned in self.tree)
+            and _tree(self.children) == self.tree
+            and tuple(map(type, self.modules)) == self.types
             and tuple(map(operator.contains, self.dicts, repeat("forward"))) == self.patched
+            and (
+                not any(self.hook_dicts)
+                if self.hooks is None
+                else _hooks(self.hook_dicts) == self.hooks
+            )
             and all(
                 len(found) == len(values) and all(map(operator.is_, found.values(), values))
                 for found, values in self.state
@@ -99,6 +123,16 @@ class _Plans:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
         return {}
+
+
+def _tree(children: tuple[dict[str, nn.Module | None], ...]) -> tuple[tuple[Any, ...], ...]:
+    """Each module's children (``children``: their ``_modules``), in order."""
+    return tuple(map(tuple, map(dict.values, children)))
+
+
+def _hooks(dicts: tuple[dict[int, Any], ...]) -> tuple[tuple[int, ...], ...]:
+    """The keys of each of the hook ``dicts``."""
+    return tuple(map(tuple, dicts))
 
 
 def _modules(model: nn.Module) -> list[nn.Module]:

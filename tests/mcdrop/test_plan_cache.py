@@ -166,6 +166,15 @@ def _changes() -> dict[str, Callable[[nn.Sequential], None]]:
         relu = m[1]
         relu.forward = lambda x: torch.relu(x) * x.shape[0]  # type: ignore[method-assign]
 
+    def hook_the_prefix_cannot_share(m: nn.Sequential) -> None:
+        m[0].register_forward_hook(lambda module, args, out: out * out.shape[0])
+
+    def residual_across_the_dropout_by_hooks(m: nn.Sequential) -> None:
+        # the prefix's output added after the dropout: shared, it has N rows, not S·N
+        seen: dict[str, Tensor] = {}
+        m[1].register_forward_hook(lambda module, args, out: seen.update(h=out))
+        m[3].register_forward_pre_hook(lambda module, args: (args[0] + seen["h"],))
+
     def append(m: nn.Sequential) -> None:
         m.append(nn.Dropout(0.5))
 
@@ -179,6 +188,8 @@ def _changes() -> dict[str, Callable[[nn.Sequential], None]]:
         swap,
         swap_for_one_the_prefix_cannot_share,
         forward_set_on_an_instance,
+        hook_the_prefix_cannot_share,
+        residual_across_the_dropout_by_hooks,
         append,
         insert_first,
         rate_from_zero,
@@ -202,6 +213,48 @@ def test_a_changed_model_samples_as_with_a_fresh_plan(change: str) -> None:
         assert not made.prefix  # so a plan kept from before the change would be wrong
     assert torch.equal(sample(model, x, 8, seed=2), fresh)
     assert torch.equal(torch.cat([c.values for c in sample_chunks(model, x, 8, seed=2)]), fresh)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_hooks_added_or_removed_make_a_new_plan(rows: int) -> None:
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(rows, 4)
+
+    def batch_sized(module: nn.Module, args: tuple[Tensor], out: Tensor) -> Tensor:
+        return out * out.shape[0] if module is model.a else out
+
+    def agree() -> None:
+        made = plan(model, x)
+        fresh = sample(model, x, 8, seed=2, plan=made)
+        assert torch.equal(sample(model, x, 8, seed=2), fresh)
+        assert torch.equal(next(iter(sample_chunks(model, x, 8, seed=2))).values, fresh)
+
+    sample(model, x, 8, seed=0)
+    handle = model.a.register_forward_hook(batch_sized)
+    agree()  # a plan kept from before would share the prefix
+    handle.remove()
+    agree()  # and one kept with the hook would not
+    handle = torch.nn.modules.module.register_module_forward_hook(batch_sized)
+    try:
+        agree()
+    finally:
+        handle.remove()
+    agree()
+
+
+def test_a_module_given_another_class_makes_a_new_plan() -> None:
+    class Doubled(nn.Dropout):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.dropout(x, self.p, self.training) * 2
+
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    model.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
+    fresh = sample(model, x, 8, seed=2, plan=plan(model, x))
+    assert torch.equal(sample(model, x, 8, seed=2), fresh)
 
 
 def test_a_call_the_kept_plan_lacks_runs_with_a_fresh_plan() -> None:
