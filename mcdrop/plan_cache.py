@@ -46,6 +46,7 @@ from torch.nn.modules import module as _module_hooks
 
 from mcdrop.devices import model_device
 from mcdrop.planning import SamplingPlan
+from mcdrop.routing import _Route
 
 #: The most row shapes (and dtypes) a model keeps plans for: a model fed sequences of many
 #: lengths keeps those of the latest few.
@@ -69,7 +70,7 @@ class _Plans:
         self.children = tuple(m._modules for m in modules)
         self.tree = _tree(self.children)
         self.dicts = tuple(vars(m) for m in modules)
-        self.patched = tuple(map(operator.contains, self.dicts, repeat("forward")))
+        self.patched = _own_forwards(self.dicts)
         # the forward hooks and pre-hooks registered for every module
         # (register_module_forward_hook), then each module's; their keys are the handles' ids,
         # never given twice, so the keys tell any hook added or removed (None: no hook at all,
@@ -102,7 +103,10 @@ class _Plans:
             self.owner() is model
             and _tree(self.children) == self.tree
             and tuple(map(type, self.modules)) == self.types
-            and tuple(map(operator.contains, self.dicts, repeat("forward"))) == self.patched
+            and (
+                tuple(map(operator.contains, self.dicts, repeat("forward"))) == self.patched
+                or _own_forwards(self.dicts) == self.patched  # another thread's pass routes
+            )
             and (
                 not any(self.hook_dicts)
                 if self.hooks is None
@@ -123,6 +127,14 @@ class _Plans:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
         return {}
+
+
+def _own_forwards(dicts: tuple[dict[str, Any], ...]) -> tuple[bool, ...]:
+    """Which of the modules (``dicts``: their ``vars``) have a ``forward`` set on them, not
+    counting the routes that a routed pass (:mod:`mcdrop.routing`, on another thread) puts on
+    its dropout modules for its length: else a call beside it would plan again, and keep a plan
+    that the next call would find out of date."""
+    return tuple("forward" in d and type(d["forward"]) is not _Route for d in dicts)
 
 
 def _tree(children: tuple[dict[str, nn.Module | None], ...]) -> tuple[tuple[Any, ...], ...]:

@@ -378,3 +378,27 @@ def test_threads_sampling_one_model_without_a_plan_agree() -> None:
     for t in threads:
         t.join()
     assert got == [True] * 80
+
+
+def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan() -> None:
+    """A routed pass puts a route on the model's dropout modules for its length (as their
+    ``forward``): a call beside it on another thread still finds the kept plan."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    assert plan(model, x).routes is not None
+    want = sample(model, x, 4, seed=3)
+    before = model.forwards
+    got: list[bool] = []
+
+    def run() -> None:
+        for _ in range(100):
+            got.append(torch.equal(sample(model, x, 4, seed=3), want))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [True] * 400
+    assert model.forwards == before + 400  # one pass a call: none planned again
