@@ -16,14 +16,20 @@ A kept plan serves a call only while the model is as it was planned:
 - the modules of the user's own classes (not torch's) with the same attributes, a flag their
   ``forward`` reads: compared by identity, so a value set anew (even an equal float) makes a
   new plan, and a ``forward`` that sets an attribute of its own on every call (a counter) makes
-  one on every call, as every call given no plan did before plans were kept.
+  one on every call, as every call given no plan did before plans were kept;
+- torch's modules with the same settings (their attributes but ``training``, tensors and those
+  named with a leading ``_``: a dropout rate, ``inplace``, a softmax's ``dim``, an encoder
+  layer's ``activation``), compared the same way.
 
-Anything else that changes the pass's dropout calls (a torch module's rate set from 0 or to 0,
-a ``forward`` that reads a global) shows in the pass as a call the plan does not have; the
+Anything else that changes the pass's dropout calls (a ``forward`` that reads a global, or a
+list or dict attribute changed in place) shows in the pass as a call the plan does not have; the
 sampling call then runs again with a fresh plan (:func:`forget`). Either way a call's samples
-are those a fresh plan gives. (One exception, as with a plan the caller keeps: a routed plan
+are those a fresh plan gives. (The exceptions, as with a plan the caller keeps: a routed plan
 (:mod:`mcdrop.routing`) made when a global kept an ``F.dropout`` call out of the ``forward``
-does not see that call once the global lets it in.)
+does not see that call once the global lets it in; and what changes no dropout call but makes
+the layers before the first dropout depend on the batch, so that they may no longer run once
+per row (a global or a list read there, values set in place, a buffer set to None: BatchNorm's
+running statistics), keeps the plan's shared prefix: call :func:`forget` after such a change.)
 
 The plans live on the model (the ``_mcdrop_plans`` entry of its ``__dict__``), not in a global
 table: a plan references the model's modules, so a table would keep every model it saw alive.
@@ -83,22 +89,43 @@ class _Plans:
         )
         self.hooks = _hooks(self.hook_dicts) if any(self.hook_dicts) else None
         self.state: tuple[tuple[dict[str, Any], tuple[Any, ...]], ...] = ()
+        self.setting_dicts: tuple[dict[str, Any], ...] = ()
+        self.setting_names: tuple[str, ...] = ()
+        self.settings: tuple[Any, ...] = ()
 
     def note_state(self, model: nn.Module) -> None:
         """Note the attributes of the model's modules of classes not torch's (with this entry
-        in the model's): a flag its ``forward`` reads. (A torch module's attributes change no
-        dropout call that the pass would not see, and reading them all costs ~0.7 µs a module.)"""
+        in the model's): a flag its ``forward`` reads; and the settings of torch's modules: their
+        attributes whose names do not start with ``_``, but for ``training`` (a plan is made in
+        eval mode, and a call on a model in training mode switches the flags for its length) and
+        tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call). A setting may
+        change the plan without a dropout call the pass would miss (``softmax.dim = 0`` before
+        the first dropout: the prefix depends on the batch; an encoder layer's ``activation``).
+        (Reading every attribute of a torch module would cost ~0.5 µs a module.)"""
+        modules = _modules(model)
         self.state = tuple(
             (vars(m), tuple(vars(m).values()))
-            for m in _modules(model)
+            for m in modules
             if not type(m).__module__.startswith("torch.")
         )
+        settings = [
+            (own, name, value)
+            for m in modules
+            if type(m).__module__.startswith("torch.")
+            for own in (vars(m),)
+            for name, value in own.items()
+            if name[0] != "_" and name != "training" and not isinstance(value, Tensor)
+        ]
+        self.setting_dicts = tuple(own for own, _, _ in settings)
+        self.setting_names = tuple(name for _, name, _ in settings)
+        self.settings = tuple(value for _, _, value in settings)
 
     def fits(self, model: nn.Module) -> bool:
         """Whether the model is as its plans were made for: the same object, each module's
         children the same, each module of its class, none with a ``forward`` set since, the
-        same forward hooks, the attributes of its own classes' modules the same objects
-        (compared by identity: a tensor's ``==`` would compute), on the same device."""
+        same forward hooks, the attributes of its own classes' modules and the settings of
+        torch's the same objects (compared by identity: a tensor's ``==`` would compute), on
+        the same device."""
         return (
             self.owner() is model
             and _tree(self.children) == self.tree
@@ -115,6 +142,13 @@ class _Plans:
             and all(
                 len(found) == len(values) and all(map(operator.is_, found.values(), values))
                 for found, values in self.state
+            )
+            and all(
+                map(
+                    operator.is_,
+                    map(dict.get, self.setting_dicts, self.setting_names),
+                    self.settings,
+                )
             )
             and model_device(model) == self.device
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import re
 import threading
 import weakref
 from collections.abc import Callable
@@ -255,6 +256,57 @@ def test_a_module_given_another_class_makes_a_new_plan() -> None:
     model.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
     fresh = sample(model, x, 8, seed=2, plan=plan(model, x))
     assert torch.equal(sample(model, x, 8, seed=2), fresh)
+
+
+def _softmax_over_the_batch() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
+    model = nn.Sequential(nn.Linear(4, 16), nn.Softmax(dim=1), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    def change(m: nn.Module) -> None:
+        m[1].dim = 0  # the layers before the first dropout now mix the batch
+
+    return model, torch.randn(3, 4), change
+
+
+def _activation_that_drops() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
+    model = Encoder()
+
+    def change(m: nn.Module) -> None:
+        for layer in m.encoder.layers:  # a dropout call the direct run would not see
+            layer.activation = lambda h: F.dropout(F.relu(h), 0.5, True)
+
+    return model, torch.randn(3, 5, 8), change
+
+
+def _batch_statistics() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    def change(m: nn.Module) -> None:
+        m[1].track_running_stats = False  # with no statistics, BatchNorm uses the batch's
+        m[1].running_mean = m[1].running_var = None
+
+    return model, torch.randn(3, 4), change
+
+
+@pytest.mark.parametrize(
+    "make", [_softmax_over_the_batch, _activation_that_drops, _batch_statistics]
+)
+def test_a_torch_module_set_anew_makes_a_new_plan(
+    make: Callable[[], tuple[nn.Module, Tensor, Callable[[nn.Module], None]]],
+) -> None:
+    torch.manual_seed(0)
+    model, x, change = make()
+    model.eval()
+    sample(model, x, 8, seed=0)
+    change(model)
+    try:
+        fresh: Tensor | Exception = sample(model, x, 8, seed=2, plan=plan(model, x))
+    except ValueError as exc:  # BatchNorm refuses the probe's one-row batches
+        fresh = exc
+    if isinstance(fresh, Exception):
+        with pytest.raises(type(fresh), match=re.escape(str(fresh))):
+            sample(model, x, 8, seed=2)
+    else:
+        assert torch.equal(sample(model, x, 8, seed=2), fresh)
 
 
 def test_a_call_the_kept_plan_lacks_runs_with_a_fresh_plan() -> None:
