@@ -3,8 +3,8 @@
 ``mcdrop.sample(model, x, n)`` needs the model's :class:`~mcdrop.planning.SamplingPlan`: five to
 seven small forward passes, ~0.6–0.9 ms on a small MLP, where one sample of one row costs
 ~0.05 ms with a kept plan. A call given no plan makes it once and keeps it here for later calls
-with rows of the same shape and dtype, so ``sample`` in a loop costs what a call with
-``plan=mcdrop.plan(model, x)`` costs (:func:`mcdrop.sampling.sample`).
+with rows of the same shape and dtype (under the same autocast), so ``sample`` in a loop costs
+what a call with ``plan=mcdrop.plan(model, x)`` costs (:func:`mcdrop.sampling.sample`).
 
 A kept plan serves a call only while the model is as it was planned:
 
@@ -60,7 +60,10 @@ MAX_PLANS = 8
 
 _ATTRIBUTE = "_mcdrop_plans"
 
-_Key = tuple[torch.Size, torch.dtype]
+# rows' shape and dtype, and the dtypes autocast gives on the CPU and on CUDA devices (False
+# where it is off): a plan made under autocast sees its dropouts' inputs in that dtype, which
+# sets its pass sizes and routes
+_Key = tuple[torch.Size, torch.dtype, "torch.dtype | bool", "torch.dtype | bool"]
 
 
 class _Plans:
@@ -163,6 +166,16 @@ class _Plans:
         return {}
 
 
+def _key(x: Tensor) -> _Key:
+    """The key of rows like those of ``x`` ``(N, D...)`` under the autocast now on."""
+    return (
+        x.shape[1:],
+        x.dtype,
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda"),
+    )
+
+
 def _own_forwards(dicts: tuple[dict[str, Any], ...]) -> tuple[bool, ...]:
     """Which of the modules (``dicts``: their ``vars``) have a ``forward`` set on them, not
     counting the routes that a routed pass (:mod:`mcdrop.routing`, on another thread) puts on
@@ -199,7 +212,7 @@ def kept(model: nn.Module, x: object) -> SamplingPlan | None:
     plans = getattr(model, "__dict__", {}).get(_ATTRIBUTE)
     if type(plans) is not _Plans or not isinstance(x, Tensor):
         return None
-    plan = plans.plans.get((x.shape[1:], x.dtype))
+    plan = plans.plans.get(_key(x))
     if plan is None or not plans.fits(model):
         return None
     return plan
@@ -217,7 +230,7 @@ def keep(model: nn.Module, x: Tensor, plan: SamplingPlan) -> None:
         plans.note_state(model)
     if len(plans.plans) >= MAX_PLANS:
         del plans.plans[next(iter(plans.plans))]  # the oldest
-    plans.plans[(x.shape[1:], x.dtype)] = plan
+    plans.plans[_key(x)] = plan
 
 
 def forget(model: nn.Module) -> None:

@@ -369,6 +369,25 @@ def test_bad_arguments_are_refused_before_any_probe() -> None:
     assert model.forwards == 0
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_plans_are_kept_per_autocast(first: bool) -> None:
+    """Under autocast a dropout sees bfloat16 activations, half the bytes: a pass may hold
+    twice the rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1 << 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(1 << 16, 2))
+    model.eval()
+    x = torch.randn(1, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=first):
+        sample(model, x, 2, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not first):
+        made = plan(model, x)
+        fresh = [(c.samples, c.values) for c in sample_chunks(model, x, 100, seed=1, plan=made)]
+        kept = [(c.samples, c.values) for c in sample_chunks(model, x, 100, seed=1)]
+        assert [s for s, _ in kept] == [s for s, _ in fresh]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(kept, fresh, strict=True))
+        assert torch.equal(sample(model, x, 100, seed=1), sample(model, x, 100, seed=1, plan=made))
+
+
 def test_plans_are_kept_for_the_latest_shapes_only() -> None:
     model = Counting().eval()
     widths = range(4, 4 + MAX_PLANS + 1)
