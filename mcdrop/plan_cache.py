@@ -13,10 +13,11 @@ A kept plan serves a call only while the model is as it was planned:
   ``forward`` set on it since, the same forward hooks and pre-hooks on each module and on every
   module (``register_module_forward_hook``: a hook may make the layers before the first dropout
   depend on the batch, or use their output after it), on the same device;
-- the modules of the user's own classes (not torch's) with the same attributes, a flag their
-  ``forward`` reads: compared by identity, so a value set anew (even an equal float) makes a
-  new plan, and a ``forward`` that sets an attribute of its own on every call (a counter) makes
-  one on every call, as every call given no plan did before plans were kept;
+- the modules of the user's own classes (not torch's) with the same attributes (but
+  ``training``: a plan is made in eval mode), a flag their ``forward`` reads: compared by
+  identity, so a value set anew (even an equal float) makes a new plan, and a ``forward`` that
+  sets an attribute of its own on every call (a counter) makes one on every call, as every call
+  given no plan did before plans were kept;
 - torch's modules with the same settings (their attributes but ``training``, tensors and those
   named with a leading ``_``: a dropout rate, ``inplace``, a softmax's ``dim``, an encoder
   layer's ``activation``), compared the same way.
@@ -60,6 +61,8 @@ MAX_PLANS = 8
 
 _ATTRIBUTE = "_mcdrop_plans"
 
+_GONE = object()  # an attribute noted, since deleted
+
 # rows' shape and dtype, and the dtypes autocast gives on the CPU and on CUDA devices (False
 # where it is off): a plan made under autocast sees its dropouts' inputs in that dtype, which
 # sets its pass sizes and routes
@@ -91,37 +94,38 @@ class _Plans:
             *(m._forward_hooks for m in modules),
         )
         self.hooks = _hooks(self.hook_dicts) if any(self.hook_dicts) else None
-        self.state: tuple[tuple[dict[str, Any], tuple[Any, ...]], ...] = ()
-        self.setting_dicts: tuple[dict[str, Any], ...] = ()
-        self.setting_names: tuple[str, ...] = ()
-        self.settings: tuple[Any, ...] = ()
+        self.own_dicts: tuple[dict[str, Any], ...] = ()
+        self.own_sizes: tuple[int, ...] = ()
+        self.noted_dicts: tuple[dict[str, Any], ...] = ()
+        self.noted_names: tuple[str, ...] = ()
+        self.noted: tuple[Any, ...] = ()
 
     def note_state(self, model: nn.Module) -> None:
         """Note the attributes of the model's modules of classes not torch's (with this entry
-        in the model's): a flag its ``forward`` reads; and the settings of torch's modules: their
-        attributes whose names do not start with ``_``, but for ``training`` (a plan is made in
-        eval mode, and a call on a model in training mode switches the flags for its length) and
+        in the model's), a flag its ``forward`` reads, and how many they are; and the settings
+        of torch's modules: their attributes whose names do not start with ``_``, but for
         tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call). A setting may
         change the plan without a dropout call the pass would miss (``softmax.dim = 0`` before
-        the first dropout: the prefix depends on the batch; an encoder layer's ``activation``).
-        (Reading every attribute of a torch module would cost ~0.5 µs a module.)"""
-        modules = _modules(model)
-        self.state = tuple(
-            (vars(m), tuple(vars(m).values()))
-            for m in modules
-            if not type(m).__module__.startswith("torch.")
-        )
-        settings = [
-            (own, name, value)
-            for m in modules
+        the first dropout: the prefix depends on the batch; an encoder layer's
+        ``activation``). (Reading every attribute of a torch module would cost ~0.5 µs a
+        module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
+        and a call on a model in training mode switches them for its length (a call beside it
+        on another thread would plan again)."""
+        own = [vars(m) for m in _modules(model) if not type(m).__module__.startswith("torch.")]
+        self.own_dicts = tuple(own)
+        self.own_sizes = tuple(map(len, own))
+        noted = [(d, name, value) for d in own for name, value in d.items() if name != "training"]
+        noted += [
+            (d, name, value)
+            for m in _modules(model)
             if type(m).__module__.startswith("torch.")
-            for own in (vars(m),)
-            for name, value in own.items()
+            for d in (vars(m),)
+            for name, value in d.items()
             if name[0] != "_" and name != "training" and not isinstance(value, Tensor)
         ]
-        self.setting_dicts = tuple(own for own, _, _ in settings)
-        self.setting_names = tuple(name for _, name, _ in settings)
-        self.settings = tuple(value for _, _, value in settings)
+        self.noted_dicts = tuple(d for d, _, _ in noted)
+        self.noted_names = tuple(name for _, name, _ in noted)
+        self.noted = tuple(value for _, _, value in noted)
 
     def fits(self, model: nn.Module) -> bool:
         """Whether the model is as its plans were made for: the same object, each module's
@@ -142,15 +146,12 @@ class _Plans:
                 if self.hooks is None
                 else _hooks(self.hook_dicts) == self.hooks
             )
-            and all(
-                len(found) == len(values) and all(map(operator.is_, found.values(), values))
-                for found, values in self.state
-            )
+            and tuple(map(len, self.own_dicts)) == self.own_sizes
             and all(
                 map(
                     operator.is_,
-                    map(dict.get, self.setting_dicts, self.setting_names),
-                    self.settings,
+                    map(dict.get, self.noted_dicts, self.noted_names, repeat(_GONE)),
+                    self.noted,
                 )
             )
             and model_device(model) == self.device

@@ -473,3 +473,32 @@ def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan() -> Non
         t.join()
     assert got == [True] * 400
     assert model.forwards == before + 400  # one pass a call: none planned again
+
+
+def test_a_model_in_training_mode_keeps_its_plan() -> None:
+    """A plan is made in eval mode whatever the model's flags: toggling them makes none, nor
+    does a call beside another thread's, which holds a training model's flags switched."""
+    torch.manual_seed(0)
+    model = Counting().train()
+    x = torch.randn(3, 4)
+    want = sample(model, x, 4, seed=3)
+    before = model.forwards
+    model.eval()
+    assert torch.equal(sample(model, x, 4, seed=3), want)
+    model.train()
+    assert torch.equal(sample(model, x, 4, seed=3), want)
+    assert model.forwards == before + 2
+    got: list[bool] = []
+
+    def run() -> None:
+        for _ in range(100):
+            got.append(torch.equal(sample(model, x, 4, seed=3), want))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [True] * 300
+    assert model.forwards == before + 302
+    assert model.training
