@@ -15,9 +15,9 @@ A kept plan serves a call only while the model is as it was planned:
   depend on the batch, or use their output after it), on the same device;
 - the modules of the user's own classes (not torch's) with the same attributes (but
   ``training``: a plan is made in eval mode), a flag their ``forward`` reads: compared by
-  identity, so a value set anew (even an equal float) makes a new plan, and a ``forward`` that
-  sets an attribute of its own on every call (a counter) makes one on every call, as every call
-  given no plan did before plans were kept;
+  identity, so a value set anew (even an equal float) makes a new plan, as does a ``forward``
+  set on their class; and a ``forward`` that sets an attribute of its own on every call (a
+  counter) makes one on every call, as every call given no plan did before plans were kept;
 - torch's modules with the same settings (their attributes but ``training``, tensors and those
   named with a leading ``_``: a dropout rate, ``inplace``, a softmax's ``dim``, an encoder
   layer's ``activation``), compared the same way.
@@ -96,6 +96,8 @@ class _Plans:
         self.hooks = _hooks(self.hook_dicts) if any(self.hook_dicts) else None
         self.own_dicts: tuple[dict[str, Any], ...] = ()
         self.own_sizes: tuple[int, ...] = ()
+        self.own_classes: tuple[type[nn.Module], ...] = ()
+        self.own_forwards: tuple[Any, ...] = ()
         self.noted_dicts: tuple[dict[str, Any], ...] = ()
         self.noted_names: tuple[str, ...] = ()
         self.noted: tuple[Any, ...] = ()
@@ -111,8 +113,12 @@ class _Plans:
         module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
         and a call on a model in training mode switches them for its length (a call beside it
         on another thread would plan again)."""
-        own = [vars(m) for m in _modules(model) if not type(m).__module__.startswith("torch.")]
+        mine = [m for m in _modules(model) if not type(m).__module__.startswith("torch.")]
+        own = [vars(m) for m in mine]
         self.own_dicts = tuple(own)
+        # their classes' forward: a notebook may set a new one on the class
+        self.own_classes = tuple(map(type, mine))
+        self.own_forwards = tuple(c.forward for c in self.own_classes)
         self.own_sizes = tuple(map(len, own))
         noted = [(d, name, value) for d in own for name, value in d.items() if name != "training"]
         noted += [
@@ -147,6 +153,13 @@ class _Plans:
                 else _hooks(self.hook_dicts) == self.hooks
             )
             and tuple(map(len, self.own_dicts)) == self.own_sizes
+            and all(
+                map(
+                    operator.is_,
+                    map(getattr, self.own_classes, repeat("forward")),
+                    self.own_forwards,
+                )
+            )
             and all(
                 map(
                     operator.is_,

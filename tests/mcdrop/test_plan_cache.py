@@ -309,6 +309,28 @@ def test_a_torch_module_set_anew_makes_a_new_plan(
         assert torch.equal(sample(model, x, 8, seed=2), fresh)
 
 
+def test_a_forward_set_on_the_class_makes_a_new_plan() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.drop, self.b = nn.Linear(4, 16), nn.Dropout(0.3), nn.Linear(16, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(self.drop(torch.relu(self.a(x))))
+
+    def batch_sized(self: Model, x: Tensor) -> Tensor:  # as a notebook cell might redefine it
+        return self.b(self.drop(torch.relu(self.a(x)) * x.shape[0]))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    Model.forward = batch_sized  # type: ignore[method-assign,assignment]
+    made = plan(model, x)
+    assert not made.prefix
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+
+
 def test_a_call_the_kept_plan_lacks_runs_with_a_fresh_plan() -> None:
     torch.manual_seed(0)
     model = Counting().eval()
