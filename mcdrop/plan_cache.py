@@ -16,8 +16,9 @@ A kept plan serves a call only while the model is as it was planned:
 - the modules of the user's own classes (not torch's) with the same attributes (but
   ``training``: a plan is made in eval mode), a flag their ``forward`` reads: compared by
   identity, so a value set anew (even an equal float) makes a new plan, as does a ``forward``
-  set on their class; and a ``forward`` that sets an attribute of its own on every call (a
-  counter) makes one on every call, as every call given no plan did before plans were kept;
+  set on their class (or a ``torch.fx.GraphModule`` recompiled); and a ``forward`` that sets an
+  attribute of its own on every call (a counter) makes one on every call, as every call given
+  no plan did before plans were kept;
 - torch's modules with the same settings (their attributes but ``training``, tensors and those
   named with a leading ``_``: a dropout rate, ``inplace``, a softmax's ``dim``, an encoder
   layer's ``activation``), compared the same way.
@@ -113,17 +114,21 @@ class _Plans:
         module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
         and a call on a model in training mode switches them for its length (a call beside it
         on another thread would plan again)."""
-        mine = [m for m in _modules(model) if not type(m).__module__.startswith("torch.")]
+        modules = _modules(model)
+        mine = [m for m in modules if not type(m).__module__.startswith("torch.")]
         own = [vars(m) for m in mine]
         self.own_dicts = tuple(own)
-        # their classes' forward: a notebook may set a new one on the class
-        self.own_classes = tuple(map(type, mine))
+        # the forward of their classes, and of every class not torch.nn's: a notebook may set a
+        # new one on a class, a torch.fx.GraphModule sets one on its own when recompiled
+        self.own_classes = tuple(
+            {type(m): None for m in modules if not type(m).__module__.startswith("torch.nn.")}
+        )
         self.own_forwards = tuple(c.forward for c in self.own_classes)
         self.own_sizes = tuple(map(len, own))
         noted = [(d, name, value) for d in own for name, value in d.items() if name != "training"]
         noted += [
             (d, name, value)
-            for m in _modules(model)
+            for m in modules
             if type(m).__module__.startswith("torch.")
             for d in (vars(m),)
             for name, value in d.items()

@@ -331,6 +331,24 @@ def test_a_forward_set_on_the_class_makes_a_new_plan() -> None:
     assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
 
 
+def test_a_graph_module_recompiled_makes_a_new_plan() -> None:
+    """torch.fx.GraphModule.recompile sets a new forward on the module's own class."""
+    torch.manual_seed(0)
+    model = torch.fx.symbolic_trace(_chain().eval())
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    relu = next(n for n in model.graph.nodes if n.op == "call_module" and n.target == "1")
+    with model.graph.inserting_after(relu):
+        size = model.graph.call_method("size", (relu, 0))
+    with model.graph.inserting_after(size):
+        scaled = model.graph.call_function(torch.mul, (relu, size))
+    relu.replace_all_uses_with(scaled, delete_user_cb=lambda user: user not in (size, scaled))
+    model.recompile()  # the ReLU's output times the batch size: no prefix to share
+    made = plan(model, x)
+    assert not made.prefix
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+
+
 def test_a_call_the_kept_plan_lacks_runs_with_a_fresh_plan() -> None:
     torch.manual_seed(0)
     model = Counting().eval()
