@@ -3,24 +3,35 @@
 ``mcdrop.sample(model, x, n)`` needs the model's :class:`~mcdrop.planning.SamplingPlan`: five to
 seven small forward passes, ~0.6–0.9 ms on a small MLP, where one sample of one row costs
 ~0.05 ms with a kept plan. A call given no plan makes it once and keeps it here for later calls
-with rows of the same shape and dtype, so ``sample`` in a loop costs what a call with
-``plan=mcdrop.plan(model, x)`` costs (:func:`mcdrop.sampling.sample`).
+with rows of the same shape and dtype (under the same autocast), so ``sample`` in a loop costs
+what a call with ``plan=mcdrop.plan(model, x)`` costs (:func:`mcdrop.sampling.sample`).
 
 A kept plan serves a call only while the model is as it was planned:
 
-- the same modules in the same places (no layer swapped, added or removed), none with a
-  ``forward`` set on it since, on the same device;
-- the modules of the user's own classes (not torch's) with the same attributes, a flag their
-  ``forward`` reads: compared by identity, so a value set anew (even an equal float) makes a
-  new plan, and a ``forward`` that sets an attribute of its own on every call (a counter) makes
-  one on every call, as every call given no plan did before plans were kept.
+- the same modules in the same places (no layer swapped, added or removed), each of the class
+  it had (``torch.nn.utils.parametrize`` and ``module.__class__ = ...`` change one), none with a
+  ``forward`` set on it since, the same forward hooks and pre-hooks on each module and on every
+  module (``register_module_forward_hook``: a hook may make the layers before the first dropout
+  depend on the batch, or use their output after it), on the same device;
+- the modules of the user's own classes (not torch's) with the same attributes (but
+  ``training``: a plan is made in eval mode), a flag their ``forward`` reads: compared by
+  identity, so a value set anew (even an equal float) makes a new plan, as does a ``forward``
+  set on their class (or a ``torch.fx.GraphModule`` recompiled); and a ``forward`` that sets an
+  attribute of its own on every call (a counter) makes one on every call, as every call given
+  no plan did before plans were kept;
+- torch's modules with the same settings (their attributes but ``training``, tensors and those
+  named with a leading ``_``: a dropout rate, ``inplace``, a softmax's ``dim``, an encoder
+  layer's ``activation``), compared the same way.
 
-Anything else that changes the pass's dropout calls (a torch module's rate set from 0 or to 0,
-a ``forward`` that reads a global) shows in the pass as a call the plan does not have; the
+Anything else that changes the pass's dropout calls (a ``forward`` that reads a global, or a
+list or dict attribute changed in place) shows in the pass as a call the plan does not have; the
 sampling call then runs again with a fresh plan (:func:`forget`). Either way a call's samples
-are those a fresh plan gives. (One exception, as with a plan the caller keeps: a routed plan
+are those a fresh plan gives. (The exceptions, as with a plan the caller keeps: a routed plan
 (:mod:`mcdrop.routing`) made when a global kept an ``F.dropout`` call out of the ``forward``
-does not see that call once the global lets it in.)
+does not see that call once the global lets it in; and what changes no dropout call but makes
+the layers before the first dropout depend on the batch, so that they may no longer run once
+per row (a global or a list read there, values set in place, a buffer set to None: BatchNorm's
+running statistics), keeps the plan's shared prefix: call :func:`forget` after such a change.)
 
 The plans live on the model (the ``_mcdrop_plans`` entry of its ``__dict__``), not in a global
 table: a plan references the model's modules, so a table would keep every model it saw alive.
@@ -39,9 +50,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from mcdrop.devices import model_device
 from mcdrop.planning import SamplingPlan
+from mcdrop.routing import _Route
 
 #: The most row shapes (and dtypes) a model keeps plans for: a model fed sequences of many
 #: lengths keeps those of the latest few.
@@ -49,7 +62,12 @@ MAX_PLANS = 8
 
 _ATTRIBUTE = "_mcdrop_plans"
 
-_Key = tuple[torch.Size, torch.dtype]
+_GONE = object()  # an attribute noted, since deleted
+
+# rows' shape and dtype, and the dtypes autocast gives on the CPU and on CUDA devices (False
+# where it is off): a plan made under autocast sees its dropouts' inputs in that dtype, which
+# sets its pass sizes and routes
+_Key = tuple[torch.Size, torch.dtype, "torch.dtype | bool", "torch.dtype | bool"]
 
 
 class _Plans:
@@ -60,33 +78,99 @@ class _Plans:
         self.plans: dict[_Key, SamplingPlan] = {}
         self.device = model_device(model)
         modules = _modules(model)
-        self.tree = tuple((m._modules, tuple(m._modules.values())) for m in modules)
+        self.modules = tuple(modules)
+        self.types = tuple(map(type, modules))
+        self.children = tuple(m._modules for m in modules)
+        self.tree = _tree(self.children)
         self.dicts = tuple(vars(m) for m in modules)
-        self.patched = tuple(map(operator.contains, self.dicts, repeat("forward")))
-        self.state: tuple[tuple[dict[str, Any], tuple[Any, ...]], ...] = ()
+        self.patched = _own_forwards(self.dicts)
+        # the forward hooks and pre-hooks registered for every module
+        # (register_module_forward_hook), then each module's; their keys are the handles' ids,
+        # never given twice, so the keys tell any hook added or removed (None: no hook at all,
+        # the common case, checked at a third of the cost)
+        self.hook_dicts: tuple[dict[int, Any], ...] = (
+            _module_hooks._global_forward_pre_hooks,
+            _module_hooks._global_forward_hooks,
+            *(m._forward_pre_hooks for m in modules),
+            *(m._forward_hooks for m in modules),
+        )
+        self.hooks = _hooks(self.hook_dicts) if any(self.hook_dicts) else None
+        self.own_dicts: tuple[dict[str, Any], ...] = ()
+        self.own_sizes: tuple[int, ...] = ()
+        self.own_classes: tuple[type[nn.Module], ...] = ()
+        self.own_forwards: tuple[Any, ...] = ()
+        self.noted_dicts: tuple[dict[str, Any], ...] = ()
+        self.noted_names: tuple[str, ...] = ()
+        self.noted: tuple[Any, ...] = ()
 
     def note_state(self, model: nn.Module) -> None:
         """Note the attributes of the model's modules of classes not torch's (with this entry
-        in the model's): a flag its ``forward`` reads. (A torch module's attributes change no
-        dropout call that the pass would not see, and reading them all costs ~0.7 µs a module.)"""
-        self.state = tuple(
-            (vars(m), tuple(vars(m).values()))
-            for m in _modules(model)
-            if not type(m).__module__.startswith("torch.")
+        in the model's), a flag its ``forward`` reads, and how many they are; and the settings
+        of torch's modules: their attributes whose names do not start with ``_``, but for
+        tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call). A setting may
+        change the plan without a dropout call the pass would miss (``softmax.dim = 0`` before
+        the first dropout: the prefix depends on the batch; an encoder layer's
+        ``activation``). (Reading every attribute of a torch module would cost ~0.5 µs a
+        module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
+        and a call on a model in training mode switches them for its length (a call beside it
+        on another thread would plan again)."""
+        modules = _modules(model)
+        mine = [m for m in modules if not type(m).__module__.startswith("torch.")]
+        own = [vars(m) for m in mine]
+        self.own_dicts = tuple(own)
+        # the forward of their classes, and of every class not torch.nn's: a notebook may set a
+        # new one on a class, a torch.fx.GraphModule sets one on its own when recompiled
+        self.own_classes = tuple(
+            {type(m): None for m in modules if not type(m).__module__.startswith("torch.nn.")}
         )
+        self.own_forwards = tuple(c.forward for c in self.own_classes)
+        self.own_sizes = tuple(map(len, own))
+        noted = [(d, name, value) for d in own for name, value in d.items() if name != "training"]
+        noted += [
+            (d, name, value)
+            for m in modules
+            if type(m).__module__.startswith("torch.")
+            for d in (vars(m),)
+            for name, value in d.items()
+            if name[0] != "_" and name != "training" and not isinstance(value, Tensor)
+        ]
+        self.noted_dicts = tuple(d for d, _, _ in noted)
+        self.noted_names = tuple(name for _, name, _ in noted)
+        self.noted = tuple(value for _, _, value in noted)
 
     def fits(self, model: nn.Module) -> bool:
         """Whether the model is as its plans were made for: the same object, each module's
-        children the same, none with a ``forward`` set since, the attributes of its own
-        classes' modules the same objects (compared by identity: a tensor's ``==`` would
-        compute), on the same device."""
+        children the same, each module of its class, none with a ``forward`` set since, the
+        same forward hooks, the attributes of its own classes' modules and the settings of
+        torch's the same objects (compared by identity: a tensor's ``==`` would compute), on
+        the same device."""
         return (
             self.owner() is model
-            and all(tuple(found.values()) == planned for found, planned in self.tree)
-            and tuple(map(operator.contains, self.dicts, repeat("forward"))) == self.patched
+            and _tree(self.children) == self.tree
+            and tuple(map(type, self.modules)) == self.types
+            and (
+                tuple(map(operator.contains, self.dicts, repeat("forward"))) == self.patched
+                or _own_forwards(self.dicts) == self.patched  # another thread's pass routes
+            )
+            and (
+                not any(self.hook_dicts)
+                if self.hooks is None
+                else _hooks(self.hook_dicts) == self.hooks
+            )
+            and tuple(map(len, self.own_dicts)) == self.own_sizes
             and all(
-                len(found) == len(values) and all(map(operator.is_, found.values(), values))
-                for found, values in self.state
+                map(
+                    operator.is_,
+                    map(getattr, self.own_classes, repeat("forward")),
+                    self.own_forwards,
+                )
+            )
+            and all(
+                map(
+                    operator.is_,
+                    map(dict.get, self.noted_dicts, self.noted_names, repeat(_GONE)),
+                    self.noted,
+                )
             )
             and model_device(model) == self.device
         )
@@ -99,6 +183,36 @@ class _Plans:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
         return {}
+
+
+def _key(x: Tensor) -> _Key:
+    """The key of rows like those of ``x`` ``(N, D...)`` under the autocast now on."""
+    if not torch._C._is_any_autocast_enabled():  # the common case: one call, not four
+        return (x.shape[1:], x.dtype, False, False)
+    return (
+        x.shape[1:],
+        x.dtype,
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda"),
+    )
+
+
+def _own_forwards(dicts: tuple[dict[str, Any], ...]) -> tuple[bool, ...]:
+    """Which of the modules (``dicts``: their ``vars``) have a ``forward`` set on them, not
+    counting the routes that a routed pass (:mod:`mcdrop.routing`, on another thread) puts on
+    its dropout modules for its length: else a call beside it would plan again, and keep a plan
+    that the next call would find out of date."""
+    return tuple("forward" in d and type(d["forward"]) is not _Route for d in dicts)
+
+
+def _tree(children: tuple[dict[str, nn.Module | None], ...]) -> tuple[tuple[Any, ...], ...]:
+    """Each module's children (``children``: their ``_modules``), in order."""
+    return tuple(map(tuple, map(dict.values, children)))
+
+
+def _hooks(dicts: tuple[dict[int, Any], ...]) -> tuple[tuple[int, ...], ...]:
+    """The keys of each of the hook ``dicts``."""
+    return tuple(map(tuple, dicts))
 
 
 def _modules(model: nn.Module) -> list[nn.Module]:
@@ -119,7 +233,7 @@ def kept(model: nn.Module, x: object) -> SamplingPlan | None:
     plans = getattr(model, "__dict__", {}).get(_ATTRIBUTE)
     if type(plans) is not _Plans or not isinstance(x, Tensor):
         return None
-    plan = plans.plans.get((x.shape[1:], x.dtype))
+    plan = plans.plans.get(_key(x))
     if plan is None or not plans.fits(model):
         return None
     return plan
@@ -137,7 +251,7 @@ def keep(model: nn.Module, x: Tensor, plan: SamplingPlan) -> None:
         plans.note_state(model)
     if len(plans.plans) >= MAX_PLANS:
         del plans.plans[next(iter(plans.plans))]  # the oldest
-    plans.plans[(x.shape[1:], x.dtype)] = plan
+    plans.plans[_key(x)] = plan
 
 
 def forget(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import re
 import threading
 import weakref
 from collections.abc import Callable
@@ -166,6 +167,15 @@ def _changes() -> dict[str, Callable[[nn.Sequential], None]]:
         relu = m[1]
         relu.forward = lambda x: torch.relu(x) * x.shape[0]  # type: ignore[method-assign]
 
+    def hook_the_prefix_cannot_share(m: nn.Sequential) -> None:
+        m[0].register_forward_hook(lambda module, args, out: out * out.shape[0])
+
+    def residual_across_the_dropout_by_hooks(m: nn.Sequential) -> None:
+        # the prefix's output added after the dropout: shared, it has N rows, not S·N
+        seen: dict[str, Tensor] = {}
+        m[1].register_forward_hook(lambda module, args, out: seen.update(h=out))
+        m[3].register_forward_pre_hook(lambda module, args: (args[0] + seen["h"],))
+
     def append(m: nn.Sequential) -> None:
         m.append(nn.Dropout(0.5))
 
@@ -179,6 +189,8 @@ def _changes() -> dict[str, Callable[[nn.Sequential], None]]:
         swap,
         swap_for_one_the_prefix_cannot_share,
         forward_set_on_an_instance,
+        hook_the_prefix_cannot_share,
+        residual_across_the_dropout_by_hooks,
         append,
         insert_first,
         rate_from_zero,
@@ -202,6 +214,139 @@ def test_a_changed_model_samples_as_with_a_fresh_plan(change: str) -> None:
         assert not made.prefix  # so a plan kept from before the change would be wrong
     assert torch.equal(sample(model, x, 8, seed=2), fresh)
     assert torch.equal(torch.cat([c.values for c in sample_chunks(model, x, 8, seed=2)]), fresh)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_hooks_added_or_removed_make_a_new_plan(rows: int) -> None:
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(rows, 4)
+
+    def batch_sized(module: nn.Module, args: tuple[Tensor], out: Tensor) -> Tensor:
+        return out * out.shape[0] if module is model.a else out
+
+    def agree() -> None:
+        made = plan(model, x)
+        fresh = sample(model, x, 8, seed=2, plan=made)
+        assert torch.equal(sample(model, x, 8, seed=2), fresh)
+        assert torch.equal(next(iter(sample_chunks(model, x, 8, seed=2))).values, fresh)
+
+    sample(model, x, 8, seed=0)
+    handle = model.a.register_forward_hook(batch_sized)
+    agree()  # a plan kept from before would share the prefix
+    handle.remove()
+    agree()  # and one kept with the hook would not
+    handle = torch.nn.modules.module.register_module_forward_hook(batch_sized)
+    try:
+        agree()
+    finally:
+        handle.remove()
+    agree()
+
+
+def test_a_module_given_another_class_makes_a_new_plan() -> None:
+    class Doubled(nn.Dropout):
+        def forward(self, x: Tensor) -> Tensor:
+            return F.dropout(x, self.p, self.training) * 2
+
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    model.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
+    fresh = sample(model, x, 8, seed=2, plan=plan(model, x))
+    assert torch.equal(sample(model, x, 8, seed=2), fresh)
+
+
+def _softmax_over_the_batch() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
+    model = nn.Sequential(nn.Linear(4, 16), nn.Softmax(dim=1), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    def change(m: nn.Module) -> None:
+        m[1].dim = 0  # the layers before the first dropout now mix the batch
+
+    return model, torch.randn(3, 4), change
+
+
+def _activation_that_drops() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
+    model = Encoder()
+
+    def change(m: nn.Module) -> None:
+        for layer in m.encoder.layers:  # a dropout call the direct run would not see
+            layer.activation = lambda h: F.dropout(F.relu(h), 0.5, True)
+
+    return model, torch.randn(3, 5, 8), change
+
+
+def _batch_statistics() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    def change(m: nn.Module) -> None:
+        m[1].track_running_stats = False  # with no statistics, BatchNorm uses the batch's
+        m[1].running_mean = m[1].running_var = None
+
+    return model, torch.randn(3, 4), change
+
+
+@pytest.mark.parametrize(
+    "make", [_softmax_over_the_batch, _activation_that_drops, _batch_statistics]
+)
+def test_a_torch_module_set_anew_makes_a_new_plan(
+    make: Callable[[], tuple[nn.Module, Tensor, Callable[[nn.Module], None]]],
+) -> None:
+    torch.manual_seed(0)
+    model, x, change = make()
+    model.eval()
+    sample(model, x, 8, seed=0)
+    change(model)
+    try:
+        fresh: Tensor | Exception = sample(model, x, 8, seed=2, plan=plan(model, x))
+    except ValueError as exc:  # BatchNorm refuses the probe's one-row batches
+        fresh = exc
+    if isinstance(fresh, Exception):
+        with pytest.raises(type(fresh), match=re.escape(str(fresh))):
+            sample(model, x, 8, seed=2)
+    else:
+        assert torch.equal(sample(model, x, 8, seed=2), fresh)
+
+
+def test_a_forward_set_on_the_class_makes_a_new_plan() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.drop, self.b = nn.Linear(4, 16), nn.Dropout(0.3), nn.Linear(16, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(self.drop(torch.relu(self.a(x))))
+
+    def batch_sized(self: Model, x: Tensor) -> Tensor:  # as a notebook cell might redefine it
+        return self.b(self.drop(torch.relu(self.a(x)) * x.shape[0]))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    Model.forward = batch_sized  # type: ignore[method-assign,assignment]
+    made = plan(model, x)
+    assert not made.prefix
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+
+
+def test_a_graph_module_recompiled_makes_a_new_plan() -> None:
+    """torch.fx.GraphModule.recompile sets a new forward on the module's own class."""
+    torch.manual_seed(0)
+    model = torch.fx.symbolic_trace(_chain().eval())
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    relu = next(n for n in model.graph.nodes if n.op == "call_module" and n.target == "1")
+    with model.graph.inserting_after(relu):
+        size = model.graph.call_method("size", (relu, 0))
+    with model.graph.inserting_after(size):
+        scaled = model.graph.call_function(torch.mul, (relu, size))
+    relu.replace_all_uses_with(scaled, delete_user_cb=lambda user: user not in (size, scaled))
+    model.recompile()  # the ReLU's output times the batch size: no prefix to share
+    made = plan(model, x)
+    assert not made.prefix
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
 
 
 def test_a_call_the_kept_plan_lacks_runs_with_a_fresh_plan() -> None:
@@ -262,6 +407,25 @@ def test_bad_arguments_are_refused_before_any_probe() -> None:
     with pytest.raises(InvalidArgumentError, match="first_sample"):
         list(sample_chunks(model, torch.randn(2, 4), 3, first_sample=-1))
     assert model.forwards == 0
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_plans_are_kept_per_autocast(first: bool) -> None:
+    """Under autocast a dropout sees bfloat16 activations, half the bytes: a pass may hold
+    twice the rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1 << 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(1 << 16, 2))
+    model.eval()
+    x = torch.randn(1, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=first):
+        sample(model, x, 2, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not first):
+        made = plan(model, x)
+        fresh = [(c.samples, c.values) for c in sample_chunks(model, x, 100, seed=1, plan=made)]
+        kept = [(c.samples, c.values) for c in sample_chunks(model, x, 100, seed=1)]
+        assert [s for s, _ in kept] == [s for s, _ in fresh]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(kept, fresh, strict=True))
+        assert torch.equal(sample(model, x, 100, seed=1), sample(model, x, 100, seed=1, plan=made))
 
 
 def test_plans_are_kept_for_the_latest_shapes_only() -> None:
@@ -325,3 +489,56 @@ def test_threads_sampling_one_model_without_a_plan_agree() -> None:
     for t in threads:
         t.join()
     assert got == [True] * 80
+
+
+def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan() -> None:
+    """A routed pass puts a route on the model's dropout modules for its length (as their
+    ``forward``): a call beside it on another thread still finds the kept plan."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    assert plan(model, x).routes is not None
+    want = sample(model, x, 4, seed=3)
+    before = model.forwards
+    got: list[bool] = []
+
+    def run() -> None:
+        for _ in range(100):
+            got.append(torch.equal(sample(model, x, 4, seed=3), want))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [True] * 400
+    assert model.forwards == before + 400  # one pass a call: none planned again
+
+
+def test_a_model_in_training_mode_keeps_its_plan() -> None:
+    """A plan is made in eval mode whatever the model's flags: toggling them makes none, nor
+    does a call beside another thread's, which holds a training model's flags switched."""
+    torch.manual_seed(0)
+    model = Counting().train()
+    x = torch.randn(3, 4)
+    want = sample(model, x, 4, seed=3)
+    before = model.forwards
+    model.eval()
+    assert torch.equal(sample(model, x, 4, seed=3), want)
+    model.train()
+    assert torch.equal(sample(model, x, 4, seed=3), want)
+    assert model.forwards == before + 2
+    got: list[bool] = []
+
+    def run() -> None:
+        for _ in range(100):
+            got.append(torch.equal(sample(model, x, 4, seed=3), want))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [True] * 300
+    assert model.forwards == before + 302
+    assert model.training
