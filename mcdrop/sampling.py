@@ -79,6 +79,18 @@ def all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """``model``, or the module a ``torch.compile`` wrapper holds. Compiled code cannot make a
+    pass's per-row masks (dynamo would trace the sampler's NumPy and fail), so a compiled model
+    samples its original module: the same parameters, the same samples. (By class name: testing
+    the class would import torch._dynamo, a second or more of ``import mcdrop``.)"""
+    if type(model).__name__ == "OptimizedModule":
+        original = getattr(model, "_orig_mod", None)
+        if isinstance(original, nn.Module):
+            return original
+    return model
+
+
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Deterministic prediction: one eval-mode pass (inverted dropout needs no rescaling).
 
@@ -216,6 +228,7 @@ def plan(model: nn.Module, x: Tensor) -> SamplingPlan:
         UnsupportedModelError: a dropout input without a batch dimension, or with masks that
             could not be keyed per row.
     """
+    model = uncompiled(model)
     _check_inputs(x)
     with eval_mode(model), torch.inference_mode():
         return planning.probe(model, x.to(model_device(model)))
@@ -295,6 +308,7 @@ def sample_chunks_of_checked_inputs(
     non-empty batch dimension, every value finite: :func:`all_finite`), as
     :class:`~mcdrop.Predictor` does: the check is a good share of a small call's cost. Every other
     argument is checked here."""
+    model = uncompiled(model)
     if plan is None:
         kept = plan_cache.kept(model, x)
         if kept is not None:
@@ -417,6 +431,7 @@ def sample(
         NoDropoutError: the model made no stochastic dropout call.
         UnsupportedModelError: a dropout call the plan cannot key per row.
     """
+    model = uncompiled(model)
     if plan is None:
         kept = plan_cache.kept(model, x)
         if kept is not None:

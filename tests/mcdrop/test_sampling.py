@@ -438,3 +438,21 @@ def test_channel_dropout_of_replicated_rows_is_one_broadcast_product(
     samples = sample(model, x, 20, seed=4)
     assert torch.equal(samples, sample(model, strided, 20, seed=4))
     assert samples.var(0).min() > 0
+
+
+# importing torch._dynamo (torch.compile) warns of torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_a_compiled_model_samples_as_its_original_module(own_forward: bool, mlp: nn.Module) -> None:
+    # torch.compile's wrapper: compiled code cannot make per-row masks (dynamo traced the
+    # sampler's NumPy and raised an AssertionError), so the wrapped module is sampled.
+    torch.manual_seed(0)
+    model = Residual().eval() if own_forward else mlp
+    compiled = torch.compile(model)
+    x = torch.randn(3, 4)
+    want = sample(model, x, 8, seed=1, plan=plan(model, x))
+    assert torch.equal(sample(compiled, x, 8, seed=1), want)
+    assert torch.equal(sample(compiled, x, 8, seed=1, plan=plan(compiled, x)), want)
+    assert torch.equal(sample(model, x, 8, seed=1, plan=plan(compiled, x)), want)
+    chunks = list(sample_chunks(compiled, x, 8, seed=1, max_pass_rows=12))
+    assert torch.equal(torch.cat([c.values for c in chunks]), want)
