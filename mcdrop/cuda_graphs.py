@@ -20,7 +20,7 @@ another makes a new capture), its hooks (counted), and its float dropout rates (
 another name is not seen: make a new plan after changing one).
 
 Only a plan kept between calls (``plan=`` given, as :class:`~mcdrop.Predictor` and the service
-do) keeps graphs: at most :data:`MAX_GRAPHS` (sharing one memory pool), captured on the second
+do, or the plan a call given none keeps on the model: :mod:`mcdrop.plan_cache`) keeps graphs: at most :data:`MAX_GRAPHS` (sharing one memory pool), captured on the second
 pass of a shape (:data:`CAPTURE_ON_PASS`), at most :data:`MAX_CAPTURES` captures in all, and only
 for passes whose largest dropout input is within :data:`GRAPH_BYTES`: larger passes are bound by
 the GPU's arithmetic, which a graph does not speed up; none under autocast. A model whose pass
