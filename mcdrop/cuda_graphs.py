@@ -20,13 +20,14 @@ another makes a new capture), its hooks (counted), and its float dropout rates (
 another name is not seen: make a new plan after changing one).
 
 Only a plan kept between calls (``plan=`` given, as :class:`~mcdrop.Predictor` and the service
-do, or the plan a call given none keeps on the model: :mod:`mcdrop.plan_cache`) keeps graphs: at most :data:`MAX_GRAPHS` (sharing one memory pool), captured on the second
-pass of a shape (:data:`CAPTURE_ON_PASS`), at most :data:`MAX_CAPTURES` captures in all, and only
-for passes whose largest dropout input is within :data:`GRAPH_BYTES`: larger passes are bound by
-the GPU's arithmetic, which a graph does not speed up; none under autocast. A model whose pass
-cannot be captured (it
-reads a value back to the host, say) warns once and runs eagerly from then on. The graphs hold
-the model's modules, so its weights live as long as the plan. :data:`ENABLED` turns them off.
+do, or the plan a call given none keeps on the model: :mod:`mcdrop.plan_cache`) keeps graphs:
+at most :data:`MAX_GRAPHS` (sharing one memory pool), captured on the second pass of a shape
+(:data:`CAPTURE_ON_PASS`), at most :data:`MAX_CAPTURES` captures in all, and only for passes
+whose largest dropout input is within :data:`GRAPH_BYTES`: larger passes are bound by the GPU's
+arithmetic, which a graph does not speed up; none under autocast. A model whose pass cannot be
+captured (it reads a value back to the host, say) warns once and runs eagerly from then on. The
+graphs hold the model's modules, so its weights live as long as the plan. :data:`ENABLED` turns
+them off.
 """
 
 from __future__ import annotations
