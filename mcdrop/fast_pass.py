@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
+from mcdrop._walk import every_module
 from mcdrop.devices import model_device_slot
 from mcdrop.routing import DropoutRoutes, FunctionCall, routed_forward
 from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, fresh_layout, replicate
@@ -292,7 +293,7 @@ class ForwardPass(FastPass):
     ) -> None:
         super().__init__(plan, model, kernels, key, share)
         self.calls = plan.calls
-        self.modules = tuple(_walk(model))
+        self.modules = tuple(every_module(model))
         # None: the containers' children now
         self.children = (
             children
@@ -505,18 +506,6 @@ class MadeContext(SamplingContext):
 
 
 _NO_KEYS = torch.zeros(0, dtype=torch.int64)  # a MadeContext's keys until a call needs them
-
-
-def _walk(model: nn.Module) -> list[nn.Module]:
-    """Every module of ``model``, a shared one once."""
-    found: dict[int, nn.Module] = {}
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if id(m) not in found:
-            found[id(m)] = m
-            stack.extend(c for c in m._modules.values() if c is not None)
-    return list(found.values())
 
 
 _training = operator.attrgetter("training")

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
+from mcdrop._walk import every_module
 from mcdrop.devices import model_device
 from mcdrop.planning import SamplingPlan
 from mcdrop.routing import _Route
@@ -77,7 +78,7 @@ class _Plans:
         self.owner = weakref.ref(model)
         self.plans: dict[_Key, SamplingPlan] = {}
         self.device = model_device(model)
-        modules = _modules(model)
+        modules = every_module(model)
         self.modules = tuple(modules)
         self.types = tuple(map(type, modules))
         self.children = tuple(m._modules for m in modules)
@@ -114,7 +115,7 @@ class _Plans:
         module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
         and a call on a model in training mode switches them for its length (a call beside it
         on another thread would plan again)."""
-        modules = _modules(model)
+        modules = every_module(model)
         mine = [m for m in modules if not type(m).__module__.startswith("torch.")]
         own = [vars(m) for m in mine]
         self.own_dicts = tuple(own)
@@ -213,18 +214,6 @@ def _tree(children: tuple[dict[str, nn.Module | None], ...]) -> tuple[tuple[Any,
 def _hooks(dicts: tuple[dict[int, Any], ...]) -> tuple[tuple[int, ...], ...]:
     """The keys of each of the hook ``dicts``."""
     return tuple(map(tuple, dicts))
-
-
-def _modules(model: nn.Module) -> list[nn.Module]:
-    """Every module of ``model``, a shared one once."""
-    found: dict[int, nn.Module] = {}
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if id(m) not in found:
-            found[id(m)] = m
-            stack.extend(c for c in m._modules.values() if c is not None)
-    return list(found.values())
 
 
 def kept(model: nn.Module, x: object) -> SamplingPlan | None:
