@@ -44,6 +44,8 @@ whole with ``torch.save`` loads without mcdrop) and copies (``copy.copy``, ``cop
 from __future__ import annotations
 
 import operator
+import os
+import threading
 import weakref
 from itertools import repeat
 from typing import Any
@@ -62,6 +64,17 @@ from mcdrop.routing import _Route
 MAX_PLANS = 8
 
 _ATTRIBUTE = "_mcdrop_plans"
+
+_lock = threading.Lock()  # held while plans are kept (a plan made: rare), never on a hit
+
+
+def _forked() -> None:
+    """A child forked while another thread held the lock gets a free one."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 _GONE = object()  # an attribute noted, since deleted
 
@@ -232,15 +245,16 @@ def keep(model: nn.Module, x: Tensor, plan: SamplingPlan) -> None:
     """Keep ``plan``, made for ``model`` and rows like those of ``x``, for later calls."""
     if not isinstance(model, nn.Module):
         return
-    plans = model.__dict__.get(_ATTRIBUTE)
-    if type(plans) is not _Plans or not plans.fits(model):
-        # none yet, a copy's (another model's), or made for the model as it was
-        plans = _Plans(model)
-        model.__dict__[_ATTRIBUTE] = plans  # not setattr: a class may define its own
-        plans.note_state(model)
-    if len(plans.plans) >= MAX_PLANS:
-        del plans.plans[next(iter(plans.plans))]  # the oldest
-    plans.plans[_key(x)] = plan
+    with _lock:  # threads planning one model at once: one evicts the oldest, not both
+        plans = model.__dict__.get(_ATTRIBUTE)
+        if type(plans) is not _Plans or not plans.fits(model):
+            # none yet, a copy's (another model's), or made for the model as it was
+            plans = _Plans(model)
+            model.__dict__[_ATTRIBUTE] = plans  # not setattr: a class may define its own
+            plans.note_state(model)
+        if len(plans.plans) >= MAX_PLANS:
+            del plans.plans[next(iter(plans.plans))]  # the oldest
+        plans.plans[_key(x)] = plan
 
 
 def forget(model: nn.Module) -> None:

@@ -542,3 +542,29 @@ def test_a_model_in_training_mode_keeps_its_plan() -> None:
     assert got == [True] * 300
     assert model.forwards == before + 302
     assert model.training
+
+
+def test_threads_keeping_plans_for_many_shapes_at_once_agree() -> None:
+    # More shapes than a model keeps, on four threads: plans are made, kept and evicted beside
+    # each other, and every call still gives a fresh plan's samples.
+    torch.manual_seed(0)
+    model = Counting().eval()
+    rows = {w: torch.randn(2, w) for w in range(4, 4 + MAX_PLANS + 4)}
+    want = {w: sample(model, x, 4, seed=1, plan=plan(model, x)) for w, x in rows.items()}
+    failures: list[BaseException] = []
+
+    def run(offset: int) -> None:
+        try:
+            for i in range(3 * len(rows)):
+                w = 4 + (i + offset) % len(rows)
+                if not torch.equal(sample(model, rows[w], 4, seed=1), want[w]):
+                    raise AssertionError(f"width {w}")
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
