@@ -103,7 +103,7 @@ class _Channels(nn.Module):
         return self.head(F.dropout(h.flatten(1), 0.3, self.training))
 
 
-class _Encoder(nn.Module):
+class EncoderClassifier(nn.Module):
     """A transformer encoder classifier: its layers run by the encoders' twin, under the mode."""
 
     def __init__(self) -> None:
@@ -140,7 +140,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "channel dropout": (_Channels, (2, 6, 6)),
     # no layer chain and no routes: their forward under the torch-function mode (ModePass)
     "torch.dropout": (_TorchNamespace, (6,)),
-    "transformer encoder": (_Encoder, (5, 8)),
+    "transformer encoder": (EncoderClassifier, (5, 8)),
     "LSTM": (_Recurrent, (4, 6)),
 }
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from mcdrop import adaptive, plan, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
 from mcdrop.plan_cache import MAX_PLANS
+from tests.mcdrop.test_fast_pass import EncoderClassifier
 
 
 class Counting(nn.Module):
@@ -43,17 +44,6 @@ class Counting(nn.Module):
         if self.extra:
             h = F.dropout(h, 0.2, self.training)
         return self.b(h)
-
-
-class Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x).mean(1))
 
 
 class Recurrent(nn.Module):
@@ -81,7 +71,7 @@ def _channels() -> nn.Module:
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "chain": (_chain, (4,)),
     "own forward": (Counting, (4,)),
-    "encoder": (Encoder, (5, 8)),
+    "encoder": (EncoderClassifier, (5, 8)),
     "lstm": (Recurrent, (6, 4)),
     "channels": (_channels, (1, 5, 5)),
 }
@@ -268,7 +258,7 @@ def _softmax_over_the_batch() -> tuple[nn.Module, Tensor, Callable[[nn.Module], 
 
 
 def _activation_that_drops() -> tuple[nn.Module, Tensor, Callable[[nn.Module], None]]:
-    model = Encoder()
+    model = EncoderClassifier()
 
     def change(m: nn.Module) -> None:
         for layer in m.encoder.layers:  # a dropout call the direct run would not see
