@@ -435,7 +435,12 @@ def _routes(
     it does not, or the plan runs its passes without the mode anyway."""
     if plan.layers is not None or plan.encoders is not None or plan.graphs is not None:
         return None
-    if any(isinstance(m, _MODE_DEPENDENT) for m in model.modules()):
+    if any(
+        isinstance(m, _MODE_DEPENDENT)
+        # (a class of one's own derived from it: not routed, so torch's fast path would run)
+        or (isinstance(m, nn.MultiheadAttention) and type(m) is not nn.MultiheadAttention)
+        for m in model.modules()
+    ):
         return None  # the probe's rows may not tell (see _MODE_DEPENDENT)
     keys = masks.sample_keys(masks.row_keys(rows, 0).to(rows.device), 0, 2)
     # the dropout modules alone first; then with torch's dropout functions too (a forward that
@@ -712,13 +717,16 @@ _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
     nn.Dropout3d: (F.dropout3d, True),
     nn.AlphaDropout: (F.alpha_dropout, False),
     nn.FeatureAlphaDropout: (F.feature_alpha_dropout, False),
+    # the attention weights' dropout (routing.py: torch's path under the mode, not its fast path)
+    nn.MultiheadAttention: (F.multi_head_attention_forward, False),
 }
 
 
 #: torch's layers that run other arithmetic where no torch-function mode is on (their fast
 #: path, in eval mode): a routed pass of a model with one is not the mode's, whatever its probe
-#: gave (an nn.MultiheadAttention on rows of zeros gives the mode's samples, on others not).
-_MODE_DEPENDENT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+#: gave (an nn.MultiheadAttention on rows of zeros gives the mode's samples, on others not;
+#: routed, one runs the mode's path: mcdrop.routing).
+_MODE_DEPENDENT = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
 def _autocast() -> bool:

@@ -6,16 +6,21 @@ find its dropout calls. torch's own Python around a mode (a context manager per 
 ~10 µs a call of a cold one-row request: on a small model with a ``forward`` of its own that is
 more than its arithmetic (an 8→64→64→1 MLP with two dropout layers: ~100 µs a call beyond its
 38 µs forward). Where every stochastic call of a model comes from a torch dropout module
-(``nn.Dropout`` and its kin) or a dropout function of ``torch.nn.functional`` (``F.dropout``
-and its kin, which a forward and torch's modules look up there at every call), a pass may
-instead give those modules and functions, for the pass's thread only, a forward that hands the
-call to the sampling context, and run the model's forward with no mode.
+(``nn.Dropout`` and its kin), a dropout function of ``torch.nn.functional`` (``F.dropout``
+and its kin, which a forward and torch's modules look up there at every call), torch's
+``nn.MultiheadAttention`` (its weights' dropout) or the dropout between the layers of
+``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (whose kernels they look up in ``torch._VF`` at every
+call), a pass may instead give those modules, functions and kernels, for the pass's thread only,
+a forward that hands the call to the sampling context (the attention and the kernels: to the
+mode's own handlers, :mod:`mcdrop.attention` and :mod:`mcdrop.rnn`, so the arithmetic is the
+mode's), and run the model's forward with no mode.
 
 While routed passes run, each dropout module of the model has a :class:`_Route` as its
 instance ``forward``, shared by the passes on the module at that moment (counted, under a lock)
 and removed by the last; where the plan routes functions, ``torch.nn.functional``'s dropout
-functions are :class:`_FunctionRoute` s for the whole process, put there by the first such pass
-and torch's own put back by the last. A call on another thread, or outside a routed pass (a
+functions are :class:`_FunctionRoute` s for the whole process, and ``torch._VF``'s recurrent
+kernels :class:`_KernelRoute` s, put there by the first such pass and torch's own put back by
+the last. A call on another thread, or outside a routed pass (a
 deterministic prediction, a pass under the mode), runs torch's own forward and function. A plan
 routes its passes only where a routed pass gave the mode's samples, bit for bit, when the plan
 was made (:func:`mcdrop.planning.probe`; the modules alone first, the functions too only where
@@ -42,13 +47,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import _VF, Tensor, nn
 
+from mcdrop import attention, rnn
 from mcdrop.attention import arg
 from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.sampling_context import (
     _HANDLERS,
     DROPOUT_FUNCTIONS,
+    DropoutMode,
     SamplingContext,
     _active,
     apply_multipliers,
@@ -86,6 +93,105 @@ class _Route:
         if entry is not None and entry[0] is module and entry[1] == p and _fits(x, entry):
             return _apply_made(ctx, x, entry[3], inplace, self.channels)
         return ctx.dropout(x, p, **self.options, inplace=inplace)
+
+
+class _AttentionRoute(_Route):
+    """An ``nn.MultiheadAttention``'s forward while routed passes run. On a routed pass it runs
+    the path torch's own forward takes under the mode (torch's eval-mode fast path, a fused
+    kernel with no dropout, takes other arithmetic): ``F.multi_head_attention_forward`` with
+    the layer's settings, handed to the mode's handler, which drops the attention weights with
+    the context's masks (:mod:`mcdrop.attention`). Nested tensors (torch's fast path only) run
+    torch's forward under the mode."""
+
+    __slots__ = ()
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.options = {}
+        self.channels = self.inplace = False
+        self.count = 0
+
+    def __call__(  # type: ignore[override]  # (nn.MultiheadAttention.forward's signature)
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx = _active.get()
+        m: Any = self.module
+        given = (query, key, value, key_padding_mask, need_weights, attn_mask)
+        if ctx is None or not ctx.routed:  # another thread's call, or this one's not routed
+            return type(m).forward(m, *given, average_attn_weights, is_causal)
+        if query.is_nested or key.is_nested or value.is_nested:
+            with DropoutMode(ctx):
+                return type(m).forward(m, *given, average_attn_weights, is_causal)
+        # torch's slow path (nn.MultiheadAttention.forward), as it runs under the mode
+        batched = query.dim() == 3
+        key_padding_mask = F._canonical_mask(
+            mask=key_padding_mask,
+            mask_name="key_padding_mask",
+            other_type=F._none_or_dtype(attn_mask),
+            other_name="attn_mask",
+            target_type=query.dtype,
+        )
+        attn_mask = F._canonical_mask(
+            mask=attn_mask,
+            mask_name="attn_mask",
+            other_type=None,
+            other_name="",
+            target_type=query.dtype,
+            check_other=False,
+        )
+        if m.batch_first and batched:  # (transposed so that the "is" of q, k and v holds)
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (t.transpose(1, 0) for t in (query, key))
+                    value = key
+            else:
+                query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        separate = (
+            {}
+            if m._qkv_same_embed_dim
+            else {
+                "use_separate_proj_weight": True,
+                "q_proj_weight": m.q_proj_weight,
+                "k_proj_weight": m.k_proj_weight,
+                "v_proj_weight": m.v_proj_weight,
+            }
+        )
+        args = (
+            query, key, value, m.embed_dim, m.num_heads, m.in_proj_weight, m.in_proj_bias,
+            m.bias_k, m.bias_v, m.add_zero_attn, m.dropout, m.out_proj.weight, m.out_proj.bias,
+        )  # fmt: skip
+        kwargs = {
+            "training": m.training,
+            "key_padding_mask": key_padding_mask,
+            "need_weights": need_weights,
+            "attn_mask": attn_mask,
+            **separate,
+            "average_attn_weights": average_attn_weights,
+            "is_causal": is_causal,
+        }
+        before = ctx.calls
+        # torch's function (the handler's path for what it does not compute itself) calls
+        # F.dropout, which must be torch's there as under the mode: its dropout is intercepted
+        functions, ctx.routes_functions = ctx.routes_functions, False
+        try:
+            out, weights = attention.multi_head_attention(ctx, args, kwargs)
+        finally:
+            ctx.routes_functions = functions
+        if ctx.callers is not None:  # a probe: the layer made these calls
+            ctx.callers.extend([(m, query.dtype)] * (ctx.calls - before))
+        if m.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
 
 
 def _made_entry(ctx: SamplingContext) -> tuple[Any, float, tuple[int, ...], Tensor] | None:
@@ -182,6 +288,45 @@ class _FunctionRoute:
         return f"<mcdrop route of torch.nn.functional.{self.name}>"
 
 
+class _KernelRoute:
+    """A fused recurrent kernel (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``,
+    ``torch.rnn_relu``), which ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` look up in ``torch._VF`` at
+    every call, while routed passes that route functions run: torch's kernel on every thread but
+    the routed passes', which run it as the mode's handler does (:mod:`mcdrop.rnn`: layer by
+    layer, the context's dropout between the layers, which torch's kernel applies in training
+    only). It passes for torch's kernel as :class:`_FunctionRoute` does."""
+
+    __slots__ = ("__dict__", "__weakref__", "func", "handler", "name")
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.handler = rnn.HANDLERS[func]
+        functools.update_wrapper(self, func)
+        setattr(self, "__original_fn", func)
+        setattr(self, "__script_if_tracing_wrapper", True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = _active.get()
+        # (a probe of the dropout modules alone runs torch's: no dropout in eval mode, so the
+        # pass is short of the plan's calls and fails)
+        if ctx is None or not ctx.routes_functions or ctx.refuses_functions:
+            return self.func(*args, **kwargs)
+        before = ctx.calls
+        out = self.handler(ctx, args, kwargs)
+        if ctx.callers is not None and ctx.calls > before:  # a probe: the kernel made these
+            p = float(args[5]) if len(args) == 9 else 0.0  # (input, hx, params, biases, layers, p)
+            call = (FunctionCall(self.func, p), args[0].dtype)
+            ctx.callers.extend([call] * (ctx.calls - before))
+        return out
+
+    def __reduce__(self) -> tuple[Callable[[str], Callable[..., Any]], tuple[str]]:
+        return _torch_function, (self.name,)
+
+    def __repr__(self) -> str:
+        return f"<mcdrop route of torch.{self.name}>"
+
+
 def _torch_function(name: str) -> Callable[..., Any]:
     """torch's own dropout function ``name``: what a pickled route unpickles as."""
     return _TORCH_FUNCTIONS[name]
@@ -201,7 +346,15 @@ _FUNCTION_ROUTES = tuple(
 # torch-function dispatch (F.dropout's handle_torch_function(dropout, ...)): a pass under the
 # mode on another thread is handed the route as the function called, and samples it as torch's.
 _HANDLERS.update((route, route.handler) for route in _FUNCTION_ROUTES)
-_TORCH_FUNCTIONS = {route.name: route.func for route in _FUNCTION_ROUTES}
+# nn.LSTM, nn.GRU and nn.RNN's kernels, routed with the functions (looked up in torch._VF, a
+# module whose missing attributes are torch's: a route is an attribute of its own, deleted after)
+_KERNEL_ROUTES = tuple(
+    _KernelRoute(func) for func in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
+)
+_TORCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    **{route.name: route.func for route in _FUNCTION_ROUTES},
+    **{route.name: route.func for route in _KERNEL_ROUTES},
+}
 
 
 def _script_dispatch(route: _FunctionRoute) -> dict[str, Any]:
@@ -229,6 +382,8 @@ def _install_functions() -> bool:
             return False
         for route in _FUNCTION_ROUTES:
             setattr(F, route.name, route)
+        for kernel in _KERNEL_ROUTES:
+            setattr(_VF, kernel.name, kernel)
     _functions_routed += 1
     return True
 
@@ -237,7 +392,10 @@ def functions_routable() -> bool:
     """Whether torch.nn.functional's dropout functions are torch's own (or routes): none is a
     wrapper of one's own, which a pass never routes."""
     found = F.__dict__
-    return all(found.get(route.name) in (route.func, route) for route in _FUNCTION_ROUTES)
+    kernels = _VF.__dict__  # (torch's kernels are no attributes of its own)
+    return all(found.get(route.name) in (route.func, route) for route in _FUNCTION_ROUTES) and all(
+        kernels.get(route.name) in (None, route) for route in _KERNEL_ROUTES
+    )
 
 
 def _forked() -> None:
@@ -274,6 +432,10 @@ def _remove_functions() -> None:
         for route in _FUNCTION_ROUTES:
             if found.get(route.name) is route:
                 setattr(F, route.name, route.func)
+        kernels = _VF.__dict__
+        for kernel in _KERNEL_ROUTES:
+            if kernels.get(kernel.name) is kernel:
+                delattr(_VF, kernel.name)
 
 
 class DropoutRoutes:
@@ -338,9 +500,13 @@ class DropoutRoutes:
                 own = module.__dict__
                 route = own.get("forward")
                 if route is None:
-                    route = own["forward"] = _Route(module, func, inplace)
+                    route = own["forward"] = (
+                        _AttentionRoute(module)
+                        if func is F.multi_head_attention_forward
+                        else _Route(module, func, inplace)
+                    )
                     _installed.add(route)
-                elif type(route) is not _Route:
+                elif not isinstance(route, _Route):
                     self._remove(i)
                     return False
                 route.count += 1
@@ -357,7 +523,7 @@ class DropoutRoutes:
         for module, _, _ in self.modules[:installed]:
             own = module.__dict__
             route = own.get("forward")
-            if type(route) is _Route:
+            if isinstance(route, _Route):
                 route.count -= 1
                 if route.count == 0:
                     del own["forward"]
@@ -371,7 +537,7 @@ def _reduce(module: nn.Module) -> str | tuple[Any, ...]:
     reduced = module.__reduce_ex__(4)
     if isinstance(reduced, tuple) and len(reduced) > 2 and isinstance(reduced[2], dict):
         state = reduced[2]  # (nn.Module.__getstate__: a copy of the module's __dict__)
-        if type(state.get("forward")) is _Route:
+        if isinstance(state.get("forward"), _Route):
             del state["forward"]
     return reduced
 

@@ -117,7 +117,8 @@ class EncoderClassifier(nn.Module):
 
 
 class _Recurrent(nn.Module):
-    """An LSTM with dropout between its layers, then a dropout module: under the mode."""
+    """An LSTM with dropout between its layers, then a dropout module: routed, its kernel's
+    calls with the functions' (mcdrop.routing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,6 +127,20 @@ class _Recurrent(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.drop(self.lstm(x)[0][:, -1]))
+
+
+class _Attending(nn.Module):
+    """A dropout module, then an nn.MultiheadAttention that drops its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.drop = nn.Linear(6, 4 * 8), nn.Dropout(0.2)
+        self.attention = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x)).view(x.shape[0], 4, 8)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -138,10 +153,13 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     # routed, F.dropout's calls too (RoutedPass)
     "functional dropout": (_Functional, (6,)),
     "channel dropout": (_Channels, (2, 6, 6)),
+    # routed, an LSTM's kernel and a multi-head attention too (RoutedPass), whose calls the
+    # sampling context makes in the pass
+    "LSTM": (_Recurrent, (4, 6)),
+    "attention": (_Attending, (6,)),
     # no layer chain and no routes: their forward under the torch-function mode (ModePass)
     "torch.dropout": (_TorchNamespace, (6,)),
     "transformer encoder": (EncoderClassifier, (5, 8)),
-    "LSTM": (_Recurrent, (4, 6)),
 }
 
 
@@ -191,8 +209,11 @@ _PASS_KINDS = {
     "channel dropout": fast_pass.RoutedPass,
     "torch.dropout": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
-    "LSTM": fast_pass.ModePass,
+    "LSTM": fast_pass.RoutedPass,
+    "attention": fast_pass.RoutedPass,
 }
+# the calls of an LSTM's kernel and of an attention: made by the sampling context in the pass
+_CONTEXT_CALLS = {"LSTM": [0], "attention": [1]}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -204,7 +225,9 @@ def test_each_model_takes_its_kind_of_fast_pass(name: str) -> None:
     (made,) = kept.fast_passes.values()
     assert type(made) is _PASS_KINDS.get(name, fast_pass.ChainPass)
     if isinstance(made, fast_pass.RoutedPass):  # every call's multipliers made before the pass
-        assert [index for index, _, _ in made.made_calls] == list(range(len(kept.calls)))
+        others = _CONTEXT_CALLS.get(name, [])
+        expected = [i for i in range(len(kept.calls)) if i not in others]
+        assert [index for index, _, _ in made.made_calls] == expected
 
 
 def test_each_call_returns_its_own_tensor() -> None:

@@ -173,6 +173,78 @@ class TorchNamespace(TwoLayer):
         return self.fc3(torch.dropout(torch.tanh(self.fc2(x)), 0.3, self.training))
 
 
+class Recurrent(nn.Module):
+    """A recurrent network with dropout between its layers (torch's kernel drops there in
+    training only), its own initial state or none, batch or time first, then a dropout module."""
+
+    def __init__(self, kind: str = "GRU", layers: int = 2, **options: Any) -> None:
+        super().__init__()
+        cell = {"GRU": nn.GRU, "LSTM": nn.LSTM, "RNN": nn.RNN}[kind]
+        self.time_first = not options.pop("batch_first", True)
+        self.own_state = options.pop("own_state", False)
+        self.rnn = cell(6, 8, num_layers=layers, dropout=0.3, batch_first=not self.time_first,
+                        **options)  # fmt: skip
+        self.drop, self.head = nn.Dropout(0.2), nn.Linear(self.rnn.proj_size or 8, 2)
+        directions = 2 if self.rnn.bidirectional else 1
+        self.h0 = nn.Parameter(torch.randn(layers * directions, 1, self.rnn.proj_size or 8))
+        self.head = nn.Linear(directions * (self.rnn.proj_size or 8), 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq = x.transpose(0, 1) if self.time_first else x  # (T, N, F) or (N, T, F)
+        state: Any = None
+        if self.own_state:
+            state = self.h0.expand(-1, x.shape[0], -1).contiguous()
+            if isinstance(self.rnn, nn.LSTM):
+                state = (state, torch.zeros(state.shape[0], x.shape[0], 8))
+        out = self.rnn(seq, state)[0]
+        last = out[-1] if self.time_first else out[:, -1]
+        return self.head(self.drop(last))
+
+
+class Attention(nn.Module):
+    """An nn.MultiheadAttention that drops its weights (torch's fast path in eval mode drops
+    nothing), self or cross, batch or time first, masked, its weights used or not."""
+
+    def __init__(self, cross: bool = False, masks: bool = False, **options: Any) -> None:
+        super().__init__()
+        self.cross, self.masks = cross, masks
+        options.setdefault("batch_first", True)
+        self.time_first = not options["batch_first"]
+        self.embed, self.drop = nn.Linear(6, 4 * 16), nn.Dropout(0.1)
+        self.attention = nn.MultiheadAttention(16, 4, dropout=0.3, **options)
+        keys = 4 + options.get("add_bias_kv", False) + options.get("add_zero_attn", False)
+        self.out = nn.Linear(16 + keys, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.embed(x)).view(x.shape[0], 4, 16)
+        memory = torch.tanh(h[..., : self.attention.kdim]) if self.cross else h
+        values = (-h[..., : self.attention.vdim]) if self.cross else memory
+        if self.time_first:
+            h, memory, values = h.transpose(0, 1), memory.transpose(0, 1), values.transpose(0, 1)
+        padding = causal = None
+        if self.masks:
+            padding = (x[:, :4] > 1.5).logical_and(torch.arange(4) > 0)  # (N, S): never row 0
+            causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
+        y, weights = self.attention(
+            h, memory, values, key_padding_mask=padding, attn_mask=causal, need_weights=True
+        )
+        y = y.transpose(0, 1) if self.time_first else y  # (N, L, E)
+        return self.out(torch.cat([y.mean(1), weights.mean(1)], dim=1))
+
+
+# models whose passes route an LSTM's, GRU's or RNN's kernel: with the dropout functions
+RECURRENT = {
+    "GRU": (Recurrent, (5, 6)),
+    "LSTM, 3 layers, bidirectional, time first, its own state": (
+        lambda: Recurrent("LSTM", 3, bidirectional=True, batch_first=False, own_state=True),
+        (5, 6),
+    ),
+    "RNN of ReLUs, its own state": (
+        lambda: Recurrent("RNN", nonlinearity="relu", own_state=True),
+        (5, 6),
+    ),
+}
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "two layers": (TwoLayer, (6,)),
     "residual": (Residual, (6,)),
@@ -192,6 +264,21 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         lambda: Channels(functions=True, channels_last=True),
         (1, 6, 6),
     ),
+    # torch's attention, run as under the mode
+    "attention": (Attention, (6,)),
+    "attention, time first, masked": (
+        lambda: Attention(masks=True, batch_first=False),
+        (6,),
+    ),
+    "attention across, keys and values of their own sizes": (
+        lambda: Attention(cross=True, kdim=8, vdim=12),
+        (6,),
+    ),
+    "attention with key and value biases and a zero row": (
+        lambda: Attention(add_bias_kv=True, add_zero_attn=True),
+        (6,),
+    ),
+    **RECURRENT,
 }
 
 # torch's own dropout functions, as this module found them (no pass routed them then)
@@ -203,8 +290,15 @@ TORCH_FUNCTIONS = {
 }  # fmt: skip
 
 
+KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
 def _torchs_own_functions() -> bool:
-    return all(getattr(F, name) is func for name, func in TORCH_FUNCTIONS.items())
+    """torch.nn.functional's dropout functions torch's own, and torch._VF's kernels."""
+    return all(getattr(F, name) is func for name, func in TORCH_FUNCTIONS.items()) and all(
+        name not in vars(torch._VF) and getattr(torch._VF, name) is getattr(torch, name)
+        for name in KERNELS
+    )
 
 
 def _model(name: str) -> tuple[nn.Module, Tensor]:
@@ -257,8 +351,8 @@ def test_routed_passes_give_the_modes_samples(name: str, n: int, n_samples: int)
     assert torch.equal(chunked, chunked_mode)
     assert all("forward" not in vars(m) for m in _dropout_modules(model))
     assert _torchs_own_functions()
-    # the functions are routed only where the forward calls them
-    assert kept.routes.functions == name.startswith("function")
+    # the functions are routed only where the forward calls them, or a recurrent kernel
+    assert kept.routes.functions == (name.startswith("function") or name in RECURRENT)
 
 
 def test_a_model_calling_torchs_namespace_dropout_is_not_routed() -> None:
@@ -586,11 +680,11 @@ class Attending(nn.Module):
     whose fast path torch takes in eval mode where no torch-function mode runs: other
     arithmetic than the mode's, though equal on some inputs (rows of zeros)."""
 
-    def __init__(self) -> None:
+    def __init__(self, attention: type[nn.MultiheadAttention] = nn.MultiheadAttention) -> None:
         super().__init__()
         self.embed = nn.Linear(6, 4 * 16)
         self.drop = nn.Dropout(0.2)
-        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.attention = attention(16, 2, batch_first=True)
         self.out = nn.Linear(16, 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -598,16 +692,30 @@ class Attending(nn.Module):
         return self.out(self.attention(h, h, h, need_weights=False)[0].mean(1))
 
 
-def test_a_model_whose_layers_run_otherwise_under_the_mode_is_not_routed() -> None:
+class _OwnAttention(nn.MultiheadAttention):
+    """torch's attention under a class of one's own, which routing leaves alone."""
+
+
+@pytest.mark.parametrize(
+    ("attention", "routed"), [(nn.MultiheadAttention, True), (_OwnAttention, False)]
+)
+def test_a_model_whose_layers_run_otherwise_under_the_mode_samples_as_under_the_mode(
+    attention: type[nn.MultiheadAttention], routed: bool
+) -> None:
     """Planned on a row of zeros (as the service warms a model up), the routed probe pass gives
-    the mode's samples bit for bit; other rows' samples differ: such a model is never routed."""
+    the mode's samples bit for bit whatever path the attention takes; other rows' samples would
+    differ. torch's nn.MultiheadAttention is routed to the path it takes under the mode; a class
+    derived from it, which routing leaves alone, is never routed."""
     torch.manual_seed(0)
-    model = Attending().eval()
+    model = Attending(attention).eval()
     kept = plan(model, torch.zeros(1, 6))
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
     got = sample(model, x, 16, seed=1, plan=kept)
     assert torch.equal(got, sample(model, x, 16, seed=1, plan=_under_the_mode(kept)))
-    assert kept.routes is None
+    assert (kept.routes is not None) is routed
+    if routed:
+        assert kept.routes is not None
+        assert not kept.routes.missed
 
 
 class Locked(nn.Module):
@@ -859,6 +967,69 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
     drawn = compiled(x)
     torch.manual_seed(2)
     assert torch.equal(drawn, other(x))
+
+
+class HeldRecurrent(Recurrent):
+    """Recurrent (a GRU), whose forward waits, while a pass routes its kernel, until let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.holds = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        if self.holds and not _torchs_own_functions():
+            self.entered.set()
+            self.go.wait(60)
+        return y
+
+
+def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
+    """While a pass routes the recurrent kernels, another thread's nn.GRU runs torch's own: no
+    dropout in eval mode, torch's seeded dropout between its layers in training; a pickle of
+    the kernel taken then is torch's; torch._VF is torch's once the pass ends."""
+    torch.manual_seed(0)
+    held, x = HeldRecurrent().eval(), torch.randn(3, 5, 6)
+    kept = plan(held, x)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    expected = sample(held, x, 4, seed=1, plan=_under_the_mode(kept))
+    other, seq = nn.GRU(6, 8, num_layers=2, dropout=0.5, batch_first=True), torch.randn(2, 5, 6)
+    torch.manual_seed(3)
+    trained = other(seq)[0]
+    evaluated = other.eval()(seq)[0]
+    got: list[Tensor] = []
+    held.holds = True
+    thread = threading.Thread(target=lambda: got.append(sample(held, x, 4, seed=1, plan=kept)))
+    thread.start()
+    try:
+        assert held.entered.wait(60)
+        assert not _torchs_own_functions()
+        assert torch.equal(other(seq)[0], evaluated)
+        torch.manual_seed(3)
+        assert torch.equal(other.train()(seq)[0], trained)
+        assert pickle.loads(pickle.dumps(torch._VF.gru)) is torch.gru
+    finally:
+        held.go.set()
+        thread.join(timeout=120)
+    assert _torchs_own_functions()
+    assert len(got) == 1
+    assert torch.equal(got[0], expected)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_an_lstm_with_projections_is_routed_with_the_modes_samples() -> None:
+    torch.manual_seed(0)
+    model = Recurrent("LSTM", 3, proj_size=4, own_state=False).eval()
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(1))
+    kept = plan(model, x)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    got = sample(model, x, 7, seed=2, plan=kept)
+    assert torch.equal(got, sample(model, x, 7, seed=2, plan=_under_the_mode(kept)))
+    assert not kept.routes.missed
+    assert _torchs_own_functions()
 
 
 def test_a_plan_made_while_another_thread_routes_the_functions_is_the_same() -> None:
