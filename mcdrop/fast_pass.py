@@ -362,11 +362,12 @@ class RoutedPass(ForwardPass):
         inputs = self._inputs(x)
         made = self._made_now(keys)
         ctx: SamplingContext
-        if made is not None and None not in made:
-            # every call's multipliers straight to its route: no sample keys, no context's
-            # dropout (but for a call they do not fit, whose keys are made then)
+        if made is not None:
+            # the made calls' multipliers straight to their routes: no context's dropout, and no
+            # sample keys but for a call made in the pass (an attention's, a recurrent kernel's)
+            # or one they do not fit, whose keys are made then
             ctx = MadeContext(
-                [None if e is None else e[:4] for e in made],
+                made,
                 self.replicas,
                 self.calls,
                 lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
@@ -374,17 +375,15 @@ class RoutedPass(ForwardPass):
         else:
             samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
             ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
-            if made is not None:  # for the context's dropout (which replicates at the first)
-                ctx.premade = {e[4]: (e[1], e[3].view(self.rows, -1)) for e in made if e}
         with _inference_mode(True):
             return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
 
     def _made_now(
         self, keys: Tensor
-    ) -> list[tuple[Any, float, torch.Size, Tensor, int] | None] | None:
+    ) -> list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None:
         """Per call of the plan, in call order: a made call's module (or function call), its
-        rate now, its input's shape, its multipliers (flat) made from the row keys ``(N,)`` in
-        one compiled call, and its index; None for the other calls. None where no call is made
+        rate now, its input's shape and its multipliers (flat) made from the row keys ``(N,)``
+        in one compiled call; None for the other calls. None where no call is made
         (:func:`_made_size`) with a rate in (0, 1)."""
         if not self.made_calls:
             return None
@@ -398,9 +397,9 @@ class RoutedPass(ForwardPass):
         if made is None:
             return None
         values = made.compiled().make(keys, self.first_sample, self.n_samples)
-        out: list[tuple[Any, float, torch.Size, Tensor, int] | None] = [None] * len(self.calls)
+        out: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(self.calls)
         for (call, module, p, shape), v in zip(table, values, strict=True):
-            out[call] = (module, p, shape, v, call)
+            out[call] = (module, p, shape, v)
         return out
 
     def _maker(
