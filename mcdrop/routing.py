@@ -453,6 +453,13 @@ class DropoutRoutes:
         functions: bool = False,
     ) -> None:
         self.modules = modules
+        # each module's route, made once (a pass that finds another pass's in place shares it)
+        self.routes = tuple(
+            _AttentionRoute(module)
+            if func is F.multi_head_attention_forward
+            else _Route(module, func, inplace)
+            for module, func, inplace in modules
+        )
         # whether a pass routes torch.nn.functional's dropout functions too (a forward that
         # calls them): only where the modules alone do not give the mode's samples
         self.functions = functions
@@ -496,15 +503,11 @@ class DropoutRoutes:
         with _lock:
             if self.functions and not _install_functions():
                 return False
-            for i, (module, func, inplace) in enumerate(self.modules):
-                own = module.__dict__
+            for i, made in enumerate(self.routes):
+                own = made.module.__dict__
                 route = own.get("forward")
                 if route is None:
-                    route = own["forward"] = (
-                        _AttentionRoute(module)
-                        if func is F.multi_head_attention_forward
-                        else _Route(module, func, inplace)
-                    )
+                    route = own["forward"] = made
                     _installed.add(route)
                 elif not isinstance(route, _Route):
                     self._remove(i)
