@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick]`` (``make bench``): sampling speed, memory, service load.
+"""``python -m benchmarks [--quick]`` (``make bench``): sampling speed (on the reference models
+and on models of the kinds users write), memory, service load.
 
 Prints markdown tables; every figure is a ratio against a baseline measured in the same run.
 The UCI reproduction (``python -m benchmarks.uci``) and the dropout experiments
@@ -13,13 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from benchmarks import memory, sampling, service_load
+from benchmarks import memory, sampling, service_load, user_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite)")
-    parser.add_argument("--only", choices=["sampling", "memory", "service"], action="append")
+    parser.add_argument(
+        "--only", choices=["sampling", "user-models", "memory", "service"], action="append"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -34,8 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    chosen = args.only or ["sampling", "memory", "service"]
-    modules = {"sampling": sampling, "memory": memory, "service": service_load}
+    chosen = args.only or ["sampling", "user-models", "memory", "service"]
+    modules = {
+        "sampling": sampling,
+        "user-models": user_models,
+        "memory": memory,
+        "service": service_load,
+    }
     for name in chosen:
         if name == "service":
             print(service_load.run(args.quick, args.generator), flush=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import gpu, memory, sampling, service_load, soak
+from benchmarks import gpu, memory, sampling, service_load, soak, user_models
 from mcdrop import predict
 
 
@@ -30,6 +30,18 @@ def test_sampling_quick() -> None:
     assert len(_ratios(predictor, "Predictor / plain")) == 14
     fixed = text.split("#### Fixed cost per call")[1]
     assert len(_ratios(fixed, "mcdrop µs")) == 7
+
+
+@pytest.mark.slow
+def test_user_models_quick() -> None:
+    """Every model of the kinds users write samples as planned, its samples varying, and every
+    figure is a positive time."""
+    text = user_models.run(quick=True)
+    assert len(_ratios(text, "mcdrop / plain")) == 20  # 10 models × 2 cells
+    assert all(r > 0 for r in _ratios(text, "mcdrop / plain"))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert rows
+    assert all(line.rstrip(" |").endswith("yes") for line in rows)
 
 
 #: Samples and rows per comparison: over 40 seeds the largest mean gap was 4.0 standard errors
