@@ -166,7 +166,10 @@ def test_classification_sets_cover_exchangeable_rows(coverage: float, seed: int)
     empirical = float(inside.double().mean())
     spread = math.sqrt(coverage * (1 - coverage) / (n_cal + 2))
     se = math.sqrt(spread**2 + coverage * (1 - coverage) / n_test)
-    assert empirical >= coverage - 4 * se
+    # A calibration set's coverage is Beta(k, n + 1 - k), skewed left: 4 standard errors below
+    # is a 1-in-5,000 draw at 0.95 (hypothesis found seed 849 at 4.3), 6 one in ~10^6; a set
+    # that missed its coverage (0.85 for 0.95) is 9.7 below.
+    assert empirical >= coverage - 6 * se
 
 
 def test_closed_form_prediction_sets_and_intervals() -> None:
