@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.functional import dropout as imported_dropout
 from torch.nn.utils import parametrize
 
 from mcdrop import fast_pass, plan, sample, sample_chunks
@@ -87,6 +88,14 @@ class _TorchNamespace(_Functional):
         return self.fc2(torch.dropout_(h, 0.1, self.training))
 
 
+class _ImportedByName(_Functional):
+    """A dropout function imported by name (bound at import, which routing cannot see): under
+    the mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(imported_dropout(torch.relu(self.norm(self.fc1(x))), 0.3, self.training))
+
+
 class _Channels(nn.Module):
     """Channel dropout as a module (in place) and as functions, then element-wise dropout, in a
     CNN of its own: routed, every call's multipliers made before the pass."""
@@ -159,6 +168,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "attention": (_Attending, (6,)),
     # no layer chain and no routes: their forward under the torch-function mode (ModePass)
     "torch.dropout": (_TorchNamespace, (6,)),
+    "dropout imported by name": (_ImportedByName, (6,)),
     "transformer encoder": (EncoderClassifier, (5, 8)),
 }
 
@@ -208,6 +218,7 @@ _PASS_KINDS = {
     "functional dropout": fast_pass.RoutedPass,
     "channel dropout": fast_pass.RoutedPass,
     "torch.dropout": fast_pass.ModePass,
+    "dropout imported by name": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
     "LSTM": fast_pass.RoutedPass,
     "attention": fast_pass.RoutedPass,
@@ -525,7 +536,7 @@ def test_a_call_of_several_passes_has_none() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["torch.dropout", "transformer encoder"])
+@pytest.mark.parametrize("name", ["dropout imported by name", "transformer encoder"])
 def test_a_model_under_the_mode_in_training_mode_or_changed_takes_the_general_path(
     name: str,
 ) -> None:

@@ -232,6 +232,21 @@ class Attention(nn.Module):
         return self.out(torch.cat([y.mean(1), weights.mean(1)], dim=1))
 
 
+class FusedAttention(nn.Module):
+    """F.scaled_dot_product_attention with its rate given while sampling, as
+    mcdrop.is_sampling's docstring writes it, beside a dropout module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.drop, self.out = nn.Linear(6, 3 * 4 * 8), nn.Dropout(0.1), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.drop(self.qkv(x)).view(x.shape[0], 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        p = 0.3 if self.training or is_sampling() else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (N, 2 heads, 4, 4)
+        return self.out(a.transpose(1, 2).reshape(x.shape[0], 4, 8).mean(1))
+
+
 # models whose passes route an LSTM's, GRU's or RNN's kernel: with the dropout functions
 RECURRENT = {
     "GRU": (Recurrent, (5, 6)),
@@ -264,6 +279,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         lambda: Channels(functions=True, channels_last=True),
         (1, 6, 6),
     ),
+    # attention through torch.nn.functional, its forward asking whether it samples: routed
+    # with the functions
+    "functions: scaled dot-product attention, asking is_sampling": (FusedAttention, (6,)),
     # torch's attention, run as under the mode
     "attention": (Attention, (6,)),
     "attention, time first, masked": (
@@ -291,19 +309,39 @@ TORCH_FUNCTIONS = {
 
 
 KERNELS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+TORCH_NAMESPACE = (
+    "dropout",
+    "dropout_",
+    "feature_dropout",
+    "alpha_dropout",
+    "feature_alpha_dropout_",
+)
 
 
 def _torchs_own_functions() -> bool:
-    """torch.nn.functional's dropout functions torch's own, and torch._VF's kernels."""
-    return all(getattr(F, name) is func for name, func in TORCH_FUNCTIONS.items()) and all(
-        name not in vars(torch._VF) and getattr(torch._VF, name) is getattr(torch, name)
-        for name in KERNELS
+    """torch.nn.functional's dropout functions and attention torch's own, torch's namespace's
+    dropout functions (which routing leaves alone), and torch._VF's kernels."""
+    return (
+        all(getattr(F, name) is func for name, func in TORCH_FUNCTIONS.items())
+        and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+        and all(
+            getattr(torch, name) is getattr(torch._C._VariableFunctions, name)
+            for name in TORCH_NAMESPACE
+        )
+        and all(
+            name not in vars(torch._VF) and getattr(torch._VF, name) is getattr(torch, name)
+            for name in KERNELS
+        )
     )
 
 
 def _model(name: str) -> tuple[nn.Module, Tensor]:
     torch.manual_seed(0)
-    factory, shape = {**MODELS, "torch.dropout": (TorchNamespace, (6,))}[name]
+    factory, shape = {
+        **MODELS,
+        "torch.dropout": (TorchNamespace, (6,)),
+        "imported by name": (ImportedByName, (6,)),
+    }[name]
     model = factory().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm1d):
@@ -385,13 +423,14 @@ def test_a_model_calling_a_dropout_function_imported_by_name_is_not_routed() -> 
 
 
 def test_a_call_that_routing_misses_runs_under_the_mode() -> None:
-    """A torch.dropout added to the forward after the plan: the routed pass makes one call
-    fewer than the plan has, and the pass runs under the mode, which sees every call."""
+    """A dropout function imported by name called in the forward after the plan: the routed
+    pass makes its call unseen, one fewer than the plan has, and the pass runs under the mode,
+    which sees every call."""
     model, x = _model("two layers")
     kept = plan(model, x)
     before = sample(model, x, 4, seed=1, plan=kept)
     # (it writes into its input, too: the pass under the mode gets its rows afresh)
-    model.forward = lambda h: TorchNamespace.forward(model, h.mul_(2))  # type: ignore[method-assign]
+    model.forward = lambda h: ImportedByName.forward(model, h.mul_(2))  # type: ignore[method-assign]
     got = sample(model, x, 4, seed=1, plan=kept)
     fresh = plan(model, x)
     assert fresh.routes is None
@@ -792,6 +831,44 @@ def test_a_forward_that_asks_whether_it_samples_gets_the_modes_answer() -> None:
     assert str(routed.value) == str(mode.value)
 
 
+class GatedFunctions(TwoLayer):
+    """Gated, whose plan routes the functions (a functional dropout on every input too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.drop  # (its calls are functions)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(F.relu(self.fc1(x)), 0.2, self.training)
+        if x.abs().max() > 5:
+            h = F.dropout(h, 0.5, self.training or is_sampling())
+        return self.fc3(h)
+
+
+def test_a_forward_that_asks_whether_it_samples_is_routed_where_the_functions_are() -> None:
+    """A plan that routes the functions sees every call of torch.nn.functional's (and torch's)
+    dropout functions: a forward that asks is routed, and a call on some inputs only shows in
+    the pass's count, which then gets the mode's answer."""
+    torch.manual_seed(0)
+    model = GatedFunctions().eval()
+    small = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+    kept = plan(model, small)
+    assert kept.routes is not None
+    assert kept.routes.functions
+    assert torch.equal(
+        sample(model, small, 8, seed=1, plan=kept),
+        sample(model, small, 8, seed=1, plan=_under_the_mode(kept)),
+    )
+    assert not kept.routes.missed
+    large = torch.full((1, 6), 9.0)
+    with pytest.raises(UnsupportedModelError) as mode:
+        sample(model, large, 8, seed=1, plan=_under_the_mode(kept))
+    with pytest.raises(UnsupportedModelError) as routed:
+        sample(model, large, 8, seed=1, plan=kept)
+    assert str(routed.value) == str(mode.value)
+    assert _torchs_own_functions()
+
+
 @pytest.mark.parametrize("name", ["residual", "functional"])
 def test_other_threads_sample_under_the_mode_and_plan_meanwhile(name: str) -> None:
     """While threads sample with their dropout modules (and functions) routed, another thread's
@@ -857,13 +934,18 @@ def test_other_threads_see_torchs_own_dropout_functions_meanwhile() -> None:
 
     def sampler() -> None:
         start.wait()
-        for _ in range(60):
+        # (until the trainer has met a routed pass, bounded: passes are short beside a switch)
+        for i in range(5000):
+            if i >= 60 and len(seen) == 2:
+                break
             if not torch.equal(sample(model, x, 8, seed=2, plan=kept), expected_samples):
                 failures.append("samples")
 
     def trainer() -> None:  # the only thread that draws from torch's generator
         start.wait()
-        for _ in range(300):
+        for i in range(20000):
+            if i >= 300 and len(seen) == 2:
+                break
             seen.add(F.dropout)
             torch.manual_seed(7)
             if not torch.equal(F.dropout(ones, 0.5, True), expected):
@@ -954,6 +1036,8 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
         assert torch.equal(compiled(x), other(x))
         assert inspect.signature(F.dropout) == inspect.signature(TORCH_FUNCTIONS["dropout"])
         assert pickle.loads(pickle.dumps(F.dropout)) is TORCH_FUNCTIONS["dropout"]
+        own_attention = torch._C._nn.scaled_dot_product_attention
+        assert pickle.loads(pickle.dumps(F.scaled_dot_product_attention)) is own_attention
     finally:
         held.go.set()
         thread.join(timeout=120)
@@ -967,6 +1051,13 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
     drawn = compiled(x)
     torch.manual_seed(2)
     assert torch.equal(drawn, other(x))
+
+
+class Attend(nn.Module):
+    """Another thread's attention: F.scaled_dot_product_attention, as torch writes it."""
+
+    def forward(self, q: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, q, q)
 
 
 class HeldRecurrent(Recurrent):
@@ -985,6 +1076,7 @@ class HeldRecurrent(Recurrent):
         return y
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
     """While a pass routes the recurrent kernels, another thread's nn.GRU runs torch's own: no
     dropout in eval mode, torch's seeded dropout between its layers in training; a pickle of
@@ -1010,6 +1102,15 @@ def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
         torch.manual_seed(3)
         assert torch.equal(other.train()(seq)[0], trained)
         assert pickle.loads(pickle.dumps(torch._VF.gru)) is torch.gru
+        # torch.compile, TorchScript and torch.fx of attention and a GRU work meanwhile
+        other.eval()
+        compiled = torch.compile(other, backend="eager")
+        assert torch.equal(compiled(seq)[0], evaluated)
+        q = torch.randn(2, 2, 4, 8)
+        expected_attention = torch._C._nn.scaled_dot_product_attention(q, q, q)
+        assert torch.equal(torch.compile(Attend(), backend="eager")(q), expected_attention)
+        assert torch.equal(torch.fx.symbolic_trace(Attend())(q), expected_attention)
+        assert torch.equal(torch.jit.script(Attend())(q), expected_attention)
     finally:
         held.go.set()
         thread.join(timeout=120)
@@ -1298,6 +1399,7 @@ def test_a_process_forked_during_a_routed_pass_has_torchs_own_functions() -> Non
         ("two layers", "its dropout modules routed"),
         ("functional", "its dropout modules and functions routed"),
         ("torch.dropout", "under the torch-function mode"),
+        ("imported by name", "under the torch-function mode"),
     ],
 )
 def test_the_plan_says_how_its_forward_runs(name: str, line: str) -> None:
