@@ -18,9 +18,8 @@ mode's), and run the model's forward with no mode.
 While routed passes run, each dropout module of the model has a :class:`_Route` as its
 instance ``forward``, shared by the passes on the module at that moment (counted, under a lock)
 and removed by the last; where the plan routes functions, ``torch.nn.functional``'s dropout
-functions are :class:`_FunctionRoute` s for the whole process, and
-``F.scaled_dot_product_attention`` and ``torch._VF``'s recurrent kernels
-:class:`_HandledRoute` s, put there by the first such pass and torch's own put back by
+functions are :class:`_FunctionRoute` s for the whole process, and ``torch._VF``'s recurrent
+kernels :class:`_KernelRoute` s, put there by the first such pass and torch's own put back by
 the last. A call on another thread, or outside a routed pass (a deterministic prediction, a pass
 under the mode), runs torch's own forward and function. A plan routes its passes only where a
 routed pass gave the mode's samples, bit for bit, when the plan was made
@@ -29,15 +28,14 @@ fails), and each routed pass must make every call of the plan: one that routing 
 ``torch.dropout`` in a custom ``forward``, a rate set to 0 since) leaves the count short or
 shifts the calls, and the pass runs again under the mode. A call routing cannot see makes no
 such trace: a pass is routed only while the model's containers hold the children they held when
-the plan was made (a dropout module put in since is not routed), and a pass that routes the
-modules alone and whose forward asks :func:`mcdrop.is_sampling` runs again under the mode (the
-answer may lead to a functional call, on some inputs only). Where a plan routes the modules alone, a
-forward's ``F.dropout`` on some inputs only (``if x.abs().max() > 5: h = F.dropout(h, p,
-self.training)``) is torch's own on those inputs: the identity in eval mode, torch's unseeded
-dropout with ``training=True``, where the mode refuses the call the plan does not have; so is,
-whatever the plan routes, a dropout function routing leaves alone (``torch.dropout``: torch's
-own namespace, which torch.compile's tables read; one imported by name, bound at import) called
-on some inputs only.
+the plan was made (a dropout module put in since is not routed), and a pass whose forward asks
+:func:`mcdrop.is_sampling` runs again under the mode (the answer may lead to a functional call,
+on some inputs only). Where a plan routes the modules alone, a forward's ``F.dropout`` on some
+inputs only (``if x.abs().max() > 5: h = F.dropout(h, p, self.training)``) is torch's own on
+those inputs: the identity in eval mode, torch's unseeded dropout with ``training=True``, where
+the mode refuses the call the plan does not have; so is, whatever the plan routes, a dropout
+function routing leaves alone (``torch.dropout``: torch's own namespace, which torch.compile's
+tables read; one imported by name, bound at import) called on some inputs only.
 """
 
 from __future__ import annotations
@@ -292,84 +290,62 @@ class _FunctionRoute:
         return f"<mcdrop route of torch.nn.functional.{self.name}>"
 
 
-class _HandledRoute:
-    """A torch function whose calls the mode hands to a handler of their own, while routed
-    passes that route functions run: ``F.scaled_dot_product_attention`` (its ``dropout_p``:
-    :mod:`mcdrop.attention`) and the fused recurrent kernels ``torch.lstm``, ``torch.gru``,
-    ``torch.rnn_tanh`` and ``torch.rnn_relu``, which ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` look
-    up in ``torch._VF`` at every call (the dropout between their layers, which the kernel
-    applies in training only: :mod:`mcdrop.rnn`). torch's function on every thread but the
-    routed passes', which hand the call to the mode's handler, so the arithmetic is the mode's.
-    Other threads' code finds it in torch's place meanwhile: it has torch's function's name and
-    docstring, a pickle of it is torch's function, and torch.compile, TorchScript and torch.fx
-    go through it to torch's (no ``__original_fn`` as :class:`_FunctionRoute` has: torch's
-    function is a builtin, which torch.compile takes that way for Python code, and fails on).
+class _KernelRoute:
+    """A fused recurrent kernel (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``,
+    ``torch.rnn_relu``), which ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` look up in ``torch._VF`` at
+    every call, while routed passes that route functions run: torch's kernel on every thread but
+    the routed passes', which hand the call to the mode's handler (:mod:`mcdrop.rnn`: layer by
+    layer, the context's dropout between the layers, which the kernel applies in training only),
+    so the arithmetic is the mode's. Other threads' code finds it in torch's place meanwhile: it
+    has the kernel's name and docstring, a pickle of it is torch's kernel, and torch.compile
+    goes through it to torch's (no ``__original_fn`` as :class:`_FunctionRoute` has: the kernel
+    is a builtin, which torch.compile takes that way for Python code, and fails on)."""
 
-    Args:
-        func: torch's function; namespace: the module a caller looks it up in; rate: the rate
-            a call of it drops at, from its arguments (0: none).
-    """
+    __slots__ = ("__dict__", "__weakref__", "func", "handler", "name")
 
-    __slots__ = ("__dict__", "__weakref__", "func", "handler", "name", "namespace", "rate")
-
-    def __init__(
-        self,
-        func: Callable[..., Any],
-        namespace: Any,
-        rate: Callable[[tuple[Any, ...], dict[str, Any]], float],
-    ) -> None:
+    def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
         self.name = func.__name__
         self.handler = _HANDLERS[func]
-        self.namespace = namespace
-        self.rate = rate
         functools.update_wrapper(self, func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = _active.get()
         if ctx is None or not ctx.routes_functions:
             return self.func(*args, **kwargs)
-        p = self.rate(args, kwargs)
+        p = _kernel_rate(args, kwargs)
         if ctx.refuses_functions:  # a probe of the modules alone (mcdrop.planning)
-            if p:  # (torch's would draw from torch's generator, or drop nothing in eval mode)
+            if p:  # (torch's kernel drops nothing in eval mode, where the mode drops)
                 raise UnsupportedModelError(
-                    f"{self.name} called with dropout in a pass that routes dropout modules only"
+                    f"torch.{self.name} called with dropout between layers in a pass that "
+                    "routes dropout modules only"
                 )
             return self.func(*args, **kwargs)
         before = ctx.calls
-        # the handler's own calls of torch's functions are torch's, as under the mode (its
-        # F.scaled_dot_product_attention at a rate of 0 would come back here)
-        ctx.routes_functions = False
-        try:
-            out = self.handler(ctx, args, kwargs)
-        finally:
-            ctx.routes_functions = True
-        if ctx.callers is not None and ctx.calls > before:  # a probe: the function made these
+        out = self.handler(ctx, args, kwargs)
+        if ctx.callers is not None and ctx.calls > before:  # a probe: the kernel made these
             call = (FunctionCall(self.func, p), args[0].dtype)
             ctx.callers.extend([call] * (ctx.calls - before))
         return out
 
     def install(self) -> None:
-        setattr(self.namespace, self.name, self)
+        setattr(_VF, self.name, self)
 
     def remove(self) -> None:
-        """torch's own back, where no one has put a function of their own there since."""
-        if vars(self.namespace).get(self.name) is self:
-            if self.namespace is _VF:  # torch's kernels are no attributes of its own
-                delattr(_VF, self.name)
-            else:
-                setattr(self.namespace, self.name, self.func)
+        """torch's own back (torch._VF's missing attributes are torch's kernels), where no one
+        has put a function of their own there since."""
+        if vars(_VF).get(self.name) is self:
+            delattr(_VF, self.name)
 
     def routable(self) -> bool:
-        """Whether the namespace holds torch's own function (or this route)."""
-        found = vars(self.namespace).get(self.name)
-        return found is self or found is (None if self.namespace is _VF else self.func)
+        """Whether torch._VF has no kernel of anyone else's in place (or has this route)."""
+        return vars(_VF).get(self.name, self) is self
 
     def __reduce__(self) -> tuple[Callable[[str], Callable[..., Any]], tuple[str]]:
         return _torch_function, (self.name,)
 
     def __repr__(self) -> str:
-        return f"<mcdrop route of {self.namespace.__name__}.{self.name}>"
+        return f"<mcdrop route of torch._VF.{self.name}>"
 
 
 def _kernel_rate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
@@ -380,10 +356,6 @@ def _kernel_rate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         return 0.0
     layers, p = (args[4], args[5]) if isinstance(args[3], bool) else (args[5], args[6])
     return float(p) if layers > 1 else 0.0
-
-
-def _attention_rate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
-    return float(arg(args, kwargs, 4, "dropout_p", 0.0))
 
 
 def _torch_function(name: str) -> Callable[..., Any]:
@@ -407,19 +379,15 @@ _FUNCTION_ROUTES = tuple(
 # torch-function dispatch (F.dropout's handle_torch_function(dropout, ...)): a pass under the
 # mode on another thread is handed the route as the function called, and samples it as torch's.
 _HANDLERS.update((route, route.handler) for route in _FUNCTION_ROUTES)
-# F.scaled_dot_product_attention, and nn.LSTM, nn.GRU and nn.RNN's kernels, routed with the
-# functions (the kernels looked up in torch._VF, a module whose missing
-# attributes are torch's: a route is an attribute of its own there, deleted after)
-_HANDLED_ROUTES = (
-    _HandledRoute(F.scaled_dot_product_attention, F, _attention_rate),
-    *(
-        _HandledRoute(func, _VF, _kernel_rate)
-        for func in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
-    ),
+# nn.LSTM, nn.GRU and nn.RNN's kernels, routed with the functions (looked up in torch._VF, a
+# module whose missing attributes are torch's: a route is an attribute of its own there, deleted
+# after)
+_KERNEL_ROUTES = tuple(
+    _KernelRoute(func) for func in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
 )
 _TORCH_FUNCTIONS: dict[str, Callable[..., Any]] = {
     **{route.name: route.func for route in _FUNCTION_ROUTES},
-    **{route.name: route.func for route in _HANDLED_ROUTES},
+    **{route.name: route.func for route in _KERNEL_ROUTES},
 }
 
 
@@ -448,8 +416,8 @@ def _install_functions() -> bool:
             return False
         for route in _FUNCTION_ROUTES:
             setattr(F, route.name, route)
-        for handled in _HANDLED_ROUTES:
-            handled.install()
+        for kernel in _KERNEL_ROUTES:
+            kernel.install()
     _functions_routed += 1
     return True
 
@@ -459,7 +427,7 @@ def functions_routable() -> bool:
     wrapper of one's own, which a pass never routes."""
     found = F.__dict__
     return all(found.get(route.name) in (route.func, route) for route in _FUNCTION_ROUTES) and all(
-        route.routable() for route in _HANDLED_ROUTES
+        route.routable() for route in _KERNEL_ROUTES
     )
 
 
@@ -497,8 +465,8 @@ def _remove_functions() -> None:
         for route in _FUNCTION_ROUTES:
             if found.get(route.name) is route:
                 setattr(F, route.name, route.func)
-        for handled in _HANDLED_ROUTES:
-            handled.remove()
+        for kernel in _KERNEL_ROUTES:
+            kernel.remove()
 
 
 class DropoutRoutes:
@@ -628,11 +596,10 @@ def routed_forward(
     finally:
         _active.reset(token)
         routes.remove()
-    # a forward that asked mcdrop.is_sampling() may have made a functional call that a pass
-    # routing the modules alone cannot see (F.dropout(h, p, self.training or is_sampling()) on
-    # some inputs only: torch's own unseeded dropout), which the mode sees; where the pass
-    # routes the functions, such a call of torch.nn.functional's shows in the count
-    if ctx.calls != calls or (ctx.asked and not routes.functions):
+    # a forward that asked mcdrop.is_sampling() may have made a functional call that routing
+    # cannot see (F.dropout(h, p, self.training or is_sampling()) on some inputs only: torch's
+    # own unseeded dropout), which the mode sees
+    if ctx.calls != calls or ctx.asked:
         # The model does what routing cannot follow since its plan: its passes run under the
         # mode from now on, rather than twice (its forward's side effects, hooks, included).
         routes.missed = True

@@ -232,21 +232,6 @@ class Attention(nn.Module):
         return self.out(torch.cat([y.mean(1), weights.mean(1)], dim=1))
 
 
-class FusedAttention(nn.Module):
-    """F.scaled_dot_product_attention with its rate given while sampling, as
-    mcdrop.is_sampling's docstring writes it, beside a dropout module."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv, self.drop, self.out = nn.Linear(6, 3 * 4 * 8), nn.Dropout(0.1), nn.Linear(8, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.drop(self.qkv(x)).view(x.shape[0], 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
-        p = 0.3 if self.training or is_sampling() else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (N, 2 heads, 4, 4)
-        return self.out(a.transpose(1, 2).reshape(x.shape[0], 4, 8).mean(1))
-
-
 # models whose passes route an LSTM's, GRU's or RNN's kernel: with the dropout functions
 RECURRENT = {
     "GRU": (Recurrent, (5, 6)),
@@ -279,9 +264,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
         lambda: Channels(functions=True, channels_last=True),
         (1, 6, 6),
     ),
-    # attention through torch.nn.functional, its forward asking whether it samples: routed
-    # with the functions
-    "functions: scaled dot-product attention, asking is_sampling": (FusedAttention, (6,)),
     # torch's attention, run as under the mode
     "attention": (Attention, (6,)),
     "attention, time first, masked": (
@@ -831,44 +813,6 @@ def test_a_forward_that_asks_whether_it_samples_gets_the_modes_answer() -> None:
     assert str(routed.value) == str(mode.value)
 
 
-class GatedFunctions(TwoLayer):
-    """Gated, whose plan routes the functions (a functional dropout on every input too)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        del self.drop  # (its calls are functions)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.dropout(F.relu(self.fc1(x)), 0.2, self.training)
-        if x.abs().max() > 5:
-            h = F.dropout(h, 0.5, self.training or is_sampling())
-        return self.fc3(h)
-
-
-def test_a_forward_that_asks_whether_it_samples_is_routed_where_the_functions_are() -> None:
-    """A plan that routes the functions sees every call of torch.nn.functional's (and torch's)
-    dropout functions: a forward that asks is routed, and a call on some inputs only shows in
-    the pass's count, which then gets the mode's answer."""
-    torch.manual_seed(0)
-    model = GatedFunctions().eval()
-    small = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
-    kept = plan(model, small)
-    assert kept.routes is not None
-    assert kept.routes.functions
-    assert torch.equal(
-        sample(model, small, 8, seed=1, plan=kept),
-        sample(model, small, 8, seed=1, plan=_under_the_mode(kept)),
-    )
-    assert not kept.routes.missed
-    large = torch.full((1, 6), 9.0)
-    with pytest.raises(UnsupportedModelError) as mode:
-        sample(model, large, 8, seed=1, plan=_under_the_mode(kept))
-    with pytest.raises(UnsupportedModelError) as routed:
-        sample(model, large, 8, seed=1, plan=kept)
-    assert str(routed.value) == str(mode.value)
-    assert _torchs_own_functions()
-
-
 @pytest.mark.parametrize("name", ["residual", "functional"])
 def test_other_threads_sample_under_the_mode_and_plan_meanwhile(name: str) -> None:
     """While threads sample with their dropout modules (and functions) routed, another thread's
@@ -1053,13 +997,6 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
     assert torch.equal(drawn, other(x))
 
 
-class Attend(nn.Module):
-    """Another thread's attention: F.scaled_dot_product_attention, as torch writes it."""
-
-    def forward(self, q: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, q, q)
-
-
 class HeldRecurrent(Recurrent):
     """Recurrent (a GRU), whose forward waits, while a pass routes its kernel, until let go."""
 
@@ -1076,11 +1013,11 @@ class HeldRecurrent(Recurrent):
         return y
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
     """While a pass routes the recurrent kernels, another thread's nn.GRU runs torch's own: no
     dropout in eval mode, torch's seeded dropout between its layers in training; a pickle of
-    the kernel taken then is torch's; torch._VF is torch's once the pass ends."""
+    the kernel taken then is torch's, and its torch.compile works; torch._VF is torch's once
+    the pass ends."""
     torch.manual_seed(0)
     held, x = HeldRecurrent().eval(), torch.randn(3, 5, 6)
     kept = plan(held, x)
@@ -1102,15 +1039,9 @@ def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
         torch.manual_seed(3)
         assert torch.equal(other.train()(seq)[0], trained)
         assert pickle.loads(pickle.dumps(torch._VF.gru)) is torch.gru
-        # torch.compile, TorchScript and torch.fx of attention and a GRU work meanwhile
-        other.eval()
-        compiled = torch.compile(other, backend="eager")
+        # torch.compile of a GRU works meanwhile (it goes through the route to torch's kernel)
+        compiled = torch.compile(other.eval(), backend="eager")
         assert torch.equal(compiled(seq)[0], evaluated)
-        q = torch.randn(2, 2, 4, 8)
-        expected_attention = torch._C._nn.scaled_dot_product_attention(q, q, q)
-        assert torch.equal(torch.compile(Attend(), backend="eager")(q), expected_attention)
-        assert torch.equal(torch.fx.symbolic_trace(Attend())(q), expected_attention)
-        assert torch.equal(torch.jit.script(Attend())(q), expected_attention)
     finally:
         held.go.set()
         thread.join(timeout=120)
