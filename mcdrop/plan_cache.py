@@ -47,7 +47,8 @@ import operator
 import os
 import threading
 import weakref
-from itertools import repeat
+from collections.abc import Sized
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_hooks
 
 from mcdrop._walk import every_module
-from mcdrop.devices import model_device
+from mcdrop.devices import first_parameter_path, model_device
 from mcdrop.planning import SamplingPlan
 from mcdrop.routing import _Route
 
@@ -76,7 +77,7 @@ def _forked() -> None:
 
 os.register_at_fork(after_in_child=_forked)
 
-_GONE = object()  # an attribute noted, since deleted
+_FORWARD = repeat("forward")  # (stateless: one for every map that asks each dict or class)
 
 # rows' shape and dtype, and the dtypes autocast gives on the CPU and on CUDA devices (False
 # where it is off): a plan made under autocast sees its dropouts' inputs in that dtype, which
@@ -85,109 +86,157 @@ _Key = tuple[torch.Size, torch.dtype, "torch.dtype | bool", "torch.dtype | bool"
 
 
 class _Plans:
-    """One model's kept plans, and the model as they were made for it."""
+    """One model's kept plans, and the model as they were made for it.
+
+    :meth:`fits` runs on every call given no plan, so :meth:`note_state` lays out what it
+    checks as flat tuples, each compared in one C loop: the classes (as a tuple: a class's
+    ``==`` is identity), how many entries dicts have (none, the common case for children and
+    hooks: their truth is the cheapest test), and the objects that must be the very same ones,
+    compared by identity (never ``==``: a tensor's would compute, and an equal value set anew
+    is a change)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.owner = weakref.ref(model)
         self.plans: dict[_Key, SamplingPlan] = {}
-        self.device = model_device(model)
+
+    def note_state(self, model: nn.Module) -> None:
+        """Note the model as it is now (with this entry in the model's ``__dict__``).
+
+        Its modules (:func:`~mcdrop._walk.every_module`), their classes and children, which
+        have a ``forward`` set on them, their forward hooks and pre-hooks and those of every
+        module; the attributes of the modules of classes not torch's, a flag their ``forward``
+        reads, and how many they are, with the ``forward`` of every class not torch.nn's; the
+        settings of torch's modules: their attributes whose names do not start with ``_``, but
+        for tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call). A setting
+        may change the plan without a dropout call the pass would miss (``softmax.dim = 0``
+        before the first dropout: the prefix depends on the batch; an encoder layer's
+        ``activation``). (Reading every attribute of a torch module would cost ~0.5 µs a
+        module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
+        and a call on a model in training mode switches them for its length (a call beside it
+        on another thread would plan again). And the device, with the way to it."""
         modules = every_module(model)
+        own = [not type(m).__module__.startswith("torch.") for m in modules]
         self.modules = tuple(modules)
         self.types = tuple(map(type, modules))
-        self.children = tuple(m._modules for m in modules)
-        self.tree = _tree(self.children)
         self.dicts = tuple(vars(m) for m in modules)
         self.patched = _own_forwards(self.dicts)
+        # the forward of the classes of the modules not torch.nn's: a notebook may set a new
+        # one on a class, a torch.fx.GraphModule sets one on its own when recompiled
+        self.classes = tuple(
+            {type(m): None for m in modules if not type(m).__module__.startswith("torch.nn.")}
+        )
+        self.forwards = tuple(c.forward for c in self.classes)
+
+        children = [m._modules for m in modules]
         # the forward hooks and pre-hooks registered for every module
         # (register_module_forward_hook), then each module's; their keys are the handles' ids,
-        # never given twice, so the keys tell any hook added or removed (None: no hook at all,
-        # the common case, checked at a third of the cost)
-        self.hook_dicts: tuple[dict[int, Any], ...] = (
+        # never given twice
+        hooks: list[dict[int, Any]] = [
             _module_hooks._global_forward_pre_hooks,
             _module_hooks._global_forward_hooks,
             *(m._forward_pre_hooks for m in modules),
             *(m._forward_hooks for m in modules),
-        )
-        self.hooks = _hooks(self.hook_dicts) if any(self.hook_dicts) else None
-        self.own_dicts: tuple[dict[str, Any], ...] = ()
-        self.own_sizes: tuple[int, ...] = ()
-        self.own_classes: tuple[type[nn.Module], ...] = ()
-        self.own_forwards: tuple[Any, ...] = ()
-        self.noted_dicts: tuple[dict[str, Any], ...] = ()
-        self.noted_names: tuple[str, ...] = ()
-        self.noted: tuple[Any, ...] = ()
-
-    def note_state(self, model: nn.Module) -> None:
-        """Note the attributes of the model's modules of classes not torch's (with this entry
-        in the model's), a flag its ``forward`` reads, and how many they are; and the settings
-        of torch's modules: their attributes whose names do not start with ``_``, but for
-        tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call). A setting may
-        change the plan without a dropout call the pass would miss (``softmax.dim = 0`` before
-        the first dropout: the prefix depends on the batch; an encoder layer's
-        ``activation``). (Reading every attribute of a torch module would cost ~0.5 µs a
-        module.) Never ``training``: a plan is made in eval mode whatever the model's flags,
-        and a call on a model in training mode switches them for its length (a call beside it
-        on another thread would plan again)."""
-        modules = every_module(model)
-        mine = [m for m in modules if not type(m).__module__.startswith("torch.")]
-        own = [vars(m) for m in mine]
-        self.own_dicts = tuple(own)
-        # the forward of their classes, and of every class not torch.nn's: a notebook may set a
-        # new one on a class, a torch.fx.GraphModule sets one on its own when recompiled
-        self.own_classes = tuple(
-            {type(m): None for m in modules if not type(m).__module__.startswith("torch.nn.")}
-        )
-        self.own_forwards = tuple(c.forward for c in self.own_classes)
-        self.own_sizes = tuple(map(len, own))
-        noted = [(d, name, value) for d in own for name, value in d.items() if name != "training"]
-        noted += [
-            (d, name, value)
-            for m in modules
-            if type(m).__module__.startswith("torch.")
-            for d in (vars(m),)
-            for name, value in d.items()
-            if name[0] != "_" and name != "training" and not isinstance(value, Tensor)
         ]
-        self.noted_dicts = tuple(d for d, _, _ in noted)
-        self.noted_names = tuple(name for _, name, _ in noted)
-        self.noted = tuple(value for _, _, value in noted)
+        # the dicts with no entry, which must have none still (a leaf's children, no hook);
+        # the others' sizes, and own modules' (an attribute added)
+        self.empty = tuple(d for d in (*children, *hooks) if not d)
+        self.parents = tuple(c for c in children if c)
+        self.hooked = tuple(h for h in hooks if h)
+        self.sized: tuple[Sized, ...] = (
+            *self.parents,
+            *self.hooked,
+            *(d for d, mine in zip(self.dicts, own, strict=True) if mine),
+        )
+        self.sizes = tuple(map(len, self.sized))
+        # the children and hooks in their order (a Sequential runs its children in theirs)
+        self.children = tuple(chain.from_iterable(map(dict.values, self.parents)))
+        self.hook_items = (
+            *chain.from_iterable(self.hooked),
+            *chain.from_iterable(map(dict.values, self.hooked)),
+        )
+
+        # the modules model_device walks to the first parameter, with their children and
+        # parameter dicts noted, give the device cheaply (see _on_its_device)
+        self.device = model_device(model)
+        path = first_parameter_path(model)
+        self.before: tuple[dict[str, Any], ...] = ()
+        self.holder: dict[str, Any] | None = None
+        if path is not None:
+            self.before = tuple(m._parameters for m in path[:-1])
+            self.holder = path[-1]._parameters
+        walked = {id(m) for m in path or ()}
+
+        noted: list[tuple[dict[str, Any], str]] = []
+        for m, d, mine in zip(modules, self.dicts, own, strict=True):
+            if mine:
+                # (the entry _mcdrop_plans is this object: found there, by kept and keep)
+                names = [name for name in d if name not in ("training", _ATTRIBUTE)]
+            else:
+                names = [
+                    name
+                    for name, value in d.items()
+                    if name[0] != "_" and name != "training" and not isinstance(value, Tensor)
+                ]
+            if id(m) in walked:
+                names += [name for name in ("_modules", "_parameters") if name not in names]
+            noted += ((d, name) for name in names)
+        self.noted_dicts = tuple(d for d, _ in noted)
+        self.noted_names = tuple(name for _, name in noted)
+        self.noted = tuple(d[name] for d, name in noted)
 
     def fits(self, model: nn.Module) -> bool:
-        """Whether the model is as its plans were made for: the same object, each module's
-        children the same, each module of its class, none with a ``forward`` set since, the
-        same forward hooks, the attributes of its own classes' modules and the settings of
-        torch's the same objects (compared by identity: a tensor's ``==`` would compute), on
-        the same device."""
-        return (
-            self.owner() is model
-            and _tree(self.children) == self.tree
-            and tuple(map(type, self.modules)) == self.types
-            and (
-                tuple(map(operator.contains, self.dicts, repeat("forward"))) == self.patched
-                or _own_forwards(self.dicts) == self.patched  # another thread's pass routes
-            )
-            and (
-                not any(self.hook_dicts)
-                if self.hooks is None
-                else _hooks(self.hook_dicts) == self.hooks
-            )
-            and tuple(map(len, self.own_dicts)) == self.own_sizes
-            and all(
-                map(
-                    operator.is_,
-                    map(getattr, self.own_classes, repeat("forward")),
-                    self.own_forwards,
+        """Whether the model is as its plans were made for (see :meth:`note_state`): the same
+        object, its modules of the same classes, with the same children, hooks, attributes and
+        settings, no ``forward`` set on one since, the same class forwards, on the same
+        device."""
+        try:
+            return (
+                self.owner() is model
+                and tuple(map(type, self.modules)) == self.types
+                and not any(self.empty)
+                and tuple(map(len, self.sized)) == self.sizes
+                # (the sizes equal, each side of each map below is as long as the other)
+                and all(
+                    map(
+                        operator.is_,
+                        chain.from_iterable(map(dict.values, self.parents)),
+                        self.children,
+                    )
                 )
-            )
-            and all(
-                map(
-                    operator.is_,
-                    map(dict.get, self.noted_dicts, self.noted_names, repeat(_GONE)),
-                    self.noted,
+                and all(
+                    map(
+                        operator.is_,
+                        map(dict.__getitem__, self.noted_dicts, self.noted_names),
+                        self.noted,
+                    )
                 )
+                and all(map(operator.is_, map(getattr, self.classes, _FORWARD), self.forwards))
+                and (not self.hooked or self._same_hooks())
+                and (
+                    not any(map(operator.contains, self.dicts, _FORWARD))
+                    or _own_forwards(self.dicts) == self.patched  # another thread's pass routes
+                )
+                and self._on_its_device(model)
             )
-            and model_device(model) == self.device
+        except KeyError:  # an attribute noted, since deleted
+            return False
+
+    def _same_hooks(self) -> bool:
+        """Whether the hook dicts that had hooks have the same ones, in the same order."""
+        now = chain(
+            chain.from_iterable(self.hooked), chain.from_iterable(map(dict.values, self.hooked))
         )
+        return all(map(operator.is_, now, self.hook_items))
+
+    def _on_its_device(self, model: nn.Module) -> bool:
+        """Whether :func:`model_device` gives the device noted: read from the parameter it
+        finds, where the modules on its way are as noted (their children and parameter dicts,
+        checked before in :meth:`fits`) and nothing comes before that parameter."""
+        if self.holder is not None and not any(self.before):
+            first = next(iter(self.holder.values()), None)
+            if first is not None:
+                return bool(first.device == self.device)
+        return model_device(model) == self.device
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (dict, ())
@@ -217,16 +266,6 @@ def _own_forwards(dicts: tuple[dict[str, Any], ...]) -> tuple[bool, ...]:
     its dropout modules for its length: else a call beside it would plan again, and keep a plan
     that the next call would find out of date."""
     return tuple("forward" in d and type(d["forward"]) is not _Route for d in dicts)
-
-
-def _tree(children: tuple[dict[str, nn.Module | None], ...]) -> tuple[tuple[Any, ...], ...]:
-    """Each module's children (``children``: their ``_modules``), in order."""
-    return tuple(map(tuple, map(dict.values, children)))
-
-
-def _hooks(dicts: tuple[dict[int, Any], ...]) -> tuple[tuple[int, ...], ...]:
-    """The keys of each of the hook ``dicts``."""
-    return tuple(map(tuple, dicts))
 
 
 def kept(model: nn.Module, x: object) -> SamplingPlan | None:
