@@ -47,7 +47,7 @@ import operator
 import os
 import threading
 import weakref
-from collections.abc import Sized
+from collections.abc import Iterable, Iterator, Sized
 from itertools import chain, repeat
 from typing import Any
 
@@ -150,6 +150,12 @@ class _Plans:
         self.sizes = tuple(map(len, self.sized))
         # the children and hooks in their order (a Sequential runs its children in theirs)
         self.children = tuple(chain.from_iterable(map(dict.values, self.parents)))
+        # (views follow their dicts: made once, not on every call; one parent, the common
+        # case, needs no chain)
+        views = tuple(p.values() for p in self.parents)
+        self.children_now: Iterable[nn.Module | None] = (
+            views[0] if len(views) == 1 else _Chained(views)
+        )
         self.hook_items = (
             *chain.from_iterable(self.hooked),
             *chain.from_iterable(map(dict.values, self.hooked)),
@@ -196,13 +202,7 @@ class _Plans:
                 and not any(self.empty)
                 and tuple(map(len, self.sized)) == self.sizes
                 # (the sizes equal, each side of each map below is as long as the other)
-                and all(
-                    map(
-                        operator.is_,
-                        chain.from_iterable(map(dict.values, self.parents)),
-                        self.children,
-                    )
-                )
+                and all(map(operator.is_, self.children_now, self.children))
                 and all(
                     map(
                         operator.is_,
@@ -246,6 +246,16 @@ class _Plans:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
         return {}
+
+
+class _Chained:
+    """Iterables iterated one after the other, each time anew."""
+
+    def __init__(self, parts: tuple[Iterable[Any], ...]) -> None:
+        self.parts = parts
+
+    def __iter__(self) -> Iterator[Any]:
+        return chain.from_iterable(self.parts)
 
 
 def _key(x: Tensor) -> _Key:
