@@ -312,6 +312,54 @@ def test_a_model_on_another_device_finds_no_plan_kept() -> None:
     assert plan_cache.kept(model, x) is None
 
 
+def test_models_of_one_layout_keep_plans_of_their_own() -> None:
+    """Models alike share the code of their check (compiled once for the layout), each
+    comparing its own modules."""
+    torch.manual_seed(0)
+    a, b = Counting().eval(), Counting().eval()
+    x = torch.randn(3, 4)
+    for model in (a, b):
+        sample(model, x, 4, seed=0)
+        before = model.forwards
+        sample(model, x, 4, seed=0)
+        assert model.forwards == before + 1  # kept: the check compiled (b's: a's code)
+    b.drop.p = 0.5
+    before_a, before_b = a.forwards, b.forwards
+    got_a, got_b = sample(a, x, 4, seed=1), sample(b, x, 4, seed=1)
+    assert a.forwards == before_a + 1  # its plan kept
+    assert b.forwards > before_b + 1  # planned again
+    assert torch.equal(got_a, sample(a, x, 4, seed=1, plan=plan(a, x)))
+    assert torch.equal(got_b, sample(b, x, 4, seed=1, plan=plan(b, x)))
+
+
+class Key(str):
+    """An attribute name of a class of str's own, whose repr is no literal."""
+
+    def __repr__(self) -> str:
+        return "a key"
+
+
+@pytest.mark.parametrize("key", ["", "it's\n", Key("scale")], ids=repr)
+def test_attributes_of_any_name_are_noted(key: object) -> None:
+    """Names set through ``vars()`` that no attribute syntax gives (a str of a class of its own:
+    named in the check, not a literal), on a module of the user's
+    class and on torch's: the check's source names them as they are."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    vars(model)[key] = 1.5
+    vars(model.drop)[key] = 2.5
+    sample(model, x, 4, seed=0)
+    before = model.forwards
+    sample(model, x, 4, seed=0)
+    assert model.forwards == before + 1  # kept
+    for owner in (model, model.drop):
+        vars(owner)[key] = 3.5  # set anew
+        before = model.forwards
+        sample(model, x, 4, seed=0)
+        assert model.forwards > before + 1  # planned again
+
+
 def test_a_module_given_another_class_makes_a_new_plan() -> None:
     class Doubled(nn.Dropout):
         def forward(self, x: Tensor) -> Tensor:
