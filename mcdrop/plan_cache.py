@@ -116,7 +116,7 @@ class _Plans:
         check.hooks(_module_hooks._global_forward_pre_hooks)
         check.hooks(_module_hooks._global_forward_hooks)
         # the modules model_device walks to the first parameter: with their children and
-        # parameter dicts as noted, the device is that parameter's (see on_its_device)
+        # parameter dicts as noted, the device is that parameter's (see below)
         path = first_parameter_path(model)
         walked = {id(m) for m in path or ()}
         for m, d in zip(modules, dicts, strict=True):
@@ -146,26 +146,25 @@ class _Plans:
             check.forward(c)
 
         patched = _own_forwards(dicts)
-        device = model_device(model)
-        before = tuple(m._parameters for m in (path or [])[:-1])
-        holder = None if path is None else path[-1]._parameters
 
         def routed() -> bool:  # a forward set on a module since, or another thread's route
             return _own_forwards(dicts) == patched
 
-        def on_its_device(model: nn.Module) -> bool:
-            """Whether model_device gives the device noted: read from the parameter it finds,
-            where the modules on its way are as noted (checked before) and nothing comes before
-            that parameter."""
-            if holder is not None and not any(before):
-                first = next(iter(holder.values()), None)
-                if first is not None:
-                    return bool(first.device == device)
-            return model_device(model) == device
+        # the device, where model_device finds it: the first entry of the parameters of the
+        # last module on the way, where those before have none (their dicts as noted)
+        parameters = None if path is None else path[-1]._parameters.values()
+        helpers = {
+            "owner": self.owner,
+            "routed": routed,
+            "model_device": model_device,
+            "device": model_device(model),
+            "before": tuple(m._parameters for m in (path or [])[:-1]),
+            "parameters": parameters,
+        }
 
         def first_fits(model: nn.Module) -> bool:
             # compiled at the first hit: a model sampled once without a plan needs no check
-            self.fits = check.compile(dicts, owner=self.owner, routed=routed, device=on_its_device)
+            self.fits = check.compile(dicts, direct=parameters is not None, **helpers)
             return self.fits(model)
 
         self.fits = first_fits
@@ -189,11 +188,12 @@ class _Check:
     compares, by identity (``is``: never ``==``), to the object noted.
 
     In Python of its own, a thing costs ~20 ns, half what it costs in C loops over tuples of the
-    same things (``all(map(operator.is_, ...))``, with the loops' own costs): on a hit, 1.7
-    against 4.4 µs on a four-module MLP, 7 against 12 on a 23-module ResNet. It is compiled
-    (~6 µs a line, ~0.5-2 ms on those) at the first hit, once for a model's layout: a model
-    planned again (changed, or with a ``forward`` that sets an attribute on every call) or
-    another of the same layout takes the code of the first."""
+    same things (``all(map(operator.is_, ...))``, with the loops' own costs): on a hit, 1.6
+    against 4.4 µs on a four-module MLP, 6 against 12 on a 23-module ResNet. It is compiled
+    at the first hit (~6 µs a line: 0.4 ms on that MLP, 1.2 on that ResNet, a fifth of the
+    probe that made the plan), once for a model's layout: a model planned again (changed, or
+    with a ``forward`` that sets an attribute on every call) or another of the same layout
+    takes the code of the first (then ~0.1 ms to write the source)."""
 
     def __init__(self) -> None:
         self.notes: list[tuple[Any, ...]] = []  # (kind, ...) as the methods below say
@@ -222,10 +222,12 @@ class _Check:
         self.notes.append(("forward", cls, cls.forward))
 
     def compile(
-        self, dicts: tuple[dict[str, Any], ...], **helpers: Any
+        self, dicts: tuple[dict[str, Any], ...], *, direct: bool, **helpers: Any
     ) -> Callable[[nn.Module], bool]:
-        """The check (``helpers``: names it calls); ``dicts``: each module's, which has no
-        ``forward`` set on it, or ``routed()`` says why."""
+        """The check (``helpers``: the names it reads besides the objects noted); ``dicts``:
+        each module's, which has no ``forward`` set on it, or ``routed()`` says why; ``direct``:
+        whether the way to the model's first parameter is noted (else its device is
+        ``model_device``'s)."""
         objects: dict[str, Any] = {}
         names: dict[int, str] = {}
 
@@ -243,6 +245,10 @@ class _Check:
         classes = tuple(noted[0] for kind, _, *noted in self.notes if kind == "type")
         empty = tuple(found for kind, found, *_ in self.notes if kind == "empty")
         tests = [f"tuple(map(type, {name(modules)})) != {name(classes)}", f"any({name(empty)})"]
+        if len(modules) <= 16:  # (a few: a line each costs less than the loop)
+            tests[0] = " or ".join(
+                f"type({name(m)}) is not {name(c)}" for m, c in zip(modules, classes, strict=True)
+            )
         # (grouped by kind, each kind in the order noted: ~10% faster on a 23-module ResNet)
         for kind, found, *noted in sorted(self.notes, key=lambda note: _KINDS.index(note[0])):
             if kind in ("type", "empty"):
@@ -259,6 +265,12 @@ class _Check:
             else:
                 tests.append(f"{name(found)}.forward is not {name(noted[0])}")
         forwards = " or ".join(f"'forward' in {name(d)}" for d in dicts) or "False"
+        first_parameter = [  # the one model_device finds, where the way to it is as noted
+            "    if not any(before):",
+            "        first = next(iter(parameters), None)",
+            "        if first is not None:",
+            "            return first.device == device",
+        ]
         source = "\n".join(
             [
                 "def fits(model):",
@@ -267,14 +279,15 @@ class _Check:
                 "    try:",
                 *(f"        {line}" for line in unpacked),
                 "        if (",
-                "            " + "\n            or ".join(tests or ["False"]),
+                "            " + "\n            or ".join(tests),
                 "        ):",
                 "            return False",
                 "    except (KeyError, ValueError):  # an attribute gone; more or fewer items",
                 "        return False",
-                f"    if {forwards}:",
-                "        return routed() and device(model)",
-                "    return device(model)",
+                f"    if ({forwards}) and not routed():",
+                "        return False",
+                *(first_parameter if direct else []),
+                "    return model_device(model) == device",
             ]
         )
         namespace = {**objects, **helpers}
