@@ -360,16 +360,19 @@ def test_attributes_of_any_name_are_noted(key: object) -> None:
         assert model.forwards > before + 1  # planned again
 
 
-def test_a_module_given_another_class_makes_a_new_plan() -> None:
+@pytest.mark.parametrize("depth", [0, 16])  # (with many modules, compared in one loop)
+def test_a_module_given_another_class_makes_a_new_plan(depth: int) -> None:
     class Doubled(nn.Dropout):
         def forward(self, x: Tensor) -> Tensor:
             return F.dropout(x, self.p, self.training) * 2
 
     torch.manual_seed(0)
-    model = Counting().eval()
+    inner = Counting()
+    model = nn.Sequential(*(nn.Identity() for _ in range(depth)), inner) if depth else inner
+    model.eval()
     x = torch.randn(3, 4)
     sample(model, x, 8, seed=0)
-    model.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
+    inner.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
     fresh = sample(model, x, 8, seed=2, plan=plan(model, x))
     assert torch.equal(sample(model, x, 8, seed=2), fresh)
 
