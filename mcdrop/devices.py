@@ -108,6 +108,27 @@ def model_device_slot(model: nn.Module) -> tuple[dict[str, torch.Tensor | None],
     return None
 
 
+def first_parameter_path(model: nn.Module) -> list[nn.Module] | None:
+    """The modules :func:`model_device` visits in turn until it finds the model's first
+    parameter, which is the first entry of the last one's ``_parameters`` (every other one's is
+    empty); None where it finds none, or finds a ``None`` entry first (it then reads on, and a
+    caller that follows this path to the device reads :func:`model_device` instead)."""
+    path: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> bool | None:  # found; None: a None entry first
+        path.append(module)
+        if module._parameters:
+            return next(iter(module._parameters.values())) is not None or None
+        for child in module._modules.values():
+            if child is not None:
+                found = visit(child)
+                if found is not False:
+                    return found
+        return False
+
+    return path if visit(model) else None
+
+
 def _first_tensor(module: nn.Module, kind: str) -> torch.Tensor | None:
     """The first parameter (``kind`` ``"_parameters"``) or buffer of ``module`` in
     ``module.modules()`` order."""

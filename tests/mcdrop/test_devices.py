@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import mcdrop
 from mcdrop import cuda_graphs, masks, planning, sampling
-from mcdrop.devices import model_device, resolve_device, resolve_dtype
+from mcdrop.devices import first_parameter_path, model_device, resolve_device, resolve_dtype
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import CNN, MLP, ReducedPrecision, RowLSTM
 from mcdrop.predictor import Predictor, to_device
@@ -133,6 +133,44 @@ def test_model_device_is_its_first_parameters_or_buffers() -> None:
     bn = nn.BatchNorm1d(2, affine=False).to("meta")  # buffers only
     assert model_device(bn) == torch.device("meta")
     assert model_device(nn.Dropout()) == torch.device("cpu")
+
+
+class Unplaced(nn.Module):
+    """A parameter ``None`` before a real one (``register_parameter(name, None)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_parameter("scale", None)
+        self.shift = nn.Parameter(torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Linear(2, 2),
+        lambda: nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), nn.Linear(2, 2))),
+        lambda: nn.Sequential(nn.Sequential(nn.Dropout()), nn.Linear(2, 2, bias=False)),
+        lambda: nn.Sequential(nn.LayerNorm(2, elementwise_affine=False), nn.Linear(2, 2)),
+        lambda: nn.Sequential(nn.Identity(), Unplaced()),
+        lambda: nn.BatchNorm1d(2, affine=False),
+        lambda: nn.Dropout(),
+    ],
+)
+def test_the_first_parameter_path_leads_to_model_devices_parameter(
+    make: Callable[[], nn.Module],
+) -> None:
+    """The way the plan cache reads a model's device: the modules walked have no parameter, the
+    last one's first entry is the first parameter; or no way, where the walk meets a None entry
+    first or finds no parameter (the cache then reads model_device)."""
+    model = make()
+    path = first_parameter_path(model)
+    walked = list(model.modules())  # (model_device's order)
+    holder = next((i for i, m in enumerate(walked) if m._parameters), None)
+    if holder is None or next(iter(walked[holder]._parameters.values())) is None:
+        assert path is None
+        return
+    assert path == walked[: holder + 1]
+    assert next(iter(path[-1]._parameters.values())) is next(model.parameters())
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import adaptive, plan, sample, sample_chunks
+from mcdrop import adaptive, plan, plan_cache, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
 from mcdrop.plan_cache import MAX_PLANS
 from tests.mcdrop.test_fast_pass import EncoderClassifier
@@ -234,16 +234,145 @@ def test_hooks_added_or_removed_make_a_new_plan(rows: int) -> None:
     agree()
 
 
-def test_a_module_given_another_class_makes_a_new_plan() -> None:
+def test_a_hook_swapped_in_place_makes_a_new_plan() -> None:
+    """A hook replaced under its handle's key (the keys as planned, not the hooks)."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    handle = model.a.register_forward_hook(lambda module, args, out: None)
+    sample(model, x, 8, seed=0)
+    model.a._forward_hooks[handle.id] = lambda module, args, out: out * out.shape[0]
+    made = plan(model, x)
+    assert not made.prefix  # so the plan kept with the first hook would share it
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+
+
+class Nested(nn.Module):
+    """Containers in a container, counting its runs: ``(N, 4) -> (N, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Sequential(nn.Linear(4, 16), nn.ReLU()), nn.Sequential(nn.Dropout(0.3))
+        )
+        self.head = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.runs: list[None] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.runs.append(None)
+        return self.head(self.body(x))
+
+
+def _reorder(m: Nested) -> None:
+    children = m.head._modules  # the same keys and modules in another order: tanh last
+    children["1"] = children.pop("1")
+
+
+def _move(m: Nested) -> None:
+    m.body[1].append(m.head[0])  # (the same layers in the same order, in other containers)
+    del m.head[0]
+
+
+@pytest.mark.parametrize("change", [_reorder, _move])
+def test_children_reordered_or_moved_make_a_new_plan(change: Callable[[Nested], None]) -> None:
+    torch.manual_seed(0)
+    model = Nested().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    change(model)
+    before = len(model.runs)
+    got = sample(model, x, 8, seed=2)
+    assert len(model.runs) > before + 1  # the probe's passes, then the call's
+    assert torch.equal(got, sample(model, x, 8, seed=2, plan=plan(model, x)))
+
+
+def test_a_model_on_another_device_finds_no_plan_kept() -> None:
+    """The device is the first parameter's, as model_device finds it: a model moved, a
+    parameter put before it, or a first parameter unset leave the one found on another device
+    (``meta``: no values, so the checks are those of the kept plan, not a sampling call)."""
+    x = torch.randn(3, 4)
+
+    def planned() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Identity(), *_chain()).eval()
+        sample(model, x, 4, seed=0)
+        assert plan_cache.kept(model, x) is not None
+        return model
+
+    model = planned()
+    model.to("meta")
+    assert plan_cache.kept(model, x) is None
+    model = planned()
+    model[0].register_parameter("w", nn.Parameter(torch.zeros(1, device="meta")))
+    assert plan_cache.kept(model, x) is None
+    model = planned()
+    model[1].bias = nn.Parameter(model[1].bias.to("meta"))
+    assert plan_cache.kept(model, x) is not None  # the weight comes first
+    model[1].weight = None
+    assert plan_cache.kept(model, x) is None
+
+
+def test_models_of_one_layout_keep_plans_of_their_own() -> None:
+    """Models alike share the code of their check (compiled once for the layout), each
+    comparing its own modules."""
+    torch.manual_seed(0)
+    a, b = Counting().eval(), Counting().eval()
+    x = torch.randn(3, 4)
+    for model in (a, b):
+        sample(model, x, 4, seed=0)
+        before = model.forwards
+        sample(model, x, 4, seed=0)
+        assert model.forwards == before + 1  # kept: the check compiled (b's: a's code)
+    b.drop.p = 0.5
+    before_a, before_b = a.forwards, b.forwards
+    got_a, got_b = sample(a, x, 4, seed=1), sample(b, x, 4, seed=1)
+    assert a.forwards == before_a + 1  # its plan kept
+    assert b.forwards > before_b + 1  # planned again
+    assert torch.equal(got_a, sample(a, x, 4, seed=1, plan=plan(a, x)))
+    assert torch.equal(got_b, sample(b, x, 4, seed=1, plan=plan(b, x)))
+
+
+class Key(str):
+    """An attribute name of a class of str's own, whose repr is no literal."""
+
+    def __repr__(self) -> str:
+        return "a key"
+
+
+@pytest.mark.parametrize("key", ["", "it's\n", Key("scale")], ids=repr)
+def test_attributes_of_any_name_are_noted(key: object) -> None:
+    """Names set through ``vars()`` that no attribute syntax gives (a str of a class of its own:
+    named in the check, not a literal), on a module of the user's
+    class and on torch's: the check's source names them as they are."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    vars(model)[key] = 1.5
+    vars(model.drop)[key] = 2.5
+    sample(model, x, 4, seed=0)
+    before = model.forwards
+    sample(model, x, 4, seed=0)
+    assert model.forwards == before + 1  # kept
+    for owner in (model, model.drop):
+        vars(owner)[key] = 3.5  # set anew
+        before = model.forwards
+        sample(model, x, 4, seed=0)
+        assert model.forwards > before + 1  # planned again
+
+
+@pytest.mark.parametrize("depth", [0, 16])  # (with many modules, compared in one loop)
+def test_a_module_given_another_class_makes_a_new_plan(depth: int) -> None:
     class Doubled(nn.Dropout):
         def forward(self, x: Tensor) -> Tensor:
             return F.dropout(x, self.p, self.training) * 2
 
     torch.manual_seed(0)
-    model = Counting().eval()
+    inner = Counting()
+    model = nn.Sequential(*(nn.Identity() for _ in range(depth)), inner) if depth else inner
+    model.eval()
     x = torch.randn(3, 4)
     sample(model, x, 8, seed=0)
-    model.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
+    inner.drop.__class__ = Doubled  # a routed plan would call F.dropout in its place
     fresh = sample(model, x, 8, seed=2, plan=plan(model, x))
     assert torch.equal(sample(model, x, 8, seed=2), fresh)
 
