@@ -321,7 +321,7 @@ def _own_forwards(dicts: tuple[dict[str, Any], ...]) -> tuple[bool, ...]:
     counting the routes that a routed pass (:mod:`mcdrop.routing`, on another thread) puts on
     its dropout modules for its length: else a call beside it would plan again, and keep a plan
     that the next call would find out of date."""
-    return tuple("forward" in d and type(d["forward"]) is not _Route for d in dicts)
+    return tuple("forward" in d and not isinstance(d["forward"], _Route) for d in dicts)
 
 
 def kept(model: nn.Module, x: object) -> SamplingPlan | None:

@@ -610,11 +610,26 @@ def test_threads_sampling_one_model_without_a_plan_agree() -> None:
     assert got == [True] * 80
 
 
-def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan() -> None:
-    """A routed pass puts a route on the model's dropout modules for its length (as their
-    ``forward``): a call beside it on another thread still finds the kept plan."""
+class CountingAttention(Counting):
+    """Counting, with an nn.MultiheadAttention (routed: mcdrop.routing) after its dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, dropout=0.2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = super().forward(x).repeat(1, 2).view(x.shape[0], 1, 4)
+        return self.attention(h, h, h, need_weights=False)[0][:, 0]
+
+
+@pytest.mark.parametrize("model_class", [Counting, CountingAttention])
+def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan(
+    model_class: type[Counting],
+) -> None:
+    """A routed pass puts a route on the model's dropout modules (and attention) for its length
+    (as their ``forward``): a call beside it on another thread still finds the kept plan."""
     torch.manual_seed(0)
-    model = Counting().eval()
+    model = model_class().eval()
     x = torch.randn(3, 4)
     assert plan(model, x).routes is not None
     want = sample(model, x, 4, seed=3)
