@@ -321,7 +321,8 @@ def run(quick: bool = False) -> str:
                 for k, v in compare(
                     candidates,
                     rounds=3 if quick else (400 if small else 60),
-                    warmup=1 if quick else 2,
+                    # (a small cell's first calls run cold: the first model's floor, twice)
+                    warmup=1 if quick else (50 if small else 2),
                     budget_s=1 if quick else (4 if small else 5),
                 ).items()
             }
