@@ -21,7 +21,9 @@ sample count T, interleaved in one run:
   made and kept, :mod:`mcdrop.plan_cache`).
 
 The fixed cost is mcdrop − floor at N = T = 1. Each row also checks that mcdrop's samples are
-those of a call given the plan (bit for bit) and vary where T > 1.
+those of a call given the plan (bit for bit) and vary where T > 1. A second table times the
+fixed cost alone (:func:`fixed_cost`): the floor and one-row calls given no plan and given the
+kept plan, interleaved with nothing else.
 
 Run: ``python -m benchmarks.user_models [--quick]``.
 """
@@ -357,7 +359,46 @@ def run(quick: bool = False) -> str:
         "fixed cost µs",
         "samples as planned, varying",
     ]
-    return f"### Models of the kinds users write\n\n{machine()}\n\n{table(header, rows)}"
+    return (
+        f"### Models of the kinds users write\n\n{machine()}\n\n{table(header, rows)}\n\n"
+        f"{fixed_cost(quick)}"
+    )
+
+
+def fixed_cost(quick: bool = False) -> str:
+    """The fixed cost alone: one sample of one row (N = T = 1), the floor, ``mcdrop.sample``
+    given no plan and given the kept plan interleaved, each model's calls timed apart from the
+    other passes (so warmer than in :func:`run`'s cells), in µs beyond the floor."""
+    rows: list[list[object]] = []
+    for user in user_models():
+        x = user.rows(1, seed=1)
+        kept = mcdrop.plan(user.model, x)
+        mcdrop.sample(user.model, x, 1, seed=0)  # (the plan a call given none keeps)
+        us = {
+            k: v * 1e6
+            for k, v in compare(
+                {
+                    "floor": lambda x=x, u=user: u.floor(x, 1),
+                    "no plan": lambda x=x, u=user: mcdrop.sample(u.model, x, 1, seed=0),
+                    "kept": lambda x=x, u=user, k=kept: mcdrop.sample(
+                        u.model, x, 1, seed=0, plan=k
+                    ),
+                },
+                rounds=3 if quick else 3000,
+                warmup=1 if quick else 20,
+                budget_s=1 if quick else 4,
+            ).items()
+        }
+        rows.append(
+            [
+                user.name,
+                f"{us['floor']:.0f}",
+                f"{us['no plan'] - us['floor']:.0f}",
+                f"{us['kept'] - us['floor']:.0f}",
+            ]
+        )
+    header = ["model (N = 1, T = 1)", "floor µs", "no plan given µs", "kept plan given µs"]
+    return f"#### Fixed cost per call (beyond the floor)\n\n{table(header, rows)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

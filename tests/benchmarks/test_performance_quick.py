@@ -36,12 +36,13 @@ def test_sampling_quick() -> None:
 def test_user_models_quick() -> None:
     """Every model of the kinds users write samples as planned, its samples varying, and every
     figure is a positive time."""
-    text = user_models.run(quick=True)
+    text, fixed = user_models.run(quick=True).split("#### Fixed cost per call")
     assert len(_ratios(text, "mcdrop / plain")) == 20  # 10 models × 2 cells
     assert all(r > 0 for r in _ratios(text, "mcdrop / plain"))
     rows = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
     assert rows
     assert all(line.rstrip(" |").endswith("yes") for line in rows)
+    assert len(_ratios(fixed, "floor µs")) == 10
 
 
 #: Samples and rows per comparison: over 40 seeds the largest mean gap was 4.0 standard errors
