@@ -466,11 +466,12 @@ class ModePass(ForwardPass):
 
 
 class MadeContext(SamplingContext):
-    """The context of a routed fast pass whose every call has its multipliers made before it
-    (:attr:`made`, taken by each call's route: :mod:`mcdrop.routing`). A call they do not fit
-    (a function's rate changed since the plan, a module that hands its call to the context
-    itself) is sampled as :class:`SamplingContext` samples it, with the pass's sample keys made
-    then (``sample_keys``): the pass runs once, as the general path would run it."""
+    """The context of a routed fast pass whose calls have their multipliers made before it, but
+    for some (:attr:`made`, taken by each made call's route: :mod:`mcdrop.routing`). A call not
+    made (an attention's, a recurrent kernel's, an alpha dropout's) or one they do not fit (a
+    function's rate changed since the plan, a module that hands its call to the context itself)
+    is sampled as :class:`SamplingContext` samples it, with the pass's sample keys made at the
+    first such call (``sample_keys``): the pass runs once, as the general path would run it."""
 
     def __init__(
         self,

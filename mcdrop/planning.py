@@ -447,7 +447,7 @@ def _routes(
     # calls F.dropout), which routing changes for every thread while a pass runs
     watch = functions_routable()
     for functions in (False, True):
-        routes = DropoutRoutes.of(model, _DROPOUT_LAYERS, functions)
+        routes = DropoutRoutes.of(model, _ROUTED_LAYERS, functions)
         if routes is None:
             continue
         ctx = SamplingContext(keys, plan.calls)
@@ -717,7 +717,13 @@ _DROPOUT_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
     nn.Dropout3d: (F.dropout3d, True),
     nn.AlphaDropout: (F.alpha_dropout, False),
     nn.FeatureAlphaDropout: (F.feature_alpha_dropout, False),
-    # the attention weights' dropout (routing.py: torch's path under the mode, not its fast path)
+}
+
+#: The layers a routed pass routes (mcdrop.routing): torch's dropout layers and its attention,
+#: for its weights' dropout (torch's path under the mode, not its fast path). Not a plain chain's
+#: dropout layers: an attention in an nn.Sequential makes it no chain.
+_ROUTED_LAYERS: dict[type[nn.Module], tuple[Callable[..., Any], bool]] = {
+    **_DROPOUT_LAYERS,
     nn.MultiheadAttention: (F.multi_head_attention_forward, False),
 }
 

@@ -539,6 +539,9 @@ class DropoutRoutes:
                 route = own.get("forward")
                 if route is None:
                     route = own["forward"] = made
+                    # counted afresh: a pass that ended with another forward in its place (one
+                    # set meanwhile, since removed) counted none off
+                    route.count = 0
                     _installed.add(route)
                 elif not isinstance(route, _Route):
                     self._remove(i)

@@ -8,6 +8,7 @@ size as the replicated batch S·N.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -544,6 +545,27 @@ def test_a_hook_on_a_plain_layer_runs_under_the_mode() -> None:
     finally:
         handle.remove()
     assert not torch.equal(hooked, sample(model, x, 8, seed=1, plan=kept))
+
+
+def test_a_sequential_with_an_attention_layer_is_no_chain_and_samples() -> None:
+    """An nn.Sequential holding an nn.MultiheadAttention (hooks hand it its query, key and
+    value and take its output) is no plain chain: it is planned, and samples as under the
+    mode."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(16, 4, dropout=0.3, batch_first=True)
+    attention.register_forward_pre_hook(
+        lambda module, args, kwargs: ((args[0],) * 3, {"need_weights": False}), with_kwargs=True
+    )
+    attention.register_forward_hook(lambda module, args, out: out[0])
+    model = nn.Sequential(
+        nn.Linear(6, 64), nn.Dropout(0.1), nn.Unflatten(1, (4, 16)), attention, nn.Flatten(1),
+        nn.Linear(64, 2),
+    ).eval()  # fmt: skip
+    x = torch.randn(3, 6)
+    kept = plan(model, x)
+    assert kept.layers is None
+    got = sample(model, x, 4, seed=1, plan=kept)
+    assert torch.equal(got, sample(model, x, 4, seed=1, plan=replace(kept, routes=None)))
 
 
 def test_a_chain_whose_layers_changed_since_its_plan_is_not_run() -> None:

@@ -484,6 +484,34 @@ def test_a_forward_set_on_a_dropout_module_is_honoured() -> None:
     assert model.drop.forward(torch.ones(1)).item() == 0.5
 
 
+def test_a_forward_set_during_a_pass_and_removed_after_leaves_no_route() -> None:
+    """A forward of one's own set on a dropout module while a routed pass runs (here from
+    within it, as another thread may) stays after the pass; once removed, the later passes
+    are routed as before, and leave the module with torch's own forward."""
+    model, x = _model("two layers")
+    kept = plan(model, x)
+    assert kept.routes is not None
+    expected = sample(model, x, 4, seed=1, plan=_under_the_mode(kept))
+
+    def own(h: Tensor) -> Tensor:
+        return h * 0.5
+
+    def set_within(module: nn.Module, *_: object) -> None:
+        if module is model.fc3:  # after the pass's last dropout call
+            model.drop.forward = own  # type: ignore[method-assign]
+
+    handle = nn.modules.module.register_module_forward_hook(set_within)
+    try:
+        assert torch.equal(sample(model, x, 4, seed=1, plan=kept), expected)
+    finally:
+        handle.remove()
+    assert vars(model.drop)["forward"] is own
+    del model.drop.forward
+    for _ in range(2):
+        assert torch.equal(sample(model, x, 4, seed=1, plan=kept), expected)
+        assert all("forward" not in vars(m) for m in _dropout_modules(model))
+
+
 class ModeAware(TwoLayer):
     """A forward that drops differently under a torch-function mode: the same calls, other
     samples. Routing must find that out when the plan is made."""
