@@ -14,7 +14,8 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -955,8 +956,10 @@ def test_planning_a_model_that_drops_on_whatever_the_mode_leaves_torchs_generato
     assert _torchs_own_functions()
 
 
-class Held(Functional):
-    """Functional, whose forward waits, while a pass routes the functions, until let go."""
+class Holding(nn.Module):
+    """A model whose forward waits, while a pass routes the functions (where ``holds``), until
+    let go (``go``), having told so (``entered``): the model classes after it in a class's
+    bases give the forward."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -964,11 +967,36 @@ class Held(Functional):
         self.holds = False
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
+        y: Tensor = super().forward(x)
         if self.holds and not _torchs_own_functions():
             self.entered.set()
             self.go.wait(60)
         return y
+
+
+class Held(Holding, Functional):
+    """Functional, whose forward waits, while a pass routes the functions, until let go."""
+
+
+@contextmanager
+def _another_threads_pass_held(held: Holding, x: Tensor, kept: SamplingPlan) -> Iterator[None]:
+    """Another thread's routed pass of ``held``, held while the body runs; then torch's own
+    functions are back, and the pass gave the mode's samples."""
+    expected = sample(held, x, 4, seed=1, plan=_under_the_mode(kept))
+    got: list[Tensor] = []
+    held.holds = True
+    thread = threading.Thread(target=lambda: got.append(sample(held, x, 4, seed=1, plan=kept)))
+    thread.start()
+    try:
+        assert held.entered.wait(60)
+        assert not _torchs_own_functions()
+        yield
+    finally:
+        held.go.set()
+        thread.join(timeout=120)
+    assert _torchs_own_functions()
+    assert len(got) == 1
+    assert torch.equal(got[0], expected)
 
 
 class Traced(nn.Module):
@@ -992,14 +1020,7 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
     kept = plan(held, x)
     assert kept.routes is not None
     assert kept.routes.functions
-    expected = sample(held, x, 4, seed=1, plan=_under_the_mode(kept))
-    got: list[Tensor] = []
-    held.holds = True
-    thread = threading.Thread(target=lambda: got.append(sample(held, x, 4, seed=1, plan=kept)))
-    thread.start()
-    try:
-        assert held.entered.wait(60)
-        assert not _torchs_own_functions()
+    with _another_threads_pass_held(held, x, kept):
         other = Traced().eval()
         traced = torch.fx.symbolic_trace(other)
         assert "torch.nn.functional.dropout(" in traced.code
@@ -1008,14 +1029,6 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
         assert torch.equal(compiled(x), other(x))
         assert inspect.signature(F.dropout) == inspect.signature(TORCH_FUNCTIONS["dropout"])
         assert pickle.loads(pickle.dumps(F.dropout)) is TORCH_FUNCTIONS["dropout"]
-        own_attention = torch._C._nn.scaled_dot_product_attention
-        assert pickle.loads(pickle.dumps(F.scaled_dot_product_attention)) is own_attention
-    finally:
-        held.go.set()
-        thread.join(timeout=120)
-    assert _torchs_own_functions()
-    assert len(got) == 1
-    assert torch.equal(got[0], expected)
     for twin in (traced, scripted, compiled):
         assert torch.equal(twin(x), other(x))
     compiled.train()  # torch's generator draws the same masks
@@ -1025,20 +1038,8 @@ def test_other_threads_trace_script_compile_and_pickle_meanwhile() -> None:
     assert torch.equal(drawn, other(x))
 
 
-class HeldRecurrent(Recurrent):
+class HeldRecurrent(Holding, Recurrent):
     """Recurrent (a GRU), whose forward waits, while a pass routes its kernel, until let go."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered, self.go = threading.Event(), threading.Event()
-        self.holds = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
-        if self.holds and not _torchs_own_functions():
-            self.entered.set()
-            self.go.wait(60)
-        return y
 
 
 def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
@@ -1051,18 +1052,11 @@ def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
     kept = plan(held, x)
     assert kept.routes is not None
     assert kept.routes.functions
-    expected = sample(held, x, 4, seed=1, plan=_under_the_mode(kept))
     other, seq = nn.GRU(6, 8, num_layers=2, dropout=0.5, batch_first=True), torch.randn(2, 5, 6)
     torch.manual_seed(3)
     trained = other(seq)[0]
     evaluated = other.eval()(seq)[0]
-    got: list[Tensor] = []
-    held.holds = True
-    thread = threading.Thread(target=lambda: got.append(sample(held, x, 4, seed=1, plan=kept)))
-    thread.start()
-    try:
-        assert held.entered.wait(60)
-        assert not _torchs_own_functions()
+    with _another_threads_pass_held(held, x, kept):
         assert torch.equal(other(seq)[0], evaluated)
         torch.manual_seed(3)
         assert torch.equal(other.train()(seq)[0], trained)
@@ -1070,12 +1064,6 @@ def test_other_threads_run_torchs_own_recurrent_kernels_meanwhile() -> None:
         # torch.compile of a GRU works meanwhile (it goes through the route to torch's kernel)
         compiled = torch.compile(other.eval(), backend="eager")
         assert torch.equal(compiled(seq)[0], evaluated)
-    finally:
-        held.go.set()
-        thread.join(timeout=120)
-    assert _torchs_own_functions()
-    assert len(got) == 1
-    assert torch.equal(got[0], expected)
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
