@@ -135,6 +135,8 @@ class _Plans:
                     if not (type(name) is str and name.startswith("_"))  # (any key: vars())
                     and name != "training"
                     and not isinstance(value, Tensor)
+                    # another thread's route, there for its pass only (routed() below)
+                    and not (name == "forward" and isinstance(value, _Route))
                 ]
             if id(m) in walked:
                 names += [name for name in ("_modules", "_parameters") if name not in names]

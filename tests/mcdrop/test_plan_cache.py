@@ -622,6 +622,47 @@ class CountingAttention(Counting):
         return self.attention(h, h, h, need_weights=False)[0][:, 0]
 
 
+class HeldCounting(Counting):
+    """Counting, whose forward waits, while its dropout module is routed, until let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.holds = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        if self.holds and "forward" in vars(self.drop):
+            self.entered.set()
+            self.go.wait(60)
+        return y
+
+
+def test_a_plan_kept_during_another_threads_routed_pass_serves_after_it() -> None:
+    """A call given no plan plans and keeps one while another thread's pass has put its route on
+    the model's dropout module: the route is no setting of the module's, and the call after the
+    pass ends finds the plan kept."""
+    torch.manual_seed(0)
+    model = HeldCounting().eval()
+    x = torch.randn(3, 4)
+    given = plan(model, x)
+    assert given.routes is not None
+    model.holds = True
+    thread = threading.Thread(target=lambda: sample(model, x, 4, seed=3, plan=given))
+    thread.start()
+    try:
+        assert model.entered.wait(60)
+        model.holds = False
+        first = sample(model, x, 4, seed=3)  # plans, and keeps the plan
+    finally:
+        model.go.set()
+        thread.join(timeout=120)
+    assert "forward" not in vars(model.drop)
+    before = model.forwards
+    assert torch.equal(sample(model, x, 4, seed=3), first)
+    assert model.forwards == before + 1  # one pass: no plan made again
+
+
 @pytest.mark.parametrize("model_class", [Counting, CountingAttention])
 def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan(
     model_class: type[Counting],
