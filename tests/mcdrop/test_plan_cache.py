@@ -11,6 +11,7 @@ import re
 import threading
 import weakref
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -591,6 +592,15 @@ def test_kept_plans_do_not_travel_with_the_model() -> None:
     torch.jit.script(model)  # the entry is no attribute a scripted forward would need
 
 
+def _on_threads(*targets: Callable[[], object]) -> None:
+    """Each target on a thread of its own, all started, then all joined."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_threads_sampling_one_model_without_a_plan_agree() -> None:
     torch.manual_seed(0)
     model = Counting().eval()
@@ -602,11 +612,7 @@ def test_threads_sampling_one_model_without_a_plan_agree() -> None:
         for _ in range(20):
             got.append(torch.equal(sample(model, x, 16, seed=3), want))
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _on_threads(*[run] * 4)
     assert got == [True] * 80
 
 
@@ -681,11 +687,7 @@ def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan(
         for _ in range(100):
             got.append(torch.equal(sample(model, x, 4, seed=3), want))
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _on_threads(*[run] * 4)
     assert got == [True] * 400
     assert model.forwards == before + 400  # one pass a call: none planned again
 
@@ -709,11 +711,7 @@ def test_a_model_in_training_mode_keeps_its_plan() -> None:
         for _ in range(100):
             got.append(torch.equal(sample(model, x, 4, seed=3), want))
 
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _on_threads(*[run] * 3)
     assert got == [True] * 300
     assert model.forwards == before + 302
     assert model.training
@@ -737,9 +735,5 @@ def test_threads_keeping_plans_for_many_shapes_at_once_agree() -> None:
         except BaseException as exc:  # reported below
             failures.append(exc)
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _on_threads(*(partial(run, k) for k in range(4)))
     assert failures == []
