@@ -10,6 +10,7 @@ import io
 import re
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 
@@ -285,6 +286,40 @@ def test_children_reordered_or_moved_make_a_new_plan(change: Callable[[Nested], 
     got = sample(model, x, 8, seed=2)
     assert len(model.runs) > before + 1  # the probe's passes, then the call's
     assert torch.equal(got, sample(model, x, 8, seed=2, plan=plan(model, x)))
+
+
+def _children_dict_replaced(m: Nested) -> None:
+    # a container's dict of children set anew (as ModuleList.__delitem__ does): a layer the
+    # prefix cannot share put before the dropout, in a dict the check did not note
+    m.body[1]._modules = OrderedDict([("0", BatchSized()), ("1", m.body[1][0])])
+
+
+def _hooks_dict_replaced(m: Nested) -> None:
+    # hooks set as a dict anew (``module._forward_hooks = OrderedDict()`` clears them)
+    batch_sized = OrderedDict([(0, lambda module, args, out: out * out.shape[0])])
+    m.body[0][1]._forward_hooks = batch_sized
+
+
+def _pre_hooks_dict_replaced(m: Nested) -> None:
+    batch_sized = OrderedDict([(0, lambda module, args: (args[0] * args[0].shape[0],))])
+    m.body[1][0]._forward_pre_hooks = batch_sized
+
+
+@pytest.mark.parametrize(
+    "change", [_children_dict_replaced, _hooks_dict_replaced, _pre_hooks_dict_replaced]
+)
+def test_a_torch_modules_dicts_set_anew_make_a_new_plan(change: Callable[[Nested], None]) -> None:
+    """A torch module's ``_modules`` or hook dicts replaced by a dict of their own, not changed
+    in place: the kept plan shared a prefix the model's layers no longer allow."""
+    torch.manual_seed(0)
+    model = Nested().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    sample(model, x, 8, seed=0)  # (the check compiled)
+    change(model)
+    made = plan(model, x)
+    assert not made.prefix  # so the plan kept from before, which shares it, would be wrong
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
 
 
 def test_a_model_on_another_device_finds_no_plan_kept() -> None:
