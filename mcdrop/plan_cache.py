@@ -96,11 +96,12 @@ class _Plans:
         """Note the model as it is now (with this entry in the model's ``__dict__``), for
         :attr:`fits`: the same object, its modules of the same classes, with the same children
         in the same order, the same forward hooks and pre-hooks on each module and on every
-        module, none with a ``forward`` set on it since; the attributes of the modules of
-        classes not torch's, a flag their ``forward`` reads, and how many they are, with the
-        ``forward`` of every class not torch.nn's; the settings of torch's modules: their
-        attributes whose names do not start with ``_``, but for tensors (``spectral_norm`` and
-        ``prune`` set ``weight`` on every call); on the same device.
+        module (in the same dicts: one set anew is a change), none with a ``forward`` set on it
+        since; the attributes of the modules of classes not torch's, a flag their ``forward``
+        reads, and how many they are, with the ``forward`` of every class not torch.nn's; the
+        settings of torch's modules: their attributes whose names do not start with ``_``, but
+        for tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call); on the same
+        device.
 
         A setting may change the plan without a dropout call the pass would miss
         (``softmax.dim = 0`` before the first dropout: the prefix depends on the batch; an
@@ -138,6 +139,10 @@ class _Plans:
                     # another thread's route, there for its pass only (routed() below)
                     and not (name == "forward" and isinstance(value, _Route))
                 ]
+                # the dicts read above through views noted on them: one set anew
+                # (ModuleList.__delitem__, ``module._forward_hooks = OrderedDict()``) leaves
+                # the views on dicts no longer the module's (a user module's are noted above)
+                names += ["_modules", "_forward_pre_hooks", "_forward_hooks"]
             if id(m) in walked:
                 names += [name for name in ("_modules", "_parameters") if name not in names]
             for name in names:
