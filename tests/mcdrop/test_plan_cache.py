@@ -322,6 +322,36 @@ def test_a_torch_modules_dicts_set_anew_make_a_new_plan(change: Callable[[Nested
     assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
 
 
+class Named(nn.Module):
+    """Children read by name, two of them before the dropout: ``(N, 4) -> (N, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.spare, self.act = BatchSized(), nn.ReLU()
+        self.drop, self.b = nn.Dropout(0.3), nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.drop(self.act(self.a(x))))
+
+
+def test_children_renamed_in_their_order_make_a_new_plan() -> None:
+    """The same children in the same order under other names: ``act`` is now the layer the
+    prefix cannot share."""
+    torch.manual_seed(0)
+    model = Named().eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    sample(model, x, 8, seed=0)  # (the check compiled)
+    children = model._modules
+    renamed = [({"spare": "act", "act": "spare"}.get(k, k), v) for k, v in children.items()]
+    children.clear()
+    children.update(renamed)
+    made = plan(model, x)
+    assert not made.prefix  # so the plan kept from before, which shares it, would be wrong
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+
+
 def test_a_model_on_another_device_finds_no_plan_kept() -> None:
     """The device is the first parameter's, as model_device finds it: a model moved, a
     parameter put before it, or a first parameter unset leave the one found on another device
