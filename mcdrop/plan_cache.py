@@ -8,11 +8,11 @@ what a call with ``plan=mcdrop.plan(model, x)`` costs (:func:`mcdrop.sampling.sa
 
 A kept plan serves a call only while the model is as it was planned:
 
-- the same modules in the same places (no layer swapped, added or removed), each of the class
-  it had (``torch.nn.utils.parametrize`` and ``module.__class__ = ...`` change one), none with a
-  ``forward`` set on it since, the same forward hooks and pre-hooks on each module and on every
-  module (``register_module_forward_hook``: a hook may make the layers before the first dropout
-  depend on the batch, or use their output after it), on the same device;
+- the same modules in the same places (no layer swapped, added, removed or renamed), each of
+  the class it had (``torch.nn.utils.parametrize`` and ``module.__class__ = ...`` change one),
+  none with a ``forward`` set on it since, the same forward hooks and pre-hooks on each module
+  and on every module (``register_module_forward_hook``: a hook may make the layers before the
+  first dropout depend on the batch, or use their output after it), on the same device;
 - the modules of the user's own classes (not torch's) with the same attributes (but
   ``training``: a plan is made in eval mode), a flag their ``forward`` reads: compared by
   identity, so a value set anew (even an equal float) makes a new plan, as does a ``forward``
@@ -95,13 +95,13 @@ class _Plans:
     def note_state(self, model: nn.Module) -> None:
         """Note the model as it is now (with this entry in the model's ``__dict__``), for
         :attr:`fits`: the same object, its modules of the same classes, with the same children
-        in the same order, the same forward hooks and pre-hooks on each module and on every
-        module (in the same dicts: one set anew is a change), none with a ``forward`` set on it
-        since; the attributes of the modules of classes not torch's, a flag their ``forward``
-        reads, and how many they are, with the ``forward`` of every class not torch.nn's; the
-        settings of torch's modules: their attributes whose names do not start with ``_``, but
-        for tensors (``spectral_norm`` and ``prune`` set ``weight`` on every call); on the same
-        device.
+        in the same order under the same names, the same forward hooks and pre-hooks on each
+        module and on every module (in the same dicts: one set anew is a change), none with a
+        ``forward`` set on it since; the attributes of the modules of classes not torch's, a
+        flag their ``forward`` reads, and how many they are, with the ``forward`` of every class
+        not torch.nn's; the settings of torch's modules: their attributes whose names do not
+        start with ``_``, but for tensors (``spectral_norm`` and ``prune`` set ``weight`` on
+        every call); on the same device.
 
         A setting may change the plan without a dropout call the pass would miss
         (``softmax.dim = 0`` before the first dropout: the prefix depends on the batch; an
@@ -123,6 +123,8 @@ class _Plans:
         for m, d in zip(modules, dicts, strict=True):
             check.class_of(m)
             check.items(m._modules.values())  # in order: a Sequential runs its children so
+            if m._modules:  # under the same names: a forward of one's own reads them so
+                check.items(m._modules)
             check.hooks(m._forward_pre_hooks)
             check.hooks(m._forward_hooks)
             if not type(m).__module__.startswith("torch."):
