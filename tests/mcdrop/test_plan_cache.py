@@ -426,6 +426,38 @@ def test_attributes_of_any_name_are_noted(key: object) -> None:
         assert model.forwards > before + 1  # planned again
 
 
+class Unhashable(str):
+    """An attribute name whose hash fails once ``broken`` is set."""
+
+    broken = False
+
+    def __hash__(self) -> int:
+        if Unhashable.broken:
+            raise TypeError("no hash")
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+
+def test_a_check_that_cannot_read_a_name_finds_no_plan_kept() -> None:
+    """The check says no, never raises, for a model whatever its state: a name it cannot look
+    up (a fresh plan, which does not, samples)."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    vars(model)[Unhashable("scale")] = 1.5
+    sample(model, x, 4, seed=0)
+    sample(model, x, 4, seed=0)  # (the check compiled)
+    Unhashable.broken = True
+    try:
+        fresh = sample(model, x, 4, seed=1, plan=plan(model, x))
+        assert plan_cache.kept(model, x) is None
+    finally:
+        Unhashable.broken = False
+    assert torch.equal(sample(model, x, 4, seed=1), fresh)
+
+
 @pytest.mark.parametrize("depth", [0, 16])  # (with many modules, compared in one loop)
 def test_a_module_given_another_class_makes_a_new_plan(depth: int) -> None:
     class Doubled(nn.Dropout):
