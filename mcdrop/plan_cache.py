@@ -291,7 +291,7 @@ class _Check:
                 "            " + "\n            or ".join(tests),
                 "        ):",
                 "            return False",
-                "    except (KeyError, ValueError):  # an attribute gone; more or fewer items",
+                "    except Exception:  # a name gone or that fails to hash; more or fewer items",
                 "        return False",
                 f"    if ({forwards}) and not routed():",
                 "        return False",
