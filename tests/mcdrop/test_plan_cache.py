@@ -236,6 +236,35 @@ def test_hooks_added_or_removed_make_a_new_plan(rows: int) -> None:
     agree()
 
 
+@pytest.mark.parametrize("kind", ["_global_forward_pre_hooks", "_global_forward_hooks"])
+def test_global_hooks_set_as_a_dict_anew_make_a_new_plan(kind: str) -> None:
+    """torch's dicts of hooks for every module replaced (not changed in place) by one with a
+    hook the prefix cannot share: torch calls the new dict's."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+
+    def batch_sized(module: nn.Module, *args: object) -> object:
+        if module is not model.a:
+            return None
+        if kind == "_global_forward_pre_hooks":
+            (h,) = args[0]  # type: ignore[misc]
+            return (h * h.shape[0],)
+        return args[1] * args[1].shape[0]  # type: ignore[operator]
+
+    sample(model, x, 8, seed=0)
+    sample(model, x, 8, seed=0)  # (the check compiled)
+    hooks = torch.nn.modules.module
+    noted = getattr(hooks, kind)
+    setattr(hooks, kind, OrderedDict([(-1, batch_sized)]))
+    try:
+        made = plan(model, x)
+        assert not made.prefix  # so the plan kept from before, which shares it, would be wrong
+        assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+    finally:
+        setattr(hooks, kind, noted)
+
+
 def test_a_hook_swapped_in_place_makes_a_new_plan() -> None:
     """A hook replaced under its handle's key (the keys as planned, not the hooks)."""
     torch.manual_seed(0)
