@@ -116,6 +116,8 @@ class _Plans:
         # the hooks registered for every module (register_module_forward_hook), then each's
         check.hooks(_module_hooks._global_forward_pre_hooks)
         check.hooks(_module_hooks._global_forward_hooks)
+        for name in ("_global_forward_pre_hooks", "_global_forward_hooks"):
+            check.item(vars(_module_hooks), name)  # (torch calls a dict set anew there)
         # the modules model_device walks to the first parameter: with their children and
         # parameter dicts as noted, the device is that parameter's (see below)
         path = first_parameter_path(model)
