@@ -770,6 +770,30 @@ class HeldCounting(Counting):
         return y
 
 
+class Meddler:
+    """A setting whose class check runs code, that sets an attribute on its module there: what
+    another thread's routed pass does (a route set on the module) while a plan is kept."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # (read by isinstance)
+        vars(self.module)[f"set{len(vars(self.module))}"] = None
+        return Meddler
+
+
+def test_a_module_changed_while_its_plan_is_kept_samples() -> None:
+    """Keeping a plan reads each module's attributes from a copy made at once: a module given
+    one meanwhile (by another thread's pass: a route) is no error out of the sampling call."""
+    torch.manual_seed(0)
+    model = Counting().eval()
+    x = torch.randn(3, 4)
+    vars(model.drop)["meddler"] = Meddler(model.drop)
+    got = sample(model, x, 8, seed=2)
+    assert torch.equal(got, sample(model, x, 8, seed=2, plan=plan(model, x)))
+
+
 def test_a_plan_kept_during_another_threads_routed_pass_serves_after_it() -> None:
     """A call given no plan plans and keeps one while another thread's pass has put its route on
     the model's dropout module: the route is no setting of the module's, and the call after the
