@@ -117,7 +117,8 @@ class _Plans:
         check.hooks(_module_hooks._global_forward_pre_hooks)
         check.hooks(_module_hooks._global_forward_hooks)
         for name in ("_global_forward_pre_hooks", "_global_forward_hooks"):
-            check.item(vars(_module_hooks), name)  # (torch calls a dict set anew there)
+            # (torch calls a dict set anew there)
+            check.item(vars(_module_hooks), name, vars(_module_hooks)[name])
         # the modules model_device walks to the first parameter: with their children and
         # parameter dicts as noted, the device is that parameter's (see below)
         path = first_parameter_path(model)
@@ -129,14 +130,17 @@ class _Plans:
                 check.items(m._modules)
             check.hooks(m._forward_pre_hooks)
             check.hooks(m._forward_hooks)
+            # read from a copy made at once (in C): another thread's pass may set an attribute
+            # meanwhile (a route), which a loop over the dict itself would fail on
+            now = d.copy()
             if not type(m).__module__.startswith("torch."):
-                check.size(d)  # an attribute added
+                check.size(d, len(now))  # an attribute added
                 # (not the entry _mcdrop_plans: it is this object, where kept and keep find it)
-                names = [name for name in d if name not in ("training", _ATTRIBUTE)]
+                names = [name for name in now if name not in ("training", _ATTRIBUTE)]
             else:
                 names = [
                     name
-                    for name, value in d.items()
+                    for name, value in now.items()
                     if not (type(name) is str and name.startswith("_"))  # (any key: vars())
                     and name != "training"
                     and not isinstance(value, Tensor)
@@ -150,7 +154,8 @@ class _Plans:
             if id(m) in walked:
                 names += [name for name in ("_modules", "_parameters") if name not in names]
             for name in names:
-                check.item(d, name)
+                if name in now:  # (one of torch's deleted: the check's lookup fails, says no)
+                    check.item(d, name, now[name])
         # the forward of the classes of the modules not torch.nn's: a notebook may set a new
         # one on a class, a torch.fx.GraphModule sets one on its own when recompiled
         for c in {type(m): None for m in modules if not type(m).__module__.startswith("torch.nn.")}:
@@ -223,11 +228,13 @@ class _Check:
         if hooks:  # (none: the common case)
             self.items(hooks.values())
 
-    def size(self, found: dict[str, Any]) -> None:
-        self.notes.append(("size", found, len(found)))
+    def size(self, found: dict[str, Any], size: int) -> None:
+        """``found`` (a live dict) holds ``size`` items."""
+        self.notes.append(("size", found, size))
 
-    def item(self, found: dict[str, Any], key: str) -> None:
-        self.notes.append(("item", found, key, found[key]))
+    def item(self, found: dict[str, Any], key: str, value: object) -> None:
+        """``found`` (a live dict) holds ``value`` under ``key``."""
+        self.notes.append(("item", found, key, value))
 
     def forward(self, cls: type[nn.Module]) -> None:
         self.notes.append(("forward", cls, cls.forward))
