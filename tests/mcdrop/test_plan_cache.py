@@ -487,6 +487,41 @@ def test_a_check_that_cannot_read_a_name_finds_no_plan_kept() -> None:
     assert torch.equal(sample(model, x, 4, seed=1), fresh)
 
 
+class Loose(type):
+    """A metaclass whose classes are all equal (``==``), never the same (``is``)."""
+
+    def __eq__(cls, other: object) -> bool:
+        return isinstance(other, Loose)
+
+    __hash__ = type.__hash__
+
+
+class LooseReLU(nn.Module, metaclass=Loose):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x)
+
+
+class LooseBatchSized(nn.Module, metaclass=Loose):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x) * x.shape[0]
+
+
+@pytest.mark.parametrize("depth", [0, 16])  # (with many modules, compared in one loop)
+def test_a_module_given_an_equal_class_makes_a_new_plan(depth: int) -> None:
+    """Classes compared by identity: another one equal by its metaclass's ``==`` is a change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 16), LooseReLU(), *(nn.Identity() for _ in range(depth)), nn.Dropout(0.3)
+    ).eval()
+    x = torch.randn(3, 4)
+    sample(model, x, 8, seed=0)
+    sample(model, x, 8, seed=0)  # (the check compiled)
+    model[1].__class__ = LooseBatchSized
+    made = plan(model, x)
+    assert not made.prefix  # so the plan kept from before, which shares it, would be wrong
+    assert torch.equal(sample(model, x, 8, seed=2), sample(model, x, 8, seed=2, plan=made))
+
+
 @pytest.mark.parametrize("depth", [0, 16])  # (with many modules, compared in one loop)
 def test_a_module_given_another_class_makes_a_new_plan(depth: int) -> None:
     class Doubled(nn.Dropout):
