@@ -44,6 +44,7 @@ whole with ``torch.save`` loads without mcdrop) and copies (``copy.copy``, ``cop
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import threading
 import weakref
@@ -262,7 +263,10 @@ class _Check:
         modules = tuple(found for kind, found, *_ in self.notes if kind == "type")
         classes = tuple(noted[0] for kind, _, *noted in self.notes if kind == "type")
         empty = tuple(found for kind, found, *_ in self.notes if kind == "empty")
-        tests = [f"tuple(map(type, {name(modules)})) != {name(classes)}", f"any({name(empty)})"]
+        tests = [
+            f"any(map(is_not, map(type, {name(modules)}), {name(classes)}))",  # (never ==)
+            f"any({name(empty)})",
+        ]
         if len(modules) <= 16:  # (a few: a line each costs less than the loop)
             tests[0] = " or ".join(
                 f"type({name(m)}) is not {name(c)}" for m, c in zip(modules, classes, strict=True)
@@ -308,7 +312,7 @@ class _Check:
                 "    return model_device(model) == device",
             ]
         )
-        namespace = {**objects, **helpers}
+        namespace = {**objects, **helpers, "is_not": operator.is_not}
         exec(_compiled(source), namespace)  # (our source: names, and str keys as literals)
         fits: Callable[[nn.Module], bool] = namespace["fits"]
         return fits
