@@ -30,8 +30,9 @@ are those a fresh plan gives. (The exceptions, as with a plan the caller keeps: 
 (:mod:`mcdrop.routing`) made when a global kept an ``F.dropout`` call out of the ``forward``
 does not see that call once the global lets it in; and what changes no dropout call but makes
 the layers before the first dropout depend on the batch, so that they may no longer run once
-per row (a global or a list read there, values set in place, a buffer set to None: BatchNorm's
-running statistics), keeps the plan's shared prefix: call :func:`forget` after such a change.)
+per row (a global, a class attribute or a list read there, values set in place, a buffer set to
+None: BatchNorm's running statistics), keeps the plan's shared prefix: call :func:`forget` after
+such a change.)
 
 The plans live on the model (the ``_mcdrop_plans`` entry of its ``__dict__``), not in a global
 table: a plan references the model's modules, so a table would keep every model it saw alive.
