@@ -61,7 +61,11 @@ def _rate_attributes(module: nn.Module) -> list[tuple[str, float]]:
     return [
         (key, float(value))
         for key, value in vars(module).items()
-        if (key == "p" or "drop" in key.lower()) and isinstance(value, float) and 0.0 < value < 1.0
+        # (a key of another type, which setattr cannot make but __dict__ takes, is no rate)
+        if type(key) is str
+        and (key == "p" or "drop" in key.lower())
+        and isinstance(value, float)
+        and 0.0 < value < 1.0
     ]
 
 

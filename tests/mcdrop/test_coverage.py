@@ -119,6 +119,25 @@ def test_declared_rates() -> None:
     }
 
 
+def test_a_module_with_a_key_of_another_type_in_its_dict_samples() -> None:
+    """A key that is no str in a module's ``__dict__`` (which setattr cannot make, but the dict
+    takes) is no declared rate, and sampling the model works."""
+
+    class Keyed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.drop = nn.Linear(4, 2), nn.Dropout(0.3)
+            vars(self)[7] = 0.5
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.drop(self.fc(x))
+
+    model = Keyed().eval()
+    assert {(d.attribute, d.rate) for d in declared_rates(model)} == {("p", 0.3)}
+    x = torch.randn(3, 4)
+    assert sample(model, x, 4, seed=1).var(0).gt(0).any()
+
+
 @pytest.mark.parametrize("head_p", [0.1, 0.2], ids=["other_rate", "same_rate"])
 def test_a_rate_given_in_training_only_is_named_with_the_fix(head_p: float) -> None:
     """Named even where a submodule drops at the same rate (one config value for attention and
