@@ -762,19 +762,27 @@ def _on_threads(*targets: Callable[[], object]) -> None:
         t.join()
 
 
+def _sampled_on_threads(
+    model: nn.Module, x: Tensor, n_samples: int, want: Tensor, calls: int, threads: int
+) -> list[bool]:
+    """Whether each of ``calls`` calls given no plan on each of ``threads`` threads at once
+    sampled ``want``."""
+    got: list[bool] = []
+
+    def run() -> None:
+        for _ in range(calls):
+            got.append(torch.equal(sample(model, x, n_samples, seed=3), want))
+
+    _on_threads(*[run] * threads)
+    return got
+
+
 def test_threads_sampling_one_model_without_a_plan_agree() -> None:
     torch.manual_seed(0)
     model = Counting().eval()
     x = torch.randn(3, 4)
     want = sample(model, x, 16, seed=3, plan=plan(model, x))
-    got: list[bool] = []
-
-    def run() -> None:
-        for _ in range(20):
-            got.append(torch.equal(sample(model, x, 16, seed=3), want))
-
-    _on_threads(*[run] * 4)
-    assert got == [True] * 80
+    assert _sampled_on_threads(model, x, 16, want, calls=20, threads=4) == [True] * 80
 
 
 class CountingAttention(Counting):
@@ -866,14 +874,7 @@ def test_threads_sampling_one_routed_model_without_a_plan_keep_its_plan(
     assert plan(model, x).routes is not None
     want = sample(model, x, 4, seed=3)
     before = model.forwards
-    got: list[bool] = []
-
-    def run() -> None:
-        for _ in range(100):
-            got.append(torch.equal(sample(model, x, 4, seed=3), want))
-
-    _on_threads(*[run] * 4)
-    assert got == [True] * 400
+    assert _sampled_on_threads(model, x, 4, want, calls=100, threads=4) == [True] * 400
     assert model.forwards == before + 400  # one pass a call: none planned again
 
 
@@ -890,14 +891,7 @@ def test_a_model_in_training_mode_keeps_its_plan() -> None:
     model.train()
     assert torch.equal(sample(model, x, 4, seed=3), want)
     assert model.forwards == before + 2
-    got: list[bool] = []
-
-    def run() -> None:
-        for _ in range(100):
-            got.append(torch.equal(sample(model, x, 4, seed=3), want))
-
-    _on_threads(*[run] * 3)
-    assert got == [True] * 300
+    assert _sampled_on_threads(model, x, 4, want, calls=100, threads=3) == [True] * 300
     assert model.forwards == before + 302
     assert model.training
 
