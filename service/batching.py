@@ -252,7 +252,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         job.future = loop.create_future()
         job.queued_at = time.monotonic()
-        if self.metrics is not None and job.options is not None:
+        # An adaptive job is counted once computed: by the samples its rows used (_run).
+        if self.metrics is not None and job.options is not None and job.options.tolerance is None:
             self.metrics.row_samples.observe(job.rows * job.options.n_samples)
         self.pending.append(job)
         self._schedule(loop)
@@ -510,5 +511,8 @@ class Batcher:
             check_finite_inputs=False,
         )
         parts = _split(summary, sizes)
+        if auto and self.metrics is not None:  # what each job's rows used, not the most
+            for part in parts:
+                self.metrics.row_samples.observe(int(part.row_n_samples.sum()))
         chunks = [None] * len(jobs) if samples is None else samples.split(sizes, 1)
         return list(zip(parts, chunks, strict=True))

@@ -310,8 +310,9 @@ def mc_options(
         )
     if return_samples and total > settings.max_returned_samples:
         raise LimitExceededError(
-            f"return_samples with rows × {what} = {total} is above the limit of "
-            f"{settings.max_returned_samples}"
+            f"returned samples (return_samples, or the samples output): rows × {what} = {rows} "
+            f"× {count} = {total} is above the limit of {settings.max_returned_samples}; send "
+            "fewer rows, ask for fewer samples, or leave the samples out"
         )
     return MCOptions(count, level, return_samples, tolerance)
 

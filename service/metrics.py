@@ -13,6 +13,7 @@ Per model (label ``model``):
     nv_inference_queue_duration_seconds       histogram: time a request's rows waited to run
     nv_inference_compute_infer_duration_seconds  histogram: time of one model execution
     mcdrop_row_samples                        histogram: rows × n_samples of uncertainty requests
+                                              ("auto": the samples its rows used)
 
 plus the process metrics of ``prometheus_client`` (CPU seconds, resident memory, open files,
 ...). Every app has its own registry, so apps in one process (tests) never mix their counts.

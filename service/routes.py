@@ -51,7 +51,8 @@ class _JsonBodyRoute(APIRoute):
     - A large body is parsed in a worker thread: ``json.loads`` of a 4 MB body of image rows
       holds the event loop (and ``/health``) for ~100 ms.
     - A body that is not JSON is a ``json_invalid`` validation error (400), one that cannot be
-      decoded at all a 400 HTTP error, an empty one a missing body (422), as FastAPI answers.
+      decoded at all (nested too deeply, not UTF-8, an integer of thousands of digits) a 400
+      HTTP error that says which, an empty one a missing body (422), as FastAPI answers.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -86,7 +87,13 @@ class _JsonBodyRoute(APIRoute):
                 ) from exc
             except ServiceError:  # too many keys (dataplane.check_keys): it says so
                 raise
-            except Exception as exc:  # e.g. not UTF-8, or an integer of 5000 digits
+            except RecursionError:  # json.loads recurses once per level
+                raise HTTPException(400, "arrays or objects nested too deeply") from None
+            except UnicodeDecodeError as exc:
+                raise HTTPException(400, f"not UTF-8 (byte {exc.start}: {exc.reason})") from None
+            except ValueError as exc:  # an integer of 5000 digits: Python's words, less its advice
+                raise HTTPException(400, str(exc).split(";")[0]) from exc
+            except Exception as exc:
                 raise HTTPException(400, "There was an error parsing the body") from exc
             body, errors = field.validate(parsed, {}, loc=("body",))
             if errors:

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -247,6 +248,17 @@ def test_deeply_nested_inputs_are_refused_before_sending() -> None:
         deep = [deep]
     with Client("http://127.0.0.1:9") as client, pytest.raises(InvalidRequestError, match="deep"):
         client.predict("m", deep)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("field", ["inputs", "tolerance", "level", "coverage"])
+def test_a_value_json_cannot_carry_is_refused_naming_its_field(field: str, value: float) -> None:
+    # It was "Out of range float values are not JSON compliant", whichever field held it.
+    options: dict[str, Any] = {"n_samples": "auto"} | ({} if field == "inputs" else {field: value})
+    rows = [[1.0, value]] if field == "inputs" else [[1.0, 2.0]]
+    with Client("http://127.0.0.1:9") as client, pytest.raises(InvalidRequestError) as info:
+        client.uncertainty("m", rows, **options)
+    assert f"{field} holds NaN or infinity" in str(info.value)
 
 
 @pytest.mark.parametrize("timeout", [-1, 0, 0.0, math.nan, -math.inf, "3", True])

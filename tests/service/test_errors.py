@@ -115,6 +115,31 @@ def test_an_integer_too_long_to_parse_is_a_400(http: TestClient) -> None:
     assert response.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"inputs": [[ROW]], "tolerance": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
+        (b'{"inputs": [[ROW]], "x": "\xff"}', "UTF-8"),
+        (b'{"inputs": [[ROW]], "seed": 1' + b"0" * 5000 + b"}", "digits"),
+    ],
+    ids=["nested too deeply", "not UTF-8", "5000 digits"],
+)
+def test_a_body_json_loads_cannot_parse_says_why(
+    http: TestClient, body: bytes, reason: str
+) -> None:
+    # Valid JSON text that the parser refuses: the message says what to change (it was FastAPI's
+    # "There was an error parsing the body", whatever the cause).
+    response = http.post(
+        "/models/diabetes/uncertainty",
+        content=body.replace(b"ROW", ROW.encode()),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert reason in error["message"]
+
+
 # -- one vocabulary ----------------------------------------------------------------------------
 
 

@@ -62,6 +62,23 @@ def test_scrape_counts_requests_rows_and_executions(http: TestClient) -> None:
     assert ("nv_inference_request_success_total", (("model", "nope"),)) not in m
 
 
+def test_adaptive_requests_count_the_samples_their_rows_used(
+    only: Callable[..., Path],
+) -> None:
+    # It counted rows × max_n_samples, the most they might use: 2 × 1000 for two rows that
+    # stopped at 16 (a blank digit is certain) overstated the work 60-fold.
+    with TestClient(create_app(Settings(model_dir=only("digits"), batching=False))) as http:
+        wait_ready(http)
+        body = {"inputs": [DIGIT] * 2, "n_samples": "auto", "seed": 1, "tolerance": 0.5}
+        response = http.post("/models/digits/uncertainty", json=body)
+        assert response.status_code == 200, response.text
+        used = sum(row["n_samples"] for row in response.json()["results"])
+        m = _scrape(http)
+    digits = (("model", "digits"),)
+    assert m[("mcdrop_row_samples_count", digits)] == 1
+    assert m[("mcdrop_row_samples_sum", digits)] == used == 2 * 16
+
+
 def test_apps_keep_their_own_counts(http: TestClient, only: Callable[..., Path]) -> None:
     with TestClient(create_app(Settings(model_dir=only("digits")))) as other:
         wait_ready(other)

@@ -652,6 +652,17 @@ BAD: dict[str, tuple[Any, int, str]] = {
         400,
         "rows × max_n_samples",
     ),
+    # It named only the native API's return_samples, and said no way out.
+    "returned samples of auto": (
+        _json(
+            _input(shape=[6, 10], data=_row(60)),
+            parameters={"n_samples": "auto"},
+            outputs=[{"name": "samples"}],
+        ),
+        400,
+        "the samples output): rows × max_n_samples = 6 × 1000 = 6000 is above the limit of "
+        "5000; send fewer rows, ask for fewer samples, or leave the samples out",
+    ),
     "auto with predict": (
         _json(parameters={"mode": "predict", "n_samples": "auto", "tolerance": 0.1}),
         400,

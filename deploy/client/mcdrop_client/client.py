@@ -292,13 +292,37 @@ def _encode(body: dict[str, Any]) -> bytes:
     """The JSON body; NaN and infinity are refused here, since JSON cannot carry them."""
     try:
         return json.dumps(body, allow_nan=False).encode()
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:
+        fields = [name for name, value in body.items() if not _finite(value)]
+        if not fields:
+            raise InvalidRequestError(f"cannot encode the request as JSON: {exc}") from None
+        raise InvalidRequestError(
+            f"cannot encode the request as JSON: {' and '.join(fields)} "
+            f"{'holds' if len(fields) == 1 else 'hold'} NaN or infinity, which JSON cannot "
+            "carry; send finite numbers"
+        ) from None
+    except TypeError as exc:
         raise InvalidRequestError(f"cannot encode the request as JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequestError(
             "cannot encode the request as JSON: the inputs are nested too deeply; give rows of "
             "numbers (or of nested lists as deep as the model's input_shape)"
         ) from None
+
+
+def _finite(value: Any) -> bool:
+    """Whether no float in ``value`` (nested lists and dicts, walked without recursion: it may
+    be deep) is NaN or infinite."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return True
 
 
 def _rows(inputs: Sequence[Any]) -> list[Any]:
