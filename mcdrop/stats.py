@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -575,9 +576,9 @@ class RegressionAccumulator(_Counts):
             y = self.targets[rows]
             mu_t = torch.from_numpy(mu)
             noise_t = (
-                torch.full_like(mu_t, self.noise_variance)
-                if noise is None
-                else torch.from_numpy(noise)
+                torch.from_numpy(noise)
+                if noise is not None
+                else torch.full_like(mu_t, cast(float, self.noise_variance))
             )
             log_density = -0.5 * (torch.log(2 * math.pi * noise_t) + (y - mu_t).square() / noise_t)
             self.lse[rows] = torch.logaddexp(self.lse[rows], torch.logsumexp(log_density, 0))
