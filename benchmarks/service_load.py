@@ -131,10 +131,33 @@ class Server:
         self.proc.wait(timeout=30)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (all its threads)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
+        """User + system CPU time of the server process so far (all its threads), and of its
+        worker processes (``MCDROP_WORKERS``)."""
+        return sum(map(_cpu_seconds, _process_tree(self.proc.pid)))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (0 where it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now (Linux ``/proc``)."""
+    found, queue = [], [pid]
+    while queue:
+        pid = queue.pop()
+        found.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                queue += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
 
 
 # A client sends a request, awaits the answer, and repeats: ``(path, body) -> ok``.
@@ -222,6 +245,49 @@ async def _load(
         errors=errors,
         requests=len(latencies),
         cpu_ms=cpu / max(1, len(latencies)) * 1e3,
+    )
+
+
+def workers(quick: bool = False, generator: str = "raw") -> str:
+    """Throughput of ``mcdrop serve --workers N`` for N = 1 and 2 (one torch thread per worker),
+    and of one process with two torch threads (the same cores as two workers), on one-row
+    uncertainty requests (100 samples) from 1, 8 and 32 closed-loop clients."""
+    seconds = 0.5 if quick else 6.0
+    clients = (8,) if quick else (1, 8, 32)
+    data = _rows()
+    models = ["digits"] + (["fashion"] if "fashion" in data and not quick else [])
+    bodies = {
+        m: [json.dumps(_body("uncertainty", r, i)).encode() for i, r in enumerate(data[m])]
+        for m in models
+    }
+    servers = [
+        ("1 worker, 1 torch thread", {"MCDROP_WORKERS": "1"}),
+        ("1 worker, 2 torch threads", {"MCDROP_WORKERS": "1", "MCDROP_TORCH_THREADS": "2"}),
+        ("2 workers, 1 torch thread each", {"MCDROP_WORKERS": "2"}),
+    ]
+    rows = []
+    for name, settings in servers[:1] + servers[2:] if quick else servers:
+        with Server(batching=True, **settings) as server:
+            for m in models:
+                for c in clients:
+                    path = f"/models/{m}/uncertainty"
+                    cell = asyncio.run(_load(server, generator, path, bodies[m], c, seconds))
+                    rows.append(
+                        [
+                            name,
+                            m,
+                            c,
+                            f"{cell.rps:.0f}",
+                            f"{cell.p50:.1f}",
+                            f"{cell.p99:.1f}",
+                            f"{cell.errors}/{cell.requests}",
+                            f"{cell.cpu_ms:.2f}",
+                        ]
+                    )
+    header = ["server", "model", "clients", "req/s", "p50 ms", "p99 ms", "errors", "CPU ms/req"]
+    return (
+        f"### Workers ({machine()}; uncertainty, 1 row × {N_SAMPLES} samples)\n\n"
+        f"{table(header, rows)}\n"
     )
 
 
@@ -716,9 +782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--generator", choices=GENERATORS, default="raw")
     parser.add_argument(
         "--only",
-        choices=("load", "protocols", "arrival", "overhead"),
-        help="only the load table, the v2 vs native comparison, the arrival wait's, or the "
-        "overhead against a bare route",
+        choices=("load", "protocols", "arrival", "overhead", "workers"),
+        help="only the load table, the v2 vs native comparison, the arrival wait's, the "
+        "overhead against a bare route, or 1 vs 2 workers",
     )
     parser.add_argument(
         "--against",
@@ -744,6 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(arrival_wait(args.quick, args.generator), flush=True)
     if args.only in (None, "overhead"):
         print(overhead(args.quick, args.generator), flush=True)
+    if args.only in (None, "workers"):
+        print(workers(args.quick, args.generator), flush=True)
     return 0
 
 

@@ -249,6 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.loader = loader
         yield
         registry.close()
+        metrics.close()
 
     app = FastAPI(
         title="mcdrop",

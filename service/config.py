@@ -107,7 +107,17 @@ class Settings(ModelSettings):
         "the CPU; on a GPU only the activation budget, 1 GiB or a 32nd of its memory, bounds a "
         "pass)",
     )
-    max_concurrency: int = Field(2, ge=1, description="model computations running at once")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes on one port, each with its own models (more cores serve "
+        "more requests; each worker runs cores ÷ workers torch threads unless torch_threads is "
+        "set)",
+    )
+    max_concurrency: int = Field(
+        2, ge=1, description="model computations running at once (per worker)"
+    )
     batching: bool = Field(True, description="merge concurrent requests into shared passes")
     max_batch_rows: int = Field(256, ge=1, description="most rows in one merged batch")
     batch_max_wait_ms: float = Field(

@@ -17,10 +17,17 @@ Per model (label ``model``):
 
 plus the process metrics of ``prometheus_client`` (CPU seconds, resident memory, open files,
 ...). Every app has its own registry, so apps in one process (tests) never mix their counts.
+
+Under ``mcdrop serve --workers N`` each worker process records into files of its own in
+``PROMETHEUS_MULTIPROC_DIR`` (``prometheus_client``'s multiprocess mode, set up by
+:func:`service.server.run` before the workers start), and ``/metrics``, whichever worker answers
+it, sums every worker's: the counts and histograms of the whole server, the gauges summed over
+the live workers. The process metrics are then left out (they would be one worker's).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
 
 from service.arrivals import InferenceRoutes
@@ -40,6 +48,10 @@ from service.arrivals import InferenceRoutes
 #: Seconds: from a one-row pass on the event loop (~0.1 ms) to a request at its deadline (60 s).
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ROW_SAMPLES = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+#: The folder the worker processes of ``mcdrop serve --workers N`` share their values in (None:
+#: one process), read when prometheus_client was, as it reads it.
+SHARED_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 Scope = dict[str, Any]
 
@@ -49,7 +61,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        # Whether the values are in files shared by the workers: prometheus_client chose that
+        # when it was imported, from the environment (see the module docstring).
+        self.shared = SHARED_DIR
+        if self.shared is None:
+            ProcessCollector(registry=self.registry)
         r = self.registry
         self.success = Counter(
             "nv_inference_request_success", "Requests answered 2xx", ["model"], registry=r
@@ -68,12 +84,14 @@ class Metrics:
             "nv_inference_pending_request_count",
             "Requests queued, waiting for the model",
             ["model"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.in_flight = Gauge(
             "mcdrop_inference_in_flight_requests",
             "Requests being read, queued or computed",
             ["model"],
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.request_seconds = Histogram(
@@ -115,9 +133,19 @@ class Metrics:
             row_samples=self.row_samples.labels(name),
         )
 
+    def close(self) -> None:
+        """A worker stopping: its gauges leave the sums (its counts stay in them)."""
+        if self.shared is not None:
+            mark_process_dead(os.getpid(), self.shared)
+
     def scrape(self) -> tuple[bytes, str]:
-        """The text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text exposition and its content type: of every worker's values where the workers
+        share them."""
+        if self.shared is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        every = CollectorRegistry()
+        MultiProcessCollector(every, path=self.shared)
+        return generate_latest(every), CONTENT_TYPE_LATEST
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 try:
     import ray
@@ -50,9 +48,8 @@ from service.app import StartupError, configure_process, create_app
 from service.cli import _SETTINGS_FLAGS, _add_setting_flags
 from service.config import Settings
 from service.registry import ServerState
+from service.replicas import ReplicaHeader
 
-#: The response header that names the replica which computed the answer.
-REPLICA_HEADER = "x-mcdrop-replica"
 #: Longest wait for models still loading in a health check (then it fails and Ray retries).
 LOAD_WAIT_S = 600.0
 #: The object store of a local Ray cluster: only request and response bodies pass through it.
@@ -61,30 +58,6 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 STARTUP_FAILED = 3
 
 log = logging.getLogger("ray.serve")
-
-Message = MutableMapping[str, Any]
-
-
-class ReplicaHeader:
-    """ASGI middleware: adds ``x-mcdrop-replica: <replica id>`` to every HTTP response."""
-
-    def __init__(self, app: Any, replica: str) -> None:
-        self.app = app
-        self.header = (REPLICA_HEADER.encode(), replica.encode())
-
-    async def __call__(
-        self, scope: Message, receive: Callable[[], Awaitable[Message]], send: Any
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_named(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, send_named)
 
 
 @serve.ingress()

@@ -22,18 +22,29 @@ its response, 7.4 MB, indefinitely): a connection whose unsent response has not 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import tempfile
 from functools import partial
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from service import errors, logs
 from service.app import create_app
 from service.config import Settings
+from service.replicas import ReplicaHeader
 
 #: How long a connection refused with a 431 stays open for the client to read the answer.
 _LINGER_S = 1.0
+
+#: The environment variable that hands ``mcdrop serve``'s settings to its worker processes.
+_WORKER_SETTINGS = "MCDROP_SERVE_WORKER_SETTINGS"
 
 
 class TimedHttpProtocol(HttpToolsProtocol):
@@ -198,11 +209,21 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
 
 def config(settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """The uvicorn configuration of ``mcdrop serve`` for ``settings``."""
+    """The uvicorn configuration of ``mcdrop serve`` for ``settings``: the app itself for one
+    worker; for more, the factory each worker process calls (:func:`worker_app`)."""
+    app: Any
+    if settings.workers == 1:
+        app = create_app(settings)
+    else:
+        # Workers are spawned processes, which import the app: it is named, not handed over,
+        # and the settings reach them in the environment they inherit.
+        app = "service.server:worker_app"
+        os.environ[_WORKER_SETTINGS] = settings.model_dump_json(exclude={"api_key"})
+        overrides = {"factory": True, **overrides}
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "workers": 1,
+        "workers": settings.workers,
         "log_level": settings.log_level,
         "log_config": logs.config(settings.log_level, settings.log_format),
         "http": partial(
@@ -214,9 +235,43 @@ def config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         **overrides,
     }
-    return uvicorn.Config(create_app(settings), **options)
+    return uvicorn.Config(app, **options)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of ``mcdrop serve --workers N``: the parent's settings (the
+    API key, never written there, from the environment as the parent read it), each worker with
+    ``cores ÷ N`` torch threads unless ``torch_threads`` is set, so that the workers do not
+    contend for the same cores. Its answers name it in ``x-mcdrop-replica: worker-<pid>``."""
+    settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
+    if settings.torch_threads is None:
+        cores = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
+        threads = max(1, (cores or 1) // settings.workers)
+        settings = settings.model_copy(update={"torch_threads": threads})
+    app = create_app(settings)
+    app.add_middleware(ReplicaHeader, replica=f"worker-{os.getpid()}")
+    return app
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM."""
-    uvicorn.Server(config(settings)).run()
+    """Serve until SIGINT/SIGTERM: one process, or ``settings.workers`` worker processes on one
+    socket under uvicorn's supervisor (which restarts a worker that dies)."""
+    server_config = config(settings)
+    if settings.workers == 1:
+        uvicorn.Server(server_config).run()
+        return
+    # The workers' metrics in files of a folder they share (service.metrics), one made for this
+    # run unless the environment names one; the workers import prometheus_client after this.
+    made = None
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mcdrop-metrics-")
+    supervisor = Multiprocess(server_config, sockets=[server_config.bind_socket()])
+    try:
+        supervisor.run()
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+    # A worker that failed to start (a model that does not load, with exit_on_error) stops the
+    # supervisor: exit as one process would then (uvicorn's status 3), not 0.
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        raise SystemExit(STARTUP_FAILURE)

@@ -146,6 +146,22 @@ def test_service_protocols_quick() -> None:
 
 
 @pytest.mark.slow
+def test_workers_quick() -> None:
+    text = service_load.workers(quick=True)
+    cells = re.findall(
+        r"^\| ([^|]+) \| digits \| 8 \| (\d+) \| .* \| (\d+)/(\d+) \| ([\d.]+) \|$", text, re.M
+    )
+    assert [name for name, *_ in cells] == [
+        "1 worker, 1 torch thread",
+        "2 workers, 1 torch thread each",
+    ]
+    # every request answered, and the workers' CPU counted (not the idle parent's alone)
+    assert all(
+        int(rps) > 0 and e == "0" and int(n) > 0 and float(cpu) > 0.1 for _, rps, e, n, cpu in cells
+    )
+
+
+@pytest.mark.slow
 def test_soak_quick() -> None:
     text = soak.run(quick=True)
     assert "0 unexpected answers" in text

@@ -192,10 +192,18 @@ def broken_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_serve_refuses_to_start_with_a_broken_model(broken_folder: Path) -> None:
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one process", "workers"])
+def test_serve_refuses_to_start_with_a_broken_model(
+    broken_folder: Path, workers: tuple[str, ...]
+) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(
-        _serve(broken_folder), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        _serve(broken_folder, *workers),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 3, done.stderr  # uvicorn's start-up failure
     assert "2 model(s) failed to load, so the server does not start" in done.stderr

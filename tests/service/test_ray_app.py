@@ -36,7 +36,7 @@ pytest.importorskip("ray", reason="Ray Serve is an extra: pip install -e '.[ray]
 with warnings.catch_warnings():
     # Ray Serve's own pydantic models use Field arguments that pydantic 2 deprecates.
     warnings.simplefilter("ignore", DeprecationWarning)
-    from service.ray_app import REPLICA_HEADER, ReplicaHeader
+    from service.replicas import REPLICA_HEADER, ReplicaHeader
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,113 @@
+"""End to end: ``mcdrop serve --workers N``, worker processes on one port, each with its own
+models (:func:`service.server.run`)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from service.replicas import REPLICA_HEADER
+from tests.e2e.server import Server, serve
+
+pytestmark = pytest.mark.slow
+
+DIABETES_ROW = [0.01 * i for i in range(10)]
+
+
+def _workers(server: Server) -> list[int]:
+    """The pids of the server's worker processes (its children that multiprocessing spawned)."""
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(child)
+        for child in children
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # (a zombie has exited)
+
+
+def test_workers_share_the_port_with_the_settings_and_answers_of_one_process(
+    tmp_path: Path,
+) -> None:
+    body = {"inputs": [DIABETES_ROW], "n_samples": 40, "seed": 11}
+    with serve(tmp_path, MCDROP_WORKERS="1") as one, httpx2.Client(base_url=one.url) as http:
+        expected = http.post("/models/diabetes/uncertainty", json=body).json()
+    with serve(tmp_path, MCDROP_WORKERS="2", MCDROP_MAX_REQUEST_ROWS="3") as server:
+        workers = _workers(server)
+        assert len(workers) == 2
+        # Fresh connections, which either worker may accept: each answers as one process does,
+        # and each holds the settings given to the parent.
+        for _ in range(12):
+            with httpx2.Client(base_url=server.url) as http:
+                assert http.post("/models/diabetes/uncertainty", json=body).json() == expected
+                refused = http.post("/models/diabetes/predict", json={"inputs": [DIABETES_ROW] * 4})
+                assert refused.status_code == 422
+                assert "limit of 3 per request" in refused.text
+    assert not any(map(_alive, workers))  # SIGTERM to the parent stops every worker
+
+
+def test_workers_read_the_api_key_from_the_environment(tmp_path: Path) -> None:
+    # The key is never written where the workers read the parent's settings: they read it from
+    # the environment they inherit, as the parent did.
+    with serve(tmp_path, MCDROP_WORKERS="2", MCDROP_API_KEY="s3cret-key") as server:
+        for _ in range(6):
+            with httpx2.Client(base_url=server.url) as http:
+                url = "/models/diabetes/predict"
+                body = {"inputs": [DIABETES_ROW]}
+                assert http.post(url, json=body).status_code == 401
+                ok = http.post(url, json=body, headers={"Authorization": "Bearer s3cret-key"})
+                assert ok.status_code == 200
+
+
+def _count(metrics: str, name: str, model: str) -> float:
+    """A sample's value in a text exposition (0 where it has none)."""
+    for line in metrics.splitlines():
+        if line.startswith(f'{name}{{model="{model}"}} '):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _answer_from_each(server: Server, request: Callable[[httpx2.Client], httpx2.Response]) -> int:
+    """Send ``request`` on fresh connections until both workers have answered one (at most 200
+    tries); the number sent."""
+    seen: set[str] = set()
+    sent = 0
+    while len(seen) < 2 and sent < 200:
+        with httpx2.Client(base_url=server.url) as http:
+            response = request(http)
+        assert response.status_code == 200, response.text
+        seen.add(response.headers[REPLICA_HEADER])
+        sent += 1
+    assert seen == {f"worker-{pid}" for pid in _workers(server)}
+    return sent
+
+
+def test_metrics_count_the_requests_of_every_worker(tmp_path: Path) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("mcdrop-metrics-*"))
+    with serve(tmp_path, MCDROP_WORKERS="2") as server:
+        shared = set(Path(tempfile.gettempdir()).glob("mcdrop-metrics-*")) - before
+        assert len(shared) == 1
+        body = {"inputs": [DIABETES_ROW] * 3}
+        sent = _answer_from_each(
+            server, lambda http: http.post("/models/diabetes/predict", json=body)
+        )
+        # whichever worker answers /metrics, it counts both workers' requests
+        scrapes = []
+        _answer_from_each(server, lambda http: scrapes.append(http.get("/metrics")) or scrapes[-1])
+        for scrape in scrapes:
+            metrics = scrape.text
+            assert _count(metrics, "nv_inference_request_success_total", "diabetes") == sent
+            assert _count(metrics, "nv_inference_count_total", "diabetes") == 3 * sent
+            assert _count(metrics, "nv_inference_pending_request_count", "diabetes") == 0
+    assert not any(d.exists() for d in shared)  # the folder the workers shared goes with them
