@@ -165,6 +165,12 @@ def plot(points: Sequence[dict[str, object]], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _mib(growth: float) -> str:
+    """A peak's growth as the table shows it: under :data:`LEAST_MIB` (memory the allocator
+    already held, which may read a little below 0) as the plot draws it."""
+    return f"< {LEAST_MIB}" if growth < LEAST_MIB else f"{growth:.1f}"
+
+
 def run(quick: bool = False, out: Path = DEFAULT_OUT) -> str:
     points = measure(QUICK_GRIDS if quick else GRIDS, quick)
     title = f"mcdrop.sample against the floor ({machine()})"
@@ -177,8 +183,8 @@ def run(quick: bool = False, out: Path = DEFAULT_OUT) -> str:
             p["T"],
             f"{float(p['mcdrop s']) * 1e3:.2f}",  # type: ignore[arg-type]
             f"{float(p['floor s']) * 1e3:.2f}",  # type: ignore[arg-type]
-            f"{float(p['mcdrop MiB']):.1f}",  # type: ignore[arg-type]
-            f"{float(p['floor MiB']):.1f}",  # type: ignore[arg-type]
+            _mib(float(p["mcdrop MiB"])),  # type: ignore[arg-type]
+            _mib(float(p["floor MiB"])),  # type: ignore[arg-type]
         ]
         for p in points
     ]

@@ -20,3 +20,9 @@ def test_scaling_quick_writes_the_plot_and_every_point(tmp_path: Path) -> None:
     assert len(rows) == points
     numbers = re.findall(r"^\|[^|]+\| \d+ \| \d+ \| ([\d.]+) \| ([\d.]+) \|", text, re.M)
     assert all(float(a) > 0 and float(b) > 0 for a, b in numbers)
+    # memory: a growth, or under 0.1 MiB (never a negative growth)
+    memory = re.findall(
+        r"^\|[^|]+\| \d+ \| \d+ \| [^|]+ \| [^|]+ \| ([^|]+) \| ([^|]+) \|$", text, re.M
+    )
+    assert len(memory) == points
+    assert all(re.fullmatch(r"< 0\.1|\d+\.\d", cell.strip()) for row in memory for cell in row)
