@@ -41,3 +41,21 @@ def test_adaptive_quick() -> None:
                 assert all(e >= 0 for e in errors)
                 assert 0.5 <= float(row[7]) <= 1.0  # label agreement with the reference
     assert "reference, whose own MC standard error" in text
+
+
+@pytest.mark.slow
+def test_adaptive_decisions_quick() -> None:
+    text = adaptive.decisions_table(quick=True)
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if re.match(r"\| (digits|fashion) \|", line)
+    ]
+    assert [(r[0], r[1] == "auto") for r in rows] == [
+        (name, auto) for name in adaptive.DATASETS for auto in (True, False)
+    ]
+    for row in rows:
+        assert 16 <= float(row[2]) <= (100 if row[1] == "auto" else int(row[1]))
+        shares = [float(row[i]) for i in (3, 5, 7, 9)]  # coverages and rejected shares
+        assert all(0.0 <= s <= 1.0 for s in shares)
+        assert float(row[3]) <= float(row[5])  # a set at 0.95 holds the one at 0.9
