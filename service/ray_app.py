@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(**overrides)
     if args.replicas < 1:
         raise SystemExit("--replicas must be at least 1")
+    if settings.workers != 1:  # (a setting, so a flag here too: each replica is one process)
+        raise SystemExit(
+            "--workers (MCDROP_WORKERS) is mcdrop serve's; on Ray Serve give --replicas instead"
+        )
     if args.address is None:
         # A local cluster sized for the replicas (Serve's own actors reserve no CPU).
         cpus = max(os.cpu_count() or 1, int(args.replicas * args.replica_cpus + 0.999))

@@ -36,6 +36,7 @@ pytest.importorskip("ray", reason="Ray Serve is an extra: pip install -e '.[ray]
 with warnings.catch_warnings():
     # Ray Serve's own pydantic models use Field arguments that pydantic 2 deprecates.
     warnings.simplefilter("ignore", DeprecationWarning)
+    from service import ray_app
     from service.replicas import REPLICA_HEADER, ReplicaHeader
 
 pytestmark = pytest.mark.slow
@@ -246,3 +247,9 @@ def test_replica_header_is_added_to_http_responses_only() -> None:
     http_sent = asyncio.run(run("http"))
     assert http_sent == [{**start, "headers": [(b"a", b"1"), (b"x-mcdrop-replica", b"r1")]}, body]
     assert asyncio.run(run("lifespan")) == [lifespan]
+
+
+def test_ray_app_refuses_workers_for_replicas() -> None:
+    # --workers is a setting, so a flag of this command too: refused before any cluster starts
+    with pytest.raises(SystemExit, match="give --replicas instead"):
+        ray_app.main(["--workers", "2", "--model-dir", str(MODELS)])
