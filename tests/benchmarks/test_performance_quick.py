@@ -30,6 +30,7 @@ def test_sampling_quick() -> None:
     assert len(_ratios(predictor, "Predictor / plain")) == 14
     fixed = text.split("#### Fixed cost per call")[1]
     assert len(_ratios(fixed, "mcdrop µs")) == 7
+    assert len(_ratios(fixed, "Predictor µs")) == 7  # from the second group of each model
 
 
 @pytest.mark.slow
