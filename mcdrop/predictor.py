@@ -73,8 +73,11 @@ def non_finite_rows(result: Prediction | Summary, samples: Tensor | None = None)
         return []
     if all(v.device.type == "cpu" and v.dtype in _NUMPY_FLOATS for v in floats):
         # NumPy's concatenation and check cost a third of torch's on one request's results
-        arrays = [v.detach().resolve_neg().numpy().reshape(-1) for v in floats]
-        if np.isfinite(np.concatenate(arrays)).all():
+        try:  # (a tensor that needs grad or has its negative bit set is read through a copy)
+            arrays = [v.numpy() for v in floats]
+        except RuntimeError:
+            arrays = [v.detach().resolve_neg().numpy() for v in floats]
+        if np.isfinite(np.concatenate(arrays, axis=None)).all():  # (flattened as joined)
             return []
     elif bool(torch.isfinite(torch.cat([v.reshape(-1) for v in floats])).all()):
         return []

@@ -542,7 +542,10 @@ class RegressionAccumulator(_Counts):
         ``s · noise_variance``; the torch path of other devices adds ``s`` copies, so its last
         bit may differ. Both CPU branches share this one, so the first chunk still equals its
         merge into zeros bit for bit.)"""
-        v = values.detach().to(torch.float64).resolve_neg().numpy()  # (s, n, K) or (s, n, 2K)
+        if values.dtype in (torch.float32, torch.float64):  # NumPy's conversion: no torch op
+            v = values.detach().resolve_neg().numpy().astype(np.float64, copy=False)
+        else:  # (bfloat16, float16: a network of its own dtype)
+            v = values.detach().to(torch.float64).resolve_neg().numpy()  # (s, n, K) or (s, n, 2K)
         k = self.k
         s = float(v.shape[0])
         if self.noise_variance is None:
