@@ -511,3 +511,38 @@ def test_a_model_changed_to_drop_in_eval_is_found_when_its_plans_are_made_anew()
     model.always = True
     plan_cache.forget(model)
     assert torch.equal(predict(model, x), twin(x))
+
+
+def test_predict_of_a_model_that_drops_in_eval_beside_routed_sampling_passes() -> None:
+    """Sampling passes on other threads route torch.nn.functional.dropout for the whole process
+    (mcdrop.routing): a deterministic prediction meanwhile finds the route in F.dropout's place,
+    and still turns the call off."""
+    model, twin = _always_drops("F.dropout"), _always_drops("F.dropout", always=False)
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(3))
+    want, want_samples = twin(x), sample(model, x, 16, seed=4)
+    routes = plan(model, x).routes  # its F.dropout is routed while its passes run
+    assert routes is not None
+    assert routes.functions
+    barrier = threading.Barrier(4)
+    failures: list[str] = []
+
+    def predictor() -> None:
+        barrier.wait()
+        for _ in range(150):
+            if not torch.equal(predict(model, x), want):
+                failures.append("a deterministic prediction dropped")
+                return
+
+    def sampler() -> None:
+        barrier.wait()
+        for _ in range(60):
+            if not torch.equal(sample(model, x, 16, seed=4), want_samples):
+                failures.append("MC samples changed beside deterministic predictions")
+                return
+
+    threads = [threading.Thread(target=f) for f in (predictor, predictor, sampler, sampler)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
