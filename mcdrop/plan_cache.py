@@ -34,6 +34,10 @@ per row (a global, a class attribute or a list read there, values set in place, 
 None: BatchNorm's running statistics), keeps the plan's shared prefix: call :func:`forget` after
 such a change.)
 
+Beside them lives what :func:`mcdrop.predict` found at a model's first prediction: whether
+its eval pass makes a dropout call that drops (:func:`eval_drops`, :func:`plain_eval`). It goes
+with the plans: made anew for a model changed since, and by :func:`forget`.
+
 The plans live on the model (the ``_mcdrop_plans`` entry of its ``__dict__``), not in a global
 table: a plan references the model's modules, so a table would keep every model it saw alive.
 On the model they form a reference cycle with it, which Python's cycle collector frees with the
@@ -91,6 +95,9 @@ class _Plans:
     def __init__(self, model: nn.Module) -> None:
         self.owner = weakref.ref(model)
         self.plans: dict[_Key, SamplingPlan] = {}
+        #: Whether the model's eval pass makes a dropout call that drops (see
+        #: :func:`eval_drops`); None: not found out yet.
+        self.eval_drops: bool | None = None
         #: Whether the model is as its plans were made for (see :meth:`note_state`).
         self.fits: Callable[[nn.Module], bool] = _unnoted
 
@@ -375,6 +382,44 @@ def keep(model: nn.Module, x: Tensor, plan: SamplingPlan) -> None:
         plans.plans[_key(x)] = plan
 
 
+def plain_eval(model: nn.Module) -> bool:
+    """Whether ``model``'s eval pass was found to make no dropout call that drops: its
+    deterministic prediction is the plain eval pass (:func:`mcdrop.predict`). The common case,
+    checked on every prediction: one lookup, no check that the model is as it was when found
+    (a model changed since is found anew when a sampling call plans it anew, or after
+    :func:`forget`)."""
+    plans = model.__dict__.get(_ATTRIBUTE)
+    return type(plans) is _Plans and plans.eval_drops is False
+
+
+def eval_drops(model: nn.Module) -> bool | None:
+    """Whether ``model``'s eval pass makes a dropout call that drops (``F.dropout(h, p,
+    training=True)``), as found by :func:`keep_eval_drops`; None where it is not known, or it
+    was found to drop but the model has changed since (checked as a kept plan is)."""
+    plans = model.__dict__.get(_ATTRIBUTE)
+    if type(plans) is not _Plans or plans.eval_drops is None:
+        return None
+    if plans.eval_drops and not plans.fits(model):
+        return None
+    return plans.eval_drops
+
+
+def keep_eval_drops(model: nn.Module, drops: bool) -> None:
+    """Keep what a deterministic prediction found: whether ``model``'s eval pass drops. It lives
+    beside the model's plans and goes with them (:func:`forget`, or plans made anew for a model
+    changed since)."""
+    if not isinstance(model, nn.Module):
+        return
+    with _lock:
+        plans = model.__dict__.get(_ATTRIBUTE)
+        if type(plans) is not _Plans or not plans.fits(model):
+            plans = _Plans(model)
+            model.__dict__[_ATTRIBUTE] = plans
+            plans.note_state(model)
+        plans.eval_drops = drops
+
+
 def forget(model: nn.Module) -> None:
-    """Drop every plan kept for ``model`` (a pass found one out of date)."""
+    """Drop every plan kept for ``model`` (a pass found one out of date), and whether its eval
+    pass drops (found again at its next prediction)."""
     model.__dict__.pop(_ATTRIBUTE, None)

@@ -134,3 +134,15 @@ def _handler(func: Callable[..., Any]) -> Callable[..., Any]:
 
 #: ``{kernel: handler(ctx, args, kwargs)}`` for a sampling context's torch-function mode.
 HANDLERS: dict[Callable[..., Any], Callable[..., Any]] = {func: _handler(func) for func in _KERNELS}
+
+
+def train_off(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], bool]:
+    """A fused kernel's positional arguments (as nn.RNNBase passes them, see :func:`_handler`)
+    with ``train`` False, for deterministic prediction, and whether the call as given drops
+    between its layers (``train`` on, two layers or more, a rate above 0). A call of another
+    form is left as it is."""
+    if kwargs or len(args) != 9:
+        return args, False
+    at = 6 if isinstance(args[3], bool) else 7  # (a PackedSequence's: batch_sizes first)
+    drops = bool(args[at]) and args[at - 2] > 1 and float(args[at - 1]) > 0.0
+    return (*args[:at], False, *args[at + 1 :]), drops

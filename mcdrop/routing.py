@@ -57,6 +57,7 @@ from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.sampling_context import (
     _HANDLERS,
     DROPOUT_FUNCTIONS,
+    DROPOUT_SWITCHES,
     DropoutMode,
     SamplingContext,
     _active,
@@ -379,6 +380,8 @@ _FUNCTION_ROUTES = tuple(
 # torch-function dispatch (F.dropout's handle_torch_function(dropout, ...)): a pass under the
 # mode on another thread is handed the route as the function called, and samples it as torch's.
 _HANDLERS.update((route, route.handler) for route in _FUNCTION_ROUTES)
+# (so is a deterministic prediction's mode: sampling_context.EvalDropoutMode)
+DROPOUT_SWITCHES.update((route, DROPOUT_SWITCHES[route.func]) for route in _FUNCTION_ROUTES)
 # nn.LSTM, nn.GRU and nn.RNN's kernels, routed with the functions (looked up in torch._VF, a
 # module whose missing attributes are torch's: a route is an attribute of its own there, deleted
 # after)

@@ -35,7 +35,7 @@ from mcdrop.devices import model_device
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, UnsupportedModelError
 from mcdrop.modes import eval_mode
 from mcdrop.planning import SamplingPlan
-from mcdrop.sampling_context import active_context
+from mcdrop.sampling_context import EvalDropoutMode, active_context
 
 #: Default bound on rows per forward pass (replicated rows: samples × rows) on the CPU. On other
 #: devices passes are bounded by the plan's activation budget alone
@@ -94,6 +94,16 @@ def uncompiled(model: nn.Module) -> nn.Module:
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Deterministic prediction: one eval-mode pass (inverted dropout needs no rescaling).
 
+    Every dropout call that MC sampling samples is the identity here, as it is in eval mode for
+    a model that passes ``self.training``: a model whose ``forward`` drops in any mode
+    (``F.dropout(h, p, training=True)``, ``torch.dropout(h, p, True)``, an attention's
+    ``dropout_p``) runs with those calls' dropout off (:class:`~mcdrop.sampling_context.
+    EvalDropoutMode`), so its predictions are deterministic too, and equal those of the same
+    model with ``training=False`` in its calls. Whether a model's eval pass drops is found at
+    its first prediction (a pass under that mode, then the plain pass where nothing dropped) and
+    kept beside its sampling plans (:mod:`mcdrop.plan_cache`): a model whose eval pass drops
+    nothing runs its plain eval pass, with nothing watching it.
+
     Args:
         model: any module; its modes are left exactly as they were.
         x: ``(N, D...)`` inputs, moved to the model's device.
@@ -112,7 +122,31 @@ def predict_of_checked_inputs(model: nn.Module, x: Tensor) -> Tensor:
     with eval_mode(model), torch.inference_mode():
         inputs = x.to(model_device(model))
         # a model may write into its input (an in-place ReLU first): never into the caller's
-        return model(x.clone() if inputs is x else inputs)
+        fresh = x.clone() if inputs is x else inputs
+        if plan_cache.plain_eval(model):  # the common case: nothing to watch
+            return model(fresh)
+        return _predict_watched(model, x, fresh)
+
+
+def _predict_watched(model: nn.Module, x: Tensor, inputs: Tensor) -> Tensor:
+    """:func:`predict_of_checked_inputs` (in eval and inference mode) of a model whose eval pass
+    is not known to drop nothing: with its dropout off where it drops, found out (and kept)
+    where that is not known. ``inputs``: ``x`` on the model's device, the pass's own copy."""
+    original = uncompiled(model)  # (a compiled forward cannot run under the mode)
+    drops = plan_cache.eval_drops(original)
+    if drops is False:  # a compiled model's (its wrapper has no kept facts)
+        return model(inputs)
+    watch = EvalDropoutMode()
+    with watch:
+        y = original(inputs)
+    if drops is None:
+        plan_cache.keep_eval_drops(original, watch.dropped)
+        if not watch.dropped:
+            # the plain pass, as every later call runs it: a mode changes what some layers
+            # compute (torch's transformer fast path is off under one)
+            again = x.to(model_device(model))
+            return model(x.clone() if again is x else again)
+    return y
 
 
 def is_sampling() -> bool:

@@ -15,6 +15,11 @@ context directly, with the same masks; so do the ``nn.TransformerEncoderLayer`` 
 model, see :mod:`mcdrop.encoders`.) An active torch-function mode also switches off
 PyTorch's transformer fast path, which would otherwise skip dropout entirely.
 
+Deterministic prediction of a model whose eval pass drops (a ``forward`` that calls
+``F.dropout(h, p, training=True)``, MC-dropout style) runs under :class:`EvalDropoutMode`
+instead: the same calls intercepted (:data:`DROPOUT_SWITCHES`), each run as torch's own with
+its dropout off.
+
 Each stochastic call finds its rows through the model's sampling plan (:mod:`mcdrop.planning`),
 which knows the batch dimension of every call's input: masks are keyed per replicated row
 without guessing which dimension runs over the rows.
@@ -500,3 +505,93 @@ class DropoutMode(TorchFunctionMode):
 
 
 SamplingContext.mode = DropoutMode
+
+
+# -- deterministic prediction ----------------------------------------------------------------------
+
+#: How a call of a function the mode intercepts is made with its dropout off: its arguments with
+#: the flag that turns dropout on set off, and whether the call as given drops.
+Switch = Callable[[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any], bool]]
+
+
+def _set(
+    args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, value: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments with argument ``name`` (at position ``index``) set to ``value``."""
+    if len(args) > index:
+        return (*args[:index], value, *args[index + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+def _flag_off(flag: str, at: int, rate: str, rate_at: int, default_rate: float) -> Switch:
+    """The switch of a function that drops where ``flag`` (default on) is on and ``rate`` is
+    above 0."""
+
+    def switch(
+        args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
+        on = bool(arg(args, kwargs, at, flag, True))
+        drops = on and float(arg(args, kwargs, rate_at, rate, default_rate)) > 0.0
+        return (*_set(args, kwargs, at, flag, False), drops)
+
+    return switch
+
+
+def _sdpa_off(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
+    """F.scaled_dot_product_attention drops wherever its ``dropout_p`` is above 0 (it has no
+    training flag)."""
+    drops = float(arg(args, kwargs, 4, "dropout_p", 0.0)) > 0.0
+    return (*_set(args, kwargs, 4, "dropout_p", 0.0), drops)
+
+
+def _kernel_off(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], bool]:
+    off, drops = rnn.train_off(args, kwargs)
+    return off, kwargs, drops
+
+
+#: Every function whose call the mode samples (:data:`DROPOUT_FUNCTIONS`, the attention and the
+#: recurrent kernels) and its :data:`Switch`: torch.nn.functional's take ``training``, torch's
+#: own ``train``.
+DROPOUT_SWITCHES: dict[Callable[..., Any], Switch] = {
+    **{
+        func: _flag_off(
+            "training" if getattr(F, func.__name__, None) is func else "train", 2, "p", 1, 0.5
+        )
+        for func in DROPOUT_FUNCTIONS
+    },
+    F.multi_head_attention_forward: _flag_off("training", 13, "dropout_p", 10, 0.0),
+    F.scaled_dot_product_attention: _sdpa_off,
+    **{kernel: _kernel_off for kernel in rnn.HANDLERS},
+}
+
+
+class EvalDropoutMode(TorchFunctionMode):
+    """Deterministic prediction of a model whose eval pass drops (``F.dropout(h, p,
+    training=True)``, MC-dropout style, ``torch.dropout(h, p, True)``, ...): every call that
+    MC sampling samples runs as torch's own with its dropout off (``training``/``train`` False,
+    ``dropout_p`` 0), as if the model passed ``self.training``; every other call as it is.
+    :attr:`dropped` says whether a call of the pass had its dropout on. No sampling context is
+    active: :func:`mcdrop.is_sampling` is False, as in any deterministic prediction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = False
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        switch = DROPOUT_SWITCHES.get(func)
+        if switch is None:
+            return func(*args, **(kwargs or {}))
+        args, kwargs, drops = switch(args, kwargs or {})
+        if drops:
+            self.dropped = True
+        return func(*args, **kwargs)

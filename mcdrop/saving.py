@@ -214,8 +214,9 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
         )
     rebuilt.load_state_dict(state)
     x = example_inputs(spec, _EXAMPLE_ROWS)
+    wrapped = checkpoint.wrap(spec, model)
     try:
-        want = predict(checkpoint.wrap(spec, model), x)
+        want = predict(wrapped, x)
     except Exception as exc:
         raise InvalidArgumentError(
             f"cannot save: the model fails on {_EXAMPLE_ROWS} rows of input_shape "
@@ -230,6 +231,19 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
             f"cannot save: the model returns {returned} for {_EXAMPLE_ROWS} rows, but a "
             f"{spec.likelihood + ' ' if spec.task == 'regression' else ''}{spec.task} model "
             f"with {spec.n_outputs} labels returns ({_EXAMPLE_ROWS}, {k}){hint}"
+        )
+    again = predict(wrapped, x)
+    if not torch.allclose(again, want, rtol=_RTOL, atol=_ATOL, equal_nan=True):
+        # (deterministic prediction turns off every dropout call sampling samples, MC-dropout
+        # style F.dropout(h, p, training=True) included: what is left is the model's own)
+        diff = (again - want).abs().max().item()
+        raise InvalidArgumentError(
+            f"cannot save: the model's eval pass is not deterministic: two passes of the same "
+            f"{_EXAMPLE_ROWS} rows give outputs that differ (by up to {diff:.3g}), so no "
+            "rebuilt network can be checked against it, and its deterministic predictions "
+            "would change from call to call; remove the randomness from its forward (e.g. "
+            "torch.rand, or a dropout of its own made from random numbers: write it as "
+            "nn.Dropout or F.dropout, which MC sampling samples)"
         )
     got = predict(checkpoint.wrap(spec, rebuilt), x)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=_RTOL, atol=_ATOL):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcdrop.nets import MLP
@@ -36,3 +38,48 @@ class UnitRows(nn.Module):
 def unit_rows(in_features: int = 3, width: int = 5) -> nn.Module:
     """:func:`build` of rows scaled to unit length: finite on any row but zeros."""
     return nn.Sequential(UnitRows(), build(in_features, width))
+
+
+#: How :class:`AlwaysDrops` drops: each call as MC-dropout code writes it, dropping in any mode
+#: where ``always`` (else as torch's layers do: in training only).
+DROPS = {
+    "F.dropout": lambda h, p, on: F.dropout(h, p, training=on),
+    "torch.dropout": lambda h, p, on: torch.dropout(h, p, on),
+    "F.dropout2d": lambda h, p, on: F.dropout2d(h.unflatten(1, (-1, 2, 1)), p, on).flatten(1),
+    "F.alpha_dropout": lambda h, p, on: F.alpha_dropout(h, p, on),
+    "torch.dropout_": lambda h, p, on: torch.dropout_(h, p, on),
+    "scaled_dot_product_attention": lambda h, p, on: F.scaled_dot_product_attention(
+        *[h.unflatten(1, (2, -1, 2))] * 3, dropout_p=p if on else 0.0
+    ).flatten(1),
+}
+
+
+class AlwaysDrops(nn.Module):
+    """``(N, D) -> (N, 2)``: linear, ReLU, a dropout call of kind ``drop`` (:data:`DROPS`),
+    linear. With ``always`` the call drops in eval mode too (``training=True``: MC-dropout
+    style); without, it drops in training only, the twin that deterministic prediction
+    equals."""
+
+    def __init__(
+        self, in_features: int = 3, width: int = 8, drop: str = "F.dropout", always: bool = True
+    ) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, width)
+        self.head = nn.Linear(width, 2)
+        self.drop, self.always = drop, always
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        return self.head(DROPS[self.drop](h, 0.5, self.always or self.training))
+
+
+class Noisy(nn.Module):
+    """:func:`build`'s network plus uniform noise from torch's global generator: an eval pass
+    that is not deterministic, whatever its dropout does."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + 0.1 * torch.rand(x.shape[0], 1)

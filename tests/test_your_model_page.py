@@ -119,9 +119,10 @@ def test_the_page_runs_as_written(tmp_path: Path) -> None:
 
 def test_the_page_shows_each_step() -> None:
     """Saved with one call, checked, served with the opt-in, asked with curl and the client,
-    each with the output it prints; the package and the training script are files."""
+    each with the output it prints; the package, the training script and the model that drops
+    in eval mode too are files."""
     files = {e.file for e in EXAMPLES if e.file}
-    assert files == {"mypkg/nets.py", "train.py"}
+    assert files == {"mypkg/nets.py", "train.py", "always_drops.py"}
     shown = {
         step
         for e in EXAMPLES
@@ -132,10 +133,11 @@ def test_the_page_shows_each_step() -> None:
             "serve": "mcdrop serve --allowed-factories mypkg",
             "curl": "curl ",
             "client": "from mcdrop_client import Client",
+            "always drops": "python always_drops.py",
         }.items()
         if needle in e.code.body
     }
-    assert shown == {"train", "check", "serve", "curl", "client"}
+    assert shown == {"train", "check", "serve", "curl", "client", "always drops"}
     assert re.search(r"mcdrop\.save\(\s*net,", (ROOT / "docs" / "your-model.md").read_text())
 
 

@@ -14,6 +14,7 @@ import mcdrop
 from mcdrop.checking import example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS
+from tests.factories import AlwaysDrops
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -129,6 +130,9 @@ class Pooled(nn.Module):
         (GatedAttention(fixed=False), (4, 5, 8), [("warning", "unsampled_dropout")]),
         (PartlyConstant(), (4, 4), [("warning", "constant_outputs")]),
         (GatedAttention(fixed=True), (4, 5, 8), []),
+        # F.dropout(h, p, training=True): its deterministic prediction turns that off, so a
+        # row's output is the same alone as in a batch
+        (AlwaysDrops(in_features=4), (4, 4), []),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None,
 )

@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mcdrop import plan, planning, predict, sample, sample_chunks
+from mcdrop import plan, plan_cache, planning, predict, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+from tests.factories import DROPS, AlwaysDrops
 
 
 def test_shape_is_samples_first(mlp: nn.Module, x: Tensor) -> None:
@@ -456,3 +457,92 @@ def test_a_compiled_model_samples_as_its_original_module(own_forward: bool, mlp:
     assert torch.equal(sample(model, x, 8, seed=1, plan=plan(compiled, x)), want)
     chunks = list(sample_chunks(compiled, x, 8, seed=1, max_pass_rows=12))
     assert torch.equal(torch.cat([c.values for c in chunks]), want)
+
+
+def _always_drops(drop: str, always: bool = True) -> nn.Module:
+    torch.manual_seed(0)  # the same weights for a model and its twin
+    return AlwaysDrops(drop=drop, always=always).eval()
+
+
+@pytest.mark.parametrize("drop", sorted(DROPS))
+def test_predict_of_a_model_that_drops_in_eval_is_its_twins_without_dropout(drop: str) -> None:
+    """A forward that drops in any mode (MC-dropout style ``F.dropout(h, p, training=True)``):
+    deterministic prediction turns those calls off, as eval mode does for the twin that passes
+    ``self.training``, bit for bit and on every call (the first finds out, the rest know)."""
+    model, twin = _always_drops(drop), _always_drops(drop, always=False)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(x), model(x))  # its own eval pass drops
+    want = twin(x)
+    for _ in range(3):
+        assert torch.equal(predict(model, x), want)
+    assert torch.equal(predict(model, x[2:3]), twin(x[2:3]))
+    assert torch.equal(predict(twin, x), want)
+
+
+@pytest.mark.parametrize("drop", sorted(set(DROPS) - {"scaled_dot_product_attention"}))
+def test_sampling_a_model_that_drops_in_eval_is_unchanged_by_predict(drop: str) -> None:
+    """Sampling makes every dropout call stochastic, ``training=True`` or not: the model's
+    samples are its twin's, bit for bit, before and after deterministic predictions (the twin's
+    attention passes no rate in eval mode, so it has no twin here)."""
+    model, twin = _always_drops(drop), _always_drops(drop, always=False)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    before = sample(model, x, 16, seed=3)
+    assert torch.equal(before, sample(twin, x, 16, seed=3))
+    assert bool((before.var(0) > 0).any())
+    predict(model, x)
+    assert torch.equal(sample(model, x, 16, seed=3), before)
+    plan_cache.forget(model)
+    assert torch.equal(sample(model, x, 16, seed=3), before)
+    assert torch.equal(predict(model, x), twin(x))
+
+
+def test_a_model_changed_to_drop_in_eval_is_found_when_its_plans_are_made_anew() -> None:
+    """Whether an eval pass drops is found at the first prediction and kept beside the model's
+    plans: a model changed since is found anew where they are (a sampling call that finds the
+    model changed; plan_cache.forget)."""
+    model, twin = _always_drops("F.dropout", always=False), _always_drops("F.dropout", False)
+    x = torch.randn(3, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(predict(model, x), twin(x))  # found: drops nothing
+    model.always = True  # an attribute of the user's own module: the kept plans' check sees it
+    sample(model, x, 4, seed=0)
+    assert torch.equal(predict(model, x), twin(x))
+    model.always = False  # found to drop, checked on every call as a kept plan is
+    assert torch.equal(predict(model, x), twin(x))
+    model.always = True
+    plan_cache.forget(model)
+    assert torch.equal(predict(model, x), twin(x))
+
+
+def test_predict_of_a_model_that_drops_in_eval_beside_routed_sampling_passes() -> None:
+    """Sampling passes on other threads route torch.nn.functional.dropout for the whole process
+    (mcdrop.routing): a deterministic prediction meanwhile finds the route in F.dropout's place,
+    and still turns the call off."""
+    model, twin = _always_drops("F.dropout"), _always_drops("F.dropout", always=False)
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(3))
+    want, want_samples = twin(x), sample(model, x, 16, seed=4)
+    routes = plan(model, x).routes  # its F.dropout is routed while its passes run
+    assert routes is not None
+    assert routes.functions
+    barrier = threading.Barrier(4)
+    failures: list[str] = []
+
+    def predictor() -> None:
+        barrier.wait()
+        for _ in range(150):
+            if not torch.equal(predict(model, x), want):
+                failures.append("a deterministic prediction dropped")
+                return
+
+    def sampler() -> None:
+        barrier.wait()
+        for _ in range(60):
+            if not torch.equal(sample(model, x, 16, seed=4), want_samples):
+                failures.append("MC samples changed beside deterministic predictions")
+                return
+
+    threads = [threading.Thread(target=f) for f in (predictor, predictor, sampler, sampler)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

@@ -13,7 +13,7 @@ from torch import nn
 import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
-from tests.factories import build
+from tests.factories import AlwaysDrops, Noisy, build
 
 
 @pytest.fixture
@@ -135,3 +135,36 @@ def test_a_factory_that_builds_another_network_is_refused(
             input_shape=[4],
             labels=["a", "b", "c"],
         )
+
+
+CLASSIFIER: dict[str, Any] = {"task": "classification", "input_shape": [3], "labels": ["a", "b"]}
+
+
+@pytest.mark.parametrize("drop", ["F.dropout", "torch.dropout", "F.dropout2d"])
+def test_a_model_that_drops_in_eval_saves_and_loads(tmp_path: Path, drop: str) -> None:
+    """MC-dropout style, ``F.dropout(h, p, training=True)``: its eval pass drops, and the check
+    that the factory rebuilds it compares deterministic predictions, which turn that off."""
+    torch.manual_seed(0)
+    net = AlwaysDrops(drop=drop)
+    torch.manual_seed(0)
+    twin = AlwaysDrops(drop=drop, always=False).eval()
+    loaded = mcdrop.save(
+        net, tmp_path / "mc", factory="tests.factories:AlwaysDrops", params={"drop": drop},
+        **CLASSIFIER,
+    )  # fmt: skip
+    again = mcdrop.load(tmp_path / "mc", allowed_factories=["tests.factories"])
+    x = torch.randn(4, 3)
+    for model in (net, loaded.module, again.module):
+        assert torch.equal(mcdrop.predict(model, x), twin(x))
+    samples = mcdrop.sample(again.module, x, 8, seed=0)
+    assert torch.equal(samples, mcdrop.sample(net, x, 8, seed=0))
+    assert bool((samples.var(0) > 0).any())
+
+
+def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(InvalidArgumentError, match="eval pass is not deterministic") as caught:
+        mcdrop.save(Noisy(), tmp_path / "noisy", factory="tests.factories:Noisy", **REGRESSOR)
+    assert "two passes of the same 2 rows" in str(caught.value)
+    assert "params" not in str(caught.value)  # not the factory's fault
+    assert not (tmp_path / "noisy").exists()

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+import mcdrop
 from service.app import create_app
 from service.config import Settings
 from service.errors import V2_STATUS, is_v2
@@ -100,3 +102,38 @@ def loading(tmp_path: Path) -> Iterator[Loading]:
             yield Loading(client, gate)
         finally:
             gate.set()  # the loader thread ends whatever the test did
+
+
+#: The rows :func:`always_drops` serves are asked about, and what its model's twin (the same
+#: weights, its dropout off in eval mode) answers for them: ``(N, 2)`` probabilities.
+ALWAYS_DROPS_ROWS = [[0.5, -1.0, 2.0], [1.5, 0.3, -0.7]]
+
+
+def always_drops_twin() -> torch.Tensor:
+    torch.manual_seed(0)
+    twin = factories.AlwaysDrops(always=False).eval()
+    with torch.no_grad():
+        return torch.softmax(twin(torch.tensor(ALWAYS_DROPS_ROWS)), -1)
+
+
+@pytest.fixture(scope="package")
+def always_drops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """An app serving ``mc`` from a model directory: a classifier whose ``forward`` drops in
+    eval mode too (``F.dropout(h, p, training=True)``, MC-dropout style)."""
+    folder = tmp_path_factory.mktemp("always_drops")
+    torch.manual_seed(0)
+    mcdrop.save(
+        factories.AlwaysDrops(),
+        folder / "mc",
+        factory="tests.factories:AlwaysDrops",
+        task="classification",
+        input_shape=[3],
+        labels=["a", "b"],
+    )
+    settings = Settings(
+        model_dir=folder, exit_on_error=False, allowed_factories=("tests.factories",)
+    )
+    with TestClient(create_app(settings)) as client:
+        client.event_hooks["response"].append(check_error_body)
+        wait_ready(client)
+        yield client

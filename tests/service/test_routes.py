@@ -16,7 +16,12 @@ from sklearn.datasets import load_digits
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import BUNDLED
-from tests.service.conftest import Loading, wait_ready
+from tests.service.conftest import (
+    ALWAYS_DROPS_ROWS,
+    Loading,
+    always_drops_twin,
+    wait_ready,
+)
 
 DIGITS = load_digits().data[:4].tolist()
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -51,6 +56,22 @@ def test_predict_classifier(http: TestClient) -> None:
     assert labels == ["0", "1", "2", "3"]  # the first four digits of the data set
     for p in body["predictions"]:
         assert math.isclose(sum(p["probabilities"]), 1.0, abs_tol=1e-5)
+
+
+def test_predict_is_deterministic_for_a_model_that_drops_in_eval(always_drops: TestClient) -> None:
+    """Deterministic prediction (dropout off) of a model whose forward calls ``F.dropout(h, p,
+    training=True)``: the same answer every time, its twin's without the dropout; its
+    uncertainty still samples that dropout."""
+    bodies = [
+        always_drops.post("/models/mc/predict", json={"inputs": ALWAYS_DROPS_ROWS}).json()
+        for _ in range(3)
+    ]
+    assert bodies[1] == bodies[0] == bodies[2]
+    probabilities = [row["probabilities"] for row in bodies[0]["predictions"]]
+    np.testing.assert_allclose(probabilities, always_drops_twin().numpy(), rtol=1e-6)
+    body = {"inputs": ALWAYS_DROPS_ROWS, "n_samples": 50, "seed": 0}
+    summary = always_drops.post("/models/mc/uncertainty", json=body).json()
+    assert all(row["mutual_information"] > 0 for row in summary["results"])
 
 
 def test_predict_regressor(http: TestClient) -> None:

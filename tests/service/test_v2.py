@@ -22,7 +22,7 @@ from tritonclient.http import InferResult
 
 from service.app import create_app
 from service.config import Settings
-from tests.service.conftest import Loading, wait_ready
+from tests.service.conftest import ALWAYS_DROPS_ROWS, Loading, always_drops_twin, wait_ready
 
 DIGITS = load_digits().data[:4].astype(np.float32)
 PATIENT = np.array([[59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]], dtype=np.float32)
@@ -244,6 +244,23 @@ def test_predict_mode_agrees_with_the_native_api(
             np.testing.assert_array_equal(output(out, field), expected)
         else:
             np.testing.assert_allclose(output(out, field), expected, rtol=1e-6)
+
+
+def test_predict_mode_is_deterministic_for_a_model_that_drops_in_eval(
+    always_drops: TestClient,
+) -> None:
+    """As the native /predict: a forward's ``F.dropout(h, p, training=True)`` is off."""
+    x = np.array(ALWAYS_DROPS_ROWS, dtype=np.float32)
+    parameters = {"mode": "predict"}
+    answers = [
+        output(
+            result(infer(always_drops, "mc", [tensor(x)], parameters=parameters)), "probabilities"
+        )
+        for _ in range(3)
+    ]
+    np.testing.assert_array_equal(answers[1], answers[0])
+    np.testing.assert_array_equal(answers[2], answers[0])
+    np.testing.assert_allclose(answers[0], always_drops_twin().numpy(), rtol=1e-6)
 
 
 def test_samples_only_when_named(http: TestClient) -> None:
