@@ -341,10 +341,9 @@ def fixed_cost_table(quick: bool = False) -> str:
     (as a call given no plan did before plans were kept), in µs.
 
     Timed in two interleaved groups: the floor, the plain batched pass and the two sampling
-    calls; then the floor and the sampling call again beside the probing call and the
-    Predictor, whose ~1-17 ms of other work between them leave the machine's caches cold (as a
-    server's request handling does between its model calls): the fixed cost read there is the
-    second ``fixed cost`` column."""
+    calls; then the probing call and the Predictor beside the floor and the sampling call again
+    (``compare`` turns the order round every round: a call finds the caches as the call before
+    it left them, and the probe's ~1-17 ms leave them cold)."""
     rows = []
     for ref in references() + more_references():
         predictor = predictor_of(ref)
@@ -384,7 +383,6 @@ def fixed_cost_table(quick: bool = False) -> str:
                 f"{clean['mcdrop']:.0f}",
                 f"{clean['mcdrop'] - clean['floor']:.0f}",
                 f"{clean['no plan']:.0f}",
-                f"{busy['mcdrop'] - busy['floor']:.0f}",
                 f"{busy['probed']:.0f}",
                 f"{busy['predictor']:.0f}",
             ]
@@ -396,7 +394,6 @@ def fixed_cost_table(quick: bool = False) -> str:
         "mcdrop µs",
         "fixed cost µs (mcdrop − floor)",
         "mcdrop, no plan given µs",
-        "fixed cost between heavier calls µs",
         "probe every call µs",
         "Predictor µs",
     ]

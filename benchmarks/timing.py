@@ -35,7 +35,10 @@ def compare(
     warmup: int = 1,
     budget_s: float = 30.0,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured round-robin.
+    """Median seconds per call of each candidate, measured round-robin, the order turned round
+    by one every round: a call finds the caches as the one before it left them (its model's
+    weights warm after a call on the same model, cold after a large one), so each candidate
+    follows each other as often.
 
     Stops early (after at least 3 rounds) once ``budget_s`` is spent.
     """
@@ -43,9 +46,11 @@ def compare(
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    order = list(candidates.items())
     started = time.perf_counter()
     for i in range(rounds):
-        for name, fn in candidates.items():
+        turn = i % len(order)
+        for name, fn in order[turn:] + order[:turn]:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
