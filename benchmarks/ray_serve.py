@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.service_load import ROOT, Cell, Server, _body, _free_port, _load, _rows
+from benchmarks.service_load import ROOT, Cell, Server, _free_port, _load, uncertainty_bodies
 from benchmarks.timing import machine, table
 
 READY = re.compile(r"replica\(s\) ready in ([\d.]+) s")
@@ -119,12 +118,8 @@ def run(quick: bool = False) -> str:
     torch.set_num_threads(1)  # as the servers: the header names it
     seconds = 1.0 if quick else 8.0
     clients = (8,) if quick else (1, 8, 32)
-    data = _rows()
-    models = ["digits"] + (["fashion"] if "fashion" in data and not quick else [])
-    bodies = {
-        m: [json.dumps(_body("uncertainty", r, i)).encode() for i, r in enumerate(data[m])]
-        for m in models
-    }
+    bodies = uncertainty_bodies(quick)
+    models = list(bodies)
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     results: dict[str, dict[tuple[str, int], Cell]] = {}
     notes: list[str] = []

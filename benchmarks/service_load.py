@@ -248,18 +248,25 @@ async def _load(
     )
 
 
+def uncertainty_bodies(quick: bool) -> dict[str, list[bytes]]:
+    """The one-row ``/uncertainty`` bodies of digits, and of fashion where its data is here
+    (not when ``quick``), per model."""
+    data = _rows()
+    models = ["digits"] + (["fashion"] if "fashion" in data and not quick else [])
+    return {
+        m: [json.dumps(_body("uncertainty", r, i)).encode() for i, r in enumerate(data[m])]
+        for m in models
+    }
+
+
 def workers(quick: bool = False, generator: str = "raw") -> str:
     """Throughput of ``mcdrop serve --workers N`` for N = 1 and 2 (one torch thread per worker),
     and of one process with two torch threads (the same cores as two workers), on one-row
     uncertainty requests (100 samples) from 1, 8 and 32 closed-loop clients."""
     seconds = 0.5 if quick else 6.0
     clients = (8,) if quick else (1, 8, 32)
-    data = _rows()
-    models = ["digits"] + (["fashion"] if "fashion" in data and not quick else [])
-    bodies = {
-        m: [json.dumps(_body("uncertainty", r, i)).encode() for i, r in enumerate(data[m])]
-        for m in models
-    }
+    bodies = uncertainty_bodies(quick)
+    models = list(bodies)
     servers = [
         ("1 worker, 1 torch thread", {"MCDROP_WORKERS": "1"}),
         ("1 worker, 2 torch threads", {"MCDROP_WORKERS": "1", "MCDROP_TORCH_THREADS": "2"}),

@@ -210,24 +210,30 @@ def test_concurrent_predict_and_sample_do_not_interfere(mlp: nn.Module) -> None:
     """The service runs requests in threads on one loaded model: a deterministic prediction must
     never see dropout switched on, and MC sampling must never see it off."""
     x = torch.randn(64, 4)
-    expected = predict(mlp, x)
-    expected_samples = sample(mlp, x, 16, seed=4)
     modes = [m.training for m in mlp.modules()]
+    assert _predict_beside_sample(mlp, x, predict(mlp, x), sample(mlp, x, 16, seed=4)) == []
+    assert [m.training for m in mlp.modules()] == modes
+
+
+def _predict_beside_sample(model: nn.Module, x: Tensor, want: Tensor, samples: Tensor) -> list[str]:
+    """Two threads predicting ``x`` (150 times) beside two sampling it (16 samples, seed 4; 60
+    times): what went wrong (a prediction other than ``want``, samples other than
+    ``samples``)."""
     barrier = threading.Barrier(4)
     failures: list[str] = []
 
     def predictor() -> None:
         barrier.wait()
         for _ in range(150):
-            if not torch.equal(predict(mlp, x), expected):
+            if not torch.equal(predict(model, x), want):
                 failures.append("a deterministic prediction saw dropout")
                 return
 
     def sampler() -> None:
         barrier.wait()
         for _ in range(60):
-            if not torch.allclose(sample(mlp, x, 16, seed=4), expected_samples, atol=1e-6):
-                failures.append("MC samples changed under concurrency")
+            if not torch.equal(sample(model, x, 16, seed=4), samples):
+                failures.append("MC samples changed beside deterministic predictions")
                 return
 
     threads = [threading.Thread(target=f) for f in (predictor, predictor, sampler, sampler)]
@@ -235,8 +241,7 @@ def test_concurrent_predict_and_sample_do_not_interfere(mlp: nn.Module) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert failures == []
-    assert [m.training for m in mlp.modules()] == modes
+    return failures
 
 
 class InPlaceFirst(nn.Module):
@@ -523,26 +528,4 @@ def test_predict_of_a_model_that_drops_in_eval_beside_routed_sampling_passes() -
     routes = plan(model, x).routes  # its F.dropout is routed while its passes run
     assert routes is not None
     assert routes.functions
-    barrier = threading.Barrier(4)
-    failures: list[str] = []
-
-    def predictor() -> None:
-        barrier.wait()
-        for _ in range(150):
-            if not torch.equal(predict(model, x), want):
-                failures.append("a deterministic prediction dropped")
-                return
-
-    def sampler() -> None:
-        barrier.wait()
-        for _ in range(60):
-            if not torch.equal(sample(model, x, 16, seed=4), want_samples):
-                failures.append("MC samples changed beside deterministic predictions")
-                return
-
-    threads = [threading.Thread(target=f) for f in (predictor, predictor, sampler, sampler)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert failures == []
+    assert _predict_beside_sample(model, x, want, want_samples) == []
