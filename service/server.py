@@ -245,7 +245,8 @@ def worker_app() -> FastAPI:
     contend for the same cores. Its answers name it in ``x-mcdrop-replica: worker-<pid>``."""
     settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
     if settings.torch_threads is None:
-        cores = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
+        # the cores this process may run on (a container's or taskset's), not the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         threads = max(1, (cores or 1) // settings.workers)
         settings = settings.model_copy(update={"torch_threads": threads})
     app = create_app(settings)
