@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -243,12 +244,18 @@ def worker_app() -> FastAPI:
     API key, never written there, from the environment as the parent read it), each worker with
     ``cores ÷ N`` torch threads unless ``torch_threads`` is set, so that the workers do not
     contend for the same cores. Its answers name it in ``x-mcdrop-replica: worker-<pid>``."""
-    settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
-    if settings.torch_threads is None:
-        cores = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
-        threads = max(1, (cores or 1) // settings.workers)
-        settings = settings.model_copy(update={"torch_threads": threads})
-    app = create_app(settings)
+    try:
+        settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
+        if settings.torch_threads is None:
+            cores = os.process_cpu_count() if hasattr(os, "process_cpu_count") else os.cpu_count()
+            threads = max(1, (cores or 1) // settings.workers)
+            settings = settings.model_copy(update={"torch_threads": threads})
+        app = create_app(settings)
+    except Exception:
+        # uvicorn's supervisor restarts a worker that exits 1, which would fail the same way
+        # again, forever: a startup failure (3) stops the server, as one process would stop.
+        logging.getLogger("uvicorn.error").exception("a worker could not make its app")
+        raise SystemExit(STARTUP_FAILURE) from None
     app.add_middleware(ReplicaHeader, replica=f"worker-{os.getpid()}")
     return app
 

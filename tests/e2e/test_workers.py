@@ -75,6 +75,14 @@ def test_workers_read_the_api_key_from_the_environment(tmp_path: Path) -> None:
                 assert ok.status_code == 200
 
 
+def test_workers_hold_settings_that_plain_json_cannot_write(tmp_path: Path) -> None:
+    # An infinite timeout (no deadline) is a valid setting; JSON has no infinity of its own.
+    timeouts = {"MCDROP_REQUEST_TIMEOUT_S": "inf", "MCDROP_SEND_TIMEOUT_S": "inf"}
+    with serve(tmp_path, MCDROP_WORKERS="2", **timeouts) as server:
+        body = {"inputs": [DIABETES_ROW], "n_samples": 10}
+        _answer_from_each(server, lambda http: http.post("/models/diabetes/uncertainty", json=body))
+
+
 def _count(metrics: str, name: str, model: str) -> float:
     """A sample's value in a text exposition (0 where it has none)."""
     for line in metrics.splitlines():
