@@ -219,6 +219,13 @@ def config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         # Workers are spawned processes, which import the app: it is named, not handed over,
         # and the settings reach them in the environment they inherit.
         app = "service.server:worker_app"
+        key = settings.api_key
+        if key is not None and os.environ.get("MCDROP_API_KEY") != key.get_secret_value():
+            # the workers would serve without it, every route open
+            raise ValueError(
+                "the workers read the API key from the environment only: set MCDROP_API_KEY "
+                "to the key given"
+            )
         os.environ[_WORKER_SETTINGS] = settings.model_dump_json(exclude={"api_key"})
         overrides = {"factory": True, **overrides}
     options: dict[str, Any] = {

@@ -43,3 +43,15 @@ def test_a_worker_that_cannot_make_its_app_stops_the_server(
     with pytest.raises(SystemExit) as exited:
         worker_app()
     assert exited.value.code == STARTUP_FAILURE
+
+
+def test_workers_refuse_an_api_key_they_would_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The workers read the key from the environment only: one given otherwise (settings made in
+    # Python) would leave them serving every route without it.
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)
+    monkeypatch.delenv("MCDROP_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="set MCDROP_API_KEY"):
+        config(Settings(workers=2, api_key="s3cret-key"))  # type: ignore[arg-type]
+    monkeypatch.setenv("MCDROP_API_KEY", "s3cret-key")
+    config(Settings(workers=2))
+    assert json.loads(os.environ[WORKER_SETTINGS])["workers"] == 2
