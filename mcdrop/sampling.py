@@ -100,7 +100,8 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
     ``dropout_p``) runs with those calls' dropout off (:class:`~mcdrop.sampling_context.
     EvalDropoutMode`), so its predictions are deterministic too, and equal those of the same
     model with ``training=False`` in its calls. Whether a model's eval pass drops is found at
-    its first prediction (a pass under that mode, then the plain pass where nothing dropped) and
+    its first prediction (its one pass, under that mode; plainly once more where nothing dropped
+    and the mode changes what the model computes: compiled, or torch's transformer fast path) and
     kept beside its sampling plans (:mod:`mcdrop.plan_cache`): a model whose eval pass drops
     nothing runs its plain eval pass, with nothing watching it.
 
@@ -128,6 +129,15 @@ def predict_of_checked_inputs(model: nn.Module, x: Tensor) -> Tensor:
         return _predict_watched(model, x, fresh)
 
 
+#: torch's modules whose eval pass takes a fast path that any torch-function mode turns off.
+_FAST_PATHS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+def _has_fast_path(model: nn.Module) -> bool:
+    """Whether ``model`` computes otherwise under a torch-function mode (:data:`_FAST_PATHS`)."""
+    return any(isinstance(module, _FAST_PATHS) for module in model.modules())
+
+
 def _predict_watched(model: nn.Module, x: Tensor, inputs: Tensor) -> Tensor:
     """:func:`predict_of_checked_inputs` (in eval and inference mode) of a model whose eval pass
     is not known to drop nothing: with its dropout off where it drops, found out (and kept)
@@ -141,9 +151,10 @@ def _predict_watched(model: nn.Module, x: Tensor, inputs: Tensor) -> Tensor:
         y = original(inputs)
     if drops is None:
         plan_cache.keep_eval_drops(original, watch.dropped)
-        if not watch.dropped:
-            # the plain pass, as every later call runs it: a mode changes what some layers
-            # compute (torch's transformer fast path is off under one)
+        if not watch.dropped and (model is not original or _has_fast_path(original)):
+            # the plain pass, as every later call runs it, where it computes otherwise: compiled,
+            # or torch's transformer fast path (off under a mode). Only there: a second pass of
+            # a model whose forward keeps state (a stream's buffer, a hook) is a wrong answer.
             again = x.to(model_device(model))
             return model(x.clone() if again is x else again)
     return y

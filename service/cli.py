@@ -106,6 +106,14 @@ def _serve(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"{problem}: give --model-dir (or MCDROP_MODEL_DIR) a folder of model directories"
             )
+    # prometheus_client writes every metric's values there (service.metrics): a folder that is
+    # not there would fail each model's load, blaming the model
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if shared is not None and not os.path.isdir(shared):
+        raise UsageError(
+            f"PROMETHEUS_MULTIPROC_DIR {shared!r} is not a folder: make it, or unset it (mcdrop "
+            "serve --workers makes one of its own)"
+        )
     server.run(settings)
     return 0
 

@@ -77,9 +77,15 @@ class Settings(ModelSettings):
     """Service configuration. Every field can be set as ``MCDROP_<FIELD>`` (e.g.
     ``MCDROP_MAX_N_SAMPLES=2000``) or as the matching ``mcdrop serve`` flag."""
 
-    # Errors never echo a value: one of them may be the API key.
+    # Errors never echo a value: one of them may be the API key. An infinite timeout (no
+    # deadline) is written as JSON's Infinity, which json.loads reads back (mcdrop serve
+    # --workers hands the settings over in JSON), not as null.
     model_config = SettingsConfigDict(
-        env_prefix="MCDROP_", extra="forbid", frozen=True, hide_input_in_errors=True
+        env_prefix="MCDROP_",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+        ser_json_inf_nan="constants",
     )
 
     model_dir: Path = Field(Path("models"), description="folder of model directories to serve")

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -143,9 +145,30 @@ class Metrics:
         share them."""
         if self.shared is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # A worker killed (SIGKILL, the supervisor's kill of a hung one) never ran close(): its
+        # gauges would stay in the sums for good (a request it was computing, in flight forever)
+        for path in Path(self.shared).glob("gauge_live*_*.db"):
+            pid = path.stem.rpartition("_")[2]
+            if pid.isdigit() and not _running(int(pid)):
+                with suppress(FileNotFoundError):  # (another worker's scrape removed it first)
+                    mark_process_dead(int(pid), self.shared)
         every = CollectorRegistry()
         MultiProcessCollector(every, path=self.shared)
         return generate_latest(every), CONTENT_TYPE_LATEST
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` is running: not gone, nor a zombie its parent has yet to reap."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # (no /proc here)
+        return True
 
 
 @dataclass(frozen=True)

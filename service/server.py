@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -218,6 +219,13 @@ def config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         # Workers are spawned processes, which import the app: it is named, not handed over,
         # and the settings reach them in the environment they inherit.
         app = "service.server:worker_app"
+        key = settings.api_key
+        if key is not None and os.environ.get("MCDROP_API_KEY") != key.get_secret_value():
+            # the workers would serve without it, every route open
+            raise ValueError(
+                "the workers read the API key from the environment only: set MCDROP_API_KEY "
+                "to the key given"
+            )
         os.environ[_WORKER_SETTINGS] = settings.model_dump_json(exclude={"api_key"})
         overrides = {"factory": True, **overrides}
     options: dict[str, Any] = {
@@ -243,13 +251,21 @@ def worker_app() -> FastAPI:
     API key, never written there, from the environment as the parent read it), each worker with
     ``cores ÷ N`` torch threads unless ``torch_threads`` is set, so that the workers do not
     contend for the same cores. Its answers name it in ``x-mcdrop-replica: worker-<pid>``."""
-    settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
-    if settings.torch_threads is None:
-        # the cores this process may run on (a container's or taskset's), not the machine's
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, (cores or 1) // settings.workers)
-        settings = settings.model_copy(update={"torch_threads": threads})
-    app = create_app(settings)
+    try:
+        settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
+        if settings.torch_threads is None:
+            # the cores this process may run on (a container's or taskset's), not the machine's
+            cores = (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            )
+            threads = max(1, (cores or 1) // settings.workers)
+            settings = settings.model_copy(update={"torch_threads": threads})
+        app = create_app(settings)
+    except Exception:
+        # uvicorn's supervisor restarts a worker that exits 1, which would fail the same way
+        # again, forever: a startup failure (3) stops the server, as one process would stop.
+        logging.getLogger("uvicorn.error").exception("a worker could not make its app")
+        raise SystemExit(STARTUP_FAILURE) from None
     app.add_middleware(ReplicaHeader, replica=f"worker-{os.getpid()}")
     return app
 

@@ -3,8 +3,13 @@ models (:func:`service.server.run`)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import httpx2
@@ -70,6 +75,14 @@ def test_workers_read_the_api_key_from_the_environment(tmp_path: Path) -> None:
                 assert ok.status_code == 200
 
 
+def test_workers_hold_settings_that_plain_json_cannot_write(tmp_path: Path) -> None:
+    # An infinite timeout (no deadline) is a valid setting; JSON has no infinity of its own.
+    timeouts = {"MCDROP_REQUEST_TIMEOUT_S": "inf", "MCDROP_SEND_TIMEOUT_S": "inf"}
+    with serve(tmp_path, MCDROP_WORKERS="2", **timeouts) as server:
+        body = {"inputs": [DIABETES_ROW], "n_samples": 10}
+        _answer_from_each(server, lambda http: http.post("/models/diabetes/uncertainty", json=body))
+
+
 def _count(metrics: str, name: str, model: str) -> float:
     """A sample's value in a text exposition (0 where it has none)."""
     for line in metrics.splitlines():
@@ -111,3 +124,44 @@ def test_metrics_count_the_requests_of_every_worker(tmp_path: Path) -> None:
             assert _count(metrics, "nv_inference_count_total", "diabetes") == 3 * sent
             assert _count(metrics, "nv_inference_pending_request_count", "diabetes") == 0
     assert not any(d.exists() for d in shared)  # the folder the workers shared goes with them
+
+
+def test_metrics_leave_out_the_gauges_of_a_killed_worker(tmp_path: Path) -> None:
+    # A worker killed while it computes a request never stops as one that is told to: the
+    # request it had in flight must not stay in the gauges' sum once it is gone.
+    limits = {"MCDROP_MAX_REQUEST_ROWS": "1000", "MCDROP_MAX_ROW_SAMPLES": "100000000"}
+    with serve(tmp_path, MCDROP_WORKERS="2", MCDROP_MAX_N_SAMPLES="100000", **limits) as server:
+        body = {"inputs": [DIABETES_ROW] * 1000, "n_samples": 50_000}
+        slow = threading.Thread(target=_post_until_cut, args=(server.url, body), daemon=True)
+        slow.start()
+        in_flight = 0.0
+        for _ in range(100):  # (at most 10 s)
+            with httpx2.Client(base_url=server.url) as http:
+                metrics = http.get("/metrics").text
+            in_flight = _count(metrics, "mcdrop_inference_in_flight_requests", "diabetes")
+            if in_flight:
+                break
+            time.sleep(0.1)
+        assert in_flight == 1
+        killed = _workers(server)
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        slow.join(timeout=30)
+        deadline = time.monotonic() + 60  # the supervisor starts new workers
+        while time.monotonic() < deadline and set(_workers(server)) & set(killed):
+            time.sleep(0.2)
+        with httpx2.Client(base_url=server.url) as http:
+            while time.monotonic() < deadline:
+                try:
+                    metrics = http.get("/metrics").text
+                    break
+                except httpx2.TransportError:
+                    time.sleep(0.2)
+        assert _count(metrics, "mcdrop_inference_in_flight_requests", "diabetes") == 0
+        assert _count(metrics, "nv_inference_pending_request_count", "diabetes") == 0
+
+
+def _post_until_cut(url: str, body: dict[str, object]) -> None:
+    """POST a long uncertainty request that a worker's death cuts off."""
+    with httpx2.Client(base_url=url, timeout=60) as http, suppress(httpx2.TransportError):
+        http.post("/models/diabetes/uncertainty", json=body)

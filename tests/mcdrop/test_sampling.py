@@ -469,6 +469,44 @@ def _always_drops(drop: str, always: bool = True) -> nn.Module:
     return AlwaysDrops(drop=drop, always=always).eval()
 
 
+class _Stream(nn.Module):
+    """A model that keeps state between calls (a stream's running sum of its inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+        self.register_buffer("total", torch.zeros(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.total = self.total + x.sum(0)
+        return self.layer(x) + self.total
+
+
+@pytest.mark.parametrize("drop", [None, "F.dropout"])
+def test_predict_runs_a_models_forward_once(drop: str | None) -> None:
+    """Finding out whether an eval pass drops takes no pass of its own: a forward that keeps
+    state, or a hook, runs once per prediction, the first one too."""
+    torch.manual_seed(0)
+    model = _Stream() if drop is None else AlwaysDrops(drop=drop)
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for n in (1, 2, 3):
+        predict(model, x)
+        assert len(calls) == n
+    if isinstance(model, _Stream):  # its first answer: its state advanced once
+        fresh, twin = _fresh_stream(model), _fresh_stream(model)
+        assert torch.equal(predict(fresh, x), twin.eval()(x))
+
+
+def _fresh_stream(model: _Stream) -> _Stream:
+    """A new stream with ``model``'s weights and its running sum at 0."""
+    fresh = _Stream()
+    fresh.load_state_dict(model.state_dict())
+    fresh.total.zero_()
+    return fresh
+
+
 @pytest.mark.parametrize("drop", sorted(DROPS))
 def test_predict_of_a_model_that_drops_in_eval_is_its_twins_without_dropout(drop: str) -> None:
     """A forward that drops in any mode (MC-dropout style ``F.dropout(h, p, training=True)``):

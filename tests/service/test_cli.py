@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,24 @@ def test_serve_without_a_model_folder_stops_in_one_line(
     assert done.stderr.startswith(f"mcdrop serve: error: model_dir {str(model_dir)!r} {problem}")
     assert done.stderr.endswith(
         ": give --model-dir (or MCDROP_MODEL_DIR) a folder of model directories\n"
+    )
+    assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_a_missing_metrics_folder_stops_in_one_line(
+    tmp_path: Path, workers: str
+) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR that is not a folder: said so, not every model 'failed to
+    load' for a file it could not make there."""
+    missing = tmp_path / "metrics"
+    command = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(MODELS)]
+    command += ["--host", "127.0.0.1", "--port", "0", "--workers", workers]
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(missing), "MCDROP_LOG_LEVEL": "warning"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(
+        f"mcdrop serve: error: PROMETHEUS_MULTIPROC_DIR {str(missing)!r} is not a folder"
     )
     assert done.stderr.count("\n") == 1
 

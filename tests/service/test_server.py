@@ -1,0 +1,57 @@
+"""The uvicorn setup of ``mcdrop serve`` (:mod:`service.server`); its runs over real HTTP are in
+tests/e2e/ (test_uvicorn.py, test_workers.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from uvicorn.config import STARTUP_FAILURE
+
+from service.config import Settings
+from service.server import config, worker_app
+
+WORKER_SETTINGS = "MCDROP_SERVE_WORKER_SETTINGS"
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"request_timeout_s": math.inf, "send_timeout_s": math.inf},
+        {"allowed_factories": ("mypkg.", "other.nets"), "trust_model_code": True},
+        {"dtype": "float16", "cpu_mask_backend": "numpy", "log_format": "json"},
+        {"default_n_samples": 7, "max_pass_rows": 64, "torch_threads": 3},
+    ],
+)
+def test_workers_get_the_settings_of_the_parent(
+    given: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)  # (config writes it: undone after)
+    settings = Settings(workers=2, **given)  # type: ignore[arg-type]
+    config(settings)
+    handed = Settings(**json.loads(os.environ[WORKER_SETTINGS]))
+    assert handed == settings
+
+
+def test_a_worker_that_cannot_make_its_app_stops_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # uvicorn's supervisor restarts a worker that exits 1 (forever); one that exits 3 stops it
+    monkeypatch.setenv(WORKER_SETTINGS, json.dumps({"workers": 2, "port": -1}))
+    with pytest.raises(SystemExit) as exited:
+        worker_app()
+    assert exited.value.code == STARTUP_FAILURE
+
+
+def test_workers_refuse_an_api_key_they_would_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The workers read the key from the environment only: one given otherwise (settings made in
+    # Python) would leave them serving every route without it.
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)
+    monkeypatch.delenv("MCDROP_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="set MCDROP_API_KEY"):
+        config(Settings(workers=2, api_key="s3cret-key"))  # type: ignore[arg-type]
+    monkeypatch.setenv("MCDROP_API_KEY", "s3cret-key")
+    config(Settings(workers=2))
+    assert json.loads(os.environ[WORKER_SETTINGS])["workers"] == 2
