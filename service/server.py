@@ -25,9 +25,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -270,9 +272,25 @@ def worker_app() -> FastAPI:
     return app
 
 
+#: The files prometheus_client's multiprocess mode writes: one per kind of metric and process.
+_METRIC_FILE = re.compile(r"(counter|gauge_[a-z]+|histogram|summary)_\d+\.db")
+
+
+def _wipe_metric_files(folder: str) -> None:
+    """An earlier run's metric files out of ``folder``, a ``PROMETHEUS_MULTIPROC_DIR`` the
+    environment names: their counts would add into this run's (prometheus_client asks for the
+    folder to be wiped between runs). Other files are left alone."""
+    for path in Path(folder).iterdir():
+        if _METRIC_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM: one process, or ``settings.workers`` worker processes on one
     socket under uvicorn's supervisor (which restarts a worker that dies)."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given is not None and os.path.isdir(given):
+        _wipe_metric_files(given)  # before any metric of this run is made
     server_config = config(settings)
     if settings.workers == 1:
         uvicorn.Server(server_config).run()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -16,7 +18,7 @@ import httpx2
 import pytest
 
 from service.replicas import REPLICA_HEADER
-from tests.e2e.server import Server, serve
+from tests.e2e.server import Server, clean_env, serve
 
 pytestmark = pytest.mark.slow
 
@@ -165,3 +167,28 @@ def _post_until_cut(url: str, body: dict[str, object]) -> None:
     """POST a long uncertainty request that a worker's death cuts off."""
     with httpx2.Client(base_url=url, timeout=60) as http, suppress(httpx2.TransportError):
         http.post("/models/diabetes/uncertainty", json=body)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_metrics_folder_given_starts_without_an_earlier_runs_counts(
+    tmp_path: Path, workers: str
+) -> None:
+    # An earlier run's files in the folder the environment names (prometheus_client's
+    # multiprocess mode) would add its counts into this run's; a file not of its kind stays.
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    earlier = (
+        "from prometheus_client import Counter; "
+        "Counter('nv_inference_request_success', 'x', ['model']).labels('diabetes').inc(7)"
+    )
+    env = {**clean_env(), "PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    subprocess.run([sys.executable, "-c", earlier], env=env, check=True)
+    assert [p.name for p in shared.iterdir() if p.name.startswith("counter_")]
+    (shared / "notes.txt").write_text("mine")
+    with serve(tmp_path, MCDROP_WORKERS=workers, PROMETHEUS_MULTIPROC_DIR=str(shared)) as server:
+        with httpx2.Client(base_url=server.url) as http:
+            body = {"inputs": [DIABETES_ROW]}
+            assert http.post("/models/diabetes/predict", json=body).status_code == 200
+            metrics = http.get("/metrics").text
+        assert _count(metrics, "nv_inference_request_success_total", "diabetes") == 1
+    assert (shared / "notes.txt").read_text() == "mine"
