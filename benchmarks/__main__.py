@@ -1,5 +1,5 @@
 """``python -m benchmarks [--quick]`` (``make bench``): sampling speed (on the reference models
-and on models of the kinds users write), memory, service load.
+and on models of the kinds users write), memory, service load (and 1 vs 2 workers).
 
 Prints markdown tables; every figure is a ratio against a baseline measured in the same run.
 The UCI reproduction (``python -m benchmarks.uci``) and the dropout experiments
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "service":
             print(service_load.run(args.quick, args.generator), flush=True)
             print(service_load.protocols(args.quick, args.generator), flush=True)
+            print(service_load.workers(args.quick, args.generator), flush=True)
         else:
             print(modules[name].run(args.quick), flush=True)
     return 0
