@@ -258,9 +258,13 @@ def test_chunks_continue_from_their_first_sample() -> None:
     kept = plan(model, x)
     whole = sample(model, x, 12, seed=4)
     tail = _fast(model, x, 5, kept, seed=4, first_sample=7)
-    assert torch.equal(tail, whole[7:])
+    # the same masks; a pass of 10 rows and one of 24 may round their matrix products otherwise
+    # (on some CPUs a linear layer's row depends on the rows beside it, in the last bit)
+    assert torch.allclose(tail, whole[7:], rtol=1e-5, atol=1e-6)
+    (general,) = sample_chunks(model, x, 5, seed=4, first_sample=7)  # the same pass, no plan
+    assert torch.equal(tail, general.values)
     (chunk,) = sample_chunks(model, x, 5, seed=4, plan=kept, first_sample=7)
-    assert torch.equal(chunk.values, whole[7:])
+    assert torch.equal(chunk.values, tail)
 
 
 def test_a_chunk_loop_runs_in_inference_mode_on_both_paths() -> None:
@@ -531,8 +535,10 @@ def test_a_call_of_several_passes_has_none() -> None:
     kept = plan(model, x)
     assert fast_pass.run(kept, model, x, 8, 1, 6, "auto") is None
     assert list(kept.fast_passes.values()) == [None]
+    # the general path's passes of 6 rows, as a call with no plan makes them
     assert torch.equal(
-        sample(model, x, 8, seed=1, plan=kept, max_pass_rows=6), sample(model, x, 8, seed=1)
+        sample(model, x, 8, seed=1, plan=kept, max_pass_rows=6),
+        sample(model, x, 8, seed=1, max_pass_rows=6),
     )
 
 

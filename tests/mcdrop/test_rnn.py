@@ -125,8 +125,12 @@ def test_dropout_between_layers_is_sampled(name: str, batch_first: bool) -> None
     assert made.prefix
     cut = sample(model, x, 16, seed=1, max_pass_rows=12, prefix="off")
     assert torch.allclose(cut, samples, atol=1e-5)
-    # Dropout stays off outside sampling, and the fused kernel's eval output is unchanged.
-    assert torch.equal(predict(model, x), model(x))
+    # Dropout stays off outside sampling, and the fused kernel's eval output is unchanged (as
+    # predict runs it, outside autograd: with autograd on, some CPUs take another LSTM kernel,
+    # which rounds otherwise)
+    with torch.inference_mode():
+        plain = model(x)
+    assert torch.equal(predict(model, x), plain)
 
 
 def test_mean_of_samples_approaches_the_training_mode_distribution() -> None:

@@ -21,13 +21,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _close(a: object, b: object) -> bool:
-    """Equal structures, numbers to 1e-9 relative (the run is seeded end to end)."""
+    """Equal structures and counts, numbers to 1e-5 relative: the run is seeded end to end, and
+    the model's float32 matrix products round differently on other CPUs (~2e-6 relative, seen
+    between two x86 machines)."""
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))
     return a == b
 
 
