@@ -121,6 +121,14 @@ class Settings(ModelSettings):
         "more requests; each worker runs cores ÷ workers torch threads unless torch_threads is "
         "set)",
     )
+    worker_healthcheck_timeout_s: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="with workers: how long a worker may take to answer the supervisor's health "
+        "check, at start-up (importing torch takes seconds on a busy machine) and after, before "
+        "it is killed as hung and restarted",
+    )
     max_concurrency: int = Field(
         2, ge=1, description="model computations running at once (per worker)"
     )

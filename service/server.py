@@ -243,6 +243,9 @@ def config(settings: Settings, **overrides: Any) -> uvicorn.Config:
             send_timeout_s=settings.send_timeout_s,
         ),
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        # uvicorn's 5 s killed workers still importing torch on a busy machine (5.7 s to import
+        # the service at load 5 on 2 cores), again and again: `--workers 2` took minutes to start
+        "timeout_worker_healthcheck": settings.worker_healthcheck_timeout_s,
         **overrides,
     }
     return uvicorn.Config(app, **options)

@@ -108,6 +108,29 @@ def _answer_from_each(server: Server, request: Callable[[httpx2.Client], httpx2.
     return sent
 
 
+def test_workers_that_start_slowly_are_not_killed_as_hung(tmp_path: Path) -> None:
+    # A busy or small machine imports torch slowly: each worker here sleeps 8 s before it can
+    # answer the supervisor's health check. uvicorn's own 5 s limit killed such workers as hung
+    # and restarted them, over and over; the default limit lets them start.
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if any('spawn_main' in arg for arg in sys.orig_argv):\n"
+        "    time.sleep(8)\n"
+    )
+    started = time.monotonic()
+    with serve(
+        tmp_path,
+        MCDROP_WORKERS="2",
+        MCDROP_LOG_LEVEL="info",
+        PYTHONPATH=os.pathsep.join([str(slow), os.environ.get("PYTHONPATH", "")]),
+    ) as server:
+        _answer_from_each(server, lambda http: http.get("/health"))
+        assert time.monotonic() - started < 80
+    assert "died" not in server.log()
+
+
 def test_metrics_count_the_requests_of_every_worker(tmp_path: Path) -> None:
     before = set(Path(tempfile.gettempdir()).glob("mcdrop-metrics-*"))
     with serve(tmp_path, MCDROP_WORKERS="2") as server:

@@ -55,3 +55,12 @@ def test_workers_refuse_an_api_key_they_would_not_read(monkeypatch: pytest.Monke
     monkeypatch.setenv("MCDROP_API_KEY", "s3cret-key")
     config(Settings(workers=2))
     assert json.loads(os.environ[WORKER_SETTINGS])["workers"] == 2
+
+
+def test_the_supervisor_waits_as_long_as_the_setting_for_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)
+    assert config(Settings(workers=2)).timeout_worker_healthcheck == 60
+    timed = config(Settings(workers=2, worker_healthcheck_timeout_s=7))
+    assert timed.timeout_worker_healthcheck == 7
