@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint format bench fuzz models clean image image-test
+.PHONY: install fashion-data serve test test-fast lint format bench fuzz models clean image image-test
 
 $(STAMP): pyproject.toml deploy/client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,24 @@ $(STAMP): pyproject.toml deploy/client/pyproject.toml
 
 install: $(STAMP)
 
+# Fashion-MNIST, which tests and benchmarks read, from Debian's package where it is missing and
+# apt-get can install it (as root). Elsewhere the tests that read it fail, saying what to run.
+FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+fashion-data:
+	@if [ ! -f $(FASHION) ]; then \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+		else \
+			echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root"; \
+		fi; \
+	fi
+
 serve: $(STAMP)
 	$(BIN)/mcdrop serve --model-dir models --host $(HOST) --port $(PORT)
 
 # mypy type-checks mcdrop, service and the client's mcdrop_client, not tests/ or benchmarks/
 # ([tool.mypy] in pyproject.toml); its cache in .mypy_cache makes a re-run take seconds.
-test: $(STAMP)
+test: $(STAMP) fashion-data
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -34,7 +46,7 @@ test: $(STAMP)
 # runs, fresh interpreters); `make test` runs them all. One torch thread: the tests' models are
 # small, and on a busy machine spinning OpenMP workers made this loop 3x slower (147 s vs 53 s
 # wall, 49 s vs 20 s CPU, at load 8 on 2 cores).
-test-fast: $(STAMP)
+test-fast: $(STAMP) fashion-data
 	OMP_NUM_THREADS=1 $(BIN)/pytest -m "not slow" --durations=10
 
 lint: $(STAMP)
@@ -46,7 +58,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+bench: $(STAMP) fashion-data
 	$(BIN)/python -m benchmarks
 
 # schemathesis, every check, against a real server: the test suite's run, longer and with a fresh
