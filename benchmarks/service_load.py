@@ -57,6 +57,7 @@ from benchmarks.timing import machine, table
 from mcdrop import checkpoint
 from mcdrop.predictor import Predictor
 from mcdrop.recipes.datasets import DatasetNotFoundError, fashion_mnist_arrays
+from service.replicas import REPLICA_HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES = 100
@@ -95,6 +96,7 @@ class Server:
         **settings: str,
     ) -> None:
         self.port = _free_port()
+        self.settings = settings
         env = {
             **os.environ,
             "MCDROP_BATCHING": str(batching).lower(),
@@ -116,7 +118,8 @@ class Server:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if httpx2.get(self.url + "/ready", timeout=2).status_code == 200:
+                ready = httpx2.get(self.url + "/ready", timeout=2).status_code == 200
+                if ready and self._every_worker_answers():
                     return self
             except httpx2.TransportError:
                 pass
@@ -125,6 +128,19 @@ class Server:
             time.sleep(0.2)
         self.__exit__()  # no server left behind
         raise RuntimeError("mcdrop serve did not become ready")
+
+    def _every_worker_answers(self) -> bool:
+        """Whether every worker process (``MCDROP_WORKERS``) answers, on fresh connections (at
+        most 50): ``/ready`` is the first worker's answer, and a load that connects before the
+        others listen keeps its connections on that one."""
+        wanted = int(self.settings.get("MCDROP_WORKERS", "1"))
+        seen: set[str | None] = set()
+        for _ in range(50 if wanted > 1 else 0):
+            with httpx2.Client(base_url=self.url) as http:
+                seen.add(http.get("/health", timeout=2).headers.get(REPLICA_HEADER))
+            if len(seen) == wanted:
+                break
+        return wanted == 1 or len(seen) == wanted
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()

@@ -27,10 +27,12 @@ import logging
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI
@@ -290,7 +292,8 @@ def _wipe_metric_files(folder: str) -> None:
 
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM: one process, or ``settings.workers`` worker processes on one
-    socket under uvicorn's supervisor (which restarts a worker that dies)."""
+    port under uvicorn's supervisor (which restarts a worker that dies), each listening on a
+    socket of its own where the kernel balances them (:func:`_listeners`)."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given is not None and os.path.isdir(given):
         _wipe_metric_files(given)  # before any metric of this run is made
@@ -303,13 +306,87 @@ def run(settings: Settings) -> None:
     made = None
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mcdrop-metrics-")
-    supervisor = Multiprocess(server_config, sockets=[server_config.bind_socket()])
+    held, sockets = _listeners(server_config)
+    supervisor = Multiprocess(server_config, sockets=sockets)
     try:
         supervisor.run()
     finally:
+        held.close()
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
     # A worker that failed to start (a model that does not load, with exit_on_error) stops the
     # supervisor: exit as one process would then (uvicorn's status 3), not 0.
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise SystemExit(STARTUP_FAILURE)
+
+
+def _listeners(server_config: uvicorn.Config) -> tuple[socket.socket, list[socket.socket]]:
+    """The socket the parent holds for the workers, and what each worker is handed to listen on.
+
+    On Linux, every worker listens on a socket of its own, bound to the same address with
+    ``SO_REUSEPORT`` (:class:`_OwnSocket`), and the kernel spreads new connections across them by
+    their addresses. On one shared socket, a burst of connections opened at once went to the
+    worker that woke first (asyncio accepts up to 100 in one go): 8 or 32 keep-alive clients that
+    connect together left the second worker idle (benchmarks/README.md § Workers). The parent
+    binds the address first, and holds it without listening (the kernel hands connections to
+    listening sockets only): that finds a port for ``--port 0``, and an address in use fails at
+    once, as with one socket. Elsewhere (no ``SO_REUSEPORT`` that balances) the workers share
+    the parent's socket, as uvicorn's own workers do."""
+    if sys.platform != "linux" or not hasattr(socket, "SO_REUSEPORT"):
+        shared = server_config.bind_socket()
+        return shared, [shared]
+    host, port = server_config.host, server_config.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        held = _bind_reusable(family, (host, port))
+    except OSError as error:
+        logging.getLogger("uvicorn.error").error(error)
+        raise SystemExit(STARTUP_FAILURE) from None
+    address = held.getsockname()
+    url = (
+        f"http://[{host}]:{address[1]}"
+        if family == socket.AF_INET6
+        else f"http://{host}:{address[1]}"
+    )
+    # uvicorn's own line (bind_socket's), which users and scripts look for
+    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
+    # (uvicorn's supervisor types its sockets; each worker unpickles a real one)
+    return held, [cast(socket.socket, _OwnSocket(family, address))]
+
+
+def _bind_reusable(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
+    """A TCP socket bound to ``address`` that other sockets of this user may bind as well
+    (``SO_REUSEPORT``), not yet listening."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _OwnSocket:
+    """A worker's listening socket, as the supervisor hands it to each worker it starts (or
+    restarts): pickled as the address alone, it is a socket of the worker's own, bound there
+    with ``SO_REUSEPORT``, once unpickled in the worker (:func:`_listeners`)."""
+
+    def __init__(self, family: socket.AddressFamily, address: tuple[Any, ...]) -> None:
+        self.family = family
+        self.address = address
+
+    def __reduce__(self) -> tuple[Any, tuple[socket.AddressFamily, tuple[Any, ...]]]:
+        return _worker_socket, (self.family, self.address)
+
+
+def _worker_socket(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
+    """A worker's own socket at the parent's address (unpickling an :class:`_OwnSocket`). Where
+    it cannot be bound, the worker exits as one that failed to start (status 3), which stops
+    the server: a restart would fail the same way."""
+    try:
+        return _bind_reusable(family, address)
+    except OSError as error:
+        print(f"a worker could not bind {address}: {error}", file=sys.stderr)  # (no logging yet)
+        raise SystemExit(STARTUP_FAILURE) from None

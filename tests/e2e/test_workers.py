@@ -4,7 +4,9 @@ models (:func:`service.server.run`)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ import httpx2
 import pytest
 
 from service.replicas import REPLICA_HEADER
+from tests.conftest import MODELS
 from tests.e2e.server import Server, clean_env, serve
 
 pytestmark = pytest.mark.slow
@@ -106,6 +109,94 @@ def _answer_from_each(server: Server, request: Callable[[httpx2.Client], httpx2.
         sent += 1
     assert seen == {f"worker-{pid}" for pid in _workers(server)}
     return sent
+
+
+def _replicas_of_a_burst(port: int, connections: int) -> list[str]:
+    """Open ``connections`` keep-alive connections at once (every handshake done before any
+    request is sent), then send one ``/health`` request on each: the replica header of each
+    answer."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(connections)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        replicas = []
+        for sock in socks:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = sock.recv(65536)
+                assert data, "the server closed a connection without an answer"
+                head += data
+            lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+            headers = dict(line.split(": ", 1) for line in lines[1:])
+            replicas.append({k.lower(): v for k, v in headers.items()}[REPLICA_HEADER])
+        return replicas
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_burst_of_connections_is_spread_across_the_workers(tmp_path: Path) -> None:
+    # Clients that connect together (a load balancer's pool, a benchmark's clients): on one
+    # shared socket the first worker awake accepted them all and the other idled. Each worker
+    # has a socket of its own, and the kernel spreads connections by address: 64 connections
+    # split as a fair coin would, so each gets 16 or more but once in ~30,000 runs.
+    with serve(tmp_path, MCDROP_WORKERS="2") as server:
+        # (ready is one worker's answer: until both listen, every connection goes to one)
+        _answer_from_each(server, lambda http: http.get("/health"))
+        workers = {f"worker-{pid}" for pid in _workers(server)}
+        replicas = _replicas_of_a_burst(server.port, 64)
+    assert set(replicas) == workers
+    assert min(replicas.count(w) for w in workers) >= 16, sorted(replicas)
+
+
+def test_workers_on_port_0_share_the_port_the_parent_found(tmp_path: Path) -> None:
+    # the parent binds the port (the kernel picks one) and the workers bind that same port
+    port_file = tmp_path / "log"
+    env = clean_env(MCDROP_WORKERS="2", MCDROP_MODEL_DIR=str(MODELS))
+    with port_file.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", "0"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        port = None
+        for _ in range(600):
+            found = re.search(
+                r"Uvicorn running on http://127\.0\.0\.1:(\d+)", port_file.read_text()
+            )
+            if found:
+                port = int(found.group(1))
+                with suppress(httpx2.TransportError):
+                    if httpx2.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                        break
+            time.sleep(0.1)
+        assert port is not None, port_file.read_text()
+        seen: set[str] = set()
+        for _ in range(20):  # until both workers listen (then 32 connections reach both)
+            seen = set(_replicas_of_a_burst(port, 32))
+            if len(seen) == 2:
+                break
+            time.sleep(0.5)
+        assert len(seen) == 2, seen
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, port_file.read_text()
+
+
+def test_a_port_in_use_stops_the_server_with_status_3(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(MCDROP_WORKERS="2", MCDROP_MODEL_DIR=str(MODELS))
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "Address already in use" in done.stderr
 
 
 def test_workers_that_start_slowly_are_not_killed_as_hung(tmp_path: Path) -> None:
