@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from uvicorn.config import STARTUP_FAILURE
@@ -55,3 +59,23 @@ def test_workers_refuse_an_api_key_they_would_not_read(monkeypatch: pytest.Monke
     monkeypatch.setenv("MCDROP_API_KEY", "s3cret-key")
     config(Settings(workers=2))
     assert json.loads(os.environ[WORKER_SETTINGS])["workers"] == 2
+
+
+def test_a_worker_reads_its_config_without_importing_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spawned worker unpickles its uvicorn config before it starts the thread that answers
+    # the supervisor's health check, which kills a worker silent for 5 s: a config whose
+    # objects import torch (3.7-5 s at load 4.5 on 2 cores) had workers killed at start, three
+    # times before two came up, and a slower machine would never have come up.
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)
+    pickled = tmp_path / "config.pickle"
+    pickled.write_bytes(pickle.dumps(config(Settings(workers=2))))
+    code = (
+        "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print([m for m in ('torch', 'mcdrop', 'numba', 'service.app') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
