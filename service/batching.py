@@ -23,7 +23,9 @@ batcher decides where and with whom it runs:
   abandoned stops at its next forward pass.
 
 Merging cannot change an answer: MC masks are keyed by each row's contents and its own request's
-seed (passed per row), so a seeded request gets the same result batched or alone.
+seed (passed per row), so a seeded request gets the same result batched or alone; and a merged
+computation that fails runs again job by job, so an error reaches only the requests whose own
+rows raise it.
 """
 
 from __future__ import annotations
@@ -458,20 +460,45 @@ class Batcher:
         self._schedule(loop)
 
     def _outcome(self, options: Options, jobs: list[Job]) -> list[Any] | BaseException:
+        """The jobs' results, or the error of them all; a job's result may be an error of its own
+        (a merged computation that failed, run again job by job)."""
         try:
             return self._compute(options, jobs)
-        except Exception as exc:  # every merged request gets the error
+        except SamplingStoppedError as exc:  # stopped, not failed: nothing to run again
             return exc
+        except Exception as exc:
+            if len(jobs) == 1:
+                return exc
+            # One request's rows may be what failed (a forward that raises on inputs its own
+            # code refuses, as a token id past the vocabulary): each job runs alone, so that
+            # the error reaches only the requests whose rows raise it. Merging changes no
+            # answer, and no request fails for the rows of another.
+            return [self._alone(options, job) for job in jobs]
+
+    def _alone(self, options: Options, job: Job) -> Any:
+        """``job``'s result computed by itself, or the error it raised."""
+        if self.closing or job.abandoned:
+            return SamplingStoppedError("nobody waits for this work any more")
+        started = time.perf_counter()
+        try:
+            (result,) = self._run(options, [job])
+        except Exception as exc:
+            return exc
+        if self.metrics is not None:
+            self.metrics.executed(job.rows, time.perf_counter() - started)
+        return result
 
     @staticmethod
     def _deliver(jobs: list[Job], outcome: list[Any] | BaseException) -> None:
         for i, job in enumerate(jobs):
             if job.future is None or job.future.done():
                 continue
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
+            # (a result is never an exception: one in the list is that job's own error)
+            result = outcome if isinstance(outcome, BaseException) else outcome[i]
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
             else:
-                job.future.set_result(outcome[i])
+                job.future.set_result(result)
 
     def _compute(self, options: Options, jobs: list[Job]) -> list[Any]:
         """The per-job results of one forward computation over the jobs' rows."""

@@ -42,7 +42,7 @@ this table and the enum to each other, and every error response to the enum)::
                                     inside logs.RequestIds, so it carries the request's ID)
     http_error              4xx     another status raised by Starlette itself, or app.BodyLimit's
                                     400 for a Content-Length that is not a byte count, or
-                                    server.TimedHttpProtocol's 431 for request headers above
+                                    protocol.TimedHttpProtocol's 431 for request headers above
                                     max_header_bytes
 
 Error bodies echo the offending value only as far as JSON can carry it: a NaN or ±inf becomes

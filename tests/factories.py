@@ -83,3 +83,19 @@ class Noisy(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x) + 0.1 * torch.rand(x.shape[0], 1)
+
+
+class Picky(nn.Module):
+    """:func:`build`'s network that refuses rows its own code calls invalid (any value above
+    ``bound``, as a token id past an embedding's vocabulary), raising ``ValueError``: a model
+    whose forward fails on some finite inputs of the right shape and not on others."""
+
+    def __init__(self, in_features: int = 3, width: int = 5, bound: float = 100.0) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+        self.bound = bound
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x > self.bound).any()):
+            raise ValueError(f"an input above {self.bound}: out of range")
+        return self.net(x)

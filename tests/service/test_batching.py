@@ -14,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_digits
 
+import mcdrop
 from mcdrop import checkpoint
 from mcdrop.exceptions import InvalidInputError
 from mcdrop.predictor import Predictor
@@ -21,6 +22,7 @@ from service.app import create_app
 from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
+from tests import factories
 from tests.conftest import MODELS
 from tests.service.conftest import wait_ready
 
@@ -346,6 +348,47 @@ def test_a_failing_batch_fails_only_its_jobs(digits: Predictor) -> None:
         ok, failed = asyncio.run(main())
     assert ok[0].probabilities.shape == (2, 10)
     assert isinstance(failed, InvalidInputError)
+
+
+@pytest.fixture(scope="module")
+def picky(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("picky") / "picky"
+    loaded = mcdrop.save(
+        factories.Picky(), folder, task="regression", input_shape=[3], labels=["y"],
+        factory="tests.factories:Picky", tau=1.0,
+    )  # fmt: skip
+    return Predictor(loaded)
+
+
+@pytest.mark.parametrize("options", [None, MCOptions(8), MCOptions(64, tolerance=0.05)])
+@pytest.mark.parametrize("inline_ms", [0.0, 1e6], ids=["threaded", "inline"])
+def test_rows_the_model_refuses_fail_only_their_request(
+    picky: Predictor, options: MCOptions | None, inline_ms: float
+) -> None:
+    # The model raises on one request's rows: merged with others, its error must reach only
+    # that request (merging changes no answer), and the others get what they get alone.
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
+    jobs = [Job(x, options, seed=1), Job(torch.full((1, 3), 1e3), options), Job(x[1:], options)]
+    with ThreadPoolExecutor(1) as pool:
+        batcher = Batcher(picky, executor=pool, cost=CostModel(), inline_ms=inline_ms)
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(batcher.submit(j) for j in jobs), return_exceptions=True)
+
+        first, failed, last = asyncio.run(main())
+    assert isinstance(failed, ValueError)
+    for job, got in ((jobs[0], first), (jobs[2], last)):
+        assert not isinstance(got, BaseException), f"a request the model accepts failed: {got!r}"
+        if options is None:
+            assert torch.equal(got.mean, picky.predict(job.x).mean)
+            continue
+        n = "auto" if options.tolerance else options.n_samples
+        alone, _ = picky.uncertainty(
+            job.x, n, tolerance=options.tolerance, max_n_samples=64 if options.tolerance else None,
+            seed=job.seed,
+        )  # fmt: skip
+        assert torch.equal(got[0].mean, alone.mean)
 
 
 def test_cost_model_scales_with_rows_and_samples(digits: Predictor) -> None:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from uvicorn.config import STARTUP_FAILURE
 
 from service.config import Settings
+from service.listeners import listeners
 from service.server import config, worker_app
 
 WORKER_SETTINGS = "MCDROP_SERVE_WORKER_SETTINGS"
@@ -64,3 +69,26 @@ def test_the_supervisor_waits_as_long_as_the_setting_for_a_worker(
     assert config(Settings(workers=2)).timeout_worker_healthcheck == 60
     timed = config(Settings(workers=2, worker_healthcheck_timeout_s=7))
     assert timed.timeout_worker_healthcheck == 7
+
+
+def test_a_worker_reads_its_config_without_importing_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spawned worker unpickles its uvicorn config before it starts the thread that answers
+    # the supervisor's health check, which kills a worker silent for 5 s: a config whose
+    # objects import torch (3.7-5 s at load 4.5 on 2 cores) had workers killed at start, three
+    # times before two came up, and a slower machine would never have come up.
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)
+    pickled = tmp_path / "config.pickle"
+    server_config = config(Settings(workers=2, port=0))
+    held, sockets = listeners(server_config)  # each worker unpickles a socket of its own
+    code = (
+        "import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print([m for m in ('torch', 'mcdrop', 'numba', 'service.app') if m in sys.modules])"
+    )
+    with held:  # (the parent holds the address while its workers bind it)
+        pickled.write_bytes(pickle.dumps((server_config, sockets)))
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
+        )
+    assert out.stdout.strip() == "[]"
