@@ -34,9 +34,12 @@ per row (a global, a class attribute or a list read there, values set in place, 
 None: BatchNorm's running statistics), keeps the plan's shared prefix: call :func:`forget` after
 such a change.)
 
-Beside them lives what :func:`mcdrop.predict` found at a model's first prediction: whether
-its eval pass makes a dropout call that drops (:func:`eval_drops`, :func:`plain_eval`). It goes
-with the plans: made anew for a model changed since, and by :func:`forget`.
+Beside them lives what :func:`mcdrop.predict` found at a model's first prediction of each input
+key (the inputs' shape, the batch's size included, and dtype: a ``forward`` may drop for some
+only, ``if x.shape[0] > 1``): whether its eval pass makes a dropout call that drops
+(:func:`eval_drops`, :func:`plain_eval`), for the latest :data:`MAX_EVAL_KEYS` keys. It goes
+with the plans: made anew by a sampling call for a model changed since, and by :func:`forget`
+(a prediction that finds the model changed keeps what was found to drop nothing).
 
 The plans live on the model (the ``_mcdrop_plans`` entry of its ``__dict__``), not in a global
 table: a plan references the model's modules, so a table would keep every model it saw alive.
@@ -70,9 +73,15 @@ from mcdrop.routing import _Route
 #: lengths keeps those of the latest few.
 MAX_PLANS = 8
 
+#: The most input keys (the inputs' shape, the batch's size included, and dtype) a model keeps
+#: what :func:`mcdrop.predict` found for (:func:`eval_drops`): a server's merged batches of
+#: 1 to 256 rows (its default ``max_batch_rows``) of one shape fit; a key evicted (the oldest
+#: first) is found again at its next prediction, at the cost of one pass watched.
+MAX_EVAL_KEYS = 256
+
 _ATTRIBUTE = "_mcdrop_plans"
 
-_lock = threading.Lock()  # held while plans are kept (a plan made: rare), never on a hit
+_lock = threading.Lock()  # held while plans (or findings) are kept: rare, never on a hit
 
 
 def _forked() -> None:
@@ -87,6 +96,10 @@ os.register_at_fork(after_in_child=_forked)
 # where it is off): a plan made under autocast sees its dropouts' inputs in that dtype, which
 # sets its pass sizes and routes
 _Key = tuple[torch.Size, torch.dtype, "torch.dtype | bool", "torch.dtype | bool"]
+# the inputs' shape (the batch's size too: a forward may drop for some only) and dtype: the key
+# of what a prediction found. Not the autocast: a forward's dropout calls follow its inputs, and
+# asking for it would cost every prediction a call (~0.2 µs, a third of the lookup's cost).
+_EvalKey = tuple[torch.Size, torch.dtype]
 
 
 class _Plans:
@@ -95,9 +108,9 @@ class _Plans:
     def __init__(self, model: nn.Module) -> None:
         self.owner = weakref.ref(model)
         self.plans: dict[_Key, SamplingPlan] = {}
-        #: Whether the model's eval pass makes a dropout call that drops (see
-        #: :func:`eval_drops`); None: not found out yet.
-        self.eval_drops: bool | None = None
+        #: Whether the model's eval pass makes a dropout call that drops, per input key (see
+        #: :func:`eval_drops`): the latest :data:`MAX_EVAL_KEYS`, oldest first.
+        self.eval_drops: dict[_EvalKey, bool] = {}
         #: Whether the model is as its plans were made for (see :meth:`note_state`).
         self.fits: Callable[[nn.Module], bool] = _unnoted
 
@@ -346,6 +359,11 @@ def _key(x: Tensor) -> _Key:
     )
 
 
+def _eval_key(x: Tensor) -> _EvalKey:
+    """The key of inputs like ``x`` ``(N, D...)``: its shape, ``N`` included, and dtype."""
+    return (x.shape, x.dtype)
+
+
 def _own_forwards(dicts: tuple[dict[str, Any], ...]) -> tuple[bool, ...]:
     """Which of the modules (``dicts``: their ``vars``) have a ``forward`` set on them, not
     counting the routes that a routed pass (:mod:`mcdrop.routing`, on another thread) puts on
@@ -382,41 +400,56 @@ def keep(model: nn.Module, x: Tensor, plan: SamplingPlan) -> None:
         plans.plans[_key(x)] = plan
 
 
-def plain_eval(model: nn.Module) -> bool:
-    """Whether ``model``'s eval pass was found to make no dropout call that drops: its
-    deterministic prediction is the plain eval pass (:func:`mcdrop.predict`). The common case,
-    checked on every prediction: one lookup, no check that the model is as it was when found
-    (a model changed since is found anew when a sampling call plans it anew, or after
-    :func:`forget`)."""
+def plain_eval(model: nn.Module, x: Tensor) -> bool:
+    """Whether ``model``'s eval pass was found to make no dropout call that drops for inputs like
+    ``x`` ``(N, D...)`` (the same shape, ``N`` included, and dtype): its deterministic
+    prediction of ``x`` is the plain eval pass (:func:`mcdrop.predict`). The common case,
+    checked on every prediction: two lookups (~0.5 µs), no check that the model is as it was
+    when found (a model changed since is found anew when a sampling call plans it anew, a
+    prediction of a key not kept finds it changed, or after :func:`forget`)."""
     plans = model.__dict__.get(_ATTRIBUTE)
-    return type(plans) is _Plans and plans.eval_drops is False
+    # (_eval_key written out: a call less on every prediction)
+    return type(plans) is _Plans and plans.eval_drops.get((x.shape, x.dtype)) is False
 
 
-def eval_drops(model: nn.Module) -> bool | None:
+def eval_drops(model: nn.Module, x: Tensor) -> bool | None:
     """Whether ``model``'s eval pass makes a dropout call that drops (``F.dropout(h, p,
-    training=True)``), as found by :func:`keep_eval_drops`; None where it is not known, or it
-    was found to drop but the model has changed since (checked as a kept plan is)."""
+    training=True)``) for inputs like ``x`` ``(N, D...)``, as found by :func:`keep_eval_drops`;
+    None where it is not known, or it was found to drop but the model has changed since (checked
+    as a kept plan is)."""
     plans = model.__dict__.get(_ATTRIBUTE)
-    if type(plans) is not _Plans or plans.eval_drops is None:
+    if type(plans) is not _Plans:
         return None
-    if plans.eval_drops and not plans.fits(model):
+    drops = plans.eval_drops.get(_eval_key(x))
+    if drops and not plans.fits(model):
         return None
-    return plans.eval_drops
+    return drops
 
 
-def keep_eval_drops(model: nn.Module, drops: bool) -> None:
-    """Keep what a deterministic prediction found: whether ``model``'s eval pass drops. It lives
-    beside the model's plans and goes with them (:func:`forget`, or plans made anew for a model
-    changed since)."""
+def keep_eval_drops(model: nn.Module, x: Tensor, drops: bool) -> None:
+    """Keep what a deterministic prediction of ``x`` ``(N, D...)`` found: whether ``model``'s eval
+    pass drops for inputs like it (for the latest :data:`MAX_EVAL_KEYS` keys). It lives beside
+    the model's plans and goes with them (:func:`forget`, or plans that a sampling call makes
+    anew for a model changed since); a prediction that finds the model changed keeps only what
+    was found to drop nothing."""
     if not isinstance(model, nn.Module):
         return
-    with _lock:
+    key = _eval_key(x)
+    with _lock:  # threads finding keys at once: one evicts the oldest, not both
         plans = model.__dict__.get(_ATTRIBUTE)
         if type(plans) is not _Plans or not plans.fits(model):
-            plans = _Plans(model)
+            before, plans = plans, _Plans(model)
+            if type(before) is _Plans and before.owner() is model:
+                # what was found to drop nothing: no prediction checks it against the model
+                # (plain_eval), so neither does this one. A forward that keeps its last output
+                # (a change on every call) keeps the plain pass of the keys it was found for.
+                plans.eval_drops = {k: v for k, v in before.eval_drops.items() if not v}
             model.__dict__[_ATTRIBUTE] = plans
             plans.note_state(model)
-        plans.eval_drops = drops
+        found = plans.eval_drops
+        if key not in found and len(found) >= MAX_EVAL_KEYS:
+            del found[next(iter(found))]  # the oldest
+        found[key] = drops
 
 
 def forget(model: nn.Module) -> None:

@@ -100,10 +100,13 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
     ``dropout_p``) runs with those calls' dropout off (:class:`~mcdrop.sampling_context.
     EvalDropoutMode`), so its predictions are deterministic too, and equal those of the same
     model with ``training=False`` in its calls. Whether a model's eval pass drops is found at
-    its first prediction (its one pass, under that mode; plainly once more where nothing dropped
-    and the mode changes what the model computes: compiled, or torch's transformer fast path) and
-    kept beside its sampling plans (:mod:`mcdrop.plan_cache`): a model whose eval pass drops
-    nothing runs its plain eval pass, with nothing watching it.
+    its first prediction of each input key, the inputs' shape (the batch's size included) and
+    dtype (a ``forward`` may drop for some only); that prediction's one pass runs under that
+    mode, and plainly once more where nothing dropped and the mode changes what the model
+    computes (compiled, or torch's transformer fast path). It is kept beside the model's
+    sampling plans, for the latest :data:`~mcdrop.plan_cache.MAX_EVAL_KEYS` keys
+    (:mod:`mcdrop.plan_cache`): inputs whose eval pass drops nothing run the plain eval pass,
+    with nothing watching it.
 
     Args:
         model: any module; its modes are left exactly as they were.
@@ -120,11 +123,12 @@ def predict_of_checked_inputs(model: nn.Module, x: Tensor) -> Tensor:
     """:func:`predict` for a caller that has checked ``x`` itself (a tensor with a non-empty
     batch dimension, every value finite: :func:`all_finite`), as :class:`~mcdrop.Predictor`
     does: the check is a good share of a one-row prediction."""
-    with eval_mode(model), torch.inference_mode():
+    # (torch's own guard, as fast_pass's: torch.inference_mode()'s Python wrapper costs ~1 µs)
+    with eval_mode(model), fast_pass._inference_mode(True):
         inputs = x.to(model_device(model))
         # a model may write into its input (an in-place ReLU first): never into the caller's
         fresh = x.clone() if inputs is x else inputs
-        if plan_cache.plain_eval(model):  # the common case: nothing to watch
+        if plan_cache.plain_eval(model, x):  # the common case: nothing to watch
             return model(fresh)
         return _predict_watched(model, x, fresh)
 
@@ -140,17 +144,18 @@ def _has_fast_path(model: nn.Module) -> bool:
 
 def _predict_watched(model: nn.Module, x: Tensor, inputs: Tensor) -> Tensor:
     """:func:`predict_of_checked_inputs` (in eval and inference mode) of a model whose eval pass
-    is not known to drop nothing: with its dropout off where it drops, found out (and kept)
-    where that is not known. ``inputs``: ``x`` on the model's device, the pass's own copy."""
+    is not known to drop nothing for inputs like ``x``: with its dropout off where it drops,
+    found out (and kept, for ``x``'s key) where that is not known. ``inputs``: ``x`` on the
+    model's device, the pass's own copy (keyed by ``x``: the pass may write into it)."""
     original = uncompiled(model)  # (a compiled forward cannot run under the mode)
-    drops = plan_cache.eval_drops(original)
+    drops = plan_cache.eval_drops(original, x)
     if drops is False:  # a compiled model's (its wrapper has no kept facts)
         return model(inputs)
     watch = EvalDropoutMode()
     with watch:
         y = original(inputs)
     if drops is None:
-        plan_cache.keep_eval_drops(original, watch.dropped)
+        plan_cache.keep_eval_drops(original, x, watch.dropped)
         if not watch.dropped and (model is not original or _has_fast_path(original)):
             # the plain pass, as every later call runs it, where it computes otherwise: compiled,
             # or torch's transformer fast path (off under a mode). Only there: a second pass of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
 
 import torch
@@ -57,20 +58,69 @@ DROPS = {
 class AlwaysDrops(nn.Module):
     """``(N, D) -> (N, 2)``: linear, ReLU, a dropout call of kind ``drop`` (:data:`DROPS`),
     linear. With ``always`` the call drops in eval mode too (``training=True``: MC-dropout
-    style); without, it drops in training only, the twin that deterministic prediction
-    equals."""
+    style), for batches of at least ``min_rows`` rows (a forward that drops for some batch sizes
+    only); without, it drops in training only, the twin that deterministic prediction equals."""
 
     def __init__(
-        self, in_features: int = 3, width: int = 8, drop: str = "F.dropout", always: bool = True
+        self,
+        in_features: int = 3,
+        width: int = 8,
+        drop: str = "F.dropout",
+        always: bool = True,
+        min_rows: int = 1,
     ) -> None:
         super().__init__()
         self.fc = nn.Linear(in_features, width)
         self.head = nn.Linear(width, 2)
-        self.drop, self.always = drop, always
+        self.drop, self.always, self.min_rows = drop, always, min_rows
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.fc(x))
-        return self.head(DROPS[self.drop](h, 0.5, self.always or self.training))
+        on = (self.always and x.shape[0] >= self.min_rows) or self.training
+        return self.head(DROPS[self.drop](h, 0.5, on))
+
+
+class DropsFor(nn.Module):
+    """``(N, L, 3) -> (N, 2)``: linear, ReLU, ``F.dropout``, the mean over ``L``, linear. The call
+    drops in eval mode too (MC-dropout style) for the inputs ``when(x)`` picks only (a batch of
+    more than one row, a sequence longer than 16: a forward may branch on its input's shape),
+    and in training. ``DropsFor(never)``: the twin that deterministic prediction equals."""
+
+    def __init__(self, when: Callable[[Tensor], bool]) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.when = when
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x.float()))
+        return self.head(F.dropout(h, 0.5, self.training or self.when(x)).mean(1))
+
+
+def never(x: Tensor) -> bool:
+    """:class:`DropsFor`'s twin: drops in training only."""
+    return False
+
+
+class Watched(nn.Module):
+    """``(N, 3) -> (N, 2)``: linear, dropout, linear, as torch's layers drop (in training only),
+    in a forward of its own that notes for each run whether a torch-function mode watched it
+    (:attr:`watched`): a deterministic prediction's plain eval pass runs without one. With
+    ``keeps_last`` it keeps its last output too (:attr:`last`, set anew on every call: the
+    model changes on every call, as far as its kept plans can tell)."""
+
+    def __init__(self, keeps_last: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+        self.watched: list[bool] = []  # (one list: an attribute set anew would make new plans)
+        self.keeps_last = keeps_last
+        self.last: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.watched.append(torch._C._is_torch_function_mode_enabled())
+        out = self.layers(x)
+        if self.keeps_last:
+            self.last = out
+        return out
 
 
 class Noisy(nn.Module):

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcdrop import adaptive, plan, plan_cache, sample, sample_chunks
+from mcdrop import adaptive, plan, plan_cache, predict, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
-from mcdrop.plan_cache import MAX_PLANS
+from mcdrop.plan_cache import MAX_EVAL_KEYS, MAX_PLANS
+from tests.factories import DropsFor, Watched, never
 from tests.mcdrop.test_fast_pass import EncoderClassifier
 
 
@@ -719,6 +720,59 @@ def test_plans_are_kept_for_the_latest_shapes_only() -> None:
     assert model.forwards == before + 1  # the latest: kept
     sample(model, torch.randn(2, widths[0]), 2, seed=0)
     assert model.forwards > before + 2  # the oldest: made again
+
+
+def test_what_predict_found_is_kept_for_the_latest_input_keys_only() -> None:
+    """A server sees many batch sizes: what a prediction found is kept for the latest
+    MAX_EVAL_KEYS input keys, and a key evicted is found again (one pass, watched)."""
+    model = Watched().eval()
+    sizes = range(1, MAX_EVAL_KEYS + 2)
+    for n in sizes:
+        predict(model, torch.zeros(n, 3))
+    assert model.watched == [True] * len(sizes)
+    model.watched.clear()
+    for n in (sizes[-1], sizes[1], 1, 1):  # the latest, the oldest still kept, the one evicted
+        predict(model, torch.zeros(n, 3))
+    assert model.watched == [False, False, True, False]
+    found = vars(model)["_mcdrop_plans"].eval_drops
+    assert len(found) == MAX_EVAL_KEYS
+
+
+def test_a_model_that_changes_on_every_call_keeps_the_plain_pass_of_each_input_key() -> None:
+    """A forward that keeps its last output changes the model on every call, as far as kept
+    plans can tell: a prediction of a key not seen finds it changed, and keeps what was found
+    for the other keys to drop nothing (no prediction checks that against the model)."""
+    model = Watched(keeps_last=True).eval()
+    for n in (1, 2, 1, 2, 3, 1, 2, 3):
+        predict(model, torch.zeros(n, 3))
+    assert model.watched == [True, True, False, False, True, False, False, False]
+
+
+def test_threads_finding_many_input_keys_at_once_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A forward that drops in eval mode for even batch sizes only, predicted on four threads at
+    # once for more batch sizes than are kept: findings are made, kept and evicted beside each
+    # other, and every prediction is the twin's.
+    monkeypatch.setattr(plan_cache, "MAX_EVAL_KEYS", 4)
+    torch.manual_seed(0)
+    model = DropsFor(lambda x: x.shape[0] % 2 == 0).eval()
+    torch.manual_seed(0)
+    twin = DropsFor(never).eval()
+    rows = {n: torch.randn(n, 2, 3) for n in range(1, 11)}
+    want = {n: twin(x) for n, x in rows.items()}
+    failures: list[BaseException] = []
+
+    def run(offset: int) -> None:
+        try:
+            for i in range(5 * len(rows)):
+                n = 1 + (i * 3 + offset) % len(rows)
+                if not torch.equal(predict(model, rows[n]), want[n]):
+                    raise AssertionError(f"{n} rows")
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    _on_threads(*(partial(run, k) for k in range(4)))
+    assert failures == []
+    assert len(vars(model)["_mcdrop_plans"].eval_drops) <= 4
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mcdrop import plan, plan_cache, planning, predict, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
-from tests.factories import DROPS, AlwaysDrops
+from tests.factories import DROPS, AlwaysDrops, DropsFor, Watched, never
 
 
 def test_shape_is_samples_first(mlp: nn.Module, x: Tensor) -> None:
@@ -520,6 +520,53 @@ def test_predict_of_a_model_that_drops_in_eval_is_its_twins_without_dropout(drop
         assert torch.equal(predict(model, x), want)
     assert torch.equal(predict(model, x[2:3]), twin(x[2:3]))
     assert torch.equal(predict(twin, x), want)
+
+
+def _rows(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+
+
+#: A forward that drops in eval mode for some inputs only (``when``), and inputs it does not drop
+#: for, then inputs it drops for: ``(N, L, 3)``.
+_SOME_INPUTS: dict[str, tuple[Callable[[Tensor], bool], Tensor, Tensor]] = {
+    "batch size": (lambda x: x.shape[0] > 1, _rows(1, 4, 3), _rows(4, 4, 3)),
+    "row shape": (lambda x: x.shape[1] > 16, _rows(4, 8, 3), _rows(4, 20, 3)),
+    "dtype": (
+        lambda x: x.dtype == torch.float64,
+        _rows(4, 4, 3),
+        _rows(4, 4, 3, dtype=torch.float64),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_SOME_INPUTS))
+def test_predict_of_a_model_that_drops_in_eval_for_some_inputs_only(case: str) -> None:
+    """Whether an eval pass drops is found per input key (the batch's size, its rows' shape and
+    dtype), not once per model: a first prediction of inputs the forward does not drop for
+    leaves those it drops for deterministic, its twin's without the dropout."""
+    when, first, then = _SOME_INPUTS[case]
+    torch.manual_seed(0)
+    model = DropsFor(when).eval()
+    torch.manual_seed(0)
+    twin = DropsFor(never).eval()
+    assert torch.equal(predict(model, first), twin(first))  # found: drops nothing for these
+    assert not torch.equal(model(then), model(then))  # its own eval pass drops for these
+    for _ in range(3):
+        assert torch.equal(predict(model, then), twin(then))
+    assert torch.equal(predict(model, first), twin(first))
+
+
+def test_a_model_that_never_drops_in_eval_runs_its_plain_pass_for_each_input_key() -> None:
+    """The first prediction of each input key runs the model once, watched; every later one of
+    a key seen runs its plain eval pass, once, with nothing watching."""
+    model = Watched().eval()
+    inputs = [_rows(n, 3) for n in (1, 4, 2)]
+    for x in inputs:
+        predict(model, x)
+    assert model.watched == [True] * 3
+    for x in inputs * 2:
+        predict(model, x)
+    assert model.watched[3:] == [False] * 6
 
 
 @pytest.mark.parametrize("drop", sorted(set(DROPS) - {"scaled_dot_product_attention"}))

@@ -119,17 +119,21 @@ def always_drops_twin() -> torch.Tensor:
 @pytest.fixture(scope="package")
 def always_drops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """An app serving ``mc`` from a model directory: a classifier whose ``forward`` drops in
-    eval mode too (``F.dropout(h, p, training=True)``, MC-dropout style)."""
+    eval mode too (``F.dropout(h, p, training=True)``, MC-dropout style); and ``mc_batches``,
+    the same (the same weights) dropping so for batches of two rows or more only (its warm-up
+    predicts one row)."""
     folder = tmp_path_factory.mktemp("always_drops")
-    torch.manual_seed(0)
-    mcdrop.save(
-        factories.AlwaysDrops(),
-        folder / "mc",
-        factory="tests.factories:AlwaysDrops",
-        task="classification",
-        input_shape=[3],
-        labels=["a", "b"],
-    )
+    for name, params in (("mc", {}), ("mc_batches", {"min_rows": 2})):
+        torch.manual_seed(0)
+        mcdrop.save(
+            factories.AlwaysDrops(**params),
+            folder / name,
+            factory="tests.factories:AlwaysDrops",
+            params=params,
+            task="classification",
+            input_shape=[3],
+            labels=["a", "b"],
+        )
     settings = Settings(
         model_dir=folder, exit_on_error=False, allowed_factories=("tests.factories",)
     )

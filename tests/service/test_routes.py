@@ -58,19 +58,23 @@ def test_predict_classifier(http: TestClient) -> None:
         assert math.isclose(sum(p["probabilities"]), 1.0, abs_tol=1e-5)
 
 
-def test_predict_is_deterministic_for_a_model_that_drops_in_eval(always_drops: TestClient) -> None:
+@pytest.mark.parametrize("model", ["mc", "mc_batches"])
+def test_predict_is_deterministic_for_a_model_that_drops_in_eval(
+    always_drops: TestClient, model: str
+) -> None:
     """Deterministic prediction (dropout off) of a model whose forward calls ``F.dropout(h, p,
     training=True)``: the same answer every time, its twin's without the dropout; its
-    uncertainty still samples that dropout."""
+    uncertainty still samples that dropout. Also where the forward drops so for batches of two
+    rows or more only, and the model's warm-up predicted one row."""
     bodies = [
-        always_drops.post("/models/mc/predict", json={"inputs": ALWAYS_DROPS_ROWS}).json()
+        always_drops.post(f"/models/{model}/predict", json={"inputs": ALWAYS_DROPS_ROWS}).json()
         for _ in range(3)
     ]
     assert bodies[1] == bodies[0] == bodies[2]
     probabilities = [row["probabilities"] for row in bodies[0]["predictions"]]
     np.testing.assert_allclose(probabilities, always_drops_twin().numpy(), rtol=1e-6)
     body = {"inputs": ALWAYS_DROPS_ROWS, "n_samples": 50, "seed": 0}
-    summary = always_drops.post("/models/mc/uncertainty", json=body).json()
+    summary = always_drops.post(f"/models/{model}/uncertainty", json=body).json()
     assert all(row["mutual_information"] > 0 for row in summary["results"])
 
 
