@@ -52,11 +52,13 @@ batch, and a row that stopped at n samples has exactly the samples (and, to floa
 different pass sizes, the statistics) of a fixed ``n_samples=n`` request with the same seed.
 
 **Limits.** The rule trusts the samples it has: a row whose rare outcomes the first 16 samples
-never show looks certain and stops at 16 (a regressor's heavy-tailed row more easily: its
-SE(std) is estimated from fourth moments). The error is checked only at the checkpoints, so a
-row uses up to 1.5× the samples it strictly needed (the price of few, large passes); and checking
-several times makes a stop on an error that happens to be estimated low more likely than at one
-fixed n: the rule bounds the estimated error, not the true one.
+never show looks certain and stops at 16. Regressors whose sampled means have rare large
+outliers (low dropout rates) are the common case: on the concrete net above, ``"auto"`` did
+worse than a fixed count of equal cost (``benchmarks/README.md``, § Adaptive sample counts,
+Regressors); there a fixed count is the better choice. The error is checked only at the
+checkpoints, so a row uses up to 1.5× the samples it strictly needed (the price of few, large
+passes); and checking several times makes a stop on an error that happens to be estimated low
+more likely than at one fixed n: the rule bounds the estimated error, not the true one.
 """
 
 from __future__ import annotations
