@@ -11,8 +11,17 @@ table: no method can agree with it better than that. ``time / fixed``: the adapt
 time over the fixed one's, the two interleaved round by round (medians): more, smaller passes
 against the same samples.
 
-Run: ``python -m benchmarks.adaptive [--quick] [--rows N]`` (one torch thread; the full run
-takes a few minutes on a 2-core machine, the quick one seconds).
+Regressors (:func:`regression_table`), the same layout: the bundled ``diabetes`` (homoscedastic)
+and, when the UCI data is on this machine (``benchmarks.uci.data.data_root``), a heteroscedastic
+MC-dropout net of UCI concrete trained for the run (split 0, ~30 s). Each on its test rows
+("data"), on the same rows moved 4× as far from the training mean ("far": the rows that should
+need more samples), and on the test rows with one far row in ten added (a mix of easy and
+hard). Errors in units of the reference's predictive std, per row: of the mean, of the std, and
+of the interval (the larger endpoint error).
+
+Run: ``python -m benchmarks.adaptive [--quick] [--rows N] [--regressors]`` (one torch thread;
+the full run takes a few minutes on a 2-core machine, the quick one seconds; ``--regressors``:
+only the regressors' table, which needs no image data).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from mcdrop import calibration as cal
 from mcdrop import checkpoint
 from mcdrop.predictor import Predictor, Summary
 from mcdrop.recipes import datasets
-from mcdrop.stats import ClassificationSummary
+from mcdrop.stats import ClassificationSummary, RegressionSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS: dict[str, Callable[[], datasets.Dataset]] = {
@@ -56,6 +65,10 @@ class Sizes:
 
 FULL = Sizes(ROWS, REFERENCE_N, MAX_N, TOLERANCES, rounds=5)
 QUICK = Sizes(16, 100, 100, (0.02,), rounds=1)
+#: Regressors' tolerances (in units of the predictive std; the default is 0.05).
+REGRESSION_TOLERANCES = (0.1, 0.05, 0.02)
+#: How much farther from the training mean the "far" rows are than the test rows.
+FAR = 4.0
 
 
 def _quantiles(errors: Tensor) -> str:
@@ -147,6 +160,157 @@ def run_dataset(name: str, sizes: Sizes) -> str:
     )
 
 
+def regression_agreement(summary: RegressionSummary, reference: RegressionSummary) -> list[str]:
+    """The table cells comparing ``summary`` with ``reference`` row by row, in units of the
+    reference's predictive std (largest over outputs): mean, std, interval endpoints."""
+    std = reference.std.double()
+
+    def err(a: Tensor, b: Tensor) -> Tensor:
+        return ((a.double() - b.double()).abs() / std).amax(-1)
+
+    interval = torch.maximum(
+        err(summary.lower, reference.lower), err(summary.upper, reference.upper)
+    )
+    return [
+        _quantiles(err(summary.mean, reference.mean)),
+        _quantiles(err(summary.std, reference.std)),
+        _quantiles(interval),
+    ]
+
+
+def _regression(result: tuple[Summary, Tensor | None]) -> RegressionSummary:
+    summary, _ = result
+    assert isinstance(summary, RegressionSummary)
+    return summary
+
+
+def _far(predictor: Predictor, x: Tensor) -> Tensor:
+    """Rows ``x`` moved :data:`FAR` × as far from the model's training input mean."""
+    norm = predictor.spec.input_normalization
+    centre = x.mean(0) if norm is None else torch.tensor(norm.mean)
+    return centre + (x - centre) * FAR
+
+
+def regression_rows(
+    name: str, predictor: Predictor, x: Tensor, sizes: Sizes, tolerances: Sequence[float]
+) -> tuple[list[list[object]], str]:
+    """Table rows (auto and fixed of equal cost per tolerance) of one regressor on rows ``x``,
+    and the reference's own MC error of its mean (mean / p99 / worst, in units of its std)."""
+    predictor.warm_up(x[:2])
+    reference = _regression(predictor.uncertainty(x, sizes.reference_n, seed=REFERENCE_SEED))
+    rows: list[list[object]] = []
+    for tolerance in tolerances:
+
+        def run_auto(tol: float = tolerance) -> tuple[Summary, Tensor | None]:
+            return predictor.uncertainty(
+                x, "auto", tolerance=tol, max_n_samples=sizes.max_n, seed=SEED
+            )
+
+        auto = _regression(run_auto())
+        used = auto.row_n_samples
+        n_fixed = max(1, round(float(used.double().mean())))
+
+        def run_fixed(n: int = n_fixed) -> tuple[Summary, Tensor | None]:
+            return predictor.uncertainty(x, n, seed=SEED)
+
+        fixed = _regression(run_fixed())
+        seconds = compare(
+            {"auto": run_auto, "fixed": run_fixed}, rounds=sizes.rounds, warmup=0, budget_s=20.0
+        )
+        at_first = float((used == used.min()).double().mean())
+        rows.append(
+            [
+                name,
+                tolerance,
+                "auto",
+                f"{float(used.double().mean()):.1f}",
+                f"{int(used.min())} ({at_first:.0%}) – {int(used.max())}",
+                *regression_agreement(auto, reference),
+                f"{seconds['auto'] / seconds['fixed']:.2f}",
+            ]
+        )
+        fixed_cells = regression_agreement(fixed, reference)
+        rows.append([name, tolerance, "fixed", n_fixed, n_fixed, *fixed_cells, "1.00"])
+    return rows, _quantiles(_own_error(predictor, x, sizes.reference_n))
+
+
+def _own_error(predictor: Predictor, x: Tensor, n: int) -> Tensor:
+    """``(N,)`` the reference's own MC error, as the rule measures it (of the mean and of the
+    std, the larger, in units of the std): the same samples, streamed into an accumulator."""
+    from mcdrop import sampling, stats
+
+    spec = predictor.spec
+    het = spec.likelihood == "heteroscedastic"
+    noise = None if het or spec.tau is None else 1.0 / spec.tau
+    acc = stats.RegressionAccumulator(x.shape[0], spec.n_outputs, noise_variance=noise)
+    for chunk in sampling.sample_chunks(predictor.model.module, x, n, seed=REFERENCE_SEED):
+        acc.update(chunk.values, chunk.rows)
+    return acc.standard_error()
+
+
+def _concrete(root: Path) -> tuple[Predictor, Tensor] | None:
+    """A heteroscedastic MC-dropout net of UCI concrete (split 0) trained into ``root`` by
+    ``benchmarks.uci``, and its test rows; None when the UCI data is not on this machine."""
+    import subprocess
+
+    from benchmarks.uci import data as uci_data
+
+    folder = uci_data.data_root()
+    if not (folder / "concrete" / "data.txt").is_file():
+        return None
+    command = [sys.executable, "-m", "benchmarks.uci", "--method", "het_mc_dropout"]
+    command += ["--datasets", "concrete", "--splits", "0", "--data", str(folder)]
+    command += ["--save-models", str(root / "models"), "--out", str(root / "out")]
+    subprocess.run([*command, "--no-progress", "--threads", "1"], check=True, cwd=ROOT)
+    (model_dir,) = (root / "models").iterdir()
+    split = uci_data.read_split(folder, "concrete", 0)
+    return Predictor(checkpoint.load(model_dir)), torch.tensor(split.x_test, dtype=torch.float32)
+
+
+def regression_table(sizes: Sizes, with_uci: bool = True) -> str:
+    """Adaptive against fixed counts of equal cost on regressors (see the module docstring)."""
+    import tempfile
+
+    tolerances = sizes.tolerances if sizes is QUICK else REGRESSION_TOLERANCES
+    cases: list[tuple[str, Predictor, Tensor]] = []
+    diabetes = Predictor(checkpoint.load(ROOT / "models" / "diabetes"))
+    data = datasets.diabetes()
+    x = torch.cat([data.x_test, data.x_val])[: sizes.rows]
+    cases.append(("diabetes", diabetes, x))
+    with tempfile.TemporaryDirectory() as tmp:
+        concrete = _concrete(Path(tmp)) if with_uci else None
+        if concrete is not None:
+            cases.append(("concrete (het.)", concrete[0], concrete[1][: sizes.rows]))
+        rows: list[list[object]] = []
+        notes = []
+        for name, predictor, x in cases:
+            far = _far(predictor, x)
+            # Most rows easy, a few hard: one far row in ten, as a request might mix them.
+            mixed = torch.cat([x, far[: max(1, x.shape[0] // 10)]])
+            sets = (("data", x), (f"far ×{FAR:g}", far), ("data + 10 % far", mixed))
+            for label, xs in sets:
+                part, own = regression_rows(f"{name}, {label}", predictor, xs, sizes, tolerances)
+                rows += part
+                notes.append(f"{name}, {label} ({xs.shape[0]} rows): {own}")
+    header = [
+        "rows",
+        "tolerance",
+        "n_samples",
+        "mean samples",
+        "samples per row (share at the fewest)",
+        "mean error",
+        "std error",
+        "interval error",
+        "time / fixed",
+    ]
+    return (
+        f"#### Regressors: max_n_samples {sizes.max_n}\n\n{table(header, rows)}\n\n"
+        f"Errors are mean / p99 / worst row, in units of the {sizes.reference_n}-sample "
+        "reference's predictive std, whose own MC standard error (of the mean and the std, the "
+        "larger, in the same units; mean / p99 / worst) is " + "; ".join(notes) + ".\n"
+    )
+
+
 #: Test rows of the decisions table (digits has 269).
 DECISION_ROWS = 2000
 
@@ -211,12 +375,15 @@ def decisions_table(quick: bool = False) -> str:
     return f"#### Decisions from adaptive summaries\n\n{table(header, rows_out)}\n"
 
 
-def run(quick: bool = False, rows: int | None = None) -> str:
+def run(quick: bool = False, rows: int | None = None, regressors_only: bool = False) -> str:
     sizes = QUICK if quick else FULL
     if rows is not None:
         sizes = replace(sizes, rows=rows)
     parts = [f"### Adaptive sample counts ({machine()})\n"]
+    if regressors_only:
+        return "\n".join([*parts, regression_table(sizes, with_uci=not quick)])
     parts += [run_dataset(name, sizes) for name in DATASETS]
+    parts.append(regression_table(sizes, with_uci=not quick))
     parts.append(decisions_table(quick))
     return "\n".join(parts)
 
@@ -226,9 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--rows", type=int, default=None, help=f"test rows (default {ROWS})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--regressors", action="store_true", help="only the regressors' table (no image data)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(run(args.quick, args.rows), flush=True)
+    print(run(args.quick, args.rows, regressors_only=args.regressors), flush=True)
     return 0
 
 

@@ -289,8 +289,10 @@ class Predictor:
                 :class:`~mcdrop.exceptions.SamplingStoppedError` (a server's client went away).
             check_outputs: raise :class:`NonFiniteOutputError` when a statistic or a returned
                 sample is NaN or ±inf (see :func:`check_finite`).
-            tolerance: with ``"auto"``, the MC standard error at which a row stops (default
-                :data:`mcdrop.adaptive.DEFAULT_TOLERANCE`).
+            tolerance: with ``"auto"``, the MC standard error at which a row stops: a
+                classifier's in probability, a regressor's (of its mean and its std) in units of
+                its predictive std (default :func:`mcdrop.adaptive.default_tolerance` of the
+                model's task: 0.01 and 0.05).
             max_n_samples: with ``"auto"``, the most samples a row uses (default
                 :data:`mcdrop.adaptive.DEFAULT_MAX_N_SAMPLES`).
             check_finite_inputs: False when the caller has checked every value of ``x`` finite
@@ -310,7 +312,7 @@ class Predictor:
             raise InvalidArgumentError(f"n_samples must be an integer or 'auto', got {n_samples!r}")
         if isinstance(n_samples, str):  # "auto": any other string is refused above
             tolerance = adaptive.check_tolerance(
-                adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
+                adaptive.default_tolerance(self.spec.task) if tolerance is None else tolerance
             )
             most = adaptive.check_max_n_samples(
                 adaptive.DEFAULT_MAX_N_SAMPLES if max_n_samples is None else max_n_samples
@@ -328,7 +330,13 @@ class Predictor:
                 None if self.spec.likelihood == "heteroscedastic" else self._homoscedastic_noise()
             )
             acc = RegressionAccumulator(
-                n_rows, k, noise_variance=noise, targets=targets, level=level, device=self.device
+                n_rows,
+                k,
+                noise_variance=noise,
+                targets=targets,
+                level=level,
+                device=self.device,
+                track_error=auto,
             )
         samples: Tensor | None = None
         if return_samples:

@@ -455,6 +455,10 @@ class RegressionAccumulator(_Counts):
         targets: optional ``(N, K)`` targets, to accumulate the mixture log-likelihood.
         level: level of the central interval.
         device: where the sums live: the chunks' device (no copy per chunk).
+        track_error: also keep the moments :meth:`standard_error` needs (the spread of each
+            sample's contribution to the predictive variance: three more ``(N, K)`` sums and a
+            shift); a caller that never asks for the error (a fixed sample count) leaves them
+            out.
     """
 
     def __init__(
@@ -466,6 +470,7 @@ class RegressionAccumulator(_Counts):
         targets: Tensor | None = None,
         level: float = 0.95,
         device: torch.device | str | None = None,
+        track_error: bool = True,
     ) -> None:
         _check_level(level)
         if noise_variance is not None and not noise_variance > 0:
@@ -475,6 +480,7 @@ class RegressionAccumulator(_Counts):
         self.level = level
         self.targets = None if targets is None else targets.to(device, torch.float64)
         self.n_samples = 0  # of row 0
+        self.track_error = track_error
         # As ClassificationAccumulator: the sums are made by the first update (or read).
         self._started = False
 
@@ -488,7 +494,50 @@ class RegressionAccumulator(_Counts):
         self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
         self.sum_noise = torch.zeros(shape, dtype=torch.float64, device=device)
         self.lse = torch.full(shape, -math.inf, dtype=torch.float64, device=device)
+        if self.track_error:
+            self.shift = torch.zeros(shape, dtype=torch.float64, device=device)
+            self.mean_e = torch.zeros(shape, dtype=torch.float64, device=device)
+            self.m2_e = torch.zeros(shape, dtype=torch.float64, device=device)
+            self.co_e = torch.zeros(shape, dtype=torch.float64, device=device)
         self._started = True
+
+    def _merge_error_moments(
+        self,
+        rows: slice | Tensor,
+        mu: Tensor,
+        noise: Tensor,
+        chunk_mean: Tensor,
+        n_a: Tensor | None,
+        delta: Tensor | None,
+    ) -> None:
+        """Merge a chunk into the moments of ``e' = (μ_s - c)² + σ²_s`` (its mean, M2, and
+        co-moment with ``μ_s``), ``c`` a per-row shift: the chunk's mean at the row's first
+        update, so ``e'`` never cancels (a mean of 1e4 with a spread of 1e-3). Chan et al.'s
+        merge, as for the mean. ``mu``, ``noise``: ``(s, n, K)`` float64; ``n_a``, ``delta``:
+        the rows' counts ``(n, 1)`` and ``chunk_mean - mean`` before this chunk, None for the
+        first chunk of every row."""
+        s = float(mu.shape[0])
+        # (a copy: the first chunk's mean becomes the mean's own sums, updated in place)
+        shift = (
+            chunk_mean.clone()
+            if n_a is None
+            else torch.where(n_a == 0, chunk_mean, self.shift[rows])
+        )
+        e = (mu - shift).square() + noise
+        chunk_me = e.mean(0)
+        de = e - chunk_me
+        chunk_m2e = de.square().sum(0)
+        chunk_co = ((mu - chunk_mean) * de).sum(0)
+        if n_a is None or delta is None:
+            self.shift, self.mean_e, self.m2_e, self.co_e = shift, chunk_me, chunk_m2e, chunk_co
+            return
+        total = n_a + s
+        weight = n_a * s / total
+        delta_e = chunk_me - self.mean_e[rows]
+        self.shift[rows] = shift
+        self.mean_e[rows] += delta_e * (s / total)
+        self.m2_e[rows] += chunk_m2e + delta_e.square() * weight
+        self.co_e[rows] += chunk_co + delta * delta_e * weight
 
     def split(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """Sampled means and noise variances of a chunk, each ``(s, n, K)``."""
@@ -519,12 +568,16 @@ class RegressionAccumulator(_Counts):
             self.mean = chunk_mean
             self.m2 = chunk_m2
             self.sum_noise = noise.sum(0)
+            if self.track_error:
+                self._merge_error_moments(rows, mu, noise, chunk_mean, None, None)
             self._started = True
             return
         self._start()
         n_a = self.count[rows]
         total = n_a + s
         delta = chunk_mean - self.mean[rows]
+        if self.track_error:
+            self._merge_error_moments(rows, mu, noise, chunk_mean, n_a, delta)
         self.mean[rows] += delta * (s / total)
         self.m2[rows] += chunk_m2 + delta.square() * (n_a * s / total)
         self.count[rows] = total
@@ -557,12 +610,32 @@ class RegressionAccumulator(_Counts):
         chunk_mean = np.add.reduce(mu, 0) / s  # mu.mean(0), without its Python wrapper
         chunk_m2 = np.square(mu - chunk_mean).sum(0)
         self._note(rows, v.shape[0])
+
+        def merge_error_moments(n_a: np.ndarray | None, delta: np.ndarray | None) -> None:
+            # (in torch on NumPy's memory: only adaptive requests keep these moments)
+            mu_t = torch.from_numpy(mu)
+            noise_t = (
+                torch.from_numpy(noise)
+                if noise is not None
+                else torch.full_like(mu_t, cast(float, self.noise_variance))
+            )
+            self._merge_error_moments(
+                rows,
+                mu_t,
+                noise_t,
+                torch.from_numpy(chunk_mean),
+                None if n_a is None else torch.from_numpy(n_a),
+                None if delta is None else torch.from_numpy(delta),
+            )
+
         if not self._started and self.targets is None and _all_rows(rows, self.n_rows):
             # as update's first chunk of every row
             self.count = torch.full((self.n_rows, 1), s, dtype=torch.float64)
             self.mean = torch.from_numpy(chunk_mean)
             self.m2 = torch.from_numpy(chunk_m2)
             self.sum_noise = torch.from_numpy(noise_sum)
+            if self.track_error:
+                merge_error_moments(None, None)
             self._started = True
             return
         self._start()
@@ -571,6 +644,8 @@ class RegressionAccumulator(_Counts):
         n_a = count[at]  # (n, 1)
         total = n_a + s
         delta = chunk_mean - mean[at]
+        if self.track_error:
+            merge_error_moments(n_a, delta)
         mean[at] += delta * (s / total)
         m2[at] += chunk_m2 + np.square(delta) * (n_a * s / total)
         count[at] = total
@@ -587,16 +662,36 @@ class RegressionAccumulator(_Counts):
             self.lse[rows] = torch.logaddexp(self.lse[rows], torch.logsumexp(log_density, 0))
 
     def standard_error(self) -> Tensor:
-        """``(N,)`` float64: the Monte Carlo standard error of each row's predictive mean in units
-        of its predictive standard deviation, the largest over outputs: ``max_k sqrt(s²_k / n) /
-        σ_k`` with ``s²_k`` the unbiased sample variance of output k's sampled means and ``σ²_k``
-        the predictive variance (epistemic + aleatoric; inf below 2 samples). A row whose
-        predictive variance is 0 has error 0."""
+        """``(N,)`` float64: the Monte Carlo standard error of each row's predictive mean and of
+        its predictive standard deviation, the larger, in units of that standard deviation, the
+        largest over outputs (inf below 2 samples; 0 for a row whose predictive variance is 0)::
+
+            max_k max(SE(μ̂_k), SE(σ̂_k)) / σ̂_k,   SE(μ̂_k) = sqrt(s²_k / n),
+            SE(σ̂_k) = SE(σ̂²_k) / (2 σ̂_k),         SE(σ̂²_k) = sqrt(s²(e_k) / n),
+
+        with ``s²_k`` the unbiased sample variance of output k's sampled means ``μ_s``, ``σ̂²_k``
+        the predictive variance (epistemic + aleatoric, divisor n) and ``e_k = (μ_s - μ̂_k)² +
+        σ²_s`` each sample's term of it (``σ²_s`` its noise variance): ``σ̂²`` is their mean, so
+        its error is theirs over sqrt(n) (the delta method: the centring on the estimated mean
+        costs only higher order). The std's term is the larger one when the sampled means have
+        heavy tails (low dropout rates: most masks agree, a few differ a lot) or the noise
+        variance itself varies between samples (a heteroscedastic network).
+
+        Raises:
+            InvalidArgumentError: the accumulator was made with ``track_error=False``.
+        """
+        if not self.track_error:
+            raise InvalidArgumentError("standard_error needs an accumulator with track_error")
         self._start()
-        se = (self.m2 / (self.count * (self.count - 1))).sqrt()
-        std = ((self.m2 + self.sum_noise) / self.count).sqrt()
-        ratio = torch.where(std > 0, se / std, 0.0).amax(-1)
-        return torch.where(self.count[:, 0] >= 2, ratio, math.inf)
+        n = self.count  # (N, 1)
+        std = ((self.m2 + self.sum_noise) / n).sqrt()
+        se_mean = (self.m2 / (n * (n - 1))).sqrt()
+        # Σ(e - ē)² from the shifted moments: e = e' - 2δ(μ_s - c) + δ², δ = μ̂ - c.
+        d = self.mean - self.shift
+        m2_e = (self.m2_e - 4 * d * self.co_e + 4 * d.square() * self.m2).clamp_min(0.0)
+        se_std = (m2_e / (n * (n - 1))).sqrt() / (2 * std)
+        ratio = torch.where(std > 0, torch.maximum(se_mean, se_std) / std, 0.0).amax(-1)
+        return torch.where(n[:, 0] >= 2, ratio, math.inf)
 
     def result(self) -> RegressionSummary:
         self._start()

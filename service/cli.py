@@ -347,7 +347,7 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
     if auto:  # the service's defaults, so both modes print the same
         from mcdrop import adaptive
 
-        tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
+        tolerance = adaptive.default_tolerance(loaded.spec.task) if tolerance is None else tolerance
         most = min(adaptive.DEFAULT_MAX_N_SAMPLES, most_samples) if most is None else most
     from mcdrop import calibration
 
@@ -600,9 +600,16 @@ def parser() -> argparse.ArgumentParser:
         type=_n_samples,
         default=None,
         help="samples per row, or auto: each row until its MC standard error is within "
-        "--tolerance (default 0.01) or it has --max-n-samples (default 1000)",
+        "--tolerance or it has --max-n-samples (default 1000)",
     )
-    predict.add_argument("--tolerance", type=float, default=None, help="with --n-samples auto")
+    predict.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="with --n-samples auto: the MC standard error at which a row stops; a classifier's "
+        "in probability (default 0.01), a regressor's (of its mean and std) in units of its "
+        "predictive std (default 0.05)",
+    )
     predict.add_argument(
         "--max-n-samples", type=_positive, default=None, help="with --n-samples auto"
     )

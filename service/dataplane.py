@@ -287,14 +287,14 @@ def mc_options(
 ) -> MCOptions:
     """The MC options of an uncertainty request of ``rows`` rows: ``n_samples`` (the default
     when None), or with ``"auto"`` the most a row may use (``max_n_samples``) and its
-    ``tolerance``, checked against the sample limits (an adaptive request is held to them as if
-    every row used ``max_n_samples``)."""
+    ``tolerance`` (the default of the model's task when None), checked against the sample
+    limits (an adaptive request is held to them as if every row used ``max_n_samples``)."""
     auto = n_samples == "auto"
     what = "max_n_samples" if auto else "n_samples"
     if auto:
         asked = max_n_samples
         most = min(adaptive.DEFAULT_MAX_N_SAMPLES, settings.max_n_samples)
-        tolerance = adaptive.DEFAULT_TOLERANCE if tolerance is None else tolerance
+        tolerance = adaptive.default_tolerance(handle.spec.task) if tolerance is None else tolerance
     else:
         asked = n_samples if isinstance(n_samples, int) else None
         most = default_n_samples(handle.spec, settings)

@@ -106,8 +106,9 @@ class InferParameters(_Strict):
     )
     tolerance: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = Field(
         None,
-        description='with n_samples "auto": the standard error at which a row stops (default '
-        "0.01), as the native API's tolerance",
+        description='with n_samples "auto": the Monte Carlo standard error at which a row '
+        "stops (default 0.01 for a classifier, 0.05 for a regressor), as the native API's "
+        "tolerance",
     )
     max_n_samples: Count | None = Field(
         None,

@@ -16,6 +16,9 @@ def _tables(text: str) -> dict[str, list[list[str]]]:
     name = ""
     for line in text.splitlines():
         heading = re.match(r"#### (\w+):", line)
+        if line.startswith("#### Regressors"):
+            heading = None
+            name = ""
         if heading:
             name = heading.group(1)
             tables[name] = []
@@ -41,6 +44,41 @@ def test_adaptive_quick() -> None:
                 assert all(e >= 0 for e in errors)
                 assert 0.5 <= float(row[7]) <= 1.0  # label agreement with the reference
     assert "reference, whose own MC standard error" in text
+    assert "#### Regressors" in text
+    _check_regression_rows(text)
+
+
+def _check_regression_rows(text: str) -> None:
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| diabetes")
+    ]
+    labels = (
+        "diabetes, data",
+        f"diabetes, far ×{adaptive.FAR:g}",
+        "diabetes, data + 10 % far",
+    )
+    assert [r[0] for r in rows] == [
+        label for label in labels for _ in range(2 * len(adaptive.QUICK.tolerances))
+    ]
+    for auto, fixed in zip(rows[::2], rows[1::2], strict=True):
+        assert (auto[2], fixed[2]) == ("auto", "fixed")
+        mean = float(auto[3])
+        assert 16 <= mean <= adaptive.QUICK.max_n
+        assert int(fixed[3]) == round(mean)  # equal cost
+        for row in (auto, fixed):
+            errors = [float(x) for cell in row[5:8] for x in cell.split(" / ")]
+            assert all(e >= 0 for e in errors)
+    # The far rows need more samples than the test rows (the point of an adaptive count).
+    assert float(rows[2 * len(adaptive.QUICK.tolerances)][3]) > float(rows[0][3])
+
+
+@pytest.mark.slow
+def test_adaptive_regression_quick() -> None:
+    text = adaptive.regression_table(adaptive.QUICK, with_uci=False)
+    assert "in units of the 100-sample reference's predictive std" in text
+    _check_regression_rows(text)
 
 
 @pytest.mark.slow

@@ -50,12 +50,18 @@ def test_checkpoints() -> None:
 
 def _naive_error(samples: Tensor, regression_noise: Tensor | None = None) -> Tensor:
     """The stopping statistic from raw samples ``(n, N, K)`` in float64: the largest over
-    outputs of the unbiased sample std over sqrt(n); for a regressor in units of the predictive
-    std (``regression_noise``: the ``(N, K)`` mean noise variance)."""
+    outputs of the unbiased sample std over sqrt(n); for a regressor (``regression_noise``: the
+    ``(N, K)`` noise variance of every sample) that of the mean and that of the predictive std,
+    the larger, in units of the predictive std (the std's from the spread of each sample's term
+    ``(μ_s - mean)² + noise`` of the predictive variance, over 2 std)."""
     s = samples.double()
-    se = s.std(0, correction=1) / math.sqrt(s.shape[0])
+    n = s.shape[0]
+    se = s.std(0, correction=1) / math.sqrt(n)
     if regression_noise is not None:
-        se = se / (s.var(0, correction=0) + regression_noise).sqrt()
+        std = (s.var(0, correction=0) + regression_noise).sqrt()
+        terms = (s - s.mean(0)).square() + regression_noise
+        se_std = terms.std(0, correction=1) / math.sqrt(n) / (2 * std)
+        se = torch.maximum(se, se_std) / std
     return se.amax(-1)
 
 
@@ -125,6 +131,25 @@ def test_easy_rows_stop_at_the_first_check_and_hard_ones_go_on(
     used = summary.row_n_samples
     assert int(used[:16].min()) == adaptive.FIRST_CHECK  # some clear digit stops at once
     assert float(used[16:].double().mean()) > 2 * float(used[:16].double().mean())  # blends
+
+
+def test_regressor_rows_far_from_the_data_sample_longer_at_the_default_tolerance(
+    diabetes: Predictor,
+) -> None:
+    # Test rows in original units (easy: the noise dominates their predictive spread), and the
+    # same rows moved 10x as far from the training mean (hard: mostly epistemic spread).
+    x = datasets.diabetes().x_test[:40]
+    spec = diabetes.spec.input_normalization
+    assert spec is not None
+    centre = torch.tensor(spec.mean)
+    far = centre + (x - centre) * 10
+    summary, _ = diabetes.uncertainty(torch.cat([x, far]), "auto", seed=0)
+    used = summary.row_n_samples.double()
+    easy, hard = used[:40], used[40:]
+    assert float((easy == adaptive.FIRST_CHECK).double().mean()) >= 0.5  # most stop at once
+    assert float(hard.mean()) > 8 * float(easy.mean())
+    assert bool((hard > adaptive.FIRST_CHECK).all())
+    assert adaptive.default_tolerance("regression") != adaptive.default_tolerance("classification")
 
 
 def test_seeded_counts_are_reproducible_and_independent_of_the_batch(

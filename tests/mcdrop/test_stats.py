@@ -329,18 +329,40 @@ def test_classification_standard_error_of_closed_forms() -> None:
     assert math.isinf(float(se[2]))  # one sample: no variance estimate, never "precise"
 
 
+def _naive_regression_error(mu: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From one row's raw samples ``(m, K)`` (sampled means, noise variances), two-pass in
+    float64: (the error, the mean's term, the std's term), each ``(K,)`` in units of the
+    predictive std. The std's SE: the sample std of each sample's term of the predictive
+    variance, ``(μ_s - mean)² + noise_s``, over sqrt(m), over 2 std (the delta method)."""
+    m = mu.shape[0]
+    std = (mu.var(0, correction=0) + noise.mean(0)).sqrt()
+    se_mean = mu.std(0, correction=1) / math.sqrt(m) / std
+    terms = (mu - mu.mean(0)).square() + noise
+    se_std = terms.std(0, correction=1) / math.sqrt(m) / (2 * std) / std
+    return torch.maximum(se_mean, se_std), se_mean, se_std
+
+
+@pytest.mark.parametrize("heavy_tails", [False, True])
 @pytest.mark.parametrize("heteroscedastic", [False, True])
-def test_regression_standard_error_is_relative_to_the_predictive_std(
-    heteroscedastic: bool,
+def test_regression_standard_error_of_the_mean_and_std_in_units_of_the_std(
+    heteroscedastic: bool, heavy_tails: bool
 ) -> None:
     g = torch.Generator().manual_seed(0)
     s, n, k = 40, 3, 2
-    means = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 2 + 50
-    log_var = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 0.3
+    if heavy_tails:
+        # As a low dropout rate: most masks agree, a few move the output a lot. The std's term
+        # is then the larger one (checked below), which a mean-only error would miss.
+        jumps = torch.rand(s, n, k, generator=g) < 0.08
+        means = 1e4 + jumps * torch.randn(s, n, k, generator=g, dtype=torch.float64) * 5
+        means[0] += 5.0  # every row and output has a jump (the spread is never 0)
+    else:
+        means = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 2 + 1e4
+    # A mean of 1e4 with a spread of a few units: moments about zero would cancel.
+    log_var = torch.randn(s, n, k, generator=g, dtype=torch.float64) * 0.3 - 2
     values = torch.cat([means, log_var], -1) if heteroscedastic else means
-    acc = stats.RegressionAccumulator(n, k, noise_variance=None if heteroscedastic else 0.5)
-    # Two rounds of index updates, rows in any order; the second leaves row 0 out.
-    rounds = [(slice(0, 10), [2, 0, 1]), (slice(10, s), [1, 2])]
+    acc = stats.RegressionAccumulator(n, k, noise_variance=None if heteroscedastic else 0.1)
+    # Three rounds of index updates, rows in any order; the later ones leave row 0 out.
+    rounds = [(slice(0, 10), [2, 0, 1]), (slice(10, 17), [1, 2]), (slice(17, s), [2, 1])]
     streamed: dict[int, list[Tensor]] = {i: [] for i in range(n)}
     for samples, rows in rounds:
         acc.update(values[samples, : len(rows)], torch.tensor(rows))
@@ -348,14 +370,48 @@ def test_regression_standard_error_is_relative_to_the_predictive_std(
             streamed[row].append(values[samples, j])
     got = acc.result()
     assert got.row_n_samples.tolist() == [10, s, s]
+    std_larger = []
     for i, parts in streamed.items():
         row = torch.cat(parts)  # (m, K) or (m, 2K)
         mu = row[:, :k]
-        noise = row[:, k:].exp() if heteroscedastic else torch.full_like(mu, 0.5)
-        std = (mu.var(0, correction=0) + noise.mean(0)).sqrt()
-        naive = (mu.std(0, correction=1) / math.sqrt(len(mu)) / std).max()
-        assert float(acc.standard_error()[i]) == pytest.approx(float(naive), rel=1e-9)
+        noise = row[:, k:].exp() if heteroscedastic else torch.full_like(mu, 0.1)
+        naive, se_mean, se_std = _naive_regression_error(mu, noise)
+        assert float(acc.standard_error()[i]) == pytest.approx(float(naive.max()), rel=1e-7)
         assert torch.allclose(got.mean[i].double(), mu.mean(0), rtol=1e-6)
+        std_larger.append(bool((se_std > se_mean).any()))
+    assert any(std_larger) == heavy_tails  # the case tests the term it means to
+
+
+def test_regression_standard_error_of_a_closed_form() -> None:
+    # Means 0, 0, 0, 4 (homoscedastic noise 1): mean 1, epistemic variance 3, std 2. The mean's
+    # SE is sqrt(s² / 4) = sqrt(4 / 4) = 1; the terms (μ - 1)² + 1 are 2, 2, 2, 10, whose
+    # unbiased variance is 16, so SE(var) = sqrt(16 / 4) = 2 and SE(std) = 2 / (2·2) = 0.5.
+    # In units of the std: max(1, 0.5) / 2.
+    acc = stats.RegressionAccumulator(1, 1, noise_variance=1.0)
+    acc.update(torch.tensor([0.0, 0.0, 0.0, 4.0]).reshape(4, 1, 1))
+    assert float(acc.standard_error()[0]) == pytest.approx(1.0 / 2.0, rel=1e-12)
+    # Means 1, 1, 1, 1 and noise variances e^0, e^0, e^0, e^ln 9: the mean is certain, the
+    # variance's terms are the noises 1, 1, 1, 9 (mean 3, std 2, unbiased variance 16): the
+    # std's term alone, SE(std) / std = (sqrt(16 / 4) / (2·√3)) / √3 = 1/3.
+    het = stats.RegressionAccumulator(1, 1, noise_variance=None)
+    log_var = torch.tensor([0.0, 0.0, 0.0, math.log(9.0)], dtype=torch.float64)
+    het.update(torch.stack([torch.ones(4, dtype=torch.float64), log_var], -1).reshape(4, 1, 2))
+    assert float(het.standard_error()[0]) == pytest.approx(1.0 / 3.0, rel=1e-9)
+
+
+def test_regression_standard_error_needs_the_tracked_moments() -> None:
+    acc = stats.RegressionAccumulator(2, 1, noise_variance=1.0, track_error=False)
+    acc.update(torch.randn(8, 2, 1))
+    with pytest.raises(InvalidArgumentError, match="track_error"):
+        acc.standard_error()
+    tracked = stats.RegressionAccumulator(2, 1, noise_variance=1.0)
+    values = torch.randn(8, 2, 1)
+    acc = stats.RegressionAccumulator(2, 1, noise_variance=1.0, track_error=False)
+    acc.update(values)
+    tracked.update(values)
+    for name, value in vars(acc.result()).items():  # the summary is the same either way
+        other = getattr(tracked.result(), name)
+        assert torch.equal(value, other) if isinstance(value, Tensor) else value == other
 
 
 def test_regression_standard_error_of_a_certain_row_is_zero() -> None:

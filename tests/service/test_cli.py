@@ -72,6 +72,8 @@ def test_local_auto_uncertainty(capsys: pytest.CaptureFixture[str]) -> None:
     body = json.loads(out)
     assert (body["n_samples"], body["tolerance"], body["max_n_samples"]) == ("auto", 0.05, 1000)
     assert body["results"][0]["n_samples"] >= 16
+    code, out, _ = _run(capsys, *args, "--uncertainty", "--n-samples", "auto", "--seed", "1")
+    assert json.loads(out)["tolerance"] == 0.05  # the regressor's default, as the service's
     with pytest.raises(SystemExit) as usage:  # argparse's exit on a bad command line
         main([*args, "--uncertainty", "--n-samples", "many"])
     assert usage.value.code == 2

@@ -199,6 +199,15 @@ def test_auto_uncertainty_regressor_with_samples(http: TestClient) -> None:
     _fixed_equivalents(http, "/models/diabetes/uncertainty", rows, body, "mean")
 
 
+def test_auto_default_tolerance_is_the_regressors(http: TestClient) -> None:
+    # A regressor's error is in units of its predictive std, with a default of its own.
+    request = {"inputs": [PATIENT], "n_samples": "auto", "seed": 7}
+    body = http.post("/models/diabetes/uncertainty", json=request).json()
+    assert (body["n_samples"], body["tolerance"]) == ("auto", 0.05)
+    explicit = http.post("/models/diabetes/uncertainty", json={**request, "tolerance": 0.05})
+    assert explicit.json() == body
+
+
 def test_a_fixed_response_keeps_its_shape(http: TestClient) -> None:
     body = http.post(
         "/models/digits/uncertainty", json={"inputs": DIGITS[:1], "n_samples": 20, "seed": 1}

@@ -315,6 +315,10 @@ def test_adaptive_defaults_and_rows_that_stop_at_different_counts(http: TestClie
     assert len(set(used.tolist())) > 1, used
     again = result(infer(http, "digits", [tensor(x)], parameters={"n_samples": "auto", "seed": 1}))
     np.testing.assert_array_equal(again.as_numpy("n_samples"), used)  # seeded: reproducible
+    regressor = result(
+        infer(http, "diabetes", [tensor(PATIENT)], parameters={"n_samples": "auto", "seed": 1})
+    )
+    assert regressor.get_response()["parameters"]["tolerance"] == 0.05  # a regressor's default
 
 
 @pytest.mark.parametrize("binary", [False, True])

@@ -768,7 +768,8 @@ class Client:
     ) -> UncertaintyResponse:
         """MC-dropout uncertainty of rows ``inputs``. ``n_samples="auto"``: each row samples
         until its MC standard error is within ``tolerance`` or it has ``max_n_samples`` (both
-        optional; the server's defaults are 0.01 and 1000), and each result's ``n_samples``
+        optional; the server's defaults are 0.01 for a classifier, in probability, 0.05 for a
+        regressor, in units of its predictive std, and 1000), and each result's ``n_samples``
         says how many it used. Decisions (a calibrated model, ``mcdrop calibrate``):
         ``reject_rate`` (or an explicit ``reject_threshold``) on ``reject_score`` flags each
         result's ``reject``; ``coverage`` adds its conformal ``prediction_set`` (classifier) or

@@ -251,9 +251,10 @@ class UncertaintyRequest(PredictRequest):
     tolerance: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = Field(
         None,
         description=(
-            'with n_samples "auto": the standard error at which a row stops (default 0.01): '
-            "of the mean probabilities (largest over classes) for a classifier; of the mean in "
-            "units of the predictive std (largest over outputs) for a regressor"
+            'with n_samples "auto": the Monte Carlo standard error at which a row stops: for a '
+            "classifier, of the mean probabilities (largest over classes; default 0.01); for a "
+            "regressor, of the mean and of the std, the larger, in units of the predictive std "
+            "(largest over outputs; default 0.05)"
         ),
     )
     max_n_samples: Annotated[int, Field(ge=1), AsInt] | None = Field(
