@@ -28,7 +28,8 @@ def listeners(server_config: uvicorn.Config) -> tuple[socket.socket, list[socket
     connect together left the second worker idle (benchmarks/README.md § Workers). The parent
     binds the address first, and holds it without listening (the kernel hands connections to
     listening sockets only): that finds a port for ``--port 0``, and an address in use fails at
-    once, as with one socket. Elsewhere (no ``SO_REUSEPORT`` that balances) the workers share
+    once, as with one socket, for a second ``mcdrop serve --workers`` of the same user too
+    (:func:`_hold`). Elsewhere (no ``SO_REUSEPORT`` that balances) the workers share
     the parent's socket, as uvicorn's own workers do."""
     if sys.platform != "linux" or not hasattr(socket, "SO_REUSEPORT"):
         shared = server_config.bind_socket()
@@ -36,7 +37,7 @@ def listeners(server_config: uvicorn.Config) -> tuple[socket.socket, list[socket
     host, port = server_config.host, server_config.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        held = _bind_reusable(family, (host, port))
+        held = _hold(family, (host, port))
     except OSError as error:
         logging.getLogger("uvicorn.error").error(error)
         raise SystemExit(STARTUP_FAILURE) from None
@@ -50,6 +51,29 @@ def listeners(server_config: uvicorn.Config) -> tuple[socket.socket, list[socket
     logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", url)
     # (uvicorn's supervisor types its sockets; each worker unpickles a real one)
     return held, [cast(socket.socket, _OwnSocket(family, address))]
+
+
+def _hold(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
+    """The parent's socket: bound to ``address`` (``SO_REUSEPORT``, not listening) where no other
+    socket is, and from then on letting only sockets with ``SO_REUSEPORT`` (the workers') bind
+    there.
+
+    ``SO_REUSEPORT`` alone lets any socket of the same user that sets it bind the address too: a
+    second ``mcdrop serve --workers`` on the port started, and its workers took a share of the
+    first's connections. So the address is first bound as one server's socket is
+    (``SO_REUSEADDR`` only: that fails where any socket listens, or where another server's
+    parent holds the address), and the parent's own socket then drops ``SO_REUSEADDR``, which
+    leaves no socket without ``SO_REUSEPORT`` a way to bind beside it, another server's first
+    bind included. (Two servers whose first binds come within the same few microseconds could
+    still both pass: no step between them is exclusive.)"""
+    with socket.socket(family, socket.SOCK_STREAM) as alone:
+        alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        alone.bind(address)
+        address = alone.getsockname()  # the port chosen for port 0
+    held = _bind_reusable(family, address)
+    # (set for the bind, past the TIME_WAIT connections of an earlier server on the port)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    return held
 
 
 def _bind_reusable(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
