@@ -121,12 +121,13 @@ def run(settings: Settings) -> None:
     if settings.workers == 1:
         uvicorn.Server(server_config).run()
         return
+    # (before the folder below: an address in use exits here, and left the folder behind)
+    held, sockets = listeners(server_config)
     # The workers' metrics in files of a folder they share (service.metrics), one made for this
     # run unless the environment names one; the workers import prometheus_client after this.
     made = None
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mcdrop-metrics-")
-    held, sockets = listeners(server_config)
     supervisor = Multiprocess(server_config, sockets=sockets)
     try:
         supervisor.run()

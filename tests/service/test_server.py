@@ -7,8 +7,10 @@ import json
 import math
 import os
 import pickle
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from service.config import Settings
 from service.listeners import listeners
-from service.server import config, worker_app
+from service.server import config, run, worker_app
 
 WORKER_SETTINGS = "MCDROP_SERVE_WORKER_SETTINGS"
 
@@ -92,3 +94,18 @@ def test_a_worker_reads_its_config_without_importing_torch(
             [sys.executable, "-c", code, str(pickled)], capture_output=True, text=True, check=True
         )
     assert out.stdout.strip() == "[]"
+
+
+def test_workers_on_a_port_in_use_exit_3_and_leave_no_metrics_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(WORKER_SETTINGS, raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where run makes its folder
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(SystemExit) as refused:
+            run(Settings(workers=2, port=other.getsockname()[1]))
+    assert refused.value.code == STARTUP_FAILURE
+    assert list(tmp_path.iterdir()) == []
