@@ -99,6 +99,31 @@ def _summary(result: tuple[Summary, Tensor | None]) -> ClassificationSummary:
     return summary
 
 
+def _auto_against_fixed(
+    predictor: Predictor, x: Tensor, tolerance: float, sizes: Sizes
+) -> tuple[tuple[tuple[Summary, Tensor | None], ...], int, dict[str, float]]:
+    """``n_samples="auto"`` at ``tolerance`` and a fixed ``n_samples`` of its mean samples per
+    row (the same cost), both seeded alike: their results, that fixed count, and their seconds
+    per call, interleaved (a busy moment hits both), median of the rounds."""
+
+    def run_auto() -> tuple[Summary, Tensor | None]:
+        return predictor.uncertainty(
+            x, "auto", tolerance=tolerance, max_n_samples=sizes.max_n, seed=SEED
+        )
+
+    auto = run_auto()
+    n_fixed = max(1, round(float(auto[0].row_n_samples.double().mean())))
+
+    def run_fixed() -> tuple[Summary, Tensor | None]:
+        return predictor.uncertainty(x, n_fixed, seed=SEED)
+
+    fixed = run_fixed()
+    seconds = compare(
+        {"auto": run_auto, "fixed": run_fixed}, rounds=sizes.rounds, warmup=0, budget_s=20.0
+    )
+    return (auto, fixed), n_fixed, seconds
+
+
 def run_dataset(name: str, sizes: Sizes) -> str:
     predictor = Predictor(checkpoint.load(ROOT / "models" / name))
     x = DATASETS[name]().x_test[: sizes.rows]
@@ -107,27 +132,9 @@ def run_dataset(name: str, sizes: Sizes) -> str:
     assert isinstance(reference, ClassificationSummary)
     rows = []
     for tolerance in sizes.tolerances:
-
-        def run_auto(tol: float = tolerance) -> tuple[Summary, Tensor | None]:
-            return predictor.uncertainty(
-                x, "auto", tolerance=tol, max_n_samples=sizes.max_n, seed=SEED
-            )
-
-        auto = _summary(run_auto())
+        found, n_fixed, seconds = _auto_against_fixed(predictor, x, tolerance, sizes)
+        auto, fixed = _summary(found[0]), _summary(found[1])
         used = auto.row_n_samples
-        n_fixed = max(1, round(float(used.double().mean())))
-
-        def run_fixed(n: int = n_fixed) -> tuple[Summary, Tensor | None]:
-            return predictor.uncertainty(x, n, seed=SEED)
-
-        fixed = _summary(run_fixed())
-        # Seconds per call, the two interleaved (a busy moment hits both), median of the rounds.
-        seconds = compare(
-            {"auto": run_auto, "fixed": run_fixed},
-            rounds=sizes.rounds,
-            warmup=0,
-            budget_s=20.0,
-        )
         at_first = float((used == used.min()).double().mean())
         rows.append(
             [
@@ -200,23 +207,9 @@ def regression_rows(
     reference = _regression(predictor.uncertainty(x, sizes.reference_n, seed=REFERENCE_SEED))
     rows: list[list[object]] = []
     for tolerance in tolerances:
-
-        def run_auto(tol: float = tolerance) -> tuple[Summary, Tensor | None]:
-            return predictor.uncertainty(
-                x, "auto", tolerance=tol, max_n_samples=sizes.max_n, seed=SEED
-            )
-
-        auto = _regression(run_auto())
+        found, n_fixed, seconds = _auto_against_fixed(predictor, x, tolerance, sizes)
+        auto, fixed = _regression(found[0]), _regression(found[1])
         used = auto.row_n_samples
-        n_fixed = max(1, round(float(used.double().mean())))
-
-        def run_fixed(n: int = n_fixed) -> tuple[Summary, Tensor | None]:
-            return predictor.uncertainty(x, n, seed=SEED)
-
-        fixed = _regression(run_fixed())
-        seconds = compare(
-            {"auto": run_auto, "fixed": run_fixed}, rounds=sizes.rounds, warmup=0, budget_s=20.0
-        )
         at_first = float((used == used.min()).double().mean())
         rows.append(
             [
