@@ -124,6 +124,16 @@ def _auto_against_fixed(
     return (auto, fixed), n_fixed, seconds
 
 
+def _samples_used(used: Tensor) -> list[str]:
+    """The cells of the samples rows used ``(N,)``: their mean, and ``fewest (share of rows at
+    the fewest) – most``."""
+    at_first = float((used == used.min()).double().mean())
+    return [
+        f"{float(used.double().mean()):.1f}",
+        f"{int(used.min())} ({at_first:.0%}) – {int(used.max())}",
+    ]
+
+
 def run_dataset(name: str, sizes: Sizes) -> str:
     predictor = Predictor(checkpoint.load(ROOT / "models" / name))
     x = DATASETS[name]().x_test[: sizes.rows]
@@ -134,14 +144,11 @@ def run_dataset(name: str, sizes: Sizes) -> str:
     for tolerance in sizes.tolerances:
         found, n_fixed, seconds = _auto_against_fixed(predictor, x, tolerance, sizes)
         auto, fixed = _summary(found[0]), _summary(found[1])
-        used = auto.row_n_samples
-        at_first = float((used == used.min()).double().mean())
         rows.append(
             [
                 tolerance,
                 "auto",
-                f"{float(used.double().mean()):.1f}",
-                f"{int(used.min())} ({at_first:.0%}) – {int(used.max())}",
+                *_samples_used(auto.row_n_samples),
                 *agreement(auto, reference),
                 f"{seconds['auto'] / seconds['fixed']:.2f}",
             ]
@@ -209,15 +216,12 @@ def regression_rows(
     for tolerance in tolerances:
         found, n_fixed, seconds = _auto_against_fixed(predictor, x, tolerance, sizes)
         auto, fixed = _regression(found[0]), _regression(found[1])
-        used = auto.row_n_samples
-        at_first = float((used == used.min()).double().mean())
         rows.append(
             [
                 name,
                 tolerance,
                 "auto",
-                f"{float(used.double().mean()):.1f}",
-                f"{int(used.min())} ({at_first:.0%}) – {int(used.max())}",
+                *_samples_used(auto.row_n_samples),
                 *regression_agreement(auto, reference),
                 f"{seconds['auto'] / seconds['fixed']:.2f}",
             ]
