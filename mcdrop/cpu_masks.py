@@ -28,7 +28,7 @@ imported or fails.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numba
@@ -416,17 +416,31 @@ class FusedPass:
             found = self._layouts[rows] = (end, tuple(bounds))
         return found
 
-    def make(self, keys: Tensor, first_sample: int, n_samples: int) -> list[Tensor]:
+    def make(
+        self,
+        keys: Tensor,
+        first_sample: int,
+        n_samples: int,
+        shapes: Sequence[tuple[int, ...] | None] | None = None,
+    ) -> list[Tensor]:
         """Each call's ``n_samples · N · n`` multipliers of samples ``first_sample ..`` of the
-        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU), flat (a pass
-        views each as its activation's shape)."""
+        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU), flat, or of the
+        call's shape in ``shapes`` (None: flat), its activation's (a pass views a flat one as
+        that)."""
         end, bounds = self._layout(n_samples * keys.shape[0])
         out = np.empty(end, dtype=self.scales.dtype)
         _pass_multipliers(
             keys.numpy(), first_sample, n_samples, self.params, self.scales, self.align, out
         )
-        # NumPy's flat slices (torch's own slicing or split cost 2x the time of a cold call)
-        made = [torch.from_numpy(out[a:b]) for a, b in bounds]
+        # NumPy's flat slices, shaped by NumPy (torch's own slicing, split or view cost 2-3x the
+        # time, µs a call)
+        if shapes is None:
+            made = [torch.from_numpy(out[a:b]) for a, b in bounds]
+        else:
+            made = [
+                torch.from_numpy(out[a:b] if shape is None else out[a:b].reshape(shape))
+                for (a, b), shape in zip(bounds, shapes, strict=True)
+            ]
         return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
 
 

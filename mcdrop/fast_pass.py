@@ -239,6 +239,12 @@ class ChainPass(FastPass):
         )
         # the rates the multipliers were made for, as LayerChain._pass reads them
         self.rates = tuple((layer, float(cast(Any, layer).p)) for _, layer in layers.elementwise)
+        # each call's multipliers made in its activation's shape (but the first's where the
+        # pass shares the prefix: it broadcasts the rows)
+        self.made_shapes = tuple(
+            None if (self.replicas > 1 and k == 0) else _shape(plan, i, self.rows, n)
+            for k, (i, n, _) in enumerate(made.calls)
+        )
 
     def _runnable(self, model: nn.Module) -> bool:
         """No hook, the chain's modules and their classes as planned, none with a forward set
@@ -260,7 +266,6 @@ class ChainPass(FastPass):
         return all(layer.p == p for layer, p in self.rates)
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
-        multipliers: list[Tensor] = self.compiled.make(keys, self.first_sample, self.n_samples)
         # As planning.run_chain_pass: the caller's rows themselves only where the chain's first
         # step writes a new tensor, one pass of them is all it needs, and they are laid out as
         # a copy would be (sampling_context.fresh_layout).
@@ -271,7 +276,12 @@ class ChainPass(FastPass):
                 inputs = x.clone(memory_format=torch.contiguous_format)
         else:
             inputs = replicate(x, self.n_samples)
+        # (the multipliers made in inference mode: tensors of its own, whose in-place products
+        # there skip autograd's version bookkeeping)
         with _inference_mode(True):
+            multipliers: list[Tensor] = self.compiled.make(
+                keys, self.first_sample, self.n_samples, self.made_shapes
+            )
             return self.layers.run_made(inputs, multipliers, self.replicas)
 
 
@@ -348,7 +358,11 @@ class RoutedPass(ForwardPass):
         self.made_calls = tuple((call.index, n, caller) for call, caller, n in sizes if n)
         self._made: dict[
             tuple[float, ...],
-            tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]],
+            tuple[
+                masks.PassMultipliers | None,
+                tuple[tuple[int, Any, float, torch.Size], ...],
+                tuple[tuple[int, ...] | None, ...],
+            ],
         ] = {}
         self.callers = tuple(module for module, _ in routes.callers)
         # each call's input shape in a pass of rows·samples rows; the first call's with the
@@ -360,7 +374,8 @@ class RoutedPass(ForwardPass):
 
     def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
         inputs = self._inputs(x)
-        made = self._made_now(keys)
+        with _inference_mode(True):  # (inference tensors: as ChainPass._pass's multipliers)
+            made = self._made_now(keys)
         ctx: SamplingContext
         if made is not None:
             # the made calls' multipliers straight to their routes: no context's dropout, and no
@@ -393,10 +408,10 @@ class RoutedPass(ForwardPass):
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
                 self._made.clear()
             found = self._made[rates] = self._maker(rates)
-        made, table = found
+        made, table, shapes = found
         if made is None:
             return None
-        values = made.compiled().make(keys, self.first_sample, self.n_samples)
+        values = made.compiled().make(keys, self.first_sample, self.n_samples, shapes)
         out: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(self.calls)
         for (call, module, p, shape), v in zip(table, values, strict=True):
             out[call] = (module, p, shape, v)
@@ -404,17 +419,47 @@ class RoutedPass(ForwardPass):
 
     def _maker(
         self, rates: tuple[float, ...]
-    ) -> tuple[masks.PassMultipliers | None, tuple[tuple[int, Any, float, torch.Size], ...]]:
+    ) -> tuple[
+        masks.PassMultipliers | None,
+        tuple[tuple[int, Any, float, torch.Size], ...],
+        tuple[tuple[int, ...] | None, ...],
+    ]:
         """The multipliers' maker for the made calls at ``rates`` (None where numba
-        does not make them in one call), and each made call's index, module, rate and shape."""
+        does not make them in one call), each made call's index, module, rate and input shape,
+        and the shape its multipliers are made in (:func:`apply_multipliers`' own; None: flat,
+        where the call replicates its input)."""
         calls = tuple(
             (i, n, p) for (i, n, _), p in zip(self.made_calls, rates, strict=True)
             if 0.0 < p < 1.0
         )  # fmt: skip
         made = masks.PassMultipliers(calls, self.made_dtype) if calls else None
         if made is None or not made.takes_rows(self.rows):
-            return None, ()
-        return made, tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
+            return None, (), ()
+        table = tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
+        shapes = tuple(self._made_shape(i, n) for i, n, _ in calls)
+        return made, table, shapes
+
+    def _made_shape(self, call: int, n: int) -> tuple[int, ...] | None:
+        """The shape call ``call``'s ``n`` multipliers per row are applied in: its input's, or
+        ``(B, C, 1, ...)`` for a channel dropout (:func:`apply_multipliers`); None (flat) for
+        the first call of a pass that shares the prefix, which replicates its input."""
+        shape = self.shapes[call]
+        if self.replicas > 1 and call == 0:
+            return None
+        if n == math.prod(shape[1:]):
+            return tuple(shape)
+        if len(shape) >= 2 and n == shape[1]:  # per channel
+            return (shape[0], shape[1], *[1] * (len(shape) - 2))
+        return None
+
+
+def _shape(plan: SamplingPlan, call: int, rows: int, n: int) -> tuple[int, ...] | None:
+    """Call ``call``'s input shape in a pass of ``rows`` rows, where it has ``n`` elements per
+    row (the multipliers of an element-wise call); else None (flat)."""
+    if call >= len(plan.calls):
+        return None
+    shape = plan.calls[call].shape_at(rows)
+    return shape if math.prod(shape) == rows * n else None
 
 
 def _made_size(

@@ -375,7 +375,8 @@ def apply_multipliers(
     call, without its checks, for the callers that made the multipliers before the pass
     (:meth:`mcdrop.planning.LayerChain.run_made`, :mod:`mcdrop.routing`). ``channels``: a
     channel dropout's (``x (N, C, ...)``, one multiplier per row and channel, broadcast over the
-    dimensions after ``C``)."""
+    dimensions after ``C``). ``scale`` may come flat or, where ``times`` is 1, already of the
+    shape it is applied in (``x``'s; ``(N, C, 1, ...)`` for channels): a view costs ~3 µs."""
     if channels:  # as SamplingContext.dropout's feature branch
         rest = [1] * (x.dim() - 2)
         if times > 1:
@@ -383,12 +384,14 @@ def apply_multipliers(
                 shaped = scale.view(times, *x.shape[:2], *rest)
                 return torch.mul(shaped, x).view(times * x.shape[0], *x.shape[1:])
             x = replicate(x, times)
-        scale = scale.view(*x.shape[:2], *rest)
+        if scale.dim() != x.dim():
+            scale = scale.view(*x.shape[:2], *rest)
         return x.mul_(scale) if inplace else x * scale
     if times > 1:  # the N rows broadcast against all samples' multipliers: one pass
         shape = x.shape
         return scale.view(times, *shape).mul_(x).view(times * shape[0], *shape[1:])
-    scale = scale.view(x.shape)
+    if scale.shape != x.shape:
+        scale = scale.view(x.shape)
     if inplace:
         return x.mul_(scale)
     # into the fresh multipliers where x is contiguous: no allocation
