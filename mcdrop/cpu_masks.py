@@ -316,6 +316,27 @@ def all_finite(values: np.ndarray) -> bool:
     return bool(_all_finite(values.reshape(-1)))
 
 
+@_compiled
+def _finite_state(values: Any) -> int:
+    """0 where a value of the 1-D array ``values`` is not finite (stops there), else 2 where
+    one is -0.0, else 1."""
+    state = 1
+    for v in values:
+        if not np.isfinite(v):
+            return 0
+        if v == 0 and np.signbit(v):
+            state = 2
+    return state
+
+
+def finite_state(values: np.ndarray) -> int:
+    """Whether the float32 or float64 array ``values`` is finite (1; 2 where it also holds a
+    -0.0, whose bytes the row keys write as 0.0's: :func:`mcdrop.masks.float32_bytes`), or not
+    (0): :func:`all_finite` and the search for -0.0 in one loop (the search over the bytes cost
+    ~3-5 µs of a 784-value row)."""
+    return int(_finite_state(values.reshape(-1)))
+
+
 def _u64(keys: Tensor) -> np.ndarray:
     """The keys' bits as a contiguous ``uint64`` array (one compiled signature for all)."""
     u = keys.numpy().view(np.uint64)  # int64 keys: never part of an autograd graph
@@ -451,6 +472,7 @@ def warm_up() -> None:
     sample_keys(keys, 0, 2)
     for np_dtype in DTYPES.values():
         all_finite(np.zeros(2, dtype=np_dtype))
+        finite_state(np.zeros(2, dtype=np_dtype))
     for dtype in DTYPES:
         for p in (0.1, 1 / 256, 1 / 16, 1 / 4, 1 / 2):  # 16, 8, 4, 2 and 1 bits per lane
             keep_scale(keys, 0, 5, p, dtype)

@@ -176,15 +176,18 @@ class FastPass:
         except (RuntimeError, TypeError):
             return None
         seen = modes.switches
+        finite = self.kernels.finite_state(values)
         if (
-            not self.kernels.all_finite(values)
+            not finite
             or modes.switching  # a call holds a training model switched (mcdrop.modes)
             or not self._runnable(model)
             or not self._on_the_cpu()
             or modes.switches != seen
         ):
             return None
-        keys = masks.keys_of_bytes(masks.float32_bytes(values), self.n_rows, seed)
+        # the bytes masks.row_keys hashes: -0.0 written as 0.0
+        data = values.tobytes() if finite == 1 else (values + 0.0).tobytes()
+        keys = masks.keys_of_bytes(data, self.n_rows, seed)
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)

@@ -485,6 +485,27 @@ def test_negative_zero_rows_sample_as_zero() -> None:
     assert torch.equal(_fast(model, -x, 3, kept), _fast(model, x, 3, kept))
 
 
+@pytest.mark.parametrize("case", ["one -0.0", "-0.0 in the second row", "its bytes across two"])
+def test_rows_keyed_as_the_general_path_keys_them(case: str) -> None:
+    """The fast pass finds a -0.0 in the finiteness loop rather than in the rows' bytes: a row
+    with one samples as with 0.0 there, and bytes 00 00 00 80 across two values (no -0.0) are
+    hashed as they are, as the general path's keys do."""
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    if case == "one -0.0":
+        x[0, 1] = -0.0
+    elif case == "-0.0 in the second row":
+        x[1, -1] = -0.0
+    else:  # a denormal's bytes 00 40 00 00, then 1.0039's 00 80 80 3F (little-endian)
+        x.view(torch.int32)[0, :2] = torch.tensor([0x0000_4000, 0x3F80_8000], dtype=torch.int32)
+        assert b"\x00\x00\x00\x80" in x.numpy().tobytes()
+        assert not torch.signbit(x).logical_and(x == 0).any()
+    kept = plan(model, x)
+    (general,) = sample_chunks(model, x, 3, seed=5)
+    assert torch.equal(_fast(model, x, 3, kept, seed=5), general.values)
+    assert torch.equal(_fast(model, x + 0.0, 3, kept, seed=5), general.values)
+
+
 BAD_CALLS: dict[str, tuple[dict[str, object], type[Exception], str]] = {
     "NaN rows": ({"x": "nan"}, InvalidInputError, "NaN"),
     "a bool n_samples": ({"n_samples": True}, InvalidArgumentError, "n_samples"),
