@@ -293,11 +293,23 @@ def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
             f"{list(predictor.spec.input_shape)} failed, so input_shape (or "
             f"input_normalization) does not fit the architecture: {exc}"
         ) from exc
+    except Exception as exc:  # the model's own code refuses the row (an id past a vocabulary)
+        own = predictor.model.example_inputs is not None
+        hint = (
+            ""
+            if own
+            else "; a model that takes other values (token ids, counts, pixels in [0, 255]) "
+            "needs rows of its own: save it with mcdrop.save(..., example_inputs=rows)"
+        )
+        raise checkpoint.CheckpointError(
+            f"{manifest}: the warm-up pass on {_warm_up_row(predictor)} failed "
+            f"({type(exc).__name__}: {exc}){hint}"
+        ) from exc
 
 
 def _warm_up_row(predictor: Predictor) -> str:
     if predictor.model.example_inputs is not None:
-        return "its first example row"
+        return "its example rows"
     if predictor.spec.input_normalization is not None:
         return "input_normalization's mean"
     return "zeros"
