@@ -195,10 +195,17 @@ def _shape(call: CallLayout) -> list[str | int]:
     return shape
 
 
-def example_inputs(spec: ModelSpec, n_rows: int = 4, seed: int = 0) -> Tensor:
-    """``(n_rows, *input_shape)`` float32 rows on the scale of the model's inputs where the
-    manifest knows it (its input normalisation), standard normal otherwise."""
+def example_inputs(model: ModelSpec | LoadedModel, n_rows: int = 4, seed: int = 0) -> Tensor:
+    """``(n_rows, *input_shape)`` float32 rows to probe a model with: drawn from a loaded
+    model's own example rows (``example_inputs``, in an order fixed by ``seed``, repeated when
+    ``n_rows`` is more than it has) where it has them; else standard normal rows, on the scale
+    of the model's inputs where the manifest knows it (its input normalisation)."""
     generator = torch.Generator().manual_seed(seed)
+    own = model.example_inputs if isinstance(model, LoadedModel) else None
+    if own is not None:
+        order = torch.randperm(own.shape[0], generator=generator)
+        return own[order[torch.arange(n_rows) % own.shape[0]]]
+    spec = model.spec if isinstance(model, LoadedModel) else model
     x = torch.randn(n_rows, *spec.input_shape, generator=generator)
     norm = spec.input_normalization
     if norm is not None:
@@ -218,6 +225,7 @@ def check(
     model: LoadedModel | nn.Module,
     x: Tensor | None = None,
     *,
+    n_rows: int = 4,
     n_samples: int = 16,
     seed: int = 0,
     timed: bool = True,
@@ -226,10 +234,11 @@ def check(
 
     Args:
         model: a loaded model directory, or any module.
-        x: ``(N, *input_shape)`` example rows; for a loaded model, by default four rows from
-            :func:`example_inputs`.
+        x: ``(N, *input_shape)`` example rows; for a loaded model, by default ``n_rows`` rows
+            from :func:`example_inputs` (its own example rows where it has them).
+        n_rows: how many example rows when ``x`` is not given.
         n_samples: samples drawn of every row to see whether they vary.
-        seed: the samples' seed.
+        seed: the samples' seed (and the example rows').
         timed: measure the cost of one sample (a few passes of 64 row-samples).
 
     Returns:
@@ -237,16 +246,25 @@ def check(
     """
     spec = model.spec if isinstance(model, LoadedModel) else None
     module = model.module if isinstance(model, LoadedModel) else model
+    random_rows = False
     if x is None:
-        if spec is None:
+        if not isinstance(model, LoadedModel):
             raise InvalidArgumentError("check(module, x) needs example rows x (N, *input_shape)")
-        x = example_inputs(spec)
+        x = example_inputs(model, n_rows, seed)
+        random_rows = model.example_inputs is None
     name = spec.name if spec is not None else type(module).__name__
     report = _Builder(name, tuple(x.shape[1:]))
     try:
         out = sampling.predict(module, x)
     except Exception as exc:
-        report.error("forward_failed", f"the model fails on {x.shape[0]} example rows: {exc}")
+        hint = ""
+        if random_rows:
+            # Random rows are not every model's inputs (token ids, counts, pixels in [0, 255]).
+            hint = (
+                " (random standard-normal rows: if the model takes other values, save it with "
+                "mcdrop.save(..., example_inputs=rows) so it is probed on rows of its own)"
+            )
+        report.error("forward_failed", f"the model fails on {x.shape[0]} example rows: {exc}{hint}")
         return report.done()
     report.outputs = _output_names(spec, out.shape[-1] if out.dim() == 2 else 0)
     if spec is not None:

@@ -5,13 +5,18 @@ A model directory holds::
     model.json            the manifest (:class:`ModelSpec`)
     weights.safetensors   the network's state dict (tensors only; reading it runs no code)
     calibration.json      optional: held-out scores for decisions (``mcdrop calibrate``)
+    examples.safetensors  optional: example input rows, ``(N, *input_shape)`` float32
 
 A model directory is data. Loading one parses JSON, reads safetensors (never pickle) and builds
 a built-in architecture; it imports code only for an ``architecture.factory`` that the caller
 trusts (``trust_model_code``, or ``allowed_factories``; see :func:`mcdrop.nets.resolve_factory`).
 An optional ``calibration.json`` (held-out statistics for rejection thresholds and conformal
-prediction, :mod:`mcdrop.calibration`) is read and validated with it, as JSON; other files in
-the directory are never read.
+prediction, :mod:`mcdrop.calibration`) is read and validated with it, as JSON, and an optional
+``examples.safetensors`` (rows the model takes, :func:`mcdrop.save`'s ``example_inputs``) as
+safetensors; other files in the directory are never read. Where a model directory has example
+rows, everything that probes the model with rows of its own (``mcdrop check``, the save-time
+check, the service's warm-up) uses them rather than random ones: a model of token ids, counts or
+pixels in [0, 255] fails on standard-normal rows.
 
 The manifest says everything needed to rebuild and serve the model: its task, input shape,
 output labels, architecture and hyper-parameters, dropout rate, τ for regressors, input/target
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Real
@@ -41,6 +47,16 @@ from mcdrop.nets import ReducedPrecision, Standardized, build
 
 MANIFEST = "model.json"
 WEIGHTS = "weights.safetensors"
+EXAMPLES = "examples.safetensors"
+#: The most example rows a model directory holds: a few to probe the model on, not a dataset.
+MAX_EXAMPLE_ROWS = 64
+#: The most bytes those rows take (64 rows of a [3, 224, 224] image take 37 MiB).
+MAX_EXAMPLE_BYTES = 64 * 2**20
+#: The one tensor of ``examples.safetensors``.
+_EXAMPLES_KEY = "inputs"
+#: Bytes of a safetensors file beyond its tensor's data: the header's length and its JSON
+#: (about 140 bytes for one tensor), with room to spare.
+_HEADER_SLACK = 4096
 FORMAT_VERSION = 1
 #: The most samples a manifest may make a model's default: far above any service limit (10_000
 #: by default), so a larger value is a typo (10**30 would otherwise be capped silently).
@@ -220,12 +236,71 @@ def _is_number(value: Any) -> bool:
 @dataclass
 class LoadedModel:
     """A model directory in memory: its spec, the ready-to-run module (eval mode, original
-    units in and out), and its calibration if the directory has one."""
+    units in and out), its calibration if the directory has one, and its example rows
+    ``(M, *input_shape)`` float32 on the CPU (``examples.safetensors``) if it has them."""
 
     spec: ModelSpec
     module: nn.Module
     path: Path
     calibration: calibration_.Calibration | None = None
+    example_inputs: Tensor | None = None
+
+
+def examples_problem(x: Tensor, input_shape: Sequence[int]) -> str | None:
+    """What is wrong with ``x`` as a model directory's example rows, or None: they must be
+    ``(M, *input_shape)`` float32 with M from 1 to :data:`MAX_EXAMPLE_ROWS`, finite, and take at
+    most :data:`MAX_EXAMPLE_BYTES`."""
+    shape = [int(d) for d in input_shape]
+    if x.dtype != torch.float32:
+        return f"example inputs must be float32, got {x.dtype}"
+    if x.dim() != len(shape) + 1 or list(x.shape[1:]) != shape:
+        return (
+            f"example inputs must be (N, *input_shape) = (N, {', '.join(map(str, shape))}) rows, "
+            f"got shape {list(x.shape)}"
+        )
+    if not 1 <= x.shape[0] <= MAX_EXAMPLE_ROWS:
+        return f"example inputs must be 1 to {MAX_EXAMPLE_ROWS} rows, got {x.shape[0]}"
+    if x.numel() * x.element_size() > MAX_EXAMPLE_BYTES:
+        return (
+            f"example inputs take {x.numel() * x.element_size():_} bytes, more than "
+            f"{MAX_EXAMPLE_BYTES:_}: give fewer rows"
+        )
+    if not bool(torch.isfinite(x).all()):
+        return "example inputs must be finite (no NaN or infinity, within float32's range)"
+    return None
+
+
+def read_examples(directory: str | Path, spec: ModelSpec) -> Tensor | None:
+    """``directory/examples.safetensors``: the model's example rows ``(M, *input_shape)``
+    float32, checked (:func:`examples_problem`), or None when the directory has none. A file
+    larger than the most rows ``input_shape`` allows is refused before it is read."""
+    path = Path(directory) / EXAMPLES
+    if not _files.is_present(path, "example inputs"):
+        return None
+    row_bytes = 4 * math.prod(spec.input_shape)
+    most = min(MAX_EXAMPLE_ROWS * row_bytes, MAX_EXAMPLE_BYTES) + _HEADER_SLACK
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the example inputs: {exc}") from exc
+    if size > most:
+        raise CheckpointError(
+            f"{path}: {size:_} bytes, more than {MAX_EXAMPLE_ROWS} example rows of input_shape "
+            f"{spec.input_shape} take ({most:_} bytes at most)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if keys != [_EXAMPLES_KEY]:
+                raise CheckpointError(
+                    f"{path}: must hold one tensor named {_EXAMPLES_KEY!r}, holds {keys}"
+                )
+            x = f.get_tensor(_EXAMPLES_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+    if problem := examples_problem(x, spec.input_shape):
+        raise CheckpointError(f"{path}: {problem}")
+    return x
 
 
 def _norm_tensors(
@@ -296,14 +371,33 @@ def wrap(spec: ModelSpec, net: nn.Module, *, source: str = MANIFEST) -> nn.Modul
     )
 
 
-def save(directory: str | Path, spec: ModelSpec, net: nn.Module) -> Path:
-    """Write ``net``'s weights and ``spec`` into ``directory`` (created if needed)."""
+def save(
+    directory: str | Path,
+    spec: ModelSpec,
+    net: nn.Module,
+    *,
+    example_inputs: Tensor | None = None,
+) -> Path:
+    """Write ``net``'s weights and ``spec`` into ``directory`` (created if needed), and its
+    ``example_inputs`` ``(M, *input_shape)`` float32 if given (checked, see
+    :func:`examples_problem`; without, an examples file left from an earlier model is removed:
+    its rows need not suit this one)."""
     directory = Path(directory)
+    if example_inputs is not None:
+        example_inputs = example_inputs.detach().cpu().contiguous()
+        if problem := examples_problem(example_inputs, spec.input_shape):
+            raise CheckpointError(f"{directory / EXAMPLES}: {problem}")
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     # One metadata key: safetensors writes its map in hash order, and files should be
     # byte-for-byte reproducible.
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    if example_inputs is None:
+        (directory / EXAMPLES).unlink(missing_ok=True)
+    else:
+        save_file(
+            {_EXAMPLES_KEY: example_inputs}, str(directory / EXAMPLES), metadata={"format": "pt"}
+        )
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=False) + "\n"
     (directory / MANIFEST).write_text(text)
     return directory
@@ -434,7 +528,14 @@ def load(
         calibration.check_fits(
             spec.task, spec.n_outputs, weights, source=str(directory / calibration_.CALIBRATION)
         )
+    examples = read_examples(directory, spec)
     if compute != torch.float32:
         net = ReducedPrecision(net, compute)
     module = wrap(spec, net, source=source).eval().to(target)
-    return LoadedModel(spec=spec, module=module, path=directory, calibration=calibration)
+    return LoadedModel(
+        spec=spec,
+        module=module,
+        path=directory,
+        calibration=calibration,
+        example_inputs=examples,
+    )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import checkpoint
-from mcdrop.checking import example_inputs
+from mcdrop.checking import example_inputs as random_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
 from mcdrop.coverage import declared_rates
 from mcdrop.exceptions import CheckpointError, InvalidArgumentError
@@ -52,6 +52,7 @@ def save(
     training: Mapping[str, Any] | None = None,
     description: str = "",
     version: str = "1",
+    example_inputs: Any = None,
 ) -> LoadedModel:
     """Write ``model`` as the model directory ``directory``, and return it loaded back.
 
@@ -75,13 +76,20 @@ def save(
             takes and returns original units while ``model`` works on standardised ones.
         dropout, default_n_samples, metrics, training, description, version: recorded in the
             manifest (see :class:`~mcdrop.checkpoint.ModelSpec`).
+        example_inputs: ``(N, *input_shape)`` rows the model takes, in original units (a
+            tensor, array or nested lists; N from 1 to 64, finite, float32), saved with it as
+            ``examples.safetensors``: the check here, ``mcdrop check`` and the service's
+            warm-up run the model on them instead of random standard-normal rows. Give them
+            when random rows are not inputs of the model (token ids, counts, pixels in
+            [0, 255]).
 
     Returns:
         the directory loaded back (:class:`~mcdrop.checkpoint.LoadedModel`), as a server would.
 
     Raises:
-        InvalidArgumentError: the manifest would be invalid, or the architecture does not
-            rebuild ``model`` (other weights, or other outputs); nothing was written.
+        InvalidArgumentError: the manifest would be invalid, ``example_inputs`` are not such
+            rows, or the architecture does not rebuild ``model`` (other weights, or other
+            outputs, or it fails on the example rows); nothing was written.
     """
     directory = Path(directory)
     arch = _architecture(factory, architecture, params)
@@ -104,9 +112,28 @@ def save(
             "description": description,
         }
     )
-    _check_rebuilds(model, spec)
-    checkpoint.save(directory, spec, model)
+    examples = _examples(example_inputs, spec)
+    _check_rebuilds(model, spec, examples)
+    checkpoint.save(directory, spec, model, example_inputs=examples)
     return checkpoint.load(directory, trust_model_code=True)
+
+
+def _examples(value: Any, spec: ModelSpec) -> Tensor | None:
+    """``example_inputs`` as a float32 tensor on the CPU, checked, or None."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, Tensor):
+            x = value.detach().to("cpu", torch.float32)
+        else:
+            x = torch.as_tensor(_plain(value), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise InvalidArgumentError(
+            f"cannot save: example_inputs must be numeric (N, *input_shape) rows: {exc}"
+        ) from None
+    if problem := checkpoint.examples_problem(x.contiguous(), spec.input_shape):
+        raise InvalidArgumentError(f"cannot save: {problem}")
+    return x.contiguous()
 
 
 def _architecture(
@@ -168,9 +195,9 @@ def _spec(fields: dict[str, Any]) -> ModelSpec:
     return spec
 
 
-def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
+def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) -> None:
     """Raise unless ``spec.architecture`` rebuilds a network that takes ``model``'s weights and
-    gives its outputs, of the shape ``spec`` says, on example rows."""
+    gives its outputs, of the shape ``spec`` says, on ``examples`` (else random rows)."""
     arch = spec.architecture
     named = f"{arch.get('factory') or arch.get('name')!r} with params {arch['params']}"
     try:
@@ -213,24 +240,34 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
             "model was built with"
         )
     rebuilt.load_state_dict(state)
-    x = example_inputs(spec, _EXAMPLE_ROWS)
+    x = random_inputs(spec, _EXAMPLE_ROWS) if examples is None else examples
+    n = x.shape[0]
     wrapped = checkpoint.wrap(spec, model)
     try:
         want = predict(wrapped, x)
     except Exception as exc:
+        what = (
+            f"{n} random rows of input_shape {spec.input_shape}"
+            if examples is None
+            else f"its {n} example_inputs rows"
+        )
+        hint = (
+            "is input_shape the shape of one input row? If the model takes other values "
+            "(token ids, counts, pixels in [0, 255]), give rows it takes as example_inputs"
+            if examples is None
+            else "give rows the model takes"
+        )
         raise InvalidArgumentError(
-            f"cannot save: the model fails on {_EXAMPLE_ROWS} rows of input_shape "
-            f"{spec.input_shape} ({type(exc).__name__}: {exc}); is input_shape the shape of one "
-            "input row?"
+            f"cannot save: the model fails on {what} ({type(exc).__name__}: {exc}); {hint}"
         ) from None
     k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
-    if not (isinstance(want, Tensor) and tuple(want.shape) == (_EXAMPLE_ROWS, k)):
+    if not (isinstance(want, Tensor) and tuple(want.shape) == (n, k)):
         returned = tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__
         hint = " (K means, then K log-variances)" if k != spec.n_outputs else ""
         raise InvalidArgumentError(
-            f"cannot save: the model returns {returned} for {_EXAMPLE_ROWS} rows, but a "
+            f"cannot save: the model returns {returned} for {n} rows, but a "
             f"{spec.likelihood + ' ' if spec.task == 'regression' else ''}{spec.task} model "
-            f"with {spec.n_outputs} labels returns ({_EXAMPLE_ROWS}, {k}){hint}"
+            f"with {spec.n_outputs} labels returns ({n}, {k}){hint}"
         )
     again = predict(wrapped, x)
     if not torch.allclose(again, want, rtol=_RTOL, atol=_ATOL, equal_nan=True):
@@ -239,7 +276,7 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec) -> None:
         diff = (again - want).abs().max().item()
         raise InvalidArgumentError(
             f"cannot save: the model's eval pass is not deterministic: two passes of the same "
-            f"{_EXAMPLE_ROWS} rows give outputs that differ (by up to {diff:.3g}), so no "
+            f"{n} rows give outputs that differ (by up to {diff:.3g}), so no "
             "rebuilt network can be checked against it, and its deterministic predictions "
             "would change from call to call; remove the randomness from its forward (e.g. "
             "torch.rand, or a dropout of its own made from random numbers: write it as "

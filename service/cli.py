@@ -222,11 +222,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from mcdrop import checkpoint
-    from mcdrop.checking import check, example_inputs
+    from mcdrop.checking import check
 
     loaded = checkpoint.load(args.model_dir, **_load_options(args))
-    rows = example_inputs(loaded.spec, args.rows, args.seed)
-    report = check(loaded, rows, n_samples=args.n_samples, seed=args.seed)
+    # Rows of the model's own (examples.safetensors) where it has them, else random ones.
+    report = check(loaded, n_rows=args.rows, n_samples=args.n_samples, seed=args.seed)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0 if report.ok else 1
 
@@ -581,7 +581,13 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--n-samples", type=_positive, default=16, help="samples of every example row"
     )
-    check.add_argument("--rows", type=_positive, default=4, help="example rows")
+    check.add_argument(
+        "--rows",
+        type=_positive,
+        default=4,
+        help="example rows (drawn from the model's examples.safetensors where it has one, "
+        "else random)",
+    )
     check.add_argument("--seed", type=int, default=0, help="seed of the rows and samples")
     _add_setting_flags(check, ModelSettings)
     check.set_defaults(func=_check)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mcdrop import checkpoint
+from mcdrop.checking import example_inputs
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
@@ -252,9 +253,10 @@ class Registry:
 
 
 def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
-    """Plan the model's sampling on one row of its own (its training mean, or zeros), as
-    ``mcdrop serve`` does before a model takes requests, and ``mcdrop predict --model-dir``
-    before it reads the user's rows; returns that row ``(1, *input_shape)``.
+    """Plan the model's sampling on one row of its own (the first of its example rows where the
+    directory has them, else its training mean, or zeros), as ``mcdrop serve`` does before a
+    model takes requests, and ``mcdrop predict --model-dir`` before it reads the user's rows;
+    returns that row ``(1, *input_shape)``.
 
     The row is the model's own, so a failure here is the model directory's to fix, never a
     request's: the :class:`~mcdrop.checkpoint.CheckpointError` names the manifest (and, for a
@@ -291,28 +293,43 @@ def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
             f"{list(predictor.spec.input_shape)} failed, so input_shape (or "
             f"input_normalization) does not fit the architecture: {exc}"
         ) from exc
+    except Exception as exc:  # the model's own code refuses the row (an id past a vocabulary)
+        own = predictor.model.example_inputs is not None
+        hint = (
+            ""
+            if own
+            else "; a model that takes other values (token ids, counts, pixels in [0, 255]) "
+            "needs rows of its own: save it with mcdrop.save(..., example_inputs=rows)"
+        )
+        raise checkpoint.CheckpointError(
+            f"{manifest}: the warm-up pass on {_warm_up_row(predictor)} failed "
+            f"({type(exc).__name__}: {exc}){hint}"
+        ) from exc
 
 
 def _warm_up_row(predictor: Predictor) -> str:
+    if predictor.model.example_inputs is not None:
+        return "its example rows"
     if predictor.spec.input_normalization is not None:
         return "input_normalization's mean"
     return "zeros"
 
 
 def _varied_input(predictor: Predictor) -> torch.Tensor:
-    """A row of standard normal values (fixed), on the scale of the training data where the
-    model records it."""
-    z = torch.randn(1, *predictor.spec.input_shape, generator=torch.Generator().manual_seed(0))
-    norm = predictor.spec.input_normalization
-    if norm is not None:
-        mean = torch.tensor(norm.mean, dtype=torch.float32)
-        std = torch.tensor(norm.std, dtype=torch.float32)
-        z = mean + std * z
-    return z
+    """Another row than :func:`_warm_up_input`'s: the model's second example row where it has
+    more than one, else standard normal values (fixed) on the scale of the training data where
+    the model records it (:func:`mcdrop.checking.example_inputs`)."""
+    own = predictor.model.example_inputs
+    if own is not None:
+        return own[1:2].clone() if own.shape[0] > 1 else own[:1].clone()
+    return example_inputs(predictor.model, 1)
 
 
 def _warm_up_input(predictor: Predictor) -> torch.Tensor:
-    """One typical row (the training mean where the model records it)."""
+    """One typical row: the model's first example row, or the training mean where the model
+    records it, or zeros."""
+    if predictor.model.example_inputs is not None:
+        return predictor.model.example_inputs[:1].clone()
     x = torch.zeros(1, *predictor.spec.input_shape)
     norm = predictor.spec.input_normalization
     if norm is not None:

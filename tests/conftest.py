@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -63,3 +63,42 @@ def mlp() -> nn.Module:
 @pytest.fixture
 def x() -> torch.Tensor:
     return torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+
+
+#: Rows of token ids that :class:`tests.factories.Tokens` (vocabulary 5, ids 1 to 5) takes.
+TOKEN_ROWS = torch.tensor([[1, 2, 3, 4, 5, 1], [5, 5, 4, 3, 2, 1], [2, 2, 2, 2, 2, 2]]).float()
+
+
+def save_tokens(directory: Path, example_inputs: Tensor | None = TOKEN_ROWS) -> Path:
+    """``directory``: a two-class model of six token ids from 1 to 5
+    (``tests.factories:Tokens``), with ``example_inputs`` (``None``: without, written with
+    :func:`mcdrop.checkpoint.save`, which checks no rows: ``mcdrop.save`` refuses it)."""
+    import mcdrop
+    from mcdrop import checkpoint
+    from tests.factories import Tokens
+
+    torch.manual_seed(0)
+    net = Tokens(vocab=5, first=1)
+    params = {"vocab": 5, "first": 1}
+    labels = ["negative", "positive"]
+    if example_inputs is not None:
+        mcdrop.save(
+            net,
+            directory,
+            task="classification",
+            input_shape=[6],
+            labels=labels,
+            factory="tests.factories:Tokens",
+            params=params,
+            example_inputs=example_inputs,
+        )
+        return directory
+    spec = checkpoint.ModelSpec(
+        name=directory.name,
+        task="classification",
+        input_shape=[6],
+        labels=labels,
+        architecture={"factory": "tests.factories:Tokens", "params": params},
+    )
+    checkpoint.save(directory, spec, net)
+    return directory

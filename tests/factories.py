@@ -149,3 +149,20 @@ class Picky(nn.Module):
         if bool((x > self.bound).any()):
             raise ValueError(f"an input above {self.bound}: out of range")
         return self.net(x)
+
+
+class Tokens(nn.Module):
+    """``(N, L) -> (N, K)``: token ids from ``first`` to ``first + vocab - 1``, sent as float rows
+    and cast to long, embedded, averaged over ``L``, dropout, linear. No clamping: an id outside
+    that range is an ``IndexError``, as in a model of a user's own: random rows are no inputs of
+    it (nor, with ``first=1``, a row of zeros)."""
+
+    def __init__(self, vocab: int = 5, dim: int = 4, n_classes: int = 2, first: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(dim, n_classes)
+        self.first = first
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop(self.embed(x.long() - self.first).mean(1)))

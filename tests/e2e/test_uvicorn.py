@@ -27,7 +27,7 @@ from service.client import (
     ServiceUnavailableError,
     TransportError,
 )
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, ROOT, save_tokens
 from tests.e2e.server import free_port, serve
 
 pytestmark = pytest.mark.slow
@@ -244,3 +244,34 @@ def test_serve_without_exit_on_error_serves_what_loaded(broken_folder: Path) -> 
         proc.terminate()
         _, stderr = proc.communicate(timeout=20)
     assert str(broken_folder) in stderr  # the operator's log keeps the full path
+
+
+def test_a_token_model_saved_with_example_rows_serves_over_http(tmp_path: Path) -> None:
+    """A model of token ids (1 to 5; zeros and random rows are none): saved with rows of its
+    own, it warms up on them and answers ids; a malformed examples file stops the server."""
+    models = tmp_path / "models"
+    save_tokens(models / "tokens")
+    ids = [[1, 2, 3, 4, 5, 5], [3, 3, 3, 1, 1, 1]]
+    with (
+        serve(tmp_path, model_dir=models, MCDROP_ALLOWED_FACTORIES="tests.factories") as server,
+        Client(server.url) as client,
+    ):
+        assert client.ready().models == {"tokens": "ready"}
+        assert len(client.predict("tokens", ids).predictions) == 2
+        first = client.uncertainty("tokens", ids, n_samples=50, seed=3)
+        assert first == client.uncertainty("tokens", ids, n_samples=50, seed=3)
+        assert all(row.label in ("negative", "positive") for row in first.results)
+        assert sum(sum(row.variance) for row in first.results) > 0
+    (models / "tokens" / "examples.safetensors").write_bytes(b"\x00" * 64)
+    done = subprocess.run(
+        _serve(models, "--allowed-factories", "tests.factories"),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "model 'tokens': tokens/examples.safetensors: not a readable safetensors file" in (
+        done.stderr
+    )

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 import mcdrop
 from mcdrop.checking import example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
-from tests.conftest import MODELS
+from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
 from tests.factories import AlwaysDrops
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
@@ -65,6 +65,43 @@ def test_example_inputs_follow_the_input_normalisation() -> None:
     assert torch.allclose(
         x.mean(0), mean, atol=0.3 * float(torch.tensor(spec.input_normalization.std).max())
     )
+
+
+def test_example_inputs_are_drawn_from_a_models_own_rows(tmp_path: Path) -> None:
+    """Rows of its own, each of them before any twice, in an order the seed fixes; a model
+    without them gets the standard-normal rows of its spec, as before."""
+    loaded = mcdrop.load(save_tokens(tmp_path / "tokens"), allowed_factories=["tests.factories"])
+    x = example_inputs(loaded, 7, seed=1)
+    assert x.shape == (7, 6)
+    assert torch.equal(x, example_inputs(loaded, 7, seed=1))
+    rows = {tuple(r) for r in TOKEN_ROWS.tolist()}
+    assert {tuple(r) for r in x[:3].tolist()} == rows  # all three first
+    assert torch.equal(x[3:6], x[:3])  # then again, in that order
+    assert torch.equal(x[6], x[0])
+    orders = {tuple(map(tuple, example_inputs(loaded, 3, seed).tolist())) for seed in range(8)}
+    assert len(orders) > 1
+    diabetes = mcdrop.load(MODELS / "diabetes")
+    assert torch.equal(example_inputs(diabetes, 5, 3), example_inputs(diabetes.spec, 5, 3))
+
+
+def test_a_token_model_is_checked_on_its_own_rows(tmp_path: Path) -> None:
+    """Without rows of its own the check's random rows are no token ids: forward_failed, with
+    what to do; with them, ok."""
+    without = mcdrop.load(
+        save_tokens(tmp_path / "bare", example_inputs=None), allowed_factories=["tests.factories"]
+    )
+    report = mcdrop.check(without)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert "index out of range" in report.problems[0].message
+    assert "mcdrop.save(..., example_inputs=rows)" in report.problems[0].message
+    # Rows the caller gives are theirs: no word about random ones.
+    bad = mcdrop.check(without, TOKEN_ROWS * 0 + 9, timed=False)
+    assert "example_inputs" not in bad.problems[0].message
+    loaded = mcdrop.load(save_tokens(tmp_path / "tokens"), allowed_factories=["tests.factories"])
+    report = mcdrop.check(loaded, n_rows=5, timed=False)
+    assert report.ok, str(report)
+    assert report.problems == ()
+    assert "samples vary: yes, every output (16 samples of 5 rows)" in str(report)
 
 
 class Ignored(nn.Module):

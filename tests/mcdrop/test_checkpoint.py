@@ -195,6 +195,7 @@ def _replace_with_link(name: str, to: str):
         (_replace_with_link(checkpoint.WEIGHTS, "/dev/zero"), checkpoint.WEIGHTS),
         (_replace_with_link(checkpoint.MANIFEST, "/dev/zero"), checkpoint.MANIFEST),
         (_replace_with_link("calibration.json", "/dev/zero"), "calibration.json"),
+        (_replace_with_link(checkpoint.EXAMPLES, "/dev/zero"), checkpoint.EXAMPLES),
         (lambda p: ((p / checkpoint.WEIGHTS).unlink(), (p / checkpoint.WEIGHTS).mkdir()), "w"),
     ],
 )
@@ -426,3 +427,87 @@ def test_an_allowed_module_cannot_pass_on_foreign_code(tmp_path: Path, custom: P
     with pytest.raises(UntrustedCodeError, match="defined in module 'subprocess'"):
         checkpoint.load(custom, allowed_factories=["tests"])
     assert not marker.exists()
+
+
+ROWS = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 7.5]])
+
+
+def test_example_inputs_round_trip(tmp_path: Path, saved: tuple[Path, MLP]) -> None:
+    """Written as safetensors (no pickle), read at load; a directory without them loads as
+    before."""
+    _, net = saved
+    assert checkpoint.load(saved[0]).example_inputs is None
+    checkpoint.save(tmp_path / "ex", _spec(), net, example_inputs=ROWS)
+    loaded = checkpoint.load(tmp_path / "ex")
+    assert loaded.example_inputs is not None
+    assert torch.equal(loaded.example_inputs, ROWS)
+    assert loaded.example_inputs.device.type == "cpu"
+    assert safetensors.torch.load_file(tmp_path / "ex" / checkpoint.EXAMPLES).keys() == {"inputs"}
+
+
+def _write_examples(tensors: dict[str, torch.Tensor]):
+    def edit(path: Path) -> None:
+        safetensors.torch.save_file(tensors, path / checkpoint.EXAMPLES)
+
+    return edit
+
+
+def _huge_examples(path: Path) -> None:
+    """A sparse file of a gigabyte: refused by its size, before a byte of it is read."""
+    with (path / checkpoint.EXAMPLES).open("wb") as f:
+        f.truncate(2**30)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: (p / checkpoint.EXAMPLES).write_bytes(b"\x80not safetensors"), "not a readable"),
+        (lambda p: (p / checkpoint.EXAMPLES).write_bytes(pickle.dumps(ROWS)), "not a readable"),
+        (_write_examples({"rows": ROWS}), "must hold one tensor named 'inputs', holds ['rows']"),
+        (
+            _write_examples({"inputs": ROWS, "x": ROWS.clone()}),
+            "must hold one tensor named 'inputs'",
+        ),
+        (_write_examples({"inputs": ROWS[:, :2].contiguous()}), "got shape [2, 2]"),
+        (_write_examples({"inputs": ROWS[0]}), "got shape [3]"),
+        (_write_examples({"inputs": ROWS.double()}), "must be float32, got torch.float64"),
+        (_write_examples({"inputs": ROWS.long()}), "must be float32, got torch.int64"),
+        (_write_examples({"inputs": ROWS * float("nan")}), "must be finite"),
+        (_write_examples({"inputs": ROWS[:0]}), "must be 1 to 64 rows, got 0"),
+        (_write_examples({"inputs": torch.zeros(65, 3)}), "must be 1 to 64 rows, got 65"),
+        (
+            _write_examples({"inputs": torch.zeros(1000, 3)}),
+            "12_080 bytes, more than 64 example rows of input_shape [3] take (4_864 bytes at most)",
+        ),
+        (_huge_examples, "1_073_741_824 bytes, more than 64 example rows of input_shape [3]"),
+    ],
+    ids=[
+        "garbage",
+        "pickle",
+        "other name",
+        "two tensors",
+        "wrong row shape",
+        "no N",
+        "float64",
+        "int64",
+        "NaN",
+        "no rows",
+        "65 rows",
+        "1000 rows",
+        "huge",
+    ],
+)
+def test_bad_example_inputs_are_a_load_error_naming_the_file(
+    tmp_path: Path, saved: tuple[Path, MLP], edit, message: str
+) -> None:
+    target = _broken(tmp_path, saved, edit)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(target)
+    assert str(info.value).startswith(f"{target / checkpoint.EXAMPLES}: ")
+    assert message in str(info.value)
+
+
+def test_checkpoint_save_refuses_bad_example_inputs(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"\(N, 3\) rows, got shape \[2, 2\]"):
+        checkpoint.save(tmp_path / "m", _spec(), MLP(3, [8], 1), example_inputs=ROWS[:, :2])
+    assert not (tmp_path / "m").exists()

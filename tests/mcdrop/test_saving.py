@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from torch import nn
 import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
-from tests.factories import AlwaysDrops, Noisy, build
+from tests.conftest import TOKEN_ROWS
+from tests.factories import AlwaysDrops, Noisy, Tokens, build
 
 
 @pytest.fixture
@@ -168,3 +170,130 @@ def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(tmp_pat
     assert "two passes of the same 2 rows" in str(caught.value)
     assert "params" not in str(caught.value)  # not the factory's fault
     assert not (tmp_path / "noisy").exists()
+
+
+TOKENS: dict[str, Any] = {
+    "task": "classification",
+    "input_shape": [6],
+    "labels": ["negative", "positive"],
+    "factory": "tests.factories:Tokens",
+    "params": {"vocab": 5, "first": 1},
+}
+
+
+@pytest.fixture
+def tokens() -> nn.Module:
+    torch.manual_seed(0)
+    return Tokens(vocab=5, first=1)
+
+
+def test_a_token_model_is_refused_without_example_inputs_and_saved_with_them(
+    tmp_path: Path, tokens: nn.Module
+) -> None:
+    """Random rows are no token ids (negative, or past the vocabulary): without rows of its own
+    the model cannot be checked, and the error says which argument gives them."""
+    with pytest.raises(InvalidArgumentError) as caught:
+        mcdrop.save(tokens, tmp_path / "tokens", **TOKENS)
+    message = str(caught.value)
+    assert "fails on 2 random rows of input_shape [6] (IndexError: " in message
+    assert "give rows it takes as example_inputs" in message
+    assert not (tmp_path / "tokens").exists()
+
+    loaded = mcdrop.save(tokens, tmp_path / "tokens", example_inputs=TOKEN_ROWS, **TOKENS)
+    assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == [
+        "examples.safetensors",
+        "model.json",
+        "weights.safetensors",
+    ]
+    assert "examples" not in (tmp_path / "tokens" / "model.json").read_text()
+    again = mcdrop.load(tmp_path / "tokens", allowed_factories=["tests.factories"])
+    for model in (loaded, again):
+        assert model.example_inputs is not None
+        assert torch.equal(model.example_inputs, TOKEN_ROWS)
+        assert torch.equal(
+            mcdrop.predict(model.module, TOKEN_ROWS), mcdrop.predict(tokens, TOKEN_ROWS)
+        )
+    report = mcdrop.check(again)
+    assert report.ok, str(report)
+    assert report.varies
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [TOKEN_ROWS.tolist(), TOKEN_ROWS.int().numpy(), TOKEN_ROWS.double(), TOKEN_ROWS[:1]],
+    ids=["nested lists", "int array", "float64 tensor", "one row"],
+)
+def test_example_inputs_may_be_lists_arrays_or_tensors(
+    tmp_path: Path, tokens: nn.Module, rows: Any
+) -> None:
+    loaded = mcdrop.save(tokens, tmp_path / "tokens", example_inputs=rows, **TOKENS)
+    assert loaded.example_inputs is not None
+    assert loaded.example_inputs.dtype == torch.float32
+    assert torch.equal(loaded.example_inputs, torch.as_tensor(rows).float())
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (TOKEN_ROWS[0], r"must be \(N, \*input_shape\) = \(N, 6\) rows, got shape \[6\]"),
+        (TOKEN_ROWS[:, :5], r"\(N, 6\) rows, got shape \[3, 5\]"),
+        (TOKEN_ROWS[None], r"got shape \[1, 3, 6\]"),
+        (TOKEN_ROWS[:0], "must be 1 to 64 rows, got 0"),
+        (TOKEN_ROWS[:1].repeat(65, 1), "must be 1 to 64 rows, got 65"),
+        (torch.full((2, 6), float("nan")), "must be finite"),
+        (torch.full((2, 6), float("inf")), "must be finite"),
+        ([[1e39] * 6], "must be finite"),  # beyond float32: infinite once converted
+        ([[1, 2, 3], [1, 2]], "must be numeric"),  # ragged
+        ([["a"] * 6], "must be numeric"),
+        ({"rows": 1}, "must be numeric"),
+        (TOKEN_ROWS * 0 + 7, re.escape("fails on its 3 example_inputs rows (IndexError: ")),
+    ],
+    ids=[
+        "one row without N",
+        "wrong row shape",
+        "extra dim",
+        "no rows",
+        "too many rows",
+        "NaN",
+        "inf",
+        "overflow",
+        "ragged",
+        "strings",
+        "a dict",
+        "ids the model refuses",
+    ],
+)
+def test_bad_example_inputs_are_refused_before_anything_is_written(
+    tmp_path: Path, tokens: nn.Module, rows: Any, message: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        mcdrop.save(tokens, tmp_path / "tokens", example_inputs=rows, **TOKENS)
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_too_many_bytes_of_example_inputs_are_refused(tmp_path: Path) -> None:
+    """64 rows at most, and 64 MiB at most: rows of a large input shape are refused beyond it."""
+    torch.manual_seed(0)
+    net = build(in_features=300_000, width=1)
+    rows = torch.zeros(60, 300_000)  # 72 MB
+    with pytest.raises(InvalidArgumentError, match="more than 67_108_864: give fewer rows"):
+        mcdrop.save(
+            net, tmp_path / "wide", factory="tests.factories:build",
+            params={"in_features": 300_000, "width": 1}, example_inputs=rows,
+            **{**REGRESSOR, "input_shape": [300_000]},
+        )  # fmt: skip
+    assert not (tmp_path / "wide").exists()
+
+
+def test_saving_again_without_example_inputs_removes_the_old_ones(
+    tmp_path: Path, net: nn.Module
+) -> None:
+    """Rows of an earlier model need not suit the one saved over it."""
+    options = {**REGRESSOR, "factory": "tests.factories:build", "params": {"in_features": 3}}
+    rows = torch.randn(4, 3)
+    assert (
+        mcdrop.save(net, tmp_path / "m", example_inputs=rows, **options).example_inputs is not None
+    )
+    assert (tmp_path / "m" / "examples.safetensors").exists()
+    assert mcdrop.save(net, tmp_path / "m", **options).example_inputs is None
+    assert not (tmp_path / "m" / "examples.safetensors").exists()

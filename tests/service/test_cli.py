@@ -21,7 +21,7 @@ from mcdrop import checkpoint
 from mcdrop.nets import MLP
 from service.cli import main, parser
 from service.config import Settings
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, ROOT, save_tokens
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -417,6 +417,24 @@ def test_check_needs_the_opt_in_for_a_factory(
     )
     assert code == 0
     assert out.startswith("custom: rows [3], 1 output\n")
+
+
+def test_check_runs_a_model_on_its_own_example_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model of token ids: random rows fail it (forward_failed, exit 1); the rows saved with it
+    pass (exit 0)."""
+    bare = save_tokens(tmp_path / "bare", example_inputs=None)
+    code, out, _ = _run(capsys, "check", str(bare), "--allowed-factories", "tests.factories")
+    assert code == 1
+    assert "error (forward_failed): the model fails on 4 example rows: index out of range" in out
+    assert "mcdrop.save(..., example_inputs=rows)" in out
+    folder = save_tokens(tmp_path / "tokens")
+    argv = ["check", str(folder), "--allowed-factories", "tests.factories", "--rows", "5"]
+    code, out, err = _run(capsys, *argv)
+    assert (code, err) == (0, ""), out
+    assert "samples vary: yes, every output (16 samples of 5 rows)" in out
+    assert out.splitlines()[-1] == "result: ok"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

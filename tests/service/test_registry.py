@@ -18,9 +18,11 @@ from fastapi.testclient import TestClient
 
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
+from mcdrop.predictor import Predictor
 from service.app import StartupError, create_app
 from service.config import Settings
-from tests.conftest import MODELS
+from service.registry import warm_up
+from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
 from tests.factories import build, unit_rows
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -347,3 +349,28 @@ def test_a_model_that_gives_nan_on_zeros_warms_up_on_varied_values(tmp_path: Pat
         zeros = client.post("/models/unit/uncertainty", json={"inputs": [[0, 0, 0]]})
         # The request's row, not the model, is at fault there.
         assert (zeros.status_code, zeros.json()["error"]["code"]) == (422, "non_finite_output")
+
+
+def test_a_model_is_warmed_up_on_its_own_example_rows(tmp_path: Path) -> None:
+    """Token ids from 1: the warm-up's row of zeros (and its random one) are no inputs of it, so
+    without rows of its own it fails to load; with them it warms up on the first and serves."""
+    save_tokens(tmp_path / "bare", example_inputs=None)
+    save_tokens(tmp_path / "tokens")
+    settings = Settings(
+        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = _settled(client)["models"]
+        assert ready["tokens"] == "ready"
+        assert ready["bare"] == (
+            "bare/model.json: the warm-up pass on zeros failed (IndexError: index out of range "
+            "in self); a model that takes other values (token ids, counts, pixels in [0, 255]) "
+            "needs rows of its own: save it with mcdrop.save(..., example_inputs=rows)"
+        )
+        ids = [[1, 2, 3, 4, 5, 5], [3, 3, 3, 1, 1, 1]]
+        answer = client.post("/models/tokens/uncertainty", json={"inputs": ids, "seed": 1})
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["results"]) == 2
+    loaded = checkpoint.load(tmp_path / "tokens", allowed_factories=["tests.factories"])
+    x = warm_up(Predictor(loaded), tmp_path / "tokens" / checkpoint.MANIFEST)
+    assert torch.equal(x, TOKEN_ROWS[:1])
