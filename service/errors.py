@@ -43,7 +43,7 @@ this table and the enum to each other, and every error response to the enum)::
     http_error              4xx     another status raised by Starlette itself, or app.BodyLimit's
                                     400 for a Content-Length that is not a byte count, or
                                     protocol.TimedHttpProtocol's 431 for request headers above
-                                    max_header_bytes
+                                    max_header_bytes and 400 for bytes that are not HTTP/1.1
 
 Error bodies echo the offending value only as far as JSON can carry it: a NaN or ±inf becomes
 its string, and long values are cut (see :func:`jsonable`); rendering an error never raises.

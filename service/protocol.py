@@ -15,7 +15,8 @@ line and headers) passes ``max_header_bytes`` with a JSON 431 and closes the con
 held at most that much of it (and one read of the socket, 256 KiB, past it). Nor does uvicorn
 bound how long a response may wait for a client that reads none of it (each such connection held
 its response, 7.4 MB, indefinitely): a connection whose unsent response has not shrunk for
-``send_timeout_s`` is dropped.
+``send_timeout_s`` is dropped. Bytes that are not HTTP/1.1 get a JSON 400 (uvicorn's is plain
+text), as every other error.
 
 This module imports neither torch nor the app: a worker process of ``mcdrop serve --workers N``
 unpickles its uvicorn configuration, this protocol with it, before it starts the thread that
@@ -136,6 +137,28 @@ class TimedHttpProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(_LINGER_S, self.transport.close)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 (httptools could not parse them: a
+        bad request line, a header without a colon, both Content-Length and Transfer-Encoding,
+        a bad chunk), as every other error: JSON, saying what to fix (uvicorn's is plain text,
+        ``msg``)."""
+        self._disarm()
+        from service import errors  # (imports torch, through mcdrop: see the module docstring)
+
+        path = self.url.split(b"?", 1)[0].decode("latin-1") if self.url else ""
+        response = errors.error_response(
+            400,
+            errors.ErrorCode.HTTP_ERROR,
+            f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}): check its request line, "
+            "its headers (name: value, each on a line of its own ending in CRLF) and its body's "
+            "framing (Content-Length or Transfer-Encoding: chunked, not both)",
+            path=path,
+        )
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [b"%s: %s\r\n" % (k, v) for k, v in response.raw_headers]
+        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", response.body]))
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -323,6 +323,38 @@ def test_oversized_headers_get_431_and_the_connection_closes(server: Server) -> 
     assert "max_header_bytes" in error["message"]
 
 
+MALFORMED = {
+    "both length headers": b"POST /models/diabetes/predict HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "a header without a colon": b"GET /health HTTP/1.1\r\nHost x\r\n\r\n",
+    "no HTTP at all": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64,
+    "a bad chunk size": b"POST /v2/models/diabetes/infer HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
+    server: Server, case: str
+) -> None:
+    with _connect(server) as sock:
+        sock.sendall(MALFORMED[case])
+        closed, received = _closed_within(sock, 5)
+        assert closed
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert (b"content-type", b"application/json") in _fields(head)
+    error = json.loads(body)["error"]
+    message = error if isinstance(error, str) else error["message"]  # (v2: a string)
+    assert "not valid HTTP/1.1" in message
+    if case == "a bad chunk size":
+        assert isinstance(error, str)
+    else:
+        assert error["code"] == "http_error"
+    with httpx2.Client(base_url=server.url, timeout=10) as http:
+        assert http.get("/health").status_code == 200
+
+
 def test_endless_headers_are_cut_off_soon(server: Server) -> None:
     # Only the header size ends it: the header timeout (1 s) is reset by no byte, but this
     # client would send 500 MB within it. The server holds 16 KiB of it and closes.
