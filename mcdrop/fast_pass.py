@@ -155,6 +155,8 @@ class FastPass:
         self.rows = n_rows * n_samples
         self.kernels = kernels
         self.device = model_device_slot(model)
+        # several short rows: their keys hashed by numba (cpu_masks.row_keys), else by hashlib
+        self.short = n_rows > 1 and math.prod(plan.input_shape) <= kernels.SHORT_ROW
 
     def run(self, model: nn.Module, x: Tensor, seed: object) -> Tensor | None:
         """The ``(S, N, K...)`` samples of ``x`` ``(N, D...)`` under ``seed`` (None: a fresh one
@@ -176,7 +178,11 @@ class FastPass:
         except (RuntimeError, TypeError):
             return None
         seen = modes.switches
-        finite = self.kernels.finite_state(values)
+        if self.short:  # the keys and the finiteness check in one compiled call
+            keys = self.kernels.row_keys(values, seed)
+            finite = keys is not None
+        else:
+            finite = self.kernels.finite_state(values)
         if (
             not finite
             or modes.switching  # a call holds a training model switched (mcdrop.modes)
@@ -185,9 +191,10 @@ class FastPass:
             or modes.switches != seen
         ):
             return None
-        # the bytes masks.row_keys hashes: -0.0 written as 0.0
-        data = values.tobytes() if finite == 1 else (values + 0.0).tobytes()
-        keys = masks.keys_of_bytes(data, self.n_rows, seed)
+        if not self.short:
+            # the bytes masks.row_keys hashes: -0.0 written as 0.0
+            data = values.tobytes() if finite == 1 else (values + 0.0).tobytes()
+            keys = masks.keys_of_bytes(data, self.n_rows, seed)
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)

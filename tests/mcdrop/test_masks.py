@@ -126,6 +126,42 @@ def test_row_keys_are_blake2b_of_each_rows_float32_bytes_with_minus_zero_as_zero
     assert masks.row_keys(torch.from_numpy(values), seed).tolist() == expected
 
 
+@given(
+    bits=st.lists(
+        st.sampled_from([0, 0x80000000, 0x00008000, 0x80800000, 0x3F800000, 0x00000080])
+        | st.integers(0, 2**32 - 1).filter(lambda b: b & 0x7F800000 != 0x7F800000),  # finite
+        min_size=0,
+        max_size=70,
+    ),
+    n_rows=st.integers(1, 5),
+    repeat=st.sampled_from([1, 2, 5]),
+    seed=st.integers(0, 2**63 - 1),
+)
+@settings(max_examples=300, deadline=None)  # (the first call compiles)
+def test_compiled_row_keys_are_hashlibs(
+    bits: list[int], n_rows: int, repeat: int, seed: int
+) -> None:
+    """numba's BLAKE2b of short rows (mcdrop.cpu_masks.row_keys, a fast pass's keys) gives
+    hashlib's keys bit for bit: rows of 0 to 350 values (blocks of 32 values, a last one part
+    full, an odd number of values), -0.0 anywhere."""
+    from mcdrop import cpu_masks
+
+    rows = [np.roll(np.array(bits * repeat, dtype=np.uint32), i) for i in range(n_rows)]
+    values = np.stack(rows).view(np.float32) if bits else np.zeros((n_rows, 0), np.float32)
+    keys = cpu_masks.row_keys(values, seed)
+    assert keys is not None
+    assert keys.tolist() == masks.row_keys(torch.from_numpy(values), seed).tolist()
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_compiled_row_keys_refuse_rows_that_are_not_finite(bad: float) -> None:
+    from mcdrop import cpu_masks
+
+    values = np.ones((3, 40), dtype=np.float32)
+    values[2, 39] = bad
+    assert cpu_masks.row_keys(values, 1) is None
+
+
 def test_calls_give_independent_masks() -> None:
     keys = torch.arange(4, dtype=torch.int64)
     assert not torch.equal(masks.uniform16(keys, 0, 16), masks.uniform16(keys, 1, 16))
