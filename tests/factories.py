@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import mcdrop
+from mcdrop import checkpoint
 from mcdrop.nets import MLP
 
 #: The gates :func:`gated_mlp` waits on, by name: a test holds a model in "loading" with one.
@@ -138,14 +142,61 @@ class Noisy(nn.Module):
 class Picky(nn.Module):
     """:func:`build`'s network that refuses rows its own code calls invalid (any value above
     ``bound``, as a token id past an embedding's vocabulary), raising ``ValueError``: a model
-    whose forward fails on some finite inputs of the right shape and not on others."""
+    whose forward fails on some finite inputs of the right shape and not on others. ``error``
+    says how it fails: ``"value"`` (that ValueError), ``"assert"`` (an ``assert``),
+    ``"memory"`` (an allocation far past any memory: torch's "can't allocate memory") or
+    ``"memory_error"`` (``MemoryError``)."""
 
-    def __init__(self, in_features: int = 3, width: int = 5, bound: float = 100.0) -> None:
+    def __init__(
+        self, in_features: int = 3, width: int = 5, bound: float = 100.0, error: str = "value"
+    ) -> None:
         super().__init__()
         self.net = build(in_features, width)
         self.bound = bound
+        self.error = error
 
     def forward(self, x: Tensor) -> Tensor:
         if bool((x > self.bound).any()):
+            if self.error == "assert":
+                assert False, f"an input above {self.bound}"  # noqa: B011, PT015
+            if self.error == "memory":
+                torch.empty(2**45)  # 128 TiB: refused at once, never touched
+            if self.error == "memory_error":
+                raise MemoryError
             raise ValueError(f"an input above {self.bound}: out of range")
         return self.net(x)
+
+
+class Tokens(nn.Module):
+    """``(N, L) -> (N, 2)``: token ids sent as numbers (the model takes ``x.long()``) into an
+    ``nn.Embedding`` of ``vocabulary`` entries, dropout, the mean over ``L``, linear: a model
+    whose forward raises ``IndexError: index out of range in self`` on an id past its vocabulary
+    or below zero. With ``asks`` its forward asks :func:`mcdrop.is_sampling` (its passes run
+    under mcdrop's torch-function mode: the general path)."""
+
+    def __init__(self, vocabulary: int = 10, width: int = 8, asks: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(width, 2)
+        self.asks = asks
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.asks:
+            mcdrop.is_sampling()
+        return self.head(self.drop(self.embed(x.long())).mean(1))
+
+
+def save_tokens(directory: Path, **params: Any) -> Path:
+    """``directory``: a :class:`Tokens` classifier (``params``) of 4 ids a row, labels ``a``,
+    ``b``. Written as it is (``mcdrop.checkpoint.save``): ``mcdrop.save`` checks a model on
+    rows of standard normal values, and no token model takes negative ids."""
+    spec = checkpoint.ModelSpec(
+        name=directory.name,
+        task="classification",
+        input_shape=[4],
+        labels=["a", "b"],
+        architecture={"factory": "tests.factories:Tokens", "params": params},
+    )
+    torch.manual_seed(0)
+    return checkpoint.save(directory, spec, Tokens(**params))
