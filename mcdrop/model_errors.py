@@ -20,7 +20,15 @@ raises itself (or that torch raises on a call mcdrop's code makes straight, ``F.
 layer chain, a mask's product) has none. mcdrop's torch-function modes (``__torch_function__``,
 which hand each torch call of the forward on, unchanged but for dropout) are not counted as
 mcdrop's frames: the torch call they hand on is the model's. Code of mcdrop that runs inside the
-model (a routed dropout call, a hook) is mcdrop's: an exception raised there is not the model's.
+model (a routed dropout call, a hook, and the layers mcdrop computes itself under sampling: an
+``nn.MultiheadAttention`` routed to :mod:`mcdrop.attention`, encoder layers run by
+:mod:`mcdrop.encoders`, recurrent layers run layer by layer by :mod:`mcdrop.rnn`) is mcdrop's: an
+exception raised there is not counted as the model's, so that a bug there stays the caller's
+own failure, at the price of calling such a layer's refusal of an input the same.
+
+On a CUDA device an embedding's id out of range is no exception of the forward but a
+device-side assert, reported at a later synchronisation, after which the device is unusable:
+the machine's error (:func:`server_side`), whatever raised it.
 """
 
 from __future__ import annotations

@@ -351,7 +351,12 @@ def model_rejected(exc: BaseException, model: str) -> ModelRejectedInputError | 
     if not raised_by_model(exc):
         return None
     name = type(exc).__name__
-    log.warning("model %r raised %s on a request's inputs", model, name, exc_info=exc)
+    log.warning(
+        "model %r raised %s on a request's inputs: answered model_rejected_input",
+        model,
+        name,
+        exc_info=exc,
+    )
     try:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     except Exception:  # a __str__ that raises: the exception's name says enough
