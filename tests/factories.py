@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
@@ -172,19 +173,33 @@ class Tokens(nn.Module):
     ``nn.Embedding`` of ``vocabulary`` entries, dropout, the mean over ``L``, linear: a model
     whose forward raises ``IndexError: index out of range in self`` on an id past its vocabulary
     or below zero. With ``asks`` its forward asks :func:`mcdrop.is_sampling` (its passes run
-    under mcdrop's torch-function mode: the general path)."""
+    under mcdrop's torch-function mode: the general path). With ``hold``, a file's path, a pass
+    of :data:`HOLD_ROWS` rows or more first waits (at most 30 s) until that file exists: a
+    request that holds the model's worker for as long as a test, in this process or another,
+    needs."""
 
-    def __init__(self, vocabulary: int = 10, width: int = 8, asks: bool = False) -> None:
+    def __init__(
+        self, vocabulary: int = 10, width: int = 8, asks: bool = False, hold: str | None = None
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocabulary, width)
         self.drop = nn.Dropout(0.5)
         self.head = nn.Linear(width, 2)
         self.asks = asks
+        self.hold = hold
 
     def forward(self, x: Tensor) -> Tensor:
         if self.asks:
             mcdrop.is_sampling()
+        if self.hold is not None and x.shape[0] >= HOLD_ROWS:
+            deadline = time.monotonic() + 30
+            while not Path(self.hold).exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
         return self.head(self.drop(self.embed(x.long())).mean(1))
+
+
+#: The rows of a pass that :class:`Tokens` holds (more than a server's warm-up timings pass).
+HOLD_ROWS = 1000
 
 
 def save_tokens(directory: Path, **params: Any) -> Path:

@@ -11,7 +11,8 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -582,44 +583,56 @@ def test_running_out_of_memory_in_the_forward_stays_a_500(
     assert [r.levelno for r in caplog.records if r.exc_info] == [logging.ERROR]
 
 
-def test_only_the_request_whose_ids_the_model_refuses_fails(token_models: Path) -> None:
-    # Work off the event loop and one worker: requests that arrive together merge (as
-    # test_batching's), the bad one among them; its merged batch fails, each runs again alone.
+def test_only_the_request_whose_ids_the_model_refuses_fails(tmp_path: Path) -> None:
+    # One worker, held by a large request (factories.Tokens' hold) while the others queue: once
+    # it is released they all run as one merged batch, the bad request among the good ones;
+    # that batch fails, and each request runs again alone.
+    gate = tmp_path / "released"
+    factories.save_tokens(tmp_path / "models" / "tokens", hold=str(gate))
     settings = Settings(
-        model_dir=token_models,
+        model_dir=tmp_path / "models",
         allowed_factories=("tests.factories",),
-        batch_max_wait_ms=200,
         inline_max_ms=0.0,
         max_concurrency=1,
         short_work_ms=0.0,
     )
+    path = "/models/tokens/uncertainty"
     requests = [[[i % 10, 1, 2, 3]] for i in range(6)]
     requests.insert(3, [BAD_IDS["past the vocabulary"]])
-    with TestClient(create_app(settings)) as http:
-        wait_ready(http)
-        alone = [
-            http.post(
-                "/models/tokens/uncertainty", json={"inputs": rows, "n_samples": 20, "seed": 5}
-            )
-            for rows in requests
-        ]
-        batcher = http.app.state.registry.get("tokens").batcher
-        before = batcher.batches
-        responses: list[Any] = [None] * len(requests)
-        barrier = threading.Barrier(len(requests))
+    responses: list[Any] = [None] * len(requests)
+    try:
+        with TestClient(create_app(settings)) as http:
+            wait_ready(http)
+            alone = [
+                http.post(path, json={"inputs": rows, "n_samples": 20, "seed": 5})
+                for rows in requests
+            ]
+            batcher = http.app.state.registry.get("tokens").batcher
 
-        def call(i: int) -> None:
-            barrier.wait()
-            body = {"inputs": requests[i], "n_samples": 20, "seed": 5}
-            responses[i] = http.post("/models/tokens/uncertainty", json=body)
+            def hold() -> None:
+                rows = [GOOD_IDS] * factories.HOLD_ROWS
+                assert http.post("/models/tokens/predict", json={"inputs": rows}).status_code == 200
 
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert batcher.batches - before < len(requests)  # requests really were merged
-        assert http.get("/health").status_code == 200
+            def call(i: int) -> None:
+                body = {"inputs": requests[i], "n_samples": 20, "seed": 5}
+                responses[i] = http.post(path, json=body)
+
+            holder = threading.Thread(target=hold)
+            before = batcher.batches + 1  # the holder's
+            holder.start()
+            _wait_for(lambda: batcher.batches == before and batcher.long.running == 1)
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            _wait_for(lambda: len(batcher.pending) == len(requests))
+            assert holder.is_alive()  # (held: the queued requests wait for it)
+            gate.touch()
+            for t in [holder, *threads]:
+                t.join()
+            assert batcher.batches - before == 1  # the requests ran as one merged batch
+            assert http.get("/health").status_code == 200
+    finally:
+        gate.touch()
     for i, (got, want) in enumerate(zip(responses, alone, strict=True)):
         if i == 3:
             _rejected(got)
@@ -627,6 +640,13 @@ def test_only_the_request_whose_ids_the_model_refuses_fails(token_models: Path) 
         else:
             assert got.status_code == 200, got.text
             assert got.json() == want.json()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 class _Says(torch.nn.Module):
