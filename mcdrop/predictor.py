@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import GeneratorType
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -381,7 +382,7 @@ class Predictor:
             # Stopped or failed here, the generator is left suspended inside its contexts (the
             # model in eval mode, this thread in inference mode, grad off) until collected,
             # which an exception's traceback delays, maybe to another thread: end them now.
-            if isinstance(chunks, Generator):
+            if isinstance(chunks, GeneratorType):
                 chunks.close()
         summary = acc.result()
         if samples is not None and auto:
