@@ -9,6 +9,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import GeneratorType
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -366,16 +367,23 @@ class Predictor:
             chunks = sampling.sample_chunks_of_checked_inputs(
                 self.model.module, x, most, seed=seed, max_pass_rows=self.max_pass_rows, plan=plan
             )
-        for chunk in chunks:
-            if stop is not None and stop():
-                raise SamplingStoppedError("sampling stopped: its caller asked to stop")
-            acc.update(chunk.values, chunk.rows)
-            if samples is not None:
-                if self.spec.task == "classification":
-                    values = torch.softmax(chunk.values.float(), dim=-1)
-                else:
-                    values = chunk.values[..., :k]
-                samples[chunk.samples, chunk.rows] = values
+        try:
+            for chunk in chunks:
+                if stop is not None and stop():
+                    raise SamplingStoppedError("sampling stopped: its caller asked to stop")
+                acc.update(chunk.values, chunk.rows)
+                if samples is not None:
+                    if self.spec.task == "classification":
+                        values = torch.softmax(chunk.values.float(), dim=-1)
+                    else:
+                        values = chunk.values[..., :k]
+                    samples[chunk.samples, chunk.rows] = values
+        finally:
+            # Stopped or failed here, the generator is left suspended inside its contexts (the
+            # model in eval mode, this thread in inference mode, grad off) until collected,
+            # which an exception's traceback delays, maybe to another thread: end them now.
+            if isinstance(chunks, GeneratorType):
+                chunks.close()
         summary = acc.result()
         if samples is not None and auto:
             samples = samples[: summary.n_samples]

@@ -29,6 +29,11 @@ this table and the enum to each other, and every error response to the enum)::
                                     reject_score its task does not have
     limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
                                     or response bytes
+    model_rejected_input    422     ModelRejectedInputError: the model's own forward raised on
+                                    the request's inputs (mcdrop.model_errors.raised_by_model: a
+                                    token id past its vocabulary, a ValueError of its code);
+                                    the message names the exception and echoes its text; logged
+                                    with its traceback as a warning
     unauthorized            401     an API key is set and the request lacks it (service.auth)
     request_timeout         408     app.BodyLimit: the body did not arrive in time
     client_closed_request   499     ClientDisconnectedError: the client left (nobody reads it)
@@ -39,7 +44,9 @@ this table and the enum to each other, and every error response to the enum)::
     model_not_ready         503     ModelNotReadyError: the model is still loading, or failed to
     model_error             500     any other mcdrop.McDropError: the model cannot be sampled
     internal_error          500     anything unexpected (logged with its traceback; answered
-                                    inside logs.RequestIds, so it carries the request's ID)
+                                    inside logs.RequestIds, so it carries the request's ID): an
+                                    error of mcdrop's or the service's own code, or of the
+                                    machine (out of memory, a CUDA error), even inside the model
     http_error              4xx     another status raised by Starlette itself, or app.BodyLimit's
                                     400 for a Content-Length that is not a byte count, or
                                     protocol.TimedHttpProtocol's 431 for request headers above
@@ -77,6 +84,7 @@ from mcdrop.exceptions import (
     NonFiniteOutputError,
     SamplingStoppedError,
 )
+from mcdrop.model_errors import raised_by_model
 from service.logs import current_request_id
 from service.schemas import ErrorCode
 
@@ -94,6 +102,7 @@ __all__ = [
     "MalformedRequestError",
     "ModelNotFoundError",
     "ModelNotReadyError",
+    "ModelRejectedInputError",
     "OverloadedError",
     "ServiceError",
     "UnsupportedMediaTypeError",
@@ -104,6 +113,7 @@ __all__ = [
     "install",
     "is_v2",
     "jsonable",
+    "model_rejected",
     "public_message",
     "summary",
     "unexpected",
@@ -185,6 +195,13 @@ class DeadlineExceededError(ServiceError):
 class ClientDisconnectedError(ServiceError):
     status_code = 499  # nginx's "client closed request": logged, never read by anyone
     code = ErrorCode.CLIENT_CLOSED_REQUEST
+
+
+class ModelRejectedInputError(ServiceError):
+    """The model's own forward raised on a request's inputs (see :func:`model_rejected`)."""
+
+    status_code = 422
+    code = ErrorCode.MODEL_REJECTED_INPUT
 
 
 #: An absolute path of two or more components (``/srv/models/x/model.json``); group 1 is its
@@ -312,6 +329,43 @@ def summary(details: list[dict[str, Any]], total: int) -> str:
     ``total`` errors there are."""
     shown = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
     return shown if total <= 5 else f"{shown}; and {total - 5} more"
+
+
+#: What a client whose inputs the model's forward refused should check.
+_CHECK_VALUES = (
+    "check that the values are within what the model takes, e.g. token ids within its vocabulary"
+)
+
+
+def model_rejected(exc: BaseException, model: str) -> ModelRejectedInputError | None:
+    """:class:`ModelRejectedInputError` for ``exc``, an exception that running ``model`` on one
+    request raised, when it came from the model's own forward
+    (:func:`mcdrop.model_errors.raised_by_model`), logged with its traceback as a warning; None
+    for any other (mcdrop's errors, the machine's, a bug of mcdrop's or the service's code).
+
+    The service has checked the inputs' shape, dtype and finiteness, and the model has run on
+    rows of its own at load: what its forward refuses now is almost always a value outside what
+    it takes (a token id past its vocabulary). The message names the exception and echoes the
+    first line of its text (absolute paths cut to their last component, the whole cut to
+    :data:`MAX_ECHO_CHARS`), never its traceback."""
+    if not raised_by_model(exc):
+        return None
+    name = type(exc).__name__
+    log.warning(
+        "model %r raised %s on a request's inputs: answered model_rejected_input",
+        model,
+        name,
+        exc_info=exc,
+    )
+    try:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    except Exception:  # a __str__ that raises: the exception's name says enough
+        lines = []
+    said = ": " + _cut(_ABSOLUTE_PATH.sub(r"\1", lines[0])) if lines else ""
+    return ModelRejectedInputError(
+        f"the model raised {name} on this request's inputs{said} ({_CHECK_VALUES})",
+        [{"field": "inputs", "type": name}],
+    )
 
 
 #: Native status -> the Open Inference Protocol's, where they differ.

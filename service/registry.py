@@ -31,7 +31,13 @@ from mcdrop.predictor import Prediction, Predictor, Summary
 from service.arrivals import Arrivals
 from service.batching import Batcher, CostModel, Job, MCOptions
 from service.config import Settings
-from service.errors import ModelNotFoundError, ModelNotReadyError, echo, public_message
+from service.errors import (
+    ModelNotFoundError,
+    ModelNotReadyError,
+    echo,
+    model_rejected,
+    public_message,
+)
 from service.metrics import Metrics
 
 #: Completes when the client has gone away (see :func:`service.dataplane.disconnected`).
@@ -56,11 +62,23 @@ class ModelHandle:
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         return Job(x, options, seed, deadline=time.monotonic() + timeout)
 
+    async def _submit(self, job: Job, gone: Gone | None) -> Any:
+        """``job``'s result from the batcher; an exception the model's own forward raised on its
+        rows becomes a :class:`~service.errors.ModelRejectedInputError` (422, logged here,
+        within the request: its log line carries the request's ID)."""
+        try:
+            return await self.batcher.submit(job, gone=gone)
+        except Exception as exc:
+            rejected = model_rejected(exc, self.spec.name)
+            if rejected is None:
+                raise
+            raise rejected from exc
+
     async def predict(
         self, x: Tensor, *, gone: Gone | None = None, timeout_s: float | None = None
     ) -> Prediction:
         """Deterministic prediction of ``x (N, *input_shape)``, through the batcher."""
-        return await self.batcher.submit(self._job(x, None, 0, timeout_s), gone=gone)
+        return await self._submit(self._job(x, None, 0, timeout_s), gone)
 
     async def uncertainty(
         self,
@@ -72,7 +90,7 @@ class ModelHandle:
         timeout_s: float | None = None,
     ) -> tuple[Summary, Tensor | None]:
         """MC summary (and ``(S, N, K)`` samples if asked) of ``x``, through the batcher."""
-        return await self.batcher.submit(self._job(x, options, seed, timeout_s), gone=gone)
+        return await self._submit(self._job(x, options, seed, timeout_s), gone)
 
 
 log = logging.getLogger("mcdrop.service")

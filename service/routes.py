@@ -130,8 +130,10 @@ _STATUS_TEXT = {
     413: "request body too large",
     415: "the body is not application/json, or is compressed (Content-Encoding)",
     408: "the request body did not arrive in time",
-    422: "invalid inputs or options, a limit exceeded, or outputs that are not finite",
-    500: "the model failed while computing (see the server log)",
+    422: "invalid inputs or options, a limit exceeded, outputs that are not finite, or inputs "
+    "the model's own forward raised on (model_rejected_input: the message names the exception)",
+    500: "the model cannot be sampled (model_error), or the server failed: out of memory, or an "
+    "error of its own (internal_error; see the server log)",
     503: "the model is still loading or failed to load, its queue is full (see Retry-After), or "
     "the server is stopping",
     504: "the answer was not ready within the request deadline",

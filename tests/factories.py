@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from subprocess import run  # noqa: F401  (re-exported: an allowed module must not pass it on)
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import mcdrop
+from mcdrop import checkpoint
 from mcdrop.nets import MLP
 
 #: The gates :func:`gated_mlp` waits on, by name: a test holds a model in "loading" with one.
@@ -138,15 +143,27 @@ class Noisy(nn.Module):
 class Picky(nn.Module):
     """:func:`build`'s network that refuses rows its own code calls invalid (any value above
     ``bound``, as a token id past an embedding's vocabulary), raising ``ValueError``: a model
-    whose forward fails on some finite inputs of the right shape and not on others."""
+    whose forward fails on some finite inputs of the right shape and not on others. ``error``
+    says how it fails: ``"value"`` (that ValueError), ``"assert"`` (an ``assert``),
+    ``"memory"`` (an allocation far past any memory: torch's "can't allocate memory") or
+    ``"memory_error"`` (``MemoryError``)."""
 
-    def __init__(self, in_features: int = 3, width: int = 5, bound: float = 100.0) -> None:
+    def __init__(
+        self, in_features: int = 3, width: int = 5, bound: float = 100.0, error: str = "value"
+    ) -> None:
         super().__init__()
         self.net = build(in_features, width)
         self.bound = bound
+        self.error = error
 
     def forward(self, x: Tensor) -> Tensor:
         if bool((x > self.bound).any()):
+            if self.error == "assert":
+                assert False, f"an input above {self.bound}"  # noqa: B011, PT015
+            if self.error == "memory":
+                torch.empty(2**45)  # 128 TiB: refused at once, never touched
+            if self.error == "memory_error":
+                raise MemoryError
             raise ValueError(f"an input above {self.bound}: out of range")
         return self.net(x)
 
@@ -166,3 +183,52 @@ class Tokens(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.drop(self.embed(x.long() - self.first).mean(1)))
+
+
+class GatedTokens(nn.Module):
+    """``(N, L) -> (N, 2)``: token ids sent as numbers (the model takes ``x.long()``) into an
+    ``nn.Embedding`` of ``vocabulary`` entries, dropout, the mean over ``L``, linear: a model
+    whose forward raises ``IndexError: index out of range in self`` on an id past its vocabulary
+    or below zero. With ``asks`` its forward asks :func:`mcdrop.is_sampling` (its passes run
+    under mcdrop's torch-function mode: the general path). With ``hold``, a file's path, a pass
+    of :data:`HOLD_ROWS` rows or more first waits (at most 30 s) until that file exists: a
+    request that holds the model's worker for as long as a test, in this process or another,
+    needs."""
+
+    def __init__(
+        self, vocabulary: int = 10, width: int = 8, asks: bool = False, hold: str | None = None
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(width, 2)
+        self.asks = asks
+        self.hold = hold
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.asks:
+            mcdrop.is_sampling()
+        if self.hold is not None and x.shape[0] >= HOLD_ROWS:
+            deadline = time.monotonic() + 30
+            while not Path(self.hold).exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return self.head(self.drop(self.embed(x.long())).mean(1))
+
+
+#: The rows of a pass that :class:`GatedTokens` holds (more than a server's warm-up timings pass).
+HOLD_ROWS = 1000
+
+
+def save_gated_tokens(directory: Path, **params: Any) -> Path:
+    """``directory``: a :class:`GatedTokens` classifier (``params``) of 4 ids a row, labels ``a``,
+    ``b``. Written as it is (``mcdrop.checkpoint.save``), without example rows: its server warms
+    it up on a row of zeros, ids it takes."""
+    spec = checkpoint.ModelSpec(
+        name=directory.name,
+        task="classification",
+        input_shape=[4],
+        labels=["a", "b"],
+        architecture={"factory": "tests.factories:GatedTokens", "params": params},
+    )
+    torch.manual_seed(0)
+    return checkpoint.save(directory, spec, GatedTokens(**params))

@@ -37,11 +37,13 @@ EXTENSIONS = ["binary_tensor_data"]
 
 # The statuses each route can answer besides 200, and nothing else (the protocol has no 422).
 _STATUS_TEXT = {
-    400: "a malformed request or tensor, an unknown parameter or output, or a limit exceeded",
+    400: "a malformed request or tensor, an unknown parameter or output, a limit exceeded, or "
+    "inputs the model's own forward raised on (the message names the exception)",
     404: "unknown model or version",
     408: "the request body did not arrive in time",
     413: "request body too large",
-    500: "the model failed while computing (see the server log)",
+    500: "the model cannot be sampled, or the server failed: out of memory, or an error of its "
+    "own (see the server log)",
     503: "the model is still loading or failed to load, its queue is full (see Retry-After), or "
     "the server is stopping",
     504: "the answer was not ready within the request deadline",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
@@ -10,7 +11,12 @@ import pytest
 import torch
 
 from mcdrop import checkpoint
-from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, NonFiniteOutputError
+from mcdrop.exceptions import (
+    InvalidArgumentError,
+    InvalidInputError,
+    NonFiniteOutputError,
+    SamplingStoppedError,
+)
 from mcdrop.predictor import (
     ClassificationPrediction,
     Predictor,
@@ -176,3 +182,24 @@ def test_the_plan_is_made_once_and_kept(diabetes: Predictor) -> None:
     again, _ = Predictor(diabetes.model).uncertainty(x, 50, seed=3)
     assert torch.equal(again.mean, summary.mean)
     assert torch.equal(again.variance, summary.variance)
+
+
+def _fails() -> bool:
+    raise RuntimeError("the caller's stop failed")
+
+
+@pytest.mark.parametrize("stop", [lambda: True, _fails], ids=["stopped", "stop-raises"])
+@pytest.mark.parametrize("n_samples", [8, "auto"])
+def test_sampling_stopped_or_failed_leaves_no_context_behind(
+    diabetes: Predictor, stop: Callable[[], bool], n_samples: int | str
+) -> None:
+    # While its exception is still held (a server hands it to another thread), the thread that
+    # sampled is back in its own modes, and so is the model.
+    x = torch.zeros(2, 10)
+    modes = [m.training for m in diabetes.model.module.modules()]
+    with pytest.raises((SamplingStoppedError, RuntimeError)) as raised:
+        diabetes.uncertainty(x, n_samples, seed=0, stop=stop)  # type: ignore[arg-type]
+    assert raised.value is not None
+    assert torch.is_grad_enabled()
+    assert not torch.is_inference_mode_enabled()
+    assert [m.training for m in diabetes.model.module.modules()] == modes

@@ -10,19 +10,25 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+import mcdrop
 from service import errors
 from service.app import create_app
 from service.config import Settings
 from service.errors import ServiceError, error_response, jsonable, public_message
 from service.schemas import ErrorCode
+from tests import factories
 from tests.conftest import MODELS, ROOT
+from tests.service.conftest import check_error_body, wait_ready
 
 ROW = ",".join(["0"] * 10)
 
@@ -465,3 +471,221 @@ def test_an_unknown_model_name_is_quoted_cut(http: TestClient, path: str) -> Non
     assert response.status_code == 404, response.text[:300]
     assert "(5000 characters)" in response.text
     assert len(response.content) < 1000
+
+
+# -- what the model's own forward raises ---------------------------------------------------------
+
+#: A row of token ids within the :class:`factories.GatedTokens` vocabulary (10), and rows the
+#: model's forward raises IndexError on: an id past the vocabulary, an id below zero.
+GOOD_IDS = [1, 2, 3, 4]
+BAD_IDS = {"past the vocabulary": [1, 2, 300, 4], "negative": [1, -2, 3, 4]}
+
+#: Each native inference body (the ``inputs`` added), and its route.
+NATIVE_CALLS = {
+    "predict": ("predict", {}),
+    "uncertainty": ("uncertainty", {"n_samples": 8, "seed": 1}),
+    "auto": ("uncertainty", {"n_samples": "auto", "max_n_samples": 64, "seed": 1}),
+}
+
+
+@pytest.fixture(scope="module")
+def token_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tokens`` (:class:`factories.GatedTokens`), ``tokens_mode`` (the same asking
+    ``mcdrop.is_sampling()``: its passes run under mcdrop's torch-function mode) and ``hungry``
+    (:class:`factories.Picky` running out of memory on a value above 100)."""
+    folder = tmp_path_factory.mktemp("token_models")
+    factories.save_gated_tokens(folder / "tokens")
+    factories.save_gated_tokens(folder / "tokens_mode", asks=True)
+    torch.manual_seed(0)
+    mcdrop.save(
+        factories.Picky(error="memory"), folder / "hungry", task="regression", input_shape=[3],
+        labels=["y"], factory="tests.factories:Picky", params={"error": "memory"}, tau=1.0,
+    )  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["batching", "unbatched"])
+def tokens_http(request: pytest.FixtureRequest, token_models: Path) -> Iterator[TestClient]:
+    settings = Settings(
+        model_dir=token_models, allowed_factories=("tests.factories",), batching=request.param
+    )
+    with TestClient(create_app(settings)) as client:
+        client.event_hooks["response"].append(check_error_body)
+        wait_ready(client)
+        yield client
+
+
+def _rejected(response: Any, name: str = "IndexError") -> str:
+    """The message of a ``model_rejected_input`` answer naming exception ``name``."""
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "model_rejected_input"
+    assert error["details"] == [{"field": "inputs", "type": name}]
+    assert error["request_id"] == response.headers["x-request-id"]
+    message: str = error["message"]
+    assert message.startswith(f"the model raised {name} on this request's inputs: ")
+    assert message.endswith("e.g. token ids within its vocabulary)")
+    return message
+
+
+@pytest.mark.parametrize("model", ["tokens", "tokens_mode"])
+@pytest.mark.parametrize("call", sorted(NATIVE_CALLS))
+@pytest.mark.parametrize("ids", sorted(BAD_IDS))
+def test_ids_the_model_refuses_are_a_422_naming_its_error(
+    tokens_http: TestClient, caplog: pytest.LogCaptureFixture, model: str, call: str, ids: str
+) -> None:
+    route, options = NATIVE_CALLS[call]
+    path = f"/models/{model}/{route}"
+    with caplog.at_level(logging.WARNING, logger="mcdrop.service"):
+        response = tokens_http.post(path, json={"inputs": [GOOD_IDS, BAD_IDS[ids]], **options})
+    message = _rejected(response)
+    assert "index out of range in self" in message
+    assert "Traceback" not in message
+    assert ".py" not in message
+    # Logged as a warning, with its traceback.
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is not None
+    assert record.exc_info[0] is IndexError
+    # The model still serves good ids.
+    assert tokens_http.post(path, json={"inputs": [GOOD_IDS], **options}).status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["predict", "uncertainty"])
+def test_v2_ids_the_model_refuses_are_a_400_naming_its_error(
+    tokens_http: TestClient, mode: str
+) -> None:
+    tensor = {"name": "inputs", "shape": [1, 4], "datatype": "FP32", "data": BAD_IDS["negative"]}
+    body = {"inputs": [tensor], "parameters": {"mode": mode}}
+    response = tokens_http.post("/v2/models/tokens/infer", json=body)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]
+    assert message.startswith("the model raised IndexError on this request's inputs: index out")
+    tensor["data"] = GOOD_IDS
+    assert tokens_http.post("/v2/models/tokens/infer", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/models/hungry/predict", "/v2/models/hungry/infer"])
+def test_running_out_of_memory_in_the_forward_stays_a_500(
+    tokens_http: TestClient, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    row = [1e3, 0.0, 0.0]
+    body = (
+        {"inputs": [{"name": "inputs", "shape": [1, 3], "datatype": "FP32", "data": row}]}
+        if path.startswith("/v2")
+        else {"inputs": [row]}
+    )
+    with caplog.at_level(logging.ERROR, logger="mcdrop.service"):
+        response = tokens_http.post(path, json=body)
+    assert response.status_code == 500, response.text
+    assert "internal server error; see the server log" in response.text
+    assert "allocate" not in response.text
+    assert [r.levelno for r in caplog.records if r.exc_info] == [logging.ERROR]
+
+
+def test_only_the_request_whose_ids_the_model_refuses_fails(tmp_path: Path) -> None:
+    # One worker, held by a large request (factories.GatedTokens' hold) while the others queue: once
+    # it is released they all run as one merged batch, the bad request among the good ones;
+    # that batch fails, and each request runs again alone.
+    gate = tmp_path / "released"
+    factories.save_gated_tokens(tmp_path / "models" / "tokens", hold=str(gate))
+    settings = Settings(
+        model_dir=tmp_path / "models",
+        allowed_factories=("tests.factories",),
+        inline_max_ms=0.0,
+        max_concurrency=1,
+        short_work_ms=0.0,
+    )
+    path = "/models/tokens/uncertainty"
+    requests = [[[i % 10, 1, 2, 3]] for i in range(6)]
+    requests.insert(3, [BAD_IDS["past the vocabulary"]])
+    responses: list[Any] = [None] * len(requests)
+    try:
+        with TestClient(create_app(settings)) as http:
+            wait_ready(http)
+            alone = [
+                http.post(path, json={"inputs": rows, "n_samples": 20, "seed": 5})
+                for rows in requests
+            ]
+            batcher = http.app.state.registry.get("tokens").batcher
+
+            def hold() -> None:
+                rows = [GOOD_IDS] * factories.HOLD_ROWS
+                assert http.post("/models/tokens/predict", json={"inputs": rows}).status_code == 200
+
+            def call(i: int) -> None:
+                body = {"inputs": requests[i], "n_samples": 20, "seed": 5}
+                responses[i] = http.post(path, json=body)
+
+            holder = threading.Thread(target=hold)
+            before = batcher.batches + 1  # the holder's
+            holder.start()
+            _wait_for(lambda: batcher.batches == before and batcher.long.running == 1)
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+            for t in threads:
+                t.start()
+            _wait_for(lambda: len(batcher.pending) == len(requests))
+            assert holder.is_alive()  # (held: the queued requests wait for it)
+            gate.touch()
+            for t in [holder, *threads]:
+                t.join()
+            assert batcher.batches - before == 1  # the requests ran as one merged batch
+            assert http.get("/health").status_code == 200
+    finally:
+        gate.touch()
+    for i, (got, want) in enumerate(zip(responses, alone, strict=True)):
+        if i == 3:
+            _rejected(got)
+            _rejected(want)
+        else:
+            assert got.status_code == 200, got.text
+            assert got.json() == want.json()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+class _Says(torch.nn.Module):
+    """A forward that raises ValueError with ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(self.text)
+
+
+def _from_the_forward(text: str) -> BaseException:
+    try:
+        mcdrop.predict(_Says(text), torch.ones(1, 3))
+    except ValueError as exc:
+        return exc
+    raise AssertionError("the forward raised nothing")
+
+
+def test_the_models_words_are_echoed_cut_first_line_only() -> None:
+    text = "a value the model does not take: " + "x" * 500 + "\n  File /srv/app/net.py, line 3"
+    rejected = errors.model_rejected(_from_the_forward(text), "m")
+    assert rejected is not None
+    assert rejected.status_code == 422
+    assert "x" * errors.MAX_ECHO_CHARS not in rejected.message
+    assert f"... ({len(text.splitlines()[0])} characters)" in rejected.message
+    assert "net.py" not in rejected.message
+    short = errors.model_rejected(_from_the_forward("see /srv/app/vocab/tokens.txt"), "m")
+    assert short is not None
+    assert "see tokens.txt (check" in short.message
+    empty = errors.model_rejected(_from_the_forward(""), "m")
+    assert empty is not None
+    assert empty.message.startswith("the model raised ValueError on this request's inputs (check")
+
+
+def test_an_error_of_the_services_own_code_is_not_the_models() -> None:
+    # (no model on its traceback: raised by code of the service's own)
+    with pytest.raises(KeyError) as raised:
+        {}["a key"]
+    assert errors.model_rejected(raised.value, "m") is None

@@ -150,6 +150,7 @@ class ErrorCode(StrEnum):
     MODEL_ERROR = "model_error"
     MODEL_NOT_FOUND = "model_not_found"
     MODEL_NOT_READY = "model_not_ready"
+    MODEL_REJECTED_INPUT = "model_rejected_input"
     NON_FINITE_OUTPUT = "non_finite_output"
     NOT_FOUND = "not_found"
     OVERLOADED = "overloaded"
