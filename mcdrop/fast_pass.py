@@ -186,7 +186,7 @@ class FastPass:
         ):
             return None
         # the bytes masks.row_keys hashes: -0.0 written as 0.0
-        data = values.tobytes() if finite == 1 else (values + 0.0).tobytes()
+        data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
         keys = masks.keys_of_bytes(data, self.n_rows, seed)
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:

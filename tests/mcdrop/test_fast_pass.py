@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.functional import dropout as imported_dropout
 from torch.nn.utils import parametrize
 
-from mcdrop import fast_pass, plan, sample, sample_chunks
+from mcdrop import fast_pass, masks, plan, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, UnsupportedModelError
 from mcdrop.nets import CNN, MLP, Standardized
 from mcdrop.planning import SamplingPlan
@@ -504,6 +504,31 @@ def test_rows_keyed_as_the_general_path_keys_them(case: str) -> None:
     (general,) = sample_chunks(model, x, 3, seed=5)
     assert torch.equal(_fast(model, x, 3, kept, seed=5), general.values)
     assert torch.equal(_fast(model, x + 0.0, 3, kept, seed=5), general.values)
+
+
+@pytest.mark.parametrize("case", ["a -0.0", "its bytes across two"])
+def test_rows_keyed_as_the_general_path_keys_them_with_denormals_flushed(case: str) -> None:
+    """torch.set_flush_denormal(True) (a caller's choice for speed) makes ``values + 0.0``
+    flush a denormal: a -0.0 written as 0.0 by its bits, on both paths, keeps the denormal's."""
+    model, shape = _model("sequential")
+    x = _rows(1, shape)
+    x[0, 3] = -1e-40  # a negative denormal
+    if case == "a -0.0":
+        x[0, 1] = -0.0
+    else:  # a denormal's bytes 00 40 00 00, then 1.0039's 00 80 80 3F (little-endian)
+        x.view(torch.int32)[0, :2] = torch.tensor([0x0000_4000, 0x3F80_8000], dtype=torch.int32)
+    kept = plan(model, x)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU does not flush denormals")
+    try:
+        fast = _fast(model, x, 3, kept, seed=5)
+        # (a per-row seed: the general path, which keys the row under it as under an int)
+        general = sample(model, x, 3, seed=torch.tensor([5]), plan=kept)
+        flushed_keys = masks.row_keys(x, 5)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(flushed_keys, masks.row_keys(x, 5))
+    assert torch.equal(fast, general)
 
 
 BAD_CALLS: dict[str, tuple[dict[str, object], type[Exception], str]] = {
