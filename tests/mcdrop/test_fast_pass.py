@@ -280,6 +280,21 @@ def test_a_chunk_loop_runs_in_inference_mode_on_both_paths() -> None:
     assert not torch.is_inference_mode_enabled()
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_samples_are_inference_tensors_as_the_general_paths(name: str) -> None:
+    """Both paths return inference tensors (the general path makes its samples in inference
+    mode); a chain whose last step is a dropout returned its multipliers' buffer, made outside
+    it, until they were made as inference tensors too."""
+    model, shape = _model(name)
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    fast = _fast(model, x, 3, kept)
+    general = sample(model, x, 3, seed=torch.tensor([3, 3]), plan=kept)  # a per-row seed
+    assert torch.equal(fast, general)
+    assert fast.is_inference()
+    assert general.is_inference()
+
+
 def _doubled(calls: list[int]) -> Callable[..., Tensor | None]:
     """A forward hook that counts its calls and doubles a linear layer's output."""
 
