@@ -54,6 +54,9 @@ EXAMPLES = "examples.safetensors"
 MAX_EXAMPLE_ROWS = 64
 #: The most bytes those rows take (64 rows of a [3, 224, 224] image take 37 MiB).
 MAX_EXAMPLE_BYTES = 64 * 2**20
+#: os.open's flag that opens a FIFO without waiting for a writer (POSIX; Windows has no FIFOs
+#: to open).
+_NO_WAIT = getattr(os, "O_NONBLOCK", 0)
 #: The one tensor of ``examples.safetensors``.
 _EXAMPLES_KEY = "inputs"
 #: Bytes of a safetensors file beyond its tensor's data: the header's length and its JSON
@@ -286,7 +289,7 @@ def read_examples(directory: str | Path, spec: ModelSpec) -> Tensor | None:
     # check (a FIFO, whose open would wait for a writer; a gigabyte) is refused, not read: opened
     # without waiting, checked to be a regular file of at most ``most`` bytes, read up to that.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | _NO_WAIT)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the example inputs: {exc}") from exc
     with os.fdopen(fd, "rb") as file:
