@@ -16,7 +16,9 @@ held at most that much of it (and one read of the socket, 256 KiB, past it). Nor
 bound how long a response may wait for a client that reads none of it (each such connection held
 its response, 7.4 MB, indefinitely): a connection whose unsent response has not shrunk for
 ``send_timeout_s`` is dropped. Bytes that are not HTTP/1.1 get a JSON 400 (uvicorn's is plain
-text), as every other error.
+text), as every other error. A 400 or 431 comes after the responses to the requests pipelined
+before it on the connection (uvicorn wrote its 400 at once and closed the connection under
+them).
 
 This module imports neither torch nor the app: a worker process of ``mcdrop serve --workers N``
 unpickles its uvicorn configuration, this protocol with it, before it starts the thread that
