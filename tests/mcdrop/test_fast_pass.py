@@ -399,6 +399,26 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("n_samples", [1, 3])
+@pytest.mark.parametrize("seed", [1, "per row"])
+def test_a_layer_of_another_width_since_the_plan_is_the_plans_error(
+    n_samples: int, seed: object
+) -> None:
+    """A linear layer's weight swapped for one of another width: the chain's dropout gets
+    other inputs than its multipliers were made for; the kept plan's passes (fast and
+    general) say so, as the sampling context would, not torch's view error."""
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    model[0].weight = nn.Parameter(torch.randn(24, 6))
+    model[0].bias = nn.Parameter(torch.randn(24))
+    model[3].weight = nn.Parameter(torch.randn(16, 24))
+    rows_seed = torch.tensor([1, 1]) if seed == "per row" else seed
+    with pytest.raises(UnsupportedModelError, match=r"dropout call 1 received shape \(\d+, 24\)"):
+        sample(model, x, n_samples, seed=rows_seed, plan=kept)  # type: ignore[arg-type]
+    assert sample(model, x, n_samples, seed=1).shape == (n_samples, 2, 3)  # a new plan
+
+
 @pytest.mark.parametrize("method", ["standardize", "destandardize"])
 def test_a_standardized_models_method_set_on_the_instance_is_called(method: str) -> None:
     """Standardized.forward looks its two methods up on every call: one set on the instance
