@@ -3,12 +3,15 @@ general path wherever anything it depends on changed since the plan."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.functional import dropout as imported_dropout
 from torch.nn.utils import parametrize
@@ -212,6 +215,72 @@ def test_the_same_samples_as_the_general_path(
     assert fast.is_contiguous()
     assert again.is_contiguous()  # as sample returns a single pass's
     assert fast.shape[:2] == (n_samples, n)
+
+
+_DROPOUTS: dict[str, tuple[type[nn.Module], Callable[..., Tensor], tuple[int, ...]]] = {
+    # (module, function, the dimensions a row may have: torch's ranks but the batch's)
+    "element-wise": (nn.Dropout, F.dropout, (1, 2, 3, 4)),
+    "1d": (nn.Dropout1d, F.dropout1d, (1, 2)),  # (N, L): unbatched, each row a channel
+    "2d": (nn.Dropout2d, F.dropout2d, (1, 2, 3)),
+    "3d": (nn.Dropout3d, F.dropout3d, (3, 4)),  # (N, C, D, H): unbatched
+}
+
+
+class _Shaped(nn.Module):
+    """A linear layer viewed as rows of ``shape``, a dropout module or function of ``kind`` on
+    them, then element-wise dropout and a head: routed, each call's multipliers made in its
+    activation's shape (channels: ``(B, C, 1, ...)``)."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], p: float, function: bool) -> None:
+        super().__init__()
+        size = math.prod(shape)
+        self.shape, self.p, self.function = shape, p, function
+        module, self.func, _ = _DROPOUTS[kind]
+        self.fc, self.head = nn.Linear(size, size), nn.Linear(size, 2)
+        self.drop = nn.Identity() if function else module(p)  # (a module that never runs warns)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x).view(x.shape[0], *self.shape)
+        h = self.func(h, self.p, self.training) if self.function else self.drop(h)
+        return self.head(F.dropout(h.flatten(1), 0.2, self.training))
+
+
+# torch's deprecation of the ranks it will refuse (dropout2d of a 2-D or 3-D input)
+@pytest.mark.filterwarnings("ignore:dropout[123]d. Received a:UserWarning")
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(list(_DROPOUTS)),
+    dims=st.lists(st.sampled_from([1, 1, 2, 3]), min_size=1, max_size=4),
+    p=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    function=st.booleans(),
+    n=st.integers(1, 3),
+    n_samples=st.integers(1, 4),
+    first_sample=st.sampled_from([0, 5]),
+    prefix=st.sampled_from(["auto", "off"]),
+)
+def test_channel_and_element_dropout_of_any_shape_give_the_general_paths_samples(
+    kind: str,
+    dims: list[int],
+    p: float,
+    function: bool,
+    n: int,
+    n_samples: int,
+    first_sample: int,
+    prefix: str,
+) -> None:
+    """Shapes where a channel's multipliers and an element's coincide ((N, C), (N, C, 1, 1)),
+    the unbatched ranks of dropout1d and dropout3d (whose rows are channels), rates 0 and 1."""
+    assume(len(dims) in _DROPOUTS[kind][2])
+    torch.manual_seed(0)
+    model = _Shaped(kind, tuple(dims), p, function).eval()
+    x = _rows(n, (math.prod(dims),))
+    kept = plan(model, x)
+    fast = _fast(model, x, n_samples, kept, prefix=prefix, first_sample=first_sample)
+    (general,) = sample_chunks(
+        model, x, n_samples, seed=torch.full((n,), 3), plan=kept, prefix=prefix,  # type: ignore[arg-type]
+        first_sample=first_sample,
+    )  # fmt: skip
+    assert torch.equal(fast, general.values)
 
 
 _PASS_KINDS = {
