@@ -610,13 +610,14 @@ def test_rows_keyed_as_the_general_path_keys_them(case: str) -> None:
     assert torch.equal(_fast(model, x + 0.0, 3, kept, seed=5), general.values)
 
 
+@pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("case", ["a -0.0", "its bytes across two"])
-def test_rows_keyed_as_the_general_path_keys_them_with_denormals_flushed(case: str) -> None:
+def test_rows_keyed_as_the_general_path_keys_them_with_denormals_flushed(case: str, n: int) -> None:
     """torch.set_flush_denormal(True) (a caller's choice for speed) makes ``values + 0.0``
     flush a denormal: a -0.0 written as 0.0 by its bits, on both paths, keeps the denormal's."""
     model, shape = _model("sequential")
-    x = _rows(1, shape)
-    x[0, 3] = -1e-40  # a negative denormal
+    x = _rows(n, shape)
+    x[:, 3] = -1e-40  # a negative denormal
     if case == "a -0.0":
         x[0, 1] = -0.0
     else:  # a denormal's bytes 00 40 00 00, then 1.0039's 00 80 80 3F (little-endian)
@@ -627,7 +628,7 @@ def test_rows_keyed_as_the_general_path_keys_them_with_denormals_flushed(case: s
     try:
         fast = _fast(model, x, 3, kept, seed=5)
         # (a per-row seed: the general path, which keys the row under it as under an int)
-        general = sample(model, x, 3, seed=torch.tensor([5]), plan=kept)
+        general = sample(model, x, 3, seed=torch.full((n,), 5), plan=kept)
         flushed_keys = masks.row_keys(x, 5)
     finally:
         torch.set_flush_denormal(False)
