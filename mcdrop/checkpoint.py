@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Real
@@ -36,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -52,6 +54,9 @@ EXAMPLES = "examples.safetensors"
 MAX_EXAMPLE_ROWS = 64
 #: The most bytes those rows take (64 rows of a [3, 224, 224] image take 37 MiB).
 MAX_EXAMPLE_BYTES = 64 * 2**20
+#: os.open's flag that opens a FIFO without waiting for a writer (POSIX; Windows has no FIFOs
+#: to open).
+_NO_WAIT = getattr(os, "O_NONBLOCK", 0)
 #: The one tensor of ``examples.safetensors``.
 _EXAMPLES_KEY = "inputs"
 #: Bytes of a safetensors file beyond its tensor's data: the header's length and its JSON
@@ -273,31 +278,47 @@ def examples_problem(x: Tensor, input_shape: Sequence[int]) -> str | None:
 def read_examples(directory: str | Path, spec: ModelSpec) -> Tensor | None:
     """``directory/examples.safetensors``: the model's example rows ``(M, *input_shape)``
     float32, checked (:func:`examples_problem`), or None when the directory has none. A file
-    larger than the most rows ``input_shape`` allows is refused before it is read."""
+    larger than the most rows ``input_shape`` allows is refused before it is read, and no more
+    than that is ever read (the file may change meanwhile)."""
     path = Path(directory) / EXAMPLES
     if not _files.is_present(path, "example inputs"):
         return None
     row_bytes = 4 * math.prod(spec.input_shape)
     most = min(MAX_EXAMPLE_ROWS * row_bytes, MAX_EXAMPLE_BYTES) + _HEADER_SLACK
+    # One descriptor for the checks and the read, so that a file swapped in since is_present's
+    # check (a FIFO, whose open would wait for a writer; a gigabyte) is refused, not read: opened
+    # without waiting, checked to be a regular file of at most ``most`` bytes, read up to that.
     try:
-        size = os.stat(path).st_size
+        fd = os.open(path, os.O_RDONLY | _NO_WAIT)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the example inputs: {exc}") from exc
-    if size > most:
+    with os.fdopen(fd, "rb") as file:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise CheckpointError(
+                f"{path}: the example inputs is not a regular file (a directory, device or pipe, "
+                "perhaps behind a symlink); put the file itself there"
+            )
+        if found.st_size > most:
+            raise CheckpointError(
+                f"{path}: {found.st_size:_} bytes, more than {MAX_EXAMPLE_ROWS} example rows of "
+                f"input_shape {spec.input_shape} take ({most:_} bytes at most)"
+            )
+        data = file.read(most + 1)
+    if len(data) > most:  # grown since
         raise CheckpointError(
-            f"{path}: {size:_} bytes, more than {MAX_EXAMPLE_ROWS} example rows of input_shape "
-            f"{spec.input_shape} take ({most:_} bytes at most)"
+            f"{path}: more than {most:_} bytes, more than {MAX_EXAMPLE_ROWS} example rows of "
+            f"input_shape {spec.input_shape} take"
         )
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            if keys != [_EXAMPLES_KEY]:
-                raise CheckpointError(
-                    f"{path}: must hold one tensor named {_EXAMPLES_KEY!r}, holds {keys}"
-                )
-            x = f.get_tensor(_EXAMPLES_KEY)
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+    if list(tensors) != [_EXAMPLES_KEY]:
+        raise CheckpointError(
+            f"{path}: must hold one tensor named {_EXAMPLES_KEY!r}, holds {list(tensors)}"
+        )
+    x = tensors[_EXAMPLES_KEY]
     if problem := examples_problem(x, spec.input_shape):
         raise CheckpointError(f"{path}: {problem}")
     return x

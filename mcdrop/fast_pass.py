@@ -193,14 +193,19 @@ class FastPass:
             return None
         if not self.short:
             # the bytes masks.row_keys hashes: -0.0 written as 0.0
-            data = values.tobytes() if finite == 1 else (values + 0.0).tobytes()
+            data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
             keys = masks.keys_of_bytes(data, self.n_rows, seed)
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
         # contiguous, as sample returns a single pass's (channels-last weights make a
-        # convolution's output another layout)
-        return y.reshape(self.n_samples, self.n_rows, *y.shape[1:]).contiguous()
+        # convolution's output another layout); the copy in inference mode, where the general
+        # path makes its samples: an inference tensor as theirs
+        y = y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
+        if y.is_contiguous():
+            return y
+        with _inference_mode(True):
+            return y.contiguous()
 
     def _on_the_cpu(self) -> bool:
         if self.device is None:  # no parameter or buffer at all

@@ -942,6 +942,7 @@ class LayerChain:
         that they are still torch's own, with no ``forward`` of their own; a linear layer whose
         weight or bias is no parameter runs its ``forward``, which finds them."""
         made_in_order = iter(made)
+        call = 0
         for what, layer, extra in self.made_steps:
             if what == _LINEAR:
                 try:
@@ -958,7 +959,21 @@ class LayerChain:
                 x = layer(x)
             else:  # (extra: the options' inplace)
                 inplace = replicas == 1 and extra and layer.inplace
-                x = apply_multipliers(x, next(made_in_order), replicas, inplace)
+                scale = next(made_in_order)
+                call += 1
+                try:
+                    x = apply_multipliers(x, scale, replicas, inplace)
+                except RuntimeError:
+                    if x.numel() * replicas == scale.numel():
+                        raise
+                    # (no check on the way: a layer changed since the plan, rarely, costs only
+                    # this)
+                    raise UnsupportedModelError(
+                        f"dropout call {call} received shape {tuple(x.shape)}, but the model's "
+                        f"sampling plan made {scale.numel() // replicas} multipliers for it: a "
+                        "layer before it changed its output's shape since the plan; make a new "
+                        "plan (mcdrop.plan)"
+                    ) from None
                 replicas = 1
         return x
 

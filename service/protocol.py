@@ -16,7 +16,9 @@ held at most that much of it (and one read of the socket, 256 KiB, past it). Nor
 bound how long a response may wait for a client that reads none of it (each such connection held
 its response, 7.4 MB, indefinitely): a connection whose unsent response has not shrunk for
 ``send_timeout_s`` is dropped. Bytes that are not HTTP/1.1 get a JSON 400 (uvicorn's is plain
-text), as every other error.
+text), as every other error. A 400 or 431 comes after the responses to the requests pipelined
+before it on the connection (uvicorn wrote its 400 at once and closed the connection under
+them).
 
 This module imports neither torch nor the app: a worker process of ``mcdrop serve --workers N``
 unpickles its uvicorn configuration, this protocol with it, before it starts the thread that
@@ -57,7 +59,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
         #: next request's first byte.
         self.header_bytes: int | None = 0
         self.heads = 0  # requests whose headers are complete, on this connection
-        self.refused = False  # a 431 is sent: what the client still sends is read and dropped
+        # a 400 or 431 is sent (or waits to be): what the client still sends is read and dropped
+        self.refused = False
+        #: A refusal waiting for the responses of the requests pipelined before it.
+        self.last_answer: tuple[bytes, bool] | None = None
         self.send_timeout_s = send_timeout_s
         self.send_timer: asyncio.TimerHandle | None = None
 
@@ -131,12 +136,29 @@ class TimedHttpProtocol(HttpToolsProtocol):
         )
         head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
         head += [b"%s: %s\r\n" % (k, v) for k, v in response.raw_headers]
-        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", response.body]))
-        # Close once the client has had time to read the answer: closing while its headers
+        # Closed once the client has had time to read the answer: closing while its headers
         # still arrive would reset the connection, and the answer with it.
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.loop.call_later(_LINGER_S, self.transport.close)
+        self._answer_last(
+            b"".join([*head, b"connection: close\r\n\r\n", response.body]), linger=True
+        )
+
+    def _answer_last(self, answer: bytes, linger: bool) -> None:
+        """Write ``answer``, the connection's last response, and close it (``linger``: after
+        :data:`_LINGER_S`, the write side ended now); but after the responses to the requests
+        before it on the connection where any is still being answered (pipelined: HTTP/1.1
+        answers in order, RFC 9112 section 9.3.2, and uvicorn would close under them)."""
+        self.refused = True  # what the client sends after it is read and dropped
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            self.last_answer = (answer, linger)  # on_response_complete writes it
+            return
+        self.transport.write(answer)
+        if linger:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(_LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP/1.1 (httptools could not parse them: a
@@ -157,8 +179,10 @@ class TimedHttpProtocol(HttpToolsProtocol):
         )
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
         head += [b"%s: %s\r\n" % (k, v) for k, v in response.raw_headers]
-        self.transport.write(b"".join([*head, b"connection: close\r\n\r\n", response.body]))
-        self.transport.close()
+        # (a bad chunk of the body of the request being answered: this 400 is its answer, now)
+        self._answer_last(
+            b"".join([*head, b"connection: close\r\n\r\n", response.body]), linger=False
+        )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -204,6 +228,15 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.last_answer is not None:  # a refusal that waited for the responses before it
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # (a pipelined request before it runs now)
+            answer, linger = self.last_answer
+            self.last_answer = None
+            self._answer_last(answer, linger)
+            return
         self._disarm()
         self._wake()
         self.header_bytes = None  # counted again from the next request's first byte

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -353,6 +354,45 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
         assert error["code"] == "http_error"
     with httpx2.Client(base_url=server.url, timeout=10) as http:
         assert http.get("/health").status_code == 200
+
+
+def _responses(received: bytes) -> list[tuple[bytes, bytes]]:
+    """Each response's status line and body in ``received``, in order (each body framed by its
+    Content-Length)."""
+    found = []
+    while received:
+        head, ended, rest = received.partition(b"\r\n\r\n")
+        assert ended, received[:200]
+        length = int(dict(_fields(head))[b"content-length"])
+        found.append((head.split(b"\r\n", 1)[0], rest[:length]))
+        received = rest[length:]
+    return found
+
+
+@pytest.mark.parametrize("refused", ["400", "431"])
+def test_a_refused_request_pipelined_after_good_ones_is_answered_after_them(
+    server: Server, refused: str
+) -> None:
+    """HTTP/1.1 answers pipelined requests in order (RFC 9112 section 9.3.2): the refusal of a
+    malformed or oversized request comes after the answers of those before it, which arrive
+    whole (it was written at once, before them, and the connection closed under them)."""
+    body = json.dumps({"inputs": [[0.0] * 10], "n_samples": 3000, "seed": 1}).encode()
+    slow = (
+        b"POST /models/diabetes/uncertainty HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    bad = MALFORMED["a header without a colon"] if refused == "400" else _head(1_000_000)
+    with _connect(server) as sock:
+        # (the 431: the connection may be reset while the rest of its headers are sent)
+        with contextlib.suppress(OSError):
+            sock.sendall(slow + health + bad)
+        closed, received = _closed_within(sock, 10)
+    assert closed
+    answers = _responses(received)
+    assert [line.split(b" ")[1] for line, _ in answers] == [b"200", b"200", refused.encode()]
+    assert json.loads(answers[0][1])["n_samples"] == 3000
+    assert json.loads(answers[1][1])["status"] == "ok"
 
 
 def test_endless_headers_are_cut_off_soon(server: Server) -> None:

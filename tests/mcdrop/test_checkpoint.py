@@ -6,7 +6,9 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -505,6 +507,57 @@ def test_bad_example_inputs_are_a_load_error_naming_the_file(
         checkpoint.load(target)
     assert str(info.value).startswith(f"{target / checkpoint.EXAMPLES}: ")
     assert message in str(info.value)
+
+
+#: Reads a model directory's example rows 3000 times; prints what each read gave.
+_READ_EXAMPLES = """
+import json, sys, torch
+from mcdrop import checkpoint
+from mcdrop.exceptions import CheckpointError
+spec = checkpoint.read_spec(sys.argv[1])
+rows = torch.tensor(json.loads(sys.argv[2]))
+seen = set()
+for _ in range(3000):
+    try:
+        x = checkpoint.read_examples(sys.argv[1], spec)
+        seen.add("read" if x is not None and torch.equal(x, rows) else "wrong")
+    except CheckpointError:
+        seen.add("refused")
+print(json.dumps(sorted(seen)))
+"""
+
+
+def test_example_inputs_swapped_while_read_are_refused_not_waited_on(tmp_path: Path) -> None:
+    """A file swapped between the check that it is a regular file of its size and the read (a
+    FIFO, whose open blocks the process until a writer comes; a gigabyte) is refused: it is
+    checked and read through one descriptor, opened without waiting, at most the bytes
+    allowed. (The reads in a process of their own: a read that waits blocks the interpreter.)"""
+    target = tmp_path / "m"
+    checkpoint.save(target, _spec(), MLP(3, [8], 1), example_inputs=ROWS)
+    good = tmp_path / "good.safetensors"
+    shutil.copy(target / checkpoint.EXAMPLES, good)
+    fifo, huge, staged = tmp_path / "fifo", tmp_path / "huge", tmp_path / "next"
+    os.mkfifo(fifo)
+    with huge.open("wb") as f:
+        f.truncate(2**30)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", _READ_EXAMPLES, str(target), json.dumps(ROWS.tolist())],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30  # the reads take ~2 s
+    # the good file, then a FIFO, the good file, a gigabyte: each put in place at once
+    while reader.poll() is None and time.monotonic() < deadline:
+        for swapped in (good, fifo, good, huge):
+            os.link(swapped, staged)
+            os.replace(staged, target / checkpoint.EXAMPLES)
+    if reader.poll() is None:
+        reader.kill()
+        reader.wait()
+        pytest.fail("read_examples waited on a FIFO swapped in (or took 30 s)")
+    out, _ = reader.communicate()
+    assert reader.returncode == 0
+    assert set(json.loads(out)) <= {"read", "refused"}
 
 
 def test_checkpoint_save_refuses_bad_example_inputs(tmp_path: Path) -> None:

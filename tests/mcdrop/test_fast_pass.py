@@ -3,17 +3,20 @@ general path wherever anything it depends on changed since the plan."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.functional import dropout as imported_dropout
 from torch.nn.utils import parametrize
 
-from mcdrop import fast_pass, plan, sample, sample_chunks
+from mcdrop import fast_pass, masks, plan, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError, UnsupportedModelError
 from mcdrop.nets import CNN, MLP, Standardized
 from mcdrop.planning import SamplingPlan
@@ -214,6 +217,72 @@ def test_the_same_samples_as_the_general_path(
     assert fast.shape[:2] == (n_samples, n)
 
 
+_DROPOUTS: dict[str, tuple[type[nn.Module], Callable[..., Tensor], tuple[int, ...]]] = {
+    # (module, function, the dimensions a row may have: torch's ranks but the batch's)
+    "element-wise": (nn.Dropout, F.dropout, (1, 2, 3, 4)),
+    "1d": (nn.Dropout1d, F.dropout1d, (1, 2)),  # (N, L): unbatched, each row a channel
+    "2d": (nn.Dropout2d, F.dropout2d, (1, 2, 3)),
+    "3d": (nn.Dropout3d, F.dropout3d, (3, 4)),  # (N, C, D, H): unbatched
+}
+
+
+class _Shaped(nn.Module):
+    """A linear layer viewed as rows of ``shape``, a dropout module or function of ``kind`` on
+    them, then element-wise dropout and a head: routed, each call's multipliers made in its
+    activation's shape (channels: ``(B, C, 1, ...)``)."""
+
+    def __init__(self, kind: str, shape: tuple[int, ...], p: float, function: bool) -> None:
+        super().__init__()
+        size = math.prod(shape)
+        self.shape, self.p, self.function = shape, p, function
+        module, self.func, _ = _DROPOUTS[kind]
+        self.fc, self.head = nn.Linear(size, size), nn.Linear(size, 2)
+        self.drop = nn.Identity() if function else module(p)  # (a module that never runs warns)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x).view(x.shape[0], *self.shape)
+        h = self.func(h, self.p, self.training) if self.function else self.drop(h)
+        return self.head(F.dropout(h.flatten(1), 0.2, self.training))
+
+
+# torch's deprecation of the ranks it will refuse (dropout2d of a 2-D or 3-D input)
+@pytest.mark.filterwarnings("ignore:dropout[123]d. Received a:UserWarning")
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(list(_DROPOUTS)),
+    dims=st.lists(st.sampled_from([1, 1, 2, 3]), min_size=1, max_size=4),
+    p=st.sampled_from([0.0, 0.3, 0.9, 1.0]),
+    function=st.booleans(),
+    n=st.integers(1, 3),
+    n_samples=st.integers(1, 4),
+    first_sample=st.sampled_from([0, 5]),
+    prefix=st.sampled_from(["auto", "off"]),
+)
+def test_channel_and_element_dropout_of_any_shape_give_the_general_paths_samples(
+    kind: str,
+    dims: list[int],
+    p: float,
+    function: bool,
+    n: int,
+    n_samples: int,
+    first_sample: int,
+    prefix: str,
+) -> None:
+    """Shapes where a channel's multipliers and an element's coincide ((N, C), (N, C, 1, 1)),
+    the unbatched ranks of dropout1d and dropout3d (whose rows are channels), rates 0 and 1."""
+    assume(len(dims) in _DROPOUTS[kind][2])
+    torch.manual_seed(0)
+    model = _Shaped(kind, tuple(dims), p, function).eval()
+    x = _rows(n, (math.prod(dims),))
+    kept = plan(model, x)
+    fast = _fast(model, x, n_samples, kept, prefix=prefix, first_sample=first_sample)
+    (general,) = sample_chunks(
+        model, x, n_samples, seed=torch.full((n,), 3), plan=kept, prefix=prefix,  # type: ignore[arg-type]
+        first_sample=first_sample,
+    )  # fmt: skip
+    assert torch.equal(fast, general.values)
+
+
 _PASS_KINDS = {
     "functional dropout": fast_pass.RoutedPass,
     "channel dropout": fast_pass.RoutedPass,
@@ -278,6 +347,21 @@ def test_a_chunk_loop_runs_in_inference_mode_on_both_paths() -> None:
         seen = [torch.is_inference_mode_enabled() for _ in chunks]
         assert seen == [True]
     assert not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_samples_are_inference_tensors_as_the_general_paths(name: str) -> None:
+    """Both paths return inference tensors (the general path makes its samples in inference
+    mode); a chain whose last step is a dropout returned its multipliers' buffer, made outside
+    it, until they were made as inference tensors too."""
+    model, shape = _model(name)
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    fast = _fast(model, x, 3, kept)
+    general = sample(model, x, 3, seed=torch.tensor([3, 3]), plan=kept)  # a per-row seed
+    assert torch.equal(fast, general)
+    assert fast.is_inference()
+    assert general.is_inference()
 
 
 def _doubled(calls: list[int]) -> Callable[..., Tensor | None]:
@@ -382,6 +466,26 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
     if change == "training mode":
         assert all(m.training for m in model.modules())
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("n_samples", [1, 3])
+@pytest.mark.parametrize("seed", [1, "per row"])
+def test_a_layer_of_another_width_since_the_plan_is_the_plans_error(
+    n_samples: int, seed: object
+) -> None:
+    """A linear layer's weight swapped for one of another width: the chain's dropout gets
+    other inputs than its multipliers were made for; the kept plan's passes (fast and
+    general) say so, as the sampling context would, not torch's view error."""
+    model, shape = _model("sequential")
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    model[0].weight = nn.Parameter(torch.randn(24, 6))
+    model[0].bias = nn.Parameter(torch.randn(24))
+    model[3].weight = nn.Parameter(torch.randn(16, 24))
+    rows_seed = torch.tensor([1, 1]) if seed == "per row" else seed
+    with pytest.raises(UnsupportedModelError, match=r"dropout call 1 received shape \(\d+, 24\)"):
+        sample(model, x, n_samples, seed=rows_seed, plan=kept)  # type: ignore[arg-type]
+    assert sample(model, x, n_samples, seed=1).shape == (n_samples, 2, 3)  # a new plan
 
 
 @pytest.mark.parametrize("method", ["standardize", "destandardize"])
@@ -504,6 +608,32 @@ def test_rows_keyed_as_the_general_path_keys_them(case: str) -> None:
     (general,) = sample_chunks(model, x, 3, seed=5)
     assert torch.equal(_fast(model, x, 3, kept, seed=5), general.values)
     assert torch.equal(_fast(model, x + 0.0, 3, kept, seed=5), general.values)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("case", ["a -0.0", "its bytes across two"])
+def test_rows_keyed_as_the_general_path_keys_them_with_denormals_flushed(case: str, n: int) -> None:
+    """torch.set_flush_denormal(True) (a caller's choice for speed) makes ``values + 0.0``
+    flush a denormal: a -0.0 written as 0.0 by its bits, on both paths, keeps the denormal's."""
+    model, shape = _model("sequential")
+    x = _rows(n, shape)
+    x[:, 3] = -1e-40  # a negative denormal
+    if case == "a -0.0":
+        x[0, 1] = -0.0
+    else:  # a denormal's bytes 00 40 00 00, then 1.0039's 00 80 80 3F (little-endian)
+        x.view(torch.int32)[0, :2] = torch.tensor([0x0000_4000, 0x3F80_8000], dtype=torch.int32)
+    kept = plan(model, x)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU does not flush denormals")
+    try:
+        fast = _fast(model, x, 3, kept, seed=5)
+        # (a per-row seed: the general path, which keys the row under it as under an int)
+        general = sample(model, x, 3, seed=torch.full((n,), 5), plan=kept)
+        flushed_keys = masks.row_keys(x, 5)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(flushed_keys, masks.row_keys(x, 5))
+    assert torch.equal(fast, general)
 
 
 BAD_CALLS: dict[str, tuple[dict[str, object], type[Exception], str]] = {

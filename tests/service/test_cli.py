@@ -629,6 +629,24 @@ def test_counts_below_1_are_usage_errors(
 
 
 @pytest.mark.parametrize(
+    ("flag", "most"), [("--rows", "64"), ("--n-samples", "10_000")], ids=["rows", "n-samples"]
+)
+def test_check_bounds_its_rows_and_samples(
+    capsys: pytest.CaptureFixture[str], flag: str, most: str
+) -> None:
+    """A usage error naming the bound, before the model loads or a row is made (--rows 10**12
+    made 10**12 random rows, --n-samples as many samples of each)."""
+    with pytest.raises(SystemExit) as usage:
+        main(["check", str(MODELS / "diabetes"), flag, str(10**12)])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"mcdrop check: error: argument {flag}: expected a positive integer of at most {most}, "
+        f"got '{10**12}'"
+    )
+
+
+@pytest.mark.parametrize(
     ("classes", "message"),
     [
         (["99"], "ood_classes [99] are not classes of this dataset: give indices from 0 to 9"),
