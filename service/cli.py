@@ -666,6 +666,24 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _model_rejected(exc: Exception) -> str | None:
+    """What to say of ``exc`` where a local model's own forward raised it on the rows given
+    (:func:`mcdrop.model_errors.raised_by_model`), as the service's ``model_rejected_input``
+    says it; None for any other error (or where mcdrop is not installed: the client alone)."""
+    try:
+        from mcdrop.model_errors import raised_by_model
+    except ImportError:  # pragma: no cover (the client without the library)
+        return None
+    if not raised_by_model(exc):
+        return None
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return (
+        f"the model raised {type(exc).__name__} on these inputs{': ' + first if first else ''} "
+        "(check that the values are within what the model takes, e.g. token ids within its "
+        "vocabulary)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; errors are one line on standard error, never a traceback: exit status 2
     for a command line to fix, 1 for a failure of the service or the model."""
@@ -681,6 +699,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
             print(f"mcdrop {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        said = _model_rejected(exc)
+        if said is not None:  # a local model's own forward refused the rows given
+            print(f"mcdrop {args.command}: error: {said}", file=sys.stderr)
             return 2
         expected: tuple[type[BaseException], ...] = (ClientError, OSError, ValueError)
         try:

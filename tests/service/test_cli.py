@@ -437,6 +437,25 @@ def test_check_runs_a_model_on_its_own_example_rows(
     assert out.splitlines()[-1] == "result: ok"
 
 
+@pytest.mark.parametrize("uncertainty", [False, True])
+def test_local_predict_on_ids_the_model_refuses_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uncertainty: bool
+) -> None:
+    """A local model's own forward that raises on the rows given (a token id past its
+    vocabulary) is one line naming the exception and what to check, exit 2: no traceback."""
+    save_tokens(tmp_path / "tokens")
+    argv = ["predict", "tokens", "--model-dir", str(tmp_path), "--inputs", "[[1, 2, 9, 3, 4, 5]]"]
+    argv += ["--allowed-factories", "tests.factories", *(["--uncertainty"] if uncertainty else [])]
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("mcdrop predict: error: the model raised IndexError on these inputs")
+    assert "token ids within its vocabulary" in err
+    assert "Traceback" not in err
+    argv[5] = "[[1, 2, 5, 3, 4, 5]]"  # ids it takes
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("command", ["predict", "evaluate"])
 def test_local_commands_on_a_missing_gpu_exit_2_in_one_line(
