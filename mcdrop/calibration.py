@@ -383,7 +383,7 @@ def read(directory: str | Path) -> Calibration | None:
     path = Path(directory) / CALIBRATION
     if not _files.is_present(path, "calibration"):
         return None
-    return Calibration.from_dict(_files.read_json(path), source=str(path))
+    return Calibration.from_dict(_files.read_json(path, "calibration"), source=str(path))
 
 
 def from_statistics(

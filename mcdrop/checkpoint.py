@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Real
@@ -54,9 +53,6 @@ EXAMPLES = "examples.safetensors"
 MAX_EXAMPLE_ROWS = 64
 #: The most bytes those rows take (64 rows of a [3, 224, 224] image take 37 MiB).
 MAX_EXAMPLE_BYTES = 64 * 2**20
-#: os.open's flag that opens a FIFO without waiting for a writer (POSIX; Windows has no FIFOs
-#: to open).
-_NO_WAIT = getattr(os, "O_NONBLOCK", 0)
 #: The one tensor of ``examples.safetensors``.
 _EXAMPLES_KEY = "inputs"
 #: Bytes of a safetensors file beyond its tensor's data: the header's length and its JSON
@@ -285,20 +281,10 @@ def read_examples(directory: str | Path, spec: ModelSpec) -> Tensor | None:
         return None
     row_bytes = 4 * math.prod(spec.input_shape)
     most = min(MAX_EXAMPLE_ROWS * row_bytes, MAX_EXAMPLE_BYTES) + _HEADER_SLACK
-    # One descriptor for the checks and the read, so that a file swapped in since is_present's
-    # check (a FIFO, whose open would wait for a writer; a gigabyte) is refused, not read: opened
-    # without waiting, checked to be a regular file of at most ``most`` bytes, read up to that.
-    try:
-        fd = os.open(path, os.O_RDONLY | _NO_WAIT)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the example inputs: {exc}") from exc
-    with os.fdopen(fd, "rb") as file:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode):
-            raise CheckpointError(
-                f"{path}: the example inputs is not a regular file (a directory, device or pipe, "
-                "perhaps behind a symlink); put the file itself there"
-            )
+    # One descriptor for the checks and the read (_files.opened), so that a file swapped in
+    # since is_present's check (a FIFO; a gigabyte) is refused, not read: at most ``most`` bytes.
+    with _files.opened(path, "example inputs") as (file, _):
+        found = os.fstat(file.fileno())
         if found.st_size > most:
             raise CheckpointError(
                 f"{path}: {found.st_size:_} bytes, more than {MAX_EXAMPLE_ROWS} example rows of "
@@ -429,7 +415,7 @@ def read_spec(directory: str | Path) -> ModelSpec:
     path = Path(directory) / MANIFEST
     if not _files.is_present(path, "manifest"):
         raise CheckpointError(f"{path}: no manifest (is {Path(directory)} a model directory?)")
-    return ModelSpec.from_dict(_files.read_json(path), source=str(path))
+    return ModelSpec.from_dict(_files.read_json(path, "manifest"), source=str(path))
 
 
 def _build(spec: ModelSpec, source: str, device: str | None = None, **trust: Any) -> nn.Module:
@@ -443,10 +429,11 @@ def _build(spec: ModelSpec, source: str, device: str | None = None, **trust: Any
         raise type(exc)(f"{source}: {exc}") from exc
 
 
-def _weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in a safetensors file, from its header (no tensor data is read)."""
+def _weight_shapes(weights: Path, name: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the safetensors file ``weights``, opened as ``name``, from its
+    header (no tensor data is read)."""
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(name, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
@@ -531,13 +518,15 @@ def load(
     weights = directory / WEIGHTS
     if not _files.is_present(weights, "weights file"):
         raise CheckpointError(f"{weights}: weights file is missing")
-    if skeleton is not None:
-        _check_shapes(skeleton, _weight_shapes(weights), weights, source)
-    net = built if built is not None else _build(spec, source, **trust)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
+    # the shapes and the tensors read from the file checked regular (_files.opened)
+    with _files.opened(weights, "weights file") as (_, name):
+        if skeleton is not None:
+            _check_shapes(skeleton, _weight_shapes(weights, name), weights, source)
+        net = built if built is not None else _build(spec, source, **trust)
+        try:
+            state = load_file(name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights}: not a readable safetensors file: {exc}") from exc
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

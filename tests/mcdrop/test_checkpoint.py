@@ -560,6 +560,52 @@ def test_example_inputs_swapped_while_read_are_refused_not_waited_on(tmp_path: P
     assert set(json.loads(out)) <= {"read", "refused"}
 
 
+_LOAD = """
+import json, sys
+from mcdrop import checkpoint
+from mcdrop.exceptions import CheckpointError
+seen = set()
+for _ in range(300):
+    try:
+        checkpoint.load(sys.argv[1])
+        seen.add("read")
+    except CheckpointError:
+        seen.add("refused")
+print(json.dumps(sorted(seen)))
+"""
+
+
+@pytest.mark.parametrize("name", [checkpoint.WEIGHTS, checkpoint.MANIFEST])
+def test_a_file_swapped_for_a_fifo_while_loading_is_refused_not_waited_on(
+    tmp_path: Path, name: str
+) -> None:
+    """The weights and the manifest, as the example rows above: a FIFO swapped in under the
+    name after the check that it is a regular file is refused (opened without waiting, checked
+    through its descriptor, and the weights read through that descriptor's name), not waited on
+    for good."""
+    target = tmp_path / "m"
+    checkpoint.save(target, _spec(), MLP(3, [8], 1))
+    good = tmp_path / "good"
+    shutil.copy(target / name, good)
+    fifo, staged = tmp_path / "fifo", tmp_path / "next"
+    os.mkfifo(fifo)
+    loader = subprocess.Popen(
+        [sys.executable, "-c", _LOAD, str(target)], stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while loader.poll() is None and time.monotonic() < deadline:
+        for swapped in (good, fifo):
+            os.link(swapped, staged)
+            os.replace(staged, target / name)
+    if loader.poll() is None:
+        loader.kill()
+        loader.wait()
+        pytest.fail(f"checkpoint.load waited on a FIFO swapped in as {name} (or took 60 s)")
+    out, _ = loader.communicate()
+    assert loader.returncode == 0
+    assert "refused" in json.loads(out)
+
+
 def test_checkpoint_save_refuses_bad_example_inputs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"\(N, 3\) rows, got shape \[2, 2\]"):
         checkpoint.save(tmp_path / "m", _spec(), MLP(3, [8], 1), example_inputs=ROWS[:, :2])
