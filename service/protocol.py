@@ -124,22 +124,27 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self.logger.info("refusing a request whose headers exceed %d bytes", self.max_header_bytes)
         self.refused = True
         self._disarm()
+        # Closed once the client has had time to read the answer: closing while its headers
+        # still arrive would reset the connection, and the answer with it.
+        self._refuse(
+            b"431 Request Header Fields Too Large",
+            f"the request line and headers are larger than the limit of {self.max_header_bytes} "
+            "bytes (max_header_bytes); send fewer or shorter headers",
+            linger=True,
+        )
+
+    def _refuse(self, status: bytes, message: str, linger: bool) -> None:
+        """Answer ``status`` (``b"431 Reason"``) with the JSON error ``message`` (the v2 shape
+        under ``/v2``), the connection's last response (:meth:`_answer_last`)."""
         from service import errors  # (imports torch, through mcdrop: see the module docstring)
 
         path = self.url.split(b"?", 1)[0].decode("latin-1") if self.url else ""
-        response = errors.error_response(
-            431,
-            errors.ErrorCode.HTTP_ERROR,
-            f"the request line and headers are larger than the limit of {self.max_header_bytes} "
-            "bytes (max_header_bytes); send fewer or shorter headers",
-            path=path,
-        )
-        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        code = int(status.split(b" ", 1)[0])
+        response = errors.error_response(code, errors.ErrorCode.HTTP_ERROR, message, path=path)
+        head = [b"HTTP/1.1 %s\r\n" % status]
         head += [b"%s: %s\r\n" % (k, v) for k, v in response.raw_headers]
-        # Closed once the client has had time to read the answer: closing while its headers
-        # still arrive would reset the connection, and the answer with it.
         self._answer_last(
-            b"".join([*head, b"connection: close\r\n\r\n", response.body]), linger=True
+            b"".join([*head, b"connection: close\r\n\r\n", response.body]), linger=linger
         )
 
     def _answer_last(self, answer: bytes, linger: bool) -> None:
@@ -166,22 +171,13 @@ class TimedHttpProtocol(HttpToolsProtocol):
         a bad chunk), as every other error: JSON, saying what to fix (uvicorn's is plain text,
         ``msg``)."""
         self._disarm()
-        from service import errors  # (imports torch, through mcdrop: see the module docstring)
-
-        path = self.url.split(b"?", 1)[0].decode("latin-1") if self.url else ""
-        response = errors.error_response(
-            400,
-            errors.ErrorCode.HTTP_ERROR,
+        # (a bad chunk of the body of the request being answered: this 400 is its answer, now)
+        self._refuse(
+            b"400 Bad Request",
             f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}): check its request line, "
             "its headers (name: value, each on a line of its own ending in CRLF) and its body's "
             "framing (Content-Length or Transfer-Encoding: chunked, not both)",
-            path=path,
-        )
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
-        head += [b"%s: %s\r\n" % (k, v) for k, v in response.raw_headers]
-        # (a bad chunk of the body of the request being answered: this 400 is its answer, now)
-        self._answer_last(
-            b"".join([*head, b"connection: close\r\n\r\n", response.body]), linger=False
+            linger=False,
         )
 
     def on_message_begin(self) -> None:
