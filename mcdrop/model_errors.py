@@ -42,7 +42,7 @@ from torch import nn
 
 from mcdrop.exceptions import McDropError
 
-__all__ = ["raised_by_model", "server_side"]
+__all__ = ["cause", "raised_by_model", "server_side"]
 
 #: mcdrop's own source files: those under this folder.
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -83,6 +83,15 @@ def _mcdrop_code(code: CodeType) -> bool:
     return code.co_filename.startswith(_PACKAGE) and code.co_name != "__torch_function__"
 
 
+def cause(exc: BaseException) -> BaseException:
+    """The ``StopIteration`` that ``exc`` stands for where it is a ``RuntimeError`` caused by
+    one (Python turns a ``StopIteration`` raised in a generator, as mcdrop's chunk loop, into
+    such an error, and a server wraps one so that a future takes it), else ``exc``."""
+    if type(exc) is RuntimeError and isinstance(exc.__cause__, StopIteration):
+        return exc.__cause__
+    return exc
+
+
 def raised_by_model(exc: BaseException) -> bool:
     """Whether ``exc`` was raised inside the forward of a model that mcdrop called, by the
     model's code or the torch modules it calls, on the inputs it was given (see the module
@@ -92,6 +101,7 @@ def raised_by_model(exc: BaseException) -> bool:
     (:func:`server_side`), for anything but an ``Exception`` (``KeyboardInterrupt``), for an
     exception raised by mcdrop's own code, and for one raised where mcdrop did not call a
     model at all."""
+    exc = cause(exc)
     if not isinstance(exc, Exception) or isinstance(exc, McDropError) or server_side(exc):
         return False
     codes = [frame.f_code for frame, _ in traceback.walk_tb(exc.__traceback__)]

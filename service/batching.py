@@ -466,6 +466,8 @@ class Batcher:
             return self._compute(options, jobs)
         except SamplingStoppedError as exc:  # stopped, not failed: nothing to run again
             return exc
+        except (SystemExit, GeneratorExit) as exc:  # a model's own: not the server's to obey
+            return _failure(exc)
         except Exception as exc:
             if len(jobs) == 1:
                 return exc
@@ -482,6 +484,8 @@ class Batcher:
         started = time.perf_counter()
         try:
             (result,) = self._run(options, [job])
+        except (SystemExit, GeneratorExit) as exc:  # as in _outcome
+            return _failure(exc)
         except Exception as exc:
             return exc
         if self.metrics is not None:
@@ -496,7 +500,7 @@ class Batcher:
             # (a result is never an exception: one in the list is that job's own error)
             result = outcome if isinstance(outcome, BaseException) else outcome[i]
             if isinstance(result, BaseException):
-                job.future.set_exception(result)
+                job.future.set_exception(_failure(result))
             else:
                 job.future.set_result(result)
 
@@ -543,3 +547,15 @@ class Batcher:
                 self.metrics.row_samples.observe(int(part.row_n_samples.sum()))
         chunks = [None] * len(jobs) if samples is None else samples.split(sizes, 1)
         return list(zip(parts, chunks, strict=True))
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """``exc`` as a request's future may hold it: a ``StopIteration`` (which a future refuses:
+    the request then waited out its deadline), or an exit the model's code raised
+    (``SystemExit``: the server would stop), as a ``RuntimeError`` whose cause it is
+    (:func:`mcdrop.model_errors.raised_by_model` reads a ``StopIteration`` through it)."""
+    if isinstance(exc, StopIteration | StopAsyncIteration) or not isinstance(exc, Exception):
+        wrapped = RuntimeError(f"the model's computation raised {type(exc).__name__}")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc

@@ -671,14 +671,15 @@ def _model_rejected(exc: Exception) -> str | None:
     (:func:`mcdrop.model_errors.raised_by_model`), as the service's ``model_rejected_input``
     says it; None for any other error (or where mcdrop is not installed: the client alone)."""
     try:
-        from mcdrop.model_errors import raised_by_model
+        from mcdrop.model_errors import cause, raised_by_model
     except ImportError:  # pragma: no cover (the client without the library)
         return None
     if not raised_by_model(exc):
         return None
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    raised = cause(exc)
+    first = next((line.strip() for line in str(raised).splitlines() if line.strip()), "")
     return (
-        f"the model raised {type(exc).__name__} on these inputs{': ' + first if first else ''} "
+        f"the model raised {type(raised).__name__} on these inputs{': ' + first if first else ''} "
         "(check that the values are within what the model takes, e.g. token ids within its "
         "vocabulary)"
     )

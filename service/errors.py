@@ -84,7 +84,7 @@ from mcdrop.exceptions import (
     NonFiniteOutputError,
     SamplingStoppedError,
 )
-from mcdrop.model_errors import raised_by_model
+from mcdrop.model_errors import cause, raised_by_model
 from service.logs import current_request_id
 from service.schemas import ErrorCode
 
@@ -350,6 +350,7 @@ def model_rejected(exc: BaseException, model: str) -> ModelRejectedInputError | 
     :data:`MAX_ECHO_CHARS`), never its traceback."""
     if not raised_by_model(exc):
         return None
+    exc = cause(exc)  # (a StopIteration named as itself)
     name = type(exc).__name__
     log.warning(
         "model %r raised %s on a request's inputs: answered model_rejected_input",

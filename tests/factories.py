@@ -145,8 +145,10 @@ class Picky(nn.Module):
     ``bound``, as a token id past an embedding's vocabulary), raising ``ValueError``: a model
     whose forward fails on some finite inputs of the right shape and not on others. ``error``
     says how it fails: ``"value"`` (that ValueError), ``"assert"`` (an ``assert``),
-    ``"memory"`` (an allocation far past any memory: torch's "can't allocate memory") or
-    ``"memory_error"`` (``MemoryError``)."""
+    ``"memory"`` (an allocation far past any memory: torch's "can't allocate memory"),
+    ``"memory_error"`` (``MemoryError``), ``"stop_iteration"`` (``next`` of an empty iterator:
+    a ``StopIteration``, which a future refuses and a generator turns into a ``RuntimeError``)
+    or ``"system_exit"`` (``SystemExit``, which no server should obey)."""
 
     def __init__(
         self, in_features: int = 3, width: int = 5, bound: float = 100.0, error: str = "value"
@@ -164,6 +166,10 @@ class Picky(nn.Module):
                 torch.empty(2**45)  # 128 TiB: refused at once, never touched
             if self.error == "memory_error":
                 raise MemoryError
+            if self.error == "stop_iteration":
+                next(iter(()))
+            if self.error == "system_exit":
+                raise SystemExit(3)
             raise ValueError(f"an input above {self.bound}: out of range")
         return self.net(x)
 

@@ -21,6 +21,7 @@ from mcdrop import checkpoint
 from mcdrop.nets import MLP
 from service.cli import main, parser
 from service.config import Settings
+from tests import factories
 from tests.conftest import MODELS, ROOT, save_tokens
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
@@ -454,6 +455,26 @@ def test_local_predict_on_ids_the_model_refuses_says_so(
     argv[5] = "[[1, 2, 5, 3, 4, 5]]"  # ids it takes
     code, out, err = _run(capsys, *argv)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("uncertainty", [False, True])
+def test_local_predict_on_a_model_that_raises_stop_iteration_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, uncertainty: bool
+) -> None:
+    """A StopIteration of the model's (which the sampling generator turns into a RuntimeError)
+    is named as itself, one line, exit 2."""
+    torch.manual_seed(0)
+    mcdrop.save(
+        factories.Picky(error="stop_iteration"), tmp_path / "stops", task="regression",
+        input_shape=[3], labels=["y"], factory="tests.factories:Picky",
+        params={"error": "stop_iteration"}, tau=1.0,
+    )  # fmt: skip
+    argv = ["predict", "stops", "--model-dir", str(tmp_path), "--inputs", "[[1000, 0, 0]]"]
+    argv += ["--allowed-factories", "tests.factories", *(["--uncertainty"] if uncertainty else [])]
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith("mcdrop predict: error: the model raised StopIteration on these inputs")
+    assert "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

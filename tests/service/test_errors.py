@@ -491,16 +491,22 @@ NATIVE_CALLS = {
 @pytest.fixture(scope="module")
 def token_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tokens`` (:class:`factories.GatedTokens`), ``tokens_mode`` (the same asking
-    ``mcdrop.is_sampling()``: its passes run under mcdrop's torch-function mode) and ``hungry``
-    (:class:`factories.Picky` running out of memory on a value above 100)."""
+    ``mcdrop.is_sampling()``: its passes run under mcdrop's torch-function mode), and
+    :class:`factories.Picky` models that on a value above 100 run out of memory (``hungry``),
+    raise ``StopIteration`` (``stops``) or ``SystemExit`` (``exits``)."""
     folder = tmp_path_factory.mktemp("token_models")
     factories.save_gated_tokens(folder / "tokens")
     factories.save_gated_tokens(folder / "tokens_mode", asks=True)
     torch.manual_seed(0)
-    mcdrop.save(
-        factories.Picky(error="memory"), folder / "hungry", task="regression", input_shape=[3],
-        labels=["y"], factory="tests.factories:Picky", params={"error": "memory"}, tau=1.0,
-    )  # fmt: skip
+    for name, error in (
+        ("hungry", "memory"),
+        ("stops", "stop_iteration"),
+        ("exits", "system_exit"),
+    ):
+        mcdrop.save(
+            factories.Picky(error=error), folder / name, task="regression", input_shape=[3],
+            labels=["y"], factory="tests.factories:Picky", params={"error": error}, tau=1.0,
+        )  # fmt: skip
     return folder
 
 
@@ -581,6 +587,46 @@ def test_running_out_of_memory_in_the_forward_stays_a_500(
     assert "internal server error; see the server log" in response.text
     assert "allocate" not in response.text
     assert [r.levelno for r in caplog.records if r.exc_info] == [logging.ERROR]
+
+
+def _call(client: TestClient, model: str, call: str, row: list[float]) -> Any:
+    if call == "v2":
+        tensor = {"name": "inputs", "shape": [1, 3], "datatype": "FP32", "data": row}
+        return client.post(f"/v2/models/{model}/infer", json={"inputs": [tensor]})
+    route, options = NATIVE_CALLS[call]
+    return client.post(f"/models/{model}/{route}", json={"inputs": [row], **options})
+
+
+@pytest.mark.parametrize("call", [*sorted(NATIVE_CALLS), "v2"])
+def test_a_stop_iteration_of_the_model_is_answered_at_once_naming_it(
+    tokens_http: TestClient, call: str
+) -> None:
+    """A future refuses a StopIteration (the request waited out its 60 s deadline, then a 504),
+    and the chunk generator turns one into a RuntimeError (a 500): both answered as the
+    model's own error on the request's inputs."""
+    started = time.monotonic()
+    response = _call(tokens_http, "stops", call, [1e3, 0.0, 0.0])
+    assert time.monotonic() - started < 20
+    if call == "v2":
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].startswith("the model raised StopIteration on this")
+    else:
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["details"] == [{"field": "inputs", "type": "StopIteration"}]
+    assert _call(tokens_http, "stops", call, [1.0, 0.0, 0.0]).status_code == 200
+
+
+@pytest.mark.parametrize("call", [*sorted(NATIVE_CALLS), "v2"])
+def test_a_system_exit_of_the_model_is_a_500_and_the_server_serves_on(
+    tokens_http: TestClient, call: str
+) -> None:
+    """A model's SystemExit is no request to stop the server (it did: uvicorn's lifespan ended
+    and the process exited)."""
+    response = _call(tokens_http, "exits", call, [1e3, 0.0, 0.0])
+    assert response.status_code == 500, response.text
+    assert "internal server error; see the server log" in response.text
+    assert _call(tokens_http, "exits", call, [1.0, 0.0, 0.0]).status_code == 200
+    assert tokens_http.get("/ready").status_code == 200
 
 
 def test_only_the_request_whose_ids_the_model_refuses_fails(tmp_path: Path) -> None:
