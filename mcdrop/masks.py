@@ -304,8 +304,8 @@ def row_keys(x: Tensor, seed: int | Tensor) -> Tensor:
         data = float32_bytes((x.detach() if x.requires_grad else x).resolve_neg().numpy())
     else:
         flat = x.detach().reshape(n, -1)
-        if flat.is_floating_point():  # -0.0 by its bits, as the float32 rows' (no + 0.0)
-            data = positive_zero_bytes(flat.to(torch.float32).cpu().resolve_neg().numpy())
+        if flat.is_floating_point():  # as float32 rows
+            data = float32_bytes(flat.to(torch.float32).cpu().resolve_neg().numpy())
         else:
             data = flat.to(torch.int64).cpu().contiguous().numpy().tobytes()
     return keys_of_bytes(data, n, seed)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -102,3 +104,26 @@ def save_tokens(directory: Path, example_inputs: Tensor | None = TOKEN_ROWS) -> 
     )
     checkpoint.save(directory, spec, net)
     return directory
+
+
+def only_the_bad_one_rejected(
+    responses: Sequence[Any], alone: Sequence[Any], bad: int, rejected: Callable[[Any], object]
+) -> None:
+    """Requests that ran together in one merged batch, against each sent alone (seeded): the
+    ``bad``-th is refused both times (``rejected`` asserts how), every other one answered 200
+    with the answer it got alone."""
+    for i, (got, want) in enumerate(zip(responses, alone, strict=True)):
+        if i == bad:
+            rejected(got)
+            rejected(want)
+        else:
+            assert got.status_code == 200, got.text
+            assert got.json() == want.json()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

@@ -5,8 +5,7 @@ that request, and the server serves on."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.client import BadRequestError, Client
 from tests import factories
+from tests.conftest import only_the_bad_one_rejected, wait_for
 from tests.e2e.server import Server, serve
 
 pytestmark = pytest.mark.slow
@@ -116,13 +116,6 @@ def _metric(http: httpx2.Client, name: str) -> float:
     raise AssertionError(f"no {name} for the token model")
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_only_the_request_whose_ids_the_model_refuses_fails(served: Served) -> None:
     # The one worker is held by a large request while the others queue: released, they run as
     # one merged batch (all of them queued, none computing: the flush takes them all, as
@@ -149,11 +142,11 @@ def test_only_the_request_whose_ids_the_model_refuses_fails(served: Served) -> N
         before = _metric(http, started)
         holder = threading.Thread(target=hold)
         holder.start()
-        _wait_for(lambda: _metric(http, started) == before + 1)
+        wait_for(lambda: _metric(http, started) == before + 1)
         threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
         for t in threads:
             t.start()
-        _wait_for(lambda: _metric(http, "nv_inference_pending_request_count") == len(requests))
+        wait_for(lambda: _metric(http, "nv_inference_pending_request_count") == len(requests))
         assert holder.is_alive()
         served.gate.touch()
         for t in [holder, *threads]:
@@ -165,13 +158,7 @@ def test_only_the_request_whose_ids_the_model_refuses_fails(served: Served) -> N
         # The server serves on.
         assert http.get("/health").status_code == 200
         assert http.post("/models/tokens/predict", json={"inputs": GOOD}).status_code == 200
-    for i, (got, want) in enumerate(zip(responses, alone, strict=True)):
-        if i == 3:
-            _rejected(got)
-            _rejected(want)
-        else:
-            assert got.status_code == 200, got.text
-            assert got.json() == want.json()
+    only_the_bad_one_rejected(responses, alone, 3, _rejected)
     assert server.proc.poll() is None
     # Logged as a warning, with its traceback, for whoever reads the request's ID.
     log = server.log()

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from service.config import Settings
 from service.errors import ServiceError, error_response, jsonable, public_message
 from service.schemas import ErrorCode
 from tests import factories
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, ROOT, only_the_bad_one_rejected, wait_for
 from tests.service.conftest import check_error_body, wait_ready
 
 ROW = ",".join(["0"] * 10)
@@ -666,11 +666,11 @@ def test_only_the_request_whose_ids_the_model_refuses_fails(tmp_path: Path) -> N
             holder = threading.Thread(target=hold)
             before = batcher.batches + 1  # the holder's
             holder.start()
-            _wait_for(lambda: batcher.batches == before and batcher.long.running == 1)
+            wait_for(lambda: batcher.batches == before and batcher.long.running == 1)
             threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
             for t in threads:
                 t.start()
-            _wait_for(lambda: len(batcher.pending) == len(requests))
+            wait_for(lambda: len(batcher.pending) == len(requests))
             assert holder.is_alive()  # (held: the queued requests wait for it)
             gate.touch()
             for t in [holder, *threads]:
@@ -679,20 +679,7 @@ def test_only_the_request_whose_ids_the_model_refuses_fails(tmp_path: Path) -> N
             assert http.get("/health").status_code == 200
     finally:
         gate.touch()
-    for i, (got, want) in enumerate(zip(responses, alone, strict=True)):
-        if i == 3:
-            _rejected(got)
-            _rejected(want)
-        else:
-            assert got.status_code == 200, got.text
-            assert got.json() == want.json()
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+    only_the_bad_one_rejected(responses, alone, 3, _rejected)
 
 
 class _Says(torch.nn.Module):
