@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors.multiprocess import Process
 
 from service import logs
 from service.app import create_app
@@ -128,7 +131,7 @@ def run(settings: Settings) -> None:
     made = None
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mcdrop-metrics-")
-    supervisor = Multiprocess(server_config, sockets=sockets)
+    supervisor = Supervisor(server_config, sockets=sockets)
     try:
         supervisor.run()
     finally:
@@ -139,3 +142,52 @@ def run(settings: Settings) -> None:
     # supervisor: exit as one process would then (uvicorn's status 3), not 0.
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise SystemExit(STARTUP_FAILURE)
+
+
+_now = time.monotonic
+
+#: How often a health check waiting for a worker's answer looks whether the worker has died.
+_DEATH_CHECK_S = 0.1
+
+
+class Worker(Process):
+    """uvicorn's worker process, whose health check gives up as soon as the worker has died.
+
+    uvicorn pings a worker it finds alive and waits the whole health-check timeout for the
+    answer (60 s by default here). A worker killed (SIGKILL, the OOM killer) that the kernel is
+    still tearing down is alive to that check and never answers: it was restarted only after
+    the whole timeout, with every worker killed the service down for that long."""
+
+    def _healthcheck(self, timeout: float) -> bool | None:
+        try:
+            self.parent_conn.send(b"ping")
+            deadline = _now() + timeout
+            while not self.parent_conn.poll(min(_DEATH_CHECK_S, max(0.0, deadline - _now()))):
+                if not self.process.is_alive() or _now() >= deadline:
+                    return None
+            started: bool = self.parent_conn.recv()
+            return started
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, with its workers' health checks those of :class:`Worker` (uvicorn
+    makes its own processes: each is made a :class:`Worker` once made, before it is checked)."""
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._checked_as_workers()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._checked_as_workers()
+
+    def restart_all(self) -> None:
+        super().restart_all()
+        self._checked_as_workers()
+
+    def _checked_as_workers(self) -> None:
+        for process in self.processes:
+            if type(process) is Process:  # (a Worker adds no state: only the check differs)
+                process.__class__ = Worker

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from service.config import Settings
 from service.listeners import listeners
-from service.server import config, run, worker_app
+from service.server import Worker, config, run, worker_app
 
 WORKER_SETTINGS = "MCDROP_SERVE_WORKER_SETTINGS"
 
@@ -71,6 +73,23 @@ def test_the_supervisor_waits_as_long_as_the_setting_for_a_worker(
     assert config(Settings(workers=2)).timeout_worker_healthcheck == 60
     timed = config(Settings(workers=2, worker_healthcheck_timeout_s=7))
     assert timed.timeout_worker_healthcheck == 7
+
+
+def test_a_health_check_gives_up_once_the_worker_has_died_unanswered() -> None:
+    # A worker killed while the kernel tears it down is alive to the supervisor's first look,
+    # then never answers the ping: uvicorn's check waited out the whole timeout (60 s here)
+    # before it started another worker.
+    worker = Worker(config(Settings(port=0)), [])
+    # a process that lives a second and never reads the ping: the dying worker
+    worker.process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(1.0,))
+    worker.process.start()
+    started = time.monotonic()
+    try:
+        assert not worker.is_alive(timeout=60)
+        assert time.monotonic() - started < 30
+    finally:
+        worker.process.kill()
+        worker.process.join()
 
 
 def test_a_worker_reads_its_config_without_importing_torch(
