@@ -12,7 +12,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal, get_args, get_origin
@@ -435,29 +435,6 @@ def _positive(value: str) -> int:
     return number
 
 
-def _at_most(most: int) -> Callable[[str], int]:
-    """A count flag of at least 1 and at most ``most`` (argparse's usage error otherwise): a
-    count that sizes an allocation (rows, samples of each) without a limit of its own."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = 0
-        if not 1 <= number <= most:
-            raise argparse.ArgumentTypeError(
-                f"expected a positive integer of at most {most:_}, got {value!r}"
-            )
-        return number
-
-    return parse
-
-
-#: ``mcdrop check``'s bounds: a probe of the model, not a dataset's worth of rows or samples.
-_CHECK_MAX_ROWS = 64
-_CHECK_MAX_SAMPLES = 10_000
-
-
 def _index(value: str) -> int:
     """A class index flag: an integer of at least 0."""
     try:
@@ -623,18 +600,20 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
     check.add_argument("--json", action="store_true", help="the report as JSON")
+    # The bounds are mcdrop.checking's MAX_SAMPLES and MAX_ROWS, which check() holds the flags
+    # to (importing them here would load torch for every command: a test holds the two equal).
     check.add_argument(
         "--n-samples",
-        type=_at_most(_CHECK_MAX_SAMPLES),
+        type=_positive,
         default=16,
-        help=f"samples of every example row (at most {_CHECK_MAX_SAMPLES:_})",
+        help="samples of every example row (at most 10_000)",
     )
     check.add_argument(
         "--rows",
-        type=_at_most(_CHECK_MAX_ROWS),
+        type=_positive,
         default=4,
         help="example rows (drawn from the model's examples.safetensors where it has one, "
-        f"else random; at most {_CHECK_MAX_ROWS})",
+        "else random; at most 64)",
     )
     check.add_argument("--seed", type=int, default=0, help="seed of the rows and samples")
     _add_setting_flags(check, ModelSettings)

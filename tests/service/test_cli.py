@@ -18,6 +18,7 @@ import torch
 
 import mcdrop
 from mcdrop import checkpoint
+from mcdrop.checking import MAX_ROWS, MAX_SAMPLES
 from mcdrop.nets import MLP
 from service.cli import EXIT_STATUS, main, parser
 from service.config import Settings
@@ -678,21 +679,24 @@ def test_counts_below_1_are_usage_errors(
 
 
 @pytest.mark.parametrize(
-    ("flag", "most"), [("--rows", "64"), ("--n-samples", "10_000")], ids=["rows", "n-samples"]
+    ("flag", "name", "most"),
+    [("--rows", "n_rows", MAX_ROWS), ("--n-samples", "n_samples", MAX_SAMPLES)],
+    ids=["rows", "n-samples"],
 )
 def test_check_bounds_its_rows_and_samples(
-    capsys: pytest.CaptureFixture[str], flag: str, most: str
+    capsys: pytest.CaptureFixture[str], flag: str, name: str, most: int
 ) -> None:
-    """A usage error naming the bound, before the model loads or a row is made (--rows 10**12
-    made 10**12 random rows, --n-samples as many samples of each)."""
-    with pytest.raises(SystemExit) as usage:
-        main(["check", str(MODELS / "diabetes"), flag, str(10**12)])
-    assert usage.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1] == (
-        f"mcdrop check: error: argument {flag}: expected a positive integer of at most {most}, "
-        f"got '{10**12}'"
+    """The library's bound, in its words, before a row is made (--rows 10**12 made 10**12
+    random rows, --n-samples as many samples of each); the help names the same bound."""
+    code, out, err = _run(capsys, "check", str(MODELS / "diabetes"), flag, str(10**12))
+    assert (code, out) == (2, "")
+    assert err == (
+        f"mcdrop check: error: {name}={10**12} is above a check's limit of {most:_} (a probe of "
+        "the model)\n"
     )
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    assert f"at most {most:_})" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])
