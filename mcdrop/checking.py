@@ -42,6 +42,11 @@ _TIMED_MIN_S = 0.05
 _TIMED_MAX_ROWS = 1024
 _TIMED_REPEATS = 3
 
+#: :func:`check`'s bounds (and ``mcdrop check``'s): a probe of a model, not a dataset's worth of
+#: rows or samples (``n_rows=10**12`` would allocate terabytes before the model ran).
+MAX_ROWS = 64
+MAX_SAMPLES = 10_000
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -199,7 +204,9 @@ def example_inputs(model: ModelSpec | LoadedModel, n_rows: int = 4, seed: int = 
     """``(n_rows, *input_shape)`` float32 rows to probe a model with: drawn from a loaded
     model's own example rows (``example_inputs``, in an order fixed by ``seed``, repeated when
     ``n_rows`` is more than it has) where it has them; else standard normal rows, on the scale
-    of the model's inputs where the manifest knows it (its input normalisation)."""
+    of the model's inputs where the manifest knows it (its input normalisation). ``n_rows`` is
+    at most :data:`MAX_ROWS` (:class:`~mcdrop.exceptions.InvalidArgumentError` otherwise)."""
+    _count("n_rows", n_rows, MAX_ROWS)
     generator = torch.Generator().manual_seed(seed)
     own = model.example_inputs if isinstance(model, LoadedModel) else None
     if own is not None:
@@ -211,6 +218,18 @@ def example_inputs(model: ModelSpec | LoadedModel, n_rows: int = 4, seed: int = 
     if norm is not None:
         x = x * torch.tensor(norm.std, dtype=torch.float32) + torch.tensor(norm.mean)
     return x
+
+
+def _count(name: str, value: int, most: int) -> None:
+    """Refuse a count of rows or samples that is not an integer from 1 to ``most``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < 1:
+        raise InvalidArgumentError(f"{name} must be at least 1, got {value}")
+    if value > most:
+        raise InvalidArgumentError(
+            f"{name}={value} is above a check's limit of {most:_} (a probe of the model)"
+        )
 
 
 def _output_names(spec: ModelSpec | None, k: int) -> tuple[str, ...]:
@@ -236,14 +255,20 @@ def check(
         model: a loaded model directory, or any module.
         x: ``(N, *input_shape)`` example rows; for a loaded model, by default ``n_rows`` rows
             from :func:`example_inputs` (its own example rows where it has them).
-        n_rows: how many example rows when ``x`` is not given.
-        n_samples: samples drawn of every row to see whether they vary.
+        n_rows: how many example rows when ``x`` is not given, at most :data:`MAX_ROWS`.
+        n_samples: samples drawn of every row to see whether they vary, at most
+            :data:`MAX_SAMPLES`.
         seed: the samples' seed (and the example rows').
         timed: measure the cost of one sample (a few passes of 64 row-samples).
 
     Returns:
         the :class:`CheckReport`; ``report.ok`` is False when MC dropout is meaningless.
+
+    Raises:
+        InvalidArgumentError: ``n_rows`` or ``n_samples`` out of bounds, or a module without
+            ``x``.
     """
+    _count("n_samples", n_samples, MAX_SAMPLES)
     spec = model.spec if isinstance(model, LoadedModel) else None
     module = model.module if isinstance(model, LoadedModel) else model
     random_rows = False

@@ -12,7 +12,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal, get_args, get_origin
@@ -40,6 +40,19 @@ _SETTINGS_FLAGS = {
 #: The environment variable ``mcdrop predict`` and ``mcdrop models`` read the service URL from.
 URL_ENV = "MCDROP_URL"
 DEFAULT_URL = "http://localhost:8000"
+
+
+#: How ``mcdrop`` exits (its help's epilog; README.md, "From the command line", says the same):
+#: one status for each kind of failure, whether a local model or a service met it.
+EXIT_STATUS = """\
+exit status:
+  0    done (mcdrop check: no error found)
+  1    a failure that is not the request's: the service answered 5xx or not at all, a model
+       directory did not load, the machine ran out of memory; mcdrop check: an error found
+  2    the request was refused, to fix before sending it again: the command line, or inputs
+       or options refused as the service refuses them with a 4xx (invalid_input,
+       invalid_argument, limit_exceeded, model_rejected_input, ...), locally or over HTTP
+  130  interrupted"""
 
 
 class UsageError(Exception):
@@ -329,11 +342,15 @@ def _predict_local(args: argparse.Namespace, inputs: list[Any]) -> Any:
 
     most_samples = _max_n_samples()
     model_path = _model_path(args.model_dir, args.model)
-    loaded = checkpoint.load(model_path, **_load_options(args))
+    options = _load_options(args)
+    manifest = model_path / checkpoint.MANIFEST
+    if not os.path.lexists(manifest):  # as the service, which finds its models so: a 404
+        raise UsageError(f"no model {args.model!r} in --model-dir {args.model_dir} (no {manifest})")
+    loaded = checkpoint.load(model_path, **options)
     predictor = Predictor(loaded, results_device="cpu")
     # As the service before its first request: a model whose input_shape does not fit its
     # network is named as the manifest's fault, not as the user's rows'.
-    warm_up(predictor, model_path / checkpoint.MANIFEST)
+    warm_up(predictor, manifest)
     x = convert.to_tensor(inputs, predictor)
     if not args.uncertainty:
         return convert.predict_response(predictor, predictor.predict(x))
@@ -418,29 +435,6 @@ def _positive(value: str) -> int:
     return number
 
 
-def _at_most(most: int) -> Callable[[str], int]:
-    """A count flag of at least 1 and at most ``most`` (argparse's usage error otherwise): a
-    count that sizes an allocation (rows, samples of each) without a limit of its own."""
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = 0
-        if not 1 <= number <= most:
-            raise argparse.ArgumentTypeError(
-                f"expected a positive integer of at most {most:_}, got {value!r}"
-            )
-        return number
-
-    return parse
-
-
-#: ``mcdrop check``'s bounds: a probe of the model, not a dataset's worth of rows or samples.
-_CHECK_MAX_ROWS = 64
-_CHECK_MAX_SAMPLES = 10_000
-
-
 def _index(value: str) -> int:
     """A class index flag: an integer of at least 0."""
     try:
@@ -472,7 +466,12 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="mcdrop", description="MC-dropout uncertainty service")
+    root = argparse.ArgumentParser(
+        prog="mcdrop",
+        description="MC-dropout uncertainty service",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = root.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
@@ -601,24 +600,31 @@ def parser() -> argparse.ArgumentParser:
     )
     check.add_argument("model_dir", type=Path, help="model directory (model.json + weights)")
     check.add_argument("--json", action="store_true", help="the report as JSON")
+    # The bounds are mcdrop.checking's MAX_SAMPLES and MAX_ROWS, which check() holds the flags
+    # to (importing them here would load torch for every command: a test holds the two equal).
     check.add_argument(
         "--n-samples",
-        type=_at_most(_CHECK_MAX_SAMPLES),
+        type=_positive,
         default=16,
-        help=f"samples of every example row (at most {_CHECK_MAX_SAMPLES:_})",
+        help="samples of every example row (at most 10_000)",
     )
     check.add_argument(
         "--rows",
-        type=_at_most(_CHECK_MAX_ROWS),
+        type=_positive,
         default=4,
         help="example rows (drawn from the model's examples.safetensors where it has one, "
-        f"else random; at most {_CHECK_MAX_ROWS})",
+        "else random; at most 64)",
     )
     check.add_argument("--seed", type=int, default=0, help="seed of the rows and samples")
     _add_setting_flags(check, ModelSettings)
     check.set_defaults(func=_check)
 
-    predict = sub.add_parser("predict", help="predict with a running service or a local model")
+    predict = sub.add_parser(
+        "predict",
+        help="predict with a running service or a local model",
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     predict.add_argument("model", help="model name")
     predict.add_argument(
         "--inputs", required=True, help="JSON list of rows, @file.json, or - for standard input"
@@ -666,28 +672,63 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def _model_rejected(exc: Exception) -> str | None:
-    """What to say of ``exc`` where a local model's own forward raised it on the rows given
-    (:func:`mcdrop.model_errors.raised_by_model`), as the service's ``model_rejected_input``
-    says it; None for any other error (or where mcdrop is not installed: the client alone)."""
-    try:
-        from mcdrop.model_errors import cause, raised_by_model
-    except ImportError:  # pragma: no cover (the client without the library)
+def _refused(exc: Exception) -> str | None:
+    """What to say of ``exc`` where it refuses the request as the caller's to fix (exit status
+    2), the same whether a local model or a service refused it: a command line to fix, a 4xx
+    answer of the service, or locally what the service answers with a 4xx (inputs or options
+    mcdrop refuses, values the model's own forward raises on: ``model_rejected_input``, in the
+    service's words); None for any other error."""
+    from service.client import APIError, InvalidRequestError, InvalidURLError
+
+    if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
+        return str(exc)
+    if isinstance(exc, APIError):
+        return str(exc) if 400 <= exc.status_code < 500 else None
+    if "mcdrop" not in sys.modules:  # the library never ran (--url): none of its errors
         return None
-    if not raised_by_model(exc):
-        return None
-    raised = cause(exc)
-    first = next((line.strip() for line in str(raised).splitlines() if line.strip()), "")
-    return (
-        f"the model raised {type(raised).__name__} on these inputs{': ' + first if first else ''} "
-        "(check that the values are within what the model takes, e.g. token ids within its "
-        "vocabulary)"
-    )
+    from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
+    from mcdrop.model_errors import raised_by_model
+
+    if isinstance(exc, InvalidInputError | InvalidArgumentError):
+        return str(exc)
+    if raised_by_model(exc):
+        from service.errors import rejected_message
+
+        return rejected_message(exc, "these inputs")
+    return None
+
+
+def _failed(exc: Exception) -> str | None:
+    """What to say of ``exc``, an expected failure that is not the request's (exit status 1):
+    the service's (a 5xx answer), the network's, a model directory's, the machine's (out of
+    memory, a device error, even inside the model's forward, as the service's 500); None for
+    anything else, a bug, whose traceback says more."""
+    from service.client import ClientError
+
+    if isinstance(exc, ClientError | OSError):
+        return str(exc)
+    if "mcdrop" in sys.modules:
+        from mcdrop.exceptions import McDropError
+        from mcdrop.model_errors import server_side
+
+        if server_side(exc):
+            from service.errors import first_line
+
+            said = first_line(exc)
+            return (
+                f"the machine failed running the model ({type(exc).__name__}"
+                f"{': ' + said if said else ''}): out of memory or a device error, not the "
+                "inputs' values; fewer rows or samples at a time need less memory"
+            )
+        if isinstance(exc, McDropError):
+            return str(exc)
+    return str(exc) if isinstance(exc, ValueError) else None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; errors are one line on standard error, never a traceback: exit status 2
-    for a command line to fix, 1 for a failure of the service or the model."""
+    """Run the command; errors are one line on standard error, never a traceback, with the exit
+    status of :data:`EXIT_STATUS`: 2 for a request refused as the caller's to fix, 1 for any
+    other failure."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them
@@ -696,24 +737,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # one clear line instead of a traceback for expected failures
-        from service.client import ClientError, InvalidRequestError, InvalidURLError
-
-        if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
-            print(f"mcdrop {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        said = _model_rejected(exc)
-        if said is not None:  # a local model's own forward refused the rows given
+        said = _refused(exc)
+        if said is not None:  # argparse's form, as its own usage errors (also exit 2)
             print(f"mcdrop {args.command}: error: {said}", file=sys.stderr)
             return 2
-        expected: tuple[type[BaseException], ...] = (ClientError, OSError, ValueError)
-        try:
-            from mcdrop.exceptions import McDropError
-
-            expected = (*expected, McDropError)
-        except ImportError:  # pragma: no cover
-            pass
-        if isinstance(exc, expected):
-            print(f"mcdrop: error: {exc}", file=sys.stderr)
+        said = _failed(exc)
+        if said is not None:
+            print(f"mcdrop: error: {said}", file=sys.stderr)
             return 1
         raise
 

@@ -110,11 +110,13 @@ __all__ = [
     "echo",
     "echo_list",
     "error_response",
+    "first_line",
     "install",
     "is_v2",
     "jsonable",
     "model_rejected",
     "public_message",
+    "rejected_message",
     "summary",
     "unexpected",
     "validation_details",
@@ -331,10 +333,36 @@ def summary(details: list[dict[str, Any]], total: int) -> str:
     return shown if total <= 5 else f"{shown}; and {total - 5} more"
 
 
-#: What a client whose inputs the model's forward refused should check.
-_CHECK_VALUES = (
-    "check that the values are within what the model takes, e.g. token ids within its vocabulary"
-)
+#: What a client whose inputs the model's forward refused should check: the values, and where
+#: the error is an index out of range (an ``nn.Embedding``'s), its ids.
+_CHECK_VALUES = "check that the values are within what the model takes"
+_CHECK_IDS = f"{_CHECK_VALUES}, e.g. token ids within its vocabulary"
+_INDEX_OUT_OF_RANGE = re.compile(r"\bindex\b.*\bout of (range|bounds)\b", re.IGNORECASE)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s text as a message quotes it: absolute paths cut to their
+    last component, the whole cut to :data:`MAX_ECHO_CHARS` ("" for none); never raises."""
+    try:
+        text = str(exc)
+    except Exception:  # a __str__ that raises: the exception's name says enough
+        return ""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return _cut(_ABSOLUTE_PATH.sub(r"\1", line))
+
+
+def rejected_message(exc: BaseException, inputs: str = "this request's inputs") -> str:
+    """What ``model_rejected_input`` says of ``exc``, raised by a model's own forward on
+    ``inputs`` (the service's and ``mcdrop predict --model-dir``'s words): the exception's name,
+    the first line of its text (:func:`first_line`), never its traceback, and what to check,
+    token ids only where it says an index is out of range (an ``nn.Embedding``'s)."""
+    exc = cause(exc)  # (a StopIteration named as itself)
+    said = first_line(exc)
+    index = isinstance(exc, IndexError) or _INDEX_OUT_OF_RANGE.search(said)
+    return (
+        f"the model raised {type(exc).__name__} on {inputs}{': ' + said if said else ''} "
+        f"({_CHECK_IDS if index else _CHECK_VALUES})"
+    )
 
 
 def model_rejected(exc: BaseException, model: str) -> ModelRejectedInputError | None:
@@ -345,9 +373,7 @@ def model_rejected(exc: BaseException, model: str) -> ModelRejectedInputError | 
 
     The service has checked the inputs' shape, dtype and finiteness, and the model has run on
     rows of its own at load: what its forward refuses now is almost always a value outside what
-    it takes (a token id past its vocabulary). The message names the exception and echoes the
-    first line of its text (absolute paths cut to their last component, the whole cut to
-    :data:`MAX_ECHO_CHARS`), never its traceback."""
+    it takes (a token id past its vocabulary). The message is :func:`rejected_message`'s."""
     if not raised_by_model(exc):
         return None
     exc = cause(exc)  # (a StopIteration named as itself)
@@ -358,15 +384,7 @@ def model_rejected(exc: BaseException, model: str) -> ModelRejectedInputError | 
         name,
         exc_info=exc,
     )
-    try:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    except Exception:  # a __str__ that raises: the exception's name says enough
-        lines = []
-    said = ": " + _cut(_ABSOLUTE_PATH.sub(r"\1", lines[0])) if lines else ""
-    return ModelRejectedInputError(
-        f"the model raised {name} on this request's inputs{said} ({_CHECK_VALUES})",
-        [{"field": "inputs", "type": name}],
-    )
+    return ModelRejectedInputError(rejected_message(exc), [{"field": "inputs", "type": name}])
 
 
 #: Native status -> the Open Inference Protocol's, where they differ.

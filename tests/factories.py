@@ -147,8 +147,10 @@ class Picky(nn.Module):
     says how it fails: ``"value"`` (that ValueError), ``"assert"`` (an ``assert``),
     ``"memory"`` (an allocation far past any memory: torch's "can't allocate memory"),
     ``"memory_error"`` (``MemoryError``), ``"stop_iteration"`` (``next`` of an empty iterator:
-    a ``StopIteration``, which a future refuses and a generator turns into a ``RuntimeError``)
-    or ``"system_exit"`` (``SystemExit``, which no server should obey)."""
+    a ``StopIteration``, which a future refuses and a generator turns into a ``RuntimeError``),
+    ``"system_exit"`` (``SystemExit``, which no server should obey) or ``"verbose"`` (a
+    ``ValueError`` whose text names an absolute path, runs past any echo and has a second
+    line)."""
 
     def __init__(
         self, in_features: int = 3, width: int = 5, bound: float = 100.0, error: str = "value"
@@ -170,6 +172,11 @@ class Picky(nn.Module):
                 next(iter(()))
             if self.error == "system_exit":
                 raise SystemExit(3)
+            if self.error == "verbose":
+                raise ValueError(
+                    f"an input above {self.bound}, see /srv/app/limits.txt: {'x' * 300}\n"
+                    '  File "/srv/app/net.py", line 3'
+                )
             raise ValueError(f"an input above {self.bound}: out of range")
         return self.net(x)
 

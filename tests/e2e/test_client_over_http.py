@@ -160,8 +160,8 @@ def test_the_cli_reads_url_and_key_from_the_environment(server: Server, key: str
         assert done.returncode == 0, done.stderr
         assert "digits" in done.stdout
     else:
-        assert done.returncode == 1
-        assert done.stderr.startswith("mcdrop: error: 401 unauthorized:")
+        assert done.returncode == 2  # a 4xx: the request (its missing key) to fix
+        assert done.stderr.startswith("mcdrop models: error: 401 unauthorized:")
         assert done.stderr.count("\n") == 1
 
 

@@ -4,6 +4,7 @@ that request, and the server serves on."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.cli import main
 from service.client import BadRequestError, Client
 from tests import factories
 from tests.conftest import only_the_bad_one_rejected, wait_for
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.slow
 GOOD = [[1, 2, 3, 4], [0, 9, 9, 0]]
 PAST = [[1, 2, 300, 4]]  # an id past the vocabulary of 10
 NEGATIVE = [[1, -2, 3, 4]]
+TRUSTED = ["--allowed-factories", "tests.factories"]
 
 
 @dataclass
@@ -98,6 +101,27 @@ def test_v2_ids_the_model_refuses_are_a_400_naming_its_error(server: Server, mod
     assert response.status_code == 400, response.text
     [message] = response.json().values()
     assert message.startswith("the model raised IndexError on this request's inputs: index out")
+
+
+def test_the_cli_says_what_it_says_of_the_same_model_run_locally(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mcdrop predict through --url and with --model-dir: the same words and exit status 2 (the
+    service's 422 exited 1, a local model's refusal 2)."""
+    argv = ["predict", "tokens", "--inputs", json.dumps(PAST)]
+    assert main([*argv, "--url", served.server.url]) == 2
+    remote = capsys.readouterr()
+    assert main([*argv, "--model-dir", str(served.gate.parent / "models"), *TRUSTED]) == 2
+    local = capsys.readouterr()
+    assert remote.out == local.out == ""
+    said = (
+        "the model raised IndexError on {}: index out of range in self (check that the values "
+        "are within what the model takes, e.g. token ids within its vocabulary)\n"
+    )
+    assert remote.err == "mcdrop predict: error: 422 model_rejected_input: " + said.format(
+        "this request's inputs"
+    )
+    assert local.err == "mcdrop predict: error: " + said.format("these inputs")
 
 
 def test_the_typed_client_reads_the_code(server: Server) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import mcdrop
-from mcdrop.checking import example_inputs
+from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
 from tests.factories import AlwaysDrops
@@ -58,7 +58,7 @@ def test_a_bundled_model_is_ok() -> None:
 
 def test_example_inputs_follow_the_input_normalisation() -> None:
     spec = mcdrop.load(MODELS / "diabetes").spec
-    x = example_inputs(spec, 200)
+    x = torch.cat([example_inputs(spec, 50, seed) for seed in range(4)])  # (MAX_ROWS at a time)
     assert x.shape == (200, 10)
     assert spec.input_normalization is not None
     mean = torch.tensor(spec.input_normalization.mean)
@@ -228,3 +228,31 @@ def test_heteroscedastic_outputs_are_named() -> None:
 def test_a_plain_module_needs_example_rows() -> None:
     with pytest.raises(mcdrop.InvalidArgumentError, match="needs example rows"):
         mcdrop.check(nn.Dropout(0.5))
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ({"n_rows": 10**12}, f"n_rows=1000000000000 is above a check's limit of {MAX_ROWS}"),
+        ({"n_rows": MAX_ROWS + 1}, f"n_rows={MAX_ROWS + 1} is above a check's limit"),
+        ({"n_rows": 0}, "n_rows must be at least 1, got 0"),
+        ({"n_rows": 2.0}, "n_rows must be an integer, got float"),
+        (
+            {"n_samples": 10**12},
+            f"n_samples=1000000000000 is above a check's limit of {MAX_SAMPLES:_}",
+        ),
+        ({"n_samples": 0}, "n_samples must be at least 1, got 0"),
+    ],
+)
+def test_check_bounds_its_rows_and_samples(counts: dict[str, object], message: str) -> None:
+    """A clear error naming the limit, before a row is made or the model runs (n_rows=10**12
+    tried to allocate terabytes of random rows)."""
+    loaded = mcdrop.load(MODELS / "diabetes")
+    with pytest.raises(mcdrop.InvalidArgumentError) as refused:
+        mcdrop.check(loaded, **counts)  # type: ignore[arg-type]
+    assert str(refused.value).startswith(message)
+    if "n_rows" in counts:
+        with pytest.raises(mcdrop.InvalidArgumentError, match=message):
+            example_inputs(loaded, counts["n_rows"])  # type: ignore[arg-type]
+    # The limits themselves are allowed.
+    assert mcdrop.check(loaded, n_rows=MAX_ROWS, n_samples=2, timed=False).n_rows == MAX_ROWS

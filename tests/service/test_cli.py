@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,11 @@ import torch
 
 import mcdrop
 from mcdrop import checkpoint
+from mcdrop.checking import MAX_ROWS, MAX_SAMPLES
 from mcdrop.nets import MLP
-from service.cli import main, parser
+from service.cli import EXIT_STATUS, main, parser
 from service.config import Settings
+from service.errors import rejected_message
 from tests import factories
 from tests.conftest import MODELS, ROOT, save_tokens
 
@@ -82,11 +84,12 @@ def test_local_auto_uncertainty(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2, as the service's 422 invalid_input through --url."""
     code, _, err = _run(
         capsys, "predict", "diabetes", "--model-dir", str(MODELS), "--inputs", "[[1, 2]]"
     )
-    assert code == 1
-    assert err.startswith("mcdrop: error:")
+    assert code == 2
+    assert err.startswith("mcdrop predict: error:")
     assert "[10]" in err
 
 
@@ -317,6 +320,11 @@ def test_url_from_the_environment(
         (["predict", "..", "--model-dir", str(MODELS / "digits"), "--inputs", "[[0]]"], "'..'"),
         (["predict", str(MODELS / "digits"), "--model-dir", "/", "--inputs", "[[0]]"], "name"),
         (["predict", "digits/", "--model-dir", str(MODELS), "--inputs", "[[0]]"], "'digits/'"),
+        # A name of no model there: the service's 404 model_not_found.
+        (
+            ["predict", "nosuch", "--model-dir", str(MODELS), "--inputs", "[[0]]"],
+            f"no model 'nosuch' in --model-dir {MODELS} (no {MODELS / 'nosuch' / 'model.json'})",
+        ),
         (["serve", "--port", "-1"], "port"),
         (["serve", "--device", "tpu"], "device: Value error, unknown device 'tpu'"),
         (["predict", "digits", "--model-dir", ".", "--device", "gpu", "--inputs", "[[0]]"], "gpu"),
@@ -474,6 +482,7 @@ def test_local_predict_on_a_model_that_raises_stop_iteration_says_so(
     code, out, err = _run(capsys, *argv)
     assert (code, out) == (2, "")
     assert err.startswith("mcdrop predict: error: the model raised StopIteration on these inputs")
+    assert err.endswith(" (check that the values are within what the model takes)\n")
     assert "Traceback" not in err
 
 
@@ -529,8 +538,9 @@ def test_local_predict_with_decisions(capsys: pytest.CaptureFixture[str]) -> Non
     assert body["reject_score"] == "std"
     row = body["results"][0]
     assert row["conformal_lower"][0] < row["mean"][0] < row["conformal_upper"][0]
+    # A decision the model cannot make: the service's 422 decision_unavailable, exit 2.
     code, _, err = _run(capsys, *argv, "--uncertainty", "--coverage", "0.999")
-    assert code == 1
+    assert code == 2
     assert "calibration rows" in err
 
 
@@ -669,21 +679,33 @@ def test_counts_below_1_are_usage_errors(
 
 
 @pytest.mark.parametrize(
-    ("flag", "most"), [("--rows", "64"), ("--n-samples", "10_000")], ids=["rows", "n-samples"]
+    ("flag", "name", "most"),
+    [("--rows", "n_rows", MAX_ROWS), ("--n-samples", "n_samples", MAX_SAMPLES)],
+    ids=["rows", "n-samples"],
 )
 def test_check_bounds_its_rows_and_samples(
-    capsys: pytest.CaptureFixture[str], flag: str, most: str
+    capsys: pytest.CaptureFixture[str], flag: str, name: str, most: int
 ) -> None:
-    """A usage error naming the bound, before the model loads or a row is made (--rows 10**12
-    made 10**12 random rows, --n-samples as many samples of each)."""
-    with pytest.raises(SystemExit) as usage:
-        main(["check", str(MODELS / "diabetes"), flag, str(10**12)])
-    assert usage.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1] == (
-        f"mcdrop check: error: argument {flag}: expected a positive integer of at most {most}, "
-        f"got '{10**12}'"
+    """The library's bound, in its words, before a row is made (--rows 10**12 made 10**12
+    random rows, --n-samples as many samples of each); the help names the same bound."""
+    code, out, err = _run(capsys, "check", str(MODELS / "diabetes"), flag, str(10**12))
+    assert (code, out) == (2, "")
+    assert err == (
+        f"mcdrop check: error: {name}={10**12} is above a check's limit of {most:_} (a probe of "
+        "the model)\n"
     )
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    assert f"at most {most:_})" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])
+def test_the_help_says_what_each_exit_status_means(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert EXIT_STATUS in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -698,8 +720,8 @@ def test_evaluate_names_ood_classes_the_model_lacks(
 ) -> None:
     argv = ["evaluate", str(MODELS / "digits"), "--no-plots", "--limit", "5", "--ood-classes"]
     code, out, err = _run(capsys, *argv, *classes)
-    assert (code, out) == (1, "")
-    assert err.startswith("mcdrop: error: ood_classes ")
+    assert (code, out) == (2, "")  # an argument to fix
+    assert err.startswith("mcdrop evaluate: error: ood_classes ")
     assert message in err
     assert err.count("\n") == 1
 
@@ -720,3 +742,117 @@ def test_serve_names_a_model_that_fails_to_load_without_a_traceback(tmp_path: Pa
         "(MCDROP_EXIT_ON_ERROR=false or --no-exit-on-error serves the others):\n"
         "  model 'diabetes': diabetes/model.json: 'tau' must be a positive number, got -1\n"
     ) in done.stderr
+
+
+def _save_picky(folder: Path, error: str) -> Path:
+    """A :class:`factories.Picky` model that fails as ``error`` says on a value above 100."""
+    torch.manual_seed(0)
+    mcdrop.save(
+        factories.Picky(error=error), folder, task="regression", input_shape=[3], labels=["y"],
+        factory="tests.factories:Picky", params={"error": error}, tau=1.0,
+    )  # fmt: skip
+    return folder
+
+
+@pytest.mark.parametrize("uncertainty", [False, True])
+@pytest.mark.parametrize("error", ["memory", "memory_error"])
+def test_local_predict_out_of_memory_in_the_forward_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, error: str, uncertainty: bool
+) -> None:
+    """The machine's failure, not the inputs' (the service's 500): exit 1, one line naming it,
+    no traceback (it was one)."""
+    _save_picky(tmp_path / "hungry", error)
+    argv = ["predict", "hungry", "--model-dir", str(tmp_path), "--inputs", "[[1000, 0, 0]]"]
+    argv += ["--allowed-factories", "tests.factories", *(["--uncertainty"] if uncertainty else [])]
+    code, out, err = _run(capsys, *argv)
+    assert (code, out) == (1, "")
+    name = "RuntimeError: [enforce fail" if error == "memory" else "MemoryError"
+    assert err.startswith(f"mcdrop: error: the machine failed running the model ({name}")
+    assert err.endswith(
+        "out of memory or a device error, not the inputs' values; fewer rows or samples at a "
+        "time need less memory\n"
+    )
+    assert err.count("\n") == 1
+
+
+def test_local_predict_says_what_the_service_says_of_the_models_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The service's message, its function's (first line only, cut, paths shortened), with no
+    token-id hint for a ValueError."""
+    folder = _save_picky(tmp_path / "verbose", "verbose")
+    argv = ["predict", "verbose", "--model-dir", str(tmp_path), "--inputs", "[[1000, 0, 0]]"]
+    code, out, err = _run(capsys, *argv, "--allowed-factories", "tests.factories")
+    assert (code, out) == (2, "")
+    loaded = mcdrop.load(folder, allowed_factories=["tests.factories"])
+    with pytest.raises(ValueError) as raised:
+        mcdrop.predict(loaded.module, torch.tensor([[1000.0, 0, 0]]))
+    said = rejected_message(raised.value, "these inputs")
+    assert err == f"mcdrop predict: error: {said}\n"
+    assert said == (
+        "the model raised ValueError on these inputs: an input above 100.0, see limits.txt: "
+        + "x" * 62
+        + "... (338 characters) (check that the values are within what the model takes)"
+    )
+
+
+class _Refuses(BaseHTTPRequestHandler):
+    """Answers every request with the service's JSON error that the model's name gives:
+    ``/models/422-model_rejected_input/predict`` is a 422 of that code."""
+
+    def do_POST(self) -> None:
+        status, code = self.path.split("/")[2].split("-", 1)
+        body = json.dumps(
+            {"error": {"code": code, "message": "as refused", "details": [], "request_id": "r"}}
+        ).encode()
+        self.send_response(int(status))
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:  # the test reads stderr
+        pass
+
+
+@pytest.fixture(scope="module")
+def refusing_server() -> Iterator[str]:
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Refuses) as server:
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "exit_status"),
+    [
+        (422, "model_rejected_input", 2),
+        (422, "invalid_input", 2),
+        (422, "limit_exceeded", 2),
+        (404, "model_not_found", 2),
+        (401, "unauthorized", 2),
+        (500, "internal_error", 1),
+        (503, "model_not_ready", 1),
+        (504, "deadline_exceeded", 1),
+    ],
+)
+def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
+    refusing_server: str,
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+    code: str,
+    exit_status: int,
+) -> None:
+    """A 4xx, the request refused as the caller's to fix, exits 2, as a local model's refusal
+    of the same inputs does; a 5xx exits 1 (a 422 model_rejected_input exited 1, its local twin
+    2)."""
+    model = f"{status}-{code}"
+    argv = ["predict", model, "--url", refusing_server, "--inputs", "[[0]]"]
+    got, out, err = _run(capsys, *argv)
+    assert (got, out) == (exit_status, "")
+    prefix = "mcdrop predict: error:" if exit_status == 2 else "mcdrop: error:"
+    assert err == f"{prefix} {status} {code}: as refused\n"

@@ -683,22 +683,52 @@ def test_only_the_request_whose_ids_the_model_refuses_fails(tmp_path: Path) -> N
 
 
 class _Says(torch.nn.Module):
-    """A forward that raises ValueError with ``text``."""
+    """A forward that raises ``kind`` (ValueError) with ``text``."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, kind: type[Exception] = ValueError) -> None:
         super().__init__()
         self.text = text
+        self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise ValueError(self.text)
+        raise self.kind(self.text)
 
 
-def _from_the_forward(text: str) -> BaseException:
+def _from_the_forward(text: str, kind: type[Exception] = ValueError) -> BaseException:
     try:
-        mcdrop.predict(_Says(text), torch.ones(1, 3))
-    except ValueError as exc:
+        mcdrop.predict(_Says(text, kind), torch.ones(1, 3))
+    except kind as exc:
         return exc
     raise AssertionError("the forward raised nothing")
+
+
+#: What model_rejected_input says to check: the values, and the ids where an index is out of
+#: range (an embedding's).
+CHECK_VALUES = "(check that the values are within what the model takes)"
+CHECK_IDS = (
+    "(check that the values are within what the model takes, e.g. token ids within its vocabulary)"
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "hint"),
+    [
+        (IndexError, "index out of range in self", CHECK_IDS),
+        (IndexError, "list index out of range", CHECK_IDS),
+        (RuntimeError, "index 7 is out of bounds for dimension 0 with size 5", CHECK_IDS),
+        (ValueError, "an input above 100: out of range", CHECK_VALUES),
+        (AssertionError, "", CHECK_VALUES),
+        (TypeError, "expected a category in (a, b)", CHECK_VALUES),
+    ],
+)
+def test_the_hint_fits_the_models_error(kind: type[Exception], text: str, hint: str) -> None:
+    """Token ids only where an index is out of range (every message ended with them)."""
+    rejected = errors.model_rejected(_from_the_forward(text, kind), "m")
+    assert rejected is not None
+    said = f": {text}" if text else ""
+    assert rejected.message == (
+        f"the model raised {kind.__name__} on this request's inputs{said} {hint}"
+    )
 
 
 def test_the_models_words_are_echoed_cut_first_line_only() -> None:
