@@ -142,7 +142,9 @@ class TimedHttpProtocol(HttpToolsProtocol):
         code = int(status.split(b" ", 1)[0])
         response = errors.error_response(code, errors.ErrorCode.HTTP_ERROR, message, path=path)
         head = [b"HTTP/1.1 %s\r\n" % status]
-        head += [b"%s: %s\r\n" % (k, v) for k, v in response.raw_headers]
+        # uvicorn's own headers first (date, server), as on every response it sends
+        every = [*self.server_state.default_headers, *response.raw_headers]
+        head += [b"%s: %s\r\n" % (k, v) for k, v in every]
         self._answer_last(
             b"".join([*head, b"connection: close\r\n\r\n", response.body]), linger=linger
         )

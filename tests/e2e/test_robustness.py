@@ -319,6 +319,7 @@ def test_oversized_headers_get_431_and_the_connection_closes(server: Server) -> 
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431 ")
     assert (b"content-type", b"application/json") in _fields(head)
+    assert {b"date", b"server"} <= dict(_fields(head)).keys()  # (as every response of uvicorn's)
     error = json.loads(body)["error"]
     assert error["code"] == "http_error"
     assert "max_header_bytes" in error["message"]
@@ -345,6 +346,7 @@ def test_bytes_that_are_not_http_get_a_json_400_and_the_server_serves_on(
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), received[:200]
     assert (b"content-type", b"application/json") in _fields(head)
+    assert {b"date", b"server"} <= dict(_fields(head)).keys()  # (as every response of uvicorn's)
     error = json.loads(body)["error"]
     message = error if isinstance(error, str) else error["message"]  # (v2: a string)
     assert "not valid HTTP/1.1" in message
