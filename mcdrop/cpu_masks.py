@@ -466,21 +466,30 @@ def row_keys(values: np.ndarray, seed: int) -> Tensor | None:
     under ``seed`` (an int in [0, 2**63)), with their finiteness check, in one compiled call:
     ``(N,)`` int64 keys, or None where a value is not finite. For rows of up to
     :data:`SHORT_ROW` values (:func:`mcdrop.masks.keys_of_bytes` past it)."""
+    keys = row_key_array(values, seed)
+    return None if keys is None else torch.from_numpy(keys)
+
+
+def row_key_array(values: np.ndarray, seed: int) -> np.ndarray | None:
+    """:func:`row_keys` as a NumPy ``(N,)`` int64 array (for a fast pass, whose compiled calls
+    take arrays: a tensor between them costs ~2 µs a call)."""
     n = values.shape[0]
     out = np.empty(n, dtype=np.uint64)
     if not _row_keys(values.view(np.uint32).reshape(n, -1), np.uint64(seed), out):
         return None
-    return torch.from_numpy(out.view(np.int64))
+    return out.view(np.int64)
 
 
-def _u64(keys: Tensor) -> np.ndarray:
+def _u64(keys: Tensor | np.ndarray) -> np.ndarray:
     """The keys' bits as a contiguous ``uint64`` array (one compiled signature for all)."""
-    u = keys.numpy().view(np.uint64)  # int64 keys: never part of an autograd graph
+    # int64 keys: never part of an autograd graph
+    u = (keys if isinstance(keys, np.ndarray) else keys.numpy()).view(np.uint64)
     return u if u.flags.c_contiguous else np.ascontiguousarray(u)
 
 
-def sample_keys(keys: Tensor, first_sample: int, n_samples: int) -> Tensor:
-    """:func:`mcdrop.masks.sample_keys` for ``(N,)`` CPU keys: ``(n_samples · N,)`` int64."""
+def sample_keys(keys: Tensor | np.ndarray, first_sample: int, n_samples: int) -> Tensor:
+    """:func:`mcdrop.masks.sample_keys` for ``(N,)`` CPU keys (a tensor or an int64 array):
+    ``(n_samples · N,)`` int64."""
     out = np.empty(n_samples * keys.shape[0], dtype=np.uint64)
     _sample_keys(_u64(keys), first_sample, n_samples, out)
     return torch.from_numpy(out.view(np.int64))
@@ -575,20 +584,20 @@ class FusedPass:
 
     def make(
         self,
-        keys: Tensor,
+        keys: Tensor | np.ndarray,
         first_sample: int,
         n_samples: int,
         shapes: Sequence[tuple[int, ...] | None] | None = None,
     ) -> list[Tensor]:
         """Each call's ``n_samples · N · n`` multipliers of samples ``first_sample ..`` of the
-        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU), flat, or of the
-        call's shape in ``shapes`` (None: flat), its activation's (a pass views a flat one as
-        that)."""
+        rows whose keys are ``keys`` ``(N,)`` (int64, contiguous, on the CPU: a tensor or an
+        array), flat, or of the call's shape in ``shapes`` (None: flat), its activation's (a
+        pass views a flat one as that)."""
+        if not isinstance(keys, np.ndarray):
+            keys = keys.numpy()
         end, bounds = self._layout(n_samples * keys.shape[0])
         out = np.empty(end, dtype=self.scales.dtype)
-        _pass_multipliers(
-            keys.numpy(), first_sample, n_samples, self.params, self.scales, self.align, out
-        )
+        _pass_multipliers(keys, first_sample, n_samples, self.params, self.scales, self.align, out)
         # NumPy's flat slices, shaped by NumPy (torch's own slicing, split or view cost 2-3x the
         # time, µs a call)
         if shapes is None:

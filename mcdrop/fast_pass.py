@@ -31,6 +31,7 @@ from itertools import repeat
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -178,8 +179,9 @@ class FastPass:
         except (RuntimeError, TypeError):
             return None
         seen = modes.switches
+        # (the row keys as an array: the compiled calls after take arrays)
         if self.short:  # the keys and the finiteness check in one compiled call
-            keys = self.kernels.row_keys(values, seed)
+            keys = self.kernels.row_key_array(values, seed)
             finite = keys is not None
         else:
             finite = self.kernels.finite_state(values)
@@ -194,14 +196,15 @@ class FastPass:
         if not self.short:
             # the bytes masks.row_keys hashes: -0.0 written as 0.0
             data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
-            keys = masks.keys_of_bytes(data, self.n_rows, seed)
+            keys = masks.key_array_of_bytes(data, self.n_rows, seed)
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
         # contiguous, as sample returns a single pass's (channels-last weights make a
         # convolution's output another layout); the copy in inference mode, where the general
-        # path makes its samples: an inference tensor as theirs
-        y = y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
+        # path makes its samples: an inference tensor as theirs. (One sample: indexing views
+        # it in a third of reshape's time.)
+        y = y[None] if self.n_samples == 1 else y.reshape(self.n_samples, self.n_rows, *y.shape[1:])
         if y.is_contiguous():
             return y
         with _inference_mode(True):
@@ -217,9 +220,9 @@ class FastPass:
         """Whether nothing that the pass depends on changed since it was made."""
         raise NotImplementedError
 
-    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
-        """The pass's ``(S · N, K...)`` outputs from the rows and their keys ``(N,)`` (None
-        where it did not apply after all)."""
+    def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
+        """The pass's ``(S · N, K...)`` outputs from the rows and their keys ``(N,)`` int64
+        (None where it did not apply after all)."""
         raise NotImplementedError
 
 
@@ -280,7 +283,7 @@ class ChainPass(FastPass):
             return False
         return all(layer.p == p for layer, p in self.rates)
 
-    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
+    def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         # As planning.run_chain_pass: the caller's rows themselves only where the chain's first
         # step writes a new tensor, one pass of them is all it needs, and they are laid out as
         # a copy would be (sampling_context.fresh_layout).
@@ -387,7 +390,7 @@ class RoutedPass(ForwardPass):
             for call in plan.calls
         )
 
-    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
+    def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         inputs = self._inputs(x)
         with _inference_mode(True):  # (inference tensors: as ChainPass._pass's multipliers)
             made = self._made_now(keys)
@@ -409,7 +412,7 @@ class RoutedPass(ForwardPass):
             return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
 
     def _made_now(
-        self, keys: Tensor
+        self, keys: np.ndarray
     ) -> list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None:
         """Per call of the plan, in call order: a made call's module (or function call), its
         rate now, its input's shape and its multipliers (flat) made from the row keys ``(N,)``
@@ -513,7 +516,7 @@ class ModePass(ForwardPass):
         super().__init__(plan, model, kernels, key, share)
         self.encoders = plan.encoders
 
-    def _pass(self, model: nn.Module, x: Tensor, keys: Tensor) -> object:
+    def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         # As planning.run_pass's pass under the mode
         inputs = self._inputs(x)
         samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)

@@ -335,41 +335,51 @@ _NEGATIVE_ZERO = np.uint32(0x8000_0000)  # -0.0's bits
 
 def keys_of_bytes(data: bytes, n: int, seed: int | Tensor) -> Tensor:
     """:func:`row_keys` of ``n`` rows whose bytes, one row after another, are ``data``."""
+    if not isinstance(seed, Tensor):
+        return torch.from_numpy(key_array_of_bytes(data, n, seed))
     size = len(data) // n if n else 0
     rows = memoryview(data)
+    try:
+        seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
+    except OverflowError:  # checked here, where it costs nothing on the common path
+        raise InvalidArgumentError(
+            f"per-row seeds must be between 0 and 2**63 - 1, got {seed.tolist()}"
+        ) from None
+    if len(seeds) != n:
+        raise InvalidArgumentError(f"per-row seeds must have shape ({n},)")
     # The digests' bytes read as little-endian int64: one array, no Python int per row.
-    if isinstance(seed, Tensor):
-        try:
-            seeds = [s.to_bytes(8, "little") for s in seed.tolist()]
-        except OverflowError:  # checked here, where it costs nothing on the common path
-            raise InvalidArgumentError(
-                f"per-row seeds must be between 0 and 2**63 - 1, got {seed.tolist()}"
-            ) from None
-        if len(seeds) != n:
-            raise InvalidArgumentError(f"per-row seeds must have shape ({n},)")
-        digests = b"".join(
-            hashlib.blake2b(rows[i * size : (i + 1) * size], digest_size=8, key=s).digest()
-            for i, s in enumerate(seeds)
-        )
-    else:
-        key = seed.to_bytes(8, "little")
-        if n == 1:
-            digests = hashlib.blake2b(data, digest_size=8, key=key).digest()
-        else:
-            # One keyed state, copied per row: the key's block is hashed once, not per row
-            # (32 rows of 13 values: 29 -> 20 µs).
-            copy = hashlib.blake2b(digest_size=8, key=key).copy
-            digests_of_rows = []
-            for i in range(n):
-                state = copy()
-                state.update(rows[i * size : (i + 1) * size])
-                digests_of_rows.append(state.digest())
-            digests = b"".join(digests_of_rows)
+    digests = b"".join(
+        hashlib.blake2b(rows[i * size : (i + 1) * size], digest_size=8, key=s).digest()
+        for i, s in enumerate(seeds)
+    )
     if not digests:  # no rows (torch.frombuffer takes no empty buffer)
         return torch.empty(0, dtype=torch.int64)
     # A writable buffer, which the tensor shares without a copy (the machine is little-endian,
     # as the byte views of the masks assume).
     return torch.frombuffer(bytearray(digests), dtype=torch.int64)
+
+
+def key_array_of_bytes(data: bytes, n: int, seed: int) -> np.ndarray:
+    """:func:`keys_of_bytes` under one int ``seed``, as a NumPy ``(n,)`` int64 array (a fast
+    pass's compiled calls take arrays: a tensor between them costs ~2 µs a call)."""
+    key = seed.to_bytes(8, "little")
+    if n == 1:
+        digests = hashlib.blake2b(data, digest_size=8, key=key).digest()
+    else:
+        # One keyed state, copied per row: the key's block is hashed once, not per row
+        # (32 rows of 13 values: 29 -> 20 µs).
+        size = len(data) // n if n else 0
+        rows = memoryview(data)
+        copy = hashlib.blake2b(digest_size=8, key=key).copy
+        digests_of_rows = []
+        for i in range(n):
+            state = copy()
+            state.update(rows[i * size : (i + 1) * size])
+            digests_of_rows.append(state.digest())
+        digests = b"".join(digests_of_rows)
+    # The digests' bytes read as little-endian int64 (as the byte views of the masks assume),
+    # from a writable buffer, which the array shares without a copy.
+    return np.frombuffer(bytearray(digests), dtype=np.int64)
 
 
 def sample_keys(
