@@ -275,10 +275,11 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     tensor = codec.the_input(parsed.header, predictor)
     rows = codec.rows_of(tensor, predictor)
     dataplane.check_rows(rows, settings)
+    # None named (no "outputs", or [] as Triton reads it): the default outputs.
     requested = (
-        None
-        if parsed.header.outputs is None
-        else [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
+        [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
+        if parsed.header.outputs
+        else None
     )
     auto = params.n_samples == "auto"
     decision = (

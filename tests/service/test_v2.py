@@ -275,6 +275,23 @@ def test_samples_only_when_named(http: TestClient) -> None:
     np.testing.assert_allclose(samples.mean(0), out.as_numpy("probabilities"), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "parameters",
+    [{"n_samples": 20, "seed": 0}, {"mode": "predict"}],
+    ids=["uncertainty", "predict"],
+)
+def test_an_empty_outputs_list_gives_the_default_outputs(
+    http: TestClient, parameters: dict[str, Any]
+) -> None:
+    # As Triton reads "outputs": [] (no output named: all of them); it gave none.
+    named_none = result(infer(http, "digits", [tensor(DIGITS[:2])], parameters=parameters))
+    empty = result(
+        infer(http, "digits", [tensor(DIGITS[:2])], parameters=parameters, outputs=[])
+    ).get_response()
+    assert empty == named_none.get_response()
+    assert empty["outputs"]
+
+
 AUTO = {"n_samples": "auto", "tolerance": 0.02, "max_n_samples": 300, "seed": 3}
 
 
