@@ -129,7 +129,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     coding = _CODINGS.get(encoding.strip().lower())
     if coding is None:
         raise MalformedRequestError(
-            f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none"
+            f"Content-Encoding {echo(encoding)} is not supported; send gzip, deflate or none"
         )
     name, wbits = coding
     view = memoryview(body)
