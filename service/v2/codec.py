@@ -124,7 +124,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     sends; names case-insensitive), at most ``limit`` bytes of it. A gzip body may be several
     members, inflated one after another (RFC 1952 section 2.2); any other bytes after the end of
     the compressed data are an error."""
-    if encoding is None or encoding.strip().lower() == "identity":
+    if encoding is None or encoding.strip().lower() in ("", "identity"):  # as the native routes
         return body
     coding = _CODINGS.get(encoding.strip().lower())
     if coding is None:

@@ -793,6 +793,50 @@ def test_malformed_body_is_a_clear_400(
     assert words in response.json()["error"]
 
 
+_BINARY_BODY, _BINARY_HEADERS = _binary_case(FLOATS)
+_LENGTH = _BINARY_HEADERS["Inference-Header-Content-Length"]
+
+
+# A header sent on several lines is read whole, its values joined by ", " (RFC 9110 section
+# 5.3): only the first line was read, so a request its proxy may read otherwise was answered.
+@pytest.mark.parametrize(
+    ("field", "values", "body", "words"),
+    [
+        (
+            "Inference-Header-Content-Length",
+            [_LENGTH, "5"],
+            _BINARY_BODY,
+            f"must be a byte count (the JSON header's length, at most 15 ASCII digits), got "
+            f"'{_LENGTH}, 5'",
+        ),
+        ("Content-Encoding", ["gzip", "gzip"], gzip.compress(_predict_body()), "'gzip, gzip'"),
+        (
+            "Content-Encoding",
+            ["identity", "gzip"],
+            gzip.compress(_predict_body()),
+            "'identity, gzip' is not supported",
+        ),
+    ],
+    ids=["length", "gzip twice", "identity then gzip"],
+)
+def test_a_header_on_several_lines_is_read_whole(
+    http: TestClient, field: str, values: list[str], body: bytes, words: str
+) -> None:
+    response = http.post(
+        "/v2/models/diabetes/infer", content=body, headers=[(field, v) for v in values]
+    )
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+
+
+def test_an_empty_content_encoding_is_none(http: TestClient) -> None:
+    # As the native routes read it: an empty list of codings (it was "not supported").
+    response = http.post(
+        "/v2/models/digits/infer", content=_predict_body(), headers={"content-encoding": ""}
+    )
+    assert output(result(response), "label").tolist() == ["0"]
+
+
 def test_limits_in_the_v2_shape(http: TestClient, settings: Settings) -> None:
     large = json.dumps(_json(_input(shape=[20_000, 10], data=_row(200_000)))).encode()
     assert len(large) > settings.max_body_bytes
