@@ -116,8 +116,8 @@ class InferParameters(_Strict):
         "the server's max_n_samples if lower)",
     )
     seed: Seed | None = Field(None, description="reproducible samples")
-    level: float | None = Field(
-        None, gt=0.0, lt=1.0, description="level of the central interval (default 0.95)"
+    level: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
+        None, description="level of the central interval (default 0.95)"
     )
     binary_data_output: bool = Field(False, description="every output as binary data")
     timeout: Timeout | None = Field(

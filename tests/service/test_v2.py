@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import math
 import zlib
 from pathlib import Path
 from typing import Any
@@ -749,6 +750,15 @@ def test_rows_nested_flat_for_a_model_of_images_are_named_so(http: TestClient) -
     assert response.status_code == 400, response.text
     expected = "data is nested as shape [1, 784], but its shape is [1, 28, 28]"
     assert expected in response.json()["error"]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_level_that_is_not_finite_is_named_so(http: TestClient, value: float) -> None:
+    # As every other float parameter (NaN was told "Input should be less than 1").
+    body = json.dumps(_json(parameters={"level": value}))  # NaN, Infinity: pydantic reads them
+    response = http.post("/v2/models/diabetes/infer", content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "parameters.level: Input should be a finite number"
 
 
 def test_integers_may_be_written_as_floats(http: TestClient) -> None:
