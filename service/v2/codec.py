@@ -288,7 +288,8 @@ def _adapter(kind: str, rank: int, lo: int = 0, hi: int = 0) -> TypeAdapter[Any]
         "bool": bool,
     }[kind]
     for _ in range(rank):
-        element = list[element]
+        # At the first invalid value (an error for each of 784 000 strings took 6-6.5 s).
+        element = Annotated[list[element], Field(fail_fast=True)]
     return TypeAdapter(element)
 
 
