@@ -39,9 +39,11 @@ InputFloat = Annotated[
 def _rows_adapter(rank: int) -> TypeAdapter[Any]:
     """Validator of a batch of rows nested ``rank`` deep: numbers only (no strings, no bools)."""
     row: Any = InputFloat
+    # Each list at its first invalid item, the rest unread (pydantic's error for each of
+    # fashion's 1000 rows of strings, 784 000, took 3.9-4.5 s, the GIL held).
     for _ in range(rank):
-        row = list[row]
-    return TypeAdapter(list[row])
+        row = Annotated[list[row], Field(fail_fast=True)]
+    return TypeAdapter(Annotated[list[row], Field(fail_fast=True)])
 
 
 def to_tensor(inputs: list[Any], predictor: Predictor) -> Tensor:

@@ -263,22 +263,23 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     handle = _handle(registry, request)
     spec, predictor = handle.spec, handle.predictor
     body = codec.decompress(
-        await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes
+        await request.body(), _header(request, "content-encoding"), settings.max_body_bytes
     )
     parsed = await dataplane.off_loop(
         len(body) > dataplane.LARGE_BODY_BYTES,
         codec.parse_request,
         body,
-        request.headers.get(codec.HEADER_LENGTH),
+        _header(request, codec.HEADER_LENGTH),
     )
     params = parsed.parameters
     tensor = codec.the_input(parsed.header, predictor)
     rows = codec.rows_of(tensor, predictor)
     dataplane.check_rows(rows, settings)
+    # None named (no "outputs", or [] as Triton reads it): the default outputs.
     requested = (
-        None
-        if parsed.header.outputs is None
-        else [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
+        [(o.name, o.parameters.binary_data) for o in parsed.header.outputs]
+        if parsed.header.outputs
+        else None
     )
     auto = params.n_samples == "auto"
     decision = (
@@ -377,6 +378,14 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         media_type=codec.BINARY_TYPE,
         headers={"Inference-Header-Content-Length": str(header_length)},
     )
+
+
+def _header(request: Request, name: str) -> str | None:
+    """The header ``name``, its lines joined by ", " as RFC 9110 section 5.3 combines them (None
+    if absent): a second line is read, not dropped, so that a length or coding sent twice is
+    refused as the list it is rather than read as its first value."""
+    values = request.headers.getlist(name)
+    return ", ".join(values) if values else None
 
 
 def _encode(
