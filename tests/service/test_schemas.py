@@ -34,6 +34,15 @@ def test_not_an_integer_or_out_of_range_is_refused(text: str) -> None:
         schemas.UncertaintyRequest.model_validate_json(f'{{"inputs": [[0]], "n_samples": {text}}}')
 
 
+@pytest.mark.parametrize("field", ["level", "coverage", "reject_rate", "tolerance"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_float_option_that_is_not_finite_is_named_so(field: str, bad: float) -> None:
+    # (a NaN level was told "Input should be less than 1")
+    with pytest.raises(ValidationError) as refused:
+        schemas.UncertaintyRequest.model_validate({"inputs": [[0.0]], field: bad})
+    assert refused.value.errors()[0]["msg"] == "Input should be a finite number"
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_a_response_never_carries_a_non_finite_number(bad: float) -> None:
     with pytest.raises(ValidationError):

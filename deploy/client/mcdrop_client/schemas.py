@@ -272,7 +272,9 @@ class UncertaintyRequest(PredictRequest):
             "the row (default: a fresh random seed, reported in the response)"
         ),
     )
-    level: float = Field(0.95, gt=0.0, lt=1.0, description="level of the central interval")
+    level: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] = Field(
+        0.95, description="level of the central interval"
+    )
     return_samples: bool = Field(False, description="include every sample of every row")
     reject_rate: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)] | None = Field(
         None,
