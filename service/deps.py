@@ -30,3 +30,11 @@ def registry_and_settings(request: Request) -> tuple[Registry, Settings]:
     keys, about 50 µs of a one-row request's CPU, as much as a third of its model work)."""
     state = request.app.state
     return state.registry, state.settings
+
+
+def header_lines(request: Request, name: str) -> str | None:
+    """The header ``name``, its lines joined by ", " as RFC 9110 section 5.3 combines them (None
+    if absent): a second line is read, not dropped, so that a length or coding sent twice is
+    refused as the list it is rather than read as its first value."""
+    values = request.headers.getlist(name)
+    return ", ".join(values) if values else None

@@ -33,7 +33,7 @@ from mcdrop import fresh_seed
 from service import convert, dataplane, schemas
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
-from service.deps import RegistryDep, SettingsDep, registry_and_settings
+from service.deps import RegistryDep, SettingsDep, header_lines, registry_and_settings
 from service.errors import ServiceError, UnsupportedMediaTypeError, echo
 from service.registry import ModelHandle, Registry
 
@@ -185,7 +185,7 @@ async def require_identity(request: Request) -> None:
     """415 for a compressed body (Content-Encoding): the native routes do not inflate (only the
     Open Inference Protocol's infer takes gzip and deflate, as Triton's client sends them), so
     gzip bytes are refused as such rather than read as JSON. ``identity`` passes, in any case."""
-    encoding = request.headers.get("content-encoding")
+    encoding = header_lines(request, "content-encoding")  # (a coding on a second line too)
     if encoding is None or encoding.strip().lower() in ("", "identity"):
         return
     raise UnsupportedMediaTypeError(

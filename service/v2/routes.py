@@ -23,7 +23,7 @@ from mcdrop.predictor import Prediction, Summary
 from service import dataplane
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
-from service.deps import RegistryDep, registry_and_settings
+from service.deps import RegistryDep, header_lines, registry_and_settings
 from service.errors import ModelNotFoundError, echo
 from service.registry import ModelHandle, Registry
 from service.v2 import codec, outputs, schemas
@@ -263,13 +263,13 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     handle = _handle(registry, request)
     spec, predictor = handle.spec, handle.predictor
     body = codec.decompress(
-        await request.body(), _header(request, "content-encoding"), settings.max_body_bytes
+        await request.body(), header_lines(request, "content-encoding"), settings.max_body_bytes
     )
     parsed = await dataplane.off_loop(
         len(body) > dataplane.LARGE_BODY_BYTES,
         codec.parse_request,
         body,
-        _header(request, codec.HEADER_LENGTH),
+        header_lines(request, codec.HEADER_LENGTH),
     )
     params = parsed.parameters
     tensor = codec.the_input(parsed.header, predictor)
@@ -378,14 +378,6 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         media_type=codec.BINARY_TYPE,
         headers={"Inference-Header-Content-Length": str(header_length)},
     )
-
-
-def _header(request: Request, name: str) -> str | None:
-    """The header ``name``, its lines joined by ", " as RFC 9110 section 5.3 combines them (None
-    if absent): a second line is read, not dropped, so that a length or coding sent twice is
-    refused as the list it is rather than read as its first value."""
-    values = request.headers.getlist(name)
-    return ", ".join(values) if values else None
 
 
 def _encode(

@@ -606,6 +606,22 @@ def test_a_compressed_body_is_415_naming_the_encoding(
     assert "/v2" in error["message"]
 
 
+def test_a_coding_on_a_second_header_line_is_read(http: TestClient) -> None:
+    # Two lines are one list (RFC 9110 section 5.3): only the first was read, and gzip bytes
+    # after "identity" were parsed as JSON
+    body = gzip.compress(json.dumps({"inputs": [PATIENT]}).encode())
+    headers = [
+        ("content-type", "application/json"),
+        ("content-encoding", "identity"),
+        ("content-encoding", "gzip"),
+    ]
+    response = http.post("/models/diabetes/predict", content=body, headers=headers)
+    assert response.status_code == 415, response.text
+    assert (
+        "Content-Encoding 'identity, gzip' is not supported" in response.json()["error"]["message"]
+    )
+
+
 @pytest.mark.parametrize("encoding", ["identity", "Identity"])
 def test_identity_encoding_is_read(http: TestClient, encoding: str) -> None:
     response = http.post(
