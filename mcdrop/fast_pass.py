@@ -374,10 +374,11 @@ class RoutedPass(ForwardPass):
         )
         # (call index, multipliers per row, the module or function call that makes it)
         self.made_calls = tuple((call.index, n, caller) for call, caller, n in sizes if n)
+        # per rates: the compiled maker (cpu_masks.FusedPass: numba's, loaded) and its calls
         self._made: dict[
             tuple[float, ...],
             tuple[
-                masks.PassMultipliers | None,
+                Any,
                 tuple[tuple[int, Any, float, torch.Size], ...],
                 tuple[tuple[int, ...] | None, ...],
             ],
@@ -392,23 +393,23 @@ class RoutedPass(ForwardPass):
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         inputs = self._inputs(x)
-        with _inference_mode(True):  # (inference tensors: as ChainPass._pass's multipliers)
-            made = self._made_now(keys)
-        ctx: SamplingContext
-        if made is not None:
-            # the made calls' multipliers straight to their routes: no context's dropout, and no
-            # sample keys but for a call made in the pass (an attention's, a recurrent kernel's)
-            # or one they do not fit, whose keys are made then
-            ctx = MadeContext(
-                made,
-                self.replicas,
-                self.calls,
-                lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
-            )
-        else:
-            samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
-            ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
+        # (the multipliers made in inference mode: inference tensors, as ChainPass._pass's)
         with _inference_mode(True):
+            made = self._made_now(keys)
+            ctx: SamplingContext
+            if made is not None:
+                # the made calls' multipliers straight to their routes: no context's dropout,
+                # and no sample keys but for a call made in the pass (an attention's, a
+                # recurrent kernel's) or one they do not fit, whose keys are made then
+                ctx = MadeContext(
+                    made,
+                    self.replicas,
+                    self.calls,
+                    lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
+                )
+            else:
+                samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
+                ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
             return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
 
     def _made_now(
@@ -426,10 +427,10 @@ class RoutedPass(ForwardPass):
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
                 self._made.clear()
             found = self._made[rates] = self._maker(rates)
-        made, table, shapes = found
-        if made is None:
+        fused, table, shapes = found
+        if fused is None:
             return None
-        values = made.compiled().make(keys, self.first_sample, self.n_samples, shapes)
+        values = fused.make(keys, self.first_sample, self.n_samples, shapes)
         out: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(self.calls)
         for (call, module, p, shape), v in zip(table, values, strict=True):
             out[call] = (module, p, shape, v)
@@ -438,14 +439,15 @@ class RoutedPass(ForwardPass):
     def _maker(
         self, rates: tuple[float, ...]
     ) -> tuple[
-        masks.PassMultipliers | None,
+        Any,
         tuple[tuple[int, Any, float, torch.Size], ...],
         tuple[tuple[int, ...] | None, ...],
     ]:
-        """The multipliers' maker for the made calls at ``rates`` (None where numba
-        does not make them in one call), each made call's index, module, rate and input shape,
-        and the shape its multipliers are made in (:func:`apply_multipliers`' own; None: flat,
-        where the call replicates its input)."""
+        """The multipliers' compiled maker for the made calls at ``rates``
+        (:meth:`masks.PassMultipliers.compiled`; None where numba does not make them in one
+        call), each made call's index, module, rate and input shape, and the shape its
+        multipliers are made in (:func:`apply_multipliers`' own; None: flat, where the call
+        replicates its input)."""
         calls = tuple(
             (i, n, p) for (i, n, _), p in zip(self.made_calls, rates, strict=True)
             if 0.0 < p < 1.0
@@ -455,7 +457,7 @@ class RoutedPass(ForwardPass):
             return None, (), ()
         table = tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
         shapes = tuple(self._made_shape(i, n) for i, n, _ in calls)
-        return made, table, shapes
+        return made.compiled(), table, shapes
 
     def _made_shape(self, call: int, n: int) -> tuple[int, ...] | None:
         """The shape call ``call``'s ``n`` multipliers per row are applied in: its input's, or
