@@ -395,7 +395,7 @@ def save(
         if problem := examples_problem(example_inputs, spec.input_shape):
             raise CheckpointError(f"{directory / EXAMPLES}: {problem}")
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    state = _own_memory(net.state_dict())
     # One metadata key: safetensors writes its map in hash order, and files should be
     # byte-for-byte reproducible.
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -408,6 +408,27 @@ def save(
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=False) + "\n"
     (directory / MANIFEST).write_text(text)
     return directory
+
+
+def _own_memory(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state``'s tensors, detached and contiguous, none sharing memory with another.
+
+    Why: safetensors refuses tensors that share memory, and tied weights do (one Parameter in
+    two modules, as a language model ties its output layer to its embedding, or one module
+    under two names). Each name after the first gets a copy: the file holds the tensor once per
+    name, and loading writes the same values into the tied parameter once per name."""
+    seen: set[tuple[torch.device, int]] = set()
+    own = {}
+    for key, value in state.items():
+        tensor = value.detach()
+        memory = (tensor.device, tensor.untyped_storage().data_ptr())
+        own[key] = (
+            tensor.clone(memory_format=torch.contiguous_format)
+            if memory in seen
+            else tensor.contiguous()
+        )
+        seen.add(memory)
+    return own
 
 
 def read_spec(directory: str | Path) -> ModelSpec:

@@ -245,3 +245,23 @@ def save_gated_tokens(directory: Path, **params: Any) -> Path:
     )
     torch.manual_seed(0)
     return checkpoint.save(directory, spec, GatedTokens(**params))
+
+
+class Tied(nn.Module):
+    """``(N, D) -> (N, D)``: linear, ReLU, dropout, a decoder that shares the encoder's weight
+    (``tie="weight"``: one Parameter in two modules, as a language model ties its output layer
+    to its embedding) or a linear module registered under two names (``tie="module"``): a
+    ``state_dict`` whose tensors share memory."""
+
+    def __init__(self, features: int = 3, tie: str = "weight") -> None:
+        super().__init__()
+        self.encoder = nn.Linear(features, features)
+        self.drop = nn.Dropout(0.5)
+        self.decoder = nn.Linear(features, features)
+        if tie == "weight":
+            self.decoder.weight = self.encoder.weight
+        else:
+            self.decoder = self.encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.drop(torch.relu(self.encoder(x))))

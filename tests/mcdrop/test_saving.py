@@ -15,7 +15,7 @@ import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
 from tests.conftest import TOKEN_ROWS
-from tests.factories import AlwaysDrops, Noisy, Tokens, build
+from tests.factories import AlwaysDrops, Noisy, Tied, Tokens, build
 
 
 @pytest.fixture
@@ -137,6 +137,26 @@ def test_a_factory_that_builds_another_network_is_refused(
             input_shape=[4],
             labels=["a", "b", "c"],
         )
+
+
+@pytest.mark.parametrize("tie", ["weight", "module"])
+def test_a_model_with_tied_weights_saves_and_loads(tmp_path: Path, tie: str) -> None:
+    """Tensors that share memory (one Parameter in two modules, or one module under two names)
+    are written once per name, and the rebuilt network ties them again."""
+    torch.manual_seed(0)
+    net = Tied(tie=tie)
+    loaded = mcdrop.save(
+        net, tmp_path / "tied", factory="tests.factories:Tied", params={"tie": tie},
+        task="regression", input_shape=[3], labels=["a", "b", "c"], tau=1.0,
+    )  # fmt: skip
+    again = mcdrop.load(tmp_path / "tied", allowed_factories=["tests.factories"])
+    x = torch.randn(4, 3)
+    samples = mcdrop.sample(net, x, 8, seed=0)
+    for model in (loaded, again):
+        assert torch.equal(mcdrop.predict(model.module, x), mcdrop.predict(net, x))
+        assert torch.equal(mcdrop.sample(model.module, x, 8, seed=0), samples)
+    rebuilt = again.module
+    assert rebuilt.decoder.weight is rebuilt.encoder.weight  # still one Parameter
 
 
 CLASSIFIER: dict[str, Any] = {"task": "classification", "input_shape": [3], "labels": ["a", "b"]}
