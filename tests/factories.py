@@ -265,3 +265,15 @@ class Tied(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.drop(torch.relu(self.encoder(x))))
+
+
+class Logs(nn.Module):
+    """:func:`build`'s network of the rows' logarithms: NaN on any row with a negative value
+    (as random standard-normal rows have), finite on positive rows."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.log())

@@ -15,7 +15,7 @@ import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
 from tests.conftest import TOKEN_ROWS
-from tests.factories import AlwaysDrops, Noisy, Tied, Tokens, build
+from tests.factories import AlwaysDrops, Logs, Noisy, Tied, Tokens, build, unit_rows
 
 
 @pytest.fixture
@@ -190,6 +190,39 @@ def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(tmp_pat
     assert "two passes of the same 2 rows" in str(caught.value)
     assert "params" not in str(caught.value)  # not the factory's fault
     assert not (tmp_path / "noisy").exists()
+
+
+@pytest.mark.parametrize(
+    ("factory", "net", "examples", "message"),
+    [
+        ("Logs", Logs, None, r"outputs on 2 random rows of input_shape \[3\] are not finite"),
+        (
+            "unit_rows",
+            unit_rows,
+            [[1, 2, 3], [0, 0, 0]],
+            r"its 2 example_inputs rows .* rows \[1\]",
+        ),
+    ],
+)
+def test_a_model_with_outputs_that_are_not_finite_is_refused_as_such(
+    tmp_path: Path, factory: str, net: Any, examples: Any, message: str
+) -> None:
+    """NaN on the check's rows is said as such (it read as a factory that rebuilds another
+    network, 'by up to nan'), with what to do: rows it answers."""
+    torch.manual_seed(0)
+    with pytest.raises(InvalidArgumentError, match=message) as caught:
+        mcdrop.save(
+            net(), tmp_path / "nan", factory=f"tests.factories:{factory}",
+            example_inputs=examples, **REGRESSOR,
+        )  # fmt: skip
+    assert "give rows it answers with finite values as example_inputs" in str(caught.value)
+    assert "params" not in str(caught.value)  # not the factory's fault
+    assert not (tmp_path / "nan").exists()
+    loaded = mcdrop.save(
+        net(), tmp_path / "ok", factory=f"tests.factories:{factory}",
+        example_inputs=torch.rand(2, 3) + 0.5, **REGRESSOR,
+    )  # fmt: skip
+    assert loaded.example_inputs is not None
 
 
 TOKENS: dict[str, Any] = {
