@@ -301,7 +301,17 @@ def check(
                 f"({spec.task}, {spec.n_outputs} labels, {spec.likelihood}) says "
                 f"({x.shape[0]}, {k})",
             )
-    if _mixes_rows(module, x, out):
+    try:
+        mixes = _mixes_rows(module, x, out)
+    except Exception as exc:  # the model's own code: a forward written for one batch size
+        report.error(
+            "forward_failed",
+            f"the model fails on one of its {x.shape[0]} example rows alone "
+            f"({type(exc).__name__}: {exc}): a row's output must not depend on its batch, and "
+            "a server answers each row alone or merged with other requests' rows",
+        )
+        return report.done()
+    if mixes:
         report.error(
             "batch_mixing",
             "a row's output depends on the other rows of its batch (e.g. BatchNorm in training "

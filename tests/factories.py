@@ -277,3 +277,19 @@ class Logs(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.log())
+
+
+class BatchOf(nn.Module):
+    """:func:`build`'s network that refuses a batch of any size but ``sizes`` (a ``ValueError``),
+    as a model written for a fixed batch: MC sampling runs a row's samples as more rows of one
+    batch, and a row alone."""
+
+    def __init__(self, sizes: tuple[int, ...] = (4,), in_features: int = 3) -> None:
+        super().__init__()
+        self.net = build(in_features)
+        self.sizes = sizes
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] not in self.sizes:
+            raise ValueError(f"a batch of {self.sizes} rows only, got {x.shape[0]}")
+        return self.net(x)

@@ -14,7 +14,7 @@ import mcdrop
 from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops
+from tests.factories import AlwaysDrops, BatchOf
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -184,6 +184,24 @@ def test_problems(model: nn.Module, shape: tuple[int, ...], problems: list) -> N
     assert text.splitlines()[-1].startswith(
         "result: ok" if report.ok else "result: MC dropout is meaningless on this model"
     )
+
+
+def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
+    """The check's rows pass, but a row alone raises (a model written for a fixed batch): the
+    report says so (forward_failed), as for rows the model refuses, rather than the check
+    raising the model's error (which mcdrop check took for the user's inputs: exit 2, no
+    report). A model that takes batches up to the check's size samples as any other: a pass's
+    replicated rows are the dropout's, not the forward's."""
+    torch.manual_seed(0)
+    report = mcdrop.check(BatchOf((4,)).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert report.problems[0].message.startswith(
+        "the model fails on one of its 4 example rows alone (ValueError: a batch of (4,) rows "
+        "only, got 1): a row's output must not depend on its batch"
+    )
+    assert not report.ok
+    report = mcdrop.check(BatchOf((1, 2, 3, 4)).eval(), torch.randn(4, 3), timed=False)
+    assert report.ok, str(report)
 
 
 def test_unreached_dropout_is_listed_with_the_fix() -> None:
