@@ -13,6 +13,7 @@ Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -302,7 +303,7 @@ def check(
                 f"({x.shape[0]}, {k})",
             )
     try:
-        mixes = _mixes_rows(module, x, out)
+        mixes = mixing(module, x, out) > 0
     except Exception as exc:  # the model's own code: a forward written for one batch size
         report.error(
             "forward_failed",
@@ -356,10 +357,28 @@ def _found(
     )
 
 
-def _mixes_rows(module: nn.Module, x: Tensor, out: Tensor) -> bool:
-    """Whether a row's deterministic output changes with the batch it is in."""
+def mixing(module: nn.Module, x: Tensor, out: Tensor | None = None) -> float:
+    """How far a row's deterministic output moves with the batch it is in: the largest
+    difference between ``x (N, *input_shape)`` predicted together (``out``, computed when None)
+    and one row at a time, beyond the rounding of the model's compute dtype (0.0 within it;
+    NaN where NaN is no difference).
+
+    Why a tolerance: a matrix product rounds a row's last bits otherwise when more rows share
+    it, by up to a few units of the dtype's last place of the largest output (a bfloat16
+    network's a hundred times float32's), while a normalisation over the batch moves outputs
+    by a share of their size."""
+    if out is None:
+        out = sampling.predict(module, x)
     alone = torch.cat([sampling.predict(module, x[i : i + 1]) for i in range(x.shape[0])])
-    return not torch.allclose(alone, out, rtol=1e-4, atol=1e-5)
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    eps = max((torch.finfo(d).eps for d in floats), default=torch.finfo(torch.float32).eps)
+    rtol = max(1e-4, 4 * eps)
+    finite = out[torch.isfinite(out)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    if torch.allclose(alone, out, rtol=rtol, atol=rtol / 10 * scale, equal_nan=True):
+        return 0.0
+    both = torch.isfinite(alone) & torch.isfinite(out)
+    return float((alone - out)[both].abs().max()) if bool(both.any()) else math.inf
 
 
 def _plan(module: nn.Module, x: Tensor, report: _Builder) -> SamplingPlan | None:

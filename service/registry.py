@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mcdrop import checkpoint
-from mcdrop.checking import example_inputs
+from mcdrop.checking import example_inputs, mixing
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
@@ -290,7 +290,29 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
             x = _varied_input(predictor)
             predictor.warm_up(x)
             predictor.predict(x)
+    _refuse_mixing(predictor, x, manifest)
     return x
+
+
+def _refuse_mixing(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
+    """Raise when the warm-up row ``x`` and another row give other outputs together than one
+    at a time (a normalisation over the batch, ``x - x.mean(0)``): requests are merged into
+    shared passes, and a row's samples share one, so the model's answers would change with the
+    traffic, silently. A model that refuses the other row (its values are no inputs of it)
+    leaves nothing to compare."""
+    rows = torch.cat([x, _varied_input(predictor)]).to(predictor.device)
+    try:
+        moved = mixing(predictor.model.module, rows)
+    except Exception:
+        return
+    if moved > 0:
+        raise checkpoint.CheckpointError(
+            f"{manifest}: the warm-up rows give other outputs together than one at a time (by "
+            f"up to {moved:.3g}): a row's output depends on the other rows of its batch (e.g. "
+            "a normalisation over the batch, or BatchNorm in training mode), and a request's "
+            "rows are merged with other requests' and its samples with each other; `mcdrop "
+            f"check {manifest.parent}` says more"
+        )
 
 
 @contextmanager

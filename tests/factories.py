@@ -293,3 +293,15 @@ class BatchOf(nn.Module):
         if x.shape[0] not in self.sizes:
             raise ValueError(f"a batch of {self.sizes} rows only, got {x.shape[0]}")
         return self.net(x)
+
+
+class Centred(nn.Module):
+    """:func:`build`'s network of the rows minus their batch mean: a row's output depends on the
+    other rows of its batch (and is zeros' alone), as a model that normalises over the batch."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x - x.mean(0, keepdim=True))

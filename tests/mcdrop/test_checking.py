@@ -14,7 +14,7 @@ import mcdrop
 from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops, BatchOf
+from tests.factories import AlwaysDrops, BatchOf, Logs
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -202,6 +202,15 @@ def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
     assert not report.ok
     report = mcdrop.check(BatchOf((1, 2, 3, 4)).eval(), torch.randn(4, 3), timed=False)
     assert report.ok, str(report)
+
+
+def test_outputs_that_are_nan_alone_and_in_a_batch_mix_no_rows() -> None:
+    """A row the model answers with NaN (a log of a negative value) gets NaN alone and in a
+    batch: the same, not a row mixed with its batch (batch_mixing, an error, read NaN != NaN)."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 2.0, 3.0], [0.5, 0.5, 0.5], [4.0, -1.0, 1.0]])
+    torch.manual_seed(0)
+    report = mcdrop.check(Logs().eval(), x, timed=False)
+    assert "batch_mixing" not in [p.code for p in report.problems], str(report)
 
 
 def test_unreached_dropout_is_listed_with_the_fix() -> None:

@@ -23,7 +23,7 @@ from service.app import StartupError, create_app
 from service.config import Settings
 from service.registry import warm_up
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import build, unit_rows
+from tests.factories import Centred, build, unit_rows
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -349,6 +349,25 @@ def test_a_model_that_gives_nan_on_zeros_warms_up_on_varied_values(tmp_path: Pat
         zeros = client.post("/models/unit/uncertainty", json={"inputs": [[0, 0, 0]]})
         # The request's row, not the model, is at fault there.
         assert (zeros.status_code, zeros.json()["error"]["code"]) == (422, "non_finite_output")
+
+
+def test_a_model_whose_rows_mix_with_their_batch_fails_to_load(tmp_path: Path) -> None:
+    """A row's output that depends on the rows beside it (the batch's mean subtracted) would
+    depend on the requests merged with it, and its samples on each other: the model fails its
+    warm-up, saying so, rather than serving answers that change with the traffic."""
+    _custom(tmp_path, "centred", Centred)
+    _custom(tmp_path, "custom")
+    settings = Settings(
+        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = _settled(client)["models"]
+        assert ready["custom"] == "ready"
+        assert ready["centred"].startswith(
+            "centred/model.json: the warm-up rows give other outputs together than one at a "
+            "time (by up to "
+        )
+        assert "mcdrop check" in ready["centred"]
 
 
 def test_a_model_is_warmed_up_on_its_own_example_rows(tmp_path: Path) -> None:
