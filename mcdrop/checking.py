@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import sampling
-from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.checkpoint import LoadedModel, ModelSpec, outputs_problem
 from mcdrop.coverage import CallCounter, RateUse
 from mcdrop.exceptions import (
     InvalidArgumentError,
@@ -292,16 +292,16 @@ def check(
             )
         report.error("forward_failed", f"the model fails on {x.shape[0]} example rows: {exc}{hint}")
         return report.done()
+    if not isinstance(out, Tensor):
+        report.error(
+            "output_shape",
+            f"the model returns {type(out).__name__} for {x.shape[0]} rows, not a tensor of "
+            "(N, K) outputs: mcdrop samples models that map a batch of rows to a batch of outputs",
+        )
+        return report.done()
     report.outputs = _output_names(spec, out.shape[-1] if out.dim() == 2 else 0)
-    if spec is not None:
-        k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
-        if tuple(out.shape) != (x.shape[0], k):
-            report.error(
-                "output_shape",
-                f"the model returns {tuple(out.shape)} for {x.shape[0]} rows, but its manifest "
-                f"({spec.task}, {spec.n_outputs} labels, {spec.likelihood}) says "
-                f"({x.shape[0]}, {k})",
-            )
+    if spec is not None and (problem := outputs_problem(spec, out, x.shape[0])):
+        report.error("output_shape", problem)
     try:
         mixes = mixing(module, x, out) > 0
     except Exception as exc:  # the model's own code: a forward written for one batch size

@@ -271,6 +271,22 @@ def examples_problem(x: Tensor, input_shape: Sequence[int]) -> str | None:
     return None
 
 
+def outputs_problem(spec: ModelSpec, out: object, n_rows: int) -> str | None:
+    """What is wrong with ``out`` as the model's outputs for ``n_rows`` rows, or None: they
+    must be ``(n_rows, K)``, K the manifest's labels (twice that for a heteroscedastic
+    regressor: K means, then K log-variances)."""
+    k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
+    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    if got == (n_rows, k):
+        return None
+    rows = f"{n_rows} row{'s' * (n_rows != 1)}"
+    labels = f"{spec.n_outputs} label{'s' * (spec.n_outputs != 1)}"
+    return (
+        f"the model returns {got} for {rows}, but its manifest ({spec.task}, {labels}, "
+        f"{spec.likelihood}) says ({n_rows}, {k})"
+    )
+
+
 def read_examples(directory: str | Path, spec: ModelSpec) -> Tensor | None:
     """``directory/examples.safetensors``: the model's example rows ``(M, *input_shape)``
     float32, checked (:func:`examples_problem`), or None when the directory has none. A file

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mcdrop import checkpoint
+from mcdrop import checkpoint, sampling
 from mcdrop.checking import example_inputs, mixing
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
@@ -281,6 +281,7 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
     shape that does not fit, its fields)."""
     x = _warm_up_input(predictor)
     with _names_the_manifest(predictor, manifest):
+        _check_outputs(predictor, x, manifest)
         predictor.warm_up(x)
         try:
             predictor.predict(x)  # finite outputs, or the row is not one to time the model on
@@ -292,6 +293,18 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
             predictor.predict(x)
     _refuse_mixing(predictor, x, manifest)
     return x
+
+
+def _check_outputs(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
+    """Raise unless the model maps the warm-up row ``x`` to the ``(1, K)`` outputs its manifest
+    says: a folder written with ``checkpoint.save`` was never run, and outputs of another shape
+    fail later, in every request."""
+    out = sampling.predict(predictor.model.module, x.to(predictor.device))
+    if problem := checkpoint.outputs_problem(predictor.spec, out, x.shape[0]):
+        raise checkpoint.CheckpointError(
+            f"{manifest}: {problem}: fix the manifest's labels (or task, likelihood), or make "
+            "the model return one row of outputs per input row"
+        )
 
 
 def _refuse_mixing(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
@@ -325,6 +338,8 @@ def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
             "values) give outputs that are not finite (NaN or beyond float32): check "
             "target_normalization and the weights"
         ) from None
+    except checkpoint.CheckpointError:  # names the file already
+        raise
     except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
         raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
     except RuntimeError as exc:  # torch's shape errors name no file: name the fields

@@ -305,3 +305,25 @@ class Centred(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x - x.mean(0, keepdim=True))
+
+
+class Returns(nn.Module):
+    """:func:`build`'s network whose ``(N, 1)`` output is returned as ``kind``: ``"tuple"`` (it
+    and its double), ``"dict"``, ``"flat"`` (``(N,)``), ``"wide"`` (``(N, 2)``: one output more
+    than a manifest of one label says) or ``"3d"`` (``(N, 1, 1)``): outputs that do not fit the
+    manifest, as a model folder written with ``mcdrop.checkpoint.save`` (unchecked) may hold."""
+
+    def __init__(self, kind: str = "tuple", in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Any:
+        y = self.net(x)
+        return {
+            "tuple": lambda: (y, 2 * y),
+            "dict": lambda: {"y": y},
+            "flat": lambda: y[:, 0],
+            "wide": lambda: torch.cat([y, y], 1),
+            "3d": lambda: y.unsqueeze(-1),
+        }[self.kind]()

@@ -14,7 +14,7 @@ import mcdrop
 from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops, BatchOf, Logs
+from tests.factories import AlwaysDrops, BatchOf, Logs, Returns
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -241,6 +241,16 @@ def test_a_manifest_that_does_not_fit_the_outputs() -> None:
     report = mcdrop.check(_loaded(net, task="classification", labels=["a", "b"]), timed=False)
     assert _codes(report) == [("error", "output_shape")]
     assert "returns (4, 3) for 4 rows" in report.problems[0].message
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_outputs_that_are_no_tensor_are_reported(kind: str) -> None:
+    """A forward that returns a tuple or a dict: output_shape, said as such (the check ended in
+    an AttributeError: 'dict' object has no attribute 'dim')."""
+    torch.manual_seed(0)
+    report = mcdrop.check(Returns(kind).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "output_shape")]
+    assert report.problems[0].message.startswith(f"the model returns {kind} for 4 rows, not")
 
 
 def test_heteroscedastic_outputs_are_named() -> None:
