@@ -278,9 +278,10 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
             f"cannot save: the model's eval pass is not deterministic: two passes of the same "
             f"{n} rows give outputs that differ (by up to {diff:.3g}), so no "
             "rebuilt network can be checked against it, and its deterministic predictions "
-            "would change from call to call; remove the randomness from its forward (e.g. "
-            "torch.rand, or a dropout of its own made from random numbers: write it as "
-            "nn.Dropout or F.dropout, which MC sampling samples)"
+            "would change from call to call; remove what changes between calls from its "
+            "forward: randomness (e.g. torch.rand, or a dropout of its own made from random "
+            "numbers: write it as nn.Dropout or F.dropout, which MC sampling samples), or state "
+            "it updates and uses (e.g. a count of its calls added to its outputs)"
         )
     if not bool(torch.isfinite(want).all()):
         # (compared below, NaN would read as a rebuilt network that gives other outputs)

@@ -327,3 +327,17 @@ class Returns(nn.Module):
             "wide": lambda: torch.cat([y, y], 1),
             "3d": lambda: y.unsqueeze(-1),
         }[self.kind]()
+
+
+class Counting(nn.Module):
+    """:func:`build`'s network plus the number of times it has run (a buffer it updates): an
+    eval pass that is not deterministic, with no randomness in it."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.net(x) + self.calls

@@ -15,7 +15,16 @@ import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
 from tests.conftest import TOKEN_ROWS
-from tests.factories import AlwaysDrops, Logs, Noisy, Tied, Tokens, build, unit_rows
+from tests.factories import (
+    AlwaysDrops,
+    Counting,
+    Logs,
+    Noisy,
+    Tied,
+    Tokens,
+    build,
+    unit_rows,
+)
 
 
 @pytest.fixture
@@ -183,11 +192,24 @@ def test_a_model_that_drops_in_eval_saves_and_loads(tmp_path: Path, drop: str) -
     assert bool((samples.var(0) > 0).any())
 
 
-def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("net", "cause"),
+    [
+        (Noisy, "randomness (e.g. torch.rand"),
+        # no randomness: a count of its calls added to its outputs
+        (Counting, "or state it updates and uses"),
+    ],
+)
+def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(
+    tmp_path: Path, net: type[nn.Module], cause: str
+) -> None:
     torch.manual_seed(0)
     with pytest.raises(InvalidArgumentError, match="eval pass is not deterministic") as caught:
-        mcdrop.save(Noisy(), tmp_path / "noisy", factory="tests.factories:Noisy", **REGRESSOR)
+        mcdrop.save(
+            net(), tmp_path / "noisy", factory=f"tests.factories:{net.__name__}", **REGRESSOR
+        )
     assert "two passes of the same 2 rows" in str(caught.value)
+    assert cause in str(caught.value)
     assert "params" not in str(caught.value)  # not the factory's fault
     assert not (tmp_path / "noisy").exists()
 
