@@ -320,23 +320,40 @@ def check(
             "so they would mix with each other and with other requests' rows",
         )
     with CallCounter(module) as probed:
-        plan = _plan(module, x, report)
+        try:
+            plan = _plan(module, x, report)
+        except Exception as exc:  # the model's own code, on the probe's replicated rows
+            report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
+            plan = None
     if plan is None:
         # Calls per run of each module, over the probe's passes (where it got that far).
         report.dropouts = _found(probed.uses(), None, lambda use: use.calls > 0)
         return report.done()
     report.calls = plan.calls
     report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
-    with CallCounter(module) as counter:
-        chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
+    try:
+        with CallCounter(module) as counter:
+            chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
+        ms_per_row_sample = _time_one_sample(module, x, plan) if timed else None
+    except Exception as exc:  # the model's own code, on a pass of samples × rows
+        report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
+        return report.done()
     unsampled = {use.declared for use in plan.unsampled}
     report.dropouts = _found(counter.uses(), len(chunks), lambda use: use.declared not in unsampled)
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
     _judge_variance(_gather(chunks, x.shape[0]), report, n_samples)
-    if timed:
-        report.ms_per_row_sample = _time_one_sample(module, x, plan)
+    report.ms_per_row_sample = ms_per_row_sample
     return report.done()
+
+
+def _fails_in_passes(n_rows: int, exc: Exception) -> str:
+    return (
+        f"the model fails on a sampling pass of its {_many(n_rows, 'example row')} "
+        f"({type(exc).__name__}: {exc}): a pass runs several samples of each row in one batch "
+        "(samples × rows, where the layers before the first dropout cannot run once per row), "
+        "so the model must take batches of any size"
+    )
 
 
 def _found(

@@ -341,3 +341,21 @@ class Counting(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.calls += 1
         return self.net(x) + self.calls
+
+
+class MaxBatch(nn.Module):
+    """``(N, D) -> (N, 1)``: linear, ReLU, the activation plus its dropout (a residual across the
+    dropout: a sampling pass runs samples × rows through the whole forward), linear; a batch of
+    more than ``most`` rows is refused (a ``ValueError``), as a model written for small batches."""
+
+    def __init__(self, most: int = 8, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(in_features, width), nn.Linear(width, 1)
+        self.drop = nn.Dropout(0.5)
+        self.most = most
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self.most:
+            raise ValueError(f"at most {self.most} rows a batch, got {x.shape[0]}")
+        h = torch.relu(self.fc(x))
+        return self.head(h + self.drop(h))

@@ -14,7 +14,7 @@ import mcdrop
 from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops, BatchOf, Logs, Returns
+from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Returns
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -202,6 +202,30 @@ def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
     assert not report.ok
     report = mcdrop.check(BatchOf((1, 2, 3, 4)).eval(), torch.randn(4, 3), timed=False)
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize(
+    ("most", "rows", "failed"),
+    [
+        (8, 4, "4 example rows (ValueError: at most 8 rows a batch, got 64)"),  # the samples'
+        (2, 1, "1 example row (ValueError: at most 2 rows a batch, got 3)"),  # the plan's probe
+    ],
+)
+def test_a_model_that_refuses_a_pass_of_samples_fails_in_the_report(
+    most: int, rows: int, failed: str
+) -> None:
+    """A forward that takes the check's rows but not a sampling pass of them (16 samples × 4
+    rows, where a residual across the dropout makes the pass replicate the rows at the input;
+    or the planning probe's 3 replicated rows): forward_failed, not the model's error raised
+    through the check."""
+    torch.manual_seed(0)
+    report = mcdrop.check(MaxBatch(most=most).eval(), torch.randn(rows, 3), timed=False)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert report.problems[0].message.startswith(
+        f"the model fails on a sampling pass of its {failed}: a pass runs several samples of "
+        "each row in one batch"
+    )
+    assert mcdrop.check(MaxBatch(most=64).eval(), torch.randn(4, 3), timed=False).ok
 
 
 def test_outputs_that_are_nan_alone_and_in_a_batch_mix_no_rows() -> None:
