@@ -13,6 +13,7 @@ Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import sampling
-from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.checkpoint import LoadedModel, ModelSpec, outputs_problem
 from mcdrop.coverage import CallCounter, RateUse
 from mcdrop.exceptions import (
     InvalidArgumentError,
@@ -291,17 +292,27 @@ def check(
             )
         report.error("forward_failed", f"the model fails on {x.shape[0]} example rows: {exc}{hint}")
         return report.done()
+    if not isinstance(out, Tensor):
+        report.error(
+            "output_shape",
+            f"the model returns {type(out).__name__} for {x.shape[0]} rows, not a tensor of "
+            "(N, K) outputs: mcdrop samples models that map a batch of rows to a batch of outputs",
+        )
+        return report.done()
     report.outputs = _output_names(spec, out.shape[-1] if out.dim() == 2 else 0)
-    if spec is not None:
-        k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
-        if tuple(out.shape) != (x.shape[0], k):
-            report.error(
-                "output_shape",
-                f"the model returns {tuple(out.shape)} for {x.shape[0]} rows, but its manifest "
-                f"({spec.task}, {spec.n_outputs} labels, {spec.likelihood}) says "
-                f"({x.shape[0]}, {k})",
-            )
-    if _mixes_rows(module, x, out):
+    if spec is not None and (problem := outputs_problem(spec, out, x.shape[0])):
+        report.error("output_shape", problem)
+    try:
+        mixes = mixing(module, x, out) > 0
+    except Exception as exc:  # the model's own code: a forward written for one batch size
+        report.error(
+            "forward_failed",
+            f"the model fails on one of its {x.shape[0]} example rows alone "
+            f"({type(exc).__name__}: {exc}): a row's output must not depend on its batch, and "
+            "a server answers each row alone or merged with other requests' rows",
+        )
+        return report.done()
+    if mixes:
         report.error(
             "batch_mixing",
             "a row's output depends on the other rows of its batch (e.g. BatchNorm in training "
@@ -309,23 +320,40 @@ def check(
             "so they would mix with each other and with other requests' rows",
         )
     with CallCounter(module) as probed:
-        plan = _plan(module, x, report)
+        try:
+            plan = _plan(module, x, report)
+        except Exception as exc:  # the model's own code, on the probe's replicated rows
+            report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
+            plan = None
     if plan is None:
         # Calls per run of each module, over the probe's passes (where it got that far).
         report.dropouts = _found(probed.uses(), None, lambda use: use.calls > 0)
         return report.done()
     report.calls = plan.calls
     report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
-    with CallCounter(module) as counter:
-        chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
+    try:
+        with CallCounter(module) as counter:
+            chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
+        ms_per_row_sample = _time_one_sample(module, x, plan) if timed else None
+    except Exception as exc:  # the model's own code, on a pass of samples × rows
+        report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
+        return report.done()
     unsampled = {use.declared for use in plan.unsampled}
     report.dropouts = _found(counter.uses(), len(chunks), lambda use: use.declared not in unsampled)
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
     _judge_variance(_gather(chunks, x.shape[0]), report, n_samples)
-    if timed:
-        report.ms_per_row_sample = _time_one_sample(module, x, plan)
+    report.ms_per_row_sample = ms_per_row_sample
     return report.done()
+
+
+def _fails_in_passes(n_rows: int, exc: Exception) -> str:
+    return (
+        f"the model fails on a sampling pass of its {_many(n_rows, 'example row')} "
+        f"({type(exc).__name__}: {exc}): a pass runs several samples of each row in one batch "
+        "(samples × rows, where the layers before the first dropout cannot run once per row), "
+        "so the model must take batches of any size"
+    )
 
 
 def _found(
@@ -346,10 +374,28 @@ def _found(
     )
 
 
-def _mixes_rows(module: nn.Module, x: Tensor, out: Tensor) -> bool:
-    """Whether a row's deterministic output changes with the batch it is in."""
+def mixing(module: nn.Module, x: Tensor, out: Tensor | None = None) -> float:
+    """How far a row's deterministic output moves with the batch it is in: the largest
+    difference between ``x (N, *input_shape)`` predicted together (``out``, computed when None)
+    and one row at a time, beyond the rounding of the model's compute dtype (0.0 within it;
+    NaN where NaN is no difference).
+
+    Why a tolerance: a matrix product rounds a row's last bits otherwise when more rows share
+    it, by up to a few units of the dtype's last place of the largest output (a bfloat16
+    network's a hundred times float32's), while a normalisation over the batch moves outputs
+    by a share of their size."""
+    if out is None:
+        out = sampling.predict(module, x)
     alone = torch.cat([sampling.predict(module, x[i : i + 1]) for i in range(x.shape[0])])
-    return not torch.allclose(alone, out, rtol=1e-4, atol=1e-5)
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    eps = max((torch.finfo(d).eps for d in floats), default=torch.finfo(torch.float32).eps)
+    rtol = max(1e-4, 4 * eps)
+    finite = out[torch.isfinite(out)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    if torch.allclose(alone, out, rtol=rtol, atol=rtol / 10 * scale, equal_nan=True):
+        return 0.0
+    both = torch.isfinite(alone) & torch.isfinite(out)
+    return float((alone - out)[both].abs().max()) if bool(both.any()) else math.inf
 
 
 def _plan(module: nn.Module, x: Tensor, report: _Builder) -> SamplingPlan | None:

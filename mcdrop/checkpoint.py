@@ -271,6 +271,22 @@ def examples_problem(x: Tensor, input_shape: Sequence[int]) -> str | None:
     return None
 
 
+def outputs_problem(spec: ModelSpec, out: object, n_rows: int) -> str | None:
+    """What is wrong with ``out`` as the model's outputs for ``n_rows`` rows, or None: they
+    must be ``(n_rows, K)``, K the manifest's labels (twice that for a heteroscedastic
+    regressor: K means, then K log-variances)."""
+    k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
+    got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    if got == (n_rows, k):
+        return None
+    rows = f"{n_rows} row{'s' * (n_rows != 1)}"
+    labels = f"{spec.n_outputs} label{'s' * (spec.n_outputs != 1)}"
+    return (
+        f"the model returns {got} for {rows}, but its manifest ({spec.task}, {labels}, "
+        f"{spec.likelihood}) says ({n_rows}, {k})"
+    )
+
+
 def read_examples(directory: str | Path, spec: ModelSpec) -> Tensor | None:
     """``directory/examples.safetensors``: the model's example rows ``(M, *input_shape)``
     float32, checked (:func:`examples_problem`), or None when the directory has none. A file
@@ -395,7 +411,7 @@ def save(
         if problem := examples_problem(example_inputs, spec.input_shape):
             raise CheckpointError(f"{directory / EXAMPLES}: {problem}")
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    state = _own_memory(net.state_dict())
     # One metadata key: safetensors writes its map in hash order, and files should be
     # byte-for-byte reproducible.
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -408,6 +424,27 @@ def save(
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=False) + "\n"
     (directory / MANIFEST).write_text(text)
     return directory
+
+
+def _own_memory(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state``'s tensors, detached and contiguous, none sharing memory with another.
+
+    Why: safetensors refuses tensors that share memory, and tied weights do (one Parameter in
+    two modules, as a language model ties its output layer to its embedding, or one module
+    under two names). Each name after the first gets a copy: the file holds the tensor once per
+    name, and loading writes the same values into the tied parameter once per name."""
+    seen: set[tuple[torch.device, int]] = set()
+    own = {}
+    for key, value in state.items():
+        tensor = value.detach()
+        memory = (tensor.device, tensor.untyped_storage().data_ptr())
+        own[key] = (
+            tensor.clone(memory_format=torch.contiguous_format)
+            if memory in seen
+            else tensor.contiguous()
+        )
+        seen.add(memory)
+    return own
 
 
 def read_spec(directory: str | Path) -> ModelSpec:

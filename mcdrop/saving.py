@@ -243,14 +243,14 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
     x = random_inputs(spec, _EXAMPLE_ROWS) if examples is None else examples
     n = x.shape[0]
     wrapped = checkpoint.wrap(spec, model)
+    what = (
+        f"{n} random rows of input_shape {spec.input_shape}"
+        if examples is None
+        else f"its {n} example_inputs rows"
+    )
     try:
         want = predict(wrapped, x)
     except Exception as exc:
-        what = (
-            f"{n} random rows of input_shape {spec.input_shape}"
-            if examples is None
-            else f"its {n} example_inputs rows"
-        )
         hint = (
             "is input_shape the shape of one input row? If the model takes other values "
             "(token ids, counts, pixels in [0, 255]), give rows it takes as example_inputs"
@@ -278,9 +278,18 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
             f"cannot save: the model's eval pass is not deterministic: two passes of the same "
             f"{n} rows give outputs that differ (by up to {diff:.3g}), so no "
             "rebuilt network can be checked against it, and its deterministic predictions "
-            "would change from call to call; remove the randomness from its forward (e.g. "
-            "torch.rand, or a dropout of its own made from random numbers: write it as "
-            "nn.Dropout or F.dropout, which MC sampling samples)"
+            "would change from call to call; remove what changes between calls from its "
+            "forward: randomness (e.g. torch.rand, or a dropout of its own made from random "
+            "numbers: write it as nn.Dropout or F.dropout, which MC sampling samples), or state "
+            "it updates and uses (e.g. a count of its calls added to its outputs)"
+        )
+    if not bool(torch.isfinite(want).all()):
+        # (compared below, NaN would read as a rebuilt network that gives other outputs)
+        rows = torch.nonzero(~torch.isfinite(want).flatten(1).all(1)).flatten().tolist()
+        raise InvalidArgumentError(
+            f"cannot save: the model's outputs on {what} are not finite (NaN or inf, rows "
+            f"{rows}), so they cannot show that the architecture rebuilds it; give rows it "
+            "answers with finite values as example_inputs"
         )
     got = predict(checkpoint.wrap(spec, rebuilt), x)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=_RTOL, atol=_ATOL):

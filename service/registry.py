@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mcdrop import checkpoint
-from mcdrop.checking import example_inputs
+from mcdrop import checkpoint, sampling
+from mcdrop.checking import example_inputs, mixing
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
@@ -281,6 +281,7 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
     shape that does not fit, its fields)."""
     x = _warm_up_input(predictor)
     with _names_the_manifest(predictor, manifest):
+        _check_outputs(predictor, x, manifest)
         predictor.warm_up(x)
         try:
             predictor.predict(x)  # finite outputs, or the row is not one to time the model on
@@ -290,7 +291,41 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
             x = _varied_input(predictor)
             predictor.warm_up(x)
             predictor.predict(x)
+    _refuse_mixing(predictor, x, manifest)
     return x
+
+
+def _check_outputs(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
+    """Raise unless the model maps the warm-up row ``x`` to the ``(1, K)`` outputs its manifest
+    says: a folder written with ``checkpoint.save`` was never run, and outputs of another shape
+    fail later, in every request."""
+    out = sampling.predict(predictor.model.module, x.to(predictor.device))
+    if problem := checkpoint.outputs_problem(predictor.spec, out, x.shape[0]):
+        raise checkpoint.CheckpointError(
+            f"{manifest}: {problem}: fix the manifest's labels (or task, likelihood), or make "
+            "the model return one row of outputs per input row"
+        )
+
+
+def _refuse_mixing(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
+    """Raise when the warm-up row ``x`` and another row give other outputs together than one
+    at a time (a normalisation over the batch, ``x - x.mean(0)``): requests are merged into
+    shared passes, and a row's samples share one, so the model's answers would change with the
+    traffic, silently. A model that refuses the other row (its values are no inputs of it)
+    leaves nothing to compare."""
+    rows = torch.cat([x, _varied_input(predictor)]).to(predictor.device)
+    try:
+        moved = mixing(predictor.model.module, rows)
+    except Exception:
+        return
+    if moved > 0:
+        raise checkpoint.CheckpointError(
+            f"{manifest}: the warm-up rows give other outputs together than one at a time (by "
+            f"up to {moved:.3g}): a row's output depends on the other rows of its batch (e.g. "
+            "a normalisation over the batch, or BatchNorm in training mode), and a request's "
+            "rows are merged with other requests' and its samples with each other; `mcdrop "
+            f"check {manifest.parent}` says more"
+        )
 
 
 @contextmanager
@@ -303,6 +338,8 @@ def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
             "values) give outputs that are not finite (NaN or beyond float32): check "
             "target_normalization and the weights"
         ) from None
+    except checkpoint.CheckpointError:  # names the file already
+        raise
     except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
         raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
     except RuntimeError as exc:  # torch's shape errors name no file: name the fields

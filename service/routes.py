@@ -364,7 +364,12 @@ async def uncertainty(name: str, body: schemas.UncertaintyRequest, request: Requ
         coverage=body.coverage,
     )
     auto = options.tolerance is not None
-    values = 9 * k + (options.n_samples * k if body.return_samples else 0)
+    # A result's lists of K: a classifier's probabilities, mean, variance and std, and its
+    # prediction set (labels, as long as a number or less, else the rendered size refuses);
+    # a regressor's mean, variance, std, two variances, two bounds, and two conformal ones.
+    classifier = handle.spec.task == "classification"
+    lists = (4 if classifier else 7) + (0 if decision.coverage is None else 1 + (not classifier))
+    values = lists * k + (options.n_samples * k if body.return_samples else 0)
     dataplane.check_response_size(rows, values, settings.max_response_bytes)
     x = await _tensor(body, handle, request, registry)
     seed = fresh_seed() if body.seed is None else body.seed

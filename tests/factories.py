@@ -245,3 +245,117 @@ def save_gated_tokens(directory: Path, **params: Any) -> Path:
     )
     torch.manual_seed(0)
     return checkpoint.save(directory, spec, GatedTokens(**params))
+
+
+class Tied(nn.Module):
+    """``(N, D) -> (N, D)``: linear, ReLU, dropout, a decoder that shares the encoder's weight
+    (``tie="weight"``: one Parameter in two modules, as a language model ties its output layer
+    to its embedding) or a linear module registered under two names (``tie="module"``): a
+    ``state_dict`` whose tensors share memory."""
+
+    def __init__(self, features: int = 3, tie: str = "weight") -> None:
+        super().__init__()
+        self.encoder = nn.Linear(features, features)
+        self.drop = nn.Dropout(0.5)
+        self.decoder = nn.Linear(features, features)
+        if tie == "weight":
+            self.decoder.weight = self.encoder.weight
+        else:
+            self.decoder = self.encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.drop(torch.relu(self.encoder(x))))
+
+
+class Logs(nn.Module):
+    """:func:`build`'s network of the rows' logarithms: NaN on any row with a negative value
+    (as random standard-normal rows have), finite on positive rows."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.log())
+
+
+class BatchOf(nn.Module):
+    """:func:`build`'s network that refuses a batch of any size but ``sizes`` (a ``ValueError``),
+    as a model written for a fixed batch: MC sampling runs a row's samples as more rows of one
+    batch, and a row alone."""
+
+    def __init__(self, sizes: tuple[int, ...] = (4,), in_features: int = 3) -> None:
+        super().__init__()
+        self.net = build(in_features)
+        self.sizes = sizes
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] not in self.sizes:
+            raise ValueError(f"a batch of {self.sizes} rows only, got {x.shape[0]}")
+        return self.net(x)
+
+
+class Centred(nn.Module):
+    """:func:`build`'s network of the rows minus their batch mean: a row's output depends on the
+    other rows of its batch (and is zeros' alone), as a model that normalises over the batch."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x - x.mean(0, keepdim=True))
+
+
+class Returns(nn.Module):
+    """:func:`build`'s network whose ``(N, 1)`` output is returned as ``kind``: ``"tuple"`` (it
+    and its double), ``"dict"``, ``"flat"`` (``(N,)``), ``"wide"`` (``(N, 2)``: one output more
+    than a manifest of one label says) or ``"3d"`` (``(N, 1, 1)``): outputs that do not fit the
+    manifest, as a model folder written with ``mcdrop.checkpoint.save`` (unchecked) may hold."""
+
+    def __init__(self, kind: str = "tuple", in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Any:
+        y = self.net(x)
+        return {
+            "tuple": lambda: (y, 2 * y),
+            "dict": lambda: {"y": y},
+            "flat": lambda: y[:, 0],
+            "wide": lambda: torch.cat([y, y], 1),
+            "3d": lambda: y.unsqueeze(-1),
+        }[self.kind]()
+
+
+class Counting(nn.Module):
+    """:func:`build`'s network plus the number of times it has run (a buffer it updates): an
+    eval pass that is not deterministic, with no randomness in it."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.net = build(in_features, width)
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.net(x) + self.calls
+
+
+class MaxBatch(nn.Module):
+    """``(N, D) -> (N, 1)``: linear, ReLU, the activation plus its dropout (a residual across the
+    dropout: a sampling pass runs samples × rows through the whole forward), linear; a batch of
+    more than ``most`` rows is refused (a ``ValueError``), as a model written for small batches."""
+
+    def __init__(self, most: int = 8, in_features: int = 3, width: int = 5) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(in_features, width), nn.Linear(width, 1)
+        self.drop = nn.Dropout(0.5)
+        self.most = most
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self.most:
+            raise ValueError(f"at most {self.most} rows a batch, got {x.shape[0]}")
+        h = torch.relu(self.fc(x))
+        return self.head(h + self.drop(h))

@@ -14,7 +14,7 @@ import mcdrop
 from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops
+from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Returns
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -186,6 +186,57 @@ def test_problems(model: nn.Module, shape: tuple[int, ...], problems: list) -> N
     )
 
 
+def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
+    """The check's rows pass, but a row alone raises (a model written for a fixed batch): the
+    report says so (forward_failed), as for rows the model refuses, rather than the check
+    raising the model's error (which mcdrop check took for the user's inputs: exit 2, no
+    report). A model that takes batches up to the check's size samples as any other: a pass's
+    replicated rows are the dropout's, not the forward's."""
+    torch.manual_seed(0)
+    report = mcdrop.check(BatchOf((4,)).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert report.problems[0].message.startswith(
+        "the model fails on one of its 4 example rows alone (ValueError: a batch of (4,) rows "
+        "only, got 1): a row's output must not depend on its batch"
+    )
+    assert not report.ok
+    report = mcdrop.check(BatchOf((1, 2, 3, 4)).eval(), torch.randn(4, 3), timed=False)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize(
+    ("most", "rows", "failed"),
+    [
+        (8, 4, "4 example rows (ValueError: at most 8 rows a batch, got 64)"),  # the samples'
+        (2, 1, "1 example row (ValueError: at most 2 rows a batch, got 3)"),  # the plan's probe
+    ],
+)
+def test_a_model_that_refuses_a_pass_of_samples_fails_in_the_report(
+    most: int, rows: int, failed: str
+) -> None:
+    """A forward that takes the check's rows but not a sampling pass of them (16 samples × 4
+    rows, where a residual across the dropout makes the pass replicate the rows at the input;
+    or the planning probe's 3 replicated rows): forward_failed, not the model's error raised
+    through the check."""
+    torch.manual_seed(0)
+    report = mcdrop.check(MaxBatch(most=most).eval(), torch.randn(rows, 3), timed=False)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert report.problems[0].message.startswith(
+        f"the model fails on a sampling pass of its {failed}: a pass runs several samples of "
+        "each row in one batch"
+    )
+    assert mcdrop.check(MaxBatch(most=64).eval(), torch.randn(4, 3), timed=False).ok
+
+
+def test_outputs_that_are_nan_alone_and_in_a_batch_mix_no_rows() -> None:
+    """A row the model answers with NaN (a log of a negative value) gets NaN alone and in a
+    batch: the same, not a row mixed with its batch (batch_mixing, an error, read NaN != NaN)."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 2.0, 3.0], [0.5, 0.5, 0.5], [4.0, -1.0, 1.0]])
+    torch.manual_seed(0)
+    report = mcdrop.check(Logs().eval(), x, timed=False)
+    assert "batch_mixing" not in [p.code for p in report.problems], str(report)
+
+
 def test_unreached_dropout_is_listed_with_the_fix() -> None:
     report = mcdrop.check(GatedAttention(fixed=False).eval(), torch.randn(4, 5, 8), timed=False)
     found = {d.module: (d.calls, d.sampled) for d in report.dropouts}
@@ -214,6 +265,16 @@ def test_a_manifest_that_does_not_fit_the_outputs() -> None:
     report = mcdrop.check(_loaded(net, task="classification", labels=["a", "b"]), timed=False)
     assert _codes(report) == [("error", "output_shape")]
     assert "returns (4, 3) for 4 rows" in report.problems[0].message
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_outputs_that_are_no_tensor_are_reported(kind: str) -> None:
+    """A forward that returns a tuple or a dict: output_shape, said as such (the check ended in
+    an AttributeError: 'dict' object has no attribute 'dim')."""
+    torch.manual_seed(0)
+    report = mcdrop.check(Returns(kind).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "output_shape")]
+    assert report.problems[0].message.startswith(f"the model returns {kind} for 4 rows, not")
 
 
 def test_heteroscedastic_outputs_are_named() -> None:

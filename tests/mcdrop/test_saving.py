@@ -15,7 +15,16 @@ import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
 from tests.conftest import TOKEN_ROWS
-from tests.factories import AlwaysDrops, Noisy, Tokens, build
+from tests.factories import (
+    AlwaysDrops,
+    Counting,
+    Logs,
+    Noisy,
+    Tied,
+    Tokens,
+    build,
+    unit_rows,
+)
 
 
 @pytest.fixture
@@ -139,6 +148,26 @@ def test_a_factory_that_builds_another_network_is_refused(
         )
 
 
+@pytest.mark.parametrize("tie", ["weight", "module"])
+def test_a_model_with_tied_weights_saves_and_loads(tmp_path: Path, tie: str) -> None:
+    """Tensors that share memory (one Parameter in two modules, or one module under two names)
+    are written once per name, and the rebuilt network ties them again."""
+    torch.manual_seed(0)
+    net = Tied(tie=tie)
+    loaded = mcdrop.save(
+        net, tmp_path / "tied", factory="tests.factories:Tied", params={"tie": tie},
+        task="regression", input_shape=[3], labels=["a", "b", "c"], tau=1.0,
+    )  # fmt: skip
+    again = mcdrop.load(tmp_path / "tied", allowed_factories=["tests.factories"])
+    x = torch.randn(4, 3)
+    samples = mcdrop.sample(net, x, 8, seed=0)
+    for model in (loaded, again):
+        assert torch.equal(mcdrop.predict(model.module, x), mcdrop.predict(net, x))
+        assert torch.equal(mcdrop.sample(model.module, x, 8, seed=0), samples)
+    rebuilt = again.module
+    assert rebuilt.decoder.weight is rebuilt.encoder.weight  # still one Parameter
+
+
 CLASSIFIER: dict[str, Any] = {"task": "classification", "input_shape": [3], "labels": ["a", "b"]}
 
 
@@ -163,13 +192,59 @@ def test_a_model_that_drops_in_eval_saves_and_loads(tmp_path: Path, drop: str) -
     assert bool((samples.var(0) > 0).any())
 
 
-def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("net", "cause"),
+    [
+        (Noisy, "randomness (e.g. torch.rand"),
+        # no randomness: a count of its calls added to its outputs
+        (Counting, "or state it updates and uses"),
+    ],
+)
+def test_a_model_whose_eval_pass_is_not_deterministic_is_refused_as_such(
+    tmp_path: Path, net: type[nn.Module], cause: str
+) -> None:
     torch.manual_seed(0)
     with pytest.raises(InvalidArgumentError, match="eval pass is not deterministic") as caught:
-        mcdrop.save(Noisy(), tmp_path / "noisy", factory="tests.factories:Noisy", **REGRESSOR)
+        mcdrop.save(
+            net(), tmp_path / "noisy", factory=f"tests.factories:{net.__name__}", **REGRESSOR
+        )
     assert "two passes of the same 2 rows" in str(caught.value)
+    assert cause in str(caught.value)
     assert "params" not in str(caught.value)  # not the factory's fault
     assert not (tmp_path / "noisy").exists()
+
+
+@pytest.mark.parametrize(
+    ("factory", "net", "examples", "message"),
+    [
+        ("Logs", Logs, None, r"outputs on 2 random rows of input_shape \[3\] are not finite"),
+        (
+            "unit_rows",
+            unit_rows,
+            [[1, 2, 3], [0, 0, 0]],
+            r"its 2 example_inputs rows .* rows \[1\]",
+        ),
+    ],
+)
+def test_a_model_with_outputs_that_are_not_finite_is_refused_as_such(
+    tmp_path: Path, factory: str, net: Any, examples: Any, message: str
+) -> None:
+    """NaN on the check's rows is said as such (it read as a factory that rebuilds another
+    network, 'by up to nan'), with what to do: rows it answers."""
+    torch.manual_seed(0)
+    with pytest.raises(InvalidArgumentError, match=message) as caught:
+        mcdrop.save(
+            net(), tmp_path / "nan", factory=f"tests.factories:{factory}",
+            example_inputs=examples, **REGRESSOR,
+        )  # fmt: skip
+    assert "give rows it answers with finite values as example_inputs" in str(caught.value)
+    assert "params" not in str(caught.value)  # not the factory's fault
+    assert not (tmp_path / "nan").exists()
+    loaded = mcdrop.save(
+        net(), tmp_path / "ok", factory=f"tests.factories:{factory}",
+        example_inputs=torch.rand(2, 3) + 0.5, **REGRESSOR,
+    )  # fmt: skip
+    assert loaded.example_inputs is not None
 
 
 TOKENS: dict[str, Any] = {

@@ -23,7 +23,7 @@ from service.app import StartupError, create_app
 from service.config import Settings
 from service.registry import warm_up
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import build, unit_rows
+from tests.factories import Centred, Returns, build, unit_rows
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -349,6 +349,69 @@ def test_a_model_that_gives_nan_on_zeros_warms_up_on_varied_values(tmp_path: Pat
         zeros = client.post("/models/unit/uncertainty", json={"inputs": [[0, 0, 0]]})
         # The request's row, not the model, is at fault there.
         assert (zeros.status_code, zeros.json()["error"]["code"]) == (422, "non_finite_output")
+
+
+def test_a_model_whose_rows_mix_with_their_batch_fails_to_load(tmp_path: Path) -> None:
+    """A row's output that depends on the rows beside it (the batch's mean subtracted) would
+    depend on the requests merged with it, and its samples on each other: the model fails its
+    warm-up, saying so, rather than serving answers that change with the traffic."""
+    _custom(tmp_path, "centred", Centred)
+    _custom(tmp_path, "custom")
+    settings = Settings(
+        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = _settled(client)["models"]
+        assert ready["custom"] == "ready"
+        assert ready["centred"].startswith(
+            "centred/model.json: the warm-up rows give other outputs together than one at a "
+            "time (by up to "
+        )
+        assert "mcdrop check" in ready["centred"]
+
+
+RETURNS = {
+    "tuple": "tuple",
+    "dict": "dict",
+    "flat": "(1,)",
+    "wide": "(1, 2)",
+    "3d": "(1, 1, 1)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RETURNS))
+def test_a_model_whose_outputs_do_not_fit_its_manifest_fails_to_load(
+    tmp_path: Path, kind: str
+) -> None:
+    """A folder written with checkpoint.save (which runs nothing) of a model whose outputs are
+    not the manifest's (N, K): the warm-up says so, naming what it returns. Before, (N,) outputs
+    loaded and every request was a 500, (N, K + 1) and (N, K, 1) failed their warm-up timings
+    blaming the warm-up row ('cannot reshape array ...'), and mcdrop predict --model-dir
+    ended in a traceback."""
+    spec = ModelSpec(
+        name="odd",
+        task="regression",
+        input_shape=[3],
+        labels=["y"],
+        architecture={"factory": "tests.factories:Returns", "params": {"kind": kind}},
+        tau=1.0,
+    )
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "odd", spec, Returns(kind))
+    _custom(tmp_path, "custom")
+    settings = Settings(
+        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
+    )
+    with TestClient(create_app(settings)) as client:
+        ready = _settled(client)["models"]
+        assert ready["custom"] == "ready"
+        assert ready["odd"] == (
+            f"odd/model.json: the model returns {RETURNS[kind]} for 1 row, but its manifest "
+            "(regression, 1 label, homoscedastic) says (1, 1): fix the manifest's labels (or "
+            "task, likelihood), or make the model return one row of outputs per input row"
+        )
+        answer = client.post("/models/odd/predict", json={"inputs": [[1, 2, 3]]})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (503, "model_not_ready")
 
 
 def test_a_model_is_warmed_up_on_its_own_example_rows(tmp_path: Path) -> None:

@@ -10,9 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_digits
 
+from mcdrop import calibration, checkpoint
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.nets import MLP
 from service.app import create_app
 from service.config import Settings
 from tests.conftest import BUNDLED
@@ -714,3 +718,41 @@ def test_a_body_of_many_keys_is_refused_before_it_is_parsed(http: TestClient, ro
     error = response.json()["error"]
     assert error["code"] == "limit_exceeded"
     assert "2001 object keys, more than the limit of 1024" in error["message"]
+
+
+def _many_classes(root: Path, k: int) -> Path:
+    """``root/many``: a built-in MLP classifier of ``k`` classes (a vocabulary's worth)."""
+    params = {"in_features": 3, "hidden": [8], "out_features": k, "dropout": 0.3}
+    spec = ModelSpec(
+        name="many",
+        task="classification",
+        input_shape=[3],
+        labels=[f"c{i}" for i in range(k)],
+        architecture={"name": "mlp", "params": params},
+    )
+    torch.manual_seed(0)
+    return checkpoint.save(root / "many", spec, MLP(**params))
+
+
+@pytest.mark.parametrize("coverage", [False, True])
+def test_a_classifiers_answer_is_refused_by_its_own_size(tmp_path: Path, coverage: bool) -> None:
+    """A classifier's result holds 4 lists of K numbers (a regressor's 7, 9 with conformal
+    bounds): a response that fits the limit is answered, and one estimated above it is refused
+    before any work. Counted as a regressor's, 1 row of 2000 classes was refused at 250 kB
+    ('about 450400 bytes') with no fewer rows to send, though its answer takes ~180 kB."""
+    _many_classes(tmp_path, 2000)
+    if coverage:  # random labels held out: sets of many labels
+        x, y = torch.randn(50, 3), torch.randint(0, 2000, (50,))
+        calibration.calibrate(checkpoint.load(tmp_path / "many"), x, y, n_samples=4, save=True)
+    limit = 300_000 if coverage else 250_000
+    settings = Settings(model_dir=tmp_path, max_response_bytes=limit)
+    with TestClient(create_app(settings)) as client:
+        body: dict[str, Any] = {"inputs": [[0.1, 0.2, 0.3]], "n_samples": 10, "seed": 1}
+        if coverage:
+            body["coverage"] = 0.9
+        one = client.post("/models/many/uncertainty", json=body)
+        assert one.status_code == 200, one.text
+        assert len(one.content) <= limit
+        two = client.post("/models/many/uncertainty", json={**body, "inputs": body["inputs"] * 2})
+        assert two.status_code == 422
+        assert "the response would be about" in two.json()["error"]["message"]
