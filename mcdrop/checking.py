@@ -387,15 +387,26 @@ def mixing(module: nn.Module, x: Tensor, out: Tensor | None = None) -> float:
     if out is None:
         out = sampling.predict(module, x)
     alone = torch.cat([sampling.predict(module, x[i : i + 1]) for i in range(x.shape[0])])
-    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
-    eps = max((torch.finfo(d).eps for d in floats), default=torch.finfo(torch.float32).eps)
-    rtol = max(1e-4, 4 * eps)
+    rtol = max(1e-4, 4 * compute_eps(module, x.device))
     finite = out[torch.isfinite(out)]
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     if torch.allclose(alone, out, rtol=rtol, atol=rtol / 10 * scale, equal_nan=True):
         return 0.0
     both = torch.isfinite(alone) & torch.isfinite(out)
     return float((alone - out)[both].abs().max()) if bool(both.any()) else math.inf
+
+
+def compute_eps(module: nn.Module, device: torch.device) -> float:
+    """The relative rounding of ``module``'s arithmetic on ``device``: its parameters' dtype's
+    machine epsilon (the widest of them), or TensorFloat-32's (2**-10) for float32 on a CUDA
+    device where torch lets cuDNN's convolutions or the matrix products use it (cuDNN's
+    default): a batch of another size may take another kernel, rounding otherwise."""
+    floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    eps = max((torch.finfo(d).eps for d in floats), default=torch.finfo(torch.float32).eps)
+    tf32 = torch.backends.cudnn.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    if device.type == "cuda" and tf32:
+        eps = max(eps, 2.0**-10)
+    return eps
 
 
 def _plan(module: nn.Module, x: Tensor, report: _Builder) -> SamplingPlan | None:

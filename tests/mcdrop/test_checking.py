@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import mcdrop
-from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, example_inputs
+from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, compute_eps, example_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
 from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Returns
@@ -317,3 +317,20 @@ def test_check_bounds_its_rows_and_samples(counts: dict[str, object], message: s
             example_inputs(loaded, counts["n_rows"])  # type: ignore[arg-type]
     # The limits themselves are allowed.
     assert mcdrop.check(loaded, n_rows=MAX_ROWS, n_samples=2, timed=False).n_rows == MAX_ROWS
+
+
+def test_the_rounding_a_batch_may_change_is_that_of_the_arithmetic() -> None:
+    # float32 on a CUDA device runs cuDNN's convolutions in TensorFloat-32 (torch's default):
+    # a row alone may round 2**-10 otherwise than in a batch, which is no batch mixing
+    net = nn.Linear(3, 2)
+    assert compute_eps(net, torch.device("cpu")) == torch.finfo(torch.float32).eps
+    assert compute_eps(net.to(torch.bfloat16), torch.device("cpu")) == 2.0**-7
+    cuda = torch.device("cuda")
+    assert compute_eps(nn.Linear(3, 2), cuda) == 2.0**-10  # (no GPU needed: flags are read)
+    allowed = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        if torch.get_float32_matmul_precision() == "highest":
+            assert compute_eps(nn.Linear(3, 2), cuda) == torch.finfo(torch.float32).eps
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
