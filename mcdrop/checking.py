@@ -81,7 +81,8 @@ class CheckReport:
         model: the model's name (or class name).
         input_shape: shape of one input row; outputs: the names of the K outputs.
         dropouts: every dropout rate the model declares, with its module's runs and stochastic
-            calls per forward pass.
+            calls per forward pass; None where the check stopped before a pass that counts them
+            (the model failed on the example rows, or on one of them alone).
         calls: the sampling plan's dropout calls, in order (empty when no plan could be made).
         n_samples, n_rows: the samples drawn of the example rows.
         constant_outputs: outputs whose samples were equal in every example row.
@@ -95,7 +96,7 @@ class CheckReport:
     model: str
     input_shape: tuple[int, ...]
     outputs: tuple[str, ...]
-    dropouts: tuple[FoundDropout, ...] = ()
+    dropouts: tuple[FoundDropout, ...] | None = None
     calls: tuple[CallLayout, ...] = ()
     n_samples: int = 0
     n_rows: int = 0
@@ -118,7 +119,7 @@ class CheckReport:
             "ok": self.ok,
             "input_shape": list(self.input_shape),
             "outputs": list(self.outputs),
-            "dropouts": [asdict(d) for d in self.dropouts],
+            "dropouts": None if self.dropouts is None else [asdict(d) for d in self.dropouts],
             "calls": [
                 {"kind": c.kind, "shape": _shape(c), "batch_dim": c.dim, "per_row": c.group}
                 for c in self.calls
@@ -152,6 +153,8 @@ class CheckReport:
                     f"  {d.module:{width}}  {d.type:{width_type}}  {d.attribute}={d.rate:g}: "
                     f"{d.calls} call{'s' * (d.calls != 1)}{reach}"
                 )
+        elif self.dropouts is None:
+            lines.append("dropout: not counted (the check stopped before a pass that counts it)")
         else:
             lines.append("dropout: none declared")
         if self.calls:
@@ -323,22 +326,25 @@ def check(
         try:
             plan = _plan(module, x, report)
         except Exception as exc:  # the model's own code, on the probe's replicated rows
+            # (its passes stopped short: what they counted says nothing of the dropout)
             report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
-            plan = None
+            return report.done()
     if plan is None:
-        # Calls per run of each module, over the probe's passes (where it got that far).
+        # Calls per run of each module, over the probe's passes.
         report.dropouts = _found(probed.uses(), None, lambda use: use.calls > 0)
         return report.done()
     report.calls = plan.calls
     report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
+    unsampled = {use.declared for use in plan.unsampled}
     try:
         with CallCounter(module) as counter:
             chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
         ms_per_row_sample = _time_one_sample(module, x, plan) if timed else None
     except Exception as exc:  # the model's own code, on a pass of samples × rows
         report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
+        # The calls the planning passes counted (per run of each module).
+        report.dropouts = _found(probed.uses(), None, lambda use: use.declared not in unsampled)
         return report.done()
-    unsampled = {use.declared for use in plan.unsampled}
     report.dropouts = _found(counter.uses(), len(chunks), lambda use: use.declared not in unsampled)
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
@@ -480,7 +486,7 @@ class _Builder:
         self.model = model
         self.input_shape = input_shape
         self.outputs: tuple[str, ...] = ()
-        self.dropouts: tuple[FoundDropout, ...] = ()
+        self.dropouts: tuple[FoundDropout, ...] | None = None
         self.calls: tuple[CallLayout, ...] = ()
         self.n_samples = self.n_rows = 0
         self.varies: bool | None = None
