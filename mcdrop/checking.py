@@ -402,6 +402,68 @@ def mixing(module: nn.Module, x: Tensor, out: Tensor | None = None) -> float:
     return float((alone - out)[both].abs().max()) if bool(both.any()) else math.inf
 
 
+def mixing_problem(
+    module: nn.Module, x: Tensor, out: Tensor | None = None, *, rows: str = "the rows"
+) -> str | None:
+    """Why ``module`` cannot be served, where :func:`mixing` finds that the rows ``x (N,
+    *input_shape)`` (named ``rows`` in the message) give other outputs together than one at a
+    time; else None, also where the model fails on one of them alone (then nothing is compared:
+    :func:`batch_problem` says why)."""
+    try:
+        moved = mixing(module, x, out)
+    except Exception:
+        return None
+    if moved == 0:
+        return None
+    return (
+        f"{rows} give other outputs together than one at a time (by up to {moved:.3g}): a "
+        "row's output depends on the other rows of its batch (e.g. a normalisation over the "
+        "batch, or BatchNorm in training mode), and a request's rows are merged with other "
+        "requests' and its samples with each other"
+    )
+
+
+#: The batch sizes :func:`batch_problem` runs a model at: a row alone, the warm-up's two rows,
+#: the sampling plan's probes (two to four replicated rows), and the largest batches a server's
+#: warm-up times (32 rows, and a pass of 16 samples of them: ``service.batching.CostModel``).
+PROBED_BATCH_ROWS = (1, 2, 3, 4, 32, 512)
+
+
+def batch_problem(module: nn.Module, x: Tensor) -> str | None:
+    """Why ``module`` cannot be served, where it takes a batch of the rows ``x (N,
+    *input_shape)`` of one size but not of another: ``x`` itself, then batches of
+    :data:`PROBED_BATCH_ROWS` rows (``x``'s rows repeated), until one passes and one fails,
+    named with the error. None where it takes them all, or none (then the rows' values are at
+    fault, not the batch's size).
+
+    A server answers a row alone, merges requests' rows into one batch, and runs a row's samples
+    as rows of one pass (up to thousands), so a model must take batches of any size; these sizes
+    are those a server runs before it serves (a larger request runs larger passes)."""
+    n = x.shape[0]
+    took: int | None = None
+    failed: tuple[int, Exception] | None = None
+    for size in dict.fromkeys((n, *PROBED_BATCH_ROWS)):
+        try:
+            sampling.predict(module, x[torch.arange(size, device=x.device) % n])
+        except Exception as exc:
+            failed = failed or (size, exc)
+        else:
+            took = took or size
+        if took is not None and failed is not None:
+            rows, error = failed
+            return (
+                f"the model takes {_batch(took)} but fails on {_batch(rows)} "
+                f"({type(error).__name__}: {error}): a server answers a row alone, merges "
+                "requests' rows into one batch and runs a row's samples as rows of one pass, so "
+                "the model must take batches of any size"
+            )
+    return None
+
+
+def _batch(rows: int) -> str:
+    return "a row alone" if rows == 1 else f"a batch of {rows} rows"
+
+
 def compute_eps(module: nn.Module, device: torch.device) -> float:
     """The relative rounding of ``module``'s arithmetic on ``device``: its parameters' dtype's
     machine epsilon (the widest of them), or TensorFloat-32's (2**-10) for float32 on a CUDA
