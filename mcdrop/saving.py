@@ -97,10 +97,17 @@ def save(
     Raises:
         InvalidArgumentError: the manifest would be invalid, ``example_inputs`` are not such
             rows, the architecture does not rebuild ``model`` (other weights, or other
-            outputs, or it fails on the example rows), or a server would refuse it (no dropout
-            that sampling samples, rows whose outputs depend on their batch, a batch size it
-            fails on); nothing was written.
+            outputs, or it fails on the example rows), ``model`` is a TorchScript module, or a
+            server would refuse it (no dropout that sampling samples, rows whose outputs depend
+            on their batch, a batch size it fails on); nothing was written.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        # Its layers are compiled: no dropout rate to read, no dropout call to sample.
+        raise InvalidArgumentError(
+            f"cannot save: the model is a TorchScript module ({type(model).__name__}, from "
+            "torch.jit.script or torch.jit.trace), which mcdrop does not support: pass the "
+            "eager nn.Module you scripted or traced"
+        )
     directory = Path(directory)
     arch = _architecture(factory, architecture, params)
     spec = _spec(

@@ -324,6 +324,26 @@ def test_a_model_that_takes_its_example_rows_but_not_a_row_alone_is_refused(
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.\\w+` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_a_torchscript_module_is_refused_as_such(tmp_path: Path, net: nn.Module, kind: str) -> None:
+    """Its layers are compiled: save read no dropout rate in it and blamed the factory's params
+    ('other dropout rates (1.p: 0 in the model, 0.5 rebuilt)')."""
+    net.eval()
+    x = torch.randn(2, 3)
+    compiled = torch.jit.script(net) if kind == "script" else torch.jit.trace(net, x)
+    with pytest.raises(InvalidArgumentError) as caught:
+        mcdrop.save(
+            compiled, tmp_path / "m", factory="tests.factories:build",
+            params={"in_features": 3, "width": 5}, **REGRESSOR,
+        )  # fmt: skip
+    message = str(caught.value)
+    assert "is a TorchScript module" in message
+    assert "pass the eager nn.Module you scripted or traced" in message
+    assert "params" not in message
+    assert not (tmp_path / "m").exists()
+
+
 TOKENS: dict[str, Any] = {
     "task": "classification",
     "input_shape": [6],
