@@ -81,7 +81,8 @@ class CheckReport:
         model: the model's name (or class name).
         input_shape: shape of one input row; outputs: the names of the K outputs.
         dropouts: every dropout rate the model declares, with its module's runs and stochastic
-            calls per forward pass.
+            calls per forward pass; None where the check stopped before a pass that counts them
+            (the model failed on the example rows, or on one of them alone).
         calls: the sampling plan's dropout calls, in order (empty when no plan could be made).
         n_samples, n_rows: the samples drawn of the example rows.
         constant_outputs: outputs whose samples were equal in every example row.
@@ -95,7 +96,7 @@ class CheckReport:
     model: str
     input_shape: tuple[int, ...]
     outputs: tuple[str, ...]
-    dropouts: tuple[FoundDropout, ...] = ()
+    dropouts: tuple[FoundDropout, ...] | None = None
     calls: tuple[CallLayout, ...] = ()
     n_samples: int = 0
     n_rows: int = 0
@@ -118,7 +119,7 @@ class CheckReport:
             "ok": self.ok,
             "input_shape": list(self.input_shape),
             "outputs": list(self.outputs),
-            "dropouts": [asdict(d) for d in self.dropouts],
+            "dropouts": None if self.dropouts is None else [asdict(d) for d in self.dropouts],
             "calls": [
                 {"kind": c.kind, "shape": _shape(c), "batch_dim": c.dim, "per_row": c.group}
                 for c in self.calls
@@ -152,6 +153,8 @@ class CheckReport:
                     f"  {d.module:{width}}  {d.type:{width_type}}  {d.attribute}={d.rate:g}: "
                     f"{d.calls} call{'s' * (d.calls != 1)}{reach}"
                 )
+        elif self.dropouts is None:
+            lines.append("dropout: not counted (the check stopped before a pass that counts it)")
         else:
             lines.append("dropout: none declared")
         if self.calls:
@@ -323,22 +326,25 @@ def check(
         try:
             plan = _plan(module, x, report)
         except Exception as exc:  # the model's own code, on the probe's replicated rows
+            # (its passes stopped short: what they counted says nothing of the dropout)
             report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
-            plan = None
+            return report.done()
     if plan is None:
-        # Calls per run of each module, over the probe's passes (where it got that far).
+        # Calls per run of each module, over the probe's passes.
         report.dropouts = _found(probed.uses(), None, lambda use: use.calls > 0)
         return report.done()
     report.calls = plan.calls
     report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
+    unsampled = {use.declared for use in plan.unsampled}
     try:
         with CallCounter(module) as counter:
             chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
         ms_per_row_sample = _time_one_sample(module, x, plan) if timed else None
     except Exception as exc:  # the model's own code, on a pass of samples × rows
         report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
+        # The calls the planning passes counted (per run of each module).
+        report.dropouts = _found(probed.uses(), None, lambda use: use.declared not in unsampled)
         return report.done()
-    unsampled = {use.declared for use in plan.unsampled}
     report.dropouts = _found(counter.uses(), len(chunks), lambda use: use.declared not in unsampled)
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
@@ -394,6 +400,68 @@ def mixing(module: nn.Module, x: Tensor, out: Tensor | None = None) -> float:
         return 0.0
     both = torch.isfinite(alone) & torch.isfinite(out)
     return float((alone - out)[both].abs().max()) if bool(both.any()) else math.inf
+
+
+def mixing_problem(
+    module: nn.Module, x: Tensor, out: Tensor | None = None, *, rows: str = "the rows"
+) -> str | None:
+    """Why ``module`` cannot be served, where :func:`mixing` finds that the rows ``x (N,
+    *input_shape)`` (named ``rows`` in the message) give other outputs together than one at a
+    time; else None, also where the model fails on one of them alone (then nothing is compared:
+    :func:`batch_problem` says why)."""
+    try:
+        moved = mixing(module, x, out)
+    except Exception:
+        return None
+    if moved == 0:
+        return None
+    return (
+        f"{rows} give other outputs together than one at a time (by up to {moved:.3g}): a "
+        "row's output depends on the other rows of its batch (e.g. a normalisation over the "
+        "batch, or BatchNorm in training mode), and a request's rows are merged with other "
+        "requests' and its samples with each other"
+    )
+
+
+#: The batch sizes :func:`batch_problem` runs a model at: a row alone, the warm-up's two rows,
+#: the sampling plan's probes (two to four replicated rows), and the largest batches a server's
+#: warm-up times (32 rows, and a pass of 16 samples of them: ``service.batching.CostModel``).
+PROBED_BATCH_ROWS = (1, 2, 3, 4, 32, 512)
+
+
+def batch_problem(module: nn.Module, x: Tensor) -> str | None:
+    """Why ``module`` cannot be served, where it takes a batch of the rows ``x (N,
+    *input_shape)`` of one size but not of another: ``x`` itself, then batches of
+    :data:`PROBED_BATCH_ROWS` rows (``x``'s rows repeated), until one passes and one fails,
+    named with the error. None where it takes them all, or none (then the rows' values are at
+    fault, not the batch's size).
+
+    A server answers a row alone, merges requests' rows into one batch, and runs a row's samples
+    as rows of one pass (up to thousands), so a model must take batches of any size; these sizes
+    are those a server runs before it serves (a larger request runs larger passes)."""
+    n = x.shape[0]
+    took: int | None = None
+    failed: tuple[int, Exception] | None = None
+    for size in dict.fromkeys((n, *PROBED_BATCH_ROWS)):
+        try:
+            sampling.predict(module, x[torch.arange(size, device=x.device) % n])
+        except Exception as exc:
+            failed = failed or (size, exc)
+        else:
+            took = took or size
+        if took is not None and failed is not None:
+            rows, error = failed
+            return (
+                f"the model takes {_batch(took)} but fails on {_batch(rows)} "
+                f"({type(error).__name__}: {error}): a server answers a row alone, merges "
+                "requests' rows into one batch and runs a row's samples as rows of one pass, so "
+                "the model must take batches of any size"
+            )
+    return None
+
+
+def _batch(rows: int) -> str:
+    return "a row alone" if rows == 1 else f"a batch of {rows} rows"
 
 
 def compute_eps(module: nn.Module, device: torch.device) -> float:
@@ -480,7 +548,7 @@ class _Builder:
         self.model = model
         self.input_shape = input_shape
         self.outputs: tuple[str, ...] = ()
-        self.dropouts: tuple[FoundDropout, ...] = ()
+        self.dropouts: tuple[FoundDropout, ...] | None = None
         self.calls: tuple[CallLayout, ...] = ()
         self.n_samples = self.n_rows = 0
         self.varies: bool | None = None

@@ -281,9 +281,10 @@ def outputs_problem(spec: ModelSpec, out: object, n_rows: int) -> str | None:
         return None
     rows = f"{n_rows} row{'s' * (n_rows != 1)}"
     labels = f"{spec.n_outputs} label{'s' * (spec.n_outputs != 1)}"
+    hint = " (K means, then K log-variances)" if k != spec.n_outputs else ""
     return (
         f"the model returns {got} for {rows}, but its manifest ({spec.task}, {labels}, "
-        f"{spec.likelihood}) says ({n_rows}, {k})"
+        f"{spec.likelihood}) says ({n_rows}, {k}){hint}"
     )
 
 

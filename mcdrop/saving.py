@@ -1,10 +1,16 @@
-"""Saving your own model as a model directory in one call, checked so the folder always loads.
+"""Saving your own model as a model directory in one call, checked so the folder always loads
+and serves.
 
 :func:`save` writes what :func:`mcdrop.load` and ``mcdrop serve`` read (``model.json`` and
 ``weights.safetensors``, see :mod:`mcdrop.checkpoint`), after checking that the architecture it
 names (your ``factory`` with its ``params``, or a built-in) rebuilds a network that takes the
-model's weights and gives the model's outputs. A mistake shows when you save, not when a server
-loads the folder months later.
+model's weights and gives the model's outputs, and that a server's warm-up takes the model, by
+the library's checks that the warm-up runs: outputs of the manifest's shape
+(:func:`~mcdrop.checkpoint.outputs_problem`), batches of any size
+(:func:`~mcdrop.checking.batch_problem`), rows that do not mix with their batch
+(:func:`~mcdrop.checking.mixing_problem`), dropout that sampling samples
+(:func:`~mcdrop.sampling.plan`). A mistake shows when you save, not when a server loads the
+folder months later.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mcdrop import checkpoint
+from mcdrop import checkpoint, sampling
+from mcdrop.checking import batch_problem, mixing_problem
 from mcdrop.checking import example_inputs as random_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
 from mcdrop.coverage import declared_rates
-from mcdrop.exceptions import CheckpointError, InvalidArgumentError
+from mcdrop.exceptions import CheckpointError, InvalidArgumentError, McDropError
 from mcdrop.nets import build
 from mcdrop.sampling import predict
 
@@ -54,7 +61,8 @@ def save(
     version: str = "1",
     example_inputs: Any = None,
 ) -> LoadedModel:
-    """Write ``model`` as the model directory ``directory``, and return it loaded back.
+    """Write ``model`` as the model directory ``directory``, and return it loaded back, once it
+    is checked to load and to pass a server's warm-up.
 
     Args:
         model: the trained network, mapping ``(N, *input_shape)`` float32 rows to ``(N, K)``
@@ -88,9 +96,18 @@ def save(
 
     Raises:
         InvalidArgumentError: the manifest would be invalid, ``example_inputs`` are not such
-            rows, or the architecture does not rebuild ``model`` (other weights, or other
-            outputs, or it fails on the example rows); nothing was written.
+            rows, the architecture does not rebuild ``model`` (other weights, or other
+            outputs, or it fails on the example rows), ``model`` is a TorchScript module, or a
+            server would refuse it (no dropout that sampling samples, rows whose outputs depend
+            on their batch, a batch size it fails on); nothing was written.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        # Its layers are compiled: no dropout rate to read, no dropout call to sample.
+        raise InvalidArgumentError(
+            f"cannot save: the model is a TorchScript module ({type(model).__name__}, from "
+            "torch.jit.script or torch.jit.trace), which mcdrop does not support: pass the "
+            "eager nn.Module you scripted or traced"
+        )
     directory = Path(directory)
     arch = _architecture(factory, architecture, params)
     spec = _spec(
@@ -251,6 +268,8 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
     try:
         want = predict(wrapped, x)
     except Exception as exc:
+        if problem := batch_problem(wrapped, x):  # a batch of another size passes
+            raise InvalidArgumentError(f"cannot save: {problem}") from None
         hint = (
             "is input_shape the shape of one input row? If the model takes other values "
             "(token ids, counts, pixels in [0, 255]), give rows it takes as example_inputs"
@@ -260,15 +279,8 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
         raise InvalidArgumentError(
             f"cannot save: the model fails on {what} ({type(exc).__name__}: {exc}); {hint}"
         ) from None
-    k = spec.n_outputs * (2 if spec.likelihood == "heteroscedastic" else 1)
-    if not (isinstance(want, Tensor) and tuple(want.shape) == (n, k)):
-        returned = tuple(want.shape) if isinstance(want, Tensor) else type(want).__name__
-        hint = " (K means, then K log-variances)" if k != spec.n_outputs else ""
-        raise InvalidArgumentError(
-            f"cannot save: the model returns {returned} for {n} rows, but a "
-            f"{spec.likelihood + ' ' if spec.task == 'regression' else ''}{spec.task} model "
-            f"with {spec.n_outputs} labels returns ({n}, {k}){hint}"
-        )
+    if problem := checkpoint.outputs_problem(spec, want, n):
+        raise InvalidArgumentError(f"cannot save: {problem}")
     again = predict(wrapped, x)
     if not torch.allclose(again, want, rtol=_RTOL, atol=_ATOL, equal_nan=True):
         # (deterministic prediction turns off every dropout call sampling samples, MC-dropout
@@ -299,6 +311,26 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
             f"other outputs (by up to {diff:.3g}): the params build another network (e.g. "
             "another activation); pass the params the model was built with"
         )
+    _check_serves(wrapped, x, want, what)
+
+
+def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> None:
+    """Raise where a server's warm-up would refuse the model ``wrapped`` (``want``: its outputs
+    on ``x``, described by ``what``), by the checks of the library that the warm-up runs: a
+    batch size it fails on, rows whose outputs depend on their batch, no dropout that sampling
+    samples (every rate 0)."""
+    problem = batch_problem(wrapped, x) or mixing_problem(wrapped, x, want, rows=what)
+    if problem:
+        raise InvalidArgumentError(f"cannot save: {problem}")
+    try:
+        sampling.plan(wrapped, x)
+    except McDropError as exc:  # NoDropoutError, UnsupportedModelError: they say what to do
+        raise InvalidArgumentError(f"cannot save: {exc}") from None
+    except Exception as exc:  # the model's own code, in a pass that samples
+        raise InvalidArgumentError(
+            f"cannot save: the model fails on a sampling pass of {what} "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _few(items: list[str], shown: int = 5) -> str:

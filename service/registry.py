@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import Tensor
 
 from mcdrop import checkpoint, sampling
-from mcdrop.checking import example_inputs, mixing
+from mcdrop.checking import batch_problem, example_inputs, mixing_problem
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
@@ -209,7 +209,7 @@ class Registry:
         for the batcher (on the model's device, results back on the host: what a request
         costs). A failure is the model directory's to fix (see :func:`warm_up`)."""
         x = warm_up(predictor, manifest)
-        with _names_the_manifest(predictor, manifest):
+        with _names_the_manifest(predictor, manifest, x):
             return CostModel.measure(predictor, x)
 
     def close(self) -> None:
@@ -280,7 +280,7 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
     request's: the :class:`~mcdrop.checkpoint.CheckpointError` names the manifest (and, for a
     shape that does not fit, its fields)."""
     x = _warm_up_input(predictor)
-    with _names_the_manifest(predictor, manifest):
+    with _names_the_manifest(predictor, manifest, x):
         _check_outputs(predictor, x, manifest)
         predictor.warm_up(x)
         try:
@@ -314,22 +314,16 @@ def _refuse_mixing(predictor: Predictor, x: torch.Tensor, manifest: Path) -> Non
     traffic, silently. A model that refuses the other row (its values are no inputs of it)
     leaves nothing to compare."""
     rows = torch.cat([x, _varied_input(predictor)]).to(predictor.device)
-    try:
-        moved = mixing(predictor.model.module, rows)
-    except Exception:
-        return
-    if moved > 0:
+    if problem := mixing_problem(predictor.model.module, rows, rows="the warm-up rows"):
         raise checkpoint.CheckpointError(
-            f"{manifest}: the warm-up rows give other outputs together than one at a time (by "
-            f"up to {moved:.3g}): a row's output depends on the other rows of its batch (e.g. "
-            "a normalisation over the batch, or BatchNorm in training mode), and a request's "
-            "rows are merged with other requests' and its samples with each other; `mcdrop "
-            f"check {manifest.parent}` says more"
+            f"{manifest}: {problem}; `mcdrop check {manifest.parent}` says more"
         )
 
 
 @contextmanager
-def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
+def _names_the_manifest(predictor: Predictor, manifest: Path, x: torch.Tensor) -> Iterator[None]:
+    """The warm-up's errors (on ``x``, the warm-up row, and batches made of it) as
+    CheckpointErrors that name the manifest and the likely fix."""
     try:
         yield
     except NonFiniteOutputError:
@@ -342,24 +336,38 @@ def _names_the_manifest(predictor: Predictor, manifest: Path) -> Iterator[None]:
         raise
     except McDropError as exc:  # says what is wrong (no dropout, ...): name the file
         raise checkpoint.CheckpointError(f"{manifest}: the warm-up pass: {exc}") from exc
-    except RuntimeError as exc:  # torch's shape errors name no file: name the fields
+    except Exception as exc:
+        # A model that takes a batch of the row of one size but not of another (a row alone
+        # but not the timings' 32 rows): the batch's size is at fault, not input_shape nor the
+        # row's values.
+        if batch := batch_problem(predictor.model.module, x.to(predictor.device)):
+            raise checkpoint.CheckpointError(
+                f"{manifest}: the warm-up pass on {_warm_up_row(predictor)} failed: {batch}"
+            ) from exc
+        _refuse_row(predictor, manifest, exc)
+
+
+def _refuse_row(predictor: Predictor, manifest: Path, exc: Exception) -> NoReturn:
+    """Raise the warm-up's error ``exc`` on its row (torch's, or the model's own) as a
+    CheckpointError."""
+    if isinstance(exc, RuntimeError):  # torch's shape errors name no file: name the fields
         raise checkpoint.CheckpointError(
             f"{manifest}: the warm-up pass on one row of input_shape "
             f"{list(predictor.spec.input_shape)} failed, so input_shape (or "
             f"input_normalization) does not fit the architecture: {exc}"
         ) from exc
-    except Exception as exc:  # the model's own code refuses the row (an id past a vocabulary)
-        own = predictor.model.example_inputs is not None
-        hint = (
-            ""
-            if own
-            else "; a model that takes other values (token ids, counts, pixels in [0, 255]) "
-            "needs rows of its own: save it with mcdrop.save(..., example_inputs=rows)"
-        )
-        raise checkpoint.CheckpointError(
-            f"{manifest}: the warm-up pass on {_warm_up_row(predictor)} failed "
-            f"({type(exc).__name__}: {exc}){hint}"
-        ) from exc
+    # The model's own code refuses the row (an id past a vocabulary).
+    own = predictor.model.example_inputs is not None
+    hint = (
+        ""
+        if own
+        else "; a model that takes other values (token ids, counts, pixels in [0, 255]) "
+        "needs rows of its own: save it with mcdrop.save(..., example_inputs=rows)"
+    )
+    raise checkpoint.CheckpointError(
+        f"{manifest}: the warm-up pass on {_warm_up_row(predictor)} failed "
+        f"({type(exc).__name__}: {exc}){hint}"
+    ) from exc
 
 
 def _warm_up_row(predictor: Predictor) -> str:

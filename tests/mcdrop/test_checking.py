@@ -11,10 +11,16 @@ import torch
 from torch import Tensor, nn
 
 import mcdrop
-from mcdrop.checking import MAX_ROWS, MAX_SAMPLES, compute_eps, example_inputs
+from mcdrop.checking import (
+    MAX_ROWS,
+    MAX_SAMPLES,
+    batch_problem,
+    compute_eps,
+    example_inputs,
+)
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Returns
+from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Picky, Returns
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 
 
@@ -226,6 +232,65 @@ def test_a_model_that_refuses_a_pass_of_samples_fails_in_the_report(
         "each row in one batch"
     )
     assert mcdrop.check(MaxBatch(most=64).eval(), torch.randn(4, 3), timed=False).ok
+
+
+@pytest.mark.parametrize(
+    ("model", "rows"),
+    [
+        (Picky(bound=0.0), 4),  # fails on the rows themselves
+        (BatchOf((4,)), 4),  # fails on a row alone
+        (MaxBatch(most=1), 1),  # fails on the plan's probe of replicated rows, its first pass
+    ],
+    ids=["rows", "a row alone", "the plan's first pass"],
+)
+def test_a_check_that_stops_early_does_not_say_the_model_has_no_dropout(
+    model: nn.Module, rows: int
+) -> None:
+    """Each model declares dropout p=0.5, but the check stopped at forward_failed before a pass
+    that counts it: the report said 'dropout: none declared' (or, where the plan's first probe
+    failed, '0 calls: NOT SAMPLED')."""
+    torch.manual_seed(0)
+    report = mcdrop.check(model.eval(), torch.randn(rows, 3), timed=False)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert report.dropouts is None
+    assert report.to_dict()["dropouts"] is None
+    text = str(report)
+    assert "dropout: not counted (the check stopped before a pass that counts it)" in text
+    assert "none declared" not in text
+    assert "NOT SAMPLED" not in text
+
+
+def test_a_check_that_fails_on_the_samples_counts_the_dropout_of_the_plan() -> None:
+    """The plan's passes ran whole: their counts stand where the samples' pass failed."""
+    torch.manual_seed(0)
+    report = mcdrop.check(MaxBatch(most=8).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "forward_failed")]
+    assert [(d.module, d.calls, d.sampled) for d in report.dropouts or ()] == [("drop", 1, True)]
+
+
+@pytest.mark.parametrize(
+    ("model", "rows", "problem"),
+    [
+        (BatchOf((4,)), 4, "takes a batch of 4 rows but fails on a row alone"),
+        (BatchOf((4,)), 2, "takes a batch of 4 rows but fails on a batch of 2 rows"),
+        (BatchOf((1, 2)), 1, "takes a row alone but fails on a batch of 3 rows"),
+        (MaxBatch(most=100), 2, "takes a batch of 2 rows but fails on a batch of 512 rows"),
+        (MaxBatch(most=512), 2, None),  # the largest probed
+        (Picky(bound=0.0), 2, None),  # fails on any batch: the values are at fault
+    ],
+    ids=["4 of 4", "4 of 2", "1 or 2", "up to 100", "up to 512", "no batch"],
+)
+def test_batch_problem_names_a_size_the_model_fails_on(
+    model: nn.Module, rows: int, problem: str | None
+) -> None:
+    torch.manual_seed(0)
+    found = batch_problem(model.eval(), torch.randn(rows, 3) + 1)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.startswith(f"the model {problem} (ValueError: ")
+        assert found.endswith("so the model must take batches of any size")
 
 
 def test_outputs_that_are_nan_alone_and_in_a_batch_mix_no_rows() -> None:

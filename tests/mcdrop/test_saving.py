@@ -17,8 +17,11 @@ from mcdrop.nets import MLP
 from tests.conftest import TOKEN_ROWS
 from tests.factories import (
     AlwaysDrops,
+    BatchOf,
+    Centred,
     Counting,
     Logs,
+    MaxBatch,
     Noisy,
     Tied,
     Tokens,
@@ -103,8 +106,16 @@ def test_a_builtin_architecture_with_normalisation(tmp_path: Path) -> None:
         ({"factory": None}, "exactly one of them"),
         ({"architecture": "mlp"}, "exactly one of them"),
         ({"tau": None}, "needs 'tau'"),
-        ({"labels": ["a", "b"]}, r"returns \(2, 1\) for 2 rows, but a homoscedastic regression"),
-        ({"likelihood": "heteroscedastic"}, r"returns \(2, 2\) \(K means, then K log-variances"),
+        (
+            {"labels": ["a", "b"]},
+            r"returns \(2, 1\) for 2 rows, but its manifest \(regression, 2 labels, "
+            r"homoscedastic\) says \(2, 2\)",
+        ),
+        (
+            {"likelihood": "heteroscedastic"},
+            r"returns \(2, 1\) for 2 rows, but its manifest \(regression, 1 label, "
+            r"heteroscedastic\) says \(2, 2\) \(K means, then K log-variances\)",
+        ),
         ({"input_shape": [4]}, "is input_shape the shape of one input row"),
         ({"input_normalization": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, "positive stds"),
     ],
@@ -245,6 +256,92 @@ def test_a_model_with_outputs_that_are_not_finite_is_refused_as_such(
         example_inputs=torch.rand(2, 3) + 0.5, **REGRESSOR,
     )  # fmt: skip
     assert loaded.example_inputs is not None
+
+
+SERVES_NOT: dict[str, tuple[nn.Module, dict[str, Any], str]] = {
+    # Every rate 0: sampling has nothing to sample (the warm-up's NoDropoutError).
+    "no dropout": (
+        MLP(3, (5,), 1, dropout=0.0),
+        {
+            "architecture": "mlp",
+            "params": {"in_features": 3, "hidden": [5], "out_features": 1, "dropout": 0.0},
+        },
+        r"MLP made no stochastic dropout call \(no dropout layer, or every rate is 0\): MC "
+        "samples would all be equal. Add dropout",
+    ),
+    "x - x.mean(0)": (
+        Centred(),
+        {"factory": "tests.factories:Centred"},
+        r"2 random rows of input_shape \[3\] give other outputs together than one at a time "
+        r"\(by up to .*\): a row's output depends on the other rows of its batch",
+    ),
+    "a batch of 4 rows only": (
+        BatchOf((4,)),
+        {"factory": "tests.factories:BatchOf", "params": {"sizes": [4]}},
+        r"the model takes a batch of 4 rows but fails on a batch of 2 rows \(ValueError: a batch "
+        r"of \(4,\) rows only, got 2\): .*so the model must take batches of any size",
+    ),
+    "up to 2 rows": (
+        BatchOf((1, 2)),
+        {"factory": "tests.factories:BatchOf", "params": {"sizes": [1, 2]}},
+        r"the model takes a batch of 2 rows but fails on a batch of 3 rows \(ValueError",
+    ),
+    "up to 8 rows": (
+        MaxBatch(most=8),
+        {"factory": "tests.factories:MaxBatch", "params": {"most": 8}},
+        r"the model takes a batch of 2 rows but fails on a batch of 32 rows \(ValueError: at "
+        "most 8 rows a batch, got 32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERVES_NOT))
+def test_a_model_a_server_would_refuse_is_refused(tmp_path: Path, case: str) -> None:
+    """Folders that mcdrop.save wrote and ``mcdrop serve`` refused at its warm-up (no dropout to
+    sample, rows that mix with their batch, a forward written for some batch sizes): save runs
+    the warm-up's checks, and says what is wrong before it writes anything."""
+    torch.manual_seed(0)
+    net, architecture, message = SERVES_NOT[case]
+    options = {**REGRESSOR, **architecture}
+    with pytest.raises(InvalidArgumentError, match=f"^cannot save: {message}"):
+        mcdrop.save(net, tmp_path / "m", **options)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_model_that_takes_its_example_rows_but_not_a_row_alone_is_refused(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(InvalidArgumentError) as caught:
+        mcdrop.save(
+            BatchOf((4,)), tmp_path / "m", factory="tests.factories:BatchOf",
+            params={"sizes": [4]}, example_inputs=torch.randn(4, 3), **REGRESSOR,
+        )  # fmt: skip
+    assert str(caught.value).startswith(
+        "cannot save: the model takes a batch of 4 rows but fails on a row alone (ValueError: "
+        "a batch of (4,) rows only, got 1): a server answers a row alone"
+    )
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.\\w+` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_a_torchscript_module_is_refused_as_such(tmp_path: Path, net: nn.Module, kind: str) -> None:
+    """Its layers are compiled: save read no dropout rate in it and blamed the factory's params
+    ('other dropout rates (1.p: 0 in the model, 0.5 rebuilt)')."""
+    net.eval()
+    x = torch.randn(2, 3)
+    compiled = torch.jit.script(net) if kind == "script" else torch.jit.trace(net, x)
+    with pytest.raises(InvalidArgumentError) as caught:
+        mcdrop.save(
+            compiled, tmp_path / "m", factory="tests.factories:build",
+            params={"in_features": 3, "width": 5}, **REGRESSOR,
+        )  # fmt: skip
+    message = str(caught.value)
+    assert "is a TorchScript module" in message
+    assert "pass the eager nn.Module you scripted or traced" in message
+    assert "params" not in message
+    assert not (tmp_path / "m").exists()
 
 
 TOKENS: dict[str, Any] = {

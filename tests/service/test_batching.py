@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 
 import mcdrop
 from mcdrop import checkpoint
+from mcdrop.checking import PROBED_BATCH_ROWS
 from mcdrop.exceptions import InvalidInputError
 from mcdrop.predictor import Predictor
 from service.app import create_app
@@ -267,6 +268,25 @@ def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) ->
             await asyncio.wait_for(waiting, timeout=30)
 
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("most", [max(PROBED_BATCH_ROWS) - 1, max(PROBED_BATCH_ROWS)])
+def test_the_timings_run_no_batch_larger_than_save_probes(most: int) -> None:
+    """mcdrop.save runs a model on batches of up to max(PROBED_BATCH_ROWS) rows so that the
+    folder it writes passes a server's warm-up; the timings' largest pass (16 samples of 32
+    rows, a residual across the dropout: replicated at the input) is that large, no larger."""
+    spec = checkpoint.ModelSpec(
+        name="sized", task="regression", input_shape=[3], labels=["y"],
+        architecture={"factory": "tests.factories:MaxBatch", "params": {"most": most}}, tau=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    predictor = Predictor(checkpoint.LoadedModel(spec, factories.MaxBatch(most), Path("sized")))
+    x = torch.zeros(1, 3)
+    if most < max(PROBED_BATCH_ROWS):
+        with pytest.raises(ValueError, match=f"at most {most} rows a batch, got {most + 1}"):
+            CostModel.measure(predictor, x, repeats=1)
+    else:
+        CostModel.measure(predictor, x, repeats=1)
 
 
 def test_a_small_job_does_not_wait_behind_a_large_one(digits: Predictor) -> None:

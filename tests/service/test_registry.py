@@ -23,7 +23,7 @@ from service.app import StartupError, create_app
 from service.config import Settings
 from service.registry import warm_up
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import Centred, Returns, build, unit_rows
+from tests.factories import BatchOf, Centred, MaxBatch, Returns, build, unit_rows
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -368,6 +368,50 @@ def test_a_model_whose_rows_mix_with_their_batch_fails_to_load(tmp_path: Path) -
             "time (by up to "
         )
         assert "mcdrop check" in ready["centred"]
+
+
+BATCHES: dict[str, tuple[Callable[[], Any], dict[str, Any], Any, str]] = {
+    # Takes its warm-up row alone and the warm-up's first passes, fails on its timings' 32 rows.
+    "up to 8": (
+        lambda: MaxBatch(most=8),
+        {"factory": "tests.factories:MaxBatch", "params": {"most": 8}},
+        None,
+        "the warm-up pass on zeros failed: the model takes a row alone but fails on a batch of "
+        "32 rows (ValueError: at most 8 rows a batch, got 32)",
+    ),
+    # Takes its four example rows together, not its warm-up row alone.
+    "4 only": (
+        lambda: BatchOf((4,)),
+        {"factory": "tests.factories:BatchOf", "params": {"sizes": [4]}},
+        torch.randn(4, 3, generator=torch.Generator().manual_seed(0)),
+        "the warm-up pass on its example rows failed: the model takes a batch of 4 rows but "
+        "fails on a row alone (ValueError: a batch of [4] rows only, got 1)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+def test_a_model_that_fails_on_a_batch_size_fails_to_load_saying_so(
+    tmp_path: Path, case: str
+) -> None:
+    """A forward written for some batch sizes (checkpoint.save runs nothing; mcdrop.save
+    refuses it): the warm-up names the batch size it fails on, where it said 'a model that
+    takes other values ... needs rows of its own', which blamed the row's values."""
+    make, architecture, examples, reason = BATCHES[case]
+    spec = ModelSpec(
+        name="sized", task="regression", input_shape=[3], labels=["y"],
+        architecture=architecture, tau=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "sized", spec, make(), example_inputs=examples)
+    settings = Settings(model_dir=tmp_path, allowed_factories="tests.factories")
+    with pytest.raises(StartupError) as info:
+        TestClient(create_app(settings)).__enter__()
+    message = str(info.value)
+    assert f"model 'sized': sized/model.json: {reason}: a server answers a row alone" in message
+    assert "so the model must take batches of any size" in message
+    assert "needs rows of its own" not in message
+    assert "input_shape" not in message
 
 
 RETURNS = {
