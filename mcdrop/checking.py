@@ -429,12 +429,12 @@ def mixing_problem(
 PROBED_BATCH_ROWS = (1, 2, 3, 4, 32, 512)
 
 
-def batch_problem(module: nn.Module, x: Tensor) -> str | None:
+def batch_problem(module: nn.Module, x: Tensor, largest: int | None = None) -> str | None:
     """Why ``module`` cannot be served, where it takes a batch of the rows ``x (N,
     *input_shape)`` of one size but not of another: ``x`` itself, then batches of
-    :data:`PROBED_BATCH_ROWS` rows (``x``'s rows repeated), until one passes and one fails,
-    named with the error. None where it takes them all, or none (then the rows' values are at
-    fault, not the batch's size).
+    :data:`PROBED_BATCH_ROWS` rows (``x``'s rows repeated; none of more than ``largest`` rows
+    where given), until one passes and one fails, named with the error. None where it takes
+    them all, or none (then the rows' values are at fault, not the batch's size).
 
     A server answers a row alone, merges requests' rows into one batch, and runs a row's samples
     as rows of one pass (up to thousands), so a model must take batches of any size; these sizes
@@ -442,7 +442,8 @@ def batch_problem(module: nn.Module, x: Tensor) -> str | None:
     n = x.shape[0]
     took: int | None = None
     failed: tuple[int, Exception] | None = None
-    for size in dict.fromkeys((n, *PROBED_BATCH_ROWS)):
+    sizes = [size for size in PROBED_BATCH_ROWS if largest is None or size <= largest]
+    for size in dict.fromkeys((n, *sizes)):
         try:
             sampling.predict(module, x[torch.arange(size, device=x.device) % n])
         except Exception as exc:

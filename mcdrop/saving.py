@@ -314,12 +314,21 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
     _check_serves(wrapped, x, want, what)
 
 
+#: The largest batch :func:`_check_serves` runs a model at (see there).
+_PROBED_ROWS = 32
+
+
 def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> None:
     """Raise where a server's warm-up would refuse the model ``wrapped`` (``want``: its outputs
     on ``x``, described by ``what``), by the checks of the library that the warm-up runs: a
     batch size it fails on, rows whose outputs depend on their batch, no dropout that sampling
     samples (every rate 0)."""
-    problem = batch_problem(wrapped, x) or mixing_problem(wrapped, x, want, rows=what)
+    # Batches of at most a request's rows: one pass of 512 (the warm-up's samples of 32 rows,
+    # which a server cuts to its activation budget) would hold gigabytes of a large network's
+    # activations at every save. (A model failing at 512 only is named by the warm-up.)
+    problem = batch_problem(wrapped, x, largest=_PROBED_ROWS) or mixing_problem(
+        wrapped, x, want, rows=what
+    )
     if problem:
         raise InvalidArgumentError(f"cannot save: {problem}")
     try:
