@@ -308,6 +308,7 @@ def test_url_from_the_environment(
     [
         (["models", "--url", "localhost:8000"], "http://"),
         (["predict", "digits", "--url", "ftp://x", "--inputs", "[[0]]"], "http://"),
+        (["models", "--url", "http://me:s3cret@127.0.0.1:9"], "remove it"),
         (["predict", "digits", "--inputs", "[[0,"], "--inputs is not valid JSON"),
         (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),

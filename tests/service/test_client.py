@@ -164,6 +164,26 @@ def test_valid_urls(url: str) -> None:
     Client(url).close()
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@localhost:8000",
+        "https://s3cret@mcdrop.example.com/prefix",
+        "http://:s3cret@[::1]:80",
+        "ftp://user:s3cret@x",  # refused for its password before its scheme: never quoted
+        "http://user:s3cret@x:99999",
+    ],
+)
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+def test_urls_with_a_password_are_refused_without_echo(kind: type, url: str) -> None:
+    """httpx2 sends a URL's user:password@ as Basic authentication in place of the API key,
+    and every error message quotes the request's URL: refused, and the password not shown."""
+    with pytest.raises(InvalidURLError, match="user:password@") as info:
+        kind(url, api_key="key")
+    assert "s3cret" not in str(info.value)
+    assert "api_key=" in str(info.value)
+
+
 # Names with "%" are tested over uvicorn (tests/e2e/test_client_over_http.py): Starlette's
 # TestClient decodes a path twice, so "%252e" would reach the app as "." here, never on the wire.
 @pytest.mark.parametrize("name", ["a?b", "a#b", "a b", "é", "digits?x=1", "\\"])

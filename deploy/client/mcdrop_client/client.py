@@ -3,7 +3,8 @@
 Importing it loads neither torch nor FastAPI. Every failure is one of these errors::
 
     ClientError                     base: catch this for any failure of the client
-    ├── InvalidURLError             the base URL is not an http(s) URL (ValueError)
+    ├── InvalidURLError             the base URL is not an http(s) URL, or holds a password
+    │                               (ValueError)
     ├── InvalidRequestError         refused before sending: NaN or non-numbers in the inputs, a
     │                               model name that is not one path segment, inputs nested too
     │                               deeply, a timeout or max_response_bytes out of range
@@ -111,7 +112,8 @@ class ClientError(Exception):
 
 
 class InvalidURLError(ClientError, ValueError):
-    """The base URL is not an ``http://`` or ``https://`` URL with a host."""
+    """The base URL is not an ``http://`` or ``https://`` URL with a host, or it holds a user name
+    or password (``user:password@``: the API key is ``api_key=``)."""
 
 
 class InvalidRequestError(ClientError, ValueError):
@@ -206,11 +208,21 @@ _JSON = {"content-type": "application/json"}
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 # What a host may be made of: names, IPv4, and IPv6 (urlsplit drops its brackets).
 _HOST = re.compile(r"[A-Za-z0-9._~:-]+")
+# A URL with a user name or password before its host ("http://user:password@host").
+_USERINFO = re.compile(r"[^/?#]*//[^/?#]*@")
 
 
 def _check_url(base_url: str) -> str:
     """``base_url`` if it is an http(s) URL with a host, else :class:`InvalidURLError`."""
     hint = "give the service's address, e.g. http://localhost:8000"
+    # httpx2 would send a user:password@ as Basic authentication, replacing the API key's header,
+    # and every error message quotes the URL: refused first, and never quoted.
+    if isinstance(base_url, str) and _USERINFO.match(base_url):
+        raise InvalidURLError(
+            "invalid service URL: it holds a user name or password (user:password@), which "
+            "would be sent in place of the API key and shown in error messages; remove it, and "
+            f"give the service's key as api_key= (or {API_KEY_ENV})"
+        )
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
