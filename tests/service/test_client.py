@@ -148,6 +148,9 @@ def test_exported_names() -> None:
         "http://x:port",
         "http://x/?q=1",
         "",
+        # urlsplit skips leading blanks and control characters; httpx2 took the whole as a path
+        " http://localhost:8000",
+        "\x00http://localhost:8000",
     ],
 )
 @pytest.mark.parametrize("kind", [Client, AsyncClient])

@@ -210,6 +210,8 @@ _TOKEN = re.compile(r"[\x21-\x7e]+")
 _HOST = re.compile(r"[A-Za-z0-9._~:-]+")
 # A URL with a user name or password before its host ("http://user:password@host").
 _USERINFO = re.compile(r"[^/?#]*//[^/?#]*@")
+# How a service URL starts (not urlsplit's scheme: it skips leading blanks, which httpx2 keeps).
+_SCHEME = re.compile(r"https?://", re.IGNORECASE)
 
 
 def _check_url(base_url: str) -> str:
@@ -228,7 +230,7 @@ def _check_url(base_url: str) -> str:
         parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
     except (ValueError, TypeError, AttributeError) as exc:
         raise InvalidURLError(f"invalid service URL {base_url!r}: {exc}; {hint}") from None
-    if parts.scheme not in ("http", "https"):
+    if not isinstance(base_url, str) or not _SCHEME.match(base_url):
         raise InvalidURLError(
             f"invalid service URL {base_url!r}: it must start with http:// or https://; {hint}"
         )
