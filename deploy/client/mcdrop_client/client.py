@@ -75,6 +75,9 @@ DEFAULT_URL = "http://localhost:8000"
 DEFAULT_TIMEOUT = 75.0
 #: Seconds to wait for a connection: an unreachable host should not take the full read timeout.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: The longest finite timeout, in seconds: a year. Sockets take at most 2**63 ns (292 years;
+#: past it OverflowError at the first request); ``None`` is the way to wait without limit.
+MAX_TIMEOUT = 365 * 24 * 3600.0
 #: Largest answer the client reads, in bytes after decoding: 4 times the server's own default
 #: limit on a response (``MCDROP_MAX_RESPONSE_BYTES``, 16 MiB), so a server configured for larger
 #: answers (e.g. ``return_samples`` on many rows) still fits, while a hostile or broken server
@@ -270,15 +273,19 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 def _check_timeout(timeout: float | None) -> float | None:
     """``timeout`` in seconds, None for no limit (``None`` or infinity, as httpx reads None)."""
-    if timeout is None:
+    if timeout is None or (isinstance(timeout, float) and timeout == math.inf):
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        # `not timeout > 0` also catches NaN; 0 would make every socket non-blocking.
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        # `not 0 < timeout` also catches NaN; 0 would make every socket non-blocking.
         raise InvalidRequestError(
-            f"invalid timeout {timeout!r}: give the seconds a request may take as a number > 0, "
-            "or None for no limit"
+            f"invalid timeout {timeout!r}: give the seconds a request may take as a number > 0 "
+            f"and at most {MAX_TIMEOUT:g} (a year), or None for no limit"
         )
-    return None if math.isinf(timeout) else float(timeout)
+    return float(timeout)
 
 
 def _check_max_bytes(max_response_bytes: int | None) -> int | None:
@@ -684,8 +691,8 @@ class Client:
             and reading the complete answer; past it, :class:`RequestTimeoutError`. ``None``
             (or ``math.inf``): no limit, as in httpx. The default, 75 s, is above the server's
             own 60 s compute deadline, so a slow request ends with the server's 504 (a
-            :class:`ServerError`) rather than a client-side timeout. Not a number > 0:
-            :class:`InvalidRequestError`.
+            :class:`ServerError`) rather than a client-side timeout. Not a number > 0 and at
+            most :data:`MAX_TIMEOUT` (a year): :class:`InvalidRequestError`.
         max_response_bytes: the largest answer read, in bytes after decoding (default 64 MiB,
             4 times the server's own default response limit); a larger one is
             :class:`ResponseTooLargeError`, refused before reading when its Content-Length says
