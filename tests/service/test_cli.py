@@ -25,6 +25,7 @@ from service.config import Settings
 from service.errors import rejected_message
 from tests import factories
 from tests.conftest import MODELS, ROOT, save_tokens
+from tests.service.test_client import UNUSABLE_ENVIRONMENT
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -288,6 +289,20 @@ def test_evaluate_refuses_an_untrusted_factory(
     assert "--allowed-factories tests.factories" in err
     args = parser().parse_args(["evaluate", "m", "--trust-model-code", "--allowed-factories", "a"])
     assert (args.trust_model_code, args.allowed_factories) == (True, "a")
+
+
+@pytest.mark.parametrize(("name", "value"), UNUSABLE_ENVIRONMENT)
+def test_environment_settings_that_cannot_be_used_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    """A proxy (or certificate file) of the environment the client cannot use: one line, exit
+    2 (a SOCKS proxy without socksio was an ImportError's traceback)."""
+    monkeypatch.setenv(name, value)
+    code, out, err = _run(capsys, "models", "--url", "http://127.0.0.1:9")
+    assert (code, out) == (2, "")
+    assert err.startswith("mcdrop models: error:")
+    assert name in err
+    assert err.count("\n") == 1
 
 
 def test_url_from_the_environment(

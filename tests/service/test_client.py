@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 from collections.abc import Iterator
 
@@ -158,6 +159,32 @@ def test_invalid_urls(kind: type, url: str) -> None:
     with pytest.raises(InvalidURLError, match="service URL") as info:
         kind(url)
     assert isinstance(info.value, ValueError)
+
+
+#: Settings of the environment httpx2 reads (trust_env) and cannot use.
+UNUSABLE_ENVIRONMENT = [
+    ("HTTP_PROXY", "ftp://proxy:3128"),  # no such proxy scheme: ValueError
+    ("SSL_CERT_FILE", "/nonexistent/ca.pem"),  # FileNotFoundError, naming no file
+    # SOCKS needs the socksio package: ImportError (where it is missing)
+    pytest.param(
+        "ALL_PROXY",
+        "socks5://127.0.0.1:1080",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("socksio") is not None, reason="socksio is installed"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), UNUSABLE_ENVIRONMENT)
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+def test_environment_settings_that_cannot_be_used_are_the_clients_errors(
+    monkeypatch: pytest.MonkeyPatch, kind: type, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidURLError) as info:
+        kind("http://127.0.0.1:9")
+    assert name in str(info.value)
 
 
 @pytest.mark.parametrize(

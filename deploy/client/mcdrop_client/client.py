@@ -3,8 +3,9 @@
 Importing it loads neither torch nor FastAPI. Every failure is one of these errors::
 
     ClientError                     base: catch this for any failure of the client
-    ├── InvalidURLError             the base URL is not an http(s) URL, or holds a password
-    │                               (ValueError)
+    ├── InvalidURLError             the base URL is not an http(s) URL, or holds a password;
+    │                               a proxy or certificate file of the environment that cannot
+    │                               be used (ValueError)
     ├── InvalidRequestError         refused before sending: NaN or non-numbers in the inputs, a
     │                               model name that is not one path segment, inputs nested too
     │                               deeply, a timeout or max_response_bytes out of range
@@ -116,7 +117,8 @@ class ClientError(Exception):
 
 class InvalidURLError(ClientError, ValueError):
     """The base URL is not an ``http://`` or ``https://`` URL with a host, or it holds a user name
-    or password (``user:password@``: the API key is ``api_key=``)."""
+    or password (``user:password@``: the API key is ``api_key=``); or a proxy or certificate
+    setting of the environment (``HTTPS_PROXY``, ``SSL_CERT_FILE``, ...) cannot be used."""
 
 
 class InvalidRequestError(ClientError, ValueError):
@@ -667,15 +669,26 @@ def _uncertainty_body(
 
 
 _HTTP = TypeVar("_HTTP", httpx2.Client, httpx2.AsyncClient)
+#: The environment variables httpx2 reads its proxies and certificates from (trust_env).
+_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 def _new_http(kind: type[_HTTP], base_url: str, timeout: float | None) -> _HTTP:
-    """An httpx2 client of ``kind`` for ``base_url``; an invalid URL is the client's own error."""
+    """An httpx2 client of ``kind`` for ``base_url``; an invalid URL, or settings of the
+    environment it cannot use, are the client's own error."""
     try:
         return kind(base_url=base_url, timeout=_timeout(timeout))
     except httpx2.InvalidURL as exc:
         raise InvalidURLError(
             f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
+        ) from None
+    except (ValueError, ImportError, OSError) as exc:
+        # httpx2 reads proxies and certificates from the environment: a proxy scheme it has no
+        # transport for (ValueError), SOCKS without socksio (ImportError), a certificate file that
+        # is not there (OSError, naming no file).
+        raise InvalidURLError(
+            f"cannot use the environment's settings ({', '.join(_ENVIRONMENT)}): "
+            f"{str(exc).rstrip('.')}; correct or unset them"
         ) from None
 
 
