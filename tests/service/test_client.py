@@ -383,6 +383,28 @@ def test_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _authorization() is None
 
 
+@pytest.mark.parametrize(
+    ("retry_after", "seconds"),
+    [("3", 3), (" 1 ", 1), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", None), ("-1", None),
+     ("2.5", None)],
+)  # fmt: skip
+def test_an_overloaded_service_says_when_to_retry(
+    retry_after: str | None, seconds: int | None
+) -> None:
+    """The service answers 503 overloaded with Retry-After (seconds): the error carries it."""
+    body = b'{"error": {"code": "overloaded", "message": "queue full", "details": []}}'
+    headers = {} if retry_after is None else {"retry-after": retry_after}
+
+    def answer(_: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(503, content=body, headers=headers)
+
+    http = httpx2.Client(transport=httpx2.MockTransport(answer), base_url="http://mcdrop.test")
+    with pytest.raises(ServiceUnavailableError) as info:
+        Client(http=http).predict("digits", [[0.0] * 64])
+    assert info.value.code == "overloaded"
+    assert info.value.retry_after == seconds
+
+
 def test_readiness_from_something_else_is_the_status_error() -> None:
     with pytest.raises(ServiceUnavailableError):
         _serving(503, b"<html>maintenance</html>", "text/html").ready()

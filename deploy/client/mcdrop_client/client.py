@@ -23,6 +23,7 @@ Importing it loads neither torch nor FastAPI. Every failure is one of these erro
         ├── NotFoundError           404
         ├── PayloadTooLargeError    413
         ├── ServiceUnavailableError 503: model still loading, or the service is overloaded
+        │                           (retry_after: the seconds its Retry-After asks to wait)
         └── ServerError             other 5xx (504: the request ran past the server's deadline)
 
 Example::
@@ -164,14 +165,24 @@ class ResponseTooLargeError(ClientError):
 
 
 class APIError(ClientError):
-    """The service answered with an error status; ``message`` is the server's explanation."""
+    """The service answered with an error status; ``message`` is the server's explanation, and
+    ``retry_after`` the seconds its ``Retry-After`` header asks to wait before sending again
+    (a 503 ``overloaded``), else None."""
 
-    def __init__(self, status_code: int, code: str, message: str, details: list[Any]) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        details: list[Any],
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(f"{status_code} {code}: {message}")
         self.status_code = status_code
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after = retry_after
 
 
 class BadRequestError(APIError):
@@ -191,7 +202,8 @@ class PayloadTooLargeError(APIError):
 
 
 class ServiceUnavailableError(APIError):
-    """503: the model is still loading (retry), failed to load, or the service is overloaded."""
+    """503: the model is still loading (retry), failed to load, or the service is overloaded
+    (retry after ``retry_after`` seconds)."""
 
 
 class ServerError(APIError):
@@ -596,7 +608,10 @@ def _error(answer: _Answer) -> APIError:
         # RecursionError: JSON nested deeper than Python can parse is not the service's error.
         code, message, details = "http_error", _status_message(answer), []
     kind = _BY_STATUS.get(status, ServerError if status >= 500 else APIError)
-    return kind(status, code, message, details)
+    # Seconds, as the service sends it; an HTTP date (a proxy's) is left to the caller.
+    wait = answer.headers.get("retry-after", "").strip()
+    retry_after = int(wait) if wait.isascii() and wait.isdigit() else None
+    return kind(status, code, message, details, retry_after)
 
 
 def _parse(answer: _Answer, model: type[T], ok: Sequence[int] = (200,)) -> T:
