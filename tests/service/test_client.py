@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import pickle
 import socket
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ from mcdrop_client import (
     InvalidURLError,
     NotFoundError,
     RequestTimeoutError,
+    ResponseTooLargeError,
     ServerError,
     ServiceUnavailableError,
     TransportError,
@@ -134,6 +136,28 @@ def test_exported_names() -> None:
     assert all(issubclass(e, ClientError) for e in errors)
     # The tree drawn in the module docstring names every error class.
     assert all(e.__name__ in client_module.__doc__ for e in errors)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ServiceUnavailableError(503, "overloaded", "queue full", [{"a": 1}], retry_after=2),
+        NotFoundError(404, "model_not_found", "no model 'x'", []),
+        RequestTimeoutError("no answer within 1 s", 1.0),
+        DecodingError("not JSON", 200, "<html>"),
+        ResponseTooLargeError("too large", 200, 1024),
+        TransportError("cannot reach"),
+    ],
+    ids=type,
+)
+def test_errors_survive_pickling(error: ClientError) -> None:
+    """A process pool (concurrent.futures, multiprocessing) sends a worker's error back
+    pickled: an error that could not be rebuilt broke the whole pool (BrokenProcessPool), every
+    other call's result lost with it."""
+    copied = pickle.loads(pickle.dumps(error))
+    assert type(copied) is type(error)
+    assert str(copied) == str(error)
+    assert vars(copied) == vars(error)
 
 
 @pytest.mark.parametrize(

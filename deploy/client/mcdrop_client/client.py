@@ -113,7 +113,8 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class ClientError(Exception):
-    """Base of the client's errors."""
+    """Base of the client's errors. Each one pickles with the arguments it was made with (a
+    process pool sends a worker's error back pickled; one it could not rebuild broke the pool)."""
 
 
 class InvalidURLError(ClientError, ValueError):
@@ -139,6 +140,9 @@ class RequestTimeoutError(TransportError):
         super().__init__(message)
         self.timeout = timeout
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.timeout), self.__dict__
+
 
 class DecodingError(ClientError):
     """The service answered, but not with the mcdrop protocol: a body that is not JSON, or JSON
@@ -153,6 +157,9 @@ class DecodingError(ClientError):
         self.status_code = status_code
         self.snippet = snippet
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.status_code, self.snippet), self.__dict__
+
 
 class ResponseTooLargeError(ClientError):
     """The answer is larger than the client's ``max_response_bytes`` (``limit``); it was refused
@@ -162,6 +169,9 @@ class ResponseTooLargeError(ClientError):
         super().__init__(message)
         self.status_code = status_code
         self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.status_code, self.limit), self.__dict__
 
 
 class APIError(ClientError):
@@ -183,6 +193,10 @@ class APIError(ClientError):
         self.message = message
         self.details = details
         self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        arguments = (self.status_code, self.code, self.message, self.details, self.retry_after)
+        return type(self), arguments, self.__dict__
 
 
 class BadRequestError(APIError):
