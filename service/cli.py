@@ -725,6 +725,20 @@ def _failed(exc: Exception) -> str | None:
     return str(exc) if isinstance(exc, ValueError) else None
 
 
+#: Most characters of an error line: a service's message (``--url``) is of any length.
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(text: str) -> str:
+    """``text`` as one line that a terminal shows as written: its control characters escaped
+    (a service's message may hold line breaks, or escape sequences a terminal would run), cut to
+    :data:`MAX_ERROR_CHARS`."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(line) <= MAX_ERROR_CHARS:
+        return line
+    return f"{line[:MAX_ERROR_CHARS]}... ({len(line)} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; errors are one line on standard error, never a traceback, with the exit
     status of :data:`EXIT_STATUS`: 2 for a request refused as the caller's to fix, 1 for any
@@ -739,11 +753,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one clear line instead of a traceback for expected failures
         said = _refused(exc)
         if said is not None:  # argparse's form, as its own usage errors (also exit 2)
-            print(f"mcdrop {args.command}: error: {said}", file=sys.stderr)
+            print(f"mcdrop {args.command}: error: {_one_line(said)}", file=sys.stderr)
             return 2
         said = _failed(exc)
         if said is not None:
-            print(f"mcdrop: error: {said}", file=sys.stderr)
+            print(f"mcdrop: error: {_one_line(said)}", file=sys.stderr)
             return 1
         raise
 

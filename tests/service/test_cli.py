@@ -25,6 +25,7 @@ from service.config import Settings
 from service.errors import rejected_message
 from tests import factories
 from tests.conftest import MODELS, ROOT, save_tokens
+from tests.service.test_client import UNUSABLE_ENVIRONMENT
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -290,6 +291,20 @@ def test_evaluate_refuses_an_untrusted_factory(
     assert (args.trust_model_code, args.allowed_factories) == (True, "a")
 
 
+@pytest.mark.parametrize(("name", "value"), UNUSABLE_ENVIRONMENT)
+def test_environment_settings_that_cannot_be_used_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    """A proxy (or certificate file) of the environment the client cannot use: one line, exit
+    2 (a SOCKS proxy without socksio was an ImportError's traceback)."""
+    monkeypatch.setenv(name, value)
+    code, out, err = _run(capsys, "models", "--url", "http://127.0.0.1:9")
+    assert (code, out) == (2, "")
+    assert err.startswith("mcdrop models: error:")
+    assert name in err
+    assert err.count("\n") == 1
+
+
 def test_url_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -308,6 +323,7 @@ def test_url_from_the_environment(
     [
         (["models", "--url", "localhost:8000"], "http://"),
         (["predict", "digits", "--url", "ftp://x", "--inputs", "[[0]]"], "http://"),
+        (["models", "--url", "http://me:s3cret@127.0.0.1:9"], "remove it"),
         (["predict", "digits", "--inputs", "[[0,"], "--inputs is not valid JSON"),
         (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
@@ -793,14 +809,22 @@ def test_local_predict_says_what_the_service_says_of_the_models_error(
     )
 
 
+#: Messages a service may send that no line of a terminal should show as sent: its own line
+#: breaks, an escape sequence (red text), a carriage return that hides what came before, a bell;
+#: and 100,000 characters.
+SAID = {"control": "one\ntwo \x1b[31mred\x1b[0m\r\x07three", "long": "A" * 100_000}
+
+
 class _Refuses(BaseHTTPRequestHandler):
     """Answers every request with the service's JSON error that the model's name gives:
-    ``/models/422-model_rejected_input/predict`` is a 422 of that code."""
+    ``/models/422-model_rejected_input/predict`` is a 422 of that code, with the message "as
+    refused" (or ``SAID[x]`` for ``422-model_rejected_input-x``)."""
 
     def do_POST(self) -> None:
-        status, code = self.path.split("/")[2].split("-", 1)
+        status, code, *said = self.path.split("/")[2].split("-", 2)
+        message = SAID[said[0]] if said else "as refused"
         body = json.dumps(
-            {"error": {"code": code, "message": "as refused", "details": [], "request_id": "r"}}
+            {"error": {"code": code, "message": message, "details": [], "request_id": "r"}}
         ).encode()
         self.send_response(int(status))
         self.send_header("Content-Type", "application/json")
@@ -853,3 +877,21 @@ def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
     assert (got, out) == (exit_status, "")
     prefix = "mcdrop predict: error:" if exit_status == 2 else "mcdrop: error:"
     assert err == f"{prefix} {status} {code}: as refused\n"
+
+
+@pytest.mark.parametrize(("status", "exit_status"), [(422, 2), (500, 1)])
+def test_a_services_message_is_one_line_as_a_terminal_shows_it(
+    refusing_server: str, capsys: pytest.CaptureFixture[str], status: int, exit_status: int
+) -> None:
+    """A service's message is its own: its control characters are written escaped (they broke
+    the one line, and a terminal ran its escape sequences), and a long one is cut."""
+    argv = ["predict", f"{status}-invalid_input-control", "--url", refusing_server]
+    got, _, err = _run(capsys, *argv, "--inputs", "[[0]]")
+    assert got == exit_status
+    assert err.endswith(f"{status} invalid_input: one\\ntwo \\x1b[31mred\\x1b[0m\\r\\x07three\n")
+    argv = ["predict", f"{status}-invalid_input-long", "--url", refusing_server]
+    got, _, err = _run(capsys, *argv, "--inputs", "[[0]]")
+    assert got == exit_status
+    assert err.count("\n") == 1
+    assert len(err) < 3000
+    assert err.endswith(" characters)\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import pickle
 import socket
 from collections.abc import Iterator
 
@@ -23,6 +25,7 @@ from mcdrop_client import (
     InvalidURLError,
     NotFoundError,
     RequestTimeoutError,
+    ResponseTooLargeError,
     ServerError,
     ServiceUnavailableError,
     TransportError,
@@ -136,6 +139,28 @@ def test_exported_names() -> None:
 
 
 @pytest.mark.parametrize(
+    "error",
+    [
+        ServiceUnavailableError(503, "overloaded", "queue full", [{"a": 1}], retry_after=2),
+        NotFoundError(404, "model_not_found", "no model 'x'", []),
+        RequestTimeoutError("no answer within 1 s", 1.0),
+        DecodingError("not JSON", 200, "<html>"),
+        ResponseTooLargeError("too large", 200, 1024),
+        TransportError("cannot reach"),
+    ],
+    ids=type,
+)
+def test_errors_survive_pickling(error: ClientError) -> None:
+    """A process pool (concurrent.futures, multiprocessing) sends a worker's error back
+    pickled: an error that could not be rebuilt broke the whole pool (BrokenProcessPool), every
+    other call's result lost with it."""
+    copied = pickle.loads(pickle.dumps(error))
+    assert type(copied) is type(error)
+    assert str(copied) == str(error)
+    assert vars(copied) == vars(error)
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "not a url",
@@ -148,6 +173,9 @@ def test_exported_names() -> None:
         "http://x:port",
         "http://x/?q=1",
         "",
+        # urlsplit skips leading blanks and control characters; httpx2 took the whole as a path
+        " http://localhost:8000",
+        "\x00http://localhost:8000",
     ],
 )
 @pytest.mark.parametrize("kind", [Client, AsyncClient])
@@ -157,11 +185,57 @@ def test_invalid_urls(kind: type, url: str) -> None:
     assert isinstance(info.value, ValueError)
 
 
+#: Settings of the environment httpx2 reads (trust_env) and cannot use.
+UNUSABLE_ENVIRONMENT = [
+    ("HTTP_PROXY", "ftp://proxy:3128"),  # no such proxy scheme: ValueError
+    ("SSL_CERT_FILE", "/nonexistent/ca.pem"),  # FileNotFoundError, naming no file
+    # SOCKS needs the socksio package: ImportError (where it is missing)
+    pytest.param(
+        "ALL_PROXY",
+        "socks5://127.0.0.1:1080",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("socksio") is not None, reason="socksio is installed"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), UNUSABLE_ENVIRONMENT)
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+def test_environment_settings_that_cannot_be_used_are_the_clients_errors(
+    monkeypatch: pytest.MonkeyPatch, kind: type, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidURLError) as info:
+        kind("http://127.0.0.1:9")
+    assert name in str(info.value)
+
+
 @pytest.mark.parametrize(
     "url", ["http://localhost:8000", "https://mcdrop.example.com/prefix", "http://[::1]:80"]
 )
 def test_valid_urls(url: str) -> None:
     Client(url).close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@localhost:8000",
+        "https://s3cret@mcdrop.example.com/prefix",
+        "http://:s3cret@[::1]:80",
+        "ftp://user:s3cret@x",  # refused for its password before its scheme: never quoted
+        "http://user:s3cret@x:99999",
+    ],
+)
+@pytest.mark.parametrize("kind", [Client, AsyncClient])
+def test_urls_with_a_password_are_refused_without_echo(kind: type, url: str) -> None:
+    """httpx2 sends a URL's user:password@ as Basic authentication in place of the API key,
+    and every error message quotes the request's URL: refused, and the password not shown."""
+    with pytest.raises(InvalidURLError, match="user:password@") as info:
+        kind(url, api_key="key")
+    assert "s3cret" not in str(info.value)
+    assert "api_key=" in str(info.value)
 
 
 # Names with "%" are tested over uvicorn (tests/e2e/test_client_over_http.py): Starlette's
@@ -331,6 +405,28 @@ def test_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _authorization() is None
     monkeypatch.delenv("MCDROP_API_KEY")
     assert _authorization() is None
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "seconds"),
+    [("3", 3), (" 1 ", 1), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", None), ("-1", None),
+     ("2.5", None)],
+)  # fmt: skip
+def test_an_overloaded_service_says_when_to_retry(
+    retry_after: str | None, seconds: int | None
+) -> None:
+    """The service answers 503 overloaded with Retry-After (seconds): the error carries it."""
+    body = b'{"error": {"code": "overloaded", "message": "queue full", "details": []}}'
+    headers = {} if retry_after is None else {"retry-after": retry_after}
+
+    def answer(_: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(503, content=body, headers=headers)
+
+    http = httpx2.Client(transport=httpx2.MockTransport(answer), base_url="http://mcdrop.test")
+    with pytest.raises(ServiceUnavailableError) as info:
+        Client(http=http).predict("digits", [[0.0] * 64])
+    assert info.value.code == "overloaded"
+    assert info.value.retry_after == seconds
 
 
 def test_readiness_from_something_else_is_the_status_error() -> None:

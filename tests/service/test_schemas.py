@@ -59,6 +59,56 @@ def test_a_response_never_carries_a_non_finite_number(bad: float) -> None:
         )
 
 
+MODEL_INFO = {
+    "name": "m",
+    "version": "1",
+    "task": "regression",
+    "description": "d",
+    "input_shape": [2],
+    "labels": [],
+    "likelihood": "homoscedastic",
+    "tau": 2.0,
+    "dropout": 0.1,
+    "default_n_samples": 10,
+    "max_n_samples": 100,
+    "max_request_rows": 10,
+    "metrics": {"rmse": 0.5},
+}
+
+
+CALIBRATION = {
+    "n_rows": 100,
+    "n_samples": 50,
+    "seed": 1,
+    "data": "validation split",
+    "reject_scores": ["std"],
+    "default_reject_score": "std",
+    "conformal_method": "normalized_residual",
+    "max_coverage": 0.99,
+}
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"tau": 0.0},
+        {"dropout": 0.0},
+        {"metrics": {"rmse": 0.0}},
+        {"calibration": CALIBRATION | {"max_coverage": 0.0}},
+    ],
+)
+def test_a_model_description_never_carries_a_non_finite_number(
+    changed: dict[str, object], bad: str
+) -> None:
+    """As the results: pydantic's JSON parser reads NaN and Infinity, which a client then took
+    from a server that is not mcdrop as a model's tau or metrics."""
+    assert schemas.ModelInfo.model_validate(MODEL_INFO | {"calibration": CALIBRATION})
+    text = json.dumps(MODEL_INFO | changed).replace("0.0", bad)
+    with pytest.raises(ValidationError, match="finite"):
+        schemas.ModelInfo.model_validate_json(text)
+
+
 # -- n_samples "auto" ---------------------------------------------------------------------------
 
 AUTO_BODIES = [

@@ -3,7 +3,9 @@
 Importing it loads neither torch nor FastAPI. Every failure is one of these errors::
 
     ClientError                     base: catch this for any failure of the client
-    ├── InvalidURLError             the base URL is not an http(s) URL (ValueError)
+    ├── InvalidURLError             the base URL is not an http(s) URL, or holds a password;
+    │                               a proxy or certificate file of the environment that cannot
+    │                               be used (ValueError)
     ├── InvalidRequestError         refused before sending: NaN or non-numbers in the inputs, a
     │                               model name that is not one path segment, inputs nested too
     │                               deeply, a timeout or max_response_bytes out of range
@@ -21,6 +23,7 @@ Importing it loads neither torch nor FastAPI. Every failure is one of these erro
         ├── NotFoundError           404
         ├── PayloadTooLargeError    413
         ├── ServiceUnavailableError 503: model still loading, or the service is overloaded
+        │                           (retry_after: the seconds its Retry-After asks to wait)
         └── ServerError             other 5xx (504: the request ran past the server's deadline)
 
 Example::
@@ -74,6 +77,9 @@ DEFAULT_URL = "http://localhost:8000"
 DEFAULT_TIMEOUT = 75.0
 #: Seconds to wait for a connection: an unreachable host should not take the full read timeout.
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: The longest finite timeout, in seconds: a year. Sockets take at most 2**63 ns (292 years;
+#: past it OverflowError at the first request); ``None`` is the way to wait without limit.
+MAX_TIMEOUT = 365 * 24 * 3600.0
 #: Largest answer the client reads, in bytes after decoding: 4 times the server's own default
 #: limit on a response (``MCDROP_MAX_RESPONSE_BYTES``, 16 MiB), so a server configured for larger
 #: answers (e.g. ``return_samples`` on many rows) still fits, while a hostile or broken server
@@ -107,11 +113,14 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class ClientError(Exception):
-    """Base of the client's errors."""
+    """Base of the client's errors. Each one pickles with the arguments it was made with (a
+    process pool sends a worker's error back pickled; one it could not rebuild broke the pool)."""
 
 
 class InvalidURLError(ClientError, ValueError):
-    """The base URL is not an ``http://`` or ``https://`` URL with a host."""
+    """The base URL is not an ``http://`` or ``https://`` URL with a host, or it holds a user name
+    or password (``user:password@``: the API key is ``api_key=``); or a proxy or certificate
+    setting of the environment (``HTTPS_PROXY``, ``SSL_CERT_FILE``, ...) cannot be used."""
 
 
 class InvalidRequestError(ClientError, ValueError):
@@ -131,6 +140,9 @@ class RequestTimeoutError(TransportError):
         super().__init__(message)
         self.timeout = timeout
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.timeout), self.__dict__
+
 
 class DecodingError(ClientError):
     """The service answered, but not with the mcdrop protocol: a body that is not JSON, or JSON
@@ -145,6 +157,9 @@ class DecodingError(ClientError):
         self.status_code = status_code
         self.snippet = snippet
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.status_code, self.snippet), self.__dict__
+
 
 class ResponseTooLargeError(ClientError):
     """The answer is larger than the client's ``max_response_bytes`` (``limit``); it was refused
@@ -155,16 +170,33 @@ class ResponseTooLargeError(ClientError):
         self.status_code = status_code
         self.limit = limit
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.status_code, self.limit), self.__dict__
+
 
 class APIError(ClientError):
-    """The service answered with an error status; ``message`` is the server's explanation."""
+    """The service answered with an error status; ``message`` is the server's explanation, and
+    ``retry_after`` the seconds its ``Retry-After`` header asks to wait before sending again
+    (a 503 ``overloaded``), else None."""
 
-    def __init__(self, status_code: int, code: str, message: str, details: list[Any]) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        details: list[Any],
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(f"{status_code} {code}: {message}")
         self.status_code = status_code
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        arguments = (self.status_code, self.code, self.message, self.details, self.retry_after)
+        return type(self), arguments, self.__dict__
 
 
 class BadRequestError(APIError):
@@ -184,7 +216,8 @@ class PayloadTooLargeError(APIError):
 
 
 class ServiceUnavailableError(APIError):
-    """503: the model is still loading (retry), failed to load, or the service is overloaded."""
+    """503: the model is still loading (retry), failed to load, or the service is overloaded
+    (retry after ``retry_after`` seconds)."""
 
 
 class ServerError(APIError):
@@ -206,17 +239,29 @@ _JSON = {"content-type": "application/json"}
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 # What a host may be made of: names, IPv4, and IPv6 (urlsplit drops its brackets).
 _HOST = re.compile(r"[A-Za-z0-9._~:-]+")
+# A URL with a user name or password before its host ("http://user:password@host").
+_USERINFO = re.compile(r"[^/?#]*//[^/?#]*@")
+# How a service URL starts (not urlsplit's scheme: it skips leading blanks, which httpx2 keeps).
+_SCHEME = re.compile(r"https?://", re.IGNORECASE)
 
 
 def _check_url(base_url: str) -> str:
     """``base_url`` if it is an http(s) URL with a host, else :class:`InvalidURLError`."""
     hint = "give the service's address, e.g. http://localhost:8000"
+    # httpx2 would send a user:password@ as Basic authentication, replacing the API key's header,
+    # and every error message quotes the URL: refused first, and never quoted.
+    if isinstance(base_url, str) and _USERINFO.match(base_url):
+        raise InvalidURLError(
+            "invalid service URL: it holds a user name or password (user:password@), which "
+            "would be sent in place of the API key and shown in error messages; remove it, and "
+            f"give the service's key as api_key= (or {API_KEY_ENV})"
+        )
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
     except (ValueError, TypeError, AttributeError) as exc:
         raise InvalidURLError(f"invalid service URL {base_url!r}: {exc}; {hint}") from None
-    if parts.scheme not in ("http", "https"):
+    if not isinstance(base_url, str) or not _SCHEME.match(base_url):
         raise InvalidURLError(
             f"invalid service URL {base_url!r}: it must start with http:// or https://; {hint}"
         )
@@ -256,15 +301,19 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 def _check_timeout(timeout: float | None) -> float | None:
     """``timeout`` in seconds, None for no limit (``None`` or infinity, as httpx reads None)."""
-    if timeout is None:
+    if timeout is None or (isinstance(timeout, float) and timeout == math.inf):
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        # `not timeout > 0` also catches NaN; 0 would make every socket non-blocking.
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        # `not 0 < timeout` also catches NaN; 0 would make every socket non-blocking.
         raise InvalidRequestError(
-            f"invalid timeout {timeout!r}: give the seconds a request may take as a number > 0, "
-            "or None for no limit"
+            f"invalid timeout {timeout!r}: give the seconds a request may take as a number > 0 "
+            f"and at most {MAX_TIMEOUT:g} (a year), or None for no limit"
         )
-    return None if math.isinf(timeout) else float(timeout)
+    return float(timeout)
 
 
 def _check_max_bytes(max_response_bytes: int | None) -> int | None:
@@ -573,7 +622,10 @@ def _error(answer: _Answer) -> APIError:
         # RecursionError: JSON nested deeper than Python can parse is not the service's error.
         code, message, details = "http_error", _status_message(answer), []
     kind = _BY_STATUS.get(status, ServerError if status >= 500 else APIError)
-    return kind(status, code, message, details)
+    # Seconds, as the service sends it; an HTTP date (a proxy's) is left to the caller.
+    wait = answer.headers.get("retry-after", "").strip()
+    retry_after = int(wait) if wait.isascii() and wait.isdigit() else None
+    return kind(status, code, message, details, retry_after)
 
 
 def _parse(answer: _Answer, model: type[T], ok: Sequence[int] = (200,)) -> T:
@@ -646,15 +698,26 @@ def _uncertainty_body(
 
 
 _HTTP = TypeVar("_HTTP", httpx2.Client, httpx2.AsyncClient)
+#: The environment variables httpx2 reads its proxies and certificates from (trust_env).
+_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 def _new_http(kind: type[_HTTP], base_url: str, timeout: float | None) -> _HTTP:
-    """An httpx2 client of ``kind`` for ``base_url``; an invalid URL is the client's own error."""
+    """An httpx2 client of ``kind`` for ``base_url``; an invalid URL, or settings of the
+    environment it cannot use, are the client's own error."""
     try:
         return kind(base_url=base_url, timeout=_timeout(timeout))
     except httpx2.InvalidURL as exc:
         raise InvalidURLError(
             f"invalid service URL {_snippet(base_url.encode())!r}: {exc}"
+        ) from None
+    except (ValueError, ImportError, OSError) as exc:
+        # httpx2 reads proxies and certificates from the environment: a proxy scheme it has no
+        # transport for (ValueError), SOCKS without socksio (ImportError), a certificate file that
+        # is not there (OSError, naming no file).
+        raise InvalidURLError(
+            f"cannot use the environment's settings ({', '.join(_ENVIRONMENT)}): "
+            f"{str(exc).rstrip('.')}; correct or unset them"
         ) from None
 
 
@@ -670,8 +733,8 @@ class Client:
             and reading the complete answer; past it, :class:`RequestTimeoutError`. ``None``
             (or ``math.inf``): no limit, as in httpx. The default, 75 s, is above the server's
             own 60 s compute deadline, so a slow request ends with the server's 504 (a
-            :class:`ServerError`) rather than a client-side timeout. Not a number > 0:
-            :class:`InvalidRequestError`.
+            :class:`ServerError`) rather than a client-side timeout. Not a number > 0 and at
+            most :data:`MAX_TIMEOUT` (a year): :class:`InvalidRequestError`.
         max_response_bytes: the largest answer read, in bytes after decoding (default 64 MiB,
             4 times the server's own default response limit); a larger one is
             :class:`ResponseTooLargeError`, refused before reading when its Content-Length says

@@ -367,7 +367,7 @@ class CalibrationInfo(BaseModel):
     conformal_method: str = Field(
         ..., description="lac (classifier: 1 - p_y) or normalized_residual (|y - mean| / std)"
     )
-    max_coverage: float = Field(..., description="the highest coverage it can give: n/(n+1)")
+    max_coverage: FiniteFloat = Field(..., description="the highest coverage it can give: n/(n+1)")
 
 
 class ModelInfo(BaseModel):
@@ -380,12 +380,12 @@ class ModelInfo(BaseModel):
     input_shape: list[int]
     labels: list[str]
     likelihood: Literal["homoscedastic", "heteroscedastic"]
-    tau: float | None
-    dropout: float | None
+    tau: FiniteFloat | None
+    dropout: FiniteFloat | None
     default_n_samples: int
     max_n_samples: int
     max_request_rows: int
-    metrics: dict[str, float]
+    metrics: dict[str, FiniteFloat]
     calibration: CalibrationInfo | None = Field(
         None, description="present when the model can serve reject_rate and coverage"
     )
