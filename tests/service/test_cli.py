@@ -8,7 +8,8 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -366,7 +367,13 @@ class _QuietFiles(SimpleHTTPRequestHandler):
 def html_server(tmp_path: Path) -> Iterator[str]:
     """A real web server that is not mcdrop: it answers /models with an HTML page."""
     (tmp_path / "models").write_text("<html><body>It works!</body></html>")
-    handler = partial(_QuietFiles, directory=str(tmp_path))
+    with _serving(partial(_QuietFiles, directory=str(tmp_path))) as url:
+        yield url
+
+
+@contextmanager
+def _serving(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on a free port, answering with ``handler``: its URL."""
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         # A short poll: shutdown() waits up to one poll interval (0.5 s by default).
         thread = threading.Thread(target=server.serve_forever, args=(0.05,))
@@ -838,14 +845,8 @@ class _Refuses(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def refusing_server() -> Iterator[str]:
-    with ThreadingHTTPServer(("127.0.0.1", 0), _Refuses) as server:
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
-        finally:
-            server.shutdown()
-            thread.join()
+    with _serving(_Refuses) as url:
+        yield url
 
 
 @pytest.mark.parametrize(

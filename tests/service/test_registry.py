@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,15 @@ def _settled(client: TestClient, timeout: float = 60.0) -> dict[str, Any]:
             return {"code": response.status_code, **response.json()}
         time.sleep(0.05)
     raise AssertionError(f"still loading: {client.get('/ready').json()}")
+
+
+@contextmanager
+def _serving_own(folder: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """An app serving ``folder``'s models (factories of tests.factories), what did not load
+    reported, not raised; with each model's readiness once none is loading."""
+    settings = Settings(model_dir=folder, allowed_factories="tests.factories", exit_on_error=False)
+    with TestClient(create_app(settings)) as client:
+        yield client, _settled(client)["models"]
 
 
 @pytest.fixture
@@ -357,11 +367,7 @@ def test_a_model_whose_rows_mix_with_their_batch_fails_to_load(tmp_path: Path) -
     warm-up, saying so, rather than serving answers that change with the traffic."""
     _custom(tmp_path, "centred", Centred)
     _custom(tmp_path, "custom")
-    settings = Settings(
-        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
-    )
-    with TestClient(create_app(settings)) as client:
-        ready = _settled(client)["models"]
+    with _serving_own(tmp_path) as (_, ready):
         assert ready["custom"] == "ready"
         assert ready["centred"].startswith(
             "centred/model.json: the warm-up rows give other outputs together than one at a "
@@ -443,11 +449,7 @@ def test_a_model_whose_outputs_do_not_fit_its_manifest_fails_to_load(
     torch.manual_seed(0)
     checkpoint.save(tmp_path / "odd", spec, Returns(kind))
     _custom(tmp_path, "custom")
-    settings = Settings(
-        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
-    )
-    with TestClient(create_app(settings)) as client:
-        ready = _settled(client)["models"]
+    with _serving_own(tmp_path) as (client, ready):
         assert ready["custom"] == "ready"
         assert ready["odd"] == (
             f"odd/model.json: the model returns {RETURNS[kind]} for 1 row, but its manifest "
@@ -463,11 +465,7 @@ def test_a_model_is_warmed_up_on_its_own_example_rows(tmp_path: Path) -> None:
     without rows of its own it fails to load; with them it warms up on the first and serves."""
     save_tokens(tmp_path / "bare", example_inputs=None)
     save_tokens(tmp_path / "tokens")
-    settings = Settings(
-        model_dir=tmp_path, allowed_factories="tests.factories", exit_on_error=False
-    )
-    with TestClient(create_app(settings)) as client:
-        ready = _settled(client)["models"]
+    with _serving_own(tmp_path) as (client, ready):
         assert ready["tokens"] == "ready"
         assert ready["bare"] == (
             "bare/model.json: the warm-up pass on zeros failed (IndexError: index out of range "
