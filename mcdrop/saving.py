@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,12 @@ from mcdrop.checking import batch_problem, mixing_problem
 from mcdrop.checking import example_inputs as random_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
 from mcdrop.coverage import declared_rates
-from mcdrop.exceptions import CheckpointError, InvalidArgumentError, McDropError
+from mcdrop.exceptions import (
+    CheckpointError,
+    InvalidArgumentError,
+    McDropError,
+    UnsampledDropoutWarning,
+)
 from mcdrop.nets import build
 from mcdrop.sampling import predict
 
@@ -332,7 +338,12 @@ def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> Non
     if problem:
         raise InvalidArgumentError(f"cannot save: {problem}")
     try:
-        sampling.plan(wrapped, x)
+        with warnings.catch_warnings():
+            # Dropout sampling cannot reach is the server's warning at its warm-up and
+            # mcdrop check's problem, not a reason to refuse the save (raised where warnings are
+            # errors, it was one)
+            warnings.simplefilter("ignore", UnsampledDropoutWarning)
+            sampling.plan(wrapped, x)
     except McDropError as exc:  # NoDropoutError, UnsupportedModelError: they say what to do
         raise InvalidArgumentError(f"cannot save: {exc}") from None
     except Exception as exc:  # the model's own code, in a pass that samples

@@ -165,9 +165,18 @@ def unreachable(tmp_path_factory: pytest.TempPathFactory) -> Path:
     beside it (``partly``), and without (``only``)."""
     folder = tmp_path_factory.mktemp("unreachable")
     base = FAMILIES["sdpa_transformer"]
-    for name, ffn in (("partly", 0.1), ("only", 0.0)):
-        params = {**base.params, "sampled": False, "ffn_dropout": ffn}
-        _save(folder, name, base.factory, params, **base.manifest)
+    params = {**base.params, "sampled": False, "ffn_dropout": 0.1}
+    _save(folder, "partly", base.factory, params, **base.manifest)
+    # No dropout sampling reaches: mcdrop.save refuses it, as a server does, so it is written
+    # as it is (a folder made without mcdrop.save)
+    params = {**params, "ffn_dropout": 0.0}
+    net = getattr(families, base.factory)(**params).eval()
+    architecture = {"factory": f"{TRUSTED}:{base.factory}", "params": params}
+    with pytest.raises(mcdrop.InvalidArgumentError, match=r"mcdrop\.is_sampling\(\)"):
+        mcdrop.save(net, folder / "only", factory=architecture["factory"], params=params,
+                    **base.manifest)  # fmt: skip
+    spec = mcdrop.checkpoint.ModelSpec(name="only", architecture=architecture, **base.manifest)
+    mcdrop.checkpoint.save(folder / "only", spec, net)
     return folder
 
 

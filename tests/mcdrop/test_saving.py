@@ -14,6 +14,7 @@ from torch import nn
 import mcdrop
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
+from tests import families
 from tests.conftest import TOKEN_ROWS
 from tests.factories import (
     AlwaysDrops,
@@ -293,6 +294,18 @@ SERVES_NOT: dict[str, tuple[nn.Module, dict[str, Any], str]] = {
         "most 8 rows a batch, got 32",
     ),
 }
+
+
+def test_dropout_sampling_cannot_reach_is_no_reason_to_refuse_a_save(tmp_path: Path) -> None:
+    # Attention that drops in training only, beside dropout sampling reaches: the plan's
+    # UnsampledDropoutWarning is the server's and mcdrop check's to say (raised where warnings
+    # are errors, as here, it refused the save)
+    params = {"layers": 1, "sampled": False, "ffn_dropout": 0.1}
+    net = families.ScaledDotProductClassifier(**params).eval()
+    manifest = {"task": "classification", "input_shape": [6, 4], "labels": ["x", "y", "z"]}
+    factory = "tests.families:ScaledDotProductClassifier"
+    mcdrop.save(net, tmp_path / "m", factory=factory, params=params, **manifest)
+    assert (tmp_path / "m" / "model.json").is_file()
 
 
 @pytest.mark.parametrize("case", sorted(SERVES_NOT))
