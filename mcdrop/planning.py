@@ -352,6 +352,25 @@ def run_chain_pass(
     return _check_output(model, y, n * n_samples).reshape(n_samples, n, *y.shape[1:])
 
 
+def torchscript_problem(model: nn.Module) -> str | None:
+    """What to say where ``model`` is, or holds, a TorchScript module (``torch.jit.script`` or
+    ``torch.jit.trace``): its layers are compiled, so mcdrop reads no dropout rate in it and
+    sees no dropout call to sample; None where it holds none."""
+    found = next(
+        ((name, m) for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)),
+        None,
+    )
+    if found is None:
+        return None
+    name, module = found
+    which = "the model" if not name else f"its module {name}"
+    return (
+        f"{which} is a TorchScript module ({type(module).__name__}, from torch.jit.script or "
+        "torch.jit.trace), whose dropout mcdrop cannot see: pass the eager nn.Module you "
+        "scripted or traced"
+    )
+
+
 def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     """The :class:`SamplingPlan` of ``model`` for rows like those of ``x`` ``(N, D...)``.
 
@@ -367,6 +386,10 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
     large = _Probe.run(model, replicate(rows[:1], _PROBE_BATCHES[1]))
     unsampled = tuple(counter.unsampled())
     if not small.seen:
+        if scripted := torchscript_problem(model):  # its dropout compiled out of sight
+            raise NoDropoutError(
+                f"{type(model).__name__} made no stochastic dropout call: {scripted}"
+            )
         if unsampled:
             raise NoDropoutError(
                 f"{type(model).__name__} made no stochastic dropout call, so MC samples would "

@@ -37,6 +37,7 @@ from mcdrop.exceptions import (
     UnsampledDropoutWarning,
 )
 from mcdrop.nets import build
+from mcdrop.planning import torchscript_problem
 from mcdrop.sampling import predict
 
 #: Rows of the example batch that checks the rebuilt network against the model.
@@ -109,11 +110,7 @@ def save(
     """
     if isinstance(model, torch.jit.ScriptModule):
         # Its layers are compiled: no dropout rate to read, no dropout call to sample.
-        raise InvalidArgumentError(
-            f"cannot save: the model is a TorchScript module ({type(model).__name__}, from "
-            "torch.jit.script or torch.jit.trace), which mcdrop does not support: pass the "
-            "eager nn.Module you scripted or traced"
-        )
+        raise InvalidArgumentError(f"cannot save: {torchscript_problem(model)}")
     directory = Path(directory)
     arch = _architecture(factory, architecture, params)
     spec = _spec(

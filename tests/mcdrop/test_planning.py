@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcdrop import LockedDropout, SamplingPlan, plan, sample, sample_chunks
-from mcdrop.exceptions import InvalidArgumentError, UnsupportedModelError
+from mcdrop.exceptions import InvalidArgumentError, NoDropoutError, UnsupportedModelError
 
 #: Sequence length and channel count of the models below: equal to S·N in the cases below.
 LENGTH = 8
@@ -574,3 +574,19 @@ def test_a_chain_whose_layers_changed_since_its_plan_is_not_run() -> None:
     kept = plan(model, x)
     model[3] = nn.Linear(20, 5)
     assert sample(model, x, 3, seed=0, plan=kept).shape == (3, 4, 5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.\\w+` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("where", ["the model", "a module"])
+def test_a_torchscript_module_is_named_where_no_dropout_is_seen(where: str) -> None:
+    # Its layers are compiled: no dropout call to sample (it said "no dropout layer, or every
+    # rate is 0" of a model with dropout)
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.5), nn.Linear(5, 1)).eval()
+    scripted = torch.jit.script(inner)
+    model = scripted if where == "the model" else nn.Sequential(nn.Identity(), scripted).eval()
+    with pytest.raises(NoDropoutError) as caught:
+        sample(model, torch.randn(2, 3), 4, seed=0)
+    named = "the model" if where == "the model" else "its module 1"
+    assert f"{named} is a TorchScript module (RecursiveScriptModule, " in str(caught.value)
+    assert "pass the eager nn.Module you scripted or traced" in str(caught.value)
