@@ -427,6 +427,7 @@ def mixing_problem(
 #: the sampling plan's probes (two to four replicated rows), and the largest batches a server's
 #: warm-up times (32 rows, and a pass of 16 samples of them: ``service.batching.CostModel``).
 PROBED_BATCH_ROWS = (1, 2, 3, 4, 32, 512)
+_FEW_ROWS = 4  # (the sizes up to which a model failing at every one is no batch's fault)
 
 
 def batch_problem(module: nn.Module, x: Tensor, largest: int | None = None) -> str | None:
@@ -444,6 +445,10 @@ def batch_problem(module: nn.Module, x: Tensor, largest: int | None = None) -> s
     failed: tuple[int, Exception] | None = None
     sizes = [size for size in PROBED_BATCH_ROWS if largest is None or size <= largest]
     for size in dict.fromkeys((n, *sizes)):
+        if took is None and size > max(n, _FEW_ROWS):
+            # Failing at every few rows, the rows' values are at fault: no large pass (its
+            # memory, after a large network's warm-up failed on its row)
+            break
         try:
             sampling.predict(module, x[torch.arange(size, device=x.device) % n])
         except Exception as exc:

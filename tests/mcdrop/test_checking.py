@@ -293,6 +293,27 @@ def test_batch_problem_names_a_size_the_model_fails_on(
         assert found.endswith("so the model must take batches of any size")
 
 
+class _RefusesEveryRow(nn.Module):
+    """Refuses any batch, noting its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        raise ValueError("no value of these is an input")
+
+
+def test_batch_problem_runs_no_large_batch_of_rows_no_size_takes() -> None:
+    # The rows' values at fault: a batch of 32 or 512 of them is memory spent for nothing
+    # (after a large network's failed warm-up)
+    model = _RefusesEveryRow().eval()
+    assert batch_problem(model, torch.randn(1, 3)) is None
+    assert model.sizes == [1, 2, 3, 4]
+
+
 def test_outputs_that_are_nan_alone_and_in_a_batch_mix_no_rows() -> None:
     """A row the model answers with NaN (a log of a negative value) gets NaN alone and in a
     batch: the same, not a row mixed with its batch (batch_mixing, an error, read NaN != NaN)."""
