@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 #: The most call shapes a plan keeps fast passes for (request sizes vary: the latest few).
 MAX_KEPT = 64
 
+#: The most multipliers of one call of a pass under the mode (ModePass) made before the pass:
+#: 32 KB of float32, within a core's L1 or L2 cache.
+_MADE_IN_MODE = 8192
+
 
 def run(
     plan: SamplingPlan,
@@ -328,6 +332,27 @@ class ForwardPass(FastPass):
             if children is not None
             else tuple((m._modules, tuple(m._modules.values())) for m in self.modules if m._modules)
         )
+        # The calls whose multipliers are made for the whole pass at once, before it, in one
+        # compiled call (set by the subclasses): (call index, multipliers per row, the module or
+        # function call that makes it, None where unknown), their dtype, and what makes each call
+        self.made_calls: tuple[tuple[int, int, Any], ...] = ()
+        self.made_dtype = plan.dtype
+        self.callers: tuple[Any, ...] = (None,) * len(self.calls)
+        # per rates: the compiled maker (cpu_masks.FusedPass: numba's, loaded) and its calls
+        self._made: dict[
+            tuple[float, ...],
+            tuple[
+                Any,
+                tuple[tuple[int, Any, float, torch.Size], ...],
+                tuple[tuple[int, ...] | None, ...],
+            ],
+        ] = {}
+        # each call's input shape in a pass of rows·samples rows; the first call's with the
+        # prefix shared, of the N rows (the call replicates it)
+        self.shapes = tuple(
+            torch.Size(call.shape_at(self.n_rows if share and call.index == 0 else self.rows))
+            for call in plan.calls
+        )
 
     def _runnable(self, model: nn.Module) -> bool:
         """Every module of the model as when the pass was made, in eval mode."""
@@ -341,6 +366,73 @@ class ForwardPass(FastPass):
         if self.share:
             return x.clone(memory_format=torch.contiguous_format)
         return replicate(x, self.n_samples)
+
+    def _made_at(
+        self, keys: np.ndarray, rates: tuple[float, ...]
+    ) -> list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None:
+        """:meth:`RoutedPass._made_now` with the made calls' ``rates`` given."""
+        found = self._made.get(rates)
+        if found is None:
+            if len(self._made) >= 8:  # rates changed between calls: keep the latest few
+                self._made.clear()
+            found = self._made[rates] = self._maker(self.made_calls, rates)
+        return self._made_by(found, keys)
+
+    def _made_by(
+        self,
+        found: tuple[
+            Any,
+            tuple[tuple[int, Any, float, torch.Size], ...],
+            tuple[tuple[int, ...] | None, ...],
+        ],
+        keys: np.ndarray,
+    ) -> list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None:
+        """The made calls' entries (see :meth:`RoutedPass._made_now`) by a :meth:`_maker`'s
+        maker ``found``, from the row keys ``(N,)``."""
+        fused, table, shapes = found
+        if fused is None:
+            return None
+        values = fused.make(keys, self.first_sample, self.n_samples, shapes)
+        out: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(self.calls)
+        for (call, module, p, shape), v in zip(table, values, strict=True):
+            out[call] = (module, p, shape, v)
+        return out
+
+    def _maker(
+        self, made_calls: tuple[tuple[int, int, Any], ...], rates: tuple[float, ...]
+    ) -> tuple[
+        Any,
+        tuple[tuple[int, Any, float, torch.Size], ...],
+        tuple[tuple[int, ...] | None, ...],
+    ]:
+        """The multipliers' compiled maker for the ``made_calls`` at ``rates``
+        (:meth:`masks.PassMultipliers.compiled`; None where numba does not make them in one
+        call), each made call's index, module, rate and input shape, and the shape its
+        multipliers are made in (:func:`apply_multipliers`' own; None: flat, where the call
+        replicates its input)."""
+        calls = tuple(
+            (i, n, p) for (i, n, _), p in zip(made_calls, rates, strict=True)
+            if 0.0 < p < 1.0
+        )  # fmt: skip
+        made = masks.PassMultipliers(calls, self.made_dtype) if calls else None
+        if made is None or not made.takes_rows(self.rows):
+            return None, (), ()
+        table = tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
+        shapes = tuple(self._made_shape(i, n) for i, n, _ in calls)
+        return made.compiled(), table, shapes
+
+    def _made_shape(self, call: int, n: int) -> tuple[int, ...] | None:
+        """The shape call ``call``'s ``n`` multipliers per row are applied in: its input's, or
+        ``(B, C, 1, ...)`` for a channel dropout (:func:`apply_multipliers`); None (flat) for
+        the first call of a pass that shares the prefix, which replicates its input."""
+        shape = self.shapes[call]
+        if self.replicas > 1 and call == 0:
+            return None
+        if n == math.prod(shape[1:]):
+            return tuple(shape)
+        if len(shape) >= 2 and n == shape[1]:  # per channel
+            return (shape[0], shape[1], *[1] * (len(shape) - 2))
+        return None
 
 
 class RoutedPass(ForwardPass):
@@ -374,22 +466,7 @@ class RoutedPass(ForwardPass):
         )
         # (call index, multipliers per row, the module or function call that makes it)
         self.made_calls = tuple((call.index, n, caller) for call, caller, n in sizes if n)
-        # per rates: the compiled maker (cpu_masks.FusedPass: numba's, loaded) and its calls
-        self._made: dict[
-            tuple[float, ...],
-            tuple[
-                Any,
-                tuple[tuple[int, Any, float, torch.Size], ...],
-                tuple[tuple[int, ...] | None, ...],
-            ],
-        ] = {}
         self.callers = tuple(module for module, _ in routes.callers)
-        # each call's input shape in a pass of rows·samples rows; the first call's with the
-        # prefix shared, of the N rows (the call replicates it)
-        self.shapes = tuple(
-            torch.Size(call.shape_at(self.n_rows if share and call.index == 0 else self.rows))
-            for call in plan.calls
-        )
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         inputs = self._inputs(x)
@@ -422,55 +499,7 @@ class RoutedPass(ForwardPass):
         if not self.made_calls:
             return None
         rates = tuple([float(cast(Any, caller).p) for _, _, caller in self.made_calls])
-        found = self._made.get(rates)
-        if found is None:
-            if len(self._made) >= 8:  # rates changed between calls: keep the latest few
-                self._made.clear()
-            found = self._made[rates] = self._maker(rates)
-        fused, table, shapes = found
-        if fused is None:
-            return None
-        values = fused.make(keys, self.first_sample, self.n_samples, shapes)
-        out: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(self.calls)
-        for (call, module, p, shape), v in zip(table, values, strict=True):
-            out[call] = (module, p, shape, v)
-        return out
-
-    def _maker(
-        self, rates: tuple[float, ...]
-    ) -> tuple[
-        Any,
-        tuple[tuple[int, Any, float, torch.Size], ...],
-        tuple[tuple[int, ...] | None, ...],
-    ]:
-        """The multipliers' compiled maker for the made calls at ``rates``
-        (:meth:`masks.PassMultipliers.compiled`; None where numba does not make them in one
-        call), each made call's index, module, rate and input shape, and the shape its
-        multipliers are made in (:func:`apply_multipliers`' own; None: flat, where the call
-        replicates its input)."""
-        calls = tuple(
-            (i, n, p) for (i, n, _), p in zip(self.made_calls, rates, strict=True)
-            if 0.0 < p < 1.0
-        )  # fmt: skip
-        made = masks.PassMultipliers(calls, self.made_dtype) if calls else None
-        if made is None or not made.takes_rows(self.rows):
-            return None, (), ()
-        table = tuple((i, self.callers[i], p, self.shapes[i]) for i, _, p in calls)
-        shapes = tuple(self._made_shape(i, n) for i, n, _ in calls)
-        return made.compiled(), table, shapes
-
-    def _made_shape(self, call: int, n: int) -> tuple[int, ...] | None:
-        """The shape call ``call``'s ``n`` multipliers per row are applied in: its input's, or
-        ``(B, C, 1, ...)`` for a channel dropout (:func:`apply_multipliers`); None (flat) for
-        the first call of a pass that shares the prefix, which replicates its input."""
-        shape = self.shapes[call]
-        if self.replicas > 1 and call == 0:
-            return None
-        if n == math.prod(shape[1:]):
-            return tuple(shape)
-        if len(shape) >= 2 and n == shape[1]:  # per channel
-            return (shape[0], shape[1], *[1] * (len(shape) - 2))
-        return None
+        return self._made_at(keys, rates)
 
 
 def _shape(plan: SamplingPlan, call: int, rows: int, n: int) -> tuple[int, ...] | None:
@@ -505,7 +534,15 @@ def _made_size(
 class ModePass(ForwardPass):
     """The fast pass of any other model (a forward that calls dropout functions or attention,
     an encoder's twin): its forward under the torch-function mode, as the general path runs
-    it, without the general path's bookkeeping around the pass."""
+    it, without the general path's bookkeeping around the pass.
+
+    Its inverted dropout calls per element (an encoder's, ``F.dropout``'s) have their
+    multipliers made before the pass in one compiled call (as a routed pass's), at the rates a
+    pass saw them drop at: the mode knows no module behind a call, so the first pass notes each
+    call's rate (:class:`ModeContext`), and a later call at another rate makes its own (the
+    same bits: a row's multipliers depend on its key, the call and the rate alone), after which
+    the next pass notes them again. Each call's own hash and bookkeeping cost ~10 µs of a cold
+    call, the pass's one hash ~1 µs a call (a 2-layer encoder: 8 calls)."""
 
     def __init__(
         self,
@@ -516,18 +553,74 @@ class ModePass(ForwardPass):
         share: bool,
     ) -> None:
         super().__init__(plan, model, kernels, key, share)
-        self.encoders = plan.encoders
+        # the encoders' twin, kept (EncoderLayers.kept_twin), where it may run now; and the
+        # dicts of the modules whose hooks would keep it from running (EncoderLayers.runnable:
+        # the children are the pass's own check)
+        encoders = plan.encoders
+        self.twin = (
+            encoders.kept_twin(model) if encoders is not None and encoders.runnable(model) else None
+        )
+        self.hooked = () if encoders is None else tuple(vars(m) for m, _ in encoders.checked)
+        # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's); None
+        # until a pass notes them
+        self.noted: Any = None
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         # As planning.run_pass's pass under the mode
         inputs = self._inputs(x)
-        samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
-        ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
-        net = model if self.encoders is None else self.encoders.twin(model)
-        with _inference_mode(True), ctx:
-            y = net(inputs)
+        found = self.noted  # (once: another thread's pass may note them meanwhile)
+        with _inference_mode(True):
+            made = None if found is None else self._made_by(found, keys)
+            ctx = ModeContext(
+                made,
+                self.replicas,
+                self.calls,
+                lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
+                [] if found is None else None,
+            )
+            net = model
+            if (
+                self.twin is not None
+                and not global_hooks()
+                and not any(map(any, map(_hooks, self.hooked)))
+            ):
+                net = self.twin.now(model)
+            with ctx:
+                y = net(inputs)
         # a pass of other calls than the plan's: the general path raises its error
-        return y if ctx.calls == len(self.calls) else None
+        if ctx.calls != len(self.calls):
+            return None
+        if ctx.noted is not None:
+            self.noted = self._maker_of(ctx.noted)
+        elif ctx.missed:  # a rate changed since noted: note them again on the next pass
+            self.noted = None
+        return y
+
+    def _maker_of(self, noted: list[tuple[int, float, torch.dtype]]) -> Any:
+        """The maker of the multipliers of the calls a pass noted, (call index, rate, dtype)
+        each: the inverted dropout calls per element, rows first, at a rate in (0, 1), of the
+        plan's dtype; not the first call of a pass that shares the prefix (it replicates)."""
+        made = [
+            ((i, math.prod(self.calls[i].shape), None), p)
+            for i, p, dtype in noted
+            if 0.0 < p < 1.0
+            and dtype == self.made_dtype
+            and self.calls[i].dim == 0
+            and self.calls[i].group == 1
+            and not (self.replicas > 1 and i == 0)
+            # a large call multiplies as it hashes (SamplingContext.dropout_into), with no
+            # multipliers in memory: fresh memory costs it more than its call's bookkeeping
+            and math.prod(self.calls[i].shape) * self.rows <= _MADE_IN_MODE
+        ]
+        # the smaller calls where all would be too many words for one hash
+        by_size = sorted(made, key=lambda c: c[0][1])
+        while by_size:
+            calls = tuple((i, n, p) for (i, n, _), p in by_size)
+            if masks.PassMultipliers(calls, self.made_dtype).words * self.rows <= masks.PASS_WORDS:
+                break
+            by_size.pop()
+        made = sorted(by_size, key=lambda c: c[0][0])
+        return self._maker(tuple(c for c, _ in made), tuple(p for _, p in made))
 
 
 class MadeContext(SamplingContext):
@@ -573,7 +666,76 @@ class MadeContext(SamplingContext):
 _NO_KEYS = torch.zeros(0, dtype=torch.int64)  # a MadeContext's keys until a call needs them
 
 
+class ModeContext(MadeContext):
+    """The context of a :class:`ModePass`: the mode's inverted dropout calls per element take
+    their premade multipliers (:attr:`made`) where made for the call's rate, shape and dtype
+    (else they are sampled as :class:`SamplingContext` samples them, and :attr:`missed` says
+    so); with ``noted`` (a list), each such call notes its index, rate and dtype there."""
+
+    routed = False  # no route of this pass's: a routed module's call is another pass's
+
+    def __init__(
+        self,
+        made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None,
+        replicate: int,
+        calls: Sequence[CallLayout],
+        sample_keys: Callable[[], Tensor],
+        noted: list[tuple[int, float, torch.dtype]] | None,
+    ) -> None:
+        super().__init__([] if made is None else made, replicate, calls, sample_keys)
+        self.noted = noted
+        self.missed = False
+
+    def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
+        if not (options.get("feature") or options.get("alpha")):
+            kind = options.get("kind", "dropout")
+            out = self._premade(x, p, kind, bool(options.get("inplace", False)))
+            if out is not None:
+                return out
+        return super().dropout(x, p, **options)
+
+    def dropout_into(
+        self, x: Tensor, p: float, *, kind: str = "dropout", batch_dim: int | None = None
+    ) -> Tensor:
+        out = self._premade(x, p, kind, True)
+        return (
+            out if out is not None else super().dropout_into(x, p, kind=kind, batch_dim=batch_dim)
+        )
+
+    def _premade(self, x: Tensor, p: float, kind: str, inplace: bool) -> Tensor | None:
+        """``x`` times its premade multipliers, the call taken, where they are made for it;
+        else None (the call is noted, where the pass notes them)."""
+        index = self.calls
+        made = self.made
+        entry = made[index] if made is not None and index < len(made) else None
+        if entry is None:
+            if self.noted is not None and index < len(self.layouts):
+                self.noted.append((index, float(p), x.dtype))
+            return None
+        if (
+            entry[1] != p
+            or x.shape != entry[2]
+            or x.dtype != entry[3].dtype
+            or self.replicate != 1
+            or self.layouts[index].kind != kind
+        ):
+            self.missed = True
+            return None
+        self.calls = index + 1
+        scale = entry[3]
+        if inplace:
+            return x.mul_(scale)
+        # the multipliers are a fresh tensor of x's shape, used once: the product into them
+        # where x is laid out as they are (x · m and m · x are the same floats)
+        return scale.mul_(x) if x.is_contiguous() else x * scale
+
+
 _training = operator.attrgetter("training")
+
+# A module's hook dicts, from its __dict__: any() of them is whether it has a hook.
+_hooks = operator.itemgetter(
+    "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"
+)
 
 # A module's hook dicts and training flag, from its __dict__: any() of them is whether it has a
 # hook or trains.

@@ -468,6 +468,70 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class _Tempered(EncoderClassifier):
+    """An encoder classifier whose forward reads an attribute of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = 1.0
+        self.encoder.layers[0].extra = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) / self.temperature
+
+
+def _hook_on(module: nn.Module) -> list[int]:
+    calls: list[int] = []
+    module.register_forward_hook(_doubled(calls))
+    return calls
+
+
+def _extra_attribute_deleted(model: nn.Module) -> None:
+    del model.encoder.layers[0].extra
+
+
+ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
+    "a dropout layer's rate": lambda m: setattr(m.encoder.layers[1].dropout1, "p", 0.6),
+    "an attention's dropout rate": lambda m: setattr(m.encoder.layers[0].self_attn, "dropout", 0.4),
+    "a layer's norm first": lambda m: setattr(m.encoder.layers[0], "norm_first", True),
+    "a layer's activation": lambda m: setattr(m.encoder.layers[1], "activation", F.gelu),
+    "a layer's attribute deleted": _extra_attribute_deleted,
+    "the model's attribute": lambda m: setattr(m, "temperature", 2.0),
+    "a hook on a layer's linear": lambda m: _hook_on(m.encoder.layers[0].linear1),
+    "a hook on the attention": lambda m: _hook_on(m.encoder.layers[1].self_attn),
+    "a global forward hook": _global_hook,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", ENCODER_CHANGES)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_an_encoders_pass_samples_the_model_as_it_is_now(
+    change: str, n: int, n_samples: int
+) -> None:
+    """A pass under the mode makes its calls' multipliers before it, at the rates an earlier
+    pass noted, and keeps the encoders' twin: whatever changed since, its samples are a fresh
+    plan's, on that call and the next."""
+    torch.manual_seed(0)
+    model = _Tempered().eval()
+    x = _rows(n, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    for _ in range(2):  # the rates noted, then the multipliers made before the pass
+        sample(model, x, n_samples, seed=1, plan=kept)
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None and made.noted[0] is not None
+    calls = ENCODER_CHANGES[change](model)
+    for _ in range(2):
+        got = sample(model, x, n_samples, seed=1, plan=kept)
+        expected = sample(model, x, n_samples, seed=1)  # a fresh plan: the general path
+        assert torch.equal(got, expected)
+    if change.startswith("a hook"):  # the hook ran on the kept plan's calls
+        assert calls
+    if change == "a layer's attribute deleted":
+        twin = made.twin.now(model) if made.twin is not None else None
+        assert twin is not None and not hasattr(twin.encoder.layers[0], "extra")
+
+
 @pytest.mark.parametrize("n_samples", [1, 3])
 @pytest.mark.parametrize("seed", [1, "per row"])
 def test_a_layer_of_another_width_since_the_plan_is_the_plans_error(
