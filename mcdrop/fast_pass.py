@@ -39,6 +39,7 @@ from mcdrop import masks, modes
 from mcdrop._hooks import global_hooks
 from mcdrop._walk import every_module
 from mcdrop.devices import model_device_slot
+from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.routing import DropoutRoutes, FunctionCall, routed_forward
 from mcdrop.sampling_context import DROPOUT_FUNCTIONS, SamplingContext, fresh_layout, replicate
 
@@ -169,12 +170,20 @@ class FastPass:
         runs it)."""
         if seed is None:
             seed = masks.fresh_seed()
+        # (N,) int64 seeds, one per row (requests with seeds of their own, merged in a batch):
+        # their range is checked as the row keys are hashed
+        row_seeds: Tensor | None = None
+        one = 0  # else the seed of every row
+        if type(seed) is Tensor and _row_seeds(seed, self.n_rows):
+            row_seeds = seed
+        elif type(seed) is int and 0 <= seed <= masks.MAX_SEED:
+            one = seed
+        else:
+            return None
         if (
             type(x) is not Tensor
             or x.shape != self.shape
             or x.dtype is not torch.float32
-            or type(seed) is not int
-            or not 0 <= seed <= masks.MAX_SEED
             or self.model() is not model
         ):
             return None
@@ -184,8 +193,8 @@ class FastPass:
             return None
         seen = modes.switches
         # (the row keys as an array: the compiled calls after take arrays)
-        if self.short:  # the keys and the finiteness check in one compiled call
-            keys = self.kernels.row_key_array(values, seed)
+        if self.short and row_seeds is None:  # the keys and the finiteness check in one call
+            keys = self.kernels.row_key_array(values, one)
             finite = keys is not None
         else:
             finite = self.kernels.finite_state(values)
@@ -197,10 +206,16 @@ class FastPass:
             or modes.switches != seen
         ):
             return None
-        if not self.short:
+        if row_seeds is not None:
+            data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
+            try:
+                keys = masks.keys_of_bytes(data, self.n_rows, row_seeds).numpy()
+            except InvalidArgumentError:  # a seed out of range: the general path says so
+                return None
+        elif not self.short:
             # the bytes masks.row_keys hashes: -0.0 written as 0.0
             data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
-            keys = masks.key_array_of_bytes(data, self.n_rows, seed)
+            keys = masks.key_array_of_bytes(data, self.n_rows, one)
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
@@ -500,6 +515,12 @@ class RoutedPass(ForwardPass):
             return None
         rates = tuple([float(cast(Any, caller).p) for _, _, caller in self.made_calls])
         return self._made_at(keys, rates)
+
+
+def _row_seeds(seed: Tensor, n_rows: int) -> bool:
+    """Whether ``seed`` is seeds of ``n_rows`` rows as the general path takes them: ``(N,)``
+    int64 on the CPU (a tensor subclass or another dtype: the general path's to judge)."""
+    return seed.dtype is torch.int64 and seed.shape == (n_rows,) and seed.device.type == "cpu"
 
 
 def _shape(plan: SamplingPlan, call: int, rows: int, n: int) -> tuple[int, ...] | None:

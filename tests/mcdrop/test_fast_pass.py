@@ -217,6 +217,43 @@ def test_the_same_samples_as_the_general_path(
     assert fast.shape[:2] == (n_samples, n)
 
 
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 1), (3, 5)])
+def test_per_row_seeds_take_the_fast_pass_with_the_general_paths_samples(
+    name: str, n: int, n_samples: int
+) -> None:
+    """Seeds of their own per row (requests merged in a batch) take the fast pass, with the
+    samples of the general path (which takes the same seeds as int32: the fast pass leaves
+    them to it), and of one int seed where every row has it."""
+    model, shape = _model(name)
+    x = _rows(n, shape)
+    kept = plan(model, x)
+    seeds = torch.tensor([2**31 - 1, 0, 7][:n])  # (int32's range)
+    assert (
+        fast_pass.run(kept, model, x, n_samples, seeds.int(), DEFAULT_MAX_PASS_ROWS, "auto") is None
+    )
+    general = sample(model, x, n_samples, seed=seeds.int(), plan=kept)
+    for _ in range(2):  # (a pass under the mode notes its rates, then makes them before it)
+        fast = _fast(model, x, n_samples, kept, seed=seeds)
+        assert torch.equal(fast, general)
+    same = _fast(model, x, n_samples, kept, seed=torch.full((n,), 2**63 - 1))
+    assert torch.equal(same, _fast(model, x, n_samples, kept, seed=2**63 - 1))
+
+
+@pytest.mark.parametrize(
+    "seeds",
+    [torch.tensor([1, -1, 2]), torch.tensor([1, 2]), torch.tensor([1.0, 2.0, 3.0])],
+    ids=["negative", "too few", "floats"],
+)
+def test_per_row_seeds_the_general_path_refuses_are_its_error(seeds: Tensor) -> None:
+    model, shape = _model("sequential")
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    assert fast_pass.run(kept, model, x, 2, seeds, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    with pytest.raises(InvalidArgumentError, match="per-row seeds"):
+        sample(model, x, 2, seed=seeds, plan=kept)
+
+
 _DROPOUTS: dict[str, tuple[type[nn.Module], Callable[..., Tensor], tuple[int, ...]]] = {
     # (module, function, the dimensions a row may have: torch's ranks but the batch's)
     "element-wise": (nn.Dropout, F.dropout, (1, 2, 3, 4)),
@@ -519,7 +556,8 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         sample(model, x, n_samples, seed=1, plan=kept)
     (made,) = kept.fast_passes.values()
     assert isinstance(made, fast_pass.ModePass)
-    assert made.noted is not None and made.noted[0] is not None
+    assert made.noted is not None
+    assert made.noted[0] is not None
     calls = ENCODER_CHANGES[change](model)
     for _ in range(2):
         got = sample(model, x, n_samples, seed=1, plan=kept)
@@ -529,7 +567,8 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         assert calls
     if change == "a layer's attribute deleted":
         twin = made.twin.now(model) if made.twin is not None else None
-        assert twin is not None and not hasattr(twin.encoder.layers[0], "extra")
+        assert twin is not None
+        assert not hasattr(twin.encoder.layers[0], "extra")
 
 
 @pytest.mark.parametrize("n_samples", [1, 3])
