@@ -10,8 +10,11 @@ Importing it loads neither torch nor FastAPI. Every failure is one of these erro
     │                               model name that is not one path segment, inputs nested too
     │                               deeply, a timeout or max_response_bytes out of range
     │                               (ValueError)
-    ├── TransportError              no HTTP answer: connection refused, reset, DNS, ...
-    │   └── RequestTimeoutError     no answer within the timeout (says which and how long)
+    ├── TransportError              no complete HTTP answer, the message says which: no
+    │   │                           connection (refused, DNS, ...: "cannot reach"), or one
+    │   │                           that broke (reset, closed mid-answer: "connected, but")
+    │   └── RequestTimeoutError     no answer within the timeout (says which, connected or
+    │                               not, and how long)
     ├── DecodingError               an answer that is not the mcdrop protocol: not JSON, or JSON
     │                               of the wrong shape (status_code, snippet)
     ├── ResponseTooLargeError       an answer above max_response_bytes, refused unread or
@@ -130,7 +133,9 @@ class InvalidRequestError(ClientError, ValueError):
 
 
 class TransportError(ClientError):
-    """The request did not get an HTTP answer (connection refused, reset, ...)."""
+    """The request did not get a complete HTTP answer: no connection was made (refused, a host
+    name that does not resolve, ...; the message starts "cannot reach"), or the connection broke
+    before the answer was complete (reset, closed; the message starts "connected to")."""
 
 
 class RequestTimeoutError(TransportError):
@@ -530,11 +535,44 @@ class _Reader:
         )
 
 
-def _deadline_error(where: str, timeout: float | None) -> RequestTimeoutError:
+class _Sending:
+    """Whether the request began to be sent on a connection, from httpcore2's ``trace``
+    extension (an async client's deadline cancels the request wherever it waits, leaving no
+    exception that says how far it got)."""
+
+    def __init__(self) -> None:
+        self.began = False
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        # http11.send_request_headers.started (or http2's): connected, TLS done where any.
+        if event.endswith(".send_request_headers.started"):
+            self.began = True
+
+
+def _deadline_error(
+    where: str, timeout: float | None, connected: bool | None
+) -> RequestTimeoutError:
+    """The whole request ran past ``timeout``: ``connected`` or not to the service (a host name
+    that does not resolve in time, a host that does not accept, is no connection); None: not
+    known (a transport given as ``http=``)."""
+    if connected is None:
+        return RequestTimeoutError(
+            f"no answer to {where} within {timeout:g} s (timeout= bounds the whole request: "
+            "connecting, sending, and reading the complete answer); raise timeout= (seconds) if "
+            "the service is busy or the request is large",
+            timeout,
+        )
+    if not connected:
+        return RequestTimeoutError(
+            f"no connection for {where} within {timeout:g} s (timeout= bounds the whole "
+            "request: looking up the host, connecting, sending, and reading the complete "
+            "answer); is the service running, and the URL right?",
+            timeout,
+        )
     return RequestTimeoutError(
-        f"no answer to {where} within {timeout:g} s (timeout= bounds the whole request: "
-        "connecting, sending, and reading the complete answer); raise timeout= (seconds) if the "
-        "service is busy or the request is large",
+        f"connected, but no answer to {where} within {timeout:g} s (timeout= bounds the whole "
+        "request: connecting, sending, and reading the complete answer); raise timeout= "
+        "(seconds) if the service is busy or the request is large",
         timeout,
     )
 
@@ -543,15 +581,18 @@ def _deadline_error(where: str, timeout: float | None) -> RequestTimeoutError:
 # to say about it.
 _READ_TIMEOUT = (
     "read",
-    "no answer to {where} within {after}; raise timeout= (seconds) if the service is busy or "
-    "the request is large",
+    "connected, but no answer to {where} within {after}; raise timeout= (seconds) if the "
+    "service is busy or the request is large",
 )
 _TIMEOUTS: dict[type[Exception], tuple[str, str]] = {
     httpx2.ConnectTimeout: (
         "connect",
         "no connection for {where} within {after}; is the service running, and the URL right?",
     ),
-    httpx2.WriteTimeout: ("write", "could not send {where} within {after}; raise timeout="),
+    httpx2.WriteTimeout: (
+        "write",
+        "connected, but could not send {where} within {after}; raise timeout=",
+    ),
     httpx2.PoolTimeout: (
         "pool",
         "no free connection for {where} within {after}; raise timeout= or send fewer requests "
@@ -560,22 +601,65 @@ _TIMEOUTS: dict[type[Exception], tuple[str, str]] = {
 }
 
 
+# Failures before a connection to the service was made (so before any of the request was sent);
+# every other transport failure came after (a read or write on the connection, the server's
+# answer cut short), or is the client's own (an invalid header, ...).
+_UNCONNECTED = (
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+    httpx2.ProxyError,
+    httpx2.UnsupportedProtocol,
+)
+_CONNECTED = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ReadTimeout)
+
+
+def _reason(exc: BaseException) -> str:
+    """What ``exc`` says, else what caused it says (an async reset is a ReadError without a
+    message, from a ConnectionResetError with one), else its type's name: never empty."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a cycle would be endless
+        if seen is None:
+            break
+        if str(seen).strip(" ."):
+            return str(seen).strip(" .")
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
 def _transport_error(
     exc: httpx2.RequestError, timeout: float | None = None, deadline: float | None = None
 ) -> ClientError:
-    """An httpx2 failure as a client error that says what happened, where, and after how long;
-    past the request's ``deadline`` (monotonic), a timeout names the whole ``timeout``."""
+    """An httpx2 failure as a client error that says what happened, where, and after how long,
+    and whether the service was reached (a connection made) or not; past the request's
+    ``deadline`` (monotonic), a timeout names the whole ``timeout``."""
     try:
         request: httpx2.Request | None = exc.request
     except RuntimeError:  # raised by httpx2 when the error carries no request
         request = None
     where = f"{request.method} {request.url}" if request is not None else "the mcdrop service"
+    service = (
+        f"the mcdrop service at {request.url.scheme}://{request.url.netloc.decode()}"
+        if request is not None
+        else "the mcdrop service"
+    )
     if not isinstance(exc, httpx2.TimeoutException):
         if isinstance(exc, httpx2.DecodingError):
             return DecodingError(f"cannot decode the answer to {where}: {exc}", None, "")
-        return TransportError(f"cannot reach the mcdrop service ({where}): {exc}")
+        if isinstance(exc, _UNCONNECTED):
+            return TransportError(
+                f"cannot reach {service}: no connection for {where} ({_reason(exc)}); is the "
+                "service running, and the URL right?"
+            )
+        if isinstance(exc, _CONNECTED):
+            return TransportError(
+                f"connected to {service}, but {where} got no complete answer: the connection "
+                f"broke ({_reason(exc)}); the service may have stopped or restarted, or a proxy "
+                "closed the connection"
+            )
+        return TransportError(f"cannot send {where}: {_reason(exc)}")
     if deadline is not None and time.monotonic() >= deadline:
-        return _deadline_error(where, timeout)
+        return _deadline_error(where, timeout, connected=not isinstance(exc, _UNCONNECTED))
     phase, message = _TIMEOUTS.get(type(exc), _READ_TIMEOUT)
     limits = request.extensions.get("timeout", {}) if request is not None else {}
     seconds = limits.get(phase)
@@ -786,7 +870,8 @@ class Client:
                     reader.add(chunk)
                     # Also a client given as http=, whose sockets do not keep the deadline.
                     if deadline is not None and time.monotonic() > deadline:
-                        raise _deadline_error(f"{request.method} {request.url}", self._timeout)
+                        where = f"{request.method} {request.url}"
+                        raise _deadline_error(where, self._timeout, connected=True)
                 return reader.answer()
             finally:
                 response.close()
@@ -889,6 +974,9 @@ class AsyncClient:
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
         request = _build(self._http, self._headers, method, path, body)
+        sending = _Sending()
+        if self._owns:  # a transport given as http= may trace nothing: then it is not known
+            request.extensions["trace"] = sending.trace
         try:
             # One deadline for the whole request: cancelled wherever it waits.
             with anyio.fail_after(self._timeout):
@@ -902,7 +990,8 @@ class AsyncClient:
                 finally:
                     await response.aclose()
         except TimeoutError:
-            raise _deadline_error(f"{request.method} {request.url}", self._timeout) from None
+            where, connected = f"{request.method} {request.url}", sending.began
+            raise _deadline_error(where, self._timeout, connected if self._owns else None) from None
         except httpx2.RequestError as exc:
             raise _transport_error(exc) from exc
 
