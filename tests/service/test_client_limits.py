@@ -267,6 +267,70 @@ def test_a_timeout_says_whether_a_connection_was_made(
     assert str(info.value).startswith(f"connected, but no answer to GET {url}/health within 0.3 s")
 
 
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """socket.getaddrinfo as a resolver would answer (there is no DNS here): ``slow.mcdrop.test``
+    hangs until the event is set (at most CAP_S), then is unknown; ``two.mcdrop.test`` is
+    127.0.0.2 (where nothing listens), then 127.0.0.1; other hosts as before."""
+    getaddrinfo = socket.getaddrinfo
+    release = threading.Event()
+
+    def answer(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        host = host.decode() if isinstance(host, bytes) else host  # anyio's: IDNA bytes
+        if host == "slow.mcdrop.test":
+            release.wait(CAP_S)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == "two.mcdrop.test":
+            return [
+                *getaddrinfo("127.0.0.2", port, *args, **kwargs),
+                *getaddrinfo("127.0.0.1", port, *args, **kwargs),
+            ]
+        return getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", answer)
+    yield release
+    release.set()
+
+
+@both
+def test_a_host_name_lookup_is_bounded_by_the_timeout(
+    resolver: threading.Event, use_async: bool
+) -> None:
+    """getaddrinfo takes no timeout: the synchronous client waited for a hanging lookup as long
+    as it hung, past its whole-request deadline."""
+    url = "http://slow.mcdrop.test:9"
+
+    async def call() -> None:
+        async with AsyncClient(url, timeout=0.5) as client:
+            try:
+                await client.health()
+            finally:  # asyncio.run waits for the lookup's thread at its end
+                resolver.set()
+
+    def sync_call() -> None:
+        with Client(url, timeout=0.5) as client:
+            client.health()
+
+    start = time.monotonic()
+    with pytest.raises(RequestTimeoutError) as info:
+        asyncio.run(call()) if use_async else sync_call()
+    assert time.monotonic() - start < 0.5 + 2.0  # the lookup hangs for CAP_S
+    assert str(info.value).startswith(f"no connection for GET {url}/health within 0.5 s")
+
+
+@both
+@pytest.mark.parametrize("timeout", [1.0, None])
+def test_a_host_name_is_looked_up_and_each_address_tried(
+    hostile: str, resolver: threading.Event, use_async: bool, timeout: float | None
+) -> None:
+    port = hostile.rsplit(":", 1)[1]
+    url = f"http://two.mcdrop.test:{port}/late"
+    assert _health(url, use_async, timeout=timeout).status == "ok"  # type: ignore[attr-defined]
+    resolver.set()  # then a name it does not know
+    with pytest.raises(TransportError, match="Name or service not known"):
+        _health("http://slow.mcdrop.test:9", use_async, timeout=timeout)
+
+
 @both
 def test_no_timeout(hostile: str, use_async: bool) -> None:
     for timeout in (None, math.inf, client_module.MAX_TIMEOUT):

@@ -35,11 +35,12 @@ Example::
         result = mc.uncertainty("digits", rows, n_samples=100, seed=7)
         print(result.results[0].mutual_information)
 
-``timeout`` bounds the whole request, as one deadline: connecting, sending the body and
-reading the complete answer (a server that trickles its answer cannot keep a caller waiting
-longer); ``timeout=None`` (or ``math.inf``) waits without limit, as in httpx. ``max_response_bytes``
-bounds the answer's size after decoding (gzip included): an answer above it is refused before it
-is read when its Content-Length says so, else as soon as it passes the limit.
+``timeout`` bounds the whole request, as one deadline: looking up the host name, connecting,
+sending the body and reading the complete answer (a server that trickles its answer cannot keep
+a caller waiting longer); ``timeout=None`` (or ``math.inf``) waits without limit, as in httpx.
+``max_response_bytes`` bounds the answer's size after decoding (gzip included): an answer above
+it is refused before it is read when its Content-Length says so, else as soon as it passes the
+limit.
 
 The API key (for a service started with ``MCDROP_API_KEY``) is ``api_key=``, or else read from
 the ``MCDROP_API_KEY`` environment variable. Tests can pass a ``starlette.testclient.TestClient``
@@ -48,10 +49,13 @@ the ``MCDROP_API_KEY`` environment variable. Tests can pass a ``starlette.testcl
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -431,6 +435,40 @@ class _DeadlineStream(httpcore2.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IP address, which needs no lookup."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    """The addresses of ``host``, looked up within ``timeout`` seconds (None: no limit), else
+    httpcore2's ConnectTimeout (the lookup goes on in its own thread until the system's resolver
+    gives up, and is then forgotten); a name that does not resolve is a ConnectError."""
+    found: list[str] = []
+    failed: list[OSError] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            found.extend(dict.fromkeys(str(info[4][0]) for info in infos))
+        except OSError as exc:  # socket.gaierror among them
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name=f"mcdrop-client lookup {host}", daemon=True).start()
+    if not done.wait(timeout):
+        raise httpcore2.ConnectTimeout(f"no address for {host!r} within {timeout:g} s")
+    if failed or not found:
+        raise httpcore2.ConnectError(str(failed[0]) if failed else f"no address for {host!r}")
+    return found
+
+
 class _DeadlineBackend(httpcore2.NetworkBackend):
     """httpcore2's network backend, with sockets that end by the request's deadline."""
 
@@ -445,9 +483,25 @@ class _DeadlineBackend(httpcore2.NetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> httpcore2.NetworkStream:
-        left = _left(timeout, httpcore2.ConnectTimeout)
-        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
-        return _DeadlineStream(stream)
+        if _DEADLINE.get() is None or _is_address(host):
+            left = _left(timeout, httpcore2.ConnectTimeout)
+            stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+            return _DeadlineStream(stream)
+        # socket.create_connection would look the name up with no limit (getaddrinfo takes
+        # none): looked up here within the deadline, then each address tried in turn, as it does.
+        failure: Exception | None = None
+        for address in _resolve(host, port, _left(timeout, httpcore2.ConnectTimeout)):
+            left = _left(timeout, httpcore2.ConnectTimeout)
+            try:
+                stream = self._backend.connect_tcp(
+                    address, port, left, local_address, socket_options
+                )
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
+                failure = exc
+                continue
+            return _DeadlineStream(stream)
+        assert failure is not None  # _resolve gives at least one address
+        raise failure
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None
@@ -813,12 +867,13 @@ class Client:
             prefix); else :class:`InvalidURLError`.
         api_key: sent as ``Authorization: Bearer <key>``; default: the ``MCDROP_API_KEY``
             environment variable, if set.
-        timeout: seconds one request may take in all: connecting (at most 10 s of it), sending,
-            and reading the complete answer; past it, :class:`RequestTimeoutError`. ``None``
-            (or ``math.inf``): no limit, as in httpx. The default, 75 s, is above the server's
-            own 60 s compute deadline, so a slow request ends with the server's 504 (a
-            :class:`ServerError`) rather than a client-side timeout. Not a number > 0 and at
-            most :data:`MAX_TIMEOUT` (a year): :class:`InvalidRequestError`.
+        timeout: seconds one request may take in all: looking up the host name and
+            connecting (at most 10 s of it), sending, and reading the complete answer; past
+            it, :class:`RequestTimeoutError`. ``None`` (or ``math.inf``): no limit, as in
+            httpx. The default, 75 s, is above the server's own 60 s compute deadline, so a
+            slow request ends with the server's 504 (a :class:`ServerError`) rather than a
+            client-side timeout. Not a number > 0 and at most :data:`MAX_TIMEOUT` (a year):
+            :class:`InvalidRequestError`.
         max_response_bytes: the largest answer read, in bytes after decoding (default 64 MiB,
             4 times the server's own default response limit); a larger one is
             :class:`ResponseTooLargeError`, refused before reading when its Content-Length says
