@@ -52,6 +52,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import operator
 import os
 import re
 import socket
@@ -60,7 +61,7 @@ import time
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, SupportsFloat, SupportsIndex, TypeVar
 from urllib.parse import quote, urlsplit
 
 import anyio
@@ -346,10 +347,25 @@ def _timeout(timeout: float | None) -> httpx2.Timeout:
     return httpx2.Timeout(timeout, connect=min(timeout, DEFAULT_CONNECT_TIMEOUT))
 
 
+def _number(value: Any) -> int | float:
+    """json.dumps's ``default``: a number json does not know (NumPy's ``np.int64`` or
+    ``np.float32``, a 0-d array or tensor) as the Python int or float it holds, found by its
+    ``item()``, ``__index__`` or ``__float__`` (no NumPy import); anything else, booleans among
+    them (JSON's true is no number to the service), TypeError, as json's own."""
+    if getattr(value, "ndim", 0) == 0:  # not an array of several numbers
+        item = value.item() if callable(getattr(value, "item", None)) else value
+        if not isinstance(item, bool | str | bytes):  # np.bool_.item() is a bool
+            if hasattr(type(item), "__index__"):
+                return operator.index(item)
+            if hasattr(type(item), "__float__"):
+                return float(item)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _encode(body: dict[str, Any]) -> bytes:
     """The JSON body; NaN and infinity are refused here, since JSON cannot carry them."""
     try:
-        return json.dumps(body, allow_nan=False).encode()
+        return json.dumps(body, allow_nan=False, default=_number).encode()
     except ValueError as exc:
         fields = [name for name, value in body.items() if not _finite(value)]
         if not fields:
@@ -374,12 +390,17 @@ def _finite(value: Any) -> bool:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return False
         if isinstance(item, list | tuple):
             stack.extend(item)
         elif isinstance(item, dict):
             stack.extend(item.values())
+        elif not isinstance(item, float | int | str | None):
+            try:  # a number of another type (np.float32('nan')), as _encode sends it
+                item = _number(item)
+            except (TypeError, ValueError, OverflowError):
+                continue
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
     return True
 
 
@@ -812,12 +833,12 @@ def _build(
 
 def _uncertainty_body(
     inputs: Sequence[Any],
-    n_samples: int | Literal["auto"] | None,
-    seed: int | None,
-    level: float,
+    n_samples: SupportsIndex | Literal["auto"] | None,
+    seed: SupportsIndex | None,
+    level: SupportsFloat,
     return_samples: bool,
-    tolerance: float | None = None,
-    max_n_samples: int | None = None,
+    tolerance: SupportsFloat | None = None,
+    max_n_samples: SupportsIndex | None = None,
     decisions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": _rows(inputs), "level": level}
@@ -958,16 +979,16 @@ class Client:
         name: str,
         inputs: Sequence[Any],
         *,
-        n_samples: int | Literal["auto"] | None = None,
-        seed: int | None = None,
-        level: float = 0.95,
+        n_samples: SupportsIndex | Literal["auto"] | None = None,
+        seed: SupportsIndex | None = None,
+        level: SupportsFloat = 0.95,
         return_samples: bool = False,
-        tolerance: float | None = None,
-        max_n_samples: int | None = None,
-        reject_rate: float | None = None,
-        reject_threshold: float | None = None,
+        tolerance: SupportsFloat | None = None,
+        max_n_samples: SupportsIndex | None = None,
+        reject_rate: SupportsFloat | None = None,
+        reject_threshold: SupportsFloat | None = None,
         reject_score: str | None = None,
-        coverage: float | None = None,
+        coverage: SupportsFloat | None = None,
     ) -> UncertaintyResponse:
         """MC-dropout uncertainty of rows ``inputs``. ``n_samples="auto"``: each row samples
         until its MC standard error is within ``tolerance`` or it has ``max_n_samples`` (both
@@ -1072,16 +1093,16 @@ class AsyncClient:
         name: str,
         inputs: Sequence[Any],
         *,
-        n_samples: int | Literal["auto"] | None = None,
-        seed: int | None = None,
-        level: float = 0.95,
+        n_samples: SupportsIndex | Literal["auto"] | None = None,
+        seed: SupportsIndex | None = None,
+        level: SupportsFloat = 0.95,
         return_samples: bool = False,
-        tolerance: float | None = None,
-        max_n_samples: int | None = None,
-        reject_rate: float | None = None,
-        reject_threshold: float | None = None,
+        tolerance: SupportsFloat | None = None,
+        max_n_samples: SupportsIndex | None = None,
+        reject_rate: SupportsFloat | None = None,
+        reject_threshold: SupportsFloat | None = None,
         reject_score: str | None = None,
-        coverage: float | None = None,
+        coverage: SupportsFloat | None = None,
     ) -> UncertaintyResponse:
         path = f"/models/{_segment(name)}/uncertainty"
         body = _uncertainty_body(
