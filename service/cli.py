@@ -47,12 +47,19 @@ DEFAULT_URL = "http://localhost:8000"
 EXIT_STATUS = """\
 exit status:
   0    done (mcdrop check: no error found)
-  1    a failure that is not the request's: the service answered 5xx or not at all, a model
-       directory did not load, the machine ran out of memory; mcdrop check: an error found
+  1    a failure that is not the request's: the service answered 5xx or not at all, or 408
+       or 429 (busy or slow: send it again later), a model directory did not load, the
+       machine ran out of memory; mcdrop check: an error found
   2    the request was refused, to fix before sending it again: the command line, or inputs
-       or options refused as the service refuses them with a 4xx (invalid_input,
-       invalid_argument, limit_exceeded, model_rejected_input, ...), locally or over HTTP
+       or options refused as the service refuses them with a 4xx other than 408 and 429
+       (invalid_input, invalid_argument, limit_exceeded, model_rejected_input, ...), locally
+       or over HTTP
   130  interrupted"""
+
+#: 4xx statuses that say nothing is wrong with the request, only with its moment: 408 (the
+#: body came too slowly, e.g. a congested network) and 429 (too many requests, e.g. a proxy's
+#: rate limit). The same request may succeed later, so they exit 1 with the 5xx, not 2.
+TRANSIENT_STATUSES = frozenset({408, 429})
 
 
 class UsageError(Exception):
@@ -683,7 +690,8 @@ def _refused(exc: Exception) -> str | None:
     if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
         return str(exc)
     if isinstance(exc, APIError):
-        return str(exc) if 400 <= exc.status_code < 500 else None
+        refused = 400 <= exc.status_code < 500 and exc.status_code not in TRANSIENT_STATUSES
+        return str(exc) if refused else None
     if "mcdrop" not in sys.modules:  # the library never ran (--url): none of its errors
         return None
     from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
@@ -742,7 +750,7 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; errors are one line on standard error, never a traceback, with the exit
     status of :data:`EXIT_STATUS`: 2 for a request refused as the caller's to fix, 1 for any
-    other failure."""
+    other failure (a transient refusal, 408 or 429, among them)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them

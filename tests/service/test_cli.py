@@ -859,7 +859,11 @@ def refusing_server() -> Iterator[str]:
         (401, "unauthorized", 2),
         (500, "internal_error", 1),
         (503, "model_not_ready", 1),
+        (503, "overloaded", 1),
         (504, "deadline_exceeded", 1),
+        # Transient: the same request may pass later (it exited 2, "yours to fix").
+        (408, "request_timeout", 1),
+        (429, "too_many_requests", 1),
     ],
 )
 def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
@@ -871,7 +875,7 @@ def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
 ) -> None:
     """A 4xx, the request refused as the caller's to fix, exits 2, as a local model's refusal
     of the same inputs does; a 5xx exits 1 (a 422 model_rejected_input exited 1, its local twin
-    2)."""
+    2), and so do 408 and 429, which refuse the moment, not the request."""
     model = f"{status}-{code}"
     argv = ["predict", model, "--url", refusing_server, "--inputs", "[[0]]"]
     got, out, err = _run(capsys, *argv)
