@@ -468,7 +468,10 @@ def _models(args: argparse.Namespace) -> int:
 
     with Client(_url(args)) as client:
         for info in client.models():
-            print(f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}")
+            # A service's names and descriptions are its own: one line each, as a terminal
+            # shows it (no line breaks or escape sequences of the service's).
+            line = f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}"
+            print(_one_line(line))
     return 0
 
 

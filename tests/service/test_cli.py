@@ -900,3 +900,43 @@ def test_a_services_message_is_one_line_as_a_terminal_shows_it(
     assert err.count("\n") == 1
     assert len(err) < 3000
     assert err.endswith(" characters)\n")
+
+
+class _Lists(BaseHTTPRequestHandler):
+    """Answers GET /models with one model whose name and description are ``SAID["control"]``
+    and ``SAID["long"]``: a hostile service's."""
+
+    def do_GET(self) -> None:
+        info = {
+            "name": "evil\x1b]0;owned\x07", "version": "1", "task": "regression",
+            "description": SAID["control"] + SAID["long"], "input_shape": [1], "labels": ["y"],
+            "likelihood": "homoscedastic", "tau": 1.0, "dropout": 0.1, "default_n_samples": 8,
+            "max_n_samples": 8, "max_request_rows": 8, "metrics": {},
+        }  # fmt: skip
+        body = json.dumps({"models": [info]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:  # the test reads stderr
+        pass
+
+
+def test_models_prints_a_services_words_as_a_terminal_shows_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Names and descriptions are the service's: their control characters are written escaped
+    (they went to the terminal as sent: a title change, red text, new lines), one line each."""
+    with _serving(_Lists) as url:
+        code, out, err = _run(capsys, "models", "--url", url)
+    assert (code, err) == (0, "")
+    assert out.count("\n") == 1
+    assert out.startswith(
+        "evil\\x1b]0;owned\\x07 regression      input [1]  "
+        "one\\ntwo \\x1b[31mred\\x1b[0m\\r\\x07threeAAA"
+    )
+    assert out.endswith(" characters)\n")
+    assert len(out) < 3000
+    assert all(c.isprintable() for c in out.rstrip("\n"))
