@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Literal, get_args, get_origin
+from typing import IO, TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from service.config import ModelSettings, Settings, TrustSettings, env_only
+
+if TYPE_CHECKING:
+    from service.client import Client
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -301,13 +305,13 @@ def _too_large(name: str, size: str) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.model_dir is not None and args.timeout is not None:
+        raise UsageError("--timeout bounds a request to a service (--url), not --model-dir")
     inputs = _read_inputs(args.inputs)
     if args.model_dir is not None:
         result = _predict_local(args, inputs)
     else:
-        from service.client import Client
-
-        with Client(_url(args)) as client:
+        with _client(args) as client:
             if args.uncertainty:
                 result = client.uncertainty(
                     args.model,
@@ -457,16 +461,43 @@ def _url(args: argparse.Namespace) -> str:
     return args.url or os.environ.get(URL_ENV) or DEFAULT_URL
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The service's client for ``--url`` and ``--timeout`` (else the client's default)."""
+    from service.client import Client
+
+    return Client(_url(args), **({} if args.timeout is None else {"timeout": args.timeout}))
+
+
+def _seconds(value: str) -> float:
+    """``--timeout``: seconds, a finite number > 0 and at most the client's MAX_TIMEOUT."""
+    from mcdrop_client.client import MAX_TIMEOUT
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, a number > 0 and at most {MAX_TIMEOUT:.0f} (a year), got {value!r}"
+        )
+    return seconds
+
+
 _URL_HELP = (
     f"service URL (default: ${URL_ENV}, else {DEFAULT_URL}); an API key is read from "
     "$MCDROP_API_KEY"
 )
+# The client's DEFAULT_TIMEOUT and MAX_TIMEOUT (importing them here would load the HTTP client
+# for every command: a test holds them equal).
+_TIMEOUT_HELP = (
+    "seconds a request to the service may take in all: connecting, sending, and reading the "
+    "complete answer (default: 75, longer than the service's own 60 s deadline; at most "
+    "31536000, a year)"
+)
 
 
 def _models(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(_url(args)) as client:
+    with _client(args) as client:
         for info in client.models():
             # A service's names and descriptions are its own: one line each, as a terminal
             # shows it (no line breaks or escape sequences of the service's).
@@ -642,6 +673,7 @@ def parser() -> argparse.ArgumentParser:
     where = predict.add_mutually_exclusive_group()
     where.add_argument("--url", default=None, help=_URL_HELP)
     where.add_argument("--model-dir", type=Path, help="predict locally from this models folder")
+    predict.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     predict.add_argument("--uncertainty", action="store_true", help="MC-dropout uncertainty")
     predict.add_argument(
         "--n-samples",
@@ -678,6 +710,7 @@ def parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the models of a running service")
     models.add_argument("--url", default=None, help=_URL_HELP)
+    models.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     models.set_defaults(func=_models)
     return root
 

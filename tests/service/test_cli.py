@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -940,3 +942,71 @@ def test_models_prints_a_services_words_as_a_terminal_shows_them(
     assert out.endswith(" characters)\n")
     assert len(out) < 3000
     assert all(c.isprintable() for c in out.rstrip("\n"))
+
+
+@pytest.fixture
+def silent_service() -> Iterator[str]:
+    """The URL of a service that takes connections and never answers."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "argv", [["models"], ["predict", "digits", "--inputs", "[[0]]"]], ids=["models", "predict"]
+)
+def test_timeout_bounds_a_request_to_a_service(
+    silent_service: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """A silent service kept the command waiting the client's default, 75 s: --timeout bounds
+    it, exit 1 (a failure that is not the request's), saying after how long."""
+    start = time.monotonic()
+    code, out, err = _run(capsys, *argv, "--url", silent_service, "--timeout", "0.3")
+    assert time.monotonic() - start < 0.3 + 2.0  # slack for a loaded machine
+    assert (code, out) == (1, "")
+    assert err.startswith("mcdrop: error: connected, but no answer to ")
+    assert f"{silent_service}/" in err
+    assert "within 0.3 s" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf", "1e10", "x", ""])
+@pytest.mark.parametrize("command", ["models", "predict"])
+def test_timeouts_out_of_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], command: str, value: str
+) -> None:
+    """As the client refuses them: positive, finite, at most a year (past it the sockets'
+    clock overflows); argparse's exit 2, before any request."""
+    argv = [command, *(["m", "--inputs", "[]"] if command == "predict" else [])]
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--url", "http://127.0.0.1:9", f"--timeout={value}"])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"mcdrop {command}: error: argument --timeout: expected seconds, a number > 0 and at "
+        f"most 31536000 (a year), got {value!r}"
+    )
+
+
+def test_timeout_is_for_a_service_not_a_local_model(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    code, out, err = _run(capsys, *argv, "--timeout", "5")
+    assert (code, out) == (2, "")
+    assert err == (
+        "mcdrop predict: error: --timeout bounds a request to a service (--url), not --model-dir\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["models", "predict"])
+def test_the_timeout_help_gives_the_clients_numbers(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    from mcdrop_client.client import DEFAULT_TIMEOUT, MAX_TIMEOUT
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {DEFAULT_TIMEOUT:g}, longer than the service's own " in said
+    assert (
+        f"{Settings().request_timeout_s:g} s deadline; at most {MAX_TIMEOUT:.0f}, a year)" in said
+    )
+    given = ["m", "--inputs", "[]"] if command == "predict" else []
+    assert parser().parse_args([command, *given, "--timeout", "2.5"]).timeout == 2.5
