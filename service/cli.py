@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Literal, get_args, get_origin
+from typing import IO, TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from service.config import ModelSettings, Settings, TrustSettings, env_only
+
+if TYPE_CHECKING:
+    from service.client import Client
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -47,12 +51,19 @@ DEFAULT_URL = "http://localhost:8000"
 EXIT_STATUS = """\
 exit status:
   0    done (mcdrop check: no error found)
-  1    a failure that is not the request's: the service answered 5xx or not at all, a model
-       directory did not load, the machine ran out of memory; mcdrop check: an error found
+  1    a failure that is not the request's: the service answered 5xx or not at all, or 408
+       or 429 (busy or slow: send it again later), a model directory did not load, the
+       machine ran out of memory; mcdrop check: an error found
   2    the request was refused, to fix before sending it again: the command line, or inputs
-       or options refused as the service refuses them with a 4xx (invalid_input,
-       invalid_argument, limit_exceeded, model_rejected_input, ...), locally or over HTTP
+       or options refused as the service refuses them with a 4xx other than 408 and 429
+       (invalid_input, invalid_argument, limit_exceeded, model_rejected_input, ...), locally
+       or over HTTP
   130  interrupted"""
+
+#: 4xx statuses that say nothing is wrong with the request, only with its moment: 408 (the
+#: body came too slowly, e.g. a congested network) and 429 (too many requests, e.g. a proxy's
+#: rate limit). The same request may succeed later, so they exit 1 with the 5xx, not 2.
+TRANSIENT_STATUSES = frozenset({408, 429})
 
 
 class UsageError(Exception):
@@ -294,13 +305,13 @@ def _too_large(name: str, size: str) -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.model_dir is not None and args.timeout is not None:
+        raise UsageError("--timeout bounds a request to a service (--url), not --model-dir")
     inputs = _read_inputs(args.inputs)
     if args.model_dir is not None:
         result = _predict_local(args, inputs)
     else:
-        from service.client import Client
-
-        with Client(_url(args)) as client:
+        with _client(args) as client:
             if args.uncertainty:
                 result = client.uncertainty(
                     args.model,
@@ -450,18 +461,48 @@ def _url(args: argparse.Namespace) -> str:
     return args.url or os.environ.get(URL_ENV) or DEFAULT_URL
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The service's client for ``--url`` and ``--timeout`` (else the client's default)."""
+    from service.client import Client
+
+    return Client(_url(args), **({} if args.timeout is None else {"timeout": args.timeout}))
+
+
+def _seconds(value: str) -> float:
+    """``--timeout``: seconds, a finite number > 0 and at most the client's MAX_TIMEOUT."""
+    from mcdrop_client.client import MAX_TIMEOUT
+
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, a number > 0 and at most {MAX_TIMEOUT:.0f} (a year), got {value!r}"
+        )
+    return seconds
+
+
 _URL_HELP = (
     f"service URL (default: ${URL_ENV}, else {DEFAULT_URL}); an API key is read from "
     "$MCDROP_API_KEY"
 )
+# The client's DEFAULT_TIMEOUT and MAX_TIMEOUT (importing them here would load the HTTP client
+# for every command: a test holds them equal).
+_TIMEOUT_HELP = (
+    "seconds a request to the service may take in all: connecting, sending, and reading the "
+    "complete answer (default: 75, longer than the service's own 60 s deadline; at most "
+    "31536000, a year)"
+)
 
 
 def _models(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(_url(args)) as client:
+    with _client(args) as client:
         for info in client.models():
-            print(f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}")
+            # A service's names and descriptions are its own: one line each, as a terminal
+            # shows it (no line breaks or escape sequences of the service's).
+            line = f"{info.name:12} {info.task:15} input {info.input_shape}  {info.description}"
+            print(_one_line(line))
     return 0
 
 
@@ -632,6 +673,7 @@ def parser() -> argparse.ArgumentParser:
     where = predict.add_mutually_exclusive_group()
     where.add_argument("--url", default=None, help=_URL_HELP)
     where.add_argument("--model-dir", type=Path, help="predict locally from this models folder")
+    predict.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     predict.add_argument("--uncertainty", action="store_true", help="MC-dropout uncertainty")
     predict.add_argument(
         "--n-samples",
@@ -668,6 +710,7 @@ def parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the models of a running service")
     models.add_argument("--url", default=None, help=_URL_HELP)
+    models.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     models.set_defaults(func=_models)
     return root
 
@@ -683,7 +726,8 @@ def _refused(exc: Exception) -> str | None:
     if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
         return str(exc)
     if isinstance(exc, APIError):
-        return str(exc) if 400 <= exc.status_code < 500 else None
+        refused = 400 <= exc.status_code < 500 and exc.status_code not in TRANSIENT_STATUSES
+        return str(exc) if refused else None
     if "mcdrop" not in sys.modules:  # the library never ran (--url): none of its errors
         return None
     from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
@@ -742,7 +786,7 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; errors are one line on standard error, never a traceback, with the exit
     status of :data:`EXIT_STATUS`: 2 for a request refused as the caller's to fix, 1 for any
-    other failure."""
+    other failure (a transient refusal, 408 or 429, among them)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them

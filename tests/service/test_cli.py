@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -859,7 +861,11 @@ def refusing_server() -> Iterator[str]:
         (401, "unauthorized", 2),
         (500, "internal_error", 1),
         (503, "model_not_ready", 1),
+        (503, "overloaded", 1),
         (504, "deadline_exceeded", 1),
+        # Transient: the same request may pass later (it exited 2, "yours to fix").
+        (408, "request_timeout", 1),
+        (429, "too_many_requests", 1),
     ],
 )
 def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
@@ -871,7 +877,7 @@ def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
 ) -> None:
     """A 4xx, the request refused as the caller's to fix, exits 2, as a local model's refusal
     of the same inputs does; a 5xx exits 1 (a 422 model_rejected_input exited 1, its local twin
-    2)."""
+    2), and so do 408 and 429, which refuse the moment, not the request."""
     model = f"{status}-{code}"
     argv = ["predict", model, "--url", refusing_server, "--inputs", "[[0]]"]
     got, out, err = _run(capsys, *argv)
@@ -896,3 +902,111 @@ def test_a_services_message_is_one_line_as_a_terminal_shows_it(
     assert err.count("\n") == 1
     assert len(err) < 3000
     assert err.endswith(" characters)\n")
+
+
+class _Lists(BaseHTTPRequestHandler):
+    """Answers GET /models with one model whose name and description are ``SAID["control"]``
+    and ``SAID["long"]``: a hostile service's."""
+
+    def do_GET(self) -> None:
+        info = {
+            "name": "evil\x1b]0;owned\x07", "version": "1", "task": "regression",
+            "description": SAID["control"] + SAID["long"], "input_shape": [1], "labels": ["y"],
+            "likelihood": "homoscedastic", "tau": 1.0, "dropout": 0.1, "default_n_samples": 8,
+            "max_n_samples": 8, "max_request_rows": 8, "metrics": {},
+        }  # fmt: skip
+        body = json.dumps({"models": [info]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:  # the test reads stderr
+        pass
+
+
+def test_models_prints_a_services_words_as_a_terminal_shows_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Names and descriptions are the service's: their control characters are written escaped
+    (they went to the terminal as sent: a title change, red text, new lines), one line each."""
+    with _serving(_Lists) as url:
+        code, out, err = _run(capsys, "models", "--url", url)
+    assert (code, err) == (0, "")
+    assert out.count("\n") == 1
+    assert out.startswith(
+        "evil\\x1b]0;owned\\x07 regression      input [1]  "
+        "one\\ntwo \\x1b[31mred\\x1b[0m\\r\\x07threeAAA"
+    )
+    assert out.endswith(" characters)\n")
+    assert len(out) < 3000
+    assert all(c.isprintable() for c in out.rstrip("\n"))
+
+
+@pytest.fixture
+def silent_service() -> Iterator[str]:
+    """The URL of a service that takes connections and never answers."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "argv", [["models"], ["predict", "digits", "--inputs", "[[0]]"]], ids=["models", "predict"]
+)
+def test_timeout_bounds_a_request_to_a_service(
+    silent_service: str, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """A silent service kept the command waiting the client's default, 75 s: --timeout bounds
+    it, exit 1 (a failure that is not the request's), saying after how long."""
+    start = time.monotonic()
+    code, out, err = _run(capsys, *argv, "--url", silent_service, "--timeout", "0.3")
+    assert time.monotonic() - start < 0.3 + 2.0  # slack for a loaded machine
+    assert (code, out) == (1, "")
+    assert err.startswith("mcdrop: error: connected, but no answer to ")
+    assert f"{silent_service}/" in err
+    assert "within 0.3 s" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf", "1e10", "x", ""])
+@pytest.mark.parametrize("command", ["models", "predict"])
+def test_timeouts_out_of_range_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], command: str, value: str
+) -> None:
+    """As the client refuses them: positive, finite, at most a year (past it the sockets'
+    clock overflows); argparse's exit 2, before any request."""
+    argv = [command, *(["m", "--inputs", "[]"] if command == "predict" else [])]
+    with pytest.raises(SystemExit) as usage:
+        main([*argv, "--url", "http://127.0.0.1:9", f"--timeout={value}"])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"mcdrop {command}: error: argument --timeout: expected seconds, a number > 0 and at "
+        f"most 31536000 (a year), got {value!r}"
+    )
+
+
+def test_timeout_is_for_a_service_not_a_local_model(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", json.dumps([PATIENT])]
+    code, out, err = _run(capsys, *argv, "--timeout", "5")
+    assert (code, out) == (2, "")
+    assert err == (
+        "mcdrop predict: error: --timeout bounds a request to a service (--url), not --model-dir\n"
+    )
+
+
+@pytest.mark.parametrize("command", ["models", "predict"])
+def test_the_timeout_help_gives_the_clients_numbers(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    from mcdrop_client.client import DEFAULT_TIMEOUT, MAX_TIMEOUT
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {DEFAULT_TIMEOUT:g}, longer than the service's own " in said
+    assert (
+        f"{Settings().request_timeout_s:g} s deadline; at most {MAX_TIMEOUT:.0f}, a year)" in said
+    )
+    given = ["m", "--inputs", "[]"] if command == "predict" else []
+    assert parser().parse_args([command, *given, "--timeout", "2.5"]).timeout == 2.5

@@ -265,6 +265,53 @@ def test_arrays_are_rows(client: Client) -> None:
     assert len(client.predict("digits", list(rows)).predictions) == 2
 
 
+@pytest.mark.parametrize(
+    ("integer", "real"),
+    [(np.int64, np.float32), (np.int32, np.float16), (np.uint16, np.float64), (np.array, np.array)],
+    ids=["int64-float32", "int32-float16", "uint16-float64", "0d-arrays"],
+)
+def test_numpy_numbers_are_numbers(client: Client, integer: type, real: type) -> None:
+    """NumPy's scalars (and 0-d arrays) as parameters and as the values of rows: sent as the
+    numbers they hold (they were refused, "Object of type int64 is not JSON serializable")."""
+    options = {"n_samples": 20, "seed": 7, "level": 0.5, "reject_rate": 0.25, "coverage": 0.75}
+    given = {k: (integer if isinstance(v, int) else real)(v) for k, v in options.items()}
+    rows = [[real(value) for value in PATIENT]]
+    plain = [[float(value) for value in row] for row in rows]  # the values rows hold
+    expected = client.uncertainty("diabetes", plain, **options)
+    assert client.uncertainty("diabetes", rows, **given) == expected
+    auto = {"n_samples": "auto", "tolerance": 0.125, "max_n_samples": 30, "seed": 1}
+    as_numbers = {**auto, "tolerance": real(0.125), "max_n_samples": integer(30)}
+    assert client.uncertainty("diabetes", plain, **as_numbers) == client.uncertainty(
+        "diabetes", plain, **auto
+    )
+    assert client.predict("diabetes", rows) == client.predict("diabetes", plain)
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"seed": np.True_}, "Object of type bool is not JSON serializable"),
+        ({"seed": np.array([7, 8])}, "Object of type ndarray is not JSON serializable"),
+        ({"level": np.float32("nan")}, "level holds NaN or infinity"),
+        ({"coverage": np.float64("inf")}, "coverage holds NaN or infinity"),
+        ({"seed": 1j}, "Object of type complex is not JSON serializable"),
+    ],
+)
+def test_numbers_json_cannot_carry_are_still_refused(
+    client: Client, options: dict[str, object], says: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=says):
+        client.uncertainty("diabetes", [PATIENT], **options)  # type: ignore[arg-type]
+    rows = [[*PATIENT[:-1], next(iter(options.values()))]]
+    with pytest.raises(InvalidRequestError):
+        client.predict("diabetes", rows)
+
+
+def test_booleans_stay_refused_by_the_service(client: Client) -> None:
+    with pytest.raises(BadRequestError, match="seed: Input should be a valid integer"):
+        client.uncertainty("diabetes", [PATIENT], seed=True)
+
+
 def _serving(status: int, body: bytes, content_type: str = "application/json") -> Client:
     """A client of a server that answers every request with ``status`` and ``body`` (httpx2's
     own transport for canned answers: the real service never answers like this)."""

@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import math
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from mcdrop_client import (
     InvalidURLError,
     RequestTimeoutError,
     ResponseTooLargeError,
+    TransportError,
 )
 from mcdrop_client import client as client_module
 from service.config import Settings
@@ -93,6 +95,21 @@ def _late_health(conn: socket.socket) -> None:
     _canned("200 OK", HEALTH, "Content-Type: application/json")(conn)
 
 
+def _drop(conn: socket.socket) -> None:
+    """Reads the request, then closes the connection without a byte of answer."""
+
+
+def _cut(conn: socket.socket) -> None:
+    """5 bytes of an answer of 100, then closes the connection."""
+    conn.sendall(_head("200 OK", "Content-Type: application/json", "Content-Length: 100"))
+    conn.sendall(HEALTH[:5])
+
+
+def _reset(conn: socket.socket) -> None:
+    """Resets the connection (RST, not a close) once the request is read."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 DEEP = b"[" * 200_000 + b"]" * 200_000
 HANDLERS: dict[str, Callable[[socket.socket], None]] = {
     "trickle": _trickle_body,
@@ -109,6 +126,9 @@ HANDLERS: dict[str, Callable[[socket.socket], None]] = {
     "html": _canned("502 Bad Gateway", b"<html>bad gateway</html>", "Content-Type: text/html"),
     "empty": _canned("500 Internal Server Error", b""),
     "late": _late_health,
+    "drop": _drop,
+    "cut": _cut,
+    "reset": _reset,
 }
 
 
@@ -178,6 +198,137 @@ def test_timeout_bounds_the_whole_request(hostile: str, mode: str, use_async: bo
     assert info.value.timeout == 0.5
     assert "within 0.5 s" in str(info.value)
     assert "whole request" in str(info.value)
+
+
+@both
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [
+        ("drop", "Server disconnected without sending a response"),
+        ("cut", "received 5 bytes, expected 100"),
+        ("reset", "Connection reset by peer"),
+    ],
+)
+def test_a_connection_that_breaks_says_the_service_was_reached(
+    hostile: str, mode: str, says: str, use_async: bool
+) -> None:
+    """The service was connected to, and the connection broke before the answer was complete:
+    said so, naming the URL (it was "cannot reach the mcdrop service", as for a service that is
+    not running; the async reset's reason was empty)."""
+    with pytest.raises(TransportError) as info:
+        _health(f"{hostile}/{mode}", use_async)
+    assert type(info.value) is TransportError
+    message = str(info.value)
+    assert message.startswith(
+        f"connected to the mcdrop service at {hostile}, but GET {hostile}/{mode}/health got no "
+        "complete answer: the connection broke ("
+    )
+    assert says in message
+    assert "cannot reach" not in message
+
+
+@both
+def test_no_connection_says_the_service_was_not_reached(use_async: bool) -> None:
+    with pytest.raises(TransportError) as info:
+        _health("http://127.0.0.1:9", use_async)
+    assert type(info.value) is TransportError
+    message = str(info.value)
+    assert message.startswith(
+        "cannot reach the mcdrop service at http://127.0.0.1:9: no connection for GET "
+        "http://127.0.0.1:9/health ("
+    )
+    assert message.endswith("); is the service running, and the URL right?")
+    assert "()" not in message  # a reason, never an empty one
+
+
+@pytest.fixture
+def unconnectable() -> Iterator[str]:
+    """The URL of a listener whose queue is full (it holds one connection, never accepted): the
+    kernel drops further connection requests, so no connection is ever made to it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=CAP_S):
+            yield f"http://127.0.0.1:{address[1]}"
+
+
+@both
+def test_a_timeout_says_whether_a_connection_was_made(
+    hostile: str, unconnectable: str, use_async: bool
+) -> None:
+    with pytest.raises(RequestTimeoutError) as info:
+        _health(unconnectable, use_async, timeout=0.3)
+    assert str(info.value).startswith(f"no connection for GET {unconnectable}/health within 0.3 s")
+    assert str(info.value).endswith("is the service running, and the URL right?")
+    url = f"{hostile}/tricklehead"
+    with pytest.raises(RequestTimeoutError) as info:
+        _health(url, use_async, timeout=0.3)
+    assert str(info.value).startswith(f"connected, but no answer to GET {url}/health within 0.3 s")
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """socket.getaddrinfo as a resolver would answer (there is no DNS here): ``slow.mcdrop.test``
+    hangs until the event is set (at most CAP_S), then is unknown; ``two.mcdrop.test`` is
+    127.0.0.2 (where nothing listens), then 127.0.0.1; other hosts as before."""
+    getaddrinfo = socket.getaddrinfo
+    release = threading.Event()
+
+    def answer(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        host = host.decode() if isinstance(host, bytes) else host  # anyio's: IDNA bytes
+        if host == "slow.mcdrop.test":
+            release.wait(CAP_S)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == "two.mcdrop.test":
+            return [
+                *getaddrinfo("127.0.0.2", port, *args, **kwargs),
+                *getaddrinfo("127.0.0.1", port, *args, **kwargs),
+            ]
+        return getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", answer)
+    yield release
+    release.set()
+
+
+@both
+def test_a_host_name_lookup_is_bounded_by_the_timeout(
+    resolver: threading.Event, use_async: bool
+) -> None:
+    """getaddrinfo takes no timeout: the synchronous client waited for a hanging lookup as long
+    as it hung, past its whole-request deadline."""
+    url = "http://slow.mcdrop.test:9"
+
+    async def call() -> None:
+        async with AsyncClient(url, timeout=0.5) as client:
+            try:
+                await client.health()
+            finally:  # asyncio.run waits for the lookup's thread at its end
+                resolver.set()
+
+    def sync_call() -> None:
+        with Client(url, timeout=0.5) as client:
+            client.health()
+
+    start = time.monotonic()
+    with pytest.raises(RequestTimeoutError) as info:
+        asyncio.run(call()) if use_async else sync_call()
+    assert time.monotonic() - start < 0.5 + 2.0  # the lookup hangs for CAP_S
+    assert str(info.value).startswith(f"no connection for GET {url}/health within 0.5 s")
+
+
+@both
+@pytest.mark.parametrize("timeout", [1.0, None])
+def test_a_host_name_is_looked_up_and_each_address_tried(
+    hostile: str, resolver: threading.Event, use_async: bool, timeout: float | None
+) -> None:
+    port = hostile.rsplit(":", 1)[1]
+    url = f"http://two.mcdrop.test:{port}/late"
+    assert _health(url, use_async, timeout=timeout).status == "ok"  # type: ignore[attr-defined]
+    resolver.set()  # then a name it does not know
+    with pytest.raises(TransportError, match="Name or service not known"):
+        _health("http://slow.mcdrop.test:9", use_async, timeout=timeout)
 
 
 @both

@@ -10,8 +10,11 @@ Importing it loads neither torch nor FastAPI. Every failure is one of these erro
     │                               model name that is not one path segment, inputs nested too
     │                               deeply, a timeout or max_response_bytes out of range
     │                               (ValueError)
-    ├── TransportError              no HTTP answer: connection refused, reset, DNS, ...
-    │   └── RequestTimeoutError     no answer within the timeout (says which and how long)
+    ├── TransportError              no complete HTTP answer, the message says which: no
+    │   │                           connection (refused, DNS, ...: "cannot reach"), or one
+    │   │                           that broke (reset, closed mid-answer: "connected, but")
+    │   └── RequestTimeoutError     no answer within the timeout (says which, connected or
+    │                               not, and how long)
     ├── DecodingError               an answer that is not the mcdrop protocol: not JSON, or JSON
     │                               of the wrong shape (status_code, snippet)
     ├── ResponseTooLargeError       an answer above max_response_bytes, refused unread or
@@ -32,11 +35,12 @@ Example::
         result = mc.uncertainty("digits", rows, n_samples=100, seed=7)
         print(result.results[0].mutual_information)
 
-``timeout`` bounds the whole request, as one deadline: connecting, sending the body and
-reading the complete answer (a server that trickles its answer cannot keep a caller waiting
-longer); ``timeout=None`` (or ``math.inf``) waits without limit, as in httpx. ``max_response_bytes``
-bounds the answer's size after decoding (gzip included): an answer above it is refused before it
-is read when its Content-Length says so, else as soon as it passes the limit.
+``timeout`` bounds the whole request, as one deadline: looking up the host name, connecting,
+sending the body and reading the complete answer (a server that trickles its answer cannot keep
+a caller waiting longer); ``timeout=None`` (or ``math.inf``) waits without limit, as in httpx.
+``max_response_bytes`` bounds the answer's size after decoding (gzip included): an answer above
+it is refused before it is read when its Content-Length says so, else as soon as it passes the
+limit.
 
 The API key (for a service started with ``MCDROP_API_KEY``) is ``api_key=``, or else read from
 the ``MCDROP_API_KEY`` environment variable. Tests can pass a ``starlette.testclient.TestClient``
@@ -45,15 +49,19 @@ the ``MCDROP_API_KEY`` environment variable. Tests can pass a ``starlette.testcl
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import operator
 import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, SupportsFloat, SupportsIndex, TypeVar
 from urllib.parse import quote, urlsplit
 
 import anyio
@@ -130,7 +138,9 @@ class InvalidRequestError(ClientError, ValueError):
 
 
 class TransportError(ClientError):
-    """The request did not get an HTTP answer (connection refused, reset, ...)."""
+    """The request did not get a complete HTTP answer: no connection was made (refused, a host
+    name that does not resolve, ...; the message starts "cannot reach"), or the connection broke
+    before the answer was complete (reset, closed; the message starts "connected to")."""
 
 
 class RequestTimeoutError(TransportError):
@@ -337,10 +347,25 @@ def _timeout(timeout: float | None) -> httpx2.Timeout:
     return httpx2.Timeout(timeout, connect=min(timeout, DEFAULT_CONNECT_TIMEOUT))
 
 
+def _number(value: Any) -> int | float:
+    """json.dumps's ``default``: a number json does not know (NumPy's ``np.int64`` or
+    ``np.float32``, a 0-d array or tensor) as the Python int or float it holds, found by its
+    ``item()``, ``__index__`` or ``__float__`` (no NumPy import); anything else, booleans among
+    them (JSON's true is no number to the service), TypeError, as json's own."""
+    if getattr(value, "ndim", 0) == 0:  # not an array of several numbers
+        item = value.item() if callable(getattr(value, "item", None)) else value
+        if not isinstance(item, bool | str | bytes):  # np.bool_.item() is a bool
+            if hasattr(type(item), "__index__"):
+                return operator.index(item)
+            if hasattr(type(item), "__float__"):
+                return float(item)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def _encode(body: dict[str, Any]) -> bytes:
     """The JSON body; NaN and infinity are refused here, since JSON cannot carry them."""
     try:
-        return json.dumps(body, allow_nan=False).encode()
+        return json.dumps(body, allow_nan=False, default=_number).encode()
     except ValueError as exc:
         fields = [name for name, value in body.items() if not _finite(value)]
         if not fields:
@@ -365,12 +390,17 @@ def _finite(value: Any) -> bool:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return False
         if isinstance(item, list | tuple):
             stack.extend(item)
         elif isinstance(item, dict):
             stack.extend(item.values())
+        elif not isinstance(item, float | int | str | None):
+            try:  # a number of another type (np.float32('nan')), as _encode sends it
+                item = _number(item)
+            except (TypeError, ValueError, OverflowError):
+                continue
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
     return True
 
 
@@ -426,6 +456,40 @@ class _DeadlineStream(httpcore2.NetworkStream):
         return self._stream.get_extra_info(info)
 
 
+def _is_address(host: str) -> bool:
+    """Whether ``host`` is an IP address, which needs no lookup."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    """The addresses of ``host``, looked up within ``timeout`` seconds (None: no limit), else
+    httpcore2's ConnectTimeout (the lookup goes on in its own thread until the system's resolver
+    gives up, and is then forgotten); a name that does not resolve is a ConnectError."""
+    found: list[str] = []
+    failed: list[OSError] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            found.extend(dict.fromkeys(str(info[4][0]) for info in infos))
+        except OSError as exc:  # socket.gaierror among them
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name=f"mcdrop-client lookup {host}", daemon=True).start()
+    if not done.wait(timeout):
+        raise httpcore2.ConnectTimeout(f"no address for {host!r} within {timeout:g} s")
+    if failed or not found:
+        raise httpcore2.ConnectError(str(failed[0]) if failed else f"no address for {host!r}")
+    return found
+
+
 class _DeadlineBackend(httpcore2.NetworkBackend):
     """httpcore2's network backend, with sockets that end by the request's deadline."""
 
@@ -440,9 +504,25 @@ class _DeadlineBackend(httpcore2.NetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> httpcore2.NetworkStream:
-        left = _left(timeout, httpcore2.ConnectTimeout)
-        stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
-        return _DeadlineStream(stream)
+        if _DEADLINE.get() is None or _is_address(host):
+            left = _left(timeout, httpcore2.ConnectTimeout)
+            stream = self._backend.connect_tcp(host, port, left, local_address, socket_options)
+            return _DeadlineStream(stream)
+        # socket.create_connection would look the name up with no limit (getaddrinfo takes
+        # none): looked up here within the deadline, then each address tried in turn, as it does.
+        failure: Exception | None = None
+        for address in _resolve(host, port, _left(timeout, httpcore2.ConnectTimeout)):
+            left = _left(timeout, httpcore2.ConnectTimeout)
+            try:
+                stream = self._backend.connect_tcp(
+                    address, port, left, local_address, socket_options
+                )
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as exc:
+                failure = exc
+                continue
+            return _DeadlineStream(stream)
+        assert failure is not None  # _resolve gives at least one address
+        raise failure
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None
@@ -530,11 +610,44 @@ class _Reader:
         )
 
 
-def _deadline_error(where: str, timeout: float | None) -> RequestTimeoutError:
+class _Sending:
+    """Whether the request began to be sent on a connection, from httpcore2's ``trace``
+    extension (an async client's deadline cancels the request wherever it waits, leaving no
+    exception that says how far it got)."""
+
+    def __init__(self) -> None:
+        self.began = False
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        # http11.send_request_headers.started (or http2's): connected, TLS done where any.
+        if event.endswith(".send_request_headers.started"):
+            self.began = True
+
+
+def _deadline_error(
+    where: str, timeout: float | None, connected: bool | None
+) -> RequestTimeoutError:
+    """The whole request ran past ``timeout``: ``connected`` or not to the service (a host name
+    that does not resolve in time, a host that does not accept, is no connection); None: not
+    known (a transport given as ``http=``)."""
+    if connected is None:
+        return RequestTimeoutError(
+            f"no answer to {where} within {timeout:g} s (timeout= bounds the whole request: "
+            "connecting, sending, and reading the complete answer); raise timeout= (seconds) if "
+            "the service is busy or the request is large",
+            timeout,
+        )
+    if not connected:
+        return RequestTimeoutError(
+            f"no connection for {where} within {timeout:g} s (timeout= bounds the whole "
+            "request: looking up the host, connecting, sending, and reading the complete "
+            "answer); is the service running, and the URL right?",
+            timeout,
+        )
     return RequestTimeoutError(
-        f"no answer to {where} within {timeout:g} s (timeout= bounds the whole request: "
-        "connecting, sending, and reading the complete answer); raise timeout= (seconds) if the "
-        "service is busy or the request is large",
+        f"connected, but no answer to {where} within {timeout:g} s (timeout= bounds the whole "
+        "request: connecting, sending, and reading the complete answer); raise timeout= "
+        "(seconds) if the service is busy or the request is large",
         timeout,
     )
 
@@ -543,15 +656,18 @@ def _deadline_error(where: str, timeout: float | None) -> RequestTimeoutError:
 # to say about it.
 _READ_TIMEOUT = (
     "read",
-    "no answer to {where} within {after}; raise timeout= (seconds) if the service is busy or "
-    "the request is large",
+    "connected, but no answer to {where} within {after}; raise timeout= (seconds) if the "
+    "service is busy or the request is large",
 )
 _TIMEOUTS: dict[type[Exception], tuple[str, str]] = {
     httpx2.ConnectTimeout: (
         "connect",
         "no connection for {where} within {after}; is the service running, and the URL right?",
     ),
-    httpx2.WriteTimeout: ("write", "could not send {where} within {after}; raise timeout="),
+    httpx2.WriteTimeout: (
+        "write",
+        "connected, but could not send {where} within {after}; raise timeout=",
+    ),
     httpx2.PoolTimeout: (
         "pool",
         "no free connection for {where} within {after}; raise timeout= or send fewer requests "
@@ -560,22 +676,65 @@ _TIMEOUTS: dict[type[Exception], tuple[str, str]] = {
 }
 
 
+# Failures before a connection to the service was made (so before any of the request was sent);
+# every other transport failure came after (a read or write on the connection, the server's
+# answer cut short), or is the client's own (an invalid header, ...).
+_UNCONNECTED = (
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+    httpx2.ProxyError,
+    httpx2.UnsupportedProtocol,
+)
+_CONNECTED = (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ReadTimeout)
+
+
+def _reason(exc: BaseException) -> str:
+    """What ``exc`` says, else what caused it says (an async reset is a ReadError without a
+    message, from a ConnectionResetError with one), else its type's name: never empty."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a cycle would be endless
+        if seen is None:
+            break
+        if str(seen).strip(" ."):
+            return str(seen).strip(" .")
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
 def _transport_error(
     exc: httpx2.RequestError, timeout: float | None = None, deadline: float | None = None
 ) -> ClientError:
-    """An httpx2 failure as a client error that says what happened, where, and after how long;
-    past the request's ``deadline`` (monotonic), a timeout names the whole ``timeout``."""
+    """An httpx2 failure as a client error that says what happened, where, and after how long,
+    and whether the service was reached (a connection made) or not; past the request's
+    ``deadline`` (monotonic), a timeout names the whole ``timeout``."""
     try:
         request: httpx2.Request | None = exc.request
     except RuntimeError:  # raised by httpx2 when the error carries no request
         request = None
     where = f"{request.method} {request.url}" if request is not None else "the mcdrop service"
+    service = (
+        f"the mcdrop service at {request.url.scheme}://{request.url.netloc.decode()}"
+        if request is not None
+        else "the mcdrop service"
+    )
     if not isinstance(exc, httpx2.TimeoutException):
         if isinstance(exc, httpx2.DecodingError):
             return DecodingError(f"cannot decode the answer to {where}: {exc}", None, "")
-        return TransportError(f"cannot reach the mcdrop service ({where}): {exc}")
+        if isinstance(exc, _UNCONNECTED):
+            return TransportError(
+                f"cannot reach {service}: no connection for {where} ({_reason(exc)}); is the "
+                "service running, and the URL right?"
+            )
+        if isinstance(exc, _CONNECTED):
+            return TransportError(
+                f"connected to {service}, but {where} got no complete answer: the connection "
+                f"broke ({_reason(exc)}); the service may have stopped or restarted, or a proxy "
+                "closed the connection"
+            )
+        return TransportError(f"cannot send {where}: {_reason(exc)}")
     if deadline is not None and time.monotonic() >= deadline:
-        return _deadline_error(where, timeout)
+        return _deadline_error(where, timeout, connected=not isinstance(exc, _UNCONNECTED))
     phase, message = _TIMEOUTS.get(type(exc), _READ_TIMEOUT)
     limits = request.extensions.get("timeout", {}) if request is not None else {}
     seconds = limits.get(phase)
@@ -674,12 +833,12 @@ def _build(
 
 def _uncertainty_body(
     inputs: Sequence[Any],
-    n_samples: int | Literal["auto"] | None,
-    seed: int | None,
-    level: float,
+    n_samples: SupportsIndex | Literal["auto"] | None,
+    seed: SupportsIndex | None,
+    level: SupportsFloat,
     return_samples: bool,
-    tolerance: float | None = None,
-    max_n_samples: int | None = None,
+    tolerance: SupportsFloat | None = None,
+    max_n_samples: SupportsIndex | None = None,
     decisions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"inputs": _rows(inputs), "level": level}
@@ -729,12 +888,13 @@ class Client:
             prefix); else :class:`InvalidURLError`.
         api_key: sent as ``Authorization: Bearer <key>``; default: the ``MCDROP_API_KEY``
             environment variable, if set.
-        timeout: seconds one request may take in all: connecting (at most 10 s of it), sending,
-            and reading the complete answer; past it, :class:`RequestTimeoutError`. ``None``
-            (or ``math.inf``): no limit, as in httpx. The default, 75 s, is above the server's
-            own 60 s compute deadline, so a slow request ends with the server's 504 (a
-            :class:`ServerError`) rather than a client-side timeout. Not a number > 0 and at
-            most :data:`MAX_TIMEOUT` (a year): :class:`InvalidRequestError`.
+        timeout: seconds one request may take in all: looking up the host name and
+            connecting (at most 10 s of it), sending, and reading the complete answer; past
+            it, :class:`RequestTimeoutError`. ``None`` (or ``math.inf``): no limit, as in
+            httpx. The default, 75 s, is above the server's own 60 s compute deadline, so a
+            slow request ends with the server's 504 (a :class:`ServerError`) rather than a
+            client-side timeout. Not a number > 0 and at most :data:`MAX_TIMEOUT` (a year):
+            :class:`InvalidRequestError`.
         max_response_bytes: the largest answer read, in bytes after decoding (default 64 MiB,
             4 times the server's own default response limit); a larger one is
             :class:`ResponseTooLargeError`, refused before reading when its Content-Length says
@@ -786,7 +946,8 @@ class Client:
                     reader.add(chunk)
                     # Also a client given as http=, whose sockets do not keep the deadline.
                     if deadline is not None and time.monotonic() > deadline:
-                        raise _deadline_error(f"{request.method} {request.url}", self._timeout)
+                        where = f"{request.method} {request.url}"
+                        raise _deadline_error(where, self._timeout, connected=True)
                 return reader.answer()
             finally:
                 response.close()
@@ -818,16 +979,16 @@ class Client:
         name: str,
         inputs: Sequence[Any],
         *,
-        n_samples: int | Literal["auto"] | None = None,
-        seed: int | None = None,
-        level: float = 0.95,
+        n_samples: SupportsIndex | Literal["auto"] | None = None,
+        seed: SupportsIndex | None = None,
+        level: SupportsFloat = 0.95,
         return_samples: bool = False,
-        tolerance: float | None = None,
-        max_n_samples: int | None = None,
-        reject_rate: float | None = None,
-        reject_threshold: float | None = None,
+        tolerance: SupportsFloat | None = None,
+        max_n_samples: SupportsIndex | None = None,
+        reject_rate: SupportsFloat | None = None,
+        reject_threshold: SupportsFloat | None = None,
         reject_score: str | None = None,
-        coverage: float | None = None,
+        coverage: SupportsFloat | None = None,
     ) -> UncertaintyResponse:
         """MC-dropout uncertainty of rows ``inputs``. ``n_samples="auto"``: each row samples
         until its MC standard error is within ``tolerance`` or it has ``max_n_samples`` (both
@@ -889,6 +1050,9 @@ class AsyncClient:
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> _Answer:
         request = _build(self._http, self._headers, method, path, body)
+        sending = _Sending()
+        if self._owns:  # a transport given as http= may trace nothing: then it is not known
+            request.extensions["trace"] = sending.trace
         try:
             # One deadline for the whole request: cancelled wherever it waits.
             with anyio.fail_after(self._timeout):
@@ -902,7 +1066,8 @@ class AsyncClient:
                 finally:
                     await response.aclose()
         except TimeoutError:
-            raise _deadline_error(f"{request.method} {request.url}", self._timeout) from None
+            where, connected = f"{request.method} {request.url}", sending.began
+            raise _deadline_error(where, self._timeout, connected if self._owns else None) from None
         except httpx2.RequestError as exc:
             raise _transport_error(exc) from exc
 
@@ -928,16 +1093,16 @@ class AsyncClient:
         name: str,
         inputs: Sequence[Any],
         *,
-        n_samples: int | Literal["auto"] | None = None,
-        seed: int | None = None,
-        level: float = 0.95,
+        n_samples: SupportsIndex | Literal["auto"] | None = None,
+        seed: SupportsIndex | None = None,
+        level: SupportsFloat = 0.95,
         return_samples: bool = False,
-        tolerance: float | None = None,
-        max_n_samples: int | None = None,
-        reject_rate: float | None = None,
-        reject_threshold: float | None = None,
+        tolerance: SupportsFloat | None = None,
+        max_n_samples: SupportsIndex | None = None,
+        reject_rate: SupportsFloat | None = None,
+        reject_threshold: SupportsFloat | None = None,
         reject_score: str | None = None,
-        coverage: float | None = None,
+        coverage: SupportsFloat | None = None,
     ) -> UncertaintyResponse:
         path = f"/models/{_segment(name)}/uncertainty"
         body = _uncertainty_body(
