@@ -4,8 +4,9 @@
 dropout it declares and how often each made a stochastic call, the dropout calls of the sampling
 plan, whether the samples vary (per output), whether the layers before the first dropout run
 once per row, what one sample of one row costs, and the problems found: no dropout, dropout
-sampling cannot reach (:mod:`mcdrop.coverage`), layers that mix the rows of a batch, outputs
-that never vary. An *error* makes MC dropout meaningless on the model; a *warning* makes its
+sampling cannot reach (:mod:`mcdrop.coverage`), layers that mix the rows of a batch, a batch
+size that a server's warm-up runs and the model fails on, outputs that never vary. An *error*
+makes MC dropout meaningless on the model (or a server refuse it); a *warning* makes its
 variance too small or its answers suspect.
 
 Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
@@ -339,7 +340,6 @@ def check(
     try:
         with CallCounter(module) as counter:
             chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
-        ms_per_row_sample = _time_one_sample(module, x, plan) if timed else None
     except Exception as exc:  # the model's own code, on a pass of samples × rows
         report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
         # The calls the planning passes counted (per run of each module).
@@ -349,7 +349,13 @@ def check(
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
     _judge_variance(_gather(chunks, x.shape[0]), report, n_samples)
-    report.ms_per_row_sample = ms_per_row_sample
+    if problem := warm_up_batch_problem(module, x, plan):
+        report.error("batch_size", problem)
+    elif timed:
+        try:
+            report.ms_per_row_sample = _time_one_sample(module, x, plan)
+        except Exception as exc:  # the model's own code, on passes larger than the warm-up's
+            report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
     return report.done()
 
 
@@ -468,6 +474,36 @@ def batch_problem(module: nn.Module, x: Tensor, largest: int | None = None) -> s
 
 def _batch(rows: int) -> str:
     return "a row alone" if rows == 1 else f"a batch of {rows} rows"
+
+
+#: The largest passes a server's warm-up runs a model on, timing it
+#: (``service.batching.CostModel``): a prediction of 32 rows, and 16 samples of them.
+WARM_UP_ROWS, WARM_UP_SAMPLES = 32, 16
+
+
+def warm_up_batch_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> str | None:
+    """Why a server's warm-up would refuse ``module`` for a batch's size, or None: where it
+    fails on a batch of the rows ``x (N, *input_shape)`` of up to :data:`WARM_UP_ROWS` rows
+    (:func:`batch_problem`'s sizes that :func:`mcdrop.save` runs), or on the warm-up's largest
+    pass, :data:`WARM_UP_SAMPLES` samples of :data:`WARM_UP_ROWS` rows (by ``plan``: 512 rows
+    from the first dropout on, from the input where the prefix is not shared), said as
+    :func:`batch_problem` says it, as the warm-up does.
+
+    Its cost: the warm-up's passes, once, in the activation budget that cuts a server's
+    passes; batches of up to 512 rows without dropout only where the pass failed (as the
+    warm-up's diagnosis runs them)."""
+    if problem := batch_problem(module, x, largest=WARM_UP_ROWS):
+        return problem
+    rows = x[torch.arange(WARM_UP_ROWS, device=x.device) % x.shape[0]]
+    try:
+        sampling.sample(module, rows, WARM_UP_SAMPLES, seed=0, plan=plan)
+    except Exception as exc:  # the model's own code, on more rows than its own
+        return batch_problem(module, x) or (
+            f"the model fails on a pass of {WARM_UP_SAMPLES} samples of {WARM_UP_ROWS} rows, "
+            f"as a server's warm-up runs ({type(exc).__name__}: {exc}): a server runs a "
+            "row's samples as rows of one pass, so the model must take batches of any size"
+        )
+    return None
 
 
 def compute_eps(module: nn.Module, device: torch.device) -> float:

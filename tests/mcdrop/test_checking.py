@@ -196,8 +196,8 @@ def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
     """The check's rows pass, but a row alone raises (a model written for a fixed batch): the
     report says so (forward_failed), as for rows the model refuses, rather than the check
     raising the model's error (which mcdrop check took for the user's inputs: exit 2, no
-    report). A model that takes batches up to the check's size samples as any other: a pass's
-    replicated rows are the dropout's, not the forward's."""
+    report). A model that takes the check's batches and the warm-up's (32 rows) samples as any
+    other: a pass's replicated rows are the dropout's, not the forward's."""
     torch.manual_seed(0)
     report = mcdrop.check(BatchOf((4,)).eval(), torch.randn(4, 3), timed=False)
     assert _codes(report) == [("error", "forward_failed")]
@@ -206,7 +206,7 @@ def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
         "only, got 1): a row's output must not depend on its batch"
     )
     assert not report.ok
-    report = mcdrop.check(BatchOf((1, 2, 3, 4)).eval(), torch.randn(4, 3), timed=False)
+    report = mcdrop.check(BatchOf((1, 2, 3, 4, 32)).eval(), torch.randn(4, 3), timed=False)
     assert report.ok, str(report)
 
 
@@ -231,7 +231,76 @@ def test_a_model_that_refuses_a_pass_of_samples_fails_in_the_report(
         f"the model fails on a sampling pass of its {failed}: a pass runs several samples of "
         "each row in one batch"
     )
-    assert mcdrop.check(MaxBatch(most=64).eval(), torch.randn(4, 3), timed=False).ok
+    # (the warm-up's largest pass: 16 samples of 32 rows, replicated at the input)
+    assert mcdrop.check(MaxBatch(most=512).eval(), torch.randn(4, 3), timed=False).ok
+
+
+@pytest.mark.parametrize(
+    ("most", "rows", "problem"),
+    [
+        # the warm-up's 16 samples of 32 rows, replicated at the input (a residual)
+        (64, 4, "takes a batch of 4 rows but fails on a batch of 512 rows"),
+        (16, 1, "takes a row alone but fails on a batch of 32 rows"),  # its 32 rows
+    ],
+)
+def test_a_batch_size_the_warm_up_runs_and_the_model_fails_on_is_an_error(
+    most: int, rows: int, problem: str
+) -> None:
+    """A forward that takes the check's rows and the passes of their samples, but not a batch
+    a server's warm-up runs: the check said ok, and the server refused to load the model. Now
+    the check says so, in the words of the warm-up (batch_problem's)."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 3)
+    model = MaxBatch(most=most).eval()
+    assert not mcdrop.check(model, x, timed=False).ok  # (it was ok)
+    report = mcdrop.check(model, x, timed=True)
+    assert _codes(report) == [("error", "batch_size")]
+    message = report.problems[0].message
+    assert message.startswith(f"the model {problem} (ValueError: at most {most} rows a batch")
+    assert message == batch_problem(model, x)
+    assert f"error (batch_size): {message}" in str(report)
+    assert report.ms_per_row_sample is None  # (a timing's passes would fail as well)
+
+
+class _SampledOnlyUpTo64(MaxBatch):
+    """Takes a batch of any size, but no sampling pass of more than 64 rows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if mcdrop.is_sampling() and x.shape[0] > 64:
+            raise ValueError(f"at most 64 rows a sampling pass, got {x.shape[0]}")
+        return super().forward(x)
+
+
+def test_a_sampling_pass_the_warm_up_runs_and_the_model_fails_on_is_an_error() -> None:
+    torch.manual_seed(0)
+    report = mcdrop.check(_SampledOnlyUpTo64(most=10**6).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "batch_size")]
+    assert report.problems[0].message.startswith(
+        "the model fails on a pass of 16 samples of 32 rows, as a server's warm-up runs "
+        "(ValueError: at most 64 rows a sampling pass, got 512): "
+    )
+
+
+class _Sizes(MaxBatch):
+    """Takes a batch of any size, noting each size its forward is given."""
+
+    def __init__(self) -> None:
+        super().__init__(most=10**6)
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
+def test_the_check_runs_no_batch_larger_than_the_warm_up_runs() -> None:
+    """Its cost: the warm-up's largest pass once (16 samples of 32 rows, the whole forward
+    replicated here), no larger batch, and no batch of 512 rows without dropout."""
+    model = _Sizes().eval()
+    torch.manual_seed(0)
+    assert mcdrop.check(model, torch.randn(4, 3), timed=False).ok
+    assert max(model.sizes) == 512
+    assert model.sizes.count(512) == 1
 
 
 @pytest.mark.parametrize(

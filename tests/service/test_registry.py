@@ -385,6 +385,14 @@ BATCHES: dict[str, tuple[Callable[[], Any], dict[str, Any], Any, str]] = {
         "the warm-up pass on zeros failed: the model takes a row alone but fails on a batch of "
         "32 rows (ValueError: at most 8 rows a batch, got 32)",
     ),
+    # Takes its timings' 32 rows, fails on their 16 samples (mcdrop check says so too).
+    "up to 64": (
+        lambda: MaxBatch(most=64),
+        {"factory": "tests.factories:MaxBatch", "params": {"most": 64}},
+        None,
+        "the warm-up pass on zeros failed: the model takes a row alone but fails on a batch of "
+        "512 rows (ValueError: at most 64 rows a batch, got 512)",
+    ),
     # Takes its four example rows together, not its warm-up row alone.
     "4 only": (
         lambda: BatchOf((4,)),
