@@ -4,10 +4,10 @@
 dropout it declares and how often each made a stochastic call, the dropout calls of the sampling
 plan, whether the samples vary (per output), whether the layers before the first dropout run
 once per row, what one sample of one row costs, and the problems found: no dropout, dropout
-sampling cannot reach (:mod:`mcdrop.coverage`), layers that mix the rows of a batch, a batch
-size that a server's warm-up runs and the model fails on, outputs that never vary. An *error*
-makes MC dropout meaningless on the model (or a server refuse it); a *warning* makes its
-variance too small or its answers suspect.
+sampling cannot reach (:mod:`mcdrop.coverage`), dropout at rate 1, layers that mix the rows of
+a batch, a batch size that a server's warm-up runs and the model fails on, outputs that never
+vary. An *error* makes MC dropout meaningless on the model (or a server refuse it); a *warning*
+makes its variance too small or its answers suspect.
 
 Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
 """
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mcdrop import sampling
 from mcdrop.checkpoint import LoadedModel, ModelSpec, outputs_problem
-from mcdrop.coverage import CallCounter, RateUse
+from mcdrop.coverage import CallCounter, RateUse, declared_rates
 from mcdrop.exceptions import (
     InvalidArgumentError,
     McDropError,
@@ -336,6 +336,8 @@ def check(
         return report.done()
     report.calls = plan.calls
     report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
+    if problem := rate_one_problem(module, plan):
+        report.error("rate_one", problem)
     unsampled = {use.declared for use in plan.unsampled}
     try:
         with CallCounter(module) as counter:
@@ -426,6 +428,35 @@ def mixing_problem(
         "row's output depends on the other rows of its batch (e.g. a normalisation over the "
         "batch, or BatchNorm in training mode), and a request's rows are merged with other "
         "requests' and its samples with each other"
+    )
+
+
+def rate_one_problem(module: nn.Module, plan: SamplingPlan) -> str | None:
+    """Why ``module`` cannot be served, where a dropout call of ``plan`` (its sampling plan) has
+    rate 1, naming the calls and the modules that declare that rate; else None.
+
+    Why refused: a call at rate 1 drops all of its input in every sample, so along its path the
+    samples do not depend on the input (nor vary: where every path has it, all are equal),
+    while a prediction, dropout off, keeps all of it: the samples are not of the model that
+    predicts. No model is trained to be served so (trained at rate 1, that path learned
+    nothing), and torch takes the rate without a word."""
+    if not plan.rate_one:
+        return None
+    calls = [str(plan.calls[i]) for i in plan.rate_one]
+    where = f"call{'s' * (len(calls) > 1)} {', '.join(calls)}"
+    declared = [
+        f"{d.name} ({d.type}, {d.attribute}=1)" for d in declared_rates(module) if d.rate >= 1
+    ]
+    if declared:
+        where += f", declared by {', '.join(declared)}"
+    one = len(calls) == 1
+    dropped = "that call's input" if one else "those calls' inputs"
+    return (
+        f"dropout at rate 1 ({where}): every sample drops all of {dropped}, so along "
+        f"{'its path' if one else 'their paths'} the samples do not depend on the model's input "
+        f"(and may all be equal), while a prediction (dropout off) keeps all of "
+        f"{'it' if one else 'them'}: the samples are not of the model that predicts; give it "
+        "the rate the model was trained with, below 1"
     )
 
 

@@ -4,10 +4,12 @@ uncertainty meaningless or too small."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mcdrop
@@ -19,9 +21,11 @@ from mcdrop.checking import (
     example_inputs,
 )
 from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.dropout import DropConnectLinear
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
 from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Picky, Returns
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
+from tests.mcdrop.test_rnn import Last
 
 
 def _codes(report: mcdrop.CheckReport) -> list[tuple[str, str]]:
@@ -190,6 +194,86 @@ def test_problems(model: nn.Module, shape: tuple[int, ...], problems: list) -> N
     assert text.splitlines()[-1].startswith(
         "result: ok" if report.ok else "result: MC dropout is meaningless on this model"
     )
+
+
+class _DropsAllBeside(nn.Module):
+    """A residual across a dropout of rate 0.2 and one at rate 1 written as
+    ``F.dropout(h, self.p, training=True)`` (no module declares it): the samples vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+        self.drop = nn.Dropout(0.2)
+        self.p = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        return self.head(self.drop(h) + F.dropout(h, self.p, training=True))
+
+
+class _Encoded(nn.Module):
+    """``(N, T, 8) -> (N, 2)``: a transformer encoder layer, mean over time, a linear head."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+RATE_ONE: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str], str]] = {
+    "nn.Dropout": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Dropout(1.0), nn.Linear(5, 2)),
+        (4, 4),
+        ["rate_one", "no_variance"],
+        "call 1. dropout (B, 5), declared by 2 (Dropout, p=1)",
+    ),
+    "F.dropout beside another": (_DropsAllBeside, (4, 4), ["rate_one"], "call 2. dropout (B, 5)"),
+    "DropConnectLinear": (
+        lambda: nn.Sequential(nn.Linear(4, 5), DropConnectLinear(5, 2, p=1.0)),
+        (4, 4),
+        ["rate_one", "no_variance"],
+        "call 1. DropConnectLinear (B, 5), declared by 1 (DropConnectLinear, p=1)",
+    ),
+    "nn.LSTM": (
+        lambda: Last(nn.LSTM(4, 5, num_layers=2, dropout=1.0, batch_first=True)),
+        (4, 6, 4),
+        ["rate_one", "no_variance"],
+        "declared by rnn (LSTM, dropout=1)",
+    ),
+    "nn.TransformerEncoderLayer": (
+        lambda: _Encoded(dropout=1.0),
+        (4, 5, 8),
+        ["rate_one", "no_variance"],
+        "declared by layer.self_attn (MultiheadAttention, dropout=1), layer.dropout (Dropout, "
+        "p=1), layer.dropout1 (Dropout, p=1), layer.dropout2 (Dropout, p=1)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RATE_ONE))
+def test_dropout_at_rate_1_is_an_error_naming_the_calls(case: str) -> None:
+    """Every sample drops all of such a call's input: along its path the samples do not depend
+    on the input, and a prediction (dropout off) keeps it. The check said no_variance where no
+    other path varied ('the dropout calls do not reach the outputs', which they do), and ok
+    where one did."""
+    make, shape, codes, where = RATE_ONE[case]
+    torch.manual_seed(0)
+    report = mcdrop.check(make().eval(), torch.randn(*shape), timed=False)
+    assert [p.code for p in report.problems] == codes
+    message = report.problems[0].message
+    assert message.startswith("dropout at rate 1 (")
+    assert where in message
+    assert message.endswith("give it the rate the model was trained with, below 1")
+    assert "error (rate_one): dropout at rate 1 (" in str(report)
+
+
+def test_a_rate_just_below_1_is_no_rate_one_problem() -> None:
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Dropout(0.9), nn.Linear(64, 2)).eval()
+    torch.manual_seed(0)
+    assert mcdrop.check(model, torch.randn(4, 4), timed=False).problems == ()
 
 
 def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
