@@ -1,12 +1,14 @@
-"""Reading a model directory's files: each error names the file and what is wrong with it."""
+"""Reading a model directory's files, each error naming the file and what is wrong with it, and
+writing them so that none is ever half-written (:func:`write_files`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -74,3 +76,70 @@ def read_json(path: Path, what: str = "file") -> Any:
         ) from None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+
+
+#: Writes a file's contents under the name it is given.
+Writer = Callable[[str], object]
+
+
+def write_files(files: Mapping[Path, Writer | None]) -> None:
+    """Write each file of ``files`` (its writer writes it under the name it is given; None
+    removes the file), in a folder that a server may be reading, so that a reader never finds a
+    file half-written: each is written to a temporary file beside it, synced to disk, and
+    renamed over it, in the order given once all are written (a model directory's manifest
+    last). Where a write fails (a full disk) nothing is changed and no temporary file is left.
+
+    Why renamed: a file written in place is truncated first, so a crash or a full disk leaves
+    it cut short; and writing in place follows a symlink put there (``weights.safetensors ->
+    /etc/...``), where a rename replaces the link itself. The temporary files are hidden
+    (``.weights.safetensors.<random>.tmp``): a loader reads its files by name, never these."""
+    staged: dict[Path, Path | None] = {}
+    try:
+        for path, write in files.items():
+            staged[path] = None if write is None else _staged(path, write)
+    except BaseException:
+        for temp in staged.values():
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+        raise
+    for path, temp in staged.items():
+        if temp is None:
+            path.unlink(missing_ok=True)  # (a symlink: the link, not what it leads to)
+        else:
+            os.replace(temp, path)
+    for folder in dict.fromkeys(path.parent for path in files):
+        _sync_folder(folder)
+
+
+def _staged(path: Path, write: Writer) -> Path:
+    """``path``'s new contents, written by ``write`` to a fresh temporary file beside it and
+    synced to disk; that file, removed where the write fails."""
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Created here, never an existing file (O_EXCL), with the mode a plain write gives: 0o666
+    # less the umask.
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = stat.S_IMODE(os.stat(temp).st_mode)
+        write(str(temp))
+        # That mode again: safetensors (0.8) writes a file of its own in the name's place,
+        # readable by its owner only, which a server running as another user cannot read.
+        os.chmod(temp, mode)
+        fd = os.open(temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the contents on disk before a name leads to them
+        finally:
+            os.close(fd)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def _sync_folder(folder: Path) -> None:
+    """Sync ``folder``'s entries (the renames) to disk, where the system can (not Windows)."""
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -316,7 +316,9 @@ class Calibration:
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/calibration.json``; returns its path."""
         path = Path(directory) / CALIBRATION
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        # (never half-written, nor written through a symlink: _files.write_files)
+        _files.write_files({path: lambda name: Path(name).write_text(text)})
         return path
 
     def check_fits(self, task: str, n_outputs: int, weights: Path, *, source: str) -> None:

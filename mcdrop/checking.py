@@ -4,9 +4,10 @@
 dropout it declares and how often each made a stochastic call, the dropout calls of the sampling
 plan, whether the samples vary (per output), whether the layers before the first dropout run
 once per row, what one sample of one row costs, and the problems found: no dropout, dropout
-sampling cannot reach (:mod:`mcdrop.coverage`), layers that mix the rows of a batch, outputs
-that never vary. An *error* makes MC dropout meaningless on the model; a *warning* makes its
-variance too small or its answers suspect.
+sampling cannot reach (:mod:`mcdrop.coverage`), dropout at rate 1, layers that mix the rows of
+a batch, a batch size that a server's warm-up runs and the model fails on, outputs that never
+vary. An *error* makes MC dropout meaningless on the model (or a server refuse it); a *warning*
+makes its variance too small or its answers suspect.
 
 Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
 """
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from mcdrop import sampling
 from mcdrop.checkpoint import LoadedModel, ModelSpec, outputs_problem
-from mcdrop.coverage import CallCounter, RateUse
+from mcdrop.coverage import CallCounter, RateUse, declared_rates
 from mcdrop.exceptions import (
     InvalidArgumentError,
     McDropError,
@@ -335,11 +336,12 @@ def check(
         return report.done()
     report.calls = plan.calls
     report.prefix, report.prefix_reason = plan.prefix, plan.prefix_reason
+    if problem := rate_one_problem(module, plan):
+        report.error("rate_one", problem)
     unsampled = {use.declared for use in plan.unsampled}
     try:
         with CallCounter(module) as counter:
             chunks = list(sampling.sample_chunks(module, x, n_samples, seed=seed, plan=plan))
-        ms_per_row_sample = _time_one_sample(module, x, plan) if timed else None
     except Exception as exc:  # the model's own code, on a pass of samples × rows
         report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
         # The calls the planning passes counted (per run of each module).
@@ -349,7 +351,13 @@ def check(
     for use in plan.unsampled:
         report.warning("unsampled_dropout", use.why_unsampled())
     _judge_variance(_gather(chunks, x.shape[0]), report, n_samples)
-    report.ms_per_row_sample = ms_per_row_sample
+    if problem := warm_up_batch_problem(module, x, plan):
+        report.error("batch_size", problem)
+    elif timed:
+        try:
+            report.ms_per_row_sample = _time_one_sample(module, x, plan)
+        except Exception as exc:  # the model's own code, on passes larger than the warm-up's
+            report.error("forward_failed", _fails_in_passes(x.shape[0], exc))
     return report.done()
 
 
@@ -423,6 +431,35 @@ def mixing_problem(
     )
 
 
+def rate_one_problem(module: nn.Module, plan: SamplingPlan) -> str | None:
+    """Why ``module`` cannot be served, where a dropout call of ``plan`` (its sampling plan) has
+    rate 1, naming the calls and the modules that declare that rate; else None.
+
+    Why refused: a call at rate 1 drops all of its input in every sample, so along its path the
+    samples do not depend on the input (nor vary: where every path has it, all are equal),
+    while a prediction, dropout off, keeps all of it: the samples are not of the model that
+    predicts. No model is trained to be served so (trained at rate 1, that path learned
+    nothing), and torch takes the rate without a word."""
+    if not plan.rate_one:
+        return None
+    calls = [str(plan.calls[i]) for i in plan.rate_one]
+    where = f"call{'s' * (len(calls) > 1)} {', '.join(calls)}"
+    declared = [
+        f"{d.name} ({d.type}, {d.attribute}=1)" for d in declared_rates(module) if d.rate >= 1
+    ]
+    if declared:
+        where += f", declared by {', '.join(declared)}"
+    one = len(calls) == 1
+    dropped = "that call's input" if one else "those calls' inputs"
+    return (
+        f"dropout at rate 1 ({where}): every sample drops all of {dropped}, so along "
+        f"{'its path' if one else 'their paths'} the samples do not depend on the model's input "
+        f"(and may all be equal), while a prediction (dropout off) keeps all of "
+        f"{'it' if one else 'them'}: the samples are not of the model that predicts; give it "
+        "the rate the model was trained with, below 1"
+    )
+
+
 #: The batch sizes :func:`batch_problem` runs a model at: a row alone, the warm-up's two rows,
 #: the sampling plan's probes (two to four replicated rows), and the largest batches a server's
 #: warm-up times (32 rows, and a pass of 16 samples of them: ``service.batching.CostModel``).
@@ -468,6 +505,36 @@ def batch_problem(module: nn.Module, x: Tensor, largest: int | None = None) -> s
 
 def _batch(rows: int) -> str:
     return "a row alone" if rows == 1 else f"a batch of {rows} rows"
+
+
+#: The largest passes a server's warm-up runs a model on, timing it
+#: (``service.batching.CostModel``): a prediction of 32 rows, and 16 samples of them.
+WARM_UP_ROWS, WARM_UP_SAMPLES = 32, 16
+
+
+def warm_up_batch_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> str | None:
+    """Why a server's warm-up would refuse ``module`` for a batch's size, or None: where it
+    fails on a batch of the rows ``x (N, *input_shape)`` of up to :data:`WARM_UP_ROWS` rows
+    (:func:`batch_problem`'s sizes that :func:`mcdrop.save` runs), or on the warm-up's largest
+    pass, :data:`WARM_UP_SAMPLES` samples of :data:`WARM_UP_ROWS` rows (by ``plan``: 512 rows
+    from the first dropout on, from the input where the prefix is not shared), said as
+    :func:`batch_problem` says it, as the warm-up does.
+
+    Its cost: the warm-up's passes, once, in the activation budget that cuts a server's
+    passes; batches of up to 512 rows without dropout only where the pass failed (as the
+    warm-up's diagnosis runs them)."""
+    if problem := batch_problem(module, x, largest=WARM_UP_ROWS):
+        return problem
+    rows = x[torch.arange(WARM_UP_ROWS, device=x.device) % x.shape[0]]
+    try:
+        sampling.sample(module, rows, WARM_UP_SAMPLES, seed=0, plan=plan)
+    except Exception as exc:  # the model's own code, on more rows than its own
+        return batch_problem(module, x) or (
+            f"the model fails on a pass of {WARM_UP_SAMPLES} samples of {WARM_UP_ROWS} rows, "
+            f"as a server's warm-up runs ({type(exc).__name__}: {exc}): a server runs a "
+            "row's samples as rows of one pass, so the model must take batches of any size"
+        )
+    return None
 
 
 def compute_eps(module: nn.Module, device: torch.device) -> float:

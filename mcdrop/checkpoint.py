@@ -405,7 +405,12 @@ def save(
     """Write ``net``'s weights and ``spec`` into ``directory`` (created if needed), and its
     ``example_inputs`` ``(M, *input_shape)`` float32 if given (checked, see
     :func:`examples_problem`; without, an examples file left from an earlier model is removed:
-    its rows need not suit this one)."""
+    its rows need not suit this one).
+
+    No file is ever half-written (see :func:`mcdrop._files.write_files`): each is written beside
+    its name and renamed over it once all are written, the manifest last, so a failed save (a
+    full disk) leaves the directory as it was, and a symlink in the directory is replaced, never
+    written through."""
     directory = Path(directory)
     if example_inputs is not None:
         example_inputs = example_inputs.detach().cpu().contiguous()
@@ -415,15 +420,17 @@ def save(
     state = _own_memory(net.state_dict())
     # One metadata key: safetensors writes its map in hash order, and files should be
     # byte-for-byte reproducible.
-    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
-    if example_inputs is None:
-        (directory / EXAMPLES).unlink(missing_ok=True)
-    else:
-        save_file(
-            {_EXAMPLES_KEY: example_inputs}, str(directory / EXAMPLES), metadata={"format": "pt"}
-        )
+    metadata = {"format": "pt"}
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=False) + "\n"
-    (directory / MANIFEST).write_text(text)
+    files: dict[Path, _files.Writer | None] = {
+        directory / WEIGHTS: lambda name: save_file(state, name, metadata=metadata),
+        directory / EXAMPLES: None,
+        directory / MANIFEST: lambda name: Path(name).write_text(text),
+    }
+    if example_inputs is not None:
+        rows = {_EXAMPLES_KEY: example_inputs}
+        files[directory / EXAMPLES] = lambda name: save_file(rows, name, metadata=metadata)
+    _files.write_files(files)
     return directory
 
 

@@ -88,7 +88,7 @@ def _sampled_dropconnect(
     Returns:
         ``(B, ..., out)``.
     """
-    check_p(p)
+    ctx.check_rate(p)
     found = ctx.rows(x, "DropConnectLinear", batch_dim=0)
     if found is None:
         return F.linear(x, weight, bias)
@@ -118,7 +118,7 @@ def _sampled_locked_dropout(
     Args:
         x: ``(B, T, F)`` if ``batch_first`` else ``(T, B, F)``.
     """
-    check_p(p)
+    ctx.check_rate(p)
     if p == 0.0:
         return x
     kind = f"LockedDropout(batch_first={batch_first})"

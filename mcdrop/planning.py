@@ -148,6 +148,8 @@ class SamplingPlan:
         unsampled: the dropout rates the model declares that made no stochastic call (see
             :mod:`mcdrop.coverage`): sampling cannot reach them, so its variance understates
             the model's uncertainty.
+        rate_one: the indices (into ``calls``) of the calls made at rate 1, which drop all of
+            their input in every sample (:func:`mcdrop.checking.rate_one_problem`).
         encoders: the ``nn.TransformerEncoderLayer`` modules a pass runs without the
             torch-function mode (:class:`mcdrop.encoders.EncoderLayers`); None where none.
         layers: where the model is a plain chain of torch layers (see :class:`LayerChain`),
@@ -172,6 +174,7 @@ class SamplingPlan:
     budget_bytes: int
     _model: weakref.ref[nn.Module] = field(compare=False)
     unsampled: tuple[RateUse, ...] = ()
+    rate_one: tuple[int, ...] = ()
     layers: LayerChain | None = field(default=None, compare=False)
     graphs: PassGraphs | None = field(default=None, compare=False)
     encoders: EncoderLayers | None = field(default=None, compare=False)
@@ -436,6 +439,7 @@ def probe(model: nn.Module, x: Tensor) -> SamplingPlan:
         budget_bytes=activation_budget(x.device),
         _model=weakref.ref(model),
         unsampled=unsampled,
+        rate_one=tuple(sorted(small.rate_one)),
         layers=LayerChain.of(model, tuple(x.shape[1:])),
         graphs=PassGraphs(x.device) if x.device.type == "cuda" else None,
         # on the CPU only: elsewhere the layers' direct run is not measured yet
@@ -654,6 +658,7 @@ class _Probe(SamplingContext):
         self.seen: list[_Seen] = []
         self.flops = 0
         self.flops_before: int | None = None  # at the first stochastic call
+        self.rate_one: set[int] = set()  # the calls made at rate 1
 
     @classmethod
     def run(cls, model: nn.Module, inputs: Tensor) -> _Probe:
@@ -662,6 +667,11 @@ class _Probe(SamplingContext):
             y = model(inputs)
         _check_output(model, y, inputs.shape[0])
         return ctx
+
+    def check_rate(self, p: float) -> None:
+        super().check_rate(p)
+        if p == 1.0:
+            self.rate_one.add(self.calls)  # (the index of the call about to be made)
 
     def take(
         self, x: Tensor, kind: str, batch_dim: int | None = None

@@ -182,6 +182,12 @@ class SamplingContext:
             self.replicate = 1
         return x, layout, times
 
+    def check_rate(self, p: float) -> None:
+        """Check ``p``, the rate of the stochastic call about to be made: the ValueError torch
+        raises for one outside [0, 1] (the context that plans notes a rate of 1:
+        :class:`mcdrop.planning.SamplingPlan`'s ``rate_one``)."""
+        check_p(p)
+
     def keep(self, call: CallLayout, per_row: int, p: float) -> Tensor:
         """``(B, per_row)`` boolean keep-mask for ``call``."""
         return masks.keep_mask(self.keys, call.index, per_row, p)
@@ -217,7 +223,7 @@ class SamplingContext:
         when ``feature`` (``x (N, C, ...)``: masks broadcast over the dimensions after ``C``).
         ``kind`` and ``batch_dim`` as for :meth:`rows`. ``batched_rank``: the only rank at which
         the channel dropout takes ``x`` as batched (``F.dropout1d``: 3, ``F.dropout3d``: 5)."""
-        check_p(p)
+        self.check_rate(p)
         if p == 0.0:
             return x
         if feature and batched_rank is not None and x.dim() != batched_rank:

@@ -9,8 +9,8 @@ the library's checks that the warm-up runs: outputs of the manifest's shape
 (:func:`~mcdrop.checkpoint.outputs_problem`), batches of any size
 (:func:`~mcdrop.checking.batch_problem`), rows that do not mix with their batch
 (:func:`~mcdrop.checking.mixing_problem`), dropout that sampling samples
-(:func:`~mcdrop.sampling.plan`). A mistake shows when you save, not when a server loads the
-folder months later.
+(:func:`~mcdrop.sampling.plan`), at rates below 1 (:func:`~mcdrop.checking.rate_one_problem`).
+A mistake shows when you save, not when a server loads the folder months later.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import checkpoint, sampling
-from mcdrop.checking import batch_problem, mixing_problem
+from mcdrop.checking import batch_problem, mixing_problem, rate_one_problem
 from mcdrop.checking import example_inputs as random_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
 from mcdrop.coverage import declared_rates
@@ -105,8 +105,8 @@ def save(
         InvalidArgumentError: the manifest would be invalid, ``example_inputs`` are not such
             rows, the architecture does not rebuild ``model`` (other weights, or other
             outputs, or it fails on the example rows), ``model`` is a TorchScript module, or a
-            server would refuse it (no dropout that sampling samples, rows whose outputs depend
-            on their batch, a batch size it fails on); nothing was written.
+            server would refuse it (no dropout that sampling samples, dropout at rate 1, rows
+            whose outputs depend on their batch, a batch size it fails on); nothing was written.
     """
     if isinstance(model, torch.jit.ScriptModule):
         # Its layers are compiled: no dropout rate to read, no dropout call to sample.
@@ -325,7 +325,7 @@ def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> Non
     """Raise where a server's warm-up would refuse the model ``wrapped`` (``want``: its outputs
     on ``x``, described by ``what``), by the checks of the library that the warm-up runs: a
     batch size it fails on, rows whose outputs depend on their batch, no dropout that sampling
-    samples (every rate 0)."""
+    samples (every rate 0), a dropout call at rate 1."""
     # Batches of at most a request's rows: one pass of 512 (the warm-up's samples of 32 rows,
     # which a server cuts to its activation budget) would hold gigabytes of a large network's
     # activations at every save. (A model failing at 512 only is named by the warm-up.)
@@ -340,7 +340,7 @@ def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> Non
             # mcdrop check's problem, not a reason to refuse the save (raised where warnings are
             # errors, it was one)
             warnings.simplefilter("ignore", UnsampledDropoutWarning)
-            sampling.plan(wrapped, x)
+            plan = sampling.plan(wrapped, x)
     except McDropError as exc:  # NoDropoutError, UnsupportedModelError: they say what to do
         raise InvalidArgumentError(f"cannot save: {exc}") from None
     except Exception as exc:  # the model's own code, in a pass that samples
@@ -348,6 +348,8 @@ def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> Non
             f"cannot save: the model fails on a sampling pass of {what} "
             f"({type(exc).__name__}: {exc})"
         ) from None
+    if problem := rate_one_problem(wrapped, plan):
+        raise InvalidArgumentError(f"cannot save: {problem}")
 
 
 def _few(items: list[str], shown: int = 5) -> str:

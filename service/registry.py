@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mcdrop import checkpoint, sampling
-from mcdrop.checking import batch_problem, example_inputs, mixing_problem
+from mcdrop.checking import batch_problem, example_inputs, mixing_problem, rate_one_problem
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
@@ -282,15 +282,17 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
     x = _warm_up_input(predictor)
     with _names_the_manifest(predictor, manifest, x):
         _check_outputs(predictor, x, manifest)
-        predictor.warm_up(x)
+        plan = predictor.warm_up(x)
         try:
             predictor.predict(x)  # finite outputs, or the row is not one to time the model on
         except NonFiniteOutputError:
             # A model may take this row for padding (all zeros, say) and give NaN on it: such a
             # model is not broken, and one row of varied values decides.
             x = _varied_input(predictor)
-            predictor.warm_up(x)
+            plan = predictor.warm_up(x)
             predictor.predict(x)
+    if problem := rate_one_problem(predictor.model.module, plan):
+        raise checkpoint.CheckpointError(f"{manifest}: {problem}")
     _refuse_mixing(predictor, x, manifest)
     return x
 

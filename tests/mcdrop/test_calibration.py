@@ -278,6 +278,20 @@ def test_calibrate_saves_a_file_the_model_loads_with(digits_dir: Path) -> None:
     assert loaded.threshold(0.2) == made.threshold(0.2)
 
 
+def test_a_calibration_file_that_is_a_symlink_is_replaced_not_written_through(
+    tmp_path: Path, reg: cal.Calibration
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("not a calibration")
+    (tmp_path / cal.CALIBRATION).symlink_to(victim)
+    reg.save(tmp_path)
+    assert victim.read_text() == "not a calibration"
+    assert not (tmp_path / cal.CALIBRATION).is_symlink()
+    read = cal.read(tmp_path)
+    assert read is not None
+    assert torch.equal(read.conformal, reg.conformal)
+
+
 def _edit(directory: Path, change: dict[str, object]) -> None:
     path = directory / cal.CALIBRATION
     data = json.loads(path.read_text())

@@ -4,10 +4,12 @@ uncertainty meaningless or too small."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import mcdrop
@@ -19,9 +21,11 @@ from mcdrop.checking import (
     example_inputs,
 )
 from mcdrop.checkpoint import LoadedModel, ModelSpec
+from mcdrop.dropout import DropConnectLinear
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
 from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Picky, Returns
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
+from tests.mcdrop.test_rnn import Last
 
 
 def _codes(report: mcdrop.CheckReport) -> list[tuple[str, str]]:
@@ -192,12 +196,92 @@ def test_problems(model: nn.Module, shape: tuple[int, ...], problems: list) -> N
     )
 
 
+class _DropsAllBeside(nn.Module):
+    """A residual across a dropout of rate 0.2 and one at rate 1 written as
+    ``F.dropout(h, self.p, training=True)`` (no module declares it): the samples vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+        self.drop = nn.Dropout(0.2)
+        self.p = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        return self.head(self.drop(h) + F.dropout(h, self.p, training=True))
+
+
+class _Encoded(nn.Module):
+    """``(N, T, 8) -> (N, 2)``: a transformer encoder layer, mean over time, a linear head."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+RATE_ONE: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str], str]] = {
+    "nn.Dropout": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Dropout(1.0), nn.Linear(5, 2)),
+        (4, 4),
+        ["rate_one", "no_variance"],
+        "call 1. dropout (B, 5), declared by 2 (Dropout, p=1)",
+    ),
+    "F.dropout beside another": (_DropsAllBeside, (4, 4), ["rate_one"], "call 2. dropout (B, 5)"),
+    "DropConnectLinear": (
+        lambda: nn.Sequential(nn.Linear(4, 5), DropConnectLinear(5, 2, p=1.0)),
+        (4, 4),
+        ["rate_one", "no_variance"],
+        "call 1. DropConnectLinear (B, 5), declared by 1 (DropConnectLinear, p=1)",
+    ),
+    "nn.LSTM": (
+        lambda: Last(nn.LSTM(4, 5, num_layers=2, dropout=1.0, batch_first=True)),
+        (4, 6, 4),
+        ["rate_one", "no_variance"],
+        "declared by rnn (LSTM, dropout=1)",
+    ),
+    "nn.TransformerEncoderLayer": (
+        lambda: _Encoded(dropout=1.0),
+        (4, 5, 8),
+        ["rate_one", "no_variance"],
+        "declared by layer.self_attn (MultiheadAttention, dropout=1), layer.dropout (Dropout, "
+        "p=1), layer.dropout1 (Dropout, p=1), layer.dropout2 (Dropout, p=1)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RATE_ONE))
+def test_dropout_at_rate_1_is_an_error_naming_the_calls(case: str) -> None:
+    """Every sample drops all of such a call's input: along its path the samples do not depend
+    on the input, and a prediction (dropout off) keeps it. The check said no_variance where no
+    other path varied ('the dropout calls do not reach the outputs', which they do), and ok
+    where one did."""
+    make, shape, codes, where = RATE_ONE[case]
+    torch.manual_seed(0)
+    report = mcdrop.check(make().eval(), torch.randn(*shape), timed=False)
+    assert [p.code for p in report.problems] == codes
+    message = report.problems[0].message
+    assert message.startswith("dropout at rate 1 (")
+    assert where in message
+    assert message.endswith("give it the rate the model was trained with, below 1")
+    assert "error (rate_one): dropout at rate 1 (" in str(report)
+
+
+def test_a_rate_just_below_1_is_no_rate_one_problem() -> None:
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Dropout(0.9), nn.Linear(64, 2)).eval()
+    torch.manual_seed(0)
+    assert mcdrop.check(model, torch.randn(4, 4), timed=False).problems == ()
+
+
 def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
     """The check's rows pass, but a row alone raises (a model written for a fixed batch): the
     report says so (forward_failed), as for rows the model refuses, rather than the check
     raising the model's error (which mcdrop check took for the user's inputs: exit 2, no
-    report). A model that takes batches up to the check's size samples as any other: a pass's
-    replicated rows are the dropout's, not the forward's."""
+    report). A model that takes the check's batches and the warm-up's (32 rows) samples as any
+    other: a pass's replicated rows are the dropout's, not the forward's."""
     torch.manual_seed(0)
     report = mcdrop.check(BatchOf((4,)).eval(), torch.randn(4, 3), timed=False)
     assert _codes(report) == [("error", "forward_failed")]
@@ -206,7 +290,7 @@ def test_a_model_that_refuses_a_row_alone_fails_in_the_report() -> None:
         "only, got 1): a row's output must not depend on its batch"
     )
     assert not report.ok
-    report = mcdrop.check(BatchOf((1, 2, 3, 4)).eval(), torch.randn(4, 3), timed=False)
+    report = mcdrop.check(BatchOf((1, 2, 3, 4, 32)).eval(), torch.randn(4, 3), timed=False)
     assert report.ok, str(report)
 
 
@@ -231,7 +315,76 @@ def test_a_model_that_refuses_a_pass_of_samples_fails_in_the_report(
         f"the model fails on a sampling pass of its {failed}: a pass runs several samples of "
         "each row in one batch"
     )
-    assert mcdrop.check(MaxBatch(most=64).eval(), torch.randn(4, 3), timed=False).ok
+    # (the warm-up's largest pass: 16 samples of 32 rows, replicated at the input)
+    assert mcdrop.check(MaxBatch(most=512).eval(), torch.randn(4, 3), timed=False).ok
+
+
+@pytest.mark.parametrize(
+    ("most", "rows", "problem"),
+    [
+        # the warm-up's 16 samples of 32 rows, replicated at the input (a residual)
+        (64, 4, "takes a batch of 4 rows but fails on a batch of 512 rows"),
+        (16, 1, "takes a row alone but fails on a batch of 32 rows"),  # its 32 rows
+    ],
+)
+def test_a_batch_size_the_warm_up_runs_and_the_model_fails_on_is_an_error(
+    most: int, rows: int, problem: str
+) -> None:
+    """A forward that takes the check's rows and the passes of their samples, but not a batch
+    a server's warm-up runs: the check said ok, and the server refused to load the model. Now
+    the check says so, in the words of the warm-up (batch_problem's)."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 3)
+    model = MaxBatch(most=most).eval()
+    assert not mcdrop.check(model, x, timed=False).ok  # (it was ok)
+    report = mcdrop.check(model, x, timed=True)
+    assert _codes(report) == [("error", "batch_size")]
+    message = report.problems[0].message
+    assert message.startswith(f"the model {problem} (ValueError: at most {most} rows a batch")
+    assert message == batch_problem(model, x)
+    assert f"error (batch_size): {message}" in str(report)
+    assert report.ms_per_row_sample is None  # (a timing's passes would fail as well)
+
+
+class _SampledOnlyUpTo64(MaxBatch):
+    """Takes a batch of any size, but no sampling pass of more than 64 rows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if mcdrop.is_sampling() and x.shape[0] > 64:
+            raise ValueError(f"at most 64 rows a sampling pass, got {x.shape[0]}")
+        return super().forward(x)
+
+
+def test_a_sampling_pass_the_warm_up_runs_and_the_model_fails_on_is_an_error() -> None:
+    torch.manual_seed(0)
+    report = mcdrop.check(_SampledOnlyUpTo64(most=10**6).eval(), torch.randn(4, 3), timed=False)
+    assert _codes(report) == [("error", "batch_size")]
+    assert report.problems[0].message.startswith(
+        "the model fails on a pass of 16 samples of 32 rows, as a server's warm-up runs "
+        "(ValueError: at most 64 rows a sampling pass, got 512): "
+    )
+
+
+class _Sizes(MaxBatch):
+    """Takes a batch of any size, noting each size its forward is given."""
+
+    def __init__(self) -> None:
+        super().__init__(most=10**6)
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
+def test_the_check_runs_no_batch_larger_than_the_warm_up_runs() -> None:
+    """Its cost: the warm-up's largest pass once (16 samples of 32 rows, the whole forward
+    replicated here), no larger batch, and no batch of 512 rows without dropout."""
+    model = _Sizes().eval()
+    torch.manual_seed(0)
+    assert mcdrop.check(model, torch.randn(4, 3), timed=False).ok
+    assert max(model.sizes) == 512
+    assert model.sizes.count(512) == 1
 
 
 @pytest.mark.parametrize(

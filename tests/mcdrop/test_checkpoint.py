@@ -610,3 +610,85 @@ def test_checkpoint_save_refuses_bad_example_inputs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"\(N, 3\) rows, got shape \[2, 2\]"):
         checkpoint.save(tmp_path / "m", _spec(), MLP(3, [8], 1), example_inputs=ROWS[:, :2])
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name", [checkpoint.WEIGHTS, checkpoint.EXAMPLES, checkpoint.MANIFEST])
+def test_a_symlink_in_the_folder_is_replaced_not_written_through(tmp_path: Path, name: str) -> None:
+    """A file of the folder that is a symlink (``weights.safetensors -> /etc/...``): the save
+    puts its file in the link's place and leaves the file the link led to as it was, where it
+    wrote through the link."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not the model's")
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / name).symlink_to(victim)
+    checkpoint.save(target, _spec(), MLP(3, [8], 1), example_inputs=ROWS)
+    assert victim.read_bytes() == b"not the model's"
+    assert not (target / name).is_symlink()
+    loaded = checkpoint.load(target)
+    assert loaded.example_inputs is not None
+    assert torch.equal(loaded.example_inputs, ROWS)
+
+
+def test_saved_files_are_readable_as_a_plain_write_makes_them(tmp_path: Path) -> None:
+    """Each file with the mode a plain write gives (0o666 less the umask), so that a server
+    running as another user reads them: the weights were written readable by their owner only
+    (safetensors 0.8's own file)."""
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    checkpoint.save(tmp_path / "m", _spec(), MLP(3, [8], 1), example_inputs=ROWS)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    want = plain.stat().st_mode & 0o777
+    assert modes == dict.fromkeys(
+        [checkpoint.WEIGHTS, checkpoint.EXAMPLES, checkpoint.MANIFEST], want
+    )
+
+
+#: Saves another model into a model directory with files limited to 4 KiB (a full disk, as the
+#: writes see it: EFBIG), its manifest the one file larger (a long description); prints the
+#: error.
+_SAVE_TOO_LARGE = """
+import resource, signal, sys
+import torch
+from mcdrop import checkpoint
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.nets import MLP
+params = {"in_features": 3, "hidden": [8], "out_features": 1, "dropout": 0.2}
+spec = ModelSpec(
+    name="m", task="regression", input_shape=[3], labels=["y"],
+    architecture={"name": "mlp", "params": params}, tau=1.0, description="a" * 8000,
+)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    checkpoint.save(sys.argv[1], spec, MLP(**params), example_inputs=torch.zeros(2, 3))
+except OSError as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX's")
+@pytest.mark.parametrize("earlier", [True, False], ids=["over a model", "a new folder"])
+def test_a_save_that_fails_midway_leaves_the_folder_as_it_was(
+    tmp_path: Path, earlier: bool
+) -> None:
+    """A write that fails part of the way (a full disk: here a file size limit) leaves every
+    file as it was, and no temporary file: the earlier model still loads, whole; a new folder
+    holds nothing a loader would take for a model. (The manifest was written in place, after
+    the new weights: cut short, it was a folder no server loads, saying 'not valid JSON'.)"""
+    target = tmp_path / "m"
+    target.mkdir()
+    if earlier:
+        checkpoint.save(target, _spec(), MLP(3, [8], 1, dropout=0.2))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    saver = subprocess.run(
+        [sys.executable, "-c", _SAVE_TOO_LARGE, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert saver.returncode == 3, saver.stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    if earlier:
+        assert checkpoint.load(target).spec == _spec()

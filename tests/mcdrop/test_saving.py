@@ -270,6 +270,16 @@ SERVES_NOT: dict[str, tuple[nn.Module, dict[str, Any], str]] = {
         r"MLP made no stochastic dropout call \(no dropout layer, or every rate is 0\): MC "
         "samples would all be equal. Add dropout",
     ),
+    # Every sample drops all of the hidden layer (the server's warm-up refuses it too).
+    "rate 1": (
+        MLP(3, (5,), 1, dropout=1.0),
+        {
+            "architecture": "mlp",
+            "params": {"in_features": 3, "hidden": [5], "out_features": 1, "dropout": 1.0},
+        },
+        r"dropout at rate 1 \(call 1\. dropout \(B, 5\), declared by layers\.2 \(Dropout, "
+        r"p=1\)\): every sample drops all of that call's input",
+    ),
     "x - x.mean(0)": (
         Centred(),
         {"factory": "tests.factories:Centred"},

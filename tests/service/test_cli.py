@@ -468,6 +468,27 @@ def test_check_runs_a_model_on_its_own_example_rows(
     assert out.splitlines()[-1] == "result: ok"
 
 
+def test_check_exits_1_on_a_batch_size_the_warm_up_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model that takes batches of at most 64 rows: ok, where a server's warm-up (16
+    samples of 32 rows) refuses it; now the check's error, in the warm-up's words."""
+    spec = checkpoint.ModelSpec(
+        name="sized", task="regression", input_shape=[3], labels=["y"],
+        architecture={"factory": "tests.factories:MaxBatch", "params": {"most": 64}}, tau=1.0,
+    )  # fmt: skip
+    checkpoint.save(tmp_path / "sized", spec, factories.MaxBatch(most=64))
+    argv = ["check", str(tmp_path / "sized"), "--allowed-factories", "tests.factories"]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 1
+    assert (
+        "error (batch_size): the model takes a batch of 4 rows but fails on a batch of 512 rows "
+        "(ValueError: at most 64 rows a batch, got 512): a server answers a row alone"
+    ) in out
+    code, out, _ = _run(capsys, *argv, "--json")
+    assert (code, [p["code"] for p in json.loads(out)["problems"]]) == (1, ["batch_size"])
+
+
 @pytest.mark.parametrize("uncertainty", [False, True])
 def test_local_predict_on_ids_the_model_refuses_says_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, uncertainty: bool

@@ -17,8 +17,10 @@ import safetensors.torch
 import torch
 from fastapi.testclient import TestClient
 
+import mcdrop
 from mcdrop import checkpoint
 from mcdrop.checkpoint import ModelSpec
+from mcdrop.nets import MLP
 from mcdrop.predictor import Predictor
 from service.app import StartupError, create_app
 from service.config import Settings
@@ -376,6 +378,31 @@ def test_a_model_whose_rows_mix_with_their_batch_fails_to_load(tmp_path: Path) -
         assert "mcdrop check" in ready["centred"]
 
 
+def test_a_model_with_dropout_at_rate_1_fails_to_load_in_the_words_of_mcdrop_check(
+    tmp_path: Path,
+) -> None:
+    """Dropout at rate 1 drops all of its input in every sample: the samples do not depend on
+    the input along that path (here: all equal), while a prediction keeps it. It was served,
+    silently; now the warm-up refuses it, saying what mcdrop check and mcdrop.save say."""
+    params = {"in_features": 3, "hidden": [4], "out_features": 1, "dropout": 1.0}
+    spec = ModelSpec(
+        name="certain", task="regression", input_shape=[3], labels=["y"],
+        architecture={"name": "mlp", "params": params}, tau=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "certain", spec, MLP(**params))  # (mcdrop.save refuses it)
+    _custom(tmp_path, "custom")
+    report = mcdrop.check(checkpoint.load(tmp_path / "certain"), timed=False)
+    assert [p.code for p in report.problems] == ["rate_one", "no_variance"]
+    with _serving_own(tmp_path) as (_, ready):
+        assert ready["custom"] == "ready"
+        assert ready["certain"] == f"certain/model.json: {report.problems[0].message}"
+        assert ready["certain"].startswith(
+            "certain/model.json: dropout at rate 1 (call 1. dropout (B, 4), declared by "
+            "layers.2 (Dropout, p=1)): every sample drops all of that call's input"
+        )
+
+
 BATCHES: dict[str, tuple[Callable[[], Any], dict[str, Any], Any, str]] = {
     # Takes its warm-up row alone and the warm-up's first passes, fails on its timings' 32 rows.
     "up to 8": (
@@ -384,6 +411,14 @@ BATCHES: dict[str, tuple[Callable[[], Any], dict[str, Any], Any, str]] = {
         None,
         "the warm-up pass on zeros failed: the model takes a row alone but fails on a batch of "
         "32 rows (ValueError: at most 8 rows a batch, got 32)",
+    ),
+    # Takes its timings' 32 rows, fails on their 16 samples (mcdrop check says so too).
+    "up to 64": (
+        lambda: MaxBatch(most=64),
+        {"factory": "tests.factories:MaxBatch", "params": {"most": 64}},
+        None,
+        "the warm-up pass on zeros failed: the model takes a row alone but fails on a batch of "
+        "512 rows (ValueError: at most 64 rows a batch, got 512)",
     ),
     # Takes its four example rows together, not its warm-up row alone.
     "4 only": (
