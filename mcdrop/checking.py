@@ -52,8 +52,8 @@ MAX_SAMPLES = 10_000
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong: ``severity`` "error" (MC dropout is meaningless on the model) or
-    "warning", a stable ``code`` and a message that says what to do."""
+    """One thing wrong: ``severity`` "error" (MC dropout is meaningless on the model, or a server
+    refuses it) or "warning", a stable ``code`` and a message that says what to do."""
 
     severity: Severity
     code: str
@@ -185,9 +185,7 @@ class CheckReport:
         errors = sum(p.severity == "error" for p in self.problems)
         warned = len(self.problems) - errors
         if errors:
-            lines.append(
-                f"result: MC dropout is meaningless on this model ({_many(errors, 'error')})"
-            )
+            lines.append(f"result: not fit for MC dropout as it is ({_many(errors, 'error')})")
         elif warned:
             lines.append(f"result: ok, with {_many(warned, 'warning')}")
         else:
@@ -267,7 +265,8 @@ def check(
         timed: measure the cost of one sample (a few passes of 64 row-samples).
 
     Returns:
-        the :class:`CheckReport`; ``report.ok`` is False when MC dropout is meaningless.
+        the :class:`CheckReport`; ``report.ok`` is False when MC dropout is meaningless or a
+        server refuses the model.
 
     Raises:
         InvalidArgumentError: ``n_rows`` or ``n_samples`` out of bounds, or a module without

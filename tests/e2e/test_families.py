@@ -302,7 +302,7 @@ def test_attention_dropout_out_of_reach_is_said(
     code, out = _check(capsys, unreachable / "only")
     assert code == 1
     assert "error (no_dropout)" in out
-    assert out.splitlines()[-1] == "result: MC dropout is meaningless on this model (1 error)"
+    assert out.splitlines()[-1] == "result: not fit for MC dropout as it is (1 error)"
 
 
 @pytest.fixture(scope="module")

@@ -272,8 +272,8 @@ def test_a_request_that_fails_validation_releases_the_wait(digits: Predictor) ->
 
 @pytest.mark.parametrize("most", [max(PROBED_BATCH_ROWS) - 1, max(PROBED_BATCH_ROWS)])
 def test_the_timings_run_no_batch_larger_than_save_probes(most: int) -> None:
-    """mcdrop.save runs a model on batches of up to max(PROBED_BATCH_ROWS) rows so that the
-    folder it writes passes a server's warm-up; the timings' largest pass (16 samples of 32
+    """A server's warm-up finds a model failing on batches of up to max(PROBED_BATCH_ROWS) rows
+    (checking.batch_problem, as mcdrop check does); the timings' largest pass (16 samples of 32
     rows, a residual across the dropout: replicated at the input) is that large, no larger."""
     spec = checkpoint.ModelSpec(
         name="sized", task="regression", input_shape=[3], labels=["y"],

@@ -432,7 +432,7 @@ def test_check_exits_1_when_mc_dropout_is_meaningless(
     code, out, _ = _run(capsys, "check", str(tmp_path / "nodrop"))
     assert code == 1
     assert "error (no_dropout): MLP made no stochastic dropout call" in out
-    assert out.splitlines()[-1] == "result: MC dropout is meaningless on this model (1 error)"
+    assert out.splitlines()[-1] == "result: not fit for MC dropout as it is (1 error)"
     code, out, _ = _run(capsys, "check", str(tmp_path / "nodrop"), "--json")
     assert (code, json.loads(out)["problems"][0]["code"]) == (1, "no_dropout")
 
