@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import socket
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -154,3 +155,32 @@ def test_a_content_length_with_5000_leading_zeros_is_its_value(url: str) -> None
         b"Content-Length: " + b"0" * 5000 + str(len(body)).encode() + b"\r\n\r\n" + body,
     )
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/models/diabetes/predict/", f'{{"inputs": [[{ROW}]]}}'.encode()),
+        ("POST", "/v2/models/diabetes/infer/", V2_BODY),
+        ("GET", "/health/", b""),
+        ("GET", "/v2/health/ready/", b""),
+    ],
+)
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(
+    url: str, method: str, path: str, body: bytes
+) -> None:
+    """Starlette answered a 307 with no body, which a client following it may resend as a GET
+    (or resend the body to wherever Location points)."""
+    answer = _raw(
+        url,
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404"), answer[:300]
+    assert b"location:" not in head.lower()
+    error = json.loads(content)["error"]
+    message = error if path.startswith("/v2/") else error["message"]
+    assert message.startswith(f"no route serves {path}; remove the trailing slash: ")
+    assert message.endswith(f" {path.rstrip('/')}")
