@@ -145,6 +145,15 @@ def test_v2_errors_stay_small_whatever_the_client_sent(url: str) -> None:
         assert len(response.content) < 1000
 
 
+def test_a_15_mb_id_is_a_400_naming_the_limit_not_echoed(url: str) -> None:
+    body = b'{"id": "%s", ' % (b"i" * 15_000_000) + V2_BODY[1:]
+    response = httpx2.post(f"{url}/v2/models/diabetes/infer", content=body, timeout=60)
+    assert response.status_code == 400, response.text[:300]
+    assert response.json() == {
+        "error": "invalid request: id: String should have at most 256 characters"
+    }
+
+
 def test_a_content_length_with_5000_leading_zeros_is_its_value(url: str) -> None:
     # httptools accepts it (1*DIGIT); the body limit's check once answered 500.
     body = f'{{"inputs": [[{ROW}]]}}'.encode()
