@@ -29,7 +29,8 @@ this table and the enum to each other, and every error response to the enum)::
                                     (``mcdrop calibrate``), a coverage beyond its calibration, a
                                     reject_score its task does not have
     limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
-                                    or response bytes
+                                    or response bytes; a body of too many keys or values
+                                    (dataplane.check_keys, check_values), before it is parsed
     model_rejected_input    422     ModelRejectedInputError: the model's own forward raised on
                                     the request's inputs (mcdrop.model_errors.raised_by_model: a
                                     token id past its vocabulary, a ValueError of its code);

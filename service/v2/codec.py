@@ -29,9 +29,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import Tensor
 
+from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from mcdrop.predictor import Predictor
-from service.dataplane import check_keys, surely_finite
+from service.dataplane import check_keys, check_values, surely_finite
 from service.errors import (
     BodyTooLargeError,
     MalformedRequestError,
@@ -205,9 +206,12 @@ def header_length_of(value: str) -> int:
     return int(value)
 
 
-def parse_request(body: bytes, header_length: str | None) -> Request:
+def parse_request(
+    body: bytes, header_length: str | None, spec: ModelSpec, max_rows: int
+) -> Request:
     """Split and parse an infer request body (``header_length``: the
-    Inference-Header-Content-Length header, if sent)."""
+    Inference-Header-Content-Length header, if sent) to the model of ``spec``, whose JSON may
+    hold no more values than ``max_rows`` of its rows (:func:`~service.dataplane.check_values`)."""
     if header_length is None:
         header, binary = body, memoryview(b"")
     else:
@@ -224,6 +228,7 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
             )
         header, binary = body[:length], memoryview(body)[length:]
     check_keys(header)  # before parsing: a million unknown keys cost seconds
+    check_values(header, spec, max_rows)  # and 7 M numbers ~0.5 s, the GIL held
     try:
         request = InferenceRequest.model_validate_json(header)
     except ValidationError as exc:

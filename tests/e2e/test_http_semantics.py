@@ -193,3 +193,21 @@ def test_a_trailing_slash_is_a_json_404_not_a_redirect(
     message = error if path.startswith("/v2/") else error["message"]
     assert message.startswith(f"no route serves {path}; remove the trailing slash: ")
     assert message.endswith(f" {path.rstrip('/')}")
+
+
+def test_a_row_of_7_million_values_is_refused_before_it_is_parsed(url: str) -> None:
+    """14 MB, within the body limit: parsing it holds the GIL (~0.5 s, in a worker thread too),
+    and each value was then validated on the event loop before the row's shape was refused:
+    /health waited 1.2-1.7 s."""
+    body = b'{"inputs": [[' + b",".join([b"0"] * 7_000_000) + b"]]}"
+    response = httpx2.post(
+        f"{url}/models/diabetes/predict",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 422, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "limit_exceeded"
+    assert error["message"].startswith("the request body holds 7000000 or more JSON values")
+    assert "at most 1000 rows (the server's max_request_rows) of 10 values" in error["message"]

@@ -429,8 +429,9 @@ def _v2_input(**fields: Any) -> dict[str, Any]:
 # case -> (request body, path, a piece of the bounded echo)
 V2_ECHOES: dict[str, tuple[dict[str, Any], str, str]] = {
     "many inputs": (
-        # 200 inputs of 4 fields: under the 1,024 keys a body may hold (dataplane.check_keys)
-        {"inputs": [_v2_input(name="n" * 40)] * 200},
+        # 200 inputs of 4 fields: under the 1,024 keys a body may hold (dataplane.check_keys),
+        # and of one value each, under the values (check_values)
+        {"inputs": [_v2_input(name="n" * 40, data=[0.0])] * 200},
         "/v2/models/diabetes/infer",
         "... and 190 more]",
     ),
@@ -440,9 +441,10 @@ V2_ECHOES: dict[str, tuple[dict[str, Any], str, str]] = {
         "... (100000 characters)",
     ),
     "long shape": (
-        {"inputs": [_v2_input(shape=[1] * 20_000)]},
+        # (under the values a body may hold here, 50 rows of 10 and 1,024 more: check_values)
+        {"inputs": [_v2_input(shape=[1] * 1_000)]},
         "/v2/models/diabetes/infer",
-        "... and 19990 more]",
+        "... and 990 more]",
     ),
     "long datatype": (
         {"inputs": [_v2_input(datatype="F" * 5000)]},

@@ -617,6 +617,13 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "nested too deep": (_json(_input(data=[[_row()]])), 400, "valid number"),
     # Data longer than its shape is refused by its lengths, its values unread (the strings would
     # be named if read): 7 M values sent for a shape of 10 held the event loop ~1.1 s.
+    # More values than 50 rows of 10 hold, refused before the body is parsed.
+    "data past the values limit": (
+        _json(_input(data=_row(2000))),
+        400,
+        "at most 50 rows (the server's max_request_rows) of 10 values (shape [10]), and its "
+        "options, 1524 in all",
+    ),
     "data longer than its shape": (
         _json(_input(data=[*_row(), *["x"] * 1000])),
         400,
