@@ -76,7 +76,7 @@ def _rows_longer(rows: list[Any], shape: list[int]) -> bool:
     if len(shape) != 1:
         return longer_than(rows, [len(rows), *shape])
     size = shape[0]
-    for row in rows:
+    for row in rows:  # noqa: SIM110 (any() of a generator: ~0.9 µs for one row, this ~0.3)
         if isinstance(row, list) and len(row) > size:
             return True
     return False
