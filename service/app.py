@@ -256,6 +256,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="MC-dropout uncertainty for trained PyTorch models",
         version="0.1.0",
         lifespan=lifespan,
+        # A path with a trailing slash is a 404 that says to remove it (errors.install), as
+        # Triton answers any path its patterns do not match in full: Starlette's 307 to the
+        # path without it has no body, and a client that follows it may resend a POST as a GET.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics

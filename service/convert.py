@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from itertools import chain
 from typing import Annotated, Any
 
 import numpy as np
@@ -46,10 +47,56 @@ def _rows_adapter(rank: int) -> TypeAdapter[Any]:
     return TypeAdapter(Annotated[list[row], Field(fail_fast=True)])
 
 
+def longer_than(data: list[Any], shape: list[int]) -> bool:
+    """Whether a list of nested ``data`` holds more items than ``shape`` allows at its depth:
+    lengths only, no value read, so the walk is bounded by the shape however long the data."""
+    # The lists at one depth: ~2 µs for a row; ~3 ms for 1000 images of 28 x 28, whose values
+    # take ~17 ms to validate.
+    level = [data]
+    for size in shape[:-1]:
+        if max(map(len, level), default=0) > size:
+            return True
+        level = [item for item in chain.from_iterable(level) if isinstance(item, list)]
+    return max(map(len, level), default=0) > shape[-1]
+
+
+def nested_shape(data: Any, rank: int) -> list[int]:
+    """The lengths along ``data[0][0]...``, at most ``rank`` deep: the shape NumPy reads nested
+    data as, if rectangular."""
+    dims: list[int] = []
+    while isinstance(data, list) and len(dims) < rank:
+        dims.append(len(data))
+        data = data[0] if data else None
+    return dims
+
+
+def _rows_longer(rows: list[Any], shape: list[int]) -> bool:
+    """Whether a list of ``rows`` holds a list longer than ``shape`` allows at its depth
+    (:func:`longer_than`; a loop of its own for a flat shape, ~0.3 µs for one row)."""
+    if len(shape) != 1:
+        return longer_than(rows, [len(rows), *shape])
+    size = shape[0]
+    for row in rows:  # noqa: SIM110 (any() of a generator: ~0.9 µs for one row, this ~0.3)
+        if isinstance(row, list) and len(row) > size:
+            return True
+    return False
+
+
 def to_tensor(inputs: list[Any], predictor: Predictor) -> Tensor:
     """``inputs`` as a float32 ``(N, *input_shape)`` tensor, or an InvalidInputError that says
     which entry is wrong."""
     shape = predictor.spec.input_shape
+    # Lengths first, no value read (pydantic validates a list's items before its max_length):
+    # one row of 785 000 values for fashion's [28, 28], every value validated before its shape
+    # was refused, held the event loop 0.08-0.17 s.
+    if _rows_longer(inputs, shape):
+        found = nested_shape(inputs, len(shape) + 1)
+        if found[1:] == shape:  # the first row fits: a later one is longer
+            raise InvalidInputError(f"every row must have shape {shape}; rows differ in length")
+        raise InvalidInputError(
+            f"model {predictor.spec.name!r} expects rows of shape {shape}, got a batch of shape "
+            f"{found}"
+        )
     try:
         rows = _rows_adapter(len(shape)).validate_python(inputs, strict=True)
     except ValidationError as exc:

@@ -13,7 +13,8 @@ this table and the enum to each other, and every error response to the enum)::
                                     MalformedRequestError: a v2 body that cannot be split or
                                     inflated (binary framing, Content-Encoding)
     model_not_found         404     ModelNotFoundError: unknown model name
-    not_found               404     a path no route serves
+    not_found               404     a path no route serves; one that is served less a trailing
+                                    slash too (no redirect): the message says to remove it
     method_not_allowed      405     a method the path does not serve (``Allow`` lists those it does)
     body_too_large          413     app.BodyLimit: request body above the size limit (or
                                     BodyTooLargeError: a v2 body above it once inflated)
@@ -28,7 +29,8 @@ this table and the enum to each other, and every error response to the enum)::
                                     (``mcdrop calibrate``), a coverage beyond its calibration, a
                                     reject_score its task does not have
     limit_exceeded          422     LimitExceededError: too many rows, samples, returned samples,
-                                    or response bytes
+                                    or response bytes; a body of too many keys or values
+                                    (dataplane.check_keys, check_values), before it is parsed
     model_rejected_input    422     ModelRejectedInputError: the model's own forward raised on
                                     the request's inputs (mcdrop.model_errors.raised_by_model: a
                                     token id past its vocabulary, a ValueError of its code);
@@ -434,19 +436,32 @@ def error_response(
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
-def _allowed_methods(request: Request) -> str:
-    """The methods some route serves at the request's path, for a 405's ``Allow``. (Starlette's
-    own lists only the first matching route's, and a GET route's HEAD twin is a route of its
-    own.) Probed through each route's public ``matches``, so nested routers count too."""
+def _allowed_methods(request: Request, path: str | None = None) -> str:
+    """The methods some route serves at the request's path (or at ``path``), for a 405's
+    ``Allow``. (Starlette's own lists only the first matching route's, and a GET route's HEAD
+    twin is a route of its own.) Probed through each route's public ``matches``, so nested
+    routers count too."""
     routes = request.app.router.routes
+    scope = request.scope if path is None else {**request.scope, "path": path}
     allowed = [
         method
         for method in _METHODS
-        if any(
-            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes
-        )
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in routes)
     ]
     return ", ".join(allowed)
+
+
+def _slash_hint(request: Request) -> str:
+    """What a 404 adds when the path less its trailing slashes is served: to remove them, and
+    the methods and path that are served (the app does not redirect: see create_app)."""
+    path = _path(request)
+    stripped = path.rstrip("/")
+    if not stripped or stripped == path:
+        return ""
+    allowed = _allowed_methods(request, stripped)
+    if not allowed:
+        return ""
+    return f"; remove the trailing slash: {allowed} {_cut(stripped)}"
 
 
 def _path(request: Request) -> str:
@@ -522,7 +537,7 @@ def install(app: FastAPI) -> None:
         # The path and method are the client's: cut; the rest is the server's words, whole.
         path = _cut(request.url.path)
         if exc.status_code == 404:
-            code, message = ErrorCode.NOT_FOUND, f"no route serves {path}"
+            code, message = ErrorCode.NOT_FOUND, f"no route serves {path}{_slash_hint(request)}"
         elif exc.status_code == 405:
             allowed = _allowed_methods(request) or headers.get("Allow", "")
             headers["Allow"] = allowed

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from mcdrop import fresh_seed
+from mcdrop.checkpoint import ModelSpec
 from service import convert, dataplane, schemas
 from service.arrivals import INFERENCE_TAG
 from service.config import Settings
@@ -72,9 +73,17 @@ class _JsonBodyRoute(APIRoute):
             if not raw:
                 missing = {"type": "missing", "loc": ("body",), "msg": "Field required"}
                 raise RequestValidationError([{**missing, "input": None}])
+            # The model first (a 404 or 503 before the body is parsed, as on v2): its input
+            # size bounds the values a body may hold (dataplane.check_values).
+            registry, settings = registry_and_settings(request)
+            spec = registry.get(request.path_params["name"]).spec
             try:
                 parsed = await dataplane.off_loop(
-                    len(raw) > dataplane.LARGE_BODY_BYTES, _loads, raw
+                    len(raw) > dataplane.LARGE_BODY_BYTES,
+                    _loads,
+                    raw,
+                    spec,
+                    settings.max_request_rows,
                 )
             except json.JSONDecodeError as exc:
                 error = {
@@ -85,7 +94,7 @@ class _JsonBodyRoute(APIRoute):
                 raise RequestValidationError(
                     [{**error, "input": {}, "ctx": {"error": exc.msg}}], body=exc.doc
                 ) from exc
-            except ServiceError:  # too many keys (dataplane.check_keys): it says so
+            except ServiceError:  # too many keys or values (dataplane.check_*): it says so
                 raise
             except RecursionError:  # json.loads recurses once per level
                 raise HTTPException(400, "arrays or objects nested too deeply") from None
@@ -103,8 +112,9 @@ class _JsonBodyRoute(APIRoute):
         return handler
 
 
-def _loads(raw: bytes) -> Any:
+def _loads(raw: bytes, spec: ModelSpec, max_rows: int) -> Any:
     dataplane.check_keys(raw)  # before parsing: a million unknown keys cost seconds
+    dataplane.check_values(raw, spec, max_rows)  # and parsing 7 M numbers ~0.5 s, the GIL held
     return dataplane.loads(raw)
 
 

@@ -7,12 +7,14 @@ limits a public server needs (see :mod:`service.protocol`). On SIGTERM, requests
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
 import time
 from functools import partial
@@ -156,7 +158,11 @@ class Worker(Process):
     uvicorn pings a worker it finds alive and waits the whole health-check timeout for the
     answer (60 s by default here). A worker killed (SIGKILL, the OOM killer) that the kernel is
     still tearing down is alive to that check and never answers: it was restarted only after
-    the whole timeout, with every worker killed the service down for that long."""
+    the whole timeout, with every worker killed the service down for that long.
+
+    It overrides a private method of uvicorn's (``Process._healthcheck``, uvicorn 0.51 on, which
+    ``ping`` and ``is_ready`` call): :func:`worker_class` checks that it is there before any
+    process is made one."""
 
     def _healthcheck(self, timeout: float) -> bool | None:
         try:
@@ -171,9 +177,56 @@ class Worker(Process):
             return None
 
 
+#: What :class:`Worker` uses of a uvicorn ``Process``: attributes each one is given at birth.
+_WORKER_ATTRIBUTES = ("parent_conn", "process")
+
+
+def healthcheck_problem(process_class: type) -> str | None:
+    """Why uvicorn's ``process_class`` is not what :class:`Worker` overrides (None when it is):
+    a ``_healthcheck(timeout)`` that its ``ping`` calls, and an ``__init__`` that gives each
+    process the attributes the override reads. (A private API, checked by its shape: a uvicorn
+    that changes it gets uvicorn's own health check, not a Worker's that it never calls.)"""
+    check = getattr(process_class, "_healthcheck", None)
+    if not inspect.isfunction(check):
+        return "it has no _healthcheck method"
+    parameters = list(inspect.signature(check).parameters)
+    if parameters != ["self", "timeout"]:
+        return f"its _healthcheck takes ({', '.join(parameters)}), not (self, timeout)"
+    ping = getattr(process_class, "ping", None)
+    if not inspect.isfunction(ping) or "_healthcheck" not in ping.__code__.co_names:
+        return "its ping does not call _healthcheck"
+    init = getattr(process_class, "__init__", None)
+    stored = init.__code__.co_names if inspect.isfunction(init) else ()
+    missing = [name for name in _WORKER_ATTRIBUTES if name not in stored]
+    if missing:
+        return f"its __init__ sets no {', '.join(missing)}"
+    return None
+
+
+def worker_class(process_class: type = Process) -> type[Worker] | None:
+    """:class:`Worker`, if uvicorn's ``process_class`` is what it overrides; else None, with a
+    warning that says what is left: uvicorn's own health check."""
+    problem = healthcheck_problem(process_class)
+    if problem is None:
+        return Worker
+    logging.getLogger("uvicorn.error").warning(
+        "uvicorn %s's worker Process is not as mcdrop expects (%s): its health check is "
+        "uvicorn's own, which waits worker_healthcheck_timeout_s for a killed worker before "
+        "it restarts it",
+        uvicorn.__version__,
+        problem,
+    )
+    return None
+
+
 class Supervisor(Multiprocess):
     """uvicorn's supervisor, with its workers' health checks those of :class:`Worker` (uvicorn
-    makes its own processes: each is made a :class:`Worker` once made, before it is checked)."""
+    makes its own processes: each is made a :class:`Worker` once made, before it is checked),
+    or uvicorn's own where its private API is not as expected (:func:`worker_class`)."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self.worker_class = worker_class()
 
     def init_processes(self) -> None:
         super().init_processes()
@@ -188,6 +241,9 @@ class Supervisor(Multiprocess):
         self._checked_as_workers()
 
     def _checked_as_workers(self) -> None:
+        if self.worker_class is None:
+            return
         for process in self.processes:
-            if type(process) is Process:  # (a Worker adds no state: only the check differs)
-                process.__class__ = Worker
+            # (a Worker adds no state: only the check differs)
+            if type(process) is Process and all(hasattr(process, a) for a in _WORKER_ATTRIBUTES):
+                process.__class__ = self.worker_class

@@ -270,6 +270,8 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
         codec.parse_request,
         body,
         header_lines(request, codec.HEADER_LENGTH),
+        spec,
+        settings.max_request_rows,
     )
     params = parsed.parameters
     tensor = codec.the_input(parsed.header, predictor)

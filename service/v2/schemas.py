@@ -169,10 +169,17 @@ class InferParameters(_Strict):
         return self
 
 
+#: The longest request ``id``: the response echoes it, so it is bounded (Triton's client sends
+#: the ``request_id`` it is given; a UUID is 36 characters, a W3C trace ID 32).
+MAX_ID_CHARS = 256
+
+
 class InferenceRequest(_Strict):
     """``$inference_request``."""
 
-    id: str | None = None
+    id: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = Field(
+        None, description=f"echoed in the response; at most {MAX_ID_CHARS} characters"
+    )
     parameters: InferParameters = Field(default_factory=InferParameters)
     inputs: Annotated[list[RequestInput], Field(fail_fast=True)] = Field(..., min_length=1)
     outputs: Annotated[list[RequestOutput], Field(fail_fast=True)] | None = None

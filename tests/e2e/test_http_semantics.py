@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import socket
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -144,6 +145,15 @@ def test_v2_errors_stay_small_whatever_the_client_sent(url: str) -> None:
         assert len(response.content) < 1000
 
 
+def test_a_15_mb_id_is_a_400_naming_the_limit_not_echoed(url: str) -> None:
+    body = b'{"id": "%s", ' % (b"i" * 15_000_000) + V2_BODY[1:]
+    response = httpx2.post(f"{url}/v2/models/diabetes/infer", content=body, timeout=60)
+    assert response.status_code == 400, response.text[:300]
+    assert response.json() == {
+        "error": "invalid request: id: String should have at most 256 characters"
+    }
+
+
 def test_a_content_length_with_5000_leading_zeros_is_its_value(url: str) -> None:
     # httptools accepts it (1*DIGIT); the body limit's check once answered 500.
     body = f'{{"inputs": [[{ROW}]]}}'.encode()
@@ -154,3 +164,50 @@ def test_a_content_length_with_5000_leading_zeros_is_its_value(url: str) -> None
         b"Content-Length: " + b"0" * 5000 + str(len(body)).encode() + b"\r\n\r\n" + body,
     )
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/models/diabetes/predict/", f'{{"inputs": [[{ROW}]]}}'.encode()),
+        ("POST", "/v2/models/diabetes/infer/", V2_BODY),
+        ("GET", "/health/", b""),
+        ("GET", "/v2/health/ready/", b""),
+    ],
+)
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(
+    url: str, method: str, path: str, body: bytes
+) -> None:
+    """Starlette answered a 307 with no body, which a client following it may resend as a GET
+    (or resend the body to wherever Location points)."""
+    answer = _raw(
+        url,
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404"), answer[:300]
+    assert b"location:" not in head.lower()
+    error = json.loads(content)["error"]
+    message = error if path.startswith("/v2/") else error["message"]
+    assert message.startswith(f"no route serves {path}; remove the trailing slash: ")
+    assert message.endswith(f" {path.rstrip('/')}")
+
+
+def test_a_row_of_7_million_values_is_refused_before_it_is_parsed(url: str) -> None:
+    """14 MB, within the body limit: parsing it holds the GIL (~0.5 s, in a worker thread too),
+    and each value was then validated on the event loop before the row's shape was refused:
+    /health waited 1.2-1.7 s."""
+    body = b'{"inputs": [[' + b",".join([b"0"] * 7_000_000) + b"]]}"
+    response = httpx2.post(
+        f"{url}/models/diabetes/predict",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 422, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "limit_exceeded"
+    assert error["message"].startswith("the request body holds 7000000 or more JSON values")
+    assert "at most 1000 rows (the server's max_request_rows) of 10 values" in error["message"]

@@ -111,3 +111,49 @@ def test_rows_are_refused_at_their_first_invalid_number(predictor: Predictor) ->
     with pytest.raises(InvalidInputError) as refused:
         convert.to_tensor(rows, predictor)
     assert str(refused.value).endswith(": inputs.0.0: Input should be a valid number")
+
+
+@pytest.fixture(scope="module")
+def predictors() -> dict[str, Predictor]:
+    return {
+        name: Predictor(checkpoint.load(MODELS / name), results_device="cpu")
+        for name in ("diabetes", "fashion")
+    }
+
+
+IMAGE = [[0.0] * 28] * 28
+
+
+@pytest.mark.parametrize(
+    ("model", "rows", "message"),
+    [
+        (
+            "diabetes",
+            [[0.0] * 10 + ["x"] * 1000],
+            "model 'diabetes' expects rows of shape [10], got a batch of shape [1, 1010]",
+        ),
+        (
+            "diabetes",
+            [[0.0] * 10, [0.0] * 10 + ["x"]],
+            "every row must have shape [10]; rows differ in length",
+        ),
+        (
+            "fashion",
+            [[["x"] * 1000]],
+            "model 'fashion' expects rows of shape [28, 28], got a batch of shape [1, 1, 1000]",
+        ),
+        (
+            "fashion",
+            [IMAGE, [*IMAGE[:27], ["x"] * 29]],
+            "every row must have shape [28, 28]; rows differ in length",
+        ),
+    ],
+)
+def test_rows_longer_than_the_shape_are_refused_before_their_values_are_read(
+    predictors: dict[str, Predictor], model: str, rows: list[Any], message: str
+) -> None:
+    # The strings would be named if the values were read: one row of 785 000 numbers for
+    # fashion had each validated, the event loop held, before its shape was refused.
+    with pytest.raises(InvalidInputError) as refused:
+        convert.to_tensor(rows, predictors[model])
+    assert str(refused.value).startswith(message)

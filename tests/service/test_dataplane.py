@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mcdrop.checkpoint import ModelSpec
 from service import dataplane
+from service.errors import LimitExceededError
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -67,3 +69,40 @@ _json = st.recursive(
 def test_loads_reads_any_json_as_json_does(value: Any) -> None:
     body = json.dumps(value).encode()
     assert _same(dataplane.loads(body), json.loads(body))
+
+
+# -- the values a body may hold ------------------------------------------------------------------
+
+_SPEC = ModelSpec(
+    name="m", task="classification", input_shape=[2, 3], labels=["a", "b"], architecture={}
+)
+
+
+def _body(values: int, **fields: Any) -> bytes:
+    return json.dumps({"inputs": [[0] * values], **fields}).encode()
+
+
+def test_a_body_of_the_most_rows_and_options_is_taken() -> None:
+    # 4 rows of 2 x 3 values: 24 values; and up to MAX_BODY_KEYS fields of options
+    rows = json.dumps([[[0.5] * 3] * 2] * 4)
+    options = ", ".join(f'"o{i}": [1, 2]' for i in range(dataplane.MAX_BODY_KEYS // 2))
+    dataplane.check_values(f'{{"inputs": {rows}, {options}}}'.encode(), _SPEC, max_rows=4)
+
+
+def test_a_body_of_more_values_than_its_rows_can_hold_is_refused_unparsed() -> None:
+    limit = 4 * 6 + dataplane.MAX_BODY_KEYS
+    dataplane.check_values(_body(limit + 1), _SPEC, max_rows=4)  # limit commas: taken
+    with pytest.raises(LimitExceededError) as refused:
+        dataplane.check_values(_body(limit + 2), _SPEC, max_rows=4)
+    assert str(refused.value) == (
+        f"the request body holds {limit + 2} or more JSON values, more than a request to model "
+        f"'m' can: at most 4 rows (the server's max_request_rows) of 6 values (shape [2, 3]), "
+        f"and its options, {limit} in all; send fewer rows, each of shape [2, 3]"
+    )
+
+
+@pytest.mark.parametrize("text", ["," * 5000, '\\",' * 2000 + "\\\\", "\\\\" + "," * 5000])
+def test_commas_in_strings_are_no_values(text: str) -> None:
+    dataplane.check_values(_body(3, id=text), _SPEC, max_rows=1)
+    with pytest.raises(LimitExceededError):
+        dataplane.check_values(_body(2000, id=text), _SPEC, max_rows=1)

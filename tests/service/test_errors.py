@@ -24,7 +24,7 @@ import mcdrop
 from service import errors
 from service.app import create_app
 from service.config import Settings
-from service.errors import ServiceError, error_response, jsonable, public_message
+from service.errors import ServiceError, error_response, is_v2, jsonable, public_message
 from service.schemas import ErrorCode
 from tests import factories
 from tests.conftest import MODELS, ROOT, only_the_bad_one_rejected, wait_for
@@ -224,6 +224,37 @@ def test_404_names_the_path(http: TestClient) -> None:
     response = http.get("/nothing/here")
     assert response.status_code == 404
     assert "/nothing/here" in response.json()["error"]["message"]
+    assert "slash" not in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "served"),
+    [
+        ("POST", "/models/diabetes/predict/", "POST /models/diabetes/predict"),
+        ("POST", "/models/diabetes/uncertainty//", "POST /models/diabetes/uncertainty"),
+        ("GET", "/health/", "GET, HEAD /health"),
+        ("GET", "/models/", "GET, HEAD /models"),
+        ("HEAD", "/models/diabetes/", "GET, HEAD /models/diabetes"),
+        ("POST", "/v2/models/diabetes/infer/", "POST /v2/models/diabetes/infer"),
+        ("GET", "/v2/models/diabetes/", "GET, HEAD /v2/models/diabetes"),
+        ("GET", "/v2/health/live/", "GET, HEAD /v2/health/live"),
+        ("POST", "/v2/", "GET, HEAD /v2"),
+    ],
+)
+def test_a_trailing_slash_is_a_404_saying_to_remove_it(
+    http: TestClient, method: str, path: str, served: str
+) -> None:
+    """No redirect (Starlette's 307 has no body, and a client following it may resend a POST as
+    a GET): a 404 in the path's protocol, as Triton answers a path it does not serve."""
+    body = {"inputs": [[0.0] * 10]} if method == "POST" else None
+    response = http.request(method, path, json=body, follow_redirects=False)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+    if method == "HEAD":  # (no body)
+        return
+    error = response.json()["error"]
+    message = error if is_v2(path) else error["message"]
+    assert message == f"no route serves {path}; remove the trailing slash: {served}"
 
 
 # -- 500 -----------------------------------------------------------------------------------------
@@ -398,8 +429,9 @@ def _v2_input(**fields: Any) -> dict[str, Any]:
 # case -> (request body, path, a piece of the bounded echo)
 V2_ECHOES: dict[str, tuple[dict[str, Any], str, str]] = {
     "many inputs": (
-        # 200 inputs of 4 fields: under the 1,024 keys a body may hold (dataplane.check_keys)
-        {"inputs": [_v2_input(name="n" * 40)] * 200},
+        # 200 inputs of 4 fields: under the 1,024 keys a body may hold (dataplane.check_keys),
+        # and of one value each, under the values (check_values)
+        {"inputs": [_v2_input(name="n" * 40, data=[0.0])] * 200},
         "/v2/models/diabetes/infer",
         "... and 190 more]",
     ),
@@ -409,9 +441,10 @@ V2_ECHOES: dict[str, tuple[dict[str, Any], str, str]] = {
         "... (100000 characters)",
     ),
     "long shape": (
-        {"inputs": [_v2_input(shape=[1] * 20_000)]},
+        # (under the values a body may hold here, 50 rows of 10 and 1,024 more: check_values)
+        {"inputs": [_v2_input(shape=[1] * 1_000)]},
         "/v2/models/diabetes/infer",
-        "... and 19990 more]",
+        "... and 990 more]",
     ),
     "long datatype": (
         {"inputs": [_v2_input(datatype="F" * 5000)]},

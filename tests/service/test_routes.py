@@ -237,6 +237,16 @@ def _row(n: int = 10, value: Any = 1.0) -> list[Any]:
 BAD: dict[str, tuple[str, Any, int, str]] = {
     "unknown model": ("/models/nope/predict", {"inputs": [_row()]}, 404, "model_not_found"),
     "wrong width": ("/models/diabetes/predict", {"inputs": [_row(3)]}, 422, "invalid_input"),
+    # More values than 50 rows of 10 hold, refused before the body is parsed (7 M of them held
+    # /health for over a second: parsing holds the GIL, then each value was validated).
+    "a row past the values limit": (
+        "/models/diabetes/predict",
+        {"inputs": [_row(2000)]},
+        422,
+        "limit_exceeded",
+    ),
+    # The model first, as on v2: its input size bounds the values the body may hold.
+    "unknown model, a body not an object": ("/models/nope/predict", [1], 404, "model_not_found"),
     "ragged rows": (
         "/models/diabetes/predict",
         {"inputs": [_row(), _row(2)]},

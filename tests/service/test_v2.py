@@ -23,6 +23,7 @@ from tritonclient.http import InferResult
 
 from service.app import create_app
 from service.config import Settings
+from service.v2.schemas import MAX_ID_CHARS
 from tests.service.conftest import ALWAYS_DROPS_ROWS, Loading, always_drops_twin, wait_ready
 
 DIGITS = load_digits().data[:4].astype(np.float32)
@@ -616,6 +617,13 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "nested too deep": (_json(_input(data=[[_row()]])), 400, "valid number"),
     # Data longer than its shape is refused by its lengths, its values unread (the strings would
     # be named if read): 7 M values sent for a shape of 10 held the event loop ~1.1 s.
+    # More values than 50 rows of 10 hold, refused before the body is parsed.
+    "data past the values limit": (
+        _json(_input(data=_row(2000))),
+        400,
+        "at most 50 rows (the server's max_request_rows) of 10 values (shape [10]), and its "
+        "options, 1524 in all",
+    ),
     "data longer than its shape": (
         _json(_input(data=[*_row(), *["x"] * 1000])),
         400,
@@ -641,6 +649,9 @@ BAD: dict[str, tuple[Any, int, str]] = {
     "missing inputs": ({}, 400, "inputs"),
     "not an object": ([1, 2], 400, "invalid request"),
     "extra field": (_json(model="x"), 400, "model"),
+    # The response echoes the id: a 15 MB one was echoed whole.
+    "id too long": (_json(id="i" * 257), 400, "id: String should have at most 256 characters"),
+    "id not a string": (_json(id=7), 400, "id: Input should be a valid string"),
     "input parameter": (
         _json(_input(parameters={"shared_memory_region": "r"})),
         400,
@@ -1045,8 +1056,16 @@ def test_a_body_of_many_keys_is_refused_before_it_is_parsed(http: TestClient) ->
 
 
 def test_colons_in_strings_are_no_keys(http: TestClient) -> None:
-    # Escaped quotes and backslashes do not end a string: its colons stay inside it.
-    request_id = 'a\\"b\\\\' + ":" * 5000 + '"'
-    response = infer(http, "diabetes", _json()["inputs"], id=request_id)
+    # Escaped quotes and backslashes do not end a string: its colons stay inside it. (In the
+    # input's name, which may be anything: the id is at most MAX_ID_CHARS.)
+    name = 'a\\"b\\\\' + ":" * 5000 + '"'
+    response = infer(http, "diabetes", _input(name=name), id=name[:MAX_ID_CHARS])
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == name[:MAX_ID_CHARS]
+
+
+def test_an_id_of_the_longest_length_is_echoed(http: TestClient) -> None:
+    request_id = "é" * MAX_ID_CHARS  # characters, not bytes
+    response = infer(http, "diabetes", _input(), id=request_id)
     assert response.status_code == 200, response.text
     assert response.json()["id"] == request_id
