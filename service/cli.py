@@ -256,11 +256,14 @@ def _read_inputs(value: str) -> list[Any]:
         text: str | bytes = _read_bounded(sys.stdin, "standard input")
     elif value.startswith("@"):
         path = Path(value[1:])
-        size = path.stat().st_size
-        if path.is_file() and size > MAX_INPUTS_BYTES:  # refused without reading it
-            raise UsageError(_too_large(str(path), f"{size:_} bytes"))
-        with path.open("rb") as file:  # not a regular file (a device, a pipe): read it bounded
-            text = _read_bounded(file, str(path))
+        try:
+            size = path.stat().st_size
+            if path.is_file() and size > MAX_INPUTS_BYTES:  # refused without reading it
+                raise UsageError(_too_large(str(path), f"{size:_} bytes"))
+            with path.open("rb") as file:  # not a regular file (a device, a pipe): read it bounded
+                text = _read_bounded(file, str(path))
+        except OSError as exc:  # a file named wrong is the command line's to fix, as a typo is
+            raise UsageError(f"--inputs {value}: cannot read it: {exc.strerror}") from None
     else:
         text = value
     try:

@@ -328,6 +328,12 @@ def test_url_from_the_environment(
         (["predict", "digits", "--inputs", "[[0,"], "--inputs is not valid JSON"),
         (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
+        # A file that is not there or not a file: the command line's to fix (it was exit 1).
+        (
+            ["predict", "digits", "--inputs", "@/no/such/rows.json"],
+            "--inputs @/no/such/rows.json: cannot read it: No such file or directory",
+        ),
+        (["predict", "digits", "--inputs", "@/"], "--inputs @/: cannot read it: Is a directory"),
         (["predict", "../health", "--inputs", "[[0]]"], "model name"),
         # Locally too, a model is a folder inside --model-dir, never a path out of it.
         (
