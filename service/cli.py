@@ -52,7 +52,14 @@ exit status:
   2    the request was refused, to fix before sending it again: the command line, or inputs
        or options refused as the service refuses them with a 4xx (invalid_input,
        invalid_argument, limit_exceeded, model_rejected_input, ...), locally or over HTTP
-  130  interrupted"""
+  3    mcdrop serve: the server did not start (a model failed to load with
+       MCDROP_EXIT_ON_ERROR, or the address is in use)
+  130  interrupted
+  141  standard output was closed before all of it was written (| head): nothing is said"""
+
+#: The status of a command whose reader stopped reading, as a shell reports a process that
+#: SIGPIPE ended (128 + 13): what `cat file | head` leaves, with no message.
+CLOSED_OUTPUT = 141
 
 
 class UsageError(Exception):
@@ -750,9 +757,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader that is gone is caught, not at exit
+        return status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mcdrop predict ... | head`: the reader has all it wants
+        _drop_output()
+        return CLOSED_OUTPUT
     except Exception as exc:  # one clear line instead of a traceback for expected failures
         said = _refused(exc)
         if said is not None:  # argparse's form, as its own usage errors (also exit 2)
@@ -763,6 +775,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mcdrop: error: {_one_line(said)}", file=sys.stderr)
             return 1
         raise
+
+
+def _drop_output() -> None:
+    """Standard output to /dev/null: what Python still holds for it is flushed at exit, and a
+    flush into the closed pipe would print "Exception ignored ... BrokenPipeError"."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured, replaced): nothing held
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -734,6 +734,30 @@ def test_the_help_says_what_each_exit_status_means(
     assert EXIT_STATUS in capsys.readouterr().out
 
 
+def test_the_help_lists_every_status_a_command_exits_with() -> None:
+    # serve's start-up failure (3) and a closed standard output (141) were missing.
+    listed = {
+        int(line.split()[0]) for line in EXIT_STATUS.splitlines() if line[:5].strip()[:1].isdigit()
+    }
+    assert listed == {0, 1, 2, 3, 130, 141}
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mcdrop predict ... | head -1` said "mcdrop: error: [Errno 32] Broken pipe" (exit 1)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before a byte is written
+    with os.fdopen(write, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        code = main(["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", f"[{PATIENT}]"])
+        assert code == 141
+        # the rest goes nowhere: the flush at exit would print "Exception ignored ..."
+        print("more")
+        closed.flush()
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     ("classes", "message"),
     [
