@@ -278,6 +278,19 @@ def test_calibrate_saves_a_file_the_model_loads_with(digits_dir: Path) -> None:
     assert loaded.threshold(0.2) == made.threshold(0.2)
 
 
+def test_calibrate_takes_the_arrays_of_an_npz(digits_dir: Path) -> None:
+    """Arrays as np.load gives them (it was an AttributeError: 'numpy.ndarray' has no 'dim')."""
+    model = mcdrop.load(digits_dir)
+    x = torch.rand(30, 64, dtype=torch.float64) * 16
+    y = torch.arange(30) % 10
+    from_arrays = mcdrop.calibrate(model, x.numpy(), y.numpy(), n_samples=8, seed=3)
+    from_lists = mcdrop.calibrate(model, x.tolist(), y.tolist(), n_samples=8, seed=3)
+    from_tensors = mcdrop.calibrate(model, x, y, n_samples=8, seed=3)
+    for made in [from_arrays, from_lists]:
+        assert torch.equal(made.conformal, from_tensors.conformal)
+        assert made.threshold(0.2) == from_tensors.threshold(0.2)
+
+
 def _edit(directory: Path, change: dict[str, object]) -> None:
     path = directory / cal.CALIBRATION
     data = json.loads(path.read_text())
