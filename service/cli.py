@@ -661,9 +661,24 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--max-n-samples", type=_positive, default=None, help="with --n-samples auto"
     )
-    predict.add_argument("--seed", type=int, default=None)
-    predict.add_argument("--level", type=float, default=0.95)
-    predict.add_argument("--return-samples", action="store_true")
+    predict.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the MC samples: the same seed, the same answer (default: a fresh one, "
+        "which the answer reports)",
+    )
+    predict.add_argument(
+        "--level",
+        type=float,
+        default=0.95,
+        help="a regressor's central interval lower/upper at this level (default 0.95)",
+    )
+    predict.add_argument(
+        "--return-samples",
+        action="store_true",
+        help="add each row's samples (S sampled probabilities or means) to the answer",
+    )
     decide = predict.add_argument_group("decisions, with --uncertainty (a calibrated model)")
     decide.add_argument(
         "--reject-rate", type=float, default=None, help="flag rows as the calibration rejects"

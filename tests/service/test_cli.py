@@ -742,6 +742,13 @@ def test_the_help_lists_every_status_a_command_exits_with() -> None:
     assert listed == {0, 1, 2, 3, 130, 141}
 
 
+def test_every_option_of_predict_says_what_it_does() -> None:
+    # --seed, --level and --return-samples had no help text.
+    predict = parser()._subparsers._group_actions[0].choices["predict"]
+    silent = [a.option_strings for a in predict._actions if a.option_strings and not a.help]
+    assert silent == []
+
+
 def test_a_reader_that_stops_reading_ends_the_command_quietly(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
