@@ -708,6 +708,14 @@ def _refused(exc: Exception) -> str | None:
     if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
         return str(exc)
     if isinstance(exc, APIError):
+        if exc.status_code == 401:  # the service's words fit any client: how this one sends a key
+            key = "MCDROP_API_KEY"
+            how = (
+                f"{key} holds the key mcdrop sent"
+                if os.environ.get(key)
+                else f"set {key} to the service's key: mcdrop sends it"
+            )
+            return f"{exc}; {how}"
         return str(exc) if 400 <= exc.status_code < 500 else None
     if "mcdrop" not in sys.modules:  # the library never ran (--url): none of its errors
         return None

@@ -893,7 +893,6 @@ def refusing_server() -> Iterator[str]:
         (422, "invalid_input", 2),
         (422, "limit_exceeded", 2),
         (404, "model_not_found", 2),
-        (401, "unauthorized", 2),
         (500, "internal_error", 1),
         (503, "model_not_ready", 1),
         (504, "deadline_exceeded", 1),
@@ -915,6 +914,32 @@ def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
     assert (got, out) == (exit_status, "")
     prefix = "mcdrop predict: error:" if exit_status == 2 else "mcdrop: error:"
     assert err == f"{prefix} {status} {code}: as refused\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        (None, "set MCDROP_API_KEY to the service's key: mcdrop sends it"),
+        ("wrong", "MCDROP_API_KEY holds the key mcdrop sent"),
+    ],
+)
+def test_a_401_says_how_mcdrop_sends_a_key(
+    refusing_server: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str | None,
+    hint: str,
+) -> None:
+    # The service's message ("send the header 'Authorization: Bearer <key>'") said nothing of
+    # how the command sends one.
+    if key is None:
+        monkeypatch.delenv("MCDROP_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("MCDROP_API_KEY", key)
+    argv = ["predict", "401-unauthorized", "--url", refusing_server, "--inputs", "[[0]]"]
+    got, out, err = _run(capsys, *argv)
+    assert (got, out) == (2, "")
+    assert err == f"mcdrop predict: error: 401 unauthorized: as refused; {hint}\n"
 
 
 @pytest.mark.parametrize(("status", "exit_status"), [(422, 2), (500, 1)])
