@@ -526,9 +526,12 @@ def resolve(
         check_coverage(coverage)
     if (reject_rate is not None or coverage is not None) and calibration is None:
         asked = "reject_rate" if reject_rate is not None else "coverage"
+        # (a threshold stands in for a rate, never for a coverage)
+        instead = " or send an explicit reject_threshold" if asked == "reject_rate" else ""
         raise NotCalibratedError(
             f"{model} has no calibration ({CALIBRATION}), so {asked} cannot be served; "
-            f"calibrate it (`mcdrop calibrate MODEL_DIR`) or send an explicit reject_threshold"
+            f"calibrate it (`mcdrop calibrate MODEL_DIR`){instead} (a server reads the file "
+            "when it loads the model: restart one that runs)"
         )
     threshold = reject_threshold
     if reject_rate is not None:

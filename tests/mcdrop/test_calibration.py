@@ -239,10 +239,19 @@ def test_the_contract_names_every_score() -> None:
     assert set(cal.DEFAULT_SCORE) == set(cal.SCORES)
 
 
-@pytest.mark.parametrize("options", [{"reject_rate": 0.1}, {"coverage": 0.9}])
-def test_rates_and_coverages_need_a_calibration(options: dict[str, float]) -> None:
-    with pytest.raises(mcdrop.NotCalibratedError, match="mcdrop calibrate"):
+@pytest.mark.parametrize(
+    ("options", "instead"),
+    [({"reject_rate": 0.1}, " or send an explicit reject_threshold"), ({"coverage": 0.9}, "")],
+)
+def test_rates_and_coverages_need_a_calibration(options: dict[str, float], instead: str) -> None:
+    # A threshold is no way to a coverage; and a served model calibrated after it loaded stayed
+    # uncalibrated, with no word of why.
+    with pytest.raises(mcdrop.NotCalibratedError) as info:
         cal.resolve("classification", None, **options)  # type: ignore[arg-type]
+    assert str(info.value).endswith(
+        f"calibrate it (`mcdrop calibrate MODEL_DIR`){instead} (a server reads the file when it "
+        "loads the model: restart one that runs)"
+    )
 
 
 def test_an_explicit_threshold_needs_no_calibration() -> None:
