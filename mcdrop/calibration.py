@@ -51,6 +51,8 @@ from mcdrop.exceptions import (
 from mcdrop.stats import ClassificationSummary, RegressionSummary
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
     from mcdrop.checkpoint import LoadedModel
 
 #: The file in a model directory.
@@ -427,8 +429,8 @@ def from_statistics(
 
 def calibrate(
     model: LoadedModel,
-    x: Tensor,
-    targets: Tensor,
+    x: Tensor | ArrayLike,
+    targets: Tensor | ArrayLike,
     *,
     n_samples: int | None = None,
     seed: int = 0,
@@ -439,7 +441,9 @@ def calibrate(
 ) -> Calibration:
     """Calibrate a loaded model on held-out rows ``x (N, *input_shape)`` and their ``targets``
     (classifier ``(N,)`` class indices; regressor ``(N, K)`` or ``(N,)`` for one target, in
-    original units), with ``n_samples`` MC samples (the manifest's default if None).
+    original units), with ``n_samples`` MC samples (the manifest's default if None). Both are
+    tensors, or arrays or nested lists (what ``np.load`` gives of an ``.npz``, as ``mcdrop
+    calibrate --data`` reads).
 
     With ``save``, the calibration is written into the model's directory, and the model
     carries it (``model.calibration``). Rows must not have been trained on: the guarantees
@@ -448,6 +452,7 @@ def calibrate(
     from mcdrop.predictor import Predictor  # the predictor imports checkpoint, which imports us
 
     predictor = Predictor(model, results_device="cpu")
+    x, targets = torch.as_tensor(x), torch.as_tensor(targets)
     if x.shape[0] != targets.shape[0]:
         raise InvalidArgumentError(
             f"x has {x.shape[0]} rows and targets {targets.shape[0]}; they must match"
@@ -523,9 +528,12 @@ def resolve(
         check_coverage(coverage)
     if (reject_rate is not None or coverage is not None) and calibration is None:
         asked = "reject_rate" if reject_rate is not None else "coverage"
+        # (a threshold stands in for a rate, never for a coverage)
+        instead = " or send an explicit reject_threshold" if asked == "reject_rate" else ""
         raise NotCalibratedError(
             f"{model} has no calibration ({CALIBRATION}), so {asked} cannot be served; "
-            f"calibrate it (`mcdrop calibrate MODEL_DIR`) or send an explicit reject_threshold"
+            f"calibrate it (`mcdrop calibrate MODEL_DIR`){instead} (a server reads the file "
+            "when it loads the model: restart one that runs)"
         )
     threshold = reject_threshold
     if reject_rate is not None:

@@ -190,6 +190,11 @@ class Predictor:
         what is wrong. ``check_finite`` False leaves out the scan of every value for NaN and
         ±inf, for a caller that has checked each value itself (finite in float32)."""
         expected = tuple(self.spec.input_shape)
+        if not isinstance(x, Tensor):  # an array's .dim() was an AttributeError
+            raise InvalidInputError(
+                f"inputs must be a torch.Tensor, got {type(x).__name__} (torch.as_tensor(x) "
+                "makes one of an array or nested lists)"
+            )
         if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
             raise InvalidInputError(
                 f"model {self.spec.name!r} expects rows of shape {list(expected)}, got a batch "

@@ -58,7 +58,14 @@ exit status:
        or options refused as the service refuses them with a 4xx other than 408 and 429
        (invalid_input, invalid_argument, limit_exceeded, model_rejected_input, ...), locally
        or over HTTP
-  130  interrupted"""
+  3    mcdrop serve: the server did not start (a model failed to load with
+       MCDROP_EXIT_ON_ERROR, or the address is in use)
+  130  interrupted
+  141  standard output was closed before all of it was written (| head): nothing is said"""
+
+#: The status of a command whose reader stopped reading, as a shell reports a process that
+#: SIGPIPE ended (128 + 13): what `cat file | head` leaves, with no message.
+CLOSED_OUTPUT = 141
 
 #: 4xx statuses that say nothing is wrong with the request, only with its moment: 408 (the
 #: body came too slowly, e.g. a congested network) and 429 (too many requests, e.g. a proxy's
@@ -267,11 +274,14 @@ def _read_inputs(value: str) -> list[Any]:
         text: str | bytes = _read_bounded(sys.stdin, "standard input")
     elif value.startswith("@"):
         path = Path(value[1:])
-        size = path.stat().st_size
-        if path.is_file() and size > MAX_INPUTS_BYTES:  # refused without reading it
-            raise UsageError(_too_large(str(path), f"{size:_} bytes"))
-        with path.open("rb") as file:  # not a regular file (a device, a pipe): read it bounded
-            text = _read_bounded(file, str(path))
+        try:
+            size = path.stat().st_size
+            if path.is_file() and size > MAX_INPUTS_BYTES:  # refused without reading it
+                raise UsageError(_too_large(str(path), f"{size:_} bytes"))
+            with path.open("rb") as file:  # not a regular file (a device, a pipe): read it bounded
+                text = _read_bounded(file, str(path))
+        except OSError as exc:  # a file named wrong is the command line's to fix, as a typo is
+            raise UsageError(f"--inputs {value}: cannot read it: {exc.strerror}") from None
     else:
         text = value
     try:
@@ -693,9 +703,24 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--max-n-samples", type=_positive, default=None, help="with --n-samples auto"
     )
-    predict.add_argument("--seed", type=int, default=None)
-    predict.add_argument("--level", type=float, default=0.95)
-    predict.add_argument("--return-samples", action="store_true")
+    predict.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the MC samples: the same seed, the same answer (default: a fresh one, "
+        "which the answer reports)",
+    )
+    predict.add_argument(
+        "--level",
+        type=float,
+        default=0.95,
+        help="a regressor's central interval lower/upper at this level (default 0.95)",
+    )
+    predict.add_argument(
+        "--return-samples",
+        action="store_true",
+        help="add each row's samples (S sampled probabilities or means) to the answer",
+    )
     decide = predict.add_argument_group("decisions, with --uncertainty (a calibrated model)")
     decide.add_argument(
         "--reject-rate", type=float, default=None, help="flag rows as the calibration rejects"
@@ -726,6 +751,14 @@ def _refused(exc: Exception) -> str | None:
     if isinstance(exc, UsageError | InvalidURLError | InvalidRequestError):
         return str(exc)
     if isinstance(exc, APIError):
+        if exc.status_code == 401:  # the service's words fit any client: how this one sends a key
+            key = "MCDROP_API_KEY"
+            how = (
+                f"{key} holds the key mcdrop sent"
+                if os.environ.get(key)
+                else f"set {key} to the service's key: mcdrop sends it"
+            )
+            return f"{exc}; {how}"
         refused = 400 <= exc.status_code < 500 and exc.status_code not in TRANSIENT_STATUSES
         return str(exc) if refused else None
     if "mcdrop" not in sys.modules:  # the library never ran (--url): none of its errors
@@ -791,9 +824,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv  # recorded in model manifests as the command that made them
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader that is gone is caught, not at exit
+        return status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mcdrop predict ... | head`: the reader has all it wants
+        _drop_output()
+        return CLOSED_OUTPUT
     except Exception as exc:  # one clear line instead of a traceback for expected failures
         said = _refused(exc)
         if said is not None:  # argparse's form, as its own usage errors (also exit 2)
@@ -804,6 +842,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mcdrop: error: {_one_line(said)}", file=sys.stderr)
             return 1
         raise
+
+
+def _drop_output() -> None:
+    """Standard output to /dev/null: what Python still holds for it is flushed at exit, and a
+    flush into the closed pipe would print "Exception ignored ... BrokenPipeError"."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured, replaced): nothing held
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -135,8 +135,13 @@ class _StartupSummary(logging.Filter):
         return True
 
 
-#: Attributes every LogRecord has: what is left over came from ``extra=``.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+#: Attributes every LogRecord has: what is left over came from ``extra=``. Less uvicorn's
+#: ``color_message``, the message again with terminal colour codes, no use in a JSON line.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -157,8 +162,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """``LEVEL:     [request id] logger: message``, ``[-]`` outside a request."""
+
     def __init__(self) -> None:
         super().__init__("%(levelname)s:     [%(request_id)s] %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "request_id", None) is None:  # it read "[None]"
+            record = logging.makeLogRecord({**vars(record), "request_id": "-"})
+        return super().format(record)
 
 
 def config(level: str, fmt: str) -> dict[str, Any]:

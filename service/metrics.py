@@ -126,6 +126,11 @@ class Metrics:
         )
 
     def model(self, name: str) -> ModelMetrics:
+        # The series the request middleware records, made here too: every series of a model is
+        # there, at 0, from its load (one first made at a request would hide that request from
+        # Prometheus' rate() and increase()).
+        for metric in (self.success, self.in_flight, self.request_seconds):
+            metric.labels(name)
         return ModelMetrics(
             pending=self.pending.labels(name),
             rows=self.rows.labels(name),

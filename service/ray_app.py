@@ -1,6 +1,6 @@
 """Scale-out on Ray Serve: the service's own FastAPI app on N replicas behind Ray's HTTP proxy.
 
-    pip install 'mcdrop[ray]'
+    pip install -e '.[ray]'
     python -m service.ray_app --replicas 2 --model-dir models --port 8000
 
 Each replica is one Ray actor running :func:`service.app.create_app` (``serve.ingress``), so the
@@ -39,8 +39,12 @@ import time
 try:
     import ray
     from ray import serve
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("Ray Serve is not installed: pip install 'mcdrop[ray]'") from exc
+except ImportError as exc:
+    # README.md's command, from a clone of the repository
+    missing = "Ray Serve is not installed: pip install -e '.[ray]' in a clone of mcdrop"
+    if __name__ == "__main__":  # the command: one line, as mcdrop's, not two tracebacks
+        raise SystemExit(f"python -m service.ray_app: error: {missing}") from None
+    raise ImportError(missing) from exc
 import torch
 from fastapi import FastAPI
 

@@ -124,6 +124,7 @@ def run(settings: Settings) -> None:
         _wipe_metric_files(given)  # before any metric of this run is made
     server_config = config(settings)
     if settings.workers == 1:
+        _check_address(settings.host, settings.port)
         uvicorn.Server(server_config).run()
         return
     # (before the folder below: an address in use exits here, and left the folder behind)
@@ -144,6 +145,25 @@ def run(settings: Settings) -> None:
     # supervisor: exit as one process would then (uvicorn's status 3), not 0.
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         raise SystemExit(STARTUP_FAILURE)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Exit with uvicorn's start-up failure now where ``(host, port)`` cannot be bound: one
+    uvicorn process binds only after its lifespan has loaded every model (seconds, minutes for
+    large ones), then said "address already in use". The bind uvicorn makes, given up at once
+    (a port freed in between is taken then; one taken in between fails there, as before)."""
+    if port == 0:  # any free port: nothing to take
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            logging.getLogger("uvicorn.error").error(
+                "cannot listen on %s port %d: %s", host, port, error.strerror
+            )
+            raise SystemExit(STARTUP_FAILURE) from None
 
 
 _now = time.monotonic

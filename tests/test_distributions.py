@@ -80,6 +80,17 @@ def test_the_client_needs_only_pydantic_and_httpx2() -> None:
     }
 
 
+@pytest.mark.parametrize("pyproject", [ROOT / "pyproject.toml", CLIENT_DIST / "pyproject.toml"])
+def test_the_license_is_an_spdx_expression(pyproject: Path) -> None:
+    # license = { text = "MIT" } made every install print setuptools' deprecation, four times
+    # over 60 lines: "By 2027-Feb-18, you need to update your project ... or your builds will
+    # no longer be supported". An SPDX string needs setuptools 77.
+    with pyproject.open("rb") as file:
+        document = tomllib.load(file)
+    assert document["project"]["license"] == "MIT"
+    assert document["build-system"]["requires"] == ["setuptools>=77"]
+
+
 @pytest.mark.slow
 def test_the_client_alone_installs_without_torch_and_answers_as_the_repos(tmp_path: Path) -> None:
     # The README's install line, from a copy: pip builds in the source folder, and the checkout

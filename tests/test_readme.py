@@ -84,6 +84,12 @@ def test_the_readme_shows_each_way_in() -> None:
     assert shown == {"curl", "client", "cli", "library", "tritonclient"}
 
 
+def test_the_readme_imports_the_client_by_the_name_it_installs_as() -> None:
+    """The client a caller installs alone is ``mcdrop_client``; one example imported it as
+    ``service.client``, which only a full install of mcdrop has."""
+    assert not [e.code.line for e in EXAMPLES if "from service.client import" in e.code.body]
+
+
 def test_not_run_markers_sit_on_runnable_blocks() -> None:
     """A marker anywhere else (a typo, a moved block) would silently mark nothing."""
     markdown = README.read_text()

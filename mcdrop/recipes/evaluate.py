@@ -274,6 +274,13 @@ def evaluate_model(
     )
     spec = loaded.spec
     name = dataset or spec.training.get("dataset") or spec.name
+    if name not in datasets.BUILTIN and dataset is None:  # a model of one's own: say why
+        raise InvalidArgumentError(
+            f"model {spec.name!r} records no built-in dataset it was trained on (its manifest's "
+            f"training.dataset), and evaluate scores a model on one of {sorted(datasets.BUILTIN)}"
+            ": give --dataset (dataset=) for a model of one of them; mcdrop calibrate --data "
+            "checks a model on rows of your own"
+        )
     split_seed = int(spec.training.get("seed", 0))
     data = datasets.load(name, seed=split_seed)
     if list(data.input_shape) != list(spec.input_shape) or len(data.labels) != spec.n_outputs:

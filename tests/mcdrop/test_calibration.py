@@ -239,10 +239,19 @@ def test_the_contract_names_every_score() -> None:
     assert set(cal.DEFAULT_SCORE) == set(cal.SCORES)
 
 
-@pytest.mark.parametrize("options", [{"reject_rate": 0.1}, {"coverage": 0.9}])
-def test_rates_and_coverages_need_a_calibration(options: dict[str, float]) -> None:
-    with pytest.raises(mcdrop.NotCalibratedError, match="mcdrop calibrate"):
+@pytest.mark.parametrize(
+    ("options", "instead"),
+    [({"reject_rate": 0.1}, " or send an explicit reject_threshold"), ({"coverage": 0.9}, "")],
+)
+def test_rates_and_coverages_need_a_calibration(options: dict[str, float], instead: str) -> None:
+    # A threshold is no way to a coverage; and a served model calibrated after it loaded stayed
+    # uncalibrated, with no word of why.
+    with pytest.raises(mcdrop.NotCalibratedError) as info:
         cal.resolve("classification", None, **options)  # type: ignore[arg-type]
+    assert str(info.value).endswith(
+        f"calibrate it (`mcdrop calibrate MODEL_DIR`){instead} (a server reads the file when it "
+        "loads the model: restart one that runs)"
+    )
 
 
 def test_an_explicit_threshold_needs_no_calibration() -> None:
@@ -290,6 +299,19 @@ def test_a_calibration_file_that_is_a_symlink_is_replaced_not_written_through(
     read = cal.read(tmp_path)
     assert read is not None
     assert torch.equal(read.conformal, reg.conformal)
+
+
+def test_calibrate_takes_the_arrays_of_an_npz(digits_dir: Path) -> None:
+    """Arrays as np.load gives them (it was an AttributeError: 'numpy.ndarray' has no 'dim')."""
+    model = mcdrop.load(digits_dir)
+    x = torch.rand(30, 64, dtype=torch.float64) * 16
+    y = torch.arange(30) % 10
+    from_arrays = mcdrop.calibrate(model, x.numpy(), y.numpy(), n_samples=8, seed=3)
+    from_lists = mcdrop.calibrate(model, x.tolist(), y.tolist(), n_samples=8, seed=3)
+    from_tensors = mcdrop.calibrate(model, x, y, n_samples=8, seed=3)
+    for made in [from_arrays, from_lists]:
+        assert torch.equal(made.conformal, from_tensors.conformal)
+        assert made.threshold(0.2) == from_tensors.threshold(0.2)
 
 
 def _edit(directory: Path, change: dict[str, object]) -> None:

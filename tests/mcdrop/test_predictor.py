@@ -82,6 +82,14 @@ def test_bad_inputs_are_explained(digits: Predictor, bad: torch.Tensor) -> None:
         digits.predict(bad)
 
 
+@pytest.mark.parametrize("method", ["predict", "uncertainty"])
+def test_rows_that_are_not_a_tensor_are_explained(digits: Predictor, method: str) -> None:
+    # An array was an AttributeError ('numpy.ndarray' object has no attribute 'dim').
+    rows = torch.zeros(2, 64).numpy()
+    with pytest.raises(InvalidInputError, match=r"inputs must be a torch\.Tensor, got ndarray"):
+        getattr(digits, method)(rows)
+
+
 @pytest.mark.parametrize("bad", [torch.zeros(2, 63), torch.zeros(64), torch.zeros(0, 64)])
 def test_a_caller_that_checked_the_values_still_gets_the_shape_checked(
     digits: Predictor, bad: torch.Tensor

@@ -330,6 +330,12 @@ def test_url_from_the_environment(
         (["predict", "digits", "--inputs", "[[0,"], "--inputs is not valid JSON"),
         (["predict", "digits", "--inputs", '{"rows": []}'], "--inputs must be a JSON list"),
         (["predict", "digits", "--inputs", "[[NaN]]"], "cannot encode"),
+        # A file that is not there or not a file: the command line's to fix (it was exit 1).
+        (
+            ["predict", "digits", "--inputs", "@/no/such/rows.json"],
+            "--inputs @/no/such/rows.json: cannot read it: No such file or directory",
+        ),
+        (["predict", "digits", "--inputs", "@/"], "--inputs @/: cannot read it: Is a directory"),
         (["predict", "../health", "--inputs", "[[0]]"], "model name"),
         # Locally too, a model is a folder inside --model-dir, never a path out of it.
         (
@@ -751,6 +757,37 @@ def test_the_help_says_what_each_exit_status_means(
     assert EXIT_STATUS in capsys.readouterr().out
 
 
+def test_the_help_lists_every_status_a_command_exits_with() -> None:
+    # serve's start-up failure (3) and a closed standard output (141) were missing.
+    listed = {
+        int(line.split()[0]) for line in EXIT_STATUS.splitlines() if line[:5].strip()[:1].isdigit()
+    }
+    assert listed == {0, 1, 2, 3, 130, 141}
+
+
+def test_every_option_of_predict_says_what_it_does() -> None:
+    # --seed, --level and --return-samples had no help text.
+    predict = parser()._subparsers._group_actions[0].choices["predict"]
+    silent = [a.option_strings for a in predict._actions if a.option_strings and not a.help]
+    assert silent == []
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mcdrop predict ... | head -1` said "mcdrop: error: [Errno 32] Broken pipe" (exit 1)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before a byte is written
+    with os.fdopen(write, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        code = main(["predict", "diabetes", "--model-dir", str(MODELS), "--inputs", f"[{PATIENT}]"])
+        assert code == 141
+        # the rest goes nowhere: the flush at exit would print "Exception ignored ..."
+        print("more")
+        closed.flush()
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     ("classes", "message"),
     [
@@ -879,7 +916,6 @@ def refusing_server() -> Iterator[str]:
         (422, "invalid_input", 2),
         (422, "limit_exceeded", 2),
         (404, "model_not_found", 2),
-        (401, "unauthorized", 2),
         (500, "internal_error", 1),
         (503, "model_not_ready", 1),
         (503, "overloaded", 1),
@@ -905,6 +941,32 @@ def test_a_services_answer_exits_as_the_same_failure_of_a_local_model(
     assert (got, out) == (exit_status, "")
     prefix = "mcdrop predict: error:" if exit_status == 2 else "mcdrop: error:"
     assert err == f"{prefix} {status} {code}: as refused\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        (None, "set MCDROP_API_KEY to the service's key: mcdrop sends it"),
+        ("wrong", "MCDROP_API_KEY holds the key mcdrop sent"),
+    ],
+)
+def test_a_401_says_how_mcdrop_sends_a_key(
+    refusing_server: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str | None,
+    hint: str,
+) -> None:
+    # The service's message ("send the header 'Authorization: Bearer <key>'") said nothing of
+    # how the command sends one.
+    if key is None:
+        monkeypatch.delenv("MCDROP_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("MCDROP_API_KEY", key)
+    argv = ["predict", "401-unauthorized", "--url", refusing_server, "--inputs", "[[0]]"]
+    got, out, err = _run(capsys, *argv)
+    assert (got, out) == (2, "")
+    assert err == f"mcdrop predict: error: 401 unauthorized: as refused; {hint}\n"
 
 
 @pytest.mark.parametrize(("status", "exit_status"), [(422, 2), (500, 1)])

@@ -121,6 +121,21 @@ def test_an_integer_too_long_to_parse_is_a_400(http: TestClient) -> None:
     assert response.json()["error"]["code"] == "invalid_json"
 
 
+def test_a_body_that_is_not_json_says_where_and_why(http: TestClient) -> None:
+    # It said "the request body is not valid JSON: JSON decode error", with "field": "17".
+    response = http.post(
+        "/models/diabetes/uncertainty",
+        content=b'{"inputs": [[1, 2]\n "seed": 1}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert error["message"] == (
+        "the request body is not valid JSON: Expecting ',' delimiter at line 2 column 2"
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [

@@ -33,6 +33,7 @@ from service.server import (
     worker_app,
     worker_class,
 )
+from tests.conftest import MODELS
 
 WORKER_SETTINGS = "MCDROP_SERVE_WORKER_SETTINGS"
 
@@ -54,6 +55,24 @@ def test_workers_get_the_settings_of_the_parent(
     config(settings)
     handed = Settings(**json.loads(os.environ[WORKER_SETTINGS]))
     assert handed == settings
+
+
+def test_one_process_on_an_address_in_use_stops_before_loading_a_model(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # uvicorn binds after the lifespan: every model loaded and warmed up (the bundled ones: 3 s
+    # here), then "address already in use", exit 3.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        settings = Settings(model_dir=MODELS, port=other.getsockname()[1])
+        with pytest.raises(SystemExit) as exited:
+            run(settings)
+    assert exited.value.code == STARTUP_FAILURE
+    err = capfd.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {settings.port}: Address already in use" in err
+    assert "ready on" not in err  # no model was loaded
+    assert "startup" not in err  # no lifespan began
 
 
 def test_a_worker_that_cannot_make_its_app_stops_the_server(

@@ -106,6 +106,23 @@ def test_model_and_dataset_must_fit(tmp_path: Path) -> None:
         evaluate.evaluate_model(model, "diabetes", plots=False)
 
 
+def test_a_model_of_no_builtin_dataset_is_told_why(tmp_path: Path) -> None:
+    # A model saved with mcdrop.save, named "blobs": it was "unknown dataset 'blobs'".
+    model = _digits_model(tmp_path / "blobs")
+    manifest = model / checkpoint.MANIFEST
+    spec = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**spec, "name": "blobs", "training": {}}))
+    with pytest.raises(InvalidArgumentError) as info:
+        evaluate.evaluate_model(model, plots=False)
+    assert str(info.value).startswith(
+        "model 'blobs' records no built-in dataset it was trained on (its manifest's "
+        "training.dataset), and evaluate scores a model on one of ['diabetes', 'digits', "
+        "'fashion']: give --dataset"
+    )
+    # Told which, it runs.
+    assert evaluate.evaluate_model(model, "digits", plots=False, limit=5)["n_test"] == 5
+
+
 def test_cli_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _digits_model(tmp_path / "model")
     out = tmp_path / "cli"
