@@ -5,9 +5,10 @@ dropout it declares and how often each made a stochastic call, the dropout calls
 plan, whether the samples vary (per output), whether the layers before the first dropout run
 once per row, what one sample of one row costs, and the problems found: no dropout, dropout
 sampling cannot reach (:mod:`mcdrop.coverage`), dropout at rate 1, layers that mix the rows of
-a batch, a batch size that a server's warm-up runs and the model fails on, outputs that never
-vary. An *error* makes MC dropout meaningless on the model (or a server refuse it); a *warning*
-makes its variance too small or its answers suspect.
+a batch, a batch size that a server's warm-up runs and the model fails on, a classifier that
+returns probabilities rather than logits, outputs that never vary. An *error* makes MC dropout
+meaningless on the model (or a server refuse it); a *warning* makes its variance too small or
+its answers suspect.
 
 Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
 """
@@ -305,6 +306,8 @@ def check(
     report.outputs = _output_names(spec, out.shape[-1] if out.dim() == 2 else 0)
     if spec is not None and (problem := outputs_problem(spec, out, x.shape[0])):
         report.error("output_shape", problem)
+    elif spec is not None and (problem := probabilities_problem(spec, module, x, out)):
+        report.error("probabilities", problem)
     try:
         mixes = mixing(module, x, out) > 0
     except Exception as exc:  # the model's own code: a forward written for one batch size
@@ -427,6 +430,44 @@ def mixing_problem(
         "row's output depends on the other rows of its batch (e.g. a normalisation over the "
         "batch, or BatchNorm in training mode), and a request's rows are merged with other "
         "requests' and its samples with each other"
+    )
+
+
+def probabilities_problem(spec: ModelSpec, module: nn.Module, x: Tensor, out: Tensor) -> str | None:
+    """Why ``module`` cannot be served, where it is a classifier (``spec``) that returns
+    probabilities rather than logits: its outputs ``out (N, K)`` on the rows ``x (N,
+    *input_shape)`` lie in [0, 1] and sum to 1 (within 1e-4, or the rounding of its compute
+    dtype) in every row, K at least 2, the rows of at least two different inputs; else None.
+
+    Why refused: mcdrop takes a classifier's outputs as logits and softmaxes them, and the
+    softmax of probabilities squashes them toward uniform (of [0.9, 0.1], [0.69, 0.31]), so
+    every probability and uncertainty served would be wrong, silently. Log-probabilities are
+    logits (their softmax is the probabilities); sigmoids of a multi-label model do not sum to
+    1. A genuine classifier's logits sum to 1 within 1e-4 on one row by chance, rarely (a
+    binary one's whose logits lie in [0, 1], ~1e-4), on each of several different rows
+    practically never: one row, or rows of one input repeated, decide nothing. A classifier of
+    one label, whose softmax is 1 whatever it returns, is left alone (its output says nothing
+    of what it is)."""
+    if spec.task != "classification" or out.dim() != 2:
+        return None
+    n, k = out.shape
+    if k < 2 or n != x.shape[0] or torch.unique(x.reshape(n, -1), dim=0).shape[0] < 2:
+        return None
+    eps = compute_eps(module, out.device)
+    if out.is_floating_point():
+        eps = max(eps, torch.finfo(out.dtype).eps)
+    tol = max(1e-4, 4 * eps)
+    p = out.detach().double()
+    inside = bool(((p >= 0) & (p <= 1 + tol)).all())  # (False on NaN)
+    if not (inside and bool(((p.sum(1) - 1).abs() <= tol).all())):
+        return None
+    return (
+        f"the model returns probabilities, not logits: its {k} outputs lie in [0, 1] and sum "
+        "to 1 on every row probed, as a softmax's do; mcdrop takes a classifier's outputs as "
+        "logits and softmaxes them, so its probabilities would be squashed toward uniform and "
+        "their uncertainty (entropy, mutual information, ...) would be wrong; return logits: "
+        "drop the final softmax (nn.Softmax, torch.softmax) from its forward, or return "
+        "log-probabilities (log_softmax), whose softmax is the probabilities"
     )
 
 

@@ -359,3 +359,30 @@ class MaxBatch(nn.Module):
             raise ValueError(f"at most {self.most} rows a batch, got {x.shape[0]}")
         h = torch.relu(self.fc(x))
         return self.head(h + self.drop(h))
+
+
+#: What :class:`Outputs` ends its forward with: a classifier's logits, or what is no logits.
+ENDINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "logits": lambda z: z,
+    "nn.Softmax": nn.Softmax(dim=1),
+    "torch.softmax": lambda z: torch.softmax(z, dim=-1),
+    "log_softmax": lambda z: F.log_softmax(z, dim=1),
+    "sigmoid": torch.sigmoid,  # multi-label: each in [0, 1], not summing to 1
+}
+
+
+class Outputs(nn.Module):
+    """``(N, D) -> (N, K)``: linear, ReLU, dropout, linear, then ``ending`` (:data:`ENDINGS`):
+    a classifier that returns logits, log-probabilities, probabilities (a final softmax, which
+    mcdrop's own softmax would squash toward uniform), or multi-label sigmoids."""
+
+    def __init__(
+        self, ending: str = "logits", in_features: int = 3, width: int = 8, n_classes: int = 3
+    ) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(in_features, width), nn.Linear(width, n_classes)
+        self.drop = nn.Dropout(0.3)
+        self.ending = ending
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ENDINGS[self.ending](self.head(self.drop(torch.relu(self.fc(x)))))

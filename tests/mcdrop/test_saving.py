@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import mcdrop
+from mcdrop.checkpoint import LoadedModel, ModelSpec
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
 from tests import families
@@ -24,6 +25,7 @@ from tests.factories import (
     Logs,
     MaxBatch,
     Noisy,
+    Outputs,
     Tied,
     Tokens,
     build,
@@ -329,6 +331,45 @@ def test_a_model_a_server_would_refuse_is_refused(tmp_path: Path, case: str) -> 
     with pytest.raises(InvalidArgumentError, match=f"^cannot save: {message}"):
         mcdrop.save(net, tmp_path / "m", **options)
     assert not (tmp_path / "m").exists()
+
+
+OUTPUTS: dict[str, Any] = {
+    "task": "classification",
+    "input_shape": [3],
+    "labels": ["a", "b", "c"],
+    "factory": "tests.factories:Outputs",
+}
+
+
+@pytest.mark.parametrize("ending", ["nn.Softmax", "torch.softmax"])
+@pytest.mark.parametrize("examples", [False, True])
+def test_a_classifier_that_returns_probabilities_is_refused(
+    tmp_path: Path, ending: str, examples: bool
+) -> None:
+    """mcdrop softmaxes a classifier's outputs: probabilities were saved, served, and squashed
+    toward uniform. Refused, in the words of mcdrop check (and of the server's warm-up)."""
+    torch.manual_seed(0)
+    net = Outputs(ending)
+    x = torch.randn(5, 3) if examples else None
+    with pytest.raises(InvalidArgumentError) as caught:
+        mcdrop.save(net, tmp_path / "m", params={"ending": ending}, example_inputs=x, **OUTPUTS)
+    assert not (tmp_path / "m").exists()
+    spec = ModelSpec(
+        name="m", **{k: v for k, v in OUTPUTS.items() if k != "factory"},
+        architecture={"factory": OUTPUTS["factory"], "params": {"ending": ending}},
+    )  # fmt: skip
+    report = mcdrop.check(LoadedModel(spec, net.eval(), tmp_path, example_inputs=x), timed=False)
+    assert [p.code for p in report.problems] == ["probabilities"]
+    assert str(caught.value) == f"cannot save: {report.problems[0].message}"
+
+
+@pytest.mark.parametrize("ending", ["logits", "log_softmax", "sigmoid"])
+def test_a_classifier_of_logits_log_probabilities_or_sigmoids_is_saved(
+    tmp_path: Path, ending: str
+) -> None:
+    torch.manual_seed(0)
+    mcdrop.save(Outputs(ending), tmp_path / "m", params={"ending": ending}, **OUTPUTS)
+    assert (tmp_path / "m" / "model.json").is_file()
 
 
 def test_a_model_that_takes_its_example_rows_but_not_a_row_alone_is_refused(
