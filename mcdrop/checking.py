@@ -555,16 +555,22 @@ WARM_UP_ROWS, WARM_UP_SAMPLES = 32, 16
 def warm_up_batch_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> str | None:
     """Why a server's warm-up would refuse ``module`` for a batch's size, or None: where it
     fails on a batch of the rows ``x (N, *input_shape)`` of up to :data:`WARM_UP_ROWS` rows
-    (:func:`batch_problem`'s sizes that :func:`mcdrop.save` runs), or on the warm-up's largest
-    pass, :data:`WARM_UP_SAMPLES` samples of :data:`WARM_UP_ROWS` rows (by ``plan``: 512 rows
-    from the first dropout on, from the input where the prefix is not shared), said as
-    :func:`batch_problem` says it, as the warm-up does.
+    (:func:`batch_problem`'s sizes), or on the warm-up's largest pass
+    (:func:`warm_up_pass_problem`), said as :func:`batch_problem` says it, as the warm-up does.
 
     Its cost: the warm-up's passes, once, in the activation budget that cuts a server's
     passes; batches of up to 512 rows without dropout only where the pass failed (as the
     warm-up's diagnosis runs them)."""
-    if problem := batch_problem(module, x, largest=WARM_UP_ROWS):
-        return problem
+    return batch_problem(module, x, largest=WARM_UP_ROWS) or warm_up_pass_problem(module, x, plan)
+
+
+def warm_up_pass_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> str | None:
+    """Why a server's warm-up would refuse ``module``, a model that takes batches of the rows
+    ``x (N, *input_shape)`` of up to :data:`WARM_UP_ROWS` rows, for its largest pass, or None:
+    :data:`WARM_UP_SAMPLES` samples of :data:`WARM_UP_ROWS` rows (by ``plan``: 512 rows from
+    the first dropout on, from the input where the prefix is not shared; its work is
+    :func:`warm_up_pass_flops`), said as :func:`batch_problem` says it where a batch of 512
+    rows without dropout fails too."""
     rows = x[torch.arange(WARM_UP_ROWS, device=x.device) % x.shape[0]]
     try:
         sampling.sample(module, rows, WARM_UP_SAMPLES, seed=0, plan=plan)
@@ -575,6 +581,16 @@ def warm_up_batch_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> s
             "row's samples as rows of one pass, so the model must take batches of any size"
         )
     return None
+
+
+def warm_up_pass_flops(plan: SamplingPlan) -> int:
+    """The work of :func:`warm_up_pass_problem`'s pass by ``plan``'s count (multiply-adds ×2 of
+    the matrix products and convolutions): the layers before the first dropout on
+    :data:`WARM_UP_ROWS` rows where they run once per row (else on every replicated row), the
+    rest on :data:`WARM_UP_ROWS` × :data:`WARM_UP_SAMPLES` replicated rows."""
+    replicated = WARM_UP_ROWS * WARM_UP_SAMPLES
+    prefix_rows = WARM_UP_ROWS if plan.prefix else replicated
+    return prefix_rows * plan.prefix_flops + replicated * plan.rest_flops
 
 
 def compute_eps(module: nn.Module, device: torch.device) -> float:

@@ -361,6 +361,33 @@ class MaxBatch(nn.Module):
         return self.head(h + self.drop(h))
 
 
+class MaxPass(MaxBatch):
+    """:class:`MaxBatch` that takes a batch of any size, but no sampling pass of more than
+    ``most`` rows (its forward asks :func:`mcdrop.is_sampling`)."""
+
+    def __init__(self, most: int = 64, in_features: int = 3, width: int = 5) -> None:
+        super().__init__(10**9, in_features, width)
+        self.most_sampled = most
+
+    def forward(self, x: Tensor) -> Tensor:
+        if mcdrop.is_sampling() and x.shape[0] > self.most_sampled:
+            raise ValueError(f"at most {self.most_sampled} rows a sampling pass, got {x.shape[0]}")
+        return super().forward(x)
+
+
+class Sizes(MaxBatch):
+    """:class:`MaxBatch` that takes a batch of any size, noting each size its forward is given
+    (:attr:`sizes`)."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__(10**9, in_features, width)
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
 #: What :class:`Outputs` ends its forward with: a classifier's logits, or what is no logits.
 ENDINGS: dict[str, Callable[[Tensor], Tensor]] = {
     "logits": lambda z: z,

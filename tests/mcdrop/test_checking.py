@@ -24,7 +24,17 @@ from mcdrop.checking import (
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from mcdrop.dropout import DropConnectLinear
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Outputs, Picky, Returns
+from tests.factories import (
+    AlwaysDrops,
+    BatchOf,
+    Logs,
+    MaxBatch,
+    MaxPass,
+    Outputs,
+    Picky,
+    Returns,
+    Sizes,
+)
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 from tests.mcdrop.test_rnn import Last
 
@@ -347,18 +357,9 @@ def test_a_batch_size_the_warm_up_runs_and_the_model_fails_on_is_an_error(
     assert report.ms_per_row_sample is None  # (a timing's passes would fail as well)
 
 
-class _SampledOnlyUpTo64(MaxBatch):
-    """Takes a batch of any size, but no sampling pass of more than 64 rows."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if mcdrop.is_sampling() and x.shape[0] > 64:
-            raise ValueError(f"at most 64 rows a sampling pass, got {x.shape[0]}")
-        return super().forward(x)
-
-
 def test_a_sampling_pass_the_warm_up_runs_and_the_model_fails_on_is_an_error() -> None:
     torch.manual_seed(0)
-    report = mcdrop.check(_SampledOnlyUpTo64(most=10**6).eval(), torch.randn(4, 3), timed=False)
+    report = mcdrop.check(MaxPass(most=64).eval(), torch.randn(4, 3), timed=False)
     assert _codes(report) == [("error", "batch_size")]
     assert report.problems[0].message.startswith(
         "the model fails on a pass of 16 samples of 32 rows, as a server's warm-up runs "
@@ -366,22 +367,10 @@ def test_a_sampling_pass_the_warm_up_runs_and_the_model_fails_on_is_an_error() -
     )
 
 
-class _Sizes(MaxBatch):
-    """Takes a batch of any size, noting each size its forward is given."""
-
-    def __init__(self) -> None:
-        super().__init__(most=10**6)
-        self.sizes: list[int] = []
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.sizes.append(x.shape[0])
-        return super().forward(x)
-
-
 def test_the_check_runs_no_batch_larger_than_the_warm_up_runs() -> None:
     """Its cost: the warm-up's largest pass once (16 samples of 32 rows, the whole forward
     replicated here), no larger batch, and no batch of 512 rows without dropout."""
-    model = _Sizes().eval()
+    model = Sizes().eval()
     torch.manual_seed(0)
     assert mcdrop.check(model, torch.randn(4, 3), timed=False).ok
     assert max(model.sizes) == 512
