@@ -5,9 +5,10 @@ dropout it declares and how often each made a stochastic call, the dropout calls
 plan, whether the samples vary (per output), whether the layers before the first dropout run
 once per row, what one sample of one row costs, and the problems found: no dropout, dropout
 sampling cannot reach (:mod:`mcdrop.coverage`), dropout at rate 1, layers that mix the rows of
-a batch, a batch size that a server's warm-up runs and the model fails on, outputs that never
-vary. An *error* makes MC dropout meaningless on the model (or a server refuse it); a *warning*
-makes its variance too small or its answers suspect.
+a batch, a batch size that a server's warm-up runs and the model fails on, a classifier that
+returns probabilities rather than logits, outputs that never vary. An *error* makes MC dropout
+meaningless on the model (or a server refuse it); a *warning* makes its variance too small or
+its answers suspect.
 
 Shape legend: ``S`` samples, ``N`` rows, ``K`` outputs.
 """
@@ -305,6 +306,8 @@ def check(
     report.outputs = _output_names(spec, out.shape[-1] if out.dim() == 2 else 0)
     if spec is not None and (problem := outputs_problem(spec, out, x.shape[0])):
         report.error("output_shape", problem)
+    elif spec is not None and (problem := probabilities_problem(spec, module, x, out)):
+        report.error("probabilities", problem)
     try:
         mixes = mixing(module, x, out) > 0
     except Exception as exc:  # the model's own code: a forward written for one batch size
@@ -430,6 +433,44 @@ def mixing_problem(
     )
 
 
+def probabilities_problem(spec: ModelSpec, module: nn.Module, x: Tensor, out: Tensor) -> str | None:
+    """Why ``module`` cannot be served, where it is a classifier (``spec``) that returns
+    probabilities rather than logits: its outputs ``out (N, K)`` on the rows ``x (N,
+    *input_shape)`` lie in [0, 1] and sum to 1 (within 1e-4, or the rounding of its compute
+    dtype) in every row, K at least 2, the rows of at least two different inputs; else None.
+
+    Why refused: mcdrop takes a classifier's outputs as logits and softmaxes them, and the
+    softmax of probabilities squashes them toward uniform (of [0.9, 0.1], [0.69, 0.31]), so
+    every probability and uncertainty served would be wrong, silently. Log-probabilities are
+    logits (their softmax is the probabilities); sigmoids of a multi-label model do not sum to
+    1. A genuine classifier's logits sum to 1 within 1e-4 on one row by chance, rarely (a
+    binary one's whose logits lie in [0, 1], ~1e-4), on each of several different rows
+    practically never: one row, or rows of one input repeated, decide nothing. A classifier of
+    one label, whose softmax is 1 whatever it returns, is left alone (its output says nothing
+    of what it is)."""
+    if spec.task != "classification" or out.dim() != 2:
+        return None
+    n, k = out.shape
+    if k < 2 or n != x.shape[0] or torch.unique(x.reshape(n, -1), dim=0).shape[0] < 2:
+        return None
+    eps = compute_eps(module, out.device)
+    if out.is_floating_point():
+        eps = max(eps, torch.finfo(out.dtype).eps)
+    tol = max(1e-4, 4 * eps)
+    p = out.detach().double()
+    inside = bool(((p >= 0) & (p <= 1 + tol)).all())  # (False on NaN)
+    if not (inside and bool(((p.sum(1) - 1).abs() <= tol).all())):
+        return None
+    return (
+        f"the model returns probabilities, not logits: its {k} outputs lie in [0, 1] and sum "
+        "to 1 on every row probed, as a softmax's do; mcdrop takes a classifier's outputs as "
+        "logits and softmaxes them, so its probabilities would be squashed toward uniform and "
+        "their uncertainty (entropy, mutual information, ...) would be wrong; return logits: "
+        "drop the final softmax (nn.Softmax, torch.softmax) from its forward, or return "
+        "log-probabilities (log_softmax), whose softmax is the probabilities"
+    )
+
+
 def rate_one_problem(module: nn.Module, plan: SamplingPlan) -> str | None:
     """Why ``module`` cannot be served, where a dropout call of ``plan`` (its sampling plan) has
     rate 1, naming the calls and the modules that declare that rate; else None.
@@ -514,16 +555,22 @@ WARM_UP_ROWS, WARM_UP_SAMPLES = 32, 16
 def warm_up_batch_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> str | None:
     """Why a server's warm-up would refuse ``module`` for a batch's size, or None: where it
     fails on a batch of the rows ``x (N, *input_shape)`` of up to :data:`WARM_UP_ROWS` rows
-    (:func:`batch_problem`'s sizes that :func:`mcdrop.save` runs), or on the warm-up's largest
-    pass, :data:`WARM_UP_SAMPLES` samples of :data:`WARM_UP_ROWS` rows (by ``plan``: 512 rows
-    from the first dropout on, from the input where the prefix is not shared), said as
-    :func:`batch_problem` says it, as the warm-up does.
+    (:func:`batch_problem`'s sizes), or on the warm-up's largest pass
+    (:func:`warm_up_pass_problem`), said as :func:`batch_problem` says it, as the warm-up does.
 
     Its cost: the warm-up's passes, once, in the activation budget that cuts a server's
     passes; batches of up to 512 rows without dropout only where the pass failed (as the
     warm-up's diagnosis runs them)."""
-    if problem := batch_problem(module, x, largest=WARM_UP_ROWS):
-        return problem
+    return batch_problem(module, x, largest=WARM_UP_ROWS) or warm_up_pass_problem(module, x, plan)
+
+
+def warm_up_pass_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> str | None:
+    """Why a server's warm-up would refuse ``module``, a model that takes batches of the rows
+    ``x (N, *input_shape)`` of up to :data:`WARM_UP_ROWS` rows, for its largest pass, or None:
+    :data:`WARM_UP_SAMPLES` samples of :data:`WARM_UP_ROWS` rows (by ``plan``: 512 rows from
+    the first dropout on, from the input where the prefix is not shared; its work is
+    :func:`warm_up_pass_flops`), said as :func:`batch_problem` says it where a batch of 512
+    rows without dropout fails too."""
     rows = x[torch.arange(WARM_UP_ROWS, device=x.device) % x.shape[0]]
     try:
         sampling.sample(module, rows, WARM_UP_SAMPLES, seed=0, plan=plan)
@@ -534,6 +581,16 @@ def warm_up_batch_problem(module: nn.Module, x: Tensor, plan: SamplingPlan) -> s
             "row's samples as rows of one pass, so the model must take batches of any size"
         )
     return None
+
+
+def warm_up_pass_flops(plan: SamplingPlan) -> int:
+    """The work of :func:`warm_up_pass_problem`'s pass by ``plan``'s count (multiply-adds ×2 of
+    the matrix products and convolutions): the layers before the first dropout on
+    :data:`WARM_UP_ROWS` rows where they run once per row (else on every replicated row), the
+    rest on :data:`WARM_UP_ROWS` × :data:`WARM_UP_SAMPLES` replicated rows."""
+    replicated = WARM_UP_ROWS * WARM_UP_SAMPLES
+    prefix_rows = WARM_UP_ROWS if plan.prefix else replicated
+    return prefix_rows * plan.prefix_flops + replicated * plan.rest_flops
 
 
 def compute_eps(module: nn.Module, device: torch.device) -> float:

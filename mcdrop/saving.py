@@ -8,9 +8,12 @@ model's weights and gives the model's outputs, and that a server's warm-up takes
 the library's checks that the warm-up runs: outputs of the manifest's shape
 (:func:`~mcdrop.checkpoint.outputs_problem`), batches of any size
 (:func:`~mcdrop.checking.batch_problem`), rows that do not mix with their batch
-(:func:`~mcdrop.checking.mixing_problem`), dropout that sampling samples
-(:func:`~mcdrop.sampling.plan`), at rates below 1 (:func:`~mcdrop.checking.rate_one_problem`).
-A mistake shows when you save, not when a server loads the folder months later.
+(:func:`~mcdrop.checking.mixing_problem`), a classifier's logits, not probabilities
+(:func:`~mcdrop.checking.probabilities_problem`), dropout that sampling samples
+(:func:`~mcdrop.sampling.plan`), at rates below 1 (:func:`~mcdrop.checking.rate_one_problem`),
+and the warm-up's largest pass (:func:`~mcdrop.checking.warm_up_pass_problem`, up to
+:data:`MAX_WARM_UP_PASS_FLOPS` of work). A mistake shows when you save, not when a server
+loads the folder months later.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from mcdrop import checkpoint, sampling
-from mcdrop.checking import batch_problem, mixing_problem, rate_one_problem
+from mcdrop.checking import (
+    WARM_UP_ROWS,
+    batch_problem,
+    mixing_problem,
+    probabilities_problem,
+    rate_one_problem,
+    warm_up_pass_flops,
+    warm_up_pass_problem,
+)
 from mcdrop.checking import example_inputs as random_inputs
 from mcdrop.checkpoint import LoadedModel, ModelSpec, Normalization, Task
 from mcdrop.coverage import declared_rates
@@ -43,6 +54,14 @@ from mcdrop.sampling import predict
 #: Rows of the example batch that checks the rebuilt network against the model.
 _EXAMPLE_ROWS = 2
 _RTOL, _ATOL = 1e-4, 1e-5
+
+#: The most work (the sampling plan's count: multiply-adds ×2 of matrix products and
+#: convolutions) of the warm-up's largest pass, 16 samples of 32 rows, that :func:`save` runs:
+#: ~1-4 s on one CPU core (14-47 GFLOP/s measured, CNNs to wide MLPs; a CIFAR-sized CNN adds
+#: 0.05 s, or 1 s with spatial dropout: ``benchmarks/README.md``). A model of more (an
+#: ImageNet-sized network with dropout in its blocks: TFLOPs, minutes) leaves it to the warm-up
+#: and ``mcdrop check``. A count, not a clock: it decides the same on every machine.
+MAX_WARM_UP_PASS_FLOPS = 50 * 10**9
 
 
 def save(
@@ -106,7 +125,9 @@ def save(
             rows, the architecture does not rebuild ``model`` (other weights, or other
             outputs, or it fails on the example rows), ``model`` is a TorchScript module, or a
             server would refuse it (no dropout that sampling samples, dropout at rate 1, rows
-            whose outputs depend on their batch, a batch size it fails on); nothing was written.
+            whose outputs depend on their batch, a batch size it fails on, the warm-up's pass
+            of 16 samples of 32 rows where it runs it, a classifier that returns probabilities
+            rather than logits); nothing was written.
     """
     if isinstance(model, torch.jit.ScriptModule):
         # Its layers are compiled: no dropout rate to read, no dropout call to sample.
@@ -314,23 +335,23 @@ def _check_rebuilds(model: nn.Module, spec: ModelSpec, examples: Tensor | None) 
             f"other outputs (by up to {diff:.3g}): the params build another network (e.g. "
             "another activation); pass the params the model was built with"
         )
-    _check_serves(wrapped, x, want, what)
+    _check_serves(spec, wrapped, x, want, what)
 
 
-#: The largest batch :func:`_check_serves` runs a model at (see there).
-_PROBED_ROWS = 32
-
-
-def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> None:
+def _check_serves(spec: ModelSpec, wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> None:
     """Raise where a server's warm-up would refuse the model ``wrapped`` (``want``: its outputs
     on ``x``, described by ``what``), by the checks of the library that the warm-up runs: a
-    batch size it fails on, rows whose outputs depend on their batch, no dropout that sampling
-    samples (every rate 0), a dropout call at rate 1."""
-    # Batches of at most a request's rows: one pass of 512 (the warm-up's samples of 32 rows,
-    # which a server cuts to its activation budget) would hold gigabytes of a large network's
-    # activations at every save. (A model failing at 512 only is named by the warm-up.)
-    problem = batch_problem(wrapped, x, largest=_PROBED_ROWS) or mixing_problem(
-        wrapped, x, want, rows=what
+    batch size it fails on, rows whose outputs depend on their batch, a classifier's outputs
+    that are probabilities rather than logits, no dropout that sampling samples (every rate 0),
+    a dropout call at rate 1, the warm-up's largest pass (16 samples of 32 rows,
+    :func:`~mcdrop.checking.warm_up_pass_problem`) where its work is at most
+    :data:`MAX_WARM_UP_PASS_FLOPS`."""
+    # Batch sizes first (up to the warm-up's 32 rows), so that a forward written for some
+    # sizes is named as such, not as rows that mix or a sampling pass that fails.
+    problem = (
+        batch_problem(wrapped, x, largest=WARM_UP_ROWS)
+        or mixing_problem(wrapped, x, want, rows=what)
+        or probabilities_problem(spec, wrapped, x, want)
     )
     if problem:
         raise InvalidArgumentError(f"cannot save: {problem}")
@@ -349,6 +370,12 @@ def _check_serves(wrapped: nn.Module, x: Tensor, want: Tensor, what: str) -> Non
             f"({type(exc).__name__}: {exc})"
         ) from None
     if problem := rate_one_problem(wrapped, plan):
+        raise InvalidArgumentError(f"cannot save: {problem}")
+    # Last, the costly one: its memory is bounded as a server's is (its passes cut to the
+    # activation budget), its time by the bound on its work.
+    if warm_up_pass_flops(plan) > MAX_WARM_UP_PASS_FLOPS:
+        return
+    if problem := warm_up_pass_problem(wrapped, x, plan):
         raise InvalidArgumentError(f"cannot save: {problem}")
 
 

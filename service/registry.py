@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from mcdrop import checkpoint, sampling
-from mcdrop.checking import batch_problem, example_inputs, mixing_problem, rate_one_problem
+from mcdrop.checking import (
+    batch_problem,
+    example_inputs,
+    mixing_problem,
+    probabilities_problem,
+    rate_one_problem,
+)
 from mcdrop.checkpoint import ModelSpec
 from mcdrop.exceptions import McDropError, NonFiniteOutputError
 from mcdrop.predictor import Prediction, Predictor, Summary
@@ -293,7 +299,7 @@ def warm_up(predictor: Predictor, manifest: Path) -> torch.Tensor:
             predictor.predict(x)
     if problem := rate_one_problem(predictor.model.module, plan):
         raise checkpoint.CheckpointError(f"{manifest}: {problem}")
-    _refuse_mixing(predictor, x, manifest)
+    _refuse_rows(predictor, x, manifest)
     return x
 
 
@@ -309,17 +315,25 @@ def _check_outputs(predictor: Predictor, x: torch.Tensor, manifest: Path) -> Non
         )
 
 
-def _refuse_mixing(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
+def _refuse_rows(predictor: Predictor, x: torch.Tensor, manifest: Path) -> None:
     """Raise when the warm-up row ``x`` and another row give other outputs together than one
     at a time (a normalisation over the batch, ``x - x.mean(0)``): requests are merged into
     shared passes, and a row's samples share one, so the model's answers would change with the
-    traffic, silently. A model that refuses the other row (its values are no inputs of it)
-    leaves nothing to compare."""
+    traffic, silently. Or when a classifier's outputs on them are probabilities, not logits:
+    softmaxed again, every answer would be wrong, silently. A model that refuses the other row
+    (its values are no inputs of it) leaves nothing to compare."""
+    module = predictor.model.module
     rows = torch.cat([x, _varied_input(predictor)]).to(predictor.device)
-    if problem := mixing_problem(predictor.model.module, rows, rows="the warm-up rows"):
+    try:
+        out = sampling.predict(module, rows)
+    except Exception:  # the model's own code, on a row that is no input of it
+        return
+    if problem := mixing_problem(module, rows, out, rows="the warm-up rows"):
         raise checkpoint.CheckpointError(
             f"{manifest}: {problem}; `mcdrop check {manifest.parent}` says more"
         )
+    if problem := probabilities_problem(predictor.spec, module, rows, out):
+        raise checkpoint.CheckpointError(f"{manifest}: {problem}")
 
 
 @contextmanager

@@ -359,3 +359,57 @@ class MaxBatch(nn.Module):
             raise ValueError(f"at most {self.most} rows a batch, got {x.shape[0]}")
         h = torch.relu(self.fc(x))
         return self.head(h + self.drop(h))
+
+
+class MaxPass(MaxBatch):
+    """:class:`MaxBatch` that takes a batch of any size, but no sampling pass of more than
+    ``most`` rows (its forward asks :func:`mcdrop.is_sampling`)."""
+
+    def __init__(self, most: int = 64, in_features: int = 3, width: int = 5) -> None:
+        super().__init__(10**9, in_features, width)
+        self.most_sampled = most
+
+    def forward(self, x: Tensor) -> Tensor:
+        if mcdrop.is_sampling() and x.shape[0] > self.most_sampled:
+            raise ValueError(f"at most {self.most_sampled} rows a sampling pass, got {x.shape[0]}")
+        return super().forward(x)
+
+
+class Sizes(MaxBatch):
+    """:class:`MaxBatch` that takes a batch of any size, noting each size its forward is given
+    (:attr:`sizes`)."""
+
+    def __init__(self, in_features: int = 3, width: int = 5) -> None:
+        super().__init__(10**9, in_features, width)
+        self.sizes: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.sizes.append(x.shape[0])
+        return super().forward(x)
+
+
+#: What :class:`Outputs` ends its forward with: a classifier's logits, or what is no logits.
+ENDINGS: dict[str, Callable[[Tensor], Tensor]] = {
+    "logits": lambda z: z,
+    "nn.Softmax": nn.Softmax(dim=1),
+    "torch.softmax": lambda z: torch.softmax(z, dim=-1),
+    "log_softmax": lambda z: F.log_softmax(z, dim=1),
+    "sigmoid": torch.sigmoid,  # multi-label: each in [0, 1], not summing to 1
+}
+
+
+class Outputs(nn.Module):
+    """``(N, D) -> (N, K)``: linear, ReLU, dropout, linear, then ``ending`` (:data:`ENDINGS`):
+    a classifier that returns logits, log-probabilities, probabilities (a final softmax, which
+    mcdrop's own softmax would squash toward uniform), or multi-label sigmoids."""
+
+    def __init__(
+        self, ending: str = "logits", in_features: int = 3, width: int = 8, n_classes: int = 3
+    ) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(in_features, width), nn.Linear(width, n_classes)
+        self.drop = nn.Dropout(0.3)
+        self.ending = ending
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ENDINGS[self.ending](self.head(self.drop(torch.relu(self.fc(x)))))

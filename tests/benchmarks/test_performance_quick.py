@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import gpu, memory, sampling, service_load, soak, user_models
+import mcdrop.saving
+from benchmarks import gpu, memory, sampling, saving, service_load, soak, user_models
 from mcdrop import predict
 
 
@@ -44,6 +45,15 @@ def test_user_models_quick() -> None:
     assert rows
     assert all(line.rstrip(" |").endswith("yes") for line in rows)
     assert len(_ratios(fixed, "floor µs")) == 10
+
+
+def test_saving_quick() -> None:
+    """Both tiny models saved with and without the warm-up's pass; the bound restored."""
+    bound = mcdrop.saving.MAX_WARM_UP_PASS_FLOPS
+    text = saving.run(quick=True)
+    assert len(_ratios(text, "save / without")) == 2
+    assert all(r > 0 for r in _ratios(text, "pass GFLOP"))
+    assert bound == mcdrop.saving.MAX_WARM_UP_PASS_FLOPS
 
 
 #: Samples and rows per comparison: over 40 seeds the largest mean gap was 4.0 standard errors

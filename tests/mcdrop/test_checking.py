@@ -19,11 +19,22 @@ from mcdrop.checking import (
     batch_problem,
     compute_eps,
     example_inputs,
+    probabilities_problem,
 )
 from mcdrop.checkpoint import LoadedModel, ModelSpec
 from mcdrop.dropout import DropConnectLinear
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import AlwaysDrops, BatchOf, Logs, MaxBatch, Picky, Returns
+from tests.factories import (
+    AlwaysDrops,
+    BatchOf,
+    Logs,
+    MaxBatch,
+    MaxPass,
+    Outputs,
+    Picky,
+    Returns,
+    Sizes,
+)
 from tests.mcdrop.test_coverage import GatedAttention, OnlyGated
 from tests.mcdrop.test_rnn import Last
 
@@ -346,18 +357,9 @@ def test_a_batch_size_the_warm_up_runs_and_the_model_fails_on_is_an_error(
     assert report.ms_per_row_sample is None  # (a timing's passes would fail as well)
 
 
-class _SampledOnlyUpTo64(MaxBatch):
-    """Takes a batch of any size, but no sampling pass of more than 64 rows."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if mcdrop.is_sampling() and x.shape[0] > 64:
-            raise ValueError(f"at most 64 rows a sampling pass, got {x.shape[0]}")
-        return super().forward(x)
-
-
 def test_a_sampling_pass_the_warm_up_runs_and_the_model_fails_on_is_an_error() -> None:
     torch.manual_seed(0)
-    report = mcdrop.check(_SampledOnlyUpTo64(most=10**6).eval(), torch.randn(4, 3), timed=False)
+    report = mcdrop.check(MaxPass(most=64).eval(), torch.randn(4, 3), timed=False)
     assert _codes(report) == [("error", "batch_size")]
     assert report.problems[0].message.startswith(
         "the model fails on a pass of 16 samples of 32 rows, as a server's warm-up runs "
@@ -365,22 +367,10 @@ def test_a_sampling_pass_the_warm_up_runs_and_the_model_fails_on_is_an_error() -
     )
 
 
-class _Sizes(MaxBatch):
-    """Takes a batch of any size, noting each size its forward is given."""
-
-    def __init__(self) -> None:
-        super().__init__(most=10**6)
-        self.sizes: list[int] = []
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.sizes.append(x.shape[0])
-        return super().forward(x)
-
-
 def test_the_check_runs_no_batch_larger_than_the_warm_up_runs() -> None:
     """Its cost: the warm-up's largest pass once (16 samples of 32 rows, the whole forward
     replicated here), no larger batch, and no batch of 512 rows without dropout."""
-    model = _Sizes().eval()
+    model = Sizes().eval()
     torch.manual_seed(0)
     assert mcdrop.check(model, torch.randn(4, 3), timed=False).ok
     assert max(model.sizes) == 512
@@ -504,6 +494,79 @@ def test_a_manifest_that_does_not_fit_the_outputs() -> None:
     report = mcdrop.check(_loaded(net, task="classification", labels=["a", "b"]), timed=False)
     assert _codes(report) == [("error", "output_shape")]
     assert "returns (4, 3) for 4 rows" in report.problems[0].message
+
+
+@pytest.mark.parametrize("ending", ["nn.Softmax", "torch.softmax"])
+def test_a_classifier_that_returns_probabilities_is_an_error(ending: str) -> None:
+    """A forward that ends in a softmax: mcdrop softmaxes its outputs again, squashing every
+    probability toward uniform, and the check said ok."""
+    torch.manual_seed(0)
+    loaded = _loaded(Outputs(ending, in_features=4), task="classification", labels=["a", "b", "c"])
+    report = mcdrop.check(loaded, timed=False)
+    assert _codes(report) == [("error", "probabilities")]
+    message = report.problems[0].message
+    x = example_inputs(loaded)
+    assert message == probabilities_problem(loaded.spec, loaded.module, x, loaded.module(x))
+    assert message.startswith(
+        "the model returns probabilities, not logits: its 3 outputs lie in [0, 1] and sum to 1 "
+        "on every row probed"
+    )
+    assert "drop the final softmax" in message
+    assert "log-probabilities (log_softmax)" in message
+    assert f"error (probabilities): {message}" in str(report)
+    assert report.varies  # (the rest of the check ran)
+
+
+@pytest.mark.parametrize("ending", ["logits", "log_softmax", "sigmoid"])
+def test_logits_log_probabilities_and_sigmoids_are_no_probabilities(ending: str) -> None:
+    torch.manual_seed(0)
+    loaded = _loaded(Outputs(ending, in_features=4), task="classification", labels=["a", "b", "c"])
+    report = mcdrop.check(loaded, timed=False)
+    assert report.problems == (), str(report)
+
+
+_SPEC = ModelSpec(
+    name="m", task="classification", input_shape=[4], labels=["a", "b", "c"],
+    architecture={"name": "mlp"},
+)  # fmt: skip
+_ROWS = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+_PROBS = torch.softmax(3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), 1)
+
+
+@pytest.mark.parametrize(
+    ("case", "x", "out", "flagged"),
+    [
+        ("softmax", _ROWS, _PROBS, True),
+        ("two rows", _ROWS[:2], _PROBS[:2], True),
+        ("one-hot", _ROWS, F.one_hot(torch.tensor([0, 2, 1, 0]), 3).float(), True),
+        ("float64", _ROWS, _PROBS.double(), True),
+        ("log_softmax", _ROWS, _PROBS.log(), False),
+        ("sigmoid", _ROWS, torch.sigmoid(_PROBS * 5), False),
+        ("zeros", _ROWS, torch.zeros(4, 3), False),
+        ("one row sums to 1.001", _ROWS, _PROBS * torch.tensor([[1.001], [1], [1], [1]]), False),
+        ("below 0", _ROWS, torch.cat([torch.tensor([[-1e-3, 0.501, 0.5]]), _PROBS[1:]]), False),
+        ("NaN", _ROWS, torch.cat([_PROBS[:3], torch.full((1, 3), torch.nan)]), False),
+        ("one row", _ROWS[:1], _PROBS[:1], False),
+        ("one input repeated", _ROWS[:1].expand(4, 4), _PROBS, False),
+        ("one label", _ROWS, torch.ones(4, 1), False),
+    ],
+)
+def test_which_outputs_are_probabilities(case: str, x: Tensor, out: Tensor, flagged: bool) -> None:
+    """In [0, 1] and summing to 1 (within 1e-4) in every row, K >= 2, on rows of at least two
+    different inputs: one row (or one input) is no evidence against a genuine classifier's
+    logits, and a classifier of one label's softmax is 1 whatever it returns."""
+    spec = _SPEC if out.shape[1] == 3 else ModelSpec(**{**vars(_SPEC), "labels": ["a"]})
+    assert (probabilities_problem(spec, nn.Linear(4, 3), x, out) is not None) is flagged
+    regression = ModelSpec(**{**vars(spec), "task": "regression", "tau": 1.0})
+    assert probabilities_problem(regression, nn.Linear(4, 3), x, out) is None
+
+
+def test_probabilities_in_a_coarse_dtype_are_found() -> None:
+    """bfloat16 rounds a softmax's sum by more than 1e-4: the tolerance is the dtype's."""
+    probs = _PROBS.bfloat16()
+    assert float((probs.double().sum(1) - 1).abs().max()) > 1e-4
+    module = nn.Linear(4, 3).bfloat16()
+    assert probabilities_problem(_SPEC, module, _ROWS.bfloat16(), probs) is not None
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])

@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 import mcdrop
+from mcdrop import saving
+from mcdrop.checking import warm_up_pass_flops
+from mcdrop.checkpoint import LoadedModel, ModelSpec
 from mcdrop.exceptions import InvalidArgumentError
 from mcdrop.nets import MLP
 from tests import families
@@ -23,7 +26,10 @@ from tests.factories import (
     Counting,
     Logs,
     MaxBatch,
+    MaxPass,
     Noisy,
+    Outputs,
+    Sizes,
     Tied,
     Tokens,
     build,
@@ -303,6 +309,21 @@ SERVES_NOT: dict[str, tuple[nn.Module, dict[str, Any], str]] = {
         r"the model takes a batch of 2 rows but fails on a batch of 32 rows \(ValueError: at "
         "most 8 rows a batch, got 32",
     ),
+    # Takes a request's 32 rows, not the warm-up's pass of 16 samples of them (which a server
+    # and mcdrop check refused, and save did not run).
+    "up to 64 rows": (
+        MaxBatch(most=64),
+        {"factory": "tests.factories:MaxBatch", "params": {"most": 64}},
+        r"the model takes a batch of 2 rows but fails on a batch of 512 rows \(ValueError: at "
+        "most 64 rows a batch, got 512",
+    ),
+    "sampling passes of up to 64 rows": (
+        MaxPass(most=64),
+        {"factory": "tests.factories:MaxPass", "params": {"most": 64}},
+        r"the model fails on a pass of 16 samples of 32 rows, as a server's warm-up runs "
+        r"\(ValueError: at most 64 rows a sampling pass, got 512\): a server runs a row's "
+        "samples as rows of one pass",
+    ),
 }
 
 
@@ -329,6 +350,84 @@ def test_a_model_a_server_would_refuse_is_refused(tmp_path: Path, case: str) -> 
     with pytest.raises(InvalidArgumentError, match=f"^cannot save: {message}"):
         mcdrop.save(net, tmp_path / "m", **options)
     assert not (tmp_path / "m").exists()
+
+
+OUTPUTS: dict[str, Any] = {
+    "task": "classification",
+    "input_shape": [3],
+    "labels": ["a", "b", "c"],
+    "factory": "tests.factories:Outputs",
+}
+
+
+@pytest.mark.parametrize("ending", ["nn.Softmax", "torch.softmax"])
+@pytest.mark.parametrize("examples", [False, True])
+def test_a_classifier_that_returns_probabilities_is_refused(
+    tmp_path: Path, ending: str, examples: bool
+) -> None:
+    """mcdrop softmaxes a classifier's outputs: probabilities were saved, served, and squashed
+    toward uniform. Refused, in the words of mcdrop check (and of the server's warm-up)."""
+    torch.manual_seed(0)
+    net = Outputs(ending)
+    x = torch.randn(5, 3) if examples else None
+    with pytest.raises(InvalidArgumentError) as caught:
+        mcdrop.save(net, tmp_path / "m", params={"ending": ending}, example_inputs=x, **OUTPUTS)
+    assert not (tmp_path / "m").exists()
+    spec = ModelSpec(
+        name="m", **{k: v for k, v in OUTPUTS.items() if k != "factory"},
+        architecture={"factory": OUTPUTS["factory"], "params": {"ending": ending}},
+    )  # fmt: skip
+    report = mcdrop.check(LoadedModel(spec, net.eval(), tmp_path, example_inputs=x), timed=False)
+    assert [p.code for p in report.problems] == ["probabilities"]
+    assert str(caught.value) == f"cannot save: {report.problems[0].message}"
+
+
+@pytest.mark.parametrize("ending", ["logits", "log_softmax", "sigmoid"])
+def test_a_classifier_of_logits_log_probabilities_or_sigmoids_is_saved(
+    tmp_path: Path, ending: str
+) -> None:
+    torch.manual_seed(0)
+    mcdrop.save(Outputs(ending), tmp_path / "m", params={"ending": ending}, **OUTPUTS)
+    assert (tmp_path / "m" / "model.json").is_file()
+
+
+def test_save_runs_the_warm_ups_largest_pass_once_and_no_larger_one(tmp_path: Path) -> None:
+    """Its cost: 16 samples of 32 rows (the whole forward replicated here: a residual across the
+    dropout), once; no batch of 512 rows without dropout where the pass passes."""
+    torch.manual_seed(0)
+    net = Sizes()
+    mcdrop.save(net, tmp_path / "m", factory="tests.factories:Sizes", **REGRESSOR)
+    assert max(net.sizes) == 512
+    assert net.sizes.count(512) == 1
+
+
+def test_save_leaves_a_warm_up_pass_of_more_work_than_its_bound_to_the_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass of 16 samples of 32 rows of a large network takes minutes on a CPU: save runs it
+    where its work (the plan's count) is at most MAX_WARM_UP_PASS_FLOPS."""
+    torch.manual_seed(0)
+    net = MaxBatch(most=64)
+    work = warm_up_pass_flops(mcdrop.plan(net.eval(), torch.randn(2, 3)))
+    architecture = {"factory": "tests.factories:MaxBatch", "params": {"most": 64}}
+    monkeypatch.setattr(saving, "MAX_WARM_UP_PASS_FLOPS", work)
+    with pytest.raises(InvalidArgumentError, match="fails on a batch of 512 rows"):
+        mcdrop.save(net, tmp_path / "m", **architecture, **REGRESSOR)
+    monkeypatch.setattr(saving, "MAX_WARM_UP_PASS_FLOPS", work - 1)
+    mcdrop.save(net, tmp_path / "m", **architecture, **REGRESSOR)
+    assert (tmp_path / "m" / "model.json").is_file()
+
+
+def test_the_work_of_the_warm_ups_largest_pass() -> None:
+    """Multiply-adds ×2: the layers before the first dropout on 32 rows where they run once per
+    row, else on every one of the 512 replicated rows; the rest on 512."""
+    shared = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval()
+    plan = mcdrop.plan(shared, torch.randn(2, 4))
+    assert (plan.prefix, plan.prefix_flops, plan.rest_flops) == (True, 64, 32)
+    assert warm_up_pass_flops(plan) == 32 * 64 + 512 * 32
+    whole = mcdrop.plan(MaxBatch(most=10**9, in_features=4, width=8).eval(), torch.randn(2, 4))
+    assert not whole.prefix
+    assert warm_up_pass_flops(whole) == 512 * (whole.prefix_flops + whole.rest_flops)
 
 
 def test_a_model_that_takes_its_example_rows_but_not_a_row_alone_is_refused(

@@ -495,6 +495,23 @@ def test_check_exits_1_on_a_batch_size_the_warm_up_refuses(
     assert (code, [p["code"] for p in json.loads(out)["problems"]]) == (1, ["batch_size"])
 
 
+def test_check_exits_1_on_a_classifier_that_returns_probabilities(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A forward that ends in a softmax: mcdrop softmaxes again, and the check said ok."""
+    spec = checkpoint.ModelSpec(
+        name="probs", task="classification", input_shape=[3], labels=["a", "b", "c"],
+        architecture={"factory": "tests.factories:Outputs", "params": {"ending": "nn.Softmax"}},
+    )  # fmt: skip
+    checkpoint.save(tmp_path / "probs", spec, factories.Outputs("nn.Softmax"))
+    argv = ["check", str(tmp_path / "probs"), "--allowed-factories", "tests.factories"]
+    code, out, _ = _run(capsys, *argv)
+    assert code == 1
+    assert "error (probabilities): the model returns probabilities, not logits" in out
+    code, out, _ = _run(capsys, *argv, "--json")
+    assert (code, [p["code"] for p in json.loads(out)["problems"]]) == (1, ["probabilities"])
+
+
 @pytest.mark.parametrize("uncertainty", [False, True])
 def test_local_predict_on_ids_the_model_refuses_says_so(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, uncertainty: bool

@@ -26,7 +26,7 @@ from service.app import StartupError, create_app
 from service.config import Settings
 from service.registry import warm_up
 from tests.conftest import MODELS, TOKEN_ROWS, save_tokens
-from tests.factories import BatchOf, Centred, MaxBatch, Returns, build, unit_rows
+from tests.factories import BatchOf, Centred, MaxBatch, Outputs, Returns, build, unit_rows
 
 PATIENT = [59, 2, 32.1, 101, 157, 93.2, 38, 4, 4.8598, 87]
 
@@ -400,6 +400,37 @@ def test_a_model_with_dropout_at_rate_1_fails_to_load_in_the_words_of_mcdrop_che
         assert ready["certain"].startswith(
             "certain/model.json: dropout at rate 1 (call 1. dropout (B, 4), declared by "
             "layers.2 (Dropout, p=1)): every sample drops all of that call's input"
+        )
+
+
+def _classifier(root: Path, name: str, ending: str) -> Path:
+    """``root/<name>``: an :class:`~tests.factories.Outputs` classifier ending in ``ending``,
+    written as it is (``checkpoint.save``: mcdrop.save refuses probabilities)."""
+    spec = ModelSpec(
+        name=name, task="classification", input_shape=[3], labels=["a", "b", "c"],
+        architecture={"factory": "tests.factories:Outputs", "params": {"ending": ending}},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return checkpoint.save(root / name, spec, Outputs(ending))
+
+
+def test_a_classifier_that_returns_probabilities_fails_to_load_in_the_words_of_mcdrop_check(
+    tmp_path: Path,
+) -> None:
+    """A forward that ends in a softmax was served, and every answer softmaxed again (squashed
+    toward uniform, its uncertainty wrong), silently; now the warm-up refuses it, saying what
+    mcdrop check and mcdrop.save say. Log-probabilities are logits, and serve."""
+    _classifier(tmp_path, "probs", "nn.Softmax")
+    _classifier(tmp_path, "logs", "log_softmax")
+    report = mcdrop.check(
+        checkpoint.load(tmp_path / "probs", allowed_factories=["tests.factories"]), timed=False
+    )
+    assert [p.code for p in report.problems] == ["probabilities"]
+    with _serving_own(tmp_path) as (_, ready):
+        assert ready["logs"] == "ready"
+        assert ready["probs"] == f"probs/model.json: {report.problems[0].message}"
+        assert ready["probs"].startswith(
+            "probs/model.json: the model returns probabilities, not logits"
         )
 
 
