@@ -171,6 +171,13 @@ class ModelSpec:
         labels = data["labels"]
         if not (isinstance(labels, list) and labels and all(isinstance(s, str) for s in labels)):
             raise fail("'labels' must be a non-empty list of strings")
+        if data["task"] == "classification" and len(labels) < 2:
+            # a softmax over one output is 1 whatever the model says
+            raise fail(
+                "a classifier needs at least 2 labels, one logit each (a binary classifier "
+                "returns 2 logits): the softmax of one output is always 1, so its probabilities "
+                "and uncertainty would say nothing"
+            )
         arch = data["architecture"]
         if not isinstance(arch, dict) or not ("name" in arch or "factory" in arch):
             raise fail("'architecture' must be an object with 'name' or 'factory'")

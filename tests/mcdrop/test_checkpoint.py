@@ -131,6 +131,7 @@ def _edit_manifest(**changes: object):
         (_edit_manifest(dropout="x"), r"'dropout' must be a number in \[0, 1\)"),
         (_edit_manifest(dropout=1.5), "'dropout'"),
         (_edit_manifest(tau=True), "'tau' must be a positive number, got True"),
+        (_edit_manifest(task="classification", labels=["yes"]), "at least 2 labels"),
         (_edit_manifest(metrics={"rmse": "high"}), "'metrics.rmse' must be a finite number"),
         (_edit_manifest(metrics={"rmse": float("nan")}), "'metrics.rmse' .* got nan"),
         (_edit_manifest(metrics={"rmse": float("inf")}), "'metrics.rmse' .* got inf"),
