@@ -5,14 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install fashion-data serve test test-fast lint format bench fuzz models clean image image-test
 
 $(STAMP): pyproject.toml deploy/client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# The CPU build of torch first: an unpinned torch, or plain PyPI's, is a multi-GB CUDA build.
+	# PyTorch's CPU index beside pip's own (its 2.13.0+cpu outranks PyPI's 2.13.0); once without
+	# retries, so that a machine that cannot reach it (one with the wheel at hand) is not kept
+	# waiting, then with them.
+	$(BIN)/pip install --quiet --retries 0 --extra-index-url $(TORCH_INDEX_URL) torch==2.13.0 \
+	  || $(BIN)/pip install --quiet --extra-index-url $(TORCH_INDEX_URL) torch==2.13.0
 	# The client's own distribution (deploy/client) with it: mcdrop depends on mcdrop-client.
 	$(BIN)/pip install --quiet -e ./deploy/client -e '.[dev]'
 	touch $(STAMP)
