@@ -28,6 +28,7 @@ Shape legend: ``B`` replicated rows, ``L`` sequence length, ``E`` embedding size
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -380,12 +381,12 @@ class EncoderLayers:
 
 
 class KeptTwin:
-    """A twin (:meth:`EncoderLayers.twin`) kept for many passes: :meth:`now` brings each twin's
-    attributes up to date with its module's (two dict updates each), where a fresh twin per
-    pass cost ~20 µs of a cold one-row call (a 2-layer encoder: five modules copied, two
-    closures made). Passes on several threads may share it: each update writes the module's
-    own values and then the twin's, so a pass that reads a twin meanwhile finds either the
-    module's forward or children (the mode's path: the same samples) or the twin's."""
+    """A twin (:meth:`EncoderLayers.twin`) kept for many passes: :meth:`take` brings each
+    twin's attributes up to date with its module's (two dict updates each), where a fresh twin
+    per pass cost ~20 µs of a cold one-row call (a 2-layer encoder: five modules copied, two
+    closures made). One pass at a time runs it: a pass on another thread meanwhile gets a fresh
+    twin, as the general path's every pass does, since a forward may write attributes of its
+    own into the twin (``self.features = ...``) and read them back later in the pass."""
 
     def __init__(
         self,
@@ -396,17 +397,35 @@ class KeptTwin:
         self.layers = layers
         self.twin = twin
         self.pairs = pairs
+        self._held = threading.Lock()  # held by the pass that runs the kept twin
+
+    def take(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        """The module a pass calls in place of ``model`` (as :meth:`EncoderLayers.twin` would
+        make it now, where the caller has checked :meth:`EncoderLayers.runnable`'s conditions),
+        and whether it is the kept twin, which the caller then hands back (:meth:`give_back`)
+        after the pass."""
+        if torch.is_autocast_enabled("cpu"):
+            return model, False
+        if not self._held.acquire(blocking=False):  # another pass runs it: a twin of its own
+            return self.layers._copy(model)[0], False
+        try:
+            return self.now(model), True
+        except BaseException:
+            self._held.release()
+            raise
+
+    def give_back(self) -> None:
+        """The kept twin's pass is over (:meth:`take`)."""
+        self._held.release()
 
     def now(self, model: nn.Module) -> nn.Module:
-        """The twin of ``model`` as :meth:`EncoderLayers.twin` would make it now, where the
-        caller has checked :meth:`EncoderLayers.runnable`'s conditions."""
-        if torch.is_autocast_enabled("cpu"):
-            return model
+        """The kept twin of ``model``, brought up to date (the caller holds it: :meth:`take`)."""
         for source, target, own in self.pairs:
             target.update(source)
             target.update(own)
             if len(target) != len(source) + sum(k not in source for k in own):
-                # an attribute deleted since: a twin made anew, kept from now on
+                # an attribute deleted since (or one the forward wrote into the twin): a twin
+                # made anew, kept from now on
                 self.twin, self.pairs = self.layers._copy(model)
                 break
         return self.twin

@@ -600,14 +600,20 @@ class ModePass(ForwardPass):
                 [] if found is None else None,
             )
             net = model
+            kept = self.twin
+            held = False  # whether this pass runs the kept twin, handed back after it
             if (
-                self.twin is not None
+                kept is not None
                 and not global_hooks()
                 and not any(map(any, map(_hooks, self.hooked)))
             ):
-                net = self.twin.now(model)
-            with ctx:
-                y = net(inputs)
+                net, held = kept.take(model)
+            try:
+                with ctx:
+                    y = net(inputs)
+            finally:
+                if held and kept is not None:
+                    kept.give_back()
         # a pass of other calls than the plan's: the general path raises its error
         if ctx.calls != len(self.calls):
             return None

@@ -4,8 +4,10 @@ general path wherever anything it depends on changed since the plan."""
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -569,6 +571,55 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         twin = made.twin.now(model) if made.twin is not None else None
         assert twin is not None
         assert not hasattr(twin.encoder.layers[0], "extra")
+
+
+class _Stored(EncoderClassifier):
+    """An encoder classifier whose forward keeps its encoder's output on itself and reads it
+    back, with a barrier in between (where set) at which two threads' passes meet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meet: threading.Barrier | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.features = self.encoder(x)
+        if self.meet is not None:
+            self.meet.wait(timeout=30)
+        return self.head(self.features.mean(1))
+
+
+def test_passes_on_two_threads_at_once_each_have_their_own_encoders_twin() -> None:
+    """The general path runs each pass on a twin of its own (EncoderLayers.twin): two threads'
+    passes of one call shape at once, each writing an attribute in its forward and reading it
+    back after the other has written it, get each their own samples on the fast pass too."""
+    torch.manual_seed(0)
+    model = _Stored().eval()
+    shape = MODELS["transformer encoder"][1]
+    rows = [_rows(2, shape, seed=1), _rows(2, shape, seed=2)]
+    kept = plan(model, rows[0])
+    for x in rows:  # the fast pass made, its rates noted
+        _fast(model, x, 3, kept, seed=1)
+    # the general path's samples (an int32 seed per row: the fast pass leaves it to it)
+    seeds = torch.full((2,), 1, dtype=torch.int32)
+    expected = [sample(model, x, 3, seed=seeds, plan=kept) for x in rows]
+    model.meet = threading.Barrier(2)
+    got: list[Tensor | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            got[i] = _fast(model, rows[i], 3, kept, seed=1)
+        except BaseException as e:  # (reported below, on the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(2):
+        assert torch.equal(cast(Tensor, got[i]), expected[i]), f"thread {i}"
 
 
 @pytest.mark.parametrize("n_samples", [1, 3])
