@@ -331,6 +331,11 @@ class EncoderLayers:
             has_hooks(m) or tuple(m._modules.values()) != children for m, children in self.checked
         )
 
+    def unchanged(self) -> bool:
+        """Whether the modules hold the children they held when planned (:meth:`runnable`
+        without its hooks)."""
+        return all(tuple(m._modules.values()) == children for m, children in self.checked)
+
     def twin(self, model: nn.Module) -> nn.Module:
         """The module a pass calls in place of ``model`` (in the sampling context): its twin,
         or ``model`` itself where the twin may not run (or under autocast, where the layer's

@@ -574,12 +574,13 @@ class ModePass(ForwardPass):
         share: bool,
     ) -> None:
         super().__init__(plan, model, kernels, key, share)
-        # the encoders' twin, kept (EncoderLayers.kept_twin), where it may run now; and the
-        # dicts of the modules whose hooks would keep it from running (EncoderLayers.runnable:
-        # the children are the pass's own check)
+        # the encoders' twin, kept (EncoderLayers.kept_twin), where the modules are as planned;
+        # and the dicts of the modules whose hooks keep it from a pass (EncoderLayers.runnable,
+        # checked per pass: a hook there when the pass is made may be gone by the next; the
+        # children are the pass's own check)
         encoders = plan.encoders
         self.twin = (
-            encoders.kept_twin(model) if encoders is not None and encoders.runnable(model) else None
+            encoders.kept_twin(model) if encoders is not None and encoders.unchanged() else None
         )
         self.hooked = () if encoders is None else tuple(vars(m) for m, _ in encoders.checked)
         # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's); None

@@ -573,6 +573,33 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         assert not hasattr(twin.encoder.layers[0], "extra")
 
 
+@pytest.mark.parametrize("where", ["a layer's linear", "every module"])
+def test_an_encoders_pass_made_under_a_hook_runs_the_twin_once_it_is_gone(where: str) -> None:
+    """A hook keeps the twin from a pass while it is there (the pass runs the model under the
+    mode, the hook called); made while one was, the fast pass runs the twin once it is gone,
+    as the general path does."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    calls: list[int] = []
+    if where == "every module":
+        _handles.append(nn.modules.module.register_module_forward_hook(_doubled(calls)))
+        handle = _handles[-1]
+    else:
+        handle = model.encoder.layers[0].linear1.register_forward_hook(_doubled(calls))
+    hooked = sample(model, x, 3, seed=1, plan=kept)  # the fast pass made
+    assert calls
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    handle.remove()
+    for _ in range(2):
+        got = sample(model, x, 3, seed=1, plan=kept)
+        assert torch.equal(got, sample(model, x, 3, seed=1))  # a fresh plan
+    assert not torch.equal(got, hooked)
+    assert made.twin is not None
+
+
 class _Stored(EncoderClassifier):
     """An encoder classifier whose forward keeps its encoder's output on itself and reads it
     back, with a barrier in between (where set) at which two threads' passes meet."""
