@@ -242,6 +242,33 @@ def test_per_row_seeds_take_the_fast_pass_with_the_general_paths_samples(
     assert torch.equal(same, _fast(model, x, n_samples, kept, seed=2**63 - 1))
 
 
+SEED_LAYOUTS: dict[str, Callable[[], Tensor]] = {
+    "a view with a step": lambda: torch.tensor([5, 0, 2**31 - 1, 0, 7, 0])[::2],
+    "past an offset": lambda: torch.tensor([0, 5, 2**31 - 1, 7])[1:],
+    "expanded": lambda: torch.tensor([2**31 - 1]).expand(3),
+}
+
+
+@pytest.mark.parametrize("layout", SEED_LAYOUTS)
+@pytest.mark.parametrize("name", ["sequential", "torch.dropout", "transformer encoder"])
+def test_per_row_seeds_in_any_layout_sample_as_their_values(layout: str, name: str) -> None:
+    model, shape = _model(name)
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    seeds = SEED_LAYOUTS[layout]()
+    general = sample(model, x, 2, seed=seeds.int(), plan=kept)  # (int32: the general path)
+    for _ in range(2):
+        assert torch.equal(_fast(model, x, 2, kept, seed=seeds), general)
+
+
+def test_per_row_seeds_on_another_device_are_the_general_paths() -> None:
+    model, shape = _model("torch.dropout")
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    seeds = torch.tensor([1, 2, 3], device="meta")
+    assert fast_pass.run(kept, model, x, 2, seeds, DEFAULT_MAX_PASS_ROWS, "auto") is None
+
+
 @pytest.mark.parametrize(
     "seeds",
     [torch.tensor([1, -1, 2]), torch.tensor([1, 2]), torch.tensor([1.0, 2.0, 3.0])],
@@ -508,15 +535,21 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
 
 
 class _Tempered(EncoderClassifier):
-    """An encoder classifier whose forward reads an attribute of its own."""
+    """An encoder classifier whose forward reads attributes of its own: a temperature, and
+    whether to mask the positions whose first value is above 0.5 (but the first)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.temperature = 1.0
+        self.padded = False
         self.encoder.layers[0].extra = 1
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) / self.temperature
+        if not self.padded:
+            return super().forward(x) / self.temperature
+        mask = x[..., 0] > 0.5
+        mask[:, 0] = False
+        return self.head(self.encoder(x, src_key_padding_mask=mask).mean(1)) / self.temperature
 
 
 def _hook_on(module: nn.Module) -> list[int]:
@@ -529,6 +562,17 @@ def _extra_attribute_deleted(model: nn.Module) -> None:
     del model.encoder.layers[0].extra
 
 
+def _layer_replaced(model: nn.Module) -> None:
+    torch.manual_seed(1)
+    model.encoder.layers[1] = nn.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True).eval()
+
+
+def _head_replaced(model: nn.Module) -> None:
+    # (not on the way to the layers: the model's twin holds the model's head itself)
+    torch.manual_seed(1)
+    model.head = nn.Linear(8, 3)
+
+
 ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a dropout layer's rate": lambda m: setattr(m.encoder.layers[1].dropout1, "p", 0.6),
     "an attention's dropout rate": lambda m: setattr(m.encoder.layers[0].self_attn, "dropout", 0.4),
@@ -539,6 +583,9 @@ ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a hook on a layer's linear": lambda m: _hook_on(m.encoder.layers[0].linear1),
     "a hook on the attention": lambda m: _hook_on(m.encoder.layers[1].self_attn),
     "a global forward hook": _global_hook,
+    "a layer replaced": _layer_replaced,
+    "the head replaced": _head_replaced,
+    "a padding mask": lambda m: setattr(m, "padded", True),
 }  # fmt: skip
 
 
