@@ -351,13 +351,10 @@ class EncoderLayers:
         :meth:`runnable` checks itself): see :class:`KeptTwin`."""
         return KeptTwin(self, *self._copy(model))
 
-    def _copy(
-        self, model: nn.Module
-    ) -> tuple[nn.Module, tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], ...]]:
-        """A twin of ``model``, and for each module copied its ``__dict__``, its twin's, and what
-        the twin's holds in place of the module's own entries."""
+    def _copy(self, model: nn.Module) -> tuple[nn.Module, tuple[_Pair, ...]]:
+        """A twin of ``model``, and each module copied (:data:`_Pair`)."""
         made: dict[int, nn.Module] = {}
-        pairs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        pairs: list[_Pair] = []
 
         def copy(m: nn.Module) -> nn.Module:
             if id(m) in made:
@@ -379,10 +376,15 @@ class EncoderLayers:
                     assert isinstance(twin, nn.TransformerEncoder)
                     own["forward"] = _stack_forward(m, twin)
             twin.__dict__.update(own)
-            pairs.append((m.__dict__, twin.__dict__, own))
+            pairs.append((m, twin, m.__dict__, twin.__dict__, own))
             return twin
 
         return copy(model), tuple(pairs)
+
+
+#: A module a twin copies: the module, its twin, their ``__dict__``, and what the twin's holds in
+#: place of the module's own entries (its children's twins, a forward of the twin's own).
+_Pair = tuple[nn.Module, nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]
 
 
 class KeptTwin:
@@ -397,7 +399,7 @@ class KeptTwin:
         self,
         layers: EncoderLayers,
         twin: nn.Module,
-        pairs: tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], ...],
+        pairs: tuple[_Pair, ...],
     ) -> None:
         self.layers = layers
         self.twin = twin
@@ -425,12 +427,14 @@ class KeptTwin:
 
     def now(self, model: nn.Module) -> nn.Module:
         """The kept twin of ``model``, brought up to date (the caller holds it: :meth:`take`)."""
-        for source, target, own in self.pairs:
+        for module, twin, source, target, own in self.pairs:
             target.update(source)
             target.update(own)
-            if len(target) != len(source) + sum(k not in source for k in own):
-                # an attribute deleted since (or one the forward wrote into the twin): a twin
-                # made anew, kept from now on
+            extra = len(target) - len(source) - sum(k not in source for k in own)
+            if extra or type(twin) is not type(module):
+                # an attribute deleted since (or one the forward wrote into the twin), or a
+                # class set on the module (module.__class__ = ..., a forward of its own): a
+                # twin made anew, kept from now on
                 self.twin, self.pairs = self.layers._copy(model)
                 break
         return self.twin

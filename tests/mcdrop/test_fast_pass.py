@@ -567,6 +567,11 @@ def _layer_replaced(model: nn.Module) -> None:
     model.encoder.layers[1] = nn.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True).eval()
 
 
+class _TripledTempered(_Tempered):
+    def forward(self, x: Tensor) -> Tensor:
+        return 3 * super().forward(x)
+
+
 def _head_replaced(model: nn.Module) -> None:
     # (not on the way to the layers: the model's twin holds the model's head itself)
     torch.manual_seed(1)
@@ -585,6 +590,7 @@ ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a global forward hook": _global_hook,
     "a layer replaced": _layer_replaced,
     "the head replaced": _head_replaced,
+    "the model's class": lambda m: setattr(m, "__class__", _TripledTempered),
     "a padding mask": lambda m: setattr(m, "padded", True),
 }  # fmt: skip
 
