@@ -732,7 +732,12 @@ class ModeContext(MadeContext):
 
     def _premade(self, x: Tensor, p: float, kind: str, inplace: bool) -> Tensor | None:
         """``x`` times its premade multipliers, the call taken, where they are made for it;
-        else None (the call is noted, where the pass notes them)."""
+        else None (the call is noted, where the pass notes them). At rate 0, ``x`` itself,
+        as :meth:`SamplingContext.dropout` returns it: no call of the plan's, so not one
+        that misses the multipliers made for the call after it (which would have every other
+        pass note the rates again), nor one for which the pass's keys are made."""
+        if p == 0.0:
+            return x
         index = self.calls
         made = self.made
         entry = made[index] if made is not None and index < len(made) else None

@@ -349,6 +349,122 @@ def test_channel_and_element_dropout_of_any_shape_give_the_general_paths_samples
     assert torch.equal(fast, general.values)
 
 
+class _UnderTheMode(nn.Module):
+    """Dropout functions routing cannot see (torch's own, one imported by name), called in a
+    forward of its own in the ways ``style`` names: under the mode (ModePass), the inverted
+    ones per element made before the pass at the rates a pass noted."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.fc, self.head = nn.Linear(6, 32), nn.Linear(32, 3)
+        self.rates = [0.3, 0.6]  # (rates read on every call: a test may change them)
+        self.function: Callable[..., Tensor] = imported_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        n = x.shape[0]
+        if self.style == "one function, two rates":
+            for p in self.rates:
+                h = self.function(h, p, True)
+        elif self.style == "training off, then on":
+            h = imported_dropout(h, self.rates[0], training=False)
+            h = torch.dropout(h, self.rates[1], True)
+        elif self.style == "transposed and in place on a view":
+            t = imported_dropout(h.view(n, 4, 8).transpose(1, 2), self.rates[0], True)
+            h = t.transpose(1, 2).reshape(n, 32)
+            imported_dropout(h[:, :16], self.rates[1], True, inplace=True)
+            h = torch.dropout_(h, 0.2, True)
+        elif self.style == "alpha and channels between":
+            h = F.alpha_dropout(torch.selu(h), 0.2, True)
+            h = imported_dropout(h, self.rates[0], True)
+            h = torch.feature_dropout(h.view(n, 8, 4), 0.3, True).view(n, 32)
+            h = imported_dropout(h, self.rates[1], True)
+            h = torch.feature_alpha_dropout(h.view(n, 4, 8), 0.1, True).view(n, 32)
+        elif self.style == "3-D and 4-D":
+            h3 = imported_dropout(h.view(n, 4, 8), self.rates[0], True)
+            h = torch.dropout(h3.unsqueeze(1).expand(n, 2, 4, 8) * 1.0, self.rates[1], True)
+            h = h.mean(1).reshape(n, 32)
+        elif self.style == "rates 0 and 1 among them":
+            h = imported_dropout(h, 0.0, True)
+            h = imported_dropout(h, self.rates[0], True)
+            h = imported_dropout(h, 1.0, True) + h
+            h = imported_dropout(h, self.rates[1], True)
+        return self.head(h)
+
+
+UNDER_THE_MODE = [
+    "one function, two rates",
+    "training off, then on",
+    "transposed and in place on a view",
+    "alpha and channels between",
+    "3-D and 4-D",
+    "rates 0 and 1 among them",
+]
+
+
+@pytest.mark.parametrize("style", UNDER_THE_MODE)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (1, 6), (3, 4)])
+def test_a_pass_under_the_mode_gives_the_general_paths_samples(
+    style: str, n: int, n_samples: int
+) -> None:
+    """The first pass notes its calls' rates, the next make their multipliers before the pass;
+    with the prefix shared or not, from a first sample of 0 or later (a chunk), and with the
+    rates changed between passes (a call at another rate than noted makes its own)."""
+    torch.manual_seed(0)
+    model = _UnderTheMode(style).eval()
+    x = _rows(n, (6,))
+    kept = plan(model, x)
+    for prefix in ("auto", "off"):
+        for first_sample in (0, 5):
+            for k, rates in enumerate([[0.3, 0.6], [0.3, 0.6], [0.6, 0.3], [0.6, 0.3], [0.3, 1]]):
+                model.rates = rates
+                fast = _fast(model, x, n_samples, kept, prefix=prefix, first_sample=first_sample)
+                (general,) = sample_chunks(
+                    model, x, n_samples, seed=torch.full((n,), 3, dtype=torch.int32), plan=kept,
+                    prefix=prefix, first_sample=first_sample,  # type: ignore[arg-type]
+                )  # fmt: skip
+                assert torch.equal(fast, general.values), (prefix, first_sample, rates)
+                if k == 1:  # the multipliers of some calls made before the pass
+                    made = kept.fast_passes[
+                        n, n_samples, first_sample, DEFAULT_MAX_PASS_ROWS, prefix
+                    ]
+                    assert isinstance(made, fast_pass.ModePass)
+                    assert made.noted is not None
+                    assert made.noted[1]
+
+
+def _wider(model: nn.Module) -> None:
+    # the layers' weights of another width (the same modules: their children as planned)
+    model.fc.weight, model.fc.bias = nn.Parameter(torch.randn(64, 6)), nn.Parameter(torch.ones(64))
+    model.head.weight = nn.Parameter(torch.randn(3, 64))
+
+
+OTHER_CALLS: dict[str, Callable[[nn.Module], object]] = {
+    "another width": _wider,
+    "another function": lambda m: setattr(m, "function", torch.dropout_),
+}
+
+
+@pytest.mark.parametrize("change", OTHER_CALLS)
+def test_a_call_other_than_planned_where_multipliers_were_made_is_the_plans_error(
+    change: str,
+) -> None:
+    """A call of another shape or kind than the plan's, at a call's place whose multipliers
+    were made before the pass: the error the general path gives (the context's), not the
+    multipliers applied (or torch's error of their shape)."""
+    torch.manual_seed(0)
+    model = _UnderTheMode("one function, two rates").eval()
+    x = _rows(2, (6,))
+    kept = plan(model, x)
+    for _ in range(2):  # the rates noted, then the multipliers made before the pass
+        _fast(model, x, 3, kept, prefix="off")  # (shared, the first call's are not made)
+    OTHER_CALLS[change](model)
+    for seed in (3, torch.full((2,), 3, dtype=torch.int32)):  # the fast pass, the general path
+        with pytest.raises(UnsupportedModelError, match="dropout call 1"):
+            sample(model, x, 3, seed=seed, plan=kept, prefix="off")  # type: ignore[arg-type]
+
+
 _PASS_KINDS = {
     "functional dropout": fast_pass.RoutedPass,
     "channel dropout": fast_pass.RoutedPass,
