@@ -4,6 +4,7 @@ general path wherever anything it depends on changed since the plan."""
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -816,6 +817,84 @@ def test_passes_on_two_threads_at_once_each_have_their_own_encoders_twin() -> No
     assert not errors
     for i in range(2):
         assert torch.equal(cast(Tensor, got[i]), expected[i]), f"thread {i}"
+
+
+@pytest.fixture
+def _switching_often() -> object:
+    """Threads switched every µs rather than every 5 ms: races show in fewer calls."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("_switching_often")
+@pytest.mark.parametrize("name", ["transformer encoder", "one function, two rates"])
+def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str) -> None:
+    """Three threads sample one model through its kept plans (one and three rows, one and four
+    samples, an int seed or one per row) while a fourth swaps the rates the forward reads:
+    each call's samples are the general path's at one of the rates, called alone."""
+    torch.manual_seed(0)
+    if name == "transformer encoder":
+        model: nn.Module = EncoderClassifier().eval()
+        shape = MODELS[name][1]
+        layers = [model.encoder.layers[0].dropout1, model.encoder.layers[1].dropout]
+    else:
+        model = _UnderTheMode(name).eval()
+        shape = (6,)
+    rates = ([0.3, 0.6], [0.6, 0.3])
+
+    def set_rates(rates: list[float]) -> None:
+        if name == "transformer encoder":
+            for layer, p in zip(layers, rates, strict=True):
+                layer.p = p
+        else:
+            model.rates = rates  # (read once a pass)
+
+    xs = {n: _rows(n, shape, seed=n) for n in (1, 3)}
+    kept = {n: plan(model, x) for n, x in xs.items()}
+    calls = [(n, s, seed) for n in (1, 3) for s in (1, 4) for seed in ("one", "per row")]
+
+    def seeds(n: int, seed: str, dtype: torch.dtype) -> Tensor:
+        values = torch.full((n,), 5) if seed == "one" else torch.arange(n) * 7 + 11
+        return values.to(dtype)
+
+    # the general path's samples (an int32 seed per row) at every rate each call may see
+    expected: dict[tuple[int, int, str], list[Tensor]] = {call: [] for call in calls}
+    for a in rates[0]:
+        for b in rates[1]:
+            set_rates([a, b])
+            for n, s, seed in calls:
+                int32 = seeds(n, seed, torch.int32)
+                expected[n, s, seed].append(sample(model, xs[n], s, seed=int32, plan=kept[n]))
+    wrong: list[tuple[int, int, str]] = []
+    done = threading.Event()
+
+    def sampler(i: int) -> None:
+        for k in range(40):
+            n, s, seed = calls[(7 * k + i) % len(calls)]
+            given = 5 if seed == "one" else seeds(n, seed, torch.int64)  # (the fast pass's)
+            got = sample(model, xs[n], s, seed=given, plan=kept[n])
+            if not any(torch.equal(got, e) for e in expected[n, s, seed]):
+                wrong.append((n, s, seed))
+
+    def swapper() -> None:
+        k = 0
+        while not done.is_set():
+            set_rates(rates[k % 2])
+            k += 1
+
+    threads = [threading.Thread(target=sampler, args=(i,)) for i in range(3)]
+    swapping = threading.Thread(target=swapper)
+    swapping.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    swapping.join()
+    assert not wrong
+    assert all(type(f) is fast_pass.ModePass for k in kept.values() for f in k.fast_passes.values())
 
 
 @pytest.mark.parametrize("n_samples", [1, 3])
