@@ -3,6 +3,8 @@ general path wherever anything it depends on changed since the plan."""
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 import sys
 import threading
@@ -817,6 +819,33 @@ def test_passes_on_two_threads_at_once_each_have_their_own_encoders_twin() -> No
     assert not errors
     for i in range(2):
         assert torch.equal(cast(Tensor, got[i]), expected[i]), f"thread {i}"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_an_encoder_whose_fast_pass_keeps_a_twin_copies_as_it_is(how: str) -> None:
+    """The kept twin's modules share the model's dicts; nothing of it is in the model's own:
+    a copy holds the model's attributes alone, and samples as the model does."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    for _ in range(2):  # (a kept plan, its fast pass and twin)
+        want = sample(model, x, 3, seed=1)
+    (kept,) = vars(model)["_mcdrop_plans"].plans.values()
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.twin is not None
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    for mine, its in zip(model.modules(), other.modules(), strict=True):
+        assert type(mine) is type(its)
+        assert set(vars(mine)) == set(vars(its))
+    assert torch.equal(sample(other, x, 3, seed=1), want)
+    assert torch.equal(sample(model, x, 3, seed=1), want)
 
 
 @pytest.fixture
