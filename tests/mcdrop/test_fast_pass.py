@@ -745,6 +745,25 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         assert not hasattr(twin.encoder.layers[0], "extra")
 
 
+def test_an_attention_no_longer_batch_first_is_the_kept_plans_error_on_both_paths() -> None:
+    """An encoder layer's attention set sequence-first after the plan: the layer runs its own
+    forward (the direct run is batch-first only), whose dropout inputs the plan does not know;
+    set back, the samples before."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    for _ in range(2):  # the rates noted, then the multipliers made before the pass
+        want = _fast(model, x, 3, kept)
+    attention = model.encoder.layers[1].self_attn
+    attention.batch_first = False
+    for seed in (1, torch.full((2,), 3, dtype=torch.int32)):  # the fast pass, the general path
+        with pytest.raises(UnsupportedModelError, match="dropout call"):
+            sample(model, x, 3, seed=seed, plan=kept)  # type: ignore[arg-type]
+    attention.batch_first = True
+    assert torch.equal(_fast(model, x, 3, kept), want)
+
+
 @pytest.mark.parametrize("where", ["a layer's linear", "every module"])
 def test_an_encoders_pass_made_under_a_hook_runs_the_twin_once_it_is_gone(where: str) -> None:
     """A hook keeps the twin from a pass while it is there (the pass runs the model under the
