@@ -28,6 +28,7 @@ Shape legend: ``B`` replicated rows, ``L`` sequence length, ``E`` embedding size
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -330,6 +331,11 @@ class EncoderLayers:
             has_hooks(m) or tuple(m._modules.values()) != children for m, children in self.checked
         )
 
+    def unchanged(self) -> bool:
+        """Whether the modules hold the children they held when planned (:meth:`runnable`
+        without its hooks)."""
+        return all(tuple(m._modules.values()) == children for m, children in self.checked)
+
     def twin(self, model: nn.Module) -> nn.Module:
         """The module a pass calls in place of ``model`` (in the sampling context): its twin,
         or ``model`` itself where the twin may not run (or under autocast, where the layer's
@@ -345,13 +351,10 @@ class EncoderLayers:
         :meth:`runnable` checks itself): see :class:`KeptTwin`."""
         return KeptTwin(self, *self._copy(model))
 
-    def _copy(
-        self, model: nn.Module
-    ) -> tuple[nn.Module, tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], ...]]:
-        """A twin of ``model``, and for each module copied its ``__dict__``, its twin's, and what
-        the twin's holds in place of the module's own entries."""
+    def _copy(self, model: nn.Module) -> tuple[nn.Module, tuple[_Pair, ...]]:
+        """A twin of ``model``, and each module copied (:data:`_Pair`)."""
         made: dict[int, nn.Module] = {}
-        pairs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = []
+        pairs: list[_Pair] = []
 
         def copy(m: nn.Module) -> nn.Module:
             if id(m) in made:
@@ -373,40 +376,65 @@ class EncoderLayers:
                     assert isinstance(twin, nn.TransformerEncoder)
                     own["forward"] = _stack_forward(m, twin)
             twin.__dict__.update(own)
-            pairs.append((m.__dict__, twin.__dict__, own))
+            pairs.append((m, twin, m.__dict__, twin.__dict__, own))
             return twin
 
         return copy(model), tuple(pairs)
 
 
+#: A module a twin copies: the module, its twin, their ``__dict__``, and what the twin's holds in
+#: place of the module's own entries (its children's twins, a forward of the twin's own).
+_Pair = tuple[nn.Module, nn.Module, dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
 class KeptTwin:
-    """A twin (:meth:`EncoderLayers.twin`) kept for many passes: :meth:`now` brings each twin's
-    attributes up to date with its module's (two dict updates each), where a fresh twin per
-    pass cost ~20 µs of a cold one-row call (a 2-layer encoder: five modules copied, two
-    closures made). Passes on several threads may share it: each update writes the module's
-    own values and then the twin's, so a pass that reads a twin meanwhile finds either the
-    module's forward or children (the mode's path: the same samples) or the twin's."""
+    """A twin (:meth:`EncoderLayers.twin`) kept for many passes: :meth:`take` brings each
+    twin's attributes up to date with its module's (two dict updates each), where a fresh twin
+    per pass cost ~20 µs of a cold one-row call (a 2-layer encoder: five modules copied, two
+    closures made). One pass at a time runs it: a pass on another thread meanwhile gets a fresh
+    twin, as the general path's every pass does, since a forward may write attributes of its
+    own into the twin (``self.features = ...``) and read them back later in the pass."""
 
     def __init__(
         self,
         layers: EncoderLayers,
         twin: nn.Module,
-        pairs: tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], ...],
+        pairs: tuple[_Pair, ...],
     ) -> None:
         self.layers = layers
         self.twin = twin
         self.pairs = pairs
+        self._held = threading.Lock()  # held by the pass that runs the kept twin
+
+    def take(self, model: nn.Module) -> tuple[nn.Module, bool]:
+        """The module a pass calls in place of ``model`` (as :meth:`EncoderLayers.twin` would
+        make it now, where the caller has checked :meth:`EncoderLayers.runnable`'s conditions),
+        and whether it is the kept twin, which the caller then hands back (:meth:`give_back`)
+        after the pass."""
+        if torch.is_autocast_enabled("cpu"):
+            return model, False
+        if not self._held.acquire(blocking=False):  # another pass runs it: a twin of its own
+            return self.layers._copy(model)[0], False
+        try:
+            return self.now(model), True
+        except BaseException:
+            self._held.release()
+            raise
+
+    def give_back(self) -> None:
+        """The kept twin's pass is over (:meth:`take`)."""
+        self._held.release()
 
     def now(self, model: nn.Module) -> nn.Module:
-        """The twin of ``model`` as :meth:`EncoderLayers.twin` would make it now, where the
-        caller has checked :meth:`EncoderLayers.runnable`'s conditions."""
-        if torch.is_autocast_enabled("cpu"):
-            return model
-        for source, target, own in self.pairs:
+        """The kept twin of ``model``, brought up to date (the caller holds it: :meth:`take`)."""
+        for module, twin, source, target, own in self.pairs:
             target.update(source)
             target.update(own)
-            if len(target) != len(source) + sum(k not in source for k in own):
-                # an attribute deleted since: a twin made anew, kept from now on
+            extra = len(target) - len(source) - sum(k not in source for k in own)
+            if extra or type(twin) is not type(module):
+                # an attribute deleted since (or one the forward wrote into the twin), or a
+                # class set on the module (module.__class__ = ..., a forward of its own): a
+                # twin made anew, kept from now on
                 self.twin, self.pairs = self.layers._copy(model)
                 break
         return self.twin

@@ -574,12 +574,13 @@ class ModePass(ForwardPass):
         share: bool,
     ) -> None:
         super().__init__(plan, model, kernels, key, share)
-        # the encoders' twin, kept (EncoderLayers.kept_twin), where it may run now; and the
-        # dicts of the modules whose hooks would keep it from running (EncoderLayers.runnable:
-        # the children are the pass's own check)
+        # the encoders' twin, kept (EncoderLayers.kept_twin), where the modules are as planned;
+        # and the dicts of the modules whose hooks keep it from a pass (EncoderLayers.runnable,
+        # checked per pass: a hook there when the pass is made may be gone by the next; the
+        # children are the pass's own check)
         encoders = plan.encoders
         self.twin = (
-            encoders.kept_twin(model) if encoders is not None and encoders.runnable(model) else None
+            encoders.kept_twin(model) if encoders is not None and encoders.unchanged() else None
         )
         self.hooked = () if encoders is None else tuple(vars(m) for m, _ in encoders.checked)
         # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's); None
@@ -600,14 +601,20 @@ class ModePass(ForwardPass):
                 [] if found is None else None,
             )
             net = model
+            kept = self.twin
+            held = False  # whether this pass runs the kept twin, handed back after it
             if (
-                self.twin is not None
+                kept is not None
                 and not global_hooks()
                 and not any(map(any, map(_hooks, self.hooked)))
             ):
-                net = self.twin.now(model)
-            with ctx:
-                y = net(inputs)
+                net, held = kept.take(model)
+            try:
+                with ctx:
+                    y = net(inputs)
+            finally:
+                if held and kept is not None:
+                    kept.give_back()
         # a pass of other calls than the plan's: the general path raises its error
         if ctx.calls != len(self.calls):
             return None
@@ -725,7 +732,12 @@ class ModeContext(MadeContext):
 
     def _premade(self, x: Tensor, p: float, kind: str, inplace: bool) -> Tensor | None:
         """``x`` times its premade multipliers, the call taken, where they are made for it;
-        else None (the call is noted, where the pass notes them)."""
+        else None (the call is noted, where the pass notes them). At rate 0, ``x`` itself,
+        as :meth:`SamplingContext.dropout` returns it: no call of the plan's, so not one
+        that misses the multipliers made for the call after it (which would have every other
+        pass note the rates again), nor one for which the pass's keys are made."""
+        if p == 0.0:
+            return x
         index = self.calls
         made = self.made
         entry = made[index] if made is not None and index < len(made) else None

@@ -3,9 +3,14 @@ general path wherever anything it depends on changed since the plan."""
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -240,6 +245,33 @@ def test_per_row_seeds_take_the_fast_pass_with_the_general_paths_samples(
     assert torch.equal(same, _fast(model, x, n_samples, kept, seed=2**63 - 1))
 
 
+SEED_LAYOUTS: dict[str, Callable[[], Tensor]] = {
+    "a view with a step": lambda: torch.tensor([5, 0, 2**31 - 1, 0, 7, 0])[::2],
+    "past an offset": lambda: torch.tensor([0, 5, 2**31 - 1, 7])[1:],
+    "expanded": lambda: torch.tensor([2**31 - 1]).expand(3),
+}
+
+
+@pytest.mark.parametrize("layout", SEED_LAYOUTS)
+@pytest.mark.parametrize("name", ["sequential", "torch.dropout", "transformer encoder"])
+def test_per_row_seeds_in_any_layout_sample_as_their_values(layout: str, name: str) -> None:
+    model, shape = _model(name)
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    seeds = SEED_LAYOUTS[layout]()
+    general = sample(model, x, 2, seed=seeds.int(), plan=kept)  # (int32: the general path)
+    for _ in range(2):
+        assert torch.equal(_fast(model, x, 2, kept, seed=seeds), general)
+
+
+def test_per_row_seeds_on_another_device_are_the_general_paths() -> None:
+    model, shape = _model("torch.dropout")
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    seeds = torch.tensor([1, 2, 3], device="meta")
+    assert fast_pass.run(kept, model, x, 2, seeds, DEFAULT_MAX_PASS_ROWS, "auto") is None
+
+
 @pytest.mark.parametrize(
     "seeds",
     [torch.tensor([1, -1, 2]), torch.tensor([1, 2]), torch.tensor([1.0, 2.0, 3.0])],
@@ -318,6 +350,122 @@ def test_channel_and_element_dropout_of_any_shape_give_the_general_paths_samples
         first_sample=first_sample,
     )  # fmt: skip
     assert torch.equal(fast, general.values)
+
+
+class _UnderTheMode(nn.Module):
+    """Dropout functions routing cannot see (torch's own, one imported by name), called in a
+    forward of its own in the ways ``style`` names: under the mode (ModePass), the inverted
+    ones per element made before the pass at the rates a pass noted."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.fc, self.head = nn.Linear(6, 32), nn.Linear(32, 3)
+        self.rates = [0.3, 0.6]  # (rates read on every call: a test may change them)
+        self.function: Callable[..., Tensor] = imported_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        n = x.shape[0]
+        if self.style == "one function, two rates":
+            for p in self.rates:
+                h = self.function(h, p, True)
+        elif self.style == "training off, then on":
+            h = imported_dropout(h, self.rates[0], training=False)
+            h = torch.dropout(h, self.rates[1], True)
+        elif self.style == "transposed and in place on a view":
+            t = imported_dropout(h.view(n, 4, 8).transpose(1, 2), self.rates[0], True)
+            h = t.transpose(1, 2).reshape(n, 32)
+            imported_dropout(h[:, :16], self.rates[1], True, inplace=True)
+            h = torch.dropout_(h, 0.2, True)
+        elif self.style == "alpha and channels between":
+            h = F.alpha_dropout(torch.selu(h), 0.2, True)
+            h = imported_dropout(h, self.rates[0], True)
+            h = torch.feature_dropout(h.view(n, 8, 4), 0.3, True).view(n, 32)
+            h = imported_dropout(h, self.rates[1], True)
+            h = torch.feature_alpha_dropout(h.view(n, 4, 8), 0.1, True).view(n, 32)
+        elif self.style == "3-D and 4-D":
+            h3 = imported_dropout(h.view(n, 4, 8), self.rates[0], True)
+            h = torch.dropout(h3.unsqueeze(1).expand(n, 2, 4, 8) * 1.0, self.rates[1], True)
+            h = h.mean(1).reshape(n, 32)
+        elif self.style == "rates 0 and 1 among them":
+            h = imported_dropout(h, 0.0, True)
+            h = imported_dropout(h, self.rates[0], True)
+            h = imported_dropout(h, 1.0, True) + h
+            h = imported_dropout(h, self.rates[1], True)
+        return self.head(h)
+
+
+UNDER_THE_MODE = [
+    "one function, two rates",
+    "training off, then on",
+    "transposed and in place on a view",
+    "alpha and channels between",
+    "3-D and 4-D",
+    "rates 0 and 1 among them",
+]
+
+
+@pytest.mark.parametrize("style", UNDER_THE_MODE)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (1, 6), (3, 4)])
+def test_a_pass_under_the_mode_gives_the_general_paths_samples(
+    style: str, n: int, n_samples: int
+) -> None:
+    """The first pass notes its calls' rates, the next make their multipliers before the pass;
+    with the prefix shared or not, from a first sample of 0 or later (a chunk), and with the
+    rates changed between passes (a call at another rate than noted makes its own)."""
+    torch.manual_seed(0)
+    model = _UnderTheMode(style).eval()
+    x = _rows(n, (6,))
+    kept = plan(model, x)
+    for prefix in ("auto", "off"):
+        for first_sample in (0, 5):
+            for k, rates in enumerate([[0.3, 0.6], [0.3, 0.6], [0.6, 0.3], [0.6, 0.3], [0.3, 1]]):
+                model.rates = rates
+                fast = _fast(model, x, n_samples, kept, prefix=prefix, first_sample=first_sample)
+                (general,) = sample_chunks(
+                    model, x, n_samples, seed=torch.full((n,), 3, dtype=torch.int32), plan=kept,
+                    prefix=prefix, first_sample=first_sample,  # type: ignore[arg-type]
+                )  # fmt: skip
+                assert torch.equal(fast, general.values), (prefix, first_sample, rates)
+                if k == 1:  # the multipliers of some calls made before the pass
+                    made = kept.fast_passes[
+                        n, n_samples, first_sample, DEFAULT_MAX_PASS_ROWS, prefix
+                    ]
+                    assert isinstance(made, fast_pass.ModePass)
+                    assert made.noted is not None
+                    assert made.noted[1]
+
+
+def _wider(model: nn.Module) -> None:
+    # the layers' weights of another width (the same modules: their children as planned)
+    model.fc.weight, model.fc.bias = nn.Parameter(torch.randn(64, 6)), nn.Parameter(torch.ones(64))
+    model.head.weight = nn.Parameter(torch.randn(3, 64))
+
+
+OTHER_CALLS: dict[str, Callable[[nn.Module], object]] = {
+    "another width": _wider,
+    "another function": lambda m: setattr(m, "function", torch.dropout_),
+}
+
+
+@pytest.mark.parametrize("change", OTHER_CALLS)
+def test_a_call_other_than_planned_where_multipliers_were_made_is_the_plans_error(
+    change: str,
+) -> None:
+    """A call of another shape or kind than the plan's, at a call's place whose multipliers
+    were made before the pass: the error the general path gives (the context's), not the
+    multipliers applied (or torch's error of their shape)."""
+    torch.manual_seed(0)
+    model = _UnderTheMode("one function, two rates").eval()
+    x = _rows(2, (6,))
+    kept = plan(model, x)
+    for _ in range(2):  # the rates noted, then the multipliers made before the pass
+        _fast(model, x, 3, kept, prefix="off")  # (shared, the first call's are not made)
+    OTHER_CALLS[change](model)
+    for seed in (3, torch.full((2,), 3, dtype=torch.int32)):  # the fast pass, the general path
+        with pytest.raises(UnsupportedModelError, match="dropout call 1"):
+            sample(model, x, 3, seed=seed, plan=kept, prefix="off")  # type: ignore[arg-type]
 
 
 _PASS_KINDS = {
@@ -506,15 +654,21 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
 
 
 class _Tempered(EncoderClassifier):
-    """An encoder classifier whose forward reads an attribute of its own."""
+    """An encoder classifier whose forward reads attributes of its own: a temperature, and
+    whether to mask the positions whose first value is above 0.5 (but the first)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.temperature = 1.0
+        self.padded = False
         self.encoder.layers[0].extra = 1
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) / self.temperature
+        if not self.padded:
+            return super().forward(x) / self.temperature
+        mask = x[..., 0] > 0.5
+        mask[:, 0] = False
+        return self.head(self.encoder(x, src_key_padding_mask=mask).mean(1)) / self.temperature
 
 
 def _hook_on(module: nn.Module) -> list[int]:
@@ -527,6 +681,22 @@ def _extra_attribute_deleted(model: nn.Module) -> None:
     del model.encoder.layers[0].extra
 
 
+def _layer_replaced(model: nn.Module) -> None:
+    torch.manual_seed(1)
+    model.encoder.layers[1] = nn.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True).eval()
+
+
+class _TripledTempered(_Tempered):
+    def forward(self, x: Tensor) -> Tensor:
+        return 3 * super().forward(x)
+
+
+def _head_replaced(model: nn.Module) -> None:
+    # (not on the way to the layers: the model's twin holds the model's head itself)
+    torch.manual_seed(1)
+    model.head = nn.Linear(8, 3)
+
+
 ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a dropout layer's rate": lambda m: setattr(m.encoder.layers[1].dropout1, "p", 0.6),
     "an attention's dropout rate": lambda m: setattr(m.encoder.layers[0].self_attn, "dropout", 0.4),
@@ -537,6 +707,10 @@ ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a hook on a layer's linear": lambda m: _hook_on(m.encoder.layers[0].linear1),
     "a hook on the attention": lambda m: _hook_on(m.encoder.layers[1].self_attn),
     "a global forward hook": _global_hook,
+    "a layer replaced": _layer_replaced,
+    "the head replaced": _head_replaced,
+    "the model's class": lambda m: setattr(m, "__class__", _TripledTempered),
+    "a padding mask": lambda m: setattr(m, "padded", True),
 }  # fmt: skip
 
 
@@ -569,6 +743,206 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         twin = made.twin.now(model) if made.twin is not None else None
         assert twin is not None
         assert not hasattr(twin.encoder.layers[0], "extra")
+
+
+def test_an_attention_no_longer_batch_first_is_the_kept_plans_error_on_both_paths() -> None:
+    """An encoder layer's attention set sequence-first after the plan: the layer runs its own
+    forward (the direct run is batch-first only), whose dropout inputs the plan does not know;
+    set back, the samples before."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    for _ in range(2):  # the rates noted, then the multipliers made before the pass
+        want = _fast(model, x, 3, kept)
+    attention = model.encoder.layers[1].self_attn
+    attention.batch_first = False
+    for seed in (1, torch.full((2,), 3, dtype=torch.int32)):  # the fast pass, the general path
+        with pytest.raises(UnsupportedModelError, match="dropout call"):
+            sample(model, x, 3, seed=seed, plan=kept)  # type: ignore[arg-type]
+    attention.batch_first = True
+    assert torch.equal(_fast(model, x, 3, kept), want)
+
+
+@pytest.mark.parametrize("where", ["a layer's linear", "every module"])
+def test_an_encoders_pass_made_under_a_hook_runs_the_twin_once_it_is_gone(where: str) -> None:
+    """A hook keeps the twin from a pass while it is there (the pass runs the model under the
+    mode, the hook called); made while one was, the fast pass runs the twin once it is gone,
+    as the general path does."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    calls: list[int] = []
+    if where == "every module":
+        _handles.append(nn.modules.module.register_module_forward_hook(_doubled(calls)))
+        handle = _handles[-1]
+    else:
+        handle = model.encoder.layers[0].linear1.register_forward_hook(_doubled(calls))
+    hooked = sample(model, x, 3, seed=1, plan=kept)  # the fast pass made
+    assert calls
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    handle.remove()
+    for _ in range(2):
+        got = sample(model, x, 3, seed=1, plan=kept)
+        assert torch.equal(got, sample(model, x, 3, seed=1))  # a fresh plan
+    assert not torch.equal(got, hooked)
+    assert made.twin is not None
+
+
+class _Stored(EncoderClassifier):
+    """An encoder classifier whose forward keeps its encoder's output on itself and reads it
+    back, with a barrier in between (where set) at which two threads' passes meet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meet: threading.Barrier | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.features = self.encoder(x)
+        if self.meet is not None:
+            self.meet.wait(timeout=30)
+        return self.head(self.features.mean(1))
+
+
+def test_passes_on_two_threads_at_once_each_have_their_own_encoders_twin() -> None:
+    """The general path runs each pass on a twin of its own (EncoderLayers.twin): two threads'
+    passes of one call shape at once, each writing an attribute in its forward and reading it
+    back after the other has written it, get each their own samples on the fast pass too."""
+    torch.manual_seed(0)
+    model = _Stored().eval()
+    shape = MODELS["transformer encoder"][1]
+    rows = [_rows(2, shape, seed=1), _rows(2, shape, seed=2)]
+    kept = plan(model, rows[0])
+    for x in rows:  # the fast pass made, its rates noted
+        _fast(model, x, 3, kept, seed=1)
+    # the general path's samples (an int32 seed per row: the fast pass leaves it to it)
+    seeds = torch.full((2,), 1, dtype=torch.int32)
+    expected = [sample(model, x, 3, seed=seeds, plan=kept) for x in rows]
+    model.meet = threading.Barrier(2)
+    got: list[Tensor | None] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            got[i] = _fast(model, rows[i], 3, kept, seed=1)
+        except BaseException as e:  # (reported below, on the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(2):
+        assert torch.equal(cast(Tensor, got[i]), expected[i]), f"thread {i}"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_an_encoder_whose_fast_pass_keeps_a_twin_copies_as_it_is(how: str) -> None:
+    """The kept twin's modules share the model's dicts; nothing of it is in the model's own:
+    a copy holds the model's attributes alone, and samples as the model does."""
+    torch.manual_seed(0)
+    model = EncoderClassifier().eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    for _ in range(2):  # (a kept plan, its fast pass and twin)
+        want = sample(model, x, 3, seed=1)
+    (kept,) = vars(model)["_mcdrop_plans"].plans.values()
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.twin is not None
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    for mine, its in zip(model.modules(), other.modules(), strict=True):
+        assert type(mine) is type(its)
+        assert set(vars(mine)) == set(vars(its))
+    assert torch.equal(sample(other, x, 3, seed=1), want)
+    assert torch.equal(sample(model, x, 3, seed=1), want)
+
+
+@pytest.fixture
+def _switching_often() -> object:
+    """Threads switched every µs rather than every 5 ms: races show in fewer calls."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+@pytest.mark.usefixtures("_switching_often")
+@pytest.mark.parametrize("name", ["transformer encoder", "one function, two rates"])
+def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str) -> None:
+    """Three threads sample one model through its kept plans (one and three rows, one and four
+    samples, an int seed or one per row) while a fourth swaps the rates the forward reads:
+    each call's samples are the general path's at one of the rates, called alone."""
+    torch.manual_seed(0)
+    if name == "transformer encoder":
+        model: nn.Module = EncoderClassifier().eval()
+        shape = MODELS[name][1]
+        layers = [model.encoder.layers[0].dropout1, model.encoder.layers[1].dropout]
+    else:
+        model = _UnderTheMode(name).eval()
+        shape = (6,)
+    rates = ([0.3, 0.6], [0.6, 0.3])
+
+    def set_rates(rates: list[float]) -> None:
+        if name == "transformer encoder":
+            for layer, p in zip(layers, rates, strict=True):
+                layer.p = p
+        else:
+            model.rates = rates  # (read once a pass)
+
+    xs = {n: _rows(n, shape, seed=n) for n in (1, 3)}
+    kept = {n: plan(model, x) for n, x in xs.items()}
+    calls = [(n, s, seed) for n in (1, 3) for s in (1, 4) for seed in ("one", "per row")]
+
+    def seeds(n: int, seed: str, dtype: torch.dtype) -> Tensor:
+        values = torch.full((n,), 5) if seed == "one" else torch.arange(n) * 7 + 11
+        return values.to(dtype)
+
+    # the general path's samples (an int32 seed per row) at every rate each call may see
+    expected: dict[tuple[int, int, str], list[Tensor]] = {call: [] for call in calls}
+    for a in rates[0]:
+        for b in rates[1]:
+            set_rates([a, b])
+            for n, s, seed in calls:
+                int32 = seeds(n, seed, torch.int32)
+                expected[n, s, seed].append(sample(model, xs[n], s, seed=int32, plan=kept[n]))
+    wrong: list[tuple[int, int, str]] = []
+    done = threading.Event()
+
+    def sampler(i: int) -> None:
+        for k in range(40):
+            n, s, seed = calls[(7 * k + i) % len(calls)]
+            given = 5 if seed == "one" else seeds(n, seed, torch.int64)  # (the fast pass's)
+            got = sample(model, xs[n], s, seed=given, plan=kept[n])
+            if not any(torch.equal(got, e) for e in expected[n, s, seed]):
+                wrong.append((n, s, seed))
+
+    def swapper() -> None:
+        k = 0
+        while not done.is_set():
+            set_rates(rates[k % 2])
+            k += 1
+
+    threads = [threading.Thread(target=sampler, args=(i,)) for i in range(3)]
+    swapping = threading.Thread(target=swapper)
+    swapping.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    swapping.join()
+    assert not wrong
+    assert all(type(f) is fast_pass.ModePass for k in kept.values() for f in k.fast_passes.values())
 
 
 @pytest.mark.parametrize("n_samples", [1, 3])
