@@ -700,7 +700,6 @@ class ModeContext(MadeContext):
     (else they are sampled as :class:`SamplingContext` samples them, and :attr:`missed` says
     so); with ``noted`` (a list), each such call notes its index, rate and dtype there."""
 
-    routed = False  # no route of this pass's: a routed module's call is another pass's
 
     def __init__(
         self,
@@ -711,6 +710,8 @@ class ModeContext(MadeContext):
         noted: list[tuple[int, float, torch.dtype]] | None,
     ) -> None:
         super().__init__([] if made is None else made, replicate, calls, sample_keys)
+        # no route of this pass's (MadeContext's is): a routed module's call is another pass's
+        self.routed = False
         self.noted = noted
         self.missed = False
 
