@@ -700,7 +700,6 @@ class ModeContext(MadeContext):
     (else they are sampled as :class:`SamplingContext` samples them, and :attr:`missed` says
     so); with ``noted`` (a list), each such call notes its index, rate and dtype there."""
 
-
     def __init__(
         self,
         made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None,
