@@ -627,7 +627,7 @@ def _flop_table() -> dict[Callable[..., Any], FlopCount]:
         (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), conv_transpose
     )
     matmuls = (torch.matmul, torch.linalg.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
-    matmuls += (torch.mm, torch.mv, torch.Tensor.mv)
+    table |= dict.fromkeys((*matmuls, torch.mm, torch.mv, torch.Tensor.mv), matmul)
     table |= dict.fromkeys((*matmuls, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm), matmul)
     table |= dict.fromkeys((torch.addmm, torch.Tensor.addmm, torch.baddbmm), addmm)
     table |= dict.fromkeys((torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu), recurrent)
