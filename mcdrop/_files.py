@@ -3,6 +3,7 @@ writing them so that none is ever half-written (:func:`write_files`)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -117,7 +118,10 @@ def _staged(path: Path, write: Writer) -> Path:
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # Created here, never an existing file (O_EXCL), with the mode a plain write gives: 0o666
     # less the umask.
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     try:
         mode = stat.S_IMODE(os.stat(temp).st_mode)
         write(str(temp))
@@ -129,10 +133,34 @@ def _staged(path: Path, write: Writer) -> Path:
             os.fsync(fd)  # the contents on disk before a name leads to them
         finally:
             os.close(fd)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     return temp
+
+
+#: The errors of a folder a file cannot be created in, and of a full disk.
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _cannot_write(path: Path, exc: OSError) -> OSError:
+    """``exc``, a failure to write ``path``'s temporary file, said of ``path`` (of the same
+    type, with its errno): the temporary file's name told the user nothing, and a folder
+    whose files are writable but not the folder itself needs saying (a file is renamed over)."""
+    why = exc.strerror or str(exc)
+    if exc.errno in _NOT_WRITABLE:
+        why += (
+            f": {path.parent} must be writable (each file is written beside its name and "
+            "renamed over it, never in place)"
+        )
+    elif exc.errno in _FULL:
+        why += " (the disk is full, or a quota or a limit on a file's size is reached)"
+    said = f"cannot write {path}: {why}; nothing in its folder was changed"
+    return type(exc)(said) if exc.errno is None else type(exc)(exc.errno, said)
 
 
 def _sync_folder(folder: Path) -> None:
