@@ -88,7 +88,9 @@ def write_files(files: Mapping[Path, Writer | None]) -> None:
     removes the file), in a folder that a server may be reading, so that a reader never finds a
     file half-written: each is written to a temporary file beside it, synced to disk, and
     renamed over it, in the order given once all are written (a model directory's manifest
-    last). Where a write fails (a full disk) nothing is changed and no temporary file is left.
+    last), each with the mode a plain write gives it (a new file's 0o666 less the umask; over a
+    file, that file's permissions and group kept besides). Where a write fails (a full disk)
+    nothing is changed and no temporary file is left.
 
     Why renamed: a file written in place is truncated first, so a crash or a full disk leaves
     it cut short; and writing in place follows a symlink put there (``weights.safetensors ->
@@ -124,9 +126,17 @@ def _staged(path: Path, write: Writer) -> Path:
         raise _cannot_write(path, exc) from None
     try:
         mode = stat.S_IMODE(os.stat(temp).st_mode)
+        replaced = _replaced(path)
         write(str(temp))
         # That mode again: safetensors (0.8) writes a file of its own in the name's place,
         # readable by its owner only, which a server running as another user cannot read.
+        # Over a file, what a write in place leaves too: its permissions (a file made
+        # readable by a server's group stays so when saved again under umask 077) and group.
+        if replaced is not None:
+            mode |= replaced.st_mode & 0o777
+            with suppress(OSError):  # (a group the user is not in, an owner not theirs)
+                os.chown(temp, -1, replaced.st_gid)
+                os.chown(temp, replaced.st_uid, -1)
         os.chmod(temp, mode)
         fd = os.open(temp, os.O_RDONLY)
         try:
@@ -140,6 +150,16 @@ def _staged(path: Path, write: Writer) -> Path:
         temp.unlink(missing_ok=True)
         raise
     return temp
+
+
+def _replaced(path: Path) -> os.stat_result | None:
+    """The status of the regular file ``path`` names (not of what a symlink there leads to:
+    the link is replaced, its target left alone), or None."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return status if stat.S_ISREG(status.st_mode) else None
 
 
 #: The errors of a folder a file cannot be created in, and of a full disk.

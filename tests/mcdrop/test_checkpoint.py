@@ -646,6 +646,29 @@ def test_saved_files_are_readable_as_a_plain_write_makes_them(tmp_path: Path) ->
     )
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_saved_again_a_file_keeps_the_permissions_and_group_it_had(tmp_path: Path) -> None:
+    """Saved again over a model whose files were made readable by others (a server running
+    as another user, or in their group), under umask 077, each file is as readable as before
+    and of its group, as a write in place leaves it: renamed over, each was the new file's
+    0o600, and the server's reload failed."""
+    target = tmp_path / "m"
+    checkpoint.save(target, _spec(), MLP(3, [8], 1, dropout=0.2), example_inputs=ROWS)
+    groups = [g for g in os.getgroups() if g != os.getegid()]
+    group = 4321 if os.geteuid() == 0 else (groups[0] if groups else os.getegid())
+    for path in target.iterdir():
+        path.chmod(0o640)
+        os.chown(path, -1, group)
+    old = os.umask(0o077)
+    try:
+        checkpoint.save(target, _spec(), MLP(3, [8], 1, dropout=0.3), example_inputs=ROWS)
+    finally:
+        os.umask(old)
+    got = {p.name: (p.stat().st_mode & 0o777, p.stat().st_gid) for p in target.iterdir()}
+    names = [checkpoint.WEIGHTS, checkpoint.EXAMPLES, checkpoint.MANIFEST]
+    assert got == dict.fromkeys(names, (0o640, group))
+
+
 #: Saves another model into a model directory with files limited to 4 KiB (a full disk, as the
 #: writes see it: EFBIG), its manifest the one file larger (a long description); prints the
 #: error.
