@@ -602,6 +602,11 @@ def _flop_table() -> dict[Callable[..., Any], FlopCount]:
         steps = x.numel() // x.shape[-1]
         return 2 * steps * sum(w.numel() for w in weights if w.dim() == 2)
 
+    def cell(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        # (input (N, in), hx, w_ih, w_hh, ...): one step of a cell (nn.LSTMCell in a loop)
+        x, w_ih, w_hh = args[0], args[2], args[3]
+        return 2 * (x.numel() // x.shape[-1]) * (w_ih.numel() + w_hh.numel())
+
     def attention(args: Args, kwargs: Kwargs, out: Tensor) -> int:
         query, key = arg(args, kwargs, 0, "query", None), arg(args, kwargs, 1, "key", None)
         embed = query.shape[-1]  # query (L, N, E), key (S, N, E)
@@ -631,6 +636,8 @@ def _flop_table() -> dict[Callable[..., Any], FlopCount]:
     table |= dict.fromkeys((*matmuls, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm), matmul)
     table |= dict.fromkeys((torch.addmm, torch.Tensor.addmm, torch.baddbmm), addmm)
     table |= dict.fromkeys((torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu), recurrent)
+    cells = (torch.lstm_cell, torch.gru_cell, torch.rnn_tanh_cell, torch.rnn_relu_cell)
+    table |= dict.fromkeys(cells, cell)
     return table
 
 

@@ -261,6 +261,31 @@ def test_plan_counts_flops_of_products_written_otherwise(
     assert (got.prefix_flops, got.rest_flops) == (2 * 4 * 8 + extra[0], 2 * 8 * 2 + extra[1])
 
 
+class CellLoop(nn.Module):
+    """(N, T, 3) -> (N, 2): a recurrent ``cell`` (3 -> 8) run step by step in a loop, dropout
+    on its last state, then Linear(8, 2)."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.cell, self.out = cell(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            h = state[0] if isinstance(state, tuple) else state
+        return self.out(F.dropout(h, 0.3, training=self.training))
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_plan_counts_flops_of_recurrent_cells_in_a_loop(cell: type[nn.Module]) -> None:
+    # Uncounted, a loop of cells read as no work, as einsum did (mcdrop.save's bound).
+    model = CellLoop(cell).eval()
+    weights = model.cell.weight_ih.numel() + model.cell.weight_hh.numel()
+    got = plan(model, torch.randn(3, 5, 3))
+    assert (got.prefix_flops, got.rest_flops) == (5 * 2 * weights, 2 * 8 * 2)
+
+
 def test_seeded_samples_are_bit_identical_with_a_fresh_plan_each_time() -> None:
     # Pass sizes come from sizes, never timings: the float rounding cannot depend on load.
     torch.manual_seed(0)
