@@ -3,6 +3,7 @@ writing them so that none is ever half-written (:func:`write_files`)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -87,7 +88,9 @@ def write_files(files: Mapping[Path, Writer | None]) -> None:
     removes the file), in a folder that a server may be reading, so that a reader never finds a
     file half-written: each is written to a temporary file beside it, synced to disk, and
     renamed over it, in the order given once all are written (a model directory's manifest
-    last). Where a write fails (a full disk) nothing is changed and no temporary file is left.
+    last), each with the mode a plain write gives it (a new file's 0o666 less the umask; over a
+    file, that file's permissions and group kept besides). Where a write fails (a full disk)
+    nothing is changed and no temporary file is left.
 
     Why renamed: a file written in place is truncated first, so a crash or a full disk leaves
     it cut short; and writing in place follows a symlink put there (``weights.safetensors ->
@@ -117,22 +120,67 @@ def _staged(path: Path, write: Writer) -> Path:
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # Created here, never an existing file (O_EXCL), with the mode a plain write gives: 0o666
     # less the umask.
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     try:
         mode = stat.S_IMODE(os.stat(temp).st_mode)
+        replaced = _replaced(path)
         write(str(temp))
         # That mode again: safetensors (0.8) writes a file of its own in the name's place,
         # readable by its owner only, which a server running as another user cannot read.
+        # Over a file, what a write in place leaves too: its permissions (a file made
+        # readable by a server's group stays so when saved again under umask 077) and group.
+        if replaced is not None:
+            mode |= replaced.st_mode & 0o777
+            with suppress(OSError):  # (a group the user is not in, an owner not theirs)
+                os.chown(temp, -1, replaced.st_gid)
+                os.chown(temp, replaced.st_uid, -1)
         os.chmod(temp, mode)
         fd = os.open(temp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the contents on disk before a name leads to them
         finally:
             os.close(fd)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     return temp
+
+
+def _replaced(path: Path) -> os.stat_result | None:
+    """The status of the regular file ``path`` names (not of what a symlink there leads to:
+    the link is replaced, its target left alone), or None."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return status if stat.S_ISREG(status.st_mode) else None
+
+
+#: The errors of a folder a file cannot be created in, and of a full disk.
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _cannot_write(path: Path, exc: OSError) -> OSError:
+    """``exc``, a failure to write ``path``'s temporary file, said of ``path`` (of the same
+    type, with its errno): the temporary file's name told the user nothing, and a folder
+    whose files are writable but not the folder itself needs saying (a file is renamed over)."""
+    why = exc.strerror or str(exc)
+    if exc.errno in _NOT_WRITABLE:
+        why += (
+            f": {path.parent} must be writable (each file is written beside its name and "
+            "renamed over it, never in place)"
+        )
+    elif exc.errno in _FULL:
+        why += " (the disk is full, or a quota or a limit on a file's size is reached)"
+    said = f"cannot write {path}: {why}; nothing in its folder was changed"
+    return type(exc)(said) if exc.errno is None else type(exc)(exc.errno, said)
 
 
 def _sync_folder(folder: Path) -> None:

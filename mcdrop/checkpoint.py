@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from numbers import Real
@@ -430,15 +431,30 @@ def save(
     metadata = {"format": "pt"}
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=False) + "\n"
     files: dict[Path, _files.Writer | None] = {
-        directory / WEIGHTS: lambda name: save_file(state, name, metadata=metadata),
+        directory / WEIGHTS: lambda name: _save_tensors(state, name, metadata),
         directory / EXAMPLES: None,
         directory / MANIFEST: lambda name: Path(name).write_text(text),
     }
     if example_inputs is not None:
         rows = {_EXAMPLES_KEY: example_inputs}
-        files[directory / EXAMPLES] = lambda name: save_file(rows, name, metadata=metadata)
+        files[directory / EXAMPLES] = lambda name: _save_tensors(rows, name, metadata)
     _files.write_files(files)
     return directory
+
+
+def _save_tensors(tensors: dict[str, Tensor], name: str, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``, its failure to write (a full disk, a quota) an OSError as
+    Python's own writes raise, which :func:`mcdrop._files.write_files` names the file in: it was
+    a SafetensorError naming no file ("I/O error: File too large (os error 27)"), and a
+    traceback of ``mcdrop train``."""
+    try:
+        save_file(tensors, name, metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found[1])
+        raise OSError(code, os.strerror(code), name) from exc
 
 
 def _own_memory(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -602,14 +602,28 @@ def _flop_table() -> dict[Callable[..., Any], FlopCount]:
         steps = x.numel() // x.shape[-1]
         return 2 * steps * sum(w.numel() for w in weights if w.dim() == 2)
 
+    def cell(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        # (input (N, in), hx, w_ih, w_hh, ...): one step of a cell (nn.LSTMCell in a loop)
+        x, w_ih, w_hh = args[0], args[2], args[3]
+        return 2 * (x.numel() // x.shape[-1]) * (w_ih.numel() + w_hh.numel())
+
     def attention(args: Args, kwargs: Kwargs, out: Tensor) -> int:
         query, key = arg(args, kwargs, 0, "query", None), arg(args, kwargs, 1, "key", None)
         embed = query.shape[-1]  # query (L, N, E), key (S, N, E)
         projections = 2 * (2 * query.numel() + 2 * key.numel()) * embed  # q, out; k, v
         return projections + 4 * query.numel() * key.shape[0]
 
+    def tensordot(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+        # a (free_a, c), b (c, free_b) -> out (free_a, free_b): c from the three sizes
+        a, b = arg(args, kwargs, 0, "a", None), arg(args, kwargs, 1, "b", None)
+        if not out.numel():
+            return 0
+        return 2 * out.numel() * math.isqrt(a.numel() * b.numel() // out.numel())
+
     table: dict[Callable[..., Any], FlopCount] = {
         F.linear: linear,
+        torch.einsum: _einsum_flops,
+        torch.tensordot: tensordot,
         F.scaled_dot_product_attention: sdpa,
         F.multi_head_attention_forward: attention,
     }
@@ -617,11 +631,61 @@ def _flop_table() -> dict[Callable[..., Any], FlopCount]:
     table |= dict.fromkeys(
         (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), conv_transpose
     )
-    matmuls = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm)
+    matmuls = (torch.matmul, torch.linalg.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+    table |= dict.fromkeys((*matmuls, torch.mm, torch.mv, torch.Tensor.mv), matmul)
     table |= dict.fromkeys((*matmuls, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm), matmul)
     table |= dict.fromkeys((torch.addmm, torch.Tensor.addmm, torch.baddbmm), addmm)
     table |= dict.fromkeys((torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu), recurrent)
+    cells = (torch.lstm_cell, torch.gru_cell, torch.rnn_tanh_cell, torch.rnn_relu_cell)
+    table |= dict.fromkeys(cells, cell)
     return table
+
+
+def _einsum_flops(args: Args, kwargs: Kwargs, out: Tensor) -> int:
+    """FLOPs of ``torch.einsum(equation, *operands)`` (torch hands a mode the sublist form as an
+    equation too), contracted left to right as torch does: each step's multiply-adds are the
+    product of the sizes of every index its two operands hold (×2). 0 for one operand (a sum or
+    a transpose) or an equation it cannot read.
+
+    Why counted: attention and projections written with einsum are the bulk of such a model's
+    work, and the plan's count bounds the work :func:`mcdrop.save` runs (uncounted, a pass of
+    hundreds of GFLOP read as none)."""
+    if not args or not isinstance(args[0], str):
+        return 0
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    lhs, arrow, rhs = args[0].replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or len(terms) < 2:
+        return 0
+    sizes: dict[str, int] = {}
+    indices: list[list[str]] = []
+    for term, operand in zip(terms, operands, strict=True):
+        if not isinstance(operand, Tensor):
+            return 0
+        before, dots, after = term.partition("...")
+        # an ellipsis's dimensions named by their place from the right, as they broadcast
+        spread = operand.dim() - len(before) - len(after) if dots else 0
+        names = [*before, *(f"...{spread - i}" for i in range(spread)), *after]
+        if len(names) != operand.dim():
+            return 0
+        for name, size in zip(names, operand.shape, strict=True):
+            sizes[name] = max(sizes.get(name, 1), int(size))
+        indices.append(names)
+    ellipsis = {name for name in sizes if name.startswith("...")}
+    if arrow:
+        kept = set(rhs.replace("...", "")) | (ellipsis if "..." in rhs else set())
+    else:  # the implicit output: the indices named once, and the ellipsis
+        every = [name for names in indices for name in names]
+        kept = {name for name in every if every.count(name) == 1} | ellipsis
+    flops, held = 0, set(indices[0])
+    for i in range(1, len(indices)):
+        both = held | set(indices[i])
+        flops += 2 * math.prod(sizes[name] for name in both)
+        later = kept.union(*indices[i + 1 :])
+        held = both & later
+    return flops
 
 
 _FLOPS = _flop_table()

@@ -128,6 +128,8 @@ def save(
             whose outputs depend on their batch, a batch size it fails on, the warm-up's pass
             of 16 samples of 32 rows where it runs it, a classifier that returns probabilities
             rather than logits); nothing was written.
+        OSError: a file could not be written (a full disk, a folder not writable), named in
+            the message; the folder's files were left as they were.
     """
     if isinstance(model, torch.jit.ScriptModule):
         # Its layers are compiled: no dropout rate to read, no dropout call to sample.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -645,6 +646,29 @@ def test_saved_files_are_readable_as_a_plain_write_makes_them(tmp_path: Path) ->
     )
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_saved_again_a_file_keeps_the_permissions_and_group_it_had(tmp_path: Path) -> None:
+    """Saved again over a model whose files were made readable by others (a server running
+    as another user, or in their group), under umask 077, each file is as readable as before
+    and of its group, as a write in place leaves it: renamed over, each was the new file's
+    0o600, and the server's reload failed."""
+    target = tmp_path / "m"
+    checkpoint.save(target, _spec(), MLP(3, [8], 1, dropout=0.2), example_inputs=ROWS)
+    groups = [g for g in os.getgroups() if g != os.getegid()]
+    group = 4321 if os.geteuid() == 0 else (groups[0] if groups else os.getegid())
+    for path in target.iterdir():
+        path.chmod(0o640)
+        os.chown(path, -1, group)
+    old = os.umask(0o077)
+    try:
+        checkpoint.save(target, _spec(), MLP(3, [8], 1, dropout=0.3), example_inputs=ROWS)
+    finally:
+        os.umask(old)
+    got = {p.name: (p.stat().st_mode & 0o777, p.stat().st_gid) for p in target.iterdir()}
+    names = [checkpoint.WEIGHTS, checkpoint.EXAMPLES, checkpoint.MANIFEST]
+    assert got == dict.fromkeys(names, (0o640, group))
+
+
 #: Saves another model into a model directory with files limited to 4 KiB (a full disk, as the
 #: writes see it: EFBIG), its manifest the one file larger (a long description); prints the
 #: error.
@@ -667,6 +691,112 @@ except OSError as exc:
     print(type(exc).__name__, exc)
     sys.exit(3)
 """
+
+
+#: As _SAVE_TOO_LARGE, the one file larger than 4 KiB the one named (the weights: 256 hidden
+#: units; else the manifest: a long description).
+_SAVE_ONE_TOO_LARGE = """
+import resource, signal, sys
+from mcdrop import checkpoint
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.nets import MLP
+large = sys.argv[2]
+hidden = 256 if large == "weights.safetensors" else 8
+params = {"in_features": 3, "hidden": [hidden], "out_features": 1, "dropout": 0.2}
+spec = ModelSpec(
+    name="m", task="regression", input_shape=[3], labels=["y"],
+    architecture={"name": "mlp", "params": params}, tau=1.0,
+    description="a" * (8000 if large == "model.json" else 10),
+)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    checkpoint.save(sys.argv[1], spec, MLP(**params))
+except OSError as exc:
+    print(type(exc).__name__, exc.errno, exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX's")
+@pytest.mark.parametrize("large", [checkpoint.WEIGHTS, checkpoint.MANIFEST])
+def test_a_full_disk_is_an_os_error_naming_the_file(tmp_path: Path, large: str) -> None:
+    """A write that fails for a full disk is an OSError (the weights' was safetensors' own
+    error, naming no file: a traceback of ``mcdrop train``) naming the file it was writing, not
+    its hidden temporary file, with its errno (EFBIG here), and saying nothing was changed."""
+    saver = subprocess.run(
+        [sys.executable, "-c", _SAVE_ONE_TOO_LARGE, str(tmp_path / "m"), large],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert saver.returncode == 3, saver.stderr
+    said = saver.stdout.strip()
+    assert said.startswith(f"OSError {errno.EFBIG} "), said
+    assert f"cannot write {tmp_path / 'm' / large}: " in said
+    assert ".tmp" not in said
+    assert "disk is full" in said
+    assert "nothing in its folder was changed" in said
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
+
+
+#: Saves another model into the folder argv[1]; prints the error.
+_SAVE_AGAIN = """
+import sys
+from mcdrop import checkpoint
+from mcdrop.checkpoint import ModelSpec
+from mcdrop.nets import MLP
+params = {"in_features": 3, "hidden": [8], "out_features": 1, "dropout": 0.3}
+spec = ModelSpec(
+    name="m", task="regression", input_shape=[3], labels=["y"],
+    architecture={"name": "mlp", "params": params}, tau=1.0,
+)
+try:
+    checkpoint.save(sys.argv[1], spec, MLP(**params))
+except PermissionError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def _as_a_user() -> list[str] | None:
+    """What runs a command bound by files' permissions: nothing but the command for a user;
+    for root, setpriv without the capabilities that override them; None where neither can."""
+    if sys.platform == "win32":
+        return None
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        return None
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def test_a_folder_not_writable_is_said_so(tmp_path: Path) -> None:
+    """Over a model in a folder whose files are writable but not the folder itself, the save
+    says the folder must be writable (a file is renamed over, never written in place), naming
+    the file, not the temporary file it could not create; the model is left as it was."""
+    prefix = _as_a_user()
+    if prefix is None:
+        pytest.skip("no way to run without the right to write any folder")
+    target = tmp_path / "m"
+    checkpoint.save(target, _spec(), MLP(3, [8], 1, dropout=0.2))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    target.chmod(0o555)
+    try:
+        saver = subprocess.run(
+            [*prefix, sys.executable, "-c", _SAVE_AGAIN, str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        target.chmod(0o755)
+    assert saver.returncode == 3, saver.stderr
+    said = saver.stdout
+    assert f"cannot write {target / checkpoint.WEIGHTS}: " in said
+    assert f"{target} must be writable" in said
+    assert ".tmp" not in said
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX's")

@@ -215,6 +215,77 @@ def test_plan_counts_flops_before_and_after_the_first_dropout() -> None:
     assert got.prefix_reason == ""
 
 
+class EinsumLayers(nn.Module):
+    """The layers of the Sequential above (Linear(4, 8), ReLU, Dropout, Linear(8, 2)), their
+    products written as ``product`` (einsum, tensordot, linalg.matmul)."""
+
+    def __init__(self, product: str) -> None:
+        super().__init__()
+        self.first, self.last = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.product = product
+
+    def mul(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        w = layer.weight
+        if self.product == "einsum":
+            return torch.einsum("nd,ed->ne", x, w)
+        if self.product == "einsum_ellipsis":
+            return torch.einsum("...d,ed->...e", x, w)
+        if self.product == "einsum_three":  # (x w^T) then by the identity: its own work too
+            eye = torch.eye(w.shape[0])
+            return torch.einsum("nd,ed,ef->nf", x, w, eye)
+        if self.product == "tensordot":
+            return torch.tensordot(x, w, dims=([1], [1]))
+        return torch.linalg.matmul(x, w.T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.mul(x, self.first) + self.first.bias)
+        return self.mul(F.dropout(h, 0.3, training=self.training), self.last) + self.last.bias
+
+
+@pytest.mark.parametrize(
+    ("product", "extra"),
+    [
+        ("einsum", (0, 0)),
+        ("einsum_ellipsis", (0, 0)),
+        ("einsum_three", (2 * 8 * 8, 2 * 2 * 2)),
+        ("tensordot", (0, 0)),
+        ("linalg_matmul", (0, 0)),
+    ],
+)
+def test_plan_counts_flops_of_products_written_otherwise(
+    product: str, extra: tuple[int, int]
+) -> None:
+    # Uncounted, a model written with einsum read as no work: mcdrop.save ran the warm-up's
+    # pass of a 400-GFLOP einsum attention (~23 s on one core) under its 50-GFLOP bound.
+    got = plan(EinsumLayers(product).eval(), torch.randn(3, 4))
+    assert (got.prefix_flops, got.rest_flops) == (2 * 4 * 8 + extra[0], 2 * 8 * 2 + extra[1])
+
+
+class CellLoop(nn.Module):
+    """(N, T, 3) -> (N, 2): a recurrent ``cell`` (3 -> 8) run step by step in a loop, dropout
+    on its last state, then Linear(8, 2)."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.cell, self.out = cell(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+            h = state[0] if isinstance(state, tuple) else state
+        return self.out(F.dropout(h, 0.3, training=self.training))
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_plan_counts_flops_of_recurrent_cells_in_a_loop(cell: type[nn.Module]) -> None:
+    # Uncounted, a loop of cells read as no work, as einsum did (mcdrop.save's bound).
+    model = CellLoop(cell).eval()
+    weights = model.cell.weight_ih.numel() + model.cell.weight_hh.numel()
+    got = plan(model, torch.randn(3, 5, 3))
+    assert (got.prefix_flops, got.rest_flops) == (5 * 2 * weights, 2 * 8 * 2)
+
+
 def test_seeded_samples_are_bit_identical_with_a_fresh_plan_each_time() -> None:
     # Pass sizes come from sizes, never timings: the float rounding cannot depend on load.
     torch.manual_seed(0)
