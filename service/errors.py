@@ -440,9 +440,15 @@ def _allowed_methods(request: Request, path: str | None = None) -> str:
     """The methods some route serves at the request's path (or at ``path``), for a 405's
     ``Allow``. (Starlette's own lists only the first matching route's, and a GET route's HEAD
     twin is a route of its own.) Probed through each route's public ``matches``, so nested
-    routers count too."""
-    routes = request.app.router.routes
+    routers count too: once with any method, for the routes whose pattern takes the path at all
+    (PARTIAL: another method), and only those once per method (each try reads the whole path,
+    up to the 64 KB of max_header_bytes, on the event loop)."""
     scope = request.scope if path is None else {**request.scope, "path": path}
+    routes = [
+        route
+        for route in request.app.router.routes
+        if route.matches({**scope, "method": "GET"})[0] != Match.NONE
+    ]
     allowed = [
         method
         for method in _METHODS

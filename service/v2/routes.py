@@ -262,8 +262,13 @@ async def _infer(request: Request, registry: Registry, settings: Settings) -> Re
     read_at = time.monotonic()  # the body is in: a timeout counts from here
     handle = _handle(registry, request)
     spec, predictor = handle.spec, handle.predictor
-    body = codec.decompress(
-        await request.body(), header_lines(request, "content-encoding"), settings.max_body_bytes
+    raw, encoding = await request.body(), header_lines(request, "content-encoding")
+    body = await dataplane.off_loop(
+        codec.inflates_large(len(raw), encoding, settings.max_body_bytes),
+        codec.decompress,
+        raw,
+        encoding,
+        settings.max_body_bytes,
     )
     parsed = await dataplane.off_loop(
         len(body) > dataplane.LARGE_BODY_BYTES,
