@@ -899,6 +899,16 @@ def test_local_predict_says_what_the_service_says_of_the_models_error(
 SAID = {"control": "one\ntwo \x1b[31mred\x1b[0m\r\x07three", "long": "A" * 100_000}
 
 
+def _answer(handler: BaseHTTPRequestHandler, status: int, payload: object) -> None:
+    """Send ``payload`` as a JSON response of ``status``."""
+    body = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _Refuses(BaseHTTPRequestHandler):
     """Answers every request with the service's JSON error that the model's name gives:
     ``/models/422-model_rejected_input/predict`` is a 422 of that code, with the message "as
@@ -907,14 +917,8 @@ class _Refuses(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         status, code, *said = self.path.split("/")[2].split("-", 2)
         message = SAID[said[0]] if said else "as refused"
-        body = json.dumps(
-            {"error": {"code": code, "message": message, "details": [], "request_id": "r"}}
-        ).encode()
-        self.send_response(int(status))
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        error = {"code": code, "message": message, "details": [], "request_id": "r"}
+        _answer(self, int(status), {"error": error})
 
     def log_message(self, *_: object) -> None:  # the test reads stderr
         pass
@@ -1015,12 +1019,7 @@ class _Lists(BaseHTTPRequestHandler):
             "likelihood": "homoscedastic", "tau": 1.0, "dropout": 0.1, "default_n_samples": 8,
             "max_n_samples": 8, "max_request_rows": 8, "metrics": {},
         }  # fmt: skip
-        body = json.dumps({"models": [info]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _answer(self, 200, {"models": [info]})
 
     def log_message(self, *_: object) -> None:  # the test reads stderr
         pass
