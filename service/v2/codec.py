@@ -128,6 +128,7 @@ MAX_INFLATE_RATIO = 1032
 
 
 def _identity(encoding: str | None) -> bool:
+    """Whether a body sent with ``encoding`` is as sent (no encoding, or ``identity``)."""
     return encoding is None or encoding.strip().lower() in ("", "identity")
 
 
@@ -145,7 +146,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     sends; names case-insensitive), at most ``limit`` bytes of it. A gzip body may be several
     members, inflated one after another (RFC 1952 section 2.2); any other bytes after the end of
     the compressed data are an error."""
-    if encoding is None or _identity(encoding):  # as the native routes
+    if encoding is None or _identity(encoding):  # as the native routes (None: for mypy)
         return body
     coding = _CODINGS.get(encoding.strip().lower())
     if coding is None:
