@@ -418,28 +418,35 @@ def _compress(h: Any, m: Any, t: int, last: bool) -> None:
 
 
 @_compiled
-def _row_keys(bits: Any, seed: Any, out: Any) -> int:
+def _row_keys(bits: Any, seeds: Any, out: Any) -> int:
     """:func:`mcdrop.masks.row_keys` of float32 rows given as their bits ``(N, D)`` ``uint32``
-    under ``seed`` (``uint64``), into ``out`` ``(N,)`` ``uint64``: each row's BLAKE2b digest of
-    8 bytes keyed by the seed's 8 bytes, of its bytes with -0.0 written as 0.0 (hashlib's, bit
-    for bit), read as a little-endian word. Returns 0 where a value is not finite (keys not
+    under ``seeds`` (``int64``: ``(1,)``, one seed for every row, or ``(N,)``, one per row),
+    into ``out`` ``(N,)`` ``uint64``: each row's BLAKE2b digest of 8 bytes keyed by its seed's
+    8 bytes, of its bytes with -0.0 written as 0.0 (hashlib's, bit for bit), read as a
+    little-endian word. Returns 0 where a value is not finite or a seed is negative (keys not
     made), else 1."""
     n, d = bits.shape
     for b in range(n):
         for e in range(d):
             if bits[b, e] & np.uint32(0x7F800000) == np.uint32(0x7F800000):
                 return 0
+    for s in range(seeds.shape[0]):
+        if seeds[s] < 0:
+            return 0
     m = np.zeros(16, dtype=np.uint64)
-    keyed = np.empty(8, dtype=np.uint64)  # the state after the key's block: the same for all
-    for i in range(8):
-        keyed[i] = _IV[i]
-    keyed[0] ^= np.uint64(0x01010808)  # parameter block: digest of 8 bytes, key of 8, fanout 1
-    m[0] = seed  # the key's block: its 8 bytes, then zeros
+    keyed = np.empty(8, dtype=np.uint64)  # the state after the key's block
     size = 4 * d
-    _compress(keyed, m, 128, size == 0)
     h = np.empty(8, dtype=np.uint64)
     words = (d + 1) // 2
     for b in range(n):
+        # the key's block hashed once for one seed, per row for per-row seeds
+        if b == 0 or seeds.shape[0] > 1:
+            for i in range(8):
+                keyed[i] = _IV[i]
+            keyed[0] ^= np.uint64(0x01010808)  # parameter block: digest of 8, key of 8, fanout 1
+            m[:] = 0
+            m[0] = np.uint64(seeds[b if seeds.shape[0] > 1 else 0])  # its 8 bytes, then zeros
+            _compress(keyed, m, 128, size == 0)
         h[:] = keyed
         done = 0
         for w0 in range(0, words, 16):
@@ -461,21 +468,29 @@ def _row_keys(bits: Any, seed: Any, out: Any) -> int:
     return 1
 
 
-def row_keys(values: np.ndarray, seed: int) -> Tensor | None:
+def row_keys(values: np.ndarray, seed: int | np.ndarray) -> Tensor | None:
     """:func:`mcdrop.masks.row_keys` of the C-contiguous float32 rows ``values`` ``(N, ...)``
-    under ``seed`` (an int in [0, 2**63)), with their finiteness check, in one compiled call:
-    ``(N,)`` int64 keys, or None where a value is not finite. For rows of up to
-    :data:`SHORT_ROW` values (:func:`mcdrop.masks.keys_of_bytes` past it)."""
+    under ``seed`` (an int in [0, 2**63), or ``(N,)`` int64 seeds, one per row), with their
+    finiteness check, in one compiled call: ``(N,)`` int64 keys, or None where a value is not
+    finite or a seed is negative. For rows of up to :data:`SHORT_ROW` values
+    (:func:`mcdrop.masks.keys_of_bytes` past it)."""
     keys = row_key_array(values, seed)
     return None if keys is None else torch.from_numpy(keys)
 
 
-def row_key_array(values: np.ndarray, seed: int) -> np.ndarray | None:
+def row_key_array(values: np.ndarray, seed: int | np.ndarray) -> np.ndarray | None:
     """:func:`row_keys` as a NumPy ``(N,)`` int64 array (for a fast pass, whose compiled calls
     take arrays: a tensor between them costs ~2 µs a call)."""
     n = values.shape[0]
     out = np.empty(n, dtype=np.uint64)
-    if not _row_keys(values.view(np.uint32).reshape(n, -1), np.uint64(seed), out):
+    seeds = (
+        np.ascontiguousarray(seed, dtype=np.int64)  # (one compiled layout for all)
+        if isinstance(seed, np.ndarray)
+        else np.array((seed,), dtype=np.int64)
+    )
+    if seeds.shape != (1,) and seeds.shape != (n,):
+        raise ValueError(f"seeds of shape {seeds.shape} for {n} rows")
+    if not _row_keys(values.view(np.uint32).reshape(n, -1), seeds, out):
         return None
     return out.view(np.int64)
 

@@ -193,8 +193,11 @@ class FastPass:
             return None
         seen = modes.switches
         # (the row keys as an array: the compiled calls after take arrays)
-        if self.short and row_seeds is None:  # the keys and the finiteness check in one call
-            keys = self.kernels.row_key_array(values, one)
+        if self.short:  # the keys and the finiteness check in one call
+            # (a seed out of range, as a value not finite: no keys, and the general path says
+            # what is wrong)
+            seeds = one if row_seeds is None else row_seeds.numpy()
+            keys = self.kernels.row_key_array(values, seeds)
             finite = keys is not None
         else:
             finite = self.kernels.finite_state(values)
@@ -206,16 +209,16 @@ class FastPass:
             or modes.switches != seen
         ):
             return None
-        if row_seeds is not None:
-            data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
-            try:
-                keys = masks.keys_of_bytes(data, self.n_rows, row_seeds).numpy()
-            except InvalidArgumentError:  # a seed out of range: the general path says so
-                return None
-        elif not self.short:
+        if not self.short:
             # the bytes masks.row_keys hashes: -0.0 written as 0.0
             data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
-            keys = masks.key_array_of_bytes(data, self.n_rows, one)
+            if row_seeds is None:
+                keys = masks.key_array_of_bytes(data, self.n_rows, one)
+            else:
+                try:
+                    keys = masks.keys_of_bytes(data, self.n_rows, row_seeds).numpy()
+                except InvalidArgumentError:  # a seed out of range: the general path says so
+                    return None
         y = self._pass(model, x, keys)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)

@@ -136,21 +136,38 @@ def test_row_keys_are_blake2b_of_each_rows_float32_bytes_with_minus_zero_as_zero
     n_rows=st.integers(1, 5),
     repeat=st.sampled_from([1, 2, 5]),
     seed=st.integers(0, 2**63 - 1),
+    per_row=st.booleans(),
 )
 @settings(max_examples=300, deadline=None)  # (the first call compiles)
 def test_compiled_row_keys_are_hashlibs(
-    bits: list[int], n_rows: int, repeat: int, seed: int
+    bits: list[int], n_rows: int, repeat: int, seed: int, per_row: bool
 ) -> None:
     """numba's BLAKE2b of short rows (mcdrop.cpu_masks.row_keys, a fast pass's keys) gives
     hashlib's keys bit for bit: rows of 0 to 350 values (blocks of 32 values, a last one part
-    full, an odd number of values), -0.0 anywhere."""
+    full, an odd number of values), -0.0 anywhere, under one seed or a seed per row."""
     from mcdrop import cpu_masks
 
     rows = [np.roll(np.array(bits * repeat, dtype=np.uint32), i) for i in range(n_rows)]
     values = np.stack(rows).view(np.float32) if bits else np.zeros((n_rows, 0), np.float32)
-    keys = cpu_masks.row_keys(values, seed)
+    seeds: int | np.ndarray = seed
+    if per_row:  # (rows keyed under 0, the largest seed and others)
+        seeds = np.array([(seed * (i + 1)) % 2**63 for i in range(n_rows)], dtype=np.int64)
+        seeds[-1] = 0
+    keys = cpu_masks.row_keys(values, seeds)
     assert keys is not None
-    assert keys.tolist() == masks.row_keys(torch.from_numpy(values), seed).tolist()
+    expected = masks.row_keys(
+        torch.from_numpy(values), torch.from_numpy(seeds) if per_row else seed
+    )
+    assert keys.tolist() == expected.tolist()
+
+
+def test_compiled_row_keys_refuse_negative_seeds() -> None:
+    """A negative per-row seed makes no keys (the general path says what is wrong)."""
+    from mcdrop import cpu_masks
+
+    values = np.ones((3, 8), dtype=np.float32)
+    assert cpu_masks.row_keys(values, np.array([1, -1, 2])) is None
+    assert cpu_masks.row_keys(values, np.array([1, 0, 2])) is not None
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
