@@ -38,6 +38,7 @@ from torch import Tensor
 
 from mcdrop import masks
 from mcdrop._numba_cache import use_writable_cache
+from mcdrop.exceptions import InvalidArgumentError
 
 #: Output dtypes the loops write directly; others are rounded from float32, as NumPy's are.
 DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
@@ -368,6 +369,12 @@ _SIGMA = np.array(
 #: here as there (784: 10.3 against 8.8 µs); one row costs ~0.3 µs more here.
 SHORT_ROW = 128
 
+#: The most values (all rows together) of a fast pass whose row keys numba hashes in the one
+#: compiled call that makes its multipliers (:meth:`FusedPass.make_from_values`): past it
+#: hashlib's faster hash gains more than the calls it costs (two rows of 28×28: ~18 µs here,
+#: against ~11 µs warm, and the ~25 µs of cold calls it saves after a large pass).
+FEW_VALUES = 2048
+
 
 @numba.njit(inline="always")
 def _rotr(x: Any, n: int) -> Any:
@@ -458,6 +465,28 @@ def _row_keys(bits: Any, seed: Any, out: Any) -> int:
             done = min(size, done + 128)
             _compress(h, m, 128 + done, done == size)
         out[b] = h[0]
+    return 1
+
+
+@_compiled
+def _rows_pass(
+    values: Any,
+    seed: int,
+    first: int,
+    n_samples: int,
+    params: Any,
+    scales: Any,
+    align: int,
+    out: Any,
+) -> int:
+    """:func:`_row_keys` of the float32 rows ``values`` ``(N, D)`` under ``seed``, then
+    :func:`_pass_multipliers` from those keys into ``out``: a fast pass's finiteness check, row
+    keys and multipliers in one compiled call. Returns 0 where a value is not finite (nothing
+    made), else 1."""
+    keys = np.empty(values.shape[0], dtype=np.uint64)
+    if not _row_keys(values.view(np.uint32), np.uint64(seed), keys):
+        return 0
+    _pass_multipliers(keys.view(np.int64), first, n_samples, params, scales, align, out)
     return 1
 
 
@@ -598,6 +627,16 @@ class FusedPass:
         end, bounds = self._layout(n_samples * keys.shape[0])
         out = np.empty(end, dtype=self.scales.dtype)
         _pass_multipliers(keys, first_sample, n_samples, self.params, self.scales, self.align, out)
+        return self._views(out, bounds, shapes)
+
+    def _views(
+        self,
+        out: np.ndarray,
+        bounds: tuple[tuple[int, int], ...],
+        shapes: Sequence[tuple[int, ...] | None] | None,
+    ) -> list[Tensor]:
+        """Each call's multipliers in the buffer ``out``, as tensors: flat, or of its shape in
+        ``shapes`` (another dtype than float32 and float64: rounded copies)."""
         # NumPy's flat slices, shaped by NumPy (torch's own slicing, split or view cost 2-3x the
         # time, µs a call)
         if shapes is None:
@@ -608,6 +647,49 @@ class FusedPass:
                 for (a, b), shape in zip(bounds, shapes, strict=True)
             ]
         return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
+
+    def make_from_values(
+        self,
+        values: np.ndarray,
+        seed: int,
+        first_sample: int,
+        n_samples: int,
+        shapes: Sequence[tuple[int, ...] | None] | None = None,
+    ) -> list[Tensor] | None:
+        """:meth:`make` for the keys :func:`row_key_array` makes of the C-contiguous float32
+        rows ``values`` ``(N, ...)`` under ``seed``, in one compiled call with them (keys,
+        finiteness check and multipliers: one call's fixed cost, not three, on a request's
+        few rows); None where a value is not finite."""
+        out, made = self.buffer(n_samples * values.shape[0], shapes)
+        if not self.fill_from_values(values, seed, first_sample, n_samples, out):
+            return None
+        return made
+
+    def buffer(
+        self, rows: int, shapes: Sequence[tuple[int, ...] | None] | None = None
+    ) -> tuple[np.ndarray, list[Tensor]]:
+        """A buffer for the multipliers of a pass of ``rows`` replicated rows (for
+        :meth:`fill_from_values`), and each call's multipliers in it, as :meth:`make` returns
+        them (of float32 or float64: the tensors share the buffer's memory)."""
+        if self.dtype not in DTYPES:
+            raise InvalidArgumentError("a buffer of multipliers holds float32 or float64 only")
+        end, bounds = self._layout(rows)
+        out = np.empty(end, dtype=self.scales.dtype)
+        return out, self._views(out, bounds, shapes)
+
+    def fill_from_values(
+        self, values: np.ndarray, seed: int, first_sample: int, n_samples: int, out: np.ndarray
+    ) -> bool:
+        """:meth:`make_from_values` into the buffer ``out`` from :meth:`buffer` (for
+        ``n_samples · N`` rows); False where a value is not finite (nothing written)."""
+        rows = values.reshape(values.shape[0], -1)
+        if not rows.flags.c_contiguous:  # (a view of strided rows: one compiled signature)
+            rows = np.ascontiguousarray(rows)
+        return bool(
+            _rows_pass(
+                rows, seed, first_sample, n_samples, self.params, self.scales, self.align, out
+            )
+        )
 
 
 def warm_up() -> None:
@@ -624,3 +706,6 @@ def warm_up() -> None:
             keep_scale(keys, 0, 5, p, dtype)
         drop_into(_u64(keys), 0, np.ones((3, 5), DTYPES[dtype]), 0.1, dtype)  # every width
         FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make(keys, 0, 2)
+        FusedPass(((0, 5, 0.1), (1, 3, 0.5)), dtype).make_from_values(
+            np.zeros((2, 3), dtype=np.float32), 0, 0, 2
+        )
