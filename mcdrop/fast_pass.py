@@ -283,10 +283,9 @@ class ChainPass(FastPass):
         self.layers = layers
         self.fresh_first = layers.fresh_first
         self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
-        # A request's few rows: their keys made with the multipliers, in one compiled call (its
-        # fixed cost, run cold after a pass of a large model, ~10 µs, once and not three times);
-        # numba's BLAKE2b hashes a long row at a third of hashlib's speed, so more rows than
-        # that are hashed by hashlib.
+        # A request's few rows (cpu_masks.FEW_VALUES): their finiteness check and keys made with
+        # the multipliers, in one compiled call, not three (each ~10-25 µs, run cold after a
+        # large model's pass); more rows are hashed by hashlib, the faster hash per byte.
         self.at_once = self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
         # What LayerChain.runnable checks, flattened, read from each module's own __dict__
         # (an item of a dict costs less than an attribute of a module): its hook dicts and
