@@ -49,6 +49,13 @@ if TYPE_CHECKING:
 #: The most call shapes a plan keeps fast passes for (request sizes vary: the latest few).
 MAX_KEPT = 64
 
+#: The largest buffer of multipliers a :class:`ChainPass` keeps for its next calls, in bytes:
+#: a one-row request's (a 28×28 CNN's: 13.6 KB), with room for a few rows.
+KEPT_BUFFER = 65536
+
+#: The most buffers a :class:`ChainPass` keeps (one per call running at once, on threads).
+KEPT_BUFFERS = 2
+
 #: The most multipliers of one call of a pass under the mode (ModePass) made before the pass:
 #: 32 KB of float32, within a core's L1 or L2 cache.
 _MADE_IN_MODE = 8192
@@ -163,6 +170,9 @@ class FastPass:
         self.device = model_device_slot(model)
         # several short rows: their keys hashed by numba (cpu_masks.row_keys), else by hashlib
         self.short = n_rows > 1 and math.prod(plan.input_shape) <= kernels.SHORT_ROW
+        # rows whose keys numba hashes in the pass's one compiled call with its multipliers
+        # (:meth:`_pass_of_rows`; a pass that has one sets it where short or few values)
+        self.at_once = False
 
     def run(self, model: nn.Module, x: Tensor, seed: object) -> Tensor | None:
         """The ``(S, N, K...)`` samples of ``x`` ``(N, D...)`` under ``seed`` (None: a fresh one
@@ -193,10 +203,13 @@ class FastPass:
             return None
         seen = modes.switches
         # (the row keys as an array: the compiled calls after take arrays)
-        if self.short:  # the keys and the finiteness check in one call
-            # (a seed out of range, as a value not finite: no keys, and the general path says
-            # what is wrong)
-            seeds = one if row_seeds is None else row_seeds.numpy()
+        keys: np.ndarray | None = None
+        # one int seed, or the rows' own (a seed out of range, as a value not finite: no keys,
+        # and the general path says what is wrong)
+        seeds = one if row_seeds is None else row_seeds.numpy()
+        if self.at_once:
+            finite = 1  # checked by the pass's one compiled call (_pass_of_rows)
+        elif self.short:  # the keys and the finiteness check in one call
             keys = self.kernels.row_key_array(values, seeds)
             finite = keys is not None
         else:
@@ -209,7 +222,7 @@ class FastPass:
             or modes.switches != seen
         ):
             return None
-        if not self.short:
+        if not (self.short or self.at_once):
             # the bytes masks.row_keys hashes: -0.0 written as 0.0
             data = values.tobytes() if finite == 1 else masks.positive_zero_bytes(values)
             if row_seeds is None:
@@ -219,7 +232,7 @@ class FastPass:
                     keys = masks.keys_of_bytes(data, self.n_rows, row_seeds).numpy()
                 except InvalidArgumentError:  # a seed out of range: the general path says so
                     return None
-        y = self._pass(model, x, keys)
+        y = self._pass(model, x, keys) if keys is not None else self._pass_of_rows(x, values, seeds)
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
         # contiguous, as sample returns a single pass's (channels-last weights make a
@@ -247,6 +260,13 @@ class FastPass:
         (None where it did not apply after all)."""
         raise NotImplementedError
 
+    def _pass_of_rows(self, x: Tensor, values: np.ndarray, seed: int | np.ndarray) -> object:
+        """:meth:`_pass` with the rows' keys under ``seed`` (one, or ``(N,)`` int64 seeds, one
+        per row) made from ``values`` (``x``'s memory) in the compiled call that makes the
+        multipliers (where :attr:`at_once`); None where a value is not finite or a seed
+        negative."""
+        raise NotImplementedError
+
 
 class ChainPass(FastPass):
     """The fast pass of a :class:`~mcdrop.planning.LayerChain` (``layers``), with every
@@ -267,6 +287,10 @@ class ChainPass(FastPass):
         self.layers = layers
         self.fresh_first = layers.fresh_first
         self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
+        # A request's few rows (cpu_masks.FEW_VALUES): their finiteness check and keys made with
+        # the multipliers, in one compiled call, not three (each ~10-25 µs, run cold after a
+        # large model's pass); more rows are hashed by hashlib, the faster hash per byte.
+        self.at_once = self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
         # What LayerChain.runnable checks, flattened, read from each module's own __dict__
         # (an item of a dict costs less than an attribute of a module): its hook dicts and
         # _modules, read on every call (a caller may replace one), each container's children
@@ -277,14 +301,24 @@ class ChainPass(FastPass):
         self.children = tuple(
             (d, planned) for d, planned in zip(self.dicts, layers.children, strict=True) if planned
         )
-        # the rates the multipliers were made for, as LayerChain._pass reads them
-        self.rates = tuple((layer, float(cast(Any, layer).p)) for _, layer in layers.elementwise)
+        # the rates the multipliers were made for, as LayerChain._pass reads them, and their
+        # layers (read by one C-level map: a generator over them cost ~3 µs of a cold call)
+        self.rate_layers = tuple(layer for _, layer in layers.elementwise)
+        self.rates = tuple(float(cast(Any, layer).p) for layer in self.rate_layers)
         # each call's multipliers made in its activation's shape (but the first's where the
         # pass shares the prefix: it broadcasts the rows)
         self.made_shapes = tuple(
             None if (self.replicas > 1 and k == 0) else _shape(plan, i, self.rows, n)
             for k, (i, n, _) in enumerate(made.calls)
         )
+        # Buffers of multipliers, each with its calls' tensors, kept for the next calls where no
+        # tensor that shares them outlives a pass: a fresh buffer's allocation and its tensors
+        # (NumPy slices, torch.from_numpy) cost ~40 µs of a one-row call, run cold after a
+        # large model's pass. A call takes one (list.pop and append: atomic, so a call on
+        # another thread takes another), and puts it back once its pass is done.
+        size = sum(n for _, n, _ in made.calls) * self.rows * 4  # (float32: plan.dtype)
+        self.keeps = self.at_once and size <= KEPT_BUFFER and layers.drops_into_linear()
+        self.buffers: list[tuple[np.ndarray, list[Tensor]]] = []
 
     def _runnable(self, model: nn.Module) -> bool:
         """No hook, the chain's modules and their classes as planned, none with a forward set
@@ -303,19 +337,10 @@ class ChainPass(FastPass):
                     return False
         except KeyError:  # a module without the dicts nn.Module makes: not torch's own
             return False
-        return all(layer.p == p for layer, p in self.rates)
+        return tuple(map(_rate, self.rate_layers)) == self.rates
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
-        # As planning.run_chain_pass: the caller's rows themselves only where the chain's first
-        # step writes a new tensor, one pass of them is all it needs, and they are laid out as
-        # a copy would be (sampling_context.fresh_layout).
-        if self.share or self.n_samples == 1:
-            if self.fresh_first and fresh_layout(x):
-                inputs = x
-            else:
-                inputs = x.clone(memory_format=torch.contiguous_format)
-        else:
-            inputs = replicate(x, self.n_samples)
+        inputs = self._inputs(x)
         # (the multipliers made in inference mode: tensors of its own, whose in-place products
         # there skip autograd's version bookkeeping)
         with _inference_mode(True):
@@ -323,6 +348,42 @@ class ChainPass(FastPass):
                 keys, self.first_sample, self.n_samples, self.made_shapes
             )
             return self.layers.run_made(inputs, multipliers, self.replicas)
+
+    def _pass_of_rows(self, x: Tensor, values: np.ndarray, seed: int | np.ndarray) -> object:
+        if not self.keeps:
+            with _inference_mode(True):
+                multipliers = self.compiled.make_from_values(
+                    values, seed, self.first_sample, self.n_samples, self.made_shapes
+                )
+                if multipliers is None:  # a value is not finite: the general path says so
+                    return None
+                return self.layers.run_made(self._inputs(x), multipliers, self.replicas)
+        with _inference_mode(True):
+            try:
+                kept = self.buffers.pop()
+            except IndexError:  # the first call, or one running beside another
+                kept = self.compiled.buffer(self.rows, self.made_shapes)
+            out, multipliers = kept
+            if not self.compiled.fill_from_values(
+                values, seed, self.first_sample, self.n_samples, out
+            ):
+                self.buffers.append(kept)
+                return None  # a value is not finite: the general path says so
+            y = self.layers.run_made(self._inputs(x), multipliers, self.replicas)
+        # (not where the pass raised: a traceback may hold a product)
+        if len(self.buffers) < KEPT_BUFFERS:
+            self.buffers.append(kept)
+        return y
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        """As planning.run_chain_pass: the caller's rows themselves only where the chain's first
+        step writes a new tensor, one pass of them is all it needs, and they are laid out as a
+        copy would be (sampling_context.fresh_layout); else a copy, or the replicated rows."""
+        if self.share or self.n_samples == 1:
+            if self.fresh_first and fresh_layout(x):
+                return x
+            return x.clone(memory_format=torch.contiguous_format)
+        return replicate(x, self.n_samples)
 
 
 class ForwardPass(FastPass):
@@ -767,6 +828,8 @@ class ModeContext(MadeContext):
 
 
 _training = operator.attrgetter("training")
+
+_rate = operator.attrgetter("p")
 
 # A module's hook dicts, from its __dict__: any() of them is whether it has a hook.
 _hooks = operator.itemgetter(

@@ -1074,6 +1074,21 @@ class LayerChain:
                 replicas = 1
         return x
 
+    def drops_into_linear(self) -> bool:
+        """Whether :meth:`run_made` hands each dropout call's product, through ReLUs only, to a
+        linear layer (torch's own, which writes a new tensor): then no tensor that shares the
+        multipliers' memory outlives the pass, and the next pass may make its multipliers in
+        the same memory (:class:`mcdrop.fast_pass.ChainPass`)."""
+        after_drop = False
+        for what, _, _ in self.made_steps:
+            if what == _DROP:
+                after_drop = True
+            elif what == _LINEAR:
+                after_drop = False
+            elif what != _RELU and after_drop:  # another layer might keep or return its input
+                return False
+        return not after_drop  # (a chain ending in dropout returns its product)
+
     def runnable(self, model: nn.Module) -> bool:
         """Whether a pass may run the chain: the model's layers are still those planned, and no
         module of the chain has a hook, nor any module globally (the chain skips the calls of

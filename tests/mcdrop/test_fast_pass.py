@@ -506,6 +506,76 @@ def test_each_call_returns_its_own_tensor() -> None:
     assert torch.equal(first, kept_copy)
 
 
+def _identity_after_dropout() -> nn.Module:
+    # The product of the multipliers passes through a layer that returns its input.
+    return nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.4), nn.Identity(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize(
+    ("name", "keeps"),
+    [
+        ("sequential", True),
+        ("CNN", True),
+        ("standardized MLP", True),
+        ("dropout last", False),  # its samples are the last multipliers' memory
+        ("channels-last convolutions", False),  # a convolution after the dropout
+        ("identity after dropout", False),
+    ],
+)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_a_kept_buffer_of_multipliers_leaves_earlier_samples_as_they_were(
+    name: str, keeps: bool, n: int, n_samples: int
+) -> None:
+    """A chain whose every product of multipliers goes into a linear layer keeps its buffer of
+    multipliers for the next call: the samples (and anything else) of a call stay as they were
+    after the calls after it."""
+    if name == "identity after dropout":
+        torch.manual_seed(0)
+        model, shape = _identity_after_dropout().eval(), (6,)
+    else:
+        model, shape = _model(name)
+    x = _rows(n, shape)
+    kept = plan(model, x)
+    first = sample(model, x, n_samples, seed=1, plan=kept)
+    copy_of_first = first.clone()
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ChainPass)
+    assert made.keeps is keeps
+    buffers = [out for out, _ in made.buffers]
+    second = sample(model, x, n_samples, seed=2, plan=kept)
+    assert [out for out, _ in made.buffers] == buffers or not keeps
+    assert bool(made.buffers) is keeps
+    assert torch.equal(first, copy_of_first)
+    assert not torch.equal(second, first)
+    assert torch.equal(sample(model, x, n_samples, seed=1, plan=kept), first)
+    assert torch.equal(second, sample(model, x, n_samples, seed=2))  # the general path's
+
+
+@pytest.mark.parametrize(("n", "keeps"), [(1, True), (3, False)])
+def test_a_requests_few_rows_are_keyed_with_their_multipliers_in_one_call(
+    n: int, keeps: bool
+) -> None:
+    """The benchmark's 28×28 CNN: one row's key is made by numba with the multipliers (and the
+    buffer kept), three rows' (past cpu_masks.FEW_VALUES) by hashlib; the general path's
+    samples either way, and NaN rows the general path's error."""
+    from mcdrop import cpu_masks
+
+    torch.manual_seed(0)
+    model = CNN(channels=(4, 8, 8), hidden=16).eval()
+    x = _rows(n, (1, 28, 28))
+    x[0, 0, 3, 4] = -0.0
+    assert (n * 28 * 28 <= cpu_masks.FEW_VALUES) is keeps
+    kept = plan(model, x)
+    for n_samples in (1, 4):
+        assert torch.equal(_fast(model, x, n_samples, kept), sample(model, x, n_samples, seed=3))
+    made = list(kept.fast_passes.values())
+    assert len(made) == 2
+    assert all(isinstance(f, fast_pass.ChainPass) and f.at_once is keeps for f in made)
+    x[-1, 0, 5, 5] = math.nan
+    with pytest.raises(InvalidInputError):
+        sample(model, x, 1, seed=3, plan=kept)
+
+
 def test_chunks_continue_from_their_first_sample() -> None:
     model, shape = _model("sequential")
     x = _rows(2, shape)
@@ -943,6 +1013,37 @@ def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str
     swapping.join()
     assert not wrong
     assert all(type(f) is fast_pass.ModePass for k in kept.values() for f in k.fast_passes.values())
+
+
+@pytest.mark.usefixtures("_switching_often")
+def test_threads_sampling_a_chain_with_a_kept_buffer_get_the_serial_samples() -> None:
+    """Three threads sample one CNN (which keeps its buffers of multipliers) at once: each call
+    takes a buffer no other call is using, so each gets its samples as if called alone."""
+    model, shape = _model("CNN")
+    xs = {n: _rows(n, shape, seed=n) for n in (1, 2)}
+    kept = {n: plan(model, x) for n, x in xs.items()}
+    calls = [(n, s, seed) for n in (1, 2) for s in (1, 3) for seed in range(4)]
+    expected = {(n, s, seed): sample(model, xs[n], s, seed=seed) for n, s, seed in calls}
+    wrong: list[tuple[int, int, int]] = []
+
+    def sampler(i: int) -> None:
+        for k in range(60):
+            n, s, seed = calls[(5 * k + i) % len(calls)]
+            if not torch.equal(
+                sample(model, xs[n], s, seed=seed, plan=kept[n]), expected[n, s, seed]
+            ):
+                wrong.append((n, s, seed))
+
+    threads = [threading.Thread(target=sampler, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+    passes = [f for k in kept.values() for f in k.fast_passes.values()]
+    chains = [f for f in passes if isinstance(f, fast_pass.ChainPass) and f.keeps]
+    assert len(chains) == len(passes) == 4  # (rows 1 and 2, samples 1 and 3)
+    assert all(len(f.buffers) <= fast_pass.KEPT_BUFFERS for f in chains)
 
 
 @pytest.mark.parametrize("n_samples", [1, 3])

@@ -414,6 +414,68 @@ def test_numba_takes_strided_keys() -> None:
     )
 
 
+@numba_runs
+@given(
+    n_rows=st.integers(1, 4),
+    width=st.integers(0, 300),
+    minus_zero=st.booleans(),
+    seed=st.integers(0, 2**63 - 1),
+    first=st.integers(0, 2**40),
+    n_samples=st.integers(1, 5),
+    strided=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)  # (the first call compiles)
+def test_multipliers_made_from_the_rows_are_those_of_their_hashlib_keys(
+    n_rows: int,
+    width: int,
+    minus_zero: bool,
+    seed: int,
+    first: int,
+    n_samples: int,
+    strided: bool,
+) -> None:
+    """cpu_masks.FusedPass.make_from_values (a fast pass's row keys and multipliers in one
+    compiled call) makes what make makes from the rows' keys (hashlib's, -0.0 as 0.0), bit for
+    bit, into one buffer, and of any rows a view of strided memory."""
+    from mcdrop import cpu_masks
+
+    fused = cpu_masks.FusedPass(((0, 7, 0.1), (3, 40, 0.5), (1, 1, 0.3)), torch.float32)
+    values = np.random.default_rng(seed % 1000).standard_normal((n_rows, 2 * width), np.float32)
+    values = values[:, ::2] if strided else np.ascontiguousarray(values[:, :width])
+    if minus_zero and width:
+        values[-1, width // 2] = -0.0
+    keys = masks.row_keys(torch.from_numpy(np.ascontiguousarray(values)), seed)
+    expected = fused.make(keys, first, n_samples)
+    got = fused.make_from_values(values, seed, first, n_samples)
+    assert got is not None
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    out, views = fused.buffer(n_samples * n_rows)
+    assert fused.fill_from_values(values, seed, first, n_samples, out)
+    assert all(torch.equal(v, e) for v, e in zip(views, expected, strict=True))
+
+
+@numba_runs
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_multipliers_made_from_rows_that_are_not_finite_are_none(bad: float) -> None:
+    from mcdrop import cpu_masks
+
+    fused = cpu_masks.FusedPass(((0, 7, 0.1),), torch.float32)
+    values = np.ones((2, 30), dtype=np.float32)
+    values[1, 29] = bad
+    assert fused.make_from_values(values, 1, 0, 2) is None
+    out, _ = fused.buffer(2)
+    assert not fused.fill_from_values(values, 1, 0, 1, out)
+
+
+@numba_runs
+def test_a_buffer_of_multipliers_is_of_float32_or_float64() -> None:
+    from mcdrop import cpu_masks
+
+    with pytest.raises(InvalidArgumentError, match="float32 or float64"):
+        cpu_masks.FusedPass(((0, 7, 0.1),), torch.bfloat16).buffer(2)
+
+
 # -- numba's in-place multiply: the products of the multipliers, bit for bit, in one pass ----------
 
 

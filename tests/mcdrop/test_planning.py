@@ -639,6 +639,39 @@ def test_a_sequential_with_an_attention_layer_is_no_chain_and_samples() -> None:
     assert torch.equal(got, sample(model, x, 4, seed=1, plan=replace(kept, routes=None)))
 
 
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        ([nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2)], True),
+        ([nn.Linear(6, 8), nn.Dropout(0.2), nn.ReLU(inplace=True), nn.Linear(8, 2)], True),
+        ([nn.Dropout(0.1), nn.Linear(6, 8), nn.Dropout(0.2), nn.Linear(8, 2), nn.Tanh()], True),
+        ([nn.Linear(6, 8), nn.Dropout(0.2)], False),  # the product is the output
+        ([nn.Linear(6, 8), nn.Dropout(0.2), nn.ReLU()], False),
+        ([nn.Linear(6, 8), nn.Dropout(0.2), nn.Flatten(), nn.Linear(8, 2)], False),  # a view
+        ([nn.Linear(6, 8), nn.Dropout(0.2), nn.Identity(), nn.Linear(8, 2)], False),
+        ([nn.Linear(6, 8), nn.Dropout(0.2), nn.Dropout(0.3), nn.Linear(8, 2)], True),
+    ],
+)
+def test_a_chain_says_whether_no_product_of_multipliers_outlives_its_pass(
+    layers: list[nn.Module], expected: bool
+) -> None:
+    model = nn.Sequential(*layers).eval()
+    kept = plan(model, torch.randn(2, 6))
+    assert kept.layers is not None
+    assert kept.layers.drops_into_linear() is expected
+
+
+def test_the_cnns_chain_hands_each_product_to_a_linear_layer() -> None:
+    # (Flatten comes before the first dropout, the linear layers after each)
+    from mcdrop.nets import CNN
+
+    kept = plan(
+        CNN(channels=(4,), pool=(True,), hidden=8, image_size=8).eval(), torch.randn(1, 8, 8)
+    )
+    assert kept.layers is not None
+    assert kept.layers.drops_into_linear()
+
+
 def test_a_chain_whose_layers_changed_since_its_plan_is_not_run() -> None:
     model = nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Dropout(0.3), nn.Linear(20, 2)).eval()
     x = torch.randn(4, 6)
