@@ -232,7 +232,11 @@ class FastPass:
                     keys = masks.keys_of_bytes(data, self.n_rows, row_seeds).numpy()
                 except InvalidArgumentError:  # a seed out of range: the general path says so
                     return None
-        y = self._pass(model, x, keys) if keys is not None else self._pass_of_rows(x, values, seeds)
+        y = (
+            self._pass(model, x, keys)
+            if keys is not None
+            else self._pass_of_rows(model, x, values, seeds)
+        )
         if type(y) is not Tensor or y.dim() < 1 or y.shape[0] != self.rows:
             return None  # the general path says what is wrong (planning._check_output)
         # contiguous, as sample returns a single pass's (channels-last weights make a
@@ -260,7 +264,9 @@ class FastPass:
         (None where it did not apply after all)."""
         raise NotImplementedError
 
-    def _pass_of_rows(self, x: Tensor, values: np.ndarray, seed: int | np.ndarray) -> object:
+    def _pass_of_rows(
+        self, model: nn.Module, x: Tensor, values: np.ndarray, seed: int | np.ndarray
+    ) -> object:
         """:meth:`_pass` with the rows' keys under ``seed`` (one, or ``(N,)`` int64 seeds, one
         per row) made from ``values`` (``x``'s memory) in the compiled call that makes the
         multipliers (where :attr:`at_once`); None where a value is not finite or a seed
@@ -349,7 +355,9 @@ class ChainPass(FastPass):
             )
             return self.layers.run_made(inputs, multipliers, self.replicas)
 
-    def _pass_of_rows(self, x: Tensor, values: np.ndarray, seed: int | np.ndarray) -> object:
+    def _pass_of_rows(
+        self, model: nn.Module, x: Tensor, values: np.ndarray, seed: int | np.ndarray
+    ) -> object:
         if not self.keeps:
             with _inference_mode(True):
                 multipliers = self.compiled.make_from_values(
@@ -450,12 +458,22 @@ class ForwardPass(FastPass):
         self, keys: np.ndarray, rates: tuple[float, ...]
     ) -> list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None:
         """:meth:`RoutedPass._made_now` with the made calls' ``rates`` given."""
+        return self._made_by(self._maker_at(rates), keys)
+
+    def _maker_at(
+        self, rates: tuple[float, ...]
+    ) -> tuple[
+        Any,
+        tuple[tuple[int, Any, float, torch.Size], ...],
+        tuple[tuple[int, ...] | None, ...],
+    ]:
+        """:meth:`_maker` of the made calls at ``rates``, kept for the next passes."""
         found = self._made.get(rates)
         if found is None:
             if len(self._made) >= 8:  # rates changed between calls: keep the latest few
                 self._made.clear()
             found = self._made[rates] = self._maker(self.made_calls, rates)
-        return self._made_by(found, keys)
+        return found
 
     def _made_by(
         self,
@@ -471,7 +489,13 @@ class ForwardPass(FastPass):
         fused, table, shapes = found
         if fused is None:
             return None
-        values = fused.make(keys, self.first_sample, self.n_samples, shapes)
+        return self._entries(table, fused.make(keys, self.first_sample, self.n_samples, shapes))
+
+    def _entries(
+        self, table: tuple[tuple[int, Any, float, torch.Size], ...], values: list[Tensor]
+    ) -> list[tuple[Any, float, tuple[int, ...], Tensor] | None]:
+        """Per call of the plan, the made call's entry of a :meth:`_maker`'s ``table`` with its
+        multipliers ``values`` (in the table's order); None for the other calls."""
         out: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(self.calls)
         for (call, module, p, shape), v in zip(table, values, strict=True):
             out[call] = (module, p, shape, v)
@@ -546,6 +570,14 @@ class RoutedPass(ForwardPass):
         # (call index, multipliers per row, the module or function call that makes it)
         self.made_calls = tuple((call.index, n, caller) for call, caller, n in sizes if n)
         self.callers = tuple(module for module, _ in routes.callers)
+        # A request's few rows whose every call is made before the pass: their finiteness
+        # check, keys and multipliers in one compiled call (as a chain's, ChainPass)
+        # (multipliers of a dtype of their own, rounded from float32's, are made by make)
+        self.at_once = (
+            len(self.made_calls) == len(self.calls)
+            and self.made_dtype in kernels.DTYPES
+            and (self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES)
+        )
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         inputs = self._inputs(x)
@@ -566,6 +598,30 @@ class RoutedPass(ForwardPass):
             else:
                 samples = self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
                 ctx = SamplingContext(samples, self.calls, replicate=self.replicas)
+            return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
+
+    def _pass_of_rows(
+        self, model: nn.Module, x: Tensor, values: np.ndarray, seed: int | np.ndarray
+    ) -> object:
+        rates = tuple([float(cast(Any, caller).p) for _, _, caller in self.made_calls])
+        fused, table, shapes = self._maker_at(rates)
+        if fused is None:  # (a rate of 0 or 1 now: no multipliers made) the keys alone
+            keys = self.kernels.row_key_array(values, seed)
+            return None if keys is None else self._pass(model, x, keys)
+        inputs = self._inputs(x)
+        with _inference_mode(True):
+            made = fused.make_from_values(values, seed, self.first_sample, self.n_samples, shapes)
+            if made is None:  # a value not finite, a seed negative: the general path's
+                return None
+            # (a call the multipliers do not fit, as a rate changed in the pass: its keys then)
+            ctx = MadeContext(
+                self._entries(table, made),
+                self.replicas,
+                self.calls,
+                lambda: self.kernels.sample_keys(
+                    self.kernels.row_key_array(values, seed), self.first_sample, self.n_samples
+                ),
+            )
             return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
 
     def _made_now(

@@ -576,6 +576,34 @@ def test_a_requests_few_rows_are_keyed_with_their_multipliers_in_one_call(
         sample(model, x, 1, seed=3, plan=kept)
 
 
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("n", [1, 3])
+def test_rows_not_finite_or_a_negative_seed_are_the_general_paths_error(name: str, n: int) -> None:
+    """Whichever way a pass keys its rows (in its one compiled call with the multipliers, where
+    every call's are made before it: at_once), a value not finite or a negative per-row seed
+    leaves the call to the general path, which says what is wrong; finite rows after them get
+    the general path's samples."""
+    model, shape = _model(name)
+    x = _rows(n, shape)
+    kept = plan(model, x)
+    assert torch.equal(_fast(model, x, 2, kept), sample(model, x, 2, seed=3))
+    (made,) = kept.fast_passes.values()
+    if isinstance(made, fast_pass.RoutedPass):  # every call made before the pass: at once
+        assert made.at_once is (len(made.made_calls) == len(kept.calls))
+    seeds = torch.arange(n) - 1  # (the first row's seed negative)
+    assert fast_pass.run(kept, model, x, 2, seeds, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    with pytest.raises(InvalidArgumentError, match="per-row seeds"):
+        sample(model, x, 2, seed=seeds, plan=kept)
+    bad = x.clone()
+    bad.view(n, -1)[-1, -1] = math.inf
+    assert fast_pass.run(kept, model, bad, 2, 3, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    with pytest.raises(InvalidInputError):
+        sample(model, bad, 2, seed=3, plan=kept)
+    assert torch.equal(
+        _fast(model, x, 2, kept, seed=seeds + 1), sample(model, x, 2, seed=seeds + 1)
+    )
+
+
 def test_chunks_continue_from_their_first_sample() -> None:
     model, shape = _model("sequential")
     x = _rows(2, shape)
