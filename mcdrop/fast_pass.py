@@ -578,6 +578,12 @@ class RoutedPass(ForwardPass):
             and self.made_dtype in kernels.DTYPES
             and (self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES)
         )
+        # Buffers of multipliers kept for the next calls, as a chain's (ChainPass.buffers), each
+        # with the maker it was made by (the rates): the routes read them and write each product
+        # into a tensor of its own (apply_multipliers' keep), as the forward may keep a product
+        size = sum(n for _, n, _ in self.made_calls) * self.rows
+        self.keeps = self.at_once and size * torch.finfo(self.made_dtype).bits // 8 <= KEPT_BUFFER
+        self.buffers: list[tuple[Any, np.ndarray, list[Tensor]]] = []
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         inputs = self._inputs(x)
@@ -610,8 +616,26 @@ class RoutedPass(ForwardPass):
             return None if keys is None else self._pass(model, x, keys)
         inputs = self._inputs(x)
         with _inference_mode(True):
-            made = fused.make_from_values(values, seed, self.first_sample, self.n_samples, shapes)
+            kept = None
+            if not self.keeps:
+                made = fused.make_from_values(
+                    values, seed, self.first_sample, self.n_samples, shapes
+                )
+            else:
+                try:
+                    kept = self.buffers.pop()
+                    if kept[0] is not fused:  # (made at other rates: dropped)
+                        raise IndexError
+                except IndexError:  # the first call, or one running beside another
+                    kept = (fused, *fused.buffer(self.rows, shapes))
+                made = kept[2]
+                if not fused.fill_from_values(
+                    values, seed, self.first_sample, self.n_samples, kept[1]
+                ):
+                    made = None
             if made is None:  # a value not finite, a seed negative: the general path's
+                if kept is not None:
+                    self.buffers.append(kept)
                 return None
             # (a call the multipliers do not fit, as a rate changed in the pass: its keys then)
             ctx = MadeContext(
@@ -622,7 +646,12 @@ class RoutedPass(ForwardPass):
                     self.kernels.row_key_array(values, seed), self.first_sample, self.n_samples
                 ),
             )
-            return routed_forward(model, inputs, ctx, self.routes, len(self.calls))
+            ctx.kept = kept is not None
+            y = routed_forward(model, inputs, ctx, self.routes, len(self.calls))
+        # (not where the pass raised: a traceback may hold the context)
+        if kept is not None and len(self.buffers) < KEPT_BUFFERS:
+            self.buffers.append(kept)
+        return y
 
     def _made_now(
         self, keys: np.ndarray

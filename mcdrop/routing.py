@@ -219,7 +219,7 @@ def _apply_made(
     ctx.calls += 1
     times = ctx.replicate
     ctx.replicate = 1
-    return apply_multipliers(x, scale, times, inplace, channels)
+    return apply_multipliers(x, scale, times, inplace, channels, ctx.kept)
 
 
 class FunctionCall:

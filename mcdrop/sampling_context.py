@@ -92,6 +92,9 @@ class SamplingContext:
     #: A routed fast pass's multipliers per call, in call order: (module, rate, input shape,
     #: multipliers) or None (:mod:`mcdrop.routing`); None where it has none.
     made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None = None
+    #: Whether :attr:`made` is kept for the pass's next calls: its multipliers are read, never
+    #: written into nor handed on (:func:`apply_multipliers`' ``keep``).
+    kept = False
 
     def __init__(
         self,
@@ -373,7 +376,12 @@ class _Active:
 
 
 def apply_multipliers(
-    x: Tensor, scale: Tensor, times: int, inplace: bool, channels: bool = False
+    x: Tensor,
+    scale: Tensor,
+    times: int,
+    inplace: bool,
+    channels: bool = False,
+    keep: bool = False,
 ) -> Tensor:
     """``x`` times its premade inverted-dropout multipliers ``scale`` (rows first, as many as
     ``x``'s elements, ``times`` over where the call replicates ``x`` first: the first call of a
@@ -382,7 +390,9 @@ def apply_multipliers(
     (:meth:`mcdrop.planning.LayerChain.run_made`, :mod:`mcdrop.routing`). ``channels``: a
     channel dropout's (``x (N, C, ...)``, one multiplier per row and channel, broadcast over the
     dimensions after ``C``). ``scale`` may come flat or, where ``times`` is 1, already of the
-    shape it is applied in (``x``'s; ``(N, C, 1, ...)`` for channels): a view costs ~3 µs."""
+    shape it is applied in (``x``'s; ``(N, C, 1, ...)`` for channels): a view costs ~3 µs.
+    ``keep``: ``scale`` is kept for later passes, so the product is never written into it (nor
+    is it returned); else it may be, where it is fresh and laid out as the product."""
     if channels:  # as SamplingContext.dropout's feature branch
         rest = [1] * (x.dim() - 2)
         if times > 1:
@@ -395,13 +405,15 @@ def apply_multipliers(
         return x.mul_(scale) if inplace else x * scale
     if times > 1:  # the N rows broadcast against all samples' multipliers: one pass
         shape = x.shape
-        return scale.view(times, *shape).mul_(x).view(times * shape[0], *shape[1:])
+        shaped = scale.view(times, *shape)
+        product = torch.mul(shaped, x) if keep else shaped.mul_(x)
+        return product.view(times * shape[0], *shape[1:])
     if scale.shape != x.shape:
         scale = scale.view(x.shape)
     if inplace:
         return x.mul_(scale)
     # into the fresh multipliers where x is contiguous: no allocation
-    return scale.mul_(x) if x.is_contiguous() else x * scale
+    return scale.mul_(x) if x.is_contiguous() and not keep else x * scale
 
 
 def fresh_layout(x: Tensor) -> bool:

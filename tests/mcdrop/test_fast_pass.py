@@ -551,6 +551,88 @@ def test_a_kept_buffer_of_multipliers_leaves_earlier_samples_as_they_were(
     assert torch.equal(second, sample(model, x, n_samples, seed=2))  # the general path's
 
 
+class _KeepsProducts(nn.Module):
+    """A forward of its own that returns one dropout's product as it is and keeps another's
+    (``self.seen``), each shaped as a premade call's multipliers: a routed pass that keeps its
+    buffer of multipliers must never hand their memory on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.4)
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.fc(x).abs() + 1.0)  # (no zeros: every multiplier shows)
+        self.seen.append(h)
+        return F.dropout(h, 0.3, self.training) + F.dropout(x, 0.5, self.training)
+
+
+@pytest.mark.parametrize("name", ["keeps products", "channel dropout", "functional dropout"])
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_a_routed_pass_keeping_its_multipliers_leaves_earlier_samples_as_they_were(
+    name: str, n: int, n_samples: int
+) -> None:
+    """A routed pass of a request's few rows keeps its buffer of multipliers for the next call
+    and writes each product into a tensor of its own: the samples of a call, and the products
+    its forward kept, stay as they were after the calls after it."""
+    if name == "keeps products":
+        torch.manual_seed(0)
+        model, shape = _KeepsProducts().eval(), (6,)
+    else:
+        model, shape = _model(name)
+    x = _rows(n, shape)
+    kept = plan(model, x)
+    if isinstance(model, _KeepsProducts):
+        model.seen.clear()
+    first = sample(model, x, n_samples, seed=1, plan=kept)
+    copies = [first.clone()]
+    if isinstance(model, _KeepsProducts):
+        copies.append(model.seen[-1].clone())
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.RoutedPass)
+    assert made.keeps
+    buffers = [out for _, out, _ in made.buffers]
+    second = sample(model, x, n_samples, seed=2, plan=kept)
+    assert [out for _, out, _ in made.buffers] == buffers
+    assert torch.equal(first, copies[0])
+    if isinstance(model, _KeepsProducts):
+        assert torch.equal(model.seen[-2], copies[1])
+    assert not torch.equal(second, first)
+    assert torch.equal(sample(model, x, n_samples, seed=1, plan=kept), first)
+    assert torch.equal(second, sample(model, x, n_samples, seed=2))  # the general path's
+
+
+def test_threads_sampling_a_routed_pass_with_a_kept_buffer_get_the_serial_samples() -> None:
+    """Three threads sample one routed model (which keeps its buffers of multipliers) at once:
+    each gets its samples as if called alone."""
+    torch.manual_seed(0)
+    model, shape = _KeepsProducts().eval(), (6,)
+    xs = {n: _rows(n, shape, seed=n) for n in (1, 2)}
+    kept = {n: plan(model, x) for n, x in xs.items()}
+    calls = [(n, s, seed) for n in (1, 2) for s in (1, 3) for seed in range(4)]
+    expected = {(n, s, seed): sample(model, xs[n], s, seed=seed) for n, s, seed in calls}
+    wrong: list[tuple[int, int, int]] = []
+
+    def sampler(i: int) -> None:
+        for k in range(60):
+            n, s, seed = calls[(5 * k + i) % len(calls)]
+            if not torch.equal(
+                sample(model, xs[n], s, seed=seed, plan=kept[n]), expected[n, s, seed]
+            ):
+                wrong.append((n, s, seed))
+
+    threads = [threading.Thread(target=sampler, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
+    passes = [f for k in kept.values() for f in k.fast_passes.values()]
+    assert all(isinstance(f, fast_pass.RoutedPass) and f.keeps for f in passes)
+    assert all(len(f.buffers) <= fast_pass.KEPT_BUFFERS for f in passes)
+
+
 @pytest.mark.parametrize(("n", "keeps"), [(1, True), (3, False)])
 def test_a_requests_few_rows_are_keyed_with_their_multipliers_in_one_call(
     n: int, keeps: bool
