@@ -509,7 +509,10 @@ class KeptTwin:
         for module, twin, source, target, own in self.pairs:
             target.update(source)
             target.update(own)
-            extra = len(target) - len(source) - sum(k not in source for k in own)
+            extra = len(target) - len(source)
+            for key in own:  # (a loop, not a generator's sum: ~0.6 µs a module less)
+                if key not in source:
+                    extra -= 1
             if extra or type(twin) is not type(module):
                 # an attribute deleted since (or one the forward wrote into the twin), or a
                 # class set on the module (module.__class__ = ..., a forward of its own): a
