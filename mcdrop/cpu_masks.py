@@ -681,6 +681,11 @@ class FusedPass:
             ]
         return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
 
+    def make_into(self, keys: np.ndarray, first_sample: int, n_samples: int, out: Any) -> None:
+        """:meth:`make` into the buffer ``out`` from :meth:`buffer` (for ``n_samples · N``
+        rows), from the row keys ``keys`` ``(N,)`` (int64, contiguous)."""
+        _pass_multipliers(keys, first_sample, n_samples, self.params, self.scales, self.align, out)
+
     def make_from_values(
         self,
         values: np.ndarray,
