@@ -683,7 +683,8 @@ class ModePass(ForwardPass):
     pass saw them drop at: the mode knows no module behind a call, so the first pass notes each
     call's rate (:class:`ModeContext`), and a later call at another rate makes its own (the
     same bits: a row's multipliers depend on its key, the call and the rate alone), after which
-    the next pass notes them again. Each call's own hash and bookkeeping cost ~10 µs of a cold
+    the next pass notes them again. The multipliers go into a buffer kept from pass to pass
+    (:class:`_KeptMultipliers`). Each call's own hash and bookkeeping cost ~10 µs of a cold
     call, the pass's one hash ~1 µs a call (a 2-layer encoder: 8 calls)."""
 
     def __init__(
