@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from types import ModuleType
@@ -711,7 +712,8 @@ class ModePass(ForwardPass):
     pass saw them drop at: the mode knows no module behind a call, so the first pass notes each
     call's rate (:class:`ModeContext`), and a later call at another rate makes its own (the
     same bits: a row's multipliers depend on its key, the call and the rate alone), after which
-    the next pass notes them again. Each call's own hash and bookkeeping cost ~10 µs of a cold
+    the next pass notes them again. The multipliers go into a buffer kept from pass to pass
+    (:class:`_KeptMultipliers`). Each call's own hash and bookkeeping cost ~10 µs of a cold
     call, the pass's one hash ~1 µs a call (a 2-layer encoder: 8 calls)."""
 
     def __init__(
@@ -732,46 +734,63 @@ class ModePass(ForwardPass):
             encoders.kept_twin(model) if encoders is not None and encoders.unchanged() else None
         )
         self.hooked = () if encoders is None else tuple(vars(m) for m, _ in encoders.checked)
-        # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's); None
-        # until a pass notes them
-        self.noted: Any = None
+        # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's), and
+        # its buffer kept from pass to pass (None where the maker makes none); None until a
+        # pass notes them
+        self.noted: tuple[Any, _KeptMultipliers | None] | None = None
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         # As planning.run_pass's pass under the mode
         inputs = self._inputs(x)
-        found = self.noted  # (once: another thread's pass may note them meanwhile)
+        noted = self.noted  # (once: another thread's pass may note them meanwhile)
+        kept_made: _KeptMultipliers | None = None  # the kept buffer, where this pass holds it
         with _inference_mode(True):
-            made = None if found is None else self._made_by(found, keys)
-            ctx = ModeContext(
-                made,
-                self.replicas,
-                self.calls,
-                lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
-                [] if found is None else None,
-            )
-            net = model
-            kept = self.twin
-            held = False  # whether this pass runs the kept twin, handed back after it
-            if (
-                kept is not None
-                and not global_hooks()
-                and not any(map(any, map(_hooks, self.hooked)))
-            ):
-                net, held = kept.take(model)
+            if noted is None:
+                made = None
+            else:
+                found, kept_made = noted
+                if kept_made is not None and kept_made.take(keys):
+                    made = kept_made.made
+                else:  # another pass holds the buffer: multipliers of this pass's own
+                    kept_made = None
+                    made = self._made_by(found, keys)
             try:
-                with ctx:
-                    y = net(inputs)
+                ctx = ModeContext(
+                    made,
+                    self.replicas,
+                    self.calls,
+                    lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
+                    [] if noted is None else None,
+                    fresh=kept_made is None,
+                )
+                y = self._forward(model, inputs, ctx)
             finally:
-                if held and kept is not None:
-                    kept.give_back()
+                if kept_made is not None:
+                    kept_made.give_back()
         # a pass of other calls than the plan's: the general path raises its error
         if ctx.calls != len(self.calls):
             return None
         if ctx.noted is not None:
-            self.noted = self._maker_of(ctx.noted)
+            found = self._maker_of(ctx.noted)
+            self.noted = (found, _KeptMultipliers.of(found, self))
         elif ctx.missed:  # a rate changed since noted: note them again on the next pass
             self.noted = None
         return y
+
+    def _forward(self, model: nn.Module, inputs: Tensor, ctx: ModeContext) -> Any:
+        """The model's forward of ``inputs`` (its encoders' twin's where it may run) in
+        ``ctx``."""
+        net = model
+        kept = self.twin
+        held = False  # whether this pass runs the kept twin, handed back after it
+        if kept is not None and not global_hooks() and not any(map(any, map(_hooks, self.hooked))):
+            net, held = kept.take(model)
+        try:
+            with ctx:
+                return net(inputs)
+        finally:
+            if held and kept is not None:
+                kept.give_back()
 
     def _maker_of(self, noted: list[tuple[int, float, torch.dtype]]) -> Any:
         """The maker of the multipliers of the calls a pass noted, (call index, rate, dtype)
@@ -798,6 +817,59 @@ class ModePass(ForwardPass):
             by_size.pop()
         made = sorted(by_size, key=lambda c: c[0][0])
         return self._maker(tuple(c for c, _ in made), tuple(p for _, p in made))
+
+
+class _KeptMultipliers:
+    """The buffer of a :class:`ModePass`'s premade multipliers, kept from pass to pass: each
+    pass that holds it hashes its multipliers into it (:meth:`take`), where making a fresh
+    buffer and a tensor on it per call cost ~10 µs of a one-row call (a 2-layer encoder: 8
+    calls). One pass at a time holds it: a pass on another thread meanwhile makes its own.
+    Its calls take the multipliers in place only, never returning them: the next pass
+    rewrites them (:class:`ModeContext`'s ``fresh``)."""
+
+    def __init__(
+        self,
+        fused: Any,
+        made: list[tuple[Any, float, tuple[int, ...], Tensor] | None],
+        out: np.ndarray,
+        first_sample: int,
+        n_samples: int,
+    ) -> None:
+        self.fused = fused
+        self.made = made  # as ForwardPass._made_by's, on the buffer
+        self.out = out
+        self.first_sample, self.n_samples = first_sample, n_samples
+        self._held = threading.Lock()
+
+    @classmethod
+    def of(cls, found: Any, made_by: ModePass) -> _KeptMultipliers | None:
+        """The kept buffer of a maker ``found`` (:meth:`ForwardPass._maker`'s) for the passes
+        of ``made_by``; None where it makes no multipliers, or not in float32 or float64."""
+        fused, table, shapes = found
+        if fused is None or fused.dtype not in (torch.float32, torch.float64):
+            return None
+        with _inference_mode(True):  # (inference tensors, as the multipliers made per pass)
+            out, values = fused.buffer(made_by.rows, shapes)
+        made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(made_by.calls)
+        for (call, module, p, shape), v in zip(table, values, strict=True):
+            made[call] = (module, p, shape, v)
+        return cls(fused, made, out, made_by.first_sample, made_by.n_samples)
+
+    def take(self, keys: np.ndarray) -> bool:
+        """Whether this pass holds the buffer, its multipliers made from the row keys ``(N,)``
+        (then the caller hands it back after the pass: :meth:`give_back`)."""
+        if not self._held.acquire(blocking=False):
+            return False
+        try:
+            self.fused.make_into(keys, self.first_sample, self.n_samples, self.out)
+        except BaseException:
+            self._held.release()
+            raise
+        return True
+
+    def give_back(self) -> None:
+        """The holding pass is over (:meth:`take`)."""
+        self._held.release()
 
 
 class MadeContext(SamplingContext):
@@ -856,12 +928,17 @@ class ModeContext(MadeContext):
         calls: Sequence[CallLayout],
         sample_keys: Callable[[], Tensor],
         noted: list[tuple[int, float, torch.dtype]] | None,
+        *,
+        fresh: bool = True,
     ) -> None:
         super().__init__([] if made is None else made, replicate, calls, sample_keys)
         # no route of this pass's (MadeContext's is): a routed module's call is another pass's
         self.routed = False
         self.noted = noted
         self.missed = False
+        # whether the multipliers are this pass's own, which a call may return (else a kept
+        # buffer's, which the next pass rewrites: _KeptMultipliers)
+        self.fresh = fresh
 
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         if not (options.get("feature") or options.get("alpha")):
@@ -909,7 +986,7 @@ class ModeContext(MadeContext):
             return x.mul_(scale)
         # the multipliers are a fresh tensor of x's shape, used once: the product into them
         # where x is laid out as they are (x · m and m · x are the same floats)
-        return scale.mul_(x) if x.is_contiguous() else x * scale
+        return scale.mul_(x) if self.fresh and x.is_contiguous() else x * scale
 
 
 _training = operator.attrgetter("training")

@@ -526,6 +526,7 @@ class DropoutMode(TorchFunctionMode):
 
 
 SamplingContext.mode = DropoutMode
+encoders.SAMPLING_MODE = DropoutMode  # (its hand-over of a layer's call: mcdrop.encoders)
 
 
 # -- deterministic prediction ----------------------------------------------------------------------

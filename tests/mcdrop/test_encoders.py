@@ -238,3 +238,64 @@ def test_a_callers_own_mode_still_sees_the_layers_calls() -> None:
     finally:
         remove()
     assert direct.calls == through_mode.calls == 2 * 4 + 1
+
+
+def _replace_parameters(model: Classifier) -> None:
+    """New weights for one layer's projections and norm (a caller's fine-tuning step)."""
+    layer = model.encoder.layers[1]
+    with torch.no_grad():
+        layer.linear1.weight = nn.Parameter(layer.linear1.weight * 1.5)
+        layer.norm2.bias = nn.Parameter(layer.norm2.bias + 0.25)
+        layer.self_attn.in_proj_weight = nn.Parameter(layer.self_attn.in_proj_weight * 0.5)
+        layer.self_attn.out_proj.bias = nn.Parameter(layer.self_attn.out_proj.bias - 0.1)
+
+
+def _shadow_a_parameter(model: Classifier) -> None:
+    """A bias that is no parameter any more: a plain tensor attribute of the module."""
+    linear = model.encoder.layers[0].linear2
+    bias = linear.bias.detach() + 0.5
+    del linear.bias
+    linear.bias = bias
+
+
+@pytest.mark.parametrize("change", [_replace_parameters, _shadow_a_parameter])
+def test_the_direct_run_reads_the_parameters_as_they_are_now(
+    change: Callable[[Classifier], None],
+) -> None:
+    # The direct run reads parameters from the modules' dicts: one set since the plan, or one
+    # that became a plain attribute, is read as the layer's own forward reads it.
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    before = sample(model, x, 8, seed=3, plan=kept)
+    change(model)
+    direct = sample(model, x, 8, seed=3, plan=kept)
+    remove = _mode_path(model)
+    try:
+        through_mode = sample(model, x, 8, seed=3, plan=kept)
+    finally:
+        remove()
+    assert torch.equal(direct, through_mode)
+    assert not torch.equal(direct, before)
+
+
+class InnerMode(Classifier):
+    """A forward that enters a torch-function mode of its own around the encoder: inside the
+    sampling mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with CountLinear():
+            h = self.encoder(x)
+        return self.head(h.mean(1))
+
+
+def test_a_mode_entered_inside_the_forward_gives_the_mode_paths_samples() -> None:
+    # The sampling mode is then not the innermost: the encoder's hand-over goes to the inner
+    # mode first (torch's handle_torch_function), which hands it on to the sampling mode.
+    torch.manual_seed(0)
+    model = InnerMode().eval()
+    x = torch.randn(2, 6, 16)
+    direct, through_mode = _both_paths(model, x)
+    assert torch.equal(direct, through_mode)
+    assert direct.var(0).mean() > 1e-4

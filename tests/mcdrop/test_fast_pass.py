@@ -434,7 +434,45 @@ def test_a_pass_under_the_mode_gives_the_general_paths_samples(
                     ]
                     assert isinstance(made, fast_pass.ModePass)
                     assert made.noted is not None
-                    assert made.noted[1]
+                    assert made.noted[0][1]  # (the maker's calls)
+
+
+class _DropsLast(nn.Module):
+    """A forward whose output is a dropout call's (under the mode, not in place; a call before
+    it: the first call of a pass that shares the prefix replicates its rows, never made)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = imported_dropout(torch.relu(self.fc(x)), 0.2, True)
+        return imported_dropout(h, 0.3, True)
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
+def test_a_pass_under_the_mode_returns_none_of_the_multipliers_it_keeps(
+    n: int, n_samples: int
+) -> None:
+    """A pass under the mode keeps its multipliers' buffer for the next pass, which rewrites
+    it: a call that is not in place returns a product of its own, so the samples of one call
+    stay as they were after the next."""
+    torch.manual_seed(0)
+    model = _DropsLast().eval()
+    x = _rows(n, (6,))
+    kept = plan(model, x)
+    for _ in range(2):  # the rates noted, then the multipliers made before the pass
+        sample(model, x, n_samples, seed=1, plan=kept)
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    assert made.noted[1] is not None
+    first = sample(model, x, n_samples, seed=1, plan=kept)
+    copy_of_first = first.clone()
+    second = sample(model, x, n_samples, seed=2, plan=kept)
+    assert not torch.equal(second, first)
+    assert torch.equal(first, copy_of_first)
+    assert torch.equal(first, sample(model, x, n_samples, seed=1))  # a fresh plan's
 
 
 def _wider(model: nn.Module) -> None:
@@ -911,7 +949,8 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
     (made,) = kept.fast_passes.values()
     assert isinstance(made, fast_pass.ModePass)
     assert made.noted is not None
-    assert made.noted[0] is not None
+    assert made.noted[0][0] is not None  # (the compiled maker)
+    assert made.noted[1] is not None  # (its buffer, kept from pass to pass)
     calls = ENCODER_CHANGES[change](model)
     for _ in range(2):
         got = sample(model, x, n_samples, seed=1, plan=kept)

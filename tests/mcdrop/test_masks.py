@@ -332,7 +332,10 @@ def test_the_multipliers_of_a_pass_in_one_hash_equal_keep_scale_per_call(
     multipliers are ``keep_scale``'s, bit for bit, whatever the rates (16-bit lanes, byte
     tables, 1 bit) and the calls' order."""
     keys = masks.sample_keys(torch.arange(rows, dtype=torch.int64) * 7919, 3, 1)
-    calls = ((2, 50, 0.05), (0, 64, 0.5), (5, 7, 0.25), (1, 129, 0.1), (3, 33, 3 / 256))
+    # (16-bit lanes at 0.05, 0.1 and 0.3: whole words, a tail, fewer elements than a word)
+    calls = (
+        (2, 50, 0.05), (0, 64, 0.5), (5, 7, 0.25), (1, 129, 0.1), (3, 33, 3 / 256), (4, 3, 0.3),
+    )  # fmt: skip
     multipliers = masks.PassMultipliers(calls, dtype)
     assert multipliers.fits(keys)
     assert not multipliers.fits(masks.sample_keys(keys, 0, 400))  # 400 × 53 words or more
