@@ -761,7 +761,7 @@ class ModePass(ForwardPass):
                     self.calls,
                     lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
                     [] if noted is None else None,
-                    fresh=kept_made is None,
+                    kept=kept_made is not None,
                 )
                 y = self._forward(model, inputs, ctx)
             finally:
@@ -825,7 +825,7 @@ class _KeptMultipliers:
     buffer and a tensor on it per call cost ~10 µs of a one-row call (a 2-layer encoder: 8
     calls). One pass at a time holds it: a pass on another thread meanwhile makes its own.
     Its calls take the multipliers in place only, never returning them: the next pass
-    rewrites them (:class:`ModeContext`'s ``fresh``)."""
+    rewrites them (:class:`ModeContext`'s ``kept``)."""
 
     def __init__(
         self,
@@ -929,16 +929,16 @@ class ModeContext(MadeContext):
         sample_keys: Callable[[], Tensor],
         noted: list[tuple[int, float, torch.dtype]] | None,
         *,
-        fresh: bool = True,
+        kept: bool = False,
     ) -> None:
         super().__init__([] if made is None else made, replicate, calls, sample_keys)
         # no route of this pass's (MadeContext's is): a routed module's call is another pass's
         self.routed = False
         self.noted = noted
         self.missed = False
-        # whether the multipliers are this pass's own, which a call may return (else a kept
-        # buffer's, which the next pass rewrites: _KeptMultipliers)
-        self.fresh = fresh
+        # whether the multipliers are a kept buffer's, which the next pass rewrites
+        # (_KeptMultipliers), not this pass's own, which a call may return
+        self.kept = kept
 
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         if not (options.get("feature") or options.get("alpha")):
@@ -984,9 +984,9 @@ class ModeContext(MadeContext):
         scale = entry[3]
         if inplace:
             return x.mul_(scale)
-        # the multipliers are a fresh tensor of x's shape, used once: the product into them
-        # where x is laid out as they are (x · m and m · x are the same floats)
-        return scale.mul_(x) if self.fresh and x.is_contiguous() else x * scale
+        # multipliers of this pass's own are a fresh tensor of x's shape, used once: the product
+        # into them where x is laid out as they are (x · m and m · x are the same floats)
+        return scale.mul_(x) if not self.kept and x.is_contiguous() else x * scale
 
 
 _training = operator.attrgetter("training")

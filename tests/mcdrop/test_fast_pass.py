@@ -160,6 +160,23 @@ class _Attending(nn.Module):
         return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
 
 
+class _KeepsProducts(nn.Module):
+    """A forward of its own that returns one dropout's product as it is and keeps another's
+    (``self.seen``), each shaped as a premade call's multipliers: a routed pass that keeps its
+    buffer of multipliers must never hand their memory on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.4)
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.fc(x).abs() + 1.0)  # (no zeros: every multiplier shows)
+        self.seen.append(h)
+        return F.dropout(h, 0.3, self.training) + F.dropout(x, 0.5, self.training)
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "sequential": (_sequential, (6,)),
     "in-place first": (_inplace_first, (6,)),
@@ -170,6 +187,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     # routed, F.dropout's calls too (RoutedPass)
     "functional dropout": (_Functional, (6,)),
     "channel dropout": (_Channels, (2, 6, 6)),
+    "keeps products": (_KeepsProducts, (6,)),
     # routed, an LSTM's kernel and a multi-head attention too (RoutedPass), whose calls the
     # sampling context makes in the pass
     "LSTM": (_Recurrent, (4, 6)),
@@ -509,6 +527,7 @@ def test_a_call_other_than_planned_where_multipliers_were_made_is_the_plans_erro
 _PASS_KINDS = {
     "functional dropout": fast_pass.RoutedPass,
     "channel dropout": fast_pass.RoutedPass,
+    "keeps products": fast_pass.RoutedPass,
     "torch.dropout": fast_pass.ModePass,
     "dropout imported by name": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
@@ -558,15 +577,20 @@ def _identity_after_dropout() -> nn.Module:
         ("dropout last", False),  # its samples are the last multipliers' memory
         ("channels-last convolutions", False),  # a convolution after the dropout
         ("identity after dropout", False),
+        # routed: the routes write each product into a tensor of its own
+        ("keeps products", True),  # its forward returns one product and keeps another
+        ("channel dropout", True),
+        ("functional dropout", True),
     ],
 )
 @pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
 def test_a_kept_buffer_of_multipliers_leaves_earlier_samples_as_they_were(
     name: str, keeps: bool, n: int, n_samples: int
 ) -> None:
-    """A chain whose every product of multipliers goes into a linear layer keeps its buffer of
-    multipliers for the next call: the samples (and anything else) of a call stay as they were
-    after the calls after it."""
+    """A chain whose every product of multipliers goes into a linear layer, or a routed pass
+    of a request's few rows, keeps its buffer of multipliers for the next call: the samples
+    (and anything else, as the products a forward keeps) of a call stay as they were after
+    the calls after it."""
     if name == "identity after dropout":
         torch.manual_seed(0)
         model, shape = _identity_after_dropout().eval(), (6,)
@@ -575,100 +599,20 @@ def test_a_kept_buffer_of_multipliers_leaves_earlier_samples_as_they_were(
     x = _rows(n, shape)
     kept = plan(model, x)
     first = sample(model, x, n_samples, seed=1, plan=kept)
-    copy_of_first = first.clone()
+    copies = [first.clone(), *[h.clone() for h in getattr(model, "seen", [])[-1:]]]
     (made,) = kept.fast_passes.values()
-    assert isinstance(made, fast_pass.ChainPass)
+    assert isinstance(made, fast_pass.ChainPass | fast_pass.RoutedPass)
     assert made.keeps is keeps
-    buffers = [out for out, _ in made.buffers]
+    buffers = [b[-2] for b in made.buffers]  # (each buffer's array)
     second = sample(model, x, n_samples, seed=2, plan=kept)
-    assert [out for out, _ in made.buffers] == buffers or not keeps
+    assert [b[-2] for b in made.buffers] == buffers or not keeps
     assert bool(made.buffers) is keeps
-    assert torch.equal(first, copy_of_first)
-    assert not torch.equal(second, first)
-    assert torch.equal(sample(model, x, n_samples, seed=1, plan=kept), first)
-    assert torch.equal(second, sample(model, x, n_samples, seed=2))  # the general path's
-
-
-class _KeepsProducts(nn.Module):
-    """A forward of its own that returns one dropout's product as it is and keeps another's
-    (``self.seen``), each shaped as a premade call's multipliers: a routed pass that keeps its
-    buffer of multipliers must never hand their memory on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.drop = nn.Dropout(0.4)
-        self.seen: list[Tensor] = []
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.drop(self.fc(x).abs() + 1.0)  # (no zeros: every multiplier shows)
-        self.seen.append(h)
-        return F.dropout(h, 0.3, self.training) + F.dropout(x, 0.5, self.training)
-
-
-@pytest.mark.parametrize("name", ["keeps products", "channel dropout", "functional dropout"])
-@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
-def test_a_routed_pass_keeping_its_multipliers_leaves_earlier_samples_as_they_were(
-    name: str, n: int, n_samples: int
-) -> None:
-    """A routed pass of a request's few rows keeps its buffer of multipliers for the next call
-    and writes each product into a tensor of its own: the samples of a call, and the products
-    its forward kept, stay as they were after the calls after it."""
-    if name == "keeps products":
-        torch.manual_seed(0)
-        model, shape = _KeepsProducts().eval(), (6,)
-    else:
-        model, shape = _model(name)
-    x = _rows(n, shape)
-    kept = plan(model, x)
-    if isinstance(model, _KeepsProducts):
-        model.seen.clear()
-    first = sample(model, x, n_samples, seed=1, plan=kept)
-    copies = [first.clone()]
-    if isinstance(model, _KeepsProducts):
-        copies.append(model.seen[-1].clone())
-    (made,) = kept.fast_passes.values()
-    assert isinstance(made, fast_pass.RoutedPass)
-    assert made.keeps
-    buffers = [out for _, out, _ in made.buffers]
-    second = sample(model, x, n_samples, seed=2, plan=kept)
-    assert [out for _, out, _ in made.buffers] == buffers
     assert torch.equal(first, copies[0])
     if isinstance(model, _KeepsProducts):
         assert torch.equal(model.seen[-2], copies[1])
     assert not torch.equal(second, first)
     assert torch.equal(sample(model, x, n_samples, seed=1, plan=kept), first)
     assert torch.equal(second, sample(model, x, n_samples, seed=2))  # the general path's
-
-
-def test_threads_sampling_a_routed_pass_with_a_kept_buffer_get_the_serial_samples() -> None:
-    """Three threads sample one routed model (which keeps its buffers of multipliers) at once:
-    each gets its samples as if called alone."""
-    torch.manual_seed(0)
-    model, shape = _KeepsProducts().eval(), (6,)
-    xs = {n: _rows(n, shape, seed=n) for n in (1, 2)}
-    kept = {n: plan(model, x) for n, x in xs.items()}
-    calls = [(n, s, seed) for n in (1, 2) for s in (1, 3) for seed in range(4)]
-    expected = {(n, s, seed): sample(model, xs[n], s, seed=seed) for n, s, seed in calls}
-    wrong: list[tuple[int, int, int]] = []
-
-    def sampler(i: int) -> None:
-        for k in range(60):
-            n, s, seed = calls[(5 * k + i) % len(calls)]
-            if not torch.equal(
-                sample(model, xs[n], s, seed=seed, plan=kept[n]), expected[n, s, seed]
-            ):
-                wrong.append((n, s, seed))
-
-    threads = [threading.Thread(target=sampler, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not wrong
-    passes = [f for k in kept.values() for f in k.fast_passes.values()]
-    assert all(isinstance(f, fast_pass.RoutedPass) and f.keeps for f in passes)
-    assert all(len(f.buffers) <= fast_pass.KEPT_BUFFERS for f in passes)
 
 
 @pytest.mark.parametrize(("n", "keeps"), [(1, True), (3, False)])
@@ -1165,10 +1109,17 @@ def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str
 
 
 @pytest.mark.usefixtures("_switching_often")
-def test_threads_sampling_a_chain_with_a_kept_buffer_get_the_serial_samples() -> None:
-    """Three threads sample one CNN (which keeps its buffers of multipliers) at once: each call
-    takes a buffer no other call is using, so each gets its samples as if called alone."""
-    model, shape = _model("CNN")
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("CNN", fast_pass.ChainPass), ("keeps products", fast_pass.RoutedPass)],
+)
+def test_threads_sampling_a_pass_with_a_kept_buffer_get_the_serial_samples(
+    name: str, kind: type[fast_pass.FastPass]
+) -> None:
+    """Three threads sample one model (whose passes keep their buffers of multipliers) at once:
+    each call takes a buffer no other call is using, so each gets its samples as if called
+    alone."""
+    model, shape = _model(name)
     xs = {n: _rows(n, shape, seed=n) for n in (1, 2)}
     kept = {n: plan(model, x) for n, x in xs.items()}
     calls = [(n, s, seed) for n in (1, 2) for s in (1, 3) for seed in range(4)]
@@ -1190,9 +1141,9 @@ def test_threads_sampling_a_chain_with_a_kept_buffer_get_the_serial_samples() ->
         thread.join()
     assert not wrong
     passes = [f for k in kept.values() for f in k.fast_passes.values()]
-    chains = [f for f in passes if isinstance(f, fast_pass.ChainPass) and f.keeps]
-    assert len(chains) == len(passes) == 4  # (rows 1 and 2, samples 1 and 3)
-    assert all(len(f.buffers) <= fast_pass.KEPT_BUFFERS for f in chains)
+    keeping = [f for f in passes if type(f) is kind and cast(fast_pass.ChainPass, f).keeps]
+    assert len(keeping) == len(passes) == 4  # (rows 1 and 2, samples 1 and 3)
+    assert all(len(cast(fast_pass.ChainPass, f).buffers) <= fast_pass.KEPT_BUFFERS for f in keeping)
 
 
 @pytest.mark.parametrize("n_samples", [1, 3])
