@@ -584,7 +584,15 @@ class RoutedPass(ForwardPass):
         # into a tensor of its own (apply_multipliers' keep), as the forward may keep a product
         size = sum(n for _, n, _ in self.made_calls) * self.rows
         self.keeps = self.at_once and size * torch.finfo(self.made_dtype).bits // 8 <= KEPT_BUFFER
-        self.buffers: list[tuple[Any, np.ndarray, list[Tensor]]] = []
+        # (maker, buffer, its tensors, the context's entries of them: _entries)
+        self.buffers: list[
+            tuple[
+                Any,
+                np.ndarray,
+                list[Tensor],
+                list[tuple[Any, float, tuple[int, ...], Tensor] | None],
+            ]
+        ] = []
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         inputs = self._inputs(x)
@@ -618,29 +626,30 @@ class RoutedPass(ForwardPass):
         inputs = self._inputs(x)
         with _inference_mode(True):
             kept = None
+            entries = None
             if not self.keeps:
                 made = fused.make_from_values(
                     values, seed, self.first_sample, self.n_samples, shapes
                 )
+                if made is not None:
+                    entries = self._entries(table, made)
             else:
                 try:
                     kept = self.buffers.pop()
                     if kept[0] is not fused:  # (made at other rates: dropped)
                         raise IndexError
                 except IndexError:  # the first call, or one running beside another
-                    kept = (fused, *fused.buffer(self.rows, shapes))
-                made = kept[2]
-                if not fused.fill_from_values(
-                    values, seed, self.first_sample, self.n_samples, kept[1]
-                ):
-                    made = None
-            if made is None:  # a value not finite, a seed negative: the general path's
+                    out, made = fused.buffer(self.rows, shapes)
+                    kept = (fused, out, made, self._entries(table, made))
+                if fused.fill_from_values(values, seed, self.first_sample, self.n_samples, kept[1]):
+                    entries = kept[3]
+            if entries is None:  # a value not finite, a seed negative: the general path's
                 if kept is not None:
                     self.buffers.append(kept)
                 return None
             # (a call the multipliers do not fit, as a rate changed in the pass: its keys then)
             ctx = MadeContext(
-                self._entries(table, made),
+                entries,
                 self.replicas,
                 self.calls,
                 lambda: self.kernels.sample_keys(
