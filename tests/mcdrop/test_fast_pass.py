@@ -1476,3 +1476,33 @@ def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
         assert torch.equal(fast, _general(model, x, 3, seed))
         got.append((fast, fast.clone()))
     assert all(torch.equal(fast, copy) for fast, copy in got)
+
+
+def _scripted_first_layer() -> nn.Module:
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+    net[0] = torch.jit.script(net[0])  # the model's first parameter: a scripted module's
+    return net
+
+
+class _ScriptedEncoderLayer(EncoderClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder.layers[0] = torch.jit.script(self.encoder.layers[0])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("factory", [_scripted_first_layer, _ScriptedEncoderLayer])
+def test_a_scripted_submodule_samples_as_on_the_general_path(
+    factory: Callable[[], nn.Module],
+) -> None:
+    """A scripted submodule's dict of parameters is a wrapper without ``get``: where the model's
+    first parameter is there, the kept plan's fast pass read its device from it, and raised
+    AttributeError."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = _rows(2, (6,) if factory is _scripted_first_layer else (5, 8))
+    kept = plan(model, x)
+    rows = x.clone().requires_grad_(True)  # (the general path's: no fast pass takes them)
+    for seed in (1, 2):
+        expected = sample(model, rows, 3, seed=seed, plan=kept)
+        assert torch.equal(_fast(model, x, 3, kept, seed=seed), expected)
