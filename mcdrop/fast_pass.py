@@ -253,7 +253,11 @@ class FastPass:
     def _on_the_cpu(self) -> bool:
         if self.device is None:  # no parameter or buffer at all
             return True
-        tensor = self.device[0].get(self.device[1])
+        # (indexed, not .get: a scripted module's dict of parameters is a wrapper without it)
+        try:
+            tensor = self.device[0][self.device[1]]
+        except KeyError:  # removed since the plan
+            return False
         return tensor is not None and tensor.is_cpu
 
     def _runnable(self, model: nn.Module) -> bool:

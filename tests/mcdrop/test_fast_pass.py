@@ -1412,3 +1412,97 @@ def test_a_call_the_plan_does_not_have_gets_the_general_paths_error() -> None:
     sample(model, negative, 2, seed=1, plan=kept)  # the fast pass is made and used
     with pytest.raises(UnsupportedModelError, match="dropout call"):
         sample(model, positive, 2, seed=1, plan=kept)
+
+
+def _general(model: nn.Module, x: Tensor, n_samples: int, seed: int | Tensor) -> Tensor:
+    """The general path's samples of ``x``: its rows as a tensor that requires grad, which no
+    fast pass takes (``sample`` without a plan keeps one and runs its fast pass, so its
+    samples are no reference for the fast pass's)."""
+    rows = x.detach().clone().requires_grad_(True)
+    kept = plan(model, x)
+    assert fast_pass.run(kept, model, rows, n_samples, seed, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    return sample(model, rows, n_samples, seed=seed)
+
+
+class _RoutedMLP(nn.Module):
+    """A dropout module and a dropout function in a forward of its own: routed, every call's
+    multipliers made before the pass (RoutedPass)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(width, 9), nn.Dropout(0.3), nn.Linear(9, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.dropout(torch.relu(self.drop(self.fc1(x))), 0.1, self.training))
+
+
+_ROW_SEEDS: dict[str, Callable[[int], Tensor]] = {
+    "one per row": lambda n: torch.arange(n) + 5,
+    "the largest": lambda n: torch.full((n,), 2**63 - 1),
+    "strided": lambda n: torch.arange(2 * n)[::2],
+    "expanded": lambda n: torch.tensor([7]).expand(n),
+}
+
+
+@pytest.mark.parametrize("kind", ["chain", "routed"])
+@pytest.mark.parametrize(
+    ("n", "width"),
+    # around cpu_masks.FEW_VALUES (keyed with the multipliers, or by hashlib) and SHORT_ROW
+    [(1, 2048), (1, 2049), (2, 1024), (2, 1025), (16, 128), (16, 129), (1, 1), (3, 31)],
+)
+def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
+    kind: str, n: int, width: int
+) -> None:
+    """Rows of every size about the bounds of the one compiled call (keys, finiteness check
+    and multipliers), under int seeds and per-row seeds of every layout, called in turn on a
+    pass whose buffer of multipliers is kept: each call's samples are the general path's
+    (rows requiring grad: no fast pass), and earlier samples stay as they were."""
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(
+            nn.Linear(width, 7), nn.ReLU(), nn.Dropout(0.3), nn.Linear(7, 5), nn.Dropout(0.5),
+            nn.Linear(5, 3),
+        )
+        if kind == "chain"
+        else _RoutedMLP(width)
+    ).eval()  # fmt: skip
+    x = _rows(n, (width,))
+    x[0, 0] = -0.0
+    kept = plan(model, x)
+    seeds: list[int | Tensor] = [1, 2**63 - 1, 0, *(make(n) for make in _ROW_SEEDS.values())]
+    got = []
+    for seed in seeds:
+        fast = _fast(model, x, 3, kept, seed=seed)
+        assert torch.equal(fast, _general(model, x, 3, seed))
+        got.append((fast, fast.clone()))
+    assert all(torch.equal(fast, copy) for fast, copy in got)
+
+
+def _scripted_first_layer() -> nn.Module:
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3))
+    net[0] = torch.jit.script(net[0])  # the model's first parameter: a scripted module's
+    return net
+
+
+class _ScriptedEncoderLayer(EncoderClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder.layers[0] = torch.jit.script(self.encoder.layers[0])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("factory", [_scripted_first_layer, _ScriptedEncoderLayer])
+def test_a_scripted_submodule_samples_as_on_the_general_path(
+    factory: Callable[[], nn.Module],
+) -> None:
+    """A scripted submodule's dict of parameters is a wrapper without ``get``: where the model's
+    first parameter is there, the kept plan's fast pass read its device from it, and raised
+    AttributeError."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = _rows(2, (6,) if factory is _scripted_first_layer else (5, 8))
+    kept = plan(model, x)
+    rows = x.clone().requires_grad_(True)  # (the general path's: no fast pass takes them)
+    for seed in (1, 2):
+        expected = sample(model, rows, 3, seed=seed, plan=kept)
+        assert torch.equal(_fast(model, x, 3, kept, seed=seed), expected)
