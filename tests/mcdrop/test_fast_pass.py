@@ -229,7 +229,7 @@ def test_the_same_samples_as_the_general_path(
     x = _rows(n, shape)
     before = x.clone()
     kept = plan(model, x)
-    general = sample(model, x, n_samples, seed=3, prefix=prefix)  # type: ignore[arg-type]
+    general = _general(model, x, n_samples, 3, prefix=prefix)
     fast = _fast(model, x, n_samples, kept, prefix=prefix)
     assert torch.equal(fast, general)
     again = sample(model, x, n_samples, seed=3, plan=kept, prefix=prefix)  # type: ignore[arg-type]
@@ -490,7 +490,7 @@ def test_a_pass_under_the_mode_returns_none_of_the_multipliers_it_keeps(
     second = sample(model, x, n_samples, seed=2, plan=kept)
     assert not torch.equal(second, first)
     assert torch.equal(first, copy_of_first)
-    assert torch.equal(first, sample(model, x, n_samples, seed=1))  # a fresh plan's
+    assert torch.equal(first, _general(model, x, n_samples, 1))
 
 
 def _wider(model: nn.Module) -> None:
@@ -612,7 +612,7 @@ def test_a_kept_buffer_of_multipliers_leaves_earlier_samples_as_they_were(
         assert torch.equal(model.seen[-2], copies[1])
     assert not torch.equal(second, first)
     assert torch.equal(sample(model, x, n_samples, seed=1, plan=kept), first)
-    assert torch.equal(second, sample(model, x, n_samples, seed=2))  # the general path's
+    assert torch.equal(second, _general(model, x, n_samples, 2))
 
 
 @pytest.mark.parametrize(("n", "keeps"), [(1, True), (3, False)])
@@ -808,7 +808,7 @@ def test_a_change_after_the_plan_gives_the_changed_models_samples(change: str) -
     got = sample(model, x, 4, seed=1, plan=kept)
     if isinstance(calls, list):  # the hook ran on the kept plan's call
         assert calls
-    expected = sample(model, x, 4, seed=1)  # a fresh plan: the general path
+    expected = _general(model, x, 4, 1)
     assert torch.equal(got, expected)
     if change == "training mode":
         assert all(m.training for m in model.modules())
@@ -898,7 +898,7 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
     calls = ENCODER_CHANGES[change](model)
     for _ in range(2):
         got = sample(model, x, n_samples, seed=1, plan=kept)
-        expected = sample(model, x, n_samples, seed=1)  # a fresh plan: the general path
+        expected = _general(model, x, n_samples, 1)
         assert torch.equal(got, expected)
     if change.startswith("a hook"):  # the hook ran on the kept plan's calls
         assert calls
@@ -949,7 +949,7 @@ def test_an_encoders_pass_made_under_a_hook_runs_the_twin_once_it_is_gone(where:
     handle.remove()
     for _ in range(2):
         got = sample(model, x, 3, seed=1, plan=kept)
-        assert torch.equal(got, sample(model, x, 3, seed=1))  # a fresh plan
+        assert torch.equal(got, _general(model, x, 3, 1))
     assert not torch.equal(got, hooked)
     assert made.twin is not None
 
@@ -1123,7 +1123,7 @@ def test_threads_sampling_a_pass_with_a_kept_buffer_get_the_serial_samples(
     xs = {n: _rows(n, shape, seed=n) for n in (1, 2)}
     kept = {n: plan(model, x) for n, x in xs.items()}
     calls = [(n, s, seed) for n in (1, 2) for s in (1, 3) for seed in range(4)]
-    expected = {(n, s, seed): sample(model, xs[n], s, seed=seed) for n, s, seed in calls}
+    expected = {(n, s, seed): _general(model, xs[n], s, seed) for n, s, seed in calls}
     wrong: list[tuple[int, int, int]] = []
 
     def sampler(i: int) -> None:
@@ -1239,7 +1239,7 @@ def test_rows_in_any_memory_layout_give_the_contiguous_rows_samples(
     rows = arrange(x)
     before = rows.clone()
     kept = plan(model, x)
-    expected = sample(model, x, n_samples, seed=3)
+    expected = _general(model, x, n_samples, 3)
     assert torch.equal(_fast(model, rows, n_samples, kept), expected)
     assert torch.equal(sample(model, rows, n_samples, seed=3, plan=kept), expected)
     assert torch.equal(sample(model, rows, n_samples, seed=3), expected)
@@ -1414,14 +1414,16 @@ def test_a_call_the_plan_does_not_have_gets_the_general_paths_error() -> None:
         sample(model, positive, 2, seed=1, plan=kept)
 
 
-def _general(model: nn.Module, x: Tensor, n_samples: int, seed: int | Tensor) -> Tensor:
+def _general(
+    model: nn.Module, x: Tensor, n_samples: int, seed: int | Tensor, prefix: str = "auto"
+) -> Tensor:
     """The general path's samples of ``x``: its rows as a tensor that requires grad, which no
     fast pass takes (``sample`` without a plan keeps one and runs its fast pass, so its
     samples are no reference for the fast pass's)."""
     rows = x.detach().clone().requires_grad_(True)
     kept = plan(model, x)
-    assert fast_pass.run(kept, model, rows, n_samples, seed, DEFAULT_MAX_PASS_ROWS, "auto") is None
-    return sample(model, rows, n_samples, seed=seed)
+    assert fast_pass.run(kept, model, rows, n_samples, seed, DEFAULT_MAX_PASS_ROWS, prefix) is None
+    return sample(model, rows, n_samples, seed=seed, prefix=prefix)  # type: ignore[arg-type]
 
 
 class _RoutedMLP(nn.Module):
