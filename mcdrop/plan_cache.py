@@ -394,7 +394,8 @@ def keep(model: nn.Module, x: Tensor, plan: SamplingPlan) -> None:
             # none yet, a copy's (another model's), or made for the model as it was
             plans = _Plans(model)
             model.__dict__[_ATTRIBUTE] = plans  # not setattr: a class may define its own
-            plans.note_state(model)
+            if not _noted(plans, model):
+                return
         if len(plans.plans) >= MAX_PLANS:
             del plans.plans[next(iter(plans.plans))]  # the oldest
         plans.plans[_key(x)] = plan
@@ -445,11 +446,25 @@ def keep_eval_drops(model: nn.Module, x: Tensor, drops: bool) -> None:
                 # (a change on every call) keeps the plain pass of the keys it was found for.
                 plans.eval_drops = {k: v for k, v in before.eval_drops.items() if not v}
             model.__dict__[_ATTRIBUTE] = plans
-            plans.note_state(model)
+            if not _noted(plans, model):
+                return
         found = plans.eval_drops
         if key not in found and len(found) >= MAX_EVAL_KEYS:
             del found[next(iter(found))]  # the oldest
         found[key] = drops
+
+
+def _noted(plans: _Plans, model: nn.Module) -> bool:
+    """Whether ``plans`` (the model's entry) noted the model's state (:meth:`_Plans.note_state`);
+    where it cannot be read, nothing is kept (the entry removed), and each call plans afresh: a
+    submodule compiled by ``torch.jit.script`` has wrappers for dicts and a ``forward`` that its
+    class does not give."""
+    try:
+        plans.note_state(model)
+    except (AttributeError, KeyError, TypeError, RuntimeError):
+        model.__dict__.pop(_ATTRIBUTE, None)
+        return False
+    return True
 
 
 def forget(model: nn.Module) -> None:

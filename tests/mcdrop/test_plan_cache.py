@@ -970,3 +970,26 @@ def test_threads_keeping_plans_for_many_shapes_at_once_agree() -> None:
 
     _on_threads(*(partial(run, k) for k in range(4)))
     assert failures == []
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("scripted", ["first layer", "last layer"])
+def test_a_model_with_a_scripted_submodule_samples_and_predicts_without_a_kept_plan(
+    scripted: str,
+) -> None:
+    """A submodule compiled by torch.jit.script has wrappers for dicts and no forward its class
+    gives: the model's state cannot be noted, so no plan is kept for it (each call plans
+    afresh), and its calls sample and predict as with a plan of their own. (They raised an
+    AttributeError or a KeyError.)"""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(4, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 3)]
+    at = 0 if scripted == "first layer" else -1
+    layers[at] = torch.jit.script(layers[at])
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(2, 4)
+    for _ in range(2):
+        got = sample(model, x, 3, seed=1)
+        assert torch.equal(got, sample(model, x, 3, seed=1, plan=plan(model, x)))
+        assert predict(model, x).shape == (2, 3)
+    assert plan_cache.kept(model, x) is None
+    assert not torch.equal(got[0], got[1])  # (it samples)
