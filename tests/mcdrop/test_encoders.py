@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from mcdrop import masks, plan, sample
+from mcdrop.planning import SamplingPlan
 
 
 class Classifier(nn.Module):
@@ -107,10 +108,12 @@ def _mode_path(model: nn.Module) -> Callable[[], None]:
     return handle.remove
 
 
-def _both_paths(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Samples of ``model`` under one seed and plan: its layers run directly, then through the
-    mode (a hook on a layer sends them there)."""
-    kept = plan(model, x)
+def _both_paths(
+    model: nn.Module, x: Tensor, kept: SamplingPlan | None = None
+) -> tuple[Tensor, Tensor]:
+    """Samples of ``model`` under one seed and plan (``kept``, else a fresh one): its layers run
+    directly, then through the mode (a hook on a layer sends them there)."""
+    kept = plan(model, x) if kept is None else kept
     direct = sample(model, x, 8, seed=3, plan=kept)
     remove = _mode_path(model)
     try:
@@ -270,12 +273,7 @@ def test_the_direct_run_reads_the_parameters_as_they_are_now(
     kept = plan(model, x)
     before = sample(model, x, 8, seed=3, plan=kept)
     change(model)
-    direct = sample(model, x, 8, seed=3, plan=kept)
-    remove = _mode_path(model)
-    try:
-        through_mode = sample(model, x, 8, seed=3, plan=kept)
-    finally:
-        remove()
+    direct, through_mode = _both_paths(model, x, kept)
     assert torch.equal(direct, through_mode)
     assert not torch.equal(direct, before)
 

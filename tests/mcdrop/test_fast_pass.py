@@ -468,6 +468,20 @@ class _DropsLast(nn.Module):
         return imported_dropout(h, 0.3, True)
 
 
+def _noted_mode_pass(
+    model: nn.Module, x: Tensor, n_samples: int, kept: SamplingPlan
+) -> fast_pass.ModePass:
+    """The model's pass under the mode after two calls: the rates noted, then the multipliers
+    made before the pass, in the buffer it keeps from pass to pass."""
+    for _ in range(2):
+        sample(model, x, n_samples, seed=1, plan=kept)
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    assert made.noted[1] is not None  # (its buffer)
+    return made
+
+
 @pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (3, 4)])
 def test_a_pass_under_the_mode_returns_none_of_the_multipliers_it_keeps(
     n: int, n_samples: int
@@ -479,12 +493,7 @@ def test_a_pass_under_the_mode_returns_none_of_the_multipliers_it_keeps(
     model = _DropsLast().eval()
     x = _rows(n, (6,))
     kept = plan(model, x)
-    for _ in range(2):  # the rates noted, then the multipliers made before the pass
-        sample(model, x, n_samples, seed=1, plan=kept)
-    (made,) = kept.fast_passes.values()
-    assert isinstance(made, fast_pass.ModePass)
-    assert made.noted is not None
-    assert made.noted[1] is not None
+    _noted_mode_pass(model, x, n_samples, kept)
     first = sample(model, x, n_samples, seed=1, plan=kept)
     copy_of_first = first.clone()
     second = sample(model, x, n_samples, seed=2, plan=kept)
@@ -888,13 +897,9 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
     model = _Tempered().eval()
     x = _rows(n, MODELS["transformer encoder"][1])
     kept = plan(model, x)
-    for _ in range(2):  # the rates noted, then the multipliers made before the pass
-        sample(model, x, n_samples, seed=1, plan=kept)
-    (made,) = kept.fast_passes.values()
-    assert isinstance(made, fast_pass.ModePass)
+    made = _noted_mode_pass(model, x, n_samples, kept)
     assert made.noted is not None
     assert made.noted[0][0] is not None  # (the compiled maker)
-    assert made.noted[1] is not None  # (its buffer, kept from pass to pass)
     calls = ENCODER_CHANGES[change](model)
     for _ in range(2):
         got = sample(model, x, n_samples, seed=1, plan=kept)
