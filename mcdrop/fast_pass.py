@@ -379,20 +379,15 @@ class ChainPass(FastPass):
                     return None
                 return self.layers.run_made(self._inputs(x), multipliers, self.replicas)
         with _inference_mode(True):
-            try:
-                kept = self.buffers.pop()
-            except IndexError:  # the first call, or one running beside another
-                kept = self.compiled.buffer(self.rows, self.made_shapes)
+            kept = _take(self.buffers, lambda: self.compiled.buffer(self.rows, self.made_shapes))
             out, multipliers = kept
             if not self.compiled.fill_from_values(
                 values, seed, self.first_sample, self.n_samples, out
             ):
-                self.buffers.append(kept)
+                _give_back(self.buffers, kept)
                 return None  # a value is not finite: the general path says so
             y = self.layers.run_made(self._inputs(x), multipliers, self.replicas)
-        # (not where the pass raised: a traceback may hold a product)
-        if len(self.buffers) < KEPT_BUFFERS:
-            self.buffers.append(kept)
+        _give_back(self.buffers, kept)  # (not where the pass raised: a traceback may hold one)
         return y
 
     def _inputs(self, x: Tensor) -> Tensor:
@@ -645,18 +640,18 @@ class RoutedPass(ForwardPass):
                 if made is not None:
                     entries = self._entries(table, made)
             else:
-                try:
-                    kept = self.buffers.pop()
-                    if kept[0] is not fused:  # (made at other rates: dropped)
-                        raise IndexError
-                except IndexError:  # the first call, or one running beside another
+
+                def fresh() -> Any:
                     out, made = fused.buffer(self.rows, shapes)
-                    kept = (fused, out, made, self._entries(table, made))
+                    return (fused, out, made, self._entries(table, made))
+
+                # (one made at other rates than now is dropped)
+                kept = _take(self.buffers, fresh, lambda k: k[0] is fused)
                 if fused.fill_from_values(values, seed, self.first_sample, self.n_samples, kept[1]):
                     entries = kept[3]
             if entries is None:  # a value not finite, a seed negative: the general path's
                 if kept is not None:
-                    self.buffers.append(kept)
+                    _give_back(self.buffers, kept)
                 return None
             # (a call the multipliers do not fit, as a rate changed in the pass: its keys then)
             ctx = MadeContext(
@@ -670,8 +665,8 @@ class RoutedPass(ForwardPass):
             ctx.kept = kept is not None
             y = routed_forward(model, inputs, ctx, self.routes, len(self.calls))
         # (not where the pass raised: a traceback may hold the context)
-        if kept is not None and len(self.buffers) < KEPT_BUFFERS:
-            self.buffers.append(kept)
+        if kept is not None:
+            _give_back(self.buffers, kept)
         return y
 
     def _made_now(
@@ -685,6 +680,26 @@ class RoutedPass(ForwardPass):
             return None
         rates = tuple([float(cast(Any, caller).p) for _, _, caller in self.made_calls])
         return self._made_at(keys, rates)
+
+
+def _take(
+    buffers: list[Any], fresh: Callable[[], Any], fits: Callable[[Any], bool] | None = None
+) -> Any:
+    """A buffer of multipliers kept for a pass's next calls (:class:`ChainPass`,
+    :class:`RoutedPass`), taken from ``buffers`` (list.pop: atomic, so a call on another thread
+    takes another), or ``fresh()`` where none is there or the one there does not ``fit``."""
+    try:
+        kept = buffers.pop()
+    except IndexError:  # the first call, or one running beside another
+        return fresh()
+    return kept if fits is None or fits(kept) else fresh()
+
+
+def _give_back(buffers: list[Any], kept: Any) -> None:
+    """``kept`` (:func:`_take`'s) back to ``buffers`` after its pass, up to
+    :data:`KEPT_BUFFERS` of them."""
+    if len(buffers) < KEPT_BUFFERS:
+        buffers.append(kept)
 
 
 def _row_seeds(seed: Tensor, n_rows: int) -> bool:
