@@ -342,7 +342,7 @@ def fixed_cost_table(quick: bool = False) -> str:
 
     Timed in two interleaved groups: the floor, the plain batched pass and the two sampling
     calls; then the probing call and the Predictor beside the floor and the sampling call again
-    (``compare`` turns the order round every round: a call finds the caches as the call before
+    (``compare`` shuffles the order every round: a call finds the caches as the call before
     it left them, and the probe's ~1-17 ms leave them cold)."""
     rows = []
     for ref in references() + more_references():

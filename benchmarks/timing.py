@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +36,14 @@ def compare(
     warmup: int = 1,
     budget_s: float = 30.0,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured round-robin, the order turned round
-    by one every round: a call finds the caches as the one before it left them (its model's
-    weights warm after a call on the same model, cold after a large one), so each candidate
-    follows each other as often.
+    """Median seconds per call of each candidate, measured round by round, the order shuffled
+    every round (seeded: the same orders every run): a call finds the caches as the one before
+    it left them (its model's weights warm after a call on the same model, cold after a large
+    one), so each candidate follows each other as often, in expectation.
+
+    (Turned round by one every round, as before, each candidate followed the one before it in
+    the list in all but one place a round: in the fixed-cost table mcdrop ran after the plain
+    pass's fused encoder layers nearly every time, and the floor after mcdrop.)
 
     Stops early (after at least 3 rounds) once ``budget_s`` is spent.
     """
@@ -47,10 +52,11 @@ def compare(
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     order = list(candidates.items())
+    shuffled = random.Random(0)
     started = time.perf_counter()
     for i in range(rounds):
-        turn = i % len(order)
-        for name, fn in order[turn:] + order[:turn]:
+        shuffled.shuffle(order)
+        for name, fn in order:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
