@@ -175,15 +175,25 @@ _SCALE = {16: _scale16, 8: _scale8, 4: _scale4, 2: _scale2, 1: _scale1}
 
 @_compiled
 def _pass_multipliers(
-    keys: Any, first: int, n_samples: int, params: Any, scales: Any, align: int, out: Any
+    keys: Any,
+    first: int,
+    n_samples: int,
+    params: Any,
+    scales: Any,
+    align: int,
+    out: Any,
+    sample_out: Any,
 ) -> None:
     """The multipliers of every call of a pass, straight from the row keys: sample key
     ``mix64((first + s + 1)·M₂ + keys[i])`` of replicated row ``b = s·N + i``, then call ``c``'s
     ``(B, n_c)`` block of ``out`` (the calls' blocks one after another, each from a multiple of
     ``align`` elements), as ``masks.keep_scale`` makes it from that key. ``params[c]``: the
-    call's XOR constant, ``n_c``, lane bits and threshold; ``scales[c]``: its multiplier."""
+    call's XOR constant, ``n_c``, lane bits and threshold; ``scales[c]``: its multiplier.
+    ``sample_out``: ``(B,)`` ``uint64`` for the sample keys themselves (for the calls of the
+    pass that hash as they multiply, :func:`_drop_into`), or empty for none."""
     n = keys.shape[0]
     rows = n_samples * n
+    keep_keys = sample_out.shape[0] > 0
     # The common rates (not a multiple of 1/256, 16-bit lanes), as _rows makes them: a call's
     # words of a row into a buffer, then its lanes read as its elements: two loops that LLVM
     # vectorises, ~half the time of a word's lanes put one by one (8 calls of 1-2 K elements,
@@ -198,6 +208,8 @@ def _pass_multipliers(
         for i in range(n):
             key = _mix(offset + np.uint64(keys[i]))
             b = s * n + i
+            if keep_keys:
+                sample_out[b] = key
             start = 0
             for c in range(params.shape[0]):
                 base = key ^ np.uint64(params[c, 0])
@@ -359,6 +371,9 @@ _IV = np.array(
     ],
     dtype=np.uint64,
 )  # fmt: skip
+# Its message schedule, one row of 16 message word indices per round, its 12 rounds written out
+# (rounds 10 and 11 repeat 0 and 1), flat, as unsigned bytes: a read of it is one load, with no
+# row view, no modulo and no check for a negative index.
 _SIGMA = np.array(
     [
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
@@ -371,22 +386,25 @@ _SIGMA = np.array(
         [13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10],
         [6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5],
         [10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+        [14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3],
     ],
-    dtype=np.intp,
-)
+    dtype=np.uint8,
+).reshape(-1)
 
 #: The longest row (in float32 values) whose key a fast pass of several rows hashes here
-#: (:func:`row_keys`): a row through hashlib costs ~0.65 µs beyond its hashing (32 rows of 13
-#: values: 11 µs here, 24 through hashlib), and from ~256 values on its hashing costs as much
-#: here as there (784: 10.3 against 8.8 µs); one row costs ~0.3 µs more here.
-SHORT_ROW = 128
+#: (:func:`row_keys`), not by hashlib: a row through hashlib costs ~0.65 µs beyond its hashing
+#: and its finiteness check a pass of its own, and here the hash is as fast per byte (timed
+#: warm, against hashlib and the check: 32 rows of 13 values 8.2 against 23.1 µs; 8 rows of 784,
+#: 41 against 49; 16 of 3,072, 311 against 347; 4 of 8,192, 195 against 211).
+SHORT_ROW = 8192
 
 #: The most values (all rows together) of a fast pass whose row keys numba hashes in the one
 #: compiled call that makes its multipliers (:meth:`FusedPass.make_from_values`). Timed warm,
 #: that call and the three it replaces (finiteness, hashlib's keys, the multipliers) cost the
 #: same on 1 to 8 rows of 28×28 (16.7 against 15.5 µs, 87.8 against 90.9); run cold after a
 #: large model's pass, the one call saves ~40 µs. Past this the saving is small beside the
-#: pass, and hashlib's hash is the faster per byte (784 values: ~3 µs, numba's ~8).
+#: pass. (Rows of up to :data:`SHORT_ROW` values, several of them, are hashed here too.)
 FEW_VALUES = 2048
 
 
@@ -411,7 +429,9 @@ def _g(a: Any, b: Any, c: Any, d: Any, x: Any, y: Any) -> tuple[Any, Any, Any, A
 @numba.njit(inline="always")
 def _compress(h: Any, m: Any, t: int, last: bool) -> None:
     """BLAKE2b's compression of the message block ``m`` (16 words) into the state ``h`` (8
-    words), ``t`` bytes in (the state in sixteen locals: they stay in registers)."""
+    words), ``t`` bytes in (the state in sixteen locals: they stay in registers). Its schedule
+    read flat (:data:`_SIGMA`): with a row view per round, each read of it a signed index, a
+    row of 1,024 values took 13.6 µs, against 7.0."""
     v0, v1, v2, v3, v4, v5, v6, v7 = h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]
     v8, v9, v10, v11 = _IV[0], _IV[1], _IV[2], _IV[3]
     v12 = _IV[4] ^ np.uint64(t)  # (the counter's high word stays 0: rows are far below 2**64 B)
@@ -419,15 +439,15 @@ def _compress(h: Any, m: Any, t: int, last: bool) -> None:
     v14 = ~_IV[6] if last else _IV[6]
     v15 = _IV[7]
     for r in range(12):
-        s = _SIGMA[r % 10]
-        v0, v4, v8, v12 = _g(v0, v4, v8, v12, m[s[0]], m[s[1]])
-        v1, v5, v9, v13 = _g(v1, v5, v9, v13, m[s[2]], m[s[3]])
-        v2, v6, v10, v14 = _g(v2, v6, v10, v14, m[s[4]], m[s[5]])
-        v3, v7, v11, v15 = _g(v3, v7, v11, v15, m[s[6]], m[s[7]])
-        v0, v5, v10, v15 = _g(v0, v5, v10, v15, m[s[8]], m[s[9]])
-        v1, v6, v11, v12 = _g(v1, v6, v11, v12, m[s[10]], m[s[11]])
-        v2, v7, v8, v13 = _g(v2, v7, v8, v13, m[s[12]], m[s[13]])
-        v3, v4, v9, v14 = _g(v3, v4, v9, v14, m[s[14]], m[s[15]])
+        s = 16 * r
+        v0, v4, v8, v12 = _g(v0, v4, v8, v12, m[_SIGMA[s]], m[_SIGMA[s + 1]])
+        v1, v5, v9, v13 = _g(v1, v5, v9, v13, m[_SIGMA[s + 2]], m[_SIGMA[s + 3]])
+        v2, v6, v10, v14 = _g(v2, v6, v10, v14, m[_SIGMA[s + 4]], m[_SIGMA[s + 5]])
+        v3, v7, v11, v15 = _g(v3, v7, v11, v15, m[_SIGMA[s + 6]], m[_SIGMA[s + 7]])
+        v0, v5, v10, v15 = _g(v0, v5, v10, v15, m[_SIGMA[s + 8]], m[_SIGMA[s + 9]])
+        v1, v6, v11, v12 = _g(v1, v6, v11, v12, m[_SIGMA[s + 10]], m[_SIGMA[s + 11]])
+        v2, v7, v8, v13 = _g(v2, v7, v8, v13, m[_SIGMA[s + 12]], m[_SIGMA[s + 13]])
+        v3, v4, v9, v14 = _g(v3, v4, v9, v14, m[_SIGMA[s + 14]], m[_SIGMA[s + 15]])
     h[0] ^= v0 ^ v8
     h[1] ^= v1 ^ v9
     h[2] ^= v2 ^ v10
@@ -499,15 +519,17 @@ def _rows_pass(
     scales: Any,
     align: int,
     out: Any,
+    sample_out: Any,
 ) -> int:
     """:func:`_row_keys` of the float32 rows ``values`` ``(N, D)`` under ``seeds``, then
-    :func:`_pass_multipliers` from those keys into ``out``: a fast pass's finiteness check, row
-    keys and multipliers in one compiled call. Returns 0 where a value is not finite or a seed
-    negative (nothing made), else 1."""
+    :func:`_pass_multipliers` from those keys into ``out`` (and the sample keys into
+    ``sample_out``, where not empty): a fast pass's finiteness check, row keys and multipliers
+    in one compiled call. Returns 0 where a value is not finite or a seed negative (nothing
+    made), else 1."""
     keys = np.empty(values.shape[0], dtype=np.uint64)
     if not _row_keys(values.view(np.uint32), seeds, keys):
         return 0
-    _pass_multipliers(keys.view(np.int64), first, n_samples, params, scales, align, out)
+    _pass_multipliers(keys.view(np.int64), first, n_samples, params, scales, align, out, sample_out)
     return 1
 
 
@@ -592,6 +614,34 @@ def drop_into(keys: np.ndarray, call: int, x: np.ndarray, p: float, dtype: torch
     _drop_into(keys, masks._call_constant(call), bits, threshold, scale, table, x)
 
 
+class DropInto:
+    """:func:`drop_into` for one call at one rate and dtype, its constants worked out once: for
+    a fast pass that makes its sample keys with its other multipliers
+    (:meth:`FusedPass.make_into`'s ``sample_out``), where each call's own keys, checks and
+    constants cost ~30 µs of a cold call (a 2,048-wide encoder's two feed-forward dropouts).
+
+    Args:
+        call: the call's index in its pass; p: its rate, in (0, 1); dtype: float32 or float64.
+    """
+
+    __slots__ = ("_args",)
+
+    def __init__(self, call: int, p: float, dtype: torch.dtype) -> None:
+        if dtype not in DTYPES:
+            raise InvalidArgumentError(f"drop_into multiplies float32 or float64, not {dtype}")
+        _, bits, threshold, scale, table = _constants(p, dtype)
+        self._args = (masks._call_constant(call), bits, threshold, scale, table)
+
+    def __call__(self, keys: np.ndarray, x: np.ndarray) -> None:
+        """``x`` ``(B, n)`` (C-contiguous, of the dtype given) times the call's multipliers for
+        the ``(B,)`` ``uint64`` sample keys ``keys``, in place."""
+        _drop_into(keys, *self._args, x)
+
+
+#: No sample keys asked of :func:`_pass_multipliers` (an empty array: one compiled signature).
+_NO_SAMPLES = np.empty(0, dtype=np.uint64)
+
+
 def keys_u64(keys: Tensor) -> np.ndarray:
     """CPU keys' bits as the contiguous ``uint64`` array :func:`drop_into` takes."""
     return _u64(keys)
@@ -659,7 +709,9 @@ class FusedPass:
             keys = keys.numpy()
         end, bounds = self._layout(n_samples * keys.shape[0])
         out = np.empty(end, dtype=self.scales.dtype)
-        _pass_multipliers(keys, first_sample, n_samples, self.params, self.scales, self.align, out)
+        _pass_multipliers(
+            keys, first_sample, n_samples, self.params, self.scales, self.align, out, _NO_SAMPLES
+        )
         return self._views(out, bounds, shapes)
 
     def _views(
@@ -681,10 +733,28 @@ class FusedPass:
             ]
         return made if self.dtype in DTYPES else [m.to(self.dtype) for m in made]
 
-    def make_into(self, keys: np.ndarray, first_sample: int, n_samples: int, out: Any) -> None:
+    def make_into(
+        self,
+        keys: np.ndarray,
+        first_sample: int,
+        n_samples: int,
+        out: Any,
+        sample_out: np.ndarray | None = None,
+    ) -> None:
         """:meth:`make` into the buffer ``out`` from :meth:`buffer` (for ``n_samples · N``
-        rows), from the row keys ``keys`` ``(N,)`` (int64, contiguous)."""
-        _pass_multipliers(keys, first_sample, n_samples, self.params, self.scales, self.align, out)
+        rows), from the row keys ``keys`` ``(N,)`` (int64, contiguous); with ``sample_out``
+        (``(n_samples · N,)`` ``uint64``), the sample keys too, as :func:`sample_keys` makes
+        them (for :func:`drop_into`, in the same call)."""
+        _pass_multipliers(
+            keys,
+            first_sample,
+            n_samples,
+            self.params,
+            self.scales,
+            self.align,
+            out,
+            _NO_SAMPLES if sample_out is None else sample_out,
+        )
 
     def make_from_values(
         self,
@@ -723,9 +793,11 @@ class FusedPass:
         first_sample: int,
         n_samples: int,
         out: np.ndarray,
+        sample_out: np.ndarray | None = None,
     ) -> bool:
         """:meth:`make_from_values` into the buffer ``out`` from :meth:`buffer` (for
-        ``n_samples · N`` rows); False where a value is not finite or a seed negative (nothing
+        ``n_samples · N`` rows), and the sample keys into ``sample_out`` where given (as
+        :meth:`make_into`); False where a value is not finite or a seed negative (nothing
         written)."""
         n = values.shape[0]
         rows = values.reshape(n, -1)
@@ -734,7 +806,15 @@ class FusedPass:
         seeds = _seeds(seed, n)
         return bool(
             _rows_pass(
-                rows, seeds, first_sample, n_samples, self.params, self.scales, self.align, out
+                rows,
+                seeds,
+                first_sample,
+                n_samples,
+                self.params,
+                self.scales,
+                self.align,
+                out,
+                _NO_SAMPLES if sample_out is None else sample_out,
             )
         )
 

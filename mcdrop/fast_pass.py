@@ -305,9 +305,10 @@ class ChainPass(FastPass):
         self.layers = layers
         self.fresh_first = layers.fresh_first
         self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
-        # A request's few rows (cpu_masks.FEW_VALUES): their finiteness check and keys made with
-        # the multipliers, in one compiled call, not three (each ~10-25 µs, run cold after a
-        # large model's pass); more rows are hashed by hashlib, the faster hash per byte.
+        # A request's few rows (cpu_masks.FEW_VALUES), or several rows that are not long
+        # (SHORT_ROW): their finiteness check and keys made with the multipliers, in one
+        # compiled call, not three (each ~10-25 µs, run cold after a large model's pass); one
+        # long row is hashed by hashlib.
         self.at_once = self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
         # What LayerChain.runnable checks, flattened, read from each module's own __dict__
         # (an item of a dict costs less than an attribute of a module): its hook dicts and
@@ -769,34 +770,67 @@ class ModePass(ForwardPass):
             encoders.kept_twin(model) if encoders is not None and encoders.unchanged() else None
         )
         self.hooked = () if encoders is None else tuple(vars(m) for m, _ in encoders.checked)
-        # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's), and
-        # its buffer kept from pass to pass (None where the maker makes none); None until a
-        # pass notes them
-        self.noted: tuple[Any, _KeptMultipliers | None] | None = None
+        # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's), its
+        # buffer kept from pass to pass (None where the maker makes none), and the calls hashed
+        # in place (_into_of); None until a pass notes them
+        self.noted: tuple[Any, _KeptMultipliers | None, list[Any] | None] | None = None
+        # A request's few rows: their finiteness check and keys made with the kept buffer's
+        # multipliers in one compiled call (else on their own, in one: cpu_masks.row_key_array)
+        self.at_once = self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
+        return self._mode_pass(model, x, keys, None, 0)
+
+    def _pass_of_rows(
+        self, model: nn.Module, x: Tensor, values: np.ndarray, seed: int | np.ndarray
+    ) -> object:
+        return self._mode_pass(model, x, None, values, seed)
+
+    def _mode_pass(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        keys: np.ndarray | None,
+        values: np.ndarray | None,
+        seed: int | np.ndarray,
+    ) -> object:
+        """The pass, from the row keys ``keys`` ``(N,)``, or (None) from the rows' ``values``
+        under ``seed``: their keys made with the kept buffer's multipliers in one compiled
+        call where this pass holds it, else on their own (None where a value is not finite
+        or a seed negative: the general path says so)."""
         # As planning.run_pass's pass under the mode
         inputs = self._inputs(x)
         noted = self.noted  # (once: another thread's pass may note them meanwhile)
         kept_made: _KeptMultipliers | None = None  # the kept buffer, where this pass holds it
+        into = None
         with _inference_mode(True):
-            if noted is None:
-                made = None
-            else:
-                found, kept_made = noted
-                if kept_made is not None and kept_made.take(keys):
-                    made = kept_made.made
-                else:  # another pass holds the buffer: multipliers of this pass's own
-                    kept_made = None
-                    made = self._made_by(found, keys)
+            if noted is not None:
+                found, kept_made, into = noted
+                if kept_made is not None and not kept_made.hold():
+                    kept_made = None  # another pass holds it: multipliers of this pass's own
             try:
+                samples: np.ndarray | None = None  # the sample keys, made with the multipliers
+                made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] | None
+                if kept_made is not None:
+                    if not kept_made.fill(keys, values, seed):
+                        return None
+                    made = kept_made.made
+                    samples = kept_made.samples
+                else:
+                    if keys is None:
+                        keys = self.kernels.row_key_array(values, seed)
+                        if keys is None:
+                            return None
+                    made = None if noted is None else self._made_by(found, keys)
                 ctx = ModeContext(
                     made,
                     self.replicas,
                     self.calls,
-                    lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples),
+                    self._sample_keys(keys, samples),
                     [] if noted is None else None,
                     kept=kept_made is not None,
+                    into=into,
+                    into_keys=samples,
                 )
                 y = self._forward(model, inputs, ctx)
             finally:
@@ -807,10 +841,19 @@ class ModePass(ForwardPass):
             return None
         if ctx.noted is not None:
             found = self._maker_of(ctx.noted)
-            self.noted = (found, _KeptMultipliers.of(found, self))
+            self.noted = (found, _KeptMultipliers.of(found, self), self._into_of(ctx.noted, found))
         elif ctx.missed:  # a rate changed since noted: note them again on the next pass
             self.noted = None
         return y
+
+    def _sample_keys(
+        self, keys: np.ndarray | None, samples: np.ndarray | None
+    ) -> Callable[[], Tensor]:
+        """The maker of a pass's sample keys ``(S · N,)`` for the calls made in it: those made
+        with the kept buffer's multipliers (``samples``, ``uint64``), else from the row keys."""
+        if samples is not None:
+            return lambda: torch.from_numpy(samples.view(np.int64))
+        return lambda: self.kernels.sample_keys(keys, self.first_sample, self.n_samples)
 
     def _forward(self, model: nn.Module, inputs: Tensor, ctx: ModeContext) -> Any:
         """The model's forward of ``inputs`` (its encoders' twin's where it may run) in
@@ -853,13 +896,41 @@ class ModePass(ForwardPass):
         made = sorted(by_size, key=lambda c: c[0][0])
         return self._maker(tuple(c for c, _ in made), tuple(p for _, p in made))
 
+    def _into_of(
+        self, noted: list[tuple[int, float, torch.dtype]], found: Any
+    ) -> list[tuple[float, torch.Size, torch.dtype, int, Any] | None] | None:
+        """Per call of the plan, the in-place call of each noted call that ``found`` (a
+        :meth:`_maker_of`'s maker) does not make: its rate, input shape, dtype, multipliers
+        per row, and its :class:`~mcdrop.cpu_masks.DropInto` (hashed and multiplied in one
+        compiled call with the pass's sample keys, :class:`ModeContext`'s ``into``); None for
+        the other calls, or for all where there is none. An inverted dropout call per element,
+        rows first, at a rate in (0, 1), of float32 or float64."""
+        made = {call for call, _, _, _ in found[1]}
+        into: list[tuple[float, torch.Size, torch.dtype, int, Any] | None] = [None] * len(
+            self.calls
+        )
+        for i, p, dtype in noted:
+            layout = self.calls[i]
+            if (
+                i not in made
+                and 0.0 < p < 1.0
+                and dtype in self.kernels.DTYPES
+                and layout.dim == 0
+                and layout.group == 1
+                and not (self.replicas > 1 and i == 0)
+            ):
+                call = self.kernels.DropInto(i, p, dtype)
+                into[i] = (p, self.shapes[i], dtype, math.prod(layout.shape), call)
+        return into if any(e is not None for e in into) else None
+
 
 class _KeptMultipliers:
     """The buffer of a :class:`ModePass`'s premade multipliers, kept from pass to pass: each
-    pass that holds it hashes its multipliers into it (:meth:`take`), where making a fresh
-    buffer and a tensor on it per call cost ~10 µs of a one-row call (a 2-layer encoder: 8
-    calls). One pass at a time holds it: a pass on another thread meanwhile makes its own.
-    Its calls take the multipliers in place only, never returning them: the next pass
+    pass that holds it hashes its multipliers into it (:meth:`hold`, :meth:`fill`), with the
+    pass's sample keys (for its calls hashed in place: :meth:`ModePass._into_of`), where making
+    a fresh buffer and a tensor on it per call cost ~10 µs of a one-row call (a 2-layer
+    encoder: 8 calls). One pass at a time holds it: a pass on another thread meanwhile makes
+    its own. Its calls take the multipliers in place only, never returning them: the next pass
     rewrites them (:class:`ModeContext`'s ``kept``)."""
 
     def __init__(
@@ -869,10 +940,13 @@ class _KeptMultipliers:
         out: np.ndarray,
         first_sample: int,
         n_samples: int,
+        rows: int,
     ) -> None:
         self.fused = fused
         self.made = made  # as ForwardPass._made_by's, on the buffer
         self.out = out
+        # the pass's sample keys, made with the multipliers: ModeContext's `into` calls'
+        self.samples = np.empty(n_samples * rows, dtype=np.uint64)
         self.first_sample, self.n_samples = first_sample, n_samples
         self._held = threading.Lock()
 
@@ -888,22 +962,31 @@ class _KeptMultipliers:
         made: list[tuple[Any, float, tuple[int, ...], Tensor] | None] = [None] * len(made_by.calls)
         for (call, module, p, shape), v in zip(table, values, strict=True):
             made[call] = (module, p, shape, v)
-        return cls(fused, made, out, made_by.first_sample, made_by.n_samples)
+        return cls(fused, made, out, made_by.first_sample, made_by.n_samples, made_by.n_rows)
 
-    def take(self, keys: np.ndarray) -> bool:
-        """Whether this pass holds the buffer, its multipliers made from the row keys ``(N,)``
-        (then the caller hands it back after the pass: :meth:`give_back`)."""
-        if not self._held.acquire(blocking=False):
-            return False
-        try:
-            self.fused.make_into(keys, self.first_sample, self.n_samples, self.out)
-        except BaseException:
-            self._held.release()
-            raise
-        return True
+    def hold(self) -> bool:
+        """Whether this pass holds the buffer (then it fills it, :meth:`fill`, and hands it
+        back after the pass, :meth:`give_back`); False where another pass holds it."""
+        return self._held.acquire(blocking=False)
+
+    def fill(
+        self, keys: np.ndarray | None, values: np.ndarray | None, seed: int | np.ndarray
+    ) -> bool:
+        """The multipliers and sample keys of the held buffer made from the row keys ``keys``
+        ``(N,)``, or (None) from the rows' ``values`` under ``seed`` in the same compiled call
+        as their keys; False where a value is not finite or a seed negative (nothing made)."""
+        if keys is not None:
+            self.fused.make_into(keys, self.first_sample, self.n_samples, self.out, self.samples)
+            return True
+        assert values is not None
+        return bool(
+            self.fused.fill_from_values(
+                values, seed, self.first_sample, self.n_samples, self.out, self.samples
+            )
+        )
 
     def give_back(self) -> None:
-        """The holding pass is over (:meth:`take`)."""
+        """The holding pass is over (:meth:`hold`)."""
         self._held.release()
 
 
@@ -965,6 +1048,8 @@ class ModeContext(MadeContext):
         noted: list[tuple[int, float, torch.dtype]] | None,
         *,
         kept: bool = False,
+        into: list[tuple[float, torch.Size, torch.dtype, int, Any] | None] | None = None,
+        into_keys: np.ndarray | None = None,
     ) -> None:
         super().__init__([] if made is None else made, replicate, calls, sample_keys)
         # no route of this pass's (MadeContext's is): a routed module's call is another pass's
@@ -974,6 +1059,10 @@ class ModeContext(MadeContext):
         # whether the multipliers are a kept buffer's, which the next pass rewrites
         # (_KeptMultipliers), not this pass's own, which a call may return
         self.kept = kept
+        # the in-place calls hashed with the pass's sample keys (ModePass._into_of), and those
+        # keys (uint64; None: made from the context's own keys at the first such call)
+        self.into = into
+        self.into_keys = into_keys
 
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         if not (options.get("feature") or options.get("alpha")):
@@ -987,9 +1076,44 @@ class ModeContext(MadeContext):
         self, x: Tensor, p: float, *, kind: str = "dropout", batch_dim: int | None = None
     ) -> Tensor:
         out = self._premade(x, p, kind, True)
-        return (
-            out if out is not None else super().dropout_into(x, p, kind=kind, batch_dim=batch_dim)
-        )
+        if out is not None:
+            return out
+        if self.into is not None and self._hashed_into(x, p, kind):
+            return x
+        return super().dropout_into(x, p, kind=kind, batch_dim=batch_dim)
+
+    def _hashed_into(self, x: Tensor, p: float, kind: str) -> bool:
+        """Whether the call was ``x`` times its multipliers in place by its in-place call
+        (:attr:`into`), hashed with the pass's sample keys in one compiled call: the bits of
+        :meth:`SamplingContext.dropout_into`, without its per-call keys, checks and
+        constants."""
+        index = self.calls
+        into = self.into
+        entry = into[index] if into is not None and index < len(into) else None
+        if entry is None:
+            return False
+        if (
+            entry[0] != p
+            or x.shape != entry[1]
+            or x.dtype != entry[2]
+            or self.replicate != 1
+            or self.layouts[index].kind != kind
+        ):
+            self.missed = True
+            return False
+        try:
+            values = x.numpy()
+        except (RuntimeError, TypeError):  # needs a gradient, or negated lazily
+            return False
+        if not values.flags.c_contiguous:
+            return False
+        keys = self.into_keys
+        if keys is None:
+            self._keyed()
+            keys = self.into_keys = self.keys.numpy().view(np.uint64)
+        entry[4](keys, values.reshape(values.shape[0], entry[3]))
+        self.calls = index + 1
+        return True
 
     def _premade(self, x: Tensor, p: float, kind: str, inplace: bool) -> Tensor | None:
         """``x`` times its premade multipliers, the call taken, where they are made for it;

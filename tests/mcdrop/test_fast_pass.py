@@ -120,12 +120,19 @@ class _Channels(nn.Module):
         return self.head(F.dropout(h.flatten(1), 0.3, self.training))
 
 
-class EncoderClassifier(nn.Module):
-    """A transformer encoder classifier: its layers run by the encoders' twin, under the mode."""
+#: A feed-forward width whose dropout calls a pass under the mode makes in place, not before it:
+#: 5 positions of it per row are more than fast_pass._MADE_IN_MODE multipliers.
+WIDE = 2048
 
-    def __init__(self) -> None:
+
+class EncoderClassifier(nn.Module):
+    """A transformer encoder classifier: its layers run by the encoders' twin, under the mode.
+    With a wide feed-forward block (:data:`WIDE`), those calls are too large to be made before
+    the pass: they hash as they multiply, with the pass's sample keys (ModePass._into_of)."""
+
+    def __init__(self, feedforward: int = 16) -> None:
         super().__init__()
-        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.2, batch_first=True)
+        layer = nn.TransformerEncoderLayer(8, 2, feedforward, dropout=0.2, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(8, 3)
 
@@ -196,6 +203,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "torch.dropout": (_TorchNamespace, (6,)),
     "dropout imported by name": (_ImportedByName, (6,)),
     "transformer encoder": (EncoderClassifier, (5, 8)),
+    # its feed-forward calls multiplied in place as they hash (ModeContext's `into`)
+    "wide transformer encoder": (lambda: EncoderClassifier(WIDE), (5, 8)),
 }
 
 
@@ -540,6 +549,7 @@ _PASS_KINDS = {
     "torch.dropout": fast_pass.ModePass,
     "dropout imported by name": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
+    "wide transformer encoder": fast_pass.ModePass,
     "LSTM": fast_pass.RoutedPass,
     "attention": fast_pass.RoutedPass,
 }
@@ -624,27 +634,38 @@ def test_a_kept_buffer_of_multipliers_leaves_earlier_samples_as_they_were(
     assert torch.equal(second, _general(model, x, n_samples, 2))
 
 
-@pytest.mark.parametrize(("n", "keeps"), [(1, True), (3, False)])
-def test_a_requests_few_rows_are_keyed_with_their_multipliers_in_one_call(
-    n: int, keeps: bool
+def _long_rows_mlp() -> nn.Module:
+    """An MLP on rows longer than cpu_masks.FEW_VALUES (one row's key is hashlib's)."""
+    return nn.Sequential(nn.Linear(3000, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize(
+    ("n", "shape", "at_once"),
+    [(1, (1, 28, 28), True), (3, (1, 28, 28), True), (1, (3000,), False), (2, (3000,), True)],
+)
+def test_a_requests_rows_are_keyed_with_their_multipliers_in_one_call(
+    n: int, shape: tuple[int, ...], at_once: bool
 ) -> None:
-    """The benchmark's 28×28 CNN: one row's key is made by numba with the multipliers (and the
-    buffer kept), three rows' (past cpu_masks.FEW_VALUES) by hashlib; the general path's
-    samples either way, and NaN rows the general path's error."""
+    """The benchmark's 28×28 CNN: one row's key (up to cpu_masks.FEW_VALUES values) and several
+    rows' (up to SHORT_ROW values each) are made by numba with the multipliers, one longer
+    row's by hashlib; the general path's samples either way, and NaN
+    rows the general path's error."""
     from mcdrop import cpu_masks
 
     torch.manual_seed(0)
-    model = CNN(channels=(4, 8, 8), hidden=16).eval()
-    x = _rows(n, (1, 28, 28))
-    x[0, 0, 3, 4] = -0.0
-    assert (n * 28 * 28 <= cpu_masks.FEW_VALUES) is keeps
+    model = (CNN(channels=(4, 8, 8), hidden=16) if len(shape) == 3 else _long_rows_mlp()).eval()
+    x = _rows(n, shape)
+    x.view(n, -1)[0, 3] = -0.0
+    width = math.prod(shape)
+    short = n > 1 and width <= cpu_masks.SHORT_ROW
+    assert (n * width <= cpu_masks.FEW_VALUES or short) is at_once
     kept = plan(model, x)
     for n_samples in (1, 4):
-        assert torch.equal(_fast(model, x, n_samples, kept), sample(model, x, n_samples, seed=3))
+        assert torch.equal(_fast(model, x, n_samples, kept), _general(model, x, n_samples, 3))
     made = list(kept.fast_passes.values())
     assert len(made) == 2
-    assert all(isinstance(f, fast_pass.ChainPass) and f.at_once is keeps for f in made)
-    x[-1, 0, 5, 5] = math.nan
+    assert all(isinstance(f, fast_pass.ChainPass) and f.at_once is at_once for f in made)
+    x.view(n, -1)[-1, 5] = math.nan
     with pytest.raises(InvalidInputError):
         sample(model, x, 1, seed=3, plan=kept)
 
@@ -828,8 +849,8 @@ class _Tempered(EncoderClassifier):
     """An encoder classifier whose forward reads attributes of its own: a temperature, and
     whether to mask the positions whose first value is above 0.5 (but the first)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, feedforward: int = 16) -> None:
+        super().__init__(feedforward)
         self.temperature = 1.0
         self.padded = False
         self.encoder.layers[0].extra = 1
@@ -854,7 +875,8 @@ def _extra_attribute_deleted(model: nn.Module) -> None:
 
 def _layer_replaced(model: nn.Module) -> None:
     torch.manual_seed(1)
-    model.encoder.layers[1] = nn.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True).eval()
+    width = model.encoder.layers[1].linear1.out_features  # (the plan's shapes: the same width)
+    model.encoder.layers[1] = nn.TransformerEncoderLayer(8, 2, width, 0.3, batch_first=True).eval()
 
 
 class _TripledTempered(_Tempered):
@@ -870,6 +892,7 @@ def _head_replaced(model: nn.Module) -> None:
 
 ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
     "a dropout layer's rate": lambda m: setattr(m.encoder.layers[1].dropout1, "p", 0.6),
+    "the feed-forward dropout's rate": lambda m: setattr(m.encoder.layers[0].dropout, "p", 0.6),
     "an attention's dropout rate": lambda m: setattr(m.encoder.layers[0].self_attn, "dropout", 0.4),
     "a layer's norm first": lambda m: setattr(m.encoder.layers[0], "norm_first", True),
     "a layer's activation": lambda m: setattr(m.encoder.layers[1], "activation", F.gelu),
@@ -887,19 +910,24 @@ ENCODER_CHANGES: dict[str, Callable[[nn.Module], object]] = {
 
 @pytest.mark.parametrize("change", ENCODER_CHANGES)
 @pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+@pytest.mark.parametrize("feedforward", [16, WIDE])
 def test_an_encoders_pass_samples_the_model_as_it_is_now(
-    change: str, n: int, n_samples: int
+    change: str, n: int, n_samples: int, feedforward: int
 ) -> None:
-    """A pass under the mode makes its calls' multipliers before it, at the rates an earlier
-    pass noted, and keeps the encoders' twin: whatever changed since, its samples are a fresh
-    plan's, on that call and the next."""
+    """A pass under the mode makes its calls' multipliers before it (or, where wide, hashes
+    them in place with the pass's sample keys), at the rates an earlier pass noted, and keeps
+    the encoders' twin: whatever changed since, its samples are a fresh plan's, on that call
+    and the next."""
     torch.manual_seed(0)
-    model = _Tempered().eval()
+    model = _Tempered(feedforward).eval()
     x = _rows(n, MODELS["transformer encoder"][1])
     kept = plan(model, x)
     made = _noted_mode_pass(model, x, n_samples, kept)
     assert made.noted is not None
     assert made.noted[0][0] is not None  # (the compiled maker)
+    # the feed-forward block's inner call (one of each layer's four) in place where wide
+    into = made.noted[2]
+    assert (into is not None and sum(e is not None for e in into) == 2) == (feedforward == WIDE)
     calls = ENCODER_CHANGES[change](model)
     for _ in range(2):
         got = sample(model, x, n_samples, seed=1, plan=kept)
@@ -963,8 +991,8 @@ class _Stored(EncoderClassifier):
     """An encoder classifier whose forward keeps its encoder's output on itself and reads it
     back, with a barrier in between (where set) at which two threads' passes meet."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, feedforward: int = 16) -> None:
+        super().__init__(feedforward)
         self.meet: threading.Barrier | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -974,12 +1002,15 @@ class _Stored(EncoderClassifier):
         return self.head(self.features.mean(1))
 
 
-def test_passes_on_two_threads_at_once_each_have_their_own_encoders_twin() -> None:
+@pytest.mark.parametrize("feedforward", [16, WIDE])
+def test_passes_on_two_threads_at_once_each_have_their_own_encoders_twin(feedforward: int) -> None:
     """The general path runs each pass on a twin of its own (EncoderLayers.twin): two threads'
     passes of one call shape at once, each writing an attribute in its forward and reading it
-    back after the other has written it, get each their own samples on the fast pass too."""
+    back after the other has written it, get each their own samples on the fast pass too (the
+    one that does not hold the kept buffer makes its multipliers and, where wide, the sample
+    keys of its calls in place, of its own)."""
     torch.manual_seed(0)
-    model = _Stored().eval()
+    model = _Stored(feedforward).eval()
     shape = MODELS["transformer encoder"][1]
     rows = [_rows(2, shape, seed=1), _rows(2, shape, seed=2)]
     kept = plan(model, rows[0])
@@ -1455,7 +1486,7 @@ _ROW_SEEDS: dict[str, Callable[[int], Tensor]] = {
 @pytest.mark.parametrize(
     ("n", "width"),
     # around cpu_masks.FEW_VALUES (keyed with the multipliers, or by hashlib) and SHORT_ROW
-    [(1, 2048), (1, 2049), (2, 1024), (2, 1025), (16, 128), (16, 129), (1, 1), (3, 31)],
+    [(1, 2048), (1, 2049), (2, 1024), (2, 1025), (2, 8192), (2, 8193), (1, 1), (3, 31)],
 )
 def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
     kind: str, n: int, width: int

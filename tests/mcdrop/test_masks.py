@@ -454,8 +454,45 @@ def test_multipliers_made_from_the_rows_are_those_of_their_hashlib_keys(
     assert [g.shape for g in got] == [e.shape for e in expected]
     assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     out, views = fused.buffer(n_samples * n_rows)
-    assert fused.fill_from_values(values, seed, first, n_samples, out)
+    samples = np.zeros(n_samples * n_rows, dtype=np.uint64)
+    assert fused.fill_from_values(values, seed, first, n_samples, out, samples)
     assert all(torch.equal(v, e) for v, e in zip(views, expected, strict=True))
+    # the sample keys made with them: those of the calls hashed in place (DropInto)
+    sample_keys = masks.sample_keys(keys, first, n_samples)
+    assert torch.equal(torch.from_numpy(samples.view(np.int64)), sample_keys)
+    out[:] = 0
+    samples[:] = 0
+    fused.make_into(keys.numpy(), first, n_samples, out, samples)
+    assert all(torch.equal(v, e) for v, e in zip(views, expected, strict=True))
+    assert torch.equal(torch.from_numpy(samples.view(np.int64)), sample_keys)
+
+
+@numba_runs
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(1, 300),
+    p=st.sampled_from([0.1, 0.3, 1 / 256, 1 / 16, 1 / 4, 0.5, 0.9]),
+    call=st.integers(0, 40),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**63 - 1),
+)
+@settings(max_examples=100, deadline=None)
+def test_a_call_hashed_in_place_is_its_multipliers_product(
+    rows: int, width: int, p: float, call: int, dtype: torch.dtype, seed: int
+) -> None:
+    """cpu_masks.DropInto (a call's constants worked out once) multiplies as keep_scale's
+    multipliers do, bit for bit, -0.0 and infinities included."""
+    from mcdrop import cpu_masks
+
+    generator = torch.Generator().manual_seed(seed % 1000)
+    keys = masks.sample_keys(masks.row_keys(torch.randn(rows, 3, generator=generator), seed), 0, 1)
+    x = torch.randn(rows, width, generator=generator, dtype=dtype)
+    x[0, 0] = -math.inf  # (-inf · 0: NaN, compared by its bits)
+    x[-1, -1] = -0.0
+    expected = x * masks.keep_scale(keys, call, width, p, dtype)
+    cpu_masks.DropInto(call, p, dtype)(keys.numpy().view(np.uint64), x.numpy())
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(x.view(bits), expected.view(bits))
 
 
 @numba_runs
