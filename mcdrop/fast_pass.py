@@ -178,8 +178,13 @@ class FastPass:
         self.device = model_device_slot(model)
         # several short rows: their keys hashed by numba (cpu_masks.row_keys), else by hashlib
         self.short = n_rows > 1 and math.prod(plan.input_shape) <= kernels.SHORT_ROW
+        # A request's few rows (cpu_masks.FEW_VALUES), or several rows that are not long
+        # (SHORT_ROW): their finiteness check and keys made with the multipliers, in one
+        # compiled call, not three (each ~10-25 µs, run cold after a large model's pass); one
+        # long row is hashed by hashlib.
+        self.few = self.short or n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
         # rows whose keys numba hashes in the pass's one compiled call with its multipliers
-        # (:meth:`_pass_of_rows`; a pass that has one sets it where short or few values)
+        # (:meth:`_pass_of_rows`; a pass that makes them in one call sets it where few)
         self.at_once = False
 
     def run(self, model: nn.Module, x: Tensor, seed: object) -> Tensor | None:
@@ -305,11 +310,7 @@ class ChainPass(FastPass):
         self.layers = layers
         self.fresh_first = layers.fresh_first
         self.compiled = made.compiled()  # numba's maker of every multiplier of the pass
-        # A request's few rows (cpu_masks.FEW_VALUES), or several rows that are not long
-        # (SHORT_ROW): their finiteness check and keys made with the multipliers, in one
-        # compiled call, not three (each ~10-25 µs, run cold after a large model's pass); one
-        # long row is hashed by hashlib.
-        self.at_once = self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
+        self.at_once = self.few
         # What LayerChain.runnable checks, flattened, read from each module's own __dict__
         # (an item of a dict costs less than an attribute of a module): its hook dicts and
         # _modules, read on every call (a caller may replace one), each container's children
@@ -584,7 +585,7 @@ class RoutedPass(ForwardPass):
         self.at_once = (
             len(self.made_calls) == len(self.calls)
             and self.made_dtype in kernels.DTYPES
-            and (self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES)
+            and self.few
         )
         # Buffers of multipliers kept for the next calls, as a chain's (ChainPass.buffers), each
         # with the maker it was made by (the rates): the routes read them and write each product
@@ -774,9 +775,8 @@ class ModePass(ForwardPass):
         # buffer kept from pass to pass (None where the maker makes none), and the calls hashed
         # in place (_into_of); None until a pass notes them
         self.noted: tuple[Any, _KeptMultipliers | None, list[Any] | None] | None = None
-        # A request's few rows: their finiteness check and keys made with the kept buffer's
-        # multipliers in one compiled call (else on their own, in one: cpu_masks.row_key_array)
-        self.at_once = self.short or self.n_rows * math.prod(plan.input_shape) <= kernels.FEW_VALUES
+        # (with the kept buffer's multipliers, else on their own: cpu_masks.row_key_array)
+        self.at_once = self.few
 
     def _pass(self, model: nn.Module, x: Tensor, keys: np.ndarray) -> object:
         return self._mode_pass(model, x, keys, None, 0)
