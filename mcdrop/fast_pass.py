@@ -705,8 +705,15 @@ def _give_back(buffers: list[Any], kept: Any) -> None:
 
 def _row_seeds(seed: Tensor, n_rows: int) -> bool:
     """Whether ``seed`` is seeds of ``n_rows`` rows as the general path takes them: ``(N,)``
-    int64 on the CPU (a tensor subclass or another dtype: the general path's to judge)."""
-    return seed.dtype is torch.int64 and seed.shape == (n_rows,) and seed.device.type == "cpu"
+    int64 on the CPU (a tensor subclass or another dtype: the general path's to judge), their
+    memory readable by NumPy (not negated lazily: NumPy refuses a tensor whose negative bit is
+    set, which the general path reads as its values)."""
+    return (
+        seed.dtype is torch.int64
+        and seed.shape == (n_rows,)
+        and seed.device.type == "cpu"
+        and not seed.is_neg()
+    )
 
 
 def _shape(plan: SamplingPlan, call: int, rows: int, n: int) -> tuple[int, ...] | None:

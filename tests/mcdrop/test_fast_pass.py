@@ -291,6 +291,21 @@ def test_per_row_seeds_in_any_layout_sample_as_their_values(layout: str, name: s
         assert torch.equal(_fast(model, x, 2, kept, seed=seeds), general)
 
 
+@pytest.mark.parametrize("name", ["sequential", "functional dropout", "wide transformer encoder"])
+def test_per_row_seeds_negated_lazily_sample_as_their_values(name: str) -> None:
+    """Per-row seeds with torch's negative bit set (a lazy negation, whose values the general
+    path reads as they are): NumPy refuses their memory, so the fast pass leaves the call to
+    the general path, never raising NumPy's error."""
+    model, shape = _model(name)
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    seeds = torch._neg_view(torch.tensor([-5, 0, -(2**31 - 1)]))
+    assert seeds.is_neg()
+    assert fast_pass.run(kept, model, x, 2, seeds, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    expected = _general(model, x, 2, seeds.resolve_neg())
+    assert torch.equal(sample(model, x, 2, seed=seeds, plan=kept), expected)
+
+
 def test_per_row_seeds_on_another_device_are_the_general_paths() -> None:
     model, shape = _model("torch.dropout")
     x = _rows(3, shape)
