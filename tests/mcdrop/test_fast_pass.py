@@ -140,6 +140,28 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
+#: A sequence length whose attention weights (2 heads, L × L per row) a pass under the mode
+#: multiplies in place, not before it: past fast_pass._MADE_IN_MODE multipliers in one row.
+LONG = 65
+
+
+class _WideTwice(nn.Module):
+    """One wide encoder layer (:data:`WIDE`) called twice in a forward of its own: the same
+    dropout modules' calls at two places of the pass, each multiplied in place as it hashes,
+    and the first call's output kept on the model (``self.seen``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, WIDE, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer(x)
+        self.seen.append(h)
+        return self.head(self.layer(h).mean(1))
+
+
 class _Recurrent(nn.Module):
     """An LSTM with dropout between its layers, then a dropout module: routed, its kernel's
     calls with the functions' (mcdrop.routing)."""
@@ -205,6 +227,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "transformer encoder": (EncoderClassifier, (5, 8)),
     # its feed-forward calls multiplied in place as they hash (ModeContext's `into`)
     "wide transformer encoder": (lambda: EncoderClassifier(WIDE), (5, 8)),
+    # its attention weights' calls multiplied in place as they hash
+    "long-sequence encoder": (EncoderClassifier, (LONG, 8)),
+    "one wide layer twice": (_WideTwice, (5, 8)),
 }
 
 
@@ -565,6 +590,8 @@ _PASS_KINDS = {
     "dropout imported by name": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
     "wide transformer encoder": fast_pass.ModePass,
+    "long-sequence encoder": fast_pass.ModePass,
+    "one wide layer twice": fast_pass.ModePass,
     "LSTM": fast_pass.RoutedPass,
     "attention": fast_pass.RoutedPass,
 }
@@ -956,6 +983,65 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         assert not hasattr(twin.encoder.layers[0], "extra")
 
 
+class _Float64Encoder(EncoderClassifier):
+    """A wide encoder of float64 in a model of float32 rows: its calls are of another dtype than
+    the plan's, so none is made before the pass; each is multiplied in place in float64."""
+
+    def __init__(self) -> None:
+        super().__init__(WIDE)
+        self.encoder.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x.double()).mean(1).float())
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_an_encoder_of_float64_hashes_its_calls_in_place_in_float64(n: int, n_samples: int) -> None:
+    """Float64 calls in a plan of float32 rows: multiplied in place in float64 with the pass's
+    sample keys, the general path's samples; a plan of float64 rows has no fast pass."""
+    torch.manual_seed(0)
+    model = _Float64Encoder().eval()
+    x = _rows(n, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    for prefix in ("auto", "off"):
+        for _ in range(2):  # the rates noted, then the calls hashed in place
+            fast = _fast(model, x, n_samples, kept, prefix=prefix)
+            assert torch.equal(fast, _general(model, x, n_samples, 3, prefix=prefix))
+    (made, *_) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    into = made.noted[2]
+    assert into is not None
+    assert {e[2] for e in into if e is not None} == {torch.float64}
+    double = EncoderClassifier(WIDE).double().eval()
+    rows = x.double()
+    kept_double = plan(double, rows)
+    assert fast_pass.run(kept_double, double, rows, 2, 3, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    assert torch.equal(
+        sample(double, rows, 2, seed=3, plan=kept_double), sample(double, rows, 2, seed=3)
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("caller", ["no_grad", "inference_mode"])
+def test_callers_in_no_grad_or_inference_mode_get_the_same_samples(name: str, caller: str) -> None:
+    """A caller's grad mode (no_grad, inference mode, rows that are inference tensors) changes
+    nothing of the fast pass's samples: the general path's, inference tensors."""
+    model, shape = _model(name)
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    expected = _general(model, x, 3, 3)
+    mode = torch.no_grad if caller == "no_grad" else torch.inference_mode
+    for _ in range(2):  # (a pass under the mode notes its rates, then makes them before it)
+        with mode():
+            rows = x.clone()
+            fast = _fast(model, rows, 3, kept)
+            again = sample(model, rows, 3, seed=3, plan=kept)
+        assert torch.equal(fast, expected)
+        assert torch.equal(again, expected)
+        assert fast.is_inference()
+
+
 def test_an_attention_no_longer_batch_first_is_the_kept_plans_error_on_both_paths() -> None:
     """An encoder layer's attention set sequence-first after the plan: the layer runs its own
     forward (the direct run is batch-first only), whose dropout inputs the plan does not know;
@@ -1091,14 +1177,18 @@ def _switching_often() -> object:
 
 
 @pytest.mark.usefixtures("_switching_often")
-@pytest.mark.parametrize("name", ["transformer encoder", "one function, two rates"])
+@pytest.mark.parametrize(
+    "name", ["transformer encoder", "wide transformer encoder", "one function, two rates"]
+)
 def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str) -> None:
     """Three threads sample one model through its kept plans (one and three rows, one and four
-    samples, an int seed or one per row) while a fourth swaps the rates the forward reads:
-    each call's samples are the general path's at one of the rates, called alone."""
+    samples, an int seed or one per row) while a fourth swaps the rates the forward reads
+    (where wide, of a feed-forward call hashed in place): each call's samples are the general
+    path's at one of the rates, called alone."""
     torch.manual_seed(0)
-    if name == "transformer encoder":
-        model: nn.Module = EncoderClassifier().eval()
+    encoder = name.endswith("transformer encoder")
+    if encoder:
+        model: nn.Module = MODELS[name][0]().eval()
         shape = MODELS[name][1]
         layers = [model.encoder.layers[0].dropout1, model.encoder.layers[1].dropout]
     else:
@@ -1107,7 +1197,7 @@ def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str
     rates = ([0.3, 0.6], [0.6, 0.3])
 
     def set_rates(rates: list[float]) -> None:
-        if name == "transformer encoder":
+        if encoder:
             for layer, p in zip(layers, rates, strict=True):
                 layer.p = p
         else:
@@ -1489,6 +1579,20 @@ class _RoutedMLP(nn.Module):
         return self.fc2(F.dropout(torch.relu(self.drop(self.fc1(x))), 0.1, self.training))
 
 
+class _ModeMLP(nn.Module):
+    """:class:`_RoutedMLP` with torch's own dropout functions (which routing leaves alone), the
+    first on the rows themselves: under the mode (ModePass), its multipliers made before the
+    pass where few, else sampled by the context."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 9), nn.Linear(9, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc1(torch.dropout(x, 0.2, True)))
+        return self.fc2(torch.dropout(imported_dropout(h, 0.3, True), 0.1, True))
+
+
 _ROW_SEEDS: dict[str, Callable[[int], Tensor]] = {
     "one per row": lambda n: torch.arange(n) + 5,
     "the largest": lambda n: torch.full((n,), 2**63 - 1),
@@ -1497,7 +1601,7 @@ _ROW_SEEDS: dict[str, Callable[[int], Tensor]] = {
 }
 
 
-@pytest.mark.parametrize("kind", ["chain", "routed"])
+@pytest.mark.parametrize("kind", ["chain", "routed", "mode"])
 @pytest.mark.parametrize(
     ("n", "width"),
     # around cpu_masks.FEW_VALUES (keyed with the multipliers, or by hashlib) and SHORT_ROW
@@ -1508,8 +1612,9 @@ def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
 ) -> None:
     """Rows of every size about the bounds of the one compiled call (keys, finiteness check
     and multipliers), under int seeds and per-row seeds of every layout, called in turn on a
-    pass whose buffer of multipliers is kept: each call's samples are the general path's
-    (rows requiring grad: no fast pass), and earlier samples stay as they were."""
+    pass whose buffer of multipliers is kept (under the mode: once its rates are noted): each
+    call's samples are the general path's (rows requiring grad: no fast pass), and earlier
+    samples stay as they were."""
     torch.manual_seed(0)
     model = (
         nn.Sequential(
@@ -1517,7 +1622,7 @@ def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
             nn.Linear(5, 3),
         )
         if kind == "chain"
-        else _RoutedMLP(width)
+        else _RoutedMLP(width) if kind == "routed" else _ModeMLP(width)
     ).eval()  # fmt: skip
     x = _rows(n, (width,))
     x[0, 0] = -0.0
