@@ -983,6 +983,89 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         assert not hasattr(twin.encoder.layers[0], "extra")
 
 
+def _general_chunk(
+    model: nn.Module, x: Tensor, n_samples: int, seed: int | Tensor, prefix: str, first: int
+) -> Tensor:
+    """:func:`_general`'s samples ``first .. first + n_samples - 1`` (one chunk)."""
+    rows = x.detach().clone().requires_grad_(True)
+    (chunk,) = sample_chunks(
+        model,
+        rows,
+        n_samples,
+        seed=seed,
+        prefix=prefix,  # type: ignore[arg-type]
+        first_sample=first,
+    )
+    return chunk.values
+
+
+#: Rates of an encoder layer's calls, changed between passes: 16-bit lanes, then 1, 2, 4 and
+#: 8 bits a lane (multiples of 1/256), a rate of 1 and back, each twice (noted, then made).
+_RATES = [0.2, 0.2, 0.5, 0.5, 0.25, 1 / 16, 3 / 256, 3 / 256, 1.0, 1.0, 0.2, 0.2]
+
+
+@pytest.mark.parametrize(
+    "name", ["wide transformer encoder", "long-sequence encoder", "one wide layer twice"]
+)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_calls_hashed_in_place_at_rates_changed_between_passes_give_the_general_paths_samples(
+    name: str, n: int, n_samples: int
+) -> None:
+    """A pass under the mode multiplies its large calls (a wide feed-forward's, a long
+    sequence's attention weights) in place with the sample keys made with its other
+    multipliers, at the rates a pass noted (ModeContext's ``into``): at every lane width, a
+    rate of 1 and back, the prefix shared or not, from a first sample of 0 or later, under an
+    int seed or one per row, each pass's samples are the general path's, and those of earlier
+    passes (and the outputs a forward keeps) stay as they were."""
+    model, shape = _model(name)
+    x = _rows(n, shape)
+    kept = plan(model, x)
+    layer = next(m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer))
+    got: list[tuple[Tensor, Tensor]] = []
+    for p in _RATES:
+        layer.dropout.p = p  # the feed-forward call's rate (in place where wide)
+        layer.self_attn.dropout = p  # the attention weights' (in place where long)
+        for prefix, first, seed in [("auto", 0, 3), ("off", 5, torch.arange(n) + 7)]:
+            fast = _fast(model, x, n_samples, kept, prefix=prefix, first_sample=first, seed=seed)
+            got += [(t, t.clone()) for t in [fast, *getattr(model, "seen", [])[-1:]]]
+            assert torch.equal(fast, _general_chunk(model, x, n_samples, seed, prefix, first))
+    # (and the outputs the forward kept)
+    assert all(torch.equal(tensor, copy) for tensor, copy in got)
+    made = kept.fast_passes[n, n_samples, 5, DEFAULT_MAX_PASS_ROWS, "off"]
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    assert made.noted[2] is not None  # (calls hashed in place)
+
+
+@pytest.mark.parametrize(
+    ("call", "rate"),
+    [("the feed-forward call (in place)", "p"), ("the attention weights' (made)", "dropout")],
+)
+def test_a_call_noted_at_a_rate_of_one_is_made_again_once_its_rate_is_back(
+    call: str, rate: str
+) -> None:
+    """A call that a pass noted at a rate of 1 (nothing to make: the context zeroes it) is
+    sampled by the context while it stays at 1; once its rate is back in (0, 1), the pass
+    misses it and the next pass notes it again, so that its multipliers are made before the
+    pass or hashed in place again, not left to the context's own keys and checks for good."""
+    model, shape = _model("wide transformer encoder")
+    layer = model.encoder.layers[0]
+    module = layer.dropout if rate == "p" else layer.self_attn
+    index = 2 if rate == "p" else 0  # (the layer's feed-forward call, its attention weights')
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    for p in (1.0, 1.0, 0.2, 0.2, 0.2):
+        setattr(module, rate, p)
+        assert torch.equal(_fast(model, x, 3, kept), _general(model, x, 3, 3))
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    _, table, _ = made.noted[0]
+    in_place = made.noted[2] or []
+    taken = {i for i, _, _, _ in table} | {i for i, e in enumerate(in_place) if e is not None}
+    assert index in taken, call
+
+
 class _Float64Encoder(EncoderClassifier):
     """A wide encoder of float64 in a model of float32 rows: its calls are of another dtype than
     the plan's, so none is made before the pass; each is multiplied in place in float64."""
