@@ -1066,6 +1066,45 @@ def test_a_call_noted_at_a_rate_of_one_is_made_again_once_its_rate_is_back(
     assert index in taken, call
 
 
+class _NoAttentionDropout(nn.Module):
+    """An encoder whose attention does not drop: its layers run torch's own attention, whose
+    output, transposed back to batch-first, is not contiguous, into the layer's dropout1 (of
+    64 × 130 values a row: hashed in place, not made before the pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 2, 16, dropout=0.2, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        for each in self.encoder.layers:
+            cast(nn.TransformerEncoderLayer, each).self_attn.dropout = 0.0
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_a_call_in_place_on_an_activation_not_contiguous_gives_the_general_paths_samples(
+    n: int, n_samples: int
+) -> None:
+    """A call hashed in place whose activation is not contiguous (a strided view NumPy would
+    read in another order) is left to the context, which multiplies it as the general path
+    does."""
+    torch.manual_seed(0)
+    model = _NoAttentionDropout().eval()
+    x = _rows(n, (130, 64))
+    kept = plan(model, x)
+    for prefix in ("auto", "off"):
+        for _ in range(3):  # the rates noted, then the calls in place
+            fast = _fast(model, x, n_samples, kept, prefix=prefix)
+            assert torch.equal(fast, _general(model, x, n_samples, 3, prefix=prefix))
+        made = kept.fast_passes[n, n_samples, 0, DEFAULT_MAX_PASS_ROWS, prefix]
+        assert isinstance(made, fast_pass.ModePass)
+        assert made.noted is not None
+        assert made.noted[2] is not None
+        assert made.noted[2][2] is not None  # (the second layer's dropout1: in place)
+
+
 class _Float64Encoder(EncoderClassifier):
     """A wide encoder of float64 in a model of float32 rows: its calls are of another dtype than
     the plan's, so none is made before the pass; each is multiplied in place in float64."""
