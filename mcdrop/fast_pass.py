@@ -706,8 +706,15 @@ def _give_back(buffers: list[Any], kept: Any) -> None:
 
 def _row_seeds(seed: Tensor, n_rows: int) -> bool:
     """Whether ``seed`` is seeds of ``n_rows`` rows as the general path takes them: ``(N,)``
-    int64 on the CPU (a tensor subclass or another dtype: the general path's to judge)."""
-    return seed.dtype is torch.int64 and seed.shape == (n_rows,) and seed.device.type == "cpu"
+    int64 on the CPU (a tensor subclass or another dtype: the general path's to judge), their
+    memory readable by NumPy (not negated lazily: NumPy refuses a tensor whose negative bit is
+    set, which the general path reads as its values)."""
+    return (
+        seed.dtype is torch.int64
+        and seed.shape == (n_rows,)
+        and seed.device.type == "cpu"
+        and not seed.is_neg()
+    )
 
 
 def _shape(plan: SamplingPlan, call: int, rows: int, n: int) -> tuple[int, ...] | None:
@@ -772,9 +779,12 @@ class ModePass(ForwardPass):
         )
         self.hooked = () if encoders is None else tuple(vars(m) for m, _ in encoders.checked)
         # the maker of the multipliers of the calls a pass noted (ForwardPass._maker's), its
-        # buffer kept from pass to pass (None where the maker makes none), and the calls hashed
-        # in place (_into_of); None until a pass notes them
-        self.noted: tuple[Any, _KeptMultipliers | None, list[Any] | None] | None = None
+        # buffer kept from pass to pass (None where the maker makes none), the calls hashed
+        # in place (_into_of) and the rates of the others (_others_of); None until a pass
+        # notes them
+        self.noted: (
+            tuple[Any, _KeptMultipliers | None, list[Any] | None, list[Any] | None] | None
+        ) = None
         # (with the kept buffer's multipliers, else on their own: cpu_masks.row_key_array)
         self.at_once = self.few
 
@@ -802,10 +812,10 @@ class ModePass(ForwardPass):
         inputs = self._inputs(x)
         noted = self.noted  # (once: another thread's pass may note them meanwhile)
         kept_made: _KeptMultipliers | None = None  # the kept buffer, where this pass holds it
-        into = None
+        into = others = None
         with _inference_mode(True):
             if noted is not None:
-                found, kept_made, into = noted
+                found, kept_made, into, others = noted
                 if kept_made is not None and not kept_made.hold():
                     kept_made = None  # another pass holds it: multipliers of this pass's own
             try:
@@ -831,6 +841,7 @@ class ModePass(ForwardPass):
                     kept=kept_made is not None,
                     into=into,
                     into_keys=samples,
+                    others=others,
                 )
                 y = self._forward(model, inputs, ctx)
             finally:
@@ -841,7 +852,13 @@ class ModePass(ForwardPass):
             return None
         if ctx.noted is not None:
             found = self._maker_of(ctx.noted)
-            self.noted = (found, _KeptMultipliers.of(found, self), self._into_of(ctx.noted, found))
+            into = self._into_of(ctx.noted, found)
+            self.noted = (
+                found,
+                _KeptMultipliers.of(found, self),
+                into,
+                self._others_of(ctx.noted, found, into),
+            )
         elif ctx.missed:  # a rate changed since noted: note them again on the next pass
             self.noted = None
         return y
@@ -922,6 +939,26 @@ class ModePass(ForwardPass):
                 call = self.kernels.DropInto(i, p, dtype)
                 into[i] = (p, self.shapes[i], dtype, math.prod(layout.shape), call)
         return into if any(e is not None for e in into) else None
+
+    def _others_of(
+        self,
+        noted: list[tuple[int, float, torch.dtype]],
+        found: Any,
+        into: list[Any] | None,
+    ) -> list[tuple[float, torch.dtype] | None] | None:
+        """Per call of the plan, the rate and dtype a pass noted of each noted call that is
+        neither made before the pass (by ``found``) nor hashed in place (``into``): one at a
+        rate of 1, of another dtype or layout; None for the other calls, or for all where there
+        is none. A later pass that finds such a call at another rate or dtype misses
+        (:class:`ModeContext`'s ``others``), so that the pass after it notes the call again:
+        back at a rate in (0, 1), its multipliers are made again, not left to the context's
+        own keys and checks for good."""
+        made = {call for call, _, _, _ in found[1]}
+        others: list[tuple[float, torch.dtype] | None] = [None] * len(self.calls)
+        for i, p, dtype in noted:
+            if i not in made and (into is None or into[i] is None):
+                others[i] = (p, dtype)
+        return others if any(e is not None for e in others) else None
 
 
 class _KeptMultipliers:
@@ -1050,6 +1087,7 @@ class ModeContext(MadeContext):
         kept: bool = False,
         into: list[tuple[float, torch.Size, torch.dtype, int, Any] | None] | None = None,
         into_keys: np.ndarray | None = None,
+        others: list[tuple[float, torch.dtype] | None] | None = None,
     ) -> None:
         super().__init__([] if made is None else made, replicate, calls, sample_keys)
         # no route of this pass's (MadeContext's is): a routed module's call is another pass's
@@ -1063,6 +1101,9 @@ class ModeContext(MadeContext):
         # keys (uint64; None: made from the context's own keys at the first such call)
         self.into = into
         self.into_keys = into_keys
+        # the rate and dtype noted of each call neither made nor hashed in place
+        # (ModePass._others_of): one found at another misses
+        self.others = others
 
     def dropout(self, x: Tensor, p: float, **options: Any) -> Tensor:
         if not (options.get("feature") or options.get("alpha")):
@@ -1127,8 +1168,13 @@ class ModeContext(MadeContext):
         made = self.made
         entry = made[index] if made is not None and index < len(made) else None
         if entry is None:
-            if self.noted is not None and index < len(self.layouts):
-                self.noted.append((index, float(p), x.dtype))
+            if self.noted is not None:
+                if index < len(self.layouts):
+                    self.noted.append((index, float(p), x.dtype))
+            elif self.others is not None and index < len(self.others):
+                noted = self.others[index]
+                if noted is not None and (noted[0] != p or noted[1] != x.dtype):
+                    self.missed = True  # (a rate of 1 when noted, now in (0, 1): made again)
             return None
         if (
             entry[1] != p

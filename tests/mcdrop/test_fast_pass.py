@@ -140,6 +140,28 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
+#: A sequence length whose attention weights (2 heads, L × L per row) a pass under the mode
+#: multiplies in place, not before it: past fast_pass._MADE_IN_MODE multipliers in one row.
+LONG = 65
+
+
+class _WideTwice(nn.Module):
+    """One wide encoder layer (:data:`WIDE`) called twice in a forward of its own: the same
+    dropout modules' calls at two places of the pass, each multiplied in place as it hashes,
+    and the first call's output kept on the model (``self.seen``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, WIDE, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer(x)
+        self.seen.append(h)
+        return self.head(self.layer(h).mean(1))
+
+
 class _Recurrent(nn.Module):
     """An LSTM with dropout between its layers, then a dropout module: routed, its kernel's
     calls with the functions' (mcdrop.routing)."""
@@ -205,6 +227,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "transformer encoder": (EncoderClassifier, (5, 8)),
     # its feed-forward calls multiplied in place as they hash (ModeContext's `into`)
     "wide transformer encoder": (lambda: EncoderClassifier(WIDE), (5, 8)),
+    # its attention weights' calls multiplied in place as they hash
+    "long-sequence encoder": (EncoderClassifier, (LONG, 8)),
+    "one wide layer twice": (_WideTwice, (5, 8)),
 }
 
 
@@ -289,6 +314,21 @@ def test_per_row_seeds_in_any_layout_sample_as_their_values(layout: str, name: s
     general = sample(model, x, 2, seed=seeds.int(), plan=kept)  # (int32: the general path)
     for _ in range(2):
         assert torch.equal(_fast(model, x, 2, kept, seed=seeds), general)
+
+
+@pytest.mark.parametrize("name", ["sequential", "functional dropout", "wide transformer encoder"])
+def test_per_row_seeds_negated_lazily_sample_as_their_values(name: str) -> None:
+    """Per-row seeds with torch's negative bit set (a lazy negation, whose values the general
+    path reads as they are): NumPy refuses their memory, so the fast pass leaves the call to
+    the general path, never raising NumPy's error."""
+    model, shape = _model(name)
+    x = _rows(3, shape)
+    kept = plan(model, x)
+    seeds = torch._neg_view(torch.tensor([-5, 0, -(2**31 - 1)]))
+    assert seeds.is_neg()
+    assert fast_pass.run(kept, model, x, 2, seeds, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    expected = _general(model, x, 2, seeds.resolve_neg())
+    assert torch.equal(sample(model, x, 2, seed=seeds, plan=kept), expected)
 
 
 def test_per_row_seeds_on_another_device_are_the_general_paths() -> None:
@@ -550,6 +590,8 @@ _PASS_KINDS = {
     "dropout imported by name": fast_pass.ModePass,
     "transformer encoder": fast_pass.ModePass,
     "wide transformer encoder": fast_pass.ModePass,
+    "long-sequence encoder": fast_pass.ModePass,
+    "one wide layer twice": fast_pass.ModePass,
     "LSTM": fast_pass.RoutedPass,
     "attention": fast_pass.RoutedPass,
 }
@@ -941,6 +983,187 @@ def test_an_encoders_pass_samples_the_model_as_it_is_now(
         assert not hasattr(twin.encoder.layers[0], "extra")
 
 
+def _general_chunk(
+    model: nn.Module, x: Tensor, n_samples: int, seed: int | Tensor, prefix: str, first: int
+) -> Tensor:
+    """:func:`_general`'s samples ``first .. first + n_samples - 1`` (one chunk)."""
+    rows = x.detach().clone().requires_grad_(True)
+    (chunk,) = sample_chunks(
+        model,
+        rows,
+        n_samples,
+        seed=seed,
+        prefix=prefix,  # type: ignore[arg-type]
+        first_sample=first,
+    )
+    return chunk.values
+
+
+#: Rates of an encoder layer's calls, changed between passes: 16-bit lanes, then 1, 2, 4 and
+#: 8 bits a lane (multiples of 1/256), a rate of 1 and back, each twice (noted, then made).
+_RATES = [0.2, 0.2, 0.5, 0.5, 0.25, 1 / 16, 3 / 256, 3 / 256, 1.0, 1.0, 0.2, 0.2]
+
+
+@pytest.mark.parametrize(
+    "name", ["wide transformer encoder", "long-sequence encoder", "one wide layer twice"]
+)
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_calls_hashed_in_place_at_rates_changed_between_passes_give_the_general_paths_samples(
+    name: str, n: int, n_samples: int
+) -> None:
+    """A pass under the mode multiplies its large calls (a wide feed-forward's, a long
+    sequence's attention weights) in place with the sample keys made with its other
+    multipliers, at the rates a pass noted (ModeContext's ``into``): at every lane width, a
+    rate of 1 and back, the prefix shared or not, from a first sample of 0 or later, under an
+    int seed or one per row, each pass's samples are the general path's, and those of earlier
+    passes (and the outputs a forward keeps) stay as they were."""
+    model, shape = _model(name)
+    x = _rows(n, shape)
+    kept = plan(model, x)
+    layer = next(m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer))
+    got: list[tuple[Tensor, Tensor]] = []
+    for p in _RATES:
+        layer.dropout.p = p  # the feed-forward call's rate (in place where wide)
+        layer.self_attn.dropout = p  # the attention weights' (in place where long)
+        for prefix, first, seed in [("auto", 0, 3), ("off", 5, torch.arange(n) + 7)]:
+            fast = _fast(model, x, n_samples, kept, prefix=prefix, first_sample=first, seed=seed)
+            got += [(t, t.clone()) for t in [fast, *getattr(model, "seen", [])[-1:]]]
+            assert torch.equal(fast, _general_chunk(model, x, n_samples, seed, prefix, first))
+    # (and the outputs the forward kept)
+    assert all(torch.equal(tensor, copy) for tensor, copy in got)
+    made = kept.fast_passes[n, n_samples, 5, DEFAULT_MAX_PASS_ROWS, "off"]
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    assert made.noted[2] is not None  # (calls hashed in place)
+
+
+@pytest.mark.parametrize(
+    ("call", "rate"),
+    [("the feed-forward call (in place)", "p"), ("the attention weights' (made)", "dropout")],
+)
+def test_a_call_noted_at_a_rate_of_one_is_made_again_once_its_rate_is_back(
+    call: str, rate: str
+) -> None:
+    """A call that a pass noted at a rate of 1 (nothing to make: the context zeroes it) is
+    sampled by the context while it stays at 1; once its rate is back in (0, 1), the pass
+    misses it and the next pass notes it again, so that its multipliers are made before the
+    pass or hashed in place again, not left to the context's own keys and checks for good."""
+    model, shape = _model("wide transformer encoder")
+    layer = model.encoder.layers[0]
+    module = layer.dropout if rate == "p" else layer.self_attn
+    index = 2 if rate == "p" else 0  # (the layer's feed-forward call, its attention weights')
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    for p in (1.0, 1.0, 0.2, 0.2, 0.2):
+        setattr(module, rate, p)
+        assert torch.equal(_fast(model, x, 3, kept), _general(model, x, 3, 3))
+    (made,) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    _, table, _ = made.noted[0]
+    in_place = made.noted[2] or []
+    taken = {i for i, _, _, _ in table} | {i for i, e in enumerate(in_place) if e is not None}
+    assert index in taken, call
+
+
+class _NoAttentionDropout(nn.Module):
+    """An encoder whose attention does not drop: its layers run torch's own attention, whose
+    output, transposed back to batch-first, is not contiguous, into the layer's dropout1 (of
+    64 × 130 values a row: hashed in place, not made before the pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 2, 16, dropout=0.2, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        for each in self.encoder.layers:
+            cast(nn.TransformerEncoderLayer, each).self_attn.dropout = 0.0
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_a_call_in_place_on_an_activation_not_contiguous_gives_the_general_paths_samples(
+    n: int, n_samples: int
+) -> None:
+    """A call hashed in place whose activation is not contiguous (a strided view NumPy would
+    read in another order) is left to the context, which multiplies it as the general path
+    does."""
+    torch.manual_seed(0)
+    model = _NoAttentionDropout().eval()
+    x = _rows(n, (130, 64))
+    kept = plan(model, x)
+    for prefix in ("auto", "off"):
+        for _ in range(3):  # the rates noted, then the calls in place
+            fast = _fast(model, x, n_samples, kept, prefix=prefix)
+            assert torch.equal(fast, _general(model, x, n_samples, 3, prefix=prefix))
+        made = kept.fast_passes[n, n_samples, 0, DEFAULT_MAX_PASS_ROWS, prefix]
+        assert isinstance(made, fast_pass.ModePass)
+        assert made.noted is not None
+        assert made.noted[2] is not None
+        assert made.noted[2][2] is not None  # (the second layer's dropout1: in place)
+
+
+class _Float64Encoder(EncoderClassifier):
+    """A wide encoder of float64 in a model of float32 rows: its calls are of another dtype than
+    the plan's, so none is made before the pass; each is multiplied in place in float64."""
+
+    def __init__(self) -> None:
+        super().__init__(WIDE)
+        self.encoder.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x.double()).mean(1).float())
+
+
+@pytest.mark.parametrize(("n", "n_samples"), [(1, 1), (2, 3)])
+def test_an_encoder_of_float64_hashes_its_calls_in_place_in_float64(n: int, n_samples: int) -> None:
+    """Float64 calls in a plan of float32 rows: multiplied in place in float64 with the pass's
+    sample keys, the general path's samples; a plan of float64 rows has no fast pass."""
+    torch.manual_seed(0)
+    model = _Float64Encoder().eval()
+    x = _rows(n, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    for prefix in ("auto", "off"):
+        for _ in range(2):  # the rates noted, then the calls hashed in place
+            fast = _fast(model, x, n_samples, kept, prefix=prefix)
+            assert torch.equal(fast, _general(model, x, n_samples, 3, prefix=prefix))
+    (made, *_) = kept.fast_passes.values()
+    assert isinstance(made, fast_pass.ModePass)
+    assert made.noted is not None
+    into = made.noted[2]
+    assert into is not None
+    assert {e[2] for e in into if e is not None} == {torch.float64}
+    double = EncoderClassifier(WIDE).double().eval()
+    rows = x.double()
+    kept_double = plan(double, rows)
+    assert fast_pass.run(kept_double, double, rows, 2, 3, DEFAULT_MAX_PASS_ROWS, "auto") is None
+    assert torch.equal(
+        sample(double, rows, 2, seed=3, plan=kept_double), sample(double, rows, 2, seed=3)
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("caller", ["no_grad", "inference_mode"])
+def test_callers_in_no_grad_or_inference_mode_get_the_same_samples(name: str, caller: str) -> None:
+    """A caller's grad mode (no_grad, inference mode, rows that are inference tensors) changes
+    nothing of the fast pass's samples: the general path's, inference tensors."""
+    model, shape = _model(name)
+    x = _rows(2, shape)
+    kept = plan(model, x)
+    expected = _general(model, x, 3, 3)
+    mode = torch.no_grad if caller == "no_grad" else torch.inference_mode
+    for _ in range(2):  # (a pass under the mode notes its rates, then makes them before it)
+        with mode():
+            rows = x.clone()
+            fast = _fast(model, rows, 3, kept)
+            again = sample(model, rows, 3, seed=3, plan=kept)
+        assert torch.equal(fast, expected)
+        assert torch.equal(again, expected)
+        assert fast.is_inference()
+
+
 def test_an_attention_no_longer_batch_first_is_the_kept_plans_error_on_both_paths() -> None:
     """An encoder layer's attention set sequence-first after the plan: the layer runs its own
     forward (the direct run is batch-first only), whose dropout inputs the plan does not know;
@@ -1076,14 +1299,18 @@ def _switching_often() -> object:
 
 
 @pytest.mark.usefixtures("_switching_often")
-@pytest.mark.parametrize("name", ["transformer encoder", "one function, two rates"])
+@pytest.mark.parametrize(
+    "name", ["transformer encoder", "wide transformer encoder", "one function, two rates"]
+)
 def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str) -> None:
     """Three threads sample one model through its kept plans (one and three rows, one and four
-    samples, an int seed or one per row) while a fourth swaps the rates the forward reads:
-    each call's samples are the general path's at one of the rates, called alone."""
+    samples, an int seed or one per row) while a fourth swaps the rates the forward reads
+    (where wide, of a feed-forward call hashed in place): each call's samples are the general
+    path's at one of the rates, called alone."""
     torch.manual_seed(0)
-    if name == "transformer encoder":
-        model: nn.Module = EncoderClassifier().eval()
+    encoder = name.endswith("transformer encoder")
+    if encoder:
+        model: nn.Module = MODELS[name][0]().eval()
         shape = MODELS[name][1]
         layers = [model.encoder.layers[0].dropout1, model.encoder.layers[1].dropout]
     else:
@@ -1092,7 +1319,7 @@ def test_threads_sampling_one_kept_plan_at_once_get_the_serial_samples(name: str
     rates = ([0.3, 0.6], [0.6, 0.3])
 
     def set_rates(rates: list[float]) -> None:
-        if name == "transformer encoder":
+        if encoder:
             for layer, p in zip(layers, rates, strict=True):
                 layer.p = p
         else:
@@ -1474,6 +1701,20 @@ class _RoutedMLP(nn.Module):
         return self.fc2(F.dropout(torch.relu(self.drop(self.fc1(x))), 0.1, self.training))
 
 
+class _ModeMLP(nn.Module):
+    """:class:`_RoutedMLP` with torch's own dropout functions (which routing leaves alone), the
+    first on the rows themselves: under the mode (ModePass), its multipliers made before the
+    pass where few, else sampled by the context."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, 9), nn.Linear(9, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc1(torch.dropout(x, 0.2, True)))
+        return self.fc2(torch.dropout(imported_dropout(h, 0.3, True), 0.1, True))
+
+
 _ROW_SEEDS: dict[str, Callable[[int], Tensor]] = {
     "one per row": lambda n: torch.arange(n) + 5,
     "the largest": lambda n: torch.full((n,), 2**63 - 1),
@@ -1482,7 +1723,7 @@ _ROW_SEEDS: dict[str, Callable[[int], Tensor]] = {
 }
 
 
-@pytest.mark.parametrize("kind", ["chain", "routed"])
+@pytest.mark.parametrize("kind", ["chain", "routed", "mode"])
 @pytest.mark.parametrize(
     ("n", "width"),
     # around cpu_masks.FEW_VALUES (keyed with the multipliers, or by hashlib) and SHORT_ROW
@@ -1493,8 +1734,9 @@ def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
 ) -> None:
     """Rows of every size about the bounds of the one compiled call (keys, finiteness check
     and multipliers), under int seeds and per-row seeds of every layout, called in turn on a
-    pass whose buffer of multipliers is kept: each call's samples are the general path's
-    (rows requiring grad: no fast pass), and earlier samples stay as they were."""
+    pass whose buffer of multipliers is kept (under the mode: once its rates are noted): each
+    call's samples are the general path's (rows requiring grad: no fast pass), and earlier
+    samples stay as they were."""
     torch.manual_seed(0)
     model = (
         nn.Sequential(
@@ -1502,7 +1744,7 @@ def test_a_requests_rows_of_any_size_and_seeds_sample_as_on_the_general_path(
             nn.Linear(5, 3),
         )
         if kind == "chain"
-        else _RoutedMLP(width)
+        else _RoutedMLP(width) if kind == "routed" else _ModeMLP(width)
     ).eval()  # fmt: skip
     x = _rows(n, (width,))
     x[0, 0] = -0.0

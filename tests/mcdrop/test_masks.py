@@ -161,6 +161,45 @@ def test_compiled_row_keys_are_hashlibs(
     assert keys.tolist() == expected.tolist()
 
 
+#: Row lengths (float32 values) about the bounds of BLAKE2b's 128-byte blocks and of the rows a
+#: fast pass hashes with numba (cpu_masks.FEW_VALUES, SHORT_ROW), and one far past them.
+_LONG_ROWS = [511, 512, 513, 2047, 2048, 2049, 8191, 8192, 8193, 20_001]
+
+
+@pytest.mark.parametrize("seeds", ["one", "per row"])
+def test_compiled_row_keys_are_hashlibs_at_every_length(seeds: str) -> None:
+    """numba's BLAKE2b (its schedule read flat: cpu_masks._SIGMA, all 12 rounds written out)
+    against hashlib's, called here row by row: every row length of 0 to 300 values (a last
+    block empty, part full or full, an odd number of values) and long rows, -0.0 in them,
+    under seeds of 0, the largest and others, one for all rows or one per row."""
+    from mcdrop import cpu_masks
+
+    rng = np.random.default_rng(0)
+    for width in [*range(301), *_LONG_ROWS]:
+        values = rng.standard_normal((3, width), dtype=np.float32)
+        if width:
+            values[1, width // 2] = -0.0
+        per_row = np.array([0, 2**63 - 1, 12_345 + width], dtype=np.int64)
+        for seed in per_row if seeds == "one" else [per_row]:
+            row_seeds = np.broadcast_to(seed, (3,))
+            expected = [
+                int.from_bytes(
+                    hashlib.blake2b(
+                        np.where(row == 0, np.float32(0.0), row).tobytes(),
+                        digest_size=8,
+                        key=int(s).to_bytes(8, "little"),
+                    ).digest(),
+                    "little",
+                    signed=True,
+                )
+                for row, s in zip(values, row_seeds, strict=True)
+            ]
+            given = int(seed) if seeds == "one" else seed
+            keys = cpu_masks.row_key_array(values, given)
+            assert keys is not None
+            assert keys.tolist() == expected, (width, seeds)
+
+
 def test_compiled_row_keys_refuse_negative_seeds() -> None:
     """A negative per-row seed makes no keys (the general path says what is wrong)."""
     from mcdrop import cpu_masks
