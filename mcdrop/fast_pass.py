@@ -118,6 +118,7 @@ def _make(
         or n_rows < 1
         or n_samples < 1
         or first_sample < 0
+        or first_sample > masks.MAX_SEED - n_samples  # (the general path says what is wrong)
         or max_pass_rows < 1
         or prefix not in ("auto", "off")
     ):

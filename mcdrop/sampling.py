@@ -204,6 +204,11 @@ def _checked_call(
     _check_args(n_samples, max_pass_rows)
     if isinstance(first_sample, bool) or not isinstance(first_sample, int) or first_sample < 0:
         raise InvalidArgumentError(f"first_sample must be an integer >= 0, got {first_sample!r}")
+    if first_sample > masks.MAX_SEED - n_samples:  # (a sample's index is a 63-bit counter)
+        raise InvalidArgumentError(
+            f"first_sample + n_samples must be at most 2**63 - 1 (mcdrop.MAX_SEED), got "
+            f"{first_sample} + {n_samples}"
+        )
     if prefix not in ("auto", "off"):
         raise InvalidArgumentError(f"prefix must be 'auto' or 'off', got {prefix!r}")
     if seed is None:
@@ -319,7 +324,8 @@ def sample_chunks(
             (five to seven small forward passes; :mod:`mcdrop.plan_cache`).
         first_sample: draw samples ``first_sample .. first_sample + S - 1`` of every row: a
             call from 16 continues one of 16 samples with exactly the samples a single call of
-            32 would draw (masks are keyed by sample index).
+            32 would draw (masks are keyed by sample index). ``first_sample + S`` at most
+            ``mcdrop.MAX_SEED`` (2**63 − 1).
 
     Yields:
         :class:`Chunk` objects whose ``values`` are ``(s, n, K...)``, covering all ``(S, N)``,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mcdrop import plan, plan_cache, planning, predict, sample, sample_chunks
+from mcdrop import MAX_SEED, plan, plan_cache, planning, predict, sample, sample_chunks
 from mcdrop.exceptions import InvalidArgumentError, InvalidInputError
 from tests.factories import DROPS, AlwaysDrops, DropsFor, Watched, never
 
@@ -393,10 +393,25 @@ def test_first_sample_continues_a_call_exactly(mlp: nn.Module, x: Tensor, first:
     torch.testing.assert_close(got, whole[first:], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("first", [-1, 1.5, True])
-def test_bad_first_sample(mlp: nn.Module, x: Tensor, first: object) -> None:
+@pytest.mark.parametrize("first", [-1, 1.5, True, MAX_SEED - 2, MAX_SEED, 2**64])
+@pytest.mark.parametrize("kept", [False, True])
+def test_bad_first_sample(mlp: nn.Module, x: Tensor, first: object, kept: bool) -> None:
+    """A first sample out of range (the last sample's index past MAX_SEED: 3 samples from
+    MAX_SEED - 2 end at MAX_SEED + 1) is the same clear error with a kept plan (the fast
+    pass's) or none."""
+    given = plan(mlp, x) if kept else None
     with pytest.raises(InvalidArgumentError, match="first_sample"):
-        list(sample_chunks(mlp, x, 3, seed=0, first_sample=first))  # type: ignore[arg-type]
+        list(sample_chunks(mlp, x, 3, seed=0, first_sample=first, plan=given))  # type: ignore[arg-type]
+
+
+def test_the_last_sample_index_is_max_seed(mlp: nn.Module, x: Tensor) -> None:
+    """Samples up to index MAX_SEED: the fast pass's and the general path's, the same."""
+    first = MAX_SEED - 3
+    kept = plan(mlp, x)
+    fast = [c.values for c in sample_chunks(mlp, x, 3, seed=0, first_sample=first, plan=kept)]
+    rows = x.clone().requires_grad_(True)  # (no fast pass takes rows that require grad)
+    general = [c.values for c in sample_chunks(mlp, rows, 3, seed=0, first_sample=first)]
+    assert all(torch.equal(f, g.detach()) for f, g in zip(fast, general, strict=True))
 
 
 @pytest.mark.parametrize(
