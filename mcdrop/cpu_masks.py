@@ -266,12 +266,14 @@ def _mul_bytes(row: Any, at: int, word: Any, per_byte: int, table: Any) -> None:
 
 @_compiled
 def _drop_into(
-    keys: Any, xor: Any, bits: int, threshold: int, scale: Any, table: Any, x: Any
+    keys: Any, xor: Any, bits: int, threshold: int, scale: Any, table: Any, relu: bool, x: Any
 ) -> None:
     """``x`` ``(B, n)`` times :func:`keep_scale`'s multipliers for the ``(B,)`` keys, in place,
     in one pass over ``x``, with no multipliers in memory. ``x * 0`` where a lane drops, not 0:
     the products of torch's multiply bit for bit (−0.0 for a negative unit, NaN for an infinite
-    one)."""
+    one). With ``relu``, ``relu(x)`` times them: torch's ``relu_`` (0 below 0; −0.0 and NaN
+    kept), then the product, in the same pass (16- and 8-bit lanes; a pass of its own before
+    the others)."""
     n = x.shape[1]
     per_word = 64 // bits
     lane = np.uint64((1 << bits) - 1)
@@ -292,14 +294,31 @@ def _drop_into(
         if bits >= 8:
             for j in range(words.shape[0]):
                 words[j] = _mix(base + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15))
-            if bits == 16:  # compared as NumPy's int16 view is: the top bit flipped
+            # (ReLU in the multiply's own pass: a pass over a wide activation costs more than
+            # its arithmetic, as much as the hash on a 2,048-wide encoder's feed-forward units)
+            if bits == 16 and relu:  # compared as NumPy's int16 view is: the top bit flipped
+                for e in range(n):
+                    drawn = np.uint32(lanes16[e]) ^ np.uint32(0x8000)
+                    v = row[e]
+                    row[e] = (zero if v < zero else v) * (scale if drawn >= limit32 else zero)
+            elif bits == 16:
                 for e in range(n):
                     drawn = np.uint32(lanes16[e]) ^ np.uint32(0x8000)
                     row[e] = row[e] * (scale if drawn >= limit32 else zero)
+            elif relu:
+                for e in range(n):
+                    v = row[e]
+                    row[e] = (zero if v < zero else v) * (
+                        scale if np.uint32(lanes8[e]) >= limit32 else zero
+                    )
             else:
                 for e in range(n):
                     row[e] = row[e] * (scale if np.uint32(lanes8[e]) >= limit32 else zero)
             continue
+        if relu:
+            for e in range(n):
+                if row[e] < zero:
+                    row[e] = zero
         # 4, 2 and 1 bits: whole words, a branch per width, whose lane loop unrolls (with the
         # width unknown to the compiler, it ran 2-3x slower than a multiply by NumPy's
         # multipliers)
@@ -611,7 +630,7 @@ def drop_into(keys: np.ndarray, call: int, x: np.ndarray, p: float, dtype: torch
     (:func:`keys_u64`) and ``x`` a C-contiguous float32 or float64 array, the memory of a
     tensor of ``dtype`` (the caller checks: :class:`mcdrop.masks.KeepScaleInto`)."""
     _, bits, threshold, scale, table = _constants(p, dtype)
-    _drop_into(keys, masks._call_constant(call), bits, threshold, scale, table, x)
+    _drop_into(keys, masks._call_constant(call), bits, threshold, scale, table, False, x)
 
 
 class DropInto:
@@ -632,10 +651,11 @@ class DropInto:
         _, bits, threshold, scale, table = _constants(p, dtype)
         self._args = (masks._call_constant(call), bits, threshold, scale, table)
 
-    def __call__(self, keys: np.ndarray, x: np.ndarray) -> None:
+    def __call__(self, keys: np.ndarray, x: np.ndarray, relu: bool = False) -> None:
         """``x`` ``(B, n)`` (C-contiguous, of the dtype given) times the call's multipliers for
-        the ``(B,)`` ``uint64`` sample keys ``keys``, in place."""
-        _drop_into(keys, *self._args, x)
+        the ``(B,)`` ``uint64`` sample keys ``keys``, in place; with ``relu``, ``relu(x)`` times
+        them (torch's ``relu_`` first, bit for bit), in the same pass."""
+        _drop_into(keys, *self._args, relu, x)
 
 
 #: No sample keys asked of :func:`_pass_multipliers` (an empty array: one compiled signature).

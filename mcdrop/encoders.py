@@ -110,7 +110,7 @@ def _direct_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
     return (
         src.dim() == 3
         and src.is_contiguous()  # else the mode's attention works sequence-first
-        and src.device.type == "cpu"
+        and src.is_cpu
         and src.shape[-1] == layer.__dict__["_modules"]["self_attn"].embed_dim
     )
 
@@ -203,11 +203,11 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
 
     def feed_forward_block(h: Tensor) -> Tensor:
         h = F.linear(h, *_pair(linear1))  # Linear.forward's own call
-        if relu:
-            h = h.relu_()
+        if relu:  # (in the dropout's own pass where a fast pass hashes it in place)
+            h = ctx.relu_dropout_into(h, float(dropout.p))
         else:
             h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
-        h = _drop(ctx, h, dropout)
+            h = _drop(ctx, h, dropout)
         return _drop(ctx, F.linear(h, *_pair(linear2)), dropout2)
 
     # The residual sums go into the blocks' outputs, fresh tensors of x's shape (o + x equals

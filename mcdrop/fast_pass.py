@@ -1124,11 +1124,16 @@ class ModeContext(MadeContext):
             return x
         return super().dropout_into(x, p, kind=kind, batch_dim=batch_dim)
 
-    def _hashed_into(self, x: Tensor, p: float, kind: str) -> bool:
-        """Whether the call was ``x`` times its multipliers in place by its in-place call
-        (:attr:`into`), hashed with the pass's sample keys in one compiled call: the bits of
-        :meth:`SamplingContext.dropout_into`, without its per-call keys, checks and
-        constants."""
+    def relu_dropout_into(self, x: Tensor, p: float, *, kind: str = "dropout") -> Tensor:
+        if p != 0.0 and self.into is not None and self._hashed_into(x, p, kind, True):
+            return x
+        return self.dropout_into(x.relu_(), p, kind=kind)
+
+    def _hashed_into(self, x: Tensor, p: float, kind: str, relu: bool = False) -> bool:
+        """Whether the call was ``x`` (with ``relu``, ``relu(x)``) times its multipliers in
+        place by its in-place call (:attr:`into`), hashed with the pass's sample keys in one
+        compiled call: the bits of :meth:`SamplingContext.dropout_into`, without its per-call
+        keys, checks and constants."""
         index = self.calls
         into = self.into
         entry = into[index] if into is not None and index < len(into) else None
@@ -1153,7 +1158,7 @@ class ModeContext(MadeContext):
         if keys is None:
             self._keyed()
             keys = self.into_keys = self.keys.numpy().view(np.uint64)
-        entry[4](keys, values.reshape(values.shape[0], entry[3]))
+        entry[4](keys, values.reshape(values.shape[0], entry[3]), relu)
         self.calls = index + 1
         return True
 

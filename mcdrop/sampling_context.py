@@ -331,6 +331,12 @@ class SamplingContext:
             flat[b0:b1].mul_(masks.keep_scale(self.keys[b0:b1], call.index, per_row, p, x.dtype))
         return x
 
+    def relu_dropout_into(self, x: Tensor, p: float, *, kind: str = "dropout") -> Tensor:
+        """:meth:`dropout_into` of ``relu(x)``, in place: torch's ``relu_`` of a tensor the
+        caller owns, then its dropout (a fast pass applies both in one compiled pass:
+        :class:`mcdrop.fast_pass.ModeContext`)."""
+        return self.dropout_into(x.relu_(), p, kind=kind)
+
     def _scale_like(self, x: Tensor, p: float, call: CallLayout, times: int = 1) -> Tensor:
         """Multipliers shaped like ``x`` (one per element), its batch along ``call.dim``; with
         ``times``, like ``x`` replicated ``times`` times along it."""

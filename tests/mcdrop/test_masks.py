@@ -514,24 +514,26 @@ def test_multipliers_made_from_the_rows_are_those_of_their_hashlib_keys(
     call=st.integers(0, 40),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**63 - 1),
+    relu=st.booleans(),
 )
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=150, deadline=None)
 def test_a_call_hashed_in_place_is_its_multipliers_product(
-    rows: int, width: int, p: float, call: int, dtype: torch.dtype, seed: int
+    rows: int, width: int, p: float, call: int, dtype: torch.dtype, seed: int, relu: bool
 ) -> None:
     """cpu_masks.DropInto (a call's constants worked out once) multiplies as keep_scale's
-    multipliers do, bit for bit, -0.0 and infinities included."""
+    multipliers do, bit for bit, -0.0, NaN and infinities included; with ``relu``, it
+    multiplies torch's relu_ of the values, in the same pass."""
     from mcdrop import cpu_masks
 
     generator = torch.Generator().manual_seed(seed % 1000)
     keys = masks.sample_keys(masks.row_keys(torch.randn(rows, 3, generator=generator), seed), 0, 1)
-    x = torch.randn(rows, width, generator=generator, dtype=dtype)
+    x = _activations(rows, width, dtype, seed % 1000)
     x[0, 0] = -math.inf  # (-inf · 0: NaN, compared by its bits)
     x[-1, -1] = -0.0
-    expected = x * masks.keep_scale(keys, call, width, p, dtype)
-    cpu_masks.DropInto(call, p, dtype)(keys.numpy().view(np.uint64), x.numpy())
-    bits = torch.int32 if dtype == torch.float32 else torch.int64
-    assert torch.equal(x.view(bits), expected.view(bits))
+    before = x.clone().relu_() if relu else x
+    expected = before * masks.keep_scale(keys, call, width, p, dtype)
+    cpu_masks.DropInto(call, p, dtype)(keys.numpy().view(np.uint64), x.numpy(), relu)
+    assert torch.equal(_bits(x), _bits(expected))
 
 
 @numba_runs
