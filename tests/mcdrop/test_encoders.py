@@ -3,6 +3,7 @@ torch-function mode's path, bit for bit, and the model left as it was."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -297,3 +298,42 @@ def test_a_mode_entered_inside_the_forward_gives_the_mode_paths_samples() -> Non
     direct, through_mode = _both_paths(model, x)
     assert torch.equal(direct, through_mode)
     assert direct.var(0).mean() > 1e-4
+
+
+def _bits(x: Tensor) -> Tensor:
+    """The values' bit patterns (NaN and -0.0 compared exactly)."""
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+def _not_finite_into(layer: nn.TransformerEncoderLayer, name: str) -> None:
+    """±inf and NaN in what the layer's dropout module ``name`` drops."""
+    with torch.no_grad():
+        if name == "dropout":  # the feed-forward units (through the activation)
+            layer.linear1.bias[:3] = torch.tensor([math.inf, -math.inf, math.nan])
+        elif name == "dropout1":  # the attention block's output
+            layer.self_attn.out_proj.bias[:2] = torch.tensor([math.inf, math.nan])
+        else:  # the feed-forward block's output
+            layer.linear2.bias[:2] = torch.tensor([-math.inf, math.nan])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("name", ["dropout", "dropout1", "dropout2"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_dropout_at_a_rate_of_one_gives_the_mode_paths_samples_of_values_not_finite(
+    activation: str, name: str, inplace: bool
+) -> None:
+    """At a rate of 1 the mode's dropout of a layer's module gives zeros (not in place), or
+    ``x · 0`` (in place: NaN where ``x`` is ±inf or NaN): the direct run gives the same, bit
+    for bit, where what it drops is not finite."""
+    torch.manual_seed(0)
+    model = Classifier(activation=activation).eval()
+    layer = model.encoder.layers[0]
+    _not_finite_into(layer, name)
+    module = getattr(layer, name)
+    module.p = 1.0
+    module.inplace = inplace
+    x = torch.randn(3, 6, 16)
+    direct, through_mode = _both_paths(model, x)
+    assert torch.equal(_bits(direct), _bits(through_mode))
+    assert direct.isnan().all() == inplace  # (not in place: zeros, all finite after them)
+    assert torch.equal(_bits(sample(model, x, 8, seed=3)), _bits(direct))
