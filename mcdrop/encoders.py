@@ -233,8 +233,10 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
                 h = h.relu_()
             elif gelu is not None:
                 h = _gelu_(h, approximate=gelu)
-            else:
-                h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
+            else:  # another, set since the plan: called in the mode, as the layer's forward
+                # calls it (a dropout in it is the context's, not torch's own random one)
+                with ctx.mode(ctx):
+                    h = activation(h)
             h = _drop(ctx, h, dropout)
         return _drop(ctx, F.linear(h, *_pair(linear2)), dropout2)
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from mcdrop import masks, plan, sample
+from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.planning import SamplingPlan
 
 
@@ -337,3 +339,35 @@ def test_a_dropout_at_a_rate_of_one_gives_the_mode_paths_samples_of_values_not_f
     assert torch.equal(_bits(direct), _bits(through_mode))
     assert direct.isnan().all() == inplace  # (not in place: zeros, all finite after them)
     assert torch.equal(_bits(sample(model, x, 8, seed=3)), _bits(direct))
+
+
+def _dropping_relu(x: Tensor) -> Tensor:
+    """An activation that drops (a function set on a layer after its plan)."""
+    return F.dropout(F.relu(x), 0.5)
+
+
+@pytest.mark.parametrize("activation", [F.silu, _dropping_relu])
+def test_an_activation_set_since_the_plan_runs_as_in_the_mode(
+    activation: Callable[[Tensor], Tensor],
+) -> None:
+    """A layer's activation set to another function since its plan is called as the layer's
+    own forward calls it, in the mode: its torch calls are the mode's, a dropout in it is the
+    context's (here a call the plan does not have: the plan's error on both paths), never
+    torch's own random dropout."""
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    for layer in model.encoder.layers:
+        layer.activation = activation
+    if activation is F.silu:
+        direct, through_mode = _both_paths(model, x, kept)
+        assert torch.equal(direct, through_mode)
+        return
+    for path in ("direct", "mode"):
+        remove = _mode_path(model) if path == "mode" else (lambda: None)
+        try:
+            with pytest.raises(UnsupportedModelError, match=r"dropout call 4 .* received shape"):
+                sample(model, x, 8, seed=3, plan=kept)
+        finally:
+            remove()
