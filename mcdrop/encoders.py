@@ -121,8 +121,8 @@ def _direct_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
 
 
 def _drop(ctx: SamplingContext, x: Tensor, layer: nn.Dropout) -> Tensor:
-    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``, in place:
-    ``x`` is a fresh tensor of the layer's own."""
+    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``, in place
+    (``x`` is a fresh tensor of the layer's own), but where it gives zeros (:func:`_zeroes`)."""
     p = float(layer.p)
     if _zeroes(layer, p):
         return ctx.dropout(x, p)
