@@ -20,8 +20,8 @@ attention, a packed biased input projection, ReLU or GELU (torch's own functions
 exact torch submodules and no hook, and is called without masks on a plain CPU tensor; any other
 call runs the layer's own ``forward`` in the mode. The samples equal the mode's path bit for
 bit: the same torch calls on the same values (the attention's in
-:func:`mcdrop.attention.packed_self_attention`), but the residual sums and the ReLU, made in place
-into fresh tensors.
+:func:`mcdrop.attention.packed_self_attention`), but the residual sums, the ReLU and the GELU,
+made in place into fresh tensors.
 
 Shape legend: ``B`` replicated rows, ``L`` sequence length, ``E`` embedding size.
 """
@@ -121,9 +121,19 @@ def _direct_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> bool:
 
 
 def _drop(ctx: SamplingContext, x: Tensor, layer: nn.Dropout) -> Tensor:
-    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``, in place:
-    ``x`` is a fresh tensor of the layer's own."""
-    return ctx.dropout_into(x, float(layer.p))
+    """What the mode does with the ``F.dropout`` call of ``layer``'s ``forward``, in place
+    (``x`` is a fresh tensor of the layer's own), but where it gives zeros (:func:`_zeroes`)."""
+    p = float(layer.p)
+    if _zeroes(layer, p):
+        return ctx.dropout(x, p)
+    return ctx.dropout_into(x, p)
+
+
+def _zeroes(layer: nn.Dropout, p: float) -> bool:
+    """Whether the mode's call of ``layer`` at rate ``p`` gives zeros: at a rate of 1, not in
+    place (in place, ``x · 0``, as :meth:`SamplingContext.dropout_into` gives: NaN where ``x``
+    is ±inf or NaN, −0.0 where negative)."""
+    return p == 1.0 and not layer.inplace
 
 
 def _pair(module: nn.Module, first: str = "weight", second: str = "bias") -> tuple[Any, Any]:
@@ -215,12 +225,18 @@ def run_layer(ctx: SamplingContext, layer: nn.TransformerEncoderLayer, x: Tensor
 
     def feed_forward_block(h: Tensor) -> Tensor:
         h = F.linear(h, *_pair(linear1))  # Linear.forward's own call
-        if relu:  # (in the dropout's own pass where a fast pass hashes it in place)
-            h = ctx.relu_dropout_into(h, float(dropout.p))
-        elif gelu is not None:
-            h = _drop(ctx, _gelu_(h, approximate=gelu), dropout)
+        p = float(dropout.p)
+        if relu and not _zeroes(dropout, p):  # (in the dropout's pass where a fast pass hashes)
+            h = ctx.relu_dropout_into(h, p)
         else:
-            h = activation.forward(h) if isinstance(activation, nn.Module) else activation(h)
+            if relu:
+                h = h.relu_()
+            elif gelu is not None:
+                h = _gelu_(h, approximate=gelu)
+            else:  # another, set since the plan: called in the mode, as the layer's forward
+                # calls it (a dropout in it is the context's, not torch's own random one)
+                with ctx.mode(ctx):
+                    h = activation(h)
             h = _drop(ctx, h, dropout)
         return _drop(ctx, F.linear(h, *_pair(linear2)), dropout2)
 

@@ -3,15 +3,18 @@ torch-function mode's path, bit for bit, and the model left as it was."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from mcdrop import masks, plan, sample
+from mcdrop.exceptions import UnsupportedModelError
 from mcdrop.planning import SamplingPlan
 
 
@@ -297,3 +300,74 @@ def test_a_mode_entered_inside_the_forward_gives_the_mode_paths_samples() -> Non
     direct, through_mode = _both_paths(model, x)
     assert torch.equal(direct, through_mode)
     assert direct.var(0).mean() > 1e-4
+
+
+def _bits(x: Tensor) -> Tensor:
+    """The values' bit patterns (NaN and -0.0 compared exactly)."""
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
+def _not_finite_into(layer: nn.TransformerEncoderLayer, name: str) -> None:
+    """±inf and NaN in what the layer's dropout module ``name`` drops."""
+    with torch.no_grad():
+        if name == "dropout":  # the feed-forward units (through the activation)
+            layer.linear1.bias[:3] = torch.tensor([math.inf, -math.inf, math.nan])
+        elif name == "dropout1":  # the attention block's output
+            layer.self_attn.out_proj.bias[:2] = torch.tensor([math.inf, math.nan])
+        else:  # the feed-forward block's output
+            layer.linear2.bias[:2] = torch.tensor([-math.inf, math.nan])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("name", ["dropout", "dropout1", "dropout2"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_dropout_at_a_rate_of_one_gives_the_mode_paths_samples_of_values_not_finite(
+    activation: str, name: str, inplace: bool
+) -> None:
+    """At a rate of 1 the mode's dropout of a layer's module gives zeros (not in place), or
+    ``x · 0`` (in place: NaN where ``x`` is ±inf or NaN): the direct run gives the same, bit
+    for bit, where what it drops is not finite."""
+    torch.manual_seed(0)
+    model = Classifier(activation=activation).eval()
+    layer = model.encoder.layers[0]
+    _not_finite_into(layer, name)
+    module = getattr(layer, name)
+    module.p = 1.0
+    module.inplace = inplace
+    x = torch.randn(3, 6, 16)
+    direct, through_mode = _both_paths(model, x)
+    assert torch.equal(_bits(direct), _bits(through_mode))
+    assert direct.isnan().all() == inplace  # (not in place: zeros, all finite after them)
+    assert torch.equal(_bits(sample(model, x, 8, seed=3)), _bits(direct))
+
+
+def _dropping_relu(x: Tensor) -> Tensor:
+    """An activation that drops (a function set on a layer after its plan)."""
+    return F.dropout(F.relu(x), 0.5)
+
+
+@pytest.mark.parametrize("activation", [F.silu, _dropping_relu])
+def test_an_activation_set_since_the_plan_runs_as_in_the_mode(
+    activation: Callable[[Tensor], Tensor],
+) -> None:
+    """A layer's activation set to another function since its plan is called as the layer's
+    own forward calls it, in the mode: its torch calls are the mode's, a dropout in it is the
+    context's (here a call the plan does not have: the plan's error on both paths), never
+    torch's own random dropout."""
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    x = torch.randn(3, 6, 16)
+    kept = plan(model, x)
+    for layer in model.encoder.layers:
+        layer.activation = activation
+    if activation is F.silu:
+        direct, through_mode = _both_paths(model, x, kept)
+        assert torch.equal(direct, through_mode)
+        return
+    for path in ("direct", "mode"):
+        remove = _mode_path(model) if path == "mode" else (lambda: None)
+        try:
+            with pytest.raises(UnsupportedModelError, match=r"dropout call 4 .* received shape"):
+                sample(model, x, 8, seed=3, plan=kept)
+        finally:
+            remove()

@@ -1786,3 +1786,39 @@ def test_a_scripted_submodule_samples_as_on_the_general_path(
     for seed in (1, 2):
         expected = sample(model, rows, 3, seed=seed, plan=kept)
         assert torch.equal(_fast(model, x, 3, kept, seed=seed), expected)
+
+
+#: An encoder layer's feed-forward rate and activation function, changed between passes: a
+#: ReLU's applied in its dropout's in-place pass (ModeContext.relu_dropout_into), a GELU's
+#: before it, at every lane width and a rate of 1.
+_ACTIVATIONS = [
+    (0.2, F.relu), (0.2, F.relu), (0.2, F.gelu), (1 / 256, F.gelu), (1 / 256, torch.relu),
+    (0.5, torch.relu), (1.0, F.relu), (0.25, F.relu), (1 / 16, F.gelu), (0.2, F.relu),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_encoders_activation_changed_between_passes_gives_the_general_paths_samples(
+    dtype: torch.dtype,
+) -> None:
+    """A wide encoder's layers' activation function set between passes of one kept plan (ReLU
+    to GELU and back, with the feed-forward rate): each pass's samples are the general path's
+    and the mode's (its layers' own forward), bit for bit, under an int seed or one per row."""
+    torch.manual_seed(0)
+    model = _Float64Encoder() if dtype == torch.float64 else EncoderClassifier(WIDE)
+    model.eval()
+    x = _rows(2, MODELS["transformer encoder"][1])
+    kept = plan(model, x)
+    layers = [cast(nn.TransformerEncoderLayer, m) for m in model.encoder.layers]
+    for p, activation in _ACTIVATIONS:
+        for layer in layers:
+            layer.dropout.p = p
+            layer.activation = activation
+        for seed in (3, torch.arange(2) + 7):
+            expected = _general(model, x, 3, seed)
+            assert torch.equal(_fast(model, x, 3, kept, seed=seed), expected), (p, activation)
+            hook = layers[0].linear1.register_forward_hook(lambda module, args, out: None)
+            try:  # (a hook: the layers' own forward, in the mode)
+                assert torch.equal(sample(model, x, 3, seed=seed, plan=kept), expected)
+            finally:
+                hook.remove()
